@@ -1,0 +1,129 @@
+"""The kmsgate error taxonomy.
+
+Every failure a client can see is a `KmsgateError` subclass. Each class carries the HTTP
+status and the machine-readable `code` used in RFC 9457 problem+json replies. The `detail`
+text is safe to return to clients: never put key material, tokens, plaintext or backend
+error text in it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class KmsgateError(Exception):
+    """Base class: a failure with an HTTP status, a stable code and a client-safe detail."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str | None = None) -> None:
+        self.detail = detail or self.title
+        super().__init__(self.detail)
+
+
+class InvalidRequest(KmsgateError):
+    status = 400
+    code = "invalid_request"
+    title = "Invalid request"
+
+
+class DecryptionFailed(KmsgateError):
+    status = 400
+    code = "decryption_failed"
+    title = "Decryption failed"
+
+
+class Unauthenticated(KmsgateError):
+    status = 401
+    code = "unauthenticated"
+    title = "Authentication required"
+
+
+class PolicyDenied(KmsgateError):
+    status = 403
+    code = "policy_denied"
+    title = "Denied by policy"
+
+
+class NotFound(KmsgateError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class Conflict(KmsgateError):
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class KeyDisabled(Conflict):
+    code = "key_disabled"
+    title = "Key is disabled"
+
+
+class KeyPendingDeletion(Conflict):
+    code = "key_pending_deletion"
+    title = "Key is scheduled for deletion"
+
+
+class KeyDestroyed(Conflict):
+    code = "key_destroyed"
+    title = "Key material was destroyed"
+
+
+class KeyVersionUnusable(Conflict):
+    code = "key_version_unusable"
+    title = "Key version cannot be used for this operation"
+
+
+class TooLarge(KmsgateError):
+    status = 413
+    code = "too_large"
+    title = "Request too large"
+
+
+class ValidationFailed(KmsgateError):
+    status = 422
+    code = "validation_failed"
+    title = "Request body failed validation"
+
+
+class NotSupported(KmsgateError):
+    status = 501
+    code = "not_supported"
+    title = "Not supported"
+
+
+class BackendError(KmsgateError):
+    status = 502
+    code = "backend_error"
+    title = "Key backend failed"
+
+
+class Unavailable(KmsgateError):
+    """A dependency is temporarily out of reach; clients should retry after `retry_after` s."""
+
+    status = 503
+    code = "unavailable"
+    title = "Service unavailable"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 5) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class BackendUnavailable(Unavailable):
+    code = "backend_unavailable"
+    title = "Key backend unavailable"
+
+
+class AuditUnavailable(Unavailable):
+    code = "audit_unavailable"
+    title = "Audit log unavailable: operation refused"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; raised at start-up, never to clients."""
