@@ -132,6 +132,11 @@ def parse_key_type(name: str) -> KeyType:
         raise InvalidRequest(f"unknown key type {name!r}; known: {known}") from None
 
 
+def default_sign_algorithm(key_type: KeyType) -> str | None:
+    """The signature algorithm a key type uses when the caller names none (None: cannot sign)."""
+    return _DEFAULT_SIGN_ALG.get(key_type)
+
+
 def sign_algorithm(key_type: KeyType, name: str | None) -> SignAlg:
     """The signature algorithm `name` (or the key type's default), checked against the type.
 

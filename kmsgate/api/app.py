@@ -1,0 +1,84 @@
+"""create_app(): the FastAPI application over one Service."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from kmsgate import __version__
+from kmsgate.api import routes_keys, routes_sys
+from kmsgate.api.problems import GatewayMiddleware, install_error_handlers
+from kmsgate.errors import KmsgateError
+from kmsgate.service import Ctx, Service
+
+log = logging.getLogger("kmsgate")
+DESTROY_CHECK_SECONDS = 60.0
+
+
+class CacheRefresher:
+    """Background thread: follows other replicas' changes (catalogue and tokens, every
+    `cache_refresh_seconds`) and destroys keys whose deletion date passed. Keeps all
+    database reads off the request path."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="kmsgate-refresh", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        interval = self._service.settings.cache_refresh_seconds
+        next_destroy = 0.0
+        while not self._stop.wait(interval):
+            try:
+                self._service.catalogue.maybe_refresh()
+                self._service.tokens.maybe_refresh()
+                if time.monotonic() >= next_destroy:
+                    self._service.destroy_due_keys(Ctx(request_id="scheduler"))
+                    next_destroy = time.monotonic() + DESTROY_CHECK_SECONDS
+            except KmsgateError as exc:
+                log.warning("cache refresh failed: %s", exc.code)
+
+
+def create_app(service: Service) -> FastAPI:
+    """The REST application over `service`; closes it on shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        refresher = CacheRefresher(service)
+        refresher.start()
+        try:
+            yield
+        finally:
+            refresher.stop()
+            service.close()
+
+    app = FastAPI(
+        title="kmsgate",
+        version=__version__,
+        description="Key-management and PKI gateway. See API.md for the contract.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.include_router(routes_keys.router)
+    app.include_router(routes_sys.router)
+    install_error_handlers(app)
+    app.state.response_counts = Counter[int]()
+    app.add_middleware(
+        GatewayMiddleware,
+        max_body_bytes=service.settings.limits.max_body_bytes,
+        counts=app.state.response_counts,
+    )
+    return app

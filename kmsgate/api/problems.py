@@ -1,0 +1,148 @@
+"""RFC 9457 problem+json replies, the body-size limit and request ids.
+
+Every failure leaves as `{type, title, status, detail, code, request_id}`. Unexpected errors
+become a bare 500 without detail: internal text never reaches clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import Counter
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kmsgate.errors import KmsgateError, TooLarge, Unavailable, ValidationFailed
+
+log = logging.getLogger("kmsgate.api")
+
+PROBLEM_TYPE = "https://kmsgate.dev/problems/"
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
+
+
+def problem(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    request_id: str,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = {
+        "type": PROBLEM_TYPE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "request_id": request_id,
+    }
+    return Response(
+        orjson.dumps(body),
+        status_code=status,
+        media_type="application/problem+json",
+        headers={"x-request-id": request_id, **(headers or {})},
+    )
+
+
+def error_response(exc: KmsgateError, request_id: str) -> Response:
+    headers = {"retry-after": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    return problem(exc.status, exc.code, exc.title, exc.detail, request_id, headers)
+
+
+def request_id_of(request: Request) -> str:
+    return getattr(request.state, "request_id", "") or "-"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every exception type to problem+json."""
+
+    async def on_kmsgate(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, KmsgateError)
+        return error_response(exc, request_id_of(request))
+
+    async def on_validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
+        return error_response(ValidationFailed("; ".join(parts)), request_id_of(request))
+
+    async def on_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return problem(
+            exc.status_code,
+            code,
+            str(exc.detail),
+            str(exc.detail),
+            request_id_of(request),
+            dict(exc.headers or {}),
+        )
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unexpected %s in %s", type(exc).__name__, request.url.path)
+        return problem(
+            500,
+            "internal_error",
+            "Internal error",
+            "internal error; see the gateway log",
+            request_id_of(request),
+        )
+
+    app.add_exception_handler(KmsgateError, on_kmsgate)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+class GatewayMiddleware:
+    """Pure ASGI: assigns a request id, enforces the body-size limit, counts responses."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, counts: Counter[int]) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.responses = counts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = request_id
+        limit = self.max_body_bytes
+        too_large = TooLarge(f"request body exceeds the limit of {limit} bytes")
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                await error_response(too_large, request_id)(scope, receive, send)
+                self.responses[413] += 1
+                return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large
+            return message
+
+        async def counting_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.responses[message["status"]] += 1
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, counting_send)
+        except TooLarge as exc:
+            if started:
+                raise
+            await error_response(exc, request_id)(scope, receive, send)
+            self.responses[413] += 1

@@ -1,0 +1,196 @@
+"""Key routes: lifecycle (thread pool: may generate keys) and operations (event loop, cheap)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+from starlette.responses import Response
+
+from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, json_response
+from kmsgate.errors import InvalidRequest
+from kmsgate.schemas import (
+    CompromisedRequest,
+    CreateKeyRequest,
+    MacItem,
+    MacVerifyItem,
+    PatchKeyRequest,
+    ScheduleDeletionRequest,
+    SignItem,
+    VerifyItem,
+    operation_schema,
+    parse_operation,
+)
+from kmsgate.service import Ctx, Result, Service
+from kmsgate.tokens import Principal
+
+router = APIRouter(prefix="/v1/keys", tags=["keys"])
+
+
+def _labels(label: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in label:
+        name, sep, value = item.partition(":")
+        if not sep:
+            raise InvalidRequest(f"label filter {item!r} must read name:value")
+        pairs[name] = value
+    return pairs
+
+
+@router.post("", status_code=201)
+def create_key(
+    body: CreateKeyRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> dict[str, Any]:
+    """Create a key (or import a verify-only public key)."""
+    return service.create_key(principal, ctx, body).to_dict()
+
+
+@router.get("")
+def list_keys(
+    service: ServiceDep,
+    principal: PrincipalDep,
+    ctx: CtxDep,
+    purpose: str | None = None,
+    label: Annotated[list[str], Query(max_length=32)] = [],  # noqa: B006
+) -> dict[str, Any]:
+    """Keys the caller may read, filtered by purpose and `label=name:value`."""
+    keys = service.list_keys(principal, ctx, purpose=purpose, labels=_labels(label))
+    return {"keys": [key.to_dict() for key in keys]}
+
+
+@router.get("/{name}")
+async def get_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
+    return json_response(service.get_key(principal, ctx, name).to_dict())
+
+
+@router.post("/{name}/rotate")
+def rotate_key(
+    name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> dict[str, Any]:
+    """Create a new primary version; old versions keep verifying."""
+    return service.rotate_key(principal, ctx, name).to_dict()
+
+
+@router.post("/{name}/disable")
+def disable_key(
+    name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> dict[str, Any]:
+    return service.disable_key(principal, ctx, name).to_dict()
+
+
+@router.post("/{name}/enable")
+def enable_key(
+    name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> dict[str, Any]:
+    return service.enable_key(principal, ctx, name).to_dict()
+
+
+@router.patch("/{name}")
+def update_key(
+    name: str, body: PatchKeyRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> dict[str, Any]:
+    return service.update_key(principal, ctx, name, body).to_dict()
+
+
+@router.post("/{name}/versions/{version}/compromised")
+def mark_compromised(
+    name: str,
+    version: int,
+    body: CompromisedRequest,
+    service: ServiceDep,
+    principal: PrincipalDep,
+    ctx: CtxDep,
+) -> dict[str, Any]:
+    return service.mark_compromised(principal, ctx, name, version, body).to_dict()
+
+
+@router.post("/{name}/schedule-deletion")
+def schedule_deletion(
+    name: str,
+    body: ScheduleDeletionRequest,
+    service: ServiceDep,
+    principal: PrincipalDep,
+    ctx: CtxDep,
+) -> dict[str, Any]:
+    return service.schedule_deletion(principal, ctx, name, body).to_dict()
+
+
+@router.post("/{name}/cancel-deletion")
+def cancel_deletion(
+    name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> dict[str, Any]:
+    return service.cancel_deletion(principal, ctx, name).to_dict()
+
+
+@router.get("/{name}/public-key", response_class=Response)
+async def public_key(
+    name: str,
+    service: ServiceDep,
+    principal: PrincipalDep,
+    ctx: CtxDep,
+    version: Annotated[int | None, Query(ge=1)] = None,
+) -> Response:
+    """PEM SubjectPublicKeyInfo of a version (default: primary)."""
+    pem = service.public_key_pem(principal, ctx, name, version)
+    return Response(pem, media_type="application/x-pem-file")
+
+
+@router.get("/{name}/jwks.json")
+async def jwks(name: str, service: ServiceDep) -> Response:
+    """Public: the JWKS of the key's usable versions."""
+    return json_response(service.jwks(name))
+
+
+async def _operation(
+    request: Request,
+    item_type: type[BaseModel],
+    run: Callable[[Principal, Ctx, str, list[Any], bool], Result],
+    service: Service,
+    principal: Principal,
+    ctx: Ctx,
+    name: str,
+) -> Response:
+    """Parse an operation body (one item or a batch) and run it; blocking backends go to the
+    thread pool, in-process ones stay on the event loop."""
+    limit = service.settings.limits.max_batch
+    items, batch = parse_operation(await request.body(), item_type, limit)
+    if service.is_blocking(name):
+        return json_response(await run_in_threadpool(run, principal, ctx, name, items, batch))
+    return json_response(run(principal, ctx, name, items, batch))
+
+
+@router.post("/{name}/sign", openapi_extra=operation_schema(SignItem))
+async def sign(
+    name: str, request: Request, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> Response:
+    """Sign `input` or a prehashed `digest`; reply `{signature, key_version, algorithm}`."""
+    return await _operation(request, SignItem, service.sign, service, principal, ctx, name)
+
+
+@router.post("/{name}/verify", openapi_extra=operation_schema(VerifyItem))
+async def verify(
+    name: str, request: Request, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> Response:
+    """Verify a signature; reply `{valid, key_version}`."""
+    return await _operation(request, VerifyItem, service.verify, service, principal, ctx, name)
+
+
+@router.post("/{name}/mac", openapi_extra=operation_schema(MacItem))
+async def mac(
+    name: str, request: Request, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> Response:
+    """HMAC `input`; reply `{mac, key_version}`."""
+    return await _operation(request, MacItem, service.mac, service, principal, ctx, name)
+
+
+@router.post("/{name}/mac/verify", openapi_extra=operation_schema(MacVerifyItem))
+async def mac_verify(
+    name: str, request: Request, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> Response:
+    """Check a MAC in constant time; reply `{valid, key_version}`."""
+    return await _operation(
+        request, MacVerifyItem, service.mac_verify, service, principal, ctx, name
+    )

@@ -1,0 +1,111 @@
+"""System routes: health, readiness, metrics, policy, API tokens and the audit trail."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from starlette.responses import PlainTextResponse, Response
+
+from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, json_response
+from kmsgate.schemas import PolicyEvaluateRequest, TokenCreateRequest
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/v1/sys/health")
+async def health() -> Response:
+    """Liveness: the process answers."""
+    return json_response({"status": "ok"})
+
+
+@router.get("/v1/sys/ready")
+def ready(service: ServiceDep) -> Response:
+    """Readiness: 200 when every configured backend answers, else 503."""
+    backends = {
+        name: {"type": backend.scheme, "ok": status.ok, "detail": status.detail}
+        for name, backend in service.registry.items()
+        for status in [backend.status()]
+    }
+    ok = all(b["ok"] for b in backends.values())
+    return json_response(
+        {"status": "ok" if ok else "unavailable", "backends": backends}, 200 if ok else 503
+    )
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request) -> str:
+    """Prometheus text: responses by status code."""
+    counts = request.app.state.response_counts
+    lines = [
+        "# HELP kmsgate_http_responses_total HTTP responses by status code.",
+        "# TYPE kmsgate_http_responses_total counter",
+        *(f'kmsgate_http_responses_total{{status="{s}"}} {n}' for s, n in sorted(counts.items())),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@router.get("/v1/sys/policy")
+def policy_info(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
+    """The loaded policy bundle's digest and files."""
+    return service.policy_info(principal, ctx)
+
+
+@router.post("/v1/sys/policy/evaluate")
+def policy_evaluate(
+    body: PolicyEvaluateRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> dict[str, Any]:
+    """What the policy decides for a given input: `{allow, reasons}`."""
+    return service.evaluate_policy(principal, ctx, body)
+
+
+@router.post("/v1/sys/policy/reload")
+def policy_reload(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
+    """Re-read the policy files atomically; the old policy stays if the new one is invalid."""
+    return service.reload_policy(principal, ctx)
+
+
+@router.post("/v1/sys/tokens", status_code=201)
+def create_token(
+    body: TokenCreateRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> dict[str, Any]:
+    """A new API token: the `token` string is shown only in this reply."""
+    info, token = service.create_token(principal, ctx, body)
+    return {**info.to_dict(), "token": token}
+
+
+@router.get("/v1/sys/tokens")
+def list_tokens(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
+    return {"tokens": [t.to_dict() for t in service.list_tokens(principal, ctx)]}
+
+
+@router.delete("/v1/sys/tokens/{token_id}")
+def revoke_token(
+    token_id: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> dict[str, Any]:
+    return service.revoke_token(principal, ctx, token_id).to_dict()
+
+
+@router.get("/v1/audit")
+def audit_events(
+    service: ServiceDep,
+    principal: PrincipalDep,
+    ctx: CtxDep,
+    since: datetime | None = None,
+    principal_id: Annotated[str | None, Query(alias="principal")] = None,
+    key: str | None = None,
+    action: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+) -> dict[str, Any]:
+    """Audit records, oldest first, filtered."""
+    events = service.audit_events(
+        principal,
+        ctx,
+        since=since,
+        principal_id=principal_id,
+        key=key,
+        action=action,
+        limit=limit,
+    )
+    return {"events": events}

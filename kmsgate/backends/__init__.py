@@ -1,0 +1,1 @@
+"""Key backends: softkms (embedded), and later hashivault, awskms, pkcs11."""

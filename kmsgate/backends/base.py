@@ -1,0 +1,140 @@
+"""The backend contract: a small required interface plus optional capabilities.
+
+A backend holds key material; kmsgate holds metadata. `create_key` returns a `BackendKey`
+whose opaque `material` (if any) the catalogue persists in the same transaction as the key
+version, so a failed write never leaves half a key behind.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
+
+from kmsgate.algorithms import HashName, KeyType, SignAlg
+from kmsgate.errors import InvalidRequest, NotSupported
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """What to create: the logical key's name and version number, and its type."""
+
+    name: str
+    version: int
+    key_type: KeyType
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendKey:
+    """A reference to one key version held by a backend.
+
+    `ref` is the backend URI (`softkms:<name>/<version>`, `pkcs11:...`). `material` is opaque
+    backend data the catalogue stores (softkms: the sealed private key); never log it.
+    """
+
+    ref: str
+    key_type: KeyType
+    name: str
+    version: int
+    material: bytes | None = field(default=None, repr=False)
+    public_key_pem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStatus:
+    ok: bool
+    detail: str = "ok"
+
+
+class KeyBackend(ABC):
+    """Required of every backend: create, sign, expose the public key, destroy."""
+
+    scheme: ClassVar[str]
+    blocking: ClassVar[bool] = True
+    """Whether calls may block (network, HSM): the API then runs them in the thread pool."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abstractmethod
+    def create_key(self, spec: KeySpec) -> BackendKey:
+        """Generate a non-exportable key. Raises NotSupported for a type it cannot hold."""
+
+    @abstractmethod
+    def sign(self, key: BackendKey, data: bytes, alg: SignAlg, *, prehashed: bool) -> bytes:
+        """Sign `data` (or a digest if `prehashed`). Raises BackendError/BackendUnavailable."""
+
+    @abstractmethod
+    def destroy(self, key: BackendKey) -> None:
+        """Destroy the key material (irreversible) and forget any cached copy."""
+
+    def status(self) -> BackendStatus:
+        """Readiness of the backend (for /v1/sys/ready)."""
+        return BackendStatus(ok=True)
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release connections and cached keys."""
+
+
+class MacCapable(ABC):
+    """Optional: HMAC with keys held by the backend."""
+
+    @abstractmethod
+    def mac(self, key: BackendKey, data: bytes, hash_name: HashName) -> bytes:
+        """The full-length MAC of `data`."""
+
+    @abstractmethod
+    def verify_mac(self, key: BackendKey, data: bytes, mac: bytes, hash_name: HashName) -> bool:
+        """True iff `mac` is the full-length MAC of `data`; compared in constant time."""
+
+
+class WrapCapable(ABC):
+    """Optional: authenticated wrapping of small secrets (data keys) under a backend key."""
+
+    @abstractmethod
+    def wrap(self, key: BackendKey, plaintext: bytes, aad: bytes) -> bytes:
+        """Encrypt and authenticate `plaintext` bound to `aad`."""
+
+    @abstractmethod
+    def unwrap(self, key: BackendKey, ciphertext: bytes, aad: bytes) -> bytes:
+        """Reverse `wrap`. Raises DecryptionFailed if the ciphertext or `aad` is wrong."""
+
+
+class Registry:
+    """Configured backends by name, built explicitly by create_app (no import-time globals)."""
+
+    def __init__(self, backends: Mapping[str, KeyBackend], default: str) -> None:
+        if default not in backends:
+            raise ValueError(f"default backend {default!r} is not configured")
+        self._backends = dict(backends)
+        self.default = default
+
+    def find(self, name: str) -> KeyBackend | None:
+        return self._backends.get(name)
+
+    def get(self, name: str | None) -> KeyBackend:
+        """The backend called `name` (or the default). Raises InvalidRequest if unknown."""
+        backend = self._backends.get(name or self.default)
+        if backend is None:
+            known = ", ".join(sorted(self._backends))
+            raise InvalidRequest(f"unknown backend {name!r}; configured: {known}")
+        return backend
+
+    def items(self) -> list[tuple[str, KeyBackend]]:
+        return sorted(self._backends.items())
+
+    def close(self) -> None:
+        for backend in self._backends.values():
+            backend.close()
+
+
+T = TypeVar("T")
+
+
+def require_capability(backend: KeyBackend, capability: type[T], what: str) -> T:
+    """`backend` as `capability`. Raises NotSupported if it lacks it."""
+    if not isinstance(backend, capability):
+        raise NotSupported(f"backend {backend.name!r} ({backend.scheme}) cannot {what}")
+    return backend

@@ -1,0 +1,359 @@
+"""Keys and versions, their lifecycle state machine, and the in-memory catalogue cache.
+
+`Key` and `KeyVersion` are immutable snapshots. The `Catalogue` holds all of them in memory
+(the hot path never reads the database), writes changes through the `Store`, and reloads
+when the store's epoch moves (another replica changed something), checked at most every
+`refresh_seconds`.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from kmsgate.algorithms import KeyType
+from kmsgate.backends.base import BackendKey
+from kmsgate.errors import (
+    Conflict,
+    KeyDestroyed,
+    KeyDisabled,
+    KeyPendingDeletion,
+    KeyVersionUnusable,
+    NotFound,
+)
+from kmsgate.store import Row, Store, utc
+
+
+class KeyState(enum.StrEnum):
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+    PENDING_DELETION = "pending_deletion"
+    DESTROYED = "destroyed"
+
+
+_STATE_ERRORS: dict[KeyState, type[Conflict]] = {
+    KeyState.DISABLED: KeyDisabled,
+    KeyState.PENDING_DELETION: KeyPendingDeletion,
+    KeyState.DESTROYED: KeyDestroyed,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersion:
+    version: int
+    backend_ref: str
+    created_at: datetime
+    material: bytes | None = field(default=None, repr=False)
+    public_key_pem: str | None = None
+    compromised_since: datetime | None = None
+    destroyed_at: datetime | None = None
+    _public_key: list[PublicKeyTypes] = field(default_factory=list, repr=False, compare=False)
+
+    def public_key(self) -> PublicKeyTypes | None:
+        """The parsed public key (parsed once), or None for symmetric keys."""
+        if self.public_key_pem is None:
+            return None
+        if not self._public_key:
+            self._public_key.append(load_pem_public_key(self.public_key_pem.encode()))
+        return self._public_key[0]
+
+    def is_compromised_at(self, when: datetime) -> bool:
+        return self.compromised_since is not None and when >= self.compromised_since
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    name: str
+    type: KeyType
+    purpose: str
+    backend: str
+    state: KeyState
+    labels: Mapping[str, str]
+    primary_version: int
+    min_decrypt_version: int
+    versions: Mapping[int, KeyVersion]
+    created_at: datetime
+    updated_at: datetime
+    verify_only: bool = False
+    rotation_period: timedelta | None = None
+    deletion_date: datetime | None = None
+
+    def policy_resource(self) -> dict[str, object]:
+        """The `resource` part of the policy input document."""
+        return {
+            "kind": "key",
+            "name": self.name,
+            "purpose": self.purpose,
+            "type": self.type.value,
+            "backend": self.backend,
+            "labels": dict(self.labels),
+        }
+
+    def require_enabled(self) -> None:
+        """Raises KeyDisabled, KeyPendingDeletion or KeyDestroyed unless the key is enabled."""
+        error = _STATE_ERRORS.get(self.state)
+        if error is not None:
+            raise error(f"key {self.name!r} is {self.state.value.replace('_', ' ')}")
+
+    def version_state(self, v: KeyVersion) -> str:
+        if v.destroyed_at is not None:
+            return "destroyed"
+        if v.compromised_since is not None:
+            return "compromised"
+        if v.version < self.min_decrypt_version:
+            return "retired"
+        return "enabled"
+
+    def usable_version(self, version: int | None, *, for_signing: bool) -> KeyVersion:
+        """The requested (or primary) version if it may be used.
+
+        Raises KeyVersionUnusable if it is unknown, retired, destroyed, or (when signing)
+        compromised or public-only.
+        """
+        number = self.primary_version if version is None else version
+        v = self.versions.get(number)
+        if v is None:
+            raise KeyVersionUnusable(f"key {self.name!r} has no version {number}")
+        state = self.version_state(v)
+        if state in ("destroyed", "retired") or (for_signing and state == "compromised"):
+            raise KeyVersionUnusable(f"version {number} of {self.name!r} is {state}")
+        if for_signing and self.verify_only:
+            raise KeyVersionUnusable(f"key {self.name!r} is verify-only (imported public key)")
+        return v
+
+    def verification_versions(self) -> list[KeyVersion]:
+        """Versions a signature may come from: primary first, then newest to oldest."""
+        live = [v for v in self.versions.values() if self.version_state(v) != "destroyed"]
+        live = [v for v in live if v.version >= self.min_decrypt_version]
+        return sorted(live, key=lambda v: (v.version != self.primary_version, -v.version))
+
+    def backend_key(self, v: KeyVersion) -> BackendKey:
+        return BackendKey(
+            ref=v.backend_ref,
+            key_type=self.type,
+            name=self.name,
+            version=v.version,
+            material=v.material,
+            public_key_pem=v.public_key_pem,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The REST representation (API.md `key`): no material, ever."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "type": self.type.value,
+            "purpose": self.purpose,
+            "backend": self.backend,
+            "state": self.state.value,
+            "labels": dict(self.labels),
+            "primary_version": self.primary_version,
+            "min_decrypt_version": self.min_decrypt_version,
+            "verify_only": self.verify_only,
+            "versions": [
+                {
+                    "version": v.version,
+                    "state": self.version_state(v),
+                    "created_at": _iso(v.created_at),
+                    **(
+                        {"compromised_since": _iso(v.compromised_since)}
+                        if v.compromised_since
+                        else {}
+                    ),
+                }
+                for v in sorted(self.versions.values(), key=lambda v: v.version)
+            ],
+            "created_at": _iso(self.created_at),
+        }
+        if self.rotation_period is not None:
+            out["rotation_period"] = f"{int(self.rotation_period.total_seconds())}s"
+        if self.deletion_date is not None:
+            out["deletion_date"] = _iso(self.deletion_date)
+        return out
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def _aware(value: datetime | None) -> datetime:
+    result = utc(value)
+    assert result is not None
+    return result
+
+
+def key_from_rows(row: Row, version_rows: Iterable[Row]) -> Key:
+    """Build a Key snapshot from store rows."""
+    versions = {
+        r["version"]: KeyVersion(
+            version=r["version"],
+            backend_ref=r["backend_ref"],
+            created_at=_aware(r["created_at"]),
+            material=r["material"],
+            public_key_pem=r["public_key"],
+            compromised_since=utc(r["compromised_since"]),
+            destroyed_at=utc(r["destroyed_at"]),
+        )
+        for r in version_rows
+    }
+    period = row["rotation_period_s"]
+    return Key(
+        name=row["name"],
+        type=KeyType(row["type"]),
+        purpose=row["purpose"],
+        backend=row["backend"],
+        state=KeyState(row["state"]),
+        labels=dict(row["labels"]),
+        primary_version=row["primary_version"],
+        min_decrypt_version=row["min_decrypt_version"],
+        versions=versions,
+        created_at=_aware(row["created_at"]),
+        updated_at=_aware(row["updated_at"]),
+        verify_only=bool(row["verify_only"]),
+        rotation_period=timedelta(seconds=period) if period else None,
+        deletion_date=utc(row["deletion_date"]),
+    )
+
+
+def version_row(v: KeyVersion) -> dict[str, Any]:
+    return {
+        "version": v.version,
+        "backend_ref": v.backend_ref,
+        "material": v.material,
+        "public_key": v.public_key_pem,
+        "created_at": v.created_at,
+        "compromised_since": v.compromised_since,
+        "destroyed_at": v.destroyed_at,
+    }
+
+
+def key_row(key: Key) -> dict[str, Any]:
+    return {
+        "name": key.name,
+        "type": key.type.value,
+        "purpose": key.purpose,
+        "backend": key.backend,
+        "state": key.state.value,
+        "labels": dict(key.labels),
+        "primary_version": key.primary_version,
+        "min_decrypt_version": key.min_decrypt_version,
+        "rotation_period_s": (
+            int(key.rotation_period.total_seconds()) if key.rotation_period else None
+        ),
+        "deletion_date": key.deletion_date,
+        "verify_only": key.verify_only,
+        "created_at": key.created_at,
+        "updated_at": key.updated_at,
+    }
+
+
+class Catalogue:
+    """All keys in memory; writes go through the store, then refresh the cache.
+
+    `get` and `find` never touch the database, except to notice (at most every
+    `refresh_seconds`) that another replica changed the store.
+    """
+
+    def __init__(self, store: Store, *, refresh_seconds: float = 1.0) -> None:
+        self._store = store
+        self._refresh_seconds = refresh_seconds
+        self._keys: dict[str, Key] = {}
+        self._epoch = -1
+        self._checked_at = 0.0
+        self._lock = threading.Lock()
+        self.listeners: list[Callable[[Key | None, Key], None]] = []
+        self.reload()
+
+    def reload(self) -> None:
+        """Replace the cache with the store's content. Raises Unavailable if the store is down."""
+        with self._lock:
+            epoch = self._store.epoch()
+            fresh = {
+                row["name"]: key_from_rows(row, vrows) for row, vrows in self._store.load_keys()
+            }
+            old, self._keys, self._epoch = self._keys, fresh, epoch
+            self._checked_at = time.monotonic()
+        for name, key in fresh.items():
+            if old.get(name) != key:
+                self._notify(old.get(name), key)
+
+    def _notify(self, old: Key | None, new: Key) -> None:
+        for listener in self.listeners:
+            listener(old, new)
+
+    def maybe_refresh(self) -> None:
+        """Reload if the store's epoch moved; checks at most every `refresh_seconds`."""
+        if time.monotonic() - self._checked_at < self._refresh_seconds:
+            return
+        self._checked_at = time.monotonic()
+        if self._store.epoch() != self._epoch:
+            self.reload()
+
+    def find(self, name: str) -> Key | None:
+        return self._keys.get(name)
+
+    def get(self, name: str) -> Key:
+        """The key called `name`. Raises NotFound."""
+        key = self._keys.get(name)
+        if key is None:
+            raise NotFound(f"no key named {name!r}")
+        return key
+
+    def all(self) -> list[Key]:
+        return sorted(self._keys.values(), key=lambda k: k.name)
+
+    def _store_and_cache(self, write: Callable[[], None], new: Key) -> Key:
+        write()
+        old = self._keys.get(new.name)
+        self._keys[new.name] = new
+        self._notify(old, new)
+        return new
+
+    def insert(self, key: Key) -> Key:
+        """Persist a new key with its versions. Raises Conflict if the name is taken."""
+        rows = [version_row(v) for v in key.versions.values()]
+        return self._store_and_cache(lambda: self._store.insert_key(key_row(key), rows), key)
+
+    def add_version(self, key: Key, version: KeyVersion, now: datetime) -> Key:
+        """Persist a new primary version. Raises Conflict if the key was rotated meanwhile."""
+        new = replace(
+            key,
+            versions={**key.versions, version.version: version},
+            primary_version=version.version,
+            updated_at=now,
+        )
+        return self._store_and_cache(
+            lambda: self._store.add_version(
+                key.name, version_row(version), expected_primary=key.primary_version
+            ),
+            new,
+        )
+
+    def update(self, key: Key, **changes: Any) -> Key:
+        """Persist changed key fields, only if the stored state is still `key.state`.
+
+        Raises Conflict if another writer changed the state meanwhile.
+        """
+        new = replace(key, **changes)
+        values = {k: v for k, v in key_row(new).items() if k in {*changes, "updated_at"}}
+        if "rotation_period" in changes:
+            values["rotation_period_s"] = key_row(new)["rotation_period_s"]
+        return self._store_and_cache(
+            lambda: self._store.update_key(key.name, values, expected_state=key.state.value),
+            new,
+        )
+
+    def update_version(self, key: Key, version: KeyVersion) -> Key:
+        """Persist one changed version. Raises Conflict if it does not exist."""
+        new = replace(key, versions={**key.versions, version.version: version})
+        values = {k: v for k, v in version_row(version).items() if k != "version"}
+        return self._store_and_cache(
+            lambda: self._store.update_version(key.name, version.version, values), new
+        )

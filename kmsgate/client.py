@@ -1,0 +1,212 @@
+"""The kmsgate SDK (httpx): used by the CLI, CI signers and workloads.
+
+Every method raises `ApiError` (carrying the problem+json `status`, `code` and `detail`) when
+the gateway answers with an error, and `ApiError` with code `unreachable` when it cannot be
+reached.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from kmsgate.schemas import b64decode_strict, b64encode
+
+DEFAULT_ADDR = "http://127.0.0.1:8200"
+
+
+class ApiError(Exception):
+    """A failed call: HTTP `status` (0 if unreachable), problem `code` and `detail`."""
+
+    def __init__(self, status: int, code: str, detail: str, request_id: str | None = None):
+        super().__init__(f"{code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.request_id = request_id
+
+
+class Client:
+    """A connection to one gateway. Use as a context manager or call `close()`."""
+
+    def __init__(
+        self,
+        addr: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        verify: bool | str = True,
+    ) -> None:
+        self.addr = (addr or os.environ.get("KMSGATE_ADDR") or DEFAULT_ADDR).rstrip("/")
+        token = token or os.environ.get("KMSGATE_TOKEN")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=self.addr, headers=headers, timeout=timeout, verify=verify
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send a request. Raises ApiError on a non-2xx reply or a connection failure."""
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiError(0, "unreachable", f"cannot reach {self.addr}: {exc}") from None
+        if response.is_success:
+            return response
+        try:
+            body = response.json()
+            raise ApiError(
+                response.status_code,
+                str(body.get("code", "error")),
+                str(body.get("detail", response.reason_phrase)),
+                body.get("request_id"),
+            )
+        except ValueError:
+            raise ApiError(response.status_code, "error", response.reason_phrase) from None
+
+    def _json(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
+        return self.request(method, path, json=body, **kwargs).json()
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def create_key(
+        self,
+        name: str,
+        type: str | None,
+        purpose: str,
+        *,
+        backend: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        public_key: str | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "purpose": purpose, "labels": dict(labels or {})}
+        for field, value in (("type", type), ("backend", backend), ("public_key", public_key)):
+            if value is not None:
+                body[field] = value
+        result: dict[str, Any] = self._json("POST", "/v1/keys", body)
+        return result
+
+    def list_keys(
+        self, purpose: str | None = None, labels: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        params: list[tuple[str, str]] = [("label", f"{k}:{v}") for k, v in (labels or {}).items()]
+        if purpose:
+            params.append(("purpose", purpose))
+        keys: list[dict[str, Any]] = self._json("GET", "/v1/keys", params=params)["keys"]
+        return keys
+
+    def get_key(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", f"/v1/keys/{name}")
+        return result
+
+    def key_action(self, name: str, action: str, body: Any = None) -> dict[str, Any]:
+        """POST /v1/keys/{name}/{action}: rotate, disable, enable, schedule-deletion, ..."""
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/{action}", body)
+        return result
+
+    def public_key(self, name: str, version: int | None = None) -> str:
+        params = {"version": version} if version else None
+        return self.request("GET", f"/v1/keys/{name}/public-key", params=params).text
+
+    # -- operations ------------------------------------------------------------------------
+
+    def sign(
+        self,
+        name: str,
+        *,
+        data: bytes | None = None,
+        digest: bytes | None = None,
+        algorithm: str | None = None,
+        version: int | None = None,
+    ) -> dict[str, Any]:
+        """`{signature (bytes), key_version, algorithm}`."""
+        body = _message_body(data, digest, algorithm, version)
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/sign", body)
+        result["signature"] = b64decode_strict(result["signature"])
+        return result
+
+    def sign_batch(self, name: str, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Items as REST items (base64 already applied); results or `{error}` in order."""
+        results: list[dict[str, Any]] = self._json(
+            "POST", f"/v1/keys/{name}/sign", {"batch": list(items)}
+        )["batch"]
+        return results
+
+    def verify(
+        self,
+        name: str,
+        signature: bytes,
+        *,
+        data: bytes | None = None,
+        digest: bytes | None = None,
+        algorithm: str | None = None,
+        version: int | None = None,
+    ) -> dict[str, Any]:
+        """`{valid, key_version}`."""
+        body = _message_body(data, digest, algorithm, version)
+        body["signature"] = b64encode(signature)
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/verify", body)
+        return result
+
+    def mac(self, name: str, data: bytes, *, algorithm: str | None = None) -> dict[str, Any]:
+        """`{mac (bytes), key_version}`."""
+        body: dict[str, Any] = {"input": b64encode(data)}
+        if algorithm:
+            body["algorithm"] = algorithm
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/mac", body)
+        result["mac"] = b64decode_strict(result["mac"])
+        return result
+
+    def mac_verify(self, name: str, data: bytes, mac: bytes) -> dict[str, Any]:
+        body = {"input": b64encode(data), "mac": b64encode(mac)}
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/mac/verify", body)
+        return result
+
+    # -- tokens and system -----------------------------------------------------------------
+
+    def create_token(
+        self, roles: Sequence[str], ttl: str | None = None, description: str = ""
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"roles": list(roles), "description": description}
+        if ttl:
+            body["ttl"] = ttl
+        result: dict[str, Any] = self._json("POST", "/v1/sys/tokens", body)
+        return result
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        tokens: list[dict[str, Any]] = self._json("GET", "/v1/sys/tokens")["tokens"]
+        return tokens
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("DELETE", f"/v1/sys/tokens/{token_id}")
+        return result
+
+    def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/v1/sys/health")
+        return result
+
+
+def _message_body(
+    data: bytes | None, digest: bytes | None, algorithm: str | None, version: int | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if data is not None:
+        body["input"] = b64encode(data)
+    if digest is not None:
+        body["digest"] = b64encode(digest)
+    if algorithm:
+        body["algorithm"] = algorithm
+    if version:
+        body["version"] = version
+    return body

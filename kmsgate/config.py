@@ -1,0 +1,152 @@
+"""Settings: a YAML config file plus `KMSGATE_*` environment variables, read once at start-up.
+
+Precedence, highest first: explicit overrides (CLI flags), environment, config file, defaults.
+Nested values use `__` in the environment (`KMSGATE_LIMITS__MAX_BATCH=500`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from kmsgate.errors import ConfigError
+
+SHIPPED_POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+DEV_DATA_DIR = Path.home() / ".kmsgate" / "dev"
+ROOT_TOKEN_FILE = "root-token"  # noqa: S105 (a file name, not a secret)
+ROOT_KEY_FILE = "root.key"
+
+
+class BackendSettings(BaseModel):
+    """One configured backend: its `type` plus type-specific connection settings."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
+class Limits(BaseModel):
+    """Size limits on every input; exceeding one is a 413 `too_large`."""
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_input_bytes: int = Field(default=64 * 1024, gt=0)
+    max_batch: int = Field(default=1000, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything the gateway reads from its environment. Built by `load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KMSGATE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    dev: bool = False
+    env: str = "prod"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8200, ge=1, le=65535)
+    data_dir: Path | None = None
+    database_url: str | None = None
+    root_key_file: Path | None = None
+    policy_dir: Path = SHIPPED_POLICY_DIR
+    audit_path: Path | None = None
+    audit_fsync_interval: float = Field(default=0.05, gt=0)
+    cache_refresh_seconds: float = Field(default=1.0, gt=0)
+    backends: dict[str, BackendSettings] = Field(
+        default_factory=lambda: {"local": BackendSettings(type="softkms")}
+    )
+    default_backend: str = "local"
+    limits: Limits = Field(default_factory=Limits)
+
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL. Raises ConfigError if neither it nor a data dir is set."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self._require_data_dir() / 'kmsgate.db'}"
+
+    def resolved_audit_path(self) -> Path:
+        """The audit log path. Raises ConfigError if neither it nor a data dir is set."""
+        return self.audit_path or self._require_data_dir() / "audit.log"
+
+    def resolved_root_key_file(self) -> Path:
+        """The softkms root key file. Raises ConfigError if neither it nor a data dir is set."""
+        if self.root_key_file:
+            return self.root_key_file
+        if not self.dev:
+            raise ConfigError("root_key_file must be configured outside dev mode")
+        return self._require_data_dir() / ROOT_KEY_FILE
+
+    def _require_data_dir(self) -> Path:
+        if self.data_dir is None:
+            raise ConfigError("data_dir is not set (use --data-dir or KMSGATE_DATA_DIR)")
+        return self.data_dir
+
+    def check_production(self) -> None:
+        """Refuse dev-only state outside dev mode. Raises ConfigError."""
+        if self.dev:
+            return
+        if self.data_dir and (self.data_dir / ROOT_TOKEN_FILE).exists():
+            raise ConfigError(
+                f"{self.data_dir / ROOT_TOKEN_FILE} exists: a dev root token file is refused "
+                "outside dev mode; revoke the token and delete the file"
+            )
+        root_key = self.resolved_root_key_file()
+        if self.data_dir and root_key.resolve().parent == self.data_dir.resolve():
+            raise ConfigError(
+                "the root key file lies in the data dir: outside dev mode keep it apart "
+                "from the store (or wrap it with another backend)"
+            )
+        if self.default_backend not in self.backends:
+            raise ConfigError(f"default_backend {self.default_backend!r} is not configured")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML config file. Raises ConfigError if unreadable or not a mapping."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from defaults < config file < KMSGATE_* env < `overrides` (None values ignored).
+
+    Raises ConfigError if the file is unreadable or a value is invalid.
+    """
+    file_values = read_config_file(config_file) if config_file else {}
+    init_values = {k: v for k, v in overrides.items() if v is not None}
+
+    class _Layered(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+
+    try:
+        layered = _Layered(**init_values)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    if layered.dev:
+        layered.backends.setdefault("local", BackendSettings(type="softkms"))
+        if "env" not in layered.model_fields_set:
+            layered.env = "dev"
+    return layered

@@ -1,0 +1,562 @@
+"""Authorization policy: the Rego engine wrapper, the input document, decisions and digest.
+
+Policies are Rego v1 files evaluated in-process by regorus. The entry point is
+`data.kmsgate.authz.allow` (a request is allowed only when it is exactly `true`); the optional
+set `data.kmsgate.authz.reasons` explains a decision. The input document built by
+`policy_input` is stable and documented in docs/policy.md.
+
+regorus engines are "unsendable": they must be used, cloned and dropped only on the thread
+that created them. So `PolicyEngine` keeps the policy *sources*, and each thread builds its own
+engine from them once per policy generation and keeps it in a module-level thread-local cache
+(entries of engines that are gone are dropped by their own thread, never by another one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import threading
+import weakref
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import regorus
+
+from kmsgate.errors import ConfigError, InvalidRequest
+
+__all__ = [
+    "ACTIONS",
+    "ALLOW_RULE",
+    "REASONS_RULE",
+    "Decision",
+    "PolicyEngine",
+    "PolicyTestResult",
+    "policy_input",
+]
+
+_log = logging.getLogger(__name__)
+
+ALLOW_RULE = "data.kmsgate.authz.allow"
+REASONS_RULE = "data.kmsgate.authz.reasons"
+
+#: Every action the gateway asks the policy about (documented in docs/policy.md).
+ACTIONS: frozenset[str] = frozenset(
+    {
+        "sign",
+        "verify",
+        "mac",
+        "mac.verify",
+        "encrypt",
+        "decrypt",
+        "datakey",
+        "rewrap",
+        "key.create",
+        "key.read",
+        "key.rotate",
+        "key.disable",
+        "key.enable",
+        "key.update",
+        "key.compromise",
+        "key.delete",
+        "key.cancel_deletion",
+        "key.import",
+        "token.create",
+        "token.list",
+        "token.revoke",
+        "audit.read",
+        "policy.read",
+        "policy.evaluate",
+        "policy.reload",
+        "cert.issue",
+        "cert.renew",
+        "cert.revoke",
+        "exception.request",
+        "exception.approve",
+    }
+)
+
+_TEST_SUFFIX = "_test.rego"
+_TEST_PREFIX = "test_"
+_NO_RULE = "not a valid rule path"
+_MAX_DEPTH = 32
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_LOCATION = re.compile(r"--> (\S+:\d+:\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one policy evaluation."""
+
+    allow: bool
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTestResult:
+    """The outcome of one Rego `test_` rule."""
+
+    name: str
+    passed: bool
+    error: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Input document
+
+
+def _rfc3339(value: datetime, where: str) -> str:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidRequest(f"{where}: datetime must be timezone-aware")
+    utc = value.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def _json_value(value: object, where: str, depth: int = 0) -> object:
+    """Return `value` as plain JSON data; raise InvalidRequest if it has no JSON form."""
+    if depth > _MAX_DEPTH:
+        raise InvalidRequest(f"{where}: nested too deeply")
+    if value is None or isinstance(value, bool | str | int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidRequest(f"{where}: number is not finite")
+        return value
+    if isinstance(value, datetime):
+        return _rfc3339(value, where)
+    if isinstance(value, Mapping):
+        out: dict[str, object] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidRequest(f"{where}: object keys must be strings")
+            out[key] = _json_value(item, f"{where}.{key}", depth + 1)
+        return out
+    if isinstance(value, Set):
+        items = [_json_value(item, where, depth + 1) for item in value]
+        if all(isinstance(item, str) for item in items):
+            items.sort(key=str)
+        return items
+    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray | memoryview):
+        return [_json_value(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
+    raise InvalidRequest(f"{where}: unsupported value of type {type(value).__name__}")
+
+
+def _with_defaults(
+    value: Mapping[str, object], defaults: Mapping[str, object], where: str
+) -> dict[str, object]:
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(f"{where} must be an object")
+    doc = _json_value(value, where)
+    assert isinstance(doc, dict)  # a Mapping always converts to a dict
+    out: dict[str, object] = {}
+    for key, default in defaults.items():
+        item = doc.pop(key, None)
+        out[key] = _json_value(default, where) if item is None else item
+    out.update(doc)  # extra fields pass through after the documented ones
+    return out
+
+
+_PRINCIPAL_DEFAULTS: dict[str, object] = {
+    "id": None,
+    "kind": None,
+    "roles": [],
+    "claims": {},
+    "tenant": None,
+}
+_RESOURCE_DEFAULTS: dict[str, object] = {
+    "kind": None,
+    "name": None,
+    "purpose": None,
+    "type": None,
+    "backend": None,
+    "labels": {},
+}
+
+
+def _check_strings(value: object, where: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequest(f"{where} must be a list of strings")
+
+
+def _check_object(value: object, where: str) -> None:
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where} must be an object")
+
+
+def policy_input(
+    *,
+    principal: Mapping[str, object],
+    action: str,
+    resource: Mapping[str, object],
+    request: Mapping[str, object] | None,
+    env: str,
+    now: datetime,
+    exceptions: Sequence[Mapping[str, object]] = (),
+) -> dict[str, object]:
+    """Build the stable policy input document (see docs/policy.md).
+
+    Missing principal/resource fields get defaults (`roles` [], `claims` {}, `labels` {},
+    None elsewhere); extra fields pass through. Datetimes anywhere become RFC 3339 UTC
+    strings ending in "Z"; tuples and sets become lists.
+
+    Raises InvalidRequest if a value has no JSON form (bytes, non-string keys, NaN, naive
+    datetimes), if `action` is empty, or if `roles`, `claims`, `labels` or an exception
+    entry has the wrong shape.
+    """
+    if not isinstance(action, str) or not action:
+        raise InvalidRequest("action must be a non-empty string")
+    if not isinstance(env, str):
+        raise InvalidRequest("env must be a string")
+    if not isinstance(now, datetime):
+        raise InvalidRequest("now must be a datetime")
+    principal_doc = _with_defaults(principal, _PRINCIPAL_DEFAULTS, "principal")
+    _check_strings(principal_doc["roles"], "principal.roles")
+    _check_object(principal_doc["claims"], "principal.claims")
+    resource_doc = _with_defaults(resource, _RESOURCE_DEFAULTS, "resource")
+    _check_object(resource_doc["labels"], "resource.labels")
+    if request is None:
+        request_doc: object = {}
+    else:
+        if not isinstance(request, Mapping):
+            raise InvalidRequest("request must be an object")
+        request_doc = _json_value(request, "request")
+    if isinstance(exceptions, str | bytes) or not isinstance(exceptions, Sequence):
+        raise InvalidRequest("exceptions must be a list of objects")
+    exception_docs = []
+    for i, grant in enumerate(exceptions):
+        if not isinstance(grant, Mapping):
+            raise InvalidRequest(f"exceptions[{i}] must be an object")
+        exception_docs.append(_json_value(grant, f"exceptions[{i}]"))
+    return {
+        "principal": principal_doc,
+        "action": action,
+        "resource": resource_doc,
+        "request": request_doc,
+        "env": env,
+        "now": _rfc3339(now, "now"),
+        "exceptions": exception_docs,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _error_text(exc: BaseException) -> str:
+    """regorus error text without the Rust backtrace that RUST_BACKTRACE=1 appends."""
+    text = str(exc).split("Stack backtrace:", 1)[0].strip()
+    return text or type(exc).__name__
+
+
+def _rego_files(policy_dir: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """(policy files, test files) as sorted (relative posix path, path) pairs.
+
+    Files and directories whose name starts with "." are skipped (editor files, `.git`, the
+    `..data` links of a Kubernetes ConfigMap mount).
+    """
+    policies: list[tuple[str, Path]] = []
+    tests: list[tuple[str, Path]] = []
+    for path in policy_dir.rglob("*.rego"):
+        rel = path.relative_to(policy_dir)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        (tests if path.name.endswith(_TEST_SUFFIX) else policies).append((rel.as_posix(), path))
+    policies.sort()
+    tests.sort()
+    return policies, tests
+
+
+def _read_sources(files: Sequence[tuple[str, Path]]) -> tuple[tuple[str, bytes], ...]:
+    out: list[tuple[str, bytes]] = []
+    for rel, path in files:
+        try:
+            out.append((rel, path.read_bytes()))
+        except OSError as exc:
+            raise ConfigError(f"cannot read policy file {rel}: {exc.strerror}") from exc
+    return tuple(out)
+
+
+def _bundle_digest(sources: Sequence[tuple[str, bytes]]) -> str:
+    """sha256 over (path, content) pairs in order, each part prefixed by its 8-byte length."""
+    h = hashlib.sha256()
+    for rel, content in sources:
+        name = rel.encode()
+        h.update(len(name).to_bytes(8, "big"))
+        h.update(name)
+        h.update(len(content).to_bytes(8, "big"))
+        h.update(content)
+    return "sha256:" + h.hexdigest()
+
+
+def _new_engine(sources: Sequence[tuple[str, bytes]]) -> Any:
+    """A fresh regorus engine holding `sources`; raises ConfigError naming the bad file."""
+    engine = regorus.Engine()
+    for rel, content in sources:
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"invalid policy file {rel}: not UTF-8 ({exc.reason})") from exc
+        try:
+            engine.add_policy(rel, text)
+        except Exception as exc:  # regorus raises RuntimeError with the parse error
+            raise ConfigError(f"invalid policy file {rel}: {_error_text(exc)}") from exc
+    return engine
+
+
+def _probe(engine: Any, rule: str) -> bool:
+    """True if `rule` exists; raise ConfigError if it cannot be evaluated."""
+    try:
+        engine.eval_rule(rule)
+    except Exception as exc:
+        text = _error_text(exc)
+        if text.startswith(_NO_RULE):
+            return False
+        raise ConfigError(f"policy rule {rule} cannot be evaluated: {text}") from exc
+    return True
+
+
+_PROBE_INPUT = orjson.dumps(
+    policy_input(
+        principal={},
+        action="policy.read",
+        resource={},
+        request=None,
+        env="",
+        now=datetime(1970, 1, 1, tzinfo=UTC),
+    )
+).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """One loaded policy generation (immutable; swapped as a whole on reload)."""
+
+    sources: tuple[tuple[str, bytes], ...]
+    digest: str
+    loaded_at: datetime
+    has_allow: bool
+    has_reasons: bool
+
+
+def _load_state(policy_dir: Path) -> tuple[_State, Any]:
+    """Read and check the policy bundle; return it and the engine built on this thread."""
+    if not policy_dir.is_dir():
+        raise ConfigError(f"policy directory {policy_dir} does not exist")
+    files, _ = _rego_files(policy_dir)
+    if not files:
+        raise ConfigError(f"no .rego policy file in {policy_dir}")
+    sources = _read_sources(files)
+    engine = _new_engine(sources)
+    engine.set_input_json(_PROBE_INPUT)
+    has_allow = _probe(engine, ALLOW_RULE)
+    has_reasons = _probe(engine, REASONS_RULE)
+    state = _State(
+        sources=sources,
+        digest=_bundle_digest(sources),
+        loaded_at=datetime.now(UTC),
+        has_allow=has_allow,
+        has_reasons=has_reasons,
+    )
+    return state, engine
+
+
+# ---------------------------------------------------------------------------------------------
+# Rego test discovery
+
+
+def _ref_path(node: object) -> list[str] | None:
+    """The dotted path of a regorus AST reference (Var, RefDot, RefBrack with a string)."""
+    if not isinstance(node, dict) or len(node) != 1:
+        return None
+    kind, body = next(iter(node.items()))
+    if not isinstance(body, dict):
+        return None
+    if kind == "Var":
+        value = body.get("value")
+        return [value] if isinstance(value, str) else None
+    base = _ref_path(body.get("refr"))
+    if base is None:
+        return None
+    if kind == "RefDot":
+        field = body.get("field")
+        if isinstance(field, list) and len(field) == 2 and isinstance(field[1], str):
+            return [*base, field[1]]
+        return None
+    if kind == "RefBrack":
+        index = body.get("index")
+        if isinstance(index, dict) and isinstance(index.get("String"), dict):
+            value = index["String"].get("value")
+            return [*base, value] if isinstance(value, str) else None
+    return None
+
+
+def _rule_ref(parts: Sequence[str]) -> str:
+    out = "data"
+    for part in parts:
+        out += f".{part}" if _IDENT.match(part) else "[" + orjson.dumps(part).decode() + "]"
+    return out
+
+
+def _test_rules(engine: Any) -> list[str]:
+    """Full references of every `test_*` rule (not functions), in source order, deduplicated."""
+    modules = orjson.loads(engine.get_ast_as_json())
+    names: list[str] = []
+    for module in modules:
+        ast = module.get("ast", {})
+        package = _ref_path(ast.get("package", {}).get("refr"))
+        if package is None:
+            continue
+        for rule in ast.get("rules", []):
+            spec = rule.get("Spec")
+            if not isinstance(spec, dict):
+                continue
+            head = spec.get("head")
+            if not isinstance(head, dict) or len(head) != 1 or "Func" in head:
+                continue
+            path = _ref_path(next(iter(head.values())).get("refr"))
+            if path and path[-1].startswith(_TEST_PREFIX):
+                ref = _rule_ref([*package, *path])
+                if ref not in names:
+                    names.append(ref)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine
+
+_THREAD = threading.local()
+_CacheEntry = tuple["weakref.ref[PolicyEngine]", _State, Any]
+
+
+def _thread_cache() -> dict[int, _CacheEntry]:
+    """This thread's regorus engines, by id of the PolicyEngine that owns them."""
+    cache: dict[int, _CacheEntry] | None = getattr(_THREAD, "engines", None)
+    if cache is None:
+        cache = {}
+        _THREAD.engines = cache
+    return cache
+
+
+class PolicyEngine:
+    """The loaded policy bundle; decides requests. Create with `PolicyEngine.load`."""
+
+    def __init__(self, policy_dir: Path, state: _State) -> None:
+        self._policy_dir = policy_dir
+        self._state = state
+        self._reload_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, policy_dir: Path) -> PolicyEngine:
+        """Load every *.rego under `policy_dir` (recursively, sorted) except *_test.rego.
+
+        Raises ConfigError (naming the file and the parse error) if a file is invalid or
+        unreadable, if there is no .rego file, or if `data.kmsgate.authz.allow` (or
+        `reasons`) raises an error when evaluated. A policy that does not define `allow`
+        loads and denies everything.
+        """
+        policy_dir = Path(policy_dir)
+        state, engine = _load_state(policy_dir)
+        self = cls(policy_dir, state)
+        self._remember(state, engine)
+        return self
+
+    @property
+    def policy_dir(self) -> Path:
+        return self._policy_dir
+
+    @property
+    def digest(self) -> str:
+        """`sha256:<hex>` over the policy files that decide (not the tests); see docs/policy.md."""
+        return self._state.digest
+
+    @property
+    def files(self) -> list[str]:
+        """Relative posix paths of the loaded policy files, sorted."""
+        return [rel for rel, _ in self._state.sources]
+
+    @property
+    def loaded_at(self) -> datetime:
+        """When the current policy generation was loaded (UTC)."""
+        return self._state.loaded_at
+
+    def _remember(self, state: _State, engine: Any) -> Any:
+        """Keep `engine` (built on this thread for `state`) as this thread's engine."""
+        cache = _thread_cache()
+        for key in [key for key, entry in cache.items() if entry[0]() is None]:
+            del cache[key]
+        cache[id(self)] = (weakref.ref(self), state, engine)
+        return engine
+
+    def _engine(self, state: _State) -> Any:
+        entry = _thread_cache().get(id(self))
+        if entry is not None and entry[1] is state:
+            return entry[2]
+        return self._remember(state, _new_engine(state.sources))
+
+    def decide(self, input_doc: Mapping[str, object]) -> Decision:
+        """Evaluate `allow` (only exactly `true` allows) and `reasons` for `input_doc`.
+
+        Never raises: an input that is not JSON or an evaluation error denies, and the error
+        type and policy location (never input data) are logged. Thread-safe.
+        """
+        state = self._state
+        try:
+            engine = self._engine(state)
+            doc = input_doc if isinstance(input_doc, dict) else dict(input_doc)
+            engine.set_input_json(orjson.dumps(doc).decode())
+            allow = engine.eval_rule(ALLOW_RULE) if state.has_allow else None
+            reasons = engine.eval_rule(REASONS_RULE) if state.has_reasons else None
+        except Exception as exc:
+            match = _LOCATION.search(str(exc))
+            _log.error(
+                "policy evaluation failed (%s%s); request denied",
+                type(exc).__name__,
+                f" at {match.group(1)}" if match else "",
+            )
+            return Decision(allow=False, reasons=())
+        if isinstance(reasons, Set | list | tuple):
+            reason_tuple = tuple(sorted({r for r in reasons if isinstance(r, str)}))
+        else:
+            reason_tuple = ()
+        return Decision(allow=allow is True, reasons=reason_tuple)
+
+    def reload(self) -> str:
+        """Re-read the policy directory, swap it in atomically and return the new digest.
+
+        Raises ConfigError, keeping the current policy, if the new bundle is invalid. An
+        unchanged bundle keeps the current generation (and `loaded_at`).
+        """
+        with self._reload_lock:
+            state, engine = _load_state(self._policy_dir)
+            current = self._state
+            if state.sources == current.sources:
+                return current.digest
+            self._state = state
+            self._remember(state, engine)
+            _log.info("policy reloaded: %s (%d files)", state.digest, len(state.sources))
+            return state.digest
+
+    def run_tests(self) -> list[PolicyTestResult]:
+        """Run the Rego tests: every `test_*` rule of every package in the *_test.rego files.
+
+        The loaded policy plus the test files currently in the policy directory go into a
+        fresh engine; a test passes iff its rule evaluates to exactly `true` (use
+        `with input as {...}`). An evaluation error fails that test with the error text.
+        Raises ConfigError if a test file cannot be read or parsed.
+        """
+        _, test_files = _rego_files(self._policy_dir)
+        engine = _new_engine(self._state.sources + _read_sources(test_files))
+        results: list[PolicyTestResult] = []
+        for ref in _test_rules(engine):
+            try:
+                value = engine.eval_rule(ref)
+            except Exception as exc:
+                results.append(PolicyTestResult(ref, False, _error_text(exc)))
+                continue
+            results.append(PolicyTestResult(ref, value is True, None))
+        return results

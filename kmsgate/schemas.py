@@ -1,0 +1,247 @@
+"""Request bodies (pydantic): shared by the REST routes, the service layer and the SDK.
+
+Binary values are standard base64 with padding; anything else fails validation (422).
+Every operation body is either one item or `{"batch": [item, ...]}`, never both.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Generic, Self, TypeVar
+
+import orjson
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+
+from kmsgate.errors import InvalidRequest, TooLarge, ValidationFailed
+
+_B64_RE = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+LABEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+_DURATION_RE = re.compile(r"^(\d{1,9})([smhd]?)$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def b64decode_strict(value: str) -> bytes:
+    """Decode standard base64 with padding. Raises ValueError for anything else."""
+    if len(value) % 4 or not _B64_RE.match(value):
+        raise ValueError("not standard base64 with padding")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error as exc:
+        raise ValueError("not standard base64 with padding") from exc
+
+
+def b64encode(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _decode(value: str) -> bytes:
+    return b64decode_strict(value)
+
+
+B64 = Annotated[
+    str,
+    Field(max_length=8 * 1024 * 1024),
+    AfterValidator(_decode),
+    PlainSerializer(lambda v: b64encode(v) if isinstance(v, bytes) else v, return_type=str),
+    WithJsonSchema({"type": "string", "format": "byte", "description": "standard base64"}),
+]
+"""A base64 string in JSON, `bytes` once validated."""
+
+
+def parse_duration(value: str | int) -> timedelta:
+    """`90d`, `12h`, `30m`, `45s` or plain seconds. Raises InvalidRequest."""
+    match = _DURATION_RE.match(str(value).strip())
+    if not match:
+        raise InvalidRequest(f"invalid duration {value!r}: use e.g. 90d, 12h, 30m, 45s")
+    seconds = int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise InvalidRequest("duration must be positive")
+    return timedelta(seconds=seconds)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class _MessageItem(_Body):
+    input: B64 | None = None
+    digest: B64 | None = None
+    algorithm: str | None = Field(default=None, max_length=64)
+    version: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _input_or_digest(self) -> Self:
+        if (self.input is None) == (self.digest is None):
+            raise ValueError("send exactly one of 'input' or 'digest'")
+        return self
+
+
+class SignItem(_MessageItem):
+    """Sign `input` (or a prehashed `digest`) with `version` (default: primary)."""
+
+
+class VerifyItem(_MessageItem):
+    """Verify `signature`; `strict` rejects compromised versions, `signed_at` those
+    compromised before that time."""
+
+    signature: B64
+    strict: bool = False
+    signed_at: datetime | None = None
+
+
+class MacItem(_Body):
+    input: B64
+    algorithm: str | None = Field(default=None, max_length=64)
+    version: int | None = Field(default=None, ge=1)
+
+
+class MacVerifyItem(MacItem):
+    mac: B64
+
+
+ItemT = TypeVar("ItemT", bound=BaseModel)
+
+
+class Batch(BaseModel, Generic[ItemT]):
+    model_config = ConfigDict(extra="forbid")
+
+    batch: list[ItemT] = Field(min_length=1)
+
+
+def validation_detail(exc: ValidationError) -> str:
+    """A client-safe summary of pydantic errors: locations and messages, never input values."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False)[:5]:
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The JSON object in `raw`. Raises InvalidRequest if it is not valid JSON or not an object."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def parse_model(model: type[ModelT], body: Any) -> ModelT:
+    """`body` validated as `model`. Raises ValidationFailed with a client-safe detail."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise ValidationFailed(validation_detail(exc)) from None
+
+
+def parse_operation(raw: bytes, item_type: type[ItemT], max_batch: int) -> tuple[list[ItemT], bool]:
+    """The items of an operation body and whether it was a batch.
+
+    Raises InvalidRequest (not JSON), TooLarge (more than `max_batch` items) or
+    ValidationFailed (schema).
+    """
+    body = parse_json_object(raw)
+    if "batch" not in body:
+        return [parse_model(item_type, body)], False
+    batch = body["batch"]
+    if isinstance(batch, list) and len(batch) > max_batch:
+        raise TooLarge(f"batch of {len(batch)} items exceeds the limit of {max_batch}")
+    return parse_model(Batch[item_type], body).batch, True  # type: ignore[valid-type]
+
+
+def operation_schema(item_type: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request body for an operation: one item, or a batch of items."""
+    item = item_type.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "oneOf": [
+                            item,
+                            {
+                                "type": "object",
+                                "required": ["batch"],
+                                "properties": {"batch": {"type": "array", "items": item}},
+                            },
+                        ]
+                    }
+                }
+            },
+        }
+    }
+
+
+class CreateKeyRequest(_Body):
+    name: str = Field(pattern=KEY_NAME_PATTERN)
+    type: str | None = Field(default=None, max_length=32)
+    purpose: str = Field(pattern=LABEL_PATTERN)
+    backend: str | None = Field(default=None, max_length=64)
+    labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=32
+    )
+    rotation_period: str | int | None = None
+    public_key: str | None = Field(default=None, max_length=16 * 1024)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.public_key is None and self.type is None:
+            raise ValueError("'type' is required unless importing a 'public_key'")
+        for label in self.labels:
+            if not re.match(LABEL_PATTERN, label):
+                raise ValueError(f"invalid label name {label!r}")
+        return self
+
+
+class PatchKeyRequest(_Body):
+    min_decrypt_version: int | None = Field(default=None, ge=1)
+    rotation_period: str | int | None = None
+    labels: dict[str, Annotated[str, Field(max_length=256)]] | None = Field(
+        default=None, max_length=32
+    )
+
+
+class CompromisedRequest(_Body):
+    since: datetime
+
+    @model_validator(mode="after")
+    def _aware(self) -> Self:
+        if self.since.tzinfo is None:
+            raise ValueError("'since' needs a time zone (RFC 3339)")
+        return self
+
+
+class ScheduleDeletionRequest(_Body):
+    pending_days: int = Field(default=30, ge=7, le=30)
+
+
+class TokenCreateRequest(_Body):
+    roles: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=32)
+    ttl: str | int | None = None
+    description: str = Field(default="", max_length=256)
+
+
+class PolicyEvaluateRequest(_Body):
+    principal: dict[str, Any]
+    action: str = Field(max_length=64)
+    resource: dict[str, Any] = Field(default_factory=dict)
+    request: dict[str, Any] = Field(default_factory=dict)

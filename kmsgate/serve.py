@@ -1,0 +1,77 @@
+"""`kmsgate serve`: prepare the data dir, print the dev root token once, run uvicorn.
+
+Worker processes rebuild the service from the environment (`create_app_from_env`), so the
+settings given as flags are passed on as `KMSGATE_*` variables.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from rich.console import Console
+
+from kmsgate.api.app import create_app
+from kmsgate.bootstrap import build_service, ensure_root_token, prepare_dev_data_dir
+from kmsgate.config import DEV_DATA_DIR, ROOT_TOKEN_FILE, load_settings
+
+
+def create_app_from_env() -> FastAPI:
+    """uvicorn factory for worker processes: settings from KMSGATE_* and KMSGATE_CONFIG."""
+    config = os.environ.get("KMSGATE_CONFIG")
+    return create_app(build_service(load_settings(Path(config) if config else None)))
+
+
+def serve(
+    *,
+    dev: bool,
+    data_dir: Path | None,
+    host: str | None,
+    port: int | None,
+    config: Path | None,
+    workers: int,
+    log_level: str,
+    console: Console,
+) -> None:
+    """Run the gateway until interrupted. Raises ConfigError on bad settings."""
+    if dev and data_dir is None:
+        data_dir = DEV_DATA_DIR
+    settings = load_settings(
+        config, dev=dev or None, data_dir=data_dir, host=host, port=port
+    )
+    if settings.dev:
+        prepare_dev_data_dir(settings)
+    service = build_service(settings)
+    if settings.dev:
+        assert settings.data_dir is not None
+        token = ensure_root_token(service, settings.data_dir)
+        if token:
+            console.print(f"Root token (admin), shown once: {token}", highlight=False, soft_wrap=True)
+        console.print(f"Root token file: {settings.data_dir / ROOT_TOKEN_FILE}", highlight=False)
+    console.print(
+        f"kmsgate listening on http://{settings.host}:{settings.port} (env {settings.env})",
+        highlight=False,
+    )
+    if workers == 1:
+        uvicorn.run(create_app(service), host=settings.host, port=settings.port,
+                    log_level=log_level)
+        return
+    service.close()
+    os.environ.update(
+        {
+            "KMSGATE_DEV": "1" if settings.dev else "0",
+            "KMSGATE_ENV": settings.env,
+            **({"KMSGATE_DATA_DIR": str(settings.data_dir)} if settings.data_dir else {}),
+            **({"KMSGATE_CONFIG": str(config)} if config else {}),
+        }
+    )
+    uvicorn.run(
+        "kmsgate.serve:create_app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        log_level=log_level,
+    )

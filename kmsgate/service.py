@@ -1,0 +1,884 @@
+"""The use-case layer: one method per operation. REST routes call only this.
+
+Every operation follows one path:
+
+    authenticate -> policy (deny by default) -> key catalogue (cached) -> backend -> audit -> reply
+
+The policy sees the key's attributes when the key exists and only its name otherwise, so a
+caller without permission gets 403 whether or not the key exists. Every decision and outcome
+is audited; if the audit write fails, the result is withheld (fail-closed).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from kmsgate.algorithms import (
+    HashName,
+    KeyType,
+    KeyUsage,
+    SignAlg,
+    check_digest,
+    default_sign_algorithm,
+    key_type_of_public_key,
+    mac_algorithm,
+    parse_key_type,
+    sign_algorithm,
+    verify_with_public_key,
+)
+from kmsgate.audit import AuditEvent, AuditLog, input_summary, search
+from kmsgate.backends.base import KeySpec, MacCapable, Registry, require_capability
+from kmsgate.catalogue import Catalogue, Key, KeyState, KeyVersion
+from kmsgate.config import Settings
+from kmsgate.errors import (
+    ConfigError,
+    Conflict,
+    InvalidRequest,
+    KmsgateError,
+    NotFound,
+    PolicyDenied,
+    TooLarge,
+)
+from kmsgate.policy import Decision, PolicyEngine, policy_input
+from kmsgate.schemas import (
+    CompromisedRequest,
+    CreateKeyRequest,
+    MacItem,
+    MacVerifyItem,
+    PatchKeyRequest,
+    PolicyEvaluateRequest,
+    ScheduleDeletionRequest,
+    SignItem,
+    TokenCreateRequest,
+    VerifyItem,
+    b64encode,
+    parse_duration,
+)
+from kmsgate.tokens import Principal, TokenInfo, TokenRegistry
+
+T = TypeVar("T")
+Result = dict[str, Any]
+SYSTEM = Principal(id="system", kind="system", roles=())
+
+
+@dataclass(slots=True)
+class Ctx:
+    """Per-request facts for audit records."""
+
+    request_id: str
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What an operation reports to its audit record besides success or failure."""
+
+    key_version: int | None = None
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _b64url(value: bytes) -> str:
+    return base64.urlsafe_b64encode(value).rstrip(b"=").decode("ascii")
+
+
+def _int_b64url(value: int) -> str:
+    return _b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+
+class Service:
+    """All kmsgate operations. Thread-safe; holds only caches."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        catalogue: Catalogue,
+        registry: Registry,
+        policy: PolicyEngine,
+        audit: AuditLog,
+        tokens: TokenRegistry,
+    ) -> None:
+        self.settings = settings
+        self.catalogue = catalogue
+        self.registry = registry
+        self.policy = policy
+        self.audit = audit
+        self.tokens = tokens
+
+    # -- the common path -------------------------------------------------------------------
+
+    def authenticate(self, bearer: str | None, ctx: Ctx) -> Principal:
+        """The caller behind `bearer`. Raises Unauthenticated (audited)."""
+        try:
+            return self.tokens.authenticate(bearer)
+        except KmsgateError as exc:
+            self._record(ctx, None, "authn", {"kind": "token"}, "deny", exc.code, _Outcome())
+            raise
+
+    def _record(
+        self,
+        ctx: Ctx,
+        principal: Principal | None,
+        action: str,
+        resource: Mapping[str, object],
+        decision: str,
+        outcome: str,
+        result: _Outcome,
+        *,
+        reasons: Sequence[str] = (),
+        inputs: Sequence[bytes] | None = None,
+    ) -> None:
+        self.audit.append(
+            AuditEvent(
+                action=action,
+                decision=decision,
+                outcome=outcome,
+                request_id=ctx.request_id,
+                principal=principal.id if principal else None,
+                principal_kind=principal.kind if principal else None,
+                resource={k: v for k, v in resource.items() if k in ("kind", "name")},
+                key_version=result.key_version,
+                reasons=tuple(reasons),
+                inputs=input_summary(inputs) if inputs else None,
+                policy_digest=self.policy.digest,
+                detail=result.detail or None,
+            )
+        )
+
+    def _decide(
+        self,
+        principal: Principal,
+        action: str,
+        resource: Mapping[str, object],
+        request: Mapping[str, object] | None,
+    ) -> Decision:
+        return self.policy.decide(
+            policy_input(
+                principal=principal.policy_document(),
+                action=action,
+                resource=resource,
+                request=request,
+                env=self.settings.env,
+                now=_now(),
+            )
+        )
+
+    def _run(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        action: str,
+        resource: Mapping[str, object],
+        request: Mapping[str, object] | None,
+        operation: Callable[[_Outcome], T],
+        *,
+        inputs: Sequence[bytes] | None = None,
+    ) -> T:
+        """Decide, run `operation` if allowed, audit the decision and the outcome.
+
+        Raises PolicyDenied, whatever `operation` raises, or AuditUnavailable (the result
+        is then withheld).
+        """
+        decision = self._decide(principal, action, resource, request)
+        outcome = _Outcome()
+        if not decision.allow:
+            self._record(
+                ctx,
+                principal,
+                action,
+                resource,
+                "deny",
+                PolicyDenied.code,
+                outcome,
+                reasons=decision.reasons,
+                inputs=inputs,
+            )
+            raise PolicyDenied(f"policy does not allow {action} here")
+        try:
+            result = operation(outcome)
+        except Exception as exc:
+            code = exc.code if isinstance(exc, KmsgateError) else "internal_error"
+            self._record(
+                ctx,
+                principal,
+                action,
+                resource,
+                "allow",
+                code,
+                outcome,
+                reasons=decision.reasons,
+                inputs=inputs,
+            )
+            raise
+        self._record(
+            ctx,
+            principal,
+            action,
+            resource,
+            "allow",
+            "ok",
+            outcome,
+            reasons=decision.reasons,
+            inputs=inputs,
+        )
+        return result
+
+    def _key_op(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        action: str,
+        name: str,
+        request: Mapping[str, object] | None,
+        operation: Callable[[Key, _Outcome], T],
+        *,
+        inputs: Sequence[bytes] | None = None,
+    ) -> T:
+        """`_run` for an operation on the key `name`: NotFound only after policy allowed."""
+        key = self.catalogue.find(name)
+        resource = key.policy_resource() if key else {"kind": "key", "name": name}
+
+        def on_key(outcome: _Outcome) -> T:
+            if key is None:
+                raise NotFound(f"no key named {name!r}")
+            return operation(key, outcome)
+
+        return self._run(principal, ctx, action, resource, request, on_key, inputs=inputs)
+
+    def is_blocking(self, name: str) -> bool:
+        """Whether an operation on key `name` may block (remote or HSM backend)."""
+        key = self.catalogue.find(name)
+        backend = self.registry.find(key.backend) if key and not key.verify_only else None
+        return backend is not None and backend.blocking
+
+    # -- cryptographic operations ----------------------------------------------------------
+
+    def _check_size(self, data: bytes | None) -> bytes:
+        assert data is not None
+        if len(data) > self.settings.limits.max_input_bytes:
+            raise TooLarge(
+                f"input of {len(data)} bytes exceeds the limit of "
+                f"{self.settings.limits.max_input_bytes}; send a digest instead"
+            )
+        return data
+
+    def _message(self, item: SignItem | VerifyItem, alg: SignAlg) -> tuple[bytes, bool]:
+        if item.digest is not None:
+            check_digest(alg, item.digest)
+            return item.digest, True
+        return self._check_size(item.input), False
+
+    @staticmethod
+    def _batch_request(
+        key: Key | None, items: Sequence[SignItem | VerifyItem | MacItem]
+    ) -> dict[str, object]:
+        """The policy `request` document: the algorithm (when all items agree) and counts."""
+        default = default_sign_algorithm(key.type) if key else None
+        if key is not None and key.type.usage is KeyUsage.MAC:
+            default = key.type.value
+        algorithms = sorted({item.algorithm or default or "" for item in items})
+        return {
+            "algorithm": algorithms[0] if len(algorithms) == 1 else None,
+            "algorithms": algorithms,
+            "batch": len(items),
+            "prehashed": any(getattr(item, "digest", None) is not None for item in items),
+        }
+
+    def _each(
+        self,
+        key: Key,
+        outcome: _Outcome,
+        items: Sequence[T],
+        one: Callable[[Key, T], Result],
+        batch: bool,
+    ) -> Result:
+        """Apply `one` to every item: per-item errors in a batch, the error itself otherwise."""
+        key.require_enabled()
+        if not batch:
+            result = one(key, items[0])
+            outcome.key_version = result.get("key_version")
+            return result
+        results: list[Result] = []
+        for item in items:
+            try:
+                results.append(one(key, item))
+            except KmsgateError as exc:
+                results.append({"error": {"code": exc.code, "detail": exc.detail}})
+        outcome.detail["items"] = len(items)
+        outcome.detail["failed"] = sum(1 for r in results if "error" in r)
+        return {"batch": results}
+
+    def _operation(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        action: str,
+        name: str,
+        items: Sequence[Any],
+        batch: bool,
+        one: Callable[[Key, Any], Result],
+    ) -> Result:
+        inputs = [item.input if item.input is not None else item.digest or b"" for item in items]
+        return self._key_op(
+            principal,
+            ctx,
+            action,
+            name,
+            self._batch_request(self.catalogue.find(name), items),
+            lambda key, outcome: self._each(key, outcome, items, one, batch),
+            inputs=inputs,
+        )
+
+    def sign(
+        self, principal: Principal, ctx: Ctx, name: str, items: Sequence[SignItem], batch: bool
+    ) -> Result:
+        """Sign one item or a batch. Raises PolicyDenied, NotFound, KeyDisabled, ... ."""
+        return self._operation(principal, ctx, "sign", name, items, batch, self._sign_one)
+
+    def _sign_one(self, key: Key, item: SignItem) -> Result:
+        alg = sign_algorithm(key.type, item.algorithm)
+        version = key.usable_version(item.version, for_signing=True)
+        data, prehashed = self._message(item, alg)
+        backend = self.registry.get(key.backend)
+        signature = backend.sign(key.backend_key(version), data, alg, prehashed=prehashed)
+        return {
+            "signature": b64encode(signature),
+            "key_version": version.version,
+            "algorithm": alg.name,
+        }
+
+    def verify(
+        self, principal: Principal, ctx: Ctx, name: str, items: Sequence[VerifyItem], batch: bool
+    ) -> Result:
+        """Verify one signature or a batch, in-process with the cached public keys."""
+        return self._operation(principal, ctx, "verify", name, items, batch, self._verify_one)
+
+    def _verify_one(self, key: Key, item: VerifyItem) -> Result:
+        alg = sign_algorithm(key.type, item.algorithm)
+        data, prehashed = self._message(item, alg)
+        if item.version is not None:
+            candidates = [key.usable_version(item.version, for_signing=False)]
+        else:
+            candidates = key.verification_versions()
+        for version in candidates:
+            if version.compromised_since is not None and (
+                item.strict or (item.signed_at and version.is_compromised_at(item.signed_at))
+            ):
+                continue
+            public_key = version.public_key()
+            if public_key is not None and verify_with_public_key(
+                public_key, alg, data, item.signature, prehashed=prehashed
+            ):
+                return {"valid": True, "key_version": version.version}
+        return {"valid": False, "key_version": None}
+
+    def mac(
+        self, principal: Principal, ctx: Ctx, name: str, items: Sequence[MacItem], batch: bool
+    ) -> Result:
+        """HMAC one input or a batch."""
+        return self._operation(principal, ctx, "mac", name, items, batch, self._mac_one)
+
+    def _mac_backend(self, key: Key) -> MacCapable:
+        return require_capability(self.registry.get(key.backend), MacCapable, "compute MACs")
+
+    def _mac_one(self, key: Key, item: MacItem) -> Result:
+        hash_name = mac_algorithm(key.type, item.algorithm)
+        version = key.usable_version(item.version, for_signing=True)
+        tag = self._mac_backend(key).mac(
+            key.backend_key(version), self._check_size(item.input), hash_name
+        )
+        return {"mac": b64encode(tag), "key_version": version.version}
+
+    def mac_verify(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        name: str,
+        items: Sequence[MacVerifyItem],
+        batch: bool,
+    ) -> Result:
+        """Check one MAC or a batch (full-length tags only, constant-time comparison)."""
+        return self._operation(
+            principal, ctx, "mac.verify", name, items, batch, self._mac_verify_one
+        )
+
+    def _mac_verify_one(self, key: Key, item: MacVerifyItem) -> Result:
+        hash_name: HashName = mac_algorithm(key.type, item.algorithm)
+        data = self._check_size(item.input)
+        if item.version is not None:
+            candidates = [key.usable_version(item.version, for_signing=False)]
+        else:
+            candidates = key.verification_versions()
+        backend = self._mac_backend(key)
+        for version in candidates:
+            if backend.verify_mac(key.backend_key(version), data, item.mac, hash_name):
+                return {"valid": True, "key_version": version.version}
+        return {"valid": False, "key_version": None}
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def create_key(self, principal: Principal, ctx: Ctx, req: CreateKeyRequest) -> Key:
+        """Create (or import, with `public_key`) a key at version 1.
+
+        Raises PolicyDenied, InvalidRequest (type, backend, public key), Conflict (name taken).
+        """
+        resource = {
+            "kind": "key",
+            "name": req.name,
+            "purpose": req.purpose,
+            "type": req.type,
+            "backend": req.backend or self.registry.default,
+            "labels": dict(req.labels),
+        }
+        action = "key.import" if req.public_key else "key.create"
+
+        def create(outcome: _Outcome) -> Key:
+            if self.catalogue.find(req.name) is not None:
+                raise Conflict(f"a key named {req.name!r} exists")
+            key = self._import_key(req) if req.public_key else self._generate_key(req)
+            outcome.key_version = 1
+            outcome.detail["type"] = key.type.value
+            return key
+
+        return self._run(principal, ctx, action, resource, {"type": req.type}, create)
+
+    def _new_key(
+        self,
+        req: CreateKeyRequest,
+        key_type: KeyType,
+        backend: str,
+        version: KeyVersion,
+        *,
+        verify_only: bool,
+    ) -> Key:
+        now = _now()
+        return Key(
+            name=req.name,
+            type=key_type,
+            purpose=req.purpose,
+            backend=backend,
+            state=KeyState.ENABLED,
+            labels=dict(req.labels),
+            primary_version=1,
+            min_decrypt_version=1,
+            versions={1: version},
+            created_at=now,
+            updated_at=now,
+            verify_only=verify_only,
+            rotation_period=(
+                parse_duration(req.rotation_period) if req.rotation_period is not None else None
+            ),
+        )
+
+    def _generate_key(self, req: CreateKeyRequest) -> Key:
+        assert req.type is not None
+        key_type = parse_key_type(req.type)
+        backend = self.registry.get(req.backend)
+        created = backend.create_key(KeySpec(req.name, 1, key_type, dict(req.labels)))
+        version = KeyVersion(
+            version=1,
+            backend_ref=created.ref,
+            created_at=_now(),
+            material=created.material,
+            public_key_pem=created.public_key_pem,
+        )
+        key = self._new_key(req, key_type, backend.name, version, verify_only=False)
+        try:
+            return self.catalogue.insert(key)
+        except KmsgateError:
+            backend.destroy(created)
+            raise
+
+    def _import_key(self, req: CreateKeyRequest) -> Key:
+        assert req.public_key is not None
+        try:
+            public_key = serialization.load_pem_public_key(req.public_key.encode())
+        except (ValueError, TypeError):
+            raise InvalidRequest("public_key is not a PEM SubjectPublicKeyInfo") from None
+        key_type = key_type_of_public_key(public_key)
+        if req.type is not None and parse_key_type(req.type) is not key_type:
+            raise InvalidRequest(f"public_key is a {key_type} key, not {req.type}")
+        pem = public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+        version = KeyVersion(
+            version=1, backend_ref=f"import:{req.name}/1", created_at=_now(), public_key_pem=pem
+        )
+        return self.catalogue.insert(
+            self._new_key(req, key_type, "import", version, verify_only=True)
+        )
+
+    def list_keys(
+        self, principal: Principal, ctx: Ctx, *, purpose: str | None, labels: Mapping[str, str]
+    ) -> list[Key]:
+        """Keys matching the filters that the principal may read (`key.read` per key)."""
+        matching = [
+            key
+            for key in self.catalogue.all()
+            if (purpose is None or key.purpose == purpose)
+            and all(key.labels.get(k) == v for k, v in labels.items())
+        ]
+        visible = [
+            key
+            for key in matching
+            if self._decide(principal, "key.read", key.policy_resource(), None).allow
+        ]
+
+        def report(outcome: _Outcome) -> list[Key]:
+            outcome.detail["count"] = len(visible)
+            return visible
+
+        return self._run(principal, ctx, "key.list", {"kind": "keys"}, None, report)
+
+    def get_key(self, principal: Principal, ctx: Ctx, name: str) -> Key:
+        """The key `name`. Raises PolicyDenied or NotFound."""
+        return self._key_op(principal, ctx, "key.read", name, None, lambda key, _: key)
+
+    def public_key_pem(self, principal: Principal, ctx: Ctx, name: str, version: int | None) -> str:
+        """PEM SubjectPublicKeyInfo of a version (default: primary). Raises InvalidRequest
+        for symmetric keys, KeyVersionUnusable for unknown or destroyed versions."""
+
+        def read(key: Key, outcome: _Outcome) -> str:
+            if not key.type.is_asymmetric:
+                raise InvalidRequest(f"a {key.type} key has no public key")
+            v = key.usable_version(version, for_signing=False)
+            outcome.key_version = v.version
+            assert v.public_key_pem is not None
+            return v.public_key_pem
+
+        return self._key_op(principal, ctx, "key.read", name, {"version": version}, read)
+
+    def jwks(self, name: str) -> dict[str, object]:
+        """The public JWKS of a key's usable versions (public endpoint, not audited).
+
+        Raises NotFound for unknown, symmetric, pending or destroyed keys.
+        """
+        key = self.catalogue.find(name)
+        if (
+            key is None
+            or not key.type.is_asymmetric
+            or key.state
+            not in (
+                KeyState.ENABLED,
+                KeyState.DISABLED,
+            )
+        ):
+            raise NotFound(f"no public key set for {name!r}")
+        jwks = []
+        for v in key.verification_versions():
+            public_key = v.public_key()
+            if public_key is not None and v.compromised_since is None:
+                jwks.append({"kid": f"{key.name}:v{v.version}", "use": "sig", **_jwk(public_key)})
+        return {"keys": jwks}
+
+    def rotate_key(self, principal: Principal, ctx: Ctx, name: str) -> Key:
+        """Create a new primary version. Raises KeyDisabled & co., Conflict if verify-only."""
+
+        def rotate(key: Key, outcome: _Outcome) -> Key:
+            key.require_enabled()
+            if key.verify_only:
+                raise Conflict(f"key {name!r} is verify-only; import a new key instead")
+            number = max(key.versions) + 1
+            backend = self.registry.get(key.backend)
+            created = backend.create_key(KeySpec(key.name, number, key.type, dict(key.labels)))
+            version = KeyVersion(
+                version=number,
+                backend_ref=created.ref,
+                created_at=_now(),
+                material=created.material,
+                public_key_pem=created.public_key_pem,
+            )
+            try:
+                rotated = self.catalogue.add_version(key, version, _now())
+            except KmsgateError:
+                backend.destroy(created)
+                raise
+            outcome.key_version = number
+            return rotated
+
+        return self._key_op(principal, ctx, "key.rotate", name, None, rotate)
+
+    def _transition(
+        self, key: Key, allowed_from: Sequence[KeyState], to: KeyState, **changes: Any
+    ) -> Key:
+        if key.state is to and not changes:
+            return key
+        if key.state not in allowed_from:
+            raise Conflict(f"key {key.name!r} is {key.state.value}; cannot become {to.value}")
+        return self.catalogue.update(key, state=to, updated_at=_now(), **changes)
+
+    def disable_key(self, principal: Principal, ctx: Ctx, name: str) -> Key:
+        """Disable: every operation is then refused with 409 key_disabled."""
+        return self._key_op(
+            principal,
+            ctx,
+            "key.disable",
+            name,
+            None,
+            lambda key, _: self._transition(key, [KeyState.ENABLED], KeyState.DISABLED),
+        )
+
+    def enable_key(self, principal: Principal, ctx: Ctx, name: str) -> Key:
+        """Re-enable a disabled key. Raises Conflict from pending deletion or destroyed."""
+        return self._key_op(
+            principal,
+            ctx,
+            "key.enable",
+            name,
+            None,
+            lambda key, _: self._transition(key, [KeyState.DISABLED], KeyState.ENABLED),
+        )
+
+    def update_key(self, principal: Principal, ctx: Ctx, name: str, req: PatchKeyRequest) -> Key:
+        """Change min_decrypt_version, rotation_period or labels.
+
+        Raises InvalidRequest if min_decrypt_version is above the primary version.
+        """
+
+        def patch(key: Key, _: _Outcome) -> Key:
+            changes: dict[str, Any] = {}
+            if req.min_decrypt_version is not None:
+                if req.min_decrypt_version > key.primary_version:
+                    raise InvalidRequest("min_decrypt_version cannot exceed the primary version")
+                changes["min_decrypt_version"] = req.min_decrypt_version
+            if req.rotation_period is not None:
+                changes["rotation_period"] = parse_duration(req.rotation_period)
+            if req.labels is not None:
+                changes["labels"] = dict(req.labels)
+            if not changes:
+                return key
+            return self.catalogue.update(key, updated_at=_now(), **changes)
+
+        return self._key_op(
+            principal, ctx, "key.update", name, req.model_dump(exclude_none=True), patch
+        )
+
+    def mark_compromised(
+        self, principal: Principal, ctx: Ctx, name: str, version: int, req: CompromisedRequest
+    ) -> Key:
+        """Mark a version compromised since `req.since`: it no longer signs, and signatures
+        made after that time no longer verify when their time is known."""
+
+        def mark(key: Key, outcome: _Outcome) -> Key:
+            v = key.versions.get(version)
+            if v is None:
+                raise NotFound(f"key {name!r} has no version {version}")
+            outcome.key_version = version
+            outcome.detail["since"] = req.since.isoformat()
+            return self.catalogue.update_version(
+                key, replace(v, compromised_since=req.since.astimezone(UTC))
+            )
+
+        return self._key_op(principal, ctx, "key.compromise", name, {"version": version}, mark)
+
+    def schedule_deletion(
+        self, principal: Principal, ctx: Ctx, name: str, req: ScheduleDeletionRequest
+    ) -> Key:
+        """Refuse every operation from now; destroy the material after `pending_days`."""
+
+        def schedule(key: Key, outcome: _Outcome) -> Key:
+            date = _now() + timedelta(days=req.pending_days)
+            outcome.detail["deletion_date"] = date.isoformat()
+            return self._transition(
+                key,
+                [KeyState.ENABLED, KeyState.DISABLED],
+                KeyState.PENDING_DELETION,
+                deletion_date=date,
+            )
+
+        return self._key_op(
+            principal, ctx, "key.delete", name, {"pending_days": req.pending_days}, schedule
+        )
+
+    def cancel_deletion(self, principal: Principal, ctx: Ctx, name: str) -> Key:
+        """Cancel a scheduled deletion; the key comes back disabled."""
+        return self._key_op(
+            principal,
+            ctx,
+            "key.cancel_deletion",
+            name,
+            None,
+            lambda key, _: self._transition(
+                key, [KeyState.PENDING_DELETION], KeyState.DISABLED, deletion_date=None
+            ),
+        )
+
+    def destroy_due_keys(self, ctx: Ctx, now: datetime | None = None) -> list[str]:
+        """Destroy the material of keys whose deletion date has passed; audited as `system`."""
+        now = now or _now()
+        self.catalogue.reload()
+        destroyed = []
+        for key in self.catalogue.all():
+            if key.state is not KeyState.PENDING_DELETION or not key.deletion_date:
+                continue
+            if key.deletion_date > now:
+                continue
+            self._run(
+                SYSTEM,
+                ctx,
+                "key.destroy",
+                key.policy_resource(),
+                None,
+                lambda _, key=key: self._destroy(key, now),
+            )
+            destroyed.append(key.name)
+        return destroyed
+
+    def _destroy(self, key: Key, now: datetime) -> Key:
+        backend = None if key.verify_only else self.registry.get(key.backend)
+        for v in key.versions.values():
+            if v.destroyed_at is None:
+                if backend is not None:
+                    backend.destroy(key.backend_key(v))
+                key = self.catalogue.update_version(
+                    key, replace(v, material=None, destroyed_at=now)
+                )
+        return self.catalogue.update(key, state=KeyState.DESTROYED, updated_at=now)
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    def create_token(
+        self, principal: Principal, ctx: Ctx, req: TokenCreateRequest
+    ) -> tuple[TokenInfo, str]:
+        """A new API token; the secret string is returned once and never stored."""
+        ttl = parse_duration(req.ttl) if req.ttl is not None else None
+
+        def create(outcome: _Outcome) -> tuple[TokenInfo, str]:
+            info, secret = self.tokens.create(req.roles, ttl=ttl, description=req.description)
+            outcome.detail.update(token_id=info.id, roles=list(info.roles))
+            return info, secret
+
+        return self._run(
+            principal, ctx, "token.create", {"kind": "token"}, {"roles": req.roles}, create
+        )
+
+    def list_tokens(self, principal: Principal, ctx: Ctx) -> list[TokenInfo]:
+        return self._run(
+            principal, ctx, "token.list", {"kind": "token"}, None, lambda _: self.tokens.list()
+        )
+
+    def revoke_token(self, principal: Principal, ctx: Ctx, token_id: str) -> TokenInfo:
+        """Revoke a token. Raises NotFound if no live token has that id."""
+        return self._run(
+            principal,
+            ctx,
+            "token.revoke",
+            {"kind": "token", "name": token_id},
+            None,
+            lambda _: self.tokens.revoke(token_id),
+        )
+
+    # -- policy and audit ------------------------------------------------------------------
+
+    def policy_info(self, principal: Principal, ctx: Ctx) -> dict[str, object]:
+        return self._run(
+            principal,
+            ctx,
+            "policy.read",
+            {"kind": "policy"},
+            None,
+            lambda _: {
+                "digest": self.policy.digest,
+                "files": self.policy.files,
+                "loaded_at": self.policy.loaded_at.isoformat(),
+                "env": self.settings.env,
+            },
+        )
+
+    def evaluate_policy(
+        self, principal: Principal, ctx: Ctx, req: PolicyEvaluateRequest
+    ) -> dict[str, object]:
+        """Explain what the policy decides for a hypothetical input."""
+
+        def evaluate(_: _Outcome) -> dict[str, object]:
+            decision = self.policy.decide(
+                policy_input(
+                    principal=req.principal,
+                    action=req.action,
+                    resource=req.resource,
+                    request=req.request,
+                    env=self.settings.env,
+                    now=_now(),
+                )
+            )
+            return {"allow": decision.allow, "reasons": list(decision.reasons)}
+
+        return self._run(principal, ctx, "policy.evaluate", {"kind": "policy"}, None, evaluate)
+
+    def reload_policy(self, principal: Principal, ctx: Ctx) -> dict[str, object]:
+        """Re-read the policy files atomically. Raises InvalidRequest (old policy kept)."""
+
+        def reload(outcome: _Outcome) -> dict[str, object]:
+            try:
+                digest = self.policy.reload()
+            except ConfigError as exc:
+                raise InvalidRequest(f"policy not reloaded: {exc}") from None
+            outcome.detail["digest"] = digest
+            return {"digest": digest}
+
+        return self._run(principal, ctx, "policy.reload", {"kind": "policy"}, None, reload)
+
+    def audit_events(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        *,
+        since: datetime | None,
+        principal_id: str | None,
+        key: str | None,
+        action: str | None,
+        limit: int,
+    ) -> list[dict[str, object]]:
+        path = self.settings.resolved_audit_path()
+        return self._run(
+            principal,
+            ctx,
+            "audit.read",
+            {"kind": "audit"},
+            None,
+            lambda _: search(
+                path, since=since, principal=principal_id, key=key, action=action, limit=limit
+            ),
+        )
+
+    def close(self) -> None:
+        self.audit.close()
+        self.registry.close()
+
+
+def _jwk(public_key: object) -> dict[str, object]:
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        numbers = public_key.public_numbers()
+        size = (public_key.curve.key_size + 7) // 8
+        crv, alg = {"secp256r1": ("P-256", "ES256"), "secp384r1": ("P-384", "ES384")}[
+            public_key.curve.name
+        ]
+        return {
+            "kty": "EC",
+            "crv": crv,
+            "alg": alg,
+            "x": _b64url(numbers.x.to_bytes(size, "big")),
+            "y": _b64url(numbers.y.to_bytes(size, "big")),
+        }
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "x": _b64url(raw)}
+    if isinstance(public_key, rsa.RSAPublicKey):
+        rsa_numbers = public_key.public_numbers()
+        return {
+            "kty": "RSA",
+            "alg": "PS256",
+            "n": _int_b64url(rsa_numbers.n),
+            "e": _int_b64url(rsa_numbers.e),
+        }
+    raise InvalidRequest("no JWK form for this key")

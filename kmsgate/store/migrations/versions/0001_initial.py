@@ -1,0 +1,72 @@
+"""Initial schema: keys, key versions, API tokens, meta.
+
+Revision ID: 0001
+Revises:
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    """Create the foundation tables."""
+    op.create_table(
+        "keys",
+        sa.Column("name", sa.String(128), primary_key=True),
+        sa.Column("type", sa.String(32), nullable=False),
+        sa.Column("purpose", sa.String(64), nullable=False),
+        sa.Column("backend", sa.String(64), nullable=False),
+        sa.Column("state", sa.String(24), nullable=False),
+        sa.Column("labels", sa.JSON, nullable=False),
+        sa.Column("primary_version", sa.Integer, nullable=False),
+        sa.Column("min_decrypt_version", sa.Integer, nullable=False),
+        sa.Column("rotation_period_s", sa.Integer, nullable=True),
+        sa.Column("deletion_date", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("verify_only", sa.Boolean, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_table(
+        "key_versions",
+        sa.Column(
+            "key_name",
+            sa.String(128),
+            sa.ForeignKey("keys.name", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("version", sa.Integer, primary_key=True),
+        sa.Column("backend_ref", sa.String(512), nullable=False),
+        sa.Column("material", sa.LargeBinary, nullable=True),
+        sa.Column("public_key", sa.Text, nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("compromised_since", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("destroyed_at", sa.DateTime(timezone=True), nullable=True),
+    )
+    op.create_table(
+        "tokens",
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("secret_hash", sa.String(64), nullable=False),
+        sa.Column("roles", sa.JSON, nullable=False),
+        sa.Column("description", sa.String(256), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    )
+    op.create_table(
+        "meta",
+        sa.Column("key", sa.String(64), primary_key=True),
+        sa.Column("value", sa.Text, nullable=False),
+    )
+
+
+def downgrade() -> None:
+    """Drop the foundation tables."""
+    for table in ("meta", "tokens", "key_versions", "keys"):
+        op.drop_table(table)

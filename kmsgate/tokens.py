@@ -1,0 +1,187 @@
+"""API tokens and the authenticated principal.
+
+A token reads `kmg.<id>.<secret>`: the id (public, 16 hex) finds the record, the secret
+(256 random bits) is checked against its stored SHA-256 in constant time. Only hashes are
+stored; the full token is shown once, at creation. Tokens are cached in memory and the
+cache follows the store's epoch, so authentication never waits on the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kmsgate.errors import InvalidRequest, NotFound, Unauthenticated
+from kmsgate.store import Row, Store, utc
+
+_PREFIX = "kmg"
+_ROLE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.:")
+_MAX_ROLES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the subject of every policy decision and audit record."""
+
+    id: str
+    kind: str
+    roles: tuple[str, ...]
+    claims: dict[str, Any] = field(default_factory=dict)
+    tenant: str | None = None
+
+    def policy_document(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "roles": list(self.roles),
+            "claims": self.claims,
+            "tenant": self.tenant,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    id: str
+    roles: tuple[str, ...]
+    description: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    secret_hash: str = field(repr=False)
+
+    def to_dict(self) -> dict[str, object]:
+        """The REST representation: never the secret or its hash."""
+        return {
+            "id": self.id,
+            "roles": list(self.roles),
+            "description": self.description,
+            "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+        }
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def validate_roles(roles: Sequence[str]) -> tuple[str, ...]:
+    """Roles as a sorted tuple. Raises InvalidRequest for none, too many or odd characters."""
+    if not roles or len(roles) > _MAX_ROLES:
+        raise InvalidRequest(f"a token needs 1 to {_MAX_ROLES} roles")
+    for role in roles:
+        if not role or len(role) > 64 or not set(role) <= _ROLE_CHARS:
+            raise InvalidRequest(f"invalid role {role!r}: use [a-z0-9-_.:], 1-64 characters")
+    return tuple(sorted(set(roles)))
+
+
+def _info_from_row(row: Row) -> TokenInfo:
+    created = utc(row["created_at"])
+    assert created is not None
+    return TokenInfo(
+        id=row["id"],
+        roles=tuple(row["roles"]),
+        description=row["description"],
+        created_at=created,
+        expires_at=utc(row["expires_at"]),
+        revoked_at=utc(row["revoked_at"]),
+        secret_hash=row["secret_hash"],
+    )
+
+
+class TokenRegistry:
+    """Issues, caches, checks and revokes API tokens."""
+
+    def __init__(self, store: Store, *, refresh_seconds: float = 1.0) -> None:
+        self._store = store
+        self._refresh_seconds = refresh_seconds
+        self._tokens: dict[str, TokenInfo] = {}
+        self._epoch = -1
+        self._checked_at = 0.0
+        self._lock = threading.Lock()
+        self.reload()
+
+    def reload(self) -> None:
+        """Reload all tokens from the store. Raises Unavailable if the store is down."""
+        with self._lock:
+            epoch = self._store.epoch()
+            self._tokens = {row["id"]: _info_from_row(row) for row in self._store.load_tokens()}
+            self._epoch = epoch
+            self._checked_at = time.monotonic()
+
+    def maybe_refresh(self) -> None:
+        """Reload if the store's epoch moved; checks at most every `refresh_seconds`."""
+        if time.monotonic() - self._checked_at < self._refresh_seconds:
+            return
+        self._checked_at = time.monotonic()
+        if self._store.epoch() != self._epoch:
+            self.reload()
+
+    def create(
+        self, roles: Sequence[str], *, ttl: timedelta | None, description: str = ""
+    ) -> tuple[TokenInfo, str]:
+        """A new token and its one-time secret string. Raises InvalidRequest for bad roles."""
+        if ttl is not None and ttl <= timedelta(0):
+            raise InvalidRequest("ttl must be positive")
+        if len(description) > 256:
+            raise InvalidRequest("description is longer than 256 characters")
+        now = datetime.now(UTC)
+        token_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        info = TokenInfo(
+            id=token_id,
+            roles=validate_roles(roles),
+            description=description,
+            created_at=now,
+            expires_at=now + ttl if ttl else None,
+            revoked_at=None,
+            secret_hash=_hash_secret(secret),
+        )
+        self._store.insert_token(
+            {
+                "id": info.id,
+                "secret_hash": info.secret_hash,
+                "roles": list(info.roles),
+                "description": info.description,
+                "created_at": info.created_at,
+                "expires_at": info.expires_at,
+                "revoked_at": None,
+            }
+        )
+        self._tokens[token_id] = info
+        return info, f"{_PREFIX}.{token_id}.{secret}"
+
+    def authenticate(self, bearer: str | None) -> Principal:
+        """The principal a bearer token stands for. Raises Unauthenticated (one message for
+        every failure, so a caller learns nothing about which part was wrong)."""
+        parts = (bearer or "").split(".")
+        token_id, secret = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
+        info = self._tokens.get(token_id) if parts[0] == _PREFIX else None
+        expected = info.secret_hash if info else "0" * 64
+        matches = hmac.compare_digest(_hash_secret(secret), expected)
+        if info is None or not matches or not self._is_live(info):
+            raise Unauthenticated("missing, invalid, expired or revoked token")
+        return Principal(id=f"token:{info.id}", kind="token", roles=info.roles)
+
+    @staticmethod
+    def _is_live(info: TokenInfo) -> bool:
+        now = datetime.now(UTC)
+        return info.revoked_at is None and (info.expires_at is None or now < info.expires_at)
+
+    def list(self) -> list[TokenInfo]:
+        return sorted(self._tokens.values(), key=lambda t: t.created_at)
+
+    def revoke(self, token_id: str) -> TokenInfo:
+        """Revoke a token at once. Raises NotFound if no live token has that id."""
+        now = datetime.now(UTC)
+        if not self._store.revoke_token(token_id, now):
+            raise NotFound(f"no live token with id {token_id!r}")
+        self.reload()
+        return self._tokens[token_id]

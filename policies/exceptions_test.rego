@@ -1,0 +1,78 @@
+# Tests of exceptions.rego.
+package kmsgate.authz_test
+
+import rego.v1
+
+grant_42 := {
+	"id": "ex-42",
+	"actions": ["sign", "verify"],
+	"resource": "release-*",
+	"ticket": "SEC-1234",
+	"expires_at": "2026-01-01T01:00:00.000Z",
+}
+
+# input_with_grants(grants) is base_input (no roles) with these active grants.
+input_with_grants(grants) := object.union(base_input, {"exceptions": grants})
+
+test_exception_allows_listed_action_on_matching_resource if {
+	data.kmsgate.authz.allow with input as input_with_grants([grant_42])
+}
+
+test_exception_reason_names_the_grant if {
+	data.kmsgate.authz.reasons == {"exception ex-42"} with input as input_with_grants([grant_42])
+}
+
+test_exception_reasons_name_every_matching_grant if {
+	other := object.union(grant_42, {"id": "ex-7", "resource": "release-signer"})
+	data.kmsgate.authz.reasons == {"exception ex-42", "exception ex-7"} with input as input_with_grants([grant_42, other])
+}
+
+test_exception_for_another_action_denied if {
+	every action in ["decrypt", "key.delete", "signx", ""] {
+		inp := object.union(input_with_grants([grant_42]), {"action": action})
+		not data.kmsgate.authz.allow with input as inp
+	}
+}
+
+test_exception_for_another_resource_denied if {
+	every name in ["prod-ca", "my-release-signer", "Release-signer"] {
+		inp := object.union(input_with_grants([grant_42]), {"resource": {"name": name}})
+		not data.kmsgate.authz.allow with input as inp
+	}
+}
+
+test_exception_glob_star_does_not_match_a_dot if {
+	inp := object.union(input_with_grants([grant_42]), {"resource": {"name": "release-signer.v2"}})
+	not data.kmsgate.authz.allow with input as inp
+}
+
+test_exception_exact_pattern if {
+	grant := object.union(grant_42, {"resource": "release-signer"})
+	data.kmsgate.authz.allow with input as input_with_grants([grant])
+}
+
+test_exception_without_resource_name_denied if {
+	inp := object.union(input_with_grants([grant_42]), {"resource": {"name": null}})
+	not data.kmsgate.authz.allow with input as inp
+}
+
+test_exception_malformed_grants_are_ignored if {
+	grants := [
+		"ex-1",
+		{"id": "ex-2", "actions": "sign", "resource": "*"},
+		{"id": "ex-3", "actions": ["sign"], "resource": null},
+		{"id": "ex-4", "actions": ["sign"]},
+		{"actions": ["sign"], "resource": "*"},
+	]
+	not data.kmsgate.authz.allow with input as input_with_grants(grants)
+}
+
+test_exception_malformed_grants_do_not_break_other_rules if {
+	inp := object.union(input_with_roles(["admin"]), {"exceptions": ["junk", {"id": 1}]})
+	data.kmsgate.authz.allow with input as inp
+}
+
+test_exceptions_null_or_missing_denied if {
+	not data.kmsgate.authz.allow with input as object.union(base_input, {"exceptions": null})
+	not data.kmsgate.authz.allow with input as object.remove(base_input, ["exceptions"])
+}
