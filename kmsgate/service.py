@@ -66,6 +66,7 @@ from kmsgate.tokens import Principal, TokenInfo, TokenRegistry
 T = TypeVar("T")
 Result = dict[str, Any]
 SYSTEM = Principal(id="system", kind="system", roles=())
+_SCHEDULED = Decision(allow=True, reasons=("deletion scheduled by an authorised caller",))
 
 
 @dataclass(slots=True)
@@ -183,13 +184,15 @@ class Service:
         operation: Callable[[_Outcome], T],
         *,
         inputs: Sequence[bytes] | None = None,
+        decision: Decision | None = None,
     ) -> T:
-        """Decide, run `operation` if allowed, audit the decision and the outcome.
+        """Decide (unless a `decision` was already taken), run `operation` if allowed, audit
+        the decision and the outcome.
 
         Raises PolicyDenied, whatever `operation` raises, or AuditUnavailable (the result
         is then withheld).
         """
-        decision = self._decide(principal, action, resource, request)
+        decision = decision or self._decide(principal, action, resource, request)
         outcome = _Outcome()
         if not decision.allow:
             self._record(
@@ -729,7 +732,8 @@ class Service:
                 "key.destroy",
                 key.policy_resource(),
                 None,
-                lambda _, key=key: self._destroy(key, now),
+                lambda _, key=key: self._destroy(key, now),  # type: ignore[misc]
+                decision=_SCHEDULED,
             )
             destroyed.append(key.name)
         return destroyed

@@ -120,7 +120,7 @@ install_python_packages() {
         echo "already installed: kmsgate (editable, this checkout) and all of .[dev]"
         return 0
     fi
-    PIP_NO_INPUT=1 "$PYTHON" -m pip install -q -e '.[dev]'
+    PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install -q -e '.[dev]'
 }
 
 # --- 4. tests -------------------------------------------------------------------------------

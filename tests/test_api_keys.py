@@ -1,0 +1,190 @@
+"""Key lifecycle through the real REST app (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from kmsgate.service import Ctx
+from kmsgate.store import tables
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def create(api, token, name="k1", type="ecdsa-p256", purpose="general", **extra):
+    body = {"name": name, "type": type, "purpose": purpose, **extra}
+    return api.call("POST", "/v1/keys", token, json=body)
+
+
+def test_create_get_list_with_filters(api, admin):
+    r = create(api, admin, "a", labels={"env": "prod", "team": "ml"}, purpose="model-sign")
+    assert r.status_code == 201, r.text
+    key = r.json()
+    assert key["state"] == "enabled"
+    assert key["primary_version"] == 1
+    assert [v["version"] for v in key["versions"]] == [1]
+    assert "material" not in r.text and "private" not in r.text.lower()
+    create(api, admin, "b", labels={"env": "dev"})
+    assert api.call("GET", "/v1/keys/a", admin).json()["labels"] == {"env": "prod", "team": "ml"}
+    names = lambda r: [k["name"] for k in r.json()["keys"]]  # noqa: E731
+    assert names(api.call("GET", "/v1/keys", admin)) == ["a", "b"]
+    assert names(api.call("GET", "/v1/keys?purpose=model-sign", admin)) == ["a"]
+    assert names(api.call("GET", "/v1/keys?label=env:dev", admin)) == ["b"]
+    assert names(api.call("GET", "/v1/keys?label=env:prod&label=team:x", admin)) == []
+
+
+def test_duplicate_name_is_409_and_nothing_changes(api, admin):
+    assert create(api, admin, "dup").status_code == 201
+    r = create(api, admin, "dup", type="ed25519")
+    assert r.status_code == 409
+    assert r.json()["code"] == "conflict"
+    assert api.call("GET", "/v1/keys/dup", admin).json()["type"] == "ecdsa-p256"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"name": "x", "type": "dsa-1024", "purpose": "p"}, 400, "invalid_request"),
+        ({"name": "x", "purpose": "p"}, 422, "validation_failed"),
+        ({"name": "bad name!", "type": "ed25519", "purpose": "p"}, 422, "validation_failed"),
+        ({"name": "x", "type": "ed25519", "purpose": "p", "backend": "nope"}, 400, "invalid_request"),
+        ({"name": "x", "type": "ed25519", "purpose": "p", "extra": 1}, 422, "validation_failed"),
+    ],
+)
+def test_bad_create_requests(api, admin, body, status, code):
+    r = api.call("POST", "/v1/keys", admin, json=body)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == code
+    assert api.call("GET", "/v1/keys", admin).json()["keys"] == []
+
+
+def test_rotate_keeps_old_signatures_valid(api, admin):
+    create(api, admin)
+    old = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).json()
+    rotated = api.call("POST", "/v1/keys/k1/rotate", admin).json()
+    assert rotated["primary_version"] == 2
+    new = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).json()
+    assert (old["key_version"], new["key_version"]) == (1, 2)
+    for sig, version in ((old, 1), (new, 2)):
+        r = api.call("POST", "/v1/keys/k1/verify", admin,
+                     json={"input": b64(b"m"), "signature": sig["signature"]})
+        assert r.json() == {"valid": True, "key_version": version}
+    pem1 = api.call("GET", "/v1/keys/k1/public-key?version=1", admin)
+    pem2 = api.call("GET", "/v1/keys/k1/public-key", admin)
+    assert pem1.headers["content-type"].startswith("application/x-pem-file")
+    assert pem1.text != pem2.text
+    assert isinstance(load_pem_public_key(pem2.text.encode()), ec.EllipticCurvePublicKey)
+
+
+def test_min_decrypt_version_retires_old_versions(api, admin):
+    create(api, admin)
+    sig1 = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).json()
+    api.call("POST", "/v1/keys/k1/rotate", admin)
+    r = api.call("PATCH", "/v1/keys/k1", admin, json={"min_decrypt_version": 2})
+    assert r.json()["versions"][0]["state"] == "retired"
+    r = api.call("POST", "/v1/keys/k1/verify", admin,
+                 json={"input": b64(b"m"), "signature": sig1["signature"]})
+    assert r.json()["valid"] is False
+    r = api.call("PATCH", "/v1/keys/k1", admin, json={"min_decrypt_version": 3})
+    assert r.status_code == 400
+
+
+def test_disable_enable(api, admin):
+    create(api, admin)
+    assert api.call("POST", "/v1/keys/k1/disable", admin).json()["state"] == "disabled"
+    for op, body in (("sign", {"input": b64(b"m")}),
+                     ("verify", {"input": b64(b"m"), "signature": b64(b"x")})):
+        r = api.call("POST", f"/v1/keys/k1/{op}", admin, json=body)
+        assert r.status_code == 409
+        assert r.json()["code"] == "key_disabled"
+    assert api.call("POST", "/v1/keys/k1/rotate", admin).json()["code"] == "key_disabled"
+    assert api.call("POST", "/v1/keys/k1/enable", admin).json()["state"] == "enabled"
+    assert api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).status_code == 200
+
+
+def test_compromised_version_stops_signing_and_strict_verify(api, admin):
+    create(api, admin)
+    sig = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).json()
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    r = api.call("POST", "/v1/keys/k1/versions/1/compromised", admin,
+                 json={"since": since.isoformat()})
+    assert r.json()["versions"][0]["state"] == "compromised"
+    r = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")})
+    assert (r.status_code, r.json()["code"]) == (409, "key_version_unusable")
+    verify = {"input": b64(b"m"), "signature": sig["signature"]}
+    assert api.call("POST", "/v1/keys/k1/verify", admin, json=verify).json()["valid"] is True
+    strict = api.call("POST", "/v1/keys/k1/verify", admin, json={**verify, "strict": True})
+    assert strict.json()["valid"] is False
+    before = (since - timedelta(minutes=1)).isoformat()
+    after = (since + timedelta(minutes=1)).isoformat()
+    ok = api.call("POST", "/v1/keys/k1/verify", admin, json={**verify, "signed_at": before})
+    late = api.call("POST", "/v1/keys/k1/verify", admin, json={**verify, "signed_at": after})
+    assert (ok.json()["valid"], late.json()["valid"]) == (True, False)
+    r = api.call("POST", "/v1/keys/k1/versions/1/compromised", admin, json={"since": "2026-01-01T00:00:00"})
+    assert r.status_code == 422
+
+
+def test_deletion_schedule_cancel_and_destroy(api, admin):
+    create(api, admin)
+    r = api.call("POST", "/v1/keys/k1/schedule-deletion", admin, json={"pending_days": 3})
+    assert r.status_code == 422
+    r = api.call("POST", "/v1/keys/k1/schedule-deletion", admin, json={"pending_days": 7})
+    key = r.json()
+    assert key["state"] == "pending_deletion"
+    assert datetime.fromisoformat(key["deletion_date"]) > datetime.now(UTC) + timedelta(days=6)
+    r = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")})
+    assert r.json()["code"] == "key_pending_deletion"
+    assert api.call("POST", "/v1/keys/k1/enable", admin).status_code == 409
+    assert api.call("POST", "/v1/keys/k1/cancel-deletion", admin).json()["state"] == "disabled"
+    api.call("POST", "/v1/keys/k1/schedule-deletion", admin, json={"pending_days": 7})
+    service = api.service
+    assert service.destroy_due_keys(Ctx("t")) == []
+    assert service.destroy_due_keys(Ctx("t"), datetime.now(UTC) + timedelta(days=8)) == ["k1"]
+    key = api.call("GET", "/v1/keys/k1", admin).json()
+    assert key["state"] == "destroyed"
+    assert [v["state"] for v in key["versions"]] == ["destroyed"]
+    with service.catalogue._store.engine.connect() as conn:
+        materials = conn.execute(tables.key_versions.select()).mappings().all()
+    assert [m["material"] for m in materials] == [None]
+    assert api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).json()["code"] == "key_destroyed"
+
+
+def test_import_public_key_is_verify_only(api, admin):
+    private = ec.generate_private_key(ec.SECP384R1())
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    r = api.call("POST", "/v1/keys", admin, json={"name": "imp", "purpose": "p", "public_key": pem})
+    assert r.status_code == 201, r.text
+    assert (r.json()["type"], r.json()["verify_only"]) == ("ecdsa-p384", True)
+    sig = private.sign(b"data", ec.ECDSA(hashes.SHA384()))
+    r = api.call("POST", "/v1/keys/imp/verify", admin, json={"input": b64(b"data"), "signature": b64(sig)})
+    assert r.json() == {"valid": True, "key_version": 1}
+    r = api.call("POST", "/v1/keys/imp/sign", admin, json={"input": b64(b"data")})
+    assert r.status_code == 409
+    bad = api.call("POST", "/v1/keys", admin, json={"name": "i2", "purpose": "p", "public_key": "junk"})
+    assert bad.status_code == 400
+    wrong = api.call("POST", "/v1/keys", admin,
+                     json={"name": "i3", "purpose": "p", "public_key": pem, "type": "ecdsa-p256"})
+    assert wrong.status_code == 400
+
+
+def test_jwks_is_public_and_lists_usable_versions(api, admin):
+    create(api, admin, "j", type="ed25519")
+    api.call("POST", "/v1/keys/j/rotate", admin)
+    r = api.call("GET", "/v1/keys/j/jwks.json", None)
+    assert r.status_code == 200
+    assert [k["kid"] for k in r.json()["keys"]] == ["j:v2", "j:v1"]
+    assert all(k["kty"] == "OKP" and k["crv"] == "Ed25519" for k in r.json()["keys"])
+    create(api, admin, "h", type="hmac-sha256")
+    assert api.call("GET", "/v1/keys/h/jwks.json", None).status_code == 404
+    assert api.call("GET", "/v1/keys/none/jwks.json", None).status_code == 404

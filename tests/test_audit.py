@@ -1,0 +1,585 @@
+"""Tests for the hash-chained audit log (kmsgate.audit), on real files."""
+
+from __future__ import annotations
+
+import enum
+import errno
+import hashlib
+import json
+import os
+import re
+import stat
+import threading
+import time
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from kmsgate.audit import (
+    GENESIS_HASH,
+    AuditEvent,
+    AuditLog,
+    input_summary,
+    iter_records,
+    search,
+    verify_file,
+)
+from kmsgate.errors import AuditUnavailable, ConfigError
+
+TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+def event(n: int = 0, **overrides: object) -> AuditEvent:
+    fields: dict[str, object] = {
+        "action": "sign",
+        "decision": "allow",
+        "outcome": "ok",
+        "request_id": f"req-{n}",
+        "principal": "zoë",
+        "principal_kind": "token",
+        "resource": {"kind": "key", "name": "k1"},
+        "key_version": 2,
+        "inputs": input_summary([b"payload %d" % n]),
+    }
+    fields.update(overrides)
+    return AuditEvent(**fields)  # type: ignore[arg-type]
+
+
+def reference_hash(record: dict[str, object]) -> str:
+    """The spec's definition, computed independently of the module."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def write_log(path: Path, count: int, **kwargs: float) -> list[dict[str, object]]:
+    with AuditLog(path, **kwargs) as log:
+        return [log.append(event(i)) for i in range(count)]
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def wait_for(condition: object, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.01)
+    return False
+
+
+# --- writing and the chain ---------------------------------------------------------------
+
+
+def test_round_trip_chain_and_format(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    returned = write_log(path, 5)
+
+    report = verify_file(path)
+    assert report.ok, report.reason
+    assert report.records == 5
+    assert (report.first_bad_line, report.reason) == (None, None)
+
+    stored = list(iter_records(path))
+    assert stored == returned
+    prev = GENESIS_HASH
+    for seq, record in enumerate(stored, 1):
+        assert record["seq"] == seq
+        assert record["prev"] == prev
+        assert record["hash"] == reference_hash(record)
+        assert TIME_RE.match(str(record["time"]))
+        prev = str(record["hash"])
+    assert stored[0]["principal"] == "zoë"
+    assert stored[0]["resource"] == {"kind": "key", "name": "k1"}
+
+
+def test_lines_are_canonical_json_with_hash_last(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 1)
+    line = path.read_bytes()
+    assert line.endswith(b'"}\n') and line.count(b"\n") == 1
+    record = json.loads(line)
+    digest = record.pop("hash")
+    canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert line == canonical.encode()[:-1] + f',"hash":"{digest}"}}\n'.encode()
+    assert "zoë".encode() in line  # UTF-8, not \u escapes
+
+
+def test_none_and_empty_fields_are_omitted(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog(path) as log:
+        record = log.append(
+            AuditEvent(
+                action="authn",
+                decision="deny",
+                outcome="unauthenticated",
+                request_id="r1",
+                principal=None,
+            )
+        )
+    assert set(record) == {
+        "seq",
+        "time",
+        "prev",
+        "hash",
+        "action",
+        "decision",
+        "outcome",
+        "request_id",
+    }
+    assert verify_file(path).ok
+
+
+def test_awkward_values_hash_exactly_as_specified(tmp_path: Path) -> None:
+    class Colour(enum.StrEnum):
+        RED = "red"
+
+    detail: dict[str, object] = {
+        "floats": [0.1, 1e-05, 1e-7, 1e16, 123.456, -0.0, 2.5e-300],
+        "ints": [0, -1, 2**63 - 1, 2**64, -(2**70)],
+        "text": 'tab\t nl\n quote" bs\\ nul\x00 del\x7f ü \u2028 😀',
+        "nested": {"b": [True, False, None], "a": {"z": 1, "é": 2}},
+        "enum": Colour.RED,
+    }
+    path = tmp_path / "audit.log"
+    with AuditLog(path) as log:
+        record = log.append(event(detail=detail))
+        log.append(event(1, detail={"x": 1.5}))
+    assert verify_file(path).ok
+    stored = next(iter_records(path))
+    assert stored == record | {"detail": json.loads(json.dumps(detail))}
+    assert stored["hash"] == reference_hash(stored)
+
+
+def test_resume_after_reopen_continues_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    first = write_log(path, 3)
+    with AuditLog(path) as log:
+        assert log.head == (3, first[-1]["hash"])
+        fourth = log.append(event(3))
+    assert fourth["seq"] == 4
+    assert fourth["prev"] == first[-1]["hash"]
+    report = verify_file(path)
+    assert report.ok and report.records == 4
+
+
+def test_empty_log_head_is_genesis(tmp_path: Path) -> None:
+    with AuditLog(tmp_path / "audit.log") as log:
+        assert log.head == (0, GENESIS_HASH)
+
+
+def test_new_log_and_head_file_are_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 1)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(Path(f"{path}.head").stat().st_mode) == 0o600
+
+
+def test_concurrent_appends_form_one_valid_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    start = threading.Barrier(8)
+
+    def worker(log: AuditLog, t: int) -> None:
+        start.wait()
+        for i in range(500):
+            log.append(event(t * 1000 + i))
+
+    with AuditLog(path, fsync_interval=0.001) as log:
+        threads = [threading.Thread(target=worker, args=(log, t)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert log.head[0] == 4000
+
+    report = verify_file(path)
+    assert report.ok, report.reason
+    assert report.records == 4000
+    request_ids = {r["request_id"] for r in iter_records(path)}
+    assert len(request_ids) == 4000
+
+
+def test_background_fsync_writes_head_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    head_file = Path(f"{path}.head")
+    log = AuditLog(path, fsync_interval=0.01)
+    try:
+        log.append(event(0))
+        record = log.append(event(1))
+
+        def head_current() -> bool:
+            return head_file.exists() and json.loads(head_file.read_bytes()) == {
+                "seq": 2,
+                "hash": record["hash"],
+            }
+
+        assert wait_for(head_current)
+    finally:
+        log.close()
+
+
+def test_close_is_idempotent_and_refuses_later_appends(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.log")
+    log.append(event())
+    log.close()
+    log.close()
+    with pytest.raises(AuditUnavailable):
+        log.append(event())
+
+
+def test_event_validation() -> None:
+    with pytest.raises(ValueError, match="decision"):
+        event(decision="maybe")
+    with pytest.raises(TypeError, match="reasons"):
+        event(reasons="not-a-list")
+
+
+# --- fail-closed writes ------------------------------------------------------------------
+
+
+def test_write_error_raises_and_leaves_chain_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog(path, fsync_interval=3600) as log:
+        log.append(event(0))
+        head, before = log.head, path.read_bytes()
+
+        def failing_write(fd: int, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "write", failing_write)
+            with pytest.raises(AuditUnavailable) as caught:
+                log.append(event(1))
+        assert caught.value.status == 503
+        assert log.head == head
+        assert path.read_bytes() == before
+
+        record = log.append(event(2))
+        assert record["seq"] == 2 and record["prev"] == head[1]
+    assert verify_file(path).ok
+
+
+def test_short_write_is_rolled_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "audit.log"
+    real_write = os.write
+    with AuditLog(path, fsync_interval=3600) as log:
+        log.append(event(0))
+        head, before = log.head, path.read_bytes()
+
+        def half_write(fd: int, data: bytes) -> int:
+            return real_write(fd, data[: len(data) // 2])
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "write", half_write)
+            with pytest.raises(AuditUnavailable):
+                log.append(event(1))
+        assert log.head == head
+        assert path.read_bytes() == before
+        log.append(event(2))
+    report = verify_file(path)
+    assert report.ok and report.records == 2
+
+
+def test_fsync_failure_makes_later_appends_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    log = AuditLog(tmp_path / "audit.log", fsync_interval=0.01)
+    try:
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        log.append(event(0))
+
+        def refuses() -> bool:
+            try:
+                log.append(event(1))
+            except AuditUnavailable:
+                return True
+            return False
+
+        assert wait_for(refuses)
+    finally:
+        log.close()
+
+
+def test_unencodable_event_raises_before_writing(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog(path) as log:
+        with pytest.raises(TypeError):
+            log.append(event(detail={"raw": b"secret bytes"}))
+        assert log.head == (0, GENESIS_HASH)
+    assert path.read_bytes() == b""
+
+
+# --- opening existing files --------------------------------------------------------------
+
+
+def test_open_rejects_garbage_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 2)
+    with path.open("ab") as f:
+        f.write(b"not json\n")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        AuditLog(path)
+
+
+def test_open_rejects_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 2)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ConfigError, match="incomplete"):
+        AuditLog(path)
+
+
+def test_open_rejects_edited_last_record(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 2)
+    path.write_bytes(path.read_bytes().replace(b'"req-1"', b'"req-X"'))
+    Path(f"{path}.head").unlink()
+    with pytest.raises(ConfigError, match="hash mismatch"):
+        AuditLog(path)
+
+
+def test_open_rejects_log_behind_head_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 3)
+    path.write_bytes(b"".join(lines_of(path)[:-1]))
+    with pytest.raises(ConfigError, match="deleted"):
+        AuditLog(path)
+
+
+def test_open_accepts_head_lagging_behind_log(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    records = write_log(path, 3)
+    Path(f"{path}.head").write_text(json.dumps({"seq": 1, "hash": records[0]["hash"]}))
+    with AuditLog(path) as log:
+        assert log.head == (3, records[2]["hash"])
+
+
+def test_open_rejects_rewritten_record_named_by_head(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 3)
+    Path(f"{path}.head").write_text(json.dumps({"seq": 2, "hash": "ab" * 32}))
+    with pytest.raises(ConfigError, match="head file"):
+        AuditLog(path)
+
+
+def test_second_writer_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog(path), pytest.raises(ConfigError, match="in use"):
+        AuditLog(path)
+
+
+def test_non_positive_fsync_interval_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        AuditLog(tmp_path / "audit.log", fsync_interval=0)
+
+
+# --- tamper detection --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("audit") / "audit.log"
+    write_log(path, 6)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_every_single_byte_flip_in_record_k_is_reported_at_line_k(
+    tmp_path: Path, pristine: bytes, k: int
+) -> None:
+    lines = pristine.splitlines(keepends=True)
+    start = sum(len(line) for line in lines[: k - 1])
+    path = tmp_path / "audit.log"
+    for offset in range(start, start + len(lines[k - 1])):
+        data = bytearray(pristine)
+        data[offset] ^= 0x01
+        path.write_bytes(bytes(data))
+        report = verify_file(path)
+        assert not report.ok, f"flip at byte {offset} not detected"
+        assert report.first_bad_line == k, (offset, report)
+        assert report.records == k - 1
+
+
+def test_edited_value_reports_hash_mismatch(tmp_path: Path, pristine: bytes) -> None:
+    path = tmp_path / "audit.log"
+    path.write_bytes(pristine.replace(b'"req-3"', b'"req-9"'))
+    report = verify_file(path)
+    assert (report.first_bad_line, report.reason) == (4, "record 4: hash mismatch (edited)")
+
+
+def test_deleted_middle_record(tmp_path: Path, pristine: bytes) -> None:
+    lines = pristine.splitlines(keepends=True)
+    path = tmp_path / "audit.log"
+    path.write_bytes(b"".join(lines[:2] + lines[3:]))
+    report = verify_file(path)
+    assert not report.ok
+    assert report.first_bad_line == 3
+    assert report.reason == "record 3: prev does not match record 2 (deleted or reordered)"
+
+
+def test_deleted_first_record(tmp_path: Path, pristine: bytes) -> None:
+    path = tmp_path / "audit.log"
+    path.write_bytes(b"".join(pristine.splitlines(keepends=True)[1:]))
+    report = verify_file(path)
+    assert (report.ok, report.first_bad_line) == (False, 1)
+    assert "start of the chain" in str(report.reason)
+
+
+def test_swapped_records(tmp_path: Path, pristine: bytes) -> None:
+    lines = pristine.splitlines(keepends=True)
+    lines[3], lines[4] = lines[4], lines[3]
+    path = tmp_path / "audit.log"
+    path.write_bytes(b"".join(lines))
+    report = verify_file(path)
+    assert (report.ok, report.first_bad_line) == (False, 4)
+    assert "deleted or reordered" in str(report.reason)
+
+
+def test_rehashed_record_with_wrong_seq(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    records = write_log(path, 2)
+    forged = dict(records[1], seq=7)
+    forged["hash"] = reference_hash(forged)
+    body = json.dumps(
+        {k: v for k, v in forged.items() if k != "hash"},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    lines = lines_of(path)
+    lines[1] = body.encode()[:-1] + f',"hash":"{forged["hash"]}"}}\n'.encode()
+    path.write_bytes(b"".join(lines))
+    Path(f"{path}.head").unlink()
+    report = verify_file(path)
+    assert (report.first_bad_line, report.reason) == (2, "record 2: seq 7 expected 2")
+
+
+@pytest.mark.parametrize("cut", [1, 20])
+def test_truncated_last_line(tmp_path: Path, pristine: bytes, cut: int) -> None:
+    path = tmp_path / "audit.log"
+    path.write_bytes(pristine[:-cut])
+    report = verify_file(path)
+    assert (report.ok, report.first_bad_line, report.records) == (False, 6, 5)
+    assert report.reason == "line 6: incomplete line (truncated)"
+
+
+def test_garbled_line(tmp_path: Path, pristine: bytes) -> None:
+    lines = pristine.splitlines(keepends=True)
+    lines[1] = b"\xff\xfe garbage\n"
+    path = tmp_path / "audit.log"
+    path.write_bytes(b"".join(lines))
+    report = verify_file(path)
+    assert (report.first_bad_line, report.reason) == (2, "line 2: not valid JSON")
+
+
+def test_deleted_last_record_is_caught_by_head_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 4)
+    assert verify_file(path).ok
+    path.write_bytes(b"".join(lines_of(path)[:-1]))
+    report = verify_file(path)
+    assert (report.ok, report.records, report.first_bad_line) == (False, 3, 3)
+    assert "head file says seq 4" in str(report.reason)
+
+
+def test_all_records_deleted_is_caught_by_head_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 2)
+    path.write_bytes(b"")
+    report = verify_file(path)
+    assert not report.ok and report.records == 0
+
+
+def test_rewritten_last_record_is_caught_by_head_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    records = write_log(path, 3)
+    forged = dict(records[2], outcome="key_disabled")
+    forged["hash"] = reference_hash(forged)
+    body = json.dumps(
+        {k: v for k, v in forged.items() if k != "hash"},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    lines = lines_of(path)
+    lines[2] = body.encode()[:-1] + f',"hash":"{forged["hash"]}"}}\n'.encode()
+    path.write_bytes(b"".join(lines))
+    report = verify_file(path)
+    assert (report.ok, report.first_bad_line) == (False, 3)
+    assert report.reason == "record 3: hash does not match head file (rewritten)"
+
+
+def test_malformed_head_file_fails_verification(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 2)
+    Path(f"{path}.head").write_text("{")
+    report = verify_file(path)
+    assert not report.ok and "head file" in str(report.reason)
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+def test_search_filters(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog(path) as log:
+        log.append(event(0, principal="alice", action="sign"))
+        log.append(event(1, principal="bob", action="sign", resource={"kind": "key", "name": "k2"}))
+        log.append(event(2, principal="alice", action="key.create"))
+        time.sleep(0.002)
+        log.append(
+            event(3, principal="alice", action="sign", resource={"kind": "key", "name": "k2"})
+        )
+        log.append(event(4, principal=None, action="authn", decision="deny", resource={}))
+
+    def ids(records: list[dict[str, object]]) -> list[object]:
+        return [r["request_id"] for r in records]
+
+    assert ids(search(path)) == [f"req-{i}" for i in range(5)]
+    assert ids(search(path, principal="alice")) == ["req-0", "req-2", "req-3"]
+    assert ids(search(path, key="k2")) == ["req-1", "req-3"]
+    assert ids(search(path, action="sign")) == ["req-0", "req-1", "req-3"]
+    assert ids(search(path, principal="alice", key="k2", action="sign")) == ["req-3"]
+    assert ids(search(path, principal="alice", limit=2)) == ["req-2", "req-3"]
+    assert search(path, principal="carol") == []
+
+    t3 = datetime.strptime(str(search(path)[3]["time"]), "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert ids(search(path, since=t3.replace(tzinfo=UTC))) == ["req-3", "req-4"]
+    assert ids(search(path, since=t3)) == ["req-3", "req-4"]  # naive = UTC
+    plus_two = timezone(timedelta(hours=2))
+    assert ids(search(path, since=t3.replace(tzinfo=UTC).astimezone(plus_two))) == [
+        "req-3",
+        "req-4",
+    ]
+    with pytest.raises(ValueError):
+        search(path, limit=0)
+
+
+def test_iter_records_names_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_log(path, 2)
+    with path.open("ab") as f:
+        f.write(b"{oops\n")
+    with pytest.raises(ValueError, match="line 3"):
+        list(iter_records(path))
+
+
+def test_input_summary() -> None:
+    one = input_summary([b"hello"])
+    assert one == {"count": 1, "length": 5, "sha256": hashlib.sha256(b"hello").hexdigest()}
+
+    items = [b"a", b"bc", b""]
+    batch = input_summary(items)
+    digests = b"".join(hashlib.sha256(i).digest() for i in items)
+    assert batch == {"count": 3, "length": 3, "sha256": hashlib.sha256(digests).hexdigest()}
+    assert batch["sha256"] != hashlib.sha256(b"abc").hexdigest()
+
+    assert input_summary([]) == {"count": 0, "length": 0, "sha256": hashlib.sha256().hexdigest()}
