@@ -45,7 +45,7 @@ def problem(
         orjson.dumps(body),
         status_code=status,
         media_type="application/problem+json",
-        headers={"x-request-id": request_id, **(headers or {})},
+        headers=headers,
     )
 
 
@@ -114,11 +114,6 @@ class GatewayMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         limit = self.max_body_bytes
         too_large = TooLarge(f"request body exceeds the limit of {limit} bytes")
-        for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
-                await error_response(too_large, request_id)(scope, receive, send)
-                self.responses[413] += 1
-                return
         received = 0
         started = False
 
@@ -139,10 +134,13 @@ class GatewayMiddleware:
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                await error_response(too_large, request_id)(scope, receive, counting_send)
+                return
         try:
             await self.app(scope, limited_receive, counting_send)
         except TooLarge as exc:
             if started:
                 raise
-            await error_response(exc, request_id)(scope, receive, send)
-            self.responses[413] += 1
+            await error_response(exc, request_id)(scope, receive, counting_send)

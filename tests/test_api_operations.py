@@ -1,0 +1,255 @@
+"""sign / verify / mac through the real REST app: algorithms, digests, batches, limits,
+authentication, policy and audit."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from kmsgate.audit import verify_file
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def create(api, token, name, type, purpose="general"):
+    r = api.call("POST", "/v1/keys", token, json={"name": name, "type": type, "purpose": purpose})
+    assert r.status_code == 201, r.text
+
+
+def public_key(api, token, name, version=None):
+    query = f"?version={version}" if version else ""
+    return load_pem_public_key(api.call("GET", f"/v1/keys/{name}/public-key{query}", token).content)
+
+
+@pytest.mark.parametrize(
+    ("key_type", "algorithm"),
+    [
+        ("ed25519", "ed25519"),
+        ("ecdsa-p256", "ecdsa-sha256"),
+        ("ecdsa-p384", "ecdsa-sha384"),
+        ("ecdsa-p256", "ecdsa-sha512"),
+    ],
+)
+def test_sign_verifies_independently(api, admin, key_type, algorithm):
+    create(api, admin, "k", key_type)
+    r = api.call("POST", "/v1/keys/k/sign", admin, json={"input": b64(b"msg"), "algorithm": algorithm})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["algorithm"], body["key_version"]) == (algorithm, 1)
+    pub = public_key(api, admin, "k")
+    sig = unb64(body["signature"])
+    if isinstance(pub, ed25519.Ed25519PublicKey):
+        pub.verify(sig, b"msg")
+    else:
+        h = {"ecdsa-sha256": hashes.SHA256, "ecdsa-sha384": hashes.SHA384,
+             "ecdsa-sha512": hashes.SHA512}[algorithm]()
+        pub.verify(sig, b"msg", ec.ECDSA(h))
+
+
+def test_rsa_pss_and_pkcs1_with_digest(api, admin):
+    create(api, admin, "r", "rsa-3072")
+    digest = hashlib.sha256(b"payload").digest()
+    pub = public_key(api, admin, "r")
+    assert isinstance(pub, rsa.RSAPublicKey)
+    pss = api.call("POST", "/v1/keys/r/sign", admin, json={"digest": b64(digest)}).json()
+    assert pss["algorithm"] == "rsa-pss-sha256"
+    pub.verify(unb64(pss["signature"]), b"payload",
+               padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256())
+    pk = api.call("POST", "/v1/keys/r/sign", admin,
+                  json={"digest": b64(digest), "algorithm": "rsa-pkcs1-sha256"}).json()
+    pub.verify(unb64(pk["signature"]), digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    r = api.call("POST", "/v1/keys/r/verify", admin,
+                 json={"input": b64(b"payload"), "signature": pk["signature"], "algorithm": "rsa-pkcs1-sha256"})
+    assert r.json()["valid"] is True
+    r = api.call("POST", "/v1/keys/r/verify", admin,
+                 json={"input": b64(b"payload"), "signature": pk["signature"]})
+    assert r.json()["valid"] is False  # PKCS#1 signature is not a PSS signature
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"input": "not base64!"}, 422, "validation_failed"),
+        ({"input": "YWJj"[:3]}, 422, "validation_failed"),
+        ({"input": "YWJj", "algorithm": "rsa-pss-sha256"}, 400, "invalid_request"),
+        ({"input": "YWJj", "algorithm": "md5"}, 400, "invalid_request"),
+        ({"digest": b64(b"short")}, 400, "invalid_request"),
+        ({"input": "YWJj", "digest": "YWJj"}, 422, "validation_failed"),
+        ({}, 422, "validation_failed"),
+        ({"input": "YWJj", "version": 9}, 409, "key_version_unusable"),
+    ],
+)
+def test_bad_sign_requests(api, admin, body, status, code):
+    create(api, admin, "k", "ecdsa-p256")
+    r = api.call("POST", "/v1/keys/k/sign", admin, json=body)
+    assert (r.status_code, r.json()["code"]) == (status, code), r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["request_id"] == r.headers["x-request-id"]
+
+
+def test_malformed_json_is_400(api, admin):
+    create(api, admin, "k", "ecdsa-p256")
+    for raw in (b"{", b"[]", b"\xff"):
+        r = api.call("POST", "/v1/keys/k/sign", admin, content=raw)
+        assert (r.status_code, r.json()["code"]) == (400, "invalid_request")
+
+
+def test_ed25519_refuses_digest(api, admin):
+    create(api, admin, "e", "ed25519")
+    r = api.call("POST", "/v1/keys/e/sign", admin, json={"digest": b64(bytes(32))})
+    assert r.status_code == 400
+
+
+def test_usage_is_bound_to_type(api, admin):
+    create(api, admin, "h", "hmac-sha256")
+    create(api, admin, "s", "ecdsa-p256")
+    assert api.call("POST", "/v1/keys/h/sign", admin, json={"input": "YWJj"}).status_code == 400
+    assert api.call("POST", "/v1/keys/s/mac", admin, json={"input": "YWJj"}).status_code == 400
+
+
+@pytest.mark.parametrize("key_type", ["hmac-sha256", "hmac-sha384", "hmac-sha512"])
+def test_mac_and_verify(api, admin, key_type):
+    create(api, admin, "h", key_type)
+    r = api.call("POST", "/v1/keys/h/mac", admin, json={"input": b64(b"data")})
+    tag = unb64(r.json()["mac"])
+    assert len(tag) == hashlib.new(key_type.split("-")[1]).digest_size
+    ok = api.call("POST", "/v1/keys/h/mac/verify", admin, json={"input": b64(b"data"), "mac": b64(tag)})
+    assert ok.json() == {"valid": True, "key_version": 1}
+    for bad in (tag[:-1], tag[:16], bytes(len(tag)), tag + b"\x00"):
+        r = api.call("POST", "/v1/keys/h/mac/verify", admin, json={"input": b64(b"data"), "mac": b64(bad)})
+        assert r.json()["valid"] is False
+    api.call("POST", "/v1/keys/h/rotate", admin)
+    r = api.call("POST", "/v1/keys/h/mac/verify", admin, json={"input": b64(b"data"), "mac": b64(tag)})
+    assert r.json() == {"valid": True, "key_version": 1}
+    r = api.call("POST", "/v1/keys/h/mac", admin, json={"input": b64(b"data")})
+    assert r.json()["key_version"] == 2 and unb64(r.json()["mac"]) != tag
+
+
+def test_batch_keeps_order_and_reports_item_errors(api, admin):
+    create(api, admin, "k", "ecdsa-p256")
+    items = [{"input": b64(b"a")}, {"digest": b64(b"bad")}, {"input": b64(b"c"), "algorithm": "ecdsa-sha384"}]
+    r = api.call("POST", "/v1/keys/k/sign", admin, json={"batch": items})
+    assert r.status_code == 200, r.text
+    out = r.json()["batch"]
+    assert out[1]["error"]["code"] == "invalid_request"
+    assert out[2]["algorithm"] == "ecdsa-sha384"
+    verify_items = [
+        {"input": b64(b"a"), "signature": out[0]["signature"]},
+        {"input": b64(b"c"), "signature": out[2]["signature"], "algorithm": "ecdsa-sha384"},
+        {"input": b64(b"x"), "signature": out[0]["signature"]},
+    ]
+    r = api.call("POST", "/v1/keys/k/verify", admin, json={"batch": verify_items})
+    assert [x["valid"] for x in r.json()["batch"]] == [True, True, False]
+
+
+def test_batch_limits(api, admin):
+    create(api, admin, "k", "ed25519")
+    ok = api.call("POST", "/v1/keys/k/sign", admin, json={"batch": [{"input": "YQ=="}] * 1000})
+    assert ok.status_code == 200 and len(ok.json()["batch"]) == 1000
+    r = api.call("POST", "/v1/keys/k/sign", admin, json={"batch": [{"input": "YQ=="}] * 1001})
+    assert (r.status_code, r.json()["code"]) == (413, "too_large")
+    mixed = api.call("POST", "/v1/keys/k/sign", admin, json={"batch": [{"input": "YQ=="}], "input": "YQ=="})
+    assert mixed.status_code == 422
+
+
+def test_size_limits(api, admin):
+    create(api, admin, "k", "ed25519")
+    limit = api.service.settings.limits
+    big = b64(b"x" * (limit.max_input_bytes + 1))
+    r = api.call("POST", "/v1/keys/k/sign", admin, json={"input": big})
+    assert (r.status_code, r.json()["code"]) == (413, "too_large")
+    huge = b"{" + b" " * limit.max_body_bytes + b"}"
+    r = api.call("POST", "/v1/keys/k/sign", admin, content=huge)
+    assert (r.status_code, r.json()["code"]) == (413, "too_large")
+
+    def chunks():
+        yield b'{"input": "'
+        for _ in range(limit.max_body_bytes // 65536 + 2):
+            yield b"A" * 65536
+        yield b'"}'
+
+    r = api.call("POST", "/v1/keys/k/sign", admin, content=chunks())
+    assert (r.status_code, r.json()["code"]) == (413, "too_large")
+
+
+def test_authentication(api, admin, make_token):
+    create(api, admin, "k", "ecdsa-p256")
+    for header in ({}, {"authorization": "Bearer nope"}, {"authorization": "Basic abc"},
+                   {"authorization": f"Bearer {admin[:-2]}xx"}):
+        r = api.client.post("/v1/keys/k/sign", json={"input": "YQ=="}, headers=header)
+        assert (r.status_code, r.json()["code"]) == (401, "unauthenticated")
+    token_id = admin.split(".")[1]
+    assert api.call("DELETE", f"/v1/sys/tokens/{token_id}", make_token("admin")).status_code == 200
+    assert api.call("POST", "/v1/keys/k/sign", admin, json={"input": "YQ=="}).status_code == 401
+    assert api.call("GET", "/v1/sys/health", None).json() == {"status": "ok"}
+
+
+def test_policy_denies_whether_or_not_key_exists(api, admin, make_token):
+    create(api, admin, "k", "ecdsa-p256", purpose="model-sign")
+    nobody = make_token("reader")
+    for name in ("k", "does-not-exist"):
+        r = api.call("POST", f"/v1/keys/{name}/sign", nobody, json={"input": "YQ=="})
+        assert (r.status_code, r.json()["code"]) == (403, "policy_denied")
+        assert api.call("GET", f"/v1/keys/{name}", nobody).status_code == 403
+    assert api.call("GET", "/v1/keys", nobody).status_code == 403
+    assert api.call("POST", "/v1/keys/does-not-exist/sign", admin, json={"input": "YQ=="}).status_code == 404
+
+
+def test_ml_sec_may_sign_model_keys_only_in_prod(api, admin, make_token):
+    create(api, admin, "model", "ecdsa-p256", purpose="model-sign")
+    create(api, admin, "other", "ecdsa-p256", purpose="general")
+    ml = make_token("ml-sec")
+    assert api.service.settings.env == "test"
+    assert api.call("POST", "/v1/keys/model/sign", ml, json={"input": "YQ=="}).status_code == 403
+    api.service.settings.env = "prod"
+    assert api.call("POST", "/v1/keys/model/sign", ml, json={"input": "YQ=="}).status_code == 200
+    assert api.call("POST", "/v1/keys/other/sign", ml, json={"input": "YQ=="}).status_code == 403
+    assert api.call("POST", "/v1/keys/model/rotate", ml).status_code == 403
+
+
+def test_every_call_is_audited_and_tamper_evident(api, admin, make_token):
+    create(api, admin, "k", "ecdsa-p256")
+    api.call("POST", "/v1/keys/k/sign", admin, json={"input": b64(b"secret-data")})
+    api.call("POST", "/v1/keys/k/sign", make_token("nobody"), json={"input": "YQ=="})
+    api.call("POST", "/v1/keys/k/sign", None, json={"input": "YQ=="})
+    path = api.service.settings.resolved_audit_path()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    summary = [(r["action"], r["decision"], r["outcome"]) for r in records]
+    assert summary == [
+        ("key.create", "allow", "ok"),
+        ("sign", "allow", "ok"),
+        ("sign", "deny", "policy_denied"),
+        ("authn", "deny", "unauthenticated"),
+    ]
+    assert records[1]["inputs"]["sha256"] == hashlib.sha256(b"secret-data").hexdigest()
+    assert all(r["policy_digest"] == api.service.policy.digest for r in records)
+    text = path.read_text()
+    assert "secret-data" not in text and b64(b"secret-data") not in text
+    assert admin.split(".")[2] not in text
+    assert verify_file(path).ok
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"sign"', b'"sigm"')
+    path.write_bytes(b"".join(lines))
+    report = verify_file(path)
+    assert not report.ok and report.first_bad_line == 2
+
+
+def test_openapi_and_unknown_routes(api, admin):
+    spec = api.client.get("/openapi.json").json()
+    sign = spec["paths"]["/v1/keys/{name}/sign"]["post"]
+    assert "oneOf" in sign["requestBody"]["content"]["application/json"]["schema"]
+    r = api.call("GET", "/v1/nothing", admin)
+    assert (r.status_code, r.json()["code"]) == (404, "not_found")
+    assert r.headers["content-type"] == "application/problem+json"
