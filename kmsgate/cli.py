@@ -37,7 +37,8 @@ err = Console(stderr=True)
 
 AddrOpt = Annotated[str | None, typer.Option("--addr", envvar="KMSGATE_ADDR", help="Gateway URL.")]
 TokenOpt = Annotated[
-    str | None, typer.Option("--token", envvar="KMSGATE_TOKEN", help="API token.", show_default=False)
+    str | None,
+    typer.Option("--token", envvar="KMSGATE_TOKEN", help="API token.", show_default=False),
 ]
 InputArg = Annotated[str, typer.Argument(help="File to read, or - for stdin.")]
 DigestOpt = Annotated[
@@ -106,7 +107,9 @@ def _print_json(value: Any) -> None:
 
 @app.command()
 def serve(
-    dev: Annotated[bool, typer.Option("--dev", help="Dev mode: local data dir, root token.")] = False,
+    dev: Annotated[
+        bool, typer.Option("--dev", help="Dev mode: local data dir, root token.")
+    ] = False,
     data_dir: Annotated[Path | None, typer.Option(envvar="KMSGATE_DATA_DIR")] = None,
     host: Annotated[str | None, typer.Option(envvar="KMSGATE_HOST")] = None,
     port: Annotated[int | None, typer.Option(envvar="KMSGATE_PORT")] = None,
@@ -119,8 +122,14 @@ def serve(
 
     try:
         run_server(
-            dev=dev, data_dir=data_dir, host=host, port=port, config=config, workers=workers,
-            log_level=log_level, console=err,
+            dev=dev,
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            config=config,
+            workers=workers,
+            log_level=log_level,
+            console=err,
         )
     except ConfigError as exc:
         fail(str(exc))
@@ -134,8 +143,13 @@ def _key_table(keys: list[dict[str, Any]]) -> Table:
     for key in keys:
         labels = ",".join(f"{k}={v}" for k, v in key["labels"].items())
         table.add_row(
-            key["name"], key["type"], key["purpose"], key["backend"], key["state"],
-            str(key["primary_version"]), labels,
+            key["name"],
+            key["type"],
+            key["purpose"],
+            key["backend"],
+            key["state"],
+            str(key["primary_version"]),
+            labels,
         )
     return table
 
@@ -166,8 +180,15 @@ def keys_create(
     """Create a key (or import a verify-only public key)."""
     pem = public_key.read_text() if public_key else None
     key = _call(
-        addr, token, Client.create_key, name, type, purpose, backend=backend,
-        labels=_parse_labels(label), public_key=pem,
+        addr,
+        token,
+        Client.create_key,
+        name,
+        type,
+        purpose,
+        backend=backend,
+        labels=_parse_labels(label),
+        public_key=pem,
     )
     _print_json(key)
 
@@ -351,8 +372,12 @@ def token_list(addr: AddrOpt = None, token: TokenOpt = None) -> None:
     table = Table("id", "roles", "description", "created", "expires", "revoked")
     for t in _call(addr, token, Client.list_tokens):
         table.add_row(
-            t["id"], ",".join(t["roles"]), t["description"], t["created_at"],
-            t["expires_at"] or "-", t["revoked_at"] or "-",
+            t["id"],
+            ",".join(t["roles"]),
+            t["description"],
+            t["created_at"],
+            t["expires_at"] or "-",
+            t["revoked_at"] or "-",
         )
     out.print(table)
 

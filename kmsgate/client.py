@@ -21,7 +21,7 @@ DEFAULT_ADDR = "http://127.0.0.1:8200"
 class ApiError(Exception):
     """A failed call: HTTP `status` (0 if unreachable), problem `code` and `detail`."""
 
-    def __init__(self, status: int, code: str, detail: str, request_id: str | None = None):
+    def __init__(self, status: int, code: str, detail: str, request_id: str | None = None) -> None:
         super().__init__(f"{code}: {detail}")
         self.status = status
         self.code = code

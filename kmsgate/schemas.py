@@ -14,8 +14,8 @@ from typing import Annotated, Any, Generic, Self, TypeVar
 
 import orjson
 from pydantic import (
-    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -47,15 +47,16 @@ def b64encode(value: bytes) -> str:
     return base64.b64encode(value).decode("ascii")
 
 
-def _decode(value: str) -> bytes:
+def _decode(value: object) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError("expected a base64 string")
     return b64decode_strict(value)
 
 
 B64 = Annotated[
-    str,
-    Field(max_length=8 * 1024 * 1024),
-    AfterValidator(_decode),
-    PlainSerializer(lambda v: b64encode(v) if isinstance(v, bytes) else v, return_type=str),
+    bytes,
+    BeforeValidator(_decode),
+    PlainSerializer(b64encode, return_type=str),
     WithJsonSchema({"type": "string", "format": "byte", "description": "standard base64"}),
 ]
 """A base64 string in JSON, `bytes` once validated."""

@@ -38,9 +38,7 @@ def serve(
     """Run the gateway until interrupted. Raises ConfigError on bad settings."""
     if dev and data_dir is None:
         data_dir = DEV_DATA_DIR
-    settings = load_settings(
-        config, dev=dev or None, data_dir=data_dir, host=host, port=port
-    )
+    settings = load_settings(config, dev=dev or None, data_dir=data_dir, host=host, port=port)
     if settings.dev:
         prepare_dev_data_dir(settings)
     service = build_service(settings)
@@ -48,15 +46,18 @@ def serve(
         assert settings.data_dir is not None
         token = ensure_root_token(service, settings.data_dir)
         if token:
-            console.print(f"Root token (admin), shown once: {token}", highlight=False, soft_wrap=True)
+            console.print(
+                f"Root token (admin), shown once: {token}", highlight=False, soft_wrap=True
+            )
         console.print(f"Root token file: {settings.data_dir / ROOT_TOKEN_FILE}", highlight=False)
     console.print(
         f"kmsgate listening on http://{settings.host}:{settings.port} (env {settings.env})",
         highlight=False,
     )
     if workers == 1:
-        uvicorn.run(create_app(service), host=settings.host, port=settings.port,
-                    log_level=log_level)
+        uvicorn.run(
+            create_app(service), host=settings.host, port=settings.port, log_level=log_level
+        )
         return
     service.close()
     os.environ.update(

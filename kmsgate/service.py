@@ -392,7 +392,8 @@ class Service:
         return self._operation(principal, ctx, "mac", name, items, batch, self._mac_one)
 
     def _mac_backend(self, key: Key) -> MacCapable:
-        return require_capability(self.registry.get(key.backend), MacCapable, "compute MACs")
+        backend = self.registry.get(key.backend)
+        return require_capability(backend, MacCapable, "compute MACs")  # type: ignore[type-abstract]
 
     def _mac_one(self, key: Key, item: MacItem) -> Result:
         hash_name = mac_algorithm(key.type, item.algorithm)

@@ -63,6 +63,7 @@ test_exception_malformed_grants_are_ignored if {
 		{"id": "ex-3", "actions": ["sign"], "resource": null},
 		{"id": "ex-4", "actions": ["sign"]},
 		{"actions": ["sign"], "resource": "*"},
+		{"id": 5, "actions": ["sign"], "resource": "*"},
 	]
 	not data.kmsgate.authz.allow with input as input_with_grants(grants)
 }

@@ -53,7 +53,11 @@ def test_duplicate_name_is_409_and_nothing_changes(api, admin):
         ({"name": "x", "type": "dsa-1024", "purpose": "p"}, 400, "invalid_request"),
         ({"name": "x", "purpose": "p"}, 422, "validation_failed"),
         ({"name": "bad name!", "type": "ed25519", "purpose": "p"}, 422, "validation_failed"),
-        ({"name": "x", "type": "ed25519", "purpose": "p", "backend": "nope"}, 400, "invalid_request"),
+        (
+            {"name": "x", "type": "ed25519", "purpose": "p", "backend": "nope"},
+            400,
+            "invalid_request",
+        ),
         ({"name": "x", "type": "ed25519", "purpose": "p", "extra": 1}, 422, "validation_failed"),
     ],
 )
@@ -73,8 +77,12 @@ def test_rotate_keeps_old_signatures_valid(api, admin):
     new = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).json()
     assert (old["key_version"], new["key_version"]) == (1, 2)
     for sig, version in ((old, 1), (new, 2)):
-        r = api.call("POST", "/v1/keys/k1/verify", admin,
-                     json={"input": b64(b"m"), "signature": sig["signature"]})
+        r = api.call(
+            "POST",
+            "/v1/keys/k1/verify",
+            admin,
+            json={"input": b64(b"m"), "signature": sig["signature"]},
+        )
         assert r.json() == {"valid": True, "key_version": version}
     pem1 = api.call("GET", "/v1/keys/k1/public-key?version=1", admin)
     pem2 = api.call("GET", "/v1/keys/k1/public-key", admin)
@@ -89,8 +97,12 @@ def test_min_decrypt_version_retires_old_versions(api, admin):
     api.call("POST", "/v1/keys/k1/rotate", admin)
     r = api.call("PATCH", "/v1/keys/k1", admin, json={"min_decrypt_version": 2})
     assert r.json()["versions"][0]["state"] == "retired"
-    r = api.call("POST", "/v1/keys/k1/verify", admin,
-                 json={"input": b64(b"m"), "signature": sig1["signature"]})
+    r = api.call(
+        "POST",
+        "/v1/keys/k1/verify",
+        admin,
+        json={"input": b64(b"m"), "signature": sig1["signature"]},
+    )
     assert r.json()["valid"] is False
     r = api.call("PATCH", "/v1/keys/k1", admin, json={"min_decrypt_version": 3})
     assert r.status_code == 400
@@ -99,8 +111,10 @@ def test_min_decrypt_version_retires_old_versions(api, admin):
 def test_disable_enable(api, admin):
     create(api, admin)
     assert api.call("POST", "/v1/keys/k1/disable", admin).json()["state"] == "disabled"
-    for op, body in (("sign", {"input": b64(b"m")}),
-                     ("verify", {"input": b64(b"m"), "signature": b64(b"x")})):
+    for op, body in (
+        ("sign", {"input": b64(b"m")}),
+        ("verify", {"input": b64(b"m"), "signature": b64(b"x")}),
+    ):
         r = api.call("POST", f"/v1/keys/k1/{op}", admin, json=body)
         assert r.status_code == 409
         assert r.json()["code"] == "key_disabled"
@@ -113,8 +127,9 @@ def test_compromised_version_stops_signing_and_strict_verify(api, admin):
     create(api, admin)
     sig = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).json()
     since = datetime.now(UTC) - timedelta(minutes=5)
-    r = api.call("POST", "/v1/keys/k1/versions/1/compromised", admin,
-                 json={"since": since.isoformat()})
+    r = api.call(
+        "POST", "/v1/keys/k1/versions/1/compromised", admin, json={"since": since.isoformat()}
+    )
     assert r.json()["versions"][0]["state"] == "compromised"
     r = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")})
     assert (r.status_code, r.json()["code"]) == (409, "key_version_unusable")
@@ -127,7 +142,9 @@ def test_compromised_version_stops_signing_and_strict_verify(api, admin):
     ok = api.call("POST", "/v1/keys/k1/verify", admin, json={**verify, "signed_at": before})
     late = api.call("POST", "/v1/keys/k1/verify", admin, json={**verify, "signed_at": after})
     assert (ok.json()["valid"], late.json()["valid"]) == (True, False)
-    r = api.call("POST", "/v1/keys/k1/versions/1/compromised", admin, json={"since": "2026-01-01T00:00:00"})
+    r = api.call(
+        "POST", "/v1/keys/k1/versions/1/compromised", admin, json={"since": "2026-01-01T00:00:00"}
+    )
     assert r.status_code == 422
 
 
@@ -153,28 +170,41 @@ def test_deletion_schedule_cancel_and_destroy(api, admin):
     with service.catalogue._store.engine.connect() as conn:
         materials = conn.execute(tables.key_versions.select()).mappings().all()
     assert [m["material"] for m in materials] == [None]
-    assert api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).json()["code"] == "key_destroyed"
+    assert (
+        api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).json()["code"]
+        == "key_destroyed"
+    )
 
 
 def test_import_public_key_is_verify_only(api, admin):
     private = ec.generate_private_key(ec.SECP384R1())
     from cryptography.hazmat.primitives import hashes, serialization
 
-    pem = private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    pem = (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     r = api.call("POST", "/v1/keys", admin, json={"name": "imp", "purpose": "p", "public_key": pem})
     assert r.status_code == 201, r.text
     assert (r.json()["type"], r.json()["verify_only"]) == ("ecdsa-p384", True)
     sig = private.sign(b"data", ec.ECDSA(hashes.SHA384()))
-    r = api.call("POST", "/v1/keys/imp/verify", admin, json={"input": b64(b"data"), "signature": b64(sig)})
+    r = api.call(
+        "POST", "/v1/keys/imp/verify", admin, json={"input": b64(b"data"), "signature": b64(sig)}
+    )
     assert r.json() == {"valid": True, "key_version": 1}
     r = api.call("POST", "/v1/keys/imp/sign", admin, json={"input": b64(b"data")})
     assert r.status_code == 409
-    bad = api.call("POST", "/v1/keys", admin, json={"name": "i2", "purpose": "p", "public_key": "junk"})
+    bad = api.call(
+        "POST", "/v1/keys", admin, json={"name": "i2", "purpose": "p", "public_key": "junk"}
+    )
     assert bad.status_code == 400
-    wrong = api.call("POST", "/v1/keys", admin,
-                     json={"name": "i3", "purpose": "p", "public_key": pem, "type": "ecdsa-p256"})
+    wrong = api.call(
+        "POST",
+        "/v1/keys",
+        admin,
+        json={"name": "i3", "purpose": "p", "public_key": pem, "type": "ecdsa-p256"},
+    )
     assert wrong.status_code == 400
 
 

@@ -44,7 +44,9 @@ def public_key(api, token, name, version=None):
 )
 def test_sign_verifies_independently(api, admin, key_type, algorithm):
     create(api, admin, "k", key_type)
-    r = api.call("POST", "/v1/keys/k/sign", admin, json={"input": b64(b"msg"), "algorithm": algorithm})
+    r = api.call(
+        "POST", "/v1/keys/k/sign", admin, json={"input": b64(b"msg"), "algorithm": algorithm}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["algorithm"], body["key_version"]) == (algorithm, 1)
@@ -53,8 +55,11 @@ def test_sign_verifies_independently(api, admin, key_type, algorithm):
     if isinstance(pub, ed25519.Ed25519PublicKey):
         pub.verify(sig, b"msg")
     else:
-        h = {"ecdsa-sha256": hashes.SHA256, "ecdsa-sha384": hashes.SHA384,
-             "ecdsa-sha512": hashes.SHA512}[algorithm]()
+        h = {
+            "ecdsa-sha256": hashes.SHA256,
+            "ecdsa-sha384": hashes.SHA384,
+            "ecdsa-sha512": hashes.SHA512,
+        }[algorithm]()
         pub.verify(sig, b"msg", ec.ECDSA(h))
 
 
@@ -65,16 +70,36 @@ def test_rsa_pss_and_pkcs1_with_digest(api, admin):
     assert isinstance(pub, rsa.RSAPublicKey)
     pss = api.call("POST", "/v1/keys/r/sign", admin, json={"digest": b64(digest)}).json()
     assert pss["algorithm"] == "rsa-pss-sha256"
-    pub.verify(unb64(pss["signature"]), b"payload",
-               padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256())
-    pk = api.call("POST", "/v1/keys/r/sign", admin,
-                  json={"digest": b64(digest), "algorithm": "rsa-pkcs1-sha256"}).json()
+    pub.verify(
+        unb64(pss["signature"]),
+        b"payload",
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
+        hashes.SHA256(),
+    )
+    pk = api.call(
+        "POST",
+        "/v1/keys/r/sign",
+        admin,
+        json={"digest": b64(digest), "algorithm": "rsa-pkcs1-sha256"},
+    ).json()
     pub.verify(unb64(pk["signature"]), digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
-    r = api.call("POST", "/v1/keys/r/verify", admin,
-                 json={"input": b64(b"payload"), "signature": pk["signature"], "algorithm": "rsa-pkcs1-sha256"})
+    r = api.call(
+        "POST",
+        "/v1/keys/r/verify",
+        admin,
+        json={
+            "input": b64(b"payload"),
+            "signature": pk["signature"],
+            "algorithm": "rsa-pkcs1-sha256",
+        },
+    )
     assert r.json()["valid"] is True
-    r = api.call("POST", "/v1/keys/r/verify", admin,
-                 json={"input": b64(b"payload"), "signature": pk["signature"]})
+    r = api.call(
+        "POST",
+        "/v1/keys/r/verify",
+        admin,
+        json={"input": b64(b"payload"), "signature": pk["signature"]},
+    )
     assert r.json()["valid"] is False  # PKCS#1 signature is not a PSS signature
 
 
@@ -125,13 +150,19 @@ def test_mac_and_verify(api, admin, key_type):
     r = api.call("POST", "/v1/keys/h/mac", admin, json={"input": b64(b"data")})
     tag = unb64(r.json()["mac"])
     assert len(tag) == hashlib.new(key_type.split("-")[1]).digest_size
-    ok = api.call("POST", "/v1/keys/h/mac/verify", admin, json={"input": b64(b"data"), "mac": b64(tag)})
+    ok = api.call(
+        "POST", "/v1/keys/h/mac/verify", admin, json={"input": b64(b"data"), "mac": b64(tag)}
+    )
     assert ok.json() == {"valid": True, "key_version": 1}
     for bad in (tag[:-1], tag[:16], bytes(len(tag)), tag + b"\x00"):
-        r = api.call("POST", "/v1/keys/h/mac/verify", admin, json={"input": b64(b"data"), "mac": b64(bad)})
+        r = api.call(
+            "POST", "/v1/keys/h/mac/verify", admin, json={"input": b64(b"data"), "mac": b64(bad)}
+        )
         assert r.json()["valid"] is False
     api.call("POST", "/v1/keys/h/rotate", admin)
-    r = api.call("POST", "/v1/keys/h/mac/verify", admin, json={"input": b64(b"data"), "mac": b64(tag)})
+    r = api.call(
+        "POST", "/v1/keys/h/mac/verify", admin, json={"input": b64(b"data"), "mac": b64(tag)}
+    )
     assert r.json() == {"valid": True, "key_version": 1}
     r = api.call("POST", "/v1/keys/h/mac", admin, json={"input": b64(b"data")})
     assert r.json()["key_version"] == 2 and unb64(r.json()["mac"]) != tag
@@ -139,7 +170,11 @@ def test_mac_and_verify(api, admin, key_type):
 
 def test_batch_keeps_order_and_reports_item_errors(api, admin):
     create(api, admin, "k", "ecdsa-p256")
-    items = [{"input": b64(b"a")}, {"digest": b64(b"bad")}, {"input": b64(b"c"), "algorithm": "ecdsa-sha384"}]
+    items = [
+        {"input": b64(b"a")},
+        {"digest": b64(b"bad")},
+        {"input": b64(b"c"), "algorithm": "ecdsa-sha384"},
+    ]
     r = api.call("POST", "/v1/keys/k/sign", admin, json={"batch": items})
     assert r.status_code == 200, r.text
     out = r.json()["batch"]
@@ -160,7 +195,9 @@ def test_batch_limits(api, admin):
     assert ok.status_code == 200 and len(ok.json()["batch"]) == 1000
     r = api.call("POST", "/v1/keys/k/sign", admin, json={"batch": [{"input": "YQ=="}] * 1001})
     assert (r.status_code, r.json()["code"]) == (413, "too_large")
-    mixed = api.call("POST", "/v1/keys/k/sign", admin, json={"batch": [{"input": "YQ=="}], "input": "YQ=="})
+    mixed = api.call(
+        "POST", "/v1/keys/k/sign", admin, json={"batch": [{"input": "YQ=="}], "input": "YQ=="}
+    )
     assert mixed.status_code == 422
 
 
@@ -186,8 +223,12 @@ def test_size_limits(api, admin):
 
 def test_authentication(api, admin, make_token):
     create(api, admin, "k", "ecdsa-p256")
-    for header in ({}, {"authorization": "Bearer nope"}, {"authorization": "Basic abc"},
-                   {"authorization": f"Bearer {admin[:-2]}xx"}):
+    for header in (
+        {},
+        {"authorization": "Bearer nope"},
+        {"authorization": "Basic abc"},
+        {"authorization": f"Bearer {admin[:-2]}xx"},
+    ):
         r = api.client.post("/v1/keys/k/sign", json={"input": "YQ=="}, headers=header)
         assert (r.status_code, r.json()["code"]) == (401, "unauthenticated")
     token_id = admin.split(".")[1]
@@ -204,7 +245,10 @@ def test_policy_denies_whether_or_not_key_exists(api, admin, make_token):
         assert (r.status_code, r.json()["code"]) == (403, "policy_denied")
         assert api.call("GET", f"/v1/keys/{name}", nobody).status_code == 403
     assert api.call("GET", "/v1/keys", nobody).status_code == 403
-    assert api.call("POST", "/v1/keys/does-not-exist/sign", admin, json={"input": "YQ=="}).status_code == 404
+    assert (
+        api.call("POST", "/v1/keys/does-not-exist/sign", admin, json={"input": "YQ=="}).status_code
+        == 404
+    )
 
 
 def test_ml_sec_may_sign_model_keys_only_in_prod(api, admin, make_token):

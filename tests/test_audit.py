@@ -133,21 +133,28 @@ def test_none_and_empty_fields_are_omitted(tmp_path: Path) -> None:
     assert verify_file(path).ok
 
 
-def test_awkward_values_hash_exactly_as_specified(tmp_path: Path) -> None:
-    class Colour(enum.StrEnum):
-        RED = "red"
+class Colour(enum.StrEnum):
+    RED = "red"
 
-    detail: dict[str, object] = {
-        "floats": [0.1, 1e-05, 1e-7, 1e16, 123.456, -0.0, 2.5e-300],
-        "ints": [0, -1, 2**63 - 1, 2**64, -(2**70)],
-        "text": 'tab\t nl\n quote" bs\\ nul\x00 del\x7f ü \u2028 😀',
-        "nested": {"b": [True, False, None], "a": {"z": 1, "é": 2}},
-        "enum": Colour.RED,
-    }
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        {"floats": [0.1, 1e-05, 1e-7, 1e16, 123.456, -0.0, 2.5e-300, 1.5]},
+        {"ints": [0, -1, 2**63 - 1, -(2**63), 2**64, -(2**70)]},
+        {"text": 'tab\t nl\n quote" bs\\ nul\x00 del\x7f ü \u2028 😀 \U0010ffff'},
+        {"nested": {"b": [True, False, None, ()], "a": {"z": 1, "é": 2, "😀": 3, "Z": 4}}},
+        {"enum": Colour.RED, "int_keys": {7: "seven", 1: "one"}},
+    ],
+    ids=["floats", "ints", "text", "nested", "subclass-and-int-key"],
+)
+def test_awkward_values_hash_exactly_as_specified(
+    tmp_path: Path, detail: dict[object, object]
+) -> None:
     path = tmp_path / "audit.log"
     with AuditLog(path) as log:
         record = log.append(event(detail=detail))
-        log.append(event(1, detail={"x": 1.5}))
+        log.append(event(1))
     assert verify_file(path).ok
     stored = next(iter_records(path))
     assert stored == record | {"detail": json.loads(json.dumps(detail))}
@@ -471,6 +478,16 @@ def test_truncated_last_line(tmp_path: Path, pristine: bytes, cut: int) -> None:
     assert report.reason == "line 6: incomplete line (truncated)"
 
 
+def test_non_canonical_line_with_same_values_is_detected(tmp_path: Path, pristine: bytes) -> None:
+    # A duplicate key is ignored by json.loads (last wins) but shown by other readers.
+    lines = pristine.splitlines(keepends=True)
+    lines[2] = b'{"principal":"mallory",' + lines[2][1:]
+    path = tmp_path / "audit.log"
+    path.write_bytes(b"".join(lines))
+    report = verify_file(path)
+    assert (report.first_bad_line, report.reason) == (3, "record 3: not in canonical form (edited)")
+
+
 def test_garbled_line(tmp_path: Path, pristine: bytes) -> None:
     lines = pristine.splitlines(keepends=True)
     lines[1] = b"\xff\xfe garbage\n"
@@ -528,7 +545,7 @@ def test_malformed_head_file_fails_verification(tmp_path: Path) -> None:
 # --- reading -----------------------------------------------------------------------------
 
 
-def test_search_filters(tmp_path: Path) -> None:
+def test_search_filters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "audit.log"
     with AuditLog(path) as log:
         log.append(event(0, principal="alice", action="sign"))
@@ -553,7 +570,13 @@ def test_search_filters(tmp_path: Path) -> None:
 
     t3 = datetime.strptime(str(search(path)[3]["time"]), "%Y-%m-%dT%H:%M:%S.%fZ")
     assert ids(search(path, since=t3.replace(tzinfo=UTC))) == ["req-3", "req-4"]
-    assert ids(search(path, since=t3)) == ["req-3", "req-4"]  # naive = UTC
+    monkeypatch.setenv("TZ", "EST+5")  # a naive `since` must not be read as local time
+    time.tzset()
+    try:
+        assert ids(search(path, since=t3)) == ["req-3", "req-4"]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
     plus_two = timezone(timedelta(hours=2))
     assert ids(search(path, since=t3.replace(tzinfo=UTC).astimezone(plus_two))) == [
         "req-3",

@@ -174,8 +174,8 @@ class Store:
             )
         by_key: dict[str, list[Row]] = {row["name"]: [] for row in key_rows}
         for row in version_rows:
-            by_key[row["key_name"]].append(row)
-        return [(row, by_key[row["name"]]) for row in key_rows]
+            by_key[row["key_name"]].append(dict(row))
+        return [(dict(row), by_key[row["name"]]) for row in key_rows]
 
     # -- tokens ----------------------------------------------------------------------------
 
@@ -200,4 +200,4 @@ class Store:
 
     def load_tokens(self) -> list[Row]:
         with self._tx() as conn:
-            return list(conn.execute(sa.select(tables.tokens)).mappings().all())
+            return [dict(row) for row in conn.execute(sa.select(tables.tokens)).mappings()]
