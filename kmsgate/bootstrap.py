@@ -6,10 +6,11 @@ call it. Nothing happens at import time.
 
 from __future__ import annotations
 
+import getpass
 import os
 from pathlib import Path
 
-from kmsgate.audit import AuditLog
+from kmsgate.audit import AuditEvent, AuditLog
 from kmsgate.backends.base import KeyBackend, Registry
 from kmsgate.backends.softkms import SoftKmsBackend, create_root_key_file, read_root_key_file
 from kmsgate.catalogue import Catalogue
@@ -80,6 +81,30 @@ def prepare_dev_data_dir(settings: Settings) -> None:
     root_key = settings.resolved_root_key_file()
     if not root_key.exists():
         create_root_key_file(root_key)
+
+
+def bootstrap_token(settings: Settings, roles: list[str], description: str) -> str:
+    """Create a token directly in the store (first admin of a production gateway), audited
+    as the local operator. Raises ConfigError or InvalidRequest."""
+    service = build_service(settings)
+    try:
+        info, token = service.tokens.create(roles, ttl=None, description=description)
+        service.audit.append(
+            AuditEvent(
+                action="token.bootstrap",
+                decision="allow",
+                outcome="ok",
+                request_id="cli",
+                principal=f"local:{getpass.getuser()}",
+                principal_kind="local",
+                resource={"kind": "token", "name": info.id},
+                policy_digest=service.policy.digest,
+                detail={"roles": list(info.roles)},
+            )
+        )
+    finally:
+        service.close()
+    return token
 
 
 def ensure_root_token(service: Service, data_dir: Path) -> str | None:

@@ -367,6 +367,24 @@ def token_create(
     print(result["token"])
 
 
+@token_app.command("bootstrap")
+def token_bootstrap(
+    config: Annotated[Path, typer.Option(envvar="KMSGATE_CONFIG", help="Gateway config file.")],
+    role: Annotated[list[str], typer.Option("--role", help="Repeatable.")] = ["admin"],  # noqa: B006
+    description: Annotated[str, typer.Option()] = "bootstrap token",
+) -> None:
+    """Create a token directly in the store (first admin of a production gateway)."""
+    from kmsgate.bootstrap import bootstrap_token
+    from kmsgate.config import load_settings
+    from kmsgate.errors import KmsgateError
+
+    try:
+        token = bootstrap_token(load_settings(config), role, description)
+    except (ConfigError, KmsgateError) as exc:
+        fail(str(exc))
+    print(token)
+
+
 @token_app.command("list")
 def token_list(addr: AddrOpt = None, token: TokenOpt = None) -> None:
     table = Table("id", "roles", "description", "created", "expires", "revoked")

@@ -377,6 +377,24 @@ def test_open_rejects_rewritten_record_named_by_head(tmp_path: Path) -> None:
         AuditLog(path)
 
 
+def test_open_finds_head_record_several_blocks_back(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    records = write_log(path, 600)  # about 250 KiB: several 64 KiB read blocks
+    assert path.stat().st_size > 3 * 65536
+    head_file = Path(f"{path}.head")
+    head_file.write_text(json.dumps({"seq": 5, "hash": records[4]["hash"]}))
+    with AuditLog(path) as log:
+        assert log.head == (600, records[-1]["hash"])
+    head_file.write_text(json.dumps({"seq": 5, "hash": records[5]["hash"]}))
+    with pytest.raises(ConfigError, match="head file"):
+        AuditLog(path)
+
+
+def test_unopenable_path_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot open"):
+        AuditLog(tmp_path / "missing-dir" / "audit.log")
+
+
 def test_second_writer_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     with AuditLog(path), pytest.raises(ConfigError, match="in use"):

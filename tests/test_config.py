@@ -1,0 +1,118 @@
+"""Settings layering and the production-mode refusals, on real files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kmsgate.backends.softkms import create_root_key_file
+from kmsgate.bootstrap import (
+    bootstrap_token,
+    build_service,
+    ensure_root_token,
+    prepare_dev_data_dir,
+)
+from kmsgate.config import load_settings
+from kmsgate.errors import ConfigError
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_layering_file_env_overrides(tmp_path, monkeypatch):
+    cfg = write(tmp_path / "c.yaml", "port: 9000\nenv: staging\nlimits: {max_batch: 10}\n")
+    assert load_settings(cfg).port == 9000
+    monkeypatch.setenv("KMSGATE_PORT", "9100")
+    monkeypatch.setenv("KMSGATE_LIMITS__MAX_INPUT_BYTES", "123")
+    settings = load_settings(cfg, port=9200)
+    assert (settings.port, settings.env) == (9200, "staging")
+    assert (settings.limits.max_batch, settings.limits.max_input_bytes) == (10, 123)
+    assert load_settings(cfg).port == 9100
+
+
+def test_dev_mode_defaults_env_to_dev(tmp_path):
+    assert load_settings(dev=True, data_dir=tmp_path).env == "dev"
+    assert load_settings(dev=True, data_dir=tmp_path, env="prod").env == "prod"
+    assert load_settings().env == "prod"
+
+
+@pytest.mark.parametrize("text", ["port: [", "- a list\n", "port: 0\n", "unknown_setting: 1\n"])
+def test_bad_config_files(tmp_path, text):
+    with pytest.raises(ConfigError):
+        load_settings(write(tmp_path / "c.yaml", text))
+
+
+def test_production_refuses_dev_state(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(ConfigError, match="root_key_file"):
+        build_service(load_settings(data_dir=data))
+    inside = data / "root.key"
+    create_root_key_file(inside)
+    with pytest.raises(ConfigError, match="data dir"):
+        build_service(load_settings(data_dir=data, root_key_file=inside))
+    (data / "root-token").write_text("x")
+    outside = tmp_path / "keys" / "root.key"
+    create_root_key_file(outside)
+    with pytest.raises(ConfigError, match="root token"):
+        build_service(load_settings(data_dir=data, root_key_file=outside))
+    (data / "root-token").unlink()
+    service = build_service(load_settings(data_dir=data, root_key_file=outside))
+    service.close()
+
+
+def test_root_key_file_checks(tmp_path):
+    data = tmp_path / "data"
+    settings = load_settings(dev=True, data_dir=data)
+    prepare_dev_data_dir(settings)
+    key = data / "root.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    build_service(settings).close()
+    os.chmod(key, 0o644)
+    with pytest.raises(ConfigError, match="group or others"):
+        build_service(settings)
+    key.unlink()
+    create_root_key_file(key)
+    with pytest.raises(ConfigError, match="does not match"):
+        build_service(settings)
+
+
+def test_dev_root_token_written_once(tmp_path):
+    data = tmp_path / "data"
+    settings = load_settings(dev=True, data_dir=data)
+    prepare_dev_data_dir(settings)
+    service = build_service(settings)
+    token = ensure_root_token(service, data)
+    assert token is not None
+    assert (data / "root-token").read_text().strip() == token
+    assert (data / "root-token").stat().st_mode & 0o777 == 0o600
+    assert ensure_root_token(service, data) is None
+    assert service.tokens.authenticate(token).roles == ("admin",)
+    service.close()
+
+
+def test_invalid_policy_refuses_start(tmp_path):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    write(policies / "bad.rego", "package kmsgate.authz\nallow if {\n")
+    settings = load_settings(dev=True, data_dir=tmp_path / "d", policy_dir=policies)
+    prepare_dev_data_dir(settings)
+    with pytest.raises(ConfigError):
+        build_service(settings)
+
+
+def test_bootstrap_token_for_production(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    key = tmp_path / "root.key"
+    create_root_key_file(key)
+    settings = load_settings(data_dir=data, root_key_file=key)
+    token = bootstrap_token(settings, ["admin"], "first admin")
+    service = build_service(settings)
+    assert service.tokens.authenticate(token).roles == ("admin",)
+    service.close()
+    assert "token.bootstrap" in (data / "audit.log").read_text()
