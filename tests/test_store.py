@@ -1,0 +1,150 @@
+"""The store and the catalogue cache on SQLite and a real PostgreSQL: migrations, atomic
+writes, uniqueness enforced by the database, and cache invalidation across replicas."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+
+from kmsgate.algorithms import KeyType
+from kmsgate.catalogue import Catalogue, Key, KeyState, KeyVersion
+from kmsgate.errors import Conflict, Unauthenticated
+from kmsgate.store import Store, tables
+from kmsgate.tokens import TokenRegistry
+
+
+@pytest.fixture
+def store(database_url):
+    s = Store(database_url)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def make_key(name: str = "k") -> Key:
+    now = datetime.now(UTC)
+    version = KeyVersion(version=1, backend_ref=f"softkms:{name}/1", created_at=now, material=b"m1")
+    return Key(
+        name=name,
+        type=KeyType.ED25519,
+        purpose="p",
+        backend="local",
+        state=KeyState.ENABLED,
+        labels={"env": "x"},
+        primary_version=1,
+        min_decrypt_version=1,
+        versions={1: version},
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def test_migrate_is_idempotent(store):
+    store.migrate()
+    inspector = sa.inspect(store.engine)
+    assert {"keys", "key_versions", "tokens", "meta", "alembic_version"} <= set(
+        inspector.get_table_names()
+    )
+
+
+def test_round_trip_and_epoch(store):
+    before = store.epoch()
+    catalogue = Catalogue(store)
+    catalogue.insert(make_key())
+    assert store.epoch() == before + 1
+    fresh = Catalogue(store).get("k")
+    assert fresh == catalogue.get("k")
+    assert fresh.versions[1].material == b"m1"
+    assert fresh.created_at.tzinfo is not None
+
+
+def test_duplicate_key_rejected_and_nothing_partial(store):
+    catalogue = Catalogue(store)
+    catalogue.insert(make_key())
+    other = replace(make_key(), type=KeyType.ECDSA_P256)
+    with pytest.raises(Conflict):
+        catalogue.insert(other)
+    with store.engine.connect() as conn:
+        assert (
+            conn.execute(sa.select(sa.func.count()).select_from(tables.key_versions)).scalar() == 1
+        )
+    assert Catalogue(store).get("k").type is KeyType.ED25519
+
+
+def test_version_uniqueness_is_enforced_by_the_database(store):
+    a, b = Catalogue(store), Catalogue(store)
+    a.insert(make_key())
+    b.reload()
+    key_a, key_b = a.get("k"), b.get("k")
+    now = datetime.now(UTC)
+    a.add_version(key_a, KeyVersion(version=2, backend_ref="r2", created_at=now), now)
+    with pytest.raises(Conflict):
+        b.add_version(key_b, KeyVersion(version=2, backend_ref="r2b", created_at=now), now)
+    reloaded = Catalogue(store).get("k")
+    assert reloaded.primary_version == 2
+    assert reloaded.versions[2].backend_ref == "r2"
+
+
+def test_concurrent_rotations_yield_one_winner_per_version(store):
+    Catalogue(store).insert(make_key())
+    replicas = [Catalogue(store) for _ in range(4)]
+    outcomes: list[str] = []
+    now = datetime.now(UTC)
+
+    def rotate(cat: Catalogue) -> None:
+        key = cat.get("k")
+        try:
+            cat.add_version(
+                key, KeyVersion(version=2, backend_ref=str(id(cat)), created_at=now), now
+            )
+            outcomes.append("ok")
+        except Conflict:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=rotate, args=(c,)) for c in replicas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == ["conflict", "conflict", "conflict", "ok"]
+    assert sorted(Catalogue(store).get("k").versions) == [1, 2]
+
+
+def test_state_change_guarded_by_expected_state(store):
+    a, b = Catalogue(store), Catalogue(store)
+    a.insert(make_key())
+    b.reload()
+    now = datetime.now(UTC)
+    a.update(a.get("k"), state=KeyState.DISABLED, updated_at=now)
+    with pytest.raises(Conflict):
+        b.update(b.get("k"), state=KeyState.PENDING_DELETION, updated_at=now)
+
+
+def test_replica_cache_follows_the_epoch(store):
+    writer = Catalogue(store)
+    reader = Catalogue(store, refresh_seconds=0.0)
+    writer.insert(make_key("new"))
+    assert reader.find("new") is None
+    reader.maybe_refresh()
+    assert reader.find("new") is not None
+    writer.update(writer.get("new"), labels={"env": "y"}, updated_at=datetime.now(UTC))
+    reader.maybe_refresh()
+    assert reader.get("new").labels == {"env": "y"}
+
+
+def test_token_revocation_reaches_other_replicas(store):
+    a = TokenRegistry(store)
+    b = TokenRegistry(store, refresh_seconds=0.0)
+    info, token = a.create(["admin"], ttl=None)
+    b.maybe_refresh()
+    assert b.authenticate(token).id == f"token:{info.id}"
+    a.revoke(info.id)
+    b.maybe_refresh()
+    with pytest.raises(Unauthenticated):
+        b.authenticate(token)
+    stored = store.load_tokens()[0]
+    assert token.split(".")[2] not in str(stored)
