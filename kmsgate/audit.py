@@ -111,11 +111,11 @@ def _is_plain(values: Iterable[object]) -> bool:
         kind = type(value)
         if kind is str or kind is int or kind is bool or value is None:
             continue
-        if kind is dict:
-            if not _is_plain(value.values()):  # type: ignore[attr-defined]
+        if type(value) is dict:
+            if not _is_plain(value.values()):
                 return False
-        elif kind is list or kind is tuple:
-            if not _is_plain(value):  # type: ignore[arg-type]
+        elif type(value) is list or type(value) is tuple:
+            if not _is_plain(value):
                 return False
         else:
             return False

@@ -48,6 +48,8 @@ def b64encode(value: bytes) -> str:
 
 
 def _decode(value: object) -> bytes:
+    if isinstance(value, bytes):  # built in Python, not parsed from JSON
+        return value
     if not isinstance(value, str):
         raise ValueError("expected a base64 string")
     return b64decode_strict(value)
