@@ -14,6 +14,7 @@ raises `AuditUnavailable` and the caller must not return the operation's result.
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -332,25 +333,27 @@ def _check_head(
         raise ConfigError(f"audit log {path}: record seq {head[0]} does not match head file")
 
 
-def _open_locked(path: Path) -> int:
-    """Open (creating 0600) for append and take an exclusive lock. Raises ConfigError."""
+def _open_log(path: Path) -> int:
+    """Open (creating 0600) for append. Raises ConfigError."""
     existed = path.exists()
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        raise ConfigError(f"cannot open audit log {path}: {exc.strerror}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if not existed:
             _fsync_dir(path.parent)
-    except BlockingIOError as exc:
-        os.close(fd)
-        raise ConfigError(f"audit log {path} is in use by another writer") from exc
     except OSError as exc:
-        os.close(fd)
-        raise ConfigError(f"cannot lock audit log {path}: {exc.strerror}") from exc
+        raise ConfigError(f"cannot open audit log {path}: {exc.strerror}") from exc
     return fd
+
+
+@contextlib.contextmanager
+def _file_lock(fd: int) -> Iterator[None]:
+    """Exclusive flock: serialises writers in every process sharing the file. Raises OSError."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -368,8 +371,9 @@ def _fsync_dir(directory: Path) -> None:
 class AuditLog:
     """Append-only, hash-chained audit log with group-commit fsync.
 
-    One writer per file: an exclusive `flock` is held while open, so give each process
-    (e.g. each uvicorn worker) its own path.
+    Several processes (uvicorn workers, replicas on a shared volume) may append to one
+    file: each append takes an exclusive `flock` and first catches up with records that
+    other processes wrote, so the file stays one chain.
     """
 
     def __init__(self, path: Path, *, fsync_interval: float = 0.05) -> None:
@@ -382,10 +386,11 @@ class AuditLog:
             raise ConfigError("audit fsync_interval must be positive")
         self._path = Path(path)
         self._interval = fsync_interval
-        self._fd = _open_locked(self._path)
+        self._fd = _open_log(self._path)
         try:
-            self._size = os.fstat(self._fd).st_size
-            self._head = _resume(self._path, self._fd, self._size)
+            with _file_lock(self._fd):
+                self._size = os.fstat(self._fd).st_size
+                self._head = _resume(self._path, self._fd, self._size)
         except OSError as exc:
             os.close(self._fd)
             raise ConfigError(f"cannot read audit log {path}: {exc.strerror}") from exc
@@ -423,20 +428,51 @@ class AuditLog:
         with self._lock:
             if self._closed or self._failed:
                 raise AuditUnavailable("Audit log unavailable: operation refused")
-            seq, prev = self._head
-            record: dict[str, object] = {
-                "seq": seq + 1,
-                "time": self._clock.now(),
-                "prev": prev,
-                **fields,
-            }
-            body = _canonical(record)
-            digest = hashlib.sha256(body).hexdigest()
-            self._write(_sealed_line(body, digest) + b"\n")
+            try:
+                with _file_lock(self._fd):
+                    self._catch_up()
+                    seq, prev = self._head
+                    record: dict[str, object] = {
+                        "seq": seq + 1,
+                        "time": self._clock.now(),
+                        "prev": prev,
+                        **fields,
+                    }
+                    body = _canonical(record)
+                    digest = hashlib.sha256(body).hexdigest()
+                    self._write(_sealed_line(body, digest) + b"\n")
+            except OSError as exc:
+                _log.error("audit log lock or read failed: %s", exc)
+                raise AuditUnavailable("Audit log unavailable: operation refused") from exc
             self._head = (seq + 1, digest)
             self._dirty = True
         record["hash"] = digest
         return record
+
+    def _catch_up(self) -> None:
+        """Adopt the last record if another process appended since our last write.
+
+        Called under the file lock. Raises AuditUnavailable (and stops appending) if that
+        record is torn or not sealed; OSError if reading fails.
+        """
+        size = os.fstat(self._fd).st_size
+        if size == self._size:
+            return
+        problem = "the log shrank" if size < self._size else None
+        if problem is None:
+            raw = next(_lines_from_end(self._fd, size - 1))
+            try:
+                last = _decode(raw)
+                problem = _seal_problem(raw, last)
+            except ValueError:
+                problem = "last line is not valid JSON"
+        if problem is not None:
+            self._failed = True
+            _log.critical("audit log changed under us (%s): refusing appends", problem)
+            raise AuditUnavailable("Audit log unavailable: operation refused")
+        seq, digest = last["seq"], last["hash"]
+        assert isinstance(seq, int) and isinstance(digest, str)  # checked by _seal_problem
+        self._size, self._head = size, (seq, digest)
 
     def _write(self, line: bytes) -> None:
         """One os.write; a short write is truncated away. Raises AuditUnavailable."""
@@ -476,7 +512,8 @@ class AuditLog:
             self._dirty = False
             seq, digest = self._head
         os.fsync(self._fd)
-        _write_head(self._path, seq, digest)
+        with _file_lock(self._fd):
+            _write_head(self._path, seq, digest)
 
     def close(self) -> None:
         """Stop the fsync thread, fsync and rewrite the head file, close. Idempotent.

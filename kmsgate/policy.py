@@ -293,31 +293,46 @@ def _bundle_digest(sources: Sequence[tuple[str, bytes]]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _new_engine(sources: Sequence[tuple[str, bytes]]) -> Any:
-    """A fresh regorus engine holding `sources`; raises ConfigError naming the bad file."""
-    engine = regorus.Engine()
+# An engine must never be kept alive by a traceback: a traceback that ends up in a reference
+# cycle is freed by the garbage collector on whatever thread happens to run it, and an
+# engine dropped off its thread is leaked (with an "unsendable" warning). So the helpers
+# below report problems as values and drop the engine before any exception is raised.
+
+
+def _add_sources(engine: Any, sources: Sequence[tuple[str, bytes]]) -> str | None:
+    """Add `sources` to `engine`; return what is wrong with the first bad file, if any."""
     for rel, content in sources:
         try:
             text = content.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"invalid policy file {rel}: not UTF-8 ({exc.reason})") from exc
+            return f"invalid policy file {rel}: not UTF-8 ({exc.reason})"
         try:
             engine.add_policy(rel, text)
         except Exception as exc:  # regorus raises RuntimeError with the parse error
-            raise ConfigError(f"invalid policy file {rel}: {_error_text(exc)}") from exc
+            return f"invalid policy file {rel}: {_error_text(exc)}"
+    return None
+
+
+def _new_engine(sources: Sequence[tuple[str, bytes]]) -> Any:
+    """A fresh regorus engine holding `sources`; raises ConfigError naming the bad file."""
+    engine = regorus.Engine()
+    problem = _add_sources(engine, sources)
+    if problem is not None:
+        del engine
+        raise ConfigError(problem)
     return engine
 
 
-def _probe(engine: Any, rule: str) -> bool:
-    """True if `rule` exists; raise ConfigError if it cannot be evaluated."""
+def _probe(engine: Any, rule: str) -> tuple[bool, str | None]:
+    """(whether `rule` exists, why it cannot be evaluated or None)."""
     try:
         engine.eval_rule(rule)
     except Exception as exc:
         text = _error_text(exc)
         if text.startswith(_NO_RULE):
-            return False
-        raise ConfigError(f"policy rule {rule} cannot be evaluated: {text}") from exc
-    return True
+            return False, None
+        return True, f"policy rule {rule} cannot be evaluated: {text}"
+    return True, None
 
 
 _PROBE_INPUT = orjson.dumps(
@@ -353,8 +368,12 @@ def _load_state(policy_dir: Path) -> tuple[_State, Any]:
     sources = _read_sources(files)
     engine = _new_engine(sources)
     engine.set_input_json(_PROBE_INPUT)
-    has_allow = _probe(engine, ALLOW_RULE)
-    has_reasons = _probe(engine, REASONS_RULE)
+    has_allow, allow_problem = _probe(engine, ALLOW_RULE)
+    has_reasons, reasons_problem = _probe(engine, REASONS_RULE)
+    problem = allow_problem or reasons_problem
+    if problem is not None:
+        del engine
+        raise ConfigError(problem)
     state = _State(
         sources=sources,
         digest=_bundle_digest(sources),
@@ -552,11 +571,14 @@ class PolicyEngine:
         _, test_files = _rego_files(self._policy_dir)
         engine = _new_engine(self._state.sources + _read_sources(test_files))
         results: list[PolicyTestResult] = []
-        for ref in _test_rules(engine):
-            try:
-                value = engine.eval_rule(ref)
-            except Exception as exc:
-                results.append(PolicyTestResult(ref, False, _error_text(exc)))
-                continue
-            results.append(PolicyTestResult(ref, value is True, None))
+        try:
+            for ref in _test_rules(engine):
+                try:
+                    value = engine.eval_rule(ref)
+                except Exception as exc:
+                    results.append(PolicyTestResult(ref, False, _error_text(exc)))
+                    continue
+                results.append(PolicyTestResult(ref, value is True, None))
+        finally:
+            del engine  # never left to a traceback (see _add_sources)
         return results

@@ -6,6 +6,7 @@ import enum
 import errno
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import stat
@@ -395,10 +396,46 @@ def test_unopenable_path_is_a_config_error(tmp_path: Path) -> None:
         AuditLog(tmp_path / "missing-dir" / "audit.log")
 
 
-def test_second_writer_is_refused(tmp_path: Path) -> None:
+def test_two_writers_on_one_file_keep_one_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    with AuditLog(path), pytest.raises(ConfigError, match="in use"):
-        AuditLog(path)
+    with AuditLog(path) as first, AuditLog(path) as second:
+        for i in range(50):
+            (first if i % 3 else second).append(event(i))
+    report = verify_file(path)
+    assert report.ok, report.reason
+    assert report.records == 50
+
+
+def _append_in_process(path: str, count: int) -> None:
+    with AuditLog(Path(path)) as log:
+        for i in range(count):
+            log.append(event(i))
+
+
+def test_worker_processes_share_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_in_process, args=(str(path), 300)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    report = verify_file(path)
+    assert report.ok, report.reason
+    assert report.records == 900
+
+
+def test_foreign_garbage_stops_appends(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog(path) as log:
+        log.append(event(1))
+        with path.open("ab") as f:
+            f.write(b'{"not": "sealed"}\n')
+        with pytest.raises(AuditUnavailable):
+            log.append(event(2))
+        with pytest.raises(AuditUnavailable):
+            log.append(event(3))
 
 
 def test_non_positive_fsync_interval_is_refused(tmp_path: Path) -> None:

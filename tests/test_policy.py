@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import re
 import shutil
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
@@ -423,6 +425,38 @@ def test_input_that_is_not_json_denies(shipped: PolicyEngine) -> None:
     admin = doc(roles=["admin"])
     assert shipped.decide({**admin, "request": {"blob": b"\x00"}}).allow is False
     assert shipped.decide({**admin, "request": {1: "x"}}).allow is False
+
+
+def test_failures_leave_no_engine_for_another_thread_to_drop(tmp_path: Path) -> None:
+    """regorus engines must be dropped on their own thread; a traceback kept in a reference
+    cycle (here: by the test) must not hold one for the garbage collector of another thread."""
+    caught: list[str] = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: caught.append(str(u.exc_value))
+    try:
+        for source in [
+            "package kmsgate.authz\nallow if {\n",
+            "package kmsgate.authz\nallow := 1 / 0\n",
+        ]:
+            (tmp_path / "p.rego").write_text(source)
+            with pytest.raises(ConfigError) as info:
+                PolicyEngine.load(tmp_path)
+            cycle: list[object] = [info.value]
+            cycle.append(cycle)
+            del info, cycle
+        (tmp_path / "p.rego").write_text("package kmsgate.authz\n")
+        (tmp_path / "p_test.rego").write_text("package t\ntest_x if {\n")
+        with pytest.raises(ConfigError) as info:
+            PolicyEngine.load(tmp_path).run_tests()
+        cycle = [info.value]
+        cycle.append(cycle)
+        del info, cycle
+        collector = threading.Thread(target=gc.collect)
+        collector.start()
+        collector.join()
+    finally:
+        sys.unraisablehook = old_hook
+    assert caught == []
 
 
 def test_concurrent_decisions_are_consistent(shipped: PolicyEngine) -> None:
