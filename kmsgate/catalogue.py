@@ -9,8 +9,6 @@ when the store's epoch moves (another replica changed something), checked at mos
 from __future__ import annotations
 
 import enum
-import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -29,7 +27,7 @@ from kmsgate.errors import (
     KeyVersionUnusable,
     NotFound,
 )
-from kmsgate.store import Row, Store, utc
+from kmsgate.store import Row, Store, StoreMirror, utc
 
 
 class KeyState(enum.StrEnum):
@@ -129,8 +127,11 @@ class Key:
             raise KeyVersionUnusable(f"key {self.name!r} is verify-only (imported public key)")
         return v
 
-    def verification_versions(self) -> list[KeyVersion]:
-        """Versions a signature may come from: primary first, then newest to oldest."""
+    def verification_versions(self, version: int | None = None) -> list[KeyVersion]:
+        """Versions a signature or MAC may come from: `version` if given (raises
+        KeyVersionUnusable if it cannot be used), else primary first, then newest to oldest."""
+        if version is not None:
+            return [self.usable_version(version, for_signing=False)]
         live = [v for v in self.versions.values() if self.version_state(v) != "destroyed"]
         live = [v for v in live if v.version >= self.min_decrypt_version]
         return sorted(live, key=lambda v: (v.version != self.primary_version, -v.version))
@@ -254,47 +255,20 @@ def key_row(key: Key) -> dict[str, Any]:
     }
 
 
-class Catalogue:
-    """All keys in memory; writes go through the store, then refresh the cache.
+class Catalogue(StoreMirror):
+    """All keys in memory; writes go through the store, then update the cache.
 
-    `get` and `find` never touch the database, except to notice (at most every
-    `refresh_seconds`) that another replica changed the store.
+    `get` and `find` never touch the database; `maybe_refresh` follows other replicas.
     """
 
     def __init__(self, store: Store, *, refresh_seconds: float = 1.0) -> None:
-        self._store = store
-        self._refresh_seconds = refresh_seconds
         self._keys: dict[str, Key] = {}
-        self._epoch = -1
-        self._checked_at = 0.0
-        self._lock = threading.Lock()
-        self.listeners: list[Callable[[Key | None, Key], None]] = []
-        self.reload()
+        super().__init__(store, refresh_seconds=refresh_seconds)
 
-    def reload(self) -> None:
-        """Replace the cache with the store's content. Raises Unavailable if the store is down."""
-        with self._lock:
-            epoch = self._store.epoch()
-            fresh = {
-                row["name"]: key_from_rows(row, vrows) for row, vrows in self._store.load_keys()
-            }
-            old, self._keys, self._epoch = self._keys, fresh, epoch
-            self._checked_at = time.monotonic()
-        for name, key in fresh.items():
-            if old.get(name) != key:
-                self._notify(old.get(name), key)
-
-    def _notify(self, old: Key | None, new: Key) -> None:
-        for listener in self.listeners:
-            listener(old, new)
-
-    def maybe_refresh(self) -> None:
-        """Reload if the store's epoch moved; checks at most every `refresh_seconds`."""
-        if time.monotonic() - self._checked_at < self._refresh_seconds:
-            return
-        self._checked_at = time.monotonic()
-        if self._store.epoch() != self._epoch:
-            self.reload()
+    def _load(self) -> None:
+        self._keys = {
+            row["name"]: key_from_rows(row, rows) for row, rows in self._store.load_keys()
+        }
 
     def find(self, name: str) -> Key | None:
         return self._keys.get(name)
@@ -311,9 +285,7 @@ class Catalogue:
 
     def _store_and_cache(self, write: Callable[[], None], new: Key) -> Key:
         write()
-        old = self._keys.get(new.name)
         self._keys[new.name] = new
-        self._notify(old, new)
         return new
 
     def insert(self, key: Key) -> Key:

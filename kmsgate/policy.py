@@ -113,8 +113,7 @@ class PolicyTestResult:
 def _rfc3339(value: datetime, where: str) -> str:
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidRequest(f"{where}: datetime must be timezone-aware")
-    utc = value.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _json_value(value: object, where: str, depth: int = 0) -> object:
@@ -561,10 +560,10 @@ class PolicyEngine:
             return state.digest
 
     def run_tests(self) -> list[PolicyTestResult]:
-        """Run the Rego tests: every `test_*` rule of every package in the *_test.rego files.
+        """Run the Rego tests: every `test_*` rule (not function) of every package.
 
-        The loaded policy plus the test files currently in the policy directory go into a
-        fresh engine; a test passes iff its rule evaluates to exactly `true` (use
+        The loaded policy plus the *_test.rego files currently in the policy directory go
+        into a fresh engine; a test passes iff its rule evaluates to exactly `true` (use
         `with input as {...}`). An evaluation error fails that test with the error text.
         Raises ConfigError if a test file cannot be read or parsed.
         """

@@ -369,11 +369,7 @@ class Service:
     def _verify_one(self, key: Key, item: VerifyItem) -> Result:
         alg = sign_algorithm(key.type, item.algorithm)
         data, prehashed = self._message(item, alg)
-        if item.version is not None:
-            candidates = [key.usable_version(item.version, for_signing=False)]
-        else:
-            candidates = key.verification_versions()
-        for version in candidates:
+        for version in key.verification_versions(item.version):
             if version.compromised_since is not None and (
                 item.strict or (item.signed_at and version.is_compromised_at(item.signed_at))
             ):
@@ -419,12 +415,8 @@ class Service:
     def _mac_verify_one(self, key: Key, item: MacVerifyItem) -> Result:
         hash_name: HashName = mac_algorithm(key.type, item.algorithm)
         data = self._check_size(item.input)
-        if item.version is not None:
-            candidates = [key.usable_version(item.version, for_signing=False)]
-        else:
-            candidates = key.verification_versions()
         backend = self._mac_backend(key)
-        for version in candidates:
+        for version in key.verification_versions(item.version):
             if backend.verify_mac(key.backend_key(version), data, item.mac, hash_name):
                 return {"valid": True, "key_version": version.version}
         return {"valid": False, "key_version": None}

@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kmsgate.errors import InvalidRequest, NotFound, Unauthenticated
-from kmsgate.store import Row, Store, utc
+from kmsgate.store import Row, Store, StoreMirror, utc
 
 _PREFIX = "kmg"
 _ROLE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.:")
@@ -96,33 +94,15 @@ def _info_from_row(row: Row) -> TokenInfo:
     )
 
 
-class TokenRegistry:
+class TokenRegistry(StoreMirror):
     """Issues, caches, checks and revokes API tokens."""
 
     def __init__(self, store: Store, *, refresh_seconds: float = 1.0) -> None:
-        self._store = store
-        self._refresh_seconds = refresh_seconds
         self._tokens: dict[str, TokenInfo] = {}
-        self._epoch = -1
-        self._checked_at = 0.0
-        self._lock = threading.Lock()
-        self.reload()
+        super().__init__(store, refresh_seconds=refresh_seconds)
 
-    def reload(self) -> None:
-        """Reload all tokens from the store. Raises Unavailable if the store is down."""
-        with self._lock:
-            epoch = self._store.epoch()
-            self._tokens = {row["id"]: _info_from_row(row) for row in self._store.load_tokens()}
-            self._epoch = epoch
-            self._checked_at = time.monotonic()
-
-    def maybe_refresh(self) -> None:
-        """Reload if the store's epoch moved; checks at most every `refresh_seconds`."""
-        if time.monotonic() - self._checked_at < self._refresh_seconds:
-            return
-        self._checked_at = time.monotonic()
-        if self._store.epoch() != self._epoch:
-            self.reload()
+    def _load(self) -> None:
+        self._tokens = {row["id"]: _info_from_row(row) for row in self._store.load_tokens()}
 
     def create(
         self, roles: Sequence[str], *, ttl: timedelta | None, description: str = ""

@@ -8,6 +8,9 @@ bumps the `epoch` counter, which other replicas poll to invalidate their caches.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,3 +204,39 @@ class Store:
     def load_tokens(self) -> list[Row]:
         with self._tx() as conn:
             return [dict(row) for row in conn.execute(sa.select(tables.tokens)).mappings()]
+
+
+class StoreMirror(ABC):
+    """An in-memory copy of part of the store, reloaded when the store's epoch moves.
+
+    Readers use the copy and never wait on the database; `maybe_refresh` (called by a
+    background thread) checks the epoch at most every `refresh_seconds`.
+    """
+
+    def __init__(self, store: Store, *, refresh_seconds: float = 1.0) -> None:
+        self._store = store
+        self._refresh_seconds = refresh_seconds
+        self._epoch = -1
+        self._checked_at = 0.0
+        self._lock = threading.Lock()
+        self.reload()
+
+    @abstractmethod
+    def _load(self) -> None:
+        """Replace the copy with the store's content. Raises Unavailable."""
+
+    def reload(self) -> None:
+        """Reload now. Raises Unavailable if the store is down."""
+        with self._lock:
+            epoch = self._store.epoch()
+            self._load()
+            self._epoch = epoch
+            self._checked_at = time.monotonic()
+
+    def maybe_refresh(self) -> None:
+        """Reload if the store's epoch moved; checks at most every `refresh_seconds`."""
+        if time.monotonic() - self._checked_at < self._refresh_seconds:
+            return
+        self._checked_at = time.monotonic()
+        if self._store.epoch() != self._epoch:
+            self.reload()
