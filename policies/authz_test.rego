@@ -22,7 +22,7 @@ base_input := {
 	},
 	"request": {"algorithm": "ecdsa-sha256"},
 	"env": "prod",
-	"now": "2026-01-01T00:00:00.000Z",
+	"now": "2026-01-01T00:00:00.000000Z",
 	"exceptions": [],
 }
 

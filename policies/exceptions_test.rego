@@ -8,7 +8,7 @@ grant_42 := {
 	"actions": ["sign", "verify"],
 	"resource": "release-*",
 	"ticket": "SEC-1234",
-	"expires_at": "2026-01-01T01:00:00.000Z",
+	"expires_at": "2026-01-01T01:00:00.000000Z",
 }
 
 # input_with_grants(grants) is base_input (no roles) with these active grants.

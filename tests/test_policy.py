@@ -594,7 +594,7 @@ def test_policy_input_fills_defaults() -> None:
         },
         "request": {},
         "env": "dev",
-        "now": "2026-01-02T03:04:05.678Z",
+        "now": "2026-01-02T03:04:05.678901Z",
         "exceptions": [],
     }
 
@@ -610,7 +610,7 @@ def test_policy_input_converts_values() -> None:
         now=datetime(2026, 1, 1, 2, 0, 0, tzinfo=plus_two),
         exceptions=[{"id": "ex-1", "actions": {"sign"}, "resource": "*"}],
     )
-    assert got["now"] == "2026-01-01T00:00:00.000Z"
+    assert got["now"] == "2026-01-01T00:00:00.000000Z"
     assert got["principal"] == {
         "id": "x",
         "kind": "oidc",
@@ -621,7 +621,7 @@ def test_policy_input_converts_values() -> None:
     resource = got["resource"]
     assert isinstance(resource, dict)
     assert resource["state"] == "enabled"  # extra fields pass through
-    assert got["request"] == {"sans": ["a.lab"], "not_after": "2026-01-01T00:00:00.000Z"}
+    assert got["request"] == {"sans": ["a.lab"], "not_after": "2026-01-01T00:00:00.000000Z"}
     assert got["exceptions"] == [{"id": "ex-1", "actions": ["sign"], "resource": "*"}]
 
 
