@@ -20,7 +20,7 @@ import re
 import threading
 import weakref
 from collections.abc import Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,7 @@ _TEST_SUFFIX = "_test.rego"
 _TEST_PREFIX = "test_"
 _NO_RULE = "not a valid rule path"
 _MAX_DEPTH = 32
+_DECISION_CACHE_SIZE = 4096
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _LOCATION = re.compile(r"--> (\S+:\d+:\d+)")
 
@@ -113,7 +114,7 @@ class PolicyTestResult:
 def _rfc3339(value: datetime, where: str) -> str:
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidRequest(f"{where}: datetime must be timezone-aware")
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
 
 
 def _json_value(value: object, where: str, depth: int = 0) -> object:
@@ -196,17 +197,32 @@ def policy_input(
     env: str,
     now: datetime,
     exceptions: Sequence[Mapping[str, object]] = (),
+    trusted: bool = False,
 ) -> dict[str, object]:
     """Build the stable policy input document (see docs/policy.md).
 
     Missing principal/resource fields get defaults (`roles` [], `claims` {}, `labels` {},
     None elsewhere); extra fields pass through. Datetimes anywhere become RFC 3339 UTC
-    strings ending in "Z"; tuples and sets become lists.
+    strings ending in "Z"; tuples and sets become lists. `now` is truncated to the second,
+    so identical requests within a second share one cached decision.
+
+    `trusted=True` is the gateway's hot path: the parts are complete plain-JSON documents
+    built from typed objects, so they are used as they are, without conversion or checks.
 
     Raises InvalidRequest if a value has no JSON form (bytes, non-string keys, NaN, naive
     datetimes), if `action` is empty, or if `roles`, `claims`, `labels` or an exception
     entry has the wrong shape.
     """
+    if trusted:
+        return {
+            "principal": principal,
+            "action": action,
+            "resource": resource,
+            "request": request or {},
+            "env": env,
+            "now": _rfc3339(now, "now"),
+            "exceptions": list(exceptions),
+        }
     if not isinstance(action, str) or not action:
         raise InvalidRequest("action must be a non-empty string")
     if not isinstance(env, str):
@@ -355,6 +371,8 @@ class _State:
     loaded_at: datetime
     has_allow: bool
     has_reasons: bool
+    decisions: dict[bytes, Decision] = field(default_factory=dict, compare=False)
+    """Decisions by serialised input; bounded by clearing when full (see decide)."""
 
 
 def _load_state(policy_dir: Path) -> tuple[_State, Any]:
@@ -524,9 +542,13 @@ class PolicyEngine:
         """
         state = self._state
         try:
-            engine = self._engine(state)
             doc = input_doc if isinstance(input_doc, dict) else dict(input_doc)
-            engine.set_input_json(orjson.dumps(doc).decode())
+            raw = orjson.dumps(doc)
+            cached = state.decisions.get(raw)
+            if cached is not None:
+                return cached
+            engine = self._engine(state)
+            engine.set_input_json(raw.decode())
             allow = engine.eval_rule(ALLOW_RULE) if state.has_allow else None
             reasons = engine.eval_rule(REASONS_RULE) if state.has_reasons else None
         except Exception as exc:
@@ -541,7 +563,11 @@ class PolicyEngine:
             reason_tuple = tuple(sorted({r for r in reasons if isinstance(r, str)}))
         else:
             reason_tuple = ()
-        return Decision(allow=allow is True, reasons=reason_tuple)
+        decision = Decision(allow=allow is True, reasons=reason_tuple)
+        if len(state.decisions) >= _DECISION_CACHE_SIZE:
+            state.decisions.clear()
+        state.decisions[raw] = decision
+        return decision
 
     def reload(self) -> str:
         """Re-read the policy directory, swap it in atomically and return the new digest.

@@ -171,6 +171,7 @@ class Service:
                 request=request,
                 env=self.settings.env,
                 now=_now(),
+                trusted=True,
             )
         )
 

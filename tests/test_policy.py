@@ -594,7 +594,7 @@ def test_policy_input_fills_defaults() -> None:
         },
         "request": {},
         "env": "dev",
-        "now": "2026-01-02T03:04:05.678901Z",
+        "now": "2026-01-02T03:04:05.000000Z",
         "exceptions": [],
     }
 
