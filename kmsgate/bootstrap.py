@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from kmsgate.audit import AuditEvent, AuditLog
+from kmsgate.backends import backend_class
 from kmsgate.backends.base import KeyBackend, Registry
 from kmsgate.backends.softkms import SoftKmsBackend, create_root_key_file, read_root_key_file
 from kmsgate.catalogue import Catalogue
@@ -41,9 +42,7 @@ def _build_backend(name: str, cfg: BackendSettings, settings: Settings, store: S
         backend = SoftKmsBackend(name, read_root_key_file(settings.resolved_root_key_file()))
         _check_root_key(store, backend)
         return backend
-    raise ConfigError(
-        f"backend {name!r}: type {cfg.type!r} is not available in this version (available: softkms)"
-    )
+    return backend_class(cfg.type).from_config(name, cfg)
 
 
 def build_service(settings: Settings) -> Service:

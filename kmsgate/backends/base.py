@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
 from kmsgate.algorithms import HashName, KeyType, SignAlg
-from kmsgate.errors import InvalidRequest, NotSupported
+from kmsgate.config import BackendSettings
+from kmsgate.errors import ConfigError, InvalidRequest, NotSupported
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,11 @@ class KeyBackend(ABC):
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+    @classmethod
+    def from_config(cls, name: str, cfg: BackendSettings) -> KeyBackend:
+        """Build the backend from its config entry. Raises ConfigError."""
+        raise ConfigError(f"backend type {cfg.type!r} cannot be built from config alone")
 
     @abstractmethod
     def create_key(self, spec: KeySpec) -> BackendKey:
