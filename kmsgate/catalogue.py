@@ -284,8 +284,9 @@ class Catalogue(StoreMirror):
         return sorted(self._keys.values(), key=lambda k: k.name)
 
     def _store_and_cache(self, write: Callable[[], None], new: Key) -> Key:
-        write()
-        self._keys[new.name] = new
+        with self._lock:  # a concurrent reload must not swap in a snapshot older than this
+            write()
+            self._keys[new.name] = new
         return new
 
     def insert(self, key: Key) -> Key:

@@ -124,6 +124,11 @@ class TokenRegistry(StoreMirror):
             revoked_at=None,
             secret_hash=_hash_secret(secret),
         )
+        with self._lock:  # a concurrent reload must not drop this token
+            self._insert(info)
+        return info, f"{_PREFIX}.{token_id}.{secret}"
+
+    def _insert(self, info: TokenInfo) -> None:
         self._store.insert_token(
             {
                 "id": info.id,
@@ -135,8 +140,7 @@ class TokenRegistry(StoreMirror):
                 "revoked_at": None,
             }
         )
-        self._tokens[token_id] = info
-        return info, f"{_PREFIX}.{token_id}.{secret}"
+        self._tokens[info.id] = info
 
     def authenticate(self, bearer: str | None) -> Principal:
         """The principal a bearer token stands for. Raises Unauthenticated (one message for

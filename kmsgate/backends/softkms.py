@@ -22,13 +22,20 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kmsgate.algorithms import HashName, KeyType, SignAlg, sign_with_private_key
+from kmsgate.algorithms import HashName, KeyType, KeyUsage, SignAlg, sign_with_private_key
 from kmsgate.backends.base import BackendKey, KeyBackend, KeySpec, MacCapable, WrapCapable
-from kmsgate.errors import BackendError, ConfigError, DecryptionFailed, KeyDestroyed
+from kmsgate.errors import (
+    BackendError,
+    ConfigError,
+    DecryptionFailed,
+    InvalidRequest,
+    KeyDestroyed,
+)
 
 ROOT_KEY_BYTES = 32
 _SEAL_VERSION = b"\x01"
 _NONCE_BYTES = 12
+_TAG_BYTES = 16
 _SECRET_BYTES: dict[KeyType, int] = {
     KeyType.HMAC_SHA256: 32,
     KeyType.HMAC_SHA384: 48,
@@ -99,7 +106,7 @@ class SoftKmsBackend(KeyBackend, MacCapable, WrapCapable):
 
     def unseal(self, sealed: bytes, name: str, version: int) -> bytes:
         """Reverse `seal`. Raises BackendError if the blob was altered or the root key differs."""
-        if not sealed.startswith(_SEAL_VERSION):
+        if not sealed.startswith(_SEAL_VERSION) or len(sealed) < 1 + _NONCE_BYTES + _TAG_BYTES:
             raise BackendError("sealed key material has an unknown format")
         nonce, body = sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :]
         try:
@@ -167,7 +174,9 @@ class SoftKmsBackend(KeyBackend, MacCapable, WrapCapable):
             raise BackendError("key material is not a private key")
         return loaded
 
-    def _secret(self, key: BackendKey) -> bytes:
+    def _secret(self, key: BackendKey, usage: KeyUsage) -> bytes:
+        if key.key_type.usage is not usage:
+            raise InvalidRequest(f"a {key.key_type} key cannot be used to {usage}")
         loaded = self._load(key)
         if not isinstance(loaded, bytes):
             raise BackendError("key material is not a secret key")
@@ -186,7 +195,7 @@ class SoftKmsBackend(KeyBackend, MacCapable, WrapCapable):
     # -- MacCapable ------------------------------------------------------------------------
 
     def mac(self, key: BackendKey, data: bytes, hash_name: HashName) -> bytes:
-        return hmac.digest(self._secret(key), data, hash_name.value)
+        return hmac.digest(self._secret(key, KeyUsage.MAC), data, hash_name.value)
 
     def verify_mac(self, key: BackendKey, data: bytes, mac: bytes, hash_name: HashName) -> bool:
         return hmac.compare_digest(self.mac(key, data, hash_name), mac)
@@ -195,11 +204,11 @@ class SoftKmsBackend(KeyBackend, MacCapable, WrapCapable):
 
     def wrap(self, key: BackendKey, plaintext: bytes, aad: bytes) -> bytes:
         nonce = secrets.token_bytes(_NONCE_BYTES)
-        return nonce + AESGCM(self._secret(key)).encrypt(nonce, plaintext, aad)
+        return nonce + AESGCM(self._secret(key, KeyUsage.ENCRYPT)).encrypt(nonce, plaintext, aad)
 
     def unwrap(self, key: BackendKey, ciphertext: bytes, aad: bytes) -> bytes:
         nonce, body = ciphertext[:_NONCE_BYTES], ciphertext[_NONCE_BYTES:]
         try:
-            return AESGCM(self._secret(key)).decrypt(nonce, body, aad)
+            return AESGCM(self._secret(key, KeyUsage.ENCRYPT)).decrypt(nonce, body, aad)
         except (InvalidTag, ValueError):
             raise DecryptionFailed() from None

@@ -1,0 +1,1 @@
+"""Backend conformance suite: every KeyBackend, through the interface only."""
