@@ -34,7 +34,13 @@ from kmsgate.algorithms import (
     verify_with_public_key,
 )
 from kmsgate.audit import AuditEvent, AuditLog, input_summary, search
-from kmsgate.backends.base import KeySpec, MacCapable, Registry, require_capability
+from kmsgate.backends.base import (
+    KeySpec,
+    MacCapable,
+    Registry,
+    SignMessage,
+    require_capability,
+)
 from kmsgate.catalogue import Catalogue, Key, KeyState, KeyVersion
 from kmsgate.config import Settings
 from kmsgate.errors import (
@@ -303,24 +309,42 @@ class Service:
         key: Key,
         outcome: _Outcome,
         items: Sequence[T],
-        one: Callable[[Key, T], Result],
+        run: Callable[[Key, Sequence[T]], list[Result | KmsgateError]],
         batch: bool,
     ) -> Result:
-        """Apply `one` to every item: per-item errors in a batch, the error itself otherwise."""
+        """Run the items: per-item errors in a batch, the error itself otherwise."""
         key.require_enabled()
+        results = run(key, items)
         if not batch:
-            result = one(key, items[0])
+            result = results[0]
+            if isinstance(result, KmsgateError):
+                raise result
             outcome.key_version = result.get("key_version")
             return result
-        results: list[Result] = []
-        for item in items:
-            try:
-                results.append(one(key, item))
-            except KmsgateError as exc:
-                results.append({"error": {"code": exc.code, "detail": exc.detail}})
+        replies: list[Result] = [
+            {"error": {"code": r.code, "detail": r.detail}} if isinstance(r, KmsgateError) else r
+            for r in results
+        ]
         outcome.detail["items"] = len(items)
-        outcome.detail["failed"] = sum(1 for r in results if "error" in r)
-        return {"batch": results}
+        outcome.detail["failed"] = sum(1 for r in results if isinstance(r, KmsgateError))
+        return {"batch": replies}
+
+    @staticmethod
+    def _per_item(
+        one: Callable[[Key, T], Result],
+    ) -> Callable[[Key, Sequence[T]], list[Result | KmsgateError]]:
+        """Run `one` item by item, keeping each item's error in its place."""
+
+        def run(key: Key, items: Sequence[T]) -> list[Result | KmsgateError]:
+            results: list[Result | KmsgateError] = []
+            for item in items:
+                try:
+                    results.append(one(key, item))
+                except KmsgateError as exc:
+                    results.append(exc)
+            return results
+
+        return run
 
     def _operation(
         self,
@@ -330,7 +354,7 @@ class Service:
         name: str,
         items: Sequence[Any],
         batch: bool,
-        one: Callable[[Key, Any], Result],
+        run: Callable[[Key, Sequence[Any]], list[Result | KmsgateError]],
     ) -> Result:
         inputs = [item.input if item.input is not None else item.digest or b"" for item in items]
         return self._key_op(
@@ -339,7 +363,7 @@ class Service:
             action,
             name,
             self._batch_request(self.catalogue.find(name), items),
-            lambda key, outcome: self._each(key, outcome, items, one, batch),
+            lambda key, outcome: self._each(key, outcome, items, run, batch),
             inputs=inputs,
         )
 
@@ -347,25 +371,45 @@ class Service:
         self, principal: Principal, ctx: Ctx, name: str, items: Sequence[SignItem], batch: bool
     ) -> Result:
         """Sign one item or a batch. Raises PolicyDenied, NotFound, KeyDisabled, ... ."""
-        return self._operation(principal, ctx, "sign", name, items, batch, self._sign_one)
+        return self._operation(principal, ctx, "sign", name, items, batch, self._sign_items)
 
-    def _sign_one(self, key: Key, item: SignItem) -> Result:
-        alg = sign_algorithm(key.type, item.algorithm)
-        version = key.usable_version(item.version, for_signing=True)
-        data, prehashed = self._message(item, alg)
-        backend = self.registry.get(key.backend)
-        signature = backend.sign(key.backend_key(version), data, alg, prehashed=prehashed)
-        return {
-            "signature": b64encode(signature),
-            "key_version": version.version,
-            "algorithm": alg.name,
-        }
+    def _sign_items(self, key: Key, items: Sequence[SignItem]) -> list[Result | KmsgateError]:
+        """Check every item, then sign the valid ones with one backend call per key version
+        (a backend with a batch API signs a whole batch in a few requests)."""
+        results: list[Result | KmsgateError] = []
+        pending: dict[int, list[tuple[int, SignMessage]]] = {}
+        for index, item in enumerate(items):
+            try:
+                alg = sign_algorithm(key.type, item.algorithm)
+                version = key.usable_version(item.version, for_signing=True)
+                data, prehashed = self._message(item, alg)
+            except KmsgateError as exc:
+                results.append(exc)
+                continue
+            results.append({"key_version": version.version, "algorithm": alg.name})
+            pending.setdefault(version.version, []).append(
+                (index, SignMessage(data, alg, prehashed))
+            )
+        for number, batch in pending.items():
+            signed = self.registry.get(key.backend).sign_many(
+                key.backend_key(key.versions[number]), [msg for _, msg in batch]
+            )
+            for (index, _), signature in zip(batch, signed, strict=True):
+                reply = results[index]
+                assert isinstance(reply, dict)
+                if isinstance(signature, KmsgateError):
+                    results[index] = signature
+                else:
+                    reply["signature"] = b64encode(signature)
+        return results
 
     def verify(
         self, principal: Principal, ctx: Ctx, name: str, items: Sequence[VerifyItem], batch: bool
     ) -> Result:
         """Verify one signature or a batch, in-process with the cached public keys."""
-        return self._operation(principal, ctx, "verify", name, items, batch, self._verify_one)
+        return self._operation(
+            principal, ctx, "verify", name, items, batch, self._per_item(self._verify_one)
+        )
 
     def _verify_one(self, key: Key, item: VerifyItem) -> Result:
         alg = sign_algorithm(key.type, item.algorithm)
@@ -386,7 +430,9 @@ class Service:
         self, principal: Principal, ctx: Ctx, name: str, items: Sequence[MacItem], batch: bool
     ) -> Result:
         """HMAC one input or a batch."""
-        return self._operation(principal, ctx, "mac", name, items, batch, self._mac_one)
+        return self._operation(
+            principal, ctx, "mac", name, items, batch, self._per_item(self._mac_one)
+        )
 
     def _mac_backend(self, key: Key) -> MacCapable:
         backend = self.registry.get(key.backend)
@@ -410,7 +456,7 @@ class Service:
     ) -> Result:
         """Check one MAC or a batch (full-length tags only, constant-time comparison)."""
         return self._operation(
-            principal, ctx, "mac.verify", name, items, batch, self._mac_verify_one
+            principal, ctx, "mac.verify", name, items, batch, self._per_item(self._mac_verify_one)
         )
 
     def _mac_verify_one(self, key: Key, item: MacVerifyItem) -> Result:

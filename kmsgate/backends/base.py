@@ -8,13 +8,13 @@ version, so a failed write never leaves half a key behind.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
 from kmsgate.algorithms import HashName, KeyType, SignAlg
 from kmsgate.config import BackendSettings
-from kmsgate.errors import ConfigError, InvalidRequest, NotSupported
+from kmsgate.errors import ConfigError, InvalidRequest, KmsgateError, NotSupported, Unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,15 @@ class BackendKey:
     version: int
     material: bytes | None = field(default=None, repr=False)
     public_key_pem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignMessage:
+    """One message (or digest, if `prehashed`) to sign with `alg`."""
+
+    data: bytes
+    alg: SignAlg
+    prehashed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +80,24 @@ class KeyBackend(ABC):
     @abstractmethod
     def sign(self, key: BackendKey, data: bytes, alg: SignAlg, *, prehashed: bool) -> bytes:
         """Sign `data` (or a digest if `prehashed`). Raises BackendError/BackendUnavailable."""
+
+    def sign_many(
+        self, key: BackendKey, messages: Sequence[SignMessage]
+    ) -> list[bytes | KmsgateError]:
+        """Sign several messages with one key version, each error in its place.
+
+        Unavailable (the backend is down) propagates and fails the whole call. Backends with
+        a batch API (Vault's `batch_input`) override this to save round trips.
+        """
+        results: list[bytes | KmsgateError] = []
+        for m in messages:
+            try:
+                results.append(self.sign(key, m.data, m.alg, prehashed=m.prehashed))
+            except Unavailable:
+                raise
+            except KmsgateError as exc:
+                results.append(exc)
+        return results
 
     @abstractmethod
     def destroy(self, key: BackendKey) -> None:
