@@ -9,10 +9,11 @@ one profile here; every conformance test then runs against it.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -21,24 +22,9 @@ from cryptography.hazmat.primitives.serialization import load_der_private_key
 from kmsgate.algorithms import KeyType
 from kmsgate.backends.base import BackendKey, KeyBackend, KeySpec
 from kmsgate.backends.softkms import SoftKmsBackend, create_root_key_file, read_root_key_file
+from tests.backends.profile import BackendProfile
 
 __all__ = ["PROFILES", "BackendProfile", "KeyFactory"]
-
-
-@dataclass(frozen=True)
-class BackendProfile:
-    """One backend under test."""
-
-    start: Callable[[pytest.TempPathFactory], AbstractContextManager[KeyBackend]]
-    """Start the backend (and its test component); the context manager tears both down."""
-
-    key_types: frozenset[KeyType]
-    """The key types it must hold; `create_key` must raise NotSupported for the others."""
-
-    extract: Callable[[KeyBackend, BackendKey], PrivateKeyTypes | bytes] | None = None
-    """White-box: the private key (or secret) behind a BackendKey, for checking that the
-    `material` never holds it in the clear. None when keys cannot leave the backend (an HSM,
-    a KMS): the material is then a handle, checked only for not being key-sized secrets."""
 
 
 # -- softkms --------------------------------------------------------------------------------
@@ -64,12 +50,20 @@ def _extract_softkms(backend: KeyBackend, key: BackendKey) -> PrivateKeyTypes | 
     return plain
 
 
-PROFILES: dict[str, BackendProfile] = {
-    "softkms": BackendProfile(
-        start=_start_softkms, key_types=frozenset(KeyType), extract=_extract_softkms
-    ),
-    # "pkcs11": SoftHSM2 token per session; "hashivault": OpenBao -dev; "awskms": moto_server.
-}
+def _discover() -> dict[str, BackendProfile]:
+    """softkms plus every `profile_<backend>.py` module here (each defines `PROFILE`)."""
+    profiles = {
+        "softkms": BackendProfile(
+            start=_start_softkms, key_types=frozenset(KeyType), extract=_extract_softkms
+        )
+    }
+    for path in sorted(Path(__file__).parent.glob("profile_*.py")):
+        module = importlib.import_module(f"tests.backends.{path.stem}")
+        profiles[path.stem.removeprefix("profile_")] = module.PROFILE
+    return profiles
+
+
+PROFILES: dict[str, BackendProfile] = _discover()
 
 
 @pytest.fixture(scope="session", params=list(PROFILES))
