@@ -135,6 +135,17 @@ class WrapCapable(ABC):
         """Reverse `wrap`. Raises DecryptionFailed if the ciphertext or `aad` is wrong."""
 
 
+class AdoptCapable(ABC):
+    """Optional: take over a key that already exists in the backend (made by a ceremony tool)."""
+
+    @abstractmethod
+    def adopt_key(self, spec: KeySpec, uri: str) -> BackendKey:
+        """A reference to the existing key at `uri`, checked against `spec.key_type`.
+
+        Raises InvalidRequest for a malformed URI or a type mismatch, NotFound if absent.
+        """
+
+
 class Registry:
     """Configured backends by name, built explicitly by create_app (no import-time globals)."""
 
