@@ -193,6 +193,32 @@ def keys_create(
     _print_json(key)
 
 
+@keys_app.command("import")
+def keys_import(
+    name: str,
+    backend: Annotated[str, typer.Option(help="Configured backend holding the key.")],
+    uri: Annotated[str, typer.Option(help="The key's reference, e.g. pkcs11:token=...;object=...")],
+    type: Annotated[str, typer.Option("--type", help="ecdsa-p256, rsa-3072, ...")],
+    purpose: Annotated[str, typer.Option(help="Free label used by policy.")] = "general",
+    label: Annotated[list[str], typer.Option(help="name=value; repeatable.")] = [],  # noqa: B006
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Adopt a key that already exists in a backend (made by a key ceremony)."""
+    key = _call(
+        addr,
+        token,
+        Client.create_key,
+        name,
+        type,
+        purpose,
+        backend=backend,
+        labels=_parse_labels(label),
+        uri=uri,
+    )
+    _print_json(key)
+
+
 @keys_app.command("list")
 def keys_list(
     purpose: Annotated[str | None, typer.Option()] = None,

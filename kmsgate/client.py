@@ -89,9 +89,11 @@ class Client:
         backend: str | None = None,
         labels: Mapping[str, str] | None = None,
         public_key: str | None = None,
+        uri: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "purpose": purpose, "labels": dict(labels or {})}
-        for field, value in (("type", type), ("backend", backend), ("public_key", public_key)):
+        optional = {"type": type, "backend": backend, "public_key": public_key, "uri": uri}
+        for field, value in optional.items():
             if value is not None:
                 body[field] = value
         result: dict[str, Any] = self._json("POST", "/v1/keys", body)

@@ -204,11 +204,16 @@ class CreateKeyRequest(_Body):
     )
     rotation_period: str | int | None = None
     public_key: str | None = Field(default=None, max_length=16 * 1024)
+    uri: str | None = Field(
+        default=None, max_length=1024, description="adopt this existing backend key"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.public_key is None and self.type is None:
             raise ValueError("'type' is required unless importing a 'public_key'")
+        if self.public_key is not None and self.uri is not None:
+            raise ValueError("send 'public_key' (verify-only) or 'uri' (adopt), not both")
         for label in self.labels:
             if not re.match(LABEL_PATTERN, label):
                 raise ValueError(f"invalid label name {label!r}")

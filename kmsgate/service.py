@@ -35,6 +35,7 @@ from kmsgate.algorithms import (
 )
 from kmsgate.audit import AuditEvent, AuditLog, input_summary, search
 from kmsgate.backends.base import (
+    AdoptCapable,
     KeySpec,
     MacCapable,
     Registry,
@@ -483,7 +484,7 @@ class Service:
             "backend": req.backend or self.registry.default,
             "labels": dict(req.labels),
         }
-        action = "key.import" if req.public_key else "key.create"
+        action = "key.import" if req.public_key or req.uri else "key.create"
 
         def create(outcome: _Outcome) -> Key:
             if self.catalogue.find(req.name) is not None:
@@ -527,7 +528,12 @@ class Service:
         assert req.type is not None
         key_type = parse_key_type(req.type)
         backend = self.registry.get(req.backend)
-        created = backend.create_key(KeySpec(req.name, 1, key_type, dict(req.labels)))
+        spec = KeySpec(req.name, 1, key_type, dict(req.labels))
+        if req.uri is None:
+            created = backend.create_key(spec)
+        else:
+            adopter = require_capability(backend, AdoptCapable, "adopt existing keys")  # type: ignore[type-abstract]
+            created = adopter.adopt_key(spec, req.uri)
         version = KeyVersion(
             version=1,
             backend_ref=created.ref,
@@ -539,7 +545,8 @@ class Service:
         try:
             return self.catalogue.insert(key)
         except KmsgateError:
-            backend.destroy(created)
+            if req.uri is None:  # never destroy an adopted key kmsgate did not make
+                backend.destroy(created)
             raise
 
     def _import_key(self, req: CreateKeyRequest) -> Key:

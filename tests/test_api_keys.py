@@ -218,3 +218,12 @@ def test_jwks_is_public_and_lists_usable_versions(api, admin):
     create(api, admin, "h", type="hmac-sha256")
     assert api.call("GET", "/v1/keys/h/jwks.json", None).status_code == 404
     assert api.call("GET", "/v1/keys/none/jwks.json", None).status_code == 404
+
+
+def test_adopting_needs_a_capable_backend(api, admin):
+    r = create(api, admin, "adopted", uri="softkms:other/1")
+    assert (r.status_code, r.json()["code"]) == (501, "not_supported")
+    r = api.call("POST", "/v1/keys", admin,
+                 json={"name": "x", "purpose": "p", "uri": "u", "public_key": "p"})
+    assert r.status_code == 422
+    assert api.call("GET", "/v1/keys", admin).json()["keys"] == []
