@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kmsgate.algorithms import SIGN_ALGORITHMS, KeyType, default_sign_algorithm
@@ -47,8 +49,34 @@ DigestOpt = Annotated[
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror}")
+
+
+def _print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A rich table on a terminal; tab-separated lines otherwise, so scripts get whole ids."""
+    if not out.is_terminal:
+        for row in [columns, *rows]:
+            print("\t".join(row))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
 
 
 def _client(addr: str | None, token: str | None) -> Client:
@@ -85,13 +113,25 @@ def _hash_input(source: str, hash_name: str) -> bytes:
     return h.digest()
 
 
+def _default_algorithm(client: Client, key: str) -> str | None:
+    """The key type's default algorithm; needs `key.read`, so a sign-only token is told to
+    pass --algorithm instead."""
+    try:
+        key_type = client.get_key(key)["type"]
+    except ApiError as exc:
+        if exc.status == 403:
+            fail("--digest needs the key's algorithm: pass --algorithm (no key.read here)")
+        raise
+    return default_sign_algorithm(KeyType(key_type))
+
+
 def _message(
     client: Client, key: str, source: str, digest: bool, algorithm: str | None
 ) -> dict[str, Any]:
     """`{data: ...}` or, with --digest, `{digest: ..., algorithm: ...}` for the key's algorithm."""
     if not digest:
         return {"data": _read_input(source), "algorithm": algorithm}
-    name = algorithm or default_sign_algorithm(KeyType(client.get_key(key)["type"]))
+    name = algorithm or _default_algorithm(client, key)
     alg = SIGN_ALGORITHMS.get(name or "")
     if alg is None or alg.hash is None:
         fail(f"--digest needs an algorithm with a hash; {name} has none")
@@ -138,20 +178,19 @@ def serve(
 # -- keys ------------------------------------------------------------------------------------
 
 
-def _key_table(keys: list[dict[str, Any]]) -> Table:
-    table = Table("name", "type", "purpose", "backend", "state", "primary", "labels")
-    for key in keys:
-        labels = ",".join(f"{k}={v}" for k, v in key["labels"].items())
-        table.add_row(
+def _key_rows(keys: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [
             key["name"],
             key["type"],
             key["purpose"],
             key["backend"],
             key["state"],
             str(key["primary_version"]),
-            labels,
-        )
-    return table
+            ",".join(f"{k}={v}" for k, v in key["labels"].items()),
+        ]
+        for key in keys
+    ]
 
 
 def _parse_labels(labels: list[str]) -> dict[str, str]:
@@ -178,7 +217,7 @@ def keys_create(
     token: TokenOpt = None,
 ) -> None:
     """Create a key (or import a verify-only public key)."""
-    pem = public_key.read_text() if public_key else None
+    pem = _read_text(public_key) if public_key else None
     key = _call(
         addr,
         token,
@@ -226,13 +265,15 @@ def keys_list(
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Keys you may read."""
+    """Keys you may read (a table; tab-separated lines when piped)."""
     keys = _call(addr, token, Client.list_keys, purpose, _parse_labels(label))
-    out.print(_key_table(keys))
+    columns = ["name", "type", "purpose", "backend", "state", "primary", "labels"]
+    _print_table(columns, _key_rows(keys))
 
 
 @keys_app.command("show")
 def keys_show(name: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
+    """One key as JSON (versions, state, labels)."""
     _print_json(_call(addr, token, Client.get_key, name))
 
 
@@ -286,7 +327,7 @@ def keys_public_key(
     """The PEM public key of a version (default: primary)."""
     pem = _call(addr, token, Client.public_key, name, version)
     if output:
-        output.write_text(pem)
+        _write(output, pem.encode())
     else:
         sys.stdout.write(pem)
 
@@ -313,7 +354,7 @@ def sign(
 
     result = _call(addr, token, run)
     if output:
-        output.write_bytes(result["signature"])
+        _write(output, result["signature"])
     else:
         print(b64encode(result["signature"]))
     err.print(f"key_version={result['key_version']} algorithm={result['algorithm']}")
@@ -413,21 +454,24 @@ def token_bootstrap(
 
 @token_app.command("list")
 def token_list(addr: AddrOpt = None, token: TokenOpt = None) -> None:
-    table = Table("id", "roles", "description", "created", "expires", "revoked")
-    for t in _call(addr, token, Client.list_tokens):
-        table.add_row(
+    """API tokens (a table; tab-separated lines when piped)."""
+    rows = [
+        [
             t["id"],
             ",".join(t["roles"]),
             t["description"],
             t["created_at"],
             t["expires_at"] or "-",
             t["revoked_at"] or "-",
-        )
-    out.print(table)
+        ]
+        for t in _call(addr, token, Client.list_tokens)
+    ]
+    _print_table(["id", "roles", "description", "created", "expires", "revoked"], rows)
 
 
 @token_app.command("revoke")
 def token_revoke(token_id: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
+    """Revoke a token at once (every replica within a second)."""
     _print_json(_call(addr, token, Client.revoke_token, token_id))
 
 
@@ -439,7 +483,10 @@ def audit_verify(path: Path) -> None:
     """Check the hash chain of an audit log; names the first broken record."""
     from kmsgate.audit import verify_file
 
-    report = verify_file(path)
+    try:
+        report = verify_file(path)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
     if not report.ok:
         fail(f"audit log broken at line {report.first_bad_line}: {report.reason}", code=1)
     out.print(f"ok: {report.records} records, chain intact")
@@ -468,3 +515,7 @@ def policy_test(
 def main() -> None:
     """Entry point of the `kmsgate` script."""
     app()
+
+
+if __name__ == "__main__":
+    main()

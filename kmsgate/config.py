@@ -129,7 +129,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     file_values = read_config_file(config_file) if config_file else {}
     init_values = {k: v for k, v in overrides.items() if v is not None}
 
-    class _Layered(Settings):
+    class KmsgateSettings(Settings):
         @classmethod
         def settings_customise_sources(
             cls,
@@ -142,7 +142,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
 
     try:
-        layered = _Layered(**init_values)
+        layered = KmsgateSettings(**init_values)
     except ValueError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
     if layered.dev:

@@ -36,10 +36,10 @@ def serve(
     console: Console,
 ) -> None:
     """Run the gateway until interrupted. Raises ConfigError on bad settings."""
-    if dev and data_dir is None:
-        data_dir = DEV_DATA_DIR
     settings = load_settings(config, dev=dev or None, data_dir=data_dir, host=host, port=port)
     if settings.dev:
+        if settings.data_dir is None:
+            settings.data_dir = DEV_DATA_DIR
         prepare_dev_data_dir(settings)
     service = build_service(settings)
     if settings.dev:

@@ -6,7 +6,7 @@
 #   scripts/dev-postgres.sh status    exit 0 if it is running
 #   scripts/dev-postgres.sh stop      stop it and delete all its data
 #
-#   export KMSGATE_STORE_URL=$(scripts/dev-postgres.sh)   # for example
+#   export KMSGATE_DATABASE_URL=$(scripts/dev-postgres.sh)   # for example
 #
 # Superuser "postgres", trust authentication, listening on 127.0.0.1 only, fsync off: for
 # development and tests, never for data you want to keep.

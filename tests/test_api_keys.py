@@ -223,7 +223,8 @@ def test_jwks_is_public_and_lists_usable_versions(api, admin):
 def test_adopting_needs_a_capable_backend(api, admin):
     r = create(api, admin, "adopted", uri="softkms:other/1")
     assert (r.status_code, r.json()["code"]) == (501, "not_supported")
-    r = api.call("POST", "/v1/keys", admin,
-                 json={"name": "x", "purpose": "p", "uri": "u", "public_key": "p"})
+    r = api.call(
+        "POST", "/v1/keys", admin, json={"name": "x", "purpose": "p", "uri": "u", "public_key": "p"}
+    )
     assert r.status_code == 422
     assert api.call("GET", "/v1/keys", admin).json()["keys"] == []

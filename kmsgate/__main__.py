@@ -1,0 +1,5 @@
+"""`python -m kmsgate`: the same as the `kmsgate` command."""
+
+from kmsgate.cli import main
+
+main()
