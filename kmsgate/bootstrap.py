@@ -8,21 +8,36 @@ from __future__ import annotations
 
 import getpass
 import os
+import secrets
 from pathlib import Path
 
+from kmsgate.algorithms import KeyType
 from kmsgate.audit import AuditEvent, AuditLog
 from kmsgate.backends import backend_class
-from kmsgate.backends.base import KeyBackend, Registry
-from kmsgate.backends.softkms import SoftKmsBackend, create_root_key_file, read_root_key_file
+from kmsgate.backends.base import (
+    AdoptCapable,
+    BackendKey,
+    KeyBackend,
+    KeySpec,
+    Registry,
+    WrapCapable,
+)
+from kmsgate.backends.softkms import (
+    ROOT_KEY_BYTES,
+    SoftKmsBackend,
+    create_root_key_file,
+    read_root_key_file,
+)
 from kmsgate.catalogue import Catalogue
-from kmsgate.config import ROOT_TOKEN_FILE, BackendSettings, Settings
-from kmsgate.errors import BackendError, ConfigError
+from kmsgate.config import ROOT_TOKEN_FILE, Settings
+from kmsgate.errors import BackendError, ConfigError, KmsgateError
 from kmsgate.policy import PolicyEngine
 from kmsgate.service import Service
 from kmsgate.store import Store
 from kmsgate.tokens import TokenRegistry
 
 _ROOT_CHECK = b"kmsgate root key check"
+_ROOT_WRAP_AAD = b"kmsgate/softkms/root-key/v1"
 
 
 def _check_root_key(store: Store, softkms: SoftKmsBackend) -> None:
@@ -37,12 +52,75 @@ def _check_root_key(store: Store, softkms: SoftKmsBackend) -> None:
         raise ConfigError("the root key does not match the one this store was sealed with")
 
 
-def _build_backend(name: str, cfg: BackendSettings, settings: Settings, store: Store) -> KeyBackend:
-    if cfg.type == "softkms":
-        backend = SoftKmsBackend(name, read_root_key_file(settings.resolved_root_key_file()))
-        _check_root_key(store, backend)
-        return backend
-    return backend_class(cfg.type).from_config(name, cfg)
+def _root_kek(settings: Settings, others: dict[str, KeyBackend]) -> tuple[WrapCapable, BackendKey]:
+    """The backend and key that wrap the root key (auto-unseal). Raises ConfigError."""
+    wrap = settings.root_key_wrap
+    assert wrap is not None
+    backend = others.get(wrap.backend)
+    if not isinstance(backend, WrapCapable) or not isinstance(backend, AdoptCapable):
+        raise ConfigError(f"root_key_wrap.backend {wrap.backend!r} cannot wrap with an adopted key")
+    spec = KeySpec("kmsgate-root-kek", 1, KeyType.AES_256_GCM)
+    try:
+        return backend, backend.adopt_key(spec, wrap.kek)
+    except KmsgateError as exc:
+        raise ConfigError(f"root key wrapping key unavailable: {exc.detail}") from exc
+
+
+def _root_key(settings: Settings, others: dict[str, KeyBackend]) -> bytes:
+    """The softkms root key: from its file, or unwrapped by another backend. Raises ConfigError."""
+    if settings.root_key_wrap is None:
+        return read_root_key_file(settings.resolved_root_key_file())
+    backend, kek = _root_kek(settings, others)
+    try:
+        return backend.unwrap(kek, settings.root_key_wrap.file.read_bytes(), _ROOT_WRAP_AAD)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the wrapped root key: {exc.strerror}") from exc
+    except KmsgateError as exc:
+        raise ConfigError(f"cannot unwrap the root key: {exc.detail}") from exc
+
+
+def init_wrapped_root_key(settings: Settings) -> Path:
+    """Create a random root key, wrap it with `root_key_wrap`'s key and write it (0600).
+
+    Raises ConfigError if auto-unseal is not configured or the file exists.
+    """
+    wrap = settings.root_key_wrap
+    if wrap is None:
+        raise ConfigError("root_key_wrap is not configured")
+    others = _build_other_backends(settings)
+    try:
+        backend, kek = _root_kek(settings, others)
+        blob = backend.wrap(kek, secrets.token_bytes(ROOT_KEY_BYTES), _ROOT_WRAP_AAD)
+        fd = os.open(wrap.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise ConfigError(f"{wrap.file} exists: refusing to replace a root key") from exc
+    finally:
+        for backend_ in others.values():
+            backend_.close()
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+    return wrap.file
+
+
+def _build_other_backends(settings: Settings) -> dict[str, KeyBackend]:
+    return {
+        name: backend_class(cfg.type).from_config(name, cfg)
+        for name, cfg in settings.backends.items()
+        if cfg.type != "softkms"
+    }
+
+
+def _build_backends(settings: Settings, store: Store) -> dict[str, KeyBackend]:
+    """Every configured backend; softkms last, since its root key may need another one."""
+    backends = _build_other_backends(settings)
+    softkms_names = [n for n, cfg in settings.backends.items() if cfg.type == "softkms"]
+    if softkms_names:
+        root_key = _root_key(settings, backends)
+        for name in softkms_names:
+            softkms = SoftKmsBackend(name, root_key)
+            _check_root_key(store, softkms)
+            backends[name] = softkms
+    return backends
 
 
 def build_service(settings: Settings) -> Service:
@@ -53,13 +131,7 @@ def build_service(settings: Settings) -> Service:
     settings.check_production()
     store = Store(settings.resolved_database_url())
     store.migrate()
-    registry = Registry(
-        {
-            name: _build_backend(name, cfg, settings, store)
-            for name, cfg in settings.backends.items()
-        },
-        settings.default_backend,
-    )
+    registry = Registry(_build_backends(settings, store), settings.default_backend)
     return Service(
         settings=settings,
         catalogue=Catalogue(store, refresh_seconds=settings.cache_refresh_seconds),

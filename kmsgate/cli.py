@@ -452,6 +452,21 @@ def token_bootstrap(
     print(token)
 
 
+@app.command("root-key-init")
+def root_key_init(
+    config: Annotated[Path, typer.Option(envvar="KMSGATE_CONFIG", help="Gateway config file.")],
+) -> None:
+    """Create the softkms root key wrapped by `root_key_wrap`'s key (auto-unseal)."""
+    from kmsgate.bootstrap import init_wrapped_root_key
+    from kmsgate.config import load_settings
+
+    try:
+        path = init_wrapped_root_key(load_settings(config))
+    except ConfigError as exc:
+        fail(str(exc))
+    out.print(f"wrapped root key written to {path}", highlight=False)
+
+
 @token_app.command("list")
 def token_list(addr: AddrOpt = None, token: TokenOpt = None) -> None:
     """API tokens (a table; tab-separated lines when piped)."""

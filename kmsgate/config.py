@@ -34,6 +34,17 @@ class BackendSettings(BaseModel):
     type: str
 
 
+class RootKeyWrap(BaseModel):
+    """Auto-unseal: the softkms root key is kept wrapped by a key of another backend (an HSM
+    or Vault Transit key) and unwrapped at start-up; no plaintext root key on disk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str
+    kek: str = Field(description="the wrapping key's reference in that backend (adopted)")
+    file: Path = Field(description="the wrapped root key, written by `kmsgate root-key init`")
+
+
 class Limits(BaseModel):
     """Size limits on every input; exceeding one is a 413 `too_large`."""
 
@@ -56,6 +67,7 @@ class Settings(BaseSettings):
     data_dir: Path | None = None
     database_url: str | None = None
     root_key_file: Path | None = None
+    root_key_wrap: RootKeyWrap | None = None
     policy_dir: Path = SHIPPED_POLICY_DIR
     audit_path: Path | None = None
     audit_fsync_interval: float = Field(default=0.05, gt=0)
@@ -91,6 +103,8 @@ class Settings(BaseSettings):
 
     def check_production(self) -> None:
         """Refuse dev-only state outside dev mode. Raises ConfigError."""
+        if self.default_backend not in self.backends:
+            raise ConfigError(f"default_backend {self.default_backend!r} is not configured")
         if self.dev:
             return
         if self.data_dir and (self.data_dir / ROOT_TOKEN_FILE).exists():
@@ -98,14 +112,16 @@ class Settings(BaseSettings):
                 f"{self.data_dir / ROOT_TOKEN_FILE} exists: a dev root token file is refused "
                 "outside dev mode; revoke the token and delete the file"
             )
+        if self.root_key_wrap is not None:
+            if self.root_key_wrap.backend not in self.backends:
+                raise ConfigError(f"root_key_wrap.backend {self.root_key_wrap.backend!r} unknown")
+            return
         root_key = self.resolved_root_key_file()
         if self.data_dir and root_key.resolve().parent == self.data_dir.resolve():
             raise ConfigError(
                 "the root key file lies in the data dir: outside dev mode keep it apart "
-                "from the store (or wrap it with another backend)"
+                "from the store (or wrap it with another backend: root_key_wrap)"
             )
-        if self.default_backend not in self.backends:
-            raise ConfigError(f"default_backend {self.default_backend!r} is not configured")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -110,11 +110,13 @@ _TRANSIT_HASH: dict[HashName, str] = {
     HashName.SHA384: "sha2-384",
     HashName.SHA512: "sha2-512",
 }
-_REF = re.compile(
-    r"^hashivault:(?P<mount>[A-Za-z0-9._/-]+)/(?P<name>[A-Za-z0-9._-]+)#(?P<version>[1-9][0-9]{0,9})$"
-)
+_SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"  # a path segment that is never "." or ".."
+_MOUNT = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_MOUNT = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_REF = re.compile(
+    rf"^hashivault:(?P<mount>{_SEGMENT}(/{_SEGMENT})*)/(?P<name>{_SEGMENT})"
+    r"#(?P<version>[1-9][0-9]{0,9})$"
+)
 _VAULT_PREFIX = re.compile(r"^vault:v(?P<version>[1-9][0-9]{0,9}):(?P<body>.*)$", re.DOTALL)
 
 _WRAP_FORMAT = b"\x01"
@@ -176,7 +178,7 @@ class HashiVaultSettings(BaseModel):
     client_cert: Path | None = None
     client_key: Path | None = None
     mount: str = Field(default="transit", pattern=_MOUNT.pattern)
-    key_prefix: str = Field(default="kmsgate-", pattern=r"^[A-Za-z0-9._-]*$")
+    key_prefix: str = Field(default="kmsgate-", pattern=rf"^({_SEGMENT})?$")
     derived: bool = False
     """Create aes-256-gcm keys with Transit key derivation (context bound to the AAD)."""
 
