@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -47,6 +48,8 @@ KEY_NAME = "bench"
 INPUT_BYTES = 64
 SIGN_TARGET = 0.60
 """Target for single-sign req/s as a fraction of no-op req/s."""
+OTHER_CPU_WARN = 20.0
+"""Warn when other processes used more than this % of a core during a scenario."""
 KMSGATE_CLI = "from kmsgate.cli import main; main()"
 T = TypeVar("T")
 
@@ -95,8 +98,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     """Fill defaults (normal or `--quick`) and check ranges. Raises SystemExit on bad input."""
     quick = args.quick
     settings = Settings(
-        duration=_pick(args.duration, 1.0 if quick else 10.0),
-        warmup=_pick(args.warmup, 0.5 if quick else 2.0),
+        duration=_pick(args.duration, 0.5 if quick else 10.0),
+        warmup=_pick(args.warmup, 0.25 if quick else 2.0),
         connections=_pick(args.connections, 4 if quick else 32),
         workers=args.workers,
         batch=_pick(args.batch, 10 if quick else 100),
@@ -223,11 +226,12 @@ class Gateway:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # uvicorn workers left behind by the master
 
-    def cpu_seconds(self) -> float | None:
-        """User+system CPU of every live process in the server's group (Linux /proc)."""
+    @property
+    def pgid(self) -> int:
+        """The server's process group (its master's pid). Raises RuntimeError if stopped."""
         if self._proc is None:
-            return None
-        return process_group_cpu(self._proc.pid)
+            raise RuntimeError("gateway not running")
+        return self._proc.pid
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -236,8 +240,31 @@ class Gateway:
             return "(no server log)"
 
 
+# -- CPU accounting (Linux /proc; None elsewhere) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds used so far by the server's process group and by the whole machine."""
+
+    server: float | None
+    machine: float | None
+
+    @classmethod
+    def take(cls, server_pgid: int) -> CpuSample:
+        return cls(process_group_cpu(server_pgid), machine_busy_cpu())
+
+    def until(self, later: CpuSample) -> CpuSample:
+        """CPU used between this sample and `later`."""
+        return CpuSample(_minus(later.server, self.server), _minus(later.machine, self.machine))
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def process_group_cpu(pgid: int) -> float | None:
-    """Sum of utime+stime over /proc/*/stat entries whose process group is `pgid`."""
+    """Sum of utime+stime over the live processes whose process group is `pgid`."""
     proc = Path("/proc")
     if not proc.is_dir():
         return None
@@ -250,6 +277,16 @@ def process_group_cpu(pgid: int) -> float | None:
         if int(fields[2]) == pgid:
             ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_cpu() -> float | None:
+    """Busy CPU seconds of all cores so far: everything in /proc/stat but idle and iowait."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 # -- scenarios -------------------------------------------------------------------------------
@@ -354,6 +391,8 @@ class LoadResult:
     socket_errors: int
     item_errors: int
     loadgen_cpu_s: float | None
+    server_cpu_s: float | None = None
+    machine_cpu_s: float | None = None
 
     @property
     def errors(self) -> int:
@@ -375,12 +414,14 @@ class ScenarioResult:
     socket_errors: int
     item_errors: int
     errors: int
-    loadgen_cpu_pct: float | None
     server_cpu_pct: float | None
+    loadgen_cpu_pct: float | None
+    other_cpu_pct: float | None
 
     @classmethod
-    def of(cls, scenario: Scenario, load: LoadResult, server_cpu_s: float | None) -> Any:
+    def of(cls, scenario: Scenario, load: LoadResult) -> ScenarioResult:
         rate = load.requests / load.duration_s
+        others = _minus(_minus(load.machine_cpu_s, load.server_cpu_s), load.loadgen_cpu_s)
         return cls(
             name=scenario.name,
             req_per_s=round(rate, 1),
@@ -393,8 +434,9 @@ class ScenarioResult:
             socket_errors=load.socket_errors,
             item_errors=load.item_errors,
             errors=load.errors,
+            server_cpu_pct=_percent(load.server_cpu_s, load.duration_s),
             loadgen_cpu_pct=_percent(load.loadgen_cpu_s, load.duration_s),
-            server_cpu_pct=_percent(server_cpu_s, load.duration_s),
+            other_cpu_pct=_percent(others, load.duration_s),
         )
 
 
@@ -461,7 +503,7 @@ def wrk_version() -> str:
 
 
 def run_wrk(
-    url: str, scenario: Scenario, seconds: float, settings: Settings, work: Path
+    gateway: Gateway, scenario: Scenario, seconds: float, settings: Settings, work: Path
 ) -> LoadResult:
     """One wrk run of whole seconds (wrk's unit). Raises RuntimeError if wrk fails."""
     script = work / f"{scenario.name}.lua"
@@ -469,13 +511,13 @@ def run_wrk(
     command = [
         "wrk", f"-t{settings.threads}", f"-c{settings.connections}",
         f"-d{max(1, round(seconds))}s", "--timeout", "10s", "--latency",
-        "-s", str(script), url + scenario.path,
+        "-s", str(script), gateway.url + scenario.path,
     ]  # fmt: skip
-    before = children_cpu()
+    before, sample = children_cpu(), CpuSample.take(gateway.pgid)
     proc = subprocess.run(
         command, capture_output=True, text=True, timeout=seconds + 60, check=False
     )
-    cpu = children_cpu() - before
+    cpu, used = children_cpu() - before, sample.until(CpuSample.take(gateway.pgid))
     (work / f"{scenario.name}.wrk.txt").write_text(proc.stdout + proc.stderr)
     match = re.search(r"^BENCH_JSON (.*)$", proc.stdout, re.MULTILINE)
     if proc.returncode != 0 or match is None:
@@ -490,6 +532,8 @@ def run_wrk(
         socket_errors=data["socket_errors"],
         item_errors=data["item_errors"],
         loadgen_cpu_s=cpu,
+        server_cpu_s=used.server,
+        machine_cpu_s=used.machine,
     )
 
 
@@ -497,13 +541,14 @@ def run_wrk(
 
 
 def run_python_loadgen(
-    url: str, scenario: Scenario, port: int, settings: Settings, work: Path
+    gateway: Gateway, scenario: Scenario, settings: Settings, work: Path
 ) -> LoadResult:
     """Start this script as a load-generator process (warm-up + measured window, one
     process, same connections). Raises RuntimeError if it fails."""
     spec = {
-        "port": port,
-        "request": base64.b64encode(scenario.http_request(port)).decode(),
+        "port": gateway.port,
+        "server_pgid": gateway.pgid,
+        "request": base64.b64encode(scenario.http_request(gateway.port)).decode(),
         "connections": settings.connections,
         "warmup": settings.warmup,
         "duration": settings.duration,
@@ -584,11 +629,12 @@ async def _drive(spec: dict[str, Any]) -> dict[str, Any]:
         for _ in range(spec["connections"])
     ]
     await asyncio.sleep(spec["warmup"])
-    window.start, cpu_start = time.perf_counter(), time.process_time()
+    sample, cpu_start = CpuSample.take(spec["server_pgid"]), time.process_time()
+    window.start = time.perf_counter()
     window.socket_errors = 0
     window.end = window.start + spec["duration"]
     await asyncio.sleep(spec["duration"])
-    cpu = time.process_time() - cpu_start
+    cpu, used = time.process_time() - cpu_start, sample.until(CpuSample.take(spec["server_pgid"]))
     window.stopping = True
     await asyncio.wait(tasks, timeout=15)
     latencies = sorted(window.latencies)
@@ -601,6 +647,8 @@ async def _drive(spec: dict[str, Any]) -> dict[str, Any]:
         "socket_errors": window.socket_errors,
         "item_errors": window.item_errors,
         "loadgen_cpu_s": cpu,
+        "server_cpu_s": used.server,
+        "machine_cpu_s": used.machine,
     }
 
 
@@ -610,6 +658,11 @@ def _percentile(ordered: list[float], pct: float) -> float:
         return 0.0
     rank = max(1, round(pct / 100 * len(ordered) + 0.5))
     return ordered[min(rank, len(ordered)) - 1]
+
+
+def python_loadgen_name() -> str:
+    uvloop = importlib.util.find_spec("uvloop") is not None
+    return "python asyncio" + (" + uvloop" if uvloop else "") + " (raw HTTP/1.1 keep-alive)"
 
 
 def loadgen_main(spec_path: Path) -> int:
@@ -641,6 +694,8 @@ class Report:
     scenarios: dict[str, ScenarioResult] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
     audit: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    """Scenarios skipped because their request failed before the load started."""
 
     @property
     def failed_requests(self) -> int:
@@ -648,7 +703,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return self.failed_requests == 0 and bool(self.audit.get("ok"))
+        return self.failed_requests == 0 and not self.failures and bool(self.audit.get("ok"))
 
 
 def machine_info() -> dict[str, Any]:
@@ -664,33 +719,28 @@ def machine_info() -> dict[str, Any]:
 def measure_scenario(
     gateway: Gateway, scenario: Scenario, settings: Settings, work: Path
 ) -> ScenarioResult:
-    """Warm up, then measure one scenario; server CPU comes from /proc around the run."""
+    """Warm up, then measure one scenario (wrk: two runs; Python: one process, two phases)."""
     if settings.loadgen == "wrk":
-        run_wrk(gateway.url, scenario, settings.warmup, settings, work)
-        cpu_before = gateway.cpu_seconds()
-        load = run_wrk(gateway.url, scenario, settings.duration, settings, work)
-        cpu_after = gateway.cpu_seconds()
+        if settings.warmup > 0:
+            run_wrk(gateway, scenario, settings.warmup, settings, work)
+        load = run_wrk(gateway, scenario, settings.duration, settings, work)
     else:
-        cpu_before = gateway.cpu_seconds()
-        load = run_python_loadgen(gateway.url, scenario, gateway.port, settings, work)
-        cpu_after = gateway.cpu_seconds()
-        if cpu_before is not None and cpu_after is not None:
-            # the window excludes warm-up: scale the server's CPU to it
-            total = settings.warmup + settings.duration
-            cpu_after = cpu_before + (cpu_after - cpu_before) * settings.duration / total
-    server_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-    return ScenarioResult.of(scenario, load, server_cpu)
+        load = run_python_loadgen(gateway, scenario, settings, work)
+    return ScenarioResult.of(scenario, load)
 
 
 def compute_ratios(report: Report, batch_name: str) -> dict[str, float]:
-    """sign vs no-op req/s, sign/s and batch sign/s vs the raw limit."""
-    noop, sign, batch = (report.scenarios[n] for n in ("noop", "sign", batch_name))
-    raw = report.raw_limit_sign_per_s
-    return {
-        "sign_vs_noop": round(sign.req_per_s / noop.req_per_s, 3) if noop.req_per_s else 0.0,
-        "sign_vs_raw": round(sign.signatures_per_s / raw, 3),
-        "batch_vs_raw": round(batch.signatures_per_s / raw, 3),
-    }
+    """sign vs no-op req/s, sign/s and batch sign/s vs the raw limit (those measured)."""
+    results, raw = report.scenarios, report.raw_limit_sign_per_s
+    noop, sign, batch = (results.get(n) for n in ("noop", "sign", batch_name))
+    ratios = {}
+    if noop and sign and noop.req_per_s:
+        ratios["sign_vs_noop"] = round(sign.req_per_s / noop.req_per_s, 3)
+    if sign:
+        ratios["sign_vs_raw"] = round(sign.signatures_per_s / raw, 3)
+    if batch:
+        ratios["batch_vs_raw"] = round(batch.signatures_per_s / raw, 3)
+    return ratios
 
 
 def verify_audit(data_dir: Path) -> dict[str, Any]:
@@ -710,7 +760,7 @@ def run(settings: Settings, work: Path) -> Report:
     print(f"machine: {cpus} cores, shared by the gateway and the load generator", flush=True)
     raw = raw_sign_rate(settings.raw_seconds)
     print(f"raw cryptography ECDSA P-256 sign: {raw:,.0f}/s on one core", flush=True)
-    loadgen = wrk_version() if settings.loadgen == "wrk" else "python (asyncio, separate process)"
+    loadgen = wrk_version() if settings.loadgen == "wrk" else python_loadgen_name()
     report = Report(
         settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
         machine=machine_info(),
@@ -724,7 +774,12 @@ def run(settings: Settings, work: Path) -> Report:
         create_key(gateway.url, token)
         scenarios = build_scenarios(token, settings.batch)
         for scenario in scenarios:
-            check_scenario(gateway.url, scenario, settings.workers)
+            try:
+                check_scenario(gateway.url, scenario, settings.workers)
+            except RuntimeError as exc:  # report what was measured, then fail
+                print(f"skipping {exc}", file=sys.stderr, flush=True)
+                report.failures.append(str(exc))
+                continue
             print(f"running {scenario.name} ...", flush=True)
             report.scenarios[scenario.name] = measure_scenario(gateway, scenario, settings, work)
     finally:
@@ -747,13 +802,13 @@ def format_report(report: Report) -> str:
         f"load generator: {report.loadgen} (separate process); {report.machine['note']}",
         "",
         f"{'scenario':<16}{'req/s':>10}{'sig/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'non-2xx':>9}{'errors':>8}{'server%':>9}{'loadgen%':>10}",
+        f"{'non-2xx':>9}{'errors':>8}{'server%':>9}{'loadgen%':>10}{'other%':>8}",
     ]
     for r in report.scenarios.values():
         lines.append(
             f"{r.name:<16}{r.req_per_s:>10,.0f}{r.signatures_per_s:>10,.0f}{r.p50_ms:>9.2f}"
             f"{r.p99_ms:>9.2f}{r.non_2xx:>9}{r.errors:>8}{_fmt_pct(r.server_cpu_pct):>9}"
-            f"{_fmt_pct(r.loadgen_cpu_pct):>10}"
+            f"{_fmt_pct(r.loadgen_cpu_pct):>10}{_fmt_pct(r.other_cpu_pct):>8}"
         )
     ratios, workers = report.ratios, s["workers"]
     target = "meets" if ratios.get("sign_vs_noop", 0) >= SIGN_TARGET else "BELOW"
@@ -761,16 +816,28 @@ def format_report(report: Report) -> str:
         "",
         f"raw ECDSA P-256 sign: {report.raw_ecdsa_p256_sign_per_s_per_core:,.0f}/s per core; "
         f"limit for {workers} worker(s): {report.raw_limit_sign_per_s:,.0f}/s",
-        f"sign req/s vs no-op req/s: {ratios.get('sign_vs_noop', 0):.0%} "
+        f"sign req/s vs no-op req/s: {_fmt_ratio(ratios, 'sign_vs_noop')} "
         f"({target} the {SIGN_TARGET:.0%} target)",
-        f"sign/s vs raw limit: {ratios.get('sign_vs_raw', 0):.0%}",
-        f"batch sign/s vs raw limit: {ratios.get('batch_vs_raw', 0):.0%}",
-        "errors = non-2xx + socket errors + batch items with an error; "
-        "server%/loadgen% = CPU as % of one core",
+        f"sign/s vs raw limit: {_fmt_ratio(ratios, 'sign_vs_raw')}",
+        f"batch sign/s vs raw limit: {_fmt_ratio(ratios, 'batch_vs_raw')}",
+        "errors = non-2xx + socket errors + batch items with an error; CPU columns in % of "
+        "one core: server, load generator, other processes on the machine",
         f"audit chain: {'ok' if report.audit.get('ok') else 'BROKEN'} "
         f"({report.audit.get('message', '')})",
     ]
+    busy = [r.name for r in report.scenarios.values() if (r.other_cpu_pct or 0) > OTHER_CPU_WARN]
+    lines += [f"SKIPPED {failure}" for failure in report.failures]
+    if busy:
+        lines.append(
+            f"WARNING: other processes used over {OTHER_CPU_WARN:.0f}% of a core during "
+            f"{', '.join(busy)}: the machine was not quiet; figures may be low and noisy "
+            f"(trust them more where server% is near {100 * int(s['workers'])})"
+        )
     return "\n".join(lines)
+
+
+def _fmt_ratio(ratios: dict[str, float], name: str) -> str:
+    return f"{ratios[name]:.0%}" if name in ratios else "not measured"
 
 
 def _fmt_pct(value: float | None) -> str:
@@ -822,7 +889,12 @@ def main(argv: list[str] | None = None) -> int:
     if settings.json_path:
         write_json(report, settings.json_path)
     if not report.ok:
-        print(f"bench.py: FAILED ({report.failed_requests} failed requests)", file=sys.stderr)
+        print(
+            f"bench.py: FAILED ({report.failed_requests} failed requests, "
+            f"{len(report.failures)} scenarios skipped, audit chain "
+            f"{'ok' if report.audit.get('ok') else 'broken'})",
+            file=sys.stderr,
+        )
     return 0 if report.ok else 1
 
 
