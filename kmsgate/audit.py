@@ -242,7 +242,7 @@ def _read_head(path: Path) -> tuple[int, str] | None:
 def _write_head(path: Path, seq: int, digest: str) -> None:
     """Atomically replace the head file (write, fsync, rename). Raises OSError."""
     target = _head_path(path)
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, json.dumps({"seq": seq, "hash": digest}).encode() + b"\n")
@@ -397,6 +397,7 @@ class AuditLog:
         except BaseException:
             os.close(self._fd)
             raise
+        self._sync_fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
         self._lock = threading.Lock()
         self._clock = _UtcClock()
         self._dirty = False
@@ -499,20 +500,30 @@ class AuditLog:
         while not self._stop.wait(self._interval):
             try:
                 self._sync()
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 _log.critical("audit log fsync failed, refusing further appends: %s", exc)
                 self._failed = True
                 return
 
     def _sync(self) -> None:
-        """fsync if anything was written, then rewrite the head file. Raises OSError."""
+        """fsync if anything was written, then record the file's last record in the head
+        file. Uses its own descriptor for the file lock: flock locks belong to an open file,
+        so sharing the appenders' descriptor would let one thread release the other's lock.
+        Raises OSError, or ValueError if the last line is not a record.
+        """
         with self._lock:
             if not self._dirty:
                 return
             self._dirty = False
-            seq, digest = self._head
-        os.fsync(self._fd)
-        with _file_lock(self._fd):
+        with _file_lock(self._sync_fd):
+            os.fsync(self._sync_fd)
+            size = os.fstat(self._sync_fd).st_size
+            if size == 0:
+                return
+            last = _decode(next(_lines_from_end(self._sync_fd, size - 1)))
+            seq, digest = last.get("seq"), last.get("hash")
+            if type(seq) is not int or not isinstance(digest, str):
+                raise ValueError("last line is not a sealed record")
             _write_head(self._path, seq, digest)
 
     def close(self) -> None:
@@ -531,11 +542,12 @@ class AuditLog:
         try:
             if not self._failed:
                 self._sync()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             _log.critical("audit log final fsync failed: %s", exc)
             raise AuditUnavailable("Audit log unavailable: final fsync failed") from exc
         finally:
             os.close(self._fd)
+            os.close(self._sync_fd)
 
     def __enter__(self) -> AuditLog:
         return self

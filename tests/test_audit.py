@@ -407,7 +407,8 @@ def test_two_writers_on_one_file_keep_one_chain(tmp_path: Path) -> None:
 
 
 def _append_in_process(path: str, count: int) -> None:
-    with AuditLog(Path(path)) as log:
+    # a tiny fsync interval makes the fsync thread's file lock race the appends
+    with AuditLog(Path(path), fsync_interval=0.001) as log:
         for i in range(count):
             log.append(event(i))
 
@@ -416,6 +417,7 @@ def test_worker_processes_share_one_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_append_in_process, args=(str(path), 300)) for _ in range(3)]
+    # the three processes also race on the head file's temporary name
     for p in procs:
         p.start()
     for p in procs:
@@ -424,6 +426,8 @@ def test_worker_processes_share_one_chain(tmp_path: Path) -> None:
     report = verify_file(path)
     assert report.ok, report.reason
     assert report.records == 900
+    assert json.loads(path.with_name("audit.log.head").read_text())["seq"] == 900
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_foreign_garbage_stops_appends(tmp_path: Path) -> None:
