@@ -507,8 +507,9 @@ class AuditLog:
 
     def _sync(self) -> None:
         """fsync if anything was written, then record the file's last record in the head
-        file. Uses its own descriptor for the file lock: flock locks belong to an open file,
-        so sharing the appenders' descriptor would let one thread release the other's lock.
+        file. The file lock is held only to read that record (through a descriptor of its
+        own: flock locks belong to an open file, so sharing the appenders' descriptor would
+        let one thread release the other's lock); the slow fsyncs run without it.
         Raises OSError, or ValueError if the last line is not a record.
         """
         with self._lock:
@@ -516,11 +517,11 @@ class AuditLog:
                 return
             self._dirty = False
         with _file_lock(self._sync_fd):
-            os.fsync(self._sync_fd)
             size = os.fstat(self._sync_fd).st_size
-            if size == 0:
-                return
-            last = _decode(next(_lines_from_end(self._sync_fd, size - 1)))
+            last_line = next(_lines_from_end(self._sync_fd, size - 1)) if size else None
+        os.fsync(self._sync_fd)  # covers the record read above
+        if last_line is not None:
+            last = _decode(last_line)
             seq, digest = last.get("seq"), last.get("hash")
             if type(seq) is not int or not isinstance(digest, str):
                 raise ValueError("last line is not a sealed record")

@@ -13,6 +13,7 @@ engine from them once per policy generation and keeps it in a module-level threa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -114,7 +115,13 @@ class PolicyTestResult:
 def _rfc3339(value: datetime, where: str) -> str:
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidRequest(f"{where}: datetime must be timezone-aware")
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+    return _second_text(int(value.timestamp()))
+
+
+@functools.lru_cache(maxsize=8)
+def _second_text(epoch_second: int) -> str:
+    """RFC 3339 UTC for a whole second (cached: the hot path asks for `now` each request)."""
+    return datetime.fromtimestamp(epoch_second, UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
 
 
 def _json_value(value: object, where: str, depth: int = 0) -> object:

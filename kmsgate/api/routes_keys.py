@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, json_response
+from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, json_response, resolve_caller
 from kmsgate.errors import InvalidRequest
 from kmsgate.schemas import (
     CompromisedRequest,
@@ -24,10 +24,57 @@ from kmsgate.schemas import (
     operation_schema,
     parse_operation,
 )
-from kmsgate.service import Ctx, Result, Service
+from kmsgate.service import Ctx, Result
 from kmsgate.tokens import Principal
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
+
+
+# The hot operations come first: routes are matched in order.
+
+
+async def _operation(request: Request, item_type: type[BaseModel], operation: str) -> Response:
+    """Authenticate, parse the body (one item or a batch) and run `operation` on the key in
+    the path. Hot path: no dependency injection, raw body parsing; blocking backends go to
+    the thread pool, in-process ones stay on the event loop."""
+    service, principal, ctx = resolve_caller(request)
+    name: str = request.path_params["name"]
+    items, batch = parse_operation(
+        await request.body(), item_type, service.settings.limits.max_batch
+    )
+    run: Callable[[Principal, Ctx, str, list[Any], bool], Result] = getattr(service, operation)
+    if service.is_blocking(name):
+        return json_response(await run_in_threadpool(run, principal, ctx, name, items, batch))
+    return json_response(run(principal, ctx, name, items, batch))
+
+
+def _hot_route(path: str, item_type: type[BaseModel], operation: str, doc: str) -> None:
+    async def endpoint(request: Request) -> Response:
+        return await _operation(request, item_type, operation)
+
+    endpoint.__doc__ = doc
+    endpoint.__name__ = operation
+    name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    extra = {**operation_schema(item_type), "parameters": [name_param]}
+    router.post(path, openapi_extra=extra)(endpoint)
+
+
+_hot_route(
+    "/{name}/sign",
+    SignItem,
+    "sign",
+    "Sign `input` or a prehashed `digest`; reply `{signature, key_version, algorithm}`.",
+)
+_hot_route(
+    "/{name}/verify", VerifyItem, "verify", "Verify a signature; reply `{valid, key_version}`."
+)
+_hot_route("/{name}/mac", MacItem, "mac", "HMAC `input`; reply `{mac, key_version}`.")
+_hot_route(
+    "/{name}/mac/verify",
+    MacVerifyItem,
+    "mac_verify",
+    "Check a MAC in constant time; reply `{valid, key_version}`.",
+)
 
 
 def _labels(label: list[str]) -> dict[str, str]:
@@ -142,55 +189,3 @@ async def public_key(
 async def jwks(name: str, service: ServiceDep) -> Response:
     """Public: the JWKS of the key's usable versions."""
     return json_response(service.jwks(name))
-
-
-async def _operation(
-    request: Request,
-    item_type: type[BaseModel],
-    run: Callable[[Principal, Ctx, str, list[Any], bool], Result],
-    service: Service,
-    principal: Principal,
-    ctx: Ctx,
-    name: str,
-) -> Response:
-    """Parse an operation body (one item or a batch) and run it; blocking backends go to the
-    thread pool, in-process ones stay on the event loop."""
-    limit = service.settings.limits.max_batch
-    items, batch = parse_operation(await request.body(), item_type, limit)
-    if service.is_blocking(name):
-        return json_response(await run_in_threadpool(run, principal, ctx, name, items, batch))
-    return json_response(run(principal, ctx, name, items, batch))
-
-
-@router.post("/{name}/sign", openapi_extra=operation_schema(SignItem))
-async def sign(
-    name: str, request: Request, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> Response:
-    """Sign `input` or a prehashed `digest`; reply `{signature, key_version, algorithm}`."""
-    return await _operation(request, SignItem, service.sign, service, principal, ctx, name)
-
-
-@router.post("/{name}/verify", openapi_extra=operation_schema(VerifyItem))
-async def verify(
-    name: str, request: Request, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> Response:
-    """Verify a signature; reply `{valid, key_version}`."""
-    return await _operation(request, VerifyItem, service.verify, service, principal, ctx, name)
-
-
-@router.post("/{name}/mac", openapi_extra=operation_schema(MacItem))
-async def mac(
-    name: str, request: Request, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> Response:
-    """HMAC `input`; reply `{mac, key_version}`."""
-    return await _operation(request, MacItem, service.mac, service, principal, ctx, name)
-
-
-@router.post("/{name}/mac/verify", openapi_extra=operation_schema(MacVerifyItem))
-async def mac_verify(
-    name: str, request: Request, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> Response:
-    """Check a MAC in constant time; reply `{valid, key_version}`."""
-    return await _operation(
-        request, MacVerifyItem, service.mac_verify, service, principal, ctx, name
-    )

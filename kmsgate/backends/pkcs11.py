@@ -159,8 +159,9 @@ class Pkcs11Settings(BaseModel):
     allowed_modules: tuple[str, ...] = DEFAULT_ALLOWED_MODULES
     retry_interval: float = Field(default=1.0, gt=0, le=300)
     """Seconds between attempts to re-open an unavailable token; calls fail fast between."""
-    login_attempts: int = Field(default=5, ge=1, le=20)
-    """C_Login tries on GeneralError (concurrent logins from several processes)."""
+    login_attempts: int = Field(default=6, ge=1, le=20)
+    """Tries to find the token and log in when SoftHSM answers GeneralError (several
+    processes opening or logging in to the token at the same moment)."""
 
     @model_validator(mode="after")
     def _check(self) -> Pkcs11Settings:
@@ -673,20 +674,34 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
             return conn
 
     def _open(self) -> _Connection:
-        """Find the token, log in, open the worker sessions. Raises _Gone, BackendError."""
-        try:
-            lib = self._module.lib()
-            token = self._find_token(lib)
-            if token is None:
-                # SoftHSM sees tokens made (or re-made) by other processes only after
-                # C_Initialize; other backends on this module re-open their sessions.
-                self._module.reinitialize()
+        """Find the token, log in, open the worker sessions. Raises _Gone, BackendError.
+
+        SoftHSM's file store is racy when several processes initialise or log in at the same
+        moment: a token may then be missing from the slot list, show an empty label, or
+        answer GeneralError. So GeneralError is retried `login_attempts` times and a missing
+        token three times (after re-initialising the module), with a short back-off.
+        """
+        problem = f"no token matches {self._token_description()}"
+        misses = 0
+        for attempt in range(self.settings.login_attempts):
+            try:
                 token = self._find_token(self._module.lib())
-            if token is None:
-                raise _Gone(f"no token matches {self._token_description()}")
-            return self._log_in(token)
-        except p11e.PKCS11Error as exc:
-            raise _Gone(f"cannot open the token ({type(exc).__name__})") from exc
+                if token is None:
+                    # SoftHSM sees tokens made (or re-made) by other processes only after
+                    # C_Initialize; other backends on this module re-open their sessions.
+                    self._module.reinitialize()
+                    token = self._find_token(self._module.lib())
+                if token is not None:
+                    return self._log_in(token)
+                misses += 1
+                if misses >= 3:
+                    break
+            except p11e.GeneralError:
+                problem = "the token keeps failing (GeneralError)"
+            except p11e.PKCS11Error as exc:
+                raise _Gone(f"cannot open the token ({type(exc).__name__})") from exc
+            time.sleep(0.02 * 2**attempt)
+        raise _Gone(problem)
 
     def _token_description(self) -> str:
         parts = []
@@ -697,7 +712,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         return " and ".join(parts)
 
     def _find_token(self, lib: Any) -> Any:
-        """The configured token, or None. Raises BackendError if several match."""
+        """The configured token, or None. Raises BackendError if several tokens match."""
         found = []
         for slot in lib.get_slots(token_present=True):
             try:
@@ -733,25 +748,18 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                 "token changes"
             )
         login = None
-        for attempt in range(self.settings.login_attempts):
-            try:
-                login = token.open(rw=True, user_pin=pin)
-                break
-            except p11e.UserAlreadyLoggedIn:
-                # another backend in this process is logged in to this token: login state
-                # belongs to the application, so our sessions are logged in too. (The
-                # session python-pkcs11 opened for the failed C_Login stays open.)
-                break
-            except _PIN_ERRORS as exc:
-                self._bad_pin = fingerprint
-                raise BackendError(
-                    f"the token rejected the configured PIN ({type(exc).__name__})"
-                ) from None
-            except p11e.GeneralError:
-                # SoftHSM answers concurrent logins from several processes with this
-                if attempt + 1 == self.settings.login_attempts:
-                    raise
-                time.sleep(0.02 * 2**attempt)
+        try:
+            login = token.open(rw=True, user_pin=pin)
+        except p11e.UserAlreadyLoggedIn:
+            # another backend in this process is logged in to this token: login state
+            # belongs to the application, so our sessions are logged in too. (The session
+            # python-pkcs11 opened for the refused C_Login stays open.)
+            pass
+        except _PIN_ERRORS as exc:
+            self._bad_pin = fingerprint
+            raise BackendError(
+                f"the token rejected the configured PIN ({type(exc).__name__})"
+            ) from None
         del pin
         workers: list[_Worker] = []
         try:
