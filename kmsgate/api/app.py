@@ -73,6 +73,7 @@ def create_app(service: Service) -> FastAPI:
     )
     app.state.service = service
     app.include_router(routes_keys.router)
+    app.router.routes[:0] = routes_keys.HOT_ROUTES
     app.include_router(routes_sys.router)
     install_error_handlers(app)
     app.state.response_counts = Counter[int]()

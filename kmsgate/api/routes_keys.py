@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from starlette.responses import Response
+from starlette.routing import Route
 
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, json_response, resolve_caller
 from kmsgate.errors import InvalidRequest
@@ -48,6 +49,12 @@ async def _operation(request: Request, item_type: type[BaseModel], operation: st
     return json_response(run(principal, ctx, name, items, batch))
 
 
+HOT_ROUTES: list[Route] = []
+"""Plain Starlette routes for the hot operations, put first in the app's routing table:
+they skip FastAPI's per-request dependency machinery (DESIGN §10). The matching FastAPI
+routes stay registered so the OpenAPI document describes them."""
+
+
 def _hot_route(path: str, item_type: type[BaseModel], operation: str, doc: str) -> None:
     async def endpoint(request: Request) -> Response:
         return await _operation(request, item_type, operation)
@@ -57,6 +64,7 @@ def _hot_route(path: str, item_type: type[BaseModel], operation: str, doc: str) 
     name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     extra = {**operation_schema(item_type), "parameters": [name_param]}
     router.post(path, openapi_extra=extra)(endpoint)
+    HOT_ROUTES.append(Route(router.prefix + path, endpoint, methods=["POST"]))
 
 
 _hot_route(
