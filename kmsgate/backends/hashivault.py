@@ -192,7 +192,7 @@ class HashiVaultSettings(BaseModel):
     """Seconds to connect and to wait for each Vault reply."""
     batch_size: int = Field(default=250, ge=1, le=10_000)
     """Items per Vault batch request (a 1,000-item kmsgate batch is 4 requests)."""
-    max_inflight: int = Field(default=4, ge=1)
+    max_inflight: int = Field(default=2, ge=1)
     """Concurrent Vault requests per key version and algorithm; further concurrent sign and
     MAC calls wait and are merged into the next request (natural batching)."""
     max_connections: int = Field(default=32, ge=1)
@@ -398,10 +398,18 @@ class _Auth:
             elif time.monotonic() >= self._renew_at:
                 self._renew()
 
-    def reacquire(self) -> bool:
-        """After a 403: drop the token if a new one may help (login methods, a changed token
-        file). True if the caller should retry once."""
+    @property
+    def token(self) -> str:
+        """The token in use now (to tell `reacquire` which one failed); never log it."""
+        return str(self._client.token or "")
+
+    def reacquire(self, failed: str) -> bool:
+        """After a 403 with token `failed`: drop it if a new one may help (login methods, a
+        changed token file). True if the caller should retry once. Concurrent 403s on the
+        same token cause one new login, not one each."""
         with self._lock:
+            if self._client.token != failed:
+                return True  # another thread already replaced it
             if self.logs_in:
                 self._have_token = False
                 return True
@@ -437,9 +445,9 @@ class _Auth:
                 assert s.token_file is not None
                 value = _read_secret_file(s.token_file, "token")
             self._client.token = value
+            self._lookup()  # raises if Vault is unreachable: the next call tries again
             self._token_value = value
             self._have_token = True
-            self._lookup()
         self._start_thread()
 
     def _logged_in(self, reply: Mapping[str, Any]) -> None:
@@ -792,11 +800,13 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable):
         make of a 400 / 404.
         """
         for attempt in (1, 2):
+            token = ""
             try:
                 self._auth.ensure()
+                token = self._auth.token
                 reply = self._client.adapter.request(method, f"/v1/{path}", json=body)
             except hvac.exceptions.Forbidden as exc:
-                if attempt == 1 and self._auth.reacquire():
+                if attempt == 1 and token and self._auth.reacquire(token):
                     continue
                 raise self._translate(exc, what, on_invalid) from None
             except hvac.exceptions.InvalidPath as exc:
@@ -862,6 +872,8 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable):
         transit_type, params = entry
         mount, name = self.settings.mount, self._transit_name(spec.name)
         existing = self._read_info(mount, name)
+        if existing is not None:
+            self._check_type(name, existing, transit_type)
         if spec.version == 1:
             if existing is not None:
                 raise Conflict(
@@ -888,12 +900,7 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable):
             # latest == version: a rotation whose catalogue write failed; reuse that version
         if info is None:
             raise BackendError(f"Transit key {name!r} vanished while being created")
-        self._remember(mount, name, info)
-        if info.transit_type != transit_type or info.exportable:
-            raise BackendError(
-                f"Transit key {name!r} is {info.transit_type}"
-                f"{' and exportable' if info.exportable else ''}, not {transit_type}"
-            )
+        self._check_type(name, info, transit_type)
         if info.latest_version != spec.version:
             raise BackendError(
                 f"Transit key {name!r} is at version {info.latest_version}, kmsgate expected "
@@ -906,6 +913,14 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable):
             else None
         )
         return BackendKey(str(ref), spec.key_type, spec.name, spec.version, None, pem)
+
+    @staticmethod
+    def _check_type(name: str, info: _KeyInfo, transit_type: str) -> None:
+        if info.transit_type != transit_type or info.exportable:
+            raise BackendError(
+                f"Transit key {name!r} is {info.transit_type}"
+                f"{' and exportable' if info.exportable else ''}, not {transit_type}"
+            )
 
     def sign(self, key: BackendKey, data: bytes, alg: SignAlg, *, prehashed: bool) -> bytes:
         [result] = self.sign_many(key, [SignMessage(data, alg, prehashed)])

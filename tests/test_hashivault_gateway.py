@@ -1,0 +1,1028 @@
+"""The hashivault backend against a real OpenBao, through the gateway and directly.
+
+Gateway: keys created with `backend: vault`, signatures checked by the `openssl` CLI, a
+1,000-item batch counted in OpenBao's own audit log, rotation, MACs, 403 -> 502, and an
+outage (process stopped by PID, restarted sealed, unsealed) -> 503 then recovery without
+restarting kmsgate. Backend: version mapping and destroy semantics, token renewal, AppRole
+(re-login after revocation), min_decryption_version, derived keys, auto-unseal handle,
+namespaces, a TLS CA bundle, config errors.
+
+Every test uses its own key prefix, so tests sharing the session's server never collide.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hvac.exceptions
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi.testclient import TestClient
+
+from kmsgate.algorithms import SIGN_ALGORITHMS, HashName, KeyType
+from kmsgate.api.app import create_app
+from kmsgate.backends.base import BackendKey, KeySpec
+from kmsgate.backends.hashivault import HashiVaultBackend
+from kmsgate.bootstrap import build_service, prepare_dev_data_dir
+from kmsgate.config import BackendSettings, load_settings
+from kmsgate.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    Conflict,
+    DecryptionFailed,
+    InvalidRequest,
+    KeyDestroyed,
+    NotFound,
+)
+from tests.gateway import Api
+from tests.openbao import (
+    OpenBaoServer,
+    count_audit_requests,
+    persistent_openbao,
+    running_openbao,
+)
+
+MESSAGE = b"kmsgate hashivault test message"
+TRANSIT_POLICY = 'path "transit/*" { capabilities = ["create", "read", "update", "delete"] }'
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test's own (the session's OpenBao is shared)."""
+    return f"t{secrets.token_hex(4)}-"
+
+
+def vault_config(addr: str, prefix: str, **auth: Any) -> dict[str, Any]:
+    return {"type": "hashivault", "addr": addr, "mount": "transit", "key_prefix": prefix, **auth}
+
+
+def make_backend(addr: str, prefix: str, **extra: Any) -> HashiVaultBackend:
+    return HashiVaultBackend.from_config(
+        "vault", BackendSettings(**vault_config(addr, prefix, **extra))
+    )
+
+
+def token_file(tmp_path: Path, token: str) -> Path:
+    path = tmp_path / "vault-token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@contextlib.contextmanager
+def gateway(tmp_path: Path, vault: dict[str, Any]) -> Iterator[tuple[Api, str, HashiVaultBackend]]:
+    """A real gateway (SQLite, softkms `local`, shipped policies) with backend `vault`."""
+    settings = load_settings(
+        dev=True,
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'kmsgate.db'}",
+        env="test",
+        backends={"local": {"type": "softkms"}, "vault": vault},
+    )
+    prepare_dev_data_dir(settings)
+    service = build_service(settings)
+    try:
+        with TestClient(create_app(service)) as client:
+            backend = service.registry.get("vault")
+            assert isinstance(backend, HashiVaultBackend)
+            admin = service.tokens.create(["admin"], ttl=None)[1]
+            yield Api(client, service), admin, backend
+    finally:
+        service.close()
+
+
+@pytest.fixture
+def vault_gateway(
+    tmp_path: Path, openbao_server: OpenBaoServer, prefix: str
+) -> Iterator[tuple[Api, str, HashiVaultBackend]]:
+    cfg = vault_config(
+        openbao_server.addr, prefix, token_file=str(token_file(tmp_path, openbao_server.root_token))
+    )
+    with gateway(tmp_path, cfg) as started:
+        yield started
+
+
+def create_key(api: Api, admin: str, name: str, key_type: str) -> dict[str, Any]:
+    r = api.call(
+        "POST",
+        "/v1/keys",
+        admin,
+        json={"name": name, "type": key_type, "purpose": "general", "backend": "vault"},
+    )
+    assert r.status_code == 201, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def transit_key(server: OpenBaoServer, transit_name: str) -> dict[str, Any]:
+    data: dict[str, Any] = server.client().adapter.get(f"/v1/transit/keys/{transit_name}")["data"]
+    return data
+
+
+def same_public_key(pem_a: str | bytes, transit_value: str) -> bool:
+    a = serialization.load_pem_public_key(pem_a if isinstance(pem_a, bytes) else pem_a.encode())
+    if transit_value.startswith("-----BEGIN"):
+        b = serialization.load_pem_public_key(transit_value.encode())
+        fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+        return a.public_bytes(serialization.Encoding.DER, fmt) == b.public_bytes(
+            serialization.Encoding.DER, fmt
+        )
+    raw = a.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return raw == unb64(transit_value)
+
+
+# --------------------------------------------------------------------------------------------
+# through the gateway
+# --------------------------------------------------------------------------------------------
+
+
+def openssl_verify(openssl: str, alg: str, pub: Path, data: Path, sig: Path) -> bool:
+    if alg == "ed25519":
+        cmd = [
+            openssl,
+            "pkeyutl",
+            "-verify",
+            "-pubin",
+            "-inkey",
+            pub,
+            "-rawin",
+            "-in",
+            data,
+            "-sigfile",
+            sig,
+        ]
+    else:
+        digest = alg.rsplit("-", 1)[1]
+        cmd = [openssl, "dgst", f"-{digest}", "-verify", pub]
+        if alg.startswith("rsa-pss-"):
+            # strict: salt length = digest length, MGF1 with the message hash
+            cmd += [
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-sigopt",
+                f"rsa_pss_saltlen:{hashlib.new(digest).digest_size}",
+            ]
+            cmd += ["-sigopt", f"rsa_mgf1_md:{digest}"]
+        cmd += ["-signature", sig, data]
+    proc = subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=30, check=False
+    )
+    out = proc.stdout + proc.stderr
+    verified = proc.returncode == 0 and ("Verified OK" in out or "Verified Successfully" in out)
+    assert verified or proc.returncode == 1, proc.stdout + proc.stderr
+    return verified
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize(
+    ("key_type", "algorithms"),
+    [
+        ("ed25519", ["ed25519"]),
+        ("ecdsa-p256", ["ecdsa-sha256", "ecdsa-sha512"]),
+        ("ecdsa-p384", ["ecdsa-sha384"]),
+        ("rsa-3072", ["rsa-pss-sha256", "rsa-pss-sha512", "rsa-pkcs1-sha384"]),
+    ],
+)
+def test_openssl_verifies_signatures_made_in_openbao(
+    vault_gateway, openbao_server, openssl_bin, prefix, tmp_path, key_type, algorithms
+):
+    api, admin, _ = vault_gateway
+    key = create_key(api, admin, "k", key_type)
+    assert (key["backend"], key["primary_version"]) == ("vault", 1)
+    pem = api.call("GET", "/v1/keys/k/public-key", admin).content
+    # the key lives in Transit: kmsgate's public key is the one Transit publishes
+    transit = transit_key(openbao_server, f"{prefix}k")
+    assert (transit["type"], transit["exportable"]) == (key_type, False)
+    assert same_public_key(pem, transit["keys"]["1"]["public_key"])
+    pub, data, tampered = tmp_path / "pub.pem", tmp_path / "msg", tmp_path / "tampered"
+    pub.write_bytes(pem)
+    data.write_bytes(MESSAGE)
+    tampered.write_bytes(MESSAGE + b"!")
+    for alg in algorithms:
+        for form in ("input", "digest"):
+            if form == "digest" and alg == "ed25519":
+                continue
+            value = (
+                MESSAGE if form == "input" else hashlib.new(alg.rsplit("-", 1)[1], MESSAGE).digest()
+            )
+            r = api.call(
+                "POST", "/v1/keys/k/sign", admin, json={form: b64(value), "algorithm": alg}
+            )
+            assert r.status_code == 200, r.text
+            assert (r.json()["key_version"], r.json()["algorithm"]) == (1, alg)
+            sig = tmp_path / "sig"
+            sig.write_bytes(unb64(r.json()["signature"]))
+            assert openssl_verify(openssl_bin, alg, pub, data, sig), (alg, form)
+            assert not openssl_verify(openssl_bin, alg, pub, tampered, sig), (alg, form)
+            verify = api.call(
+                "POST", "/v1/keys/k/verify", admin,
+                json={"input": b64(MESSAGE), "signature": r.json()["signature"], "algorithm": alg},
+            )  # fmt: skip
+            assert verify.json() == {"valid": True, "key_version": 1}
+
+
+def test_batch_of_1000_signs_costs_at_most_10_vault_requests(vault_gateway, openbao_server):
+    api, admin, backend = vault_gateway
+    create_key(api, admin, "batch", "ecdsa-p256")
+    pub = serialization.load_pem_public_key(
+        api.call("GET", "/v1/keys/batch/public-key", admin).content
+    )
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    messages = [f"message {i}".encode() for i in range(1000)]
+
+    client_requests: list[str] = []
+    hook = lambda response, *args, **kwargs: client_requests.append(response.request.path_url)  # noqa: E731
+    backend.http_session.hooks["response"].append(hook)
+    assert openbao_server.audit_log is not None
+    start, _ = count_audit_requests(openbao_server.audit_log)
+    try:
+        r = api.call(
+            "POST",
+            "/v1/keys/batch/sign",
+            admin,
+            json={"batch": [{"input": b64(m)} for m in messages]},
+        )
+    finally:
+        backend.http_session.hooks["response"].remove(hook)
+    _, server_paths = count_audit_requests(openbao_server.audit_log, start)
+
+    assert r.status_code == 200, r.text
+    results = r.json()["batch"]
+    assert len(results) == 1000
+    for message, item in zip(messages, results, strict=True):
+        assert item["key_version"] == 1
+        pub.verify(unb64(item["signature"]), message, ec.ECDSA(hashes.SHA256()))
+    print(f"\n1,000 signs: {len(server_paths)} requests in OpenBao's audit log {server_paths}, "
+          f"{len(client_requests)} seen by the client")  # fmt: skip
+    assert 1 <= len(server_paths) <= 10
+    assert all(p.startswith("transit/sign/") for p in server_paths)
+    assert len(client_requests) == len(server_paths)
+
+
+def test_mixed_batch_groups_by_algorithm_and_keeps_item_errors(vault_gateway, openbao_server):
+    api, admin, _ = vault_gateway
+    create_key(api, admin, "mixed", "ecdsa-p384")
+    pub = serialization.load_pem_public_key(
+        api.call("GET", "/v1/keys/mixed/public-key", admin).content
+    )
+    digest = hashlib.sha512(MESSAGE).digest()
+    batch = [
+        {"input": b64(MESSAGE)},
+        {"digest": b64(digest), "algorithm": "ecdsa-sha512"},
+        {"input": b64(MESSAGE), "algorithm": "rsa-pss-sha256"},  # does not fit the key
+        {"digest": b64(digest[:20]), "algorithm": "ecdsa-sha512"},  # wrong digest size
+        {"input": b64(MESSAGE + b"2")},
+    ]
+    start, _ = count_audit_requests(openbao_server.audit_log)
+    r = api.call("POST", "/v1/keys/mixed/sign", admin, json={"batch": batch})
+    _, paths = count_audit_requests(openbao_server.audit_log, start)
+    items = r.json()["batch"]
+    assert [("error" in item) for item in items] == [False, False, True, True, False]
+    assert items[2]["error"]["code"] == items[3]["error"]["code"] == "invalid_request"
+    pub.verify(unb64(items[0]["signature"]), MESSAGE, ec.ECDSA(hashes.SHA384()))
+    pub.verify(unb64(items[1]["signature"]), MESSAGE, ec.ECDSA(hashes.SHA512()))
+    pub.verify(unb64(items[4]["signature"]), MESSAGE + b"2", ec.ECDSA(hashes.SHA384()))
+    assert len(paths) == 2  # one per (algorithm, prehashed) group
+
+
+def test_rotation_maps_kmsgate_versions_onto_transit_versions(
+    vault_gateway, openbao_server, prefix
+):
+    api, admin, _ = vault_gateway
+    create_key(api, admin, "rot", "ed25519")
+    r = api.call("POST", "/v1/keys/rot/rotate", admin)
+    assert r.status_code == 200, r.text
+    assert r.json()["primary_version"] == 2
+    transit = transit_key(openbao_server, f"{prefix}rot")
+    assert transit["latest_version"] == 2
+    pems = {
+        v: api.call("GET", f"/v1/keys/rot/public-key?version={v}", admin).content for v in (1, 2)
+    }
+    assert pems[1] != pems[2]
+    for v in (1, 2):
+        assert same_public_key(pems[v], transit["keys"][str(v)]["public_key"])
+        r = api.call("POST", "/v1/keys/rot/sign", admin, json={"input": b64(MESSAGE), "version": v})
+        assert r.json()["key_version"] == v
+        sig = unb64(r.json()["signature"])
+        serialization.load_pem_public_key(pems[v]).verify(sig, MESSAGE)
+        other = serialization.load_pem_public_key(pems[3 - v])
+        with pytest.raises(InvalidSignature):
+            other.verify(sig, MESSAGE)
+    # the default is the primary version
+    r = api.call("POST", "/v1/keys/rot/sign", admin, json={"input": b64(MESSAGE)})
+    assert r.json()["key_version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("key_type", "transit_alg", "size"),
+    [("hmac-sha256", "sha2-256", 32), ("hmac-sha512", "sha2-512", 64)],
+)
+def test_mac_through_gateway_agrees_with_transit(
+    vault_gateway, openbao_server, prefix, key_type, transit_alg, size
+):
+    api, admin, _ = vault_gateway
+    create_key(api, admin, "m", key_type)
+    transit = transit_key(openbao_server, f"{prefix}m")
+    assert (transit["type"], transit["key_size"]) == ("hmac", size)
+    r = api.call("POST", "/v1/keys/m/mac", admin, json={"input": b64(MESSAGE)})
+    assert r.status_code == 200, r.text
+    tag = unb64(r.json()["mac"])
+    assert len(tag) == size
+    # Transit's own verify agrees: the tag is its HMAC of the input under version 1
+    check = openbao_server.client().adapter.post(
+        f"/v1/transit/verify/{prefix}m",
+        json={"input": b64(MESSAGE), "hmac": f"vault:v1:{b64(tag)}", "hash_algorithm": transit_alg},
+    )
+    assert check["data"]["valid"] is True
+    ok = api.call(
+        "POST", "/v1/keys/m/mac/verify", admin, json={"input": b64(MESSAGE), "mac": b64(tag)}
+    )
+    assert ok.json()["valid"] is True
+    bad = api.call(
+        "POST",
+        "/v1/keys/m/mac/verify",
+        admin,
+        json={"input": b64(MESSAGE), "mac": b64(tag[:-1] + bytes([tag[-1] ^ 1]))},
+    )
+    assert bad.json()["valid"] is False
+
+
+def test_permission_denied_for_kmsgate_token_is_502_without_vault_text(
+    tmp_path, openbao_server, prefix
+):
+    root = openbao_server.client()
+    policy = f"no-sign-{prefix}"
+    root.sys.create_or_update_policy(
+        policy, 'path "transit/keys/*" { capabilities = ["create", "read", "update"] }'
+    )
+    limited = root.auth.token.create(policies=[policy], ttl="10m")["auth"]["client_token"]
+    cfg = vault_config(openbao_server.addr, prefix, token_file=str(token_file(tmp_path, limited)))
+    with gateway(tmp_path, cfg) as (api, admin, _):
+        create_key(api, admin, "denied", "ecdsa-p256")
+        r = api.call("POST", "/v1/keys/denied/sign", admin, json={"input": b64(MESSAGE)})
+        assert r.status_code == 502
+        problem = r.json()
+        assert problem["code"] == "backend_error"
+        text = r.text.lower()
+        for vault_text in (
+            "1 error occurred",
+            "/v1/",
+            openbao_server.addr,
+            "transit/sign",
+            limited.lower(),
+        ):
+            assert vault_text.lower() not in text
+        assert "retry-after" not in r.headers
+
+
+# --------------------------------------------------------------------------------------------
+# outage and recovery
+# --------------------------------------------------------------------------------------------
+
+
+def test_openbao_stopped_gives_503_and_kmsgate_recovers_without_restart(tmp_path):
+    """A persistent OpenBao (raft) holds the key. Stopped by PID: 503 + Retry-After, ready
+    503. Started again: still 503 while sealed. Unsealed: the same key (same public key,
+    made before the outage) signs again through the same gateway process."""
+    with persistent_openbao(tmp_path / "bao") as server:
+        cfg = vault_config(
+            server.addr,
+            "kmsgate-",
+            token_file=str(token_file(tmp_path, server.root_token)),
+            timeout=2,
+            retry_after=7,
+        )
+        with gateway(tmp_path, cfg) as (api, admin, _):
+            create_key(api, admin, "steady", "ecdsa-p256")
+            pem = api.call("GET", "/v1/keys/steady/public-key", admin).content
+            pub = serialization.load_pem_public_key(pem)
+            before = api.call("POST", "/v1/keys/steady/sign", admin, json={"input": b64(MESSAGE)})
+            assert before.status_code == 200
+            assert api.call("GET", "/v1/sys/ready", None).status_code == 200
+
+            pid = server.pid
+            server.stop()
+            assert server.process is not None and server.process.poll() is not None, (
+                f"bao {pid} still runs"
+            )
+            down = api.call("POST", "/v1/keys/steady/sign", admin, json={"input": b64(MESSAGE)})
+            assert down.status_code == 503, down.text
+            assert down.json()["code"] == "backend_unavailable"
+            assert down.headers["retry-after"] == "7"
+            assert server.addr not in down.text and "refused" not in down.text.lower()
+            ready = api.call("GET", "/v1/sys/ready", None)
+            assert ready.status_code == 503
+            assert ready.json()["backends"]["vault"] == {
+                "type": "hashivault",
+                "ok": False,
+                "detail": "unreachable",
+            }
+            # verification is local: it keeps working while Vault is down
+            v = api.call(
+                "POST",
+                "/v1/keys/steady/verify",
+                admin,
+                json={"input": b64(MESSAGE), "signature": before.json()["signature"]},
+            )
+            assert v.json()["valid"] is True
+
+            server.start()  # same data, same port: sealed
+            sealed = api.call("POST", "/v1/keys/steady/sign", admin, json={"input": b64(MESSAGE)})
+            assert sealed.status_code == 503 and sealed.json()["code"] == "backend_unavailable"
+            assert (
+                api.call("GET", "/v1/sys/ready", None).json()["backends"]["vault"]["detail"]
+                == "sealed"
+            )
+
+            server.unseal()
+            after = api.call(
+                "POST", "/v1/keys/steady/sign", admin, json={"input": b64(MESSAGE + b" after")}
+            )
+            assert after.status_code == 200, after.text
+            pub.verify(
+                unb64(after.json()["signature"]), MESSAGE + b" after", ec.ECDSA(hashes.SHA256())
+            )
+            assert api.call("GET", "/v1/sys/ready", None).status_code == 200
+
+
+# --------------------------------------------------------------------------------------------
+# the backend directly
+# --------------------------------------------------------------------------------------------
+
+
+def _sign(backend: HashiVaultBackend, key: BackendKey) -> bytes:
+    return backend.sign(key, MESSAGE, SIGN_ALGORITHMS["ed25519"], prehashed=False)
+
+
+def test_versions_destroy_and_rotation_rollback(openbao_server, prefix):
+    backend = make_backend(openbao_server.addr, prefix, token=openbao_server.root_token)
+    try:
+        v1 = backend.create_key(KeySpec("d", 1, KeyType.ED25519))
+        assert v1.ref == f"hashivault:transit/{prefix}d#1"
+        with pytest.raises(Conflict):  # never take over an existing Transit key
+            backend.create_key(KeySpec("d", 1, KeyType.ED25519))
+        v2 = backend.create_key(KeySpec("d", 2, KeyType.ED25519))
+        # a rotation the catalogue rolled back: the version stays and is reused
+        backend.destroy(v2)
+        assert transit_key(openbao_server, f"{prefix}d")["latest_version"] == 2
+        again = backend.create_key(KeySpec("d", 2, KeyType.ED25519))
+        assert again.public_key_pem == v2.public_key_pem
+        v3 = backend.create_key(KeySpec("d", 3, KeyType.ED25519))
+        for key in (v1, v2, v3):
+            serialization.load_pem_public_key(key.public_key_pem.encode()).verify(
+                _sign(backend, key), MESSAGE
+            )
+
+        backend.destroy(v1)  # oldest: trimmed
+        info = transit_key(openbao_server, f"{prefix}d")
+        assert info["min_available_version"] == 2 and sorted(info["keys"]) == ["2", "3"]
+        with pytest.raises((KeyDestroyed, BackendError)):
+            _sign(backend, v1)
+        _sign(backend, v2)
+        backend.destroy(v2)
+        backend.destroy(v3)  # the last one: the whole Transit key goes
+        with pytest.raises(hvac.exceptions.InvalidPath):
+            transit_key(openbao_server, f"{prefix}d")
+        with pytest.raises(KeyDestroyed):
+            _sign(backend, v3)
+        backend.destroy(v3)  # idempotent
+
+        # rotated outside kmsgate: kmsgate refuses to guess the mapping
+        backend.create_key(KeySpec("e", 1, KeyType.ED25519))
+        root = openbao_server.client()
+        root.adapter.post(f"/v1/transit/keys/{prefix}e/rotate")
+        root.adapter.post(f"/v1/transit/keys/{prefix}e/rotate")
+        with pytest.raises(BackendError, match="rotated outside kmsgate"):
+            backend.create_key(KeySpec("e", 2, KeyType.ED25519))
+    finally:
+        backend.close()
+
+
+def test_min_decryption_version_is_mirrored_to_transit(openbao_server, prefix):
+    backend = make_backend(openbao_server.addr, prefix, token=openbao_server.root_token)
+    try:
+        v1 = backend.create_key(KeySpec("w", 1, KeyType.AES_256_GCM))
+        v2 = backend.create_key(KeySpec("w", 2, KeyType.AES_256_GCM))
+        old, new = backend.wrap(v1, b"secret one", b"ctx"), backend.wrap(v2, b"secret two", b"ctx")
+        assert old[1:5] == (1).to_bytes(4, "big") and new[1:5] == (2).to_bytes(4, "big")
+        assert backend.unwrap(v1, old, b"ctx") == b"secret one"
+        backend.retire_versions_below(v2, 2)
+        assert transit_key(openbao_server, f"{prefix}w")["min_decryption_version"] == 2
+        with pytest.raises(DecryptionFailed):
+            backend.unwrap(v1, old, b"ctx")
+        assert backend.unwrap(v2, new, b"ctx") == b"secret two"
+    finally:
+        backend.close()
+
+
+def test_derived_keys_bind_the_aad_as_derivation_context(openbao_server, prefix):
+    backend = make_backend(
+        openbao_server.addr, prefix, token=openbao_server.root_token, derived=True
+    )
+    try:
+        key = backend.create_key(KeySpec("dk", 1, KeyType.AES_256_GCM))
+        assert transit_key(openbao_server, f"{prefix}dk")["derived"] is True
+        for aad in (b"", b"tenant=a"):
+            wrapped = backend.wrap(key, b"data key", aad)
+            assert backend.unwrap(key, wrapped, aad) == b"data key"
+        with pytest.raises(DecryptionFailed):
+            backend.unwrap(key, backend.wrap(key, b"data key", b"tenant=a"), b"tenant=b")
+    finally:
+        backend.close()
+
+
+def test_wrapping_key_for_auto_unseal_survives_transit_rotation(openbao_server, prefix):
+    root = openbao_server.client()
+    name = f"{prefix}unseal"
+    root.adapter.post(f"/v1/transit/keys/{name}", json={"type": "aes256-gcm96"})
+    root.adapter.post(f"/v1/transit/keys/{prefix}not-aes", json={"type": "ecdsa-p256"})
+    backend = make_backend(openbao_server.addr, prefix, token=openbao_server.root_token)
+    try:
+        root_key = secrets.token_bytes(32)
+        handle = backend.wrapping_key(name)
+        assert (handle.key_type, handle.version) == (KeyType.AES_256_GCM, 1)
+        wrapped = backend.wrap(handle, root_key, b"kmsgate softkms root key")
+        root.adapter.post(f"/v1/transit/keys/{name}/rotate")
+        later = backend.wrapping_key(name)
+        assert later.version == 2
+        assert backend.unwrap(later, wrapped, b"kmsgate softkms root key") == root_key
+        with pytest.raises(DecryptionFailed):
+            backend.unwrap(later, wrapped, b"another purpose")
+        with pytest.raises(NotFound):
+            backend.wrapping_key(f"{prefix}missing")
+        with pytest.raises(InvalidRequest):
+            backend.wrapping_key(f"{prefix}not-aes")
+    finally:
+        backend.close()
+
+
+def test_token_is_renewed_before_it_expires(openbao_server, prefix):
+    root = openbao_server.client()
+    policy = f"transit-{prefix}"
+    root.sys.create_or_update_policy(policy, TRANSIT_POLICY)
+
+    def short_token() -> str:
+        reply = root.auth.token.create(
+            policies=[policy], ttl="2s", explicit_max_ttl="60s", renewable=True
+        )
+        return str(reply["auth"]["client_token"])
+
+    control = short_token()  # same TTL, nobody renews it
+    backend = make_backend(openbao_server.addr, prefix, token=short_token())
+    try:
+        key = backend.create_key(KeySpec("renew", 1, KeyType.ED25519))
+        time.sleep(3.5)  # idle for longer than the original TTL
+        _sign(backend, key)
+        with pytest.raises(hvac.exceptions.Forbidden):
+            openbao_server.client(token=control).auth.token.lookup_self()
+    finally:
+        backend.close()
+
+
+def test_approle_login_and_relogin_after_revocation(tmp_path, openbao_server, prefix):
+    root = openbao_server.client()
+    mount = f"approle-{prefix.rstrip('-')}"
+    policy = f"transit-{prefix}"
+    root.sys.create_or_update_policy(policy, TRANSIT_POLICY)
+    root.sys.enable_auth_method("approle", path=mount)
+    root.auth.approle.create_or_update_approle(
+        "kmsgate", token_policies=[policy], token_ttl="10m", mount_point=mount
+    )
+    role_id = root.auth.approle.read_role_id("kmsgate", mount_point=mount)["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id("kmsgate", mount_point=mount)["data"][
+        "secret_id"
+    ]
+    secret_file = tmp_path / "secret-id"
+    secret_file.write_text(secret_id)
+    backend = make_backend(
+        openbao_server.addr, prefix,
+        approle={"role_id": role_id, "secret_id_file": str(secret_file), "mount": mount},
+    )  # fmt: skip
+    try:
+        key = backend.create_key(KeySpec("ar", 1, KeyType.ED25519))
+        _sign(backend, key)
+        first_token = backend._client.token
+        root.auth.token.revoke(first_token)
+        _sign(backend, key)  # 403, log in again, retried once
+        assert backend._client.token != first_token
+        assert backend.status().ok
+    finally:
+        backend.close()
+
+
+def test_namespace_is_honoured(openbao_server, prefix):
+    namespace = f"ns-{prefix.rstrip('-')}"
+    root = openbao_server.client()
+    root.adapter.post(f"/v1/sys/namespaces/{namespace}", json={})
+    openbao_server.client(namespace=namespace).sys.enable_secrets_engine("transit", path="transit")
+    backend = make_backend(
+        openbao_server.addr, prefix, token=openbao_server.root_token, namespace=namespace
+    )
+    try:
+        key = backend.create_key(KeySpec("ns", 1, KeyType.ED25519))
+        _sign(backend, key)
+        inside = openbao_server.client(namespace=namespace).adapter.get(
+            f"/v1/transit/keys/{prefix}ns"
+        )
+        assert inside["data"]["latest_version"] == 1
+        with pytest.raises(hvac.exceptions.InvalidPath):
+            transit_key(openbao_server, f"{prefix}ns")  # not in the root namespace
+    finally:
+        backend.close()
+
+
+def test_tls_with_configured_ca_bundle(tmp_path, prefix):
+    with running_openbao(tmp_path / "tls", tls=True) as server:
+        assert server.addr.startswith("https://") and server.ca_cert is not None
+        good = make_backend(
+            server.addr, prefix, token=server.root_token, ca_cert=str(server.ca_cert)
+        )
+        system_store = make_backend(server.addr, prefix, token=server.root_token)
+        try:
+            key = good.create_key(KeySpec("tls", 1, KeyType.ED25519))
+            _sign(good, key)
+            assert good.status().ok
+            with pytest.raises(BackendError, match="TLS"):  # the dev CA is not in the system store
+                _sign(system_store, key)
+            assert system_store.status().detail == "TLS verification failed"
+        finally:
+            good.close()
+            system_store.close()
+
+
+def test_status_reports_unreachable_without_backend_text():
+    from tests.components import free_port
+
+    backend = make_backend(f"http://127.0.0.1:{free_port()}", "x-", token="s.not-used", timeout=1)
+    try:
+        status = backend.status()
+        assert (status.ok, status.detail) == (False, "unreachable")
+        with pytest.raises(BackendUnavailable) as caught:
+            backend.mac(
+                BackendKey("hashivault:transit/x-m#1", KeyType.HMAC_SHA256, "m", 1),
+                b"x",
+                HashName.SHA256,
+            )
+        assert caught.value.status == 503 and "127.0.0.1" not in caught.value.detail
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({}, "exactly one of token, token_file, approle, kubernetes"),
+        ({"token": "s.SECRET-VALUE", "token_file": "/x"}, "exactly one of"),
+        ({"token": "s.SECRET-VALUE", "addr": "vault:8200"}, "addr"),
+        ({"token": "s.SECRET-VALUE", "mount": "../sys"}, "mount"),
+        ({"token": "s.SECRET-VALUE", "unknown": 1}, "unknown"),
+        ({"token_file": "/nonexistent/token"}, "cannot read token file"),
+        (
+            {"approle": {"role_id": "r", "secret_id": "s.SECRET-VALUE", "secret_id_file": "/x"}},
+            "exactly one of secret_id",
+        ),
+        (
+            {"kubernetes": {"role": "kmsgate"}, "client_cert": "/c.pem"},
+            "client_cert and client_key",
+        ),
+    ],
+)
+def test_config_errors_never_echo_secrets(extra, message):
+    cfg = {"type": "hashivault", "addr": "https://vault.example:8200", **extra}
+    with pytest.raises(ConfigError, match=message) as caught:
+        HashiVaultBackend.from_config("vault", BackendSettings(**cfg))
+    assert "SECRET-VALUE" not in str(caught.value)
+
+
+# --------------------------------------------------------------------------------------------
+# natural batching (coalescing of concurrent calls)
+# --------------------------------------------------------------------------------------------
+
+
+def test_coalescer_stress_each_caller_gets_its_own_results():
+    """64 threads x 40 calls of 1-5 items on 3 keys, through a fake `send` that checks the
+    in-flight bound, fails whole batches that carry a poison item, and answers item by item.
+    Every caller must get exactly its own results (or its batch's error), nobody hangs."""
+    import random
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kmsgate.backends.hashivault import _Coalescer
+
+    max_inflight, max_items = 2, 16
+    coalescer = _Coalescer(max_items, max_inflight)
+    lock = threading.Lock()
+    inflight: dict[str, int] = {}
+    peak: dict[str, int] = {}
+    sizes: list[int] = []
+
+    def sender(key: str):
+        def send(inputs):
+            with lock:
+                inflight[key] = inflight.get(key, 0) + 1
+                peak[key] = max(peak.get(key, 0), inflight[key])
+                sizes.append(len(inputs))
+            time.sleep(random.uniform(0, 0.002))
+            with lock:
+                inflight[key] -= 1
+            if b"poison" in inputs:
+                raise BackendError("batch failed")
+            return [
+                BackendError("item") if x == b"bad" else key.encode() + b":" + x for x in inputs
+            ]
+
+        return send
+
+    def caller(n: int) -> int:
+        rng = random.Random(n)
+        done = 0
+        for call in range(40):
+            key = f"k{rng.randrange(3)}"
+            inputs = [f"{n}.{call}.{i}".encode() for i in range(rng.randint(1, 5))]
+            if rng.random() < 0.02:
+                inputs.append(b"poison")
+            if rng.random() < 0.05:
+                inputs[0] = b"bad"
+            try:
+                results = coalescer.run(key, inputs, sender(key))
+            except BackendError as exc:
+                assert exc.detail == "batch failed"  # the whole request failed, not an item
+                done += 1
+                continue
+            assert b"poison" not in inputs
+            for x, r in zip(inputs, results, strict=True):
+                if x == b"bad":
+                    assert isinstance(r, BackendError)
+                else:
+                    assert r == key.encode() + b":" + x
+            done += 1
+        return done
+
+    with ThreadPoolExecutor(64) as pool:
+        futures = [pool.submit(caller, n) for n in range(64)]
+        assert sum(f.result(timeout=60) for f in futures) == 64 * 40
+    assert max(peak.values()) <= max_inflight
+    assert max(sizes) <= max_items
+    assert len(sizes) < 64 * 40  # concurrent calls were merged
+    assert not coalescer._queues and not coalescer._inflight  # nothing left behind
+
+
+def test_concurrent_single_signs_share_vault_requests(openbao_server, prefix):
+    """32 threads x 15 single signs on one key: every signature verifies, and OpenBao's audit
+    log shows fewer sign requests than signatures (they were batched), never more."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = make_backend(openbao_server.addr, prefix, token=openbao_server.root_token)
+    try:
+        key = backend.create_key(KeySpec("c", 1, KeyType.ECDSA_P256))
+        public = serialization.load_pem_public_key(key.public_key_pem.encode())
+        alg = SIGN_ALGORITHMS["ecdsa-sha256"]
+        start, _ = count_audit_requests(openbao_server.audit_log)
+
+        def work(n: int) -> list[tuple[bytes, bytes]]:
+            out = []
+            for i in range(15):
+                message = f"{n}/{i}".encode()
+                out.append((message, backend.sign(key, message, alg, prehashed=False)))
+            return out
+
+        with ThreadPoolExecutor(32) as pool:
+            signed = [pair for chunk in pool.map(work, range(32)) for pair in chunk]
+        _, paths = count_audit_requests(openbao_server.audit_log, start)
+        assert len(signed) == 480
+        for message, signature in signed:
+            public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        sign_requests = [p for p in paths if p.startswith("transit/sign/")]
+        print(f"\n480 concurrent single signs: {len(sign_requests)} Vault sign requests")
+        assert len(sign_requests) < 480
+    finally:
+        backend.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Kubernetes service-account login
+# --------------------------------------------------------------------------------------------
+
+
+def _es256_jwt(private: ec.EllipticCurvePrivateKey, claims: dict[str, Any]) -> str:
+    import json as json_
+
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = (
+        part(json_.dumps({"alg": "ES256", "typ": "JWT"}).encode())
+        + "."
+        + part(json_.dumps(claims).encode())
+    )
+    r, s = decode_dss_signature(private.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
+    return signing_input + "." + part(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+
+
+def _throwaway_ca_pem() -> str:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stand-in kubernetes CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@contextlib.contextmanager
+def token_review_api(valid_tokens: set[str]) -> Iterator[tuple[str, list[str]]]:
+    """A loopback stand-in for the Kubernetes TokenReview API (the only part of Kubernetes
+    OpenBao calls at login): a token is authenticated iff it is in `valid_tokens`."""
+    import json as json_
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    reviewed: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json_.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            token = body["spec"]["token"]
+            reviewed.append(token)
+            ok = (
+                self.path == "/apis/authentication.k8s.io/v1/tokenreviews" and token in valid_tokens
+            )
+            status: dict[str, Any] = {"authenticated": ok}
+            if ok:
+                status["user"] = {
+                    "username": "system:serviceaccount:kmsgate:kmsgate",
+                    "uid": "sa-uid-1",
+                }
+                status["audiences"] = body["spec"].get("audiences") or []
+            reply = json_.dumps(
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status}
+            ).encode()
+            self.send_response(201)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", reviewed
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_kubernetes_service_account_login_rereads_the_projected_token(
+    tmp_path, openbao_server, prefix
+):
+    signer = ec.generate_private_key(ec.SECP256R1())
+    claims = {
+        "iss": "kubernetes/serviceaccount",
+        "sub": "system:serviceaccount:kmsgate:kmsgate",
+        "kubernetes.io/serviceaccount/namespace": "kmsgate",
+        "kubernetes.io/serviceaccount/service-account.name": "kmsgate",
+        "kubernetes.io/serviceaccount/service-account.uid": "sa-uid-1",
+    }
+    first, second = _es256_jwt(signer, {**claims, "n": 1}), _es256_jwt(signer, {**claims, "n": 2})
+    forged = _es256_jwt(ec.generate_private_key(ec.SECP256R1()), claims)
+    root = openbao_server.client()
+    mount, policy = f"k8s-{prefix.rstrip('-')}", f"transit-{prefix}"
+    root.sys.create_or_update_policy(policy, TRANSIT_POLICY)
+    root.sys.enable_auth_method("kubernetes", path=mount)
+    pem = signer.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with token_review_api({first, second}) as (k8s_api, reviewed):
+        root.adapter.post(
+            f"/v1/auth/{mount}/config",
+            json={
+                "kubernetes_host": k8s_api,
+                "kubernetes_ca_cert": _throwaway_ca_pem(),  # required; unused over http
+                "pem_keys": [pem.decode()],
+                "disable_local_ca_jwt": True,
+                "token_reviewer_jwt": "reviewer-token",
+            },
+        )
+        root.adapter.post(
+            f"/v1/auth/{mount}/role/kmsgate",
+            json={
+                "bound_service_account_names": ["kmsgate"],
+                "bound_service_account_namespaces": ["kmsgate"],
+                "token_policies": [policy],
+                "token_ttl": "10m",
+            },
+        )
+        jwt_file = tmp_path / "sa-token"
+        jwt_file.write_text(first)
+        backend = make_backend(
+            openbao_server.addr,
+            prefix,
+            kubernetes={"role": "kmsgate", "jwt_file": str(jwt_file), "mount": mount},
+        )
+        try:
+            key = backend.create_key(KeySpec("k8s", 1, KeyType.ED25519))
+            _sign(backend, key)
+            assert reviewed == [first]
+            jwt_file.write_text(second)  # the kubelet rotated the projected token
+            root.auth.token.revoke(backend._client.token)
+            _sign(backend, key)  # 403 -> log in again with the new token
+            assert reviewed == [first, second]
+            jwt_file.write_text(forged)  # signed by another key: OpenBao itself refuses it
+            root.auth.token.revoke(backend._client.token)
+            with pytest.raises(BackendError):
+                _sign(backend, key)
+            assert forged not in reviewed
+        finally:
+            backend.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the least-privilege policy printed in docs/backends/hashivault.md
+# --------------------------------------------------------------------------------------------
+
+
+def _documented_policy() -> str:
+    doc = (Path(__file__).parent.parent / "docs/backends/hashivault.md").read_text()
+    block = doc.split("<!-- policy:begin -->", 1)[1].split("<!-- policy:end -->", 1)[0]
+    return block.split("```hcl", 1)[1].split("```", 1)[0]
+
+
+def test_documented_policy_is_enough_for_a_whole_lifecycle(openbao_server, prefix):
+    root = openbao_server.client()
+    policy = f"kmsgate-doc-{prefix}"
+    root.sys.create_or_update_policy(policy, _documented_policy())
+    token = root.auth.token.create(policies=[policy], ttl="10m")["auth"]["client_token"]
+    backend = make_backend(openbao_server.addr, "kmsgate-", token=token)  # the documented prefix
+    try:
+        assert backend.status().ok
+        s1 = backend.create_key(KeySpec(f"{prefix}sig", 1, KeyType.ECDSA_P256))
+        s2 = backend.create_key(KeySpec(f"{prefix}sig", 2, KeyType.ECDSA_P256))
+        alg = SIGN_ALGORITHMS["ecdsa-sha256"]
+        for key in (s1, s2):
+            sig = backend.sign(key, MESSAGE, alg, prehashed=False)
+            serialization.load_pem_public_key(key.public_key_pem.encode()).verify(
+                sig, MESSAGE, ec.ECDSA(hashes.SHA256())
+            )
+        m = backend.create_key(KeySpec(f"{prefix}mac", 1, KeyType.HMAC_SHA384))
+        assert backend.verify_mac(
+            m, MESSAGE, backend.mac(m, MESSAGE, HashName.SHA384), HashName.SHA384
+        )
+        w1 = backend.create_key(KeySpec(f"{prefix}aes", 1, KeyType.AES_256_GCM))
+        w2 = backend.create_key(KeySpec(f"{prefix}aes", 2, KeyType.AES_256_GCM))
+        assert backend.unwrap(w2, backend.wrap(w2, b"dek", b"aad"), b"aad") == b"dek"
+        backend.retire_versions_below(w2, 2)
+        for key in (s1, s2, m, w1, w2):  # as destroy_due_keys does, oldest first
+            backend.destroy(key)
+        for name in ("sig", "mac", "aes"):
+            with pytest.raises(hvac.exceptions.InvalidPath):
+                transit_key(openbao_server, f"kmsgate-{prefix}{name}")
+        with pytest.raises(KeyDestroyed):
+            backend.wrap(w2, b"dek", b"")
+        # without "create" on encrypt, Transit cannot upsert the destroyed key back
+        with pytest.raises((hvac.exceptions.Forbidden, hvac.exceptions.InvalidRequest)):
+            openbao_server.client(token=token).adapter.post(
+                f"/v1/transit/encrypt/kmsgate-{prefix}aes", json={"plaintext": b64(b"x")}
+            )
+        with pytest.raises(hvac.exceptions.InvalidPath):
+            transit_key(openbao_server, f"kmsgate-{prefix}aes")
+    finally:
+        backend.close()
