@@ -11,17 +11,9 @@ import os
 import secrets
 from pathlib import Path
 
-from kmsgate.algorithms import KeyType
 from kmsgate.audit import AuditEvent, AuditLog
 from kmsgate.backends import backend_class
-from kmsgate.backends.base import (
-    AdoptCapable,
-    BackendKey,
-    KeyBackend,
-    KeySpec,
-    Registry,
-    WrapCapable,
-)
+from kmsgate.backends.base import BackendKey, KeyBackend, Registry, RootKeyWrapper
 from kmsgate.backends.softkms import (
     ROOT_KEY_BYTES,
     SoftKmsBackend,
@@ -52,16 +44,17 @@ def _check_root_key(store: Store, softkms: SoftKmsBackend) -> None:
         raise ConfigError("the root key does not match the one this store was sealed with")
 
 
-def _root_kek(settings: Settings, others: dict[str, KeyBackend]) -> tuple[WrapCapable, BackendKey]:
+def _root_kek(
+    settings: Settings, others: dict[str, KeyBackend]
+) -> tuple[RootKeyWrapper, BackendKey]:
     """The backend and key that wrap the root key (auto-unseal). Raises ConfigError."""
     wrap = settings.root_key_wrap
     assert wrap is not None
     backend = others.get(wrap.backend)
-    if not isinstance(backend, WrapCapable) or not isinstance(backend, AdoptCapable):
-        raise ConfigError(f"root_key_wrap.backend {wrap.backend!r} cannot wrap with an adopted key")
-    spec = KeySpec("kmsgate-root-kek", 1, KeyType.AES_256_GCM)
+    if not isinstance(backend, RootKeyWrapper):
+        raise ConfigError(f"root_key_wrap.backend {wrap.backend!r} cannot wrap the root key")
     try:
-        return backend, backend.adopt_key(spec, wrap.kek)
+        return backend, backend.wrapping_key(wrap.kek)
     except KmsgateError as exc:
         raise ConfigError(f"root key wrapping key unavailable: {exc.detail}") from exc
 

@@ -41,7 +41,7 @@ class RootKeyWrap(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: str
-    kek: str = Field(description="the wrapping key's reference in that backend (adopted)")
+    kek: str = Field(description="the wrapping key in that backend: Transit name, PKCS#11 URI")
     file: Path = Field(description="the wrapped root key, written by `kmsgate root-key init`")
 
 

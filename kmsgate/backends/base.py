@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
 from kmsgate.algorithms import HashName, KeyType, SignAlg
 from kmsgate.config import BackendSettings
@@ -144,6 +144,21 @@ class AdoptCapable(ABC):
 
         Raises InvalidRequest for a malformed URI or a type mismatch, NotFound if absent.
         """
+
+
+@runtime_checkable
+class RootKeyWrapper(Protocol):
+    """A backend that can wrap kmsgate's own secrets (the softkms root key: auto-unseal)
+    with an existing AES key named by `reference` (a Transit key name, a PKCS#11 URI)."""
+
+    def wrapping_key(self, reference: str) -> BackendKey:
+        """A handle on the existing key. Raises NotFound or InvalidRequest (wrong type)."""
+
+    def wrap(self, key: BackendKey, plaintext: bytes, aad: bytes) -> bytes:
+        """See WrapCapable.wrap."""
+
+    def unwrap(self, key: BackendKey, ciphertext: bytes, aad: bytes) -> bytes:
+        """See WrapCapable.unwrap."""
 
 
 class Registry:

@@ -1,0 +1,78 @@
+"""Auto-unseal: the softkms root key wrapped by a Transit key of a real OpenBao server."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+
+from kmsgate.bootstrap import build_service, init_wrapped_root_key
+from kmsgate.config import load_settings
+from kmsgate.errors import ConfigError
+from kmsgate.schemas import CreateKeyRequest, SignItem
+from kmsgate.service import Ctx
+
+
+@pytest.fixture
+def unseal_settings(tmp_path: Path, openbao_server):
+    kek = f"root-kek-{secrets.token_hex(4)}"
+    openbao_server.client().secrets.transit.create_key(name=kek, key_type="aes256-gcm96")
+    token = tmp_path / "vault-token"
+    token.write_text(openbao_server.root_token)
+    token.chmod(0o600)
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def settings(kek_name: str = kek):
+        return load_settings(
+            data_dir=data,
+            env="test",
+            backends={
+                "local": {"type": "softkms"},
+                "vault": {
+                    "type": "hashivault",
+                    "addr": openbao_server.addr,
+                    "token_file": str(token),
+                    "mount": "transit",
+                },
+            },
+            root_key_wrap={
+                "backend": "vault",
+                "kek": kek_name,
+                "file": str(tmp_path / "root.wrapped"),
+            },
+        )
+
+    return settings, kek, openbao_server
+
+
+def test_root_key_survives_restarts_and_kek_rotation(unseal_settings):
+    settings, kek, server = unseal_settings
+    path = init_wrapped_root_key(settings())
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(path.read_bytes()) > 32  # wrapped, not the bare key
+    with pytest.raises(ConfigError, match="exists"):
+        init_wrapped_root_key(settings())
+
+    service = build_service(settings())
+    admin = service.tokens.authenticate(service.tokens.create(["admin"], ttl=None)[1])
+    service.create_key(admin, Ctx("t"), CreateKeyRequest(name="k", type="ed25519", purpose="p"))
+    service.close()
+
+    server.client().secrets.transit.rotate_key(name=kek)
+    service = build_service(settings())  # unwraps again, after a KEK rotation
+    signed = service.sign(admin, Ctx("t"), "k", [SignItem(input=b"m")], False)
+    assert signed["key_version"] == 1
+    service.close()
+
+
+def test_wrong_or_missing_kek_refuses_to_start(unseal_settings, tmp_path):
+    settings, _, server = unseal_settings
+    init_wrapped_root_key(settings())
+    with pytest.raises(ConfigError, match="wrapping key unavailable"):
+        build_service(settings("no-such-kek"))
+    other = f"other-{secrets.token_hex(4)}"
+    server.client().secrets.transit.create_key(name=other, key_type="aes256-gcm96")
+    with pytest.raises(ConfigError, match="cannot unwrap"):
+        build_service(settings(other))
