@@ -4,4 +4,10 @@ Fixtures that start real components (PostgreSQL, openssl, ...) live in ``tests/c
 and are loaded as a plugin here.
 """
 
-pytest_plugins = ["tests.components", "tests.gateway", "tests.softhsm", "tests.openbao", "tests.moto"]
+pytest_plugins = [
+    "tests.components",
+    "tests.gateway",
+    "tests.softhsm",
+    "tests.openbao",
+    "tests.moto",
+]
