@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
+from kmsgate import chunked
+from kmsgate.chunked import Progress
+from kmsgate.envelope import FileHeader
+from kmsgate.errors import DecryptionFailed
 from kmsgate.schemas import b64decode_strict, b64encode
 
 DEFAULT_ADDR = "http://127.0.0.1:8200"
@@ -175,6 +179,108 @@ class Client:
         result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/mac/verify", body)
         return result
 
+    # -- envelope encryption ---------------------------------------------------------------
+
+    def encrypt(
+        self, name: str, plaintext: bytes, context: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """`{ciphertext (bytes), key_version}`: server-side encryption (small payloads)."""
+        body = {"plaintext": b64encode(plaintext), **_context(context)}
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/encrypt", body)
+        result["ciphertext"] = b64decode_strict(result["ciphertext"])
+        return result
+
+    def decrypt(
+        self, name: str, ciphertext: bytes, context: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """`{plaintext (bytes), key_version}` of a ciphertext from `encrypt` or `datakey`."""
+        body = {"ciphertext": b64encode(ciphertext), **_context(context)}
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/decrypt", body)
+        result["plaintext"] = b64decode_strict(result["plaintext"])
+        return result
+
+    def datakey(
+        self,
+        name: str,
+        context: Mapping[str, str] | None = None,
+        *,
+        bits: int = 256,
+        include_plaintext: bool = True,
+    ) -> dict[str, Any]:
+        """`{plaintext (bytes, unless include_plaintext is false), ciphertext (bytes),
+        key_version}`: a fresh data key and its wrapped form."""
+        body = {"bits": bits, "include_plaintext": include_plaintext, **_context(context)}
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/datakey", body)
+        result["ciphertext"] = b64decode_strict(result["ciphertext"])
+        if "plaintext" in result:
+            result["plaintext"] = b64decode_strict(result["plaintext"])
+        return result
+
+    def rewrap(
+        self, name: str, ciphertext: bytes, context: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """`{ciphertext (bytes), key_version}`: the ciphertext's data key re-wrapped under the
+        primary version of `name` (the ciphertext may come from another key)."""
+        body = {"ciphertext": b64encode(ciphertext), **_context(context)}
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/rewrap", body)
+        result["ciphertext"] = b64decode_strict(result["ciphertext"])
+        return result
+
+    def batch(
+        self, name: str, operation: str, items: Sequence[Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Any operation's batch form: REST items (base64 already applied) in, results or
+        `{error: {code, detail}}` out, in order."""
+        results: list[dict[str, Any]] = self._json(
+            "POST", f"/v1/keys/{name}/{operation}", {"batch": list(items)}
+        )["batch"]
+        return results
+
+    # -- streaming file encryption (client-side; format in kmsgate/envelope.py) ------------
+
+    def encrypt_stream(
+        self,
+        name: str,
+        src: BinaryIO,
+        dst: BinaryIO,
+        context: Mapping[str, str] | None = None,
+        *,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Encrypt `src` to `dst` (kmsgate header + C2SP chunked body) under a fresh data key
+        of `name`, in constant memory. `{key_version, bytes}`. Raises ApiError, OSError."""
+        dk = self.datakey(name, context)
+        header = FileHeader(dict(context or {}), dk["ciphertext"])
+        dst.write(header.to_bytes())
+        size = chunked.encrypt_stream(dk["plaintext"], header.bound, src, dst, progress=progress)
+        return {"key_version": dk["key_version"], "bytes": size}
+
+    def decrypt_stream(
+        self,
+        src: BinaryIO,
+        dst: BinaryIO,
+        context: Mapping[str, str] | None = None,
+        *,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Decrypt a kmsgate encrypted stream; the key comes from its header. If `context` is
+        given it must equal the header's. Authenticated chunks reach `dst` before the end is
+        checked: on error discard `dst`. `{key, key_version, bytes}`.
+
+        Raises DecryptionFailed (not a kmsgate file, tampered, truncated, wrong context),
+        ApiError, OSError.
+        """
+        header = FileHeader.read(src)
+        envelope = header.envelope()
+        if context is not None and dict(context) != header.context:
+            raise DecryptionFailed("the file was encrypted with another context")
+        dek = self.decrypt(envelope.key_name, header.data_key, header.context)["plaintext"]
+        try:
+            size = chunked.decrypt_stream(dek, header.bound, src, dst, progress=progress)
+        except (chunked.ChunkedDecryptionError, ValueError):
+            raise DecryptionFailed("the encrypted data is not authentic or is truncated") from None
+        return {"key": envelope.key_name, "key_version": envelope.key_version, "bytes": size}
+
     # -- tokens and system -----------------------------------------------------------------
 
     def create_token(
@@ -212,3 +318,7 @@ def _message_body(
     if version:
         body["version"] = version
     return body
+
+
+def _context(context: Mapping[str, str] | None) -> dict[str, Any]:
+    return {"context": dict(context)} if context else {}

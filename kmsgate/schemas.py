@@ -10,10 +10,11 @@ import base64
 import binascii
 import re
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Generic, Self, TypeVar
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -24,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from kmsgate.envelope import check_context
 from kmsgate.errors import InvalidRequest, TooLarge, ValidationFailed
 
 _B64_RE = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
@@ -116,6 +118,53 @@ class MacItem(_Body):
 
 class MacVerifyItem(MacItem):
     mac: B64
+
+
+def _context(value: object) -> object:
+    if value is None or not isinstance(value, dict):
+        return value  # None, or a type error for pydantic to report
+    return check_context(value)
+
+
+Context = Annotated[
+    dict[str, str] | None,
+    AfterValidator(_context),
+    Field(
+        default=None,
+        description="encryption context: a string map (<= 32 entries, keys 1-256 and values "
+        "<= 256 characters) bound as AAD; the same map must be sent to decrypt",
+    ),
+]
+
+
+class EncryptItem(_Body):
+    """Encrypt `plaintext` under the key's primary version, bound to `context`."""
+
+    plaintext: B64
+    context: Context
+
+
+class DecryptItem(_Body):
+    """Decrypt a kmsgate `ciphertext` (from `encrypt` or `datakey`) with its `context`."""
+
+    ciphertext: B64
+    context: Context
+
+
+class DataKeyItem(_Body):
+    """A fresh data key: its wrapped form, and its plaintext unless `include_plaintext` is false."""
+
+    bits: Literal[128, 256] = 256
+    context: Context
+    include_plaintext: bool = True
+
+
+class RewrapItem(_Body):
+    """Re-wrap a ciphertext's data key under this key's primary version (the body and the
+    plaintext stay as they are; the ciphertext may come from another key)."""
+
+    ciphertext: B64
+    context: Context
 
 
 ItemT = TypeVar("ItemT", bound=BaseModel)

@@ -12,6 +12,7 @@ is audited; if the audit write fails, the result is withheld (fail-closed).
 from __future__ import annotations
 
 import base64
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -40,13 +41,23 @@ from kmsgate.backends.base import (
     MacCapable,
     Registry,
     SignMessage,
+    WrapCapable,
     require_capability,
 )
 from kmsgate.catalogue import Catalogue, Key, KeyState, KeyVersion
 from kmsgate.config import Settings
+from kmsgate.envelope import (
+    Envelope,
+    Kind,
+    encode_context,
+    open_message,
+    seal_message,
+    wrap_aad,
+)
 from kmsgate.errors import (
     ConfigError,
     Conflict,
+    DecryptionFailed,
     InvalidRequest,
     KmsgateError,
     NotFound,
@@ -57,10 +68,14 @@ from kmsgate.policy import Decision, PolicyEngine, policy_input
 from kmsgate.schemas import (
     CompromisedRequest,
     CreateKeyRequest,
+    DataKeyItem,
+    DecryptItem,
+    EncryptItem,
     MacItem,
     MacVerifyItem,
     PatchKeyRequest,
     PolicyEvaluateRequest,
+    RewrapItem,
     ScheduleDeletionRequest,
     SignItem,
     TokenCreateRequest,
@@ -468,6 +483,198 @@ class Service:
             if backend.verify_mac(key.backend_key(version), data, item.mac, hash_name):
                 return {"valid": True, "key_version": version.version}
         return {"valid": False, "key_version": None}
+
+    # -- envelope encryption ---------------------------------------------------------------
+    #
+    # Formats in kmsgate/envelope.py and docs/formats.md. A fresh DEK per message, wrapped by
+    # the key's backend; the context is bound into both the wrap and the body. Audit records
+    # carry the sha256 of ciphertexts but only the length of plaintexts (a digest of a short
+    # plaintext would let anyone who reads the log guess it).
+
+    def _envelope_operation(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        action: str,
+        name: str,
+        items: Sequence[EncryptItem | DecryptItem | DataKeyItem | RewrapItem],
+        batch: bool,
+        run: Callable[[Key, Sequence[Any]], list[Result | KmsgateError]],
+    ) -> Result:
+        contexts = [item.context or {} for item in items]
+        keys = sorted({k for c in contexts for k in c})
+        request: dict[str, object] = {
+            "batch": len(items),
+            "context": contexts[0] if all(c == contexts[0] for c in contexts) else None,
+            "context_keys": keys,
+        }
+        ciphertexts = [getattr(item, "ciphertext", None) for item in items]
+        inputs = [c for c in ciphertexts if c is not None] or None
+        plain = sum(len(item.plaintext) for item in items if isinstance(item, EncryptItem))
+
+        def operate(key: Key, outcome: _Outcome) -> Result:
+            if plain:
+                outcome.detail["plaintext_bytes"] = plain
+            return self._each(key, outcome, items, run, batch)
+
+        return self._key_op(principal, ctx, action, name, request, operate, inputs=inputs)
+
+    def _wrapper(self, key: Key) -> WrapCapable:
+        if key.type.usage is not KeyUsage.ENCRYPT or key.verify_only:
+            raise InvalidRequest(f"a {key.type} key cannot encrypt or wrap (use aes-256-gcm)")
+        backend = self.registry.get(key.backend)
+        return require_capability(backend, WrapCapable, "wrap data keys")  # type: ignore[type-abstract]
+
+    def _wrap_new(self, key: Key, kind: Kind, dek: bytes, context_aad: bytes) -> Envelope:
+        """A new envelope header: `dek` wrapped under the key's primary version."""
+        wrapper = self._wrapper(key)
+        version = key.usable_version(None, for_signing=True)
+        wrapped = wrapper.wrap(
+            key.backend_key(version), dek, wrap_aad(kind, key.name, version.version, context_aad)
+        )
+        return Envelope(kind, key.name, version.version, wrapped)
+
+    def _unwrap(self, key: Key, envelope: Envelope, context_aad: bytes) -> bytes:
+        """The DEK of `envelope` (made under `key`). Raises DecryptionFailed, or
+        KeyVersionUnusable for a retired (below min_decrypt_version) or destroyed version."""
+        wrapper = self._wrapper(key)
+        version = key.usable_version(envelope.key_version, for_signing=False)
+        aad = wrap_aad(envelope.kind, key.name, version.version, context_aad)
+        return wrapper.unwrap(key.backend_key(version), envelope.wrapped_dek, aad)
+
+    def _parse_for(self, key: Key, ciphertext: bytes) -> Envelope:
+        envelope = Envelope.parse(ciphertext)
+        if envelope.key_name != key.name:
+            raise DecryptionFailed(f"the ciphertext was made under another key, not {key.name!r}")
+        return envelope
+
+    def encrypt(
+        self, principal: Principal, ctx: Ctx, name: str, items: Sequence[EncryptItem], batch: bool
+    ) -> Result:
+        """Encrypt one plaintext or a batch (each up to `limits.max_input_bytes`) under the
+        primary version. Raises PolicyDenied, NotFound, KeyDisabled, InvalidRequest (not an
+        encryption key), TooLarge, NotSupported (backend cannot wrap)."""
+        return self._envelope_operation(
+            principal, ctx, "encrypt", name, items, batch, self._per_item(self._encrypt_one)
+        )
+
+    def _encrypt_one(self, key: Key, item: EncryptItem) -> Result:
+        limit = self.settings.limits.max_input_bytes
+        if len(item.plaintext) > limit:
+            raise TooLarge(
+                f"plaintext of {len(item.plaintext)} bytes exceeds the limit of {limit}; "
+                "encrypt larger data client-side with a data key (kmsgate encrypt-file)"
+            )
+        context_aad = encode_context(item.context)
+        dek = secrets.token_bytes(32)
+        header = self._wrap_new(key, Kind.MESSAGE, dek, context_aad)
+        nonce, body = seal_message(dek, item.plaintext, context_aad)
+        envelope = Envelope(
+            Kind.MESSAGE, key.name, header.key_version, header.wrapped_dek, nonce, body
+        )
+        return {"ciphertext": b64encode(envelope.to_bytes()), "key_version": header.key_version}
+
+    def decrypt(
+        self, principal: Principal, ctx: Ctx, name: str, items: Sequence[DecryptItem], batch: bool
+    ) -> Result:
+        """Decrypt ciphertexts from `encrypt` (the plaintext) or `datakey` (the data key).
+        Raises DecryptionFailed (tampered, wrong or missing context, another key's
+        ciphertext), KeyVersionUnusable (retired or destroyed version), and the key errors."""
+        return self._envelope_operation(
+            principal, ctx, "decrypt", name, items, batch, self._per_item(self._decrypt_one)
+        )
+
+    def _decrypt_one(self, key: Key, item: DecryptItem) -> Result:
+        envelope = self._parse_for(key, item.ciphertext)
+        context_aad = encode_context(item.context)
+        dek = self._unwrap(key, envelope, context_aad)
+        plaintext = (
+            dek if envelope.kind is Kind.DATA_KEY else open_message(dek, envelope, context_aad)
+        )
+        return {"plaintext": b64encode(plaintext), "key_version": envelope.key_version}
+
+    def datakey(
+        self, principal: Principal, ctx: Ctx, name: str, items: Sequence[DataKeyItem], batch: bool
+    ) -> Result:
+        """Fresh random data keys wrapped under the primary version; the plaintext key is
+        returned unless `include_plaintext` is false."""
+        return self._envelope_operation(
+            principal, ctx, "datakey", name, items, batch, self._per_item(self._datakey_one)
+        )
+
+    def _datakey_one(self, key: Key, item: DataKeyItem) -> Result:
+        dek = secrets.token_bytes(item.bits // 8)
+        envelope = self._wrap_new(key, Kind.DATA_KEY, dek, encode_context(item.context))
+        result: Result = {
+            "ciphertext": b64encode(envelope.to_bytes()),
+            "key_version": envelope.key_version,
+        }
+        if item.include_plaintext:
+            result["plaintext"] = b64encode(dek)
+        return result
+
+    def rewrap(
+        self, principal: Principal, ctx: Ctx, name: str, items: Sequence[RewrapItem], batch: bool
+    ) -> Result:
+        """Re-wrap each ciphertext's DEK under this key's primary version; the DEK and the
+        plaintext never leave the gateway and the message body is kept as is.
+
+        A ciphertext made under another key (a migration) also needs `rewrap` on that source
+        key: decided and audited per source key. Raises what `decrypt` raises, and
+        PolicyDenied per item for a source key the caller may not rewrap from.
+        """
+        sources: dict[str, Key | KmsgateError] = {}
+
+        def source_key(target: Key, envelope: Envelope) -> Key:
+            if envelope.key_name == target.name:
+                return target
+            if envelope.key_name not in sources:
+                sources[envelope.key_name] = self._rewrap_source(
+                    principal, ctx, envelope.key_name, target.name
+                )
+            found = sources[envelope.key_name]
+            if isinstance(found, KmsgateError):
+                raise found
+            return found
+
+        def one(key: Key, item: RewrapItem) -> Result:
+            envelope = Envelope.parse(item.ciphertext)
+            source = source_key(key, envelope)
+            context_aad = encode_context(item.context)
+            dek = self._unwrap(source, envelope, context_aad)
+            header = self._wrap_new(key, envelope.kind, dek, context_aad)
+            new = Envelope(
+                envelope.kind,
+                key.name,
+                header.key_version,
+                header.wrapped_dek,
+                envelope.nonce,
+                envelope.body,
+            )
+            return {"ciphertext": b64encode(new.to_bytes()), "key_version": header.key_version}
+
+        return self._envelope_operation(
+            principal, ctx, "rewrap", name, items, batch, self._per_item(one)
+        )
+
+    def _rewrap_source(
+        self, principal: Principal, ctx: Ctx, name: str, target: str
+    ) -> Key | KmsgateError:
+        """The source key of a cross-key rewrap if the caller may rewrap from it (decided
+        and audited like any operation), else the error to report for its items."""
+        request = {"role": "source", "target": target}
+
+        def check(key: Key, outcome: _Outcome) -> Key:
+            key.require_enabled()
+            outcome.detail["target"] = target
+            return key
+
+        try:
+            return self._key_op(principal, ctx, "rewrap", name, request, check)
+        except NotFound:
+            return DecryptionFailed("the ciphertext names a key that does not exist")
+        except KmsgateError as exc:
+            return exc
 
     # -- keys ------------------------------------------------------------------------------
 

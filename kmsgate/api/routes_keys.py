@@ -16,9 +16,13 @@ from kmsgate.errors import InvalidRequest
 from kmsgate.schemas import (
     CompromisedRequest,
     CreateKeyRequest,
+    DataKeyItem,
+    DecryptItem,
+    EncryptItem,
     MacItem,
     MacVerifyItem,
     PatchKeyRequest,
+    RewrapItem,
     ScheduleDeletionRequest,
     SignItem,
     VerifyItem,
@@ -34,7 +38,9 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"])
 # The hot operations come first: routes are matched in order.
 
 
-async def _operation(request: Request, item_type: type[BaseModel], operation: str) -> Response:
+async def _operation(
+    request: Request, item_type: type[BaseModel], operation: str, threadpool: bool = False
+) -> Response:
     """Authenticate, parse the body (one item or a batch) and run `operation` on the key in
     the path. Hot path: no dependency injection, raw body parsing; blocking backends go to
     the thread pool, in-process ones stay on the event loop."""
@@ -44,7 +50,7 @@ async def _operation(request: Request, item_type: type[BaseModel], operation: st
         await request.body(), item_type, service.settings.limits.max_batch
     )
     run: Callable[[Principal, Ctx, str, list[Any], bool], Result] = getattr(service, operation)
-    if service.is_blocking(name):
+    if threadpool or service.is_blocking(name):
         return json_response(await run_in_threadpool(run, principal, ctx, name, items, batch))
     return json_response(run(principal, ctx, name, items, batch))
 
@@ -55,9 +61,14 @@ they skip FastAPI's per-request dependency machinery (DESIGN §10). The matching
 routes stay registered so the OpenAPI document describes them."""
 
 
-def _hot_route(path: str, item_type: type[BaseModel], operation: str, doc: str) -> None:
+def _hot_route(
+    path: str, item_type: type[BaseModel], operation: str, doc: str, *, threadpool: bool = False
+) -> None:
+    """Register a hot operation; `threadpool` always runs it off the event loop (for
+    operations that may reach a backend other than the path key's)."""
+
     async def endpoint(request: Request) -> Response:
-        return await _operation(request, item_type, operation)
+        return await _operation(request, item_type, operation, threadpool)
 
     endpoint.__doc__ = doc
     endpoint.__name__ = operation
@@ -82,6 +93,34 @@ _hot_route(
     MacVerifyItem,
     "mac_verify",
     "Check a MAC in constant time; reply `{valid, key_version}`.",
+)
+_hot_route(
+    "/{name}/encrypt",
+    EncryptItem,
+    "encrypt",
+    "Encrypt `plaintext` (fresh data key, AES-256-GCM, `context` bound as AAD); reply "
+    "`{ciphertext, key_version}` (format: docs/formats.md).",
+)
+_hot_route(
+    "/{name}/decrypt",
+    DecryptItem,
+    "decrypt",
+    "Decrypt a ciphertext from `encrypt` or `datakey` with its `context`; reply "
+    "`{plaintext, key_version}`.",
+)
+_hot_route(
+    "/{name}/datakey",
+    DataKeyItem,
+    "datakey",
+    "A fresh data key; reply `{plaintext?, ciphertext, key_version}`.",
+)
+_hot_route(
+    "/{name}/rewrap",
+    RewrapItem,
+    "rewrap",
+    "Re-wrap a ciphertext's data key under the primary version (of this key, also for a "
+    "ciphertext of another key); reply `{ciphertext, key_version}`.",
+    threadpool=True,
 )
 
 

@@ -1,0 +1,277 @@
+"""Envelope formats: the server-side ciphertext, the streaming file header, and the canonical
+encoding of encryption contexts. Byte layouts are documented in docs/formats.md.
+
+Server-side ciphertext (`encrypt`, `datakey`), all integers big-endian:
+
+    "KGE" | 0x01 format | kind (1 message, 2 data key) | u8 len + key name
+    | u32 key version | u16 len + wrapped DEK | [message: 12-byte nonce | AES-256-GCM body]
+
+The DEK is wrapped by the key's backend (`WrapCapable.wrap`) with AAD = `wrap_aad(...)`,
+which binds the kind, key name, key version and context. The message body is sealed under
+the DEK with AAD = `data_aad(context)`, which does not name the key: `rewrap` replaces only
+the wrapped DEK (and the name and version), never the body.
+
+Streaming file (`kmsgate encrypt-file`):
+
+    "KMSGATE\\n" | 0x01 format | u16 len + canonical context        <- bound part
+    | u16 len + data-key ciphertext (a kind-2 server-side ciphertext)
+    | C2SP chunked-encryption body (Cobblestone-256)
+
+The body's input key is the data key and its context is the bound part of the header
+(everything before the data-key ciphertext), so a migration to another key rewrites only
+the data-key field.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import BinaryIO, Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kmsgate.errors import DecryptionFailed, InvalidRequest
+
+MAGIC: Final = b"KGE"
+FORMAT_VERSION: Final = 1
+DEK_BYTES: Final = 32
+NONCE_BYTES: Final = 12
+TAG_BYTES: Final = 16
+MAX_KEY_NAME: Final = 128
+MAX_WRAPPED: Final = 4096
+MAX_CONTEXT_ENTRIES: Final = 32
+MAX_CONTEXT_STRING: Final = 256
+
+FILE_MAGIC: Final = b"KMSGATE\n"
+FILE_FORMAT_VERSION: Final = 1
+MAX_FILE_HEADER: Final = 8 + 1 + 2 + 0xFFFF + 2 + 0xFFFF
+
+_WRAP_DOMAIN: Final = b"kmsgate/envelope/v1/dek\x00"
+_DATA_DOMAIN: Final = b"kmsgate/envelope/v1/data\x00"
+
+
+class Kind(enum.IntEnum):
+    MESSAGE = 1
+    DATA_KEY = 2
+
+
+def check_context(context: Mapping[str, str] | None) -> dict[str, str]:
+    """A copy of `context`, checked: at most 32 entries, keys 1-256 and values 0-256
+    characters, valid Unicode. Raises ValueError."""
+    if context is None:
+        return {}
+    if len(context) > MAX_CONTEXT_ENTRIES:
+        raise ValueError(f"context has more than {MAX_CONTEXT_ENTRIES} entries")
+    for k, v in context.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError("context keys and values must be strings")
+        if not 1 <= len(k) <= MAX_CONTEXT_STRING or len(v) > MAX_CONTEXT_STRING:
+            raise ValueError(
+                f"context keys must be 1-{MAX_CONTEXT_STRING} characters, "
+                f"values at most {MAX_CONTEXT_STRING}"
+            )
+        try:
+            k.encode("utf-8")
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("context strings must be valid Unicode") from None
+    return dict(context)
+
+
+def encode_context(context: Mapping[str, str] | None) -> bytes:
+    """The canonical AAD encoding of a context: u16 entry count, then for each entry sorted by
+    the UTF-8 bytes of its key: u16 len + key, u16 len + value (UTF-8). Missing = empty."""
+    items = sorted((k.encode("utf-8"), v.encode("utf-8")) for k, v in (context or {}).items())
+    parts = [struct.pack(">H", len(items))]
+    for k, v in items:
+        parts += [struct.pack(">H", len(k)), k, struct.pack(">H", len(v)), v]
+    return b"".join(parts)
+
+
+def decode_context(data: bytes) -> dict[str, str]:
+    """Reverse `encode_context`, insisting on the canonical form. Raises ValueError."""
+    reader = _Reader(data, ValueError)
+    count = reader.u16()
+    out: dict[str, str] = {}
+    previous: bytes | None = None
+    for _ in range(count):
+        k, v = reader.take(reader.u16()), reader.take(reader.u16())
+        if previous is not None and k <= previous:
+            raise ValueError("context entries are not sorted and unique")
+        previous = k
+        out[k.decode("utf-8")] = v.decode("utf-8")
+    reader.end()
+    check_context(out)
+    return out
+
+
+def wrap_aad(kind: Kind, key_name: str, key_version: int, context_aad: bytes) -> bytes:
+    """AAD under which the backend wraps a DEK."""
+    name = key_name.encode("ascii")
+    return (
+        _WRAP_DOMAIN
+        + bytes([kind, len(name)])
+        + name
+        + struct.pack(">I", key_version)
+        + context_aad
+    )
+
+
+def data_aad(context_aad: bytes) -> bytes:
+    """AAD of a message body sealed under its DEK."""
+    return _DATA_DOMAIN + context_aad
+
+
+class _Reader:
+    def __init__(self, data: bytes, error: type[Exception]) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self._error = error
+
+    def take(self, n: int) -> bytes:
+        if self._pos + n > len(self._data):
+            raise self._error("ciphertext is truncated or malformed")
+        out = bytes(self._data[self._pos : self._pos + n])
+        self._pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        value: int = struct.unpack(">H", self.take(2))[0]
+        return value
+
+    def u32(self) -> int:
+        value: int = struct.unpack(">I", self.take(4))[0]
+        return value
+
+    def rest(self) -> bytes:
+        return self.take(len(self._data) - self._pos)
+
+    def end(self) -> None:
+        if self._pos != len(self._data):
+            raise self._error("trailing bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A parsed server-side ciphertext. `nonce` and `body` are empty for a data key."""
+
+    kind: Kind
+    key_name: str
+    key_version: int
+    wrapped_dek: bytes
+    nonce: bytes = b""
+    body: bytes = b""
+
+    def to_bytes(self) -> bytes:
+        name = self.key_name.encode("ascii")
+        if not 1 <= len(name) <= MAX_KEY_NAME or not 1 <= len(self.wrapped_dek) <= MAX_WRAPPED:
+            raise InvalidRequest("key name or wrapped key out of range for the format")
+        head = MAGIC + bytes([FORMAT_VERSION, self.kind, len(name)]) + name
+        head += struct.pack(">IH", self.key_version, len(self.wrapped_dek)) + self.wrapped_dek
+        return head + self.nonce + self.body if self.kind is Kind.MESSAGE else head
+
+    @classmethod
+    def parse(cls, data: bytes) -> Envelope:
+        """Raises DecryptionFailed for anything but a well-formed kmsgate ciphertext."""
+        r = _Reader(data, DecryptionFailed)
+        if r.take(3) != MAGIC or r.u8() != FORMAT_VERSION:
+            raise DecryptionFailed("not a kmsgate ciphertext (or an unknown format version)")
+        try:
+            kind = Kind(r.u8())
+        except ValueError:
+            raise DecryptionFailed("unknown ciphertext kind") from None
+        raw_name = r.take(r.u8())
+        version = r.u32()
+        wrapped = r.take(r.u16())
+        try:
+            name = raw_name.decode("ascii")
+        except UnicodeDecodeError:
+            raise DecryptionFailed("malformed key name") from None
+        if not name or not wrapped or version < 1:
+            raise DecryptionFailed("malformed ciphertext header")
+        if kind is Kind.DATA_KEY:
+            r.end()
+            return cls(kind, name, version, wrapped)
+        nonce = r.take(NONCE_BYTES)
+        body = r.rest()
+        if len(body) < TAG_BYTES:
+            raise DecryptionFailed("ciphertext is truncated")
+        return cls(kind, name, version, wrapped, nonce, body)
+
+
+def seal_message(dek: bytes, plaintext: bytes, context_aad: bytes) -> tuple[bytes, bytes]:
+    """(nonce, body) of `plaintext` under a fresh single-use DEK."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce, AESGCM(dek).encrypt(nonce, plaintext, data_aad(context_aad))
+
+
+def open_message(dek: bytes, envelope: Envelope, context_aad: bytes) -> bytes:
+    """Raises DecryptionFailed if the body or context is wrong."""
+    try:
+        return AESGCM(dek).decrypt(envelope.nonce, envelope.body, data_aad(context_aad))
+    except (InvalidTag, ValueError):
+        raise DecryptionFailed() from None
+
+
+# -- streaming file header --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FileHeader:
+    """The kmsgate header of an encrypted file."""
+
+    context: dict[str, str]
+    data_key: bytes
+    """The data-key ciphertext (a kind-2 `Envelope`) as returned by `datakey`."""
+
+    @property
+    def bound(self) -> bytes:
+        """The header bytes bound as the C2SP context: magic, format, context."""
+        ctx = encode_context(self.context)
+        return FILE_MAGIC + bytes([FILE_FORMAT_VERSION]) + struct.pack(">H", len(ctx)) + ctx
+
+    def to_bytes(self) -> bytes:
+        if len(self.data_key) > 0xFFFF:
+            raise ValueError("data-key ciphertext too long")
+        return self.bound + struct.pack(">H", len(self.data_key)) + self.data_key
+
+    def envelope(self) -> Envelope:
+        """The parsed data-key ciphertext (names the key and version). Raises DecryptionFailed."""
+        env = Envelope.parse(self.data_key)
+        if env.kind is not Kind.DATA_KEY:
+            raise DecryptionFailed("file header does not hold a data key")
+        return env
+
+    @classmethod
+    def read(cls, src: BinaryIO) -> FileHeader:
+        """Read exactly the header from `src`. Raises DecryptionFailed if it is not one."""
+
+        def take(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                more = src.read(n - len(data))
+                if not more:
+                    raise DecryptionFailed("not a kmsgate encrypted file (truncated header)")
+                data += more
+            return data
+
+        if take(len(FILE_MAGIC)) != FILE_MAGIC:
+            raise DecryptionFailed("not a kmsgate encrypted file")
+        if take(1)[0] != FILE_FORMAT_VERSION:
+            raise DecryptionFailed("unknown kmsgate file format version")
+        ctx_bytes = take(struct.unpack(">H", take(2))[0])
+        data_key = take(struct.unpack(">H", take(2))[0])
+        try:
+            context = decode_context(ctx_bytes)
+        except (ValueError, UnicodeDecodeError):
+            raise DecryptionFailed("malformed context in file header") from None
+        header = cls(context, data_key)
+        header.envelope()
+        return header

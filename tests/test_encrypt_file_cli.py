@@ -1,0 +1,271 @@
+"""`kmsgate encrypt` / `decrypt` / `encrypt-file` / `decrypt-file` / `rewrap` against a real
+dev gateway (`kmsgate serve --dev` subprocess, CLI as separate processes, as in test_cli.py).
+
+Tampering with any region, truncating, extending or swapping chunks must fail with a
+non-zero exit and leave no output file. The slow test encrypts and decrypts a large file
+(256 MiB; 2 GiB with KMSGATE_BIG=1) and checks the peak RSS of the CLI process.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import resource
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kmsgate.chunked import HEADER_BYTES, SEALED_CHUNK_BYTES
+from kmsgate.envelope import FileHeader
+from tests.test_cli import Gateway, kmsgate_script, running_gateway, setup_key
+
+RSS_LIMIT = 100 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with running_gateway(tmp_path_factory.mktemp("encgw")) as gateway:
+        for name in ("fk", "fk2", "fk3"):
+            setup_key(gateway, name, "aes-256-gcm", "envelope-data")
+        setup_key(gateway, "signer", "ecdsa-p256")
+        yield gateway
+
+
+def _no_temp_left(directory: Path) -> None:
+    leftovers = [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+
+
+def test_server_side_encrypt_decrypt(gw, tmp_path):
+    data = tmp_path / "small"
+    data.write_bytes(b"server side \x00\xff")
+    enc = gw.ok("encrypt", str(data), "-k", "fk", "-c", "app=x")
+    assert "key_version=1" in enc.err
+    ct = enc.out.strip()
+    base64.b64decode(ct, validate=True)
+    out = tmp_path / "out"
+    gw.ok("decrypt", "-", "-k", "fk", "-c", "app=x", "-o", str(out), stdin=ct.encode())
+    assert out.read_bytes() == b"server side \x00\xff"
+    wrong = gw.run("decrypt", "-", "-k", "fk", "-c", "app=y", stdin=ct.encode())
+    assert wrong.rc == 2 and "decryption_failed" in wrong.err
+    bad = gw.run("encrypt", str(data), "-k", "fk", "-c", "novalue")
+    assert bad.rc == 2 and "name=value" in bad.err
+
+
+@pytest.mark.parametrize("size", [0, 1, 16384, 16384 * 3 + 7, 1_000_000])
+def test_file_round_trip(gw, tmp_path, size):
+    src = tmp_path / "plain.bin"
+    src.write_bytes(os.urandom(size))
+    gw.ok("encrypt-file", str(src), "-k", "fk", "-c", "tenant=acme", "-c", "doc=1")
+    enc = tmp_path / "plain.bin.kmsgate"
+    header = FileHeader.read(enc.open("rb"))
+    assert header.context == {"tenant": "acme", "doc": "1"}
+    assert header.envelope().key_name == "fk"
+    assert oct(enc.stat().st_mode & 0o777) == "0o600"
+    src.rename(tmp_path / "orig.bin")
+    gw.ok("decrypt-file", str(enc))
+    assert src.read_bytes() == (tmp_path / "orig.bin").read_bytes()
+    # the required context must match the header's
+    other = gw.run("decrypt-file", str(enc), "-o", str(tmp_path / "x"), "-c", "tenant=evil")
+    assert other.rc == 1 and not (tmp_path / "x").exists()
+    # refuses to overwrite without --force
+    again = gw.run("decrypt-file", str(enc))
+    assert again.rc == 2 and "exists" in again.err
+    gw.ok("decrypt-file", str(enc), "--force")
+    _no_temp_left(tmp_path)
+
+
+def test_stdin_stdout(gw, tmp_path):
+    data = os.urandom(70_000)
+    enc = subprocess.run(
+        [kmsgate_script(), "encrypt-file", "-", "-k", "fk"],
+        input=data,
+        capture_output=True,
+        env=gw.env(),
+        timeout=60,
+        check=True,
+    ).stdout
+    assert enc.startswith(b"KMSGATE\n")
+    dec = subprocess.run(
+        [kmsgate_script(), "decrypt-file", "-"],
+        input=enc,
+        capture_output=True,
+        env=gw.env(),
+        timeout=60,
+        check=True,
+    ).stdout
+    assert dec == data
+
+
+def _variants(ct: bytes, body: int) -> dict[str, bytes]:
+    """Tampered copies: a flipped byte in every region, truncations, extension, swaps."""
+    out: dict[str, bytes] = {}
+    positions = {
+        "magic": 0,
+        "format": 8,
+        "context": 12,
+        "datakey": body - 20,
+        "salt": body + 3,
+        "commitment": body + 30,
+        "chunk0": body + HEADER_BYTES + 100,
+        "tag0": body + HEADER_BYTES + SEALED_CHUNK_BYTES - 1,
+        "chunk1": body + HEADER_BYTES + SEALED_CHUNK_BYTES + 5,
+        "last": len(ct) - 1,
+    }
+    for name, i in positions.items():
+        flipped = bytearray(ct)
+        flipped[i] ^= 0x04
+        out[f"flip-{name}"] = bytes(flipped)
+    for cut in (1, 16, 17, len(ct) - body - HEADER_BYTES - SEALED_CHUNK_BYTES):
+        out[f"truncate-{cut}"] = ct[:-cut]
+    out["truncate-header"] = ct[: body - 3]
+    out["extend"] = ct + b"\x00" * 20
+    c0 = body + HEADER_BYTES
+    chunk0, chunk1 = (
+        ct[c0 : c0 + SEALED_CHUNK_BYTES],
+        ct[c0 + SEALED_CHUNK_BYTES : c0 + 2 * SEALED_CHUNK_BYTES],
+    )
+    out["swap"] = ct[:c0] + chunk1 + chunk0 + ct[c0 + 2 * SEALED_CHUNK_BYTES :]
+    out["duplicate"] = ct[:c0] + chunk0 + chunk0 + ct[c0 + 2 * SEALED_CHUNK_BYTES :]
+    return out
+
+
+def test_tampering_fails_without_output(gw, tmp_path):
+    src = tmp_path / "doc"
+    src.write_bytes(os.urandom(3 * 16384 + 500))
+    gw.ok("encrypt-file", str(src), "-k", "fk", "-c", "t=1")
+    ct = (tmp_path / "doc.kmsgate").read_bytes()
+    body = len(FileHeader.read((tmp_path / "doc.kmsgate").open("rb")).to_bytes())
+    for name, bad in _variants(ct, body).items():
+        path = tmp_path / f"{name}.kmsgate"
+        path.write_bytes(bad)
+        out = tmp_path / f"{name}.out"
+        result = gw.run("decrypt-file", str(path), "-o", str(out))
+        assert result.rc != 0, f"{name}: {result}"
+        assert "Traceback" not in result.err, result
+        assert not out.exists(), name
+    _no_temp_left(tmp_path)
+
+
+def test_wrong_key_type_and_unknown_key(gw, tmp_path):
+    src = tmp_path / "f"
+    src.write_bytes(b"x")
+    r = gw.run("encrypt-file", str(src), "-k", "signer")
+    assert r.rc == 2 and "invalid_request" in r.err
+    assert not (tmp_path / "f.kmsgate").exists()
+    r = gw.run("encrypt-file", str(src), "-k", "nope")
+    assert r.rc == 2 and not (tmp_path / "f.kmsgate").exists()
+    _no_temp_left(tmp_path)
+
+
+def test_rewrap_migration_resumes(gw, tmp_path):
+    files = tmp_path / "tree"
+    (files / "sub").mkdir(parents=True)
+    originals = {}
+    for i in range(5):
+        p = files / ("sub" if i % 2 else ".") / f"f{i}"
+        p.write_bytes(os.urandom(20_000 + i))
+        originals[p.resolve()] = p.read_bytes()
+        gw.ok("encrypt-file", str(p), "-k", "fk2", "-c", f"n={i}")
+        p.unlink()
+    other = files / "other.kmsgate"
+    plain = files / "other"
+    plain.write_bytes(b"other key")
+    gw.ok("encrypt-file", str(plain), "-k", "fk", "-o", str(other))
+    plain.unlink()
+    bodies = {p: p.read_bytes()[-1000:] for p in files.rglob("*.kmsgate")}
+    checkpoint = tmp_path / "cp"
+    # a first run that stops after two files (simulated interruption: checkpoint pre-filled)
+    first = sorted(p for p in files.rglob("*.kmsgate") if p.name.startswith("f"))[:2]
+    gw.ok(
+        "rewrap",
+        str(first[0]),
+        str(first[1]),
+        "--from-key",
+        "fk2",
+        "--to-key",
+        "fk3",
+        "--checkpoint",
+        str(checkpoint),
+    )
+    assert checkpoint.read_text().splitlines() == [str(p.resolve()) for p in first]
+    run = gw.ok(
+        "rewrap",
+        str(files),
+        "--from-key",
+        "fk2",
+        "--to-key",
+        "fk3",
+        "--checkpoint",
+        str(checkpoint),
+        "--rate",
+        "100",
+        "--batch",
+        "2",
+    )
+    assert "rewrapped 3, skipped 3, failed 0" in run.out, run
+    for p, tail in bodies.items():
+        assert p.read_bytes()[-1000:] == tail  # bodies untouched
+        header = FileHeader.read(p.open("rb"))
+        assert header.envelope().key_name == ("fk" if p == other else "fk3")
+    # old key can be disabled: the migrated files still decrypt
+    gw.ok("keys", "disable", "fk2")
+    for p, data in originals.items():
+        gw.ok("decrypt-file", str(p) + ".kmsgate")
+        assert p.read_bytes() == data
+    _no_temp_left(files)
+
+
+def _rss_child(gw: Gateway, args: list[str]) -> int:
+    """Peak RSS (bytes) of one CLI process, via resource.getrusage in a wrapper process."""
+    code = (
+        "import resource, subprocess, sys\n"
+        "rc = subprocess.run(sys.argv[1:]).returncode\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run(
+        ["python", "-c", code, kmsgate_script(), *args],
+        capture_output=True,
+        env=gw.env(),
+        timeout=1800,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    return int(proc.stdout.decode().split()[-1]) * 1024  # ru_maxrss is KiB on Linux
+
+
+@pytest.mark.slow
+def test_big_file_constant_memory(gw, tmp_path):
+    size = (2 << 30) if os.environ.get("KMSGATE_BIG") == "1" else (256 << 20)
+    src = tmp_path / "big"
+    h = hashlib.sha256()
+    block = os.urandom(1 << 20)
+    with src.open("wb") as f:
+        for i in range(size >> 20):
+            chunk = block[i % 251 :] + block[: i % 251]  # distinct blocks, cheap to make
+            f.write(chunk)
+            h.update(chunk)
+    expected = h.hexdigest()
+    t0 = time.perf_counter()
+    rss_enc = _rss_child(gw, ["encrypt-file", str(src), "-k", "fk"])
+    t1 = time.perf_counter()
+    src.unlink()
+    rss_dec = _rss_child(gw, ["decrypt-file", str(src) + ".kmsgate"])
+    t2 = time.perf_counter()
+    got = hashlib.sha256()
+    with src.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            got.update(chunk)
+    assert got.hexdigest() == expected
+    print(
+        f"\n{size >> 20} MiB: encrypt-file {size / (t1 - t0) / 1e6:.0f} MB/s, "
+        f"peak RSS {rss_enc >> 20} MiB; decrypt-file {size / (t2 - t1) / 1e6:.0f} MB/s, "
+        f"peak RSS {rss_dec >> 20} MiB"
+    )
+    assert rss_enc < RSS_LIMIT and rss_dec < RSS_LIMIT
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < 4 * RSS_LIMIT
