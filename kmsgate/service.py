@@ -907,6 +907,13 @@ class Service:
             if req.min_decrypt_version is not None:
                 if req.min_decrypt_version > key.primary_version:
                     raise InvalidRequest("min_decrypt_version cannot exceed the primary version")
+                if req.min_decrypt_version > key.min_decrypt_version and not key.verify_only:
+                    # the backend first: if it fails, nothing changed; if it enforces the
+                    # new minimum, so does kmsgate a moment later
+                    self.registry.get(key.backend).retire_versions_below(
+                        key.backend_key(key.versions[key.primary_version]),
+                        req.min_decrypt_version,
+                    )
                 changes["min_decrypt_version"] = req.min_decrypt_version
             if req.rotation_period is not None:
                 changes["rotation_period"] = parse_duration(req.rotation_period)

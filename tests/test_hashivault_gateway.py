@@ -1026,3 +1026,15 @@ def test_documented_policy_is_enough_for_a_whole_lifecycle(openbao_server, prefi
             transit_key(openbao_server, f"kmsgate-{prefix}aes")
     finally:
         backend.close()
+
+
+def test_patching_min_decrypt_version_retires_transit_versions(
+    vault_gateway, openbao_server, prefix
+):
+    api, admin, _ = vault_gateway
+    create_key(api, admin, "retire", "aes-256-gcm")
+    assert api.call("POST", "/v1/keys/retire/rotate", admin).status_code == 200
+    r = api.call("PATCH", "/v1/keys/retire", admin, json={"min_decrypt_version": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["min_decrypt_version"] == 2
+    assert transit_key(openbao_server, f"{prefix}retire")["min_decryption_version"] == 2

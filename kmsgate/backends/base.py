@@ -103,6 +103,10 @@ class KeyBackend(ABC):
     def destroy(self, key: BackendKey) -> None:
         """Destroy the key material (irreversible) and forget any cached copy."""
 
+    def retire_versions_below(self, key: BackendKey, min_version: int) -> None:  # noqa: B027
+        """Mirror kmsgate's `min_decrypt_version` where the backend can enforce it too
+        (Vault Transit's `min_decryption_version`); kmsgate enforces it either way."""
+
     def status(self) -> BackendStatus:
         """Readiness of the backend (for /v1/sys/ready)."""
         return BackendStatus(ok=True)
