@@ -27,6 +27,7 @@ from rich.table import Table
 
 from kmsgate.algorithms import SIGN_ALGORITHMS, KeyType, default_sign_algorithm
 from kmsgate.chunked import Progress
+from kmsgate.cli_model import model_app
 from kmsgate.client import ApiError, Client
 from kmsgate.envelope import FileHeader
 from kmsgate.errors import ConfigError, DecryptionFailed, KmsgateError
@@ -41,6 +42,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
 app.add_typer(policy_app, name="policy")
+app.add_typer(model_app, name="model")
 
 out = Console()
 err = Console(stderr=True)

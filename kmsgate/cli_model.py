@@ -1,0 +1,303 @@
+"""`kmsgate model`: sign and verify model directories (registered in kmsgate/cli.py).
+
+Conventions as in kmsgate/cli.py: one `error: ...` line on stderr for a failure, a rich
+progress bar on stderr only when it is a terminal. `verify` exits 0 when the model verifies,
+2 when it could not run (unreadable input, gateway unreachable or refusing), and one of the
+codes of `kmsgate.model_signing.Failure` (10-19) for a model that does not verify.
+
+Helpers are local (not imported from kmsgate.cli) so that cli.py can import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from kmsgate.client import ApiError, Client
+from kmsgate.model_signing import (
+    BuildInfo,
+    BundleError,
+    GatewaySigner,
+    GatewayTrust,
+    ManifestError,
+    ModelVerificationError,
+    PublicKeyTrust,
+    SigningError,
+    TrustBundle,
+    export_trust_bundle,
+    sign_model,
+    verify_model,
+)
+from kmsgate.model_signing.manifest import Progress
+from kmsgate.model_signing.sign import DEFAULT_BUNDLE_NAME, write_atomic
+from kmsgate.model_signing.trust import Trust
+
+model_app = typer.Typer(
+    no_args_is_help=True, help="Sign and verify ML models (model_signing format)."
+)
+
+out = Console()
+err = Console(stderr=True)
+
+AddrOpt = Annotated[str | None, typer.Option("--addr", envvar="KMSGATE_ADDR", help="Gateway URL.")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", envvar="KMSGATE_TOKEN", help="API token.", show_default=False),
+]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Hashing threads.")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+class _Bar:
+    """A rich progress bar on stderr when it is a terminal; `callback` is None otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.callback: Progress | None = None
+        self._bar: Any = None
+        self._task: Any = None
+
+    def total(self, size: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, total=size)
+
+    @contextlib.contextmanager
+    def run(self) -> Iterator[_Bar]:
+        if not err.is_terminal:
+            yield self
+            return
+        from rich.progress import BarColumn, DownloadColumn, TransferSpeedColumn
+        from rich.progress import Progress as RichProgress
+
+        columns = [BarColumn(), DownloadColumn(), TransferSpeedColumn()]
+        with RichProgress(
+            f"[bold]{escape(self.label)}", *columns, console=err, transient=True
+        ) as bar:
+            self._bar = bar
+            self._task = bar.add_task(self.label, total=None)
+            self.callback = lambda n: bar.advance(self._task, n)
+            yield self
+
+
+def _parse_params(entries: list[str], params_file: Path | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if params_file is not None:
+        try:
+            loaded = json.loads(params_file.read_bytes())
+        except (OSError, ValueError) as exc:
+            fail(f"cannot read --params-file {params_file}: {exc}")
+        if not isinstance(loaded, dict):
+            fail("--params-file must hold a JSON object")
+        params.update(loaded)
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            fail(f"--param {entry!r} is not KEY=VALUE")
+        params[key] = value
+    return params
+
+
+@model_app.command("sign")
+def sign(
+    model: Annotated[Path, typer.Argument(help="Model directory.")],
+    key: Annotated[str, typer.Option("--key", help="Gateway signing key (logical name).")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Bundle path [default: DIR/model.sig].")
+    ] = None,
+    provenance_out: Annotated[
+        Path | None, typer.Option("--provenance-out", help="[default: BUNDLE.provenance.json]")
+    ] = None,
+    no_provenance: Annotated[bool, typer.Option("--no-provenance")] = False,
+    no_checksums: Annotated[
+        bool, typer.Option("--no-checksums", help="Do not write DIR/checksums.json.")
+    ] = False,
+    ignore: Annotated[
+        list[str] | None, typer.Option("--ignore", help="Glob of paths to leave out (repeat).")
+    ] = None,
+    no_ignore_git_paths: Annotated[bool, typer.Option("--no-ignore-git-paths")] = False,
+    allow_symlinks: Annotated[bool, typer.Option("--allow-symlinks")] = False,
+    algorithm: Annotated[str | None, typer.Option("--algorithm")] = None,
+    builder_id: Annotated[str | None, typer.Option("--builder-id")] = None,
+    git_sha: Annotated[str | None, typer.Option("--git-sha")] = None,
+    git_repo: Annotated[str | None, typer.Option("--git-repo")] = None,
+    container_digest: Annotated[str | None, typer.Option("--container-digest")] = None,
+    dataset_snapshot: Annotated[str | None, typer.Option("--dataset-snapshot")] = None,
+    dataset_digest: Annotated[str | None, typer.Option("--dataset-digest")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help="Training parameter KEY=VALUE (repeat).")
+    ] = None,
+    params_file: Annotated[Path | None, typer.Option("--params-file")] = None,
+    workers: WorkersOpt = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Hash DIR locally, sign its model_signing statement and SLSA provenance with KEY."""
+    build = BuildInfo(
+        builder_id=builder_id,
+        git_sha=git_sha,
+        git_repo=git_repo,
+        container_digest=container_digest,
+        dataset_snapshot=dataset_snapshot,
+        dataset_digest=dataset_digest,
+        parameters=_parse_params(param or [], params_file),
+    )
+    bar = _Bar(f"hashing {model.name}")
+    try:
+        with Client(addr, token) as client, bar.run():
+            result = sign_model(
+                model,
+                GatewaySigner(client, key, algorithm),
+                bundle_path=output,
+                provenance_path=provenance_out,
+                provenance=not no_provenance,
+                checksums=not no_checksums,
+                ignore=ignore or [],
+                ignore_git_paths=not no_ignore_git_paths,
+                allow_symlinks=allow_symlinks,
+                build=build,
+                workers=workers,
+                progress=bar.callback,
+                on_total=bar.total,
+            )
+    except ApiError as exc:
+        fail(f"{exc.code}: {exc.detail}")
+    except (ManifestError, SigningError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{getattr(exc, 'filename', '') or model}: {exc.strerror or exc}")
+    _print_json(result.to_dict())
+
+
+def _trust(
+    public_key: Path | None,
+    trust_bundle: Path | None,
+    gateway: str | None,
+    key: str | None,
+    token: str | None,
+    client_box: list[Client],
+) -> Trust:
+    chosen = [x for x in (public_key, trust_bundle, gateway or key) if x]
+    if len(chosen) != 1:
+        fail("give exactly one of --public-key, --trust-bundle or --gateway/--key")
+    try:
+        if public_key is not None:
+            return PublicKeyTrust.from_pem(public_key.read_bytes())
+        if trust_bundle is not None:
+            return TrustBundle.load(trust_bundle)
+    except OSError as exc:
+        fail(f"cannot read {public_key or trust_bundle}: {exc.strerror}")
+    except (BundleError, ValueError) as exc:
+        fail(str(exc))
+    if not key:
+        fail("--gateway needs --key NAME")
+    client = Client(gateway, token)
+    client_box.append(client)
+    return GatewayTrust(client, key)
+
+
+@model_app.command("verify")
+def verify(
+    model: Annotated[Path, typer.Argument(help="Model directory.")],
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", "-b", help="[default: DIR/model.sig]")
+    ] = None,
+    public_key: Annotated[Path | None, typer.Option("--public-key", help="PEM public key.")] = None,
+    gateway: Annotated[
+        str | None, typer.Option("--gateway", envvar="KMSGATE_ADDR", help="Gateway URL.")
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Gateway key name.")] = None,
+    trust_bundle: Annotated[
+        Path | None, typer.Option("--trust-bundle", help="Offline kmsgate trust bundle (JSON).")
+    ] = None,
+    provenance: Annotated[
+        Path | None, typer.Option("--provenance", help="[default: BUNDLE.provenance.json]")
+    ] = None,
+    require_provenance: Annotated[bool, typer.Option("--require-provenance")] = False,
+    policy: Annotated[Path | None, typer.Option("--policy", help="Rego acceptance policy.")] = None,
+    expect_policy_digest: Annotated[str | None, typer.Option("--expect-policy-digest")] = None,
+    algorithm: Annotated[
+        str | None, typer.Option("--algorithm", help="For RSA keys (default rsa-pss-sha256).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
+    workers: WorkersOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Check the signature, every file, the key's status at signing time, the provenance and
+    optionally an acceptance policy."""
+    clients: list[Client] = []
+    bundle_path = bundle or model / DEFAULT_BUNDLE_NAME
+    # --gateway falls back to KMSGATE_ADDR: only a gateway source when --key is given too
+    trust = _trust(public_key, trust_bundle, gateway if key else None, key, token, clients)
+    bar = _Bar(f"hashing {model.name}")
+    try:
+        with bar.run():
+            report = verify_model(
+                model,
+                bundle_path,
+                trust,
+                provenance_path=provenance,
+                require_provenance=require_provenance,
+                policy=policy,
+                expect_policy_digest=expect_policy_digest,
+                algorithm=algorithm,
+                workers=workers,
+                progress=bar.callback,
+            )
+    except ModelVerificationError as exc:
+        if json_out:
+            _print_json(exc.report.to_dict())
+        fail(f"{exc.failure.code}: {exc.detail}", int(exc.failure))
+    except ApiError as exc:
+        fail(f"{exc.code}: {exc.detail}")
+    finally:
+        for client in clients:
+            client.close()
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        ref = report.key
+        signer = f"{ref.name} v{ref.version}" if ref and ref.name else report.public_key_sha256
+        out.print(
+            f"verified: {report.model_name} {report.model_digest} ({report.files} files), "
+            f"signed by {signer}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@model_app.command("trust-bundle")
+def trust_bundle_cmd(
+    keys: Annotated[list[str], typer.Argument(help="Key names.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Export an offline trust bundle (public keys and validity windows; needs key.read)."""
+    try:
+        with Client(addr, token) as client:
+            doc = export_trust_bundle(client, keys)
+    except ApiError as exc:
+        fail(f"{exc.code}: {exc.detail}")
+    data = (json.dumps(doc, indent=2) + "\n").encode()
+    if output is None:
+        print(data.decode(), end="")
+        return
+    try:
+        write_atomic(output, data)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}")

@@ -1,0 +1,87 @@
+"""The model-server gate: verify a model before it is loaded (seed 003 runbook).
+
+`MODEL_SIGNING_REQUIRED` (1/true/yes/on) makes a signature mandatory; `MODEL_SIGNING_PUBKEY`
+is the PEM public key itself or a path to it. A bundle that is present is always verified
+(a bad signature never loads, required or not); a missing one is only an error when required.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from kmsgate.model_signing.sign import DEFAULT_BUNDLE_NAME
+from kmsgate.model_signing.trust import PublicKeyTrust, Trust, TrustBundle
+from kmsgate.model_signing.verify import Report, verify_model
+
+log = logging.getLogger("kmsgate.model_signing")
+
+TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+class ModelSigningRequired(Exception):
+    """Verification is required but cannot be done (no bundle, no public key)."""
+
+
+def _public_key_pem(value: str) -> bytes:
+    if value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    try:
+        return Path(value).expanduser().read_bytes()
+    except OSError as exc:
+        raise ModelSigningRequired(
+            f"cannot read MODEL_SIGNING_PUBKEY {value}: {exc.strerror}"
+        ) from None
+
+
+def _find_bundle(model: Path) -> Path | None:
+    for candidate in (model / DEFAULT_BUNDLE_NAME, model.with_name(model.name + ".sig")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def require_verified(
+    path: str | os.PathLike[str],
+    *,
+    bundle: str | os.PathLike[str] | None = None,
+    public_key: str | bytes | None = None,
+    trust_bundle: str | os.PathLike[str] | None = None,
+    required: bool | None = None,
+    policy: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Report | None:
+    """Verify the model at `path` before loading it; the report, or None when verification
+    was skipped (not required and no bundle or no key).
+
+    `bundle` defaults to `<path>/model.sig`, then `<path>.sig`; `public_key` (PEM) defaults to
+    MODEL_SIGNING_PUBKEY; `required` to MODEL_SIGNING_REQUIRED. Raises ModelSigningRequired
+    (required but impossible) or ModelVerificationError (the model does not verify).
+    """
+    e = os.environ if env is None else env
+    model = Path(path)
+    if required is None:
+        required = e.get("MODEL_SIGNING_REQUIRED", "").strip().lower() in TRUE
+    bundle_path = Path(bundle) if bundle is not None else _find_bundle(model)
+    if bundle_path is None or not bundle_path.is_file():
+        if required:
+            raise ModelSigningRequired(f"signature missing for model {model}")
+        log.warning("model %s has no signature; loading it unverified", model)
+        return None
+    trust: Trust
+    if trust_bundle is not None:
+        trust = TrustBundle.load(Path(trust_bundle))
+    else:
+        if public_key is None and e.get("MODEL_SIGNING_PUBKEY"):
+            public_key = _public_key_pem(e["MODEL_SIGNING_PUBKEY"])
+        if public_key is None:
+            if required:
+                raise ModelSigningRequired("MODEL_SIGNING_PUBKEY is not set")
+            log.warning("no MODEL_SIGNING_PUBKEY: model %s loads unverified", model)
+            return None
+        trust = PublicKeyTrust.from_pem(public_key)
+    report = verify_model(model, bundle_path, trust, policy=Path(policy) if policy else None)
+    log.info("model %s verified (%s)", model, report.model_digest)
+    return report

@@ -1,0 +1,214 @@
+"""Model manifests: every file of a model directory with its SHA-256, hashed locally.
+
+The manifest follows `model_signing` 1.1 "files" serialization exactly, so that its stock
+verifier recomputes the same thing: resource names are POSIX paths relative to the model
+directory, sorted as `pathlib.PurePosixPath` sorts them (component by component, which is not
+plain string order: `a/b` < `a-b`), and a path is ignored when it equals or lies under one of
+the recorded `ignore_paths`. Hashing streams each file through a 1 MiB buffer; files are hashed
+in parallel threads (hashlib releases the GIL on large updates).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+HASH_TYPE = "sha256"
+GIT_PATHS = (".git", ".gitattributes", ".github", ".gitignore")  # what model_signing ignores
+CHUNK = 1 << 20
+
+Progress = Callable[[int], None]
+
+
+class ManifestError(Exception):
+    """The model directory cannot be serialized (symlink, special file, unreadable)."""
+
+
+@dataclass(frozen=True, order=True)
+class FileDigest:
+    """One resource: `name` (POSIX path relative to the model) and its SHA-256."""
+
+    sort_key: tuple[str, ...] = field(repr=False, compare=True)
+    name: str = field(compare=False)
+    digest: bytes = field(compare=False)
+
+    @classmethod
+    def of(cls, name: str, digest: bytes) -> FileDigest:
+        return cls(PurePosixPath(name).parts, name, digest)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A model's resources (sorted) and the serialization parameters that produced them."""
+
+    model_name: str
+    files: tuple[FileDigest, ...]
+    ignore_paths: tuple[str, ...] = ()
+    allow_symlinks: bool = False
+    hash_type: str = HASH_TYPE
+
+    @classmethod
+    def build(
+        cls,
+        model_name: str,
+        files: Iterable[FileDigest],
+        ignore_paths: Iterable[str] = (),
+        allow_symlinks: bool = False,
+    ) -> Manifest:
+        return cls(
+            model_name, tuple(sorted(files)), tuple(sorted(set(ignore_paths))), allow_symlinks
+        )
+
+    def root_digest(self) -> bytes:
+        """SHA-256 over the resource digests in order: the in-toto subject digest."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f.digest)
+        return h.digest()
+
+    def digests(self) -> dict[str, bytes]:
+        return {f.name: f.digest for f in self.files}
+
+    def serialization(self) -> dict[str, Any]:
+        """The predicate's `serialization` object (model_signing's field names)."""
+        out: dict[str, Any] = {
+            "method": "files",
+            "hash_type": self.hash_type,
+            "allow_symlinks": self.allow_symlinks,
+        }
+        if self.ignore_paths:
+            out["ignore_paths"] = list(self.ignore_paths)
+        return out
+
+    def total_bytes(self, root: Path) -> int:
+        return sum((root / f.name).stat().st_size for f in self.files)
+
+
+def is_ignored(rel: str, ignore_paths: Iterable[str]) -> bool:
+    """True when `rel` equals or lies under one of `ignore_paths` (model_signing semantics)."""
+    parts = PurePosixPath(rel).parts
+    for ignored in ignore_paths:
+        prefix = PurePosixPath(ignored).parts
+        if parts[: len(prefix)] == prefix:
+            return True
+    return False
+
+
+def _matches(rel: str, patterns: Sequence[str]) -> bool:
+    """Glob match on the whole relative path, or on the last component for a pattern
+    without "/" (so `*.log` matches `runs/a.log`)."""
+    name = rel.rsplit("/", 1)[-1]
+    for pattern in patterns:
+        p = pattern.rstrip("/")
+        if fnmatch.fnmatchcase(rel, p) or ("/" not in p and fnmatch.fnmatchcase(name, p)):
+            return True
+    return False
+
+
+def list_files(
+    root: Path,
+    ignore_paths: Iterable[str] = (),
+    *,
+    patterns: Sequence[str] = (),
+    allow_symlinks: bool = False,
+) -> tuple[list[str], list[str]]:
+    """(files to hash, paths matched by `patterns`) under `root`, both relative POSIX paths.
+
+    `ignore_paths` are literal paths (skipped with everything under them); `patterns` are
+    globs, and every path they match is returned so it can be recorded as a literal ignore
+    path. Raises ManifestError for a symlink (unless `allow_symlinks`) or a special file.
+    """
+    ignored = list(ignore_paths)
+    files: list[str] = []
+    matched: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=allow_symlinks):
+        base = Path(dirpath)
+        rel_dir = base.relative_to(root).as_posix()
+        for name in sorted([*dirnames, *filenames]):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if is_ignored(rel, ignored):
+                continue
+            if patterns and _matches(rel, patterns):
+                matched.append(rel)
+                ignored.append(rel)
+                continue
+            full = base / name
+            try:
+                mode = full.lstat().st_mode
+            except OSError as exc:
+                raise ManifestError(f"cannot read {rel}: {exc.strerror}") from None
+            if stat.S_ISLNK(mode):
+                if not allow_symlinks:
+                    raise ManifestError(f"{rel} is a symbolic link (use --allow-symlinks)")
+                try:
+                    mode = full.stat().st_mode
+                except OSError:
+                    raise ManifestError(f"{rel} is a broken symbolic link") from None
+            if stat.S_ISREG(mode):
+                if name in filenames:
+                    files.append(rel)
+            elif not stat.S_ISDIR(mode):
+                raise ManifestError(f"{rel} is neither a file nor a directory")
+        dirnames[:] = [d for d in dirnames if not is_ignored(_join(rel_dir, d), ignored)]
+    return files, matched
+
+
+def _join(rel_dir: str, name: str) -> str:
+    return name if rel_dir == "." else f"{rel_dir}/{name}"
+
+
+def hash_file(path: Path, progress: Progress | None = None) -> bytes:
+    """SHA-256 of a file, streamed in 1 MiB reads. Raises ManifestError."""
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    try:
+        with path.open("rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+                if progress is not None:
+                    progress(n)
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc.strerror}") from None
+    return h.digest()
+
+
+def hash_files(
+    root: Path,
+    names: Sequence[str],
+    *,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> list[FileDigest]:
+    """Hash `names` (relative to `root`) in parallel; largest files are started first."""
+    if not names:
+        return []
+    sizes = {n: (root / n).stat().st_size for n in names}
+    order = sorted(names, key=lambda n: -sizes[n])
+    workers = workers or min(32, (os.cpu_count() or 1) + 2)
+    with ThreadPoolExecutor(max_workers=min(workers, len(order))) as pool:
+        digests = pool.map(lambda n: hash_file(root / n, progress), order)
+        return [FileDigest.of(n, d) for n, d in zip(order, digests, strict=True)]
+
+
+def model_name_of(root: Path) -> str:
+    """The subject name model_signing uses: the directory's final component."""
+    return root.name or root.resolve().name
+
+
+def checksums_document(manifest: Manifest) -> bytes:
+    """`checksums.json`: `{model, algorithm, files: [{path, sha256}]}` in manifest order."""
+    doc = {
+        "model": manifest.model_name,
+        "algorithm": HASH_TYPE,
+        "files": [{"path": f.name, "sha256": f.digest.hex()} for f in manifest.files],
+    }
+    return (json.dumps(doc, indent=2) + "\n").encode()

@@ -1,0 +1,316 @@
+"""Sign a model directory through the gateway.
+
+Only digests leave the machine: the files are hashed locally, and the gateway signs the
+SHA-256/384 of the DSSE PAE as a prehashed digest (ECDSA, RSA) or the PAE itself (Ed25519,
+which has no prehashed form; the PAE of a large manifest may then exceed the gateway's
+`max_input_bytes`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from kmsgate.algorithms import (
+    SIGN_ALGORITHMS,
+    SignAlg,
+    default_sign_algorithm,
+    key_type_of_public_key,
+    verify_with_public_key,
+)
+from kmsgate.client import ApiError, Client
+from kmsgate.model_signing import manifest as mf
+from kmsgate.model_signing.bundle import (
+    INTOTO_PAYLOAD_TYPE,
+    SignedBundle,
+    canonical_pem,
+    key_hint,
+    load_public_key,
+    model_statement,
+    pae,
+    statement_bytes,
+)
+from kmsgate.model_signing.provenance import (
+    BuildInfo,
+    SigningFacts,
+    provenance_statement,
+)
+
+DEFAULT_BUNDLE_NAME = "model.sig"
+CHECKSUMS_NAME = "checksums.json"
+
+
+class SigningError(Exception):
+    """Signing failed for a reason other than an API error (bad key reply, I/O)."""
+
+
+def signing_digest(alg: SignAlg, message: bytes) -> bytes | None:
+    """The digest the gateway signs for `alg`, or None when it must get the message."""
+    if not alg.prehash_allowed:
+        return None
+    assert alg.hash is not None
+    return hashlib.new(alg.hash.value, message).digest()
+
+
+def _b64url_int(value: str) -> int:
+    return int.from_bytes(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)), "big")
+
+
+def public_key_from_jwk(jwk: dict[str, Any]) -> PublicKeyTypes:
+    """A public key from the gateway's JWKS entry (EC P-256/384, Ed25519, RSA)."""
+    kty = jwk.get("kty")
+    if kty == "EC":
+        curve = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1()}[str(jwk["crv"])]
+        numbers = ec.EllipticCurvePublicNumbers(_b64url_int(jwk["x"]), _b64url_int(jwk["y"]), curve)
+        return numbers.public_key()
+    if kty == "OKP" and jwk.get("crv") == "Ed25519":
+        raw = base64.urlsafe_b64decode(jwk["x"] + "=" * (-len(jwk["x"]) % 4))
+        return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    if kty == "RSA":
+        return rsa.RSAPublicNumbers(_b64url_int(jwk["e"]), _b64url_int(jwk["n"])).public_key()
+    raise SigningError(f"unsupported JWK key type {kty!r}")
+
+
+def gateway_public_key(
+    client: Client, name: str, version: int | None
+) -> tuple[int | None, PublicKeyTypes]:
+    """(version, public key) of `name`: from `GET public-key` (needs key.read), else from the
+    unauthenticated JWKS (then `version` None means the newest non-compromised version)."""
+    try:
+        return version, load_public_key(client.public_key(name, version))
+    except ApiError as exc:
+        if exc.status not in (401, 403):
+            raise
+    keys = client.request("GET", f"/v1/keys/{name}/jwks.json").json()["keys"]
+    found: dict[int, dict[str, Any]] = {}
+    for jwk in keys:
+        key_name, _, v = str(jwk.get("kid", "")).rpartition(":v")
+        if key_name == name and v.isdigit():
+            found[int(v)] = jwk
+    wanted = version if version is not None else max(found, default=None)
+    if wanted is None or wanted not in found:
+        raise SigningError(f"no public key for {name} version {version} in the gateway's JWKS")
+    return wanted, public_key_from_jwk(found[wanted])
+
+
+@dataclass
+class GatewaySigner:
+    """Signs DSSE PAEs with a gateway key; remembers each version's public key."""
+
+    client: Client
+    key: str
+    algorithm: str | None = None
+    _public_keys: dict[int, PublicKeyTypes] = field(default_factory=dict)
+
+    def resolve_algorithm(self) -> SignAlg:
+        if self.algorithm is None:
+            _, public_key = gateway_public_key(self.client, self.key, None)
+            self.algorithm = default_sign_algorithm(key_type_of_public_key(public_key))
+        alg = SIGN_ALGORITHMS.get(self.algorithm or "")
+        if alg is None:
+            raise SigningError(f"unknown signature algorithm {self.algorithm!r}")
+        return alg
+
+    def public_key(self, version: int) -> PublicKeyTypes:
+        if version not in self._public_keys:
+            self._public_keys[version] = gateway_public_key(self.client, self.key, version)[1]
+        return self._public_keys[version]
+
+    def sign(self, payload_type: str, payload: bytes) -> tuple[SignedBundle, int, str]:
+        """(bundle, key version, algorithm). The signature is checked locally against the
+        version's public key before it is returned. Raises ApiError, SigningError."""
+        alg = self.resolve_algorithm()
+        message = pae(payload_type, payload)
+        digest = signing_digest(alg, message)
+        if digest is None:
+            reply = self.client.sign(self.key, data=message, algorithm=alg.name)
+        else:
+            reply = self.client.sign(self.key, digest=digest, algorithm=alg.name)
+        version = int(reply["key_version"])
+        public_key = self.public_key(version)
+        signed = digest if digest is not None else message
+        if not verify_with_public_key(
+            public_key, alg, signed, reply["signature"], prehashed=digest is not None
+        ):
+            raise SigningError("the gateway's signature does not verify with its public key")
+        bundle = SignedBundle(
+            payload,
+            payload_type,
+            reply["signature"],
+            f"{self.key}:v{version}",
+            key_hint(public_key),
+        )
+        return bundle, version, alg.name
+
+
+@dataclass(frozen=True)
+class SignResult:
+    bundle_path: Path
+    provenance_path: Path | None
+    checksums_path: Path | None
+    manifest: mf.Manifest
+    key: str
+    key_version: int
+    algorithm: str
+    public_key_pem: str
+    signed_at: datetime
+    policy_digest: str | None
+    bytes_hashed: int
+    hash_seconds: float
+    sign_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bundle": str(self.bundle_path),
+            "provenance": str(self.provenance_path) if self.provenance_path else None,
+            "checksums": str(self.checksums_path) if self.checksums_path else None,
+            "model": self.manifest.model_name,
+            "digest": "sha256:" + self.manifest.root_digest().hex(),
+            "files": len(self.manifest.files),
+            "bytes": self.bytes_hashed,
+            "key": self.key,
+            "key_version": self.key_version,
+            "algorithm": self.algorithm,
+            "signed_at": self.signed_at.isoformat(),
+            "policy_digest": self.policy_digest,
+            "timings": {
+                "hash_s": round(self.hash_seconds, 4),
+                "sign_s": round(self.sign_seconds, 4),
+            },
+        }
+
+
+def _relative_inside(path: Path, root: Path) -> str | None:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it onto `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def policy_digest(client: Client) -> str | None:
+    """The gateway's policy digest, or None if this token may not read it (policy.read)."""
+    try:
+        return str(client.request("GET", "/v1/sys/policy").json()["digest"])
+    except ApiError as exc:
+        if exc.status in (401, 403):
+            return None
+        raise
+
+
+def sign_model(
+    model: Path,
+    signer: GatewaySigner,
+    *,
+    bundle_path: Path | None = None,
+    provenance_path: Path | None = None,
+    provenance: bool = True,
+    checksums: bool = True,
+    ignore: Sequence[str] = (),
+    ignore_git_paths: bool = True,
+    allow_symlinks: bool = False,
+    build: BuildInfo | None = None,
+    workers: int | None = None,
+    progress: mf.Progress | None = None,
+    on_total: Any = None,
+) -> SignResult:
+    """Hash `model`, write `checksums.json` into it, sign the model_signing statement (and an
+    SLSA provenance) through the gateway and write the bundle(s).
+
+    `ignore` are glob patterns; the paths they match, the git files, and the bundle and
+    provenance files (when inside the model) are recorded as model_signing `ignore_paths`.
+    `on_total(total_bytes)` is called once the files are listed (for a progress bar).
+    Raises ManifestError, SigningError, ApiError, OSError.
+    """
+    started = datetime.now(UTC)
+    if not model.is_dir():
+        raise mf.ManifestError(f"{model} is not a directory")
+    bundle_path = bundle_path or model / DEFAULT_BUNDLE_NAME
+    if provenance and provenance_path is None:
+        provenance_path = bundle_path.with_name(bundle_path.name + ".provenance.json")
+    outputs = [bundle_path, *([provenance_path] if provenance and provenance_path else [])]
+    ignored = list(mf.GIT_PATHS) if ignore_git_paths else []
+    ignored += [rel for p in outputs if (rel := _relative_inside(p, model)) is not None]
+    checksums_path = model / CHECKSUMS_NAME if checksums else None
+    skip = [*ignored, CHECKSUMS_NAME] if checksums else ignored
+
+    alg = signer.resolve_algorithm()  # fail on key/permission problems before hashing
+    t0 = time.perf_counter()
+    names, matched = mf.list_files(model, skip, patterns=ignore, allow_symlinks=allow_symlinks)
+    ignored += matched
+    sizes = sum((model / n).stat().st_size for n in names)
+    if on_total is not None:
+        on_total(sizes)
+    files = mf.hash_files(model, names, workers=workers, progress=progress)
+    name = mf.model_name_of(model)
+    if checksums_path is not None:
+        write_atomic(checksums_path, mf.checksums_document(mf.Manifest.build(name, files)))
+        files.append(mf.FileDigest.of(CHECKSUMS_NAME, mf.hash_file(checksums_path)))
+    manifest = mf.Manifest.build(name, files, ignored, allow_symlinks)
+    hash_seconds = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    signed_at = datetime.now(UTC)
+    bundle, version, alg_name = signer.sign(
+        INTOTO_PAYLOAD_TYPE, statement_bytes(model_statement(manifest))
+    )
+    digest_of_policy = None
+    if provenance and provenance_path is not None:
+        digest_of_policy = policy_digest(signer.client)
+        facts = SigningFacts(
+            signer.client.addr, signer.key, version, alg_name, signed_at, digest_of_policy
+        )
+        statement = provenance_statement(
+            name,
+            manifest.root_digest(),
+            (build or BuildInfo()).with_env(),
+            facts,
+            started,
+            datetime.now(UTC),
+        )
+        prov_bundle, prov_version, _ = signer.sign(INTOTO_PAYLOAD_TYPE, statement_bytes(statement))
+        if prov_version != version:
+            raise SigningError("the key rotated while signing; sign again")
+    sign_seconds = time.perf_counter() - t1
+
+    write_atomic(bundle_path, bundle.to_json())
+    if provenance and provenance_path is not None:
+        write_atomic(provenance_path, prov_bundle.to_json())
+    return SignResult(
+        bundle_path=bundle_path,
+        provenance_path=provenance_path if provenance else None,
+        checksums_path=checksums_path,
+        manifest=manifest,
+        key=signer.key,
+        key_version=version,
+        algorithm=alg.name,
+        public_key_pem=canonical_pem(signer.public_key(version)).decode(),
+        signed_at=signed_at,
+        policy_digest=digest_of_policy,
+        bytes_hashed=sizes,
+        hash_seconds=hash_seconds,
+        sign_seconds=sign_seconds,
+    )

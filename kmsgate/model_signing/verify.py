@@ -1,0 +1,422 @@
+"""Verify a model directory against a kmsgate (or stock model_signing) bundle.
+
+Checks, in order; the first failing stage stops verification and sets the exit code:
+bundle format (10) -> key (11) -> DSSE signature (12) -> file digests (13), missing files (14),
+extra files (15) -> provenance (17) -> key status at signing time (16) -> policy digest (18)
+-> acceptance policy (19).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from kmsgate.algorithms import (
+    SIGN_ALGORITHMS,
+    SignAlg,
+    default_sign_algorithm,
+    key_type_of_public_key,
+    sign_algorithm,
+    verify_with_public_key,
+)
+from kmsgate.errors import KmsgateError
+from kmsgate.model_signing import manifest as mf
+from kmsgate.model_signing.bundle import (
+    BundleError,
+    SignedBundle,
+    key_hint,
+    manifest_from_statement,
+)
+from kmsgate.model_signing.provenance import ProvenanceSummary, rfc3339
+from kmsgate.model_signing.sign import CHECKSUMS_NAME
+from kmsgate.model_signing.trust import KeyRef, KeyStatusError, Trust, UnknownKeyError
+
+
+class Failure(enum.IntEnum):
+    """Exit codes of `kmsgate model verify` (0 = verified, 2 = could not run)."""
+
+    FORMAT = 10
+    KEY_MISMATCH = 11
+    SIGNATURE = 12
+    DIGEST_MISMATCH = 13
+    MISSING_FILES = 14
+    EXTRA_FILES = 15
+    KEY_STATUS = 16
+    PROVENANCE = 17
+    POLICY_DIGEST = 18
+    ACCEPTANCE = 19
+
+    @property
+    def code(self) -> str:
+        return self.name.lower()
+
+
+@dataclass
+class Report:
+    """What verification found; `to_dict()` is the `--json` report."""
+
+    model: str
+    bundle: str
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    model_name: str | None = None
+    model_digest: str | None = None
+    files: int = 0
+    key: KeyRef | None = None
+    keyid: str | None = None
+    algorithm: str | None = None
+    public_key_sha256: str | None = None
+    signed_at: datetime | None = None
+    key_status: dict[str, Any] | None = None
+    integrity: dict[str, list[str]] = field(default_factory=dict)
+    provenance: ProvenanceSummary | None = None
+    acceptance: dict[str, Any] | None = None
+    failure: Failure | None = None
+    detail: str | None = None
+    seconds: float = 0.0
+
+    def check(self, name: str, ok: bool, detail: str = "") -> None:
+        self.checks.append({"name": name, "ok": ok, "detail": detail})
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.failure is None else int(self.failure)
+
+    def to_dict(self) -> dict[str, Any]:
+        prov = self.provenance
+        return {
+            "ok": self.ok,
+            "exit_code": self.exit_code,
+            "error": None
+            if self.failure is None
+            else {"code": self.failure.code, "detail": self.detail},
+            "model": {
+                "path": self.model,
+                "name": self.model_name,
+                "digest": self.model_digest,
+                "files": self.files,
+            },
+            "bundle": self.bundle,
+            "signature": {
+                "keyid": self.keyid,
+                "key": self.key.name if self.key else None,
+                "key_version": self.key.version if self.key else None,
+                "algorithm": self.algorithm,
+                "public_key_sha256": self.public_key_sha256,
+                "signed_at": rfc3339(self.signed_at) if self.signed_at else None,
+            },
+            "key_status": self.key_status,
+            "integrity": self.integrity,
+            "provenance": None
+            if prov is None
+            else {
+                "builder_id": prov.builder_id,
+                "git_sha": prov.git_sha,
+                "container_digest": prov.container_digest,
+                "dataset_snapshot": prov.dataset_snapshot,
+                "policy_digest": prov.policy_digest,
+                "parameters": dict(prov.parameters),
+            },
+            "acceptance": self.acceptance,
+            "checks": self.checks,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+class ModelVerificationError(Exception):
+    """Verification failed: `failure` (the exit code), `detail`, and the full `report`."""
+
+    def __init__(self, failure: Failure, detail: str, report: Report) -> None:
+        super().__init__(f"{failure.code}: {detail}")
+        self.failure = failure
+        self.detail = detail
+        self.report = report
+
+
+def _fail(report: Report, failure: Failure, detail: str, check: str) -> ModelVerificationError:
+    report.check(check, False, detail)
+    report.failure = failure
+    report.detail = detail
+    return ModelVerificationError(failure, detail, report)
+
+
+def _algorithm(public_key: PublicKeyTypes, wanted: str | None) -> SignAlg:
+    """The signature algorithm for `public_key`: ECDSA with the curve's hash (as model_signing
+    does), Ed25519, or for RSA `wanted` (default RSA-PSS-SHA256)."""
+    key_type = key_type_of_public_key(public_key)
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        wanted = None
+    return sign_algorithm(key_type, wanted or default_sign_algorithm(key_type))
+
+
+def _read_bundle(path: Path, report: Report, what: str) -> SignedBundle:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _fail(
+            report, Failure.FORMAT, f"cannot read {what} {path}: {exc.strerror}", what
+        ) from None
+    try:
+        return SignedBundle.from_json(data)
+    except BundleError as exc:
+        raise _fail(report, Failure.FORMAT, f"{what}: {exc}", what) from None
+
+
+def _check_signature(bundle: SignedBundle, public_key: PublicKeyTypes, alg: SignAlg) -> bool:
+    return verify_with_public_key(public_key, alg, bundle.pae(), bundle.signature, prehashed=False)
+
+
+def check_integrity(
+    model: Path,
+    expected: mf.Manifest,
+    *,
+    extra_ignores: Sequence[str] = (),
+    ignore_git_paths: bool = True,
+    workers: int | None = None,
+    progress: mf.Progress | None = None,
+) -> tuple[list[str], list[str], list[str]]:
+    """(mismatched, missing, extra) file names of `model` against `expected`."""
+    ignores = [*expected.ignore_paths, *extra_ignores, *(mf.GIT_PATHS if ignore_git_paths else ())]
+    names, _ = mf.list_files(model, ignores, allow_symlinks=expected.allow_symlinks)
+    want = expected.digests()
+    present = set(names)
+    missing = sorted(set(want) - present)
+    extra = sorted(present - set(want))
+    common = [n for n in names if n in want]
+    actual = {
+        f.name: f.digest for f in mf.hash_files(model, common, workers=workers, progress=progress)
+    }
+    mismatched = sorted(n for n in common if actual[n] != want[n])
+    return mismatched, missing, extra
+
+
+def _checksums_agree(model: Path, expected: mf.Manifest) -> str | None:
+    """None if the signed checksums.json (when present) lists exactly the other resources."""
+    if CHECKSUMS_NAME not in expected.digests():
+        return None
+    try:
+        doc = json.loads((model / CHECKSUMS_NAME).read_bytes())
+        listed = {str(e["path"]): str(e["sha256"]) for e in doc["files"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"checksums.json is unreadable: {exc!r}"
+    signed = {f.name: f.digest.hex() for f in expected.files if f.name != CHECKSUMS_NAME}
+    return None if listed == signed else "checksums.json disagrees with the signed manifest"
+
+
+def _inside(path: Path, root: Path) -> str | None:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def default_provenance_path(bundle_path: Path) -> Path:
+    return bundle_path.with_name(bundle_path.name + ".provenance.json")
+
+
+def verify_model(
+    model: Path,
+    bundle_path: Path,
+    trust: Trust,
+    *,
+    provenance_path: Path | None = None,
+    require_provenance: bool = False,
+    policy: Path | None = None,
+    expect_policy_digest: str | None = None,
+    algorithm: str | None = None,
+    ignore_git_paths: bool = True,
+    workers: int | None = None,
+    progress: mf.Progress | None = None,
+) -> Report:
+    """Verify `model` against `bundle_path`; return the report or raise
+    ModelVerificationError (carrying the report). May also raise ApiError when the gateway
+    cannot be asked (unreachable, not allowed): that is an error, not a verdict."""
+    t0 = time.perf_counter()
+    report = Report(str(model), str(bundle_path))
+    try:
+        _verify(
+            report,
+            model,
+            bundle_path,
+            trust,
+            provenance_path,
+            require_provenance,
+            policy,
+            expect_policy_digest,
+            algorithm,
+            ignore_git_paths,
+            workers,
+            progress,
+        )
+    finally:
+        report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _verify(
+    report: Report,
+    model: Path,
+    bundle_path: Path,
+    trust: Trust,
+    provenance_path: Path | None,
+    require_provenance: bool,
+    policy: Path | None,
+    expect_policy_digest: str | None,
+    algorithm: str | None,
+    ignore_git_paths: bool,
+    workers: int | None,
+    progress: mf.Progress | None,
+) -> None:
+    bundle = _read_bundle(bundle_path, report, "bundle")
+    report.keyid = bundle.keyid or None
+    try:
+        expected = manifest_from_statement(bundle.statement())
+    except BundleError as exc:
+        raise _fail(report, Failure.FORMAT, str(exc), "bundle") from None
+    report.check("bundle", True, "Sigstore bundle v0.3, DSSE, model_signing v1.0 statement")
+
+    try:
+        public_key, ref = trust.resolve(bundle)
+    except (UnknownKeyError, BundleError) as exc:
+        raise _fail(report, Failure.KEY_MISMATCH, str(exc), "key") from None
+    report.key = ref
+    report.public_key_sha256 = key_hint(public_key)
+    report.check("key", True, f"{trust.source}: public key sha256 {report.public_key_sha256}")
+
+    try:
+        alg = _algorithm(public_key, algorithm)
+    except KmsgateError as exc:
+        raise _fail(report, Failure.KEY_MISMATCH, exc.detail, "signature") from None
+    report.algorithm = alg.name
+    if not _check_signature(bundle, public_key, alg):
+        raise _fail(report, Failure.SIGNATURE, "the DSSE signature is not valid", "signature")
+    report.check("signature", True, alg.name)
+
+    report.model_name = expected.model_name
+    report.model_digest = "sha256:" + expected.root_digest().hex()
+    report.files = len(expected.files)
+    own = [
+        rel
+        for p in (bundle_path, provenance_path or default_provenance_path(bundle_path))
+        if (rel := _inside(p, model)) is not None
+    ]
+    if not model.is_dir():
+        raise _fail(report, Failure.MISSING_FILES, f"{model} is not a directory", "files")
+    try:
+        mismatched, missing, extra = check_integrity(
+            model,
+            expected,
+            extra_ignores=own,
+            ignore_git_paths=ignore_git_paths,
+            workers=workers,
+            progress=progress,
+        )
+    except mf.ManifestError as exc:
+        raise _fail(report, Failure.EXTRA_FILES, str(exc), "files") from None
+    report.integrity = {"mismatched": mismatched, "missing": missing, "extra": extra}
+    for failure, names, what in (
+        (Failure.DIGEST_MISMATCH, mismatched, "digest mismatch"),
+        (Failure.MISSING_FILES, missing, "missing files"),
+        (Failure.EXTRA_FILES, extra, "extra files"),
+    ):
+        if names:
+            shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+            raise _fail(report, failure, f"{what}: {shown}", "files")
+    problem = _checksums_agree(model, expected)
+    if problem:
+        raise _fail(report, Failure.DIGEST_MISMATCH, problem, "files")
+    report.check("files", True, f"{len(expected.files)} files match")
+
+    prov_path = provenance_path or default_provenance_path(bundle_path)
+    needs_provenance = require_provenance or policy is not None or expect_policy_digest is not None
+    if provenance_path is not None or prov_path.exists() or needs_provenance:
+        prov_bundle = _read_bundle(prov_path, report, "provenance")
+        report.provenance = _check_provenance(
+            report, prov_bundle, bundle, public_key, alg, expected
+        )
+        report.signed_at = report.provenance.signed_at
+
+    try:
+        status = trust.status(report.key, bundle, alg, report.signed_at)
+    except KeyStatusError as exc:
+        raise _fail(report, Failure.KEY_STATUS, str(exc), "key_status") from None
+    report.key_status = status.to_dict()
+    report.check("key_status", True, status.detail)
+
+    if expect_policy_digest is not None:
+        assert report.provenance is not None
+        got = report.provenance.policy_digest
+        if got != expect_policy_digest:
+            raise _fail(
+                report,
+                Failure.POLICY_DIGEST,
+                f"signed under policy {got}, expected {expect_policy_digest}",
+                "policy_digest",
+            )
+        report.check("policy_digest", True, got)
+
+    if policy is not None:
+        from kmsgate.model_signing.acceptance import AcceptanceError, evaluate, policy_input
+
+        try:
+            decision = evaluate(policy, policy_input(report, bundle, expected, model))
+        except AcceptanceError as exc:
+            raise _fail(report, Failure.ACCEPTANCE, str(exc), "acceptance") from None
+        report.acceptance = decision
+        if not decision["allow"]:
+            reasons = "; ".join(decision["deny"]) or "allow is not true"
+            raise _fail(
+                report, Failure.ACCEPTANCE, f"rejected by {policy.name}: {reasons}", "acceptance"
+            )
+        report.check("acceptance", True, policy.name)
+
+
+def _check_provenance(
+    report: Report,
+    prov: SignedBundle,
+    bundle: SignedBundle,
+    public_key: PublicKeyTypes,
+    alg: SignAlg,
+    expected: mf.Manifest,
+) -> ProvenanceSummary:
+    def bad(detail: str) -> ModelVerificationError:
+        return _fail(report, Failure.PROVENANCE, detail, "provenance")
+
+    if prov.hint != bundle.hint or prov.keyid != bundle.keyid:
+        raise bad("the provenance was signed by another key than the model")
+    if not _check_signature(prov, public_key, alg):
+        raise bad("the provenance's DSSE signature is not valid")
+    try:
+        summary = ProvenanceSummary.parse(prov.statement())
+    except BundleError as exc:
+        raise bad(str(exc)) from None
+    if (
+        summary.subject_digest != expected.root_digest().hex()
+        or summary.subject_name != expected.model_name
+    ):
+        raise bad("the provenance's subject is not this model (name or digest differs)")
+    if (
+        report.key is not None
+        and report.key.version is not None
+        and (
+            summary.key_version != report.key.version
+            or (report.key.name is not None and summary.key != report.key.name)
+        )
+    ):
+        raise bad("the provenance names another key version than the signature")
+    if summary.algorithm in SIGN_ALGORITHMS and summary.algorithm != alg.name:
+        raise bad(f"the provenance says {summary.algorithm}, the signature is {alg.name}")
+    report.check("provenance", True, f"SLSA v1, signed at {rfc3339(summary.signed_at)}")
+    return summary

@@ -1,0 +1,529 @@
+"""`kmsgate model sign/verify` against a real gateway, judged by the stock model_signing.
+
+A module-scoped `kmsgate serve --dev` (real uvicorn, see tests/test_cli.py) signs; the stock
+`model_signing` 1.1 Python API and CLI verify the bundles with the PEM public key. Every test
+uses its own key and a small generated model (nested dirs, a hidden file, git files, names
+whose string order differs from path order).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path, PurePosixPath
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from typer.testing import CliRunner
+
+from kmsgate.cli_model import model_app
+from kmsgate.client import Client
+from kmsgate.model_signing import (
+    BuildInfo,
+    Failure,
+    GatewaySigner,
+    GatewayTrust,
+    ModelVerificationError,
+    PublicKeyTrust,
+    TrustBundle,
+    export_trust_bundle,
+    sign_model,
+    verify_model,
+)
+from kmsgate.model_signing.bundle import pae
+from tests.test_cli import Gateway, running_gateway
+
+model_signing = pytest.importorskip("model_signing")
+pytestmark = pytest.mark.timeout(120)
+
+STOCK_CLI = [sys.executable, "-m", "model_signing"]
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with running_gateway(tmp_path_factory.mktemp("gateway")) as gateway:
+        yield gateway
+
+
+@pytest.fixture
+def client(gw: Gateway) -> Iterator[Client]:
+    with Client(gw.addr, gw.root_token) as c:
+        yield c
+
+
+_counter = iter(range(10_000))
+
+
+@pytest.fixture
+def key(client: Client) -> str:
+    name = f"model-key-{next(_counter)}"
+    client.create_key(name, "ecdsa-p256", "model-sign")
+    return name
+
+
+def make_model(root: Path) -> Path:
+    model = root / "my-model"
+    files = {
+        "config.json": b'{"layers": 2}\n',
+        "weights/layer-0.bin": os.urandom(200_000),
+        "weights/layer-1.bin": os.urandom(70_000),
+        "a/b": b"nested",
+        "a-b": b"dash sorts before slash as a string",
+        "tokenizer/vocab/.hidden": b"hidden file",
+        "empty.txt": b"",
+        ".gitignore": b"*.pyc\n",
+    }
+    for name, data in files.items():
+        path = model / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return model
+
+
+def pem_file(tmp_path: Path, pem: str, name: str = "pub.pem") -> Path:
+    path = tmp_path / name
+    path.write_text(pem)
+    return path
+
+
+def stock_api_verify(model: Path, bundle: Path, pub: Path) -> None:
+    model_signing.verifying.Config().use_elliptic_key_verifier(public_key=pub).verify(model, bundle)
+
+
+def stock_cli_verify(model: Path, bundle: Path, pub: Path) -> subprocess.CompletedProcess[str]:
+    args = ["verify", "key", str(model), "--signature", str(bundle), "--public_key", str(pub)]
+    return subprocess.run(
+        [*STOCK_CLI, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def flip_byte(path: Path, offset: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_stock_model_signing_verifies_and_catches_one_flipped_byte(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    model = make_model(tmp_path)
+    result = sign_model(model, GatewaySigner(client, key))
+    pub = pem_file(tmp_path, result.public_key_pem)
+
+    stock_api_verify(model, result.bundle_path, pub)
+    run = stock_cli_verify(model, result.bundle_path, pub)
+    assert run.returncode == 0, run.stderr
+    assert "Verification succeeded" in run.stdout
+    report = verify_model(model, result.bundle_path, PublicKeyTrust.from_pem(result.public_key_pem))
+    assert report.ok and report.files == 8  # 7 model files + checksums.json (.gitignore ignored)
+
+    flip_byte(model / "weights/layer-1.bin", 12_345)
+    with pytest.raises(ValueError, match="Hash mismatch for") as stock_error:
+        stock_api_verify(model, result.bundle_path, pub)
+    # the message is a repr (its quoting depends on the digest bytes): look for the name only
+    assert "weights/layer-1.bin" in str(stock_error.value)
+    run = stock_cli_verify(model, result.bundle_path, pub)
+    assert run.returncode == 1 and "weights/layer-1.bin" in run.stderr
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, result.bundle_path, PublicKeyTrust.from_pem(result.public_key_pem))
+    assert info.value.failure is Failure.DIGEST_MISMATCH
+    assert info.value.report.integrity["mismatched"] == ["weights/layer-1.bin"]
+
+
+def test_bundle_follows_model_signing_format(tmp_path: Path, client: Client, key: str) -> None:
+    model = make_model(tmp_path)
+    out = tmp_path / "out" / "signature.json"
+    out.parent.mkdir()
+    result = sign_model(model, GatewaySigner(client, key), bundle_path=out)
+    doc = json.loads(out.read_text())
+    assert doc["mediaType"] == "application/vnd.dev.sigstore.bundle.v0.3+json"
+    pem = result.public_key_pem.encode()
+    assert doc["verificationMaterial"] == {
+        "publicKey": {"hint": hashlib.sha256(pem).hexdigest()},
+        "tlogEntries": [],
+    }
+    env = doc["dsseEnvelope"]
+    assert env["payloadType"] == "application/vnd.in-toto+json"
+    (sig,) = env["signatures"]
+    assert sig["keyid"] == f"{key}:v1"
+    payload = base64.b64decode(env["payload"])
+    statement = json.loads(payload)
+    assert statement["_type"] == "https://in-toto.io/Statement/v1"
+    assert statement["predicateType"] == "https://model_signing/signature/v1.0"
+    predicate = statement["predicate"]
+    assert predicate["serialization"] == {
+        "method": "files",
+        "hash_type": "sha256",
+        "allow_symlinks": False,
+        "ignore_paths": [".git", ".gitattributes", ".github", ".gitignore"],
+    }
+    names = [r["name"] for r in predicate["resources"]]
+    assert names == sorted(names, key=lambda n: PurePosixPath(n).parts)
+    assert names.index("a/b") < names.index("a-b")  # path order, not string order
+    expected = {
+        str(p.relative_to(model).as_posix()): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in model.rglob("*")
+        if p.is_file() and p.name != ".gitignore"
+    }
+    assert {r["name"]: r["digest"] for r in predicate["resources"]} == expected
+    root = hashlib.sha256(b"".join(bytes.fromhex(r["digest"]) for r in predicate["resources"]))
+    assert statement["subject"] == [{"name": "my-model", "digest": {"sha256": root.hexdigest()}}]
+    # the DSSE signature verifies independently over the PAE
+    public_key = serialization.load_pem_public_key(pem)
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    public_key.verify(
+        base64.b64decode(sig["sig"]),
+        b"DSSEv1 28 application/vnd.in-toto+json %d " % len(payload) + payload,
+        ec.ECDSA(hashes.SHA256()),
+    )
+    checksums = json.loads((model / "checksums.json").read_text())
+    assert {f["path"]: f["sha256"] for f in checksums["files"]} == {
+        k: v for k, v in expected.items() if k != "checksums.json"
+    }
+
+
+def test_pae_matches_dsse_spec_example() -> None:
+    # github.com/secure-systems-lab/dsse protocol.md (test vector):
+    # "DSSEv1" SP LEN(type) SP type SP LEN(body) SP body
+    assert pae("http://example.com/HelloWorld", b"hello world") == (
+        b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    )
+
+
+def test_missing_extra_wrong_key_and_bad_signature(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    model = make_model(tmp_path)
+    result = sign_model(model, GatewaySigner(client, key))
+    trust = PublicKeyTrust.from_pem(result.public_key_pem)
+    pub = pem_file(tmp_path, result.public_key_pem)
+
+    def failure() -> Failure:
+        with pytest.raises(ModelVerificationError) as info:
+            verify_model(model, result.bundle_path, trust)
+        return info.value.failure
+
+    (model / "extra.bin").write_bytes(b"x")
+    assert failure() is Failure.EXTRA_FILES
+    assert stock_cli_verify(model, result.bundle_path, pub).returncode == 1
+    (model / "extra.bin").unlink()
+    moved = (model / "a-b").read_bytes()
+    (model / "a-b").unlink()
+    assert failure() is Failure.MISSING_FILES
+    assert stock_cli_verify(model, result.bundle_path, pub).returncode == 1
+    (model / "a-b").write_bytes(moved)
+    assert verify_model(model, result.bundle_path, trust).ok
+
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, result.bundle_path, PublicKeyTrust(other))
+    assert info.value.failure is Failure.KEY_MISMATCH
+
+    doc = json.loads(result.bundle_path.read_text())
+    sig = bytearray(base64.b64decode(doc["dsseEnvelope"]["signatures"][0]["sig"]))
+    sig[-1] ^= 1
+    doc["dsseEnvelope"]["signatures"][0]["sig"] = base64.b64encode(bytes(sig)).decode()
+    result.bundle_path.write_text(json.dumps(doc))
+    assert failure() is Failure.SIGNATURE
+    result.bundle_path.write_text("{not json")
+    assert failure() is Failure.FORMAT
+
+
+@pytest.mark.parametrize("key_type", ["ecdsa-p384", "ed25519", "rsa-3072"])
+def test_other_key_types(tmp_path: Path, client: Client, key_type: str) -> None:
+    name = f"model-{key_type}-{next(_counter)}"
+    client.create_key(name, key_type, "model-sign")
+    model = make_model(tmp_path)
+    result = sign_model(model, GatewaySigner(client, name))
+    assert verify_model(
+        model, result.bundle_path, PublicKeyTrust.from_pem(result.public_key_pem)
+    ).ok
+    if key_type == "ecdsa-p384":  # the stock verifier only takes EC keys
+        assert result.algorithm == "ecdsa-sha384"
+        stock_api_verify(model, result.bundle_path, pem_file(tmp_path, result.public_key_pem))
+    flip_byte(model / "config.json")
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, result.bundle_path, PublicKeyTrust.from_pem(result.public_key_pem))
+    assert info.value.failure is Failure.DIGEST_MISMATCH
+
+
+def test_ignore_patterns_are_recorded_for_the_stock_verifier(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    model = make_model(tmp_path)
+    (model / "runs").mkdir()
+    (model / "runs" / "events.out").write_bytes(b"tensorboard")
+    (model / "train.log").write_text("log")
+    result = sign_model(model, GatewaySigner(client, key), ignore=["*.log", "runs"])
+    resources = {f.name for f in result.manifest.files}
+    assert "train.log" not in resources and "runs/events.out" not in resources
+    assert {"train.log", "runs"} <= set(result.manifest.ignore_paths)
+    (model / "runs" / "events.out").write_bytes(b"changed after signing")
+    pub = pem_file(tmp_path, result.public_key_pem)
+    stock_api_verify(model, result.bundle_path, pub)
+    assert verify_model(
+        model, result.bundle_path, PublicKeyTrust.from_pem(result.public_key_pem)
+    ).ok
+
+
+def _mark_compromised(client: Client, key: str, version: int, since: datetime) -> None:
+    client.key_action(key, f"versions/{version}/compromised", {"since": since.isoformat()})
+
+
+def test_gateway_rejects_signature_made_after_compromise(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    model = make_model(tmp_path)
+    result = sign_model(model, GatewaySigner(client, key))
+    trust = GatewayTrust(client, key)
+    assert verify_model(model, result.bundle_path, trust).key_status["checked"] is True
+
+    client.key_action(key, "rotate")
+    # compromised since one minute before the signing time: the bundle must be rejected
+    _mark_compromised(client, key, 1, result.signed_at - timedelta(minutes=1))
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, result.bundle_path, trust)
+    assert info.value.failure is Failure.KEY_STATUS
+    assert "compromised" in info.value.detail
+    # offline: the same verdict from an exported trust bundle
+    bundle_file = tmp_path / "trust.json"
+    bundle_file.write_text(json.dumps(export_trust_bundle(client, [key])))
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, result.bundle_path, TrustBundle.load(bundle_file))
+    assert info.value.failure is Failure.KEY_STATUS
+    # the stock verifier knows nothing about key status: it still accepts (documented)
+    stock_api_verify(model, result.bundle_path, pem_file(tmp_path, result.public_key_pem))
+
+
+def test_signature_made_before_compromise_still_verifies(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    model = make_model(tmp_path)
+    result = sign_model(model, GatewaySigner(client, key))
+    client.key_action(key, "rotate")
+    _mark_compromised(client, key, 1, result.signed_at + timedelta(minutes=1))
+    assert verify_model(model, result.bundle_path, GatewayTrust(client, key)).ok
+    doc = export_trust_bundle(client, [key])
+    assert verify_model(model, result.bundle_path, TrustBundle.parse(doc)).ok
+    # without provenance there is no signing time: a compromised version is rejected
+    assert result.provenance_path is not None
+    result.provenance_path.unlink()
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, result.bundle_path, GatewayTrust(client, key))
+    assert info.value.failure is Failure.KEY_STATUS
+
+
+def test_provenance_and_policy_digest(
+    tmp_path: Path, client: Client, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in {
+        "GITHUB_ACTIONS": "true",
+        "GITHUB_SERVER_URL": "https://github.com",
+        "GITHUB_REPOSITORY": "acme/models",
+        "GITHUB_WORKFLOW_REF": "acme/models/.github/workflows/train.yml@refs/heads/main",
+        "GITHUB_SHA": "0123456789abcdef0123456789abcdef01234567",
+        "GITHUB_RUN_ID": "42",
+        "TRAIN_IMAGE_DIGEST": "sha256:" + "ab" * 32,
+    }.items():
+        monkeypatch.setenv(name, value)
+    model = make_model(tmp_path)
+    build = BuildInfo(dataset_snapshot="s3://data/risk@2026-11-01", parameters={"lr": "0.001"})
+    result = sign_model(model, GatewaySigner(client, key), build=build)
+    policy_digest = client.request("GET", "/v1/sys/policy").json()["digest"]
+    assert result.policy_digest == policy_digest
+
+    assert result.provenance_path is not None
+    doc = json.loads(result.provenance_path.read_text())
+    statement = json.loads(base64.b64decode(doc["dsseEnvelope"]["payload"]))
+    assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
+    assert statement["subject"][0]["digest"]["sha256"] == result.manifest.root_digest().hex()
+    predicate = statement["predicate"]
+    assert predicate["runDetails"]["builder"]["id"] == (
+        "https://github.com/acme/models/.github/workflows/train.yml@refs/heads/main"
+    )
+    deps = predicate["buildDefinition"]["resolvedDependencies"]
+    assert {
+        "uri": "git+https://github.com/acme/models",
+        "digest": {"gitCommit": "0123456789abcdef0123456789abcdef01234567"},
+    } in deps
+    assert {"name": "training-container", "digest": {"sha256": "ab" * 32}} in deps
+    kms = predicate["buildDefinition"]["internalParameters"]["kmsgate"]
+    assert kms["key"] == key and kms["key_version"] == 1 and kms["policy_digest"] == policy_digest
+
+    trust = PublicKeyTrust.from_pem(result.public_key_pem)
+    report = verify_model(model, result.bundle_path, trust, expect_policy_digest=policy_digest)
+    assert (
+        report.provenance is not None
+        and report.provenance.git_sha == "0123456789abcdef0123456789abcdef01234567"
+    )
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, result.bundle_path, trust, expect_policy_digest="sha256:" + "0" * 64)
+    assert info.value.failure is Failure.POLICY_DIGEST
+
+    # a provenance for another model (same key) does not pass for this one
+    other = make_model(tmp_path / "other")
+    (other / "config.json").write_text("different")
+    other_result = sign_model(other, GatewaySigner(client, key))
+    assert other_result.provenance_path is not None
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, result.bundle_path, trust, provenance_path=other_result.provenance_path)
+    assert info.value.failure is Failure.PROVENANCE
+
+
+ACCEPTANCE = """package registry.accept
+
+default allow = false
+
+allow {
+  input.tags.security_decision == "PASS"
+  input.artifacts.signatures.model == true
+  input.artifacts.attestation == true
+  input.artifacts.checksums == true
+  input.meta.git_sha != ""
+  input.meta.container_digest != ""
+  input.meta.dataset_snapshot != ""
+}
+
+deny[msg] {
+  input.tags.security_decision != "PASS"
+  msg := sprintf("security_decision is %v", [input.tags.security_decision])
+}
+"""
+
+
+def test_acceptance_policy(tmp_path: Path, client: Client, key: str) -> None:
+    policy = tmp_path / "acceptance.rego"
+    policy.write_text(ACCEPTANCE)
+    build = dict(git_sha="abc123", container_digest="sha256:" + "cd" * 32, dataset_snapshot="ds@1")
+    model = make_model(tmp_path)
+    ok = sign_model(
+        model,
+        GatewaySigner(client, key),
+        build=BuildInfo(**build, parameters={"security_decision": "PASS"}),
+    )
+    trust = PublicKeyTrust.from_pem(ok.public_key_pem)
+    report = verify_model(model, ok.bundle_path, trust, policy=policy)
+    assert report.acceptance == {"package": "registry.accept", "allow": True, "deny": []}
+
+    sign_model(
+        model,
+        GatewaySigner(client, key),
+        build=BuildInfo(**build, parameters={"security_decision": "FAIL"}),
+    )
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, ok.bundle_path, trust, policy=policy)
+    assert info.value.failure is Failure.ACCEPTANCE
+    assert "security_decision is FAIL" in info.value.detail
+
+
+def test_cli_sign_and_verify(tmp_path: Path, gw: Gateway, client: Client, key: str) -> None:
+    runner = CliRunner()
+    env = {"KMSGATE_ADDR": gw.addr, "KMSGATE_TOKEN": gw.root_token}
+    model = make_model(tmp_path)
+    bundle = tmp_path / "model.sig"
+    signed = runner.invoke(
+        model_app,
+        ["sign", str(model), "--key", key, "-o", str(bundle), "--param", "epochs=3"],
+        env=env,
+    )
+    assert signed.exit_code == 0, signed.output
+    info = json.loads(signed.stdout)
+    assert info["key_version"] == 1 and info["files"] == 8
+    pub = pem_file(tmp_path, client.public_key(key, 1))
+
+    ok = runner.invoke(
+        model_app, ["verify", str(model), "-b", str(bundle), "--public-key", str(pub)]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "verified: my-model sha256:" in ok.stdout
+    via_gateway = runner.invoke(
+        model_app,
+        ["verify", str(model), "-b", str(bundle), "--gateway", gw.addr, "--key", key, "--json"],
+        env=env,
+    )
+    assert via_gateway.exit_code == 0, via_gateway.output
+    report = json.loads(via_gateway.stdout)
+    assert report["ok"] and report["key_status"]["source"] == "gateway"
+    assert [c["name"] for c in report["checks"]] == [
+        "bundle",
+        "key",
+        "signature",
+        "files",
+        "provenance",
+        "key_status",
+    ]
+
+    flip_byte(model / "weights" / "layer-0.bin", 7)
+    bad = runner.invoke(
+        model_app, ["verify", str(model), "-b", str(bundle), "--public-key", str(pub), "--json"]
+    )
+    assert bad.exit_code == Failure.DIGEST_MISMATCH == 13
+    assert json.loads(bad.stdout)["error"]["code"] == "digest_mismatch"
+    assert bad.stderr.strip().splitlines() == [
+        "error: digest_mismatch: digest mismatch: weights/layer-0.bin"
+    ]
+    none = runner.invoke(model_app, ["verify", str(model), "-b", str(bundle)])
+    assert none.exit_code == 2 and "exactly one of" in none.stderr
+
+
+def test_cli_sign_errors_are_one_line(tmp_path: Path, gw: Gateway, key: str) -> None:
+    runner = CliRunner()
+    env = {"KMSGATE_ADDR": gw.addr, "KMSGATE_TOKEN": gw.root_token}
+    model = make_model(tmp_path)
+    missing = runner.invoke(model_app, ["sign", str(model), "--key", "no-such-key"], env=env)
+    assert missing.exit_code == 2
+    assert len(missing.stderr.strip().splitlines()) == 1 and "error:" in missing.stderr
+    (model / "link").symlink_to(model / "config.json")
+    link = runner.invoke(model_app, ["sign", str(model), "--key", key], env=env)
+    assert link.exit_code == 2, link.output
+    assert link.stderr.strip() == "error: link is a symbolic link (use --allow-symlinks)"
+    assert not (model / "model.sig").exists()
+
+
+def test_stock_signed_bundle_verifies_with_kmsgate(tmp_path: Path) -> None:
+    private = ec.generate_private_key(ec.SECP256R1())
+    key_file = tmp_path / "k.pem"
+    key_file.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    model = make_model(tmp_path)
+    sig = tmp_path / "stock.sig"
+    model_signing.signing.Config().use_elliptic_key_signer(private_key=key_file).sign(model, sig)
+    trust = PublicKeyTrust(private.public_key())
+    assert verify_model(model, sig, trust).files == 7
+    flip_byte(model / "a" / "b")
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, sig, trust)
+    assert info.value.failure is Failure.DIGEST_MISMATCH
+
+
+def test_cli_trust_bundle_offline_gate(
+    tmp_path: Path, gw: Gateway, client: Client, key: str
+) -> None:
+    runner = CliRunner()
+    env = {"KMSGATE_ADDR": gw.addr, "KMSGATE_TOKEN": gw.root_token}
+    model = make_model(tmp_path)
+    result = sign_model(model, GatewaySigner(client, key))
+    trust = tmp_path / "trust.json"
+    exported = runner.invoke(model_app, ["trust-bundle", key, "-o", str(trust)], env=env)
+    assert exported.exit_code == 0, exported.output
+    args = ["verify", str(model), "--trust-bundle", str(trust)]
+    assert runner.invoke(model_app, args).exit_code == 0
+    client.key_action(key, "rotate")
+    _mark_compromised(client, key, 1, result.signed_at - timedelta(seconds=1))
+    assert runner.invoke(model_app, ["trust-bundle", key, "-o", str(trust)], env=env).exit_code == 0
+    rejected = runner.invoke(model_app, [*args, "--json"])
+    assert rejected.exit_code == Failure.KEY_STATUS == 16, rejected.output
+    assert json.loads(rejected.stdout)["error"]["code"] == "key_status"
+    assert "compromised since" in rejected.stderr
