@@ -11,7 +11,6 @@ is audited; if the audit write fails, the result is withheld (fail-closed).
 
 from __future__ import annotations
 
-import base64
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from kmsgate.algorithms import (
     HashName,
@@ -64,6 +62,7 @@ from kmsgate.errors import (
     PolicyDenied,
     TooLarge,
 )
+from kmsgate.jwk import public_jwk
 from kmsgate.policy import Decision, PolicyEngine, policy_input
 from kmsgate.schemas import (
     CompromisedRequest,
@@ -108,14 +107,6 @@ class _Outcome:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _b64url(value: bytes) -> str:
-    return base64.urlsafe_b64encode(value).rstrip(b"=").decode("ascii")
-
-
-def _int_b64url(value: int) -> str:
-    return _b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
 
 
 class Service:
@@ -835,7 +826,9 @@ class Service:
         for v in key.verification_versions():
             public_key = v.public_key()
             if public_key is not None and v.compromised_since is None:
-                jwks.append({"kid": f"{key.name}:v{v.version}", "use": "sig", **_jwk(public_key)})
+                jwks.append(
+                    {"kid": f"{key.name}:v{v.version}", "use": "sig", **public_jwk(public_key)}
+                )
         return {"keys": jwks}
 
     def rotate_key(self, principal: Principal, ctx: Ctx, name: str) -> Key:
@@ -1119,31 +1112,3 @@ class Service:
     def close(self) -> None:
         self.audit.close()
         self.registry.close()
-
-
-def _jwk(public_key: object) -> dict[str, object]:
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        numbers = public_key.public_numbers()
-        size = (public_key.curve.key_size + 7) // 8
-        crv, alg = {"secp256r1": ("P-256", "ES256"), "secp384r1": ("P-384", "ES384")}[
-            public_key.curve.name
-        ]
-        return {
-            "kty": "EC",
-            "crv": crv,
-            "alg": alg,
-            "x": _b64url(numbers.x.to_bytes(size, "big")),
-            "y": _b64url(numbers.y.to_bytes(size, "big")),
-        }
-    if isinstance(public_key, ed25519.Ed25519PublicKey):
-        raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return {"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "x": _b64url(raw)}
-    if isinstance(public_key, rsa.RSAPublicKey):
-        rsa_numbers = public_key.public_numbers()
-        return {
-            "kty": "RSA",
-            "alg": "PS256",
-            "n": _int_b64url(rsa_numbers.n),
-            "e": _int_b64url(rsa_numbers.e),
-        }
-    raise InvalidRequest("no JWK form for this key")
