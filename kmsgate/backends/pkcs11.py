@@ -29,8 +29,10 @@ off, and concurrent calls fail at random). So every call into a module holds tha
 lock (`_Module.lock`, one per loaded module in the process, shared by every backend that uses
 it). The backend logs in once (one long-lived login session) and runs operations on `sessions`
 worker sessions, each with its own cache of object handles. To scale, run several worker
-processes: each loads the module and logs in itself (C_Login is retried on GeneralError, which
-SoftHSM returns when processes log in at the same moment).
+processes: each loads the module and logs in itself (opening the token and C_Login are
+retried briefly: SoftHSM's file store answers GeneralError, or hides the token for a moment,
+when processes open it at the same moment). A process forked after C_Initialize initialises
+the module again before its first call.
 
 Failures. A wrong PIN is a 502 `backend_error`; the same PIN is not tried again on the same
 token (so a real HSM does not lock the user out) until the PIN source or the token changes.
@@ -274,6 +276,15 @@ class _Module:
         elif not self._lib.initialized:
             self._initialize()
         return self._lib
+
+    def current(self, generation: int) -> bool:
+        """Whether handles made in `generation` are still valid (lock held). A process forked
+        after C_Initialize must initialise the module again (PKCS#11 section 6.6.1): that
+        happens here, and makes every inherited handle stale."""
+        if self._lib is not None and self._pid != os.getpid():
+            with suppress(_Gone):  # a failure surfaces when the caller re-opens
+                self.reinitialize()
+        return generation == self.generation
 
     def reinitialize(self) -> None:
         """C_Finalize then C_Initialize (lock held): ends every session on this module.
@@ -622,7 +633,6 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         self._module = _module(settings.module)
         self._conn: _Connection | None = None
         self._down_until = 0.0
-        self._problem = "not connected yet"
         self._pin_key = secrets.token_bytes(32)
         self._bad_pin: bytes | None = None
         """HMAC of (token serial, PIN) the token rejected: not tried again."""
@@ -632,10 +642,6 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         """Check the config (module allow-listed, PIN source readable). The token is opened
         lazily on first use. Raises ConfigError."""
         return cls(name, _settings(name, cfg))
-
-    @property
-    def token_label(self) -> str | None:
-        return self.settings.token
 
     # -- connection management (every method here runs with the module lock held) ---------
 
@@ -660,16 +666,13 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                 conn = self._open()
             except _Gone as exc:
                 self._down_until = time.monotonic() + self.settings.retry_interval
-                self._problem = str(exc)
                 log.warning("pkcs11 backend %r unavailable: %s", self.name, exc)
                 raise self._unavailable() from None
             except BackendError as exc:
-                self._problem = exc.detail
                 log.error("pkcs11 backend %r: %s", self.name, exc.detail)
                 raise
             self._conn = conn
             self._down_until = 0.0
-            self._problem = "ok"
             log.info("pkcs11 backend %r: logged in to token %r", self.name, conn.label)
             return conn
 
@@ -825,8 +828,8 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         while True:
             conn = self._connection()
             with conn.worker() as worker, self._module.lock:
-                if conn.dead or conn.generation != self._module.generation:
-                    self._drop(conn)
+                if conn.dead or not self._module.current(conn.generation):
+                    self._drop(conn)  # the module was re-initialised (or we were forked)
                     stale += 1
                     if stale > 3:
                         raise self._unavailable()
@@ -834,36 +837,44 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                 try:
                     return op(conn, worker)
                 except p11e.PKCS11Error as exc:
-                    verdict = self._classify(conn, exc, decrypting)
-                    log.debug("pkcs11 backend %r: %s: %s -> %s", self.name, what, exc, verdict)
-                    if verdict == "decrypt":
-                        raise DecryptionFailed() from None
-                    if verdict == "missing":
-                        raise BackendError("the key is not on the token (destroyed?)") from None
-                    if verdict == "error":
-                        log.warning(
-                            "pkcs11 backend %r: %s failed: %s", self.name, what, type(exc).__name__
-                        )
-                        raise BackendError(f"the HSM failed to {what}") from None
-                    if verdict == "stale-handle":
-                        worker.keys.clear()
-                    else:  # gone
-                        log.warning(
-                            "pkcs11 backend %r: token lost during %s (%s)",
-                            self.name,
-                            what,
-                            type(exc).__name__,
-                        )
-                        self._drop(conn)
+                    if_exhausted = self._settle(conn, worker, what, exc, decrypting)
             failures += 1
             if not retry or failures > 1:
-                if verdict == "stale-handle":
-                    raise BackendError("the key is not on the token (destroyed?)")
-                raise self._unavailable()
+                raise if_exhausted
+
+    def _settle(
+        self,
+        conn: _Connection,
+        worker: _Worker,
+        what: str,
+        exc: p11e.PKCS11Error,
+        decrypting: bool,
+    ) -> KmsgateError:
+        """React to a failed call (lock held): raise the final error, or prepare a retry and
+        return the error to raise if none is left."""
+        verdict = self._classify(conn, exc, decrypting)
+        log.debug("pkcs11 backend %r: %s: %s -> %s", self.name, what, type(exc).__name__, verdict)
+        if verdict == "decrypt":
+            raise DecryptionFailed() from None
+        if verdict == "missing":
+            raise BackendError("the key is not on the token (destroyed?)") from None
+        if verdict == "error":
+            log.warning("pkcs11 backend %r: %s failed: %s", self.name, what, type(exc).__name__)
+            raise BackendError(f"the HSM failed to {what}") from None
+        if verdict == "stale-handle":
+            worker.keys.clear()  # found again on the retry, or reported missing
+            return BackendError("the key is not on the token (destroyed?)")
+        if verdict == "transient":
+            return BackendError(f"the HSM failed to {what}")
+        log.warning(
+            "pkcs11 backend %r: token lost during %s (%s)", self.name, what, type(exc).__name__
+        )
+        self._drop(conn)
+        return self._unavailable()
 
     def _classify(
         self, conn: _Connection, exc: p11e.PKCS11Error, decrypting: bool
-    ) -> Literal["gone", "stale-handle", "missing", "decrypt", "error"]:
+    ) -> Literal["gone", "stale-handle", "transient", "missing", "decrypt", "error"]:
         if isinstance(exc, _GONE_ERRORS) or type(exc) is p11e.PKCS11Error:
             return "gone"  # a bare PKCS11Error: CKR_CRYPTOKI_NOT_INITIALIZED and the like
         if isinstance(exc, _AMBIGUOUS_ERRORS) or (decrypting and isinstance(exc, _DECRYPT_ERRORS)):
@@ -875,6 +886,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                 return "stale-handle"
             if isinstance(exc, p11e.NoSuchKey):
                 return "missing"
+            return "transient"  # GeneralError on a token that answers: try once more
         return "error"
 
     def _object(self, conn: _Connection, worker: _Worker, ref: str, cls: ObjectClass) -> Any:
@@ -902,7 +914,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         label = f"{spec.name}.v{spec.version}"
         key_id = secrets.token_bytes(_ID_BYTES)
 
-        def generate(conn: _Connection, worker: _Worker) -> str | None:
+        def generate(conn: _Connection, worker: _Worker) -> tuple[str, str | None]:
             missing = sorted(m.name for m in kind.mechanisms if int(m) not in conn.mechanisms)
             if missing:
                 raise NotSupported(
@@ -919,7 +931,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                     capabilities=MechanismFlag(0),
                     template=_secret_template(spec.key_type),
                 )
-                return None
+                return conn.label, None
             public_template: dict[Attribute, Any] = {
                 Attribute.PRIVATE: False,
                 Attribute.VERIFY: True,
@@ -949,30 +961,23 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                 },
             )
             try:
-                return _pem(_public_key(spec.key_type, public, private))
+                return conn.label, _pem(_public_key(spec.key_type, public, private))
             except Exception:
                 for obj in (private, public):
                     with suppress(p11e.PKCS11Error):
                         obj.destroy()
                 raise
 
-        pem = self._call(f"create a {spec.key_type} key", generate, retry=False)
+        token_label, pem = self._call(f"create a {spec.key_type} key", generate, retry=False)
         ref = Pkcs11Uri(
             {
-                "token": self._label_for_ref().encode(),
+                "token": token_label.encode(),
                 "object": label.encode(),
                 "id": key_id,
                 "type": kind.uri_type.encode(),
             }
         ).format()
         return BackendKey(ref, spec.key_type, spec.name, spec.version, None, pem)
-
-    def _label_for_ref(self) -> str:
-        conn = self._conn
-        if conn is not None:
-            return conn.label
-        assert self.settings.token is not None
-        return self.settings.token
 
     def sign(self, key: BackendKey, data: bytes, alg: SignAlg, *, prehashed: bool) -> bytes:
         prepared = _sign_input(key.key_type, alg, data, prehashed)
@@ -1062,7 +1067,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         try:
             conn = self._connection()
             with self._module.lock:
-                if conn.generation == self._module.generation and not conn.dead:
+                if not conn.dead and self._module.current(conn.generation):
                     if self._healthy(conn):
                         return BackendStatus(True, f"token {conn.label!r}")
                     self._drop(conn)
