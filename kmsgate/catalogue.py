@@ -53,6 +53,8 @@ class KeyVersion:
     public_key_pem: str | None = None
     compromised_since: datetime | None = None
     destroyed_at: datetime | None = None
+    adopted: bool = False
+    """Made outside kmsgate (a key ceremony): deletion forgets it but never destroys it."""
     _public_key: list[PublicKeyTypes] = field(default_factory=list, repr=False, compare=False)
 
     def public_key(self) -> PublicKeyTypes | None:
@@ -201,6 +203,7 @@ def key_from_rows(row: Row, version_rows: Iterable[Row]) -> Key:
             public_key_pem=r["public_key"],
             compromised_since=utc(r["compromised_since"]),
             destroyed_at=utc(r["destroyed_at"]),
+            adopted=bool(r["adopted"]),
         )
         for r in version_rows
     }
@@ -232,6 +235,7 @@ def version_row(v: KeyVersion) -> dict[str, Any]:
         "created_at": v.created_at,
         "compromised_since": v.compromised_since,
         "destroyed_at": v.destroyed_at,
+        "adopted": v.adopted,
     }
 
 

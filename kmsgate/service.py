@@ -738,6 +738,7 @@ class Service:
             created_at=_now(),
             material=created.material,
             public_key_pem=created.public_key_pem,
+            adopted=req.uri is not None,
         )
         key = self._new_key(req, key_type, backend.name, version, verify_only=False)
         try:
@@ -996,7 +997,7 @@ class Service:
         backend = None if key.verify_only else self.registry.get(key.backend)
         for v in key.versions.values():
             if v.destroyed_at is None:
-                if backend is not None:
+                if backend is not None and not v.adopted:  # ceremony keys are only forgotten
                     backend.destroy(key.backend_key(v))
                 key = self.catalogue.update_version(
                     key, replace(v, material=None, destroyed_at=now)

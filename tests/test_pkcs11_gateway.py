@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from kmsgate.errors import (
     InvalidRequest,
     NotFound,
 )
+from kmsgate.service import Ctx
 from tests.components import free_port, require_component, wait_for_port
 from tests.softhsm import SoftHsm, SoftHsmToken, softhsm_session, softhsm_token
 
@@ -898,3 +900,29 @@ def test_bench_pkcs11_quick(hsm: SoftHsm, tmp_path: Path):
     rates = report["gateway"]["sessions_1"]
     assert rates["batch"] > rates["single"] > 0
     assert "batch goal >= 70%" in proc.stdout
+
+
+def test_deleting_an_adopted_key_never_destroys_the_ceremony_key(hsm: SoftHsm, tmp_path: Path):
+    token = hsm.init_token("kmsgate-gw-adopt")
+    gen = ["--keypairgen", "--usage-sign", "--key-type", "EC:prime256v1"]
+    token.pkcs11_tool(*gen, "--label", "ceremony-root", "--id", "e1")
+    uri = f"pkcs11:token={token.label};object=ceremony-root;type=private"
+    with gateway(token, tmp_path) as (client, auth):
+        body = {"name": "adopted", "type": "ecdsa-p256", "purpose": "ca", "backend": "hsm"}
+        r = client.post("/v1/keys", headers=auth, json={**body, "uri": uri})
+        assert r.status_code == 201, r.text
+        r = client.post("/v1/keys/adopted/sign", headers=auth, json={"input": _b64(MESSAGE)})
+        assert r.status_code == 200, r.text
+        r = client.post(
+            "/v1/keys/adopted/schedule-deletion", headers=auth, json={"pending_days": 7}
+        )
+        assert r.json()["state"] == "pending_deletion"
+        service = client.app.state.service
+        later = datetime.now(UTC) + timedelta(days=8)
+        assert service.destroy_due_keys(Ctx("t"), later) == ["adopted"]
+        assert client.get("/v1/keys/adopted", headers=auth).json()["state"] == "destroyed"
+        # the token still holds the ceremony key: it can be adopted again and signs
+        r = client.post("/v1/keys", headers=auth, json={**body, "name": "again", "uri": uri})
+        assert r.status_code == 201, r.text
+        r = client.post("/v1/keys/again/sign", headers=auth, json={"input": _b64(MESSAGE)})
+        assert r.status_code == 200, r.text

@@ -40,6 +40,7 @@ key_versions = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("compromised_since", sa.DateTime(timezone=True), nullable=True),
     sa.Column("destroyed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("adopted", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 tokens = sa.Table(
