@@ -72,9 +72,9 @@ def create_app(service: Service) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
+    app.include_router(routes_sys.router)  # first: health checks stay cheap
     app.include_router(routes_keys.router)
     app.router.routes[:0] = routes_keys.HOT_ROUTES
-    app.include_router(routes_sys.router)
     install_error_handlers(app)
     app.state.response_counts = Counter[int]()
     app.add_middleware(
