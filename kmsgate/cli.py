@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Annotated, Any, BinaryIO, NoReturn
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from kmsgate.algorithms import SIGN_ALGORITHMS, KeyType, default_sign_algorithm
 from kmsgate.chunked import Progress
+from kmsgate.cli_common import AddrOpt, TokenOpt, err, fail, out
 from kmsgate.cli_model import model_app
 from kmsgate.client import ApiError, Client
 from kmsgate.envelope import FileHeader
@@ -44,23 +44,10 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(policy_app, name="policy")
 app.add_typer(model_app, name="model")
 
-out = Console()
-err = Console(stderr=True)
-
-AddrOpt = Annotated[str | None, typer.Option("--addr", envvar="KMSGATE_ADDR", help="Gateway URL.")]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option("--token", envvar="KMSGATE_TOKEN", help="API token.", show_default=False),
-]
 InputArg = Annotated[str, typer.Argument(help="File to read, or - for stdin.")]
 DigestOpt = Annotated[
     bool, typer.Option("--digest", help="Hash the input locally and send only the digest.")
 ]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _read_text(path: Path) -> str:

@@ -14,12 +14,12 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from kmsgate.cli_common import AddrOpt, TokenOpt, err, fail, out
 from kmsgate.client import ApiError, Client
 from kmsgate.model_signing import (
     BuildInfo,
@@ -43,20 +43,7 @@ model_app = typer.Typer(
     no_args_is_help=True, help="Sign and verify ML models (model_signing format)."
 )
 
-out = Console()
-err = Console(stderr=True)
-
-AddrOpt = Annotated[str | None, typer.Option("--addr", envvar="KMSGATE_ADDR", help="Gateway URL.")]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option("--token", envvar="KMSGATE_TOKEN", help="API token.", show_default=False),
-]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Hashing threads.")]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _print_json(value: Any) -> None:
