@@ -6,6 +6,7 @@ Nested values use `__` in the environment (`KMSGATE_LIMITS__MAX_BATCH=500`).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,16 @@ from pydantic_settings import (
 
 from kmsgate.errors import ConfigError
 
-SHIPPED_POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+
+def _shipped_policy_dir() -> Path:
+    """The default policies: `policies/` of a source checkout (editable install), else the
+    copy a wheel installs under `<prefix>/share/kmsgate/policies`."""
+    checkout = Path(__file__).resolve().parent.parent / "policies"
+    installed = Path(sys.prefix) / "share" / "kmsgate" / "policies"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
+
+
+SHIPPED_POLICY_DIR = _shipped_policy_dir()
 DEV_DATA_DIR = Path.home() / ".kmsgate" / "dev"
 ROOT_TOKEN_FILE = "root-token"  # noqa: S105 (a file name, not a secret)
 ROOT_KEY_FILE = "root.key"
