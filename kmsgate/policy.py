@@ -71,6 +71,7 @@ ACTIONS: frozenset[str] = frozenset(
         "token.list",
         "token.revoke",
         "audit.read",
+        "metrics.read",
         "policy.read",
         "policy.evaluate",
         "policy.reload",

@@ -1037,7 +1037,11 @@ class Service:
             lambda _: self.tokens.revoke(token_id),
         )
 
-    # -- policy and audit ------------------------------------------------------------------
+    # -- policy, audit, metrics -------------------------------------------------------------
+
+    def authorize_metrics(self, principal: Principal, ctx: Ctx) -> None:
+        """Raises PolicyDenied unless the principal may read the metrics (`metrics.read`)."""
+        self._run(principal, ctx, "metrics.read", {"kind": "metrics"}, None, lambda _: None)
 
     def policy_info(self, principal: Principal, ctx: Ctx) -> dict[str, object]:
         return self._run(

@@ -7,7 +7,7 @@ gateway_actions := [
 	"sign", "verify", "mac", "mac.verify", "encrypt", "decrypt", "datakey", "rewrap",
 	"key.create", "key.read", "key.rotate", "key.disable", "key.enable", "key.update",
 	"key.compromise", "key.delete", "key.cancel_deletion", "key.import",
-	"token.create", "token.list", "token.revoke", "audit.read",
+	"token.create", "token.list", "token.revoke", "audit.read", "metrics.read",
 	"policy.read", "policy.evaluate", "policy.reload",
 	"cert.issue", "cert.renew", "cert.revoke", "exception.request", "exception.approve",
 ]

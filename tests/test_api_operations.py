@@ -297,3 +297,11 @@ def test_openapi_and_unknown_routes(api, admin):
     r = api.call("GET", "/v1/nothing", admin)
     assert (r.status_code, r.json()["code"]) == (404, "not_found")
     assert r.headers["content-type"] == "application/problem+json"
+
+
+def test_metrics_need_permission(api, admin, make_token):
+    assert api.call("GET", "/metrics", None).status_code == 401
+    assert api.call("GET", "/metrics", make_token("scraper")).status_code == 403
+    r = api.call("GET", "/metrics", admin)
+    assert r.status_code == 200
+    assert 'kmsgate_http_responses_total{status="401"} 1' in r.text

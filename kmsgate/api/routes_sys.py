@@ -35,8 +35,9 @@ def ready(service: ServiceDep) -> Response:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(request: Request) -> str:
-    """Prometheus text: responses by status code."""
+def metrics(request: Request, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> str:
+    """Prometheus text: responses by status code (action `metrics.read`)."""
+    service.authorize_metrics(principal, ctx)
     counts = request.app.state.response_counts
     lines = [
         "# HELP kmsgate_http_responses_total HTTP responses by status code.",
