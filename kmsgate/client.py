@@ -136,10 +136,13 @@ class Client:
         algorithm: str | None = None,
         version: int | None = None,
     ) -> dict[str, Any]:
-        """`{signature (bytes), key_version, algorithm}`."""
+        """`{signature (bytes), key_version, algorithm, policy_digest}`; `policy_digest` names
+        the policy that authorised the signature (None from gateways that do not say)."""
         body = _message_body(data, digest, algorithm, version)
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/sign", body)
+        response = self.request("POST", f"/v1/keys/{name}/sign", json=body)
+        result: dict[str, Any] = response.json()
         result["signature"] = b64decode_strict(result["signature"])
+        result["policy_digest"] = response.headers.get("x-kmsgate-policy-digest")
         return result
 
     def sign_batch(self, name: str, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -38,9 +38,13 @@ from kmsgate.model_signing import (
     verify_model,
 )
 from kmsgate.model_signing.bundle import pae
+from tests.components import require_component
 from tests.test_cli import Gateway, running_gateway
 
-model_signing = pytest.importorskip("model_signing")
+try:
+    import model_signing
+except ImportError:  # pragma: no cover - CI installs it (dev extra)
+    require_component("model_signing", "pip install model-signing (the stock verifier)")
 pytestmark = pytest.mark.timeout(120)
 
 STOCK_CLI = [sys.executable, "-m", "model_signing"]
@@ -527,3 +531,27 @@ def test_cli_trust_bundle_offline_gate(
     assert rejected.exit_code == Failure.KEY_STATUS == 16, rejected.output
     assert json.loads(rejected.stdout)["error"]["code"] == "key_status"
     assert "compromised since" in rejected.stderr
+
+
+def test_ci_signer_with_only_the_ml_sec_role(tmp_path: Path) -> None:
+    """The least-privilege CI path (seed 002): a token whose only role is `ml-sec`, in a
+    `prod` gateway, may sign with a `model-sign` key but not read it: the public key then
+    comes from the public JWKS, and the stock verifier accepts the bundle."""
+    (tmp_path / "gw").mkdir()
+    with running_gateway(tmp_path / "gw", KMSGATE_ENV="prod") as gw:
+        with Client(gw.addr, gw.root_token) as admin:
+            admin.create_key("ci-model", "ecdsa-p256", "model-sign")
+            signer_token = admin.create_token(["ml-sec"])["token"]
+            pem = admin.public_key("ci-model")
+            gateway_policy = admin.request("GET", "/v1/sys/policy").json()["digest"]
+        model = make_model(tmp_path)
+        with Client(gw.addr, signer_token) as ci:
+            result = sign_model(model, GatewaySigner(ci, "ci-model"))
+        assert result.public_key_pem.strip() == pem.strip()
+        stock_api_verify(model, result.bundle_path, pem_file(tmp_path, pem))
+        # the provenance names the policy that authorised the signature, although this
+        # token may not read the policy (the sign reply's header says it)
+        assert result.policy_digest == gateway_policy
+        assert result.provenance_path is not None
+        envelope = json.loads(result.provenance_path.read_text())["dsseEnvelope"]
+        assert gateway_policy in base64.b64decode(envelope["payload"]).decode()

@@ -33,6 +33,7 @@ from kmsgate.service import Ctx, Result
 from kmsgate.tokens import Principal
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
+POLICY_DIGEST_HEADER = "x-kmsgate-policy-digest"
 
 
 # The hot operations come first: routes are matched in order.
@@ -51,8 +52,13 @@ async def _operation(
     )
     run: Callable[[Principal, Ctx, str, list[Any], bool], Result] = getattr(service, operation)
     if threadpool or service.is_blocking(name):
-        return json_response(await run_in_threadpool(run, principal, ctx, name, items, batch))
-    return json_response(run(principal, ctx, name, items, batch))
+        result = await run_in_threadpool(run, principal, ctx, name, items, batch)
+    else:
+        result = run(principal, ctx, name, items, batch)
+    response = json_response(result)
+    # the policy that authorised this operation: signers stamp it into attestations
+    response.headers[POLICY_DIGEST_HEADER] = service.policy.digest
+    return response
 
 
 HOT_ROUTES: list[Route] = []

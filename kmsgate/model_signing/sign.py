@@ -111,6 +111,8 @@ class GatewaySigner:
     client: Client
     key: str
     algorithm: str | None = None
+    policy_digest: str | None = None
+    """The digest of the gateway policy that authorised the last signature."""
     _public_keys: dict[int, PublicKeyTypes] = field(default_factory=dict)
 
     def resolve_algorithm(self) -> SignAlg:
@@ -138,6 +140,7 @@ class GatewaySigner:
         else:
             reply = self.client.sign(self.key, digest=digest, algorithm=alg.name)
         version = int(reply["key_version"])
+        self.policy_digest = reply.get("policy_digest") or self.policy_digest
         public_key = self.public_key(version)
         signed = digest if digest is not None else message
         if not verify_with_public_key(
@@ -279,7 +282,7 @@ def sign_model(
     )
     digest_of_policy = None
     if provenance and provenance_path is not None:
-        digest_of_policy = policy_digest(signer.client)
+        digest_of_policy = signer.policy_digest or policy_digest(signer.client)
         facts = SigningFacts(
             signer.client.addr, signer.key, version, alg_name, signed_at, digest_of_policy
         )
