@@ -200,6 +200,31 @@ def _parse_labels(labels: list[str]) -> dict[str, str]:
     return pairs
 
 
+def _create_key(
+    addr: str | None,
+    token: str | None,
+    name: str,
+    key_type: str | None,
+    purpose: str,
+    backend: str | None,
+    labels: list[str],
+    **source: str | None,
+) -> None:
+    """POST /v1/keys (created, imported or adopted, by `source`) and print the key."""
+    key = _call(
+        addr,
+        token,
+        Client.create_key,
+        name,
+        key_type,
+        purpose,
+        backend=backend,
+        labels=_parse_labels(labels),
+        **source,
+    )
+    _print_json(key)
+
+
 @keys_app.command("create")
 def keys_create(
     name: str,
@@ -215,18 +240,7 @@ def keys_create(
 ) -> None:
     """Create a key (or import a verify-only public key)."""
     pem = _read_text(public_key) if public_key else None
-    key = _call(
-        addr,
-        token,
-        Client.create_key,
-        name,
-        type,
-        purpose,
-        backend=backend,
-        labels=_parse_labels(label),
-        public_key=pem,
-    )
-    _print_json(key)
+    _create_key(addr, token, name, type, purpose, backend, label, public_key=pem)
 
 
 @keys_app.command("import")
@@ -241,18 +255,7 @@ def keys_import(
     token: TokenOpt = None,
 ) -> None:
     """Adopt a key that already exists in a backend (made by a key ceremony)."""
-    key = _call(
-        addr,
-        token,
-        Client.create_key,
-        name,
-        type,
-        purpose,
-        backend=backend,
-        labels=_parse_labels(label),
-        uri=uri,
-    )
-    _print_json(key)
+    _create_key(addr, token, name, type, purpose, backend, label, uri=uri)
 
 
 @keys_app.command("list")

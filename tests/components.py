@@ -37,11 +37,13 @@ __all__ = [
     "find_postgres_bindir",
     "free_port",
     "fresh_postgres_database",
+    "log_tail",
     "openssl_bin",
     "postgres_server",
     "require_component",
     "require_postgres",
     "running_postgres",
+    "stop_process",
     "wait_for_port",
 ]
 
@@ -418,3 +420,25 @@ def openssl_bin() -> str:
     if path is None:
         require_component("openssl", "no 'openssl' on PATH; apt-get install openssl")
     return path
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last `lines` lines of a component's log, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop a component by its PID: SIGTERM, then SIGKILL after `timeout` seconds."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)

@@ -28,7 +28,6 @@ import http.server
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -41,7 +40,14 @@ import boto3  # type: ignore[import-untyped]
 import pytest
 from botocore.config import Config  # type: ignore[import-untyped]
 
-from tests.components import LOOPBACK, free_port, require_component, wait_for_port
+from tests.components import (
+    LOOPBACK,
+    free_port,
+    log_tail,
+    require_component,
+    stop_process,
+    wait_for_port,
+)
 
 __all__ = [
     "DUMMY_CREDENTIALS",
@@ -56,7 +62,6 @@ __all__ = [
 DUMMY_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing"}
 REGION = "us-east-1"
 _START_TIMEOUT = 20.0
-_STOP_TIMEOUT = 10.0
 _START_ATTEMPTS = 3
 
 
@@ -123,27 +128,6 @@ class MotoServer:
         }
 
 
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop the server by its PID: SIGTERM, then SIGKILL."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=_STOP_TIMEOUT)
-
-
 @contextlib.contextmanager
 def running_moto(work_dir: Path) -> Iterator[MotoServer]:
     """`moto_server -H 127.0.0.1 -p PORT` on a free port; stopped by PID on exit."""
@@ -179,7 +163,7 @@ def running_moto(work_dir: Path) -> Iterator[MotoServer]:
                 while True:
                     if process.poll() is not None:
                         raise RuntimeError(
-                            f"moto_server exited with {process.returncode}:\n{_tail(log_file)}"
+                            f"moto_server exited with {process.returncode}:\n{log_tail(log_file)}"
                         )
                     try:
                         wait_for_port(LOOPBACK, port, timeout=0.5)
@@ -189,15 +173,15 @@ def running_moto(work_dir: Path) -> Iterator[MotoServer]:
                             raise
                 break
             except (RuntimeError, TimeoutError):
-                _stop(process)
-                if attempt < _START_ATTEMPTS and "in use" in _tail(log_file):
+                stop_process(process)
+                if attempt < _START_ATTEMPTS and "in use" in log_tail(log_file):
                     continue
                 raise
         assert process is not None
         yield MotoServer(f"http://{LOOPBACK}:{port}", port, process, log_file)
     finally:
         if process is not None:
-            _stop(process)
+            stop_process(process)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -32,7 +31,7 @@ import hvac
 import pytest
 import requests
 
-from tests.components import LOOPBACK, free_port, require_component
+from tests.components import LOOPBACK, free_port, log_tail, require_component, stop_process
 
 __all__ = [
     "OpenBaoServer",
@@ -46,7 +45,6 @@ __all__ = [
 
 TRANSIT_MOUNT = "transit"
 _START_TIMEOUT = 20.0
-_STOP_TIMEOUT = 10.0
 _START_ATTEMPTS = 3
 
 
@@ -126,13 +124,6 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two adjacent free TCP ports on loopback")
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
-
-
 def _health(addr: str, verify: Path | None = None) -> int | None:
     try:
         with requests.Session() as session:
@@ -156,14 +147,14 @@ def _wait_active(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"bao exited with {process.returncode}:\n{_tail(log_file)}")
+            raise RuntimeError(f"bao exited with {process.returncode}:\n{log_tail(log_file)}")
         if verify is not None and not verify.exists():
             time.sleep(0.05)
             continue
         if _health(addr, verify) == 200:
             return
         time.sleep(0.05)
-    raise TimeoutError(f"bao at {addr} not active after {timeout} s:\n{_tail(log_file)}")
+    raise TimeoutError(f"bao at {addr} not active after {timeout} s:\n{log_tail(log_file)}")
 
 
 def _wait_listening(
@@ -172,11 +163,11 @@ def _wait_listening(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"bao exited with {process.returncode}:\n{_tail(log_file)}")
+            raise RuntimeError(f"bao exited with {process.returncode}:\n{log_tail(log_file)}")
         if _health(addr) is not None:
             return
         time.sleep(0.05)
-    raise TimeoutError(f"bao at {addr} not listening after {timeout} s:\n{_tail(log_file)}")
+    raise TimeoutError(f"bao at {addr} not listening after {timeout} s:\n{log_tail(log_file)}")
 
 
 def _spawn(args: list[str], home: Path, log_file: Path) -> subprocess.Popen[bytes]:
@@ -197,20 +188,6 @@ def _spawn(args: list[str], home: Path, log_file: Path) -> subprocess.Popen[byte
         )
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop the server by its PID: SIGTERM, then SIGKILL."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=_STOP_TIMEOUT)
-
-
 def _unseal_key_from_log(log_file: Path, process: subprocess.Popen[bytes]) -> str:
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
@@ -220,7 +197,7 @@ def _unseal_key_from_log(log_file: Path, process: subprocess.Popen[bytes]) -> st
         if process.poll() is not None:
             break
         time.sleep(0.05)
-    raise RuntimeError(f"no unseal key in the dev server's output:\n{_tail(log_file)}")
+    raise RuntimeError(f"no unseal key in the dev server's output:\n{log_tail(log_file)}")
 
 
 @contextlib.contextmanager
@@ -276,8 +253,8 @@ def running_openbao(
                 _wait_active(addr, process, log_file, verify=ca_cert)
                 break
             except (RuntimeError, TimeoutError):
-                _stop(process)
-                if attempt < _START_ATTEMPTS and "address already in use" in _tail(log_file):
+                stop_process(process)
+                if attempt < _START_ATTEMPTS and "address already in use" in log_tail(log_file):
                     continue
                 raise
         assert process is not None
@@ -295,7 +272,7 @@ def running_openbao(
         yield server
     finally:
         if process is not None:
-            _stop(process)
+            stop_process(process)
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
 
@@ -382,7 +359,7 @@ class PersistentOpenBao:
     def stop(self) -> None:
         """Stop the process by PID; the raft data stays."""
         if self.process is not None:
-            _stop(self.process)
+            stop_process(self.process)
 
     @property
     def pid(self) -> int | None:
