@@ -543,6 +543,15 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         _log.warning("awskms %s: %s after %d tries", operation, last, attempts)
         raise self._unavailable(last)
 
+    def _translated_call(
+        self, what: str, operation: str, quota: QuotaClass, **params: Any
+    ) -> dict[str, Any]:
+        """`_call`, with any other AWS error reply translated by `_fail` (for `what`)."""
+        try:
+            return self._call(operation, quota, **params)
+        except _AwsError as exc:
+            raise self._fail(exc, what) from None
+
     def _fail(self, exc: _AwsError, what: str) -> KmsgateError:
         """The generic translation of an AWS error reply for an operation on a key."""
         if exc.code in _CREDENTIAL_CODES:
@@ -638,10 +647,7 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         symmetric keys). Raises BackendError."""
         if not key_type.is_asymmetric:
             return None
-        try:
-            reply = self._call("get_public_key", "control", KeyId=arn)
-        except _AwsError as exc:
-            raise self._fail(exc, "read a public key") from None
+        reply = self._translated_call("read a public key", "get_public_key", "control", KeyId=arn)
         try:
             public = serialization.load_der_public_key(reply["PublicKey"])
             if key_type_of_public_key(public) is not key_type:
@@ -667,10 +673,9 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                 raise self._fail(exc, "set the key alias") from None
         if create:
             _log.warning("awskms: alias %s existed; moving it to the new key", alias)
-        try:
-            self._call(second, "control", AliasName=alias, TargetKeyId=arn)
-        except _AwsError as exc:
-            raise self._fail(exc, "set the key alias") from None
+        self._translated_call(
+            "set the key alias", second, "control", AliasName=alias, TargetKeyId=arn
+        )
 
     def _rotate_symmetric(self, spec: KeySpec) -> BackendKey:
         """Version N > 1 of an aes-256-gcm key: RotateKeyOnDemand on the KMS key the alias
@@ -814,17 +819,15 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         plan = sign_plan(key.key_type, alg, data, prehashed=prehashed)
         material = self._check_live(key)
         quota: QuotaClass = "rsa" if key.key_type in (KeyType.RSA_3072, KeyType.RSA_4096) else "ecc"
-        try:
-            reply = self._call(
-                "sign",
-                quota,
-                KeyId=material.arn,
-                Message=plan.message,
-                MessageType=plan.message_type,
-                SigningAlgorithm=plan.algorithm,
-            )
-        except _AwsError as exc:
-            raise self._fail(exc, "sign") from None
+        reply = self._translated_call(
+            "sign",
+            "sign",
+            quota,
+            KeyId=material.arn,
+            Message=plan.message,
+            MessageType=plan.message_type,
+            SigningAlgorithm=plan.algorithm,
+        )
         signature = reply.get("Signature")
         if not isinstance(signature, bytes) or reply.get("SigningAlgorithm") != plan.algorithm:
             raise BackendError("the backend returned a malformed signature")
@@ -874,12 +877,14 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         """GenerateMac. Raises InvalidRequest (type, hash, size), KeyDestroyed,
         BackendUnavailable, BackendError."""
         arn, aws_alg = self._mac_request(key, data, hash_name)
-        try:
-            reply = self._call(
-                "generate_mac", "symmetric", KeyId=arn, Message=data, MacAlgorithm=aws_alg
-            )
-        except _AwsError as exc:
-            raise self._fail(exc, "compute a MAC") from None
+        reply = self._translated_call(
+            "compute a MAC",
+            "generate_mac",
+            "symmetric",
+            KeyId=arn,
+            Message=data,
+            MacAlgorithm=aws_alg,
+        )
         tag = reply.get("Mac")
         if not isinstance(tag, bytes) or len(tag) != hash_name.digest_size:
             raise BackendError("the backend returned a malformed MAC")
@@ -945,12 +950,14 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         arn = self._encryption_key(key)
         if not 1 <= len(plaintext) <= _RAW_MAX:
             raise InvalidRequest(f"AWS KMS encrypts 1 to {_RAW_MAX} bytes")
-        try:
-            reply = self._call(
-                "encrypt", "symmetric", KeyId=arn, Plaintext=plaintext, EncryptionContext=context
-            )
-        except _AwsError as exc:
-            raise self._fail(exc, "encrypt") from None
+        reply = self._translated_call(
+            "encrypt",
+            "encrypt",
+            "symmetric",
+            KeyId=arn,
+            Plaintext=plaintext,
+            EncryptionContext=context,
+        )
         blob = reply.get("CiphertextBlob")
         if not isinstance(blob, bytes) or not blob:
             raise BackendError("the backend returned a malformed ciphertext")
@@ -1008,16 +1015,14 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         operation = (
             "generate_data_key" if include_plaintext else ("generate_data_key_without_plaintext")
         )
-        try:
-            reply = self._call(
-                operation,
-                "symmetric",
-                KeyId=arn,
-                NumberOfBytes=num_bytes,
-                EncryptionContext=self.encryption_context(key, context),
-            )
-        except _AwsError as exc:
-            raise self._fail(exc, "generate a data key") from None
+        reply = self._translated_call(
+            "generate a data key",
+            operation,
+            "symmetric",
+            KeyId=arn,
+            NumberOfBytes=num_bytes,
+            EncryptionContext=self.encryption_context(key, context),
+        )
         blob = reply.get("CiphertextBlob")
         plaintext = reply.get("Plaintext") if include_plaintext else None
         if not isinstance(blob, bytes) or (
