@@ -3,6 +3,7 @@ policies, audit log, served through the real FastAPI app."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,16 @@ from kmsgate.bootstrap import build_service, prepare_dev_data_dir
 from kmsgate.config import Settings, load_settings
 from kmsgate.service import Service
 
-__all__ = ["admin", "api", "gateway_settings", "make_token", "service"]
+__all__ = [
+    "AdminApi",
+    "Api",
+    "admin",
+    "api",
+    "gateway_settings",
+    "make_token",
+    "open_gateway",
+    "service",
+]
 
 
 @pytest.fixture
@@ -64,3 +74,36 @@ def make_token(service: Service) -> Callable[..., str]:
 @pytest.fixture
 def admin(make_token: Callable[..., str]) -> str:
     return make_token("admin")
+
+
+class AdminApi:
+    """An Api whose every call carries one (admin) token."""
+
+    def __init__(self, api: Api, token: str) -> None:
+        self.api = api
+        self.client = api.client
+        self.token = token
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.api.call(method, path, self.token, **kwargs)
+
+
+@contextlib.contextmanager
+def open_gateway(base: Path, **overrides: Any) -> Iterator[tuple[Api, str]]:
+    """A real gateway on SQLite under `base` (dev mode, env `test`, shipped policies; settings
+    `overrides` such as `backends`) through the real app, with an admin token. For tests that
+    need one gateway for a module or their own backends; `api` above runs on both stores."""
+    settings = load_settings(
+        dev=True,
+        data_dir=base / "data",
+        database_url=f"sqlite:///{base / 'kmsgate.db'}",
+        env="test",
+        **overrides,
+    )
+    prepare_dev_data_dir(settings)
+    service = build_service(settings)
+    try:
+        with TestClient(create_app(service)) as client:
+            yield Api(client, service), service.tokens.create(["admin"], ttl=None)[1]
+    finally:
+        service.close()

@@ -18,12 +18,12 @@ moto's own Verify is never used.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import secrets
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,11 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
-from fastapi.testclient import TestClient
 
 from kmsgate.algorithms import SIGN_ALGORITHMS, HashName, KeyType
-from kmsgate.api.app import create_app
 from kmsgate.backends.awskms import AwsKmsBackend, AwsKmsSettings, sign_plan
 from kmsgate.backends.base import KeySpec
-from kmsgate.bootstrap import build_service, prepare_dev_data_dir
-from kmsgate.config import BackendSettings, load_settings
+from kmsgate.config import BackendSettings
 from kmsgate.errors import (
     BackendUnavailable,
     ConfigError,
@@ -49,7 +46,7 @@ from kmsgate.errors import (
     NotSupported,
 )
 from kmsgate.service import Ctx
-from tests.gateway import Api
+from tests.gateway import Api, open_gateway
 from tests.moto import KmsProxy, MotoServer
 
 MESSAGE = b"kmsgate awskms test message \x00\xff" * 20
@@ -63,23 +60,8 @@ def unb64(text: str) -> bytes:
     return base64.b64decode(text)
 
 
-@contextlib.contextmanager
-def gateway(tmp_path: Path, backends: dict[str, Any]) -> Iterator[tuple[Api, str]]:
-    settings = load_settings(
-        dev=True,
-        data_dir=tmp_path / "data",
-        database_url=f"sqlite:///{tmp_path / 'kmsgate.db'}",
-        env="test",
-        backends={"local": {"type": "softkms"}, **backends},
-    )
-    prepare_dev_data_dir(settings)
-    service = build_service(settings)
-    try:
-        with TestClient(create_app(service)) as client:
-            admin = service.tokens.create(["admin"], ttl=None)[1]
-            yield Api(client, service), admin
-    finally:
-        service.close()
+def gateway(tmp_path: Path, backends: dict[str, Any]) -> AbstractContextManager[tuple[Api, str]]:
+    return open_gateway(tmp_path, backends={"local": {"type": "softkms"}, **backends})
 
 
 @pytest.fixture

@@ -27,14 +27,11 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fastapi.testclient import TestClient
 
 from kmsgate.algorithms import SIGN_ALGORITHMS, HashName, KeyType
-from kmsgate.api.app import create_app
 from kmsgate.backends.base import BackendKey, KeySpec
 from kmsgate.backends.hashivault import HashiVaultBackend
-from kmsgate.bootstrap import build_service, prepare_dev_data_dir
-from kmsgate.config import BackendSettings, load_settings
+from kmsgate.config import BackendSettings
 from kmsgate.errors import (
     BackendError,
     BackendUnavailable,
@@ -45,7 +42,7 @@ from kmsgate.errors import (
     KeyDestroyed,
     NotFound,
 )
-from tests.gateway import Api
+from tests.gateway import Api, open_gateway
 from tests.openbao import (
     OpenBaoServer,
     count_audit_requests,
@@ -91,23 +88,13 @@ def token_file(tmp_path: Path, token: str) -> Path:
 @contextlib.contextmanager
 def gateway(tmp_path: Path, vault: dict[str, Any]) -> Iterator[tuple[Api, str, HashiVaultBackend]]:
     """A real gateway (SQLite, softkms `local`, shipped policies) with backend `vault`."""
-    settings = load_settings(
-        dev=True,
-        data_dir=tmp_path / "data",
-        database_url=f"sqlite:///{tmp_path / 'kmsgate.db'}",
-        env="test",
-        backends={"local": {"type": "softkms"}, "vault": vault},
-    )
-    prepare_dev_data_dir(settings)
-    service = build_service(settings)
-    try:
-        with TestClient(create_app(service)) as client:
-            backend = service.registry.get("vault")
-            assert isinstance(backend, HashiVaultBackend)
-            admin = service.tokens.create(["admin"], ttl=None)[1]
-            yield Api(client, service), admin, backend
-    finally:
-        service.close()
+    with open_gateway(tmp_path, backends={"local": {"type": "softkms"}, "vault": vault}) as (
+        api,
+        admin,
+    ):
+        backend = api.service.registry.get("vault")
+        assert isinstance(backend, HashiVaultBackend)
+        yield api, admin, backend
 
 
 @pytest.fixture

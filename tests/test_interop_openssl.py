@@ -22,11 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from kmsgate.api.app import create_app
-from kmsgate.bootstrap import build_service, prepare_dev_data_dir
-from kmsgate.config import load_settings
+from tests.gateway import AdminApi, open_gateway
 
 pytestmark = pytest.mark.interop
 
@@ -154,33 +151,13 @@ def assert_rejected(proc: subprocess.CompletedProcess[str]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Gateway:
-    client: TestClient
-    token: str
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        headers = {"authorization": f"Bearer {self.token}"}
-        return self.client.request(method, path, headers=headers, **kwargs)
-
-
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """One SQLite gateway for the module, so each RSA key is generated once (the store plays
-    no part in what is checked here). One replica needs no background cache refresh, whose
-    reload races writes (see test_wycheproof.py), so it is slowed to once an hour."""
-    base = tmp_path_factory.mktemp("interop-gateway")
-    settings = load_settings(
-        dev=True,
-        data_dir=base / "data",
-        database_url=f"sqlite:///{base / 'kmsgate.db'}",
-        env="test",
-        cache_refresh_seconds=3600,
-    )
-    prepare_dev_data_dir(settings)
-    service = build_service(settings)
-    with TestClient(create_app(service)) as client:  # the app's lifespan closes the service
-        yield Gateway(client, service.tokens.create(["admin"], ttl=None)[1])
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminApi]:
+    """One SQLite gateway for the module: what is checked here is the crypto path, which
+    does not depend on the store (the API suites run on PostgreSQL too), and each key is
+    generated once."""
+    with open_gateway(tmp_path_factory.mktemp("interop-gateway")) as (api, admin):
+        yield AdminApi(api, admin)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +166,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def kms_public_keys(gateway: Gateway, workdir: Path) -> dict[str, Path]:
+def kms_public_keys(gateway: AdminApi, workdir: Path) -> dict[str, Path]:
     """kmsgate-generated keys, one per type: the PEM file of each public key."""
     paths = {}
     for key_type in KEY_TYPES:
@@ -214,7 +191,7 @@ class OpensslKey:
 
 
 @pytest.fixture(scope="module")
-def openssl_keys(openssl_bin: str, gateway: Gateway, workdir: Path) -> dict[str, OpensslKey]:
+def openssl_keys(openssl_bin: str, gateway: AdminApi, workdir: Path) -> dict[str, OpensslKey]:
     """openssl-generated keys, one per type, whose public halves are imported into kmsgate."""
     keys = {}
     for key_type in KEY_TYPES:
@@ -245,7 +222,7 @@ def files(tmp_path: Path) -> tuple[bytes, Path, Path]:
     return content, original, tampered
 
 
-def kms_sign(gateway: Gateway, case: Case, body: dict[str, str]) -> bytes:
+def kms_sign(gateway: AdminApi, case: Case, body: dict[str, str]) -> bytes:
     r = gateway.call(
         "POST",
         f"/v1/keys/interop-{case.key_type}/sign",
@@ -257,7 +234,7 @@ def kms_sign(gateway: Gateway, case: Case, body: dict[str, str]) -> bytes:
     return base64.b64decode(reply["signature"], validate=True)
 
 
-def kms_verify(gateway: Gateway, name: str, case: Case, body: dict[str, str]) -> dict[str, Any]:
+def kms_verify(gateway: AdminApi, name: str, case: Case, body: dict[str, str]) -> dict[str, Any]:
     r = gateway.call("POST", f"/v1/keys/{name}/verify", json={**body, "algorithm": case.algorithm})
     assert r.status_code == 200, r.text
     result: dict[str, Any] = r.json()
@@ -272,7 +249,7 @@ def kms_verify(gateway: Gateway, name: str, case: Case, body: dict[str, str]) ->
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_openssl_verifies_kmsgate_signature(
     openssl_bin: str,
-    gateway: Gateway,
+    gateway: AdminApi,
     kms_public_keys: dict[str, Path],
     files: tuple[bytes, Path, Path],
     case: Case,
@@ -289,7 +266,7 @@ def test_openssl_verifies_kmsgate_signature(
 @pytest.mark.parametrize("case", PREHASHABLE, ids=lambda c: c.id)
 def test_openssl_verifies_kmsgate_signature_over_digest(
     openssl_bin: str,
-    gateway: Gateway,
+    gateway: AdminApi,
     kms_public_keys: dict[str, Path],
     files: tuple[bytes, Path, Path],
     case: Case,
@@ -316,7 +293,7 @@ def test_openssl_verifies_kmsgate_signature_over_digest(
 @pytest.mark.parametrize("case", [c for c in CASES if c.padding == "pss"], ids=lambda c: c.id)
 def test_kmsgate_pss_salt_is_exactly_the_hash_length(
     openssl_bin: str,
-    gateway: Gateway,
+    gateway: AdminApi,
     kms_public_keys: dict[str, Path],
     files: tuple[bytes, Path, Path],
     case: Case,
@@ -352,7 +329,7 @@ def openssl_sign(
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_kmsgate_verifies_openssl_signature(
     openssl_bin: str,
-    gateway: Gateway,
+    gateway: AdminApi,
     openssl_keys: dict[str, OpensslKey],
     files: tuple[bytes, Path, Path],
     case: Case,
@@ -379,7 +356,7 @@ def test_kmsgate_verifies_openssl_signature(
 @pytest.mark.parametrize("case", [c for c in CASES if c.padding == "pss"], ids=lambda c: c.id)
 def test_kmsgate_rejects_openssl_pss_with_another_salt_length(
     openssl_bin: str,
-    gateway: Gateway,
+    gateway: AdminApi,
     openssl_keys: dict[str, OpensslKey],
     files: tuple[bytes, Path, Path],
     case: Case,

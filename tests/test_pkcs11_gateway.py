@@ -32,13 +32,10 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from fastapi.testclient import TestClient
 
 from kmsgate.algorithms import SIGN_ALGORITHMS, HashName, KeyType, verify_with_public_key
-from kmsgate.api.app import create_app
 from kmsgate.backends.base import BackendKey, KeySpec, SignMessage
-from kmsgate.bootstrap import build_service, prepare_dev_data_dir
-from kmsgate.config import BackendSettings, load_settings
+from kmsgate.config import BackendSettings
 from kmsgate.errors import (
     BackendError,
     BackendUnavailable,
@@ -48,6 +45,7 @@ from kmsgate.errors import (
 )
 from kmsgate.service import Ctx
 from tests.components import free_port, require_component, wait_for_port
+from tests.gateway import open_gateway
 from tests.softhsm import SoftHsm, SoftHsmToken, softhsm_session, softhsm_token
 
 pytestmark = pytest.mark.timeout(120)
@@ -621,25 +619,11 @@ def _b64(data: bytes) -> str:
 @contextlib.contextmanager
 def gateway(
     token: SoftHsmToken, tmp_path: Path, **backend_extra: Any
-) -> Iterator[tuple[Any, dict]]:
-    settings = load_settings(
-        dev=True,
-        data_dir=tmp_path / "data",
-        database_url=f"sqlite:///{tmp_path / 'kmsgate.db'}",
-        env="test",
-        backends={
-            "local": {"type": "softkms"},
-            "hsm": token.backend_config(**backend_extra),
-        },
-    )
-    prepare_dev_data_dir(settings)
-    service = build_service(settings)
-    admin = service.tokens.create(["admin"], ttl=None)[1]
-    try:
-        with TestClient(create_app(service)) as client:
-            yield client, {"authorization": f"Bearer {admin}"}
-    finally:
-        service.close()
+) -> Iterator[tuple[Any, dict[str, str]]]:
+    """A real gateway with backend `hsm` on `token`: the TestClient and admin headers."""
+    backends = {"local": {"type": "softkms"}, "hsm": token.backend_config(**backend_extra)}
+    with open_gateway(tmp_path, backends=backends) as (api, admin):
+        yield api.client, {"authorization": f"Bearer {admin}"}
 
 
 def test_rest_operations_on_hsm_keys(hsm: SoftHsm, tmp_path: Path):

@@ -148,3 +148,33 @@ def test_token_revocation_reaches_other_replicas(store):
         b.authenticate(token)
     stored = store.load_tokens()[0]
     assert token.split(".")[2] not in str(stored)
+
+
+def test_a_write_during_a_reload_is_not_lost(store):
+    """Read-your-writes: a reload loads the rows, then swaps in its snapshot. A key inserted
+    between the load and the swap must survive the swap (the reload is held in between, at
+    most 1 s, so a fix that serialises writes with reloads cannot deadlock the test)."""
+    catalogue = Catalogue(store)
+    real_load = store.load_keys
+    loaded, release = threading.Event(), threading.Event()
+
+    def held_load():
+        rows = real_load()
+        loaded.set()
+        release.wait(timeout=1.0)
+        return rows
+
+    store.load_keys = held_load
+    try:
+        reload = threading.Thread(target=catalogue.reload)
+        reload.start()
+        assert loaded.wait(timeout=10)
+        inserter = threading.Thread(target=catalogue.insert, args=(make_key("during"),))
+        inserter.start()
+        inserter.join(timeout=0.5)  # done at once without the lock; blocked with it
+        release.set()
+        inserter.join(timeout=10)
+        reload.join(timeout=10)
+    finally:
+        del store.load_keys
+    assert catalogue.find("during") is not None

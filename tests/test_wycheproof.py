@@ -20,7 +20,6 @@ import collections
 import hashlib
 import json
 import secrets
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +29,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from fastapi.testclient import TestClient
 
 from kmsgate.algorithms import HashName, KeyType
-from kmsgate.api.app import create_app
 from kmsgate.backends.base import BackendKey
 from kmsgate.backends.softkms import SoftKmsBackend
-from kmsgate.bootstrap import build_service, prepare_dev_data_dir
-from kmsgate.config import load_settings
 from kmsgate.errors import DecryptionFailed
 from tests.components import require_component
+from tests.gateway import AdminApi, open_gateway
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
 WYCHEPROOF = VECTORS / "wycheproof"
@@ -71,40 +67,13 @@ def b64(data: bytes) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Gateway:
-    client: TestClient
-    token: str
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        headers = {"authorization": f"Bearer {self.token}"}
-        return self.client.request(method, path, headers=headers, **kwargs)
-
-
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """One SQLite-backed gateway for the whole module: the vectors exercise the crypto path,
-    which does not depend on the store, so running them on PostgreSQL too would only double
-    the time.
-
-    A single replica needs no cross-replica cache refresh, so the background refresher is
-    slowed to once an hour: with the default 1 s, its reload races the imports (the catalogue
-    bug pinned down by `test_key_imported_during_a_catalogue_reload_stays_usable`) and the
-    vector run would fail at random instead of on the vectors.
-    """
-    base = tmp_path_factory.mktemp("wycheproof-gateway")
-    settings = load_settings(
-        dev=True,
-        data_dir=base / "data",
-        database_url=f"sqlite:///{base / 'kmsgate.db'}",
-        env="test",
-        cache_refresh_seconds=3600,
-    )
-    prepare_dev_data_dir(settings)
-    service = build_service(settings)
-    with TestClient(create_app(service)) as client:  # the app's lifespan closes the service
-        token = service.tokens.create(["admin"], ttl=None)[1]
-        yield Gateway(client, token)
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminApi]:
+    """One SQLite gateway for the module: what is checked here is the crypto path, which
+    does not depend on the store (the API suites run on PostgreSQL too), and each key is
+    generated once."""
+    with open_gateway(tmp_path_factory.mktemp("wycheproof-gateway")) as (api, admin):
+        yield AdminApi(api, admin)
 
 
 @dataclass(frozen=True)
@@ -249,7 +218,7 @@ def _message_field(spec: SignatureFile, form: str, msg: bytes) -> dict[str, str]
 
 
 @pytest.mark.parametrize(("spec", "form"), SIGNATURE_CASES)
-def test_signature_vectors_through_rest(gateway: Gateway, spec: SignatureFile, form: str) -> None:
+def test_signature_vectors_through_rest(gateway: AdminApi, spec: SignatureFile, form: str) -> None:
     """Every case of the file through REST verify, sending the message (`input`) or, for the
     hash-based algorithms, its digest (`digest`, verified as prehashed)."""
     data = _require(spec.file)
@@ -300,7 +269,7 @@ def test_signature_vectors_through_rest(gateway: Gateway, spec: SignatureFile, f
     assert tally.ran["valid"] > 0 and tally.ran["invalid"] > 0, summary
 
 
-def test_verify_reports_the_imported_key_version(gateway: Gateway) -> None:
+def test_verify_reports_the_imported_key_version(gateway: AdminApi) -> None:
     """A positive control on the path above: a valid vector reports key_version 1, and the
     same signature over a different message is rejected."""
     data = _require("ecdsa_secp256r1_sha256_test.json")
@@ -325,61 +294,6 @@ def test_verify_reports_the_imported_key_version(gateway: Gateway) -> None:
         json={**item, "input": b64(bytes.fromhex(case["msg"]) + b"x")},
     )
     assert other.json() == {"valid": False, "key_version": None}
-
-
-def test_key_imported_during_a_catalogue_reload_stays_usable(gateway: Gateway) -> None:
-    """Read-your-writes for the import the vector run depends on.
-
-    Found by the vector run (a group's key imported with 201, then `verify` answered 404):
-    `Catalogue.reload` loads the store's rows and then swaps in a new dict, while
-    `Catalogue._store_and_cache` writes and updates the old dict without the lock. A write
-    that lands between the load and the swap vanishes from the cache until the next refresh.
-    The reload here is held between its load and its swap until the import has returned (or
-    at most 1 s, so that a fix which serialises writes with reloads does not deadlock).
-    """
-    data = _require("ed25519_test.json")
-    catalogue = gateway.client.app.state.service.catalogue
-    store = catalogue._store
-    real_load = store.load_keys
-    loaded, release = threading.Event(), threading.Event()
-
-    def held_load() -> Any:
-        rows = real_load()
-        loaded.set()
-        release.wait(timeout=1.0)
-        return rows
-
-    store.load_keys = held_load
-    try:
-        reload = threading.Thread(target=catalogue.reload)
-        reload.start()
-        assert loaded.wait(timeout=10)
-        r = gateway.call(
-            "POST",
-            "/v1/keys",
-            json={
-                "name": "wp-during-reload",
-                "purpose": "wycheproof",
-                "public_key": _group_pem(data["testGroups"][0]),
-            },
-        )
-        release.set()
-        reload.join(timeout=10)
-    finally:
-        del store.load_keys
-    assert r.status_code == 201, r.text
-    case = data["testGroups"][0]["tests"][0]
-    assert case["result"] == "valid"
-    v = gateway.call(
-        "POST",
-        "/v1/keys/wp-during-reload/verify",
-        json={
-            "input": b64(bytes.fromhex(case["msg"])),
-            "signature": b64(bytes.fromhex(case["sig"])),
-        },
-    )
-    assert v.status_code == 200, f"imported key lost by a concurrent reload: {v.text}"
-    assert v.json()["valid"] is True
 
 
 # --------------------------------------------------------------------------------------------
