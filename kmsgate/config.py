@@ -30,8 +30,11 @@ def _shipped_policy_dir() -> Path:
     return checkout if checkout.is_dir() or not installed.is_dir() else installed
 
 
-SHIPPED_POLICY_DIR = _shipped_policy_dir()
-DEV_DATA_DIR = Path.home() / ".kmsgate" / "dev"
+def dev_data_dir() -> Path:
+    """The default dev data dir, `~/.kmsgate/dev` (resolved when used, not at import)."""
+    return Path.home() / ".kmsgate" / "dev"
+
+
 ROOT_TOKEN_FILE = "root-token"  # noqa: S105 (a file name, not a secret)
 ROOT_KEY_FILE = "root.key"
 
@@ -78,7 +81,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     root_key_file: Path | None = None
     root_key_wrap: RootKeyWrap | None = None
-    policy_dir: Path = SHIPPED_POLICY_DIR
+    policy_dir: Path = Field(default_factory=_shipped_policy_dir)
     audit_path: Path | None = None
     audit_fsync_interval: float = Field(default=0.05, gt=0)
     cache_refresh_seconds: float = Field(default=1.0, gt=0)

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from kmsgate.api.app import create_app
 from kmsgate.bootstrap import build_service, ensure_root_token, prepare_dev_data_dir
-from kmsgate.config import DEV_DATA_DIR, ROOT_TOKEN_FILE, load_settings
+from kmsgate.config import ROOT_TOKEN_FILE, dev_data_dir, load_settings
 
 
 def create_app_from_env() -> FastAPI:
@@ -39,7 +39,7 @@ def serve(
     settings = load_settings(config, dev=dev or None, data_dir=data_dir, host=host, port=port)
     if settings.dev:
         if settings.data_dir is None:
-            settings.data_dir = DEV_DATA_DIR
+            settings.data_dir = dev_data_dir()
         prepare_dev_data_dir(settings)
     service = build_service(settings)
     if settings.dev:

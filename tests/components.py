@@ -75,7 +75,7 @@ def require_component(name: str, reason: str) -> NoReturn:
     """
     if os.environ.get(REQUIRE_ALL_ENV) == "1":
         pytest.fail(f"{name} missing: {reason} ({REQUIRE_ALL_ENV}=1)", pytrace=False)
-    pytest.skip(f"{name} missing: {reason}")
+    pytest.skip(f"{name} missing: {reason}", allow_module_level=True)
 
 
 def free_port(host: str = LOOPBACK) -> int:
