@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import zlib
-from pathlib import Path
 
 import pytest
 
@@ -22,19 +20,13 @@ from kmsgate.chunked import (
     Decryptor,
     Encryptor,
 )
+from tests.wycheproof import load_vectors
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "wycheproof"
-C2SP_FILE = VECTORS / "c2sp_chunked_encryption_aes_256_gcm_test.json"
-GCM_FILE = VECTORS / "aes_gcm_test.json"
-
-
-def _load(path: Path) -> dict:
-    if not path.is_file():
-        pytest.fail(f"missing Wycheproof vectors {path} (../shared beside the checkout)")
-    return json.loads(path.read_text())
+C2SP_FILE = "c2sp_chunked_encryption_aes_256_gcm_test.json"
+GCM_FILE = "aes_gcm_test.json"
 
 
-C2SP = _load(C2SP_FILE)
+C2SP = load_vectors(C2SP_FILE)
 C2SP_CASES = [(g, t) for g in C2SP["testGroups"] for t in g["tests"]]
 
 
@@ -140,7 +132,7 @@ def test_raw_mode_reencryption_matches_vectors():
 
 
 def _gcm_cases():
-    data = _load(GCM_FILE)
+    data = load_vectors(GCM_FILE)
     for group in data["testGroups"]:
         for test in group["tests"]:
             yield group, test

@@ -1,4 +1,4 @@
-"""Project Wycheproof vectors (DESIGN.md §6b, ../shared/vectors/README.md).
+"""Project Wycheproof vectors (DESIGN.md §6b, tests/vectors/wycheproof/README.md).
 
 Signatures go end to end through REST: every test group's public key is imported as a
 verify-only key (`POST /v1/keys` with `public_key`) and all of its cases are checked with one
@@ -18,11 +18,9 @@ from __future__ import annotations
 import base64
 import collections
 import hashlib
-import json
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,28 +32,10 @@ from kmsgate.algorithms import HashName, KeyType
 from kmsgate.backends.base import BackendKey
 from kmsgate.backends.softkms import SoftKmsBackend
 from kmsgate.errors import DecryptionFailed
-from tests.components import require_component
 from tests.gateway import AdminApi, open_gateway
+from tests.wycheproof import load_vectors
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
-WYCHEPROOF = VECTORS / "wycheproof"
 BATCH_LIMIT = 1000  # API.md: a batch holds at most 1,000 items
-
-
-def _load(name: str) -> dict[str, Any] | None:
-    path = WYCHEPROOF / name
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
-def _require(name: str) -> dict[str, Any]:
-    data = _load(name)
-    if data is None:
-        require_component(
-            "wycheproof vectors", f"{WYCHEPROOF / name} not found (../shared/vectors beside main)"
-        )
-    return data
 
 
 def b64(data: bytes) -> str:
@@ -221,7 +201,7 @@ def _message_field(spec: SignatureFile, form: str, msg: bytes) -> dict[str, str]
 def test_signature_vectors_through_rest(gateway: AdminApi, spec: SignatureFile, form: str) -> None:
     """Every case of the file through REST verify, sending the message (`input`) or, for the
     hash-based algorithms, its digest (`digest`, verified as prehashed)."""
-    data = _require(spec.file)
+    data = load_vectors(spec.file)
     stem = spec.file.removesuffix("_test.json").replace("_", "-")
     tally = Tally()
     for index, group in enumerate(data["testGroups"]):
@@ -272,7 +252,7 @@ def test_signature_vectors_through_rest(gateway: AdminApi, spec: SignatureFile, 
 def test_verify_reports_the_imported_key_version(gateway: AdminApi) -> None:
     """A positive control on the path above: a valid vector reports key_version 1, and the
     same signature over a different message is rejected."""
-    data = _require("ecdsa_secp256r1_sha256_test.json")
+    data = load_vectors("ecdsa_secp256r1_sha256_test.json")
     group = data["testGroups"][0]
     case = next(t for t in group["tests"] if t["result"] == "valid")
     r = gateway.call(
@@ -319,11 +299,8 @@ def _sealed(backend: SoftKmsBackend, key_type: KeyType, tag: str, secret: bytes)
 
 
 def _cases(file: str, keep: Any) -> list[Any]:
-    """pytest params for the tests of `file` whose group passes `keep`; a single placeholder
-    that ends in require_component when the vectors are missing."""
-    data = _load(file)
-    if data is None:
-        return [pytest.param(None, None, id="vectors-missing")]
+    """pytest params for the tests of `file` whose group passes `keep`."""
+    data = load_vectors(file)
     return [
         pytest.param(group, test, id=f"tc{test['tcId']}")
         for group in data["testGroups"]
@@ -340,8 +317,6 @@ HMAC_FULL_TAG_BITS = 256
 def test_hmac_sha256_vectors(softkms: SoftKmsBackend, group: Any, test: Any) -> None:
     """kmsgate accepts full-length tags only: a `valid` vector with a truncated tag
     (tagSize < 256) must be rejected like an invalid one."""
-    if group is None:
-        _require(HMAC_FILE)
     key = _sealed(softkms, KeyType.HMAC_SHA256, f"hmac-{test['tcId']}", bytes.fromhex(test["key"]))
     msg, tag = bytes.fromhex(test["msg"]), bytes.fromhex(test["tag"])
     assert len(tag) * 8 == group["tagSize"]
@@ -355,7 +330,7 @@ def test_hmac_sha256_vectors(softkms: SoftKmsBackend, group: Any, test: Any) -> 
 
 
 def test_hmac_sha256_scope() -> None:
-    data = _require(HMAC_FILE)
+    data = load_vectors(HMAC_FILE)
     counts = collections.Counter(
         (g["tagSize"], t["result"]) for g in data["testGroups"] for t in g["tests"]
     )
@@ -372,8 +347,6 @@ def _aes_gcm_in_scope(group: dict[str, Any]) -> bool:
 
 @pytest.mark.parametrize(("group", "test"), _cases(AES_GCM_FILE, _aes_gcm_in_scope))
 def test_aes_gcm_vectors_through_unwrap(softkms: SoftKmsBackend, group: Any, test: Any) -> None:
-    if group is None:
-        _require(AES_GCM_FILE)
     key = _sealed(softkms, KeyType.AES_256_GCM, f"gcm-{test['tcId']}", bytes.fromhex(test["key"]))
     iv, aad, msg = (bytes.fromhex(test[f]) for f in ("iv", "aad", "msg"))
     blob = iv + bytes.fromhex(test["ct"]) + bytes.fromhex(test["tag"])
@@ -391,7 +364,7 @@ def test_aes_gcm_vectors_through_unwrap(softkms: SoftKmsBackend, group: Any, tes
 
 
 def test_aes_gcm_scope() -> None:
-    data = _require(AES_GCM_FILE)
+    data = load_vectors(AES_GCM_FILE)
     groups = data["testGroups"]
     in_scope = [t for g in groups if _aes_gcm_in_scope(g) for t in g["tests"]]
     out = collections.Counter(
