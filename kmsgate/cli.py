@@ -24,16 +24,23 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from kmsgate import __version__
 from kmsgate.algorithms import SIGN_ALGORITHMS, KeyType, default_sign_algorithm
 from kmsgate.chunked import Progress
-from kmsgate.cli_common import AddrOpt, TokenOpt, err, fail, out
+from kmsgate.cli_common import AddrOpt, TokenOpt, err, fail, fail_api, out
 from kmsgate.cli_model import model_app
 from kmsgate.client import ApiError, Client
 from kmsgate.envelope import FileHeader
 from kmsgate.errors import ConfigError, DecryptionFailed, KmsgateError
 from kmsgate.schemas import b64decode_strict, b64encode
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="kmsgate: keys as a service.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,  # plain help: flags without type labels, paragraphs re-wrapped
+    context_settings={"max_content_width": 120},
+    help="kmsgate: keys as a service.",
+)
 keys_app = typer.Typer(no_args_is_help=True, help="Create and manage keys.")
 token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
 audit_app = typer.Typer(no_args_is_help=True, help="The audit log.")
@@ -43,6 +50,25 @@ app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
 app.add_typer(policy_app, name="policy")
 app.add_typer(model_app, name="model")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"kmsgate {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """kmsgate: keys as a service."""
+
 
 InputArg = Annotated[str, typer.Argument(help="File to read, or - for stdin.")]
 DigestOpt = Annotated[
@@ -86,7 +112,7 @@ def _call(addr: str | None, token: str | None, fn: Any, *args: Any, **kwargs: An
         with _client(addr, token) as client:
             return fn(client, *args, **kwargs)
     except ApiError as exc:
-        fail(f"{exc.code}: {exc.detail}")
+        fail_api(exc)
 
 
 def _read_input(source: str) -> bytes:
@@ -551,7 +577,7 @@ def _input_stream(source: str) -> Iterator[BinaryIO]:
 
 def _stream_failed(exc: Exception) -> NoReturn:
     if isinstance(exc, ApiError):
-        fail(f"{exc.code}: {exc.detail}", code=1 if exc.code == "decryption_failed" else 2)
+        fail_api(exc, code=1 if exc.code == "decryption_failed" else 2)
     if isinstance(exc, KmsgateError):
         fail(f"{exc.code}: {exc.detail}", code=1 if isinstance(exc, DecryptionFailed) else 2)
     assert isinstance(exc, OSError)
@@ -745,7 +771,7 @@ def rewrap_files(
                     if ahead > 0:
                         time.sleep(ahead)
     except ApiError as exc:
-        fail(f"{exc.code}: {exc.detail} (finished files are in the checkpoint; run again)")
+        fail_api(exc, "finished files are in the checkpoint; run again")
     finally:
         if log is not None:
             log.close()

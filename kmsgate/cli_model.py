@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from kmsgate.cli_common import AddrOpt, TokenOpt, err, fail, out
+from kmsgate.cli_common import AddrOpt, TokenOpt, err, fail, fail_api, out
 from kmsgate.client import ApiError, Client
 from kmsgate.model_signing import (
     BuildInfo,
@@ -162,7 +162,7 @@ def sign(
                 on_total=bar.total,
             )
     except ApiError as exc:
-        fail(f"{exc.code}: {exc.detail}")
+        fail_api(exc)
     except (ManifestError, SigningError) as exc:
         fail(str(exc))
     except OSError as exc:
@@ -250,7 +250,7 @@ def verify(
             _print_json(exc.report.to_dict())
         fail(f"{exc.failure.code}: {exc.detail}", int(exc.failure))
     except ApiError as exc:
-        fail(f"{exc.code}: {exc.detail}")
+        fail_api(exc)
     finally:
         for client in clients:
             client.close()
@@ -279,7 +279,7 @@ def trust_bundle_cmd(
         with Client(addr, token) as client:
             doc = export_trust_bundle(client, keys)
     except ApiError as exc:
-        fail(f"{exc.code}: {exc.detail}")
+        fail_api(exc)
     data = (json.dumps(doc, indent=2) + "\n").encode()
     if output is None:
         print(data.decode(), end="")

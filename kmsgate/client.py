@@ -23,14 +23,24 @@ DEFAULT_ADDR = "http://127.0.0.1:8200"
 
 
 class ApiError(Exception):
-    """A failed call: HTTP `status` (0 if unreachable), problem `code` and `detail`."""
+    """A failed call: HTTP `status` (0 if unreachable), problem `code` and `detail`;
+    `token_sent` says whether the request carried a bearer token."""
 
-    def __init__(self, status: int, code: str, detail: str, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        request_id: str | None = None,
+        *,
+        token_sent: bool = True,
+    ) -> None:
         super().__init__(f"{code}: {detail}")
         self.status = status
         self.code = code
         self.detail = detail
         self.request_id = request_id
+        self.token_sent = token_sent
 
 
 class Client:
@@ -46,6 +56,7 @@ class Client:
     ) -> None:
         self.addr = (addr or os.environ.get("KMSGATE_ADDR") or DEFAULT_ADDR).rstrip("/")
         token = token or os.environ.get("KMSGATE_TOKEN")
+        self._token_sent = bool(token)
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
             base_url=self.addr, headers=headers, timeout=timeout, verify=verify
@@ -65,19 +76,26 @@ class Client:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ApiError(0, "unreachable", f"cannot reach {self.addr}: {exc}") from None
+            raise ApiError(
+                0, "unreachable", f"cannot reach {self.addr}: {exc}", token_sent=self._token_sent
+            ) from None
         if response.is_success:
             return response
         try:
             body = response.json()
-            raise ApiError(
-                response.status_code,
-                str(body.get("code", "error")),
-                str(body.get("detail", response.reason_phrase)),
-                body.get("request_id"),
-            )
         except ValueError:
-            raise ApiError(response.status_code, "error", response.reason_phrase) from None
+            raise ApiError(
+                response.status_code, "error", response.reason_phrase, token_sent=self._token_sent
+            ) from None
+        if not isinstance(body, dict):
+            body = {}
+        raise ApiError(
+            response.status_code,
+            str(body.get("code", "error")),
+            str(body.get("detail", response.reason_phrase)),
+            body.get("request_id"),
+            token_sent=self._token_sent,
+        )
 
     def _json(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
         return self.request(method, path, json=body, **kwargs).json()

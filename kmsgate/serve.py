@@ -7,15 +7,18 @@ settings given as flags are passed on as `KMSGATE_*` variables.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 from rich.console import Console
+from uvicorn.supervisors import Multiprocess
 
 from kmsgate.api.app import create_app
 from kmsgate.bootstrap import build_service, ensure_root_token, prepare_dev_data_dir
 from kmsgate.config import ROOT_TOKEN_FILE, dev_data_dir, load_settings
+from kmsgate.errors import ConfigError
 
 
 def create_app_from_env() -> FastAPI:
@@ -35,44 +38,65 @@ def serve(
     log_level: str,
     console: Console,
 ) -> None:
-    """Run the gateway until interrupted. Raises ConfigError on bad settings."""
+    """Run the gateway until interrupted.
+
+    Raises ConfigError on bad settings or when the address cannot be bound (checked before
+    anything is printed or created).
+    """
     settings = load_settings(config, dev=dev or None, data_dir=data_dir, host=host, port=port)
-    if settings.dev:
-        if settings.data_dir is None:
-            settings.data_dir = dev_data_dir()
-        prepare_dev_data_dir(settings)
-    service = build_service(settings)
-    if settings.dev:
-        assert settings.data_dir is not None
-        token = ensure_root_token(service, settings.data_dir)
-        if token:
+    with _listen(settings.host, settings.port) as sock:
+        if settings.dev:
+            if settings.data_dir is None:
+                settings.data_dir = dev_data_dir()
+            prepare_dev_data_dir(settings)
+        service = build_service(settings)
+        if settings.dev:
+            assert settings.data_dir is not None
+            token = ensure_root_token(service, settings.data_dir)
+            if token:
+                console.print(
+                    f"Root token (admin), shown once: {token}", highlight=False, soft_wrap=True
+                )
             console.print(
-                f"Root token (admin), shown once: {token}", highlight=False, soft_wrap=True
+                f"Root token file: {settings.data_dir / ROOT_TOKEN_FILE}", highlight=False
             )
-        console.print(f"Root token file: {settings.data_dir / ROOT_TOKEN_FILE}", highlight=False)
-    console.print(
-        f"kmsgate listening on http://{settings.host}:{settings.port} (env {settings.env})",
-        highlight=False,
-    )
-    if workers == 1:
-        uvicorn.run(
-            create_app(service), host=settings.host, port=settings.port, log_level=log_level
+        console.print(
+            f"kmsgate listening on http://{settings.host}:{settings.port} (env {settings.env})",
+            highlight=False,
         )
-        return
-    service.close()
-    os.environ.update(
-        {
-            "KMSGATE_DEV": "1" if settings.dev else "0",
-            "KMSGATE_ENV": settings.env,
-            **({"KMSGATE_DATA_DIR": str(settings.data_dir)} if settings.data_dir else {}),
-            **({"KMSGATE_CONFIG": str(config)} if config else {}),
-        }
-    )
-    uvicorn.run(
-        "kmsgate.serve:create_app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=workers,
-        log_level=log_level,
-    )
+        if workers == 1:
+            config_1 = uvicorn.Config(create_app(service), log_level=log_level)
+            uvicorn.Server(config_1).run(sockets=[sock])
+            return
+        service.close()
+        os.environ.update(
+            {
+                "KMSGATE_DEV": "1" if settings.dev else "0",
+                "KMSGATE_ENV": settings.env,
+                **({"KMSGATE_DATA_DIR": str(settings.data_dir)} if settings.data_dir else {}),
+                **({"KMSGATE_CONFIG": str(config)} if config else {}),
+            }
+        )
+        config_n = uvicorn.Config(
+            "kmsgate.serve:create_app_from_env",
+            factory=True,
+            workers=workers,
+            log_level=log_level,
+        )
+        Multiprocess(config_n, sockets=[sock]).run()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, inheritable by worker processes (uvicorn listens on
+    it). Raises ConfigError when the address cannot be bound (in use, not local, no
+    permission)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock

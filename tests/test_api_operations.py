@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -299,9 +300,67 @@ def test_openapi_and_unknown_routes(api, admin):
     assert r.headers["content-type"] == "application/problem+json"
 
 
+def test_docs_pages_load_every_asset_from_the_gateway(api):
+    """/docs and /redoc work offline: every script, style and icon they reference is served
+    by the gateway itself (no CDN), and the spec they load is the gateway's own."""
+    for page in ("/docs", "/redoc"):
+        r = api.client.get(page)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        refs = re.findall(r'(?:src|href|spec-url)="([^"]+)"', r.text)
+        refs += re.findall(r"url: '([^']+)'", r.text)
+        assert any(ref.endswith(".js") for ref in refs), r.text
+        assert "/openapi.json" in refs, r.text
+        for ref in refs:
+            assert ref.startswith("/") and not ref.startswith("//"), f"{page} loads {ref}"
+            asset = api.client.get(ref)
+            assert asset.status_code == 200 and len(asset.content) > 100, ref
+
+
 def test_metrics_need_permission(api, admin, make_token):
     assert api.call("GET", "/metrics", None).status_code == 401
     assert api.call("GET", "/metrics", make_token("scraper")).status_code == 403
     r = api.call("GET", "/metrics", admin)
     assert r.status_code == 200
-    assert 'kmsgate_http_responses_total{status="401"} 1' in r.text
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    assert 'kmsgate_http_requests_total{method="GET",route="/metrics",status="401"} 1.0' in r.text
+    assert 'kmsgate_http_requests_total{method="GET",route="/metrics",status="403"} 1.0' in r.text
+
+
+def _metric(text: str, sample: str) -> float:
+    """The value of the exposition line that starts with `sample` (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_routes_by_template_and_time_each_operation(api, admin):
+    create(api, admin, "metered", "ecdsa-p256")
+    for _ in range(3):
+        r = api.call("POST", "/v1/keys/metered/sign", admin, json={"input": b64(b"m")})
+        assert r.status_code == 200
+    assert api.call("POST", "/v1/keys/no-such-key/sign", admin, json={"input": "AA=="}).status_code
+    assert api.call("GET", "/v1/secret-looking/path/xyz", admin).status_code == 404
+    assert api.call("BREW", "/v1/sys/health", admin).status_code == 405
+    text = api.call("GET", "/metrics", admin).text
+    sign = 'kmsgate_http_requests_total{method="POST",route="/v1/keys/{name}/sign",status="200"}'
+    assert _metric(text, sign) == 3
+    assert _metric(text, 'kmsgate_operation_duration_seconds_count{operation="sign"}') == 4
+    assert _metric(text, 'kmsgate_operation_duration_seconds_count{operation="create_key"}') == 1
+    # every latency sample fell under the last finite bucket
+    assert (
+        _metric(text, 'kmsgate_operation_duration_seconds_bucket{le="10.0",operation="sign"}') == 4
+    )
+    # raw paths and arbitrary methods never become label values (bounded cardinality)
+    assert "secret-looking" not in text and "no-such-key" not in text and "BREW" not in text
+    assert (
+        _metric(text, 'kmsgate_http_requests_total{method="GET",route="unmatched",status="404"}')
+        == 1
+    )
+    assert (
+        _metric(
+            text, 'kmsgate_http_requests_total{method="other",route="/v1/sys/health",status="405"}'
+        )
+        == 1
+    )
+    assert "# TYPE kmsgate_backend_errors_total counter" in text

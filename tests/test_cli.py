@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import os
 import re
@@ -399,12 +400,19 @@ def test_scheduled_deletion_refuses_and_cancel_brings_the_key_back_disabled(
 
 
 def test_without_a_token_every_call_is_unauthenticated(gateway: Gateway, tmp_path: Path) -> None:
+    """With no token the error says how to give one and where the dev root token is; with a
+    wrong token it does not (the user gave one)."""
     data = tmp_path / "f"
     data.write_bytes(b"x")
-    assert_one_line_error(gateway.run("keys", "list", token=""), "unauthenticated")
-    assert_one_line_error(gateway.run("sign", str(data), "-k", "any", token=""), "unauthenticated")
+    hint = ("no API token given", "KMSGATE_TOKEN", str(gateway.data_dir / "root-token"))
+    listing = gateway.run("keys", "list", token="", KMSGATE_DATA_DIR=str(gateway.data_dir))
+    assert_one_line_error(listing, "unauthenticated", *hint)
+    signing = gateway.run("sign", str(data), "-k", "any", token="")
+    assert_one_line_error(signing, "unauthenticated", "KMSGATE_TOKEN", "/.kmsgate/dev/root-token")
     forged = gateway.root_token[:-2] + ("AA" if not gateway.root_token.endswith("AA") else "BB")
-    assert_one_line_error(gateway.run("keys", "list", token=forged), "unauthenticated")
+    wrong = gateway.run("keys", "list", token=forged)
+    assert_one_line_error(wrong, "unauthenticated")
+    assert "KMSGATE_TOKEN" not in wrong.err
 
 
 def test_a_token_without_a_granting_role_is_denied_even_for_unknown_keys(
@@ -620,6 +628,39 @@ def test_errors_are_one_line(
     (tmp_path / "f").write_bytes(b"x")
     result = gateway.run(*(a.replace("{tmp}", str(tmp_path)) for a in args))
     assert_one_line_error(result, *needles)
+
+
+def test_version_is_the_installed_package_version() -> None:
+    result = run_cli(("--version",), clean_env())
+    assert (result.rc, result.out) == (0, f"kmsgate {importlib.metadata.version('kmsgate')}\n")
+
+
+def test_serve_on_a_busy_port_fails_before_it_prints_or_creates_anything(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    port = gateway.addr.rsplit(":", 1)[1]
+    data_dir = tmp_path / "second"
+    result = run_cli(("serve", "--dev", "--data-dir", str(data_dir), "--port", port), clean_env())
+    assert_one_line_error(result, f"cannot listen on {LOOPBACK}:{port}", "in use")
+    assert "listening" not in result.out and "Root token" not in result.out
+    assert not data_dir.exists()
+
+
+def test_help_has_no_type_labels_on_flags_and_rewraps_paragraphs() -> None:
+    """Flags show no `<bool>`; a description is re-wrapped to the terminal, not broken where
+    the docstring's source lines break."""
+    env = clean_env(COLUMNS="80")
+    for args in (("--help",), ("sign", "--help"), ("serve", "--help"), ("encrypt-file", "--help")):
+        result = run_cli(args, env)
+        assert result.rc == 0, str(result)
+        assert "<bool>" not in result.out, str(result)
+    help_text = run_cli(("encrypt-file", "--help"), env).out
+    paragraph = help_text.split("\n\n")[1].splitlines()
+    assert " ".join(line.strip() for line in paragraph) == (
+        "Encrypt a file or stdin client-side with a fresh data key (C2SP chunked encryption,"
+        " constant memory). The output appears only once complete."
+    )
+    assert all(60 <= len(line) <= 80 for line in paragraph[:-1]), paragraph
 
 
 def test_unreachable_gateway_is_a_one_line_error() -> None:

@@ -416,6 +416,8 @@ def test_openbao_stopped_gives_503_and_kmsgate_recovers_without_restart(tmp_path
             assert down.json()["code"] == "backend_unavailable"
             assert down.headers["retry-after"] == "7"
             assert server.addr not in down.text and "refused" not in down.text.lower()
+            scraped = api.call("GET", "/metrics", admin).text
+            assert 'kmsgate_backend_errors_total{code="backend_unavailable"} 1.0' in scraped
             ready = api.call("GET", "/v1/sys/ready", None)
             assert ready.status_code == 503
             assert ready.json()["backends"]["vault"] == {

@@ -6,13 +6,14 @@ import contextlib
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from kmsgate import __version__
 from kmsgate.api import routes_keys, routes_sys
+from kmsgate.api.metrics import Metrics
 from kmsgate.api.problems import GatewayMiddleware, install_error_handlers
 from kmsgate.errors import KmsgateError
 from kmsgate.service import Ctx, Service
@@ -65,10 +66,11 @@ def create_app(service: Service) -> FastAPI:
             refresher.stop()
             service.close()
 
-    app = FastAPI(
+    # /docs and /redoc serve their scripts from the installed package: no CDN, works offline.
+    app = FastAPIOffline(
         title="kmsgate",
         version=__version__,
-        description="Key-management and PKI gateway. See API.md for the contract.",
+        description="Key-management and PKI gateway. The contract, in prose: docs/api.md.",
         lifespan=lifespan,
     )
     app.state.service = service
@@ -76,10 +78,10 @@ def create_app(service: Service) -> FastAPI:
     app.include_router(routes_keys.router)
     app.router.routes[:0] = routes_keys.HOT_ROUTES
     install_error_handlers(app)
-    app.state.response_counts = Counter[int]()
+    app.state.metrics = Metrics()
     app.add_middleware(
         GatewayMiddleware,
         max_body_bytes=service.settings.limits.max_body_bytes,
-        counts=app.state.response_counts,
+        metrics=app.state.metrics,
     )
     return app

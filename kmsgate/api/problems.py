@@ -1,4 +1,4 @@
-"""RFC 9457 problem+json replies, the body-size limit and request ids.
+"""RFC 9457 problem+json replies, the body-size limit, request ids and request metrics.
 
 Every failure leaves as `{type, title, status, detail, code, request_id}`. Unexpected errors
 become a bare 500 without detail: internal text never reaches clients.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import Counter
+import time
 
 import orjson
 from fastapi import FastAPI, Request
@@ -17,12 +17,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kmsgate.api.metrics import UNMATCHED, Metrics
 from kmsgate.errors import KmsgateError, TooLarge, Unavailable, ValidationFailed
 
 log = logging.getLogger("kmsgate.api")
 
 PROBLEM_TYPE = "https://kmsgate.dev/problems/"
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def problem(
@@ -63,6 +65,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_kmsgate(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, KmsgateError)
+        metrics: Metrics = request.app.state.metrics
+        metrics.observe_error(exc)
         return error_response(exc, request_id_of(request))
 
     async def on_validation(request: Request, exc: Exception) -> Response:
@@ -99,23 +103,25 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class GatewayMiddleware:
-    """Pure ASGI: assigns a request id, enforces the body-size limit, counts responses."""
+    """Pure ASGI: assigns a request id, enforces the body-size limit, feeds the metrics."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, counts: Counter[int]) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.responses = counts
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started_at = time.perf_counter()
         request_id = secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
         limit = self.max_body_bytes
         too_large = TooLarge(f"request body exceeds the limit of {limit} bytes")
         received = 0
         started = False
+        status = 500  # what the client gets if the application raises before answering
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -127,20 +133,31 @@ class GatewayMiddleware:
             return message
 
         async def counting_send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
                 started = True
-                self.responses[message["status"]] += 1
+                status = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
-        for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
-                await error_response(too_large, request_id)(scope, receive, counting_send)
-                return
         try:
-            await self.app(scope, limited_receive, counting_send)
-        except TooLarge as exc:
-            if started:
-                raise
-            await error_response(exc, request_id)(scope, receive, counting_send)
+            for name, value in scope["headers"]:
+                if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                    await error_response(too_large, request_id)(scope, receive, counting_send)
+                    return
+            try:
+                await self.app(scope, limited_receive, counting_send)
+            except TooLarge as exc:
+                if started:
+                    raise
+                await error_response(exc, request_id)(scope, receive, counting_send)
+        finally:
+            route = scope.get("route")
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.observe_request(
+                getattr(route, "path", UNMATCHED),
+                getattr(route, "name", UNMATCHED),
+                method,
+                status,
+                time.perf_counter() - started_at,
+            )

@@ -74,6 +74,9 @@ def _hot_route(
     operations that may reach a backend other than the path key's)."""
 
     async def endpoint(request: Request) -> Response:
+        # FastAPI records the matched route in the scope only for its own routes; the
+        # metrics label requests by it.
+        request.scope["route"] = hot
         return await _operation(request, item_type, operation, threadpool)
 
     endpoint.__doc__ = doc
@@ -81,7 +84,8 @@ def _hot_route(
     name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     extra = {**operation_schema(item_type), "parameters": [name_param]}
     router.post(path, openapi_extra=extra)(endpoint)
-    HOT_ROUTES.append(Route(router.prefix + path, endpoint, methods=["POST"]))
+    hot = Route(router.prefix + path, endpoint, methods=["POST"])
+    HOT_ROUTES.append(hot)
 
 
 _hot_route(

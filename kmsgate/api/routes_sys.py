@@ -9,6 +9,8 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import PlainTextResponse, Response
 
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, json_response
+from kmsgate.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from kmsgate.api.metrics import Metrics
 from kmsgate.schemas import PolicyEvaluateRequest, TokenCreateRequest
 
 router = APIRouter(tags=["system"])
@@ -35,16 +37,14 @@ def ready(service: ServiceDep) -> Response:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(request: Request, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> str:
-    """Prometheus text: responses by status code (action `metrics.read`)."""
+def metrics(
+    request: Request, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> Response:
+    """Prometheus text (action `metrics.read`): requests by route and status, latency per
+    operation, backend errors."""
     service.authorize_metrics(principal, ctx)
-    counts = request.app.state.response_counts
-    lines = [
-        "# HELP kmsgate_http_responses_total HTTP responses by status code.",
-        "# TYPE kmsgate_http_responses_total counter",
-        *(f'kmsgate_http_responses_total{{status="{s}"}} {n}' for s, n in sorted(counts.items())),
-    ]
-    return "\n".join(lines) + "\n"
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 @router.get("/v1/sys/policy")

@@ -1,0 +1,61 @@
+"""The gateway's Prometheus metrics (prometheus-client), in a registry owned by one app.
+
+Labels are bounded: routes are templates (`/v1/keys/{name}/sign`), never raw paths; a request
+that matched no route is counted under the route `unmatched`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from kmsgate.errors import BackendError, BackendUnavailable, KmsgateError
+
+UNMATCHED = "unmatched"
+# Operations take from ~50 µs (softkms sign) to seconds (a remote backend under load).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """Request counts by route and status, latency per operation, backend errors."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter(
+            "kmsgate_http_requests",
+            "HTTP requests by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "kmsgate_operation_duration_seconds",
+            "Time from a request's arrival to its last response byte, by operation"
+            " (the route's endpoint name, e.g. sign, verify, create_key).",
+            ["operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._backend_errors = Counter(
+            "kmsgate_backend_errors",
+            "Requests that failed in a key backend, by error code"
+            " (backend_error: 502, backend_unavailable: 503).",
+            ["code"],
+            registry=self.registry,
+        )
+
+    def observe_request(
+        self, route: str, operation: str, method: str, status: int, seconds: float
+    ) -> None:
+        """Count one finished request and record its latency."""
+        self._requests.labels(route, method, str(status)).inc()
+        self._latency.labels(operation).observe(seconds)
+
+    def observe_error(self, exc: KmsgateError) -> None:
+        """Count `exc` if it is a backend failure; other errors are only counted by status."""
+        if isinstance(exc, BackendError | BackendUnavailable):
+            self._backend_errors.labels(exc.code).inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
