@@ -29,22 +29,31 @@ now_ms() {
         echo $((SECONDS * 1000))
     fi
 }
-START_MS=$(now_ms)
-elapsed() {
-    local ms=$(($(now_ms) - START_MS))
+seconds_since() { # seconds_since START_MS: "12.3"
+    local ms=$(($(now_ms) - $1))
     printf '%d.%01d' $((ms / 1000)) $((ms % 1000 / 100))
 }
-section() { printf '\n==> %s  [%ss]\n' "$*" "$(elapsed)"; }
+START_MS=$(now_ms)
+section() { printf '\n==> %s  [at %ss]\n' "$*" "$(seconds_since "$START_MS")"; }
 warn() { printf 'test.sh: %s\n' "$*" >&2; }
 
 FAILED=()
-check() { # check NAME CMD...: run a step, remember its failure, keep going
-    local name=$1
+step() { # step NAME CMD...: run a step, print its outcome and duration; returns its status
+    local name=$1 started rc=0
     shift
     section "$name"
-    if ! "$@"; then
-        FAILED+=("$name")
-        warn "FAILED: $name"
+    started=$(now_ms)
+    "$@" || rc=$?
+    if ((rc == 0)); then
+        printf '<== %s: ok in %ss\n' "$name" "$(seconds_since "$started")"
+    else
+        printf '<== %s: FAILED (exit status %d) in %ss\n' "$name" "$rc" "$(seconds_since "$started")"
+    fi
+    return "$rc"
+}
+check() { # check NAME CMD...: a step whose failure is remembered; later steps still run
+    if ! step "$@"; then
+        FAILED+=("$1")
     fi
 }
 
@@ -77,7 +86,7 @@ install_apt_packages() {
         [[ -t 0 ]] || sudo+=(-n) # no terminal (CI): fail instead of waiting for a password
     fi
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
         --no-install-recommends -o Dpkg::Use-Pty=0 "${missing[@]}"
 }
 
@@ -120,7 +129,11 @@ install_python_packages() {
         echo "already installed: kmsgate (editable, this checkout) and all of .[dev]"
         return 0
     fi
-    PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install -q -e '.[dev]'
+    echo "installing kmsgate (editable) and .[dev]: pip lists each package as it goes"
+    # pip's own lines (Collecting / Downloading / Installing collected packages) show progress;
+    # "Requirement already satisfied" lines are dropped to keep a re-install short.
+    PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install -e '.[dev]' |
+        { grep -v '^Requirement already satisfied' || true; } # pipefail: pip's status
 }
 
 # --- 4. tests -------------------------------------------------------------------------------
@@ -137,10 +150,8 @@ if [[ ${KMSGATE_SKIP_INSTALL:-0} == 1 ]]; then
     section "install: skipped (KMSGATE_SKIP_INSTALL=1)"
 else
     # A failed install makes every later result meaningless: stop here.
-    section "apt: ${APT_PACKAGES[*]}"
-    install_apt_packages
-    section "pip: -e .[dev]"
-    install_python_packages
+    step "apt: ${APT_PACKAGES[*]}" install_apt_packages
+    step "pip: -e .[dev]" install_python_packages
 fi
 
 check "ruff check" "$PYTHON" -m ruff check kmsgate tests scripts

@@ -300,6 +300,24 @@ def test_openapi_and_unknown_routes(api, admin):
     assert r.headers["content-type"] == "application/problem+json"
 
 
+def test_text_replies_end_with_a_newline(api, admin):
+    """JSON (hot and ordinary routes), problem+json and PEM replies end with a newline."""
+    create(api, admin, "newline", "ecdsa-p256")
+    replies = [
+        api.call("POST", "/v1/keys/newline/sign", admin, json={"input": b64(b"x")}),
+        api.call("GET", "/v1/keys/newline", admin),
+        api.call("GET", "/v1/keys", admin),
+        api.call("GET", "/v1/sys/health", None),
+        api.call("GET", "/v1/keys/newline/public-key", admin),
+        api.call("GET", "/v1/keys", None),
+        api.call("POST", "/v1/keys/newline/sign", admin, content=b"{"),
+    ]
+    assert [r.status_code for r in replies] == [200, 200, 200, 200, 200, 401, 400]
+    for r in replies:
+        assert r.content.endswith(b"\n") and not r.content.endswith(b"\n\n"), r.content
+    assert replies[0].json()["key_version"] == 1
+
+
 def test_docs_pages_load_every_asset_from_the_gateway(api):
     """/docs and /redoc work offline: every script, style and icon they reference is served
     by the gateway itself (no CDN), and the spec they load is the gateway's own."""

@@ -15,6 +15,7 @@ from kmsgate import __version__
 from kmsgate.api import routes_keys, routes_sys
 from kmsgate.api.metrics import Metrics
 from kmsgate.api.problems import GatewayMiddleware, install_error_handlers
+from kmsgate.api.responses import JsonResponse
 from kmsgate.errors import KmsgateError
 from kmsgate.service import Ctx, Service
 
@@ -72,6 +73,7 @@ def create_app(service: Service) -> FastAPI:
         version=__version__,
         description="Key-management and PKI gateway. The contract, in prose: docs/api.md.",
         lifespan=lifespan,
+        default_response_class=JsonResponse,
     )
     app.state.service = service
     app.include_router(routes_sys.router)  # first: health checks stay cheap

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-import orjson
 from fastapi import Depends, Request
-from starlette.responses import Response
 
 from kmsgate.service import Ctx, Service
 from kmsgate.tokens import Principal
@@ -39,8 +37,3 @@ async def get_principal(request: Request) -> Principal:
 ServiceDep = Annotated[Service, Depends(get_service)]
 CtxDep = Annotated[Ctx, Depends(get_ctx)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
-
-
-def json_response(body: Any, status_code: int = 200) -> Response:
-    """A JSON reply serialised with orjson (fast path for hot endpoints)."""
-    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")

@@ -10,7 +10,6 @@ import logging
 import secrets
 import time
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,6 +17,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kmsgate.api.metrics import UNMATCHED, Metrics
+from kmsgate.api.responses import json_bytes
 from kmsgate.errors import KmsgateError, TooLarge, Unavailable, ValidationFailed
 
 log = logging.getLogger("kmsgate.api")
@@ -44,7 +44,7 @@ def problem(
         "request_id": request_id,
     }
     return Response(
-        orjson.dumps(body),
+        json_bytes(body),
         status_code=status,
         media_type="application/problem+json",
         headers=headers,

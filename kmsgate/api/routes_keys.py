@@ -11,7 +11,8 @@ from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.routing import Route
 
-from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, json_response, resolve_caller
+from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
+from kmsgate.api.responses import json_response
 from kmsgate.errors import InvalidRequest
 from kmsgate.schemas import (
     CompromisedRequest,

@@ -8,9 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from starlette.responses import PlainTextResponse, Response
 
-from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, json_response
+from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
 from kmsgate.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsgate.api.metrics import Metrics
+from kmsgate.api.responses import json_response
 from kmsgate.schemas import PolicyEvaluateRequest, TokenCreateRequest
 
 router = APIRouter(tags=["system"])
