@@ -149,7 +149,7 @@ class Key:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The REST representation (API.md `key`): no material, ever."""
+        """The REST representation (docs/api.md `key`): no material, ever."""
         out: dict[str, Any] = {
             "name": self.name,
             "type": self.type.value,

@@ -1,4 +1,4 @@
-"""Interoperability with the real `openssl` CLI (API.md: signatures are "verifiable by openssl
+"""Interoperability with the real `openssl` CLI (docs/api.md: signatures are "verifiable by openssl
 with the public key").
 
 Forward: kmsgate signs a file's content (whole message, and the prehashed `digest` form) through

@@ -35,7 +35,7 @@ from kmsgate.errors import DecryptionFailed
 from tests.gateway import AdminApi, open_gateway
 from tests.wycheproof import load_vectors
 
-BATCH_LIMIT = 1000  # API.md: a batch holds at most 1,000 items
+BATCH_LIMIT = 1000  # docs/api.md: a batch holds at most 1,000 items
 
 
 def b64(data: bytes) -> str:

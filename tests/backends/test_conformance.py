@@ -264,7 +264,7 @@ def test_sign_verifies(backend: KeyBackend, keys: KeyFactory, key_type, alg, pre
     with pytest.raises(InvalidSignature):
         _verify_directly(public, alg, MESSAGE + b"!", signature)
 
-    # encodings (API.md): Ed25519 raw, ECDSA DER, RSA modulus-sized
+    # encodings (docs/api.md): Ed25519 raw, ECDSA DER, RSA modulus-sized
     if alg == "ed25519":
         assert len(signature) == 64
     elif alg.startswith("ecdsa-"):
