@@ -9,10 +9,10 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 
 from kmsgate import __version__
 from kmsgate.api import routes_keys, routes_sys
+from kmsgate.api.docs import install_docs
 from kmsgate.api.metrics import Metrics
 from kmsgate.api.problems import GatewayMiddleware, install_error_handlers
 from kmsgate.api.responses import JsonResponse
@@ -67,18 +67,21 @@ def create_app(service: Service) -> FastAPI:
             refresher.stop()
             service.close()
 
-    # /docs and /redoc serve their scripts from the installed package: no CDN, works offline.
-    app = FastAPIOffline(
+    app = FastAPI(
         title="kmsgate",
         version=__version__,
         description="Key-management and PKI gateway. The contract, in prose: docs/api.md.",
         lifespan=lifespan,
         default_response_class=JsonResponse,
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.service = service
-    app.include_router(routes_sys.router)  # first: health checks stay cheap
-    app.include_router(routes_keys.router)
-    app.router.routes[:0] = routes_keys.HOT_ROUTES
+    hot_routes, keys_router = routes_keys.build_routes()
+    app.include_router(routes_sys.build_router())  # first: health checks stay cheap
+    app.include_router(keys_router)
+    app.router.routes[:0] = hot_routes
     install_error_handlers(app)
     app.state.metrics = Metrics()
     app.add_middleware(

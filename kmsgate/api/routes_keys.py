@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -30,109 +31,143 @@ from kmsgate.schemas import (
     operation_schema,
     parse_operation,
 )
-from kmsgate.service import Ctx, Result
+from kmsgate.service import Ctx, Result, Service
 from kmsgate.tokens import Principal
 
-router = APIRouter(prefix="/v1/keys", tags=["keys"])
+PREFIX = "/v1/keys"
 POLICY_DIGEST_HEADER = "x-kmsgate-policy-digest"
+Operation = Callable[[Service, Principal, Ctx, str, list[Any], bool], Result]
 
 
-# The hot operations come first: routes are matched in order.
+@dataclass(frozen=True)
+class HotOperation:
+    """A cryptographic operation on the key in the path, served by a plain Starlette route
+    that skips FastAPI's per-request dependency machinery (DESIGN §10)."""
+
+    path: str
+    item_type: type[BaseModel]
+    run: Operation
+    doc: str
+    threadpool: bool = False  # always off the event loop (may reach another key's backend)
+
+    @property
+    def name(self) -> str:
+        return self.run.__name__
 
 
-async def _operation(
-    request: Request, item_type: type[BaseModel], operation: str, threadpool: bool = False
-) -> Response:
-    """Authenticate, parse the body (one item or a batch) and run `operation` on the key in
-    the path. Hot path: no dependency injection, raw body parsing; blocking backends go to
-    the thread pool, in-process ones stay on the event loop."""
+HOT_OPERATIONS = (
+    HotOperation(
+        "/{name}/sign",
+        SignItem,
+        Service.sign,
+        "Sign `input` or a prehashed `digest`; reply `{signature, key_version, algorithm}`.",
+    ),
+    HotOperation(
+        "/{name}/verify",
+        VerifyItem,
+        Service.verify,
+        "Verify a signature; reply `{valid, key_version}`.",
+    ),
+    HotOperation("/{name}/mac", MacItem, Service.mac, "HMAC `input`; reply `{mac, key_version}`."),
+    HotOperation(
+        "/{name}/mac/verify",
+        MacVerifyItem,
+        Service.mac_verify,
+        "Check a MAC in constant time; reply `{valid, key_version}`.",
+    ),
+    HotOperation(
+        "/{name}/encrypt",
+        EncryptItem,
+        Service.encrypt,
+        "Encrypt `plaintext` (fresh data key, AES-256-GCM, `context` bound as AAD); reply "
+        "`{ciphertext, key_version}` (format: docs/formats.md).",
+    ),
+    HotOperation(
+        "/{name}/decrypt",
+        DecryptItem,
+        Service.decrypt,
+        "Decrypt a ciphertext from `encrypt` or `datakey` with its `context`; reply "
+        "`{plaintext, key_version}`.",
+    ),
+    HotOperation(
+        "/{name}/datakey",
+        DataKeyItem,
+        Service.datakey,
+        "A fresh data key; reply `{plaintext?, ciphertext, key_version}`.",
+    ),
+    HotOperation(
+        "/{name}/rewrap",
+        RewrapItem,
+        Service.rewrap,
+        "Re-wrap a ciphertext's data key under the primary version (of this key, also for a "
+        "ciphertext of another key); reply `{ciphertext, key_version}`.",
+        threadpool=True,
+    ),
+)
+
+
+async def _operation(request: Request, op: HotOperation) -> Response:
+    """Authenticate, parse the body (one item or a batch) and run `op` on the key in the
+    path. Hot path: no dependency injection, raw body parsing; blocking backends go to the
+    thread pool, in-process ones stay on the event loop."""
     service, principal, ctx = resolve_caller(request)
     name: str = request.path_params["name"]
     items, batch = parse_operation(
-        await request.body(), item_type, service.settings.limits.max_batch
+        await request.body(), op.item_type, service.settings.limits.max_batch
     )
-    run: Callable[[Principal, Ctx, str, list[Any], bool], Result] = getattr(service, operation)
-    if threadpool or service.is_blocking(name):
-        result = await run_in_threadpool(run, principal, ctx, name, items, batch)
+    if op.threadpool or service.is_blocking(name):
+        result = await run_in_threadpool(op.run, service, principal, ctx, name, items, batch)
     else:
-        result = run(principal, ctx, name, items, batch)
+        result = op.run(service, principal, ctx, name, items, batch)
     response = json_response(result)
     # the policy that authorised this operation: signers stamp it into attestations
     response.headers[POLICY_DIGEST_HEADER] = service.policy.digest
     return response
 
 
-HOT_ROUTES: list[Route] = []
-"""Plain Starlette routes for the hot operations, put first in the app's routing table:
-they skip FastAPI's per-request dependency machinery (DESIGN §10). The matching FastAPI
-routes stay registered so the OpenAPI document describes them."""
-
-
-def _hot_route(
-    path: str, item_type: type[BaseModel], operation: str, doc: str, *, threadpool: bool = False
-) -> None:
-    """Register a hot operation; `threadpool` always runs it off the event loop (for
-    operations that may reach a backend other than the path key's)."""
+def _hot_route(op: HotOperation) -> tuple[Route, Callable[[Request], Awaitable[Response]]]:
+    """The Starlette route serving `op`, and its endpoint (also registered with FastAPI so
+    that the OpenAPI document describes it)."""
 
     async def endpoint(request: Request) -> Response:
         # FastAPI records the matched route in the scope only for its own routes; the
         # metrics label requests by it.
-        request.scope["route"] = hot
-        return await _operation(request, item_type, operation, threadpool)
+        request.scope["route"] = route
+        return await _operation(request, op)
 
-    endpoint.__doc__ = doc
-    endpoint.__name__ = operation
+    endpoint.__doc__ = op.doc
+    endpoint.__name__ = op.name
+    route = Route(PREFIX + op.path, endpoint, methods=["POST"])
+    return route, endpoint
+
+
+def build_routes() -> tuple[list[Route], APIRouter]:
+    """A new application's key routes: the hot operations' Starlette routes (to be matched
+    first) and the FastAPI router with every key route (lifecycle and, for the OpenAPI
+    document, the operations)."""
+    router = APIRouter(prefix=PREFIX, tags=["keys"])
+    hot: list[Route] = []
     name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-    extra = {**operation_schema(item_type), "parameters": [name_param]}
-    router.post(path, openapi_extra=extra)(endpoint)
-    hot = Route(router.prefix + path, endpoint, methods=["POST"])
-    HOT_ROUTES.append(hot)
-
-
-_hot_route(
-    "/{name}/sign",
-    SignItem,
-    "sign",
-    "Sign `input` or a prehashed `digest`; reply `{signature, key_version, algorithm}`.",
-)
-_hot_route(
-    "/{name}/verify", VerifyItem, "verify", "Verify a signature; reply `{valid, key_version}`."
-)
-_hot_route("/{name}/mac", MacItem, "mac", "HMAC `input`; reply `{mac, key_version}`.")
-_hot_route(
-    "/{name}/mac/verify",
-    MacVerifyItem,
-    "mac_verify",
-    "Check a MAC in constant time; reply `{valid, key_version}`.",
-)
-_hot_route(
-    "/{name}/encrypt",
-    EncryptItem,
-    "encrypt",
-    "Encrypt `plaintext` (fresh data key, AES-256-GCM, `context` bound as AAD); reply "
-    "`{ciphertext, key_version}` (format: docs/formats.md).",
-)
-_hot_route(
-    "/{name}/decrypt",
-    DecryptItem,
-    "decrypt",
-    "Decrypt a ciphertext from `encrypt` or `datakey` with its `context`; reply "
-    "`{plaintext, key_version}`.",
-)
-_hot_route(
-    "/{name}/datakey",
-    DataKeyItem,
-    "datakey",
-    "A fresh data key; reply `{plaintext?, ciphertext, key_version}`.",
-)
-_hot_route(
-    "/{name}/rewrap",
-    RewrapItem,
-    "rewrap",
-    "Re-wrap a ciphertext's data key under the primary version (of this key, also for a "
-    "ciphertext of another key); reply `{ciphertext, key_version}`.",
-    threadpool=True,
-)
+    for op in HOT_OPERATIONS:
+        route, endpoint = _hot_route(op)
+        hot.append(route)
+        extra = {**operation_schema(op.item_type), "parameters": [name_param]}
+        router.add_api_route(op.path, endpoint, methods=["POST"], openapi_extra=extra)
+    router.add_api_route("", create_key, methods=["POST"], status_code=201)
+    router.add_api_route("", list_keys, methods=["GET"])
+    router.add_api_route("/{name}", get_key, methods=["GET"])
+    router.add_api_route("/{name}", update_key, methods=["PATCH"])
+    router.add_api_route("/{name}/rotate", rotate_key, methods=["POST"])
+    router.add_api_route("/{name}/disable", disable_key, methods=["POST"])
+    router.add_api_route("/{name}/enable", enable_key, methods=["POST"])
+    router.add_api_route(
+        "/{name}/versions/{version}/compromised", mark_compromised, methods=["POST"]
+    )
+    router.add_api_route("/{name}/schedule-deletion", schedule_deletion, methods=["POST"])
+    router.add_api_route("/{name}/cancel-deletion", cancel_deletion, methods=["POST"])
+    router.add_api_route("/{name}/public-key", public_key, methods=["GET"], response_class=Response)
+    router.add_api_route("/{name}/jwks.json", jwks, methods=["GET"])
+    return hot, router
 
 
 def _labels(label: list[str]) -> dict[str, str]:
@@ -145,7 +180,6 @@ def _labels(label: list[str]) -> dict[str, str]:
     return pairs
 
 
-@router.post("", status_code=201)
 def create_key(
     body: CreateKeyRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
@@ -153,7 +187,6 @@ def create_key(
     return service.create_key(principal, ctx, body).to_dict()
 
 
-@router.get("")
 def list_keys(
     service: ServiceDep,
     principal: PrincipalDep,
@@ -166,12 +199,10 @@ def list_keys(
     return {"keys": [key.to_dict() for key in keys]}
 
 
-@router.get("/{name}")
 async def get_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
     return json_response(service.get_key(principal, ctx, name).to_dict())
 
 
-@router.post("/{name}/rotate")
 def rotate_key(
     name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
@@ -179,28 +210,24 @@ def rotate_key(
     return service.rotate_key(principal, ctx, name).to_dict()
 
 
-@router.post("/{name}/disable")
 def disable_key(
     name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
     return service.disable_key(principal, ctx, name).to_dict()
 
 
-@router.post("/{name}/enable")
 def enable_key(
     name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
     return service.enable_key(principal, ctx, name).to_dict()
 
 
-@router.patch("/{name}")
 def update_key(
     name: str, body: PatchKeyRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
     return service.update_key(principal, ctx, name, body).to_dict()
 
 
-@router.post("/{name}/versions/{version}/compromised")
 def mark_compromised(
     name: str,
     version: int,
@@ -212,7 +239,6 @@ def mark_compromised(
     return service.mark_compromised(principal, ctx, name, version, body).to_dict()
 
 
-@router.post("/{name}/schedule-deletion")
 def schedule_deletion(
     name: str,
     body: ScheduleDeletionRequest,
@@ -223,14 +249,12 @@ def schedule_deletion(
     return service.schedule_deletion(principal, ctx, name, body).to_dict()
 
 
-@router.post("/{name}/cancel-deletion")
 def cancel_deletion(
     name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
     return service.cancel_deletion(principal, ctx, name).to_dict()
 
 
-@router.get("/{name}/public-key", response_class=Response)
 async def public_key(
     name: str,
     service: ServiceDep,
@@ -243,7 +267,6 @@ async def public_key(
     return Response(pem, media_type="application/x-pem-file")
 
 
-@router.get("/{name}/jwks.json")
 async def jwks(name: str, service: ServiceDep) -> Response:
     """Public: the JWKS of the key's usable versions."""
     return json_response(service.jwks(name))

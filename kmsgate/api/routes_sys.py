@@ -14,16 +14,12 @@ from kmsgate.api.metrics import Metrics
 from kmsgate.api.responses import json_response
 from kmsgate.schemas import PolicyEvaluateRequest, TokenCreateRequest
 
-router = APIRouter(tags=["system"])
 
-
-@router.get("/v1/sys/health")
 async def health() -> Response:
     """Liveness: the process answers."""
     return json_response({"status": "ok"})
 
 
-@router.get("/v1/sys/ready")
 def ready(service: ServiceDep) -> Response:
     """Readiness: 200 when every configured backend answers, else 503."""
     backends = {
@@ -37,7 +33,6 @@ def ready(service: ServiceDep) -> Response:
     )
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
 def metrics(
     request: Request, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> Response:
@@ -48,13 +43,11 @@ def metrics(
     return Response(registry.render(), media_type=METRICS_CONTENT_TYPE)
 
 
-@router.get("/v1/sys/policy")
 def policy_info(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
     """The loaded policy bundle's digest and files."""
     return service.policy_info(principal, ctx)
 
 
-@router.post("/v1/sys/policy/evaluate")
 def policy_evaluate(
     body: PolicyEvaluateRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
@@ -62,13 +55,11 @@ def policy_evaluate(
     return service.evaluate_policy(principal, ctx, body)
 
 
-@router.post("/v1/sys/policy/reload")
 def policy_reload(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
     """Re-read the policy files atomically; the old policy stays if the new one is invalid."""
     return service.reload_policy(principal, ctx)
 
 
-@router.post("/v1/sys/tokens", status_code=201)
 def create_token(
     body: TokenCreateRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
@@ -77,19 +68,16 @@ def create_token(
     return {**info.to_dict(), "token": token}
 
 
-@router.get("/v1/sys/tokens")
 def list_tokens(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
     return {"tokens": [t.to_dict() for t in service.list_tokens(principal, ctx)]}
 
 
-@router.delete("/v1/sys/tokens/{token_id}")
 def revoke_token(
     token_id: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
     return service.revoke_token(principal, ctx, token_id).to_dict()
 
 
-@router.get("/v1/audit")
 def audit_events(
     service: ServiceDep,
     principal: PrincipalDep,
@@ -111,3 +99,19 @@ def audit_events(
         limit=limit,
     )
     return {"events": events}
+
+
+def build_router() -> APIRouter:
+    """A new application's system routes."""
+    router = APIRouter(tags=["system"])
+    router.add_api_route("/v1/sys/health", health, methods=["GET"])
+    router.add_api_route("/v1/sys/ready", ready, methods=["GET"])
+    router.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
+    router.add_api_route("/v1/sys/policy", policy_info, methods=["GET"])
+    router.add_api_route("/v1/sys/policy/evaluate", policy_evaluate, methods=["POST"])
+    router.add_api_route("/v1/sys/policy/reload", policy_reload, methods=["POST"])
+    router.add_api_route("/v1/sys/tokens", create_token, methods=["POST"], status_code=201)
+    router.add_api_route("/v1/sys/tokens", list_tokens, methods=["GET"])
+    router.add_api_route("/v1/sys/tokens/{token_id}", revoke_token, methods=["DELETE"])
+    router.add_api_route("/v1/audit", audit_events, methods=["GET"])
+    return router
