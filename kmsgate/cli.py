@@ -30,9 +30,9 @@ from kmsgate.chunked import Progress
 from kmsgate.cli_common import AddrOpt, TokenOpt, err, fail, fail_api, out
 from kmsgate.cli_model import model_app
 from kmsgate.client import ApiError, Client
+from kmsgate.encoding import b64decode_strict, b64encode
 from kmsgate.envelope import FileHeader
 from kmsgate.errors import ConfigError, DecryptionFailed, KmsgateError
-from kmsgate.schemas import b64decode_strict, b64encode
 
 app = typer.Typer(
     no_args_is_help=True,

@@ -31,6 +31,7 @@ from kmsgate.model_signing import (
     PublicKeyTrust,
     SigningError,
     TrustBundle,
+    VerifyOptions,
     export_trust_bundle,
     sign_model,
     verify_model,
@@ -233,10 +234,7 @@ def verify(
     bar = _Bar(f"hashing {model.name}")
     try:
         with bar.run():
-            report = verify_model(
-                model,
-                bundle_path,
-                trust,
+            options = VerifyOptions(
                 provenance_path=provenance,
                 require_provenance=require_provenance,
                 policy=policy,
@@ -245,6 +243,7 @@ def verify(
                 workers=workers,
                 progress=bar.callback,
             )
+            report = verify_model(model, bundle_path, trust, options)
     except ModelVerificationError as exc:
         if json_out:
             _print_json(exc.report.to_dict())

@@ -15,9 +15,9 @@ import httpx
 
 from kmsgate import chunked
 from kmsgate.chunked import Progress
+from kmsgate.encoding import b64decode_strict, b64encode
 from kmsgate.envelope import FileHeader
 from kmsgate.errors import DecryptionFailed
-from kmsgate.schemas import b64decode_strict, b64encode
 
 DEFAULT_ADDR = "http://127.0.0.1:8200"
 

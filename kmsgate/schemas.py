@@ -6,8 +6,6 @@ Every operation body is either one item or `{"batch": [item, ...]}`, never both.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
@@ -25,28 +23,14 @@ from pydantic import (
     model_validator,
 )
 
+from kmsgate.encoding import b64decode_strict, b64encode
 from kmsgate.envelope import check_context
 from kmsgate.errors import InvalidRequest, TooLarge, ValidationFailed
 
-_B64_RE = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 LABEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 _DURATION_RE = re.compile(r"^(\d{1,9})([smhd]?)$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def b64decode_strict(value: str) -> bytes:
-    """Decode standard base64 with padding. Raises ValueError for anything else."""
-    if len(value) % 4 or not _B64_RE.match(value):
-        raise ValueError("not standard base64 with padding")
-    try:
-        return base64.b64decode(value, validate=True)
-    except binascii.Error as exc:
-        raise ValueError("not standard base64 with padding") from exc
-
-
-def b64encode(value: bytes) -> str:
-    return base64.b64encode(value).decode("ascii")
 
 
 def _decode(value: object) -> bytes:

@@ -44,6 +44,7 @@ from kmsgate.backends.base import (
 )
 from kmsgate.catalogue import Catalogue, Key, KeyState, KeyVersion
 from kmsgate.config import Settings
+from kmsgate.encoding import b64encode
 from kmsgate.envelope import (
     Envelope,
     Kind,
@@ -79,7 +80,6 @@ from kmsgate.schemas import (
     SignItem,
     TokenCreateRequest,
     VerifyItem,
-    b64encode,
     parse_duration,
 )
 from kmsgate.tokens import Principal, TokenInfo, TokenRegistry

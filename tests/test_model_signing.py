@@ -33,6 +33,7 @@ from kmsgate.model_signing import (
     ModelVerificationError,
     PublicKeyTrust,
     TrustBundle,
+    VerifyOptions,
     export_trust_bundle,
     sign_model,
     verify_model,
@@ -362,13 +363,20 @@ def test_provenance_and_policy_digest(
     assert kms["key"] == key and kms["key_version"] == 1 and kms["policy_digest"] == policy_digest
 
     trust = PublicKeyTrust.from_pem(result.public_key_pem)
-    report = verify_model(model, result.bundle_path, trust, expect_policy_digest=policy_digest)
+    report = verify_model(
+        model, result.bundle_path, trust, VerifyOptions(expect_policy_digest=policy_digest)
+    )
     assert (
         report.provenance is not None
         and report.provenance.git_sha == "0123456789abcdef0123456789abcdef01234567"
     )
     with pytest.raises(ModelVerificationError) as info:
-        verify_model(model, result.bundle_path, trust, expect_policy_digest="sha256:" + "0" * 64)
+        verify_model(
+            model,
+            result.bundle_path,
+            trust,
+            VerifyOptions(expect_policy_digest="sha256:" + "0" * 64),
+        )
     assert info.value.failure is Failure.POLICY_DIGEST
 
     # a provenance for another model (same key) does not pass for this one
@@ -377,7 +385,12 @@ def test_provenance_and_policy_digest(
     other_result = sign_model(other, GatewaySigner(client, key))
     assert other_result.provenance_path is not None
     with pytest.raises(ModelVerificationError) as info:
-        verify_model(model, result.bundle_path, trust, provenance_path=other_result.provenance_path)
+        verify_model(
+            model,
+            result.bundle_path,
+            trust,
+            VerifyOptions(provenance_path=other_result.provenance_path),
+        )
     assert info.value.failure is Failure.PROVENANCE
 
 
@@ -413,7 +426,7 @@ def test_acceptance_policy(tmp_path: Path, client: Client, key: str) -> None:
         build=BuildInfo(**build, parameters={"security_decision": "PASS"}),
     )
     trust = PublicKeyTrust.from_pem(ok.public_key_pem)
-    report = verify_model(model, ok.bundle_path, trust, policy=policy)
+    report = verify_model(model, ok.bundle_path, trust, VerifyOptions(policy=policy))
     assert report.acceptance == {"package": "registry.accept", "allow": True, "deny": []}
 
     sign_model(
@@ -422,7 +435,7 @@ def test_acceptance_policy(tmp_path: Path, client: Client, key: str) -> None:
         build=BuildInfo(**build, parameters={"security_decision": "FAIL"}),
     )
     with pytest.raises(ModelVerificationError) as info:
-        verify_model(model, ok.bundle_path, trust, policy=policy)
+        verify_model(model, ok.bundle_path, trust, VerifyOptions(policy=policy))
     assert info.value.failure is Failure.ACCEPTANCE
     assert "security_decision is FAIL" in info.value.detail
 

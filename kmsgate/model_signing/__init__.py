@@ -12,6 +12,7 @@ from kmsgate.model_signing.bundle import BundleError, SignedBundle
 from kmsgate.model_signing.gate import ModelSigningRequired, require_verified
 from kmsgate.model_signing.manifest import ManifestError
 from kmsgate.model_signing.provenance import BuildInfo
+from kmsgate.model_signing.report import Failure, ModelVerificationError, Report
 from kmsgate.model_signing.sign import GatewaySigner, SigningError, SignResult, sign_model
 from kmsgate.model_signing.trust import (
     GatewayTrust,
@@ -19,7 +20,7 @@ from kmsgate.model_signing.trust import (
     TrustBundle,
     export_trust_bundle,
 )
-from kmsgate.model_signing.verify import Failure, ModelVerificationError, Report, verify_model
+from kmsgate.model_signing.verify import VerifyOptions, verify_model
 
 __all__ = [
     "BuildInfo",
@@ -36,6 +37,7 @@ __all__ = [
     "SignedBundle",
     "SigningError",
     "TrustBundle",
+    "VerifyOptions",
     "export_trust_bundle",
     "require_verified",
     "sign_model",

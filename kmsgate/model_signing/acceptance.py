@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import regorus
 
 from kmsgate.model_signing import manifest as mf
 from kmsgate.model_signing.bundle import SignedBundle
 from kmsgate.model_signing.provenance import rfc3339
-
-if TYPE_CHECKING:
-    from kmsgate.model_signing.verify import Report
+from kmsgate.model_signing.report import Report
 
 SBOM_SUFFIXES = (".spdx.json", ".spdx", ".cdx.json", ".cyclonedx.json")
 

@@ -12,9 +12,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from kmsgate.model_signing.report import Report
 from kmsgate.model_signing.sign import DEFAULT_BUNDLE_NAME
 from kmsgate.model_signing.trust import PublicKeyTrust, Trust, TrustBundle
-from kmsgate.model_signing.verify import Report, verify_model
+from kmsgate.model_signing.verify import VerifyOptions, verify_model
 
 log = logging.getLogger("kmsgate.model_signing")
 
@@ -82,6 +83,7 @@ def require_verified(
             log.warning("no MODEL_SIGNING_PUBKEY: model %s loads unverified", model)
             return None
         trust = PublicKeyTrust.from_pem(public_key)
-    report = verify_model(model, bundle_path, trust, policy=Path(policy) if policy else None)
+    options = VerifyOptions(policy=Path(policy) if policy else None)
+    report = verify_model(model, bundle_path, trust, options)
     log.info("model %s verified (%s)", model, report.model_digest)
     return report

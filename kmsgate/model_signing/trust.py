@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from kmsgate.algorithms import SignAlg
 from kmsgate.client import ApiError, Client
+from kmsgate.encoding import b64encode
 from kmsgate.model_signing.bundle import (
     BundleError,
     SignedBundle,
@@ -29,7 +30,6 @@ from kmsgate.model_signing.bundle import (
 )
 from kmsgate.model_signing.provenance import parse_time, rfc3339
 from kmsgate.model_signing.sign import gateway_public_key, signing_digest
-from kmsgate.schemas import b64encode
 
 TRUST_BUNDLE_KIND = "kmsgate-trust-bundle"
 

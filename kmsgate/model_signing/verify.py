@@ -8,14 +8,11 @@ extra files (15) -> provenance (17) -> key status at signing time (16) -> policy
 
 from __future__ import annotations
 
-import enum
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -30,6 +27,7 @@ from kmsgate.algorithms import (
 )
 from kmsgate.errors import KmsgateError
 from kmsgate.model_signing import manifest as mf
+from kmsgate.model_signing.acceptance import AcceptanceError, evaluate, policy_input
 from kmsgate.model_signing.bundle import (
     BundleError,
     SignedBundle,
@@ -37,119 +35,9 @@ from kmsgate.model_signing.bundle import (
     manifest_from_statement,
 )
 from kmsgate.model_signing.provenance import ProvenanceSummary, rfc3339
+from kmsgate.model_signing.report import Failure, ModelVerificationError, Report, fail
 from kmsgate.model_signing.sign import CHECKSUMS_NAME
-from kmsgate.model_signing.trust import KeyRef, KeyStatusError, Trust, UnknownKeyError
-
-
-class Failure(enum.IntEnum):
-    """Exit codes of `kmsgate model verify` (0 = verified, 2 = could not run)."""
-
-    FORMAT = 10
-    KEY_MISMATCH = 11
-    SIGNATURE = 12
-    DIGEST_MISMATCH = 13
-    MISSING_FILES = 14
-    EXTRA_FILES = 15
-    KEY_STATUS = 16
-    PROVENANCE = 17
-    POLICY_DIGEST = 18
-    ACCEPTANCE = 19
-
-    @property
-    def code(self) -> str:
-        return self.name.lower()
-
-
-@dataclass
-class Report:
-    """What verification found; `to_dict()` is the `--json` report."""
-
-    model: str
-    bundle: str
-    checks: list[dict[str, Any]] = field(default_factory=list)
-    model_name: str | None = None
-    model_digest: str | None = None
-    files: int = 0
-    key: KeyRef | None = None
-    keyid: str | None = None
-    algorithm: str | None = None
-    public_key_sha256: str | None = None
-    signed_at: datetime | None = None
-    key_status: dict[str, Any] | None = None
-    integrity: dict[str, list[str]] = field(default_factory=dict)
-    provenance: ProvenanceSummary | None = None
-    acceptance: dict[str, Any] | None = None
-    failure: Failure | None = None
-    detail: str | None = None
-    seconds: float = 0.0
-
-    def check(self, name: str, ok: bool, detail: str = "") -> None:
-        self.checks.append({"name": name, "ok": ok, "detail": detail})
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.failure is None else int(self.failure)
-
-    def to_dict(self) -> dict[str, Any]:
-        prov = self.provenance
-        return {
-            "ok": self.ok,
-            "exit_code": self.exit_code,
-            "error": None
-            if self.failure is None
-            else {"code": self.failure.code, "detail": self.detail},
-            "model": {
-                "path": self.model,
-                "name": self.model_name,
-                "digest": self.model_digest,
-                "files": self.files,
-            },
-            "bundle": self.bundle,
-            "signature": {
-                "keyid": self.keyid,
-                "key": self.key.name if self.key else None,
-                "key_version": self.key.version if self.key else None,
-                "algorithm": self.algorithm,
-                "public_key_sha256": self.public_key_sha256,
-                "signed_at": rfc3339(self.signed_at) if self.signed_at else None,
-            },
-            "key_status": self.key_status,
-            "integrity": self.integrity,
-            "provenance": None
-            if prov is None
-            else {
-                "builder_id": prov.builder_id,
-                "git_sha": prov.git_sha,
-                "container_digest": prov.container_digest,
-                "dataset_snapshot": prov.dataset_snapshot,
-                "policy_digest": prov.policy_digest,
-                "parameters": dict(prov.parameters),
-            },
-            "acceptance": self.acceptance,
-            "checks": self.checks,
-            "seconds": round(self.seconds, 4),
-        }
-
-
-class ModelVerificationError(Exception):
-    """Verification failed: `failure` (the exit code), `detail`, and the full `report`."""
-
-    def __init__(self, failure: Failure, detail: str, report: Report) -> None:
-        super().__init__(f"{failure.code}: {detail}")
-        self.failure = failure
-        self.detail = detail
-        self.report = report
-
-
-def _fail(report: Report, failure: Failure, detail: str, check: str) -> ModelVerificationError:
-    report.check(check, False, detail)
-    report.failure = failure
-    report.detail = detail
-    return ModelVerificationError(failure, detail, report)
+from kmsgate.model_signing.trust import KeyStatusError, Trust, UnknownKeyError
 
 
 def _algorithm(public_key: PublicKeyTypes, wanted: str | None) -> SignAlg:
@@ -165,13 +53,13 @@ def _read_bundle(path: Path, report: Report, what: str) -> SignedBundle:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise _fail(
+        raise fail(
             report, Failure.FORMAT, f"cannot read {what} {path}: {exc.strerror}", what
         ) from None
     try:
         return SignedBundle.from_json(data)
     except BundleError as exc:
-        raise _fail(report, Failure.FORMAT, f"{what}: {exc}", what) from None
+        raise fail(report, Failure.FORMAT, f"{what}: {exc}", what) from None
 
 
 def _check_signature(bundle: SignedBundle, public_key: PublicKeyTypes, alg: SignAlg) -> bool:
@@ -226,19 +114,28 @@ def default_provenance_path(bundle_path: Path) -> Path:
     return bundle_path.with_name(bundle_path.name + ".provenance.json")
 
 
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How to verify, beyond the model, its bundle and whom to trust.
+
+    `provenance_path` defaults to the file beside the bundle; `require_provenance` fails
+    without one (implied by `policy` and `expect_policy_digest`); `policy` is a Rego
+    acceptance policy; `algorithm` picks the RSA padding; `workers` and `progress` tune and
+    report the hashing.
+    """
+
+    provenance_path: Path | None = None
+    require_provenance: bool = False
+    policy: Path | None = None
+    expect_policy_digest: str | None = None
+    algorithm: str | None = None
+    ignore_git_paths: bool = True
+    workers: int | None = None
+    progress: mf.Progress | None = None
+
+
 def verify_model(
-    model: Path,
-    bundle_path: Path,
-    trust: Trust,
-    *,
-    provenance_path: Path | None = None,
-    require_provenance: bool = False,
-    policy: Path | None = None,
-    expect_policy_digest: str | None = None,
-    algorithm: str | None = None,
-    ignore_git_paths: bool = True,
-    workers: int | None = None,
-    progress: mf.Progress | None = None,
+    model: Path, bundle_path: Path, trust: Trust, options: VerifyOptions = VerifyOptions()
 ) -> Report:
     """Verify `model` against `bundle_path`; return the report or raise
     ModelVerificationError (carrying the report). May also raise ApiError when the gateway
@@ -246,62 +143,38 @@ def verify_model(
     t0 = time.perf_counter()
     report = Report(str(model), str(bundle_path))
     try:
-        _verify(
-            report,
-            model,
-            bundle_path,
-            trust,
-            provenance_path,
-            require_provenance,
-            policy,
-            expect_policy_digest,
-            algorithm,
-            ignore_git_paths,
-            workers,
-            progress,
-        )
+        _verify(report, model, bundle_path, trust, options)
     finally:
         report.seconds = time.perf_counter() - t0
     return report
 
 
 def _verify(
-    report: Report,
-    model: Path,
-    bundle_path: Path,
-    trust: Trust,
-    provenance_path: Path | None,
-    require_provenance: bool,
-    policy: Path | None,
-    expect_policy_digest: str | None,
-    algorithm: str | None,
-    ignore_git_paths: bool,
-    workers: int | None,
-    progress: mf.Progress | None,
+    report: Report, model: Path, bundle_path: Path, trust: Trust, options: VerifyOptions
 ) -> None:
     bundle = _read_bundle(bundle_path, report, "bundle")
     report.keyid = bundle.keyid or None
     try:
         expected = manifest_from_statement(bundle.statement())
     except BundleError as exc:
-        raise _fail(report, Failure.FORMAT, str(exc), "bundle") from None
+        raise fail(report, Failure.FORMAT, str(exc), "bundle") from None
     report.check("bundle", True, "Sigstore bundle v0.3, DSSE, model_signing v1.0 statement")
 
     try:
         public_key, ref = trust.resolve(bundle)
     except (UnknownKeyError, BundleError) as exc:
-        raise _fail(report, Failure.KEY_MISMATCH, str(exc), "key") from None
+        raise fail(report, Failure.KEY_MISMATCH, str(exc), "key") from None
     report.key = ref
     report.public_key_sha256 = key_hint(public_key)
     report.check("key", True, f"{trust.source}: public key sha256 {report.public_key_sha256}")
 
     try:
-        alg = _algorithm(public_key, algorithm)
+        alg = _algorithm(public_key, options.algorithm)
     except KmsgateError as exc:
-        raise _fail(report, Failure.KEY_MISMATCH, exc.detail, "signature") from None
+        raise fail(report, Failure.KEY_MISMATCH, exc.detail, "signature") from None
     report.algorithm = alg.name
     if not _check_signature(bundle, public_key, alg):
-        raise _fail(report, Failure.SIGNATURE, "the DSSE signature is not valid", "signature")
+        raise fail(report, Failure.SIGNATURE, "the DSSE signature is not valid", "signature")
     report.check("signature", True, alg.name)
 
     report.model_name = expected.model_name
@@ -309,22 +182,22 @@ def _verify(
     report.files = len(expected.files)
     own = [
         rel
-        for p in (bundle_path, provenance_path or default_provenance_path(bundle_path))
+        for p in (bundle_path, options.provenance_path or default_provenance_path(bundle_path))
         if (rel := _inside(p, model)) is not None
     ]
     if not model.is_dir():
-        raise _fail(report, Failure.MISSING_FILES, f"{model} is not a directory", "files")
+        raise fail(report, Failure.MISSING_FILES, f"{model} is not a directory", "files")
     try:
         mismatched, missing, extra = check_integrity(
             model,
             expected,
             extra_ignores=own,
-            ignore_git_paths=ignore_git_paths,
-            workers=workers,
-            progress=progress,
+            ignore_git_paths=options.ignore_git_paths,
+            workers=options.workers,
+            progress=options.progress,
         )
     except mf.ManifestError as exc:
-        raise _fail(report, Failure.EXTRA_FILES, str(exc), "files") from None
+        raise fail(report, Failure.EXTRA_FILES, str(exc), "files") from None
     report.integrity = {"mismatched": mismatched, "missing": missing, "extra": extra}
     for failure, names, what in (
         (Failure.DIGEST_MISMATCH, mismatched, "digest mismatch"),
@@ -333,15 +206,19 @@ def _verify(
     ):
         if names:
             shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
-            raise _fail(report, failure, f"{what}: {shown}", "files")
+            raise fail(report, failure, f"{what}: {shown}", "files")
     problem = _checksums_agree(model, expected)
     if problem:
-        raise _fail(report, Failure.DIGEST_MISMATCH, problem, "files")
+        raise fail(report, Failure.DIGEST_MISMATCH, problem, "files")
     report.check("files", True, f"{len(expected.files)} files match")
 
-    prov_path = provenance_path or default_provenance_path(bundle_path)
-    needs_provenance = require_provenance or policy is not None or expect_policy_digest is not None
-    if provenance_path is not None or prov_path.exists() or needs_provenance:
+    prov_path = options.provenance_path or default_provenance_path(bundle_path)
+    needs_provenance = (
+        options.require_provenance
+        or options.policy is not None
+        or options.expect_policy_digest is not None
+    )
+    if options.provenance_path is not None or prov_path.exists() or needs_provenance:
         prov_bundle = _read_bundle(prov_path, report, "provenance")
         report.provenance = _check_provenance(
             report, prov_bundle, bundle, public_key, alg, expected
@@ -351,34 +228,36 @@ def _verify(
     try:
         status = trust.status(report.key, bundle, alg, report.signed_at)
     except KeyStatusError as exc:
-        raise _fail(report, Failure.KEY_STATUS, str(exc), "key_status") from None
+        raise fail(report, Failure.KEY_STATUS, str(exc), "key_status") from None
     report.key_status = status.to_dict()
     report.check("key_status", True, status.detail)
 
-    if expect_policy_digest is not None:
+    if options.expect_policy_digest is not None:
         assert report.provenance is not None
         got = report.provenance.policy_digest
-        if got != expect_policy_digest:
-            raise _fail(
+        if got != options.expect_policy_digest:
+            raise fail(
                 report,
                 Failure.POLICY_DIGEST,
-                f"signed under policy {got}, expected {expect_policy_digest}",
+                f"signed under policy {got}, expected {options.expect_policy_digest}",
                 "policy_digest",
             )
         report.check("policy_digest", True, got)
 
+    policy = options.policy
     if policy is not None:
-        from kmsgate.model_signing.acceptance import AcceptanceError, evaluate, policy_input
-
         try:
             decision = evaluate(policy, policy_input(report, bundle, expected, model))
         except AcceptanceError as exc:
-            raise _fail(report, Failure.ACCEPTANCE, str(exc), "acceptance") from None
+            raise fail(report, Failure.ACCEPTANCE, str(exc), "acceptance") from None
         report.acceptance = decision
         if not decision["allow"]:
             reasons = "; ".join(decision["deny"]) or "allow is not true"
-            raise _fail(
-                report, Failure.ACCEPTANCE, f"rejected by {policy.name}: {reasons}", "acceptance"
+            raise fail(
+                report,
+                Failure.ACCEPTANCE,
+                f"rejected by {policy.name}: {reasons}",
+                "acceptance",
             )
         report.check("acceptance", True, policy.name)
 
@@ -392,7 +271,7 @@ def _check_provenance(
     expected: mf.Manifest,
 ) -> ProvenanceSummary:
     def bad(detail: str) -> ModelVerificationError:
-        return _fail(report, Failure.PROVENANCE, detail, "provenance")
+        return fail(report, Failure.PROVENANCE, detail, "provenance")
 
     if prov.hint != bundle.hint or prov.keyid != bundle.keyid:
         raise bad("the provenance was signed by another key than the model")
