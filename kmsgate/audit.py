@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -242,7 +243,8 @@ def _read_head(path: Path) -> tuple[int, str] | None:
 def _write_head(path: Path, seq: int, digest: str) -> None:
     """Atomically replace the head file (write, fsync, rename). Raises OSError."""
     target = _head_path(path)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    # unique per call: several writers (processes, or logs in one process) sync concurrently
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, json.dumps({"seq": seq, "hash": digest}).encode() + b"\n")

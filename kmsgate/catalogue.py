@@ -29,6 +29,8 @@ from kmsgate.errors import (
 )
 from kmsgate.store import Row, Store, StoreMirror, utc
 
+MAX_KEY_NAME = 128  # the store's column width (key names are validated at the edge)
+
 
 class KeyState(enum.StrEnum):
     ENABLED = "enabled"
@@ -262,8 +264,12 @@ def key_row(key: Key) -> dict[str, Any]:
 class Catalogue(StoreMirror):
     """All keys in memory; writes go through the store, then update the cache.
 
-    `get` and `find` never touch the database; `maybe_refresh` follows other replicas.
+    `get` and `find` answer from memory; a name the cache does not know is read through to
+    the store once (a key created through another worker or replica is usable at once).
+    `maybe_refresh` follows other writers' changes to known keys.
     """
+
+    aggregate = "keys"
 
     def __init__(self, store: Store, *, refresh_seconds: float = 1.0) -> None:
         self._keys: dict[str, Key] = {}
@@ -274,12 +280,27 @@ class Catalogue(StoreMirror):
             row["name"]: key_from_rows(row, rows) for row, rows in self._store.load_keys()
         }
 
+    def _load_item(self, item: str) -> None:
+        found = self._store.load_key(item)
+        if found is None:
+            self._keys.pop(item, None)
+        else:
+            self._keys[item] = key_from_rows(*found)
+
     def find(self, name: str) -> Key | None:
-        return self._keys.get(name)
+        """The key called `name`, or None. Raises Unavailable when a miss cannot be read
+        through to the store."""
+        key = self._keys.get(name)
+        if key is None and 0 < len(name) <= MAX_KEY_NAME:
+            found = self._store.load_key(name)
+            if found is not None:
+                with self._lock:  # a newer copy cached meanwhile (a local write) wins
+                    key = self._keys.setdefault(name, key_from_rows(*found))
+        return key
 
     def get(self, name: str) -> Key:
-        """The key called `name`. Raises NotFound."""
-        key = self._keys.get(name)
+        """The key called `name`. Raises NotFound, or Unavailable (see `find`)."""
+        key = self.find(name)
         if key is None:
             raise NotFound(f"no key named {name!r}")
         return key

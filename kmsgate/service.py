@@ -974,7 +974,7 @@ class Service:
     def destroy_due_keys(self, ctx: Ctx, now: datetime | None = None) -> list[str]:
         """Destroy the material of keys whose deletion date has passed; audited as `system`."""
         now = now or _now()
-        self.catalogue.reload()
+        self.catalogue.refresh()
         destroyed = []
         for key in self.catalogue.all():
             if key.state is not KeyState.PENDING_DELETION or not key.deletion_date:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from kmsgate.store import Row, Store, StoreMirror, utc
 _PREFIX = "kmg"
 _ROLE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.:")
 _MAX_ROLES = 32
+_TOKEN_ID = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +99,32 @@ def _info_from_row(row: Row) -> TokenInfo:
 class TokenRegistry(StoreMirror):
     """Issues, caches, checks and revokes API tokens."""
 
+    aggregate = "tokens"
+
     def __init__(self, store: Store, *, refresh_seconds: float = 1.0) -> None:
         self._tokens: dict[str, TokenInfo] = {}
         super().__init__(store, refresh_seconds=refresh_seconds)
 
     def _load(self) -> None:
         self._tokens = {row["id"]: _info_from_row(row) for row in self._store.load_tokens()}
+
+    def _load_item(self, item: str) -> None:
+        row = self._store.load_token(item)
+        if row is None:
+            self._tokens.pop(item, None)
+        else:
+            self._tokens[item] = _info_from_row(row)
+
+    def _find(self, token_id: str) -> TokenInfo | None:
+        """The token `token_id` from memory, or read through to the store once (a token
+        created through another worker or replica works at once). Raises Unavailable."""
+        info = self._tokens.get(token_id)
+        if info is None and _TOKEN_ID.fullmatch(token_id):
+            row = self._store.load_token(token_id)
+            if row is not None:
+                with self._lock:
+                    info = self._tokens.setdefault(token_id, _info_from_row(row))
+        return info
 
     def create(
         self, roles: Sequence[str], *, ttl: timedelta | None, description: str = ""
@@ -147,7 +169,7 @@ class TokenRegistry(StoreMirror):
         every failure, so a caller learns nothing about which part was wrong)."""
         parts = (bearer or "").split(".")
         token_id, secret = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
-        info = self._tokens.get(token_id) if parts[0] == _PREFIX else None
+        info = self._find(token_id) if parts[0] == _PREFIX else None
         expected = info.secret_hash if info else "0" * 64
         matches = hmac.compare_digest(_hash_secret(secret), expected)
         if info is None or not matches or not self._is_live(info):
@@ -167,5 +189,6 @@ class TokenRegistry(StoreMirror):
         now = datetime.now(UTC)
         if not self._store.revoke_token(token_id, now):
             raise NotFound(f"no live token with id {token_id!r}")
-        self.reload()
-        return self._tokens[token_id]
+        with self._lock:
+            self._load_item(token_id)
+            return self._tokens[token_id]

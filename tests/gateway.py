@@ -91,15 +91,11 @@ class AdminApi:
 @contextlib.contextmanager
 def open_gateway(base: Path, **overrides: Any) -> Iterator[tuple[Api, str]]:
     """A real gateway on SQLite under `base` (dev mode, env `test`, shipped policies; settings
-    `overrides` such as `backends`) through the real app, with an admin token. For tests that
+    `overrides` such as `backends` or `database_url`) through the real app, with an admin
+    token. Two gateways opened on one `base` share the root key and the audit chain. For tests that
     need one gateway for a module or their own backends; `api` above runs on both stores."""
-    settings = load_settings(
-        dev=True,
-        data_dir=base / "data",
-        database_url=f"sqlite:///{base / 'kmsgate.db'}",
-        env="test",
-        **overrides,
-    )
+    overrides.setdefault("database_url", f"sqlite:///{base / 'kmsgate.db'}")
+    settings = load_settings(dev=True, data_dir=base / "data", env="test", **overrides)
     prepare_dev_data_dir(settings)
     service = build_service(settings)
     try:

@@ -180,15 +180,15 @@ def _wait_until_serving(proc: subprocess.Popen[bytes], port: int, output: Path) 
 
 
 @contextlib.contextmanager
-def running_gateway(base: Path, **extra_env: str) -> Iterator[Gateway]:
-    """`kmsgate serve --dev` on a fresh data dir under `base` and a free port; stopped on exit,
-    also when the start or a test fails."""
+def running_gateway(base: Path, *serve_args: str, **extra_env: str) -> Iterator[Gateway]:
+    """`kmsgate serve --dev [serve_args]` on a fresh data dir under `base` and a free port;
+    stopped on exit, also when the start or a test fails."""
     for attempt in range(1, START_ATTEMPTS + 1):
         port = free_port()
         data_dir = base / f"data-{attempt}"  # a failed attempt may have used its data dir
         output = base / f"serve-{attempt}.log"
         argv = [kmsgate_script(), "serve", "--dev", "--data-dir", str(data_dir)]
-        argv += ["--port", str(port)]
+        argv += ["--port", str(port), *serve_args]
         with output.open("wb") as sink:
             proc = subprocess.Popen(
                 argv,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -52,10 +52,12 @@ def test_migrate_is_idempotent(store):
 
 
 def test_round_trip_and_epoch(store):
-    before = store.epoch()
+    before, tokens_before = store.epoch("keys"), store.epoch("tokens")
     catalogue = Catalogue(store)
     catalogue.insert(make_key())
-    assert store.epoch() == before + 1
+    assert store.epoch("keys") == before + 1
+    assert store.epoch("tokens") == tokens_before
+    assert store.changes_since("keys", before) == [(before + 1, "k")]
     fresh = Catalogue(store).get("k")
     assert fresh == catalogue.get("k")
     assert fresh.versions[1].material == b"m1"
@@ -124,16 +126,50 @@ def test_state_change_guarded_by_expected_state(store):
         b.update(b.get("k"), state=KeyState.PENDING_DELETION, updated_at=now)
 
 
-def test_replica_cache_follows_the_epoch(store):
+def test_replica_cache_reads_misses_through_and_follows_the_feed(store):
     writer = Catalogue(store)
     reader = Catalogue(store, refresh_seconds=0.0)
     writer.insert(make_key("new"))
-    assert reader.find("new") is None
-    reader.maybe_refresh()
-    assert reader.find("new") is not None
+    assert reader.find("new") is not None  # a miss reads through: usable at once
+    assert reader.find("never-made") is None
     writer.update(writer.get("new"), labels={"env": "y"}, updated_at=datetime.now(UTC))
+    assert reader.get("new").labels == {"env": "x"}  # cached until the feed is followed
     reader.maybe_refresh()
     assert reader.get("new").labels == {"env": "y"}
+    assert (reader.full_reloads, reader.item_reloads) == (1, 1)  # only the changed key
+
+
+def test_token_writes_never_reload_the_key_catalogue(store):
+    catalogue = Catalogue(store, refresh_seconds=0.0)
+    catalogue.insert(make_key("k"))
+    catalogue.maybe_refresh()
+    before = (catalogue.full_reloads, catalogue.item_reloads)
+    tokens = TokenRegistry(store)
+    for _ in range(100):
+        tokens.create(["admin"], ttl=None)
+    catalogue.maybe_refresh()
+    assert (catalogue.full_reloads, catalogue.item_reloads) == before
+
+
+def test_a_pruned_feed_falls_back_to_one_full_reload(store):
+    writer = Catalogue(store)
+    reader = Catalogue(store, refresh_seconds=0.0)
+    writer.insert(make_key("a"))
+    writer.insert(make_key("b"))
+    assert store.prune_changes(datetime.now(UTC) + timedelta(seconds=1)) >= 2
+    writer.update(writer.get("a"), labels={"env": "z"}, updated_at=datetime.now(UTC))
+    reader.maybe_refresh()  # its epoch is older than what the feed still holds
+    assert reader.full_reloads == 2 and reader.item_reloads == 0
+    assert reader.get("a").labels == {"env": "z"} and reader.find("b") is not None
+
+
+def test_a_token_created_on_one_replica_authenticates_on_another_at_once(store):
+    a = TokenRegistry(store)
+    b = TokenRegistry(store, refresh_seconds=3600.0)  # never refreshes in this test
+    info, token = a.create(["admin"], ttl=None)
+    assert b.authenticate(token).id == f"token:{info.id}"
+    with pytest.raises(Unauthenticated):
+        b.authenticate(f"kmg.{'0' * 16}.nope")
 
 
 def test_token_revocation_reaches_other_replicas(store):

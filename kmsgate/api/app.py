@@ -83,7 +83,7 @@ def create_app(service: Service) -> FastAPI:
     app.include_router(keys_router)
     app.router.routes[:0] = hot_routes
     install_error_handlers(app)
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics({"keys": service.catalogue, "tokens": service.tokens})
     app.add_middleware(
         GatewayMiddleware,
         max_body_bytes=service.settings.limits.max_body_bytes,

@@ -6,8 +6,13 @@ that matched no route is counted under the route `unmatched`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from kmsgate.errors import BackendError, BackendUnavailable, KmsgateError
 
@@ -17,11 +22,43 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-class Metrics:
-    """Request counts by route and status, latency per operation, backend errors."""
+class ReloadCounts(Protocol):
+    """A cache that counts its reloads from the store (kmsgate.store.StoreMirror)."""
 
-    def __init__(self) -> None:
+    @property
+    def full_reloads(self) -> int: ...
+
+    @property
+    def item_reloads(self) -> int: ...
+
+
+class _CacheReloads(Collector):
+    """`kmsgate_cache_reloads_total{cache, scope}`, read from the caches when scraped."""
+
+    def __init__(self, caches: Mapping[str, ReloadCounts]) -> None:
+        self._caches = dict(caches)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "kmsgate_cache_reloads",
+            "Cache reloads from the store by cache (keys, tokens) and scope: the whole"
+            " aggregate (full) or one changed item (item).",
+            labels=["cache", "scope"],
+        )
+        for name, cache in sorted(self._caches.items()):
+            family.add_metric([name, "full"], cache.full_reloads)
+            family.add_metric([name, "item"], cache.item_reloads)
+        yield family
+
+
+class Metrics:
+    """Request counts by route and status, latency per operation, backend errors, and the
+    reloads of `caches`."""
+
+    def __init__(self, caches: Mapping[str, ReloadCounts] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        if caches:
+            self.registry.register(_CacheReloads(caches))
         self._requests = Counter(
             "kmsgate_http_requests",
             "HTTP requests by route template, method and status code.",

@@ -1,8 +1,11 @@
 """The metadata store: SQLAlchemy Core over SQLite (WAL, the default) or PostgreSQL.
 
-Only the control plane touches it (create, rotate, lifecycle, tokens) and the cache refresher;
-the hot path (sign, verify, mac) reads in-memory caches. Every write is one transaction and
-bumps the `epoch` counter, which other replicas poll to invalidate their caches.
+Only the control plane touches it (create, rotate, lifecycle, tokens), the cache refresher and
+the rare cache miss; the hot path (sign, verify, mac) reads in-memory caches. Every write is
+one transaction that also appends to its aggregate's change feed: a per-aggregate counter
+(`meta` row `epoch:<aggregate>`, bumped under the row's lock, so its values follow commit
+order) and a `changes` row naming the item. Caches follow the feed of their own aggregate
+and reload only the items that moved.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -78,23 +81,50 @@ class Store:
         except sa.exc.OperationalError as exc:
             raise Unavailable("metadata store unavailable") from exc
 
-    @staticmethod
-    def _bump_epoch(conn: Connection) -> None:
-        updated = conn.execute(
-            sa.update(tables.meta)
-            .where(tables.meta.c.key == "epoch")
-            .values(value=sa.cast(sa.cast(tables.meta.c.value, sa.Integer) + 1, sa.Text))
-        )
-        if updated.rowcount == 0:
-            conn.execute(sa.insert(tables.meta).values(key="epoch", value="1"))
+    # -- the change feed --------------------------------------------------------------------
 
-    def epoch(self) -> int:
-        """The change counter: it grows with every committed catalogue or token change."""
+    @staticmethod
+    def _record_change(conn: Connection, aggregate: str, item: str) -> None:
+        """Bump `aggregate`'s counter and record that `item` changed, in the caller's
+        transaction (the counter row stays locked until it commits)."""
+        counter = tables.meta.c.key == f"epoch:{aggregate}"
+        bumped = sa.cast(sa.cast(tables.meta.c.value, sa.BigInteger) + 1, sa.Text)
+        if conn.execute(sa.update(tables.meta).where(counter).values(value=bumped)).rowcount == 0:
+            conn.execute(sa.insert(tables.meta).values(key=f"epoch:{aggregate}", value="1"))
+        epoch = int(conn.execute(sa.select(tables.meta.c.value).where(counter)).scalar_one())
+        conn.execute(
+            sa.insert(tables.changes).values(
+                aggregate=aggregate, epoch=epoch, item=item, at=datetime.now(UTC)
+            )
+        )
+
+    def epoch(self, aggregate: str) -> int:
+        """How many committed changes `aggregate` has had. Raises Unavailable."""
         with self._tx() as conn:
             value = conn.execute(
-                sa.select(tables.meta.c.value).where(tables.meta.c.key == "epoch")
+                sa.select(tables.meta.c.value).where(tables.meta.c.key == f"epoch:{aggregate}")
             ).scalar_one_or_none()
         return int(value or 0)
+
+    def changes_since(self, aggregate: str, epoch: int) -> list[tuple[int, str]]:
+        """(epoch, item) of `aggregate`'s changes after `epoch`, oldest first; the first one
+        is not `epoch + 1` when older changes were pruned. Raises Unavailable."""
+        c = tables.changes.c
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(c.epoch, c.item)
+                .where(c.aggregate == aggregate)
+                .where(c.epoch > epoch)
+                .order_by(c.epoch)
+            ).all()
+        return [(int(row.epoch), str(row.item)) for row in rows]
+
+    def prune_changes(self, before: datetime) -> int:
+        """Forget feed entries older than `before` (caches further behind reload fully).
+        Returns how many were removed. Raises Unavailable."""
+        with self._tx() as conn:
+            removed = conn.execute(sa.delete(tables.changes).where(tables.changes.c.at < before))
+        return int(removed.rowcount)
 
     # -- meta ------------------------------------------------------------------------------
 
@@ -120,7 +150,7 @@ class Store:
             conn.execute(sa.insert(tables.keys).values(**key))
             for version in versions:
                 conn.execute(sa.insert(tables.key_versions).values(key_name=key["name"], **version))
-            self._bump_epoch(conn)
+            self._record_change(conn, "keys", key["name"])
 
     def add_version(self, name: str, version: Row, *, expected_primary: int) -> None:
         """Add a version and make it primary, if the primary is still `expected_primary`.
@@ -137,7 +167,7 @@ class Store:
             )
             if updated.rowcount != 1:
                 raise Conflict("the key changed concurrently; retry")
-            self._bump_epoch(conn)
+            self._record_change(conn, "keys", name)
 
     def update_key(self, name: str, values: Row, *, expected_state: str | None = None) -> None:
         """Update key columns, optionally only from `expected_state`. Raises Conflict if not."""
@@ -147,7 +177,7 @@ class Store:
                 stmt = stmt.where(tables.keys.c.state == expected_state)
             if conn.execute(stmt.values(**values)).rowcount != 1:
                 raise Conflict("the key changed concurrently; retry")
-            self._bump_epoch(conn)
+            self._record_change(conn, "keys", name)
 
     def update_version(self, name: str, version: int, values: Row) -> None:
         """Update one version's columns. Raises Conflict if the version does not exist."""
@@ -160,7 +190,24 @@ class Store:
             )
             if updated.rowcount != 1:
                 raise Conflict(f"version {version} of {name!r} does not exist")
-            self._bump_epoch(conn)
+            self._record_change(conn, "keys", name)
+
+    def load_key(self, name: str) -> tuple[Row, list[Row]] | None:
+        """One key and its versions (ascending), or None. Raises Unavailable."""
+        with self._tx() as conn:
+            key_row = (
+                conn.execute(sa.select(tables.keys).where(tables.keys.c.name == name))
+                .mappings()
+                .first()
+            )
+            if key_row is None:
+                return None
+            version_rows = conn.execute(
+                sa.select(tables.key_versions)
+                .where(tables.key_versions.c.key_name == name)
+                .order_by(tables.key_versions.c.version)
+            ).mappings()
+            return dict(key_row), [dict(row) for row in version_rows]
 
     def load_keys(self) -> list[tuple[Row, list[Row]]]:
         """Every key with its versions (ascending), as plain row mappings."""
@@ -186,7 +233,7 @@ class Store:
         """Insert an API token row (its secret is already hashed). Raises Conflict on a clash."""
         with self._tx() as conn:
             conn.execute(sa.insert(tables.tokens).values(**token))
-            self._bump_epoch(conn)
+            self._record_change(conn, "tokens", token["id"])
 
     def revoke_token(self, token_id: str, when: datetime) -> bool:
         """Mark a token revoked; False if no live token has that id."""
@@ -198,8 +245,18 @@ class Store:
                 .values(revoked_at=when)
             )
             if updated.rowcount == 1:
-                self._bump_epoch(conn)
+                self._record_change(conn, "tokens", token_id)
             return updated.rowcount == 1
+
+    def load_token(self, token_id: str) -> Row | None:
+        """One token row, or None. Raises Unavailable."""
+        with self._tx() as conn:
+            row = (
+                conn.execute(sa.select(tables.tokens).where(tables.tokens.c.id == token_id))
+                .mappings()
+                .first()
+            )
+        return dict(row) if row is not None else None
 
     def load_tokens(self) -> list[Row]:
         with self._tx() as conn:
@@ -207,36 +264,61 @@ class Store:
 
 
 class StoreMirror(ABC):
-    """An in-memory copy of part of the store, reloaded when the store's epoch moves.
+    """An in-memory copy of one aggregate of the store, following its change feed.
 
-    Readers use the copy and never wait on the database; `maybe_refresh` (called by a
-    background thread) checks the epoch at most every `refresh_seconds`.
+    Readers use the copy and never wait on the database, except on a miss, which a subclass
+    may read through. `maybe_refresh` (called by a background thread at most every
+    `refresh_seconds`) reloads only the items that changed since the copy's epoch, and the
+    whole aggregate only when the feed no longer reaches back that far. `full_reloads` and
+    `item_reloads` count the work done (for /metrics).
     """
+
+    aggregate: ClassVar[str]
 
     def __init__(self, store: Store, *, refresh_seconds: float = 1.0) -> None:
         self._store = store
         self._refresh_seconds = refresh_seconds
         self._epoch = -1
         self._checked_at = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self.full_reloads = 0
+        self.item_reloads = 0
         self.reload()
 
     @abstractmethod
     def _load(self) -> None:
         """Replace the copy with the store's content. Raises Unavailable."""
 
+    @abstractmethod
+    def _load_item(self, item: str) -> None:
+        """Replace (or drop) one item of the copy from the store. Raises Unavailable."""
+
     def reload(self) -> None:
-        """Reload now. Raises Unavailable if the store is down."""
+        """Reload the whole aggregate now. Raises Unavailable if the store is down."""
         with self._lock:
-            epoch = self._store.epoch()
+            epoch = self._store.epoch(self.aggregate)
             self._load()
             self._epoch = epoch
+            self.full_reloads += 1
             self._checked_at = time.monotonic()
 
-    def maybe_refresh(self) -> None:
-        """Reload if the store's epoch moved; checks at most every `refresh_seconds`."""
-        if time.monotonic() - self._checked_at < self._refresh_seconds:
-            return
+    def refresh(self) -> None:
+        """Apply the changes committed since the copy's epoch. Raises Unavailable."""
         self._checked_at = time.monotonic()
-        if self._store.epoch() != self._epoch:
-            self.reload()
+        if self._store.epoch(self.aggregate) == self._epoch:
+            return
+        with self._lock:
+            changes = self._store.changes_since(self.aggregate, self._epoch)
+            if not changes or changes[0][0] != self._epoch + 1:  # pruned past our epoch
+                self.reload()
+                return
+            items = list(dict.fromkeys(item for _, item in changes))
+            for item in items:
+                self._load_item(item)
+            self.item_reloads += len(items)
+            self._epoch = changes[-1][0]
+
+    def maybe_refresh(self) -> None:
+        """`refresh` if the last check is `refresh_seconds` old. Raises Unavailable."""
+        if time.monotonic() - self._checked_at >= self._refresh_seconds:
+            self.refresh()

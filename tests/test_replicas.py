@@ -1,0 +1,89 @@
+"""Several gateways on one store (worker processes, replicas): what is written through one is
+usable through every other at once, caches reload only the aggregate and the items that moved,
+and a change reaches every cache within a second."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.gateway import Api, open_gateway
+from tests.test_cli import running_gateway
+
+MESSAGE = base64.b64encode(b"replicated").decode()
+
+
+def _reloads(api: Api, token: str) -> dict[tuple[str, str], float]:
+    """kmsgate_cache_reloads_total by (cache, scope), as /metrics shows it."""
+    text = api.call("GET", "/metrics", token).text
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("kmsgate_cache_reloads_total{"):
+            labels, value = line.rsplit(" ", 1)
+            cache = labels.split('cache="')[1].split('"')[0]
+            scope = labels.split('scope="')[1].split('"')[0]
+            counts[cache, scope] = float(value)
+    return counts
+
+
+def test_two_gateways_on_one_store(tmp_path: Path, database_url: str) -> None:
+    with (
+        open_gateway(tmp_path, database_url=database_url) as (a, admin_a),
+        open_gateway(tmp_path, database_url=database_url) as (b, admin_b),
+    ):
+        created = a.call(
+            "POST",
+            "/v1/keys",
+            admin_a,
+            json={"name": "shared", "type": "ecdsa-p256", "purpose": "p"},
+        )
+        assert created.status_code == 201, created.text
+        # made through a, signed through b at once: b reads the unknown name through
+        signed = b.call("POST", "/v1/keys/shared/sign", admin_b, json={"input": MESSAGE})
+        assert signed.status_code == 200, signed.text
+        # a's token works on b at once too
+        assert b.call("GET", "/v1/keys/shared", admin_a).status_code == 200
+
+        b.service.catalogue.refresh()
+        before = _reloads(b, admin_b)
+        assert before["keys", "full"] == 1
+        for _ in range(100):
+            reply = a.call("POST", "/v1/sys/tokens", admin_a, json={"roles": ["reader"]})
+            assert reply.status_code == 201
+        b.service.catalogue.refresh()
+        b.service.tokens.refresh()
+        after = _reloads(b, admin_b)
+        assert after["keys", "full"] == before["keys", "full"]
+        assert after["keys", "item"] == before["keys", "item"]
+        assert after["tokens", "full"] == before["tokens", "full"]
+        assert after["tokens", "item"] >= before["tokens", "item"] + 100
+
+        # a disabled key is refused through the other gateway within a second
+        assert a.call("POST", "/v1/keys/shared/disable", admin_a).status_code == 200
+        started = time.monotonic()
+        while True:
+            reply = b.call("POST", "/v1/keys/shared/sign", admin_b, json={"input": MESSAGE})
+            if reply.status_code == 409:
+                break
+            assert reply.status_code == 200 and time.monotonic() - started < 3.0
+            time.sleep(0.02)
+        assert reply.json()["code"] == "key_disabled"
+        assert time.monotonic() - started < 1.5
+
+
+def test_two_workers_create_then_sign_at_once_never_404(tmp_path: Path) -> None:
+    """`serve --workers 2`, a new connection per request (so requests land on either worker):
+    200 times, create a key and sign with it straight away."""
+    with running_gateway(tmp_path, "--workers", "2") as gw:
+        headers = {"authorization": f"Bearer {gw.root_token}", "connection": "close"}
+        statuses = []
+        with httpx.Client(base_url=gw.addr, headers=headers, timeout=30) as client:
+            for i in range(200):
+                body = {"name": f"burst-{i}", "type": "ed25519", "purpose": "p"}
+                assert client.post("/v1/keys", json=body).status_code == 201
+                reply = client.post(f"/v1/keys/burst-{i}/sign", json={"input": MESSAGE})
+                statuses.append(reply.status_code)
+        assert statuses == [200] * 200, sorted(set(statuses))
