@@ -127,6 +127,7 @@ def build_service(settings: Settings) -> Service:
     registry = Registry(_build_backends(settings, store), settings.default_backend)
     return Service(
         settings=settings,
+        store=store,
         catalogue=Catalogue(store, refresh_seconds=settings.cache_refresh_seconds),
         registry=registry,
         policy=PolicyEngine.load(settings.policy_dir),

@@ -82,6 +82,7 @@ from kmsgate.schemas import (
     VerifyItem,
     parse_duration,
 )
+from kmsgate.store import Store
 from kmsgate.tokens import Principal, TokenInfo, TokenRegistry
 
 T = TypeVar("T")
@@ -116,6 +117,7 @@ class Service:
         self,
         *,
         settings: Settings,
+        store: Store,
         catalogue: Catalogue,
         registry: Registry,
         policy: PolicyEngine,
@@ -123,6 +125,7 @@ class Service:
         tokens: TokenRegistry,
     ) -> None:
         self.settings = settings
+        self.store = store
         self.catalogue = catalogue
         self.registry = registry
         self.policy = policy
@@ -1117,3 +1120,4 @@ class Service:
     def close(self) -> None:
         self.audit.close()
         self.registry.close()
+        self.store.close()

@@ -1,15 +1,27 @@
 """Several gateways on one store (worker processes, replicas): what is written through one is
 usable through every other at once, caches reload only the aggregate and the items that moved,
-and a change reaches every cache within a second."""
+a change reaches every cache within a second, and scheduled work is done once."""
 
 from __future__ import annotations
 
 import base64
+import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 
+from kmsgate.backends.base import BackendKey
+from kmsgate.backends.softkms import SoftKmsBackend
+from kmsgate.bootstrap import build_service, prepare_dev_data_dir
+from kmsgate.catalogue import KeyState
+from kmsgate.config import load_settings
+from kmsgate.jobs import Jobs, leader_lock
+from kmsgate.schemas import CreateKeyRequest, ScheduleDeletionRequest
+from kmsgate.service import Ctx
+from kmsgate.tokens import Principal
 from tests.gateway import Api, open_gateway
 from tests.test_cli import running_gateway
 
@@ -87,3 +99,61 @@ def test_two_workers_create_then_sign_at_once_never_404(tmp_path: Path) -> None:
                 reply = client.post(f"/v1/keys/burst-{i}/sign", json={"input": MESSAGE})
                 statuses.append(reply.status_code)
         assert statuses == [200] * 200, sorted(set(statuses))
+
+
+def test_a_due_key_is_destroyed_by_exactly_one_of_four_processes(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas x two workers (four services, each with its own leader lock) tick at the
+    same moment: one leads, and the key's material is destroyed once."""
+    destroyed: list[str] = []
+    real_destroy = SoftKmsBackend.destroy
+
+    def counting_destroy(self: SoftKmsBackend, ref: BackendKey) -> None:
+        destroyed.append(ref.ref)
+        real_destroy(self, ref)
+
+    monkeypatch.setattr(SoftKmsBackend, "destroy", counting_destroy)
+    settings = load_settings(
+        dev=True, data_dir=tmp_path / "data", database_url=database_url, env="test"
+    )
+    prepare_dev_data_dir(settings)
+    services = [build_service(settings) for _ in range(4)]
+    locks = [leader_lock(database_url) for _ in services]
+    try:
+        admin = Principal(id="test", kind="token", roles=("admin",))
+        first = services[0]
+        first.create_key(
+            admin, Ctx("t"), CreateKeyRequest(name="doomed", type="ed25519", purpose="p")
+        )
+        first.rotate_key(admin, Ctx("t"), "doomed")
+        first.schedule_deletion(admin, Ctx("t"), "doomed", ScheduleDeletionRequest(pending_days=7))
+        later = datetime.now(UTC) + timedelta(days=8)
+        start = threading.Barrier(len(services))
+        led: list[bool] = []
+
+        def tick(jobs: Jobs) -> None:
+            start.wait(timeout=10)
+            led.append(jobs.run_due(later))
+
+        threads = [
+            threading.Thread(target=tick, args=(Jobs(service, lock),))
+            for service, lock in zip(services, locks, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(led) == [False, False, False, True]
+        assert sorted(destroyed) == ["softkms:doomed/1", "softkms:doomed/2"]
+        for service in services:
+            service.catalogue.refresh()
+            assert service.catalogue.get("doomed").state is KeyState.DESTROYED
+        # the leader keeps leading; a second round destroys nothing more
+        assert [Jobs(s, lock).run_due(later) for s, lock in zip(services, locks, strict=True)]
+        assert len(destroyed) == 2
+    finally:
+        for lock in locks:
+            lock.close()
+        for service in services:
+            service.close()

@@ -17,19 +17,22 @@ from kmsgate.api.metrics import Metrics
 from kmsgate.api.problems import GatewayMiddleware, install_error_handlers
 from kmsgate.api.responses import JsonResponse
 from kmsgate.errors import KmsgateError
-from kmsgate.service import Ctx, Service
+from kmsgate.jobs import Jobs, leader_lock
+from kmsgate.service import Service
 
 log = logging.getLogger("kmsgate")
-DESTROY_CHECK_SECONDS = 60.0
+JOBS_TICK_SECONDS = 60.0
 
 
 class CacheRefresher:
-    """Background thread: follows other replicas' changes (catalogue and tokens, every
-    `cache_refresh_seconds`) and destroys keys whose deletion date passed. Keeps all
-    database reads off the request path."""
+    """Background thread: follows other workers' and replicas' changes (keys and tokens,
+    every `cache_refresh_seconds`) and ticks the scheduled jobs (every
+    `JOBS_TICK_SECONDS`; only the leader among all processes runs them). Keeps all database
+    reads off the request path."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, jobs: Jobs) -> None:
         self._service = service
+        self._jobs = jobs
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kmsgate-refresh", daemon=True)
 
@@ -42,16 +45,16 @@ class CacheRefresher:
 
     def _loop(self) -> None:
         interval = self._service.settings.cache_refresh_seconds
-        next_destroy = 0.0
+        next_tick = 0.0
         while not self._stop.wait(interval):
             try:
                 self._service.catalogue.maybe_refresh()
                 self._service.tokens.maybe_refresh()
-                if time.monotonic() >= next_destroy:
-                    self._service.destroy_due_keys(Ctx(request_id="scheduler"))
-                    next_destroy = time.monotonic() + DESTROY_CHECK_SECONDS
             except KmsgateError as exc:
                 log.warning("cache refresh failed: %s", exc.code)
+            if time.monotonic() >= next_tick:
+                self._jobs.run_due()
+                next_tick = time.monotonic() + JOBS_TICK_SECONDS
 
 
 def create_app(service: Service) -> FastAPI:
@@ -59,12 +62,14 @@ def create_app(service: Service) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        refresher = CacheRefresher(service)
+        lock = leader_lock(service.settings.resolved_database_url())
+        refresher = CacheRefresher(service, Jobs(service, lock))
         refresher.start()
         try:
             yield
         finally:
             refresher.stop()
+            lock.close()
             service.close()
 
     app = FastAPI(

@@ -1,0 +1,140 @@
+"""Scheduled work, done by exactly one process among all the workers and replicas that share
+a store: the one holding the leader lock.
+
+Every process ticks (`Jobs.run_due`); a tick first tries the leader lock without waiting, and
+only the holder runs the jobs. The lock is a PostgreSQL session advisory lock, held by a
+connection of its own and lost with it (a crashed leader frees it), or, on SQLite, an
+exclusive `flock` on a file beside the database (freed when the process exits). Jobs are
+idempotent: each first catches up with the store, and a key already destroyed is skipped.
+
+Jobs today: destroy the material of keys whose deletion date passed; prune the change feed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from abc import ABC, abstractmethod
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from kmsgate.errors import KmsgateError
+from kmsgate.service import Ctx, Service
+
+log = logging.getLogger("kmsgate.jobs")
+
+ADVISORY_LOCK_ID = 0x6B6D_7367_6A6F_6273  # "kmsgjobs": one lock id for the whole store
+FEED_RETENTION = timedelta(hours=1)  # caches further behind than this reload in full
+
+
+class LeaderLock(ABC):
+    """A lock that at most one process among those sharing a store holds."""
+
+    @abstractmethod
+    def acquire(self) -> bool:
+        """True if this process holds the lock (taking it now if it is free). Never waits;
+        never raises: a lock that cannot be checked is not held."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the lock up (no-op if not held)."""
+
+
+class PostgresLeaderLock(LeaderLock):
+    """`pg_try_advisory_lock` on a dedicated autocommit connection."""
+
+    def __init__(self, database_url: str) -> None:
+        self._engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+        self._conn: Connection | None = None
+
+    def acquire(self) -> bool:
+        try:
+            if self._conn is not None:
+                self._conn.execute(sa.text("SELECT 1"))  # the session, and so the lock, lives
+                return True
+            conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            query = sa.text("SELECT pg_try_advisory_lock(:id)")
+            if conn.execute(query, {"id": ADVISORY_LOCK_ID}).scalar():
+                self._conn = conn
+                return True
+            conn.close()
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("leader lock unavailable: %s", type(exc).__name__)
+            self.release()
+        return False
+
+    def release(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                self._conn.close()  # ends the session, which frees the advisory lock
+            self._conn = None
+
+    def close(self) -> None:
+        self.release()
+        self._engine.dispose()
+
+
+class FileLeaderLock(LeaderLock):
+    """An exclusive, non-blocking `flock` on `path`."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.warning("leader lock %s unavailable: %s", self._path, exc.strerror)
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by another process (or another lock object)
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def close(self) -> None:
+        self.release()
+
+
+def leader_lock(database_url: str) -> PostgresLeaderLock | FileLeaderLock:
+    """The leader lock for the store at `database_url`: advisory on PostgreSQL, a file
+    beside a SQLite database."""
+    url = sa.engine.make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        return FileLeaderLock(Path(f"{url.database}.jobs.lock"))
+    return PostgresLeaderLock(database_url)
+
+
+class Jobs:
+    """The scheduled jobs of one process; only the leader's tick does anything."""
+
+    def __init__(self, service: Service, lock: LeaderLock) -> None:
+        self._service = service
+        self._lock = lock
+
+    def run_due(self, now: datetime | None = None) -> bool:
+        """Run every job if this process leads. Returns whether it led. A failing job is
+        logged (by code, never by text) and retried on the next tick."""
+        if not self._lock.acquire():
+            return False
+        try:
+            self._service.destroy_due_keys(Ctx(request_id="scheduler"), now)
+            self._service.store.prune_changes(datetime.now(UTC) - FEED_RETENTION)
+        except KmsgateError as exc:
+            log.warning("scheduled job failed: %s", exc.code)
+        return True
