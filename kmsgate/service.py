@@ -88,6 +88,25 @@ from kmsgate.tokens import Principal, TokenInfo, TokenRegistry
 T = TypeVar("T")
 Result = dict[str, Any]
 SYSTEM = Principal(id="system", kind="system", roles=())
+STARTED = "started"
+STATE_CHANGING = frozenset(
+    {
+        "key.create",
+        "key.import",
+        "key.rotate",
+        "key.disable",
+        "key.enable",
+        "key.update",
+        "key.compromise",
+        "key.delete",
+        "key.cancel_deletion",
+        "key.destroy",
+        "token.create",
+        "token.revoke",
+        "policy.reload",
+    }
+)
+"""Actions whose allow decision is audited (outcome `started`) before they run."""
 _SCHEDULED = Decision(allow=True, reasons=("deletion scheduled by an authorised caller",))
 
 
@@ -204,7 +223,8 @@ class Service:
         decision: Decision | None = None,
     ) -> T:
         """Decide (unless a `decision` was already taken), run `operation` if allowed, audit
-        the decision and the outcome.
+        the decision and the outcome. A state-changing action's allow decision is written
+        first, so that no change is ever made without its record.
 
         Raises PolicyDenied, whatever `operation` raises, or AuditUnavailable (the result
         is then withheld).
@@ -224,6 +244,19 @@ class Service:
                 inputs=inputs,
             )
             raise PolicyDenied(f"policy does not allow {action} here")
+        if action in STATE_CHANGING:
+            # no record, no change: if this write fails (AuditUnavailable), nothing runs
+            self._record(
+                ctx,
+                principal,
+                action,
+                resource,
+                "allow",
+                STARTED,
+                _Outcome(),
+                reasons=decision.reasons,
+                inputs=inputs,
+            )
         try:
             result = operation(outcome)
         except Exception as exc:

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from kmsgate.audit import verify_file
+from kmsgate.errors import AuditUnavailable
 
 
 def b64(data: bytes) -> str:
@@ -264,6 +265,25 @@ def test_ml_sec_may_sign_model_keys_only_in_prod(api, admin, make_token):
     assert api.call("POST", "/v1/keys/model/rotate", ml).status_code == 403
 
 
+def test_a_failing_audit_write_refuses_a_rotation_before_it_runs(api, admin, monkeypatch):
+    """No record, no change: the rotation's allow record cannot be written, so the rotation
+    does not run (503) and the key keeps its single version, in the cache and the store."""
+    create(api, admin, "guarded", "ecdsa-p256")
+
+    def failing_append(event):
+        raise AuditUnavailable("audit sink down")
+
+    monkeypatch.setattr(api.service.audit, "append", failing_append)
+    r = api.call("POST", "/v1/keys/guarded/rotate", admin)
+    assert (r.status_code, r.json()["code"]) == (503, "audit_unavailable")
+    assert r.headers["retry-after"]
+    monkeypatch.undo()
+    assert sorted(api.service.catalogue.get("guarded").versions) == [1]
+    api.service.catalogue.reload()
+    assert sorted(api.service.catalogue.get("guarded").versions) == [1]
+    assert api.call("GET", "/v1/keys/guarded", admin).json()["primary_version"] == 1
+
+
 def test_every_call_is_audited_and_tamper_evident(api, admin, make_token):
     create(api, admin, "k", "ecdsa-p256")
     api.call("POST", "/v1/keys/k/sign", admin, json={"input": b64(b"secret-data")})
@@ -273,22 +293,24 @@ def test_every_call_is_audited_and_tamper_evident(api, admin, make_token):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     summary = [(r["action"], r["decision"], r["outcome"]) for r in records]
     assert summary == [
+        ("key.create", "allow", "started"),  # a state change is recorded before it runs
         ("key.create", "allow", "ok"),
         ("sign", "allow", "ok"),
         ("sign", "deny", "policy_denied"),
         ("authn", "deny", "unauthenticated"),
     ]
-    assert records[1]["inputs"]["sha256"] == hashlib.sha256(b"secret-data").hexdigest()
+    assert records[0]["request_id"] == records[1]["request_id"]
+    assert records[2]["inputs"]["sha256"] == hashlib.sha256(b"secret-data").hexdigest()
     assert all(r["policy_digest"] == api.service.policy.digest for r in records)
     text = path.read_text()
     assert "secret-data" not in text and b64(b"secret-data") not in text
     assert admin.split(".")[2] not in text
     assert verify_file(path).ok
     lines = path.read_bytes().splitlines(keepends=True)
-    lines[1] = lines[1].replace(b'"sign"', b'"sigm"')
+    lines[2] = lines[2].replace(b'"sign"', b'"sigm"')
     path.write_bytes(b"".join(lines))
     report = verify_file(path)
-    assert not report.ok and report.first_bad_line == 2
+    assert not report.ok and report.first_bad_line == 3
 
 
 def test_openapi_and_unknown_routes(api, admin):

@@ -48,8 +48,9 @@ class CacheRefresher:
         next_tick = 0.0
         while not self._stop.wait(interval):
             try:
-                self._service.catalogue.maybe_refresh()
-                self._service.tokens.maybe_refresh()
+                # every `interval` exactly: maybe_refresh's own clock could skip a round
+                self._service.catalogue.refresh()
+                self._service.tokens.refresh()
             except KmsgateError as exc:
                 log.warning("cache refresh failed: %s", exc.code)
             if time.monotonic() >= next_tick:
