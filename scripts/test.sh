@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The kmsgate test command: install what the tests need (idempotent, fast when already done),
-# then lint, type-check and run the whole suite.
+# then lint, type-check, check the import layers and run the whole suite.
 #
 #   scripts/test.sh                      # everything
 #   scripts/test.sh tests/test_x.py -k y # extra arguments go to pytest
@@ -157,6 +157,8 @@ fi
 check "ruff check" "$PYTHON" -m ruff check kmsgate tests scripts
 check "ruff format --check" "$PYTHON" -m ruff format --check kmsgate tests scripts
 check "mypy" "$PYTHON" -m mypy
+check "lint-imports (layers)" "$PYTHON" -c \
+    'import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())'
 check "pytest" run_pytest "$@"
 
 section "done"
