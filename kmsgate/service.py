@@ -158,37 +158,42 @@ class Service:
         try:
             return self.tokens.authenticate(bearer)
         except KmsgateError as exc:
-            self._record(ctx, None, "authn", {"kind": "token"}, "deny", exc.code, _Outcome())
+            refused = Decision(allow=False, reasons=())
+            event = self._event(ctx, None, "authn", {"kind": "token"}, refused)
+            self.audit.append(replace(event, outcome=exc.code))
             raise
 
-    def _record(
+    def _event(
         self,
         ctx: Ctx,
         principal: Principal | None,
         action: str,
         resource: Mapping[str, object],
-        decision: str,
-        outcome: str,
-        result: _Outcome,
-        *,
-        reasons: Sequence[str] = (),
+        decision: Decision,
         inputs: Sequence[bytes] | None = None,
-    ) -> None:
-        self.audit.append(
-            AuditEvent(
-                action=action,
-                decision=decision,
-                outcome=outcome,
-                request_id=ctx.request_id,
-                principal=principal.id if principal else None,
-                principal_kind=principal.kind if principal else None,
-                resource={k: v for k, v in resource.items() if k in ("kind", "name")},
-                key_version=result.key_version,
-                reasons=tuple(reasons),
-                inputs=input_summary(inputs) if inputs else None,
-                policy_digest=self.policy.digest,
-                detail=result.detail or None,
-            )
+    ) -> AuditEvent:
+        """The audit record of a decision; its outcome records are derived from it."""
+        return AuditEvent(
+            action=action,
+            decision="allow" if decision.allow else "deny",
+            outcome=STARTED if decision.allow else PolicyDenied.code,
+            request_id=ctx.request_id,
+            principal=principal.id if principal else None,
+            principal_kind=principal.kind if principal else None,
+            resource={k: v for k, v in resource.items() if k in ("kind", "name")},
+            reasons=tuple(decision.reasons),
+            inputs=input_summary(inputs) if inputs else None,
+            policy_digest=self.policy.digest,
+        )
+
+    @staticmethod
+    def _finished(event: AuditEvent, outcome: str, result: _Outcome) -> AuditEvent:
+        """`event` once its operation ended with `outcome` ("ok" or an error code)."""
+        return replace(
+            event,
+            outcome=outcome,
+            key_version=result.key_version,
+            detail=result.detail or None,
         )
 
     def _decide(
@@ -230,60 +235,21 @@ class Service:
         is then withheld).
         """
         decision = decision or self._decide(principal, action, resource, request)
-        outcome = _Outcome()
+        event = self._event(ctx, principal, action, resource, decision, inputs)
         if not decision.allow:
-            self._record(
-                ctx,
-                principal,
-                action,
-                resource,
-                "deny",
-                PolicyDenied.code,
-                outcome,
-                reasons=decision.reasons,
-                inputs=inputs,
-            )
+            self.audit.append(event)
             raise PolicyDenied(f"policy does not allow {action} here")
         if action in STATE_CHANGING:
             # no record, no change: if this write fails (AuditUnavailable), nothing runs
-            self._record(
-                ctx,
-                principal,
-                action,
-                resource,
-                "allow",
-                STARTED,
-                _Outcome(),
-                reasons=decision.reasons,
-                inputs=inputs,
-            )
+            self.audit.append(event)
+        outcome = _Outcome()
         try:
             result = operation(outcome)
         except Exception as exc:
             code = exc.code if isinstance(exc, KmsgateError) else "internal_error"
-            self._record(
-                ctx,
-                principal,
-                action,
-                resource,
-                "allow",
-                code,
-                outcome,
-                reasons=decision.reasons,
-                inputs=inputs,
-            )
+            self.audit.append(self._finished(event, code, outcome))
             raise
-        self._record(
-            ctx,
-            principal,
-            action,
-            resource,
-            "allow",
-            "ok",
-            outcome,
-            reasons=decision.reasons,
-            inputs=inputs,
-        )
+        self.audit.append(self._finished(event, "ok", outcome))
         return result
 
     def _key_op(
