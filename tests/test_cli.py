@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -785,3 +786,13 @@ def test_dev_mode_from_the_environment_uses_the_default_data_dir(tmp_path: Path)
         assert (tmp_path / ".kmsgate" / "dev" / "root-token").read_text().strip() == token
     finally:
         _stop(proc)
+
+
+def test_the_listening_socket_is_tcp_so_asyncio_sets_nodelay() -> None:
+    """asyncio turns on TCP_NODELAY only for sockets created with proto IPPROTO_TCP; without
+    it every reply waited ~40 ms on a delayed ACK (measured: 720 req/s instead of 5,000)."""
+    from kmsgate.serve import _listen
+
+    with _listen(LOOPBACK, 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.get_inheritable()
