@@ -128,13 +128,13 @@ def build_service(settings: Settings) -> Service:
     return Service(
         settings=settings,
         store=store,
-        catalogue=Catalogue(store, refresh_seconds=settings.cache_refresh_seconds),
+        catalogue=Catalogue(store),
         registry=registry,
         policy=PolicyEngine.load(settings.policy_dir),
         audit=AuditLog(
             settings.resolved_audit_path(), fsync_interval=settings.audit_fsync_interval
         ),
-        tokens=TokenRegistry(store, refresh_seconds=settings.cache_refresh_seconds),
+        tokens=TokenRegistry(store),
     )
 
 

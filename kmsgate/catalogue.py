@@ -1,9 +1,9 @@
 """Keys and versions, their lifecycle state machine, and the in-memory catalogue cache.
 
 `Key` and `KeyVersion` are immutable snapshots. The `Catalogue` holds all of them in memory
-(the hot path never reads the database), writes changes through the `Store`, and reloads
-when the store's epoch moves (another replica changed something), checked at most every
-`refresh_seconds`.
+(the hot path reads the database only for a name it has never seen), writes changes through
+the `Store`, and follows the store's change feed for keys (`refresh`, every
+`cache_refresh_seconds`), reloading only the keys that changed.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from kmsgate.errors import (
     KeyVersionUnusable,
     NotFound,
 )
-from kmsgate.store import Row, Store, StoreMirror, utc
+from kmsgate.store import READ_THROUGH_PER_SECOND, Row, Store, StoreMirror, utc
 
 MAX_KEY_NAME = 128  # the store's column width (key names are validated at the edge)
 
@@ -265,15 +265,17 @@ class Catalogue(StoreMirror):
     """All keys in memory; writes go through the store, then update the cache.
 
     `get` and `find` answer from memory; a name the cache does not know is read through to
-    the store once (a key created through another worker or replica is usable at once).
-    `maybe_refresh` follows other writers' changes to known keys.
+    the store (a key created through another worker or replica is usable at once).
+    `refresh` follows other writers' changes.
     """
 
     aggregate = "keys"
 
-    def __init__(self, store: Store, *, refresh_seconds: float = 1.0) -> None:
+    def __init__(
+        self, store: Store, *, read_through_per_second: float = READ_THROUGH_PER_SECOND
+    ) -> None:
         self._keys: dict[str, Key] = {}
-        super().__init__(store, refresh_seconds=refresh_seconds)
+        super().__init__(store, read_through_per_second=read_through_per_second)
 
     def _load(self) -> None:
         self._keys = {
@@ -291,12 +293,14 @@ class Catalogue(StoreMirror):
         """The key called `name`, or None. Raises Unavailable when a miss cannot be read
         through to the store."""
         key = self._keys.get(name)
-        if key is None and 0 < len(name) <= MAX_KEY_NAME:
-            found = self._store.load_key(name)
-            if found is not None:
-                with self._lock:  # a newer copy cached meanwhile (a local write) wins
-                    key = self._keys.setdefault(name, key_from_rows(*found))
+        if key is None and 0 < len(name) <= MAX_KEY_NAME and self._read_through(name):
+            key = self._keys.get(name)
         return key
+
+    def cached(self, name: str) -> Key | None:
+        """The key called `name` if this cache holds it; never asks the store (for public,
+        unauthenticated lookups)."""
+        return self._keys.get(name)
 
     def get(self, name: str) -> Key:
         """The key called `name`. Raises NotFound, or Unavailable (see `find`)."""

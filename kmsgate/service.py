@@ -814,7 +814,7 @@ class Service:
 
         Raises NotFound for unknown, symmetric, pending or destroyed keys.
         """
-        key = self.catalogue.find(name)
+        key = self.catalogue.cached(name)  # public: unknown names never reach the store
         if (
             key is None
             or not key.type.is_asymmetric

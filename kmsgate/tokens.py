@@ -3,7 +3,8 @@
 A token reads `kmg.<id>.<secret>`: the id (public, 16 hex) finds the record, the secret
 (256 random bits) is checked against its stored SHA-256 in constant time. Only hashes are
 stored; the full token is shown once, at creation. Tokens are cached in memory and the
-cache follows the store's epoch, so authentication never waits on the database.
+cache follows the store's change feed for tokens, so authentication waits on the database
+only for a token id it has never seen (within the read-through budget).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kmsgate.errors import InvalidRequest, NotFound, Unauthenticated
-from kmsgate.store import Row, Store, StoreMirror, utc
+from kmsgate.store import READ_THROUGH_PER_SECOND, Row, Store, StoreMirror, utc
 
 _PREFIX = "kmg"
 _ROLE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.:")
@@ -101,9 +102,11 @@ class TokenRegistry(StoreMirror):
 
     aggregate = "tokens"
 
-    def __init__(self, store: Store, *, refresh_seconds: float = 1.0) -> None:
+    def __init__(
+        self, store: Store, *, read_through_per_second: float = READ_THROUGH_PER_SECOND
+    ) -> None:
         self._tokens: dict[str, TokenInfo] = {}
-        super().__init__(store, refresh_seconds=refresh_seconds)
+        super().__init__(store, read_through_per_second=read_through_per_second)
 
     def _load(self) -> None:
         self._tokens = {row["id"]: _info_from_row(row) for row in self._store.load_tokens()}
@@ -116,14 +119,11 @@ class TokenRegistry(StoreMirror):
             self._tokens[item] = _info_from_row(row)
 
     def _find(self, token_id: str) -> TokenInfo | None:
-        """The token `token_id` from memory, or read through to the store once (a token
-        created through another worker or replica works at once). Raises Unavailable."""
+        """The token `token_id` from memory, or read through to the store (a token created
+        through another worker or replica works at once). Raises Unavailable."""
         info = self._tokens.get(token_id)
-        if info is None and _TOKEN_ID.fullmatch(token_id):
-            row = self._store.load_token(token_id)
-            if row is not None:
-                with self._lock:
-                    info = self._tokens.setdefault(token_id, _info_from_row(row))
+        if info is None and _TOKEN_ID.fullmatch(token_id) and self._read_through(token_id):
+            info = self._tokens.get(token_id)
         return info
 
     def create(

@@ -4,6 +4,7 @@ writes, uniqueness enforced by the database, and cache invalidation across repli
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -128,44 +129,44 @@ def test_state_change_guarded_by_expected_state(store):
 
 def test_replica_cache_reads_misses_through_and_follows_the_feed(store):
     writer = Catalogue(store)
-    reader = Catalogue(store, refresh_seconds=0.0)
+    reader = Catalogue(store)
     writer.insert(make_key("new"))
     assert reader.find("new") is not None  # a miss reads through: usable at once
     assert reader.find("never-made") is None
     writer.update(writer.get("new"), labels={"env": "y"}, updated_at=datetime.now(UTC))
     assert reader.get("new").labels == {"env": "x"}  # cached until the feed is followed
-    reader.maybe_refresh()
+    reader.refresh()
     assert reader.get("new").labels == {"env": "y"}
     assert (reader.full_reloads, reader.item_reloads) == (1, 1)  # only the changed key
 
 
 def test_token_writes_never_reload_the_key_catalogue(store):
-    catalogue = Catalogue(store, refresh_seconds=0.0)
+    catalogue = Catalogue(store)
     catalogue.insert(make_key("k"))
-    catalogue.maybe_refresh()
+    catalogue.refresh()
     before = (catalogue.full_reloads, catalogue.item_reloads)
     tokens = TokenRegistry(store)
     for _ in range(100):
         tokens.create(["admin"], ttl=None)
-    catalogue.maybe_refresh()
+    catalogue.refresh()
     assert (catalogue.full_reloads, catalogue.item_reloads) == before
 
 
 def test_a_pruned_feed_falls_back_to_one_full_reload(store):
     writer = Catalogue(store)
-    reader = Catalogue(store, refresh_seconds=0.0)
+    reader = Catalogue(store)
     writer.insert(make_key("a"))
     writer.insert(make_key("b"))
     assert store.prune_changes(datetime.now(UTC) + timedelta(seconds=1)) >= 2
     writer.update(writer.get("a"), labels={"env": "z"}, updated_at=datetime.now(UTC))
-    reader.maybe_refresh()  # its epoch is older than what the feed still holds
+    reader.refresh()  # its epoch is older than what the feed still holds
     assert reader.full_reloads == 2 and reader.item_reloads == 0
     assert reader.get("a").labels == {"env": "z"} and reader.find("b") is not None
 
 
 def test_a_token_created_on_one_replica_authenticates_on_another_at_once(store):
     a = TokenRegistry(store)
-    b = TokenRegistry(store, refresh_seconds=3600.0)  # never refreshes in this test
+    b = TokenRegistry(store)  # not refreshed in this test
     info, token = a.create(["admin"], ttl=None)
     assert b.authenticate(token).id == f"token:{info.id}"
     with pytest.raises(Unauthenticated):
@@ -174,12 +175,12 @@ def test_a_token_created_on_one_replica_authenticates_on_another_at_once(store):
 
 def test_token_revocation_reaches_other_replicas(store):
     a = TokenRegistry(store)
-    b = TokenRegistry(store, refresh_seconds=0.0)
+    b = TokenRegistry(store)
     info, token = a.create(["admin"], ttl=None)
-    b.maybe_refresh()
+    b.refresh()
     assert b.authenticate(token).id == f"token:{info.id}"
     a.revoke(info.id)
-    b.maybe_refresh()
+    b.refresh()
     with pytest.raises(Unauthenticated):
         b.authenticate(token)
     stored = store.load_tokens()[0]
@@ -214,3 +215,26 @@ def test_a_write_during_a_reload_is_not_lost(store):
     finally:
         del store.load_keys
     assert catalogue.find("during") is not None
+
+
+def test_misses_read_through_only_within_the_budget(store):
+    """Unknown names cannot turn into one query each: past the budget a miss answers
+    unknown from memory, and a later miss (budget refilled) reads through again."""
+    reader = Catalogue(store, read_through_per_second=2.0)
+    Catalogue(store).insert(make_key("late"))  # not in the reader's cache yet
+    queries = []
+    real_load_key = store.load_key
+
+    def counting_load_key(name):
+        queries.append(name)
+        return real_load_key(name)
+
+    store.load_key = counting_load_key
+    try:
+        assert [reader.find(f"nope-{i}") for i in range(10)] == [None] * 10
+        assert len(queries) == 2
+        time.sleep(0.6)  # the bucket refills at 2 per second
+        assert reader.find("late") is not None
+        assert queries[-1] == "late"
+    finally:
+        del store.load_key

@@ -48,7 +48,6 @@ class CacheRefresher:
         next_tick = 0.0
         while not self._stop.wait(interval):
             try:
-                # every `interval` exactly: maybe_refresh's own clock could skip a round
                 self._service.catalogue.refresh()
                 self._service.tokens.refresh()
             except KmsgateError as exc:
