@@ -65,8 +65,8 @@ def serve(
             highlight=False,
         )
         if workers == 1:
-            config_1 = uvicorn.Config(create_app(service), log_level=log_level)
-            uvicorn.Server(config_1).run(sockets=[sock])
+            in_process = uvicorn.Config(create_app(service), log_level=log_level)
+            uvicorn.Server(in_process).run(sockets=[sock])
             return
         service.close()
         os.environ.update(
@@ -77,13 +77,13 @@ def serve(
                 **({"KMSGATE_CONFIG": str(config)} if config else {}),
             }
         )
-        config_n = uvicorn.Config(
+        per_worker = uvicorn.Config(
             "kmsgate.serve:create_app_from_env",
             factory=True,
             workers=workers,
             log_level=log_level,
         )
-        Multiprocess(config_n, sockets=[sock]).run()
+        Multiprocess(per_worker, sockets=[sock]).run()
 
 
 def _listen(host: str, port: int) -> socket.socket:

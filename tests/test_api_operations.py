@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from kmsgate.audit import verify_file
 from kmsgate.errors import AuditUnavailable
+from kmsgate.policy import ACTIONS
+from kmsgate.service import STATE_CHANGING
 
 
 def b64(data: bytes) -> str:
@@ -263,6 +265,11 @@ def test_ml_sec_may_sign_model_keys_only_in_prod(api, admin, make_token):
     assert api.call("POST", "/v1/keys/model/sign", ml, json={"input": "YQ=="}).status_code == 200
     assert api.call("POST", "/v1/keys/other/sign", ml, json={"input": "YQ=="}).status_code == 403
     assert api.call("POST", "/v1/keys/model/rotate", ml).status_code == 403
+
+
+def test_the_audited_first_actions_are_real_actions():
+    """A misspelt name in STATE_CHANGING would silently skip the record-first rule."""
+    assert ACTIONS | {"key.destroy"} >= STATE_CHANGING
 
 
 def test_a_failing_audit_write_refuses_a_rotation_before_it_runs(api, admin, monkeypatch):

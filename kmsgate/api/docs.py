@@ -19,28 +19,30 @@ def _assets_dir() -> Path:
     return Path(fastapi_offline.__file__).resolve().parent / "static"
 
 
-def _root(request: Request) -> str:
-    return str(request.scope.get("root_path", ""))
+def _urls(request: Request) -> tuple[str, str]:
+    """(the assets' base URL, the OpenAPI document's URL) as this request reaches them."""
+    root = str(request.scope.get("root_path", ""))
+    return f"{root}{ASSETS_URL}", f"{root}{request.app.openapi_url}"
 
 
 async def swagger_ui(request: Request) -> HTMLResponse:
-    root = _root(request)
+    assets, openapi_url = _urls(request)
     return get_swagger_ui_html(
-        openapi_url=f"{root}{request.app.openapi_url}",
+        openapi_url=openapi_url,
         title=TITLE,
-        swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
-        swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
-        swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
+        swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+        swagger_css_url=f"{assets}/swagger-ui.css",
+        swagger_favicon_url=f"{assets}/favicon.png",
     )
 
 
 async def redoc(request: Request) -> HTMLResponse:
-    root = _root(request)
+    assets, openapi_url = _urls(request)
     return get_redoc_html(
-        openapi_url=f"{root}{request.app.openapi_url}",
+        openapi_url=openapi_url,
         title=TITLE,
-        redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
-        redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
+        redoc_js_url=f"{assets}/redoc.standalone.js",
+        redoc_favicon_url=f"{assets}/favicon.png",
         with_google_fonts=False,
     )
 
