@@ -1,0 +1,105 @@
+"""The keys aggregate: a `keys` row and its `key_versions`, written together, each write
+recorded in the "keys" change feed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from kmsgate.errors import Conflict
+from kmsgate.store import tables
+from kmsgate.store.engine import Database, Row
+from kmsgate.store.feed import record_change
+
+AGGREGATE = "keys"
+
+
+class Keys:
+    """Queries and writes of keys and their versions."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def insert(self, key: Row, versions: Sequence[Row]) -> None:
+        """Insert a key and its first version(s) atomically. Raises Conflict if it exists."""
+        with self._db.transaction() as conn:
+            conn.execute(sa.insert(tables.keys).values(**key))
+            for version in versions:
+                conn.execute(sa.insert(tables.key_versions).values(key_name=key["name"], **version))
+            record_change(conn, AGGREGATE, key["name"])
+
+    def add_version(self, name: str, version: Row, *, expected_primary: int) -> None:
+        """Add a version and make it primary, if the primary is still `expected_primary`.
+
+        Raises Conflict if another writer rotated first (the database enforces uniqueness).
+        """
+        with self._db.transaction() as conn:
+            conn.execute(sa.insert(tables.key_versions).values(key_name=name, **version))
+            updated = conn.execute(
+                sa.update(tables.keys)
+                .where(tables.keys.c.name == name)
+                .where(tables.keys.c.primary_version == expected_primary)
+                .values(primary_version=version["version"], updated_at=version["created_at"])
+            )
+            if updated.rowcount != 1:
+                raise Conflict("the key changed concurrently; retry")
+            record_change(conn, AGGREGATE, name)
+
+    def update(self, name: str, values: Row, *, expected_state: str | None = None) -> None:
+        """Update key columns, optionally only from `expected_state`. Raises Conflict if not."""
+        with self._db.transaction() as conn:
+            stmt = sa.update(tables.keys).where(tables.keys.c.name == name)
+            if expected_state is not None:
+                stmt = stmt.where(tables.keys.c.state == expected_state)
+            if conn.execute(stmt.values(**values)).rowcount != 1:
+                raise Conflict("the key changed concurrently; retry")
+            record_change(conn, AGGREGATE, name)
+
+    def update_version(self, name: str, version: int, values: Row) -> None:
+        """Update one version's columns. Raises Conflict if the version does not exist."""
+        with self._db.transaction() as conn:
+            updated = conn.execute(
+                sa.update(tables.key_versions)
+                .where(tables.key_versions.c.key_name == name)
+                .where(tables.key_versions.c.version == version)
+                .values(**values)
+            )
+            if updated.rowcount != 1:
+                raise Conflict(f"version {version} of {name!r} does not exist")
+            record_change(conn, AGGREGATE, name)
+
+    def get(self, name: str) -> tuple[Row, list[Row]] | None:
+        """One key and its versions (ascending), or None. Raises Unavailable."""
+        with self._db.transaction() as conn:
+            key_row = (
+                conn.execute(sa.select(tables.keys).where(tables.keys.c.name == name))
+                .mappings()
+                .first()
+            )
+            if key_row is None:
+                return None
+            version_rows = conn.execute(
+                sa.select(tables.key_versions)
+                .where(tables.key_versions.c.key_name == name)
+                .order_by(tables.key_versions.c.version)
+            ).mappings()
+            return dict(key_row), [dict(row) for row in version_rows]
+
+    def all(self) -> list[tuple[Row, list[Row]]]:
+        """Every key with its versions (ascending), as plain row mappings."""
+        with self._db.transaction() as conn:
+            key_rows = conn.execute(sa.select(tables.keys)).mappings().all()
+            version_rows = (
+                conn.execute(
+                    sa.select(tables.key_versions).order_by(
+                        tables.key_versions.c.key_name, tables.key_versions.c.version
+                    )
+                )
+                .mappings()
+                .all()
+            )
+        by_key: dict[str, list[Row]] = {row["name"]: [] for row in key_rows}
+        for row in version_rows:
+            by_key[row["key_name"]].append(dict(row))
+        return [(dict(row), by_key[row["name"]]) for row in key_rows]

@@ -1,0 +1,99 @@
+"""`StoreMirror`: an in-memory copy of one aggregate that follows the aggregate's change feed,
+and the budget that bounds how often its misses read through to the database."""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from kmsgate.store.store import Store
+
+READ_THROUGH_PER_SECOND = 200.0
+"""Cache misses a process reads through to the store per second (burst the same); beyond
+that a miss answers "unknown" without a query, so unknown names cannot load the database."""
+
+
+class _MissBudget:
+    """A token bucket of read-throughs: `take()` is False once the budget is spent."""
+
+    def __init__(self, per_second: float) -> None:
+        self._rate = per_second
+        self._tokens = per_second
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True
+
+
+class StoreMirror(ABC):
+    """An in-memory copy of one aggregate of the store, following its change feed.
+
+    Readers use the copy and never wait on the database, except on a miss, which a subclass
+    reads through (`_read_through`, within `READ_THROUGH_PER_SECOND`). `refresh` (called by
+    a background thread every `cache_refresh_seconds`) reloads only the items that changed
+    since the copy's epoch, and the whole aggregate only when the feed no longer reaches back
+    that far. `full_reloads` and `item_reloads` count the work done (for /metrics).
+    """
+
+    aggregate: ClassVar[str]
+
+    def __init__(
+        self, store: Store, *, read_through_per_second: float = READ_THROUGH_PER_SECOND
+    ) -> None:
+        self._store = store
+        self._epoch = -1
+        self._lock = threading.RLock()
+        self._misses = _MissBudget(read_through_per_second)
+        self.full_reloads = 0
+        self.item_reloads = 0
+        self.reload()
+
+    @abstractmethod
+    def _load(self) -> None:
+        """Replace the copy with the store's content. Raises Unavailable."""
+
+    @abstractmethod
+    def _load_item(self, item: str) -> None:
+        """Replace (or drop) one item of the copy from the store. Raises Unavailable."""
+
+    def _read_through(self, item: str) -> bool:
+        """Load `item`, which the copy does not hold, from the store, unless the miss budget
+        is spent. Returns whether the store was asked. Raises Unavailable."""
+        if not self._misses.take():
+            return False
+        with self._lock:  # the store's state is at least as new as any cached write
+            self._load_item(item)
+        return True
+
+    def reload(self) -> None:
+        """Reload the whole aggregate now. Raises Unavailable if the store is down."""
+        with self._lock:
+            epoch = self._store.feed.epoch(self.aggregate)
+            self._load()
+            self._epoch = epoch
+            self.full_reloads += 1
+
+    def refresh(self) -> None:
+        """Apply the changes committed since the copy's epoch. Raises Unavailable."""
+        if self._store.feed.epoch(self.aggregate) == self._epoch:
+            return
+        with self._lock:
+            changes = self._store.feed.changes_since(self.aggregate, self._epoch)
+            if not changes or changes[0][0] != self._epoch + 1:  # pruned past our epoch
+                self.reload()
+                return
+            items = list(dict.fromkeys(item for _, item in changes))
+            for item in items:
+                self._load_item(item)
+            self.item_reloads += len(items)
+            self._epoch = changes[-1][0]
