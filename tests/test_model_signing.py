@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
-from kmsgate.cli_model import model_app
+from kmsgate.cli.model import model_app
 from kmsgate.client import Client
 from kmsgate.model_signing import (
     BuildInfo,

@@ -1,11 +1,9 @@
-"""`kmsgate model`: sign and verify model directories (registered in kmsgate/cli.py).
+"""`kmsgate model`: sign and verify model directories.
 
-Conventions as in kmsgate/cli.py: one `error: ...` line on stderr for a failure, a rich
-progress bar on stderr only when it is a terminal. `verify` exits 0 when the model verifies,
-2 when it could not run (unreadable input, gateway unreachable or refusing), and one of the
-codes of `kmsgate.model_signing.Failure` (10-19) for a model that does not verify.
-
-Helpers are local (not imported from kmsgate.cli) so that cli.py can import this module.
+Conventions as in the other command modules: one `error: ...` line on stderr for a failure, a
+rich progress bar on stderr only when it is a terminal. `verify` exits 0 when the model
+verifies, 2 when it could not run (unreadable input, gateway unreachable or refusing), and one
+of the codes of `kmsgate.model_signing.Failure` (10-19) for a model that does not verify.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from kmsgate.cli_common import AddrOpt, TokenOpt, err, fail, fail_api, out
+from kmsgate.cli.common import AddrOpt, TokenOpt, err, fail, fail_api, out
 from kmsgate.client import ApiError, Client
 from kmsgate.model_signing import (
     BuildInfo,
@@ -47,7 +45,8 @@ model_app = typer.Typer(
 WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Hashing threads.")]
 
 
-def _print_json(value: Any) -> None:
+def _dump_json(value: Any) -> None:
+    """Plain `json.dumps` (str() for dates and paths), unlike `common.print_json`."""
     print(json.dumps(value, indent=2, default=str))
 
 
@@ -168,7 +167,7 @@ def sign(
         fail(str(exc))
     except OSError as exc:
         fail(f"{getattr(exc, 'filename', '') or model}: {exc.strerror or exc}")
-    _print_json(result.to_dict())
+    _dump_json(result.to_dict())
 
 
 def _trust(
@@ -246,7 +245,7 @@ def verify(
             report = verify_model(model, bundle_path, trust, options)
     except ModelVerificationError as exc:
         if json_out:
-            _print_json(exc.report.to_dict())
+            _dump_json(exc.report.to_dict())
         fail(f"{exc.failure.code}: {exc.detail}", int(exc.failure))
     except ApiError as exc:
         fail_api(exc)
@@ -254,7 +253,7 @@ def verify(
         for client in clients:
             client.close()
     if json_out:
-        _print_json(report.to_dict())
+        _dump_json(report.to_dict())
     else:
         ref = report.key
         signer = f"{ref.name} v{ref.version}" if ref and ref.name else report.public_key_sha256

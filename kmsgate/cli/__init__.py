@@ -1,0 +1,65 @@
+"""The `kmsgate` command line (typer + rich): the app, its global options and every command.
+
+Every command but `serve`, `audit verify` and `policy test` talks to a gateway through
+`kmsgate.client` (`--addr`/`KMSGATE_ADDR`, `--token`/`KMSGATE_TOKEN`). Failures print one
+line on stderr and exit non-zero: 1 for a negative answer (invalid signature, failed check),
+2 for an error.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kmsgate import __version__
+from kmsgate.cli import admin, encryption, keys
+from kmsgate.cli.model import model_app
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,  # plain help: flags without type labels, paragraphs re-wrapped
+    context_settings={"max_content_width": 120},
+    help="kmsgate: keys as a service.",
+)
+app.add_typer(keys.keys_app, name="keys")
+app.add_typer(admin.token_app, name="token")
+app.add_typer(admin.audit_app, name="audit")
+app.add_typer(admin.policy_app, name="policy")
+app.add_typer(model_app, name="model")
+
+# top-level commands, in the order `kmsgate --help` lists them
+app.command()(admin.serve)
+app.command()(keys.sign)
+app.command()(keys.verify)
+app.command()(keys.mac)
+app.command()(encryption.encrypt)
+app.command()(encryption.decrypt)
+app.command("encrypt-file")(encryption.encrypt_file)
+app.command("decrypt-file")(encryption.decrypt_file)
+app.command("rewrap")(encryption.rewrap_files)
+app.command("root-key-init")(admin.root_key_init)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"kmsgate {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """kmsgate: keys as a service."""
+
+
+def main() -> None:
+    """Entry point of the `kmsgate` script."""
+    app()

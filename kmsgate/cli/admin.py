@@ -1,0 +1,157 @@
+"""Running and administering a gateway: `serve`, `root-key-init`, `kmsgate token`, and the
+local checks `audit verify` and `policy test`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kmsgate.cli.common import AddrOpt, TokenOpt, call, err, fail, out, print_json, print_table
+from kmsgate.client import Client
+from kmsgate.errors import ConfigError
+
+token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
+audit_app = typer.Typer(no_args_is_help=True, help="The audit log.")
+policy_app = typer.Typer(no_args_is_help=True, help="Rego policies.")
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+def serve(
+    dev: Annotated[
+        bool, typer.Option("--dev", help="Dev mode: local data dir, root token.")
+    ] = False,
+    data_dir: Annotated[Path | None, typer.Option(envvar="KMSGATE_DATA_DIR")] = None,
+    host: Annotated[str | None, typer.Option(envvar="KMSGATE_HOST")] = None,
+    port: Annotated[int | None, typer.Option(envvar="KMSGATE_PORT")] = None,
+    config: Annotated[Path | None, typer.Option(envvar="KMSGATE_CONFIG")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    log_level: Annotated[str, typer.Option()] = "warning",
+) -> None:
+    """Run the gateway (127.0.0.1:8200 by default)."""
+    from kmsgate.serve import serve as run_server
+
+    try:
+        run_server(
+            dev=dev,
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            config=config,
+            workers=workers,
+            log_level=log_level,
+            console=err,
+        )
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+# -- tokens ----------------------------------------------------------------------------------
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[list[str], typer.Option("--role", help="Repeatable.")],
+    ttl: Annotated[str | None, typer.Option(help="e.g. 12h, 30d")] = None,
+    description: Annotated[str, typer.Option()] = "",
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create an API token; the token is printed once on stdout."""
+    result = call(addr, token, Client.create_token, role, ttl, description)
+    err.print(f"token id {result['id']} roles {','.join(result['roles'])}")
+    print(result["token"])
+
+
+@token_app.command("bootstrap")
+def token_bootstrap(
+    config: Annotated[Path, typer.Option(envvar="KMSGATE_CONFIG", help="Gateway config file.")],
+    role: Annotated[list[str], typer.Option("--role", help="Repeatable.")] = ["admin"],  # noqa: B006
+    description: Annotated[str, typer.Option()] = "bootstrap token",
+) -> None:
+    """Create a token directly in the store (first admin of a production gateway)."""
+    from kmsgate.bootstrap import bootstrap_token
+    from kmsgate.config import load_settings
+    from kmsgate.errors import KmsgateError
+
+    try:
+        token = bootstrap_token(load_settings(config), role, description)
+    except (ConfigError, KmsgateError) as exc:
+        fail(str(exc))
+    print(token)
+
+
+def root_key_init(
+    config: Annotated[Path, typer.Option(envvar="KMSGATE_CONFIG", help="Gateway config file.")],
+) -> None:
+    """Create the softkms root key wrapped by `root_key_wrap`'s key (auto-unseal)."""
+    from kmsgate.bootstrap import init_wrapped_root_key
+    from kmsgate.config import load_settings
+
+    try:
+        path = init_wrapped_root_key(load_settings(config))
+    except ConfigError as exc:
+        fail(str(exc))
+    out.print(f"wrapped root key written to {path}", highlight=False)
+
+
+@token_app.command("list")
+def token_list(addr: AddrOpt = None, token: TokenOpt = None) -> None:
+    """API tokens (a table; tab-separated lines when piped)."""
+    rows = [
+        [
+            t["id"],
+            ",".join(t["roles"]),
+            t["description"],
+            t["created_at"],
+            t["expires_at"] or "-",
+            t["revoked_at"] or "-",
+        ]
+        for t in call(addr, token, Client.list_tokens)
+    ]
+    print_table(["id", "roles", "description", "created", "expires", "revoked"], rows)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
+    """Revoke a token at once (every replica within a second)."""
+    print_json(call(addr, token, Client.revoke_token, token_id))
+
+
+# -- audit and policy (local) ----------------------------------------------------------------
+
+
+@audit_app.command("verify")
+def audit_verify(path: Path) -> None:
+    """Check the hash chain of an audit log; names the first broken record."""
+    from kmsgate.audit import verify_file
+
+    try:
+        report = verify_file(path)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+    if not report.ok:
+        fail(f"audit log broken at line {report.first_bad_line}: {report.reason}", code=1)
+    out.print(f"ok: {report.records} records, chain intact")
+
+
+@policy_app.command("test")
+def policy_test(
+    policy_dir: Annotated[Path, typer.Argument()] = Path("policies"),
+) -> None:
+    """Run the Rego tests (`test_*` rules in *_test.rego) of a policy directory."""
+    from kmsgate.policy import PolicyEngine
+
+    try:
+        results = PolicyEngine.load(policy_dir).run_tests()
+    except ConfigError as exc:
+        fail(str(exc))
+    failed = [r for r in results if not r.passed]
+    for r in results:
+        mark = "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]"
+        out.print(f"{mark} {r.name}" + (f" ({r.error})" if r.error else ""), highlight=False)
+    out.print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    if failed or not results:
+        raise typer.Exit(1)

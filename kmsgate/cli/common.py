@@ -1,0 +1,98 @@
+"""What every `kmsgate` command module shares: consoles, common options and arguments, the
+one-line failure, and reading, writing and printing helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from kmsgate.client import ApiError, Client
+
+out = Console()
+err = Console(stderr=True)
+
+AddrOpt = Annotated[str | None, typer.Option("--addr", envvar="KMSGATE_ADDR", help="Gateway URL.")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", envvar="KMSGATE_TOKEN", help="API token.", show_default=False),
+]
+InputArg = Annotated[str, typer.Argument(help="File to read, or - for stdin.")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `error: message` as one line on stderr (never as markup) and exit with `code`."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def fail_api(exc: ApiError, note: str = "", code: int = 2) -> NoReturn:
+    """`fail` for a gateway error: `code: detail`, then `note`. A 401 to a request that carried
+    no token says how to give one and where a dev server keeps its root token."""
+    message = f"{exc.code}: {exc.detail}"
+    if exc.code == "unauthenticated" and not exc.token_sent:
+        message += f" (no API token given: set KMSGATE_TOKEN or pass --token; {_root_token_hint()})"
+    fail(message + (f" ({note})" if note else ""), code)
+
+
+def _root_token_hint() -> str:
+    from kmsgate.config import ROOT_TOKEN_FILE, dev_data_dir
+
+    data_dir = os.environ.get("KMSGATE_DATA_DIR")
+    path = (Path(data_dir) if data_dir else dev_data_dir()) / ROOT_TOKEN_FILE
+    return f"a dev server's root token is in {path}"
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror}")
+
+
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A rich table on a terminal; tab-separated lines otherwise, so scripts get whole ids."""
+    if not out.is_terminal:
+        for row in [columns, *rows]:
+            print("\t".join(row))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def call(addr: str | None, token: str | None, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run one SDK call; an API error becomes a one-line message and exit code 2."""
+    try:
+        with Client(addr, token) as client:
+            return fn(client, *args, **kwargs)
+    except ApiError as exc:
+        fail_api(exc)
+
+
+def read_input(source: str) -> bytes:
+    if source == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        fail(f"cannot read {source}: {exc.strerror}")
+
+
+def print_json(value: Any) -> None:
+    out.print_json(data=value)

@@ -1,0 +1,391 @@
+"""Encryption commands: `encrypt`/`decrypt` of small inputs on the gateway, and client-side
+`encrypt-file`, `decrypt-file` and `rewrap` (streamed, written atomically)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO, NoReturn
+
+import typer
+from rich.markup import escape
+
+from kmsgate.chunked import Progress
+from kmsgate.cli.common import (
+    AddrOpt,
+    InputArg,
+    TokenOpt,
+    call,
+    err,
+    fail,
+    fail_api,
+    out,
+    read_input,
+    read_text,
+    write_bytes,
+)
+from kmsgate.client import ApiError, Client
+from kmsgate.encoding import b64decode_strict, b64encode
+from kmsgate.envelope import FileHeader
+from kmsgate.errors import DecryptionFailed, KmsgateError
+
+ContextOpt = Annotated[
+    list[str],
+    typer.Option("--context", "-c", help="Encryption context entry name=value; repeatable."),
+]
+FILE_SUFFIX = ".kmsgate"
+
+
+def _parse_context(entries: list[str]) -> dict[str, str]:
+    context: dict[str, str] = {}
+    for item in entries:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            fail(f"context entry {item!r} must read name=value")
+        if name in context:
+            fail(f"context entry {name!r} given twice")
+        context[name] = value
+    return context
+
+
+def encrypt(
+    source: InputArg,
+    key: Annotated[str, typer.Option("--key", "-k")],
+    context: ContextOpt = [],  # noqa: B006
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the raw ciphertext here.")
+    ] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Encrypt a small input on the gateway (up to limits.max_input_bytes, 64 KiB by
+    default); prints the base64 ciphertext. For files use encrypt-file."""
+    result = call(addr, token, Client.encrypt, key, read_input(source), _parse_context(context))
+    if output:
+        write_bytes(output, result["ciphertext"])
+    else:
+        print(b64encode(result["ciphertext"]))
+    err.print(f"key_version={result['key_version']}")
+
+
+def decrypt(
+    source: Annotated[str, typer.Argument(help="Ciphertext file (raw or base64), - for stdin.")],
+    key: Annotated[str, typer.Option("--key", "-k")],
+    context: ContextOpt = [],  # noqa: B006
+    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Decrypt a ciphertext from `encrypt` (or a data key from `datakey`) on the gateway."""
+    raw = read_input(source)
+    try:
+        ciphertext = b64decode_strict(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        ciphertext = raw
+    result = call(addr, token, Client.decrypt, key, ciphertext, _parse_context(context))
+    if output:
+        write_bytes(output, result["plaintext"])
+    else:
+        sys.stdout.buffer.write(result["plaintext"])
+        sys.stdout.buffer.flush()
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int | None) -> Iterator[Progress | None]:
+    """A rich progress bar on stderr when it is a terminal; None (no callback) otherwise."""
+    if not err.is_terminal:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+    from rich.progress import Progress as Bar
+
+    columns = [BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    with Bar(f"[bold]{escape(label)}", *columns, console=err, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+@contextlib.contextmanager
+def _atomic_output(target: Path | None, force: bool) -> Iterator[BinaryIO]:
+    """A temporary file beside `target` (mode 0600), renamed onto it only if the block
+    succeeds and removed otherwise; stdout if `target` is None."""
+    if target is None:
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    if target.exists() and not force:
+        fail(f"{target} exists (use --force to replace it)")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc.strerror}")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            yield sink
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _input_stream(source: str) -> Iterator[BinaryIO]:
+    if source == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        stream = Path(source).open("rb")  # noqa: SIM115
+    except OSError as exc:
+        fail(f"cannot read {source}: {exc.strerror}")
+    with stream:
+        yield stream
+
+
+def _stream_failed(exc: Exception) -> NoReturn:
+    if isinstance(exc, ApiError):
+        fail_api(exc, code=1 if exc.code == "decryption_failed" else 2)
+    if isinstance(exc, KmsgateError):
+        fail(f"{exc.code}: {exc.detail}", code=1 if isinstance(exc, DecryptionFailed) else 2)
+    assert isinstance(exc, OSError)
+    fail(f"I/O error: {exc.strerror or exc}")
+
+
+def encrypt_file(
+    source: InputArg,
+    key: Annotated[str, typer.Option("--key", "-k")],
+    context: ContextOpt = [],  # noqa: B006
+    output: Annotated[
+        str | None,
+        typer.Option("-o", "--output", help=f"Default: SOURCE{FILE_SUFFIX}; - for stdout."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Encrypt a file or stdin client-side with a fresh data key (C2SP chunked encryption,
+    constant memory). The output appears only once complete."""
+    target = _output_path(output, source, lambda p: p + FILE_SUFFIX)
+    ctx = _parse_context(context)
+    try:
+        with (
+            Client(addr, token) as client,
+            _input_stream(source) as src,
+            _atomic_output(target, force) as dst,
+            _progress("encrypting", None if source == "-" else _size(Path(source))) as progress,
+        ):
+            result = client.encrypt_stream(key, src, dst, ctx, progress=progress)
+    except (ApiError, KmsgateError, OSError) as exc:
+        _stream_failed(exc)
+    where = "stdout" if target is None else str(target)
+    err.print(f"encrypted {result['bytes']} bytes to {where} (key {key} v{result['key_version']})")
+
+
+def decrypt_file(
+    source: Annotated[str, typer.Argument(help="Encrypted file, or - for stdin.")],
+    context: Annotated[
+        list[str],
+        typer.Option("--context", "-c", help="Require this context (name=value; repeatable)."),
+    ] = [],  # noqa: B006
+    output: Annotated[
+        str | None,
+        typer.Option("-o", "--output", help=f"Default: SOURCE without {FILE_SUFFIX}; - stdout."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Decrypt a file from encrypt-file (the key is named in its header). A failed decrypt
+    exits 1 and leaves no output file; on stdout, check the exit status."""
+
+    def strip(path: str) -> str:
+        if not path.endswith(FILE_SUFFIX) or path == FILE_SUFFIX:
+            fail(f"{path} does not end in {FILE_SUFFIX}: name the output with -o")
+        return path[: -len(FILE_SUFFIX)]
+
+    target = _output_path(output, source, strip)
+    required = _parse_context(context) if context else None
+    try:
+        with (
+            Client(addr, token) as client,
+            _input_stream(source) as src,
+            _atomic_output(target, force) as dst,
+            _progress("decrypting", None if source == "-" else _size(Path(source))) as progress,
+        ):
+            result = client.decrypt_stream(src, dst, required, progress=progress)
+    except (ApiError, KmsgateError, OSError) as exc:
+        _stream_failed(exc)
+    where = "stdout" if target is None else str(target)
+    err.print(f"decrypted {result['bytes']} bytes to {where} (key {result['key']})")
+
+
+def _expand(paths: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+        elif path.is_file():
+            files.append(path)
+        else:
+            fail(f"{path}: no such file or directory")
+    return [p.resolve() for p in files]
+
+
+def _read_header(path: Path) -> tuple[FileHeader, int] | str:
+    """The file's kmsgate header and where its body starts, or why it cannot be migrated."""
+    try:
+        with path.open("rb") as f:
+            header = FileHeader.read(f)
+            return header, f.tell()
+    except OSError as exc:
+        return f"cannot read: {exc.strerror}"
+    except KmsgateError:
+        return "not a kmsgate encrypted file"
+
+
+def _replace_header(path: Path, body_offset: int, header: FileHeader) -> None:
+    """Rewrite `path` with a new header and the same body, atomically (temp file + rename)."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as sink, path.open("rb") as src:
+            sink.write(header.to_bytes())
+            src.seek(body_offset)
+            shutil.copyfileobj(src, sink, 1 << 20)
+            sink.flush()
+            os.fsync(sink.fileno())
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def rewrap_files(
+    paths: Annotated[list[Path], typer.Argument(help="Encrypted files or directories.")],
+    from_key: Annotated[str, typer.Option("--from-key", help="Migrate files under this key.")],
+    to_key: Annotated[str, typer.Option("--to-key", help="To this key (any backend).")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Record finished files here and skip them when run again."),
+    ] = None,
+    rate: Annotated[
+        float, typer.Option(min=0, help="At most this many files per second (0: no limit).")
+    ] = 0,
+    batch: Annotated[int, typer.Option(min=1, max=1000, help="Files per rewrap request.")] = 50,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Migrate encrypt-file outputs to another key: only the headers are rewritten (the data
+    key is re-wrapped on the gateway, the data is not re-encrypted). Resumable with
+    --checkpoint; files already under --to-key are skipped. Exit 1 if any file failed."""
+    files = _expand(paths)
+    named = {p.resolve() for p in paths if not p.is_dir()}
+    done: set[str] = set()
+    if checkpoint is not None and checkpoint.exists():
+        done = set(read_text(checkpoint).splitlines())
+    pending = [p for p in files if str(p) not in done]
+    counts = {"rewrapped": 0, "skipped": len(files) - len(pending), "failed": 0}
+    log = checkpoint.open("a", encoding="utf-8") if checkpoint is not None else None
+    started = time.monotonic()
+
+    def finished(path: Path, outcome: str, why: str = "") -> None:
+        counts[outcome] += 1
+        if why:
+            err.print(f"{'warning' if outcome == 'skipped' else 'error'}: {path}: {why}")
+        if log is not None and outcome != "failed":
+            log.write(f"{path}\n")
+            log.flush()
+
+    try:
+        with Client(addr, token) as client, _progress_count(len(pending)) as advance:
+            for start in range(0, len(pending), batch):
+                group: list[tuple[Path, FileHeader, int]] = []
+                for path in pending[start : start + batch]:
+                    read = _read_header(path)
+                    if isinstance(read, str):  # quiet for files found in a directory
+                        finished(path, "skipped", read if path in named else "")
+                    elif (name := read[0].envelope().key_name) != from_key:
+                        finished(path, "skipped", "" if name == to_key else f"under key {name}")
+                    else:
+                        group.append((path, *read))
+                    advance()
+                if not group:
+                    continue
+                items = [
+                    {"ciphertext": b64encode(h.data_key), "context": h.context} for _, h, _ in group
+                ]
+                for (path, header, offset), result in zip(
+                    group, client.batch(to_key, "rewrap", items), strict=True
+                ):
+                    if "error" in result:
+                        error = result["error"]
+                        finished(path, "failed", f"{error['code']}: {error['detail']}")
+                        continue
+                    new = FileHeader(header.context, b64decode_strict(result["ciphertext"]))
+                    try:
+                        _replace_header(path, offset, new)
+                    except OSError as exc:
+                        finished(path, "failed", f"cannot rewrite: {exc.strerror}")
+                        continue
+                    finished(path, "rewrapped")
+                if rate > 0:  # files per second, averaged from the start
+                    processed = start + batch
+                    ahead = processed / rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+    except ApiError as exc:
+        fail_api(exc, "finished files are in the checkpoint; run again")
+    finally:
+        if log is not None:
+            log.close()
+    out.print(
+        f"rewrapped {counts['rewrapped']}, skipped {counts['skipped']}, failed {counts['failed']}",
+        highlight=False,
+    )
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _progress_count(total: int) -> Iterator[Any]:
+    """advance() for a file-count progress bar on a terminal (a no-op elsewhere)."""
+    if not err.is_terminal:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
+
+    columns = [BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Bar("[bold]rewrapping", *columns, console=err, transient=True) as bar:
+        task = bar.add_task("rewrap", total=total)
+        yield lambda: bar.advance(task)
+
+
+def _output_path(output: str | None, source: str, default: Any) -> Path | None:
+    """None for stdout: `-o -`, or reading stdin without -o."""
+    if output == "-" or (output is None and source == "-"):
+        return None
+    return Path(output if output is not None else default(source))

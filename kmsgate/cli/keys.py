@@ -1,0 +1,313 @@
+"""`kmsgate keys` (create, import, list and manage keys) and the operations done with a key
+on the gateway: `sign`, `verify` and `mac`."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kmsgate.algorithms import SIGN_ALGORITHMS, KeyType, default_sign_algorithm
+from kmsgate.cli.common import (
+    AddrOpt,
+    InputArg,
+    TokenOpt,
+    call,
+    err,
+    fail,
+    out,
+    print_json,
+    print_table,
+    read_input,
+    read_text,
+    write_bytes,
+)
+from kmsgate.client import ApiError, Client
+from kmsgate.encoding import b64decode_strict, b64encode
+
+keys_app = typer.Typer(no_args_is_help=True, help="Create and manage keys.")
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def _key_rows(keys: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [
+            key["name"],
+            key["type"],
+            key["purpose"],
+            key["backend"],
+            key["state"],
+            str(key["primary_version"]),
+            ",".join(f"{k}={v}" for k, v in key["labels"].items()),
+        ]
+        for key in keys
+    ]
+
+
+def _parse_labels(labels: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in labels:
+        name, sep, value = item.partition("=")
+        if not sep:
+            fail(f"label {item!r} must read name=value")
+        pairs[name] = value
+    return pairs
+
+
+def _create_key(
+    addr: str | None,
+    token: str | None,
+    name: str,
+    key_type: str | None,
+    purpose: str,
+    backend: str | None,
+    labels: list[str],
+    **source: str | None,
+) -> None:
+    """POST /v1/keys (created, imported or adopted, by `source`) and print the key."""
+    key = call(
+        addr,
+        token,
+        Client.create_key,
+        name,
+        key_type,
+        purpose,
+        backend=backend,
+        labels=_parse_labels(labels),
+        **source,
+    )
+    print_json(key)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str,
+    type: Annotated[str | None, typer.Option("--type", help="ecdsa-p256, ed25519, ...")] = None,
+    purpose: Annotated[str, typer.Option(help="Free label used by policy.")] = "general",
+    backend: Annotated[str | None, typer.Option()] = None,
+    label: Annotated[list[str], typer.Option(help="name=value; repeatable.")] = [],  # noqa: B006
+    public_key: Annotated[
+        Path | None, typer.Option(help="Import this PEM public key as a verify-only key.")
+    ] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create a key (or import a verify-only public key)."""
+    pem = read_text(public_key) if public_key else None
+    _create_key(addr, token, name, type, purpose, backend, label, public_key=pem)
+
+
+@keys_app.command("import")
+def keys_import(
+    name: str,
+    backend: Annotated[str, typer.Option(help="Configured backend holding the key.")],
+    uri: Annotated[str, typer.Option(help="The key's reference, e.g. pkcs11:token=...;object=...")],
+    type: Annotated[str, typer.Option("--type", help="ecdsa-p256, rsa-3072, ...")],
+    purpose: Annotated[str, typer.Option(help="Free label used by policy.")] = "general",
+    label: Annotated[list[str], typer.Option(help="name=value; repeatable.")] = [],  # noqa: B006
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Adopt a key that already exists in a backend (made by a key ceremony)."""
+    _create_key(addr, token, name, type, purpose, backend, label, uri=uri)
+
+
+@keys_app.command("list")
+def keys_list(
+    purpose: Annotated[str | None, typer.Option()] = None,
+    label: Annotated[list[str], typer.Option(help="name=value; repeatable.")] = [],  # noqa: B006
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Keys you may read (a table; tab-separated lines when piped)."""
+    keys = call(addr, token, Client.list_keys, purpose, _parse_labels(label))
+    columns = ["name", "type", "purpose", "backend", "state", "primary", "labels"]
+    print_table(columns, _key_rows(keys))
+
+
+@keys_app.command("show")
+def keys_show(name: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
+    """One key as JSON (versions, state, labels)."""
+    print_json(call(addr, token, Client.get_key, name))
+
+
+def _key_action(action: str, help_text: str) -> None:
+    def command(name: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
+        print_json(call(addr, token, Client.key_action, name, action))
+
+    command.__doc__ = help_text
+    keys_app.command(action)(command)
+
+
+_key_action("rotate", "Create a new primary version; old versions keep verifying.")
+_key_action("disable", "Refuse every operation until enabled again.")
+_key_action("enable", "Re-enable a disabled key.")
+_key_action("cancel-deletion", "Cancel a scheduled deletion (the key comes back disabled).")
+
+
+@keys_app.command("delete")
+def keys_delete(
+    name: str,
+    pending_days: Annotated[int, typer.Option(min=7, max=30)] = 30,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Schedule deletion: refused at once, material destroyed after the pending days."""
+    body = {"pending_days": pending_days}
+    print_json(call(addr, token, Client.key_action, name, "schedule-deletion", body))
+
+
+@keys_app.command("compromised")
+def keys_compromised(
+    name: str,
+    version: int,
+    since: Annotated[str, typer.Option(help="RFC 3339 time of the compromise.")],
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Mark a version compromised since a time."""
+    action = f"versions/{version}/compromised"
+    print_json(call(addr, token, Client.key_action, name, action, {"since": since}))
+
+
+@keys_app.command("public-key")
+def keys_public_key(
+    name: str,
+    version: Annotated[int | None, typer.Option()] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """The PEM public key of a version (default: primary)."""
+    pem = call(addr, token, Client.public_key, name, version)
+    if output:
+        write_bytes(output, pem.encode())
+    else:
+        sys.stdout.write(pem)
+
+
+# -- operations ------------------------------------------------------------------------------
+
+DigestOpt = Annotated[
+    bool, typer.Option("--digest", help="Hash the input locally and send only the digest.")
+]
+
+
+def _hash_input(source: str, hash_name: str) -> bytes:
+    h = hashlib.new(hash_name)
+    try:
+        stream = sys.stdin.buffer if source == "-" else Path(source).open("rb")  # noqa: SIM115
+    except OSError as exc:
+        fail(f"cannot read {source}: {exc.strerror}")
+    with stream:
+        while chunk := stream.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
+
+
+def _default_algorithm(client: Client, key: str) -> str | None:
+    """The key type's default algorithm; needs `key.read`, so a sign-only token is told to
+    pass --algorithm instead."""
+    try:
+        key_type = client.get_key(key)["type"]
+    except ApiError as exc:
+        if exc.status == 403:
+            fail("--digest needs the key's algorithm: pass --algorithm (no key.read here)")
+        raise
+    return default_sign_algorithm(KeyType(key_type))
+
+
+def _message(
+    client: Client, key: str, source: str, digest: bool, algorithm: str | None
+) -> dict[str, Any]:
+    """`{data: ...}` or, with --digest, `{digest: ..., algorithm: ...}` for the key's algorithm."""
+    if not digest:
+        return {"data": read_input(source), "algorithm": algorithm}
+    name = algorithm or _default_algorithm(client, key)
+    alg = SIGN_ALGORITHMS.get(name or "")
+    if alg is None or alg.hash is None:
+        fail(f"--digest needs an algorithm with a hash; {name} has none")
+    return {"digest": _hash_input(source, alg.hash.value), "algorithm": alg.name}
+
+
+def sign(
+    source: InputArg,
+    key: Annotated[str, typer.Option("--key", "-k")],
+    digest: DigestOpt = False,
+    algorithm: Annotated[str | None, typer.Option()] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the raw signature here.")
+    ] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Sign a file or stdin; prints the base64 signature (or writes it raw with -o)."""
+
+    def run(client: Client) -> dict[str, Any]:
+        return client.sign(key, **_message(client, key, source, digest, algorithm))
+
+    result = call(addr, token, run)
+    if output:
+        write_bytes(output, result["signature"])
+    else:
+        print(b64encode(result["signature"]))
+    err.print(f"key_version={result['key_version']} algorithm={result['algorithm']}")
+
+
+def verify(
+    source: InputArg,
+    key: Annotated[str, typer.Option("--key", "-k")],
+    signature: Annotated[
+        Path, typer.Option("--signature", "-s", help="Signature file: raw, or base64 text.")
+    ],
+    digest: DigestOpt = False,
+    algorithm: Annotated[str | None, typer.Option()] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Verify a signature over a file or stdin. Exit 0 if valid, 1 if not."""
+    sig = _read_signature(signature)
+
+    def run(client: Client) -> dict[str, Any]:
+        return client.verify(key, sig, **_message(client, key, source, digest, algorithm))
+
+    result = call(addr, token, run)
+    if not result["valid"]:
+        fail("signature is not valid", code=1)
+    out.print(f"valid (key version {result['key_version']})")
+
+
+def _read_signature(path: Path) -> bytes:
+    raw = read_input(str(path))
+    try:
+        return b64decode_strict(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return raw
+
+
+def mac(
+    source: InputArg,
+    key: Annotated[str, typer.Option("--key", "-k")],
+    check: Annotated[
+        str | None, typer.Option("--check", help="Verify this base64 MAC instead.")
+    ] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """HMAC a file or stdin (prints base64), or check a MAC with --check (exit 1 if wrong)."""
+    data = read_input(source)
+    if check is None:
+        result = call(addr, token, Client.mac, key, data)
+        print(b64encode(result["mac"]))
+        return
+    try:
+        expected = b64decode_strict(check)
+    except ValueError:
+        fail("--check must be standard base64")
+    if not call(addr, token, Client.mac_verify, key, data, expected)["valid"]:
+        fail("MAC is not valid", code=1)
+    out.print("valid")
