@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from kmsgate.audit import verify_file
+from kmsgate.audit import AuditFile
 from kmsgate.errors import AuditUnavailable
 from kmsgate.policy import ACTIONS
 from kmsgate.service import STATE_CHANGING
@@ -312,11 +312,11 @@ def test_every_call_is_audited_and_tamper_evident(api, admin, make_token):
     text = path.read_text()
     assert "secret-data" not in text and b64(b"secret-data") not in text
     assert admin.split(".")[2] not in text
-    assert verify_file(path).ok
+    assert AuditFile(path).verify().ok
     lines = path.read_bytes().splitlines(keepends=True)
     lines[2] = lines[2].replace(b'"sign"', b'"sigm"')
     path.write_bytes(b"".join(lines))
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert not report.ok and report.first_bad_line == 3
 
 

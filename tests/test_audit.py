@@ -20,13 +20,15 @@ import pytest
 from kmsgate.audit import (
     GENESIS_HASH,
     AuditEvent,
-    AuditLog,
+    AuditFile,
+    AuditSink,
+    FileSink,
+    VerifyReport,
     input_summary,
     iter_records,
-    search,
-    verify_file,
 )
 from kmsgate.errors import AuditUnavailable, ConfigError
+from tests.gateway import open_gateway
 
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -55,8 +57,11 @@ def reference_hash(record: dict[str, object]) -> str:
 
 
 def write_log(path: Path, count: int, **kwargs: float) -> list[dict[str, object]]:
-    with AuditLog(path, **kwargs) as log:
-        return [log.append(event(i)) for i in range(count)]
+    """Append `count` events through a new sink and return the records as stored."""
+    with FileSink(path, **kwargs) as log:
+        for i in range(count):
+            log.append(event(i))
+    return list(iter_records(path))
 
 
 def lines_of(path: Path) -> list[bytes]:
@@ -77,15 +82,14 @@ def wait_for(condition: object, timeout: float = 5.0) -> bool:
 
 def test_round_trip_chain_and_format(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    returned = write_log(path, 5)
+    stored = write_log(path, 5)
 
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert report.ok, report.reason
     assert report.records == 5
     assert (report.first_bad_line, report.reason) == (None, None)
 
-    stored = list(iter_records(path))
-    assert stored == returned
+    assert [r["request_id"] for r in stored] == [f"req-{i}" for i in range(5)]
     prev = GENESIS_HASH
     for seq, record in enumerate(stored, 1):
         assert record["seq"] == seq
@@ -111,8 +115,8 @@ def test_lines_are_canonical_json_with_hash_last(tmp_path: Path) -> None:
 
 def test_none_and_empty_fields_are_omitted(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    with AuditLog(path) as log:
-        record = log.append(
+    with FileSink(path) as log:
+        log.append(
             AuditEvent(
                 action="authn",
                 decision="deny",
@@ -121,7 +125,7 @@ def test_none_and_empty_fields_are_omitted(tmp_path: Path) -> None:
                 principal=None,
             )
         )
-    assert set(record) == {
+    assert set(next(iter_records(path))) == {
         "seq",
         "time",
         "prev",
@@ -131,7 +135,7 @@ def test_none_and_empty_fields_are_omitted(tmp_path: Path) -> None:
         "outcome",
         "request_id",
     }
-    assert verify_file(path).ok
+    assert AuditFile(path).verify().ok
 
 
 class Colour(enum.StrEnum):
@@ -153,29 +157,30 @@ def test_awkward_values_hash_exactly_as_specified(
     tmp_path: Path, detail: dict[object, object]
 ) -> None:
     path = tmp_path / "audit.log"
-    with AuditLog(path) as log:
-        record = log.append(event(detail=detail))
+    with FileSink(path) as log:
+        log.append(event(detail=detail))
         log.append(event(1))
-    assert verify_file(path).ok
+    assert AuditFile(path).verify().ok
     stored = next(iter_records(path))
-    assert stored == record | {"detail": json.loads(json.dumps(detail))}
+    assert stored["detail"] == json.loads(json.dumps(detail))
     assert stored["hash"] == reference_hash(stored)
 
 
 def test_resume_after_reopen_continues_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     first = write_log(path, 3)
-    with AuditLog(path) as log:
+    with FileSink(path) as log:
         assert log.head == (3, first[-1]["hash"])
-        fourth = log.append(event(3))
+        log.append(event(3))
+    fourth = list(iter_records(path))[3]
     assert fourth["seq"] == 4
     assert fourth["prev"] == first[-1]["hash"]
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert report.ok and report.records == 4
 
 
 def test_empty_log_head_is_genesis(tmp_path: Path) -> None:
-    with AuditLog(tmp_path / "audit.log") as log:
+    with FileSink(tmp_path / "audit.log") as log:
         assert log.head == (0, GENESIS_HASH)
 
 
@@ -190,12 +195,12 @@ def test_concurrent_appends_form_one_valid_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     start = threading.Barrier(8)
 
-    def worker(log: AuditLog, t: int) -> None:
+    def worker(log: FileSink, t: int) -> None:
         start.wait()
         for i in range(500):
             log.append(event(t * 1000 + i))
 
-    with AuditLog(path, fsync_interval=0.001) as log:
+    with FileSink(path, fsync_interval=0.001) as log:
         threads = [threading.Thread(target=worker, args=(log, t)) for t in range(8)]
         for thread in threads:
             thread.start()
@@ -203,7 +208,7 @@ def test_concurrent_appends_form_one_valid_chain(tmp_path: Path) -> None:
             thread.join()
         assert log.head[0] == 4000
 
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert report.ok, report.reason
     assert report.records == 4000
     request_ids = {r["request_id"] for r in iter_records(path)}
@@ -213,15 +218,16 @@ def test_concurrent_appends_form_one_valid_chain(tmp_path: Path) -> None:
 def test_background_fsync_writes_head_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     head_file = Path(f"{path}.head")
-    log = AuditLog(path, fsync_interval=0.01)
+    log = FileSink(path, fsync_interval=0.01)
     try:
         log.append(event(0))
-        record = log.append(event(1))
+        log.append(event(1))
+        last_hash = log.head[1]
 
         def head_current() -> bool:
             return head_file.exists() and json.loads(head_file.read_bytes()) == {
                 "seq": 2,
-                "hash": record["hash"],
+                "hash": last_hash,
             }
 
         assert wait_for(head_current)
@@ -230,7 +236,7 @@ def test_background_fsync_writes_head_file(tmp_path: Path) -> None:
 
 
 def test_close_is_idempotent_and_refuses_later_appends(tmp_path: Path) -> None:
-    log = AuditLog(tmp_path / "audit.log")
+    log = FileSink(tmp_path / "audit.log")
     log.append(event())
     log.close()
     log.close()
@@ -252,7 +258,7 @@ def test_write_error_raises_and_leaves_chain_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "audit.log"
-    with AuditLog(path, fsync_interval=3600) as log:
+    with FileSink(path, fsync_interval=3600) as log:
         log.append(event(0))
         head, before = log.head, path.read_bytes()
 
@@ -267,15 +273,17 @@ def test_write_error_raises_and_leaves_chain_unchanged(
         assert log.head == head
         assert path.read_bytes() == before
 
-        record = log.append(event(2))
-        assert record["seq"] == 2 and record["prev"] == head[1]
-    assert verify_file(path).ok
+        log.append(event(2))
+    after = list(iter_records(path))[1]
+    assert after["request_id"] == "req-2"
+    assert after["seq"] == 2 and after["prev"] == head[1]
+    assert AuditFile(path).verify().ok
 
 
 def test_short_write_is_rolled_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "audit.log"
     real_write = os.write
-    with AuditLog(path, fsync_interval=3600) as log:
+    with FileSink(path, fsync_interval=3600) as log:
         log.append(event(0))
         head, before = log.head, path.read_bytes()
 
@@ -289,7 +297,7 @@ def test_short_write_is_rolled_back(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert log.head == head
         assert path.read_bytes() == before
         log.append(event(2))
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert report.ok and report.records == 2
 
 
@@ -299,7 +307,7 @@ def test_fsync_failure_makes_later_appends_fail(
     def failing_fsync(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    log = AuditLog(tmp_path / "audit.log", fsync_interval=0.01)
+    log = FileSink(tmp_path / "audit.log", fsync_interval=0.01)
     try:
         monkeypatch.setattr(os, "fsync", failing_fsync)
         log.append(event(0))
@@ -318,7 +326,7 @@ def test_fsync_failure_makes_later_appends_fail(
 
 def test_unencodable_event_raises_before_writing(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    with AuditLog(path) as log:
+    with FileSink(path) as log:
         with pytest.raises(TypeError):
             log.append(event(detail={"raw": b"secret bytes"}))
         assert log.head == (0, GENESIS_HASH)
@@ -334,7 +342,7 @@ def test_open_rejects_garbage_last_line(tmp_path: Path) -> None:
     with path.open("ab") as f:
         f.write(b"not json\n")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        AuditLog(path)
+        FileSink(path)
 
 
 def test_open_rejects_torn_last_line(tmp_path: Path) -> None:
@@ -342,7 +350,7 @@ def test_open_rejects_torn_last_line(tmp_path: Path) -> None:
     write_log(path, 2)
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ConfigError, match="incomplete"):
-        AuditLog(path)
+        FileSink(path)
 
 
 def test_open_rejects_edited_last_record(tmp_path: Path) -> None:
@@ -351,7 +359,7 @@ def test_open_rejects_edited_last_record(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes().replace(b'"req-1"', b'"req-X"'))
     Path(f"{path}.head").unlink()
     with pytest.raises(ConfigError, match="hash mismatch"):
-        AuditLog(path)
+        FileSink(path)
 
 
 def test_open_rejects_log_behind_head_file(tmp_path: Path) -> None:
@@ -359,14 +367,14 @@ def test_open_rejects_log_behind_head_file(tmp_path: Path) -> None:
     write_log(path, 3)
     path.write_bytes(b"".join(lines_of(path)[:-1]))
     with pytest.raises(ConfigError, match="deleted"):
-        AuditLog(path)
+        FileSink(path)
 
 
 def test_open_accepts_head_lagging_behind_log(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     records = write_log(path, 3)
     Path(f"{path}.head").write_text(json.dumps({"seq": 1, "hash": records[0]["hash"]}))
-    with AuditLog(path) as log:
+    with FileSink(path) as log:
         assert log.head == (3, records[2]["hash"])
 
 
@@ -375,7 +383,7 @@ def test_open_rejects_rewritten_record_named_by_head(tmp_path: Path) -> None:
     write_log(path, 3)
     Path(f"{path}.head").write_text(json.dumps({"seq": 2, "hash": "ab" * 32}))
     with pytest.raises(ConfigError, match="head file"):
-        AuditLog(path)
+        FileSink(path)
 
 
 def test_open_finds_head_record_several_blocks_back(tmp_path: Path) -> None:
@@ -384,31 +392,31 @@ def test_open_finds_head_record_several_blocks_back(tmp_path: Path) -> None:
     assert path.stat().st_size > 3 * 65536
     head_file = Path(f"{path}.head")
     head_file.write_text(json.dumps({"seq": 5, "hash": records[4]["hash"]}))
-    with AuditLog(path) as log:
+    with FileSink(path) as log:
         assert log.head == (600, records[-1]["hash"])
     head_file.write_text(json.dumps({"seq": 5, "hash": records[5]["hash"]}))
     with pytest.raises(ConfigError, match="head file"):
-        AuditLog(path)
+        FileSink(path)
 
 
 def test_unopenable_path_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot open"):
-        AuditLog(tmp_path / "missing-dir" / "audit.log")
+        FileSink(tmp_path / "missing-dir" / "audit.log")
 
 
 def test_two_writers_on_one_file_keep_one_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    with AuditLog(path) as first, AuditLog(path) as second:
+    with FileSink(path) as first, FileSink(path) as second:
         for i in range(50):
             (first if i % 3 else second).append(event(i))
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert report.ok, report.reason
     assert report.records == 50
 
 
 def _append_in_process(path: str, count: int) -> None:
     # a tiny fsync interval makes the fsync thread's file lock race the appends
-    with AuditLog(Path(path), fsync_interval=0.001) as log:
+    with FileSink(Path(path), fsync_interval=0.001) as log:
         for i in range(count):
             log.append(event(i))
 
@@ -423,7 +431,7 @@ def test_worker_processes_share_one_chain(tmp_path: Path) -> None:
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert report.ok, report.reason
     assert report.records == 900
     assert json.loads(path.with_name("audit.log.head").read_text())["seq"] == 900
@@ -432,7 +440,7 @@ def test_worker_processes_share_one_chain(tmp_path: Path) -> None:
 
 def test_foreign_garbage_stops_appends(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    with AuditLog(path) as log:
+    with FileSink(path) as log:
         log.append(event(1))
         with path.open("ab") as f:
             f.write(b'{"not": "sealed"}\n')
@@ -444,7 +452,7 @@ def test_foreign_garbage_stops_appends(tmp_path: Path) -> None:
 
 def test_non_positive_fsync_interval_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
-        AuditLog(tmp_path / "audit.log", fsync_interval=0)
+        FileSink(tmp_path / "audit.log", fsync_interval=0)
 
 
 # --- tamper detection --------------------------------------------------------------------
@@ -468,7 +476,7 @@ def test_every_single_byte_flip_in_record_k_is_reported_at_line_k(
         data = bytearray(pristine)
         data[offset] ^= 0x01
         path.write_bytes(bytes(data))
-        report = verify_file(path)
+        report = AuditFile(path).verify()
         assert not report.ok, f"flip at byte {offset} not detected"
         assert report.first_bad_line == k, (offset, report)
         assert report.records == k - 1
@@ -477,7 +485,7 @@ def test_every_single_byte_flip_in_record_k_is_reported_at_line_k(
 def test_edited_value_reports_hash_mismatch(tmp_path: Path, pristine: bytes) -> None:
     path = tmp_path / "audit.log"
     path.write_bytes(pristine.replace(b'"req-3"', b'"req-9"'))
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert (report.first_bad_line, report.reason) == (4, "record 4: hash mismatch (edited)")
 
 
@@ -485,7 +493,7 @@ def test_deleted_middle_record(tmp_path: Path, pristine: bytes) -> None:
     lines = pristine.splitlines(keepends=True)
     path = tmp_path / "audit.log"
     path.write_bytes(b"".join(lines[:2] + lines[3:]))
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert not report.ok
     assert report.first_bad_line == 3
     assert report.reason == "record 3: prev does not match record 2 (deleted or reordered)"
@@ -494,7 +502,7 @@ def test_deleted_middle_record(tmp_path: Path, pristine: bytes) -> None:
 def test_deleted_first_record(tmp_path: Path, pristine: bytes) -> None:
     path = tmp_path / "audit.log"
     path.write_bytes(b"".join(pristine.splitlines(keepends=True)[1:]))
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert (report.ok, report.first_bad_line) == (False, 1)
     assert "start of the chain" in str(report.reason)
 
@@ -504,7 +512,7 @@ def test_swapped_records(tmp_path: Path, pristine: bytes) -> None:
     lines[3], lines[4] = lines[4], lines[3]
     path = tmp_path / "audit.log"
     path.write_bytes(b"".join(lines))
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert (report.ok, report.first_bad_line) == (False, 4)
     assert "deleted or reordered" in str(report.reason)
 
@@ -524,7 +532,7 @@ def test_rehashed_record_with_wrong_seq(tmp_path: Path) -> None:
     lines[1] = body.encode()[:-1] + f',"hash":"{forged["hash"]}"}}\n'.encode()
     path.write_bytes(b"".join(lines))
     Path(f"{path}.head").unlink()
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert (report.first_bad_line, report.reason) == (2, "record 2: seq 7 expected 2")
 
 
@@ -532,7 +540,7 @@ def test_rehashed_record_with_wrong_seq(tmp_path: Path) -> None:
 def test_truncated_last_line(tmp_path: Path, pristine: bytes, cut: int) -> None:
     path = tmp_path / "audit.log"
     path.write_bytes(pristine[:-cut])
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert (report.ok, report.first_bad_line, report.records) == (False, 6, 5)
     assert report.reason == "line 6: incomplete line (truncated)"
 
@@ -543,7 +551,7 @@ def test_non_canonical_line_with_same_values_is_detected(tmp_path: Path, pristin
     lines[2] = b'{"principal":"mallory",' + lines[2][1:]
     path = tmp_path / "audit.log"
     path.write_bytes(b"".join(lines))
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert (report.first_bad_line, report.reason) == (3, "record 3: not in canonical form (edited)")
 
 
@@ -552,16 +560,16 @@ def test_garbled_line(tmp_path: Path, pristine: bytes) -> None:
     lines[1] = b"\xff\xfe garbage\n"
     path = tmp_path / "audit.log"
     path.write_bytes(b"".join(lines))
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert (report.first_bad_line, report.reason) == (2, "line 2: not valid JSON")
 
 
 def test_deleted_last_record_is_caught_by_head_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     write_log(path, 4)
-    assert verify_file(path).ok
+    assert AuditFile(path).verify().ok
     path.write_bytes(b"".join(lines_of(path)[:-1]))
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert (report.ok, report.records, report.first_bad_line) == (False, 3, 3)
     assert "head file says seq 4" in str(report.reason)
 
@@ -570,7 +578,7 @@ def test_all_records_deleted_is_caught_by_head_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     write_log(path, 2)
     path.write_bytes(b"")
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert not report.ok and report.records == 0
 
 
@@ -588,7 +596,7 @@ def test_rewritten_last_record_is_caught_by_head_file(tmp_path: Path) -> None:
     lines = lines_of(path)
     lines[2] = body.encode()[:-1] + f',"hash":"{forged["hash"]}"}}\n'.encode()
     path.write_bytes(b"".join(lines))
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert (report.ok, report.first_bad_line) == (False, 3)
     assert report.reason == "record 3: hash does not match head file (rewritten)"
 
@@ -597,52 +605,56 @@ def test_malformed_head_file_fails_verification(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     write_log(path, 2)
     Path(f"{path}.head").write_text("{")
-    report = verify_file(path)
+    report = AuditFile(path).verify()
     assert not report.ok and "head file" in str(report.reason)
 
 
 # --- reading -----------------------------------------------------------------------------
 
 
-def test_search_filters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_search_and_verify_through_the_sink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "audit.log"
-    with AuditLog(path) as log:
-        log.append(event(0, principal="alice", action="sign"))
-        log.append(event(1, principal="bob", action="sign", resource={"kind": "key", "name": "k2"}))
-        log.append(event(2, principal="alice", action="key.create"))
+    with FileSink(path) as log:
+        sink: AuditSink = log
+        sink.append(event(0, principal="alice", action="sign"))
+        sink.append(
+            event(1, principal="bob", action="sign", resource={"kind": "key", "name": "k2"})
+        )
+        sink.append(event(2, principal="alice", action="key.create"))
         time.sleep(0.002)
-        log.append(
+        sink.append(
             event(3, principal="alice", action="sign", resource={"kind": "key", "name": "k2"})
         )
-        log.append(event(4, principal=None, action="authn", decision="deny", resource={}))
+        sink.append(event(4, principal=None, action="authn", decision="deny", resource={}))
 
-    def ids(records: list[dict[str, object]]) -> list[object]:
-        return [r["request_id"] for r in records]
+        def ids(records: list[dict[str, object]]) -> list[object]:
+            return [r["request_id"] for r in records]
 
-    assert ids(search(path)) == [f"req-{i}" for i in range(5)]
-    assert ids(search(path, principal="alice")) == ["req-0", "req-2", "req-3"]
-    assert ids(search(path, key="k2")) == ["req-1", "req-3"]
-    assert ids(search(path, action="sign")) == ["req-0", "req-1", "req-3"]
-    assert ids(search(path, principal="alice", key="k2", action="sign")) == ["req-3"]
-    assert ids(search(path, principal="alice", limit=2)) == ["req-2", "req-3"]
-    assert search(path, principal="carol") == []
+        assert sink.verify() == VerifyReport(True, 5, None, None)
+        assert ids(sink.search()) == [f"req-{i}" for i in range(5)]
+        assert ids(sink.search(principal="alice")) == ["req-0", "req-2", "req-3"]
+        assert ids(sink.search(key="k2")) == ["req-1", "req-3"]
+        assert ids(sink.search(action="sign")) == ["req-0", "req-1", "req-3"]
+        assert ids(sink.search(principal="alice", key="k2", action="sign")) == ["req-3"]
+        assert ids(sink.search(principal="alice", limit=2)) == ["req-2", "req-3"]
+        assert sink.search(principal="carol") == []
 
-    t3 = datetime.strptime(str(search(path)[3]["time"]), "%Y-%m-%dT%H:%M:%S.%fZ")
-    assert ids(search(path, since=t3.replace(tzinfo=UTC))) == ["req-3", "req-4"]
-    monkeypatch.setenv("TZ", "EST+5")  # a naive `since` must not be read as local time
-    time.tzset()
-    try:
-        assert ids(search(path, since=t3)) == ["req-3", "req-4"]
-    finally:
-        monkeypatch.undo()
+        t3 = datetime.strptime(str(sink.search()[3]["time"]), "%Y-%m-%dT%H:%M:%S.%fZ")
+        assert ids(sink.search(since=t3.replace(tzinfo=UTC))) == ["req-3", "req-4"]
+        monkeypatch.setenv("TZ", "EST+5")  # a naive `since` must not be read as local time
         time.tzset()
-    plus_two = timezone(timedelta(hours=2))
-    assert ids(search(path, since=t3.replace(tzinfo=UTC).astimezone(plus_two))) == [
-        "req-3",
-        "req-4",
-    ]
-    with pytest.raises(ValueError):
-        search(path, limit=0)
+        try:
+            assert ids(sink.search(since=t3)) == ["req-3", "req-4"]
+        finally:
+            monkeypatch.undo()
+            time.tzset()
+        plus_two = timezone(timedelta(hours=2))
+        since = t3.replace(tzinfo=UTC).astimezone(plus_two)
+        assert ids(sink.search(since=since)) == ["req-3", "req-4"]
+        with pytest.raises(ValueError):
+            sink.search(limit=0)
 
 
 def test_iter_records_names_bad_line(tmp_path: Path) -> None:
@@ -665,3 +677,55 @@ def test_input_summary() -> None:
     assert batch["sha256"] != hashlib.sha256(b"abc").hexdigest()
 
     assert input_summary([]) == {"count": 0, "length": 0, "sha256": hashlib.sha256().hexdigest()}
+
+
+# --- the sink protocol in the service ----------------------------------------------------
+
+
+class RefusingSink:
+    """An AuditSink that can record nothing: every append raises AuditUnavailable."""
+
+    def __init__(self) -> None:
+        self.refused: list[AuditEvent] = []
+
+    def append(self, event: AuditEvent) -> None:
+        self.refused.append(event)
+        raise AuditUnavailable("Audit log unavailable: operation refused")
+
+    def search(
+        self,
+        *,
+        since: datetime | None = None,
+        principal: str | None = None,
+        key: str | None = None,
+        action: str | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, object]]:
+        return []
+
+    def verify(self) -> VerifyReport:
+        return VerifyReport(True, 0, None, None)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_sink_that_cannot_record_refuses_a_rotation_before_it_runs(tmp_path: Path) -> None:
+    """No record, no change, whatever the sink: the rotation's allow record cannot be
+    appended, so the rotation does not run (503) and the key keeps its single version."""
+    with open_gateway(tmp_path) as (api, admin):
+        new_key = {"name": "guarded", "type": "ecdsa-p256", "purpose": "general"}
+        assert api.call("POST", "/v1/keys", admin, json=new_key).status_code == 201
+        refusing = RefusingSink()
+        sink: AuditSink = refusing
+        file_sink, api.service.audit = api.service.audit, sink
+        try:
+            r = api.call("POST", "/v1/keys/guarded/rotate", admin)
+        finally:
+            api.service.audit = file_sink
+        assert (r.status_code, r.json()["code"]) == (503, "audit_unavailable")
+        assert r.headers["retry-after"]
+        assert [(e.action, e.outcome) for e in refusing.refused] == [("key.rotate", "started")]
+        api.service.catalogue.reload()
+        assert sorted(api.service.catalogue.get("guarded").versions) == [1]
+        assert api.call("GET", "/v1/keys/guarded", admin).json()["primary_version"] == 1

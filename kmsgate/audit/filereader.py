@@ -1,0 +1,157 @@
+"""Reading a hash-chained JSON-lines audit file in place: records, search, verification."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kmsgate.audit.chain import GENESIS_HASH, decode, seal_problem
+from kmsgate.audit.headfile import head_path, read_head
+from kmsgate.audit.sink import VerifyReport
+
+__all__ = ["AuditFile", "iter_records"]
+
+
+def iter_records(path: Path) -> Iterator[dict[str, object]]:
+    """Yield each record, oldest first, without checking the chain (see `AuditFile.verify`).
+
+    Raises ValueError naming the line if a line is not a JSON object; OSError on read errors.
+    """
+    with Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield decode(raw.rstrip(b"\n"))
+            except ValueError as exc:
+                raise ValueError(f"line {lineno}: not valid JSON") from exc
+
+
+class AuditFile:
+    """An audit file read where it is: searched and verified, never written or created."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def search(
+        self,
+        *,
+        since: datetime | None = None,
+        principal: str | None = None,
+        key: str | None = None,
+        action: str | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, object]]:
+        """The most recent `limit` matching records, oldest first. `key` matches
+        resource.name.
+
+        A naive `since` is taken as UTC. Raises ValueError if `limit` < 1 or a line is not
+        valid JSON; OSError on read errors.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        after = _rfc3339(since) if since is not None else None
+        found: collections.deque[dict[str, object]] = collections.deque(maxlen=limit)
+        for record in iter_records(self._path):
+            if _matches(record, after, principal, key, action):
+                found.append(record)
+        return list(found)
+
+    def verify(self) -> VerifyReport:
+        """Recompute every hash and check prev links, seq continuity and the head file.
+
+        Reports the first broken line. Raises OSError if the log cannot be read.
+        """
+        hashes: list[str] = []
+        prev = GENESIS_HASH
+        with self._path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                record, reason = _line_problem(raw, lineno, prev)
+                if record is None:
+                    return VerifyReport(False, len(hashes), lineno, reason)
+                prev = str(record["hash"])
+                hashes.append(prev)
+        head_problem = _head_problem(self._path, hashes)
+        if head_problem is not None:
+            return VerifyReport(False, len(hashes), head_problem[0], head_problem[1])
+        return VerifyReport(True, len(hashes), None, None)
+
+
+# --- search ----------------------------------------------------------------------------
+
+
+def _rfc3339(moment: datetime) -> str:
+    """The record time format; a naive datetime is taken as UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    utc = moment.astimezone(UTC).replace(tzinfo=None)
+    return utc.isoformat(timespec="microseconds") + "Z"
+
+
+def _matches(
+    record: Mapping[str, object],
+    since: str | None,
+    principal: str | None,
+    key: str | None,
+    action: str | None,
+) -> bool:
+    if since is not None and not str(record.get("time", "")) >= since:
+        return False
+    if principal is not None and record.get("principal") != principal:
+        return False
+    if action is not None and record.get("action") != action:
+        return False
+    if key is not None:
+        resource = record.get("resource")
+        return isinstance(resource, dict) and resource.get("name") == key
+    return True
+
+
+# --- verification ----------------------------------------------------------------------
+
+
+def _line_problem(raw: bytes, lineno: int, prev: str) -> tuple[dict[str, object] | None, str]:
+    """(record, "") if line `lineno` is sealed and links to `prev`, else (None, reason)."""
+    if not raw.endswith(b"\n"):
+        return None, f"line {lineno}: incomplete line (truncated)"
+    raw = raw[:-1]
+    try:
+        record = decode(raw)
+    except ValueError:
+        return None, f"line {lineno}: not valid JSON"
+    problem = seal_problem(raw, record)
+    if problem is not None:
+        return None, f"record {lineno}: {problem}"
+    if record["prev"] != prev:
+        if lineno == 1:
+            return None, "record 1: prev is not the start of the chain (records deleted)"
+        return None, (
+            f"record {lineno}: prev does not match record {lineno - 1} (deleted or reordered)"
+        )
+    if record["seq"] != lineno:
+        return None, f"record {lineno}: seq {record['seq']} expected {lineno}"
+    return record, ""
+
+
+def _head_problem(path: Path, hashes: Sequence[str]) -> tuple[int, str] | None:
+    """(line, reason) if the head file contradicts the log's `hashes`, else None."""
+    last_line = max(len(hashes), 1)
+    try:
+        head = read_head(path)
+    except ValueError:
+        return last_line, f"head file {head_path(path).name}: malformed"
+    if head is None or head[0] < 1:
+        return None
+    seq, digest = head
+    if seq > len(hashes):
+        return last_line, (
+            f"record {len(hashes)}: log ends at seq {len(hashes)} but head file says seq {seq}"
+            " (records deleted from the end)"
+        )
+    if hashes[seq - 1] != digest:
+        return seq, f"record {seq}: hash does not match head file (rewritten)"
+    return None

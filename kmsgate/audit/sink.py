@@ -1,0 +1,66 @@
+"""The audit sink protocol: where the service records, searches and verifies audit records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from kmsgate.audit.events import AuditEvent
+
+__all__ = ["AuditSink", "VerifyReport"]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of `AuditSink.verify`: ok, records checked, and the first broken line and why."""
+
+    ok: bool
+    records: int
+    first_bad_line: int | None
+    reason: str | None
+
+
+class AuditSink(Protocol):
+    """A tamper-evident, append-only store of audit records. Implementations are
+    thread-safe. Writes are fail-closed: when `append` raises, the caller must not return
+    the operation's result."""
+
+    def append(self, event: AuditEvent) -> None:
+        """Seal `event` into the chain as the next record before returning.
+
+        Raises AuditUnavailable if the record cannot be made durable (the chain is then
+        unchanged) or the sink is closed or failed; TypeError/ValueError if the event holds
+        values JSON cannot encode.
+        """
+        ...
+
+    def search(
+        self,
+        *,
+        since: datetime | None = None,
+        principal: str | None = None,
+        key: str | None = None,
+        action: str | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, object]]:
+        """The most recent `limit` matching records, oldest first. `key` matches
+        resource.name; a naive `since` is taken as UTC.
+
+        Raises ValueError if `limit` < 1 or a stored record cannot be parsed; OSError if
+        the records cannot be read.
+        """
+        ...
+
+    def verify(self) -> VerifyReport:
+        """Recompute every hash and check the links; the report names the first broken
+        record. Raises OSError if the records cannot be read.
+        """
+        ...
+
+    def close(self) -> None:
+        """Make every record durable and release the sink; later appends fail. Idempotent.
+
+        Raises AuditUnavailable if the final flush fails.
+        """
+        ...
