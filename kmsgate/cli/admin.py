@@ -126,10 +126,10 @@ def token_revoke(token_id: str, addr: AddrOpt = None, token: TokenOpt = None) ->
 @audit_app.command("verify")
 def audit_verify(path: Path) -> None:
     """Check the hash chain of an audit log; names the first broken record."""
-    from kmsgate.audit import verify_file
+    from kmsgate.audit import AuditFile
 
     try:
-        report = verify_file(path)
+        report = AuditFile(path).verify()
     except (OSError, ValueError) as exc:
         fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
     if not report.ok:
