@@ -11,7 +11,8 @@ import os
 import secrets
 from pathlib import Path
 
-from kmsgate.audit import AuditEvent, AuditLog
+from kmsgate.audit import AuditEvent, FileSink
+from kmsgate.auth import TokenRegistry
 from kmsgate.backends import backend_class
 from kmsgate.backends.base import BackendKey, KeyBackend, Registry, RootKeyWrapper
 from kmsgate.backends.softkms import (
@@ -26,7 +27,6 @@ from kmsgate.errors import BackendError, ConfigError, KmsgateError
 from kmsgate.policy import PolicyEngine
 from kmsgate.service import Service
 from kmsgate.store import Store
-from kmsgate.tokens import TokenRegistry
 
 _ROOT_CHECK = b"kmsgate root key check"
 _ROOT_WRAP_AAD = b"kmsgate/softkms/root-key/v1"
@@ -131,7 +131,7 @@ def build_service(settings: Settings) -> Service:
         catalogue=Catalogue(store),
         registry=registry,
         policy=PolicyEngine.load(settings.policy_dir),
-        audit=AuditLog(
+        audit=FileSink(
             settings.resolved_audit_path(), fsync_interval=settings.audit_fsync_interval
         ),
         tokens=TokenRegistry(store),

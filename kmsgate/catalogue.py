@@ -278,12 +278,10 @@ class Catalogue(StoreMirror):
         super().__init__(store, read_through_per_second=read_through_per_second)
 
     def _load(self) -> None:
-        self._keys = {
-            row["name"]: key_from_rows(row, rows) for row, rows in self._store.load_keys()
-        }
+        self._keys = {row["name"]: key_from_rows(row, rows) for row, rows in self._store.keys.all()}
 
     def _load_item(self, item: str) -> None:
-        found = self._store.load_key(item)
+        found = self._store.keys.get(item)
         if found is None:
             self._keys.pop(item, None)
         else:
@@ -321,7 +319,7 @@ class Catalogue(StoreMirror):
     def insert(self, key: Key) -> Key:
         """Persist a new key with its versions. Raises Conflict if the name is taken."""
         rows = [version_row(v) for v in key.versions.values()]
-        return self._store_and_cache(lambda: self._store.insert_key(key_row(key), rows), key)
+        return self._store_and_cache(lambda: self._store.keys.insert(key_row(key), rows), key)
 
     def add_version(self, key: Key, version: KeyVersion, now: datetime) -> Key:
         """Persist a new primary version. Raises Conflict if the key was rotated meanwhile."""
@@ -332,7 +330,7 @@ class Catalogue(StoreMirror):
             updated_at=now,
         )
         return self._store_and_cache(
-            lambda: self._store.add_version(
+            lambda: self._store.keys.add_version(
                 key.name, version_row(version), expected_primary=key.primary_version
             ),
             new,
@@ -348,7 +346,7 @@ class Catalogue(StoreMirror):
         if "rotation_period" in changes:
             values["rotation_period_s"] = key_row(new)["rotation_period_s"]
         return self._store_and_cache(
-            lambda: self._store.update_key(key.name, values, expected_state=key.state.value),
+            lambda: self._store.keys.update(key.name, values, expected_state=key.state.value),
             new,
         )
 
@@ -357,5 +355,5 @@ class Catalogue(StoreMirror):
         new = replace(key, versions={**key.versions, version.version: version})
         values = {k: v for k, v in version_row(version).items() if k != "version"}
         return self._store_and_cache(
-            lambda: self._store.update_version(key.name, version.version, values), new
+            lambda: self._store.keys.update_version(key.name, version.version, values), new
         )

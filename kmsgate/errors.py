@@ -35,6 +35,25 @@ class DecryptionFailed(KmsgateError):
     title = "Decryption failed"
 
 
+class VerificationFailed(KmsgateError):
+    """A signature or MAC does not verify. The REST API answers `{"valid": false}` with
+    200, not an error: the check itself succeeded."""
+
+    status = 400
+    code = "verification_failed"
+    title = "Verification failed"
+
+
+class SignatureInvalid(VerificationFailed):
+    code = "signature_invalid"
+    title = "Signature does not verify"
+
+
+class MacInvalid(VerificationFailed):
+    code = "mac_invalid"
+    title = "MAC does not verify"
+
+
 class Unauthenticated(KmsgateError):
     status = 401
     code = "unauthenticated"

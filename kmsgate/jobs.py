@@ -133,8 +133,8 @@ class Jobs:
         if not self._lock.acquire():
             return False
         try:
-            self._service.destroy_due_keys(Ctx(request_id="scheduler"), now)
-            self._service.store.prune_changes(datetime.now(UTC) - FEED_RETENTION)
+            self._service.keys.destroy_due(Ctx(request_id="scheduler"), now)
+            self._service.store.feed.prune(datetime.now(UTC) - FEED_RETENTION)
         except KmsgateError as exc:
             log.warning("scheduled job failed: %s", exc.code)
         return True

@@ -1,7 +1,8 @@
-"""Request bodies (pydantic): shared by the REST routes, the service layer and the SDK.
+"""Request bodies (pydantic): the REST edge's validation of JSON and base64.
 
 Binary values are standard base64 with padding; anything else fails validation (422).
-Every operation body is either one item or `{"batch": [item, ...]}`, never both.
+Every operation body is either one item or `{"batch": [item, ...]}`, never both. Each body
+turns into the service's typed input (`to_input()`); the service never sees these models.
 """
 
 from __future__ import annotations
@@ -26,6 +27,20 @@ from pydantic import (
 from kmsgate.encoding import b64decode_strict, b64encode
 from kmsgate.envelope import check_context
 from kmsgate.errors import InvalidRequest, TooLarge, ValidationFailed
+from kmsgate.service.requests import (
+    DataKeyInput,
+    DecryptInput,
+    EncryptInput,
+    KeyChanges,
+    MacInput,
+    MacVerifyInput,
+    NewKey,
+    NewToken,
+    PolicyQuery,
+    RewrapInput,
+    SignInput,
+    VerifyInput,
+)
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 LABEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
@@ -61,6 +76,10 @@ def parse_duration(value: str | int) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def _optional_duration(value: str | int | None) -> timedelta | None:
+    return parse_duration(value) if value is not None else None
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -84,6 +103,9 @@ class _MessageItem(_Body):
 class SignItem(_MessageItem):
     """Sign `input` (or a prehashed `digest`) with `version` (default: primary)."""
 
+    def to_input(self) -> SignInput:
+        return SignInput(self.input, self.digest, self.algorithm, self.version)
+
 
 class VerifyItem(_MessageItem):
     """Verify `signature`; `strict` rejects compromised versions, `signed_at` those
@@ -93,15 +115,35 @@ class VerifyItem(_MessageItem):
     strict: bool = False
     signed_at: datetime | None = None
 
+    def to_input(self) -> VerifyInput:
+        return VerifyInput(
+            self.signature,
+            self.input,
+            self.digest,
+            self.algorithm,
+            self.version,
+            self.strict,
+            self.signed_at,
+        )
+
 
 class MacItem(_Body):
     input: B64
     algorithm: str | None = Field(default=None, max_length=64)
     version: int | None = Field(default=None, ge=1)
 
+    def to_input(self) -> MacInput:
+        return MacInput(self.input, self.algorithm, self.version)
 
-class MacVerifyItem(MacItem):
+
+class MacVerifyItem(_Body):
+    input: B64
     mac: B64
+    algorithm: str | None = Field(default=None, max_length=64)
+    version: int | None = Field(default=None, ge=1)
+
+    def to_input(self) -> MacVerifyInput:
+        return MacVerifyInput(self.input, self.mac, self.algorithm, self.version)
 
 
 def _context(value: object) -> object:
@@ -127,12 +169,18 @@ class EncryptItem(_Body):
     plaintext: B64
     context: Context
 
+    def to_input(self) -> EncryptInput:
+        return EncryptInput(self.plaintext, self.context)
+
 
 class DecryptItem(_Body):
     """Decrypt a kmsgate `ciphertext` (from `encrypt` or `datakey`) with its `context`."""
 
     ciphertext: B64
     context: Context
+
+    def to_input(self) -> DecryptInput:
+        return DecryptInput(self.ciphertext, self.context)
 
 
 class DataKeyItem(_Body):
@@ -142,6 +190,9 @@ class DataKeyItem(_Body):
     context: Context
     include_plaintext: bool = True
 
+    def to_input(self) -> DataKeyInput:
+        return DataKeyInput(self.bits, self.context, self.include_plaintext)
+
 
 class RewrapItem(_Body):
     """Re-wrap a ciphertext's data key under this key's primary version (the body and the
@@ -149,6 +200,9 @@ class RewrapItem(_Body):
 
     ciphertext: B64
     context: Context
+
+    def to_input(self) -> RewrapInput:
+        return RewrapInput(self.ciphertext, self.context)
 
 
 ItemT = TypeVar("ItemT", bound=BaseModel)
@@ -252,6 +306,19 @@ class CreateKeyRequest(_Body):
                 raise ValueError(f"invalid label name {label!r}")
         return self
 
+    def to_input(self) -> NewKey:
+        """Raises InvalidRequest for a malformed `rotation_period`."""
+        return NewKey(
+            name=self.name,
+            purpose=self.purpose,
+            type=self.type,
+            backend=self.backend,
+            labels=self.labels,
+            rotation_period=_optional_duration(self.rotation_period),
+            public_key=self.public_key,
+            uri=self.uri,
+        )
+
 
 class PatchKeyRequest(_Body):
     min_decrypt_version: int | None = Field(default=None, ge=1)
@@ -259,6 +326,12 @@ class PatchKeyRequest(_Body):
     labels: dict[str, Annotated[str, Field(max_length=256)]] | None = Field(
         default=None, max_length=32
     )
+
+    def to_input(self) -> KeyChanges:
+        """Raises InvalidRequest for a malformed `rotation_period`."""
+        return KeyChanges(
+            self.min_decrypt_version, _optional_duration(self.rotation_period), self.labels
+        )
 
 
 class CompromisedRequest(_Body):
@@ -280,9 +353,16 @@ class TokenCreateRequest(_Body):
     ttl: str | int | None = None
     description: str = Field(default="", max_length=256)
 
+    def to_input(self) -> NewToken:
+        """Raises InvalidRequest for a malformed `ttl`."""
+        return NewToken(tuple(self.roles), _optional_duration(self.ttl), self.description)
+
 
 class PolicyEvaluateRequest(_Body):
     principal: dict[str, Any]
     action: str = Field(max_length=64)
     resource: dict[str, Any] = Field(default_factory=dict)
     request: dict[str, Any] = Field(default_factory=dict)
+
+    def to_input(self) -> PolicyQuery:
+        return PolicyQuery(self.principal, self.action, self.resource, self.request)

@@ -162,8 +162,8 @@ def test_deletion_schedule_cancel_and_destroy(api, admin):
     assert api.call("POST", "/v1/keys/k1/cancel-deletion", admin).json()["state"] == "disabled"
     api.call("POST", "/v1/keys/k1/schedule-deletion", admin, json={"pending_days": 7})
     service = api.service
-    assert service.destroy_due_keys(Ctx("t")) == []
-    assert service.destroy_due_keys(Ctx("t"), datetime.now(UTC) + timedelta(days=8)) == ["k1"]
+    assert service.keys.destroy_due(Ctx("t")) == []
+    assert service.keys.destroy_due(Ctx("t"), datetime.now(UTC) + timedelta(days=8)) == ["k1"]
     key = api.call("GET", "/v1/keys/k1", admin).json()
     assert key["state"] == "destroyed"
     assert [v["state"] for v in key["versions"]] == ["destroyed"]

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from kmsgate.auth import Credentials
 from kmsgate.bootstrap import build_service, init_wrapped_root_key
 from kmsgate.config import load_settings
 from kmsgate.errors import ConfigError
-from kmsgate.schemas import CreateKeyRequest, SignItem
 from kmsgate.service import Ctx
+from kmsgate.service.requests import NewKey, SignInput
 
 
 @pytest.fixture
@@ -56,14 +57,16 @@ def test_root_key_survives_restarts_and_kek_rotation(unseal_settings):
         init_wrapped_root_key(settings())
 
     service = build_service(settings())
-    admin = service.tokens.authenticate(service.tokens.create(["admin"], ttl=None)[1])
-    service.create_key(admin, Ctx("t"), CreateKeyRequest(name="k", type="ed25519", purpose="p"))
+    bearer = service.tokens.create(["admin"], ttl=None)[1]
+    admin = service.gate.authenticate(Credentials(bearer=bearer), Ctx("t"))
+    service.keys.create(admin, Ctx("t"), NewKey(name="k", type="ed25519", purpose="p"))
     service.close()
 
     server.client().secrets.transit.rotate_key(name=kek)
     service = build_service(settings())  # unwraps again, after a KEK rotation
-    signed = service.sign(admin, Ctx("t"), "k", [SignItem(input=b"m")], False)
-    assert signed["key_version"] == 1
+    target = service.gate.target("k")
+    [signed] = service.crypto.sign(admin, Ctx("t"), target, [SignInput(input=b"m")], False)
+    assert signed.key_version == 1
     service.close()
 
 

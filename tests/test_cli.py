@@ -7,7 +7,7 @@ CLI writes are checked with `openssl` and the audit log the server wrote is chec
 `kmsgate audit verify`.
 
 The tests at the end ("known bugs") describe behaviour the CLI should have and does not yet;
-they fail until kmsgate/cli.py is fixed.
+they fail until kmsgate/cli/ is fixed.
 """
 
 from __future__ import annotations
@@ -670,7 +670,7 @@ def test_unreachable_gateway_is_a_one_line_error() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# known bugs: these fail until kmsgate/cli.py is fixed (see each docstring)
+# known bugs: these fail until kmsgate/cli/ is fixed (see each docstring)
 # --------------------------------------------------------------------------------------------
 
 

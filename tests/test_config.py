@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kmsgate.auth import Credentials
 from kmsgate.backends.softkms import create_root_key_file
 from kmsgate.bootstrap import (
     bootstrap_token,
@@ -91,7 +92,7 @@ def test_dev_root_token_written_once(tmp_path):
     assert (data / "root-token").read_text().strip() == token
     assert (data / "root-token").stat().st_mode & 0o777 == 0o600
     assert ensure_root_token(service, data) is None
-    assert service.tokens.authenticate(token).roles == ("admin",)
+    assert service.tokens.authenticate(Credentials(bearer=token)).roles == ("admin",)
     service.close()
 
 
@@ -113,6 +114,6 @@ def test_bootstrap_token_for_production(tmp_path):
     settings = load_settings(data_dir=data, root_key_file=key)
     token = bootstrap_token(settings, ["admin"], "first admin")
     service = build_service(settings)
-    assert service.tokens.authenticate(token).roles == ("admin",)
+    assert service.tokens.authenticate(Credentials(bearer=token)).roles == ("admin",)
     service.close()
     assert "token.bootstrap" in (data / "audit.log").read_text()

@@ -13,15 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kmsgate.auth import Principal
 from kmsgate.backends.base import BackendKey
 from kmsgate.backends.softkms import SoftKmsBackend
 from kmsgate.bootstrap import build_service, prepare_dev_data_dir
 from kmsgate.catalogue import KeyState
 from kmsgate.config import load_settings
 from kmsgate.jobs import Jobs, leader_lock
-from kmsgate.schemas import CreateKeyRequest, ScheduleDeletionRequest
 from kmsgate.service import Ctx
-from kmsgate.tokens import Principal
+from kmsgate.service.requests import NewKey
 from tests.gateway import Api, open_gateway
 from tests.test_cli import running_gateway
 
@@ -123,11 +123,9 @@ def test_a_due_key_is_destroyed_by_exactly_one_of_four_processes(
     try:
         admin = Principal(id="test", kind="token", roles=("admin",))
         first = services[0]
-        first.create_key(
-            admin, Ctx("t"), CreateKeyRequest(name="doomed", type="ed25519", purpose="p")
-        )
-        first.rotate_key(admin, Ctx("t"), "doomed")
-        first.schedule_deletion(admin, Ctx("t"), "doomed", ScheduleDeletionRequest(pending_days=7))
+        first.keys.create(admin, Ctx("t"), NewKey(name="doomed", type="ed25519", purpose="p"))
+        first.keys.rotate(admin, Ctx("t"), "doomed")
+        first.keys.schedule_deletion(admin, Ctx("t"), "doomed", pending_days=7)
         later = datetime.now(UTC) + timedelta(days=8)
         start = threading.Barrier(len(services))
         led: list[bool] = []

@@ -12,10 +12,10 @@ import pytest
 import sqlalchemy as sa
 
 from kmsgate.algorithms import KeyType
+from kmsgate.auth import Credentials, TokenRegistry
 from kmsgate.catalogue import Catalogue, Key, KeyState, KeyVersion
 from kmsgate.errors import Conflict, Unauthenticated
 from kmsgate.store import Store, tables
-from kmsgate.tokens import TokenRegistry
 
 
 @pytest.fixture
@@ -53,12 +53,12 @@ def test_migrate_is_idempotent(store):
 
 
 def test_round_trip_and_epoch(store):
-    before, tokens_before = store.epoch("keys"), store.epoch("tokens")
+    before, tokens_before = store.feed.epoch("keys"), store.feed.epoch("tokens")
     catalogue = Catalogue(store)
     catalogue.insert(make_key())
-    assert store.epoch("keys") == before + 1
-    assert store.epoch("tokens") == tokens_before
-    assert store.changes_since("keys", before) == [(before + 1, "k")]
+    assert store.feed.epoch("keys") == before + 1
+    assert store.feed.epoch("tokens") == tokens_before
+    assert store.feed.changes_since("keys", before) == [(before + 1, "k")]
     fresh = Catalogue(store).get("k")
     assert fresh == catalogue.get("k")
     assert fresh.versions[1].material == b"m1"
@@ -157,7 +157,7 @@ def test_a_pruned_feed_falls_back_to_one_full_reload(store):
     reader = Catalogue(store)
     writer.insert(make_key("a"))
     writer.insert(make_key("b"))
-    assert store.prune_changes(datetime.now(UTC) + timedelta(seconds=1)) >= 2
+    assert store.feed.prune(datetime.now(UTC) + timedelta(seconds=1)) >= 2
     writer.update(writer.get("a"), labels={"env": "z"}, updated_at=datetime.now(UTC))
     reader.refresh()  # its epoch is older than what the feed still holds
     assert reader.full_reloads == 2 and reader.item_reloads == 0
@@ -168,9 +168,9 @@ def test_a_token_created_on_one_replica_authenticates_on_another_at_once(store):
     a = TokenRegistry(store)
     b = TokenRegistry(store)  # not refreshed in this test
     info, token = a.create(["admin"], ttl=None)
-    assert b.authenticate(token).id == f"token:{info.id}"
+    assert b.authenticate(Credentials(bearer=token)).id == f"token:{info.id}"
     with pytest.raises(Unauthenticated):
-        b.authenticate(f"kmg.{'0' * 16}.nope")
+        b.authenticate(Credentials(bearer=f"kmg.{'0' * 16}.nope"))
 
 
 def test_token_revocation_reaches_other_replicas(store):
@@ -178,21 +178,21 @@ def test_token_revocation_reaches_other_replicas(store):
     b = TokenRegistry(store)
     info, token = a.create(["admin"], ttl=None)
     b.refresh()
-    assert b.authenticate(token).id == f"token:{info.id}"
+    assert b.authenticate(Credentials(bearer=token)).id == f"token:{info.id}"
     a.revoke(info.id)
     b.refresh()
     with pytest.raises(Unauthenticated):
-        b.authenticate(token)
-    stored = store.load_tokens()[0]
+        b.authenticate(Credentials(bearer=token))
+    stored = store.tokens.all()[0]
     assert token.split(".")[2] not in str(stored)
 
 
-def test_a_write_during_a_reload_is_not_lost(store):
+def test_a_write_during_a_reload_is_not_lost(store, monkeypatch):
     """Read-your-writes: a reload loads the rows, then swaps in its snapshot. A key inserted
     between the load and the swap must survive the swap (the reload is held in between, at
     most 1 s, so a fix that serialises writes with reloads cannot deadlock the test)."""
     catalogue = Catalogue(store)
-    real_load = store.load_keys
+    real_load = store.keys.all
     loaded, release = threading.Event(), threading.Event()
 
     def held_load():
@@ -201,7 +201,7 @@ def test_a_write_during_a_reload_is_not_lost(store):
         release.wait(timeout=1.0)
         return rows
 
-    store.load_keys = held_load
+    monkeypatch.setattr(store.keys, "all", held_load)
     try:
         reload = threading.Thread(target=catalogue.reload)
         reload.start()
@@ -213,28 +213,25 @@ def test_a_write_during_a_reload_is_not_lost(store):
         inserter.join(timeout=10)
         reload.join(timeout=10)
     finally:
-        del store.load_keys
+        release.set()
     assert catalogue.find("during") is not None
 
 
-def test_misses_read_through_only_within_the_budget(store):
+def test_misses_read_through_only_within_the_budget(store, monkeypatch):
     """Unknown names cannot turn into one query each: past the budget a miss answers
     unknown from memory, and a later miss (budget refilled) reads through again."""
     reader = Catalogue(store, read_through_per_second=2.0)
     Catalogue(store).insert(make_key("late"))  # not in the reader's cache yet
     queries = []
-    real_load_key = store.load_key
+    real_load_key = store.keys.get
 
     def counting_load_key(name):
         queries.append(name)
         return real_load_key(name)
 
-    store.load_key = counting_load_key
-    try:
-        assert [reader.find(f"nope-{i}") for i in range(10)] == [None] * 10
-        assert len(queries) == 2
-        time.sleep(0.6)  # the bucket refills at 2 per second
-        assert reader.find("late") is not None
-        assert queries[-1] == "late"
-    finally:
-        del store.load_key
+    monkeypatch.setattr(store.keys, "get", counting_load_key)
+    assert [reader.find(f"nope-{i}") for i in range(10)] == [None] * 10
+    assert len(queries) == 2
+    time.sleep(0.6)  # the bucket refills at 2 per second
+    assert reader.find("late") is not None
+    assert queries[-1] == "late"

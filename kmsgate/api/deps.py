@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from kmsgate.auth import Credentials, Principal
 from kmsgate.service import Ctx, Service
-from kmsgate.tokens import Principal
 
 
 def resolve_caller(request: Request) -> tuple[Service, Principal, Ctx]:
@@ -15,9 +15,12 @@ def resolve_caller(request: Request) -> tuple[Service, Principal, Ctx]:
     dependency machinery (hot routes: sign, verify, mac). Raises Unauthenticated."""
     service: Service = request.app.state.service
     ctx = Ctx(request_id=getattr(request.state, "request_id", "-"))
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    bearer = credentials.strip() if scheme.lower() == "bearer" else None
-    return service, service.authenticate(bearer, ctx), ctx
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    credentials = Credentials(
+        bearer=value.strip() if scheme.lower() == "bearer" else None,
+        remote_addr=request.client.host if request.client else None,
+    )
+    return service, service.gate.authenticate(credentials, ctx), ctx
 
 
 async def get_service(request: Request) -> Service:
@@ -30,7 +33,7 @@ async def get_ctx(request: Request) -> Ctx:
 
 
 async def get_principal(request: Request) -> Principal:
-    """The caller, from `Authorization: Bearer <token>`. Raises Unauthenticated."""
+    """The caller, from the request's credentials. Raises Unauthenticated."""
     return resolve_caller(request)[1]
 
 

@@ -8,13 +8,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.routing import Route
 
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
-from kmsgate.api.responses import json_response
-from kmsgate.errors import InvalidRequest
+from kmsgate.api.responses import json_response, operation_body
+from kmsgate.errors import InvalidRequest, VerificationFailed
 from kmsgate.schemas import (
     CompromisedRequest,
     CreateKeyRequest,
@@ -31,12 +30,23 @@ from kmsgate.schemas import (
     operation_schema,
     parse_operation,
 )
-from kmsgate.service import Ctx, Result, Service
-from kmsgate.tokens import Principal
+from kmsgate.service import Service
+from kmsgate.service.crypto import Crypto
+from kmsgate.service.envelope import Envelopes
 
 PREFIX = "/v1/keys"
 POLICY_DIGEST_HEADER = "x-kmsgate-policy-digest"
-Operation = Callable[[Service, Principal, Ctx, str, list[Any], bool], Result]
+OperationItem = (
+    SignItem | VerifyItem | MacItem | MacVerifyItem | EncryptItem | DecryptItem | DataKeyItem
+) | RewrapItem
+
+
+def _crypto(service: Service) -> Crypto:
+    return service.crypto
+
+
+def _envelopes(service: Service) -> Envelopes:
+    return service.envelopes
 
 
 @dataclass(frozen=True)
@@ -45,8 +55,12 @@ class HotOperation:
     that skips FastAPI's per-request dependency machinery (DESIGN §10)."""
 
     path: str
-    item_type: type[BaseModel]
-    run: Operation
+    item_type: type[OperationItem]
+    owner: Callable[[Service], Any]
+    """The use-case object in the service that `run` is a method of."""
+    run: Callable[..., list[Any]]
+    """The use case, an unbound method of `owner(service)`: (self, principal, ctx, target,
+    items, batch) -> one result or error per item."""
     doc: str
     threadpool: bool = False  # always off the event loop (may reach another key's backend)
 
@@ -59,46 +73,55 @@ HOT_OPERATIONS = (
     HotOperation(
         "/{name}/sign",
         SignItem,
-        Service.sign,
+        _crypto,
+        Crypto.sign,
         "Sign `input` or a prehashed `digest`; reply `{signature, key_version, algorithm}`.",
     ),
     HotOperation(
         "/{name}/verify",
         VerifyItem,
-        Service.verify,
+        _crypto,
+        Crypto.verify,
         "Verify a signature; reply `{valid, key_version}`.",
     ),
-    HotOperation("/{name}/mac", MacItem, Service.mac, "HMAC `input`; reply `{mac, key_version}`."),
+    HotOperation(
+        "/{name}/mac", MacItem, _crypto, Crypto.mac, "HMAC `input`; reply `{mac, key_version}`."
+    ),
     HotOperation(
         "/{name}/mac/verify",
         MacVerifyItem,
-        Service.mac_verify,
+        _crypto,
+        Crypto.mac_verify,
         "Check a MAC in constant time; reply `{valid, key_version}`.",
     ),
     HotOperation(
         "/{name}/encrypt",
         EncryptItem,
-        Service.encrypt,
+        _envelopes,
+        Envelopes.encrypt,
         "Encrypt `plaintext` (fresh data key, AES-256-GCM, `context` bound as AAD); reply "
         "`{ciphertext, key_version}` (format: docs/formats.md).",
     ),
     HotOperation(
         "/{name}/decrypt",
         DecryptItem,
-        Service.decrypt,
+        _envelopes,
+        Envelopes.decrypt,
         "Decrypt a ciphertext from `encrypt` or `datakey` with its `context`; reply "
         "`{plaintext, key_version}`.",
     ),
     HotOperation(
         "/{name}/datakey",
         DataKeyItem,
-        Service.datakey,
+        _envelopes,
+        Envelopes.datakey,
         "A fresh data key; reply `{plaintext?, ciphertext, key_version}`.",
     ),
     HotOperation(
         "/{name}/rewrap",
         RewrapItem,
-        Service.rewrap,
+        _envelopes,
+        Envelopes.rewrap,
         "Re-wrap a ciphertext's data key under the primary version (of this key, also for a "
         "ciphertext of another key); reply `{ciphertext, key_version}`.",
         threadpool=True,
@@ -106,20 +129,31 @@ HOT_OPERATIONS = (
 )
 
 
+def _run(op: HotOperation, service: Service, *args: Any) -> list[Any]:
+    """`op` on the service; a single signature or MAC that does not verify is a result
+    (`{valid: false}`), not an error."""
+    try:
+        return op.run(op.owner(service), *args)
+    except VerificationFailed as exc:
+        return [exc]
+
+
 async def _operation(request: Request, op: HotOperation) -> Response:
-    """Authenticate, parse the body (one item or a batch) and run `op` on the key in the
-    path. Hot path: no dependency injection, raw body parsing; blocking backends go to the
-    thread pool, in-process ones stay on the event loop."""
+    """Authenticate, parse the body (one item or a batch), look the key up once and run
+    `op` on it. Hot path: no dependency injection, raw body parsing; blocking backends go
+    to the thread pool, in-process ones stay on the event loop."""
     service, principal, ctx = resolve_caller(request)
-    name: str = request.path_params["name"]
     items, batch = parse_operation(
         await request.body(), op.item_type, service.settings.limits.max_batch
     )
-    if op.threadpool or service.is_blocking(name):
-        result = await run_in_threadpool(op.run, service, principal, ctx, name, items, batch)
+    inputs = [item.to_input() for item in items]
+    target = service.gate.target(request.path_params["name"])
+    args = (op, service, principal, ctx, target, inputs, batch)
+    if op.threadpool or target.blocking:
+        results = await run_in_threadpool(_run, *args)
     else:
-        result = op.run(service, principal, ctx, name, items, batch)
-    response = json_response(result)
+        results = _run(*args)
+    response = json_response(operation_body(results, batch))
     # the policy that authorised this operation: signers stamp it into attestations
     response.headers[POLICY_DIGEST_HEADER] = service.policy.digest
     return response
@@ -184,7 +218,7 @@ def create_key(
     body: CreateKeyRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
     """Create a key (or import a verify-only public key)."""
-    return service.create_key(principal, ctx, body).to_dict()
+    return service.keys.create(principal, ctx, body.to_input()).to_dict()
 
 
 def list_keys(
@@ -195,37 +229,37 @@ def list_keys(
     label: Annotated[list[str], Query(max_length=32)] = [],  # noqa: B006
 ) -> dict[str, Any]:
     """Keys the caller may read, filtered by purpose and `label=name:value`."""
-    keys = service.list_keys(principal, ctx, purpose=purpose, labels=_labels(label))
+    keys = service.keys.search(principal, ctx, purpose=purpose, labels=_labels(label))
     return {"keys": [key.to_dict() for key in keys]}
 
 
 async def get_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
-    return json_response(service.get_key(principal, ctx, name).to_dict())
+    return json_response(service.keys.get(principal, ctx, name).to_dict())
 
 
 def rotate_key(
     name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
     """Create a new primary version; old versions keep verifying."""
-    return service.rotate_key(principal, ctx, name).to_dict()
+    return service.keys.rotate(principal, ctx, name).to_dict()
 
 
 def disable_key(
     name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
-    return service.disable_key(principal, ctx, name).to_dict()
+    return service.keys.disable(principal, ctx, name).to_dict()
 
 
 def enable_key(
     name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
-    return service.enable_key(principal, ctx, name).to_dict()
+    return service.keys.enable(principal, ctx, name).to_dict()
 
 
 def update_key(
     name: str, body: PatchKeyRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
-    return service.update_key(principal, ctx, name, body).to_dict()
+    return service.keys.update(principal, ctx, name, body.to_input()).to_dict()
 
 
 def mark_compromised(
@@ -236,7 +270,7 @@ def mark_compromised(
     principal: PrincipalDep,
     ctx: CtxDep,
 ) -> dict[str, Any]:
-    return service.mark_compromised(principal, ctx, name, version, body).to_dict()
+    return service.keys.mark_compromised(principal, ctx, name, version, body.since).to_dict()
 
 
 def schedule_deletion(
@@ -246,13 +280,13 @@ def schedule_deletion(
     principal: PrincipalDep,
     ctx: CtxDep,
 ) -> dict[str, Any]:
-    return service.schedule_deletion(principal, ctx, name, body).to_dict()
+    return service.keys.schedule_deletion(principal, ctx, name, body.pending_days).to_dict()
 
 
 def cancel_deletion(
     name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
-    return service.cancel_deletion(principal, ctx, name).to_dict()
+    return service.keys.cancel_deletion(principal, ctx, name).to_dict()
 
 
 async def public_key(
@@ -263,10 +297,10 @@ async def public_key(
     version: Annotated[int | None, Query(ge=1)] = None,
 ) -> Response:
     """PEM SubjectPublicKeyInfo of a version (default: primary)."""
-    pem = service.public_key_pem(principal, ctx, name, version)
+    pem = service.keys.public_key_pem(principal, ctx, name, version)
     return Response(pem, media_type="application/x-pem-file")
 
 
 async def jwks(name: str, service: ServiceDep) -> Response:
     """Public: the JWKS of the key's usable versions."""
-    return json_response(service.jwks(name))
+    return json_response(service.keys.jwks(name))

@@ -11,8 +11,9 @@ from starlette.responses import PlainTextResponse, Response
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
 from kmsgate.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsgate.api.metrics import Metrics
-from kmsgate.api.responses import json_response
+from kmsgate.api.responses import json_response, result_body
 from kmsgate.schemas import PolicyEvaluateRequest, TokenCreateRequest
+from kmsgate.service.requests import AuditQuery
 
 
 async def health() -> Response:
@@ -38,44 +39,44 @@ def metrics(
 ) -> Response:
     """Prometheus text (action `metrics.read`): requests by route and status, latency per
     operation, backend errors."""
-    service.authorize_metrics(principal, ctx)
+    service.system.authorize_metrics(principal, ctx)
     registry: Metrics = request.app.state.metrics
     return Response(registry.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 def policy_info(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
     """The loaded policy bundle's digest and files."""
-    return service.policy_info(principal, ctx)
+    return result_body(service.system.policy_info(principal, ctx))
 
 
 def policy_evaluate(
     body: PolicyEvaluateRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
     """What the policy decides for a given input: `{allow, reasons}`."""
-    return service.evaluate_policy(principal, ctx, body)
+    return result_body(service.system.evaluate_policy(principal, ctx, body.to_input()))
 
 
 def policy_reload(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
     """Re-read the policy files atomically; the old policy stays if the new one is invalid."""
-    return service.reload_policy(principal, ctx)
+    return {"digest": service.system.reload_policy(principal, ctx)}
 
 
 def create_token(
     body: TokenCreateRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
     """A new API token: the `token` string is shown only in this reply."""
-    info, token = service.create_token(principal, ctx, body)
+    info, token = service.system.create_token(principal, ctx, body.to_input())
     return {**info.to_dict(), "token": token}
 
 
 def list_tokens(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
-    return {"tokens": [t.to_dict() for t in service.list_tokens(principal, ctx)]}
+    return {"tokens": [t.to_dict() for t in service.system.list_tokens(principal, ctx)]}
 
 
 def revoke_token(
     token_id: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
-    return service.revoke_token(principal, ctx, token_id).to_dict()
+    return service.system.revoke_token(principal, ctx, token_id).to_dict()
 
 
 def audit_events(
@@ -89,16 +90,8 @@ def audit_events(
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> dict[str, Any]:
     """Audit records, oldest first, filtered."""
-    events = service.audit_events(
-        principal,
-        ctx,
-        since=since,
-        principal_id=principal_id,
-        key=key,
-        action=action,
-        limit=limit,
-    )
-    return {"events": events}
+    query = AuditQuery(since=since, principal=principal_id, key=key, action=action, limit=limit)
+    return {"events": service.system.audit_events(principal, ctx, query)}
 
 
 def build_router() -> APIRouter:

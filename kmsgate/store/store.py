@@ -17,18 +17,3 @@ class Store(Database):
         self.keys = Keys(self)
         self.tokens = Tokens(self)
         self.feed = Feed(self)
-        # The former flat names, until kmsgate.catalogue, kmsgate.auth.tokens, kmsgate.jobs
-        # and tests/test_store.py call the objects above; then these lines go.
-        self.insert_key = self.keys.insert
-        self.add_version = self.keys.add_version
-        self.update_key = self.keys.update
-        self.update_version = self.keys.update_version
-        self.load_key = self.keys.get
-        self.load_keys = self.keys.all
-        self.insert_token = self.tokens.insert
-        self.revoke_token = self.tokens.revoke
-        self.load_token = self.tokens.get
-        self.load_tokens = self.tokens.all
-        self.epoch = self.feed.epoch
-        self.changes_since = self.feed.changes_since
-        self.prune_changes = self.feed.prune

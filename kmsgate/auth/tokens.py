@@ -1,4 +1,4 @@
-"""API tokens and the authenticated principal.
+"""API tokens: the first authenticator.
 
 A token reads `kmg.<id>.<secret>`: the id (public, 16 hex) finds the record, the secret
 (256 random bits) is checked against its stored SHA-256 in constant time. Only hashes are
@@ -16,8 +16,10 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Final
 
+from kmsgate.auth.authenticator import Credentials
+from kmsgate.auth.principal import Principal
 from kmsgate.errors import InvalidRequest, NotFound, Unauthenticated
 from kmsgate.store import READ_THROUGH_PER_SECOND, Row, Store, StoreMirror, utc
 
@@ -25,26 +27,6 @@ _PREFIX = "kmg"
 _ROLE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.:")
 _MAX_ROLES = 32
 _TOKEN_ID = re.compile(r"[0-9a-f]{16}")
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling: the subject of every policy decision and audit record."""
-
-    id: str
-    kind: str
-    roles: tuple[str, ...]
-    claims: dict[str, Any] = field(default_factory=dict)
-    tenant: str | None = None
-
-    def policy_document(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "roles": list(self.roles),
-            "claims": self.claims,
-            "tenant": self.tenant,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +91,10 @@ class TokenRegistry(StoreMirror):
         super().__init__(store, read_through_per_second=read_through_per_second)
 
     def _load(self) -> None:
-        self._tokens = {row["id"]: _info_from_row(row) for row in self._store.load_tokens()}
+        self._tokens = {row["id"]: _info_from_row(row) for row in self._store.tokens.all()}
 
     def _load_item(self, item: str) -> None:
-        row = self._store.load_token(item)
+        row = self._store.tokens.get(item)
         if row is None:
             self._tokens.pop(item, None)
         else:
@@ -151,7 +133,7 @@ class TokenRegistry(StoreMirror):
         return info, f"{_PREFIX}.{token_id}.{secret}"
 
     def _insert(self, info: TokenInfo) -> None:
-        self._store.insert_token(
+        self._store.tokens.insert(
             {
                 "id": info.id,
                 "secret_hash": info.secret_hash,
@@ -164,10 +146,16 @@ class TokenRegistry(StoreMirror):
         )
         self._tokens[info.id] = info
 
-    def authenticate(self, bearer: str | None) -> Principal:
-        """The principal a bearer token stands for. Raises Unauthenticated (one message for
-        every failure, so a caller learns nothing about which part was wrong)."""
-        parts = (bearer or "").split(".")
+    kind: Final = "token"
+
+    def authenticate(self, credentials: Credentials) -> Principal | None:
+        """The principal the bearer token stands for; None without a bearer token.
+
+        Raises Unauthenticated (one message for every failure, so a caller learns nothing
+        about which part was wrong)."""
+        if credentials.bearer is None:
+            return None
+        parts = credentials.bearer.split(".")
         token_id, secret = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
         info = self._find(token_id) if parts[0] == _PREFIX else None
         expected = info.secret_hash if info else "0" * 64
@@ -187,7 +175,7 @@ class TokenRegistry(StoreMirror):
     def revoke(self, token_id: str) -> TokenInfo:
         """Revoke a token at once. Raises NotFound if no live token has that id."""
         now = datetime.now(UTC)
-        if not self._store.revoke_token(token_id, now):
+        if not self._store.tokens.revoke(token_id, now):
             raise NotFound(f"no live token with id {token_id!r}")
         with self._lock:
             self._load_item(token_id)

@@ -1,0 +1,69 @@
+"""Credentials, the authenticator protocol, and the chain the gateway asks in turn."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+
+from kmsgate.auth.principal import Principal, PrincipalKind
+from kmsgate.errors import Unauthenticated
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a request offers to prove who sent it (the transport already checked the
+    certificate chain when `peer_chain` is set)."""
+
+    bearer: str | None = None
+    peer_chain: tuple[x509.Certificate, ...] = ()
+    remote_addr: str | None = None
+
+
+class Authenticator(Protocol):
+    """One way of authenticating (API tokens today; OIDC and mTLS next)."""
+
+    @property
+    def kind(self) -> PrincipalKind:
+        """The principal kind this authenticator vouches for (named in audit records)."""
+        ...
+
+    def authenticate(self, credentials: Credentials) -> Principal | None:
+        """The principal behind `credentials`, or None when they are not of this kind.
+
+        Raises Unauthenticated when they are of this kind but do not prove anything
+        (invalid, expired or revoked)."""
+        ...
+
+
+class AuthenticationFailed(Unauthenticated):
+    """Unauthenticated, naming the authenticator kind that refused (for the audit record)."""
+
+    def __init__(self, kind: str, cause: Unauthenticated) -> None:
+        super().__init__(cause.detail)
+        self.kind = kind
+
+
+class Authenticators:
+    """The configured authenticators, asked in order; the first that recognises the
+    credentials decides."""
+
+    def __init__(self, authenticators: Sequence[Authenticator]) -> None:
+        self._authenticators = tuple(authenticators)
+        self.fallback_kind = self._authenticators[0].kind if self._authenticators else "token"
+
+    def authenticate(self, credentials: Credentials) -> Principal:
+        """The caller. Raises AuthenticationFailed (an Unauthenticated) if no authenticator
+        accepts the credentials."""
+        for authenticator in self._authenticators:
+            try:
+                principal = authenticator.authenticate(credentials)
+            except Unauthenticated as exc:
+                raise AuthenticationFailed(authenticator.kind, exc) from None
+            if principal is not None:
+                return principal
+        raise AuthenticationFailed(
+            self.fallback_kind, Unauthenticated("missing, invalid, expired or revoked token")
+        )

@@ -1,0 +1,69 @@
+"""Running an operation's items (one, or a batch) on one key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+from kmsgate.catalogue import Key
+from kmsgate.errors import KmsgateError, TooLarge
+from kmsgate.service.gate import Outcome
+from kmsgate.service.results import ItemResults
+
+
+class _Versioned(Protocol):
+    @property
+    def key_version(self) -> int: ...
+
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT", bound=_Versioned)
+RunAll = Callable[[Key, Sequence[ItemT]], ItemResults[ResultT]]
+"""Runs every item on the key, each error in its item's place."""
+
+
+def each(
+    one: Callable[[Key, ItemT], ResultT], key: Key, items: Sequence[ItemT]
+) -> ItemResults[ResultT]:
+    """`one` item by item, keeping each item's error in its place."""
+    results: ItemResults[ResultT] = []
+    for item in items:
+        try:
+            results.append(one(key, item))
+        except KmsgateError as exc:
+            results.append(exc)
+    return results
+
+
+def run_items(
+    key: Key,
+    outcome: Outcome,
+    items: Sequence[ItemT],
+    batch: bool,
+    run: RunAll[ItemT, ResultT],
+) -> ItemResults[ResultT]:
+    """Run the items on an enabled key. A single item's error is raised; a batch reports
+    its item and failure counts to the audit record.
+
+    Raises KeyDisabled & co. for a key that is not enabled, and a single item's error.
+    """
+    key.require_enabled()
+    results = run(key, items)
+    if not batch:
+        result = results[0]
+        if isinstance(result, KmsgateError):
+            raise result
+        outcome.key_version = result.key_version
+        return results
+    outcome.detail["items"] = len(items)
+    outcome.detail["failed"] = sum(1 for r in results if isinstance(r, KmsgateError))
+    return results
+
+
+def check_size(data: bytes, limit: int) -> bytes:
+    """`data` if it is at most `limit` bytes. Raises TooLarge."""
+    if len(data) > limit:
+        raise TooLarge(
+            f"input of {len(data)} bytes exceeds the limit of {limit}; send a digest instead"
+        )
+    return data

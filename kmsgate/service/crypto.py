@@ -1,0 +1,208 @@
+"""Use cases: sign, verify, mac, mac verify (one item or a batch, on one key)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
+from typing import TypeVar
+
+from kmsgate.algorithms import (
+    HashName,
+    KeyUsage,
+    SignAlg,
+    check_digest,
+    default_sign_algorithm,
+    mac_algorithm,
+    sign_algorithm,
+    verify_with_public_key,
+)
+from kmsgate.auth import Principal
+from kmsgate.backends.base import MacCapable, SignMessage, require_capability
+from kmsgate.catalogue import Key
+from kmsgate.errors import KmsgateError, MacInvalid, SignatureInvalid
+from kmsgate.service.batch import ResultT, RunAll, check_size, each, run_items
+from kmsgate.service.gate import Call, Ctx, Gate, KeyTarget
+from kmsgate.service.requests import MacInput, MacVerifyInput, SignInput, VerifyInput
+from kmsgate.service.results import ItemResults, Mac, Signature, Verified
+
+MessageT = TypeVar("MessageT", bound=SignInput | VerifyInput | MacInput | MacVerifyInput)
+
+
+class Crypto:
+    """Signatures and MACs with the key in the request. Verification runs in-process with
+    the cached public keys; signing and MACs go to the key's backend."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.max_input = gate.settings.limits.max_input_bytes
+
+    def sign(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        target: KeyTarget,
+        items: Sequence[SignInput],
+        batch: bool,
+    ) -> ItemResults[Signature]:
+        """Sign one item or a batch. Raises PolicyDenied, NotFound, KeyDisabled & co., and
+        (single item) the item's error: InvalidRequest, TooLarge, KeyVersionUnusable,
+        BackendError, ..."""
+        return self._operate(Call(principal, ctx, "sign", {}), target, items, batch, self._sign)
+
+    def verify(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        target: KeyTarget,
+        items: Sequence[VerifyInput],
+        batch: bool,
+    ) -> ItemResults[Verified]:
+        """Verify one signature or a batch. Raises SignatureInvalid (per item in a batch)
+        and what `sign` raises."""
+        run = partial(each, self._verify_one)
+        return self._operate(Call(principal, ctx, "verify", {}), target, items, batch, run)
+
+    def mac(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        target: KeyTarget,
+        items: Sequence[MacInput],
+        batch: bool,
+    ) -> ItemResults[Mac]:
+        """HMAC one input or a batch. Raises what `sign` raises, and NotSupported for a
+        backend without MACs."""
+        run = partial(each, self._mac_one)
+        return self._operate(Call(principal, ctx, "mac", {}), target, items, batch, run)
+
+    def mac_verify(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        target: KeyTarget,
+        items: Sequence[MacVerifyInput],
+        batch: bool,
+    ) -> ItemResults[Verified]:
+        """Check one MAC or a batch (full-length tags, constant-time comparison). Raises
+        MacInvalid (per item in a batch) and what `mac` raises."""
+        run = partial(each, self._mac_verify_one)
+        return self._operate(Call(principal, ctx, "mac.verify", {}), target, items, batch, run)
+
+    # -- the common path -------------------------------------------------------------------
+
+    def _operate(
+        self,
+        call: Call,
+        target: KeyTarget,
+        items: Sequence[MessageT],
+        batch: bool,
+        run: RunAll[MessageT, ResultT],
+    ) -> ItemResults[ResultT]:
+        """Decide on `call` (completed with the key and the items), run, audit."""
+        call = replace(
+            call,
+            resource=target.resource(),
+            request=_policy_request(target.key, items),
+            inputs=[_message_bytes(item) for item in items],
+        )
+        return self.gate.run_on_key(
+            call, target, lambda key, outcome: run_items(key, outcome, items, batch, run)
+        )
+
+    def _message(self, item: SignInput | VerifyInput, alg: SignAlg) -> tuple[bytes, bool]:
+        """The bytes to sign or verify and whether they are a digest. Raises InvalidRequest
+        (digest of the wrong length) or TooLarge."""
+        if item.digest is not None:
+            check_digest(alg, item.digest)
+            return item.digest, True
+        assert item.input is not None  # the edge guarantees exactly one of the two
+        return check_size(item.input, self.max_input), False
+
+    # -- per operation ---------------------------------------------------------------------
+
+    def _sign(self, key: Key, items: Sequence[SignInput]) -> ItemResults[Signature]:
+        """Check every item, then sign the valid ones with one backend call per key version
+        (a backend with a batch API signs a whole batch in a few requests)."""
+        results: dict[int, Signature | KmsgateError] = {}
+        pending: dict[int, list[tuple[int, SignMessage]]] = {}
+        for index, item in enumerate(items):
+            try:
+                alg = sign_algorithm(key.type, item.algorithm)
+                version = key.usable_version(item.version, for_signing=True)
+                data, prehashed = self._message(item, alg)
+            except KmsgateError as exc:
+                results[index] = exc
+                continue
+            pending.setdefault(version.version, []).append(
+                (index, SignMessage(data, alg, prehashed))
+            )
+        for number, messages in pending.items():
+            signed = self.gate.registry.get(key.backend).sign_many(
+                key.backend_key(key.versions[number]), [msg for _, msg in messages]
+            )
+            for (index, message), signature in zip(messages, signed, strict=True):
+                results[index] = (
+                    signature
+                    if isinstance(signature, KmsgateError)
+                    else Signature(number, message.alg.name, signature)
+                )
+        return [results[index] for index in range(len(items))]
+
+    def _verify_one(self, key: Key, item: VerifyInput) -> Verified:
+        alg = sign_algorithm(key.type, item.algorithm)
+        data, prehashed = self._message(item, alg)
+        for version in key.verification_versions(item.version):
+            if version.compromised_since is not None and (
+                item.strict or (item.signed_at and version.is_compromised_at(item.signed_at))
+            ):
+                continue
+            public_key = version.public_key()
+            if public_key is not None and verify_with_public_key(
+                public_key, alg, data, item.signature, prehashed=prehashed
+            ):
+                return Verified(key_version=version.version)
+        raise SignatureInvalid(f"the signature does not verify under key {key.name!r}")
+
+    def _mac_backend(self, key: Key) -> MacCapable:
+        backend = self.gate.registry.get(key.backend)
+        return require_capability(backend, MacCapable, "compute MACs")  # type: ignore[type-abstract]
+
+    def _mac_one(self, key: Key, item: MacInput) -> Mac:
+        hash_name = mac_algorithm(key.type, item.algorithm)
+        version = key.usable_version(item.version, for_signing=True)
+        data = check_size(item.input, self.max_input)
+        tag = self._mac_backend(key).mac(key.backend_key(version), data, hash_name)
+        return Mac(tag, version.version)
+
+    def _mac_verify_one(self, key: Key, item: MacVerifyInput) -> Verified:
+        hash_name: HashName = mac_algorithm(key.type, item.algorithm)
+        data = check_size(item.input, self.max_input)
+        backend = self._mac_backend(key)
+        for version in key.verification_versions(item.version):
+            if backend.verify_mac(key.backend_key(version), data, item.mac, hash_name):
+                return Verified(key_version=version.version)
+        raise MacInvalid(f"the MAC does not verify under key {key.name!r}")
+
+
+def _message_bytes(item: SignInput | VerifyInput | MacInput | MacVerifyInput) -> bytes:
+    """What the audit record summarises for an item: its input or its digest."""
+    if item.input is not None:
+        return item.input
+    return getattr(item, "digest", None) or b""
+
+
+def _policy_request(
+    key: Key | None, items: Sequence[SignInput | VerifyInput | MacInput | MacVerifyInput]
+) -> dict[str, object]:
+    """The policy `request` document: the algorithm (when all items agree) and counts."""
+    default = default_sign_algorithm(key.type) if key else None
+    if key is not None and key.type.usage is KeyUsage.MAC:
+        default = key.type.value
+    algorithms = sorted({item.algorithm or default or "" for item in items})
+    return {
+        "algorithm": algorithms[0] if len(algorithms) == 1 else None,
+        "algorithms": algorithms,
+        "batch": len(items),
+        "prehashed": any(getattr(item, "digest", None) is not None for item in items),
+    }

@@ -1,0 +1,73 @@
+"""`Service`: the one object the REST API, the jobs and the tests hold."""
+
+from __future__ import annotations
+
+from kmsgate.audit import AuditLog
+from kmsgate.auth import Authenticators, TokenRegistry
+from kmsgate.backends.base import Registry
+from kmsgate.catalogue import Catalogue
+from kmsgate.config import Settings
+from kmsgate.policy import PolicyEngine
+from kmsgate.service.crypto import Crypto
+from kmsgate.service.envelope import Envelopes
+from kmsgate.service.gate import Gate
+from kmsgate.service.keys import Keys
+from kmsgate.service.system import System
+from kmsgate.store import Store
+
+
+class Service:
+    """Every kmsgate operation, by domain. Thread-safe; holds only caches.
+
+    ================================================  =================================
+    operation                                         module (`kmsgate/service/`)
+    ================================================  =================================
+    authenticate, decide, audit (every request)       `gate.py`   (`service.gate`)
+    sign, verify, mac, mac_verify                     `crypto.py` (`service.crypto`)
+    encrypt, decrypt, datakey, rewrap                 `envelope.py` (`service.envelopes`)
+    create, search, get, public_key_pem, jwks, rotate,  `keys.py`   (`service.keys`)
+    disable, enable, update, mark_compromised,
+    schedule_deletion, cancel_deletion, destroy_due
+    tokens, policy read/evaluate/reload, audit        `system.py` (`service.system`)
+    read, metrics authorisation
+    ================================================  =================================
+
+    Use cases take and return the frozen dataclasses of `requests.py` and `results.py`
+    (bytes, not base64); the API turns them into JSON.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        catalogue: Catalogue,
+        registry: Registry,
+        policy: PolicyEngine,
+        audit: AuditLog,
+        tokens: TokenRegistry,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.catalogue = catalogue
+        self.registry = registry
+        self.policy = policy
+        self.audit = audit
+        self.tokens = tokens
+        self.gate = Gate(
+            settings=settings,
+            catalogue=catalogue,
+            registry=registry,
+            policy=policy,
+            audit=audit,
+            authenticators=Authenticators([tokens]),
+        )
+        self.crypto = Crypto(self.gate)
+        self.envelopes = Envelopes(self.gate)
+        self.keys = Keys(self.gate)
+        self.system = System(self.gate, tokens)
+
+    def close(self) -> None:
+        self.audit.close()
+        self.registry.close()
+        self.store.close()

@@ -1,0 +1,227 @@
+"""The request path, once: authenticate -> decide -> run -> audit.
+
+Every use case goes through `Gate.run` (or `Gate.run_on_key`). The policy sees the key's
+attributes when the key exists and only its name otherwise, so a caller without permission
+gets 403 whether or not the key exists. Every decision and outcome is audited; a
+state-changing action's allow decision is written before it runs (no record, no change),
+and if an outcome record cannot be written the result is withheld (fail-closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from kmsgate.audit import AuditEvent, AuditLog, input_summary
+from kmsgate.auth import AuthenticationFailed, Authenticators, Credentials, Principal
+from kmsgate.backends.base import Registry
+from kmsgate.catalogue import Catalogue, Key
+from kmsgate.config import Settings
+from kmsgate.errors import KmsgateError, NotFound, PolicyDenied
+from kmsgate.policy import Decision, PolicyEngine, policy_input
+
+T = TypeVar("T")
+STARTED = "started"
+STATE_CHANGING = frozenset(
+    {
+        "key.create",
+        "key.import",
+        "key.rotate",
+        "key.disable",
+        "key.enable",
+        "key.update",
+        "key.compromise",
+        "key.delete",
+        "key.cancel_deletion",
+        "key.destroy",
+        "token.create",
+        "token.revoke",
+        "policy.reload",
+    }
+)
+"""Actions whose allow decision is audited (outcome `started`) before they run."""
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Ctx:
+    """Per-request facts for audit records."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One decision to take and record: who asks to do what to which resource."""
+
+    principal: Principal
+    ctx: Ctx
+    action: str
+    resource: Mapping[str, object]
+    request: Mapping[str, object] | None = None
+    inputs: Sequence[bytes] | None = None
+    """Message inputs, recorded in the audit log as digests (never as they are)."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What an operation reports to its audit record besides success or failure."""
+
+    key_version: int | None = None
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTarget:
+    """The key a request names, looked up once: policy and operation see this snapshot."""
+
+    name: str
+    key: Key | None
+    blocking: bool
+    """Whether the operation may block (remote or HSM backend): run it off the event loop."""
+
+    def resource(self) -> dict[str, object]:
+        """The policy's view: the key's attributes, or only its name if there is no key."""
+        return self.key.policy_resource() if self.key else {"kind": "key", "name": self.name}
+
+    def require(self) -> Key:
+        """The key. Raises NotFound (only ever after the policy allowed the call)."""
+        if self.key is None:
+            raise NotFound(f"no key named {self.name!r}")
+        return self.key
+
+
+class Gate:
+    """Authentication, policy decisions and their audit records for every use case."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        catalogue: Catalogue,
+        registry: Registry,
+        policy: PolicyEngine,
+        audit: AuditLog,
+        authenticators: Authenticators,
+    ) -> None:
+        self.settings = settings
+        self.catalogue = catalogue
+        self.registry = registry
+        self.policy = policy
+        self.audit = audit
+        self.authenticators = authenticators
+
+    def authenticate(self, credentials: Credentials, ctx: Ctx) -> Principal:
+        """The caller behind `credentials`. Raises Unauthenticated (audited, naming the
+        authenticator kind that refused)."""
+        try:
+            return self.authenticators.authenticate(credentials)
+        except AuthenticationFailed as exc:
+            self.audit.append(
+                AuditEvent(
+                    action="authn",
+                    decision="deny",
+                    outcome=exc.code,
+                    request_id=ctx.request_id,
+                    principal=None,
+                    resource={"kind": exc.kind},
+                    policy_digest=self.policy.digest,
+                )
+            )
+            raise
+
+    def target(self, name: str) -> KeyTarget:
+        """The key `name` as this request will see it (from the cache, or read through)."""
+        key = self.catalogue.find(name)
+        backend = self.registry.find(key.backend) if key and not key.verify_only else None
+        return KeyTarget(name, key, backend is not None and backend.blocking)
+
+    def decide(
+        self,
+        principal: Principal,
+        action: str,
+        resource: Mapping[str, object],
+        request: Mapping[str, object] | None = None,
+    ) -> Decision:
+        """The policy's decision, with the principal's active grants (none until JIT
+        exceptions exist)."""
+        return self.policy.decide(
+            policy_input(
+                principal=principal.policy_document(),
+                action=action,
+                resource=resource,
+                request=request,
+                env=self.settings.env,
+                now=now(),
+                trusted=True,
+            )
+        )
+
+    def run(
+        self,
+        call: Call,
+        operation: Callable[[Outcome], T],
+        *,
+        decision: Decision | None = None,
+    ) -> T:
+        """Decide (unless a `decision` was already taken), run `operation` if allowed, audit
+        the decision and the outcome.
+
+        Raises PolicyDenied, whatever `operation` raises, or AuditUnavailable (nothing runs
+        if a state-changing action's decision cannot be recorded; otherwise the result is
+        withheld).
+        """
+        decision = decision or self.decide(call.principal, call.action, call.resource, call.request)
+        event = self._event(call, decision)
+        if not decision.allow:
+            self.audit.append(event)
+            raise PolicyDenied(f"policy does not allow {call.action} here")
+        if call.action in STATE_CHANGING:
+            # no record, no change: if this write fails (AuditUnavailable), nothing runs
+            self.audit.append(event)
+        outcome = Outcome()
+        try:
+            result = operation(outcome)
+        except Exception as exc:
+            code = exc.code if isinstance(exc, KmsgateError) else "internal_error"
+            self.audit.append(self._finished(event, code, outcome))
+            raise
+        self.audit.append(self._finished(event, "ok", outcome))
+        return result
+
+    def run_on_key(
+        self, call: Call, target: KeyTarget, operation: Callable[[Key, Outcome], T]
+    ) -> T:
+        """`run` for an operation on `target` (whose attributes are `call.resource`).
+        Raises NotFound only after the policy allowed the call."""
+        return self.run(call, lambda outcome: operation(target.require(), outcome))
+
+    def _event(self, call: Call, decision: Decision) -> AuditEvent:
+        """The audit record of `call`'s decision; its outcome records derive from it."""
+        return AuditEvent(
+            action=call.action,
+            decision="allow" if decision.allow else "deny",
+            outcome=STARTED if decision.allow else PolicyDenied.code,
+            request_id=call.ctx.request_id,
+            principal=call.principal.id,
+            principal_kind=call.principal.kind,
+            resource={k: v for k, v in call.resource.items() if k in ("kind", "name")},
+            reasons=tuple(decision.reasons),
+            inputs=input_summary(call.inputs) if call.inputs else None,
+            policy_digest=self.policy.digest,
+        )
+
+    @staticmethod
+    def _finished(event: AuditEvent, outcome: str, result: Outcome) -> AuditEvent:
+        """`event` once its operation ended with `outcome` ("ok" or an error code)."""
+        return replace(
+            event,
+            outcome=outcome,
+            key_version=result.key_version,
+            detail=result.detail or None,
+        )

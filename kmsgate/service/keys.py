@@ -1,0 +1,370 @@
+"""Use cases: the key lifecycle (create, import, adopt, read, rotate, enable/disable,
+update, mark compromised, schedule and cancel deletion, destroy when due)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives import serialization
+
+from kmsgate.algorithms import KeyType, key_type_of_public_key, parse_key_type
+from kmsgate.auth import SYSTEM, Principal
+from kmsgate.backends.base import AdoptCapable, KeySpec, require_capability
+from kmsgate.catalogue import Key, KeyState, KeyVersion
+from kmsgate.errors import Conflict, InvalidRequest, KmsgateError, NotFound
+from kmsgate.jwk import public_jwk
+from kmsgate.policy import Decision
+from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
+from kmsgate.service.requests import KeyChanges, NewKey
+
+T = TypeVar("T")
+_SCHEDULED = Decision(allow=True, reasons=("deletion scheduled by an authorised caller",))
+
+
+class Keys:
+    """Key lifecycle. Every change goes through the catalogue (store, then cache)."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.catalogue = gate.catalogue
+        self.registry = gate.registry
+
+    def _on_key(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        action: str,
+        name: str,
+        request: Mapping[str, object] | None,
+        operation: Callable[[Key, Outcome], T],
+    ) -> T:
+        """`operation` on the key `name` through the gate: NotFound only after policy allowed."""
+        target = self.gate.target(name)
+        call = Call(principal, ctx, action, target.resource(), request)
+        return self.gate.run_on_key(call, target, operation)
+
+    # -- create ----------------------------------------------------------------------------
+
+    def create(self, principal: Principal, ctx: Ctx, new: NewKey) -> Key:
+        """Create (`type`), adopt (`uri`) or import (`public_key`) a key at version 1.
+
+        Raises PolicyDenied, InvalidRequest (type, backend, public key), Conflict (name
+        taken), NotSupported (backend cannot hold the type or adopt keys), BackendError.
+        """
+        resource = {
+            "kind": "key",
+            "name": new.name,
+            "purpose": new.purpose,
+            "type": new.type,
+            "backend": new.backend or self.registry.default,
+            "labels": dict(new.labels),
+        }
+        importing = new.public_key is not None
+        action = "key.import" if importing or new.uri is not None else "key.create"
+
+        def create(outcome: Outcome) -> Key:
+            if self.catalogue.find(new.name) is not None:
+                raise Conflict(f"a key named {new.name!r} exists")
+            key = self._import(new) if importing else self._generate(new)
+            outcome.key_version = 1
+            outcome.detail["type"] = key.type.value
+            return key
+
+        call = Call(principal, ctx, action, resource, {"type": new.type})
+        return self.gate.run(call, create)
+
+    def _new_key(
+        self, new: NewKey, key_type: KeyType, backend: str, version: KeyVersion, verify_only: bool
+    ) -> Key:
+        created = now()
+        return Key(
+            name=new.name,
+            type=key_type,
+            purpose=new.purpose,
+            backend=backend,
+            state=KeyState.ENABLED,
+            labels=dict(new.labels),
+            primary_version=1,
+            min_decrypt_version=1,
+            versions={1: version},
+            created_at=created,
+            updated_at=created,
+            verify_only=verify_only,
+            rotation_period=new.rotation_period,
+        )
+
+    def _generate(self, new: NewKey) -> Key:
+        if new.type is None:
+            raise InvalidRequest("'type' is required unless importing a 'public_key'")
+        key_type = parse_key_type(new.type)
+        backend = self.registry.get(new.backend)
+        spec = KeySpec(new.name, 1, key_type, dict(new.labels))
+        if new.uri is None:
+            created = backend.create_key(spec)
+        else:
+            adopter = require_capability(backend, AdoptCapable, "adopt existing keys")  # type: ignore[type-abstract]
+            created = adopter.adopt_key(spec, new.uri)
+        version = KeyVersion(
+            version=1,
+            backend_ref=created.ref,
+            created_at=now(),
+            material=created.material,
+            public_key_pem=created.public_key_pem,
+            adopted=new.uri is not None,
+        )
+        key = self._new_key(new, key_type, backend.name, version, verify_only=False)
+        try:
+            return self.catalogue.insert(key)
+        except KmsgateError:
+            if new.uri is None:  # never destroy an adopted key kmsgate did not make
+                backend.destroy(created)
+            raise
+
+    def _import(self, new: NewKey) -> Key:
+        try:
+            public_key = serialization.load_pem_public_key((new.public_key or "").encode())
+        except (ValueError, TypeError):
+            raise InvalidRequest("public_key is not a PEM SubjectPublicKeyInfo") from None
+        key_type = key_type_of_public_key(public_key)
+        if new.type is not None and parse_key_type(new.type) is not key_type:
+            raise InvalidRequest(f"public_key is a {key_type} key, not {new.type}")
+        pem = public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+        version = KeyVersion(
+            version=1, backend_ref=f"import:{new.name}/1", created_at=now(), public_key_pem=pem
+        )
+        return self.catalogue.insert(
+            self._new_key(new, key_type, "import", version, verify_only=True)
+        )
+
+    # -- read ------------------------------------------------------------------------------
+
+    def search(
+        self, principal: Principal, ctx: Ctx, *, purpose: str | None, labels: Mapping[str, str]
+    ) -> list[Key]:
+        """Keys matching the filters that the principal may read (`key.read` per key)."""
+        visible = [
+            key
+            for key in self.catalogue.all()
+            if (purpose is None or key.purpose == purpose)
+            and all(key.labels.get(k) == v for k, v in labels.items())
+            and self.gate.decide(principal, "key.read", key.policy_resource()).allow
+        ]
+
+        def report(outcome: Outcome) -> list[Key]:
+            outcome.detail["count"] = len(visible)
+            return visible
+
+        return self.gate.run(Call(principal, ctx, "key.list", {"kind": "keys"}), report)
+
+    def get(self, principal: Principal, ctx: Ctx, name: str) -> Key:
+        """The key `name`. Raises PolicyDenied or NotFound."""
+        return self._on_key(principal, ctx, "key.read", name, None, _same_key)
+
+    def public_key_pem(self, principal: Principal, ctx: Ctx, name: str, version: int | None) -> str:
+        """PEM SubjectPublicKeyInfo of a version (default: primary). Raises InvalidRequest
+        for symmetric keys, KeyVersionUnusable for unknown or destroyed versions."""
+
+        def read(key: Key, outcome: Outcome) -> str:
+            if not key.type.is_asymmetric:
+                raise InvalidRequest(f"a {key.type} key has no public key")
+            v = key.usable_version(version, for_signing=False)
+            outcome.key_version = v.version
+            assert v.public_key_pem is not None  # every asymmetric version has one
+            return v.public_key_pem
+
+        return self._on_key(principal, ctx, "key.read", name, {"version": version}, read)
+
+    def jwks(self, name: str) -> dict[str, object]:
+        """The public JWKS of a key's usable versions (public endpoint, not audited).
+
+        Raises NotFound for unknown, symmetric, pending or destroyed keys.
+        """
+        key = self.catalogue.cached(name)  # public: unknown names never reach the store
+        if (
+            key is None
+            or not key.type.is_asymmetric
+            or key.state not in (KeyState.ENABLED, KeyState.DISABLED)
+        ):
+            raise NotFound(f"no public key set for {name!r}")
+        jwks = []
+        for v in key.verification_versions():
+            public_key = v.public_key()
+            if public_key is not None and v.compromised_since is None:
+                jwks.append(
+                    {"kid": f"{key.name}:v{v.version}", "use": "sig", **public_jwk(public_key)}
+                )
+        return {"keys": jwks}
+
+    # -- change ----------------------------------------------------------------------------
+
+    def rotate(self, principal: Principal, ctx: Ctx, name: str) -> Key:
+        """Create a new primary version. Raises KeyDisabled & co., Conflict if verify-only,
+        NotSupported and BackendError from the backend."""
+
+        def rotate(key: Key, outcome: Outcome) -> Key:
+            key.require_enabled()
+            if key.verify_only:
+                raise Conflict(f"key {name!r} is verify-only; import a new key instead")
+            number = max(key.versions) + 1
+            backend = self.registry.get(key.backend)
+            created = backend.create_key(KeySpec(key.name, number, key.type, dict(key.labels)))
+            version = KeyVersion(
+                version=number,
+                backend_ref=created.ref,
+                created_at=now(),
+                material=created.material,
+                public_key_pem=created.public_key_pem,
+            )
+            try:
+                rotated = self.catalogue.add_version(key, version, now())
+            except KmsgateError:
+                backend.destroy(created)
+                raise
+            outcome.key_version = number
+            return rotated
+
+        return self._on_key(principal, ctx, "key.rotate", name, None, rotate)
+
+    def disable(self, principal: Principal, ctx: Ctx, name: str) -> Key:
+        """Disable: every operation is then refused with 409 key_disabled."""
+        move = partial(self._transition, [KeyState.ENABLED], KeyState.DISABLED, {})
+        return self._on_key(principal, ctx, "key.disable", name, None, move)
+
+    def enable(self, principal: Principal, ctx: Ctx, name: str) -> Key:
+        """Re-enable a disabled key. Raises Conflict from pending deletion or destroyed."""
+        move = partial(self._transition, [KeyState.DISABLED], KeyState.ENABLED, {})
+        return self._on_key(principal, ctx, "key.enable", name, None, move)
+
+    def cancel_deletion(self, principal: Principal, ctx: Ctx, name: str) -> Key:
+        """Cancel a scheduled deletion; the key comes back disabled. Raises Conflict."""
+        move = partial(
+            self._transition,
+            [KeyState.PENDING_DELETION],
+            KeyState.DISABLED,
+            {"deletion_date": None},
+        )
+        return self._on_key(principal, ctx, "key.cancel_deletion", name, None, move)
+
+    def schedule_deletion(
+        self, principal: Principal, ctx: Ctx, name: str, pending_days: int
+    ) -> Key:
+        """Refuse every operation from now; destroy the material after `pending_days`.
+        Raises Conflict if the key is already pending deletion or destroyed."""
+
+        def schedule(key: Key, outcome: Outcome) -> Key:
+            date = now() + timedelta(days=pending_days)
+            outcome.detail["deletion_date"] = date.isoformat()
+            return self._transition(
+                [KeyState.ENABLED, KeyState.DISABLED],
+                KeyState.PENDING_DELETION,
+                {"deletion_date": date},
+                key,
+                outcome,
+            )
+
+        request = {"pending_days": pending_days}
+        return self._on_key(principal, ctx, "key.delete", name, request, schedule)
+
+    def update(self, principal: Principal, ctx: Ctx, name: str, changes: KeyChanges) -> Key:
+        """Change min_decrypt_version, rotation_period or labels. Raises InvalidRequest if
+        min_decrypt_version is above the primary version, BackendError if the backend could
+        not retire the older versions (nothing changed then)."""
+
+        def patch(key: Key, _: Outcome) -> Key:
+            fields: dict[str, Any] = {}
+            minimum = changes.min_decrypt_version
+            if minimum is not None:
+                if minimum > key.primary_version:
+                    raise InvalidRequest("min_decrypt_version cannot exceed the primary version")
+                if minimum > key.min_decrypt_version and not key.verify_only:
+                    # the backend first: if it fails, nothing changed; if it enforces the
+                    # new minimum, so does kmsgate a moment later
+                    self.registry.get(key.backend).retire_versions_below(
+                        key.backend_key(key.versions[key.primary_version]), minimum
+                    )
+                fields["min_decrypt_version"] = minimum
+            if changes.rotation_period is not None:
+                fields["rotation_period"] = changes.rotation_period
+            if changes.labels is not None:
+                fields["labels"] = dict(changes.labels)
+            if not fields:
+                return key
+            return self.catalogue.update(key, updated_at=now(), **fields)
+
+        request = changes.policy_request()
+        return self._on_key(principal, ctx, "key.update", name, request, patch)
+
+    def mark_compromised(
+        self, principal: Principal, ctx: Ctx, name: str, version: int, since: datetime
+    ) -> Key:
+        """Mark a version compromised since `since` (aware): it no longer signs, and
+        signatures made after that time no longer verify when their time is known. Raises
+        NotFound for an unknown version."""
+
+        def mark(key: Key, outcome: Outcome) -> Key:
+            v = key.versions.get(version)
+            if v is None:
+                raise NotFound(f"key {name!r} has no version {version}")
+            outcome.key_version = version
+            outcome.detail["since"] = since.isoformat()
+            return self.catalogue.update_version(
+                key, replace(v, compromised_since=since.astimezone(UTC))
+            )
+
+        request = {"version": version}
+        return self._on_key(principal, ctx, "key.compromise", name, request, mark)
+
+    # -- scheduled -------------------------------------------------------------------------
+
+    def destroy_due(self, ctx: Ctx, at: datetime | None = None) -> list[str]:
+        """Destroy the material of keys whose deletion date has passed (by `at`, default
+        now); audited as `system`. Idempotent: a destroyed key is not pending any more."""
+        at = at or now()
+        self.catalogue.refresh()
+        due = [
+            key
+            for key in self.catalogue.all()
+            if key.state is KeyState.PENDING_DELETION
+            and key.deletion_date is not None
+            and key.deletion_date <= at
+        ]
+        for key in due:
+            call = Call(SYSTEM, ctx, "key.destroy", key.policy_resource())
+            self.gate.run(call, partial(self._destroy, key, at), decision=_SCHEDULED)
+        return [key.name for key in due]
+
+    def _transition(
+        self,
+        allowed_from: Sequence[KeyState],
+        to: KeyState,
+        fields: Mapping[str, object],
+        key: Key,
+        _: Outcome,
+    ) -> Key:
+        """Move `key` to state `to` (changing `fields` with it). Raises Conflict if the key
+        is in a state it cannot leave this way."""
+        if key.state is to and not fields:
+            return key
+        if key.state not in allowed_from:
+            raise Conflict(f"key {key.name!r} is {key.state.value}; cannot become {to.value}")
+        return self.catalogue.update(key, state=to, updated_at=now(), **fields)
+
+    def _destroy(self, key: Key, at: datetime, _: Outcome) -> Key:
+        """Destroy every version's material (adopted ceremony keys are only forgotten)."""
+        backend = None if key.verify_only else self.registry.get(key.backend)
+        for v in key.versions.values():
+            if v.destroyed_at is None:
+                if backend is not None and not v.adopted:
+                    backend.destroy(key.backend_key(v))
+                key = self.catalogue.update_version(key, replace(v, material=None, destroyed_at=at))
+        return self.catalogue.update(key, state=KeyState.DESTROYED, updated_at=at)
+
+
+def _same_key(key: Key, _: Outcome) -> Key:
+    return key

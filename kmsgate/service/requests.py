@@ -1,0 +1,140 @@
+"""What the use cases take: frozen dataclasses of bytes and domain types.
+
+The REST edge (`kmsgate/schemas.py`) validates JSON and base64 and builds these; nothing in
+`kmsgate/service/` sees JSON, base64 or pydantic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+Context = Mapping[str, str] | None
+"""An encryption context (already checked: sizes, characters), bound as AAD."""
+
+
+@dataclass(frozen=True, slots=True)
+class SignInput:
+    """Sign `input`, or a prehashed `digest`, with `version` (default: primary)."""
+
+    input: bytes | None = None
+    digest: bytes | None = None
+    algorithm: str | None = None
+    version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyInput:
+    """Check `signature`; `strict` skips compromised versions, `signed_at` the versions
+    compromised before that time."""
+
+    signature: bytes
+    input: bytes | None = None
+    digest: bytes | None = None
+    algorithm: str | None = None
+    version: int | None = None
+    strict: bool = False
+    signed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MacInput:
+    input: bytes
+    algorithm: str | None = None
+    version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MacVerifyInput:
+    input: bytes
+    mac: bytes
+    algorithm: str | None = None
+    version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptInput:
+    plaintext: bytes
+    context: Context = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptInput:
+    """A kmsgate ciphertext (from `encrypt` or `datakey`) and its context."""
+
+    ciphertext: bytes
+    context: Context = None
+
+
+@dataclass(frozen=True, slots=True)
+class DataKeyInput:
+    bits: int = 256
+    context: Context = None
+    include_plaintext: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapInput:
+    ciphertext: bytes
+    context: Context = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A key to create (`type`), adopt (`type` and `uri`) or import (`public_key`)."""
+
+    name: str
+    purpose: str
+    type: str | None = None
+    backend: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    rotation_period: timedelta | None = None
+    public_key: str | None = None
+    uri: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChanges:
+    """What `update_key` changes; None leaves a field as it is."""
+
+    min_decrypt_version: int | None = None
+    rotation_period: timedelta | None = None
+    labels: Mapping[str, str] | None = None
+
+    def policy_request(self) -> dict[str, object]:
+        """The fields being changed, as the policy sees them (durations in seconds)."""
+        request: dict[str, object] = {}
+        if self.min_decrypt_version is not None:
+            request["min_decrypt_version"] = self.min_decrypt_version
+        if self.rotation_period is not None:
+            request["rotation_period"] = int(self.rotation_period.total_seconds())
+        if self.labels is not None:
+            request["labels"] = dict(self.labels)
+        return request
+
+
+@dataclass(frozen=True, slots=True)
+class NewToken:
+    roles: tuple[str, ...]
+    ttl: timedelta | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyQuery:
+    """A hypothetical input for the policy to decide (explain, what-if)."""
+
+    principal: Mapping[str, object]
+    action: str
+    resource: Mapping[str, object] = field(default_factory=dict)
+    request: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    since: datetime | None = None
+    principal: str | None = None
+    key: str | None = None
+    action: str | None = None
+    limit: int = 100

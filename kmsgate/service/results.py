@@ -1,0 +1,74 @@
+"""What the use cases return: frozen dataclasses of bytes and domain types.
+
+A batch operation returns one entry per item, each a result or the `KmsgateError` that item
+met; the REST edge turns them into JSON (base64 for bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TypeVar
+
+from kmsgate.errors import KmsgateError
+
+ResultT = TypeVar("ResultT")
+ItemResults = list[ResultT | KmsgateError]
+"""One entry per item, in order: its result or its error."""
+
+OMIT_IF_NONE = {"omit_if_none": True}
+"""Field metadata: leave the field out of the reply when it is None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    key_version: int
+    algorithm: str
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verified:
+    """The signature or MAC verifies under `key_version` (a mismatch raises instead)."""
+
+    valid: bool = True
+    key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Mac:
+    mac: bytes
+    key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ciphertext:
+    ciphertext: bytes
+    key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plaintext:
+    plaintext: bytes
+    key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey:
+    ciphertext: bytes
+    key_version: int
+    plaintext: bytes | None = field(default=None, metadata=OMIT_IF_NONE)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInfo:
+    digest: str
+    files: list[str]
+    loaded_at: datetime
+    env: str
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyVerdict:
+    allow: bool
+    reasons: list[str]

@@ -1,0 +1,110 @@
+"""Use cases: API tokens, the policy (read, evaluate, reload), the audit log and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kmsgate.auth import Principal, TokenInfo, TokenRegistry
+from kmsgate.errors import ConfigError, InvalidRequest
+from kmsgate.policy import policy_input
+from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
+from kmsgate.service.requests import AuditQuery, NewToken, PolicyQuery
+from kmsgate.service.results import PolicyInfo, PolicyVerdict
+
+
+class System:
+    """The gateway's own resources: tokens, policy, audit log, metrics."""
+
+    def __init__(self, gate: Gate, tokens: TokenRegistry) -> None:
+        self.gate = gate
+        self.tokens = tokens
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    def create_token(self, principal: Principal, ctx: Ctx, new: NewToken) -> tuple[TokenInfo, str]:
+        """A new API token; the secret string is returned once and never stored. Raises
+        PolicyDenied, InvalidRequest (roles)."""
+
+        def create(outcome: Outcome) -> tuple[TokenInfo, str]:
+            info, secret = self.tokens.create(new.roles, ttl=new.ttl, description=new.description)
+            outcome.detail.update(token_id=info.id, roles=list(info.roles))
+            return info, secret
+
+        call = Call(principal, ctx, "token.create", {"kind": "token"}, {"roles": list(new.roles)})
+        return self.gate.run(call, create)
+
+    def list_tokens(self, principal: Principal, ctx: Ctx) -> list[TokenInfo]:
+        call = Call(principal, ctx, "token.list", {"kind": "token"})
+        return self.gate.run(call, lambda _: self.tokens.list())
+
+    def revoke_token(self, principal: Principal, ctx: Ctx, token_id: str) -> TokenInfo:
+        """Revoke a token. Raises NotFound if no live token has that id."""
+        call = Call(principal, ctx, "token.revoke", {"kind": "token", "name": token_id})
+        return self.gate.run(call, lambda _: self.tokens.revoke(token_id))
+
+    # -- policy ----------------------------------------------------------------------------
+
+    def policy_info(self, principal: Principal, ctx: Ctx) -> PolicyInfo:
+        policy = self.gate.policy
+        call = Call(principal, ctx, "policy.read", {"kind": "policy"})
+        return self.gate.run(
+            call,
+            lambda _: PolicyInfo(
+                policy.digest, policy.files, policy.loaded_at, self.gate.settings.env
+            ),
+        )
+
+    def evaluate_policy(self, principal: Principal, ctx: Ctx, query: PolicyQuery) -> PolicyVerdict:
+        """What the policy decides for a hypothetical input. Raises InvalidRequest for an
+        input without a JSON form."""
+
+        def evaluate(_: Outcome) -> PolicyVerdict:
+            decision = self.gate.policy.decide(
+                policy_input(
+                    principal=query.principal,
+                    action=query.action,
+                    resource=query.resource,
+                    request=query.request,
+                    env=self.gate.settings.env,
+                    now=now(),
+                )
+            )
+            return PolicyVerdict(decision.allow, list(decision.reasons))
+
+        return self.gate.run(Call(principal, ctx, "policy.evaluate", {"kind": "policy"}), evaluate)
+
+    def reload_policy(self, principal: Principal, ctx: Ctx) -> str:
+        """Re-read the policy files atomically; the new digest. Raises InvalidRequest (the
+        old policy is kept)."""
+
+        def reload(outcome: Outcome) -> str:
+            try:
+                digest = self.gate.policy.reload()
+            except ConfigError as exc:
+                raise InvalidRequest(f"policy not reloaded: {exc}") from None
+            outcome.detail["digest"] = digest
+            return digest
+
+        return self.gate.run(Call(principal, ctx, "policy.reload", {"kind": "policy"}), reload)
+
+    # -- audit, metrics --------------------------------------------------------------------
+
+    def audit_events(
+        self, principal: Principal, ctx: Ctx, query: AuditQuery
+    ) -> list[dict[str, Any]]:
+        """Audit records matching `query`, oldest first. Raises PolicyDenied."""
+        call = Call(principal, ctx, "audit.read", {"kind": "audit"})
+        return self.gate.run(
+            call,
+            lambda _: self.gate.audit.search(
+                since=query.since,
+                principal=query.principal,
+                key=query.key,
+                action=query.action,
+                limit=query.limit,
+            ),
+        )
+
+    def authorize_metrics(self, principal: Principal, ctx: Ctx) -> None:
+        """Raises PolicyDenied unless the principal may read the metrics (`metrics.read`)."""
+        self.gate.run(Call(principal, ctx, "metrics.read", {"kind": "metrics"}), lambda _: None)
