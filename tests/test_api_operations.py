@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from kmsgate.audit import AuditFile
-from kmsgate.errors import AuditUnavailable
 from kmsgate.policy import ACTIONS
 from kmsgate.service import STATE_CHANGING
 
@@ -270,25 +269,6 @@ def test_ml_sec_may_sign_model_keys_only_in_prod(api, admin, make_token):
 def test_the_audited_first_actions_are_real_actions():
     """A misspelt name in STATE_CHANGING would silently skip the record-first rule."""
     assert ACTIONS | {"key.destroy"} >= STATE_CHANGING
-
-
-def test_a_failing_audit_write_refuses_a_rotation_before_it_runs(api, admin, monkeypatch):
-    """No record, no change: the rotation's allow record cannot be written, so the rotation
-    does not run (503) and the key keeps its single version, in the cache and the store."""
-    create(api, admin, "guarded", "ecdsa-p256")
-
-    def failing_append(event):
-        raise AuditUnavailable("audit sink down")
-
-    monkeypatch.setattr(api.service.audit, "append", failing_append)
-    r = api.call("POST", "/v1/keys/guarded/rotate", admin)
-    assert (r.status_code, r.json()["code"]) == (503, "audit_unavailable")
-    assert r.headers["retry-after"]
-    monkeypatch.undo()
-    assert sorted(api.service.catalogue.get("guarded").versions) == [1]
-    api.service.catalogue.reload()
-    assert sorted(api.service.catalogue.get("guarded").versions) == [1]
-    assert api.call("GET", "/v1/keys/guarded", admin).json()["primary_version"] == 1
 
 
 def test_every_call_is_audited_and_tamper_evident(api, admin, make_token):

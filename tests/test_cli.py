@@ -706,7 +706,7 @@ def test_importing_a_missing_public_key_file_is_a_one_line_error(
 
 
 def test_audit_verify_of_a_missing_log_is_a_one_line_error(tmp_path: Path) -> None:
-    """verify_file raises OSError; audit_verify lets it escape (traceback, exit 1, which
+    """AuditFile.verify raises OSError; audit_verify lets it escape (traceback, exit 1, which
     also reads as "the log is broken")."""
     result = run_cli(("audit", "verify", str(tmp_path / "none.log")), clean_env())
     assert_one_line_error(result, "none.log")

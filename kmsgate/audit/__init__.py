@@ -10,9 +10,6 @@ return the operation's result.
 
 from __future__ import annotations
 
-from datetime import datetime
-from pathlib import Path
-
 from kmsgate.audit.chain import GENESIS_HASH
 from kmsgate.audit.events import AuditEvent, input_summary
 from kmsgate.audit.filereader import AuditFile, iter_records
@@ -23,37 +20,9 @@ __all__ = [
     "GENESIS_HASH",
     "AuditEvent",
     "AuditFile",
-    "AuditLog",
     "AuditSink",
     "FileSink",
     "VerifyReport",
     "input_summary",
     "iter_records",
-    "search",
-    "verify_file",
 ]
-
-# Former names, kept until the service and CLI use the sink API; then remove them.
-
-AuditLog = FileSink
-"""Former name of `FileSink`."""
-
-
-def search(
-    path: Path,
-    *,
-    since: datetime | None = None,
-    principal: str | None = None,
-    key: str | None = None,
-    action: str | None = None,
-    limit: int = 1000,
-) -> list[dict[str, object]]:
-    """Former form of `AuditFile(path).search(...)`; raises as that does."""
-    return AuditFile(path).search(
-        since=since, principal=principal, key=key, action=action, limit=limit
-    )
-
-
-def verify_file(path: Path) -> VerifyReport:
-    """Former form of `AuditFile(path).verify()`; raises as that does."""
-    return AuditFile(path).verify()

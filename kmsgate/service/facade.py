@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kmsgate.audit import AuditLog
+from kmsgate.audit import AuditSink
 from kmsgate.auth import Authenticators, TokenRegistry
 from kmsgate.backends.base import Registry
 from kmsgate.catalogue import Catalogue
@@ -44,7 +44,7 @@ class Service:
         catalogue: Catalogue,
         registry: Registry,
         policy: PolicyEngine,
-        audit: AuditLog,
+        audit: AuditSink,
         tokens: TokenRegistry,
     ) -> None:
         self.settings = settings

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from kmsgate.audit import AuditEvent, AuditLog, input_summary
+from kmsgate.audit import AuditEvent, AuditSink, input_summary
 from kmsgate.auth import AuthenticationFailed, Authenticators, Credentials, Principal
 from kmsgate.backends.base import Registry
 from kmsgate.catalogue import Catalogue, Key
@@ -106,7 +106,7 @@ class Gate:
         catalogue: Catalogue,
         registry: Registry,
         policy: PolicyEngine,
-        audit: AuditLog,
+        audit: AuditSink,
         authenticators: Authenticators,
     ) -> None:
         self.settings = settings
