@@ -29,10 +29,15 @@ __all__ = [
 
 
 @pytest.fixture
-def gateway_settings(tmp_path: Path, database_url: str) -> Settings:
-    """Dev-mode settings on a fresh data dir and a fresh database (SQLite and PostgreSQL)."""
+def gateway_settings(tmp_path: Path) -> Settings:
+    """Dev-mode settings on a fresh data dir and a fresh SQLite database. The API and the
+    use cases are storage-blind: the store, caches, tokens and jobs are tested on SQLite
+    and PostgreSQL in tests/test_store.py and tests/test_replicas.py."""
     settings = load_settings(
-        dev=True, data_dir=tmp_path / "data", database_url=database_url, env="test"
+        dev=True,
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'kmsgate.db'}",
+        env="test",
     )
     prepare_dev_data_dir(settings)
     return settings
@@ -93,7 +98,7 @@ def open_gateway(base: Path, **overrides: Any) -> Iterator[tuple[Api, str]]:
     """A real gateway on SQLite under `base` (dev mode, env `test`, shipped policies; settings
     `overrides` such as `backends` or `database_url`) through the real app, with an admin
     token. Two gateways opened on one `base` share the root key and the audit chain. For tests that
-    need one gateway for a module or their own backends; `api` above runs on both stores."""
+    need one gateway for a module or their own backends."""
     overrides.setdefault("database_url", f"sqlite:///{base / 'kmsgate.db'}")
     settings = load_settings(dev=True, data_dir=base / "data", env="test", **overrides)
     prepare_dev_data_dir(settings)

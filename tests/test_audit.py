@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import hashlib
@@ -13,10 +12,8 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -713,21 +710,6 @@ class RefusingSink:
         pass
 
 
-@contextlib.contextmanager
-def sink_swapped(service: Any, sink: AuditSink) -> Iterator[None]:
-    """`sink` in place of the service's audit sink, in the service and in each of its parts
-    that holds that sink."""
-    held = service.audit
-    holders = [o for o in (service, *vars(service).values()) if getattr(o, "audit", None) is held]
-    for holder in holders:
-        holder.audit = sink
-    try:
-        yield
-    finally:
-        for holder in holders:
-            holder.audit = held
-
-
 def test_a_sink_that_cannot_record_refuses_a_rotation_before_it_runs(tmp_path: Path) -> None:
     """No record, no change, whatever the sink: the rotation's allow record cannot be
     appended, so the rotation does not run (503) and the key keeps its single version."""
@@ -735,7 +717,8 @@ def test_a_sink_that_cannot_record_refuses_a_rotation_before_it_runs(tmp_path: P
         new_key = {"name": "guarded", "type": "ecdsa-p256", "purpose": "general"}
         assert api.call("POST", "/v1/keys", admin, json=new_key).status_code == 201
         refusing = RefusingSink()
-        with sink_swapped(api.service, refusing):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(api.service.gate, "audit", refusing)
             r = api.call("POST", "/v1/keys/guarded/rotate", admin)
         assert (r.status_code, r.json()["code"]) == (503, "audit_unavailable")
         assert r.headers["retry-after"]

@@ -47,12 +47,7 @@ class Service:
         audit: AuditSink,
         tokens: TokenRegistry,
     ) -> None:
-        self.settings = settings
         self.store = store
-        self.catalogue = catalogue
-        self.registry = registry
-        self.policy = policy
-        self.audit = audit
         self.tokens = tokens
         self.gate = Gate(
             settings=settings,
@@ -66,6 +61,28 @@ class Service:
         self.envelopes = Envelopes(self.gate)
         self.keys = Keys(self.gate)
         self.system = System(self.gate, tokens)
+
+    # the parts every use case shares, held once, by the gate
+
+    @property
+    def settings(self) -> Settings:
+        return self.gate.settings
+
+    @property
+    def catalogue(self) -> Catalogue:
+        return self.gate.catalogue
+
+    @property
+    def registry(self) -> Registry:
+        return self.gate.registry
+
+    @property
+    def policy(self) -> PolicyEngine:
+        return self.gate.policy
+
+    @property
+    def audit(self) -> AuditSink:
+        return self.gate.audit
 
     def close(self) -> None:
         self.audit.close()

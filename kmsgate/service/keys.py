@@ -30,8 +30,6 @@ class Keys:
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        self.catalogue = gate.catalogue
-        self.registry = gate.registry
 
     def _on_key(
         self,
@@ -60,14 +58,14 @@ class Keys:
             "name": new.name,
             "purpose": new.purpose,
             "type": new.type,
-            "backend": new.backend or self.registry.default,
+            "backend": new.backend or self.gate.registry.default,
             "labels": dict(new.labels),
         }
         importing = new.public_key is not None
         action = "key.import" if importing or new.uri is not None else "key.create"
 
         def create(outcome: Outcome) -> Key:
-            if self.catalogue.find(new.name) is not None:
+            if self.gate.catalogue.find(new.name) is not None:
                 raise Conflict(f"a key named {new.name!r} exists")
             key = self._import(new) if importing else self._generate(new)
             outcome.key_version = 1
@@ -101,7 +99,7 @@ class Keys:
         if new.type is None:
             raise InvalidRequest("'type' is required unless importing a 'public_key'")
         key_type = parse_key_type(new.type)
-        backend = self.registry.get(new.backend)
+        backend = self.gate.registry.get(new.backend)
         spec = KeySpec(new.name, 1, key_type, dict(new.labels))
         if new.uri is None:
             created = backend.create_key(spec)
@@ -118,7 +116,7 @@ class Keys:
         )
         key = self._new_key(new, key_type, backend.name, version, verify_only=False)
         try:
-            return self.catalogue.insert(key)
+            return self.gate.catalogue.insert(key)
         except KmsgateError:
             if new.uri is None:  # never destroy an adopted key kmsgate did not make
                 backend.destroy(created)
@@ -138,7 +136,7 @@ class Keys:
         version = KeyVersion(
             version=1, backend_ref=f"import:{new.name}/1", created_at=now(), public_key_pem=pem
         )
-        return self.catalogue.insert(
+        return self.gate.catalogue.insert(
             self._new_key(new, key_type, "import", version, verify_only=True)
         )
 
@@ -150,7 +148,7 @@ class Keys:
         """Keys matching the filters that the principal may read (`key.read` per key)."""
         visible = [
             key
-            for key in self.catalogue.all()
+            for key in self.gate.catalogue.all()
             if (purpose is None or key.purpose == purpose)
             and all(key.labels.get(k) == v for k, v in labels.items())
             and self.gate.decide(principal, "key.read", key.policy_resource()).allow
@@ -185,7 +183,7 @@ class Keys:
 
         Raises NotFound for unknown, symmetric, pending or destroyed keys.
         """
-        key = self.catalogue.cached(name)  # public: unknown names never reach the store
+        key = self.gate.catalogue.cached(name)  # public: unknown names never reach the store
         if (
             key is None
             or not key.type.is_asymmetric
@@ -212,7 +210,7 @@ class Keys:
             if key.verify_only:
                 raise Conflict(f"key {name!r} is verify-only; import a new key instead")
             number = max(key.versions) + 1
-            backend = self.registry.get(key.backend)
+            backend = self.gate.registry.get(key.backend)
             created = backend.create_key(KeySpec(key.name, number, key.type, dict(key.labels)))
             version = KeyVersion(
                 version=number,
@@ -222,7 +220,7 @@ class Keys:
                 public_key_pem=created.public_key_pem,
             )
             try:
-                rotated = self.catalogue.add_version(key, version, now())
+                rotated = self.gate.catalogue.add_version(key, version, now())
             except KmsgateError:
                 backend.destroy(created)
                 raise
@@ -285,7 +283,7 @@ class Keys:
                 if minimum > key.min_decrypt_version and not key.verify_only:
                     # the backend first: if it fails, nothing changed; if it enforces the
                     # new minimum, so does kmsgate a moment later
-                    self.registry.get(key.backend).retire_versions_below(
+                    self.gate.registry.get(key.backend).retire_versions_below(
                         key.backend_key(key.versions[key.primary_version]), minimum
                     )
                 fields["min_decrypt_version"] = minimum
@@ -295,7 +293,7 @@ class Keys:
                 fields["labels"] = dict(changes.labels)
             if not fields:
                 return key
-            return self.catalogue.update(key, updated_at=now(), **fields)
+            return self.gate.catalogue.update(key, updated_at=now(), **fields)
 
         request = changes.policy_request()
         return self._on_key(principal, ctx, "key.update", name, request, patch)
@@ -313,7 +311,7 @@ class Keys:
                 raise NotFound(f"key {name!r} has no version {version}")
             outcome.key_version = version
             outcome.detail["since"] = since.isoformat()
-            return self.catalogue.update_version(
+            return self.gate.catalogue.update_version(
                 key, replace(v, compromised_since=since.astimezone(UTC))
             )
 
@@ -326,10 +324,10 @@ class Keys:
         """Destroy the material of keys whose deletion date has passed (by `at`, default
         now); audited as `system`. Idempotent: a destroyed key is not pending any more."""
         at = at or now()
-        self.catalogue.refresh()
+        self.gate.catalogue.refresh()
         due = [
             key
-            for key in self.catalogue.all()
+            for key in self.gate.catalogue.all()
             if key.state is KeyState.PENDING_DELETION
             and key.deletion_date is not None
             and key.deletion_date <= at
@@ -353,17 +351,19 @@ class Keys:
             return key
         if key.state not in allowed_from:
             raise Conflict(f"key {key.name!r} is {key.state.value}; cannot become {to.value}")
-        return self.catalogue.update(key, state=to, updated_at=now(), **fields)
+        return self.gate.catalogue.update(key, state=to, updated_at=now(), **fields)
 
     def _destroy(self, key: Key, at: datetime, _: Outcome) -> Key:
         """Destroy every version's material (adopted ceremony keys are only forgotten)."""
-        backend = None if key.verify_only else self.registry.get(key.backend)
+        backend = None if key.verify_only else self.gate.registry.get(key.backend)
         for v in key.versions.values():
             if v.destroyed_at is None:
                 if backend is not None and not v.adopted:
                     backend.destroy(key.backend_key(v))
-                key = self.catalogue.update_version(key, replace(v, material=None, destroyed_at=at))
-        return self.catalogue.update(key, state=KeyState.DESTROYED, updated_at=at)
+                key = self.gate.catalogue.update_version(
+                    key, replace(v, material=None, destroyed_at=at)
+                )
+        return self.gate.catalogue.update(key, state=KeyState.DESTROYED, updated_at=at)
 
 
 def _same_key(key: Key, _: Outcome) -> Key:

@@ -1,0 +1,103 @@
+"""The request path: authentication, one key lookup, deny by default, audit first."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kmsgate.auth import Credentials
+from kmsgate.errors import AuditUnavailable, NotFound, PolicyDenied, Unauthenticated
+from kmsgate.service.requests import SignInput
+from tests.service.conftest import ADMIN, CTX, NOBODY
+
+
+def audit_records(service):
+    path = service.settings.resolved_audit_path()
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_an_api_token_authenticates_as_a_token_principal(service):
+    info, secret = service.tokens.create(["ci"], ttl=None)
+    principal = service.gate.authenticate(Credentials(bearer=secret), CTX)
+    assert (principal.id, principal.kind, principal.roles) == (f"token:{info.id}", "token", ("ci",))
+
+
+@pytest.mark.parametrize("bearer", [None, "", "kmg.0123456789abcdef.nope", "not-a-token"])
+def test_refused_credentials_are_audited_with_the_authenticator_kind(service, bearer):
+    with pytest.raises(Unauthenticated):
+        service.gate.authenticate(Credentials(bearer=bearer, remote_addr="127.0.0.1"), CTX)
+    last = audit_records(service)[-1]
+    assert (last["action"], last["decision"], last["outcome"]) == (
+        "authn",
+        "deny",
+        "unauthenticated",
+    )
+    assert last["resource"] == {"kind": "token"}
+    assert "principal" not in last  # nobody was authenticated
+
+
+def test_the_key_is_looked_up_once_per_operation(service, new_key, monkeypatch):
+    new_key("k")
+    lookups = []
+    real_find = service.catalogue.find
+
+    def counting_find(name):
+        lookups.append(name)
+        return real_find(name)
+
+    monkeypatch.setattr(service.catalogue, "find", counting_find)
+    target = service.gate.target("k")
+    service.crypto.sign(ADMIN, CTX, target, [SignInput(input=b"m")] * 3, True)
+    assert lookups == ["k"]
+
+
+def test_a_denied_caller_cannot_tell_whether_a_key_exists(service, new_key):
+    new_key("real")
+    for name in ("real", "missing"):
+        with pytest.raises(PolicyDenied):
+            service.crypto.sign(NOBODY, CTX, service.gate.target(name), [SignInput(b"m")], False)
+    with pytest.raises(NotFound):
+        service.crypto.sign(ADMIN, CTX, service.gate.target("missing"), [SignInput(b"m")], False)
+    denied = [r for r in audit_records(service) if r["decision"] == "deny"]
+    assert [r["resource"]["name"] for r in denied] == ["real", "missing"]
+
+
+class RefusingSink:
+    """An audit sink whose writes all fail (a full disk, a lost mount)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def append(self, event):
+        raise AuditUnavailable("audit sink down")
+
+    def search(self, **query):
+        return self.real.search(**query)
+
+    def verify(self):
+        return self.real.verify()
+
+    def close(self):
+        self.real.close()
+
+
+def test_no_record_no_change_and_no_result(service, new_key, monkeypatch):
+    """A state change whose allow record cannot be written does not run; a read whose
+    outcome record cannot be written returns nothing."""
+    new_key("k")
+    monkeypatch.setattr(service.gate, "audit", RefusingSink(service.gate.audit))
+    with pytest.raises(AuditUnavailable):
+        service.keys.rotate(ADMIN, CTX, "k")
+    assert sorted(service.catalogue.get("k").versions) == [1]
+    with pytest.raises(AuditUnavailable):
+        service.crypto.sign(ADMIN, CTX, service.gate.target("k"), [SignInput(b"m")], False)
+
+
+def test_state_changes_are_recorded_before_they_run(service, new_key):
+    new_key("k")
+    service.keys.rotate(ADMIN, CTX, "k")
+    rotations = [r for r in audit_records(service) if r["action"] == "key.rotate"]
+    assert [r["outcome"] for r in rotations] == ["started", "ok"]
+    assert rotations[1]["key_version"] == 2
+    assert rotations[0]["request_id"] == rotations[1]["request_id"] == CTX.request_id

@@ -1,0 +1,55 @@
+"""Key lifecycle use cases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from kmsgate.catalogue import KeyState
+from kmsgate.errors import Conflict, InvalidRequest, KeyDisabled
+from kmsgate.service.requests import KeyChanges, NewKey, SignInput
+from tests.service.conftest import ADMIN, CTX
+
+
+@pytest.mark.parametrize("public_key", ["", "not a pem", "-----BEGIN PUBLIC KEY-----\n"])
+def test_importing_a_malformed_public_key_is_a_clear_error(service, public_key):
+    with pytest.raises(InvalidRequest, match="PEM"):
+        service.keys.create(ADMIN, CTX, NewKey(name="i", purpose="p", public_key=public_key))
+    assert service.catalogue.find("i") is None
+
+
+def test_a_name_is_taken_once(service, new_key):
+    new_key("k")
+    with pytest.raises(Conflict):
+        new_key("k")
+
+
+def test_rotation_period_and_labels_are_domain_values(service, new_key):
+    key = new_key("k", rotation_period=timedelta(days=90), labels={"team": "ml"})
+    assert key.rotation_period == timedelta(days=90)
+    changed = service.keys.update(ADMIN, CTX, "k", KeyChanges(rotation_period=timedelta(hours=1)))
+    assert changed.rotation_period == timedelta(hours=1)
+    assert changed.labels == {"team": "ml"}
+
+
+def test_a_disabled_key_refuses_operations_until_enabled(service, new_key):
+    new_key("k")
+    service.keys.disable(ADMIN, CTX, "k")
+    with pytest.raises(KeyDisabled):
+        service.crypto.sign(ADMIN, CTX, service.gate.target("k"), [SignInput(b"m")], False)
+    service.keys.enable(ADMIN, CTX, "k")
+    service.crypto.sign(ADMIN, CTX, service.gate.target("k"), [SignInput(b"m")], False)
+
+
+def test_destruction_when_due_is_idempotent(service, new_key):
+    new_key("k")
+    service.keys.rotate(ADMIN, CTX, "k")
+    service.keys.schedule_deletion(ADMIN, CTX, "k", 7)
+    assert service.keys.destroy_due(CTX) == []
+    later = datetime.now(UTC) + timedelta(days=8)
+    assert service.keys.destroy_due(CTX, later) == ["k"]
+    assert service.keys.destroy_due(CTX, later) == []
+    key = service.catalogue.get("k")
+    assert key.state is KeyState.DESTROYED
+    assert all(v.material is None and v.destroyed_at for v in key.versions.values())
