@@ -390,7 +390,7 @@ def test_deletion_schedules_key_deletion_and_kmsgate_refuses(aws, kms_proxy, mot
     assert sign(api, admin, key_name, input=b64(MESSAGE)).json()["code"] == "key_pending_deletion"
     kms_proxy.clear()
     later = datetime.now(UTC) + timedelta(days=8)
-    assert api.service.destroy_due_keys(Ctx("t"), later) == [key_name]
+    assert api.service.keys.destroy_due(Ctx("t"), later) == [key_name]
     (request,) = kms_proxy.of("ScheduleKeyDeletion")
     assert request.body["PendingWindowInDays"] == 7
     assert len(kms_proxy.of("DeleteAlias")) == 1

@@ -609,10 +609,10 @@ def test_approle_login_and_relogin_after_revocation(tmp_path, openbao_server, pr
     try:
         key = backend.create_key(KeySpec("ar", 1, KeyType.ED25519))
         _sign(backend, key)
-        first_token = backend._client.token
+        first_token = backend._vault.hvac.token
         root.auth.token.revoke(first_token)
         _sign(backend, key)  # 403, log in again, retried once
-        assert backend._client.token != first_token
+        assert backend._vault.hvac.token != first_token
         assert backend.status().ok
     finally:
         backend.close()
@@ -715,7 +715,7 @@ def test_coalescer_stress_each_caller_gets_its_own_results():
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from kmsgate.backends.hashivault import _Coalescer
+    from kmsgate.backends.hashivault.coalescer import _Coalescer
 
     max_inflight, max_items = 2, 16
     coalescer = _Coalescer(max_items, max_inflight)
@@ -952,11 +952,11 @@ def test_kubernetes_service_account_login_rereads_the_projected_token(
             _sign(backend, key)
             assert reviewed == [first]
             jwt_file.write_text(second)  # the kubelet rotated the projected token
-            root.auth.token.revoke(backend._client.token)
+            root.auth.token.revoke(backend._vault.hvac.token)
             _sign(backend, key)  # 403 -> log in again with the new token
             assert reviewed == [first, second]
             jwt_file.write_text(forged)  # signed by another key: OpenBao itself refuses it
-            root.auth.token.revoke(backend._client.token)
+            root.auth.token.revoke(backend._vault.hvac.token)
             with pytest.raises(BackendError):
                 _sign(backend, key)
             assert forged not in reviewed
@@ -999,7 +999,7 @@ def test_documented_policy_is_enough_for_a_whole_lifecycle(openbao_server, prefi
         w2 = backend.create_key(KeySpec(f"{prefix}aes", 2, KeyType.AES_256_GCM))
         assert backend.unwrap(w2, backend.wrap(w2, b"dek", b"aad"), b"aad") == b"dek"
         backend.retire_versions_below(w2, 2)
-        for key in (s1, s2, m, w1, w2):  # as destroy_due_keys does, oldest first
+        for key in (s1, s2, m, w1, w2):  # as Keys.destroy_due does, oldest first
             backend.destroy(key)
         for name in ("sig", "mac", "aes"):
             with pytest.raises(hvac.exceptions.InvalidPath):

@@ -191,7 +191,7 @@ def test_token_selected_by_serial(token: SoftHsmToken, backend, key_of):
     key = key_of(KeyType.ECDSA_P256)
     alg = SIGN_ALGORITHMS["ecdsa-sha256"]
     backend.sign(key, MESSAGE, alg, prehashed=False)
-    serial = backend._conn.serial.decode().strip()
+    serial = backend._pool._conn.serial.decode().strip()
     by_serial = make_backend("hsm-serial", token, token=None, token_serial=serial)
     wrong = make_backend("hsm-wrong-serial", token, token_serial="0000000000000000")
     try:
@@ -547,7 +547,7 @@ def test_module_finalized_under_the_backend_is_reopened(backend, key_of, token):
     are gone): the next call re-initialises it, logs in again and succeeds."""
     import pkcs11
 
-    from kmsgate.backends.pkcs11 import _module
+    from kmsgate.backends.pkcs11.module import _module
 
     key = key_of(KeyType.ED25519)
     alg = SIGN_ALGORITHMS["ed25519"]
@@ -567,14 +567,14 @@ def test_forked_child_initialises_the_module_again(backend, key_of):
     key = key_of(KeyType.ECDSA_P256)
     alg = SIGN_ALGORITHMS["ecdsa-sha256"]
     backend.sign(key, MESSAGE, alg, prehashed=False)  # the parent is connected
-    inherited = backend._conn
+    inherited = backend._pool._conn
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: sign with the inherited backend, report, exit at once
         code = 1
         try:
             signature = backend.sign(key, b"from the child", alg, prehashed=False)
-            fresh = backend._conn is not None and backend._conn is not inherited
+            fresh = backend._pool._conn is not None and backend._pool._conn is not inherited
             os.write(write, (b"fresh:" if fresh else b"reused:") + signature)
             code = 0
         finally:
@@ -593,7 +593,7 @@ def test_forked_child_initialises_the_module_again(backend, key_of):
     signature = reply.removeprefix(b"fresh:")
     public_of(key).verify(signature, b"from the child", ec.ECDSA(hashes.SHA256()))
     # the parent's connection is untouched
-    assert backend._conn is inherited
+    assert backend._pool._conn is inherited
     again = backend.sign(key, MESSAGE, alg, prehashed=False)
     public_of(key).verify(again, MESSAGE, ec.ECDSA(hashes.SHA256()))
 
@@ -903,7 +903,7 @@ def test_deleting_an_adopted_key_never_destroys_the_ceremony_key(hsm: SoftHsm, t
         assert r.json()["state"] == "pending_deletion"
         service = client.app.state.service
         later = datetime.now(UTC) + timedelta(days=8)
-        assert service.destroy_due_keys(Ctx("t"), later) == ["adopted"]
+        assert service.keys.destroy_due(Ctx("t"), later) == ["adopted"]
         assert client.get("/v1/keys/adopted", headers=auth).json()["state"] == "destroyed"
         # the token still holds the ceremony key: it can be adopted again and signs
         r = client.post("/v1/keys", headers=auth, json={**body, "name": "again", "uri": uri})

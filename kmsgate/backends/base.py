@@ -59,7 +59,13 @@ class BackendStatus:
 
 
 class KeyBackend(ABC):
-    """Required of every backend: create, sign, expose the public key, destroy."""
+    """Required of every backend: create, sign, expose the public key, destroy.
+
+    The errors each method's docstring lists are the contract: what any backend may raise
+    there (an override's docstring names the errors it raises beyond them). BackendUnavailable:
+    the backend cannot be reached now (503 with Retry-After); BackendError: it failed or
+    answered something unusable (502).
+    """
 
     scheme: ClassVar[str]
     blocking: ClassVar[bool] = True
@@ -75,19 +81,25 @@ class KeyBackend(ABC):
 
     @abstractmethod
     def create_key(self, spec: KeySpec) -> BackendKey:
-        """Generate a non-exportable key. Raises NotSupported for a type it cannot hold."""
+        """Generate a non-exportable key. Raises NotSupported for a type it cannot hold,
+        BackendUnavailable, BackendError."""
 
     @abstractmethod
     def sign(self, key: BackendKey, data: bytes, alg: SignAlg, *, prehashed: bool) -> bytes:
-        """Sign `data` (or a digest if `prehashed`). Raises BackendError/BackendUnavailable."""
+        """Sign `data` (or a digest if `prehashed`).
+
+        Raises InvalidRequest if `alg` does not fit the key or the digest is malformed,
+        KeyDestroyed if the version's key material is gone, BackendUnavailable, BackendError.
+        """
 
     def sign_many(
         self, key: BackendKey, messages: Sequence[SignMessage]
     ) -> list[bytes | KmsgateError]:
         """Sign several messages with one key version, each error in its place.
 
-        Unavailable (the backend is down) propagates and fails the whole call. Backends with
-        a batch API (Vault's `batch_input`) override this to save round trips.
+        Unavailable (the backend is down) propagates and fails the whole call; every other
+        error `sign` raises takes its message's place. Backends with a batch API (Vault's
+        `batch_input`) override this to save round trips.
         """
         results: list[bytes | KmsgateError] = []
         for m in messages:
@@ -101,14 +113,17 @@ class KeyBackend(ABC):
 
     @abstractmethod
     def destroy(self, key: BackendKey) -> None:
-        """Destroy the key material (irreversible) and forget any cached copy."""
+        """Destroy the key material (irreversible) and forget any cached copy. Raises
+        BackendUnavailable, BackendError."""
 
     def retire_versions_below(self, key: BackendKey, min_version: int) -> None:  # noqa: B027
         """Mirror kmsgate's `min_decrypt_version` where the backend can enforce it too
-        (Vault Transit's `min_decryption_version`); kmsgate enforces it either way."""
+        (Vault Transit's `min_decryption_version`); kmsgate enforces it either way. Raises
+        BackendUnavailable, BackendError."""
 
     def status(self) -> BackendStatus:
-        """Readiness of the backend (for /v1/sys/ready)."""
+        """Readiness of the backend (for /v1/sys/ready); problems are reported in the
+        status, not raised."""
         return BackendStatus(ok=True)
 
     def close(self) -> None:  # noqa: B027 (optional hook)
@@ -120,11 +135,16 @@ class MacCapable(ABC):
 
     @abstractmethod
     def mac(self, key: BackendKey, data: bytes, hash_name: HashName) -> bytes:
-        """The full-length MAC of `data`."""
+        """The full-length MAC of `data`.
+
+        Raises InvalidRequest if the key cannot compute MACs (or not with `hash_name`),
+        KeyDestroyed if the version's key material is gone, BackendUnavailable, BackendError.
+        """
 
     @abstractmethod
     def verify_mac(self, key: BackendKey, data: bytes, mac: bytes, hash_name: HashName) -> bool:
-        """True iff `mac` is the full-length MAC of `data`; compared in constant time."""
+        """True iff `mac` is the full-length MAC of `data`; compared in constant time. A MAC
+        that does not match is False, not an error. Raises what `mac` raises."""
 
 
 class WrapCapable(ABC):
@@ -132,11 +152,18 @@ class WrapCapable(ABC):
 
     @abstractmethod
     def wrap(self, key: BackendKey, plaintext: bytes, aad: bytes) -> bytes:
-        """Encrypt and authenticate `plaintext` bound to `aad`."""
+        """Encrypt and authenticate `plaintext` bound to `aad`.
+
+        Raises InvalidRequest if the key cannot encrypt, KeyDestroyed if the version's key
+        material is gone, BackendUnavailable, BackendError.
+        """
 
     @abstractmethod
     def unwrap(self, key: BackendKey, ciphertext: bytes, aad: bytes) -> bytes:
-        """Reverse `wrap`. Raises DecryptionFailed if the ciphertext or `aad` is wrong."""
+        """Reverse `wrap`.
+
+        Raises DecryptionFailed if the ciphertext or `aad` is wrong, and what `wrap` raises.
+        """
 
 
 class AdoptCapable(ABC):
@@ -146,7 +173,8 @@ class AdoptCapable(ABC):
     def adopt_key(self, spec: KeySpec, uri: str) -> BackendKey:
         """A reference to the existing key at `uri`, checked against `spec.key_type`.
 
-        Raises InvalidRequest for a malformed URI or a type mismatch, NotFound if absent.
+        Raises InvalidRequest for a malformed URI or a type mismatch, NotFound if absent,
+        BackendUnavailable, BackendError.
         """
 
 
@@ -156,7 +184,8 @@ class RootKeyWrapper(Protocol):
     with an existing AES key named by `reference` (a Transit key name, a PKCS#11 URI)."""
 
     def wrapping_key(self, reference: str) -> BackendKey:
-        """A handle on the existing key. Raises NotFound or InvalidRequest (wrong type)."""
+        """A handle on the existing key. Raises NotFound, InvalidRequest (wrong type),
+        BackendUnavailable, BackendError."""
 
     def wrap(self, key: BackendKey, plaintext: bytes, aad: bytes) -> bytes:
         """See WrapCapable.wrap."""

@@ -147,6 +147,8 @@ class SoftKmsBackend(KeyBackend, MacCapable, WrapCapable):
         )
 
     def _load(self, key: BackendKey) -> PrivateKeyTypes | bytes:
+        """The unsealed key (cached). Raises KeyDestroyed if its material was dropped,
+        BackendError if the material does not unseal."""
         cached = self._loaded.get(key.ref)
         if cached is not None:
             return cached
@@ -169,12 +171,15 @@ class SoftKmsBackend(KeyBackend, MacCapable, WrapCapable):
         return cached
 
     def _private_key(self, key: BackendKey) -> PrivateKeyTypes:
+        """Raises KeyDestroyed, BackendError (see `_load`; also for a secret key)."""
         loaded = self._load(key)
         if isinstance(loaded, bytes):
             raise BackendError("key material is not a private key")
         return loaded
 
     def _secret(self, key: BackendKey, usage: KeyUsage) -> bytes:
+        """The secret key for `usage`. Raises InvalidRequest if the key type has another use,
+        KeyDestroyed, BackendError (see `_load`)."""
         if key.key_type.usage is not usage:
             raise InvalidRequest(f"a {key.key_type} key cannot be used to {usage}")
         loaded = self._load(key)

@@ -1,0 +1,86 @@
+"""Configuration of a `type: awskms` backend: region, endpoint and credentials, alias prefix,
+deletion window and tags, timeouts, retries and the per-quota rate limits (`RateLimits`)."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from kmsgate.backends.awskms.specs import _CONTEXT_PREFIX
+
+_ALIAS_PREFIX = re.compile(r"^alias/[A-Za-z0-9/_-]*/$")
+
+
+class RateLimits(BaseModel):
+    """Requests per second this gateway instance may send, per AWS quota class (None: no
+    limit). Set them to the account's quotas divided by the number of replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    symmetric: float | None = Field(default=None, gt=0)
+    """Encrypt, Decrypt, GenerateDataKey, ReEncrypt, GenerateMac, VerifyMac."""
+    rsa: float | None = Field(default=None, gt=0)
+    """Sign with RSA keys."""
+    ecc: float | None = Field(default=None, gt=0)
+    """Sign with elliptic-curve keys (ECDSA, Ed25519)."""
+    control: float | None = Field(default=None, gt=0)
+    """Everything else: CreateKey, GetPublicKey, DescribeKey, aliases, deletion, ..."""
+    burst: float = Field(default=1.0, gt=0)
+    """Bucket size, in seconds' worth of requests (at least one request)."""
+    max_wait: float = Field(default=0.5, ge=0)
+    """Longest a request waits for a token; beyond it the call fails with 503 Retry-After."""
+
+
+class AwsKmsSettings(BaseModel):
+    """The `backends.<name>` entry of a `type: awskms` backend (everything but `type`).
+
+    Credentials come from the default chain (environment, shared files, container or
+    instance role) unless `profile` or explicit keys are given; explicit keys are for test
+    endpoints (moto, LocalStack), never for production.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    region: str | None = Field(default=None, pattern=r"^[a-z0-9-]{1,32}$")
+    profile: str | None = None
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/.*)?$")
+    """A VPC endpoint, FIPS endpoint, LocalStack or moto; AWS's public endpoint if unset."""
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+
+    alias_prefix: str = Field(default="alias/kmsgate/", pattern=_ALIAS_PREFIX.pattern)
+    pending_window_days: int = Field(default=30, ge=7, le=30)
+    """Days between `destroy` and AWS deleting the KMS key (ScheduleKeyDeletion)."""
+    delete_adopted_keys: bool = False
+    """Whether `destroy` schedules the deletion of an adopted key (else it only disables it)."""
+    tags: dict[str, str] = Field(default_factory=dict)
+    """Extra tags put on every KMS key kmsgate creates."""
+
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=32, ge=1)
+    max_concurrency: int = Field(default=8, ge=1)
+    """Parallel Sign requests for one batch."""
+    max_attempts: int = Field(default=4, ge=1, le=20)
+    """Tries per request when AWS throttles or fails transiently (1: no retry)."""
+    backoff_base: float = Field(default=0.05, ge=0)
+    """Retry n waits a random time in [0, min(backoff_max, backoff_base * 2**n)] (full jitter)."""
+    backoff_max: float = Field(default=1.0, ge=0)
+    retry_after: int = Field(default=1, ge=1)
+    """Retry-After (seconds) sent with a 503 after the retries are spent."""
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> AwsKmsSettings:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key go together")
+        if self.profile is not None and self.access_key_id is not None:
+            raise ValueError("configure either profile or access keys, not both")
+        if self.alias_prefix.startswith("alias/aws/"):
+            raise ValueError("alias names under alias/aws/ are reserved for AWS")
+        for key in self.tags:
+            if key.startswith(("aws:", _CONTEXT_PREFIX)):
+                raise ValueError(f"tag {key!r}: the 'aws:' and 'kmsgate:' prefixes are reserved")
+        return self

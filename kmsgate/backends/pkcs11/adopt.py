@@ -1,0 +1,133 @@
+"""Checks on a key made outside kmsgate (by a ceremony tool) before the pkcs11 backend adopts
+it: the URI names this backend's token, the object is a protected key of the right type fit
+for its use, and an asymmetric key's public key object matches it."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import pkcs11
+from pkcs11 import Attribute, ObjectClass
+from pkcs11 import KeyType as P11KeyType
+from pkcs11 import exceptions as p11e
+
+from kmsgate.algorithms import KeyType, KeyUsage, sign_algorithm, verify_with_public_key
+from kmsgate.backends.pkcs11.keys import (
+    _ED25519_PARAMS,
+    _HMAC_KEY_TYPES,
+    _attr,
+    _Kind,
+    _pem,
+    _public_key,
+    _sign_input,
+)
+from kmsgate.backends.pkcs11.sessions import _Connection, _Worker
+from kmsgate.errors import BackendError, InvalidRequest
+from kmsgate.uri import Pkcs11Uri
+
+
+def _check_token_attributes(conn: _Connection, parsed: Pkcs11Uri) -> None:
+    """Raises InvalidRequest unless the URI's token attributes match `conn`'s token and it
+    selects the key by token, serial, manufacturer, model, object, id and type only."""
+    info = conn.token
+    expected = {
+        "token": conn.label,
+        "serial": conn.serial.decode("ascii", errors="replace").strip(),
+        "manufacturer": info.manufacturer_id,
+        "model": info.model,
+    }
+    for name, value in expected.items():
+        given = parsed.text(name)
+        if given is not None and given != value:
+            raise InvalidRequest(f"the URI's {name} does not match this backend's token")
+    if parsed.path.keys() - {
+        "token",
+        "serial",
+        "manufacturer",
+        "model",
+        "object",
+        "id",
+        "type",
+    }:
+        raise InvalidRequest(
+            "only token, serial, manufacturer, model, object, id and type may select a key"
+        )
+
+
+def _adopted_public_key(worker: _Worker, key_type: KeyType, private: Any, key_id: bytes) -> str:
+    """The PEM public key of the asymmetric key `private`, from the public key object with its
+    id (or, for RSA, the private key), checked by signing a random challenge. Raises
+    InvalidRequest, python-pkcs11 errors."""
+    public = None
+    if key_id:
+        publics = list(
+            worker.session.get_objects(
+                {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id}
+            )
+        )
+        if len(publics) > 1:
+            raise InvalidRequest("several public key objects share the key's id")
+        public = publics[0] if publics else None
+    if public is None and key_type not in (KeyType.RSA_3072, KeyType.RSA_4096):
+        raise InvalidRequest("no public key object with the key's id on the token")
+    try:
+        public_key = _public_key(key_type, public, private)
+    except (BackendError, ValueError, p11e.PKCS11Error):
+        raise InvalidRequest(f"the public key object cannot be read as a {key_type} key") from None
+    # proof of possession: the pair must match
+    challenge = secrets.token_bytes(32)
+    alg = sign_algorithm(key_type, None)
+    prepared = _sign_input(key_type, alg, challenge, False)
+    raw = private.sign(
+        prepared.payload, mechanism=prepared.mechanism, mechanism_param=prepared.param
+    )
+    try:
+        signature = prepared.finish(raw)
+    except BackendError:
+        signature = b""
+    if not verify_with_public_key(public_key, alg, challenge, signature, prehashed=False):
+        raise InvalidRequest("the public key object does not match the private key")
+    return _pem(public_key)
+
+
+def _check_adoptable(key_type: KeyType, kind: _Kind, obj: Any) -> None:
+    """Raises InvalidRequest unless `obj` is a protected key of `key_type` fit for its use."""
+    p11_type = _attr(obj, Attribute.KEY_TYPE)
+    if key_type.usage is KeyUsage.MAC:
+        type_ok = p11_type in _HMAC_KEY_TYPES
+    else:
+        type_ok = p11_type == kind.p11_type
+    if not type_ok:
+        raise InvalidRequest(f"the key on the token is not a {key_type} key")
+    if (
+        _attr(obj, Attribute.SENSITIVE) is not True
+        or _attr(obj, Attribute.EXTRACTABLE) is not False
+    ):
+        raise InvalidRequest("only sensitive, non-extractable keys can be adopted")
+    if kind.p11_type == P11KeyType.RSA:
+        modulus = _attr(obj, Attribute.MODULUS) or b""
+        if len(modulus) * 8 != kind.bits:
+            raise InvalidRequest(f"the RSA key on the token is not {kind.bits} bits")
+    elif kind.curve is not None:
+        params = _attr(obj, Attribute.EC_PARAMS)
+        wanted = (
+            _ED25519_PARAMS
+            if key_type is KeyType.ED25519
+            else (pkcs11.util.ec.encode_named_curve_parameters(kind.curve),)
+        )
+        if params not in wanted:
+            raise InvalidRequest(f"the key on the token is not on the curve of {key_type}")
+    else:
+        length = _attr(obj, Attribute.VALUE_LEN)
+        assert kind.bits is not None
+        if key_type is KeyType.AES_256_GCM and length != 32:
+            raise InvalidRequest("the AES key on the token is not 256 bits")
+        if key_type is not KeyType.AES_256_GCM and (length is None or length * 8 < kind.bits):
+            raise InvalidRequest(f"the HMAC key is shorter than {kind.bits} bits")
+    if key_type is KeyType.AES_256_GCM:
+        usage_ok = _attr(obj, Attribute.ENCRYPT) and _attr(obj, Attribute.DECRYPT)
+    else:
+        usage_ok = _attr(obj, Attribute.SIGN)
+    if not usage_ok:
+        raise InvalidRequest("the key on the token is not allowed to do what its type needs")
