@@ -1,10 +1,96 @@
 """The use-case layer: the REST API, the CLI's local commands and the jobs call only this.
 
-`Service` (facade.py) groups the use cases by domain; `gate.py` holds the request path they
-all take. Nothing here imports pydantic or speaks JSON or base64.
+`Service` groups the use cases by domain; `gate.py` holds the request path they all take.
+Nothing here imports pydantic or speaks JSON or base64.
 """
 
-from kmsgate.service.facade import Service
+from __future__ import annotations
+
+from kmsgate.audit import AuditSink
+from kmsgate.auth import Authenticators, TokenRegistry
+from kmsgate.backends.base import Registry
+from kmsgate.catalogue import Catalogue
+from kmsgate.config import Settings
+from kmsgate.policy import PolicyEngine
+from kmsgate.service.crypto import Crypto
+from kmsgate.service.envelope import Envelopes
 from kmsgate.service.gate import STATE_CHANGING, Call, Ctx, Gate, KeyTarget
+from kmsgate.service.keys import Keys
+from kmsgate.service.system import System
+from kmsgate.store import Store
 
 __all__ = ["STATE_CHANGING", "Call", "Ctx", "Gate", "KeyTarget", "Service"]
+
+
+class Service:
+    """Every kmsgate operation, by domain. Thread-safe; holds only caches.
+
+    ================================================  =================================
+    operation                                         module (`kmsgate/service/`)
+    ================================================  =================================
+    authenticate, decide, audit (every request)       `gate.py`   (`service.gate`)
+    sign, verify, mac, mac_verify                     `crypto.py` (`service.crypto`)
+    encrypt, decrypt, datakey, rewrap                 `envelope.py` (`service.envelopes`)
+    create, search, get, public_key_pem, jwks, rotate,  `keys.py`   (`service.keys`)
+    disable, enable, update, mark_compromised,
+    schedule_deletion, cancel_deletion, destroy_due
+    tokens, policy read/evaluate/reload, audit        `system.py` (`service.system`)
+    read, metrics authorisation
+    ================================================  =================================
+
+    Use cases take and return the frozen dataclasses of `requests.py` and `results.py`
+    (bytes, not base64); the API turns them into JSON.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        catalogue: Catalogue,
+        registry: Registry,
+        policy: PolicyEngine,
+        audit: AuditSink,
+        tokens: TokenRegistry,
+    ) -> None:
+        self.store = store
+        self.tokens = tokens
+        self.gate = Gate(
+            settings=settings,
+            catalogue=catalogue,
+            registry=registry,
+            policy=policy,
+            audit=audit,
+            authenticators=Authenticators([tokens]),
+        )
+        self.crypto = Crypto(self.gate)
+        self.envelopes = Envelopes(self.gate)
+        self.keys = Keys(self.gate)
+        self.system = System(self.gate, tokens)
+
+    # the parts every use case shares, held once, by the gate
+
+    @property
+    def settings(self) -> Settings:
+        return self.gate.settings
+
+    @property
+    def catalogue(self) -> Catalogue:
+        return self.gate.catalogue
+
+    @property
+    def registry(self) -> Registry:
+        return self.gate.registry
+
+    @property
+    def policy(self) -> PolicyEngine:
+        return self.gate.policy
+
+    @property
+    def audit(self) -> AuditSink:
+        return self.gate.audit
+
+    def close(self) -> None:
+        self.audit.close()
+        self.registry.close()
+        self.store.close()
