@@ -67,11 +67,6 @@ class _Auth:
     def logs_in(self) -> bool:
         return self._settings.auth_method in ("approle", "kubernetes")
 
-    @property
-    def renew_at(self) -> float:
-        """time.monotonic() value at which the token is renewed (inf: never)."""
-        return self._renew_at
-
     def ensure(self) -> None:
         """Make sure the client holds a live token. Raises hvac / requests errors."""
         if self._have_token and time.monotonic() < self._renew_at:
