@@ -3,7 +3,7 @@
 The policy file's own package is queried: `data.<package>.allow` must be exactly `true`, and
 an optional `data.<package>.deny` (set of strings) explains a rejection. Rego v1 is tried
 first, then v0 (the runbook's `allow { ... }` style). A fresh regorus engine is built, used and
-dropped on the calling thread (regorus engines are thread-bound, see kmsgate/policy.py).
+dropped on the calling thread (regorus engines are thread-bound, see kmsgate/policy/engine.py).
 
 The input document is described in docs/model-signing.md.
 """
