@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kmsgate.client import ApiError, Client
+from kmsgate.encoding import b64encode
 
 out = Console()
 err = Console(stderr=True)
@@ -62,6 +63,14 @@ def write_bytes(path: Path, data: bytes) -> None:
         path.write_bytes(data)
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror}")
+
+
+def write_or_print_b64(path: Path | None, data: bytes) -> None:
+    """`data` as raw bytes into `path`, or as base64 on stdout when there is no path."""
+    if path:
+        write_bytes(path, data)
+    else:
+        print(b64encode(data))
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

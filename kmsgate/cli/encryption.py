@@ -30,6 +30,7 @@ from kmsgate.cli.common import (
     read_input,
     read_text,
     write_bytes,
+    write_or_print_b64,
 )
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64decode_strict, b64encode
@@ -68,10 +69,7 @@ def encrypt(
     """Encrypt a small input on the gateway (up to limits.max_input_bytes, 64 KiB by
     default); prints the base64 ciphertext. For files use encrypt-file."""
     result = call(addr, token, Client.encrypt, key, read_input(source), _parse_context(context))
-    if output:
-        write_bytes(output, result["ciphertext"])
-    else:
-        print(b64encode(result["ciphertext"]))
+    write_or_print_b64(output, result["ciphertext"])
     err.print(f"key_version={result['key_version']}")
 
 

@@ -24,6 +24,7 @@ from kmsgate.cli.common import (
     read_input,
     read_text,
     write_bytes,
+    write_or_print_b64,
 )
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64decode_strict, b64encode
@@ -251,10 +252,7 @@ def sign(
         return client.sign(key, **_message(client, key, source, digest, algorithm))
 
     result = call(addr, token, run)
-    if output:
-        write_bytes(output, result["signature"])
-    else:
-        print(b64encode(result["signature"]))
+    write_or_print_b64(output, result["signature"])
     err.print(f"key_version={result['key_version']} algorithm={result['algorithm']}")
 
 
