@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,26 +10,24 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from kmsgate.service import Ctx
 from kmsgate.store import tables
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def create(api, token, name="k1", type="ecdsa-p256", purpose="general", **extra):
-    body = {"name": name, "type": type, "purpose": purpose, **extra}
-    return api.call("POST", "/v1/keys", token, json=body)
+from tests.helpers import b64, create_key
 
 
 def test_create_get_list_with_filters(api, admin):
-    r = create(api, admin, "a", labels={"env": "prod", "team": "ml"}, purpose="model-sign")
+    body = {
+        "name": "a",
+        "type": "ecdsa-p256",
+        "purpose": "model-sign",
+        "labels": {"env": "prod", "team": "ml"},
+    }
+    r = api.call("POST", "/v1/keys", admin, json=body)
     assert r.status_code == 201, r.text
     key = r.json()
     assert key["state"] == "enabled"
     assert key["primary_version"] == 1
     assert [v["version"] for v in key["versions"]] == [1]
     assert "material" not in r.text and "private" not in r.text.lower()
-    create(api, admin, "b", labels={"env": "dev"})
+    create_key(api, admin, "b", labels={"env": "dev"})
     assert api.call("GET", "/v1/keys/a", admin).json()["labels"] == {"env": "prod", "team": "ml"}
     names = lambda r: [k["name"] for k in r.json()["keys"]]  # noqa: E731
     assert names(api.call("GET", "/v1/keys", admin)) == ["a", "b"]
@@ -40,8 +37,9 @@ def test_create_get_list_with_filters(api, admin):
 
 
 def test_duplicate_name_is_409_and_nothing_changes(api, admin):
-    assert create(api, admin, "dup").status_code == 201
-    r = create(api, admin, "dup", type="ed25519")
+    create_key(api, admin, "dup")
+    body = {"name": "dup", "type": "ed25519", "purpose": "general"}
+    r = api.call("POST", "/v1/keys", admin, json=body)
     assert r.status_code == 409
     assert r.json()["code"] == "conflict"
     assert api.call("GET", "/v1/keys/dup", admin).json()["type"] == "ecdsa-p256"
@@ -70,7 +68,7 @@ def test_bad_create_requests(api, admin, body, status, code):
 
 
 def test_rotate_keeps_old_signatures_valid(api, admin):
-    create(api, admin)
+    create_key(api, admin, "k1")
     old = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).json()
     rotated = api.call("POST", "/v1/keys/k1/rotate", admin).json()
     assert rotated["primary_version"] == 2
@@ -92,7 +90,7 @@ def test_rotate_keeps_old_signatures_valid(api, admin):
 
 
 def test_min_decrypt_version_retires_old_versions(api, admin):
-    create(api, admin)
+    create_key(api, admin, "k1")
     sig1 = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).json()
     api.call("POST", "/v1/keys/k1/rotate", admin)
     r = api.call("PATCH", "/v1/keys/k1", admin, json={"min_decrypt_version": 2})
@@ -109,7 +107,7 @@ def test_min_decrypt_version_retires_old_versions(api, admin):
 
 
 def test_disable_enable(api, admin):
-    create(api, admin)
+    create_key(api, admin, "k1")
     assert api.call("POST", "/v1/keys/k1/disable", admin).json()["state"] == "disabled"
     for op, body in (
         ("sign", {"input": b64(b"m")}),
@@ -124,7 +122,7 @@ def test_disable_enable(api, admin):
 
 
 def test_compromised_version_stops_signing_and_strict_verify(api, admin):
-    create(api, admin)
+    create_key(api, admin, "k1")
     sig = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")}).json()
     since = datetime.now(UTC) - timedelta(minutes=5)
     r = api.call(
@@ -149,7 +147,7 @@ def test_compromised_version_stops_signing_and_strict_verify(api, admin):
 
 
 def test_deletion_schedule_cancel_and_destroy(api, admin):
-    create(api, admin)
+    create_key(api, admin, "k1")
     r = api.call("POST", "/v1/keys/k1/schedule-deletion", admin, json={"pending_days": 3})
     assert r.status_code == 422
     r = api.call("POST", "/v1/keys/k1/schedule-deletion", admin, json={"pending_days": 7})
@@ -209,19 +207,20 @@ def test_import_public_key_is_verify_only(api, admin):
 
 
 def test_jwks_is_public_and_lists_usable_versions(api, admin):
-    create(api, admin, "j", type="ed25519")
+    create_key(api, admin, "j", "ed25519")
     api.call("POST", "/v1/keys/j/rotate", admin)
     r = api.call("GET", "/v1/keys/j/jwks.json", None)
     assert r.status_code == 200
     assert [k["kid"] for k in r.json()["keys"]] == ["j:v2", "j:v1"]
     assert all(k["kty"] == "OKP" and k["crv"] == "Ed25519" for k in r.json()["keys"])
-    create(api, admin, "h", type="hmac-sha256")
+    create_key(api, admin, "h", "hmac-sha256")
     assert api.call("GET", "/v1/keys/h/jwks.json", None).status_code == 404
     assert api.call("GET", "/v1/keys/none/jwks.json", None).status_code == 404
 
 
 def test_adopting_needs_a_capable_backend(api, admin):
-    r = create(api, admin, "adopted", uri="softkms:other/1")
+    body = {"name": "adopted", "type": "ecdsa-p256", "purpose": "general", "uri": "softkms:other/1"}
+    r = api.call("POST", "/v1/keys", admin, json=body)
     assert (r.status_code, r.json()["code"]) == (501, "not_supported")
     r = api.call(
         "POST", "/v1/keys", admin, json={"name": "x", "purpose": "p", "uri": "u", "public_key": "p"}

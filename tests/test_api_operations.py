@@ -3,7 +3,6 @@ authentication, policy and audit."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
@@ -16,19 +15,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from kmsgate.audit import AuditFile
 from kmsgate.policy import ACTIONS
 from kmsgate.service import STATE_CHANGING
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def unb64(text: str) -> bytes:
-    return base64.b64decode(text)
-
-
-def create(api, token, name, type, purpose="general"):
-    r = api.call("POST", "/v1/keys", token, json={"name": name, "type": type, "purpose": purpose})
-    assert r.status_code == 201, r.text
+from tests.helpers import b64, create_key, unb64
 
 
 def public_key(api, token, name, version=None):
@@ -46,7 +33,7 @@ def public_key(api, token, name, version=None):
     ],
 )
 def test_sign_verifies_independently(api, admin, key_type, algorithm):
-    create(api, admin, "k", key_type)
+    create_key(api, admin, "k", key_type)
     r = api.call(
         "POST", "/v1/keys/k/sign", admin, json={"input": b64(b"msg"), "algorithm": algorithm}
     )
@@ -67,7 +54,7 @@ def test_sign_verifies_independently(api, admin, key_type, algorithm):
 
 
 def test_rsa_pss_and_pkcs1_with_digest(api, admin):
-    create(api, admin, "r", "rsa-3072")
+    create_key(api, admin, "r", "rsa-3072")
     digest = hashlib.sha256(b"payload").digest()
     pub = public_key(api, admin, "r")
     assert isinstance(pub, rsa.RSAPublicKey)
@@ -120,7 +107,7 @@ def test_rsa_pss_and_pkcs1_with_digest(api, admin):
     ],
 )
 def test_bad_sign_requests(api, admin, body, status, code):
-    create(api, admin, "k", "ecdsa-p256")
+    create_key(api, admin, "k", "ecdsa-p256")
     r = api.call("POST", "/v1/keys/k/sign", admin, json=body)
     assert (r.status_code, r.json()["code"]) == (status, code), r.text
     assert r.headers["content-type"] == "application/problem+json"
@@ -128,28 +115,28 @@ def test_bad_sign_requests(api, admin, body, status, code):
 
 
 def test_malformed_json_is_400(api, admin):
-    create(api, admin, "k", "ecdsa-p256")
+    create_key(api, admin, "k", "ecdsa-p256")
     for raw in (b"{", b"[]", b"\xff"):
         r = api.call("POST", "/v1/keys/k/sign", admin, content=raw)
         assert (r.status_code, r.json()["code"]) == (400, "invalid_request")
 
 
 def test_ed25519_refuses_digest(api, admin):
-    create(api, admin, "e", "ed25519")
+    create_key(api, admin, "e", "ed25519")
     r = api.call("POST", "/v1/keys/e/sign", admin, json={"digest": b64(bytes(32))})
     assert r.status_code == 400
 
 
 def test_usage_is_bound_to_type(api, admin):
-    create(api, admin, "h", "hmac-sha256")
-    create(api, admin, "s", "ecdsa-p256")
+    create_key(api, admin, "h", "hmac-sha256")
+    create_key(api, admin, "s", "ecdsa-p256")
     assert api.call("POST", "/v1/keys/h/sign", admin, json={"input": "YWJj"}).status_code == 400
     assert api.call("POST", "/v1/keys/s/mac", admin, json={"input": "YWJj"}).status_code == 400
 
 
 @pytest.mark.parametrize("key_type", ["hmac-sha256", "hmac-sha384", "hmac-sha512"])
 def test_mac_and_verify(api, admin, key_type):
-    create(api, admin, "h", key_type)
+    create_key(api, admin, "h", key_type)
     r = api.call("POST", "/v1/keys/h/mac", admin, json={"input": b64(b"data")})
     tag = unb64(r.json()["mac"])
     assert len(tag) == hashlib.new(key_type.split("-")[1]).digest_size
@@ -172,7 +159,7 @@ def test_mac_and_verify(api, admin, key_type):
 
 
 def test_batch_keeps_order_and_reports_item_errors(api, admin):
-    create(api, admin, "k", "ecdsa-p256")
+    create_key(api, admin, "k", "ecdsa-p256")
     items = [
         {"input": b64(b"a")},
         {"digest": b64(b"bad")},
@@ -193,7 +180,7 @@ def test_batch_keeps_order_and_reports_item_errors(api, admin):
 
 
 def test_batch_limits(api, admin):
-    create(api, admin, "k", "ed25519")
+    create_key(api, admin, "k", "ed25519")
     ok = api.call("POST", "/v1/keys/k/sign", admin, json={"batch": [{"input": "YQ=="}] * 1000})
     assert ok.status_code == 200 and len(ok.json()["batch"]) == 1000
     r = api.call("POST", "/v1/keys/k/sign", admin, json={"batch": [{"input": "YQ=="}] * 1001})
@@ -205,7 +192,7 @@ def test_batch_limits(api, admin):
 
 
 def test_size_limits(api, admin):
-    create(api, admin, "k", "ed25519")
+    create_key(api, admin, "k", "ed25519")
     limit = api.service.settings.limits
     big = b64(b"x" * (limit.max_input_bytes + 1))
     r = api.call("POST", "/v1/keys/k/sign", admin, json={"input": big})
@@ -225,7 +212,7 @@ def test_size_limits(api, admin):
 
 
 def test_authentication(api, admin, make_token):
-    create(api, admin, "k", "ecdsa-p256")
+    create_key(api, admin, "k", "ecdsa-p256")
     for header in (
         {},
         {"authorization": "Bearer nope"},
@@ -241,7 +228,7 @@ def test_authentication(api, admin, make_token):
 
 
 def test_policy_denies_whether_or_not_key_exists(api, admin, make_token):
-    create(api, admin, "k", "ecdsa-p256", purpose="model-sign")
+    create_key(api, admin, "k", "ecdsa-p256", purpose="model-sign")
     nobody = make_token("reader")
     for name in ("k", "does-not-exist"):
         r = api.call("POST", f"/v1/keys/{name}/sign", nobody, json={"input": "YQ=="})
@@ -255,8 +242,8 @@ def test_policy_denies_whether_or_not_key_exists(api, admin, make_token):
 
 
 def test_ml_sec_may_sign_model_keys_only_in_prod(api, admin, make_token):
-    create(api, admin, "model", "ecdsa-p256", purpose="model-sign")
-    create(api, admin, "other", "ecdsa-p256", purpose="general")
+    create_key(api, admin, "model", "ecdsa-p256", purpose="model-sign")
+    create_key(api, admin, "other", "ecdsa-p256", purpose="general")
     ml = make_token("ml-sec")
     assert api.service.settings.env == "test"
     assert api.call("POST", "/v1/keys/model/sign", ml, json={"input": "YQ=="}).status_code == 403
@@ -272,7 +259,7 @@ def test_the_audited_first_actions_are_real_actions():
 
 
 def test_every_call_is_audited_and_tamper_evident(api, admin, make_token):
-    create(api, admin, "k", "ecdsa-p256")
+    create_key(api, admin, "k", "ecdsa-p256")
     api.call("POST", "/v1/keys/k/sign", admin, json={"input": b64(b"secret-data")})
     api.call("POST", "/v1/keys/k/sign", make_token("nobody"), json={"input": "YQ=="})
     api.call("POST", "/v1/keys/k/sign", None, json={"input": "YQ=="})
@@ -311,7 +298,7 @@ def test_openapi_and_unknown_routes(api, admin):
 
 def test_text_replies_end_with_a_newline(api, admin):
     """JSON (hot and ordinary routes), problem+json and PEM replies end with a newline."""
-    create(api, admin, "newline", "ecdsa-p256")
+    create_key(api, admin, "newline", "ecdsa-p256")
     replies = [
         api.call("POST", "/v1/keys/newline/sign", admin, json={"input": b64(b"x")}),
         api.call("GET", "/v1/keys/newline", admin),
@@ -362,7 +349,7 @@ def _metric(text: str, sample: str) -> float:
 
 
 def test_metrics_count_routes_by_template_and_time_each_operation(api, admin):
-    create(api, admin, "metered", "ecdsa-p256")
+    create_key(api, admin, "metered", "ecdsa-p256")
     for _ in range(3):
         r = api.call("POST", "/v1/keys/metered/sign", admin, json={"input": b64(b"m")})
         assert r.status_code == 200

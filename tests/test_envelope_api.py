@@ -9,7 +9,7 @@ components are installed); those run on SQLite only, the rest on SQLite and Post
 
 from __future__ import annotations
 
-import base64
+import functools
 import json
 from collections.abc import Iterator
 
@@ -20,24 +20,13 @@ from kmsgate.algorithms import KeyType
 from kmsgate.backends.base import Registry, WrapCapable
 from kmsgate.envelope import Envelope, Kind, decode_context, encode_context
 from tests.backends.conftest import PROFILES
+from tests.helpers import b64, create_key, unb64
 
 CTX = {"tenant": "acme", "purpose": "invoice"}
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def unb64(text: str) -> bytes:
-    return base64.b64decode(text)
-
-
-def create(api, token, name, key_type="aes-256-gcm", backend=None):
-    body = {"name": name, "type": key_type, "purpose": "envelope-data"}
-    if backend:
-        body["backend"] = backend
-    r = api.call("POST", "/v1/keys", token, json=body)
-    assert r.status_code == 201, r.text
+# the keys here are envelope-data keys, AES-256-GCM unless a test names another type
+create_envelope_key = functools.partial(create_key, key_type="aes-256-gcm", purpose="envelope-data")
 
 
 def op(api, token, name, operation, **body):
@@ -97,7 +86,7 @@ sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 @sqlite_only
 def test_round_trips_on_every_wrap_backend(api, admin, wrap_backend):
-    create(api, admin, "k", backend=wrap_backend)
+    create_envelope_key(api, admin, "k", backend=wrap_backend)
     for plaintext in (b"", b"x", b"hello envelope", bytes(range(256)) * 64):
         ct = encrypt(api, admin, "k", plaintext, CTX)
         r = decrypt(api, admin, "k", ct, CTX)
@@ -133,7 +122,7 @@ def test_round_trips_on_every_wrap_backend(api, admin, wrap_backend):
 
 
 def test_ciphertext_format_is_self_describing(api, admin):
-    create(api, admin, "fmt")
+    create_envelope_key(api, admin, "fmt")
     ct = unb64(encrypt(api, admin, "fmt", b"abc", CTX))
     env = Envelope.parse(ct)
     assert ct[:4] == b"KGE\x01"
@@ -146,7 +135,7 @@ def test_ciphertext_format_is_self_describing(api, admin):
 
 
 def test_context_is_bound(api, admin):
-    create(api, admin, "c")
+    create_envelope_key(api, admin, "c")
     ct = encrypt(api, admin, "c", b"secret", CTX)
     for wrong in (
         None,
@@ -192,13 +181,13 @@ def test_context_encoding_is_canonical_and_unambiguous():
     ],
 )
 def test_context_limits(api, admin, context):
-    create(api, admin, "lim")
+    create_envelope_key(api, admin, "lim")
     r = op(api, admin, "lim", "encrypt", plaintext=b64(b"x"), context=context)
     assert r.status_code == 422, r.text
 
 
 def test_min_decrypt_version_enforced(api, admin):
-    create(api, admin, "m")
+    create_envelope_key(api, admin, "m")
     old = encrypt(api, admin, "m", b"v1 data", CTX)
     old_dk = op(api, admin, "m", "datakey", context=CTX).json()["ciphertext"]
     api.call("POST", "/v1/keys/m/rotate", admin)
@@ -215,7 +204,7 @@ def test_min_decrypt_version_enforced(api, admin):
 
 
 def test_rewrap_keeps_body_and_changes_only_the_wrap(api, admin):
-    create(api, admin, "rw")
+    create_envelope_key(api, admin, "rw")
     ct = unb64(encrypt(api, admin, "rw", b"payload", CTX))
     api.call("POST", "/v1/keys/rw/rotate", admin)
     new = unb64(
@@ -234,8 +223,8 @@ def test_rewrap_keeps_body_and_changes_only_the_wrap(api, admin):
 
 
 def test_cross_key_rewrap_and_wrong_key(api, admin, make_token):
-    create(api, admin, "src")
-    create(api, admin, "dst")
+    create_envelope_key(api, admin, "src")
+    create_envelope_key(api, admin, "dst")
     ct = encrypt(api, admin, "src", b"migrate me", CTX)
     dk = op(api, admin, "src", "datakey", context=CTX).json()
     # a ciphertext names its key: decrypting it at another key fails
@@ -271,7 +260,7 @@ def test_cross_key_rewrap_and_wrong_key(api, admin, make_token):
 
 
 def test_datakey_forms(api, admin):
-    create(api, admin, "dk")
+    create_envelope_key(api, admin, "dk")
     r = op(api, admin, "dk", "datakey", include_plaintext=False, context=CTX)
     assert r.status_code == 200, r.text
     assert set(r.json()) == {"ciphertext", "key_version"}
@@ -300,7 +289,7 @@ def test_datakey_forms(api, admin):
 
 
 def test_batches_keep_errors_in_place(api, admin):
-    create(api, admin, "b")
+    create_envelope_key(api, admin, "b")
     big = b"x" * (64 * 1024 + 1)
     r = op(
         api,
@@ -336,12 +325,12 @@ def test_batches_keep_errors_in_place(api, admin):
 
 
 def test_limits_and_type_binding(api, admin):
-    create(api, admin, "t")
+    create_envelope_key(api, admin, "t")
     r = op(api, admin, "t", "encrypt", plaintext=b64(b"x" * (64 * 1024 + 1)))
     assert (r.status_code, r.json()["code"]) == (413, "too_large")
     assert op(api, admin, "t", "encrypt", plaintext=b64(b"x" * 64 * 1024)).status_code == 200
     for key_type in ("ecdsa-p256", "hmac-sha256"):
-        create(api, admin, f"not-{key_type}", key_type)
+        create_envelope_key(api, admin, f"not-{key_type}", key_type=key_type)
         r = op(api, admin, f"not-{key_type}", "encrypt", plaintext=b64(b"x"))
         assert (r.status_code, r.json()["code"]) == (400, "invalid_request"), r.text
         r = op(api, admin, f"not-{key_type}", "datakey")
@@ -352,7 +341,7 @@ def test_limits_and_type_binding(api, admin):
 
 
 def test_disabled_key_refuses_everything(api, admin):
-    create(api, admin, "d")
+    create_envelope_key(api, admin, "d")
     ct = encrypt(api, admin, "d", b"x")
     api.call("POST", "/v1/keys/d/disable", admin)
     for operation, body in (
@@ -366,7 +355,7 @@ def test_disabled_key_refuses_everything(api, admin):
 
 
 def test_policy_and_audit(api, admin, make_token):
-    create(api, admin, "p")
+    create_envelope_key(api, admin, "p")
     nobody = make_token("nobody")
     for operation, body in (
         ("encrypt", {"plaintext": b64(b"x")}),

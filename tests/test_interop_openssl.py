@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.gateway import AdminApi, open_gateway
+from tests.helpers import b64
 
 pytestmark = pytest.mark.interop
 
@@ -66,10 +67,6 @@ GENPKEY: dict[str, list[str]] = {
     "rsa-3072": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:3072"],
     "rsa-4096": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:4096"],
 }
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def run(*argv: str | Path) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,6 @@ later issues.
 
 from __future__ import annotations
 
-import base64
 import collections
 import hashlib
 import secrets
@@ -33,13 +32,10 @@ from kmsgate.backends.base import BackendKey
 from kmsgate.backends.softkms import SoftKmsBackend
 from kmsgate.errors import DecryptionFailed
 from tests.gateway import AdminApi, open_gateway
+from tests.helpers import b64
 from tests.wycheproof import load_vectors
 
 BATCH_LIMIT = 1000  # docs/api.md: a batch holds at most 1,000 items
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 # --------------------------------------------------------------------------------------------
