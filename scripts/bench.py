@@ -6,11 +6,16 @@ ECDSA P-256 signing in-process (the raw limit), then drives three scenarios from
 load-generator process (wrk, or a Python fallback): a no-op endpoint, single sign and batch
 sign. Prints a table with ratios and checks the audit chain afterwards.
 
+With `--baseline DIR` (another kmsgate checkout, e.g. a `git worktree`), a second gateway runs
+DIR's kmsgate (PYTHONPATH=DIR) with the same settings; each scenario is measured on the
+baseline and then on this checkout, back to back, and the report adds this/baseline ratios.
+
     python scripts/bench.py                       # 10 s per scenario, 32 connections, 1 worker
     python scripts/bench.py --workers 2 --json out.json
     python scripts/bench.py --quick --loadgen python
+    python scripts/bench.py --baseline /tmp/kmsgate-before
 
-Exit status: 0 if every request succeeded and the audit chain verifies, 1 otherwise,
+Exit status: 0 if every request succeeded and the audit chain(s) verify, 1 otherwise,
 130 if interrupted. See docs/benchmarks.md.
 """
 
@@ -71,6 +76,7 @@ class Settings:
     threads: int
     json_path: Path | None
     keep_data: bool
+    baseline: Path | None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, dest="json_path", help="write results here")
     parser.add_argument("--keep-data", action="store_true", help="keep the temp data dir")
     parser.add_argument("--quick", action="store_true", help="tiny run (tests, smoke)")
+    parser.add_argument(
+        "--baseline", type=Path, metavar="DIR",
+        help="another kmsgate checkout to measure against, scenario by scenario",
+    )  # fmt: skip
     parser.add_argument("--loadgen-spec", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -108,6 +118,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         threads=_pick(args.threads, 1 if args.workers == 1 else 2),
         json_path=args.json_path,
         keep_data=args.keep_data,
+        baseline=args.baseline.resolve() if args.baseline else None,
     )
     problems = [
         "--duration must be > 0" if settings.duration <= 0 else "",
@@ -116,6 +127,9 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         "--batch must be 1..1000" if not 1 <= settings.batch <= 1000 else "",
         "--threads must be 1..--connections"
         if not 1 <= settings.threads <= settings.connections
+        else "",
+        f"--baseline {settings.baseline} has no kmsgate/ package"
+        if settings.baseline and not (settings.baseline / "kmsgate" / "__init__.py").is_file()
         else "",
     ]
     if errors := [p for p in problems if p]:
@@ -170,39 +184,94 @@ def kmsgate_command(*args: str) -> list[str]:
     return [sys.executable, "-c", KMSGATE_CLI, *args]
 
 
-class Gateway:
-    """`kmsgate serve --dev` as a subprocess in its own process group."""
+def git_commit(directory: Path) -> str | None:
+    """`git rev-parse --short HEAD` in `directory`; None if it is not a git checkout."""
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+    except OSError:
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
 
-    def __init__(self, data_dir: Path, workers: int) -> None:
-        self.data_dir = data_dir
+
+class Gateway:
+    """`kmsgate serve --dev` as a subprocess in its own process group.
+
+    `checkout` None runs the kmsgate this interpreter imports (this checkout, installed
+    editable); a directory runs that checkout's kmsgate, put first on PYTHONPATH. Every
+    kmsgate process runs in `work_dir`, so the current directory cannot shadow PYTHONPATH."""
+
+    def __init__(self, work_dir: Path, workers: int, checkout: Path | None = None) -> None:
+        self.work_dir = work_dir
+        self.data_dir = work_dir / "data"
+        self.log_path = work_dir / "server.log"
         self.workers = workers
+        self.checkout = checkout
+        self.label = "baseline" if checkout else "this checkout"
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.log_path = data_dir.parent / "server.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        work_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment without KMSGATE_* variables; PYTHONPATH=checkout if any."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KMSGATE_")}
+        if self.checkout:
+            env["PYTHONPATH"] = str(self.checkout)
+        return env
+
+    def run_python(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        """`python ARGS` as the gateway runs (environment, working directory), output captured."""
+        return subprocess.run(
+            [sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+            env=self.env, cwd=self.work_dir, check=False,
+        )  # fmt: skip
+
+    def kmsgate_package(self) -> Path:
+        """The kmsgate package directory the gateway imports. Raises RuntimeError if the
+        import fails or, for a checkout, the package is not the checkout's."""
+        proc = self.run_python("-c", "import kmsgate; print(kmsgate.__file__)", timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{self.label}: importing kmsgate failed:\n{proc.stderr[-2000:]}")
+        package = Path(proc.stdout.strip()).resolve().parent
+        if self.checkout and package != (self.checkout / "kmsgate").resolve():
+            raise RuntimeError(f"{self.label}: imports kmsgate from {package}, not {self.checkout}")
+        return package
+
+    def verify_audit(self) -> dict[str, Any]:
+        """`kmsgate audit verify` (this gateway's kmsgate) on the audit log; after `stop`."""
+        log = str(self.data_dir / "audit.log")
+        proc = self.run_python("-c", KMSGATE_CLI, "audit", "verify", log, timeout=300)
+        return {"ok": proc.returncode == 0, "message": (proc.stdout + proc.stderr).strip()}
 
     def start(self, timeout: float = 60.0) -> str:
         """Start, wait for health and the root token file; return the token.
 
         Raises RuntimeError if the server exits or is not ready within `timeout`."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KMSGATE_")}
         command = kmsgate_command(
             "serve", "--dev", "--data-dir", str(self.data_dir), "--port", str(self.port),
             "--workers", str(self.workers),
         )  # fmt: skip
         with self.log_path.open("wb") as log:
             self._proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+                command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.work_dir,
+                start_new_session=True,
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         token_file = self.data_dir / "root-token"
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"gateway exited ({self._proc.returncode}):\n{self.log_tail()}")
+                code = self._proc.returncode
+                raise RuntimeError(f"{self.label}: gateway exited ({code}):\n{self.log_tail()}")
             if self._healthy() and token_file.exists():
                 return token_file.read_text().strip()
             time.sleep(0.1)
-        raise RuntimeError(f"gateway not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"{self.label}: gateway not ready after {timeout:.0f} s:\n{self.log_tail()}"
+        )
 
     def _healthy(self) -> bool:
         try:
@@ -683,14 +752,14 @@ def loadgen_main(spec_path: Path) -> int:
 
 
 @dataclass
-class Report:
-    """Everything one run measured."""
+class BuildResult:
+    """What one gateway (this checkout's kmsgate or the baseline's) measured."""
 
-    settings: dict[str, Any]
-    machine: dict[str, Any]
-    loadgen: str
-    raw_ecdsa_p256_sign_per_s_per_core: float
-    raw_limit_sign_per_s: float
+    kmsgate: str
+    """The kmsgate package directory the gateway imported."""
+    checkout: str
+    commit: str | None
+    """`git rev-parse --short HEAD` of the checkout (None if not a git checkout)."""
     scenarios: dict[str, ScenarioResult] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
     audit: dict[str, Any] = field(default_factory=dict)
@@ -706,6 +775,34 @@ class Report:
         return self.failed_requests == 0 and not self.failures and bool(self.audit.get("ok"))
 
 
+@dataclass
+class Report:
+    """Everything one run measured: this checkout, and the baseline if there is one."""
+
+    settings: dict[str, Any]
+    machine: dict[str, Any]
+    loadgen: str
+    raw_ecdsa_p256_sign_per_s_per_core: float
+    raw_limit_sign_per_s: float
+    this: BuildResult
+    baseline: BuildResult | None = None
+    vs_baseline: dict[str, dict[str, float]] = field(default_factory=dict)
+    """this/baseline per scenario: req_per_s and, for signing scenarios, signatures_per_s."""
+
+    def builds(self) -> list[tuple[str, BuildResult]]:
+        """(row suffix, result) in measuring order: the baseline first."""
+        baseline = [(" (baseline)", self.baseline)] if self.baseline else []
+        return [*baseline, ("", self.this)]
+
+    @property
+    def failed_requests(self) -> int:
+        return sum(build.failed_requests for _, build in self.builds())
+
+    @property
+    def ok(self) -> bool:
+        return all(build.ok for _, build in self.builds())
+
+
 def machine_info() -> dict[str, Any]:
     cpus = os.cpu_count() or 1
     return {
@@ -716,10 +813,9 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def measure_scenario(
-    gateway: Gateway, scenario: Scenario, settings: Settings, work: Path
-) -> ScenarioResult:
+def measure_scenario(gateway: Gateway, scenario: Scenario, settings: Settings) -> ScenarioResult:
     """Warm up, then measure one scenario (wrk: two runs; Python: one process, two phases)."""
+    work = gateway.work_dir
     if settings.loadgen == "wrk":
         if settings.warmup > 0:
             run_wrk(gateway, scenario, settings.warmup, settings, work)
@@ -729,9 +825,10 @@ def measure_scenario(
     return ScenarioResult.of(scenario, load)
 
 
-def compute_ratios(report: Report, batch_name: str) -> dict[str, float]:
+def compute_ratios(
+    results: dict[str, ScenarioResult], raw: float, batch_name: str
+) -> dict[str, float]:
     """sign vs no-op req/s, sign/s and batch sign/s vs the raw limit (those measured)."""
-    results, raw = report.scenarios, report.raw_limit_sign_per_s
     noop, sign, batch = (results.get(n) for n in ("noop", "sign", batch_name))
     ratios = {}
     if noop and sign and noop.req_per_s:
@@ -743,74 +840,124 @@ def compute_ratios(report: Report, batch_name: str) -> dict[str, float]:
     return ratios
 
 
-def verify_audit(data_dir: Path) -> dict[str, Any]:
-    """`kmsgate audit verify` on the run's audit log, after the server stopped."""
-    path = data_dir / "audit.log"
-    proc = subprocess.run(
-        kmsgate_command("audit", "verify", str(path)),
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    message = (proc.stdout + proc.stderr).strip()
-    return {"ok": proc.returncode == 0, "message": message}
+def compare(this: BuildResult, baseline: BuildResult) -> dict[str, dict[str, float]]:
+    """this/baseline of req/s and sig/s, per scenario measured on both (sig/s: signing ones)."""
+    ratios = {}
+    for name, mine in this.scenarios.items():
+        theirs = baseline.scenarios.get(name)
+        if theirs is None or not theirs.req_per_s:
+            continue
+        ratios[name] = {"req_per_s": round(mine.req_per_s / theirs.req_per_s, 3)}
+        if theirs.signatures_per_s:
+            sig = mine.signatures_per_s / theirs.signatures_per_s
+            ratios[name]["signatures_per_s"] = round(sig, 3)
+    return ratios
+
+
+class Build:
+    """A started gateway, its scenarios (they carry its root token) and its results."""
+
+    def __init__(self, gateway: Gateway, batch: int) -> None:
+        """Check which kmsgate the gateway imports, start it and create the bench key.
+
+        Raises RuntimeError if any of that fails (the caller stops the gateway)."""
+        self.gateway = gateway
+        package = gateway.kmsgate_package()
+        checkout = package.parent
+        self.result = BuildResult(str(package), str(checkout), git_commit(checkout))
+        print(f"{gateway.label}: {_fmt_origin(self.result)}", flush=True)
+        token = gateway.start()
+        create_key(gateway.url, token)
+        self.scenarios = build_scenarios(token, batch)
+
+    def measure(self, index: int, settings: Settings) -> None:
+        """Check, then measure scenario `index`; a failing check is recorded and skipped."""
+        scenario, label = self.scenarios[index], self.gateway.label
+        try:
+            check_scenario(self.gateway.url, scenario, settings.workers)
+        except RuntimeError as exc:  # report what was measured, then fail
+            print(f"skipping ({label}) {exc}", file=sys.stderr, flush=True)
+            self.result.failures.append(str(exc))
+            return
+        print(f"running {scenario.name} ({label}) ...", flush=True)
+        measured = measure_scenario(self.gateway, scenario, settings)
+        self.result.scenarios[scenario.name] = measured
 
 
 def run(settings: Settings, work: Path) -> Report:
-    """The whole benchmark; the gateway is stopped on every way out."""
+    """The whole benchmark; the gateways are stopped on every way out.
+
+    With a baseline, both gateways stay up for the whole run but only one is under load at a
+    time: each scenario runs on the baseline, then on this checkout, back to back."""
     cpus = os.cpu_count() or 1
     print(f"machine: {cpus} cores, shared by the gateway and the load generator", flush=True)
     raw = raw_sign_rate(settings.raw_seconds)
+    limit = raw * min(settings.workers, cpus)
     print(f"raw cryptography ECDSA P-256 sign: {raw:,.0f}/s on one core", flush=True)
     loadgen = wrk_version() if settings.loadgen == "wrk" else python_loadgen_name()
-    report = Report(
+    gateways = [Gateway(work, settings.workers)]
+    if settings.baseline:
+        gateways.insert(0, Gateway(work / "baseline", settings.workers, settings.baseline))
+    builds: list[Build] = []
+    try:
+        for gateway in gateways:
+            builds.append(Build(gateway, settings.batch))
+        for index in range(len(builds[0].scenarios)):
+            for build in builds:
+                build.measure(index, settings)
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+    for build in builds:
+        build.result.ratios = compute_ratios(
+            build.result.scenarios, limit, build.scenarios[-1].name
+        )
+        build.result.audit = build.gateway.verify_audit()
+    this = builds[-1].result
+    baseline = builds[0].result if settings.baseline else None
+    return Report(
         settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
         machine=machine_info(),
         loadgen=loadgen,
         raw_ecdsa_p256_sign_per_s_per_core=round(raw, 1),
-        raw_limit_sign_per_s=round(raw * min(settings.workers, cpus), 1),
+        raw_limit_sign_per_s=round(limit, 1),
+        this=this,
+        baseline=baseline,
+        vs_baseline=compare(this, baseline) if baseline else {},
     )
-    gateway = Gateway(work / "data", settings.workers)
-    try:
-        token = gateway.start()
-        create_key(gateway.url, token)
-        scenarios = build_scenarios(token, settings.batch)
-        for scenario in scenarios:
-            try:
-                check_scenario(gateway.url, scenario, settings.workers)
-            except RuntimeError as exc:  # report what was measured, then fail
-                print(f"skipping {exc}", file=sys.stderr, flush=True)
-                report.failures.append(str(exc))
-                continue
-            print(f"running {scenario.name} ...", flush=True)
-            report.scenarios[scenario.name] = measure_scenario(gateway, scenario, settings, work)
-    finally:
-        gateway.stop()
-    report.ratios = compute_ratios(report, scenarios[-1].name)
-    report.audit = verify_audit(gateway.data_dir)
-    return report
 
 
 # -- output ----------------------------------------------------------------------------------
 
 
 def format_report(report: Report) -> str:
-    """The human-readable table and ratios."""
-    s = report.settings
+    """The human-readable table and ratios; baseline rows next to this checkout's."""
+    s, builds = report.settings, report.builds()
+    rows = [
+        (name + suffix, build.scenarios[name])
+        for name in dict.fromkeys(name for _, build in builds for name in build.scenarios)
+        for suffix, build in builds
+        if name in build.scenarios
+    ]
+    width = max([16, *(len(name) + 2 for name, _ in rows)])
     lines = [
         "",
         f"kmsgate bench: {s['workers']} worker(s), {s['connections']} connections, "
         f"{s['duration']} s per scenario after {s['warmup']} s warm-up",
         f"load generator: {report.loadgen} (separate process); {report.machine['note']}",
+        f"this checkout: {_fmt_origin(report.this)}",
+        *([f"baseline: {_fmt_origin(report.baseline)}"] if report.baseline else []),
         "",
-        f"{'scenario':<16}{'req/s':>10}{'sig/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'scenario':<{width}}{'req/s':>10}{'sig/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'non-2xx':>9}{'errors':>8}{'server%':>9}{'loadgen%':>10}{'other%':>8}",
     ]
-    for r in report.scenarios.values():
+    for name, r in rows:
         lines.append(
-            f"{r.name:<16}{r.req_per_s:>10,.0f}{r.signatures_per_s:>10,.0f}{r.p50_ms:>9.2f}"
+            f"{name:<{width}}{r.req_per_s:>10,.0f}{r.signatures_per_s:>10,.0f}{r.p50_ms:>9.2f}"
             f"{r.p99_ms:>9.2f}{r.non_2xx:>9}{r.errors:>8}{_fmt_pct(r.server_cpu_pct):>9}"
             f"{_fmt_pct(r.loadgen_cpu_pct):>10}{_fmt_pct(r.other_cpu_pct):>8}"
         )
-    ratios, workers = report.ratios, s["workers"]
+    ratios, workers = report.this.ratios, s["workers"]
     target = "meets" if ratios.get("sign_vs_noop", 0) >= SIGN_TARGET else "BELOW"
     lines += [
         "",
@@ -820,13 +967,27 @@ def format_report(report: Report) -> str:
         f"({target} the {SIGN_TARGET:.0%} target)",
         f"sign/s vs raw limit: {_fmt_ratio(ratios, 'sign_vs_raw')}",
         f"batch sign/s vs raw limit: {_fmt_ratio(ratios, 'batch_vs_raw')}",
-        "errors = non-2xx + socket errors + batch items with an error; CPU columns in % of "
-        "one core: server, load generator, other processes on the machine",
-        f"audit chain: {'ok' if report.audit.get('ok') else 'BROKEN'} "
-        f"({report.audit.get('message', '')})",
     ]
-    busy = [r.name for r in report.scenarios.values() if (r.other_cpu_pct or 0) > OTHER_CPU_WARN]
-    lines += [f"SKIPPED {failure}" for failure in report.failures]
+    if report.baseline:
+        base = report.baseline.ratios
+        lines.append(
+            f"baseline: sign vs no-op {_fmt_ratio(base, 'sign_vs_noop')}, sign/s vs raw "
+            f"{_fmt_ratio(base, 'sign_vs_raw')}, batch vs raw {_fmt_ratio(base, 'batch_vs_raw')}"
+        )
+    for name, vs in report.vs_baseline.items():
+        sig = f"{vs['signatures_per_s']:.2f}" if "signatures_per_s" in vs else "-"
+        lines.append(f"this/baseline {name}: req/s {vs['req_per_s']:.2f}, sig/s {sig}")
+    lines.append(
+        "errors = non-2xx + socket errors + batch items with an error; CPU columns in % of "
+        "one core: server, load generator, other processes on the machine"
+    )
+    for suffix, build in builds:
+        lines.append(
+            f"audit chain{suffix}: {'ok' if build.audit.get('ok') else 'BROKEN'} "
+            f"({build.audit.get('message', '')})"
+        )
+    lines += [f"SKIPPED{suffix} {failure}" for suffix, b in builds for failure in b.failures]
+    busy = [name for name, r in rows if (r.other_cpu_pct or 0) > OTHER_CPU_WARN]
     if busy:
         lines.append(
             f"WARNING: other processes used over {OTHER_CPU_WARN:.0f}% of a core during "
@@ -834,6 +995,10 @@ def format_report(report: Report) -> str:
             f"(trust them more where server% is near {100 * int(s['workers'])})"
         )
     return "\n".join(lines)
+
+
+def _fmt_origin(build: BuildResult) -> str:
+    return f"kmsgate from {build.kmsgate}" + (f" at {build.commit}" if build.commit else "")
 
 
 def _fmt_ratio(ratios: dict[str, float], name: str) -> str:
@@ -845,7 +1010,9 @@ def _fmt_pct(value: float | None) -> str:
 
 
 def write_json(report: Report, path: Path) -> None:
+    """The report as JSON; this checkout's figures at the top level, as without a baseline."""
     data = asdict(report)
+    data.update(data.pop("this"))
     data["failed_requests"] = report.failed_requests
     data["ok"] = report.ok
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -889,10 +1056,11 @@ def main(argv: list[str] | None = None) -> int:
     if settings.json_path:
         write_json(report, settings.json_path)
     if not report.ok:
+        builds = [build for _, build in report.builds()]
         print(
             f"bench.py: FAILED ({report.failed_requests} failed requests, "
-            f"{len(report.failures)} scenarios skipped, audit chain "
-            f"{'ok' if report.audit.get('ok') else 'broken'})",
+            f"{sum(len(b.failures) for b in builds)} scenarios skipped, audit chain "
+            f"{'ok' if all(b.audit.get('ok') for b in builds) else 'broken'})",
             file=sys.stderr,
         )
     return 0 if report.ok else 1
