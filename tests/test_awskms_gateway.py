@@ -18,6 +18,7 @@ moto's own Verify is never used.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import secrets
 import subprocess
@@ -46,18 +47,12 @@ from kmsgate.errors import (
     NotSupported,
 )
 from kmsgate.service import Ctx
+from tests import helpers
 from tests.gateway import Api, open_gateway
+from tests.helpers import b64, unb64
 from tests.moto import KmsProxy, MotoServer
 
 MESSAGE = b"kmsgate awskms test message \x00\xff" * 20
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def unb64(text: str) -> bytes:
-    return base64.b64decode(text)
 
 
 def gateway(tmp_path: Path, backends: dict[str, Any]) -> AbstractContextManager[tuple[Api, str]]:
@@ -83,20 +78,10 @@ def name() -> str:
     return f"k{secrets.token_hex(4)}.test"  # a dot: exercises the alias mapping
 
 
-def create_key(api: Api, admin: str, key_name: str, key_type: str, backend: str = "aws") -> None:
-    r = api.call(
-        "POST",
-        "/v1/keys",
-        admin,
-        json={
-            "name": key_name,
-            "type": key_type,
-            "purpose": "general",
-            "backend": backend,
-            "labels": {"env": "test", "owner": "team-a"},
-        },
-    )
-    assert r.status_code == 201, r.text
+create_key = functools.partial(
+    helpers.create_key, backend="aws", labels={"env": "test", "owner": "team-a"}
+)
+"""Create a key on backend `aws` (or `backend=`), labelled as the tag tests expect."""
 
 
 def sign(api: Api, admin: str, key_name: str, **item: Any) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import secrets
 import subprocess
@@ -42,7 +43,9 @@ from kmsgate.errors import (
     KeyDestroyed,
     NotFound,
 )
+from tests import helpers
 from tests.gateway import Api, open_gateway
+from tests.helpers import b64, unb64
 from tests.openbao import (
     OpenBaoServer,
     count_audit_requests,
@@ -52,14 +55,6 @@ from tests.openbao import (
 
 MESSAGE = b"kmsgate hashivault test message"
 TRANSIT_POLICY = 'path "transit/*" { capabilities = ["create", "read", "update", "delete"] }'
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def unb64(text: str) -> bytes:
-    return base64.b64decode(text)
 
 
 @pytest.fixture
@@ -108,16 +103,7 @@ def vault_gateway(
         yield started
 
 
-def create_key(api: Api, admin: str, name: str, key_type: str) -> dict[str, Any]:
-    r = api.call(
-        "POST",
-        "/v1/keys",
-        admin,
-        json={"name": name, "type": key_type, "purpose": "general", "backend": "vault"},
-    )
-    assert r.status_code == 201, r.text
-    body: dict[str, Any] = r.json()
-    return body
+create_key = functools.partial(helpers.create_key, backend="vault")
 
 
 def transit_key(server: OpenBaoServer, transit_name: str) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from kmsgate.errors import (
 from kmsgate.service import Ctx
 from tests.components import free_port, require_component, wait_for_port
 from tests.gateway import open_gateway
+from tests.helpers import b64
 from tests.softhsm import SoftHsm, SoftHsmToken, softhsm_session, softhsm_token
 
 pytestmark = pytest.mark.timeout(120)
@@ -612,10 +613,6 @@ def test_destroyed_key_is_a_backend_error(backend):
 # --------------------------------------------------------------------------------------------
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 @contextlib.contextmanager
 def gateway(
     token: SoftHsmToken, tmp_path: Path, **backend_extra: Any
@@ -640,12 +637,12 @@ def test_rest_operations_on_hsm_keys(hsm: SoftHsm, tmp_path: Path):
         public = serialization.load_pem_public_key(
             client.get("/v1/keys/sig/public-key", headers=auth).content
         )
-        r = client.post("/v1/keys/sig/sign", headers=auth, json={"input": _b64(MESSAGE)})
+        r = client.post("/v1/keys/sig/sign", headers=auth, json={"input": b64(MESSAGE)})
         assert r.status_code == 200, r.text
         public.verify(base64.b64decode(r.json()["signature"]), MESSAGE, ec.ECDSA(hashes.SHA256()))
         digest = hashlib.sha256(MESSAGE).digest()
-        items = [{"input": _b64(b"m%d" % i)} for i in range(50)] + [{"digest": _b64(digest)}]
-        items.append({"input": _b64(b"x"), "algorithm": "rsa-pss-sha256"})  # an item error
+        items = [{"input": b64(b"m%d" % i)} for i in range(50)] + [{"digest": b64(digest)}]
+        items.append({"input": b64(b"x"), "algorithm": "rsa-pss-sha256"})  # an item error
         r = client.post("/v1/keys/sig/sign", headers=auth, json={"batch": items})
         assert r.status_code == 200, r.text
         out = r.json()["batch"]
@@ -658,27 +655,27 @@ def test_rest_operations_on_hsm_keys(hsm: SoftHsm, tmp_path: Path):
         r = client.post(
             "/v1/keys/sig/verify",
             headers=auth,
-            json={"input": _b64(b"m3"), "signature": out[3]["signature"]},
+            json={"input": b64(b"m3"), "signature": out[3]["signature"]},
         )
         assert r.json()["valid"] is True
-        r = client.post("/v1/keys/ed/sign", headers=auth, json={"input": _b64(MESSAGE)})
+        r = client.post("/v1/keys/ed/sign", headers=auth, json={"input": b64(MESSAGE)})
         ed_pub = serialization.load_pem_public_key(
             client.get("/v1/keys/ed/public-key", headers=auth).content
         )
         assert isinstance(ed_pub, ed25519.Ed25519PublicKey)
         ed_pub.verify(base64.b64decode(r.json()["signature"]), MESSAGE)
-        tag = client.post("/v1/keys/tag/mac", headers=auth, json={"input": _b64(MESSAGE)})
+        tag = client.post("/v1/keys/tag/mac", headers=auth, json={"input": b64(MESSAGE)})
         assert tag.status_code == 200, tag.text
         ok = client.post(
             "/v1/keys/tag/mac/verify",
             headers=auth,
-            json={"input": _b64(MESSAGE), "mac": tag.json()["mac"]},
+            json={"input": b64(MESSAGE), "mac": tag.json()["mac"]},
         )
         assert ok.json()["valid"] is True
         bad = client.post(
             "/v1/keys/tag/mac/verify",
             headers=auth,
-            json={"input": _b64(MESSAGE + b"!"), "mac": tag.json()["mac"]},
+            json={"input": b64(MESSAGE + b"!"), "mac": tag.json()["mac"]},
         )
         assert bad.json()["valid"] is False
         # adopt a key made by a ceremony tool, over REST
@@ -698,7 +695,7 @@ def test_rest_operations_on_hsm_keys(hsm: SoftHsm, tmp_path: Path):
             "/v1/keys", headers=auth, json={**body, "uri": "pkcs11:object=ceremony;type=private"}
         )
         assert adopted.status_code == 201, adopted.text
-        r = client.post("/v1/keys/adopted/sign", headers=auth, json={"input": _b64(MESSAGE)})
+        r = client.post("/v1/keys/adopted/sign", headers=auth, json={"input": b64(MESSAGE)})
         adopted_pub = serialization.load_pem_public_key(
             client.get("/v1/keys/adopted/public-key", headers=auth).content
         )
@@ -722,7 +719,7 @@ def test_rest_token_deleted_is_503_then_a_fresh_token_works(hsm: SoftHsm, tmp_pa
             return client.post("/v1/keys", headers=auth, json=body)
 
         def sign(name: str) -> httpx.Response:
-            return client.post(f"/v1/keys/{name}/sign", headers=auth, json={"input": _b64(MESSAGE)})
+            return client.post(f"/v1/keys/{name}/sign", headers=auth, json={"input": b64(MESSAGE)})
 
         assert create("old").status_code == 201
         assert sign("old").status_code == 200
@@ -815,7 +812,7 @@ def test_8_clients_x_500_signs_through_a_real_server(hsm: SoftHsm, tmp_path: Pat
                 httpx.post(
                     f"{url}/v1/keys/load/sign",
                     headers={**auth, "connection": "close"},
-                    json={"input": _b64(b"warm-up")},
+                    json={"input": b64(b"warm-up")},
                     timeout=30,
                 ).status_code
                 for _ in range(8)
@@ -840,7 +837,7 @@ def test_8_clients_x_500_signs_through_a_real_server(hsm: SoftHsm, tmp_path: Pat
                 barrier.wait(timeout=30)
                 for n in range(500):
                     message = b"client %d message %d" % (i, n)
-                    body = json.dumps({"input": _b64(message)})
+                    body = json.dumps({"input": b64(message)})
                     conn.request("POST", "/v1/keys/load/sign", body=body, headers=headers)
                     reply = conn.getresponse()
                     data = reply.read()
@@ -895,7 +892,7 @@ def test_deleting_an_adopted_key_never_destroys_the_ceremony_key(hsm: SoftHsm, t
         body = {"name": "adopted", "type": "ecdsa-p256", "purpose": "ca", "backend": "hsm"}
         r = client.post("/v1/keys", headers=auth, json={**body, "uri": uri})
         assert r.status_code == 201, r.text
-        r = client.post("/v1/keys/adopted/sign", headers=auth, json={"input": _b64(MESSAGE)})
+        r = client.post("/v1/keys/adopted/sign", headers=auth, json={"input": b64(MESSAGE)})
         assert r.status_code == 200, r.text
         r = client.post(
             "/v1/keys/adopted/schedule-deletion", headers=auth, json={"pending_days": 7}
@@ -908,5 +905,5 @@ def test_deleting_an_adopted_key_never_destroys_the_ceremony_key(hsm: SoftHsm, t
         # the token still holds the ceremony key: it can be adopted again and signs
         r = client.post("/v1/keys", headers=auth, json={**body, "name": "again", "uri": uri})
         assert r.status_code == 201, r.text
-        r = client.post("/v1/keys/again/sign", headers=auth, json={"input": _b64(MESSAGE)})
+        r = client.post("/v1/keys/again/sign", headers=auth, json={"input": b64(MESSAGE)})
         assert r.status_code == 200, r.text
