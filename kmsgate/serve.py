@@ -6,6 +6,7 @@ settings given as flags are passed on as `KMSGATE_*` variables.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from pathlib import Path
@@ -21,10 +22,19 @@ from kmsgate.config import ROOT_TOKEN_FILE, dev_data_dir, load_settings
 from kmsgate.errors import ConfigError
 
 
+def _long_lived(app: FastAPI) -> FastAPI:
+    """`app`, with everything built so far (modules, the app, the service and its caches)
+    moved out of the garbage collector's reach: a full collection then scans only what
+    requests allocate, instead of pausing every worker ~100 ms to walk the whole heap."""
+    gc.collect()
+    gc.freeze()
+    return app
+
+
 def create_app_from_env() -> FastAPI:
     """uvicorn factory for worker processes: settings from KMSGATE_* and KMSGATE_CONFIG."""
     config = os.environ.get("KMSGATE_CONFIG")
-    return create_app(build_service(load_settings(Path(config) if config else None)))
+    return _long_lived(create_app(build_service(load_settings(Path(config) if config else None))))
 
 
 def serve(
@@ -65,7 +75,7 @@ def serve(
             highlight=False,
         )
         if workers == 1:
-            in_process = uvicorn.Config(create_app(service), log_level=log_level)
+            in_process = uvicorn.Config(_long_lived(create_app(service)), log_level=log_level)
             uvicorn.Server(in_process).run(sockets=[sock])
             return
         service.close()

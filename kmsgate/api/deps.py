@@ -18,7 +18,7 @@ def resolve_caller(request: Request) -> tuple[Service, Principal, Ctx]:
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     credentials = Credentials(
         bearer=value.strip() if scheme.lower() == "bearer" else None,
-        remote_addr=request.client.host if request.client else None,
+        remote_addr=client.host if (client := request.client) else None,
     )
     return service, service.gate.authenticate(credentials, ctx), ctx
 

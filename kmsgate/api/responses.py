@@ -4,8 +4,6 @@ leaves the shell prompt on its own line); use-case results turned into JSON bodi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
-from datetime import datetime
 from typing import Any
 
 import orjson
@@ -15,10 +13,24 @@ from kmsgate.encoding import b64encode
 from kmsgate.errors import KmsgateError, VerificationFailed
 
 
+def _edge_value(value: Any) -> Any:
+    """What orjson cannot write by itself, as the API writes it: bytes as base64; an item's
+    error as `{error: {code, detail}}`, or `{valid: false}` for a signature or MAC that does
+    not verify. Raises TypeError for anything else."""
+    if isinstance(value, bytes):
+        return b64encode(value)
+    if isinstance(value, VerificationFailed):
+        return {"valid": False, "key_version": None}
+    if isinstance(value, KmsgateError):
+        return {"error": {"code": value.code, "detail": value.detail}}
+    raise TypeError(f"{type(value).__name__} has no JSON form")
+
+
 def json_bytes(body: Any) -> bytes:
-    """`body` as compact JSON plus a trailing newline. Raises TypeError for a value orjson
-    cannot serialise."""
-    return orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE)
+    """`body` as compact JSON plus a trailing newline. Dataclasses (the use cases' results)
+    are written field by field, bytes as base64. Raises TypeError for a value without a
+    JSON form."""
+    return orjson.dumps(body, default=_edge_value, option=orjson.OPT_APPEND_NEWLINE)
 
 
 class JsonResponse(JSONResponse):
@@ -29,38 +41,11 @@ class JsonResponse(JSONResponse):
 
 
 def json_response(body: Any, status_code: int = 200) -> JsonResponse:
-    """A JSON reply for routes that build their own response (hot endpoints)."""
+    """A JSON reply for routes that build their own response (hot endpoints, use-case
+    results: FastAPI's own encoder would turn bytes into text, not base64)."""
     return JsonResponse(body, status_code=status_code)
 
 
-def result_body(result: object) -> dict[str, Any]:
-    """A use case's result dataclass as JSON: bytes as base64; a field marked
-    `omit_if_none` is left out when None."""
-    body: dict[str, Any] = {}
-    for spec in fields(result):  # type: ignore[arg-type]
-        value = getattr(result, spec.name)
-        if value is None and spec.metadata.get("omit_if_none"):
-            continue
-        if isinstance(value, bytes):
-            value = b64encode(value)
-        elif isinstance(value, datetime):
-            value = value.isoformat()
-        body[spec.name] = value
-    return body
-
-
-def item_body(result: object) -> dict[str, Any]:
-    """One item of an operation: its result, `{valid: false}` for a signature or MAC that
-    does not verify, or `{error: {code, detail}}`."""
-    if isinstance(result, VerificationFailed):
-        return {"valid": False, "key_version": None}
-    if isinstance(result, KmsgateError):
-        return {"error": {"code": result.code, "detail": result.detail}}
-    return result_body(result)
-
-
-def operation_body(results: Sequence[object], batch: bool) -> dict[str, Any]:
-    """An operation's reply: the single item's body, or `{batch: [...]}`."""
-    if not batch:
-        return item_body(results[0])
-    return {"batch": [item_body(result) for result in results]}
+def operation_response(results: Sequence[object], batch: bool) -> JsonResponse:
+    """An operation's reply: its single item, or `{batch: [...]}`."""
+    return json_response({"batch": results} if batch else results[0])

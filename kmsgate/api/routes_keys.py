@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
-from kmsgate.api.responses import json_response, operation_body
+from kmsgate.api.responses import json_response, operation_response
 from kmsgate.errors import InvalidRequest, VerificationFailed
 from kmsgate.schemas import (
     CompromisedRequest,
@@ -153,7 +153,7 @@ async def _operation(request: Request, op: HotOperation) -> Response:
         results = await run_in_threadpool(_run, *args)
     else:
         results = _run(*args)
-    response = json_response(operation_body(results, batch))
+    response = operation_response(results, batch)
     # the policy that authorised this operation: signers stamp it into attestations
     response.headers[POLICY_DIGEST_HEADER] = service.policy.digest
     return response

@@ -11,7 +11,7 @@ from starlette.responses import PlainTextResponse, Response
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
 from kmsgate.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsgate.api.metrics import Metrics
-from kmsgate.api.responses import json_response, result_body
+from kmsgate.api.responses import json_response
 from kmsgate.schemas import PolicyEvaluateRequest, TokenCreateRequest
 from kmsgate.service.requests import AuditQuery
 
@@ -44,16 +44,16 @@ def metrics(
     return Response(registry.render(), media_type=METRICS_CONTENT_TYPE)
 
 
-def policy_info(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
+def policy_info(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
     """The loaded policy bundle's digest and files."""
-    return result_body(service.system.policy_info(principal, ctx))
+    return json_response(service.system.policy_info(principal, ctx))
 
 
 def policy_evaluate(
     body: PolicyEvaluateRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> dict[str, Any]:
+) -> Response:
     """What the policy decides for a given input: `{allow, reasons}`."""
-    return result_body(service.system.evaluate_policy(principal, ctx, body.to_input()))
+    return json_response(service.system.evaluate_policy(principal, ctx, body.to_input()))
 
 
 def policy_reload(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from functools import partial
 from typing import TypeVar
 
@@ -48,7 +47,7 @@ class Crypto:
         """Sign one item or a batch. Raises PolicyDenied, NotFound, KeyDisabled & co., and
         (single item) the item's error: InvalidRequest, TooLarge, KeyVersionUnusable,
         BackendError, ..."""
-        return self._operate(Call(principal, ctx, "sign", {}), target, items, batch, self._sign)
+        return self._operate(principal, ctx, "sign", target, items, batch, self._sign)
 
     def verify(
         self,
@@ -61,7 +60,7 @@ class Crypto:
         """Verify one signature or a batch. Raises SignatureInvalid (per item in a batch)
         and what `sign` raises."""
         run = partial(each, self._verify_one)
-        return self._operate(Call(principal, ctx, "verify", {}), target, items, batch, run)
+        return self._operate(principal, ctx, "verify", target, items, batch, run)
 
     def mac(
         self,
@@ -74,7 +73,7 @@ class Crypto:
         """HMAC one input or a batch. Raises what `sign` raises, and NotSupported for a
         backend without MACs."""
         run = partial(each, self._mac_one)
-        return self._operate(Call(principal, ctx, "mac", {}), target, items, batch, run)
+        return self._operate(principal, ctx, "mac", target, items, batch, run)
 
     def mac_verify(
         self,
@@ -87,21 +86,25 @@ class Crypto:
         """Check one MAC or a batch (full-length tags, constant-time comparison). Raises
         MacInvalid (per item in a batch) and what `mac` raises."""
         run = partial(each, self._mac_verify_one)
-        return self._operate(Call(principal, ctx, "mac.verify", {}), target, items, batch, run)
+        return self._operate(principal, ctx, "mac.verify", target, items, batch, run)
 
     # -- the common path -------------------------------------------------------------------
 
     def _operate(
         self,
-        call: Call,
+        principal: Principal,
+        ctx: Ctx,
+        action: str,
         target: KeyTarget,
         items: Sequence[MessageT],
         batch: bool,
         run: RunAll[MessageT, ResultT],
     ) -> ItemResults[ResultT]:
-        """Decide on `call` (completed with the key and the items), run, audit."""
-        call = replace(
-            call,
+        """Decide on `action` on the key and the items, run, audit."""
+        call = Call(
+            principal,
+            ctx,
+            action,
             resource=target.resource(),
             request=_policy_request(target.key, items),
             inputs=[_message_bytes(item) for item in items],

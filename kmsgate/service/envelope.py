@@ -23,7 +23,7 @@ from kmsgate.errors import DecryptionFailed, InvalidRequest, KmsgateError, NotFo
 from kmsgate.service.batch import ResultT, RunAll, each, run_items
 from kmsgate.service.gate import Call, Ctx, Gate, KeyTarget, Outcome
 from kmsgate.service.requests import DataKeyInput, DecryptInput, EncryptInput, RewrapInput
-from kmsgate.service.results import Ciphertext, DataKey, ItemResults, Plaintext
+from kmsgate.service.results import Ciphertext, DataKey, ItemResults, Plaintext, WrappedDataKey
 
 EnvelopeT = TypeVar("EnvelopeT", bound=EncryptInput | DecryptInput | DataKeyInput | RewrapInput)
 
@@ -48,7 +48,7 @@ class Envelopes:
         PolicyDenied, NotFound, KeyDisabled & co., InvalidRequest (not an encryption key),
         TooLarge, NotSupported (backend cannot wrap)."""
         run = partial(each, self._encrypt_one)
-        return self._operate(Call(principal, ctx, "encrypt", {}), target, items, batch, run)
+        return self._operate(principal, ctx, "encrypt", target, items, batch, run)
 
     def decrypt(
         self,
@@ -62,7 +62,7 @@ class Envelopes:
         Raises DecryptionFailed (tampered, wrong or missing context, another key's
         ciphertext), KeyVersionUnusable (retired or destroyed version), and the key errors."""
         run = partial(each, self._decrypt_one)
-        return self._operate(Call(principal, ctx, "decrypt", {}), target, items, batch, run)
+        return self._operate(principal, ctx, "decrypt", target, items, batch, run)
 
     def datakey(
         self,
@@ -71,11 +71,11 @@ class Envelopes:
         target: KeyTarget,
         items: Sequence[DataKeyInput],
         batch: bool,
-    ) -> ItemResults[DataKey]:
+    ) -> ItemResults[WrappedDataKey]:
         """Fresh random data keys wrapped under the primary version; the plaintext key too
         unless `include_plaintext` is false. Raises what `encrypt` raises."""
         run = partial(each, self._datakey_one)
-        return self._operate(Call(principal, ctx, "datakey", {}), target, items, batch, run)
+        return self._operate(principal, ctx, "datakey", target, items, batch, run)
 
     def rewrap(
         self,
@@ -94,24 +94,28 @@ class Envelopes:
         """
         sources = _RewrapSources(self, principal, ctx)
         run = partial(each, partial(self._rewrap_one, sources))
-        return self._operate(Call(principal, ctx, "rewrap", {}), target, items, batch, run)
+        return self._operate(principal, ctx, "rewrap", target, items, batch, run)
 
     # -- the common path -------------------------------------------------------------------
 
     def _operate(
         self,
-        call: Call,
+        principal: Principal,
+        ctx: Ctx,
+        action: str,
         target: KeyTarget,
         items: Sequence[EnvelopeT],
         batch: bool,
         run: RunAll[EnvelopeT, ResultT],
     ) -> ItemResults[ResultT]:
-        """Decide on `call` (completed with the key and the items' contexts), run, audit."""
+        """Decide on `action` on the key and the items' contexts, run, audit."""
         contexts = [dict(item.context or {}) for item in items]
         ciphertexts = [item.ciphertext for item in items if hasattr(item, "ciphertext")]
         plain = sum(len(item.plaintext) for item in items if isinstance(item, EncryptInput))
-        call = replace(
-            call,
+        call = Call(
+            principal,
+            ctx,
+            action,
             resource=target.resource(),
             request={
                 "batch": len(items),
@@ -178,11 +182,12 @@ class Envelopes:
         )
         return Plaintext(plaintext, envelope.key_version)
 
-    def _datakey_one(self, key: Key, item: DataKeyInput) -> DataKey:
+    def _datakey_one(self, key: Key, item: DataKeyInput) -> WrappedDataKey:
         dek = secrets.token_bytes(item.bits // 8)
         envelope = self._wrap_new(key, Kind.DATA_KEY, dek, encode_context(item.context))
-        plaintext = dek if item.include_plaintext else None
-        return DataKey(envelope.to_bytes(), envelope.key_version, plaintext)
+        if not item.include_plaintext:
+            return WrappedDataKey(envelope.to_bytes(), envelope.key_version)
+        return DataKey(envelope.to_bytes(), envelope.key_version, dek)
 
     def _rewrap_one(self, sources: _RewrapSources, key: Key, item: RewrapInput) -> Ciphertext:
         envelope = Envelope.parse(item.ciphertext)

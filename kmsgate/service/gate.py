@@ -10,9 +10,9 @@ and if an outcome record cannot be written the result is withheld (fail-closed).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kmsgate.audit import AuditEvent, AuditSink, input_summary
 from kmsgate.auth import AuthenticationFailed, Authenticators, Credentials, Principal
@@ -74,6 +74,12 @@ class Outcome:
 
     key_version: int | None = None
     detail: dict[str, object] = field(default_factory=dict)
+
+    def event(self, facts: Mapping[str, Any], outcome: str) -> AuditEvent:
+        """The outcome record: `facts` of the call, ended with `outcome` ("ok" or a code)."""
+        return AuditEvent(
+            **facts, outcome=outcome, key_version=self.key_version, detail=self.detail or None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,21 +183,21 @@ class Gate:
         withheld).
         """
         decision = decision or self.decide(call.principal, call.action, call.resource, call.request)
-        event = self._event(call, decision)
+        facts = self._facts(call, decision)
         if not decision.allow:
-            self.audit.append(event)
+            self.audit.append(AuditEvent(**facts, outcome=PolicyDenied.code))
             raise PolicyDenied(f"policy does not allow {call.action} here")
         if call.action in STATE_CHANGING:
             # no record, no change: if this write fails (AuditUnavailable), nothing runs
-            self.audit.append(event)
+            self.audit.append(AuditEvent(**facts, outcome=STARTED))
         outcome = Outcome()
         try:
             result = operation(outcome)
         except Exception as exc:
             code = exc.code if isinstance(exc, KmsgateError) else "internal_error"
-            self.audit.append(self._finished(event, code, outcome))
+            self.audit.append(outcome.event(facts, code))
             raise
-        self.audit.append(self._finished(event, "ok", outcome))
+        self.audit.append(outcome.event(facts, "ok"))
         return result
 
     def run_on_key(
@@ -201,27 +207,16 @@ class Gate:
         Raises NotFound only after the policy allowed the call."""
         return self.run(call, lambda outcome: operation(target.require(), outcome))
 
-    def _event(self, call: Call, decision: Decision) -> AuditEvent:
-        """The audit record of `call`'s decision; its outcome records derive from it."""
-        return AuditEvent(
-            action=call.action,
-            decision="allow" if decision.allow else "deny",
-            outcome=STARTED if decision.allow else PolicyDenied.code,
-            request_id=call.ctx.request_id,
-            principal=call.principal.id,
-            principal_kind=call.principal.kind,
-            resource={k: v for k, v in call.resource.items() if k in ("kind", "name")},
-            reasons=tuple(decision.reasons),
-            inputs=input_summary(call.inputs) if call.inputs else None,
-            policy_digest=self.policy.digest,
-        )
-
-    @staticmethod
-    def _finished(event: AuditEvent, outcome: str, result: Outcome) -> AuditEvent:
-        """`event` once its operation ended with `outcome` ("ok" or an error code)."""
-        return replace(
-            event,
-            outcome=outcome,
-            key_version=result.key_version,
-            detail=result.detail or None,
-        )
+    def _facts(self, call: Call, decision: Decision) -> dict[str, Any]:
+        """What every audit record of `call` says (all but its outcome)."""
+        return {
+            "action": call.action,
+            "decision": "allow" if decision.allow else "deny",
+            "request_id": call.ctx.request_id,
+            "principal": call.principal.id,
+            "principal_kind": call.principal.kind,
+            "resource": {k: v for k, v in call.resource.items() if k in ("kind", "name")},
+            "reasons": tuple(decision.reasons),
+            "inputs": input_summary(call.inputs) if call.inputs else None,
+            "policy_digest": self.policy.digest,
+        }

@@ -6,7 +6,7 @@ met; the REST edge turns them into JSON (base64 for bytes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
@@ -15,9 +15,6 @@ from kmsgate.errors import KmsgateError
 ResultT = TypeVar("ResultT")
 ItemResults = list[ResultT | KmsgateError]
 """One entry per item, in order: its result or its error."""
-
-OMIT_IF_NONE = {"omit_if_none": True}
-"""Field metadata: leave the field out of the reply when it is None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +51,18 @@ class Plaintext:
 
 
 @dataclass(frozen=True, slots=True)
-class DataKey:
+class WrappedDataKey:
+    """A data key in its wrapped form only."""
+
     ciphertext: bytes
     key_version: int
-    plaintext: bytes | None = field(default=None, metadata=OMIT_IF_NONE)
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey(WrappedDataKey):
+    """A data key, wrapped and in plaintext."""
+
+    plaintext: bytes
 
 
 @dataclass(frozen=True, slots=True)
