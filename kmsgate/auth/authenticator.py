@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from cryptography import x509
 
@@ -12,8 +11,7 @@ from kmsgate.auth.principal import Principal, PrincipalKind
 from kmsgate.errors import Unauthenticated
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
+class Credentials(NamedTuple):
     """What a request offers to prove who sent it (the transport already checked the
     certificate chain when `peer_chain` is set)."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from kmsgate.audit import AuditEvent, AuditSink, input_summary
 from kmsgate.auth import AuthenticationFailed, Authenticators, Credentials, Principal
@@ -48,16 +48,15 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class Ctx:
+class Ctx(NamedTuple):
     """Per-request facts for audit records."""
 
     request_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One decision to take and record: who asks to do what to which resource."""
+class Call(NamedTuple):
+    """One decision to take and record: who asks to do what to which resource (a named
+    tuple: built on every request, immutable, cheap)."""
 
     principal: Principal
     ctx: Ctx
@@ -82,8 +81,7 @@ class Outcome:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class KeyTarget:
+class KeyTarget(NamedTuple):
     """The key a request names, looked up once: policy and operation see this snapshot."""
 
     name: str
