@@ -8,6 +8,7 @@ length, signed and verified strictly.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -191,18 +192,27 @@ def key_type_of_public_key(public_key: PublicKeyTypes) -> KeyType:
     raise InvalidRequest("unsupported public key: use Ed25519, P-256, P-384, RSA-3072 or RSA-4096")
 
 
+# The parameter objects below are immutable: built once per algorithm, not per signature
+# (a batch of a hundred ECDSA signatures otherwise builds two hundred of them).
+
+
+@functools.cache
 def _hash_arg(alg: SignAlg, prehashed: bool) -> hashes.HashAlgorithm | utils.Prehashed:
     assert alg.hash is not None
     return utils.Prehashed(alg.hash.hash()) if prehashed else alg.hash.hash()
 
 
-def _pss(alg: SignAlg) -> padding.PSS:
+@functools.cache
+def _ecdsa(alg: SignAlg, prehashed: bool) -> ec.ECDSA:
+    return ec.ECDSA(_hash_arg(alg, prehashed))
+
+
+@functools.cache
+def _rsa_padding(alg: SignAlg) -> padding.AsymmetricPadding:
+    if alg.scheme is not Scheme.RSA_PSS:
+        return padding.PKCS1v15()
     assert alg.hash is not None
     return padding.PSS(mgf=padding.MGF1(alg.hash.hash()), salt_length=alg.hash.digest_size)
-
-
-def _rsa_padding(alg: SignAlg) -> padding.AsymmetricPadding:
-    return _pss(alg) if alg.scheme is Scheme.RSA_PSS else padding.PKCS1v15()
 
 
 def sign_with_private_key(
@@ -215,7 +225,7 @@ def sign_with_private_key(
     if isinstance(key, ed25519.Ed25519PrivateKey) and alg.scheme is Scheme.ED25519:
         return key.sign(data)
     if isinstance(key, ec.EllipticCurvePrivateKey) and alg.scheme is Scheme.ECDSA:
-        return key.sign(data, ec.ECDSA(_hash_arg(alg, prehashed)))
+        return key.sign(data, _ecdsa(alg, prehashed))
     if isinstance(key, rsa.RSAPrivateKey) and alg.scheme in (Scheme.RSA_PSS, Scheme.RSA_PKCS1):
         return key.sign(data, _rsa_padding(alg), _hash_arg(alg, prehashed))
     raise InvalidRequest(f"algorithm {alg.name} does not fit this key")
@@ -229,7 +239,7 @@ def verify_with_public_key(
         if isinstance(key, ed25519.Ed25519PublicKey) and alg.scheme is Scheme.ED25519:
             key.verify(signature, data)
         elif isinstance(key, ec.EllipticCurvePublicKey) and alg.scheme is Scheme.ECDSA:
-            key.verify(signature, data, ec.ECDSA(_hash_arg(alg, prehashed)))
+            key.verify(signature, data, _ecdsa(alg, prehashed))
         elif isinstance(key, rsa.RSAPublicKey) and alg.scheme in (
             Scheme.RSA_PSS,
             Scheme.RSA_PKCS1,
