@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kmsgate.store.cas import Cas
+from kmsgate.store.certificates import Certificates
 from kmsgate.store.engine import Database
 from kmsgate.store.feed import Feed
 from kmsgate.store.keys import Keys
@@ -9,11 +11,13 @@ from kmsgate.store.tokens import Tokens
 
 
 class Store(Database):
-    """The metadata store: `keys` and `tokens` (each aggregate's queries and writes) and
-    `feed` (the change feed they write to), over one engine (see `Database`)."""
+    """The metadata store: `keys`, `tokens`, `cas`, `certs` (each aggregate's queries and
+    writes) and `feed` (the change feed they write to), over one engine (see `Database`)."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.keys = Keys(self)
         self.tokens = Tokens(self)
+        self.cas = Cas(self)
+        self.certs = Certificates(self)
         self.feed = Feed(self)

@@ -55,6 +55,45 @@ tokens = sa.Table(
     sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
 )
 
+cas = sa.Table(
+    "cas",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("type", sa.String(24), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("key_name", sa.String(128), nullable=True),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("csr", sa.Text, nullable=True),
+    sa.Column("certificate", sa.Text, nullable=True),
+    sa.Column("chain", sa.Text, nullable=True),
+    sa.Column("not_after", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("crl_number", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+certificates = sa.Table(
+    "certificates",
+    metadata,
+    sa.Column("serial", sa.String(40), primary_key=True),
+    sa.Column("ca", sa.String(128), sa.ForeignKey("cas.name"), nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("sans", sa.JSON, nullable=False),
+    sa.Column("profile", sa.String(64), nullable=False),
+    sa.Column("key_type", sa.String(32), nullable=False),
+    sa.Column("not_before", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("not_after", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("reason", sa.String(32), nullable=True),
+    sa.Column("owner", sa.String(256), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("certificate", sa.Text, nullable=False),
+    sa.Index("certificates_ca_status", "ca", "status"),
+    sa.Index("certificates_not_after", "not_after"),
+    sa.Index("certificates_owner", "owner"),
+)
+
 meta = sa.Table(
     "meta",
     metadata,
