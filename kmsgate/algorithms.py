@@ -154,6 +154,20 @@ def sign_algorithm(key_type: KeyType, name: str | None) -> SignAlg:
     return alg
 
 
+def sign_algorithm_for(key_type: KeyType, scheme: Scheme, hash_name: HashName | None) -> SignAlg:
+    """The signature algorithm made of `scheme` and `hash_name`, checked against the key type.
+
+    Raises InvalidRequest if no algorithm has those parts or it does not fit the key type.
+    """
+    alg = next(
+        (a for a in SIGN_ALGORITHMS.values() if a.scheme is scheme and a.hash is hash_name), None
+    )
+    if alg is None:
+        with_hash = f" with {hash_name}" if hash_name is not None else " without a hash"
+        raise InvalidRequest(f"no signature algorithm is {scheme}{with_hash}")
+    return sign_algorithm(key_type, alg.name)
+
+
 def mac_algorithm(key_type: KeyType, name: str | None) -> HashName:
     """The hash of the MAC algorithm `name` (`hmac-sha256`, ...) for a MAC key type.
 
