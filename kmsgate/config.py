@@ -6,12 +6,22 @@ Nested values use `__` in the environment (`KMSGATE_LIMITS__MAX_BATCH=500`).
 
 from __future__ import annotations
 
+import re
 import sys
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -66,6 +76,113 @@ class Limits(BaseModel):
     max_batch: int = Field(default=1000, gt=0)
 
 
+_DURATION_RE = re.compile(r"^(\d{1,9})([smhd]?)$")
+_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration_setting(value: object) -> timedelta:
+    """A positive duration from `90d`, `12h`, `30m`, `45s`, plain seconds or a timedelta.
+
+    Raises ValueError (a validation error inside a settings model).
+    """
+    if isinstance(value, timedelta):
+        duration = value
+    elif isinstance(value, int | str) and not isinstance(value, bool):
+        match = _DURATION_RE.match(str(value).strip())
+        if not match:
+            raise ValueError(f"invalid duration {value!r}: use e.g. 90d, 12h, 30m, 45s")
+        duration = timedelta(seconds=int(match.group(1)) * _DURATION_UNITS.get(match.group(2), 1))
+    else:
+        raise ValueError(f"invalid duration {value!r}: use e.g. 90d, 12h, 30m, 45s")
+    if duration <= timedelta(0) or duration.microseconds:
+        raise ValueError("a duration must be a positive whole number of seconds")
+    return duration
+
+
+def format_duration(duration: timedelta) -> str:
+    """`duration` in the largest unit that divides it exactly: `7d`, `36h`, `90m`, `45s`."""
+    seconds = int(duration.total_seconds())
+    unit = next(u for u, size in _DURATION_UNITS.items() if seconds % size == 0)
+    return f"{seconds // _DURATION_UNITS[unit]}{unit}"
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration_setting),
+    PlainSerializer(format_duration, return_type=str),
+]
+"""A duration setting: `90d`, `12h`, `30m`, `45s` or seconds in the file, a timedelta once read."""
+
+EkuName = Literal["server_auth", "client_auth"]
+SIGNING_KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "ed25519", "rsa-3072", "rsa-4096")
+
+
+class ProfileSettings(BaseModel):
+    """One certificate profile: what a certificate issued through it may name and carry.
+
+    The shape only; `kmsgate.pki.profiles.load_profiles` checks the patterns and key types.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    ekus: list[EkuName] = Field(min_length=1)
+    dns: list[str] = Field(default_factory=list, description="exact names, `*.x` or `**.x`")
+    ip: list[str] = Field(default_factory=list, description="addresses or CIDR networks")
+    uri: list[str] = Field(default_factory=list, description="exact URIs or `prefix/*`")
+    exactly_one_uri: bool = False
+    max_ttl: Duration
+    default_ttl: Duration
+    key_types: list[str] = Field(default_factory=lambda: list(SIGNING_KEY_TYPES), min_length=1)
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> ProfileSettings:
+        if self.default_ttl > self.max_ttl:
+            raise ValueError("default_ttl exceeds max_ttl")
+        return self
+
+
+def _dev_profiles() -> dict[str, ProfileSettings]:
+    hours = timedelta(hours=1)
+    return {
+        "server": ProfileSettings(
+            ekus=["server_auth"],
+            dns=["*.lab", "localhost"],
+            ip=["127.0.0.1"],
+            default_ttl=24 * hours,
+            max_ttl=7 * 24 * hours,
+        ),
+        "client": ProfileSettings(
+            ekus=["client_auth"], dns=["*.lab"], default_ttl=8 * hours, max_ttl=24 * hours
+        ),
+        "workload": ProfileSettings(
+            ekus=["server_auth", "client_auth"],
+            uri=["spiffe://dev.lab/*"],
+            exactly_one_uri=True,
+            default_ttl=hours,
+            max_ttl=24 * hours,
+        ),
+    }
+
+
+class PkiSettings(BaseModel):
+    """Certificate profiles, and the base URL put in issued certificates' CRL distribution
+    point, OCSP and caIssuers extensions (none of them when `public_url` is unset)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    public_url: str | None = None
+    profiles: dict[str, ProfileSettings] = Field(default_factory=_dev_profiles)
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
+            raise ValueError("public_url must be an http:// or https:// URL without query")
+        return value.rstrip("/")
+
+
 class Settings(BaseSettings):
     """Everything the gateway reads from its environment. Built by `load_settings`."""
 
@@ -90,6 +207,7 @@ class Settings(BaseSettings):
     )
     default_backend: str = "local"
     limits: Limits = Field(default_factory=Limits)
+    pki: PkiSettings = Field(default_factory=PkiSettings)
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL. Raises ConfigError if neither it nor a data dir is set."""
