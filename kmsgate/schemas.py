@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 import orjson
+from cryptography import x509
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -32,9 +33,11 @@ from kmsgate.service.requests import (
     DataKeyInput,
     DecryptInput,
     EncryptInput,
+    IssueInput,
     KeyChanges,
     MacInput,
     MacVerifyInput,
+    NewCa,
     NewKey,
     NewToken,
     PolicyQuery,
@@ -375,3 +378,63 @@ class PolicyEvaluateRequest(_Body):
 
     def to_input(self) -> PolicyQuery:
         return PolicyQuery(self.principal, self.action, self.resource, self.request)
+
+
+# -- PKI --------------------------------------------------------------------------------------
+
+CA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+
+
+def _pem_certificates(text: str, what: str) -> list[x509.Certificate]:
+    """The certificates in a PEM bundle. Raises InvalidRequest."""
+    try:
+        certs = x509.load_pem_x509_certificates(text.encode())
+    except ValueError:
+        raise InvalidRequest(f"{what} is not PEM certificates") from None
+    return certs
+
+
+class CaKeySpec(_Body):
+    backend: str | None = Field(default=None, max_length=64)
+    type: str = Field(default="ecdsa-p256", max_length=32)
+
+
+class CreateCaRequest(_Body):
+    name: str = Field(pattern=CA_NAME_PATTERN)
+    subject: str = Field(min_length=1, max_length=1024)
+    key: CaKeySpec = Field(default_factory=CaKeySpec)
+    type: Literal["kmsgate"] = "kmsgate"
+
+    def to_input(self) -> NewCa:
+        return NewCa(self.name, self.subject, self.key.type, self.key.backend)
+
+
+class CaCertificateRequest(_Body):
+    certificate: str = Field(max_length=64 * 1024)
+    chain: str = Field(max_length=256 * 1024)
+
+    def certificates(self) -> tuple[x509.Certificate, list[x509.Certificate]]:
+        """(the CA's certificate, its chain). Raises InvalidRequest for bad PEM or more than
+        one certificate in `certificate`."""
+        certs = _pem_certificates(self.certificate, "certificate")
+        if len(certs) != 1:
+            raise InvalidRequest("send exactly one certificate in 'certificate'")
+        return certs[0], _pem_certificates(self.chain, "chain")
+
+
+class IssueRequest(_Body):
+    csr: str = Field(max_length=64 * 1024)
+    profile: str = Field(max_length=64)
+    ttl: str | int | None = None
+
+    def to_input(self) -> IssueInput:
+        """Raises InvalidRequest for a CSR that is not PEM or a malformed ttl."""
+        try:
+            csr = x509.load_pem_x509_csr(self.csr.encode())
+        except ValueError:
+            raise InvalidRequest("csr is not a PEM certificate signing request") from None
+        return IssueInput(csr, self.profile, _optional_duration(self.ttl))
+
+
+class RevokeRequest(_Body):
+    reason: str = Field(default="unspecified", max_length=32)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from kmsgate import __version__
-from kmsgate.api import routes_keys, routes_sys
+from kmsgate.api import routes_keys, routes_pki, routes_sys
 from kmsgate.api.docs import install_docs
 from kmsgate.api.metrics import Metrics
 from kmsgate.api.problems import GatewayMiddleware, install_error_handlers
@@ -50,6 +50,7 @@ class CacheRefresher:
             try:
                 self._service.catalogue.refresh()
                 self._service.tokens.refresh()
+                self._service.pki.authorities.refresh()
             except KmsgateError as exc:
                 log.warning("cache refresh failed: %s", exc.code)
             if time.monotonic() >= next_tick:
@@ -86,9 +87,12 @@ def create_app(service: Service) -> FastAPI:
     hot_routes, keys_router = routes_keys.build_routes()
     app.include_router(routes_sys.build_router())  # first: health checks stay cheap
     app.include_router(keys_router)
+    app.include_router(routes_pki.build_router())
     app.router.routes[:0] = hot_routes
     install_error_handlers(app)
-    app.state.metrics = Metrics({"keys": service.catalogue, "tokens": service.tokens})
+    app.state.metrics = Metrics(
+        {"keys": service.catalogue, "tokens": service.tokens, "cas": service.pki.authorities}
+    )
     app.add_middleware(
         GatewayMiddleware,
         max_body_bytes=service.settings.limits.max_body_bytes,

@@ -11,11 +11,14 @@ from kmsgate.auth import Authenticators, TokenRegistry
 from kmsgate.backends.base import Registry
 from kmsgate.catalogue import Catalogue
 from kmsgate.config import Settings
+from kmsgate.pki.authorities import Authorities
+from kmsgate.pki.profiles import load_profiles
 from kmsgate.policy import PolicyEngine
 from kmsgate.service.crypto import Crypto
 from kmsgate.service.envelope import Envelopes
 from kmsgate.service.gate import STATE_CHANGING, Call, Ctx, Gate, KeyTarget
 from kmsgate.service.keys import Keys
+from kmsgate.service.pki import Pki
 from kmsgate.service.system import System
 from kmsgate.store import Store
 
@@ -36,6 +39,8 @@ class Service:
     schedule_deletion, cancel_deletion, destroy_due
     tokens, policy read/evaluate/reload, audit        `system.py` (`service.system`)
     read, metrics authorisation
+    create_ca, import_certificate, list_cas, issue,   `pki.py`    (`service.pki`)
+    revoke, certificate(s), describe_profiles
     ================================================  =================================
 
     Use cases take and return the frozen dataclasses of `requests.py` and `results.py`
@@ -67,6 +72,14 @@ class Service:
         self.envelopes = Envelopes(self.gate)
         self.keys = Keys(self.gate)
         self.system = System(self.gate, tokens)
+        self.pki = Pki(
+            self.gate,
+            self.keys,
+            Authorities(store),
+            store,
+            load_profiles(settings),
+            settings.pki.public_url,
+        )
 
     # the parts every use case shares, held once, by the gate
 

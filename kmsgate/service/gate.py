@@ -39,6 +39,10 @@ STATE_CHANGING = frozenset(
         "token.create",
         "token.revoke",
         "policy.reload",
+        "ca.create",
+        "ca.import",
+        "cert.issue",
+        "cert.revoke",
     }
 )
 """Actions whose allow decision is audited (outcome `started`) before they run."""

@@ -67,7 +67,7 @@ class Keys:
         def create(outcome: Outcome) -> Key:
             if self.gate.catalogue.find(new.name) is not None:
                 raise Conflict(f"a key named {new.name!r} exists")
-            key = self._import(new) if importing else self._generate(new)
+            key = self._import(new) if importing else self.generate(new)
             outcome.key_version = 1
             outcome.detail["type"] = key.type.value
             return key
@@ -95,7 +95,10 @@ class Keys:
             rotation_period=new.rotation_period,
         )
 
-    def _generate(self, new: NewKey) -> Key:
+    def generate(self, new: NewKey) -> Key:
+        """Generate (or adopt, with `uri`) the key `new` at version 1, with no decision of its
+        own: for a use case that has decided already (a CA's key). Raises InvalidRequest,
+        Conflict, NotSupported, BackendError."""
         if new.type is None:
             raise InvalidRequest("'type' is required unless importing a 'public_key'")
         key_type = parse_key_type(new.type)

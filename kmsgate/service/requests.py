@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from cryptography import x509
+
 Context = Mapping[str, str] | None
 """An encryption context (already checked: sizes, characters), bound as AAD."""
 
@@ -138,3 +140,24 @@ class AuditQuery:
     key: str | None = None
     action: str | None = None
     limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class NewCa:
+    """An intermediate CA to create: its key (`key_type` on `backend`) and its subject (an
+    RFC 4514 name or a bare common name)."""
+
+    name: str
+    subject: str
+    key_type: str
+    backend: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssueInput:
+    """A certificate request: the CSR (its signature not yet checked), the profile and the
+    lifetime (default: the profile's)."""
+
+    csr: x509.CertificateSigningRequest
+    profile: str
+    ttl: timedelta | None = None

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
+from cryptography import x509
+
 from kmsgate.errors import KmsgateError
 
 ResultT = TypeVar("ResultT")
@@ -77,3 +79,13 @@ class PolicyInfo:
 class PolicyVerdict:
     allow: bool
     reasons: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A certificate just issued and its chain (issuing CA first, root last)."""
+
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    serial: str
+    not_after: datetime

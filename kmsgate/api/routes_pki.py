@@ -1,0 +1,134 @@
+"""PKI routes: CAs, profiles, issuance from a CSR, revocation and the inventory. The chain,
+CRL and OCSP answer without a token (relying parties fetch them)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from cryptography.hazmat.primitives import serialization
+from fastapi import APIRouter, Query
+from starlette.responses import Response
+
+from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
+from kmsgate.api.responses import json_response
+from kmsgate.pki.crl import parse_reason
+from kmsgate.schemas import CaCertificateRequest, CreateCaRequest, IssueRequest, RevokeRequest
+from kmsgate.store.certificates import CertQuery
+
+PREFIX = "/v1/pki"
+PEM = "application/x-pem-file"
+
+
+def build_router() -> APIRouter:
+    """A new application's PKI routes."""
+    router = APIRouter(prefix=PREFIX, tags=["pki"])
+    router.add_api_route("/cas", list_cas, methods=["GET"])
+    router.add_api_route("/cas", create_ca, methods=["POST"], status_code=201)
+    router.add_api_route("/cas/{ca}/certificate", import_certificate, methods=["POST"])
+    router.add_api_route("/cas/{ca}/chain", chain, methods=["GET"], response_class=Response)
+    router.add_api_route("/cas/{ca}/issue", issue, methods=["POST"])
+    router.add_api_route("/profiles", profiles, methods=["GET"])
+    router.add_api_route("/certs", list_certs, methods=["GET"])
+    router.add_api_route("/certs/{serial}", get_cert, methods=["GET"])
+    router.add_api_route("/certs/{serial}/revoke", revoke, methods=["POST"])
+    return router
+
+
+def list_cas(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
+    """The CAs: name, type, state, subject, key, parent, not_after."""
+    return {"cas": [ca.to_dict() for ca in service.pki.list_cas(principal, ctx)]}
+
+
+def create_ca(
+    body: CreateCaRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> dict[str, Any]:
+    """Create an intermediate CA's key on a backend; reply its CSR for the offline root."""
+    ca = service.pki.create_ca(principal, ctx, body.to_input())
+    return {**ca.to_dict(), "csr": ca.csr_pem}
+
+
+def import_certificate(
+    ca: str,
+    body: CaCertificateRequest,
+    service: ServiceDep,
+    principal: PrincipalDep,
+    ctx: CtxDep,
+) -> dict[str, Any]:
+    """Activate a pending CA with its signed certificate and the chain up to the root."""
+    certificate, chain_certs = body.certificates()
+    return service.pki.import_certificate(principal, ctx, ca, certificate, chain_certs).to_dict()
+
+
+def chain(ca: str, service: ServiceDep) -> Response:
+    """Public: the CA's certificate and its issuers, PEM, root last."""
+    return Response(service.pki.chain_pem(ca), media_type=PEM)
+
+
+def issue(
+    ca: str, body: IssueRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> Response:
+    """Issue a certificate from a CSR under a profile: `{certificate, chain, serial,
+    not_after}` (PEM; the chain is the issuing CA first, root last)."""
+    issued = service.pki.issue(principal, ctx, ca, body.to_input())
+    pem = serialization.Encoding.PEM
+    return json_response(
+        {
+            "certificate": issued.certificate.public_bytes(pem).decode(),
+            "chain": "".join(c.public_bytes(pem).decode() for c in issued.chain),
+            "serial": issued.serial,
+            "not_after": issued.not_after.isoformat(),
+        }
+    )
+
+
+def profiles(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
+    """The certificate profiles: EKUs, SAN rules, TTLs, key types."""
+    return {"profiles": service.pki.describe_profiles(principal, ctx)}
+
+
+def list_certs(
+    service: ServiceDep,
+    principal: PrincipalDep,
+    ctx: CtxDep,
+    ca: str | None = None,
+    profile: str | None = None,
+    san: Annotated[str | None, Query(max_length=256)] = None,
+    status: str | None = None,
+    expires_before: datetime | None = None,
+    owner: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(max_length=40)] = None,
+) -> dict[str, Any]:
+    """The inventory, by serial; `next` is the `after` of the next page."""
+    query = CertQuery(
+        ca=ca,
+        profile=profile,
+        san=san,
+        status=status,
+        expires_before=expires_before,
+        owner=owner,
+        limit=limit,
+        after=after,
+    )
+    records = service.pki.certificates(principal, ctx, query)
+    page: dict[str, Any] = {"certs": [r.to_dict() for r in records]}
+    if len(records) == limit:
+        page["next"] = records[-1].serial
+    return page
+
+
+def get_cert(
+    serial: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> dict[str, Any]:
+    """One inventory record, with the certificate (PEM)."""
+    record = service.pki.certificate(principal, ctx, serial.lower())
+    return {**record.to_dict(), "certificate": record.pem}
+
+
+def revoke(
+    serial: str, body: RevokeRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> dict[str, Any]:
+    """Revoke a certificate with an RFC 5280 reason name."""
+    parse_reason(body.reason)  # a clear 400 listing the valid names
+    return service.pki.revoke(principal, ctx, serial.lower(), body.reason).to_dict()

@@ -1,0 +1,150 @@
+"""The inventory's record of an issued certificate, and its store row."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from kmsgate.pki.issuer import serial_hex
+from kmsgate.store import Row
+from kmsgate.store.certificates import REVOKED, VALID
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRecord:
+    """What the gateway knows of a certificate it issued."""
+
+    serial: str
+    ca: str
+    subject: str
+    sans: tuple[str, ...]
+    """`dns:name`, `ip:address`, `uri:value` or `email:address`."""
+    profile: str
+    key_type: str
+    not_before: datetime
+    not_after: datetime
+    status: str
+    revoked_at: datetime | None
+    reason: str | None
+    owner: str
+    fingerprint: str
+    pem: str
+
+    def state(self, now: datetime | None = None) -> str:
+        """`valid`, `revoked` or `expired` (a revoked certificate stays revoked)."""
+        if self.status == REVOKED:
+            return REVOKED
+        return "expired" if self.not_after <= (now or datetime.now(UTC)) else VALID
+
+    def policy_resource(self) -> dict[str, object]:
+        return {
+            "kind": "cert",
+            "name": self.serial,
+            "ca": self.ca,
+            "profile": self.profile,
+            "owner": self.owner,
+            "sans": list(self.sans),
+        }
+
+    def to_dict(self) -> dict[str, object]:
+        """The REST representation (the certificate itself is in `certificate`, PEM)."""
+        return {
+            "serial": self.serial,
+            "ca": self.ca,
+            "subject": self.subject,
+            "sans": list(self.sans),
+            "profile": self.profile,
+            "key_type": self.key_type,
+            "not_before": self.not_before.isoformat(),
+            "not_after": self.not_after.isoformat(),
+            "status": self.state(),
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "reason": self.reason,
+            "owner": self.owner,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def san_strings(sans: x509.SubjectAlternativeName | list[x509.GeneralName]) -> tuple[str, ...]:
+    """SANs as `type:value` strings (the inventory's and the policy's form)."""
+    out = []
+    for name in sans:
+        if isinstance(name, x509.DNSName):
+            out.append(f"dns:{name.value}")
+        elif isinstance(name, x509.IPAddress):
+            out.append(f"ip:{name.value}")
+        elif isinstance(name, x509.UniformResourceIdentifier):
+            out.append(f"uri:{name.value}")
+        elif isinstance(name, x509.RFC822Name):
+            out.append(f"email:{name.value}")
+    return tuple(out)
+
+
+def record_of(
+    cert: x509.Certificate, *, ca: str, profile: str, key_type: str, owner: str
+) -> CertificateRecord:
+    """The inventory record of a certificate just issued."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = san_strings(sans)
+    except x509.ExtensionNotFound:
+        names = ()
+    return CertificateRecord(
+        serial=serial_hex(cert.serial_number),
+        ca=ca,
+        subject=cert.subject.rfc4514_string(),
+        sans=names,
+        profile=profile,
+        key_type=key_type,
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        status=VALID,
+        revoked_at=None,
+        reason=None,
+        owner=owner,
+        fingerprint=hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+    )
+
+
+def record_row(record: CertificateRecord) -> dict[str, Any]:
+    return {
+        "serial": record.serial,
+        "ca": record.ca,
+        "subject": record.subject,
+        "sans": list(record.sans),
+        "profile": record.profile,
+        "key_type": record.key_type,
+        "not_before": record.not_before,
+        "not_after": record.not_after,
+        "status": record.status,
+        "revoked_at": record.revoked_at,
+        "reason": record.reason,
+        "owner": record.owner,
+        "fingerprint": record.fingerprint,
+        "certificate": record.pem,
+    }
+
+
+def record_from_row(row: Row) -> CertificateRecord:
+    return CertificateRecord(
+        serial=row["serial"],
+        ca=row["ca"],
+        subject=row["subject"],
+        sans=tuple(row["sans"]),
+        profile=row["profile"],
+        key_type=row["key_type"],
+        not_before=row["not_before"],
+        not_after=row["not_after"],
+        status=row["status"],
+        revoked_at=row["revoked_at"],
+        reason=row["reason"],
+        owner=row["owner"],
+        fingerprint=row["fingerprint"],
+        pem=row["certificate"],
+    )

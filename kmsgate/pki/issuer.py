@@ -1,0 +1,124 @@
+"""Building certificates: random serials, validity bounded by the issuer's, the signature
+hash that fits the CA's key, and the URLs (CRL, OCSP, CA issuers) relying parties follow."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+)
+from cryptography.x509.oid import AuthorityInformationAccessOID
+
+from kmsgate.errors import InvalidRequest
+
+SERIAL_BITS = 159
+BACKDATE = timedelta(minutes=1)
+"""not_before is set this far in the past: clocks of relying parties drift."""
+
+
+def new_serial() -> int:
+    """A random positive serial of up to 159 bits (RFC 5280 allows 20 octets; the top bit
+    stays clear so the DER integer needs no sign padding)."""
+    return secrets.randbits(SERIAL_BITS) or 1
+
+
+def serial_hex(serial: int) -> str:
+    """The API's form of a serial: lowercase hex, no separators."""
+    return format(serial, "x")
+
+
+def parse_serial(text: str) -> int:
+    """A serial from its hex form. Raises InvalidRequest."""
+    try:
+        serial = int(text, 16)
+    except ValueError:
+        raise InvalidRequest(f"serial {text[:64]!r} is not hexadecimal") from None
+    if not 0 < serial < 1 << 160:
+        raise InvalidRequest("serial out of range")
+    return serial
+
+
+def signature_hash(key: CertificatePublicKeyTypes) -> hashes.SHA256 | hashes.SHA384 | None:
+    """The hash a CA with this key signs with (None for Ed25519, which hashes itself)."""
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size >= 384:
+        return hashes.SHA384()
+    if isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        return hashes.SHA256()
+    raise InvalidRequest(f"a {type(key).__name__} cannot sign certificates")
+
+
+def validity(issuer: x509.Certificate, ttl: timedelta, now: datetime) -> tuple[datetime, datetime]:
+    """(not_before, not_after) for a certificate of `ttl` issued now, never past the
+    issuer's own not_after. Raises InvalidRequest if the issuer has expired."""
+    not_after = min(now + ttl, issuer.not_valid_after_utc)
+    if not_after <= now:
+        raise InvalidRequest("the CA's certificate has expired; it cannot issue")
+    return now - BACKDATE, not_after
+
+
+def distribution_extensions(base_url: str | None, ca: str) -> list[x509.ExtensionType]:
+    """CRL distribution point and authority information access (OCSP, CA issuers) under
+    `base_url`, the gateway's public address; none without one."""
+    if not base_url:
+        return []
+    root = f"{base_url.rstrip('/')}/v1/pki/cas/{ca}"
+    return [
+        x509.CRLDistributionPoints(
+            [
+                x509.DistributionPoint(
+                    full_name=[x509.UniformResourceIdentifier(f"{root}/crl")],
+                    relative_name=None,
+                    reasons=None,
+                    crl_issuer=None,
+                )
+            ]
+        ),
+        x509.AuthorityInformationAccess(
+            [
+                x509.AccessDescription(
+                    AuthorityInformationAccessOID.OCSP,
+                    x509.UniformResourceIdentifier(f"{root}/ocsp"),
+                ),
+                x509.AccessDescription(
+                    AuthorityInformationAccessOID.CA_ISSUERS,
+                    x509.UniformResourceIdentifier(f"{root}/chain"),
+                ),
+            ]
+        ),
+    ]
+
+
+def build_certificate(
+    *,
+    issuer: x509.Certificate,
+    key: CertificateIssuerPrivateKeyTypes,
+    subject: x509.Name,
+    public_key: CertificatePublicKeyTypes,
+    serial: int,
+    not_before: datetime,
+    not_after: datetime,
+    extensions: Sequence[tuple[x509.ExtensionType, bool]],
+) -> x509.Certificate:
+    """A certificate signed by `key` (the issuer's, possibly held by a backend). Raises
+    what the key's backend raises."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(key, signature_hash(issuer.public_key()))

@@ -1,0 +1,346 @@
+"""Use cases: certificate authorities (create with a CSR for the offline root, import the
+signed certificate) and certificates (issue from a CSR, revoke, read the inventory).
+
+A CA's key is a kmsgate key of purpose `ca` on any backend; it signs through `RemoteKey`,
+so the same code serves softkms, an HSM, Vault Transit and AWS KMS. The gateway never holds
+the root key: it only verifies that an imported chain ends in a self-signed root.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+)
+
+from kmsgate.auth import Principal
+from kmsgate.catalogue import Key
+from kmsgate.errors import Conflict, InvalidRequest, NotFound
+from kmsgate.pki.authorities import CA_PURPOSE, Authorities, Authority, CaState, CaType
+from kmsgate.pki.inventory import (
+    CertificateRecord,
+    record_from_row,
+    record_of,
+    record_row,
+    san_strings,
+)
+from kmsgate.pki.issuer import (
+    build_certificate,
+    distribution_extensions,
+    new_serial,
+    signature_hash,
+    validity,
+)
+from kmsgate.pki.profiles import Profile
+from kmsgate.pki.remote_key import remote_private_key
+from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
+from kmsgate.service.keys import Keys
+from kmsgate.service.requests import IssueInput, NewCa, NewKey
+from kmsgate.service.results import Issued
+from kmsgate.store import Store
+from kmsgate.store.certificates import CertQuery
+
+CA_VALIDITY_REQUEST = timedelta(days=365 * 5)
+SERIAL_ATTEMPTS = 3
+
+
+class Pki:
+    """Certificate authorities and the certificates they issue."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        keys: Keys,
+        authorities: Authorities,
+        store: Store,
+        profiles: Mapping[str, Profile],
+        public_url: str | None,
+    ) -> None:
+        self.gate = gate
+        self.keys = keys
+        self.authorities = authorities
+        self.store = store
+        self.profiles = profiles
+        self.public_url = public_url
+
+    # -- CAs -------------------------------------------------------------------------------
+
+    def create_ca(self, principal: Principal, ctx: Ctx, new: NewCa) -> Authority:
+        """A pending CA: its key (purpose `ca`) on `new.backend`, and a CSR for the offline
+        root to sign. Raises PolicyDenied, Conflict (name taken), InvalidRequest (subject,
+        key type, backend), NotSupported, BackendError."""
+        resource = {"kind": "ca", "name": new.name, "backend": new.backend, "type": new.key_type}
+
+        def create(outcome: Outcome) -> Authority:
+            if self.authorities.find(new.name) is not None:
+                raise Conflict(f"a CA named {new.name!r} exists")
+            subject = _subject(new.subject)
+            key = self.keys.generate(
+                NewKey(
+                    name=f"ca.{new.name}",
+                    purpose=CA_PURPOSE,
+                    type=new.key_type,
+                    backend=new.backend,
+                    labels={"ca": new.name},
+                )
+            )
+            csr = (
+                x509.CertificateSigningRequestBuilder()
+                .subject_name(subject)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .sign(self._signing_key(key), signature_hash(_public_key(key)))
+            )
+            at = now()
+            ca = Authority(
+                name=new.name,
+                type=CaType.KMSGATE,
+                state=CaState.PENDING,
+                subject=subject.rfc4514_string(),
+                key_name=key.name,
+                csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode(),
+                certificate=None,
+                chain=(),
+                crl_number=0,
+                created_at=at,
+                updated_at=at,
+            )
+            outcome.detail["key"] = key.name
+            return self.authorities.insert(ca)
+
+        return self.gate.run(
+            Call(principal, ctx, "ca.create", resource, {"type": new.key_type}), create
+        )
+
+    def import_certificate(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        name: str,
+        certificate: x509.Certificate,
+        chain: Sequence[x509.Certificate],
+    ) -> Authority:
+        """Activate a pending CA with the certificate the offline root signed and the chain up
+        to that root. Raises NotFound, Conflict (already active), InvalidRequest (not a CA
+        certificate, another key, a chain that does not verify or does not end in a root)."""
+        ca = self.authorities.find(name)
+        resource = ca.policy_resource() if ca else {"kind": "ca", "name": name}
+
+        def activate(outcome: Outcome) -> Authority:
+            if ca is None:
+                raise NotFound(f"no CA named {name!r}")
+            if ca.state is not CaState.PENDING:
+                raise Conflict(f"CA {name!r} is {ca.state.value}")
+            key = self.gate.catalogue.get(ca.key_name or "")
+            _check_ca_certificate(certificate, chain, _public_key(key))
+            outcome.detail["not_after"] = certificate.not_valid_after_utc.isoformat()
+            return self.authorities.activate(ca, certificate, chain, now())
+
+        return self.gate.run(Call(principal, ctx, "ca.import", resource), activate)
+
+    def list_cas(self, principal: Principal, ctx: Ctx) -> Sequence[Authority]:
+        call = Call(principal, ctx, "ca.read", {"kind": "ca"})
+        return self.gate.run(call, lambda _: self.authorities.all())
+
+    def describe_profiles(self, principal: Principal, ctx: Ctx) -> list[dict[str, object]]:
+        """The profiles' rules (EKUs, SAN rules, TTLs, key types). Raises PolicyDenied."""
+        call = Call(principal, ctx, "ca.read", {"kind": "profiles"})
+        return self.gate.run(call, lambda _: [p.describe() for p in self.profiles.values()])
+
+    def chain_pem(self, name: str) -> str:
+        """The CA's certificate and its issuers in PEM (public). Raises NotFound, Conflict."""
+        return self.authorities.get(name).full_chain_pem()
+
+    # -- certificates ----------------------------------------------------------------------
+
+    def issue(self, principal: Principal, ctx: Ctx, ca_name: str, request: IssueInput) -> Issued:
+        """A certificate for the CSR's key under `request.profile`, signed by the CA.
+
+        The profile alone decides the extensions; the policy decides who may have which
+        names (`cert.issue` with `request {profile, sans, ttl, ca}`). Raises PolicyDenied,
+        NotFound (CA or profile), Conflict (CA pending), InvalidRequest (the profile's
+        reason), and what the CA key's backend raises.
+        """
+        ca = self.authorities.find(ca_name)
+        csr_sans = _requested_sans(request.csr)
+        resource = ca.policy_resource() if ca else {"kind": "ca", "name": ca_name}
+        facts = {
+            "ca": ca_name,
+            "profile": request.profile,
+            "sans": list(csr_sans),
+            "ttl": int(request.ttl.total_seconds()) if request.ttl else None,
+        }
+
+        def issue(outcome: Outcome) -> Issued:
+            if ca is None:
+                raise NotFound(f"no CA named {ca_name!r}")
+            profile = self.profiles.get(request.profile)
+            if profile is None:
+                raise NotFound(f"no certificate profile named {request.profile!r}")
+            issuer = ca.active_certificate()
+            approved = profile.check(request.csr, request.ttl)
+            key = self.gate.catalogue.get(ca.key_name or "")
+            signer = self._signing_key(key)
+            extensions = [
+                *profile.extensions(approved, issuer.public_key()),
+                *((ext, False) for ext in distribution_extensions(self.public_url, ca.name)),
+            ]
+            not_before, not_after = validity(issuer, approved.ttl, now())
+            for attempt in range(SERIAL_ATTEMPTS):
+                cert = build_certificate(
+                    issuer=issuer,
+                    key=signer,
+                    subject=approved.subject,
+                    public_key=approved.public_key,
+                    serial=new_serial(),
+                    not_before=not_before,
+                    not_after=not_after,
+                    extensions=extensions,
+                )
+                record = record_of(
+                    cert,
+                    ca=ca.name,
+                    profile=profile.name,
+                    key_type=approved.key_type.value,
+                    owner=principal.id,
+                )
+                try:
+                    self.store.certs.insert(record_row(record))
+                    break
+                except Conflict:  # a serial taken already: astronomically rare
+                    if attempt == SERIAL_ATTEMPTS - 1:
+                        raise
+            outcome.detail.update(
+                serial=record.serial, profile=profile.name, sans=list(record.sans)
+            )
+            return Issued(cert, (issuer, *ca.chain), record.serial, cert.not_valid_after_utc)
+
+        return self.gate.run(Call(principal, ctx, "cert.issue", resource, facts), issue)
+
+    def revoke(self, principal: Principal, ctx: Ctx, serial: str, reason: str) -> CertificateRecord:
+        """Revoke a certificate (RFC 5280 `reason` name, already checked). Raises
+        PolicyDenied, NotFound, Conflict (revoked already)."""
+        found = self.store.certs.get(serial)
+        record = record_from_row(found) if found else None
+        resource = record.policy_resource() if record else {"kind": "cert", "name": serial}
+
+        def revoke(outcome: Outcome) -> CertificateRecord:
+            if record is None:
+                raise NotFound(f"no certificate with serial {serial}")
+            if not self.store.certs.revoke(serial, now(), reason):
+                raise Conflict(f"certificate {serial} is revoked already")
+            outcome.detail.update(serial=serial, reason=reason)
+            row = self.store.certs.get(serial)
+            assert row is not None  # revoked just now, never deleted
+            return record_from_row(row)
+
+        call = Call(principal, ctx, "cert.revoke", resource, {"reason": reason})
+        return self.gate.run(call, revoke)
+
+    def certificate(self, principal: Principal, ctx: Ctx, serial: str) -> CertificateRecord:
+        """One inventory record. Raises PolicyDenied, NotFound."""
+        found = self.store.certs.get(serial)
+        record = record_from_row(found) if found else None
+        resource = record.policy_resource() if record else {"kind": "cert", "name": serial}
+
+        def read(_: Outcome) -> CertificateRecord:
+            if record is None:
+                raise NotFound(f"no certificate with serial {serial}")
+            return record
+
+        return self.gate.run(Call(principal, ctx, "cert.read", resource), read)
+
+    def certificates(
+        self, principal: Principal, ctx: Ctx, query: CertQuery
+    ) -> list[CertificateRecord]:
+        """Inventory records matching `query` (one page). Raises PolicyDenied."""
+        call = Call(principal, ctx, "cert.read", {"kind": "cert"}, {"ca": query.ca})
+
+        def search(outcome: Outcome) -> list[CertificateRecord]:
+            records = [record_from_row(row) for row in self.store.certs.search(query)]
+            outcome.detail["count"] = len(records)
+            return records
+
+        return self.gate.run(call, search)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _signing_key(self, key: Key) -> CertificateIssuerPrivateKeyTypes:
+        """The CA key as a cryptography private key whose signatures its backend makes."""
+        key.require_enabled()
+        version = key.usable_version(None, for_signing=True)
+        backend = self.gate.registry.get(key.backend)
+        return remote_private_key(backend, key.backend_key(version), _public_key(key))
+
+
+def _public_key(key: Key) -> CertificatePublicKeyTypes:
+    """The public key of the key's primary version. Raises InvalidRequest for a key that
+    cannot sign certificates."""
+    public = key.versions[key.primary_version].public_key()
+    if not isinstance(
+        public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+    ):
+        raise InvalidRequest(f"a {key.type} key cannot be a CA key")
+    return public
+
+
+def _subject(text: str) -> x509.Name:
+    """A subject from an RFC 4514 string (`CN=Issuing CA,O=Example`) or a bare common name.
+    Raises InvalidRequest."""
+    try:
+        name = x509.Name.from_rfc4514_string(text) if "=" in text else None
+    except ValueError:
+        raise InvalidRequest(f"subject {text[:128]!r} is not an RFC 4514 name") from None
+    if name is None:
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, text)])
+    if not name.rdns:
+        raise InvalidRequest("a CA needs a non-empty subject")
+    return name
+
+
+def _requested_sans(csr: x509.CertificateSigningRequest) -> tuple[str, ...]:
+    """The SANs a CSR asks for (for the policy decision; the profile checks them)."""
+    try:
+        return san_strings(
+            csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        )
+    except (x509.ExtensionNotFound, ValueError):
+        return ()
+
+
+def _check_ca_certificate(
+    cert: x509.Certificate, chain: Sequence[x509.Certificate], public_key: CertificatePublicKeyTypes
+) -> None:
+    """Raises InvalidRequest unless `cert` is a CA certificate for `public_key` and `chain`
+    links it, issuer by issuer, to a self-signed root."""
+    if cert.public_key() != public_key:
+        raise InvalidRequest("the certificate is for another key than this CA's")
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise InvalidRequest("the certificate is not a CA certificate (basicConstraints ca)")
+    if not chain:
+        raise InvalidRequest("send the chain up to the root (at least the root certificate)")
+    links = [cert, *chain]
+    for child, parent in itertools.pairwise(links):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise InvalidRequest(
+                f"{child.subject.rfc4514_string()} is not issued by "
+                f"{parent.subject.rfc4514_string()}: {type(exc).__name__}"
+            ) from None
+    root = links[-1]
+    try:
+        root.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        raise InvalidRequest("the chain does not end in a self-signed root") from None

@@ -1,0 +1,135 @@
+"""Issuing from a CSR through the REST API, checked with the real openssl and Python ssl."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import subprocess
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate, write
+
+
+@pytest.fixture
+def root() -> OfflineRoot:
+    return OfflineRoot()
+
+
+def issue(api, token, csr: str, profile: str, ca: str = "issuing", **extra):
+    return api.call(
+        "POST", f"/v1/pki/cas/{ca}/issue", token, json={"csr": csr, "profile": profile, **extra}
+    )
+
+
+def test_a_server_certificate_verifies_with_openssl(api, admin, root, tmp_path, openssl_bin):
+    make_intermediate(api, admin, root)
+    _, csr = leaf_csr(x509.DNSName("web.lab"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    r = issue(api, admin, csr, "server")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    leaf = write(tmp_path / "leaf.pem", body["certificate"])
+    chain = write(tmp_path / "chain.pem", body["chain"])
+    ca_file = write(tmp_path / "root.pem", root.pem)
+    verified = subprocess.run(
+        [
+            openssl_bin,
+            "verify",
+            "-CAfile",
+            ca_file,
+            "-untrusted",
+            chain,
+            "-purpose",
+            "sslserver",
+            leaf,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert verified.returncode == 0 and ": OK" in verified.stdout, verified.stdout + verified.stderr
+    cert = x509.load_pem_x509_certificate(body["certificate"].encode())
+    assert format(cert.serial_number, "x") == body["serial"]
+    assert cert.serial_number.bit_length() <= 159
+    record = api.call("GET", f"/v1/pki/certs/{body['serial']}", admin).json()
+    assert (record["profile"], record["status"], record["ca"]) == ("server", "valid", "issuing")
+    assert record["sans"] == ["dns:web.lab", "ip:127.0.0.1"]
+    assert record["owner"].startswith("token:")
+
+
+def test_the_ca_key_cannot_sign_raw_data(api, admin, root):
+    ca = make_intermediate(api, admin, root)
+    r = api.call("POST", f"/v1/keys/{ca['key']}/sign", admin, json={"input": "aGk="})
+    assert (r.status_code, r.json()["code"]) == (400, "invalid_request")
+    assert "CA key" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("profile", "sans", "extra", "reason"),
+    [
+        ("server", [x509.DNSName("evil.example")], {}, "evil.example"),
+        ("server", [], {}, "subjectAltName"),
+        ("server", [x509.DNSName("web.lab")], {"ttl": "400d"}, "ttl"),
+        ("workload", [x509.DNSName("web.lab")], {}, "web.lab"),
+    ],
+)
+def test_requests_outside_the_profile_are_refused_and_nothing_is_stored(
+    api, admin, root, profile, sans, extra, reason
+):
+    make_intermediate(api, admin, root)
+    _, csr = leaf_csr(*sans)
+    r = issue(api, admin, csr, profile, **extra)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert reason.lower() in r.json()["detail"].lower()
+    assert api.call("GET", "/v1/pki/certs", admin).json()["certs"] == []
+
+
+def test_a_tampered_csr_is_refused(api, admin, root):
+    make_intermediate(api, admin, root)
+    _, csr = leaf_csr(x509.DNSName("web.lab"))
+    der = bytearray(x509.load_pem_x509_csr(csr.encode()).public_bytes(serialization.Encoding.DER))
+    der[-5] ^= 0x01  # inside the signature
+    tampered = (
+        "-----BEGIN CERTIFICATE REQUEST-----\n"
+        + base64.encodebytes(bytes(der)).decode()
+        + "-----END CERTIFICATE REQUEST-----\n"
+    )
+    r = issue(api, admin, tampered, "server")
+    assert r.status_code == 400, r.text
+    assert "signature" in r.json()["detail"].lower()
+
+
+def test_revocation_is_recorded_once(api, admin, root):
+    make_intermediate(api, admin, root)
+    _, csr = leaf_csr(x509.DNSName("web.lab"))
+    serial = issue(api, admin, csr, "server").json()["serial"]
+    r = api.call("POST", f"/v1/pki/certs/{serial}/revoke", admin, json={"reason": "keyCompromise"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["status"], r.json()["reason"]) == ("revoked", "keyCompromise")
+    again = api.call("POST", f"/v1/pki/certs/{serial}/revoke", admin, json={"reason": "superseded"})
+    assert again.status_code == 409
+    bad = api.call("POST", f"/v1/pki/certs/{serial}/revoke", admin, json={"reason": "bored"})
+    assert bad.status_code == 400 and "keyCompromise" in bad.json()["detail"]
+    listed = api.call("GET", "/v1/pki/certs?status=revoked", admin).json()["certs"]
+    assert [c["serial"] for c in listed] == [serial]
+
+
+def test_a_pending_ca_cannot_issue_and_a_foreign_chain_is_refused(api, admin, root):
+    created = api.call(
+        "POST", "/v1/pki/cas", admin, json={"name": "pending", "subject": "CN=Pending CA"}
+    )
+    assert created.status_code == 201
+    _, csr = leaf_csr(x509.DNSName("web.lab"))
+    assert issue(api, admin, csr, "server", ca="pending").status_code == 409
+    other = OfflineRoot("Other Root")
+    cert = other.sign_intermediate(created.json()["csr"])
+    r = api.call(
+        "POST",
+        "/v1/pki/cas/pending/certificate",
+        admin,
+        json={"certificate": cert, "chain": root.pem},  # signed by `other`, chain says `root`
+    )
+    assert r.status_code == 400 and "not issued by" in r.json()["detail"]
