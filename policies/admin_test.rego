@@ -9,7 +9,8 @@ gateway_actions := [
 	"key.compromise", "key.delete", "key.cancel_deletion", "key.import",
 	"token.create", "token.list", "token.revoke", "audit.read", "metrics.read",
 	"policy.read", "policy.evaluate", "policy.reload",
-	"cert.issue", "cert.renew", "cert.revoke", "exception.request", "exception.approve",
+	"ca.create", "ca.import", "ca.read", "cert.issue", "cert.read", "cert.renew", "cert.revoke",
+	"exception.request", "exception.approve",
 ]
 
 test_admin_may_sign if {
