@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from kmsgate.config import parse_duration_setting
 from kmsgate.encoding import b64decode_strict, b64encode
 from kmsgate.envelope import check_context
 from kmsgate.errors import InvalidRequest, TooLarge, ValidationFailed
@@ -48,8 +49,6 @@ from kmsgate.service.requests import (
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 LABEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-_DURATION_RE = re.compile(r"^(\d{1,9})([smhd]?)$")
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _decode(value: object) -> bytes:
@@ -71,13 +70,10 @@ B64 = Annotated[
 
 def parse_duration(value: str | int) -> timedelta:
     """`90d`, `12h`, `30m`, `45s` or plain seconds. Raises InvalidRequest."""
-    match = _DURATION_RE.match(str(value).strip())
-    if not match:
-        raise InvalidRequest(f"invalid duration {value!r}: use e.g. 90d, 12h, 30m, 45s")
-    seconds = int(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds <= 0:
-        raise InvalidRequest("duration must be positive")
-    return timedelta(seconds=seconds)
+    try:
+        return parse_duration_setting(value)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 def _optional_duration(value: str | int | None) -> timedelta | None:
