@@ -397,12 +397,22 @@ class CaKeySpec(_Body):
 
 class CreateCaRequest(_Body):
     name: str = Field(pattern=CA_NAME_PATTERN)
-    subject: str = Field(min_length=1, max_length=1024)
+    subject: str = Field(default="", max_length=1024)
     key: CaKeySpec = Field(default_factory=CaKeySpec)
-    type: Literal["kmsgate"] = "kmsgate"
+    type: Literal["kmsgate", "hashivault-pki"] = "kmsgate"
+    mount: str | None = Field(default=None, max_length=64, description="hashivault-pki only")
+    role: str | None = Field(default=None, max_length=64, description="hashivault-pki only")
 
     def to_input(self) -> NewCa:
-        return NewCa(self.name, self.subject, self.key.type, self.key.backend)
+        return NewCa(
+            self.name,
+            self.subject,
+            self.key.type,
+            self.key.backend,
+            self.type,
+            self.mount,
+            self.role,
+        )
 
 
 class CaCertificateRequest(_Body):

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
+from cryptography import x509
+
 from kmsgate.algorithms import HashName, KeyType, SignAlg
 from kmsgate.config import BackendSettings
 from kmsgate.errors import ConfigError, InvalidRequest, KmsgateError, NotSupported, Unavailable
@@ -223,6 +225,44 @@ class Registry:
 
 
 T = TypeVar("T")
+
+
+class PkiEngine(Protocol):
+    """A PKI engine that signs certificates with its own CA key (Vault's PKI secrets engine).
+    Every method may block; each raises BackendError or BackendUnavailable when the engine
+    fails, and `sign` InvalidRequest when the engine refuses the names."""
+
+    def sign(
+        self,
+        csr_pem: str,
+        *,
+        common_name: str,
+        dns: list[str],
+        ips: list[str],
+        uris: list[str],
+        ttl_seconds: int,
+    ) -> list[x509.Certificate]:
+        """The certificate for the CSR, then its issuing chain."""
+        ...
+
+    def revoke(self, serial: int) -> None: ...
+
+    def chain(self) -> list[x509.Certificate]:
+        """The engine's issuing CA, then its issuers."""
+        ...
+
+    def crl(self, *, delta: bool = False) -> bytes: ...
+
+    def ocsp(self, request: bytes) -> bytes: ...
+
+
+class PkiEngineCapable(ABC):
+    """Optional: the backend fronts PKI engines (mount and role name one)."""
+
+    @abstractmethod
+    def pki(self, mount: str, role: str) -> PkiEngine:
+        """The engine at `mount` issuing through `role`. Raises InvalidRequest for names
+        that cannot be path segments."""
 
 
 def require_capability(backend: KeyBackend, capability: type[T], what: str) -> T:

@@ -5,8 +5,8 @@ to find its CA)."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -40,12 +40,17 @@ class Authority:
     state: CaState
     subject: str
     key_name: str | None
+    """The kmsgate key (purpose `ca`) of a `kmsgate` CA; None for a Vault PKI CA."""
     csr_pem: str | None
     certificate: x509.Certificate | None
     chain: tuple[x509.Certificate, ...]
     crl_number: int
     created_at: datetime
     updated_at: datetime
+    backend: str | None = None
+    """The hashivault backend of a Vault PKI CA."""
+    options: Mapping[str, str] = field(default_factory=dict)
+    """A Vault PKI CA's `mount` and `role`."""
 
     @property
     def not_after(self) -> datetime | None:
@@ -109,6 +114,8 @@ def authority_from_row(row: Row) -> Authority:
         crl_number=row["crl_number"],
         created_at=_aware(row["created_at"]),
         updated_at=_aware(row["updated_at"]),
+        backend=row["backend"],
+        options=row["options"] or {},
     )
 
 
@@ -132,6 +139,8 @@ def authority_row(ca: Authority) -> dict[str, Any]:
         "crl_number": ca.crl_number,
         "created_at": ca.created_at,
         "updated_at": ca.updated_at,
+        "backend": ca.backend,
+        "options": dict(ca.options) or None,
     }
 
 
@@ -189,17 +198,12 @@ class Authorities(StoreMirror):
     ) -> Authority:
         """Store the CA's certificate and chain and mark it active. Raises Conflict if
         another writer changed its state meanwhile."""
-        active = Authority(
-            name=ca.name,
-            type=ca.type,
+        active = replace(
+            ca,
             state=CaState.ACTIVE,
             subject=certificate.subject.rfc4514_string(),
-            key_name=ca.key_name,
-            csr_pem=ca.csr_pem,
             certificate=certificate,
             chain=tuple(chain),
-            crl_number=ca.crl_number,
-            created_at=ca.created_at,
             updated_at=at,
         )
         row = authority_row(active)

@@ -144,13 +144,18 @@ class AuditQuery:
 
 @dataclass(frozen=True, slots=True)
 class NewCa:
-    """An intermediate CA to create: its key (`key_type` on `backend`) and its subject (an
-    RFC 4514 name or a bare common name)."""
+    """A CA to create. `kmsgate`: its key (`key_type` on `backend`) and its subject (an
+    RFC 4514 name or a bare common name), pending until the offline root signs it.
+    `hashivault-pki`: the PKI engine at `mount` of the hashivault `backend`, issuing through
+    `role` (active at once; its subject is the engine's CA's)."""
 
     name: str
     subject: str
     key_type: str
     backend: str | None = None
+    type: str = "kmsgate"
+    mount: str | None = None
+    role: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,11 +25,13 @@ from kmsgate.backends.base import (
     KeyBackend,
     KeySpec,
     MacCapable,
+    PkiEngineCapable,
     SignMessage,
     WrapCapable,
 )
 from kmsgate.backends.hashivault.client import _VaultClient
 from kmsgate.backends.hashivault.coalescer import _Coalescer, _Result
+from kmsgate.backends.hashivault.pki import VaultPki
 from kmsgate.backends.hashivault.settings import HashiVaultSettings
 from kmsgate.backends.hashivault.transit import (
     _MAC_HASH,
@@ -64,7 +66,7 @@ from kmsgate.errors import (
 _log = logging.getLogger(__name__)
 
 
-class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable):
+class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
     """Keys in a Vault/OpenBao Transit mount. Thread-safe; every call may block (HTTP).
 
     Key material never leaves Transit (keys are created with `exportable=false`). kmsgate's
@@ -116,6 +118,11 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable):
         """The HTTP session to Vault (tests and benchmarks attach response hooks to count)."""
         session: requests.Session = self._vault.hvac.adapter.session
         return session
+
+    def pki(self, mount: str, role: str) -> VaultPki:
+        """The PKI engine at `mount`, issuing through `role`, on this backend's connection.
+        Raises InvalidRequest for a mount or role that is not a plain path segment."""
+        return VaultPki(self._vault, mount, role)
 
     def _transit_name(self, name: str) -> str:
         if not _NAME.match(name):

@@ -28,6 +28,8 @@ def upgrade() -> None:
         sa.Column("type", sa.String(24), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("key_name", sa.String(128), nullable=True),
+        sa.Column("backend", sa.String(64), nullable=True),
+        sa.Column("options", sa.JSON, nullable=True),
         sa.Column("subject", sa.Text, nullable=False),
         sa.Column("csr", sa.Text, nullable=True),
         sa.Column("certificate", sa.Text, nullable=True),

@@ -1,0 +1,122 @@
+"""A `hashivault-pki` CA: a real OpenBao PKI engine signs and revokes, while kmsgate keeps the
+profile checks, the policy, the audit and the inventory."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tests.gateway import open_gateway
+from tests.openbao import OpenBaoServer
+from tests.pki.ceremony import leaf_csr, write
+from tests.test_hashivault_gateway import token_file, vault_config
+
+pytestmark = pytest.mark.interop
+
+
+@pytest.fixture
+def pki_mount(openbao_server: OpenBaoServer) -> str:
+    """A fresh PKI engine with an internal root and a role `web` for names under `lab`."""
+    mount = f"pki-{secrets.token_hex(4)}"
+    client = openbao_server.client()
+    client.sys.enable_secrets_engine("pki", path=mount, config={"max_lease_ttl": "87600h"})
+    client.write(f"{mount}/root/generate/internal", common_name="OpenBao Test Root", ttl="8760h")
+    client.write(
+        f"{mount}/roles/web",
+        allowed_domains="lab",
+        allow_subdomains=True,
+        allow_ip_sans=True,
+        max_ttl="72h",
+        key_type="any",
+        require_cn=False,
+    )
+    return mount
+
+
+def test_a_vault_pki_ca_issues_and_revokes(
+    openbao_server: OpenBaoServer, pki_mount: str, tmp_path: Path, openssl_bin: str
+) -> None:
+    vault = vault_config(
+        openbao_server.addr,
+        "kmsgate-",
+        token_file=str(token_file(tmp_path, openbao_server.root_token)),
+    )
+    backends = {"local": {"type": "softkms"}, "vault": vault}
+    with open_gateway(tmp_path, backends=backends) as (api, admin):
+        created = api.call(
+            "POST",
+            "/v1/pki/cas",
+            admin,
+            json={
+                "name": "bao",
+                "type": "hashivault-pki",
+                "key": {"backend": "vault"},
+                "mount": pki_mount,
+                "role": "web",
+            },
+        )
+        assert created.status_code == 201, created.text
+        assert (created.json()["state"], created.json()["type"]) == ("active", "hashivault-pki")
+        assert "OpenBao Test Root" in created.json()["subject"]
+
+        _, csr = leaf_csr(x509.DNSName("api.lab"))
+        issued = api.call(
+            "POST", "/v1/pki/cas/bao/issue", admin, json={"csr": csr, "profile": "server"}
+        )
+        assert issued.status_code == 200, issued.text
+        body = issued.json()
+        ca_pem = api.call("GET", "/v1/pki/cas/bao/chain", None).text
+        ca_file = write(tmp_path / "bao-ca.pem", ca_pem)
+        leaf = write(tmp_path / "leaf.pem", body["certificate"])
+        ok = subprocess.run(
+            [openssl_bin, "verify", "-CAfile", ca_file, leaf],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+
+        # a name outside kmsgate's profile never reaches Vault
+        _, outside = leaf_csr(x509.DNSName("api.example.com"))
+        refused = api.call(
+            "POST", "/v1/pki/cas/bao/issue", admin, json={"csr": outside, "profile": "server"}
+        )
+        assert refused.status_code == 400
+
+        serial = body["serial"]
+        revoked = api.call(
+            "POST", f"/v1/pki/certs/{serial}/revoke", admin, json={"reason": "keyCompromise"}
+        )
+        assert revoked.status_code == 200, revoked.text
+        listed = {
+            c["serial"]: c["status"]
+            for c in api.call("GET", "/v1/pki/certs", admin).json()["certs"]
+        }
+        assert listed == {serial: "revoked"}
+
+        crl_der = api.service.registry.get("vault").pki(pki_mount, "web").crl()
+        crl = x509.load_der_x509_crl(crl_der)
+        assert crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
+        crl_file = tmp_path / "bao.crl.pem"
+        crl_file.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        rejected = subprocess.run(
+            [
+                openssl_bin,
+                "verify",
+                "-crl_check",
+                "-CRLfile",
+                crl_file,
+                "-CAfile",
+                ca_file,
+                leaf,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert rejected.returncode != 0 and "revoked" in rejected.stdout + rejected.stderr
