@@ -1,4 +1,5 @@
-"""Start-up wiring: build the service from settings, and prepare a dev data dir.
+"""Start-up wiring: build the service from settings, and prepare a dev data dir (its root
+token and its dev CA).
 
 `build_service` is the only place that knows how the parts fit; `create_app` and the tests
 call it. Nothing happens at import time.
@@ -11,8 +12,11 @@ import os
 import secrets
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from kmsgate.audit import AuditEvent, FileSink
-from kmsgate.auth import TokenRegistry
+from kmsgate.auth import SYSTEM, TokenRegistry
 from kmsgate.backends import backend_class
 from kmsgate.backends.base import BackendKey, KeyBackend, Registry, RootKeyWrapper
 from kmsgate.backends.softkms import (
@@ -24,8 +28,17 @@ from kmsgate.backends.softkms import (
 from kmsgate.catalogue import Catalogue
 from kmsgate.config import ROOT_TOKEN_FILE, Settings
 from kmsgate.errors import BackendError, ConfigError, KmsgateError
-from kmsgate.policy import PolicyEngine
-from kmsgate.service import Service
+from kmsgate.pki.authorities import CaState
+from kmsgate.pki.root import (
+    RootKey,
+    init_root,
+    load_root,
+    sign_intermediate,
+    write_private_file,
+)
+from kmsgate.policy import Decision, PolicyEngine
+from kmsgate.service import Ctx, Service
+from kmsgate.service.requests import NewCa
 from kmsgate.store import Store
 
 _ROOT_CHECK = b"kmsgate root key check"
@@ -173,8 +186,10 @@ def bootstrap_token(settings: Settings, roles: list[str], description: str) -> s
 
 
 def ensure_root_token(service: Service, data_dir: Path) -> str | None:
-    """On first dev run, create an `admin` token, write it to `data_dir/root-token` (0600)
-    and return it; None if the file already exists."""
+    """Prepare a dev gateway's service: its dev CA (`ensure_dev_ca`) and, on the first run,
+    an `admin` token written to `data_dir/root-token` (0600) and returned; None if the file
+    already exists. Raises ConfigError if the dev CA cannot be set up."""
+    ensure_dev_ca(service, data_dir)
     path = data_dir / ROOT_TOKEN_FILE
     if path.exists():
         return None
@@ -183,3 +198,61 @@ def ensure_root_token(service: Service, data_dir: Path) -> str | None:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
+
+
+DEV_CA = "dev"
+DEV_ROOT_KEY_FILE = "dev-root-key.pem"
+DEV_ROOT_PASSPHRASE_FILE = "dev-root-key.passphrase"  # noqa: S105 (a file name)
+DEV_ROOT_CERT_FILE = "dev-root.pem"
+DEV_ROOT_SUBJECT = "CN=kmsgate dev root (DEV ONLY - not for production)"
+DEV_CA_SUBJECT = "CN=kmsgate dev intermediate (DEV ONLY - not for production)"
+DEV_CA_DAYS = 5 * 365
+_DEV_CA_DECISION = Decision(allow=True, reasons=("dev mode: the gateway makes its dev CA",))
+
+
+def ensure_dev_ca(service: Service, data_dir: Path) -> bool:
+    """Dev mode: unless CA `dev` is active, make the dev root in `data_dir` (unless there is
+    one), create the intermediate `dev` (ecdsa-p256 on the default backend) as SYSTEM with a
+    fixed allow decision, sign its CSR with the dev root and import it. True if it set
+    anything up. Idempotent: a start interrupted half-way is finished by the next one.
+
+    The root's key stays in `data_dir` for convenience only: the gateway never uses it again.
+    Raises ConfigError if a step fails.
+    """
+    ca = service.pki.authorities.find(DEV_CA)
+    if ca is not None and ca.state is CaState.ACTIVE:
+        return False
+    ctx = Ctx(request_id="dev-ca-setup")
+    try:
+        root_key, root_cert = _dev_root(data_dir)
+        if ca is None:
+            new = NewCa(DEV_CA, DEV_CA_SUBJECT, "ecdsa-p256", service.settings.default_backend)
+            ca = service.pki.create_ca(SYSTEM, ctx, new, decision=_DEV_CA_DECISION)
+        csr = x509.load_pem_x509_csr((ca.csr_pem or "").encode())
+        cert = sign_intermediate(root_key, root_cert, csr, days=DEV_CA_DAYS)
+        service.pki.import_certificate(
+            SYSTEM, ctx, DEV_CA, cert, [root_cert], decision=_DEV_CA_DECISION
+        )
+    except KmsgateError as exc:
+        raise ConfigError(f"cannot set up the dev CA: {exc.detail}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot set up the dev CA: {exc}") from exc
+    return True
+
+
+def _dev_root(data_dir: Path) -> tuple[RootKey, x509.Certificate]:
+    """The dev root's key and certificate, made on first use: the key encrypted under a
+    random passphrase kept beside it (both 0600). Raises OSError, ValueError, KmsgateError."""
+    key_file = data_dir / DEV_ROOT_KEY_FILE
+    passphrase_file = data_dir / DEV_ROOT_PASSPHRASE_FILE
+    cert_file = data_dir / DEV_ROOT_CERT_FILE
+    if cert_file.exists():
+        root_key = load_root(key_file, passphrase_file.read_bytes())
+        return root_key, x509.load_pem_x509_certificate(cert_file.read_bytes())
+    for stale in (key_file, passphrase_file):  # left by a start stopped before the certificate
+        stale.unlink(missing_ok=True)
+    passphrase = secrets.token_urlsafe(32).encode()
+    write_private_file(passphrase_file, passphrase)
+    cert = init_root(key_file, passphrase, DEV_ROOT_SUBJECT)
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return load_root(key_file, passphrase), cert

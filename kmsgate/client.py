@@ -8,7 +8,8 @@ reached.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any, BinaryIO
 
 import httpx
@@ -301,6 +302,113 @@ class Client:
         except (chunked.ChunkedDecryptionError, ValueError):
             raise DecryptionFailed("the encrypted data is not authentic or is truncated") from None
         return {"key": envelope.key_name, "key_version": envelope.key_version, "bytes": size}
+
+    # -- PKI --------------------------------------------------------------------------------
+
+    def create_ca(
+        self, name: str, subject: str, *, key_type: str | None = None, backend: str | None = None
+    ) -> dict[str, Any]:
+        """A pending intermediate CA whose key the gateway creates: `{name, state, csr (PEM),
+        ...}`; the CSR goes to the offline root (key type and backend: the gateway's
+        defaults when None)."""
+        key = {k: v for k, v in {"type": key_type, "backend": backend}.items() if v is not None}
+        result: dict[str, Any] = self._json(
+            "POST", "/v1/pki/cas", {"name": name, "subject": subject, "key": key}
+        )
+        return result
+
+    def import_ca_certificate(self, name: str, certificate: str, chain: str) -> dict[str, Any]:
+        """Activate pending CA `name` with its certificate and the chain of its issuers up to
+        the self-signed root (PEM); the CA."""
+        body = {"certificate": certificate, "chain": chain}
+        result: dict[str, Any] = self._json("POST", f"/v1/pki/cas/{name}/certificate", body)
+        return result
+
+    def list_cas(self) -> list[dict[str, Any]]:
+        cas: list[dict[str, Any]] = self._json("GET", "/v1/pki/cas")["cas"]
+        return cas
+
+    def get_ca(self, name: str) -> dict[str, Any]:
+        """One CA, found in the list (raises ApiError `not_found` when there is none)."""
+        for ca in self.list_cas():
+            if ca["name"] == name:
+                return ca
+        raise ApiError(404, "not_found", f"no CA named {name!r}", token_sent=self._token_sent)
+
+    def ca_chain(self, name: str) -> str:
+        """The CA's certificate and its issuers, PEM, root last (public: needs no token)."""
+        return self.request("GET", f"/v1/pki/cas/{name}/chain").text
+
+    def ca_crl(self, name: str, *, delta: bool = False) -> bytes:
+        """The CA's current full CRL, or its delta CRL, in DER (public: needs no token)."""
+        params = {"delta": "true"} if delta else None
+        return self.request("GET", f"/v1/pki/cas/{name}/crl", params=params).content
+
+    def issue_certificate(
+        self, ca: str, csr: str, profile: str, *, ttl: str | int | None = None
+    ) -> dict[str, Any]:
+        """A certificate for a PEM CSR under `profile`: `{certificate, chain (PEM, issuing CA
+        first, root last), serial, not_after}`; `ttl` (`12h`, seconds) defaults to the
+        profile's."""
+        body: dict[str, Any] = {"csr": csr, "profile": profile}
+        if ttl is not None:
+            body["ttl"] = ttl
+        result: dict[str, Any] = self._json("POST", f"/v1/pki/cas/{ca}/issue", body)
+        return result
+
+    def list_profiles(self) -> list[dict[str, Any]]:
+        profiles: list[dict[str, Any]] = self._json("GET", "/v1/pki/profiles")["profiles"]
+        return profiles
+
+    def list_certificates(
+        self,
+        *,
+        ca: str | None = None,
+        profile: str | None = None,
+        san: str | None = None,
+        status: str | None = None,
+        expires_before: datetime | None = None,
+        owner: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        """One page of the inventory, by serial: `{certs, next}`; `next` (absent on the last
+        page) is the `after` of the following page."""
+        filters = {
+            "ca": ca,
+            "profile": profile,
+            "san": san,
+            "status": status,
+            "expires_before": expires_before.isoformat() if expires_before else None,
+            "owner": owner,
+            "limit": limit,
+            "after": after,
+        }
+        params = {k: v for k, v in filters.items() if v is not None}
+        page: dict[str, Any] = self._json("GET", "/v1/pki/certs", params=params)
+        return page
+
+    def iter_certificates(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every inventory record matching `filters` (those of `list_certificates` but
+        `after`), page after page."""
+        after = None
+        while True:
+            page = self.list_certificates(**filters, after=after)
+            yield from page["certs"]
+            after = page.get("next")
+            if not after:
+                return
+
+    def get_certificate(self, serial: str) -> dict[str, Any]:
+        """One inventory record, with the certificate (PEM) in `certificate`."""
+        result: dict[str, Any] = self._json("GET", f"/v1/pki/certs/{serial}")
+        return result
+
+    def revoke_certificate(self, serial: str, reason: str = "unspecified") -> dict[str, Any]:
+        """Revoke with an RFC 5280 reason name (`keyCompromise`, `superseded`, ...)."""
+        body = {"reason": reason}
+        result: dict[str, Any] = self._json("POST", f"/v1/pki/certs/{serial}/revoke", body)
+        return result
 
     # -- tokens and system -----------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The `kmsgate` command line (typer + rich): the app, its global options and every command.
 
-Every command but `serve`, `audit verify` and `policy test` talks to a gateway through
-`kmsgate.client` (`--addr`/`KMSGATE_ADDR`, `--token`/`KMSGATE_TOKEN`). Failures print one
+Every command but `serve`, `audit verify`, `policy test` and the offline root ceremony
+(`ca init-root`, `ca sign-intermediate`) talks to a gateway through `kmsgate.client`
+(`--addr`/`KMSGATE_ADDR`, `--token`/`KMSGATE_TOKEN`). Failures print one
 line on stderr and exit non-zero: 1 for a negative answer (invalid signature, failed check),
 2 for an error.
 """
@@ -13,7 +14,7 @@ from typing import Annotated
 import typer
 
 from kmsgate import __version__
-from kmsgate.cli import admin, encryption, keys
+from kmsgate.cli import admin, ca, encryption, keys
 from kmsgate.cli.model import model_app
 
 app = typer.Typer(
@@ -28,6 +29,8 @@ app.add_typer(admin.token_app, name="token")
 app.add_typer(admin.audit_app, name="audit")
 app.add_typer(admin.policy_app, name="policy")
 app.add_typer(model_app, name="model")
+app.add_typer(ca.ca_app, name="ca")
+app.add_typer(ca.cert_app, name="cert")
 
 # top-level commands, in the order `kmsgate --help` lists them
 app.command()(admin.serve)

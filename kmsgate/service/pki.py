@@ -43,6 +43,7 @@ from kmsgate.pki.issuer import (
 )
 from kmsgate.pki.profiles import Approved, Profile
 from kmsgate.pki.remote_key import remote_private_key
+from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.keys import Keys
 from kmsgate.service.requests import IssueInput, NewCa, NewKey
@@ -72,10 +73,13 @@ class Pki:
 
     # -- CAs -------------------------------------------------------------------------------
 
-    def create_ca(self, principal: Principal, ctx: Ctx, new: NewCa) -> Authority:
+    def create_ca(
+        self, principal: Principal, ctx: Ctx, new: NewCa, *, decision: Decision | None = None
+    ) -> Authority:
         """A pending CA: its key (purpose `ca`) on `new.backend`, and a CSR for the offline
-        root to sign. Raises PolicyDenied, Conflict (name taken), InvalidRequest (subject,
-        key type, backend), NotSupported, BackendError."""
+        root to sign. `decision`: one taken already (the dev CA, made by the gateway itself
+        as SYSTEM); the policy is then not asked. Raises PolicyDenied, Conflict (name taken),
+        InvalidRequest (subject, key type, backend), NotSupported, BackendError."""
         resource = {"kind": "ca", "name": new.name, "backend": new.backend, "type": new.key_type}
 
         def create(outcome: Outcome) -> Authority:
@@ -117,7 +121,8 @@ class Pki:
             return self.authorities.insert(ca)
 
         request = {"type": new.key_type, "ca_type": new.type}
-        return self.gate.run(Call(principal, ctx, "ca.create", resource, request), create)
+        call = Call(principal, ctx, "ca.create", resource, request)
+        return self.gate.run(call, create, decision=decision)
 
     def import_certificate(
         self,
@@ -126,10 +131,13 @@ class Pki:
         name: str,
         certificate: x509.Certificate,
         chain: Sequence[x509.Certificate],
+        *,
+        decision: Decision | None = None,
     ) -> Authority:
         """Activate a pending CA with the certificate the offline root signed and the chain up
-        to that root. Raises NotFound, Conflict (already active), InvalidRequest (not a CA
-        certificate, another key, a chain that does not verify or does not end in a root)."""
+        to that root (`decision` as for `create_ca`). Raises NotFound, Conflict (already
+        active), InvalidRequest (not a CA certificate, another key, a chain that does not
+        verify or does not end in a root)."""
         ca = self.authorities.find(name)
         resource = ca.policy_resource() if ca else {"kind": "ca", "name": name}
 
@@ -143,7 +151,8 @@ class Pki:
             outcome.detail["not_after"] = certificate.not_valid_after_utc.isoformat()
             return self.authorities.activate(ca, certificate, chain, now())
 
-        return self.gate.run(Call(principal, ctx, "ca.import", resource), activate)
+        call = Call(principal, ctx, "ca.import", resource)
+        return self.gate.run(call, activate, decision=decision)
 
     def list_cas(self, principal: Principal, ctx: Ctx) -> Sequence[Authority]:
         call = Call(principal, ctx, "ca.read", {"kind": "ca"})

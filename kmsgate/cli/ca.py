@@ -1,0 +1,435 @@
+"""`kmsgate ca` (the offline root ceremony, intermediate CAs on the gateway, chains and CRLs)
+and `kmsgate cert` (issue, inspect, list and revoke certificates).
+
+`ca init-root` and `ca sign-intermediate` run without a gateway, on the machine that keeps
+the root key; every other command talks to a gateway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from kmsgate.cli.common import (
+    AddrOpt,
+    TokenOpt,
+    call,
+    err,
+    fail,
+    print_json,
+    print_table,
+    read_input,
+    read_text,
+    write_bytes,
+)
+from kmsgate.client import Client
+from kmsgate.config import parse_duration_setting
+from kmsgate.errors import KmsgateError
+from kmsgate.pki.root import (
+    ROOT_KEY_TYPES,
+    init_root,
+    load_root,
+    sha256_fingerprint,
+    sign_intermediate,
+    write_private_file,
+)
+
+ca_app = typer.Typer(no_args_is_help=True, help="Certificate authorities: root ceremony, CAs.")
+cert_app = typer.Typer(no_args_is_help=True, help="Certificates: issue, list, revoke.")
+
+PEM = serialization.Encoding.PEM
+PKCS8 = serialization.PrivateFormat.PKCS8
+PassphraseOpt = Annotated[
+    Path | None,
+    typer.Option(help="Read the root key's passphrase from this file (default: prompt)."),
+]
+
+# -- the offline root ------------------------------------------------------------------------
+
+
+def _passphrase(path: Path | None, *, confirm: bool) -> bytes:
+    """The passphrase from `path` (one line; its line ending dropped), or typed twice (once
+    without `confirm`) with hidden input."""
+    if path is not None:
+        return read_input(str(path)).rstrip(b"\r\n")
+    typed: str = typer.prompt(
+        "Root key passphrase", hide_input=True, confirmation_prompt=confirm, err=True
+    )
+    return typed.encode()
+
+
+def _load_pem(path: Path, what: str, loader: Any) -> Any:
+    """`loader` applied to the PEM bytes of `path`; a one-line error if it does not parse."""
+    try:
+        return loader(read_text(path).encode())
+    except ValueError:
+        fail(f"{path} is not a PEM {what}")
+
+
+@contextlib.contextmanager
+def _local_errors(path: Path, doing: str) -> Iterator[None]:
+    """One-line failures (exit 2) for work done without a gateway: a KmsgateError's detail,
+    an OSError as `cannot <doing> <path>: <reason>`."""
+    try:
+        yield
+    except KmsgateError as exc:
+        fail(exc.detail)
+    except OSError as exc:
+        fail(f"cannot {doing} {path}: {exc.strerror}")
+
+
+def _print_fingerprint(cert: x509.Certificate) -> None:
+    """The line `openssl x509 -noout -fingerprint -sha256` prints, to compare out of band."""
+    print(f"sha256 Fingerprint={sha256_fingerprint(cert)}")
+
+
+@ca_app.command("init-root")
+def ca_init_root(
+    key_out: Annotated[Path, typer.Option(help="New encrypted root key file (0600).")],
+    cert_out: Annotated[Path, typer.Option(help="New self-signed root certificate (PEM).")],
+    subject: Annotated[str, typer.Option(help="RFC 4514 name, or a bare common name.")],
+    days: Annotated[int, typer.Option(min=1, max=36500)] = 3650,
+    key_type: Annotated[str, typer.Option(help=", ".join(ROOT_KEY_TYPES))] = "ecdsa-p384",
+    path_length: Annotated[
+        int | None, typer.Option(min=0, help="CA levels allowed below the root (default: any).")
+    ] = None,
+    passphrase_file: PassphraseOpt = None,
+) -> None:
+    """Create an offline root: encrypted key and self-signed certificate (no gateway)."""
+    for path in (key_out, cert_out):
+        if path.exists():
+            fail(f"{path} exists: refusing to replace it")
+    passphrase = _passphrase(passphrase_file, confirm=True)
+    with _local_errors(key_out, "write"):
+        cert = init_root(
+            key_out, passphrase, subject, key_type=key_type, days=days, path_length=path_length
+        )
+    try:
+        write_bytes(cert_out, cert.public_bytes(PEM))
+    except typer.Exit:
+        key_out.unlink(missing_ok=True)  # a root key without its certificate is of no use
+        raise
+    err.print(
+        f"root key: {key_out} (encrypted, 0600); certificate: {cert_out}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    _print_fingerprint(cert)
+
+
+@ca_app.command("sign-intermediate")
+def ca_sign_intermediate(
+    root_key: Annotated[Path, typer.Option(help="The root's encrypted key file.")],
+    root_cert: Annotated[Path, typer.Option(help="The root's certificate (PEM).")],
+    csr: Annotated[Path, typer.Option(help="The intermediate's CSR (from `ca create`).")],
+    out: Annotated[Path, typer.Option(help="Where to write the intermediate's certificate.")],
+    days: Annotated[int, typer.Option(min=1, max=36500)] = 1825,
+    path_length: Annotated[int, typer.Option(min=0, help="CA levels allowed below it.")] = 0,
+    permit_dns: Annotated[
+        list[str], typer.Option(help="Name constraint: permitted DNS subtree; repeatable.")
+    ] = [],  # noqa: B006
+    passphrase_file: PassphraseOpt = None,
+) -> None:
+    """Sign an intermediate CA's CSR with the offline root (no gateway)."""
+    certificate = _load_pem(root_cert, "certificate", x509.load_pem_x509_certificate)
+    request = _load_pem(csr, "certificate signing request", x509.load_pem_x509_csr)
+    passphrase = _passphrase(passphrase_file, confirm=False)
+    with _local_errors(root_key, "read"):
+        key = load_root(root_key, passphrase)
+        signed = sign_intermediate(
+            key,
+            certificate,
+            request,
+            days=days,
+            path_length=path_length,
+            permitted_dns=permit_dns or None,
+        )
+    write_bytes(out, signed.public_bytes(PEM))
+    err.print(
+        f"{signed.subject.rfc4514_string()} valid until "
+        f"{signed.not_valid_after_utc.isoformat()}: {out}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    _print_fingerprint(signed)
+
+
+# -- CAs on the gateway ----------------------------------------------------------------------
+
+
+@ca_app.command("create")
+def ca_create(
+    name: str,
+    subject: Annotated[str, typer.Option(help="RFC 4514 name, or a bare common name.")],
+    backend: Annotated[str | None, typer.Option(help="Default: the gateway's.")] = None,
+    key_type: Annotated[str, typer.Option(help="ecdsa-p256, ecdsa-p384, rsa-3072, ...")] = (
+        "ecdsa-p256"
+    ),
+    csr_out: Annotated[Path | None, typer.Option(help="Write the CSR here.")] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create a pending intermediate CA on the gateway; prints (or writes) its CSR."""
+    ca = call(addr, token, Client.create_ca, name, subject, key_type=key_type, backend=backend)
+    if csr_out:
+        write_bytes(csr_out, ca["csr"].encode())
+    else:
+        sys.stdout.write(ca["csr"])
+    err.print(
+        f"CA {name} is pending: sign its CSR with the root (kmsgate ca sign-intermediate), "
+        f"then run kmsgate ca import {name} --cert CERT --chain ROOT",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@ca_app.command("import")
+def ca_import(
+    name: str,
+    cert: Annotated[Path, typer.Option(help="The CA's certificate signed by the root (PEM).")],
+    chain: Annotated[Path, typer.Option(help="Its issuers up to the root, root last (PEM).")],
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Activate a pending CA with its signed certificate; prints the CA as JSON."""
+    certificate, issuers = read_text(cert), read_text(chain)
+    print_json(call(addr, token, Client.import_ca_certificate, name, certificate, issuers))
+
+
+@ca_app.command("list")
+def ca_list(addr: AddrOpt = None, token: TokenOpt = None) -> None:
+    """The CAs (a table; tab-separated lines when piped)."""
+    cas = call(addr, token, Client.list_cas)
+    _print_rows(["name", "type", "state", "subject", "key", "parent", "not_after"], cas)
+
+
+def _print_rows(columns: list[str], items: list[dict[str, Any]]) -> None:
+    """`print_table` of these fields of each item (a missing or null field: empty)."""
+    print_table(columns, [[str(item.get(c) or "") for c in columns] for item in items])
+
+
+@ca_app.command("show")
+def ca_show(name: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
+    """One CA as JSON."""
+    print_json(call(addr, token, Client.get_ca, name))
+
+
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file.")]
+
+
+@ca_app.command("chain")
+def ca_chain(name: str, out: OutOpt = None, addr: AddrOpt = None, token: TokenOpt = None) -> None:
+    """The CA's certificate and its issuers, PEM, root last (needs no token)."""
+    _write_or_print(out, call(addr, token, Client.ca_chain, name))
+
+
+@ca_app.command("crl")
+def ca_crl(
+    name: str,
+    delta: Annotated[bool, typer.Option("--delta", help="The delta CRL.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the DER here.")] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """The CA's CRL: DER into --out, or PEM on stdout (needs no token)."""
+    der = call(addr, token, Client.ca_crl, name, delta=delta)
+    if out:
+        write_bytes(out, der)
+        return
+    try:
+        sys.stdout.write(x509.load_der_x509_crl(der).public_bytes(PEM).decode())
+    except ValueError:
+        fail("the gateway's answer is not a DER CRL")
+
+
+def _write_or_print(path: Path | None, text: str) -> None:
+    if path:
+        write_bytes(path, text.encode())
+    else:
+        sys.stdout.write(text)
+
+
+# -- certificates ----------------------------------------------------------------------------
+
+
+def parse_san(value: str) -> x509.GeneralName:
+    """`dns:NAME`, `ip:ADDRESS`, `uri:URI`, or a bare value: an IP address, a URI (it holds
+    `://`) or else a DNS name. Fails (exit 2) on a malformed value."""
+    kind, sep, rest = value.partition(":")
+    kind = kind.lower() if sep else ""
+    if kind not in ("dns", "ip", "uri"):
+        rest = value
+        if "://" in value:
+            kind = "uri"
+        else:
+            try:
+                ipaddress.ip_address(value)
+                kind = "ip"
+            except ValueError:
+                kind = "dns"
+    if kind == "ip":
+        try:
+            return x509.IPAddress(ipaddress.ip_address(rest))
+        except ValueError:
+            fail(f"--san {value!r}: not an IP address")
+    if not rest or not rest.isascii() or any(c.isspace() for c in rest):
+        fail(f"--san {value!r}: a {kind} name is non-empty ASCII without spaces")
+    return x509.UniformResourceIdentifier(rest) if kind == "uri" else x509.DNSName(rest)
+
+
+def _new_key_and_csr(sans: list[str], cn: str | None) -> tuple[ec.EllipticCurvePrivateKey, str]:
+    """A fresh P-256 key and a CSR for it naming `sans` (and `cn` as the subject's common
+    name), PEM. Fails when there are no SANs."""
+    if not sans:
+        fail("--key-out needs at least one --san")
+    names = [parse_san(s) for s in sans]
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)] if cn else [])
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(PEM).decode()
+
+
+@cert_app.command("issue")
+def cert_issue(
+    ca: Annotated[str, typer.Option(help="The issuing CA.")],
+    profile: Annotated[str, typer.Option(help="server, client, workload, ...")],
+    csr: Annotated[Path | None, typer.Option(help="Certify this CSR's key (PEM).")] = None,
+    key_out: Annotated[
+        Path | None, typer.Option(help="Make a P-256 key here (0600) and a CSR from --san.")
+    ] = None,
+    san: Annotated[
+        list[str], typer.Option(help="dns:NAME, ip:ADDR, uri:URI or a bare name; repeatable.")
+    ] = [],  # noqa: B006
+    cn: Annotated[str | None, typer.Option(help="Common name (one of the SANs).")] = None,
+    ttl: Annotated[str | None, typer.Option(help="e.g. 12h, 7d (default: the profile's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the certificate here.")] = None,
+    chain_out: Annotated[Path | None, typer.Option(help="Write the CA chain here.")] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Issue a certificate: for a CSR, or for a new local key (--key-out with --san)."""
+    if (csr is None) == (key_out is None):
+        fail("give either --csr FILE or --key-out FILE with --san")
+    if key_out is None:
+        assert csr is not None
+        if san or cn:
+            fail("--san and --cn go with --key-out; a CSR names itself")
+        issued = call(addr, token, Client.issue_certificate, ca, read_text(csr), profile, ttl=ttl)
+    else:
+        key, request = _new_key_and_csr(san, cn)
+        with _local_errors(key_out, "write"):
+            write_private_file(key_out, key.private_bytes(PEM, PKCS8, serialization.NoEncryption()))
+        try:
+            issued = call(addr, token, Client.issue_certificate, ca, request, profile, ttl=ttl)
+        except BaseException:
+            key_out.unlink(missing_ok=True)  # no certificate: the new key is of no use
+            raise
+    _write_or_print(out, issued["certificate"])
+    if chain_out:
+        write_bytes(chain_out, issued["chain"].encode())
+    err.print(
+        f"serial {issued['serial']} not_after {issued['not_after']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@cert_app.command("show")
+def cert_show(serial: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
+    """One certificate's record as JSON (status, SANs, owner, the PEM)."""
+    print_json(call(addr, token, Client.get_certificate, serial))
+
+
+CERT_COLUMNS = ["serial", "ca", "profile", "status", "not_after", "sans", "owner"]
+
+
+def _print_certs(certs: list[dict[str, Any]]) -> None:
+    _print_rows(CERT_COLUMNS, [{**c, "sans": ",".join(c["sans"])} for c in certs])
+
+
+@cert_app.command("list")
+def cert_list(
+    ca: Annotated[str | None, typer.Option()] = None,
+    profile: Annotated[str | None, typer.Option()] = None,
+    san: Annotated[str | None, typer.Option(help="A SAN value, or a suffix: .lab")] = None,
+    status: Annotated[str | None, typer.Option(help="valid or revoked")] = None,
+    owner: Annotated[str | None, typer.Option(help="Principal that had it issued.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Per page.")] = 100,
+    all_pages: Annotated[bool, typer.Option("--all", help="Every page, not only the first.")] = (
+        False
+    ),
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """The certificate inventory, by serial (a table; tab-separated lines when piped)."""
+    filters: dict[str, Any] = {
+        "ca": ca,
+        "profile": profile,
+        "san": san,
+        "status": status,
+        "owner": owner,
+        "limit": limit,
+    }
+
+    def fetch(client: Client) -> list[dict[str, Any]]:
+        if all_pages:
+            return list(client.iter_certificates(**filters))
+        page = client.list_certificates(**filters)
+        if page.get("next"):
+            err.print(
+                "more certificates: use --all or a larger --limit", highlight=False, soft_wrap=True
+            )
+        certs: list[dict[str, Any]] = page["certs"]
+        return certs
+
+    _print_certs(call(addr, token, fetch))
+
+
+@cert_app.command("expiring")
+def cert_expiring(
+    within: Annotated[str, typer.Option(help="e.g. 7d, 12h")],
+    ca: Annotated[str | None, typer.Option()] = None,
+    profile: Annotated[str | None, typer.Option()] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Valid certificates whose not_after falls within the given time from now."""
+    try:
+        horizon = datetime.now(UTC) + parse_duration_setting(within)
+    except ValueError as exc:
+        fail(f"--within: {exc}")
+    filters = {"ca": ca, "profile": profile, "status": "valid", "expires_before": horizon}
+
+    def fetch(client: Client) -> list[dict[str, Any]]:
+        return [c for c in client.iter_certificates(**filters) if c["status"] == "valid"]
+
+    certs = call(addr, token, fetch)
+    _print_certs(sorted(certs, key=lambda c: str(c["not_after"])))
+
+
+@cert_app.command("revoke")
+def cert_revoke(
+    serial: str,
+    reason: Annotated[str, typer.Option(help="RFC 5280 name: keyCompromise, superseded, ...")] = (
+        "unspecified"
+    ),
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Revoke a certificate; prints its record as JSON."""
+    print_json(call(addr, token, Client.revoke_certificate, serial, reason))

@@ -1,0 +1,266 @@
+"""The offline root CA: its key in a passphrase-encrypted PKCS#8 file, its self-signed
+certificate, and the intermediate CA certificates it signs. Nothing here talks to a gateway:
+it runs on the machine that keeps the root (`kmsgate ca init-root`, `ca sign-intermediate`).
+
+The key file is a PEM `ENCRYPTED PRIVATE KEY` (PKCS#8 `EncryptedPrivateKeyInfo`, PBES2) as
+cryptography's `BestAvailableEncryption` writes it: with cryptography 50, PBKDF2-HMAC-SHA256
+(2,048 iterations) and AES-256-CBC. cryptography cannot write PBES2 with scrypt (its
+encryption builder serves only PKCS#12 and OpenSSH) and takes no iteration count for PKCS#8,
+so the passphrase carries the strength: `init_root` refuses one shorter than
+`MIN_PASSPHRASE_BYTES`. `load_root` also reads a key re-encrypted with scrypt
+(`openssl pkcs8 -topk8 -scrypt`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from kmsgate.errors import Conflict, InvalidRequest
+from kmsgate.pki.issuer import (
+    BACKDATE,
+    build_certificate,
+    new_serial,
+    signature_hash,
+    validity,
+)
+
+RootKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+"""A root's private key: ECDSA or RSA (what every TLS stack accepts in a chain)."""
+
+ROOT_KEY_TYPES: dict[str, Callable[[], RootKey]] = {
+    "ecdsa-p256": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "ecdsa-p384": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "rsa-3072": lambda: rsa.generate_private_key(public_exponent=65537, key_size=3072),
+    "rsa-4096": lambda: rsa.generate_private_key(public_exponent=65537, key_size=4096),
+}
+MIN_PASSPHRASE_BYTES = 12
+
+
+def parse_subject(text: str) -> x509.Name:
+    """A name from an RFC 4514 string (`CN=Root,O=Example`) or a bare common name.
+    Raises InvalidRequest for a name that does not parse or is empty."""
+    try:
+        name = (
+            x509.Name.from_rfc4514_string(text)
+            if "=" in text
+            else x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, text)])
+        )
+    except ValueError:
+        raise InvalidRequest(f"subject {text[:128]!r} is not an RFC 4514 name") from None
+    if not name.rdns or not text.strip():
+        raise InvalidRequest("a CA needs a non-empty subject")
+    return name
+
+
+def sha256_fingerprint(cert: x509.Certificate) -> str:
+    """`AB:CD:...`: the SHA-256 of the certificate's DER, as `openssl x509 -fingerprint`
+    prints it."""
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def init_root(
+    key_path: Path,
+    passphrase: bytes,
+    subject: str | x509.Name,
+    *,
+    key_type: str = "ecdsa-p384",
+    days: int = 3650,
+    path_length: int | None = None,
+) -> x509.Certificate:
+    """Create a root key in `key_path` (encrypted PKCS#8, mode 0600) and return its
+    self-signed certificate (basicConstraints CA with `path_length`, keyUsage keyCertSign
+    and cRLSign, subjectKeyIdentifier), valid for `days`.
+
+    Raises InvalidRequest (subject, key type, days, path length, short passphrase), Conflict
+    if `key_path` exists (a root key is never replaced), OSError if it cannot be written.
+    """
+    name = parse_subject(subject) if isinstance(subject, str) else subject
+    generate = ROOT_KEY_TYPES.get(key_type)
+    if generate is None:
+        raise InvalidRequest(f"a root key is one of {', '.join(ROOT_KEY_TYPES)}, not {key_type!r}")
+    if len(passphrase) < MIN_PASSPHRASE_BYTES:
+        raise InvalidRequest(f"the passphrase needs at least {MIN_PASSPHRASE_BYTES} bytes")
+    _check_days(days)
+    if path_length is not None and path_length < 0:
+        raise InvalidRequest("the path length cannot be negative")
+    if key_path.exists():  # before a possibly slow key generation; O_EXCL decides below
+        raise Conflict(f"{key_path} exists: refusing to replace a root key")
+    key = generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase),
+    )
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(new_serial())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_ca_key_usage(digital_signature=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, signature_hash(key.public_key()))
+    )
+    write_private_file(key_path, pem)
+    return cert
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write `data` (a key, a passphrase) to a new file of mode 0600 and sync it; nothing is
+    left behind on failure. Raises Conflict if `path` exists, OSError."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise Conflict(f"{path} exists: refusing to replace it") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def load_root(key_path: Path, passphrase: bytes) -> RootKey:
+    """The root key from its encrypted PKCS#8 file (PBKDF2 or scrypt).
+
+    Raises InvalidRequest (empty or wrong passphrase, a key file that is not encrypted, not
+    an ECDSA or RSA key), OSError if it cannot be read.
+    """
+    data = key_path.read_bytes()
+    if not passphrase:
+        raise InvalidRequest(f"the passphrase of {key_path} is empty")
+    try:
+        key = serialization.load_pem_private_key(data, passphrase)
+    except TypeError:
+        raise InvalidRequest(f"{key_path} is not an encrypted private key") from None
+    except ValueError:
+        raise InvalidRequest(
+            f"cannot decrypt {key_path}: wrong passphrase, or not a PEM private key"
+        ) from None
+    if not isinstance(key, RootKey):
+        raise InvalidRequest(f"{key_path} holds a {type(key).__name__}, not an ECDSA or RSA key")
+    return key
+
+
+def sign_intermediate(
+    root_key: RootKey,
+    root_cert: x509.Certificate,
+    csr: x509.CertificateSigningRequest,
+    *,
+    days: int,
+    path_length: int | None = 0,
+    permitted_dns: Sequence[str] | None = None,
+    now: datetime | None = None,
+) -> x509.Certificate:
+    """An intermediate CA certificate for the CSR's subject and key, signed by the root.
+
+    Only the subject and the public key come from the CSR, never its extensions. The
+    certificate carries basicConstraints CA with `path_length` (None: no limit), keyUsage
+    digitalSignature (for OCSP answers the CA signs itself), keyCertSign and cRLSign,
+    subjectKeyIdentifier, an authorityKeyIdentifier naming the root's key and, with
+    `permitted_dns`, critical name constraints permitting only those DNS subtrees. Its
+    not_after is `days` from now, never past the root's.
+
+    Raises InvalidRequest: a CSR whose signature does not verify or whose subject is empty,
+    a key that does not match the root certificate, a root that is not a CA, has expired or
+    whose path length leaves no room for this intermediate, a bad `days`, path length or
+    DNS name.
+    """
+    if not csr.is_signature_valid:
+        raise InvalidRequest("CSR signature does not verify")
+    if not csr.subject.rdns:
+        raise InvalidRequest("the CSR has an empty subject; a CA needs one")
+    if root_cert.public_key() != root_key.public_key():
+        raise InvalidRequest("the root key does not belong to the root certificate")
+    _check_days(days)
+    if path_length is not None and path_length < 0:
+        raise InvalidRequest("the path length cannot be negative")
+    _check_room_below(root_cert, path_length)
+    extensions: list[tuple[x509.ExtensionType, bool]] = [
+        (x509.BasicConstraints(ca=True, path_length=path_length), True),
+        (_ca_key_usage(digital_signature=True), True),
+        (x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), False),
+        (_authority_key_id(root_cert), False),
+    ]
+    if permitted_dns:
+        subtrees: list[x509.GeneralName] = [_dns_subtree(name) for name in permitted_dns]
+        extensions.append((x509.NameConstraints(subtrees, None), True))
+    not_before, not_after = validity(root_cert, timedelta(days=days), now or datetime.now(UTC))
+    return build_certificate(
+        issuer=root_cert,
+        key=root_key,
+        subject=csr.subject,
+        public_key=csr.public_key(),
+        serial=new_serial(),
+        not_before=not_before,
+        not_after=not_after,
+        extensions=extensions,
+    )
+
+
+def _check_days(days: int) -> None:
+    if not 0 < days <= 36500:
+        raise InvalidRequest("days must be between 1 and 36500")
+
+
+def _check_room_below(root_cert: x509.Certificate, path_length: int | None) -> None:
+    """Raises InvalidRequest unless the root is a CA whose path length admits an
+    intermediate with `path_length`."""
+    try:
+        constraints = root_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise InvalidRequest("the root certificate has no basicConstraints") from None
+    if not constraints.ca:
+        raise InvalidRequest("the root certificate is not a CA certificate")
+    limit = constraints.path_length
+    if limit is None:
+        return
+    if limit == 0:
+        raise InvalidRequest("the root's path length is 0: it cannot sign intermediates")
+    if path_length is None or path_length >= limit:
+        raise InvalidRequest(f"the root's path length {limit} needs a path length below it")
+
+
+def _authority_key_id(root_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """Names the root's key by its subjectKeyIdentifier (derived when it has none)."""
+    try:
+        ski = root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        ski = x509.SubjectKeyIdentifier.from_public_key(root_cert.public_key())
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _dns_subtree(name: str) -> x509.DNSName:
+    """A permitted DNS subtree (`example.com` permits it and every name below it). Raises
+    InvalidRequest for a name that is empty, not ASCII or not a host name."""
+    label = name.strip().lower().lstrip(".")
+    if not label or not label.isascii() or any(c in label for c in " */:@") or ".." in label:
+        raise InvalidRequest(f"{name!r} is not a DNS name for a name constraint")
+    return x509.DNSName(label)
+
+
+def _ca_key_usage(*, digital_signature: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )

@@ -1,0 +1,518 @@
+"""`kmsgate ca` and `kmsgate cert` against a real `kmsgate serve --dev`, as a user runs them.
+
+The gateway is a subprocess (as in tests/test_cli.py); every command is its own process
+through the installed `kmsgate` script. Certificates are checked with the openssl CLI and in
+a Python `ssl` mutual TLS handshake. The dev CA set-up itself (`kmsgate.bootstrap`) is also
+exercised in-process, for what a subprocess cannot easily show (restarts, interrupted starts).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from ipaddress import ip_address
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from kmsgate.bootstrap import (
+    DEV_CA,
+    DEV_ROOT_CERT_FILE,
+    DEV_ROOT_KEY_FILE,
+    DEV_ROOT_PASSPHRASE_FILE,
+    build_service,
+    ensure_dev_ca,
+    prepare_dev_data_dir,
+)
+from kmsgate.cli.ca import parse_san
+from kmsgate.config import load_settings
+from kmsgate.pki.authorities import CaState
+from kmsgate.pki.root import load_root
+from tests.components import LOOPBACK
+from tests.test_cli import Gateway, Run, assert_one_line_error, clean_env, run_cli, running_gateway
+
+DEV_ROOT_SUBJECT = "CN=kmsgate dev root (DEV ONLY - not for production)"
+PASSPHRASE = "a long ceremony passphrase"
+OPENSSL_TIMEOUT = 30.0
+CRL_WAIT = 30.0  # seconds until a new CA has its first CRL
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with running_gateway(tmp_path_factory.mktemp("pki-gateway")) as gateway:
+        yield gateway
+
+
+def openssl(openssl_bin: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [openssl_bin, *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=OPENSSL_TIMEOUT,
+        check=False,
+    )
+
+
+def assert_verifies(openssl_bin: str, root: Path, chain: Path, leaf: Path, *extra: str) -> None:
+    result = openssl(openssl_bin, "verify", "-CAfile", root, "-untrusted", chain, *extra, leaf)
+    assert result.returncode == 0 and f"{leaf}: OK" in result.stdout, result.stdout + result.stderr
+
+
+def issue(gw: Gateway, tmp_path: Path, name: str, profile: str, *sans: str, ca: str = DEV_CA):
+    """(key, certificate, chain) files of a certificate issued with a local key; the run."""
+    key, cert, chain = (tmp_path / f"{name}-{part}.pem" for part in ("key", "cert", "chain"))
+    args = ["cert", "issue", "--ca", ca, "--profile", profile, "--key-out", str(key)]
+    for san in sans:
+        args += ["--san", san]
+    result = gw.ok(*args, "--out", str(cert), "--chain-out", str(chain))
+    return key, cert, chain, result
+
+
+def serial_of(result: Run) -> str:
+    line = result.err.strip().splitlines()[-1]
+    assert line.startswith("serial "), str(result)
+    return line.split()[1]
+
+
+def leaf(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def table(result: Run) -> list[dict[str, str]]:
+    """A piped table: a header line, then tab-separated rows."""
+    header, *rows = result.out.splitlines()
+    return [dict(zip(header.split("\t"), row.split("\t"), strict=True)) for row in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# the dev CA
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_dev_gateway_has_an_active_dev_ca_under_its_dev_root(gw: Gateway) -> None:
+    data = gw.data_dir
+    for name in (DEV_ROOT_KEY_FILE, DEV_ROOT_PASSPHRASE_FILE):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    root = leaf(data / DEV_ROOT_CERT_FILE)
+    assert root.subject.rfc4514_string() == DEV_ROOT_SUBJECT
+    key = load_root(data / DEV_ROOT_KEY_FILE, (data / DEV_ROOT_PASSPHRASE_FILE).read_bytes())
+    assert key.public_key() == root.public_key()
+    with pytest.raises(TypeError):  # the key file is encrypted
+        serialization.load_pem_private_key((data / DEV_ROOT_KEY_FILE).read_bytes(), None)
+
+    rows = {row["name"]: row for row in table(gw.ok("ca", "list"))}
+    assert rows[DEV_CA]["state"] == "active"
+    assert rows[DEV_CA]["parent"] == DEV_ROOT_SUBJECT
+    shown = json.loads(gw.ok("ca", "show", DEV_CA).out)
+    assert (shown["name"], shown["state"], shown["key"]) == (DEV_CA, "active", "ca.dev")
+    chain = x509.load_pem_x509_certificates(gw.ok("ca", "chain", DEV_CA, token="").out.encode())
+    assert [c.subject.rfc4514_string() for c in chain[1:]] == [DEV_ROOT_SUBJECT]
+    assert chain[-1] == root
+    chain[0].verify_directly_issued_by(root)
+    profiles = httpx.get(
+        f"{gw.addr}/v1/pki/profiles",
+        headers={"authorization": f"Bearer {gw.root_token}"},
+        timeout=10,
+    ).json()["profiles"]
+    assert {"server", "client", "workload"} <= {p["name"] for p in profiles}
+    records = [json.loads(line) for line in (data / "audit.log").read_text().splitlines()]
+    made = [(r["action"], r["principal"]) for r in records if r["action"].startswith("ca.")]
+    assert ("ca.create", "system") in made and ("ca.import", "system") in made
+
+
+def test_issue_from_the_dev_ca_show_list_and_revoke(
+    gw: Gateway, tmp_path: Path, openssl_bin: str
+) -> None:
+    key = tmp_path / "k.pem"
+    cert, chain = tmp_path / "c.pem", tmp_path / "chain.pem"
+    result = gw.ok(
+        "cert",
+        "issue",
+        "--ca",
+        "dev",
+        "--profile",
+        "server",
+        "--key-out",
+        str(key),
+        "--san",
+        "web.lab",
+        "--out",
+        str(cert),
+        "--chain-out",
+        str(chain),
+    )
+    serial = serial_of(result)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    private = serialization.load_pem_private_key(key.read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp256r1"
+    assert leaf(cert).public_key() == private.public_key()
+    root = gw.data_dir / DEV_ROOT_CERT_FILE
+    assert_verifies(openssl_bin, root, chain, cert, "-purpose", "sslserver")
+    sans = leaf(cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(sans) == [x509.DNSName("web.lab")]
+
+    listed = {row["serial"]: row for row in table(gw.ok("cert", "list", "--san", "web.lab"))}
+    assert listed[serial]["status"] == "valid"
+    assert (listed[serial]["ca"], listed[serial]["profile"]) == ("dev", "server")
+    revoked = json.loads(gw.ok("cert", "revoke", serial, "--reason", "keyCompromise").out)
+    assert (revoked["status"], revoked["reason"]) == ("revoked", "keyCompromise")
+    shown = json.loads(gw.ok("cert", "show", serial).out)
+    assert shown["status"] == "revoked" and shown["revoked_at"]
+    assert x509.load_pem_x509_certificate(shown["certificate"].encode()) == leaf(cert)
+    revoked_rows = table(gw.ok("cert", "list", "--ca", "dev", "--status", "revoked", "--all"))
+    assert serial in {row["serial"] for row in revoked_rows}
+    assert_one_line_error(gw.run("cert", "revoke", serial), "conflict", "revoked already")
+    assert_one_line_error(gw.run("cert", "revoke", serial, "--reason", "bogus"), "keyCompromise")
+
+
+def test_mutual_tls_with_server_and_client_certificates_of_the_dev_ca(
+    gw: Gateway, tmp_path: Path
+) -> None:
+    server_key, server_cert, server_chain, _ = issue(
+        gw, tmp_path, "server", "server", "localhost", "127.0.0.1"
+    )
+    client_key, client_cert, client_chain, _ = issue(gw, tmp_path, "client", "client", "agent.lab")
+    root = str(gw.data_dir / DEV_ROOT_CERT_FILE)
+    server_bundle = tmp_path / "server-bundle.pem"
+    server_bundle.write_text(server_cert.read_text() + server_chain.read_text())
+    client_bundle = tmp_path / "client-bundle.pem"
+    client_bundle.write_text(client_cert.read_text() + client_chain.read_text())
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=root)
+    server_ctx.load_cert_chain(server_bundle, server_key)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=root)
+    client_ctx.load_cert_chain(client_bundle, client_key)
+
+    seen: dict[str, object] = {}
+    with socket.create_server((LOOPBACK, 0)) as listener:
+        listener.settimeout(20)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            conn.settimeout(20)
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                seen["peer"] = tls.getpeercert()
+                tls.sendall(b"ok")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with (
+            socket.create_connection((LOOPBACK, port), timeout=20) as raw,
+            client_ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            assert tls.recv(2) == b"ok"
+            server_sans = tls.getpeercert()["subjectAltName"]
+        thread.join(timeout=20)
+    assert ("DNS", "localhost") in server_sans
+    peer = seen["peer"]
+    assert isinstance(peer, dict)
+    assert peer["subjectAltName"] == (("DNS", "agent.lab"),)
+
+
+def test_a_workload_certificate_carries_exactly_its_spiffe_uri(
+    gw: Gateway, tmp_path: Path, openssl_bin: str
+) -> None:
+    spiffe = "spiffe://dev.lab/ns/payments/sa/api"
+    _, cert, chain, _ = issue(gw, tmp_path, "workload", "workload", spiffe)
+    sans = leaf(cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(sans) == [x509.UniformResourceIdentifier(spiffe)]
+    ekus = leaf(cert).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(ekus) == {
+        x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH,
+    }
+    assert_verifies(openssl_bin, gw.data_dir / DEV_ROOT_CERT_FILE, chain, cert)
+
+
+def test_issue_for_a_csr_with_a_ttl(gw: Gateway, tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "csr.lab")]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("csr.lab")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    csr_file = tmp_path / "req.csr"
+    csr_file.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    result = gw.ok(
+        "cert", "issue", "--ca", "dev", "--profile", "server", "--csr", str(csr_file), "--ttl", "2h"
+    )
+    cert = x509.load_pem_x509_certificate(result.out.encode())  # stdout without --out
+    assert cert.public_key() == key.public_key()
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert 2 * 3600 <= lifetime.total_seconds() <= 2 * 3600 + 120
+    serial = serial_of(result)
+    soon = {row["serial"] for row in table(gw.ok("cert", "expiring", "--within", "3h"))}
+    assert serial in soon
+    later = {row["serial"] for row in table(gw.ok("cert", "expiring", "--within", "1h"))}
+    assert serial not in later
+
+
+def test_cert_list_pages(gw: Gateway, tmp_path: Path) -> None:
+    for n in range(3):
+        issue(gw, tmp_path, f"page{n}", "client", f"page{n}.lab")
+    first = gw.ok("cert", "list", "--profile", "client", "--limit", "1")
+    assert len(table(first)) == 1
+    assert "--all" in first.err
+    every = table(gw.ok("cert", "list", "--profile", "client", "--limit", "1", "--all"))
+    assert {"dns:page0.lab", "dns:page1.lab", "dns:page2.lab"} <= {row["sans"] for row in every}
+    assert [row["serial"] for row in every] == sorted(row["serial"] for row in every)
+
+
+def test_crl_of_the_dev_ca(gw: Gateway, tmp_path: Path, openssl_bin: str) -> None:
+    probe = httpx.get(f"{gw.addr}/v1/pki/cas/{DEV_CA}/crl", timeout=10)
+    if probe.status_code == 404:
+        pytest.skip("this gateway serves no CRL yet (GET /v1/pki/cas/{ca}/crl)")
+    der = tmp_path / "dev.crl"
+    deadline = time.monotonic() + CRL_WAIT
+    while (fetched := gw.run("ca", "crl", DEV_CA, "--out", str(der), token="")).rc != 0:
+        assert "unavailable" in fetched.err, str(fetched)  # built by a job soon after start
+        assert time.monotonic() < deadline, str(fetched)
+        time.sleep(0.5)
+    crl = x509.load_der_x509_crl(der.read_bytes())
+    chain = x509.load_pem_x509_certificates(gw.ok("ca", "chain", DEV_CA).out.encode())
+    assert crl.is_signature_valid(chain[0].public_key())  # type: ignore[arg-type]
+    pem = x509.load_pem_x509_crl(gw.ok("ca", "crl", DEV_CA).out.encode())
+    assert pem == crl
+    with pytest.raises(x509.ExtensionNotFound):
+        crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+    delta = x509.load_pem_x509_crl(gw.ok("ca", "crl", DEV_CA, "--delta").out.encode())
+    assert delta.extensions.get_extension_for_class(x509.DeltaCRLIndicator).critical
+    chain_file = tmp_path / "dev-chain.pem"
+    chain_file.write_text(gw.ok("ca", "chain", DEV_CA).out)
+    checked = openssl(
+        openssl_bin, "crl", "-inform", "DER", "-in", der, "-CAfile", chain_file, "-noout"
+    )
+    assert checked.returncode == 0 and "verify OK" in checked.stderr + checked.stdout, (
+        checked.stdout + checked.stderr
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the offline root ceremony
+# --------------------------------------------------------------------------------------------
+
+
+def test_root_ceremony_end_to_end(gw: Gateway, tmp_path: Path, openssl_bin: str) -> None:
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text(PASSPHRASE + "\n")
+    root_key, root_cert = tmp_path / "root-key.pem", tmp_path / "root.pem"
+    made = run_cli(
+        (
+            "ca",
+            "init-root",
+            "--key-out",
+            str(root_key),
+            "--cert-out",
+            str(root_cert),
+            "--subject",
+            "CN=Lab Root,O=kmsgate tests",
+            "--passphrase-file",
+            str(passphrase),
+        ),
+        clean_env(),  # no gateway: neither KMSGATE_ADDR nor a token
+    )
+    assert made.rc == 0, str(made)
+    fingerprint = openssl(
+        openssl_bin, "x509", "-noout", "-fingerprint", "-sha256", "-in", root_cert
+    )
+    assert made.out.strip() == fingerprint.stdout.strip()
+    assert stat.S_IMODE(root_key.stat().st_mode) == 0o600
+    again = run_cli(
+        (
+            "ca",
+            "init-root",
+            "--key-out",
+            str(root_key),
+            "--cert-out",
+            str(tmp_path / "x.pem"),
+            "--subject",
+            "Again",
+            "--passphrase-file",
+            str(passphrase),
+        ),
+        clean_env(),
+    )
+    assert_one_line_error(again, "exists")
+
+    csr = tmp_path / "lab.csr"
+    gw.ok(
+        "ca",
+        "create",
+        "lab",
+        "--backend",
+        "local",
+        "--key-type",
+        "ecdsa-p256",
+        "--subject",
+        "CN=Lab Issuing CA",
+        "--csr-out",
+        str(csr),
+    )
+    pending = {row["name"]: row["state"] for row in table(gw.ok("ca", "list"))}
+    assert pending["lab"] == "pending"
+    lab_cert = tmp_path / "lab.pem"
+    sign = (
+        "ca",
+        "sign-intermediate",
+        "--root-key",
+        str(root_key),
+        "--root-cert",
+        str(root_cert),
+        "--csr",
+        str(csr),
+        "--out",
+        str(lab_cert),
+        "--days",
+        "365",
+        "--permit-dns",
+        "lab",
+    )
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the ceremony passphrase\n")
+    assert_one_line_error(
+        run_cli((*sign, "--passphrase-file", str(wrong)), clean_env()), "wrong passphrase"
+    )
+    assert not lab_cert.exists()
+    signed = run_cli((*sign, "--passphrase-file", str(passphrase)), clean_env())
+    assert signed.rc == 0, str(signed)
+    intermediate = leaf(lab_cert)
+    assert intermediate.extensions.get_extension_for_class(x509.NameConstraints).critical
+    verified = openssl(openssl_bin, "verify", "-CAfile", root_cert, lab_cert)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    imported = json.loads(
+        gw.ok("ca", "import", "lab", "--cert", str(lab_cert), "--chain", str(root_cert)).out
+    )
+    assert (imported["state"], imported["parent"]) == ("active", "CN=Lab Root,O=kmsgate tests")
+    _, cert, chain, _ = issue(gw, tmp_path, "from-lab", "server", "dns:api.lab", ca="lab")
+    assert_verifies(openssl_bin, root_cert, chain, cert, "-purpose", "sslserver")
+
+
+def test_init_root_prompts_twice_for_the_passphrase(tmp_path: Path) -> None:
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    args = ("ca", "init-root", "--key-out", str(key), "--cert-out", str(cert), "--subject", "R")
+    typed = f"{PASSPHRASE}\n{PASSPHRASE}\n".encode()
+    result = run_cli(args, clean_env(), stdin=typed)
+    assert result.rc == 0, str(result)
+    assert PASSPHRASE not in result.out
+    assert load_root(key, PASSPHRASE.encode()).public_key() == leaf(cert).public_key()
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_issue_errors_are_one_line_and_leave_no_key_behind(gw: Gateway, tmp_path: Path) -> None:
+    key = tmp_path / "k.pem"
+    base = ("cert", "issue", "--ca", "dev", "--profile", "server")
+    assert_one_line_error(gw.run(*base), "--csr")
+    assert_one_line_error(gw.run(*base, "--csr", "x", "--key-out", str(key)), "either")
+    assert_one_line_error(gw.run(*base, "--key-out", str(key)), "--san")
+    assert_one_line_error(gw.run(*base, "--key-out", str(key), "--san", "ip:300.1.1.1"), "IP")
+    refused = gw.run(*base, "--key-out", str(key), "--san", "evil.example")
+    assert_one_line_error(refused, "invalid_request", "evil.example")
+    assert not key.exists()
+    assert_one_line_error(
+        gw.run(
+            "cert",
+            "issue",
+            "--ca",
+            "nope",
+            "--profile",
+            "server",
+            "--key-out",
+            str(key),
+            "--san",
+            "web.lab",
+        ),
+        "not_found",
+    )
+    assert not key.exists()
+    key.write_text("mine")
+    assert_one_line_error(gw.run(*base, "--key-out", str(key), "--san", "web.lab"), "exists")
+    assert key.read_text() == "mine"
+    assert_one_line_error(gw.run("ca", "show", "nope"), "not_found")
+    assert_one_line_error(gw.run("cert", "expiring", "--within", "soon"), "--within")
+    assert_one_line_error(gw.run("ca", "list", token=""), "unauthenticated")
+
+
+@pytest.mark.parametrize(
+    ("value", "name"),
+    [
+        ("web.lab", x509.DNSName("web.lab")),
+        ("dns:web.lab", x509.DNSName("web.lab")),
+        ("127.0.0.1", x509.IPAddress(ip_address("127.0.0.1"))),
+        ("ip:::1", x509.IPAddress(ip_address("::1"))),
+        ("::1", x509.IPAddress(ip_address("::1"))),
+        ("spiffe://dev.lab/x", x509.UniformResourceIdentifier("spiffe://dev.lab/x")),
+        ("uri:spiffe://dev.lab/x", x509.UniformResourceIdentifier("spiffe://dev.lab/x")),
+        ("URI:https://a.lab/", x509.UniformResourceIdentifier("https://a.lab/")),
+    ],
+)
+def test_san_values_and_their_guessed_types(value: str, name: x509.GeneralName) -> None:
+    assert parse_san(value) == name
+
+
+# --------------------------------------------------------------------------------------------
+# the dev CA set-up, in-process
+# --------------------------------------------------------------------------------------------
+
+
+def test_dev_ca_setup_is_idempotent_and_finishes_an_interrupted_start(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    settings = load_settings(dev=True, data_dir=data)
+    prepare_dev_data_dir(settings)
+    # an earlier start stopped after writing the root key but before its certificate
+    (data / DEV_ROOT_KEY_FILE).write_text("stale")
+    (data / DEV_ROOT_PASSPHRASE_FILE).write_text("stale")
+    service = build_service(settings)
+    try:
+        assert ensure_dev_ca(service, data) is True
+        root = (data / DEV_ROOT_CERT_FILE).read_bytes()
+        assert ensure_dev_ca(service, data) is False
+    finally:
+        service.close()
+    service = build_service(settings)  # a restart
+    try:
+        assert ensure_dev_ca(service, data) is False
+        ca = service.pki.authorities.get(DEV_CA)
+        assert ca.state is CaState.ACTIVE
+        assert ca.chain[-1] == x509.load_pem_x509_certificate(root)
+        assert (data / DEV_ROOT_CERT_FILE).read_bytes() == root
+    finally:
+        service.close()
+
+
+def test_a_pending_dev_ca_is_activated_on_the_next_start(tmp_path: Path) -> None:
+    from kmsgate.auth import SYSTEM
+    from kmsgate.policy import Decision
+    from kmsgate.service import Ctx
+    from kmsgate.service.requests import NewCa
+
+    data = tmp_path / "data"
+    settings = load_settings(dev=True, data_dir=data)
+    prepare_dev_data_dir(settings)
+    service = build_service(settings)
+    try:
+        new = NewCa(DEV_CA, "CN=half made", "ecdsa-p256", "local")
+        decision = Decision(allow=True, reasons=("test: a start stopped half-way",))
+        service.pki.create_ca(SYSTEM, Ctx("test"), new, decision=decision)
+        assert ensure_dev_ca(service, data) is True
+        ca = service.pki.authorities.get(DEV_CA)
+        assert ca.state is CaState.ACTIVE and ca.subject == "CN=half made"
+    finally:
+        service.close()
