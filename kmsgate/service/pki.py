@@ -43,6 +43,7 @@ from kmsgate.pki.issuer import (
 )
 from kmsgate.pki.profiles import Approved, Profile
 from kmsgate.pki.remote_key import remote_private_key
+from kmsgate.pki.root import parse_subject
 from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.keys import Keys
@@ -87,7 +88,7 @@ class Pki:
                 raise Conflict(f"a CA named {new.name!r} exists")
             if new.type == CaType.HASHIVAULT_PKI:
                 return self.authorities.insert(self._vault_ca(new))
-            subject = _subject(new.subject)
+            subject = parse_subject(new.subject)
             key = self.keys.generate(
                 NewKey(
                     name=f"ca.{new.name}",
@@ -366,20 +367,6 @@ def _public_key(key: Key) -> CertificatePublicKeyTypes:
     ):
         raise InvalidRequest(f"a {key.type} key cannot be a CA key")
     return public
-
-
-def _subject(text: str) -> x509.Name:
-    """A subject from an RFC 4514 string (`CN=Issuing CA,O=Example`) or a bare common name.
-    Raises InvalidRequest."""
-    try:
-        name = x509.Name.from_rfc4514_string(text) if "=" in text else None
-    except ValueError:
-        raise InvalidRequest(f"subject {text[:128]!r} is not an RFC 4514 name") from None
-    if name is None:
-        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, text)])
-    if not name.rdns:
-        raise InvalidRequest("a CA needs a non-empty subject")
-    return name
 
 
 def _requested_sans(csr: x509.CertificateSigningRequest) -> tuple[str, ...]:
