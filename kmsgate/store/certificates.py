@@ -14,6 +14,7 @@ from kmsgate.store.engine import Database, Row, utc
 from kmsgate.store.feed import record_change
 
 AGGREGATE = "certs"
+_INSERT = tables.certificates.insert()
 VALID = "valid"
 REVOKED = "revoked"
 
@@ -42,7 +43,7 @@ class Certificates:
     def insert(self, cert: Row) -> None:
         """Record an issued certificate. Raises Conflict if its serial is taken."""
         with self._db.transaction() as conn:
-            conn.execute(sa.insert(tables.certificates).values(**cert))
+            conn.execute(_INSERT, cert)
             record_change(conn, AGGREGATE, cert["serial"])
 
     def revoke(self, serial: str, at: datetime, reason: str) -> bool:

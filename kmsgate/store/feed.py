@@ -14,19 +14,27 @@ from sqlalchemy.engine import Connection
 from kmsgate.store import tables
 from kmsgate.store.engine import Database
 
+_KEY = tables.meta.c.key == sa.bindparam("counter")
+_BUMP = (
+    sa.update(tables.meta)
+    .where(_KEY)
+    .values(value=sa.cast(sa.cast(tables.meta.c.value, sa.BigInteger) + 1, sa.Text))
+)
+_READ = sa.select(tables.meta.c.value).where(_KEY)
+_START = tables.meta.insert()
+_CHANGE = tables.changes.insert()
+# built once: composing a statement per call costs more than running it on SQLite
+
 
 def record_change(conn: Connection, aggregate: str, item: str) -> None:
     """Bump `aggregate`'s counter and record that `item` changed, in the caller's
     transaction (the counter row stays locked until it commits)."""
-    counter = tables.meta.c.key == f"epoch:{aggregate}"
-    bumped = sa.cast(sa.cast(tables.meta.c.value, sa.BigInteger) + 1, sa.Text)
-    if conn.execute(sa.update(tables.meta).where(counter).values(value=bumped)).rowcount == 0:
-        conn.execute(sa.insert(tables.meta).values(key=f"epoch:{aggregate}", value="1"))
-    epoch = int(conn.execute(sa.select(tables.meta.c.value).where(counter)).scalar_one())
+    counter = f"epoch:{aggregate}"
+    if conn.execute(_BUMP, {"counter": counter}).rowcount == 0:
+        conn.execute(_START, {"key": counter, "value": "1"})
+    epoch = int(conn.execute(_READ, {"counter": counter}).scalar_one())
     conn.execute(
-        sa.insert(tables.changes).values(
-            aggregate=aggregate, epoch=epoch, item=item, at=datetime.now(UTC)
-        )
+        _CHANGE, {"aggregate": aggregate, "epoch": epoch, "item": item, "at": datetime.now(UTC)}
     )
 
 
