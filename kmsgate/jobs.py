@@ -7,7 +7,10 @@ connection of its own and lost with it (a crashed leader frees it), or, on SQLit
 exclusive `flock` on a file beside the database (freed when the process exits). Jobs are
 idempotent: each first catches up with the store, and a key already destroyed is skipped.
 
-Jobs today: destroy the material of keys whose deletion date passed; prune the change feed.
+Jobs today: destroy the material of keys whose deletion date passed; prune the change feed;
+publish CRLs and renew OCSP responders (`service.revocation`). CRLs also have a short tick of
+their own (`run_revocation`, every loop of the cache refresher: 1 s by default), so that the
+revocations of one second are published, together, by the leader's next tick.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ log = logging.getLogger("kmsgate.jobs")
 
 ADVISORY_LOCK_ID = 0x6B6D_7367_6A6F_6273  # "kmsgjobs": one lock id for the whole store
 FEED_RETENTION = timedelta(hours=1)  # caches further behind than this reload in full
+SCHEDULER = Ctx(request_id="scheduler")
 
 
 class LeaderLock(ABC):
@@ -126,15 +130,38 @@ class Jobs:
     def __init__(self, service: Service, lock: LeaderLock) -> None:
         self._service = service
         self._lock = lock
+        self._led = False
 
     def run_due(self, now: datetime | None = None) -> bool:
         """Run every job if this process leads. Returns whether it led. A failing job is
         logged (by code, never by text) and retried on the next tick."""
-        if not self._lock.acquire():
+        self._led = self._lock.acquire()
+        if not self._led:
             return False
         try:
-            self._service.keys.destroy_due(Ctx(request_id="scheduler"), now)
+            self._service.keys.destroy_due(SCHEDULER, now)
             self._service.store.feed.prune(datetime.now(UTC) - FEED_RETENTION)
         except KmsgateError as exc:
             log.warning("scheduled job failed: %s", exc.code)
+        self._publish_revocation(now)
         return True
+
+    def run_revocation(self, now: datetime | None = None) -> bool:
+        """Publish the CRLs that are due (after a revocation, or on their schedule) if this
+        process leads. A process that did not lead at the last `run_due` does not even try
+        the lock. Returns whether it led."""
+        self._led = self._led and self._lock.acquire()
+        if not self._led:
+            return False
+        self._publish_revocation(now)
+        return True
+
+    def _publish_revocation(self, now: datetime | None) -> None:
+        """`Revocation.publish_due`; a failure is logged (by code or type) and retried on the
+        next tick, never raised into the refresher's loop."""
+        try:
+            self._service.revocation.publish_due(SCHEDULER, now)
+        except KmsgateError as exc:
+            log.warning("revocation publishing failed: %s", exc.code)
+        except Exception as exc:  # a bug must not stop the refresher thread
+            log.error("revocation publishing failed: %s", type(exc).__name__)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from kmsgate import __version__
-from kmsgate.api import routes_keys, routes_pki, routes_sys
+from kmsgate.api import routes_keys, routes_pki, routes_revocation, routes_sys
 from kmsgate.api.docs import install_docs
 from kmsgate.api.metrics import Metrics
 from kmsgate.api.problems import GatewayMiddleware, install_error_handlers
@@ -51,11 +51,14 @@ class CacheRefresher:
                 self._service.catalogue.refresh()
                 self._service.tokens.refresh()
                 self._service.pki.authorities.refresh()
+                self._service.revocation.refresh()  # revocation: published CRLs, OCSP answers
             except KmsgateError as exc:
                 log.warning("cache refresh failed: %s", exc.code)
             if time.monotonic() >= next_tick:
                 self._jobs.run_due()
                 next_tick = time.monotonic() + JOBS_TICK_SECONDS
+            else:
+                self._jobs.run_revocation()  # revocation: CRLs due after a revocation
 
 
 def create_app(service: Service) -> FastAPI:
@@ -88,6 +91,7 @@ def create_app(service: Service) -> FastAPI:
     app.include_router(routes_sys.build_router())  # first: health checks stay cheap
     app.include_router(keys_router)
     app.include_router(routes_pki.build_router())
+    app.include_router(routes_revocation.build_router())  # public CRLs and OCSP
     app.router.routes[:0] = hot_routes
     install_error_handlers(app)
     app.state.metrics = Metrics(

@@ -19,6 +19,7 @@ from kmsgate.service.envelope import Envelopes
 from kmsgate.service.gate import STATE_CHANGING, Call, Ctx, Gate, KeyTarget
 from kmsgate.service.keys import Keys
 from kmsgate.service.pki import Pki
+from kmsgate.service.revocation import Revocation
 from kmsgate.service.system import System
 from kmsgate.store import Store
 
@@ -41,6 +42,7 @@ class Service:
     read, metrics authorisation
     create_ca, import_certificate, list_cas, issue,   `pki.py`    (`service.pki`)
     revoke, certificate(s), describe_profiles
+    crl, ocsp (public), publish_due, build            `revocation.py` (`service.revocation`)
     ================================================  =================================
 
     Use cases take and return the frozen dataclasses of `requests.py` and `results.py`
@@ -80,6 +82,7 @@ class Service:
             load_profiles(settings),
             settings.pki.public_url,
         )
+        self.revocation = Revocation(self.gate, self.pki, store)  # CRLs and OCSP
 
     # the parts every use case shares, held once, by the gate
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kmsgate.store.cas import Cas
 from kmsgate.store.certificates import Certificates
+from kmsgate.store.crls import Crls
 from kmsgate.store.engine import Database
 from kmsgate.store.feed import Feed
 from kmsgate.store.keys import Keys
@@ -20,4 +21,5 @@ class Store(Database):
         self.tokens = Tokens(self)
         self.cas = Cas(self)
         self.certs = Certificates(self)
+        self.crls = Crls(self)  # published CRLs and OCSP responders (service/revocation.py)
         self.feed = Feed(self)

@@ -1,0 +1,76 @@
+"""Public revocation routes (no token): a CA's full and delta CRL, and its OCSP responder
+(RFC 6960 over HTTP: POST the DER request, or GET it base64-encoded in the path).
+
+OCSP answers are always HTTP 200 with an OCSPResponse body, also when the request is
+malformed (`malformedRequest`) or about another issuer (`unauthorized`), as OCSP clients
+expect; only an unknown CA is a problem+json 404.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from kmsgate.api.deps import CtxDep, ServiceDep
+from kmsgate.pki.ocsp import malformed_response
+from kmsgate.service import Ctx, Service
+
+PREFIX = "/v1/pki"
+CRL_TYPE = "application/pkix-crl"
+OCSP_RESPONSE_TYPE = "application/ocsp-response"
+MAX_ENCODED_REQUEST = 4096
+"""Longest base64 request a GET may carry (an OCSP request is a few hundred bytes)."""
+
+
+def build_router() -> APIRouter:
+    """A new application's revocation routes."""
+    router = APIRouter(prefix=PREFIX, tags=["pki"])
+    router.add_api_route("/cas/{ca}/crl", crl, methods=["GET"], response_class=Response)
+    router.add_api_route("/cas/{ca}/ocsp", ocsp_post, methods=["POST"], response_class=Response)
+    router.add_api_route(
+        "/cas/{ca}/ocsp/{encoded:path}", ocsp_get, methods=["GET"], response_class=Response
+    )
+    return router
+
+
+def crl(ca: str, service: ServiceDep, delta: bool = False) -> Response:
+    """Public: the CA's current full CRL, or with `?delta=1` its delta CRL (DER)."""
+    return Response(service.revocation.crl(ca, delta=delta), media_type=CRL_TYPE)
+
+
+async def ocsp_post(ca: str, request: Request, service: ServiceDep, ctx: CtxDep) -> Response:
+    """Public: the OCSP answer to the DER request in the body (application/ocsp-request)."""
+    return await _answer(service, ctx, ca, await request.body())
+
+
+async def ocsp_get(ca: str, encoded: str, service: ServiceDep, ctx: CtxDep) -> Response:
+    """Public: the OCSP answer to the request in the path, base64 (standard or URL-safe,
+    padding optional, URL-decoded by the server)."""
+    der = _decode(encoded)
+    if der is None:
+        return Response(malformed_response(), media_type=OCSP_RESPONSE_TYPE)
+    return await _answer(service, ctx, ca, der)
+
+
+async def _answer(service: Service, ctx: Ctx, ca: str, der: bytes) -> Response:
+    """From memory on the event loop (a cached answer, or a nonce signed by the softkms
+    responder); otherwise off it, since a miss reads the store."""
+    answer = service.revocation.ocsp_from_memory(ca, der)
+    if answer is None:
+        answer = await run_in_threadpool(service.revocation.ocsp, ctx, ca, der)
+    return Response(answer, media_type=OCSP_RESPONSE_TYPE)
+
+
+def _decode(encoded: str) -> bytes | None:
+    """The bytes of a base64 path segment, or None if it is not base64."""
+    if len(encoded) > MAX_ENCODED_REQUEST:
+        return None
+    text = encoded.strip().replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None

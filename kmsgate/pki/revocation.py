@@ -1,0 +1,291 @@
+"""Revocation as the gateway publishes it: the documents of each CA (full CRL, delta CRL, OCSP
+responder certificate) and two in-memory caches that follow the change feed.
+
+- `PublishedDocuments` follows the "crls" feed: every worker serves the CRLs and uses the
+  responder certificate that the one builder (the jobs leader) published.
+- `OcspAnswers` follows the "certs" feed: the status of each serial asked about, and the
+  pre-signed answer without a nonce; a change to a certificate (its revocation) drops them.
+
+The timing rules (validity, when to rebuild) are here too; `service/revocation.py` uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPublicKeyTypes,
+    CertificatePublicKeyTypes,
+)
+from cryptography.x509 import ocsp
+
+from kmsgate.pki.crl import REASONS, RevokedEntry
+from kmsgate.pki.ocsp import CertStatus, delegated_responder_extensions
+from kmsgate.store import Row, Store, StoreMirror
+from kmsgate.store.certificates import REVOKED
+from kmsgate.store.crls import AGGREGATE, DELTA, FULL, RESPONDER
+
+__all__ = [
+    "CRL_VALIDITY",
+    "OCSP_VALIDITY",
+    "RESPONDER_PURPOSE",
+    "RESPONDER_VALIDITY",
+    "Answer",
+    "Document",
+    "OcspAnswers",
+    "Published",
+    "PublishedDocuments",
+    "cert_status",
+    "listed_serials",
+    "past_half",
+    "responder_extensions",
+    "responder_key_name",
+    "revoked_entries",
+    "try_later_response",
+]
+
+CRL_VALIDITY = timedelta(hours=24)
+"""nextUpdate - thisUpdate of every CRL; rebuilt once less than half of it remains."""
+OCSP_VALIDITY = timedelta(hours=1)
+"""nextUpdate - thisUpdate of an OCSP answer; a cached one is re-signed at half-life."""
+RESPONDER_VALIDITY = timedelta(days=30)
+"""Lifetime of a delegated OCSP responder certificate; renewed at half-life."""
+RESPONDER_PURPOSE = "ocsp"
+"""The purpose of a responder's key: it signs OCSP answers for one CA."""
+
+OCSP_MISSES_PER_SECOND = 500.0
+"""OCSP statuses a process reads from the store per second; beyond that, `tryLater`."""
+MAX_CACHED_SERIALS = 100_000
+"""Serials whose answers a process keeps; the oldest go first beyond that."""
+
+
+def responder_key_name(ca: str) -> str:
+    """The kmsgate key that signs CA `ca`'s OCSP answers."""
+    return f"ocsp.{ca}"
+
+
+def past_half(not_before: datetime, not_after: datetime, at: datetime) -> bool:
+    """Whether less than half of the period from `not_before` to `not_after` remains at `at`."""
+    return at >= not_before + (not_after - not_before) / 2
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One published document: a CRL (`number`, and `base_number` for a delta; `entries` is
+    how many revoked certificates it lists) or a responder certificate (its validity)."""
+
+    kind: str
+    der: bytes
+    this_update: datetime
+    next_update: datetime
+    entries: int = 0
+    number: int | None = None
+    base_number: int | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "der": self.der,
+            "this_update": self.this_update,
+            "next_update": self.next_update,
+            "entries": self.entries,
+            "number": self.number,
+            "base_number": self.base_number,
+        }
+
+    @classmethod
+    def from_row(cls, row: Row) -> Document:
+        return cls(
+            kind=row["kind"],
+            der=row["der"],
+            this_update=row["this_update"],
+            next_update=row["next_update"],
+            entries=row["entries"],
+            number=row["number"],
+            base_number=row["base_number"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What one CA has published (None: not yet)."""
+
+    full: Document | None = None
+    delta: Document | None = None
+    responder: x509.Certificate | None = None
+
+    def merged(self, documents: Iterable[Document]) -> Published:
+        """These documents replacing those of the same kind."""
+        full, delta, responder = self.full, self.delta, self.responder
+        for doc in documents:
+            if doc.kind == FULL:
+                full = doc
+            elif doc.kind == DELTA:
+                delta = doc
+            elif doc.kind == RESPONDER:
+                responder = x509.load_der_x509_certificate(doc.der)
+        return Published(full, delta, responder)
+
+
+class PublishedDocuments(StoreMirror):
+    """Every CA's published documents in memory, following the "crls" change feed."""
+
+    aggregate = AGGREGATE
+
+    def __init__(self, store: Store) -> None:
+        self._published: dict[str, Published] = {}
+        super().__init__(store)
+
+    def _load(self) -> None:
+        grouped: dict[str, list[Document]] = {}
+        for row in self._store.crls.all():
+            grouped.setdefault(row["ca"], []).append(Document.from_row(row))
+        self._published = {ca: Published().merged(docs) for ca, docs in grouped.items()}
+
+    def _load_item(self, item: str) -> None:
+        docs = [Document.from_row(row) for row in self._store.crls.of_ca(item)]
+        if docs:
+            self._published[item] = Published().merged(docs)
+        else:
+            self._published.pop(item, None)
+
+    def find(self, ca: str, *, read_through: bool = True) -> Published | None:
+        """What `ca` has published; a miss reads through (within the budget) unless told not
+        to. Raises Unavailable."""
+        found = self._published.get(ca)
+        if found is None and read_through and 0 < len(ca) <= 128 and self._read_through(ca):
+            found = self._published.get(ca)
+        return found
+
+    def fetch(self, ca: str) -> Published | None:
+        """What `ca` has published, read from the store now (within the read-through
+        budget, else from memory). Raises Unavailable."""
+        self._read_through(ca)
+        return self._published.get(ca)
+
+    def publish(self, ca: str, documents: Sequence[Document]) -> Published:
+        """Store `documents` as `ca`'s (replacing those of the same kinds) and serve them at
+        once in this process. Raises Unavailable."""
+        with self._lock:
+            self._store.crls.publish(ca, [doc.row() for doc in documents])
+            published = self._published.get(ca, Published()).merged(documents)
+            self._published[ca] = published
+        return published
+
+
+_LONG_AGO = datetime.min.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A serial's status as one CA's responder gives it, and the pre-signed answer without a
+    nonce (`der`, empty until one is signed) with the time to re-sign it."""
+
+    status: CertStatus
+    der: bytes = b""
+    refresh_at: datetime = _LONG_AGO
+
+
+class OcspAnswers(StoreMirror):
+    """OCSP answers by serial, following the "certs" change feed: a change to a certificate
+    (issued, revoked) drops what is cached about its serial. The store is read only on a
+    miss, within `OCSP_MISSES_PER_SECOND` (`take_miss`)."""
+
+    aggregate = "certs"
+
+    def __init__(self, store: Store) -> None:
+        self._answers: dict[int, dict[tuple[str, str], Answer]] = {}
+        super().__init__(store, read_through_per_second=OCSP_MISSES_PER_SECOND)
+
+    def _load(self) -> None:
+        self._answers = {}
+
+    def _load_item(self, item: str) -> None:
+        with contextlib.suppress(ValueError):  # not a serial: nothing of ours to drop
+            self._answers.pop(int(item, 16), None)
+
+    def get(self, serial: int, ca: str, cert_id_hash: str) -> tuple[Answer | None, int]:
+        """The cached answer about `serial` (by CA and CertID hash), and the feed position to
+        hand back to `put`."""
+        by_ca = self._answers.get(serial)
+        return (by_ca.get((ca, cert_id_hash)) if by_ca else None), self._epoch
+
+    def put(self, serial: int, ca: str, cert_id_hash: str, answer: Answer, epoch: int) -> None:
+        """Cache `answer`, read from the store when the feed was at `epoch`; skipped if the
+        feed moved since (the certificate may have changed after it was read)."""
+        with self._lock:
+            if self._epoch != epoch:
+                return
+            by_ca = self._answers.get(serial)
+            if by_ca is None:
+                if len(self._answers) >= MAX_CACHED_SERIALS:
+                    del self._answers[next(iter(self._answers))]
+                by_ca = self._answers[serial] = {}
+            by_ca[(ca, cert_id_hash)] = answer
+
+    def take_miss(self) -> bool:
+        """Whether a miss may read the store now (False once the budget is spent)."""
+        return self._misses.take()
+
+
+def revoked_entries(rows: Iterable[tuple[str, datetime, str | None]]) -> list[RevokedEntry]:
+    """CRL entries for the inventory's (serial in hex, revoked_at, reason name) of revoked
+    certificates. `removeFromCRL` is not a reason a full CRL may carry: it is listed without."""
+    reason = _reason
+    return [RevokedEntry(int(serial, 16), at, reason(name)) for serial, at, name in rows]
+
+
+def cert_status(row: Row | None, ca: str) -> CertStatus:
+    """The OCSP status of the inventory row of a serial, as CA `ca` answers for it."""
+    if row is None or row["ca"] != ca:
+        return CertStatus.unknown()
+    if row["status"] != REVOKED:
+        return CertStatus.good()
+    return CertStatus.revoked(row["revoked_at"], _reason(row["reason"]))
+
+
+def _reason(name: str | None) -> x509.ReasonFlags | None:
+    """The reason a CRL entry or an OCSP answer gives for the inventory's reason name (none
+    for an unknown name and for removeFromCRL, a delta-CRL instruction)."""
+    reason = REASONS.get(name or "")
+    return None if reason is x509.ReasonFlags.remove_from_crl else reason
+
+
+def listed_serials(crl_der: bytes) -> frozenset[int]:
+    """The serials a CRL lists."""
+    return frozenset(entry.serial_number for entry in x509.load_der_x509_crl(crl_der))
+
+
+def responder_extensions(
+    public_key: CertificatePublicKeyTypes,
+    issuer: x509.Certificate,
+    issuer_key: CertificateIssuerPublicKeyTypes,
+) -> list[tuple[x509.ExtensionType, bool]]:
+    """A delegated OCSP responder certificate's extensions: id-kp-OCSPSigning, nocheck, key
+    usage, and the key identifiers (the authority's from `issuer`, whose key is
+    `issuer_key`)."""
+    try:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        authority = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    except x509.ExtensionNotFound:
+        authority = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key)
+    return [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        *delegated_responder_extensions(),
+        (x509.SubjectKeyIdentifier.from_public_key(public_key), False),
+        (authority, False),
+    ]
+
+
+@functools.cache
+def try_later_response() -> bytes:
+    """The DER of an OCSPResponse with status tryLater (RFC 6960 §2.3, unsigned)."""
+    response = ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
+    return response.public_bytes(serialization.Encoding.DER)

@@ -1,0 +1,112 @@
+"""What each CA publishes about revocation: its full CRL, its delta CRL and its delegated OCSP
+responder's certificate, as DER, one row per (CA, kind). Every write is recorded in the "crls"
+change feed (item: the CA's name), so every worker's and replica's cache follows the one
+process that builds them.
+
+The `crls` table is defined here, beside its queries (migration 0005 creates it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from kmsgate.errors import Unavailable
+from kmsgate.store import tables
+from kmsgate.store.certificates import REVOKED
+from kmsgate.store.engine import Database, Row, utc
+from kmsgate.store.feed import record_change
+
+AGGREGATE = "crls"
+FULL = "full"
+DELTA = "delta"
+RESPONDER = "responder"
+_PARTITION = 500
+
+crls = sa.Table(
+    "crls",
+    tables.metadata,
+    sa.Column("ca", sa.String(128), sa.ForeignKey("cas.name"), primary_key=True),
+    sa.Column("kind", sa.String(16), primary_key=True),
+    sa.Column("number", sa.BigInteger, nullable=True),
+    sa.Column("base_number", sa.BigInteger, nullable=True),
+    sa.Column("entries", sa.Integer, nullable=False),
+    sa.Column("this_update", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("next_update", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("der", sa.LargeBinary, nullable=False),
+)
+"""`number`: the CRL number (none for the responder); `base_number`: a delta's base;
+`entries`: how many revoked certificates the CRL lists; for the responder, `this_update` and
+`next_update` are its certificate's validity."""
+
+
+class Crls:
+    """Queries and writes of published CRLs and OCSP responder certificates."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def publish(self, ca: str, documents: Sequence[Row]) -> None:
+        """Replace the CA's documents of the kinds given (rows without `ca`), in one
+        transaction. Raises Unavailable, Conflict (no such CA)."""
+        kinds = [doc["kind"] for doc in documents]
+        with self._db.transaction() as conn:
+            conn.execute(sa.delete(crls).where(crls.c.ca == ca, crls.c.kind.in_(kinds)))
+            conn.execute(sa.insert(crls), [{**doc, "ca": ca} for doc in documents])
+            record_change(conn, AGGREGATE, ca)
+
+    def of_ca(self, ca: str) -> list[Row]:
+        """The CA's documents. Raises Unavailable."""
+        with self._db.transaction() as conn:
+            rows = conn.execute(sa.select(crls).where(crls.c.ca == ca)).mappings()
+            return [_row(r) for r in rows]
+
+    def all(self) -> list[Row]:
+        """Every CA's documents. Raises Unavailable."""
+        with self._db.transaction() as conn:
+            return [_row(r) for r in conn.execute(sa.select(crls)).mappings()]
+
+    def revoked(self, ca: str) -> list[tuple[str, datetime, str | None]]:
+        """(serial, revoked_at, reason) of each of the CA's revoked certificates: what a CRL
+        lists, read for speed (100,000 rows in about 0.1 s on SQLite, a quarter of what
+        `Certificates.revoked` takes). Raises Unavailable."""
+        c = tables.certificates.c
+        # SQLAlchemy's SQLite datetime parsing costs more than the query: take the text and
+        # parse it in C (`fromisoformat`); PostgreSQL's driver hands back datetimes anyway
+        at = sa.type_coerce(c.revoked_at, sa.String)
+        query = sa.select(c.serial, at, c.reason).where(c.ca == ca, c.status == REVOKED)
+        revoked: list[tuple[str, datetime, str | None]] = []
+        try:
+            # a plain connection: this long read does not queue behind, or hold up, the
+            # process's SQLite writers (`Database.transaction`); WAL readers block no one
+            with self._db.engine.connect() as conn:
+                # in partitions: other threads get the GIL between them (OCSP answers)
+                for rows in conn.execute(query).partitions(_PARTITION):
+                    revoked += [(serial, _instant(when), reason) for serial, when, reason in rows]
+        except sa.exc.OperationalError as exc:
+            raise Unavailable("metadata store unavailable") from exc
+        return revoked
+
+    def revoked_count(self, ca: str) -> int:
+        """How many of the CA's certificates are revoked now (never falls: a revocation is
+        not undone and the inventory keeps its rows). Raises Unavailable."""
+        c = tables.certificates.c
+        query = sa.select(sa.func.count()).where(c.ca == ca, c.status == REVOKED)
+        with self._db.transaction() as conn:
+            return int(conn.execute(query).scalar_one())
+
+
+def _instant(value: datetime | str) -> datetime:
+    """An aware UTC datetime from a driver's datetime or SQLite's ISO text."""
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _row(row: sa.RowMapping) -> Row:
+    out = dict(row)
+    out["this_update"] = utc(out["this_update"])
+    out["next_update"] = utc(out["next_update"])
+    out["der"] = bytes(out["der"])
+    return out

@@ -1,0 +1,510 @@
+"""Revocation as relying parties see it: the CRLs and the OCSP answers the gateway publishes,
+checked with the real openssl. The jobs are ticked by the tests (the app's own refresher
+waits longer than a test runs), except in the test of the refresher itself."""
+
+from __future__ import annotations
+
+import base64
+import statistics
+import subprocess
+import threading
+import time
+import urllib.parse
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+
+from kmsgate.bootstrap import build_service, prepare_dev_data_dir
+from kmsgate.config import Settings, load_settings
+from kmsgate.jobs import Jobs, leader_lock
+from kmsgate.service import Ctx
+from kmsgate.store import tables
+from kmsgate.store.feed import record_change
+from tests.gateway import Api, open_gateway
+from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate, write
+
+PUBLIC_URL = "http://pki.test"
+PEM = serialization.Encoding.PEM
+DER = serialization.Encoding.DER
+
+
+@pytest.fixture
+def gateway_settings(tmp_path: Path) -> Settings:
+    """The gateway of tests/gateway.py with a public URL (CRL and OCSP pointers), and a
+    refresher that does not tick during a test: the tests tick the jobs themselves."""
+    settings = load_settings(
+        dev=True,
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'kmsgate.db'}",
+        env="test",
+        pki={"public_url": PUBLIC_URL},
+        cache_refresh_seconds=600,
+    )
+    prepare_dev_data_dir(settings)
+    return settings
+
+
+@pytest.fixture
+def jobs(api: Api, gateway_settings: Settings):
+    """The jobs, leading (the app's refresher never gets to try the lock)."""
+    lock = leader_lock(gateway_settings.resolved_database_url())
+    jobs = Jobs(api.service, lock)
+    assert jobs.run_due()
+    yield jobs
+    lock.close()
+
+
+@pytest.fixture
+def root() -> OfflineRoot:
+    return OfflineRoot()
+
+
+class Pki:
+    """An active intermediate `issuing` under `root`, with its PEM files in `tmp`."""
+
+    def __init__(self, api: Api, token: str, root: OfflineRoot, tmp: Path) -> None:
+        self.api = api
+        self.token = token
+        self.tmp = tmp
+        make_intermediate(api, token, root)
+        chain = api.call("GET", "/v1/pki/cas/issuing/chain", None).text
+        self.issuer = x509.load_pem_x509_certificates(chain.encode())[0]
+        self.issuer_pem = write(tmp / "issuing.pem", self.issuer.public_bytes(PEM).decode())
+        self.root_pem = write(tmp / "root.pem", root.pem)
+
+    def issue(self, name: str) -> tuple[Path, str]:
+        """A server certificate for `name`.lab: its PEM file and its serial."""
+        _, csr = leaf_csr(x509.DNSName(f"{name}.lab"))
+        r = self.api.call(
+            "POST",
+            "/v1/pki/cas/issuing/issue",
+            self.token,
+            json={"csr": csr, "profile": "server"},
+        )
+        assert r.status_code == 200, r.text
+        return write(self.tmp / f"{name}.pem", r.json()["certificate"]), r.json()["serial"]
+
+    def revoke(self, serial: str, reason: str = "keyCompromise") -> None:
+        r = self.api.call(
+            "POST", f"/v1/pki/certs/{serial}/revoke", self.token, json={"reason": reason}
+        )
+        assert r.status_code == 200, r.text
+
+    def crl(self, *, delta: bool = False) -> x509.CertificateRevocationList:
+        """The published CRL, fetched without a token, checked against the CA's key."""
+        r = self.api.call("GET", "/v1/pki/cas/issuing/crl" + ("?delta=1" if delta else ""), None)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/pkix-crl"
+        crl = x509.load_der_x509_crl(r.content)
+        assert crl.is_signature_valid(self.issuer.public_key())  # type: ignore[arg-type]
+        return crl
+
+    def crl_file(self, name: str, *, delta: bool = False) -> Path:
+        path = self.tmp / f"{name}.crl.pem"
+        path.write_bytes(self.crl(delta=delta).public_bytes(PEM))
+        return path
+
+    def ocsp(self, request: bytes) -> bytes:
+        """The OCSP answer to `request`, POSTed without a token."""
+        r = self.api.client.post(
+            "/v1/pki/cas/issuing/ocsp",
+            content=request,
+            headers={"content-type": "application/ocsp-request"},
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/ocsp-response"
+        return r.content
+
+
+@pytest.fixture
+def pki(api: Api, admin: str, root: OfflineRoot, tmp_path: Path) -> Pki:
+    return Pki(api, admin, root, tmp_path)
+
+
+def openssl(binary: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [binary, *map(str, args)], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def verify(binary: str, pki: Pki, leaf: Path, *crls: Path, deltas: bool = False) -> str:
+    """openssl verify's verdict on `leaf` with CRL checking against `crls`."""
+    crl_args = [arg for crl in crls for arg in ("-CRLfile", str(crl))]
+    extra = ["-use_deltas"] if deltas else []
+    done = openssl(
+        binary,
+        "verify",
+        "-crl_check",
+        *extra,
+        "-CAfile",
+        pki.root_pem,
+        "-untrusted",
+        pki.issuer_pem,
+        *crl_args,
+        leaf,
+    )
+    return done.stdout + done.stderr
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+# --- CRLs ---------------------------------------------------------------------------------------
+
+
+def test_openssl_rejects_a_leaf_once_the_published_crl_lists_it(pki, jobs, openssl_bin):
+    leaf, serial = pki.issue("web")
+    before = pki.crl()
+    assert len(before) == 0
+    assert ": OK" in verify(openssl_bin, pki, leaf, pki.crl_file("before"))
+
+    pki.revoke(serial)
+    assert jobs.run_revocation()
+    after = pki.crl()
+    assert "certificate revoked" in verify(openssl_bin, pki, leaf, pki.crl_file("after"))
+
+    entry = after.get_revoked_certificate_by_serial_number(int(serial, 16))
+    assert entry is not None
+    reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason is x509.ReasonFlags.key_compromise
+    assert crl_number(after) > crl_number(before)
+    assert after.next_update_utc - after.last_update_utc == timedelta(hours=24)
+    freshest = after.extensions.get_extension_for_class(x509.FreshestCRL).value
+    assert freshest[0].full_name[0].value == f"{PUBLIC_URL}/v1/pki/cas/issuing/crl?delta=1"
+
+
+def test_the_delta_lists_what_the_previous_full_crl_did_not(pki, jobs, openssl_bin):
+    first, first_serial = pki.issue("first")
+    second, second_serial = pki.issue("second")
+    pki.revoke(first_serial)
+    jobs.run_revocation()
+    base = pki.crl()
+    base_file = pki.crl_file("base")
+    base_number = crl_number(base)
+
+    pki.revoke(second_serial, "superseded")
+    jobs.run_revocation()
+    full, delta = pki.crl(), pki.crl(delta=True)
+    assert {e.serial_number for e in full} == {int(first_serial, 16), int(second_serial, 16)}
+    assert [e.serial_number for e in delta] == [int(second_serial, 16)]
+    indicator = delta.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+    assert indicator.critical and indicator.value.crl_number == base_number
+    assert base_number < crl_number(full) < crl_number(delta)
+    # a client holding the older full CRL catches up with the delta alone
+    delta_file = pki.crl_file("delta", delta=True)
+    assert ": OK" in verify(openssl_bin, pki, second, base_file)
+    verdict = verify(openssl_bin, pki, second, base_file, delta_file, deltas=True)
+    assert "certificate revoked" in verdict
+    assert "certificate revoked" in verify(openssl_bin, pki, first, base_file)
+
+
+def test_many_revocations_make_one_build(api, pki, jobs, admin):
+    serials = [pki.issue(f"host{i}")[1] for i in range(5)]
+    number = crl_number(pki.crl())
+    for serial in serials:
+        pki.revoke(serial)
+    assert jobs.run_revocation()
+    assert not api.service.revocation.publish_due(Ctx("test"))  # nothing left to do
+    crl = pki.crl()
+    assert len(crl) == 5
+    # one full and one delta CRL: two numbers taken
+    assert crl_number(crl) == number + 2
+    events = api.call("GET", "/v1/audit?action=crl.build", admin).json()["events"]
+    assert [(e["principal"], e["outcome"]) for e in events] == [("system", "ok")] * 2
+    assert [e["detail"]["entries"] for e in events] == [0, 5]
+
+
+def test_a_crl_is_rebuilt_at_half_life_and_a_pending_or_unknown_ca_has_none(api, pki, jobs):
+    now = datetime.now(UTC)
+    assert api.service.revocation.publish_due(Ctx("t"), now + timedelta(hours=11)) == []
+    assert api.service.revocation.publish_due(Ctx("t"), now + timedelta(hours=13)) == ["issuing"]
+    assert api.call("GET", "/v1/pki/cas/nope/crl", None).status_code == 404
+    created = api.call(
+        "POST", "/v1/pki/cas", pki.token, json={"name": "later", "subject": "CN=Later"}
+    )
+    assert created.status_code == 201
+    pending = api.call("GET", "/v1/pki/cas/later/crl", None)
+    assert pending.status_code == 409
+    assert pending.headers["content-type"] == "application/problem+json"
+
+
+def test_a_replica_serves_what_the_leader_published(tmp_path, root, database_url, openssl_bin):
+    options = {
+        "database_url": database_url,
+        "pki": {"public_url": PUBLIC_URL},
+        "cache_refresh_seconds": 600,
+    }
+    with open_gateway(tmp_path, **options) as (api, token):
+        pki = Pki(api, token, root, tmp_path)
+        leaf, serial = pki.issue("web")
+        leader = api.service.revocation
+        assert leader.publish_due(Ctx("t")) == ["issuing"]
+        settings = load_settings(dev=True, data_dir=tmp_path / "data", env="test", **options)
+        replica = build_service(settings)
+        try:
+            served = replica.revocation
+            assert len(x509.load_der_x509_crl(served.crl("issuing"))) == 0
+            request = ocsp_request(openssl_bin, pki, "web", "-cert", leaf, nonce=False)
+            answer = ocsp.load_der_ocsp_response(served.ocsp(Ctx("t"), "issuing", request))
+            assert answer.certificate_status is ocsp.OCSPCertStatus.GOOD
+
+            pki.revoke(serial, "superseded")
+            assert leader.publish_due(Ctx("t")) == ["issuing"]
+            served.refresh()  # the replica's refresher tick
+            crl = x509.load_der_x509_crl(served.crl("issuing"))
+            assert [e.serial_number for e in crl] == [int(serial, 16)]
+            assert served.crl("issuing", delta=True) == leader.crl("issuing", delta=True)
+            answer = ocsp.load_der_ocsp_response(served.ocsp(Ctx("t"), "issuing", request))
+            assert answer.certificate_status is ocsp.OCSPCertStatus.REVOKED
+            assert answer.revocation_reason is x509.ReasonFlags.superseded
+        finally:
+            replica.close()
+
+
+def test_the_refresher_publishes_a_revocation_within_seconds(tmp_path, root):
+    with open_gateway(tmp_path, pki={"public_url": PUBLIC_URL}) as (api, token):
+        pki = Pki(api, token, root, tmp_path)
+        deadline = time.monotonic() + 15
+        while api.client.get("/v1/pki/cas/issuing/crl").status_code != 200:
+            assert time.monotonic() < deadline, "no CRL published"
+            time.sleep(0.2)
+        _, serial = pki.issue("web")
+        pki.revoke(serial)
+        while int(serial, 16) not in {e.serial_number for e in pki.crl()}:
+            assert time.monotonic() < deadline, "the revocation was not published"
+            time.sleep(0.2)
+
+
+# --- OCSP ---------------------------------------------------------------------------------------
+
+
+def ocsp_request(binary: str, pki: Pki, name: str, *target: str | Path, nonce: bool) -> bytes:
+    """A DER OCSP request made by openssl (`-cert file` or `-serial n`)."""
+    out = pki.tmp / f"{name}.req"
+    done = openssl(
+        binary,
+        "ocsp",
+        "-issuer",
+        pki.issuer_pem,
+        *target,
+        "-nonce" if nonce else "-no_nonce",
+        "-reqout",
+        out,
+    )
+    assert done.returncode == 0, done.stderr
+    return out.read_bytes()
+
+
+def check_answer(
+    binary: str, pki: Pki, name: str, answer: bytes, *target: str | Path, request: bytes = b""
+) -> str:
+    """openssl's reading of `answer`, verified against the root: the status of `target`
+    (`-cert file` or `-serial n`), or, with `request`, the nonce check against it."""
+    resp = pki.tmp / f"{name}.resp"
+    resp.write_bytes(answer)
+    options: list[str | Path] = [*target, "-no_nonce"]
+    if request:
+        options = ["-reqin", pki.tmp / f"{name}.sent"]
+        Path(options[1]).write_bytes(request)
+    done = openssl(
+        binary,
+        "ocsp",
+        "-respin",
+        resp,
+        "-issuer",
+        pki.issuer_pem,
+        "-verify_other",
+        pki.issuer_pem,
+        "-CAfile",
+        pki.root_pem,
+        "-resp_text",
+        *options,
+    )
+    return done.stdout + done.stderr
+
+
+def test_openssl_reads_good_then_revoked_then_unknown(api, pki, jobs, openssl_bin):
+    leaf, serial = pki.issue("web")
+    request = ocsp_request(openssl_bin, pki, "web", "-cert", leaf, nonce=False)
+    first = pki.ocsp(request)
+    text = check_answer(openssl_bin, pki, "good", first, "-cert", leaf)
+    assert "Response verify OK" in text, text
+    assert f"{leaf}: good" in text
+    assert "OCSP Signing" in text and "OCSP No Check" in text  # the delegated responder
+    assert pki.ocsp(request) == first  # pre-signed and cached: the same bytes
+
+    pki.revoke(serial, "keyCompromise")
+    api.service.revocation.refresh()  # the refresher's tick: drops the cached answer
+    text = check_answer(openssl_bin, pki, "revoked", pki.ocsp(request), "-cert", leaf)
+    assert "Response verify OK" in text, text
+    assert f"{leaf}: revoked" in text and "Reason: keyCompromise" in text
+
+    stranger = ocsp_request(openssl_bin, pki, "stranger", "-serial", "0x1234abcd", nonce=False)
+    text = check_answer(openssl_bin, pki, "unknown", pki.ocsp(stranger), "-serial", "0x1234abcd")
+    assert "Response verify OK" in text, text
+    assert "0x1234abcd: unknown" in text.replace("0x1234ABCD", "0x1234abcd")
+
+
+def test_the_responder_is_made_by_the_first_request_and_renewed_at_half_life(
+    api, pki, jobs, admin, openssl_bin
+):
+    leaf, _ = pki.issue("web")
+    responders = "/v1/pki/certs?ca=issuing&profile=ocsp-responder"
+    assert api.call("GET", responders, admin).json()["certs"] == []  # none until asked
+    request = ocsp_request(openssl_bin, pki, "web", "-cert", leaf, nonce=False)
+    first = ocsp.load_der_ocsp_response(pki.ocsp(request)).certificates[0]
+    made = api.call("GET", responders, admin).json()["certs"]
+    assert [(c["serial"], c["owner"]) for c in made] == [
+        (format(first.serial_number, "x"), "system")
+    ]
+    key = api.call("GET", "/v1/keys/ocsp.issuing", admin).json()
+    assert (key["purpose"], key["backend"]) == ("ocsp", "local")
+
+    api.service.revocation.publish_due(Ctx("t"), datetime.now(UTC) + timedelta(days=14))
+    assert len(api.call("GET", responders, admin).json()["certs"]) == 1  # not yet
+    api.service.revocation.publish_due(Ctx("t"), datetime.now(UTC) + timedelta(days=16))
+    assert len(api.call("GET", responders, admin).json()["certs"]) == 2
+    events = api.call("GET", "/v1/audit?action=ocsp.responder", admin).json()["events"]
+    assert [(e["principal"], e["outcome"]) for e in events] == [("system", "ok")] * 2
+
+
+def test_a_nonce_gets_a_fresh_answer_echoing_it(pki, jobs, openssl_bin):
+    leaf, _ = pki.issue("web")
+    request = ocsp_request(openssl_bin, pki, "nonce", "-cert", leaf, nonce=True)
+    answers = [pki.ocsp(request), pki.ocsp(request)]
+    assert answers[0] != answers[1]
+    text = check_answer(openssl_bin, pki, "nonce", answers[0], request=request)
+    assert "Response verify OK" in text and "Cert Status: good" in text, text
+    assert "OCSP Nonce" in text
+    assert "nonce" not in text.lower().replace("ocsp nonce", "")  # no nonce warning or error
+    sent = ocsp.load_der_ocsp_request(request).extensions.get_extension_for_class(x509.OCSPNonce)
+    got = ocsp.load_der_ocsp_response(answers[1]).extensions.get_extension_for_class(x509.OCSPNonce)
+    assert got.value.nonce == sent.value.nonce
+
+
+def test_get_requests_malformed_ones_and_other_issuers(api, pki, jobs, openssl_bin):
+    leaf, _ = pki.issue("web")
+    request = ocsp_request(openssl_bin, pki, "get", "-cert", leaf, nonce=False)
+    posted = pki.ocsp(request)
+    standard = urllib.parse.quote(base64.b64encode(request).decode(), safe="")
+    urlsafe = base64.urlsafe_b64encode(request).decode().rstrip("=")
+    for encoded in (standard, urlsafe):
+        r = api.client.get(f"/v1/pki/cas/issuing/ocsp/{encoded}")
+        assert r.status_code == 200 and r.content == posted
+
+    def status(reply) -> ocsp.OCSPResponseStatus:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"] == "application/ocsp-response"
+        return ocsp.load_der_ocsp_response(reply.content).response_status
+
+    malformed = ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+    assert status(api.client.post("/v1/pki/cas/issuing/ocsp", content=b"junk")) is malformed
+    assert status(api.client.get("/v1/pki/cas/issuing/ocsp/not*base64")) is malformed
+    text = check_answer(openssl_bin, pki, "junk", pki.ocsp(b"\x30\x03\x02\x01\x01"))
+    assert "malformedrequest" in text.lower(), text
+    other = ocsp.OCSPRequestBuilder().add_certificate(pki.issuer, pki.issuer, hashes.SHA1())
+    foreign = api.client.post("/v1/pki/cas/issuing/ocsp", content=other.build().public_bytes(DER))
+    assert status(foreign) is ocsp.OCSPResponseStatus.UNAUTHORIZED
+    unknown = api.client.post("/v1/pki/cas/nope/ocsp", content=request)
+    assert unknown.status_code == 404
+    assert unknown.headers["content-type"] == "application/problem+json"
+
+
+# --- scale --------------------------------------------------------------------------------------
+
+SCALE = 100_000
+
+
+def insert_revoked(api: Api, count: int) -> None:
+    """`count` revoked certificates of `issuing`, written with one executemany."""
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "serial": format((1 << 150) + i, "x"),
+            "ca": "issuing",
+            "subject": "CN=bulk",
+            "sans": [],
+            "profile": "server",
+            "key_type": "ecdsa-p256",
+            "not_before": now - timedelta(days=1),
+            "not_after": now + timedelta(days=30),
+            "status": "revoked",
+            "revoked_at": now - timedelta(seconds=i % 3600),
+            "reason": ("keyCompromise", "superseded", None)[i % 3],
+            "owner": "test",
+            "fingerprint": "0" * 64,
+            "certificate": "",
+        }
+        for i in range(count)
+    ]
+    with api.service.store.transaction() as conn:
+        conn.execute(sa.insert(tables.certificates), rows)
+        record_change(conn, "certs", "bulk")
+
+
+def test_a_100k_crl_builds_in_under_2s_while_ocsp_keeps_answering(api, pki, jobs, openssl_bin):
+    leaf, _ = pki.issue("web")
+    _, other = pki.issue("other")
+    _, second = pki.issue("second")
+    cached = ocsp_request(openssl_bin, pki, "hot", "-cert", leaf, nonce=False)
+    fresh = ocsp_request(openssl_bin, pki, "hot-nonce", "-cert", leaf, nonce=True)
+    pki.ocsp(cached)
+    pki.ocsp(fresh)
+    started = time.perf_counter()
+    insert_revoked(api, SCALE)
+    print(f"\ninserted {SCALE} revoked rows in {time.perf_counter() - started:.2f} s")
+
+    started = time.perf_counter()
+    assert api.service.revocation.publish_due(Ctx("scale")) == ["issuing"]
+    alone = time.perf_counter() - started
+    assert len(pki.crl()) == SCALE
+    assert len(pki.crl(delta=True)) == 0  # too many news for a delta: it starts afresh
+
+    latencies: list[tuple[float, float]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        n = 0
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            r = api.client.post("/v1/pki/cas/issuing/ocsp", content=fresh if n % 2 else cached)
+            latencies.append((t0, time.perf_counter() - t0))
+            good = ocsp.load_der_ocsp_response(r.content).certificate_status
+            if r.status_code != 200 or good is not ocsp.OCSPCertStatus.GOOD:
+                failures.append(f"{r.status_code} {good}")
+            n += 1
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    windows, timings = [], []
+    try:
+        time.sleep(0.2)
+        for serial in (other, second):  # two builds, each after one revocation
+            pki.revoke(serial)
+            started = time.perf_counter()
+            assert api.service.revocation.publish_due(Ctx("scale")) == ["issuing"]
+            windows.append((started, time.perf_counter()))
+            timings.append(windows[-1][1] - started)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    during = [lat for t0, lat in latencies if any(a <= t0 <= b for a, b in windows)]
+    p99 = statistics.quantiles(during, n=100)[98]
+    print(
+        f"100k-entry CRL build (read, full + delta CRL, store): {alone:.2f} s; again under "
+        f"OCSP load: {timings[0]:.2f} s and {timings[1]:.2f} s, meanwhile {len(during)} OCSP"
+        f" answers, p50 {statistics.median(during) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms,"
+        f" slowest {max(during) * 1000:.0f} ms"
+    )
+    assert alone < 2.0
+    assert not failures, failures[:5]
+    assert p99 < 0.050
+    assert len(pki.crl()) == SCALE + 2
+    assert [e.serial_number for e in pki.crl(delta=True)] == [int(second, 16)]
