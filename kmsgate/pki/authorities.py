@@ -18,6 +18,10 @@ from kmsgate.store import READ_THROUGH_PER_SECOND, Row, Store, StoreMirror, utc
 
 CA_PURPOSE = "ca"
 """The purpose of a CA's key: it signs certificates, CRLs and OCSP responses, never raw data."""
+OCSP_PURPOSE = "ocsp"
+"""The purpose of a delegated OCSP responder's key: it signs OCSP responses only."""
+PKI_PURPOSES = frozenset({CA_PURPOSE, OCSP_PURPOSE})
+"""Purposes whose keys the raw `sign` operation refuses, whatever the policy says."""
 
 
 class CaType(enum.StrEnum):

@@ -35,7 +35,6 @@ from kmsgate.store.crls import AGGREGATE, DELTA, FULL, RESPONDER
 __all__ = [
     "CRL_VALIDITY",
     "OCSP_VALIDITY",
-    "RESPONDER_PURPOSE",
     "RESPONDER_VALIDITY",
     "Answer",
     "Document",
@@ -57,8 +56,6 @@ OCSP_VALIDITY = timedelta(hours=1)
 """nextUpdate - thisUpdate of an OCSP answer; a cached one is re-signed at half-life."""
 RESPONDER_VALIDITY = timedelta(days=30)
 """Lifetime of a delegated OCSP responder certificate; renewed at half-life."""
-RESPONDER_PURPOSE = "ocsp"
-"""The purpose of a responder's key: it signs OCSP answers for one CA."""
 
 OCSP_MISSES_PER_SECOND = 500.0
 """OCSP statuses a process reads from the store per second; beyond that, `tryLater`."""

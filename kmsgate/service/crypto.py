@@ -20,7 +20,7 @@ from kmsgate.auth import Principal
 from kmsgate.backends.base import MacCapable, SignMessage, require_capability
 from kmsgate.catalogue import Key
 from kmsgate.errors import InvalidRequest, KmsgateError, MacInvalid, SignatureInvalid
-from kmsgate.pki.authorities import CA_PURPOSE
+from kmsgate.pki.authorities import PKI_PURPOSES
 from kmsgate.service.batch import ResultT, RunAll, check_size, each, run_items
 from kmsgate.service.gate import Call, Ctx, Gate, KeyTarget
 from kmsgate.service.requests import MacInput, MacVerifyInput, SignInput, VerifyInput
@@ -128,12 +128,12 @@ class Crypto:
     def _sign(self, key: Key, items: Sequence[SignInput]) -> ItemResults[Signature]:
         """Check every item, then sign the valid ones with one backend call per key version
         (a backend with a batch API signs a whole batch in a few requests). Raises
-        InvalidRequest for a CA key, whatever the policy says: it signs only certificates,
-        CRLs and OCSP responses, through the PKI."""
-        if key.purpose == CA_PURPOSE:
+        InvalidRequest for a CA or OCSP responder key, whatever the policy says: it signs
+        only certificates, CRLs or OCSP responses, through the PKI."""
+        if key.purpose in PKI_PURPOSES:
             raise InvalidRequest(
-                f"key {key.name!r} is a CA key: it signs certificates, CRLs and OCSP "
-                "responses through /v1/pki, never raw data"
+                f"key {key.name!r} is a {key.purpose} key: it signs certificates, CRLs or "
+                "OCSP responses through /v1/pki, never raw data"
             )
         results: dict[int, Signature | KmsgateError] = {}
         pending: dict[int, list[tuple[int, SignMessage]]] = {}

@@ -102,7 +102,7 @@ class Pki:
                 x509.CertificateSigningRequestBuilder()
                 .subject_name(subject)
                 .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .sign(self._signing_key(key), signature_hash(_public_key(key)))
+                .sign(self.signing_key(key), signature_hash(_public_key(key)))
             )
             at = now()
             ca = Authority(
@@ -225,11 +225,17 @@ class Pki:
         def revoke(outcome: Outcome) -> CertificateRecord:
             if record is None:
                 raise NotFound(f"no certificate with serial {serial}")
+            if reason == "removeFromCRL":
+                raise InvalidRequest("removeFromCRL ends a hold in a delta CRL: not a reason")
             if record.status == REVOKED:
                 raise Conflict(f"certificate {serial} is revoked already")
             ca = self.authorities.get(record.ca)
             if ca.type is CaType.HASHIVAULT_PKI:  # Vault first: if it refuses, nothing changed
-                self._vault_pki(ca).revoke(parse_serial(serial))
+                self.engine(ca).revoke(parse_serial(serial))
+            if reason == "removeFromCRL":
+                raise InvalidRequest(
+                    "removeFromCRL ends a hold in a delta CRL; it is no revocation"
+                )
             if not self.store.certs.revoke(serial, now(), reason):
                 raise Conflict(f"certificate {serial} is revoked already")
             outcome.detail.update(serial=serial, reason=reason)
@@ -278,7 +284,7 @@ class Pki:
         not_before, not_after = validity(issuer, approved.ttl, now())
         return build_certificate(
             issuer=issuer,
-            key=self._signing_key(key),
+            key=self.signing_key(key),
             subject=approved.subject,
             public_key=approved.public_key,
             serial=new_serial(),
@@ -290,7 +296,7 @@ class Pki:
             ],
         )
 
-    def _vault_pki(self, ca: Authority) -> PkiEngine:
+    def engine(self, ca: Authority) -> PkiEngine:
         """The Vault PKI engine of a `hashivault-pki` CA. Raises NotSupported if its backend
         fronts no PKI engine, InvalidRequest for an unusable mount or role."""
         backend = self.gate.registry.get(ca.backend)
@@ -318,7 +324,7 @@ class Pki:
             backend=self.gate.registry.get(new.backend).name,
             options={"mount": new.mount, "role": new.role},
         )
-        chain = self._vault_pki(pending).chain()
+        chain = self.engine(pending).chain()
         if not chain:
             raise BackendError(f"Vault PKI mount {new.mount!r} has no CA certificate")
         return replace(
@@ -340,7 +346,7 @@ class Pki:
         cns = approved.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         common_name = str(cns[0].value) if cns else (sans[0].partition(":")[2] if sans else "")
         pem = csr.public_bytes(serialization.Encoding.PEM).decode()
-        certs = self._vault_pki(ca).sign(
+        certs = self.engine(ca).sign(
             pem,
             common_name=common_name,
             dns=by_kind["dns"],
@@ -350,7 +356,7 @@ class Pki:
         )
         return certs[0], tuple(certs[1:])
 
-    def _signing_key(self, key: Key) -> CertificateIssuerPrivateKeyTypes:
+    def signing_key(self, key: Key) -> CertificateIssuerPrivateKeyTypes:
         """The CA key as a cryptography private key whose signatures its backend makes."""
         key.require_enabled()
         version = key.usable_version(None, for_signing=True)

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from kmsgate.auth import SYSTEM
 from kmsgate.catalogue import Key
 from kmsgate.errors import Conflict, KmsgateError, NotFound, Unavailable
-from kmsgate.pki.authorities import Authority, CaState, CaType
+from kmsgate.pki.authorities import OCSP_PURPOSE, Authority, CaState, CaType
 from kmsgate.pki.crl import RevokedEntry, build_crl
 from kmsgate.pki.inventory import record_of, record_row
 from kmsgate.pki.issuer import build_certificate, new_serial, serial_hex, signature_hash, validity
@@ -58,7 +58,6 @@ from kmsgate.pki.ocsp import (
 from kmsgate.pki.revocation import (
     CRL_VALIDITY,
     OCSP_VALIDITY,
-    RESPONDER_PURPOSE,
     RESPONDER_VALIDITY,
     Answer,
     Document,
@@ -125,6 +124,8 @@ class Revocation:
         yet: the next tick builds it)."""
         ca = self.pki.authorities.get(ca_name)
         ca.active_certificate()
+        if ca.type is CaType.HASHIVAULT_PKI:  # Vault publishes its own CRLs
+            return self.pki.engine(ca).crl(delta=delta)
         if not _serves(ca):
             raise NotFound(f"CA {ca_name!r} publishes no CRL through the gateway")
         published = self.published.find(ca_name)
@@ -142,6 +143,8 @@ class Revocation:
         ca = self.pki.authorities.find(ca_name)
         if ca is None:
             raise NotFound(f"no CA named {ca_name!r}")
+        if ca.type is CaType.HASHIVAULT_PKI:  # Vault answers for the certificates it signs
+            return self.pki.engine(ca).ocsp(der)
         if _serves(ca):
             self._serving[ca.name] = ca
         answer = self._respond(ctx, ca, der, memory_only=False)
@@ -198,7 +201,7 @@ class Revocation:
 
         def build(outcome: Outcome) -> None:
             issuer = ca.active_certificate()
-            signer = self.pki._signing_key(self.gate.catalogue.get(ca.key_name or ""))
+            signer = self.pki.signing_key(self.gate.catalogue.get(ca.key_name or ""))
             hash_alg = signature_hash(issuer.public_key())
             entries = revoked_entries(self.store.crls.revoked(ca.name))
             number = self.store.cas.next_crl_number(ca.name)
@@ -364,7 +367,7 @@ class Revocation:
             key = self.gate.catalogue.find(responder_key_name(ca.name))
             if key is None:
                 return None
-            signer = (certificate, self.pki._signing_key(key))
+            signer = (certificate, self.pki.signing_key(key))
             if signer[1].public_key() != certificate.public_key():
                 return None  # the key was rotated: a new certificate is due
             self._signers[ca.name] = signer
@@ -379,15 +382,13 @@ class Revocation:
             issuer = ca.active_certificate()
             key = self._responder_key(ca)
             public_key = key.versions[key.primary_version].public_key()
-            if key.purpose != RESPONDER_PURPOSE or not isinstance(
-                public_key, ec.EllipticCurvePublicKey
-            ):
+            if key.purpose != OCSP_PURPOSE or not isinstance(public_key, ec.EllipticCurvePublicKey):
                 raise Conflict(f"key {key.name!r} exists and is not an OCSP responder key")
             not_before, not_after = validity(issuer, RESPONDER_VALIDITY, at)
             subject = x509.Name(
                 [x509.NameAttribute(x509.NameOID.COMMON_NAME, f"{ca.name} OCSP responder")]
             )
-            ca_key = self.pki._signing_key(self.gate.catalogue.get(ca.key_name or ""))
+            ca_key = self.pki.signing_key(self.gate.catalogue.get(ca.key_name or ""))
             certificate = build_certificate(
                 issuer=issuer,
                 key=ca_key,
@@ -422,7 +423,7 @@ class Revocation:
             return key
         new = NewKey(
             name=name,
-            purpose=RESPONDER_PURPOSE,
+            purpose=OCSP_PURPOSE,
             type=RESPONDER_KEY_TYPE,
             backend=RESPONDER_BACKEND,
             labels={"ca": ca.name},

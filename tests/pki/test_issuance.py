@@ -63,7 +63,7 @@ def test_the_ca_key_cannot_sign_raw_data(api, admin, root):
     ca = make_intermediate(api, admin, root)
     r = api.call("POST", f"/v1/keys/{ca['key']}/sign", admin, json={"input": "aGk="})
     assert (r.status_code, r.json()["code"]) == (400, "invalid_request")
-    assert "CA key" in r.json()["detail"]
+    assert "is a ca key" in r.json()["detail"]
 
 
 @pytest.mark.parametrize(
