@@ -889,7 +889,7 @@ def test_deleting_an_adopted_key_never_destroys_the_ceremony_key(hsm: SoftHsm, t
     token.pkcs11_tool(*gen, "--label", "ceremony-root", "--id", "e1")
     uri = f"pkcs11:token={token.label};object=ceremony-root;type=private"
     with gateway(token, tmp_path) as (client, auth):
-        body = {"name": "adopted", "type": "ecdsa-p256", "purpose": "ca", "backend": "hsm"}
+        body = {"name": "adopted", "type": "ecdsa-p256", "purpose": "ceremony", "backend": "hsm"}
         r = client.post("/v1/keys", headers=auth, json={**body, "uri": uri})
         assert r.status_code == 201, r.text
         r = client.post("/v1/keys/adopted/sign", headers=auth, json={"input": b64(MESSAGE)})
