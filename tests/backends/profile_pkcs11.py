@@ -7,6 +7,7 @@ SoftHSM 2.6 offers CKM_EDDSA, so the token holds every key type; keys never leav
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import Iterator
 
 import pytest
@@ -22,7 +23,10 @@ CONFORMANCE_TOKEN = "kmsgate-conformance"
 
 @contextlib.contextmanager
 def _start_pkcs11(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyBackend]:
-    with softhsm_token(tmp_path_factory, CONFORMANCE_TOKEN) as token:
+    # a label of its own per start: a session may start the profile twice (the conformance
+    # suite, the envelope tests) while the first token still exists
+    label = f"{CONFORMANCE_TOKEN}-{secrets.token_hex(3)}"
+    with softhsm_token(tmp_path_factory, label) as token:
         from kmsgate.backends.pkcs11 import Pkcs11Backend  # python-pkcs11 is there (checked)
 
         backend = Pkcs11Backend.from_config("pkcs11", BackendSettings(**token.backend_config()))
