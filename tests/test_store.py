@@ -16,6 +16,7 @@ from kmsgate.auth import Credentials, TokenRegistry
 from kmsgate.catalogue import Catalogue, Key, KeyState, KeyVersion
 from kmsgate.errors import Conflict, Unauthenticated
 from kmsgate.store import Store, tables
+from kmsgate.store.certificates import CertQuery
 
 
 @pytest.fixture
@@ -235,3 +236,69 @@ def test_misses_read_through_only_within_the_budget(store, monkeypatch):
     time.sleep(0.6)  # the bucket refills at 2 per second
     assert reader.find("late") is not None
     assert queries[-1] == "late"
+
+
+def _cert_row(serial: str) -> dict[str, object]:
+    now = datetime.now(UTC)
+    return {
+        "serial": serial,
+        "ca": "burst",
+        "subject": "",
+        "sans": [f"dns:{serial}.lab"],
+        "profile": "server",
+        "key_type": "ecdsa-p256",
+        "not_before": now,
+        "not_after": now + timedelta(hours=1),
+        "status": "valid",
+        "revoked_at": None,
+        "reason": None,
+        "owner": "test",
+        "fingerprint": "0" * 64,
+        "certificate": "-",
+    }
+
+
+def test_concurrent_certificate_inserts_commit_together_and_a_clash_fails_alone(store):
+    """Group commit: 40 threads insert at once; every row lands, the feed names each, and
+    the one row whose serial is taken gets Conflict while its batch-mates succeed."""
+    now = datetime.now(UTC)
+    store.cas.insert(
+        {
+            "name": "burst",
+            "type": "kmsgate",
+            "state": "active",
+            "key_name": None,
+            "backend": None,
+            "options": None,
+            "subject": "CN=Burst",
+            "csr": None,
+            "certificate": None,
+            "chain": None,
+            "not_after": None,
+            "crl_number": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+    )
+    store.certs.insert(_cert_row("aa"))
+    before = store.feed.epoch("certs")
+    start = threading.Barrier(40)
+    errors: dict[str, Exception] = {}
+
+    def insert(serial: str) -> None:
+        start.wait(timeout=10)
+        try:
+            store.certs.insert(_cert_row(serial))
+        except Exception as exc:
+            errors[serial] = exc
+
+    serials = [f"{i:02x}0" for i in range(39)] + ["aa"]  # "aa" is taken
+    threads = [threading.Thread(target=insert, args=(s,)) for s in serials]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert list(errors) == ["aa"] and isinstance(errors["aa"], Conflict)
+    stored = {row["serial"] for row in store.certs.search(CertQuery(ca="burst", limit=100))}
+    assert stored == set(serials)
+    assert store.feed.epoch("certs") == before + 39
