@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from kmsgate.catalogue import Key
 from kmsgate.errors import KmsgateError, TooLarge
-from kmsgate.service.gate import Outcome
+from kmsgate.service.gate import Call, Gate, KeyTarget, Outcome
 from kmsgate.service.results import ItemResults
 
 
@@ -58,6 +58,27 @@ def run_items(
     outcome.detail["items"] = len(items)
     outcome.detail["failed"] = sum(1 for r in results if isinstance(r, KmsgateError))
     return results
+
+
+def run_on_target(
+    gate: Gate,
+    call: Call,
+    target: KeyTarget,
+    items: Sequence[ItemT],
+    batch: bool,
+    run: RunAll[ItemT, ResultT],
+    *,
+    detail: Mapping[str, object] | None = None,
+) -> ItemResults[ResultT]:
+    """Decide on `call`, run the items on the target key (`run_items`), audit the outcome
+    with `detail` added. Raises what `Gate.run_on_key` and `run_items` raise."""
+
+    def operate(key: Key, outcome: Outcome) -> ItemResults[ResultT]:
+        if detail:
+            outcome.detail.update(detail)
+        return run_items(key, outcome, items, batch, run)
+
+    return gate.run_on_key(call, target, operate)
 
 
 def check_size(data: bytes, limit: int) -> bytes:

@@ -21,7 +21,7 @@ from kmsgate.backends.base import MacCapable, SignMessage, require_capability
 from kmsgate.catalogue import Key
 from kmsgate.errors import InvalidRequest, KmsgateError, MacInvalid, SignatureInvalid
 from kmsgate.pki.authorities import PKI_PURPOSES
-from kmsgate.service.batch import ResultT, RunAll, check_size, each, run_items
+from kmsgate.service.batch import ResultT, RunAll, check_size, each, run_on_target
 from kmsgate.service.gate import Call, Ctx, Gate, KeyTarget
 from kmsgate.service.requests import MacInput, MacVerifyInput, SignInput, VerifyInput
 from kmsgate.service.results import ItemResults, Mac, Signature, Verified
@@ -110,9 +110,7 @@ class Crypto:
             request=_policy_request(target.key, items),
             inputs=[_message_bytes(item) for item in items],
         )
-        return self.gate.run_on_key(
-            call, target, lambda key, outcome: run_items(key, outcome, items, batch, run)
-        )
+        return run_on_target(self.gate, call, target, items, batch, run)
 
     def _message(self, item: SignInput | VerifyInput, alg: SignAlg) -> tuple[bytes, bool]:
         """The bytes to sign or verify and whether they are a digest. Raises InvalidRequest

@@ -20,7 +20,7 @@ from kmsgate.backends.base import WrapCapable, require_capability
 from kmsgate.catalogue import Key
 from kmsgate.envelope import Envelope, Kind, encode_context, open_message, seal_message, wrap_aad
 from kmsgate.errors import DecryptionFailed, InvalidRequest, KmsgateError, NotFound, TooLarge
-from kmsgate.service.batch import ResultT, RunAll, each, run_items
+from kmsgate.service.batch import ResultT, RunAll, each, run_on_target
 from kmsgate.service.gate import Call, Ctx, Gate, KeyTarget, Outcome
 from kmsgate.service.requests import DataKeyInput, DecryptInput, EncryptInput, RewrapInput
 from kmsgate.service.results import Ciphertext, DataKey, ItemResults, Plaintext, WrappedDataKey
@@ -124,13 +124,8 @@ class Envelopes:
             },
             inputs=ciphertexts or None,
         )
-
-        def operate(key: Key, outcome: Outcome) -> ItemResults[ResultT]:
-            if plain:
-                outcome.detail["plaintext_bytes"] = plain
-            return run_items(key, outcome, items, batch, run)
-
-        return self.gate.run_on_key(call, target, operate)
+        detail = {"plaintext_bytes": plain} if plain else None
+        return run_on_target(self.gate, call, target, items, batch, run, detail=detail)
 
     def _wrapper(self, key: Key) -> WrapCapable:
         if key.type.usage is not KeyUsage.ENCRYPT or key.verify_only:
