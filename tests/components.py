@@ -42,6 +42,7 @@ __all__ = [
     "postgres_server",
     "require_component",
     "require_postgres",
+    "run_openssl",
     "running_postgres",
     "stop_process",
     "wait_for_port",
@@ -420,6 +421,18 @@ def openssl_bin() -> str:
     if path is None:
         require_component("openssl", "no 'openssl' on PATH; apt-get install openssl")
     return path
+
+
+def run_openssl(openssl_bin: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`openssl ARGS`, its output captured, bounded in time; the caller reads the status."""
+    return subprocess.run(
+        [openssl_bin, *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

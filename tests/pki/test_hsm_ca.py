@@ -4,7 +4,6 @@ extractable."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 
 from kmsgate.service import Ctx
 from kmsgate.uri import Pkcs11Uri
+from tests.components import run_openssl
 from tests.gateway import open_gateway
 from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate, write
 from tests.softhsm import softhsm_session
@@ -38,19 +38,14 @@ def test_an_hsm_intermediate_signs_what_openssl_verifies(
         )
         assert issued.status_code == 200, issued.text
         body = issued.json()
-        verified = subprocess.run(
-            [
-                openssl_bin,
-                "verify",
-                "-CAfile",
-                write(tmp_path / "root.pem", root.pem),
-                "-untrusted",
-                write(tmp_path / "chain.pem", body["chain"]),
-                write(tmp_path / "leaf.pem", body["certificate"]),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
+        verified = run_openssl(
+            openssl_bin,
+            "verify",
+            "-CAfile",
+            write(tmp_path / "root.pem", root.pem),
+            "-untrusted",
+            write(tmp_path / "chain.pem", body["chain"]),
+            write(tmp_path / "leaf.pem", body["certificate"]),
         )
         assert verified.returncode == 0, verified.stdout + verified.stderr
         check_hsm_crl_and_ocsp(api, admin, tmp_path, openssl_bin, root, body)
@@ -68,9 +63,8 @@ def test_an_hsm_intermediate_signs_what_openssl_verifies(
 
 
 def openssl(binary: str, *args: str | Path) -> str:
-    done = subprocess.run(
-        [binary, *map(str, args)], capture_output=True, text=True, timeout=30, check=False
-    )
+    """What `openssl ARGS` printed (its verdicts go to either stream)."""
+    done = run_openssl(binary, *args)
     return done.stdout + done.stderr
 
 

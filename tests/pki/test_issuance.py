@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import subprocess
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests.components import run_openssl
 from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate, write
 
 
@@ -33,21 +33,16 @@ def test_a_server_certificate_verifies_with_openssl(api, admin, root, tmp_path, 
     leaf = write(tmp_path / "leaf.pem", body["certificate"])
     chain = write(tmp_path / "chain.pem", body["chain"])
     ca_file = write(tmp_path / "root.pem", root.pem)
-    verified = subprocess.run(
-        [
-            openssl_bin,
-            "verify",
-            "-CAfile",
-            ca_file,
-            "-untrusted",
-            chain,
-            "-purpose",
-            "sslserver",
-            leaf,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    verified = run_openssl(
+        openssl_bin,
+        "verify",
+        "-CAfile",
+        ca_file,
+        "-untrusted",
+        chain,
+        "-purpose",
+        "sslserver",
+        leaf,
     )
     assert verified.returncode == 0 and ": OK" in verified.stdout, verified.stdout + verified.stderr
     cert = x509.load_pem_x509_certificate(body["certificate"].encode())

@@ -37,11 +37,11 @@ from kmsgate.pki.remote_key import (
     RemoteRsaPrivateKey,
     remote_private_key,
 )
+from tests.components import run_openssl
 from tests.softhsm import softhsm_token
 
 pytestmark = pytest.mark.timeout(120)
 
-OPENSSL_TIMEOUT = 60.0
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
@@ -187,13 +187,8 @@ def verify_signature(
 
 
 def openssl(openssl_bin: str, *args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [openssl_bin, *args],
-        capture_output=True,
-        text=True,
-        timeout=OPENSSL_TIMEOUT,
-        check=False,
-    )
+    """`run_openssl`, asserting it succeeded."""
+    proc = run_openssl(openssl_bin, *args)
     assert proc.returncode == 0, f"openssl {' '.join(args)}: {proc.stdout}{proc.stderr}"
     return proc
 

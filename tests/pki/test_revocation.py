@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import statistics
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -25,6 +24,7 @@ from kmsgate.jobs import Jobs, leader_lock
 from kmsgate.service import Ctx
 from kmsgate.store import tables
 from kmsgate.store.feed import record_change
+from tests.components import run_openssl
 from tests.gateway import Api, open_gateway
 from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate, write
 
@@ -126,17 +126,11 @@ def pki(api: Api, admin: str, root: OfflineRoot, tmp_path: Path) -> Pki:
     return Pki(api, admin, root, tmp_path)
 
 
-def openssl(binary: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [binary, *map(str, args)], capture_output=True, text=True, timeout=30, check=False
-    )
-
-
 def verify(binary: str, pki: Pki, leaf: Path, *crls: Path, deltas: bool = False) -> str:
     """openssl verify's verdict on `leaf` with CRL checking against `crls`."""
     crl_args = [arg for crl in crls for arg in ("-CRLfile", str(crl))]
     extra = ["-use_deltas"] if deltas else []
-    done = openssl(
+    done = run_openssl(
         binary,
         "verify",
         "-crl_check",
@@ -287,7 +281,7 @@ def test_the_refresher_publishes_a_revocation_within_seconds(tmp_path, root):
 def ocsp_request(binary: str, pki: Pki, name: str, *target: str | Path, nonce: bool) -> bytes:
     """A DER OCSP request made by openssl (`-cert file` or `-serial n`)."""
     out = pki.tmp / f"{name}.req"
-    done = openssl(
+    done = run_openssl(
         binary,
         "ocsp",
         "-issuer",
@@ -312,7 +306,7 @@ def check_answer(
     if request:
         options = ["-reqin", pki.tmp / f"{name}.sent"]
         Path(options[1]).write_bytes(request)
-    done = openssl(
+    done = run_openssl(
         binary,
         "ocsp",
         "-respin",

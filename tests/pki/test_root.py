@@ -21,20 +21,10 @@ from kmsgate.pki.root import (
     sha256_fingerprint,
     sign_intermediate,
 )
+from tests.components import run_openssl
 
 PASSPHRASE = b"correct horse battery staple"
 PEM = serialization.Encoding.PEM
-
-
-def run_openssl(openssl_bin: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [openssl_bin, *map(str, args)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def intermediate_csr(

@@ -4,13 +4,13 @@ profile checks, the policy, the audit and the inventory."""
 from __future__ import annotations
 
 import secrets
-import subprocess
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests.components import run_openssl
 from tests.gateway import open_gateway
 from tests.openbao import OpenBaoServer
 from tests.pki.ceremony import leaf_csr, write
@@ -73,12 +73,7 @@ def test_a_vault_pki_ca_issues_and_revokes(
         ca_pem = api.call("GET", "/v1/pki/cas/bao/chain", None).text
         ca_file = write(tmp_path / "bao-ca.pem", ca_pem)
         leaf = write(tmp_path / "leaf.pem", body["certificate"])
-        ok = subprocess.run(
-            [openssl_bin, "verify", "-CAfile", ca_file, leaf],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        ok = run_openssl(openssl_bin, "verify", "-CAfile", ca_file, leaf)
         assert ok.returncode == 0, ok.stdout + ok.stderr
 
         # a name outside kmsgate's profile never reaches Vault
@@ -107,19 +102,7 @@ def test_a_vault_pki_ca_issues_and_revokes(
         assert crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
         crl_file = tmp_path / "bao.crl.pem"
         crl_file.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-        rejected = subprocess.run(
-            [
-                openssl_bin,
-                "verify",
-                "-crl_check",
-                "-CRLfile",
-                crl_file,
-                "-CAfile",
-                ca_file,
-                leaf,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
+        rejected = run_openssl(
+            openssl_bin, "verify", "-crl_check", "-CRLfile", crl_file, "-CAfile", ca_file, leaf
         )
         assert rejected.returncode != 0 and "revoked" in rejected.stdout + rejected.stderr
