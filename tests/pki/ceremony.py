@@ -16,6 +16,21 @@ from tests.gateway import Api
 PEM = serialization.Encoding.PEM
 
 
+def ca_key_usage(*, digital_signature: bool) -> x509.KeyUsage:
+    """keyCertSign and cRLSign (and digitalSignature if asked): a CA's key usage."""
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 class OfflineRoot:
     """A self-signed root whose key stays in the test (as it stays offline in real life)."""
 
@@ -32,20 +47,7 @@ class OfflineRoot:
             .not_valid_before(now - timedelta(minutes=5))
             .not_valid_after(now + timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(ca_key_usage(digital_signature=False), critical=True)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
             )
@@ -70,20 +72,7 @@ class OfflineRoot:
             .not_valid_before(now - timedelta(minutes=5))
             .not_valid_after(now + timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(ca_key_usage(digital_signature=True), critical=True)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False
             )

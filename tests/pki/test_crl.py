@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from kmsgate.errors import InvalidRequest
 from kmsgate.pki.crl import REASONS, RevokedEntry, build_crl, parse_reason
+from tests.pki.ceremony import ca_key_usage
 
 pytestmark = pytest.mark.interop
 
@@ -69,17 +70,7 @@ def issue(
     )
     if ca:
         builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            ca_key_usage(digital_signature=True),
             critical=True,
         )
     for value, critical in extensions:

@@ -38,6 +38,7 @@ from kmsgate.pki.remote_key import (
     remote_private_key,
 )
 from tests.components import run_openssl
+from tests.pki.ceremony import ca_key_usage
 from tests.softhsm import softhsm_token
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,17 +121,7 @@ def ca_certificate(key: RemotePrivateKey, case: Case) -> x509.Certificate:
         .not_valid_after(NOW + dt.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            ca_key_usage(digital_signature=True),
             critical=True,
         )
         .add_extension(ski, critical=False)
