@@ -302,3 +302,33 @@ def test_concurrent_certificate_inserts_commit_together_and_a_clash_fails_alone(
     stored = {row["serial"] for row in store.certs.search(CertQuery(ca="burst", limit=100))}
     assert stored == set(serials)
     assert store.feed.epoch("certs") == before + 39
+
+
+def test_a_ca_activated_elsewhere_is_seen_at_once_by_issuance(store):
+    """Another worker's cache holds the CA as pending until its next refresh; issuance asks
+    `find_current`, which reads a pending CA again."""
+    from kmsgate.pki.authorities import Authorities, CaState
+
+    now = datetime.now(UTC)
+    row = {
+        "name": "late",
+        "type": "kmsgate",
+        "state": "pending",
+        "key_name": None,
+        "backend": None,
+        "options": None,
+        "subject": "CN=Late",
+        "csr": None,
+        "certificate": None,
+        "chain": None,
+        "not_after": None,
+        "crl_number": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+    store.cas.insert(row)
+    other_worker = Authorities(store)
+    assert other_worker.find("late").state is CaState.PENDING
+    store.cas.update("late", {"state": "active"}, expected_state="pending")
+    assert other_worker.find("late").state is CaState.PENDING  # the cache, until it refreshes
+    assert other_worker.find_current("late").state is CaState.ACTIVE

@@ -176,6 +176,14 @@ class Authorities(StoreMirror):
             ca = self._cas.get(name)
         return ca
 
+    def find_current(self, name: str) -> Authority | None:
+        """`find`, but a CA this cache holds as pending is read again: another worker or
+        replica may have activated it since the cache last followed the feed."""
+        ca = self.find(name)
+        if ca is not None and ca.state is CaState.PENDING and self._read_through(name):
+            ca = self._cas.get(name)
+        return ca
+
     def get(self, name: str) -> Authority:
         """The CA called `name`. Raises NotFound."""
         ca = self.find(name)

@@ -178,7 +178,7 @@ class Pki:
         NotFound (CA or profile), Conflict (CA pending), InvalidRequest (the profile's
         reason), and what the CA key's backend raises.
         """
-        ca = self.authorities.find(ca_name)
+        ca = self.authorities.find_current(ca_name)
         csr_sans = _requested_sans(request.csr)
         resource = ca.policy_resource() if ca else {"kind": "ca", "name": ca_name}
         facts = {
