@@ -3,6 +3,7 @@ writes, uniqueness enforced by the database, and cache invalidation across repli
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from dataclasses import replace
@@ -258,9 +259,8 @@ def _cert_row(serial: str) -> dict[str, object]:
     }
 
 
-def test_concurrent_certificate_inserts_commit_together_and_a_clash_fails_alone(store):
-    """Group commit: 40 threads insert at once; every row lands, the feed names each, and
-    the one row whose serial is taken gets Conflict while its batch-mates succeed."""
+def _burst_ca(store: Store) -> None:
+    """The CA `burst` that `_cert_row` certificates belong to."""
     now = datetime.now(UTC)
     store.cas.insert(
         {
@@ -280,6 +280,12 @@ def test_concurrent_certificate_inserts_commit_together_and_a_clash_fails_alone(
             "updated_at": now,
         }
     )
+
+
+def test_concurrent_certificate_inserts_commit_together_and_a_clash_fails_alone(store):
+    """Group commit: 40 threads insert at once; every row lands, the feed names each, and
+    the one row whose serial is taken gets Conflict while its batch-mates succeed."""
+    _burst_ca(store)
     store.certs.insert(_cert_row("aa"))
     before = store.feed.epoch("certs")
     start = threading.Barrier(40)
@@ -302,6 +308,35 @@ def test_concurrent_certificate_inserts_commit_together_and_a_clash_fails_alone(
     stored = {row["serial"] for row in store.certs.search(CertQuery(ca="burst", limit=100))}
     assert stored == set(serials)
     assert store.feed.epoch("certs") == before + 39
+    changes = store.feed.changes_since("certs", before)
+    assert [epoch for epoch, _ in changes] == list(range(before + 1, before + 40))
+    assert {serial for _, serial in changes} == set(serials) - {"aa"}
+
+
+def _insert_rows(url: str, prefix: str, count: int) -> None:
+    """Insert `count` certificate rows through a Store of this (spawned) process."""
+    store = Store(url)
+    try:
+        for n in range(count):
+            store.certs.insert(_cert_row(f"{prefix}{n:03x}"))
+    finally:
+        store.close()
+
+
+def test_two_processes_insert_certificates_into_one_database_at_once(store, database_url):
+    """Two workers' inventory writers share the database: every row of both lands, and the
+    feed counts each once (on SQLite the writers take turns on the writer lock file)."""
+    _burst_ca(store)
+    spawn = multiprocessing.get_context("spawn")
+    workers = [spawn.Process(target=_insert_rows, args=(database_url, p, 150)) for p in "bc"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    stored = store.certs.search(CertQuery(ca="burst", limit=1000))
+    assert len(stored) == 300
+    assert store.feed.epoch("certs") == 300
 
 
 def test_a_ca_activated_elsewhere_is_seen_at_once_by_issuance(store):

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.routing import BaseRoute
 
 from kmsgate import __version__
 from kmsgate.api import routes_keys, routes_pki, routes_revocation, routes_sys
@@ -87,12 +88,14 @@ def create_app(service: Service) -> FastAPI:
     )
     install_docs(app)
     app.state.service = service
-    hot_routes, keys_router = routes_keys.build_routes()
+    fast_routes: list[BaseRoute] = []
     app.include_router(routes_sys.build_router())  # first: health checks stay cheap
-    app.include_router(keys_router)
-    app.include_router(routes_pki.build_router())
-    app.include_router(routes_revocation.build_router())  # public CRLs and OCSP
-    app.router.routes[:0] = hot_routes
+    # revocation: the public CRLs and OCSP
+    for routes in (routes_keys, routes_pki, routes_revocation):
+        fast, router = routes.build_routes()
+        fast_routes += fast
+        app.include_router(router)
+    app.router.routes[:0] = fast_routes
     install_error_handlers(app)
     app.state.metrics = Metrics(
         {"keys": service.catalogue, "tokens": service.tokens, "cas": service.pki.authorities}

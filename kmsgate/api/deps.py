@@ -14,7 +14,7 @@ def resolve_caller(request: Request) -> tuple[Service, Principal, Ctx]:
     """Service, authenticated principal and context in one call, without FastAPI's
     dependency machinery (hot routes: sign, verify, mac). Raises Unauthenticated."""
     service: Service = request.app.state.service
-    ctx = Ctx(request_id=getattr(request.state, "request_id", "-"))
+    ctx = request_ctx(request)
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     credentials = Credentials(
         bearer=value.strip() if scheme.lower() == "bearer" else None,
@@ -28,8 +28,13 @@ async def get_service(request: Request) -> Service:
     return service
 
 
-async def get_ctx(request: Request) -> Ctx:
+def request_ctx(request: Request) -> Ctx:
+    """The request's facts for audit records."""
     return Ctx(request_id=getattr(request.state, "request_id", "-"))
+
+
+async def get_ctx(request: Request) -> Ctx:
+    return request_ctx(request)
 
 
 async def get_principal(request: Request) -> Principal:

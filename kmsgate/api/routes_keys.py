@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
+from kmsgate.api.fastpath import Endpoint, fast_route
 from kmsgate.api.responses import json_response, operation_response
 from kmsgate.errors import InvalidRequest, VerificationFailed
 from kmsgate.schemas import (
@@ -159,20 +160,15 @@ async def _operation(request: Request, op: HotOperation) -> Response:
     return response
 
 
-def _hot_route(op: HotOperation) -> tuple[Route, Callable[[Request], Awaitable[Response]]]:
-    """The Starlette route serving `op`, and its endpoint (also registered with FastAPI so
-    that the OpenAPI document describes it)."""
+def _endpoint(op: HotOperation) -> Endpoint:
+    """The endpoint serving `op`."""
 
     async def endpoint(request: Request) -> Response:
-        # FastAPI records the matched route in the scope only for its own routes; the
-        # metrics label requests by it.
-        request.scope["route"] = route
         return await _operation(request, op)
 
     endpoint.__doc__ = op.doc
     endpoint.__name__ = op.name
-    route = Route(PREFIX + op.path, endpoint, methods=["POST"])
-    return route, endpoint
+    return endpoint
 
 
 def build_routes() -> tuple[list[Route], APIRouter]:
@@ -183,10 +179,10 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     hot: list[Route] = []
     name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     for op in HOT_OPERATIONS:
-        route, endpoint = _hot_route(op)
-        hot.append(route)
         extra = {**operation_schema(op.item_type), "parameters": [name_param]}
-        router.add_api_route(op.path, endpoint, methods=["POST"], openapi_extra=extra)
+        hot.append(
+            fast_route(router, op.path, _endpoint(op), methods=["POST"], openapi_extra=extra)
+        )
     router.add_api_route("", create_key, methods=["POST"], status_code=201)
     router.add_api_route("", list_keys, methods=["GET"])
     router.add_api_route("/{name}", get_key, methods=["GET"])

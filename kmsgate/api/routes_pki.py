@@ -7,32 +7,50 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from cryptography.hazmat.primitives import serialization
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
+from starlette.routing import Route
 
-from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
+from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
+from kmsgate.api.fastpath import body_schema, fast_route
 from kmsgate.api.responses import json_response
 from kmsgate.pki.crl import parse_reason
-from kmsgate.schemas import CaCertificateRequest, CreateCaRequest, IssueRequest, RevokeRequest
+from kmsgate.schemas import (
+    CaCertificateRequest,
+    CreateCaRequest,
+    IssueRequest,
+    RevokeRequest,
+    parse_json_object,
+    parse_model,
+)
 from kmsgate.store.certificates import CertQuery
 
 PREFIX = "/v1/pki"
 PEM = "application/x-pem-file"
 
 
-def build_router() -> APIRouter:
-    """A new application's PKI routes."""
+def build_routes() -> tuple[list[Route], APIRouter]:
+    """A new application's PKI routes: issuance on the fast path (to be matched first),
+    and the FastAPI router with every PKI route."""
     router = APIRouter(prefix=PREFIX, tags=["pki"])
+    fast = [
+        fast_route(
+            router,
+            "/cas/{ca}/issue",
+            issue,
+            methods=["POST"],
+            openapi_extra=body_schema(IssueRequest.model_json_schema()),
+        )
+    ]
     router.add_api_route("/cas", list_cas, methods=["GET"])
     router.add_api_route("/cas", create_ca, methods=["POST"], status_code=201)
     router.add_api_route("/cas/{ca}/certificate", import_certificate, methods=["POST"])
     router.add_api_route("/cas/{ca}/chain", chain, methods=["GET"], response_class=Response)
-    router.add_api_route("/cas/{ca}/issue", issue, methods=["POST"])
     router.add_api_route("/profiles", profiles, methods=["GET"])
     router.add_api_route("/certs", list_certs, methods=["GET"])
     router.add_api_route("/certs/{serial}", get_cert, methods=["GET"])
     router.add_api_route("/certs/{serial}/revoke", revoke, methods=["POST"])
-    return router
+    return fast, router
 
 
 def list_cas(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
@@ -65,12 +83,14 @@ def chain(ca: str, service: ServiceDep) -> Response:
     return Response(service.pki.chain_pem(ca), media_type=PEM)
 
 
-def issue(
-    ca: str, body: IssueRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> Response:
+async def issue(request: Request) -> Response:
     """Issue a certificate from a CSR under a profile: `{certificate, chain, serial,
-    not_after}` (PEM; the chain is the issuing CA first, root last)."""
-    issued = service.pki.issue(principal, ctx, ca, body.to_input())
+    not_after}` (PEM; the chain is the issuing CA first, root last). Runs on the event
+    loop: the service moves blocking work (a remote CA key, the inventory commit) off it."""
+    service, principal, ctx = resolve_caller(request)
+    body = parse_model(IssueRequest, parse_json_object(await request.body()))
+    ca = request.path_params["ca"]
+    issued = await service.pki.issue(principal, ctx, ca, body.to_input())
     pem = serialization.Encoding.PEM
     return json_response(
         {

@@ -14,27 +14,45 @@ import binascii
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
+from starlette.routing import Route
 
-from kmsgate.api.deps import CtxDep, ServiceDep
+from kmsgate.api.deps import ServiceDep, request_ctx
+from kmsgate.api.fastpath import body_schema, fast_route
 from kmsgate.pki.ocsp import malformed_response
-from kmsgate.service import Ctx, Service
+from kmsgate.service import Service
 
 PREFIX = "/v1/pki"
 CRL_TYPE = "application/pkix-crl"
+OCSP_REQUEST_TYPE = "application/ocsp-request"
 OCSP_RESPONSE_TYPE = "application/ocsp-response"
 MAX_ENCODED_REQUEST = 4096
 """Longest base64 request a GET may carry (an OCSP request is a few hundred bytes)."""
 
 
-def build_router() -> APIRouter:
-    """A new application's revocation routes."""
+def build_routes() -> tuple[list[Route], APIRouter]:
+    """A new application's revocation routes: OCSP on the fast path (to be matched first),
+    and the FastAPI router with every revocation route."""
     router = APIRouter(prefix=PREFIX, tags=["pki"])
     router.add_api_route("/cas/{ca}/crl", crl, methods=["GET"], response_class=Response)
-    router.add_api_route("/cas/{ca}/ocsp", ocsp_post, methods=["POST"], response_class=Response)
-    router.add_api_route(
-        "/cas/{ca}/ocsp/{encoded:path}", ocsp_get, methods=["GET"], response_class=Response
-    )
-    return router
+    ocsp_request = {"type": "string", "format": "binary"}
+    fast = [
+        fast_route(
+            router,
+            "/cas/{ca}/ocsp",
+            ocsp_post,
+            methods=["POST"],
+            openapi_extra=body_schema(ocsp_request, OCSP_REQUEST_TYPE),
+            response_class=Response,
+        ),
+        fast_route(
+            router,
+            "/cas/{ca}/ocsp/{encoded:path}",
+            ocsp_get,
+            methods=["GET"],
+            response_class=Response,
+        ),
+    ]
+    return fast, router
 
 
 def crl(ca: str, service: ServiceDep, delta: bool = False) -> Response:
@@ -42,23 +60,25 @@ def crl(ca: str, service: ServiceDep, delta: bool = False) -> Response:
     return Response(service.revocation.crl(ca, delta=delta), media_type=CRL_TYPE)
 
 
-async def ocsp_post(ca: str, request: Request, service: ServiceDep, ctx: CtxDep) -> Response:
+async def ocsp_post(request: Request) -> Response:
     """Public: the OCSP answer to the DER request in the body (application/ocsp-request)."""
-    return await _answer(service, ctx, ca, await request.body())
+    return await _answer(request, await request.body())
 
 
-async def ocsp_get(ca: str, encoded: str, service: ServiceDep, ctx: CtxDep) -> Response:
+async def ocsp_get(request: Request) -> Response:
     """Public: the OCSP answer to the request in the path, base64 (standard or URL-safe,
     padding optional, URL-decoded by the server)."""
-    der = _decode(encoded)
+    der = _decode(request.path_params["encoded"])
     if der is None:
         return Response(malformed_response(), media_type=OCSP_RESPONSE_TYPE)
-    return await _answer(service, ctx, ca, der)
+    return await _answer(request, der)
 
 
-async def _answer(service: Service, ctx: Ctx, ca: str, der: bytes) -> Response:
+async def _answer(request: Request, der: bytes) -> Response:
     """From memory on the event loop (a cached answer, or a nonce signed by the softkms
     responder); otherwise off it, since a miss reads the store."""
+    service: Service = request.app.state.service
+    ca, ctx = request.path_params["ca"], request_ctx(request)
     answer = service.revocation.ocsp_from_memory(ca, der)
     if answer is None:
         answer = await run_in_threadpool(service.revocation.ocsp, ctx, ca, der)

@@ -9,7 +9,8 @@ and if an outcome record cannot be written the result is withheld (fail-closed).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
@@ -184,6 +185,14 @@ class Gate:
         if a state-changing action's decision cannot be recorded; otherwise the result is
         withheld).
         """
+        with self.running(call, decision=decision) as outcome:
+            return operation(outcome)
+
+    @contextlib.contextmanager
+    def running(self, call: Call, *, decision: Decision | None = None) -> Iterator[Outcome]:
+        """`run` as a `with` block, for an operation that awaits inside it: decide and
+        record the decision on entry (raising PolicyDenied or AuditUnavailable before the
+        block runs), record the block's outcome on exit."""
         decision = decision or self.decide(call.principal, call.action, call.resource, call.request)
         facts = self._facts(call, decision)
         if not decision.allow:
@@ -194,13 +203,11 @@ class Gate:
             self.audit.append(AuditEvent(**facts, outcome=STARTED))
         outcome = Outcome()
         try:
-            result = operation(outcome)
-        except Exception as exc:
-            code = exc.code if isinstance(exc, KmsgateError) else "internal_error"
-            self.audit.append(outcome.event(facts, code))
+            yield outcome
+        except BaseException as exc:  # also a cancelled request: its outcome is recorded
+            self.audit.append(outcome.event(facts, _failure_code(exc)))
             raise
         self.audit.append(outcome.event(facts, "ok"))
-        return result
 
     def run_on_key(
         self, call: Call, target: KeyTarget, operation: Callable[[Key, Outcome], T]
@@ -222,3 +229,10 @@ class Gate:
             "inputs": input_summary(call.inputs) if call.inputs else None,
             "policy_digest": self.policy.digest,
         }
+
+
+def _failure_code(exc: BaseException) -> str:
+    """The outcome an audit record gives an operation that raised `exc`."""
+    if isinstance(exc, KmsgateError):
+        return exc.code
+    return "internal_error" if isinstance(exc, Exception) else "interrupted"

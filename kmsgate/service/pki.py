@@ -8,6 +8,8 @@ the root key: it only verifies that an imported chain ends in a self-signed root
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -170,13 +172,19 @@ class Pki:
 
     # -- certificates ----------------------------------------------------------------------
 
-    def issue(self, principal: Principal, ctx: Ctx, ca_name: str, request: IssueInput) -> Issued:
-        """A certificate for the CSR's key under `request.profile`, signed by the CA.
+    async def issue(
+        self, principal: Principal, ctx: Ctx, ca_name: str, request: IssueInput
+    ) -> Issued:
+        """A certificate for the CSR's key under `request.profile`, signed by the CA, and
+        its inventory record committed (by the inventory's writer, with the records of
+        concurrent issuance in one transaction).
 
         The profile alone decides the extensions; the policy decides who may have which
-        names (`cert.issue` with `request {profile, sans, ttl, ca}`). Raises PolicyDenied,
-        NotFound (CA or profile), Conflict (CA pending), InvalidRequest (the profile's
-        reason), and what the CA key's backend raises.
+        names (`cert.issue` with `request {profile, sans, ttl, ca}`). Signing runs on the
+        caller's event loop when the CA key is in process, in a thread when its backend
+        may block (HSM, KMS, Vault). Raises PolicyDenied, NotFound (CA or profile),
+        Conflict (CA pending), InvalidRequest (the profile's reason), and what the CA key's
+        backend raises.
         """
         ca = self.authorities.find_current(ca_name)
         csr_sans = _requested_sans(request.csr)
@@ -187,33 +195,48 @@ class Pki:
             "sans": list(csr_sans),
             "ttl": int(request.ttl.total_seconds()) if request.ttl else None,
         }
-
-        def issue(outcome: Outcome) -> Issued:
+        with self.gate.running(Call(principal, ctx, "cert.issue", resource, facts)) as outcome:
             if ca is None:
                 raise NotFound(f"no CA named {ca_name!r}")
-            profile = self.profiles.get(request.profile)
-            if profile is None:
-                raise NotFound(f"no certificate profile named {request.profile!r}")
-            issuer = ca.active_certificate()
-            approved = profile.check(request.csr, request.ttl)
-            if ca.type is CaType.HASHIVAULT_PKI:
-                cert, chain = self._vault_sign(ca, request.csr, approved)
+            certify = functools.partial(self._certify, ca, request, principal)
+            if self._may_block(ca):
+                issued, record = await asyncio.to_thread(certify)
             else:
-                cert, chain = self._sign(ca, issuer, profile, approved), (issuer, *ca.chain)
-            record = record_of(
-                cert,
-                ca=ca.name,
-                profile=profile.name,
-                key_type=approved.key_type.value,
-                owner=principal.id,
-            )
-            self.store.certs.insert(record_row(record))
+                issued, record = certify()
             outcome.detail.update(
-                serial=record.serial, profile=profile.name, sans=list(record.sans)
+                serial=record.serial, profile=record.profile, sans=list(record.sans)
             )
-            return Issued(cert, chain, record.serial, cert.not_valid_after_utc)
+            # once the writer has the record it commits it, whether or not we still wait
+            await asyncio.shield(asyncio.wrap_future(self.store.certs.submit(record_row(record))))
+            return issued
 
-        return self.gate.run(Call(principal, ctx, "cert.issue", resource, facts), issue)
+    def _certify(
+        self, ca: Authority, request: IssueInput, principal: Principal
+    ) -> tuple[Issued, CertificateRecord]:
+        """The CA's certificate for `request` and its inventory record (not yet stored).
+        Raises NotFound (profile), Conflict (CA pending), InvalidRequest."""
+        profile = self.profiles.get(request.profile)
+        if profile is None:
+            raise NotFound(f"no certificate profile named {request.profile!r}")
+        issuer = ca.active_certificate()
+        approved = profile.check(request.csr, request.ttl)
+        if ca.type is CaType.HASHIVAULT_PKI:
+            cert, chain = self._vault_sign(ca, request.csr, approved)
+        else:
+            cert, chain = self._sign(ca, issuer, profile, approved), (issuer, *ca.chain)
+        record = record_of(
+            cert,
+            ca=ca.name,
+            profile=profile.name,
+            key_type=approved.key_type.value,
+            owner=principal.id,
+        )
+        return Issued(cert, chain, record.serial, cert.not_valid_after_utc), record
+
+    def _may_block(self, ca: Authority) -> bool:
+        """Whether issuing with `ca` may block: its key is on a remote or HSM backend, or
+        Vault issues."""
+        return ca.type is CaType.HASHIVAULT_PKI or self.gate.target(ca.key_name or "").blocking
 
     def revoke(self, principal: Principal, ctx: Ctx, serial: str, reason: str) -> CertificateRecord:
         """Revoke a certificate (RFC 5280 `reason` name, already checked). Raises

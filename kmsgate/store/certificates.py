@@ -4,7 +4,10 @@ the "certs" change feed."""
 
 from __future__ import annotations
 
+import os
+import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -17,6 +20,8 @@ from kmsgate.store.feed import record_change
 
 AGGREGATE = "certs"
 _INSERT = tables.certificates.insert()
+_MAX_BATCH = 1000
+"""Records committed in one transaction at most."""
 VALID = "valid"
 REVOKED = "revoked"
 
@@ -41,55 +46,86 @@ class Certificates:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._pending: list[_Insert] = []
-        self._pending_lock = threading.Lock()
-        self._commit_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Insert] = queue.SimpleQueue()
+        self._writer_pid: int | None = None
+        """The process whose writer thread serves the queue (none yet, or a parent's)."""
+        self._writer_lock = threading.Lock()
+
+    def submit(self, cert: Row) -> Future[None]:
+        """Queue an issued certificate's record for the inventory's writer thread. The
+        future completes once the record is committed, or fails with Conflict (its serial
+        is taken) or Unavailable.
+
+        The writer commits every record waiting when it starts a transaction in that one
+        transaction (group commit): a burst of issuance costs one commit (one fsync)
+        instead of one per certificate, and no request thread waits on the database lock.
+        """
+        if self._writer_pid != os.getpid():
+            self._start_writer()
+        pending = _Insert(cert)
+        self._queue.put(pending)
+        return pending.done
 
     def insert(self, cert: Row) -> None:
         """Record an issued certificate (durable when this returns). Raises Conflict if its
-        serial is taken, Unavailable.
+        serial is taken, Unavailable."""
+        self.submit(cert).result()
 
-        Concurrent inserts share one transaction (group commit): a thread that finds others
-        waiting commits their rows with its own, so a burst of issuance costs one commit
-        (one fsync) instead of one per certificate.
-        """
-        mine = _Insert(cert)
-        with self._pending_lock:
-            self._pending.append(mine)
-        with self._commit_lock:
-            if not mine.done.is_set():
-                with self._pending_lock:
-                    batch, self._pending = self._pending, []
-                self._commit(batch)
-        if mine.error is not None:
-            raise mine.error
+    def _start_writer(self) -> None:
+        """Start this process's writer (on first use: a process forked from one that had
+        a writer has the queue but not the thread)."""
+        with self._writer_lock:
+            if self._writer_pid == os.getpid():
+                return
+            self._queue = queue.SimpleQueue()
+            threading.Thread(
+                target=self._write_forever,
+                args=(self._queue,),
+                name="kmsgate-inventory-writer",
+                daemon=True,
+            ).start()
+            self._writer_pid = os.getpid()
+
+    def _write_forever(self, waiting: queue.SimpleQueue[_Insert]) -> None:
+        while True:
+            batch = [waiting.get()]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    batch.append(waiting.get_nowait())
+                except queue.Empty:
+                    break
+            # a record whose future was cancelled before now is not written
+            self._commit([one for one in batch if one.done.set_running_or_notify_cancel()])
 
     def _commit(self, batch: list[_Insert]) -> None:
         """Insert `batch` in one transaction; if that fails, each on its own, so that only
         the row at fault (a serial taken) gets the error."""
+        if not batch:
+            return
         try:
             self._write(batch)
         except KmsgateError as exc:
             if len(batch) == 1:
-                batch[0].error = exc
-            else:
-                for one in batch:
-                    try:
-                        self._write([one])
-                    except KmsgateError as alone:
-                        one.error = alone
+                batch[0].done.set_exception(exc)
+                return
+            for one in batch:
+                try:
+                    self._write([one])
+                except KmsgateError as alone:
+                    one.done.set_exception(alone)
+                else:
+                    one.done.set_result(None)
         except Exception as exc:  # a bug or a driver failure: every waiter sees it
             for one in batch:
-                one.error = exc
-        finally:
+                one.done.set_exception(exc)
+        else:
             for one in batch:
-                one.done.set()
+                one.done.set_result(None)
 
     def _write(self, batch: list[_Insert]) -> None:
         with self._db.transaction() as conn:
             conn.execute(_INSERT, [one.row for one in batch])
-            for one in batch:
-                record_change(conn, AGGREGATE, one.row["serial"])
+            record_change(conn, AGGREGATE, *(one.row["serial"] for one in batch))
 
     def revoke(self, serial: str, at: datetime, reason: str) -> bool:
         """Mark a valid certificate revoked; False if there is none with that serial."""
@@ -158,13 +194,12 @@ class Certificates:
             return [_row(r) for r in conn.execute(select).mappings()]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Insert:
-    """One waiting insert: its row, and once committed (or not) its error."""
+    """One queued insert: its row, and the future its committer completes."""
 
     row: Row
-    done: threading.Event = field(default_factory=threading.Event)
-    error: Exception | None = None
+    done: Future[None] = field(default_factory=Future)
 
 
 def _row(row: sa.RowMapping) -> Row:

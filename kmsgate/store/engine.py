@@ -5,6 +5,8 @@ Also the row type and the datetime fix-up every aggregate's queries share."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import threading
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -49,10 +51,13 @@ class Database:
         self._serial: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _enable_sqlite_wal)
-            # SQLite has one writer at a time; threads that find it busy sleep in its busy
-            # handler (1, 2, 5, ... 100 ms), which turns a queue of writers into seconds of
-            # latency. They queue on this lock instead (other processes still use the handler).
-            self._serial = threading.Lock()
+            # SQLite has one writer at a time; threads and processes that find it busy sleep
+            # in its busy handler (1, 2, 5, ... 100 ms), which turns a queue of writers into
+            # seconds of latency. They queue on a lock instead: a thread lock, and for a
+            # database file an flock beside it (workers of one gateway share the file).
+            database = sa.engine.make_url(url).database
+            on_disk = bool(database) and database != ":memory:"
+            self._serial = _WriterLock(Path(f"{database}.write.lock") if on_disk else None)
 
     def migrate(self) -> None:
         """Bring the schema to the latest revision. Raises ConfigError on failure."""
@@ -92,3 +97,41 @@ class Database:
         stored = self.get_meta(key)
         assert stored is not None
         return stored
+
+
+class _WriterLock:
+    """One transaction at a time: across this process's threads (a lock) and, given a
+    `path`, across processes (an exclusive flock on that file, which the kernel hands to
+    the next waiter as soon as it is released)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._thread_lock = threading.Lock()
+        self._path = path
+        self._fd: int | None = None
+        self._pid = 0
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        if self._path is None:
+            return
+        try:
+            fcntl.flock(self._descriptor(), fcntl.LOCK_EX)
+        except OSError as exc:
+            self._thread_lock.release()
+            raise Unavailable("metadata store unavailable (write lock)") from exc
+
+    def __exit__(self, *_: object) -> None:
+        try:
+            if self._fd is not None and self._path is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+    def _descriptor(self) -> int:
+        """This process's descriptor of the lock file (a forked worker opens its own: an
+        flock belongs to the open file, which a fork would share)."""
+        assert self._path is not None
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid = os.getpid()
+        return self._fd

@@ -18,7 +18,12 @@ _KEY = tables.meta.c.key == sa.bindparam("counter")
 _BUMP = (
     sa.update(tables.meta)
     .where(_KEY)
-    .values(value=sa.cast(sa.cast(tables.meta.c.value, sa.BigInteger) + 1, sa.Text))
+    .values(
+        value=sa.cast(
+            sa.cast(tables.meta.c.value, sa.BigInteger) + sa.bindparam("by", type_=sa.BigInteger),
+            sa.Text,
+        )
+    )
 )
 _READ = sa.select(tables.meta.c.value).where(_KEY)
 _START = tables.meta.insert()
@@ -26,15 +31,21 @@ _CHANGE = tables.changes.insert()
 # built once: composing a statement per call costs more than running it on SQLite
 
 
-def record_change(conn: Connection, aggregate: str, item: str) -> None:
-    """Bump `aggregate`'s counter and record that `item` changed, in the caller's
-    transaction (the counter row stays locked until it commits)."""
-    counter = f"epoch:{aggregate}"
-    if conn.execute(_BUMP, {"counter": counter}).rowcount == 0:
-        conn.execute(_START, {"key": counter, "value": "1"})
-    epoch = int(conn.execute(_READ, {"counter": counter}).scalar_one())
+def record_change(conn: Connection, aggregate: str, *items: str) -> None:
+    """Bump `aggregate`'s counter once per item and record that each of `items` changed
+    (in order), in the caller's transaction (the counter row stays locked until it
+    commits)."""
+    counter, count = f"epoch:{aggregate}", len(items)
+    if conn.execute(_BUMP, {"counter": counter, "by": count}).rowcount == 0:
+        conn.execute(_START, {"key": counter, "value": str(count)})
+    last = int(conn.execute(_READ, {"counter": counter}).scalar_one())
+    at = datetime.now(UTC)
     conn.execute(
-        _CHANGE, {"aggregate": aggregate, "epoch": epoch, "item": item, "at": datetime.now(UTC)}
+        _CHANGE,
+        [
+            {"aggregate": aggregate, "epoch": last - count + n, "item": item, "at": at}
+            for n, item in enumerate(items, start=1)
+        ],
     )
 
 
