@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 
 from kmsgate.auth import Principal
 from kmsgate.backends.base import PkiEngine, PkiEngineCapable, require_capability
-from kmsgate.catalogue import Key
+from kmsgate.catalogue import Key, KeyVersion
 from kmsgate.errors import BackendError, Conflict, InvalidRequest, NotFound
 from kmsgate.pki.authorities import CA_PURPOSE, Authorities, Authority, CaState, CaType
 from kmsgate.pki.inventory import (
@@ -73,6 +73,9 @@ class Pki:
         self.store = store
         self.profiles = profiles
         self.public_url = public_url
+        self._signers: dict[str, tuple[KeyVersion, CertificateIssuerPrivateKeyTypes]] = {}
+        """CA key name -> (the version it signs with, its signer); a new version, or a new
+        key of that name, is a new object and replaces the entry."""
 
     # -- CAs -------------------------------------------------------------------------------
 
@@ -383,8 +386,13 @@ class Pki:
         """The CA key as a cryptography private key whose signatures its backend makes."""
         key.require_enabled()
         version = key.usable_version(None, for_signing=True)
+        cached = self._signers.get(key.name)
+        if cached is not None and cached[0] is version:
+            return cached[1]
         backend = self.gate.registry.get(key.backend)
-        return remote_private_key(backend, key.backend_key(version), _public_key(key))
+        signer = remote_private_key(backend, key.backend_key(version), _public_key(key))
+        self._signers[key.name] = (version, signer)
+        return signer
 
 
 def _public_key(key: Key) -> CertificatePublicKeyTypes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +23,8 @@ AGGREGATE = "certs"
 _INSERT = tables.certificates.insert()
 _MAX_BATCH = 1000
 """Records committed in one transaction at most."""
+_GATHER_SECONDS = 0.005
+"""How long the writer lets a batch fill when records arrive faster than it commits."""
 VALID = "valid"
 REVOKED = "revoked"
 
@@ -89,6 +92,10 @@ class Certificates:
     def _write_forever(self, waiting: queue.SimpleQueue[_Insert]) -> None:
         while True:
             batch = [waiting.get()]
+            if not waiting.empty():
+                # under load: let the batch fill for a moment, so that the writer runs (and
+                # takes the interpreter lock from the request threads) once per many records
+                time.sleep(_GATHER_SECONDS)
             while len(batch) < _MAX_BATCH:
                 try:
                     batch.append(waiting.get_nowait())
