@@ -118,7 +118,6 @@ class GatewayMiddleware:
         request_id = secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
         limit = self.max_body_bytes
-        too_large = TooLarge(f"request body exceeds the limit of {limit} bytes")
         received = 0
         started = False
         status = 500  # what the client gets if the application raises before answering
@@ -129,7 +128,7 @@ class GatewayMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise too_large
+                    raise _too_large(limit)
             return message
 
         async def counting_send(message: Message) -> None:
@@ -143,7 +142,8 @@ class GatewayMiddleware:
         try:
             for name, value in scope["headers"]:
                 if name == b"content-length" and (not value.isdigit() or int(value) > limit):
-                    await error_response(too_large, request_id)(scope, receive, counting_send)
+                    problem = error_response(_too_large(limit), request_id)
+                    await problem(scope, receive, counting_send)
                     return
             try:
                 await self.app(scope, limited_receive, counting_send)
@@ -161,3 +161,7 @@ class GatewayMiddleware:
                 status,
                 time.perf_counter() - started_at,
             )
+
+
+def _too_large(limit: int) -> TooLarge:
+    return TooLarge(f"request body exceeds the limit of {limit} bytes")
