@@ -39,6 +39,7 @@ from kmsgate.config import load_settings
 from kmsgate.pki.authorities import CaState
 from kmsgate.pki.root import load_root
 from tests.components import LOOPBACK
+from tests.softhsm import softhsm_session
 from tests.test_cli import Gateway, Run, assert_one_line_error, clean_env, run_cli, running_gateway
 
 DEV_ROOT_SUBJECT = "CN=kmsgate dev root (DEV ONLY - not for production)"
@@ -399,6 +400,91 @@ def test_root_ceremony_end_to_end(gw: Gateway, tmp_path: Path, openssl_bin: str)
     assert (imported["state"], imported["parent"]) == ("active", "CN=Lab Root,O=kmsgate tests")
     _, cert, chain, _ = issue(gw, tmp_path, "from-lab", "server", "dns:api.lab", ca="lab")
     assert_verifies(openssl_bin, root_cert, chain, cert, "-purpose", "sslserver")
+
+
+@pytest.mark.parametrize("key_type", ["ecdsa-p384", "rsa-3072"])
+def test_root_ceremony_with_the_root_key_on_a_pkcs11_token(
+    gw: Gateway,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    openssl_bin: str,
+    key_type: str,
+) -> None:
+    """The root key made on a (SoftHSM) token, sensitive and never extractable; the root
+    certificate and an intermediate signed through the token verify with openssl, and the
+    gateway issues under that intermediate."""
+    token = softhsm_session(tmp_path_factory).init_token(f"root-{key_type}")
+    query = f"module-path={token.hsm.module}&pin-source=file:{token.pin_file}"
+    root_cert = tmp_path / "root.pem"
+    root_uri = f"pkcs11:token={token.label};object=lab-root?{query}"
+    init = ("ca", "init-root", "--key-type", key_type, "--token", root_uri)
+    made = run_cli((*init, "--cert-out", str(root_cert), "--subject", "CN=Token Root"), clean_env())
+    assert made.rc == 0, str(made)
+    fingerprint = openssl(
+        openssl_bin, "x509", "-noout", "-fingerprint", "-sha256", "-in", root_cert
+    )
+    assert made.out.strip() == fingerprint.stdout.strip()
+    self_signed = openssl(openssl_bin, "verify", "-CAfile", root_cert, root_cert)
+    assert self_signed.returncode == 0, self_signed.stdout + self_signed.stderr
+    private = [o for o in token.list_objects() if o["kind"].startswith("Private Key")]
+    assert [o["label"] for o in private] == ["lab-root.v1"]
+    access = [a.strip() for a in private[0]["Access"].split(",")]
+    assert "sensitive" in access and "never extractable" in access
+    reference = made.err.split("root key on the token: ")[1].split()[0]
+    assert reference.startswith(f"pkcs11:token={token.label};object=lab-root.v1;id=")
+
+    again = run_cli(
+        (*init, "--cert-out", str(tmp_path / "again.pem"), "--subject", "Again"), clean_env()
+    )
+    assert_one_line_error(again, "already")
+    assert len([o for o in token.list_objects() if o["kind"].startswith("Private Key")]) == 1
+    assert not (tmp_path / "again.pem").exists()
+
+    name = f"tok{key_type.replace('-', '')}"
+    csr = tmp_path / "int.csr"
+    gw.ok("ca", "create", name, "--backend", "local", "--key-type", "ecdsa-p256",
+          "--subject", f"CN={name}", "--csr-out", str(csr))  # fmt: skip
+    intermediate = tmp_path / "int.pem"
+    sign = ("ca", "sign-intermediate", "--root-cert", str(root_cert), "--csr", str(csr),
+            "--out", str(intermediate))  # fmt: skip
+    typed_wrong = run_cli(
+        (*sign, "--token", f"{reference}?module-path={token.hsm.module}"),
+        clean_env(),
+        stdin=b"not-the-pin\n",
+    )
+    # the prompt (and getpass's note that stdin is no terminal) precede the one error line
+    assert typed_wrong.rc == 2, str(typed_wrong)
+    assert typed_wrong.err.strip().splitlines()[-1].startswith("error: the token rejected")
+    assert "not-the-pin" not in typed_wrong.out + typed_wrong.err
+    assert not intermediate.exists()
+    typed = run_cli(
+        (*sign, "--token", f"{reference}?module-path={token.hsm.module}"),
+        clean_env(),
+        stdin=f"{token.pin}\n".encode(),
+    )
+    assert typed.rc == 0, str(typed)
+    assert token.pin not in typed.out + typed.err
+    verified = openssl(openssl_bin, "verify", "-CAfile", root_cert, intermediate)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    gw.ok("ca", "import", name, "--cert", str(intermediate), "--chain", str(root_cert))
+    _, cert, chain, _ = issue(gw, tmp_path, "from-token", "server", "dns:tok.lab", ca=name)
+    assert_verifies(openssl_bin, root_cert, chain, cert, "-purpose", "sslserver")
+
+
+def test_a_token_uri_without_module_or_with_a_pin_is_refused(tmp_path: Path) -> None:
+    cert = tmp_path / "root.pem"
+    base = ("ca", "init-root", "--cert-out", str(cert), "--subject", "R", "--token")
+    no_module = run_cli((*base, "pkcs11:token=t"), clean_env())
+    assert_one_line_error(no_module, "module-path")
+    with_pin = run_cli(
+        (*base, "pkcs11:token=t?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-value=1234"),
+        clean_env(),
+    )
+    assert_one_line_error(with_pin, "never written in a URI")
+    assert "1234" not in with_pin.out + with_pin.err
+    both = run_cli((*base, "pkcs11:token=t", "--key-out", str(tmp_path / "k.pem")), clean_env())
+    assert_one_line_error(both, "exactly one")
+    assert not cert.exists()
 
 
 def test_init_root_prompts_twice_for_the_passphrase(tmp_path: Path) -> None:

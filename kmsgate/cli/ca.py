@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
+import os
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from kmsgate.backends import pkcs11 as pkcs11_backends
+from kmsgate.backends.pkcs11 import Pkcs11Backend
 from kmsgate.cli.common import (
     AddrOpt,
     TokenOpt,
@@ -34,15 +38,18 @@ from kmsgate.cli.common import (
 )
 from kmsgate.client import Client
 from kmsgate.config import parse_duration_setting
-from kmsgate.errors import KmsgateError
+from kmsgate.errors import ConfigError, KmsgateError
 from kmsgate.pki.root import (
     ROOT_KEY_TYPES,
+    check_root_request,
     init_root,
     load_root,
+    self_signed_root,
     sha256_fingerprint,
     sign_intermediate,
     write_private_file,
 )
+from kmsgate.pki.token_root import RootToken, create_root_key, find_root_key
 
 ca_app = typer.Typer(no_args_is_help=True, help="Certificate authorities: root ceremony, CAs.")
 cert_app = typer.Typer(no_args_is_help=True, help="Certificates: issue, list, revoke.")
@@ -84,6 +91,8 @@ def _local_errors(path: Path, doing: str) -> Iterator[None]:
         yield
     except KmsgateError as exc:
         fail(exc.detail)
+    except ConfigError as exc:  # a token's module or PIN source (messages carry no values)
+        fail(str(exc))
     except OSError as exc:
         fail(f"cannot {doing} {path}: {exc.strerror}")
 
@@ -93,11 +102,37 @@ def _print_fingerprint(cert: x509.Certificate) -> None:
     print(f"sha256 Fingerprint={sha256_fingerprint(cert)}")
 
 
+TokenUriOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="The root key on a PKCS#11 token instead of a file: an RFC 7512 URI with "
+        "module-path= (and pin-source=file:... or a prompt for the PIN).",
+    ),
+]
+_TOKEN_PIN_ENV = "KMSGATE_ROOT_TOKEN_PIN"  # noqa: S105 (a variable name, not a PIN)
+"""Where a prompted PIN waits for the token's login: this process's environment only."""
+
+
+def _open_token(uri: str) -> tuple[RootToken, Pkcs11Backend]:
+    """The root token the URI names, its PIN from `pin-source` or typed (hidden). The
+    backend's own warnings stay quiet: this command reports its failures itself, once."""
+    logging.getLogger(pkcs11_backends.__name__).setLevel(logging.ERROR)
+    with _local_errors(Path(uri), "open"):
+        token = RootToken.parse(uri)
+        if token.pin_file() is None:
+            os.environ[_TOKEN_PIN_ENV] = typer.prompt("Token user PIN", hide_input=True, err=True)
+        return token, token.open(_TOKEN_PIN_ENV)
+
+
 @ca_app.command("init-root")
 def ca_init_root(
-    key_out: Annotated[Path, typer.Option(help="New encrypted root key file (0600).")],
     cert_out: Annotated[Path, typer.Option(help="New self-signed root certificate (PEM).")],
     subject: Annotated[str, typer.Option(help="RFC 4514 name, or a bare common name.")],
+    key_out: Annotated[
+        Path | None, typer.Option(help="New encrypted root key file (0600).")
+    ] = None,
+    token: TokenUriOpt = None,
     days: Annotated[int, typer.Option(min=1, max=36500)] = 3650,
     key_type: Annotated[str, typer.Option(help=", ".join(ROOT_KEY_TYPES))] = "ecdsa-p384",
     path_length: Annotated[
@@ -105,10 +140,30 @@ def ca_init_root(
     ] = None,
     passphrase_file: PassphraseOpt = None,
 ) -> None:
-    """Create an offline root: encrypted key and self-signed certificate (no gateway)."""
+    """Create an offline root: its key (an encrypted file, or on a PKCS#11 token) and its
+    self-signed certificate (no gateway)."""
+    if (key_out is None) == (token is None):
+        fail("give exactly one of --key-out (a key file) and --token (a PKCS#11 token)")
     for path in (key_out, cert_out):
-        if path.exists():
+        if path is not None and path.exists():
             fail(f"{path} exists: refusing to replace it")
+    if token is not None:
+        with _local_errors(cert_out, "check"):
+            name = check_root_request(subject, key_type, days, path_length)
+        held, backend = _open_token(token)
+        with _local_errors(cert_out, "write"), contextlib.closing(backend):
+            key, reference = create_root_key(backend, held, key_type)
+            cert = self_signed_root(key, name, days=days, path_length=path_length)
+        write_bytes(cert_out, cert.public_bytes(PEM))
+        err.print(
+            f"root key on the token: {reference} (sensitive, not extractable); "
+            f"certificate: {cert_out}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        _print_fingerprint(cert)
+        return
+    assert key_out is not None
     passphrase = _passphrase(passphrase_file, confirm=True)
     with _local_errors(key_out, "write"):
         cert = init_root(
@@ -129,10 +184,11 @@ def ca_init_root(
 
 @ca_app.command("sign-intermediate")
 def ca_sign_intermediate(
-    root_key: Annotated[Path, typer.Option(help="The root's encrypted key file.")],
     root_cert: Annotated[Path, typer.Option(help="The root's certificate (PEM).")],
     csr: Annotated[Path, typer.Option(help="The intermediate's CSR (from `ca create`).")],
     out: Annotated[Path, typer.Option(help="Where to write the intermediate's certificate.")],
+    root_key: Annotated[Path | None, typer.Option(help="The root's encrypted key file.")] = None,
+    token: TokenUriOpt = None,
     days: Annotated[int, typer.Option(min=1, max=36500)] = 1825,
     path_length: Annotated[int, typer.Option(min=0, help="CA levels allowed below it.")] = 0,
     permit_dns: Annotated[
@@ -141,19 +197,30 @@ def ca_sign_intermediate(
     passphrase_file: PassphraseOpt = None,
 ) -> None:
     """Sign an intermediate CA's CSR with the offline root (no gateway)."""
+    if (root_key is None) == (token is None):
+        fail("give exactly one of --root-key (a key file) and --token (a PKCS#11 token)")
     certificate = _load_pem(root_cert, "certificate", x509.load_pem_x509_certificate)
     request = _load_pem(csr, "certificate signing request", x509.load_pem_x509_csr)
-    passphrase = _passphrase(passphrase_file, confirm=False)
-    with _local_errors(root_key, "read"):
-        key = load_root(root_key, passphrase)
-        signed = sign_intermediate(
-            key,
-            certificate,
-            request,
-            days=days,
-            path_length=path_length,
-            permitted_dns=permit_dns or None,
-        )
+    with contextlib.ExitStack() as stack:
+        if token is not None:
+            held, backend = _open_token(token)
+            stack.enter_context(contextlib.closing(backend))
+            with _local_errors(root_cert, "use the root key of"):
+                key = find_root_key(backend, held, certificate)
+        else:
+            assert root_key is not None
+            passphrase = _passphrase(passphrase_file, confirm=False)
+            with _local_errors(root_key, "read"):
+                key = load_root(root_key, passphrase)
+        with _local_errors(csr, "sign"):
+            signed = sign_intermediate(
+                key,
+                certificate,
+                request,
+                days=days,
+                path_length=path_length,
+                permitted_dns=permit_dns or None,
+            )
     write_bytes(out, signed.public_bytes(PEM))
     err.print(
         f"{signed.subject.rfc4514_string()} valid until "

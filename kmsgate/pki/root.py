@@ -75,31 +75,49 @@ def init_root(
     path_length: int | None = None,
 ) -> x509.Certificate:
     """Create a root key in `key_path` (encrypted PKCS#8, mode 0600) and return its
-    self-signed certificate (basicConstraints CA with `path_length`, keyUsage keyCertSign
-    and cRLSign, subjectKeyIdentifier), valid for `days`.
+    self-signed certificate (see `self_signed_root`).
 
     Raises InvalidRequest (subject, key type, days, path length, short passphrase), Conflict
     if `key_path` exists (a root key is never replaced), OSError if it cannot be written.
     """
-    name = parse_subject(subject) if isinstance(subject, str) else subject
-    generate = ROOT_KEY_TYPES.get(key_type)
-    if generate is None:
-        raise InvalidRequest(f"a root key is one of {', '.join(ROOT_KEY_TYPES)}, not {key_type!r}")
+    name = check_root_request(subject, key_type, days, path_length)
     if len(passphrase) < MIN_PASSPHRASE_BYTES:
         raise InvalidRequest(f"the passphrase needs at least {MIN_PASSPHRASE_BYTES} bytes")
-    _check_days(days)
-    if path_length is not None and path_length < 0:
-        raise InvalidRequest("the path length cannot be negative")
     if key_path.exists():  # before a possibly slow key generation; O_EXCL decides below
         raise Conflict(f"{key_path} exists: refusing to replace a root key")
-    key = generate()
+    key = ROOT_KEY_TYPES[key_type]()
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(passphrase),
     )
+    cert = self_signed_root(key, name, days=days, path_length=path_length)
+    write_private_file(key_path, pem)
+    return cert
+
+
+def check_root_request(
+    subject: str | x509.Name, key_type: str, days: int, path_length: int | None
+) -> x509.Name:
+    """The root's subject, once the request for a new root is checked. Raises
+    InvalidRequest (subject, key type, days, negative path length)."""
+    name = parse_subject(subject) if isinstance(subject, str) else subject
+    if key_type not in ROOT_KEY_TYPES:
+        raise InvalidRequest(f"a root key is one of {', '.join(ROOT_KEY_TYPES)}, not {key_type!r}")
+    _check_days(days)
+    if path_length is not None and path_length < 0:
+        raise InvalidRequest("the path length cannot be negative")
+    return name
+
+
+def self_signed_root(
+    key: RootKey, name: x509.Name, *, days: int, path_length: int | None
+) -> x509.Certificate:
+    """The root certificate of `key` (a key in memory or on a token): basicConstraints CA
+    with `path_length`, keyUsage keyCertSign and cRLSign, subjectKeyIdentifier, valid for
+    `days`. Raises what the key's signer raises."""
     now = datetime.now(UTC)
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -112,8 +130,6 @@ def init_root(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, signature_hash(key.public_key()))
     )
-    write_private_file(key_path, pem)
-    return cert
 
 
 def write_private_file(path: Path, data: bytes) -> None:

@@ -21,6 +21,7 @@ from kmsgate.pki.root import (
     sha256_fingerprint,
     sign_intermediate,
 )
+from kmsgate.pki.token_root import RootToken
 from tests.components import run_openssl
 
 PASSPHRASE = b"correct horse battery staple"
@@ -289,3 +290,27 @@ def test_sign_intermediate_refusals(tmp_path, case, message) -> None:
         )
     with pytest.raises(InvalidRequest, match=message):
         sign_intermediate(root_key, root_cert, csr, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        ("pkcs11:token=t", "module-path"),
+        ("pkcs11:object=k?module-path=/m.so", "token="),
+        ("pkcs11:token=t?module-path=/m.so&pin-value=1234", "never written"),
+        ("pkcs11:token=t?module-path=/m.so&pin-source=relative/pin", "absolute"),
+        ("pkcs11:token=t?module-path=/m.so&pin-source=file://host/pin", "local file"),
+    ],
+)
+def test_a_root_token_uri_is_checked(uri: str, reason: str) -> None:
+    with pytest.raises(InvalidRequest, match=reason):
+        RootToken.parse(uri)
+
+
+def test_a_root_token_uri_names_its_pin_file_and_key() -> None:
+    token = RootToken.parse(
+        "pkcs11:token=root;object=r.v1;type=private"
+        "?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/kmsgate/root%20pin"
+    )
+    assert token.pin_file() == Path("/etc/kmsgate/root pin")
+    assert token.key_reference == "pkcs11:token=root;object=r.v1;type=private"
