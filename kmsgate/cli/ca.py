@@ -97,8 +97,10 @@ def _local_errors(path: Path, doing: str) -> Iterator[None]:
         fail(f"cannot {doing} {path}: {exc.strerror}")
 
 
-def _print_fingerprint(cert: x509.Certificate) -> None:
-    """The line `openssl x509 -noout -fingerprint -sha256` prints, to compare out of band."""
+def _report(cert: x509.Certificate, message: str) -> None:
+    """`message` on stderr, and on stdout the line `openssl x509 -noout -fingerprint -sha256`
+    prints for `cert`, to compare out of band."""
+    err.print(message, highlight=False, soft_wrap=True)
     print(f"sha256 Fingerprint={sha256_fingerprint(cert)}")
 
 
@@ -155,13 +157,11 @@ def ca_init_root(
             key, reference = create_root_key(backend, held, key_type)
             cert = self_signed_root(key, name, days=days, path_length=path_length)
         write_bytes(cert_out, cert.public_bytes(PEM))
-        err.print(
+        _report(
+            cert,
             f"root key on the token: {reference} (sensitive, not extractable); "
             f"certificate: {cert_out}",
-            highlight=False,
-            soft_wrap=True,
         )
-        _print_fingerprint(cert)
         return
     assert key_out is not None
     passphrase = _passphrase(passphrase_file, confirm=True)
@@ -174,12 +174,7 @@ def ca_init_root(
     except typer.Exit:
         key_out.unlink(missing_ok=True)  # a root key without its certificate is of no use
         raise
-    err.print(
-        f"root key: {key_out} (encrypted, 0600); certificate: {cert_out}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    _print_fingerprint(cert)
+    _report(cert, f"root key: {key_out} (encrypted, 0600); certificate: {cert_out}")
 
 
 @ca_app.command("sign-intermediate")
@@ -222,13 +217,11 @@ def ca_sign_intermediate(
                 permitted_dns=permit_dns or None,
             )
     write_bytes(out, signed.public_bytes(PEM))
-    err.print(
+    _report(
+        signed,
         f"{signed.subject.rfc4514_string()} valid until "
         f"{signed.not_valid_after_utc.isoformat()}: {out}",
-        highlight=False,
-        soft_wrap=True,
     )
-    _print_fingerprint(signed)
 
 
 # -- CAs on the gateway ----------------------------------------------------------------------
