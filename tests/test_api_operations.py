@@ -378,3 +378,28 @@ def test_metrics_count_routes_by_template_and_time_each_operation(api, admin):
         == 1
     )
     assert "# TYPE kmsgate_backend_errors_total counter" in text
+
+
+def test_fast_routes_answer_a_wrong_method_and_a_crash_with_problems(api, admin, monkeypatch):
+    """The fast path (served ahead of FastAPI's middleware) keeps the contract: a method
+    the route lacks gets FastAPI's 405 problem; an unexpected exception a 500 problem with
+    the request id and no internal text."""
+    create_key(api, admin, "fast", "ecdsa-p256")
+    wrong = api.call("GET", "/v1/keys/fast/sign", admin)
+    assert (wrong.status_code, wrong.json()["code"]) == (405, "method_not_allowed")
+
+    def crash(*_args, **_kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(api.service.gate, "target", crash)
+    r = api.call("POST", "/v1/keys/fast/sign", admin, json={"input": b64(b"x")})
+    assert (r.status_code, r.json()["code"]) == (500, "internal_error")
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["request_id"] == r.headers["x-request-id"]
+    assert "secret" not in r.text
+    text = api.call("GET", "/metrics", admin).text
+    assert (
+        _metric(text, 'kmsgate_http_requests_total{method="POST",route="/v1/keys/{name}/sign",'
+                'status="500"}')
+        == 1
+    )  # fmt: skip

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from starlette.routing import BaseRoute
+from starlette.routing import Route
 
 from kmsgate import __version__
 from kmsgate.api import routes_keys, routes_pki, routes_revocation, routes_sys
 from kmsgate.api.docs import install_docs
+from kmsgate.api.fastpath import GatewayApp
 from kmsgate.api.metrics import Metrics
 from kmsgate.api.problems import GatewayMiddleware, install_error_handlers
 from kmsgate.api.responses import JsonResponse
@@ -77,7 +79,7 @@ def create_app(service: Service) -> FastAPI:
             lock.close()
             service.close()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="kmsgate",
         version=__version__,
         description="Key-management and PKI gateway. The contract, in prose: docs/api.md.",
@@ -85,24 +87,28 @@ def create_app(service: Service) -> FastAPI:
         default_response_class=JsonResponse,
         docs_url=None,
         redoc_url=None,
+        # kmsgate exports Prometheus metrics and its own audit log; FastAPI's OpenTelemetry
+        # bridge would only look up (unconfigured) providers on every request
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     install_docs(app)
     app.state.service = service
-    fast_routes: list[BaseRoute] = []
+    fast_routes: list[Route] = []
     app.include_router(routes_sys.build_router())  # first: health checks stay cheap
     # revocation: the public CRLs and OCSP
     for routes in (routes_keys, routes_pki, routes_revocation):
         fast, router = routes.build_routes()
         fast_routes += fast
         app.include_router(router)
-    app.router.routes[:0] = fast_routes
     install_error_handlers(app)
     app.state.metrics = Metrics(
         {"keys": service.catalogue, "tokens": service.tokens, "cas": service.pki.authorities}
     )
-    app.add_middleware(
+    gateway = functools.partial(
         GatewayMiddleware,
         max_body_bytes=service.settings.limits.max_body_bytes,
         metrics=app.state.metrics,
     )
+    app.add_middleware(GatewayMiddleware, **gateway.keywords)
+    app.serve_fast(fast_routes, gateway)
     return app

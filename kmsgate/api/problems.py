@@ -6,6 +6,7 @@ become a bare 500 without detail: internal text never reaches clients.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
@@ -60,14 +61,28 @@ def request_id_of(request: Request) -> str:
     return getattr(request.state, "request_id", "") or "-"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map every exception type to problem+json."""
-
-    async def on_kmsgate(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, KmsgateError)
+def failure_response(exc: Exception, request: Request) -> Response:
+    """The problem reply to an exception a route raised: a KmsgateError's own (counted in
+    the metrics), or a bare 500 for anything else (logged by type, never shown)."""
+    if isinstance(exc, KmsgateError):
         metrics: Metrics = request.app.state.metrics
         metrics.observe_error(exc)
         return error_response(exc, request_id_of(request))
+    log.error("unexpected %s in %s", type(exc).__name__, request.url.path)
+    return problem(
+        500,
+        "internal_error",
+        "Internal error",
+        "internal error; see the gateway log",
+        request_id_of(request),
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every exception type to problem+json."""
+
+    async def on_failure(request: Request, exc: Exception) -> Response:
+        return failure_response(exc, request)
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -86,20 +101,10 @@ def install_error_handlers(app: FastAPI) -> None:
             dict(exc.headers or {}),
         )
 
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.error("unexpected %s in %s", type(exc).__name__, request.url.path)
-        return problem(
-            500,
-            "internal_error",
-            "Internal error",
-            "internal error; see the gateway log",
-            request_id_of(request),
-        )
-
-    app.add_exception_handler(KmsgateError, on_kmsgate)
+    app.add_exception_handler(KmsgateError, on_failure)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(Exception, on_unexpected)
+    app.add_exception_handler(Exception, on_failure)
 
 
 class GatewayMiddleware:
@@ -109,13 +114,17 @@ class GatewayMiddleware:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        # request ids: unique, not secret; a random prefix per middleware (per worker) and
+        # a counter cost no system call per request
+        self._id_prefix = secrets.token_hex(4)
+        self._ids = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started_at = time.perf_counter()
-        request_id = secrets.token_hex(8)
+        request_id = f"{self._id_prefix}{next(self._ids):08x}"
         scope.setdefault("state", {})["request_id"] = request_id
         limit = self.max_body_bytes
         received = 0
