@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from kmsgate.pki.issuer import serial_hex
 from kmsgate.store import Row
@@ -107,7 +106,7 @@ def record_of(
         revoked_at=None,
         reason=None,
         owner=owner,
-        fingerprint=hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
         pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
     )
 

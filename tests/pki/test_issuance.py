@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 
 import pytest
@@ -52,6 +53,10 @@ def test_a_server_certificate_verifies_with_openssl(api, admin, root, tmp_path, 
     assert (record["profile"], record["status"], record["ca"]) == ("server", "valid", "issuing")
     assert record["sans"] == ["dns:web.lab", "ip:127.0.0.1"]
     assert record["owner"].startswith("token:")
+    assert (
+        record["fingerprint"]
+        == hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    )
 
 
 def test_the_ca_key_cannot_sign_raw_data(api, admin, root):
