@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from kmsgate.algorithms import KeyType
 from kmsgate.auth import Credentials, TokenRegistry
 from kmsgate.catalogue import Catalogue, Key, KeyState, KeyVersion
-from kmsgate.errors import Conflict, Unauthenticated
+from kmsgate.errors import Conflict, NotFound, Unauthenticated
 from kmsgate.store import Store, tables
 from kmsgate.store.certificates import CertQuery
 
@@ -367,3 +367,42 @@ def test_a_ca_activated_elsewhere_is_seen_at_once_by_issuance(store):
     store.cas.update("late", {"state": "active"}, expected_state="pending")
     assert other_worker.find("late").state is CaState.PENDING  # the cache, until it refreshes
     assert other_worker.find_current("late").state is CaState.ACTIVE
+
+
+def test_the_inventory_writer_survives_a_failed_batch(store, monkeypatch):
+    """A batch that fails with an unexpected error fails its callers, and the writer goes on
+    serving the next records (no caller is left waiting on a dead thread)."""
+    _burst_ca(store)
+    real_write = store.certs._write
+    failures = iter([RuntimeError("driver broke")])
+
+    def flaky_write(batch):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real_write(batch)
+
+    monkeypatch.setattr(store.certs, "_write", flaky_write)
+    with pytest.raises(RuntimeError, match="driver broke"):
+        store.certs.submit(_cert_row("f1")).result(timeout=10)
+    store.certs.submit(_cert_row("f2")).result(timeout=10)
+    assert {row["serial"] for row in store.certs.search(CertQuery(ca="burst"))} == {"f2"}
+
+
+def test_a_transaction_inside_a_transaction_is_refused_on_sqlite_not_a_deadlock(store):
+    """SQLite has one writer: a second transaction on the thread holding the writer lock
+    would wait for itself. PostgreSQL gives each its own connection."""
+    with store.transaction():
+        if store.engine.dialect.name == "sqlite":
+            with pytest.raises(RuntimeError, match="inside another"):
+                store.get_meta("anything")
+        else:
+            assert store.get_meta("anything") is None
+
+
+def test_a_ca_update_that_lost_a_race_is_a_conflict(store):
+    _burst_ca(store)
+    with pytest.raises(Conflict, match="changed meanwhile"):
+        store.cas.update("burst", {"state": "active"}, expected_state="pending")
+    with pytest.raises(NotFound):
+        store.cas.update("nobody", {"state": "active"}, expected_state="pending")

@@ -37,7 +37,10 @@ class Cas:
             if expected_state is not None:
                 query = query.where(tables.cas.c.state == expected_state)
             if conn.execute(query.values(**values)).rowcount != 1:
-                if self._exists(name):
+                exists = conn.execute(
+                    sa.select(tables.cas.c.name).where(tables.cas.c.name == name)
+                ).first()
+                if exists is not None:
                     raise Conflict(f"CA {name!r} changed meanwhile; try again")
                 raise NotFound(f"no CA named {name!r}")
             record_change(conn, AGGREGATE, name)
@@ -67,6 +70,3 @@ class Cas:
     def all(self) -> list[Row]:
         with self._db.transaction() as conn:
             return [dict(row) for row in conn.execute(sa.select(tables.cas)).mappings()]
-
-    def _exists(self, name: str) -> bool:
-        return self.get(name) is not None

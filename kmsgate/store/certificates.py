@@ -4,6 +4,7 @@ the "certs" change feed."""
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -14,11 +15,12 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from kmsgate.errors import KmsgateError
+from kmsgate.errors import Conflict
 from kmsgate.store import tables
 from kmsgate.store.engine import Database, Row, utc
 from kmsgate.store.feed import record_change
 
+_log = logging.getLogger(__name__)
 AGGREGATE = "certs"
 _INSERT = tables.certificates.insert()
 _MAX_BATCH = 1000
@@ -102,29 +104,34 @@ class Certificates:
                 except queue.Empty:
                     break
             # a record whose future was cancelled before now is not written
-            self._commit([one for one in batch if one.done.set_running_or_notify_cancel()])
+            live = [one for one in batch if one.done.set_running_or_notify_cancel()]
+            try:
+                self._commit(live)
+            except Exception as exc:  # the writer lives on, and no caller is left waiting
+                _log.error("inventory writer: %s", type(exc).__name__)
+                for one in live:
+                    if not one.done.done():
+                        one.done.set_exception(exc)
 
     def _commit(self, batch: list[_Insert]) -> None:
-        """Insert `batch` in one transaction; if that fails, each on its own, so that only
-        the row at fault (a serial taken) gets the error."""
+        """Insert `batch` in one transaction; if that conflicts, each on its own, so that
+        only the row at fault (a serial taken) gets the error."""
         if not batch:
             return
         try:
             self._write(batch)
-        except KmsgateError as exc:
-            if len(batch) == 1:
-                batch[0].done.set_exception(exc)
+        except Exception as exc:
+            if len(batch) == 1 or not isinstance(exc, Conflict):
+                for one in batch:
+                    one.done.set_exception(exc)
                 return
             for one in batch:
                 try:
                     self._write([one])
-                except KmsgateError as alone:
+                except Exception as alone:
                     one.done.set_exception(alone)
                 else:
                     one.done.set_result(None)
-        except Exception as exc:  # a bug or a driver failure: every waiter sees it
-            for one in batch:
-                one.done.set_exception(exc)
         else:
             for one in batch:
                 one.done.set_result(None)

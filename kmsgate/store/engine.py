@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,11 +34,15 @@ def utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+WRITE_WAIT_SECONDS = 5.0
+"""How long a transaction waits for SQLite's writer lock (also SQLite's busy timeout)."""
+
+
 def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA busy_timeout={int(WRITE_WAIT_SECONDS * 1000)}")
     cursor.close()
 
 
@@ -101,35 +106,65 @@ class Database:
 
 class _WriterLock:
     """One transaction at a time: across this process's threads (a lock) and, given a
-    `path`, across processes (an exclusive flock on that file, which the kernel hands to
-    the next waiter as soon as it is released)."""
+    `path`, across processes (an exclusive flock on that file). A writer waits at most
+    `WRITE_WAIT_SECONDS` (SQLite's busy timeout), then gets Unavailable; a transaction
+    opened inside another on the same thread is a bug and raises RuntimeError instead of
+    waiting for itself."""
 
     def __init__(self, path: Path | None) -> None:
         self._thread_lock = threading.Lock()
+        self._owner: int | None = None
         self._path = path
         self._fd: int | None = None
         self._pid = 0
 
     def __enter__(self) -> None:
-        self._thread_lock.acquire()
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError("a store transaction was opened inside another one")
+        if not self._thread_lock.acquire(timeout=WRITE_WAIT_SECONDS):
+            raise Unavailable("metadata store busy")
+        self._owner = me
         if self._path is None:
             return
         try:
-            fcntl.flock(self._descriptor(), fcntl.LOCK_EX)
-        except OSError as exc:
+            self._lock_file()
+        except BaseException:
+            self._owner = None
             self._thread_lock.release()
-            raise Unavailable("metadata store unavailable (write lock)") from exc
+            raise
 
     def __exit__(self, *_: object) -> None:
         try:
             if self._fd is not None and self._path is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
+            self._owner = None
             self._thread_lock.release()
+
+    def _lock_file(self) -> None:
+        """Take the flock, polling (0.1 ms, doubling to 2 ms) until `WRITE_WAIT_SECONDS`
+        pass: a stopped or hung process that holds it must not stall every other one.
+        Raises Unavailable."""
+        deadline = time.monotonic() + WRITE_WAIT_SECONDS
+        pause = 0.0001
+        try:
+            fd = self._descriptor()
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise Unavailable("metadata store busy") from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.002)
+        except OSError as exc:
+            raise Unavailable("metadata store unavailable (write lock)") from exc
 
     def _descriptor(self) -> int:
         """This process's descriptor of the lock file (a forked worker opens its own: an
-        flock belongs to the open file, which a fork would share)."""
+        flock belongs to the open file, which a fork would share). Raises OSError."""
         assert self._path is not None
         if self._fd is None or self._pid != os.getpid():
             self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
