@@ -3,6 +3,7 @@ authentication, policy and audit."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -403,3 +404,33 @@ def test_fast_routes_answer_a_wrong_method_and_a_crash_with_problems(api, admin,
                 'status="500"}')
         == 1
     )  # fmt: skip
+
+
+def test_a_client_gone_before_its_body_arrived_is_a_400_not_a_500(api, admin, caplog):
+    create_key(api, admin, "gone", "ecdsa-p256")
+    app = api.client.app
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/keys/gone/sign",
+        "raw_path": b"/v1/keys/gone/sign",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"authorization", f"Bearer {admin}".encode())],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+    assert "unexpected" not in caplog.text

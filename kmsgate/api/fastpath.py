@@ -11,12 +11,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kmsgate.api.problems import failure_response
+from kmsgate.errors import InvalidRequest
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -49,6 +50,9 @@ async def _serve_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     request = Request(scope, receive, send)
     try:
         response = await scope["endpoint"](request)
+    except ClientDisconnect:  # the client went away mid-body: its fault, not an error of ours
+        gone = InvalidRequest("the client closed the connection before its request arrived")
+        response = failure_response(gone, request)
     except Exception as exc:
         response = failure_response(exc, request)
     await response(scope, receive, send)

@@ -116,15 +116,24 @@ _TOKEN_PIN_ENV = "KMSGATE_ROOT_TOKEN_PIN"  # noqa: S105 (a variable name, not a 
 """Where a prompted PIN waits for the token's login: this process's environment only."""
 
 
-def _open_token(uri: str) -> tuple[RootToken, Pkcs11Backend]:
-    """The root token the URI names, its PIN from `pin-source` or typed (hidden). The
-    backend's own warnings stay quiet: this command reports its failures itself, once."""
+@contextlib.contextmanager
+def _open_token(uri: str) -> Iterator[tuple[RootToken, Pkcs11Backend]]:
+    """The root token the URI names and its backend, closed on exit; the PIN from
+    `pin-source`, or typed (hidden) and held in this process's environment only while the
+    token is open. The backend's own warnings stay quiet: the command reports its failures
+    itself, once."""
     logging.getLogger(pkcs11_backends.__name__).setLevel(logging.ERROR)
-    with _local_errors(Path(uri), "open"):
-        token = RootToken.parse(uri)
-        if token.pin_file() is None:
-            os.environ[_TOKEN_PIN_ENV] = typer.prompt("Token user PIN", hide_input=True, err=True)
-        return token, token.open(_TOKEN_PIN_ENV)
+    try:
+        with _local_errors(Path(uri), "open"):
+            token = RootToken.parse(uri)
+            if token.pin_file() is None:
+                typed = typer.prompt("Token user PIN", hide_input=True, err=True)
+                os.environ[_TOKEN_PIN_ENV] = typed
+            backend = token.open(_TOKEN_PIN_ENV)
+        with contextlib.closing(backend):
+            yield token, backend
+    finally:
+        os.environ.pop(_TOKEN_PIN_ENV, None)
 
 
 @ca_app.command("init-root")
@@ -152,8 +161,7 @@ def ca_init_root(
     if token is not None:
         with _local_errors(cert_out, "check"):
             name = check_root_request(subject, key_type, days, path_length)
-        held, backend = _open_token(token)
-        with _local_errors(cert_out, "write"), contextlib.closing(backend):
+        with _open_token(token) as (held, backend), _local_errors(cert_out, "write"):
             key, reference = create_root_key(backend, held, key_type)
             cert = self_signed_root(key, name, days=days, path_length=path_length)
         write_bytes(cert_out, cert.public_bytes(PEM))
@@ -198,8 +206,7 @@ def ca_sign_intermediate(
     request = _load_pem(csr, "certificate signing request", x509.load_pem_x509_csr)
     with contextlib.ExitStack() as stack:
         if token is not None:
-            held, backend = _open_token(token)
-            stack.enter_context(contextlib.closing(backend))
+            held, backend = stack.enter_context(_open_token(token))
             with _local_errors(root_cert, "use the root key of"):
                 key = find_root_key(backend, held, certificate)
         else:

@@ -9,6 +9,7 @@ the root key: it only verifies that an imported chain ends in a self-signed root
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 from collections.abc import Mapping, Sequence
@@ -201,17 +202,31 @@ class Pki:
         with self.gate.running(Call(principal, ctx, "cert.issue", resource, facts)) as outcome:
             if ca is None:
                 raise NotFound(f"no CA named {ca_name!r}")
-            certify = functools.partial(self._certify, ca, request, principal)
-            if self._may_block(ca):
-                issued, record = await asyncio.to_thread(certify)
-            else:
-                issued, record = certify()
-            outcome.detail.update(
-                serial=record.serial, profile=record.profile, sans=list(record.sans)
-            )
-            # once the writer has the record it commits it, whether or not we still wait
-            await asyncio.shield(asyncio.wrap_future(self.store.certs.submit(record_row(record))))
-            return issued
+            work = asyncio.ensure_future(self._issue_and_store(ca, request, principal, outcome))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # the request is cancelled (a server shutting down), not the work: a CA
+                # may have signed and the record may be committing. Let that finish, so
+                # that the audit record names what exists (serial, stored), then give up.
+                with contextlib.suppress(Exception):
+                    await work
+                raise
+
+    async def _issue_and_store(
+        self, ca: Authority, request: IssueInput, principal: Principal, outcome: Outcome
+    ) -> Issued:
+        """Sign (in a thread when the CA's backend may block), then wait until the
+        inventory writer has committed the record (`outcome` names it from the start)."""
+        certify = functools.partial(self._certify, ca, request, principal)
+        if self._may_block(ca):
+            issued, record = await asyncio.to_thread(certify)
+        else:
+            issued, record = certify()
+        outcome.detail.update(serial=record.serial, profile=record.profile, sans=list(record.sans))
+        await asyncio.wrap_future(self.store.certs.submit(record_row(record)))
+        outcome.detail["stored"] = True
+        return issued
 
     def _certify(
         self, ca: Authority, request: IssueInput, principal: Principal

@@ -167,6 +167,9 @@ class _WriterLock:
         flock belongs to the open file, which a fork would share). Raises OSError."""
         assert self._path is not None
         if self._fd is None or self._pid != os.getpid():
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except PermissionError:  # made by another user (an operator's command as root)
+                self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)  # flock needs no more
             self._pid = os.getpid()
         return self._fd

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import ipaddress
@@ -133,3 +134,36 @@ def test_a_pending_ca_cannot_issue_and_a_foreign_chain_is_refused(api, admin, ro
         json={"certificate": cert, "chain": root.pem},  # signed by `other`, chain says `root`
     )
     assert r.status_code == 400 and "not issued by" in r.json()["detail"]
+
+
+def test_a_cancelled_issuance_still_records_what_it_made(api, admin, root):
+    """A request cancelled mid-issuance (a server shutting down) does not leave the audit
+    and the inventory disagreeing: the work finishes, the certificate is in the inventory,
+    and the outcome record (`interrupted`) names its serial and that it was stored."""
+    from kmsgate.auth import Credentials
+    from kmsgate.service import Ctx
+    from kmsgate.service.requests import IssueInput
+
+    make_intermediate(api, admin, root)
+    _, csr = leaf_csr(x509.DNSName("cut.lab"))
+    service = api.service
+    ctx = Ctx("cancelled-issue")
+    principal = service.gate.authenticate(Credentials(bearer=admin), ctx)
+    request = IssueInput(x509.load_pem_x509_csr(csr.encode()), "server")
+
+    async def cancel_midway() -> None:
+        task = asyncio.ensure_future(service.pki.issue(principal, ctx, "issuing", request))
+        await asyncio.sleep(0)  # the issuance has started
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_midway())
+    records = [
+        r for r in service.audit.search(action="cert.issue") if r["request_id"] == ctx.request_id
+    ]
+    assert [r["outcome"] for r in records] == ["started", "interrupted"]
+    detail = records[-1]["detail"]
+    assert detail["stored"] is True
+    stored = api.call("GET", f"/v1/pki/certs/{detail['serial']}", admin)
+    assert (stored.status_code, stored.json()["sans"]) == (200, ["dns:cut.lab"])
