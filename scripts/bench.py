@@ -1969,7 +1969,8 @@ def _pki_lines(report: Report) -> list[str]:
         f"raw cryptography issuance (parse + verify CSR, build, sign P-256, PEM): "
         f"{report.raw_issue_per_s_per_core:,.0f}/s per core; limit for {workers} worker(s): "
         f"{report.raw_limit_issue_per_s:,.0f}/s",
-        f"issue vs raw issuance limit: {_fmt_ratio(this.ratios, 'issue_vs_raw')}",
+        f"issue vs raw issuance limit: {_fmt_ratio(this.ratios, 'issue_vs_raw')}"
+        + _one_core_share(this, "issue", report.raw_issue_per_s_per_core),
     ]
     if report.baseline:
         lines.append(f"baseline: issue vs raw {_fmt_ratio(report.baseline.ratios, 'issue_vs_raw')}")
@@ -2007,6 +2008,15 @@ def _fmt_rate(result: Measured, name: str) -> str:
 
 def _fmt_origin(build: BuildResult) -> str:
     return f"kmsgate from {build.kmsgate}" + (f" at {build.commit}" if build.commit else "")
+
+
+def _one_core_share(result: Measured, name: str, per_core: float) -> str:
+    """` (R of one core's)`: the scenario's rate against the raw limit of a single core
+    (the limit line above counts one core per worker)."""
+    if name not in result.scenarios or not per_core:
+        return ""
+    share = result.scenarios[name].req_per_s / per_core
+    return f" ({share:.0%} of one core's)"
 
 
 def _fmt_ratio(ratios: dict[str, float], name: str) -> str:

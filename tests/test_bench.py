@@ -208,7 +208,7 @@ def test_quick_pki_bench_against_openbao(tmp_path: Path) -> None:
     assert ratio == pytest.approx(scenarios["issue"]["req_per_s"] / theirs["req_per_s"], rel=0.01)
 
     assert "\nissue " in proc.stdout and "\nissue (openbao) " in proc.stdout
-    assert re.search(r"\nissue vs raw issuance limit: \d+%\n", proc.stdout)
+    assert re.search(r"\nissue vs raw issuance limit: \d+% \(\d+% of one core.s\)\n", proc.stdout)
     assert re.search(r"\nissue vs OpenBao PKI sign: \d+\.\d\dx ", proc.stdout)
     assert "\nOCSP responses/s: " in proc.stdout
     for name, reason in unavailable.items():
