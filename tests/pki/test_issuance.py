@@ -11,6 +11,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from kmsgate.auth import Credentials
+from kmsgate.service import Ctx
+from kmsgate.service.requests import IssueInput
 from tests.components import run_openssl
 from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate, write
 
@@ -140,10 +143,6 @@ def test_a_cancelled_issuance_still_records_what_it_made(api, admin, root):
     """A request cancelled mid-issuance (a server shutting down) does not leave the audit
     and the inventory disagreeing: the work finishes, the certificate is in the inventory,
     and the outcome record (`interrupted`) names its serial and that it was stored."""
-    from kmsgate.auth import Credentials
-    from kmsgate.service import Ctx
-    from kmsgate.service.requests import IssueInput
-
     make_intermediate(api, admin, root)
     _, csr = leaf_csr(x509.DNSName("cut.lab"))
     service = api.service
