@@ -7,9 +7,9 @@ settings given as flags are passed on as `KMSGATE_*` variables.
 from __future__ import annotations
 
 import gc
-import sys
 import os
 import socket
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -21,7 +21,6 @@ from kmsgate.api.app import create_app
 from kmsgate.bootstrap import build_service, ensure_root_token, prepare_dev_data_dir
 from kmsgate.config import ROOT_TOKEN_FILE, dev_data_dir, load_settings
 from kmsgate.errors import ConfigError
-
 
 SWITCH_INTERVAL = 0.0005
 """Seconds a thread may hold the interpreter lock while another waits for it (Python's
