@@ -3,7 +3,9 @@ writes, uniqueness enforced by the database, and cache invalidation across repli
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
+import os
 import threading
 import time
 from dataclasses import replace
@@ -15,8 +17,8 @@ import sqlalchemy as sa
 from kmsgate.algorithms import KeyType
 from kmsgate.auth import Credentials, TokenRegistry
 from kmsgate.catalogue import Catalogue, Key, KeyState, KeyVersion
-from kmsgate.errors import Conflict, NotFound, Unauthenticated
-from kmsgate.store import Store, tables
+from kmsgate.errors import Conflict, NotFound, Unauthenticated, Unavailable
+from kmsgate.store import Store, engine, tables
 from kmsgate.store.certificates import CertQuery
 
 
@@ -406,3 +408,25 @@ def test_a_ca_update_that_lost_a_race_is_a_conflict(store):
         store.cas.update("burst", {"state": "active"}, expected_state="pending")
     with pytest.raises(NotFound):
         store.cas.update("nobody", {"state": "active"}, expected_state="pending")
+
+
+def test_a_held_writer_lock_file_makes_a_transaction_unavailable_not_stuck(
+    store, database_url, monkeypatch
+):
+    """Another process holding the SQLite writer lock (a stopped CLI, say) delays a
+    transaction at most the busy timeout, then it answers Unavailable."""
+    if store.engine.dialect.name != "sqlite":
+        assert store.get_meta("anything") is None  # PostgreSQL: no lock file at all
+        return
+    monkeypatch.setattr(engine, "WRITE_WAIT_SECONDS", 0.2)
+    lock_path = f"{sa.engine.make_url(database_url).database}.write.lock"
+    holder = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: conflicts like a process
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="busy"):
+            store.get_meta("anything")
+        assert 0.2 <= time.monotonic() - started < 2.0
+    finally:
+        os.close(holder)
+    assert store.get_meta("anything") is None  # released: works again
