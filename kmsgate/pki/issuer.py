@@ -23,6 +23,24 @@ BACKDATE = timedelta(minutes=1)
 """not_before is set this far in the past: clocks of relying parties drift."""
 
 
+def key_usage(
+    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+) -> x509.KeyUsage:
+    """A keyUsage granting only what is named: the uses a CA gives its certificates (no
+    key transport or agreement, which TLS 1.3 and ECDHE never need)."""
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def new_serial() -> int:
     """A random positive serial of up to 159 bits (RFC 5280 allows 20 octets; the top bit
     stays clear so the DER integer needs no sign padding)."""

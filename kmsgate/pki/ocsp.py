@@ -27,6 +27,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmsgate.errors import InvalidRequest
+from kmsgate.pki.issuer import key_usage
 
 __all__ = [
     "AUTO_HASH",
@@ -197,20 +198,7 @@ def delegated_responder_extensions() -> list[tuple[x509.ExtensionType, bool]]:
     return [
         (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), False),
         (x509.OCSPNoCheck(), False),
-        (
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            True,
-        ),
+        (key_usage(digital_signature=True), True),
     ]
 
 

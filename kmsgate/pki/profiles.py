@@ -33,6 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from kmsgate.algorithms import KeyType, KeyUsage, key_type_of_public_key, parse_key_type
 from kmsgate.config import PkiSettings, ProfileSettings, Settings, format_duration
 from kmsgate.errors import ConfigError, InvalidRequest
+from kmsgate.pki.issuer import key_usage
 
 MAX_SANS = 100
 """The most subject alternative names one certificate may carry."""
@@ -279,20 +280,9 @@ class Profile:
         authority_key_id = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
             issuer_key_id
         )
-        key_usage = x509.KeyUsage(
-            digital_signature=True,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            key_cert_sign=False,
-            crl_sign=False,
-            encipher_only=False,
-            decipher_only=False,
-        )
         return [
             (x509.BasicConstraints(ca=False, path_length=None), True),
-            (key_usage, True),
+            (key_usage(digital_signature=True), True),
             (x509.ExtendedKeyUsage([_EKU_OIDS[eku] for eku in self.ekus]), False),
             (x509.SubjectAlternativeName(approved.sans), len(approved.subject) == 0),
             (x509.SubjectKeyIdentifier.from_public_key(approved.public_key), False),

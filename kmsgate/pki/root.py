@@ -26,6 +26,7 @@ from kmsgate.errors import Conflict, InvalidRequest
 from kmsgate.pki.issuer import (
     BACKDATE,
     build_certificate,
+    key_usage,
     new_serial,
     signature_hash,
     validity,
@@ -126,7 +127,7 @@ def self_signed_root(
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(_ca_key_usage(digital_signature=False), critical=True)
+        .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, signature_hash(key.public_key()))
     )
@@ -207,7 +208,7 @@ def sign_intermediate(
     _check_room_below(root_cert, path_length)
     extensions: list[tuple[x509.ExtensionType, bool]] = [
         (x509.BasicConstraints(ca=True, path_length=path_length), True),
-        (_ca_key_usage(digital_signature=True), True),
+        (key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), True),
         (x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), False),
         (_authority_key_id(root_cert), False),
     ]
@@ -266,17 +267,3 @@ def _dns_subtree(name: str) -> x509.DNSName:
     if not label or not label.isascii() or any(c in label for c in " */:@") or ".." in label:
         raise InvalidRequest(f"{name!r} is not a DNS name for a name constraint")
     return x509.DNSName(label)
-
-
-def _ca_key_usage(*, digital_signature: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=digital_signature,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )

@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from kmsgate.pki.issuer import key_usage
 from tests.gateway import Api
 
 PEM = serialization.Encoding.PEM
@@ -18,17 +19,7 @@ PEM = serialization.Encoding.PEM
 
 def ca_key_usage(*, digital_signature: bool) -> x509.KeyUsage:
     """keyCertSign and cRLSign (and digitalSignature if asked): a CA's key usage."""
-    return x509.KeyUsage(
-        digital_signature=digital_signature,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
+    return key_usage(digital_signature=digital_signature, key_cert_sign=True, crl_sign=True)
 
 
 class OfflineRoot:

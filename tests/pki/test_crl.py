@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from kmsgate.errors import InvalidRequest
 from kmsgate.pki.crl import REASONS, RevokedEntry, build_crl, parse_reason
+from kmsgate.pki.issuer import key_usage
 from tests.pki.ceremony import ca_key_usage
 
 pytestmark = pytest.mark.interop
@@ -395,17 +396,7 @@ def test_bad_input_is_refused(pki: Pki, overrides: dict[str, Any], message: str)
 
 def test_an_issuer_without_crl_sign_is_refused(pki: Pki):
     key = ec.generate_private_key(ec.SECP256R1())
-    no_crl_sign = x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
+    no_crl_sign = key_usage(digital_signature=True)
     leafish = issue(
         "not a CRL signer",
         key.public_key(),

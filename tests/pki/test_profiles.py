@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kmsgate.algorithms import KeyType
 from kmsgate.config import PkiSettings, ProfileSettings, load_settings
 from kmsgate.errors import ConfigError, InvalidRequest
+from kmsgate.pki.issuer import key_usage
 from kmsgate.pki.profiles import Profile, load_profiles
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
@@ -149,17 +150,7 @@ def tampered(request: x509.CertificateSigningRequest) -> x509.CertificateSigning
 
 CODE_SIGNING = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING])
 CA_TRUE = x509.BasicConstraints(ca=True, path_length=None)
-CERT_SIGN = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=False,
-    encipher_only=False,
-    decipher_only=False,
-)
+CERT_SIGN = key_usage(digital_signature=True, key_cert_sign=True)
 Refusal = tuple[str, Callable[[], x509.CertificateSigningRequest], timedelta | None, str]
 REFUSALS: dict[str, Refusal] = {
     "SAN outside the profile": (
