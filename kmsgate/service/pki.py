@@ -259,9 +259,7 @@ class Pki:
     def revoke(self, principal: Principal, ctx: Ctx, serial: str, reason: str) -> CertificateRecord:
         """Revoke a certificate (RFC 5280 `reason` name, already checked). Raises
         PolicyDenied, NotFound, Conflict (revoked already)."""
-        found = self.store.certs.get(serial)
-        record = record_from_row(found) if found else None
-        resource = record.policy_resource() if record else {"kind": "cert", "name": serial}
+        record, resource = self._inventory_record(serial)
 
         def revoke(outcome: Outcome) -> CertificateRecord:
             if record is None:
@@ -273,10 +271,6 @@ class Pki:
             ca = self.authorities.get(record.ca)
             if ca.type is CaType.HASHIVAULT_PKI:  # Vault first: if it refuses, nothing changed
                 self.engine(ca).revoke(parse_serial(serial))
-            if reason == "removeFromCRL":
-                raise InvalidRequest(
-                    "removeFromCRL ends a hold in a delta CRL; it is no revocation"
-                )
             if not self.store.certs.revoke(serial, now(), reason):
                 raise Conflict(f"certificate {serial} is revoked already")
             outcome.detail.update(serial=serial, reason=reason)
@@ -289,9 +283,7 @@ class Pki:
 
     def certificate(self, principal: Principal, ctx: Ctx, serial: str) -> CertificateRecord:
         """One inventory record. Raises PolicyDenied, NotFound."""
-        found = self.store.certs.get(serial)
-        record = record_from_row(found) if found else None
-        resource = record.policy_resource() if record else {"kind": "cert", "name": serial}
+        record, resource = self._inventory_record(serial)
 
         def read(_: Outcome) -> CertificateRecord:
             if record is None:
@@ -314,6 +306,15 @@ class Pki:
         return self.gate.run(call, search)
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _inventory_record(
+        self, serial: str
+    ) -> tuple[CertificateRecord | None, Mapping[str, object]]:
+        """The certificate `serial` (None if there is none) and what the policy sees of it:
+        its attributes, or only its serial. Raises Unavailable."""
+        found = self.store.certs.get(serial)
+        record = record_from_row(found) if found else None
+        return record, record.policy_resource() if record else {"kind": "cert", "name": serial}
 
     def _sign(
         self, ca: Authority, issuer: x509.Certificate, profile: Profile, approved: Approved

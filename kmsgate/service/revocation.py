@@ -26,6 +26,7 @@ delta CRL and answers OCSP through a delegated responder; both are public (no to
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import sys
@@ -210,26 +211,16 @@ class Revocation:
             next_update = at + CRL_VALIDITY
             public_url = self.pki.public_url
             freshest = f"{public_url}/v1/pki/cas/{ca.name}/crl?delta=1" if public_url else None
-            full = build_crl(
+            build = functools.partial(
+                build_crl,
                 issuer=issuer,
                 key=signer,
-                revoked=entries,
-                number=number,
                 this_update=at,
                 next_update=next_update,
-                freshest_url=freshest,
                 hash_alg=hash_alg,
             )
-            delta = build_crl(
-                issuer=issuer,
-                key=signer,
-                revoked=news,
-                number=delta_number,
-                this_update=at,
-                next_update=next_update,
-                delta_base=base_number,
-                hash_alg=hash_alg,
-            )
+            full = build(revoked=entries, number=number, freshest_url=freshest)
+            delta = build(revoked=news, number=delta_number, delta_base=base_number)
             self.published.publish(
                 ca.name,
                 [
