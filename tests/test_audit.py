@@ -404,50 +404,82 @@ def test_unopenable_path_is_a_config_error(tmp_path: Path) -> None:
         FileSink(tmp_path / "missing-dir" / "audit.log")
 
 
-def test_two_writers_on_one_file_keep_one_chain(tmp_path: Path) -> None:
+def test_each_writer_claims_a_chain_file_of_its_own(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     with FileSink(path) as first, FileSink(path) as second:
+        assert (first.chain, second.chain) == (path, tmp_path / "audit.1.log")
         for i in range(50):
             (first if i % 3 else second).append(event(i))
     report = AuditFile(path).verify()
     assert report.ok, report.reason
-    assert report.records == 50
+    assert (report.records, report.chains) == (50, 2)
+    assert [r["seq"] for r in iter_records(tmp_path / "audit.1.log")] == list(range(1, 18))
+    # a writer that comes back later resumes the first free chain
+    with FileSink(path) as again:
+        assert again.chain == path
+        again.append(event(99))
+        assert again.head[0] == 34
 
 
 def _append_in_process(path: str, count: int) -> None:
-    # a tiny fsync interval makes the fsync thread's file lock race the appends
     with FileSink(Path(path), fsync_interval=0.001) as log:
         for i in range(count):
             log.append(event(i))
 
 
-def test_worker_processes_share_one_chain(tmp_path: Path) -> None:
+def test_worker_processes_each_keep_a_chain_and_readers_see_all(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_append_in_process, args=(str(path), 300)) for _ in range(3)]
-    # the three processes also race on the head file's temporary name
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
-    report = AuditFile(path).verify()
+    log = AuditFile(path)
+    report = log.verify()
     assert report.ok, report.reason
     assert report.records == 900
-    assert json.loads(path.with_name("audit.log.head").read_text())["seq"] == 900
+    chains = sorted(p.name for p in tmp_path.glob("audit*.log"))
+    heads = [json.loads((tmp_path / f"{name}.head").read_text())["seq"] for name in chains]
+    # which process got which file depends on start order; how many records each holds does not
+    assert sum(heads) == 900 and len(chains) in (1, 2, 3)
     assert not list(tmp_path.glob("*.tmp"))
+    assert len(log.search(limit=1000)) == 900
+    newest = log.search(limit=5)
+    times = [str(r["time"]) for r in log.search(limit=1000)]
+    assert times == sorted(times) and [str(r["time"]) for r in newest] == times[-5:]
 
 
-def test_foreign_garbage_stops_appends(tmp_path: Path) -> None:
+def test_a_verify_names_the_broken_chain_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    with FileSink(path) as log:
+    with FileSink(path) as first, FileSink(path) as second:
+        for i in range(4):
+            first.append(event(i))
+            second.append(event(i))
+    other = tmp_path / "audit.1.log"
+    lines = lines_of(other)
+    other.write_bytes(b"".join(lines[:1] + lines[2:]))
+    report = AuditFile(path).verify()
+    assert (report.ok, report.chain, report.first_bad_line, report.chains) == (False, other, 2, 2)
+
+
+def test_text_appended_by_someone_else_stops_appends(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with FileSink(path, fsync_interval=0.01) as log:
         log.append(event(1))
         with path.open("ab") as f:
             f.write(b'{"not": "sealed"}\n')
-        with pytest.raises(AuditUnavailable):
-            log.append(event(2))
-        with pytest.raises(AuditUnavailable):
-            log.append(event(3))
+
+        def refuses() -> bool:
+            try:
+                log.append(event(2))
+            except AuditUnavailable:
+                return True
+            return False
+
+        assert wait_for(refuses)
+    assert not AuditFile(path).verify().ok
 
 
 def test_non_positive_fsync_interval_is_refused(tmp_path: Path) -> None:

@@ -4,14 +4,13 @@ each signature answered has its audit record, and each refusal its deny record."
 from __future__ import annotations
 
 import base64
-import json
 import threading
 from collections import Counter
 from pathlib import Path
 
 import httpx
 
-from kmsgate.audit import AuditFile
+from kmsgate.audit import AuditFile, chain_paths, iter_records
 from tests.test_cli import running_gateway
 
 CLIENTS = 8
@@ -65,6 +64,8 @@ def test_every_signature_and_every_refusal_under_load_has_its_audit_record(
     log = gw.data_dir / "audit.log"
     report = AuditFile(log).verify()
     assert report.ok, report.reason
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    # one chain per worker
+    assert report.chains == 2
+    records = [record for chain in chain_paths(log) for record in iter_records(chain)]
     outcomes = Counter((r["decision"], r["outcome"]) for r in records if r["action"] == "sign")
     assert outcomes == {("allow", "ok"): signed, ("deny", "policy_denied"): denied}, outcomes

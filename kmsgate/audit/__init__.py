@@ -1,9 +1,10 @@
 """Tamper-evident audit records and the sinks that keep them.
 
 The service records `AuditEvent`s through an `AuditSink` (append, search, verify); the
-hash-chained JSON-lines file (`FileSink`) is the sink in use, and `AuditFile` reads such a
-file in place (``kmsgate audit verify``). Sinks write only what they are given: callers
-pass digests and lengths of inputs (see `input_summary`), never plaintext, keys or tokens.
+hash-chained JSON-lines files (`FileSink`, one chain per writer process) are the sink in
+use, and `AuditFile` reads such a log in place (``kmsgate audit verify``). Sinks write only
+what they are given: callers pass digests and lengths of inputs (see `input_summary`),
+never plaintext, keys or tokens.
 Writes are fail-closed: `AuditSink.append` raises `AuditUnavailable` and the caller must not
 return the operation's result.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from kmsgate.audit.chain import GENESIS_HASH
 from kmsgate.audit.events import AuditEvent, input_summary
-from kmsgate.audit.filereader import AuditFile, iter_records
+from kmsgate.audit.filereader import AuditFile, chain_paths, iter_records
 from kmsgate.audit.filesink import FileSink
 from kmsgate.audit.sink import AuditSink, VerifyReport
 
@@ -23,6 +24,7 @@ __all__ = [
     "AuditSink",
     "FileSink",
     "VerifyReport",
+    "chain_paths",
     "input_summary",
     "iter_records",
 ]

@@ -1,9 +1,17 @@
-"""Reading a hash-chained JSON-lines audit file in place: records, search, verification."""
+"""Reading an audit log in place: its chains' records, search, verification.
+
+An audit log at `path` is a set of hash-chained JSON-lines files, one per writer process
+(a uvicorn worker, a replica): `path` itself and `<stem>.<n><suffix>` beside it (for
+`audit.log`: `audit.1.log`, `audit.2.log`, ...). Each file is one chain with its own head
+file; a writer holds its file for its whole life (see `FileSink`).
+"""
 
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,7 +19,26 @@ from kmsgate.audit.chain import GENESIS_HASH, decode, seal_problem
 from kmsgate.audit.headfile import head_path, read_head
 from kmsgate.audit.sink import VerifyReport
 
-__all__ = ["AuditFile", "iter_records"]
+__all__ = ["AuditFile", "chain_path", "chain_paths", "iter_records"]
+
+
+def chain_path(path: Path, number: int) -> Path:
+    """The file of chain `number` of the audit log at `path` (0: `path` itself)."""
+    if number == 0:
+        return path
+    return path.with_name(f"{path.stem}.{number}{path.suffix}")
+
+
+def chain_paths(path: Path) -> list[Path]:
+    """The existing chain files of the audit log at `path`, by chain number. Raises OSError
+    if the directory cannot be listed."""
+    pattern = re.compile(re.escape(path.stem) + r"\.([1-9][0-9]*)" + re.escape(path.suffix) + r"\Z")
+    numbered = sorted(
+        (int(match.group(1)), entry)
+        for entry in path.parent.iterdir()
+        if (match := pattern.match(entry.name)) and entry.is_file()
+    )
+    return ([path] if path.is_file() else []) + [entry for _, entry in numbered]
 
 
 def iter_records(path: Path) -> Iterator[dict[str, object]]:
@@ -28,7 +55,8 @@ def iter_records(path: Path) -> Iterator[dict[str, object]]:
 
 
 class AuditFile:
-    """An audit file read where it is: searched and verified, never written or created."""
+    """An audit log read where it is (all its chains): searched and verified, never written
+    or created."""
 
     def __init__(self, path: Path) -> None:
         self._path = Path(path)
@@ -55,30 +83,31 @@ class AuditFile:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         after = _rfc3339(since) if since is not None else None
-        found: collections.deque[dict[str, object]] = collections.deque(maxlen=limit)
-        for record in iter_records(self._path):
-            if _matches(record, after, principal, key, action):
-                found.append(record)
-        return list(found)
+        found: list[dict[str, object]] = []
+        for chain in chain_paths(self._path):
+            latest: collections.deque[dict[str, object]] = collections.deque(maxlen=limit)
+            for record in iter_records(chain):
+                if _matches(record, after, principal, key, action):
+                    latest.append(record)
+            found += latest
+        found.sort(key=lambda record: str(record.get("time", "")))  # stable: chain order kept
+        return found[-limit:]
 
     def verify(self) -> VerifyReport:
-        """Recompute every hash and check prev links, seq continuity and the head file.
-
-        Reports the first broken line. Raises OSError if the log cannot be read.
+        """Check every chain: recompute every hash, check prev links, seq continuity and the
+        head file. Reports the first broken line (and its file). Raises OSError if the log
+        cannot be read, FileNotFoundError if it has no chain file.
         """
-        hashes: list[str] = []
-        prev = GENESIS_HASH
-        with self._path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                record, reason = _line_problem(raw, lineno, prev)
-                if record is None:
-                    return VerifyReport(False, len(hashes), lineno, reason)
-                prev = str(record["hash"])
-                hashes.append(prev)
-        head_problem = _head_problem(self._path, hashes)
-        if head_problem is not None:
-            return VerifyReport(False, len(hashes), head_problem[0], head_problem[1])
-        return VerifyReport(True, len(hashes), None, None)
+        chains = chain_paths(self._path)
+        if not chains:
+            raise FileNotFoundError(2, "No such file or directory", str(self._path))
+        records = 0
+        for chain in chains:
+            report = _verify_chain(chain)
+            records += report.records
+            if not report.ok:
+                return replace(report, records=records, chains=len(chains))
+        return VerifyReport(True, records, None, None, chains=len(chains))
 
 
 # --- search ----------------------------------------------------------------------------
@@ -112,6 +141,23 @@ def _matches(
 
 
 # --- verification ----------------------------------------------------------------------
+
+
+def _verify_chain(path: Path) -> VerifyReport:
+    """`AuditFile.verify` for one chain file. Raises OSError."""
+    hashes: list[str] = []
+    prev = GENESIS_HASH
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            record, reason = _line_problem(raw, lineno, prev)
+            if record is None:
+                return VerifyReport(False, len(hashes), lineno, reason, path)
+            prev = str(record["hash"])
+            hashes.append(prev)
+    head_problem = _head_problem(path, hashes)
+    if head_problem is not None:
+        return VerifyReport(False, len(hashes), head_problem[0], head_problem[1], path)
+    return VerifyReport(True, len(hashes), None, None)
 
 
 def _line_problem(raw: bytes, lineno: int, prev: str) -> tuple[dict[str, object] | None, str]:

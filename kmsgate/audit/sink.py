@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol
 
 from kmsgate.audit.events import AuditEvent
@@ -13,12 +14,17 @@ __all__ = ["AuditSink", "VerifyReport"]
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """Result of `AuditSink.verify`: ok, records checked, and the first broken line and why."""
+    """Result of `AuditSink.verify`: ok, records checked, and the first broken line, why,
+    and in which chain file."""
 
     ok: bool
     records: int
     first_bad_line: int | None
     reason: str | None
+    chain: Path | None = None
+    """The chain file with the broken line (a log has one per writer process)."""
+    chains: int = 1
+    """Chain files checked."""
 
 
 class AuditSink(Protocol):

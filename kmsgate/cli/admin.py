@@ -125,7 +125,8 @@ def token_revoke(token_id: str, addr: AddrOpt = None, token: TokenOpt = None) ->
 
 @audit_app.command("verify")
 def audit_verify(path: Path) -> None:
-    """Check the hash chain of an audit log; names the first broken record."""
+    """Check the hash chains of an audit log (the file and the chain files of the other
+    writer processes beside it); names the first broken record."""
     from kmsgate.audit import AuditFile
 
     try:
@@ -133,8 +134,15 @@ def audit_verify(path: Path) -> None:
     except (OSError, ValueError) as exc:
         fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
     if not report.ok:
-        fail(f"audit log broken at line {report.first_bad_line}: {report.reason}", code=1)
-    out.print(f"ok: {report.records} records, chain intact")
+        where = report.chain or path
+        fail(f"audit log {where} broken at line {report.first_bad_line}: {report.reason}", code=1)
+    if report.chains == 1:
+        out.print(f"ok: {report.records} records, chain intact", highlight=False)
+    else:
+        out.print(
+            f"ok: {report.records} records in {report.chains} chains, every chain intact",
+            highlight=False,
+        )
 
 
 @policy_app.command("test")
