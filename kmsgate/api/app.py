@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -17,7 +16,7 @@ from kmsgate.api import routes_keys, routes_pki, routes_revocation, routes_sys
 from kmsgate.api.docs import install_docs
 from kmsgate.api.fastpath import GatewayApp
 from kmsgate.api.metrics import Metrics
-from kmsgate.api.problems import GatewayMiddleware, install_error_handlers
+from kmsgate.api.problems import GatewayMiddleware, RequestIds, install_error_handlers
 from kmsgate.api.responses import JsonResponse
 from kmsgate.errors import KmsgateError
 from kmsgate.jobs import Jobs, leader_lock
@@ -104,11 +103,11 @@ def create_app(service: Service) -> FastAPI:
     app.state.metrics = Metrics(
         {"keys": service.catalogue, "tokens": service.tokens, "cas": service.pki.authorities}
     )
-    gateway = functools.partial(
-        GatewayMiddleware,
-        max_body_bytes=service.settings.limits.max_body_bytes,
-        metrics=app.state.metrics,
-    )
-    app.add_middleware(GatewayMiddleware, **gateway.keywords)
-    app.serve_fast(fast_routes, gateway)
+    gateway = {
+        "max_body_bytes": service.settings.limits.max_body_bytes,
+        "metrics": app.state.metrics,
+        "ids": RequestIds(),
+    }
+    app.add_middleware(GatewayMiddleware, **gateway)
+    app.serve_fast(fast_routes, **gateway)
     return app

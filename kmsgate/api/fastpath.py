@@ -1,12 +1,14 @@
 """Routes on the fast path (DESIGN §10), for the endpoints called at volume (key
 operations, issuance, OCSP): `GatewayApp` matches them before anything else and serves them
-through the gateway middleware (request id, body limit, metrics) and kmsgate's problem
-replies only, skipping FastAPI's middleware stack, route matching and dependency injection;
-the endpoint reads the request itself. Each endpoint is also registered with FastAPI, so
-that the OpenAPI document describes it."""
+itself: request id, body-size limit, metrics and kmsgate's problem replies, without
+FastAPI's middleware stack, route matching and dependency injection, and without the
+per-message wrappers of a middleware. The endpoint gets the request with its body already
+read. Each endpoint is also registered with FastAPI, so that the OpenAPI document describes
+it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -14,48 +16,103 @@ from fastapi import APIRouter, FastAPI
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from kmsgate.api.problems import failure_response
+from kmsgate.api.metrics import Metrics
+from kmsgate.api.problems import (
+    RequestIds,
+    declared_too_large,
+    failure_response,
+    observe,
+    too_large,
+)
 from kmsgate.errors import InvalidRequest
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class FastRequest(Request):
+    """A fast route's request, its body read (within the size limit) before the endpoint
+    runs."""
+
+    def __init__(self, scope: Scope, body: bytes) -> None:
+        super().__init__(scope)
+        self._read_body = body
+
+    async def body(self) -> bytes:
+        return self._read_body
 
 
 class GatewayApp(FastAPI):
     """The FastAPI application, with its fast routes served ahead of its middleware."""
 
     _fast_routes: tuple[Route, ...] = ()
-    _fast_app: ASGIApp | None = None
 
-    def serve_fast(self, routes: list[Route], wrap: Callable[[ASGIApp], ASGIApp]) -> None:
-        """Serve `routes` ahead of FastAPI, through `wrap` (the gateway middleware)."""
+    def serve_fast(
+        self, routes: list[Route], *, max_body_bytes: int, metrics: Metrics, ids: RequestIds
+    ) -> None:
+        """Serve `routes` ahead of FastAPI, with the gateway middleware's request ids, body
+        limit and metrics."""
         self._fast_routes = tuple(routes)
-        self._fast_app = wrap(_serve_endpoint)
+        self._max_body_bytes = max_body_bytes
+        self._metrics = metrics
+        self._ids = ids
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self._fast_app is not None:
+        if scope["type"] == "http":
             for route in self._fast_routes:
                 match, child = route.matches(scope)
                 if match is Match.FULL:  # a wrong method falls through to FastAPI's 405
                     scope.update(child)
                     scope["app"] = self
-                    await self._fast_app(scope, receive, send)
+                    scope["route"] = route
+                    await self._serve(scope, receive, send)
                     return
         await super().__call__(scope, receive, send)
 
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Read the body, run the matched endpoint, send its reply (a failure's problem
+        reply), count the request."""
+        started_at = time.perf_counter()
+        request_id = self._ids.next()
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500  # what the client gets if sending the reply fails
+        try:
+            try:
+                body = await _read_body(scope, receive, self._max_body_bytes)
+                response = await scope["endpoint"](FastRequest(scope, body))
+            except ClientDisconnect:  # the client went away mid-body: its fault, not ours
+                gone = InvalidRequest("the client closed the connection before its request arrived")
+                response = failure_response(gone, Request(scope))
+            except Exception as exc:
+                response = failure_response(exc, Request(scope))
+            status = response.status_code
+            headers = response.raw_headers
+            headers.append((b"x-request-id", request_id.encode()))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": response.body})
+        finally:
+            observe(self._metrics, scope, status, started_at)
 
-async def _serve_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-    """Run the matched fast route's endpoint; a failure becomes its problem reply."""
-    request = Request(scope, receive, send)
-    try:
-        response = await scope["endpoint"](request)
-    except ClientDisconnect:  # the client went away mid-body: its fault, not an error of ours
-        gone = InvalidRequest("the client closed the connection before its request arrived")
-        response = failure_response(gone, request)
-    except Exception as exc:
-        response = failure_response(exc, request)
-    await response(scope, receive, send)
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body. Raises TooLarge beyond `limit` bytes (declared or sent),
+    ClientDisconnect if the client leaves before sending all of it."""
+    if declared_too_large(scope, limit):
+        raise too_large(limit)
+    chunks: list[bytes] = []
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def fast_route(
@@ -71,14 +128,7 @@ def fast_route(
     `GatewayApp.serve_fast`), after adding it to `router` for the OpenAPI document (`openapi_extra`
     describes what the endpoint reads itself, such as its request body; `documented` goes
     to `add_api_route`)."""
-
-    async def handle(request: Request) -> Response:
-        # FastAPI records the matched route in the scope only for its own routes; the
-        # metrics label requests by it
-        request.scope["route"] = route
-        return await endpoint(request)
-
-    route = Route(router.prefix + path, handle, methods=methods, name=endpoint.__name__)
+    route = Route(router.prefix + path, endpoint, methods=methods, name=endpoint.__name__)
     router.add_api_route(
         path,
         endpoint,

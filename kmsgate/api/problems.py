@@ -107,24 +107,56 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_failure)
 
 
+class RequestIds:
+    """Request ids: unique, not secret. A random prefix per application (per worker) and a
+    counter cost no system call per request."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._count = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count):08x}"
+
+
+def declared_too_large(scope: Scope, limit: int) -> bool:
+    """Whether the request's Content-Length is malformed or over `limit` bytes."""
+    return any(
+        name == b"content-length" and (not value.isdigit() or int(value) > limit)
+        for name, value in scope["headers"]
+    )
+
+
+def observe(metrics: Metrics, scope: Scope, status: int, started_at: float) -> None:
+    """Count a finished request by its matched route (`unmatched` if none)."""
+    route = scope.get("route")
+    method = scope["method"] if scope["method"] in _METHODS else "other"
+    metrics.observe_request(
+        getattr(route, "path", UNMATCHED),
+        getattr(route, "name", UNMATCHED),
+        method,
+        status,
+        time.perf_counter() - started_at,
+    )
+
+
 class GatewayMiddleware:
     """Pure ASGI: assigns a request id, enforces the body-size limit, feeds the metrics."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics, ids: RequestIds
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
-        # request ids: unique, not secret; a random prefix per middleware (per worker) and
-        # a counter cost no system call per request
-        self._id_prefix = secrets.token_hex(4)
-        self._ids = itertools.count()
+        self.ids = ids
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started_at = time.perf_counter()
-        request_id = f"{self._id_prefix}{next(self._ids):08x}"
+        request_id = self.ids.next()
         scope.setdefault("state", {})["request_id"] = request_id
         limit = self.max_body_bytes
         received = 0
@@ -137,7 +169,7 @@ class GatewayMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _too_large(limit)
+                    raise too_large(limit)
             return message
 
         async def counting_send(message: Message) -> None:
@@ -149,11 +181,10 @@ class GatewayMiddleware:
             await send(message)
 
         try:
-            for name, value in scope["headers"]:
-                if name == b"content-length" and (not value.isdigit() or int(value) > limit):
-                    problem = error_response(_too_large(limit), request_id)
-                    await problem(scope, receive, counting_send)
-                    return
+            if declared_too_large(scope, limit):
+                problem = error_response(too_large(limit), request_id)
+                await problem(scope, receive, counting_send)
+                return
             try:
                 await self.app(scope, limited_receive, counting_send)
             except TooLarge as exc:
@@ -161,16 +192,8 @@ class GatewayMiddleware:
                     raise
                 await error_response(exc, request_id)(scope, receive, counting_send)
         finally:
-            route = scope.get("route")
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            self.metrics.observe_request(
-                getattr(route, "path", UNMATCHED),
-                getattr(route, "name", UNMATCHED),
-                method,
-                status,
-                time.perf_counter() - started_at,
-            )
+            observe(self.metrics, scope, status, started_at)
 
 
-def _too_large(limit: int) -> TooLarge:
+def too_large(limit: int) -> TooLarge:
     return TooLarge(f"request body exceeds the limit of {limit} bytes")
