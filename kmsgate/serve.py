@@ -21,6 +21,7 @@ from kmsgate.api.app import create_app
 from kmsgate.bootstrap import build_service, ensure_root_token, prepare_dev_data_dir
 from kmsgate.config import ROOT_TOKEN_FILE, dev_data_dir, load_settings
 from kmsgate.errors import ConfigError
+from kmsgate.http_protocol import HttpToolsOneWrite
 
 SWITCH_INTERVAL = 0.0005
 """Seconds a thread may hold the interpreter lock while another waits for it (Python's
@@ -84,7 +85,9 @@ def serve(
             highlight=False,
         )
         if workers == 1:
-            in_process = uvicorn.Config(_long_lived(create_app(service)), log_level=log_level)
+            in_process = uvicorn.Config(
+                _long_lived(create_app(service)), log_level=log_level, http=HttpToolsOneWrite
+            )
             uvicorn.Server(in_process).run(sockets=[sock])
             return
         service.close()
@@ -101,6 +104,7 @@ def serve(
             factory=True,
             workers=workers,
             log_level=log_level,
+            http=HttpToolsOneWrite,
         )
         Multiprocess(per_worker, sockets=[sock]).run()
 
