@@ -15,12 +15,23 @@ def resolve_caller(request: Request) -> tuple[Service, Principal, Ctx]:
     dependency machinery (hot routes: sign, verify, mac). Raises Unauthenticated."""
     service: Service = request.app.state.service
     ctx = request_ctx(request)
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    scheme, _, value = _header(request, b"authorization").partition(" ")
+    client = request.scope.get("client")
     credentials = Credentials(
         bearer=value.strip() if scheme.lower() == "bearer" else None,
-        remote_addr=client.host if (client := request.client) else None,
+        remote_addr=client[0] if client else None,
     )
     return service, service.gate.authenticate(credentials, ctx), ctx
+
+
+def _header(request: Request, name: bytes) -> str:
+    """The first value of header `name` (lower case), "" if absent (a direct scan of the
+    raw headers: cheaper than building Starlette's Headers on the hot path)."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return ""
 
 
 async def get_service(request: Request) -> Service:
@@ -30,7 +41,7 @@ async def get_service(request: Request) -> Service:
 
 def request_ctx(request: Request) -> Ctx:
     """The request's facts for audit records."""
-    return Ctx(request_id=getattr(request.state, "request_id", "-"))
+    return Ctx(request_id=request.scope.get("state", {}).get("request_id", "-"))
 
 
 async def get_ctx(request: Request) -> Ctx:

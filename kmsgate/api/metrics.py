@@ -73,6 +73,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._counters: dict[tuple[str, str, int], Counter] = {}
+        self._histograms: dict[str, Histogram] = {}
         self._backend_errors = Counter(
             "kmsgate_backend_errors",
             "Requests that failed in a key backend, by error code"
@@ -85,8 +87,17 @@ class Metrics:
         self, route: str, operation: str, method: str, status: int, seconds: float
     ) -> None:
         """Count one finished request and record its latency."""
-        self._requests.labels(route, method, str(status)).inc()
-        self._latency.labels(operation).observe(seconds)
+        # the labelled children are looked up once per label set (prometheus-client's own
+        # lookup takes a lock and builds the label tuple on every call)
+        counted = (route, method, status)
+        counter = self._counters.get(counted)
+        if counter is None:
+            counter = self._counters[counted] = self._requests.labels(route, method, str(status))
+        histogram = self._histograms.get(operation)
+        if histogram is None:
+            histogram = self._histograms[operation] = self._latency.labels(operation)
+        counter.inc()
+        histogram.observe(seconds)
 
     def observe_error(self, exc: KmsgateError) -> None:
         """Count `exc` if it is a backend failure; other errors are only counted by status."""
