@@ -36,6 +36,7 @@ SERVER_OPTIONS: dict[str, Any] = {
     # uvicorn would otherwise take the client address from X-Forwarded-For on every
     # connection from 127.0.0.1: any local process could claim another address
     "proxy_headers": False,
+    "server_header": False,  # no "server: uvicorn" in every reply
 }
 
 
