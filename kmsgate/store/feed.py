@@ -24,8 +24,8 @@ _BUMP = (
             sa.Text,
         )
     )
+    .returning(tables.meta.c.value)
 )
-_READ = sa.select(tables.meta.c.value).where(_KEY)
 _START = tables.meta.insert()
 _CHANGE = tables.changes.insert()
 # built once: composing a statement per call costs more than running it on SQLite
@@ -36,9 +36,11 @@ def record_change(conn: Connection, aggregate: str, *items: str) -> None:
     (in order), in the caller's transaction (the counter row stays locked until it
     commits)."""
     counter, count = f"epoch:{aggregate}", len(items)
-    if conn.execute(_BUMP, {"counter": counter, "by": count}).rowcount == 0:
+    # one statement bumps and reads the counter (SQLite >= 3.35 and PostgreSQL: RETURNING)
+    bumped = conn.execute(_BUMP, {"counter": counter, "by": count}).scalar_one_or_none()
+    if bumped is None:
         conn.execute(_START, {"key": counter, "value": str(count)})
-    last = int(conn.execute(_READ, {"counter": counter}).scalar_one())
+    last = count if bumped is None else int(bumped)
     at = datetime.now(UTC)
     conn.execute(
         _CHANGE,
