@@ -68,6 +68,15 @@ def lines_of(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines(keepends=True)
 
 
+def refuses_appends(log: FileSink) -> bool:
+    """Whether `log` refuses an append (AuditUnavailable) instead of writing it."""
+    try:
+        log.append(event(99))
+    except AuditUnavailable:
+        return True
+    return False
+
+
 def wait_for(condition: object, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -311,15 +320,7 @@ def test_fsync_failure_makes_later_appends_fail(
     try:
         monkeypatch.setattr(os, "fsync", failing_fsync)
         log.append(event(0))
-
-        def refuses() -> bool:
-            try:
-                log.append(event(1))
-            except AuditUnavailable:
-                return True
-            return False
-
-        assert wait_for(refuses)
+        assert wait_for(lambda: refuses_appends(log))
     finally:
         log.close()
 
@@ -470,15 +471,7 @@ def test_text_appended_by_someone_else_stops_appends(tmp_path: Path) -> None:
         log.append(event(1))
         with path.open("ab") as f:
             f.write(b'{"not": "sealed"}\n')
-
-        def refuses() -> bool:
-            try:
-                log.append(event(2))
-            except AuditUnavailable:
-                return True
-            return False
-
-        assert wait_for(refuses)
+        assert wait_for(lambda: refuses_appends(log))
     assert not AuditFile(path).verify().ok
 
 
