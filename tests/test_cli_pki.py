@@ -34,9 +34,9 @@ from kmsgate.bootstrap import (
     ensure_dev_ca,
     prepare_dev_data_dir,
 )
-from kmsgate.cli.ca import parse_san
 from kmsgate.config import load_settings
 from kmsgate.pki.authorities import CaState
+from kmsgate.pki.csr import parse_san
 from kmsgate.pki.root import load_root
 from tests.components import LOOPBACK
 from tests.softhsm import softhsm_session

@@ -8,7 +8,6 @@ the root key; every other command talks to a gateway.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import sys
@@ -19,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.backends import pkcs11 as pkcs11_backends
@@ -39,6 +38,7 @@ from kmsgate.cli.common import (
 from kmsgate.client import Client
 from kmsgate.config import parse_duration_setting
 from kmsgate.errors import ConfigError, KmsgateError
+from kmsgate.pki.csr import new_key_and_csr
 from kmsgate.pki.root import (
     ROOT_KEY_TYPES,
     check_root_request,
@@ -329,45 +329,15 @@ def _write_or_print(path: Path | None, text: str) -> None:
 # -- certificates ----------------------------------------------------------------------------
 
 
-def parse_san(value: str) -> x509.GeneralName:
-    """`dns:NAME`, `ip:ADDRESS`, `uri:URI`, or a bare value: an IP address, a URI (it holds
-    `://`) or else a DNS name. Fails (exit 2) on a malformed value."""
-    kind, sep, rest = value.partition(":")
-    kind = kind.lower() if sep else ""
-    if kind not in ("dns", "ip", "uri"):
-        rest = value
-        if "://" in value:
-            kind = "uri"
-        else:
-            try:
-                ipaddress.ip_address(value)
-                kind = "ip"
-            except ValueError:
-                kind = "dns"
-    if kind == "ip":
-        try:
-            return x509.IPAddress(ipaddress.ip_address(rest))
-        except ValueError:
-            fail(f"--san {value!r}: not an IP address")
-    if not rest or not rest.isascii() or any(c.isspace() for c in rest):
-        fail(f"--san {value!r}: a {kind} name is non-empty ASCII without spaces")
-    return x509.UniformResourceIdentifier(rest) if kind == "uri" else x509.DNSName(rest)
-
-
 def _new_key_and_csr(sans: list[str], cn: str | None) -> tuple[ec.EllipticCurvePrivateKey, str]:
     """A fresh P-256 key and a CSR for it naming `sans` (and `cn` as the subject's common
-    name), PEM. Fails when there are no SANs."""
+    name), PEM. Fails when there are no SANs or one is malformed."""
     if not sans:
         fail("--key-out needs at least one --san")
-    names = [parse_san(s) for s in sans]
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)] if cn else [])
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(subject)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    try:
+        key, csr = new_key_and_csr(sans, cn)
+    except ValueError as exc:
+        fail(f"--san: {exc}")
     return key, csr.public_bytes(PEM).decode()
 
 

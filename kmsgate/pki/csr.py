@@ -1,0 +1,58 @@
+"""Certificate requests made here: a fresh key and a CSR naming the given subject
+alternative names (the CLI's `cert issue --key-out`, the gateway's own TLS certificate)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+__all__ = ["new_key_and_csr", "parse_san"]
+
+
+def parse_san(value: str) -> x509.GeneralName:
+    """`dns:NAME`, `ip:ADDRESS`, `uri:URI`, or a bare value: an IP address, a URI (it holds
+    `://`) or else a DNS name. Raises ValueError naming what is wrong."""
+    kind, sep, rest = value.partition(":")
+    kind = kind.lower() if sep else ""
+    if kind not in ("dns", "ip", "uri"):
+        rest = value
+        if "://" in value:
+            kind = "uri"
+        else:
+            try:
+                ipaddress.ip_address(value)
+                kind = "ip"
+            except ValueError:
+                kind = "dns"
+    if kind == "ip":
+        try:
+            return x509.IPAddress(ipaddress.ip_address(rest))
+        except ValueError:
+            raise ValueError(f"SAN {value!r}: not an IP address") from None
+    if not rest or not rest.isascii() or any(c.isspace() for c in rest):
+        raise ValueError(f"SAN {value!r}: a {kind} name is non-empty ASCII without spaces")
+    return x509.UniformResourceIdentifier(rest) if kind == "uri" else x509.DNSName(rest)
+
+
+def new_key_and_csr(
+    sans: list[str], common_name: str | None = None
+) -> tuple[ec.EllipticCurvePrivateKey, x509.CertificateSigningRequest]:
+    """A fresh P-256 key and a CSR for it naming `sans` (and `common_name` as the subject's
+    CN). Raises ValueError without SANs or for a malformed one."""
+    if not sans:
+        raise ValueError("a certificate request needs at least one SAN")
+    names = [parse_san(san) for san in sans]
+    subject = x509.Name(
+        [x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)] if common_name else []
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr
