@@ -183,6 +183,46 @@ class PkiSettings(BaseModel):
         return value.rstrip("/")
 
 
+ClientAuth = Literal["none", "optional", "required"]
+
+
+class TlsSettings(BaseModel):
+    """HTTPS: the gateway's certificate from files (`cert_file`, `key_file`), or issued and
+    renewed by the gateway from its CA `ca`; client certificates (mTLS) requested per
+    `client_auth` and checked against `client_cas` (kmsgate CA names or PEM bundle paths)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca: str | None = None
+    profile: str = "server"
+    sans: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1"],
+        description="the names of a certificate issued from `ca`",
+    )
+    ttl: Duration | None = None
+    client_auth: ClientAuth = "none"
+    client_cas: list[str] = Field(default_factory=list)
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TlsSettings:
+        from_files = self.cert_file is not None or self.key_file is not None
+        if from_files == (self.ca is not None):
+            raise ValueError("tls needs either cert_file and key_file, or ca")
+        if from_files and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if self.client_auth != "none" and not self.client_cas:
+            raise ValueError(f"tls.client_auth {self.client_auth} needs tls.client_cas")
+        return self
+
+
+def dev_tls() -> TlsSettings:
+    """`serve --dev --tls`: a certificate from the dev CA, client certificates optional."""
+    return TlsSettings(ca="dev", client_auth="optional", client_cas=["dev"])
+
+
 class Settings(BaseSettings):
     """Everything the gateway reads from its environment. Built by `load_settings`."""
 
@@ -208,6 +248,7 @@ class Settings(BaseSettings):
     default_backend: str = "local"
     limits: Limits = Field(default_factory=Limits)
     pki: PkiSettings = Field(default_factory=PkiSettings)
+    tls: TlsSettings | None = None
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL. Raises ConfigError if neither it nor a data dir is set."""

@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -127,10 +128,15 @@ def leader_lock(database_url: str) -> PostgresLeaderLock | FileLeaderLock:
 class Jobs:
     """The scheduled jobs of one process; only the leader's tick does anything."""
 
-    def __init__(self, service: Service, lock: LeaderLock) -> None:
+    def __init__(
+        self, service: Service, lock: LeaderLock, frequent: Sequence[Callable[[], None]] = ()
+    ) -> None:
+        """`frequent`: more jobs for the leader, run at every tick (every second) like the
+        revocation publishing; each logs its own failures."""
         self._service = service
         self._lock = lock
         self._led = False
+        self._frequent = tuple(frequent)
 
     def run_due(self, now: datetime | None = None) -> bool:
         """Run every job if this process leads. Returns whether it led. A failing job is
@@ -143,7 +149,7 @@ class Jobs:
             self._service.store.feed.prune(datetime.now(UTC) - FEED_RETENTION)
         except KmsgateError as exc:
             log.warning("scheduled job failed: %s", exc.code)
-        self._publish_revocation(now)
+        self._run_frequent(now)
         return True
 
     def run_revocation(self, now: datetime | None = None) -> bool:
@@ -153,8 +159,13 @@ class Jobs:
         self._led = self._led and self._lock.acquire()
         if not self._led:
             return False
-        self._publish_revocation(now)
+        self._run_frequent(now)
         return True
+
+    def _run_frequent(self, now: datetime | None) -> None:
+        self._publish_revocation(now)
+        for job in self._frequent:
+            job()
 
     def _publish_revocation(self, now: datetime | None) -> None:
         """`Revocation.publish_due`; a failure is logged (by code or type) and retried on the

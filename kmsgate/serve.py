@@ -6,10 +6,12 @@ settings given as flags are passed on as `KMSGATE_*` variables.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,11 @@ from uvicorn.supervisors import Multiprocess
 
 from kmsgate.api.app import create_app
 from kmsgate.bootstrap import build_service, ensure_root_token, prepare_dev_data_dir
-from kmsgate.config import ROOT_TOKEN_FILE, dev_data_dir, load_settings
+from kmsgate.config import ROOT_TOKEN_FILE, Settings, dev_data_dir, dev_tls, load_settings
 from kmsgate.errors import ConfigError
 from kmsgate.http_protocol import HttpToolsOneWrite
+from kmsgate.servertls import provision, renewal_job
+from kmsgate.service import Service
 
 SWITCH_INTERVAL = 0.0005
 """Seconds a thread may hold the interpreter lock while another waits for it (Python's
@@ -54,7 +58,17 @@ def _long_lived(app: FastAPI) -> FastAPI:
 def create_app_from_env() -> FastAPI:
     """uvicorn factory for worker processes: settings from KMSGATE_* and KMSGATE_CONFIG."""
     config = os.environ.get("KMSGATE_CONFIG")
-    return _long_lived(create_app(build_service(load_settings(Path(config) if config else None))))
+    settings = load_settings(Path(config) if config else None)
+    service = build_service(settings)
+    return _long_lived(create_app(service, _leader_jobs(service, settings)))
+
+
+def _leader_jobs(service: Service, settings: Settings) -> list[Callable[[], None]]:
+    """The jobs this gateway's leader runs every second besides the standard ones: the
+    renewal of its own HTTPS certificate (`tls.ca`)."""
+    if settings.tls is None or settings.tls.ca is None:
+        return []
+    return [functools.partial(renewal_job, service, settings)]
 
 
 def serve(
@@ -67,6 +81,7 @@ def serve(
     workers: int,
     log_level: str,
     console: Console,
+    tls: bool = False,
 ) -> None:
     """Run the gateway until interrupted.
 
@@ -74,6 +89,10 @@ def serve(
     anything is printed or created).
     """
     settings = load_settings(config, dev=dev or None, data_dir=data_dir, host=host, port=port)
+    if tls and settings.tls is None:
+        if not settings.dev:
+            raise ConfigError("--tls needs `tls` settings in the config file outside dev mode")
+        settings.tls = dev_tls()
     with _listen(settings.host, settings.port) as sock:
         if settings.dev:
             if settings.data_dir is None:
@@ -90,14 +109,16 @@ def serve(
             console.print(
                 f"Root token file: {settings.data_dir / ROOT_TOKEN_FILE}", highlight=False
             )
+        server_tls = provision(service, settings) if settings.tls else None
+        options: dict[str, Any] = {**SERVER_OPTIONS, "ssl_context_factory": server_tls}
+        scheme = "https" if server_tls else "http"
         console.print(
-            f"kmsgate listening on http://{settings.host}:{settings.port} (env {settings.env})",
+            f"kmsgate listening on {scheme}://{settings.host}:{settings.port} (env {settings.env})",
             highlight=False,
         )
         if workers == 1:
-            in_process = uvicorn.Config(
-                _long_lived(create_app(service)), log_level=log_level, **SERVER_OPTIONS
-            )
+            app = create_app(service, _leader_jobs(service, settings))
+            in_process = uvicorn.Config(_long_lived(app), log_level=log_level, **options)
             uvicorn.Server(in_process).run(sockets=[sock])
             return
         service.close()
@@ -107,6 +128,7 @@ def serve(
                 "KMSGATE_ENV": settings.env,
                 **({"KMSGATE_DATA_DIR": str(settings.data_dir)} if settings.data_dir else {}),
                 **({"KMSGATE_CONFIG": str(config)} if config else {}),
+                **({"KMSGATE_TLS": settings.tls.model_dump_json()} if settings.tls else {}),
             }
         )
         per_worker = uvicorn.Config(
@@ -114,7 +136,7 @@ def serve(
             factory=True,
             workers=workers,
             log_level=log_level,
-            **SERVER_OPTIONS,
+            **options,
         )
         Multiprocess(per_worker, sockets=[sock]).run()
 

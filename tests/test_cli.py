@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -153,10 +154,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-def _wait_until_serving(proc: subprocess.Popen[bytes], port: int, output: Path) -> str | None:
-    """The root token once the server answers a request made with it on `port` (so that
-    another process that grabbed the port cannot pass for it); None if the server exited.
-    Fails the test after START_TIMEOUT seconds."""
+def _wait_until_serving(
+    proc: subprocess.Popen[bytes], addr: str, output: Path, verify: Path | bool = True
+) -> str | None:
+    """The root token once the server answers a request made with it at `addr` (so that
+    another process that grabbed the port cannot pass for it; over HTTPS, trusting
+    `verify`); None if the server exited. Fails the test after START_TIMEOUT seconds."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -165,25 +168,32 @@ def _wait_until_serving(proc: subprocess.Popen[bytes], port: int, output: Path) 
         if match:
             with contextlib.suppress(httpx.HTTPError):
                 reply = httpx.get(
-                    f"http://{LOOPBACK}:{port}/v1/keys",
+                    f"{addr}/v1/keys",
                     headers={"authorization": f"Bearer {match.group(1)}"},
                     timeout=2.0,
+                    verify=ssl.create_default_context(cafile=str(verify))
+                    if isinstance(verify, Path)
+                    else verify,
                 )
                 if reply.status_code == 200:
                     return match.group(1)
         time.sleep(0.05)
     _stop(proc)
     pytest.fail(
-        f"kmsgate serve did not answer on {port} within {START_TIMEOUT:.0f} s:\n"
+        f"kmsgate serve did not answer at {addr} within {START_TIMEOUT:.0f} s:\n"
         f"{output.read_text(errors='replace')}",
         pytrace=False,
     )
 
 
 @contextlib.contextmanager
-def running_gateway(base: Path, *serve_args: str, **extra_env: str) -> Iterator[Gateway]:
+def running_gateway(
+    base: Path, *serve_args: str, https: bool = False, **extra_env: str
+) -> Iterator[Gateway]:
     """`kmsgate serve --dev [serve_args]` on a fresh data dir under `base` and a free port;
-    stopped on exit, also when the start or a test fails."""
+    stopped on exit, also when the start or a test fails. `https`: the server speaks TLS
+    with a certificate from the dev CA (`Gateway.addr` is https://, trusting
+    `<data_dir>/dev-root.pem`)."""
     for attempt in range(1, START_ATTEMPTS + 1):
         port = free_port()
         data_dir = base / f"data-{attempt}"  # a failed attempt may have used its data dir
@@ -200,13 +210,15 @@ def running_gateway(base: Path, *serve_args: str, **extra_env: str) -> Iterator[
                 start_new_session=True,  # its own process group: teardown stops all of it
             )
         try:
-            token = _wait_until_serving(proc, port, output)
+            addr = f"{'https' if https else 'http'}://{LOOPBACK}:{port}"
+            root = data_dir / "dev-root.pem"
+            token = _wait_until_serving(proc, addr, output, root if https else True)
             if token is None:
                 text = output.read_text(errors="replace")
                 if "address already in use" in text.lower() and attempt < START_ATTEMPTS:
                     continue
                 pytest.fail(f"kmsgate serve exited with {proc.returncode}:\n{text}", pytrace=False)
-            yield Gateway(f"http://{LOOPBACK}:{port}", token, data_dir, output)
+            yield Gateway(addr, token, data_dir, output)
             return
         finally:
             _stop(proc)
@@ -781,7 +793,7 @@ def test_dev_mode_from_the_environment_uses_the_default_data_dir(tmp_path: Path)
             start_new_session=True,
         )
     try:
-        token = _wait_until_serving(proc, port, output)
+        token = _wait_until_serving(proc, f"http://{LOOPBACK}:{port}", output)
         assert token is not None, output.read_text(errors="replace")
         assert (tmp_path / ".kmsgate" / "dev" / "root-token").read_text().strip() == token
     finally:

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI
 from starlette.routing import Route
@@ -63,13 +63,14 @@ class CacheRefresher:
                 self._jobs.run_revocation()  # revocation: CRLs due after a revocation
 
 
-def create_app(service: Service) -> FastAPI:
-    """The REST application over `service`; closes it on shutdown."""
+def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ()) -> FastAPI:
+    """The REST application over `service`; closes it on shutdown. `leader_jobs` run every
+    second in the process that leads the scheduled jobs (see `Jobs`)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         lock = leader_lock(service.settings.resolved_database_url())
-        refresher = CacheRefresher(service, Jobs(service, lock))
+        refresher = CacheRefresher(service, Jobs(service, lock, leader_jobs))
         refresher.start()
         try:
             yield

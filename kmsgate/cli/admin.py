@@ -29,6 +29,14 @@ def serve(
     config: Annotated[Path | None, typer.Option(envvar="KMSGATE_CONFIG")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     log_level: Annotated[str, typer.Option()] = "warning",
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="HTTPS (settings `tls`; with --dev and none configured: a certificate from "
+            "the dev CA, client certificates optional).",
+        ),
+    ] = False,
 ) -> None:
     """Run the gateway (127.0.0.1:8200 by default)."""
     from kmsgate.serve import serve as run_server
@@ -42,6 +50,7 @@ def serve(
             config=config,
             workers=workers,
             log_level=log_level,
+            tls=tls,
             console=err,
         )
     except ConfigError as exc:

@@ -14,6 +14,7 @@ import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from datetime import timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -24,11 +25,12 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificatePublicKeyTypes,
 )
 
-from kmsgate.auth import Principal
+from kmsgate.auth import SYSTEM, Principal
 from kmsgate.backends.base import PkiEngine, PkiEngineCapable, require_capability
 from kmsgate.catalogue import Key, KeyVersion
 from kmsgate.errors import BackendError, Conflict, InvalidRequest, NotFound
 from kmsgate.pki.authorities import CA_PURPOSE, Authorities, Authority, CaState, CaType
+from kmsgate.pki.csr import new_key_and_csr
 from kmsgate.pki.inventory import (
     CertificateRecord,
     record_from_row,
@@ -54,6 +56,8 @@ from kmsgate.service.requests import IssueInput, NewCa, NewKey
 from kmsgate.service.results import Issued
 from kmsgate.store import Store
 from kmsgate.store.certificates import REVOKED, CertQuery
+
+_GATEWAY_TLS = Decision(allow=True, reasons=("the gateway's own HTTPS certificate (tls.ca)",))
 
 
 class Pki:
@@ -177,7 +181,13 @@ class Pki:
     # -- certificates ----------------------------------------------------------------------
 
     async def issue(
-        self, principal: Principal, ctx: Ctx, ca_name: str, request: IssueInput
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        ca_name: str,
+        request: IssueInput,
+        *,
+        decision: Decision | None = None,
     ) -> Issued:
         """A certificate for the CSR's key under `request.profile`, signed by the CA, and
         its inventory record committed (by the inventory's writer, with the records of
@@ -199,7 +209,8 @@ class Pki:
             "sans": list(csr_sans),
             "ttl": int(request.ttl.total_seconds()) if request.ttl else None,
         }
-        with self.gate.running(Call(principal, ctx, "cert.issue", resource, facts)) as outcome:
+        call = Call(principal, ctx, "cert.issue", resource, facts)
+        with self.gate.running(call, decision=decision) as outcome:
             if ca is None:
                 raise NotFound(f"no CA named {ca_name!r}")
             work = asyncio.ensure_future(self._issue_and_store(ca, request, principal, outcome))
@@ -212,6 +223,21 @@ class Pki:
                 with contextlib.suppress(Exception):
                     await work
                 raise
+
+    async def gateway_certificate(
+        self, ctx: Ctx, ca_name: str, profile: str, sans: Sequence[str], ttl: timedelta | None
+    ) -> tuple[ec.EllipticCurvePrivateKey, Issued]:
+        """A fresh P-256 key and its certificate from CA `ca_name` for the gateway's own
+        HTTPS (`tls.ca`), issued by the gateway itself (principal `system`, audited like any
+        issuance; the profile still decides). Raises InvalidRequest (a malformed SAN, or one
+        the profile refuses) and what `issue` raises."""
+        try:
+            key, csr = new_key_and_csr(list(sans))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        request = IssueInput(csr=csr, profile=profile, ttl=ttl)
+        issued = await self.issue(SYSTEM, ctx, ca_name, request, decision=_GATEWAY_TLS)
+        return key, issued
 
     async def _issue_and_store(
         self, ca: Authority, request: IssueInput, principal: Principal, outcome: Outcome

@@ -1,0 +1,244 @@
+"""HTTPS for `kmsgate serve` (settings `tls`, DESIGN §11b).
+
+The gateway presents a certificate from files (`tls.cert_file`, `tls.key_file`), or one it
+issues itself from its CA `tls.ca` (profile `tls.profile`, names `tls.sans`) into
+`<data_dir>/tls/`, renewed by the jobs leader once two thirds of its lifetime have passed.
+Every worker watches its certificate files and loads a changed pair into its live
+`SSLContext`: new connections get the new certificate without a restart (a certificate
+rotated by another tool, such as cert-manager, too). TLS 1.2 is the minimum. Client
+certificates are requested when `tls.client_auth` is `optional` or `required`, and checked
+against `tls.client_cas`: kmsgate CA names (their chains are written to
+`<data_dir>/tls/client-cas.pem`) or PEM bundle files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import ssl
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from kmsgate.config import Settings, TlsSettings
+from kmsgate.errors import ConfigError, KmsgateError
+from kmsgate.pki.issuer import BACKDATE
+from kmsgate.service import Ctx, Service
+
+__all__ = ["ServerTls", "provision", "renew_if_due"]
+
+log = logging.getLogger("kmsgate.tls")
+TLS_DIR = "tls"
+RENEW_AFTER = 2 / 3
+"""The share of a certificate's lifetime after which the gateway renews its own."""
+WATCH_SECONDS = 1.0
+GATEWAY = Ctx(request_id="gateway-tls")
+_VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """What each worker's TLS context is made of; passed to uvicorn as its
+    `ssl_context_factory` (and pickled to worker processes)."""
+
+    cert_file: Path
+    """The certificate the gateway presents, followed by its chain (PEM)."""
+    key_file: Path
+    client_auth: str
+    client_ca_files: tuple[Path, ...]
+
+    def context(self) -> ssl.SSLContext:
+        """A server context over the current files. Raises ConfigError naming the file
+        that does not load."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        _load_pair(context, self.cert_file, self.key_file)
+        context.verify_mode = _VERIFY[self.client_auth]
+        for bundle in self.client_ca_files:
+            try:
+                context.load_verify_locations(cafile=bundle)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"cannot load the client CA bundle {bundle}: {exc}") from None
+        return context
+
+    def __call__(self, _config: Any, _default: Any) -> ssl.SSLContext:
+        """uvicorn's hook: this worker's context, kept current by a watcher thread."""
+        context = self.context()
+        watcher = threading.Thread(
+            target=self._watch, args=(context,), name="kmsgate-tls-watch", daemon=True
+        )
+        watcher.start()
+        return context
+
+    def _watch(self, context: ssl.SSLContext) -> None:
+        """Load the certificate and key into `context` whenever their files change; a pair
+        that does not load (caught mid-rotation, or broken) is logged and tried again."""
+        seen = self._stamp()
+        while True:
+            threading.Event().wait(WATCH_SECONDS)
+            stamp = self._stamp()
+            if stamp == seen:
+                continue
+            try:
+                _load_pair(context, self.cert_file, self.key_file)
+            except ConfigError as exc:
+                log.warning("TLS certificate not reloaded: %s", exc)
+                continue
+            seen = stamp
+            log.info("TLS certificate reloaded from %s", self.cert_file)
+
+    def _stamp(self) -> tuple[int, int]:
+        try:
+            return (self.cert_file.stat().st_mtime_ns, self.key_file.stat().st_mtime_ns)
+        except OSError:
+            return (0, 0)
+
+
+def _load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+    """Raises ConfigError if the pair cannot be read or does not match."""
+    try:
+        context.load_cert_chain(certfile=cert_file, keyfile=key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate {cert_file}: {exc}") from None
+
+
+def _tls_dir(settings: Settings) -> Path:
+    if settings.data_dir is None:
+        raise ConfigError("tls.ca and kmsgate CA names in tls.client_cas need a data_dir")
+    return settings.data_dir / TLS_DIR
+
+
+def _require_tls(settings: Settings) -> TlsSettings:
+    if settings.tls is None:
+        raise ConfigError("no tls settings")
+    return settings.tls
+
+
+def provision(service: Service, settings: Settings) -> ServerTls:
+    """Make the files the workers' contexts load: the gateway's own certificate when it
+    has none yet or its renewal is due (`tls.ca`), and the client CA chains. Checks that a
+    context loads. Raises ConfigError (with what to fix), KmsgateError if issuing fails."""
+    tls = _require_tls(settings)
+    if tls.ca is not None:
+        directory = _tls_dir(settings)
+        cert_file, key_file = directory / "server.pem", directory / "server.key"
+        renew_if_due(service, settings)
+    else:
+        assert tls.cert_file is not None and tls.key_file is not None  # TlsSettings checks
+        cert_file, key_file = tls.cert_file, tls.key_file
+    server = ServerTls(
+        cert_file=cert_file,
+        key_file=key_file,
+        client_auth=tls.client_auth,
+        client_ca_files=_client_ca_files(service, settings, tls),
+    )
+    server.context()
+    return server
+
+
+def _client_ca_files(service: Service, settings: Settings, tls: TlsSettings) -> tuple[Path, ...]:
+    """The PEM bundles of `tls.client_cas`; kmsgate CAs' chains written to one file.
+    Raises ConfigError for a name that is neither a kmsgate CA nor a file."""
+    if tls.client_auth == "none":
+        return ()
+    files: list[Path] = []
+    chains: list[bytes] = []
+    for name in tls.client_cas:
+        ca = service.pki.authorities.find_current(name)
+        if ca is not None and ca.certificate is not None:
+            chains += [
+                c.public_bytes(serialization.Encoding.PEM) for c in (ca.certificate, *ca.chain)
+            ]
+        elif Path(name).is_file():
+            files.append(Path(name))
+        else:
+            raise ConfigError(f"tls.client_cas: {name!r} is neither an active CA nor a PEM file")
+    if chains:
+        bundle = _tls_dir(settings) / "client-cas.pem"
+        _write_atomically(bundle, b"".join(chains))
+        files.append(bundle)
+    return tuple(files)
+
+
+def renew_if_due(service: Service, settings: Settings) -> bool:
+    """Issue the gateway a new certificate (`tls.ca`) if it has none or two thirds of the
+    current one's lifetime have passed; True if it did. Raises KmsgateError, ConfigError."""
+    tls = settings.tls
+    if tls is None or tls.ca is None:
+        return False
+    directory = _tls_dir(settings)
+    cert_file, key_file = directory / "server.pem", directory / "server.key"
+    if not _renewal_due(cert_file):
+        return False
+    key, issued = asyncio.run(
+        service.pki.gateway_certificate(GATEWAY, tls.ca, tls.profile, tls.sans, tls.ttl)
+    )
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    chain = (issued.certificate, *issued.chain[:-1])  # the root stays with the clients
+    # the key first: a worker reloads when the certificate file changes
+    _write_atomically(key_file, key_pem)
+    _write_atomically(
+        cert_file, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+    )
+    log.info(
+        "gateway TLS certificate %s issued by %s, valid until %s",
+        issued.serial,
+        tls.ca,
+        issued.not_after,
+    )
+    return True
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _renewal_due(cert_file: Path) -> bool:
+    """Whether the certificate in `cert_file` is missing, unreadable or past
+    `RENEW_AFTER` of its lifetime."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError):
+        return True
+    # kmsgate backdates not_before by BACKDATE (clock skew): the lifetime starts at issuance
+    end = cert.not_valid_after_utc
+    start = min(cert.not_valid_before_utc + BACKDATE, end)
+    return datetime.now(UTC) >= start + (end - start) * RENEW_AFTER
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` (mode 0600): a reader sees the old or the new file, never
+    a part. Raises ConfigError."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def renewal_job(service: Service, settings: Settings) -> None:
+    """`renew_if_due` for the jobs leader: failures are logged (by code) and retried."""
+    try:
+        renew_if_due(service, settings)
+    except (KmsgateError, ConfigError) as exc:
+        log.warning("gateway TLS certificate renewal failed: %s", getattr(exc, "code", exc))

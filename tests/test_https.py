@@ -1,0 +1,228 @@
+"""HTTPS serving (kmsgate.servertls), against real clients: curl and openssl for the
+handshake, Python ssl for the certificate a connection gets; the certificate renewed by the
+gateway itself while it serves."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from kmsgate.audit import AuditFile
+from kmsgate.config import load_settings
+from kmsgate.errors import ConfigError
+from kmsgate.pki.csr import new_key_and_csr
+from tests.components import LOOPBACK, free_port
+from tests.test_cli import Gateway, assert_one_line_error, clean_env, run_cli, running_gateway
+
+TIMEOUT = 10.0
+
+
+def _port(gw: Gateway) -> int:
+    return int(gw.addr.rsplit(":", 1)[1])
+
+
+def _served_certificate(gw: Gateway, server_name: str = "localhost") -> x509.Certificate:
+    """The certificate a new connection to the gateway gets, verified against the dev root."""
+    context = ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem"))
+    with (
+        socket.create_connection((LOOPBACK, _port(gw)), TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def _curl(gw: Gateway, host: str) -> subprocess.CompletedProcess[str]:
+    url = f"https://{host}:{_port(gw)}/v1/sys/health"
+    root = str(gw.data_dir / "dev-root.pem")
+    return subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--fail",
+            "--cacert",
+            root,
+            "--resolve",
+            f"localhost:{_port(gw)}:{LOOPBACK}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def _client_identity(
+    directory: Path, issued_pem: str, key: ec.EllipticCurvePrivateKey
+) -> tuple[Path, Path]:
+    cert_file, key_file = directory / "client.pem", directory / "client.key"
+    cert_file.write_text(issued_pem)
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stranger")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    return _client_identity(directory, cert.public_bytes(serialization.Encoding.PEM).decode(), key)
+
+
+def _health_reply(gw: Gateway, identity: tuple[Path, Path] | None) -> bytes:
+    """The raw reply to a health check over a new TLS connection presenting `identity`; b""
+    when the server refuses the connection (in TLS 1.3 a client learns of it only after
+    its handshake, when the server sends an alert or closes)."""
+    context = ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem"))
+    if identity is not None:
+        context.load_cert_chain(*identity)
+    with (
+        socket.create_connection((LOOPBACK, _port(gw)), TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        reply = b""
+        try:
+            tls.sendall(b"GET /v1/sys/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            while chunk := tls.recv(4096):
+                reply += chunk
+        except (ssl.SSLError, ConnectionResetError):
+            return b""
+    return reply
+
+
+def test_dev_tls_serves_https_from_the_dev_ca_with_tls_1_2_at_least(tmp_path: Path) -> None:
+    with running_gateway(tmp_path, "--tls", https=True) as gw:
+        for host in ("localhost", LOOPBACK):
+            done = _curl(gw, host)
+            assert done.returncode == 0 and json.loads(done.stdout) == {"status": "ok"}, done.stderr
+        served = _served_certificate(gw)
+        sans = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+        assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == [LOOPBACK]
+        # TLS 1.1 is refused by the server (the client allows it: security level 0)
+        old = subprocess.run(
+            ["openssl", "s_client", "-connect", f"{LOOPBACK}:{_port(gw)}", "-tls1_1",
+             "-cipher", "DEFAULT@SECLEVEL=0"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert "New, (NONE), Cipher is (NONE)" in old.stdout, old.stdout
+        current = subprocess.run(
+            ["openssl", "s_client", "-connect", f"{LOOPBACK}:{_port(gw)}", "-tls1_2"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert "New, TLSv1.2, Cipher is" in current.stdout, current.stdout
+        # plain HTTP is not served on the HTTPS port
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://{LOOPBACK}:{_port(gw)}/v1/sys/health", timeout=TIMEOUT)
+        # client certificates are optional and checked: none, one from the dev CA, a stranger's
+        key, csr = new_key_and_csr(["client.lab"])
+        issued = httpx.post(
+            f"{gw.addr}/v1/pki/cas/dev/issue",
+            json={
+                "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+                "profile": "client",
+            },
+            headers={"authorization": f"Bearer {gw.root_token}"},
+            verify=ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem")),
+            timeout=TIMEOUT,
+        )
+        assert issued.status_code == 200, issued.text
+        assert _health_reply(gw, None).startswith(b"HTTP/1.1 200 ")
+        member = _client_identity(tmp_path, issued.json()["certificate"], key)
+        assert _health_reply(gw, member).startswith(b"HTTP/1.1 200 ")
+        assert _health_reply(gw, _self_signed(tmp_path)) == b""
+    # the gateway's certificate was issued like any other: audited, by the gateway itself
+    records = AuditFile(gw.data_dir / "audit.log").search(action="cert.issue")
+    own = [r for r in records if r.get("principal") == "system"]
+    assert own and own[0]["outcome"] in ("started", "ok")
+
+
+def test_the_gateway_renews_its_certificate_while_serving(tmp_path: Path) -> None:
+    config = tmp_path / "tls.yaml"
+    config.write_text("tls:\n  ca: dev\n  ttl: 9s\n")
+    with running_gateway(tmp_path, "--config", str(config), "--workers", "2", https=True) as gw:
+        first = _served_certificate(gw)
+        lifetime = first.not_valid_after_utc - first.not_valid_before_utc
+        assert lifetime <= timedelta(seconds=9) + timedelta(minutes=1)
+        assert _curl(gw, "localhost").returncode == 0
+        deadline = time.monotonic() + 30
+        serials = {first.serial_number}
+        while time.monotonic() < deadline and len(serials) < 3:
+            time.sleep(0.5)
+            # every connection gets a current certificate, from either worker
+            for _ in range(4):
+                served = _served_certificate(gw)
+                assert served.not_valid_after_utc > datetime.now(UTC)
+                serials.add(served.serial_number)
+        assert len(serials) >= 3, "the certificate was not renewed twice within 30 s"
+        done = _curl(gw, "localhost")
+        assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("tls", "problem"),
+    [
+        ({}, "either cert_file and key_file, or ca"),
+        ({"ca": "dev", "cert_file": "c.pem", "key_file": "k.pem"}, "either cert_file"),
+        ({"cert_file": "c.pem"}, "go together"),
+        ({"ca": "dev", "client_auth": "required"}, "needs tls.client_cas"),
+        ({"ca": "dev", "client_auth": "sometimes"}, "client_auth"),
+        ({"ca": "dev", "ttl": "soon"}, "ttl"),
+    ],
+)
+def test_tls_settings_name_what_is_wrong(tmp_path: Path, tls: dict[str, str], problem: str) -> None:
+    config = tmp_path / "kmsgate.yaml"
+    config.write_text(json.dumps({"tls": tls}))
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(config)
+
+
+def test_tls_outside_dev_needs_settings_and_a_bad_pair_is_one_error_line(tmp_path: Path) -> None:
+    refused = run_cli(("serve", "--tls", "--data-dir", str(tmp_path)), clean_env())
+    assert_one_line_error(refused, "--tls needs `tls` settings", rc=2)
+    cert, _ = _self_signed(tmp_path)
+    other_key = tmp_path / "other.key"
+    other_key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    config = tmp_path / "kmsgate.yaml"
+    config.write_text(json.dumps({"tls": {"cert_file": str(cert), "key_file": str(other_key)}}))
+    mismatched = run_cli(
+        ("serve", "--dev", "--data-dir", str(tmp_path / "d"), "--config", str(config),
+         "--port", str(free_port())),
+        clean_env(),
+    )  # fmt: skip
+    assert mismatched.rc == 2 and "Traceback" not in mismatched.err, str(mismatched)
+    assert "error: cannot load the TLS certificate" in mismatched.err, str(mismatched)
