@@ -8,6 +8,7 @@ reached.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -53,9 +54,17 @@ class Client:
         token: str | None = None,
         *,
         timeout: float = 30.0,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
     ) -> None:
+        """`verify`: check the gateway's certificate against the system's CAs (True), a CA
+        file (its path; by default `KMSGATE_CACERT` if set) or a context. Raises OSError or
+        ssl.SSLError if a CA file cannot be loaded."""
         self.addr = (addr or os.environ.get("KMSGATE_ADDR") or DEFAULT_ADDR).rstrip("/")
+        cafile = verify if isinstance(verify, str) else None
+        if verify is True:
+            cafile = os.environ.get("KMSGATE_CACERT") or None
+        if cafile is not None:
+            verify = ssl.create_default_context(cafile=cafile)
         token = token or os.environ.get("KMSGATE_TOKEN")
         self._token_sent = bool(token)
         headers = {"authorization": f"Bearer {token}"} if token else {}

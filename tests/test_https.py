@@ -226,3 +226,18 @@ def test_tls_outside_dev_needs_settings_and_a_bad_pair_is_one_error_line(tmp_pat
     )  # fmt: skip
     assert mismatched.rc == 2 and "Traceback" not in mismatched.err, str(mismatched)
     assert "error: cannot load the TLS certificate" in mismatched.err, str(mismatched)
+
+
+def test_the_cli_talks_to_an_https_gateway_trusting_cacert(tmp_path: Path) -> None:
+    with running_gateway(tmp_path, "--tls", https=True) as gw:
+        root = str(gw.data_dir / "dev-root.pem")
+        untrusted = run_cli(("keys", "list"), gw.env())
+        assert_one_line_error(untrusted, "CERTIFICATE_VERIFY_FAILED")
+        for args, env in (
+            (("--cacert", root, "keys", "list"), gw.env()),
+            (("keys", "list"), gw.env(KMSGATE_CACERT=root)),
+        ):
+            done = run_cli(args, env)
+            assert done.rc == 0 and "ca.dev" in done.out, str(done)
+        missing = run_cli(("--cacert", str(tmp_path / "nope.pem"), "keys", "list"), gw.env())
+        assert_one_line_error(missing, "--cacert", "No such file")

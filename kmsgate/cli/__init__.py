@@ -9,12 +9,16 @@ line on stderr and exit non-zero: 1 for a negative answer (invalid signature, fa
 
 from __future__ import annotations
 
+import os
+import ssl
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from kmsgate import __version__
 from kmsgate.cli import admin, ca, encryption, keys
+from kmsgate.cli.common import fail
 from kmsgate.cli.model import model_app
 
 app = typer.Typer(
@@ -59,8 +63,22 @@ def _global_options(
             "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
         ),
     ] = False,
+    cacert: Annotated[
+        Path | None,
+        typer.Option(
+            "--cacert",
+            envvar="KMSGATE_CACERT",
+            help="Trust this CA certificate (PEM) for an https:// gateway.",
+        ),
+    ] = None,
 ) -> None:
     """kmsgate: keys as a service."""
+    if cacert is not None:
+        try:
+            ssl.create_default_context(cafile=str(cacert))
+        except (OSError, ssl.SSLError) as exc:
+            fail(f"--cacert {cacert}: {getattr(exc, 'strerror', None) or exc}")
+        os.environ["KMSGATE_CACERT"] = str(cacert)  # the SDK client trusts it
 
 
 def main() -> None:
