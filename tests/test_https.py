@@ -241,3 +241,99 @@ def test_the_cli_talks_to_an_https_gateway_trusting_cacert(tmp_path: Path) -> No
             assert done.rc == 0 and "ca.dev" in done.out, str(done)
         missing = run_cli(("--cacert", str(tmp_path / "nope.pem"), "keys", "list"), gw.env())
         assert_one_line_error(missing, "--cacert", "No such file")
+
+
+MTLS_POLICY = """package kmsgate.authz
+
+import rego.v1
+
+default allow := false
+
+allow if "admin" in input.principal.roles
+
+# a workload may sign with its own key, and only that
+allow if {
+    input.principal.kind == "mtls"
+    input.principal.id == "spiffe://dev.lab/ns/ml/sa/signer"
+    input.principal.claims.profile == "workload"
+    input.action == "sign"
+    input.resource.name == "signer-key"
+}
+"""
+
+
+def _workload_identity(
+    gw: Gateway, directory: Path, spiffe_id: str
+) -> tuple[tuple[Path, Path], str]:
+    """A workload certificate for `spiffe_id` from the dev CA (key made here), written to
+    `directory`; and its serial."""
+    key, csr = new_key_and_csr([spiffe_id])
+    issued = httpx.post(
+        f"{gw.addr}/v1/pki/cas/dev/issue",
+        json={"csr": csr.public_bytes(serialization.Encoding.PEM).decode(), "profile": "workload"},
+        headers={"authorization": f"Bearer {gw.root_token}"},
+        verify=ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem")),
+        timeout=TIMEOUT,
+    )
+    assert issued.status_code == 200, issued.text
+    directory.mkdir()
+    return _client_identity(directory, issued.json()["certificate"], key), issued.json()["serial"]
+
+
+def _sign_as(gw: Gateway, identity: tuple[Path, Path]) -> httpx.Response:
+    context = ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem"))
+    context.load_cert_chain(*identity)
+    return httpx.post(
+        f"{gw.addr}/v1/keys/signer-key/sign",
+        json={"input": "aGVsbG8="},
+        verify=context,
+        timeout=TIMEOUT,
+    )
+
+
+def test_a_client_certificate_is_the_principal_until_it_is_revoked(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "authz.rego").write_text(MTLS_POLICY)
+    with running_gateway(tmp_path, "--tls", https=True, KMSGATE_POLICY_DIR=str(policies)) as gw:
+        root = {"authorization": f"Bearer {gw.root_token}"}
+        trust = ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem"))
+        created = httpx.post(
+            f"{gw.addr}/v1/keys",
+            json={"name": "signer-key", "type": "ecdsa-p256", "purpose": "model-sign"},
+            headers=root,
+            verify=trust,
+        )
+        assert created.status_code == 201, created.text
+        signer, serial = _workload_identity(
+            gw, tmp_path / "signer", "spiffe://dev.lab/ns/ml/sa/signer"
+        )
+        other, _ = _workload_identity(gw, tmp_path / "other", "spiffe://dev.lab/ns/ml/sa/other")
+
+        signed = _sign_as(gw, signer)
+        assert signed.status_code == 200, signed.text
+        assert _sign_as(gw, other).status_code == 403
+        no_certificate = httpx.post(
+            f"{gw.addr}/v1/keys/signer-key/sign", json={"input": "aGVsbG8="}, verify=trust
+        )
+        assert no_certificate.status_code == 401
+
+        revoked = httpx.post(
+            f"{gw.addr}/v1/pki/certs/{serial}/revoke",
+            json={"reason": "keyCompromise"},
+            headers=root,
+            verify=trust,
+        )
+        assert revoked.status_code == 200, revoked.text
+        deadline = time.monotonic() + 5  # every process follows the inventory within ~1 s
+        while (status := _sign_as(gw, signer).status_code) == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status == 401
+    records = AuditFile(gw.data_dir / "audit.log").search(key="signer-key", action="sign")
+    by_outcome = {
+        (r["principal_kind"], r["principal"], r["outcome"]) for r in records if "principal" in r
+    }
+    assert ("mtls", "spiffe://dev.lab/ns/ml/sa/signer", "ok") in by_outcome
+    assert ("mtls", "spiffe://dev.lab/ns/ml/sa/other", "policy_denied") in by_outcome
+    refusals = AuditFile(gw.data_dir / "audit.log").search(action="authn")
+    assert any(r["resource"] == {"kind": "mtls"} for r in refusals)

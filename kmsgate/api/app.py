@@ -52,6 +52,7 @@ class CacheRefresher:
             try:
                 self._service.catalogue.refresh()
                 self._service.tokens.refresh()
+                self._service.client_certificates.refresh()
                 self._service.pki.authorities.refresh()
                 self._service.revocation.refresh()  # revocation: published CRLs, OCSP answers
             except KmsgateError as exc:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
+from cryptography import x509
 from fastapi import Depends, Request
 
 from kmsgate.auth import Credentials, Principal
@@ -19,9 +21,25 @@ def resolve_caller(request: Request) -> tuple[Service, Principal, Ctx]:
     client = request.scope.get("client")
     credentials = Credentials(
         bearer=value.strip() if scheme.lower() == "bearer" else None,
+        peer_chain=_peer_chain(request),
         remote_addr=client[0] if client else None,
     )
     return service, service.gate.authenticate(credentials, ctx), ctx
+
+
+def _peer_chain(request: Request) -> tuple[x509.Certificate, ...]:
+    """The client certificate the TLS layer verified (the ASGI TLS extension, which
+    `kmsgate serve` provides), none on plain HTTP."""
+    tls = request.scope.get("extensions", {}).get("tls")
+    if not tls or not tls.get("client_cert_chain"):
+        return ()
+    return tuple(_certificate(pem) for pem in tls["client_cert_chain"])
+
+
+@functools.lru_cache(maxsize=4096)
+def _certificate(pem: str) -> x509.Certificate:
+    """A presented certificate, parsed once (a client sends the same one on every request)."""
+    return x509.load_pem_x509_certificate(pem.encode())
 
 
 def _header(request: Request, name: bytes) -> str:

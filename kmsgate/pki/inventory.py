@@ -9,9 +9,14 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from kmsgate.errors import Unavailable
 from kmsgate.pki.issuer import serial_hex
-from kmsgate.store import Row
+from kmsgate.store import Row, Store
 from kmsgate.store.certificates import REVOKED, VALID
+from kmsgate.store.mirror import StoreMirror
+
+MAX_PRESENTED = 100_000
+"""Client certificates whose inventory facts one process keeps."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,3 +152,53 @@ def record_from_row(row: Row) -> CertificateRecord:
         fingerprint=row["fingerprint"],
         pem=row["certificate"],
     )
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryFacts:
+    """What the inventory says about one issued certificate."""
+
+    ca: str
+    profile: str
+    revoked: bool
+
+
+class PresentedCertificates(StoreMirror):
+    """The inventory's facts about the certificates clients present (mTLS), by serial:
+    read from the store the first time a serial is asked for, then kept and updated from the
+    "certs" change feed (a revocation reaches every process within a refresh)."""
+
+    aggregate = "certs"
+
+    def __init__(self, store: Store) -> None:
+        self._facts: dict[str, InventoryFacts | None] = {}
+        super().__init__(store)
+
+    def _load(self) -> None:
+        self._facts = {}
+
+    def _load_item(self, item: str) -> None:
+        if item in self._facts:  # only serials asked for are kept
+            self._facts[item] = self._read(item)
+
+    def _read(self, serial: str) -> InventoryFacts | None:
+        row = self._store.certs.get(serial)
+        if row is None:
+            return None
+        return InventoryFacts(
+            ca=row["ca"], profile=row["profile"], revoked=row["status"] == REVOKED
+        )
+
+    def find(self, serial: int) -> InventoryFacts | None:
+        """The facts about `serial`, None if kmsgate did not issue it. Raises Unavailable
+        (the store is down, or too many unknown serials are asked for at once)."""
+        key = serial_hex(serial)
+        if key in self._facts:
+            return self._facts[key]
+        if not self._misses.take():
+            raise Unavailable("too many new client certificates at once; retry")
+        with self._lock:
+            if len(self._facts) >= MAX_PRESENTED:
+                del self._facts[next(iter(self._facts))]
+            facts = self._facts[key] = self._read(key)
+        return facts

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from kmsgate.audit import AuditSink
 from kmsgate.auth import Authenticators, TokenRegistry
+from kmsgate.auth.mtls import MtlsAuthenticator
 from kmsgate.backends.base import Registry
 from kmsgate.catalogue import Catalogue
 from kmsgate.config import Settings
 from kmsgate.pki.authorities import Authorities
+from kmsgate.pki.inventory import PresentedCertificates
 from kmsgate.pki.profiles import load_profiles
 from kmsgate.policy import PolicyEngine
 from kmsgate.service.crypto import Crypto
@@ -62,13 +64,17 @@ class Service:
     ) -> None:
         self.store = store
         self.tokens = tokens
+        # the inventory's word on presented client certificates (mTLS)
+        self.client_certificates = PresentedCertificates(store)
         self.gate = Gate(
             settings=settings,
             catalogue=catalogue,
             registry=registry,
             policy=policy,
             audit=audit,
-            authenticators=Authenticators([tokens]),
+            authenticators=Authenticators(
+                [tokens, MtlsAuthenticator(self.client_certificates.find)]
+            ),
         )
         self.crypto = Crypto(self.gate)
         self.envelopes = Envelopes(self.gate)

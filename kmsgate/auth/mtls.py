@@ -1,0 +1,93 @@
+"""mTLS authentication: the client certificate the TLS layer verified (against
+`tls.client_cas`) names the caller.
+
+The principal's id is the certificate's SPIFFE URI SAN (`spiffe://...`), else its subject's
+common name; `claims` holds `{ca, profile, serial, sans}`. Each request checks the
+certificate again: within its validity now (a connection may outlive it) and not revoked in
+kmsgate's inventory (a certificate from another CA of `tls.client_cas` is not in it:
+`ca` is then its issuer's name and `profile` is null).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Final, Protocol
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from kmsgate.auth.authenticator import Credentials
+from kmsgate.auth.principal import Principal
+from kmsgate.errors import Unauthenticated
+
+__all__ = ["InventoryLookup", "MtlsAuthenticator"]
+
+SPIFFE_PREFIX = "spiffe://"
+
+
+class IssuedFacts(Protocol):
+    """What kmsgate's inventory says about a certificate it issued."""
+
+    @property
+    def ca(self) -> str: ...
+
+    @property
+    def profile(self) -> str: ...
+
+    @property
+    def revoked(self) -> bool: ...
+
+
+InventoryLookup = Callable[[int], IssuedFacts | None]
+"""The inventory's facts about a serial, None if kmsgate did not issue it (raises
+Unavailable when it cannot tell)."""
+
+
+class MtlsAuthenticator:
+    """Authenticates the verified client certificate of the connection."""
+
+    kind: Final = "mtls"
+
+    def __init__(self, inventory: InventoryLookup) -> None:
+        self._inventory = inventory
+
+    def authenticate(self, credentials: Credentials) -> Principal | None:
+        """The certificate's principal; None without a client certificate. Raises
+        Unauthenticated (expired, not yet valid, revoked, or naming no identity),
+        Unavailable (the inventory cannot be read)."""
+        if not credentials.peer_chain:
+            return None
+        cert = credentials.peer_chain[0]
+        now = datetime.now(UTC)
+        if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+            raise Unauthenticated("the client certificate is expired or not yet valid")
+        facts = self._inventory(cert.serial_number)
+        if facts is not None and facts.revoked:
+            raise Unauthenticated("the client certificate is revoked")
+        sans = _sans(cert)
+        identity = next((san for san in sans if san.startswith(SPIFFE_PREFIX)), None)
+        if identity is None:
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            identity = str(names[0].value) if names else None
+        if not identity:
+            raise Unauthenticated("the client certificate names no SPIFFE ID or common name")
+        claims = {
+            "ca": facts.ca if facts else cert.issuer.rfc4514_string(),
+            "profile": facts.profile if facts else None,
+            "serial": f"{cert.serial_number:x}",
+            "sans": sans,
+        }
+        return Principal(id=identity, kind="mtls", roles=(), claims=claims)
+
+
+def _sans(cert: x509.Certificate) -> list[str]:
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    values: list[str] = []
+    for kind in (x509.UniformResourceIdentifier, x509.DNSName):
+        values += names.get_values_for_type(kind)
+    values += [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+    return values
