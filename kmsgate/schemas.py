@@ -435,11 +435,22 @@ class IssueRequest(_Body):
 
     def to_input(self) -> IssueInput:
         """Raises InvalidRequest for a CSR that is not PEM or a malformed ttl."""
-        try:
-            csr = x509.load_pem_x509_csr(self.csr.encode())
-        except ValueError:
-            raise InvalidRequest("csr is not a PEM certificate signing request") from None
-        return IssueInput(csr, self.profile, _optional_duration(self.ttl))
+        return IssueInput(_csr(self.csr), self.profile, _optional_duration(self.ttl))
+
+
+class RenewRequest(_Body):
+    csr: str = Field(max_length=64 * 1024, description="PEM; the same names, a new key or not")
+
+    def to_csr(self) -> x509.CertificateSigningRequest:
+        """Raises InvalidRequest for a CSR that is not PEM."""
+        return _csr(self.csr)
+
+
+def _csr(pem: str) -> x509.CertificateSigningRequest:
+    try:
+        return x509.load_pem_x509_csr(pem.encode())
+    except ValueError:
+        raise InvalidRequest("csr is not a PEM certificate signing request") from None
 
 
 class RevokeRequest(_Body):

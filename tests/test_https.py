@@ -337,3 +337,59 @@ def test_a_client_certificate_is_the_principal_until_it_is_revoked(tmp_path: Pat
     assert ("mtls", "spiffe://dev.lab/ns/ml/sa/other", "policy_denied") in by_outcome
     refusals = AuditFile(gw.data_dir / "audit.log").search(action="authn")
     assert any(r["resource"] == {"kind": "mtls"} for r in refusals)
+
+
+def _renew(gw: Gateway, identity: tuple[Path, Path] | None, sans: list[str]) -> httpx.Response:
+    context = ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem"))
+    headers = {}
+    if identity is not None:
+        context.load_cert_chain(*identity)
+    else:
+        headers = {"authorization": f"Bearer {gw.root_token}"}
+    _, csr = new_key_and_csr(sans)
+    return httpx.post(
+        f"{gw.addr}/v1/pki/renew",
+        json={"csr": csr.public_bytes(serialization.Encoding.PEM).decode()},
+        headers=headers,
+        verify=context,
+        timeout=TIMEOUT,
+    )
+
+
+def test_a_workload_renews_its_certificate_over_mtls_keeping_its_names(tmp_path: Path) -> None:
+    spiffe_id = "spiffe://dev.lab/ns/ml/sa/renewer"
+    with running_gateway(tmp_path, "--tls", https=True) as gw:
+        current, serial = _workload_identity(gw, tmp_path / "current", spiffe_id)
+        renewed = _renew(gw, current, [spiffe_id])
+        assert renewed.status_code == 200, renewed.text
+        new = x509.load_pem_x509_certificate(renewed.json()["certificate"].encode())
+        assert renewed.json()["serial"] != serial
+        sans = new.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe_id]
+        record = httpx.get(
+            f"{gw.addr}/v1/pki/certs/{renewed.json()['serial']}",
+            headers={"authorization": f"Bearer {gw.root_token}"},
+            verify=ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem")),
+        ).json()
+        assert (record["profile"], record["ca"], record["owner"]) == ("workload", "dev", spiffe_id)
+
+        other_names = _renew(gw, current, ["spiffe://dev.lab/ns/ml/sa/admin"])
+        assert (
+            other_names.status_code == 400 and "keeps the certificate's names" in other_names.text
+        )
+        assert _renew(gw, None, [spiffe_id]).status_code == 401  # a token does not renew
+
+        revoked = httpx.post(
+            f"{gw.addr}/v1/pki/certs/{serial}/revoke",
+            json={"reason": "superseded"},
+            headers={"authorization": f"Bearer {gw.root_token}"},
+            verify=ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem")),
+        )
+        assert revoked.status_code == 200, revoked.text
+        deadline = time.monotonic() + 5
+        while (status := _renew(gw, current, [spiffe_id]).status_code) == 200:
+            assert time.monotonic() < deadline, "a revoked certificate still renews"
+            time.sleep(0.2)
+        assert status == 401
+    renewals = AuditFile(gw.data_dir / "audit.log").search(action="cert.renew")
+    assert {(r["principal"], r["outcome"]) for r in renewals} >= {(spiffe_id, "ok")}

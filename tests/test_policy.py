@@ -90,7 +90,13 @@ def test_shipped_rego_tests_all_pass(shipped: PolicyEngine) -> None:
 
 
 def test_shipped_files_and_digest(shipped: PolicyEngine) -> None:
-    assert shipped.files == ["admin.rego", "authz.rego", "exceptions.rego", "model_signing.rego"]
+    assert shipped.files == [
+        "admin.rego",
+        "authz.rego",
+        "exceptions.rego",
+        "model_signing.rego",
+        "pki.rego",
+    ]
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", shipped.digest)
     assert shipped.loaded_at.tzinfo is not None
     assert shipped.policy_dir == SHIPPED

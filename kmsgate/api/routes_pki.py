@@ -19,10 +19,12 @@ from kmsgate.schemas import (
     CaCertificateRequest,
     CreateCaRequest,
     IssueRequest,
+    RenewRequest,
     RevokeRequest,
     parse_json_object,
     parse_model,
 )
+from kmsgate.service.results import Issued
 from kmsgate.store.certificates import CertQuery
 
 PREFIX = "/v1/pki"
@@ -50,6 +52,7 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     router.add_api_route("/certs", list_certs, methods=["GET"])
     router.add_api_route("/certs/{serial}", get_cert, methods=["GET"])
     router.add_api_route("/certs/{serial}/revoke", revoke, methods=["POST"])
+    router.add_api_route("/renew", renew, methods=["POST"])
     return fast, router
 
 
@@ -91,15 +94,26 @@ async def issue(request: Request) -> Response:
     body = parse_model(IssueRequest, parse_json_object(await request.body()))
     ca = request.path_params["ca"]
     issued = await service.pki.issue(principal, ctx, ca, body.to_input())
+    return json_response(_issued_body(issued))
+
+
+async def renew(
+    body: RenewRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> Response:
+    """Renew the certificate the client authenticates with (mTLS): same CA, profile and
+    names, the CSR's key (a new one, or the same). Same reply as issue."""
+    issued = await service.pki.renew(principal, ctx, body.to_csr())
+    return json_response(_issued_body(issued))
+
+
+def _issued_body(issued: Issued) -> dict[str, str]:
     pem = serialization.Encoding.PEM
-    return json_response(
-        {
-            "certificate": issued.certificate.public_bytes(pem).decode(),
-            "chain": "".join(c.public_bytes(pem).decode() for c in issued.chain),
-            "serial": issued.serial,
-            "not_after": issued.not_after.isoformat(),
-        }
-    )
+    return {
+        "certificate": issued.certificate.public_bytes(pem).decode(),
+        "chain": "".join(c.public_bytes(pem).decode() for c in issued.chain),
+        "serial": issued.serial,
+        "not_after": issued.not_after.isoformat(),
+    }
 
 
 def profiles(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:

@@ -43,6 +43,7 @@ STATE_CHANGING = frozenset(
         "ca.create",
         "ca.import",
         "cert.issue",
+        "cert.renew",
         "cert.revoke",
     }
 )

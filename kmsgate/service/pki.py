@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from kmsgate.auth import SYSTEM, Principal
 from kmsgate.backends.base import PkiEngine, PkiEngineCapable, require_capability
 from kmsgate.catalogue import Key, KeyVersion
-from kmsgate.errors import BackendError, Conflict, InvalidRequest, NotFound
+from kmsgate.errors import BackendError, Conflict, InvalidRequest, NotFound, Unauthenticated
 from kmsgate.pki.authorities import CA_PURPOSE, Authorities, Authority, CaState, CaType
 from kmsgate.pki.csr import new_key_and_csr
 from kmsgate.pki.inventory import (
@@ -200,16 +200,58 @@ class Pki:
         Conflict (CA pending), InvalidRequest (the profile's reason), and what the CA key's
         backend raises.
         """
-        ca = self.authorities.find_current(ca_name)
         csr_sans = _requested_sans(request.csr)
-        resource = ca.policy_resource() if ca else {"kind": "ca", "name": ca_name}
         facts = {
             "ca": ca_name,
             "profile": request.profile,
             "sans": list(csr_sans),
             "ttl": int(request.ttl.total_seconds()) if request.ttl else None,
         }
-        call = Call(principal, ctx, "cert.issue", resource, facts)
+        return await self._issue(principal, ctx, "cert.issue", ca_name, request, facts, decision)
+
+    async def renew(
+        self, principal: Principal, ctx: Ctx, csr: x509.CertificateSigningRequest
+    ) -> Issued:
+        """A new certificate for the caller's own, authenticated by it over mTLS: same CA,
+        profile and names; the CSR's key may be new (re-key). The policy decides
+        (`cert.renew` with `request {serial, ca, profile, sans}`). Raises Unauthenticated
+        (not an mTLS caller), InvalidRequest (a certificate kmsgate did not issue, a CSR
+        with other names), and what `issue` raises."""
+        if principal.kind != "mtls":
+            raise Unauthenticated("a renewal is authenticated by the current certificate (mTLS)")
+        serial = str(principal.claims.get("serial", ""))
+        current = self.store.certs.get(serial)
+        if current is None:
+            raise InvalidRequest("the client certificate was not issued by this gateway")
+        asked = _requested_sans(csr)
+        if sorted(asked) != sorted(current["sans"]):
+            raise InvalidRequest(
+                f"a renewal keeps the certificate's names {sorted(current['sans'])}; the CSR "
+                f"asks for {sorted(asked)}"
+            )
+        facts = {
+            "serial": serial,
+            "ca": current["ca"],
+            "profile": current["profile"],
+            "sans": list(asked),
+        }
+        request = IssueInput(csr=csr, profile=current["profile"])
+        return await self._issue(principal, ctx, "cert.renew", current["ca"], request, facts)
+
+    async def _issue(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        action: str,
+        ca_name: str,
+        request: IssueInput,
+        facts: Mapping[str, object],
+        decision: Decision | None = None,
+    ) -> Issued:
+        """Decide on `action` (`facts` are the policy's `request`), then issue and store."""
+        ca = self.authorities.find_current(ca_name)
+        resource = ca.policy_resource() if ca else {"kind": "ca", "name": ca_name}
+        call = Call(principal, ctx, action, resource, facts)
         with self.gate.running(call, decision=decision) as outcome:
             if ca is None:
                 raise NotFound(f"no CA named {ca_name!r}")
