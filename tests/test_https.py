@@ -4,6 +4,7 @@ gateway itself while it serves."""
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import ssl
@@ -393,3 +394,45 @@ def test_a_workload_renews_its_certificate_over_mtls_keeping_its_names(tmp_path:
         assert status == 401
     renewals = AuditFile(gw.data_dir / "audit.log").search(action="cert.renew")
     assert {(r["principal"], r["outcome"]) for r in renewals} >= {(spiffe_id, "ok")}
+
+
+def test_the_spiffe_trust_bundle_verifies_a_workload_certificate(tmp_path: Path) -> None:
+    with running_gateway(tmp_path, "--tls", https=True) as gw:
+        trust = ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem"))
+        (cert_file, _), _ = _workload_identity(gw, tmp_path / "svid", "spiffe://dev.lab/ns/a/sa/b")
+        bundle = httpx.get(f"{gw.addr}/v1/pki/cas/dev/bundle", verify=trust)  # no token
+        pem = httpx.get(
+            f"{gw.addr}/v1/pki/cas/dev/bundle",
+            headers={"accept": "application/x-pem-file"},
+            verify=trust,
+        )
+        chain = httpx.get(f"{gw.addr}/v1/pki/cas/dev/chain", verify=trust)
+        missing = httpx.get(f"{gw.addr}/v1/pki/cas/nope/bundle", verify=trust)
+    assert bundle.status_code == 200 and missing.status_code == 404
+    assert pem.status_code == 200 and pem.text == chain.text
+    body = bundle.json()
+    assert isinstance(body["spiffe_sequence"], int) and body["spiffe_sequence"] > 0
+    certs = []
+    for key in body["keys"]:
+        assert key["use"] == "x509-svid" and len(key["x5c"]) == 1
+        cert = x509.load_der_x509_certificate(base64.b64decode(key["x5c"][0]))
+        numbers = cert.public_key().public_numbers()
+        assert isinstance(numbers, ec.EllipticCurvePublicNumbers)
+        size = (cert.public_key().key_size + 7) // 8
+        assert base64.urlsafe_b64decode(key["x"] + "==") == numbers.x.to_bytes(size, "big")
+        certs.append(cert)
+    assert [c.public_bytes(serialization.Encoding.PEM).decode() for c in certs] == [
+        c.public_bytes(serialization.Encoding.PEM).decode()
+        for c in x509.load_pem_x509_certificates(chain.content)
+    ]
+    # a relying party that knows only the bundle verifies the workload's certificate
+    anchors, intermediates = tmp_path / "anchors.pem", tmp_path / "intermediates.pem"
+    anchors.write_bytes(certs[-1].public_bytes(serialization.Encoding.PEM))
+    intermediates.write_bytes(
+        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs[:-1])
+    )
+    command = ["openssl", "verify", "-CAfile", str(anchors), "-untrusted", str(intermediates)]
+    verified = subprocess.run(
+        [*command, str(cert_file)], capture_output=True, text=True, timeout=30
+    )
+    assert verified.returncode == 0 and verified.stdout.strip().endswith(": OK"), verified

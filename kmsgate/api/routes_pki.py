@@ -48,6 +48,7 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     router.add_api_route("/cas", create_ca, methods=["POST"], status_code=201)
     router.add_api_route("/cas/{ca}/certificate", import_certificate, methods=["POST"])
     router.add_api_route("/cas/{ca}/chain", chain, methods=["GET"], response_class=Response)
+    router.add_api_route("/cas/{ca}/bundle", bundle, methods=["GET"], response_class=Response)
     router.add_api_route("/profiles", profiles, methods=["GET"])
     router.add_api_route("/certs", list_certs, methods=["GET"])
     router.add_api_route("/certs/{serial}", get_cert, methods=["GET"])
@@ -84,6 +85,16 @@ def import_certificate(
 def chain(ca: str, service: ServiceDep) -> Response:
     """Public: the CA's certificate and its issuers, PEM, root last."""
     return Response(service.pki.chain_pem(ca), media_type=PEM)
+
+
+def bundle(ca: str, service: ServiceDep, request: Request) -> Response:
+    """Public: the CA's certificate and its issuers as a SPIFFE trust bundle (JWK Set,
+    `use: x509-svid`, `spiffe_sequence`), or PEM when the client accepts
+    `application/x-pem-file` (and not JSON)."""
+    accept = request.headers.get("accept", "")
+    if PEM in accept and "json" not in accept:
+        return Response(service.pki.chain_pem(ca), media_type=PEM)
+    return json_response(service.pki.spiffe_bundle(ca))
 
 
 async def issue(request: Request) -> Response:

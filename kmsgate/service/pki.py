@@ -30,6 +30,7 @@ from kmsgate.backends.base import PkiEngine, PkiEngineCapable, require_capabilit
 from kmsgate.catalogue import Key, KeyVersion
 from kmsgate.errors import BackendError, Conflict, InvalidRequest, NotFound, Unauthenticated
 from kmsgate.pki.authorities import CA_PURPOSE, Authorities, Authority, CaState, CaType
+from kmsgate.pki.bundle import spiffe_bundle
 from kmsgate.pki.csr import new_key_and_csr
 from kmsgate.pki.inventory import (
     CertificateRecord,
@@ -177,6 +178,13 @@ class Pki:
     def chain_pem(self, name: str) -> str:
         """The CA's certificate and its issuers in PEM (public). Raises NotFound, Conflict."""
         return self.authorities.get(name).full_chain_pem()
+
+    def spiffe_bundle(self, name: str) -> dict[str, object]:
+        """The CA's certificate and its issuers as a SPIFFE trust bundle (public); its
+        sequence is the CA's last change, in seconds. Raises NotFound, Conflict."""
+        ca = self.authorities.get(name)
+        certificates = (ca.active_certificate(), *ca.chain)
+        return spiffe_bundle(certificates, int(ca.updated_at.timestamp()))
 
     # -- certificates ----------------------------------------------------------------------
 
