@@ -218,6 +218,55 @@ class TlsSettings(BaseModel):
         return self
 
 
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
+"""Signature algorithms an OIDC issuer may be configured with: asymmetric only (no `none`,
+no HMAC, whose secret a public key could be passed off as)."""
+
+
+class OidcIssuer(BaseModel):
+    """One trusted OIDC issuer whose JWTs authenticate as bearer tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    issuer: str = Field(min_length=1)
+    audiences: list[str] = Field(min_length=1)
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
+    leeway: Duration = Field(default=timedelta(seconds=30))
+    subject_claim: str = "sub"
+    tenant_claim: str | None = None
+
+    @model_validator(mode="after")
+    def _one_jwks(self) -> OidcIssuer:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError(f"oidc issuer {self.name}: give exactly one of jwks_file, jwks_url")
+        refused = sorted(set(self.algorithms) - set(JWT_ALGORITHMS))
+        if refused:
+            raise ValueError(
+                f"oidc issuer {self.name}: algorithms {refused} refused; allowed: "
+                + ", ".join(JWT_ALGORITHMS)
+            )
+        return self
+
+
+class AuthSettings(BaseModel):
+    """Credentials besides API tokens: OIDC issuers (mTLS is configured under `tls`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    oidc: list[OidcIssuer] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AuthSettings:
+        names = [issuer.name for issuer in self.oidc]
+        issuers = [issuer.issuer for issuer in self.oidc]
+        if len(set(names)) != len(names) or len(set(issuers)) != len(issuers):
+            raise ValueError("auth.oidc: names and issuers must be unique")
+        return self
+
+
 def dev_tls() -> TlsSettings:
     """`serve --dev --tls`: a certificate from the dev CA, client certificates optional."""
     return TlsSettings(ca="dev", client_auth="optional", client_cas=["dev"])
@@ -249,6 +298,7 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     pki: PkiSettings = Field(default_factory=PkiSettings)
     tls: TlsSettings | None = None
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL. Raises ConfigError if neither it nor a data dir is set."""

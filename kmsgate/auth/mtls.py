@@ -56,8 +56,8 @@ class MtlsAuthenticator:
         """The certificate's principal; None without a client certificate. Raises
         Unauthenticated (expired, not yet valid, revoked, or naming no identity),
         Unavailable (the inventory cannot be read)."""
-        if not credentials.peer_chain:
-            return None
+        if not credentials.peer_chain or credentials.bearer is not None:
+            return None  # a request that sends a bearer token is judged by that token
         cert = credentials.peer_chain[0]
         now = datetime.now(UTC)
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:

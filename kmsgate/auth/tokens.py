@@ -149,12 +149,13 @@ class TokenRegistry(StoreMirror):
     kind: Final = "token"
 
     def authenticate(self, credentials: Credentials) -> Principal | None:
-        """The principal the bearer token stands for; None without a bearer token.
+        """The principal the bearer token stands for; None without a bearer token or for
+        another kind of bearer (an OIDC JWT).
 
         Raises Unauthenticated (one message for every failure, so a caller learns nothing
         about which part was wrong)."""
-        if credentials.bearer is None:
-            return None
+        if credentials.bearer is None or not credentials.bearer.startswith(_PREFIX + "."):
+            return None  # no bearer, or another kind's (an OIDC JWT)
         parts = credentials.bearer.split(".")
         token_id, secret = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
         info = self._find(token_id) if parts[0] == _PREFIX else None

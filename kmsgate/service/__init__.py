@@ -9,6 +9,7 @@ from __future__ import annotations
 from kmsgate.audit import AuditSink
 from kmsgate.auth import Authenticators, TokenRegistry
 from kmsgate.auth.mtls import MtlsAuthenticator
+from kmsgate.auth.oidc import OidcAuthenticator
 from kmsgate.backends.base import Registry
 from kmsgate.catalogue import Catalogue
 from kmsgate.config import Settings
@@ -73,7 +74,11 @@ class Service:
             policy=policy,
             audit=audit,
             authenticators=Authenticators(
-                [tokens, MtlsAuthenticator(self.client_certificates.find)]
+                [
+                    tokens,
+                    OidcAuthenticator(settings.auth.oidc),
+                    MtlsAuthenticator(self.client_certificates.find),
+                ]
             ),
         )
         self.crypto = Crypto(self.gate)

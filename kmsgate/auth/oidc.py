@@ -1,0 +1,158 @@
+"""OIDC authentication: a JWT from a configured issuer (`auth.oidc`) as the bearer token,
+such as a CI job's ID token or a Kubernetes service-account token.
+
+The token's unverified `iss` picks the issuer's settings; then PyJWT checks the signature
+with the issuer's key named by `kid` (from its JWKS file or URL; fetched again on an unknown
+`kid`, at most every `REFRESH_SECONDS`), the algorithm against the issuer's allow-list
+(asymmetric algorithms only: never `none`, never an HMAC a public key could pose as the
+secret of), `aud`, `exp`, `nbf` and `iat` (with the issuer's leeway). The principal is
+`<issuer name>:<subject claim>`, kind `oidc`, its claims the verified JWT claims; roles are
+the policy's business.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from kmsgate.auth.authenticator import Credentials
+from kmsgate.auth.principal import Principal
+from kmsgate.config import OidcIssuer
+from kmsgate.errors import Unauthenticated
+
+__all__ = ["OidcAuthenticator"]
+
+log = logging.getLogger("kmsgate.auth")
+REFRESH_SECONDS = 30.0
+"""The least time between two fetches of an issuer's keys on an unknown `kid`."""
+FETCH_TIMEOUT_SECONDS = 5.0
+_REFUSED = "invalid, expired or untrusted OIDC token"
+
+
+class _IssuerKeys:
+    """One issuer's signing keys, loaded at start and again on an unknown `kid`."""
+
+    def __init__(self, issuer: OidcIssuer) -> None:
+        self._issuer = issuer
+        self._lock = threading.Lock()
+        self._keys: dict[str | None, jwt.PyJWK] = {}
+        self._next_fetch = 0.0
+        self._fetch()
+
+    def find(self, kid: str | None) -> jwt.PyJWK | None:
+        """The key named `kid` (or the only key, for a token without `kid`)."""
+        key = self._lookup(kid)
+        if key is None and time.monotonic() >= self._next_fetch:
+            with self._lock:
+                if time.monotonic() >= self._next_fetch:
+                    self._fetch()
+            key = self._lookup(kid)
+        return key
+
+    def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
+        keys = self._keys
+        if kid is None and len(keys) == 1:
+            return next(iter(keys.values()))
+        return keys.get(kid)
+
+    def _fetch(self) -> None:
+        """Replace the keys from the JWKS; a JWKS that cannot be read keeps the old keys."""
+        self._next_fetch = time.monotonic() + REFRESH_SECONDS
+        source = self._issuer.jwks_file or self._issuer.jwks_url
+        try:
+            if self._issuer.jwks_file is not None:
+                text = self._issuer.jwks_file.read_text()
+            else:
+                assert self._issuer.jwks_url is not None  # OidcIssuer requires one of them
+                reply = httpx.get(self._issuer.jwks_url, timeout=FETCH_TIMEOUT_SECONDS)
+                reply.raise_for_status()
+                text = reply.text
+            keys = jwt.PyJWKSet.from_json(text).keys
+        except (OSError, httpx.HTTPError, jwt.PyJWTError, ValueError) as exc:
+            log.warning("OIDC issuer %s: JWKS %s not loaded: %s", self._issuer.name, source, exc)
+            return
+        self._keys = {key.key_id: key for key in keys if key.public_key_use in (None, "sig")}
+
+
+_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "RS": (rsa.RSAPublicKey,),
+    "PS": (rsa.RSAPublicKey,),
+    "ES": (ec.EllipticCurvePublicKey,),
+    "Ed": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+}
+
+
+def _fits(algorithm: str, key: object) -> bool:
+    """Whether `key` is of the type `algorithm` signs with (a token may not pick a
+    verification the issuer's key was not made for)."""
+    return isinstance(key, _KEY_TYPES.get(algorithm[:2], ()))
+
+
+class OidcAuthenticator:
+    """Authenticates JWTs of the configured issuers."""
+
+    kind: Final = "oidc"
+
+    def __init__(self, issuers: Sequence[OidcIssuer]) -> None:
+        self._issuers = {issuer.issuer: issuer for issuer in issuers}
+        self._keys = {issuer.issuer: _IssuerKeys(issuer) for issuer in issuers}
+
+    def authenticate(self, credentials: Credentials) -> Principal | None:
+        """The token's principal; None for a bearer that is not a JWT (an API token) or no
+        bearer. Raises Unauthenticated (one message for every failure; the log says which
+        check failed, never the token)."""
+        token = credentials.bearer
+        if token is None or token.count(".") != 2 or token.startswith("kmg."):
+            return None
+        try:
+            return self._verify(token)
+        except jwt.PyJWTError as exc:
+            log.info("OIDC token refused: %s", type(exc).__name__)
+            raise Unauthenticated(_REFUSED) from None
+
+    def _verify(self, token: str) -> Principal:
+        """Raises Unauthenticated, or a jwt.PyJWTError."""
+        header = jwt.get_unverified_header(token)
+        unverified = jwt.decode(token, options={"verify_signature": False})
+        named = unverified.get("iss")
+        if not isinstance(named, str):  # PyJWT checks the header's types, not the claims'
+            raise Unauthenticated(_REFUSED)
+        issuer = self._issuers.get(named)
+        if issuer is None:
+            log.info("OIDC token refused: unknown issuer")
+            raise Unauthenticated(_REFUSED)
+        algorithm = header.get("alg")
+        if algorithm not in issuer.algorithms:
+            log.info("OIDC token refused: algorithm %r not allowed", algorithm)
+            raise Unauthenticated(_REFUSED)
+        key = self._keys[issuer.issuer].find(header.get("kid"))
+        if key is None or not _fits(algorithm, key.key):
+            log.info("OIDC token refused: unknown signing key, or one of another type")
+            raise Unauthenticated(_REFUSED)
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key.key,
+            algorithms=[algorithm],
+            audience=issuer.audiences,
+            issuer=issuer.issuer,
+            leeway=issuer.leeway.total_seconds(),
+            options={"require": ["exp", "iat", "iss", "aud", issuer.subject_claim]},
+        )
+        subject = claims.get(issuer.subject_claim)
+        if not isinstance(subject, str) or not subject:
+            raise Unauthenticated(_REFUSED)
+        tenant = claims.get(issuer.tenant_claim) if issuer.tenant_claim else None
+        return Principal(
+            id=f"{issuer.name}:{subject}",
+            kind="oidc",
+            roles=(),
+            claims=claims,
+            tenant=str(tenant) if tenant is not None else None,
+        )

@@ -1,0 +1,220 @@
+"""OIDC authentication (kmsgate.auth.oidc) against a real gateway: JWTs made here by a test
+issuer (its keys and JWKS file), every refusal a 401, a GitHub Actions-style token mapped by
+Rego to what it may sign, and the audit naming issuer and subject."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from kmsgate.audit import AuditFile
+from kmsgate.config import load_settings
+from kmsgate.errors import ConfigError
+from tests.test_cli import Gateway, running_gateway
+
+ISSUER = "https://token.actions.githubusercontent.com"
+AUDIENCE = "kmsgate"
+SUBJECT = "repo:acme/models:ref:refs/heads/main"
+POLICY = """package kmsgate.authz
+
+import rego.v1
+
+default allow := false
+
+allow if "admin" in input.principal.roles
+
+# a GitHub Actions job of acme/models on main may sign with the model key, and only that
+allow if {
+    input.principal.kind == "oidc"
+    input.principal.claims.repository == "acme/models"
+    input.principal.claims.ref == "refs/heads/main"
+    input.action == "sign"
+    input.resource.name == "model-key"
+}
+"""
+
+
+class Issuer:
+    """An OIDC issuer made here: an RSA and an EC signing key, published in a JWKS file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.ec = ec.generate_private_key(ec.SECP256R1())
+        self.jwks = directory / "jwks.json"
+        keys = [
+            {
+                **json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.rsa.public_key())),
+                "kid": "rsa-1",
+            },
+            {**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.ec.public_key())), "kid": "ec-1"},
+        ]
+        self.jwks.write_text(json.dumps({"keys": keys}))
+
+    def claims(self, **changes: Any) -> dict[str, Any]:
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": SUBJECT,
+            "iat": now,
+            "nbf": now,
+            "exp": now + 300,
+            "repository": "acme/models",
+            "ref": "refs/heads/main",
+        }
+        claims.update(changes)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def token(self, algorithm: str = "RS256", kid: str = "rsa-1", **changes: Any) -> str:
+        key = self.rsa if algorithm.startswith("RS") else self.ec
+        return jwt.encode(self.claims(**changes), key, algorithm=algorithm, headers={"kid": kid})
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unsigned(header: dict[str, Any], claims: dict[str, Any], secret: bytes | None) -> str:
+    """A token made by hand: `alg: none` (no signature) or HMAC-SHA256 with `secret`."""
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    if secret is None:
+        return signing_input + "."
+    mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(mac)}"
+
+
+@pytest.fixture(scope="module")
+def oidc_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Issuer]]:
+    base = tmp_path_factory.mktemp("oidc")
+    issuer = Issuer(base)
+    policies = base / "policies"
+    policies.mkdir()
+    (policies / "authz.rego").write_text(POLICY)
+    config = base / "kmsgate.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "auth": {
+                    "oidc": [
+                        {
+                            "name": "ci",
+                            "issuer": ISSUER,
+                            "audiences": [AUDIENCE],
+                            "jwks_file": str(issuer.jwks),
+                            "algorithms": ["RS256", "ES256"],
+                            "leeway": "5s",
+                        }
+                    ]
+                }
+            }
+        )
+    )
+    with running_gateway(base, "--config", str(config), KMSGATE_POLICY_DIR=str(policies)) as gw:
+        for name in ("model-key", "other-key"):
+            created = httpx.post(
+                f"{gw.addr}/v1/keys",
+                json={"name": name, "type": "ecdsa-p256", "purpose": "model-sign"},
+                headers={"authorization": f"Bearer {gw.root_token}"},
+            )
+            assert created.status_code == 201, created.text
+        yield gw, issuer
+
+
+def _sign(gw: Gateway, token: str, key: str = "model-key") -> httpx.Response:
+    return httpx.post(
+        f"{gw.addr}/v1/keys/{key}/sign",
+        json={"input": "aGVsbG8="},
+        headers={"authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+
+
+def test_a_github_style_token_signs_with_the_key_policy_gives_it(
+    oidc_gateway: tuple[Gateway, Issuer],
+) -> None:
+    gw, issuer = oidc_gateway
+    for token in (issuer.token(), issuer.token("ES256", "ec-1")):
+        signed = _sign(gw, token)
+        assert signed.status_code == 200, signed.text
+    assert _sign(gw, issuer.token(), "other-key").status_code == 403
+    assert _sign(gw, issuer.token(ref="refs/heads/feature")).status_code == 403
+    records = AuditFile(gw.data_dir / "audit.log").search(action="sign", key="model-key")
+    assert any(
+        r.get("principal") == f"ci:{SUBJECT}" and r.get("principal_kind") == "oidc" for r in records
+    )
+
+
+def test_every_bad_token_is_401(oidc_gateway: tuple[Gateway, Issuer]) -> None:
+    gw, issuer = oidc_gateway
+    now = int(time.time())
+    public_pem = issuer.rsa.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    bad = {
+        "wrong audience": issuer.token(aud="someone-else"),
+        "expired": issuer.token(exp=now - 60, iat=now - 400, nbf=now - 400),
+        "not yet valid": issuer.token(nbf=now + 600),
+        "issued in the future": issuer.token(iat=now + 600),
+        "no expiry": issuer.token(exp=None),
+        "another issuer": issuer.token(iss="https://elsewhere.example"),
+        "unknown key": jwt.encode(
+            issuer.claims(), stranger, algorithm="RS256", headers={"kid": "rsa-9"}
+        ),
+        "known kid, other key": jwt.encode(
+            issuer.claims(), stranger, algorithm="RS256", headers={"kid": "rsa-1"}
+        ),
+        "alg none": _unsigned({"alg": "none", "typ": "JWT"}, issuer.claims(), None),
+        "HS256 with the public key as secret": _unsigned(
+            {"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}, issuer.claims(), public_pem
+        ),
+        "RS256 header on the EC key": jwt.encode(
+            issuer.claims(), issuer.rsa, algorithm="RS256", headers={"kid": "ec-1"}
+        ),
+        "tampered claims": ".".join(
+            [*issuer.token().split(".")[:1], _b64(json.dumps(issuer.claims(ref="x")).encode()),
+             issuer.token().split(".")[2]]
+        ),
+        "not a JWT": "a.b.c",
+        "a list for a kid": _unsigned({"alg": "RS256", "kid": ["rsa-1"]}, issuer.claims(), b"k"),
+        "a list for the issuer": _unsigned(
+            {"alg": "RS256", "kid": "rsa-1"}, issuer.claims(iss=[ISSUER]), b"k"
+        ),
+    }  # fmt: skip
+    statuses = {case: _sign(gw, token).status_code for case, token in bad.items()}
+    assert statuses == dict.fromkeys(bad, 401)
+    refusals = AuditFile(gw.data_dir / "audit.log").search(action="authn", limit=100)
+    assert sum(1 for r in refusals if r["resource"] == {"kind": "oidc"}) >= len(bad) - 1
+
+
+@pytest.mark.parametrize(
+    ("issuer", "problem"),
+    [
+        ({"algorithms": ["HS256"]}, "refused"),
+        ({"algorithms": ["none"]}, "refused"),
+        ({"jwks_url": "https://x.example/jwks"}, "exactly one of jwks_file, jwks_url"),
+        ({"jwks_file": None}, "exactly one of jwks_file, jwks_url"),
+        ({"audiences": []}, "audiences"),
+        ({"name": "Bad Name"}, "name"),
+    ],
+)
+def test_oidc_settings_name_what_is_wrong(
+    tmp_path: Path, issuer: dict[str, Any], problem: str
+) -> None:
+    settings = {"name": "ci", "issuer": ISSUER, "audiences": [AUDIENCE], "jwks_file": "j.json"}
+    config = tmp_path / "kmsgate.yaml"
+    config.write_text(json.dumps({"auth": {"oidc": [{**settings, **issuer}]}}))
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(config)
