@@ -55,17 +55,20 @@ class Client:
         *,
         timeout: float = 30.0,
         verify: bool | str | ssl.SSLContext = True,
+        anonymous: bool = False,
     ) -> None:
         """`verify`: check the gateway's certificate against the system's CAs (True), a CA
-        file (its path; by default `KMSGATE_CACERT` if set) or a context. Raises OSError or
-        ssl.SSLError if a CA file cannot be loaded."""
+        file (its path; by default `KMSGATE_CACERT` if set) or a context. `anonymous`: send
+        no token, not even `KMSGATE_TOKEN` (a client that authenticates with the certificate
+        in its `verify` context). Raises OSError or ssl.SSLError if a CA file cannot be
+        loaded."""
         self.addr = (addr or os.environ.get("KMSGATE_ADDR") or DEFAULT_ADDR).rstrip("/")
         cafile = verify if isinstance(verify, str) else None
         if verify is True:
             cafile = os.environ.get("KMSGATE_CACERT") or None
         if cafile is not None:
             verify = ssl.create_default_context(cafile=cafile)
-        token = token or os.environ.get("KMSGATE_TOKEN")
+        token = None if anonymous else token or os.environ.get("KMSGATE_TOKEN")
         self._token_sent = bool(token)
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
@@ -363,6 +366,16 @@ class Client:
         if ttl is not None:
             body["ttl"] = ttl
         result: dict[str, Any] = self._json("POST", f"/v1/pki/cas/{ca}/issue", body)
+        return result
+
+    def renew_certificate(self, csr: str, *, ttl: str | int | None = None) -> dict[str, Any]:
+        """Renew the certificate this client authenticates with over mTLS (a client whose
+        `verify` context holds it): same names and profile, the PEM CSR's key. Same reply as
+        `issue_certificate`."""
+        body: dict[str, Any] = {"csr": csr}
+        if ttl is not None:
+            body["ttl"] = ttl
+        result: dict[str, Any] = self._json("POST", "/v1/pki/renew", body)
         return result
 
     def list_profiles(self) -> list[dict[str, Any]]:

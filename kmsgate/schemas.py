@@ -440,10 +440,11 @@ class IssueRequest(_Body):
 
 class RenewRequest(_Body):
     csr: str = Field(max_length=64 * 1024, description="PEM; the same names, a new key or not")
+    ttl: str | int | None = None
 
-    def to_csr(self) -> x509.CertificateSigningRequest:
-        """Raises InvalidRequest for a CSR that is not PEM."""
-        return _csr(self.csr)
+    def to_input(self) -> tuple[x509.CertificateSigningRequest, timedelta | None]:
+        """Raises InvalidRequest for a CSR that is not PEM or a malformed ttl."""
+        return _csr(self.csr), _optional_duration(self.ttl)
 
 
 def _csr(pem: str) -> x509.CertificateSigningRequest:

@@ -113,7 +113,7 @@ async def renew(
 ) -> Response:
     """Renew the certificate the client authenticates with (mTLS): same CA, profile and
     names, the CSR's key (a new one, or the same). Same reply as issue."""
-    issued = await service.pki.renew(principal, ctx, body.to_csr())
+    issued = await service.pki.renew(principal, ctx, *body.to_input())
     return json_response(_issued_body(issued))
 
 

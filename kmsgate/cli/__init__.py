@@ -18,6 +18,7 @@ import typer
 
 from kmsgate import __version__
 from kmsgate.cli import admin, ca, encryption, keys
+from kmsgate.cli.agent import agent
 from kmsgate.cli.common import fail
 from kmsgate.cli.model import model_app
 
@@ -47,6 +48,7 @@ app.command("encrypt-file")(encryption.encrypt_file)
 app.command("decrypt-file")(encryption.decrypt_file)
 app.command("rewrap")(encryption.rewrap_files)
 app.command("root-key-init")(admin.root_key_init)
+app.command()(agent)
 
 
 def _print_version(value: bool) -> None:

@@ -218,7 +218,11 @@ class Pki:
         return await self._issue(principal, ctx, "cert.issue", ca_name, request, facts, decision)
 
     async def renew(
-        self, principal: Principal, ctx: Ctx, csr: x509.CertificateSigningRequest
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        csr: x509.CertificateSigningRequest,
+        ttl: timedelta | None = None,
     ) -> Issued:
         """A new certificate for the caller's own, authenticated by it over mTLS: same CA,
         profile and names; the CSR's key may be new (re-key). The policy decides
@@ -242,8 +246,9 @@ class Pki:
             "ca": current["ca"],
             "profile": current["profile"],
             "sans": list(asked),
+            "ttl": int(ttl.total_seconds()) if ttl else None,
         }
-        request = IssueInput(csr=csr, profile=current["profile"])
+        request = IssueInput(csr=csr, profile=current["profile"], ttl=ttl)
         return await self._issue(principal, ctx, "cert.renew", current["ca"], request, facts)
 
     async def _issue(

@@ -1,0 +1,206 @@
+"""`kmsgate agent`: keeps a workload's certificate current in a directory.
+
+It makes the key and the CSR on the host (the private key never leaves it), gets a first
+certificate with an API or OIDC token (read from its file each time: projected Kubernetes
+tokens rotate), then renews over mTLS with the current certificate at a fraction of its
+lifetime (default 2/3, never later than 80%, a little earlier at random so that a fleet
+does not renew in step), backing off exponentially while the gateway is away. A certificate
+that expired (or was revoked) meanwhile is replaced by bootstrapping again. Each swap writes
+`key.pem`, `cert.pem` (the leaf), `chain.pem` (leaf and intermediates) and `ca.pem` (the
+root), each atomically (temporary file, fsync, rename; 0600), the key first, then runs the
+`on_renew` command.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import shlex
+import ssl
+import subprocess
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from kmsgate.client import ApiError, Client
+from kmsgate.pki.csr import new_key_and_csr
+
+__all__ = ["Agent", "AgentOptions"]
+
+log = logging.getLogger("kmsgate.agent")
+LATEST_RENEWAL = 0.8
+"""A certificate is renewed before this share of its lifetime, whatever `renew_at` says."""
+JITTER = 0.05
+"""Up to this share of the lifetime earlier, at random."""
+FIRST_BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 60.0
+FILES = ("key.pem", "cert.pem", "chain.pem", "ca.pem")
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """What `kmsgate agent` was asked to keep."""
+
+    addr: str | None
+    ca: str
+    profile: str
+    sans: tuple[str, ...]
+    directory: Path
+    token_file: Path | None
+    ttl: str | None = None
+    renew_at: float = 2 / 3
+    on_renew: str | None = None
+    cacert: Path | None = None
+
+
+class Agent:
+    """Keeps `options.directory` holding a valid certificate."""
+
+    def __init__(self, options: AgentOptions, stop: threading.Event | None = None) -> None:
+        if not 0 < options.renew_at <= LATEST_RENEWAL:
+            raise ValueError(f"renew_at must be in (0, {LATEST_RENEWAL}]")
+        if not options.sans:
+            raise ValueError("at least one SAN is needed")
+        self.options = options
+        self.stop = stop or threading.Event()
+        self._issued_at: datetime | None = None
+
+    def run(self, *, once: bool = False) -> None:
+        """Bootstrap or renew, then wait for the next renewal, until `stop` is set (once:
+        one swap, then return). Raises ApiError, OSError or ValueError only with `once`;
+        otherwise failures are logged and retried with exponential backoff."""
+        backoff = FIRST_BACKOFF_SECONDS
+        while not self.stop.is_set():
+            try:
+                self.swap()
+            except (ApiError, OSError, ValueError) as exc:
+                if once:
+                    raise
+                log.warning("certificate not renewed (retrying in %.1f s): %s", backoff, exc)
+                self.stop.wait(min(backoff, self._seconds_left()))
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                continue
+            backoff = FIRST_BACKOFF_SECONDS
+            if once:
+                return
+            self.stop.wait(self._seconds_until_renewal())
+
+    def swap(self) -> x509.Certificate:
+        """One new certificate in the directory: renewed over mTLS while the current one is
+        valid, else bootstrapped with the token. Raises ApiError, OSError, ValueError."""
+        current = self._current()
+        key, csr = new_key_and_csr(list(self.options.sans))
+        csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+        issued = None
+        if current is not None:
+            try:
+                with self._client(identity=True) as client:
+                    issued = client.renew_certificate(csr_pem, ttl=self.options.ttl)
+            except ApiError as exc:
+                if exc.status != 401:  # 401: expired or revoked meanwhile: bootstrap
+                    raise
+                log.warning("the current certificate was refused (%s): bootstrapping", exc.code)
+        if issued is None:
+            with self._client(identity=False) as client:
+                issued = client.issue_certificate(
+                    self.options.ca, csr_pem, self.options.profile, ttl=self.options.ttl
+                )
+        chain = x509.load_pem_x509_certificates(issued["chain"].encode())
+        leaf = x509.load_pem_x509_certificate(issued["certificate"].encode())
+        pem = serialization.Encoding.PEM
+        key_pem = key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        intermediates = b"".join(c.public_bytes(pem) for c in chain[:-1])
+        self._write("key.pem", key_pem)
+        self._write("cert.pem", leaf.public_bytes(pem))
+        self._write("chain.pem", leaf.public_bytes(pem) + intermediates)
+        self._write("ca.pem", chain[-1].public_bytes(pem))
+        self._issued_at = datetime.now(UTC)
+        log.info(
+            "certificate %s %s, valid until %s",
+            issued["serial"],
+            "renewed" if current is not None else "issued",
+            issued["not_after"],
+        )
+        self._after_swap()
+        return leaf
+
+    def _client(self, *, identity: bool) -> Client:
+        """A client trusting `cacert`; presenting the current certificate (identity), or
+        the token read from its file now."""
+        context = ssl.create_default_context(
+            cafile=str(self.options.cacert) if self.options.cacert else None
+        )
+        if identity:
+            context.load_cert_chain(self._path("chain.pem"), self._path("key.pem"))
+            return Client(self.options.addr, verify=context, anonymous=True)
+        token = self.options.token_file.read_text().strip() if self.options.token_file else None
+        return Client(self.options.addr, token, verify=context)
+
+    def _current(self) -> x509.Certificate | None:
+        """The certificate in the directory if it is valid for a moment still, else None."""
+        try:
+            cert = x509.load_pem_x509_certificate(self._path("cert.pem").read_bytes())
+        except (OSError, ValueError):
+            return None
+        left = cert.not_valid_after_utc - datetime.now(UTC)
+        return cert if left > timedelta(seconds=1) else None
+
+    def _seconds_until_renewal(self) -> float:
+        """Seconds until the current certificate is due (renew_at of its lifetime, minus
+        jitter), counting its lifetime from when it arrived (kmsgate backdates not_before)."""
+        cert = self._current()
+        if cert is None:
+            return 0.0
+        start = self._issued_at or cert.not_valid_before_utc
+        lifetime = (cert.not_valid_after_utc - start).total_seconds()
+        share = self.options.renew_at - random.uniform(0, JITTER)  # noqa: S311 (spreading, not secrecy)
+        due = start + timedelta(seconds=lifetime * max(share, 0.01))
+        return max(0.0, (due - datetime.now(UTC)).total_seconds())
+
+    def _seconds_left(self) -> float:
+        """How long the current certificate stays valid (at least a short wait)."""
+        cert = self._current()
+        if cert is None:
+            return MAX_BACKOFF_SECONDS
+        return max(0.1, (cert.not_valid_after_utc - datetime.now(UTC)).total_seconds() / 2)
+
+    def _path(self, name: str) -> Path:
+        return self.options.directory / name
+
+    def _write(self, name: str, data: bytes) -> None:
+        """Replace the file atomically (0600). Raises OSError."""
+        target = self._path(name)
+        self.options.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = target.with_name(f".{name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+
+    def _after_swap(self) -> None:
+        """Run `on_renew` (its failure is logged, not fatal: the files are in place)."""
+        if not self.options.on_renew:
+            return
+        try:
+            command = shlex.split(self.options.on_renew)  # the operator's own command line
+            done = subprocess.run(command, timeout=60, check=False)  # noqa: S603
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("on-renew command failed: %s", exc)
+            return
+        if done.returncode != 0:
+            log.warning("on-renew command exited with %d", done.returncode)

@@ -1,0 +1,141 @@
+"""`kmsgate agent` against a real HTTPS gateway: a certificate with a TTL of seconds kept
+valid on disk across 20 renewals over mTLS, the reload command run after each swap, and a
+recovery after the gateway was away for longer than the TTL."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+
+from tests.components import LOOPBACK, free_port
+from tests.test_cli import _stop, clean_env, kmsgate_script
+
+TTL_SECONDS = 3
+RENEWALS = 20
+
+
+@contextlib.contextmanager
+def https_gateway(data_dir: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`kmsgate serve --dev --tls` on `data_dir` and `port`, answering when this yields."""
+    argv = [kmsgate_script(), "serve", "--dev", "--tls", "--data-dir", str(data_dir)]
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(
+            [*argv, "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=clean_env(),
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            with contextlib.suppress(httpx.HTTPError, OSError, ssl.SSLError):
+                trust = ssl.create_default_context(cafile=str(data_dir / "dev-root.pem"))
+                if httpx.get(f"https://{LOOPBACK}:{port}/v1/sys/health", verify=trust).is_success:
+                    break
+            time.sleep(0.1)
+        yield proc
+    finally:
+        _stop(proc)
+
+
+class Watch:
+    """Reads the agent's cert.pem every 50 ms and records every moment it was not a valid
+    certificate, and the serials seen."""
+
+    def __init__(self, cert_file: Path) -> None:
+        self.cert_file = cert_file
+        self.gaps: list[str] = []
+        self.serials: set[int] = set()
+        self.paused = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            if self.paused.is_set():
+                continue
+            try:
+                cert = x509.load_pem_x509_certificate(self.cert_file.read_bytes())
+            except (OSError, ValueError) as exc:
+                self.gaps.append(f"unreadable: {exc}")
+                continue
+            now = datetime.now(UTC)
+            if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+                self.gaps.append(f"{cert.serial_number:x} not valid at {now}")
+            self.serials.add(cert.serial_number)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _wait_for(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_the_agent_keeps_a_short_lived_certificate_valid_and_recovers(tmp_path: Path) -> None:
+    data, out, swaps = tmp_path / "data", tmp_path / "svid", tmp_path / "swaps.txt"
+    port = free_port()
+    log = tmp_path / "gateway.log"
+    with https_gateway(data, port, log) as gateway:
+        agent_log = tmp_path / "agent.log"
+        command = [
+            kmsgate_script(), "agent", "--ca", "dev", "--profile", "workload",
+            "--san", "spiffe://dev.lab/ns/ml/sa/server", "--dir", str(out),
+            "--token-file", str(data / "root-token"), "--ttl", f"{TTL_SECONDS}s",
+            "--renew-at", "0.4", "--on-renew", f"sh -c 'echo swapped >> {swaps}'",
+        ]  # fmt: skip
+        env = clean_env(
+            KMSGATE_ADDR=f"https://localhost:{port}", KMSGATE_CACERT=str(data / "dev-root.pem")
+        )
+        with agent_log.open("wb") as sink:
+            agent = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_for((out / "cert.pem").exists, 30, "no first certificate")
+            watch = Watch(out / "cert.pem")
+            _wait_for(
+                lambda: swaps.exists() and len(swaps.read_text().splitlines()) > RENEWALS,
+                RENEWALS * TTL_SECONDS * 2,
+                f"fewer than {RENEWALS} renewals:\n{agent_log.read_text()}",
+            )
+            assert watch.gaps == [], watch.gaps[:5]
+            assert len(watch.serials) >= RENEWALS - 2
+            # the gateway goes away for longer than the TTL
+            watch.paused.set()
+            _stop(gateway)
+            time.sleep(TTL_SECONDS + 2)
+            before = len(swaps.read_text().splitlines())
+            with https_gateway(data, port, log):
+                _wait_for(
+                    lambda: len(swaps.read_text().splitlines()) > before + 2,
+                    60,
+                    f"no recovery:\n{agent_log.read_text()}",
+                )
+                watch.gaps.clear()
+                watch.paused.clear()
+                time.sleep(TTL_SECONDS * 2)
+                assert watch.gaps == [], watch.gaps[:5]
+            watch.stop()
+        finally:
+            agent.terminate()
+            agent.wait(10)
+    text = agent_log.read_text()
+    assert "issued" in text and "renewed" in text and "retrying" in text, text
+    assert all((out / name).stat().st_mode & 0o777 == 0o600 for name in ("key.pem", "cert.pem"))
