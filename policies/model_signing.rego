@@ -9,12 +9,12 @@ allow if {
 	input.action == "sign"
 	input.env == "prod"
 	input.resource.purpose == "model-sign"
-	"ml-sec" in input.principal.roles
+	"ml-sec" in roles
 }
 
 reasons contains "role ml-sec: sign with a model-sign key in prod" if {
 	input.action == "sign"
 	input.env == "prod"
 	input.resource.purpose == "model-sign"
-	"ml-sec" in input.principal.roles
+	"ml-sec" in roles
 }

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,23 +28,7 @@ from tests.test_cli import Gateway, running_gateway
 ISSUER = "https://token.actions.githubusercontent.com"
 AUDIENCE = "kmsgate"
 SUBJECT = "repo:acme/models:ref:refs/heads/main"
-POLICY = """package kmsgate.authz
-
-import rego.v1
-
-default allow := false
-
-allow if "admin" in input.principal.roles
-
-# a GitHub Actions job of acme/models on main may sign with the model key, and only that
-allow if {
-    input.principal.kind == "oidc"
-    input.principal.claims.repository == "acme/models"
-    input.principal.claims.ref == "refs/heads/main"
-    input.action == "sign"
-    input.resource.name == "model-key"
-}
-"""
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 class Issuer:
@@ -99,9 +84,10 @@ def _unsigned(header: dict[str, Any], claims: dict[str, Any], secret: bytes | No
 def oidc_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Issuer]]:
     base = tmp_path_factory.mktemp("oidc")
     issuer = Issuer(base)
+    # the shipped policies and the shipped example that maps GitHub claims to role ml-sec
     policies = base / "policies"
-    policies.mkdir()
-    (policies / "authz.rego").write_text(POLICY)
+    shutil.copytree(REPOSITORY / "policies", policies)
+    shutil.copy(REPOSITORY / "examples" / "policies" / "oidc_roles.rego", policies)
     config = base / "kmsgate.yaml"
     config.write_text(
         json.dumps(
@@ -121,11 +107,13 @@ def oidc_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gat
             }
         )
     )
-    with running_gateway(base, "--config", str(config), KMSGATE_POLICY_DIR=str(policies)) as gw:
-        for name in ("model-key", "other-key"):
+    with running_gateway(
+        base, "--config", str(config), KMSGATE_POLICY_DIR=str(policies), KMSGATE_ENV="prod"
+    ) as gw:
+        for name, purpose in (("model-key", "model-sign"), ("other-key", "envelope-data")):
             created = httpx.post(
                 f"{gw.addr}/v1/keys",
-                json={"name": name, "type": "ecdsa-p256", "purpose": "model-sign"},
+                json={"name": name, "type": "ecdsa-p256", "purpose": purpose},
                 headers={"authorization": f"Bearer {gw.root_token}"},
             )
             assert created.status_code == 201, created.text

@@ -96,6 +96,7 @@ def test_shipped_files_and_digest(shipped: PolicyEngine) -> None:
         "exceptions.rego",
         "model_signing.rego",
         "pki.rego",
+        "roles.rego",
     ]
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", shipped.digest)
     assert shipped.loaded_at.tzinfo is not None
@@ -672,3 +673,15 @@ def test_policy_input_rejects_deep_nesting() -> None:
         node = child
     with pytest.raises(InvalidRequest, match="deeply"):
         policy_input(principal={}, action="sign", resource={}, request=deep, env="prod", now=NOW)
+
+
+def test_the_shipped_examples_pass_their_tests_beside_the_shipped_policies(tmp_path: Path) -> None:
+    examples = SHIPPED.parent / "examples" / "policies"
+    directory = tmp_path / "policies"
+    shutil.copytree(SHIPPED, directory)
+    for example in examples.glob("*.rego"):
+        shutil.copy(example, directory)
+    results = PolicyEngine.load(directory).run_tests()
+    failed = [r for r in results if not r.passed]
+    assert results and failed == []
+    assert any(r.name.endswith("test_a_service_account_gets_its_own_spiffe_id") for r in results)
