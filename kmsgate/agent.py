@@ -14,9 +14,7 @@ root), each atomically (temporary file, fsync, rename; 0600), the key first, the
 from __future__ import annotations
 
 import logging
-import os
 import random
-import secrets
 import shlex
 import ssl
 import subprocess
@@ -30,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 
 from kmsgate.client import ApiError, Client
 from kmsgate.pki.csr import new_key_and_csr
+from kmsgate.pki.files import replace_private_file
 
 __all__ = ["Agent", "AgentOptions"]
 
@@ -177,20 +176,7 @@ class Agent:
 
     def _write(self, name: str, data: bytes) -> None:
         """Replace the file atomically (0600). Raises OSError."""
-        target = self._path(name)
-        self.options.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = target.with_name(f".{name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temporary, target)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        replace_private_file(self._path(name), data)
 
     def _after_swap(self) -> None:
         """Run `on_renew` (its failure is logged, not fatal: the files are in place)."""

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
 import ssl
 import threading
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 
 from kmsgate.config import Settings, TlsSettings
 from kmsgate.errors import ConfigError, KmsgateError
+from kmsgate.pki.files import replace_private_file
 from kmsgate.pki.issuer import BACKDATE
 from kmsgate.service import Ctx, Service
 
@@ -180,7 +179,6 @@ def renew_if_due(service: Service, settings: Settings) -> bool:
     key, issued = asyncio.run(
         service.pki.gateway_certificate(GATEWAY, tls.ca, tls.profile, tls.sans, tls.ttl)
     )
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -219,20 +217,10 @@ def _renewal_due(cert_file: Path) -> bool:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` (mode 0600): a reader sees the old or the new file, never
-    a part. Raises ConfigError."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    """`replace_private_file`. Raises ConfigError."""
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
+        replace_private_file(path, data)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
 
 

@@ -4,7 +4,13 @@ creation through `POST /v1/keys`."""
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.gateway import Api
 
@@ -37,3 +43,25 @@ def create_key(
     assert r.status_code == 201, r.text
     key: dict[str, Any] = r.json()
     return key
+
+
+def self_signed(
+    common_name: str, *, ca: bool = False, lifetime: timedelta = timedelta(days=1)
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh P-256 key and a self-signed certificate for it (from a minute ago), a CA
+    certificate with `ca`: a stranger to every kmsgate CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + lifetime)
+    )
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+    return key, builder.sign(key, hashes.SHA256())

@@ -45,7 +45,7 @@ from kmsgate.errors import (
 )
 from tests import helpers
 from tests.gateway import Api, open_gateway
-from tests.helpers import b64, unb64
+from tests.helpers import b64, self_signed, unb64
 from tests.openbao import (
     OpenBaoServer,
     count_audit_requests,
@@ -816,25 +816,7 @@ def _es256_jwt(private: ec.EllipticCurvePrivateKey, claims: dict[str, Any]) -> s
 
 
 def _throwaway_ca_pem() -> str:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stand-in kubernetes CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    _, cert = self_signed("stand-in kubernetes CA", ca=True)
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from kmsgate.audit import AuditFile
 from kmsgate.config import load_settings
 from kmsgate.errors import ConfigError
 from kmsgate.pki.csr import new_key_and_csr
 from tests.components import LOOPBACK, free_port
+from tests.helpers import self_signed
 from tests.test_cli import Gateway, assert_one_line_error, clean_env, run_cli, running_gateway
 
 TIMEOUT = 10.0
@@ -82,19 +82,7 @@ def _client_identity(
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stranger")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = self_signed("stranger")
     return _client_identity(directory, cert.public_bytes(serialization.Encoding.PEM).decode(), key)
 
 
