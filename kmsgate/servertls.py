@@ -17,6 +17,7 @@ import asyncio
 import logging
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,7 +82,7 @@ class ServerTls:
         that does not load (caught mid-rotation, or broken) is logged and tried again."""
         seen = self._stamp()
         while True:
-            threading.Event().wait(WATCH_SECONDS)
+            time.sleep(WATCH_SECONDS)
             stamp = self._stamp()
             if stamp == seen:
                 continue
