@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.audit import AuditFile
@@ -424,3 +424,46 @@ def test_the_spiffe_trust_bundle_verifies_a_workload_certificate(tmp_path: Path)
         [*command, str(cert_file)], capture_output=True, text=True, timeout=30
     )
     assert verified.returncode == 0 and verified.stdout.strip().endswith(": OK"), verified
+
+
+def test_another_trusted_cas_certificate_with_a_kmsgate_serial_is_not_taken_for_it(
+    tmp_path: Path,
+) -> None:
+    outsider_key, outsider_ca = self_signed("another trusted CA", ca=True)
+    bundle = tmp_path / "other-ca.pem"
+    bundle.write_bytes(outsider_ca.public_bytes(serialization.Encoding.PEM))
+    config = tmp_path / "tls.yaml"
+    tls = {"ca": "dev", "client_auth": "optional", "client_cas": ["dev", str(bundle)]}
+    config.write_text(json.dumps({"tls": tls}))
+    victim_id = "spiffe://dev.lab/ns/ml/sa/victim"
+    with running_gateway(tmp_path, "--config", str(config), https=True) as gw:
+        _, serial = _workload_identity(gw, tmp_path / "victim", victim_id)
+        # the other CA mints a certificate with the victim's serial, for another identity
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        lookalike = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(outsider_ca.subject)
+            .public_key(key.public_key())
+            .serial_number(int(serial, 16))
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier("spiffe://dev.lab/ns/ml/sa/mallory")]
+                ),
+                critical=False,
+            )
+            .sign(outsider_key, hashes.SHA256())
+        )
+        (tmp_path / "mallory").mkdir()
+        mallory = _client_identity(
+            tmp_path / "mallory", lookalike.public_bytes(serialization.Encoding.PEM).decode(), key
+        )
+        assert _health_reply(gw, mallory).startswith(b"HTTP/1.1 200 ")  # the CA is trusted
+        stolen = _renew(gw, mallory, [victim_id])
+        assert stolen.status_code == 400, stolen.text
+        assert "not issued by this gateway" in stolen.text
+    records = AuditFile(gw.data_dir / "audit.log").search(action="cert.renew")
+    assert all(r.get("outcome") != "ok" for r in records)

@@ -2,10 +2,12 @@
 `tls.client_cas`) names the caller.
 
 The principal's id is the certificate's SPIFFE URI SAN (`spiffe://...`), else its subject's
-common name; `claims` holds `{ca, profile, serial, sans}`. Each request checks the
-certificate again: within its validity now (a connection may outlive it) and not revoked in
-kmsgate's inventory (a certificate from another CA of `tls.client_cas` is not in it:
-`ca` is then its issuer's name and `profile` is null).
+common name; `claims` holds `{ca, profile, serial, sans, fingerprint}`. Each request checks
+the certificate again: within its validity now (a connection may outlive it), and not
+revoked in kmsgate's inventory. The inventory's facts count only for the very certificate
+it holds (the same SHA-256 fingerprint): a certificate of another CA of `tls.client_cas`,
+even one that carries a serial of kmsgate's, is not in it (`ca` is then its issuer's name
+and `profile` is null).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Final, Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from kmsgate.auth.authenticator import Credentials
@@ -37,6 +40,9 @@ class IssuedFacts(Protocol):
 
     @property
     def revoked(self) -> bool: ...
+
+    @property
+    def fingerprint(self) -> str: ...
 
 
 InventoryLookup = Callable[[int], IssuedFacts | None]
@@ -62,7 +68,10 @@ class MtlsAuthenticator:
         now = datetime.now(UTC)
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
             raise Unauthenticated("the client certificate is expired or not yet valid")
+        fingerprint = cert.fingerprint(hashes.SHA256()).hex()
         facts = self._inventory(cert.serial_number)
+        if facts is not None and facts.fingerprint != fingerprint:
+            facts = None  # another CA's certificate with the same serial: not ours
         if facts is not None and facts.revoked:
             raise Unauthenticated("the client certificate is revoked")
         sans = _sans(cert)
@@ -77,6 +86,7 @@ class MtlsAuthenticator:
             "profile": facts.profile if facts else None,
             "serial": f"{cert.serial_number:x}",
             "sans": sans,
+            "fingerprint": fingerprint,
         }
         return Principal(id=identity, kind="mtls", roles=(), claims=claims)
 

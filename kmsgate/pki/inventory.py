@@ -161,6 +161,8 @@ class InventoryFacts:
     ca: str
     profile: str
     revoked: bool
+    fingerprint: str
+    """SHA-256 of the certificate's DER, hex."""
 
 
 class PresentedCertificates(StoreMirror):
@@ -185,9 +187,8 @@ class PresentedCertificates(StoreMirror):
         row = self._store.certs.get(serial)
         if row is None:
             return None
-        return InventoryFacts(
-            ca=row["ca"], profile=row["profile"], revoked=row["status"] == REVOKED
-        )
+        revoked = row["status"] == REVOKED
+        return InventoryFacts(row["ca"], row["profile"], revoked, row["fingerprint"])
 
     def find(self, serial: int) -> InventoryFacts | None:
         """The facts about `serial`, None if kmsgate did not issue it. Raises Unavailable

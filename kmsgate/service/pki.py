@@ -233,7 +233,7 @@ class Pki:
             raise Unauthenticated("a renewal is authenticated by the current certificate (mTLS)")
         serial = str(principal.claims.get("serial", ""))
         current = self.store.certs.get(serial)
-        if current is None:
+        if current is None or current["fingerprint"] != principal.claims.get("fingerprint"):
             raise InvalidRequest("the client certificate was not issued by this gateway")
         asked = _requested_sans(csr)
         if sorted(asked) != sorted(current["sans"]):
