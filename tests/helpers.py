@@ -65,3 +65,28 @@ def self_signed(
     if ca:
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
     return key, builder.sign(key, hashes.SHA256())
+
+
+def issued_by(
+    issuer: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    name: x509.GeneralName,
+    *,
+    serial: int | None = None,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh P-256 key and a one-day leaf certificate for `name` (empty subject, so a
+    critical SAN) signed by `issuer_key`, made without kmsgate: what another CA issues."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(serial or x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([name]), critical=True)
+        .sign(issuer_key, hashes.SHA256())
+    )
+    return key, cert

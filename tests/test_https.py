@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.audit import AuditFile
@@ -24,7 +24,7 @@ from kmsgate.config import load_settings
 from kmsgate.errors import ConfigError
 from kmsgate.pki.csr import new_key_and_csr
 from tests.components import LOOPBACK, free_port
-from tests.helpers import self_signed
+from tests.helpers import issued_by, self_signed
 from tests.test_cli import Gateway, assert_one_line_error, clean_env, run_cli, running_gateway
 
 TIMEOUT = 10.0
@@ -439,24 +439,8 @@ def test_another_trusted_cas_certificate_with_a_kmsgate_serial_is_not_taken_for_
     with running_gateway(tmp_path, "--config", str(config), https=True) as gw:
         _, serial = _workload_identity(gw, tmp_path / "victim", victim_id)
         # the other CA mints a certificate with the victim's serial, for another identity
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(UTC)
-        lookalike = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(outsider_ca.subject)
-            .public_key(key.public_key())
-            .serial_number(int(serial, 16))
-            .not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + timedelta(hours=1))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier("spiffe://dev.lab/ns/ml/sa/mallory")]
-                ),
-                critical=False,
-            )
-            .sign(outsider_key, hashes.SHA256())
-        )
+        mallory_id = x509.UniformResourceIdentifier("spiffe://dev.lab/ns/ml/sa/mallory")
+        key, lookalike = issued_by(outsider_ca, outsider_key, mallory_id, serial=int(serial, 16))
         (tmp_path / "mallory").mkdir()
         mallory = _client_identity(
             tmp_path / "mallory", lookalike.public_bytes(serialization.Encoding.PEM).decode(), key

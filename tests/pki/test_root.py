@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import stat
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from kmsgate.pki.root import (
 )
 from kmsgate.pki.token_root import RootToken
 from tests.components import run_openssl
+from tests.helpers import issued_by
 
 PASSPHRASE = b"correct horse battery staple"
 PEM = serialization.Encoding.PEM
@@ -232,19 +233,7 @@ def test_name_constraints_only_when_asked_and_openssl_enforces_them(
     assert verified.returncode == 0 and ": OK" in verified.stdout, verified.stderr
 
     def leaf(name: str) -> Path:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(UTC)
-        built = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=True)
-            .sign(inter_key, hashes.SHA256())
-        )
+        _, built = issued_by(cert, inter_key, x509.DNSName(name))
         path = tmp_path / f"{name}.pem"
         path.write_bytes(built.public_bytes(PEM))
         return path
