@@ -39,7 +39,6 @@ JITTER = 0.05
 """Up to this share of the lifetime earlier, at random."""
 FIRST_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 60.0
-FILES = ("key.pem", "cert.pem", "chain.pem", "ca.pem")
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,12 @@ def _tls_dir(settings: Settings) -> Path:
     return settings.data_dir / TLS_DIR
 
 
+def _own_pair(settings: Settings) -> tuple[Path, Path]:
+    """The certificate and key files of the gateway's own certificate (`tls.ca`)."""
+    directory = _tls_dir(settings)
+    return directory / "server.pem", directory / "server.key"
+
+
 def _require_tls(settings: Settings) -> TlsSettings:
     if settings.tls is None:
         raise ConfigError("no tls settings")
@@ -127,8 +133,7 @@ def provision(service: Service, settings: Settings) -> ServerTls:
     context loads. Raises ConfigError (with what to fix), KmsgateError if issuing fails."""
     tls = _require_tls(settings)
     if tls.ca is not None:
-        directory = _tls_dir(settings)
-        cert_file, key_file = directory / "server.pem", directory / "server.key"
+        cert_file, key_file = _own_pair(settings)
         renew_if_due(service, settings)
     else:
         assert tls.cert_file is not None and tls.key_file is not None  # TlsSettings checks
@@ -153,9 +158,7 @@ def _client_ca_files(service: Service, settings: Settings, tls: TlsSettings) -> 
     for name in tls.client_cas:
         ca = service.pki.authorities.find_current(name)
         if ca is not None and ca.certificate is not None:
-            chains += [
-                c.public_bytes(serialization.Encoding.PEM) for c in (ca.certificate, *ca.chain)
-            ]
+            chains += [_pem(c) for c in (ca.certificate, *ca.chain)]
         elif Path(name).is_file():
             files.append(Path(name))
         else:
@@ -173,8 +176,7 @@ def renew_if_due(service: Service, settings: Settings) -> bool:
     tls = settings.tls
     if tls is None or tls.ca is None:
         return False
-    directory = _tls_dir(settings)
-    cert_file, key_file = directory / "server.pem", directory / "server.key"
+    cert_file, key_file = _own_pair(settings)
     if not _renewal_due(cert_file):
         return False
     key, issued = asyncio.run(
@@ -188,9 +190,7 @@ def renew_if_due(service: Service, settings: Settings) -> bool:
     chain = (issued.certificate, *issued.chain[:-1])  # the root stays with the clients
     # the key first: a worker reloads when the certificate file changes
     _write_atomically(key_file, key_pem)
-    _write_atomically(
-        cert_file, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
-    )
+    _write_atomically(cert_file, b"".join(_pem(c) for c in chain))
     log.info(
         "gateway TLS certificate %s issued by %s, valid until %s",
         issued.serial,

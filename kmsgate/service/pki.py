@@ -232,7 +232,7 @@ class Pki:
         if principal.kind != "mtls":
             raise Unauthenticated("a renewal is authenticated by the current certificate (mTLS)")
         serial = str(principal.claims.get("serial", ""))
-        current = self.store.certs.get(serial)
+        current = await asyncio.to_thread(self.store.certs.get, serial)  # off the event loop
         if current is None or current["fingerprint"] != principal.claims.get("fingerprint"):
             raise InvalidRequest("the client certificate was not issued by this gateway")
         asked = _requested_sans(csr)
