@@ -451,6 +451,11 @@ class Client:
         result: dict[str, Any] = self._json("DELETE", f"/v1/sys/tokens/{token_id}")
         return result
 
+    def whoami(self) -> dict[str, Any]:
+        """The caller: `{id, kind, tenant, roles, claims}` (roles as the policy maps them)."""
+        result: dict[str, Any] = self._json("GET", "/v1/sys/whoami")
+        return result
+
     def health(self) -> dict[str, Any]:
         result: dict[str, Any] = self._json("GET", "/v1/sys/health")
         return result

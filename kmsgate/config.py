@@ -6,6 +6,7 @@ Nested values use `__` in the environment (`KMSGATE_LIMITS__MAX_BATCH=500`).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import sys
 from datetime import timedelta
@@ -189,7 +190,10 @@ ClientAuth = Literal["none", "optional", "required"]
 class TlsSettings(BaseModel):
     """HTTPS: the gateway's certificate from files (`cert_file`, `key_file`), or issued and
     renewed by the gateway from its CA `ca`; client certificates (mTLS) requested per
-    `client_auth` and checked against `client_cas` (kmsgate CA names or PEM bundle paths)."""
+    `client_auth` and checked against `client_cas` (kmsgate CA names or PEM bundle paths).
+    `trusted_proxies` (addresses or networks) may forward a client certificate they verified
+    (Envoy `x-forwarded-client-cert`); with them and no certificate source, a proxy
+    terminates TLS and the gateway serves plain HTTP."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -206,16 +210,42 @@ class TlsSettings(BaseModel):
     client_cas: list[str] = Field(default_factory=list)
     trusted_proxies: list[str] = Field(default_factory=list)
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"tls.trusted_proxies: {entry!r} is not an IP address or network"
+                ) from None
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> TlsSettings:
         from_files = self.cert_file is not None or self.key_file is not None
-        if from_files == (self.ca is not None):
+        if from_files and self.ca is not None:
+            raise ValueError("tls needs either cert_file and key_file, or ca, not both")
+        if not from_files and self.ca is None and not self.trusted_proxies:
             raise ValueError("tls needs either cert_file and key_file, or ca")
         if from_files and (self.cert_file is None or self.key_file is None):
             raise ValueError("tls.cert_file and tls.key_file go together")
         if self.client_auth != "none" and not self.client_cas:
             raise ValueError(f"tls.client_auth {self.client_auth} needs tls.client_cas")
+        if self.client_auth != "none" and not self.serves_https:
+            raise ValueError("tls.client_auth needs a certificate (cert_file and key_file, or ca)")
+        if self.trusted_proxies and not self.client_cas:
+            raise ValueError(
+                "tls.trusted_proxies needs tls.client_cas (what they forward is "
+                "checked against them)"
+            )
         return self
+
+    @property
+    def serves_https(self) -> bool:
+        """Whether the gateway itself terminates TLS (else a trusted proxy does)."""
+        return self.ca is not None or self.cert_file is not None
 
 
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import ipaddress
 import os
 import socket
 import sys
@@ -93,6 +94,7 @@ def serve(
         if not settings.dev:
             raise ConfigError("--tls needs `tls` settings in the config file outside dev mode")
         settings.tls = dev_tls()
+    _refuse_plain_http_off_loopback(settings)
     with _listen(settings.host, settings.port) as sock:
         if settings.dev:
             if settings.data_dir is None:
@@ -139,6 +141,33 @@ def serve(
             **options,
         )
         Multiprocess(per_worker, sockets=[sock]).run()
+
+
+def _refuse_plain_http_off_loopback(settings: Settings) -> None:
+    """Plain HTTP only on a loopback address, or behind a TLS-terminating proxy named in
+    `tls.trusted_proxies`. Raises ConfigError otherwise."""
+    tls = settings.tls
+    if tls is not None and (tls.serves_https or tls.trusted_proxies):
+        return
+    if not _is_loopback(settings.host):
+        raise ConfigError(
+            f"refusing to serve plain HTTP on {settings.host}, which is not a loopback "
+            "address: configure `tls` (a certificate, or `tls.ca`), or terminate TLS in a "
+            "proxy named in `tls.trusted_proxies`"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback address."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
 def _listen(host: str, port: int) -> socket.socket:

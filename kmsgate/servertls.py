@@ -7,8 +7,9 @@ Every worker watches its certificate files and loads a changed pair into its liv
 `SSLContext`: new connections get the new certificate without a restart (a certificate
 rotated by another tool, such as cert-manager, too). TLS 1.2 is the minimum. Client
 certificates are requested when `tls.client_auth` is `optional` or `required`, and checked
-against `tls.client_cas`: kmsgate CA names (their chains are written to
-`<data_dir>/tls/client-cas.pem`) or PEM bundle files.
+against `tls.client_cas`: kmsgate CA names (the CA and its chain) or PEM bundle files,
+resolved when the gateway starts. Without a certificate source (only
+`tls.trusted_proxies`), a proxy terminates TLS and the gateway serves plain HTTP.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class ServerTls:
     """The certificate the gateway presents, followed by its chain (PEM)."""
     key_file: Path
     client_auth: str
-    client_ca_files: tuple[Path, ...]
+    client_cas: str
+    """The trusted client CA certificates (PEM), empty when none are requested."""
 
     def context(self) -> ssl.SSLContext:
         """A server context over the current files. Raises ConfigError naming the file
@@ -61,11 +63,11 @@ class ServerTls:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         _load_pair(context, self.cert_file, self.key_file)
         context.verify_mode = _VERIFY[self.client_auth]
-        for bundle in self.client_ca_files:
+        if self.client_cas:
             try:
-                context.load_verify_locations(cafile=bundle)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"cannot load the client CA bundle {bundle}: {exc}") from None
+                context.load_verify_locations(cadata=self.client_cas)
+            except ssl.SSLError as exc:
+                raise ConfigError(f"cannot load tls.client_cas: {exc}") from None
         return context
 
     def __call__(self, _config: Any, _default: Any) -> ssl.SSLContext:
@@ -111,7 +113,7 @@ def _load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None
 
 def _tls_dir(settings: Settings) -> Path:
     if settings.data_dir is None:
-        raise ConfigError("tls.ca and kmsgate CA names in tls.client_cas need a data_dir")
+        raise ConfigError("tls.ca needs a data_dir")
     return settings.data_dir / TLS_DIR
 
 
@@ -127,11 +129,15 @@ def _require_tls(settings: Settings) -> TlsSettings:
     return settings.tls
 
 
-def provision(service: Service, settings: Settings) -> ServerTls:
-    """Make the files the workers' contexts load: the gateway's own certificate when it
-    has none yet or its renewal is due (`tls.ca`), and the client CA chains. Checks that a
-    context loads. Raises ConfigError (with what to fix), KmsgateError if issuing fails."""
+def provision(service: Service, settings: Settings) -> ServerTls | None:
+    """What the workers' contexts load: the gateway's own certificate, issued when it has
+    none yet or its renewal is due (`tls.ca`), and the client CAs. Checks that a context
+    loads; None when a trusted proxy terminates TLS (after checking `tls.client_cas`).
+    Raises ConfigError (with what to fix), KmsgateError if issuing fails."""
     tls = _require_tls(settings)
+    client_cas = service.pki.trusted_certificates(tls.client_cas)
+    if not tls.serves_https:
+        return None
     if tls.ca is not None:
         cert_file, key_file = _own_pair(settings)
         renew_if_due(service, settings)
@@ -142,32 +148,10 @@ def provision(service: Service, settings: Settings) -> ServerTls:
         cert_file=cert_file,
         key_file=key_file,
         client_auth=tls.client_auth,
-        client_ca_files=_client_ca_files(service, settings, tls),
+        client_cas="".join(_pem(c).decode() for c in client_cas if tls.client_auth != "none"),
     )
     server.context()
     return server
-
-
-def _client_ca_files(service: Service, settings: Settings, tls: TlsSettings) -> tuple[Path, ...]:
-    """The PEM bundles of `tls.client_cas`; kmsgate CAs' chains written to one file.
-    Raises ConfigError for a name that is neither a kmsgate CA nor a file."""
-    if tls.client_auth == "none":
-        return ()
-    files: list[Path] = []
-    chains: list[bytes] = []
-    for name in tls.client_cas:
-        ca = service.pki.authorities.find_current(name)
-        if ca is not None and ca.certificate is not None:
-            chains += [_pem(c) for c in (ca.certificate, *ca.chain)]
-        elif Path(name).is_file():
-            files.append(Path(name))
-        else:
-            raise ConfigError(f"tls.client_cas: {name!r} is neither an active CA nor a PEM file")
-    if chains:
-        bundle = _tls_dir(settings) / "client-cas.pem"
-        _write_atomically(bundle, b"".join(chains))
-        files.append(bundle)
-    return tuple(files)
 
 
 def renew_if_due(service: Service, settings: Settings) -> bool:

@@ -185,6 +185,13 @@ def test_the_gateway_renews_its_certificate_while_serving(tmp_path: Path) -> Non
         ({"ca": "dev", "client_auth": "required"}, "needs tls.client_cas"),
         ({"ca": "dev", "client_auth": "sometimes"}, "client_auth"),
         ({"ca": "dev", "ttl": "soon"}, "ttl"),
+        ({"trusted_proxies": ["10.0.0.0/33"], "client_cas": ["dev"]}, "not an IP address"),
+        ({"trusted_proxies": ["envoy.local"], "client_cas": ["dev"]}, "not an IP address"),
+        ({"trusted_proxies": ["127.0.0.1"]}, "trusted_proxies needs tls.client_cas"),
+        (
+            {"trusted_proxies": ["127.0.0.1"], "client_cas": ["dev"], "client_auth": "optional"},
+            "client_auth needs a certificate",
+        ),
     ],
 )
 def test_tls_settings_name_what_is_wrong(tmp_path: Path, tls: dict[str, str], problem: str) -> None:

@@ -17,18 +17,22 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from kmsgate.audit import AuditFile
 from kmsgate.config import load_settings
 from kmsgate.errors import ConfigError
-from tests.test_cli import Gateway, running_gateway
+from kmsgate.pki.csr import new_key_and_csr
+from tests.test_cli import Gateway, assert_one_line_error, run_cli, running_gateway
 
 ISSUER = "https://token.actions.githubusercontent.com"
 AUDIENCE = "kmsgate"
 SUBJECT = "repo:acme/models:ref:refs/heads/main"
 REPOSITORY = Path(__file__).resolve().parent.parent
+K8S_ISSUER = "https://kubernetes.default.svc.cluster.local"
+SERVICE_ACCOUNT = "system:serviceaccount:ml:model-server"
 
 
 class Issuer:
@@ -101,7 +105,14 @@ def oidc_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gat
                             "jwks_file": str(issuer.jwks),
                             "algorithms": ["RS256", "ES256"],
                             "leeway": "5s",
-                        }
+                        },
+                        {  # a cluster's service-account tokens (same test keys)
+                            "name": "k8s",
+                            "issuer": K8S_ISSUER,
+                            "audiences": [AUDIENCE],
+                            "jwks_file": str(issuer.jwks),
+                            "algorithms": ["RS256"],
+                        },
                     ]
                 }
             }
@@ -142,6 +153,67 @@ def test_a_github_style_token_signs_with_the_key_policy_gives_it(
     assert any(
         r.get("principal") == f"ci:{SUBJECT}" and r.get("principal_kind") == "oidc" for r in records
     )
+
+
+def _issue(gw: Gateway, token: str, *names: str) -> httpx.Response:
+    _, csr = new_key_and_csr(list(names))
+    return httpx.post(
+        f"{gw.addr}/v1/pki/cas/dev/issue",
+        json={"csr": csr.public_bytes(serialization.Encoding.PEM).decode(), "profile": "workload"},
+        headers={"authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+
+
+def test_a_service_account_token_gets_a_certificate_for_its_own_spiffe_id_only(
+    oidc_gateway: tuple[Gateway, Issuer],
+) -> None:
+    gw, issuer = oidc_gateway
+    token = issuer.token(iss=K8S_ISSUER, sub=SERVICE_ACCOUNT, repository=None, ref=None)
+    own = _issue(gw, token, "spiffe://dev.lab/ns/ml/sa/model-server")
+    assert own.status_code == 200, own.text
+    leaf = x509.load_pem_x509_certificate(own.json()["certificate"].encode())
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://dev.lab/ns/ml/sa/model-server"
+    ]
+    for others in (
+        ["spiffe://dev.lab/ns/ml/sa/other"],
+        ["spiffe://dev.lab/ns/kms/sa/model-server"],
+        ["spiffe://dev.lab/ns/ml/sa/model-server", "spiffe://dev.lab/ns/ml/sa/other"],
+    ):
+        assert _issue(gw, token, *others).status_code == 403, others
+    # a CI job's token is no service account
+    assert _issue(gw, issuer.token(), "spiffe://dev.lab/ns/ml/sa/model-server").status_code == 403
+    records = AuditFile(gw.data_dir / "audit.log").search(action="cert.issue")
+    assert any(
+        r.get("principal") == f"k8s:{SERVICE_ACCOUNT}" and r["outcome"] == "ok" for r in records
+    )
+
+
+def test_login_prints_the_principal_and_roles_a_token_maps_to(
+    oidc_gateway: tuple[Gateway, Issuer], tmp_path: Path
+) -> None:
+    gw, issuer = oidc_gateway
+    ci, pod, bad = tmp_path / "ci.jwt", tmp_path / "pod.jwt", tmp_path / "bad.jwt"
+    ci.write_text(issuer.token() + "\n")
+    pod.write_text(issuer.token(iss=K8S_ISSUER, sub=SERVICE_ACCOUNT))
+    bad.write_text(issuer.token(aud="someone-else"))
+    env = gw.env(token="")
+    done = run_cli(("login", "--oidc-token", str(ci)), env)
+    assert done.rc == 0, str(done)
+    lines = dict(line.split(":", 1) for line in done.out.splitlines())
+    assert lines["principal"].strip() == f"ci:{SUBJECT}"
+    assert (lines["kind"].strip(), lines["roles"].strip()) == ("oidc", "ml-sec")
+    assert lines["iss"].strip() == ISSUER
+    as_json = run_cli(("login", "--oidc-token", str(pod), "--json"), env)
+    assert as_json.rc == 0, str(as_json)
+    identity = json.loads(as_json.out)
+    assert (identity["id"], identity["roles"]) == (f"k8s:{SERVICE_ACCOUNT}", [])
+    assert identity["claims"]["sub"] == SERVICE_ACCOUNT
+    assert_one_line_error(run_cli(("login", "--oidc-token", str(bad)), env), "unauthenticated")
+    root = run_cli(("login",), gw.env())
+    assert root.rc == 0 and "admin" in root.out, str(root)
 
 
 def test_every_bad_token_is_401(oidc_gateway: tuple[Gateway, Issuer]) -> None:

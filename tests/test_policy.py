@@ -94,6 +94,7 @@ def test_shipped_files_and_digest(shipped: PolicyEngine) -> None:
         "admin.rego",
         "authz.rego",
         "exceptions.rego",
+        "identity.rego",
         "model_signing.rego",
         "pki.rego",
         "roles.rego",
@@ -101,6 +102,17 @@ def test_shipped_files_and_digest(shipped: PolicyEngine) -> None:
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", shipped.digest)
     assert shipped.loaded_at.tzinfo is not None
     assert shipped.policy_dir == SHIPPED
+
+
+def test_roles_are_what_the_policy_maps_a_principal_to(
+    shipped: PolicyEngine, tmp_path: Path
+) -> None:
+    assert shipped.roles(doc(roles=["ci", "admin", "ci"])) == ("admin", "ci")
+    assert shipped.roles(doc(roles=[])) == ()
+    no_roles = tmp_path / "p"
+    no_roles.mkdir()
+    (no_roles / "a.rego").write_text("package kmsgate.authz\nimport rego.v1\nallow := true\n")
+    assert PolicyEngine.load(no_roles).roles(doc(roles=["admin"])) == ()
 
 
 EX_42 = {"id": "ex-42", "actions": ["sign", "verify"], "resource": "release-*"}

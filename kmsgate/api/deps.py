@@ -9,6 +9,7 @@ from cryptography import x509
 from fastapi import Depends, Request
 
 from kmsgate.auth import Credentials, Principal
+from kmsgate.auth.forwarded import HEADER as FORWARDED_CERT_HEADER
 from kmsgate.service import Ctx, Service
 
 
@@ -23,6 +24,7 @@ def resolve_caller(request: Request) -> tuple[Service, Principal, Ctx]:
         bearer=value.strip() if scheme.lower() == "bearer" else None,
         peer_chain=_peer_chain(request),
         remote_addr=client[0] if client else None,
+        forwarded_cert=_header(request, FORWARDED_CERT_HEADER),
     )
     return service, service.gate.authenticate(credentials, ctx), ctx
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -42,6 +43,11 @@ def metrics(
     service.system.authorize_metrics(principal, ctx)
     registry: Metrics = request.app.state.metrics
     return Response(registry.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+def whoami(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
+    """The caller: `{id, kind, tenant, roles, claims}`, roles as the policy maps them."""
+    return json_response(asdict(service.system.whoami(principal, ctx)))
 
 
 def policy_info(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
@@ -100,6 +106,7 @@ def build_router() -> APIRouter:
     router.add_api_route("/v1/sys/health", health, methods=["GET"])
     router.add_api_route("/v1/sys/ready", ready, methods=["GET"])
     router.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
+    router.add_api_route("/v1/sys/whoami", whoami, methods=["GET"])
     router.add_api_route("/v1/sys/policy", policy_info, methods=["GET"])
     router.add_api_route("/v1/sys/policy/evaluate", policy_evaluate, methods=["POST"])
     router.add_api_route("/v1/sys/policy/reload", policy_reload, methods=["POST"])

@@ -13,11 +13,13 @@ from kmsgate.errors import Unauthenticated
 
 class Credentials(NamedTuple):
     """What a request offers to prove who sent it (the transport already checked the
-    certificate chain when `peer_chain` is set)."""
+    certificate chain when `peer_chain` is set; `forwarded_cert` is the raw
+    `x-forwarded-client-cert` header, believed only from a trusted proxy)."""
 
     bearer: str | None = None
     peer_chain: tuple[x509.Certificate, ...] = ()
     remote_addr: str | None = None
+    forwarded_cert: str = ""
 
 
 class Authenticator(Protocol):

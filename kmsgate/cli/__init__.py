@@ -39,6 +39,7 @@ app.add_typer(ca.cert_app, name="cert")
 
 # top-level commands, in the order `kmsgate --help` lists them
 app.command()(admin.serve)
+app.command()(admin.login)
 app.command()(keys.sign)
 app.command()(keys.verify)
 app.command()(keys.mac)

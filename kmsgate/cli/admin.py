@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from kmsgate.cli.common import AddrOpt, TokenOpt, call, err, fail, out, print_json, print_table
+from kmsgate.cli.common import (
+    AddrOpt,
+    TokenOpt,
+    call,
+    err,
+    fail,
+    out,
+    print_json,
+    print_table,
+    read_text,
+)
 from kmsgate.client import Client
 from kmsgate.errors import ConfigError
 
@@ -55,6 +65,48 @@ def serve(
         )
     except ConfigError as exc:
         fail(str(exc))
+
+
+# -- login -----------------------------------------------------------------------------------
+
+
+def login(
+    oidc_token: Annotated[
+        Path | None,
+        typer.Option(
+            "--oidc-token",
+            help="A file holding an OIDC JWT (a CI job's or a projected service-account token).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The whole answer, claims too.")] = False,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Check a credential against the gateway: print the principal it authenticates as and
+    the roles the policy maps it to (nothing is stored)."""
+    if oidc_token is not None:
+        token = read_text(oidc_token).strip()
+        if not token:
+            fail(f"{oidc_token} is empty")
+    identity = call(addr, token, Client.whoami)
+    if as_json:
+        print_json(identity)
+        return
+    claims = identity["claims"]
+    rows = [
+        ["principal", identity["id"]],
+        ["kind", identity["kind"]],
+        ["tenant", identity["tenant"] or "-"],
+        ["roles", ",".join(identity["roles"]) or "-"],
+    ]
+    rows += [[name, str(claims[name])] for name in _SHOWN_CLAIMS if name in claims]
+    for name, value in rows:
+        print(f"{name + ':':<14}{value}")
+
+
+_SHOWN_CLAIMS = ("iss", "sub", "aud", "exp", "ca", "profile", "serial", "forwarded_by")
+"""The claims `login` prints besides the principal (OIDC issuer and subject, certificate
+facts); `--json` shows them all."""
 
 
 # -- tokens ----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ _log = logging.getLogger(__name__)
 
 ALLOW_RULE = "data.kmsgate.authz.allow"
 REASONS_RULE = "data.kmsgate.authz.reasons"
+ROLES_RULE = "data.kmsgate.authz.roles"
 
 _TEST_SUFFIX = "_test.rego"
 _TEST_PREFIX = "test_"
@@ -370,6 +371,29 @@ class PolicyEngine:
             state.decisions.clear()
         state.decisions[raw] = decision
         return decision
+
+    def roles(self, input_doc: Mapping[str, object]) -> tuple[str, ...]:
+        """The roles the policy maps the principal of `input_doc` to (`roles`, sorted);
+        none when the policy defines no `roles`. Never raises: an evaluation error is
+        logged (its type and location) and maps to no role. Thread-safe."""
+        state = self._state
+        try:
+            engine = self._engine(state)
+            engine.set_input_json(orjson.dumps(dict(input_doc)).decode())
+            roles = engine.eval_rule(ROLES_RULE)
+        except Exception as exc:
+            text = _error_text(exc)
+            if not text.startswith(_NO_RULE):
+                match = _LOCATION.search(text)
+                _log.error(
+                    "policy roles evaluation failed (%s%s)",
+                    type(exc).__name__,
+                    f" at {match.group(1)}" if match else "",
+                )
+            return ()
+        if not isinstance(roles, Set | list | tuple):
+            return ()
+        return tuple(sorted({role for role in roles if isinstance(role, str)}))
 
     def reload(self) -> str:
         """Re-read the policy directory, swap it in atomically and return the new digest.

@@ -49,6 +49,7 @@ ACTIONS: frozenset[str] = frozenset(
         "cert.revoke",
         "exception.request",
         "exception.approve",
+        "principal.read",
     }
 )
 

@@ -7,7 +7,8 @@ Nothing here imports pydantic or speaks JSON or base64.
 from __future__ import annotations
 
 from kmsgate.audit import AuditSink
-from kmsgate.auth import Authenticators, TokenRegistry
+from kmsgate.auth import Authenticator, Authenticators, TokenRegistry
+from kmsgate.auth.forwarded import ForwardedMtlsAuthenticator
 from kmsgate.auth.mtls import MtlsAuthenticator
 from kmsgate.auth.oidc import OidcAuthenticator
 from kmsgate.backends.base import Registry
@@ -73,13 +74,7 @@ class Service:
             registry=registry,
             policy=policy,
             audit=audit,
-            authenticators=Authenticators(
-                [
-                    tokens,
-                    OidcAuthenticator(settings.auth.oidc),
-                    MtlsAuthenticator(self.client_certificates.find),
-                ]
-            ),
+            authenticators=Authenticators(self._authenticators(settings, tokens)),
         )
         self.crypto = Crypto(self.gate)
         self.envelopes = Envelopes(self.gate)
@@ -92,8 +87,25 @@ class Service:
             store,
             load_profiles(settings),
             settings.pki.public_url,
+            self.client_certificates,
         )
         self.revocation = Revocation(self.gate, self.pki, store)  # CRLs and OCSP
+
+    def _authenticators(self, settings: Settings, tokens: TokenRegistry) -> list[Authenticator]:
+        """API tokens, OIDC, then client certificates: forwarded by a trusted proxy
+        (`tls.trusted_proxies`), or the connection's own."""
+        mtls = MtlsAuthenticator(self.client_certificates.find)
+        chain: list[Authenticator] = [tokens, OidcAuthenticator(settings.auth.oidc)]
+        if settings.tls is not None and settings.tls.trusted_proxies:
+            client_cas = settings.tls.client_cas
+            chain.append(
+                ForwardedMtlsAuthenticator(
+                    settings.tls.trusted_proxies,
+                    lambda: self.pki.trusted_certificates(client_cas),
+                    mtls,
+                )
+            )
+        return [*chain, mtls]
 
     # the parts every use case shares, held once, by the gate
 

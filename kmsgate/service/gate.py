@@ -48,6 +48,8 @@ STATE_CHANGING = frozenset(
     }
 )
 """Actions whose allow decision is audited (outcome `started`) before they run."""
+WHOAMI = "principal.read"
+"""The action of a principal reading who it is (`GET /v1/sys/whoami`)."""
 
 
 def now() -> datetime:
@@ -166,6 +168,21 @@ class Gate:
                 action=action,
                 resource=resource,
                 request=request,
+                env=self.settings.env,
+                now=now(),
+                trusted=True,
+            )
+        )
+
+    def roles(self, principal: Principal) -> tuple[str, ...]:
+        """The roles the policy maps `principal` to (its token's roles, and those policy
+        derives from its claims)."""
+        return self.policy.roles(
+            policy_input(
+                principal=principal.policy_document(),
+                action=WHOAMI,
+                resource={"kind": "principal"},
+                request=None,
                 env=self.settings.env,
                 now=now(),
                 trusted=True,

@@ -15,6 +15,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -28,12 +29,20 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from kmsgate.auth import SYSTEM, Principal
 from kmsgate.backends.base import PkiEngine, PkiEngineCapable, require_capability
 from kmsgate.catalogue import Key, KeyVersion
-from kmsgate.errors import BackendError, Conflict, InvalidRequest, NotFound, Unauthenticated
+from kmsgate.errors import (
+    BackendError,
+    ConfigError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    Unauthenticated,
+)
 from kmsgate.pki.authorities import CA_PURPOSE, Authorities, Authority, CaState, CaType
 from kmsgate.pki.bundle import spiffe_bundle
 from kmsgate.pki.csr import new_key_and_csr
 from kmsgate.pki.inventory import (
     CertificateRecord,
+    PresentedCertificates,
     record_from_row,
     record_of,
     record_row,
@@ -72,8 +81,11 @@ class Pki:
         store: Store,
         profiles: Mapping[str, Profile],
         public_url: str | None,
+        presented: PresentedCertificates,
     ) -> None:
         self.gate = gate
+        self.presented = presented
+        """The inventory's word on client certificates (mTLS), told of revocations here."""
         self.keys = keys
         self.authorities = authorities
         self.store = store
@@ -279,6 +291,24 @@ class Pki:
                     await work
                 raise
 
+    def trusted_certificates(self, names: Sequence[str]) -> list[x509.Certificate]:
+        """The certificates `tls.client_cas` names: an active kmsgate CA (its certificate,
+        then its chain) or a PEM bundle file. Raises ConfigError for a name that is
+        neither, or a file that holds no certificate."""
+        certificates: list[x509.Certificate] = []
+        for name in names:
+            ca = self.authorities.find_current(name)
+            if ca is not None and ca.certificate is not None:
+                certificates += [ca.certificate, *ca.chain]
+                continue
+            try:
+                certificates += x509.load_pem_x509_certificates(Path(name).read_bytes())
+            except (OSError, ValueError):
+                raise ConfigError(
+                    f"tls.client_cas: {name!r} is neither an active CA nor a PEM bundle file"
+                ) from None
+        return certificates
+
     async def gateway_certificate(
         self, ctx: Ctx, ca_name: str, profile: str, sans: Sequence[str], ttl: timedelta | None
     ) -> tuple[ec.EllipticCurvePrivateKey, Issued]:
@@ -355,6 +385,7 @@ class Pki:
             if not self.store.certs.revoke(serial, now(), reason):
                 raise Conflict(f"certificate {serial} is revoked already")
             outcome.detail.update(serial=serial, reason=reason)
+            self.presented.refresh()  # refused by this process at once, by the others within ~1 s
             row = self.store.certs.get(serial)
             assert row is not None  # revoked just now, never deleted
             return record_from_row(row)

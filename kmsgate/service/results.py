@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography import x509
 
@@ -73,6 +73,17 @@ class PolicyInfo:
     files: list[str]
     loaded_at: datetime
     env: str
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a caller is to the gateway: its principal and the roles policy gives it."""
+
+    id: str
+    kind: str
+    tenant: str | None
+    roles: list[str]
+    claims: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,9 @@ from typing import Any
 from kmsgate.auth import Principal, TokenInfo, TokenRegistry
 from kmsgate.errors import ConfigError, InvalidRequest
 from kmsgate.policy import policy_input
-from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
+from kmsgate.service.gate import WHOAMI, Call, Ctx, Gate, Outcome, now
 from kmsgate.service.requests import AuditQuery, NewToken, PolicyQuery
-from kmsgate.service.results import PolicyInfo, PolicyVerdict
+from kmsgate.service.results import Identity, PolicyInfo, PolicyVerdict
 
 
 class System:
@@ -18,6 +18,22 @@ class System:
     def __init__(self, gate: Gate, tokens: TokenRegistry) -> None:
         self.gate = gate
         self.tokens = tokens
+
+    def whoami(self, principal: Principal, ctx: Ctx) -> Identity:
+        """The caller as the gateway sees it: id, kind, tenant, claims and the roles the
+        policy maps it to. Raises PolicyDenied (a policy without the shipped rule that
+        lets every principal read itself)."""
+        call = Call(principal, ctx, WHOAMI, {"kind": "principal", "name": principal.id})
+        return self.gate.run(
+            call,
+            lambda _: Identity(
+                principal.id,
+                principal.kind,
+                principal.tenant,
+                list(self.gate.roles(principal)),
+                principal.claims,
+            ),
+        )
 
     # -- tokens ----------------------------------------------------------------------------
 

@@ -1,0 +1,16 @@
+# Tests of identity.rego.
+package kmsgate.authz_test
+
+import rego.v1
+
+test_any_principal_reads_itself if {
+	inp := object.union(input_with_roles([]), {"action": "principal.read", "resource": {"kind": "principal"}})
+	data.kmsgate.authz.allow with input as inp
+	data.kmsgate.authz.reasons == {"a principal reads itself"} with input as inp
+}
+
+test_reading_itself_grants_nothing_else if {
+	every action in [a | some a in gateway_actions; a != "principal.read"] {
+		not data.kmsgate.authz.allow with input as object.union(input_with_roles([]), {"action": action})
+	}
+}

@@ -1,0 +1,296 @@
+"""mTLS through a TLS-terminating proxy (kmsgate.auth.forwarded): Envoy's
+`x-forwarded-client-cert` believed only from `tls.trusted_proxies`, the forwarded certificate
+verified again against `tls.client_cas`, then judged like a connection's own; against a real
+gateway whose requests come from two loopback addresses (one trusted, one not)."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kmsgate.audit import AuditFile
+from kmsgate.auth import Credentials
+from kmsgate.auth.forwarded import ForwardedMtlsAuthenticator, parse_xfcc
+from kmsgate.auth.mtls import MtlsAuthenticator
+from kmsgate.errors import Unauthenticated
+from kmsgate.pki.csr import new_key_and_csr
+from tests.test_cli import Gateway, running_gateway
+
+PROXY = "127.0.0.2"
+"""The trusted proxy's address: requests bound to it come from the proxy, the others (from
+127.0.0.1) from anyone."""
+WORKLOAD = "spiffe://dev.lab/ns/ml/sa/signer"
+TIMEOUT = 10.0
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def xfcc(cert: x509.Certificate | str, **extra: str) -> str:
+    """An XFCC element as Envoy writes it: hash, quoted URL-encoded PEM, quoted subject."""
+    pem = cert if isinstance(cert, str) else _pem(cert)
+    fields = {
+        "By": "spiffe://dev.lab/ns/kms/sa/kmsgate",
+        "Hash": "0" * 64,
+        "Cert": f'"{urllib.parse.quote(pem, safe="")}"',
+        "Subject": '""',
+        **extra,
+    }
+    return ";".join(f"{k}={v}" for k, v in fields.items())
+
+
+# -- the header's grammar ----------------------------------------------------------------------
+
+
+def test_an_envoy_header_parses_with_quotes_escapes_and_commas_inside_quotes() -> None:
+    value = (
+        'By=spiffe://td/gw;Hash=ab12;Subject="CN=a \\"b\\",O=Acme, Inc.";URI=spiffe://td/x;'
+        "DNS=a.lab;DNS2=b.lab"
+    )
+    (element,) = parse_xfcc(value)
+    assert element == {
+        "by": "spiffe://td/gw",
+        "hash": "ab12",
+        "subject": 'CN=a "b",O=Acme, Inc.',
+        "uri": "spiffe://td/x",
+        "dns": "a.lab",
+        "dns2": "b.lab",
+    }
+    assert len(parse_xfcc("Hash=1,Hash=2")) == 2
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['Cert="unterminated', "Hash=1;Hash=2", "novalue", "Hash=1;junk", "=x", 'Cert="a\\'],
+)
+def test_a_malformed_header_is_refused(value: str) -> None:
+    with pytest.raises(Unauthenticated, match="malformed"):
+        parse_xfcc(value)
+
+
+@given(st.text(max_size=200))
+def test_any_header_parses_or_is_refused_as_unauthenticated(value: str) -> None:
+    try:
+        elements = parse_xfcc(value)
+    except Unauthenticated:
+        return
+    assert elements and all(isinstance(e, dict) for e in elements)
+
+
+# -- the authenticator, with a CA made here ----------------------------------------------------
+
+
+class LocalCa:
+    """A CA made here, with the extensions RFC 5280 path validation wants."""
+
+    def __init__(self, name: str = "proxy-test-ca") -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.now(UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_usage(cert_sign=True), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def leaf(
+        self,
+        uri: str = WORKLOAD,
+        *,
+        usage: x509.ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
+        valid: tuple[timedelta, timedelta] = (timedelta(minutes=-1), timedelta(hours=1)),
+    ) -> x509.Certificate:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now + valid[0])
+            .not_valid_after(now + valid[1])
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(_usage(cert_sign=False), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+
+def _usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def local_ca() -> LocalCa:
+    return LocalCa()
+
+
+def _authenticator(ca: LocalCa) -> ForwardedMtlsAuthenticator:
+    not_issued_by_kmsgate = MtlsAuthenticator(lambda _serial: None)
+    return ForwardedMtlsAuthenticator(
+        ["10.0.0.0/8", PROXY], lambda: [ca.cert], not_issued_by_kmsgate
+    )
+
+
+def test_a_trusted_proxy_forwards_an_identity(local_ca: LocalCa) -> None:
+    forwarded = _authenticator(local_ca)
+    for address in ("10.1.2.3", PROXY, f"::ffff:{PROXY}"):
+        principal = forwarded.authenticate(
+            Credentials(remote_addr=address, forwarded_cert=xfcc(local_ca.leaf()))
+        )
+        assert principal is not None
+        assert (principal.id, principal.kind) == (WORKLOAD, "mtls")
+        assert principal.claims["forwarded_by"] == address
+
+
+def test_anyone_else_forwarding_is_not_believed(local_ca: LocalCa) -> None:
+    forwarded = _authenticator(local_ca)
+    header = xfcc(local_ca.leaf())
+    for address in ("127.0.0.1", "11.0.0.1", None, "not-an-address"):
+        assert (
+            forwarded.authenticate(Credentials(remote_addr=address, forwarded_cert=header)) is None
+        )
+    # a bearer token is judged by itself, whoever forwards
+    assert (
+        forwarded.authenticate(Credentials("kmg.x.y", remote_addr=PROXY, forwarded_cert=header))
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda ca: xfcc(ca.leaf(valid=(timedelta(hours=-2), timedelta(hours=-1)))), "verify"),
+        (lambda ca: xfcc(ca.leaf(valid=(timedelta(hours=1), timedelta(hours=2)))), "verify"),
+        (lambda ca: xfcc(ca.leaf(usage=ExtendedKeyUsageOID.SERVER_AUTH)), "verify"),
+        (lambda ca: xfcc(LocalCa("stranger").leaf()), "verify"),
+        (lambda ca: xfcc(ca.leaf()) + "," + xfcc(ca.leaf()), "exactly one element"),
+        (lambda ca: "By=spiffe://x;Hash=00", "no Cert"),
+        (lambda ca: xfcc("not a certificate"), "no readable certificate"),
+        (lambda ca: xfcc(_pem(ca.leaf()) + _pem(ca.leaf())), "one certificate"),
+        (lambda ca: 'Cert="' + "a" * 70_000 + '"', "too large"),
+    ],
+)
+def test_a_forwarded_certificate_that_proves_nothing_is_refused(
+    local_ca: LocalCa, make: object, problem: str
+) -> None:
+    header = make(local_ca)  # type: ignore[operator]
+    with pytest.raises(Unauthenticated, match=problem):
+        _authenticator(local_ca).authenticate(Credentials(remote_addr=PROXY, forwarded_cert=header))
+
+
+# -- against a gateway -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def proxied_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A dev gateway on plain HTTP behind a proxy at PROXY that terminates TLS."""
+    base = tmp_path_factory.mktemp("forwarded")
+    config = base / "kmsgate.yaml"
+    config.write_text(json.dumps({"tls": {"trusted_proxies": [PROXY], "client_cas": ["dev"]}}))
+    with running_gateway(base, "--config", str(config)) as gw:
+        yield gw
+
+
+def _issue(gw: Gateway, spiffe_id: str) -> tuple[x509.Certificate, str]:
+    _, csr = new_key_and_csr([spiffe_id])
+    issued = httpx.post(
+        f"{gw.addr}/v1/pki/cas/dev/issue",
+        json={"csr": csr.public_bytes(serialization.Encoding.PEM).decode(), "profile": "workload"},
+        headers={"authorization": f"Bearer {gw.root_token}"},
+        timeout=TIMEOUT,
+    )
+    assert issued.status_code == 200, issued.text
+    body = issued.json()
+    return x509.load_pem_x509_certificate(body["certificate"].encode()), body["serial"]
+
+
+def _whoami(gw: Gateway, header: str, source: str = PROXY) -> httpx.Response:
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(transport=transport, timeout=TIMEOUT) as client:
+        return client.get(f"{gw.addr}/v1/sys/whoami", headers={"x-forwarded-client-cert": header})
+
+
+def test_the_proxy_forwards_a_workload_until_its_certificate_is_revoked(
+    proxied_gateway: Gateway,
+) -> None:
+    gw = proxied_gateway
+    cert, serial = _issue(gw, WORKLOAD)
+    me = _whoami(gw, xfcc(cert, URI=WORKLOAD))
+    assert me.status_code == 200, me.text
+    body = me.json()
+    assert (body["id"], body["kind"]) == (WORKLOAD, "mtls")
+    assert body["claims"]["profile"] == "workload" and body["claims"]["forwarded_by"] == PROXY
+    assert body["claims"]["serial"] == serial
+
+    # the same header, not from the proxy: no credentials at all
+    assert _whoami(gw, xfcc(cert), source="127.0.0.1").status_code == 401
+    # a certificate kmsgate's dev CA did not issue
+    stranger = LocalCa("stranger").leaf()
+    assert _whoami(gw, xfcc(stranger)).status_code == 401
+
+    revoked = httpx.post(
+        f"{gw.addr}/v1/pki/certs/{serial}/revoke",
+        json={"reason": "keyCompromise"},
+        headers={"authorization": f"Bearer {gw.root_token}"},
+        timeout=TIMEOUT,
+    )
+    assert revoked.status_code == 200, revoked.text
+    refused = _whoami(gw, xfcc(cert))
+    assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+
+    records = AuditFile(gw.data_dir / "audit.log").search(action="principal.read")
+    assert any(
+        r["principal"] == WORKLOAD and r["principal_kind"] == "mtls" and r["outcome"] == "ok"
+        for r in records
+    )
+
+
+def test_plain_http_is_refused_off_loopback_unless_a_proxy_terminates_tls(tmp_path: Path) -> None:
+    from tests.test_cli import assert_one_line_error, clean_env, run_cli
+
+    refused = run_cli(
+        ("serve", "--dev", "--data-dir", str(tmp_path / "d"), "--host", "0.0.0.0"), clean_env()
+    )
+    assert_one_line_error(refused, "refusing to serve plain HTTP on 0.0.0.0", rc=2)
+    assert not (tmp_path / "d").exists()  # refused before anything is created
