@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -451,6 +452,43 @@ class Client:
         result: dict[str, Any] = self._json("DELETE", f"/v1/sys/tokens/{token_id}")
         return result
 
+    # -- JIT exceptions --------------------------------------------------------------------
+
+    def request_exception(
+        self, actions: Sequence[str], resource: str, duration: str, ticket: str, reason: str
+    ) -> dict[str, Any]:
+        """Ask for a grant for the caller (pending until another principal approves)."""
+        body = {
+            "actions": list(actions),
+            "resource": resource,
+            "duration": duration,
+            "ticket": ticket,
+            "reason": reason,
+        }
+        result: dict[str, Any] = self._json("POST", "/v1/exceptions", body)
+        return result
+
+    def approve_exception(self, grant_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("POST", f"/v1/exceptions/{_segment(grant_id)}/approve")
+        return result
+
+    def revoke_exception(self, grant_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("DELETE", f"/v1/exceptions/{_segment(grant_id)}")
+        return result
+
+    def get_exception(self, grant_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", f"/v1/exceptions/{_segment(grant_id)}")
+        return result
+
+    def list_exceptions(
+        self, state: str | None = None, principal: str | None = None
+    ) -> list[dict[str, Any]]:
+        params = {k: v for k, v in (("state", state), ("principal", principal)) if v}
+        grants: list[dict[str, Any]] = self._json("GET", "/v1/exceptions", params=params)[
+            "exceptions"
+        ]
+        return grants
+
     def whoami(self) -> dict[str, Any]:
         """The caller: `{id, kind, tenant, roles, claims}` (roles as the policy maps them)."""
         result: dict[str, Any] = self._json("GET", "/v1/sys/whoami")
@@ -459,6 +497,11 @@ class Client:
     def health(self) -> dict[str, Any]:
         result: dict[str, Any] = self._json("GET", "/v1/sys/health")
         return result
+
+
+def _segment(value: str) -> str:
+    """`value` as one URL path segment (a `/` or `..` in it cannot reach another route)."""
+    return urllib.parse.quote(value, safe="")
 
 
 def _message_body(

@@ -281,6 +281,19 @@ class OidcIssuer(BaseModel):
         return self
 
 
+class ExceptionSettings(BaseModel):
+    """JIT exceptions: how long a grant may last, how many other principals approve it,
+    how long a request waits for them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_duration: Duration = Field(default=timedelta(hours=8))
+    approvals: int = Field(default=1, ge=1, le=10)
+    pending_for: Duration = Field(
+        default=timedelta(hours=24), description="a request nobody approved in time expires"
+    )
+
+
 class AuthSettings(BaseModel):
     """Credentials besides API tokens: OIDC issuers (mTLS is configured under `tls`)."""
 
@@ -329,6 +342,7 @@ class Settings(BaseSettings):
     pki: PkiSettings = Field(default_factory=PkiSettings)
     tls: TlsSettings | None = None
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    exceptions: ExceptionSettings = Field(default_factory=ExceptionSettings)
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL. Raises ConfigError if neither it nor a data dir is set."""

@@ -7,7 +7,8 @@ connection of its own and lost with it (a crashed leader frees it), or, on SQLit
 exclusive `flock` on a file beside the database (freed when the process exits). Jobs are
 idempotent: each first catches up with the store, and a key already destroyed is skipped.
 
-Jobs today: destroy the material of keys whose deletion date passed; prune the change feed;
+Jobs today: destroy the material of keys whose deletion date passed; record the JIT grants
+whose time ran out (`exception.expire`); prune the change feed;
 publish CRLs and renew OCSP responders (`service.revocation`). CRLs also have a short tick of
 their own (`run_revocation`, every loop of the cache refresher: 1 s by default), so that the
 revocations of one second are published, together, by the leader's next tick.
@@ -146,6 +147,7 @@ class Jobs:
             return False
         try:
             self._service.keys.destroy_due(SCHEDULER, now)
+            self._service.exceptions.expire_due(SCHEDULER)
             self._service.store.feed.prune(datetime.now(UTC) - FEED_RETENTION)
         except KmsgateError as exc:
             log.warning("scheduled job failed: %s", exc.code)
@@ -163,16 +165,18 @@ class Jobs:
         return True
 
     def _run_frequent(self, now: datetime | None) -> None:
-        self._publish_revocation(now)
+        _guarded("revocation publishing", self._service.revocation.publish_due, SCHEDULER, now)
+        _guarded("grant expiry", self._service.exceptions.expire_active_due, SCHEDULER)
         for job in self._frequent:
             job()
 
-    def _publish_revocation(self, now: datetime | None) -> None:
-        """`Revocation.publish_due`; a failure is logged (by code or type) and retried on the
-        next tick, never raised into the refresher's loop."""
-        try:
-            self._service.revocation.publish_due(SCHEDULER, now)
-        except KmsgateError as exc:
-            log.warning("revocation publishing failed: %s", exc.code)
-        except Exception as exc:  # a bug must not stop the refresher thread
-            log.error("revocation publishing failed: %s", type(exc).__name__)
+
+def _guarded(name: str, job: Callable[..., object], *args: object) -> None:
+    """Run a frequent job; a failure is logged (by code or type) and retried on the next
+    tick, never raised into the refresher's loop."""
+    try:
+        job(*args)
+    except KmsgateError as exc:
+        log.warning("%s failed: %s", name, exc.code)
+    except Exception as exc:  # a bug must not stop the refresher thread
+        log.error("%s failed: %s", name, type(exc).__name__)

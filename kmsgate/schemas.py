@@ -39,6 +39,7 @@ from kmsgate.service.requests import (
     MacInput,
     MacVerifyInput,
     NewCa,
+    NewException,
     NewKey,
     NewToken,
     PolicyQuery,
@@ -364,6 +365,24 @@ class TokenCreateRequest(_Body):
     def to_input(self) -> NewToken:
         """Raises InvalidRequest for a malformed `ttl`."""
         return NewToken(tuple(self.roles), _optional_duration(self.ttl), self.description)
+
+
+class ExceptionCreateRequest(_Body):
+    actions: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=16)
+    resource: str = Field(max_length=160, description="a key name or glob, or `purpose:<purpose>`")
+    duration: str | int = Field(description="from 1s to `exceptions.max_duration`: 90s, 15m, 8h")
+    ticket: str = Field(min_length=1, max_length=128)
+    reason: str = Field(min_length=1, max_length=1024)
+
+    def to_input(self) -> NewException:
+        """Raises InvalidRequest for a malformed `duration`."""
+        return NewException(
+            tuple(self.actions),
+            self.resource,
+            parse_duration(self.duration),
+            self.ticket,
+            self.reason,
+        )
 
 
 class PolicyEvaluateRequest(_Body):

@@ -10,7 +10,8 @@ gateway_actions := [
 	"token.create", "token.list", "token.revoke", "audit.read", "metrics.read",
 	"policy.read", "policy.evaluate", "policy.reload",
 	"ca.create", "ca.import", "ca.read", "cert.issue", "cert.read", "cert.renew", "cert.revoke",
-	"exception.request", "exception.approve", "principal.read",
+	"exception.request", "exception.approve", "exception.read", "exception.revoke",
+	"principal.read",
 ]
 
 test_admin_may_sign if {

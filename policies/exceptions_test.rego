@@ -77,3 +77,43 @@ test_exceptions_null_or_missing_denied if {
 	not data.kmsgate.authz.allow with input as object.union(base_input, {"exceptions": null})
 	not data.kmsgate.authz.allow with input as object.remove(base_input, ["exceptions"])
 }
+
+test_exception_for_a_purpose_covers_every_key_of_it if {
+	grant := object.union(grant_42, {"resource": "purpose:model-sign"})
+	data.kmsgate.authz.allow with input as input_with_grants([grant])
+	other := object.union(input_with_grants([grant]), {"resource": {"name": "x", "purpose": "ca"}})
+	not data.kmsgate.authz.allow with input as other
+}
+
+test_exception_purpose_pattern_is_no_name_glob if {
+	grant := object.union(grant_42, {"resource": "purpose:*"})
+	not data.kmsgate.authz.allow with input as input_with_grants([grant])
+}
+
+grant_input(action, roles, owner) := object.union(input_with_roles(roles), {
+	"action": action,
+	"resource": {"kind": "exception", "name": "0123456789abcdef", "owner": owner},
+})
+
+test_any_principal_requests_a_grant if {
+	data.kmsgate.authz.allow with input as grant_input("exception.request", [], "tok-1")
+}
+
+test_an_approver_approves_reads_and_revokes if {
+	every action in ["exception.approve", "exception.read", "exception.revoke"] {
+		data.kmsgate.authz.allow with input as grant_input(action, ["approver"], "someone")
+	}
+}
+
+test_the_requester_reads_and_revokes_its_own_grant_only if {
+	every action in ["exception.read", "exception.revoke"] {
+		data.kmsgate.authz.allow with input as grant_input(action, [], "tok-1")
+		not data.kmsgate.authz.allow with input as grant_input(action, [], "someone")
+		not data.kmsgate.authz.allow with input as grant_input(action, [], null)
+	}
+}
+
+test_without_the_role_nobody_approves if {
+	not data.kmsgate.authz.allow with input as grant_input("exception.approve", ["ml-sec"], "someone")
+	not data.kmsgate.authz.allow with input as grant_input("exception.approve", [], "tok-1")
+}

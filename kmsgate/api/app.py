@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.routing import Route
 
 from kmsgate import __version__
-from kmsgate.api import routes_keys, routes_pki, routes_revocation, routes_sys
+from kmsgate.api import routes_exceptions, routes_keys, routes_pki, routes_revocation, routes_sys
 from kmsgate.api.docs import install_docs
 from kmsgate.api.fastpath import GatewayApp
 from kmsgate.api.metrics import Metrics
@@ -54,6 +54,7 @@ class CacheRefresher:
                 self._service.tokens.refresh()
                 self._service.client_certificates.refresh()
                 self._service.pki.authorities.refresh()
+                self._service.exceptions.active.refresh()  # JIT grants approved or revoked
                 self._service.revocation.refresh()  # revocation: published CRLs, OCSP answers
             except KmsgateError as exc:
                 log.warning("cache refresh failed: %s", exc.code)
@@ -101,9 +102,15 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
         fast, router = routes.build_routes()
         fast_routes += fast
         app.include_router(router)
+    app.include_router(routes_exceptions.build_router())
     install_error_handlers(app)
     app.state.metrics = Metrics(
-        {"keys": service.catalogue, "tokens": service.tokens, "cas": service.pki.authorities}
+        {
+            "keys": service.catalogue,
+            "tokens": service.tokens,
+            "cas": service.pki.authorities,
+            "grants": service.exceptions.active,
+        }
     )
     gateway = {
         "max_body_bytes": service.settings.limits.max_body_bytes,

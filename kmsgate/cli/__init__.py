@@ -20,6 +20,7 @@ from kmsgate import __version__
 from kmsgate.cli import admin, ca, encryption, keys
 from kmsgate.cli.agent import agent
 from kmsgate.cli.common import fail
+from kmsgate.cli.exceptions import exception_app
 from kmsgate.cli.model import model_app
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ app.add_typer(admin.policy_app, name="policy")
 app.add_typer(model_app, name="model")
 app.add_typer(ca.ca_app, name="ca")
 app.add_typer(ca.cert_app, name="cert")
+app.add_typer(exception_app, name="exception")
 
 # top-level commands, in the order `kmsgate --help` lists them
 app.command()(admin.serve)

@@ -49,6 +49,8 @@ ACTIONS: frozenset[str] = frozenset(
         "cert.revoke",
         "exception.request",
         "exception.approve",
+        "exception.revoke",
+        "exception.read",
         "principal.read",
     }
 )

@@ -14,6 +14,7 @@ from kmsgate.auth.oidc import OidcAuthenticator
 from kmsgate.backends.base import Registry
 from kmsgate.catalogue import Catalogue
 from kmsgate.config import Settings
+from kmsgate.grants import ActiveGrants
 from kmsgate.pki.authorities import Authorities
 from kmsgate.pki.inventory import PresentedCertificates
 from kmsgate.pki.profiles import load_profiles
@@ -21,6 +22,7 @@ from kmsgate.policy import PolicyEngine
 from kmsgate.service.crypto import Crypto
 from kmsgate.service.envelope import Envelopes
 from kmsgate.service.gate import STATE_CHANGING, Call, Ctx, Gate, KeyTarget
+from kmsgate.service.grants import Exceptions
 from kmsgate.service.keys import Keys
 from kmsgate.service.pki import Pki
 from kmsgate.service.revocation import Revocation
@@ -68,6 +70,7 @@ class Service:
         self.tokens = tokens
         # the inventory's word on presented client certificates (mTLS)
         self.client_certificates = PresentedCertificates(store)
+        grants = ActiveGrants(store)  # JIT exceptions in force, for every decision
         self.gate = Gate(
             settings=settings,
             catalogue=catalogue,
@@ -75,7 +78,9 @@ class Service:
             policy=policy,
             audit=audit,
             authenticators=Authenticators(self._authenticators(settings, tokens)),
+            grants=grants,
         )
+        self.exceptions = Exceptions(self.gate, store, grants, settings.exceptions)
         self.crypto = Crypto(self.gate)
         self.envelopes = Envelopes(self.gate)
         self.keys = Keys(self.gate)

@@ -21,9 +21,12 @@ from kmsgate.backends.base import Registry
 from kmsgate.catalogue import Catalogue, Key
 from kmsgate.config import Settings
 from kmsgate.errors import KmsgateError, NotFound, PolicyDenied
+from kmsgate.grants import ActiveGrants
 from kmsgate.policy import Decision, PolicyEngine, policy_input
 
 T = TypeVar("T")
+EXCEPTION_REASON = "exception "
+"""How the shipped exceptions.rego names the grant that allowed a request (`exception <id>`)."""
 STARTED = "started"
 STATE_CHANGING = frozenset(
     {
@@ -45,6 +48,10 @@ STATE_CHANGING = frozenset(
         "cert.issue",
         "cert.renew",
         "cert.revoke",
+        "exception.request",
+        "exception.approve",
+        "exception.revoke",
+        "exception.expire",
     }
 )
 """Actions whose allow decision is audited (outcome `started`) before they run."""
@@ -120,8 +127,10 @@ class Gate:
         policy: PolicyEngine,
         audit: AuditSink,
         authenticators: Authenticators,
+        grants: ActiveGrants,
     ) -> None:
         self.settings = settings
+        self.grants = grants
         self.catalogue = catalogue
         self.registry = registry
         self.policy = policy
@@ -160,8 +169,8 @@ class Gate:
         resource: Mapping[str, object],
         request: Mapping[str, object] | None = None,
     ) -> Decision:
-        """The policy's decision, with the principal's active grants (none until JIT
-        exceptions exist)."""
+        """The policy's decision, with the principal's active JIT grants as `exceptions`."""
+        at = now()
         return self.policy.decide(
             policy_input(
                 principal=principal.policy_document(),
@@ -169,7 +178,8 @@ class Gate:
                 resource=resource,
                 request=request,
                 env=self.settings.env,
-                now=now(),
+                now=at,
+                exceptions=self.grants.active_for(principal.id, at),
                 trusted=True,
             )
         )
@@ -244,9 +254,19 @@ class Gate:
             "principal_kind": call.principal.kind,
             "resource": {k: v for k, v in call.resource.items() if k in ("kind", "name")},
             "reasons": tuple(decision.reasons),
+            "exception_id": _exception_used(decision),
             "inputs": input_summary(call.inputs) if call.inputs else None,
             "policy_digest": self.policy.digest,
         }
+
+
+def _exception_used(decision: Decision) -> str | None:
+    """The grant an allow relied on: named by a reason `exception <id>` (policies/
+    exceptions.rego), and only when no other rule allowed the request as well."""
+    used = [
+        r.removeprefix(EXCEPTION_REASON) for r in decision.reasons if r.startswith(EXCEPTION_REASON)
+    ]
+    return used[0] if decision.allow and used and len(used) == len(decision.reasons) else None
 
 
 def _failure_code(exc: BaseException) -> str:

@@ -124,6 +124,17 @@ class NewToken:
 
 
 @dataclass(frozen=True, slots=True)
+class NewException:
+    """A JIT exception a principal asks for itself."""
+
+    actions: tuple[str, ...]
+    resource: str
+    duration: timedelta
+    ticket: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyQuery:
     """A hypothetical input for the policy to decide (explain, what-if)."""
 

@@ -7,12 +7,13 @@ from kmsgate.store.certificates import Certificates
 from kmsgate.store.crls import Crls
 from kmsgate.store.engine import Database
 from kmsgate.store.feed import Feed
+from kmsgate.store.grants import Grants
 from kmsgate.store.keys import Keys
 from kmsgate.store.tokens import Tokens
 
 
 class Store(Database):
-    """The metadata store: `keys`, `tokens`, `cas`, `certs` (each aggregate's queries and
+    """The metadata store: `keys`, `tokens`, `cas`, `certs`, `grants` (each aggregate's queries and
     writes) and `feed` (the change feed they write to), over one engine (see `Database`)."""
 
     def __init__(self, url: str) -> None:
@@ -22,4 +23,5 @@ class Store(Database):
         self.cas = Cas(self)
         self.certs = Certificates(self)
         self.crls = Crls(self)  # published CRLs and OCSP responders (service/revocation.py)
+        self.grants = Grants(self)  # JIT exceptions (service/exceptions.py)
         self.feed = Feed(self)

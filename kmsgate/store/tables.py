@@ -96,6 +96,28 @@ certificates = sa.Table(
     sa.Index("certificates_owner", "owner"),
 )
 
+grants = sa.Table(
+    "grants",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("principal", sa.String(256), nullable=False),
+    sa.Column("actions", sa.JSON, nullable=False),
+    sa.Column("resource", sa.String(160), nullable=False),
+    sa.Column("duration_s", sa.Integer, nullable=False),
+    sa.Column("ticket", sa.String(128), nullable=False),
+    sa.Column("reason", sa.String(1024), nullable=False),
+    sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("pending_until", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("approvals", sa.JSON, nullable=False),
+    sa.Column("approved_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("revoked_by", sa.String(256), nullable=True),
+    sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Index("grants_principal", "principal"),
+    sa.Index("grants_ended_at", "ended_at"),
+)
+
 meta = sa.Table(
     "meta",
     metadata,

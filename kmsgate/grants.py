@@ -1,0 +1,263 @@
+"""JIT exceptions: grants a principal requests for itself and other principals approve.
+
+A grant covers `actions` on `resource` (a glob over key names, or `purpose:<purpose>`) for
+`duration` from its approval. Its states:
+
+    pending --(approvals reached)--> active --(expires_at)--> expired
+       |  \\--(pending_until)--> expired        \\--(revoke)--> revoked
+       \\--(revoke)--> revoked
+
+The requester never counts as an approver. `ActiveGrants` keeps the active grants of every
+principal in memory (following the store's "grants" feed), so a decision never waits on the
+database; the policy sees them as `input.exceptions`.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from kmsgate.config import format_duration
+from kmsgate.errors import Conflict, InvalidRequest, PolicyDenied
+from kmsgate.store import Row, Store, StoreMirror
+
+__all__ = [
+    "UNGRANTABLE",
+    "ActiveGrants",
+    "Grant",
+    "GrantState",
+    "approve",
+    "new_grant",
+]
+
+UNGRANTABLE = ("exception.", "token.", "policy.reload", "principal.read")
+"""Actions (prefixes) no grant may cover: grants, tokens and the policy itself (a grant
+must not lead to more grants or lasting rights)."""
+RESOURCE = re.compile(r"purpose:[a-z0-9][a-z0-9-]{0,63}|[A-Za-z0-9._*?-]{1,128}")
+MAX_ACTIONS = 16
+GRANT_ID = re.compile(r"[0-9a-f]{16}")
+MIN_DURATION = timedelta(seconds=1)
+
+
+class GrantState(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One JIT exception."""
+
+    id: str
+    principal: str
+    actions: tuple[str, ...]
+    resource: str
+    duration: timedelta
+    ticket: str
+    reason: str
+    requested_at: datetime
+    pending_until: datetime
+    approvals: tuple[Mapping[str, str], ...] = ()
+    """`{by, at}` per approval, in order."""
+    approved_at: datetime | None = None
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revoked_by: str | None = None
+    ended_at: datetime | None = None
+
+    def state(self, at: datetime) -> GrantState:
+        """The state at time `at`."""
+        if self.revoked_at is not None:
+            return GrantState.REVOKED
+        if self.expires_at is not None:
+            return GrantState.ACTIVE if at < self.expires_at else GrantState.EXPIRED
+        return GrantState.PENDING if at < self.pending_until else GrantState.EXPIRED
+
+    def policy_document(self) -> dict[str, object]:
+        """The entry of `input.exceptions` (docs/policy.md)."""
+        assert self.expires_at is not None  # only active grants reach the policy
+        return {
+            "id": self.id,
+            "actions": list(self.actions),
+            "resource": self.resource,
+            "ticket": self.ticket,
+            "approved_by": [a["by"] for a in self.approvals],
+            "expires_at": self.expires_at.isoformat().replace("+00:00", "Z"),
+        }
+
+    def to_dict(self, at: datetime) -> dict[str, Any]:
+        """The API's view at time `at`."""
+        return {
+            "id": self.id,
+            "state": self.state(at).value,
+            "principal": self.principal,
+            "actions": list(self.actions),
+            "resource": self.resource,
+            "duration": int(self.duration.total_seconds()),
+            "ticket": self.ticket,
+            "reason": self.reason,
+            "requested_at": self.requested_at,
+            "pending_until": self.pending_until,
+            "approvals": [dict(a) for a in self.approvals],
+            "approved_at": self.approved_at,
+            "expires_at": self.expires_at,
+            "revoked_at": self.revoked_at,
+            "revoked_by": self.revoked_by,
+        }
+
+    def row(self) -> dict[str, Any]:
+        """The store's row."""
+        return {
+            "id": self.id,
+            "principal": self.principal,
+            "actions": list(self.actions),
+            "resource": self.resource,
+            "duration_s": int(self.duration.total_seconds()),
+            "ticket": self.ticket,
+            "reason": self.reason,
+            "requested_at": self.requested_at,
+            "pending_until": self.pending_until,
+            "approvals": [dict(a) for a in self.approvals],
+            "approved_at": self.approved_at,
+            "expires_at": self.expires_at,
+            "revoked_at": self.revoked_at,
+            "revoked_by": self.revoked_by,
+            "ended_at": self.ended_at,
+        }
+
+    @classmethod
+    def from_row(cls, row: Row) -> Grant:
+        return cls(
+            id=row["id"],
+            principal=row["principal"],
+            actions=tuple(row["actions"]),
+            resource=row["resource"],
+            duration=timedelta(seconds=row["duration_s"]),
+            ticket=row["ticket"],
+            reason=row["reason"],
+            requested_at=row["requested_at"],
+            pending_until=row["pending_until"],
+            approvals=tuple(row["approvals"]),
+            approved_at=row["approved_at"],
+            expires_at=row["expires_at"],
+            revoked_at=row["revoked_at"],
+            revoked_by=row["revoked_by"],
+            ended_at=row["ended_at"],
+        )
+
+
+def new_grant(
+    principal: str,
+    actions: Sequence[str],
+    resource: str,
+    duration: timedelta,
+    ticket: str,
+    reason: str,
+    *,
+    known_actions: frozenset[str],
+    max_duration: timedelta,
+    pending_for: timedelta,
+    now: datetime,
+) -> Grant:
+    """A pending grant requested by `principal`. Raises InvalidRequest (an action that is
+    not one of `known_actions` or cannot be granted, a bad resource pattern, a duration
+    outside 1 s..`max_duration`, an empty ticket or reason)."""
+    wanted = tuple(dict.fromkeys(actions))
+    if not wanted or len(wanted) > MAX_ACTIONS:
+        raise InvalidRequest(f"actions: give 1 to {MAX_ACTIONS} actions")
+    refused = sorted(a for a in wanted if a not in known_actions or a.startswith(UNGRANTABLE))
+    if refused:
+        raise InvalidRequest(f"actions {refused} cannot be granted by an exception")
+    if not RESOURCE.fullmatch(resource):
+        raise InvalidRequest(
+            "resource: a key name or glob (letters, digits, . _ - * ?), or purpose:<purpose>"
+        )
+    if not MIN_DURATION <= duration <= max_duration:
+        raise InvalidRequest(f"duration must be between 1s and {format_duration(max_duration)}")
+    if not ticket.strip() or not reason.strip():
+        raise InvalidRequest("a ticket and a reason are required")
+    return Grant(
+        id=secrets.token_hex(8),
+        principal=principal,
+        actions=wanted,
+        resource=resource,
+        duration=duration,
+        ticket=ticket.strip(),
+        reason=reason.strip(),
+        requested_at=now,
+        pending_until=now + pending_for,
+    )
+
+
+def approve(grant: Grant, approver: str, *, required: int, now: datetime) -> Grant:
+    """`grant` with `approver`'s approval; active from `now` once `required` principals
+    other than the requester approved. Raises PolicyDenied (the requester approving its own
+    grant), Conflict (not pending any more, or approved by `approver` already)."""
+    if approver == grant.principal:
+        raise PolicyDenied("the requester of an exception cannot approve it")
+    state = grant.state(now)
+    if state is not GrantState.PENDING:
+        raise Conflict(f"exception {grant.id} is {state.value}, not pending")
+    if any(a["by"] == approver for a in grant.approvals):
+        raise Conflict(f"exception {grant.id} is approved by {approver} already")
+    approvals = (*grant.approvals, {"by": approver, "at": now.isoformat()})
+    if len(approvals) < required:
+        return replace(grant, approvals=approvals)
+    return replace(grant, approvals=approvals, approved_at=now, expires_at=now + grant.duration)
+
+
+class ActiveGrants(StoreMirror):
+    """The approved, unrevoked, unended grants of every principal, in memory; kept current
+    from the "grants" change feed (every replica within a refresh)."""
+
+    aggregate = "grants"
+
+    def __init__(self, store: Store) -> None:
+        self._grants: dict[str, Grant] = {}
+        self._by_principal: dict[str, tuple[Grant, ...]] = {}
+        super().__init__(store)
+
+    def _load(self) -> None:
+        rows = self._store.grants.query(open_only=True)
+        self._grants = {g.id: g for g in map(Grant.from_row, rows) if _live(g)}
+        self._reindex()
+
+    def _load_item(self, item: str) -> None:
+        row = self._store.grants.get(item)
+        grant = Grant.from_row(row) if row is not None else None
+        grants = dict(self._grants)  # copied, then swapped: readers never see it change
+        if grant is not None and _live(grant):
+            grants[item] = grant
+        else:
+            grants.pop(item, None)
+        self._grants = grants
+        self._reindex()
+
+    def _reindex(self) -> None:
+        by_principal: dict[str, list[Grant]] = {}
+        for grant in self._grants.values():
+            by_principal.setdefault(grant.principal, []).append(grant)
+        self._by_principal = {p: tuple(gs) for p, gs in by_principal.items()}  # one swap
+
+    def any_expired(self, at: datetime) -> bool:
+        """Whether a grant held here expired by `at` (its end is not recorded yet)."""
+        return any(g.state(at) is GrantState.EXPIRED for g in self._grants.values())
+
+    def active_for(self, principal: str, at: datetime) -> list[dict[str, object]]:
+        """The policy documents of `principal`'s grants active at `at` (usually none)."""
+        grants = self._by_principal.get(principal)
+        if not grants:
+            return []
+        return [g.policy_document() for g in grants if g.state(at) is GrantState.ACTIVE]
+
+
+def _live(grant: Grant) -> bool:
+    """Approved, not revoked, not ended: what may be active."""
+    return grant.approved_at is not None and grant.revoked_at is None and grant.ended_at is None

@@ -1,0 +1,195 @@
+"""Use cases: JIT exceptions (request, approve, revoke, read) and their expiry.
+
+Every change is decided by the policy and audited before it is made; the requester of a
+grant never approves it, whatever the policy says. A change refreshes this process's
+`ActiveGrants` at once (other processes follow the change feed within a refresh).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from kmsgate.auth import SYSTEM, Principal
+from kmsgate.config import ExceptionSettings
+from kmsgate.errors import Conflict, NotFound
+from kmsgate.grants import GRANT_ID, ActiveGrants, Grant, GrantState, approve, new_grant
+from kmsgate.policy import ACTIONS, Decision
+from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
+from kmsgate.service.requests import NewException
+from kmsgate.store import Row, Store
+
+_EXPIRY = Decision(allow=True, reasons=("a grant's time ran out",))
+"""The scheduler's own decision to record that a grant ended by itself."""
+_ENDED = (GrantState.EXPIRED, GrantState.REVOKED)
+
+
+class Exceptions:
+    """JIT exceptions: grants a principal requests and others approve."""
+
+    def __init__(
+        self, gate: Gate, store: Store, active: ActiveGrants, settings: ExceptionSettings
+    ) -> None:
+        self.gate = gate
+        self.store = store
+        self.active = active
+        self.settings = settings
+
+    def request(self, principal: Principal, ctx: Ctx, new: NewException) -> Grant:
+        """A pending grant for the caller. Raises PolicyDenied, InvalidRequest."""
+        grant = new_grant(
+            principal.id,
+            new.actions,
+            new.resource,
+            new.duration,
+            new.ticket,
+            new.reason,
+            known_actions=ACTIONS,
+            max_duration=self.settings.max_duration,
+            pending_for=self.settings.pending_for,
+            now=now(),
+        )
+
+        def insert(outcome: Outcome) -> Grant:
+            outcome.detail.update(exception_id=grant.id)
+            self.store.grants.insert(grant.row())
+            return grant
+
+        resource = {"kind": "exception", "name": grant.id, "owner": principal.id}
+        call = Call(principal, ctx, "exception.request", resource, _request(grant))
+        return self.gate.run(call, insert)
+
+    def approve(self, principal: Principal, ctx: Ctx, grant_id: str) -> Grant:
+        """Add the caller's approval; the grant is active from the last one needed. Raises
+        PolicyDenied (also for the requester itself), NotFound, Conflict (not pending, or
+        approved by the caller already)."""
+        approvals = self.settings.approvals
+        return self._change(
+            principal,
+            ctx,
+            "exception.approve",
+            grant_id,
+            lambda grant: approve(grant, principal.id, required=approvals, now=now()),
+        )
+
+    def revoke(self, principal: Principal, ctx: Ctx, grant_id: str) -> Grant:
+        """End a pending or active grant now (this process at once, every other within a
+        refresh). Raises PolicyDenied, NotFound, Conflict (ended already)."""
+
+        def revoked(grant: Grant) -> Grant:
+            at = now()
+            state = grant.state(at)
+            if state in _ENDED:
+                raise Conflict(f"exception {grant.id} is {state.value} already")
+            return replace(grant, revoked_at=at, revoked_by=principal.id, ended_at=at)
+
+        return self._change(principal, ctx, "exception.revoke", grant_id, revoked)
+
+    def get(self, principal: Principal, ctx: Ctx, grant_id: str) -> Grant:
+        """One grant. Raises PolicyDenied, NotFound."""
+        grant = self._find(grant_id)
+        call = Call(principal, ctx, "exception.read", _resource(grant_id, grant))
+        return self.gate.run(call, lambda _: _required(grant_id, grant))
+
+    def search(
+        self, principal: Principal, ctx: Ctx, *, owner: str | None, state: GrantState | None
+    ) -> list[Grant]:
+        """Grants, oldest first: of `owner` only if given, in `state` only if given.
+        Raises PolicyDenied (the shipped policy lets a principal read its own grants and
+        role approver read all)."""
+        resource = {"kind": "exception", "name": None, "owner": owner}
+
+        def read(_: Outcome) -> list[Grant]:
+            at = now()
+            grants = map(Grant.from_row, self.store.grants.query(principal=owner))
+            return [g for g in grants if state is None or g.state(at) is state]
+
+        return self.gate.run(Call(principal, ctx, "exception.read", resource), read)
+
+    def expire_due(self, ctx: Ctx) -> list[str]:
+        """Record, as the scheduler, the grants whose time ran out (active ones past
+        `expires_at`, pending ones past `pending_until`): action `exception.expire`, one
+        audit record each. Returns their ids. Raises Unavailable, AuditUnavailable."""
+        at = now()
+        due = [
+            grant
+            for grant in map(Grant.from_row, self.store.grants.query(open_only=True))
+            if grant.state(at) is GrantState.EXPIRED
+        ]
+        for grant in due:
+            resource = _resource(grant.id, grant)
+            call = Call(SYSTEM, ctx, "exception.expire", resource, _request(grant))
+
+            def end(outcome: Outcome, grant_id: str = grant.id) -> None:
+                outcome.detail.update(exception_id=grant_id)
+                self.store.grants.change(grant_id, lambda _row: {"ended_at": at})
+
+            self.gate.run(call, end, decision=_EXPIRY)
+        if due:
+            self.active.refresh()
+        return [grant.id for grant in due]
+
+    def expire_active_due(self, ctx: Ctx) -> list[str]:
+        """`expire_due` when an active grant's time ran out (checked in memory: the
+        scheduler calls this every second; pending requests wait for `expire_due`'s own
+        tick)."""
+        return self.expire_due(ctx) if self.active.any_expired(now()) else []
+
+    def _change(
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        action: str,
+        grant_id: str,
+        change: Callable[[Grant], Grant],
+    ) -> Grant:
+        """Decide `action` on the grant, then apply `change` to it in one store
+        transaction (reading it again there) and refresh the active grants."""
+        grant = self._find(grant_id)
+        request = _request(grant) if grant is not None else None
+
+        def apply(outcome: Outcome) -> Grant:
+            outcome.detail.update(exception_id=grant_id)
+            changed = grant
+
+            def decide(row: Row) -> Mapping[str, Any]:
+                nonlocal changed
+                changed = change(Grant.from_row(row))
+                return changed.row()
+
+            if self.store.grants.change(grant_id, decide) is None or changed is None:
+                raise NotFound(f"no exception {grant_id}")
+            self.active.refresh()
+            outcome.detail.update(state=changed.state(now()).value)
+            return changed
+
+        call = Call(principal, ctx, action, _resource(grant_id, grant), request)
+        return self.gate.run(call, apply)
+
+    def _find(self, grant_id: str) -> Grant | None:
+        if not GRANT_ID.fullmatch(grant_id):
+            return None
+        row = self.store.grants.get(grant_id)
+        return Grant.from_row(row) if row is not None else None
+
+
+def _resource(grant_id: str, grant: Grant | None) -> dict[str, object]:
+    """The policy's view of a grant: its id and requester (`owner`, null if unknown)."""
+    return {"kind": "exception", "name": grant_id, "owner": grant.principal if grant else None}
+
+
+def _request(grant: Grant) -> dict[str, object]:
+    """What a grant asks for, as the policy sees it (`duration` in seconds)."""
+    return {
+        "actions": list(grant.actions),
+        "resource": grant.resource,
+        "duration": int(grant.duration.total_seconds()),
+        "ticket": grant.ticket,
+    }
+
+
+def _required(grant_id: str, grant: Grant | None) -> Grant:
+    if grant is None:
+        raise NotFound(f"no exception {grant_id}")
+    return grant

@@ -1,0 +1,95 @@
+"""The grants aggregate: JIT exceptions (requested, approved, expired or revoked), each write
+recorded in the "grants" change feed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from kmsgate.store import tables
+from kmsgate.store.engine import Database, Row, utc
+from kmsgate.store.feed import record_change
+
+AGGREGATE = "grants"
+_DATES = ("requested_at", "pending_until", "approved_at", "expires_at", "revoked_at", "ended_at")
+
+
+def _row(row: sa.RowMapping) -> Row:
+    values = dict(row)
+    for name in _DATES:
+        values[name] = utc(values[name])
+    return values
+
+
+class Grants:
+    """Queries and writes of grants."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def insert(self, grant: Row) -> None:
+        """Insert a requested grant. Raises Conflict on an id clash, Unavailable."""
+        with self._db.transaction() as conn:
+            conn.execute(sa.insert(tables.grants).values(**grant))
+            record_change(conn, AGGREGATE, grant["id"])
+
+    def get(self, grant_id: str) -> Row | None:
+        """One grant, or None. Raises Unavailable."""
+        with self._db.transaction() as conn:
+            row = (
+                conn.execute(sa.select(tables.grants).where(tables.grants.c.id == grant_id))
+                .mappings()
+                .first()
+            )
+        return _row(row) if row is not None else None
+
+    def query(self, *, principal: str | None = None, open_only: bool = False) -> list[Row]:
+        """Grants, oldest first: of `principal` only, and only those not ended (pending or
+        active) with `open_only`. Raises Unavailable."""
+        c = tables.grants.c
+        select = sa.select(tables.grants).order_by(c.requested_at, c.id)
+        if principal is not None:
+            select = select.where(c.principal == principal)
+        if open_only:
+            select = select.where(c.ended_at.is_(None))
+        with self._db.transaction() as conn:
+            return [_row(r) for r in conn.execute(select).mappings()]
+
+    def change(self, grant_id: str, decide: Callable[[Row], Mapping[str, Any]]) -> Row | None:
+        """Read the grant and write the values `decide(row)` returns, in one transaction
+        (no other change to it in between); None if there is no such grant. `decide` raises
+        to change nothing. Raises what `decide` raises, Conflict, Unavailable."""
+        grants = tables.grants
+        with self._db.transaction() as conn:
+            select = sa.select(grants).where(grants.c.id == grant_id).with_for_update()
+            found = conn.execute(select).mappings().first()
+            if found is None:
+                return None
+            row = _row(found)
+            values = dict(decide(row))
+            conn.execute(sa.update(grants).where(grants.c.id == grant_id).values(**values))
+            record_change(conn, AGGREGATE, grant_id)
+        return {**row, **values}
+
+    def end_due(self, now: datetime) -> list[Row]:
+        """Mark ended (`ended_at = now`) the grants whose time ran out by `now`: approved
+        ones past `expires_at`, pending ones past `pending_until`; return them as they were.
+        Raises Unavailable."""
+        c = tables.grants.c
+        due = sa.and_(
+            c.ended_at.is_(None),
+            sa.or_(
+                sa.and_(c.approved_at.is_not(None), c.expires_at <= now),
+                sa.and_(c.approved_at.is_(None), c.pending_until <= now),
+            ),
+        )
+        with self._db.transaction() as conn:
+            rows = [_row(r) for r in conn.execute(sa.select(tables.grants).where(due)).mappings()]
+            if rows:
+                ids = [row["id"] for row in rows]
+                conn.execute(sa.update(tables.grants).where(c.id.in_(ids)).values(ended_at=now))
+                record_change(conn, AGGREGATE, *ids)
+        return rows

@@ -1,0 +1,303 @@
+"""JIT exceptions (kmsgate.grants, service/grants.py, policies/exceptions.rego): a principal
+asks for a time-limited grant, another approves it, it expires or is revoked; against a real
+gateway with two workers, the shipped policies and its audit log."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from kmsgate.audit import AuditFile
+from kmsgate.errors import Conflict, InvalidRequest, PolicyDenied
+from kmsgate.grants import Grant, GrantState, approve, new_grant
+from kmsgate.policy import ACTIONS
+from tests.test_cli import Gateway, assert_one_line_error, run_cli, running_gateway
+
+TIMEOUT = 10.0
+KEY = "payroll-data"
+
+
+@dataclass
+class Team:
+    gw: Gateway
+    x: str
+    """A developer (role dev): may do nothing with the key on its own."""
+    y: str
+    """An approver."""
+    ciphertext: str
+
+    def as_(self, token: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {token}"}
+
+    def post(self, path: str, token: str, body: Any = None) -> httpx.Response:
+        return httpx.post(
+            f"{self.gw.addr}{path}", json=body, headers=self.as_(token), timeout=TIMEOUT
+        )
+
+    def decrypt(self, token: str) -> int:
+        reply = self.post(f"/v1/keys/{KEY}/decrypt", token, {"ciphertext": self.ciphertext})
+        return reply.status_code
+
+    def request(self, token: str, **changes: Any) -> httpx.Response:
+        body = {
+            "actions": ["decrypt"],
+            "resource": KEY,
+            "duration": "15m",
+            "ticket": "INC-4711",
+            "reason": "restore last night's payroll export",
+            **changes,
+        }
+        return self.post("/v1/exceptions", token, body)
+
+
+def _token(gw: Gateway, role: str) -> str:
+    made = httpx.post(
+        f"{gw.addr}/v1/sys/tokens",
+        json={"roles": [role]},
+        headers={"authorization": f"Bearer {gw.root_token}"},
+        timeout=TIMEOUT,
+    )
+    assert made.status_code == 201, made.text
+    token: str = made.json()["token"]
+    return token
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
+    base = tmp_path_factory.mktemp("exceptions")
+    config = base / "kmsgate.yaml"
+    config.write_text(json.dumps({"exceptions": {"max_duration": "1h"}}))
+    with running_gateway(base, "--config", str(config), "--workers", "2") as gw:
+        root = {"authorization": f"Bearer {gw.root_token}"}
+        created = httpx.post(
+            f"{gw.addr}/v1/keys",
+            json={"name": KEY, "type": "aes-256-gcm", "purpose": "envelope-data"},
+            headers=root,
+            timeout=TIMEOUT,
+        )
+        assert created.status_code == 201, created.text
+        sealed = httpx.post(
+            f"{gw.addr}/v1/keys/{KEY}/encrypt",
+            json={"plaintext": "c2VjcmV0"},
+            headers=root,
+            timeout=TIMEOUT,
+        )
+        assert sealed.status_code == 200, sealed.text
+        yield Team(gw, _token(gw, "dev"), _token(gw, "approver"), sealed.json()["ciphertext"])
+
+
+def _principal(token: str) -> str:
+    return f"token:{token.split('.')[1]}"
+
+
+def _audit(team: Team, action: str) -> list[dict[str, Any]]:
+    return AuditFile(team.gw.data_dir / "audit.log").search(action=action, limit=10_000)
+
+
+def _within(seconds: float, check: Any) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_grant_allows_only_after_another_principal_approved_it_until_revoked(
+    team: Team,
+) -> None:
+    assert team.decrypt(team.x) == 403
+    asked = team.request(team.x)
+    assert asked.status_code == 201, asked.text
+    grant = asked.json()
+    assert (grant["state"], grant["principal"]) == ("pending", _principal(team.x))
+    assert team.decrypt(team.x) == 403
+
+    own = team.post(f"/v1/exceptions/{grant['id']}/approve", team.x)
+    assert own.status_code == 403
+    # an approver, or the admin, asking for itself cannot approve its own request either
+    for requester in (team.y, team.gw.root_token):
+        theirs = team.request(requester).json()["id"]
+        refused = team.post(f"/v1/exceptions/{theirs}/approve", requester)
+        assert refused.status_code == 403 and "cannot approve" in refused.json()["detail"]
+    approved = team.post(f"/v1/exceptions/{grant['id']}/approve", team.y)
+    assert approved.status_code == 200, approved.text
+    active = approved.json()
+    assert active["state"] == "active"
+    assert [a["by"] for a in active["approvals"]] == [_principal(team.y)]
+    expires = datetime.fromisoformat(active["expires_at"])
+    assert timedelta(minutes=14) < expires - datetime.now(UTC) <= timedelta(minutes=15)
+
+    # both workers: the approving one at once, the other within a refresh
+    assert _within(1.5, lambda: all(team.decrypt(team.x) == 200 for _ in range(6)))
+    encrypt = team.post(f"/v1/keys/{KEY}/encrypt", team.x, {"plaintext": "eA=="})
+    assert encrypt.status_code == 403  # only what the grant lists
+    assert team.post(f"/v1/exceptions/{grant['id']}/approve", team.y).status_code == 409
+
+    revoked = httpx.delete(
+        f"{team.gw.addr}/v1/exceptions/{grant['id']}", headers=team.as_(team.y), timeout=TIMEOUT
+    )
+    assert revoked.status_code == 200 and revoked.json()["state"] == "revoked", revoked.text
+    assert _within(1.5, lambda: all(team.decrypt(team.x) == 403 for _ in range(6)))
+
+    decrypts = [r for r in _audit(team, "decrypt") if r["principal"] == _principal(team.x)]
+    allowed = [r for r in decrypts if r["decision"] == "allow"]
+    assert allowed and all(r["exception_id"] == grant["id"] for r in allowed)
+    assert all(r.get("exception_id") is None for r in decrypts if r["decision"] == "deny")
+    approvals = [r for r in _audit(team, "exception.approve") if r["outcome"] == "ok"]
+    assert any(
+        r["principal"] == _principal(team.y) and r["resource"]["name"] == grant["id"]
+        for r in approvals
+    )
+    refused = [r for r in _audit(team, "exception.approve") if r["outcome"] == "policy_denied"]
+    assert any(r["principal"] == _principal(team.x) for r in refused)
+    assert any(r["outcome"] == "ok" for r in _audit(team, "exception.revoke"))
+
+
+def test_a_grant_expires_by_itself_and_the_expiry_is_audited(team: Team) -> None:
+    asked = team.request(team.x, duration="2s")
+    assert asked.status_code == 201, asked.text
+    grant_id = asked.json()["id"]
+    assert team.post(f"/v1/exceptions/{grant_id}/approve", team.y).status_code == 200
+    assert _within(1.5, lambda: team.decrypt(team.x) == 200)
+    assert _within(3.0, lambda: all(team.decrypt(team.x) == 403 for _ in range(4)))
+    shown = httpx.get(
+        f"{team.gw.addr}/v1/exceptions/{grant_id}", headers=team.as_(team.x), timeout=TIMEOUT
+    )
+    assert shown.status_code == 200 and shown.json()["state"] == "expired"
+    assert _within(
+        3.0,
+        lambda: any(
+            r["resource"]["name"] == grant_id
+            and r["principal"] == "system"
+            and r["outcome"] == "ok"
+            for r in _audit(team, "exception.expire")
+        ),
+    )
+    assert (
+        httpx.delete(
+            f"{team.gw.addr}/v1/exceptions/{grant_id}", headers=team.as_(team.x), timeout=TIMEOUT
+        ).status_code
+        == 409
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "status", "problem"),
+    [
+        ({"duration": "2h"}, 400, "between 1s and 1h"),
+        ({"duration": "0s"}, 400, "positive"),
+        ({"duration": "soon"}, 400, "invalid duration"),
+        ({"actions": ["token.create"]}, 400, "cannot be granted"),
+        ({"actions": ["exception.approve"]}, 400, "cannot be granted"),
+        ({"actions": ["launch"]}, 400, "cannot be granted"),
+        ({"actions": []}, 422, ""),
+        ({"resource": "a/b"}, 400, "resource"),
+        ({"resource": "purpose:*"}, 400, "resource"),
+        ({"ticket": ""}, 422, ""),
+        ({"reason": "   "}, 400, "ticket and a reason"),
+    ],
+)
+def test_a_bad_request_is_a_clear_4xx(
+    team: Team, changes: dict[str, Any], status: int, problem: str
+) -> None:
+    reply = team.request(team.x, **changes)
+    assert reply.status_code == status, reply.text
+    assert problem in reply.json().get("detail", "") or status == 422
+
+
+def test_who_may_see_and_end_a_grant(team: Team) -> None:
+    grant_id = team.request(team.x, actions=["verify"], resource="purpose:model-sign").json()["id"]
+    other = _token(team.gw, "dev")
+    for path in (f"/v1/exceptions/{grant_id}", "/v1/exceptions"):
+        reply = httpx.get(f"{team.gw.addr}{path}", headers=team.as_(other), timeout=TIMEOUT)
+        assert reply.status_code == 403, path
+    mine = httpx.get(
+        f"{team.gw.addr}/v1/exceptions",
+        params={"principal": _principal(team.x), "state": "pending"},
+        headers=team.as_(team.x),
+        timeout=TIMEOUT,
+    )
+    assert mine.status_code == 200 and grant_id in [g["id"] for g in mine.json()["exceptions"]]
+    assert team.post(f"/v1/exceptions/{grant_id}/approve", other).status_code == 403
+    for unknown in ("0123456789abcdef", "not-an-id"):
+        assert team.post(f"/v1/exceptions/{unknown}/approve", team.y).status_code == 404
+    ended = httpx.delete(
+        f"{team.gw.addr}/v1/exceptions/{grant_id}", headers=team.as_(team.x), timeout=TIMEOUT
+    )
+    assert ended.status_code == 200 and ended.json()["revoked_by"] == _principal(team.x)
+
+
+def test_the_cli_requests_approves_and_lists(team: Team) -> None:
+    asked = run_cli(
+        ("exception", "request", "--action", "decrypt", "--resource", KEY, "--duration", "10m",
+         "--ticket", "CHG-1", "--reason", "quarterly audit"),
+        team.gw.env(team.x),
+    )  # fmt: skip
+    assert asked.rc == 0 and "pending" in asked.err, str(asked)
+    grant_id = asked.out.strip()
+    approved = run_cli(("exception", "approve", grant_id), team.gw.env(team.y))
+    assert approved.rc == 0 and json.loads(approved.out)["state"] == "active", str(approved)
+    listed = run_cli(("exception", "list", "--mine", "--state", "active"), team.gw.env(team.x))
+    assert listed.rc == 0 and grant_id in listed.out, str(listed)
+    everything = run_cli(("exception", "list"), team.gw.env(team.x))
+    assert_one_line_error(everything, "policy_denied")
+    revoked = run_cli(("exception", "revoke", grant_id), team.gw.env(team.x))
+    assert revoked.rc == 0 and json.loads(revoked.out)["state"] == "revoked", str(revoked)
+
+
+# -- the state machine -------------------------------------------------------------------------
+
+NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+
+
+def _grant(**changes: Any) -> Grant:
+    values: dict[str, Any] = {
+        "known_actions": ACTIONS,
+        "max_duration": timedelta(hours=8),
+        "pending_for": timedelta(hours=1),
+        "now": NOW,
+    }
+    values.update(changes)
+    return new_grant("alice", ["sign"], "release-*", timedelta(minutes=15), "T", "R", **values)
+
+
+def test_two_approvals_need_two_principals_other_than_the_requester() -> None:
+    grant = _grant()
+    with pytest.raises(PolicyDenied):
+        approve(grant, "alice", required=2, now=NOW)
+    once = approve(grant, "bob", required=2, now=NOW)
+    assert once.state(NOW) is GrantState.PENDING
+    with pytest.raises(Conflict):
+        approve(once, "bob", required=2, now=NOW)
+    later = NOW + timedelta(minutes=5)
+    twice = approve(once, "carol", required=2, now=later)
+    assert twice.state(later) is GrantState.ACTIVE
+    assert twice.expires_at == later + timedelta(minutes=15)
+    assert twice.state(later + timedelta(minutes=15)) is GrantState.EXPIRED
+    assert twice.policy_document()["approved_by"] == ["bob", "carol"]
+
+
+def test_a_pending_request_expires_and_cannot_be_approved_then() -> None:
+    grant = _grant()
+    late = NOW + timedelta(hours=1)
+    assert grant.state(late) is GrantState.EXPIRED
+    with pytest.raises(Conflict, match="expired"):
+        approve(grant, "bob", required=1, now=late)
+
+
+def test_durations_are_bounded() -> None:
+    for duration in (timedelta(0), timedelta(hours=8, seconds=1)):
+        with pytest.raises(InvalidRequest, match="between 1s and 8h"):
+            new_grant(
+                "alice", ["sign"], "k", duration, "T", "R",
+                known_actions=ACTIONS, max_duration=timedelta(hours=8),
+                pending_for=timedelta(hours=1), now=NOW,
+            )  # fmt: skip
