@@ -99,6 +99,14 @@ class Key:
             "labels": dict(self.labels),
         }
 
+    def next_rotation(self) -> datetime | None:
+        """When the scheduler rotates this key: its primary version's creation plus
+        `rotation_period`; None without a period, or for a key it does not rotate (not
+        enabled, verify-only)."""
+        if self.rotation_period is None or self.verify_only or self.state is not KeyState.ENABLED:
+            return None
+        return self.versions[self.primary_version].created_at + self.rotation_period
+
     def require_enabled(self) -> None:
         """Raises KeyDisabled, KeyPendingDeletion or KeyDestroyed unless the key is enabled."""
         error = _STATE_ERRORS.get(self.state)
@@ -179,6 +187,9 @@ class Key:
         }
         if self.rotation_period is not None:
             out["rotation_period"] = f"{int(self.rotation_period.total_seconds())}s"
+        next_rotation = self.next_rotation()
+        if next_rotation is not None:
+            out["next_rotation"] = _iso(next_rotation)
         if self.deletion_date is not None:
             out["deletion_date"] = _iso(self.deletion_date)
         return out

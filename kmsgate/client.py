@@ -126,9 +126,16 @@ class Client:
         labels: Mapping[str, str] | None = None,
         public_key: str | None = None,
         uri: str | None = None,
+        rotation_period: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "purpose": purpose, "labels": dict(labels or {})}
-        optional = {"type": type, "backend": backend, "public_key": public_key, "uri": uri}
+        optional = {
+            "type": type,
+            "backend": backend,
+            "public_key": public_key,
+            "uri": uri,
+            "rotation_period": rotation_period,
+        }
         for field, value in optional.items():
             if value is not None:
                 body[field] = value

@@ -8,7 +8,8 @@ exclusive `flock` on a file beside the database (freed when the process exits). 
 idempotent: each first catches up with the store, and a key already destroyed is skipped.
 
 Jobs today: destroy the material of keys whose deletion date passed; record the JIT grants
-whose time ran out (`exception.expire`); prune the change feed;
+whose time ran out (`exception.expire`); rotate keys whose `rotation_period` passed (every
+second, from the catalogue in memory); prune the change feed;
 publish CRLs and renew OCSP responders (`service.revocation`). CRLs also have a short tick of
 their own (`run_revocation`, every loop of the cache refresher: 1 s by default), so that the
 revocations of one second are published, together, by the leader's next tick.
@@ -167,6 +168,7 @@ class Jobs:
     def _run_frequent(self, now: datetime | None) -> None:
         _guarded("revocation publishing", self._service.revocation.publish_due, SCHEDULER, now)
         _guarded("grant expiry", self._service.exceptions.expire_active_due, SCHEDULER)
+        _guarded("key rotation", self._service.keys.rotate_due, SCHEDULER, now)
         for job in self._frequent:
             job()
 

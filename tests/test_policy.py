@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -697,3 +698,44 @@ def test_the_shipped_examples_pass_their_tests_beside_the_shipped_policies(tmp_p
     failed = [r for r in results if not r.passed]
     assert results and failed == []
     assert any(r.name.endswith("test_a_service_account_gets_its_own_spiffe_id") for r in results)
+
+
+def test_seed_004s_policy_loads_as_written_and_decides_as_its_text_says(tmp_path: Path) -> None:
+    """examples/policies/seed004: the seed's Rego v0 file, unmodified, beside the shipped
+    policies and the adapter that asks it about sign requests."""
+    seed = SHIPPED.parent / "examples" / "policies" / "seed004"
+    directory = tmp_path / "policies"
+    shutil.copytree(SHIPPED, directory)
+    shutil.copytree(seed, directory / "seed004")
+    text = (seed / "z8_kms.v0.rego").read_text()
+    assert text.startswith("package z8.kms\ndefault allow = false\nallow {")  # v0, as written
+    engine = PolicyEngine.load(directory)
+    now_ns = time.time_ns()
+
+    def decide(claims: dict[str, object], *, env: str = "prod", purpose: str = "model-sign",
+               action: str = "sign") -> bool:  # fmt: skip
+        return engine.decide(
+            policy_input(
+                principal={"id": "ci:x", "kind": "oidc", "roles": [], "claims": claims},
+                action=action,
+                resource={"kind": "key", "name": "m", "purpose": purpose},
+                request=None,
+                env=env,
+                now=datetime.now(UTC),
+            )
+        ).allow
+
+    fresh = {"role": "ml-sec", "session_start": now_ns - 5 * 60 * 10**9}
+    assert decide(fresh)
+    assert not decide({**fresh, "session_start": now_ns - 2 * 3600 * 10**9})
+    assert not decide({**fresh, "role": "dev"})
+    assert not decide(fresh, env="dev")
+    assert not decide(fresh, purpose="envelope-data")
+    assert not decide(fresh, action="key.delete")
+    results = engine.run_tests()
+    assert [r for r in results if not r.passed] == []
+    assert any(r.name.endswith("test_a_session_older_than_an_hour_is_denied") for r in results)
+    # the same text without the .v0 name is not Rego v1: a clear error naming the file
+    (directory / "seed004" / "z8_kms.v0.rego").rename(directory / "seed004" / "z8_kms.rego")
+    with pytest.raises(ConfigError, match=r"z8_kms\.rego"):
+        PolicyEngine.load(directory)

@@ -94,12 +94,18 @@ def keys_create(
     public_key: Annotated[
         Path | None, typer.Option(help="Import this PEM public key as a verify-only key.")
     ] = None,
+    rotation_period: Annotated[
+        str | None, typer.Option(help="Rotate on schedule: 90d, 12h, 30m, 45s.")
+    ] = None,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Create a key (or import a verify-only public key)."""
     pem = read_text(public_key) if public_key else None
-    _create_key(addr, token, name, type, purpose, backend, label, public_key=pem)
+    _create_key(
+        addr, token, name, type, purpose, backend, label,
+        public_key=pem, rotation_period=rotation_period,
+    )  # fmt: skip
 
 
 @keys_app.command("import")
@@ -121,13 +127,30 @@ def keys_import(
 def keys_list(
     purpose: Annotated[str | None, typer.Option()] = None,
     label: Annotated[list[str], typer.Option(help="name=value; repeatable.")] = [],  # noqa: B006
+    due: Annotated[
+        bool, typer.Option("--due", help="Only keys with a rotation_period, next rotation first.")
+    ] = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Keys you may read (a table; tab-separated lines when piped)."""
+    """Keys you may read (a table; tab-separated lines when piped). `--due`: the keys the
+    gateway rotates on schedule, next first."""
     keys = call(addr, token, Client.list_keys, purpose, _parse_labels(label))
+    if due:
+        scheduled = sorted((k for k in keys if "next_rotation" in k), key=_next_rotation)
+        rows = [
+            [k["name"], k["rotation_period"], k["next_rotation"], str(k["primary_version"])]
+            for k in scheduled
+        ]
+        print_table(["name", "rotation_period", "next_rotation", "primary"], rows)
+        return
     columns = ["name", "type", "purpose", "backend", "state", "primary", "labels"]
     print_table(columns, _key_rows(keys))
+
+
+def _next_rotation(key: dict[str, Any]) -> str:
+    when: str = key["next_rotation"]  # RFC 3339 UTC with Z: sorts as text
+    return when
 
 
 @keys_app.command("show")

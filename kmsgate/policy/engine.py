@@ -39,6 +39,9 @@ ROLES_RULE = "data.kmsgate.authz.roles"
 _TEST_SUFFIX = "_test.rego"
 _TEST_PREFIX = "test_"
 _NO_RULE = "not a valid rule path"
+V0_SUFFIX = ".v0.rego"
+"""A policy file named `*.v0.rego` is read with Rego v0 syntax (`allow { ... }` without `if`,
+`default allow = false`): an existing policy brought as it is (docs/policy.md)."""
 _DECISION_CACHE_SIZE = 4096
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _LOCATION = re.compile(r"--> (\S+:\d+:\d+)")
@@ -125,9 +128,11 @@ def _add_sources(engine: Any, sources: Sequence[tuple[str, bytes]]) -> str | Non
         except UnicodeDecodeError as exc:
             return f"invalid policy file {rel}: not UTF-8 ({exc.reason})"
         try:
+            engine.set_rego_v0(rel.endswith(V0_SUFFIX))
             engine.add_policy(rel, text)
         except Exception as exc:  # regorus raises RuntimeError with the parse error
             return f"invalid policy file {rel}: {_error_text(exc)}"
+    engine.set_rego_v0(False)
     return None
 
 

@@ -3,6 +3,7 @@ update, mark compromised, schedule and cancel deletion, destroy when due)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,11 @@ from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.requests import KeyChanges, NewKey
 
 T = TypeVar("T")
+log = logging.getLogger("kmsgate.keys")
 _SCHEDULED = Decision(allow=True, reasons=("deletion scheduled by an authorised caller",))
+ROTATION_RETRY = timedelta(minutes=1)
+"""How long a key whose scheduled rotation failed waits before the next attempt."""
+_ROTATION = Decision(allow=True, reasons=("rotation_period set by an authorised caller",))
 
 
 class Keys:
@@ -30,6 +35,8 @@ class Keys:
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
+        self._rotation_retry: dict[str, datetime] = {}
+        """Keys whose scheduled rotation failed -> when to try again."""
 
     def _on_key(
         self,
@@ -207,30 +214,58 @@ class Keys:
     def rotate(self, principal: Principal, ctx: Ctx, name: str) -> Key:
         """Create a new primary version. Raises KeyDisabled & co., Conflict if verify-only,
         NotSupported and BackendError from the backend."""
+        return self._on_key(principal, ctx, "key.rotate", name, None, self._rotate)
 
-        def rotate(key: Key, outcome: Outcome) -> Key:
-            key.require_enabled()
-            if key.verify_only:
-                raise Conflict(f"key {name!r} is verify-only; import a new key instead")
-            number = max(key.versions) + 1
-            backend = self.gate.registry.get(key.backend)
-            created = backend.create_key(KeySpec(key.name, number, key.type, dict(key.labels)))
-            version = KeyVersion(
-                version=number,
-                backend_ref=created.ref,
-                created_at=now(),
-                material=created.material,
-                public_key_pem=created.public_key_pem,
-            )
+    def rotate_due(self, ctx: Ctx, at: datetime | None = None) -> list[str]:
+        """Rotate, as `system`, the keys whose `rotation_period` has passed since their
+        primary version was made (by `at`, default now), each audited `key.rotate`. Reads
+        the catalogue in memory. A key that fails (its backend is down; another process
+        rotated it meanwhile) is logged, its failure audited, and tried again one
+        time after `ROTATION_RETRY`. Returns the names rotated."""
+        at = at or now()
+        due = [
+            key
+            for key in self.gate.catalogue.all()
+            if (when := key.next_rotation()) is not None
+            and max(when, self._rotation_retry.get(key.name, when)) <= at
+        ]
+        rotated = []
+        for key in due:
+            call = Call(SYSTEM, ctx, "key.rotate", key.policy_resource(), {"scheduled": True})
             try:
-                rotated = self.gate.catalogue.add_version(key, version, now())
-            except KmsgateError:
-                backend.destroy(created)
-                raise
-            outcome.key_version = number
-            return rotated
+                self.gate.run(call, partial(self._rotate, key), decision=_ROTATION)
+            except KmsgateError as exc:
+                log.warning("scheduled rotation of %s failed: %s", key.name, exc.code)
+                self._rotation_retry[key.name] = at + ROTATION_RETRY
+                continue
+            self._rotation_retry.pop(key.name, None)
+            rotated.append(key.name)
+        return rotated
 
-        return self._on_key(principal, ctx, "key.rotate", name, None, rotate)
+    def _rotate(self, key: Key, outcome: Outcome) -> Key:
+        """A new primary version of `key` (the version made on its backend is destroyed
+        again if the catalogue refuses it). Raises KeyDisabled & co., Conflict, NotSupported,
+        BackendError."""
+        key.require_enabled()
+        if key.verify_only:
+            raise Conflict(f"key {key.name!r} is verify-only; import a new key instead")
+        number = max(key.versions) + 1
+        backend = self.gate.registry.get(key.backend)
+        created = backend.create_key(KeySpec(key.name, number, key.type, dict(key.labels)))
+        version = KeyVersion(
+            version=number,
+            backend_ref=created.ref,
+            created_at=now(),
+            material=created.material,
+            public_key_pem=created.public_key_pem,
+        )
+        try:
+            rotated = self.gate.catalogue.add_version(key, version, now())
+        except KmsgateError:
+            backend.destroy(created)
+            raise
+        outcome.key_version = number
+        return rotated
 
     def disable(self, principal: Principal, ctx: Ctx, name: str) -> Key:
         """Disable: every operation is then refused with 409 key_disabled."""

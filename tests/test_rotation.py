@@ -1,0 +1,68 @@
+"""Scheduled rotation (`rotation_period`, Keys.rotate_due run by the jobs leader every
+second): a real gateway with two workers rotates a key once per period, audited as
+`system`, and leaves keys without a period, or disabled, alone."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+from kmsgate.audit import AuditFile
+from tests.test_cli import run_cli, running_gateway
+
+TIMEOUT = 10.0
+PERIOD_S = 2
+
+
+def test_a_key_rotates_once_per_period_with_two_workers(tmp_path: Path) -> None:
+    with running_gateway(tmp_path, "--workers", "2") as gw:
+        root = {"authorization": f"Bearer {gw.root_token}"}
+
+        def create(name: str, **extra: object) -> None:
+            body = {"name": name, "type": "ecdsa-p256", "purpose": "general", **extra}
+            made = httpx.post(f"{gw.addr}/v1/keys", json=body, headers=root, timeout=TIMEOUT)
+            assert made.status_code == 201, made.text
+
+        def key(name: str) -> dict[str, object]:
+            reply = httpx.get(f"{gw.addr}/v1/keys/{name}", headers=root, timeout=TIMEOUT)
+            assert reply.status_code == 200, reply.text
+            body: dict[str, object] = reply.json()
+            return body
+
+        made = run_cli(
+            ("keys", "create", "rotating", "--type", "ecdsa-p256",
+             "--rotation-period", f"{PERIOD_S}s"),
+            gw.env(),
+        )  # fmt: skip
+        assert made.rc == 0 and '"rotation_period": "2s"' in made.out, str(made)
+        create("still")
+        create("paused", rotation_period=f"{PERIOD_S}s")
+        disabled = httpx.post(f"{gw.addr}/v1/keys/paused/disable", headers=root, timeout=TIMEOUT)
+        assert disabled.status_code == 200
+        assert "next_rotation" in key("rotating") and "next_rotation" not in key("paused")
+
+        for _ in range(10):  # either worker answers; the other follows within a refresh
+            due = run_cli(("keys", "list", "--due"), gw.env())
+            if "rotating" in due.out:
+                break
+            time.sleep(0.3)
+        assert due.rc == 0 and "rotating" in due.out and "still" not in due.out, str(due)
+
+        deadline = time.monotonic() + 4 * PERIOD_S + 3
+        while key("rotating")["primary_version"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert key("rotating")["primary_version"] >= 3
+        assert key("still")["primary_version"] == 1 and key("paused")["primary_version"] == 1
+
+    records = AuditFile(gw.data_dir / "audit.log").search(key="rotating", action="key.rotate")
+    done = [r for r in records if r["outcome"] == "ok"]
+    assert all(r["principal"] == "system" for r in done)
+    versions = [r["key_version"] for r in done]
+    assert versions == list(range(2, 2 + len(versions)))  # each version made once, in order
+    times = [datetime.fromisoformat(r["time"]) for r in done]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    assert all(gap >= PERIOD_S - 0.1 for gap in gaps), gaps  # never twice in one period
