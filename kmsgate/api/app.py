@@ -55,6 +55,7 @@ class CacheRefresher:
                 self._service.client_certificates.refresh()
                 self._service.pki.authorities.refresh()
                 self._service.exceptions.active.refresh()  # JIT grants approved or revoked
+                self._service.system.policy_follower.refresh()  # another process's reload
                 self._service.revocation.refresh()  # revocation: published CRLs, OCSP answers
             except KmsgateError as exc:
                 log.warning("cache refresh failed: %s", exc.code)

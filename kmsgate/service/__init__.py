@@ -19,6 +19,7 @@ from kmsgate.pki.authorities import Authorities
 from kmsgate.pki.inventory import PresentedCertificates
 from kmsgate.pki.profiles import load_profiles
 from kmsgate.policy import PolicyEngine
+from kmsgate.policy.follower import PolicyFollower
 from kmsgate.service.crypto import Crypto
 from kmsgate.service.envelope import Envelopes
 from kmsgate.service.gate import STATE_CHANGING, Call, Ctx, Gate, KeyTarget
@@ -84,7 +85,7 @@ class Service:
         self.crypto = Crypto(self.gate)
         self.envelopes = Envelopes(self.gate)
         self.keys = Keys(self.gate)
-        self.system = System(self.gate, tokens)
+        self.system = System(self.gate, tokens, PolicyFollower(store, policy))
         self.pki = Pki(
             self.gate,
             self.keys,

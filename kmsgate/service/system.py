@@ -7,6 +7,7 @@ from typing import Any
 from kmsgate.auth import Principal, TokenInfo, TokenRegistry
 from kmsgate.errors import ConfigError, InvalidRequest
 from kmsgate.policy import policy_input
+from kmsgate.policy.follower import PolicyFollower
 from kmsgate.service.gate import WHOAMI, Call, Ctx, Gate, Outcome, now
 from kmsgate.service.requests import AuditQuery, NewToken, PolicyQuery
 from kmsgate.service.results import Identity, PolicyInfo, PolicyVerdict
@@ -15,9 +16,11 @@ from kmsgate.service.results import Identity, PolicyInfo, PolicyVerdict
 class System:
     """The gateway's own resources: tokens, policy, audit log, metrics."""
 
-    def __init__(self, gate: Gate, tokens: TokenRegistry) -> None:
+    def __init__(self, gate: Gate, tokens: TokenRegistry, follower: PolicyFollower) -> None:
         self.gate = gate
         self.tokens = tokens
+        self.policy_follower = follower
+        """Tells the other processes of a reload, and reloads after theirs."""
 
     def whoami(self, principal: Principal, ctx: Ctx) -> Identity:
         """The caller as the gateway sees it: id, kind, tenant, claims and the roles the
@@ -90,8 +93,9 @@ class System:
         return self.gate.run(Call(principal, ctx, "policy.evaluate", {"kind": "policy"}), evaluate)
 
     def reload_policy(self, principal: Principal, ctx: Ctx) -> str:
-        """Re-read the policy files atomically; the new digest. Raises InvalidRequest (the
-        old policy is kept)."""
+        """Re-read the policy files atomically, here and then in every other process (each
+        reads its own files within a refresh); the new digest. Raises InvalidRequest (the old
+        policy is kept), Unavailable (reloaded here, not announced to the others)."""
 
         def reload(outcome: Outcome) -> str:
             try:
@@ -99,6 +103,7 @@ class System:
             except ConfigError as exc:
                 raise InvalidRequest(f"policy not reloaded: {exc}") from None
             outcome.detail["digest"] = digest
+            self.policy_follower.announce(digest)
             return digest
 
         return self.gate.run(Call(principal, ctx, "policy.reload", {"kind": "policy"}), reload)

@@ -78,6 +78,12 @@ class Feed:
             ).all()
         return [(int(row.epoch), str(row.item)) for row in rows]
 
+    def announce(self, aggregate: str, item: str) -> None:
+        """Record a change that lives outside the store (a policy reload) so that the
+        processes following `aggregate` see it. Raises Unavailable."""
+        with self._db.transaction() as conn:
+            record_change(conn, aggregate, item)
+
     def prune(self, before: datetime) -> int:
         """Forget feed entries older than `before` (caches further behind reload fully).
         Returns how many were removed. Raises Unavailable."""
