@@ -496,6 +496,27 @@ class Client:
         ]
         return grants
 
+    def evaluate_policy(
+        self,
+        principal: Mapping[str, Any],
+        action: str,
+        resource: Mapping[str, Any],
+        *,
+        request: Mapping[str, Any] | None = None,
+        env: str | None = None,
+    ) -> dict[str, Any]:
+        """What the policy would decide: `{allow, reasons, roles, exceptions_used}`."""
+        body: dict[str, Any] = {
+            "principal": dict(principal),
+            "action": action,
+            "resource": dict(resource),
+            "request": dict(request or {}),
+        }
+        if env is not None:
+            body["env"] = env
+        result: dict[str, Any] = self._json("POST", "/v1/sys/policy/evaluate", body)
+        return result
+
     def whoami(self) -> dict[str, Any]:
         """The caller: `{id, kind, tenant, roles, claims}` (roles as the policy maps them)."""
         result: dict[str, Any] = self._json("GET", "/v1/sys/whoami")

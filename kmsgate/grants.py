@@ -250,12 +250,17 @@ class ActiveGrants(StoreMirror):
         """Whether a grant held here expired by `at` (its end is not recorded yet)."""
         return any(g.state(at) is GrantState.EXPIRED for g in self._grants.values())
 
-    def active_for(self, principal: str, at: datetime) -> list[dict[str, object]]:
-        """The policy documents of `principal`'s grants active at `at` (usually none)."""
+    def active_for(self, principal: str, action: str, at: datetime) -> list[dict[str, object]]:
+        """The policy documents of `principal`'s grants that cover `action` and are active
+        at `at` (usually none: then the policy has nothing more to evaluate)."""
         grants = self._by_principal.get(principal)
         if not grants:
             return []
-        return [g.policy_document() for g in grants if g.state(at) is GrantState.ACTIVE]
+        return [
+            g.policy_document()
+            for g in grants
+            if action in g.actions and g.state(at) is GrantState.ACTIVE
+        ]
 
 
 def _live(grant: Grant) -> bool:

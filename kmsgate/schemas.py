@@ -390,9 +390,15 @@ class PolicyEvaluateRequest(_Body):
     action: str = Field(max_length=64)
     resource: dict[str, Any] = Field(default_factory=dict)
     request: dict[str, Any] = Field(default_factory=dict)
+    exceptions: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=64, description="hypothetical active grants"
+    )
+    env: str | None = Field(default=None, max_length=64, description="default: the gateway's")
 
     def to_input(self) -> PolicyQuery:
-        return PolicyQuery(self.principal, self.action, self.resource, self.request)
+        return PolicyQuery(
+            self.principal, self.action, self.resource, self.request, self.exceptions, self.env
+        )
 
 
 # -- PKI --------------------------------------------------------------------------------------

@@ -114,6 +114,13 @@ def test_a_grant_allows_only_after_another_principal_approved_it_until_revoked(
     team: Team,
 ) -> None:
     assert team.decrypt(team.x) == 403
+    # a refusal says what to ask for, and the same whether or not the key exists
+    for key in (KEY, "no-such-key"):
+        refused = team.post(f"/v1/keys/{key}/decrypt", team.x, {"ciphertext": team.ciphertext})
+        assert refused.status_code == 403
+        assert refused.json()["detail"] == (
+            f"no rule allows decrypt on key {key} for {_principal(team.x)} (roles [dev])"
+        )
     asked = team.request(team.x)
     assert asked.status_code == 201, asked.text
     grant = asked.json()
@@ -301,3 +308,33 @@ def test_durations_are_bounded() -> None:
                 known_actions=ACTIONS, max_duration=timedelta(hours=8),
                 pending_for=timedelta(hours=1), now=NOW,
             )  # fmt: skip
+
+
+def test_explain_and_what_if_decide_without_doing_anything(team: Team) -> None:
+    env = team.gw.env()  # admin: policy.evaluate
+    denied = run_cli(("policy", "explain", "--as", "dev", "--action", "decrypt", "--key", KEY), env)
+    assert denied.rc == 1 and denied.out.startswith(f"deny: decrypt on key {KEY}"), str(denied)
+    assert "no rule allows it" in denied.out
+    allowed = run_cli(
+        ("policy", "explain", "--as", "approver", "--action", "exception.approve"), env
+    )
+    assert allowed.rc == 0 and "because: role approver" in allowed.out, str(allowed)
+
+    grant = {"id": "00000000000000aa", "actions": ["decrypt"], "resource": "payroll-*"}
+    what_if = team.post(
+        "/v1/sys/policy/evaluate",
+        team.gw.root_token,
+        {
+            "principal": {"id": "token:x", "roles": ["dev"]},
+            "action": "decrypt",
+            "resource": {"kind": "key", "name": KEY, "purpose": "envelope-data"},
+            "exceptions": [grant],
+        },
+    )
+    assert what_if.status_code == 200, what_if.text
+    assert what_if.json() == {
+        "allow": True,
+        "reasons": ["exception 00000000000000aa"],
+        "roles": ["dev"],
+        "exceptions_used": ["00000000000000aa"],
+    }

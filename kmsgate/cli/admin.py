@@ -4,7 +4,7 @@ local checks `audit verify` and `policy test`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -19,7 +19,7 @@ from kmsgate.cli.common import (
     print_table,
     read_text,
 )
-from kmsgate.client import Client
+from kmsgate.client import ApiError, Client
 from kmsgate.errors import ConfigError
 
 token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
@@ -204,6 +204,51 @@ def audit_verify(path: Path) -> None:
             f"ok: {report.records} records in {report.chains} chains, every chain intact",
             highlight=False,
         )
+
+
+@policy_app.command("explain")
+def policy_explain(
+    action: Annotated[str, typer.Option(help="sign, decrypt, key.rotate, ...")],
+    role: Annotated[
+        list[str], typer.Option("--as", help="A role of the principal; repeatable.")
+    ] = [],  # noqa: B006
+    principal: Annotated[str, typer.Option(help="The principal's id.")] = "explain",
+    kind: Annotated[str, typer.Option(help="token, oidc or mtls.")] = "token",
+    key: Annotated[str | None, typer.Option(help="The key (its attributes are read).")] = None,
+    env: Annotated[str | None, typer.Option(help="Default: the gateway's env.")] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """What the loaded policy would decide for a principal with these roles (action
+    `policy.evaluate`): allow or deny, the rules' reasons, the roles it maps to. Nothing is
+    performed. Exit 0 for allow, 1 for deny."""
+
+    def explain(client: Client) -> dict[str, Any]:
+        resource: dict[str, Any] = {"kind": "key", "name": key} if key else {}
+        if key:
+            try:
+                resource = client.get_key(key)
+            except ApiError as exc:  # unknown, or not readable by this token
+                err.print(f"key {key}: {exc.code}; deciding on its name only", highlight=False)
+        who = {"id": principal, "kind": kind, "roles": role, "claims": {}}
+        return client.evaluate_policy(who, action, _policy_resource(resource), env=env)
+
+    verdict = call(addr, token, explain)
+    print(
+        f"{'allow' if verdict['allow'] else 'deny'}: {action}" + (f" on key {key}" if key else "")
+    )
+    for reason in verdict["reasons"]:
+        print(f"  because: {reason}")
+    if not verdict["allow"]:
+        print("  no rule allows it")
+    print(f"  roles: {', '.join(verdict['roles']) or '-'}")
+    raise typer.Exit(0 if verdict["allow"] else 1)
+
+
+def _policy_resource(key: dict[str, Any]) -> dict[str, Any]:
+    """A key as the policy sees it (`resource`): kind, name, purpose, type, backend, labels."""
+    fields = ("name", "purpose", "type", "backend", "labels")
+    return {"kind": "key", **{f: key[f] for f in fields if f in key}}
 
 
 @policy_app.command("test")

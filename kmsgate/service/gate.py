@@ -179,7 +179,7 @@ class Gate:
                 request=request,
                 env=self.settings.env,
                 now=at,
-                exceptions=self.grants.active_for(principal.id, at),
+                exceptions=self.grants.active_for(principal.id, action, at),
                 trusted=True,
             )
         )
@@ -225,7 +225,7 @@ class Gate:
         facts = self._facts(call, decision)
         if not decision.allow:
             self.audit.append(AuditEvent(**facts, outcome=PolicyDenied.code))
-            raise PolicyDenied(f"policy does not allow {call.action} here")
+            raise PolicyDenied(self._denial(call))
         if call.action in STATE_CHANGING:
             # no record, no change: if this write fails (AuditUnavailable), nothing runs
             self.audit.append(AuditEvent(**facts, outcome=STARTED))
@@ -243,6 +243,14 @@ class Gate:
         """`run` for an operation on `target` (whose attributes are `call.resource`).
         Raises NotFound only after the policy allowed the call."""
         return self.run(call, lambda outcome: operation(target.require(), outcome))
+
+    def _denial(self, call: Call) -> str:
+        """What a refused caller can act on: the action, what it was asked on (as the
+        caller named it: nothing about whether it exists) and the roles the policy saw."""
+        kind, name = call.resource.get("kind", "resource"), call.resource.get("name")
+        target = f"{kind} {name}" if name else str(kind)
+        roles = ", ".join(self.roles(call.principal))
+        return f"no rule allows {call.action} on {target} for {call.principal.id} (roles [{roles}])"
 
     def _facts(self, call: Call, decision: Decision) -> dict[str, Any]:
         """What every audit record of `call` says (all but its outcome)."""
@@ -263,10 +271,13 @@ class Gate:
 def _exception_used(decision: Decision) -> str | None:
     """The grant an allow relied on: named by a reason `exception <id>` (policies/
     exceptions.rego), and only when no other rule allowed the request as well."""
-    used = [
-        r.removeprefix(EXCEPTION_REASON) for r in decision.reasons if r.startswith(EXCEPTION_REASON)
-    ]
+    used = exceptions_named(decision.reasons)
     return used[0] if decision.allow and used and len(used) == len(decision.reasons) else None
+
+
+def exceptions_named(reasons: Sequence[str]) -> list[str]:
+    """The grant ids that reasons `exception <id>` name."""
+    return [r.removeprefix(EXCEPTION_REASON) for r in reasons if r.startswith(EXCEPTION_REASON)]
 
 
 def _failure_code(exc: BaseException) -> str:

@@ -6,7 +6,7 @@ The REST edge (`kmsgate/schemas.py`) validates JSON and base64 and builds these;
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -142,6 +142,8 @@ class PolicyQuery:
     action: str
     resource: Mapping[str, object] = field(default_factory=dict)
     request: Mapping[str, object] = field(default_factory=dict)
+    exceptions: Sequence[Mapping[str, object]] = ()
+    env: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,6 +90,10 @@ class Identity:
 class PolicyVerdict:
     allow: bool
     reasons: list[str]
+    roles: list[str]
+    """The roles the policy maps the principal to (its `roles` rule)."""
+    exceptions_used: list[str]
+    """The grants a reason names (`exception <id>`)."""
 
 
 @dataclass(frozen=True, slots=True)

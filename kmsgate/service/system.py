@@ -8,7 +8,7 @@ from kmsgate.auth import Principal, TokenInfo, TokenRegistry
 from kmsgate.errors import ConfigError, InvalidRequest
 from kmsgate.policy import policy_input
 from kmsgate.policy.follower import PolicyFollower
-from kmsgate.service.gate import WHOAMI, Call, Ctx, Gate, Outcome, now
+from kmsgate.service.gate import WHOAMI, Call, Ctx, Gate, Outcome, exceptions_named, now
 from kmsgate.service.requests import AuditQuery, NewToken, PolicyQuery
 from kmsgate.service.results import Identity, PolicyInfo, PolicyVerdict
 
@@ -78,17 +78,22 @@ class System:
         input without a JSON form."""
 
         def evaluate(_: Outcome) -> PolicyVerdict:
-            decision = self.gate.policy.decide(
-                policy_input(
-                    principal=query.principal,
-                    action=query.action,
-                    resource=query.resource,
-                    request=query.request,
-                    env=self.gate.settings.env,
-                    now=now(),
-                )
+            document = policy_input(
+                principal=query.principal,
+                action=query.action,
+                resource=query.resource,
+                request=query.request,
+                env=self.gate.settings.env if query.env is None else query.env,
+                now=now(),
+                exceptions=query.exceptions,
             )
-            return PolicyVerdict(decision.allow, list(decision.reasons))
+            decision = self.gate.policy.decide(document)
+            return PolicyVerdict(
+                decision.allow,
+                list(decision.reasons),
+                list(self.gate.policy.roles(document)),
+                exceptions_named(decision.reasons),
+            )
 
         return self.gate.run(Call(principal, ctx, "policy.evaluate", {"kind": "policy"}), evaluate)
 
