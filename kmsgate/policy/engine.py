@@ -358,7 +358,10 @@ class PolicyEngine:
             engine = self._engine(state)
             engine.set_input_json(raw.decode())
             allow = engine.eval_rule(ALLOW_RULE) if state.has_allow else None
-            reasons = engine.eval_rule(REASONS_RULE) if state.has_reasons else None
+            # a denial has no reasons to give: half the work on the deny path
+            reasons = (
+                engine.eval_rule(REASONS_RULE) if state.has_reasons and allow is True else None
+            )
         except Exception as exc:
             match = _LOCATION.search(str(exc))
             _log.error(
