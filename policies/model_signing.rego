@@ -1,6 +1,9 @@
-# Model signing: principals with the role "ml-sec" may sign with keys whose purpose is
-# "model-sign", and only on a gateway whose environment is "prod". Nothing else is granted
-# here (verification, key management and other environments need other rules).
+# Model signing (seed 004 §8.4): principals with the role "ml-sec" may sign with keys whose
+# purpose is "model-sign", only on a gateway whose environment is "prod", and only within
+# one hour of the start of their session: `claims.session_start` (RFC 3339; an API token's is
+# its creation) or, for an OIDC token, `claims.iat`, measured against `input.now`. Nothing
+# else is granted here (verification, key management and other environments need other
+# rules).
 package kmsgate.authz
 
 import rego.v1
@@ -10,11 +13,30 @@ allow if {
 	input.env == "prod"
 	input.resource.purpose == "model-sign"
 	"ml-sec" in roles
+	session_age_s < 3600
 }
 
-reasons contains "role ml-sec: sign with a model-sign key in prod" if {
+reasons contains "role ml-sec: sign with a model-sign key in prod, session under 1h" if {
 	input.action == "sign"
 	input.env == "prod"
 	input.resource.purpose == "model-sign"
 	"ml-sec" in roles
+	session_age_s < 3600
+}
+
+# Seconds since the principal's session began (undefined without a session start: no sign).
+# An OIDC `iat` up to a minute ahead of the gateway's clock counts as now.
+session_age_s := age if {
+	is_string(input.principal.claims.session_start)
+	# checked first: a string that does not parse must not become an evaluation error
+	regex.match(`^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$`, input.principal.claims.session_start)
+	age := (time.parse_rfc3339_ns(input.now) - time.parse_rfc3339_ns(input.principal.claims.session_start)) / 1000000000
+	age > -60
+}
+
+session_age_s := age if {
+	not is_string(input.principal.claims.session_start)
+	is_number(input.principal.claims.iat)
+	age := (time.parse_rfc3339_ns(input.now) / 1000000000) - input.principal.claims.iat
+	age > -60
 }

@@ -3,14 +3,15 @@ package kmsgate.authz_test
 
 import rego.v1
 
-ml_sec_input := input_with_roles(["ml-sec"])
+# an ml-sec token whose session began 10 minutes before base_input's `now`
+ml_sec_input := object.union(input_with_roles(["ml-sec"]), {"principal": {"claims": {"session_start": "2025-12-31T23:50:00Z"}}})
 
 test_ml_sec_may_sign_with_model_sign_key_in_prod if {
 	data.kmsgate.authz.allow with input as ml_sec_input
 }
 
 test_ml_sec_sign_reason if {
-	data.kmsgate.authz.reasons == {"role ml-sec: sign with a model-sign key in prod"} with input as ml_sec_input
+	data.kmsgate.authz.reasons == {"role ml-sec: sign with a model-sign key in prod, session under 1h"} with input as ml_sec_input
 }
 
 test_ml_sec_denied_outside_prod if {
@@ -53,4 +54,28 @@ test_model_signing_wrong_role_denied if {
 
 test_model_signing_missing_principal_denied if {
 	not data.kmsgate.authz.allow with input as object.remove(ml_sec_input, ["principal"])
+}
+
+test_ml_sec_denied_once_the_session_is_an_hour_old if {
+	every start in ["2025-12-31T23:00:00Z", "2025-12-31T22:00:00Z", "2020-01-01T00:00:00Z"] {
+		inp := object.union(ml_sec_input, {"principal": {"claims": {"session_start": start}}})
+		not data.kmsgate.authz.allow with input as inp
+	}
+}
+
+test_ml_sec_denied_without_a_session_start if {
+	every claims in [{}, {"session_start": 5}, {"session_start": "yesterday"}, {"iat": "1"}] {
+		inp := object.union(input_with_roles(["ml-sec"]), {"principal": {"claims": claims}})
+		not data.kmsgate.authz.allow with input as inp
+	}
+}
+
+test_ml_sec_oidc_session_starts_at_iat if {
+	now_s := time.parse_rfc3339_ns(base_input.now) / 1000000000
+	fresh := object.union(input_with_roles(["ml-sec"]), {"principal": {"kind": "oidc", "claims": {"iat": now_s - 600}}})
+	data.kmsgate.authz.allow with input as fresh
+	stale := object.union(input_with_roles(["ml-sec"]), {"principal": {"kind": "oidc", "claims": {"iat": now_s - 3601}}})
+	not data.kmsgate.authz.allow with input as stale
+	future := object.union(input_with_roles(["ml-sec"]), {"principal": {"kind": "oidc", "claims": {"iat": now_s + 3600}}})
+	not data.kmsgate.authz.allow with input as future
 }

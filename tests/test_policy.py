@@ -28,8 +28,10 @@ from kmsgate.policy import (
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "policies"
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+SESSION_START = "2026-01-02T03:00:00Z"
+"""A session that began four minutes before NOW."""
 
-ML_SEC_REASON = "role ml-sec: sign with a model-sign key in prod"
+ML_SEC_REASON = "role ml-sec: sign with a model-sign key in prod, session under 1h"
 
 
 def write(root: Path, files: Mapping[str, str]) -> Path:
@@ -49,7 +51,11 @@ def doc(
     env: str = "prod",
     exceptions: Sequence[Mapping[str, object]] = (),
 ) -> dict[str, object]:
-    principal: dict[str, object] = {} if roles is None else {"id": "tok-1", "roles": list(roles)}
+    principal: dict[str, object] = (
+        {}
+        if roles is None
+        else {"id": "tok-1", "roles": list(roles), "claims": {"session_start": SESSION_START}}
+    )
     return policy_input(
         principal=principal,
         action=action,
@@ -94,11 +100,14 @@ def test_shipped_files_and_digest(shipped: PolicyEngine) -> None:
     assert shipped.files == [
         "admin.rego",
         "authz.rego",
+        "ca_keys.rego",
+        "data_plane.rego",
         "exceptions.rego",
         "identity.rego",
         "model_signing.rego",
         "pki.rego",
         "roles.rego",
+        "tenants.rego",
     ]
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", shipped.digest)
     assert shipped.loaded_at.tzinfo is not None
@@ -739,3 +748,21 @@ def test_seed_004s_policy_loads_as_written_and_decides_as_its_text_says(tmp_path
     (directory / "seed004" / "z8_kms.v0.rego").rename(directory / "seed004" / "z8_kms.rego")
     with pytest.raises(ConfigError, match=r"z8_kms\.rego"):
         PolicyEngine.load(directory)
+
+
+def test_a_deny_rule_overrides_every_allow(shipped: PolicyEngine) -> None:
+    def admin_of(tenant: str | None, key_tenant: str) -> dict[str, object]:
+        return policy_input(
+            principal={"id": "oidc:a", "roles": ["admin"], "tenant": tenant},
+            action="sign",
+            resource={"kind": "key", "name": "k", "labels": {"tenant": key_tenant}},
+            request=None,
+            env="prod",
+            now=NOW,
+        )
+
+    vetoed = shipped.decide(admin_of("acme", "globex"))
+    assert not vetoed.allow
+    assert vetoed.reasons == ("denied: tenant isolation: the resource belongs to another tenant",)
+    assert shipped.decide(admin_of("acme", "acme")).reasons == ("role admin",)
+    assert shipped.decide(admin_of(None, "globex")).allow

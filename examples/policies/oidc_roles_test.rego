@@ -9,11 +9,13 @@ github_job(claims) := {
 		"iss": "https://token.actions.githubusercontent.com",
 		"repository": "acme/models",
 		"ref": "refs/heads/main",
+		"iat": 1767225300, # 5 minutes before `now`
 	}, claims)},
 	"action": "sign",
 	"resource": {"kind": "key", "name": "model-key", "purpose": "model-sign"},
 	"request": {},
 	"env": "prod",
+	"now": "2026-01-01T00:00:00Z",
 }
 
 test_a_main_branch_job_of_the_repository_signs_model_keys if {

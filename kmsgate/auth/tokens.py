@@ -39,6 +39,12 @@ class TokenInfo:
     revoked_at: datetime | None
     secret_hash: str = field(repr=False)
 
+    @property
+    def session_start(self) -> str:
+        """When the token's session began, as policies read it (`claims.session_start`,
+        RFC 3339): its creation."""
+        return self.created_at.isoformat().replace("+00:00", "Z")
+
     def to_dict(self) -> dict[str, object]:
         """The REST representation: never the secret or its hash."""
         return {
@@ -163,7 +169,12 @@ class TokenRegistry(StoreMirror):
         matches = hmac.compare_digest(_hash_secret(secret), expected)
         if info is None or not matches or not self._is_live(info):
             raise Unauthenticated("missing, invalid, expired or revoked token")
-        return Principal(id=f"token:{info.id}", kind="token", roles=info.roles)
+        return Principal(
+            id=f"token:{info.id}",
+            kind="token",
+            roles=info.roles,
+            claims={"session_start": info.session_start},
+        )
 
     @staticmethod
     def _is_live(info: TokenInfo) -> bool:

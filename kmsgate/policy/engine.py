@@ -35,6 +35,9 @@ _log = logging.getLogger(__name__)
 ALLOW_RULE = "data.kmsgate.authz.allow"
 REASONS_RULE = "data.kmsgate.authz.reasons"
 ROLES_RULE = "data.kmsgate.authz.roles"
+DENY_RULE = "data.kmsgate.authz.deny"
+DENIED_PREFIX = "denied: "
+"""How a `deny` reason that overrode an allow reads in `Decision.reasons`."""
 
 _TEST_SUFFIX = "_test.rego"
 _TEST_PREFIX = "test_"
@@ -179,8 +182,16 @@ class _State:
     loaded_at: datetime
     has_allow: bool
     has_reasons: bool
+    has_deny: bool
     decisions: dict[bytes, Decision] = field(default_factory=dict, compare=False)
     """Decisions by serialised input; bounded by clearing when full (see decide)."""
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    """The strings of a set rule's value, sorted; none for anything else (undefined)."""
+    if isinstance(value, Set | list | tuple):
+        return tuple(sorted({v for v in value if isinstance(v, str)}))
+    return ()
 
 
 def _load_state(policy_dir: Path) -> tuple[_State, Any]:
@@ -195,7 +206,8 @@ def _load_state(policy_dir: Path) -> tuple[_State, Any]:
     engine.set_input_json(_PROBE_INPUT)
     has_allow, allow_problem = _probe(engine, ALLOW_RULE)
     has_reasons, reasons_problem = _probe(engine, REASONS_RULE)
-    problem = allow_problem or reasons_problem
+    has_deny, deny_problem = _probe(engine, DENY_RULE)
+    problem = allow_problem or reasons_problem or deny_problem
     if problem is not None:
         del engine
         raise ConfigError(problem)
@@ -205,6 +217,7 @@ def _load_state(policy_dir: Path) -> tuple[_State, Any]:
         loaded_at=datetime.now(UTC),
         has_allow=has_allow,
         has_reasons=has_reasons,
+        has_deny=has_deny,
     )
     return state, engine
 
@@ -343,7 +356,9 @@ class PolicyEngine:
         return self._remember(state, _new_engine(state.sources))
 
     def decide(self, input_doc: Mapping[str, object]) -> Decision:
-        """Evaluate `allow` (only exactly `true` allows) and `reasons` for `input_doc`.
+        """Evaluate `allow` (only exactly `true` allows), then, for an allow, `reasons` and
+        `deny`: any `deny` string overrides the allow (the decision's reasons then read
+        `denied: <string>`).
 
         Never raises: an input that is not JSON or an evaluation error denies, and the error
         type and policy location (never input data) are logged. Thread-safe.
@@ -362,6 +377,7 @@ class PolicyEngine:
             reasons = (
                 engine.eval_rule(REASONS_RULE) if state.has_reasons and allow is True else None
             )
+            denials = engine.eval_rule(DENY_RULE) if state.has_deny and allow is True else None
         except Exception as exc:
             match = _LOCATION.search(str(exc))
             _log.error(
@@ -370,11 +386,11 @@ class PolicyEngine:
                 f" at {match.group(1)}" if match else "",
             )
             return Decision(allow=False, reasons=())
-        if isinstance(reasons, Set | list | tuple):
-            reason_tuple = tuple(sorted({r for r in reasons if isinstance(r, str)}))
+        vetoes = _strings(denials)
+        if vetoes:  # a `deny` rule overrides every allow
+            decision = Decision(allow=False, reasons=tuple(DENIED_PREFIX + v for v in vetoes))
         else:
-            reason_tuple = ()
-        decision = Decision(allow=allow is True, reasons=reason_tuple)
+            decision = Decision(allow=allow is True, reasons=_strings(reasons))
         if len(state.decisions) >= _DECISION_CACHE_SIZE:
             state.decisions.clear()
         state.decisions[raw] = decision
@@ -399,9 +415,7 @@ class PolicyEngine:
                     f" at {match.group(1)}" if match else "",
                 )
             return ()
-        if not isinstance(roles, Set | list | tuple):
-            return ()
-        return tuple(sorted({role for role in roles if isinstance(role, str)}))
+        return _strings(roles)
 
     def reload(self) -> str:
         """Re-read the policy directory, swap it in atomically and return the new digest.

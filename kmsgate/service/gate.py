@@ -225,7 +225,7 @@ class Gate:
         facts = self._facts(call, decision)
         if not decision.allow:
             self.audit.append(AuditEvent(**facts, outcome=PolicyDenied.code))
-            raise PolicyDenied(self._denial(call))
+            raise PolicyDenied(self._denial(call, decision))
         if call.action in STATE_CHANGING:
             # no record, no change: if this write fails (AuditUnavailable), nothing runs
             self.audit.append(AuditEvent(**facts, outcome=STARTED))
@@ -244,13 +244,15 @@ class Gate:
         Raises NotFound only after the policy allowed the call."""
         return self.run(call, lambda outcome: operation(target.require(), outcome))
 
-    def _denial(self, call: Call) -> str:
+    def _denial(self, call: Call, decision: Decision) -> str:
         """What a refused caller can act on: the action, what it was asked on (as the
-        caller named it: nothing about whether it exists) and the roles the policy saw."""
+        caller named it: nothing about whether it exists) and the roles the policy saw; a
+        `deny` rule's veto is not spelt out (the audit record has it)."""
         kind, name = call.resource.get("kind", "resource"), call.resource.get("name")
         target = f"{kind} {name}" if name else str(kind)
         roles = ", ".join(self.roles(call.principal))
-        return f"no rule allows {call.action} on {target} for {call.principal.id} (roles [{roles}])"
+        verdict = "the policy denies" if decision.reasons else "no rule allows"
+        return f"{verdict} {call.action} on {target} for {call.principal.id} (roles [{roles}])"
 
     def _facts(self, call: Call, decision: Decision) -> dict[str, Any]:
         """What every audit record of `call` says (all but its outcome)."""
