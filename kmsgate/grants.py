@@ -246,6 +246,10 @@ class ActiveGrants(StoreMirror):
             by_principal.setdefault(grant.principal, []).append(grant)
         self._by_principal = {p: tuple(gs) for p, gs in by_principal.items()}  # one swap
 
+    def active_grants(self, at: datetime) -> list[Grant]:
+        """Every principal's grants active at `at`."""
+        return [g for g in self._grants.values() if g.state(at) is GrantState.ACTIVE]
+
     def any_expired(self, at: datetime) -> bool:
         """Whether a grant held here expired by `at` (its end is not recorded yet)."""
         return any(g.state(at) is GrantState.EXPIRED for g in self._grants.values())

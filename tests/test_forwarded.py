@@ -256,6 +256,11 @@ def test_the_proxy_forwards_a_workload_until_its_certificate_is_revoked(
 ) -> None:
     gw = proxied_gateway
     cert, serial = _issue(gw, WORKLOAD)
+    metrics = httpx.get(
+        f"{gw.addr}/metrics", headers={"authorization": f"Bearer {gw.root_token}"}, timeout=TIMEOUT
+    ).text
+    assert "kmsgate_certificates_expiring_7d 1.0" in metrics.splitlines()
+    assert "kmsgate_keys_rotation_overdue 0.0" in metrics.splitlines()
     me = _whoami(gw, xfcc(cert, URI=WORKLOAD))
     assert me.status_code == 200, me.text
     body = me.json()

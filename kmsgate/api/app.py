@@ -111,7 +111,8 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
             "tokens": service.tokens,
             "cas": service.pki.authorities,
             "grants": service.exceptions.active,
-        }
+        },
+        service.system.alerts,
     )
     gateway = {
         "max_body_bytes": service.settings.limits.max_body_bytes,

@@ -6,11 +6,11 @@ that matched no route is counted under the route `unmatched`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Protocol
+from collections.abc import Callable, Iterator, Mapping
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -51,14 +51,43 @@ class _CacheReloads(Collector):
         yield family
 
 
+class _Alerts(Collector):
+    """`kmsgate_<name>` gauges computed when scraped (kmsgate.service.system.alerts);
+    nothing is exported when they cannot be computed (the store is down)."""
+
+    HELP: Final = {
+        "certificates_expiring_7d": "Valid certificates of the inventory that end within 7 days.",
+        "keys_rotation_overdue": "Keys whose scheduled rotation is over a minute late.",
+        "grants_active": "JIT exceptions in force.",
+        "grants_ending_1h": "JIT exceptions in force that end within the hour.",
+    }
+
+    def __init__(self, alerts: Callable[[], Mapping[str, float]]) -> None:
+        self._alerts = alerts
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            values = self._alerts()
+        except KmsgateError:
+            return
+        for name, value in sorted(values.items()):
+            yield GaugeMetricFamily(f"kmsgate_{name}", self.HELP.get(name, name), value=value)
+
+
 class Metrics:
     """Request counts by route and status, latency per operation, backend errors, and the
     reloads of `caches`."""
 
-    def __init__(self, caches: Mapping[str, ReloadCounts] | None = None) -> None:
+    def __init__(
+        self,
+        caches: Mapping[str, ReloadCounts] | None = None,
+        alerts: Callable[[], Mapping[str, float]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         if caches:
             self.registry.register(_CacheReloads(caches))
+        if alerts:
+            self.registry.register(_Alerts(alerts))
         self._requests = Counter(
             "kmsgate_http_requests",
             "HTTP requests by route template, method and status code.",

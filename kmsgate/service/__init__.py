@@ -85,7 +85,7 @@ class Service:
         self.crypto = Crypto(self.gate)
         self.envelopes = Envelopes(self.gate)
         self.keys = Keys(self.gate)
-        self.system = System(self.gate, tokens, PolicyFollower(store, policy))
+        self.system = System(self.gate, tokens, PolicyFollower(store, policy), store)
         self.pki = Pki(
             self.gate,
             self.keys,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from kmsgate.auth import Principal, TokenInfo, TokenRegistry
@@ -11,13 +12,20 @@ from kmsgate.policy.follower import PolicyFollower
 from kmsgate.service.gate import WHOAMI, Call, Ctx, Gate, Outcome, exceptions_named, now
 from kmsgate.service.requests import AuditQuery, NewToken, PolicyQuery
 from kmsgate.service.results import Identity, PolicyInfo, PolicyVerdict
+from kmsgate.store import Store
+
+ROTATION_GRACE = timedelta(minutes=1)
+"""How late a scheduled rotation may be before /metrics counts it as overdue."""
 
 
 class System:
     """The gateway's own resources: tokens, policy, audit log, metrics."""
 
-    def __init__(self, gate: Gate, tokens: TokenRegistry, follower: PolicyFollower) -> None:
+    def __init__(
+        self, gate: Gate, tokens: TokenRegistry, follower: PolicyFollower, store: Store
+    ) -> None:
         self.gate = gate
+        self.store = store
         self.tokens = tokens
         self.policy_follower = follower
         """Tells the other processes of a reload, and reloads after theirs."""
@@ -114,6 +122,27 @@ class System:
         return self.gate.run(Call(principal, ctx, "policy.reload", {"kind": "policy"}), reload)
 
     # -- audit, metrics --------------------------------------------------------------------
+
+    def alerts(self) -> dict[str, float]:
+        """What an operator alerts on, for /metrics (read when scraped; only the certificate
+        count asks the store): certificates expiring within 7 days, keys whose scheduled
+        rotation is over a minute late, active grants and those ending within an hour.
+        Raises Unavailable (the store is down)."""
+        at = now()
+        late = at - ROTATION_GRACE
+        overdue = sum(
+            1
+            for key in self.gate.catalogue.all()
+            if (when := key.next_rotation()) is not None and when < late
+        )
+        grants = self.gate.grants.active_grants(at)
+        soon = at + timedelta(hours=1)
+        return {
+            "certificates_expiring_7d": self.store.certs.count_expiring(at, at + timedelta(days=7)),
+            "keys_rotation_overdue": overdue,
+            "grants_active": len(grants),
+            "grants_ending_1h": sum(1 for g in grants if g.expires_at and g.expires_at <= soon),
+        }
 
     def audit_events(
         self, principal: Principal, ctx: Ctx, query: AuditQuery

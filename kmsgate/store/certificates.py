@@ -197,6 +197,18 @@ class Certificates:
             after = rows[-1]["serial"]
         return found[: query.limit]
 
+    def count_expiring(self, after: datetime, until: datetime) -> int:
+        """How many valid (unrevoked) certificates end between `after` and `until`.
+        Raises Unavailable."""
+        c = tables.certificates.c
+        select = (
+            sa.select(sa.func.count())
+            .select_from(tables.certificates)
+            .where(c.status == VALID, c.not_after > after, c.not_after <= until)
+        )
+        with self._db.transaction() as conn:
+            return int(conn.execute(select).scalar_one())
+
     def revoked(self, ca: str, since: datetime | None = None) -> list[Row]:
         """`(serial, revoked_at, reason)` of the CA's revoked certificates (revoked after
         `since` if given), for a CRL. Raises Unavailable."""
