@@ -58,6 +58,22 @@ def test_a_key_rotates_once_per_period_with_two_workers(tmp_path: Path) -> None:
         assert key("rotating")["primary_version"] >= 3
         assert key("still")["primary_version"] == 1 and key("paused")["primary_version"] == 1
 
+        # every worker counts its uses in memory; GET adds what all have flushed (each second)
+        for _ in range(10):
+            signed = httpx.post(
+                f"{gw.addr}/v1/keys/still/sign",
+                json={"input": "aGk="},
+                headers=root,
+                timeout=TIMEOUT,
+            )  # new connections: both workers sign
+            assert signed.status_code == 200
+        deadline = time.monotonic() + 3
+        while key("still")["versions"][0]["uses"] != 10 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (used,) = key("still")["versions"]
+        assert used["uses"] == 10 and used["last_used"] is not None
+        assert [v["uses"] for v in key("paused")["versions"]] == [0]
+
     records = AuditFile(gw.data_dir / "audit.log").search(key="rotating", action="key.rotate")
     done = [r for r in records if r["outcome"] == "ok"]
     assert all(r["principal"] == "system" for r in done)

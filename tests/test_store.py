@@ -430,3 +430,24 @@ def test_a_held_writer_lock_file_makes_a_transaction_unavailable_not_stuck(
     finally:
         os.close(holder)
     assert store.get_meta("anything") is None  # released: works again
+
+
+def test_key_usage_adds_up_across_flushes_and_processes(store):
+    """Two processes' counts (two KeyUsage objects) add up in the store; what one has not
+    flushed yet counts in its own answer."""
+    from kmsgate.usage import KeyUsage
+
+    first, second = KeyUsage(store), KeyUsage(store)
+    for _ in range(3):
+        first.record("k", 1)
+    second.record("k", 1, 4)
+    second.record("k", 2)
+    assert {v: n for v, (n, _) in first.of_key("k").items()} == {1: 3}  # not flushed: its own
+    first.flush()
+    second.flush()
+    second.flush()  # nothing new: adds nothing
+    uses = first.of_key("k")
+    assert {v: n for v, (n, _) in uses.items()} == {1: 7, 2: 1}
+    first.record("k", 2)
+    assert first.of_key("k")[2][0] == 2
+    assert first.of_key("other") == {}

@@ -44,6 +44,13 @@ class CacheRefresher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self._flush_usage()  # the last second's key uses
+
+    def _flush_usage(self) -> None:
+        try:
+            self._service.gate.usage.flush()
+        except KmsgateError as exc:
+            log.warning("key usage not recorded: %s", exc.code)
 
     def _loop(self) -> None:
         interval = self._service.settings.cache_refresh_seconds
@@ -59,6 +66,7 @@ class CacheRefresher:
                 self._service.revocation.refresh()  # revocation: published CRLs, OCSP answers
             except KmsgateError as exc:
                 log.warning("cache refresh failed: %s", exc.code)
+            self._flush_usage()
             if time.monotonic() >= next_tick:
                 self._jobs.run_due()
                 next_tick = time.monotonic() + JOBS_TICK_SECONDS

@@ -229,8 +229,15 @@ def list_keys(
     return {"keys": [key.to_dict() for key in keys]}
 
 
-async def get_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
-    return json_response(service.keys.get(principal, ctx, name).to_dict())
+def get_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
+    """The key, each version with `uses` and `last_used` (all processes, within a second)."""
+    body = service.keys.get(principal, ctx, name).to_dict()
+    usage = service.keys.usage(name)
+    for version in body["versions"]:
+        count, last = usage.get(version["version"], (0, None))
+        version["uses"] = count
+        version["last_used"] = last.isoformat().replace("+00:00", "Z") if last else None
+    return json_response(body)
 
 
 def rotate_key(

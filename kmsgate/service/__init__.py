@@ -29,6 +29,7 @@ from kmsgate.service.pki import Pki
 from kmsgate.service.revocation import Revocation
 from kmsgate.service.system import System
 from kmsgate.store import Store
+from kmsgate.usage import KeyUsage
 
 __all__ = ["STATE_CHANGING", "Call", "Ctx", "Gate", "KeyTarget", "Service"]
 
@@ -80,6 +81,7 @@ class Service:
             audit=audit,
             authenticators=Authenticators(self._authenticators(settings, tokens)),
             grants=grants,
+            usage=KeyUsage(store),
         )
         self.exceptions = Exceptions(self.gate, store, grants, settings.exceptions)
         self.crypto = Crypto(self.gate)

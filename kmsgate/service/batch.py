@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
@@ -9,6 +10,7 @@ from kmsgate.catalogue import Key
 from kmsgate.errors import KmsgateError, TooLarge
 from kmsgate.service.gate import Call, Gate, KeyTarget, Outcome
 from kmsgate.service.results import ItemResults
+from kmsgate.usage import KeyUsage
 
 
 class _Versioned(Protocol):
@@ -41,9 +43,11 @@ def run_items(
     items: Sequence[ItemT],
     batch: bool,
     run: RunAll[ItemT, ResultT],
+    usage: KeyUsage,
 ) -> ItemResults[ResultT]:
-    """Run the items on an enabled key. A single item's error is raised; a batch reports
-    its item and failure counts to the audit record.
+    """Run the items on an enabled key, counting each success in `usage` by version. A
+    single item's error is raised; a batch reports its item and failure counts to the
+    audit record.
 
     Raises KeyDisabled & co. for a key that is not enabled, and a single item's error.
     """
@@ -54,9 +58,13 @@ def run_items(
         if isinstance(result, KmsgateError):
             raise result
         outcome.key_version = result.key_version
+        usage.record(key.name, result.key_version)
         return results
     outcome.detail["items"] = len(items)
     outcome.detail["failed"] = sum(1 for r in results if isinstance(r, KmsgateError))
+    versions = Counter(r.key_version for r in results if not isinstance(r, KmsgateError))
+    for version, count in versions.items():
+        usage.record(key.name, version, count)
     return results
 
 
@@ -76,7 +84,7 @@ def run_on_target(
     def operate(key: Key, outcome: Outcome) -> ItemResults[ResultT]:
         if detail:
             outcome.detail.update(detail)
-        return run_items(key, outcome, items, batch, run)
+        return run_items(key, outcome, items, batch, run, gate.usage)
 
     return gate.run_on_key(call, target, operate)
 

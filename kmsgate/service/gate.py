@@ -23,6 +23,7 @@ from kmsgate.config import Settings
 from kmsgate.errors import KmsgateError, NotFound, PolicyDenied
 from kmsgate.grants import ActiveGrants
 from kmsgate.policy import Decision, PolicyEngine, policy_input
+from kmsgate.usage import KeyUsage
 
 T = TypeVar("T")
 EXCEPTION_REASON = "exception "
@@ -128,9 +129,11 @@ class Gate:
         audit: AuditSink,
         authenticators: Authenticators,
         grants: ActiveGrants,
+        usage: KeyUsage,
     ) -> None:
         self.settings = settings
         self.grants = grants
+        self.usage = usage
         self.catalogue = catalogue
         self.registry = registry
         self.policy = policy

@@ -174,6 +174,11 @@ class Keys:
         """The key `name`. Raises PolicyDenied or NotFound."""
         return self._on_key(principal, ctx, "key.read", name, None, _same_key)
 
+    def usage(self, name: str) -> dict[int, tuple[int, datetime]]:
+        """Version -> (uses, last use) of key `name` by every process (up to a second
+        behind for the others). Only after `get` allowed the caller. Raises Unavailable."""
+        return self.gate.usage.of_key(name)
+
     def public_key_pem(self, principal: Principal, ctx: Ctx, name: str, version: int | None) -> str:
         """PEM SubjectPublicKeyInfo of a version (default: primary). Raises InvalidRequest
         for symmetric keys, KeyVersionUnusable for unknown or destroyed versions."""

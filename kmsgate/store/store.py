@@ -10,6 +10,7 @@ from kmsgate.store.feed import Feed
 from kmsgate.store.grants import Grants
 from kmsgate.store.keys import Keys
 from kmsgate.store.tokens import Tokens
+from kmsgate.store.usage import KeyUsageTable
 
 
 class Store(Database):
@@ -24,4 +25,5 @@ class Store(Database):
         self.certs = Certificates(self)
         self.crls = Crls(self)  # published CRLs and OCSP responders (service/revocation.py)
         self.grants = Grants(self)  # JIT exceptions (service/exceptions.py)
+        self.key_usage = KeyUsageTable(self)  # per-version use counts (kmsgate/usage.py)
         self.feed = Feed(self)

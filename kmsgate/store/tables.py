@@ -133,3 +133,12 @@ changes = sa.Table(
     sa.Column("item", sa.String(128), nullable=False),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
 )
+
+key_usage = sa.Table(
+    "key_usage",
+    metadata,
+    sa.Column("key_name", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Column("last_used", sa.DateTime(timezone=True), nullable=False),
+)
