@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -37,6 +38,9 @@ log = logging.getLogger("kmsgate.jobs")
 ADVISORY_LOCK_ID = 0x6B6D_7367_6A6F_6273  # "kmsgjobs": one lock id for the whole store
 FEED_RETENTION = timedelta(hours=1)  # caches further behind than this reload in full
 SCHEDULER = Ctx(request_id="scheduler")
+TAKEOVER_SECONDS = 2.0
+"""How often a process that does not lead tries the leader lock (the jobs move to another
+process within about this long after the leader dies)."""
 
 
 class LeaderLock(ABC):
@@ -138,6 +142,7 @@ class Jobs:
         self._service = service
         self._lock = lock
         self._led = False
+        self._next_takeover = 0.0
         self._frequent = tuple(frequent)
 
     def run_due(self, now: datetime | None = None) -> bool:
@@ -156,10 +161,16 @@ class Jobs:
         return True
 
     def run_revocation(self, now: datetime | None = None) -> bool:
-        """Publish the CRLs that are due (after a revocation, or on their schedule) if this
-        process leads. A process that did not lead at the last `run_due` does not even try
-        the lock. Returns whether it led."""
-        self._led = self._led and self._lock.acquire()
+        """The leader's frequent jobs (CRLs due after a revocation, grant expiry, scheduled
+        rotations). A process that does not lead tries the lock again every
+        `TAKEOVER_SECONDS` (a leader that died freed it) and, once it leads, runs every job.
+        Returns whether it led."""
+        if not self._led:
+            if time.monotonic() < self._next_takeover:
+                return False
+            self._next_takeover = time.monotonic() + TAKEOVER_SECONDS
+            return self.run_due(now)
+        self._led = self._lock.acquire()
         if not self._led:
             return False
         self._run_frequent(now)

@@ -21,14 +21,18 @@ from kmsgate.api.responses import JsonResponse
 from kmsgate.errors import KmsgateError
 from kmsgate.jobs import Jobs, leader_lock
 from kmsgate.service import Service
+from kmsgate.store.listener import ChangeListener
 
 log = logging.getLogger("kmsgate")
 JOBS_TICK_SECONDS = 60.0
+MIN_REFRESH_GAP_SECONDS = 0.05
+"""The least time between two refreshes, whatever the rate of announced changes."""
 
 
 class CacheRefresher:
-    """Background thread: follows other workers' and replicas' changes (keys and tokens,
-    every `cache_refresh_seconds`) and ticks the scheduled jobs (every
+    """Background thread: follows other workers' and replicas' changes (on PostgreSQL as
+    soon as they are announced, else every `cache_refresh_seconds`), flushes the key usage
+    counts and ticks the scheduled jobs each second (the full set every
     `JOBS_TICK_SECONDS`; only the leader among all processes runs them). Keeps all database
     reads off the request path."""
 
@@ -54,24 +58,38 @@ class CacheRefresher:
 
     def _loop(self) -> None:
         interval = self._service.settings.cache_refresh_seconds
-        next_tick = 0.0
-        while not self._stop.wait(interval):
-            try:
-                self._service.catalogue.refresh()
-                self._service.tokens.refresh()
-                self._service.client_certificates.refresh()
-                self._service.pki.authorities.refresh()
-                self._service.exceptions.active.refresh()  # JIT grants approved or revoked
-                self._service.system.policy_follower.refresh()  # another process's reload
-                self._service.revocation.refresh()  # revocation: published CRLs, OCSP answers
-            except KmsgateError as exc:
-                log.warning("cache refresh failed: %s", exc.code)
-            self._flush_usage()
-            if time.monotonic() >= next_tick:
-                self._jobs.run_due()
-                next_tick = time.monotonic() + JOBS_TICK_SECONDS
-            else:
-                self._jobs.run_revocation()  # revocation: CRLs due after a revocation
+        next_tick = next_second = time.monotonic() + interval
+        listener = ChangeListener(self._service.settings.resolved_database_url(), self._stop)
+        try:
+            while not self._stop.is_set():
+                listener.wait(interval)  # a change announced (PostgreSQL), or a poll's time
+                if self._stop.is_set():
+                    return
+                self._refresh()
+                if time.monotonic() >= next_second:  # once a second: usage, the jobs
+                    next_second = time.monotonic() + interval
+                    self._flush_usage()
+                    if time.monotonic() >= next_tick:
+                        self._jobs.run_due()
+                        next_tick = time.monotonic() + JOBS_TICK_SECONDS
+                    else:
+                        self._jobs.run_revocation()  # also CRLs due after a revocation
+                self._stop.wait(MIN_REFRESH_GAP_SECONDS)  # a stream of changes: 20 refreshes/s
+        finally:
+            listener.close()
+
+    def _refresh(self) -> None:
+        """Every cache follows the store's change feed (a failure is logged, not raised)."""
+        try:
+            self._service.catalogue.refresh()
+            self._service.tokens.refresh()
+            self._service.client_certificates.refresh()
+            self._service.pki.authorities.refresh()
+            self._service.exceptions.active.refresh()  # JIT grants approved or revoked
+            self._service.system.policy_follower.refresh()  # another process's reload
+            self._service.revocation.refresh()  # revocation: published CRLs, OCSP answers
+        except KmsgateError as exc:
+            log.warning("cache refresh failed: %s", exc.code)
 
 
 def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ()) -> FastAPI:

@@ -27,6 +27,9 @@ _BUMP = (
     .returning(tables.meta.c.value)
 )
 _START = tables.meta.insert()
+CHANNEL = "kmsgate_changes"
+"""The PostgreSQL notification channel every committed change is announced on."""
+_NOTIFY = sa.text("SELECT pg_notify(:channel, :aggregate)")
 _CHANGE = tables.changes.insert()
 # built once: composing a statement per call costs more than running it on SQLite
 
@@ -49,6 +52,8 @@ def record_change(conn: Connection, aggregate: str, *items: str) -> None:
             for n, item in enumerate(items, start=1)
         ],
     )
+    if conn.dialect.name == "postgresql":  # delivered to the listeners when this commits
+        conn.execute(_NOTIFY, {"channel": CHANNEL, "aggregate": aggregate})
 
 
 class Feed:
