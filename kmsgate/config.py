@@ -334,6 +334,11 @@ class Settings(BaseSettings):
     audit_path: Path | None = None
     audit_fsync_interval: float = Field(default=0.05, gt=0)
     cache_refresh_seconds: float = Field(default=1.0, gt=0)
+    max_staleness_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="how long key operations go on from the caches while the store is down",
+    )
     backends: dict[str, BackendSettings] = Field(
         default_factory=lambda: {"local": BackendSettings(type="softkms")}
     )

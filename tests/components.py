@@ -40,6 +40,7 @@ __all__ = [
     "log_tail",
     "openssl_bin",
     "postgres_server",
+    "postgres_stopped",
     "require_component",
     "require_postgres",
     "run_openssl",
@@ -232,6 +233,45 @@ def _stop_postgres(bin_dir: Path, data_dir: Path, cwd: Path, as_postgres: bool) 
             os.kill(pid, signal.SIGKILL)
 
 
+def _pg_ctl_start(
+    bin_dir: Path,
+    data_dir: Path,
+    log_file: Path,
+    run_dir: Path,
+    host: str,
+    port: int,
+    as_postgres: bool,
+) -> None:
+    """Start the cluster of ``data_dir`` on ``host:port`` (socket in ``run_dir``) and wait
+    until it accepts connections. Raises RuntimeError (with pg_ctl's output)."""
+    options = (
+        f"-p {port} -k {run_dir} -c listen_addresses={host} -c fsync=off "
+        "-c synchronous_commit=off -c full_page_writes=off"
+    )
+    _run_bounded(
+        [str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-l", str(log_file), "-o", options,
+         "-w", "-t", str(_PG_CTL_WAIT), "start"],
+        timeout=_PG_CTL_TIMEOUT,
+        cwd=run_dir.parent,
+        as_postgres=as_postgres,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def postgres_stopped(server: PostgresServer) -> Iterator[None]:
+    """Stop ``server`` (fast shutdown: connections are cut) for the block, then start it
+    again on the same port. Raises RuntimeError if it does not come back."""
+    bin_dir, as_postgres = check_postgres_prerequisites()
+    _stop_postgres(bin_dir, server.data_dir, server.base_dir, as_postgres)
+    try:
+        yield
+    finally:
+        _pg_ctl_start(
+            bin_dir, server.data_dir, server.log_file, server.socket_dir, server.host,
+            server.port, as_postgres,
+        )  # fmt: skip
+
+
 def check_postgres_prerequisites() -> tuple[Path, bool]:
     """Return (bin dir, run-as-postgres flag) or raise :class:`ComponentMissingError`."""
     try:
@@ -314,29 +354,8 @@ def running_postgres(host: str = LOOPBACK) -> Iterator[PostgresServer]:
         port = 0
         for attempt in range(1, _START_ATTEMPTS + 1):
             port = free_port(host)
-            options = (
-                f"-p {port} -k {run_dir} -c listen_addresses={host} -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off"
-            )
             try:
-                _run_bounded(
-                    [
-                        str(bin_dir / "pg_ctl"),
-                        "-D",
-                        str(data_dir),
-                        "-l",
-                        str(log_file),
-                        "-o",
-                        options,
-                        "-w",
-                        "-t",
-                        str(_PG_CTL_WAIT),
-                        "start",
-                    ],
-                    timeout=_PG_CTL_TIMEOUT,
-                    cwd=base_dir,
-                    as_postgres=as_postgres,
-                )
+                _pg_ctl_start(bin_dir, data_dir, log_file, run_dir, host, port, as_postgres)
                 break
             except RuntimeError as exc:
                 log = _tail(log_file)

@@ -43,6 +43,7 @@ class CacheRefresher:
         self._thread = threading.Thread(target=self._loop, name="kmsgate-refresh", daemon=True)
 
     def start(self) -> None:
+        self._service.gate.freshness.mark()  # the caches were loaded from the store just now
         self._thread.start()
 
     def stop(self) -> None:
@@ -90,6 +91,8 @@ class CacheRefresher:
             self._service.revocation.refresh()  # revocation: published CRLs, OCSP answers
         except KmsgateError as exc:
             log.warning("cache refresh failed: %s", exc.code)
+            return
+        self._service.gate.freshness.mark()
 
 
 def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ()) -> FastAPI:

@@ -230,11 +230,12 @@ def list_keys(
 
 
 def get_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
-    """The key, each version with `uses` and `last_used` (all processes, within a second)."""
+    """The key, each version with `uses` and `last_used` (all processes, within a second;
+    null while the store cannot be reached)."""
     body = service.keys.get(principal, ctx, name).to_dict()
     usage = service.keys.usage(name)
     for version in body["versions"]:
-        count, last = usage.get(version["version"], (0, None))
+        count, last = (None, None) if usage is None else usage.get(version["version"], (0, None))
         version["uses"] = count
         version["last_used"] = last.isoformat().replace("+00:00", "Z") if last else None
     return json_response(body)

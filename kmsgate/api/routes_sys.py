@@ -23,16 +23,17 @@ async def health() -> Response:
 
 
 def ready(service: ServiceDep) -> Response:
-    """Readiness: 200 when every configured backend answers, else 503."""
+    """Readiness: 200 when the store and every configured backend answer, else 503."""
     backends = {
         name: {"type": backend.scheme, "ok": status.ok, "detail": status.detail}
         for name, backend in service.registry.items()
         for status in [backend.status()]
     }
-    ok = all(b["ok"] for b in backends.values())
-    return json_response(
-        {"status": "ok" if ok else "unavailable", "backends": backends}, 200 if ok else 503
-    )
+    problem = service.store.ping()
+    store = {"ok": problem is None, "detail": problem or "ok"}
+    ok = store["ok"] and all(b["ok"] for b in backends.values())
+    body = {"status": "ok" if ok else "unavailable", "store": store, "backends": backends}
+    return json_response(body, 200 if ok else 503)
 
 
 def metrics(

@@ -10,6 +10,7 @@ and if an outcome record cannot be written the result is withheld (fail-closed).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from kmsgate.auth import AuthenticationFailed, Authenticators, Credentials, Prin
 from kmsgate.backends.base import Registry
 from kmsgate.catalogue import Catalogue, Key
 from kmsgate.config import Settings
-from kmsgate.errors import KmsgateError, NotFound, PolicyDenied
+from kmsgate.errors import KmsgateError, NotFound, PolicyDenied, Unavailable
 from kmsgate.grants import ActiveGrants
 from kmsgate.policy import Decision, PolicyEngine, policy_input
 from kmsgate.usage import KeyUsage
@@ -116,6 +117,22 @@ class KeyTarget(NamedTuple):
         return self.key
 
 
+class Freshness:
+    """When the caches last followed the store; stale after `limit` seconds without. Never
+    stale until something follows the store (the API's cache refresher marks it)."""
+
+    def __init__(self, limit: float) -> None:
+        self._limit = limit
+        self._at: float | None = None
+
+    def mark(self) -> None:
+        """The caches have just caught up with the store."""
+        self._at = time.monotonic()
+
+    def stale(self) -> bool:
+        return self._at is not None and time.monotonic() - self._at > self._limit
+
+
 class Gate:
     """Authentication, policy decisions and their audit records for every use case."""
 
@@ -132,6 +149,7 @@ class Gate:
         usage: KeyUsage,
     ) -> None:
         self.settings = settings
+        self.freshness = Freshness(settings.max_staleness_seconds)
         self.grants = grants
         self.usage = usage
         self.catalogue = catalogue
@@ -160,7 +178,13 @@ class Gate:
             raise
 
     def target(self, name: str) -> KeyTarget:
-        """The key `name` as this request will see it (from the cache, or read through)."""
+        """The key `name` as this request will see it (from the cache, or read through).
+        Raises Unavailable when the caches have not been able to follow the store for over
+        `max_staleness_seconds` (a disable or a revocation made elsewhere could be missed)."""
+        if self.freshness.stale():
+            raise Unavailable(
+                "the metadata store has been unreachable for too long to act on cached state"
+            )
         key = self.catalogue.find(name)
         backend = self.registry.find(key.backend) if key and not key.verify_only else None
         return KeyTarget(name, key, backend is not None and backend.blocking)

@@ -16,7 +16,7 @@ from kmsgate.algorithms import KeyType, key_type_of_public_key, parse_key_type
 from kmsgate.auth import SYSTEM, Principal
 from kmsgate.backends.base import AdoptCapable, KeySpec, require_capability
 from kmsgate.catalogue import Key, KeyState, KeyVersion
-from kmsgate.errors import Conflict, InvalidRequest, KmsgateError, NotFound
+from kmsgate.errors import Conflict, InvalidRequest, KmsgateError, NotFound, Unavailable
 from kmsgate.jwk import public_jwk
 from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
@@ -174,10 +174,14 @@ class Keys:
         """The key `name`. Raises PolicyDenied or NotFound."""
         return self._on_key(principal, ctx, "key.read", name, None, _same_key)
 
-    def usage(self, name: str) -> dict[int, tuple[int, datetime]]:
+    def usage(self, name: str) -> dict[int, tuple[int, datetime]] | None:
         """Version -> (uses, last use) of key `name` by every process (up to a second
-        behind for the others). Only after `get` allowed the caller. Raises Unavailable."""
-        return self.gate.usage.of_key(name)
+        behind for the others); None while the store cannot say (the key itself is still
+        served from the catalogue). Only after `get` allowed the caller."""
+        try:
+            return self.gate.usage.of_key(name)
+        except Unavailable:
+            return None
 
     def public_key_pem(self, principal: Principal, ctx: Ctx, name: str, version: int | None) -> str:
         """PEM SubjectPublicKeyInfo of a version (default: primary). Raises InvalidRequest

@@ -19,7 +19,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy.engine import Connection, Engine
 
-from kmsgate.errors import ConfigError, Conflict, Unavailable
+from kmsgate.errors import ConfigError, Conflict, KmsgateError, Unavailable
 from kmsgate.store import tables
 
 Row = Mapping[str, Any]
@@ -34,6 +34,8 @@ def utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+CONNECT_TIMEOUT_SECONDS = 3
+"""How long a new PostgreSQL connection may take before the request gets 503."""
 WRITE_WAIT_SECONDS = 5.0
 """How long a transaction waits for SQLite's writer lock (also SQLite's busy timeout)."""
 
@@ -52,7 +54,10 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: Engine = sa.create_engine(url, pool_pre_ping=True)
+        postgres = sa.engine.make_url(url).get_backend_name() == "postgresql"
+        # a database that cannot be reached fails a request in seconds (503), not minutes
+        connect_args = {"connect_timeout": CONNECT_TIMEOUT_SECONDS} if postgres else {}
+        self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
         self._serial: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _enable_sqlite_wal)
@@ -63,6 +68,15 @@ class Database:
             database = sa.engine.make_url(url).database
             on_disk = bool(database) and database != ":memory:"
             self._serial = _WriterLock(Path(f"{database}.write.lock") if on_disk else None)
+
+    def ping(self) -> str | None:
+        """None if the database answers a query now, else why not (for readiness)."""
+        try:
+            with self.transaction() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except KmsgateError as exc:
+            return exc.detail
+        return None
 
     def migrate(self) -> None:
         """Bring the schema to the latest revision. Raises ConfigError on failure."""

@@ -1,0 +1,77 @@
+"""A gateway whose PostgreSQL goes away for a while: what needs the store answers 503 with
+Retry-After (never 500), readiness says so, signing goes on from the caches for
+`max_staleness_seconds` (then 503 too), and once the database is back everything works
+again without a restart."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.components import PostgresServer, fresh_postgres_database, postgres_stopped
+from tests.test_cli import running_gateway
+
+MESSAGE = "aGVsbG8="
+TIMEOUT = 15.0
+STALE_S = 4
+
+
+@pytest.mark.postgres
+def test_a_database_outage_is_503_and_heals_by_itself(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    with fresh_postgres_database(postgres_server) as url:
+        config = tmp_path / "kmsgate.yaml"
+        config.write_text(json.dumps({"database_url": url, "max_staleness_seconds": STALE_S}))
+        with running_gateway(tmp_path, "--config", str(config)) as gw:
+            root = {"authorization": f"Bearer {gw.root_token}"}
+
+            def call(method: str, path: str, body: object = None) -> httpx.Response:
+                return httpx.request(
+                    method, f"{gw.addr}{path}", json=body, headers=root, timeout=TIMEOUT
+                )
+
+            made = call("POST", "/v1/keys", {"name": "k", "type": "ecdsa-p256", "purpose": "p"})
+            assert made.status_code == 201, made.text
+            assert call("POST", "/v1/keys/k/sign", {"input": MESSAGE}).status_code == 200
+            assert call("GET", "/v1/sys/ready").status_code == 200
+
+            with postgres_stopped(postgres_server):
+                ready = call("GET", "/v1/sys/ready")
+                assert ready.status_code == 503, ready.text
+                assert ready.json()["store"]["ok"] is False
+                signed = call("POST", "/v1/keys/k/sign", {"input": MESSAGE})
+                assert signed.status_code == 200, signed.text  # from the caches
+                shown = call("GET", "/v1/keys/k")
+                assert shown.status_code == 200 and shown.json()["versions"][0]["uses"] is None
+                for method, path, body in (
+                    ("POST", "/v1/keys", {"name": "k2", "type": "ed25519", "purpose": "p"}),
+                    ("POST", "/v1/keys/k/rotate", None),
+                    ("POST", "/v1/sys/tokens", {"roles": ["reader"]}),
+                ):
+                    reply = call(method, path, body)
+                    assert reply.status_code == 503, (path, reply.status_code, reply.text)
+                    assert int(reply.headers["retry-after"]) > 0
+                    assert reply.headers["content-type"] == "application/problem+json"
+                assert call("GET", "/v1/sys/health").status_code == 200  # alive all along
+                # the caches go on only so long: then a disable made elsewhere could be missed
+                deadline = time.monotonic() + STALE_S + 5
+                while (
+                    signed := call("POST", "/v1/keys/k/sign", {"input": MESSAGE})
+                ).status_code == 200:
+                    assert time.monotonic() < deadline, "still signing from stale caches"
+                    time.sleep(0.5)
+                assert signed.status_code == 503 and int(signed.headers["retry-after"]) > 0
+
+            deadline = time.monotonic() + 20
+            while call("GET", "/v1/sys/ready").status_code != 200:
+                assert time.monotonic() < deadline, "not ready again after the database came back"
+                time.sleep(0.5)
+            again = call("POST", "/v1/keys", {"name": "k3", "type": "ed25519", "purpose": "p"})
+            assert again.status_code == 201, again.text
+            assert call("POST", "/v1/keys/k3/sign", {"input": MESSAGE}).status_code == 200
+            assert call("POST", "/v1/keys/k/rotate").status_code == 200
