@@ -26,6 +26,8 @@ from kmsgate.bootstrap import build_service, ensure_root_token, prepare_dev_data
 from kmsgate.config import ROOT_TOKEN_FILE, Settings, dev_data_dir, dev_tls, load_settings
 from kmsgate.errors import ConfigError
 from kmsgate.http_protocol import HttpToolsOneWrite
+from kmsgate.logs import LEVEL_ENV
+from kmsgate.logs import configure as configure_logs
 from kmsgate.servertls import provision, renewal_job
 from kmsgate.service import Service
 
@@ -58,6 +60,7 @@ def _long_lived(app: FastAPI) -> FastAPI:
 
 def create_app_from_env() -> FastAPI:
     """uvicorn factory for worker processes: settings from KMSGATE_* and KMSGATE_CONFIG."""
+    configure_logs(os.environ.get(LEVEL_ENV, "warning"))
     config = os.environ.get("KMSGATE_CONFIG")
     settings = load_settings(Path(config) if config else None)
     service = build_service(settings)
@@ -90,6 +93,8 @@ def serve(
     anything is printed or created).
     """
     settings = load_settings(config, dev=dev or None, data_dir=data_dir, host=host, port=port)
+    configure_logs(log_level)
+    os.environ[LEVEL_ENV] = log_level  # the workers' own
     if tls and settings.tls is None:
         if not settings.dev:
             raise ConfigError("--tls needs `tls` settings in the config file outside dev mode")

@@ -26,7 +26,9 @@ def resolve_caller(request: Request) -> tuple[Service, Principal, Ctx]:
         remote_addr=client[0] if client else None,
         forwarded_cert=_header(request, FORWARDED_CERT_HEADER),
     )
-    return service, service.gate.authenticate(credentials, ctx), ctx
+    principal = service.gate.authenticate(credentials, ctx)
+    request.scope.setdefault("state", {})["principal"] = principal.id  # for the request log
+    return service, principal, ctx
 
 
 def _peer_chain(request: Request) -> tuple[x509.Certificate, ...]:

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kmsgate.api.metrics import UNMATCHED, Metrics
 from kmsgate.api.responses import json_bytes
 from kmsgate.errors import KmsgateError, TooLarge, Unavailable, ValidationFailed
+from kmsgate.logs import request_logger
 
 log = logging.getLogger("kmsgate.api")
 
@@ -128,16 +129,26 @@ def declared_too_large(scope: Scope, limit: int) -> bool:
 
 
 def observe(metrics: Metrics, scope: Scope, status: int, started_at: float) -> None:
-    """Count a finished request by its matched route (`unmatched` if none)."""
+    """Count a finished request by its matched route (`unmatched` if none); at log level
+    info, log it as one JSON line (kmsgate.logs)."""
     route = scope.get("route")
     method = scope["method"] if scope["method"] in _METHODS else "other"
-    metrics.observe_request(
-        getattr(route, "path", UNMATCHED),
-        getattr(route, "name", UNMATCHED),
-        method,
-        status,
-        time.perf_counter() - started_at,
-    )
+    path, operation = getattr(route, "path", UNMATCHED), getattr(route, "name", UNMATCHED)
+    seconds = time.perf_counter() - started_at
+    metrics.observe_request(path, operation, method, status, seconds)
+    if request_logger.isEnabledFor(logging.INFO):
+        state = scope.get("state", {})
+        fields = {
+            "request_id": state.get("request_id"),
+            "method": method,
+            "route": path,
+            "operation": operation,
+            "key": scope.get("path_params", {}).get("name"),
+            "principal": state.get("principal"),
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+        }
+        request_logger.info("request", extra={"fields": fields})
 
 
 class GatewayMiddleware:

@@ -1,0 +1,56 @@
+"""The gateway's own log lines: one JSON object per line on stderr, at the level `serve
+--log-level` gives (warning by default). At info, every request gets a line (logger
+`kmsgate.requests`): request id, method, route template, operation, key, principal,
+status and duration; never a body, a token or a header value."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+
+from kmsgate.errors import ConfigError
+
+__all__ = ["LEVEL_ENV", "configure", "request_logger"]
+
+LEVEL_ENV: Final = "KMSGATE_LOG_LEVEL"
+"""How `serve` passes its log level to its worker processes."""
+LEVELS: Final = ("debug", "info", "warning", "error")
+request_logger = logging.getLogger("kmsgate.requests")
+
+
+class JsonFormatter(logging.Formatter):
+    """`{time, level, logger, message, ...}`; a request line carries its fields instead of
+    a message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        else:
+            line["message"] = record.getMessage()
+        if record.exc_info and record.exc_info[0] is not None:
+            line["error"] = record.exc_info[0].__name__  # the type only: never its text
+        return orjson.dumps(line).decode()
+
+
+def configure(level: str) -> None:
+    """Send the `kmsgate` loggers to stderr as JSON lines at `level` (debug, info, warning,
+    error). Idempotent. Raises ConfigError for another level."""
+    if level.lower() not in LEVELS:
+        raise ConfigError(f"log level {level!r}: use one of {', '.join(LEVELS)}")
+    logger = logging.getLogger("kmsgate")
+    logger.setLevel(level.upper())
+    if not any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        logger.addHandler(handler)
+    logger.propagate = False

@@ -1,0 +1,52 @@
+"""The gateway's JSON log lines (kmsgate.logs): at `--log-level info` one line per request
+with its request id (the one in the reply header and the audit record), route, key,
+principal, status and duration, and never a token or a body."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+
+from kmsgate.audit import AuditFile
+from tests.test_cli import assert_one_line_error, clean_env, run_cli, running_gateway
+
+SECRET_INPUT = "c2VjcmV0LWlucHV0LWJ5dGVz"  # "secret-input-bytes"
+
+
+def test_each_request_is_one_json_line_without_secrets(tmp_path: Path) -> None:
+    with running_gateway(tmp_path, "--log-level", "info") as gw:
+        root = {"authorization": f"Bearer {gw.root_token}"}
+        body = {"name": "logged", "type": "ecdsa-p256", "purpose": "p"}
+        assert httpx.post(f"{gw.addr}/v1/keys", json=body, headers=root).status_code == 201
+        signed = httpx.post(
+            f"{gw.addr}/v1/keys/logged/sign", json={"input": SECRET_INPUT}, headers=root
+        )
+        assert signed.status_code == 200
+        request_id = signed.headers["x-request-id"]
+        refused = httpx.post(f"{gw.addr}/v1/keys/logged/sign", json={"input": SECRET_INPUT})
+        assert refused.status_code == 401
+        time.sleep(0.3)
+        text = gw.output.read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    requests = [line for line in lines if line.get("logger") == "kmsgate.requests"]
+    (line,) = [r for r in requests if r["request_id"] == request_id]
+    assert line["route"] == "/v1/keys/{name}/sign" and line["operation"] == "sign"
+    assert line["key"] == "logged" and line["status"] == 200 and line["method"] == "POST"
+    assert line["principal"] == f"token:{gw.root_token.split('.')[1]}"
+    assert line["duration_ms"] > 0 and line["level"] == "info" and line["time"].endswith("Z")
+    assert any(r["status"] == 401 and r["principal"] is None for r in requests)
+    logged = "\n".join(line for line in text.splitlines() if line.startswith("{"))
+    assert gw.root_token.split(".")[2] not in logged  # (dev mode prints it once, at start)
+    assert SECRET_INPUT not in text
+    records = AuditFile(gw.data_dir / "audit.log").search(action="sign", key="logged")
+    assert any(r["request_id"] == request_id for r in records)
+
+
+def test_an_unknown_log_level_is_one_error_line(tmp_path: Path) -> None:
+    refused = run_cli(
+        ("serve", "--dev", "--data-dir", str(tmp_path), "--log-level", "chatty"), clean_env()
+    )
+    assert_one_line_error(refused, "log level 'chatty'", rc=2)
