@@ -526,6 +526,12 @@ class Client:
         result: dict[str, Any] = self._json("GET", "/v1/sys/health")
         return result
 
+    def ready(self) -> dict[str, Any]:
+        """Readiness: the store's and each backend's status. Raises ApiError (503) when
+        one is down."""
+        result: dict[str, Any] = self._json("GET", "/v1/sys/ready")
+        return result
+
 
 def _segment(value: str) -> str:
     """`value` as one URL path segment (a `/` or `..` in it cannot reach another route)."""

@@ -42,6 +42,7 @@ app.add_typer(exception_app, name="exception")
 # top-level commands, in the order `kmsgate --help` lists them
 app.command()(admin.serve)
 app.command()(admin.login)
+app.command()(admin.health)
 app.command()(keys.sign)
 app.command()(keys.verify)
 app.command()(keys.mac)

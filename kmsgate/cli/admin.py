@@ -14,6 +14,7 @@ from kmsgate.cli.common import (
     call,
     err,
     fail,
+    fail_api,
     out,
     print_json,
     print_table,
@@ -65,6 +66,25 @@ def serve(
         )
     except ConfigError as exc:
         fail(str(exc))
+
+
+# -- health ----------------------------------------------------------------------------------
+
+
+def health(
+    ready: Annotated[
+        bool, typer.Option("--ready", help="Readiness: the store and every backend answer.")
+    ] = False,
+    addr: AddrOpt = None,
+) -> None:
+    """Check that a gateway answers (a container's or a unit's health check): prints `ok`,
+    exit 0; otherwise one error line, exit 2."""
+    try:
+        with Client(addr, anonymous=True) as client:
+            (client.ready if ready else client.health)()
+    except ApiError as exc:
+        fail_api(exc)
+    print("ok")
 
 
 # -- login -----------------------------------------------------------------------------------

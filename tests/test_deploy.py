@@ -1,0 +1,145 @@
+"""deploy/: the Dockerfile, the Compose demo, the Kubernetes manifests and the systemd unit
+are checked as far as this machine can: parsed, cross-checked against each other and the
+README, the settings they carry loaded by kmsgate itself, the unit verified by
+`systemd-analyze verify` and the Compose file by `docker compose config` where they exist."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kmsgate.config import load_settings
+from tests.components import require_component
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+NON_ROOT_UID = 10001
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments), continuation lines joined, comments dropped."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, rest = line.partition(" ")
+            out.append((instruction.upper(), " ".join(rest.split())))
+    return out
+
+
+def test_the_image_installs_as_the_readme_says_and_runs_unprivileged() -> None:
+    steps = _dockerfile()
+    runs = " && ".join(args for ins, args in steps if ins == "RUN")
+    readme = (REPO / "README.md").read_text()
+    run_row = next(line for line in readme.splitlines() if line.startswith("| **run** |"))
+    for step in ("python3 -m venv", "pip install"):
+        assert step in run_row and step in runs, step
+    assert "pip install --no-cache-dir '.[postgres]'" in runs  # this checkout, like the README
+    copied = {args.split()[0] for ins, args in steps if ins == "COPY"}
+    # everything the package build reads: metadata, the package, the shipped policies
+    assert {"pyproject.toml", "kmsgate", "policies"} <= copied
+    assert all((REPO / path).exists() for path in copied)
+    users = [args for ins, args in steps if ins == "USER"]
+    assert users == [str(NON_ROOT_UID)]
+    (health,) = [args for ins, args in steps if ins == "HEALTHCHECK"]
+    assert health.endswith('CMD ["kmsgate", "health"]')
+    (entry,) = [json.loads(args) for ins, args in steps if ins == "ENTRYPOINT"]
+    assert entry == ["kmsgate", "serve"]
+    assert ("VOLUME", '["/var/lib/kmsgate"]') in steps
+
+
+def test_the_compose_demo_holds_together() -> None:
+    compose_dir = DEPLOY / "compose"
+    spec = yaml.safe_load((compose_dir / "compose.yaml").read_text())
+    services: dict[str, Any] = spec["services"]
+    assert {"postgres", "openbao", "kmsgate-1", "kmsgate-2", "kmsgate-3"} <= set(services)
+    replicas = [s for name, s in services.items() if name.startswith("kmsgate-")]
+    ports = set()
+    for service in replicas:
+        assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+        build = service["build"]
+        assert (compose_dir / build["context"] / build["dockerfile"]).resolve() == (
+            DEPLOY / "Dockerfile"
+        )
+        for dependency in service["depends_on"]:
+            assert dependency in services
+        ports |= set(service["ports"])
+        for volume in service["volumes"]:
+            source = volume.split(":")[0]
+            assert source in spec["volumes"] or (compose_dir / source).exists(), volume
+    assert len(ports) == 3
+    settings = load_settings(compose_dir / "kmsgate.yaml")
+    assert set(settings.backends) == {"local", "vault"}
+    if shutil.which("docker") and _docker_compose():
+        done = subprocess.run(
+            ["docker", "compose", "-f", str(compose_dir / "compose.yaml"), "config", "-q"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def _docker_compose() -> bool:
+    done = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def test_the_kubernetes_manifests_hold_together(tmp_path: Path) -> None:
+    documents = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "kmsgate.yaml").read_text()))
+    by_kind = {d["kind"]: d for d in documents}
+    assert set(by_kind) == {
+        "ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "NetworkPolicy",
+    }  # fmt: skip
+    deployment = by_kind["Deployment"]["spec"]
+    pod = deployment["template"]["spec"]
+    (container,) = pod["containers"]
+    labels = deployment["template"]["metadata"]["labels"]
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        selector = by_kind[kind]["spec"].get("selector") or by_kind[kind]["spec"]["podSelector"]
+        assert selector["matchLabels"].items() <= labels.items()
+    assert by_kind["Service"]["spec"]["selector"].items() <= labels.items()
+    assert deployment["replicas"] > by_kind["PodDisruptionBudget"]["spec"]["minAvailable"] >= 2
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == NON_ROOT_UID
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v1/sys/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v1/sys/ready"
+    port_names = {p["name"] for p in container["ports"]}
+    assert by_kind["Service"]["spec"]["ports"][0]["targetPort"] in port_names
+    mounted = {m["name"] for m in container["volumeMounts"]}
+    assert mounted == {v["name"] for v in pod["volumes"]}
+    # the settings the ConfigMap carries load (with the database URL the Secret gives)
+    config = tmp_path / "kmsgate.yaml"
+    config.write_text(by_kind["ConfigMap"]["data"]["kmsgate.yaml"])
+    settings = load_settings(config, database_url="postgresql+psycopg://u@postgres/kms")
+    assert settings.tls is not None and settings.tls.serves_https
+    assert settings.env == "prod"
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (DEPLOY / "systemd" / "kmsgate.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert shlex.split(exec_start.removeprefix("ExecStart="))[1:] == ["serve", "--workers", "2"]
+    for hardening in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
+                      "CapabilityBoundingSet=", "StateDirectory=kmsgate"):  # fmt: skip
+        assert hardening in unit.splitlines(), hardening
+    if shutil.which("systemd-analyze") is None:
+        require_component("systemd-analyze", "not on this machine; the unit was parsed only")
+    # verify with this environment's kmsgate in place of /opt/kmsgate's
+    local = tmp_path / "kmsgate.service"
+    script = Path(sys.executable).parent / "kmsgate"
+    local.write_text(unit.replace("/opt/kmsgate/bin/kmsgate", str(script)))
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
