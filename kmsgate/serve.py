@@ -44,6 +44,9 @@ SERVER_OPTIONS: dict[str, Any] = {
     # connection from 127.0.0.1: any local process could claim another address
     "proxy_headers": False,
     "server_header": False,  # no "server: uvicorn" in every reply
+    # SIGTERM: stop accepting, finish the requests in flight for at most this long, then
+    # close the service (the audit sinks flush); under a 30 s termination grace period
+    "timeout_graceful_shutdown": 20,
 }
 
 

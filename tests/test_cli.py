@@ -106,6 +106,7 @@ class Gateway:
     root_token: str
     data_dir: Path
     output: Path  # the server's stdout and stderr
+    process: subprocess.Popen[bytes] | None = None  # `kmsgate serve` (its group's leader)
 
     def env(self, token: str | None = None, **extra: str) -> dict[str, str]:
         """Client environment: this gateway's address and `token` (default: the root token;
@@ -218,7 +219,7 @@ def running_gateway(
                 if "address already in use" in text.lower() and attempt < START_ATTEMPTS:
                     continue
                 pytest.fail(f"kmsgate serve exited with {proc.returncode}:\n{text}", pytrace=False)
-            yield Gateway(addr, token, data_dir, output)
+            yield Gateway(addr, token, data_dir, output, proc)
             return
         finally:
             _stop(proc)
