@@ -10,8 +10,10 @@ import functools
 import gc
 import ipaddress
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from rich.console import Console
 from uvicorn.supervisors import Multiprocess
 
 from kmsgate.api.app import create_app
+from kmsgate.api.metrics import MULTIPROCESS_ENV
 from kmsgate.bootstrap import build_service, ensure_root_token, prepare_dev_data_dir
 from kmsgate.config import ROOT_TOKEN_FILE, Settings, dev_data_dir, dev_tls, load_settings
 from kmsgate.errors import ConfigError
@@ -148,7 +151,13 @@ def serve(
             log_level=log_level,
             **options,
         )
-        Multiprocess(per_worker, sockets=[sock]).run()
+        # the workers' request metrics, summed when any of them is scraped
+        metrics_dir = tempfile.mkdtemp(prefix="kmsgate-metrics-")
+        os.environ[MULTIPROCESS_ENV] = metrics_dir
+        try:
+            Multiprocess(per_worker, sockets=[sock]).run()
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _refuse_plain_http_off_loopback(settings: Settings) -> None:

@@ -50,3 +50,24 @@ def test_an_unknown_log_level_is_one_error_line(tmp_path: Path) -> None:
         ("serve", "--dev", "--data-dir", str(tmp_path), "--log-level", "chatty"), clean_env()
     )
     assert_one_line_error(refused, "log level 'chatty'", rc=2)
+
+
+def test_a_scrape_sums_the_requests_of_every_worker(tmp_path: Path) -> None:
+    with running_gateway(tmp_path, "--workers", "2") as gw:
+        root = {"authorization": f"Bearer {gw.root_token}", "connection": "close"}
+        body = {"name": "counted", "type": "ed25519", "purpose": "p"}
+        assert httpx.post(f"{gw.addr}/v1/keys", json=body, headers=root).status_code == 201
+        for _ in range(40):  # new connections: both workers answer some
+            signed = httpx.post(
+                f"{gw.addr}/v1/keys/counted/sign", json={"input": SECRET_INPUT}, headers=root
+            )
+            assert signed.status_code == 200
+        sample = (
+            'kmsgate_http_requests_total{method="POST",route="/v1/keys/{name}/sign",status="200"}'
+        )
+        for _ in range(6):  # whichever worker answers the scrape
+            text = httpx.get(f"{gw.addr}/metrics", headers=root).text
+            values = [
+                line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(sample)
+            ]
+            assert values == ["40.0"], values

@@ -6,17 +6,22 @@ that matched no route is counted under the route `unmatched`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from kmsgate.errors import BackendError, BackendUnavailable, KmsgateError
 
 UNMATCHED = "unmatched"
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus-client's multiprocess mode: each worker keeps its counters in files of this
+directory (read at import: set before the workers start)."""
 # Operations take from ~50 µs (softkms sign) to seconds (a remote backend under load).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -84,10 +89,14 @@ class Metrics:
         alerts: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        """The request, latency and backend metrics (this process's)."""
+        self.local = CollectorRegistry(auto_describe=True)
+        """What is read when scraped: cache reloads (this process's), alert gauges."""
         if caches:
-            self.registry.register(_CacheReloads(caches))
+            self.local.register(_CacheReloads(caches))
         if alerts:
-            self.registry.register(_Alerts(alerts))
+            self.local.register(_Alerts(alerts))
+        self._multiprocess_dir = os.environ.get(MULTIPROCESS_ENV)
         self._requests = Counter(
             "kmsgate_http_requests",
             "HTTP requests by route template, method and status code.",
@@ -134,5 +143,11 @@ class Metrics:
             self._backend_errors.labels(exc.code).inc()
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of every metric: with several worker processes
+        (`MULTIPROCESS_ENV` set by `serve --workers N`), the request metrics of all of them,
+        summed (prometheus-client's multiprocess mode)."""
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry) + generate_latest(self.local)
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]  # unannotated upstream
+        return generate_latest(every_worker) + generate_latest(self.local)
