@@ -283,6 +283,11 @@ def test_the_proxy_forwards_a_workload_until_its_certificate_is_revoked(
     assert revoked.status_code == 200, revoked.text
     refused = _whoami(gw, xfcc(cert))
     assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+    metrics = httpx.get(
+        f"{gw.addr}/metrics", headers={"authorization": f"Bearer {gw.root_token}"}, timeout=TIMEOUT
+    ).text.splitlines()
+    assert "kmsgate_certificates_revoked 1.0" in metrics
+    assert "kmsgate_certificates_valid 0.0" in metrics
 
     records = AuditFile(gw.data_dir / "audit.log").search(action="principal.read")
     assert any(

@@ -61,6 +61,8 @@ class _Alerts(Collector):
     nothing is exported when they cannot be computed (the store is down)."""
 
     HELP: Final = {
+        "certificates_valid": "Certificates of the inventory not revoked (expired ones too).",
+        "certificates_revoked": "Revoked certificates of the inventory.",
         "certificates_expiring_7d": "Valid certificates of the inventory that end within 7 days.",
         "keys_rotation_overdue": "Keys whose scheduled rotation is over a minute late.",
         "grants_active": "JIT exceptions in force.",

@@ -13,6 +13,7 @@ from kmsgate.service.gate import WHOAMI, Call, Ctx, Gate, Outcome, exceptions_na
 from kmsgate.service.requests import AuditQuery, NewToken, PolicyQuery
 from kmsgate.service.results import Identity, PolicyInfo, PolicyVerdict
 from kmsgate.store import Store
+from kmsgate.store.certificates import REVOKED, VALID
 
 ROTATION_GRACE = timedelta(minutes=1)
 """How late a scheduled rotation may be before /metrics counts it as overdue."""
@@ -125,9 +126,9 @@ class System:
 
     def alerts(self) -> dict[str, float]:
         """What an operator alerts on, for /metrics (read when scraped; only the certificate
-        count asks the store): certificates expiring within 7 days, keys whose scheduled
-        rotation is over a minute late, active grants and those ending within an hour.
-        Raises Unavailable (the store is down)."""
+        counts ask the store): certificates valid, revoked and expiring within 7 days, keys
+        whose scheduled rotation is over a minute late, active grants and those ending
+        within an hour. Raises Unavailable (the store is down)."""
         at = now()
         late = at - ROTATION_GRACE
         overdue = sum(
@@ -137,7 +138,10 @@ class System:
         )
         grants = self.gate.grants.active_grants(at)
         soon = at + timedelta(hours=1)
+        statuses = self.store.certs.count_by_status()
         return {
+            "certificates_valid": statuses.get(VALID, 0),
+            "certificates_revoked": statuses.get(REVOKED, 0),
             "certificates_expiring_7d": self.store.certs.count_expiring(at, at + timedelta(days=7)),
             "keys_rotation_overdue": overdue,
             "grants_active": len(grants),

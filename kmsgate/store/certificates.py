@@ -197,6 +197,14 @@ class Certificates:
             after = rows[-1]["serial"]
         return found[: query.limit]
 
+    def count_by_status(self) -> dict[str, int]:
+        """How many certificates the inventory holds in each stored status (valid,
+        revoked). Raises Unavailable."""
+        c = tables.certificates.c
+        select = sa.select(c.status, sa.func.count()).group_by(c.status)
+        with self._db.transaction() as conn:
+            return {str(status): int(count) for status, count in conn.execute(select).all()}
+
     def count_expiring(self, after: datetime, until: datetime) -> int:
         """How many valid (unrevoked) certificates end between `after` and `until`.
         Raises Unavailable."""
