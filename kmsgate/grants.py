@@ -93,24 +93,12 @@ class Grant:
         }
 
     def to_dict(self, at: datetime) -> dict[str, Any]:
-        """The API's view at time `at`."""
-        return {
-            "id": self.id,
-            "state": self.state(at).value,
-            "principal": self.principal,
-            "actions": list(self.actions),
-            "resource": self.resource,
-            "duration": int(self.duration.total_seconds()),
-            "ticket": self.ticket,
-            "reason": self.reason,
-            "requested_at": self.requested_at,
-            "pending_until": self.pending_until,
-            "approvals": [dict(a) for a in self.approvals],
-            "approved_at": self.approved_at,
-            "expires_at": self.expires_at,
-            "revoked_at": self.revoked_at,
-            "revoked_by": self.revoked_by,
-        }
+        """The API's view at time `at`: the row, with its state, the duration in seconds
+        as `duration`, and not the scheduler's `ended_at`."""
+        view = self.row()
+        view["duration"] = view.pop("duration_s")
+        del view["ended_at"]
+        return {"id": self.id, "state": self.state(at).value, **view}
 
     def row(self) -> dict[str, Any]:
         """The store's row."""

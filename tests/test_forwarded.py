@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,6 +26,8 @@ from kmsgate.auth.forwarded import ForwardedMtlsAuthenticator, parse_xfcc
 from kmsgate.auth.mtls import MtlsAuthenticator
 from kmsgate.errors import Unauthenticated
 from kmsgate.pki.csr import new_key_and_csr
+from kmsgate.pki.issuer import key_usage
+from tests.pki.ceremony import OfflineRoot
 from tests.test_cli import Gateway, running_gateway
 
 PROXY = "127.0.0.2"
@@ -93,28 +95,8 @@ def test_any_header_parses_or_is_refused_as_unauthenticated(value: str) -> None:
 # -- the authenticator, with a CA made here ----------------------------------------------------
 
 
-class LocalCa:
-    """A CA made here, with the extensions RFC 5280 path validation wants."""
-
-    def __init__(self, name: str = "proxy-test-ca") -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.now(UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_usage(cert_sign=True), critical=True)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
-            )
-            .sign(self.key, hashes.SHA256())
-        )
+class LocalCa(OfflineRoot):
+    """A CA made here (another than kmsgate's), issuing client certificates."""
 
     def leaf(
         self,
@@ -137,27 +119,13 @@ class LocalCa:
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
             )
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(_usage(cert_sign=False), critical=True)
+            .add_extension(key_usage(digital_signature=True), critical=True)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
             )
             .sign(self.key, hashes.SHA256())
         )
-
-
-def _usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=not cert_sign,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 @pytest.fixture(scope="module")
