@@ -24,7 +24,7 @@ from rich.console import Console
 from uvicorn.supervisors import Multiprocess
 
 from kmsgate.api.app import create_app
-from kmsgate.api.metrics import MULTIPROCESS_ENV
+from kmsgate.api.metrics import SNAPSHOT_DIR_ENV
 from kmsgate.bootstrap import build_service, ensure_root_token, prepare_dev_data_dir
 from kmsgate.config import ROOT_TOKEN_FILE, Settings, dev_data_dir, dev_tls, load_settings
 from kmsgate.errors import ConfigError
@@ -153,7 +153,7 @@ def serve(
         )
         # the workers' request metrics, summed when any of them is scraped
         metrics_dir = tempfile.mkdtemp(prefix="kmsgate-metrics-")
-        os.environ[MULTIPROCESS_ENV] = metrics_dir
+        os.environ[SNAPSHOT_DIR_ENV] = metrics_dir
         try:
             Multiprocess(per_worker, sockets=[sock]).run()
         finally:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from kmsgate.audit import AuditFile
 from tests.test_cli import assert_one_line_error, clean_env, run_cli, running_gateway
@@ -65,9 +66,17 @@ def test_a_scrape_sums_the_requests_of_every_worker(tmp_path: Path) -> None:
         sample = (
             'kmsgate_http_requests_total{method="POST",route="/v1/keys/{name}/sign",status="200"}'
         )
+        time.sleep(1.5)  # each worker leaves a snapshot of its counts every second
         for _ in range(6):  # whichever worker answers the scrape
             text = httpx.get(f"{gw.addr}/metrics", headers=root).text
             values = [
                 line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(sample)
             ]
             assert values == ["40.0"], values
+            families = {f.name: f for f in text_string_to_metric_families(text)}  # it parses
+            (count,) = [
+                s.value
+                for s in families["kmsgate_operation_duration_seconds"].samples
+                if s.name.endswith("_count") and s.labels == {"operation": "sign"}
+            ]
+            assert count == 40

@@ -36,9 +36,13 @@ class CacheRefresher:
     `JOBS_TICK_SECONDS`; only the leader among all processes runs them). Keeps all database
     reads off the request path."""
 
-    def __init__(self, service: Service, jobs: Jobs) -> None:
+    def __init__(
+        self, service: Service, jobs: Jobs, every_second: Callable[[], None] = lambda: None
+    ) -> None:
+        """`every_second`: more work for this thread each second (the metrics snapshot)."""
         self._service = service
         self._jobs = jobs
+        self._every_second = every_second
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kmsgate-refresh", daemon=True)
 
@@ -70,6 +74,7 @@ class CacheRefresher:
                 if time.monotonic() >= next_second:  # once a second: usage, the jobs
                     next_second = time.monotonic() + interval
                     self._flush_usage()
+                    self._every_second()
                     if time.monotonic() >= next_tick:
                         self._jobs.run_due()
                         next_tick = time.monotonic() + JOBS_TICK_SECONDS
@@ -102,7 +107,8 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         lock = leader_lock(service.settings.resolved_database_url())
-        refresher = CacheRefresher(service, Jobs(service, lock, leader_jobs))
+        metrics: Metrics = app.state.metrics
+        refresher = CacheRefresher(service, Jobs(service, lock, leader_jobs), metrics.snapshot)
         refresher.start()
         try:
             yield

@@ -2,26 +2,35 @@
 
 Labels are bounded: routes are templates (`/v1/keys/{name}/sign`), never raw paths; a request
 that matched no route is counted under the route `unmatched`.
+
+With several worker processes (`serve --workers N` sets `SNAPSHOT_DIR_ENV`), each worker
+counts in memory as a single process does and writes a snapshot of its request metrics to
+that directory every second (`Metrics.snapshot`); a scrape, whichever worker answers it,
+sums the others' latest snapshots and its own live values. prometheus-client's own
+multiprocess mode (a memory-mapped file write per increment) measured 10-35% fewer
+requests per second on the hot routes.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
-from typing import Final, Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final, Protocol
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from kmsgate.errors import BackendError, BackendUnavailable, KmsgateError
 
+log = logging.getLogger("kmsgate.metrics")
 UNMATCHED = "unmatched"
-MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-"""prometheus-client's multiprocess mode: each worker keeps its counters in files of this
-directory (read at import: set before the workers start)."""
+SNAPSHOT_DIR_ENV = "KMSGATE_METRICS_DIR"
+"""Where the workers of one `serve` leave their metric snapshots."""
 # Operations take from ~50 µs (softkms sign) to seconds (a remote backend under load).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -98,7 +107,8 @@ class Metrics:
             self.local.register(_CacheReloads(caches))
         if alerts:
             self.local.register(_Alerts(alerts))
-        self._multiprocess_dir = os.environ.get(MULTIPROCESS_ENV)
+        snapshots = os.environ.get(SNAPSHOT_DIR_ENV)
+        self._snapshots = Path(snapshots) if snapshots else None
         self._requests = Counter(
             "kmsgate_http_requests",
             "HTTP requests by route template, method and status code.",
@@ -144,12 +154,65 @@ class Metrics:
         if isinstance(exc, BackendError | BackendUnavailable):
             self._backend_errors.labels(exc.code).inc()
 
+    def snapshot(self) -> None:
+        """Leave this process's request metrics for the other workers' scrapes (no-op with
+        one worker). Never raises: a snapshot that cannot be written is logged."""
+        if self._snapshots is None:
+            return
+        families = [
+            {"name": m.name, "help": m.documentation, "type": m.type,
+             "samples": [[s.name, s.labels, s.value] for s in m.samples]}
+            for m in self.registry.collect()
+        ]  # fmt: skip
+        path = self._snapshots / f"{os.getpid()}.json"
+        try:
+            temporary = path.with_suffix(".tmp")
+            temporary.write_bytes(orjson.dumps(families))
+            temporary.replace(path)
+        except OSError as exc:
+            log.warning("metrics snapshot not written: %s", exc.strerror)
+
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric: with several worker processes
-        (`MULTIPROCESS_ENV` set by `serve --workers N`), the request metrics of all of them,
-        summed (prometheus-client's multiprocess mode)."""
-        if self._multiprocess_dir is None:
+        """The Prometheus text exposition of every metric: with several workers, the
+        request metrics of all of them summed (see the module's docstring)."""
+        if self._snapshots is None:
             return generate_latest(self.registry) + generate_latest(self.local)
         every_worker = CollectorRegistry()
-        MultiProcessCollector(every_worker, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]  # unannotated upstream
+        every_worker.register(_Summed(self._snapshots, self.registry))
         return generate_latest(every_worker) + generate_latest(self.local)
+
+
+class _Summed(Collector):
+    """This worker's live request metrics plus the other workers' latest snapshots."""
+
+    def __init__(self, directory: Path, live: CollectorRegistry) -> None:
+        self._directory = directory
+        self._live = live
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+
+        def add(name: str, help_text: str, kind: str, samples: Iterable[Any]) -> None:
+            merged.setdefault(name, Metric(name, help_text, kind))
+            for sample_name, labels, value in samples:  # summed, then added to the family
+                key = (name, sample_name, tuple(sorted(labels.items())))
+                values[key] = values.get(key, 0.0) + float(value)
+
+        for metric in self._live.collect():
+            add(metric.name, metric.documentation, metric.type,
+                [(s.name, s.labels, s.value) for s in metric.samples])  # fmt: skip
+        own = f"{os.getpid()}.json"
+        for path in sorted(self._directory.glob("*.json")):
+            if path.name == own:
+                continue
+            try:
+                families = orjson.loads(path.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                continue  # a worker replacing its snapshot right now: the next scrape has it
+            for family in families:
+                add(family["name"], family["help"], family["type"], family["samples"])
+        for (name, sample_name, labels), value in values.items():
+            if not sample_name.endswith("_created"):  # a sum of creation times means nothing
+                merged[name].add_sample(sample_name, dict(labels), value)
+        yield from merged.values()
