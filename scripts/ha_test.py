@@ -17,6 +17,9 @@ through it kills one replica with SIGKILL. Then it checks the invariants and pri
 
 Exit status 0 when every invariant holds, 1 otherwise. The test suite runs a short form
 (tests/test_ha.py). Usage: python scripts/ha_test.py [--duration 20] [--signers 3]
+
+With `--scaling` it measures instead single-sign throughput through 1, 2 and 3 replicas
+(one worker each, one wrk per replica at once) and the replicas' CPU per signature.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import base64
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +49,10 @@ from cryptography.hazmat.primitives import serialization
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench  # noqa: E402  (its CPU accounting)
 
 from kmsgate.pki.csr import new_key_and_csr  # noqa: E402
 from tests.components import (  # noqa: E402
@@ -90,15 +98,16 @@ def _kmsgate() -> str:
 
 
 @contextmanager
-def replicas(base: Path, database_url: str) -> Iterator[list[Replica]]:
-    """Three dev gateways on one data dir and one PostgreSQL database, started one after
-    the other (the first makes the dev CA and the root token); stopped on exit."""
+def replicas(base: Path, database_url: str, count: int = REPLICAS) -> Iterator[list[Replica]]:
+    """`count` dev gateways (one worker each) on one data dir and one PostgreSQL database,
+    started one after the other (the first makes the dev CA and the root token); stopped
+    on exit."""
     config = base / "kmsgate.yaml"
     config.write_text(json.dumps({"database_url": database_url}))
     data = base / "data"
     started: list[Replica] = []
     try:
-        for n in range(REPLICAS):
+        for n in range(count):
             port = free_port()
             log = base / f"replica-{n}.log"
             argv = [_kmsgate(), "serve", "--dev", "--data-dir", str(data), "--config", str(config)]
@@ -380,12 +389,78 @@ def _rotated_within(load: Load, replica: Replica, name: str, since: int, limit: 
     return False
 
 
+SIGN_LUA = """wrk.method = "POST"
+wrk.body = '{"input": "%s"}'
+wrk.headers["content-type"] = "application/json"
+wrk.headers["authorization"] = "Bearer %s"
+"""
+
+
+def scaling(duration: float, connections: int) -> int:
+    """Single-sign throughput through 1, 2 and 3 replicas (one worker each) on one
+    PostgreSQL: one wrk per replica, all at once; the replicas' CPU per signature. Prints a
+    table; exit 1 if a request failed."""
+    if shutil.which("wrk") is None:
+        print("ha_test.py --scaling needs wrk (Debian: apt-get install -y wrk)")
+        return 1
+    rows: list[tuple[int, float, float]] = []
+    failed = 0
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="kmsgate-scale-") as tmp:
+        server = stack.enter_context(running_postgres())
+        for count in range(1, REPLICAS + 1):
+            base = Path(tmp) / f"n{count}"
+            base.mkdir()
+            with fresh_postgres_database(server) as url, replicas(base, url, count) as nodes:
+                token = (base / "data" / "root-token").read_text().strip()
+                load = Load(nodes, token, Tally())
+                body = {"name": "scale", "type": "ecdsa-p256", "purpose": "ha"}
+                made = load.call(nodes[0], "POST", "/v1/keys", body)
+                assert made is not None and made.status_code == 201, made and made.text
+                script = base / "sign.lua"
+                script.write_text(SIGN_LUA % (MESSAGE, token))
+                before = sum(bench.process_group_cpu(r.proc.pid) or 0.0 for r in nodes)
+                wrk = ["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "-s"]
+                runs = [
+                    subprocess.Popen(
+                        [*wrk, str(script), f"{r.addr}/v1/keys/scale/sign"],
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                    for r in nodes
+                ]
+                outputs = [run.communicate()[0] for run in runs]
+                cpu = sum(bench.process_group_cpu(r.proc.pid) or 0.0 for r in nodes) - before
+            rate = sum(_wrk_number(o, "Requests/sec:") for o in outputs)
+            failed += sum(int(_wrk_number(o, "Non-2xx or 3xx responses:")) for o in outputs)
+            rows.append((count, rate, cpu / max(rate * duration, 1) * 1000))
+    print(f"{'replicas':>8} {'sign req/s':>11} {'vs 1':>6} {'server CPU ms/sign':>19}")
+    for count, rate, cpu_ms in rows:
+        print(f"{count:>8} {rate:>11,.0f} {rate / max(rows[0][1], 1):>5.2f}x {cpu_ms:>19.3f}")
+    print(f"failed requests: {failed}; {os.cpu_count()} cores shared by the replicas, "
+          "PostgreSQL and wrk")  # fmt: skip
+    return 0 if failed == 0 else 1
+
+
+def _wrk_number(output: str, label: str) -> float:
+    """The number after `label` in wrk's report (0 when the line is absent)."""
+    for line in output.splitlines():
+        if line.strip().startswith(label):
+            return float(line.split(":", 1)[1].split()[0].replace(",", ""))
+    return 0.0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
     parser.add_argument("--signers", type=int, default=3, help="signing threads")
+    parser.add_argument(
+        "--scaling", action="store_true", help="measure sign req/s over 1, 2 and 3 replicas"
+    )
+    parser.add_argument("--connections", type=int, default=16, help="per wrk (--scaling)")
     args = parser.parse_args()
     os.environ.setdefault("KMSGATE_LOG_LEVEL", "warning")
+    if args.scaling:
+        return scaling(args.duration, args.connections)
     return run(args.duration, args.signers)
 
 

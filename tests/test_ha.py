@@ -38,3 +38,20 @@ def test_three_replicas_keep_every_invariant_when_one_is_killed() -> None:
     for invariant in INVARIANTS:
         assert any(line.startswith("ok") and invariant in line for line in lines), report
     assert done.returncode == 0, report
+
+
+@pytest.mark.postgres
+def test_the_scaling_measurement_runs_one_to_three_replicas() -> None:
+    require_postgres()
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--scaling", "--duration", "2", "--connections", "4"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2", "3"], done.stdout
+    assert all(float(row[1].replace(",", "")) > 0 for row in rows), done.stdout
+    assert "failed requests: 0" in done.stdout
