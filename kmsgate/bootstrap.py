@@ -145,7 +145,9 @@ def build_service(settings: Settings) -> Service:
         registry=registry,
         policy=PolicyEngine.load(settings.policy_dir),
         audit=FileSink(
-            settings.resolved_audit_path(), fsync_interval=settings.audit_fsync_interval
+            settings.resolved_audit_path(),
+            fsync_interval=settings.audit_fsync_interval,
+            replica=settings.replica_id,
         ),
         tokens=TokenRegistry(store),
     )

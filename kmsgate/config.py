@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +40,9 @@ def _shipped_policy_dir() -> Path:
     checkout = Path(__file__).resolve().parent.parent / "policies"
     installed = Path(sys.prefix) / "share" / "kmsgate" / "policies"
     return checkout if checkout.is_dir() or not installed.is_dir() else installed
+
+
+_REPLICA_UNSAFE = re.compile(r"[^A-Za-z0-9._-]|^[._-]+")
 
 
 def dev_data_dir() -> Path:
@@ -333,6 +337,11 @@ class Settings(BaseSettings):
     policy_dir: Path = Field(default_factory=_shipped_policy_dir)
     audit_path: Path | None = None
     audit_fsync_interval: float = Field(default=0.05, gt=0)
+    replica_id: str = Field(
+        default_factory=lambda: _REPLICA_UNSAFE.sub("-", socket.gethostname())[:64] or "kmsgate",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="named in every audit record this gateway writes (default: the host name)",
+    )
     cache_refresh_seconds: float = Field(default=1.0, gt=0)
     max_staleness_seconds: float = Field(
         default=30.0,

@@ -601,6 +601,15 @@ def test_audit_verify_passes_on_the_server_log_and_names_an_edited_line(
     assert_one_line_error(broken, f"line {index + 1}", rc=1)
     # the server's own log is untouched and still verifies
     assert run_cli(("audit", "verify", str(log)), clean_env()).rc == 0
+    # several logs (one per replica): each is checked and named; one broken fails them all
+    both = run_cli(("audit", "verify", str(log), str(log)), clean_env())
+    assert both.rc == 0 and both.out.count(f"{log}: ok:") == 2, str(both)
+    assert_one_line_error(
+        run_cli(("audit", "verify", str(log), str(copy)), clean_env()), f"line {index + 1}", rc=1
+    )
+    # every record names the replica that wrote it (the host name by default)
+    replicas = {json.loads(line)["replica"] for line in log.read_text().splitlines()}
+    assert replicas == {re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64]}
 
 
 def test_policy_test_passes_on_the_shipped_policies() -> None:

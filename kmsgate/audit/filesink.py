@@ -185,9 +185,12 @@ class FileSink(AuditFile):
     `search` and `verify` read every chain of the log in place (see `AuditFile`).
     """
 
-    def __init__(self, path: Path, *, fsync_interval: float = 0.05) -> None:
+    def __init__(
+        self, path: Path, *, fsync_interval: float = 0.05, replica: str | None = None
+    ) -> None:
         """Claim a chain file of the audit log at `path` (see `_claim_chain`) and resume
-        its chain from the last record.
+        its chain from the last record. `replica`: the id every record names (a replica's
+        records stay its own once shipped elsewhere).
 
         Raises ConfigError if no chain file can be opened and locked, the claimed file's
         last line is torn or not a sealed record, or its head file shows records deleted or
@@ -197,6 +200,7 @@ class FileSink(AuditFile):
             raise ConfigError("audit fsync_interval must be positive")
         super().__init__(path)
         self._interval = fsync_interval
+        self._replica = {"replica": replica} if replica else {}
         self._chain, self._fd = _claim_chain(self._path)
         try:
             self._size = os.fstat(self._fd).st_size
@@ -245,6 +249,7 @@ class FileSink(AuditFile):
                 "seq": seq + 1,
                 "time": self._clock.now(),
                 "prev": prev,
+                **self._replica,
                 **fields,
             }
             body = canonical(record)

@@ -205,25 +205,33 @@ def token_revoke(token_id: str, addr: AddrOpt = None, token: TokenOpt = None) ->
 
 
 @audit_app.command("verify")
-def audit_verify(path: Path) -> None:
-    """Check the hash chains of an audit log (the file and the chain files of the other
-    writer processes beside it); names the first broken record."""
+def audit_verify(
+    paths: Annotated[list[Path], typer.Argument(help="Audit logs: one per replica, say.")],
+) -> None:
+    """Check the hash chains of audit logs (each file and the chain files of the other
+    writer processes beside it); names the first broken record. Exit 1 if one is broken."""
     from kmsgate.audit import AuditFile
 
-    try:
-        report = AuditFile(path).verify()
-    except (OSError, ValueError) as exc:
-        fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
-    if not report.ok:
-        where = report.chain or path
-        fail(f"audit log {where} broken at line {report.first_bad_line}: {report.reason}", code=1)
-    if report.chains == 1:
-        out.print(f"ok: {report.records} records, chain intact", highlight=False)
-    else:
-        out.print(
-            f"ok: {report.records} records in {report.chains} chains, every chain intact",
-            highlight=False,
-        )
+    for path in paths:
+        try:
+            report = AuditFile(path).verify()
+        except (OSError, ValueError) as exc:
+            fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+        if not report.ok:
+            where = report.chain or path
+            fail(
+                f"audit log {where} broken at line {report.first_bad_line}: {report.reason}",
+                code=1,
+            )
+        prefix = f"{path}: " if len(paths) > 1 else ""
+        if report.chains == 1:
+            out.print(f"{prefix}ok: {report.records} records, chain intact", highlight=False)
+        else:
+            out.print(
+                f"{prefix}ok: {report.records} records in {report.chains} chains, "
+                "every chain intact",
+                highlight=False,
+            )
 
 
 @policy_app.command("explain")
