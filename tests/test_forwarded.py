@@ -256,6 +256,12 @@ def test_the_proxy_forwards_a_workload_until_its_certificate_is_revoked(
     ).text.splitlines()
     assert "kmsgate_certificates_revoked 1.0" in metrics
     assert "kmsgate_certificates_valid 0.0" in metrics
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics if " " in line
+              and not line.startswith("#")}  # fmt: skip
+    assert 0 <= values["kmsgate_crl_age_seconds"] < 3600
+    assert values['kmsgate_policy_decisions_total{result="allow"}'] >= 3
+    assert values['kmsgate_policy_decisions_total{result="deny"}'] >= 0
+    assert values["kmsgate_audit_fsync_seconds_count"] >= 1
 
     records = AuditFile(gw.data_dir / "audit.log").search(action="principal.read")
     assert any(

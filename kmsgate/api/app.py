@@ -147,7 +147,14 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
             "cas": service.pki.authorities,
             "grants": service.exceptions.active,
         },
-        service.system.alerts,
+        lambda: {**service.system.alerts(), "crl_age_seconds": service.revocation.oldest_crl_age()},
+        (
+            lambda: service.gate.decisions,
+            lambda: (
+                getattr(service.audit, "fsyncs", 0),
+                getattr(service.audit, "fsync_seconds", 0.0),
+            ),
+        ),
     )
     gateway = {
         "max_body_bytes": service.settings.limits.max_body_bytes,

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -74,6 +79,7 @@ class _Alerts(Collector):
         "certificates_revoked": "Revoked certificates of the inventory.",
         "certificates_expiring_7d": "Valid certificates of the inventory that end within 7 days.",
         "keys_rotation_overdue": "Keys whose scheduled rotation is over a minute late.",
+        "crl_age_seconds": "Age of the oldest current full CRL the gateway publishes.",
         "grants_active": "JIT exceptions in force.",
         "grants_ending_1h": "JIT exceptions in force that end within the hour.",
     }
@@ -90,6 +96,33 @@ class _Alerts(Collector):
             yield GaugeMetricFamily(f"kmsgate_{name}", self.HELP.get(name, name), value=value)
 
 
+class _Work(Collector):
+    """This process's policy decisions by result and audit group commits (fsync count and
+    time), read when collected (so summed over workers like the request metrics)."""
+
+    def __init__(
+        self, decisions: Callable[[], Sequence[int]], fsyncs: Callable[[], tuple[int, float]]
+    ) -> None:
+        self._decisions = decisions
+        self._fsyncs = fsyncs
+
+    def collect(self) -> Iterator[Metric]:
+        denied, allowed = self._decisions()
+        family = CounterMetricFamily(
+            "kmsgate_policy_decisions", "Policy decisions taken, by result.", labels=["result"]
+        )
+        family.add_metric(["allow"], allowed)
+        family.add_metric(["deny"], denied)
+        yield family
+        count, seconds = self._fsyncs()
+        yield SummaryMetricFamily(
+            "kmsgate_audit_fsync_seconds",
+            "Audit group commits (one fsync covers every record written since the last).",
+            count_value=count,
+            sum_value=seconds,
+        )
+
+
 class Metrics:
     """Request counts by route and status, latency per operation, backend errors, and the
     reloads of `caches`."""
@@ -98,9 +131,14 @@ class Metrics:
         self,
         caches: Mapping[str, ReloadCounts] | None = None,
         alerts: Callable[[], Mapping[str, float]] | None = None,
+        work: tuple[Callable[[], Sequence[int]], Callable[[], tuple[int, float]]] | None = None,
     ) -> None:
+        """`work`: readers of this process's policy decisions ([denied, allowed]) and audit
+        group commits ((count, seconds))."""
         self.registry = CollectorRegistry(auto_describe=True)
-        """The request, latency and backend metrics (this process's)."""
+        """The request, latency, backend, decision and audit metrics (this process's)."""
+        if work:
+            self.registry.register(_Work(*work))
         self.local = CollectorRegistry(auto_describe=True)
         """What is read when scraped: cache reloads (this process's), alert gauges."""
         if caches:

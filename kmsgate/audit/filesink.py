@@ -201,6 +201,9 @@ class FileSink(AuditFile):
         super().__init__(path)
         self._interval = fsync_interval
         self._replica = {"replica": replica} if replica else {}
+        self.fsyncs = 0
+        self.fsync_seconds = 0.0
+        """Group commits so far and the time they took (for /metrics)."""
         self._chain, self._fd = _claim_chain(self._path)
         try:
             self._size = os.fstat(self._fd).st_size
@@ -299,7 +302,10 @@ class FileSink(AuditFile):
             seq, digest = self._head
             if os.fstat(self._fd).st_size != self._size:
                 raise ValueError(f"audit log {self._chain} was written outside its sink")
+        started = time.perf_counter()
         os.fsync(self._fd)  # covers every record up to (seq, digest)
+        self.fsync_seconds += time.perf_counter() - started
+        self.fsyncs += 1
         write_head(self._chain, seq, digest)
 
     def close(self) -> None:

@@ -149,6 +149,8 @@ class Gate:
         usage: KeyUsage,
     ) -> None:
         self.settings = settings
+        self.decisions = [0, 0]
+        """Decisions taken by this process: [denied, allowed] (for /metrics)."""
         self.freshness = Freshness(settings.max_staleness_seconds)
         self.grants = grants
         self.usage = usage
@@ -249,6 +251,7 @@ class Gate:
         record the decision on entry (raising PolicyDenied or AuditUnavailable before the
         block runs), record the block's outcome on exit."""
         decision = decision or self.decide(call.principal, call.action, call.resource, call.request)
+        self.decisions[decision.allow] += 1
         facts = self._facts(call, decision)
         if not decision.allow:
             self.audit.append(AuditEvent(**facts, outcome=PolicyDenied.code))

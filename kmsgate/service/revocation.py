@@ -117,6 +117,19 @@ class Revocation:
         self.published.refresh()
         self.answers.refresh()
 
+    def oldest_crl_age(self) -> float:
+        """Seconds since the oldest current full CRL of the CAs the gateway publishes for
+        was built (0 when none is published yet): for /metrics."""
+        at = now()
+        ages = [
+            (at - published.full.this_update).total_seconds()
+            for ca in self.pki.authorities.all()
+            if _serves(ca)
+            and (published := self.published.find(ca.name, read_through=False)) is not None
+            and published.full is not None
+        ]
+        return max(ages, default=0.0)
+
     # -- relying parties (public) ----------------------------------------------------------
 
     def crl(self, ca_name: str, *, delta: bool = False) -> bytes:
