@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from kmsgate.errors import KmsgateError
 from kmsgate.store import Store
 
-__all__ = ["KeyUsage"]
+__all__ = ["BackendTimes", "KeyUsage"]
 
 
 @dataclass(slots=True)
@@ -68,3 +68,16 @@ class KeyUsage:
                 (count, at) if before is None else (before[0] + count, max(before[1], at))
             )
         return stored
+
+
+class BackendTimes:
+    """Per backend: the key operations run on its keys, those that met a backend failure
+    (unreachable, or failing), and the seconds they took; this process's, for /metrics."""
+
+    def __init__(self) -> None:
+        self.by_backend: dict[str, tuple[int, int, float]] = {}
+
+    def record(self, backend: str, seconds: float, *, failed: bool) -> None:
+        # one tuple swap per operation: a reader never sees half an update
+        count, failures, total = self.by_backend.get(backend, (0, 0, 0.0))
+        self.by_backend[backend] = (count + 1, failures + failed, total + seconds)

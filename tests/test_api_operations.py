@@ -362,6 +362,11 @@ def test_metrics_count_routes_by_template_and_time_each_operation(api, admin):
     assert _metric(text, sign) == 3
     assert _metric(text, 'kmsgate_operation_duration_seconds_count{operation="sign"}') == 4
     assert _metric(text, 'kmsgate_operation_duration_seconds_count{operation="create_key"}') == 1
+    # the three signs ran on the `local` backend's key; decisions counted by result
+    assert _metric(text, 'kmsgate_backend_operation_seconds_count{backend="local"}') == 3
+    assert _metric(text, 'kmsgate_backend_operation_seconds_sum{backend="local"}') > 0
+    assert _metric(text, 'kmsgate_backend_failures_total{backend="local"}') == 0
+    assert _metric(text, 'kmsgate_policy_decisions_total{result="allow"}') >= 5
     # every latency sample fell under the last finite bucket
     assert (
         _metric(text, 'kmsgate_operation_duration_seconds_bucket{le="10.0",operation="sign"}') == 4

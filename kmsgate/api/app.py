@@ -15,7 +15,7 @@ from kmsgate import __version__
 from kmsgate.api import routes_exceptions, routes_keys, routes_pki, routes_revocation, routes_sys
 from kmsgate.api.docs import install_docs
 from kmsgate.api.fastpath import GatewayApp
-from kmsgate.api.metrics import Metrics
+from kmsgate.api.metrics import Metrics, Work
 from kmsgate.api.problems import GatewayMiddleware, RequestIds, install_error_handlers
 from kmsgate.api.responses import JsonResponse
 from kmsgate.errors import KmsgateError
@@ -148,12 +148,13 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
             "grants": service.exceptions.active,
         },
         lambda: {**service.system.alerts(), "crl_age_seconds": service.revocation.oldest_crl_age()},
-        (
-            lambda: service.gate.decisions,
-            lambda: (
+        Work(
+            decisions=lambda: service.gate.decisions,
+            fsyncs=lambda: (
                 getattr(service.audit, "fsyncs", 0),
                 getattr(service.audit, "fsync_seconds", 0.0),
             ),
+            backends=lambda: service.gate.backend_times.by_backend,
         ),
     )
     gateway = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -96,15 +97,27 @@ class _Alerts(Collector):
             yield GaugeMetricFamily(f"kmsgate_{name}", self.HELP.get(name, name), value=value)
 
 
-class _Work(Collector):
-    """This process's policy decisions by result and audit group commits (fsync count and
-    time), read when collected (so summed over workers like the request metrics)."""
+BackendTally = Mapping[str, tuple[int, int, float]]
+"""backend -> (operations, failed, seconds)"""
 
-    def __init__(
-        self, decisions: Callable[[], Sequence[int]], fsyncs: Callable[[], tuple[int, float]]
-    ) -> None:
-        self._decisions = decisions
-        self._fsyncs = fsyncs
+
+@dataclass(frozen=True)
+class Work:
+    """Readers of this process's work: policy decisions ([denied, allowed]), audit group
+    commits ((count, seconds)) and key operations per backend."""
+
+    decisions: Callable[[], Sequence[int]]
+    fsyncs: Callable[[], tuple[int, float]]
+    backends: Callable[[], BackendTally]
+
+
+class _Work(Collector):
+    """`Work`, read when collected (so summed over workers like the request metrics)."""
+
+    def __init__(self, work: Work) -> None:
+        self._decisions = work.decisions
+        self._fsyncs = work.fsyncs
+        self._backends = work.backends
 
     def collect(self) -> Iterator[Metric]:
         denied, allowed = self._decisions()
@@ -121,6 +134,21 @@ class _Work(Collector):
             count_value=count,
             sum_value=seconds,
         )
+        operations = SummaryMetricFamily(
+            "kmsgate_backend_operation_seconds",
+            "Key operations (one request's items) run on each backend's keys, and their time.",
+            labels=["backend"],
+        )
+        failures = CounterMetricFamily(
+            "kmsgate_backend_failures",
+            "Key operations that met a backend failure (unreachable or failing), by backend.",
+            labels=["backend"],
+        )
+        for backend, (done, failed, spent) in sorted(self._backends().items()):
+            operations.add_metric([backend], count_value=done, sum_value=spent)
+            failures.add_metric([backend], failed)
+        yield operations
+        yield failures
 
 
 class Metrics:
@@ -131,14 +159,12 @@ class Metrics:
         self,
         caches: Mapping[str, ReloadCounts] | None = None,
         alerts: Callable[[], Mapping[str, float]] | None = None,
-        work: tuple[Callable[[], Sequence[int]], Callable[[], tuple[int, float]]] | None = None,
+        work: Work | None = None,
     ) -> None:
-        """`work`: readers of this process's policy decisions ([denied, allowed]) and audit
-        group commits ((count, seconds))."""
         self.registry = CollectorRegistry(auto_describe=True)
         """The request, latency, backend, decision and audit metrics (this process's)."""
         if work:
-            self.registry.register(_Work(*work))
+            self.registry.register(_Work(work))
         self.local = CollectorRegistry(auto_describe=True)
         """What is read when scraped: cache reloads (this process's), alert gauges."""
         if caches:

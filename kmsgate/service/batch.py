@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from kmsgate.catalogue import Key
-from kmsgate.errors import KmsgateError, TooLarge
+from kmsgate.errors import BackendError, BackendUnavailable, KmsgateError, TooLarge
 from kmsgate.service.gate import Call, Gate, KeyTarget, Outcome
 from kmsgate.service.results import ItemResults
-from kmsgate.usage import KeyUsage
+from kmsgate.usage import BackendTimes, KeyUsage
 
 
 class _Versioned(Protocol):
@@ -44,15 +45,23 @@ def run_items(
     batch: bool,
     run: RunAll[ItemT, ResultT],
     usage: KeyUsage,
+    backends: BackendTimes,
 ) -> ItemResults[ResultT]:
-    """Run the items on an enabled key, counting each success in `usage` by version. A
-    single item's error is raised; a batch reports its item and failure counts to the
-    audit record.
+    """Run the items on an enabled key, counting each success in `usage` by version and
+    the run in `backends`. A single item's error is raised; a batch reports its item and
+    failure counts to the audit record.
 
     Raises KeyDisabled & co. for a key that is not enabled, and a single item's error.
     """
     key.require_enabled()
-    results = run(key, items)
+    started = time.perf_counter()
+    try:
+        results = run(key, items)
+    except KmsgateError as exc:
+        backends.record(key.backend, time.perf_counter() - started, failed=_backend_failure(exc))
+        raise
+    failed = any(_backend_failure(r) for r in results)
+    backends.record(key.backend, time.perf_counter() - started, failed=failed)
     if not batch:
         result = results[0]
         if isinstance(result, KmsgateError):
@@ -84,9 +93,13 @@ def run_on_target(
     def operate(key: Key, outcome: Outcome) -> ItemResults[ResultT]:
         if detail:
             outcome.detail.update(detail)
-        return run_items(key, outcome, items, batch, run, gate.usage)
+        return run_items(key, outcome, items, batch, run, gate.usage, gate.backend_times)
 
     return gate.run_on_key(call, target, operate)
+
+
+def _backend_failure(result: object) -> bool:
+    return isinstance(result, BackendError | BackendUnavailable)
 
 
 def check_size(data: bytes, limit: int) -> bytes:

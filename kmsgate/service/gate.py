@@ -24,7 +24,7 @@ from kmsgate.config import Settings
 from kmsgate.errors import KmsgateError, NotFound, PolicyDenied, Unavailable
 from kmsgate.grants import ActiveGrants
 from kmsgate.policy import Decision, PolicyEngine, policy_input
-from kmsgate.usage import KeyUsage
+from kmsgate.usage import BackendTimes, KeyUsage
 
 T = TypeVar("T")
 EXCEPTION_REASON = "exception "
@@ -149,6 +149,7 @@ class Gate:
         usage: KeyUsage,
     ) -> None:
         self.settings = settings
+        self.backend_times = BackendTimes()
         self.decisions = [0, 0]
         """Decisions taken by this process: [denied, allowed] (for /metrics)."""
         self.freshness = Freshness(settings.max_staleness_seconds)
