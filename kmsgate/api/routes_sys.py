@@ -23,13 +23,16 @@ async def health() -> Response:
 
 
 def ready(service: ServiceDep) -> Response:
-    """Readiness: 200 when the store and every configured backend answer, else 503."""
+    """Readiness: 200 when the store and every configured backend answer and the caches
+    follow the store (not stale: key operations would be refused), else 503."""
     backends = {
         name: {"type": backend.scheme, "ok": status.ok, "detail": status.detail}
         for name, backend in service.registry.items()
         for status in [backend.status()]
     }
     problem = service.store.ping()
+    if problem is None and service.gate.freshness.stale():
+        problem = "the caches have not followed the store yet"
     store = {"ok": problem is None, "detail": problem or "ok"}
     ok = store["ok"] and all(b["ok"] for b in backends.values())
     body = {"status": "ok" if ok else "unavailable", "store": store, "backends": backends}
