@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -104,9 +105,21 @@ class ServerTls:
 
 
 def _load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
-    """Raises ConfigError if the pair cannot be read or does not match."""
+    """Load the pair into `context` as it is at one moment: both files are read once, and
+    the copies are checked in a scratch context before `context` is touched (a live
+    context that took a new certificate and a key that does not match it, caught between
+    a rotation's two renames, would fail every handshake until the next reload). Raises
+    ConfigError if the pair cannot be read or does not match."""
     try:
-        context.load_cert_chain(certfile=cert_file, keyfile=key_file)
+        pair = (cert_file.read_bytes(), key_file.read_bytes())
+        # a private (0700) directory: the key directory may be read-only (a mounted Secret)
+        with tempfile.TemporaryDirectory(prefix="kmsgate-tls-") as private:
+            copies = (Path(private) / "cert.pem", Path(private) / "key.pem")
+            for path, data in zip(copies, pair, strict=True):
+                path.touch(mode=0o600)
+                path.write_bytes(data)
+            for target in (ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), context):
+                target.load_cert_chain(certfile=copies[0], keyfile=copies[1])
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the TLS certificate {cert_file}: {exc}") from None
 
