@@ -10,7 +10,8 @@ through it kills one replica with SIGKILL. Then it checks the invariants and pri
 - no lost update: every certificate a replica issued is in the inventory, serials unique;
   the rotated key's versions are 1..N without a gap or a duplicate;
 - every disable and token revocation enforced by every replica within 1 s (the maximum);
-- one CRL build per revocation burst;
+- one CRL build per revocation burst (the burst starts right after a build: the jobs
+  leader builds at most once a tick, so a burst spanning two ticks would make two);
 - the replicas left kept serving after the kill, and the scheduled jobs (a key rotating
   every 2 s) went on within 10 s;
 - every audit chain verifies (the killed replica's included).
@@ -265,14 +266,22 @@ def _crl(load: Load, replica: Replica) -> x509.CertificateRevocationList | None:
 
 
 def revocation_burst(load: Load) -> tuple[int, float]:
-    """Revoke five issued certificates at once through different replicas; wait until every
-    replica's CRL lists them. Returns (CRL builds meanwhile: `crl.build` audit records,
-    seconds until listed)."""
+    """Revoke five issued certificates at once through different replicas, right after a
+    CRL build (so that the burst falls within one tick of the jobs leader, which builds at
+    most once a tick); wait until every replica's CRL lists them. Returns (CRL builds
+    meanwhile: `crl.build` audit records, seconds until listed)."""
     nodes = load.alive()
     with load.tally.lock:
-        serials = load.tally.issued[-5:]
-    since = datetime.now(UTC).isoformat()
+        pacer, serials = load.tally.issued[-6], load.tally.issued[-5:]
     revoke = {"reason": "keyCompromise"}
+    load.call(nodes[0], "POST", f"/v1/pki/certs/{pacer}/revoke", revoke)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the pacer's build marks the start of a tick
+        crl = _crl(load, nodes[0])
+        if crl is not None and int(pacer, 16) in {e.serial_number for e in crl}:
+            break
+        time.sleep(0.02)
+    since = datetime.now(UTC).isoformat()
     threads = [
         threading.Thread(
             target=load.call,
