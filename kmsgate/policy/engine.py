@@ -71,6 +71,13 @@ class PolicyTestResult:
 # Loading
 
 
+def _log_failure(message: str, exc: BaseException) -> None:
+    """Log an evaluation error by its type and policy location, never its text (which can
+    quote input data). `message` has two %s: the type, then " at <file:line:col>" or ""."""
+    match = _LOCATION.search(str(exc))
+    _log.error(message, type(exc).__name__, f" at {match.group(1)}" if match else "")
+
+
 def _error_text(exc: BaseException) -> str:
     """regorus error text without the Rust backtrace that RUST_BACKTRACE=1 appends."""
     text = str(exc).split("Stack backtrace:", 1)[0].strip()
@@ -379,12 +386,7 @@ class PolicyEngine:
             )
             denials = engine.eval_rule(DENY_RULE) if state.has_deny and allow is True else None
         except Exception as exc:
-            match = _LOCATION.search(str(exc))
-            _log.error(
-                "policy evaluation failed (%s%s); request denied",
-                type(exc).__name__,
-                f" at {match.group(1)}" if match else "",
-            )
+            _log_failure("policy evaluation failed (%s%s); request denied", exc)
             return Decision(allow=False, reasons=())
         vetoes = _strings(denials)
         if vetoes:  # a `deny` rule overrides every allow
@@ -406,14 +408,8 @@ class PolicyEngine:
             engine.set_input_json(orjson.dumps(dict(input_doc)).decode())
             roles = engine.eval_rule(ROLES_RULE)
         except Exception as exc:
-            text = _error_text(exc)
-            if not text.startswith(_NO_RULE):
-                match = _LOCATION.search(text)
-                _log.error(
-                    "policy roles evaluation failed (%s%s)",
-                    type(exc).__name__,
-                    f" at {match.group(1)}" if match else "",
-                )
+            if not _error_text(exc).startswith(_NO_RULE):
+                _log_failure("policy roles evaluation failed (%s%s)", exc)
             return ()
         return _strings(roles)
 

@@ -4,7 +4,6 @@ recorded in the "grants" change feed."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -73,23 +72,3 @@ class Grants:
             conn.execute(sa.update(grants).where(grants.c.id == grant_id).values(**values))
             record_change(conn, AGGREGATE, grant_id)
         return {**row, **values}
-
-    def end_due(self, now: datetime) -> list[Row]:
-        """Mark ended (`ended_at = now`) the grants whose time ran out by `now`: approved
-        ones past `expires_at`, pending ones past `pending_until`; return them as they were.
-        Raises Unavailable."""
-        c = tables.grants.c
-        due = sa.and_(
-            c.ended_at.is_(None),
-            sa.or_(
-                sa.and_(c.approved_at.is_not(None), c.expires_at <= now),
-                sa.and_(c.approved_at.is_(None), c.pending_until <= now),
-            ),
-        )
-        with self._db.transaction() as conn:
-            rows = [_row(r) for r in conn.execute(sa.select(tables.grants).where(due)).mappings()]
-            if rows:
-                ids = [row["id"] for row in rows]
-                conn.execute(sa.update(tables.grants).where(c.id.in_(ids)).values(ended_at=now))
-                record_change(conn, AGGREGATE, *ids)
-        return rows
