@@ -451,3 +451,15 @@ def test_key_usage_adds_up_across_flushes_and_processes(store):
     first.record("k", 2)
     assert first.of_key("k")[2][0] == 2
     assert first.of_key("other") == {}
+
+
+def test_audit_anchors_keep_the_last_checkpoint_of_each_chain(store):
+    """One row per replica and chain file, replaced by each new checkpoint."""
+    from kmsgate.store.checkpoints import AuditAnchor
+
+    first = AuditAnchor("r1", "audit.log", 11, "a" * 64, 10, "b" * 64, "t1", False, "k", 1)
+    store.audit_anchors.save(first)
+    store.audit_anchors.save(replace(first, chain="audit.1.log"))
+    latest = replace(first, record_seq=22, record_hash="c" * 64, seq=21, final=True, key_version=2)
+    store.audit_anchors.save(latest)
+    assert store.audit_anchors.all() == [replace(first, chain="audit.1.log"), latest]

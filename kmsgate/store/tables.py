@@ -142,3 +142,18 @@ key_usage = sa.Table(
     sa.Column("count", sa.BigInteger, nullable=False),
     sa.Column("last_used", sa.DateTime(timezone=True), nullable=False),
 )
+
+audit_checkpoints = sa.Table(
+    "audit_checkpoints",
+    metadata,
+    sa.Column("replica", sa.String(64), primary_key=True),
+    sa.Column("chain", sa.String(128), primary_key=True),
+    sa.Column("record_seq", sa.BigInteger, nullable=False),
+    sa.Column("record_hash", sa.String(64), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("signed_at", sa.String(32), nullable=False),
+    sa.Column("final", sa.Boolean, nullable=False),
+    sa.Column("key_name", sa.String(128), nullable=False),
+    sa.Column("key_version", sa.Integer, nullable=False),
+)
