@@ -16,8 +16,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kmsgate.audit.chain import GENESIS_HASH, decode, seal_problem
+from kmsgate.audit.checkpoint import (
+    CHECKPOINT_ACTION,
+    ChainCheckpoints,
+    PublicKeys,
+    check_checkpoints,
+)
 from kmsgate.audit.headfile import head_path, read_head
 from kmsgate.audit.sink import VerifyReport
+from kmsgate.store.checkpoints import AuditAnchor
 
 __all__ = ["AuditFile", "chain_path", "chain_paths", "iter_records"]
 
@@ -93,21 +100,33 @@ class AuditFile:
         found.sort(key=lambda record: str(record.get("time", "")))  # stable: chain order kept
         return found[-limit:]
 
-    def verify(self) -> VerifyReport:
-        """Check every chain: recompute every hash, check prev links, seq continuity and the
-        head file. Reports the first broken line (and its file). Raises OSError if the log
-        cannot be read, FileNotFoundError if it has no chain file.
+    def verify(
+        self, *, keys: PublicKeys | None = None, anchors: Sequence[AuditAnchor] = ()
+    ) -> VerifyReport:
+        """Check every chain: recompute every hash, check prev links, seq continuity, the
+        head file and the checkpoints (see `check_checkpoints`: their signatures with
+        `keys`; against the store's `anchors`, which must also name no missing chain file).
+        Reports the first broken line (and its file). Raises OSError if the log cannot be
+        read, FileNotFoundError if it has no chain file.
         """
         chains = chain_paths(self._path)
         if not chains:
             raise FileNotFoundError(2, "No such file or directory", str(self._path))
         records = 0
+        summaries: list[ChainCheckpoints] = []
         for chain in chains:
-            report = _verify_chain(chain)
+            report, summary = _verify_chain(chain, keys, anchors)
             records += report.records
             if not report.ok:
                 return replace(report, records=records, chains=len(chains))
-        return VerifyReport(True, records, None, None, chains=len(chains))
+            assert summary is not None
+            summaries.append(summary)
+        missing = _missing_chain(self._path, summaries, anchors)
+        if missing is not None:
+            return VerifyReport(False, records, 1, missing[1], missing[0], chains=len(chains))
+        return VerifyReport(
+            True, records, None, None, chains=len(chains), checkpoints=tuple(summaries)
+        )
 
 
 # --- search ----------------------------------------------------------------------------
@@ -143,21 +162,53 @@ def _matches(
 # --- verification ----------------------------------------------------------------------
 
 
-def _verify_chain(path: Path) -> VerifyReport:
-    """`AuditFile.verify` for one chain file. Raises OSError."""
+def _verify_chain(
+    path: Path, keys: PublicKeys | None, anchors: Sequence[AuditAnchor]
+) -> tuple[VerifyReport, ChainCheckpoints | None]:
+    """`AuditFile.verify` for one chain file, and what its checkpoints prove (None when the
+    chain is broken). Raises OSError."""
     hashes: list[str] = []
+    checkpoints: dict[int, dict[str, object]] = {}
+    replica: str | None = None
     prev = GENESIS_HASH
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             record, reason = _line_problem(raw, lineno, prev)
             if record is None:
-                return VerifyReport(False, len(hashes), lineno, reason, path)
+                return VerifyReport(False, len(hashes), lineno, reason, path), None
             prev = str(record["hash"])
             hashes.append(prev)
-    head_problem = _head_problem(path, hashes)
-    if head_problem is not None:
-        return VerifyReport(False, len(hashes), head_problem[0], head_problem[1], path)
-    return VerifyReport(True, len(hashes), None, None)
+            if record.get("action") == CHECKPOINT_ACTION:
+                checkpoints[lineno] = record
+            if replica is None:
+                replica = str(record.get("replica", ""))
+    problem = _head_problem(path, hashes)
+    anchor = next(
+        (a for a in anchors if a.chain == path.name and replica in (None, a.replica)), None
+    )
+    summary, checkpoint_problem = check_checkpoints(
+        path, replica or "", hashes, checkpoints, keys, anchor
+    )
+    problem = problem or checkpoint_problem
+    if problem is not None:
+        return VerifyReport(False, len(hashes), problem[0], problem[1], path), None
+    return VerifyReport(True, len(hashes), None, None), summary
+
+
+def _missing_chain(
+    path: Path, summaries: Sequence[ChainCheckpoints], anchors: Sequence[AuditAnchor]
+) -> tuple[Path, str] | None:
+    """(file, reason) if the store has a checkpoint of a chain file of this log's replicas
+    (any replica when no chain names one) that does not exist."""
+    present = {summary.chain.name for summary in summaries}
+    replicas = {summary.replica for summary in summaries if summary.records}
+    for anchor in anchors:
+        if anchor.chain not in present and (not replicas or anchor.replica in replicas):
+            return path.with_name(anchor.chain), (
+                f"chain file {anchor.chain} is missing but the store's last checkpoint of it "
+                f"is record {anchor.record_seq} (deleted)"
+            )
+    return None
 
 
 def _line_problem(raw: bytes, lineno: int, prev: str) -> tuple[dict[str, object] | None, str]:

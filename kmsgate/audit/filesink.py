@@ -24,10 +24,17 @@ from pathlib import Path
 from types import TracebackType
 
 from kmsgate.audit.chain import GENESIS_HASH, canonical, decode, seal_problem, sealed_line
+from kmsgate.audit.checkpoint import (
+    CHECKPOINT_ACTION,
+    CheckpointPolicy,
+    checkpoint_fields,
+    signed_payload,
+)
 from kmsgate.audit.events import AuditEvent, record_fields
 from kmsgate.audit.filereader import AuditFile, chain_path
 from kmsgate.audit.headfile import head_path, read_head, write_head
-from kmsgate.errors import AuditUnavailable, ConfigError
+from kmsgate.errors import AuditUnavailable, ConfigError, KmsgateError
+from kmsgate.store.checkpoints import AuditAnchor
 
 __all__ = ["FileSink"]
 
@@ -88,8 +95,9 @@ def _hash_at(lines: Iterator[bytes], seq: int) -> object:
     return None
 
 
-def _resume(path: Path, fd: int, size: int) -> tuple[int, str]:
-    """The (seq, hash) to chain onto, checked against the head file.
+def _resume(path: Path, fd: int, size: int) -> tuple[int, str, bool]:
+    """The (seq, hash) to chain onto, checked against the head file, and whether the last
+    record is a final checkpoint (the chain was closed by a checkpointing sink).
 
     Raises ConfigError if the last line is torn or not a sealed record, or if the head file
     shows that records were deleted or rewritten; OSError if reading fails.
@@ -101,7 +109,7 @@ def _resume(path: Path, fd: int, size: int) -> tuple[int, str]:
     if size == 0:
         if head is not None and head[0] > 0:
             raise ConfigError(f"audit log {path} is empty but its head file says seq {head[0]}")
-        return 0, GENESIS_HASH
+        return 0, GENESIS_HASH, False
     if os.pread(fd, 1, size - 1) != b"\n":
         raise ConfigError(f"audit log {path}: last line is incomplete (torn write?)")
     lines = _lines_from_end(fd, size - 1)
@@ -117,7 +125,13 @@ def _resume(path: Path, fd: int, size: int) -> tuple[int, str]:
     assert isinstance(seq, int) and isinstance(digest, str)  # checked by seal_problem
     if head is not None and head[0] > 0:
         _check_head(path, head, seq, digest, lines)
-    return seq, digest
+    detail = last.get("detail")
+    closed = (
+        last.get("action") == CHECKPOINT_ACTION
+        and isinstance(detail, dict)
+        and detail.get("final") is True
+    )
+    return seq, digest, closed
 
 
 def _check_head(
@@ -180,13 +194,17 @@ def _fsync_dir(directory: Path) -> None:
 
 class FileSink(AuditFile):
     """An audit log's chain file for this process, append-only and hash-chained, with
-    group-commit fsync: an `AuditSink`.
+    group-commit fsync and, given a `CheckpointPolicy`, signed checkpoints: an `AuditSink`.
 
     `search` and `verify` read every chain of the log in place (see `AuditFile`).
     """
 
     def __init__(
-        self, path: Path, *, fsync_interval: float = 0.05, replica: str | None = None
+        self,
+        path: Path,
+        *,
+        fsync_interval: float = 0.05,
+        replica: str | None = None,
     ) -> None:
         """Claim a chain file of the audit log at `path` (see `_claim_chain`) and resume
         its chain from the last record. `replica`: the id every record names (a replica's
@@ -200,6 +218,7 @@ class FileSink(AuditFile):
             raise ConfigError("audit fsync_interval must be positive")
         super().__init__(path)
         self._interval = fsync_interval
+        self._replica_id = replica or ""
         self._replica = {"replica": replica} if replica else {}
         self.fsyncs = 0
         self.fsync_seconds = 0.0
@@ -207,23 +226,29 @@ class FileSink(AuditFile):
         self._chain, self._fd = _claim_chain(self._path)
         try:
             self._size = os.fstat(self._fd).st_size
-            self._head = _resume(self._chain, self._fd, self._size)
+            seq, digest, closed = _resume(self._chain, self._fd, self._size)
         except OSError as exc:
             os.close(self._fd)
             raise ConfigError(f"cannot read audit log {self._chain}: {exc.strerror}") from exc
         except BaseException:
             os.close(self._fd)
             raise
+        self._head = (seq, digest)
         self._lock = threading.Lock()
         self._clock = _UtcClock()
         self._dirty = False
         self._closed = False
         self._failed = False
+        self._policy: CheckpointPolicy | None = None
+        self._reopened = closed  # the chain ended with a final checkpoint
+        self._checkpointed = seq  # the last record a checkpoint took into account
+        self._unsigned_since: float | None = None
+        self._retry_at = 0.0
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._fsync_loop, name="kmsgate-audit-fsync", daemon=True
-        )
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._fsync_loop, name="kmsgate-audit-fsync", daemon=True)
+        ]
+        self._threads[0].start()
 
     @property
     def chain(self) -> Path:
@@ -247,19 +272,24 @@ class FileSink(AuditFile):
         with self._lock:
             if self._closed or self._failed:
                 raise AuditUnavailable("Audit log unavailable: operation refused")
-            seq, prev = self._head
-            record: dict[str, object] = {
-                "seq": seq + 1,
-                "time": self._clock.now(),
-                "prev": prev,
-                **self._replica,
-                **fields,
-            }
-            body = canonical(record)
-            digest = hashlib.sha256(body).hexdigest()
-            self._write(sealed_line(body, digest) + b"\n")
-            self._head = (seq + 1, digest)
-            self._dirty = True
+            self._seal(fields)
+
+    def _seal(self, fields: dict[str, object]) -> None:
+        """Append the next record made of `fields`; the caller holds the lock. Raises
+        AuditUnavailable, TypeError, ValueError (see `append`)."""
+        seq, prev = self._head
+        record: dict[str, object] = {
+            "seq": seq + 1,
+            "time": self._clock.now(),
+            "prev": prev,
+            **self._replica,
+            **fields,
+        }
+        body = canonical(record)
+        digest = hashlib.sha256(body).hexdigest()
+        self._write(sealed_line(body, digest) + b"\n")
+        self._head = (seq + 1, digest)
+        self._dirty = True
 
     def _write(self, line: bytes) -> None:
         """One os.write; a short write is truncated away. Raises AuditUnavailable."""
@@ -287,9 +317,12 @@ class FileSink(AuditFile):
             try:
                 self._sync()
             except (OSError, ValueError) as exc:
-                _log.critical("audit log cannot be made durable, refusing appends: %s", exc)
-                self._failed = True
+                self._fail(exc)
                 return
+
+    def _fail(self, exc: Exception) -> None:
+        _log.critical("audit log cannot be made durable, refusing appends: %s", exc)
+        self._failed = True
 
     def _sync(self) -> None:
         """fsync if anything was written, then record the last record written before it in
@@ -308,8 +341,115 @@ class FileSink(AuditFile):
         self.fsyncs += 1
         write_head(self._chain, seq, digest)
 
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def start_checkpoints(self, policy: CheckpointPolicy) -> None:
+        """Sign the chain from now on (see `kmsgate.audit.checkpoint`), from a background
+        thread. If the chain ended with a final checkpoint, first append a checkpoint
+        covering it, so call this before anything is appended.
+
+        Raises ConfigError if that checkpoint cannot be made; RuntimeError if checkpoints
+        were started already or the sink is closed.
+        """
+        with self._lock:
+            if self._policy is not None or self._closed:
+                raise RuntimeError("audit checkpoints already started, or the log is closed")
+            self._policy = policy
+        if self._reopened and not self._checkpoint(final=False):
+            raise ConfigError(f"audit log {self._chain}: cannot sign the checkpoint reopening it")
+        thread = threading.Thread(
+            target=self._checkpoint_loop, name="kmsgate-audit-checkpoint", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _checkpoint_loop(self) -> None:
+        """Checkpoint when `every_records` records or a record `every_seconds` old wait
+        unsigned (checked every `fsync_interval`); after a failure, again `every_seconds`
+        later."""
+        assert self._policy is not None
+        while not self._stop.wait(self._interval):
+            due = self._checkpoint_due() and time.monotonic() >= self._retry_at
+            if due and not self._checkpoint(final=False):
+                self._retry_at = time.monotonic() + self._policy.every_seconds
+
+    def _checkpoint_due(self) -> bool:
+        assert self._policy is not None
+        waiting = self._head[0] - self._checkpointed
+        if waiting <= 0:
+            return False
+        now = time.monotonic()
+        if self._unsigned_since is None:
+            self._unsigned_since = now
+        return (
+            waiting >= self._policy.every_records
+            or now - self._unsigned_since >= self._policy.every_seconds
+        )
+
+    def _checkpoint(self, *, final: bool) -> bool:
+        """Sign the chain's head, append the checkpoint record, fsync it, then keep it in the
+        policy's anchor. True if the checkpoint was written; a failure is logged, never
+        raised (the records stay unsigned until the next checkpoint)."""
+        assert self._policy is not None
+        seq, digest = self._head
+        signed_at = _UtcClock().now()
+        payload = signed_payload(
+            chain=self._chain.name,
+            replica=self._replica_id,
+            seq=seq,
+            digest=digest,
+            time=signed_at,
+            final=final,
+        )
+        try:
+            signed = self._policy.sign(payload)
+        except KmsgateError as exc:
+            _log.error("audit checkpoint not signed (%s): %s", exc.code, exc.detail)
+            return False
+        fields = checkpoint_fields(
+            chain=self._chain.name,
+            seq=seq,
+            digest=digest,
+            time=signed_at,
+            final=final,
+            signed=signed,
+        )
+        with self._lock:
+            if self._failed:
+                return False
+            try:
+                self._seal(fields)
+            except AuditUnavailable:
+                return False
+            record_seq, record_hash = self._head
+        self._checkpointed, self._unsigned_since = record_seq, None
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._fail(exc)
+            return False
+        if self._policy.anchor is not None:
+            anchor = AuditAnchor(
+                replica=self._replica_id,
+                chain=self._chain.name,
+                record_seq=record_seq,
+                record_hash=record_hash,
+                seq=seq,
+                hash=digest,
+                signed_at=signed_at,
+                final=final,
+                key_name=signed.key,
+                key_version=signed.key_version,
+            )
+            try:
+                self._policy.anchor(anchor)
+            except KmsgateError as exc:
+                _log.warning("audit checkpoint not kept in the store: %s", exc.detail)
+        return True
+
     def close(self) -> None:
-        """Stop the fsync thread, fsync and rewrite the head file, close. Idempotent.
+        """Stop the background threads, write the final checkpoint (with a policy, if
+        anything was written), fsync and rewrite the head file, close. Idempotent.
 
         Raises AuditUnavailable if the final fsync or head write fails (the file is closed
         anyway).
@@ -320,8 +460,11 @@ class FileSink(AuditFile):
             self._closed = True
             self._dirty = self._head[0] > 0
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
         try:
+            if self._policy is not None and self._head[0] > 0 and not self._failed:
+                self._checkpoint(final=True)
             if not self._failed:
                 self._sync()
         except (OSError, ValueError) as exc:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from kmsgate.audit.checkpoint import ChainCheckpoints
 from kmsgate.audit.events import AuditEvent
 
 __all__ = ["AuditSink", "VerifyReport"]
@@ -25,6 +26,9 @@ class VerifyReport:
     """The chain file with the broken line (a log has one per writer process)."""
     chains: int = 1
     """Chain files checked."""
+    checkpoints: tuple[ChainCheckpoints, ...] = field(default=(), compare=False)
+    """What each chain's signed checkpoints prove (when the log is intact); a summary, not
+    part of the verdict (left out of comparisons)."""
 
 
 class AuditSink(Protocol):
