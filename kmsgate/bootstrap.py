@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from kmsgate.audit import AuditEvent, FileSink
+from kmsgate.audit.checkpoint import CheckpointPolicy
 from kmsgate.auth import SYSTEM, TokenRegistry
 from kmsgate.backends import backend_class
 from kmsgate.backends.base import BackendKey, KeyBackend, Registry, RootKeyWrapper
@@ -25,9 +26,9 @@ from kmsgate.backends.softkms import (
     create_root_key_file,
     read_root_key_file,
 )
-from kmsgate.catalogue import Catalogue
+from kmsgate.catalogue import AUDIT_PURPOSE, Catalogue
 from kmsgate.config import ROOT_TOKEN_FILE, Settings
-from kmsgate.errors import BackendError, ConfigError, KmsgateError
+from kmsgate.errors import BackendError, ConfigError, KmsgateError, NotFound
 from kmsgate.pki.authorities import CaState
 from kmsgate.pki.root import (
     RootKey,
@@ -38,7 +39,8 @@ from kmsgate.pki.root import (
 )
 from kmsgate.policy import Decision, PolicyEngine
 from kmsgate.service import Ctx, Service
-from kmsgate.service.requests import NewCa
+from kmsgate.service.checkpoints import CheckpointSigner
+from kmsgate.service.requests import NewCa, NewKey
 from kmsgate.store import Store
 
 _ROOT_CHECK = b"kmsgate root key check"
@@ -138,7 +140,7 @@ def build_service(settings: Settings) -> Service:
     store = Store(settings.resolved_database_url())
     store.migrate()
     registry = Registry(_build_backends(settings, store), settings.default_backend)
-    return Service(
+    service = Service(
         settings=settings,
         store=store,
         catalogue=Catalogue(store),
@@ -151,6 +153,43 @@ def build_service(settings: Settings) -> Service:
         ),
         tokens=TokenRegistry(store),
     )
+    try:
+        start_checkpoints(service)
+    except BaseException:
+        service.close()
+        raise
+    return service
+
+
+def start_checkpoints(service: Service) -> bool:
+    """Have the audit sink sign checkpoints with `audit_checkpoint_key` and keep each in the
+    store. True if started; False without the setting, or in dev mode while the key does
+    not exist yet (`kmsgate serve --dev` creates it: `ensure_dev_audit_key`).
+
+    Raises ConfigError if the key cannot sign checkpoints (unknown, wrong purpose,
+    disabled), or a closed chain cannot be reopened.
+    """
+    settings, sink = service.settings, service.audit
+    name = settings.audit_checkpoint_key
+    if name is None or not isinstance(sink, FileSink):
+        return False
+    signer = CheckpointSigner(service.catalogue, service.registry, name)
+    try:
+        signer.check()
+    except NotFound:
+        if settings.dev:
+            return False
+        raise ConfigError(f"audit_checkpoint_key {name!r}: no such key") from None
+    except KmsgateError as exc:
+        raise ConfigError(f"audit_checkpoint_key {name!r}: {exc.detail}") from exc
+    policy = CheckpointPolicy(
+        sign=signer,
+        every_records=settings.audit_checkpoint_records,
+        every_seconds=settings.audit_checkpoint_seconds,
+        anchor=service.store.audit_anchors.save,
+    )
+    sink.start_checkpoints(policy)
+    return True
 
 
 def prepare_dev_data_dir(settings: Settings) -> None:
@@ -188,9 +227,11 @@ def bootstrap_token(settings: Settings, roles: list[str], description: str) -> s
 
 
 def ensure_root_token(service: Service, data_dir: Path) -> str | None:
-    """Prepare a dev gateway's service: its dev CA (`ensure_dev_ca`) and, on the first run,
-    an `admin` token written to `data_dir/root-token` (0600) and returned; None if the file
-    already exists. Raises ConfigError if the dev CA cannot be set up."""
+    """Prepare a dev gateway's service: its audit checkpoint key (`ensure_dev_audit_key`),
+    its dev CA (`ensure_dev_ca`) and, on the first run, an `admin` token written to
+    `data_dir/root-token` (0600) and returned; None if the file already exists. Raises
+    ConfigError if the audit key or the dev CA cannot be set up."""
+    ensure_dev_audit_key(service)
     ensure_dev_ca(service, data_dir)
     path = data_dir / ROOT_TOKEN_FILE
     if path.exists():
@@ -200,6 +241,38 @@ def ensure_root_token(service: Service, data_dir: Path) -> str | None:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
+
+
+_DEV_AUDIT_DECISION = Decision(
+    allow=True, reasons=("dev mode: the gateway makes its audit checkpoint key",)
+)
+
+
+def ensure_dev_audit_key(service: Service) -> bool:
+    """Dev mode: unless it exists, create the key `audit_checkpoint_key` (ecdsa-p256,
+    purpose `audit`, on the default backend) as SYSTEM with a fixed allow decision, then
+    start the audit checkpoints. True if it created the key.
+
+    Raises ConfigError if the key cannot be created or checkpoints cannot start.
+    """
+    name = service.settings.audit_checkpoint_key
+    if name is None or service.catalogue.find(name) is not None:
+        return False
+    new = NewKey(
+        name=name,
+        type="ecdsa-p256",
+        purpose=AUDIT_PURPOSE,
+        backend=service.settings.default_backend,
+        labels={},
+    )
+    try:
+        service.keys.create(
+            SYSTEM, Ctx(request_id="dev-audit-setup"), new, decision=_DEV_AUDIT_DECISION
+        )
+    except KmsgateError as exc:
+        raise ConfigError(f"cannot create the dev audit key: {exc.detail}") from exc
+    start_checkpoints(service)
+    return True
 
 
 DEV_CA = "dev"

@@ -31,6 +31,11 @@ from kmsgate.store import READ_THROUGH_PER_SECOND, Row, Store, StoreMirror, utc
 
 MAX_KEY_NAME = 128  # the store's column width (key names are validated at the edge)
 
+AUDIT_PURPOSE = "audit"
+"""The purpose of a key that signs the audit log's checkpoints (setting
+`audit_checkpoint_key`): the raw `sign` operation refuses it, whatever the policy says, so
+that no caller can make a checkpoint's signature."""
+
 
 class KeyState(enum.StrEnum):
     ENABLED = "enabled"

@@ -52,6 +52,8 @@ def dev_data_dir() -> Path:
 
 ROOT_TOKEN_FILE = "root-token"  # noqa: S105 (a file name, not a secret)
 ROOT_KEY_FILE = "root.key"
+DEV_AUDIT_KEY = "audit.dev"
+"""The key that signs the audit log's checkpoints in dev mode (created at start)."""
 
 
 class BackendSettings(BaseModel):
@@ -337,6 +339,13 @@ class Settings(BaseSettings):
     policy_dir: Path = Field(default_factory=_shipped_policy_dir)
     audit_path: Path | None = None
     audit_fsync_interval: float = Field(default=0.05, gt=0)
+    audit_checkpoint_key: str | None = Field(
+        default=None,
+        description="the key (purpose `audit`) that signs the audit log's checkpoints; "
+        "none: no checkpoints (dev mode: `audit.dev`, created at start)",
+    )
+    audit_checkpoint_records: int = Field(default=1000, gt=0)
+    audit_checkpoint_seconds: float = Field(default=60.0, gt=0)
     replica_id: str = Field(
         default_factory=lambda: _REPLICA_UNSAFE.sub("-", socket.gethostname())[:64] or "kmsgate",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
@@ -443,6 +452,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"invalid configuration: {exc}") from exc
     if layered.dev:
         layered.backends.setdefault("local", BackendSettings(type="softkms"))
+        if "audit_checkpoint_key" not in layered.model_fields_set:
+            layered.audit_checkpoint_key = DEV_AUDIT_KEY
         if "env" not in layered.model_fields_set:
             layered.env = "dev"
     return layered

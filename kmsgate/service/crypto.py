@@ -18,13 +18,24 @@ from kmsgate.algorithms import (
 )
 from kmsgate.auth import Principal
 from kmsgate.backends.base import MacCapable, SignMessage, require_capability
-from kmsgate.catalogue import Key
+from kmsgate.catalogue import AUDIT_PURPOSE, Key
 from kmsgate.errors import InvalidRequest, KmsgateError, MacInvalid, SignatureInvalid
 from kmsgate.pki.authorities import PKI_PURPOSES
 from kmsgate.service.batch import ResultT, RunAll, check_size, each, run_on_target
 from kmsgate.service.gate import Call, Ctx, Gate, KeyTarget
 from kmsgate.service.requests import MacInput, MacVerifyInput, SignInput, VerifyInput
 from kmsgate.service.results import ItemResults, Mac, Signature, Verified
+
+_GATEWAY_ONLY_PURPOSES = {
+    **{
+        purpose: f"a {purpose} key: it signs certificates, CRLs or OCSP responses through "
+        "/v1/pki, never raw data"
+        for purpose in PKI_PURPOSES
+    },
+    AUDIT_PURPOSE: "an audit key: it signs the audit log's checkpoints, made by the gateway, "
+    "never raw data",
+}
+"""Purposes whose keys the raw `sign` operation refuses, and what such a key is."""
 
 MessageT = TypeVar("MessageT", bound=SignInput | VerifyInput | MacInput | MacVerifyInput)
 
@@ -126,13 +137,12 @@ class Crypto:
     def _sign(self, key: Key, items: Sequence[SignInput]) -> ItemResults[Signature]:
         """Check every item, then sign the valid ones with one backend call per key version
         (a backend with a batch API signs a whole batch in a few requests). Raises
-        InvalidRequest for a CA or OCSP responder key, whatever the policy says: it signs
-        only certificates, CRLs or OCSP responses, through the PKI."""
-        if key.purpose in PKI_PURPOSES:
-            raise InvalidRequest(
-                f"key {key.name!r} is a {key.purpose} key: it signs certificates, CRLs or "
-                "OCSP responses through /v1/pki, never raw data"
-            )
+        InvalidRequest for a CA, OCSP responder or audit key, whatever the policy says: it
+        signs only certificates, CRLs or OCSP responses, through the PKI, or the audit log's
+        checkpoints, through the gateway itself."""
+        refused = _GATEWAY_ONLY_PURPOSES.get(key.purpose)
+        if refused is not None:
+            raise InvalidRequest(f"key {key.name!r} is {refused}")
         results: dict[int, Signature | KmsgateError] = {}
         pending: dict[int, list[tuple[int, SignMessage]]] = {}
         for index, item in enumerate(items):
