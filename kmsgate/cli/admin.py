@@ -207,31 +207,54 @@ def token_revoke(token_id: str, addr: AddrOpt = None, token: TokenOpt = None) ->
 @audit_app.command("verify")
 def audit_verify(
     paths: Annotated[list[Path], typer.Argument(help="Audit logs: one per replica, say.")],
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", help="PEM public key of the checkpoint key (signatures checked)."),
+    ] = None,
+    gateway: Annotated[
+        str | None,
+        typer.Option("--gateway", help="Gateway URL to fetch the checkpoint key's public key."),
+    ] = None,
+    token: TokenOpt = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="The gateway's data dir: compare with its store."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="The gateway's config: compare with its store.")
+    ] = None,
 ) -> None:
     """Check the hash chains of audit logs (each file and the chain files of the other
-    writer processes beside it); names the first broken record. Exit 1 if one is broken."""
+    writer processes beside it) and their signed checkpoints; names the first broken
+    record. With --key or --gateway, checks every checkpoint's signature; with --data-dir
+    or --config, that no chain lost the checkpoint the store recorded. Exit 1 if a log is
+    broken."""
     from kmsgate.audit import AuditFile
+    from kmsgate.cli.auditcheck import checkpoint_lines, public_keys, stored_anchors
 
-    for path in paths:
-        try:
-            report = AuditFile(path).verify()
-        except (OSError, ValueError) as exc:
-            fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
-        if not report.ok:
-            where = report.chain or path
-            fail(
-                f"audit log {where} broken at line {report.first_bad_line}: {report.reason}",
-                code=1,
-            )
-        prefix = f"{path}: " if len(paths) > 1 else ""
-        if report.chains == 1:
-            out.print(f"{prefix}ok: {report.records} records, chain intact", highlight=False)
-        else:
-            out.print(
-                f"{prefix}ok: {report.records} records in {report.chains} chains, "
-                "every chain intact",
-                highlight=False,
-            )
+    anchors = stored_anchors(data_dir, config)
+    with public_keys(key, gateway, token) as keys:
+        for path in paths:
+            try:
+                report = AuditFile(path).verify(keys=keys, anchors=anchors or ())
+            except (OSError, ValueError) as exc:
+                fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+            if not report.ok:
+                where = report.chain or path
+                fail(
+                    f"audit log {where} broken at line {report.first_bad_line}: {report.reason}",
+                    code=1,
+                )
+            prefix = f"{path}: " if len(paths) > 1 else ""
+            if report.chains == 1:
+                summary = f"{prefix}ok: {report.records} records, chain intact"
+            else:
+                summary = (
+                    f"{prefix}ok: {report.records} records in {report.chains} chains, "
+                    "every chain intact"
+                )
+            for line in (summary, *checkpoint_lines(report, keys is not None, anchors is not None)):
+                out.print(line, highlight=False, soft_wrap=True)
 
 
 @policy_app.command("explain")

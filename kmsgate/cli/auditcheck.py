@@ -1,0 +1,119 @@
+"""`kmsgate audit verify`'s sources of trust besides the files: the public key that checks
+the checkpoints' signatures (a PEM file, or the gateway's public-key endpoint) and the
+store's copy of each chain's last checkpoint; and the report it prints."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from kmsgate.audit import ChainCheckpoints, PublicKeys, VerifyReport
+from kmsgate.cli.common import fail, fail_api
+from kmsgate.client import ApiError, Client
+from kmsgate.errors import ConfigError, KmsgateError
+from kmsgate.store.checkpoints import AuditAnchor
+
+__all__ = ["checkpoint_lines", "public_keys", "stored_anchors"]
+
+
+def _pem_key(pem: bytes, source: str) -> PublicKeyTypes:
+    try:
+        return load_pem_public_key(pem)
+    except (ValueError, TypeError):
+        fail(f"{source} is not a PEM public key")
+
+
+@contextlib.contextmanager
+def public_keys(
+    key_file: Path | None, gateway: str | None, token: str | None
+) -> Iterator[PublicKeys | None]:
+    """The checkpoints' public keys: `key_file` for every key and version, or each key
+    version's public key fetched from `gateway` (once); None without either. Exits with a
+    one-line error if both are given, the file is not a PEM public key, or the gateway
+    refuses."""
+    if key_file is not None and gateway is not None:
+        fail("give --key or --gateway, not both")
+    if key_file is not None:
+        try:
+            pem = key_file.read_bytes()
+        except OSError as exc:
+            fail(f"cannot read {key_file}: {exc.strerror}")
+        key = _pem_key(pem, str(key_file))
+        yield lambda _name, _version: key
+        return
+    if gateway is None:
+        yield None
+        return
+    fetched: dict[tuple[str, int], PublicKeyTypes] = {}
+    with Client(gateway, token) as client:
+
+        def from_gateway(name: str, version: int) -> PublicKeyTypes:
+            if (name, version) not in fetched:
+                try:
+                    pem = client.public_key(name, version)
+                except ApiError as exc:
+                    fail_api(exc, f"public key of {name} v{version}")
+                fetched[name, version] = _pem_key(pem.encode(), f"{name} v{version}")
+            return fetched[name, version]
+
+        yield from_gateway
+
+
+def stored_anchors(data_dir: Path | None, config: Path | None) -> list[AuditAnchor] | None:
+    """The store's last checkpoint of every chain, from the gateway's data dir or config
+    file (never created or migrated); None without either. Exits with a one-line error if
+    the store cannot be read."""
+    if data_dir is None and config is None:
+        return None
+    from kmsgate.config import load_settings
+    from kmsgate.store import Store
+
+    try:
+        url = load_settings(config, data_dir=data_dir).resolved_database_url()
+    except ConfigError as exc:
+        fail(str(exc))
+    database = sa.engine.make_url(url).database
+    if url.startswith("sqlite") and database and not Path(database).is_file():
+        fail(f"no store at {database}")
+    store = Store(url)
+    try:
+        return store.audit_anchors.all()
+    except KmsgateError as exc:
+        fail(f"cannot read the store's audit checkpoints: {exc.detail} (is it migrated?)")
+    finally:
+        store.close()
+
+
+def checkpoint_lines(
+    report: VerifyReport, keys_checked: bool, store_checked: bool
+) -> Iterator[str]:
+    """What an intact log's checkpoints prove, one line per chain, then what was not
+    checked."""
+    for chain in report.checkpoints:
+        yield f"  {chain.chain.name}: {_chain_summary(chain, store_checked)}"
+    if not keys_checked:
+        yield "  checkpoint signatures not verified (give --key PEM or --gateway URL)"
+    if not store_checked:
+        yield "  not compared with the store's checkpoints (give --data-dir or --config)"
+
+
+def _chain_summary(chain: ChainCheckpoints, store_checked: bool) -> str:
+    store = ""
+    if store_checked:
+        store = "; matches the store" if chain.anchored else "; no checkpoint in the store"
+    if chain.last_line is None:
+        return f"no checkpoint, all {chain.records} records unsigned{store}"
+    verified = (
+        f", {chain.signatures_checked} signatures verified" if chain.signatures_checked else ""
+    )
+    final = "final " if chain.last_final else ""
+    return (
+        f"{chain.checkpoints} checkpoints{verified}; last: {final}record {chain.last_line} "
+        f"(covers seq {chain.last_seq}, {chain.last_key}), {chain.unsigned} records "
+        f"unsigned after it{store}"
+    )
