@@ -1,0 +1,337 @@
+"""Signed audit checkpoints: written by the sink every N records or T seconds and on close
+(final), signed through the service's backend signing with a key of purpose `audit`, kept
+in the store, and checked by `kmsgate audit verify` against tampering the hash chain alone
+cannot show (records appended to a closed log, a truncated tail with its head file
+rewritten, a forged signature, a log that disagrees with the store)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from kmsgate.audit import CHECKPOINT_ACTION, AuditEvent, AuditFile, CheckpointPolicy, FileSink
+from kmsgate.audit.chain import GENESIS_HASH, canonical, sealed_line
+from kmsgate.audit.checkpoint import CheckpointSignature
+from kmsgate.audit.headfile import write_head
+from kmsgate.auth import Principal
+from kmsgate.bootstrap import build_service, ensure_dev_audit_key
+from kmsgate.config import DEV_AUDIT_KEY, Settings
+from kmsgate.errors import ConfigError, InvalidRequest
+from kmsgate.service import Ctx
+from kmsgate.service.requests import SignInput
+from kmsgate.store.checkpoints import AuditAnchor
+from tests.test_cli import Gateway, Run, clean_env, run_cli, running_gateway
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def event(n: int) -> AuditEvent:
+    return AuditEvent("sign", "allow", "ok", f"req-{n}", "alice")
+
+
+def records(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def checkpoints(path: Path) -> list[dict[str, object]]:
+    return [r for r in records(path) if r["action"] == CHECKPOINT_ACTION]
+
+
+def detail(record: dict[str, object]) -> dict[str, object]:
+    found = record["detail"]
+    assert isinstance(found, dict)
+    return found
+
+
+def rewrite(path: Path, chain: list[dict[str, object]]) -> None:
+    """Write `chain` as a correctly sealed chain (seq, prev and hash recomputed) and its
+    head file: what someone who can write the files (but not sign) can do."""
+    lines, prev = [], GENESIS_HASH
+    for seq, record in enumerate(chain, 1):
+        body = canonical(
+            {**{k: v for k, v in record.items() if k != "hash"}, "seq": seq, "prev": prev}
+        )
+        prev = hashlib.sha256(body).hexdigest()
+        lines.append(sealed_line(body, prev) + b"\n")
+    path.write_bytes(b"".join(lines))
+    write_head(path, len(chain), prev)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+class LocalSigner:
+    """An Ed25519 checkpoint signer for the sink's own tests (the gateway's goes through
+    the backend: tested below)."""
+
+    def __init__(self) -> None:
+        self.key = ed25519.Ed25519PrivateKey.generate()
+        self.calls = 0
+
+    def __call__(self, payload: bytes) -> CheckpointSignature:
+        self.calls += 1
+        return CheckpointSignature("audit-test", 1, "ed25519", self.key.sign(payload))
+
+    def public_keys(self, name: str, version: int) -> ed25519.Ed25519PublicKey | None:
+        return self.key.public_key() if (name, version) == ("audit-test", 1) else None
+
+
+@pytest.fixture
+def signer() -> LocalSigner:
+    return LocalSigner()
+
+
+def open_sink(
+    path: Path,
+    signer: LocalSigner,
+    anchors: list[AuditAnchor],
+    every_records: int = 1000,
+    every_seconds: float = 60.0,
+) -> FileSink:
+    sink = FileSink(path, fsync_interval=0.01, replica="r1")
+    sink.start_checkpoints(CheckpointPolicy(signer, every_records, every_seconds, anchors.append))
+    return sink
+
+
+# -- the sink ---------------------------------------------------------------------------
+
+
+def test_a_checkpoint_follows_n_records(tmp_path: Path, signer: LocalSigner) -> None:
+    log, anchors = tmp_path / "audit.log", list[AuditAnchor]()
+    with open_sink(log, signer, anchors, every_records=10, every_seconds=3600) as sink:
+        for n in range(9):
+            sink.append(event(n))
+        time.sleep(0.2)
+        assert checkpoints(log) == []  # 9 < 10 and an hour is far
+        sink.append(event(9))
+        wait_for(lambda: len(checkpoints(log)) == 1)
+        (mark,) = checkpoints(log)
+        assert mark["seq"] == 11 and detail(mark)["seq"] == 10 and detail(mark)["final"] is False
+        assert detail(mark)["hash"] == records(log)[9]["hash"]
+        assert anchors[-1].record_seq == 11 and anchors[-1].seq == 10
+    report = AuditFile(log).verify(keys=signer.public_keys, anchors=anchors[-1:])
+    assert report.ok, report
+    (chain,) = report.checkpoints
+    assert (chain.checkpoints, chain.last_final, chain.unsigned) == (2, True, 0)
+    assert chain.signatures_checked == 2 and chain.anchored
+
+
+def test_a_checkpoint_follows_t_seconds(tmp_path: Path, signer: LocalSigner) -> None:
+    log, anchors = tmp_path / "audit.log", list[AuditAnchor]()
+    with open_sink(log, signer, anchors, every_records=1000, every_seconds=0.3) as sink:
+        started = time.monotonic()
+        sink.append(event(0))
+        wait_for(lambda: len(checkpoints(log)) == 1)
+        assert time.monotonic() - started >= 0.3
+        time.sleep(0.5)
+        assert len(checkpoints(log)) == 1  # an idle log is not checkpointed again
+    assert signer.calls == 2  # the one above and the final one
+
+
+def test_close_writes_a_final_checkpoint_and_reopening_covers_it(
+    tmp_path: Path, signer: LocalSigner
+) -> None:
+    log, anchors = tmp_path / "audit.log", list[AuditAnchor]()
+    with open_sink(log, signer, anchors) as sink:
+        sink.append(event(0))
+    last = records(log)[-1]
+    assert last["action"] == CHECKPOINT_ACTION and detail(last)["final"] is True
+    assert detail(last)["seq"] == 1 and anchors[-1].final
+    with open_sink(log, signer, anchors) as sink:
+        reopening = records(log)[-1]
+        assert reopening["action"] == CHECKPOINT_ACTION and detail(reopening)["seq"] == 2
+        sink.append(event(1))
+    report = AuditFile(log).verify(keys=signer.public_keys, anchors=anchors[-1:])
+    assert report.ok, report
+    assert report.checkpoints[0].checkpoints == 3
+
+
+def test_a_closed_chain_is_not_reopened_without_a_signature(
+    tmp_path: Path, signer: LocalSigner
+) -> None:
+    log = tmp_path / "audit.log"
+    with open_sink(log, signer, []) as sink:
+        sink.append(event(0))
+
+    def refuse(payload: bytes) -> CheckpointSignature:
+        raise InvalidRequest("no key")
+
+    with FileSink(log) as sink, pytest.raises(ConfigError, match="reopening"):
+        sink.start_checkpoints(CheckpointPolicy(refuse))
+    assert records(log)[-1]["action"] == CHECKPOINT_ACTION  # nothing appended
+
+
+def test_records_appended_after_the_final_checkpoint_fail_verify(
+    tmp_path: Path, signer: LocalSigner
+) -> None:
+    log = tmp_path / "audit.log"
+    with open_sink(log, signer, []) as sink:
+        sink.append(event(0))
+    with FileSink(log) as sink:  # no signer: what a forger can write
+        sink.append(event(1))
+    for keys in (None, signer.public_keys):
+        report = AuditFile(log).verify(keys=keys)
+        assert not report.ok and report.first_bad_line == 3, report
+        assert "follows the final checkpoint" in str(report.reason)
+
+
+def test_a_checkpoint_signed_by_another_key_fails_verify(
+    tmp_path: Path, signer: LocalSigner
+) -> None:
+    log, forger = tmp_path / "audit.log", LocalSigner()
+    with open_sink(log, forger, []) as sink:
+        sink.append(event(0))
+    assert AuditFile(log).verify().ok  # structure alone cannot tell
+    report = AuditFile(log).verify(keys=signer.public_keys)
+    assert not report.ok and "signature does not verify" in str(report.reason), report
+
+
+# -- through the service: the backend signs, the store keeps the checkpoint ---------------
+
+
+def test_the_dev_audit_key_signs_through_its_backend_and_the_store_keeps_it(
+    gateway_settings: Settings,
+) -> None:
+    assert gateway_settings.audit_checkpoint_key == DEV_AUDIT_KEY
+    service = build_service(gateway_settings)
+    try:
+        assert ensure_dev_audit_key(service)
+        key = service.catalogue.get(DEV_AUDIT_KEY)
+        assert key.purpose == "audit" and key.backend == "local"
+        admin = Principal(id="token:admin", kind="token", roles=("admin",))
+        with pytest.raises(InvalidRequest, match="is an audit key: it signs the audit log"):
+            target = service.gate.target(DEV_AUDIT_KEY)
+            service.crypto.sign(admin, Ctx(request_id="t"), target, [SignInput(b"m")], False)
+        service.audit.append(event(0))
+    finally:
+        service.close()
+    log = gateway_settings.resolved_audit_path()
+    last = records(log)[-1]
+    assert last["action"] == CHECKPOINT_ACTION and detail(last)["final"] is True
+    assert detail(last)["key"] == DEV_AUDIT_KEY and last["key_version"] == 1
+
+
+# -- a real dev gateway, then `kmsgate audit verify` on its log and on tampered copies ------
+
+
+def verify(*args: str) -> Run:
+    return run_cli(("audit", "verify", *args), clean_env())
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Path]]:
+    """A dev gateway that checkpointed after half a second of records and was stopped
+    (final checkpoint), and the PEM public key of its audit key."""
+    base = tmp_path_factory.mktemp("checkpointed")
+    with running_gateway(base, KMSGATE_AUDIT_CHECKPOINT_SECONDS="0.5") as gw:
+        log = gw.data_dir / "audit.log"
+        gw.ok("keys", "create", "cp-k", "--type", "ecdsa-p256")
+        gw.ok("sign", "-", "-k", "cp-k", stdin=b"hello")
+        wait_for(lambda: any(not detail(r)["final"] for r in checkpoints(log)))
+        refused = gw.run("sign", "-", "-k", DEV_AUDIT_KEY, stdin=b"forged checkpoint")
+        assert refused.rc != 0 and "is an audit key" in refused.err, str(refused)
+        live = verify(str(log), "--gateway", gw.addr, "--token", gw.root_token)
+        assert live.rc == 0 and "signatures verified" in live.out, str(live)
+        pem = base / "audit-key.pem"
+        gw.ok("keys", "public-key", DEV_AUDIT_KEY, "-o", str(pem))
+    yield gw, pem
+
+
+@pytest.fixture
+def copy(stopped: tuple[Gateway, Path], tmp_path: Path) -> Path:
+    """A copy of the stopped gateway's data dir (log, head file, store) to tamper with."""
+    return Path(shutil.copytree(stopped[0].data_dir, tmp_path / "data"))
+
+
+def test_verify_passes_on_the_untouched_log(stopped: tuple[Gateway, Path], copy: Path) -> None:
+    pem = stopped[1]
+    result = verify(str(copy / "audit.log"), "--key", str(pem), "--data-dir", str(copy))
+    assert result.rc == 0, str(result)
+    assert "chain intact" in result.out
+    assert "final record" in result.out and "0 records unsigned after it" in result.out
+    assert "matches the store" in result.out and "not verified" not in result.out
+    plain = verify(str(copy / "audit.log"))
+    assert plain.rc == 0 and "checkpoint signatures not verified" in plain.out, str(plain)
+
+
+def test_verify_catches_a_record_appended_after_the_final_checkpoint(
+    stopped: tuple[Gateway, Path], copy: Path
+) -> None:
+    log = copy / "audit.log"
+    chain = records(log)
+    forged = {**chain[-2], "request_id": "forged", "principal": "mallory"}
+    rewrite(log, [*chain, forged])
+    assert AuditFile(log).verify(keys=None).ok is False
+    result = verify(str(log), "--key", str(stopped[1]))
+    assert result.rc == 1, str(result)
+    assert f"record {len(chain) + 1}: follows the final checkpoint" in result.err
+
+
+def test_verify_catches_a_truncated_tail_with_a_rewritten_head_file(
+    stopped: tuple[Gateway, Path], copy: Path
+) -> None:
+    log = copy / "audit.log"
+    chain = records(log)
+    kept = next(
+        n for n in range(len(chain) - 1, 0, -1) if chain[n - 1]["action"] != CHECKPOINT_ACTION
+    )
+    rewrite(log, chain[:kept])  # the same first records, the head file rewritten to match
+    alone = verify(str(log), "--key", str(stopped[1]))
+    assert alone.rc == 0 and "records unsigned after it" in alone.out, str(alone)
+    assert "final record" not in alone.out  # the chain no longer says it was closed
+    result = verify(str(log), "--key", str(stopped[1]), "--data-dir", str(copy))
+    assert result.rc == 1, str(result)
+    assert (
+        f"log ends at seq {kept} but the store's last checkpoint is record {len(chain)}"
+        in result.err
+    )
+
+
+def test_verify_catches_a_tampered_checkpoint_signature(
+    stopped: tuple[Gateway, Path], copy: Path
+) -> None:
+    log = copy / "audit.log"
+    chain = records(log)
+    line = len(chain)  # the final checkpoint: no later checkpoint covers its hash
+    assert chain[line - 1]["action"] == CHECKPOINT_ACTION
+    signature = bytearray(base64.b64decode(str(detail(chain[line - 1])["signature"])))
+    signature[-1] ^= 1
+    chain[line - 1]["detail"] = {
+        **detail(chain[line - 1]),
+        "signature": base64.b64encode(signature).decode(),
+    }
+    rewrite(log, chain)
+    assert verify(str(log)).rc == 0  # without the key: as before checkpoints
+    result = verify(str(log), "--key", str(stopped[1]))
+    assert result.rc == 1, str(result)
+    assert f"record {line}: checkpoint signature does not verify ({DEV_AUDIT_KEY} v1)" in result.err
+
+
+def test_verify_catches_a_rewritten_head_against_the_store(
+    stopped: tuple[Gateway, Path], copy: Path
+) -> None:
+    log = copy / "audit.log"
+    chain = records(log)
+    # the final checkpoint replaced by an ordinary record: the chain is whole and every
+    # remaining signature holds, but the head is not the record the store kept
+    forged = {**chain[-2], "request_id": "forged"}
+    rewrite(log, [*chain[:-1], forged])
+    alone = verify(str(log), "--key", str(stopped[1]))
+    assert alone.rc == 0, str(alone)
+    result = verify(str(log), "--key", str(stopped[1]), "--data-dir", str(copy))
+    assert result.rc == 1, str(result)
+    assert (
+        f"record {len(chain)}: does not match the store's last checkpoint (rewritten)" in result.err
+    )
