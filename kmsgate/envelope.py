@@ -179,7 +179,9 @@ class Envelope:
 
     @classmethod
     def parse(cls, data: bytes) -> Envelope:
-        """Raises DecryptionFailed for anything but a well-formed kmsgate ciphertext."""
+        """Raises DecryptionFailed for anything but a well-formed kmsgate ciphertext: what
+        `to_bytes` writes (a key name of 1-128 ASCII characters, a key version of at least 1,
+        a wrapped DEK of 1-4096 bytes, a message body of at least a tag)."""
         r = _Reader(data, DecryptionFailed)
         if r.take(3) != MAGIC or r.u8() != FORMAT_VERSION:
             raise DecryptionFailed("not a kmsgate ciphertext (or an unknown format version)")
@@ -194,7 +196,8 @@ class Envelope:
             name = raw_name.decode("ascii")
         except UnicodeDecodeError:
             raise DecryptionFailed("malformed key name") from None
-        if not name or not wrapped or version < 1:
+        in_range = 1 <= len(name) <= MAX_KEY_NAME and 1 <= len(wrapped) <= MAX_WRAPPED
+        if not in_range or version < 1:
             raise DecryptionFailed("malformed ciphertext header")
         if kind is Kind.DATA_KEY:
             r.end()
