@@ -110,7 +110,8 @@ def parse_request(der: bytes) -> ocsp.OCSPRequest:
     """The OCSP request in `der`.
 
     Raises MalformedOcspRequest when it is not DER, not an OCSP request, asks about more than
-    one certificate, or has unreadable extensions.
+    one certificate, has unreadable extensions, or names a negative serial number (no
+    certificate has one, RFC 5280 §4.1.2.2, and no answer can carry it).
     """
     if not isinstance(der, bytes | bytearray | memoryview):
         raise MalformedOcspRequest("an OCSP request is bytes")
@@ -125,6 +126,8 @@ def parse_request(der: bytes) -> ocsp.OCSPRequest:
         ) from None
     except (ValueError, x509.DuplicateExtension, UnsupportedAlgorithm) as exc:
         raise MalformedOcspRequest(f"malformed OCSP request: {exc}") from None
+    if request.serial_number < 0:
+        raise MalformedOcspRequest("the OCSP request names a negative serial number")
     return request
 
 
