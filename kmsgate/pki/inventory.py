@@ -89,6 +89,17 @@ def san_strings(sans: x509.SubjectAlternativeName | list[x509.GeneralName]) -> t
     return tuple(out)
 
 
+def requested_sans(csr: x509.CertificateSigningRequest) -> tuple[str, ...]:
+    """The SANs a CSR asks for as `san_strings` (what the policy decides on; the profile
+    checks them): none when its extensions cannot be read, also when one is repeated (the
+    profile refuses that CSR). Never raises."""
+    try:
+        sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
+        return ()
+    return san_strings(sans)
+
+
 def record_of(
     cert: x509.Certificate, *, ca: str, profile: str, key_type: str, owner: str
 ) -> CertificateRecord:

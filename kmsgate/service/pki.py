@@ -46,6 +46,7 @@ from kmsgate.pki.inventory import (
     record_from_row,
     record_of,
     record_row,
+    requested_sans,
     san_strings,
 )
 from kmsgate.pki.issuer import (
@@ -220,7 +221,7 @@ class Pki:
         Conflict (CA pending), InvalidRequest (the profile's reason), and what the CA key's
         backend raises.
         """
-        csr_sans = _requested_sans(request.csr)
+        csr_sans = requested_sans(request.csr)
         facts = {
             "ca": ca_name,
             "profile": request.profile,
@@ -247,7 +248,7 @@ class Pki:
         current = await asyncio.to_thread(self.store.certs.get, serial)  # off the event loop
         if current is None or current["fingerprint"] != principal.claims.get("fingerprint"):
             raise InvalidRequest("the client certificate was not issued by this gateway")
-        asked = _requested_sans(csr)
+        asked = requested_sans(csr)
         if sorted(asked) != sorted(current["sans"]):
             raise InvalidRequest(
                 f"a renewal keeps the certificate's names {sorted(current['sans'])}; the CSR "
@@ -532,16 +533,6 @@ def _public_key(key: Key) -> CertificatePublicKeyTypes:
     ):
         raise InvalidRequest(f"a {key.type} key cannot be a CA key")
     return public
-
-
-def _requested_sans(csr: x509.CertificateSigningRequest) -> tuple[str, ...]:
-    """The SANs a CSR asks for (for the policy decision; the profile checks them)."""
-    try:
-        return san_strings(
-            csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        )
-    except (x509.ExtensionNotFound, ValueError):
-        return ()
 
 
 def _check_ca_certificate(
