@@ -99,8 +99,9 @@ def open_sink(
     anchors: list[AuditAnchor],
     every_records: int = 1000,
     every_seconds: float = 60.0,
+    replica: str = "r1",
 ) -> FileSink:
-    sink = FileSink(path, fsync_interval=0.01, replica="r1")
+    sink = FileSink(path, fsync_interval=0.01, replica=replica)
     sink.start_checkpoints(CheckpointPolicy(signer, every_records, every_seconds, anchors.append))
     return sink
 
@@ -149,13 +150,15 @@ def test_close_writes_a_final_checkpoint_and_reopening_covers_it(
     last = records(log)[-1]
     assert last["action"] == CHECKPOINT_ACTION and detail(last)["final"] is True
     assert detail(last)["seq"] == 1 and anchors[-1].final
-    with open_sink(log, signer, anchors) as sink:
+    with open_sink(log, signer, anchors, replica="r2") as sink:  # the host was renamed
         reopening = records(log)[-1]
         assert reopening["action"] == CHECKPOINT_ACTION and detail(reopening)["seq"] == 2
         sink.append(event(1))
-    report = AuditFile(log).verify(keys=signer.public_keys, anchors=anchors[-1:])
+    assert {(a.replica, a.final) for a in anchors[-2:]} == {("r2", False), ("r2", True)}
+    report = AuditFile(log).verify(keys=signer.public_keys, anchors=[anchors[0], anchors[-1]])
     assert report.ok, report
     assert report.checkpoints[0].checkpoints == 3
+    assert report.checkpoints[0].signatures_checked == 3 and report.checkpoints[0].anchored
 
 
 def test_a_closed_chain_is_not_reopened_without_a_signature(

@@ -119,9 +119,11 @@ def checkpoint_fields(
 
 @dataclass(frozen=True, slots=True)
 class _Mark:
-    """A checkpoint record read back: its line, and what it says it signed."""
+    """A checkpoint record read back: its line, its writer's replica, and what it says it
+    signed."""
 
     line: int
+    replica: str
     seq: int
     digest: str
     time: str
@@ -167,7 +169,10 @@ def _mark(line: int, record: Mapping[str, object]) -> _Mark:
         signature = base64.b64decode(str(sig), validate=True)
     except binascii.Error as exc:
         raise ValueError("malformed checkpoint signature") from exc
-    return _Mark(line, seq, str(digest), str(time), final, str(key), version, str(alg), signature)
+    replica = str(record.get("replica", ""))
+    return _Mark(
+        line, replica, seq, str(digest), str(time), final, str(key), version, str(alg), signature
+    )
 
 
 def check_checkpoints(
@@ -179,10 +184,11 @@ def check_checkpoints(
     anchor: AuditAnchor | None,
 ) -> tuple[ChainCheckpoints, tuple[int, str] | None]:
     """Check the checkpoint `records` (by line) of an intact chain whose record hashes are
-    `hashes`: each covers a record of the chain with its hash; a final one covers the record
-    before it and is followed by nothing, or by a checkpoint covering it (a gateway
-    reopening the chain); with `keys`, each signature verifies; with `anchor` (the store's
-    copy of the last checkpoint) the chain still holds that checkpoint record.
+    `hashes` (`replica`: its last writer's): each covers a record of the chain with its
+    hash; a final one covers the record before it and is followed by nothing, or by a
+    checkpoint covering it (a gateway reopening the chain); with `keys`, each signature
+    (over its own record's replica) verifies; with `anchor` (the store's copy of the last
+    checkpoint) the chain still holds that checkpoint record.
 
     Returns the summary and (line, reason) of the first problem, or None.
     """
@@ -195,7 +201,7 @@ def check_checkpoints(
         except ValueError as exc:
             problem = (line, f"record {line}: {exc}")
             break
-        problem = _mark_problem(chain, replica, hashes, mark, keys)
+        problem = _mark_problem(chain, hashes, mark, keys)
         if problem is not None:
             break
         checked += keys is not None
@@ -222,7 +228,7 @@ def check_checkpoints(
 
 
 def _mark_problem(
-    chain: Path, replica: str, hashes: Sequence[str], mark: _Mark, keys: PublicKeys | None
+    chain: Path, hashes: Sequence[str], mark: _Mark, keys: PublicKeys | None
 ) -> tuple[int, str] | None:
     line = mark.line
     if not 1 <= mark.seq < line or hashes[mark.seq - 1] != mark.digest:
@@ -236,7 +242,7 @@ def _mark_problem(
         return line, f"record {line}: no public key for {mark.key} v{mark.key_version}"
     payload = signed_payload(
         chain=chain.name,
-        replica=replica,
+        replica=mark.replica,
         seq=mark.seq,
         digest=mark.digest,
         time=mark.time,

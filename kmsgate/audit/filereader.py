@@ -180,8 +180,7 @@ def _verify_chain(
             hashes.append(prev)
             if record.get("action") == CHECKPOINT_ACTION:
                 checkpoints[lineno] = record
-            if replica is None:
-                replica = str(record.get("replica", ""))
+            replica = str(record.get("replica", ""))  # the last writer's, for the store
     problem = _head_problem(path, hashes)
     anchor = next(
         (a for a in anchors if a.chain == path.name and replica in (None, a.replica)), None
