@@ -16,9 +16,11 @@ import json
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,8 +31,8 @@ from kmsgate import chunked
 from kmsgate.bootstrap import ensure_dev_ca
 from kmsgate.envelope import FileHeader
 from kmsgate.pki.csr import new_key_and_csr
-from tests.gateway import Api, open_gateway
-from tests.helpers import create_key
+from kmsgate.service import Service
+from tests.gateway import open_gateway
 from tests.test_oidc import Issuer
 
 ENVELOPE_KEY = "fuzz-envelope"
@@ -42,23 +44,32 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _call(api: Api, token: str, path: str, **body: object) -> dict[str, str]:
-    reply = api.call("POST", path, token, json=body)
-    assert reply.status_code in (200, 201), reply.text
-    result: dict[str, str] = reply.json()
-    return result
+Post = Callable[[str, dict[str, Any]], dict[str, str]]
+"""POST a JSON body to a gateway path as admin; the JSON reply (asserting success)."""
 
 
-def envelopes(api: Api, token: str) -> dict[str, bytes]:
+def poster(client: httpx.Client) -> Post:
+    """`Post` through `client` (an httpx or Starlette test client carrying an admin token)."""
+
+    def post(path: str, body: dict[str, Any]) -> dict[str, str]:
+        reply = client.post(path, json=body)
+        assert reply.status_code in (200, 201), reply.text
+        result: dict[str, str] = reply.json()
+        return result
+
+    return post
+
+
+def envelopes(post: Post) -> dict[str, bytes]:
     """Server-side ciphertexts of the gateway's key `ENVELOPE_KEY`, and broken ones."""
     path = f"/v1/keys/{ENVELOPE_KEY}"
 
     def encrypt(plaintext: bytes, **context: str) -> bytes:
         body = {"plaintext": _b64(plaintext), "context": context}
-        return base64.b64decode(_call(api, token, f"{path}/encrypt", **body)["ciphertext"])
+        return base64.b64decode(post(f"{path}/encrypt", body)["ciphertext"])
 
     message = encrypt(b"hello")
-    data_key = base64.b64decode(_call(api, token, f"{path}/datakey")["ciphertext"])
+    data_key = base64.b64decode(post(f"{path}/datakey", {})["ciphertext"])
     return {
         "valid-message.bin": message,
         "valid-message-context.bin": encrypt(b"x" * 300, tenant="acme", purpose="fuzz"),
@@ -73,12 +84,12 @@ def envelopes(api: Api, token: str) -> dict[str, bytes]:
     }
 
 
-def files(api: Api, token: str, message: bytes) -> dict[str, bytes]:
+def files(post: Post, message: bytes) -> dict[str, bytes]:
     """Encrypted files as `kmsgate encrypt-file` writes them, and broken headers (one holds
     the ciphertext of a `message` where the data key goes)."""
 
     def encrypt_file(plaintext: bytes, context: dict[str, str]) -> bytes:
-        made = _call(api, token, f"/v1/keys/{ENVELOPE_KEY}/datakey", context=context)
+        made = post(f"/v1/keys/{ENVELOPE_KEY}/datakey", {"context": context})
         header = FileHeader(context, base64.b64decode(made["ciphertext"]))
         body = io.BytesIO()
         dek = base64.b64decode(made["plaintext"])
@@ -159,12 +170,12 @@ def csrs() -> dict[str, bytes]:
     }
 
 
-def issued_certificate(api: Api, token: str) -> tuple[x509.Certificate, x509.Certificate]:
+def issued_certificate(post: Post) -> tuple[x509.Certificate, x509.Certificate]:
     """(a certificate the dev CA issued, the dev CA's certificate)."""
     pem = x509.load_der_x509_csr(csr_der("spiffe://dev.lab/fuzz")).public_bytes(
         serialization.Encoding.PEM
     )
-    issued = _call(api, token, "/v1/pki/cas/dev/issue", csr=pem.decode(), profile="workload")
+    issued = post("/v1/pki/cas/dev/issue", {"csr": pem.decode(), "profile": "workload"})
     chain = x509.load_pem_x509_certificates(issued["chain"].encode())
     return x509.load_pem_x509_certificate(issued["certificate"].encode()), chain[0]
 
@@ -224,27 +235,34 @@ def corpus_jwks(issuer: Issuer) -> bytes:
     return json.dumps({"keys": keys}, indent=1).encode()
 
 
+def create_envelope_key(post: Post) -> None:
+    """Create the AES-256-GCM envelope key `ENVELOPE_KEY`."""
+    post("/v1/keys", {"name": ENVELOPE_KEY, "type": "aes-256-gcm", "purpose": "envelope-data"})
+
+
 @contextlib.contextmanager
-def dev_gateway() -> Iterator[tuple[Api, str]]:
-    """An in-process gateway on a temporary directory, with its dev CA, and an admin token."""
+def dev_gateway() -> Iterator[tuple[Service, Post]]:
+    """An in-process gateway on a temporary directory with its dev CA: its service, and
+    `Post` as admin."""
     with tempfile.TemporaryDirectory() as tmp, open_gateway(Path(tmp)) as (api, token):
         ensure_dev_ca(api.service, Path(tmp) / "data")
-        yield api, token
+        api.client.headers["authorization"] = f"Bearer {token}"
+        yield api.service, poster(api.client)
 
 
 def write_corpus(root: Path) -> None:
     """Write every harness's seeds under `root`, replacing those there, using a fresh
     in-process gateway (and a fresh OIDC test issuer, whose JWKS goes to `JWKS_FILE`)."""
-    with dev_gateway() as (api, token), tempfile.TemporaryDirectory() as tmp:
-        create_key(api, token, ENVELOPE_KEY, "aes-256-gcm", "envelope-data")
+    with dev_gateway() as (_, post), tempfile.TemporaryDirectory() as tmp:
+        create_envelope_key(post)
         issuer = Issuer(Path(tmp))
-        message = envelopes(api, token)["valid-message.bin"]
+        message = envelopes(post)["valid-message.bin"]
         made = {
-            "envelope": envelopes(api, token),
-            "file_header": files(api, token, message),
+            "envelope": envelopes(post),
+            "file_header": files(post, message),
             "pkcs11_uri": pkcs11_uris(),
             "csr": csrs(),
-            "ocsp": ocsp_requests(*issued_certificate(api, token)),
+            "ocsp": ocsp_requests(*issued_certificate(post)),
             "jwt": jwts(issuer),
         }
         for harness, seeds in made.items():

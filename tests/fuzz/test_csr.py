@@ -15,6 +15,7 @@ import functools
 import textwrap
 from collections.abc import Sequence
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -49,6 +50,19 @@ def pem_of(data: bytes) -> str:
         return data.decode("latin-1")
     body = "\n".join(textwrap.wrap(base64.b64encode(data).decode(), 64))
     return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}\n-----END CERTIFICATE REQUEST-----\n"
+
+
+def hits_known_bug(data: bytes, reply: httpx.Response) -> bool:
+    """Whether `reply` is the 500 of `KNOWN_BUG` for the CSR `data`."""
+    if reply.status_code != 500:
+        return False
+    try:
+        x509.load_pem_x509_csr(pem_of(data).encode())
+    except KNOWN_BUG:
+        return True
+    except ValueError:
+        pass
+    return False
 
 
 def intake(data: bytes) -> bool:

@@ -59,16 +59,20 @@ def signer() -> Issuer:
     return Issuer(Path(tempfile.mkdtemp(prefix="kmsgate-fuzz-jwt-")))
 
 
-@contextlib.contextmanager
-def open_authenticator() -> Iterator[Target]:
+def issuer_settings(jwks: Path) -> OidcIssuer:
+    """Issuer `ci`, its keys written to `jwks`: the corpus tokens' and those of `signer()`."""
     keys = json.loads((CORPUS / JWKS_FILE).read_text())["keys"]
     keys += json.loads(signer().jwks.read_text())["keys"]
+    jwks.write_text(json.dumps({"keys": keys}))
+    return OidcIssuer(
+        name="ci", issuer=ISSUER, audiences=[AUDIENCE], jwks_file=jwks, algorithms=ALGORITHMS
+    )
+
+
+@contextlib.contextmanager
+def open_authenticator() -> Iterator[Target]:
     with tempfile.TemporaryDirectory() as tmp:
-        jwks = Path(tmp) / "jwks.json"
-        jwks.write_text(json.dumps({"keys": keys}))
-        issuer = OidcIssuer(
-            name="ci", issuer=ISSUER, audiences=[AUDIENCE], jwks_file=jwks, algorithms=ALGORITHMS
-        )
+        issuer = issuer_settings(Path(tmp) / "jwks.json")
         seeds = [seed for _, seed in corpus(HARNESS.name)]
         yield JwtTarget(seeds, OidcAuthenticator([issuer]))
 

@@ -60,8 +60,8 @@ class OcspTarget:
 
 @contextlib.contextmanager
 def open_responder() -> Iterator[Target]:
-    with dev_gateway() as (api, token):
-        made = ocsp_requests(*issued_certificate(api, token))
+    with dev_gateway() as (service, post):
+        made = ocsp_requests(*issued_certificate(post))
         for name, request_der in made.items():
             if name.startswith("valid-") and "other" not in name:
                 request = ocsp.load_der_ocsp_request(request_der)
@@ -69,7 +69,7 @@ def open_responder() -> Iterator[Target]:
                 LIVE_CERT_IDS[HASH_OIDS[oid]] = (request.issuer_name_hash, request.issuer_key_hash)
         seeds = [seed for _, seed in corpus(HARNESS.name)] + list(made.values())
         try:
-            yield OcspTarget(seeds, api.service)
+            yield OcspTarget(seeds, service)
         finally:
             LIVE_CERT_IDS.clear()
 
