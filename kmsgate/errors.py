@@ -22,6 +22,10 @@ class KmsgateError(Exception):
         self.detail = detail or self.title
         super().__init__(self.detail)
 
+    def headers(self) -> dict[str, str]:
+        """The HTTP headers a reply to this failure carries besides its problem body."""
+        return {}
+
 
 class InvalidRequest(KmsgateError):
     status = 400
@@ -58,6 +62,9 @@ class Unauthenticated(KmsgateError):
     status = 401
     code = "unauthenticated"
     title = "Authentication required"
+
+    def headers(self) -> dict[str, str]:
+        return {"www-authenticate": 'Bearer realm="kmsgate"'}  # RFC 6750 §3
 
 
 class PolicyDenied(KmsgateError):
@@ -104,6 +111,12 @@ class TooLarge(KmsgateError):
     title = "Request too large"
 
 
+class UnsupportedMediaType(KmsgateError):
+    status = 415
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
 class ValidationFailed(KmsgateError):
     status = 422
     code = "validation_failed"
@@ -132,6 +145,9 @@ class Unavailable(KmsgateError):
     def __init__(self, detail: str | None = None, *, retry_after: int = 5) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after)}
 
 
 class BackendUnavailable(Unavailable):

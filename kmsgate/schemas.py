@@ -8,11 +8,11 @@ turns into the service's typed input (`to_input()`); the service never sees thes
 from __future__ import annotations
 
 import functools
+import json
 import re
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
-import orjson
 from cryptography import x509
 from pydantic import (
     AfterValidator,
@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    Strict,
     ValidationError,
     WithJsonSchema,
     model_validator,
@@ -50,6 +51,8 @@ from kmsgate.service.requests import (
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 LABEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+MAX_VERSION = 2**31 - 1
+"""The largest key version a request may name (bounded before any policy or store call)."""
 
 
 def _decode(value: object) -> bytes:
@@ -69,6 +72,16 @@ B64 = Annotated[
 """A base64 string in JSON, `bytes` once validated."""
 
 
+def _date_time_text(value: object) -> object:
+    if not isinstance(value, str):
+        raise ValueError("expected an RFC 3339 date-time string")
+    return value
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_date_time_text), Strict(False)]
+"""An RFC 3339 date-time string in JSON (the only non-strict type: JSON has no date-time)."""
+
+
 def parse_duration(value: str | int) -> timedelta:
     """`90d`, `12h`, `30m`, `45s` or plain seconds. Raises InvalidRequest."""
     try:
@@ -82,7 +95,10 @@ def _optional_duration(value: str | int | None) -> timedelta | None:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A request body: unknown members refused, no coercion (`true` or `"1"` is not an
+    integer, `1` is not a string)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -92,7 +108,7 @@ class _MessageItem(_Body):
     input: B64 | None = None
     digest: B64 | None = None
     algorithm: str | None = Field(default=None, max_length=64)
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
 
     @model_validator(mode="after")
     def _input_or_digest(self) -> Self:
@@ -114,7 +130,7 @@ class VerifyItem(_MessageItem):
 
     signature: B64
     strict: bool = False
-    signed_at: datetime | None = None
+    signed_at: Timestamp | None = None
 
     def to_input(self) -> VerifyInput:
         return VerifyInput(
@@ -131,7 +147,7 @@ class VerifyItem(_MessageItem):
 class MacItem(_Body):
     input: B64
     algorithm: str | None = Field(default=None, max_length=64)
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
 
     def to_input(self) -> MacInput:
         return MacInput(self.input, self.algorithm, self.version)
@@ -141,7 +157,7 @@ class MacVerifyItem(_Body):
     input: B64
     mac: B64
     algorithm: str | None = Field(default=None, max_length=64)
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
 
     def to_input(self) -> MacVerifyInput:
         return MacVerifyInput(self.input, self.mac, self.algorithm, self.version)
@@ -210,7 +226,7 @@ ItemT = TypeVar("ItemT", bound=BaseModel)
 
 
 class Batch(BaseModel, Generic[ItemT]):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     batch: list[ItemT] = Field(min_length=1)
 
@@ -232,11 +248,36 @@ def validation_detail(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members, refusing a name given twice: a proxy that reads the first
+    value would otherwise see another request than the gateway, which would read the last."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        names = [n for n, _ in pairs]
+        name = next(n for i, n in enumerate(names) if n in names[:i])
+        raise _DuplicateKey(f"duplicate member {name[:64]!r} in the request body")
+    return obj
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_unique_object, parse_constant=_no_constant)
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """The JSON object in `raw`. Raises InvalidRequest if it is not valid JSON or not an object."""
+    """The JSON object in `raw` (RFC 8259, UTF-8; NaN, Infinity and a member name given
+    twice refused). Raises InvalidRequest if it is not such JSON or not an object."""
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        body = _STRICT_JSON.decode(raw.decode("utf-8"))
+    except _DuplicateKey as exc:
+        raise InvalidRequest(str(exc)) from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
         raise InvalidRequest("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
@@ -251,13 +292,13 @@ def parse_model(model: type[ModelT], body: Any) -> ModelT:
         raise ValidationFailed(validation_detail(exc)) from None
 
 
-def parse_operation(raw: bytes, item_type: type[ItemT], max_batch: int) -> tuple[list[ItemT], bool]:
-    """The items of an operation body and whether it was a batch.
+def parse_operation(
+    body: dict[str, Any], item_type: type[ItemT], max_batch: int
+) -> tuple[list[ItemT], bool]:
+    """The items of an operation body (a parsed JSON object) and whether it was a batch.
 
-    Raises InvalidRequest (not JSON), TooLarge (more than `max_batch` items) or
-    ValidationFailed (schema).
+    Raises TooLarge (more than `max_batch` items) or ValidationFailed (schema).
     """
-    body = parse_json_object(raw)
     if "batch" not in body:
         return [parse_model(item_type, body)], False
     batch = body["batch"]
@@ -330,7 +371,7 @@ class CreateKeyRequest(_Body):
 
 
 class PatchKeyRequest(_Body):
-    min_decrypt_version: int | None = Field(default=None, ge=1)
+    min_decrypt_version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
     rotation_period: str | int | None = None
     labels: dict[str, Annotated[str, Field(max_length=256)]] | None = Field(
         default=None, max_length=32
@@ -344,7 +385,7 @@ class PatchKeyRequest(_Body):
 
 
 class CompromisedRequest(_Body):
-    since: datetime
+    since: Timestamp
 
     @model_validator(mode="after")
     def _aware(self) -> Self:

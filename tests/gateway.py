@@ -59,6 +59,7 @@ class Api:
 
     def call(self, method: str, path: str, token: str | None, **kwargs: Any) -> Any:
         headers = {"authorization": f"Bearer {token}"} if token else {}
+        headers.update(kwargs.pop("headers", {}))
         return self.client.request(method, path, headers=headers, **kwargs)
 
 

@@ -18,6 +18,8 @@ from kmsgate.policy import ACTIONS
 from kmsgate.service import STATE_CHANGING
 from tests.helpers import b64, create_key, unb64
 
+JSON_TYPE = {"content-type": "application/json"}
+
 
 def public_key(api, token, name, version=None):
     query = f"?version={version}" if version else ""
@@ -118,7 +120,13 @@ def test_bad_sign_requests(api, admin, body, status, code):
 def test_malformed_json_is_400(api, admin):
     create_key(api, admin, "k", "ecdsa-p256")
     for raw in (b"{", b"[]", b"\xff"):
-        r = api.call("POST", "/v1/keys/k/sign", admin, content=raw)
+        r = api.call(
+            "POST",
+            "/v1/keys/k/sign",
+            admin,
+            content=raw,
+            headers={"content-type": "application/json"},
+        )
         assert (r.status_code, r.json()["code"]) == (400, "invalid_request")
 
 
@@ -307,7 +315,7 @@ def test_text_replies_end_with_a_newline(api, admin):
         api.call("GET", "/v1/sys/health", None),
         api.call("GET", "/v1/keys/newline/public-key", admin),
         api.call("GET", "/v1/keys", None),
-        api.call("POST", "/v1/keys/newline/sign", admin, content=b"{"),
+        api.call("POST", "/v1/keys/newline/sign", admin, content=b"{", headers=JSON_TYPE),
     ]
     assert [r.status_code for r in replies] == [200, 200, 200, 200, 200, 401, 400]
     for r in replies:

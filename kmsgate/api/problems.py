@@ -15,11 +15,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kmsgate.api.metrics import UNMATCHED, Metrics
 from kmsgate.api.responses import json_bytes
-from kmsgate.errors import KmsgateError, TooLarge, Unavailable, ValidationFailed
+from kmsgate.errors import KmsgateError, TooLarge, ValidationFailed
 from kmsgate.logs import request_logger
 
 log = logging.getLogger("kmsgate.api")
@@ -54,8 +55,7 @@ def problem(
 
 
 def error_response(exc: KmsgateError, request_id: str) -> Response:
-    headers = {"retry-after": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
-    return problem(exc.status, exc.code, exc.title, exc.detail, request_id, headers)
+    return problem(exc.status, exc.code, exc.title, exc.detail, request_id, exc.headers())
 
 
 def request_id_of(request: Request) -> str:
@@ -93,19 +93,28 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
+        headers = {name.lower(): value for name, value in (exc.headers or {}).items()}
+        if exc.status_code == 405:
+            headers["allow"] = ", ".join(_allowed_methods(request))
         return problem(
-            exc.status_code,
-            code,
-            str(exc.detail),
-            str(exc.detail),
-            request_id_of(request),
-            dict(exc.headers or {}),
+            exc.status_code, code, str(exc.detail), str(exc.detail), request_id_of(request), headers
         )
 
+    # anything else a route raises reaches GatewayMiddleware, which answers 500 itself
     app.add_exception_handler(KmsgateError, on_failure)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(Exception, on_failure)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method served at the request's path (Starlette's 405 names only the methods of
+    the first route whose path matched): each asked of the router as if it had been sent."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in sorted(_METHODS)
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    ]
 
 
 class RequestIds:
@@ -198,10 +207,10 @@ class GatewayMiddleware:
                 return
             try:
                 await self.app(scope, limited_receive, counting_send)
-            except TooLarge as exc:
+            except Exception as exc:  # a body over the limit, or a bug: a problem reply
                 if started:
                     raise
-                await error_response(exc, request_id)(scope, receive, counting_send)
+                await failure_response(exc, Request(scope))(scope, receive, counting_send)
         finally:
             observe(self.metrics, scope, status, started_at)
 

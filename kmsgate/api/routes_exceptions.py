@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.responses import Response
 
+from kmsgate.api.bodies import JsonBodyRoute
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
 from kmsgate.api.responses import json_response
 from kmsgate.grants import GrantState
@@ -65,7 +66,7 @@ def list_exceptions(
 
 def build_router() -> APIRouter:
     """A new application's exception routes."""
-    router = APIRouter(prefix=PREFIX, tags=["exceptions"])
+    router = APIRouter(prefix=PREFIX, tags=["exceptions"], route_class=JsonBodyRoute)
     router.add_api_route("", request_exception, methods=["POST"], status_code=201)
     router.add_api_route("", list_exceptions, methods=["GET"])
     router.add_api_route("/{grant_id}", show_exception, methods=["GET"])

@@ -6,16 +6,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.routing import Route
 
+from kmsgate.api.bodies import JsonBodyRoute, json_object
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
 from kmsgate.api.fastpath import Endpoint, fast_route
 from kmsgate.api.responses import json_response, operation_response
 from kmsgate.errors import InvalidRequest, VerificationFailed
 from kmsgate.schemas import (
+    MAX_VERSION,
     CompromisedRequest,
     CreateKeyRequest,
     DataKeyItem,
@@ -145,7 +147,7 @@ async def _operation(request: Request, op: HotOperation) -> Response:
     to the thread pool, in-process ones stay on the event loop."""
     service, principal, ctx = resolve_caller(request)
     items, batch = parse_operation(
-        await request.body(), op.item_type, service.settings.limits.max_batch
+        await json_object(request), op.item_type, service.settings.limits.max_batch
     )
     inputs = [item.to_input() for item in items]
     target = service.gate.target(request.path_params["name"])
@@ -175,7 +177,7 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     """A new application's key routes: the hot operations' Starlette routes (to be matched
     first) and the FastAPI router with every key route (lifecycle and, for the OpenAPI
     document, the operations)."""
-    router = APIRouter(prefix=PREFIX, tags=["keys"])
+    router = APIRouter(prefix=PREFIX, tags=["keys"], route_class=JsonBodyRoute)
     hot: list[Route] = []
     name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     for op in HOT_OPERATIONS:
@@ -268,7 +270,7 @@ def update_key(
 
 def mark_compromised(
     name: str,
-    version: int,
+    version: Annotated[int, Path(ge=1, le=MAX_VERSION)],
     body: CompromisedRequest,
     service: ServiceDep,
     principal: PrincipalDep,
@@ -298,7 +300,7 @@ async def public_key(
     service: ServiceDep,
     principal: PrincipalDep,
     ctx: CtxDep,
-    version: Annotated[int | None, Query(ge=1)] = None,
+    version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None,
 ) -> Response:
     """PEM SubjectPublicKeyInfo of a version (default: primary)."""
     pem = service.keys.public_key_pem(principal, ctx, name, version)

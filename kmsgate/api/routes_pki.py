@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from kmsgate.api.bodies import JsonBodyRoute, json_object
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
 from kmsgate.api.fastpath import body_schema, fast_route
 from kmsgate.api.responses import json_response
@@ -21,7 +22,6 @@ from kmsgate.schemas import (
     IssueRequest,
     RenewRequest,
     RevokeRequest,
-    parse_json_object,
     parse_model,
 )
 from kmsgate.service.results import Issued
@@ -34,7 +34,7 @@ PEM = "application/x-pem-file"
 def build_routes() -> tuple[list[Route], APIRouter]:
     """A new application's PKI routes: issuance on the fast path (to be matched first),
     and the FastAPI router with every PKI route."""
-    router = APIRouter(prefix=PREFIX, tags=["pki"])
+    router = APIRouter(prefix=PREFIX, tags=["pki"], route_class=JsonBodyRoute)
     fast = [
         fast_route(
             router,
@@ -102,7 +102,7 @@ async def issue(request: Request) -> Response:
     not_after}` (PEM; the chain is the issuing CA first, root last). Runs on the event
     loop: the service moves blocking work (a remote CA key, the inventory commit) off it."""
     service, principal, ctx = resolve_caller(request)
-    body = parse_model(IssueRequest, parse_json_object(await request.body()))
+    body = parse_model(IssueRequest, await json_object(request))
     ca = request.path_params["ca"]
     issued = await service.pki.issue(principal, ctx, ca, body.to_input())
     return json_response(_issued_body(issued))

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.routing import Route
 
+from kmsgate.api.bodies import JsonBodyRoute
 from kmsgate.api.deps import ServiceDep, request_ctx
 from kmsgate.api.fastpath import body_schema, fast_route
 from kmsgate.pki.ocsp import malformed_response
@@ -32,7 +33,7 @@ MAX_ENCODED_REQUEST = 4096
 def build_routes() -> tuple[list[Route], APIRouter]:
     """A new application's revocation routes: OCSP on the fast path (to be matched first),
     and the FastAPI router with every revocation route."""
-    router = APIRouter(prefix=PREFIX, tags=["pki"])
+    router = APIRouter(prefix=PREFIX, tags=["pki"], route_class=JsonBodyRoute)
     router.add_api_route("/cas/{ca}/crl", crl, methods=["GET"], response_class=Response)
     ocsp_request = {"type": "string", "format": "binary"}
     fast = [

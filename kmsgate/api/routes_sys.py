@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from starlette.responses import PlainTextResponse, Response
 
+from kmsgate.api.bodies import JsonBodyRoute
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
 from kmsgate.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsgate.api.metrics import Metrics
@@ -106,7 +107,7 @@ def audit_events(
 
 def build_router() -> APIRouter:
     """A new application's system routes."""
-    router = APIRouter(tags=["system"])
+    router = APIRouter(tags=["system"], route_class=JsonBodyRoute)
     router.add_api_route("/v1/sys/health", health, methods=["GET"])
     router.add_api_route("/v1/sys/ready", ready, methods=["GET"])
     router.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)

@@ -1,0 +1,160 @@
+"""The REST edge refuses what it cannot read unambiguously, the same way on every route
+(issue 17, findings 2-7): JSON only, strictly parsed and typed, integers bounded before the
+policy sees them, and every failure a problem reply with its request id."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from kmsgate.api import create_app
+from tests.gateway import Api
+from tests.helpers import b64, create_key
+
+JSON_TYPE = {"content-type": "application/json"}
+NEW_KEY = {"name": "k2", "type": "ed25519", "purpose": "general"}
+
+
+def _problem(reply: Any, status: int, code: str) -> dict[str, Any]:
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = reply.json()
+    assert body["code"] == code and body["request_id"] == reply.headers["x-request-id"]
+    return body
+
+
+def _key_names(api: Api, admin: str) -> list[str]:
+    return [k["name"] for k in api.call("GET", "/v1/keys", admin).json()["keys"]]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}],
+)
+@pytest.mark.parametrize("path", ["/v1/keys", "/v1/keys/k/sign", "/v1/exceptions"])
+def test_a_body_that_is_not_declared_json_is_415(
+    api: Api, admin: str, headers: dict[str, str], path: str
+) -> None:
+    create_key(api, admin, "k")
+    body = json.dumps({**NEW_KEY, "input": b64(b"m")} if "sign" in path else NEW_KEY)
+    reply = api.call("POST", path, admin, content=body, headers=headers)
+    _problem(reply, 415, "unsupported_media_type")
+    assert "k2" not in _key_names(api, admin)
+
+
+def test_json_with_a_charset_is_json(api: Api, admin: str) -> None:
+    reply = api.call(
+        "POST",
+        "/v1/keys",
+        admin,
+        content=json.dumps(NEW_KEY),
+        headers={"content-type": "Application/JSON; charset=utf-8"},
+    )
+    assert reply.status_code == 201, reply.text
+
+
+@pytest.mark.parametrize(
+    "raw", [b"{", b"", b"[]", b"\xff", b'{"name": NaN}', b"[" * 5000, b'{"a": 1} x']
+)
+@pytest.mark.parametrize("path", ["/v1/keys", "/v1/keys/k/sign", "/v1/keys/k/rotate"])
+def test_malformed_json_is_400_on_every_route(api: Api, admin: str, raw: bytes, path: str) -> None:
+    create_key(api, admin, "k")
+    if path.endswith("rotate"):  # takes no body: whatever is sent is not read
+        assert api.call("POST", path, admin, content=raw, headers=JSON_TYPE).status_code == 200
+        return
+    _problem(api.call("POST", path, admin, content=raw, headers=JSON_TYPE), 400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        ("/v1/keys", b'{"name": "k2", "type": "ed25519", "type": "hmac-sha256", "purpose": "p"}'),
+        ("/v1/keys/k/sign", b'{"input": "bQ==", "input": "bg=="}'),
+        ("/v1/keys/k/sign", b'{"batch": [{"input": "bQ==", "version": 1, "version": 2}]}'),
+    ],
+)
+def test_a_member_given_twice_is_400_and_nothing_happens(
+    api: Api, admin: str, path: str, raw: bytes
+) -> None:
+    create_key(api, admin, "k")
+    before = len(api.service.audit.search(action="sign"))
+    body = _problem(
+        api.call("POST", path, admin, content=raw, headers=JSON_TYPE), 400, "invalid_request"
+    )
+    assert "duplicate member" in body["detail"]
+    assert "k2" not in _key_names(api, admin)
+    assert len(api.service.audit.search(action="sign")) == before
+
+
+@pytest.mark.parametrize("version", [True, "1", 1.0, 2**31, 2**64])
+def test_a_version_must_be_a_bounded_integer(api: Api, admin: str, version: object) -> None:
+    create_key(api, admin, "k")
+    body = {"input": b64(b"m"), "version": version}
+    _problem(api.call("POST", "/v1/keys/k/sign", admin, json=body), 422, "validation_failed")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": 1, "purpose": "p", "type": "ed25519"},
+        {"name": "k2", "purpose": "p", "type": "ed25519", "labels": {"a": 1}},
+    ],
+)
+def test_a_string_must_be_a_string(api: Api, admin: str, body: dict[str, Any]) -> None:
+    _problem(api.call("POST", "/v1/keys", admin, json=body), 422, "validation_failed")
+    assert "k2" not in _key_names(api, admin)
+
+
+@pytest.mark.parametrize("version", ["18446744073709551616", "2147483648", "0", "-1", "x"])
+def test_a_version_in_the_query_is_checked_before_the_policy(
+    api: Api, admin: str, version: str
+) -> None:
+    create_key(api, admin, "k")
+    denied = len(api.service.audit.search(action="key.read"))
+    reply = api.call("GET", f"/v1/keys/k/public-key?version={version}", admin)
+    _problem(reply, 422, "validation_failed")
+    assert len(api.service.audit.search(action="key.read")) == denied  # no decision taken
+    path = f"/v1/keys/k/versions/{version}/compromised"
+    _problem(api.call("POST", path, admin, json={}), 422, "validation_failed")
+
+
+def test_a_401_names_its_scheme(api: Api) -> None:
+    reply = api.call("GET", "/v1/keys", None)
+    _problem(reply, 401, "unauthenticated")
+    assert reply.headers["www-authenticate"].startswith("Bearer ")
+    reply = api.call("POST", "/v1/keys/k/sign", "kmg.bad.token", json={"input": "bQ=="})
+    _problem(reply, 401, "unauthenticated")
+    assert reply.headers["www-authenticate"].startswith("Bearer ")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/v1/keys", {"GET", "POST"}),
+        ("DELETE", "/v1/keys/k", {"GET", "PATCH"}),
+        ("GET", "/v1/keys/k/sign", {"POST"}),
+    ],
+)
+def test_a_405_lists_every_method_of_the_path(
+    api: Api, admin: str, method: str, path: str, allowed: set[str]
+) -> None:
+    reply = api.call(method, path, admin)
+    _problem(reply, 405, "method_not_allowed")
+    assert {m.strip() for m in reply.headers["allow"].split(",")} - {"HEAD"} == allowed
+
+
+def test_an_unexpected_failure_is_a_500_problem_with_its_request_id(api: Api) -> None:
+    app = create_app(api.service)
+
+    def broken() -> None:
+        raise RuntimeError("a bug, with internal text")
+
+    app.add_api_route("/v1/broken", broken, methods=["GET"])
+    with TestClient(app, raise_server_exceptions=True) as client:
+        reply = client.get("/v1/broken")
+        body = _problem(reply, 500, "internal_error")
+        assert "internal text" not in reply.text and body["detail"]
+        assert client.get("/v1/sys/health").status_code == 200  # the app still serves
