@@ -76,6 +76,11 @@ class KeyVersion:
         return self.compromised_since is not None and when >= self.compromised_since
 
 
+PUBLIC_PURPOSES = frozenset({"model-sign"})
+"""Purposes whose keys are public unless created otherwise: verifiers of signed models fetch
+their public keys without a token."""
+
+
 @dataclass(frozen=True, slots=True)
 class Key:
     name: str
@@ -92,6 +97,8 @@ class Key:
     verify_only: bool = False
     rotation_period: timedelta | None = None
     deletion_date: datetime | None = None
+    public: bool = False
+    """Whether its public keys are served without a token (`GET .../jwks.json`)."""
 
     def policy_resource(self) -> dict[str, object]:
         """The `resource` part of the policy input document."""
@@ -175,6 +182,7 @@ class Key:
             "primary_version": self.primary_version,
             "min_decrypt_version": self.min_decrypt_version,
             "verify_only": self.verify_only,
+            "public": self.public,
             "versions": [
                 {
                     "version": v.version,
@@ -241,6 +249,7 @@ def key_from_rows(row: Row, version_rows: Iterable[Row]) -> Key:
         verify_only=bool(row["verify_only"]),
         rotation_period=timedelta(seconds=period) if period else None,
         deletion_date=utc(row["deletion_date"]),
+        public=bool(row["public"]),
     )
 
 
@@ -272,6 +281,7 @@ def key_row(key: Key) -> dict[str, Any]:
         ),
         "deletion_date": key.deletion_date,
         "verify_only": key.verify_only,
+        "public": key.public,
         "created_at": key.created_at,
         "updated_at": key.updated_at,
     }

@@ -127,6 +127,7 @@ class Client:
         public_key: str | None = None,
         uri: str | None = None,
         rotation_period: str | None = None,
+        public: bool | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "purpose": purpose, "labels": dict(labels or {})}
         optional = {
@@ -135,6 +136,7 @@ class Client:
             "public_key": public_key,
             "uri": uri,
             "rotation_period": rotation_period,
+            "public": public,
         }
         for field, value in optional.items():
             if value is not None:

@@ -344,6 +344,10 @@ class CreateKeyRequest(_Body):
     uri: str | None = Field(
         default=None, max_length=1024, description="adopt this existing backend key"
     )
+    public: bool | None = Field(
+        default=None,
+        description="serve its public keys without a token (default: only for `model-sign`)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -367,6 +371,7 @@ class CreateKeyRequest(_Body):
             rotation_period=_optional_duration(self.rotation_period),
             public_key=self.public_key,
             uri=self.uri,
+            public=self.public,
         )
 
 
@@ -376,11 +381,15 @@ class PatchKeyRequest(_Body):
     labels: dict[str, Annotated[str, Field(max_length=256)]] | None = Field(
         default=None, max_length=32
     )
+    public: bool | None = None
 
     def to_input(self) -> KeyChanges:
         """Raises InvalidRequest for a malformed `rotation_period`."""
         return KeyChanges(
-            self.min_decrypt_version, _optional_duration(self.rotation_period), self.labels
+            self.min_decrypt_version,
+            _optional_duration(self.rotation_period),
+            self.labels,
+            self.public,
         )
 
 

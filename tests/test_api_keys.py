@@ -206,16 +206,33 @@ def test_import_public_key_is_verify_only(api, admin):
     assert wrong.status_code == 400
 
 
-def test_jwks_is_public_and_lists_usable_versions(api, admin):
-    create_key(api, admin, "j", "ed25519")
+def test_jwks_is_served_without_a_token_only_for_public_keys(api, admin):
+    create_key(api, admin, "j", "ed25519", purpose="model-sign")  # public by default
     api.call("POST", "/v1/keys/j/rotate", admin)
     r = api.call("GET", "/v1/keys/j/jwks.json", None)
     assert r.status_code == 200
     assert [k["kid"] for k in r.json()["keys"]] == ["j:v2", "j:v1"]
     assert all(k["kty"] == "OKP" and k["crv"] == "Ed25519" for k in r.json()["keys"])
+    assert api.call("GET", "/v1/keys/j", admin).json()["public"] is True
+
     create_key(api, admin, "h", "hmac-sha256")
-    assert api.call("GET", "/v1/keys/h/jwks.json", None).status_code == 404
-    assert api.call("GET", "/v1/keys/none/jwks.json", None).status_code == 404
+    create_key(api, admin, "private", "ecdsa-p256")  # purpose general: not public
+    absent = api.call("GET", "/v1/keys/none/jwks.json", None)
+    for name in ("h", "private"):  # a prober cannot tell them from a missing key
+        reply = api.call("GET", f"/v1/keys/{name}/jwks.json", None)
+        assert reply.status_code == 404 == absent.status_code
+        assert reply.json()["detail"] == absent.json()["detail"].replace("none", name)
+
+    made = api.call("PATCH", "/v1/keys/private", admin, json={"public": True})
+    assert made.status_code == 200 and made.json()["public"] is True, made.text
+    assert api.call("GET", "/v1/keys/private/jwks.json", None).status_code == 200
+    api.call("PATCH", "/v1/keys/j", admin, json={"public": False})
+    assert api.call("GET", "/v1/keys/j/jwks.json", None).status_code == 404
+    body = {"name": "p2", "type": "ed25519", "purpose": "general", "public": True}
+    assert api.call("POST", "/v1/keys", admin, json=body).json()["public"] is True
+    assert api.call("GET", "/v1/keys/p2/jwks.json", None).status_code == 200
+    updates = api.service.audit.search(action="key.update")
+    assert [r["resource"]["name"] for r in updates if r["outcome"] == "ok"] == ["private", "j"]
 
 
 def test_adopting_needs_a_capable_backend(api, admin):

@@ -67,6 +67,7 @@ def _create_key(
     purpose: str,
     backend: str | None,
     labels: list[str],
+    public: bool | None = None,
     **source: str | None,
 ) -> None:
     """POST /v1/keys (created, imported or adopted, by `source`) and print the key."""
@@ -79,6 +80,7 @@ def _create_key(
         purpose,
         backend=backend,
         labels=_parse_labels(labels),
+        public=public,
         **source,
     )
     print_json(key)
@@ -97,13 +99,20 @@ def keys_create(
     rotation_period: Annotated[
         str | None, typer.Option(help="Rotate on schedule: 90d, 12h, 30m, 45s.")
     ] = None,
+    public: Annotated[
+        bool | None,
+        typer.Option(
+            "--public/--private",
+            help="Serve its public keys without a token (default: only model-sign keys).",
+        ),
+    ] = None,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Create a key (or import a verify-only public key)."""
     pem = read_text(public_key) if public_key else None
     _create_key(
-        addr, token, name, type, purpose, backend, label,
+        addr, token, name, type, purpose, backend, label, public,
         public_key=pem, rotation_period=rotation_period,
     )  # fmt: skip
 

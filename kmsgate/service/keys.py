@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from kmsgate.algorithms import KeyType, key_type_of_public_key, parse_key_type
 from kmsgate.auth import SYSTEM, Principal
 from kmsgate.backends.base import AdoptCapable, KeySpec, require_capability
-from kmsgate.catalogue import Key, KeyState, KeyVersion
+from kmsgate.catalogue import PUBLIC_PURPOSES, Key, KeyState, KeyVersion
 from kmsgate.errors import Conflict, InvalidRequest, KmsgateError, NotFound, Unavailable
 from kmsgate.jwk import public_jwk
 from kmsgate.policy import Decision
@@ -104,6 +104,7 @@ class Keys:
             updated_at=created,
             verify_only=verify_only,
             rotation_period=new.rotation_period,
+            public=new.public if new.public is not None else new.purpose in PUBLIC_PURPOSES,
         )
 
     def generate(self, new: NewKey) -> Key:
@@ -204,11 +205,14 @@ class Keys:
     def jwks(self, name: str) -> dict[str, object]:
         """The public JWKS of a key's usable versions (public endpoint, not audited).
 
-        Raises NotFound for unknown, symmetric, pending or destroyed keys.
+        Raises NotFound, the same for every key not marked public as for unknown names (no
+        token: nobody may learn which names exist), and for symmetric, pending or destroyed
+        keys.
         """
         key = self.gate.catalogue.cached(name)  # public: unknown names never reach the store
         if (
             key is None
+            or not key.public
             or not key.type.is_asymmetric
             or key.state not in (KeyState.ENABLED, KeyState.DISABLED)
         ):
@@ -321,7 +325,7 @@ class Keys:
         return self._on_key(principal, ctx, "key.delete", name, request, schedule)
 
     def update(self, principal: Principal, ctx: Ctx, name: str, changes: KeyChanges) -> Key:
-        """Change min_decrypt_version, rotation_period or labels. Raises InvalidRequest if
+        """Change min_decrypt_version, rotation_period, labels or public. Raises InvalidRequest if
         min_decrypt_version is above the primary version, BackendError if the backend could
         not retire the older versions (nothing changed then)."""
 
@@ -342,6 +346,8 @@ class Keys:
                 fields["rotation_period"] = changes.rotation_period
             if changes.labels is not None:
                 fields["labels"] = dict(changes.labels)
+            if changes.public is not None:
+                fields["public"] = changes.public
             if not fields:
                 return key
             return self.gate.catalogue.update(key, updated_at=now(), **fields)

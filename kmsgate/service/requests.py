@@ -94,6 +94,8 @@ class NewKey:
     rotation_period: timedelta | None = None
     public_key: str | None = None
     uri: str | None = None
+    public: bool | None = None
+    """Serve its public keys without a token; None: only a `model-sign` key's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,7 @@ class KeyChanges:
     min_decrypt_version: int | None = None
     rotation_period: timedelta | None = None
     labels: Mapping[str, str] | None = None
+    public: bool | None = None
 
     def policy_request(self) -> dict[str, object]:
         """The fields being changed, as the policy sees them (durations in seconds)."""
@@ -113,6 +116,8 @@ class KeyChanges:
             request["rotation_period"] = int(self.rotation_period.total_seconds())
         if self.labels is not None:
             request["labels"] = dict(self.labels)
+        if self.public is not None:
+            request["public"] = self.public
         return request
 
 

@@ -22,6 +22,7 @@ keys = sa.Table(
     sa.Column("verify_only", sa.Boolean, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("public", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 key_versions = sa.Table(
