@@ -8,7 +8,9 @@ worker, a replica on a shared volume) claims a chain file of its own for its who
 holds; a crashed writer's file is claimed again on restart) and appends to it without
 further locking or reading: appends never wait for another process. Readers see the set
 (`AuditFile`). A 2-worker gateway signs 28% faster than with one chain shared under a
-per-append lock (docs/benchmarks.md).
+per-append lock (docs/benchmarks.md). Once `start_checkpoints` is called, a second
+background thread signs the chain now and then (`kmsgate.audit.checkpoint`); appends never
+wait for it.
 """
 
 from __future__ import annotations
@@ -200,11 +202,7 @@ class FileSink(AuditFile):
     """
 
     def __init__(
-        self,
-        path: Path,
-        *,
-        fsync_interval: float = 0.05,
-        replica: str | None = None,
+        self, path: Path, *, fsync_interval: float = 0.05, replica: str | None = None
     ) -> None:
         """Claim a chain file of the audit log at `path` (see `_claim_chain`) and resume
         its chain from the last record. `replica`: the id every record names (a replica's
