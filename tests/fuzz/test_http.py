@@ -13,6 +13,7 @@ import base64
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -49,15 +50,16 @@ NOT_THE_JSON_ASKED_FOR = [
 
 @dataclass(frozen=True)
 class Route:
-    """One route fed through a harness's inputs: `send` makes the request of an input."""
+    """A route fed a harness's inputs: `send` makes the request that carries an input."""
 
     seeds: Sequence[bytes]
     send: Callable[[bytes], httpx.Response]
-    tolerated: Callable[[bytes, httpx.Response], bool] = lambda data, reply: False
+    tolerated: Callable[[bytes, httpx.Response], bool] | None = None
+    """Whether a 5xx reply to an input is a known, reported bug."""
 
     def check(self, data: bytes) -> bool:
         reply = self.send(data)
-        if not self.tolerated(data, reply):
+        if self.tolerated is None or not self.tolerated(data, reply):
             assert reply.status_code < 500, (reply.status_code, reply.text)
         return reply.is_success
 
@@ -135,7 +137,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             return anonymous.post(OCSP_PATH, content=data, headers=content_type)
 
         def ocsp_get(data: bytes) -> httpx.Response:
-            return anonymous.get(f"{OCSP_PATH}/{base64.urlsafe_b64encode(data).decode()}")
+            # RFC 6960 appendix A: base64, then URL-encoded
+            return anonymous.get(f"{OCSP_PATH}/{quote(base64.b64encode(data), safe='')}")
 
         def bearer(data: bytes) -> httpx.Response:
             authorization = [(b"authorization", _bearer(b"Bearer " + data))]

@@ -134,6 +134,7 @@ def test_the_corpus_parses_as_labelled(target: Target) -> None:
 @given(value=HARNESS.inputs())
 @example(value=b"..")
 @example(value=b"e30.e30.")
+@example(value=base64.urlsafe_b64encode(b"[" * 50_000) + b".e30.AAAA")  # deep JSON nesting
 def test_a_bearer_is_an_oidc_principal_or_refused_as_unauthenticated(
     target: Target, value: Input
 ) -> None:
