@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -246,7 +247,7 @@ def stopped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway,
         refused = gw.run("sign", "-", "-k", DEV_AUDIT_KEY, stdin=b"forged checkpoint")
         assert refused.rc != 0 and "is an audit key" in refused.err, str(refused)
         live = verify(str(log), "--gateway", gw.addr, "--token", gw.root_token)
-        assert live.rc == 0 and "signatures verified" in live.out, str(live)
+        assert live.rc == 0 and re.search(r"\d+ signatures? verified", live.out), str(live)
         pem = base / "audit-key.pem"
         gw.ok("keys", "public-key", DEV_AUDIT_KEY, "-o", str(pem))
     yield gw, pem
@@ -292,7 +293,8 @@ def test_verify_catches_a_truncated_tail_with_a_rewritten_head_file(
     )
     rewrite(log, chain[:kept])  # the same first records, the head file rewritten to match
     alone = verify(str(log), "--key", str(stopped[1]))
-    assert alone.rc == 0 and "records unsigned after it" in alone.out, str(alone)
+    unsigned = re.search(r"([1-9]\d*) records? unsigned after it", alone.out)
+    assert alone.rc == 0 and unsigned, str(alone)
     assert "final record" not in alone.out  # the chain no longer says it was closed
     result = verify(str(log), "--key", str(stopped[1]), "--data-dir", str(copy))
     assert result.rc == 1, str(result)

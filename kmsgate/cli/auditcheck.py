@@ -109,11 +109,17 @@ def _chain_summary(chain: ChainCheckpoints, store_checked: bool) -> str:
     if chain.last_line is None:
         return f"no checkpoint, all {chain.records} records unsigned{store}"
     verified = (
-        f", {chain.signatures_checked} signatures verified" if chain.signatures_checked else ""
+        f", {_count(chain.signatures_checked, 'signature')} verified"
+        if chain.signatures_checked
+        else ""
     )
     final = "final " if chain.last_final else ""
     return (
-        f"{chain.checkpoints} checkpoints{verified}; last: {final}record {chain.last_line} "
-        f"(covers seq {chain.last_seq}, {chain.last_key}), {chain.unsigned} records "
-        f"unsigned after it{store}"
+        f"{_count(chain.checkpoints, 'checkpoint')}{verified}; last: {final}record "
+        f"{chain.last_line} (covers seq {chain.last_seq}, {chain.last_key}), "
+        f"{_count(chain.unsigned, 'record')} unsigned after it{store}"
     )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
