@@ -136,9 +136,10 @@ class _Mark:
 
 @dataclass(frozen=True)
 class ChainCheckpoints:
-    """What the checkpoints of one chain file prove: the last checkpoint (its line, the
-    seq it covers, final or not, key and version), how many records follow it unsigned,
-    and how many signatures were checked (0 without public keys)."""
+    """What the checkpoints of one chain file (last written by `replica`) prove: the last
+    checkpoint (its line, the seq it covers, final or not, key and version), how many
+    records follow it unsigned, and how many signatures were checked (0 without public
+    keys)."""
 
     chain: Path
     replica: str
