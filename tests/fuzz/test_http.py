@@ -3,8 +3,8 @@ subprocess, configured with the OIDC test issuer): `decrypt`, CSR `issue`, OCSP 
 by GET, and bearer tokens. No input gets a 5xx; every OCSP input gets a DER OCSPResponse
 (malformedRequest exactly when `parse_request` refuses it), never problem+json.
 
-Seeds include what this gateway made: its ciphertexts and OCSP requests about a certificate
-its dev CA issued.
+Seeds include what this gateway made: its ciphertexts, OCSP requests about a certificate its
+dev CA issued, and its root API token (mutated bearers reach the API-token check too).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             issue=Route(seeds("csr"), issue, test_csr.hits_known_bug),
             ocsp_post=OcspRoute(seeds("ocsp", requests), ocsp_post),
             ocsp_get=OcspRoute(seeds("ocsp", requests), ocsp_get),
-            bearer=Route(seeds("jwt"), bearer),
+            bearer=Route(seeds("jwt", [gw.root_token.encode()]), bearer),  # and API tokens
         )
 
 
