@@ -87,6 +87,11 @@ _DURATION_RE = re.compile(r"^(\d{1,9})([smhd]?)$")
 _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
+MAX_DURATION_SECONDS = 100 * 365 * 86400
+"""The longest duration any setting or request may name (a century: timedelta's own limit is
+far beyond, but a number that large is a mistake)."""
+
+
 def parse_duration_setting(value: object) -> timedelta:
     """A positive duration from `90d`, `12h`, `30m`, `45s`, plain seconds or a timedelta.
 
@@ -98,7 +103,10 @@ def parse_duration_setting(value: object) -> timedelta:
         match = _DURATION_RE.match(str(value).strip())
         if not match:
             raise ValueError(f"invalid duration {value!r}: use e.g. 90d, 12h, 30m, 45s")
-        duration = timedelta(seconds=int(match.group(1)) * _DURATION_UNITS.get(match.group(2), 1))
+        seconds = int(match.group(1)) * _DURATION_UNITS.get(match.group(2), 1)
+        if seconds > MAX_DURATION_SECONDS:
+            raise ValueError(f"invalid duration {value!r}: at most {MAX_DURATION_SECONDS} seconds")
+        duration = timedelta(seconds=seconds)
     else:
         raise ValueError(f"invalid duration {value!r}: use e.g. 90d, 12h, 30m, 45s")
     if duration <= timedelta(0) or duration.microseconds:

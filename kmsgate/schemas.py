@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
@@ -21,7 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
-    Strict,
+    PlainValidator,
     ValidationError,
     WithJsonSchema,
     model_validator,
@@ -29,7 +28,7 @@ from pydantic import (
 
 from kmsgate.config import parse_duration_setting
 from kmsgate.encoding import b64decode_strict, b64encode
-from kmsgate.envelope import check_context
+from kmsgate.envelope import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_STRING, check_context
 from kmsgate.errors import InvalidRequest, TooLarge, ValidationFailed
 from kmsgate.service.requests import (
     DataKeyInput,
@@ -51,8 +50,17 @@ from kmsgate.service.requests import (
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 LABEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+Labels = Annotated[
+    dict[Annotated[str, Field(pattern=LABEL_PATTERN)], Annotated[str, Field(max_length=256)]],
+    Field(max_length=32, json_schema_extra={"additionalProperties": False}),
+]
+"""Label names and values (names as purposes are; values up to 256 characters)."""
 MAX_VERSION = 2**31 - 1
 """The largest key version a request may name (bounded before any policy or store call)."""
+
+
+B64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+"""What `b64decode_strict` takes, as a JSON Schema pattern."""
 
 
 def _decode(value: object) -> bytes:
@@ -67,19 +75,37 @@ B64 = Annotated[
     bytes,
     BeforeValidator(_decode),
     PlainSerializer(b64encode, return_type=str),
-    WithJsonSchema({"type": "string", "format": "byte", "description": "standard base64"}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "byte",
+            "pattern": B64_PATTERN,
+            "description": "standard base64 with padding",
+        }
+    ),
 ]
 """A base64 string in JSON, `bytes` once validated."""
 
 
-def _date_time_text(value: object) -> object:
-    if not isinstance(value, str):
-        raise ValueError("expected an RFC 3339 date-time string")
-    return value
+def _date_time(value: object) -> datetime:
+    """`value`, an RFC 3339 date-time with a zone. Raises ValueError."""
+    if isinstance(value, datetime):  # built in Python, not parsed from a request
+        return value
+    if isinstance(value, str) and "T" in value.upper():
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if moment.tzinfo is not None:
+                return moment
+    raise ValueError("expected an RFC 3339 date-time with a zone (2026-12-05T08:00:00Z)")
 
 
-Timestamp = Annotated[datetime, BeforeValidator(_date_time_text), Strict(False)]
-"""An RFC 3339 date-time string in JSON (the only non-strict type: JSON has no date-time)."""
+Timestamp = Annotated[
+    datetime, PlainValidator(_date_time), WithJsonSchema({"type": "string", "format": "date-time"})
+]
+"""An RFC 3339 date-time with a zone, in a JSON body or a query (never a number)."""
 
 
 def parse_duration(value: str | int) -> timedelta:
@@ -104,7 +130,26 @@ class _Body(BaseModel):
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+def _present(name: str) -> dict[str, Any]:
+    """JSON Schema: member `name` is given, and not null."""
+    return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+
+
+def _absent(name: str) -> dict[str, Any]:
+    """JSON Schema: member `name` is left out, or null."""
+    return {"properties": {name: {"type": "null"}}}
+
+
 class _MessageItem(_Body):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [  # exactly one of input and digest
+                {"allOf": [_present("input"), _absent("digest")]},
+                {"allOf": [_present("digest"), _absent("input")]},
+            ]
+        }
+    )
+
     input: B64 | None = None
     digest: B64 | None = None
     algorithm: str | None = Field(default=None, max_length=64)
@@ -172,10 +217,24 @@ def _context(value: object) -> object:
 Context = Annotated[
     dict[str, str] | None,
     AfterValidator(_context),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "maxProperties": MAX_CONTEXT_ENTRIES,
+                    "propertyNames": {"minLength": 1, "maxLength": MAX_CONTEXT_STRING},
+                    "additionalProperties": {"type": "string", "maxLength": MAX_CONTEXT_STRING},
+                },
+                {"type": "null"},
+            ],
+        }
+    ),
     Field(
         default=None,
-        description="encryption context: a string map (<= 32 entries, keys 1-256 and values "
-        "<= 256 characters) bound as AAD; the same map must be sent to decrypt",
+        description=f"encryption context: a string map (<= {MAX_CONTEXT_ENTRIES} entries, keys "
+        f"1-{MAX_CONTEXT_STRING} and values <= {MAX_CONTEXT_STRING} characters) bound as AAD; "
+        "the same map must be sent to decrypt",
     ),
 ]
 
@@ -267,7 +326,16 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_unique_object, parse_constant=_no_constant)
+def _number(text: str) -> float | int:
+    """A JSON number with a fraction or an exponent: an integer if its value is one (JSON
+    Schema counts 20.0 as an integer), else a float."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+_STRICT_JSON = json.JSONDecoder(
+    object_pairs_hook=_unique_object, parse_constant=_no_constant, parse_float=_number
+)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -320,8 +388,11 @@ def operation_schema(item_type: type[BaseModel]) -> dict[str, Any]:
                             item,
                             {
                                 "type": "object",
+                                "additionalProperties": False,
                                 "required": ["batch"],
-                                "properties": {"batch": {"type": "array", "items": item}},
+                                "properties": {
+                                    "batch": {"type": "array", "items": item, "minItems": 1}
+                                },
                             },
                         ]
                     }
@@ -332,13 +403,20 @@ def operation_schema(item_type: type[BaseModel]) -> dict[str, Any]:
 
 
 class CreateKeyRequest(_Body):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {"anyOf": [_present("type"), _present("public_key")]},
+                {"anyOf": [_absent("public_key"), _absent("uri")]},
+            ]
+        }
+    )
+
     name: str = Field(pattern=KEY_NAME_PATTERN)
     type: str | None = Field(default=None, max_length=32)
     purpose: str = Field(pattern=LABEL_PATTERN)
     backend: str | None = Field(default=None, max_length=64)
-    labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(
-        default_factory=dict, max_length=32
-    )
+    labels: Labels = Field(default_factory=dict)
     rotation_period: str | int | None = None
     public_key: str | None = Field(default=None, max_length=16 * 1024)
     uri: str | None = Field(
@@ -355,9 +433,6 @@ class CreateKeyRequest(_Body):
             raise ValueError("'type' is required unless importing a 'public_key'")
         if self.public_key is not None and self.uri is not None:
             raise ValueError("send 'public_key' (verify-only) or 'uri' (adopt), not both")
-        for label in self.labels:
-            if not re.match(LABEL_PATTERN, label):
-                raise ValueError(f"invalid label name {label!r}")
         return self
 
     def to_input(self) -> NewKey:
@@ -378,9 +453,7 @@ class CreateKeyRequest(_Body):
 class PatchKeyRequest(_Body):
     min_decrypt_version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
     rotation_period: str | int | None = None
-    labels: dict[str, Annotated[str, Field(max_length=256)]] | None = Field(
-        default=None, max_length=32
-    )
+    labels: Labels | None = None
     public: bool | None = None
 
     def to_input(self) -> KeyChanges:

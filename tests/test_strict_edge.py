@@ -89,11 +89,19 @@ def test_a_member_given_twice_is_400_and_nothing_happens(
     assert len(api.service.audit.search(action="sign")) == before
 
 
-@pytest.mark.parametrize("version", [True, "1", 1.0, 2**31, 2**64])
+@pytest.mark.parametrize("version", [True, "1", 1.5, 2**31, 2**64])
 def test_a_version_must_be_a_bounded_integer(api: Api, admin: str, version: object) -> None:
     create_key(api, admin, "k")
     body = {"input": b64(b"m"), "version": version}
     _problem(api.call("POST", "/v1/keys/k/sign", admin, json=body), 422, "validation_failed")
+
+
+def test_an_integral_number_is_an_integer(api: Api, admin: str) -> None:
+    """As JSON Schema counts them: `1.0` is the integer 1 (what the OpenAPI document says)."""
+    create_key(api, admin, "k")
+    raw = b'{"input": "bQ==", "version": 1.0}'
+    reply = api.call("POST", "/v1/keys/k/sign", admin, content=raw, headers=JSON_TYPE)
+    assert reply.status_code == 200 and reply.json()["key_version"] == 1, reply.text
 
 
 @pytest.mark.parametrize(

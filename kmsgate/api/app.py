@@ -132,13 +132,13 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
     install_docs(app)
     app.state.service = service
     fast_routes: list[Route] = []
-    app.include_router(routes_sys.build_router())  # first: health checks stay cheap
+    app.include(routes_sys.build_router())  # first: health checks stay cheap
     # revocation: the public CRLs and OCSP
     for routes in (routes_keys, routes_pki, routes_revocation):
         fast, router = routes.build_routes()
         fast_routes += fast
-        app.include_router(router)
-    app.include_router(routes_exceptions.build_router())
+        app.include(router)
+    app.include(routes_exceptions.build_router())
     install_error_handlers(app)
     app.state.metrics = Metrics(
         {

@@ -19,6 +19,7 @@ from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from kmsgate.api.metrics import Metrics
+from kmsgate.api.openapi import complete
 from kmsgate.api.problems import (
     RequestIds,
     declared_too_large,
@@ -47,6 +48,33 @@ class GatewayApp(FastAPI):
     """The FastAPI application, with its fast routes served ahead of its middleware."""
 
     _fast_routes: tuple[Route, ...] = ()
+    _included: tuple[APIRouter, ...] = ()
+    _document: dict[str, Any] | None = None
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI document, with what FastAPI cannot see (`kmsgate.api.openapi`), built
+        once: the routes do not change after start-up."""
+        if self._document is None:
+            self._document = complete(super().openapi())
+        return self._document
+
+    def include(self, router: APIRouter) -> None:
+        """`include_router`, keeping `router` for `allowed_methods`."""
+        self.include_router(router)
+        self._included += (router,)
+
+    def allowed_methods(self, path: str) -> list[str]:
+        """Every method served at `path`, for a 405's `Allow` (Starlette's names only the
+        methods of the first route whose path matched)."""
+        routes = [r for router in (self.router, *self._included) for r in router.routes]
+        return sorted(
+            {
+                method
+                for route in routes
+                if isinstance(route, Route) and route.path_regex.match(path)
+                for method in route.methods or ()
+            }
+        )
 
     def serve_fast(
         self, routes: list[Route], *, max_body_bytes: int, metrics: Metrics, ids: RequestIds
@@ -126,14 +154,18 @@ def fast_route(
 ) -> Route:
     """The Starlette route serving `endpoint` at `router.prefix + path` (for
     `GatewayApp.serve_fast`), after adding it to `router` for the OpenAPI document (`openapi_extra`
-    describes what the endpoint reads itself, such as its request body; `documented` goes
-    to `add_api_route`)."""
+    describes what the endpoint reads itself, such as its request body; its path parameters
+    are described here; `documented` goes to `add_api_route`)."""
     route = Route(router.prefix + path, endpoint, methods=methods, name=endpoint.__name__)
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in route.param_convertors
+    ]
     router.add_api_route(
         path,
         endpoint,
         methods=methods,
-        openapi_extra=dict(openapi_extra) if openapi_extra else None,
+        openapi_extra={"parameters": parameters, **(openapi_extra or {})},
         **documented,
     )
     return route

@@ -15,7 +15,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kmsgate.api.metrics import UNMATCHED, Metrics
@@ -95,7 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         headers = {name.lower(): value for name, value in (exc.headers or {}).items()}
         if exc.status_code == 405:
-            headers["allow"] = ", ".join(_allowed_methods(request))
+            headers["allow"] = ", ".join(request.app.allowed_methods(request.scope["path"]))
         return problem(
             exc.status_code, code, str(exc.detail), str(exc.detail), request_id_of(request), headers
         )
@@ -104,17 +103,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(KmsgateError, on_failure)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-
-
-def _allowed_methods(request: Request) -> list[str]:
-    """Every method served at the request's path (Starlette's 405 names only the methods of
-    the first route whose path matched): each asked of the router as if it had been sent."""
-    routes = request.app.router.routes
-    return [
-        method
-        for method in sorted(_METHODS)
-        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
-    ]
 
 
 class RequestIds:

@@ -12,6 +12,8 @@ from starlette.responses import JSONResponse
 from kmsgate.encoding import b64encode
 from kmsgate.errors import KmsgateError, VerificationFailed
 
+PEM = "application/x-pem-file"
+
 
 def _edge_value(value: Any) -> Any:
     """What orjson cannot write by itself, as the API writes it: bytes as base64; an item's

@@ -14,7 +14,8 @@ from starlette.routing import Route
 from kmsgate.api.bodies import JsonBodyRoute, json_object
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
 from kmsgate.api.fastpath import Endpoint, fast_route
-from kmsgate.api.responses import json_response, operation_response
+from kmsgate.api.openapi import PUBLIC, replies
+from kmsgate.api.responses import PEM, json_response, operation_response
 from kmsgate.errors import InvalidRequest, VerificationFailed
 from kmsgate.schemas import (
     MAX_VERSION,
@@ -179,9 +180,8 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     document, the operations)."""
     router = APIRouter(prefix=PREFIX, tags=["keys"], route_class=JsonBodyRoute)
     hot: list[Route] = []
-    name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     for op in HOT_OPERATIONS:
-        extra = {**operation_schema(op.item_type), "parameters": [name_param]}
+        extra = operation_schema(op.item_type)
         hot.append(
             fast_route(router, op.path, _endpoint(op), methods=["POST"], openapi_extra=extra)
         )
@@ -197,8 +197,14 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     )
     router.add_api_route("/{name}/schedule-deletion", schedule_deletion, methods=["POST"])
     router.add_api_route("/{name}/cancel-deletion", cancel_deletion, methods=["POST"])
-    router.add_api_route("/{name}/public-key", public_key, methods=["GET"], response_class=Response)
-    router.add_api_route("/{name}/jwks.json", jwks, methods=["GET"])
+    router.add_api_route(
+        "/{name}/public-key",
+        public_key,
+        methods=["GET"],
+        response_class=Response,
+        responses=replies(PEM),
+    )
+    router.add_api_route("/{name}/jwks.json", jwks, methods=["GET"], openapi_extra=PUBLIC)
     return hot, router
 
 
@@ -304,7 +310,7 @@ async def public_key(
 ) -> Response:
     """PEM SubjectPublicKeyInfo of a version (default: primary)."""
     pem = service.keys.public_key_pem(principal, ctx, name, version)
-    return Response(pem, media_type="application/x-pem-file")
+    return Response(pem, media_type=PEM)
 
 
 async def jwks(name: str, service: ServiceDep) -> Response:

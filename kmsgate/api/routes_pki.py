@@ -3,7 +3,6 @@ CRL and OCSP answer without a token (relying parties fetch them)."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from cryptography.hazmat.primitives import serialization
@@ -14,7 +13,8 @@ from starlette.routing import Route
 from kmsgate.api.bodies import JsonBodyRoute, json_object
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
 from kmsgate.api.fastpath import body_schema, fast_route
-from kmsgate.api.responses import json_response
+from kmsgate.api.openapi import PUBLIC, replies
+from kmsgate.api.responses import PEM, json_response
 from kmsgate.pki.crl import parse_reason
 from kmsgate.schemas import (
     CaCertificateRequest,
@@ -22,13 +22,13 @@ from kmsgate.schemas import (
     IssueRequest,
     RenewRequest,
     RevokeRequest,
+    Timestamp,
     parse_model,
 )
 from kmsgate.service.results import Issued
 from kmsgate.store.certificates import CertQuery
 
 PREFIX = "/v1/pki"
-PEM = "application/x-pem-file"
 
 
 def build_routes() -> tuple[list[Route], APIRouter]:
@@ -47,8 +47,22 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     router.add_api_route("/cas", list_cas, methods=["GET"])
     router.add_api_route("/cas", create_ca, methods=["POST"], status_code=201)
     router.add_api_route("/cas/{ca}/certificate", import_certificate, methods=["POST"])
-    router.add_api_route("/cas/{ca}/chain", chain, methods=["GET"], response_class=Response)
-    router.add_api_route("/cas/{ca}/bundle", bundle, methods=["GET"], response_class=Response)
+    router.add_api_route(
+        "/cas/{ca}/chain",
+        chain,
+        methods=["GET"],
+        response_class=Response,
+        responses=replies(PEM),
+        openapi_extra=PUBLIC,
+    )
+    router.add_api_route(
+        "/cas/{ca}/bundle",
+        bundle,
+        methods=["GET"],
+        response_class=Response,
+        responses={200: {"content": {"application/json": {}, PEM: {"schema": {"type": "string"}}}}},
+        openapi_extra=PUBLIC,
+    )
     router.add_api_route("/profiles", profiles, methods=["GET"])
     router.add_api_route("/certs", list_certs, methods=["GET"])
     router.add_api_route("/certs/{serial}", get_cert, methods=["GET"])
@@ -140,7 +154,7 @@ def list_certs(
     profile: str | None = None,
     san: Annotated[str | None, Query(max_length=256)] = None,
     status: str | None = None,
-    expires_before: datetime | None = None,
+    expires_before: Timestamp | None = None,
     owner: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(max_length=40)] = None,

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from kmsgate.api.bodies import JsonBodyRoute
 from kmsgate.api.deps import ServiceDep, request_ctx
 from kmsgate.api.fastpath import body_schema, fast_route
+from kmsgate.api.openapi import PUBLIC, replies
 from kmsgate.pki.ocsp import malformed_response
 from kmsgate.service import Service
 
@@ -34,7 +35,14 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     """A new application's revocation routes: OCSP on the fast path (to be matched first),
     and the FastAPI router with every revocation route."""
     router = APIRouter(prefix=PREFIX, tags=["pki"], route_class=JsonBodyRoute)
-    router.add_api_route("/cas/{ca}/crl", crl, methods=["GET"], response_class=Response)
+    router.add_api_route(
+        "/cas/{ca}/crl",
+        crl,
+        methods=["GET"],
+        response_class=Response,
+        responses=replies(CRL_TYPE),
+        openapi_extra=PUBLIC,
+    )
     ocsp_request = {"type": "string", "format": "binary"}
     fast = [
         fast_route(
@@ -42,8 +50,9 @@ def build_routes() -> tuple[list[Route], APIRouter]:
             "/cas/{ca}/ocsp",
             ocsp_post,
             methods=["POST"],
-            openapi_extra=body_schema(ocsp_request, OCSP_REQUEST_TYPE),
+            openapi_extra={**body_schema(ocsp_request, OCSP_REQUEST_TYPE), **PUBLIC},
             response_class=Response,
+            responses=replies(OCSP_RESPONSE_TYPE),
         ),
         fast_route(
             router,
@@ -51,6 +60,8 @@ def build_routes() -> tuple[list[Route], APIRouter]:
             ocsp_get,
             methods=["GET"],
             response_class=Response,
+            responses=replies(OCSP_RESPONSE_TYPE),
+            openapi_extra=PUBLIC,
         ),
     ]
     return fast, router

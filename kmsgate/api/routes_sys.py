@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -13,8 +12,9 @@ from kmsgate.api.bodies import JsonBodyRoute
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
 from kmsgate.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsgate.api.metrics import Metrics
+from kmsgate.api.openapi import PUBLIC
 from kmsgate.api.responses import json_response
-from kmsgate.schemas import PolicyEvaluateRequest, TokenCreateRequest
+from kmsgate.schemas import PolicyEvaluateRequest, Timestamp, TokenCreateRequest
 from kmsgate.service.requests import AuditQuery
 
 
@@ -94,7 +94,7 @@ def audit_events(
     service: ServiceDep,
     principal: PrincipalDep,
     ctx: CtxDep,
-    since: datetime | None = None,
+    since: Timestamp | None = None,
     principal_id: Annotated[str | None, Query(alias="principal")] = None,
     key: str | None = None,
     action: str | None = None,
@@ -108,8 +108,11 @@ def audit_events(
 def build_router() -> APIRouter:
     """A new application's system routes."""
     router = APIRouter(tags=["system"], route_class=JsonBodyRoute)
-    router.add_api_route("/v1/sys/health", health, methods=["GET"])
-    router.add_api_route("/v1/sys/ready", ready, methods=["GET"])
+    router.add_api_route("/v1/sys/health", health, methods=["GET"], openapi_extra=PUBLIC)
+    not_ready = {"description": "not ready: what failed, in the same shape"}
+    router.add_api_route(
+        "/v1/sys/ready", ready, methods=["GET"], responses={503: not_ready}, openapi_extra=PUBLIC
+    )
     router.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
     router.add_api_route("/v1/sys/whoami", whoami, methods=["GET"])
     router.add_api_route("/v1/sys/policy", policy_info, methods=["GET"])

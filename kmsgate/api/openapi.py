@@ -1,0 +1,112 @@
+"""The OpenAPI document, completed with what FastAPI cannot see: the problem+json replies
+every operation can give, the credentials it takes (a bearer token or a client certificate;
+none for the operations registered with `PUBLIC`), and the headers those replies carry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PUBLIC: dict[str, Any] = {"security": []}
+"""`openapi_extra` of an operation that takes no credentials."""
+
+_REQUEST_ID = {
+    "description": "the request's id (also in its audit record and in a problem's body)",
+    "required": True,
+    "schema": {"type": "string"},
+}
+_PROBLEM = {
+    "type": "object",
+    "description": "RFC 9457 problem details; clients act on `code`",
+    "required": ["type", "title", "status", "detail", "code", "request_id"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "code": {"type": "string"},
+        "request_id": {"type": "string"},
+    },
+}
+_SECURITY_SCHEMES = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API token (`kmg.<id>.<secret>`) or a JWT of a configured OIDC issuer",
+    },
+    "mtls": {
+        "type": "mutualTLS",
+        "description": "a client certificate of a CA in `tls.client_cas` (HTTPS gateways)",
+    },
+}
+_WHEN = {
+    400: "malformed JSON, or a request that makes no sense (docs/api.md, Errors)",
+    401: "no credentials, or unknown, expired or revoked ones",
+    403: "the policy does not allow the action",
+    404: "no such resource",
+    413: "a body, input or batch over the limits",
+    415: "a body not sent as application/json",
+    422: "the request does not match the schema",
+    500: "a bug: see the gateway log",
+    503: "a dependency (store, backend, audit log) is out of reach: retry later",
+}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"www-authenticate": {"required": True, "schema": {"type": "string"}}},
+    503: {"retry-after": {"required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}},
+}
+
+
+def complete(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` (FastAPI's) with the problem schema, the security schemes, a default
+    requirement of credentials, and every operation's error replies; returns it."""
+    components = document.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for fastapi_only in ("HTTPValidationError", "ValidationError"):  # 422 is a problem here
+        schemas.pop(fastapi_only, None)
+    schemas["Problem"] = _PROBLEM
+    components["securitySchemes"] = _SECURITY_SCHEMES
+    document["security"] = [{"bearer": []}, {"mtls": []}]
+    for path_item in document.get("paths", {}).values():
+        for operation in path_item.values():
+            _describe_failures(operation)
+    return document
+
+
+def _describe_failures(operation: dict[str, Any]) -> None:
+    """Add the problem replies `operation` can give: those it can give by its shape (a
+    body, parameters, credentials), and any other status as a problem too."""
+    responses = operation.setdefault("responses", {})
+    for success in responses.values():
+        success.setdefault("headers", {})["x-request-id"] = _REQUEST_ID
+    parameters = operation.get("parameters", [])
+    statuses = {500, 503}
+    if operation.get("security") != []:
+        statuses |= {401, 403}
+    if "requestBody" in operation:
+        statuses |= {400, 413, 415, 422}
+    if parameters:
+        statuses.add(422)
+    if any(p.get("in") == "path" for p in parameters):
+        statuses.add(404)
+    responses.pop("422", None)  # FastAPI's own validation error
+    for status in sorted(statuses):
+        responses.setdefault(str(status), _problem_reply(_WHEN[status], _HEADERS.get(status, {})))
+    responses["default"] = _problem_reply("any other failure (docs/api.md, Errors)", {})
+
+
+def _problem_reply(description: str, headers: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {"x-request-id": _REQUEST_ID, **headers},
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
+    }
+
+
+def replies(media_type: str, status: int = 200) -> dict[int | str, dict[str, Any]]:
+    """`responses` of an operation whose success is a document of `media_type` (not JSON)."""
+    schema = {"type": "string"} if media_type.startswith("application/x-pem") else _BINARY
+    return {status: {"content": {media_type: {"schema": schema}}}}
+
+
+_BINARY = {"type": "string", "format": "binary"}
