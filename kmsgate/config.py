@@ -76,11 +76,29 @@ class RootKeyWrap(BaseModel):
 
 
 class Limits(BaseModel):
-    """Size limits on every input; exceeding one is a 413 `too_large`."""
+    """Size limits on every input (over one: 413 `too_large`), request rates (over one: 429
+    `rate_limited`) and the time a client has to send its request body (408)."""
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     max_input_bytes: int = Field(default=64 * 1024, gt=0)
     max_batch: int = Field(default=1000, gt=0)
+    principal_rate: float | None = Field(default=None, ge=0)
+    """Requests per second of one principal, per process; None: 1000 (off in dev); 0: off."""
+    key_rate: float | None = Field(default=None, ge=0)
+    """Key operations per second on one key, per process; None: 5000 (off in dev); 0: off."""
+    burst_seconds: float = Field(default=2.0, gt=0)
+    """A bucket holds this many seconds of its rate (the burst allowed after a quiet time)."""
+    body_read_seconds: float = Field(default=30.0, gt=0)
+    """The time a client has to send a whole request body, once the request line arrived."""
+
+    def rates(self, dev: bool) -> tuple[float, float]:
+        """(per principal, per key) requests per second, 0.0 for off."""
+        principal = 0.0 if dev else 1000.0
+        key = 0.0 if dev else 5000.0
+        return (
+            self.principal_rate if self.principal_rate is not None else principal,
+            self.key_rate if self.key_rate is not None else key,
+        )
 
 
 _DURATION_RE = re.compile(r"^(\d{1,9})([smhd]?)$")

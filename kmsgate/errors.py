@@ -111,10 +111,36 @@ class TooLarge(KmsgateError):
     title = "Request too large"
 
 
+class RequestTimeout(KmsgateError):
+    """The client did not send its request body in time; the connection is closed."""
+
+    status = 408
+    code = "request_timeout"
+    title = "Request timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"connection": "close"}
+
+
 class UnsupportedMediaType(KmsgateError):
     status = 415
     code = "unsupported_media_type"
     title = "Unsupported media type"
+
+
+class RateLimited(KmsgateError):
+    """Over a configured request rate; clients should retry after `retry_after` seconds."""
+
+    status = 429
+    code = "rate_limited"
+    title = "Too many requests"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after)}
 
 
 class ValidationFailed(KmsgateError):

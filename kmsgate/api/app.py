@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from kmsgate import __version__
 from kmsgate.api import routes_exceptions, routes_keys, routes_pki, routes_revocation, routes_sys
+from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.docs import install_docs
 from kmsgate.api.fastpath import GatewayApp
 from kmsgate.api.metrics import Metrics, Work
@@ -110,12 +111,16 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
         metrics: Metrics = app.state.metrics
         refresher = CacheRefresher(service, Jobs(service, lock, leader_jobs), metrics.snapshot)
         refresher.start()
+        deadlines.start()
         try:
             yield
         finally:
+            await deadlines.stop()
             refresher.stop()
             lock.close()
             service.close()
+
+    deadlines = BodyDeadlines(service.settings.limits.body_read_seconds)
 
     app = GatewayApp(
         title="kmsgate",
@@ -161,6 +166,7 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
         "max_body_bytes": service.settings.limits.max_body_bytes,
         "metrics": app.state.metrics,
         "ids": RequestIds(),
+        "deadlines": deadlines,
     }
     app.add_middleware(GatewayMiddleware, **gateway)
     app.serve_fast(fast_routes, **gateway)

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
+from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.metrics import Metrics
 from kmsgate.api.openapi import complete
 from kmsgate.api.problems import (
@@ -77,14 +78,21 @@ class GatewayApp(FastAPI):
         )
 
     def serve_fast(
-        self, routes: list[Route], *, max_body_bytes: int, metrics: Metrics, ids: RequestIds
+        self,
+        routes: list[Route],
+        *,
+        max_body_bytes: int,
+        metrics: Metrics,
+        ids: RequestIds,
+        deadlines: BodyDeadlines,
     ) -> None:
         """Serve `routes` ahead of FastAPI, with the gateway middleware's request ids, body
-        limit and metrics."""
+        limit and deadline, and metrics."""
         self._fast_routes = tuple(routes)
         self._max_body_bytes = max_body_bytes
         self._metrics = metrics
         self._ids = ids
+        self._deadlines = deadlines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -107,7 +115,8 @@ class GatewayApp(FastAPI):
         status = 500  # what the client gets if sending the reply fails
         try:
             try:
-                body = await _read_body(scope, receive, self._max_body_bytes)
+                guarded = self._deadlines.guard(receive)
+                body = await _read_body(scope, guarded, self._max_body_bytes)
                 response = await scope["endpoint"](FastRequest(scope, body))
             except ClientDisconnect:  # the client went away mid-body: its fault, not ours
                 gone = InvalidRequest("the client closed the connection before its request arrived")

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.metrics import UNMATCHED, Metrics
 from kmsgate.api.responses import json_bytes
 from kmsgate.errors import KmsgateError, TooLarge, ValidationFailed
@@ -152,12 +153,19 @@ class GatewayMiddleware:
     """Pure ASGI: assigns a request id, enforces the body-size limit, feeds the metrics."""
 
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics, ids: RequestIds
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        metrics: Metrics,
+        ids: RequestIds,
+        deadlines: BodyDeadlines,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.ids = ids
+        self.deadlines = deadlines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -171,9 +179,11 @@ class GatewayMiddleware:
         started = False
         status = 500  # what the client gets if the application raises before answering
 
+        guarded_receive = self.deadlines.guard(receive)
+
         async def limited_receive() -> Message:
             nonlocal received
-            message = await receive()
+            message = await guarded_receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:

@@ -151,7 +151,9 @@ async def _operation(request: Request, op: HotOperation) -> Response:
         await json_object(request), op.item_type, service.settings.limits.max_batch
     )
     inputs = [item.to_input() for item in items]
-    target = service.gate.target(request.path_params["name"])
+    name = request.path_params["name"]
+    service.gate.admit_key(name)
+    target = service.gate.target(name)
     args = (op, service, principal, ctx, target, inputs, batch)
     if op.threadpool or target.blocking:
         results = await run_in_threadpool(_run, *args)

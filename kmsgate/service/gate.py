@@ -24,6 +24,7 @@ from kmsgate.config import Settings
 from kmsgate.errors import KmsgateError, NotFound, PolicyDenied, Unavailable
 from kmsgate.grants import ActiveGrants
 from kmsgate.policy import Decision, PolicyEngine, policy_input
+from kmsgate.ratelimit import RequestRates
 from kmsgate.usage import BackendTimes, KeyUsage
 
 T = TypeVar("T")
@@ -160,12 +161,16 @@ class Gate:
         self.policy = policy
         self.audit = audit
         self.authenticators = authenticators
+        self.rates = RequestRates(
+            *settings.limits.rates(settings.dev), settings.limits.burst_seconds
+        )
 
     def authenticate(self, credentials: Credentials, ctx: Ctx) -> Principal:
         """The caller behind `credentials`. Raises Unauthenticated (audited, naming the
-        authenticator kind that refused)."""
+        authenticator kind that refused), RateLimited (the caller is over its request rate;
+        not audited: nothing was decided)."""
         try:
-            return self.authenticators.authenticate(credentials)
+            principal = self.authenticators.authenticate(credentials)
         except AuthenticationFailed as exc:
             self.audit.append(
                 AuditEvent(
@@ -179,6 +184,12 @@ class Gate:
                 )
             )
             raise
+        self.rates.admit_principal(principal.id)
+        return principal
+
+    def admit_key(self, name: str) -> None:
+        """Raises RateLimited when key `name` is over its operation rate."""
+        self.rates.admit_key(name)
 
     def target(self, name: str) -> KeyTarget:
         """The key `name` as this request will see it (from the cache, or read through).

@@ -4,35 +4,15 @@ and the budget that bounds how often its misses read through to the database."""
 from __future__ import annotations
 
 import threading
-import time
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from kmsgate.ratelimit import TokenBucket
 from kmsgate.store.store import Store
 
 READ_THROUGH_PER_SECOND = 200.0
 """Cache misses a process reads through to the store per second (burst the same); beyond
 that a miss answers "unknown" without a query, so unknown names cannot load the database."""
-
-
-class _MissBudget:
-    """A token bucket of read-throughs: `take()` is False once the budget is spent."""
-
-    def __init__(self, per_second: float) -> None:
-        self._rate = per_second
-        self._tokens = per_second
-        self._at = time.monotonic()
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
-            self._at = now
-            if self._tokens < 1.0:
-                return False
-            self._tokens -= 1.0
-            return True
 
 
 class StoreMirror(ABC):
@@ -53,7 +33,7 @@ class StoreMirror(ABC):
         self._store = store
         self._epoch = -1
         self._lock = threading.RLock()
-        self._misses = _MissBudget(read_through_per_second)
+        self._misses = TokenBucket(read_through_per_second, read_through_per_second)
         self.full_reloads = 0
         self.item_reloads = 0
         self.reload()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import threading
 import time
@@ -18,7 +17,15 @@ import botocore.exceptions  # type: ignore[import-untyped]
 
 from kmsgate.backends.awskms.settings import AwsKmsSettings
 from kmsgate.backends.awskms.specs import QuotaClass
-from kmsgate.errors import BackendError, BackendUnavailable, ConfigError, KeyDestroyed, KmsgateError
+from kmsgate.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    KeyDestroyed,
+    KmsgateError,
+    RateLimited,
+)
+from kmsgate.ratelimit import TokenBucket
 
 _log = logging.getLogger(__name__)
 
@@ -49,37 +56,6 @@ _CREDENTIAL_CODES = frozenset(
 )
 
 
-class _TokenBucket:
-    """A thread-safe token bucket: `rate` tokens per second, at most `capacity`."""
-
-    def __init__(self, rate: float, burst_seconds: float, max_wait: float) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, rate * burst_seconds)
-        self.max_wait = max_wait
-        self._tokens = self.capacity
-        self._stamp = time.monotonic()
-        self._lock = threading.Lock()
-
-    def take(self) -> float:
-        """Reserve a token; return the seconds to sleep before using it, or raise
-        _RateLimited(wait) when that would exceed `max_wait` (nothing reserved then)."""
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            wait = max(0.0, (1.0 - self._tokens) / self.rate)
-            if wait > self.max_wait:
-                raise _RateLimited(wait)
-            self._tokens -= 1.0
-            return wait
-
-
-class _RateLimited(Exception):
-    def __init__(self, wait: float) -> None:
-        super().__init__(f"rate limited for {wait:.3f} s")
-        self.wait = wait
-
-
 class _AwsError(Exception):
     """A non-retryable error reply from AWS, translated by the caller (never shown)."""
 
@@ -104,8 +80,8 @@ class _KmsClient:
             "ecc": limits.ecc,
             "control": limits.control,
         }
-        self._buckets: dict[QuotaClass, _TokenBucket] = {
-            quota: _TokenBucket(rate, limits.burst, limits.max_wait)
+        self._buckets: dict[QuotaClass, TokenBucket] = {
+            quota: TokenBucket(rate, rate * limits.burst)
             for quota, rate in rates.items()
             if rate is not None
         }
@@ -154,10 +130,10 @@ class _KmsClient:
         if bucket is None:
             return
         try:
-            wait = bucket.take()
-        except _RateLimited as exc:
+            wait = bucket.reserve(self.settings.rate_limits.max_wait)
+        except RateLimited as exc:
             raise self.unavailable(
-                f"at its configured {quota} request rate", max(1, math.ceil(exc.wait))
+                f"at its configured {quota} request rate", exc.retry_after
             ) from None
         if wait > 0:
             time.sleep(wait)

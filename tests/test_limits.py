@@ -1,0 +1,103 @@
+"""Request rates per principal and per key (429 with Retry-After), and the time a client has
+to send its request body (408, connection closed): issue 17, item 7 and finding 7."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kmsgate.config import Limits
+from tests.gateway import Api, open_gateway
+from tests.helpers import b64, create_key
+from tests.test_cli import Gateway, running_gateway
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[tuple[Api, str]]:
+    limits = Limits(principal_rate=5, key_rate=8, burst_seconds=1)
+    with open_gateway(tmp_path, limits=limits) as opened:
+        yield opened
+
+
+def _statuses(api: Api, token: str, path: str, count: int, **kwargs: object) -> list[int]:
+    method = "POST" if "json" in kwargs else "GET"
+    return [api.call(method, path, token, **kwargs).status_code for _ in range(count)]
+
+
+def test_a_principal_over_its_rate_gets_429_and_may_retry_after(
+    limited: tuple[Api, str],
+) -> None:
+    api, admin = limited
+    other = api.service.tokens.create(["admin"], ttl=None)[1]
+    statuses = _statuses(api, admin, "/v1/sys/whoami", 20)
+    assert statuses[:5] == [200] * 5 and statuses.count(429) >= 10, statuses
+    reply = api.call("GET", "/v1/sys/whoami", admin)
+    assert reply.status_code == 429 and reply.json()["code"] == "rate_limited"
+    assert reply.headers["content-type"] == "application/problem+json"
+    wait = int(reply.headers["retry-after"])
+    assert wait >= 1
+    assert api.call("GET", "/v1/sys/whoami", other).status_code == 200  # its own bucket
+    time.sleep(wait)
+    assert api.call("GET", "/v1/sys/whoami", admin).status_code == 200
+    whoami = api.service.audit.search(action="principal.read", limit=10_000)
+    assert len(whoami) <= 8  # the 429s took no decision: no record
+
+
+def test_a_key_over_its_rate_gets_429_while_other_keys_sign(limited: tuple[Api, str]) -> None:
+    api, _ = limited
+    callers = [api.service.tokens.create(["admin"], ttl=None)[1] for _ in range(4)]
+    for name in ("hot", "cold"):
+        create_key(api, callers[0], name)
+    time.sleep(1.2)  # the first caller's bucket refills after creating the keys
+    body = {"json": {"input": b64(b"m")}}
+    hot = [s for c in callers for s in _statuses(api, c, "/v1/keys/hot/sign", 4, **body)]
+    assert hot.count(200) <= 9 and hot.count(429) >= 6, hot  # 8 saved up, 16 asked
+    assert _statuses(api, callers[3], "/v1/keys/cold/sign", 1, **body) == [200]
+
+
+def test_dev_mode_has_no_rate_limits_and_production_has(tmp_path: Path) -> None:
+    assert Limits().rates(dev=True) == (0.0, 0.0)
+    principal, key = Limits().rates(dev=False)
+    assert principal > 0 and key > 0
+    assert Limits(principal_rate=0).rates(dev=False)[0] == 0.0  # explicitly off
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    base = tmp_path_factory.mktemp("deadlines")
+    config = base / "kmsgate.json"
+    config.write_text(json.dumps({"limits": {"body_read_seconds": 1}}))
+    with running_gateway(base, "--config", str(config)) as gw:
+        yield gw
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("path", ["/v1/keys/k/sign", "/v1/keys"])  # fast path, FastAPI route
+def test_a_client_that_stops_sending_its_body_gets_408_and_is_disconnected(
+    impatient: Gateway, path: str
+) -> None:
+    host, port = impatient.addr.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        head = (
+            f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer {impatient.root_token}\r\ncontent-length: 100\r\n\r\n"
+        )
+        conn.sendall(head.encode() + b'{"inp')  # and then nothing more
+        started = time.monotonic()
+        reply = b""
+        while chunk := conn.recv(65536):  # until the gateway closes the connection
+            reply += chunk
+        waited = time.monotonic() - started
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 408"), reply
+    assert b"request_timeout" in rest and b"connection: close" in rest.lower()
+    assert 0.9 < waited < 5, waited
+    # a client that sends its body in time is served as usual
+    made = httpx.get(f"{impatient.addr}/v1/sys/health", timeout=5)
+    assert made.status_code == 200
