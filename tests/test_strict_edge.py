@@ -166,3 +166,20 @@ def test_an_unexpected_failure_is_a_500_problem_with_its_request_id(api: Api) ->
         body = _problem(reply, 500, "internal_error")
         assert "internal text" not in reply.text and body["detail"]
         assert client.get("/v1/sys/health").status_code == 200  # the app still serves
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "x", "purpose": "p", "public_key": ""},  # finding 2: was a 500 (an assert)
+        {"name": "x", "purpose": "p", "public_key": "-----BEGIN PUBLIC KEY-----\n"},
+        {"name": "x", "purpose": "p", "type": "ed25519", "rotation_period": 10**30},
+        # past year 9999 once added to now: the key's next rotation could not be written
+        {"name": "x", "purpose": "p", "type": "ed25519", "rotation_period": "999999999d"},
+    ],
+)
+def test_bad_input_is_a_4xx_with_its_request_id(api: Api, admin: str, body: dict[str, Any]) -> None:
+    reply = api.call("POST", "/v1/keys", admin, json=body)
+    assert 400 <= reply.status_code < 500, reply.text
+    assert reply.json()["request_id"] == reply.headers["x-request-id"]
+    assert "x" not in _key_names(api, admin)
