@@ -31,7 +31,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -54,30 +53,17 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import bench  # noqa: E402  (its CPU accounting)
+from gateways import Gateway as Replica  # noqa: E402
+from gateways import kill_group, start_gateway, verify_audit  # noqa: E402
 
 from kmsgate.pki.csr import new_key_and_csr  # noqa: E402
-from tests.components import (  # noqa: E402
-    LOOPBACK,
-    free_port,
-    fresh_postgres_database,
-    running_postgres,
-    stop_process,
-)
+from tests.components import fresh_postgres_database, running_postgres, stop_process  # noqa: E402
 
 REPLICAS = 3
 ENFORCE_LIMIT_S = 1.0
 JOBS_MOVE_LIMIT_S = 10.0
 MESSAGE = base64.b64encode(b"replicated").decode()
 TIMEOUT = 10.0
-
-
-@dataclass
-class Replica:
-    name: str
-    addr: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    alive: bool = True
 
 
 @dataclass
@@ -93,11 +79,6 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _kmsgate() -> str:
-    found = Path(sys.executable).parent / "kmsgate"
-    return str(found) if found.exists() else "kmsgate"
-
-
 @contextmanager
 def replicas(base: Path, database_url: str, count: int = REPLICAS) -> Iterator[list[Replica]]:
     """`count` dev gateways (one worker each) on one data dir and one PostgreSQL database,
@@ -109,39 +90,13 @@ def replicas(base: Path, database_url: str, count: int = REPLICAS) -> Iterator[l
     started: list[Replica] = []
     try:
         for n in range(count):
-            port = free_port()
             log = base / f"replica-{n}.log"
-            argv = [_kmsgate(), "serve", "--dev", "--data-dir", str(data), "--config", str(config)]
-            with log.open("wb") as sink:
-                proc = subprocess.Popen(
-                    [*argv, "--port", str(port)],
-                    stdout=sink,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            replica = Replica(f"r{n}", f"http://{LOOPBACK}:{port}", proc, log)
-            started.append(replica)
-            _wait_ready(replica)
+            started.append(start_gateway(f"r{n}", data, log, "--config", str(config)))
         yield started
     finally:
         for replica in started:
             if replica.alive:
                 stop_process(replica.proc)
-
-
-def _wait_ready(replica: Replica, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if replica.proc.poll() is not None:
-            raise RuntimeError(f"{replica.name} exited:\n{replica.log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{replica.addr}/v1/sys/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{replica.name} did not start:\n{replica.log.read_text()[-2000:]}")
 
 
 class Load:
@@ -334,9 +289,7 @@ def run(duration: float, signers: int) -> int:
         time.sleep(duration / 2)
         builds, listed = revocation_burst(load)
         victim = nodes[0]  # the first replica started: the likeliest jobs leader
-        victim.proc.send_signal(signal.SIGKILL)
-        victim.proc.wait()
-        victim.alive = False
+        kill_group(victim)
         load.killed_at = time.monotonic()
         sched_before = _primary(load, nodes[1], "ha-sched")
         time.sleep(duration / 2)
@@ -349,9 +302,7 @@ def run(duration: float, signers: int) -> int:
         versions = sorted(tally.versions)
         final = _primary(load, nodes[1], "ha-rot")
         audit = Path(tmp) / "data" / "audit.log"
-        verify = subprocess.run(
-            [_kmsgate(), "audit", "verify", str(audit)], capture_output=True, text=True
-        )
+        verify = verify_audit(audit)
         worst = max(tally.enforce_s, default=float("inf"))
         after_kill = sum(tally.failed_after_kill.values())
         ok, failed = sum(tally.ok.values()), sum(tally.failed.values())
