@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+T = TypeVar("T")
 CORPUS = Path(__file__).resolve().parent / "corpus"
 MAX_EDITS = 4
 MAX_RANDOM_BYTES = 512
@@ -138,6 +139,14 @@ def edits() -> st.SearchStrategy[Edit]:
         st.builds(Edit, st.just(Op.TRUNCATE), _POSITIONS),
         st.builds(Edit, st.just(Op.REPEAT), _POSITIONS, _LENGTHS),
         st.builds(Edit, st.just(Op.SPLICE), _POSITIONS, st.integers(0, 255)),
+    )
+
+
+def rarely(values: st.SearchStrategy[T]) -> st.SearchStrategy[list[T]]:
+    """No value three times in four, else one of `values` (an optional field that is usually
+    left out)."""
+    return st.one_of(
+        st.just([]), st.just([]), st.just([]), st.lists(values, min_size=1, max_size=1)
     )
 
 

@@ -22,7 +22,16 @@ from hypothesis import strategies as st
 from kmsgate.pki.ocsp import MalformedOcspRequest, parse_request
 from kmsgate.service import Ctx, Service
 from tests.fuzz import der
-from tests.fuzz.harness import FUZZ, Harness, Input, Target, check_corpus, corpus, feed
+from tests.fuzz.harness import (
+    FUZZ,
+    Harness,
+    Input,
+    Target,
+    check_corpus,
+    corpus,
+    feed,
+    rarely,
+)
 from tests.fuzz.seeds import dev_gateway, issued_certificate, ocsp_requests
 
 CA = "dev"
@@ -119,21 +128,23 @@ def _with_extensions(head: bytes, tag: int, extensions: list[bytes]) -> list[byt
 
 @st.composite
 def requests(draw: st.DrawFn) -> bytes:
-    """An OCSPRequest of 0-2 CertIDs (each perhaps with an extension), perhaps a version, and
-    0-3 request extensions (repeated ones too)."""
+    """An OCSPRequest of 0-2 CertIDs (each perhaps with an extension), perhaps a version and a
+    requestor name, 0-3 request extensions (repeated ones too), perhaps a signature (junk)."""
     single = [
         der.tlv(der.SEQUENCE, *_with_extensions(draw(cert_ids()), 0, draw(extension_lists(1))))
         for _ in range(draw(st.sampled_from([1, 1, 1, 0, 2])))
     ]
-    version = [
-        der.context(0, der.integer(v))
-        for v in draw(st.sets(st.sampled_from([0, 1, -1]), max_size=1))
-    ]
+    version = [der.context(0, der.integer(v)) for v in draw(rarely(st.sampled_from([0, 1, -1])))]
+    requestor = [der.context(1, der.tlv(0x82, name)) for name in draw(rarely(st.binary()))]
     request_list = der.tlv(der.SEQUENCE, *single)
     tbs = der.tlv(
-        der.SEQUENCE, *version, *_with_extensions(request_list, 2, draw(extension_lists(3)))
+        der.SEQUENCE,
+        *version,
+        *requestor,
+        *_with_extensions(request_list, 2, draw(extension_lists(3))),
     )
-    return der.tlv(der.SEQUENCE, tbs)
+    signature = [der.context(0, junk) for junk in draw(rarely(st.binary(max_size=40)))]
+    return der.tlv(der.SEQUENCE, tbs, *signature)
 
 
 def extension_lists(most: int) -> st.SearchStrategy[list[bytes]]:
