@@ -365,6 +365,13 @@ class Settings(BaseSettings):
     policy_dir: Path = Field(default_factory=_shipped_policy_dir)
     audit_path: Path | None = None
     audit_fsync_interval: float = Field(default=0.05, gt=0)
+    audit_reserve_bytes: int = Field(
+        default=64 * 1024,
+        ge=0,
+        description="room the audit log keeps for the outcome records of changes under way: "
+        "once its disk (or file size limit) leaves less, every other operation is refused "
+        "(503 audit_unavailable), so a change never starts unless its outcome can be recorded",
+    )
     audit_checkpoint_key: str | None = Field(
         default=None,
         description="the key (purpose `audit`) that signs the audit log's checkpoints; "

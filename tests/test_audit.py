@@ -713,7 +713,7 @@ class RefusingSink:
     def __init__(self) -> None:
         self.refused: list[AuditEvent] = []
 
-    def append(self, event: AuditEvent) -> None:
+    def append(self, event: AuditEvent, *, reserved: bool = False) -> None:
         self.refused.append(event)
         raise AuditUnavailable("Audit log unavailable: operation refused")
 

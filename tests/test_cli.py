@@ -189,15 +189,20 @@ def _wait_until_serving(
 
 @contextlib.contextmanager
 def running_gateway(
-    base: Path, *serve_args: str, https: bool = False, **extra_env: str
+    base: Path,
+    *serve_args: str,
+    https: bool = False,
+    data_dir: Path | None = None,
+    **extra_env: str,
 ) -> Iterator[Gateway]:
-    """`kmsgate serve --dev [serve_args]` on a fresh data dir under `base` and a free port;
-    stopped on exit, also when the start or a test fails. `https`: the server speaks TLS
-    with a certificate from the dev CA (`Gateway.addr` is https://, trusting
-    `<data_dir>/dev-root.pem`)."""
+    """`kmsgate serve --dev [serve_args]` on a fresh data dir under `base` (or on
+    `data_dir`, which it has not started on yet) and a free port; stopped on exit, also
+    when the start or a test fails. `https`: the server speaks TLS with a certificate from
+    the dev CA (`Gateway.addr` is https://, trusting `<data_dir>/dev-root.pem`)."""
+    given = data_dir
     for attempt in range(1, START_ATTEMPTS + 1):
         port = free_port()
-        data_dir = base / f"data-{attempt}"  # a failed attempt may have used its data dir
+        data_dir = given or base / f"data-{attempt}"  # a failed attempt may have used its own
         output = base / f"serve-{attempt}.log"
         argv = [kmsgate_script(), "serve", "--dev", "--data-dir", str(data_dir)]
         argv += ["--port", str(port), *serve_args]

@@ -18,7 +18,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import math
 import os
+import resource
 import threading
 import time
 from collections.abc import Iterator
@@ -43,6 +45,8 @@ __all__ = ["FileSink"]
 _log = logging.getLogger("kmsgate.audit")
 MAX_CHAINS = 1024
 """Chain files one audit log may have (writer processes at once)."""
+RESERVE_BYTES = 64 * 1024
+"""Room kept free for the outcome records of changes already under way (by default)."""
 
 
 class _UtcClock:
@@ -202,11 +206,17 @@ class FileSink(AuditFile):
     """
 
     def __init__(
-        self, path: Path, *, fsync_interval: float = 0.05, replica: str | None = None
+        self,
+        path: Path,
+        *,
+        fsync_interval: float = 0.05,
+        replica: str | None = None,
+        reserve: int = RESERVE_BYTES,
     ) -> None:
         """Claim a chain file of the audit log at `path` (see `_claim_chain`) and resume
         its chain from the last record. `replica`: the id every record names (a replica's
-        records stay its own once shipped elsewhere).
+        records stay its own once shipped elsewhere). `reserve`: bytes kept free for
+        reserved records (see `append`).
 
         Raises ConfigError if no chain file can be opened and locked, the claimed file's
         last line is torn or not a sealed record, or its head file shows records deleted or
@@ -232,6 +242,9 @@ class FileSink(AuditFile):
             os.close(self._fd)
             raise
         self._head = (seq, digest)
+        self._reserve = reserve
+        self._capacity = self._size_limit()
+        self._cramped = False
         self._lock = threading.Lock()
         self._clock = _UtcClock()
         self._dirty = False
@@ -258,21 +271,24 @@ class FileSink(AuditFile):
         """(last seq, last hash); (0, GENESIS_HASH) for an empty log."""
         return self._head
 
-    def append(self, event: AuditEvent) -> None:
+    def append(self, event: AuditEvent, *, reserved: bool = False) -> None:
         """Seal `event` into the chain with one write (fsynced within `fsync_interval`).
-        Thread-safe.
+        Thread-safe. Only a `reserved` record (the outcome of a change whose `started`
+        record is in the log) may use the last `reserve` bytes the file can grow by (its
+        file system's free space, the process's file size limit): a change never starts
+        unless its outcome can be recorded.
 
-        Raises AuditUnavailable if the log is closed, has failed, or the write fails (the
-        chain is then unchanged); TypeError/ValueError if the event holds values JSON cannot
-        encode.
+        Raises AuditUnavailable if the log is closed, has failed, has no room for the
+        record, or the write fails (the chain is then unchanged); TypeError/ValueError if
+        the event holds values JSON cannot encode.
         """
         fields = record_fields(event)
         with self._lock:
             if self._closed or self._failed:
                 raise AuditUnavailable("Audit log unavailable: operation refused")
-            self._seal(fields)
+            self._seal(fields, reserved=reserved)
 
-    def _seal(self, fields: dict[str, object]) -> None:
+    def _seal(self, fields: dict[str, object], *, reserved: bool = False) -> None:
         """Append the next record made of `fields`; the caller holds the lock. Raises
         AuditUnavailable, TypeError, ValueError (see `append`)."""
         seq, prev = self._head
@@ -285,7 +301,14 @@ class FileSink(AuditFile):
         }
         body = canonical(record)
         digest = hashlib.sha256(body).hexdigest()
-        self._write(sealed_line(body, digest) + b"\n")
+        line = sealed_line(body, digest) + b"\n"
+        if self._size + len(line) + (0 if reserved else self._reserve) > self._capacity:
+            if not self._cramped:  # once per episode, not once per refused request
+                _log.error("audit log %s: no room left (disk or file size limit)", self._chain)
+            self._cramped = True
+            raise AuditUnavailable("Audit log unavailable: operation refused")
+        self._cramped = False
+        self._write(line)
         self._head = (seq + 1, digest)
         self._dirty = True
 
@@ -310,8 +333,21 @@ class FileSink(AuditFile):
         else:
             _log.error("audit log short write (disk full?); partial line removed")
 
+    def _size_limit(self) -> float:
+        """The size the chain file can grow to, as far as can be told now: its size plus
+        its file system's free space, at most the file size limit (RLIMIT_FSIZE). Other
+        writers may take space before the next look: a write can still fail (ENOSPC)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        limit = math.inf if soft == resource.RLIM_INFINITY else float(soft)
+        try:
+            stats = os.fstatvfs(self._fd)
+        except OSError:
+            return limit
+        return min(limit, self._size + stats.f_bavail * stats.f_frsize)
+
     def _fsync_loop(self) -> None:
         while not self._stop.wait(self._interval):
+            self._capacity = self._size_limit()
             try:
                 self._sync()
             except (OSError, ValueError) as exc:
@@ -416,7 +452,7 @@ class FileSink(AuditFile):
             if self._failed:
                 return False
             try:
-                self._seal(fields)
+                self._seal(fields, reserved=final)  # a final checkpoint may use the reserve
             except AuditUnavailable:
                 return False
             record_seq, record_hash = self._head

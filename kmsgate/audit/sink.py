@@ -36,8 +36,10 @@ class AuditSink(Protocol):
     thread-safe. Writes are fail-closed: when `append` raises, the caller must not return
     the operation's result."""
 
-    def append(self, event: AuditEvent) -> None:
-        """Seal `event` into the chain as the next record before returning.
+    def append(self, event: AuditEvent, *, reserved: bool = False) -> None:
+        """Seal `event` into the chain as the next record before returning. `reserved`:
+        the outcome of a change whose `started` record was appended; it may use room kept
+        back from every other record, so that a change that started can be recorded.
 
         Raises AuditUnavailable if the record cannot be made durable (the chain is then
         unchanged) or the sink is closed or failed; TypeError/ValueError if the event holds

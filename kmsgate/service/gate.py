@@ -268,16 +268,17 @@ class Gate:
         if not decision.allow:
             self.audit.append(AuditEvent(**facts, outcome=PolicyDenied.code))
             raise PolicyDenied(self._denial(call, decision))
-        if call.action in STATE_CHANGING:
+        changing = call.action in STATE_CHANGING
+        if changing:
             # no record, no change: if this write fails (AuditUnavailable), nothing runs
             self.audit.append(AuditEvent(**facts, outcome=STARTED))
         outcome = Outcome()
         try:
             yield outcome
         except BaseException as exc:  # also a cancelled request: its outcome is recorded
-            self.audit.append(outcome.event(facts, _failure_code(exc)))
+            self.audit.append(outcome.event(facts, _failure_code(exc)), reserved=changing)
             raise
-        self.audit.append(outcome.event(facts, "ok"))
+        self.audit.append(outcome.event(facts, "ok"), reserved=changing)
 
     def run_on_key(
         self, call: Call, target: KeyTarget, operation: Callable[[Key, Outcome], T]

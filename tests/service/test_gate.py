@@ -69,7 +69,7 @@ class RefusingSink:
     def __init__(self, real):
         self.real = real
 
-    def append(self, event):
+    def append(self, event, *, reserved=False):
         raise AuditUnavailable("audit sink down")
 
     def search(self, **query):

@@ -1,0 +1,109 @@
+"""Fault injection against real components (issue 17 item 6): what the gateway does when
+the audit disk fills up, when a key backend dies in the middle of a batch or answers
+slowly. A stopped database is tests/test_store_outage.py (503 with Retry-After, never a
+500, signing from the caches for `max_staleness_seconds`); `kill -9` under load is
+tests/test_crash_loop.py."""
+
+from __future__ import annotations
+
+import resource
+import sqlite3
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kmsgate.audit import AuditEvent
+from kmsgate.audit.filesink import RESERVE_BYTES, FileSink
+from tests.test_cli import running_gateway
+
+MESSAGE = "aGVsbG8="
+TIMEOUT = 15.0
+FILLER_BYTES = 4 << 20
+"""The audit log's size before the gateway starts: larger than its SQLite files will grow
+in the test, so that the file size limit stops the audit log first."""
+HEADROOM = RESERVE_BYTES + (16 << 10)
+"""Bytes the audit log may still grow once the limit is set: the room it keeps for the
+outcomes of changes under way, and a few dozen records."""
+
+
+def _fill_audit_log(path: Path, size: int) -> None:
+    """A valid chain of filler records, `size` bytes or a little more, at `path`."""
+    path.parent.mkdir(parents=True)
+    sink = FileSink(path)
+    try:
+        while path.stat().st_size < size:
+            for n in range(1000):
+                sink.append(AuditEvent("test.filler", "allow", "ok", f"fill-{n}", "test"))
+    finally:
+        sink.close()
+
+
+def _store(data_dir: Path, query: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(f"file:{data_dir / 'kmsgate.db'}?mode=ro", uri=True) as db:
+        return db.execute(query).fetchall()
+
+
+@pytest.mark.timeout(120)
+def test_a_full_audit_disk_refuses_every_operation_and_changes_nothing(tmp_path: Path) -> None:
+    """The gateway runs with a file size limit (RLIMIT_FSIZE, as `ulimit -f` or systemd's
+    LimitFSIZE set it) that its audit log reaches first (Python ignores SIGXFSZ: a write
+    past it would fail with EFBIG, the process lives on). Once less than the reserve is
+    left, every operation is 503 audit_unavailable with Retry-After (never a 500), state
+    changes before they start: nothing is changed without its records."""
+    data_dir = tmp_path / "data"
+    log = data_dir / "audit.log"
+    _fill_audit_log(log, FILLER_BYTES)
+    with running_gateway(tmp_path, data_dir=data_dir) as gw:
+        assert gw.process is not None
+        root = {"authorization": f"Bearer {gw.root_token}"}
+
+        def call(
+            method: str, path: str, body: object = None, headers: dict[str, str] = root
+        ) -> httpx.Response:
+            return httpx.request(
+                method, f"{gw.addr}{path}", json=body, headers=headers, timeout=TIMEOUT
+            )
+
+        key = {"name": "k", "type": "ecdsa-p256", "purpose": "p"}
+        assert call("POST", "/v1/keys", key).status_code == 201
+        limit = log.stat().st_size + HEADROOM
+        assert all(p.stat().st_size < limit for p in data_dir.glob("kmsgate.db*")), "test premise"
+        resource.prlimit(gw.process.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        time.sleep(0.3)  # the sink looks at its room every fsync interval (0.05 s)
+
+        signed = 0
+        while (reply := call("POST", "/v1/keys/k/sign", {"input": MESSAGE})).status_code == 200:
+            signed += 1
+            assert signed < (HEADROOM - RESERVE_BYTES) // 100, "signing into the reserve"
+        assert signed > 0 and reply.status_code == 503, reply.text
+        # the shortest records (a refused token's) fill what room is left above the reserve
+        stranger = {"authorization": "Bearer kmg.0000000000000000.nope"}
+        for _ in range(20):
+            if (reply := call("GET", "/v1/keys", headers=stranger)).status_code != 401:
+                break
+        assert reply.status_code == 503, reply.text
+        for method, path, body in (
+            ("POST", "/v1/keys/k/sign", {"input": MESSAGE}),
+            ("POST", "/v1/keys", {"name": "after", "type": "ed25519", "purpose": "p"}),
+            ("POST", "/v1/keys/k/rotate", None),
+            ("POST", "/v1/sys/tokens", {"roles": ["reader"]}),
+            ("POST", "/v1/keys/k/disable", None),
+        ):
+            reply = call(method, path, body)
+            assert reply.status_code == 503, (path, reply.status_code, reply.text)
+            assert reply.json()["code"] == "audit_unavailable", reply.text
+            assert int(reply.headers["retry-after"]) > 0
+        assert call("GET", "/v1/sys/health").status_code == 200  # the process lives on
+        assert gw.process.poll() is None
+        tokens = _store(data_dir, "SELECT count(*) FROM tokens")
+
+    records = log.read_bytes().splitlines(keepends=True)
+    assert log.stat().st_size <= limit and records[-1].endswith(b"\n")
+    assert b'"after"' not in b"".join(records)  # refused before its started record
+    assert _store(data_dir, "SELECT name FROM keys WHERE name = 'after'") == []
+    assert _store(data_dir, "SELECT primary_version, state FROM keys WHERE name = 'k'") == [
+        (1, "enabled")
+    ]
+    assert _store(data_dir, "SELECT count(*) FROM tokens") == tokens == [(1,)]
