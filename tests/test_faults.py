@@ -13,10 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import requests
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.audit import AuditEvent
 from kmsgate.audit.filesink import RESERVE_BYTES, FileSink
+from tests.helpers import b64, create_key, unb64
+from tests.openbao import running_openbao
 from tests.test_cli import running_gateway
+from tests.test_hashivault_gateway import gateway, token_file, vault_config
 
 MESSAGE = "aGVsbG8="
 TIMEOUT = 15.0
@@ -107,3 +113,48 @@ def test_a_full_audit_disk_refuses_every_operation_and_changes_nothing(tmp_path:
         (1, "enabled")
     ]
     assert _store(data_dir, "SELECT count(*) FROM tokens") == tokens == [(1,)]
+
+
+@pytest.mark.timeout(120)
+def test_a_backend_dying_mid_batch_reports_what_was_signed(tmp_path: Path) -> None:
+    """OpenBao is killed (SIGKILL) once it has answered 3 of the batch's Transit requests
+    (10 items each): the reply keeps the 30 signatures made, each of the 70 other items
+    carries backend_unavailable, and the audit record says so. Nothing signed at all (the
+    next batch, a single sign) is 503 with Retry-After; never a 500."""
+    with running_openbao(tmp_path / "bao") as server:
+        auth = {"token_file": str(token_file(tmp_path, server.root_token))}
+        cfg = vault_config(server.addr, "kmsgate-", **auth, batch_size=10, max_inflight=1)
+        with gateway(tmp_path, {**cfg, "timeout": 2, "retry_after": 7}) as (api, admin, vault):
+            create_key(api, admin, "batch", "ecdsa-p256", backend="vault")
+            pem = api.call("GET", "/v1/keys/batch/public-key", admin).content
+            public_key = serialization.load_pem_public_key(pem)
+            assert isinstance(public_key, ec.EllipticCurvePublicKey)
+            answered = 0
+
+            def kill_after_three(reply: requests.Response, *args: object, **kw: object) -> None:
+                nonlocal answered
+                answered += "/sign/" in reply.request.path_url
+                if answered == 3 and server.process.poll() is None:
+                    server.process.kill()
+                    server.process.wait()
+
+            vault.http_session.hooks["response"].append(kill_after_three)
+            messages = [b"item %d" % n for n in range(100)]
+            body = {"batch": [{"input": b64(m)} for m in messages]}
+            reply = api.call("POST", "/v1/keys/batch/sign", admin, json=body)
+            assert reply.status_code == 200, reply.text
+            results = reply.json()["batch"]
+            for message, result in zip(messages[:30], results[:30], strict=True):
+                signature = unb64(result["signature"])
+                public_key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+            assert {r["error"]["code"] for r in results[30:]} == {"backend_unavailable"}
+            assert len(results) == 100 and server.addr not in reply.text
+            [record] = api.service.audit.search(action="sign", key="batch")
+            assert record["outcome"] == "ok"
+            assert record["detail"] == {"items": 100, "failed": 70}
+
+            for again in (body, {"input": b64(b"one")}):
+                down = api.call("POST", "/v1/keys/batch/sign", admin, json=again)
+                assert down.status_code == 503, down.text
+                assert down.json()["code"] == "backend_unavailable"
+                assert down.headers["retry-after"] == "7"

@@ -99,16 +99,18 @@ class KeyBackend(ABC):
     ) -> list[bytes | KmsgateError]:
         """Sign several messages with one key version, each error in its place.
 
-        Unavailable (the backend is down) propagates and fails the whole call; every other
-        error `sign` raises takes its message's place. Backends with a batch API (Vault's
-        `batch_input`) override this to save round trips.
+        Unavailable (the backend is down) stops the call: the messages signed before it keep
+        their signatures and the others take the error (`signed_so_far`); if none was
+        signed it propagates and fails the whole call. Every other error `sign` raises takes
+        its message's place. Backends with a batch API (Vault's `batch_input`) override this
+        to save round trips.
         """
         results: list[bytes | KmsgateError] = []
         for m in messages:
             try:
                 results.append(self.sign(key, m.data, m.alg, prehashed=m.prehashed))
-            except Unavailable:
-                raise
+            except Unavailable as exc:
+                return signed_so_far([*results, *[None] * (len(messages) - len(results))], exc)
             except KmsgateError as exc:
                 results.append(exc)
         return results
@@ -270,3 +272,14 @@ def require_capability(backend: KeyBackend, capability: type[T], what: str) -> T
     if not isinstance(backend, capability):
         raise NotSupported(f"backend {backend.name!r} ({backend.scheme}) cannot {what}")
     return backend
+
+
+def signed_so_far(
+    results: Sequence[bytes | KmsgateError | None], down: Unavailable
+) -> list[bytes | KmsgateError]:
+    """A batch's results once the backend went down (`down`), None marking the messages
+    not signed: those take that error, the signatures made before stay (a batch reply
+    reports them). Raises `down` if no message was signed: the whole call fails (503)."""
+    if not any(isinstance(r, bytes) for r in results):
+        raise down
+    return [down if r is None else r for r in results]

@@ -19,7 +19,13 @@ from kmsgate.algorithms import (
 from kmsgate.auth import Principal
 from kmsgate.backends.base import MacCapable, SignMessage, require_capability
 from kmsgate.catalogue import AUDIT_PURPOSE, Key
-from kmsgate.errors import InvalidRequest, KmsgateError, MacInvalid, SignatureInvalid
+from kmsgate.errors import (
+    InvalidRequest,
+    KmsgateError,
+    MacInvalid,
+    SignatureInvalid,
+    Unavailable,
+)
 from kmsgate.pki.authorities import PKI_PURPOSES
 from kmsgate.service.batch import ResultT, RunAll, check_size, each, run_on_target
 from kmsgate.service.gate import Call, Ctx, Gate, KeyTarget
@@ -139,7 +145,8 @@ class Crypto:
         (a backend with a batch API signs a whole batch in a few requests). Raises
         InvalidRequest for a CA, OCSP responder or audit key, whatever the policy says: it
         signs only certificates, CRLs or OCSP responses, through the PKI, or the audit log's
-        checkpoints, through the gateway itself."""
+        checkpoints, through the gateway itself; Unavailable when the backend is down
+        before anything was signed (once something was, the rest carry the error)."""
         refused = _GATEWAY_ONLY_PURPOSES.get(key.purpose)
         if refused is not None:
             raise InvalidRequest(f"key {key.name!r} is {refused}")
@@ -157,9 +164,14 @@ class Crypto:
                 (index, SignMessage(data, alg, prehashed))
             )
         for number, messages in pending.items():
-            signed = self.gate.registry.get(key.backend).sign_many(
-                key.backend_key(key.versions[number]), [msg for _, msg in messages]
-            )
+            try:
+                signed = self.gate.registry.get(key.backend).sign_many(
+                    key.backend_key(key.versions[number]), [msg for _, msg in messages]
+                )
+            except Unavailable as exc:  # down: what another version signed still stands
+                if not any(isinstance(r, Signature) for r in results.values()):
+                    raise
+                signed = [exc] * len(messages)
             for (index, message), signature in zip(messages, signed, strict=True):
                 results[index] = (
                     signature

@@ -35,6 +35,7 @@ from kmsgate.backends.base import (
     MacCapable,
     SignMessage,
     WrapCapable,
+    signed_so_far,
 )
 from kmsgate.config import BackendSettings
 from kmsgate.errors import (
@@ -189,19 +190,20 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         self, key: BackendKey, messages: Sequence[SignMessage]
     ) -> list[bytes | KmsgateError]:
         """Sign in parallel (`max_concurrency` requests in flight); KMS has no batch Sign.
-        Unavailable fails the whole call; other errors stay in place."""
+        Unavailable: the signatures made stay, the rest takes the error (raised if nothing
+        was signed, see `signed_so_far`); other errors stay in place."""
         if len(messages) <= 1 or self.settings.max_concurrency == 1:
             return super().sign_many(key, messages)
 
         def one(m: SignMessage) -> bytes | KmsgateError:
             try:
                 return self.sign(key, m.data, m.alg, prehashed=m.prehashed)
-            except Unavailable:
-                raise
             except KmsgateError as exc:
                 return exc
 
-        return list(self._executor().map(one, messages))
+        results = list(self._executor().map(one, messages))
+        down = next((r for r in results if isinstance(r, Unavailable)), None)
+        return results if down is None else signed_so_far(results, down)
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:

@@ -28,6 +28,7 @@ from kmsgate.backends.base import (
     PkiEngineCapable,
     SignMessage,
     WrapCapable,
+    signed_so_far,
 )
 from kmsgate.backends.hashivault.client import _VaultClient
 from kmsgate.backends.hashivault.coalescer import _Coalescer, _Result
@@ -212,7 +213,8 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
         self, key: BackendKey, messages: Sequence[SignMessage]
     ) -> list[bytes | KmsgateError]:
         """One Transit `sign` request per (algorithm, prehashed) group and `batch_size`
-        items. Unavailable fails the whole call; other errors stay in place. Raises
+        items. Unavailable stops the call (`signed_so_far`: what was signed stays, the rest
+        takes the error; raised if nothing was signed); other errors stay in place. Raises
         BackendError if the key reference is not a hashivault one."""
         ref = _Ref.parse(key.ref)
         results: list[bytes | KmsgateError | None] = [None] * len(messages)
@@ -241,8 +243,8 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
                         [messages[i].data for i in chunk],
                         send,
                     )
-                except Unavailable:
-                    raise
+                except Unavailable as exc:
+                    return signed_so_far(results, exc)
                 except KmsgateError as exc:
                     signed = [exc] * len(chunk)
                 for index, result in zip(chunk, signed, strict=True):

@@ -24,6 +24,7 @@ from kmsgate.backends.base import (
     MacCapable,
     SignMessage,
     WrapCapable,
+    signed_so_far,
 )
 from kmsgate.backends.pkcs11.adopt import (
     _adopted_public_key,
@@ -184,8 +185,9 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
     def sign_many(
         self, key: BackendKey, messages: Sequence[SignMessage]
     ) -> list[bytes | KmsgateError]:
-        """Hash every message first, then sign chunks of `_BATCH_CHUNK` per lock hold."""
-        results: list[bytes | KmsgateError] = [BackendError()] * len(messages)
+        """Hash every message first, then sign chunks of `_BATCH_CHUNK` per lock hold. An
+        HSM out of reach stops the call (`signed_so_far`)."""
+        results: list[bytes | KmsgateError | None] = [None] * len(messages)
         pending: list[tuple[int, _SignInput]] = []
         for index, message in enumerate(messages):
             try:
@@ -218,8 +220,8 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
 
             try:
                 raws = self._pool.call("sign", run)
-            except BackendUnavailable:
-                raise
+            except BackendUnavailable as exc:
+                return signed_so_far(results, exc)
             except KmsgateError as exc:
                 raws = [exc] * len(chunk)
             for (index, prepared), raw in zip(chunk, raws, strict=True):
@@ -227,7 +229,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                     results[index] = raw if isinstance(raw, KmsgateError) else prepared.finish(raw)
                 except KmsgateError as exc:
                     results[index] = exc
-        return results
+        return [r for r in results if r is not None]  # every message was signed or failed
 
     def destroy(self, key: BackendKey) -> None:
         """Destroy the key's objects on the token (private/secret and public). Idempotent."""
