@@ -6,9 +6,15 @@ tests/test_crash_loop.py."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import resource
+import secrets
+import socket
 import sqlite3
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,8 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.audit import AuditEvent
 from kmsgate.audit.filesink import RESERVE_BYTES, FileSink
+from tests.components import LOOPBACK
 from tests.helpers import b64, create_key, unb64
-from tests.openbao import running_openbao
+from tests.openbao import OpenBaoServer, running_openbao
 from tests.test_cli import running_gateway
 from tests.test_hashivault_gateway import gateway, token_file, vault_config
 
@@ -158,3 +165,90 @@ def test_a_backend_dying_mid_batch_reports_what_was_signed(tmp_path: Path) -> No
                 assert down.status_code == 503, down.text
                 assert down.json()["code"] == "backend_unavailable"
                 assert down.headers["retry-after"] == "7"
+
+
+class DelayingProxy:
+    """A TCP proxy on loopback in front of `upstream` (host, port) that holds each chunk
+    of the upstream's replies for `delay` seconds (0 at first): a slow backend."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.delay = 0.0
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self.addr = f"http://{LOOPBACK}:{self._listener.getsockname()[1]}"
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._relay, args=(client, server, 0.0), daemon=True).start()
+            threading.Thread(target=self._relay, args=(server, client, None), daemon=True).start()
+
+    def _relay(self, source: socket.socket, sink: socket.socket, delay: float | None) -> None:
+        """Copy `source` to `sink` (after `delay` s a chunk; None: the proxy's delay)."""
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                time.sleep(self.delay if delay is None else delay)
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_slow_backend_times_out_without_stalling_other_keys(
+    tmp_path: Path, openbao_server: OpenBaoServer
+) -> None:
+    """OpenBao answers only after 5 s (a proxy holds its replies): signs with its key are
+    503 backend_unavailable with Retry-After after the backend's `timeout` (1 s; 2 s for a
+    sign queued behind the `max_inflight` requests already waiting), while signs with a
+    local key through the same gateway go on at full speed (the slow calls wait in
+    threads, not on the event loop)."""
+    proxy = DelayingProxy((LOOPBACK, openbao_server.port))
+    auth = {"token_file": str(token_file(tmp_path, openbao_server.root_token))}
+    vault = vault_config(proxy.addr, f"t{secrets.token_hex(4)}-", **auth, timeout=1)
+    config = tmp_path / "kmsgate.yaml"
+    config.write_text(json.dumps({"backends": {"local": {"type": "softkms"}, "vault": vault}}))
+    try:
+        with running_gateway(tmp_path, "--config", str(config)) as gw:
+            root = {"authorization": f"Bearer {gw.root_token}"}
+
+            def sign(key: str) -> tuple[httpx.Response, float]:
+                started = time.monotonic()
+                body = {"input": MESSAGE}
+                url = f"{gw.addr}/v1/keys/{key}/sign"
+                reply = httpx.post(url, json=body, headers=root, timeout=TIMEOUT)
+                return reply, time.monotonic() - started
+
+            for name, backend in (("slow", "vault"), ("fast", "local")):
+                body = {"name": name, "type": "ecdsa-p256", "purpose": "p", "backend": backend}
+                made = httpx.post(f"{gw.addr}/v1/keys", json=body, headers=root, timeout=TIMEOUT)
+                assert made.status_code == 201, made.text
+                assert sign(name)[0].status_code == 200
+
+            proxy.delay = 5.0
+            with ThreadPoolExecutor(8) as pool:
+                slow = [pool.submit(sign, "slow") for _ in range(8)]
+                fast: list[tuple[httpx.Response, float]] = []
+                while not all(f.done() for f in slow):
+                    fast.append(sign("fast"))
+                for future in slow:
+                    reply, took = future.result()
+                    assert reply.status_code == 503, reply.text
+                    assert reply.json()["code"] == "backend_unavailable"
+                    assert int(reply.headers["retry-after"]) > 0
+                    assert took < 3, f"a 1 s backend timeout took {took:.2f} s"
+            assert {reply.status_code for reply, _ in fast} == {200}
+            assert len(fast) >= 20, "the local key hardly signed meanwhile"
+            assert max(took for _, took in fast) < 0.5, "the event loop stalled"
+    finally:
+        proxy.close()
