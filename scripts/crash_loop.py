@@ -191,7 +191,8 @@ class Store:
 
     @classmethod
     def read(cls, data_dir: Path, root_token_id: str) -> Store:
-        with sqlite3.connect(f"file:{data_dir / 'kmsgate.db'}?mode=ro", uri=True) as db:
+        url = f"file:{data_dir / 'kmsgate.db'}?mode=ro"
+        with contextlib.closing(sqlite3.connect(url, uri=True)) as db:
             keys = dict(
                 db.execute(
                     "SELECT key_name, count(*) FROM key_versions WHERE key_name LIKE ?"
