@@ -31,11 +31,11 @@ MIN_REFRESH_GAP_SECONDS = 0.05
 
 
 class CacheRefresher:
-    """Background thread: follows other workers' and replicas' changes (on PostgreSQL as
-    soon as they are announced, else every `cache_refresh_seconds`), flushes the key usage
-    counts and ticks the scheduled jobs each second (the full set every
-    `JOBS_TICK_SECONDS`; only the leader among all processes runs them). Keeps all database
-    reads off the request path."""
+    """Two background threads, keeping all database reads off the request path: one follows
+    other workers' and replicas' changes (on PostgreSQL as soon as they are announced, else
+    every `cache_refresh_seconds`); the other flushes the key usage counts and ticks the
+    scheduled jobs as often (the full set every `JOBS_TICK_SECONDS`; only the leader among
+    all processes runs them), so that a long job never delays a revocation's arrival."""
 
     def __init__(
         self, service: Service, jobs: Jobs, every_second: Callable[[], None] = lambda: None
@@ -45,15 +45,20 @@ class CacheRefresher:
         self._jobs = jobs
         self._every_second = every_second
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="kmsgate-refresh", daemon=True)
+        self._threads = (
+            threading.Thread(target=self._follow, name="kmsgate-refresh", daemon=True),
+            threading.Thread(target=self._tick, name="kmsgate-jobs", daemon=True),
+        )
 
     def start(self) -> None:
         self._service.gate.freshness.mark()  # the caches were loaded from the store just now
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
         self._flush_usage()  # the last second's key uses
 
     def _flush_usage(self) -> None:
@@ -62,9 +67,8 @@ class CacheRefresher:
         except KmsgateError as exc:
             log.warning("key usage not recorded: %s", exc.code)
 
-    def _loop(self) -> None:
+    def _follow(self) -> None:
         interval = self._service.settings.cache_refresh_seconds
-        next_tick = next_second = time.monotonic() + interval
         listener = ChangeListener(self._service.settings.resolved_database_url(), self._stop)
         try:
             while not self._stop.is_set():
@@ -72,18 +76,21 @@ class CacheRefresher:
                 if self._stop.is_set():
                     return
                 self._refresh()
-                if time.monotonic() >= next_second:  # once a second: usage, the jobs
-                    next_second = time.monotonic() + interval
-                    self._flush_usage()
-                    self._every_second()
-                    if time.monotonic() >= next_tick:
-                        self._jobs.run_due()
-                        next_tick = time.monotonic() + JOBS_TICK_SECONDS
-                    else:
-                        self._jobs.run_revocation()  # also CRLs due after a revocation
                 self._stop.wait(MIN_REFRESH_GAP_SECONDS)  # a stream of changes: 20 refreshes/s
         finally:
             listener.close()
+
+    def _tick(self) -> None:
+        interval = self._service.settings.cache_refresh_seconds
+        next_tick = time.monotonic() + JOBS_TICK_SECONDS
+        while not self._stop.wait(interval):  # once a second: usage, the metrics, the jobs
+            self._flush_usage()
+            self._every_second()
+            if time.monotonic() >= next_tick:
+                self._jobs.run_due()
+                next_tick = time.monotonic() + JOBS_TICK_SECONDS
+            else:
+                self._jobs.run_revocation()  # also CRLs due after a revocation
 
     def _refresh(self) -> None:
         """Every cache follows the store's change feed (a failure is logged, not raised)."""
