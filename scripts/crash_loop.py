@@ -171,8 +171,8 @@ class Load:
         for t in threads:
             t.start()
         time.sleep(seconds)
+        self.stop.set()  # no new requests; those under way are cut off by the kill
         kill_group(self.gateway)
-        self.stop.set()
         for t in threads:
             t.join()
 
