@@ -596,9 +596,10 @@ class RenewRequest(_Body):
 
 
 def _csr(pem: str) -> x509.CertificateSigningRequest:
+    """Raises InvalidRequest if `pem` is not a PKCS#10 v1 request."""
     try:
         return x509.load_pem_x509_csr(pem.encode())
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion: not v1 (found by fuzzing)
         raise InvalidRequest("csr is not a PEM certificate signing request") from None
 
 

@@ -79,7 +79,7 @@ def _load_pem(path: Path, what: str, loader: Any) -> Any:
     """`loader` applied to the PEM bytes of `path`; a one-line error if it does not parse."""
     try:
         return loader(read_text(path).encode())
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         fail(f"{path} is not a PEM {what}")
 
 

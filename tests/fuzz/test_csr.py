@@ -15,9 +15,7 @@ import functools
 import textwrap
 from collections.abc import Sequence
 
-import httpx
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
@@ -43,10 +41,6 @@ from tests.fuzz.harness import (
     rarely,
 )
 
-KNOWN_BUG = x509.InvalidVersion
-"""`IssueRequest.to_input` (kmsgate/schemas.py, not ours to change here) lets cryptography's
-InvalidVersion through for a CSR whose version is not v1 (0): the route answers 500. Tolerated
-by the harness until fixed; `test_a_csr_of_another_version_is_invalid_request` fails then."""
 PROFILES = tuple(load_profiles(PkiSettings()).values())
 EXTENSION_REQUEST = "1.2.840.113549.1.9.14"
 COMMON_NAME = "2.5.4.3"
@@ -62,24 +56,11 @@ def pem_of(data: bytes) -> str:
     return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}\n-----END CERTIFICATE REQUEST-----\n"
 
 
-def hits_known_bug(data: bytes, reply: httpx.Response) -> bool:
-    """Whether `reply` is the 500 of `KNOWN_BUG` for the CSR `data`."""
-    if reply.status_code != 500:
-        return False
-    try:
-        x509.load_pem_x509_csr(pem_of(data).encode())
-    except KNOWN_BUG:
-        return True
-    except ValueError:
-        pass
-    return False
-
-
 def intake(data: bytes) -> bool:
     """Whether some dev profile approves the CSR."""
     try:
         request = IssueRequest(csr=pem_of(data), profile="server").to_input()
-    except (InvalidRequest, KNOWN_BUG):
+    except InvalidRequest:
         return False
     requested_sans(request.csr)
     approved = False
@@ -230,7 +211,6 @@ def test_the_corpus_parses_as_labelled(target: Target) -> None:
     check_corpus(HARNESS, target)
 
 
-@pytest.mark.xfail(strict=True, raises=x509.InvalidVersion, reason="reported: kmsgate/schemas.py")
 def test_a_csr_of_another_version_is_invalid_request() -> None:
     with pytest.raises(InvalidRequest):
         IssueRequest(csr=pem_of(VERSION_2), profile="server").to_input()
