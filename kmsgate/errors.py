@@ -128,19 +128,26 @@ class UnsupportedMediaType(KmsgateError):
     title = "Unsupported media type"
 
 
-class RateLimited(KmsgateError):
-    """Over a configured request rate; clients should retry after `retry_after` seconds."""
+class RetryLater(KmsgateError):
+    """A refusal for now: the client should try again after `retry_after` seconds."""
+
+    default_retry_after: ClassVar[int] = 5
+
+    def __init__(self, detail: str | None = None, *, retry_after: int | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after if retry_after is not None else self.default_retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after)}
+
+
+class RateLimited(RetryLater):
+    """Over a configured request rate."""
 
     status = 429
     code = "rate_limited"
     title = "Too many requests"
-
-    def __init__(self, detail: str | None = None, *, retry_after: int = 1) -> None:
-        super().__init__(detail)
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {"retry-after": str(self.retry_after)}
+    default_retry_after = 1
 
 
 class ValidationFailed(KmsgateError):
@@ -161,19 +168,12 @@ class BackendError(KmsgateError):
     title = "Key backend failed"
 
 
-class Unavailable(KmsgateError):
-    """A dependency is temporarily out of reach; clients should retry after `retry_after` s."""
+class Unavailable(RetryLater):
+    """A dependency is temporarily out of reach."""
 
     status = 503
     code = "unavailable"
     title = "Service unavailable"
-
-    def __init__(self, detail: str | None = None, *, retry_after: int = 5) -> None:
-        super().__init__(detail)
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {"retry-after": str(self.retry_after)}
 
 
 class BackendUnavailable(Unavailable):
