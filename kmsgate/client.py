@@ -162,6 +162,13 @@ class Client:
         result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/{action}", body)
         return result
 
+    def audit_checkpoints(self) -> list[dict[str, Any]]:
+        """The store's last checkpoint of every audit chain (`GET /v1/audit/checkpoints`)."""
+        checkpoints: list[dict[str, Any]] = self._json("GET", "/v1/audit/checkpoints")[
+            "checkpoints"
+        ]
+        return checkpoints
+
     def public_key(self, name: str, version: int | None = None) -> str:
         params = {"version": version} if version else None
         return self.request("GET", f"/v1/keys/{name}/public-key", params=params).text

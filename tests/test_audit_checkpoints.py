@@ -248,6 +248,13 @@ def stopped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway,
         assert refused.rc != 0 and "is an audit key" in refused.err, str(refused)
         live = verify(str(log), "--gateway", gw.addr, "--token", gw.root_token)
         assert live.rc == 0 and re.search(r"\d+ signatures? verified", live.out), str(live)
+        assert "matches the store" in live.out, str(live)  # the store, through the gateway
+        cut = base / "cut" / "audit.log"  # the live chain cut to its first record
+        cut.parent.mkdir()
+        rewrite(cut, records(log)[:1])
+        truncated = verify(str(cut), "--gateway", gw.addr, "--token", gw.root_token)
+        assert truncated.rc == 1, str(truncated)
+        assert "log ends at seq 1 but the store's last checkpoint is record" in truncated.err
         pem = base / "audit-key.pem"
         gw.ok("keys", "public-key", DEV_AUDIT_KEY, "-o", str(pem))
     yield gw, pem

@@ -105,6 +105,13 @@ def audit_events(
     return {"events": service.system.audit_events(principal, ctx, query)}
 
 
+def audit_checkpoints(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
+    """The store's last signed checkpoint of every audit chain (action `audit.read`): what
+    `kmsgate audit verify --gateway` compares the log files with."""
+    anchors = service.system.audit_checkpoints(principal, ctx)
+    return {"checkpoints": [asdict(anchor) for anchor in anchors]}
+
+
 def build_router() -> APIRouter:
     """A new application's system routes."""
     router = APIRouter(tags=["system"], route_class=JsonBodyRoute)
@@ -122,4 +129,5 @@ def build_router() -> APIRouter:
     router.add_api_route("/v1/sys/tokens", list_tokens, methods=["GET"])
     router.add_api_route("/v1/sys/tokens/{token_id}", revoke_token, methods=["DELETE"])
     router.add_api_route("/v1/audit", audit_events, methods=["GET"])
+    router.add_api_route("/v1/audit/checkpoints", audit_checkpoints, methods=["GET"])
     return router

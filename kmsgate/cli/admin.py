@@ -226,13 +226,13 @@ def audit_verify(
 ) -> None:
     """Check the hash chains of audit logs (each file and the chain files of the other
     writer processes beside it) and their signed checkpoints; names the first broken
-    record. With --key or --gateway, checks every checkpoint's signature; with --data-dir
-    or --config, that no chain lost the checkpoint the store recorded. Exit 1 if a log is
-    broken."""
+    record. With --key or --gateway, checks every checkpoint's signature; with --data-dir,
+    --config or --gateway, that no chain lost the checkpoint the store recorded. Exit 1 if a
+    log is broken."""
     from kmsgate.audit import AuditFile
     from kmsgate.cli.auditcheck import checkpoint_lines, public_keys, stored_anchors
 
-    anchors = stored_anchors(data_dir, config)
+    anchors = stored_anchors(data_dir, config, gateway, token)
     with public_keys(key, gateway, token) as keys:
         for path in paths:
             try:

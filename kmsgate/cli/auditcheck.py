@@ -64,12 +64,14 @@ def public_keys(
         yield from_gateway
 
 
-def stored_anchors(data_dir: Path | None, config: Path | None) -> list[AuditAnchor] | None:
-    """The store's last checkpoint of every chain, from the gateway's data dir or config
-    file (never created or migrated); None without either. Exits with a one-line error if
-    the store cannot be read."""
+def stored_anchors(
+    data_dir: Path | None, config: Path | None, gateway: str | None, token: str | None
+) -> list[AuditAnchor] | None:
+    """The store's last checkpoint of every chain: read from the gateway's data dir or
+    config file (never created or migrated), else asked of `gateway`; None without any.
+    Exits with a one-line error if the store or the gateway cannot be read."""
     if data_dir is None and config is None:
-        return None
+        return None if gateway is None else _gateway_anchors(gateway, token)
     from kmsgate.config import load_settings
     from kmsgate.store import Store
 
@@ -89,6 +91,18 @@ def stored_anchors(data_dir: Path | None, config: Path | None) -> list[AuditAnch
         store.close()
 
 
+def _gateway_anchors(gateway: str, token: str | None) -> list[AuditAnchor]:
+    with Client(gateway, token) as client:
+        try:
+            rows = client.audit_checkpoints()
+        except ApiError as exc:
+            fail_api(exc, "the store's audit checkpoints")
+    try:
+        return [AuditAnchor(**row) for row in rows]
+    except TypeError:
+        fail(f"{gateway} answered audit checkpoints this version cannot read")
+
+
 def checkpoint_lines(
     report: VerifyReport, keys_checked: bool, store_checked: bool
 ) -> Iterator[str]:
@@ -99,7 +113,9 @@ def checkpoint_lines(
     if not keys_checked:
         yield "  checkpoint signatures not verified (give --key PEM or --gateway URL)"
     if not store_checked:
-        yield "  not compared with the store's checkpoints (give --data-dir or --config)"
+        yield (
+            "  not compared with the store's checkpoints (give --data-dir, --config or --gateway)"
+        )
 
 
 def _chain_summary(chain: ChainCheckpoints, store_checked: bool) -> str:

@@ -14,6 +14,7 @@ from kmsgate.service.requests import AuditQuery, NewToken, PolicyQuery
 from kmsgate.service.results import Identity, PolicyInfo, PolicyVerdict
 from kmsgate.store import Store
 from kmsgate.store.certificates import REVOKED, VALID
+from kmsgate.store.checkpoints import AuditAnchor
 
 ROTATION_GRACE = timedelta(minutes=1)
 """How late a scheduled rotation may be before /metrics counts it as overdue."""
@@ -163,6 +164,12 @@ class System:
                 limit=query.limit,
             ),
         )
+
+    def audit_checkpoints(self, principal: Principal, ctx: Ctx) -> list[AuditAnchor]:
+        """The store's last signed checkpoint of every audit chain (action `audit.read`), for
+        `kmsgate audit verify --gateway`. Raises PolicyDenied, Unavailable."""
+        call = Call(principal, ctx, "audit.read", {"kind": "audit"})
+        return self.gate.run(call, lambda _: self.store.audit_anchors.all())
 
     def authorize_metrics(self, principal: Principal, ctx: Ctx) -> None:
         """Raises PolicyDenied unless the principal may read the metrics (`metrics.read`)."""
