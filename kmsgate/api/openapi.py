@@ -6,8 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.responses import Response
+
 PUBLIC: dict[str, Any] = {"security": []}
 """`openapi_extra` of an operation that takes no credentials."""
+BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
+"""The schema of a DER body."""
 
 _REQUEST_ID = {
     "description": "the request's id (also in its audit record and in a problem's body)",
@@ -103,10 +107,11 @@ def _problem_reply(description: str, headers: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def replies(media_type: str, status: int = 200) -> dict[int | str, dict[str, Any]]:
-    """`responses` of an operation whose success is a document of `media_type` (not JSON)."""
-    schema = {"type": "string"} if media_type.startswith("application/x-pem") else _BINARY
-    return {status: {"content": {media_type: {"schema": schema}}}}
-
-
-_BINARY = {"type": "string", "format": "binary"}
+def non_json_reply(media_type: str) -> dict[str, Any]:
+    """`add_api_route` arguments of an operation whose success is a document of
+    `media_type`, not JSON: PEM text, or DER bytes."""
+    schema = {"type": "string"} if media_type.startswith("application/x-pem") else BINARY
+    return {
+        "response_class": Response,
+        "responses": {200: {"content": {media_type: {"schema": schema}}}},
+    }

@@ -14,7 +14,7 @@ from starlette.routing import Route
 from kmsgate.api.bodies import JsonBodyRoute, json_object
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
 from kmsgate.api.fastpath import Endpoint, fast_route
-from kmsgate.api.openapi import PUBLIC, replies
+from kmsgate.api.openapi import PUBLIC, non_json_reply
 from kmsgate.api.responses import PEM, json_response, operation_response
 from kmsgate.errors import InvalidRequest, VerificationFailed
 from kmsgate.schemas import (
@@ -199,13 +199,7 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     )
     router.add_api_route("/{name}/schedule-deletion", schedule_deletion, methods=["POST"])
     router.add_api_route("/{name}/cancel-deletion", cancel_deletion, methods=["POST"])
-    router.add_api_route(
-        "/{name}/public-key",
-        public_key,
-        methods=["GET"],
-        response_class=Response,
-        responses=replies(PEM),
-    )
+    router.add_api_route("/{name}/public-key", public_key, methods=["GET"], **non_json_reply(PEM))
     router.add_api_route("/{name}/jwks.json", jwks, methods=["GET"], openapi_extra=PUBLIC)
     return hot, router
 

@@ -13,7 +13,7 @@ from starlette.routing import Route
 from kmsgate.api.bodies import JsonBodyRoute, json_object
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
 from kmsgate.api.fastpath import body_schema, fast_route
-from kmsgate.api.openapi import PUBLIC, replies
+from kmsgate.api.openapi import PUBLIC, non_json_reply
 from kmsgate.api.responses import PEM, json_response
 from kmsgate.pki.crl import parse_reason
 from kmsgate.schemas import (
@@ -48,12 +48,7 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     router.add_api_route("/cas", create_ca, methods=["POST"], status_code=201)
     router.add_api_route("/cas/{ca}/certificate", import_certificate, methods=["POST"])
     router.add_api_route(
-        "/cas/{ca}/chain",
-        chain,
-        methods=["GET"],
-        response_class=Response,
-        responses=replies(PEM),
-        openapi_extra=PUBLIC,
+        "/cas/{ca}/chain", chain, methods=["GET"], openapi_extra=PUBLIC, **non_json_reply(PEM)
     )
     router.add_api_route(
         "/cas/{ca}/bundle",

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from kmsgate.api.bodies import JsonBodyRoute
 from kmsgate.api.deps import ServiceDep, request_ctx
 from kmsgate.api.fastpath import body_schema, fast_route
-from kmsgate.api.openapi import PUBLIC, replies
+from kmsgate.api.openapi import BINARY, PUBLIC, non_json_reply
 from kmsgate.pki.ocsp import malformed_response
 from kmsgate.service import Service
 
@@ -36,32 +36,24 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     and the FastAPI router with every revocation route."""
     router = APIRouter(prefix=PREFIX, tags=["pki"], route_class=JsonBodyRoute)
     router.add_api_route(
-        "/cas/{ca}/crl",
-        crl,
-        methods=["GET"],
-        response_class=Response,
-        responses=replies(CRL_TYPE),
-        openapi_extra=PUBLIC,
+        "/cas/{ca}/crl", crl, methods=["GET"], openapi_extra=PUBLIC, **non_json_reply(CRL_TYPE)
     )
-    ocsp_request = {"type": "string", "format": "binary"}
     fast = [
         fast_route(
             router,
             "/cas/{ca}/ocsp",
             ocsp_post,
             methods=["POST"],
-            openapi_extra={**body_schema(ocsp_request, OCSP_REQUEST_TYPE), **PUBLIC},
-            response_class=Response,
-            responses=replies(OCSP_RESPONSE_TYPE),
+            openapi_extra={**body_schema(BINARY, OCSP_REQUEST_TYPE), **PUBLIC},
+            **non_json_reply(OCSP_RESPONSE_TYPE),
         ),
         fast_route(
             router,
             "/cas/{ca}/ocsp/{encoded:path}",
             ocsp_get,
             methods=["GET"],
-            response_class=Response,
-            responses=replies(OCSP_RESPONSE_TYPE),
             openapi_extra=PUBLIC,
+            **non_json_reply(OCSP_RESPONSE_TYPE),
         ),
     ]
     return fast, router
