@@ -14,6 +14,9 @@ from cryptography.x509.oid import NameOID
 
 from tests.gateway import Api
 
+JSON_TYPE = {"content-type": "application/json"}
+"""The headers of a request whose body is sent raw (`content=`) as JSON."""
+
 
 def b64(data: bytes) -> str:
     """`data` as the API's base64 text."""

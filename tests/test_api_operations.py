@@ -16,9 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from kmsgate.audit import AuditFile
 from kmsgate.policy import ACTIONS
 from kmsgate.service import STATE_CHANGING
-from tests.helpers import b64, create_key, unb64
-
-JSON_TYPE = {"content-type": "application/json"}
+from tests.helpers import JSON_TYPE, b64, create_key, unb64
 
 
 def public_key(api, token, name, version=None):

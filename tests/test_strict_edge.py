@@ -12,9 +12,8 @@ from fastapi.testclient import TestClient
 
 from kmsgate.api import create_app
 from tests.gateway import Api
-from tests.helpers import b64, create_key
+from tests.helpers import JSON_TYPE, b64, create_key
 
-JSON_TYPE = {"content-type": "application/json"}
 NEW_KEY = {"name": "k2", "type": "ed25519", "purpose": "general"}
 
 
