@@ -180,6 +180,9 @@ def fast_route(
     return route
 
 
-def body_schema(schema: Mapping[str, Any], media_type: str = "application/json") -> dict[str, Any]:
+def body_schema(
+    schema: Mapping[str, Any], media_type: str = "application/json", *, required: bool = True
+) -> dict[str, Any]:
     """`openapi_extra` for an endpoint that reads a body of `schema` itself."""
-    return {"requestBody": {"required": True, "content": {media_type: {"schema": dict(schema)}}}}
+    content = {media_type: {"schema": dict(schema)}}
+    return {"requestBody": {"required": required, "content": content}}

@@ -44,7 +44,8 @@ def build_routes() -> tuple[list[Route], APIRouter]:
             "/cas/{ca}/ocsp",
             ocsp_post,
             methods=["POST"],
-            openapi_extra={**body_schema(BINARY, OCSP_REQUEST_TYPE), **PUBLIC},
+            # any body, none included, is answered: malformedRequest when it is no request
+            openapi_extra={**body_schema(BINARY, OCSP_REQUEST_TYPE, required=False), **PUBLIC},
             **non_json_reply(OCSP_RESPONSE_TYPE),
         ),
         fast_route(
