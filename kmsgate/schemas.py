@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from cryptography import x509
@@ -88,7 +88,8 @@ B64 = Annotated[
 
 
 def _date_time(value: object) -> datetime:
-    """`value`, an RFC 3339 date-time with a zone. Raises ValueError."""
+    """`value`, an RFC 3339 date-time with a zone, as UTC. Raises ValueError, also for an
+    instant whose UTC form falls outside years 1-9999 (`0001-01-01T00:00:00+01:00`)."""
     if isinstance(value, datetime):  # built in Python, not parsed from a request
         return value
     if isinstance(value, str) and "T" in value.upper():
@@ -98,7 +99,10 @@ def _date_time(value: object) -> datetime:
             pass
         else:
             if moment.tzinfo is not None:
-                return moment
+                try:
+                    return moment.astimezone(UTC)
+                except OverflowError:
+                    raise ValueError("date-time out of range (years 1-9999 in UTC)") from None
     raise ValueError("expected an RFC 3339 date-time with a zone (2026-12-05T08:00:00Z)")
 
 

@@ -182,3 +182,28 @@ def test_bad_input_is_a_4xx_with_its_request_id(api: Api, admin: str, body: dict
     assert 400 <= reply.status_code < 500, reply.text
     assert reply.json()["request_id"] == reply.headers["x-request-id"]
     assert "x" not in _key_names(api, admin)
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+01:02", "9999-12-31T23:59:59-00:01"])
+def test_a_date_time_outside_the_calendar_in_utc_is_422(api: Api, admin: str, moment: str) -> None:
+    """Valid RFC 3339, but its instant falls before year 1 or after 9999 in UTC: was a 500
+    (found by schemathesis seed 1469486964)."""
+    create_key(api, admin, "k")
+    path = "/v1/keys/k/versions/1/compromised"
+    _problem(api.call("POST", path, admin, json={"since": moment}), 422, "validation_failed")
+    version = api.call("GET", "/v1/keys/k", admin).json()["versions"][0]
+    assert "compromised_since" not in version
+    body = {"input": b64(b"m"), "signature": b64(b"s"), "signed_at": moment}
+    _problem(api.call("POST", "/v1/keys/k/verify", admin, json=body), 422, "validation_failed")
+    reply = api.call("GET", "/v1/audit", admin, params={"since": moment})
+    _problem(reply, 422, "validation_failed")
+
+
+def test_a_date_time_at_the_calendar_edges_is_accepted(api: Api, admin: str) -> None:
+    create_key(api, admin, "k")
+    for moment in ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00-01:00"):
+        reply = api.call("GET", "/v1/audit", admin, params={"since": moment})
+        assert reply.status_code == 200, reply.text
+    path = "/v1/keys/k/versions/1/compromised"
+    reply = api.call("POST", path, admin, json={"since": "0001-01-01T00:30:00+00:30"})
+    assert reply.status_code == 200, reply.text
