@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import logging
@@ -426,6 +427,9 @@ def test_reload_reaches_every_thread(policy_dir: Path) -> None:
 def test_evaluation_error_denies_and_logs_without_input(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """On the VM, a failing built-in leaves its body undefined (as in OPA); on the
+    interpreter (the Rego tests, a bundle the compiler refuses) it is an error, which denies
+    and is logged by type and location, never with input data."""
     source = """package kmsgate.authz
 
 import rego.v1
@@ -441,9 +445,13 @@ allow if 10 / input.request.divisor > 1
         env="prod",
         now=NOW,
     )
+    failing = {**ok, "request": {"divisor": 0}}
+    assert engine.decide(ok).allow is True
+    assert engine.decide(failing) == Decision(False, ())
+    engine._state = dataclasses.replace(engine._state, program=None, decisions={})  # interpreter
     assert engine.decide(ok).allow is True
     with caplog.at_level(logging.ERROR, logger="kmsgate.policy"):
-        decision = engine.decide({**ok, "request": {"divisor": 0}})
+        decision = engine.decide(failing)
     assert decision == Decision(False, ())
     assert "div.rego:5" in caplog.text
     assert "RuntimeError" in caplog.text
