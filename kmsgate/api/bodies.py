@@ -10,6 +10,7 @@ from typing import Any
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from kmsgate.errors import UnsupportedMediaType
 from kmsgate.schemas import parse_json_object
@@ -17,10 +18,20 @@ from kmsgate.schemas import parse_json_object
 JSON = "application/json"
 
 
+def header(scope: Scope, name: bytes) -> str:
+    """The first value of header `name` (lower case), "" if absent (a direct scan of the
+    raw headers: cheaper than building Starlette's Headers on the hot path)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return ""
+
+
 def require_media_type(request: Request, expected: str) -> None:
     """Raises UnsupportedMediaType unless the request's Content-Type is `expected` (any
     parameters, such as a charset, aside)."""
-    sent = request.headers.get("content-type", "")
+    sent = header(request.scope, b"content-type")
     if sent.partition(";")[0].strip().lower() != expected:
         raise UnsupportedMediaType(f"send the request body as {expected}")
 

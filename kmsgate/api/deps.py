@@ -8,6 +8,7 @@ from typing import Annotated
 from cryptography import x509
 from fastapi import Depends, Request
 
+from kmsgate.api.bodies import header
 from kmsgate.auth import Credentials, Principal
 from kmsgate.auth.forwarded import HEADER as FORWARDED_CERT_HEADER
 from kmsgate.service import Ctx, Service
@@ -18,13 +19,13 @@ def resolve_caller(request: Request) -> tuple[Service, Principal, Ctx]:
     dependency machinery (hot routes: sign, verify, mac). Raises Unauthenticated."""
     service: Service = request.app.state.service
     ctx = request_ctx(request)
-    scheme, _, value = _header(request, b"authorization").partition(" ")
+    scheme, _, value = header(request.scope, b"authorization").partition(" ")
     client = request.scope.get("client")
     credentials = Credentials(
         bearer=value.strip() if scheme.lower() == "bearer" else None,
         peer_chain=_peer_chain(request),
         remote_addr=client[0] if client else None,
-        forwarded_cert=_header(request, FORWARDED_CERT_HEADER),
+        forwarded_cert=header(request.scope, FORWARDED_CERT_HEADER),
     )
     principal = service.gate.authenticate(credentials, ctx)
     request.scope.setdefault("state", {})["principal"] = principal.id  # for the request log
@@ -44,16 +45,6 @@ def _peer_chain(request: Request) -> tuple[x509.Certificate, ...]:
 def _certificate(pem: str) -> x509.Certificate:
     """A presented certificate, parsed once (a client sends the same one on every request)."""
     return x509.load_pem_x509_certificate(pem.encode())
-
-
-def _header(request: Request, name: bytes) -> str:
-    """The first value of header `name` (lower case), "" if absent (a direct scan of the
-    raw headers: cheaper than building Starlette's Headers on the hot path)."""
-    for key, value in request.scope["headers"]:
-        if key == name:
-            text: str = value.decode("latin-1")
-            return text
-    return ""
 
 
 async def get_service(request: Request) -> Service:

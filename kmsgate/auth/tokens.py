@@ -38,12 +38,13 @@ class TokenInfo:
     expires_at: datetime | None
     revoked_at: datetime | None
     secret_hash: str = field(repr=False)
+    session_start: str = field(init=False, repr=False, compare=False)
+    """When the token's session began, as policies read it (`claims.session_start`, RFC
+    3339): its creation (formatted once, not on every request)."""
 
-    @property
-    def session_start(self) -> str:
-        """When the token's session began, as policies read it (`claims.session_start`,
-        RFC 3339): its creation."""
-        return self.created_at.isoformat().replace("+00:00", "Z")
+    def __post_init__(self) -> None:
+        started = self.created_at.isoformat().replace("+00:00", "Z")
+        object.__setattr__(self, "session_start", started)
 
     def to_dict(self) -> dict[str, object]:
         """The REST representation: never the secret or its hash."""
