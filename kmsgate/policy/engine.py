@@ -5,12 +5,13 @@ Policies are Rego v1 files evaluated in-process by regorus. The entry point is
 set `data.kmsgate.authz.reasons` explains a decision. The input document is built by
 `kmsgate.policy.input.policy_input`.
 
-Decisions run on regorus's compiled VM (RVM): the bundle is compiled once per generation,
-with one generated entry point that gives `allow`, `reasons` and `deny` in one execution
-(two to three times faster than the interpreter). The interpreter still loads and checks the
-bundle, runs the Rego tests (the compiler has no `with`), evaluates `roles`, and decides for
-a bundle the compiler refuses (Rego v0 files, a construct it lacks); tests/test_policy_vm.py
-checks that both give the same decisions on the shipped policies.
+Decisions evaluate one rule the gateway adds to every bundle, `DECISION_ENTRY`, which gives
+`allow`, `reasons` and `deny` at once. They run on regorus's compiled VM (RVM): the bundle is
+compiled once per generation (two to three times faster than the interpreter). The
+interpreter still loads and checks the bundle, runs the Rego tests (the compiler has no
+`with`), evaluates `roles`, and decides for a bundle the compiler refuses (Rego v0 files, a
+construct it lacks); tests/test_policy_vm.py checks that both give the same decisions on the
+shipped policies.
 
 regorus engines and VMs are "unsendable": they must be used and dropped only on the thread
 that created them. So `PolicyEngine` keeps the policy *sources* (and the compiled program as
@@ -54,7 +55,17 @@ V0_SUFFIX = ".v0.rego"
 """A policy file named `*.v0.rego` is read with Rego v0 syntax (`allow { ... }` without `if`,
 `default allow = false`): an existing policy brought as it is (docs/policy.md)."""
 DECISION_ENTRY = "data.kmsgate.decision.result"
-"""The compiled program's entry point: `{allow, reasons, deny}` (see `_decision_module`)."""
+"""The rule that decides, on either engine: `{allow, reasons, deny}` (`DECISION_MODULE`)."""
+DECISION_MODULE = (
+    "package kmsgate.decision\n\nimport rego.v1\n\n"
+    'result := {"allow": [a | a := data.kmsgate.authz.allow], '
+    '"reasons": [x | data.kmsgate.authz.allow == true; some x in data.kmsgate.authz.reasons], '
+    '"deny": [x | data.kmsgate.authz.allow == true; some x in data.kmsgate.authz.deny]}\n'
+)
+"""The gateway's own module, added to every bundle: `allow` as a list (`[true]` allows, `[]`
+when undefined) and, only for an allowed request, the `reasons` and `deny` strings, from one
+evaluation (a helper rule that `allow` and `reasons` both read is evaluated once)."""
+_DECISION_FILE = "kmsgate-decision.rego"
 _DECISION_CACHE_SIZE = 4096
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _LOCATION = re.compile(r"--> (\S+:\d+:\d+)")
@@ -153,6 +164,7 @@ def _add_sources(engine: Any, sources: Sequence[tuple[str, bytes]]) -> str | Non
         except Exception as exc:  # regorus raises RuntimeError with the parse error
             return f"invalid policy file {rel}: {_error_text(exc)}"
     engine.set_rego_v0(False)
+    engine.add_policy(_DECISION_FILE, DECISION_MODULE)
     return None
 
 
@@ -166,16 +178,15 @@ def _new_engine(sources: Sequence[tuple[str, bytes]]) -> Any:
     return engine
 
 
-def _probe(engine: Any, rule: str) -> tuple[bool, str | None]:
-    """(whether `rule` exists, why it cannot be evaluated or None)."""
+def _probe(engine: Any, rule: str) -> str | None:
+    """Why `rule` cannot be evaluated, or None (also when the bundle does not define it)."""
     try:
         engine.eval_rule(rule)
     except Exception as exc:
         text = _error_text(exc)
-        if text.startswith(_NO_RULE):
-            return False, None
-        return True, f"policy rule {rule} cannot be evaluated: {text}"
-    return True, None
+        if not text.startswith(_NO_RULE):
+            return f"policy rule {rule} cannot be evaluated: {text}"
+    return None
 
 
 _PROBE_INPUT = orjson.dumps(
@@ -197,9 +208,6 @@ class _State:
     sources: tuple[tuple[str, bytes], ...]
     digest: str
     loaded_at: datetime
-    has_allow: bool
-    has_reasons: bool
-    has_deny: bool
     program: bytes | None
     """The bundle compiled for the VM (serialised); None: the interpreter decides."""
     decisions: dict[bytes, Decision] = field(default_factory=dict, compare=False)
@@ -223,10 +231,8 @@ def _load_state(policy_dir: Path) -> tuple[_State, Any]:
     sources = _read_sources(files)
     engine = _new_engine(sources)
     engine.set_input_json(_PROBE_INPUT)
-    has_allow, allow_problem = _probe(engine, ALLOW_RULE)
-    has_reasons, reasons_problem = _probe(engine, REASONS_RULE)
-    has_deny, deny_problem = _probe(engine, DENY_RULE)
-    problem = allow_problem or reasons_problem or deny_problem
+    problems = (_probe(engine, rule) for rule in (ALLOW_RULE, REASONS_RULE, DENY_RULE))
+    problem = next((p for p in problems if p is not None), None)
     if problem is not None:
         del engine
         raise ConfigError(problem)
@@ -234,37 +240,19 @@ def _load_state(policy_dir: Path) -> tuple[_State, Any]:
         sources=sources,
         digest=_bundle_digest(sources),
         loaded_at=datetime.now(UTC),
-        has_allow=has_allow,
-        has_reasons=has_reasons,
-        has_deny=has_deny,
-        program=_compile(sources, has_reasons, has_deny) if has_allow else None,
+        program=_compile(sources),
     )
     return state, engine
 
 
-def _decision_module(has_reasons: bool, has_deny: bool) -> str:
-    """The entry point the gateway adds to the bundle: `allow` as a list (`[true]` allows;
-    `[]` if undefined), and, only when allowed, the `reasons` and `deny` strings."""
-    members = ['"allow": [a | a := data.kmsgate.authz.allow]']
-    for name, present in (("reasons", has_reasons), ("deny", has_deny)):
-        if present:
-            members.append(
-                f'"{name}": [x | data.kmsgate.authz.allow == true; '
-                f"some x in data.kmsgate.authz.{name}]"
-            )
-    return "package kmsgate.decision\n\nimport rego.v1\n\nresult := {" + ", ".join(members) + "}\n"
-
-
-def _compile(
-    sources: Sequence[tuple[str, bytes]], has_reasons: bool, has_deny: bool
-) -> bytes | None:
+def _compile(sources: Sequence[tuple[str, bytes]]) -> bytes | None:
     """The bundle compiled for the VM, checked on the probe input; None (logged) when the
     compiler refuses it, and the interpreter then decides."""
     if any(rel.endswith(V0_SUFFIX) for rel, _ in sources):
         _log.info("policy decided by the regorus interpreter: Rego v0 files do not compile")
         return None
     modules = [(rel, content.decode("utf-8")) for rel, content in sources]
-    modules.append(("kmsgate-decision.rego", _decision_module(has_reasons, has_deny)))
+    modules.append((_DECISION_FILE, DECISION_MODULE))
     try:
         program = regorus.Program.compile_from_modules("{}", modules, [DECISION_ENTRY])
         vm = regorus.Rvm()
@@ -453,10 +441,10 @@ class PolicyEngine:
             cached = state.decisions.get(raw)
             if cached is not None:
                 return cached
-            if state.program is not None:
-                allow, reasons, denials = self._run_program(state, state.program, raw)
-            else:
-                allow, reasons, denials = self._interpret(state, raw)
+            result = self._evaluate(state, raw)
+            values = result["allow"]  # `1 == True` in Python: `is` tells them apart
+            allow = len(values) == 1 and values[0] is True
+            reasons, denials = result["reasons"], result["deny"]
         except Exception as exc:
             _log_failure("policy evaluation failed (%s%s); request denied", exc)
             return Decision(allow=False, reasons=())
@@ -464,29 +452,22 @@ class PolicyEngine:
         if vetoes:  # a `deny` rule overrides every allow
             decision = Decision(allow=False, reasons=tuple(DENIED_PREFIX + v for v in vetoes))
         else:
-            decision = Decision(allow=allow is True, reasons=_strings(reasons))
+            decision = Decision(allow=allow, reasons=_strings(reasons))
         if len(state.decisions) >= _DECISION_CACHE_SIZE:
             state.decisions.clear()
         state.decisions[raw] = decision
         return decision
 
-    def _run_program(self, state: _State, program: bytes, raw: bytes) -> tuple[object, ...]:
-        """(allow, reasons, deny) from one execution of the compiled bundle."""
-        vm = self._vm(state, program)
-        vm.set_input_json(raw.decode())
-        result = orjson.loads(vm.execute_entry_point(DECISION_ENTRY))
-        values = result["allow"]  # [] when undefined; `1 == True` in Python, so `is`
-        allow = len(values) == 1 and values[0] is True
-        return allow, result.get("reasons"), result.get("deny")
-
-    def _interpret(self, state: _State, raw: bytes) -> tuple[object, ...]:
-        """(allow, reasons, deny) from the interpreter; a denial has no reasons to give."""
+    def _evaluate(self, state: _State, raw: bytes) -> Any:
+        """`DECISION_ENTRY` for the serialised input `raw`: one execution of the compiled
+        bundle, or one evaluation by the interpreter (a bundle the compiler refused)."""
+        if state.program is not None:
+            vm = self._vm(state, state.program)
+            vm.set_input_json(raw.decode())
+            return orjson.loads(vm.execute_entry_point(DECISION_ENTRY))
         engine = self._engine(state)
         engine.set_input_json(raw.decode())
-        allow = engine.eval_rule(ALLOW_RULE) if state.has_allow else None
-        reasons = engine.eval_rule(REASONS_RULE) if state.has_reasons and allow is True else None
-        denials = engine.eval_rule(DENY_RULE) if state.has_deny and allow is True else None
-        return allow, reasons, denials
+        return engine.eval_rule(DECISION_ENTRY)
 
     def roles(self, input_doc: Mapping[str, object]) -> tuple[str, ...]:
         """The roles the policy maps the principal of `input_doc` to (`roles`, sorted);
