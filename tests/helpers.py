@@ -1,10 +1,14 @@
-"""Small helpers shared by the REST test modules: base64 as the API carries bytes, and key
-creation through `POST /v1/keys`."""
+"""Small helpers shared by the test modules: base64 as the API carries bytes, key creation
+through `POST /v1/keys`, and a script of scripts/ loaded as a module."""
 
 from __future__ import annotations
 
 import base64
+import importlib.util
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from cryptography import x509
@@ -16,6 +20,20 @@ from tests.gateway import Api
 
 JSON_TYPE = {"content-type": "application/json"}
 """The headers of a request whose body is sent raw (`content=`) as JSON."""
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/`name`.py as a module (registered in sys.modules: dataclasses look their
+    module up)."""
+    spec = importlib.util.spec_from_file_location(f"kmsgate_{name}_script", SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def b64(data: bytes) -> str:

@@ -5,7 +5,6 @@ against a real OpenBao dev server; and the checks that count a wrong reply as an
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import re
 import subprocess
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers import load_script
 from tests.openbao import require_openbao
 
 REPO = Path(__file__).resolve().parent.parent
@@ -218,12 +218,7 @@ def test_quick_pki_bench_against_openbao(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """scripts/bench.py as a module."""
-    spec = importlib.util.spec_from_file_location("kmsgate_bench_script", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench")
 
 
 def test_wrk_bodies_keep_every_byte(bench: ModuleType) -> None:

@@ -5,7 +5,6 @@ what it is there to find."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from collections import Counter
@@ -14,6 +13,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "crash_loop.py"
 LOOPS = 5
 
@@ -21,12 +22,7 @@ LOOPS = 5
 @pytest.fixture(scope="module")
 def crash_loop() -> ModuleType:
     """scripts/crash_loop.py as a module."""
-    spec = importlib.util.spec_from_file_location("kmsgate_crash_loop_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("crash_loop")
 
 
 @pytest.mark.timeout(150)
