@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
 import logging
@@ -448,7 +447,7 @@ allow if 10 / input.request.divisor > 1
     failing = {**ok, "request": {"divisor": 0}}
     assert engine.decide(ok).allow is True
     assert engine.decide(failing) == Decision(False, ())
-    engine._state = dataclasses.replace(engine._state, program=None, decisions={})  # interpreter
+    engine = PolicyEngine.load(tmp_path, compiled=False)
     assert engine.decide(ok).allow is True
     with caplog.at_level(logging.ERROR, logger="kmsgate.policy"):
         decision = engine.decide(failing)

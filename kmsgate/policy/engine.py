@@ -221,8 +221,9 @@ def _strings(value: object) -> tuple[str, ...]:
     return ()
 
 
-def _load_state(policy_dir: Path) -> tuple[_State, Any]:
-    """Read and check the policy bundle; return it and the engine built on this thread."""
+def _load_state(policy_dir: Path, compiled: bool) -> tuple[_State, Any]:
+    """Read and check the policy bundle (compiled for the VM if `compiled`); return it and
+    the engine built on this thread."""
     if not policy_dir.is_dir():
         raise ConfigError(f"policy directory {policy_dir} does not exist")
     files, _ = _rego_files(policy_dir)
@@ -240,7 +241,7 @@ def _load_state(policy_dir: Path) -> tuple[_State, Any]:
         sources=sources,
         digest=_bundle_digest(sources),
         loaded_at=datetime.now(UTC),
-        program=_compile(sources),
+        program=_compile(sources) if compiled else None,
     )
     return state, engine
 
@@ -357,14 +358,17 @@ def _thread_cache() -> dict[int, _Engines]:
 class PolicyEngine:
     """The loaded policy bundle; decides requests. Create with `PolicyEngine.load`."""
 
-    def __init__(self, policy_dir: Path, state: _State) -> None:
+    def __init__(self, policy_dir: Path, state: _State, compiled: bool) -> None:
         self._policy_dir = policy_dir
         self._state = state
+        self._compiled = compiled
         self._reload_lock = threading.Lock()
 
     @classmethod
-    def load(cls, policy_dir: Path) -> PolicyEngine:
+    def load(cls, policy_dir: Path, *, compiled: bool = True) -> PolicyEngine:
         """Load every *.rego under `policy_dir` (recursively, sorted) except *_test.rego.
+        `compiled=False`: the interpreter decides, even for a bundle that compiles (for
+        comparing the two engines).
 
         Raises ConfigError (naming the file and the parse error) if a file is invalid or
         unreadable, if there is no .rego file, or if `data.kmsgate.authz.allow` (or
@@ -372,14 +376,20 @@ class PolicyEngine:
         loads and denies everything.
         """
         policy_dir = Path(policy_dir)
-        state, engine = _load_state(policy_dir)
-        self = cls(policy_dir, state)
+        state, engine = _load_state(policy_dir, compiled)
+        self = cls(policy_dir, state, compiled)
         self._remember(state, engine)
         return self
 
     @property
     def policy_dir(self) -> Path:
         return self._policy_dir
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled VM decides (else the interpreter: a bundle the compiler
+        refused, or `load(compiled=False)`)."""
+        return self._state.program is not None
 
     @property
     def digest(self) -> str:
@@ -491,7 +501,7 @@ class PolicyEngine:
         unchanged bundle keeps the current generation (and `loaded_at`).
         """
         with self._reload_lock:
-            state, engine = _load_state(self._policy_dir)
+            state, engine = _load_state(self._policy_dir, self._compiled)
             current = self._state
             if state.sources == current.sources:
                 return current.digest
