@@ -216,9 +216,9 @@ class _State:
 
 def _strings(value: object) -> tuple[str, ...]:
     """The strings of a set rule's value, sorted; none for anything else (undefined)."""
-    if isinstance(value, Set | list | tuple):
-        return tuple(sorted({v for v in value if isinstance(v, str)}))
-    return ()
+    if not value or not isinstance(value, list | tuple | Set):  # a list first: the VM's
+        return ()
+    return tuple(sorted({v for v in value if isinstance(v, str)}))
 
 
 def _load_state(policy_dir: Path, compiled: bool) -> tuple[_State, Any]:
