@@ -163,18 +163,22 @@ def fast_route(
 ) -> Route:
     """The Starlette route serving `endpoint` at `router.prefix + path` (for
     `GatewayApp.serve_fast`), after adding it to `router` for the OpenAPI document (`openapi_extra`
-    describes what the endpoint reads itself, such as its request body; its path parameters
-    are described here; `documented` goes to `add_api_route`)."""
+    describes what the endpoint reads itself, such as its request body or query parameters;
+    its path parameters are described here; `documented` goes to `add_api_route`)."""
     route = Route(router.prefix + path, endpoint, methods=methods, name=endpoint.__name__)
+    extra = dict(openapi_extra or {})
     parameters = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-        for name in route.param_convertors
+        *(
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in route.param_convertors
+        ),
+        *extra.pop("parameters", ()),
     ]
     router.add_api_route(
         path,
         endpoint,
         methods=methods,
-        openapi_extra={"parameters": parameters, **(openapi_extra or {})},
+        openapi_extra={"parameters": parameters, **extra},
         **documented,
     )
     return route

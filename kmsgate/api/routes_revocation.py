@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+from functools import partial
 
 from fastapi import APIRouter, Request
+from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.routing import Route
 
 from kmsgate.api.bodies import JsonBodyRoute
-from kmsgate.api.deps import ServiceDep, request_ctx
+from kmsgate.api.deps import request_ctx
 from kmsgate.api.fastpath import body_schema, fast_route
 from kmsgate.api.openapi import BINARY, PUBLIC, non_json_reply
+from kmsgate.errors import ValidationFailed
 from kmsgate.pki.ocsp import malformed_response
 from kmsgate.service import Service
 
@@ -29,16 +32,29 @@ OCSP_REQUEST_TYPE = "application/ocsp-request"
 OCSP_RESPONSE_TYPE = "application/ocsp-response"
 MAX_ENCODED_REQUEST = 4096
 """Longest base64 request a GET may carry (an OCSP request is a few hundred bytes)."""
+_BOOL = TypeAdapter(bool)
+_DELTA_PARAMETER = {
+    "name": "delta",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "boolean", "default": False},
+    "description": "the delta CRL instead of the full one",
+}
 
 
 def build_routes() -> tuple[list[Route], APIRouter]:
-    """A new application's revocation routes: OCSP on the fast path (to be matched first),
-    and the FastAPI router with every revocation route."""
+    """A new application's revocation routes: CRLs and OCSP on the fast path (to be matched
+    first), and the FastAPI router that documents them."""
     router = APIRouter(prefix=PREFIX, tags=["pki"], route_class=JsonBodyRoute)
-    router.add_api_route(
-        "/cas/{ca}/crl", crl, methods=["GET"], openapi_extra=PUBLIC, **non_json_reply(CRL_TYPE)
-    )
     fast = [
+        fast_route(
+            router,
+            "/cas/{ca}/crl",
+            crl,
+            methods=["GET"],
+            openapi_extra={"parameters": [_DELTA_PARAMETER], **PUBLIC},
+            **non_json_reply(CRL_TYPE),
+        ),
         fast_route(
             router,
             "/cas/{ca}/ocsp",
@@ -60,9 +76,26 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     return fast, router
 
 
-def crl(ca: str, service: ServiceDep, delta: bool = False) -> Response:
+async def crl(request: Request) -> Response:
     """Public: the CA's current full CRL, or with `?delta=1` its delta CRL (DER)."""
-    return Response(service.revocation.crl(ca, delta=delta), media_type=CRL_TYPE)
+    service: Service = request.app.state.service
+    ca, delta = request.path_params["ca"], _delta(request)
+    der = service.revocation.crl_from_memory(ca, delta=delta)
+    if der is None:  # a CA not asked about yet, or a CRL not here yet: the store, or Vault
+        der = await run_in_threadpool(partial(service.revocation.crl, ca, delta=delta))
+    return Response(der, media_type=CRL_TYPE)
+
+
+def _delta(request: Request) -> bool:
+    """The `delta` query parameter (false when absent; the last one when repeated), read as
+    FastAPI reads a bool. Raises ValidationFailed."""
+    value = request.query_params.get("delta")
+    if value is None:
+        return False
+    try:
+        return _BOOL.validate_python(value)
+    except ValidationError as exc:
+        raise ValidationFailed(f"query.delta: {exc.errors()[0]['msg']}") from None
 
 
 async def ocsp_post(request: Request) -> Response:

@@ -142,11 +142,25 @@ class Revocation:
             return self.pki.engine(ca).crl(delta=delta)
         if not _serves(ca):
             raise NotFound(f"CA {ca_name!r} publishes no CRL through the gateway")
-        published = self.published.find(ca_name)
-        document = (published.delta if delta else published.full) if published else None
-        if document is None:
+        self._serving[ca.name] = ca
+        der = self._published_crl(ca_name, delta=delta, read_through=True)
+        if der is None:
             raise Unavailable(f"CA {ca_name!r} has no CRL yet; retry shortly", retry_after=2)
-        return document.der
+        return der
+
+    def crl_from_memory(self, ca_name: str, *, delta: bool = False) -> bytes | None:
+        """`crl`'s answer if memory alone gives it (a CA asked about before whose CRL this
+        process holds), else None: then call `crl`, off the event loop. Never raises."""
+        if ca_name not in self._serving:
+            return None
+        return self._published_crl(ca_name, delta=delta, read_through=False)
+
+    def _published_crl(self, ca_name: str, *, delta: bool, read_through: bool) -> bytes | None:
+        """The DER of the CA's current full (or delta) CRL, None before the first build.
+        Raises Unavailable (a read-through while the store is down)."""
+        published = self.published.find(ca_name, read_through=read_through)
+        document = (published.delta if delta else published.full) if published else None
+        return document.der if document is not None else None
 
     def ocsp(self, ctx: Ctx, ca_name: str, der: bytes) -> bytes:
         """The DER OCSPResponse to the request `der` about a certificate of CA `ca_name`:

@@ -214,6 +214,30 @@ def test_many_revocations_make_one_build(api, pki, jobs, admin):
     assert [e["detail"]["entries"] for e in events] == [0, 5]
 
 
+def test_once_asked_for_a_crl_is_served_from_memory_and_follows_each_build(
+    api, pki, jobs, monkeypatch
+):
+    full, delta = pki.crl(), pki.crl(delta=True)  # the first ask reads the store
+
+    def store_read(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("a CRL this process holds was read from the store")
+
+    monkeypatch.setattr(api.service.revocation, "crl", store_read)
+    assert pki.crl().public_bytes(DER) == full.public_bytes(DER)
+    assert pki.crl(delta=True).public_bytes(DER) == delta.public_bytes(DER)
+    _, serial = pki.issue("gone")
+    pki.revoke(serial)
+    assert jobs.run_revocation()
+    rebuilt = pki.crl()
+    assert crl_number(rebuilt) > crl_number(full)
+    assert [entry.serial_number for entry in rebuilt] == [int(serial, 16)]
+    for value, status in (("maybe", 422), ("2", 422), ("", 422), ("yes", 200), ("0", 200)):
+        r = api.call("GET", f"/v1/pki/cas/issuing/crl?delta={value}", None)
+        assert r.status_code == status, (value, r.text)
+    bad = api.call("GET", "/v1/pki/cas/issuing/crl?delta=maybe", None).json()
+    assert bad["code"] == "validation_failed" and bad["detail"].startswith("query.delta: ")
+
+
 def test_a_crl_is_rebuilt_at_half_life_and_a_pending_or_unknown_ca_has_none(api, pki, jobs):
     now = datetime.now(UTC)
     assert api.service.revocation.publish_due(Ctx("t"), now + timedelta(hours=11)) == []
