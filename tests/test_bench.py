@@ -54,11 +54,12 @@ def head_checkout(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.timeout(180)
 def test_quick_bench_with_python_loadgen(tmp_path: Path) -> None:
-    """The core scenarios on kmsgate, and those but the no-op on OpenBao (Transit)."""
+    """The core scenarios on kmsgate, and those but the no-op on OpenBao (Transit), in two
+    rounds."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--quick", *SHORT, "--loadgen", "python", "--json", str(out),
-         "--peer", "openbao", "--bao", require_openbao()],
+         "--peer", "openbao", "--bao", require_openbao(), "--rounds", "2"],
         capture_output=True, text=True, timeout=150, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -115,6 +116,14 @@ def test_quick_bench_with_python_loadgen(tmp_path: Path) -> None:
     assert re.search(
         r"\nbatch_sign_10 vs OpenBao: [\d.]+x \(kmsgate/OpenBao\), items/s ", proc.stdout
     )
+    # two rounds, the servers taking turns: each row is the slower round (the lower median)
+    assert "2 rounds, the servers taking turns" in proc.stdout
+    for result in (report, peer):
+        assert list(result["rounds"]) == list(result["scenarios"])
+        for name, rates in result["rounds"].items():
+            assert len(rates) == 2 and all(rate > 0 for rate in rates), name
+            assert result["scenarios"][name]["req_per_s"] == min(rates), name
+    assert re.search(r"\n  sign \(openbao\): [\d,]+, [\d,]+\n", proc.stdout)
 
 
 @pytest.mark.timeout(60)
@@ -243,6 +252,28 @@ def test_a_peer_without_its_scenarios_is_refused(
         SystemExit, match="--peer pki-only runs only issue: add --scenarios pki or all"
     ):
         bench.resolve_settings(args)
+
+
+@pytest.mark.parametrize("rounds", ["0", "21"])
+def test_rounds_out_of_range_are_refused(bench: ModuleType, rounds: str) -> None:
+    with pytest.raises(SystemExit, match=r"--rounds must be 1\.\.20"):
+        bench.resolve_settings(bench.parse_args(["--quick", "--rounds", rounds]))
+
+
+def test_the_median_round_counts_and_every_round_s_errors_show(bench: ModuleType) -> None:
+    fields = dict.fromkeys(
+        ["signatures_per_s", "p50_ms", "p99_ms", "duration_s", "socket_errors", "item_errors"], 0
+    )
+    rounds = [
+        bench.ScenarioResult(name="sign", req_per_s=rate, requests=i, non_2xx=errors,
+                             errors=errors, server_cpu_pct=None, loadgen_cpu_pct=None,
+                             other_cpu_pct=None, **fields)
+        for i, (rate, errors) in enumerate([(900.0, 0), (700.0, 3), (800.0, 0), (1000.0, 0)])
+    ]  # fmt: skip
+    median = bench.median_round(rounds)
+    assert (median.req_per_s, median.requests) == (800.0, 2)  # the lower middle of four
+    assert median.errors == median.non_2xx == 3
+    assert bench.median_round(rounds[:3]).req_per_s == 800.0
 
 
 def _reply(body: object) -> httpx.Response:
