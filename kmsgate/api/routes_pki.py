@@ -25,6 +25,7 @@ from kmsgate.schemas import (
     Timestamp,
     parse_model,
 )
+from kmsgate.service import Service
 from kmsgate.service.results import Issued
 from kmsgate.store.certificates import CertQuery
 
@@ -42,22 +43,22 @@ def build_routes() -> tuple[list[Route], APIRouter]:
             issue,
             methods=["POST"],
             openapi_extra=body_schema(IssueRequest.model_json_schema()),
-        )
-    ]
+        ),
+        fast_route(
+            router, "/cas/{ca}/chain", chain, methods=["GET"], openapi_extra=PUBLIC,
+            **non_json_reply(PEM),
+        ),
+        fast_route(
+            router, "/cas/{ca}/bundle", bundle, methods=["GET"], openapi_extra=PUBLIC,
+            response_class=Response,
+            responses={
+                200: {"content": {"application/json": {}, PEM: {"schema": {"type": "string"}}}}
+            },
+        ),
+    ]  # fmt: skip
     router.add_api_route("/cas", list_cas, methods=["GET"])
     router.add_api_route("/cas", create_ca, methods=["POST"], status_code=201)
     router.add_api_route("/cas/{ca}/certificate", import_certificate, methods=["POST"])
-    router.add_api_route(
-        "/cas/{ca}/chain", chain, methods=["GET"], openapi_extra=PUBLIC, **non_json_reply(PEM)
-    )
-    router.add_api_route(
-        "/cas/{ca}/bundle",
-        bundle,
-        methods=["GET"],
-        response_class=Response,
-        responses={200: {"content": {"application/json": {}, PEM: {"schema": {"type": "string"}}}}},
-        openapi_extra=PUBLIC,
-    )
     router.add_api_route("/profiles", profiles, methods=["GET"])
     router.add_api_route("/certs", list_certs, methods=["GET"])
     router.add_api_route("/certs/{serial}", get_cert, methods=["GET"])
@@ -91,19 +92,21 @@ def import_certificate(
     return service.pki.import_certificate(principal, ctx, ca, certificate, chain_certs).to_dict()
 
 
-def chain(ca: str, service: ServiceDep) -> Response:
+async def chain(request: Request) -> Response:
     """Public: the CA's certificate and its issuers, PEM, root last."""
-    return Response(service.pki.chain_pem(ca), media_type=PEM)
+    service: Service = request.app.state.service
+    return Response(await service.pki.chain_pem(request.path_params["ca"]), media_type=PEM)
 
 
-def bundle(ca: str, service: ServiceDep, request: Request) -> Response:
+async def bundle(request: Request) -> Response:
     """Public: the CA's certificate and its issuers as a SPIFFE trust bundle (JWK Set,
     `use: x509-svid`, `spiffe_sequence`), or PEM when the client accepts
     `application/x-pem-file` (and not JSON)."""
-    accept = request.headers.get("accept", "")
+    service: Service = request.app.state.service
+    ca, accept = request.path_params["ca"], request.headers.get("accept", "")
     if PEM in accept and "json" not in accept:
-        return Response(service.pki.chain_pem(ca), media_type=PEM)
-    return json_response(service.pki.spiffe_bundle(ca))
+        return Response(await service.pki.chain_pem(ca), media_type=PEM)
+    return json_response(await service.pki.spiffe_bundle(ca))
 
 
 async def issue(request: Request) -> Response:

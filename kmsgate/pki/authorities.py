@@ -169,10 +169,11 @@ class Authorities(StoreMirror):
         else:
             self._cas[item] = authority_from_row(row)
 
-    def find(self, name: str) -> Authority | None:
-        """The CA called `name`, or None (a miss reads through, within the budget)."""
+    def find(self, name: str, *, read_through: bool = True) -> Authority | None:
+        """The CA called `name`, or None (a miss reads through, within the budget, unless
+        told not to). Raises Unavailable (a read-through while the store is down)."""
         ca = self._cas.get(name)
-        if ca is None and 0 < len(name) <= 128 and self._read_through(name):
+        if ca is None and read_through and 0 < len(name) <= 128 and self._read_through(name):
             ca = self._cas.get(name)
         return ca
 

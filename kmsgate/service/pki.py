@@ -188,16 +188,22 @@ class Pki:
         call = Call(principal, ctx, "ca.read", {"kind": "profiles"})
         return self.gate.run(call, lambda _: [p.describe() for p in self.profiles.values()])
 
-    def chain_pem(self, name: str) -> str:
+    async def chain_pem(self, name: str) -> str:
         """The CA's certificate and its issuers in PEM (public). Raises NotFound, Conflict."""
-        return self.authorities.get(name).full_chain_pem()
+        return (await self._public_authority(name)).full_chain_pem()
 
-    def spiffe_bundle(self, name: str) -> dict[str, object]:
+    async def spiffe_bundle(self, name: str) -> dict[str, object]:
         """The CA's certificate and its issuers as a SPIFFE trust bundle (public); its
         sequence is the CA's last change, in seconds. Raises NotFound, Conflict."""
-        ca = self.authorities.get(name)
+        ca = await self._public_authority(name)
         certificates = (ca.active_certificate(), *ca.chain)
         return spiffe_bundle(certificates, int(ca.updated_at.timestamp()))
+
+    async def _public_authority(self, name: str) -> Authority:
+        """The CA `name` from memory, on the caller's event loop; one this process does not
+        hold is read from the store in a thread. Raises NotFound, Unavailable."""
+        ca = self.authorities.find(name, read_through=False)
+        return ca if ca is not None else await asyncio.to_thread(self.authorities.get, name)
 
     # -- certificates ----------------------------------------------------------------------
 

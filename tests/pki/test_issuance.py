@@ -17,6 +17,8 @@ from kmsgate.service.requests import IssueInput
 from tests.components import run_openssl
 from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate, write
 
+PEM_TYPE = "application/x-pem-file"
+
 
 @pytest.fixture
 def root() -> OfflineRoot:
@@ -166,3 +168,34 @@ def test_a_cancelled_issuance_still_records_what_it_made(api, admin, root):
     assert detail["stored"] is True
     stored = api.call("GET", f"/v1/pki/certs/{detail['serial']}", admin)
     assert (stored.status_code, stored.json()["sans"]) == (200, ["dns:cut.lab"])
+
+
+def test_the_public_chain_and_bundle_come_from_memory_once_the_ca_is_held(
+    api, admin, root, monkeypatch
+):
+    active = make_intermediate(api, admin, root)
+    authorities = api.service.pki.authorities
+    chain = api.call("GET", "/v1/pki/cas/issuing/chain", None)
+    assert chain.status_code == 200 and chain.headers["content-type"].startswith(PEM_TYPE)
+    certificates = x509.load_pem_x509_certificates(chain.content)
+    assert certificates[-1].public_bytes(serialization.Encoding.PEM).decode() == root.pem
+    assert certificates[0].subject.rfc4514_string() == active["subject"]
+
+    def store_read(*args: object) -> None:
+        raise AssertionError("a CA this process holds was read from the store")
+
+    monkeypatch.setattr(authorities, "_load_item", store_read)
+    assert api.call("GET", "/v1/pki/cas/issuing/chain", None).content == chain.content
+    bundle = api.call("GET", "/v1/pki/cas/issuing/bundle", None).json()
+    assert [key["use"] for key in bundle["keys"]] == ["x509-svid"] * len(certificates)
+    as_pem = api.client.get(
+        "/v1/pki/cas/issuing/bundle", headers={"accept": "application/x-pem-file"}
+    )
+    assert as_pem.content == chain.content
+    monkeypatch.undo()
+
+    # a CA this process does not hold yet (made by another worker) is read from the store
+    authorities._cas.pop("issuing")
+    assert api.call("GET", "/v1/pki/cas/issuing/chain", None).content == chain.content
+    assert api.call("GET", "/v1/pki/cas/nope/chain", None).status_code == 404
+    assert api.call("GET", "/v1/pki/cas/nope/bundle", None).status_code == 404
