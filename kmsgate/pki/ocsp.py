@@ -205,12 +205,48 @@ def delegated_responder_extensions() -> list[tuple[x509.ExtensionType, bool]]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Responder:
+    """Who signs a CA's OCSP answers: the CA's own certificate, or a delegated responder
+    certificate the CA issued, with its key. Make one with `checked`, once per certificate:
+    the answers it signs are then not checked again."""
+
+    issuer: x509.Certificate
+    certificate: x509.Certificate
+    key: CertificateIssuerPrivateKeyTypes
+
+    @classmethod
+    def checked(
+        cls,
+        issuer: x509.Certificate,
+        certificate: x509.Certificate,
+        key: CertificateIssuerPrivateKeyTypes,
+    ) -> Responder:
+        """Raises InvalidRequest unless `key` is `certificate`'s and the certificate is
+        `issuer` or a responder `issuer` delegated to (RFC 6960 §4.2.2.2): issued by
+        `issuer`, with id-kp-OCSPSigning."""
+        if key.public_key() != certificate.public_key():
+            raise InvalidRequest("the responder key does not match the responder certificate")
+        if certificate != issuer:
+            try:
+                certificate.verify_directly_issued_by(issuer)
+            except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+                raise InvalidRequest(
+                    "the responder certificate was not issued by the issuer"
+                ) from exc
+            try:
+                usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+            except x509.ExtensionNotFound:
+                usage = None
+            if usage is None or ExtendedKeyUsageOID.OCSP_SIGNING not in usage.value:
+                raise InvalidRequest("the responder certificate lacks id-kp-OCSPSigning")
+        return cls(issuer, certificate, key)
+
+
 def build_response(
     *,
     request: ocsp.OCSPRequest,
-    issuer: x509.Certificate,
-    responder_cert: x509.Certificate,
-    responder_key: CertificateIssuerPrivateKeyTypes,
+    responder: Responder,
     status: CertStatus,
     this_update: datetime.datetime,
     next_update: datetime.datetime | None,
@@ -218,21 +254,18 @@ def build_response(
     hash_alg: hashes.HashAlgorithm | _Auto | None = AUTO_HASH,
 ) -> bytes:
     """The DER of a successful OCSP response about the certificate `request` asks for, signed
-    by `responder_key`.
+    by `responder`.
 
-    `responder_cert` is `issuer` itself or a delegated responder certificate that `issuer`
-    issued with id-kp-OCSPSigning; a delegated one is included in the response. The responder
-    is identified by key hash. With `include_nonce`, the request's nonce (if any, and at most
+    A delegated responder's certificate is included in the response. The responder is
+    identified by key hash. With `include_nonce`, the request's nonce (if any, and at most
     32 octets) is echoed. `hash_alg` is the signature hash (default: SHA-256, none for EdDSA).
 
     Raises InvalidRequest when the request is about another issuer (answer
-    `unauthorized_response()` instead), the responder key does not match `responder_cert`, a
-    delegated responder certificate was not issued by `issuer` or lacks id-kp-OCSPSigning, a
-    time is naive, or next_update is not after this_update.
+    `unauthorized_response()` instead), a time is naive, or next_update is not after
+    this_update.
     """
-    if not issuer_matches(request, issuer):
+    if not issuer_matches(request, responder.issuer):
         raise InvalidRequest("the OCSP request is about another issuer")
-    _check_responder(issuer, responder_cert, responder_key)
     if this_update.utcoffset() is None:
         raise InvalidRequest("this_update has no timezone")
     if next_update is not None:
@@ -255,16 +288,16 @@ def build_response(
         revocation_time=status.revoked_at,
         revocation_reason=reason,
     )
-    builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder_cert)
-    if responder_cert != issuer:
-        builder = builder.certificates([responder_cert])
+    builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder.certificate)
+    if responder.certificate != responder.issuer:
+        builder = builder.certificates([responder.certificate])
     if include_nonce:
         nonce = request_nonce(request)
         if nonce is not None and 0 < len(nonce) <= MAX_NONCE_LENGTH:
             builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
 
-    algorithm = _default_hash(responder_key) if isinstance(hash_alg, _Auto) else hash_alg
-    response = builder.sign(responder_key, algorithm)
+    algorithm = _default_hash(responder.key) if isinstance(hash_alg, _Auto) else hash_alg
+    response = builder.sign(responder.key, algorithm)
     return response.public_bytes(serialization.Encoding.DER)
 
 
@@ -272,26 +305,3 @@ def _default_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorithm
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
         return None
     return hashes.SHA256()
-
-
-def _check_responder(
-    issuer: x509.Certificate,
-    responder_cert: x509.Certificate,
-    responder_key: CertificateIssuerPrivateKeyTypes,
-) -> None:
-    """Raises InvalidRequest unless `responder_key` is `responder_cert`'s key and the
-    certificate is `issuer` or a responder `issuer` delegated to (RFC 6960 §4.2.2.2)."""
-    if responder_key.public_key() != responder_cert.public_key():
-        raise InvalidRequest("the responder key does not match the responder certificate")
-    if responder_cert == issuer:
-        return
-    try:
-        responder_cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise InvalidRequest("the responder certificate was not issued by the issuer") from exc
-    try:
-        usage = responder_cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        usage = None
-    if usage is None or ExtendedKeyUsageOID.OCSP_SIGNING not in usage:
-        raise InvalidRequest("the responder certificate lacks id-kp-OCSPSigning")

@@ -38,7 +38,6 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from kmsgate.auth import SYSTEM
 from kmsgate.catalogue import Key
@@ -49,6 +48,7 @@ from kmsgate.pki.inventory import record_of, record_row
 from kmsgate.pki.issuer import build_certificate, new_serial, serial_hex, signature_hash, validity
 from kmsgate.pki.ocsp import (
     MalformedOcspRequest,
+    Responder,
     build_response,
     issuer_matches,
     malformed_response,
@@ -107,7 +107,7 @@ class Revocation:
         self._provisioning = threading.Lock()
         self._certs_epoch = -1
         self._retry_at: dict[str, float] = {}
-        self._signers: dict[str, tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]] = {}
+        self._signers: dict[str, Responder] = {}
         self._serving: dict[str, Authority] = {}  # active CAs asked about (they never change)
         self._listed: dict[str, tuple[int, frozenset[int]]] = {}  # CA -> full CRL's serials
 
@@ -316,13 +316,10 @@ class Revocation:
             if memory_only:
                 return None
             responder = self._responder(ctx, ca, at)
-        certificate, key = responder
-        next_update = min(at + OCSP_VALIDITY, certificate.not_valid_after_utc)
+        next_update = min(at + OCSP_VALIDITY, responder.certificate.not_valid_after_utc)
         answer = build_response(
             request=request,
-            issuer=issuer,
-            responder_cert=certificate,
-            responder_key=key,
+            responder=responder,
             status=status,
             this_update=at,
             next_update=next_update,
@@ -350,9 +347,7 @@ class Revocation:
             return "revocation"
         return None
 
-    def _responder(
-        self, ctx: Ctx, ca: Authority, at: datetime
-    ) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
+    def _responder(self, ctx: Ctx, ca: Authority, at: datetime) -> Responder:
         """The CA's responder certificate and key; made now if there is none that is valid
         (audited as `ocsp.responder`). Raises Unavailable, Conflict, a backend error."""
         current = self._current_responder(ca, at)
@@ -370,26 +365,28 @@ class Revocation:
 
     def _current_responder(
         self, ca: Authority, at: datetime, *, memory_only: bool = False
-    ) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes] | None:
+    ) -> Responder | None:
         """The published responder certificate, if still valid, with a signer for its key
-        (made once per certificate, unless `memory_only`); None if there is none or its key
-        has moved on."""
+        (made and checked once per certificate, unless `memory_only`); None if there is none
+        or its key has moved on. Raises InvalidRequest (a responder certificate the CA did
+        not issue)."""
         published = self.published.find(ca.name, read_through=False)
         certificate = published.responder if published else None
         if certificate is None or certificate.not_valid_after_utc <= at:
             return None
-        signer = self._signers.get(ca.name)
-        if signer is None or signer[0] != certificate:
+        responder = self._signers.get(ca.name)
+        if responder is None or responder.certificate != certificate:
             if memory_only:
                 return None
             key = self.gate.catalogue.find(responder_key_name(ca.name))
             if key is None:
                 return None
-            signer = (certificate, self.pki.signing_key(key))
-            if signer[1].public_key() != certificate.public_key():
+            signer = self.pki.signing_key(key)
+            if signer.public_key() != certificate.public_key():
                 return None  # the key was rotated: a new certificate is due
-            self._signers[ca.name] = signer
-        return signer
+            responder = Responder.checked(ca.active_certificate(), certificate, signer)
+            self._signers[ca.name] = responder
+        return responder
 
     def _provision_responder(self, ctx: Ctx, ca: Authority, at: datetime) -> None:
         """Issue (and publish) a responder certificate for the CA's `ocsp` key, creating the

@@ -22,6 +22,7 @@ from kmsgate.errors import InvalidRequest
 from kmsgate.pki.ocsp import (
     CertStatus,
     MalformedOcspRequest,
+    Responder,
     build_response,
     delegated_responder_extensions,
     issuer_matches,
@@ -108,12 +109,23 @@ def openssl_check(
     return output
 
 
-def answer(pki: Pki, request: ocsp.OCSPRequest, status: CertStatus, **overrides: Any) -> bytes:
+def answer(
+    pki: Pki,
+    request: ocsp.OCSPRequest,
+    status: CertStatus,
+    *,
+    responder_cert: x509.Certificate | None = None,
+    responder_key: Any = None,
+    **overrides: Any,
+) -> bytes:
+    """The response signed by the CA, or by the responder certificate and key given (checked
+    as the gateway checks its responder: `Responder.checked`)."""
+    responder = Responder.checked(
+        pki.ca, responder_cert or pki.ca, pki.ca_key if responder_key is None else responder_key
+    )
     args: dict[str, Any] = {
         "request": request,
-        "issuer": pki.ca,
-        "responder_cert": pki.ca,
-        "responder_key": pki.ca_key,
+        "responder": responder,
         "status": status,
         "this_update": NOW,
         "next_update": NOW + HOUR,
