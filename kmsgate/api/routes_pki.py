@@ -33,8 +33,8 @@ PREFIX = "/v1/pki"
 
 
 def build_routes() -> tuple[list[Route], APIRouter]:
-    """A new application's PKI routes: issuance on the fast path (to be matched first),
-    and the FastAPI router with every PKI route."""
+    """A new application's PKI routes: issuance and the public chain and trust bundle on the
+    fast path (to be matched first), and the FastAPI router with every PKI route."""
     router = APIRouter(prefix=PREFIX, tags=["pki"], route_class=JsonBodyRoute)
     fast = [
         fast_route(
@@ -45,17 +45,25 @@ def build_routes() -> tuple[list[Route], APIRouter]:
             openapi_extra=body_schema(IssueRequest.model_json_schema()),
         ),
         fast_route(
-            router, "/cas/{ca}/chain", chain, methods=["GET"], openapi_extra=PUBLIC,
+            router,
+            "/cas/{ca}/chain",
+            chain,
+            methods=["GET"],
+            openapi_extra=PUBLIC,
             **non_json_reply(PEM),
         ),
         fast_route(
-            router, "/cas/{ca}/bundle", bundle, methods=["GET"], openapi_extra=PUBLIC,
+            router,
+            "/cas/{ca}/bundle",
+            bundle,
+            methods=["GET"],
+            openapi_extra=PUBLIC,
             response_class=Response,
             responses={
                 200: {"content": {"application/json": {}, PEM: {"schema": {"type": "string"}}}}
             },
         ),
-    ]  # fmt: skip
+    ]
     router.add_api_route("/cas", list_cas, methods=["GET"])
     router.add_api_route("/cas", create_ca, methods=["POST"], status_code=201)
     router.add_api_route("/cas/{ca}/certificate", import_certificate, methods=["POST"])
