@@ -107,8 +107,8 @@ class Revocation:
         self._provisioning = threading.Lock()
         self._certs_epoch = -1
         self._retry_at: dict[str, float] = {}
-        self._signers: dict[str, Responder] = {}
-        self._serving: dict[str, Authority] = {}  # active CAs asked about (they never change)
+        self._responders: dict[str, Responder] = {}  # CA -> its checked OCSP responder
+        self._serving: dict[str, Authority] = {}  # served CAs asked about (OCSP, CRL)
         self._listed: dict[str, tuple[int, frozenset[int]]] = {}  # CA -> full CRL's serials
 
     def refresh(self) -> None:
@@ -374,7 +374,7 @@ class Revocation:
         certificate = published.responder if published else None
         if certificate is None or certificate.not_valid_after_utc <= at:
             return None
-        responder = self._signers.get(ca.name)
+        responder = self._responders.get(ca.name)
         if responder is None or responder.certificate != certificate:
             if memory_only:
                 return None
@@ -385,7 +385,7 @@ class Revocation:
             if signer.public_key() != certificate.public_key():
                 return None  # the key was rotated: a new certificate is due
             responder = Responder.checked(ca.active_certificate(), certificate, signer)
-            self._signers[ca.name] = responder
+            self._responders[ca.name] = responder
         return responder
 
     def _provision_responder(self, ctx: Ctx, ca: Authority, at: datetime) -> None:
