@@ -66,12 +66,18 @@ def test_a_scrape_sums_the_requests_of_every_worker(tmp_path: Path) -> None:
         sample = (
             'kmsgate_http_requests_total{method="POST",route="/v1/keys/{name}/sign",status="200"}'
         )
-        time.sleep(1.5)  # each worker leaves a snapshot of its counts every second
-        for _ in range(6):  # whichever worker answers the scrape
+
+        def scrape() -> tuple[str, list[str]]:
             text = httpx.get(f"{gw.addr}/metrics", headers=root).text
-            values = [
-                line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(sample)
-            ]
+            lines = text.splitlines()
+            return text, [line.rsplit(" ", 1)[1] for line in lines if line.startswith(sample)]
+
+        # each worker leaves a snapshot of its counts every second (later on a busy machine)
+        deadline = time.monotonic() + 10
+        while scrape()[1] != ["40.0"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for _ in range(6):  # then whichever worker answers the scrape counts them all
+            text, values = scrape()
             assert values == ["40.0"], values
             families = {f.name: f for f in text_string_to_metric_families(text)}  # it parses
             (count,) = [
