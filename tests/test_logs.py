@@ -72,12 +72,14 @@ def test_a_scrape_sums_the_requests_of_every_worker(tmp_path: Path) -> None:
             lines = text.splitlines()
             return text, [line.rsplit(" ", 1)[1] for line in lines if line.startswith(sample)]
 
-        # each worker leaves a snapshot of its counts every second (later on a busy machine)
+        # each worker leaves a snapshot of its counts every second (later on a busy machine);
+        # then whichever worker answers the scrape counts them all
         deadline = time.monotonic() + 10
-        while scrape()[1] != ["40.0"] and time.monotonic() < deadline:
+        scrapes = [scrape() for _ in range(6)]
+        while any(values != ["40.0"] for _, values in scrapes) and time.monotonic() < deadline:
             time.sleep(0.2)
-        for _ in range(6):  # then whichever worker answers the scrape counts them all
-            text, values = scrape()
+            scrapes = [scrape() for _ in range(6)]
+        for text, values in scrapes:
             assert values == ["40.0"], values
             families = {f.name: f for f in text_string_to_metric_families(text)}  # it parses
             (count,) = [
