@@ -48,7 +48,8 @@ class FastRequest(Request):
 class GatewayApp(FastAPI):
     """The FastAPI application, with its fast routes served ahead of its middleware."""
 
-    _fast_routes: tuple[Route, ...] = ()
+    _fast_routes: tuple[tuple[str, Route], ...] = ()
+    """(the literal end of its path, the route): a path that does not end so cannot match."""
     _included: tuple[APIRouter, ...] = ()
     _document: dict[str, Any] | None = None
 
@@ -88,7 +89,7 @@ class GatewayApp(FastAPI):
     ) -> None:
         """Serve `routes` ahead of FastAPI, with the gateway middleware's request ids, body
         limit and deadline, and metrics."""
-        self._fast_routes = tuple(routes)
+        self._fast_routes = tuple((_literal_end(route.path), route) for route in routes)
         self._max_body_bytes = max_body_bytes
         self._metrics = metrics
         self._ids = ids
@@ -96,7 +97,10 @@ class GatewayApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            for route in self._fast_routes:
+            path = scope["path"]
+            for end, route in self._fast_routes:
+                if not path.endswith(end):  # a string test, where a match costs ~0.5 us
+                    continue
                 match, child = route.matches(scope)
                 if match is Match.FULL:  # a wrong method falls through to FastAPI's 405
                     scope.update(child)
@@ -130,6 +134,12 @@ class GatewayApp(FastAPI):
             await send({"type": "http.response.body", "body": response.body})
         finally:
             observe(self._metrics, scope, status, started_at)
+
+
+def _literal_end(path: str) -> str:
+    """What every path a route template matches ends with: the text after its last
+    parameter (`/v1/keys/{name}/sign` -> `/sign`; empty if it ends with a parameter)."""
+    return path.rpartition("}")[2] if "{" in path else path
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
