@@ -127,27 +127,34 @@ def data_aad(context_aad: bytes) -> bytes:
 
 
 class _Reader:
+    """Reads `data` front to back; reading past its end raises `error`."""
+
     def __init__(self, data: bytes, error: type[Exception]) -> None:
-        self._data = memoryview(data)
+        self._data = bytes(data)  # the same object when `data` is bytes: no copy
         self._pos = 0
         self._error = error
 
-    def take(self, n: int) -> bytes:
-        if self._pos + n > len(self._data):
+    def _advance(self, n: int) -> int:
+        """The position before moving `n` bytes on."""
+        start = self._pos
+        if start + n > len(self._data):
             raise self._error("ciphertext is truncated or malformed")
-        out = bytes(self._data[self._pos : self._pos + n])
-        self._pos += n
-        return out
+        self._pos = start + n
+        return start
+
+    def take(self, n: int) -> bytes:
+        start = self._advance(n)
+        return self._data[start : start + n]
 
     def u8(self) -> int:
-        return self.take(1)[0]
+        return self._data[self._advance(1)]
 
     def u16(self) -> int:
-        value: int = struct.unpack(">H", self.take(2))[0]
+        value: int = _U16.unpack_from(self._data, self._advance(2))[0]
         return value
 
     def u32(self) -> int:
-        value: int = struct.unpack(">I", self.take(4))[0]
+        value: int = _U32.unpack_from(self._data, self._advance(4))[0]
         return value
 
     def rest(self) -> bytes:
@@ -156,6 +163,11 @@ class _Reader:
     def end(self) -> None:
         if self._pos != len(self._data):
             raise self._error("trailing bytes")
+
+
+_U16: Final = struct.Struct(">H")
+_U32: Final = struct.Struct(">I")
+_KINDS: Final = {kind.value: kind for kind in Kind}
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +197,9 @@ class Envelope:
         r = _Reader(data, DecryptionFailed)
         if r.take(3) != MAGIC or r.u8() != FORMAT_VERSION:
             raise DecryptionFailed("not a kmsgate ciphertext (or an unknown format version)")
-        try:
-            kind = Kind(r.u8())
-        except ValueError:
-            raise DecryptionFailed("unknown ciphertext kind") from None
+        kind = _KINDS.get(r.u8())
+        if kind is None:
+            raise DecryptionFailed("unknown ciphertext kind")
         raw_name = r.take(r.u8())
         version = r.u32()
         wrapped = r.take(r.u16())
