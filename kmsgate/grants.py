@@ -242,6 +242,20 @@ class ActiveGrants(StoreMirror):
         """Whether a grant held here expired by `at` (its end is not recorded yet)."""
         return any(g.state(at) is GrantState.EXPIRED for g in self._grants.values())
 
+    def ended(self, ids: Sequence[str], at: datetime) -> list[str]:
+        """The grants of `ids` that the store itself (read now, not this copy) does not hold
+        active at `at`: revoked or ended by another process since the last refresh. If any,
+        this copy catches up with the store. Raises Unavailable (the store is down)."""
+        rows = {grant_id: self._store.grants.get(grant_id) for grant_id in ids}
+        gone = [
+            grant_id
+            for grant_id, row in rows.items()
+            if row is None or Grant.from_row(row).state(at) is not GrantState.ACTIVE
+        ]
+        if gone:
+            self.refresh()
+        return gone
+
     def active_for(self, principal: str, action: str, at: datetime) -> list[dict[str, object]]:
         """The policy documents of `principal`'s grants that cover `action` and are active
         at `at` (usually none: then the policy has nothing more to evaluate)."""

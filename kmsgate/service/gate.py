@@ -210,8 +210,33 @@ class Gate:
         resource: Mapping[str, object],
         request: Mapping[str, object] | None = None,
     ) -> Decision:
-        """The policy's decision, with the principal's active JIT grants as `exceptions`."""
+        """The policy's decision, with the principal's active JIT grants as `exceptions`.
+
+        An allow that only grants gave is checked against the store before it stands (this
+        process's copy of the grants lags by up to a refresh): a grant revoked anywhere
+        allows nothing from then on, and the policy decides again without it. Raises
+        Unavailable if that check cannot reach the store (fail closed).
+        """
         at = now()
+        grants = self.grants.active_for(principal.id, action, at)
+        decision = self._decide(principal, action, resource, request, at, grants)
+        if not grants:  # the usual case: no grant to check
+            return decision
+        ended = self.grants.ended(_grants_relied_on(decision), at)
+        if ended:
+            grants = [g for g in grants if g["id"] not in ended]
+            decision = self._decide(principal, action, resource, request, at, grants)
+        return decision
+
+    def _decide(
+        self,
+        principal: Principal,
+        action: str,
+        resource: Mapping[str, object],
+        request: Mapping[str, object] | None,
+        at: datetime,
+        grants: Sequence[Mapping[str, object]],
+    ) -> Decision:
         return self.policy.decide(
             policy_input(
                 principal=principal.policy_document(),
@@ -220,7 +245,7 @@ class Gate:
                 request=request,
                 env=self.settings.env,
                 now=at,
-                exceptions=self.grants.active_for(principal.id, action, at),
+                exceptions=grants,
                 trusted=True,
             )
         )
@@ -313,11 +338,19 @@ class Gate:
         }
 
 
-def _exception_used(decision: Decision) -> str | None:
-    """The grant an allow relied on: named by a reason `exception <id>` (policies/
+def _grants_relied_on(decision: Decision) -> list[str]:
+    """The grants an allow relied on: named by reasons `exception <id>` (policies/
     exceptions.rego), and only when no other rule allowed the request as well."""
+    if not decision.allow:
+        return []
     used = exceptions_named(decision.reasons)
-    return used[0] if decision.allow and used and len(used) == len(decision.reasons) else None
+    return used if used and len(used) == len(decision.reasons) else []
+
+
+def _exception_used(decision: Decision) -> str | None:
+    """The grant an allow relied on, as its audit record names it (the first, if several)."""
+    relied_on = _grants_relied_on(decision)
+    return relied_on[0] if relied_on else None
 
 
 def exceptions_named(reasons: Sequence[str]) -> list[str]:

@@ -74,8 +74,9 @@ class Exceptions:
         )
 
     def revoke(self, principal: Principal, ctx: Ctx, grant_id: str) -> Grant:
-        """End a pending or active grant now (this process at once, every other within a
-        refresh). Raises PolicyDenied, NotFound, Conflict (ended already)."""
+        """End a pending or active grant now, in every process at once (`Gate.decide` checks
+        a grant against the store before it allows). Raises PolicyDenied, NotFound, Conflict
+        (ended already)."""
 
         def revoked(grant: Grant) -> Grant:
             at = now()

@@ -1,0 +1,66 @@
+"""JIT grants across processes: each keeps its own copy of the active grants, and a grant
+ended by another process allows nothing from then on, without waiting for a refresh."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from kmsgate.auth import Principal
+from kmsgate.bootstrap import build_service
+from kmsgate.errors import PolicyDenied, Unavailable
+from kmsgate.service.requests import NewException, SignInput
+from tests.service.conftest import CTX
+
+DEV = Principal(id="token:dev", kind="token", roles=("dev",))
+APPROVER = Principal(id="token:approver", kind="token", roles=("approver",))
+GRANT = NewException(("sign",), "k", timedelta(minutes=15), "INC-1", "sign a hotfix")
+
+
+def test_a_grant_revoked_by_another_process_allows_nothing_at_once(
+    gateway_settings, service, new_key
+):
+    new_key("k")
+    other = build_service(gateway_settings)  # another worker: same store, own copies
+    try:
+
+        def sign(svc):
+            return svc.crypto.sign(DEV, CTX, svc.gate.target("k"), [SignInput(b"m")], False)
+
+        requested = service.exceptions.request(DEV, CTX, GRANT)
+        grant = service.exceptions.approve(APPROVER, CTX, requested.id)
+        other.exceptions.active.refresh()  # the other worker has seen the approval
+        assert sign(other)[0].key_version == 1
+
+        service.exceptions.revoke(APPROVER, CTX, grant.id)
+        # no refresh: the other worker's copy still holds the grant ...
+        assert [g.id for g in other.exceptions.active.active_grants(grant.approved_at)] == [
+            grant.id
+        ]
+        with pytest.raises(PolicyDenied):  # ... and the store's word counts
+            sign(other)
+        assert other.exceptions.active.active_grants(grant.approved_at) == []  # caught up
+        records = other.audit.search(action="sign", limit=10)
+        assert [(r["decision"], r.get("exception_id")) for r in records] == [
+            ("allow", grant.id),
+            ("deny", None),
+        ]
+    finally:
+        other.close()
+
+
+def test_a_grant_that_cannot_be_checked_allows_nothing(service, new_key, monkeypatch):
+    new_key("k")
+    grant = service.exceptions.request(DEV, CTX, GRANT)
+    service.exceptions.approve(APPROVER, CTX, grant.id)
+
+    def down(_grant_id: str) -> None:
+        raise Unavailable("metadata store unavailable")
+
+    monkeypatch.setattr(service.store.grants, "get", down)
+    with pytest.raises(Unavailable):
+        service.crypto.sign(DEV, CTX, service.gate.target("k"), [SignInput(b"m")], False)
+    # an allow that needs no grant never asks the store
+    admin = Principal(id="token:admin", kind="token", roles=("admin",))
+    assert service.crypto.sign(admin, CTX, service.gate.target("k"), [SignInput(b"m")], False)
