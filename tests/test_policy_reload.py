@@ -1,6 +1,7 @@
 """Policy reloads across processes (kmsgate.policy.follower): a reload through the API is
-seen by every worker within a refresh; an invalid bundle is refused and the previous digest
-keeps serving everywhere. Against a real gateway with two workers."""
+seen by every worker within a refresh; an invalid bundle, or one that would not let its
+reloader reload it again, is refused and the previous digest keeps serving everywhere.
+Against a real gateway with two workers."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ allow if {
     input.action == "key.list"
     "viewer" in input.principal.roles
 }
+"""
+
+CONFLICT = 'package kmsgate.authz\n\nallow := "yes"\n'
+"""A complete `allow` beside the shipped `allow if` rules: an error wherever one of them holds."""
+FROZEN = """package kmsgate.authz
+
+import rego.v1
+
+deny contains "the policy is frozen" if input.action == "policy.reload"
 """
 
 
@@ -59,6 +69,23 @@ def test_a_reload_reaches_every_worker_and_a_bad_bundle_changes_nothing(tmp_path
         (policies / "broken.rego").write_text("package kmsgate.authz\nallow if {\n")
         refused = httpx.post(f"{gw.addr}/v1/sys/policy/reload", headers=root)
         assert refused.status_code == 400 and "broken.rego" in refused.json()["detail"]
-        time.sleep(1.5)  # a refresh later: nobody took anything from it
+        (policies / "broken.rego").unlink()
+
+        # Bundles that load, yet would leave the policy impossible to reload: rules that
+        # conflict once a rule allows (the default probe input allows nothing), and a veto.
+        for name, text, reason in (
+            ("conflict.rego", CONFLICT, "fails to decide policy.reload"),
+            ("frozen.rego", FROZEN, "would deny policy.reload"),
+        ):
+            (policies / name).write_text(text)
+            refused = httpx.post(f"{gw.addr}/v1/sys/policy/reload", headers=root)
+            assert refused.status_code == 400, refused.text
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert reason in refused.json()["detail"]
+            (policies / name).unlink()
+
+        time.sleep(1.5)  # a refresh later: nobody took anything from them
         assert digests() == {after}
         assert viewer_lists() == {200}
+        again = httpx.post(f"{gw.addr}/v1/sys/policy/reload", headers=root)
+        assert again.status_code == 200 and again.json()["digest"] == after

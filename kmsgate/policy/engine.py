@@ -221,6 +221,33 @@ def _strings(value: object) -> tuple[str, ...]:
     return tuple(sorted({v for v in value if isinstance(v, str)}))
 
 
+def _decision(result: Any) -> Decision:
+    """The decision in `DECISION_ENTRY`'s value: only `allow` exactly `true` allows, and
+    any `deny` string overrides it. Raises KeyError/TypeError for a value of another shape."""
+    values = result["allow"]  # `1 == True` in Python: `is` tells them apart
+    vetoes = _strings(result["deny"])
+    if vetoes:  # a `deny` rule overrides every allow
+        return Decision(allow=False, reasons=tuple(DENIED_PREFIX + v for v in vetoes))
+    allow = len(values) == 1 and values[0] is True
+    return Decision(allow=allow, reasons=_strings(result["reasons"]))
+
+
+def _require_allow(engine: Any, input_doc: Mapping[str, object]) -> None:
+    """Raises ConfigError unless the bundle in `engine` (an interpreter) allows `input_doc`
+    without an evaluation error."""
+    action = input_doc.get("action")
+    try:
+        engine.set_input_json(orjson.dumps(input_doc).decode())
+        decision = _decision(engine.eval_rule(DECISION_ENTRY))
+    except Exception as exc:
+        raise ConfigError(f"the new policy fails to decide {action}: {_error_text(exc)}") from None
+    if not decision.allow:
+        raise ConfigError(
+            f"the new policy would deny {action} to the principal reloading it, and no one "
+            "could change it again without a restart"
+        )
+
+
 def _load_state(policy_dir: Path, compiled: bool) -> tuple[_State, Any]:
     """Read and check the policy bundle (compiled for the VM if `compiled`); return it and
     the engine built on this thread."""
@@ -451,18 +478,10 @@ class PolicyEngine:
             cached = state.decisions.get(raw)
             if cached is not None:
                 return cached
-            result = self._evaluate(state, raw)
-            values = result["allow"]  # `1 == True` in Python: `is` tells them apart
-            allow = len(values) == 1 and values[0] is True
-            reasons, denials = result["reasons"], result["deny"]
+            decision = _decision(self._evaluate(state, raw))
         except Exception as exc:
             _log_failure("policy evaluation failed (%s%s); request denied", exc)
             return Decision(allow=False, reasons=())
-        vetoes = _strings(denials)
-        if vetoes:  # a `deny` rule overrides every allow
-            decision = Decision(allow=False, reasons=tuple(DENIED_PREFIX + v for v in vetoes))
-        else:
-            decision = Decision(allow=allow, reasons=_strings(reasons))
         if len(state.decisions) >= _DECISION_CACHE_SIZE:
             state.decisions.clear()
         state.decisions[raw] = decision
@@ -494,17 +513,25 @@ class PolicyEngine:
             return ()
         return _strings(roles)
 
-    def reload(self) -> str:
+    def reload(self, *, must_allow: Mapping[str, object] | None = None) -> str:
         """Re-read the policy directory, swap it in atomically and return the new digest.
 
-        Raises ConfigError, keeping the current policy, if the new bundle is invalid. An
-        unchanged bundle keeps the current generation (and `loaded_at`).
+        `must_allow`: a policy input (the reload request itself) that the new bundle must
+        allow without an evaluation error, so that a reload never leaves the policy
+        impossible to change again (a bundle whose rules conflict for some input, such as
+        `allow := "yes"` beside `allow if ...`, fails only when that input comes).
+
+        Raises ConfigError, keeping the current policy, if the new bundle is invalid or
+        does not allow `must_allow`. An unchanged bundle keeps the current generation (and
+        `loaded_at`).
         """
         with self._reload_lock:
             state, engine = _load_state(self._policy_dir, self._compiled)
             current = self._state
             if state.sources == current.sources:
                 return current.digest
+            if must_allow is not None:
+                _require_allow(engine, must_allow)
             self._state = state
             self._remember(state, engine)
             _log.info("policy reloaded: %s (%d files)", state.digest, len(state.sources))

@@ -228,6 +228,32 @@ class Gate:
             decision = self._decide(principal, action, resource, request, at, grants)
         return decision
 
+    def policy_input(
+        self,
+        principal: Principal,
+        action: str,
+        resource: Mapping[str, object],
+        request: Mapping[str, object] | None = None,
+        *,
+        at: datetime | None = None,
+        grants: Sequence[Mapping[str, object]] | None = None,
+    ) -> dict[str, object]:
+        """The policy's input for `principal` doing `action` on `resource` at `at` (now),
+        with `grants` as `exceptions` (by default the principal's active grants)."""
+        at = at or now()
+        if grants is None:
+            grants = self.grants.active_for(principal.id, action, at)
+        return policy_input(
+            principal=principal.policy_document(),
+            action=action,
+            resource=resource,
+            request=request,
+            env=self.settings.env,
+            now=at,
+            exceptions=grants,
+            trusted=True,
+        )
+
     def _decide(
         self,
         principal: Principal,
@@ -238,31 +264,14 @@ class Gate:
         grants: Sequence[Mapping[str, object]],
     ) -> Decision:
         return self.policy.decide(
-            policy_input(
-                principal=principal.policy_document(),
-                action=action,
-                resource=resource,
-                request=request,
-                env=self.settings.env,
-                now=at,
-                exceptions=grants,
-                trusted=True,
-            )
+            self.policy_input(principal, action, resource, request, at=at, grants=grants)
         )
 
     def roles(self, principal: Principal) -> tuple[str, ...]:
         """The roles the policy maps `principal` to (its token's roles, and those policy
         derives from its claims)."""
         return self.policy.roles(
-            policy_input(
-                principal=principal.policy_document(),
-                action=WHOAMI,
-                resource={"kind": "principal"},
-                request=None,
-                env=self.settings.env,
-                now=now(),
-                trusted=True,
-            )
+            self.policy_input(principal, WHOAMI, {"kind": "principal"}, grants=())
         )
 
     def run(

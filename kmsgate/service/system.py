@@ -110,18 +110,21 @@ class System:
     def reload_policy(self, principal: Principal, ctx: Ctx) -> str:
         """Re-read the policy files atomically, here and then in every other process (each
         reads its own files within a refresh); the new digest. Raises InvalidRequest (the old
-        policy is kept), Unavailable (reloaded here, not announced to the others)."""
+        policy is kept: the files are invalid, or the new policy would not let `principal`
+        reload it again), Unavailable (reloaded here, not announced to the others)."""
+        resource = {"kind": "policy"}
 
         def reload(outcome: Outcome) -> str:
+            again = self.gate.policy_input(principal, "policy.reload", resource)
             try:
-                digest = self.gate.policy.reload()
+                digest = self.gate.policy.reload(must_allow=again)
             except ConfigError as exc:
                 raise InvalidRequest(f"policy not reloaded: {exc}") from None
             outcome.detail["digest"] = digest
             self.policy_follower.announce(digest)
             return digest
 
-        return self.gate.run(Call(principal, ctx, "policy.reload", {"kind": "policy"}), reload)
+        return self.gate.run(Call(principal, ctx, "policy.reload", resource), reload)
 
     # -- audit, metrics --------------------------------------------------------------------
 
