@@ -354,6 +354,23 @@ def test_explain_and_what_if_decide_without_doing_anything(team: Team) -> None:
     )
     assert allowed.rc == 0 and "because: role approver" in allowed.out, str(allowed)
 
+    # model signing wants a session that began within the hour: claims make the principal
+    signer = httpx.post(
+        f"{team.gw.addr}/v1/keys",
+        json={"name": "release-sign", "type": "ecdsa-p256", "purpose": "model-sign"},
+        headers=team.as_(team.gw.root_token),
+        timeout=TIMEOUT,
+    )
+    assert signer.status_code == 201, signer.text
+    ml_sec = ("policy", "explain", "--as", "ml-sec", "--action", "sign", "--key", "release-sign")
+    fresh = f"session_start={datetime.now(UTC).isoformat()}"
+    signs = run_cli((*ml_sec, "--env", "prod", "--claim", fresh), env)
+    assert signs.rc == 0 and "because: role ml-sec" in signs.out, str(signs)
+    assert run_cli((*ml_sec, "--env", "prod"), env).rc == 1  # no session: no rule allows
+    assert run_cli((*ml_sec, "--claim", fresh), env).rc == 1  # not prod
+    assert_one_line_error(run_cli((*ml_sec, "--claim", "session_start"), env), "name=value")
+    assert_one_line_error(run_cli((*ml_sec, "--claim", "a=1", "--claim", "a=2"), env), "twice")
+
     grant = {"id": "00000000000000aa", "actions": ["decrypt"], "resource": "payroll-*"}
     what_if = team.post(
         "/v1/sys/policy/evaluate",

@@ -15,6 +15,7 @@ from kmsgate.cli.common import (
     err,
     fail,
     fail_api,
+    name_values,
     out,
     print_json,
     print_table,
@@ -267,12 +268,18 @@ def policy_explain(
     kind: Annotated[str, typer.Option(help="token, oidc or mtls.")] = "token",
     key: Annotated[str | None, typer.Option(help="The key (its attributes are read).")] = None,
     env: Annotated[str | None, typer.Option(help="Default: the gateway's env.")] = None,
+    claim: Annotated[
+        list[str],
+        typer.Option(help="A claim of the principal, name=value (string); repeatable."),
+    ] = [],  # noqa: B006
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """What the loaded policy would decide for a principal with these roles (action
     `policy.evaluate`): allow or deny, the rules' reasons, the roles it maps to. Nothing is
     performed. Exit 0 for allow, 1 for deny."""
+
+    claims = name_values(claim, "claim")
 
     def explain(client: Client) -> dict[str, Any]:
         resource: dict[str, Any] = {"kind": "key", "name": key} if key else {}
@@ -281,7 +288,7 @@ def policy_explain(
                 resource = client.get_key(key)
             except ApiError as exc:  # unknown, or not readable by this token
                 err.print(f"key {key}: {exc.code}; deciding on its name only", highlight=False)
-        who = {"id": principal, "kind": kind, "roles": role, "claims": {}}
+        who = {"id": principal, "kind": kind, "roles": role, "claims": claims}
         return client.evaluate_policy(who, action, _policy_resource(resource), env=env)
 
     verdict = call(addr, token, explain)

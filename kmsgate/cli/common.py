@@ -34,6 +34,20 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def name_values(entries: Sequence[str], what: str) -> dict[str, str]:
+    """`name=value` entries (`--label`, `--context`, ...) as a dict; exits through `fail`
+    for an entry without `=` or a name, and for a name given twice."""
+    pairs: dict[str, str] = {}
+    for entry in entries:
+        name, sep, value = entry.partition("=")
+        if not sep or not name:
+            fail(f"{what} {entry!r} must read name=value")
+        if name in pairs:
+            fail(f"{what} {name!r} given twice")
+        pairs[name] = value
+    return pairs
+
+
 def fail_api(exc: ApiError, note: str = "", code: int = 2) -> NoReturn:
     """`fail` for a gateway error: `code: detail`, then `note`. A 401 to a request that carried
     no token says how to give one and where a dev server keeps its root token."""

@@ -26,6 +26,7 @@ from kmsgate.cli.common import (
     err,
     fail,
     fail_api,
+    name_values,
     out,
     read_input,
     read_text,
@@ -44,18 +45,6 @@ ContextOpt = Annotated[
 FILE_SUFFIX = ".kmsgate"
 
 
-def _parse_context(entries: list[str]) -> dict[str, str]:
-    context: dict[str, str] = {}
-    for item in entries:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            fail(f"context entry {item!r} must read name=value")
-        if name in context:
-            fail(f"context entry {name!r} given twice")
-        context[name] = value
-    return context
-
-
 def encrypt(
     source: InputArg,
     key: Annotated[str, typer.Option("--key", "-k")],
@@ -68,7 +57,9 @@ def encrypt(
 ) -> None:
     """Encrypt a small input on the gateway (up to limits.max_input_bytes, 64 KiB by
     default); prints the base64 ciphertext. For files use encrypt-file."""
-    result = call(addr, token, Client.encrypt, key, read_input(source), _parse_context(context))
+    result = call(
+        addr, token, Client.encrypt, key, read_input(source), name_values(context, "context entry")
+    )
     write_or_print_b64(output, result["ciphertext"])
     err.print(f"key_version={result['key_version']}")
 
@@ -87,7 +78,9 @@ def decrypt(
         ciphertext = b64decode_strict(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         ciphertext = raw
-    result = call(addr, token, Client.decrypt, key, ciphertext, _parse_context(context))
+    result = call(
+        addr, token, Client.decrypt, key, ciphertext, name_values(context, "context entry")
+    )
     if output:
         write_bytes(output, result["plaintext"])
     else:
@@ -186,7 +179,7 @@ def encrypt_file(
     """Encrypt a file or stdin client-side with a fresh data key (C2SP chunked encryption,
     constant memory). The output appears only once complete."""
     target = _output_path(output, source, lambda p: p + FILE_SUFFIX)
-    ctx = _parse_context(context)
+    ctx = name_values(context, "context entry")
     try:
         with (
             Client(addr, token) as client,
@@ -224,7 +217,7 @@ def decrypt_file(
         return path[: -len(FILE_SUFFIX)]
 
     target = _output_path(output, source, strip)
-    required = _parse_context(context) if context else None
+    required = name_values(context, "context entry") if context else None
     try:
         with (
             Client(addr, token) as client,

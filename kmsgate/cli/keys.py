@@ -18,6 +18,7 @@ from kmsgate.cli.common import (
     call,
     err,
     fail,
+    name_values,
     out,
     print_json,
     print_table,
@@ -49,16 +50,6 @@ def _key_rows(keys: list[dict[str, Any]]) -> list[list[str]]:
     ]
 
 
-def _parse_labels(labels: list[str]) -> dict[str, str]:
-    pairs = {}
-    for item in labels:
-        name, sep, value = item.partition("=")
-        if not sep:
-            fail(f"label {item!r} must read name=value")
-        pairs[name] = value
-    return pairs
-
-
 def _create_key(
     addr: str | None,
     token: str | None,
@@ -79,7 +70,7 @@ def _create_key(
         key_type,
         purpose,
         backend=backend,
-        labels=_parse_labels(labels),
+        labels=name_values(labels, "label"),
         public=public,
         **source,
     )
@@ -144,7 +135,7 @@ def keys_list(
 ) -> None:
     """Keys you may read (a table; tab-separated lines when piped). `--due`: the keys the
     gateway rotates on schedule, next first."""
-    keys = call(addr, token, Client.list_keys, purpose, _parse_labels(label))
+    keys = call(addr, token, Client.list_keys, purpose, name_values(label, "label"))
     if due:
         scheduled = sorted((k for k in keys if "next_rotation" in k), key=_next_rotation)
         rows = [

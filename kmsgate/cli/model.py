@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from kmsgate.cli.common import AddrOpt, TokenOpt, err, fail, fail_api, out
+from kmsgate.cli.common import AddrOpt, TokenOpt, err, fail, fail_api, name_values, out
 from kmsgate.client import ApiError, Client
 from kmsgate.model_signing import (
     BuildInfo,
@@ -91,11 +91,7 @@ def _parse_params(entries: list[str], params_file: Path | None) -> dict[str, Any
         if not isinstance(loaded, dict):
             fail("--params-file must hold a JSON object")
         params.update(loaded)
-    for entry in entries:
-        key, sep, value = entry.partition("=")
-        if not sep or not key:
-            fail(f"--param {entry!r} is not KEY=VALUE")
-        params[key] = value
+    params.update(name_values(entries, "--param"))
     return params
 
 
