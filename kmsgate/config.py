@@ -110,6 +110,9 @@ MAX_DURATION_SECONDS = 100 * 365 * 86400
 far beyond, but a number that large is a mistake)."""
 
 
+_DURATION_FORMAT = "a whole number and one unit (d, h, m or s), such as 12h or 45s"
+
+
 def parse_duration_setting(value: object) -> timedelta:
     """A positive duration from `90d`, `12h`, `30m`, `45s`, plain seconds or a timedelta.
 
@@ -120,13 +123,13 @@ def parse_duration_setting(value: object) -> timedelta:
     elif isinstance(value, int | str) and not isinstance(value, bool):
         match = _DURATION_RE.match(str(value).strip())
         if not match:
-            raise ValueError(f"invalid duration {value!r}: use e.g. 90d, 12h, 30m, 45s")
+            raise ValueError(f"invalid duration {value!r}: {_DURATION_FORMAT}")
         seconds = int(match.group(1)) * _DURATION_UNITS.get(match.group(2), 1)
         if seconds > MAX_DURATION_SECONDS:
             raise ValueError(f"invalid duration {value!r}: at most {MAX_DURATION_SECONDS} seconds")
         duration = timedelta(seconds=seconds)
     else:
-        raise ValueError(f"invalid duration {value!r}: use e.g. 90d, 12h, 30m, 45s")
+        raise ValueError(f"invalid duration {value!r}: {_DURATION_FORMAT}")
     if duration <= timedelta(0) or duration.microseconds:
         raise ValueError("a duration must be a positive whole number of seconds")
     return duration

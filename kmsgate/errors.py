@@ -153,7 +153,7 @@ class RateLimited(RetryLater):
 class ValidationFailed(KmsgateError):
     status = 422
     code = "validation_failed"
-    title = "Request body failed validation"
+    title = "Request failed validation"
 
 
 class NotSupported(KmsgateError):
