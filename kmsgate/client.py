@@ -526,6 +526,11 @@ class Client:
         result: dict[str, Any] = self._json("POST", "/v1/sys/policy/evaluate", body)
         return result
 
+    def reload_policy(self) -> str:
+        """Have the gateway re-read its policy files; the digest now in force."""
+        digest: str = self._json("POST", "/v1/sys/policy/reload")["digest"]
+        return digest
+
     def whoami(self) -> dict[str, Any]:
         """The caller: `{id, kind, tenant, roles, claims}` (roles as the policy maps them)."""
         result: dict[str, Any] = self._json("GET", "/v1/sys/whoami")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.test_cli import running_gateway
+from tests.test_cli import assert_one_line_error, run_cli, running_gateway
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"
 VIEWER = """package kmsgate.authz
@@ -74,7 +74,7 @@ def test_a_reload_reaches_every_worker_and_a_bad_bundle_changes_nothing(tmp_path
         # Bundles that load, yet would leave the policy impossible to reload: rules that
         # conflict once a rule allows (the default probe input allows nothing), and a veto.
         for name, text, reason in (
-            ("conflict.rego", CONFLICT, "fails to decide policy.reload"),
+            ("conflict.rego", CONFLICT, "fails to decide policy.reload: conflict.rego:3:1: rule"),
             ("frozen.rego", FROZEN, "would deny policy.reload"),
         ):
             (policies / name).write_text(text)
@@ -82,10 +82,11 @@ def test_a_reload_reaches_every_worker_and_a_bad_bundle_changes_nothing(tmp_path
             assert refused.status_code == 400, refused.text
             assert refused.headers["content-type"] == "application/problem+json"
             assert reason in refused.json()["detail"]
+            assert_one_line_error(run_cli(("policy", "reload"), gw.env()), reason)
             (policies / name).unlink()
 
         time.sleep(1.5)  # a refresh later: nobody took anything from them
         assert digests() == {after}
         assert viewer_lists() == {200}
-        again = httpx.post(f"{gw.addr}/v1/sys/policy/reload", headers=root)
-        assert again.status_code == 200 and again.json()["digest"] == after
+        again = run_cli(("policy", "reload"), gw.env())
+        assert again.rc == 0 and again.out.strip() == after, str(again)

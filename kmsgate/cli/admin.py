@@ -309,6 +309,14 @@ def _policy_resource(key: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "key", **{f: key[f] for f in fields if f in key}}
 
 
+@policy_app.command("reload")
+def policy_reload(addr: AddrOpt = None, token: TokenOpt = None) -> None:
+    """Have the gateway re-read its policy files (action `policy.reload`) and print the
+    digest in force. An invalid bundle, or one that would not let you reload it again, is
+    refused and the old policy stays."""
+    out.print(call(addr, token, Client.reload_policy), highlight=False)
+
+
 @policy_app.command("test")
 def policy_test(
     policy_dir: Annotated[Path, typer.Argument()] = Path("policies"),

@@ -105,6 +105,16 @@ def _error_text(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _one_line(exc: BaseException) -> str:
+    """A regorus error as one line: its policy location and its last `error:` line (the
+    text in between quotes the source)."""
+    text = _error_text(exc)
+    match = _LOCATION.search(text)
+    errors = [line.strip() for line in text.splitlines() if line.strip().startswith("error:")]
+    reason = errors[-1].removeprefix("error:").strip() if errors else text.splitlines()[0]
+    return f"{match.group(1)}: {reason}" if match else reason
+
+
 def _rego_files(policy_dir: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
     """(policy files, test files) as sorted (relative posix path, path) pairs.
 
@@ -240,7 +250,7 @@ def _require_allow(engine: Any, input_doc: Mapping[str, object]) -> None:
         engine.set_input_json(orjson.dumps(input_doc).decode())
         decision = _decision(engine.eval_rule(DECISION_ENTRY))
     except Exception as exc:
-        raise ConfigError(f"the new policy fails to decide {action}: {_error_text(exc)}") from None
+        raise ConfigError(f"the new policy fails to decide {action}: {_one_line(exc)}") from None
     if not decision.allow:
         raise ConfigError(
             f"the new policy would deny {action} to the principal reloading it, and no one "
