@@ -446,12 +446,12 @@ allow if 10 / input.request.divisor > 1
     )
     failing = {**ok, "request": {"divisor": 0}}
     assert engine.decide(ok).allow is True
-    assert engine.decide(failing) == Decision(False, ())
+    assert engine.decide(failing) == Decision(False, ())  # the VM: undefined, no rule allows
     engine = PolicyEngine.load(tmp_path, compiled=False)
     assert engine.decide(ok).allow is True
     with caplog.at_level(logging.ERROR, logger="kmsgate.policy"):
         decision = engine.decide(failing)
-    assert decision == Decision(False, ())
+    assert decision == Decision(False, (), failed=True)
     assert "div.rego:5" in caplog.text
     assert "RuntimeError" in caplog.text
     assert "secret" not in caplog.text

@@ -77,6 +77,8 @@ class Decision:
 
     allow: bool
     reasons: tuple[str, ...]
+    failed: bool = False
+    """Denied because the policy could not be evaluated (an error, logged), not by a rule."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,7 +493,7 @@ class PolicyEngine:
             decision = _decision(self._evaluate(state, raw))
         except Exception as exc:
             _log_failure("policy evaluation failed (%s%s); request denied", exc)
-            return Decision(allow=False, reasons=())
+            return Decision(allow=False, reasons=(), failed=True)
         if len(state.decisions) >= _DECISION_CACHE_SIZE:
             state.decisions.clear()
         state.decisions[raw] = decision

@@ -328,8 +328,14 @@ class Gate:
         kind, name = call.resource.get("kind", "resource"), call.resource.get("name")
         target = f"{kind} {name}" if name else str(kind)
         roles = ", ".join(self.roles(call.principal))
+        who = f"{call.principal.id} (roles [{roles}])"
+        if decision.failed:
+            return (
+                f"the policy failed to decide {call.action} on {target} for {who}: an "
+                "evaluation error, logged by the gateway with its policy location"
+            )
         verdict = "the policy denies" if decision.reasons else "no rule allows"
-        return f"{verdict} {call.action} on {target} for {call.principal.id} (roles [{roles}])"
+        return f"{verdict} {call.action} on {target} for {who}"
 
     def _facts(self, call: Call, decision: Decision) -> dict[str, Any]:
         """What every audit record of `call` says (all but its outcome)."""

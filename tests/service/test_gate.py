@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from kmsgate.auth import Credentials
 from kmsgate.errors import AuditUnavailable, NotFound, PolicyDenied, Unauthenticated
+from kmsgate.policy import PolicyEngine
 from kmsgate.service.requests import SignInput
 from tests.service.conftest import ADMIN, CTX, NOBODY
 
@@ -101,3 +103,24 @@ def test_state_changes_are_recorded_before_they_run(service, new_key):
     assert [r["outcome"] for r in rotations] == ["started", "ok"]
     assert rotations[1]["key_version"] == 2
     assert rotations[0]["request_id"] == rotations[1]["request_id"] == CTX.request_id
+
+
+def test_a_policy_that_fails_to_decide_says_so(service, new_key, monkeypatch, tmp_path):
+    """An evaluation error denies, and the 403 says the policy failed, not that no rule
+    allows: what the caller's operator must look at is the gateway's log. (The interpreter
+    decides a bundle the compiler refuses, such as one with Rego v0 files; it raises on a
+    conflict, where the compiled VM leaves the rule undefined.)"""
+    new_key("k")
+    shipped = service.gate.policy.policy_dir
+    policies = tmp_path / "policies"
+    shutil.copytree(shipped, policies)
+    (policies / "conflict.rego").write_text('package kmsgate.authz\n\nallow := "yes"\n')
+    monkeypatch.setattr(service.gate, "policy", PolicyEngine.load(policies, compiled=False))
+    with pytest.raises(PolicyDenied) as denied:  # admin: `allow if` holds, and conflicts
+        service.crypto.sign(ADMIN, CTX, service.gate.target("k"), [SignInput(b"m")], False)
+    assert str(denied.value.detail).startswith(
+        "the policy failed to decide sign on key k for token:admin (roles [admin]): "
+    )
+    with pytest.raises(PolicyDenied) as refused:  # nobody: no rule holds, nothing conflicts
+        service.crypto.sign(NOBODY, CTX, service.gate.target("k"), [SignInput(b"m")], False)
+    assert str(refused.value.detail).startswith("no rule allows sign on key k")
