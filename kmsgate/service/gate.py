@@ -219,14 +219,18 @@ class Gate:
         """
         at = now()
         grants = self.grants.active_for(principal.id, action, at)
-        decision = self._decide(principal, action, resource, request, at, grants)
+        decision = self.policy.decide(
+            self.policy_input(principal, action, resource, request, at=at, grants=grants)
+        )
         if not grants:  # the usual case: no grant to check
             return decision
         ended = self.grants.ended(_grants_relied_on(decision), at)
-        if ended:
-            grants = [g for g in grants if g["id"] not in ended]
-            decision = self._decide(principal, action, resource, request, at, grants)
-        return decision
+        if not ended:
+            return decision
+        still = [g for g in grants if g["id"] not in ended]
+        return self.policy.decide(
+            self.policy_input(principal, action, resource, request, at=at, grants=still)
+        )
 
     def policy_input(
         self,
@@ -252,19 +256,6 @@ class Gate:
             now=at,
             exceptions=grants,
             trusted=True,
-        )
-
-    def _decide(
-        self,
-        principal: Principal,
-        action: str,
-        resource: Mapping[str, object],
-        request: Mapping[str, object] | None,
-        at: datetime,
-        grants: Sequence[Mapping[str, object]],
-    ) -> Decision:
-        return self.policy.decide(
-            self.policy_input(principal, action, resource, request, at=at, grants=grants)
         )
 
     def roles(self, principal: Principal) -> tuple[str, ...]:
