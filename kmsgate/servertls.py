@@ -41,6 +41,8 @@ TLS_DIR = "tls"
 RENEW_AFTER = 2 / 3
 """The share of a certificate's lifetime after which the gateway renews its own."""
 WATCH_SECONDS = 1.0
+RELOAD_WAIT_SECONDS = 10.0
+"""How long the watcher waits for the event loop to load a new pair (then it tries again)."""
 GATEWAY = Ctx(request_id="gateway-tls")
 _VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
@@ -72,17 +74,26 @@ class ServerTls:
         return context
 
     def __call__(self, _config: Any, _default: Any) -> ssl.SSLContext:
-        """uvicorn's hook: this worker's context, kept current by a watcher thread."""
+        """uvicorn's hook (called on the worker's event loop): this worker's context, kept
+        current by a watcher thread."""
         context = self.context()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
         watcher = threading.Thread(
-            target=self._watch, args=(context,), name="kmsgate-tls-watch", daemon=True
+            target=self._watch, args=(context, loop), name="kmsgate-tls-watch", daemon=True
         )
         watcher.start()
         return context
 
-    def _watch(self, context: ssl.SSLContext) -> None:
+    def _watch(self, context: ssl.SSLContext, loop: asyncio.AbstractEventLoop | None) -> None:
         """Load the certificate and key into `context` whenever their files change; a pair
-        that does not load (caught mid-rotation, or broken) is logged and tried again."""
+        that does not load (caught mid-rotation, or broken) is logged and tried again.
+
+        The load runs on `loop`, the thread that makes every TLS connection: OpenSSL takes
+        the certificate and the key in two steps, and a connection begun between them would
+        get the new certificate with the old key (its handshake fails)."""
         seen = self._stamp()
         while True:
             time.sleep(WATCH_SECONDS)
@@ -90,12 +101,28 @@ class ServerTls:
             if stamp == seen:
                 continue
             try:
-                _load_pair(context, self.cert_file, self.key_file)
+                self._reload(context, loop)
             except ConfigError as exc:
                 log.warning("TLS certificate not reloaded: %s", exc)
                 continue
+            except TimeoutError:  # the event loop is busy: the next look tries again
+                continue
+            except RuntimeError:  # the event loop is closed: the worker is stopping
+                return
             seen = stamp
             log.info("TLS certificate reloaded from %s", self.cert_file)
+
+    def _reload(self, context: ssl.SSLContext, loop: asyncio.AbstractEventLoop | None) -> None:
+        """`_load_pair` into `context`, on `loop` if there is one. Raises ConfigError,
+        RuntimeError (`loop` is closed), TimeoutError (it did not get to it)."""
+
+        async def load() -> None:
+            _load_pair(context, self.cert_file, self.key_file)
+
+        if loop is None:
+            _load_pair(context, self.cert_file, self.key_file)
+        else:
+            asyncio.run_coroutine_threadsafe(load(), loop).result(timeout=RELOAD_WAIT_SECONDS)
 
     def _stamp(self) -> tuple[int, int]:
         try:
