@@ -23,13 +23,19 @@ def _replies(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     while raw:
         head, sep, rest = raw.partition(b"\r\n\r\n")
         assert sep, f"incomplete reply head: {raw[:200]!r}"
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        status, headers = _head(head)
         length = int(headers["content-length"])
         assert len(rest) >= length, "truncated reply body"
-        replies.append((int(status_line.split()[1]), headers, rest[:length]))
+        replies.append((status, headers, rest[:length]))
         raw = rest[length:]
     return replies
+
+
+def _head(head: bytes) -> tuple[int, dict[str, str]]:
+    """The status and headers (names in lower case) of a reply head."""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers
 
 
 def test_pipelined_requests_get_whole_replies_in_order_and_close_flushes(
@@ -69,3 +75,32 @@ def test_pipelined_requests_get_whole_replies_in_order_and_close_flushes(
     ids = [headers.get("x-request-id") for _, headers, _ in replies]
     assert all(ids) and len(set(ids)) == 4
     assert replies[3][1].get("connection") == "close"
+
+
+def test_a_fast_route_answers_head_without_a_body_and_http_1_0_with_a_close(
+    tmp_path: Path,
+) -> None:
+    """The fast routes' replies are written whole by the protocol (`WHOLE_REPLY`): a HEAD
+    reply has the GET reply's headers but no body (a body would be read as the next reply),
+    and an HTTP/1.0 request's reply closes the connection."""
+    with running_gateway(tmp_path) as gw:
+        address = urlsplit(gw.addr)
+        assert address.hostname and address.port
+        requests = [
+            b"HEAD /v1/pki/cas/dev/chain HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /v1/pki/cas/dev/chain HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /v1/pki/cas/dev/chain HTTP/1.0\r\n\r\n",
+        ]
+        with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
+            conn.sendall(b"".join(requests))
+            received = b""
+            while chunk := conn.recv(65536):  # until the server closes after the 3rd
+                received += chunk
+    head, rest = received.split(b"\r\n\r\n", 1)
+    status, headers = _head(head)
+    assert status == 200
+    length = int(headers["content-length"])
+    got, closed = _replies(rest)
+    assert got[0] == 200 and closed[0] == 200
+    assert len(got[2]) == length > 0 and got[2].startswith(b"-----BEGIN CERTIFICATE-----")
+    assert closed[2] == got[2] and closed[1].get("connection") == "close"

@@ -3,8 +3,9 @@ operations, issuance, OCSP): `GatewayApp` matches them before anything else and 
 itself: request id, body-size limit, metrics and kmsgate's problem replies, without
 FastAPI's middleware stack, route matching and dependency injection, and without the
 per-message wrappers of a middleware. The endpoint gets the request with its body already
-read. Each endpoint is also registered with FastAPI, so that the OpenAPI document describes
-it."""
+read. Its reply goes out in one piece through the server's `WHOLE_REPLY` extension when the
+server offers it (kmsgate's uvicorn protocol does). Each endpoint is also registered with
+FastAPI, so that the OpenAPI document describes it."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from kmsgate.api.problems import (
     too_large,
 )
 from kmsgate.errors import InvalidRequest
+from kmsgate.http_protocol import WHOLE_REPLY
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -130,8 +132,10 @@ class GatewayApp(FastAPI):
             status = response.status_code
             headers = response.raw_headers
             headers.append((b"x-request-id", request_id.encode()))
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": response.body})
+            whole = (scope.get("extensions") or {}).get(WHOLE_REPLY)
+            if whole is None or not whole(status, headers, response.body):
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": response.body})
         finally:
             observe(self._metrics, scope, status, started_at)
 
