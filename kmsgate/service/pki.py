@@ -39,6 +39,7 @@ from kmsgate.errors import (
 )
 from kmsgate.pki.authorities import CA_PURPOSE, Authorities, Authority, CaState, CaType
 from kmsgate.pki.bundle import spiffe_bundle
+from kmsgate.pki.constraints import refuse_outside_constraints
 from kmsgate.pki.csr import new_key_and_csr
 from kmsgate.pki.inventory import (
     CertificateRecord,
@@ -350,12 +351,14 @@ class Pki:
         self, ca: Authority, request: IssueInput, principal: Principal
     ) -> tuple[Issued, CertificateRecord]:
         """The CA's certificate for `request` and its inventory record (not yet stored).
-        Raises NotFound (profile), Conflict (CA pending), InvalidRequest."""
+        Raises NotFound (profile), Conflict (CA pending), InvalidRequest (what the profile
+        refuses, a name outside the name constraints of the CA's certificates)."""
         profile = self.profiles.get(request.profile)
         if profile is None:
             raise NotFound(f"no certificate profile named {request.profile!r}")
         issuer = ca.active_certificate()
         approved = profile.check(request.csr, request.ttl)
+        refuse_outside_constraints(approved.subject, approved.sans, (issuer, *ca.chain))
         if ca.type is CaType.HASHIVAULT_PKI:
             cert, chain = self._vault_sign(ca, request.csr, approved)
         else:

@@ -49,8 +49,11 @@ class OfflineRoot:
     def pem(self) -> str:
         return self.cert.public_bytes(PEM).decode()
 
-    def sign_intermediate(self, csr_pem: str, days: int = 365) -> str:
-        """The intermediate's certificate (path length 0) for `csr_pem`, PEM."""
+    def sign_intermediate(
+        self, csr_pem: str, days: int = 365, constraints: x509.NameConstraints | None = None
+    ) -> str:
+        """The intermediate's certificate (path length 0, `constraints` if given) for
+        `csr_pem`, PEM."""
         csr = x509.load_pem_x509_csr(csr_pem.encode())
         assert csr.is_signature_valid
         now = datetime.now(UTC)
@@ -71,21 +74,28 @@ class OfflineRoot:
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
             )
-            .sign(self.key, hashes.SHA384())
         )
-        return cert.public_bytes(PEM).decode()
+        if constraints is not None:
+            cert = cert.add_extension(constraints, critical=True)
+        return cert.sign(self.key, hashes.SHA384()).public_bytes(PEM).decode()
 
 
 def make_intermediate(
-    api: Api, token: str, root: OfflineRoot, name: str = "issuing", **key: Any
+    api: Api,
+    token: str,
+    root: OfflineRoot,
+    name: str = "issuing",
+    constraints: x509.NameConstraints | None = None,
+    **key: Any,
 ) -> dict[str, Any]:
     """Create CA `name` on the gateway (key `key`, default ecdsa-p256 on the default
-    backend), sign its CSR with `root` and import it; the active CA as JSON."""
+    backend), sign its CSR with `root` (with name `constraints` if given) and import it;
+    the active CA as JSON."""
     body = {"name": name, "subject": f"CN={name} CA,O=kmsgate tests", "key": key}
     created = api.call("POST", "/v1/pki/cas", token, json=body)
     assert created.status_code == 201, created.text
     assert created.json()["state"] == "pending"
-    cert = root.sign_intermediate(created.json()["csr"])
+    cert = root.sign_intermediate(created.json()["csr"], constraints=constraints)
     imported = api.call(
         "POST",
         f"/v1/pki/cas/{name}/certificate",

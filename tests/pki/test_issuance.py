@@ -199,3 +199,43 @@ def test_the_public_chain_and_bundle_come_from_memory_once_the_ca_is_held(
     assert api.call("GET", "/v1/pki/cas/issuing/chain", None).content == chain.content
     assert api.call("GET", "/v1/pki/cas/nope/chain", None).status_code == 404
     assert api.call("GET", "/v1/pki/cas/nope/bundle", None).status_code == 404
+
+
+def test_names_outside_the_cas_name_constraints_are_refused(
+    api, admin, root, tmp_path, openssl_bin
+):
+    """An intermediate limited to DNS names under `lab` and to 10.0.0.0/8, except `bad.lab`:
+    a name outside that is refused before signing (openssl would reject the certificate:
+    "permitted subtree violation"), one inside verifies."""
+    constraints = x509.NameConstraints(
+        permitted_subtrees=[
+            x509.DNSName("lab"),
+            x509.IPAddress(ipaddress.ip_network("10.0.0.0/8")),
+        ],
+        excluded_subtrees=[x509.DNSName("bad.lab")],
+    )
+    make_intermediate(api, admin, root, constraints=constraints)
+    for sans, shown in (
+        ((x509.DNSName("localhost"),), "DNS SAN 'localhost'"),
+        ((x509.DNSName("bad.lab"),), "DNS SAN 'bad.lab'"),
+        (
+            (x509.DNSName("web.lab"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))),
+            "IP SAN '127.0.0.1'",
+        ),
+    ):
+        refused = issue(api, admin, leaf_csr(*sans)[1], "server")
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["detail"].startswith(f"{shown} is outside the name constraints")
+    assert api.call("GET", "/v1/pki/certs", admin).json()["certs"] == []
+    r = issue(api, admin, leaf_csr(x509.DNSName("web.LAB"))[1], "server")
+    assert r.status_code == 200, r.text
+    verified = run_openssl(
+        openssl_bin,
+        "verify",
+        "-CAfile",
+        write(tmp_path / "root.pem", root.pem),
+        "-untrusted",
+        write(tmp_path / "chain.pem", r.json()["chain"]),
+        write(tmp_path / "leaf.pem", r.json()["certificate"]),
+    )
+    assert verified.returncode == 0 and ": OK" in verified.stdout, verified.stdout + verified.stderr
