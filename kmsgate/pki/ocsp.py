@@ -39,6 +39,7 @@ __all__ = [
     "malformed_response",
     "parse_request",
     "request_nonce",
+    "try_later_response",
     "unauthorized_response",
 ]
 
@@ -142,6 +143,12 @@ def unauthorized_response() -> bytes:
     """The DER of an OCSPResponse with status unauthorized: the request is about a certificate
     this responder does not answer for (another issuer)."""
     return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+
+
+@functools.cache
+def try_later_response() -> bytes:
+    """The DER of an OCSPResponse with status tryLater: the responder cannot answer now."""
+    return _unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
 
 
 def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:

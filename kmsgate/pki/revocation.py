@@ -12,19 +12,16 @@ The timing rules (validity, when to rebuild) are here too; `service/revocation.p
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPublicKeyTypes,
     CertificatePublicKeyTypes,
 )
-from cryptography.x509 import ocsp
 
 from kmsgate.pki.crl import REASONS, RevokedEntry
 from kmsgate.pki.ocsp import CertStatus, delegated_responder_extensions
@@ -47,7 +44,6 @@ __all__ = [
     "responder_extensions",
     "responder_key_name",
     "revoked_entries",
-    "try_later_response",
 ]
 
 CRL_VALIDITY = timedelta(hours=24)
@@ -279,10 +275,3 @@ def responder_extensions(
         (x509.SubjectKeyIdentifier.from_public_key(public_key), False),
         (authority, False),
     ]
-
-
-@functools.cache
-def try_later_response() -> bytes:
-    """The DER of an OCSPResponse with status tryLater (RFC 6960 §2.3, unsigned)."""
-    response = ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
-    return response.public_bytes(serialization.Encoding.DER)

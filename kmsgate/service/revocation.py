@@ -54,6 +54,7 @@ from kmsgate.pki.ocsp import (
     malformed_response,
     parse_request,
     request_nonce,
+    try_later_response,
     unauthorized_response,
 )
 from kmsgate.pki.revocation import (
@@ -70,7 +71,6 @@ from kmsgate.pki.revocation import (
     responder_extensions,
     responder_key_name,
     revoked_entries,
-    try_later_response,
 )
 from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
@@ -172,12 +172,25 @@ class Revocation:
         if ca is None:
             raise NotFound(f"no CA named {ca_name!r}")
         if ca.type is CaType.HASHIVAULT_PKI:  # Vault answers for the certificates it signs
-            return self.pki.engine(ca).ocsp(der)
+            return self._vault_ocsp(ca, der)
         if _serves(ca):
             self._serving[ca.name] = ca
         answer = self._respond(ctx, ca, der, memory_only=False)
         assert answer is not None  # only memory_only gives up
         return answer
+
+    def _vault_ocsp(self, ca: Authority, der: bytes) -> bytes:
+        """Vault's answer to a well-formed request; malformedRequest for another, as the
+        gateway answers for its own CAs; tryLater (logged) when Vault cannot answer."""
+        try:
+            parse_request(der)
+        except MalformedOcspRequest:
+            return malformed_response()
+        try:
+            return self.pki.engine(ca).ocsp(der)
+        except KmsgateError as exc:
+            log.warning("OCSP for Vault CA %s: %s", ca.name, exc.code)
+            return try_later_response()
 
     def ocsp_from_memory(self, ca_name: str, der: bytes) -> bytes | None:
         """`ocsp`'s answer if memory alone gives it (a CA answered for before, a cached

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
 
 from tests.components import run_openssl
 from tests.gateway import open_gateway
@@ -106,3 +107,57 @@ def test_a_vault_pki_ca_issues_and_revokes(
             openssl_bin, "verify", "-crl_check", "-CRLfile", crl_file, "-CAfile", ca_file, leaf
         )
         assert rejected.returncode != 0 and "revoked" in rejected.stdout + rejected.stderr
+
+
+def test_ocsp_for_a_vault_ca_is_always_an_ocsp_answer(
+    openbao_server: OpenBaoServer, pki_mount: str, tmp_path: Path
+) -> None:
+    """Vault answers a well-formed request; a malformed one gets malformedRequest, as for the
+    gateway's own CAs; when Vault cannot answer (here: its PKI mount is gone), tryLater.
+    Never a problem+json: OCSP clients read only OCSP responses."""
+    vault = vault_config(
+        openbao_server.addr,
+        "kmsgate-",
+        token_file=str(token_file(tmp_path, openbao_server.root_token)),
+    )
+    backends = {"local": {"type": "softkms"}, "vault": vault}
+    with open_gateway(tmp_path, backends=backends) as (api, admin):
+        body = {"name": "bao", "type": "hashivault-pki", "key": {"backend": "vault"}}
+        created = api.call(
+            "POST", "/v1/pki/cas", admin, json={**body, "mount": pki_mount, "role": "web"}
+        )
+        assert created.status_code == 201, created.text
+        _, csr = leaf_csr(x509.DNSName("ocsp.lab"))
+        issued = api.call(
+            "POST", "/v1/pki/cas/bao/issue", admin, json={"csr": csr, "profile": "server"}
+        )
+        assert issued.status_code == 200, issued.text
+        leaf = x509.load_pem_x509_certificate(issued.json()["certificate"].encode())
+        issuer = x509.load_pem_x509_certificates(issued.json()["chain"].encode())[0]
+        request = (
+            ocsp.OCSPRequestBuilder()
+            .add_certificate(leaf, issuer, hashes.SHA1())
+            .build()
+            .public_bytes(serialization.Encoding.DER)
+        )
+
+        def ask(der: bytes) -> ocsp.OCSPResponse:
+            reply = api.call(
+                "POST",
+                "/v1/pki/cas/bao/ocsp",
+                None,
+                content=der,
+                headers={"content-type": "application/ocsp-request"},
+            )
+            assert reply.status_code == 200, reply.text
+            assert reply.headers["content-type"] == "application/ocsp-response"
+            return ocsp.load_der_ocsp_response(reply.content)
+
+        answer = ask(request)
+        assert answer.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL
+        assert answer.certificate_status is ocsp.OCSPCertStatus.GOOD
+        assert answer.serial_number == leaf.serial_number
+        for garbage in (b"hello", b""):
+            assert ask(garbage).response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+        openbao_server.client().sys.disable_secrets_engine(pki_mount)
+        assert ask(request).response_status is ocsp.OCSPResponseStatus.TRY_LATER

@@ -95,7 +95,8 @@ class VaultPki:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> bytes:
-        """An unauthenticated PKI endpoint's raw reply body."""
+        """An unauthenticated PKI endpoint's raw reply body (an OCSP response also with an
+        HTTP error status). Raises BackendUnavailable, NotFound, BackendError."""
         session: requests.Session = self._vault.hvac.adapter.session
         url = f"{self._vault.settings.addr.rstrip('/')}/v1/{self.mount}/{path}"
         try:
@@ -104,6 +105,8 @@ class VaultPki:
             )
         except requests.RequestException:
             raise BackendUnavailable(f"backend {self._vault.name!r} is unreachable") from None
+        if reply.headers.get("content-type", "").startswith("application/ocsp-response"):
+            return reply.content  # an OCSP answer, whatever the HTTP status (unauthorized: 401)
         if reply.status_code == 404:
             raise NotFound(f"Vault PKI mount {self.mount!r} has no {path}")
         if reply.status_code >= 400:
