@@ -179,11 +179,14 @@ _LONG_AGO = datetime.min.replace(tzinfo=UTC)
 @dataclass(frozen=True, slots=True)
 class Answer:
     """A serial's status as one CA's responder gives it, and the pre-signed answer without a
-    nonce (`der`, empty until one is signed) with the time to re-sign it."""
+    nonce (`der`, empty until one is signed) with the time to re-sign it and the responder
+    that signed it."""
 
     status: CertStatus
     der: bytes = b""
     refresh_at: datetime = _LONG_AGO
+    responder: int = 0
+    """The serial of the responder certificate that signed `der`."""
 
 
 class OcspAnswers(StoreMirror):
@@ -195,14 +198,32 @@ class OcspAnswers(StoreMirror):
 
     def __init__(self, store: Store) -> None:
         self._answers: dict[int, dict[tuple[str, str], Answer]] = {}
+        self._watched: dict[int, bool] = {}  # serial -> changed since `watch`
         super().__init__(store, read_through_per_second=OCSP_MISSES_PER_SECOND)
 
     def _load(self) -> None:
         self._answers = {}
+        self._watched = dict.fromkeys(self._watched, True)  # anything may have changed
 
     def _load_item(self, item: str) -> None:
         with contextlib.suppress(ValueError):  # not a serial: nothing of ours to drop
-            self._answers.pop(int(item, 16), None)
+            serial = int(item, 16)
+            self._answers.pop(serial, None)
+            if serial in self._watched:
+                self._watched[serial] = True
+
+    def watch(self, serial: int) -> None:
+        """Note from now on whether the certificate `serial` changes (a responder's own
+        certificate: see `changed`). Call it before reading the certificate's state."""
+        with self._lock:
+            if len(self._watched) >= MAX_CACHED_SERIALS:
+                self._watched.clear()
+            self._watched[serial] = False
+
+    def changed(self, serial: int) -> bool:
+        """Whether the certificate `serial` changed (was revoked) since `watch`; True for a
+        serial not watched."""
+        return self._watched.get(serial, True)
 
     def get(self, serial: int, ca: str, cert_id_hash: str) -> tuple[Answer | None, int]:
         """The cached answer about `serial` (by CA and CertID hash), and the feed position to

@@ -248,9 +248,8 @@ class Keys:
         ]
         rotated = []
         for key in due:
-            call = Call(SYSTEM, ctx, "key.rotate", key.policy_resource(), {"scheduled": True})
             try:
-                self.gate.run(call, partial(self._rotate, key), decision=_ROTATION)
+                self.rotate_as_system(ctx, key, {"scheduled": True})
             except KmsgateError as exc:
                 log.warning("scheduled rotation of %s failed: %s", key.name, exc.code)
                 self._rotation_retry[key.name] = at + ROTATION_RETRY
@@ -258,6 +257,12 @@ class Keys:
             self._rotation_retry.pop(key.name, None)
             rotated.append(key.name)
         return rotated
+
+    def rotate_as_system(self, ctx: Ctx, key: Key, why: Mapping[str, object]) -> Key:
+        """Rotate `key` as `system`, for a use case that has decided already (audited
+        `key.rotate`, `why` as its request). Raises what `rotate` raises."""
+        call = Call(SYSTEM, ctx, "key.rotate", key.policy_resource(), dict(why))
+        return self.gate.run(call, partial(self._rotate, key), decision=_ROTATION)
 
     def _rotate(self, key: Key, outcome: Outcome) -> Key:
         """A new primary version of `key` (the version made on its backend is destroyed

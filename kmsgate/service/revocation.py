@@ -16,11 +16,12 @@ delta CRL and answers OCSP through a delegated responder; both are public (no to
   nocheck) for a key of purpose `ocsp` on the `local` (softkms) backend, so a CA on an HSM
   signs once per responder, not per answer. The first OCSP request to a CA makes them (the
   certificate is recorded in the inventory, profile `ocsp-responder`, owner `system`); the
-  leader renews the certificate at half-life. An answer without a nonce is signed once and
-  cached per serial until the certificate changes (the "certs" feed) or the answer reaches
-  half its validity; a nonce gets a fresh answer echoing it. A cached answer reads no
-  database. Answers are not audited (public and frequent); builds and responder
-  certificates are, as principal `system`.
+  leader renews the certificate at half-life; a revoked responder certificate is retired
+  (the next request rotates the key and certifies the new version). An answer without a
+  nonce is signed once and cached per serial until the certificate changes (the "certs"
+  feed), its responder changes or it reaches half its validity; a nonce gets a fresh
+  answer echoing it. A cached answer reads no database. Answers are not audited (public and
+  frequent); builds and responder certificates are, as principal `system`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.pki import Pki
 from kmsgate.service.requests import NewKey
 from kmsgate.store import Store
+from kmsgate.store.certificates import REVOKED
 from kmsgate.store.crls import DELTA, FULL, RESPONDER
 
 log = logging.getLogger("kmsgate.revocation")
@@ -315,7 +317,15 @@ class Revocation:
         with_nonce = request_nonce(request) is not None
         at = now()
         cached, epoch = self.answers.get(serial, ca.name, cert_id_hash)
-        if cached is not None and not with_nonce and cached.der and at < cached.refresh_at:
+        responder = self._current_responder(ca, at, memory_only=True)
+        if (
+            cached is not None
+            and not with_nonce
+            and cached.der
+            and at < cached.refresh_at
+            and responder is not None
+            and cached.responder == responder.certificate.serial_number
+        ):
             return cached.der
         status = cached.status if cached is not None else None
         if status is None:
@@ -324,7 +334,6 @@ class Revocation:
             if not self.answers.take_miss():
                 return try_later_response()
             status = cert_status(self.store.certs.get(serial_hex(serial)), ca.name)
-        responder = self._current_responder(ca, at, memory_only=memory_only)
         if responder is None:
             if memory_only:
                 return None
@@ -340,9 +349,8 @@ class Revocation:
         )
         if not with_nonce:
             refresh_at = at + (next_update - at) / 2
-            self.answers.put(
-                serial, ca.name, cert_id_hash, Answer(status, answer, refresh_at), epoch
-            )
+            signed = Answer(status, answer, refresh_at, responder.certificate.serial_number)
+            self.answers.put(serial, ca.name, cert_id_hash, signed, epoch)
         elif cached is None:
             self.answers.put(serial, ca.name, cert_id_hash, Answer(status), epoch)
         return answer
@@ -380,15 +388,18 @@ class Revocation:
         self, ca: Authority, at: datetime, *, memory_only: bool = False
     ) -> Responder | None:
         """The published responder certificate, if still valid, with a signer for its key
-        (made and checked once per certificate, unless `memory_only`); None if there is none
-        or its key has moved on. Raises InvalidRequest (a responder certificate the CA did
-        not issue)."""
+        (made and checked once per certificate, and again once the certificate changed in
+        the inventory, unless `memory_only`); None if there is none, its key has moved on or
+        it was revoked. Raises InvalidRequest (a responder certificate the CA did not
+        issue), Unavailable."""
         published = self.published.find(ca.name, read_through=False)
         certificate = published.responder if published else None
         if certificate is None or certificate.not_valid_after_utc <= at:
             return None
         responder = self._responders.get(ca.name)
-        if responder is None or responder.certificate != certificate:
+        serial = certificate.serial_number
+        current = responder is not None and responder.certificate == certificate
+        if not current or self.answers.changed(serial):
             if memory_only:
                 return None
             key = self.gate.catalogue.find(responder_key_name(ca.name))
@@ -397,14 +408,25 @@ class Revocation:
             signer = self.pki.signing_key(key)
             if signer.public_key() != certificate.public_key():
                 return None  # the key was rotated: a new certificate is due
+            self.answers.watch(serial)  # before the read: a later revocation is seen too
+            if self._revoked(certificate):
+                self._responders.pop(ca.name, None)
+                return None  # a new key and certificate are due
             responder = Responder.checked(ca.active_certificate(), certificate, signer)
             self._responders[ca.name] = responder
         return responder
+
+    def _revoked(self, certificate: x509.Certificate) -> bool:
+        """Whether the inventory has `certificate` revoked. Raises Unavailable."""
+        row = self.store.certs.get(serial_hex(certificate.serial_number))
+        return row is not None and row["status"] == REVOKED
 
     def _provision_responder(self, ctx: Ctx, ca: Authority, at: datetime) -> None:
         """Issue (and publish) a responder certificate for the CA's `ocsp` key, creating the
         key on the first call. Audited as `ocsp.responder` by `system`. Raises Conflict (CA
         not active), InvalidRequest (CA expired) and what the backends raise."""
+
+        self._rotate_revoked_responder_key(ctx, ca)
 
         def provision(outcome: Outcome) -> None:
             issuer = ca.active_certificate()
@@ -441,6 +463,19 @@ class Revocation:
 
         call = Call(SYSTEM, ctx, "ocsp.responder", ca.policy_resource())
         self.gate.run(call, provision, decision=_PUBLISHING)
+
+    def _rotate_revoked_responder_key(self, ctx: Ctx, ca: Authority) -> None:
+        """Rotate the CA's responder key (audited `key.rotate` by `system`) if its current
+        version is certified by a revoked responder certificate: a revoked responder's key
+        is never certified again. Raises Unavailable and what the backend raises."""
+        published = self.published.find(ca.name, read_through=False)
+        revoked = published.responder if published else None
+        key = self.gate.catalogue.find(responder_key_name(ca.name))
+        if revoked is None or key is None or not self._revoked(revoked):
+            return
+        if key.versions[key.primary_version].public_key() == revoked.public_key():
+            why = {"responder_revoked": serial_hex(revoked.serial_number)}
+            self.pki.keys.rotate_as_system(ctx, key, why)
 
     def _responder_key(self, ca: Authority) -> Key:
         """The CA's responder key, generated if it does not exist (another process may win

@@ -392,6 +392,35 @@ def test_the_responder_is_made_by_the_first_request_and_renewed_at_half_life(
     assert [(e["principal"], e["outcome"]) for e in events] == [("system", "ok")] * 2
 
 
+def test_a_revoked_responder_is_replaced_with_a_new_key_and_its_answers_dropped(
+    api, pki, jobs, admin, openssl_bin
+):
+    """Revoking the responder's own certificate (it carries ocsp-nocheck, so clients would
+    trust it until it expires): the next answer, cached or not, comes from a new responder
+    certificate for a new key version, and openssl verifies it."""
+    leaf, _ = pki.issue("web")
+    request = ocsp_request(openssl_bin, pki, "web", "-cert", leaf, nonce=False)
+    first = pki.ocsp(request)
+    old = ocsp.load_der_ocsp_response(first).certificates[0]
+    assert pki.ocsp(request) == first  # cached
+    pki.revoke(format(old.serial_number, "x"), "keyCompromise")
+    api.service.revocation.refresh()  # the refresher's tick: the certs feed moved
+
+    for asked in (request, ocsp_request(openssl_bin, pki, "fresh", "-cert", leaf, nonce=True)):
+        answer = ocsp.load_der_ocsp_response(pki.ocsp(asked))
+        new = answer.certificates[0]
+        assert new.serial_number != old.serial_number
+        assert new.public_key() != old.public_key()
+    text = check_answer(openssl_bin, pki, "after", pki.ocsp(request), "-cert", leaf)
+    assert "Response verify OK" in text and f"{leaf}: good" in text, text
+    key = api.call("GET", "/v1/keys/ocsp.issuing", admin).json()
+    assert key["primary_version"] == 2
+    rotations = api.call("GET", "/v1/audit?action=key.rotate", admin).json()["events"]
+    assert [(e["principal"], e["resource"]["name"]) for e in rotations if e["outcome"] == "ok"] == [
+        ("system", "ocsp.issuing")
+    ]
+
+
 def test_a_nonce_gets_a_fresh_answer_echoing_it(pki, jobs, openssl_bin):
     leaf, _ = pki.issue("web")
     request = ocsp_request(openssl_bin, pki, "nonce", "-cert", leaf, nonce=True)
