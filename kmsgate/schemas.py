@@ -600,7 +600,10 @@ class RenewRequest(_Body):
 
 
 def _csr(pem: str) -> x509.CertificateSigningRequest:
-    """Raises InvalidRequest if `pem` is not a PKCS#10 v1 request."""
+    """Raises InvalidRequest if `pem` is not one PKCS#10 v1 request (a second PEM block
+    would otherwise be ignored)."""
+    if pem.count("-----BEGIN ") > 1:
+        raise InvalidRequest("csr holds more than one PEM block: send one request")
     try:
         return x509.load_pem_x509_csr(pem.encode())
     except (ValueError, x509.InvalidVersion):  # InvalidVersion: not v1 (found by fuzzing)

@@ -3,7 +3,7 @@ CRL and OCSP answer without a token (relying parties fetch them)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, Query, Request
@@ -16,6 +16,7 @@ from kmsgate.api.fastpath import body_schema, fast_route
 from kmsgate.api.openapi import PUBLIC, non_json_reply
 from kmsgate.api.responses import PEM, json_response
 from kmsgate.pki.crl import parse_reason
+from kmsgate.pki.issuer import parse_serial, serial_hex
 from kmsgate.schemas import (
     CaCertificateRequest,
     CreateCaRequest,
@@ -159,11 +160,11 @@ def list_certs(
     ca: str | None = None,
     profile: str | None = None,
     san: Annotated[str | None, Query(max_length=256)] = None,
-    status: str | None = None,
+    status: Literal["valid", "revoked", "expired"] | None = None,
     expires_before: Timestamp | None = None,
     owner: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[str | None, Query(max_length=40)] = None,
+    after: Annotated[str | None, Query(max_length=64)] = None,
 ) -> dict[str, Any]:
     """The inventory, by serial; `next` is the `after` of the next page."""
     query = CertQuery(
@@ -174,7 +175,7 @@ def list_certs(
         expires_before=expires_before,
         owner=owner,
         limit=limit,
-        after=after,
+        after=_serial(after) if after is not None else None,
     )
     records = service.pki.certificates(principal, ctx, query)
     page: dict[str, Any] = {"certs": [r.to_dict() for r in records]}
@@ -187,7 +188,7 @@ def get_cert(
     serial: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
     """One inventory record, with the certificate (PEM)."""
-    record = service.pki.certificate(principal, ctx, serial.lower())
+    record = service.pki.certificate(principal, ctx, _serial(serial))
     return {**record.to_dict(), "certificate": record.pem}
 
 
@@ -195,5 +196,11 @@ def revoke(
     serial: str, body: RevokeRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> dict[str, Any]:
     """Revoke a certificate with an RFC 5280 reason name."""
-    parse_reason(body.reason)  # a clear 400 listing the valid names
-    return service.pki.revoke(principal, ctx, serial.lower(), body.reason).to_dict()
+    parse_reason(body.reason, revoking=True)  # a clear 400 listing the valid names
+    return service.pki.revoke(principal, ctx, _serial(serial), body.reason).to_dict()
+
+
+def _serial(text: str) -> str:
+    """The inventory's form of a serial given in hex (any case, leading zeros, colons).
+    Raises InvalidRequest."""
+    return serial_hex(parse_serial(text))

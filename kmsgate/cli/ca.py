@@ -404,7 +404,7 @@ def cert_list(
     ca: Annotated[str | None, typer.Option()] = None,
     profile: Annotated[str | None, typer.Option()] = None,
     san: Annotated[str | None, typer.Option(help="A SAN value, or a suffix: .lab")] = None,
-    status: Annotated[str | None, typer.Option(help="valid or revoked")] = None,
+    status: Annotated[str | None, typer.Option(help="valid, revoked or expired")] = None,
     owner: Annotated[str | None, typer.Option(help="Principal that had it issued.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Per page.")] = 100,
     all_pages: Annotated[bool, typer.Option("--all", help="Every page, not only the first.")] = (

@@ -25,6 +25,7 @@ from kmsgate.errors import InvalidRequest
 
 __all__ = [
     "REASONS",
+    "REVOCATION_REASONS",
     "CrlHash",
     "RevokedEntry",
     "build_crl",
@@ -44,6 +45,8 @@ REASONS: dict[str, x509.ReasonFlags] = {
     "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
     "aACompromise": x509.ReasonFlags.aa_compromise,
 }
+REVOCATION_REASONS = tuple(name for name in REASONS if name != "removeFromCRL")
+"""The reasons a certificate is revoked for: removeFromCRL only ends a hold, in a delta CRL."""
 
 # The signature hashes cryptography accepts for a CRL (None: Ed25519/Ed448, which hash
 # internally).
@@ -86,16 +89,16 @@ class RevokedEntry:
     reason: x509.ReasonFlags | None = None
 
 
-def parse_reason(name: str) -> x509.ReasonFlags:
-    """The `ReasonFlags` for an RFC 5280 reason name such as ``keyCompromise``.
+def parse_reason(name: str, *, revoking: bool = False) -> x509.ReasonFlags:
+    """The `ReasonFlags` for an RFC 5280 reason name such as ``keyCompromise``; with
+    `revoking`, only the reasons a revocation may give (`REVOCATION_REASONS`).
 
-    Raises InvalidRequest for an unknown name; the message lists the valid ones.
+    Raises InvalidRequest for any other name; the message lists the valid ones.
     """
-    try:
-        return REASONS[name]
-    except KeyError:
-        valid = ", ".join(REASONS)
-        raise InvalidRequest(f"unknown revocation reason {name!r}; valid: {valid}") from None
+    names = REVOCATION_REASONS if revoking else tuple(REASONS)
+    if name not in names:
+        raise InvalidRequest(f"unknown revocation reason {name!r}; valid: {', '.join(names)}")
+    return REASONS[name]
 
 
 def build_crl(

@@ -3,6 +3,7 @@ hash that fits the CA's key, and the URLs (CRL, OCSP, CA issuers) relying partie
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -52,14 +53,18 @@ def serial_hex(serial: int) -> str:
     return format(serial, "x")
 
 
+_SERIAL_TEXT = re.compile(r"[0-9a-fA-F]{1,64}\Z")
+
+
 def parse_serial(text: str) -> int:
-    """A serial from its hex form. Raises InvalidRequest."""
-    try:
-        serial = int(text, 16)
-    except ValueError:
-        raise InvalidRequest(f"serial {text[:64]!r} is not hexadecimal") from None
+    """A serial from its hex form, in any case, with leading zeros or colons between bytes
+    (as `openssl x509 -serial` and certificate viewers print it). Raises InvalidRequest."""
+    digits = text.replace(":", "")
+    if not _SERIAL_TEXT.match(digits):
+        raise InvalidRequest(f"serial {text[:64]!r} is not hexadecimal")
+    serial = int(digits, 16)
     if not 0 < serial < 1 << 160:
-        raise InvalidRequest("serial out of range")
+        raise InvalidRequest("serial out of range (1 to 2^160 - 1)")
     return serial
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
@@ -29,6 +29,8 @@ _GATHER_SECONDS = 0.005
 """How long the writer lets a batch fill when records arrive faster than it commits."""
 VALID = "valid"
 REVOKED = "revoked"
+EXPIRED = "expired"
+"""Not a stored status: a valid (unrevoked) certificate past its not_after."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,7 @@ class CertQuery:
     san: str | None = None
     """A SAN value: exact, or a suffix when it starts with "." or "*." (DNS names)."""
     status: str | None = None
+    """`valid` (unrevoked, not yet ended), `revoked` or `expired` (unrevoked, ended)."""
     expires_before: datetime | None = None
     owner: str | None = None
     limit: int = 100
@@ -167,14 +170,15 @@ class Certificates:
         """Rows matching `query`, by serial, at most `query.limit`. Raises Unavailable."""
         c = tables.certificates.c
         select = sa.select(tables.certificates).order_by(c.serial).limit(query.limit)
-        for column, value in (
-            (c.ca, query.ca),
-            (c.profile, query.profile),
-            (c.status, query.status),
-            (c.owner, query.owner),
-        ):
+        for column, value in ((c.ca, query.ca), (c.profile, query.profile), (c.owner, query.owner)):
             if value is not None:
                 select = select.where(column == value)
+        if query.status == REVOKED:
+            select = select.where(c.status == REVOKED)
+        elif query.status is not None:  # valid or expired: unrevoked, and by not_after
+            at = datetime.now(UTC)
+            ended = c.not_after <= at
+            select = select.where(c.status == VALID, ended if query.status == EXPIRED else ~ended)
         if query.expires_before is not None:
             select = select.where(c.not_after < query.expires_before)
         if query.after is not None:

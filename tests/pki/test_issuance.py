@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import ipaddress
+import time
 
 import pytest
 from cryptography import x509
@@ -239,3 +240,49 @@ def test_names_outside_the_cas_name_constraints_are_refused(
         write(tmp_path / "leaf.pem", r.json()["certificate"]),
     )
     assert verified.returncode == 0 and ": OK" in verified.stdout, verified.stdout + verified.stderr
+
+
+def test_serials_in_any_printed_form_and_inventory_filters_are_checked(api, admin, root):
+    """A serial as openssl or a certificate viewer prints it (leading zeros, colons, upper
+    case) finds the certificate; a serial that is no hex number, a status that does not
+    exist, an `after` that is no serial and removeFromCRL are 4xx naming what is wrong."""
+    make_intermediate(api, admin, root)
+    r = issue(api, admin, leaf_csr(x509.DNSName("web.lab"))[1], "server")
+    assert r.status_code == 200, r.text
+    serial = r.json()["serial"]
+    padded = serial.rjust(40, "0")
+    colons = ":".join(padded[i : i + 2] for i in range(0, 40, 2)).upper()
+    for form in ("00" + serial, colons, serial.upper()):
+        found = api.call("GET", f"/v1/pki/certs/{form}", admin)
+        assert found.status_code == 200 and found.json()["serial"] == serial, form
+    for bad in ("zzzz", "-1", "0x1f", "1_f", "0"):
+        refused = api.call("GET", f"/v1/pki/certs/{bad}", admin)
+        assert refused.status_code == 400, (bad, refused.text)
+        assert "serial" in refused.json()["detail"]
+    assert api.call("GET", "/v1/pki/certs?status=bogus", admin).status_code == 422
+    assert api.call("GET", "/v1/pki/certs?after=zzz", admin).status_code == 400
+    revoke = f"/v1/pki/certs/{serial}/revoke"
+    refused = api.call("POST", revoke, admin, json={"reason": "removeFromCRL"})
+    assert refused.status_code == 400
+    assert "removeFromCRL" not in refused.json()["detail"].partition("valid:")[2]
+
+    short = issue(api, admin, leaf_csr(x509.DNSName("brief.lab"))[1], "server", ttl="1s")
+    assert short.status_code == 200, short.text
+    time.sleep(1.2)
+
+    def listed(status: str) -> list[str]:
+        certs = api.call("GET", f"/v1/pki/certs?status={status}", admin).json()["certs"]
+        return [c["serial"] for c in certs]
+
+    assert listed("expired") == [short.json()["serial"]]
+    assert listed("valid") == [serial]
+    assert api.call("POST", revoke, admin, json={"reason": "superseded"}).status_code == 200
+    assert (listed("valid"), listed("revoked")) == ([], [serial])
+
+
+def test_a_body_with_two_csrs_is_refused(api, admin, root):
+    make_intermediate(api, admin, root)
+    pair = leaf_csr(x509.DNSName("a.lab"))[1] + leaf_csr(x509.DNSName("b.lab"))[1]
+    refused = issue(api, admin, pair, "server")
+    assert refused.status_code == 400 and "more than one PEM block" in refused.json()["detail"]
+    assert api.call("GET", "/v1/pki/certs", admin).json()["certs"] == []
