@@ -75,11 +75,12 @@ class CertificateRecord:
 
 
 def san_strings(sans: x509.SubjectAlternativeName | list[x509.GeneralName]) -> tuple[str, ...]:
-    """SANs as `type:value` strings (the inventory's and the policy's form)."""
+    """SANs as `type:value` strings (the inventory's and the policy's form); DNS names in
+    lower case, as they compare."""
     out = []
     for name in sans:
         if isinstance(name, x509.DNSName):
-            out.append(f"dns:{name.value}")
+            out.append(f"dns:{name.value.lower()}")
         elif isinstance(name, x509.IPAddress):
             out.append(f"ip:{name.value}")
         elif isinstance(name, x509.UniformResourceIdentifier):

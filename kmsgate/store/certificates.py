@@ -250,10 +250,15 @@ def _row(row: sa.RowMapping) -> Row:
 
 def _san_matches(sans: list[str], wanted: str) -> bool:
     """`wanted` equals one of the SAN values (`dns:`, `ip:`, `uri:` prefixes stripped), or,
-    starting with "." or "*.", is a suffix of one."""
-    values = [san.partition(":")[2] for san in sans]
+    starting with "." or "*.", is a suffix of one; DNS names compare without regard to case."""
+    values = [_san_value(san) for san in sans]
     if wanted.startswith("*."):
         wanted = wanted[1:]
     if wanted.startswith("."):
-        return any(value.endswith(wanted) for value in values)
-    return wanted in values
+        return any(value.endswith(wanted) or value.endswith(wanted.lower()) for value in values)
+    return wanted in values or wanted.lower() in values
+
+
+def _san_value(san: str) -> str:
+    kind, _, value = san.partition(":")
+    return value.lower() if kind == "dns" else value

@@ -240,6 +240,10 @@ def test_names_outside_the_cas_name_constraints_are_refused(
         write(tmp_path / "leaf.pem", r.json()["certificate"]),
     )
     assert verified.returncode == 0 and ": OK" in verified.stdout, verified.stdout + verified.stderr
+    # DNS names are recorded in lower case and found in any case
+    listed = api.call("GET", "/v1/pki/certs?san=WEB.lab", admin).json()["certs"]
+    assert [c["sans"] for c in listed] == [["dns:web.lab"]]
+    assert len(api.call("GET", "/v1/pki/certs?san=.LAB", admin).json()["certs"]) == 1
 
 
 def test_serials_in_any_printed_form_and_inventory_filters_are_checked(api, admin, root):
