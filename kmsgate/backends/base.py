@@ -249,6 +249,11 @@ class PkiEngine(Protocol):
 
     def revoke(self, serial: int) -> None: ...
 
+    def role_settings(self) -> dict[str, object]:
+        """The settings of the role it issues through. Raises InvalidRequest if there is
+        no such role."""
+        ...
+
     def chain(self) -> list[x509.Certificate]:
         """The engine's issuing CA, then its issuers."""
         ...

@@ -289,6 +289,34 @@ class Profile:
             (authority_key_id, False),
         ]
 
+    def departures(self, certificate: x509.Certificate) -> list[str]:
+        """How `certificate` (made elsewhere: a Vault PKI role signs by its own settings)
+        departs from the extended key usage, key usage and basic constraints this profile
+        gives; empty if it does not."""
+        found: list[str] = []
+        extensions = certificate.extensions
+        wanted = {_EKU_OIDS[eku] for eku in self.ekus}
+        try:
+            ekus = set(extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        except x509.ExtensionNotFound:
+            ekus = set()
+        if ekus != wanted:
+            names = sorted(getattr(oid, "_name", oid.dotted_string) for oid in ekus)
+            found.append(f"extended key usage {names}, not {sorted(self.ekus)}")
+        try:
+            usage: x509.KeyUsage | None = extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = None
+        if usage != key_usage(digital_signature=True):
+            found.append("key usage other than digitalSignature alone")
+        try:
+            basic = extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            basic = None
+        if basic is None or basic.ca:
+            found.append("no basicConstraints CA:FALSE")
+        return found
+
     def _ttl(self, ttl: timedelta | None) -> timedelta:
         if ttl is None:
             return self.default_ttl

@@ -360,7 +360,7 @@ class Pki:
         approved = profile.check(request.csr, request.ttl)
         refuse_outside_constraints(approved.subject, approved.sans, (issuer, *ca.chain))
         if ca.type is CaType.HASHIVAULT_PKI:
-            cert, chain = self._vault_sign(ca, request.csr, approved)
+            cert, chain = self._vault_sign(ca, profile, request.csr, approved)
         else:
             cert, chain = self._sign(ca, issuer, profile, approved), (issuer, *ca.chain)
         record = record_of(
@@ -488,7 +488,9 @@ class Pki:
             backend=self.gate.registry.get(new.backend).name,
             options={"mount": new.mount, "role": new.role},
         )
-        chain = self.engine(pending).chain()
+        engine = self.engine(pending)
+        _refuse_role_settings(engine.role_settings(), new.role)
+        chain = engine.chain()
         if not chain:
             raise BackendError(f"Vault PKI mount {new.mount!r} has no CA certificate")
         return replace(
@@ -499,9 +501,15 @@ class Pki:
         )
 
     def _vault_sign(
-        self, ca: Authority, csr: x509.CertificateSigningRequest, approved: Approved
+        self,
+        ca: Authority,
+        profile: Profile,
+        csr: x509.CertificateSigningRequest,
+        approved: Approved,
     ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
-        """Vault's certificate for the CSR with the names the profile approved."""
+        """Vault's certificate for the CSR with the names the profile approved. Raises
+        BackendError (after revoking it in Vault) if the role gave it other extensions than
+        the profile would, and what the engine raises."""
         sans = san_strings(list(approved.sans))
         by_kind: dict[str, list[str]] = {"dns": [], "ip": [], "uri": []}
         for san in sans:
@@ -510,7 +518,8 @@ class Pki:
         cns = approved.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         common_name = str(cns[0].value) if cns else (sans[0].partition(":")[2] if sans else "")
         pem = csr.public_bytes(serialization.Encoding.PEM).decode()
-        certs = self.engine(ca).sign(
+        engine = self.engine(ca)
+        certs = engine.sign(
             pem,
             common_name=common_name,
             dns=by_kind["dns"],
@@ -518,6 +527,15 @@ class Pki:
             uris=by_kind["uri"],
             ttl_seconds=int(approved.ttl.total_seconds()),
         )
+        departures = profile.departures(certs[0])
+        if departures:  # the role decided other extensions: the certificate must not live
+            engine.revoke(certs[0].serial_number)
+            raise BackendError(
+                f"Vault PKI role {ca.options.get('role')!r} issued a certificate unlike profile "
+                f"{profile.name!r} ({'; '.join(departures)}); it was revoked in Vault. Set "
+                "the role's server_flag/client_flag to the profile's EKUs (a role per "
+                "profile), key_usage [DigitalSignature] and basic_constraints_valid_for_non_ca"
+            )
         return certs[0], tuple(certs[1:])
 
     def signing_key(self, key: Key) -> CertificateIssuerPrivateKeyTypes:
@@ -573,3 +591,16 @@ def _check_ca_certificate(
         root.verify_directly_issued_by(root)
     except (ValueError, TypeError, InvalidSignature):
         raise InvalidRequest("the chain does not end in a self-signed root") from None
+
+
+def _refuse_role_settings(settings: Mapping[str, object], role: str) -> None:
+    """Raise InvalidRequest if the Vault PKI role's settings would give certificates other
+    key usages or basic constraints than every kmsgate profile does."""
+    wrong = []
+    usages = settings.get("key_usage")
+    if not isinstance(usages, list) or [str(u).lower() for u in usages] != ["digitalsignature"]:
+        wrong.append("key_usage must be [DigitalSignature]")
+    if settings.get("basic_constraints_valid_for_non_ca") is not True:
+        wrong.append("basic_constraints_valid_for_non_ca must be true")
+    if wrong:
+        raise InvalidRequest(f"Vault PKI role {role!r}: {'; '.join(wrong)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -20,22 +21,35 @@ from tests.test_hashivault_gateway import token_file, vault_config
 pytestmark = pytest.mark.interop
 
 
+ROLE = {
+    "allowed_domains": "lab",
+    "allow_subdomains": True,
+    "allow_ip_sans": True,
+    "max_ttl": "72h",
+    "key_type": "any",
+    "require_cn": False,
+}
+"""A role for names under `lab` (of Vault's defaults: both EKUs, key encipherment too)."""
+SERVER_ROLE = {
+    **ROLE,
+    "server_flag": True,
+    "client_flag": False,
+    "key_usage": ["DigitalSignature"],
+    "basic_constraints_valid_for_non_ca": True,
+}
+"""The same role made to give what kmsgate's `server` profile gives."""
+
+
 @pytest.fixture
 def pki_mount(openbao_server: OpenBaoServer) -> str:
-    """A fresh PKI engine with an internal root and a role `web` for names under `lab`."""
+    """A fresh PKI engine with an internal root, a role `web` that issues as kmsgate's
+    `server` profile does and a role `loose` with Vault's defaults."""
     mount = f"pki-{secrets.token_hex(4)}"
     client = openbao_server.client()
     client.sys.enable_secrets_engine("pki", path=mount, config={"max_lease_ttl": "87600h"})
     client.write(f"{mount}/root/generate/internal", common_name="OpenBao Test Root", ttl="8760h")
-    client.write(
-        f"{mount}/roles/web",
-        allowed_domains="lab",
-        allow_subdomains=True,
-        allow_ip_sans=True,
-        max_ttl="72h",
-        key_type="any",
-        require_cn=False,
-    )
+    client.write(f"{mount}/roles/web", **SERVER_ROLE)
+    client.write(f"{mount}/roles/loose", **ROLE)
     return mount
 
 
@@ -161,3 +175,57 @@ def test_ocsp_for_a_vault_ca_is_always_an_ocsp_answer(
             assert ask(garbage).response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
         openbao_server.client().sys.disable_secrets_engine(pki_mount)
         assert ask(request).response_status is ocsp.OCSPResponseStatus.TRY_LATER
+
+
+def test_a_vault_role_that_would_give_other_extensions_is_refused(
+    openbao_server: OpenBaoServer, pki_mount: str, tmp_path: Path
+) -> None:
+    """The profile alone decides the extensions: a CA over a missing role, or a role whose
+    key usage or basic constraints differ, is refused at creation; a certificate the role
+    gave other EKUs than the profile's is revoked in Vault and not handed out."""
+    vault = vault_config(
+        openbao_server.addr,
+        "kmsgate-",
+        token_file=str(token_file(tmp_path, openbao_server.root_token)),
+    )
+    backends = {"local": {"type": "softkms"}, "vault": vault}
+    client = openbao_server.client()
+    with open_gateway(tmp_path, backends=backends) as (api, admin):
+
+        def create(name: str, role: str, mount: str = pki_mount) -> Any:
+            body = {"name": name, "type": "hashivault-pki", "key": {"backend": "vault"}}
+            return api.call(
+                "POST", "/v1/pki/cas", admin, json={**body, "mount": mount, "role": role}
+            )
+
+        missing = create("nope", "no-such-role")
+        assert missing.status_code == 400 and "no PKI role 'no-such-role'" in missing.text
+        no_mount = create("nomount", "web", mount="pki-missing")
+        assert no_mount.status_code == 400 and "no PKI role 'web'" in no_mount.text
+        loose = create("loose", "loose")
+        assert loose.status_code == 400, loose.text
+        assert "key_usage" in loose.text and "basic_constraints_valid_for_non_ca" in loose.text
+
+        both = {**SERVER_ROLE, "client_flag": True}  # serverAuth and clientAuth
+        client.write(f"{pki_mount}/roles/both", **both)
+        assert create("both", "both").status_code == 201
+        _, csr = leaf_csr(x509.DNSName("two.lab"))
+        refused = api.call(
+            "POST", "/v1/pki/cas/both/issue", admin, json={"csr": csr, "profile": "server"}
+        )
+        assert refused.status_code == 502, refused.text
+        assert "unlike profile 'server'" in refused.json()["detail"]
+        assert api.call("GET", "/v1/pki/certs", admin).json()["certs"] == []
+        revoked = client.list(f"{pki_mount}/certs/revoked")["data"]["keys"]
+        assert len(revoked) == 1
+
+        assert create("bao", "web").status_code == 201
+        issued = api.call(
+            "POST", "/v1/pki/cas/bao/issue", admin, json={"csr": csr, "profile": "server"}
+        )
+        assert issued.status_code == 200, issued.text
+        cert = x509.load_pem_x509_certificate(issued.json()["certificate"].encode())
+        ekus = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(ekus) == [x509.ExtendedKeyUsageOID.SERVER_AUTH]
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        assert basic.ca is False

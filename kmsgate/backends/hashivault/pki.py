@@ -63,6 +63,21 @@ class VaultPki:
         except ValueError:
             raise BackendError("Vault PKI sent a certificate that does not parse") from None
 
+    def role_settings(self) -> dict[str, object]:
+        """The role's settings (`key_usage`, `server_flag`, ...). Raises InvalidRequest if
+        the mount has no such role (or is no PKI engine), BackendError & co."""
+        missing = InvalidRequest(
+            f"Vault has no PKI role {self.role!r} at mount {self.mount!r} (create the role, "
+            "or check that the mount is a PKI secrets engine)"
+        )
+        reply = self._vault.call(
+            "GET", f"{self.mount}/roles/{self.role}", "read a PKI role", not_found=lambda: missing
+        )
+        data = reply.get("data")
+        if not isinstance(data, dict):
+            raise missing
+        return data
+
     def revoke(self, serial: int) -> None:
         """Revoke in Vault (its CRL and OCSP then say so). Raises BackendError & co."""
         colons = ":".join(f"{b:02x}" for b in serial.to_bytes((serial.bit_length() + 7) // 8))
