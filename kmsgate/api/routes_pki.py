@@ -30,6 +30,8 @@ from kmsgate.service import Service
 from kmsgate.service.results import Issued
 from kmsgate.store.certificates import CertQuery
 
+CERT_DER = "application/pkix-cert"
+
 PREFIX = "/v1/pki"
 
 
@@ -52,6 +54,14 @@ def build_routes() -> tuple[list[Route], APIRouter]:
             methods=["GET"],
             openapi_extra=PUBLIC,
             **non_json_reply(PEM),
+        ),
+        fast_route(
+            router,
+            "/cas/{ca}/certificate",
+            ca_certificate,
+            methods=["GET"],
+            openapi_extra=PUBLIC,
+            **non_json_reply(CERT_DER),
         ),
         fast_route(
             router,
@@ -105,6 +115,14 @@ async def chain(request: Request) -> Response:
     """Public: the CA's certificate and its issuers, PEM, root last."""
     service: Service = request.app.state.service
     return Response(await service.pki.chain_pem(request.path_params["ca"]), media_type=PEM)
+
+
+async def ca_certificate(request: Request) -> Response:
+    """Public: the CA's own certificate, DER (what the caIssuers URL of its certificates
+    names)."""
+    service: Service = request.app.state.service
+    der = await service.pki.certificate_der(request.path_params["ca"])
+    return Response(der, media_type=CERT_DER)
 
 
 async def bundle(request: Request) -> Response:

@@ -89,8 +89,9 @@ def validity(issuer: x509.Certificate, ttl: timedelta, now: datetime) -> tuple[d
 
 
 def distribution_extensions(base_url: str | None, ca: str) -> list[x509.ExtensionType]:
-    """CRL distribution point and authority information access (OCSP, CA issuers) under
-    `base_url`, the gateway's public address; none without one."""
+    """CRL distribution point and authority information access (OCSP, CA issuers: the
+    issuing CA's certificate in DER, as RFC 5280 4.2.2.1 asks) under `base_url`, the
+    gateway's public address; none without one."""
     if not base_url:
         return []
     root = f"{base_url.rstrip('/')}/v1/pki/cas/{ca}"
@@ -113,7 +114,7 @@ def distribution_extensions(base_url: str | None, ca: str) -> list[x509.Extensio
                 ),
                 x509.AccessDescription(
                     AuthorityInformationAccessOID.CA_ISSUERS,
-                    x509.UniformResourceIdentifier(f"{root}/chain"),
+                    x509.UniformResourceIdentifier(f"{root}/certificate"),
                 ),
             ]
         ),

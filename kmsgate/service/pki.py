@@ -193,6 +193,11 @@ class Pki:
         """The CA's certificate and its issuers in PEM (public). Raises NotFound, Conflict."""
         return (await self._public_authority(name)).full_chain_pem()
 
+    async def certificate_der(self, name: str) -> bytes:
+        """The CA's own certificate in DER (public). Raises NotFound, Conflict."""
+        certificate = (await self._public_authority(name)).active_certificate()
+        return certificate.public_bytes(serialization.Encoding.DER)
+
     async def spiffe_bundle(self, name: str) -> dict[str, object]:
         """The CA's certificate and its issuers as a SPIFFE trust bundle (public); its
         sequence is the CA's last change, in seconds. Raises NotFound, Conflict."""

@@ -290,3 +290,24 @@ def test_a_body_with_two_csrs_is_refused(api, admin, root):
     refused = issue(api, admin, pair, "server")
     assert refused.status_code == 400 and "more than one PEM block" in refused.json()["detail"]
     assert api.call("GET", "/v1/pki/certs", admin).json()["certs"] == []
+
+
+def test_the_ca_issuers_url_serves_the_issuing_certificate_in_der(api, admin, root):
+    """RFC 5280 4.2.2.1: an HTTP caIssuers URI names a DER certificate (or certs-only CMS),
+    which clients such as Windows and browsers fetch to complete a chain."""
+    make_intermediate(api, admin, root)
+    api.service.pki.public_url = "https://pki.example"
+    r = issue(api, admin, leaf_csr(x509.DNSName("web.lab"))[1], "server")
+    assert r.status_code == 200, r.text
+    leaf = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
+    access = leaf.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    urls = {d.access_method: d.access_location.value for d in access}
+    ca_issuers = urls[x509.AuthorityInformationAccessOID.CA_ISSUERS]
+    assert ca_issuers == "https://pki.example/v1/pki/cas/issuing/certificate"
+    fetched = api.call("GET", ca_issuers.removeprefix("https://pki.example"), None)
+    assert fetched.status_code == 200
+    assert fetched.headers["content-type"] == "application/pkix-cert"
+    issuer = x509.load_der_x509_certificate(fetched.content)
+    assert issuer == x509.load_pem_x509_certificates(r.json()["chain"].encode())[0]
+    leaf.verify_directly_issued_by(issuer)
+    assert api.call("GET", "/v1/pki/cas/nope/certificate", None).status_code == 404
