@@ -354,7 +354,9 @@ def cert_issue(
     ] = [],  # noqa: B006
     cn: Annotated[str | None, typer.Option(help="Common name (one of the SANs).")] = None,
     ttl: Annotated[str | None, typer.Option(help="e.g. 12h, 7d (default: the profile's).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the certificate here.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the certificate here.")
+    ] = None,
     chain_out: Annotated[Path | None, typer.Option(help="Write the CA chain here.")] = None,
     addr: AddrOpt = None,
     token: TokenOpt = None,
