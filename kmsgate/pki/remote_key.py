@@ -23,6 +23,7 @@ attributes (`_algorithm`, `_salt_length`): cryptography 50 offers no public acce
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NoReturn
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -76,6 +77,8 @@ class _BackendHeld:
     def __init__(self, backend: KeyBackend, key: BackendKey) -> None:
         self._backend = backend
         self._key = key
+        self.on_sign: Callable[[], None] | None = None
+        """Called after each signature the backend made (to count the key's use)."""
 
     @property
     def backend(self) -> KeyBackend:
@@ -88,7 +91,10 @@ class _BackendHeld:
     def _sign(self, data: Buffer, scheme: Scheme, hash_name: HashName | None, pre: bool) -> bytes:
         """Raises what `sign_algorithm_for` and the backend's `sign` raise."""
         alg: SignAlg = sign_algorithm_for(self._key.key_type, scheme, hash_name)
-        return self._backend.sign(self._key, bytes(data), alg, prehashed=pre)
+        signature = self._backend.sign(self._key, bytes(data), alg, prehashed=pre)
+        if self.on_sign is not None:
+            self.on_sign()
+        return signature
 
     def _refuse(self, what: str) -> NoReturn:
         raise NotSupported(
@@ -249,9 +255,13 @@ def _same_public_key(a: PublicKeyTypes, b: PublicKeyTypes) -> bool:
 
 
 def remote_private_key(
-    backend: KeyBackend, key: BackendKey, public_key: PublicKeyTypes
+    backend: KeyBackend,
+    key: BackendKey,
+    public_key: PublicKeyTypes,
+    on_sign: Callable[[], None] | None = None,
 ) -> RemotePrivateKey:
-    """A private key object that signs with `key` in `backend`; `public_key` is its public half.
+    """A private key object that signs with `key` in `backend`; `public_key` is its public half;
+    `on_sign` is called after each signature.
 
     Raises InvalidRequest if the key cannot sign, the public key is of another type than the
     key, or it differs from the public key the backend recorded (`key.public_key_pem`).
@@ -264,10 +274,14 @@ def remote_private_key(
         public_key, serialization.load_pem_public_key(key.public_key_pem.encode())
     ):
         raise InvalidRequest(f"the public key given for {key.ref} is not the backend's")
+    signer: RemotePrivateKey
     if isinstance(public_key, ec.EllipticCurvePublicKey):
-        return RemoteEcPrivateKey(backend, key, public_key)
-    if isinstance(public_key, rsa.RSAPublicKey):
-        return RemoteRsaPrivateKey(backend, key, public_key)
-    if isinstance(public_key, ed25519.Ed25519PublicKey):
-        return RemoteEd25519PrivateKey(backend, key, public_key)
-    raise AssertionError(f"unexpected key type {key.key_type}")  # key_type_of_public_key
+        signer = RemoteEcPrivateKey(backend, key, public_key)
+    elif isinstance(public_key, rsa.RSAPublicKey):
+        signer = RemoteRsaPrivateKey(backend, key, public_key)
+    elif isinstance(public_key, ed25519.Ed25519PublicKey):
+        signer = RemoteEd25519PrivateKey(backend, key, public_key)
+    else:
+        raise AssertionError(f"unexpected key type {key.key_type}")  # key_type_of_public_key
+    signer.on_sign = on_sign
+    return signer

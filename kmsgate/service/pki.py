@@ -551,7 +551,10 @@ class Pki:
         if cached is not None and cached[0] is version:
             return cached[1]
         backend = self.gate.registry.get(key.backend)
-        signer = remote_private_key(backend, key.backend_key(version), _public_key(key))
+        count_use = functools.partial(self.gate.usage.record, key.name, version.version)
+        signer = remote_private_key(
+            backend, key.backend_key(version), _public_key(key), on_sign=count_use
+        )
         self._signers[key.name] = (version, signer)
         return signer
 

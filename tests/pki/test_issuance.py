@@ -311,3 +311,20 @@ def test_the_ca_issuers_url_serves_the_issuing_certificate_in_der(api, admin, ro
     assert issuer == x509.load_pem_x509_certificates(r.json()["chain"].encode())[0]
     leaf.verify_directly_issued_by(issuer)
     assert api.call("GET", "/v1/pki/cas/nope/certificate", None).status_code == 404
+
+
+def test_the_ca_key_counts_the_signatures_it_makes(api, admin, root):
+    """A CA key's versions show their uses like any key's (an operator retiring a version
+    needs to know it is idle): one per certificate."""
+    ca = make_intermediate(api, admin, root)
+
+    def uses() -> int:
+        (version,) = api.call("GET", f"/v1/keys/{ca['key']}", admin).json()["versions"]
+        assert version["last_used"] is not None  # its CSR was signed at creation
+        return int(version["uses"])
+
+    before = uses()
+    for name in ("one", "two"):
+        r = issue(api, admin, leaf_csr(x509.DNSName(f"{name}.lab"))[1], "server")
+        assert r.status_code == 200, r.text
+    assert uses() == before + 2
