@@ -91,7 +91,12 @@ class _BackendHeld:
     def _sign(self, data: Buffer, scheme: Scheme, hash_name: HashName | None, pre: bool) -> bytes:
         """Raises what `sign_algorithm_for` and the backend's `sign` raise."""
         alg: SignAlg = sign_algorithm_for(self._key.key_type, scheme, hash_name)
-        signature = self._backend.sign(self._key, bytes(data), alg, prehashed=pre)
+        return self.sign_as(bytes(data), alg, prehashed=pre)
+
+    def sign_as(self, data: bytes, alg: SignAlg, *, prehashed: bool) -> bytes:
+        """Sign with `alg`, already chosen (for a stand-in of this key in another process,
+        see `kmsgate.pki.crl_apart`). Raises what the backend's `sign` raises."""
+        signature = self._backend.sign(self._key, data, alg, prehashed=prehashed)
         if self.on_sign is not None:
             self.on_sign()
         return signature

@@ -22,7 +22,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
-    CertificateIssuerPrivateKeyTypes,
     CertificatePublicKeyTypes,
 )
 
@@ -59,7 +58,7 @@ from kmsgate.pki.issuer import (
     validity,
 )
 from kmsgate.pki.profiles import Approved, Profile
-from kmsgate.pki.remote_key import remote_private_key
+from kmsgate.pki.remote_key import RemotePrivateKey, remote_private_key
 from kmsgate.pki.root import parse_subject
 from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
@@ -93,7 +92,7 @@ class Pki:
         self.store = store
         self.profiles = profiles
         self.public_url = public_url
-        self._signers: dict[str, tuple[KeyVersion, CertificateIssuerPrivateKeyTypes]] = {}
+        self._signers: dict[str, tuple[KeyVersion, RemotePrivateKey]] = {}
         """CA key name -> (the version it signs with, its signer); a new version, or a new
         key of that name, is a new object and replaces the entry."""
 
@@ -543,7 +542,7 @@ class Pki:
             )
         return certs[0], tuple(certs[1:])
 
-    def signing_key(self, key: Key) -> CertificateIssuerPrivateKeyTypes:
+    def signing_key(self, key: Key) -> RemotePrivateKey:
         """The CA key as a cryptography private key whose signatures its backend makes."""
         key.require_enabled()
         version = key.usable_version(None, for_signing=True)

@@ -8,6 +8,10 @@ delta CRL and answers OCSP through a delegated responder; both are public (no to
   it has had a revocation: when the "certs" feed moved, the CA's number of revoked
   certificates differs from the number its full CRL lists (a revocation is never undone, so
   the number only grows). Every revocation committed before a tick makes one build.
+- **Large CRLs apart.** A full CRL of `APART_FROM` entries or more is built in a child
+  process (`kmsgate.pki.crl_apart`; the CA key stays here and signs what it is sent), once
+  that child is up: cryptography's encoder holds the interpreter lock for the whole CRL, and
+  OCSP answers would wait behind it.
 - **Full and delta.** A build publishes a full CRL N (every revoked certificate) and a delta
   CRL N+1 whose base is the previous full CRL and which lists what that one did not: a client
   holding the previous full CRL catches up with the small delta. (The first delta, and one
@@ -27,7 +31,6 @@ delta CRL and answers OCSP through a delegated responder; both are public (no to
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import logging
 import sys
@@ -43,8 +46,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kmsgate.auth import SYSTEM
 from kmsgate.catalogue import Key
 from kmsgate.errors import Conflict, KmsgateError, NotFound, Unavailable
+from kmsgate.pki import crl_apart
 from kmsgate.pki.authorities import OCSP_PURPOSE, Authority, CaState, CaType
 from kmsgate.pki.crl import RevokedEntry, build_crl
+from kmsgate.pki.crl_apart import APART_FROM, build_crl_apart
 from kmsgate.pki.inventory import record_of, record_row
 from kmsgate.pki.issuer import build_certificate, new_serial, serial_hex, signature_hash, validity
 from kmsgate.pki.ocsp import (
@@ -253,16 +258,29 @@ class Revocation:
             next_update = at + CRL_VALIDITY
             public_url = self.pki.public_url
             freshest = f"{public_url}/v1/pki/cas/{ca.name}/crl?delta=1" if public_url else None
-            build = functools.partial(
-                build_crl,
+            # a large CRL is built in a child process, once it is up (see crl_apart)
+            apart = len(entries) >= APART_FROM and crl_apart.ready()
+            full_crl = build_crl_apart if apart else build_crl
+            full = full_crl(
                 issuer=issuer,
                 key=signer,
+                revoked=entries,
+                number=number,
                 this_update=at,
                 next_update=next_update,
+                freshest_url=freshest,
                 hash_alg=hash_alg,
             )
-            full = build(revoked=entries, number=number, freshest_url=freshest)
-            delta = build(revoked=news, number=delta_number, delta_base=base_number)
+            delta = build_crl(
+                issuer=issuer,
+                key=signer,
+                revoked=news,
+                number=delta_number,
+                this_update=at,
+                next_update=next_update,
+                delta_base=base_number,
+                hash_alg=hash_alg,
+            )
             self.published.publish(
                 ca.name,
                 [
