@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -267,3 +268,36 @@ def test_big_file_constant_memory(gw, tmp_path):
         f"peak RSS {rss_dec >> 20} MiB"
     )
     assert rss_enc < RSS_LIMIT and rss_dec < RSS_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("command", "signum"),
+    [
+        ("decrypt-file", signal.SIGTERM),
+        ("decrypt-file", signal.SIGHUP),
+        ("encrypt-file", signal.SIGTERM),
+    ],
+)
+def test_a_run_stopped_by_a_signal_leaves_no_partial_output(gw, tmp_path, command, signum):
+    """SIGTERM (timeout, systemd, Kubernetes and CI cancellation send it) and SIGHUP end a
+    run as Ctrl-C does: exit 128 + the signal, no temporary file, no output (half a
+    plaintext must never stay on disk)."""
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(96 << 20))
+    if command == "decrypt-file":
+        gw.ok("encrypt-file", str(src), "-k", "fk", "-o", str(tmp_path / "big.kmsgate"))
+        src.unlink()
+        args = [command, str(tmp_path / "big.kmsgate"), "-o", str(tmp_path / "out.bin")]
+    else:
+        args = [command, str(src), "-k", "fk", "-o", str(tmp_path / "out.bin")]
+    proc = subprocess.Popen([kmsgate_script(), *args], env=gw.env(), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):  # it is writing
+        assert proc.poll() is None and time.monotonic() < deadline, "it never started writing"
+        time.sleep(0.005)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signum, err
+    assert b"Traceback" not in err
+    assert not (tmp_path / "out.bin").exists()
+    _no_temp_left(tmp_path)

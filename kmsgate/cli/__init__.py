@@ -10,6 +10,7 @@ line on stderr and exit non-zero: 1 for a negative answer (invalid signature, fa
 from __future__ import annotations
 
 import os
+import signal
 import ssl
 from pathlib import Path
 from typing import Annotated
@@ -88,5 +89,16 @@ def _global_options(
 
 
 def main() -> None:
-    """Entry point of the `kmsgate` script."""
-    app()
+    """Entry point of the `kmsgate` script. SIGTERM and SIGHUP end a command as Ctrl-C does
+    (exit 128 + the signal's number), through the same clean-up: a command writing a file
+    removes its temporary file (`serve` and `agent` install their own handlers)."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
+    try:
+        app()
+    except KeyboardInterrupt:
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
