@@ -568,3 +568,49 @@ def test_ci_signer_with_only_the_ml_sec_role(tmp_path: Path) -> None:
         assert result.provenance_path is not None
         envelope = json.loads(result.provenance_path.read_text())["dsseEnvelope"]
         assert gateway_policy in base64.b64decode(envelope["payload"]).decode()
+
+
+def test_a_model_signed_with_its_git_paths_verifies_with_them(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    """`--no-ignore-git-paths` signs .git too; verifying then checks them, with no option to
+    remember (it read them as missing), and the stock verifier agrees when told the same."""
+    model = make_model(tmp_path)
+    (model / ".git").mkdir()
+    (model / ".git" / "config").write_text("[core]\n")
+    result = sign_model(model, GatewaySigner(client, key), ignore_git_paths=False)
+    assert {".git/config", ".gitignore"} <= {f.name for f in result.manifest.files}
+    trust = PublicKeyTrust.from_pem(result.public_key_pem)
+    assert verify_model(model, result.bundle_path, trust).ok
+    hashing = model_signing.hashing.Config().set_ignored_paths(paths=[], ignore_git_paths=False)
+    pub = pem_file(tmp_path, result.public_key_pem)
+    model_signing.verifying.Config().use_elliptic_key_verifier(public_key=pub).set_hashing_config(
+        hashing
+    ).verify(model, result.bundle_path)
+    flip_byte(model / ".git" / "config")
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, result.bundle_path, trust)
+    assert info.value.report.integrity["mismatched"] == [".git/config"]
+
+
+def test_a_symlinked_directory_is_not_followed_as_model_signing_does(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    """With --allow-symlinks, a file symlink is signed as its file; a directory symlink is
+    not followed (by the stock tool either), so both tools list the same files and accept
+    each other's bundles."""
+    model = make_model(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f1").write_bytes(b"behind the link")
+    (model / "dirlink").symlink_to(outside, target_is_directory=True)
+    (model / "filelink").symlink_to(model / "config.json")
+    result = sign_model(model, GatewaySigner(client, key), allow_symlinks=True)
+    names = {f.name for f in result.manifest.files}
+    assert "filelink" in names and not any(n.startswith("dirlink") for n in names)
+    pub = pem_file(tmp_path, result.public_key_pem)
+    hashing = model_signing.hashing.Config().set_allow_symlinks(True)
+    model_signing.verifying.Config().use_elliptic_key_verifier(public_key=pub).set_hashing_config(
+        hashing
+    ).verify(model, result.bundle_path)
+    assert verify_model(model, result.bundle_path, PublicKeyTrust.from_pem(pub.read_text())).ok

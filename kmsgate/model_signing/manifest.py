@@ -124,12 +124,15 @@ def list_files(
 
     `ignore_paths` are literal paths (skipped with everything under them); `patterns` are
     globs, and every path they match is returned so it can be recorded as a literal ignore
-    path. Raises ManifestError for a symlink (unless `allow_symlinks`) or a special file.
+    path. A symbolic link to a file is hashed as that file (with `allow_symlinks`); one to a
+    directory is not followed, as model_signing does not follow it (the files behind it are
+    not listed). Raises ManifestError for a symlink (unless `allow_symlinks`) or a special
+    file.
     """
     ignored = list(ignore_paths)
     files: list[str] = []
     matched: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=allow_symlinks):
+    for dirpath, dirnames, filenames in os.walk(root):
         base = Path(dirpath)
         rel_dir = base.relative_to(root).as_posix()
         for name in sorted([*dirnames, *filenames]):

@@ -75,10 +75,17 @@ def check_integrity(
     workers: int | None = None,
     progress: mf.Progress | None = None,
 ) -> tuple[list[str], list[str], list[str]]:
-    """(mismatched, missing, extra) file names of `model` against `expected`."""
-    ignores = [*expected.ignore_paths, *extra_ignores, *(mf.GIT_PATHS if ignore_git_paths else ())]
-    names, _ = mf.list_files(model, ignores, allow_symlinks=expected.allow_symlinks)
+    """(mismatched, missing, extra) file names of `model` against `expected`. Git's paths
+    are ignored (`ignore_git_paths`) unless the manifest lists files under them: the model
+    was then signed with them."""
     want = expected.digests()
+    git = [
+        path
+        for path in (mf.GIT_PATHS if ignore_git_paths else ())
+        if not any(name == path or name.startswith(f"{path}/") for name in want)
+    ]
+    ignores = [*expected.ignore_paths, *extra_ignores, *git]
+    names, _ = mf.list_files(model, ignores, allow_symlinks=expected.allow_symlinks)
     present = set(names)
     missing = sorted(set(want) - present)
     extra = sorted(present - set(want))
