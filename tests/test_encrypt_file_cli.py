@@ -301,3 +301,11 @@ def test_a_run_stopped_by_a_signal_leaves_no_partial_output(gw, tmp_path, comman
     assert b"Traceback" not in err
     assert not (tmp_path / "out.bin").exists()
     _no_temp_left(tmp_path)
+
+
+def test_an_output_that_is_a_directory_is_refused_as_such(gw, tmp_path):
+    src = tmp_path / "plain.bin"
+    src.write_bytes(b"x")
+    run = gw.run("encrypt-file", str(src), "-k", "fk", "-o", str(tmp_path), "--force")
+    assert run.rc == 2 and f"{tmp_path} is a directory" in run.err
+    _no_temp_left(tmp_path)

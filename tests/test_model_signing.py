@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from kmsgate.cli.model import model_app
-from kmsgate.client import Client
+from kmsgate.client import ApiError, Client
 from kmsgate.model_signing import (
     BuildInfo,
     Failure,
@@ -297,6 +297,11 @@ def test_gateway_rejects_signature_made_after_compromise(
         verify_model(model, result.bundle_path, trust)
     assert info.value.failure is Failure.KEY_STATUS
     assert "compromised" in info.value.detail
+    # without a token the public JWKS leaves the compromised version out: that is the
+    # missing token's error (exit 2), not a key that does not match (exit 11)
+    with Client(client.addr, anonymous=True) as anonymous, pytest.raises(ApiError) as refused:
+        verify_model(model, result.bundle_path, GatewayTrust(anonymous, key))
+    assert refused.value.status == 401
     # offline: the same verdict from an exported trust bundle
     bundle_file = tmp_path / "trust.json"
     bundle_file.write_text(json.dumps(export_trust_bundle(client, [key])))
@@ -502,6 +507,15 @@ def test_cli_sign_errors_are_one_line(tmp_path: Path, gw: Gateway, key: str) -> 
     assert link.exit_code == 2, link.output
     assert link.stderr.strip() == "error: link is a symbolic link (use --allow-symlinks)"
     assert not (model / "model.sig").exists()
+    (model / "link").unlink()
+    into_dir = runner.invoke(model_app, ["sign", str(model), "--key", key, "-o", str(tmp_path)])
+    assert into_dir.exit_code == 2
+    assert into_dir.stderr.strip() == f"error: {tmp_path} is a directory: give the file to write"
+    gone = tmp_path / "gone"
+    for command in (["sign", str(gone), "--key", key], ["verify", str(gone), "--key", key]):
+        result = runner.invoke(model_app, command, env=env)
+        assert result.exit_code == 2
+        assert result.stderr.strip() == f"error: {gone}: no such directory"
 
 
 def test_stock_signed_bundle_verifies_with_kmsgate(tmp_path: Path) -> None:

@@ -124,6 +124,8 @@ def _atomic_output(target: Path | None, force: bool) -> Iterator[BinaryIO]:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
+    if target.is_dir():
+        fail(f"{target} is a directory: give the file to write")
     if target.exists() and not force:
         fail(f"{target} exists (use --force to replace it)")
     try:

@@ -130,6 +130,10 @@ def sign(
     token: TokenOpt = None,
 ) -> None:
     """Hash DIR locally, sign its model_signing statement and SLSA provenance with KEY."""
+    _require_directory(model)
+    for path in (output, provenance_out):
+        if path is not None and path.is_dir():
+            fail(f"{path} is a directory: give the file to write")
     build = BuildInfo(
         builder_id=builder_id,
         git_sha=git_sha,
@@ -164,6 +168,12 @@ def sign(
     except OSError as exc:
         fail(f"{getattr(exc, 'filename', '') or model}: {exc.strerror or exc}")
     _dump_json(result.to_dict())
+
+
+def _require_directory(model: Path) -> None:
+    """Exit 2 unless `model` is a directory."""
+    if not model.is_dir():
+        fail(f"{model}: {'not a directory' if model.exists() else 'no such directory'}")
 
 
 def _trust(
@@ -222,6 +232,7 @@ def verify(
 ) -> None:
     """Check the signature, every file, the key's status at signing time, the provenance and
     optionally an acceptance policy."""
+    _require_directory(model)
     clients: list[Client] = []
     bundle_path = bundle or model / DEFAULT_BUNDLE_NAME
     # --gateway falls back to KMSGATE_ADDR: only a gateway source when --key is given too

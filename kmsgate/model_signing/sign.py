@@ -86,12 +86,15 @@ def gateway_public_key(
     client: Client, name: str, version: int | None
 ) -> tuple[int | None, PublicKeyTypes]:
     """(version, public key) of `name`: from `GET public-key` (needs key.read), else from the
-    unauthenticated JWKS (then `version` None means the newest non-compromised version)."""
+    unauthenticated JWKS (then `version` None means the newest non-compromised version).
+    Raises the refusal of the read (401, 403) when the JWKS does not list the version (it
+    leaves compromised ones out), SigningError when neither has it."""
     try:
         return version, load_public_key(client.public_key(name, version))
     except ApiError as exc:
         if exc.status not in (401, 403):
             raise
+        refused = exc
     keys = client.request("GET", f"/v1/keys/{name}/jwks.json").json()["keys"]
     found: dict[int, dict[str, Any]] = {}
     for jwk in keys:
@@ -100,7 +103,7 @@ def gateway_public_key(
             found[int(v)] = jwk
     wanted = version if version is not None else max(found, default=None)
     if wanted is None or wanted not in found:
-        raise SigningError(f"no public key for {name} version {version} in the gateway's JWKS")
+        raise refused  # the version may be compromised: only a reader of the key can tell
     return wanted, public_key_from_jwk(found[wanted])
 
 

@@ -115,7 +115,7 @@ class GatewayTrust:
         try:
             version, public_key = gateway_public_key(self.client, self.key, parsed[1])
         except ApiError as exc:
-            if exc.status == 0:
+            if exc.status in (0, 401, 403):  # unreachable or not allowed: an error, not a verdict
                 raise
             raise UnknownKeyError(
                 f"gateway has no usable version {parsed[1]} of {self.key!r}: "
