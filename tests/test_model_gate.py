@@ -79,6 +79,11 @@ def test_pubkey_may_be_a_path(signed: tuple[Path, str], tmp_path: Path) -> None:
     env = {"MODEL_SIGNING_REQUIRED": "1", "MODEL_SIGNING_PUBKEY": str(tmp_path / "pub.pem")}
     report = require_verified(model, env=env)
     assert report is not None and report.files == 2
+    # the argument takes what the variable takes: a path (str or Path) as well as the PEM
+    for given in (str(tmp_path / "pub.pem"), tmp_path / "pub.pem", pem.encode()):
+        assert require_verified(model, public_key=given, required=True, env={}) is not None
+    with pytest.raises(ModelSigningRequired, match="cannot read public key"):
+        require_verified(model, public_key=tmp_path / "absent.pem", env={})
 
 
 @pytest.mark.parametrize("required", ["true", "false", ""])

@@ -26,15 +26,17 @@ class ModelSigningRequired(Exception):
     """Verification is required but cannot be done (no bundle, no public key)."""
 
 
-def _public_key_pem(value: str) -> bytes:
-    if value.lstrip().startswith("-----BEGIN"):
+def _public_key_pem(value: str | bytes | os.PathLike[str]) -> bytes:
+    """The PEM `value` is, or the content of the file it names. Raises ModelSigningRequired
+    if that file cannot be read."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
         return value.encode()
     try:
         return Path(value).expanduser().read_bytes()
     except OSError as exc:
-        raise ModelSigningRequired(
-            f"cannot read MODEL_SIGNING_PUBKEY {value}: {exc.strerror}"
-        ) from None
+        raise ModelSigningRequired(f"cannot read public key {value}: {exc.strerror}") from None
 
 
 def _find_bundle(model: Path) -> Path | None:
@@ -48,7 +50,7 @@ def require_verified(
     path: str | os.PathLike[str],
     *,
     bundle: str | os.PathLike[str] | None = None,
-    public_key: str | bytes | None = None,
+    public_key: str | bytes | os.PathLike[str] | None = None,
     trust_bundle: str | os.PathLike[str] | None = None,
     required: bool | None = None,
     policy: str | os.PathLike[str] | None = None,
@@ -57,9 +59,10 @@ def require_verified(
     """Verify the model at `path` before loading it; the report, or None when verification
     was skipped (not required and no bundle or no key).
 
-    `bundle` defaults to `<path>/model.sig`, then `<path>.sig`; `public_key` (PEM) defaults to
-    MODEL_SIGNING_PUBKEY; `required` to MODEL_SIGNING_REQUIRED. Raises ModelSigningRequired
-    (required but impossible) or ModelVerificationError (the model does not verify).
+    `bundle` defaults to `<path>/model.sig`, then `<path>.sig`; `public_key` (PEM, or a path
+    to it) defaults to MODEL_SIGNING_PUBKEY; `required` to MODEL_SIGNING_REQUIRED. Raises
+    ModelSigningRequired (required but impossible, or the key's file cannot be read) or
+    ModelVerificationError (the model does not verify).
     """
     e = os.environ if env is None else env
     model = Path(path)
@@ -76,13 +79,13 @@ def require_verified(
         trust = TrustBundle.load(Path(trust_bundle))
     else:
         if public_key is None and e.get("MODEL_SIGNING_PUBKEY"):
-            public_key = _public_key_pem(e["MODEL_SIGNING_PUBKEY"])
+            public_key = e["MODEL_SIGNING_PUBKEY"]
         if public_key is None:
             if required:
                 raise ModelSigningRequired("MODEL_SIGNING_PUBKEY is not set")
             log.warning("no MODEL_SIGNING_PUBKEY: model %s loads unverified", model)
             return None
-        trust = PublicKeyTrust.from_pem(public_key)
+        trust = PublicKeyTrust.from_pem(_public_key_pem(public_key))
     options = VerifyOptions(policy=Path(policy) if policy else None)
     report = verify_model(model, bundle_path, trust, options)
     log.info("model %s verified (%s)", model, report.model_digest)
