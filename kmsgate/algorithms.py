@@ -145,12 +145,12 @@ def sign_algorithm(key_type: KeyType, name: str | None) -> SignAlg:
     the key type.
     """
     if key_type.usage is not KeyUsage.SIGN:
-        raise InvalidRequest(f"a {key_type} key cannot sign or verify signatures")
+        raise InvalidRequest(f"{key_type} keys cannot sign or verify signatures")
     alg = SIGN_ALGORITHMS.get(name or _DEFAULT_SIGN_ALG[key_type])
     if alg is None:
         raise InvalidRequest(f"unknown signature algorithm {name!r}")
     if alg.scheme not in _SCHEMES_FOR_TYPE[key_type]:
-        raise InvalidRequest(f"algorithm {alg.name} does not fit a {key_type} key")
+        raise InvalidRequest(f"algorithm {alg.name} does not fit key type {key_type}")
     return alg
 
 
@@ -175,9 +175,9 @@ def mac_algorithm(key_type: KeyType, name: str | None) -> HashName:
     """
     hash_name = _MAC_HASH.get(key_type)
     if hash_name is None:
-        raise InvalidRequest(f"a {key_type} key cannot compute MACs")
+        raise InvalidRequest(f"{key_type} keys cannot compute MACs")
     if name is not None and name != key_type.value:
-        raise InvalidRequest(f"algorithm {name!r} does not fit a {key_type} key")
+        raise InvalidRequest(f"algorithm {name!r} does not fit key type {key_type}")
     return hash_name
 
 

@@ -272,9 +272,9 @@ def remote_private_key(
     key, or it differs from the public key the backend recorded (`key.public_key_pem`).
     """
     if not key.key_type.is_asymmetric:
-        raise InvalidRequest(f"a {key.key_type} key cannot sign certificates")
+        raise InvalidRequest(f"{key.key_type} keys cannot sign certificates")
     if key_type_of_public_key(public_key) is not key.key_type:
-        raise InvalidRequest(f"the public key given for {key.ref} is not a {key.key_type} key")
+        raise InvalidRequest(f"the public key given for {key.ref} is not {key.key_type}")
     if key.public_key_pem is not None and not _same_public_key(
         public_key, serialization.load_pem_public_key(key.public_key_pem.encode())
     ):

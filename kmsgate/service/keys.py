@@ -194,7 +194,7 @@ class Keys:
 
         def read(key: Key, outcome: Outcome) -> str:
             if not key.type.is_asymmetric:
-                raise InvalidRequest(f"a {key.type} key has no public key")
+                raise InvalidRequest(f"{key.type} keys have no public key")
             v = key.usable_version(version, for_signing=False)
             outcome.key_version = v.version
             assert v.public_key_pem is not None  # every asymmetric version has one

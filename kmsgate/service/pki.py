@@ -565,7 +565,7 @@ def _public_key(key: Key) -> CertificatePublicKeyTypes:
     if not isinstance(
         public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
     ):
-        raise InvalidRequest(f"a {key.type} key cannot be a CA key")
+        raise InvalidRequest(f"{key.type} keys cannot be CA keys")
     return public
 
 

@@ -453,9 +453,9 @@ def test_wrapping_checks_the_public_key(softkms: SoftKmsBackend) -> None:
     other = ec.generate_private_key(ec.SECP256R1()).public_key()
     with pytest.raises(InvalidRequest, match="not the backend's"):
         remote_private_key(softkms, key, other)
-    with pytest.raises(InvalidRequest, match="not a ecdsa-p256 key"):
+    with pytest.raises(InvalidRequest, match="is not ecdsa-p256"):
         remote_private_key(softkms, key, ec.generate_private_key(ec.SECP384R1()).public_key())
-    with pytest.raises(InvalidRequest, match="not a ecdsa-p256 key"):
+    with pytest.raises(InvalidRequest, match="is not ecdsa-p256"):
         remote_private_key(softkms, key, ed25519.Ed25519PrivateKey.generate().public_key())
     hmac_key = softkms.create_key(KeySpec("check-hmac", 1, KeyType.HMAC_SHA256))
     with pytest.raises(InvalidRequest, match="cannot sign"):
