@@ -61,8 +61,10 @@ def _root_token_hint() -> str:
     from kmsgate.config import ROOT_TOKEN_FILE, dev_data_dir
 
     data_dir = os.environ.get("KMSGATE_DATA_DIR")
-    path = (Path(data_dir) if data_dir else dev_data_dir()) / ROOT_TOKEN_FILE
-    return f"a dev server's root token is in {path}"
+    if data_dir:
+        return f"a dev server's root token is in {Path(data_dir) / ROOT_TOKEN_FILE}"
+    default = dev_data_dir() / ROOT_TOKEN_FILE
+    return f"a dev server keeps its root token in DATA_DIR/{ROOT_TOKEN_FILE} (default {default})"
 
 
 def read_text(path: Path) -> str:
