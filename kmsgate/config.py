@@ -13,6 +13,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -288,6 +289,21 @@ JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
 no HMAC, whose secret a public key could be passed off as)."""
 
 
+def _trusted_fetch_url(url: str) -> bool:
+    """Whether `url` is https://, or http:// to a loopback host."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    if parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
+
+
 class OidcIssuer(BaseModel):
     """One trusted OIDC issuer whose JWTs authenticate as bearer tokens."""
 
@@ -295,11 +311,13 @@ class OidcIssuer(BaseModel):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
     issuer: str = Field(min_length=1)
-    audiences: list[str] = Field(min_length=1)
+    audiences: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     jwks_file: Path | None = None
     jwks_url: str | None = None
+    """https://, or http:// to a loopback address only (the keys must not be tampered with
+    on the way)."""
     algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
-    leeway: Duration = Field(default=timedelta(seconds=30))
+    leeway: Duration = Field(default=timedelta(seconds=30), le=timedelta(minutes=5))
     subject_claim: str = "sub"
     tenant_claim: str | None = None
 
@@ -307,6 +325,13 @@ class OidcIssuer(BaseModel):
     def _one_jwks(self) -> OidcIssuer:
         if (self.jwks_file is None) == (self.jwks_url is None):
             raise ValueError(f"oidc issuer {self.name}: give exactly one of jwks_file, jwks_url")
+        if self.jwks_file is not None and not self.jwks_file.is_file():
+            raise ValueError(f"oidc issuer {self.name}: jwks_file {self.jwks_file} is no file")
+        if self.jwks_url is not None and not _trusted_fetch_url(self.jwks_url):
+            raise ValueError(
+                f"oidc issuer {self.name}: jwks_url must be https://, or http:// to a loopback "
+                f"address (got {self.jwks_url[:100]!r})"
+            )
         refused = sorted(set(self.algorithms) - set(JWT_ALGORITHMS))
         if refused:
             raise ValueError(

@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.server
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +24,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from kmsgate.audit import AuditFile
-from kmsgate.config import load_settings
-from kmsgate.errors import ConfigError
+from kmsgate.auth import Credentials, oidc
+from kmsgate.config import OidcIssuer, load_settings
+from kmsgate.errors import ConfigError, Unauthenticated
 from kmsgate.pki.csr import new_key_and_csr
 from tests.test_cli import Gateway, assert_one_line_error, run_cli, running_gateway
 
@@ -267,14 +270,90 @@ def test_every_bad_token_is_401(oidc_gateway: tuple[Gateway, Issuer]) -> None:
         ({"jwks_url": "https://x.example/jwks"}, "exactly one of jwks_file, jwks_url"),
         ({"jwks_file": None}, "exactly one of jwks_file, jwks_url"),
         ({"audiences": []}, "audiences"),
+        ({"audiences": [""]}, "audiences"),
         ({"name": "Bad Name"}, "name"),
+        ({"leeway": "3650d"}, "leeway"),
+        ({"jwks_file": "/nonexistent/jwks.json"}, "is no file"),
+        ({"jwks_file": None, "jwks_url": "http://keys.example/jwks"}, "https://"),
+        ({"jwks_file": None, "jwks_url": "not a url"}, "https://"),
+        ({"jwks_file": None, "jwks_url": "file:///etc/jwks.json"}, "https://"),
     ],
 )
 def test_oidc_settings_name_what_is_wrong(
     tmp_path: Path, issuer: dict[str, Any], problem: str
 ) -> None:
-    settings = {"name": "ci", "issuer": ISSUER, "audiences": [AUDIENCE], "jwks_file": "j.json"}
+    jwks = tmp_path / "j.json"
+    jwks.write_text('{"keys": []}')
+    settings = {"name": "ci", "issuer": ISSUER, "audiences": [AUDIENCE], "jwks_file": str(jwks)}
     config = tmp_path / "kmsgate.yaml"
     config.write_text(json.dumps({"auth": {"oidc": [{**settings, **issuer}]}}))
     with pytest.raises(ConfigError, match=problem):
         load_settings(config)
+
+
+class _JwksServer:
+    """A JWKS URL on loopback that can be made to stall: it then sends a byte a second and
+    never finishes (a JWKS server under attack, or an attacker's)."""
+
+    def __init__(self, jwks: Path) -> None:
+        self.stall = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = jwks.read_bytes()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body) + 10_000))
+                self.end_headers()
+                while outer.stall.is_set():
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(1)
+                self.wfile.write(body + b" " * 10_000)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_a_slow_jwks_server_never_holds_a_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token naming an unknown `kid` asks for a fetch but never waits for it: while the
+    JWKS server stalls, such a token is refused at once and known keys keep working; once
+    the server answers again, the key it publishes is accepted."""
+    monkeypatch.setattr(oidc, "REFRESH_SECONDS", 0.2)
+    issuer = Issuer(tmp_path)
+    served = _JwksServer(issuer.jwks)
+    settings = OidcIssuer(name="ci", issuer=ISSUER, audiences=[AUDIENCE], jwks_url=served.url)
+    authenticator = oidc.OidcAuthenticator([settings])
+    known = Credentials(bearer=issuer.token())
+    newer = Credentials(bearer=issuer.token(kid="rsa-2"))
+    served.stall.set()
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(Unauthenticated):
+                authenticator.authenticate(newer)
+            principal = authenticator.authenticate(known)
+            assert principal is not None and principal.id == f"ci:{SUBJECT}"
+            assert time.monotonic() - started < 0.5
+            time.sleep(0.5)
+        keys = json.loads(issuer.jwks.read_text())
+        keys["keys"].append({**keys["keys"][0], "kid": "rsa-2"})
+        issuer.jwks.write_text(json.dumps(keys))
+    finally:
+        served.stall.clear()
+    deadline = time.monotonic() + 20  # the stalled fetch gives up after FETCH_TIMEOUT_SECONDS
+    while True:
+        try:
+            assert authenticator.authenticate(newer) is not None
+            break
+        except Unauthenticated:
+            assert time.monotonic() < deadline, "the published key was never fetched"
+            time.sleep(0.2)
+    served.server.shutdown()

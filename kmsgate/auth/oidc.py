@@ -2,8 +2,11 @@
 such as a CI job's ID token or a Kubernetes service-account token.
 
 The token's unverified `iss` picks the issuer's settings; then PyJWT checks the signature
-with the issuer's key named by `kid` (from its JWKS file or URL; fetched again on an unknown
-`kid`, at most every `REFRESH_SECONDS`), the algorithm against the issuer's allow-list
+with the issuer's key named by `kid` (from its JWKS file or URL: read at start, then again by
+a background thread every `PERIOD_SECONDS`, and soon after a token names an unknown `kid`,
+at most every `REFRESH_SECONDS`; a request never waits for a fetch, so a slow or silent JWKS
+server cannot hold requests up: a token whose key has not been fetched yet is refused until
+it is), the algorithm against the issuer's allow-list
 (asymmetric algorithms only: never `none`, never an HMAC a public key could pose as the
 secret of), `aud`, `exp`, `nbf` and `iat` (with the issuer's leeway). The principal is
 `<issuer name>:<subject claim>`, kind `oidc`, its claims the verified JWT claims; roles are
@@ -31,30 +34,39 @@ __all__ = ["OidcAuthenticator"]
 
 log = logging.getLogger("kmsgate.auth")
 REFRESH_SECONDS = 30.0
-"""The least time between two fetches of an issuer's keys on an unknown `kid`."""
+"""The least time between two fetches of an issuer's keys."""
+PERIOD_SECONDS = 300.0
+"""How often an issuer's keys are fetched when no token names an unknown `kid`."""
 FETCH_TIMEOUT_SECONDS = 5.0
+MAX_JWKS_BYTES = 1 << 20
 _REFUSED = "invalid, expired or untrusted OIDC token"
 
 
 class _IssuerKeys:
-    """One issuer's signing keys, loaded at start and again on an unknown `kid`."""
+    """One issuer's signing keys: loaded at start, then kept fresh by a background thread."""
 
     def __init__(self, issuer: OidcIssuer) -> None:
         self._issuer = issuer
-        self._lock = threading.Lock()
         self._keys: dict[str | None, jwt.PyJWK] = {}
-        self._next_fetch = 0.0
+        self._wanted = threading.Event()
         self._fetch()
+        name = f"kmsgate-jwks-{issuer.name}"
+        threading.Thread(target=self._keep_fresh, name=name, daemon=True).start()
 
     def find(self, kid: str | None) -> jwt.PyJWK | None:
-        """The key named `kid` (or the only key, for a token without `kid`)."""
+        """The key named `kid` (or the only key, for a token without `kid`); None, and a
+        fetch soon, if there is none. Never waits for a fetch."""
         key = self._lookup(kid)
-        if key is None and time.monotonic() >= self._next_fetch:
-            with self._lock:
-                if time.monotonic() >= self._next_fetch:
-                    self._fetch()
-            key = self._lookup(kid)
+        if key is None:
+            self._wanted.set()
         return key
+
+    def _keep_fresh(self) -> None:
+        while True:
+            time.sleep(REFRESH_SECONDS)
+            self._wanted.wait(PERIOD_SECONDS - REFRESH_SECONDS)
+            self._wanted.clear()
+            self._fetch()
 
     def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
         keys = self._keys
@@ -64,21 +76,35 @@ class _IssuerKeys:
 
     def _fetch(self) -> None:
         """Replace the keys from the JWKS; a JWKS that cannot be read keeps the old keys."""
-        self._next_fetch = time.monotonic() + REFRESH_SECONDS
         source = self._issuer.jwks_file or self._issuer.jwks_url
         try:
             if self._issuer.jwks_file is not None:
                 text = self._issuer.jwks_file.read_text()
             else:
                 assert self._issuer.jwks_url is not None  # OidcIssuer requires one of them
-                reply = httpx.get(self._issuer.jwks_url, timeout=FETCH_TIMEOUT_SECONDS)
-                reply.raise_for_status()
-                text = reply.text
+                text = _download(self._issuer.jwks_url)
             keys = jwt.PyJWKSet.from_json(text).keys
         except (OSError, httpx.HTTPError, jwt.PyJWTError, ValueError) as exc:
             log.warning("OIDC issuer %s: JWKS %s not loaded: %s", self._issuer.name, source, exc)
             return
         self._keys = {key.key_id: key for key in keys if key.public_key_use in (None, "sig")}
+
+
+def _download(url: str) -> str:
+    """The JWKS at `url`, read within `FETCH_TIMEOUT_SECONDS` in all (a server that sends a
+    byte now and then does not keep the fetch going) and `MAX_JWKS_BYTES`. Raises
+    httpx.HTTPError, ValueError."""
+    deadline = time.monotonic() + FETCH_TIMEOUT_SECONDS
+    body = bytearray()
+    with httpx.stream("GET", url, timeout=FETCH_TIMEOUT_SECONDS) as reply:
+        reply.raise_for_status()
+        for chunk in reply.iter_bytes():
+            body += chunk
+            if len(body) > MAX_JWKS_BYTES:
+                raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
+            if time.monotonic() > deadline:
+                raise ValueError(f"the JWKS took longer than {FETCH_TIMEOUT_SECONDS:g} s")
+    return body.decode()
 
 
 _KEY_TYPES: dict[str, tuple[type, ...]] = {
