@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+PROBLEM_TYPE = "https://kmsgate.dev/problems/"
+"""The prefix of a problem reply's `type`: followed by the error's `code`."""
+
 
 class KmsgateError(Exception):
     """Base class: a failure with an HTTP status, a stable code and a client-safe detail."""
@@ -109,6 +112,14 @@ class TooLarge(KmsgateError):
     status = 413
     code = "too_large"
     title = "Request too large"
+
+
+class HeaderTooLarge(KmsgateError):
+    """The request line and headers exceed what the server reads; the connection is closed."""
+
+    status = 431
+    code = "header_too_large"
+    title = "Request header fields too large"
 
 
 class RequestTimeout(KmsgateError):

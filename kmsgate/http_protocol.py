@@ -8,6 +8,9 @@ together at the end of that step. Measured with 2 workers on 2 cores, wrk -t2 -c
 same machine and build: sign 6,841 -> 9,012-9,468 req/s, the health check 13.3k -> 18.1k
 (wrk's own CPU time halves too: the client has half the segments to read).
 
+The request line and headers are read up to `MAX_HEAD_BYTES` (httptools sets no limit and
+keeps what it has read in memory): beyond it, 431 problem+json and the connection closes.
+
 A complete reply (status, headers and body at once, as the fast routes make them) can skip
 uvicorn's two `send` messages, where each header is checked against two regular expressions:
 the protocol puts a `WHOLE_REPLY` callable in every request's ASGI extensions, which writes the
@@ -23,14 +26,21 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,
     RequestResponseCycle,
 )
 
+from kmsgate.errors import PROBLEM_TYPE, HeaderTooLarge
+
 __all__ = ["WHOLE_REPLY", "HttpToolsOneWrite"]
 
+MAX_HEAD_BYTES = 64 * 1024
+"""The most bytes of request line and headers one request may send (Envoy's default is 60 KiB;
+a JWT or a forwarded client certificate takes a few)."""
+REFUSED_LINGER_SECONDS = 1.0
 WHOLE_REPLY = "kmsgate.whole_reply"
 """The ASGI extension (`scope["extensions"][WHOLE_REPLY]`) that writes a complete reply:
 `(status, headers, body) -> bool`, see `_write_whole`."""
@@ -66,6 +76,10 @@ class _GatheringTransport:
         self._flush()
         self._transport.close()
 
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
     def abort(self) -> None:
         self._pending = []
         self._transport.abort()
@@ -82,6 +96,52 @@ class HttpToolsOneWrite(HttpToolsProtocol):
     module gives no more of the chain) and the TLS version."""
 
     _tls: dict[str, Any] | None = None
+    _head_open = True
+    """Whether the request being read has not finished its headers yet."""
+    _head_bytes = 0
+    _refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # read and dropped until the connection closes (see _refuse_large_head)
+        if self._head_open:
+            if self._head_bytes + len(data) > MAX_HEAD_BYTES:
+                end = data.find(b"\r\n\r\n")  # a body may follow the head in the same read
+                if end < 0 or self._head_bytes + end + 4 > MAX_HEAD_BYTES:
+                    self._refuse_large_head()
+                    return
+            self._head_bytes += len(data)
+        super().data_received(data)
+
+    def _refuse_large_head(self) -> None:
+        """431 problem+json and the end of the replies, then, after `REFUSED_LINGER_SECONDS`
+        spent reading and dropping what the client still sends (closing at once, with its
+        bytes unread, would reset the connection before the client reads the 431), close."""
+        if self.transport.is_closing():
+            return
+        self._refused = True
+        error = HeaderTooLarge(f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
+        body = orjson.dumps(
+            {
+                "type": PROBLEM_TYPE + error.code,
+                "title": error.title,
+                "status": error.status,
+                "detail": error.detail,
+                "code": error.code,
+            }
+        )
+        head = b"content-type: application/problem+json\r\nconnection: close\r\n"
+        length = b"content-length: %d\r\n\r\n" % len(body)
+        self.transport.write(STATUS_LINE[error.status] + head + length + body)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
+        else:  # TLS: no half-close
+            self.transport.close()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_open, self._head_bytes = True, 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         gathering = _GatheringTransport(transport, self.loop)
@@ -96,6 +156,7 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         self.scope["extensions"] = self._extensions
 
     def on_headers_complete(self) -> None:
+        self._head_open = False
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # not an upgrade

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from kmsgate.http_protocol import MAX_HEAD_BYTES
 from tests.test_cli import running_gateway
 
 TIMEOUT = 20.0
@@ -42,7 +43,7 @@ def test_pipelined_requests_get_whole_replies_in_order_and_close_flushes(
     tmp_path: Path,
 ) -> None:
     with running_gateway(tmp_path) as gw:
-        auth = {"Authorization": f"Bearer {gw.root_token}"}
+        auth = {"Authorization": f"Bearer {gw.root_token}", "Content-Type": "application/json"}
         created = httpx.post(
             f"{gw.addr}/v1/keys",
             json={"name": "piped", "type": "ecdsa-p256", "purpose": "p"},
@@ -104,3 +105,40 @@ def test_a_fast_route_answers_head_without_a_body_and_http_1_0_with_a_close(
     assert got[0] == 200 and closed[0] == 200
     assert len(got[2]) == length > 0 and got[2].startswith(b"-----BEGIN CERTIFICATE-----")
     assert closed[2] == got[2] and closed[1].get("connection") == "close"
+
+
+def test_a_request_head_over_the_limit_gets_431_and_the_connection_closes(
+    tmp_path: Path,
+) -> None:
+    """httptools keeps request headers in memory without a limit: the protocol reads at
+    most MAX_HEAD_BYTES of them (a 16 MB header made a worker grow by 120 MB). A head just
+    under the limit, and a large body after a small head, are served as usual."""
+    with running_gateway(tmp_path) as gw:
+        address = urlsplit(gw.addr)
+        assert address.hostname and address.port
+
+        def exchange(request: bytes) -> bytes:
+            with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
+                conn.sendall(request)
+                received = b""
+                while chunk := conn.recv(65536):
+                    received += chunk
+            return received
+
+        pad = b"x" * (MAX_HEAD_BYTES - 200)
+        fits = (
+            b"GET /v1/sys/health HTTP/1.1\r\nHost: x\r\nX-Pad: "
+            + pad
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        assert _replies(exchange(fits))[0][0] == 200
+        over = b"GET /v1/sys/health HTTP/1.1\r\nHost: x\r\nX-Pad: " + pad * 3 + b"\r\n\r\n"
+        [(status, headers, body)] = _replies(exchange(over))
+        assert status == 431 and headers["connection"] == "close"
+        assert headers["content-type"] == "application/problem+json"
+        assert json.loads(body)["code"] == "header_too_large"
+        auth = {"Authorization": f"Bearer {gw.root_token}", "Content-Type": "application/json"}
+        big = httpx.post(
+            f"{gw.addr}/v1/keys", content=b"{" + b" " * (MAX_HEAD_BYTES * 4) + b"}", headers=auth
+        )
+        assert big.status_code == 422, big.text  # the body was read and validated

@@ -20,12 +20,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.metrics import UNMATCHED, Metrics
 from kmsgate.api.responses import json_bytes
-from kmsgate.errors import KmsgateError, TooLarge, ValidationFailed
+from kmsgate.errors import PROBLEM_TYPE, KmsgateError, TooLarge, ValidationFailed
 from kmsgate.logs import request_logger
 
 log = logging.getLogger("kmsgate.api")
 
-PROBLEM_TYPE = "https://kmsgate.dev/problems/"
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
