@@ -255,6 +255,8 @@ def test_every_bad_token_is_401(oidc_gateway: tuple[Gateway, Issuer]) -> None:
         "a list for the issuer": _unsigned(
             {"alg": "RS256", "kid": "rsa-1"}, issuer.claims(iss=[ISSUER]), b"k"
         ),
+        # valid, but the policy input cannot hold it (it was a 403 evaluation error)
+        "a claim beyond 64 bits": issuer.token(run_id=99999999999999999999),
     }  # fmt: skip
     statuses = {case: _sign(gw, token).status_code for case, token in bad.items()}
     assert statuses == dict.fromkeys(bad, 401)

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import httpx
 import jwt
+import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from kmsgate.auth.authenticator import Credentials
@@ -174,6 +175,11 @@ class OidcAuthenticator:
         subject = claims.get(issuer.subject_claim)
         if not isinstance(subject, str) or not subject:
             raise Unauthenticated(_REFUSED)
+        try:
+            orjson.dumps(claims)  # as the policy input will be: numbers within 64 bits
+        except TypeError:
+            log.info("OIDC token refused: a claim holds a number beyond 64 bits")
+            raise Unauthenticated(_REFUSED) from None
         tenant = claims.get(issuer.tenant_claim) if issuer.tenant_claim else None
         return Principal(
             id=f"{issuer.name}:{subject}",
