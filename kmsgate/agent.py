@@ -104,6 +104,7 @@ class Agent:
                 if exc.status != 401:  # 401: expired or revoked meanwhile: bootstrap
                     raise
                 log.warning("the current certificate was refused (%s): bootstrapping", exc.code)
+        renewed = issued is not None
         if issued is None:
             with self._client(identity=False) as client:
                 issued = client.issue_certificate(
@@ -124,7 +125,7 @@ class Agent:
         log.info(
             "certificate %s %s, valid until %s",
             issued["serial"],
-            "renewed" if current is not None else "issued",
+            "renewed" if renewed else "issued",
             issued["not_after"],
         )
         self._after_swap()
@@ -143,10 +144,17 @@ class Agent:
         return Client(self.options.addr, token, verify=context)
 
     def _current(self) -> x509.Certificate | None:
-        """The certificate in the directory if it is valid for a moment still, else None."""
+        """The certificate in the directory if it is valid for a moment still and goes with
+        the key and chain there (a run stopped between two of its writes leaves them
+        apart: the token then gets a new one), else None."""
         try:
             cert = x509.load_pem_x509_certificate(self._path("cert.pem").read_bytes())
-        except (OSError, ValueError):
+            key = serialization.load_pem_private_key(self._path("key.pem").read_bytes(), None)
+            chain = x509.load_pem_x509_certificates(self._path("chain.pem").read_bytes())
+        except (OSError, ValueError, TypeError):
+            return None
+        if key.public_key() != cert.public_key() or chain[0] != cert:
+            log.warning("the key, certificate and chain in %s do not match", self._path(""))
             return None
         left = cert.not_valid_after_utc - datetime.now(UTC)
         return cert if left > timedelta(seconds=1) else None

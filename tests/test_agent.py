@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.components import LOOPBACK, free_port
 from tests.test_cli import _stop, clean_env, kmsgate_script
@@ -139,3 +141,37 @@ def test_the_agent_keeps_a_short_lived_certificate_valid_and_recovers(tmp_path: 
     text = agent_log.read_text()
     assert "issued" in text and "renewed" in text and "retrying" in text, text
     assert all((out / name).stat().st_mode & 0o777 == 0o600 for name in ("key.pem", "cert.pem"))
+
+
+def test_an_agent_whose_key_no_longer_fits_its_certificate_gets_a_new_one(
+    tmp_path: Path,
+) -> None:
+    """A run stopped between two of its writes leaves a key that does not go with the
+    certificate: the next run gets a fresh certificate with the token instead of failing to
+    load the pair until the certificate expires."""
+    data, out = tmp_path / "data", tmp_path / "svid"
+    port = free_port()
+    with https_gateway(data, port, tmp_path / "gateway.log"):
+        command = [
+            kmsgate_script(), "agent", "--once", "--ca", "dev", "--profile", "workload",
+            "--san", "spiffe://dev.lab/ns/ml/sa/server", "--dir", str(out),
+            "--token-file", str(data / "root-token"), "--ttl", "5m",
+        ]  # fmt: skip
+        env = clean_env(
+            KMSGATE_ADDR=f"https://localhost:{port}", KMSGATE_CACERT=str(data / "dev-root.pem")
+        )
+        first = subprocess.run(command, capture_output=True, env=env, timeout=60, check=False)
+        assert first.returncode == 0, first.stderr
+        serial = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes()).serial_number
+        stray = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        (out / "key.pem").write_bytes(stray)
+        again = subprocess.run(command, capture_output=True, env=env, timeout=60, check=False)
+        assert again.returncode == 0, again.stderr
+        assert b"do not match" in again.stderr and b" issued" in again.stderr, again.stderr
+        cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+        key = serialization.load_pem_private_key((out / "key.pem").read_bytes(), None)
+        assert cert.serial_number != serial and key.public_key() == cert.public_key()

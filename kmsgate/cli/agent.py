@@ -70,5 +70,8 @@ def agent(
         worker.run(once=once)
     except ApiError as exc:
         fail_api(exc)
-    except (OSError, ValueError) as exc:
-        fail(f"{getattr(exc, 'strerror', None) or exc}")
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"{where}{exc.strerror or exc}")
+    except ValueError as exc:
+        fail(str(exc))
