@@ -112,9 +112,13 @@ def serve(
                 settings.data_dir = dev_data_dir()
             prepare_dev_data_dir(settings)
         service = build_service(settings)
+        token = None
         if settings.dev:
             assert settings.data_dir is not None
             token = ensure_root_token(service, settings.data_dir)
+        server_tls = provision(service, settings) if settings.tls else None
+        if settings.dev:  # printed once the settings have proved usable
+            assert settings.data_dir is not None
             if token:
                 console.print(
                     f"Root token (admin), shown once: {token}", highlight=False, soft_wrap=True
@@ -122,7 +126,6 @@ def serve(
             console.print(
                 f"Root token file: {settings.data_dir / ROOT_TOKEN_FILE}", highlight=False
             )
-        server_tls = provision(service, settings) if settings.tls else None
         options: dict[str, Any] = {**SERVER_OPTIONS, "ssl_context_factory": server_tls}
         scheme = "https" if server_tls else "http"
         console.print(

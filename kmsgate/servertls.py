@@ -173,14 +173,21 @@ def provision(service: Service, settings: Settings) -> ServerTls | None:
     """What the workers' contexts load: the gateway's own certificate, issued when it has
     none yet or its renewal is due (`tls.ca`), and the client CAs. Checks that a context
     loads; None when a trusted proxy terminates TLS (after checking `tls.client_cas`).
-    Raises ConfigError (with what to fix), KmsgateError if issuing fails."""
+    Raises ConfigError (with what to fix, also when the gateway's certificate cannot be
+    issued)."""
     tls = _require_tls(settings)
     client_cas = service.pki.trusted_certificates(tls.client_cas)
     if not tls.serves_https:
         return None
     if tls.ca is not None:
         cert_file, key_file = _own_pair(settings)
-        renew_if_due(service, settings)
+        try:
+            renew_if_due(service, settings)
+        except KmsgateError as exc:  # a CA, profile, name or lifetime it cannot have
+            raise ConfigError(
+                f"tls: CA {tls.ca!r} cannot issue the gateway's certificate (profile "
+                f"{tls.profile!r}, sans {list(tls.sans)}, ttl {tls.ttl}): {exc.detail}"
+            ) from None
     else:
         assert tls.cert_file is not None and tls.key_file is not None  # TlsSettings checks
         cert_file, key_file = tls.cert_file, tls.key_file

@@ -224,6 +224,29 @@ def test_tls_outside_dev_needs_settings_and_a_bad_pair_is_one_error_line(tmp_pat
     assert "error: cannot load the TLS certificate" in mismatched.err, str(mismatched)
 
 
+@pytest.mark.parametrize(
+    ("tls", "problem"),
+    [
+        ({"ca": "nosuchca"}, "no CA named 'nosuchca'"),
+        ({"ca": "dev", "profile": "nope"}, "no certificate profile named 'nope'"),
+        ({"ca": "dev", "sans": ["evil.example.com"]}, "evil.example.com"),
+        ({"ca": "dev", "ttl": "30d"}, "exceeds the maximum"),
+    ],
+)
+def test_a_gateway_certificate_its_ca_cannot_issue_is_one_error_line(
+    tmp_path: Path, tls: dict[str, object], problem: str
+) -> None:
+    config = tmp_path / "kmsgate.yaml"
+    config.write_text(json.dumps({"tls": tls}))
+    refused = run_cli(
+        ("serve", "--dev", "--data-dir", str(tmp_path / "d"), "--config", str(config),
+         "--port", str(free_port())),
+        clean_env(),
+    )  # fmt: skip
+    assert refused.rc == 2 and "Traceback" not in refused.err, str(refused)
+    assert_one_line_error(refused, "cannot issue the gateway's certificate", problem, rc=2)
+
+
 def test_the_cli_talks_to_an_https_gateway_trusting_cacert(tmp_path: Path) -> None:
     with running_gateway(tmp_path, "--tls", https=True) as gw:
         root = str(gw.data_dir / "dev-root.pem")
