@@ -355,7 +355,7 @@ def test_a_client_certificate_is_the_principal_until_it_is_revoked(tmp_path: Pat
     assert ("mtls", "spiffe://dev.lab/ns/ml/sa/signer", "ok") in by_outcome
     assert ("mtls", "spiffe://dev.lab/ns/ml/sa/other", "policy_denied") in by_outcome
     refusals = AuditFile(gw.data_dir / "audit.log").search(action="authn")
-    assert any(r["resource"] == {"kind": "mtls"} for r in refusals)
+    assert any(r["resource"] == {"kind": "mtls", "name": serial} for r in refusals)
 
 
 def _renew(gw: Gateway, identity: tuple[Path, Path] | None, sans: list[str]) -> httpx.Response:

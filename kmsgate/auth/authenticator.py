@@ -39,11 +39,13 @@ class Authenticator(Protocol):
 
 
 class AuthenticationFailed(Unauthenticated):
-    """Unauthenticated, naming the authenticator kind that refused (for the audit record)."""
+    """Unauthenticated, naming the authenticator kind that refused and, for a client
+    certificate, its serial (for the audit record)."""
 
-    def __init__(self, kind: str, cause: Unauthenticated) -> None:
+    def __init__(self, kind: str, cause: Unauthenticated, subject: str | None = None) -> None:
         super().__init__(cause.detail)
         self.kind = kind
+        self.subject = subject
 
 
 class Authenticators:
@@ -61,7 +63,13 @@ class Authenticators:
             try:
                 principal = authenticator.authenticate(credentials)
             except Unauthenticated as exc:
-                raise AuthenticationFailed(authenticator.kind, exc) from None
+                refused = credentials.peer_chain[0] if credentials.peer_chain else None
+                serial = (
+                    f"{refused.serial_number:x}"
+                    if refused and authenticator.kind == "mtls"
+                    else None
+                )
+                raise AuthenticationFailed(authenticator.kind, exc, serial) from None
             if principal is not None:
                 return principal
         raise AuthenticationFailed(

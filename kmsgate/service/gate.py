@@ -179,7 +179,7 @@ class Gate:
                     outcome=exc.code,
                     request_id=ctx.request_id,
                     principal=None,
-                    resource={"kind": exc.kind},
+                    resource={"kind": exc.kind, **({"name": exc.subject} if exc.subject else {})},
                     policy_digest=self.policy.digest,
                 )
             )
