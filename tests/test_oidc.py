@@ -257,6 +257,7 @@ def test_every_bad_token_is_401(oidc_gateway: tuple[Gateway, Issuer]) -> None:
         ),
         # valid, but the policy input cannot hold it (it was a 403 evaluation error)
         "a claim beyond 64 bits": issuer.token(run_id=99999999999999999999),
+        "exp as a string": issuer.token(exp=str(now + 300)),
     }  # fmt: skip
     statuses = {case: _sign(gw, token).status_code for case, token in bad.items()}
     assert statuses == dict.fromkeys(bad, 401)

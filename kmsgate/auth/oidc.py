@@ -116,6 +116,10 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def _not_numeric(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int | float)
+
+
 def _fits(algorithm: str, key: object) -> bool:
     """Whether `key` is of the type `algorithm` signs with (a token may not pick a
     verification the issuer's key was not made for)."""
@@ -174,6 +178,9 @@ class OidcAuthenticator:
         )
         subject = claims.get(issuer.subject_claim)
         if not isinstance(subject, str) or not subject:
+            raise Unauthenticated(_REFUSED)
+        if any(_not_numeric(claims.get(name, 0)) for name in ("exp", "nbf", "iat")):
+            log.info("OIDC token refused: a time claim is not a JSON number")  # RFC 7519 2
             raise Unauthenticated(_REFUSED)
         try:
             orjson.dumps(claims)  # as the policy input will be: numbers within 64 bits
