@@ -179,14 +179,11 @@ _LONG_AGO = datetime.min.replace(tzinfo=UTC)
 @dataclass(frozen=True, slots=True)
 class Answer:
     """A serial's status as one CA's responder gives it, and the pre-signed answer without a
-    nonce (`der`, empty until one is signed) with the time to re-sign it and the responder
-    that signed it."""
+    nonce (`der`, empty until one is signed) with the time to re-sign it."""
 
     status: CertStatus
     der: bytes = b""
     refresh_at: datetime = _LONG_AGO
-    responder: int = 0
-    """The serial of the responder certificate that signed `der`."""
 
 
 class OcspAnswers(StoreMirror):
@@ -209,12 +206,14 @@ class OcspAnswers(StoreMirror):
         with contextlib.suppress(ValueError):  # not a serial: nothing of ours to drop
             serial = int(item, 16)
             self._answers.pop(serial, None)
-            if serial in self._watched:
+            if serial in self._watched:  # a responder's own certificate (revoked)
                 self._watched[serial] = True
+                self._answers = {}  # what it signed is served no more
 
     def watch(self, serial: int) -> None:
         """Note from now on whether the certificate `serial` changes (a responder's own
-        certificate: see `changed`). Call it before reading the certificate's state."""
+        certificate: see `changed`; its change also drops every cached answer). Call it
+        before reading the certificate's state."""
         with self._lock:
             if len(self._watched) >= MAX_CACHED_SERIALS:
                 self._watched.clear()

@@ -23,7 +23,7 @@ delta CRL and answers OCSP through a delegated responder; both are public (no to
   leader renews the certificate at half-life; a revoked responder certificate is retired
   (the next request rotates the key and certifies the new version). An answer without a
   nonce is signed once and cached per serial until the certificate changes (the "certs"
-  feed), its responder changes or it reaches half its validity; a nonce gets a fresh
+  feed), its responder is revoked or it reaches half its validity; a nonce gets a fresh
   answer echoing it. A cached answer reads no database. Answers are not audited (public and
   frequent); builds and responder certificates are, as principal `system`.
 """
@@ -335,16 +335,8 @@ class Revocation:
         with_nonce = request_nonce(request) is not None
         at = now()
         cached, epoch = self.answers.get(serial, ca.name, cert_id_hash)
-        responder = self._current_responder(ca, at, memory_only=True)
-        if (
-            cached is not None
-            and not with_nonce
-            and cached.der
-            and at < cached.refresh_at
-            and responder is not None
-            and cached.responder == responder.certificate.serial_number
-        ):
-            return cached.der
+        if cached is not None and not with_nonce and cached.der and at < cached.refresh_at:
+            return cached.der  # a revoked responder's answers are dropped (OcspAnswers)
         status = cached.status if cached is not None else None
         if status is None:
             if memory_only:
@@ -352,6 +344,7 @@ class Revocation:
             if not self.answers.take_miss():
                 return try_later_response()
             status = cert_status(self.store.certs.get(serial_hex(serial)), ca.name)
+        responder = self._current_responder(ca, at, memory_only=True)
         if responder is None:
             if memory_only:
                 return None
@@ -367,8 +360,9 @@ class Revocation:
         )
         if not with_nonce:
             refresh_at = at + (next_update - at) / 2
-            signed = Answer(status, answer, refresh_at, responder.certificate.serial_number)
-            self.answers.put(serial, ca.name, cert_id_hash, signed, epoch)
+            self.answers.put(
+                serial, ca.name, cert_id_hash, Answer(status, answer, refresh_at), epoch
+            )
         elif cached is None:
             self.answers.put(serial, ca.name, cert_id_hash, Answer(status), epoch)
         return answer
