@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
@@ -67,10 +68,14 @@ def create_key(
 
 
 def self_signed(
-    common_name: str, *, ca: bool = False, lifetime: timedelta = timedelta(days=1)
+    common_name: str,
+    *,
+    ca: bool = False,
+    lifetime: timedelta = timedelta(days=1),
+    extensions: Sequence[x509.ExtensionType] = (),
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A fresh P-256 key and a self-signed certificate for it (from a minute ago), a CA
-    certificate with `ca`: a stranger to every kmsgate CA."""
+    certificate with `ca`, with `extensions` (critical): a stranger to every kmsgate CA."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.now(UTC)
@@ -85,6 +90,8 @@ def self_signed(
     )
     if ca:
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=True)
     return key, builder.sign(key, hashes.SHA256())
 
 

@@ -36,8 +36,9 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -258,29 +259,26 @@ class Revocation:
             next_update = at + CRL_VALIDITY
             public_url = self.pki.public_url
             freshest = f"{public_url}/v1/pki/cas/{ca.name}/crl?delta=1" if public_url else None
+
+            def crl(builder: Callable[..., bytes], **fields: Any) -> bytes:
+                return builder(
+                    issuer=issuer,
+                    key=signer,
+                    this_update=at,
+                    next_update=next_update,
+                    hash_alg=hash_alg,
+                    **fields,
+                )
+
             # a large CRL is built in a child process, once it is up (see crl_apart)
             apart = len(entries) >= APART_FROM and crl_apart.ready()
-            full_crl = build_crl_apart if apart else build_crl
-            full = full_crl(
-                issuer=issuer,
-                key=signer,
+            full = crl(
+                build_crl_apart if apart else build_crl,
                 revoked=entries,
                 number=number,
-                this_update=at,
-                next_update=next_update,
                 freshest_url=freshest,
-                hash_alg=hash_alg,
             )
-            delta = build_crl(
-                issuer=issuer,
-                key=signer,
-                revoked=news,
-                number=delta_number,
-                this_update=at,
-                next_update=next_update,
-                delta_base=base_number,
-                hash_alg=hash_alg,
-            )
+            delta = crl(build_crl, revoked=news, number=delta_number, delta_base=base_number)
             self.published.publish(
                 ca.name,
                 [

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.pki.issuer import key_usage
+from tests.components import run_openssl
 from tests.gateway import Api
 
 PEM = serialization.Encoding.PEM
@@ -122,3 +123,21 @@ def leaf_csr(
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def openssl_verifies(
+    binary: str, directory: Path, root: OfflineRoot, issued: dict[str, Any], *options: str
+) -> None:
+    """Assert that `openssl verify` (with `options`, such as `-purpose sslserver`) accepts
+    the certificate of an issue reply `issued` against `root`, its chain untrusted."""
+    verified = run_openssl(
+        binary,
+        "verify",
+        "-CAfile",
+        write(directory / "root.pem", root.pem),
+        "-untrusted",
+        write(directory / "chain.pem", issued["chain"]),
+        *options,
+        write(directory / "leaf.pem", issued["certificate"]),
+    )
+    assert verified.returncode == 0 and ": OK" in verified.stdout, verified.stdout + verified.stderr

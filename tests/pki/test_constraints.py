@@ -3,36 +3,21 @@
 from __future__ import annotations
 
 import ipaddress
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.errors import InvalidRequest
 from kmsgate.pki.constraints import refuse_outside_constraints
+from tests.helpers import self_signed
 
 NOBODY = x509.Name([])
 
 
 def ca(permitted=None, excluded=None, name: str = "Constrained CA") -> x509.Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
-    now = datetime.now(UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-    )
-    if permitted is not None or excluded is not None:
-        builder = builder.add_extension(x509.NameConstraints(permitted, excluded), critical=True)
-    return builder.sign(key, hashes.SHA256())
+    constrained = permitted is not None or excluded is not None
+    extensions = [x509.NameConstraints(permitted, excluded)] if constrained else []
+    return self_signed(name, ca=True, extensions=extensions)[1]
 
 
 DNS, IP, URI = x509.DNSName, x509.IPAddress, x509.UniformResourceIdentifier

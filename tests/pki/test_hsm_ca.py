@@ -15,7 +15,7 @@ from kmsgate.service import Ctx
 from kmsgate.uri import Pkcs11Uri
 from tests.components import run_openssl
 from tests.gateway import open_gateway
-from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate, write
+from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate, openssl_verifies, write
 from tests.softhsm import softhsm_session
 
 pytestmark = pytest.mark.interop
@@ -38,16 +38,7 @@ def test_an_hsm_intermediate_signs_what_openssl_verifies(
         )
         assert issued.status_code == 200, issued.text
         body = issued.json()
-        verified = run_openssl(
-            openssl_bin,
-            "verify",
-            "-CAfile",
-            write(tmp_path / "root.pem", root.pem),
-            "-untrusted",
-            write(tmp_path / "chain.pem", body["chain"]),
-            write(tmp_path / "leaf.pem", body["certificate"]),
-        )
-        assert verified.returncode == 0, verified.stdout + verified.stderr
+        openssl_verifies(openssl_bin, tmp_path, root, body)
         check_hsm_crl_and_ocsp(api, admin, tmp_path, openssl_bin, root, body)
         version = api.service.catalogue.get(ca["key"]).versions[1]
     ref = Pkcs11Uri.parse_key_reference(version.backend_ref)

@@ -15,8 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from kmsgate.auth import Credentials
 from kmsgate.service import Ctx
 from kmsgate.service.requests import IssueInput
-from tests.components import run_openssl
-from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate, write
+from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate, openssl_verifies
 
 PEM_TYPE = "application/x-pem-file"
 
@@ -38,21 +37,7 @@ def test_a_server_certificate_verifies_with_openssl(api, admin, root, tmp_path, 
     r = issue(api, admin, csr, "server")
     assert r.status_code == 200, r.text
     body = r.json()
-    leaf = write(tmp_path / "leaf.pem", body["certificate"])
-    chain = write(tmp_path / "chain.pem", body["chain"])
-    ca_file = write(tmp_path / "root.pem", root.pem)
-    verified = run_openssl(
-        openssl_bin,
-        "verify",
-        "-CAfile",
-        ca_file,
-        "-untrusted",
-        chain,
-        "-purpose",
-        "sslserver",
-        leaf,
-    )
-    assert verified.returncode == 0 and ": OK" in verified.stdout, verified.stdout + verified.stderr
+    openssl_verifies(openssl_bin, tmp_path, root, body, "-purpose", "sslserver")
     cert = x509.load_pem_x509_certificate(body["certificate"].encode())
     assert format(cert.serial_number, "x") == body["serial"]
     assert cert.serial_number.bit_length() <= 159
@@ -230,16 +215,7 @@ def test_names_outside_the_cas_name_constraints_are_refused(
     assert api.call("GET", "/v1/pki/certs", admin).json()["certs"] == []
     r = issue(api, admin, leaf_csr(x509.DNSName("web.LAB"))[1], "server")
     assert r.status_code == 200, r.text
-    verified = run_openssl(
-        openssl_bin,
-        "verify",
-        "-CAfile",
-        write(tmp_path / "root.pem", root.pem),
-        "-untrusted",
-        write(tmp_path / "chain.pem", r.json()["chain"]),
-        write(tmp_path / "leaf.pem", r.json()["certificate"]),
-    )
-    assert verified.returncode == 0 and ": OK" in verified.stdout, verified.stdout + verified.stderr
+    openssl_verifies(openssl_bin, tmp_path, root, r.json())
     # DNS names are recorded in lower case and found in any case
     listed = api.call("GET", "/v1/pki/certs?san=WEB.lab", admin).json()["certs"]
     assert [c["sans"] for c in listed] == [["dns:web.lab"]]

@@ -3,7 +3,9 @@ profile checks, the policy, the audit and the inventory."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,16 @@ SERVER_ROLE = {
 """The same role made to give what kmsgate's `server` profile gives."""
 
 
+@contextlib.contextmanager
+def vault_gateway(server: OpenBaoServer, tmp_path: Path) -> Iterator[tuple[Any, str]]:
+    """A gateway with backend `vault` on `server` (and `local`): its API and admin token."""
+    vault = vault_config(
+        server.addr, "kmsgate-", token_file=str(token_file(tmp_path, server.root_token))
+    )
+    with open_gateway(tmp_path, backends={"local": {"type": "softkms"}, "vault": vault}) as pair:
+        yield pair
+
+
 @pytest.fixture
 def pki_mount(openbao_server: OpenBaoServer) -> str:
     """A fresh PKI engine with an internal root, a role `web` that issues as kmsgate's
@@ -56,13 +68,7 @@ def pki_mount(openbao_server: OpenBaoServer) -> str:
 def test_a_vault_pki_ca_issues_and_revokes(
     openbao_server: OpenBaoServer, pki_mount: str, tmp_path: Path, openssl_bin: str
 ) -> None:
-    vault = vault_config(
-        openbao_server.addr,
-        "kmsgate-",
-        token_file=str(token_file(tmp_path, openbao_server.root_token)),
-    )
-    backends = {"local": {"type": "softkms"}, "vault": vault}
-    with open_gateway(tmp_path, backends=backends) as (api, admin):
+    with vault_gateway(openbao_server, tmp_path) as (api, admin):
         created = api.call(
             "POST",
             "/v1/pki/cas",
@@ -129,13 +135,7 @@ def test_ocsp_for_a_vault_ca_is_always_an_ocsp_answer(
     """Vault answers a well-formed request; a malformed one gets malformedRequest, as for the
     gateway's own CAs; when Vault cannot answer (here: its PKI mount is gone), tryLater.
     Never a problem+json: OCSP clients read only OCSP responses."""
-    vault = vault_config(
-        openbao_server.addr,
-        "kmsgate-",
-        token_file=str(token_file(tmp_path, openbao_server.root_token)),
-    )
-    backends = {"local": {"type": "softkms"}, "vault": vault}
-    with open_gateway(tmp_path, backends=backends) as (api, admin):
+    with vault_gateway(openbao_server, tmp_path) as (api, admin):
         body = {"name": "bao", "type": "hashivault-pki", "key": {"backend": "vault"}}
         created = api.call(
             "POST", "/v1/pki/cas", admin, json={**body, "mount": pki_mount, "role": "web"}
@@ -183,14 +183,8 @@ def test_a_vault_role_that_would_give_other_extensions_is_refused(
     """The profile alone decides the extensions: a CA over a missing role, or a role whose
     key usage or basic constraints differ, is refused at creation; a certificate the role
     gave other EKUs than the profile's is revoked in Vault and not handed out."""
-    vault = vault_config(
-        openbao_server.addr,
-        "kmsgate-",
-        token_file=str(token_file(tmp_path, openbao_server.root_token)),
-    )
-    backends = {"local": {"type": "softkms"}, "vault": vault}
     client = openbao_server.client()
-    with open_gateway(tmp_path, backends=backends) as (api, admin):
+    with vault_gateway(openbao_server, tmp_path) as (api, admin):
 
         def create(name: str, role: str, mount: str = pki_mount) -> Any:
             body = {"name": name, "type": "hashivault-pki", "key": {"backend": "vault"}}
