@@ -57,6 +57,10 @@ class AgentOptions:
     cacert: Path | None = None
 
 
+PERMANENT_STATUSES = frozenset({400, 404, 422})
+"""Replies the agent stops on (its options are wrong) instead of retrying for ever."""
+
+
 class Agent:
     """Keeps `options.directory` holding a valid certificate."""
 
@@ -71,14 +75,16 @@ class Agent:
 
     def run(self, *, once: bool = False) -> None:
         """Bootstrap or renew, then wait for the next renewal, until `stop` is set (once:
-        one swap, then return). Raises ApiError, OSError or ValueError only with `once`;
-        otherwise failures are logged and retried with exponential backoff."""
+        one swap, then return). Raises ApiError, OSError or ValueError with `once`, and an
+        ApiError that asking again cannot mend (`PERMANENT_STATUSES`: an unknown CA or
+        profile, a request the gateway refuses as such); other failures are logged and
+        retried with exponential backoff."""
         backoff = FIRST_BACKOFF_SECONDS
         while not self.stop.is_set():
             try:
                 self.swap()
             except (ApiError, OSError, ValueError) as exc:
-                if once:
+                if once or (isinstance(exc, ApiError) and exc.status in PERMANENT_STATUSES):
                     raise
                 log.warning("certificate not renewed (retrying in %.1f s): %s", backoff, exc)
                 self.stop.wait(min(backoff, self._seconds_left()))

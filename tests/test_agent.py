@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.components import LOOPBACK, free_port
-from tests.test_cli import _stop, clean_env, kmsgate_script
+from tests.test_cli import _stop, clean_env, kmsgate_script, running_gateway
 
 TTL_SECONDS = 3
 RENEWALS = 20
@@ -175,3 +175,25 @@ def test_an_agent_whose_key_no_longer_fits_its_certificate_gets_a_new_one(
         cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
         key = serialization.load_pem_private_key((out / "key.pem").read_bytes(), None)
         assert cert.serial_number != serial and key.public_key() == cert.public_key()
+
+
+def test_an_agent_stops_on_what_asking_again_cannot_mend(tmp_path: Path) -> None:
+    """An unknown CA is a mistake in the agent's options: it exits 2 naming it instead of
+    retrying for ever; without a token it says which of its options gives one."""
+    with running_gateway(tmp_path) as gw:
+        base = [
+            kmsgate_script(), "agent", "--profile", "workload",
+            "--san", "spiffe://dev.lab/ns/ml/sa/x", "--dir", str(tmp_path / "svid"),
+        ]  # fmt: skip
+        env = gw.env(token="")
+        unknown = subprocess.run(
+            [*base, "--ca", "nosuchca", "--token-file", str(gw.data_dir / "root-token")],
+            capture_output=True, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        assert unknown.returncode == 2, unknown.stderr
+        assert b"not_found: no CA named 'nosuchca'" in unknown.stderr
+        no_token = subprocess.run(
+            [*base, "--ca", "dev", "--once"], capture_output=True, env=env, timeout=60, check=False
+        )
+        assert no_token.returncode == 2
+        assert b"give the agent --token-file or --oidc-token-file" in no_token.stderr

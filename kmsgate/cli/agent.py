@@ -69,7 +69,7 @@ def agent(
     try:
         worker.run(once=once)
     except ApiError as exc:
-        fail_api(exc)
+        fail_api(exc, credential_hint="give the agent --token-file or --oidc-token-file")
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         fail(f"{where}{exc.strerror or exc}")

@@ -48,12 +48,16 @@ def name_values(entries: Sequence[str], what: str) -> dict[str, str]:
     return pairs
 
 
-def fail_api(exc: ApiError, note: str = "", code: int = 2) -> NoReturn:
+def fail_api(
+    exc: ApiError, note: str = "", code: int = 2, *, credential_hint: str = ""
+) -> NoReturn:
     """`fail` for a gateway error: `code: detail`, then `note`. A 401 to a request that carried
-    no token says how to give one and where a dev server keeps its root token."""
+    no token says how to give one (`credential_hint`, by default KMSGATE_TOKEN or
+    --token) and where a dev server keeps its root token."""
     message = f"{exc.code}: {exc.detail}"
     if exc.code == "unauthenticated" and not exc.token_sent:
-        message += f" (no API token given: set KMSGATE_TOKEN or pass --token; {_root_token_hint()})"
+        how = credential_hint or "set KMSGATE_TOKEN or pass --token"
+        message += f" (no API token given: {how}; {_root_token_hint()})"
     fail(message + (f" ({note})" if note else ""), code)
 
 
