@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -289,6 +290,16 @@ JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
 no HMAC, whose secret a public key could be passed off as)."""
 
 
+def _problems(exc: ValidationError) -> str:
+    """Each problem as `where: what`, on one line, without the values given (a value may be
+    a secret: a PIN, a token)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'config'}: "
+        + error["msg"].removeprefix("Value error, ")
+        for error in exc.errors(include_url=False, include_input=False)
+    )
+
+
 def _trusted_fetch_url(url: str) -> bool:
     """Whether `url` is https://, or http:// to a loopback host."""
     parts = urlsplit(url)
@@ -509,6 +520,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
     try:
         layered = KmsgateSettings(**init_values)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_problems(exc)}") from None
     except ValueError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
     if layered.dev:

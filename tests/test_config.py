@@ -117,3 +117,14 @@ def test_bootstrap_token_for_production(tmp_path):
     assert service.tokens.authenticate(Credentials(bearer=token)).roles == ("admin",)
     service.close()
     assert "token.bootstrap" in (data / "audit.log").read_text()
+
+
+def test_a_settings_error_is_one_line_and_never_repeats_the_value(tmp_path):
+    """What was wrong and where, on one line; not the value given (it may be a secret)."""
+    config = tmp_path / "kmsgate.yaml"
+    config.write_text("limits:\n  max_body_bytes: s3cr3t-value\nenv: [1, 2]\n")
+    with pytest.raises(ConfigError) as refused:
+        load_settings(config)
+    message = str(refused.value)
+    assert "\n" not in message and "s3cr3t" not in message and "pydantic" not in message
+    assert "limits.max_body_bytes:" in message and "env:" in message
