@@ -223,7 +223,12 @@ def test_missing_extra_wrong_key_and_bad_signature(
     (model / "a-b").unlink()
     assert failure() is Failure.MISSING_FILES
     assert stock_cli_verify(model, result.bundle_path, pub).returncode == 1
-    (model / "a-b").write_bytes(moved)
+    (model / "a-b.renamed").write_bytes(moved)  # a rename: both names are reported
+    with pytest.raises(ModelVerificationError) as renamed:
+        verify_model(model, result.bundle_path, trust)
+    assert renamed.value.failure is Failure.MISSING_FILES
+    assert renamed.value.detail == "missing files: a-b; extra files: a-b.renamed"
+    (model / "a-b.renamed").rename(model / "a-b")
     assert verify_model(model, result.bundle_path, trust).ok
 
     other = ec.generate_private_key(ec.SECP256R1()).public_key()

@@ -206,14 +206,17 @@ def _verify(
     except mf.ManifestError as exc:
         raise fail(report, Failure.EXTRA_FILES, str(exc), "files") from None
     report.integrity = {"mismatched": mismatched, "missing": missing, "extra": extra}
-    for failure, names, what in (
-        (Failure.DIGEST_MISMATCH, mismatched, "digest mismatch"),
-        (Failure.MISSING_FILES, missing, "missing files"),
-        (Failure.EXTRA_FILES, extra, "extra files"),
-    ):
-        if names:
-            shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
-            raise fail(report, failure, f"{what}: {shown}", "files")
+    found = [
+        (failure, f"{what}: {_listed(names)}")
+        for failure, names, what in (
+            (Failure.DIGEST_MISMATCH, mismatched, "digest mismatch"),
+            (Failure.MISSING_FILES, missing, "missing files"),
+            (Failure.EXTRA_FILES, extra, "extra files"),
+        )
+        if names
+    ]
+    if found:  # the first kind decides the exit status; the message names them all
+        raise fail(report, found[0][0], "; ".join(text for _, text in found), "files")
     problem = _checksums_agree(model, expected)
     if problem:
         raise fail(report, Failure.DIGEST_MISMATCH, problem, "files")
@@ -306,3 +309,9 @@ def _check_provenance(
         raise bad(f"the provenance says {summary.algorithm}, the signature is {alg.name}")
     report.check("provenance", True, f"SLSA v1, signed at {rfc3339(summary.signed_at)}")
     return summary
+
+
+def _listed(names: Sequence[str]) -> str:
+    """The first five names, and how many more."""
+    more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more
