@@ -14,6 +14,23 @@ PROBLEM_TYPE = "https://kmsgate.dev/problems/"
 """The prefix of a problem reply's `type`: followed by the error's `code`."""
 
 
+def problem_document(
+    status: int, code: str, title: str, detail: str, request_id: str | None = None
+) -> dict[str, object]:
+    """The RFC 9457 problem+json document every error reply carries (`request_id` when the
+    request got one)."""
+    document: dict[str, object] = {
+        "type": PROBLEM_TYPE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if request_id is not None:
+        document["request_id"] = request_id
+    return document
+
+
 class KmsgateError(Exception):
     """Base class: a failure with an HTTP status, a stable code and a client-safe detail."""
 

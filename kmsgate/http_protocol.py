@@ -33,7 +33,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-from kmsgate.errors import PROBLEM_TYPE, HeaderTooLarge
+from kmsgate.errors import HeaderTooLarge, problem_document
 
 __all__ = ["WHOLE_REPLY", "HttpToolsOneWrite"]
 
@@ -121,15 +121,7 @@ class HttpToolsOneWrite(HttpToolsProtocol):
             return
         self._refused = True
         error = HeaderTooLarge(f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
-        body = orjson.dumps(
-            {
-                "type": PROBLEM_TYPE + error.code,
-                "title": error.title,
-                "status": error.status,
-                "detail": error.detail,
-                "code": error.code,
-            }
-        )
+        body = orjson.dumps(problem_document(error.status, error.code, error.title, error.detail))
         head = b"content-type: application/problem+json\r\nconnection: close\r\n"
         length = b"content-length: %d\r\n\r\n" % len(body)
         self.transport.write(STATUS_LINE[error.status] + head + length + body)

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.metrics import UNMATCHED, Metrics
 from kmsgate.api.responses import json_bytes
-from kmsgate.errors import PROBLEM_TYPE, KmsgateError, TooLarge, ValidationFailed
+from kmsgate.errors import KmsgateError, TooLarge, ValidationFailed, problem_document
 from kmsgate.logs import request_logger
 
 log = logging.getLogger("kmsgate.api")
@@ -37,16 +37,8 @@ def problem(
     request_id: str,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    body = {
-        "type": PROBLEM_TYPE + code,
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "code": code,
-        "request_id": request_id,
-    }
     return Response(
-        json_bytes(body),
+        json_bytes(problem_document(status, code, title, detail, request_id)),
         status_code=status,
         media_type="application/problem+json",
         headers=headers,

@@ -103,10 +103,15 @@ def build_crl_apart(
 
 def ready() -> bool:
     """Whether the builder child is up; if not, start it in the background (a build now
-    would wait for it: 0.5-2 s, the interpreter and its imports)."""
-    with _builder_lock:
+    would wait for it: 0.5-2 s, the interpreter and its imports). Never waits: while a
+    start is under way (it holds the lock) the answer is False."""
+    if not _builder_lock.acquire(blocking=False):
+        return False
+    try:
         if _builder is not None and _builder[0].is_alive():
             return True
+    finally:
+        _builder_lock.release()
     threading.Thread(target=_start_builder, name="kmsgate-crl-builder-start", daemon=True).start()
     return False
 
