@@ -207,3 +207,34 @@ def test_a_date_time_at_the_calendar_edges_is_accepted(api: Api, admin: str) -> 
     path = "/v1/keys/k/versions/1/compromised"
     reply = api.call("POST", path, admin, json={"since": "0001-01-01T00:30:00+00:30"})
     assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/v1/pki/certs?status=valid&status=revoked", "status"),
+        ("/v1/pki/certs?limit=5&san=a.example&limit=500", "limit"),
+        ("/v1/keys?purpose=general&purpose=model-sign", "purpose"),
+        ("/v1/keys/k/public-key?version=1&version=2", "version"),
+        ("/v1/audit?action=key.create&action=key.read", "action"),
+        ("/v1/exceptions?principal=a&principal=b", "principal"),
+        ("/v1/pki/cas/dev/crl?delta=1&delta=0", "delta"),
+    ],
+)
+def test_a_single_valued_query_parameter_given_twice_is_422(
+    api: Api, admin: str, path: str, name: str
+) -> None:
+    create_key(api, admin, "k")
+    reads = len(api.service.audit.search(action="key.read"))
+    body = _problem(api.call("GET", path, admin), 422, "validation_failed")
+    assert body["detail"] == f"query.{name}: given 2 times; give it once"
+    assert len(api.service.audit.search(action="key.read")) == reads  # refused before policy
+
+
+def test_a_list_query_parameter_takes_every_value(api: Api, admin: str) -> None:
+    for name, labels in (("a", {"team": "ml", "env": "prod"}), ("b", {"team": "ml"})):
+        reply = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "name": name, "labels": labels})
+        assert reply.status_code == 201, reply.text
+    reply = api.call("GET", "/v1/keys?label=team:ml&label=env:prod", admin)
+    assert reply.status_code == 200, reply.text
+    assert [k["name"] for k in reply.json()["keys"]] == ["a"]

@@ -1,18 +1,21 @@
-"""Request bodies at the edge, the same for every route: JSON only (`application/json`,
+"""Requests at the edge, the same for every route: bodies are JSON only (`application/json`,
 else 415), parsed strictly (not JSON, a duplicate member: 400) before anything else reads
-them."""
+them; a query parameter that takes one value, given twice, is refused (422) rather than
+read as its last value."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Any
+import types
+from collections.abc import Callable, Collection, Coroutine
+from typing import Any, Union, get_args, get_origin
 
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
-from kmsgate.errors import UnsupportedMediaType
+from kmsgate.errors import UnsupportedMediaType, ValidationFailed
 from kmsgate.schemas import parse_json_object
 
 JSON = "application/json"
@@ -57,16 +60,54 @@ class _ParsedRequest(Request):
         return self._parsed
 
 
+def refuse_repeated(request: Request, names: Collection[str]) -> None:
+    """Raises ValidationFailed if a query parameter of `names` (each takes one value) is
+    given more than once: `?status=valid&status=revoked` asks for something the route
+    cannot do, and reading only the last value would answer another question silently."""
+    params = request.query_params
+    for name in names:
+        count = len(params.getlist(name))
+        if count > 1:
+            raise ValidationFailed(f"query.{name}: given {count} times; give it once")
+
+
+def _takes_many(annotation: Any) -> bool:
+    """Whether a query parameter annotated `annotation` takes several values (a list)."""
+    origin = get_origin(annotation)
+    if origin is Union or origin is types.UnionType:
+        return any(_takes_many(arg) for arg in get_args(annotation))
+    return origin in (list, tuple, set, frozenset) or annotation in (list, tuple, set)
+
+
+def _single_valued(dependant: Dependant) -> frozenset[str]:
+    """The names of the query parameters of `dependant` (and its dependencies) that take
+    one value."""
+    names = {
+        field.alias
+        for field in dependant.query_params
+        if not _takes_many(field.field_info.annotation)
+    }
+    for sub in dependant.dependencies:
+        names |= _single_valued(sub)
+    return frozenset(names)
+
+
 class JsonBodyRoute(APIRoute):
     """A FastAPI route whose body (if it takes one) goes through `json_object` first, so that
-    FastAPI's own, lenient parsing only ever sees a checked object."""
+    FastAPI's own, lenient parsing only ever sees a checked object, and whose single-valued
+    query parameters are refused when repeated (`refuse_repeated`)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        if self.body_field is None:
+        single = _single_valued(self.dependant)
+        takes_body = self.body_field is not None
+        if not single and not takes_body:
             return handler
 
         async def strict(request: Request) -> Response:
+            refuse_repeated(request, single)
+            if not takes_body:
+                return await handler(request)
             parsed = await json_object(request)
             return await handler(_ParsedRequest(request, await request.body(), parsed))
 

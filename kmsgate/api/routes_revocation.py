@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.routing import Route
 
-from kmsgate.api.bodies import JsonBodyRoute
+from kmsgate.api.bodies import JsonBodyRoute, refuse_repeated
 from kmsgate.api.deps import request_ctx
 from kmsgate.api.fastpath import body_schema, fast_route
 from kmsgate.api.openapi import BINARY, PUBLIC, non_json_reply
@@ -87,8 +87,9 @@ async def crl(request: Request) -> Response:
 
 
 def _delta(request: Request) -> bool:
-    """The `delta` query parameter (false when absent; the last one when repeated), read as
-    FastAPI reads a bool. Raises ValidationFailed."""
+    """The `delta` query parameter (false when absent), read as FastAPI reads a bool. Raises
+    ValidationFailed (also when it is repeated)."""
+    refuse_repeated(request, ("delta",))
     value = request.query_params.get("delta")
     if value is None:
         return False
