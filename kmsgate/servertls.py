@@ -43,6 +43,8 @@ RENEW_AFTER = 2 / 3
 WATCH_SECONDS = 1.0
 RELOAD_WAIT_SECONDS = 10.0
 """How long the watcher waits for the event loop to load a new pair (then it tries again)."""
+REFUSAL_LOG_SECONDS = 1.0
+"""The least time between two log lines about refused handshakes (`_Refusals`)."""
 GATEWAY = Ctx(request_id="gateway-tls")
 _VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
@@ -64,6 +66,7 @@ class ServerTls:
         that does not load."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.sslobject_class = _LoggedHandshake
         _load_pair(context, self.cert_file, self.key_file)
         context.verify_mode = _VERIFY[self.client_auth]
         if self.client_cas:
@@ -129,6 +132,55 @@ class ServerTls:
             return (self.cert_file.stat().st_mtime_ns, self.key_file.stat().st_mtime_ns)
         except OSError:
             return (0, 0)
+
+
+class _Refusals:
+    """Logs refused TLS handshakes at one level, at most one line per `REFUSAL_LOG_SECONDS`
+    (a scanner must not flood the log); a line counts the refusals it stands for."""
+
+    def __init__(self, level: int) -> None:
+        self._level = level
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._unlogged = 0
+
+    def note(self, reason: str) -> None:
+        if not log.isEnabledFor(self._level):
+            return
+        with self._lock:
+            self._unlogged += 1
+            moment = time.monotonic()
+            if moment < self._next:
+                return
+            count, self._unlogged = self._unlogged, 0
+            self._next = moment + REFUSAL_LOG_SECONDS
+        more = f" ({count - 1} more refused since the last line)" if count > 1 else ""
+        log.log(self._level, "TLS handshake refused: %s%s", reason, more)
+
+
+_UNTRUSTED = _Refusals(logging.WARNING)
+"""A client certificate that does not verify, or none where one is required."""
+_OTHER_REFUSALS = _Refusals(logging.INFO)
+"""An old protocol version, plain HTTP on the HTTPS port, no shared cipher."""
+
+
+class _LoggedHandshake(ssl.SSLObject):
+    """The server side of one TLS connection, which logs why its handshake was refused
+    (`_UNTRUSTED`, `_OTHER_REFUSALS`): the event loop's TLS layer drops these errors
+    silently (an `ssl.SSLError` is an `OSError`)."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLCertVerificationError as exc:
+            _UNTRUSTED.note(f"client certificate not trusted: {exc.verify_message}")
+            raise
+        except ssl.SSLError as exc:
+            reason = (exc.reason or type(exc).__name__).lower()
+            (_UNTRUSTED if "certificate" in reason else _OTHER_REFUSALS).note(reason)
+            raise
 
 
 def _load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:

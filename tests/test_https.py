@@ -148,6 +148,12 @@ def test_dev_tls_serves_https_from_the_dev_ca_with_tls_1_2_at_least(tmp_path: Pa
         member = _client_identity(tmp_path, issued.json()["certificate"], key)
         assert _health_reply(gw, member).startswith(b"HTTP/1.1 200 ")
         assert _health_reply(gw, _self_signed(tmp_path)) == b""
+        # the refusal is logged (the event loop's TLS layer says nothing of it)
+        deadline = time.monotonic() + 5
+        while "client certificate not trusted" not in (log := gw.output.read_text()):
+            assert time.monotonic() < deadline, log
+            time.sleep(0.1)
+        assert "TLS handshake refused: client certificate not trusted: self-signed" in log, log
     # the gateway's certificate was issued like any other: audited, by the gateway itself
     records = AuditFile(gw.data_dir / "audit.log").search(action="cert.issue")
     own = [r for r in records if r.get("principal") == "system"]
