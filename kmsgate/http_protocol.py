@@ -10,6 +10,11 @@ same machine and build: sign 6,841 -> 9,012-9,468 req/s, the health check 13.3k 
 
 The request line and headers are read up to `MAX_HEAD_BYTES` (httptools sets no limit and
 keeps what it has read in memory): beyond it, 431 problem+json and the connection closes.
+They must also arrive within `HttpToolsOneWrite.head_read_seconds` of the connection's
+opening or of the request's first byte (uvicorn sets no such limit: a client sending a
+header line now and then held its connection for ever): after it, 408 problem+json and the
+connection closes. One sweep a second per server looks at every connection, so a request
+pays for no timer of its own.
 
 A complete reply (status, headers and body at once, as the fast routes make them) can skip
 uvicorn's two `send` messages, where each header is checked against two regular expressions:
@@ -23,8 +28,9 @@ import asyncio
 import functools
 import logging
 import ssl
+import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import (
@@ -32,8 +38,9 @@ from uvicorn.protocols.http.httptools_impl import (
     HttpToolsProtocol,
     RequestResponseCycle,
 )
+from uvicorn.server import ServerState
 
-from kmsgate.errors import HeaderTooLarge, problem_document
+from kmsgate.errors import HeaderTooLarge, KmsgateError, RequestTimeout, problem_document
 
 __all__ = ["WHOLE_REPLY", "HttpToolsOneWrite"]
 
@@ -41,6 +48,8 @@ MAX_HEAD_BYTES = 64 * 1024
 """The most bytes of request line and headers one request may send (Envoy's default is 60 KiB;
 a JWT or a forwarded client certificate takes a few)."""
 REFUSED_LINGER_SECONDS = 1.0
+HEAD_SWEEP_SECONDS = 1.0
+"""How often a server looks for request heads past their deadline."""
 WHOLE_REPLY = "kmsgate.whole_reply"
 """The ASGI extension (`scope["extensions"][WHOLE_REPLY]`) that writes a complete reply:
 `(status, headers, body) -> bool`, see `_write_whole`."""
@@ -95,32 +104,40 @@ class HttpToolsOneWrite(HttpToolsProtocol):
     OpenSSL verified during the handshake (`client_cert_chain`: the leaf, PEM; Python's ssl
     module gives no more of the chain) and the TLS version."""
 
+    head_read_seconds: ClassVar[float] = 30.0
+    """The time a client has to send a request's line and headers, from the connection's
+    opening or the request's first byte (`kmsgate serve` sets it from
+    `limits.body_read_seconds`)."""
     _tls: dict[str, Any] | None = None
     _head_open = True
     """Whether the request being read has not finished its headers yet."""
     _head_bytes = 0
+    _head_since: float | None = None
+    """When the head being waited for began (the loop's clock); None once it is complete."""
     _refused = False
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
-            return  # read and dropped until the connection closes (see _refuse_large_head)
+            return  # read and dropped until the connection closes (see _refuse_head)
         if self._head_open:
             if self._head_bytes + len(data) > MAX_HEAD_BYTES:
                 end = data.find(b"\r\n\r\n")  # a body may follow the head in the same read
                 if end < 0 or self._head_bytes + end + 4 > MAX_HEAD_BYTES:
-                    self._refuse_large_head()
+                    limit = f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"
+                    self._refuse_head(HeaderTooLarge(limit))
                     return
             self._head_bytes += len(data)
         super().data_received(data)
 
-    def _refuse_large_head(self) -> None:
-        """431 problem+json and the end of the replies, then, after `REFUSED_LINGER_SECONDS`
-        spent reading and dropping what the client still sends (closing at once, with its
-        bytes unread, would reset the connection before the client reads the 431), close."""
+    def _refuse_head(self, error: KmsgateError) -> None:
+        """`error` as problem+json and the end of the replies, then, after
+        `REFUSED_LINGER_SECONDS` spent reading and dropping what the client still sends
+        (closing at once, with its bytes unread, would reset the connection before the client
+        reads the reply), close."""
+        self._head_since = None
         if self.transport.is_closing():
             return
         self._refused = True
-        error = HeaderTooLarge(f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
         body = orjson.dumps(problem_document(error.status, error.code, error.title, error.detail))
         head = b"content-type: application/problem+json\r\nconnection: close\r\n"
         length = b"content-length: %d\r\n\r\n" % len(body)
@@ -130,6 +147,15 @@ class HttpToolsOneWrite(HttpToolsProtocol):
             self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
         else:  # TLS: no half-close
             self.transport.close()
+
+    def head_overdue(self, now: float) -> bool:
+        """Whether the head being waited for began over `head_read_seconds` before `now`."""
+        return self._head_since is not None and now - self._head_since > self.head_read_seconds
+
+    def refuse_slow_head(self) -> None:
+        """408 problem+json, then close (`_refuse_head`)."""
+        seconds = f"{self.head_read_seconds:g}"
+        self._refuse_head(RequestTimeout(f"the request line and headers took over {seconds} s"))
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -141,18 +167,47 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:  # the handshake is done when the protocol is connected
             self._tls = _tls_extension(ssl_object)
+        self._head_since = self.loop.time()
+        _sweep_heads(self.server_state, self.loop)
 
     def on_message_begin(self) -> None:
+        self._head_since = self.loop.time()
         super().on_message_begin()
         self._extensions: dict[str, Any] = {} if self._tls is None else {"tls": self._tls}
         self.scope["extensions"] = self._extensions
 
     def on_headers_complete(self) -> None:
         self._head_open = False
+        self._head_since = None
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # not an upgrade
             self._extensions[WHOLE_REPLY] = functools.partial(_write_whole, cycle)
+
+
+_SWEEPING: weakref.WeakSet[ServerState] = weakref.WeakSet()
+"""The servers whose request heads are being swept."""
+
+
+def _sweep_heads(server: ServerState, loop: asyncio.AbstractEventLoop) -> None:
+    """Start sweeping `server`'s connections, unless that is under way: every
+    `HEAD_SWEEP_SECONDS`, a 408 for each head past its deadline; the sweeps stop when the
+    server has no connection left (the next one starts them again)."""
+    if server in _SWEEPING:
+        return
+    _SWEEPING.add(server)
+
+    def sweep() -> None:
+        now = loop.time()
+        for connection in list(server.connections):
+            if isinstance(connection, HttpToolsOneWrite) and connection.head_overdue(now):
+                connection.refuse_slow_head()
+        if server.connections and not loop.is_closed():
+            loop.call_later(HEAD_SWEEP_SECONDS, sweep)
+        else:
+            _SWEEPING.discard(server)
+
+    loop.call_later(HEAD_SWEEP_SECONDS, sweep)
 
 
 def _write_whole(

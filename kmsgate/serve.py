@@ -53,14 +53,16 @@ SERVER_OPTIONS: dict[str, Any] = {
 }
 
 
-def _long_lived(app: FastAPI) -> FastAPI:
+def _long_lived(app: FastAPI, settings: Settings) -> FastAPI:
     """`app`, with everything built so far (modules, the app, the service and its caches)
     moved out of the garbage collector's reach: a full collection then scans only what
     requests allocate, instead of pausing every worker ~100 ms to walk the whole heap. Also
-    sets this worker's `SWITCH_INTERVAL`."""
+    sets this worker's `SWITCH_INTERVAL` and the time its clients have to send a request
+    head (`limits.body_read_seconds`, as for the body)."""
     gc.collect()
     gc.freeze()
     sys.setswitchinterval(SWITCH_INTERVAL)
+    HttpToolsOneWrite.head_read_seconds = settings.limits.body_read_seconds
     return app
 
 
@@ -70,7 +72,7 @@ def create_app_from_env() -> FastAPI:
     config = os.environ.get("KMSGATE_CONFIG")
     settings = load_settings(Path(config) if config else None)
     service = build_service(settings)
-    return _long_lived(create_app(service, _leader_jobs(service, settings)))
+    return _long_lived(create_app(service, _leader_jobs(service, settings)), settings)
 
 
 def _leader_jobs(service: Service, settings: Settings) -> list[Callable[[], None]]:
@@ -134,7 +136,7 @@ def serve(
         )
         if workers == 1:
             app = create_app(service, _leader_jobs(service, settings))
-            in_process = uvicorn.Config(_long_lived(app), log_level=log_level, **options)
+            in_process = uvicorn.Config(_long_lived(app, settings), log_level=log_level, **options)
             uvicorn.Server(in_process).run(sockets=[sock])
             return
         service.close()

@@ -115,3 +115,40 @@ def test_a_client_that_stops_sending_its_body_gets_408_and_is_disconnected(
     # a client that sends its body in time is served as usual
     made = httpx.get(f"{impatient.addr}/v1/sys/health", timeout=5)
     assert made.status_code == 200
+
+
+def _reply_to(gateway: Gateway, *sends: bytes, pause: float = 0.0) -> tuple[bytes, float]:
+    """What the gateway answers on a new connection to `sends` (sent `pause` seconds apart),
+    read until it closes, and the seconds from the last send to the close."""
+    host, port = gateway.addr.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        for data in sends:
+            time.sleep(pause)
+            conn.sendall(data)
+        started = time.monotonic()
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    return reply, time.monotonic() - started
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "sends",
+    [
+        (),  # a connection that never says anything
+        (b"GET /v1/sys/health HTTP/1.1\r\n", b"host: x\r\n"),  # a header now and then
+        # a second request on a kept-alive connection, whose head never ends
+        (b"GET /v1/sys/health HTTP/1.1\r\nhost: x\r\n\r\nGET /v1/sys/health HTTP/1.1\r\n",),
+    ],
+)
+def test_a_request_head_that_does_not_arrive_in_time_gets_408_and_is_disconnected(
+    impatient: Gateway, sends: tuple[bytes, ...]
+) -> None:
+    reply, waited = _reply_to(impatient, *sends, pause=0.4)
+    last = reply.rpartition(b"HTTP/1.1 ")[2]
+    assert last.startswith(b"408"), reply
+    assert b"request_timeout" in last and b"connection: close" in last.lower()
+    if len(sends) == 1:  # the first request was answered
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert waited < 3.5, waited  # 1 s, and a sweep a second
