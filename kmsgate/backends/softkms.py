@@ -11,7 +11,6 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-import stat
 import threading
 from pathlib import Path
 from typing import ClassVar
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kmsgate.algorithms import HashName, KeyType, KeyUsage, SignAlg, sign_with_private_key
 from kmsgate.backends.base import BackendKey, KeyBackend, KeySpec, MacCapable, WrapCapable
+from kmsgate.backends.secret_files import exposure
 from kmsgate.errors import (
     BackendError,
     ConfigError,
@@ -53,14 +53,15 @@ def create_root_key_file(path: Path) -> None:
 
 
 def read_root_key_file(path: Path) -> bytes:
-    """The root key in `path`. Raises ConfigError if missing, readable by others, or malformed."""
+    """The root key in `path`. Raises ConfigError if missing, exposed (`exposure`), or
+    malformed."""
     try:
-        mode = path.stat().st_mode
+        problem = exposure(path.stat())
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read root key file {path}: {exc.strerror}") from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"root key file {path} must not be accessible by group or others")
+    if problem is not None:
+        raise ConfigError(f"root key file {path} {problem}")
     if len(data) != ROOT_KEY_BYTES:
         raise ConfigError(f"root key file {path} must hold exactly {ROOT_KEY_BYTES} bytes")
     return data

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kmsgate.backends.secret_files import exposure
 from kmsgate.config import BackendSettings
 from kmsgate.errors import ConfigError
 
@@ -128,12 +129,12 @@ def _check_module(name: str, settings: Pkcs11Settings) -> None:
 def _read_pin_file(path: Path, error: type[Exception]) -> str:
     """The PIN in `path` (trailing newline removed). Raises `error`; never shows the PIN."""
     try:
-        mode = path.stat().st_mode
+        problem = exposure(path.stat())
         data = path.read_bytes()
     except OSError as exc:
         raise error(f"cannot read PIN file {path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise error(f"PIN file {path} must not be accessible by group or others")
+    if problem is not None:
+        raise error(f"PIN file {path} {problem}")
     try:
         pin = data.decode("utf-8").removesuffix("\n").removesuffix("\r")
     except UnicodeDecodeError:
