@@ -149,7 +149,7 @@ def build_service(settings: Settings) -> Service:
         audit=FileSink(
             settings.resolved_audit_path(),
             fsync_interval=settings.audit_fsync_interval,
-            replica=settings.replica_id,
+            replica=settings.resolved_replica_id(),
             reserve=settings.audit_reserve_bytes,
         ),
         tokens=TokenRegistry(store),

@@ -6,6 +6,7 @@ Nested values use `__` in the environment (`KMSGATE_LIMITS__MAX_BATCH=500`).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 import socket
@@ -418,10 +419,12 @@ class Settings(BaseSettings):
     )
     audit_checkpoint_records: int = Field(default=1000, gt=0)
     audit_checkpoint_seconds: float = Field(default=60.0, gt=0)
-    replica_id: str = Field(
-        default_factory=lambda: _REPLICA_UNSAFE.sub("-", socket.gethostname())[:64] or "kmsgate",
+    replica_id: str | None = Field(
+        default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-        description="named in every audit record this gateway writes (default: the host name)",
+        description="named in every audit record this gateway writes, and the key of its "
+        "checkpoints in the store: unique per gateway (default: the host name and a digest of "
+        "the audit log's path, see resolved_replica_id)",
     )
     cache_refresh_seconds: float = Field(default=1.0, gt=0)
     max_staleness_seconds: float = Field(
@@ -448,6 +451,17 @@ class Settings(BaseSettings):
     def resolved_audit_path(self) -> Path:
         """The audit log path. Raises ConfigError if neither it nor a data dir is set."""
         return self.audit_path or self._require_data_dir() / "audit.log"
+
+    def resolved_replica_id(self) -> str:
+        """`replica_id`, or by default the host name and the first 6 hex digits of the
+        SHA-256 of the audit log's absolute path: gateways on one host (each with its own
+        data dir) keep apart in the store's checkpoints, and a gateway keeps its id across
+        restarts. Raises ConfigError if no audit path can be resolved."""
+        if self.replica_id:
+            return self.replica_id
+        host = _REPLICA_UNSAFE.sub("-", socket.gethostname())[:57] or "kmsgate"
+        where = str(self.resolved_audit_path().absolute()).encode()
+        return f"{host}-{hashlib.sha256(where).hexdigest()[:6]}"
 
     def resolved_root_key_file(self) -> Path:
         """The softkms root key file. Raises ConfigError if neither it nor a data dir is set."""

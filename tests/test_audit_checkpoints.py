@@ -28,6 +28,7 @@ from kmsgate.config import DEV_AUDIT_KEY, Settings
 from kmsgate.errors import ConfigError, InvalidRequest
 from kmsgate.service import Ctx
 from kmsgate.service.requests import SignInput
+from kmsgate.store import Store
 from kmsgate.store.checkpoints import AuditAnchor
 from tests.test_cli import Gateway, Run, clean_env, run_cli, running_gateway
 
@@ -225,6 +226,37 @@ def test_the_dev_audit_key_signs_through_its_backend_and_the_store_keeps_it(
     last = records(log)[-1]
     assert last["action"] == CHECKPOINT_ACTION and detail(last)["final"] is True
     assert detail(last)["key"] == DEV_AUDIT_KEY and last["key_version"] == 1
+
+
+def test_gateways_on_one_host_and_one_store_keep_their_checkpoints_apart(
+    gateway_settings: Settings, tmp_path: Path
+) -> None:
+    """Each data dir is its own replica by default: two gateways on one host used to share
+    the host name, and each overwrote the other's checkpoint in the store."""
+    other = gateway_settings.model_copy(
+        update={
+            "data_dir": tmp_path / "other",
+            "root_key_file": gateway_settings.resolved_root_key_file(),
+        }
+    )
+    (tmp_path / "other").mkdir(mode=0o700)
+    ids = {gateway_settings.resolved_replica_id(), other.resolved_replica_id()}
+    assert len(ids) == 2
+    assert gateway_settings.model_copy(update={"replica_id": "r9"}).resolved_replica_id() == "r9"
+    for settings in (gateway_settings, other):
+        service = build_service(settings)
+        try:
+            ensure_dev_audit_key(service)
+            service.audit.append(event(0))
+        finally:
+            service.close()
+        store = Store(settings.resolved_database_url())
+        stored = {(a.replica, a.chain): a for a in store.audit_anchors.all()}
+        store.close()
+        last = checkpoints(settings.resolved_audit_path())[-1]
+        assert last["replica"] == settings.resolved_replica_id()
+        assert stored[(last["replica"], "audit.log")].record_seq == last["seq"]
+    assert {replica for replica, _ in stored} == ids
 
 
 # -- a real dev gateway, then `kmsgate audit verify` on its log and on tampered copies ------
