@@ -160,7 +160,7 @@ def test_pin_comes_from_a_file_or_the_environment_only(
     readable = tmp_path / "pin"
     readable.write_text(token.pin)
     readable.chmod(0o644)
-    with pytest.raises(ConfigError, match="must not be accessible by (group or )?others"):
+    with pytest.raises(ConfigError, match=r"must not be accessible by (group or )?others"):
         build(pin_file=str(readable))
     with pytest.raises(ConfigError, match="cannot read PIN file"):
         build(pin_file=str(tmp_path / "absent"))

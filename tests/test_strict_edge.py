@@ -233,7 +233,9 @@ def test_a_single_valued_query_parameter_given_twice_is_422(
 
 def test_a_list_query_parameter_takes_every_value(api: Api, admin: str) -> None:
     for name, labels in (("a", {"team": "ml", "env": "prod"}), ("b", {"team": "ml"})):
-        reply = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "name": name, "labels": labels})
+        reply = api.call(
+            "POST", "/v1/keys", admin, json={**NEW_KEY, "name": name, "labels": labels}
+        )
         assert reply.status_code == 201, reply.text
     reply = api.call("GET", "/v1/keys?label=team:ml&label=env:prod", admin)
     assert reply.status_code == 200, reply.text
