@@ -717,6 +717,9 @@ class RefusingSink:
         self.refused.append(event)
         raise AuditUnavailable("Audit log unavailable: operation refused")
 
+    def problem(self) -> str | None:
+        return "refuses every record"
+
     def search(
         self,
         *,
@@ -751,3 +754,26 @@ def test_a_sink_that_cannot_record_refuses_a_rotation_before_it_runs(tmp_path: P
         api.service.catalogue.reload()
         assert sorted(api.service.catalogue.get("guarded").versions) == [1]
         assert api.call("GET", "/v1/keys/guarded", admin).json()["primary_version"] == 1
+
+
+def test_readiness_fails_while_the_audit_log_refuses_records(tmp_path: Path) -> None:
+    """A gateway whose audit log refuses every record refuses every operation: a load
+    balancer must stop sending it traffic."""
+    with open_gateway(tmp_path) as (api, admin):
+        ready = api.call("GET", "/v1/sys/ready", None)
+        assert ready.json()["audit"] == {"ok": True, "detail": "ok"}
+        log = api.service.settings.resolved_audit_path()
+        with log.open("ab") as foreign:
+            foreign.write(b'{"written": "by someone else"}\n')
+        assert api.call("GET", "/v1/keys", admin).status_code == 200  # a record: it syncs
+        deadline = time.monotonic() + 5
+        while (ready := api.call("GET", "/v1/sys/ready", None)).status_code == 200:
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.05)
+        assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+        assert ready.json()["audit"] == {
+            "ok": False,
+            "detail": "the audit log cannot be made durable (the gateway's log says why)",
+        }
+        refused = api.call("GET", "/v1/keys", admin)
+        assert refused.status_code == 503 and refused.json()["code"] == "audit_unavailable"

@@ -24,8 +24,9 @@ async def health() -> Response:
 
 
 def ready(service: ServiceDep) -> Response:
-    """Readiness: 200 when the store and every configured backend answer and the caches
-    follow the store (not stale: key operations would be refused), else 503."""
+    """Readiness: 200 when the store and every configured backend answer, the caches
+    follow the store (not stale: key operations would be refused) and the audit log takes
+    records (else every operation is refused), else 503."""
     backends = {
         name: {"type": backend.scheme, "ok": status.ok, "detail": status.detail}
         for name, backend in service.registry.items()
@@ -35,8 +36,15 @@ def ready(service: ServiceDep) -> Response:
     if problem is None and service.gate.freshness.stale():
         problem = "the caches have not followed the store yet"
     store = {"ok": problem is None, "detail": problem or "ok"}
-    ok = store["ok"] and all(b["ok"] for b in backends.values())
-    body = {"status": "ok" if ok else "unavailable", "store": store, "backends": backends}
+    refused = service.audit.problem()
+    audit = {"ok": refused is None, "detail": refused or "ok"}
+    ok = store["ok"] and audit["ok"] and all(b["ok"] for b in backends.values())
+    body = {
+        "status": "ok" if ok else "unavailable",
+        "store": store,
+        "audit": audit,
+        "backends": backends,
+    }
     return json_response(body, 200 if ok else 503)
 
 

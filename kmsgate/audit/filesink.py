@@ -288,6 +288,17 @@ class FileSink(AuditFile):
                 raise AuditUnavailable("Audit log unavailable: operation refused")
             self._seal(fields, reserved=reserved)
 
+    def problem(self) -> str | None:
+        """Why appends are refused now, or None: the log could not be made durable (or
+        something else wrote to it), it has no room left, or it is closed."""
+        if self._failed:
+            return "the audit log cannot be made durable (the gateway's log says why)"
+        if self._cramped:
+            return "the audit log has no room left (disk or file size limit)"
+        if self._closed:
+            return "the audit log is closed"
+        return None
+
     def _seal(self, fields: dict[str, object], *, reserved: bool = False) -> None:
         """Append the next record made of `fields`; the caller holds the lock. Raises
         AuditUnavailable, TypeError, ValueError (see `append`)."""

@@ -64,6 +64,10 @@ class AuditSink(Protocol):
         """
         ...
 
+    def problem(self) -> str | None:
+        """Why appends are refused now (for the readiness check), or None."""
+        ...
+
     def verify(self) -> VerifyReport:
         """Recompute every hash and check the links; the report names the first broken
         record. Raises OSError if the records cannot be read.

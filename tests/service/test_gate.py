@@ -74,6 +74,9 @@ class RefusingSink:
     def append(self, event, *, reserved=False):
         raise AuditUnavailable("audit sink down")
 
+    def problem(self):
+        return "audit sink down"
+
     def search(self, **query):
         return self.real.search(**query)
 
