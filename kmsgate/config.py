@@ -92,7 +92,11 @@ class Limits(BaseModel):
     burst_seconds: float = Field(default=2.0, gt=0)
     """A bucket holds this many seconds of its rate (the burst allowed after a quiet time)."""
     body_read_seconds: float = Field(default=30.0, gt=0)
-    """The time a client has to send a whole request body, once the request line arrived."""
+    """The time a client has to send its request head (from the connection's opening or the
+    request's first byte), then its whole body."""
+    min_rotation_seconds: int = Field(default=60, ge=1)
+    """The shortest `rotation_period` a key may have (a key rotated every second piles up
+    versions)."""
 
     def rates(self, dev: bool) -> tuple[float, float]:
         """(per principal, per key) requests per second, 0.0 for off."""
@@ -104,7 +108,7 @@ class Limits(BaseModel):
         )
 
 
-_DURATION_RE = re.compile(r"^(\d{1,9})([smhd]?)$")
+_DURATION_RE = re.compile(r"([0-9]+)([smhd]?)")
 _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
@@ -124,11 +128,12 @@ def parse_duration_setting(value: object) -> timedelta:
     if isinstance(value, timedelta):
         duration = value
     elif isinstance(value, int | str) and not isinstance(value, bool):
-        match = _DURATION_RE.match(str(value).strip())
+        match = _DURATION_RE.fullmatch(str(value))  # ASCII digits, no spaces
         if not match:
             raise ValueError(f"invalid duration {value!r}: {_DURATION_FORMAT}")
-        seconds = int(match.group(1)) * _DURATION_UNITS.get(match.group(2), 1)
-        if seconds > MAX_DURATION_SECONDS:
+        digits, unit = match.groups()
+        seconds = int(digits[-12:]) * _DURATION_UNITS.get(unit, 1)
+        if len(digits.lstrip("0")) > 12 or seconds > MAX_DURATION_SECONDS:
             raise ValueError(f"invalid duration {value!r}: at most {MAX_DURATION_SECONDS} seconds")
         duration = timedelta(seconds=seconds)
     else:

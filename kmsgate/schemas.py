@@ -461,12 +461,15 @@ class PatchKeyRequest(_Body):
     public: bool | None = None
 
     def to_input(self) -> KeyChanges:
-        """Raises InvalidRequest for a malformed `rotation_period`."""
+        """`rotation_period: null` stops the key's scheduled rotation. Raises InvalidRequest
+        for a malformed `rotation_period`."""
         return KeyChanges(
             self.min_decrypt_version,
             _optional_duration(self.rotation_period),
             self.labels,
             self.public,
+            stop_rotation="rotation_period" in self.model_fields_set
+            and self.rotation_period is None,
         )
 
 

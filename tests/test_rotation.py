@@ -30,7 +30,9 @@ def _poll(get: Callable[[], Any], done: Callable[[Any], bool], seconds: float) -
 
 
 def test_a_key_rotates_once_per_period_with_two_workers(tmp_path: Path) -> None:
-    with running_gateway(tmp_path, "--workers", "2") as gw:
+    with running_gateway(
+        tmp_path, "--workers", "2", KMSGATE_LIMITS__MIN_ROTATION_SECONDS=str(PERIOD_S)
+    ) as gw:
         root = {"authorization": f"Bearer {gw.root_token}"}
 
         def create(name: str, **extra: object) -> None:

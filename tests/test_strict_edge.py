@@ -240,3 +240,34 @@ def test_a_list_query_parameter_takes_every_value(api: Api, admin: str) -> None:
     reply = api.call("GET", "/v1/keys?label=team:ml&label=env:prod", admin)
     assert reply.status_code == 200, reply.text
     assert [k["name"] for k in reply.json()["keys"]] == ["a"]
+
+
+def test_patch_rotation_period_null_stops_the_scheduled_rotation(api: Api, admin: str) -> None:
+    made = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "rotation_period": "1h"})
+    assert made.status_code == 201 and made.json()["rotation_period"] == "3600s", made.text
+    kept = api.call("PATCH", "/v1/keys/k2", admin, json={"labels": {"a": "b"}})
+    assert kept.status_code == 200 and kept.json()["rotation_period"] == "3600s"
+    stopped = api.call("PATCH", "/v1/keys/k2", admin, json={"rotation_period": None})
+    assert stopped.status_code == 200, stopped.text
+    assert "rotation_period" not in stopped.json() and "next_rotation" not in stopped.json()
+    too_fast = api.call("PATCH", "/v1/keys/k2", admin, json={"rotation_period": "1s"})
+    assert _problem(too_fast, 400, "invalid_request")["detail"] == (
+        "rotation_period must be at least 60 seconds"
+    )
+
+
+@pytest.mark.parametrize(
+    ("duration", "detail"),
+    [
+        ("\u0663s", "invalid duration"),  # an Arabic-Indic digit three
+        (" 15m", "invalid duration"),
+        ("15m\n", "invalid duration"),
+        ("1h30m", "invalid duration"),
+        ("9999999999999999999999h", "at most"),
+    ],
+)
+def test_a_duration_is_ascii_digits_and_one_unit(
+    api: Api, admin: str, duration: str, detail: str
+) -> None:
+    reply = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "rotation_period": duration})
+    assert detail in _problem(reply, 400, "invalid_request")["detail"]

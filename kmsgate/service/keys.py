@@ -74,6 +74,7 @@ class Keys:
         }
         importing = new.public_key is not None
         action = "key.import" if importing or new.uri is not None else "key.create"
+        self._check_rotation_period(new.rotation_period)
 
         def create(outcome: Outcome) -> Key:
             if self.gate.catalogue.find(new.name) is not None:
@@ -85,6 +86,12 @@ class Keys:
 
         call = Call(principal, ctx, action, resource, {"type": new.type})
         return self.gate.run(call, create, decision=decision)
+
+    def _check_rotation_period(self, period: timedelta | None) -> None:
+        """Raises InvalidRequest for a `rotation_period` under `limits.min_rotation_seconds`."""
+        least = self.gate.settings.limits.min_rotation_seconds
+        if period is not None and period.total_seconds() < least:
+            raise InvalidRequest(f"rotation_period must be at least {least} seconds")
 
     def _new_key(
         self, new: NewKey, key_type: KeyType, backend: str, version: KeyVersion, verify_only: bool
@@ -330,7 +337,8 @@ class Keys:
         return self._on_key(principal, ctx, "key.delete", name, request, schedule)
 
     def update(self, principal: Principal, ctx: Ctx, name: str, changes: KeyChanges) -> Key:
-        """Change min_decrypt_version, rotation_period, labels or public. Raises InvalidRequest if
+        """Change min_decrypt_version, rotation_period (or stop rotating), labels or public.
+        Raises InvalidRequest if
         min_decrypt_version is above the primary version, BackendError if the backend could
         not retire the older versions (nothing changed then)."""
 
@@ -347,7 +355,7 @@ class Keys:
                         key.backend_key(key.versions[key.primary_version]), minimum
                     )
                 fields["min_decrypt_version"] = minimum
-            if changes.rotation_period is not None:
+            if changes.rotation_period is not None or changes.stop_rotation:
                 fields["rotation_period"] = changes.rotation_period
             if changes.labels is not None:
                 fields["labels"] = dict(changes.labels)
@@ -357,6 +365,7 @@ class Keys:
                 return key
             return self.gate.catalogue.update(key, updated_at=now(), **fields)
 
+        self._check_rotation_period(changes.rotation_period)
         request = changes.policy_request()
         return self._on_key(principal, ctx, "key.update", name, request, patch)
 

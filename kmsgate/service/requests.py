@@ -106,6 +106,8 @@ class KeyChanges:
     rotation_period: timedelta | None = None
     labels: Mapping[str, str] | None = None
     public: bool | None = None
+    stop_rotation: bool = False
+    """The key no longer rotates on a schedule (its `rotation_period` is cleared)."""
 
     def policy_request(self) -> dict[str, object]:
         """The fields being changed, as the policy sees them (durations in seconds)."""
@@ -114,6 +116,8 @@ class KeyChanges:
             request["min_decrypt_version"] = self.min_decrypt_version
         if self.rotation_period is not None:
             request["rotation_period"] = int(self.rotation_period.total_seconds())
+        elif self.stop_rotation:
+            request["rotation_period"] = None
         if self.labels is not None:
             request["labels"] = dict(self.labels)
         if self.public is not None:

@@ -33,6 +33,19 @@ def test_rotation_period_and_labels_are_domain_values(service, new_key):
     assert changed.labels == {"team": "ml"}
 
 
+def test_a_rotation_period_under_the_minimum_is_refused_and_none_stops_rotation(service, new_key):
+    with pytest.raises(InvalidRequest, match="rotation_period must be at least 60 seconds"):
+        new_key("fast", rotation_period=timedelta(seconds=59))
+    assert service.catalogue.find("fast") is None
+    new_key("k", rotation_period=timedelta(minutes=1))
+    with pytest.raises(InvalidRequest, match="at least 60 seconds"):
+        service.keys.update(ADMIN, CTX, "k", KeyChanges(rotation_period=timedelta(seconds=1)))
+    assert service.catalogue.get("k").rotation_period == timedelta(minutes=1)
+    stopped = service.keys.update(ADMIN, CTX, "k", KeyChanges(stop_rotation=True))
+    assert stopped.rotation_period is None and stopped.next_rotation() is None
+    assert service.catalogue.get("k").rotation_period is None
+
+
 def test_a_disabled_key_refuses_operations_until_enabled(service, new_key):
     new_key("k")
     service.keys.disable(ADMIN, CTX, "k")
