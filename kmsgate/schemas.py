@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
@@ -50,11 +51,28 @@ from kmsgate.service.requests import (
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 LABEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+_HIDDEN = r"\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+"""Control characters (C0, DEL, C1) and the bidirectional embeddings, overrides and isolates:
+in a free-text value they forge rows in a listing or hide what a reviewer reads."""
+_HIDDEN_CHARACTER = re.compile(f"[{_HIDDEN}]")
+
+
+def _visible(value: str) -> str:
+    if _HIDDEN_CHARACTER.search(value):
+        raise ValueError("control characters and bidirectional overrides are not allowed")
+    return value
+
+
+Text = Annotated[
+    str, AfterValidator(_visible), Field(json_schema_extra={"pattern": f"^[^{_HIDDEN}]*$"})
+]
+"""Free text a person reads (a ticket, a reason, a label value, a description): any
+character but `_HIDDEN` ones (422)."""
 Labels = Annotated[
-    dict[Annotated[str, Field(pattern=LABEL_PATTERN)], Annotated[str, Field(max_length=256)]],
+    dict[Annotated[str, Field(pattern=LABEL_PATTERN)], Annotated[Text, Field(max_length=256)]],
     Field(max_length=32, json_schema_extra={"additionalProperties": False}),
 ]
-"""Label names and values (names as purposes are; values up to 256 characters)."""
+"""Label names and values (names as purposes are; values up to 256 characters of `Text`)."""
 MAX_VERSION = 2**31 - 1
 """The largest key version a request may name (bounded before any policy or store call)."""
 
@@ -490,7 +508,7 @@ class ScheduleDeletionRequest(_Body):
 class TokenCreateRequest(_Body):
     roles: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=32)
     ttl: str | int | None = None
-    description: str = Field(default="", max_length=256)
+    description: Text = Field(default="", max_length=256)
 
     def to_input(self) -> NewToken:
         """Raises InvalidRequest for a malformed `ttl`."""
@@ -501,8 +519,8 @@ class ExceptionCreateRequest(_Body):
     actions: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=16)
     resource: str = Field(max_length=160, description="a key name or glob, or `purpose:<purpose>`")
     duration: str | int = Field(description="from 1s to `exceptions.max_duration`: 90s, 15m, 8h")
-    ticket: str = Field(min_length=1, max_length=128)
-    reason: str = Field(min_length=1, max_length=1024)
+    ticket: Text = Field(min_length=1, max_length=128)
+    reason: Text = Field(min_length=1, max_length=1024)
 
     def to_input(self) -> NewException:
         """Raises InvalidRequest for a malformed `duration`."""

@@ -244,6 +244,8 @@ def test_a_grant_expires_by_itself_and_the_expiry_is_audited(team: Team) -> None
         ({"resource": "purpose:*"}, 400, "resource"),
         ({"ticket": ""}, 422, ""),
         ({"reason": "   "}, 400, "ticket and a reason"),
+        ({"ticket": "A\tB\nfake-id\tactive"}, 422, ""),  # would forge a row in a listing
+        ({"reason": "approved \u202eby nobody"}, 422, ""),  # reads backwards from there
     ],
 )
 def test_a_bad_request_is_a_clear_4xx(

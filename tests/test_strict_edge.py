@@ -271,3 +271,17 @@ def test_a_duration_is_ascii_digits_and_one_unit(
 ) -> None:
     reply = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "rotation_period": duration})
     assert detail in _problem(reply, 400, "invalid_request")["detail"]
+
+
+@pytest.mark.parametrize(
+    "value", ["a\x00b", "line\nfeed", "tab\there", "rtl\u202eoverride", "\x9b"]
+)
+def test_free_text_holds_no_control_or_bidi_override_character(
+    api: Api, admin: str, value: str
+) -> None:
+    reply = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "labels": {"team": value}})
+    detail = _problem(reply, 422, "validation_failed")["detail"]
+    assert "control characters and bidirectional overrides are not allowed" in detail
+    assert "k2" not in _key_names(api, admin)
+    made = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "labels": {"team": "Équipe ü"}})
+    assert made.status_code == 201, made.text
