@@ -90,7 +90,7 @@ def test_a_key_rotates_once_per_period_with_two_workers(tmp_path: Path) -> None:
 
     records = AuditFile(gw.data_dir / "audit.log").search(key="rotating", action="key.rotate")
     done = [r for r in records if r["outcome"] == "ok"]
-    assert all(r["principal"] == "system" for r in done)
+    assert all(r["principal"] == "system" and r["detail"]["scheduled"] is True for r in done)
     versions = [r["key_version"] for r in done]
     assert versions == list(range(2, 2 + len(versions)))  # each version made once, in order
     times = [datetime.fromisoformat(r["time"]) for r in done]

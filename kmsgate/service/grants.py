@@ -52,7 +52,7 @@ class Exceptions:
         )
 
         def insert(outcome: Outcome) -> Grant:
-            outcome.detail.update(exception_id=grant.id)
+            outcome.detail.update(_evidence(grant))
             self.store.grants.insert(grant.row())
             return grant
 
@@ -122,9 +122,9 @@ class Exceptions:
             resource = _resource(grant.id, grant)
             call = Call(SYSTEM, ctx, "exception.expire", resource, _request(grant))
 
-            def end(outcome: Outcome, grant_id: str = grant.id) -> None:
-                outcome.detail.update(exception_id=grant_id)
-                self.store.grants.change(grant_id, lambda _row: {"ended_at": at})
+            def end(outcome: Outcome, grant: Grant = grant) -> None:
+                outcome.detail.update(_evidence(grant))
+                self.store.grants.change(grant.id, lambda _row: {"ended_at": at})
 
             self.gate.run(call, end, decision=_EXPIRY)
         if due:
@@ -162,7 +162,7 @@ class Exceptions:
             if self.store.grants.change(grant_id, decide) is None or changed is None:
                 raise NotFound(f"no exception {grant_id}")
             self.active.refresh()
-            outcome.detail.update(state=changed.state(now()).value)
+            outcome.detail.update(_evidence(changed), state=changed.state(now()).value)
             return changed
 
         call = Call(principal, ctx, action, _resource(grant_id, grant), request)
@@ -187,6 +187,19 @@ def _request(grant: Grant) -> dict[str, object]:
         "resource": grant.resource,
         "duration": int(grant.duration.total_seconds()),
         "ticket": grant.ticket,
+    }
+
+
+def _evidence(grant: Grant) -> dict[str, object]:
+    """What the audit record of a change to `grant` says of it: the grant whole (what was
+    asked, by whom, why, and who approved it), so that the trail alone shows what a grant
+    allowed."""
+    return {
+        "exception_id": grant.id,
+        "requester": grant.principal,
+        **_request(grant),
+        "reason": grant.reason,
+        "approved_by": [approval["by"] for approval in grant.approvals],
     }
 
 

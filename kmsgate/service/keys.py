@@ -267,9 +267,14 @@ class Keys:
 
     def rotate_as_system(self, ctx: Ctx, key: Key, why: Mapping[str, object]) -> Key:
         """Rotate `key` as `system`, for a use case that has decided already (audited
-        `key.rotate`, `why` as its request). Raises what `rotate` raises."""
+        `key.rotate`, `why` in its record's detail). Raises what `rotate` raises."""
+
+        def rotate(outcome: Outcome) -> Key:
+            outcome.detail.update(why)
+            return self._rotate(key, outcome)
+
         call = Call(SYSTEM, ctx, "key.rotate", key.policy_resource(), dict(why))
-        return self.gate.run(call, partial(self._rotate, key), decision=_ROTATION)
+        return self.gate.run(call, rotate, decision=_ROTATION)
 
     def _rotate(self, key: Key, outcome: Outcome) -> Key:
         """A new primary version of `key` (the version made on its backend is destroyed

@@ -64,3 +64,27 @@ def test_a_grant_that_cannot_be_checked_allows_nothing(service, new_key, monkeyp
     # an allow that needs no grant never asks the store
     admin = Principal(id="token:admin", kind="token", roles=("admin",))
     assert service.crypto.sign(admin, CTX, service.gate.target("k"), [SignInput(b"m")], False)
+
+
+def test_the_audit_trail_alone_shows_what_a_grant_allowed_and_who_approved_it(service):
+    requested = service.exceptions.request(DEV, CTX, GRANT)
+    service.exceptions.approve(APPROVER, CTX, requested.id)
+    service.exceptions.revoke(APPROVER, CTX, requested.id)
+    evidence = {
+        "exception_id": requested.id,
+        "requester": DEV.id,
+        "actions": ["sign"],
+        "resource": "k",
+        "duration": 900,
+        "ticket": "INC-1",
+        "reason": "sign a hotfix",
+    }
+    for action, approved_by, state in (
+        ("exception.request", [], None),
+        ("exception.approve", [APPROVER.id], "active"),
+        ("exception.revoke", [APPROVER.id], "revoked"),
+    ):
+        (record,) = [r for r in service.audit.search(action=action) if r["outcome"] == "ok"]
+        detail = record["detail"]
+        assert {k: detail[k] for k in evidence} == evidence, action
+        assert detail["approved_by"] == approved_by and detail.get("state") == state, action
