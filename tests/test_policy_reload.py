@@ -90,3 +90,5 @@ def test_a_reload_reaches_every_worker_and_a_bad_bundle_changes_nothing(tmp_path
         assert viewer_lists() == {200}
         again = run_cli(("policy", "reload"), gw.env())
         assert again.rc == 0 and again.out.strip() == after, str(again)
+        # a refused bundle's engine was dropped on the thread that made it, not another
+        assert "unsendable" not in gw.output.read_text()

@@ -244,20 +244,21 @@ def _decision(result: Any) -> Decision:
     return Decision(allow=allow, reasons=_strings(result["reasons"]))
 
 
-def _require_allow(engine: Any, input_doc: Mapping[str, object]) -> None:
-    """Raises ConfigError unless the bundle in `engine` (an interpreter) allows `input_doc`
-    without an evaluation error."""
+def _refusal(engine: Any, input_doc: Mapping[str, object]) -> str | None:
+    """Why the bundle in `engine` (an interpreter) does not allow `input_doc` without an
+    evaluation error, or None (a value, not an exception: see `_add_sources`)."""
     action = input_doc.get("action")
     try:
         engine.set_input_json(orjson.dumps(input_doc).decode())
         decision = _decision(engine.eval_rule(DECISION_ENTRY))
     except Exception as exc:
-        raise ConfigError(f"the new policy fails to decide {action}: {_one_line(exc)}") from None
+        return f"the new policy fails to decide {action}: {_one_line(exc)}"
     if not decision.allow:
-        raise ConfigError(
+        return (
             f"the new policy would deny {action} to the principal reloading it, and no one "
             "could change it again without a restart"
         )
+    return None
 
 
 def _load_state(policy_dir: Path, compiled: bool) -> tuple[_State, Any]:
@@ -542,8 +543,10 @@ class PolicyEngine:
             current = self._state
             if state.sources == current.sources:
                 return current.digest
-            if must_allow is not None:
-                _require_allow(engine, must_allow)
+            problem = _refusal(engine, must_allow) if must_allow is not None else None
+            if problem is not None:
+                del engine
+                raise ConfigError(problem)
             self._state = state
             self._remember(state, engine)
             _log.info("policy reloaded: %s (%d files)", state.digest, len(state.sources))
