@@ -285,3 +285,23 @@ def test_free_text_holds_no_control_or_bidi_override_character(
     assert "k2" not in _key_names(api, admin)
     made = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "labels": {"team": "Équipe ü"}})
     assert made.status_code == 201, made.text
+
+
+@pytest.mark.parametrize("number", [2**64, -(2**63) - 1, 10**30])
+@pytest.mark.parametrize("where", ["claims", "request"])
+def test_policy_evaluate_refuses_an_integer_beyond_64_bits(
+    api: Api, admin: str, number: int, where: str
+) -> None:
+    principal: dict[str, Any] = {"id": "t", "roles": ["admin"], "claims": {}}
+    body: dict[str, Any] = {"principal": principal, "action": "sign", "request": {}}
+    (principal["claims"] if where == "claims" else body["request"])["n"] = number
+    reply = api.call(
+        "POST", "/v1/sys/policy/evaluate", admin, content=json.dumps(body), headers=JSON_TYPE
+    )
+    assert "integer beyond 64 bits" in _problem(reply, 400, "invalid_request")["detail"]
+    body["request"] = {"n": 2**64 - 1}  # the largest the engine holds: decided as usual
+    principal["claims"] = {"n": -(2**63)}
+    reply = api.call(
+        "POST", "/v1/sys/policy/evaluate", admin, content=json.dumps(body), headers=JSON_TYPE
+    )
+    assert reply.status_code == 200 and reply.json()["allow"] is True, reply.text

@@ -76,7 +76,11 @@ def _json_value(value: object, where: str, depth: int = 0) -> object:
     """Return `value` as plain JSON data; raise InvalidRequest if it has no JSON form."""
     if depth > _MAX_DEPTH:
         raise InvalidRequest(f"{where}: nested too deeply")
-    if value is None or isinstance(value, bool | str | int):
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:  # what the engine's JSON holds (and orjson writes)
+            raise InvalidRequest(f"{where}: integer beyond 64 bits")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
