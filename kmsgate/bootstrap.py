@@ -15,9 +15,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from kmsgate.audit import AuditEvent, FileSink
+from kmsgate.audit import FileSink
 from kmsgate.audit.checkpoint import CheckpointPolicy
-from kmsgate.auth import SYSTEM, TokenRegistry
+from kmsgate.auth import SYSTEM, Principal, TokenRegistry
 from kmsgate.backends import backend_class
 from kmsgate.backends.base import BackendKey, KeyBackend, Registry, RootKeyWrapper
 from kmsgate.backends.softkms import (
@@ -38,8 +38,9 @@ from kmsgate.pki.root import (
     write_private_file,
 )
 from kmsgate.policy import Decision, PolicyEngine
-from kmsgate.service import Ctx, Service
+from kmsgate.service import Call, Ctx, Service
 from kmsgate.service.checkpoints import CheckpointSigner
+from kmsgate.service.gate import Outcome
 from kmsgate.service.requests import NewCa, NewKey
 from kmsgate.store import Store
 
@@ -205,26 +206,35 @@ def prepare_dev_data_dir(settings: Settings) -> None:
 
 def bootstrap_token(settings: Settings, roles: list[str], description: str) -> str:
     """Create a token directly in the store (first admin of a production gateway), audited
-    as the local operator. Raises ConfigError or InvalidRequest."""
+    as the local operator. Raises ConfigError, InvalidRequest, AuditUnavailable."""
+    operator = Principal(id=f"local:{getpass.getuser()}", kind="local", roles=())
     service = build_service(settings)
     try:
-        info, token = service.tokens.create(roles, ttl=None, description=description)
-        service.audit.append(
-            AuditEvent(
-                action="token.bootstrap",
-                decision="allow",
-                outcome="ok",
-                request_id="cli",
-                principal=f"local:{getpass.getuser()}",
-                principal_kind="local",
-                resource={"kind": "token", "name": info.id},
-                policy_digest=service.policy.digest,
-                detail={"roles": list(info.roles)},
-            )
-        )
+        why = "a local operator with the gateway's config makes a token"
+        return _token_without_policy(service, operator, "cli", roles, description, why)
     finally:
         service.close()
-    return token
+
+
+def _token_without_policy(
+    service: Service,
+    principal: Principal,
+    request_id: str,
+    roles: list[str],
+    description: str,
+    why: str,
+) -> str:
+    """A token made outside the API, where no caller's request goes to the policy: audited
+    `token.bootstrap` by `principal` with the fixed reason `why` (recorded before the token
+    exists, and its outcome after). Raises InvalidRequest, AuditUnavailable."""
+
+    def create(outcome: Outcome) -> str:
+        info, token = service.tokens.create(roles, ttl=None, description=description)
+        outcome.detail.update(token_id=info.id, roles=list(info.roles))
+        return token
+
+    call = Call(principal, Ctx(request_id), "token.bootstrap", {"kind": "token"}, {"roles": roles})
+    return service.gate.run(call, create, decision=Decision(allow=True, reasons=(why,)))
 
 
 def ensure_root_token(service: Service, data_dir: Path) -> str | None:
@@ -237,7 +247,10 @@ def ensure_root_token(service: Service, data_dir: Path) -> str | None:
     path = data_dir / ROOT_TOKEN_FILE
     if path.exists():
         return None
-    _, token = service.tokens.create(["admin"], ttl=None, description="dev root token")
+    why = "dev mode: the gateway makes its root token"
+    token = _token_without_policy(
+        service, SYSTEM, "dev-root-token", ["admin"], "dev root token", why
+    )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")

@@ -115,8 +115,32 @@ def test_bootstrap_token_for_production(tmp_path):
     token = bootstrap_token(settings, ["admin"], "first admin")
     service = build_service(settings)
     assert service.tokens.authenticate(Credentials(bearer=token)).roles == ("admin",)
+    records = service.audit.search(action="token.bootstrap")
     service.close()
-    assert "token.bootstrap" in (data / "audit.log").read_text()
+    assert [r["outcome"] for r in records] == ["started", "ok"]  # recorded before it existed
+    assert (
+        records[-1]["principal"].startswith("local:") and records[-1]["principal_kind"] == "local"
+    )
+    assert records[-1]["detail"]["roles"] == ["admin"]
+
+
+def test_the_dev_root_token_is_audited(tmp_path):
+    settings = load_settings(dev=True, data_dir=tmp_path / "d")
+    prepare_dev_data_dir(settings)
+    service = build_service(settings)
+    try:
+        token = ensure_root_token(service, tmp_path / "d")
+        assert token is not None
+        assert ensure_root_token(service, tmp_path / "d") is None  # made once
+        records = service.audit.search(action="token.bootstrap")
+        made = service.tokens.authenticate(Credentials(bearer=token))
+    finally:
+        service.close()
+    assert [(r["principal"], r["outcome"]) for r in records] == [
+        ("system", "started"),
+        ("system", "ok"),
+    ]
+    assert records[-1]["detail"] == {"token_id": made.id.removeprefix("token:"), "roles": ["admin"]}
 
 
 def test_a_settings_error_is_one_line_and_never_repeats_the_value(tmp_path):

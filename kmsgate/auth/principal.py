@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-PrincipalKind = Literal["token", "oidc", "mtls", "system"]
+PrincipalKind = Literal["token", "oidc", "mtls", "system", "local"]
+"""`local`: an operator running a command with the gateway's own config (`kmsgate token
+bootstrap`), vouched for by the host, not by the API."""
 
 
 @dataclass(frozen=True, slots=True)

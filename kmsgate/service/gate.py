@@ -44,6 +44,7 @@ STATE_CHANGING = frozenset(
         "key.cancel_deletion",
         "key.destroy",
         "token.create",
+        "token.bootstrap",
         "token.revoke",
         "policy.reload",
         "ca.create",
