@@ -463,3 +463,18 @@ def test_audit_anchors_keep_the_last_checkpoint_of_each_chain(store):
     latest = replace(first, record_seq=22, record_hash="c" * 64, seq=21, final=True, key_version=2)
     store.audit_anchors.save(latest)
     assert store.audit_anchors.all() == [replace(first, chain="audit.1.log"), latest]
+
+
+def test_a_new_sqlite_store_is_readable_by_its_owner_only(tmp_path):
+    path = tmp_path / "kmsgate.db"
+    store = Store(f"sqlite:///{path}")
+    try:
+        store.migrate()
+        registry = TokenRegistry(store)
+        registry.create(["admin"], ttl=None, description="t")  # a write: the WAL exists
+        files = [path, tmp_path / "kmsgate.db-wal", tmp_path / "kmsgate.db-shm"]
+        assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {
+            f.name: "0o600" for f in files
+        }
+    finally:
+        store.close()

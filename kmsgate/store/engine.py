@@ -48,6 +48,14 @@ def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _create_private(path: Path) -> None:
+    """Create the SQLite file `path` readable by its owner only (0600), unless it exists:
+    SQLite gives its -wal and -shm files the database file's mode. Token hashes and wrapped
+    keys are in it, whatever the data dir's own mode. Errors are left to SQLite to report."""
+    with contextlib.suppress(OSError):  # it exists, or SQLite will say what is wrong
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class Database:
     """One engine and its transactions. Raises Conflict on uniqueness violations and
     Unavailable when the database cannot be reached."""
@@ -67,6 +75,8 @@ class Database:
             # database file an flock beside it (workers of one gateway share the file).
             database = sa.engine.make_url(url).database
             on_disk = bool(database) and database != ":memory:"
+            if on_disk and database is not None:
+                _create_private(Path(database))
             self._serial = _WriterLock(Path(f"{database}.write.lock") if on_disk else None)
 
     def ping(self) -> str | None:
