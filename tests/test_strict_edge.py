@@ -5,6 +5,7 @@ policy sees them, and every failure a problem reply with its request id."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -207,6 +208,19 @@ def test_a_date_time_at_the_calendar_edges_is_accepted(api: Api, admin: str) -> 
     path = "/v1/keys/k/versions/1/compromised"
     reply = api.call("POST", path, admin, json={"since": "0001-01-01T00:30:00+00:30"})
     assert reply.status_code == 200, reply.text
+
+
+def test_a_compromise_since_a_future_time_is_refused(api: Api, admin: str) -> None:
+    create_key(api, admin, "k")
+    path = "/v1/keys/k/versions/1/compromised"
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    reply = api.call("POST", path, admin, json={"since": later})
+    assert "since is in the future" in _problem(reply, 400, "invalid_request")["detail"]
+    assert "compromised_since" not in api.call("GET", "/v1/keys/k", admin).json()["versions"][0]
+    signed = api.call("POST", "/v1/keys/k/sign", admin, json={"input": b64(b"m")})
+    assert signed.status_code == 200, signed.text  # the version still signs
+    now = datetime.now(UTC).isoformat()
+    assert api.call("POST", path, admin, json={"since": now}).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,8 @@ log = logging.getLogger("kmsgate.keys")
 _SCHEDULED = Decision(allow=True, reasons=("deletion scheduled by an authorised caller",))
 ROTATION_RETRY = timedelta(minutes=1)
 """How long a key whose scheduled rotation failed waits before the next attempt."""
+CLOCK_SKEW = timedelta(minutes=1)
+"""How far ahead of the gateway's clock a caller's `since` may be."""
 _ROTATION = Decision(allow=True, reasons=("rotation_period set by an authorised caller",))
 
 
@@ -379,7 +381,10 @@ class Keys:
     ) -> Key:
         """Mark a version compromised since `since` (aware): it no longer signs, and
         signatures made after that time no longer verify when their time is known. Raises
-        NotFound for an unknown version."""
+        NotFound for an unknown version, InvalidRequest for a `since` ahead of the gateway's
+        clock by more than `CLOCK_SKEW` (a compromise has happened already)."""
+        if since > now() + CLOCK_SKEW:
+            raise InvalidRequest("since is in the future: a compromise has happened already")
 
         def mark(key: Key, outcome: Outcome) -> Key:
             v = key.versions.get(version)
