@@ -148,8 +148,7 @@ class Jobs:
     def run_due(self, now: datetime | None = None) -> bool:
         """Run every job if this process leads. Returns whether it led. A failing job is
         logged (by code, never by text) and retried on the next tick."""
-        self._led = self._lock.acquire()
-        if not self._led:
+        if not self._lead():
             return False
         try:
             self._service.keys.destroy_due(SCHEDULER, now)
@@ -170,11 +169,25 @@ class Jobs:
                 return False
             self._next_takeover = time.monotonic() + TAKEOVER_SECONDS
             return self.run_due(now)
-        self._led = self._lock.acquire()
-        if not self._led:
+        if not self._lead():
             return False
         self._run_frequent(now)
         return True
+
+    def _lead(self) -> bool:
+        """Take (or keep) the leader lock; whether this process leads. A change is logged,
+        so that an operator can tell which process runs the jobs."""
+        led, self._led = self._led, self._lock.acquire()
+        if self._led != led:
+            replica = self._service.settings.resolved_replica_id()
+            state = "now leads" if self._led else "no longer leads"
+            log.info(
+                "this process (replica %s, pid %d) %s the scheduled jobs",
+                replica,
+                os.getpid(),
+                state,
+            )
+        return self._led
 
     def _run_frequent(self, now: datetime | None) -> None:
         _guarded("revocation publishing", self._service.revocation.publish_due, SCHEDULER, now)

@@ -5,6 +5,7 @@ a change reaches every cache within a second, and scheduled work is done once.""
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -102,7 +103,10 @@ def test_two_workers_create_then_sign_at_once_never_404(tmp_path: Path) -> None:
 
 
 def test_a_due_key_is_destroyed_by_exactly_one_of_four_processes(
-    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Two replicas x two workers (four services, each with its own leader lock) tick at the
     same moment: one leads, and the key's material is destroyed once."""
@@ -114,6 +118,7 @@ def test_a_due_key_is_destroyed_by_exactly_one_of_four_processes(
         real_destroy(self, ref)
 
     monkeypatch.setattr(SoftKmsBackend, "destroy", counting_destroy)
+    caplog.set_level(logging.INFO, logger="kmsgate.jobs")
     settings = load_settings(
         dev=True, data_dir=tmp_path / "data", database_url=database_url, env="test"
     )
@@ -143,6 +148,8 @@ def test_a_due_key_is_destroyed_by_exactly_one_of_four_processes(
         for thread in threads:
             thread.join(timeout=30)
         assert sorted(led) == [False, False, False, True]
+        leads = [r.getMessage() for r in caplog.records if "the scheduled jobs" in r.getMessage()]
+        assert len(leads) == 1 and "now leads the scheduled jobs" in leads[0], leads
         assert sorted(destroyed) == ["softkms:doomed/1", "softkms:doomed/2"]
         for service in services:
             service.catalogue.refresh()
