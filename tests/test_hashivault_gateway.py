@@ -411,6 +411,8 @@ def test_openbao_stopped_gives_503_and_kmsgate_recovers_without_restart(tmp_path
                 "ok": False,
                 "detail": "unreachable",
             }
+            assert ready.json()["code"] == "not_ready"  # what `kmsgate health --ready` prints
+            assert ready.json()["detail"] == "backend vault: unreachable"
             # verification is local: it keeps working while Vault is down
             v = api.call(
                 "POST",

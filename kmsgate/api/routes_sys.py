@@ -38,14 +38,17 @@ def ready(service: ServiceDep) -> Response:
     store = {"ok": problem is None, "detail": problem or "ok"}
     refused = service.audit.problem()
     audit = {"ok": refused is None, "detail": refused or "ok"}
-    ok = store["ok"] and audit["ok"] and all(b["ok"] for b in backends.values())
-    body = {
-        "status": "ok" if ok else "unavailable",
+    parts = {"store": store, "audit": audit, **{f"backend {n}": b for n, b in backends.items()}}
+    down = [f"{part}: {state['detail']}" for part, state in parts.items() if not state["ok"]]
+    body: dict[str, object] = {
+        "status": "unavailable" if down else "ok",
         "store": store,
         "audit": audit,
         "backends": backends,
     }
-    return json_response(body, 200 if ok else 503)
+    if down:  # what a client that reads problem replies (the CLI) shows
+        body.update(code="not_ready", detail="; ".join(down))
+    return json_response(body, 503 if down else 200)
 
 
 def metrics(
