@@ -319,3 +319,24 @@ def test_policy_evaluate_refuses_an_integer_beyond_64_bits(
         "POST", "/v1/sys/policy/evaluate", admin, content=json.dumps(body), headers=JSON_TYPE
     )
     assert reply.status_code == 200 and reply.json()["allow"] is True, reply.text
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "code"),
+    [
+        (b"garbage", {"content-type": "text/plain"}, 415, "unsupported_media_type"),
+        (b"garbage", JSON_TYPE, 400, "invalid_request"),
+        (b'{"version": 9}', JSON_TYPE, 422, "validation_failed"),
+    ],
+)
+def test_a_body_sent_to_a_route_that_takes_none_is_refused_and_nothing_happens(
+    api: Api, admin: str, content: bytes, headers: dict[str, str], status: int, code: str
+) -> None:
+    create_key(api, admin, "k")
+    reply = api.call("POST", "/v1/keys/k/rotate", admin, content=content, headers=headers)
+    _problem(reply, status, code)
+    assert api.call("GET", "/v1/keys/k", admin).json()["primary_version"] == 1
+    for empty in (b"", b"{}"):  # what clients send for "no body"
+        done = api.call("POST", "/v1/keys/k/rotate", admin, content=empty, headers=JSON_TYPE)
+        assert done.status_code == 200, done.text
+    assert api.call("GET", "/v1/keys/k", admin).json()["primary_version"] == 3

@@ -101,14 +101,27 @@ class JsonBodyRoute(APIRoute):
         handler = super().get_route_handler()
         single = _single_valued(self.dependant)
         takes_body = self.body_field is not None
-        if not single and not takes_body:
-            return handler
 
         async def strict(request: Request) -> Response:
             refuse_repeated(request, single)
             if not takes_body:
+                await _refuse_a_body(request)
                 return await handler(request)
             parsed = await json_object(request)
             return await handler(_ParsedRequest(request, await request.body(), parsed))
 
         return strict
+
+
+async def _refuse_a_body(request: Request) -> None:
+    """For a route that takes no body: a body sent anyway must be JSON (else 415) and an
+    empty object, `{}` (else 400, or 422 for members), rather than be ignored: a client that
+    sends one expects it to count. Raises UnsupportedMediaType, InvalidRequest,
+    ValidationFailed."""
+    length = header(request.scope, b"content-length")
+    if length in ("", "0") and not header(request.scope, b"transfer-encoding"):
+        return  # no body: the usual case, nothing to read
+    if not await request.body():
+        return
+    if await json_object(request):
+        raise ValidationFailed("body: this route takes no request body (send none, or {})")
