@@ -340,3 +340,22 @@ def test_a_body_sent_to_a_route_that_takes_none_is_refused_and_nothing_happens(
         done = api.call("POST", "/v1/keys/k/rotate", admin, content=empty, headers=JSON_TYPE)
         assert done.status_code == 200, done.text
     assert api.call("GET", "/v1/keys/k", admin).json()["primary_version"] == 3
+
+
+@pytest.mark.parametrize("path", ["/v1/keys/k/sign", "/v1/keys"])  # fast path, FastAPI route
+@pytest.mark.parametrize("twice", ["authorization", "content-type"])
+def test_a_credential_or_content_type_header_given_twice_is_400(
+    api: Api, admin: str, path: str, twice: str
+) -> None:
+    create_key(api, admin, "k")
+    values = {
+        "authorization": [f"Bearer {admin}", "Bearer kmg.0.junk"],
+        "content-type": ["application/json", "text/plain"],
+    }
+    headers = [("authorization", f"Bearer {admin}"), ("content-type", "application/json")]
+    headers = [h for h in headers if h[0] != twice] + [(twice, v) for v in values[twice]]
+    body = json.dumps({"input": b64(b"m")} if "sign" in path else NEW_KEY)
+    reply = api.client.request("POST", path, headers=headers, content=body)
+    detail = _problem(reply, 400, "invalid_request")["detail"]
+    assert detail == f"header {twice} given 2 times; send it once"
+    assert "k2" not in _key_names(api, admin)

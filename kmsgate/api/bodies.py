@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
-from kmsgate.errors import UnsupportedMediaType, ValidationFailed
+from kmsgate.errors import InvalidRequest, UnsupportedMediaType, ValidationFailed
 from kmsgate.schemas import parse_json_object
 
 JSON = "application/json"
@@ -31,10 +31,20 @@ def header(scope: Scope, name: bytes) -> str:
     return ""
 
 
+def single_header(scope: Scope, name: bytes) -> str:
+    """The value of header `name` (lower case), "" if absent. Raises InvalidRequest if it is
+    given more than once: two credentials, or two content types, are two readings of one
+    request (a proxy may act on one, the gateway on the other)."""
+    found: list[bytes] = [value for key, value in scope["headers"] if key == name]
+    if len(found) > 1:
+        raise InvalidRequest(f"header {name.decode()} given {len(found)} times; send it once")
+    return found[0].decode("latin-1") if found else ""
+
+
 def require_media_type(request: Request, expected: str) -> None:
     """Raises UnsupportedMediaType unless the request's Content-Type is `expected` (any
-    parameters, such as a charset, aside)."""
-    sent = header(request.scope, b"content-type")
+    parameters, such as a charset, aside), InvalidRequest if it is given twice."""
+    sent = single_header(request.scope, b"content-type")
     if sent.partition(";")[0].strip().lower() != expected:
         raise UnsupportedMediaType(f"send the request body as {expected}")
 

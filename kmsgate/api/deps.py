@@ -8,7 +8,7 @@ from typing import Annotated
 from cryptography import x509
 from fastapi import Depends, Request
 
-from kmsgate.api.bodies import header
+from kmsgate.api.bodies import single_header
 from kmsgate.auth import Credentials, Principal
 from kmsgate.auth.forwarded import HEADER as FORWARDED_CERT_HEADER
 from kmsgate.service import Ctx, Service
@@ -16,16 +16,17 @@ from kmsgate.service import Ctx, Service
 
 def resolve_caller(request: Request) -> tuple[Service, Principal, Ctx]:
     """Service, authenticated principal and context in one call, without FastAPI's
-    dependency machinery (hot routes: sign, verify, mac). Raises Unauthenticated."""
+    dependency machinery (hot routes: sign, verify, mac). Raises Unauthenticated,
+    InvalidRequest (a credential header given twice)."""
     service: Service = request.app.state.service
     ctx = request_ctx(request)
-    scheme, _, value = header(request.scope, b"authorization").partition(" ")
+    scheme, _, value = single_header(request.scope, b"authorization").partition(" ")
     client = request.scope.get("client")
     credentials = Credentials(
         bearer=value.strip() if scheme.lower() == "bearer" else None,
         peer_chain=_peer_chain(request),
         remote_addr=client[0] if client else None,
-        forwarded_cert=header(request.scope, FORWARDED_CERT_HEADER),
+        forwarded_cert=single_header(request.scope, FORWARDED_CERT_HEADER),
     )
     principal = service.gate.authenticate(credentials, ctx)
     request.scope.setdefault("state", {})["principal"] = principal.id  # for the request log
