@@ -292,6 +292,9 @@ def test_no_policy_file_is_refused(tmp_path: Path) -> None:
 def test_missing_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         PolicyEngine.load(tmp_path / "nope")
+    (tmp_path / "authz.rego").write_text("package kmsgate.authz\n")
+    with pytest.raises(ConfigError, match="authz.rego is a file, not a directory"):
+        PolicyEngine.load(tmp_path / "authz.rego")  # `kmsgate policy test FILE`
 
 
 def test_non_utf8_policy_is_refused(tmp_path: Path) -> None:
