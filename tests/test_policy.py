@@ -293,7 +293,7 @@ def test_missing_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         PolicyEngine.load(tmp_path / "nope")
     (tmp_path / "authz.rego").write_text("package kmsgate.authz\n")
-    with pytest.raises(ConfigError, match="authz.rego is a file, not a directory"):
+    with pytest.raises(ConfigError, match=r"authz\.rego is a file, not a directory"):
         PolicyEngine.load(tmp_path / "authz.rego")  # `kmsgate policy test FILE`
 
 
