@@ -265,8 +265,8 @@ def _load_state(policy_dir: Path, compiled: bool) -> tuple[_State, Any]:
     """Read and check the policy bundle (compiled for the VM if `compiled`); return it and
     the engine built on this thread."""
     if not policy_dir.is_dir():
-        problem = "is a file, not a directory" if policy_dir.exists() else "does not exist"
-        raise ConfigError(f"policy directory {policy_dir} {problem}")
+        what = "is a file, not a directory" if policy_dir.exists() else "does not exist"
+        raise ConfigError(f"policy directory {policy_dir} {what}")
     files, _ = _rego_files(policy_dir)
     if not files:
         raise ConfigError(f"no .rego policy file in {policy_dir}")
