@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import ssl
 import weakref
 from collections.abc import Sequence
@@ -138,8 +139,11 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         self._refused = True
-        body = orjson.dumps(problem_document(error.status, error.code, error.title, error.detail))
+        request_id = secrets.token_hex(8)  # the application's ids' shape; it never saw this one
+        document = problem_document(error.status, error.code, error.title, error.detail, request_id)
+        body = orjson.dumps(document)
         head = b"content-type: application/problem+json\r\nconnection: close\r\n"
+        head += b"x-request-id: %s\r\n" % request_id.encode()
         length = b"content-length: %d\r\n\r\n" % len(body)
         self.transport.write(STATUS_LINE[error.status] + head + length + body)
         if self.transport.can_write_eof():

@@ -137,6 +137,7 @@ def test_a_request_head_over_the_limit_gets_431_and_the_connection_closes(
         assert status == 431 and headers["connection"] == "close"
         assert headers["content-type"] == "application/problem+json"
         assert json.loads(body)["code"] == "header_too_large"
+        assert json.loads(body)["request_id"] == headers["x-request-id"]  # as every reply has
         auth = {"Authorization": f"Bearer {gw.root_token}", "Content-Type": "application/json"}
         big = httpx.post(
             f"{gw.addr}/v1/keys", content=b"{" + b" " * (MAX_HEAD_BYTES * 4) + b"}", headers=auth
