@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -616,9 +617,11 @@ def test_audit_verify_passes_on_the_server_log_and_names_an_edited_line(
     assert_one_line_error(
         run_cli(("audit", "verify", str(log), str(copy)), clean_env()), f"line {index + 1}", rc=1
     )
-    # every record names the replica that wrote it (the host name by default)
+    # every record names the replica that wrote it (by default the host name and a digest
+    # of the audit log's path)
     replicas = {json.loads(line)["replica"] for line in log.read_text().splitlines()}
-    assert replicas == {re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64]}
+    digest = hashlib.sha256(str(log.absolute()).encode()).hexdigest()[:6]
+    assert replicas == {re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:57] + f"-{digest}"}
 
 
 def test_policy_test_passes_on_the_shipped_policies() -> None:
