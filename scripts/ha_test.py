@@ -85,7 +85,9 @@ def replicas(base: Path, database_url: str, count: int = REPLICAS) -> Iterator[l
     started one after the other (the first makes the dev CA and the root token); stopped
     on exit."""
     config = base / "kmsgate.yaml"
-    config.write_text(json.dumps({"database_url": database_url}))
+    # a scheduled rotation every 2 s (`ha-sched`) shows the jobs moving after the kill
+    limits = {"min_rotation_seconds": 2}
+    config.write_text(json.dumps({"database_url": database_url, "limits": limits}))
     data = base / "data"
     started: list[Replica] = []
     try:
