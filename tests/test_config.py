@@ -74,7 +74,7 @@ def test_root_key_file_checks(tmp_path):
     assert key.stat().st_mode & 0o777 == 0o600
     build_service(settings).close()
     os.chmod(key, 0o644)
-    with pytest.raises(ConfigError, match="group or others"):
+    with pytest.raises(ConfigError, match="must not be accessible by"):
         build_service(settings)
     key.unlink()
     create_root_key_file(key)
