@@ -105,6 +105,14 @@ class Conflict(KmsgateError):
     title = "Conflict"
 
 
+class ConcurrentChange(Conflict):
+    """Another process changed the same record at the same moment (a uniqueness constraint
+    refused this change): trying again after a second usually succeeds."""
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "1"}
+
+
 class KeyDisabled(Conflict):
     code = "key_disabled"
     title = "Key is disabled"

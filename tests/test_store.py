@@ -89,8 +89,9 @@ def test_version_uniqueness_is_enforced_by_the_database(store):
     key_a, key_b = a.get("k"), b.get("k")
     now = datetime.now(UTC)
     a.add_version(key_a, KeyVersion(version=2, backend_ref="r2", created_at=now), now)
-    with pytest.raises(Conflict):
+    with pytest.raises(Conflict) as caught:
         b.add_version(key_b, KeyVersion(version=2, backend_ref="r2b", created_at=now), now)
+    assert caught.value.headers() == {"retry-after": "1"}  # the race lost: try again
     reloaded = Catalogue(store).get("k")
     assert reloaded.primary_version == 2
     assert reloaded.versions[2].backend_ref == "r2"

@@ -19,7 +19,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy.engine import Connection, Engine
 
-from kmsgate.errors import ConfigError, Conflict, KmsgateError, Unavailable
+from kmsgate.errors import ConcurrentChange, ConfigError, KmsgateError, Unavailable
 from kmsgate.store import tables
 
 Row = Mapping[str, Any]
@@ -57,8 +57,8 @@ def _create_private(path: Path) -> None:
 
 
 class Database:
-    """One engine and its transactions. Raises Conflict on uniqueness violations and
-    Unavailable when the database cannot be reached."""
+    """One engine and its transactions. Raises ConcurrentChange (a Conflict) on uniqueness
+    violations and Unavailable when the database cannot be reached."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -109,7 +109,7 @@ class Database:
             with self._serial, self.engine.begin() as conn:
                 yield conn
         except sa.exc.IntegrityError as exc:
-            raise Conflict("the change conflicts with existing state; retry") from exc
+            raise ConcurrentChange("the change conflicts with existing state; retry") from exc
         except sa.exc.OperationalError as exc:
             raise Unavailable("metadata store unavailable") from exc
 
@@ -121,7 +121,7 @@ class Database:
 
     def init_meta(self, key: str, value: str) -> str:
         """Set `key` unless it exists; return the stored value (first writer wins)."""
-        with contextlib.suppress(Conflict), self.transaction() as conn:
+        with contextlib.suppress(ConcurrentChange), self.transaction() as conn:
             conn.execute(sa.insert(tables.meta).values(key=key, value=value))
         stored = self.get_meta(key)
         assert stored is not None
