@@ -62,7 +62,7 @@ def test_json_with_a_charset_is_json(api: Api, admin: str) -> None:
 @pytest.mark.parametrize("path", ["/v1/keys", "/v1/keys/k/sign", "/v1/keys/k/rotate"])
 def test_malformed_json_is_400_on_every_route(api: Api, admin: str, raw: bytes, path: str) -> None:
     create_key(api, admin, "k")
-    if path.endswith("rotate"):  # takes no body: whatever is sent is not read
+    if path.endswith("rotate") and not raw:  # takes no body: an empty one is none
         assert api.call("POST", path, admin, content=raw, headers=JSON_TYPE).status_code == 200
         return
     _problem(api.call("POST", path, admin, content=raw, headers=JSON_TYPE), 400, "invalid_request")
