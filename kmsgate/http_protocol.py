@@ -41,7 +41,13 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.server import ServerState
 
-from kmsgate.errors import HeaderTooLarge, KmsgateError, RequestTimeout, problem_document
+from kmsgate.errors import (
+    HeaderTooLarge,
+    InvalidRequest,
+    KmsgateError,
+    RequestTimeout,
+    problem_document,
+)
 
 __all__ = ["WHOLE_REPLY", "HttpToolsOneWrite"]
 
@@ -151,6 +157,12 @@ class HttpToolsOneWrite(HttpToolsProtocol):
             self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
         else:  # TLS: no half-close
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request httptools cannot parse (a malformed line or header, a bad Content-Length,
+        both Content-Length and Transfer-Encoding): 400 problem+json, as every other refusal,
+        where uvicorn sends text/plain; then close (`_refuse_head`)."""
+        self._refuse_head(InvalidRequest("the request is not well-formed HTTP/1.1"))
 
     def head_overdue(self, now: float) -> bool:
         """Whether the head being waited for began over `head_read_seconds` before `now`."""

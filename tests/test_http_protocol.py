@@ -138,6 +138,17 @@ def test_a_request_head_over_the_limit_gets_431_and_the_connection_closes(
         assert headers["content-type"] == "application/problem+json"
         assert json.loads(body)["code"] == "header_too_large"
         assert json.loads(body)["request_id"] == headers["x-request-id"]  # as every reply has
+        # a request httptools cannot parse: problem+json too (uvicorn answers text/plain)
+        for malformed in (
+            b"GET /v1/sys/health HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+            b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n{}",
+            b"GET /v1/sys/health HTTP/1.1\r\nBad\x00Header: x\r\n\r\n",
+        ):
+            [(status, headers, body)] = _replies(exchange(malformed))
+            assert status == 400 and headers["connection"] == "close", malformed
+            assert headers["content-type"] == "application/problem+json"
+            assert json.loads(body)["code"] == "invalid_request"
         auth = {"Authorization": f"Bearer {gw.root_token}", "Content-Type": "application/json"}
         big = httpx.post(
             f"{gw.addr}/v1/keys", content=b"{" + b" " * (MAX_HEAD_BYTES * 4) + b"}", headers=auth
