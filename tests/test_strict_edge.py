@@ -359,3 +359,17 @@ def test_a_credential_or_content_type_header_given_twice_is_400(
     detail = _problem(reply, 400, "invalid_request")["detail"]
     assert detail == f"header {twice} given 2 times; send it once"
     assert "k2" not in _key_names(api, admin)
+
+
+def test_only_a_key_with_a_public_half_can_be_made_public(api: Api, admin: str) -> None:
+    hmac_key = {"name": "h", "type": "hmac-sha256", "purpose": "p", "public": True}
+    reply = api.call("POST", "/v1/keys", admin, json=hmac_key)
+    detail = _problem(reply, 400, "invalid_request")["detail"]
+    assert detail == "hmac-sha256 keys have no public key to publish"
+    made = api.call("POST", "/v1/keys", admin, json={**hmac_key, "public": False})
+    assert made.status_code == 201, made.text
+    patched = api.call("PATCH", "/v1/keys/h", admin, json={"public": True})
+    _problem(patched, 400, "invalid_request")
+    assert api.call("GET", "/v1/keys/h", admin).json()["public"] is False
+    signer = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "public": True})
+    assert signer.status_code == 201 and signer.json()["public"] is True, signer.text

@@ -77,6 +77,8 @@ class Keys:
         importing = new.public_key is not None
         action = "key.import" if importing or new.uri is not None else "key.create"
         self._check_rotation_period(new.rotation_period)
+        if new.public and new.type is not None and not parse_key_type(new.type).is_asymmetric:
+            raise InvalidRequest(f"{new.type} keys have no public key to publish")
 
         def create(outcome: Outcome) -> Key:
             if self.gate.catalogue.find(new.name) is not None:
@@ -113,7 +115,9 @@ class Keys:
             updated_at=created,
             verify_only=verify_only,
             rotation_period=new.rotation_period,
-            public=new.public if new.public is not None else new.purpose in PUBLIC_PURPOSES,
+            public=new.public
+            if new.public is not None
+            else new.purpose in PUBLIC_PURPOSES and key_type.is_asymmetric,
         )
 
     def generate(self, new: NewKey) -> Key:
@@ -367,6 +371,8 @@ class Keys:
             if changes.labels is not None:
                 fields["labels"] = dict(changes.labels)
             if changes.public is not None:
+                if changes.public and not key.type.is_asymmetric:
+                    raise InvalidRequest(f"{key.type} keys have no public key to publish")
                 fields["public"] = changes.public
             if not fields:
                 return key
