@@ -31,6 +31,7 @@ from kmsgate.config import parse_duration_setting
 from kmsgate.encoding import b64decode_strict, b64encode
 from kmsgate.envelope import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_STRING, check_context
 from kmsgate.errors import InvalidRequest, TooLarge, ValidationFailed
+from kmsgate.pki.crl import REVOCATION_REASONS
 from kmsgate.service.requests import (
     DataKeyInput,
     DecryptInput,
@@ -50,6 +51,8 @@ from kmsgate.service.requests import (
 )
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ROLE_PATTERN = r"^[a-z0-9._:-]{1,64}$"
+"""What a token's role may be (checked by `TokenRegistry.create`: 400); for the document."""
 LABEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 _HIDDEN = r"\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
 """Control characters (C0, DEL, C1) and the bidirectional embeddings, overrides and isolates:
@@ -506,7 +509,9 @@ class ScheduleDeletionRequest(_Body):
 
 
 class TokenCreateRequest(_Body):
-    roles: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=32)
+    roles: list[
+        Annotated[str, Field(max_length=64, json_schema_extra={"pattern": ROLE_PATTERN})]
+    ] = Field(min_length=1, max_length=32)
     ttl: str | int | None = None
     description: Text = Field(default="", max_length=256)
 
@@ -535,7 +540,7 @@ class ExceptionCreateRequest(_Body):
 
 class PolicyEvaluateRequest(_Body):
     principal: dict[str, Any]
-    action: str = Field(max_length=64)
+    action: str = Field(max_length=64, json_schema_extra={"minLength": 1})
     resource: dict[str, Any] = Field(default_factory=dict)
     request: dict[str, Any] = Field(default_factory=dict)
     exceptions: list[dict[str, Any]] = Field(
@@ -632,4 +637,6 @@ def _csr(pem: str) -> x509.CertificateSigningRequest:
 
 
 class RevokeRequest(_Body):
-    reason: str = Field(default="unspecified", max_length=32)
+    reason: str = Field(
+        default="unspecified", max_length=32, json_schema_extra={"enum": list(REVOCATION_REASONS)}
+    )
