@@ -25,7 +25,7 @@ from kmsgate.errors import ConfigError
 from kmsgate.pki.csr import new_key_and_csr
 from tests.components import LOOPBACK, free_port
 from tests.helpers import issued_by, self_signed
-from tests.test_cli import Gateway, assert_one_line_error, clean_env, run_cli, running_gateway
+from tests.test_cli import Gateway, Run, assert_one_line_error, clean_env, run_cli, running_gateway
 
 TIMEOUT = 10.0
 
@@ -207,6 +207,20 @@ def test_tls_settings_name_what_is_wrong(tmp_path: Path, tls: dict[str, str], pr
         load_settings(config)
 
 
+def _serve_refused(tmp_path: Path, tls: dict[str, object]) -> Run:
+    """`kmsgate serve --dev` with these `tls` settings, which must stop it: exit 2, no
+    traceback."""
+    config = tmp_path / "kmsgate.yaml"
+    config.write_text(json.dumps({"tls": tls}))
+    refused = run_cli(
+        ("serve", "--dev", "--data-dir", str(tmp_path / "d"), "--config", str(config),
+         "--port", str(free_port())),
+        clean_env(),
+    )  # fmt: skip
+    assert refused.rc == 2 and "Traceback" not in refused.err, str(refused)
+    return refused
+
+
 def test_tls_outside_dev_needs_settings_and_a_bad_pair_is_one_error_line(tmp_path: Path) -> None:
     refused = run_cli(("serve", "--tls", "--data-dir", str(tmp_path)), clean_env())
     assert_one_line_error(refused, "--tls needs `tls` settings", rc=2)
@@ -219,14 +233,7 @@ def test_tls_outside_dev_needs_settings_and_a_bad_pair_is_one_error_line(tmp_pat
             serialization.NoEncryption(),
         )
     )
-    config = tmp_path / "kmsgate.yaml"
-    config.write_text(json.dumps({"tls": {"cert_file": str(cert), "key_file": str(other_key)}}))
-    mismatched = run_cli(
-        ("serve", "--dev", "--data-dir", str(tmp_path / "d"), "--config", str(config),
-         "--port", str(free_port())),
-        clean_env(),
-    )  # fmt: skip
-    assert mismatched.rc == 2 and "Traceback" not in mismatched.err, str(mismatched)
+    mismatched = _serve_refused(tmp_path, {"cert_file": str(cert), "key_file": str(other_key)})
     assert "error: cannot load the TLS certificate" in mismatched.err, str(mismatched)
 
 
@@ -242,14 +249,7 @@ def test_tls_outside_dev_needs_settings_and_a_bad_pair_is_one_error_line(tmp_pat
 def test_a_gateway_certificate_its_ca_cannot_issue_is_one_error_line(
     tmp_path: Path, tls: dict[str, object], problem: str
 ) -> None:
-    config = tmp_path / "kmsgate.yaml"
-    config.write_text(json.dumps({"tls": tls}))
-    refused = run_cli(
-        ("serve", "--dev", "--data-dir", str(tmp_path / "d"), "--config", str(config),
-         "--port", str(free_port())),
-        clean_env(),
-    )  # fmt: skip
-    assert refused.rc == 2 and "Traceback" not in refused.err, str(refused)
+    refused = _serve_refused(tmp_path, tls)
     assert_one_line_error(refused, "cannot issue the gateway's certificate", problem, rc=2)
 
 
