@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from kmsgate.errors import InvalidRequest
+from kmsgate.pki.extensions import extension_value
 
 _JUDGED = (x509.DNSName, x509.IPAddress, x509.UniformResourceIdentifier, x509.DirectoryName)
 """The name types judged: those kmsgate issues (profiles refuse the others)."""
@@ -46,10 +47,7 @@ def refuse_outside_constraints(
 
 @functools.lru_cache(maxsize=64)
 def _constraints(ca: x509.Certificate) -> x509.NameConstraints | None:
-    try:
-        return ca.extensions.get_extension_for_class(x509.NameConstraints).value
-    except x509.ExtensionNotFound:
-        return None
+    return extension_value(ca.extensions, x509.NameConstraints)
 
 
 def _allowed(name: x509.GeneralName, constraints: x509.NameConstraints) -> bool:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 
 from kmsgate.errors import InvalidRequest
+from kmsgate.pki.extensions import extension_value
 
 __all__ = [
     "REASONS",
@@ -210,11 +211,8 @@ def _check_issuer(issuer: x509.Certificate, key: CertificateIssuerPrivateKeyType
     """Raises InvalidRequest when `key` is not `issuer`'s key or `issuer` may not sign CRLs."""
     if key.public_key() != issuer.public_key():
         raise InvalidRequest("the signing key does not match the issuer certificate")
-    try:
-        usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return
-    if not usage.crl_sign:
+    usage = extension_value(issuer.extensions, x509.KeyUsage)
+    if usage is not None and not usage.crl_sign:
         raise InvalidRequest("the issuer certificate's key usage does not allow cRLSign")
 
 

@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from kmsgate.errors import Unavailable
+from kmsgate.pki.extensions import extension_value
 from kmsgate.pki.issuer import serial_hex
 from kmsgate.store import Row, Store
 from kmsgate.store.certificates import REVOKED, VALID
@@ -105,11 +106,8 @@ def record_of(
     cert: x509.Certificate, *, ca: str, profile: str, key_type: str, owner: str
 ) -> CertificateRecord:
     """The inventory record of a certificate just issued."""
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = san_strings(sans)
-    except x509.ExtensionNotFound:
-        names = ()
+    sans = extension_value(cert.extensions, x509.SubjectAlternativeName)
+    names = san_strings(sans) if sans is not None else ()
     return CertificateRecord(
         serial=serial_hex(cert.serial_number),
         ca=ca,

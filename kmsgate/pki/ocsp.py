@@ -27,6 +27,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmsgate.errors import InvalidRequest
+from kmsgate.pki.extensions import extension_value
 from kmsgate.pki.issuer import key_usage
 
 __all__ = [
@@ -159,10 +160,8 @@ def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
 
 def request_nonce(request: ocsp.OCSPRequest) -> bytes | None:
     """The nonce of the request's id-pkix-ocsp-nonce extension, or None when it has none."""
-    try:
-        return request.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
-    except x509.ExtensionNotFound:
-        return None
+    nonce = extension_value(request.extensions, x509.OCSPNonce)
+    return nonce.nonce if nonce is not None else None
 
 
 def issuer_matches(request: ocsp.OCSPRequest, issuer: x509.Certificate) -> bool:
@@ -241,11 +240,8 @@ class Responder:
                 raise InvalidRequest(
                     "the responder certificate was not issued by the issuer"
                 ) from exc
-            try:
-                usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
-            except x509.ExtensionNotFound:
-                usage = None
-            if usage is None or ExtendedKeyUsageOID.OCSP_SIGNING not in usage.value:
+            usage = extension_value(certificate.extensions, x509.ExtendedKeyUsage)
+            if usage is None or ExtendedKeyUsageOID.OCSP_SIGNING not in usage:
                 raise InvalidRequest("the responder certificate lacks id-kp-OCSPSigning")
         return cls(issuer, certificate, key)
 

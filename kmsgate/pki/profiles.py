@@ -33,6 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from kmsgate.algorithms import KeyType, KeyUsage, key_type_of_public_key, parse_key_type
 from kmsgate.config import PkiSettings, ProfileSettings, Settings, format_duration
 from kmsgate.errors import ConfigError, InvalidRequest
+from kmsgate.pki.extensions import extension_value
 from kmsgate.pki.issuer import key_usage
 
 MAX_SANS = 100
@@ -296,23 +297,13 @@ class Profile:
         found: list[str] = []
         extensions = certificate.extensions
         wanted = {_EKU_OIDS[eku] for eku in self.ekus}
-        try:
-            ekus = set(extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-        except x509.ExtensionNotFound:
-            ekus = set()
+        ekus = set(extension_value(extensions, x509.ExtendedKeyUsage) or ())
         if ekus != wanted:
             names = sorted(getattr(oid, "_name", oid.dotted_string) for oid in ekus)
             found.append(f"extended key usage {names}, not {sorted(self.ekus)}")
-        try:
-            usage: x509.KeyUsage | None = extensions.get_extension_for_class(x509.KeyUsage).value
-        except x509.ExtensionNotFound:
-            usage = None
-        if usage != key_usage(digital_signature=True):
+        if extension_value(extensions, x509.KeyUsage) != key_usage(digital_signature=True):
             found.append("key usage other than digitalSignature alone")
-        try:
-            basic = extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            basic = None
+        basic = extension_value(extensions, x509.BasicConstraints)
         if basic is None or basic.ca:
             found.append("no basicConstraints CA:FALSE")
         return found
@@ -378,10 +369,7 @@ class Profile:
                         )
 
     def _sans(self, requested: x509.Extensions) -> tuple[x509.GeneralName, ...]:
-        try:
-            names = list(requested.get_extension_for_class(x509.SubjectAlternativeName).value)
-        except x509.ExtensionNotFound:
-            names = []
+        names = list(extension_value(requested, x509.SubjectAlternativeName) or ())
         if not names:
             kinds = [
                 kind

@@ -40,6 +40,7 @@ from kmsgate.pki.authorities import CA_PURPOSE, Authorities, Authority, CaState,
 from kmsgate.pki.bundle import spiffe_bundle
 from kmsgate.pki.constraints import refuse_outside_constraints
 from kmsgate.pki.csr import new_key_and_csr
+from kmsgate.pki.extensions import extension_value
 from kmsgate.pki.inventory import (
     CertificateRecord,
     PresentedCertificates,
@@ -576,10 +577,7 @@ def _check_ca_certificate(
     links it, issuer by issuer, to a self-signed root."""
     if cert.public_key() != public_key:
         raise InvalidRequest("the certificate is for another key than this CA's")
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
+    constraints = extension_value(cert.extensions, x509.BasicConstraints)
     if constraints is None or not constraints.ca:
         raise InvalidRequest("the certificate is not a CA certificate (basicConstraints ca)")
     if not chain:
