@@ -249,6 +249,10 @@ def test_a_slow_backend_times_out_without_stalling_other_keys(
                     assert took < 3, f"a 1 s backend timeout took {took:.2f} s"
             assert {reply.status_code for reply, _ in fast} == {200}
             assert len(fast) >= 20, "the local key hardly signed meanwhile"
-            assert max(took for _, took in fast) < 0.5, "the event loop stalled"
+            # A stalled loop holds a local sign for the backend's whole 1 s timeout; a loaded
+            # 2-core CI machine can delay one sign by half of that, never by all of it.
+            took_fast = sorted(took for _, took in fast)
+            assert took_fast[len(took_fast) // 2] < 0.25, "local signs slowed down meanwhile"
+            assert took_fast[-1] < 1.0, "the event loop stalled for a backend timeout"
     finally:
         proxy.close()
