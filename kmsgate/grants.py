@@ -243,9 +243,15 @@ class ActiveGrants(StoreMirror):
         return any(g.state(at) is GrantState.EXPIRED for g in self._grants.values())
 
     def ended(self, ids: Sequence[str], at: datetime) -> list[str]:
-        """The grants of `ids` that the store itself (read now, not this copy) does not hold
-        active at `at`: revoked or ended by another process since the last refresh. If any,
-        this copy catches up with the store. Raises Unavailable (the store is down)."""
+        """The grants of `ids` that the store itself (as committed now, not as of the last
+        refresh) does not hold active at `at`: revoked or ended by another process since.
+        While no grant has changed since this copy's epoch (one read of the counter), the
+        copy answers; otherwise each grant is read and the copy catches up. Raises
+        Unavailable (the store is down)."""
+        epoch = self._epoch
+        held = self._grants  # at least as new as `epoch`
+        if not self.changed_since(epoch):
+            return [i for i in ids if i not in held or held[i].state(at) is not GrantState.ACTIVE]
         rows = {grant_id: self._store.grants.get(grant_id) for grant_id in ids}
         gone = [
             grant_id

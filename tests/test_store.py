@@ -18,8 +18,10 @@ from kmsgate.algorithms import KeyType
 from kmsgate.auth import Credentials, TokenRegistry
 from kmsgate.catalogue import Catalogue, Key, KeyState, KeyVersion
 from kmsgate.errors import Conflict, NotFound, Unauthenticated, Unavailable
+from kmsgate.grants import ActiveGrants, approve, new_grant
 from kmsgate.store import Store, engine, tables
 from kmsgate.store.certificates import CertQuery
+from tests.components import fresh_postgres_database
 
 
 @pytest.fixture
@@ -190,6 +192,58 @@ def test_token_revocation_reaches_other_replicas(store):
         b.authenticate(Credentials(bearer=token))
     stored = store.tokens.all()[0]
     assert token.split(".")[2] not in str(stored)
+
+
+def test_a_grant_revoked_through_another_replica_ends_at_once_without_a_refresh(
+    store, database_url
+):
+    """`ActiveGrants.ended` answers from the copy while the grants' counter has not moved,
+    and reads the store once it has: a revocation committed by another replica (its own
+    engine and connections) counts at the next request, before any refresh."""
+    now = datetime.now(UTC)
+    week = timedelta(days=7)
+    pending = new_grant(
+        "token:x", ["decrypt"], "k", timedelta(hours=1), "T-1", "why",
+        known_actions=frozenset({"decrypt"}), max_duration=week, pending_for=week, now=now,
+    )  # fmt: skip
+    grant = approve(pending, "token:y", required=1, now=now)
+    store.grants.insert(grant.row())
+    grants = ActiveGrants(store)
+    assert grants.ended([grant.id], now) == []
+    other = Store(database_url)
+    try:
+        assert store.feed.epoch_now("grants") == other.feed.epoch("grants")
+        other.grants.change(grant.id, lambda _row: {"revoked_at": now, "revoked_by": "token:y"})
+        assert store.feed.epoch_now("grants") == other.feed.epoch("grants")
+        assert grants.ended([grant.id], now) == [grant.id]
+        assert grants.active_for("token:x", "decrypt", now) == []  # the copy caught up
+        assert grants.ended([grant.id], now) == [grant.id]
+    finally:
+        other.close()
+
+
+def test_the_request_path_counter_read_survives_a_lost_connection(postgres_server):
+    """The reader's own connection dropped by the server (a restart, a failover) is replaced
+    at the next read, which answers; only a store that stays down is Unavailable."""
+    with fresh_postgres_database(postgres_server) as database_url:
+        store = Store(database_url)
+        store.migrate()
+        before = store.feed.epoch_now("keys")
+        with store.transaction() as conn:
+            dropped = conn.execute(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+        assert dropped >= 1
+        Catalogue(store).insert(make_key())
+        assert store.feed.epoch_now("keys") == before + 1
+        store.close()
+    down = Store(database_url.replace(f":{postgres_server.port}/", ":1/"))
+    with pytest.raises(Unavailable):
+        down.feed.epoch_now("keys")
+    down.close()
 
 
 def test_a_write_during_a_reload_is_not_lost(store, monkeypatch):

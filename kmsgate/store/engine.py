@@ -67,6 +67,7 @@ class Database:
         connect_args = {"connect_timeout": CONNECT_TIMEOUT_SECONDS} if postgres else {}
         self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
         self._serial: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        self._meta_reader = _MetaReader(self.engine)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _enable_sqlite_wal)
             # SQLite has one writer at a time; threads and processes that find it busy sleep
@@ -100,6 +101,7 @@ class Database:
             raise ConfigError(f"database migration failed: {type(exc).__name__}") from exc
 
     def close(self) -> None:
+        self._meta_reader.close()
         self.engine.dispose()
 
     @contextlib.contextmanager
@@ -119,6 +121,11 @@ class Database:
                 sa.select(tables.meta.c.value).where(tables.meta.c.key == key)
             ).scalar_one_or_none()
 
+    def read_meta_now(self, key: str) -> str | None:
+        """`meta` value `key` as last committed, read outside the transaction machinery, for
+        checks on the request path (see `_MetaReader`). Raises Unavailable."""
+        return self._meta_reader.read(key)
+
     def init_meta(self, key: str, value: str) -> str:
         """Set `key` unless it exists; return the stored value (first writer wins)."""
         with contextlib.suppress(ConcurrentChange), self.transaction() as conn:
@@ -126,6 +133,65 @@ class Database:
         stored = self.get_meta(key)
         assert stored is not None
         return stored
+
+
+class _MetaReader:
+    """Reads one `meta` value on a database connection of its own, kept open: microseconds
+    on SQLite (a WAL reader waits for no writer) and one round trip on PostgreSQL, where a
+    `transaction` costs a pool checkout, a liveness ping, BEGIN and COMMIT as well.
+    Thread-safe: one read at a time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._pid = 0
+        marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        table = tables.meta.name  # constants only: the key is a bound parameter
+        self._sql = f"SELECT value FROM {table} WHERE key = {marker}"  # noqa: S608
+
+    def read(self, key: str) -> str | None:
+        """The value of `key`, or None. A connection that fails (the server restarted) is
+        replaced once. Raises Unavailable when a new one fails too."""
+        with self._lock:
+            try:
+                return self._read(key)
+            except Exception:  # the driver's errors have no common base we import
+                self._close()
+            try:
+                return self._read(key)
+            except Exception as exc:
+                self._close()
+                raise Unavailable("metadata store unavailable") from exc
+
+    def _read(self, key: str) -> str | None:
+        cursor = self._connection().cursor()
+        try:
+            cursor.execute(self._sql, (key,))
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        return None if row is None else str(row[0])
+
+    def _connection(self) -> Any:
+        if self._conn is None or self._pid != os.getpid():  # never one a parent opened
+            conn = self._engine.raw_connection()
+            if self._engine.dialect.name == "postgresql":
+                driver: Any = conn.driver_connection
+                driver.autocommit = True  # no transaction left open between reads
+            conn.detach()  # ours until closed; the pool opens another in its place
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):  # closing a broken connection may fail too
+                conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
 
 
 class _WriterLock:

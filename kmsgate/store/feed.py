@@ -70,6 +70,11 @@ class Feed:
             ).scalar_one_or_none()
         return int(value or 0)
 
+    def epoch_now(self, aggregate: str) -> int:
+        """`epoch`, read on the store's reader connection: cheap enough for a request to
+        ask whether a cached copy is still current. Raises Unavailable."""
+        return int(self._db.read_meta_now(f"epoch:{aggregate}") or 0)
+
     def changes_since(self, aggregate: str, epoch: int) -> list[tuple[int, str]]:
         """(epoch, item) of `aggregate`'s changes after `epoch`, oldest first; the first one
         is not `epoch + 1` when older changes were pruned. Raises Unavailable."""

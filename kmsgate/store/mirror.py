@@ -26,6 +26,9 @@ class StoreMirror(ABC):
     """
 
     aggregate: ClassVar[str]
+    _epoch: int
+    """The last change the copy holds. Its content is never older: a refresh swaps in the
+    content first, then the epoch (read the epoch first, then the content)."""
 
     def __init__(
         self, store: Store, *, read_through_per_second: float = READ_THROUGH_PER_SECOND
@@ -62,6 +65,11 @@ class StoreMirror(ABC):
             self._load()
             self._epoch = epoch
             self.full_reloads += 1
+
+    def changed_since(self, epoch: int) -> bool:
+        """Whether the aggregate has had a change committed after `epoch` (one cheap read of
+        its counter). Raises Unavailable."""
+        return self._store.feed.epoch_now(self.aggregate) != epoch
 
     def refresh(self) -> None:
         """Apply the changes committed since the copy's epoch. Raises Unavailable."""
