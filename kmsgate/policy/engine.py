@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import regorus
@@ -67,6 +67,7 @@ when undefined) and, only for an allowed request, the `reasons` and `deny` strin
 evaluation (a helper rule that `allow` and `reasons` both read is evaluated once)."""
 _DECISION_FILE = "kmsgate-decision.rego"
 _DECISION_CACHE_SIZE = 4096
+_K = TypeVar("_K", bytes, str)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _LOCATION = re.compile(r"--> (\S+:\d+:\d+)")
 
@@ -224,6 +225,9 @@ class _State:
     """The bundle compiled for the VM (serialised); None: the interpreter decides."""
     decisions: dict[bytes, Decision] = field(default_factory=dict, compare=False)
     """Decisions by serialised input; bounded by clearing when full (see decide)."""
+    outcomes: dict[str, Decision] = field(default_factory=dict, compare=False)
+    """Decisions by the VM's answer (its JSON text): most inputs share a few answers, so
+    an evaluation skips parsing one it has seen. Bounded like `decisions`."""
 
 
 def _strings(value: object) -> tuple[str, ...]:
@@ -242,6 +246,13 @@ def _decision(result: Any) -> Decision:
         return Decision(allow=False, reasons=tuple(DENIED_PREFIX + v for v in vetoes))
     allow = len(values) == 1 and values[0] is True
     return Decision(allow=allow, reasons=_strings(result["reasons"]))
+
+
+def _remember_bounded(cache: dict[_K, Decision], key: _K, decision: Decision) -> None:
+    """Keep `decision` under `key`, emptying `cache` first when it is full."""
+    if len(cache) >= _DECISION_CACHE_SIZE:
+        cache.clear()
+    cache[key] = decision
 
 
 def _refusal(engine: Any, input_doc: Mapping[str, object]) -> str | None:
@@ -492,25 +503,30 @@ class PolicyEngine:
             cached = state.decisions.get(raw)
             if cached is not None:
                 return cached
-            decision = _decision(self._evaluate(state, raw))
+            decision = self._evaluate(state, raw)
         except Exception as exc:
             _log_failure("policy evaluation failed (%s%s); request denied", exc)
             return Decision(allow=False, reasons=(), failed=True)
-        if len(state.decisions) >= _DECISION_CACHE_SIZE:
-            state.decisions.clear()
-        state.decisions[raw] = decision
+        _remember_bounded(state.decisions, raw, decision)
         return decision
 
-    def _evaluate(self, state: _State, raw: bytes) -> Any:
-        """`DECISION_ENTRY` for the serialised input `raw`: one execution of the compiled
-        bundle, or one evaluation by the interpreter (a bundle the compiler refused)."""
+    def _evaluate(self, state: _State, raw: bytes) -> Decision:
+        """The decision for the serialised input `raw`: one execution of the compiled
+        bundle, or one evaluation by the interpreter (a bundle the compiler refused).
+        Raises what the engine raises, or KeyError/TypeError for an answer of another
+        shape."""
         if state.program is not None:
             vm = self._vm(state, state.program)
             vm.set_input_json(raw.decode())
-            return orjson.loads(vm.execute_entry_point(DECISION_ENTRY))
+            answer: str = vm.execute_entry_point(DECISION_ENTRY)
+            decision = state.outcomes.get(answer)
+            if decision is None:
+                decision = _decision(orjson.loads(answer))
+                _remember_bounded(state.outcomes, answer, decision)
+            return decision
         engine = self._engine(state)
         engine.set_input_json(raw.decode())
-        return engine.eval_rule(DECISION_ENTRY)
+        return _decision(engine.eval_rule(DECISION_ENTRY))
 
     def roles(self, input_doc: Mapping[str, object]) -> tuple[str, ...]:
         """The roles the policy maps the principal of `input_doc` to (`roles`, sorted);
