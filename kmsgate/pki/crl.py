@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 
 from kmsgate.errors import InvalidRequest
-from kmsgate.pki.extensions import extension_value
+from kmsgate.pki.extensions import authority_key_identifier, extension_value
 
 __all__ = [
     "REASONS",
@@ -136,9 +136,7 @@ def build_crl(
 
     extensions: list[x509.Extension[x509.ExtensionType]] = [
         x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)),
-        x509.Extension(
-            x509.AuthorityKeyIdentifier.oid, False, _authority_key_identifier(issuer, key)
-        ),
+        x509.Extension(x509.AuthorityKeyIdentifier.oid, False, authority_key_identifier(issuer)),
     ]
     is_delta = delta_base is not None
     if delta_base is not None:
@@ -193,18 +191,6 @@ def _entries(revoked: Sequence[RevokedEntry], is_delta: bool) -> list[x509.Revok
         # The constructor, unlike the chained setters, makes no intermediate copies.
         append(new_entry(serial, entry.revoked_at, extensions_for[entry.reason]).build())
     return entries
-
-
-def _authority_key_identifier(
-    issuer: x509.Certificate, key: CertificateIssuerPrivateKeyTypes
-) -> x509.AuthorityKeyIdentifier:
-    """The issuer's subject key identifier when its certificate has one, else the RFC 5280
-    method-1 hash of its public key (`key`'s public half, checked equal to the issuer's)."""
-    try:
-        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
-    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def _check_issuer(issuer: x509.Certificate, key: CertificateIssuerPrivateKeyTypes) -> None:

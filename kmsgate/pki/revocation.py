@@ -19,11 +19,11 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import (
-    CertificateIssuerPublicKeyTypes,
     CertificatePublicKeyTypes,
 )
 
 from kmsgate.pki.crl import REASONS, RevokedEntry
+from kmsgate.pki.extensions import authority_key_identifier
 from kmsgate.pki.ocsp import CertStatus, delegated_responder_extensions
 from kmsgate.store import Row, Store, StoreMirror
 from kmsgate.store.certificates import REVOKED
@@ -279,19 +279,12 @@ def listed_serials(crl_der: bytes) -> frozenset[int]:
 def responder_extensions(
     public_key: CertificatePublicKeyTypes,
     issuer: x509.Certificate,
-    issuer_key: CertificateIssuerPublicKeyTypes,
 ) -> list[tuple[x509.ExtensionType, bool]]:
     """A delegated OCSP responder certificate's extensions: id-kp-OCSPSigning, nocheck, key
-    usage, and the key identifiers (the authority's from `issuer`, whose key is
-    `issuer_key`)."""
-    try:
-        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        authority = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
-    except x509.ExtensionNotFound:
-        authority = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key)
+    usage, and the key identifiers (the authority's from `issuer`)."""
     return [
         (x509.BasicConstraints(ca=False, path_length=None), True),
         *delegated_responder_extensions(),
         (x509.SubjectKeyIdentifier.from_public_key(public_key), False),
-        (authority, False),
+        (authority_key_identifier(issuer), False),
     ]

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from kmsgate.errors import Conflict, InvalidRequest
+from kmsgate.pki.extensions import authority_key_identifier
 from kmsgate.pki.issuer import (
     BACKDATE,
     build_certificate,
@@ -210,7 +211,7 @@ def sign_intermediate(
         (x509.BasicConstraints(ca=True, path_length=path_length), True),
         (key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), True),
         (x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), False),
-        (_authority_key_id(root_cert), False),
+        (authority_key_identifier(root_cert), False),
     ]
     if permitted_dns:
         subtrees: list[x509.GeneralName] = [_dns_subtree(name) for name in permitted_dns]
@@ -249,15 +250,6 @@ def _check_room_below(root_cert: x509.Certificate, path_length: int | None) -> N
         raise InvalidRequest("the root's path length is 0: it cannot sign intermediates")
     if path_length is None or path_length >= limit:
         raise InvalidRequest(f"the root's path length {limit} needs a path length below it")
-
-
-def _authority_key_id(root_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
-    """Names the root's key by its subjectKeyIdentifier (derived when it has none)."""
-    try:
-        ski = root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        ski = x509.SubjectKeyIdentifier.from_public_key(root_cert.public_key())
-    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def _dns_subtree(name: str) -> x509.DNSName:

@@ -457,7 +457,7 @@ class Revocation:
                 serial=new_serial(),
                 not_before=not_before,
                 not_after=not_after,
-                extensions=responder_extensions(public_key, issuer, ca_key.public_key()),
+                extensions=responder_extensions(public_key, issuer),
             )
             record = record_of(
                 certificate,
