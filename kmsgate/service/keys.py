@@ -18,6 +18,7 @@ from kmsgate.backends.base import AdoptCapable, KeySpec, require_capability
 from kmsgate.catalogue import PUBLIC_PURPOSES, Key, KeyState, KeyVersion
 from kmsgate.errors import Conflict, InvalidRequest, KmsgateError, NotFound, Unavailable
 from kmsgate.jwk import public_jwk
+from kmsgate.pki.authorities import CA_PURPOSE
 from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.requests import KeyChanges, NewKey
@@ -77,6 +78,8 @@ class Keys:
         importing = new.public_key is not None
         action = "key.import" if importing or new.uri is not None else "key.create"
         self._check_rotation_period(new.rotation_period)
+        if new.rotation_period is not None:
+            _refuse_a_ca_key(new.name, new.purpose, "rotates on a schedule")
         if new.public and new.type is not None and not parse_key_type(new.type).is_asymmetric:
             raise InvalidRequest(f"{new.type} keys have no public key to publish")
 
@@ -289,6 +292,7 @@ class Keys:
         key.require_enabled()
         if key.verify_only:
             raise Conflict(f"key {key.name!r} is verify-only; import a new key instead")
+        _refuse_a_ca_key(key.name, key.purpose, "rotates")
         number = max(key.versions) + 1
         backend = self.gate.registry.get(key.backend)
         created = backend.create_key(KeySpec(key.name, number, key.type, dict(key.labels)))
@@ -366,6 +370,8 @@ class Keys:
                         key.backend_key(key.versions[key.primary_version]), minimum
                     )
                 fields["min_decrypt_version"] = minimum
+            if changes.rotation_period is not None:
+                _refuse_a_ca_key(key.name, key.purpose, "rotates on a schedule")
             if changes.rotation_period is not None or changes.stop_rotation:
                 fields["rotation_period"] = changes.rotation_period
             if changes.labels is not None:
@@ -455,3 +461,13 @@ class Keys:
 
 def _same_key(key: Key, _: Outcome) -> Key:
     return key
+
+
+def _refuse_a_ca_key(name: str, purpose: str, what: str) -> None:
+    """Raises InvalidRequest for a CA's key: its certificate certifies the key's current
+    version, and what a new version signed would not verify against it."""
+    if purpose == CA_PURPOSE:
+        raise InvalidRequest(
+            f"key {name!r} is a CA's key and never {what}: the CA's certificate certifies "
+            "this key; for a new key, create a new CA and import its certificate"
+        )

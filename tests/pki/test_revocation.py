@@ -149,6 +149,22 @@ def crl_number(crl: x509.CertificateRevocationList) -> int:
     return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
 
+def test_a_cas_key_never_rotates_so_what_it_signs_keeps_verifying(api, pki, jobs, openssl_bin):
+    """The CA's certificate certifies its key's version: rotating that key, by hand or on a
+    schedule, is a 400 saying what to do instead, and the CA goes on issuing certificates
+    and CRLs that verify. (A new version would sign what the certificate cannot vouch for.)"""
+    rotated = api.call("POST", "/v1/keys/ca.issuing/rotate", pki.token)
+    assert rotated.status_code == 400, rotated.text
+    assert "create a new CA" in rotated.json()["detail"]
+    scheduled = api.call("PATCH", "/v1/keys/ca.issuing", pki.token, json={"rotation_period": "30d"})
+    assert scheduled.status_code == 400 and "schedule" in scheduled.json()["detail"]
+    assert api.call("GET", "/v1/keys/ca.issuing", pki.token).json()["primary_version"] == 1
+    leaf, serial = pki.issue("after")
+    pki.revoke(serial)
+    assert jobs.run_revocation()
+    assert "certificate revoked" in verify(openssl_bin, pki, leaf, pki.crl_file("after"))
+
+
 # --- CRLs ---------------------------------------------------------------------------------------
 
 
