@@ -14,7 +14,7 @@ import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -577,12 +577,12 @@ def _check_ca_certificate(
     links it, issuer by issuer, to a self-signed root."""
     if cert.public_key() != public_key:
         raise InvalidRequest("the certificate is for another key than this CA's")
-    constraints = extension_value(cert.extensions, x509.BasicConstraints)
-    if constraints is None or not constraints.ca:
-        raise InvalidRequest("the certificate is not a CA certificate (basicConstraints ca)")
     if not chain:
         raise InvalidRequest("send the chain up to the root (at least the root certificate)")
     links = [cert, *chain]
+    at = now()
+    for below, link in enumerate(links):
+        _check_issuing_ca(link, below, at)
     for child, parent in itertools.pairwise(links):
         try:
             child.verify_directly_issued_by(parent)
@@ -596,6 +596,34 @@ def _check_ca_certificate(
         root.verify_directly_issued_by(root)
     except (ValueError, TypeError, InvalidSignature):
         raise InvalidRequest("the chain does not end in a self-signed root") from None
+
+
+def _check_issuing_ca(cert: x509.Certificate, below: int, at: datetime) -> None:
+    """Raises InvalidRequest unless `cert`, with `below` CA certificates under it down to the
+    imported one (0: it is that one), may issue what that CA will: a CA (basicConstraints)
+    whose key usage, if stated, allows certificates (and CRLs, for the imported one), whose
+    path length leaves room for those CAs, and
+    which is valid at `at` (what `openssl verify` checks on every issuer of a leaf)."""
+    name = cert.subject.rfc4514_string()
+    constraints = extension_value(cert.extensions, x509.BasicConstraints)
+    if constraints is None or not constraints.ca:
+        raise InvalidRequest(f"{name} is not a CA certificate (basicConstraints ca)")
+    usage = extension_value(cert.extensions, x509.KeyUsage)
+    if usage is not None and not usage.key_cert_sign:
+        raise InvalidRequest(f"{name}: its key usage does not allow keyCertSign")
+    if usage is not None and below == 0 and not usage.crl_sign:
+        raise InvalidRequest(f"{name}: its key usage does not allow cRLSign (for its CRLs)")
+    limit = constraints.path_length
+    if limit is not None and limit < below:
+        raise InvalidRequest(
+            f"{name}: its path length {limit} allows {limit} CA certificate(s) below it, "
+            f"the chain has {below}"
+        )
+    if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
+        raise InvalidRequest(
+            f"{name} is valid from {cert.not_valid_before_utc.isoformat()} to "
+            f"{cert.not_valid_after_utc.isoformat()}, not now"
+        )
 
 
 def _refuse_role_settings(settings: Mapping[str, object], role: str) -> None:

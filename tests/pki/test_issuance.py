@@ -7,17 +7,27 @@ import base64
 import hashlib
 import ipaddress
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.auth import Credentials
+from kmsgate.pki.issuer import key_usage
 from kmsgate.service import Ctx
 from kmsgate.service.requests import IssueInput
-from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate, openssl_verifies
+from tests.pki.ceremony import (
+    OfflineRoot,
+    ca_key_usage,
+    leaf_csr,
+    make_intermediate,
+    openssl_verifies,
+)
 
 PEM_TYPE = "application/x-pem-file"
+PEM = serialization.Encoding.PEM
 
 
 @pytest.fixture
@@ -125,6 +135,82 @@ def test_a_pending_ca_cannot_issue_and_a_foreign_chain_is_refused(api, admin, ro
         json={"certificate": cert, "chain": root.pem},  # signed by `other`, chain says `root`
     )
     assert r.status_code == 400 and "not issued by" in r.json()["detail"]
+
+
+def _certificate(
+    issuer: tuple[ec.EllipticCurvePrivateKey, x509.Name],
+    subject: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    ca: bool = True,
+    path_length: int | None = None,
+    usage: x509.KeyUsage | None = None,
+    days: tuple[int, int] = (-1, 365),
+) -> x509.Certificate:
+    """A certificate `issuer` (key, name) signs for `subject`, valid from `days[0]` to
+    `days[1]` days from now."""
+    at = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[1])
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(at + timedelta(days=days[0]))
+        .not_valid_after(at + timedelta(days=days[1]))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(usage or ca_key_usage(digital_signature=False), critical=True)
+    )
+    return builder.sign(issuer[0], hashes.SHA256())
+
+
+def test_a_chain_openssl_would_refuse_is_refused_at_import(api, admin, root, tmp_path, openssl_bin):
+    """Each issuer above the imported CA must be a CA allowed to sign certificates, with a
+    path length that leaves room for the CAs below it, and every link valid now; the
+    imported one must also be allowed to sign CRLs. Each case is a 400 naming the link,
+    the CA stays pending, and a good chain then imports and issues what openssl accepts."""
+    created = api.call("POST", "/v1/pki/cas", admin, json={"name": "mid", "subject": "CN=Mid"})
+    assert created.status_code == 201
+    csr = x509.load_pem_x509_csr(created.json()["csr"].encode())
+    ca_name, ca_key = csr.subject, csr.public_key()
+    assert isinstance(ca_key, ec.EllipticCurvePublicKey)
+    above = ec.generate_private_key(ec.SECP256R1())
+    above_name = x509.Name.from_rfc4514_string("CN=Above")
+    by_root = (root.key, root.cert.subject)
+    signs_only = key_usage(digital_signature=True)
+    cases = {
+        "path length 0 allows 0": {"above": {"path_length": 0}},
+        "not a CA certificate": {"above": {"ca": False}},
+        "does not allow keyCertSign": {"above": {"usage": signs_only}},
+        "does not allow cRLSign": {"ca": {"usage": key_usage(key_cert_sign=True)}},
+        "not now": {"ca": {"days": (-30, -1)}},
+    }
+    for expected, options in cases.items():
+        upper = _certificate(by_root, above_name, above.public_key(), **options.get("above", {}))
+        cert = _certificate((above, above_name), ca_name, ca_key, **options.get("ca", {}))
+        chain = [upper, root.cert]
+        r = api.call(
+            "POST",
+            "/v1/pki/cas/mid/certificate",
+            admin,
+            json={
+                "certificate": cert.public_bytes(PEM).decode(),
+                "chain": "".join(c.public_bytes(PEM).decode() for c in chain),
+            },
+        )
+        assert r.status_code == 400 and expected in r.json()["detail"], (expected, r.text)
+    listed = api.call("GET", "/v1/pki/cas", admin).json()["cas"]
+    assert {ca["name"]: ca["state"] for ca in listed}["mid"] == "pending"
+
+    good = root.sign_intermediate(created.json()["csr"])
+    r = api.call(
+        "POST", "/v1/pki/cas/mid/certificate", admin, json={"certificate": good, "chain": root.pem}
+    )
+    assert r.status_code == 200 and r.json()["state"] == "active", r.text
+    _, leaf = leaf_csr(x509.DNSName("web.lab"))
+    issued = issue(api, admin, leaf, "server", ca="mid")
+    assert issued.status_code == 200, issued.text
+    openssl_verifies(openssl_bin, tmp_path, root, issued.json())
 
 
 def test_a_cancelled_issuance_still_records_what_it_made(api, admin, root):
