@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
@@ -49,28 +48,25 @@ from kmsgate.service.requests import (
     SignInput,
     VerifyInput,
 )
+from kmsgate.text import HIDDEN, has_hidden
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ROLE_PATTERN = r"^[a-z0-9._:-]{1,64}$"
 """What a token's role may be (checked by `TokenRegistry.create`: 400); for the document."""
 LABEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-_HIDDEN = r"\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
-"""Control characters (C0, DEL, C1) and the bidirectional embeddings, overrides and isolates:
-in a free-text value they forge rows in a listing or hide what a reviewer reads."""
-_HIDDEN_CHARACTER = re.compile(f"[{_HIDDEN}]")
 
 
 def _visible(value: str) -> str:
-    if _HIDDEN_CHARACTER.search(value):
+    if has_hidden(value):
         raise ValueError("control characters and bidirectional overrides are not allowed")
     return value
 
 
 Text = Annotated[
-    str, AfterValidator(_visible), Field(json_schema_extra={"pattern": f"^[^{_HIDDEN}]*$"})
+    str, AfterValidator(_visible), Field(json_schema_extra={"pattern": f"^[^{HIDDEN}]*$"})
 ]
 """Free text a person reads (a ticket, a reason, a label value, a description): any
-character but `_HIDDEN` ones (422)."""
+character but `kmsgate.text.HIDDEN` ones (422)."""
 Labels = Annotated[
     dict[Annotated[str, Field(pattern=LABEL_PATTERN)], Annotated[Text, Field(max_length=256)]],
     Field(max_length=32, json_schema_extra={"additionalProperties": False}),
@@ -575,7 +571,7 @@ class CaKeySpec(_Body):
 
 class CreateCaRequest(_Body):
     name: str = Field(pattern=CA_NAME_PATTERN)
-    subject: str = Field(default="", max_length=1024)
+    subject: Text = Field(default="", max_length=1024)
     key: CaKeySpec = Field(default_factory=CaKeySpec)
     type: Literal["kmsgate", "hashivault-pki"] = "kmsgate"
     mount: str | None = Field(default=None, max_length=64, description="hashivault-pki only")

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import re
@@ -32,7 +33,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rich.console import Console
 
+from kmsgate.cli import common
 from tests.components import LOOPBACK, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -775,6 +778,24 @@ def test_token_list_shows_whole_ids_when_piped(gateway: Gateway) -> None:
     token_id, _ = new_token(gateway, "auditor")
     listed = gateway.ok("token", "list").out
     assert token_id in listed
+
+
+def test_a_listing_prints_hidden_characters_and_markup_as_text(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value from elsewhere (an imported CA's issuer, a label stored before the API
+    refused such characters) cannot forge a row or a column, nor restyle or crash the rich
+    table with "[...]": piped, each hidden character is printed as its escape; on a
+    terminal, the cell's text is shown as it is."""
+    cell = "CN=x\nfake\tkmsgate\u202e[/bold]"
+    common.print_table(["name", "subject"], [["a", cell]])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["name\tsubject", "a\tCN=x\\nfake\\tkmsgate\\u202e[/bold]"]
+    screen = Console(file=io.StringIO(), force_terminal=True, width=200, color_system=None)
+    monkeypatch.setattr(common, "out", screen)
+    common.print_table(["name", "subject"], [["a", cell]])
+    printed = screen.file.getvalue()
+    assert "CN=x\\nfake\\tkmsgate\\u202e[/bold]" in printed and "\u202e" not in printed
 
 
 def test_restricted_signer_can_sign_a_digest(prod_env_gateway: Gateway, tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kmsgate.api import create_app
+from kmsgate.errors import InvalidRequest
+from kmsgate.pki.root import parse_subject
 from tests.gateway import Api
 from tests.helpers import JSON_TYPE, b64, create_key
 
@@ -299,6 +301,21 @@ def test_free_text_holds_no_control_or_bidi_override_character(
     assert "k2" not in _key_names(api, admin)
     made = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "labels": {"team": "Équipe ü"}})
     assert made.status_code == 201, made.text
+
+
+@pytest.mark.parametrize("value", ["CN=x\nfake\tkmsgate\tactive", "CN=\u202eevil", "\x85"])
+def test_a_ca_subject_holds_no_control_or_bidi_override_character(
+    api: Api, admin: str, value: str
+) -> None:
+    """A CA's subject is listed (`kmsgate ca list`) and put in every certificate it
+    issues: the API refuses hidden characters (422), and so does the name parser the CLI's
+    offline root uses (400)."""
+    reply = api.call("POST", "/v1/pki/cas", admin, json={"name": "hidden", "subject": value})
+    detail = _problem(reply, 422, "validation_failed")["detail"]
+    assert "control characters and bidirectional overrides are not allowed" in detail
+    with pytest.raises(InvalidRequest, match="control characters"):
+        parse_subject(value)
+    assert parse_subject("CN=Équipe ü").rfc4514_string() == "CN=Équipe ü"
 
 
 @pytest.mark.parametrize("number", [2**64, -(2**63) - 1, 10**30])

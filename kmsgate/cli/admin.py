@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from kmsgate.cli.common import (
     AddrOpt,
@@ -331,7 +332,8 @@ def policy_test(
     failed = [r for r in results if not r.passed]
     for r in results:
         mark = "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]"
-        out.print(f"{mark} {r.name}" + (f" ({r.error})" if r.error else ""), highlight=False)
+        said = f"{r.name}" + (f" ({r.error})" if r.error else "")
+        out.print(f"{mark} {escape(said)}", highlight=False)
     out.print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if failed or not results:
         raise typer.Exit(1)

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64encode
+from kmsgate.text import shown
 
 out = Console()
 err = Console(stderr=True)
@@ -94,14 +95,17 @@ def write_or_print_b64(path: Path | None, data: bytes) -> None:
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """A rich table on a terminal; tab-separated lines otherwise, so scripts get whole ids."""
+    """A rich table on a terminal; tab-separated lines otherwise, so scripts get whole ids.
+    A control character or bidirectional override in a cell is printed as its escape: it
+    could otherwise forge a row or a column."""
+    rows = [[shown(cell) for cell in row] for row in rows]
     if not out.is_terminal:
         for row in [columns, *rows]:
             print("\t".join(row))
         return
     table = Table(*columns)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))  # a cell's "[...]" is text, not rich markup
     out.print(table)
 
 

@@ -32,6 +32,7 @@ from kmsgate.pki.issuer import (
     signature_hash,
     validity,
 )
+from kmsgate.text import has_hidden
 
 RootKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 """A root's private key: ECDSA or RSA (what every TLS stack accepts in a chain)."""
@@ -47,7 +48,10 @@ MIN_PASSPHRASE_BYTES = 12
 
 def parse_subject(text: str) -> x509.Name:
     """A name from an RFC 4514 string (`CN=Root,O=Example`) or a bare common name.
-    Raises InvalidRequest for a name that does not parse or is empty."""
+    Raises InvalidRequest for a name that does not parse, is empty or holds control
+    characters or bidirectional overrides (which forge rows where the name is listed)."""
+    if has_hidden(text):
+        raise InvalidRequest("a subject cannot hold control characters or bidirectional overrides")
     try:
         name = (
             x509.Name.from_rfc4514_string(text)
