@@ -53,13 +53,19 @@ def serial_hex(serial: int) -> str:
     return format(serial, "x")
 
 
-_SERIAL_TEXT = re.compile(r"[0-9a-fA-F]{1,64}\Z")
+_SERIAL_DIGITS = 64
+"""The most hex digits a serial may be written with (leading zeros included)."""
+_SERIAL_TEXT = re.compile(r"[0-9a-fA-F]+\Z")
 
 
 def parse_serial(text: str) -> int:
     """A serial from its hex form, in any case, with leading zeros or colons between bytes
     (as `openssl x509 -serial` and certificate viewers print it). Raises InvalidRequest."""
     digits = text.replace(":", "")
+    if len(digits) > _SERIAL_DIGITS:
+        raise InvalidRequest(
+            f"serial is {len(digits)} characters long; at most {_SERIAL_DIGITS} hex digits"
+        )
     if not _SERIAL_TEXT.match(digits):
         raise InvalidRequest(f"serial {text[:64]!r} is not hexadecimal")
     serial = int(digits, 16)

@@ -325,6 +325,9 @@ def test_serials_in_any_printed_form_and_inventory_filters_are_checked(api, admi
         refused = api.call("GET", f"/v1/pki/certs/{bad}", admin)
         assert refused.status_code == 400, (bad, refused.text)
         assert "serial" in refused.json()["detail"]
+    too_long = api.call("GET", f"/v1/pki/certs/{'a' * 5000}", admin)
+    assert too_long.status_code == 400
+    assert too_long.json()["detail"] == "serial is 5000 characters long; at most 64 hex digits"
     assert api.call("GET", "/v1/pki/certs?status=bogus", admin).status_code == 422
     assert api.call("GET", "/v1/pki/certs?after=zzz", admin).status_code == 400
     revoke = f"/v1/pki/certs/{serial}/revoke"
