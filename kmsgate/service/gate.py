@@ -30,6 +30,8 @@ from kmsgate.usage import BackendTimes, KeyUsage
 T = TypeVar("T")
 EXCEPTION_REASON = "exception "
 """How the shipped exceptions.rego names the grant that allowed a request (`exception <id>`)."""
+ERROR_DETAIL_CHARS = 256
+"""How much of a failed operation's error detail its audit record keeps (`detail.error`)."""
 STARTED = "started"
 STATE_CHANGING = frozenset(
     {
@@ -302,6 +304,8 @@ class Gate:
         try:
             yield outcome
         except BaseException as exc:  # also a cancelled request: its outcome is recorded
+            if isinstance(exc, KmsgateError):  # what the caller was told, so the trail says why
+                outcome.detail["error"] = exc.detail[:ERROR_DETAIL_CHARS]
             self.audit.append(outcome.event(facts, _failure_code(exc)), reserved=changing)
             raise
         self.audit.append(outcome.event(facts, "ok"), reserved=changing)

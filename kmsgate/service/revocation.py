@@ -238,8 +238,12 @@ class Revocation:
                             self._provision_responder(ctx, ca, at)
                     self._retry_at.pop(ca.name, None)
                 except Exception as exc:  # one CA's failure must not hold up the others
-                    code = exc.code if isinstance(exc, KmsgateError) else type(exc).__name__
-                    log.warning("revocation publishing for CA %s failed: %s", ca.name, code)
+                    why = (
+                        f"{exc.code}: {exc.detail}"
+                        if isinstance(exc, KmsgateError)
+                        else type(exc).__name__  # its text could be anything: logged by type
+                    )
+                    log.warning("revocation publishing for CA %s failed: %s", ca.name, why)
                     self._retry_at[ca.name] = time.monotonic() + RETRY_SECONDS
         return built
 

@@ -159,6 +159,10 @@ def test_a_cas_key_never_rotates_so_what_it_signs_keeps_verifying(api, pki, jobs
     scheduled = api.call("PATCH", "/v1/keys/ca.issuing", pki.token, json={"rotation_period": "30d"})
     assert scheduled.status_code == 400 and "schedule" in scheduled.json()["detail"]
     assert api.call("GET", "/v1/keys/ca.issuing", pki.token).json()["primary_version"] == 1
+    # the trail says why each was refused: what the caller was told
+    events = api.call("GET", "/v1/audit?action=key.rotate", pki.token).json()["events"]
+    ended = [(e["outcome"], e["detail"]["error"]) for e in events if e["outcome"] != "started"]
+    assert ended == [("invalid_request", rotated.json()["detail"])]
     leaf, serial = pki.issue("after")
     pki.revoke(serial)
     assert jobs.run_revocation()

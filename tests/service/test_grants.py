@@ -55,10 +55,10 @@ def test_a_grant_that_cannot_be_checked_allows_nothing(service, new_key, monkeyp
     grant = service.exceptions.request(DEV, CTX, GRANT)
     service.exceptions.approve(APPROVER, CTX, grant.id)
 
-    def down(_grant_id: str) -> None:
+    def down(_aggregate: str) -> int:
         raise Unavailable("metadata store unavailable")
 
-    monkeypatch.setattr(service.store.grants, "get", down)
+    monkeypatch.setattr(service.store.feed, "epoch_now", down)
     with pytest.raises(Unavailable):
         service.crypto.sign(DEV, CTX, service.gate.target("k"), [SignInput(b"m")], False)
     # an allow that needs no grant never asks the store
