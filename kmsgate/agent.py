@@ -7,8 +7,8 @@ lifetime (default 2/3, never later than 80%, a little earlier at random so that 
 does not renew in step), backing off exponentially while the gateway is away. A certificate
 that expired (or was revoked) meanwhile is replaced by bootstrapping again. Each swap writes
 `key.pem`, `cert.pem` (the leaf), `chain.pem` (leaf and intermediates) and `ca.pem` (the
-root), each atomically (temporary file, fsync, rename; 0600), the key first, then runs the
-`on_renew` command.
+root) as one set (0600; `replace_private_files`: the names are symlinks through `..data`,
+switched in one rename), then runs the `on_renew` command.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 
 from kmsgate.client import ApiError, Client
 from kmsgate.pki.csr import new_key_and_csr
-from kmsgate.pki.files import replace_private_file
+from kmsgate.pki.files import replace_private_files
 
 __all__ = ["Agent", "AgentOptions"]
 
@@ -123,10 +123,13 @@ class Agent:
             pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         intermediates = b"".join(c.public_bytes(pem) for c in chain[:-1])
-        self._write("key.pem", key_pem)
-        self._write("cert.pem", leaf.public_bytes(pem))
-        self._write("chain.pem", leaf.public_bytes(pem) + intermediates)
-        self._write("ca.pem", chain[-1].public_bytes(pem))
+        files = {
+            "key.pem": key_pem,
+            "cert.pem": leaf.public_bytes(pem),
+            "chain.pem": leaf.public_bytes(pem) + intermediates,
+            "ca.pem": chain[-1].public_bytes(pem),
+        }
+        replace_private_files(self.options.directory, files)
         self._issued_at = datetime.now(UTC)
         log.info(
             "certificate %s %s, valid until %s",
@@ -186,10 +189,6 @@ class Agent:
 
     def _path(self, name: str) -> Path:
         return self.options.directory / name
-
-    def _write(self, name: str, data: bytes) -> None:
-        """Replace the file atomically (0600). Raises OSError."""
-        replace_private_file(self._path(name), data)
 
     def _after_swap(self) -> None:
         """Run `on_renew` (its failure is logged, not fatal: the files are in place)."""

@@ -5,6 +5,8 @@ recovery after the gateway was away for longer than the TTL."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import ssl
 import subprocess
 import threading
@@ -18,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from kmsgate.pki.files import CURRENT
 from tests.components import LOOPBACK, free_port
 from tests.test_cli import _stop, clean_env, kmsgate_script, running_gateway
 
@@ -54,11 +57,12 @@ def https_gateway(data_dir: Path, port: int, log: Path) -> Iterator[subprocess.P
 
 
 class Watch:
-    """Reads the agent's cert.pem every 50 ms and records every moment it was not a valid
-    certificate, and the serials seen."""
+    """Reads the agent's set every 50 ms, as a careful reader does (`..data` resolved once),
+    and records every moment its certificate was not valid or did not go with its key, and
+    the serials seen."""
 
-    def __init__(self, cert_file: Path) -> None:
-        self.cert_file = cert_file
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
         self.gaps: list[str] = []
         self.serials: set[int] = set()
         self.paused = threading.Event()
@@ -71,13 +75,17 @@ class Watch:
             if self.paused.is_set():
                 continue
             try:
-                cert = x509.load_pem_x509_certificate(self.cert_file.read_bytes())
+                current = (self.directory / CURRENT).resolve(strict=True)
+                chain = x509.load_pem_x509_certificates((current / "chain.pem").read_bytes())
+                key = serialization.load_pem_private_key((current / "key.pem").read_bytes(), None)
             except (OSError, ValueError) as exc:
                 self.gaps.append(f"unreadable: {exc}")
                 continue
-            now = datetime.now(UTC)
+            cert, now = chain[0], datetime.now(UTC)
             if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
                 self.gaps.append(f"{cert.serial_number:x} not valid at {now}")
+            if key.public_key() != cert.public_key():
+                self.gaps.append(f"{cert.serial_number:x} read with another key")
             self.serials.add(cert.serial_number)
 
     def stop(self) -> None:
@@ -111,7 +119,8 @@ def test_the_agent_keeps_a_short_lived_certificate_valid_and_recovers(tmp_path: 
             agent = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
             _wait_for((out / "cert.pem").exists, 30, "no first certificate")
-            watch = Watch(out / "cert.pem")
+            watch = Watch(out)
+            agent.send_signal(signal.SIGHUP)  # what `pkill -HUP -f NAME` may send it too
             _wait_for(
                 lambda: swaps.exists() and len(swaps.read_text().splitlines()) > RENEWALS,
                 RENEWALS * TTL_SECONDS * 2,
@@ -140,7 +149,10 @@ def test_the_agent_keeps_a_short_lived_certificate_valid_and_recovers(tmp_path: 
             agent.wait(10)
     text = agent_log.read_text()
     assert "issued" in text and "renewed" in text and "retrying" in text, text
-    assert all((out / name).stat().st_mode & 0o777 == 0o600 for name in ("key.pem", "cert.pem"))
+    names = ("key.pem", "cert.pem", "chain.pem", "ca.pem")
+    assert all((out / name).stat().st_mode & 0o777 == 0o600 for name in names)
+    assert all(os.readlink(out / name) == f"{CURRENT}/{name}" for name in names)
+    assert len([p for p in out.iterdir() if p.name.startswith("..")]) == 3  # link, set, one before
 
 
 def test_an_agent_whose_key_no_longer_fits_its_certificate_gets_a_new_one(

@@ -66,6 +66,10 @@ def agent(
     stop = worker.stop
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    # SIGHUP is what --on-renew commands send their servers (`pkill -HUP -f NAME` can match
+    # the agent's own command line): the agent outlives it. A handler, not SIG_IGN, which
+    # the commands it runs would inherit.
+    signal.signal(signal.SIGHUP, lambda *_: None)
     try:
         worker.run(once=once)
     except ApiError as exc:

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["replace_private_file"]
+__all__ = ["CURRENT", "replace_private_file", "replace_private_files"]
+
+CURRENT = "..data"
+"""The symlink, in a directory `replace_private_files` keeps, to the current set's own
+directory."""
 
 
 def replace_private_file(path: Path, data: bytes) -> None:
@@ -16,14 +22,70 @@ def replace_private_file(path: Path, data: bytes) -> None:
     Raises OSError, leaving no temporary file behind."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_new(temporary, data)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def replace_private_files(directory: Path, files: Mapping[str, bytes]) -> None:
+    """Replace the files `files` names in `directory` as one set (0600 each; the directory
+    is made 0700 if missing). The set is written to a new hidden directory of its own, then
+    `CURRENT`, a symlink to it, switches to it in one rename; each name is a symlink through
+    `CURRENT`. A reader that resolves `CURRENT` once reads one set, never a new key with an
+    old certificate; the set before stays until the next replacement, so a reader that
+    resolved it just before the switch can still read it. Raises OSError, leaving the
+    current set as it was."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    current = directory / CURRENT
+    previous = os.readlink(current) if current.is_symlink() else None
+    version = directory / f"..{secrets.token_hex(8)}"
+    version.mkdir(mode=0o700)
+    try:
+        for name, data in files.items():
+            _write_new(version / name, data)
+        _fsync_directory(version)
+        _point(current, version.name)
+    except BaseException:
+        shutil.rmtree(version, ignore_errors=True)
+        raise
+    for name in files:
+        link = directory / name
+        if not link.is_symlink() or os.readlink(link) != f"{CURRENT}/{name}":
+            _point(link, f"{CURRENT}/{name}")  # also replaces a file an older agent wrote
+    kept = {CURRENT, version.name, previous}
+    for entry in directory.iterdir():
+        if entry.name.startswith("..") and entry.name not in kept:
+            shutil.rmtree(entry, ignore_errors=True)
+    _fsync_directory(directory)
+
+
+def _point(link: Path, target: str) -> None:
+    """Make `link` a symlink to `target` in one rename (whatever `link` was)."""
+    temporary = link.with_name(f".{link.name}.{secrets.token_hex(4)}.tmp")
+    os.symlink(target, temporary)
+    try:
+        os.replace(temporary, link)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write `data` to the new file `path` (0600) and fsync it. Raises OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
