@@ -321,6 +321,12 @@ def _trusted_fetch_url(url: str) -> bool:
         return False
 
 
+RESERVED_ISSUER_NAMES = frozenset({"token", "local", "cn", "spiffe", "system"})
+"""What an OIDC issuer may not be named: its principals (`<name>:<subject>`) would take the
+ids of API tokens (`token:`), local operators (`local:`), certificates (`cn:`, `spiffe://`)
+or the gateway itself (`system`)."""
+
+
 class OidcIssuer(BaseModel):
     """One trusted OIDC issuer whose JWTs authenticate as bearer tokens."""
 
@@ -340,6 +346,11 @@ class OidcIssuer(BaseModel):
 
     @model_validator(mode="after")
     def _one_jwks(self) -> OidcIssuer:
+        if self.name in RESERVED_ISSUER_NAMES:
+            raise ValueError(
+                f"oidc issuer {self.name}: the name is reserved (its principals would take "
+                "ids that name API tokens, local operators, certificates or the gateway)"
+            )
         if (self.jwks_file is None) == (self.jwks_url is None):
             raise ValueError(f"oidc issuer {self.name}: give exactly one of jwks_file, jwks_url")
         if self.jwks_file is not None and not self.jwks_file.is_file():

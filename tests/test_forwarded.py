@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -104,21 +104,29 @@ class LocalCa(OfflineRoot):
         *,
         usage: x509.ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
         valid: tuple[timedelta, timedelta] = (timedelta(minutes=-1), timedelta(hours=1)),
+        names: list[x509.GeneralName] | None = None,
+        common_name: str | None = None,
     ) -> x509.Certificate:
+        """A client certificate for `uri` (`names` instead, none if empty; a subject with
+        `common_name` if given)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.now(UTC)
-        return (
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else []
+        sans = [x509.UniformResourceIdentifier(uri)] if names is None else names
+        builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now + valid[0])
             .not_valid_after(now + valid[1])
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
-            )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans:
+            san = x509.SubjectAlternativeName(sans)
+            builder = builder.add_extension(san, critical=not subject)
+        return (
+            builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(key_usage(digital_signature=True), critical=True)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
@@ -149,6 +157,46 @@ def test_a_trusted_proxy_forwards_an_identity(local_ca: LocalCa) -> None:
         assert principal is not None
         assert (principal.id, principal.kind) == (WORKLOAD, "mtls")
         assert principal.claims["forwarded_by"] == address
+
+
+def test_a_certificate_names_the_same_principal_directly_and_forwarded(
+    local_ca: LocalCa,
+) -> None:
+    """Without a SPIFFE ID a certificate's principal is `cn:` and its CN, an id no API token
+    (`token:`) or OIDC issuer (`<issuer>:`) can have: a CN copying an OIDC principal's id
+    takes neither its grants nor its rules. A certificate without a subjectAltName, or with
+    two SPIFFE IDs, names no principal, on a direct connection as through a proxy."""
+    direct = MtlsAuthenticator(lambda _serial: None)
+    forwarded = _authenticator(local_ca)
+
+    def principals(cert: x509.Certificate) -> list[str]:
+        ids = []
+        for credentials in (
+            Credentials(peer_chain=[cert]),
+            Credentials(remote_addr=PROXY, forwarded_cert=xfcc(cert)),
+        ):
+            authenticator = direct if credentials.peer_chain else forwarded
+            try:
+                principal = authenticator.authenticate(credentials)
+            except Unauthenticated as exc:
+                ids.append(f"401 {exc.detail}")
+                continue
+            assert principal is not None and principal.kind == "mtls"
+            ids.append(principal.id)
+        return ids
+
+    oidc_like = "gha:repo:acme/models:ref:refs/heads/main"
+    named = local_ca.leaf(names=[x509.DNSName("ci.example")], common_name=oidc_like)
+    assert principals(named) == [f"cn:{oidc_like}"] * 2
+    assert principals(local_ca.leaf()) == [WORKLOAD] * 2
+    bare = principals(local_ca.leaf(names=[], common_name=oidc_like))
+    assert bare[0] == "401 the client certificate has no subjectAltName"
+    assert bare[1].startswith("401")
+    two = [x509.UniformResourceIdentifier(WORKLOAD), x509.UniformResourceIdentifier(f"{WORKLOAD}2")]
+    assert (
+        principals(local_ca.leaf(names=two))
+        == ["401 the client certificate names more than one SPIFFE ID"] * 2
+    )
 
 
 def test_anyone_else_forwarding_is_not_believed(local_ca: LocalCa) -> None:

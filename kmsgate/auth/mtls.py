@@ -27,6 +27,8 @@ from kmsgate.errors import Unauthenticated
 __all__ = ["InventoryLookup", "MtlsAuthenticator"]
 
 SPIFFE_PREFIX = "spiffe://"
+CN_PREFIX = "cn:"
+"""How the principal id of a certificate without a SPIFFE ID starts (then its CN)."""
 
 
 class IssuedFacts(Protocol):
@@ -74,13 +76,7 @@ class MtlsAuthenticator:
             facts = None  # another CA's certificate with the same serial: not ours
         if facts is not None and facts.revoked:
             raise Unauthenticated("the client certificate is revoked")
-        sans = _sans(cert)
-        identity = next((san for san in sans if san.startswith(SPIFFE_PREFIX)), None)
-        if identity is None:
-            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            identity = str(names[0].value) if names else None
-        if not identity:
-            raise Unauthenticated("the client certificate names no SPIFFE ID or common name")
+        identity, sans = _identity(cert)
         claims = {
             "ca": facts.ca if facts else cert.issuer.rfc4514_string(),
             "profile": facts.profile if facts else None,
@@ -89,6 +85,27 @@ class MtlsAuthenticator:
             "fingerprint": fingerprint,
         }
         return Principal(id=identity, kind="mtls", roles=(), claims=claims)
+
+
+def _identity(cert: x509.Certificate) -> tuple[str, list[str]]:
+    """The principal id a client certificate names, and its SANs: its one SPIFFE ID, else
+    `cn:` and its common name (a prefix no token, OIDC issuer or SPIFFE ID takes). Raises
+    Unauthenticated for a certificate without a subjectAltName (what the forwarded-header
+    path cannot verify either), with two SPIFFE IDs (an X.509-SVID has one), or naming
+    neither a SPIFFE ID nor a common name."""
+    sans = _sans(cert)
+    if not sans:
+        raise Unauthenticated("the client certificate has no subjectAltName")
+    spiffe = [san for san in sans if san.startswith(SPIFFE_PREFIX)]
+    if len(spiffe) > 1:
+        raise Unauthenticated("the client certificate names more than one SPIFFE ID")
+    if spiffe:
+        return spiffe[0], sans
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = str(names[0].value) if names else ""
+    if not common_name:
+        raise Unauthenticated("the client certificate names no SPIFFE ID or common name")
+    return f"{CN_PREFIX}{common_name}", sans
 
 
 def _sans(cert: x509.Certificate) -> list[str]:
