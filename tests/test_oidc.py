@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import logging
 import shutil
 import threading
 import time
@@ -263,6 +264,31 @@ def test_every_bad_token_is_401(oidc_gateway: tuple[Gateway, Issuer]) -> None:
     assert statuses == dict.fromkeys(bad, 401)
     refusals = AuditFile(gw.data_dir / "audit.log").search(action="authn", limit=100)
     assert sum(1 for r in refusals if r["resource"] == {"kind": "oidc"}) >= len(bad) - 1
+
+
+def test_each_refusal_logs_the_check_that_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/cli.md: the 401 is the same for every refused token, and the log says which
+    check refused it, one line per token (never the token itself)."""
+    issuer = Issuer(tmp_path)
+    settings = OidcIssuer(name="ci", issuer=ISSUER, audiences=[AUDIENCE], jwks_file=issuer.jwks)
+    authenticator = oidc.OidcAuthenticator([settings])
+    cases = {
+        "the issuer claim is not a string": _unsigned(
+            {"alg": "RS256", "kid": "rsa-1"}, issuer.claims(iss=[ISSUER]), b"x"
+        ),
+        "the sub claim is not a non-empty string": issuer.token(sub=""),
+        "unknown issuer": issuer.token(iss="https://other.example"),
+        "ExpiredSignatureError": issuer.token(exp=int(time.time()) - 3600),
+    }
+    for why, token in cases.items():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="kmsgate"), pytest.raises(Unauthenticated):
+            authenticator.authenticate(Credentials(bearer=token))
+        lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert lines == [f"OIDC token refused: {why}"], (why, lines)
+        assert token not in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -145,8 +145,7 @@ class OidcAuthenticator:
         try:
             return self._verify(token)
         except jwt.PyJWTError as exc:
-            log.info("OIDC token refused: %s", type(exc).__name__)
-            raise Unauthenticated(_REFUSED) from None
+            raise _refused(type(exc).__name__) from None
 
     def _verify(self, token: str) -> Principal:
         """Raises Unauthenticated, or a jwt.PyJWTError."""
@@ -154,19 +153,16 @@ class OidcAuthenticator:
         unverified = jwt.decode(token, options={"verify_signature": False})
         named = unverified.get("iss")
         if not isinstance(named, str):  # PyJWT checks the header's types, not the claims'
-            raise Unauthenticated(_REFUSED)
+            raise _refused("the issuer claim is not a string")
         issuer = self._issuers.get(named)
         if issuer is None:
-            log.info("OIDC token refused: unknown issuer")
-            raise Unauthenticated(_REFUSED)
+            raise _refused("unknown issuer")
         algorithm = header.get("alg")
         if algorithm not in issuer.algorithms:
-            log.info("OIDC token refused: algorithm %r not allowed", algorithm)
-            raise Unauthenticated(_REFUSED)
+            raise _refused(f"algorithm {algorithm!r} not allowed")
         key = self._keys[issuer.issuer].find(header.get("kid"))
         if key is None or not _fits(algorithm, key.key):
-            log.info("OIDC token refused: unknown signing key, or one of another type")
-            raise Unauthenticated(_REFUSED)
+            raise _refused("unknown signing key, or one of another type")
         claims: dict[str, Any] = jwt.decode(
             token,
             key.key,
@@ -178,15 +174,13 @@ class OidcAuthenticator:
         )
         subject = claims.get(issuer.subject_claim)
         if not isinstance(subject, str) or not subject:
-            raise Unauthenticated(_REFUSED)
+            raise _refused(f"the {issuer.subject_claim} claim is not a non-empty string")
         if any(_not_numeric(claims.get(name, 0)) for name in ("exp", "nbf", "iat")):
-            log.info("OIDC token refused: a time claim is not a JSON number")  # RFC 7519 2
-            raise Unauthenticated(_REFUSED)
+            raise _refused("a time claim is not a JSON number")  # RFC 7519 2
         try:
             orjson.dumps(claims)  # as the policy input will be: numbers within 64 bits
         except TypeError:
-            log.info("OIDC token refused: a claim holds a number beyond 64 bits")
-            raise Unauthenticated(_REFUSED) from None
+            raise _refused("a claim holds a number beyond 64 bits") from None
         tenant = claims.get(issuer.tenant_claim) if issuer.tenant_claim else None
         return Principal(
             id=f"{issuer.name}:{subject}",
@@ -195,3 +189,10 @@ class OidcAuthenticator:
             claims=claims,
             tenant=str(tenant) if tenant is not None else None,
         )
+
+
+def _refused(why: str) -> Unauthenticated:
+    """The one refusal every OIDC failure gets, after logging which check failed (`why`
+    names the check, never the token)."""
+    log.info("OIDC token refused: %s", why)
+    return Unauthenticated(_REFUSED)
