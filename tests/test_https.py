@@ -418,6 +418,11 @@ def test_a_workload_renews_its_certificate_over_mtls_keeping_its_names(tmp_path:
         assert status == 401
     renewals = AuditFile(gw.data_dir / "audit.log").search(action="cert.renew")
     assert {(r["principal"], r["outcome"]) for r in renewals} >= {(spiffe_id, "ok")}
+    # each renewal names the certificate it renews: the trail leads from one to its heirs
+    lineage = {
+        r["detail"]["serial"]: r["detail"]["renews"] for r in renewals if r["outcome"] == "ok"
+    }
+    assert lineage[renewed.json()["serial"]] == serial
 
 
 def test_the_spiffe_trust_bundle_verifies_a_workload_certificate(tmp_path: Path) -> None:

@@ -274,7 +274,10 @@ class Pki:
             "ttl": int(ttl.total_seconds()) if ttl else None,
         }
         request = IssueInput(csr=csr, profile=current["profile"], ttl=ttl)
-        return await self._issue(principal, ctx, "cert.renew", current["ca"], request, facts)
+        lineage = {"renews": serial}  # the trail leads from a stolen certificate to its heirs
+        return await self._issue(
+            principal, ctx, "cert.renew", current["ca"], request, facts, detail=lineage
+        )
 
     async def _issue(
         self,
@@ -285,12 +288,15 @@ class Pki:
         request: IssueInput,
         facts: Mapping[str, object],
         decision: Decision | None = None,
+        detail: Mapping[str, object] | None = None,
     ) -> Issued:
-        """Decide on `action` (`facts` are the policy's `request`), then issue and store."""
+        """Decide on `action` (`facts` are the policy's `request`), then issue and store
+        (the audit record's detail starts with `detail`)."""
         ca = self.authorities.find_current(ca_name)
         resource = ca.policy_resource() if ca else {"kind": "ca", "name": ca_name}
         call = Call(principal, ctx, action, resource, facts)
         with self.gate.running(call, decision=decision) as outcome:
+            outcome.detail.update(detail or {})
             if ca is None:
                 raise NotFound(f"no CA named {ca_name!r}")
             work = asyncio.ensure_future(self._issue_and_store(ca, request, principal, outcome))
