@@ -5,14 +5,16 @@ certificate with an API or OIDC token (read from its file each time: projected K
 tokens rotate), then renews over mTLS with the current certificate at a fraction of its
 lifetime (default 2/3, never later than 80%, a little earlier at random so that a fleet
 does not renew in step), backing off exponentially while the gateway is away. A certificate
-that expired (or was revoked) meanwhile is replaced by bootstrapping again. Each swap writes
-`key.pem`, `cert.pem` (the leaf), `chain.pem` (leaf and intermediates) and `ca.pem` (the
-root) as one set (0600; `replace_private_files`: the names are symlinks through `..data`,
+that expired (or was revoked) meanwhile, or that was asked for with other options, is
+replaced by bootstrapping again. Each swap writes `key.pem`, `cert.pem` (the leaf),
+`chain.pem` (leaf and intermediates), `ca.pem` (the root) and `agent.json` (what was asked
+for) as one set (0600; `replace_private_files`: the names are symlinks through `..data`,
 switched in one rename), then runs the `on_renew` command.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shlex
@@ -59,6 +61,14 @@ class AgentOptions:
 
 PERMANENT_STATUSES = frozenset({400, 404, 422})
 """Replies the agent stops on (its options are wrong) instead of retrying for ever."""
+REQUEST_FILE = "agent.json"
+"""In each set: the CA, profile and SANs it was asked for, so that an agent started with
+other options gets a new certificate instead of renewing the old one."""
+
+
+class NoCredential(ValueError):
+    """No valid certificate to renew with and no token file to bootstrap with: asking
+    again cannot help."""
 
 
 class Agent:
@@ -84,7 +94,8 @@ class Agent:
             try:
                 self.swap()
             except (ApiError, OSError, ValueError) as exc:
-                if once or (isinstance(exc, ApiError) and exc.status in PERMANENT_STATUSES):
+                permanent = isinstance(exc, ApiError) and exc.status in PERMANENT_STATUSES
+                if once or permanent or isinstance(exc, NoCredential):
                     raise
                 log.warning("certificate not renewed (retrying in %.1f s): %s", backoff, exc)
                 self.stop.wait(min(backoff, self._seconds_left()))
@@ -97,8 +108,14 @@ class Agent:
 
     def swap(self) -> x509.Certificate:
         """One new certificate in the directory: renewed over mTLS while the current one is
-        valid, else bootstrapped with the token. Raises ApiError, OSError, ValueError."""
+        valid, else bootstrapped with the token. Raises ApiError, OSError, ValueError
+        (NoCredential when neither is there)."""
         current = self._current()
+        if current is None and self.options.token_file is None:
+            raise NoCredential(
+                f"no valid certificate in {self.options.directory} to renew, and no "
+                "--token-file or --oidc-token-file to get one"
+            )
         key, csr = new_key_and_csr(list(self.options.sans))
         csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
         issued = None
@@ -128,6 +145,7 @@ class Agent:
             "cert.pem": leaf.public_bytes(pem),
             "chain.pem": leaf.public_bytes(pem) + intermediates,
             "ca.pem": chain[-1].public_bytes(pem),
+            REQUEST_FILE: json.dumps(self._request()).encode(),
         }
         replace_private_files(self.options.directory, files)
         self._issued_at = datetime.now(UTC)
@@ -165,8 +183,24 @@ class Agent:
         if key.public_key() != cert.public_key() or chain[0] != cert:
             log.warning("the key, certificate and chain in %s do not match", self._path(""))
             return None
+        if self._asked_before() not in (None, self._request()):
+            log.warning("the certificate in %s is for other options: replacing it", self._path(""))
+            return None
         left = cert.not_valid_after_utc - datetime.now(UTC)
         return cert if left > timedelta(seconds=1) else None
+
+    def _request(self) -> dict[str, object]:
+        """What this agent asks for, as `REQUEST_FILE` records it."""
+        o = self.options
+        return {"ca": o.ca, "profile": o.profile, "sans": sorted(o.sans)}
+
+    def _asked_before(self) -> object:
+        """What the set in the directory was asked for; None if it does not say (a set
+        an older agent wrote)."""
+        try:
+            return json.loads(self._path(REQUEST_FILE).read_bytes())
+        except (OSError, ValueError):
+            return None
 
     def _seconds_until_renewal(self) -> float:
         """Seconds until the current certificate is due (renew_at of its lifetime, minus

@@ -205,7 +205,34 @@ def test_an_agent_stops_on_what_asking_again_cannot_mend(tmp_path: Path) -> None
         assert unknown.returncode == 2, unknown.stderr
         assert b"not_found: no CA named 'nosuchca'" in unknown.stderr
         no_token = subprocess.run(
-            [*base, "--ca", "dev", "--once"], capture_output=True, env=env, timeout=60, check=False
-        )
+            [*base, "--ca", "dev"], capture_output=True, env=env, timeout=60, check=False
+        )  # without --once too: nothing to renew with, nothing to bootstrap with
         assert no_token.returncode == 2
-        assert b"give the agent --token-file or --oidc-token-file" in no_token.stderr
+        assert b"and no --token-file or --oidc-token-file to get one" in no_token.stderr
+
+
+def test_an_agent_started_with_other_names_gets_a_new_certificate(tmp_path: Path) -> None:
+    """The directory holds a valid certificate for other names (the agent's options
+    changed): it is replaced with the token, not renewed (a renewal keeps the names, and
+    the gateway would refuse it on every start)."""
+    with running_gateway(tmp_path) as gw:
+        out = tmp_path / "svid"
+
+        def run(san: str) -> subprocess.CompletedProcess[bytes]:
+            command = [
+                kmsgate_script(), "agent", "--once", "--ca", "dev", "--profile", "workload",
+                "--san", san, "--dir", str(out), "--token-file", str(gw.data_dir / "root-token"),
+            ]  # fmt: skip
+            return subprocess.run(
+                command, capture_output=True, env=gw.env(token=""), timeout=60, check=False
+            )
+
+        assert run("spiffe://dev.lab/ns/ml/sa/old").returncode == 0
+        again = run("spiffe://dev.lab/ns/ml/sa/new")
+        assert again.returncode == 0, again.stderr
+        assert b"for other options" in again.stderr and b" issued" in again.stderr
+        cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [
+            "spiffe://dev.lab/ns/ml/sa/new"
+        ]
