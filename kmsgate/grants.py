@@ -209,7 +209,8 @@ class ActiveGrants(StoreMirror):
 
     def __init__(self, store: Store) -> None:
         self._grants: dict[str, Grant] = {}
-        self._by_principal: dict[str, tuple[Grant, ...]] = {}
+        self._by_principal: dict[str, tuple[tuple[Grant, dict[str, object]], ...]] = {}
+        """Each principal's grants, with their policy documents (made once, never changed)."""
         super().__init__(store)
 
     def _load(self) -> None:
@@ -229,9 +230,10 @@ class ActiveGrants(StoreMirror):
         self._reindex()
 
     def _reindex(self) -> None:
-        by_principal: dict[str, list[Grant]] = {}
+        by_principal: dict[str, list[tuple[Grant, dict[str, object]]]] = {}
         for grant in self._grants.values():
-            by_principal.setdefault(grant.principal, []).append(grant)
+            entry = (grant, grant.policy_document())
+            by_principal.setdefault(grant.principal, []).append(entry)
         self._by_principal = {p: tuple(gs) for p, gs in by_principal.items()}  # one swap
 
     def active_grants(self, at: datetime) -> list[Grant]:
@@ -264,13 +266,14 @@ class ActiveGrants(StoreMirror):
 
     def active_for(self, principal: str, action: str, at: datetime) -> list[dict[str, object]]:
         """The policy documents of `principal`'s grants that cover `action` and are active
-        at `at` (usually none: then the policy has nothing more to evaluate)."""
+        at `at` (usually none: then the policy has nothing more to evaluate). They are
+        shared by every request: read them, never change them."""
         grants = self._by_principal.get(principal)
         if not grants:
             return []
         return [
-            g.policy_document()
-            for g in grants
+            document
+            for g, document in grants
             if action in g.actions and g.state(at) is GrantState.ACTIVE
         ]
 
