@@ -288,14 +288,15 @@ allow if {
 
 
 def _workload_identity(
-    gw: Gateway, directory: Path, spiffe_id: str
+    gw: Gateway, directory: Path, spiffe_id: str, ttl: str | None = None
 ) -> tuple[tuple[Path, Path], str]:
-    """A workload certificate for `spiffe_id` from the dev CA (key made here), written to
-    `directory`; and its serial."""
+    """A workload certificate for `spiffe_id` from the dev CA (key made here; for `ttl` if
+    given), written to `directory`; and its serial."""
     key, csr = new_key_and_csr([spiffe_id])
+    pem = csr.public_bytes(serialization.Encoding.PEM).decode()
     issued = httpx.post(
         f"{gw.addr}/v1/pki/cas/dev/issue",
-        json={"csr": csr.public_bytes(serialization.Encoding.PEM).decode(), "profile": "workload"},
+        json={"csr": pem, "profile": "workload", **({"ttl": ttl} if ttl else {})},
         headers={"authorization": f"Bearer {gw.root_token}"},
         verify=ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem")),
         timeout=TIMEOUT,
@@ -364,7 +365,9 @@ def test_a_client_certificate_is_the_principal_until_it_is_revoked(tmp_path: Pat
     assert any(r["resource"] == {"kind": "mtls", "name": serial} for r in refusals)
 
 
-def _renew(gw: Gateway, identity: tuple[Path, Path] | None, sans: list[str]) -> httpx.Response:
+def _renew(
+    gw: Gateway, identity: tuple[Path, Path] | None, sans: list[str], ttl: str | None = None
+) -> httpx.Response:
     context = ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem"))
     headers = {}
     if identity is not None:
@@ -374,7 +377,10 @@ def _renew(gw: Gateway, identity: tuple[Path, Path] | None, sans: list[str]) -> 
     _, csr = new_key_and_csr(sans)
     return httpx.post(
         f"{gw.addr}/v1/pki/renew",
-        json={"csr": csr.public_bytes(serialization.Encoding.PEM).decode()},
+        json={
+            "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            **({"ttl": ttl} if ttl else {}),
+        },
         headers=headers,
         verify=context,
         timeout=TIMEOUT,
@@ -384,10 +390,16 @@ def _renew(gw: Gateway, identity: tuple[Path, Path] | None, sans: list[str]) -> 
 def test_a_workload_renews_its_certificate_over_mtls_keeping_its_names(tmp_path: Path) -> None:
     spiffe_id = "spiffe://dev.lab/ns/ml/sa/renewer"
     with running_gateway(tmp_path, "--tls", https=True) as gw:
-        current, serial = _workload_identity(gw, tmp_path / "current", spiffe_id)
+        current, serial = _workload_identity(gw, tmp_path / "current", spiffe_id, ttl="10m")
         renewed = _renew(gw, current, [spiffe_id])
         assert renewed.status_code == 200, renewed.text
         new = x509.load_pem_x509_certificate(renewed.json()["certificate"].encode())
+        # a renewal lasts as long as the certificate it renews, also when it asks for more
+        # (kmsgate backdates not_before by a minute)
+        longer = _renew(gw, current, [spiffe_id], ttl="24h")
+        for reply in (renewed, longer):
+            cert = x509.load_pem_x509_certificate(reply.json()["certificate"].encode())
+            assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(minutes=11)
         assert renewed.json()["serial"] != serial
         sans = new.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe_id]

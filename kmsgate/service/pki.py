@@ -51,6 +51,7 @@ from kmsgate.pki.inventory import (
     san_strings,
 )
 from kmsgate.pki.issuer import (
+    BACKDATE,
     build_certificate,
     distribution_extensions,
     new_serial,
@@ -66,7 +67,7 @@ from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.keys import Keys
 from kmsgate.service.requests import IssueInput, NewCa, NewKey
 from kmsgate.service.results import Issued
-from kmsgate.store import Store
+from kmsgate.store import Row, Store
 from kmsgate.store.certificates import REVOKED, CertQuery
 
 _GATEWAY_TLS = Decision(allow=True, reasons=("the gateway's own HTTPS certificate (tls.ca)",))
@@ -266,18 +267,30 @@ class Pki:
                 f"a renewal keeps the certificate's names {sorted(current['sans'])}; the CSR "
                 f"asks for {sorted(asked)}"
             )
+        lifetime = self._lifetime(current)
+        ttl = lifetime if ttl is None else min(ttl, lifetime)
         facts = {
             "serial": serial,
             "ca": current["ca"],
             "profile": current["profile"],
             "sans": list(asked),
-            "ttl": int(ttl.total_seconds()) if ttl else None,
+            "ttl": int(ttl.total_seconds()),
         }
         request = IssueInput(csr=csr, profile=current["profile"], ttl=ttl)
         lineage = {"renews": serial}  # the trail leads from a stolen certificate to its heirs
         return await self._issue(
             principal, ctx, "cert.renew", current["ca"], request, facts, detail=lineage
         )
+
+    def _lifetime(self, record: Row) -> timedelta:
+        """How long the inventory's certificate `record` was issued for: what its renewal
+        gets at most (a certificate issued for ten minutes does not renew into a day). A
+        kmsgate CA backdates what it issues by `BACKDATE`; Vault's own backdating is left
+        in, so its renewals may gain that much, within the profile's limit."""
+        span: timedelta = record["not_after"] - record["not_before"]
+        ca = self.authorities.find_current(record["ca"])
+        backdated = ca is None or ca.type is not CaType.HASHIVAULT_PKI
+        return max(span - BACKDATE if backdated else span, timedelta(seconds=1))
 
     async def _issue(
         self,
