@@ -20,6 +20,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -136,26 +137,46 @@ class ServerTls:
 
 class _Refusals:
     """Logs refused TLS handshakes at one level, at most one line per `REFUSAL_LOG_SECONDS`
-    (a scanner must not flood the log); a line counts the refusals it stands for."""
+    (a scanner must not flood the log). The refusals a line could not show are counted by
+    reason and told on the next line, or by a line of their own once the second is over."""
 
     def __init__(self, level: int) -> None:
         self._level = level
         self._lock = threading.Lock()
         self._next = 0.0
-        self._unlogged = 0
+        self._unlogged: Counter[str] = Counter()
+        self._tail: threading.Timer | None = None
 
     def note(self, reason: str) -> None:
         if not log.isEnabledFor(self._level):
             return
         with self._lock:
-            self._unlogged += 1
             moment = time.monotonic()
             if moment < self._next:
+                self._unlogged[reason] += 1
+                if self._tail is None:
+                    self._tail = threading.Timer(self._next - moment, self._tell_the_rest)
+                    self._tail.daemon = True
+                    self._tail.start()
                 return
-            count, self._unlogged = self._unlogged, 0
             self._next = moment + REFUSAL_LOG_SECONDS
-        more = f" ({count - 1} more refused since the last line)" if count > 1 else ""
+            earlier = self._take()
+        more = f" (and since the last line: {earlier})" if earlier else ""
         log.log(self._level, "TLS handshake refused: %s%s", reason, more)
+
+    def _tell_the_rest(self) -> None:
+        with self._lock:
+            self._tail = None
+            earlier = self._take()
+            self._next = time.monotonic() + REFUSAL_LOG_SECONDS
+        if earlier:
+            log.log(self._level, "TLS handshake refused: %s", earlier)
+
+    def _take(self) -> str:
+        """The refusals not logged yet, as `N x reason` by reason (most first), forgotten."""
+        told = ", ".join(f"{n} x {why}" for why, n in self._unlogged.most_common())
+        self._unlogged.clear()
+        return told
 
 
 _UNTRUSTED = _Refusals(logging.WARNING)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import socket
 import ssl
 import subprocess
@@ -19,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from kmsgate import servertls
 from kmsgate.audit import AuditFile
 from kmsgate.config import load_settings
 from kmsgate.errors import ConfigError
@@ -158,6 +160,31 @@ def test_dev_tls_serves_https_from_the_dev_ca_with_tls_1_2_at_least(tmp_path: Pa
     records = AuditFile(gw.data_dir / "audit.log").search(action="cert.issue")
     own = [r for r in records if r.get("principal") == "system"]
     assert own and own[0]["outcome"] in ("started", "ok")
+
+
+def test_refused_handshakes_are_all_told_by_reason_at_most_a_line_a_second(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A burst is one line, then the refusals it could not show, counted by reason, on the
+    next line, or on a line of their own once the second is over (the last refusals of a
+    burst were never told, and a line named only the newest reason)."""
+    monkeypatch.setattr(servertls, "REFUSAL_LOG_SECONDS", 0.3)
+    refusals = servertls._Refusals(logging.WARNING)
+    with caplog.at_level(logging.WARNING, logger="kmsgate"):
+        refusals.note("certificate has expired")
+        for reason in ("unknown ca", "certificate has expired", "unknown ca"):
+            refusals.note(reason)
+        deadline = time.monotonic() + 5
+        while len(caplog.records) < 2:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+        time.sleep(0.4)
+        refusals.note("unknown ca")
+    assert [r.getMessage() for r in caplog.records] == [
+        "TLS handshake refused: certificate has expired",
+        "TLS handshake refused: 2 x unknown ca, 1 x certificate has expired",
+        "TLS handshake refused: unknown ca",
+    ]
 
 
 def test_the_gateway_renews_its_certificate_while_serving(tmp_path: Path) -> None:
