@@ -188,20 +188,48 @@ _OTHER_REFUSALS = _Refusals(logging.INFO)
 class _LoggedHandshake(ssl.SSLObject):
     """The server side of one TLS connection, which logs why its handshake was refused
     (`_UNTRUSTED`, `_OTHER_REFUSALS`): the event loop's TLS layer drops these errors
-    silently (an `ssl.SSLError` is an `OSError`)."""
+    silently (an `ssl.SSLError` is an `OSError`).
+
+    It also lets the client learn why: OpenSSL writes a TLS alert (unknown CA, certificate
+    expired, certificate required) when it refuses, but the event loop closes the
+    connection on the error without sending what is pending. So when an alert is pending,
+    the refusal is first reported as "need more data", which makes the event loop send
+    it; the error itself is raised when the client answers or closes (or at the handshake
+    timeout). A refusal with nothing to send (plain HTTP) closes at once, as before."""
+
+    _refused: ssl.SSLError | None = None
+    _outgoing: ssl.MemoryBIO
+
+    @classmethod
+    def _create(  # CPython's private constructor (3.7 to 3.13), extended
+        cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any
+    ) -> _LoggedHandshake:
+        self: _LoggedHandshake = super()._create(incoming, outgoing, *args, **kwargs)  # type: ignore[misc]
+        self._outgoing = outgoing
+        return self
+
+    def _refuse(self, exc: ssl.SSLError) -> ssl.SSLError:
+        """What to raise for the refusal `exc`: "need more data" while its alert waits to
+        be sent (`exc` comes at the next call), else `exc`."""
+        if self._outgoing.pending == 0:
+            return exc
+        self._refused = exc
+        return ssl.SSLWantReadError("the alert goes out first")
 
     def do_handshake(self) -> None:
+        if self._refused is not None:
+            raise self._refused
         try:
             super().do_handshake()
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise
         except ssl.SSLCertVerificationError as exc:
             _UNTRUSTED.note(f"client certificate not trusted: {exc.verify_message}")
-            raise
+            raise self._refuse(exc) from None
         except ssl.SSLError as exc:
             reason = (exc.reason or type(exc).__name__).lower()
             (_UNTRUSTED if "certificate" in reason else _OTHER_REFUSALS).note(reason)
-            raise
+            raise self._refuse(exc) from None
 
 
 def _load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:

@@ -109,6 +109,21 @@ def _health_reply(gw: Gateway, identity: tuple[Path, Path] | None) -> bytes:
     return reply
 
 
+def _refusal_alert(gw: Gateway, identity: tuple[Path, Path], version: ssl.TLSVersion) -> str:
+    """The reason of the TLS alert a client presenting `identity` over `version` gets."""
+    context = ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem"))
+    context.minimum_version = context.maximum_version = version
+    context.load_cert_chain(*identity)
+    with socket.create_connection((LOOPBACK, _port(gw)), TIMEOUT) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET /v1/sys/health HTTP/1.1\r\nHost: x\r\n\r\n")
+                tls.recv(4096)
+        except ssl.SSLError as exc:
+            return str(exc.reason)
+    return "no alert"
+
+
 def test_dev_tls_serves_https_from_the_dev_ca_with_tls_1_2_at_least(tmp_path: Path) -> None:
     with running_gateway(tmp_path, "--tls", https=True) as gw:
         for host in ("localhost", LOOPBACK):
@@ -130,9 +145,11 @@ def test_dev_tls_serves_https_from_the_dev_ca_with_tls_1_2_at_least(tmp_path: Pa
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert "New, TLSv1.2, Cipher is" in current.stdout, current.stdout
-        # plain HTTP is not served on the HTTPS port
+        # plain HTTP is not served on the HTTPS port: closed at once (nothing to tell it)
+        started = time.monotonic()
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://{LOOPBACK}:{_port(gw)}/v1/sys/health", timeout=TIMEOUT)
+        assert time.monotonic() - started < TIMEOUT / 2
         # client certificates are optional and checked: none, one from the dev CA, a stranger's
         key, csr = new_key_and_csr(["client.lab"])
         issued = httpx.post(
@@ -149,7 +166,11 @@ def test_dev_tls_serves_https_from_the_dev_ca_with_tls_1_2_at_least(tmp_path: Pa
         assert _health_reply(gw, None).startswith(b"HTTP/1.1 200 ")
         member = _client_identity(tmp_path, issued.json()["certificate"], key)
         assert _health_reply(gw, member).startswith(b"HTTP/1.1 200 ")
-        assert _health_reply(gw, _self_signed(tmp_path)) == b""
+        stranger = _self_signed(tmp_path)
+        assert _health_reply(gw, stranger) == b""
+        # ... and told why, by the TLS alert OpenSSL wrote, in TLS 1.2 and 1.3 alike
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            assert _refusal_alert(gw, stranger, version) == "TLSV1_ALERT_UNKNOWN_CA"
         # the refusal is logged (the event loop's TLS layer says nothing of it)
         deadline = time.monotonic() + 5
         while "client certificate not trusted" not in (log := gw.output.read_text()):
