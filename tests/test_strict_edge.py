@@ -318,6 +318,21 @@ def test_a_ca_subject_holds_no_control_or_bidi_override_character(
     assert parse_subject("CN=Équipe ü").rfc4514_string() == "CN=Équipe ü"
 
 
+def test_head_is_answered_as_get_without_the_body(api: Api, admin: str) -> None:
+    """RFC 9110: a server supports HEAD wherever it supports GET (load balancers check
+    health with it): the same status and headers, no body; where GET needs a token, so
+    does HEAD; a route without GET is a 405 naming what it allows."""
+    for path, token in (("/v1/sys/health", None), ("/v1/keys", admin)):
+        got = api.call("GET", path, token)
+        head = api.call("HEAD", path, token)
+        assert (head.status_code, head.content) == (got.status_code, b"")
+        assert head.headers["content-length"] == str(len(got.content))
+        assert head.headers["content-type"] == got.headers["content-type"]
+    assert api.call("HEAD", "/v1/keys", None).status_code == 401
+    refused = api.call("HEAD", "/v1/keys/k2/sign", admin)
+    assert (refused.status_code, refused.headers["allow"]) == (405, "POST")
+
+
 @pytest.mark.parametrize("number", [2**64, -(2**63) - 1, 10**30])
 @pytest.mark.parametrize("where", ["claims", "request"])
 def test_policy_evaluate_refuses_an_integer_beyond_64_bits(

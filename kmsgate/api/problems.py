@@ -141,7 +141,9 @@ def observe(metrics: Metrics, scope: Scope, status: int, started_at: float) -> N
 
 
 class GatewayMiddleware:
-    """Pure ASGI: assigns a request id, enforces the body-size limit, feeds the metrics."""
+    """Pure ASGI: assigns a request id, enforces the body-size limit, feeds the metrics,
+    and answers HEAD as GET without the body (RFC 9110 9.3.2; FastAPI routes know GET
+    only)."""
 
     def __init__(
         self,
@@ -165,6 +167,9 @@ class GatewayMiddleware:
         started_at = time.perf_counter()
         request_id = self.ids.next()
         scope.setdefault("state", {})["request_id"] = request_id
+        head = scope["method"] == "HEAD"
+        if head:
+            scope = {**scope, "method": "GET"}
         limit = self.max_body_bytes
         received = 0
         started = False
@@ -187,6 +192,8 @@ class GatewayMiddleware:
                 started = True
                 status = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            elif head and message.get("body"):
+                message = {**message, "body": b""}  # its content-length stays the GET's
             await send(message)
 
         try:
