@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -14,12 +15,15 @@ import orjson
 
 from kmsgate.errors import ConfigError
 
-__all__ = ["LEVEL_ENV", "configure", "request_logger"]
+__all__ = ["LEVEL_ENV", "configure", "current_request", "request_logger"]
 
 LEVEL_ENV: Final = "KMSGATE_LOG_LEVEL"
 """How `serve` passes its log level to its worker processes."""
 LEVELS: Final = ("debug", "info", "warning", "error")
 request_logger = logging.getLogger("kmsgate.requests")
+current_request: ContextVar[str | None] = ContextVar("kmsgate_request", default=None)
+"""The id of the request being served (set by the API for each request; None elsewhere):
+every line logged while it is served names it, as its audit record does."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,6 +41,9 @@ class JsonFormatter(logging.Formatter):
             line.update(fields)
         else:
             line["message"] = record.getMessage()
+            request_id = current_request.get()
+            if request_id is not None:
+                line["request_id"] = request_id
         if record.exc_info and record.exc_info[0] is not None:
             line["error"] = record.exc_info[0].__name__  # the type only: never its text
         return orjson.dumps(line).decode()

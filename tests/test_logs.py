@@ -4,14 +4,19 @@ principal, status and duration, and never a token or a body."""
 
 from __future__ import annotations
 
+import contextvars
+import io
 import json
+import logging
 import time
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from kmsgate.api.problems import RequestIds
 from kmsgate.audit import AuditFile
+from kmsgate.logs import JsonFormatter
 from tests.test_cli import assert_one_line_error, clean_env, run_cli, running_gateway
 
 SECRET_INPUT = "c2VjcmV0LWlucHV0LWJ5dGVz"  # "secret-input-bytes"
@@ -44,6 +49,33 @@ def test_each_request_is_one_json_line_without_secrets(tmp_path: Path) -> None:
     assert SECRET_INPUT not in text
     records = AuditFile(gw.data_dir / "audit.log").search(action="sign", key="logged")
     assert any(r["request_id"] == request_id for r in records)
+
+
+def test_a_line_logged_while_a_request_is_served_names_it() -> None:
+    """A message logged while a request is served (an OIDC refusal, a backend warning)
+    carries the request's id, as its reply header and audit record do; a line logged
+    outside any request has none, and each request (its own context) keeps its own id."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("kmsgate.test_logs")
+    logger.addHandler(handler)
+    ids = RequestIds()
+
+    def serve(scope: dict[str, object]) -> str:
+        request_id = ids.assign(scope)
+        logger.warning("something went wrong")
+        return request_id
+
+    try:
+        first = contextvars.copy_context().run(serve, {})
+        second = contextvars.copy_context().run(serve, {})
+        logger.warning("at start-up")
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line.get("request_id") for line in lines] == [first, second, None]
+    assert first != second and lines[0]["message"] == "something went wrong"
 
 
 def test_an_unknown_log_level_is_one_error_line(tmp_path: Path) -> None:

@@ -116,8 +116,7 @@ class GatewayApp(FastAPI):
         """Read the body, run the matched endpoint, send its reply (a failure's problem
         reply), count the request."""
         started_at = time.perf_counter()
-        request_id = self._ids.next()
-        scope.setdefault("state", {})["request_id"] = request_id
+        request_id = self._ids.assign(scope)
         status = 500  # what the client gets if sending the reply fails
         try:
             try:

@@ -21,7 +21,7 @@ from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.metrics import UNMATCHED, Metrics
 from kmsgate.api.responses import json_bytes
 from kmsgate.errors import KmsgateError, TooLarge, ValidationFailed, problem_document
-from kmsgate.logs import request_logger
+from kmsgate.logs import current_request, request_logger
 
 log = logging.getLogger("kmsgate.api")
 
@@ -105,8 +105,13 @@ class RequestIds:
         self._prefix = secrets.token_hex(4)
         self._count = itertools.count()
 
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._count):08x}"
+    def assign(self, scope: Scope) -> str:
+        """A new id for the request of `scope`: in its state, and on every log line written
+        while it is served (`kmsgate.logs.current_request`)."""
+        request_id = f"{self._prefix}{next(self._count):08x}"
+        scope.setdefault("state", {})["request_id"] = request_id
+        current_request.set(request_id)  # each request runs in a task (a context) of its own
+        return request_id
 
 
 def declared_too_large(scope: Scope, limit: int) -> bool:
@@ -165,8 +170,7 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         started_at = time.perf_counter()
-        request_id = self.ids.next()
-        scope.setdefault("state", {})["request_id"] = request_id
+        request_id = self.ids.assign(scope)
         head = scope["method"] == "HEAD"
         if head:
             scope = {**scope, "method": "GET"}
