@@ -15,7 +15,7 @@ import orjson
 
 from kmsgate.errors import ConfigError
 
-__all__ = ["LEVEL_ENV", "configure", "current_request", "request_logger"]
+__all__ = ["LEVEL_ENV", "UVICORN_LOG_CONFIG", "configure", "current_request", "request_logger"]
 
 LEVEL_ENV: Final = "KMSGATE_LOG_LEVEL"
 """How `serve` passes its log level to its worker processes."""
@@ -47,6 +47,23 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             line["error"] = record.exc_info[0].__name__  # the type only: never its text
         return orjson.dumps(line).decode()
+
+
+UVICORN_LOG_CONFIG: Final[dict[str, Any]] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": JsonFormatter}},
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "stream": "ext://sys.stderr",
+        }
+    },
+    "loggers": {"uvicorn": {"handlers": ["stderr"], "propagate": False}},
+}
+"""uvicorn's own lines (start, stop, its errors) as JSON lines like the gateway's (its
+access log is off: `kmsgate.requests` has a line per request)."""
 
 
 def configure(level: str) -> None:

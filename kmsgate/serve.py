@@ -29,7 +29,7 @@ from kmsgate.bootstrap import build_service, ensure_root_token, prepare_dev_data
 from kmsgate.config import ROOT_TOKEN_FILE, Settings, dev_data_dir, dev_tls, load_settings
 from kmsgate.errors import ConfigError
 from kmsgate.http_protocol import HttpToolsOneWrite
-from kmsgate.logs import LEVEL_ENV
+from kmsgate.logs import LEVEL_ENV, UVICORN_LOG_CONFIG
 from kmsgate.logs import configure as configure_logs
 from kmsgate.servertls import provision, renewal_job
 from kmsgate.service import Service
@@ -50,6 +50,8 @@ SERVER_OPTIONS: dict[str, Any] = {
     # SIGTERM: stop accepting, finish the requests in flight for at most this long, then
     # close the service (the audit sinks flush); under a 30 s termination grace period
     "timeout_graceful_shutdown": 20,
+    "log_config": UVICORN_LOG_CONFIG,  # JSON lines, as the gateway's own
+    "access_log": False,  # kmsgate.requests logs every request, with its request id
 }
 
 

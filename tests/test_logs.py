@@ -36,7 +36,17 @@ def test_each_request_is_one_json_line_without_secrets(tmp_path: Path) -> None:
         assert refused.status_code == 401
         time.sleep(0.3)
         text = gw.output.read_text()
+    # every line but the dev banner is JSON, uvicorn's start and stop lines too; one line
+    # per request (uvicorn's own access line would repeat it without the request id)
+    after_banner = text[text.index("\n{") + 1 :].splitlines()  # the dev banner comes first
+    assert all(line.startswith("{") for line in after_banner), text
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert any(
+        line["message"] == "Application startup complete."
+        for line in lines
+        if line["logger"] == "uvicorn.error"
+    )
+    assert not any(line["logger"] == "uvicorn.access" for line in lines)
     requests = [line for line in lines if line.get("logger") == "kmsgate.requests"]
     (line,) = [r for r in requests if r["request_id"] == request_id]
     assert line["route"] == "/v1/keys/{name}/sign" and line["operation"] == "sign"
