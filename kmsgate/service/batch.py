@@ -9,6 +9,7 @@ from typing import Protocol, TypeVar
 
 from kmsgate.catalogue import Key
 from kmsgate.errors import BackendError, BackendUnavailable, KmsgateError, TooLarge
+from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Gate, KeyTarget, Outcome
 from kmsgate.service.results import ItemResults
 from kmsgate.usage import BackendTimes, KeyUsage
@@ -86,16 +87,18 @@ def run_on_target(
     run: RunAll[ItemT, ResultT],
     *,
     detail: Mapping[str, object] | None = None,
+    decision: Decision | None = None,
 ) -> ItemResults[ResultT]:
-    """Decide on `call`, run the items on the target key (`run_items`), audit the outcome
-    with `detail` added. Raises what `Gate.run_on_key` and `run_items` raise."""
+    """Decide on `call` (unless `decision` was taken), run the items on the target key
+    (`run_items`), audit the outcome with `detail` added. Raises what `Gate.run_on_key`
+    and `run_items` raise."""
 
     def operate(key: Key, outcome: Outcome) -> ItemResults[ResultT]:
         if detail:
             outcome.detail.update(detail)
         return run_items(key, outcome, items, batch, run, gate.usage, gate.backend_times)
 
-    return gate.run_on_key(call, target, operate)
+    return gate.run_on_key(call, target, operate, decision=decision)
 
 
 def _backend_failure(result: object) -> bool:

@@ -108,24 +108,26 @@ class Envelopes:
         batch: bool,
         run: RunAll[EnvelopeT, ResultT],
     ) -> ItemResults[ResultT]:
-        """Decide on `action` on the key and the items' contexts, run, audit."""
+        """Decide on `action` on the key and the items' contexts (once for each distinct
+        context of a batch: a rule on the context sees every one), run, audit."""
         contexts = [dict(item.context or {}) for item in items]
+        distinct = list({tuple(sorted(c.items())): c for c in contexts}.values())
         ciphertexts = [item.ciphertext for item in items if hasattr(item, "ciphertext")]
         plain = sum(len(item.plaintext) for item in items if isinstance(item, EncryptInput))
-        call = Call(
-            principal,
-            ctx,
-            action,
-            resource=target.resource(),
-            request={
-                "batch": len(items),
-                "context": contexts[0] if all(c == contexts[0] for c in contexts) else None,
-                "context_keys": sorted({k for c in contexts for k in c}),
-            },
-            inputs=ciphertexts or None,
-        )
+        request = {
+            "batch": len(items),
+            "context": distinct[0] if len(distinct) == 1 else None,
+            "context_keys": sorted({k for c in contexts for k in c}),
+        }
+        call = Call(principal, ctx, action, target.resource(), request, inputs=ciphertexts or None)
+        decision = None
+        if len(distinct) > 1:
+            each = [{**request, "context": context} for context in distinct]
+            decision = self.gate.decide_each(call, each)
         detail = {"plaintext_bytes": plain} if plain else None
-        return run_on_target(self.gate, call, target, items, batch, run, detail=detail)
+        return run_on_target(
+            self.gate, call, target, items, batch, run, detail=detail, decision=decision
+        )
 
     def _wrapper(self, key: Key) -> WrapCapable:
         if key.type.usage is not KeyUsage.ENCRYPT or key.verify_only:

@@ -311,11 +311,30 @@ class Gate:
         self.audit.append(outcome.event(facts, "ok"), reserved=changing)
 
     def run_on_key(
-        self, call: Call, target: KeyTarget, operation: Callable[[Key, Outcome], T]
+        self,
+        call: Call,
+        target: KeyTarget,
+        operation: Callable[[Key, Outcome], T],
+        *,
+        decision: Decision | None = None,
     ) -> T:
         """`run` for an operation on `target` (whose attributes are `call.resource`).
         Raises NotFound only after the policy allowed the call."""
-        return self.run(call, lambda outcome: operation(target.require(), outcome))
+        return self.run(
+            call, lambda outcome: operation(target.require(), outcome), decision=decision
+        )
+
+    def decide_each(self, call: Call, requests: Sequence[Mapping[str, object]]) -> Decision:
+        """One decision on `call` for all of `requests` (each a policy `request` for part
+        of it): the first denial, else an allow with every decision's reasons. Raises what
+        `decide` raises."""
+        reasons: set[str] = set()
+        for request in requests:
+            decision = self.decide(call.principal, call.action, call.resource, request)
+            if not decision.allow:
+                return decision
+            reasons.update(decision.reasons)
+        return Decision(allow=True, reasons=tuple(sorted(reasons)))
 
     def _denial(self, call: Call, decision: Decision) -> str:
         """What a refused caller can act on: the action, what it was asked on (as the

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
+from kmsgate.auth import Principal
+from kmsgate.bootstrap import build_service, prepare_dev_data_dir
+from kmsgate.config import load_settings
 from kmsgate.errors import DecryptionFailed, PolicyDenied
-from kmsgate.service.requests import DataKeyInput, DecryptInput, EncryptInput, RewrapInput
+from kmsgate.service.requests import (
+    DataKeyInput,
+    DecryptInput,
+    EncryptInput,
+    NewKey,
+    RewrapInput,
+)
 from kmsgate.service.results import Plaintext, WrappedDataKey
 from tests.service.conftest import ADMIN, CTX, NOBODY
+
+SHIPPED_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
 def test_encrypt_then_decrypt_with_the_same_context_only(service, new_key):
@@ -53,3 +67,49 @@ def test_rewrap_from_another_key_needs_rewrap_on_the_source(service, new_key):
     assert opened.plaintext == b"data"
     with pytest.raises(PolicyDenied):
         service.envelopes.rewrap(NOBODY, CTX, target, [RewrapInput(sealed.ciphertext)], False)
+
+
+def test_a_rule_on_the_context_sees_each_context_of_a_batch(tmp_path):
+    """A batch whose items have different contexts is decided once for each of them: a
+    `deny` on one context refuses the whole batch, as it refuses that item alone (the
+    policy used to see no context at all for a mixed batch, and the rule never fired)."""
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies, ignore=shutil.ignore_patterns("*_test.rego"))
+    (policies / "ctx_guard.rego").write_text(
+        "package kmsgate.authz\n\nimport rego.v1\n\n"
+        'deny contains "db secrets are for dbadmin" if {\n'
+        '\tinput.request.context.app == "db"\n'
+        '\tnot "dbadmin" in input.principal.roles\n}\n'
+    )
+    settings = load_settings(
+        dev=True,
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'kmsgate.db'}",
+        env="test",
+        policy_dir=policies,
+    )
+    prepare_dev_data_dir(settings)
+    service = build_service(settings)
+    try:
+        service.keys.create(ADMIN, CTX, NewKey(name="e", type="aes-256-gcm", purpose="test"))
+        target = service.gate.target("e")
+        dba = Principal(id="token:dba", kind="token", roles=("admin", "dbadmin"))
+        items = [EncryptInput(b"web", {"app": "web"}), EncryptInput(b"db", {"app": "db"})]
+        web, db = service.envelopes.encrypt(dba, CTX, target, items, True)
+        mixed = [
+            DecryptInput(web.ciphertext, {"app": "web"}),
+            DecryptInput(db.ciphertext, {"app": "db"}),
+        ]
+        with pytest.raises(PolicyDenied):
+            service.envelopes.decrypt(ADMIN, CTX, target, mixed, True)
+        with pytest.raises(PolicyDenied):
+            service.envelopes.decrypt(ADMIN, CTX, target, mixed[1:], True)
+        assert service.envelopes.decrypt(ADMIN, CTX, target, mixed[:1], True) == [
+            Plaintext(b"web", 1)
+        ]
+        assert service.envelopes.decrypt(dba, CTX, target, mixed, True) == [
+            Plaintext(b"web", 1),
+            Plaintext(b"db", 1),
+        ]
+    finally:
+        service.close()
