@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from kmsgate.chunked import HEADER_BYTES, SEALED_CHUNK_BYTES
-from kmsgate.envelope import FileHeader
+from kmsgate.envelope import FILE_MAGIC, FileHeader
 from tests.test_cli import Gateway, kmsgate_script, running_gateway, setup_key
 
 RSS_LIMIT = 100 * 1024 * 1024
@@ -309,3 +309,47 @@ def test_an_output_that_is_a_directory_is_refused_as_such(gw, tmp_path):
     run = gw.run("encrypt-file", str(src), "-k", "fk", "-o", str(tmp_path), "--force")
     assert run.rc == 2 and f"{tmp_path} is a directory" in run.err
     _no_temp_left(tmp_path)
+
+
+def test_rewrap_fails_on_a_damaged_file_and_keeps_to_its_rate(gw, tmp_path):
+    """A kmsgate file whose header is damaged is a failure (exit 1, named, not in the
+    checkpoint: its data is still under the old key), not a quiet skip as a file of another
+    kind in the directory is; --rate counts the files of the last, partial batch, and
+    three files at one a second take no 50 s (a whole batch's worth)."""
+    for name in ("rw-from", "rw-to"):
+        setup_key(gw, name, "aes-256-gcm", "envelope-data")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(3):
+        plain = tree / f"f{i}"
+        plain.write_bytes(b"x" * 100)
+        gw.ok("encrypt-file", str(plain), "-k", "rw-from")
+        plain.unlink()
+    (tree / "notes.txt").write_text("not encrypted")
+    damaged = tree / "damaged.kmsgate"
+    damaged.write_bytes(FILE_MAGIC + b"\xff" * 40)
+    checkpoint = tmp_path / "cp"
+    started = time.monotonic()
+    run = gw.run(
+        "rewrap", str(tree), "--from-key", "rw-from", "--to-key", "rw-to",
+        "--checkpoint", str(checkpoint), "--rate", "1",
+    )  # fmt: skip
+    assert time.monotonic() - started < 20
+    assert run.rc == 1, run
+    assert "rewrapped 3, skipped 1, failed 1" in run.out, run
+    assert f"error: {damaged.resolve()}: damaged header" in run.err
+    assert "notes.txt" not in run.err
+    assert str(damaged.resolve()) not in checkpoint.read_text().splitlines()
+
+
+def test_a_path_is_printed_as_it_is(gw, tmp_path):
+    """A file name holding "[/b]" or "{x}" is text to the CLI: rich read it as markup and
+    failed (exit 1, after the file was written), or dropped "[red]" from the message."""
+    (tmp_path / "mk[").mkdir()
+    odd = tmp_path / "mk[" / "b]{x}[red]plain"  # the path holds "[/b]"
+    odd.write_bytes(b"odd name")
+    sealed = gw.ok("encrypt-file", str(odd), "-k", "fk")
+    assert f"to {odd}.kmsgate" in sealed.err.replace("\n", ""), sealed
+    odd.unlink()
+    opened = gw.ok("decrypt-file", f"{odd}.kmsgate")
+    assert f"to {odd}" in opened.err.replace("\n", "") and odd.read_bytes() == b"odd name"

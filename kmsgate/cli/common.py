@@ -13,13 +13,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64encode
 from kmsgate.text import shown
 
-out = Console()
-err = Console(stderr=True)
+out = Console(markup=False)  # what is printed (a path, a name, a reason) is text, not markup
+err = Console(stderr=True, markup=False)
 
 AddrOpt = Annotated[str | None, typer.Option("--addr", envvar="KMSGATE_ADDR", help="Gateway URL.")]
 TokenOpt = Annotated[
@@ -31,7 +32,7 @@ InputArg = Annotated[str, typer.Argument(help="File to read, or - for stdin.")]
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print `error: message` as one line on stderr (never as markup) and exit with `code`."""
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -105,7 +106,7 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         return
     table = Table(*columns)
     for row in rows:
-        table.add_row(*map(escape, row))  # a cell's "[...]" is text, not rich markup
+        table.add_row(*map(Text, row))  # a cell's "[...]" is text, not rich markup
     out.print(table)
 
 
@@ -129,3 +130,9 @@ def read_input(source: str) -> bytes:
 
 def print_json(value: Any) -> None:
     out.print_json(data=value)
+
+
+def bar_label(text: str) -> str:
+    """`text` as the label column of a rich progress bar: bold, and shown as it is (a file
+    name's "[...]" is no markup, its "{...}" no format field)."""
+    return "[bold]" + escape(text).replace("{", "{{").replace("}", "}}")

@@ -22,6 +22,7 @@ from kmsgate.cli.common import (
     AddrOpt,
     InputArg,
     TokenOpt,
+    bar_label,
     call,
     err,
     fail,
@@ -35,7 +36,7 @@ from kmsgate.cli.common import (
 )
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64decode_strict, b64encode
-from kmsgate.envelope import FileHeader
+from kmsgate.envelope import FILE_MAGIC, FileHeader
 from kmsgate.errors import DecryptionFailed, KmsgateError
 
 ContextOpt = Annotated[
@@ -103,7 +104,7 @@ def _progress(label: str, total: int | None) -> Iterator[Progress | None]:
     from rich.progress import Progress as Bar
 
     columns = [BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-    with Bar(f"[bold]{escape(label)}", *columns, console=err, transient=True) as bar:
+    with Bar(bar_label(label), *columns, console=err, transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -246,16 +247,21 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
     return [p.resolve() for p in files]
 
 
-def _read_header(path: Path) -> tuple[FileHeader, int] | str:
-    """The file's kmsgate header and where its body starts, or why it cannot be migrated."""
+def _read_header(path: Path) -> tuple[FileHeader, int] | tuple[str, str]:
+    """The file's kmsgate header and where its body starts, or the outcome it gets instead
+    and why: "skipped" for a file that is not kmsgate's, "failed" for one that cannot be
+    read or whose header is damaged (it is not migrated, so its key must stay)."""
     try:
         with path.open("rb") as f:
+            if f.read(len(FILE_MAGIC)) != FILE_MAGIC:
+                return "skipped", "not a kmsgate encrypted file"
+            f.seek(0)
             header = FileHeader.read(f)
             return header, f.tell()
     except OSError as exc:
-        return f"cannot read: {exc.strerror}"
-    except KmsgateError:
-        return "not a kmsgate encrypted file"
+        return "failed", f"cannot read: {exc.strerror}"
+    except KmsgateError as exc:
+        return "failed", f"damaged header: {exc.detail}"
 
 
 def _replace_header(path: Path, body_offset: int, header: FileHeader) -> None:
@@ -307,7 +313,8 @@ def rewrap_files(
     def finished(path: Path, outcome: str, why: str = "") -> None:
         counts[outcome] += 1
         if why:
-            err.print(f"{'warning' if outcome == 'skipped' else 'error'}: {path}: {why}")
+            level = "warning" if outcome == "skipped" else "error"
+            err.print(f"{level}: {escape(str(path))}: {escape(why)}", soft_wrap=True)
         if log is not None and outcome != "failed":
             log.write(f"{path}\n")
             log.flush()
@@ -316,10 +323,13 @@ def rewrap_files(
         with Client(addr, token) as client, _progress_count(len(pending)) as advance:
             for start in range(0, len(pending), batch):
                 group: list[tuple[Path, FileHeader, int]] = []
-                for path in pending[start : start + batch]:
+                chunk = pending[start : start + batch]
+                for path in chunk:
                     read = _read_header(path)
-                    if isinstance(read, str):  # quiet for files found in a directory
-                        finished(path, "skipped", read if path in named else "")
+                    if isinstance(read[0], str):  # another file is quiet if found in a directory
+                        outcome, why = read
+                        quiet = outcome == "skipped" and path not in named
+                        finished(path, outcome, "" if quiet else str(why))
                     elif (name := read[0].envelope().key_name) != from_key:
                         finished(path, "skipped", "" if name == to_key else f"under key {name}")
                     else:
@@ -344,13 +354,13 @@ def rewrap_files(
                         finished(path, "failed", f"cannot rewrite: {exc.strerror}")
                         continue
                     finished(path, "rewrapped")
-                if rate > 0:  # files per second, averaged from the start
-                    processed = start + batch
-                    ahead = processed / rate - (time.monotonic() - started)
+                if rate > 0 and start + batch < len(pending):  # files a second, from the start
+                    ahead = (start + len(chunk)) / rate - (time.monotonic() - started)
                     if ahead > 0:
                         time.sleep(ahead)
     except ApiError as exc:
-        fail_api(exc, "finished files are in the checkpoint; run again")
+        hint = "finished files are in the checkpoint; run again" if log is not None else ""
+        fail_api(exc, hint)
     finally:
         if log is not None:
             log.close()

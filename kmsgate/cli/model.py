@@ -15,9 +15,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
-from kmsgate.cli.common import AddrOpt, TokenOpt, err, fail, fail_api, name_values, out
+from kmsgate.cli.common import (
+    AddrOpt,
+    TokenOpt,
+    bar_label,
+    err,
+    fail,
+    fail_api,
+    name_values,
+    out,
+)
 from kmsgate.client import ApiError, Client
 from kmsgate.model_signing import (
     BuildInfo,
@@ -72,9 +80,7 @@ class _Bar:
         from rich.progress import Progress as RichProgress
 
         columns = [BarColumn(), DownloadColumn(), TransferSpeedColumn()]
-        with RichProgress(
-            f"[bold]{escape(self.label)}", *columns, console=err, transient=True
-        ) as bar:
+        with RichProgress(bar_label(self.label), *columns, console=err, transient=True) as bar:
             self._bar = bar
             self._task = bar.add_task(self.label, total=None)
             self.callback = lambda n: bar.advance(self._task, n)
