@@ -136,6 +136,21 @@ def test_missing_signature(signed: tuple[Path, str], caplog: pytest.LogCaptureFi
     assert "unverified" in caplog.text
 
 
+@pytest.mark.parametrize("value", ["y", "enabled", "required", "2", "treu"])
+def test_an_unreadable_required_setting_never_loads_an_unsigned_model(
+    signed: tuple[Path, str], value: str
+) -> None:
+    """MODEL_SIGNING_REQUIRED is true (1/true/yes/on) or false (0/false/no/off, unset);
+    anything else is refused: a typo of "yes" loaded unsigned models with a warning."""
+    model, pem = signed
+    (model / "model.sig").unlink()
+    with pytest.raises(ModelSigningRequired, match="neither true"):
+        require_verified(model, env={"MODEL_SIGNING_REQUIRED": value, "MODEL_SIGNING_PUBKEY": pem})
+    for off in ("0", "off", " No "):
+        env = {"MODEL_SIGNING_REQUIRED": off, "MODEL_SIGNING_PUBKEY": pem}
+        assert require_verified(model, env=env) is None
+
+
 def test_explicit_arguments_override_env(signed: tuple[Path, str], tmp_path: Path) -> None:
     model, pem = signed
     moved = tmp_path / "elsewhere.sig"

@@ -35,6 +35,7 @@ from kmsgate.model_signing import (
     TrustBundle,
     VerifyOptions,
     export_trust_bundle,
+    require_verified,
     sign_model,
     verify_model,
 )
@@ -563,6 +564,11 @@ def test_cli_trust_bundle_offline_gate(
     assert rejected.exit_code == Failure.KEY_STATUS == 16, rejected.output
     assert json.loads(rejected.stdout)["error"]["code"] == "key_status"
     assert "compromised since" in rejected.stderr
+    # the model server's gate reads the same trust bundle from its environment
+    gate_env = {"MODEL_SIGNING_REQUIRED": "1", "MODEL_SIGNING_TRUST_BUNDLE": str(trust)}
+    with pytest.raises(ModelVerificationError) as refused:
+        require_verified(model, env=gate_env)
+    assert refused.value.failure is Failure.KEY_STATUS
 
 
 def test_ci_signer_with_only_the_ml_sec_role(tmp_path: Path) -> None:

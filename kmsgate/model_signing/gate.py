@@ -1,8 +1,11 @@
 """The model-server gate: verify a model before it is loaded (seed 003 runbook).
 
-`MODEL_SIGNING_REQUIRED` (1/true/yes/on) makes a signature mandatory; `MODEL_SIGNING_PUBKEY`
-is the PEM public key itself or a path to it. A bundle that is present is always verified
-(a bad signature never loads, required or not); a missing one is only an error when required.
+`MODEL_SIGNING_REQUIRED` (1/true/yes/on) makes a signature mandatory (0/false/no/off or
+unset: optional; any other value is refused, never read as "optional");
+`MODEL_SIGNING_TRUST_BUNDLE` names a trust bundle (key states and compromise times, from
+`kmsgate model trust-bundle`), else `MODEL_SIGNING_PUBKEY` is the PEM public key itself or a
+path to it. A bundle that is present is always verified (a bad signature never loads,
+required or not); a missing one is only an error when required.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from kmsgate.model_signing.verify import VerifyOptions, verify_model
 log = logging.getLogger("kmsgate.model_signing")
 
 TRUE = frozenset({"1", "true", "yes", "on"})
+FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
 class ModelSigningRequired(Exception):
@@ -37,6 +41,18 @@ def _public_key_pem(value: str | bytes | os.PathLike[str]) -> bytes:
         return Path(value).expanduser().read_bytes()
     except OSError as exc:
         raise ModelSigningRequired(f"cannot read public key {value}: {exc.strerror}") from None
+
+
+def _required(value: str) -> bool:
+    """MODEL_SIGNING_REQUIRED's meaning. Raises ModelSigningRequired for a value that is
+    neither true nor false: a typo must not load an unsigned model."""
+    word = value.strip().lower()
+    if word in TRUE or word in FALSE:
+        return word in TRUE
+    raise ModelSigningRequired(
+        f"MODEL_SIGNING_REQUIRED={value!r} is neither true (1, true, yes, on) nor false "
+        "(0, false, no, off)"
+    )
 
 
 def _find_bundle(model: Path) -> Path | None:
@@ -59,15 +75,18 @@ def require_verified(
     """Verify the model at `path` before loading it; the report, or None when verification
     was skipped (not required and no bundle or no key).
 
-    `bundle` defaults to `<path>/model.sig`, then `<path>.sig`; `public_key` (PEM, or a path
-    to it) defaults to MODEL_SIGNING_PUBKEY; `required` to MODEL_SIGNING_REQUIRED. Raises
-    ModelSigningRequired (required but impossible, or the key's file cannot be read) or
-    ModelVerificationError (the model does not verify).
+    `bundle` defaults to `<path>/model.sig`, then `<path>.sig`; `trust_bundle` to
+    MODEL_SIGNING_TRUST_BUNDLE and `public_key` (PEM, or a path to it) to
+    MODEL_SIGNING_PUBKEY when neither is given; `required` to MODEL_SIGNING_REQUIRED.
+    Raises ModelSigningRequired (required but impossible, MODEL_SIGNING_REQUIRED unreadable,
+    or the key's file cannot be read) or ModelVerificationError (the model does not verify).
     """
     e = os.environ if env is None else env
     model = Path(path)
     if required is None:
-        required = e.get("MODEL_SIGNING_REQUIRED", "").strip().lower() in TRUE
+        required = _required(e.get("MODEL_SIGNING_REQUIRED", ""))
+    if trust_bundle is None and public_key is None and e.get("MODEL_SIGNING_TRUST_BUNDLE"):
+        trust_bundle = e["MODEL_SIGNING_TRUST_BUNDLE"]
     bundle_path = Path(bundle) if bundle is not None else _find_bundle(model)
     if bundle_path is None or not bundle_path.is_file():
         if required:
