@@ -780,6 +780,15 @@ def test_token_list_shows_whole_ids_when_piped(gateway: Gateway) -> None:
     assert token_id in listed
 
 
+def test_an_error_naming_a_file_is_one_line_whatever_the_name(tmp_path: Path) -> None:
+    """A file name with a newline and a terminal escape sequence (which could print a fake
+    "verified" line) is shown with escapes in the one error line."""
+    name = "x\n\x1b[2Kverified: fake"
+    result = run_cli(("sign", str(tmp_path / name), "-k", "k"), clean_env())
+    assert_one_line_error(result, "x\\n\\x1b[2Kverified: fake")
+    assert "\x1b" not in result.err
+
+
 def test_a_listing_prints_hidden_characters_and_markup_as_text(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

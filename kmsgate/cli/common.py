@@ -31,8 +31,11 @@ InputArg = Annotated[str, typer.Argument(help="File to read, or - for stdin.")]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print `error: message` as one line on stderr (never as markup) and exit with `code`."""
-    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+    """Print `error: message` as one line on stderr and exit with `code`. The message is
+    text: a control character in it (a file name's newline or escape sequence) is printed
+    as its escape, and "[...]" is no markup."""
+    said = escape(shown(message))
+    err.print(f"[red]error:[/red] {said}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
