@@ -32,6 +32,7 @@ from kmsgate.model_signing import (
     GatewayTrust,
     ModelVerificationError,
     PublicKeyTrust,
+    SigningError,
     TrustBundle,
     VerifyOptions,
     export_trust_bundle,
@@ -639,3 +640,34 @@ def test_a_symlinked_directory_is_not_followed_as_model_signing_does(
         hashing
     ).verify(model, result.bundle_path)
     assert verify_model(model, result.bundle_path, PublicKeyTrust.from_pem(pub.read_text())).ok
+
+
+def test_signing_writes_nothing_into_the_model_unless_it_succeeds(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    """checksums.json is written with the bundle, after the gateway signed: a refused
+    signing (here a disabled key) leaves the model as it was. A checksums.json of the
+    model's own is never overwritten, and one an earlier signing wrote is not signed as a
+    model file by --no-checksums (verification would read it as kmsgate's and fail). An
+    ECDSA hash other than the curve's is refused before hashing: nobody could verify it."""
+    model = make_model(tmp_path)
+    before = sorted(p.name for p in model.iterdir())
+    client.key_action(key, "disable")
+    with pytest.raises(ApiError, match="key_disabled"):
+        sign_model(model, GatewaySigner(client, key))
+    assert sorted(p.name for p in model.iterdir()) == before
+    client.key_action(key, "enable")
+
+    with pytest.raises(SigningError, match="bundle the model_signing verifier rejects"):
+        sign_model(model, GatewaySigner(client, key, algorithm="ecdsa-sha512"))
+
+    own = model / "checksums.json"
+    own.write_text('{"vendor": "theirs"}')
+    with pytest.raises(SigningError, match="the model's own file"):
+        sign_model(model, GatewaySigner(client, key))
+    assert own.read_text() == '{"vendor": "theirs"}'
+    own.unlink()
+    sign_model(model, GatewaySigner(client, key))
+    (model / "config.json").write_bytes(b'{"layers": 3}\n')
+    with pytest.raises(SigningError, match="written by an earlier signing"):
+        sign_model(model, GatewaySigner(client, key), checksums=False)

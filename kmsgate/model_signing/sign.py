@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -107,6 +108,30 @@ def gateway_public_key(
     return wanted, public_key_from_jwk(found[wanted])
 
 
+def _refuse_a_foreign_checksums_file(model: Path, *, ours: bool) -> None:
+    """Raises SigningError when the model holds a `checksums.json` this signing would
+    overwrite (`ours`) but did not write, or would sign as a model file (not `ours`) but
+    an earlier signing wrote: verification would read it as kmsgate's and fail."""
+    path = model / CHECKSUMS_NAME
+    if not path.is_file():
+        return
+    try:
+        doc = json.loads(path.read_bytes())
+        written = isinstance(doc, dict) and doc.get("algorithm") == mf.HASH_TYPE
+    except (OSError, ValueError):
+        written = False
+    if ours and not written:
+        raise SigningError(
+            f"{path} is the model's own file, not one kmsgate wrote: sign with --no-checksums, "
+            "or move it"
+        )
+    if not ours and written:
+        raise SigningError(
+            f"{path} was written by an earlier signing and would be signed as a model file: "
+            "remove it, or sign without --no-checksums"
+        )
+
+
 @dataclass
 class GatewaySigner:
     """Signs DSSE PAEs with a gateway key; remembers each version's public key."""
@@ -119,12 +144,20 @@ class GatewaySigner:
     _public_keys: dict[int, PublicKeyTypes] = field(default_factory=dict)
 
     def resolve_algorithm(self) -> SignAlg:
-        if self.algorithm is None:
-            _, public_key = gateway_public_key(self.client, self.key, None)
-            self.algorithm = default_sign_algorithm(key_type_of_public_key(public_key))
+        """The algorithm to sign with: the one asked for, else the key's default. Raises
+        SigningError for an unknown one, or an ECDSA hash other than the curve's (the
+        model_signing verifier hashes with the curve's own: nobody could verify it)."""
+        _, public_key = gateway_public_key(self.client, self.key, None)
+        default = default_sign_algorithm(key_type_of_public_key(public_key))
+        self.algorithm = self.algorithm or default
         alg = SIGN_ALGORITHMS.get(self.algorithm or "")
         if alg is None:
             raise SigningError(f"unknown signature algorithm {self.algorithm!r}")
+        if isinstance(public_key, ec.EllipticCurvePublicKey) and alg.name != default:
+            raise SigningError(
+                f"{alg.name} with a {public_key.curve.name} key makes a bundle the model_signing "
+                f"verifier rejects: it hashes with the curve's own hash ({default})"
+            )
         return alg
 
     def public_key(self, version: int) -> PublicKeyTypes:
@@ -261,6 +294,7 @@ def sign_model(
     ignored = list(mf.GIT_PATHS) if ignore_git_paths else []
     ignored += [rel for p in outputs if (rel := _relative_inside(p, model)) is not None]
     checksums_path = model / CHECKSUMS_NAME if checksums else None
+    _refuse_a_foreign_checksums_file(model, ours=checksums)
     skip = [*ignored, CHECKSUMS_NAME] if checksums else ignored
 
     alg = signer.resolve_algorithm()  # fail on key/permission problems before hashing
@@ -272,9 +306,10 @@ def sign_model(
         on_total(sizes)
     files = mf.hash_files(model, names, workers=workers, progress=progress)
     name = mf.model_name_of(model)
-    if checksums_path is not None:
-        write_atomic(checksums_path, mf.checksums_document(mf.Manifest.build(name, files)))
-        files.append(mf.FileDigest.of(CHECKSUMS_NAME, mf.hash_file(checksums_path)))
+    checksums_doc = b""
+    if checksums_path is not None:  # written with the bundle, once the signing succeeded
+        checksums_doc = mf.checksums_document(mf.Manifest.build(name, files))
+        files.append(mf.FileDigest.of(CHECKSUMS_NAME, hashlib.sha256(checksums_doc).digest()))
     manifest = mf.Manifest.build(name, files, ignored, allow_symlinks)
     hash_seconds = time.perf_counter() - t0
 
@@ -302,6 +337,8 @@ def sign_model(
             raise SigningError("the key rotated while signing; sign again")
     sign_seconds = time.perf_counter() - t1
 
+    if checksums_path is not None:
+        write_atomic(checksums_path, checksums_doc)
     write_atomic(bundle_path, bundle.to_json())
     if provenance and provenance_path is not None:
         write_atomic(provenance_path, prov_bundle.to_json())
