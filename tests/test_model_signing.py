@@ -30,6 +30,7 @@ from kmsgate.model_signing import (
     Failure,
     GatewaySigner,
     GatewayTrust,
+    ManifestError,
     ModelVerificationError,
     PublicKeyTrust,
     SigningError,
@@ -619,27 +620,35 @@ def test_a_model_signed_with_its_git_paths_verifies_with_them(
     assert info.value.report.integrity["mismatched"] == [".git/config"]
 
 
-def test_a_symlinked_directory_is_not_followed_as_model_signing_does(
+def test_a_symlinked_directory_is_never_signed_past(
     tmp_path: Path, client: Client, key: str
 ) -> None:
-    """With --allow-symlinks, a file symlink is signed as its file; a directory symlink is
-    not followed (by the stock tool either), so both tools list the same files and accept
-    each other's bundles."""
+    """With --allow-symlinks, a file symlink is signed as its file. A directory symlink is
+    refused (model_signing does not follow it: the files behind it would be covered by no
+    signature) unless ignored; and one added after signing fails kmsgate's verification
+    (the stock verifier does not notice it). Both tools accept the bundle."""
     model = make_model(tmp_path)
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "f1").write_bytes(b"behind the link")
     (model / "dirlink").symlink_to(outside, target_is_directory=True)
     (model / "filelink").symlink_to(model / "config.json")
+    with pytest.raises(ManifestError, match="dirlink is a symbolic link to a directory"):
+        sign_model(model, GatewaySigner(client, key), allow_symlinks=True)
+    (model / "dirlink").unlink()
     result = sign_model(model, GatewaySigner(client, key), allow_symlinks=True)
-    names = {f.name for f in result.manifest.files}
-    assert "filelink" in names and not any(n.startswith("dirlink") for n in names)
+    assert "filelink" in {f.name for f in result.manifest.files}
     pub = pem_file(tmp_path, result.public_key_pem)
     hashing = model_signing.hashing.Config().set_allow_symlinks(True)
     model_signing.verifying.Config().use_elliptic_key_verifier(public_key=pub).set_hashing_config(
         hashing
     ).verify(model, result.bundle_path)
-    assert verify_model(model, result.bundle_path, PublicKeyTrust.from_pem(pub.read_text())).ok
+    trust = PublicKeyTrust.from_pem(pub.read_text())
+    assert verify_model(model, result.bundle_path, trust).ok
+    (model / "plugins").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, result.bundle_path, trust)
+    assert info.value.failure is Failure.EXTRA_FILES
 
 
 def test_signing_writes_nothing_into_the_model_unless_it_succeeds(
@@ -671,3 +680,18 @@ def test_signing_writes_nothing_into_the_model_unless_it_succeeds(
     (model / "config.json").write_bytes(b'{"layers": 3}\n')
     with pytest.raises(SigningError, match="written by an earlier signing"):
         sign_model(model, GatewaySigner(client, key), checksums=False)
+
+
+def test_a_model_with_nothing_left_to_sign_is_refused(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    """A signature over no file (an empty directory, or every file ignored) would make any
+    directory of ignored files verify: a CI job pointed at the wrong path must fail."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ManifestError, match="no file to sign"):
+        sign_model(empty, GatewaySigner(client, key), checksums=False)
+    model = make_model(tmp_path)
+    with pytest.raises(ManifestError, match="no file to sign"):
+        sign_model(model, GatewaySigner(client, key), ignore=["*"])
+    assert not (model / "model.sig").exists()

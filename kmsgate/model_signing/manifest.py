@@ -124,10 +124,11 @@ def list_files(
 
     `ignore_paths` are literal paths (skipped with everything under them); `patterns` are
     globs, and every path they match is returned so it can be recorded as a literal ignore
-    path. A symbolic link to a file is hashed as that file (with `allow_symlinks`); one to a
-    directory is not followed, as model_signing does not follow it (the files behind it are
-    not listed). Raises ManifestError for a symlink (unless `allow_symlinks`) or a special
-    file.
+    path. A symbolic link to a file is hashed as that file (with `allow_symlinks`). One to a
+    directory is refused: model_signing does not follow it, so the files behind it would be
+    neither signed nor checked (and one added after signing would go unnoticed). Raises
+    ManifestError for a symlink (unless `allow_symlinks`), a symlink to a directory or a
+    special file.
     """
     ignored = list(ignore_paths)
     files: list[str] = []
@@ -155,6 +156,11 @@ def list_files(
                     mode = full.stat().st_mode
                 except OSError:
                     raise ManifestError(f"{rel} is a broken symbolic link") from None
+                if stat.S_ISDIR(mode):
+                    raise ManifestError(
+                        f"{rel} is a symbolic link to a directory, whose files no signature "
+                        "covers (replace it with the directory, or ignore it)"
+                    )
             if stat.S_ISREG(mode):
                 if name in filenames:
                     files.append(rel)

@@ -300,6 +300,8 @@ def sign_model(
     alg = signer.resolve_algorithm()  # fail on key/permission problems before hashing
     t0 = time.perf_counter()
     names, matched = mf.list_files(model, skip, patterns=ignore, allow_symlinks=allow_symlinks)
+    if not names:  # a signature over nothing would verify any directory of ignored files
+        raise mf.ManifestError(f"no file to sign in {model} (after the ignored paths)")
     ignored += matched
     sizes = sum((model / n).stat().st_size for n in names)
     if on_total is not None:
