@@ -114,17 +114,23 @@ class Envelopes:
         distinct = list({tuple(sorted(c.items())): c for c in contexts}.values())
         ciphertexts = [item.ciphertext for item in items if hasattr(item, "ciphertext")]
         plain = sum(len(item.plaintext) for item in items if isinstance(item, EncryptInput))
-        request = {
+        request: dict[str, object] = {
             "batch": len(items),
             "context": distinct[0] if len(distinct) == 1 else None,
             "context_keys": sorted({k for c in contexts for k in c}),
         }
+        detail: dict[str, object] = {}
+        if action == "datakey":  # the policy may allow wrapped-only keys and no plaintext ones
+            detail["plaintext_keys"] = request["plaintext_keys"] = sum(
+                1 for item in items if isinstance(item, DataKeyInput) and item.include_plaintext
+            )
         call = Call(principal, ctx, action, target.resource(), request, inputs=ciphertexts or None)
         decision = None
         if len(distinct) > 1:
             each = [{**request, "context": context} for context in distinct]
             decision = self.gate.decide_each(call, each)
-        detail = {"plaintext_bytes": plain} if plain else None
+        if plain:
+            detail["plaintext_bytes"] = plain
         return run_on_target(
             self.gate, call, target, items, batch, run, detail=detail, decision=decision
         )

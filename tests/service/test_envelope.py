@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kmsgate.audit import AuditFile
 from kmsgate.auth import Principal
 from kmsgate.bootstrap import build_service, prepare_dev_data_dir
 from kmsgate.config import load_settings
 from kmsgate.errors import DecryptionFailed, PolicyDenied
+from kmsgate.service import Service
 from kmsgate.service.requests import (
     DataKeyInput,
     DecryptInput,
@@ -69,18 +73,13 @@ def test_rewrap_from_another_key_needs_rewrap_on_the_source(service, new_key):
         service.envelopes.rewrap(NOBODY, CTX, target, [RewrapInput(sealed.ciphertext)], False)
 
 
-def test_a_rule_on_the_context_sees_each_context_of_a_batch(tmp_path):
-    """A batch whose items have different contexts is decided once for each of them: a
-    `deny` on one context refuses the whole batch, as it refuses that item alone (the
-    policy used to see no context at all for a mixed batch, and the rule never fired)."""
+@contextlib.contextmanager
+def _service_with_rule(tmp_path: Path, rule: str) -> Iterator[Service]:
+    """A service on the shipped policies plus `rule` (Rego in package kmsgate.authz), with
+    an AES key `e`."""
     policies = tmp_path / "policies"
     shutil.copytree(SHIPPED_POLICIES, policies, ignore=shutil.ignore_patterns("*_test.rego"))
-    (policies / "ctx_guard.rego").write_text(
-        "package kmsgate.authz\n\nimport rego.v1\n\n"
-        'deny contains "db secrets are for dbadmin" if {\n'
-        '\tinput.request.context.app == "db"\n'
-        '\tnot "dbadmin" in input.principal.roles\n}\n'
-    )
+    (policies / "extra.rego").write_text(f"package kmsgate.authz\n\nimport rego.v1\n\n{rule}")
     settings = load_settings(
         dev=True,
         data_dir=tmp_path / "data",
@@ -92,6 +91,21 @@ def test_a_rule_on_the_context_sees_each_context_of_a_batch(tmp_path):
     service = build_service(settings)
     try:
         service.keys.create(ADMIN, CTX, NewKey(name="e", type="aes-256-gcm", purpose="test"))
+        yield service
+    finally:
+        service.close()
+
+
+def test_a_rule_on_the_context_sees_each_context_of_a_batch(tmp_path):
+    """A batch whose items have different contexts is decided once for each of them: a
+    `deny` on one context refuses the whole batch, as it refuses that item alone (the
+    policy used to see no context at all for a mixed batch, and the rule never fired)."""
+    rule = (
+        'deny contains "db secrets are for dbadmin" if {\n'
+        '\tinput.request.context.app == "db"\n'
+        '\tnot "dbadmin" in input.principal.roles\n}\n'
+    )
+    with _service_with_rule(tmp_path, rule) as service:
         target = service.gate.target("e")
         dba = Principal(id="token:dba", kind="token", roles=("admin", "dbadmin"))
         items = [EncryptInput(b"web", {"app": "web"}), EncryptInput(b"db", {"app": "db"})]
@@ -111,5 +125,20 @@ def test_a_rule_on_the_context_sees_each_context_of_a_batch(tmp_path):
             Plaintext(b"web", 1),
             Plaintext(b"db", 1),
         ]
-    finally:
-        service.close()
+
+
+def test_the_policy_and_the_trail_see_which_data_keys_come_in_plaintext(tmp_path):
+    """`datakey` tells the policy how many keys it returns in plaintext
+    (`request.plaintext_keys`), so a rule can allow wrapped-only data keys and refuse
+    plaintext ones; the audit record says it too."""
+    rule = 'deny contains "wrapped data keys only" if input.request.plaintext_keys > 0\n'
+    with _service_with_rule(tmp_path, rule) as service:
+        target = service.gate.target("e")
+        wrapped = [DataKeyInput(include_plaintext=False)] * 2
+        assert len(service.envelopes.datakey(ADMIN, CTX, target, wrapped, True)) == 2
+        with pytest.raises(PolicyDenied):
+            service.envelopes.datakey(ADMIN, CTX, target, [*wrapped, DataKeyInput()], True)
+        trail = AuditFile(service.settings.resolved_audit_path())
+        records = trail.search(action="datakey", limit=10)
+        seen = [(r["decision"], (r.get("detail") or {}).get("plaintext_keys")) for r in records]
+        assert seen == [("allow", 0), ("deny", None)]
