@@ -197,6 +197,8 @@ class Envelopes:
         source = key if envelope.key_name == key.name else sources.get(envelope.key_name, key)
         context_aad = encode_context(item.context)
         dek = self._unwrap(source, envelope, context_aad)
+        if envelope.kind is Kind.MESSAGE:  # a damaged body fails now, not at a later decrypt
+            open_message(dek, envelope, context_aad)
         header = self._wrap_new(key, envelope.kind, dek, context_aad)
         moved = replace(
             envelope,

@@ -142,3 +142,24 @@ def test_the_policy_and_the_trail_see_which_data_keys_come_in_plaintext(tmp_path
         records = trail.search(action="datakey", limit=10)
         seen = [(r["decision"], (r.get("detail") or {}).get("plaintext_keys")) for r in records]
         assert seen == [("allow", 0), ("deny", None)]
+
+
+def test_rewrap_refuses_a_damaged_message_as_decrypt_does(service, new_key):
+    """Rewrap holds the data key: a message whose body or tag was changed, cut or extended
+    fails as decrypt fails (400 decryption_failed), instead of being rewrapped into a
+    ciphertext that fails later."""
+    new_key("e", "aes-256-gcm")
+    target = service.gate.target("e")
+    [sealed] = service.envelopes.encrypt(ADMIN, CTX, target, [EncryptInput(b"secret")], False)
+    good = sealed.ciphertext
+    damaged = [good[:-1], good + b"\x00", good[:-1] + bytes([good[-1] ^ 1])]
+    for ciphertext in damaged:
+        for operation, item in (
+            (service.envelopes.decrypt, DecryptInput(ciphertext)),
+            (service.envelopes.rewrap, RewrapInput(ciphertext)),
+        ):
+            with pytest.raises(DecryptionFailed):
+                operation(ADMIN, CTX, target, [item], False)
+    [moved] = service.envelopes.rewrap(ADMIN, CTX, target, [RewrapInput(good)], False)
+    opened = service.envelopes.decrypt(ADMIN, CTX, target, [DecryptInput(moved.ciphertext)], False)
+    assert opened[0].plaintext == b"secret"
