@@ -353,3 +353,21 @@ def test_a_path_is_printed_as_it_is(gw, tmp_path):
     odd.unlink()
     opened = gw.ok("decrypt-file", f"{odd}.kmsgate")
     assert f"to {odd}" in opened.err.replace("\n", "") and odd.read_bytes() == b"odd name"
+
+
+def test_decrypting_to_dev_null_checks_a_file_and_leaves_the_device(gw, tmp_path):
+    """`decrypt-file F -o /dev/null` checks a file's integrity: a character device (or a
+    FIFO) is written to as it is, without --force, and stays what it was (with --force
+    it was replaced by a regular file holding the plaintext)."""
+    plain = tmp_path / "p"
+    plain.write_bytes(b"y" * 50_000)
+    gw.ok("encrypt-file", str(plain), "-k", "fk")
+    checked = gw.ok("decrypt-file", f"{plain}.kmsgate", "-o", "/dev/null")
+    assert "decrypted 50000 bytes to /dev/null" in checked.err
+    assert Path("/dev/null").is_char_device()
+    damaged = tmp_path / "damaged.kmsgate"
+    data = bytearray(Path(f"{plain}.kmsgate").read_bytes())
+    data[-5] ^= 1
+    damaged.write_bytes(bytes(data))
+    assert gw.run("decrypt-file", str(damaged), "-o", "/dev/null").rc == 1
+    assert Path("/dev/null").is_char_device()

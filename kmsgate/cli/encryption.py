@@ -120,13 +120,21 @@ def _size(path: Path) -> int | None:
 @contextlib.contextmanager
 def _atomic_output(target: Path | None, force: bool) -> Iterator[BinaryIO]:
     """A temporary file beside `target` (mode 0600), renamed onto it only if the block
-    succeeds and removed otherwise; stdout if `target` is None."""
+    succeeds and removed otherwise; stdout if `target` is None. A character device or a
+    FIFO (`/dev/null`, a pipe) is written to as it is, like stdout: renaming a file onto it
+    would replace it with a file holding the output."""
     if target is None:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
     if target.is_dir():
         fail(f"{target} is a directory: give the file to write")
+    if target.is_char_device() or target.is_fifo():
+        with _opened(target, "wb") as stream:
+            yield stream
+        return
+    if target.exists() and not target.is_file():
+        fail(f"{target} is not a regular file, a character device or a FIFO")
     if target.exists() and not force:
         fail(f"{target} exists (use --force to replace it)")
     try:
@@ -146,15 +154,22 @@ def _atomic_output(target: Path | None, force: bool) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
+def _opened(path: Path, mode: str) -> Iterator[BinaryIO]:
+    """`path` opened in binary `mode` ("rb" or "wb"); a one-line error if it cannot be."""
+    try:
+        stream = path.open(mode)
+    except OSError as exc:
+        fail(f"cannot {'read' if 'r' in mode else 'write'} {path}: {exc.strerror}")
+    with stream:
+        yield stream  # type: ignore[misc]
+
+
+@contextlib.contextmanager
 def _input_stream(source: str) -> Iterator[BinaryIO]:
     if source == "-":
         yield sys.stdin.buffer
         return
-    try:
-        stream = Path(source).open("rb")  # noqa: SIM115
-    except OSError as exc:
-        fail(f"cannot read {source}: {exc.strerror}")
-    with stream:
+    with _opened(Path(source), "rb") as stream:
         yield stream
 
 
