@@ -371,3 +371,19 @@ def test_decrypting_to_dev_null_checks_a_file_and_leaves_the_device(gw, tmp_path
     damaged.write_bytes(bytes(data))
     assert gw.run("decrypt-file", str(damaged), "-o", "/dev/null").rc == 1
     assert Path("/dev/null").is_char_device()
+
+
+def test_decrypt_writes_a_plaintext_output_privately_and_never_over_a_file(gw, tmp_path):
+    """`kmsgate decrypt -o FILE` writes the plaintext 0600, and replaces an existing file
+    only with --force (as decrypt-file does)."""
+    ciphertext = tmp_path / "ct"
+    sealed = gw.ok("encrypt", "-", "-k", "fk", "-o", str(ciphertext), stdin=b"small secret")
+    assert sealed.rc == 0
+    target = tmp_path / "plain"
+    target.write_text("important")
+    refused = gw.run("decrypt", str(ciphertext), "-k", "fk", "-o", str(target))
+    assert refused.rc == 2 and "exists (use --force" in refused.err
+    assert target.read_text() == "important"
+    gw.ok("decrypt", str(ciphertext), "-k", "fk", "-o", str(target), "--force")
+    assert target.read_bytes() == b"small secret"
+    assert target.stat().st_mode & 0o777 == 0o600

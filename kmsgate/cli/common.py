@@ -17,6 +17,7 @@ from rich.text import Text
 
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64encode
+from kmsgate.pki.files import replace_private_file
 from kmsgate.text import shown
 
 out = Console(markup=False)  # what is printed (a path, a name, a reason) is text, not markup
@@ -86,6 +87,17 @@ def read_text(path: Path) -> str:
 def write_bytes(path: Path, data: bytes) -> None:
     try:
         path.write_bytes(data)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror}")
+
+
+def write_private(path: Path, data: bytes, *, force: bool) -> None:
+    """`data` (a secret: a plaintext) into `path`, mode 0600, whole or not at all; an
+    existing file is refused unless `force`."""
+    if path.exists() and not force:
+        fail(f"{path} exists (use --force to replace it)")
+    try:
+        replace_private_file(path, data)
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror}")
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any, BinaryIO, NoReturn
 
 import typer
-from rich.markup import escape
 
 from kmsgate.chunked import Progress
 from kmsgate.cli.common import (
@@ -31,8 +30,8 @@ from kmsgate.cli.common import (
     out,
     read_input,
     read_text,
-    write_bytes,
     write_or_print_b64,
+    write_private,
 )
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64decode_strict, b64encode
@@ -69,7 +68,10 @@ def decrypt(
     source: Annotated[str, typer.Argument(help="Ciphertext file (raw or base64), - for stdin.")],
     key: Annotated[str, typer.Option("--key", "-k")],
     context: ContextOpt = [],  # noqa: B006
-    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the plaintext here (0600).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -83,7 +85,7 @@ def decrypt(
         addr, token, Client.decrypt, key, ciphertext, name_values(context, "context entry")
     )
     if output:
-        write_bytes(output, result["plaintext"])
+        write_private(output, result["plaintext"], force=force)
     else:
         sys.stdout.buffer.write(result["plaintext"])
         sys.stdout.buffer.flush()
@@ -329,7 +331,7 @@ def rewrap_files(
         counts[outcome] += 1
         if why:
             level = "warning" if outcome == "skipped" else "error"
-            err.print(f"{level}: {escape(str(path))}: {escape(why)}", soft_wrap=True)
+            err.print(f"{level}: {path}: {why}", soft_wrap=True)
         if log is not None and outcome != "failed":
             log.write(f"{path}\n")
             log.flush()
