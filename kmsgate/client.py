@@ -91,7 +91,10 @@ class Client:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise ApiError(
-                0, "unreachable", f"cannot reach {self.addr}: {exc}", token_sent=self._token_sent
+                0,
+                "unreachable",
+                f"cannot reach {_without_credentials(self.addr)}: {exc}",
+                token_sent=self._token_sent,
             ) from None
         if response.is_success:
             return response
@@ -569,3 +572,11 @@ def _message_body(
 
 def _context(context: Mapping[str, str] | None) -> dict[str, Any]:
     return {"context": dict(context)} if context else {}
+
+
+def _without_credentials(addr: str) -> str:
+    """`addr` with a user name and password in it replaced by `***` (for messages)."""
+    parts = urllib.parse.urlsplit(addr)
+    if "@" not in parts.netloc:
+        return addr
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()

@@ -789,6 +789,13 @@ def test_an_error_naming_a_file_is_one_line_whatever_the_name(tmp_path: Path) ->
     assert "\x1b" not in result.err
 
 
+def test_an_unreachable_address_is_named_without_its_password() -> None:
+    """A password in --addr (basic auth to a proxy) is never printed back."""
+    result = run_cli(("keys", "list", "--addr", "http://u:s3cretpw@127.0.0.1:1"), clean_env())
+    assert_one_line_error(result, "cannot reach http://***@127.0.0.1:1")
+    assert "s3cretpw" not in result.err + result.out
+
+
 def test_a_listing_prints_hidden_characters_and_markup_as_text(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
