@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import pty
 import signal
 import subprocess
 import time
@@ -21,7 +22,7 @@ import pytest
 
 from kmsgate.chunked import HEADER_BYTES, SEALED_CHUNK_BYTES
 from kmsgate.envelope import FILE_MAGIC, FileHeader
-from tests.test_cli import Gateway, kmsgate_script, running_gateway, setup_key
+from tests.test_cli import Gateway, clean_env, kmsgate_script, running_gateway, setup_key
 
 RSS_LIMIT = 100 * 1024 * 1024
 
@@ -387,3 +388,24 @@ def test_decrypt_writes_a_plaintext_output_privately_and_never_over_a_file(gw, t
     gw.ok("decrypt", str(ciphertext), "-k", "fk", "-o", str(target), "--force")
     assert target.read_bytes() == b"small secret"
     assert target.stat().st_mode & 0o777 == 0o600
+
+
+def test_encrypt_file_writes_no_ciphertext_to_a_terminal(tmp_path):
+    """Binary ciphertext on a terminal is garbage that can set its modes: with stdout a
+    terminal and no -o, encrypt-file refuses (one line, exit 2) before asking anything."""
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [kmsgate_script(), "encrypt-file", "-", "-k", "fk"],
+            input=b"secret",
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            env=clean_env(KMSGATE_ADDR="http://127.0.0.1:1"),
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert done.returncode == 2
+    assert b"the ciphertext is binary: give -o FILE" in done.stderr

@@ -199,6 +199,8 @@ def encrypt_file(
     """Encrypt a file or stdin client-side with a fresh data key (C2SP chunked encryption,
     constant memory). The output appears only once complete."""
     target = _output_path(output, source, lambda p: p + FILE_SUFFIX)
+    if target is None and sys.stdout.isatty():
+        fail("the ciphertext is binary: give -o FILE, or redirect stdout")
     ctx = name_values(context, "context entry")
     try:
         with (
