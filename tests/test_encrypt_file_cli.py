@@ -341,6 +341,9 @@ def test_rewrap_fails_on_a_damaged_file_and_keeps_to_its_rate(gw, tmp_path):
     assert f"error: {damaged.resolve()}: damaged header" in run.err
     assert "notes.txt" not in run.err
     assert str(damaged.resolve()) not in checkpoint.read_text().splitlines()
+    damaged.unlink()
+    typo = gw.run("rewrap", str(tree), "--from-key", "rw-fromm", "--to-key", "rw-to")
+    assert typo.rc == 0 and "warning: no file to migrate was under key rw-fromm" in typo.err
 
 
 def test_a_path_is_printed_as_it_is(gw, tmp_path):

@@ -338,6 +338,7 @@ def rewrap_files(
             log.write(f"{path}\n")
             log.flush()
 
+    under_from_key = 0
     try:
         with Client(addr, token) as client, _progress_count(len(pending)) as advance:
             for start in range(0, len(pending), batch):
@@ -353,6 +354,7 @@ def rewrap_files(
                         finished(path, "skipped", "" if name == to_key else f"under key {name}")
                     else:
                         group.append((path, *read))
+                        under_from_key += 1
                     advance()
                 if not group:
                     continue
@@ -383,6 +385,8 @@ def rewrap_files(
     finally:
         if log is not None:
             log.close()
+    if pending and not under_from_key:  # a misspelt --from-key, or a migration done
+        err.print(f"warning: no file to migrate was under key {from_key}", soft_wrap=True)
     out.print(
         f"rewrapped {counts['rewrapped']}, skipped {counts['skipped']}, failed {counts['failed']}",
         highlight=False,
