@@ -695,3 +695,24 @@ def test_a_model_with_nothing_left_to_sign_is_refused(
     with pytest.raises(ManifestError, match="no file to sign"):
         sign_model(model, GatewaySigner(client, key), ignore=["*"])
     assert not (model / "model.sig").exists()
+
+
+def test_a_signature_never_replaces_a_file_of_the_model(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    """-o (or --provenance-out) naming a model file, or checksums.json, is refused: the
+    weights were replaced by the bundle and left out of the signature. A bundle from an
+    earlier signing is replaced, as re-signing does."""
+    model = make_model(tmp_path)
+    weights = model / "weights" / "layer-0.bin"
+    before = weights.read_bytes()
+    for output in (weights, model / "checksums.json"):
+        with pytest.raises(SigningError, match="is a file of the model"):
+            sign_model(model, GatewaySigner(client, key), bundle_path=output)
+    with pytest.raises(SigningError, match="is a file of the model"):
+        sign_model(model, GatewaySigner(client, key), provenance_path=model / "config.json")
+    assert weights.read_bytes() == before
+    inside = model / "sig" / "my.sig"
+    inside.parent.mkdir()
+    for _ in range(2):  # the second signing replaces the first one's bundle
+        sign_model(model, GatewaySigner(client, key), bundle_path=inside)

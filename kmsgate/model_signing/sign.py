@@ -33,6 +33,7 @@ from kmsgate.algorithms import (
 from kmsgate.client import ApiError, Client
 from kmsgate.model_signing import manifest as mf
 from kmsgate.model_signing.bundle import (
+    BUNDLE_MEDIA_TYPE,
     INTOTO_PAYLOAD_TYPE,
     SignedBundle,
     canonical_pem,
@@ -230,6 +231,25 @@ class SignResult:
         }
 
 
+def _refuse_to_overwrite_a_model_file(output: Path, model: Path) -> None:
+    """Raises SigningError when `output`, inside `model`, is `checksums.json` or an existing
+    file that is not a Sigstore bundle (an earlier signature): a model file the signing
+    would replace, and then leave out of the signature."""
+    relative = _relative_inside(output, model)
+    if relative is None:
+        return
+    if relative == CHECKSUMS_NAME or (output.exists() and not _is_a_bundle(output)):
+        raise SigningError(f"{output} is a file of the model: write the signature elsewhere")
+
+
+def _is_a_bundle(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("mediaType") == BUNDLE_MEDIA_TYPE
+
+
 def _relative_inside(path: Path, root: Path) -> str | None:
     try:
         return path.resolve().relative_to(root.resolve()).as_posix()
@@ -291,6 +311,8 @@ def sign_model(
     if provenance and provenance_path is None:
         provenance_path = bundle_path.with_name(bundle_path.name + ".provenance.json")
     outputs = [bundle_path, *([provenance_path] if provenance and provenance_path else [])]
+    for output in outputs:
+        _refuse_to_overwrite_a_model_file(output, model)
     ignored = list(mf.GIT_PATHS) if ignore_git_paths else []
     ignored += [rel for p in outputs if (rel := _relative_inside(p, model)) is not None]
     checksums_path = model / CHECKSUMS_NAME if checksums else None
