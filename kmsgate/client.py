@@ -19,7 +19,7 @@ import httpx
 from kmsgate import chunked
 from kmsgate.chunked import Progress
 from kmsgate.encoding import b64decode_strict, b64encode
-from kmsgate.envelope import FileHeader
+from kmsgate.envelope import FileHeader, file_context
 from kmsgate.errors import DecryptionFailed
 
 DEFAULT_ADDR = "http://127.0.0.1:8200"
@@ -302,7 +302,9 @@ class Client:
         progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Encrypt `src` to `dst` (kmsgate header + C2SP chunked body) under a fresh data key
-        of `name`, in constant memory. `{key_version, bytes}`. Raises ApiError, OSError."""
+        of `name`, in constant memory. `{key_version, bytes}`. Raises InvalidRequest (a
+        context too large for the file header), ApiError, OSError."""
+        file_context(context)  # a context too large for the header fails before anything
         dk = self.datakey(name, context)
         header = FileHeader(dict(context or {}), dk["ciphertext"])
         dst.write(header.to_bytes())

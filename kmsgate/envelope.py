@@ -92,6 +92,18 @@ def encode_context(context: Mapping[str, str] | None) -> bytes:
     return b"".join(parts)
 
 
+def file_context(context: Mapping[str, str] | None) -> bytes:
+    """`encode_context`, for a file header, which holds at most 65,535 bytes of it (32
+    entries of 256 four-byte characters take more). Raises InvalidRequest beyond."""
+    encoded = encode_context(context)
+    if len(encoded) > 0xFFFF:
+        raise InvalidRequest(
+            f"the encryption context takes {len(encoded)} bytes encoded; a file header holds "
+            "at most 65535"
+        )
+    return encoded
+
+
 def decode_context(data: bytes) -> dict[str, str]:
     """Reverse `encode_context`, insisting on the canonical form. Raises ValueError."""
     reader = _Reader(data, ValueError)
@@ -247,8 +259,9 @@ class FileHeader:
 
     @property
     def bound(self) -> bytes:
-        """The header bytes bound as the C2SP context: magic, format, context."""
-        ctx = encode_context(self.context)
+        """The header bytes bound as the C2SP context: magic, format, context. Raises
+        InvalidRequest for a context too large for the header (`file_context`)."""
+        ctx = file_context(self.context)
         return FILE_MAGIC + bytes([FILE_FORMAT_VERSION]) + struct.pack(">H", len(ctx)) + ctx
 
     def to_bytes(self) -> bytes:

@@ -412,3 +412,23 @@ def test_encrypt_file_writes_no_ciphertext_to_a_terminal(tmp_path):
         os.close(leader)
     assert done.returncode == 2
     assert b"the ciphertext is binary: give -o FILE" in done.stderr
+
+
+def test_a_context_too_large_for_the_file_header_is_one_error_line(tmp_path):
+    """32 entries of 256 four-byte characters are within the API's limits but not within a
+    file header's 65,535 bytes: a one-line error (exit 2) before the gateway is asked
+    (a traceback came after the data key was made)."""
+    plain = tmp_path / "p"
+    plain.write_bytes(b"x")
+    entries = [f"{chr(0x1F600 + i)}{'😀' * 255}={'😀' * 256}" for i in range(32)]
+    args = [a for entry in entries for a in ("-c", entry)]
+    done = subprocess.run(
+        [kmsgate_script(), "encrypt-file", str(plain), "-k", "fk", *args],
+        capture_output=True,
+        env=clean_env(KMSGATE_ADDR="http://127.0.0.1:1"),
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert b"a file header holds at most 65535" in done.stderr
+    assert b"Traceback" not in done.stderr and not (tmp_path / "p.kmsgate").exists()
