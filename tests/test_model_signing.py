@@ -716,3 +716,18 @@ def test_a_signature_never_replaces_a_file_of_the_model(
     inside.parent.mkdir()
     for _ in range(2):  # the second signing replaces the first one's bundle
         sign_model(model, GatewaySigner(client, key), bundle_path=inside)
+
+
+def test_an_ed25519_key_and_a_large_model_get_advice_that_can_be_followed(
+    tmp_path: Path, client: Client
+) -> None:
+    """Ed25519 signs the statement whole: past the gateway's input limit the error says to
+    use an ECDSA key (the gateway's own advice, "send a digest", cannot be followed)."""
+    name = f"ed-model-{next(_counter)}"
+    client.create_key(name, "ed25519", "model-sign")
+    model = tmp_path / "many"
+    model.mkdir()
+    for i in range(2_000):
+        (model / f"f{i:04d}").write_bytes(b"x")
+    with pytest.raises(SigningError, match="sign a model of this many files with an ECDSA key"):
+        sign_model(model, GatewaySigner(client, name))

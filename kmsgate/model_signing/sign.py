@@ -173,7 +173,16 @@ class GatewaySigner:
         message = pae(payload_type, payload)
         digest = signing_digest(alg, message)
         if digest is None:
-            reply = self.client.sign(self.key, data=message, algorithm=alg.name)
+            try:
+                reply = self.client.sign(self.key, data=message, algorithm=alg.name)
+            except ApiError as exc:
+                if exc.status != 413:
+                    raise
+                raise SigningError(
+                    f"the statement to sign is {len(message)} bytes, over the gateway's input "
+                    f"limit, and a {alg.name} key signs it whole (it has no prehashed form): "
+                    "sign a model of this many files with an ECDSA key"
+                ) from None
         else:
             reply = self.client.sign(self.key, digest=digest, algorithm=alg.name)
         version = int(reply["key_version"])
