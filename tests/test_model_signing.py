@@ -731,3 +731,20 @@ def test_an_ed25519_key_and_a_large_model_get_advice_that_can_be_followed(
         (model / f"f{i:04d}").write_bytes(b"x")
     with pytest.raises(SigningError, match="sign a model of this many files with an ECDSA key"):
         sign_model(model, GatewaySigner(client, name))
+
+
+def test_an_rsa_pkcs1_bundle_verifies_with_its_algorithm_and_says_so_without(
+    tmp_path: Path, client: Client
+) -> None:
+    """RSA's default is PSS: a PKCS#1 v1.5 bundle verifies with `algorithm`, and without it
+    the refusal says that another padding needs --algorithm."""
+    name = f"model-rsa-{next(_counter)}"
+    client.create_key(name, "rsa-3072", "model-sign")
+    model = make_model(tmp_path)
+    signer = GatewaySigner(client, name, algorithm="rsa-pkcs1-sha256")
+    result = sign_model(model, signer)
+    trust = PublicKeyTrust.from_pem(result.public_key_pem)
+    options = VerifyOptions(algorithm="rsa-pkcs1-sha256")
+    assert verify_model(model, result.bundle_path, trust, options).ok
+    with pytest.raises(ModelVerificationError, match="another RSA padding needs --algorithm"):
+        verify_model(model, result.bundle_path, trust)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from kmsgate.algorithms import (
@@ -181,7 +181,10 @@ def _verify(
         raise fail(report, Failure.KEY_MISMATCH, exc.detail, "signature") from None
     report.algorithm = alg.name
     if not _check_signature(bundle, public_key, alg):
-        raise fail(report, Failure.SIGNATURE, "the DSSE signature is not valid", "signature")
+        why = "the DSSE signature is not valid"
+        if isinstance(public_key, rsa.RSAPublicKey) and options.algorithm is None:
+            why += f" as {alg.name} (a signature with another RSA padding needs --algorithm)"
+        raise fail(report, Failure.SIGNATURE, why, "signature")
     report.check("signature", True, alg.name)
 
     report.model_name = expected.model_name
