@@ -748,3 +748,17 @@ def test_an_rsa_pkcs1_bundle_verifies_with_its_algorithm_and_says_so_without(
     assert verify_model(model, result.bundle_path, trust, options).ok
     with pytest.raises(ModelVerificationError, match="another RSA padding needs --algorithm"):
         verify_model(model, result.bundle_path, trust)
+
+
+def test_a_symlink_added_after_signing_names_why_not_an_option(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    """Verify has no --allow-symlinks: its refusal of a symlink says the model was signed
+    without it, instead of suggesting an option verify does not have."""
+    model = make_model(tmp_path)
+    result = sign_model(model, GatewaySigner(client, key))
+    (model / "link").symlink_to(model / "config.json")
+    trust = PublicKeyTrust.from_pem(result.public_key_pem)
+    with pytest.raises(ModelVerificationError, match="signed without --allow-symlinks") as info:
+        verify_model(model, result.bundle_path, trust)
+    assert info.value.failure is Failure.EXTRA_FILES

@@ -119,6 +119,7 @@ def list_files(
     *,
     patterns: Sequence[str] = (),
     allow_symlinks: bool = False,
+    symlink_hint: str = "use --allow-symlinks",
 ) -> tuple[list[str], list[str]]:
     """(files to hash, paths matched by `patterns`) under `root`, both relative POSIX paths.
 
@@ -127,8 +128,8 @@ def list_files(
     path. A symbolic link to a file is hashed as that file (with `allow_symlinks`). One to a
     directory is refused: model_signing does not follow it, so the files behind it would be
     neither signed nor checked (and one added after signing would go unnoticed). Raises
-    ManifestError for a symlink (unless `allow_symlinks`), a symlink to a directory or a
-    special file.
+    ManifestError for a symlink (unless `allow_symlinks`; the message ends with
+    `symlink_hint`), a symlink to a directory or a special file.
     """
     ignored = list(ignore_paths)
     files: list[str] = []
@@ -151,7 +152,7 @@ def list_files(
                 raise ManifestError(f"cannot read {rel}: {exc.strerror}") from None
             if stat.S_ISLNK(mode):
                 if not allow_symlinks:
-                    raise ManifestError(f"{rel} is a symbolic link (use --allow-symlinks)")
+                    raise ManifestError(f"{rel} is a symbolic link ({symlink_hint})")
                 try:
                     mode = full.stat().st_mode
                 except OSError:

@@ -85,7 +85,12 @@ def check_integrity(
         if not any(name == path or name.startswith(f"{path}/") for name in want)
     ]
     ignores = [*expected.ignore_paths, *extra_ignores, *git]
-    names, _ = mf.list_files(model, ignores, allow_symlinks=expected.allow_symlinks)
+    names, _ = mf.list_files(
+        model,
+        ignores,
+        allow_symlinks=expected.allow_symlinks,
+        symlink_hint="the model was signed without --allow-symlinks",
+    )
     present = set(names)
     missing = sorted(set(want) - present)
     extra = sorted(present - set(want))
