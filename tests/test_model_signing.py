@@ -566,6 +566,11 @@ def test_cli_trust_bundle_offline_gate(
     assert rejected.exit_code == Failure.KEY_STATUS == 16, rejected.output
     assert json.loads(rejected.stdout)["error"]["code"] == "key_status"
     assert "compromised since" in rejected.stderr
+    # a key that is not enabled has no trust bundle: it could not say so
+    client.key_action(key, "disable")
+    refused = runner.invoke(model_app, ["trust-bundle", key, "-o", str(trust)], env=env)
+    assert refused.exit_code == 2 and "is disabled: a trust bundle" in refused.stderr
+    client.key_action(key, "enable")
     # the model server's gate reads the same trust bundle from its environment
     gate_env = {"MODEL_SIGNING_REQUIRED": "1", "MODEL_SIGNING_TRUST_BUNDLE": str(trust)}
     with pytest.raises(ModelVerificationError) as refused:

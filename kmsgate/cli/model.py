@@ -291,6 +291,8 @@ def trust_bundle_cmd(
             doc = export_trust_bundle(client, keys)
     except ApiError as exc:
         fail_api(exc)
+    except ValueError as exc:
+        fail(str(exc))
     data = (json.dumps(doc, indent=2) + "\n").encode()
     if output is None:
         print(data.decode(), end="")

@@ -261,10 +261,17 @@ class TrustBundle:
 
 def export_trust_bundle(client: Client, names: list[str]) -> dict[str, Any]:
     """A trust bundle for `names` from the gateway (needs key.read): every version that has
-    a public key, its creation time as `not_before` and its `compromised_since`."""
+    a public key, its creation time as `not_before` and its `compromised_since`. Raises
+    ApiError, or ValueError for a key that is not enabled (a bundle cannot carry that state,
+    and its signatures would verify offline where the gateway refuses them)."""
     keys = []
     for name in names:
         key = client.get_key(name)
+        if key.get("state") != "enabled":
+            raise ValueError(
+                f"key {name!r} is {key.get('state')}: a trust bundle would let its signatures "
+                "verify offline (enable it, or leave it out)"
+            )
         versions = []
         for v in key["versions"]:
             if v.get("state") in ("destroyed",):
