@@ -487,6 +487,31 @@ def test_a_held_writer_lock_file_makes_a_transaction_unavailable_not_stuck(
     assert store.get_meta("anything") is None  # released: works again
 
 
+def test_a_refresh_with_nothing_new_never_waits_for_the_writer(store, database_url, monkeypatch):
+    """The refresher checks each cache's counter without a transaction: on SQLite, a held
+    writer lock (a long write, a stopped CLI) neither delays it nor makes it fail."""
+    catalogue = Catalogue(store)
+    catalogue.insert(make_key("k"))
+    catalogue.refresh()
+    if store.engine.dialect.name != "sqlite":
+        Catalogue(store).update(
+            catalogue.get("k"), labels={"env": "y"}, updated_at=datetime.now(UTC)
+        )
+        catalogue.refresh()
+        assert catalogue.get("k").labels == {"env": "y"}
+        return
+    monkeypatch.setattr(engine, "WRITE_WAIT_SECONDS", 0.2)
+    lock_path = f"{sa.engine.make_url(database_url).database}.write.lock"
+    holder = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        catalogue.refresh()
+        assert time.monotonic() - started < 0.1
+    finally:
+        os.close(holder)
+
+
 def test_key_usage_adds_up_across_flushes_and_processes(store):
     """Two processes' counts (two KeyUsage objects) add up in the store; what one has not
     flushed yet counts in its own answer."""

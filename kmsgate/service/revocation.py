@@ -219,7 +219,7 @@ class Revocation:
         at = at or now()
         built: list[str] = []
         with self._publishing:
-            epoch = self.store.feed.epoch("certs")
+            epoch = self.store.feed.epoch_now("certs")
             moved, self._certs_epoch = epoch != self._certs_epoch, epoch
             for ca in self.pki.authorities.all():
                 if not _serves(ca) or time.monotonic() < self._retry_at.get(ca.name, 0.0):

@@ -73,10 +73,10 @@ class StoreMirror(ABC):
 
     def refresh(self) -> None:
         """Apply the changes committed since the copy's epoch. Raises Unavailable."""
-        if self._store.feed.epoch(self.aggregate) == self._epoch:
+        if not self.changed_since(self._epoch):
             return
         with self._lock:
-            if self._store.feed.epoch(self.aggregate) == self._epoch:
+            if not self.changed_since(self._epoch):
                 return  # another thread (the refresher, a read-through) caught up meanwhile
             changes = self._store.feed.changes_since(self.aggregate, self._epoch)
             if not changes or changes[0][0] != self._epoch + 1:  # pruned past our epoch
