@@ -12,8 +12,11 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -42,6 +45,7 @@ from kmsgate.model_signing import (
     verify_model,
 )
 from kmsgate.model_signing.bundle import pae
+from kmsgate.model_signing.manifest import hash_files
 from tests.components import require_component
 from tests.test_cli import Gateway, running_gateway
 
@@ -767,3 +771,22 @@ def test_a_symlink_added_after_signing_names_why_not_an_option(
     with pytest.raises(ModelVerificationError, match="signed without --allow-symlinks") as info:
         verify_model(model, result.bundle_path, trust)
     assert info.value.failure is Failure.EXTRA_FILES
+
+
+def test_ctrl_c_while_a_huge_file_is_hashed_stops_at_once(tmp_path: Path) -> None:
+    """Ctrl-C used to wait for every file being hashed to be read to its end (seconds to
+    minutes for a large weights file); the hashing threads now stop within one chunk."""
+    huge = tmp_path / "model.bin"
+    with huge.open("wb") as f:
+        f.truncate(16 << 30)  # sparse: 16 GiB to hash, nothing on disk
+    main = threading.main_thread().ident
+    assert main is not None
+    started = time.monotonic()
+    timer = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            hash_files(tmp_path, ["model.bin"])
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 2.0

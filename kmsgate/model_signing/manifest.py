@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -198,15 +199,34 @@ def hash_files(
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> list[FileDigest]:
-    """Hash `names` (relative to `root`) in parallel; largest files are started first."""
+    """Hash `names` (relative to `root`) in parallel; largest files are started first.
+    Raises ManifestError; an interruption (Ctrl-C) stops every hashing thread within one
+    chunk and propagates, instead of waiting for the files being hashed to be finished."""
     if not names:
         return []
     sizes = {n: (root / n).stat().st_size for n in names}
     order = sorted(names, key=lambda n: -sizes[n])
     workers = workers or min(32, (os.cpu_count() or 1) + 2)
+    stop = threading.Event()
+
+    def step(n: int) -> None:
+        if stop.is_set():
+            raise _Stopped
+        if progress is not None:
+            progress(n)
+
     with ThreadPoolExecutor(max_workers=min(workers, len(order))) as pool:
-        digests = pool.map(lambda n: hash_file(root / n, progress), order)
-        return [FileDigest.of(n, d) for n, d in zip(order, digests, strict=True)]
+        try:
+            digests = list(pool.map(lambda n: hash_file(root / n, step), order))
+        except BaseException:
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return [FileDigest.of(n, d) for n, d in zip(order, digests, strict=True)]
+
+
+class _Stopped(Exception):
+    """Raised in a hashing thread once `hash_files` is abandoned."""
 
 
 def model_name_of(root: Path) -> str:
