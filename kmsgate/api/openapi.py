@@ -1,12 +1,15 @@
 """The OpenAPI document, completed with what FastAPI cannot see: the problem+json replies
 every operation can give, the credentials it takes (a bearer token or a client certificate;
-none for the operations registered with `PUBLIC`), and the headers those replies carry."""
+none for the operations registered with `PUBLIC`), the headers those replies carry, and the
+schemas of the JSON replies that routes build themselves (`kmsgate.api.replies`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from starlette.responses import Response
+
+from kmsgate.api.replies import COMPONENTS
 
 PUBLIC: dict[str, Any] = {"security": []}
 """`openapi_extra` of an operation that takes no credentials."""
@@ -60,13 +63,15 @@ _HEADERS: dict[int, dict[str, Any]] = {
 
 
 def complete(document: dict[str, Any]) -> dict[str, Any]:
-    """`document` (FastAPI's) with the problem schema, the security schemes, a default
-    requirement of credentials, and every operation's error replies; returns it."""
+    """`document` (FastAPI's) with the problem and reply schemas, the security schemes, a
+    default requirement of credentials, and every operation's error replies; returns it."""
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     for fastapi_only in ("HTTPValidationError", "ValidationError"):  # 422 is a problem here
         schemas.pop(fastapi_only, None)
     schemas["Problem"] = _PROBLEM
+    for name, schema in COMPONENTS.items():
+        assert schemas.setdefault(name, schema) is schema, f"two schemas are named {name}"
     components["securitySchemes"] = _SECURITY_SCHEMES
     document["security"] = [{"bearer": []}, {"mtls": []}]
     for path_item in document.get("paths", {}).values():

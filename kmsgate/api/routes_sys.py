@@ -13,6 +13,7 @@ from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
 from kmsgate.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsgate.api.metrics import Metrics
 from kmsgate.api.openapi import PUBLIC
+from kmsgate.api.replies import HEALTH, IDENTITY, NOT_READY, POLICY, READY, VERDICT, json_reply
 from kmsgate.api.responses import json_response
 from kmsgate.schemas import PolicyEvaluateRequest, Timestamp, TokenCreateRequest
 from kmsgate.service.requests import AuditQuery
@@ -74,7 +75,7 @@ def policy_info(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Re
 def policy_evaluate(
     body: PolicyEvaluateRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> Response:
-    """What the policy decides for a given input: `{allow, reasons}`."""
+    """What the policy decides for a given input: `{allow, reasons, roles, exceptions_used}`."""
     return json_response(service.system.evaluate_policy(principal, ctx, body.to_input()))
 
 
@@ -126,15 +127,34 @@ def audit_checkpoints(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep)
 def build_router() -> APIRouter:
     """A new application's system routes."""
     router = APIRouter(tags=["system"], route_class=JsonBodyRoute)
-    router.add_api_route("/v1/sys/health", health, methods=["GET"], openapi_extra=PUBLIC)
-    not_ready = {"description": "not ready: what failed, in the same shape"}
     router.add_api_route(
-        "/v1/sys/ready", ready, methods=["GET"], responses={503: not_ready}, openapi_extra=PUBLIC
+        "/v1/sys/health",
+        health,
+        methods=["GET"],
+        responses={200: json_reply(HEALTH)},
+        openapi_extra=PUBLIC,
+    )
+    not_ready = json_reply(NOT_READY, "not ready: what failed, in the same shape")
+    router.add_api_route(
+        "/v1/sys/ready",
+        ready,
+        methods=["GET"],
+        responses={200: json_reply(READY), 503: not_ready},
+        openapi_extra=PUBLIC,
     )
     router.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
-    router.add_api_route("/v1/sys/whoami", whoami, methods=["GET"])
-    router.add_api_route("/v1/sys/policy", policy_info, methods=["GET"])
-    router.add_api_route("/v1/sys/policy/evaluate", policy_evaluate, methods=["POST"])
+    router.add_api_route(
+        "/v1/sys/whoami", whoami, methods=["GET"], responses={200: json_reply(IDENTITY)}
+    )
+    router.add_api_route(
+        "/v1/sys/policy", policy_info, methods=["GET"], responses={200: json_reply(POLICY)}
+    )
+    router.add_api_route(
+        "/v1/sys/policy/evaluate",
+        policy_evaluate,
+        methods=["POST"],
+        responses={200: json_reply(VERDICT)},
+    )
     router.add_api_route("/v1/sys/policy/reload", policy_reload, methods=["POST"])
     router.add_api_route("/v1/sys/tokens", create_token, methods=["POST"], status_code=201)
     router.add_api_route("/v1/sys/tokens", list_tokens, methods=["GET"])

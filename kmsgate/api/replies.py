@@ -1,0 +1,130 @@
+"""The schemas of the JSON replies that routes build themselves (use-case results written by
+orjson, `kmsgate.api.responses`), for the OpenAPI document only: nothing checks a reply
+against them at run time, so the hot routes pay nothing for them. schemathesis checks the
+server against them (tests/test_openapi_conformance.py), and so does
+tests/test_openapi_replies.py for the shapes it rarely meets.
+
+An object lists the members the server always writes as required, those it writes only
+sometimes as optional, and is closed (`additionalProperties: false`); a map whose names the
+server does not fix (labels, backends, claims) is open."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+Schema = dict[str, Any]
+
+COMPONENTS: dict[str, Schema] = {}
+"""The reply schemas by name, for the document's `components/schemas`."""
+
+
+def _component(name: str, schema: Schema) -> Schema:
+    """Registers `schema` as component `name`; a reference to it."""
+    COMPONENTS[name] = schema
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _closed(
+    required: Mapping[str, Schema],
+    optional: Mapping[str, Schema] | None = None,
+    description: str | None = None,
+) -> Schema:
+    """An object of exactly these members: `required` in every reply, `optional` in some."""
+    schema: Schema = {
+        "type": "object",
+        "required": list(required),
+        "properties": {**required, **(optional or {})},
+        "additionalProperties": False,
+    }
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _nullable(schema: Schema) -> Schema:
+    """`schema`, or null."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def json_reply(schema: Schema, description: str | None = None) -> dict[str, Any]:
+    """A `responses` entry: a JSON reply of `schema`."""
+    reply: dict[str, Any] = {"content": {"application/json": {"schema": schema}}}
+    if description:
+        reply["description"] = description
+    return reply
+
+
+def _array(items: Schema, min_items: int = 0, max_items: int | None = None) -> Schema:
+    """An array of `items`."""
+    schema: Schema = {"type": "array", "items": items}
+    if min_items:
+        schema["minItems"] = min_items
+    if max_items is not None:
+        schema["maxItems"] = max_items
+    return schema
+
+
+_STRING: Schema = {"type": "string"}
+_STRINGS = _array(_STRING)
+_BOOLEAN: Schema = {"type": "boolean"}
+_TIME: Schema = {"type": "string", "format": "date-time"}
+
+# -- system ----------------------------------------------------------------------------------
+
+HEALTH = _component("Health", _closed({"status": {"const": "ok"}}))
+
+
+def _readiness(ready: bool) -> Schema:
+    """`/v1/sys/ready`'s reply: when `ready` (200) every part is ok, else (503) one at least
+    is not, and `code` and `detail` say which, as a problem's would."""
+    ok = {"const": True} if ready else _BOOLEAN
+    part = _closed({"ok": ok, "detail": _STRING})
+    members = {
+        "status": {"const": "ok" if ready else "unavailable"},
+        "store": part,
+        "audit": part,
+        "backends": {
+            "type": "object",
+            "additionalProperties": _closed({"type": _STRING, "ok": ok, "detail": _STRING}),
+        },
+    }
+    if ready:
+        return _closed(members)
+    return _closed({**members, "code": {"const": "not_ready"}, "detail": _STRING})
+
+
+READY = _component("Ready", _readiness(True))
+NOT_READY = _component("NotReady", _readiness(False))
+IDENTITY = _component(
+    "Identity",
+    _closed(
+        {
+            "id": _STRING,
+            # the principals a request can authenticate as (not `system` nor `local`)
+            "kind": {"type": "string", "enum": ["token", "oidc", "mtls"]},
+            "tenant": _nullable(_STRING),
+            "roles": _STRINGS,
+            "claims": {"type": "object"},
+        },
+        description="the caller: `roles` as the policy maps them, `claims` the verified OIDC "
+        "claims or the certificate's facts",
+    ),
+)
+POLICY = _component(
+    "PolicyInfo",
+    _closed(
+        {
+            "digest": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+            "files": _STRINGS,
+            "loaded_at": _TIME,
+            "env": _STRING,
+        }
+    ),
+)
+VERDICT = _component(
+    "PolicyVerdict",
+    _closed(
+        {"allow": _BOOLEAN, "reasons": _STRINGS, "roles": _STRINGS, "exceptions_used": _STRINGS}
+    ),
+)
