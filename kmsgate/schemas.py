@@ -88,18 +88,18 @@ def _decode(value: object) -> bytes:
     return b64decode_strict(value)
 
 
+B64_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "format": "byte",
+    "pattern": B64_PATTERN,
+    "description": "standard base64 with padding",
+}
+"""The JSON Schema of binary data in a body, a request's or a reply's."""
 B64 = Annotated[
     bytes,
     BeforeValidator(_decode),
     PlainSerializer(b64encode, return_type=str),
-    WithJsonSchema(
-        {
-            "type": "string",
-            "format": "byte",
-            "pattern": B64_PATTERN,
-            "description": "standard base64 with padding",
-        }
-    ),
+    WithJsonSchema(B64_SCHEMA),
 ]
 """A base64 string in JSON, `bytes` once validated."""
 

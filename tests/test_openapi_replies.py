@@ -9,6 +9,8 @@ from typing import Any
 import jsonschema_rs
 import pytest
 
+from tests.helpers import b64, create_key
+
 JSON = "application/json"
 
 
@@ -40,6 +42,54 @@ class Replies:
 @pytest.fixture
 def replies(api, admin):
     return Replies(api, admin)
+
+
+def test_key_operation_replies_single_and_batched(api, admin, replies):
+    for name, key_type in (("sig", "ecdsa-p256"), ("enc", "aes-256-gcm"), ("mac", "hmac-sha256")):
+        create_key(api, admin, name, key_type)
+    data, other = b64(b"data"), b64(b"other")
+    op = "/v1/keys/{name}/"
+    signed = replies.call("POST", op + "sign", name="sig", json={"input": data})
+    sign_batch = {"batch": [{"input": data}, {"input": data, "version": 9}]}
+    assert [
+        set(i) for i in replies.call("POST", op + "sign", name="sig", json=sign_batch)["batch"]
+    ] == [{"signature", "key_version", "algorithm"}, {"error"}]
+    signature = signed["signature"]
+    verify = {"input": data, "signature": signature}
+    assert replies.call("POST", op + "verify", name="sig", json=verify)["valid"] is True
+    wrong = {"input": other, "signature": signature}
+    assert replies.call("POST", op + "verify", name="sig", json=wrong) == {
+        "valid": False,
+        "key_version": None,
+    }
+    batch = {"batch": [verify, wrong, {**verify, "version": 5}]}
+    verified = replies.call("POST", op + "verify", name="sig", json=batch)["batch"]
+    assert [item.get("valid") for item in verified] == [True, False, None]
+
+    mac = replies.call("POST", op + "mac", name="mac", json={"input": data})["mac"]
+    replies.call("POST", op + "mac", name="mac", json={"batch": [{"input": data}]})
+    checks = [{"input": data, "mac": mac}, {"input": other, "mac": mac}]
+    for check in checks:
+        replies.call("POST", op + "mac/verify", name="mac", json=check)
+    checks.append({"input": data, "mac": mac, "version": 3})
+    replies.call("POST", op + "mac/verify", name="mac", json={"batch": checks})
+
+    sealed = replies.call("POST", op + "encrypt", name="enc", json={"plaintext": data})
+    ciphertext = sealed["ciphertext"]
+    replies.call("POST", op + "encrypt", name="enc", json={"batch": [{"plaintext": ""}]})
+    opened = replies.call("POST", op + "decrypt", name="enc", json={"ciphertext": ciphertext})
+    assert opened["plaintext"] == data
+    damaged = {"ciphertext": ciphertext, "context": {"wrong": "context"}}
+    batch = {"batch": [{"ciphertext": ciphertext}, damaged]}
+    assert "error" in replies.call("POST", op + "decrypt", name="enc", json=batch)["batch"][1]
+    assert "plaintext" in replies.call("POST", op + "datakey", name="enc", json={})
+    wrapped_only = {"include_plaintext": False, "bits": 128}
+    assert "plaintext" not in replies.call("POST", op + "datakey", name="enc", json=wrapped_only)
+    replies.call("POST", op + "datakey", name="enc", json={"batch": [{}, wrapped_only]})
+    replies.call("POST", op + "rewrap", name="enc", json={"ciphertext": ciphertext})
+    replies.call(
+        "POST", op + "rewrap", name="enc", json={"batch": [{"ciphertext": ciphertext}, damaged]}
+    )
 
 
 def test_system_replies(api, admin, replies, monkeypatch):

@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from kmsgate.algorithms import SIGN_ALGORITHMS
+from kmsgate.schemas import B64_SCHEMA
+
 Schema = dict[str, Any]
 
 COMPONENTS: dict[str, Schema] = {}
@@ -69,6 +72,58 @@ _STRING: Schema = {"type": "string"}
 _STRINGS = _array(_STRING)
 _BOOLEAN: Schema = {"type": "boolean"}
 _TIME: Schema = {"type": "string", "format": "date-time"}
+_VERSION: Schema = {"type": "integer", "minimum": 1}
+
+# -- key operations: one item's result, or a batch's ----------------------------------------
+
+_ITEM_ERROR = _component(
+    "ItemError",
+    _closed(
+        {"error": _closed({"code": _STRING, "detail": _STRING})},
+        description="a batch item that failed: the `code` and `detail` of the problem it "
+        "would be on its own (docs/api.md, Errors)",
+    ),
+)
+SIGNATURE = _component(
+    "Signature",
+    _closed(
+        {
+            "signature": B64_SCHEMA,
+            "key_version": _VERSION,
+            "algorithm": {"type": "string", "enum": list(SIGN_ALGORITHMS)},
+        }
+    ),
+)
+VERIFIED = _component(
+    "Verified",
+    {
+        "description": "a signature or MAC that verifies, under `key_version`, or that does "
+        "not (a 200 reply, not an error)",
+        "oneOf": [
+            _closed({"valid": {"const": True}, "key_version": _VERSION}),
+            _closed({"valid": {"const": False}, "key_version": {"type": "null"}}),
+        ],
+    },
+)
+MAC = _component("Mac", _closed({"mac": B64_SCHEMA, "key_version": _VERSION}))
+CIPHERTEXT = _component("Ciphertext", _closed({"ciphertext": B64_SCHEMA, "key_version": _VERSION}))
+PLAINTEXT = _component("Plaintext", _closed({"plaintext": B64_SCHEMA, "key_version": _VERSION}))
+DATA_KEY = _component(
+    "DataKey",
+    _closed(
+        {"ciphertext": B64_SCHEMA, "key_version": _VERSION},
+        {"plaintext": B64_SCHEMA},
+        "a data key, wrapped, and in plaintext unless `include_plaintext` was false",
+    ),
+)
+
+
+def operation_reply(item: Schema) -> Schema:
+    """The reply of a key operation whose one item's result is `item`: that result, or
+    `{batch: [...]}` with each item's result or error, in the items' order."""
+    batch = _array({"oneOf": [item, _ITEM_ERROR]}, min_items=1)
+    return {"oneOf": [item, _closed({"batch": batch})]}
+
 
 # -- system ----------------------------------------------------------------------------------
 

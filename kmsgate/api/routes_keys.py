@@ -15,6 +15,17 @@ from kmsgate.api.bodies import JsonBodyRoute, json_object
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
 from kmsgate.api.fastpath import Endpoint, fast_route
 from kmsgate.api.openapi import PUBLIC, non_json_reply
+from kmsgate.api.replies import (
+    CIPHERTEXT,
+    DATA_KEY,
+    MAC,
+    PLAINTEXT,
+    SIGNATURE,
+    VERIFIED,
+    Schema,
+    json_reply,
+    operation_reply,
+)
 from kmsgate.api.responses import PEM, json_response, operation_response
 from kmsgate.errors import InvalidRequest, VerificationFailed
 from kmsgate.schemas import (
@@ -60,6 +71,8 @@ class HotOperation:
 
     path: str
     item_type: type[OperationItem]
+    result: Schema
+    """The schema of one item's result in the reply (`kmsgate.api.replies`)."""
     owner: Callable[[Service], Any]
     """The use-case object in the service that `run` is a method of."""
     run: Callable[..., list[Any]]
@@ -77,6 +90,7 @@ HOT_OPERATIONS = (
     HotOperation(
         "/{name}/sign",
         SignItem,
+        SIGNATURE,
         _crypto,
         Crypto.sign,
         "Sign `input` or a prehashed `digest`; reply `{signature, key_version, algorithm}`.",
@@ -84,16 +98,23 @@ HOT_OPERATIONS = (
     HotOperation(
         "/{name}/verify",
         VerifyItem,
+        VERIFIED,
         _crypto,
         Crypto.verify,
         "Verify a signature; reply `{valid, key_version}`.",
     ),
     HotOperation(
-        "/{name}/mac", MacItem, _crypto, Crypto.mac, "HMAC `input`; reply `{mac, key_version}`."
+        "/{name}/mac",
+        MacItem,
+        MAC,
+        _crypto,
+        Crypto.mac,
+        "HMAC `input`; reply `{mac, key_version}`.",
     ),
     HotOperation(
         "/{name}/mac/verify",
         MacVerifyItem,
+        VERIFIED,
         _crypto,
         Crypto.mac_verify,
         "Check a MAC in constant time; reply `{valid, key_version}`.",
@@ -101,6 +122,7 @@ HOT_OPERATIONS = (
     HotOperation(
         "/{name}/encrypt",
         EncryptItem,
+        CIPHERTEXT,
         _envelopes,
         Envelopes.encrypt,
         "Encrypt `plaintext` (fresh data key, AES-256-GCM, `context` bound as AAD); reply "
@@ -109,6 +131,7 @@ HOT_OPERATIONS = (
     HotOperation(
         "/{name}/decrypt",
         DecryptItem,
+        PLAINTEXT,
         _envelopes,
         Envelopes.decrypt,
         "Decrypt a ciphertext from `encrypt` or `datakey` with its `context`; reply "
@@ -117,6 +140,7 @@ HOT_OPERATIONS = (
     HotOperation(
         "/{name}/datakey",
         DataKeyItem,
+        DATA_KEY,
         _envelopes,
         Envelopes.datakey,
         "A fresh data key; reply `{plaintext?, ciphertext, key_version}`.",
@@ -124,6 +148,7 @@ HOT_OPERATIONS = (
     HotOperation(
         "/{name}/rewrap",
         RewrapItem,
+        CIPHERTEXT,
         _envelopes,
         Envelopes.rewrap,
         "Re-wrap a ciphertext's data key under the primary version (of this key, also for a "
@@ -183,9 +208,15 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     router = APIRouter(prefix=PREFIX, tags=["keys"], route_class=JsonBodyRoute)
     hot: list[Route] = []
     for op in HOT_OPERATIONS:
-        extra = operation_schema(op.item_type)
         hot.append(
-            fast_route(router, op.path, _endpoint(op), methods=["POST"], openapi_extra=extra)
+            fast_route(
+                router,
+                op.path,
+                _endpoint(op),
+                methods=["POST"],
+                openapi_extra=operation_schema(op.item_type),
+                responses={200: json_reply(operation_reply(op.result))},
+            )
         )
     router.add_api_route("", create_key, methods=["POST"], status_code=201)
     router.add_api_route("", list_keys, methods=["GET"])
