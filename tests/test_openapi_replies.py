@@ -4,6 +4,7 @@ the rest against a live gateway."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jsonschema_rs
@@ -90,6 +91,39 @@ def test_key_operation_replies_single_and_batched(api, admin, replies):
     replies.call(
         "POST", op + "rewrap", name="enc", json={"batch": [{"ciphertext": ciphertext}, damaged]}
     )
+
+
+def test_a_key_with_every_optional_member_and_the_jwks_of_each_key_type(
+    api, admin, replies, monkeypatch
+):
+    create_key(api, admin, "aged", "ed25519", rotation_period="30d", public=True)
+    assert "next_rotation" in replies.call("GET", "/v1/keys/{name}", name="aged")
+    rotated = api.call("POST", "/v1/keys/aged/rotate", admin)
+    assert rotated.status_code == 200, rotated.text
+    since = {"since": (datetime.now(UTC) - timedelta(hours=1)).isoformat()}
+    marked = api.call("POST", "/v1/keys/aged/versions/1/compromised", admin, json=since)
+    assert marked.status_code == 200, marked.text
+    assert (
+        api.call("POST", "/v1/keys/aged/sign", admin, json={"input": b64(b"x")}).status_code == 200
+    )
+    key = replies.call("GET", "/v1/keys/{name}", name="aged")
+    assert [v["state"] for v in key["versions"]] == ["compromised", "enabled"]
+    assert key["versions"][1]["uses"] == 1 and key["versions"][0]["last_used"] is None
+    for key_type in ("ecdsa-p256", "ecdsa-p384", "ed25519", "rsa-3072"):
+        create_key(api, admin, key_type, key_type, public=True)
+        jwks = replies.call("GET", "/v1/keys/{name}/jwks.json", name=key_type, token=None)
+        assert len(jwks["keys"]) == 1
+    assert len(replies.call("GET", "/v1/keys/{name}/jwks.json", name="aged")["keys"]) == 1
+    deleted = api.call("POST", "/v1/keys/aged/schedule-deletion", admin, json={"pending_days": 7})
+    assert deleted.status_code == 200, deleted.text
+    monkeypatch.setattr(api.service.keys, "usage", lambda _name: None)  # the store is down
+    key = replies.call("GET", "/v1/keys/{name}", name="aged")
+    assert (key["state"], "deletion_date" in key, "next_rotation" in key) == (
+        "pending_deletion",
+        True,
+        False,
+    )
+    assert {v["uses"] for v in key["versions"]} == {None}
 
 
 def test_system_replies(api, admin, replies, monkeypatch):

@@ -11,9 +11,11 @@ server does not fix (labels, backends, claims) is open."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any
 
-from kmsgate.algorithms import SIGN_ALGORITHMS
+from kmsgate.algorithms import SIGN_ALGORITHMS, KeyType
+from kmsgate.catalogue import KeyState
 from kmsgate.schemas import B64_SCHEMA
 
 Schema = dict[str, Any]
@@ -58,6 +60,11 @@ def json_reply(schema: Schema, description: str | None = None) -> dict[str, Any]
     return reply
 
 
+def _enum(values: type[StrEnum]) -> Schema:
+    """A string, one of `values`."""
+    return {"type": "string", "enum": [value.value for value in values]}
+
+
 def _array(items: Schema, min_items: int = 0, max_items: int | None = None) -> Schema:
     """An array of `items`."""
     schema: Schema = {"type": "array", "items": items}
@@ -73,6 +80,7 @@ _STRINGS = _array(_STRING)
 _BOOLEAN: Schema = {"type": "boolean"}
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _VERSION: Schema = {"type": "integer", "minimum": 1}
+_B64URL: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}
 
 # -- key operations: one item's result, or a batch's ----------------------------------------
 
@@ -124,6 +132,86 @@ def operation_reply(item: Schema) -> Schema:
     batch = _array({"oneOf": [item, _ITEM_ERROR]}, min_items=1)
     return {"oneOf": [item, _closed({"batch": batch})]}
 
+
+# -- keys ------------------------------------------------------------------------------------
+
+KEY = _component(
+    "Key",
+    _closed(
+        {
+            "name": _STRING,
+            "type": _enum(KeyType),
+            "purpose": _STRING,
+            "backend": _STRING,
+            "state": _enum(KeyState),
+            "labels": {"type": "object", "additionalProperties": _STRING},
+            "primary_version": _VERSION,
+            "min_decrypt_version": _VERSION,
+            "verify_only": _BOOLEAN,
+            "public": _BOOLEAN,
+            "versions": _array(
+                _closed(
+                    {
+                        "version": _VERSION,
+                        "state": {  # `Key.version_state`
+                            "type": "string",
+                            "enum": ["enabled", "compromised", "retired", "destroyed"],
+                        },
+                        "created_at": _TIME,
+                        "uses": _nullable({"type": "integer", "minimum": 0}),
+                        "last_used": _nullable(_TIME),
+                    },
+                    {"compromised_since": _TIME},
+                )
+            ),
+            "created_at": _TIME,
+        },
+        {
+            "rotation_period": {"type": "string", "pattern": "^[0-9]+s$"},
+            "next_rotation": _TIME,
+            "deletion_date": _TIME,
+        },
+        "a key as `GET /v1/keys/{name}` gives it: each version with its `uses` and "
+        "`last_used` (both null while the store cannot be reached)",
+    ),
+)
+
+_PUBLIC_KEY_FORMS = (  # kmsgate.jwk.public_jwk: the members fixed by the key type, its alg
+    ({"kty": "EC", "crv": "P-256"}, "ES256", ("x", "y")),
+    ({"kty": "EC", "crv": "P-384"}, "ES384", ("x", "y")),
+    ({"kty": "OKP", "crv": "Ed25519"}, "EdDSA", ("x",)),
+    ({"kty": "RSA"}, "PS256", ("n", "e")),
+)
+
+
+def _jwk(use: str, more: Mapping[str, Schema], *, alg: bool) -> Schema:
+    """A public key as `kmsgate.jwk.public_jwk` writes it (without `alg` unless `alg`), with
+    `use` and `more`."""
+    forms = []
+    for fixed, algorithm, numbers in _PUBLIC_KEY_FORMS:
+        members: dict[str, Schema] = {name: {"const": value} for name, value in fixed.items()}
+        if alg:
+            members["alg"] = {"const": algorithm}
+        members |= {number: _B64URL for number in numbers}
+        forms.append(_closed({**members, "use": {"const": use}, **more}))
+    return {"oneOf": forms}
+
+
+JWKS = _component(
+    "Jwks",
+    _closed(
+        {
+            "keys": _array(
+                _jwk(
+                    "sig",
+                    {"kid": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*:v[0-9]+$"}},
+                    alg=True,
+                )
+            )
+        },
+        description="a JWK Set: the key's usable versions, `kid` `<name>:v<version>`",
+    ),
+)
 
 # -- system ----------------------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from kmsgate.api.openapi import PUBLIC, non_json_reply
 from kmsgate.api.replies import (
     CIPHERTEXT,
     DATA_KEY,
+    JWKS,
+    KEY,
     MAC,
     PLAINTEXT,
     SIGNATURE,
@@ -220,7 +222,7 @@ def build_routes() -> tuple[list[Route], APIRouter]:
         )
     router.add_api_route("", create_key, methods=["POST"], status_code=201)
     router.add_api_route("", list_keys, methods=["GET"])
-    router.add_api_route("/{name}", get_key, methods=["GET"])
+    router.add_api_route("/{name}", get_key, methods=["GET"], responses={200: json_reply(KEY)})
     router.add_api_route("/{name}", update_key, methods=["PATCH"])
     router.add_api_route("/{name}/rotate", rotate_key, methods=["POST"])
     router.add_api_route("/{name}/disable", disable_key, methods=["POST"])
@@ -231,7 +233,13 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     router.add_api_route("/{name}/schedule-deletion", schedule_deletion, methods=["POST"])
     router.add_api_route("/{name}/cancel-deletion", cancel_deletion, methods=["POST"])
     router.add_api_route("/{name}/public-key", public_key, methods=["GET"], **non_json_reply(PEM))
-    router.add_api_route("/{name}/jwks.json", jwks, methods=["GET"], openapi_extra=PUBLIC)
+    router.add_api_route(
+        "/{name}/jwks.json",
+        jwks,
+        methods=["GET"],
+        responses={200: json_reply(JWKS)},
+        openapi_extra=PUBLIC,
+    )
     return hot, router
 
 
