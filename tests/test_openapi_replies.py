@@ -9,8 +9,10 @@ from typing import Any
 
 import jsonschema_rs
 import pytest
+from cryptography import x509
 
 from tests.helpers import b64, create_key
+from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate
 
 JSON = "application/json"
 
@@ -124,6 +126,18 @@ def test_a_key_with_every_optional_member_and_the_jwks_of_each_key_type(
         False,
     )
     assert {v["uses"] for v in key["versions"]} == {None}
+
+
+def test_issuance_and_the_trust_bundle(api, admin, replies):
+    """(A renewal, over mTLS only, replies as issuance does: `routes_pki._issued_body`.)"""
+    make_intermediate(api, admin, OfflineRoot())
+    _, csr = leaf_csr(x509.DNSName("web.lab"))
+    issued = replies.call(
+        "POST", "/v1/pki/cas/{ca}/issue", ca="issuing", json={"csr": csr, "profile": "server"}
+    )
+    assert issued["chain"].count("BEGIN CERTIFICATE") == 2
+    bundle = replies.call("GET", "/v1/pki/cas/{ca}/bundle", ca="issuing", token=None)
+    assert [k["crv"] for k in bundle["keys"]] == ["P-256", "P-384"]
 
 
 def test_system_replies(api, admin, replies, monkeypatch):

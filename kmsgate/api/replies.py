@@ -81,6 +81,11 @@ _BOOLEAN: Schema = {"type": "boolean"}
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _VERSION: Schema = {"type": "integer", "minimum": 1}
 _B64URL: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}
+_PEM_CERTIFICATES: Schema = {
+    "type": "string",
+    "pattern": "^-----BEGIN CERTIFICATE-----",
+    "description": "PEM certificates",
+}
 
 # -- key operations: one item's result, or a batch's ----------------------------------------
 
@@ -210,6 +215,36 @@ JWKS = _component(
             )
         },
         description="a JWK Set: the key's usable versions, `kid` `<name>:v<version>`",
+    ),
+)
+
+# -- PKI ---------------------------------------------------------------------------------------
+
+ISSUED = _component(
+    "Issued",
+    _closed(
+        {
+            "certificate": _PEM_CERTIFICATES,
+            "chain": _PEM_CERTIFICATES,
+            "serial": {"type": "string", "pattern": "^[0-9a-f]+$"},
+            "not_after": _TIME,
+        },
+        description="a certificate just issued, its chain (the issuing CA first, root last), "
+        "its serial (lowercase hex) and its end",
+    ),
+)
+SPIFFE_BUNDLE = _component(
+    "SpiffeBundle",
+    _closed(
+        {
+            "keys": _array(
+                _jwk("x509-svid", {"x5c": _array(B64_SCHEMA, min_items=1, max_items=1)}, alg=False),
+                min_items=1,
+            ),
+            "spiffe_sequence": {"type": "integer"},
+            "spiffe_refresh_hint": {"type": "integer", "minimum": 1},
+        },
+        description="a SPIFFE trust bundle: one key per certificate, the CA's own first",
     ),
 )
 

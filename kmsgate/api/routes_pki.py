@@ -14,6 +14,7 @@ from kmsgate.api.bodies import JsonBodyRoute, json_object
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
 from kmsgate.api.fastpath import body_schema, fast_route
 from kmsgate.api.openapi import PUBLIC, non_json_reply
+from kmsgate.api.replies import ISSUED, SPIFFE_BUNDLE, json_reply
 from kmsgate.api.responses import PEM, json_response
 from kmsgate.pki.crl import parse_reason
 from kmsgate.pki.issuer import parse_serial, serial_hex
@@ -46,6 +47,7 @@ def build_routes() -> tuple[list[Route], APIRouter]:
             issue,
             methods=["POST"],
             openapi_extra=body_schema(IssueRequest.model_json_schema()),
+            responses={200: json_reply(ISSUED)},
         ),
         fast_route(
             router,
@@ -71,7 +73,12 @@ def build_routes() -> tuple[list[Route], APIRouter]:
             openapi_extra=PUBLIC,
             response_class=Response,
             responses={
-                200: {"content": {"application/json": {}, PEM: {"schema": {"type": "string"}}}}
+                200: {
+                    "content": {
+                        "application/json": {"schema": SPIFFE_BUNDLE},
+                        PEM: {"schema": {"type": "string"}},
+                    }
+                }
             },
         ),
     ]
@@ -82,7 +89,7 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     router.add_api_route("/certs", list_certs, methods=["GET"])
     router.add_api_route("/certs/{serial}", get_cert, methods=["GET"])
     router.add_api_route("/certs/{serial}/revoke", revoke, methods=["POST"])
-    router.add_api_route("/renew", renew, methods=["POST"])
+    router.add_api_route("/renew", renew, methods=["POST"], responses={200: json_reply(ISSUED)})
     return fast, router
 
 
