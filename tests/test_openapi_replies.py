@@ -150,3 +150,21 @@ def test_system_replies(api, admin, replies, monkeypatch):
     monkeypatch.setattr(api.service.store, "ping", lambda: "the database is unreachable")
     down = replies.call("GET", "/v1/sys/ready", 503, token=None)
     assert (down["code"], down["store"]["ok"]) == ("not_ready", False)
+
+
+def test_grant_replies_pending_active_and_revoked(api, make_token, replies):
+    requester, approver = make_token("dev"), make_token("approver")
+    ask = {
+        "actions": ["decrypt"],
+        "resource": "enc",
+        "duration": "1h",
+        "ticket": "T-1",
+        "reason": "r",
+    }
+    grant = replies.call("POST", "/v1/exceptions", 201, json=ask, token=requester)
+    assert grant["state"] == "pending"
+    path = "/v1/exceptions/{grant_id}"
+    replies.call("GET", path, grant_id=grant["id"])
+    approved = replies.call("POST", path + "/approve", grant_id=grant["id"], token=approver)
+    assert approved["state"] == "active" and approved["approvals"]
+    assert replies.call("DELETE", path, grant_id=grant["id"])["state"] == "revoked"

@@ -16,6 +16,7 @@ from typing import Any
 
 from kmsgate.algorithms import SIGN_ALGORITHMS, KeyType
 from kmsgate.catalogue import KeyState
+from kmsgate.grants import GrantState
 from kmsgate.schemas import B64_SCHEMA
 
 Schema = dict[str, Any]
@@ -304,5 +305,31 @@ VERDICT = _component(
     "PolicyVerdict",
     _closed(
         {"allow": _BOOLEAN, "reasons": _STRINGS, "roles": _STRINGS, "exceptions_used": _STRINGS}
+    ),
+)
+
+# -- JIT exceptions --------------------------------------------------------------------------
+
+GRANT = _component(
+    "Grant",
+    _closed(
+        {
+            "id": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+            "state": _enum(GrantState),
+            "principal": _STRING,
+            "actions": _array(_STRING, min_items=1),
+            "resource": _STRING,
+            "duration": {"type": "integer", "minimum": 1},
+            "ticket": _STRING,
+            "reason": _STRING,
+            "requested_at": _TIME,
+            "pending_until": _TIME,
+            "approvals": _array(_closed({"by": _STRING, "at": _TIME})),
+            "approved_at": _nullable(_TIME),
+            "expires_at": _nullable(_TIME),
+            "revoked_at": _nullable(_TIME),
+            "revoked_by": _nullable(_STRING),
+        },
+        description="a JIT grant; `principal` asked for it, `duration` in seconds",
     ),
 )

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from kmsgate.api.bodies import JsonBodyRoute
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
+from kmsgate.api.replies import GRANT, json_reply
 from kmsgate.api.responses import json_response
 from kmsgate.grants import GrantState
 from kmsgate.schemas import ExceptionCreateRequest
@@ -67,9 +68,16 @@ def list_exceptions(
 def build_router() -> APIRouter:
     """A new application's exception routes."""
     router = APIRouter(prefix=PREFIX, tags=["exceptions"], route_class=JsonBodyRoute)
-    router.add_api_route("", request_exception, methods=["POST"], status_code=201)
+    grant = json_reply(GRANT)
+    router.add_api_route(
+        "", request_exception, methods=["POST"], status_code=201, responses={201: grant}
+    )
     router.add_api_route("", list_exceptions, methods=["GET"])
-    router.add_api_route("/{grant_id}", show_exception, methods=["GET"])
-    router.add_api_route("/{grant_id}", revoke_exception, methods=["DELETE"])
-    router.add_api_route("/{grant_id}/approve", approve_exception, methods=["POST"])
+    router.add_api_route("/{grant_id}", show_exception, methods=["GET"], responses={200: grant})
+    router.add_api_route(
+        "/{grant_id}", revoke_exception, methods=["DELETE"], responses={200: grant}
+    )
+    router.add_api_route(
+        "/{grant_id}/approve", approve_exception, methods=["POST"], responses={200: grant}
+    )
     return router
