@@ -6,6 +6,7 @@ tests/test_crash_loop.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import resource
@@ -23,8 +24,10 @@ import requests
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from kmsgate.api.threads import BackendThreads
 from kmsgate.audit import AuditEvent
 from kmsgate.audit.filesink import RESERVE_BYTES, FileSink
+from kmsgate.errors import BackendUnavailable
 from tests.components import LOOPBACK
 from tests.helpers import b64, create_key, unb64
 from tests.openbao import OpenBaoServer, running_openbao
@@ -256,3 +259,73 @@ def test_a_slow_backend_times_out_without_stalling_other_keys(
             assert took_fast[-1] < 1.0, "the event loop stalled for a backend timeout"
     finally:
         proxy.close()
+
+
+def test_a_hung_backend_never_holds_the_threads_of_another(
+    tmp_path: Path, openbao_server: OpenBaoServer
+) -> None:
+    """One backend stops answering while many requests use it: they hold only that
+    backend's threads (`kmsgate.api.threads`), so a sign with a key of another remote
+    backend still answers at once. Before, they held the whole shared thread pool (40
+    threads) for their backend's timeout, and every blocking backend waited behind them."""
+    proxy = DelayingProxy((LOOPBACK, openbao_server.port))
+    auth = {"token_file": str(token_file(tmp_path, openbao_server.root_token))}
+    backends = {
+        "hung": vault_config(proxy.addr, f"t{secrets.token_hex(4)}-", **auth, timeout=3),
+        "other": vault_config(openbao_server.addr, f"t{secrets.token_hex(4)}-", **auth),
+    }
+    config = tmp_path / "kmsgate.yaml"
+    config.write_text(json.dumps({"backends": {"local": {"type": "softkms"}, **backends}}))
+    try:
+        with running_gateway(tmp_path, "--config", str(config)) as gw:
+            root = {"authorization": f"Bearer {gw.root_token}"}
+
+            def sign(key: str) -> tuple[httpx.Response, float]:
+                started = time.monotonic()
+                url = f"{gw.addr}/v1/keys/{key}/sign"
+                reply = httpx.post(url, json={"input": MESSAGE}, headers=root, timeout=60)
+                return reply, time.monotonic() - started
+
+            for backend in backends:
+                body = {"name": backend, "type": "ecdsa-p256", "purpose": "p", "backend": backend}
+                made = httpx.post(f"{gw.addr}/v1/keys", json=body, headers=root, timeout=TIMEOUT)
+                assert made.status_code == 201, made.text
+                assert sign(backend)[0].status_code == 200
+
+            proxy.delay = 10.0
+            with ThreadPoolExecutor(48) as pool:
+                hung = [pool.submit(sign, "hung") for _ in range(48)]
+                time.sleep(1.0)  # every one of them is waiting on the hung backend by now
+                others = [sign("other") for _ in range(5)]
+                for future in hung:
+                    reply, _ = future.result()
+                    assert reply.status_code == 503, reply.text
+                    assert reply.json()["code"] == "backend_unavailable"
+            assert {reply.status_code for reply, _ in others} == {200}
+            slowest = max(took for _, took in others)
+            assert slowest < 1.0, f"a sign on another backend took {slowest:.2f} s"
+    finally:
+        proxy.delay = 0.0
+        proxy.close()
+
+
+def test_requests_beyond_a_backends_queue_are_refused_at_once() -> None:
+    """With a backend's threads busy and its queue full, the next request is refused
+    (503, Retry-After 1) without waiting; those already queued still run in turn."""
+    release = threading.Event()
+
+    async def scenario() -> list[object]:
+        threads = BackendThreads(threads=1, queue=1)
+        running = asyncio.ensure_future(threads.run("hsm", release.wait, 10))
+        queued = asyncio.ensure_future(threads.run("hsm", lambda: "queued"))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="not keeping up") as refused:
+            await threads.run("hsm", lambda: "refused")
+        assert time.monotonic() - started < 0.1
+        assert refused.value.retry_after == 1
+        assert await threads.run("vault", lambda: "another backend") == "another backend"
+        release.set()
+        return [await running, await queued]
+
+    assert asyncio.run(scenario()) == [True, "queued"]

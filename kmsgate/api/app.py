@@ -19,6 +19,7 @@ from kmsgate.api.fastpath import GatewayApp
 from kmsgate.api.metrics import Metrics, Work
 from kmsgate.api.problems import GatewayMiddleware, RequestIds, install_error_handlers
 from kmsgate.api.responses import JsonResponse
+from kmsgate.api.threads import BackendThreads
 from kmsgate.errors import KmsgateError
 from kmsgate.jobs import Jobs, leader_lock
 from kmsgate.service import Service
@@ -143,6 +144,7 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
     )
     install_docs(app)
     app.state.service = service
+    app.state.backend_threads = BackendThreads()
     fast_routes: list[Route] = []
     app.include(routes_sys.build_router())  # first: health checks stay cheap
     # revocation: the public CRLs and OCSP

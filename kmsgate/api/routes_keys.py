@@ -29,6 +29,7 @@ from kmsgate.api.replies import (
     operation_reply,
 )
 from kmsgate.api.responses import PEM, json_response, operation_response
+from kmsgate.api.threads import BackendThreads
 from kmsgate.errors import InvalidRequest, VerificationFailed
 from kmsgate.schemas import (
     MAX_VERSION,
@@ -171,8 +172,9 @@ def _run(op: HotOperation, service: Service, *args: Any) -> list[Any]:
 
 async def _operation(request: Request, op: HotOperation) -> Response:
     """Authenticate, parse the body (one item or a batch), look the key up once and run
-    `op` on it. Hot path: no dependency injection, raw body parsing; blocking backends go
-    to the thread pool, in-process ones stay on the event loop."""
+    `op` on it. Hot path: no dependency injection, raw body parsing; a blocking backend's
+    calls go to its own threads (`kmsgate.api.threads`), in-process ones stay on the event
+    loop."""
     service, principal, ctx = resolve_caller(request)
     items, batch = parse_operation(
         await json_object(request), op.item_type, service.settings.limits.max_batch
@@ -182,7 +184,10 @@ async def _operation(request: Request, op: HotOperation) -> Response:
     service.gate.admit_key(name)
     target = service.gate.target(name)
     args = (op, service, principal, ctx, target, inputs, batch)
-    if op.threadpool or target.blocking:
+    if target.blocking and target.key is not None:  # one backend: its own threads
+        threads: BackendThreads = request.app.state.backend_threads
+        results = await threads.run(target.key.backend, _run, *args)
+    elif op.threadpool:
         results = await run_in_threadpool(_run, *args)
     else:
         results = _run(*args)
