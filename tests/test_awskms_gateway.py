@@ -583,3 +583,31 @@ def test_adopt_existing_key_and_ed25519_not_offered_by_moto(moto_server):
             backend.mac(hmac_key, b"x", HashName.SHA256)
     finally:
         backend.close()
+
+
+def test_a_kms_key_already_managed_is_not_adopted_under_another_name(aws, moto_server):
+    """Adopting a KMS key that is already a version of a key (kmsgate's own, or adopted
+    before, by ARN or by alias) is a 409: the copy would sign for a key disabled,
+    scheduled for deletion or compromised under its first name."""
+    api, admin = aws
+    own = name()
+    create_key(api, admin, own, "ecdsa-p256")
+    arn = arn_of(api, own, 1)
+    client = moto_server.client()
+    ceremony = client.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+    client.create_alias(
+        AliasName=f"alias/ceremony-{secrets.token_hex(4)}", TargetKeyId=ceremony["Arn"]
+    )
+    alias = client.list_aliases(KeyId=ceremony["KeyId"])["Aliases"][0]["AliasName"]
+    body = {"type": "ecdsa-p256", "purpose": "p", "backend": "aws"}
+    first = api.call(
+        "POST", "/v1/keys", admin, json={**body, "name": name(), "uri": f"awskms:{alias}"}
+    )
+    assert first.status_code == 201, first.text
+    for uri, holder in (
+        (f"awskms:{arn}", own),
+        (f"awskms:{ceremony['Arn']}", first.json()["name"]),
+    ):
+        again = api.call("POST", "/v1/keys", admin, json={**body, "name": name(), "uri": uri})
+        assert again.status_code == 409, again.text
+        assert f"already version 1 of key {holder!r}" in again.json()["detail"]

@@ -900,6 +900,16 @@ def test_deleting_an_adopted_key_never_destroys_the_ceremony_key(hsm: SoftHsm, t
         assert r.json()["state"] == "pending_deletion"
         service = client.app.state.service
         later = datetime.now(UTC) + timedelta(days=8)
+        # while it is a version of `adopted`, neither its URI nor a kmsgate key adopts again
+        r = client.post("/v1/keys", headers=auth, json={**body, "name": "twice", "uri": uri})
+        assert r.status_code == 409, r.text
+        assert "already version 1 of key 'adopted'" in r.json()["detail"]
+        own = {**body, "name": "own", "uri": None}
+        assert client.post("/v1/keys", headers=auth, json=own).status_code == 201
+        own_uri = f"pkcs11:token={token.label};object=own.v1;type=private"
+        r = client.post("/v1/keys", headers=auth, json={**body, "name": "copy", "uri": own_uri})
+        assert r.status_code == 409, r.text
+        assert "already version 1 of key 'own'" in r.json()["detail"]
         assert service.keys.destroy_due(Ctx("t"), later) == ["adopted"]
         assert client.get("/v1/keys/adopted", headers=auth).json()["state"] == "destroyed"
         # the token still holds the ceremony key: it can be adopted again and signs

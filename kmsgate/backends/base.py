@@ -181,6 +181,11 @@ class AdoptCapable(ABC):
         BackendUnavailable, BackendError.
         """
 
+    def key_identity(self, ref: str) -> str:
+        """What names the backend key behind the reference `ref`, whichever kmsgate key
+        version it was recorded for: two references with one identity are one key."""
+        return ref
+
 
 @runtime_checkable
 class RootKeyWrapper(Protocol):

@@ -137,6 +137,7 @@ class Keys:
         else:
             adopter = require_capability(backend, AdoptCapable, "adopt existing keys")  # type: ignore[type-abstract]
             created = adopter.adopt_key(spec, new.uri)
+            self._refuse_managed(adopter, created.ref)
         version = KeyVersion(
             version=1,
             backend_ref=created.ref,
@@ -152,6 +153,21 @@ class Keys:
             if new.uri is None:  # never destroy an adopted key kmsgate did not make
                 backend.destroy(created)
             raise
+
+    def _refuse_managed(self, adopter: AdoptCapable, ref: str) -> None:
+        """Raises Conflict if the backend key behind `ref` is already a version of a key
+        (not destroyed): under a second name, it would go on signing or decrypting for a
+        key disabled, scheduled for deletion or marked compromised under the first."""
+        identity = adopter.key_identity(ref)
+        for key in self.gate.catalogue.all():
+            if key.state is KeyState.DESTROYED:
+                continue
+            for version in key.versions.values():
+                if adopter.key_identity(version.backend_ref) == identity:
+                    raise Conflict(
+                        f"that backend key is already version {version.version} of key "
+                        f"{key.name!r}"
+                    )
 
     def _import(self, new: NewKey) -> Key:
         try:

@@ -148,6 +148,10 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         NotFound, BackendUnavailable, BackendError."""
         return lifecycle.adopt_key(self._kms, spec, uri)
 
+    def key_identity(self, ref: str) -> str:
+        """The KMS key's ARN: a reference is `awskms:<ARN>#<version>`."""
+        return ref.partition("#")[0]
+
     def destroy(self, key: BackendKey) -> None:
         """Schedule the KMS key's deletion (`pending_window_days`) and drop its alias.
 
