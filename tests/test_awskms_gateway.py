@@ -34,11 +34,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from kmsgate.algorithms import SIGN_ALGORITHMS, HashName, KeyType
+from kmsgate.algorithms import SIGN_ALGORITHMS, HashName, KeyType, sign_algorithm
 from kmsgate.backends.awskms import AwsKmsBackend, AwsKmsSettings, sign_plan
-from kmsgate.backends.base import KeySpec
+from kmsgate.backends.base import KeySpec, SignMessage
 from kmsgate.config import BackendSettings
 from kmsgate.errors import (
+    BackendError,
     BackendUnavailable,
     ConfigError,
     DecryptionFailed,
@@ -611,3 +612,25 @@ def test_a_kms_key_already_managed_is_not_adopted_under_another_name(aws, moto_s
         again = api.call("POST", "/v1/keys", admin, json={**body, "name": name(), "uri": uri})
         assert again.status_code == 409, again.text
         assert f"already version 1 of key {holder!r}" in again.json()["detail"]
+
+
+def test_a_key_in_another_region_than_the_backends_is_a_config_error_not_destroyed(
+    aws, moto_server
+):
+    """The backend's `region` changed after its keys were made: AWS answers "not found"
+    for their ARNs, which read as "key destroyed". The gateway says what is wrong."""
+    api, admin = aws
+    key_name = name()
+    create_key(api, admin, key_name, "ecdsa-p256")
+    key = api.service.catalogue.get(key_name)
+    settings = moto_server.backend_settings(region="ap-south-1")
+    elsewhere = AwsKmsBackend.from_config("aws", BackendSettings(**settings))
+    try:
+        message = SignMessage(MESSAGE, sign_algorithm(KeyType.ECDSA_P256, None), False)
+        [refused] = elsewhere.sign_many(key.backend_key(key.versions[1]), [message])
+        assert isinstance(refused, BackendError)
+        assert "is a KMS key in region us-east-1, but backend 'aws' uses region ap-south-1" in (
+            refused.detail
+        )
+    finally:
+        elsewhere.close()

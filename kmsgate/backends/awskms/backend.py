@@ -122,10 +122,18 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         return self._kms.requests
 
     def _check_live(self, key: BackendKey) -> _Material:
-        """The key's material; KeyDestroyed if kmsgate destroyed it, whatever AWS says."""
+        """The key's material. Raises KeyDestroyed if kmsgate destroyed it, whatever AWS
+        says; BackendError if its KMS key is in another region than the backend's (AWS
+        would answer "not found", and the key would look destroyed)."""
         material = _Material.load(key)
         if key.ref in self._destroyed:
             raise KeyDestroyed(f"version {key.version} of {key.name!r} was destroyed")
+        region = material.arn.split(":")[3]
+        if region != self._kms.region:
+            raise BackendError(
+                f"version {key.version} of {key.name!r} is a KMS key in region {region}, but "
+                f"backend {self.name!r} uses region {self._kms.region}: correct its `region`"
+            )
         return material
 
     # -- keys -------------------------------------------------------------------------------

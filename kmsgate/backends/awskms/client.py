@@ -87,6 +87,8 @@ class _KmsClient:
         }
         self._lock = threading.Lock()
         self.requests = 0
+        self.region: str = self._client.meta.region_name
+        """The region requests go to (`region`, else the profile's or AWS_REGION)."""
         """Requests sent, tries included (`AwsKmsBackend.requests`)."""
 
     @staticmethod
