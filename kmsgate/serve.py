@@ -6,15 +6,17 @@ settings given as flags are passed on as `KMSGATE_*` variables.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +141,7 @@ def serve(
         if workers == 1:
             app = create_app(service, _leader_jobs(service, settings))
             in_process = uvicorn.Config(_long_lived(app, settings), log_level=log_level, **options)
-            uvicorn.Server(in_process).run(sockets=[sock])
+            _Server(in_process).run(sockets=[sock])
             return
         service.close()
         os.environ.update(
@@ -165,6 +167,18 @@ def serve(
             Multiprocess(per_worker, sockets=[sock]).run()
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which exits 0 after a graceful shutdown on SIGTERM, as the
+    supervisor of several workers does (uvicorn raises the signal again once it has shut
+    down, and the process died of it: exit status 143)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
 def _refuse_plain_http_off_loopback(settings: Settings) -> None:

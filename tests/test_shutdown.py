@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from kmsgate.audit import AuditFile
 from tests.test_cli import running_gateway
@@ -18,10 +19,14 @@ from tests.test_cli import running_gateway
 MESSAGE = "aGVsbG8="
 
 
-def test_sigterm_drains_in_flight_requests_and_keeps_every_record(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_drains_in_flight_requests_and_keeps_every_record(
+    tmp_path: Path, workers: str
+) -> None:
+    """One worker (in the serving process) or several (under a supervisor): the same."""
     answered: list[int] = []
     lock = threading.Lock()
-    with running_gateway(tmp_path, "--workers", "2") as gw:
+    with running_gateway(tmp_path, "--workers", workers) as gw:
         assert gw.process is not None
         root = {"authorization": f"Bearer {gw.root_token}"}
         body = {"name": "drained", "type": "ecdsa-p256", "purpose": "p"}

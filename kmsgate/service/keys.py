@@ -165,8 +165,7 @@ class Keys:
             for version in key.versions.values():
                 if adopter.key_identity(version.backend_ref) == identity:
                     raise Conflict(
-                        f"that backend key is already version {version.version} of key "
-                        f"{key.name!r}"
+                        f"that backend key is already version {version.version} of key {key.name!r}"
                     )
 
     def _import(self, new: NewKey) -> Key:
