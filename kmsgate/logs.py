@@ -68,13 +68,21 @@ access log is off: `kmsgate.requests` has a line per request)."""
 
 def configure(level: str) -> None:
     """Send the `kmsgate` loggers to stderr as JSON lines at `level` (debug, info, warning,
-    error). Idempotent. Raises ConfigError for another level."""
+    error), and the other libraries' warnings and errors too. Idempotent. Raises
+    ConfigError for another level."""
     if level.lower() not in LEVELS:
         raise ConfigError(f"log level {level!r}: use one of {', '.join(LEVELS)}")
     logger = logging.getLogger("kmsgate")
     logger.setLevel(level.upper())
+    _to_stderr_as_json(logger)
+    logger.propagate = False
+    # the libraries' warnings and errors (SQLAlchemy's pool losing a connection, say), which
+    # Python would otherwise print as plain text with a traceback
+    _to_stderr_as_json(logging.getLogger())
+
+
+def _to_stderr_as_json(logger: logging.Logger) -> None:
     if not any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
         logger.addHandler(handler)
-    logger.propagate = False

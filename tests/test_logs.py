@@ -8,6 +8,8 @@ import contextvars
 import io
 import json
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -130,3 +132,28 @@ def test_a_scrape_sums_the_requests_of_every_worker(tmp_path: Path) -> None:
                 if s.name.endswith("_count") and s.labels == {"operation": "sign"}
             ]
             assert count == 40
+
+
+def test_a_librarys_error_is_a_json_line_without_its_text_or_traceback() -> None:
+    """SQLAlchemy's pool logs a lost connection with its traceback; Python printed it as
+    plain text (28 lines per outage). It is one JSON line naming the error type only."""
+    program = (
+        "import logging\n"
+        "from kmsgate.logs import configure\n"
+        "configure('warning')\n"
+        "try:\n"
+        "    raise ConnectionError('server at 10.0.0.5 said: password authentication failed')\n"
+        "except ConnectionError:\n"
+        "    logging.getLogger('sqlalchemy.pool.impl.QueuePool').error(\n"
+        "        'Exception during reset or similar', exc_info=True)\n"
+        "logging.getLogger('some.library').info('not shown at warning')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=30, check=True
+    )
+    (line,) = done.stderr.splitlines()
+    record = json.loads(line)
+    assert record["logger"] == "sqlalchemy.pool.impl.QueuePool"
+    assert record["message"] == "Exception during reset or similar"
+    assert record["error"] == "ConnectionError" and record["level"] == "error"
+    assert "password" not in line and "10.0.0.5" not in line
