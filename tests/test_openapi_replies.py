@@ -180,6 +180,9 @@ def test_system_replies(api, admin, replies, monkeypatch):
     query = {"principal": {"id": "x", "roles": ["admin"]}, "action": "sign"}
     assert replies.call("POST", "/v1/sys/policy/evaluate", json=query)["allow"] is True
     monkeypatch.setattr(api.service.store, "ping", lambda: "the database is unreachable")
+    degraded = replies.call("GET", "/v1/sys/ready", token=None)
+    assert (degraded["status"], degraded["store"]["ok"]) == ("degraded", False)
+    monkeypatch.setattr(api.service.gate.freshness, "stale", lambda: True)
     down = replies.call("GET", "/v1/sys/ready", 503, token=None)
     assert (down["code"], down["store"]["ok"]) == ("not_ready", False)
 

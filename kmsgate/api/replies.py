@@ -255,13 +255,14 @@ HEALTH = _component("Health", _closed({"status": {"const": "ok"}}))
 
 
 def _readiness(ready: bool) -> Schema:
-    """`/v1/sys/ready`'s reply: when `ready` (200) every part is ok, else (503) one at least
-    is not, and `code` and `detail` say which, as a problem's would."""
+    """`/v1/sys/ready`'s reply: when `ready` (200) every part is ok, but the store when the
+    status is `degraded` (the caches serve key operations meanwhile); else (503) one at
+    least is not, and `code` and `detail` say which, as a problem's would."""
     ok = {"const": True} if ready else _BOOLEAN
     part = _closed({"ok": ok, "detail": _STRING})
     members = {
-        "status": {"const": "ok" if ready else "unavailable"},
-        "store": part,
+        "status": {"enum": ["ok", "degraded"]} if ready else {"const": "unavailable"},
+        "store": _closed({"ok": _BOOLEAN, "detail": _STRING}),
         "audit": part,
         "backends": {
             "type": "object",

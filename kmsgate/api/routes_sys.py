@@ -25,24 +25,31 @@ async def health() -> Response:
 
 
 def ready(service: ServiceDep) -> Response:
-    """Readiness: 200 when the store and every configured backend answer, the caches
-    follow the store (not stale: key operations would be refused) and the audit log takes
-    records (else every operation is refused), else 503."""
+    """Readiness: 200 when every configured backend answers, the audit log takes records
+    (else every operation is refused) and the caches follow the store; also while the store
+    cannot be reached but the caches may still serve key operations (`max_staleness_seconds`:
+    every replica shares the store, and leaving them all out of rotation would refuse what
+    they can still do), with status `degraded`; else 503."""
     backends = {
         name: {"type": backend.scheme, "ok": status.ok, "detail": status.detail}
         for name, backend in service.registry.items()
         for status in [backend.status()]
     }
-    problem = service.store.ping()
-    if problem is None and service.gate.freshness.stale():
+    problem, stale = service.store.ping(), service.gate.freshness.stale()
+    if problem is None and stale:
         problem = "the caches have not followed the store yet"
+    degraded = problem is not None and not stale
+    if degraded:
+        problem = f"{problem}; key operations go on from the caches for now"
     store = {"ok": problem is None, "detail": problem or "ok"}
     refused = service.audit.problem()
     audit = {"ok": refused is None, "detail": refused or "ok"}
-    parts = {"store": store, "audit": audit, **{f"backend {n}": b for n, b in backends.items()}}
+    parts = {"audit": audit, **{f"backend {n}": b for n, b in backends.items()}}
+    if not degraded:
+        parts["store"] = store
     down = [f"{part}: {state['detail']}" for part, state in parts.items() if not state["ok"]]
     body: dict[str, object] = {
-        "status": "unavailable" if down else "ok",
+        "status": "unavailable" if down else "degraded" if degraded else "ok",
         "store": store,
         "audit": audit,
         "backends": backends,
