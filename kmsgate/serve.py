@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from rich.console import Console
+from sqlalchemy.engine import make_url
 from uvicorn.supervisors import Multiprocess
 
 from kmsgate.api.app import create_app
@@ -134,9 +135,12 @@ def serve(
             )
         options: dict[str, Any] = {**SERVER_OPTIONS, "ssl_context_factory": server_tls}
         scheme = "https" if server_tls else "http"
+        store = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
         console.print(
-            f"kmsgate listening on {scheme}://{settings.host}:{settings.port} (env {settings.env})",
+            f"kmsgate listening on {scheme}://{settings.host}:{settings.port} "
+            f"(env {settings.env}, store {store})",
             highlight=False,
+            soft_wrap=True,
         )
         if workers == 1:
             app = create_app(service, _leader_jobs(service, settings))
