@@ -5,12 +5,17 @@ Against a real gateway with two workers."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from kmsgate.policy import PolicyEngine
+from kmsgate.policy.follower import PolicyFollower
+from kmsgate.store import Store
 from tests.test_cli import assert_one_line_error, run_cli, running_gateway
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"
@@ -92,3 +97,35 @@ def test_a_reload_reaches_every_worker_and_a_bad_bundle_changes_nothing(tmp_path
         assert again.rc == 0 and again.out.strip() == after, str(again)
         # a refused bundle's engine was dropped on the thread that made it, not another
         assert "unsendable" not in gw.output.read_text()
+
+
+def test_a_process_with_other_policy_files_than_the_announced_ones_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two replicas on one store, the second started with one more rule: it warns at start
+    (another process announced another digest), and again after following a reload whose
+    files it does not have; a replica with the same files says nothing."""
+    store = Store(f"sqlite:///{tmp_path / 'kmsgate.db'}")
+    store.migrate()
+    same, other = tmp_path / "same", tmp_path / "other"
+    for directory in (same, other):
+        shutil.copytree(SHIPPED, directory)
+    (other / "extra.rego").write_text(FROZEN)
+    try:
+        first = PolicyFollower(store, PolicyEngine.load(same))
+        first.announce(first._policy.digest)
+        with caplog.at_level(logging.WARNING, logger="kmsgate.policy"):
+            PolicyFollower(store, PolicyEngine.load(same))
+            assert not caplog.records
+            odd = PolicyFollower(store, PolicyEngine.load(other))
+        (warning,) = caplog.records
+        assert "another process announced" in warning.getMessage()
+        assert odd._policy.digest in warning.getMessage()
+        caplog.clear()
+        (same / "viewer.rego").write_text(VIEWER)
+        first.announce(first._policy.reload())
+        with caplog.at_level(logging.WARNING, logger="kmsgate.policy"):
+            odd.refresh()
+        assert [r.getMessage().count("needs the same policy files") for r in caplog.records] == [1]
+    finally:
+        store.close()
