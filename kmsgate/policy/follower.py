@@ -49,8 +49,9 @@ class PolicyFollower(StoreMirror):
         other policy files, a rollout half done)."""
         if announced is not None and announced != self._policy.digest:
             log.warning(
-                "this process's policy files give %s, but another process announced %s: "
-                "every worker and replica needs the same policy files",
+                "this process's policy files give %s, but the last reload announced (by "
+                "another process, or before a restart) gave %s: every worker and replica "
+                "needs the same policy files; a reload makes every process read its own again",
                 self._policy.digest,
                 announced,
             )
