@@ -276,11 +276,16 @@ def _after_final(marks: Sequence[_Mark], count: int) -> tuple[int, str] | None:
 def _anchor_problem(hashes: Sequence[str], anchor: AuditAnchor) -> tuple[int, str] | None:
     seq = anchor.record_seq
     last_line = max(len(hashes), 1)
+    # the store keeps one last checkpoint per replica id and chain: two gateways configured
+    # with one `replica_id` overwrite each other's, and each log then looks cut or rewritten
+    shared = f", or another gateway writes with replica_id {anchor.replica!r}"
     if seq > len(hashes):
         return last_line, (
             f"record {len(hashes)}: log ends at seq {len(hashes)} but the store's last "
-            f"checkpoint is record {seq} (records deleted from the end)"
+            f"checkpoint is record {seq} (records deleted from the end{shared})"
         )
     if hashes[seq - 1] != anchor.record_hash:
-        return seq, f"record {seq}: does not match the store's last checkpoint (rewritten)"
+        return seq, (
+            f"record {seq}: does not match the store's last checkpoint (rewritten{shared})"
+        )
     return None
