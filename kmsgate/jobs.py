@@ -55,6 +55,10 @@ class LeaderLock(ABC):
     def release(self) -> None:
         """Give the lock up (no-op if not held)."""
 
+    @abstractmethod
+    def close(self) -> None:
+        """Release the lock and what holds it (a connection, a file); at shutdown."""
+
 
 class PostgresLeaderLock(LeaderLock):
     """`pg_try_advisory_lock` on a dedicated autocommit connection."""
@@ -174,20 +178,29 @@ class Jobs:
         self._run_frequent(now)
         return True
 
+    def close(self) -> None:
+        """Release the leader lock (at shutdown), saying so if this process led."""
+        self._lock.close()
+        self._now_leads(False)
+
     def _lead(self) -> bool:
-        """Take (or keep) the leader lock; whether this process leads. A change is logged,
-        so that an operator can tell which process runs the jobs."""
-        led, self._led = self._led, self._lock.acquire()
-        if self._led != led:
+        """Take (or keep) the leader lock; whether this process leads."""
+        self._now_leads(self._lock.acquire())
+        return self._led
+
+    def _now_leads(self, led: bool) -> None:
+        """Record whether this process leads; a change is logged, so that an operator can
+        tell which process runs the jobs."""
+        if led != self._led:
             replica = self._service.settings.resolved_replica_id()
-            state = "now leads" if self._led else "no longer leads"
+            state = "now leads" if led else "no longer leads"
             log.info(
                 "this process (replica %s, pid %d) %s the scheduled jobs",
                 replica,
                 os.getpid(),
                 state,
             )
-        return self._led
+        self._led = led
 
     def _run_frequent(self, now: datetime | None) -> None:
         _guarded("revocation publishing", self._service.revocation.publish_due, SCHEDULER, now)

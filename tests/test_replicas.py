@@ -139,10 +139,8 @@ def test_a_due_key_is_destroyed_by_exactly_one_of_four_processes(
             start.wait(timeout=10)
             led.append(jobs.run_due(later))
 
-        threads = [
-            threading.Thread(target=tick, args=(Jobs(service, lock),))
-            for service, lock in zip(services, locks, strict=True)
-        ]
+        schedulers = [Jobs(service, lock) for service, lock in zip(services, locks, strict=True)]
+        threads = [threading.Thread(target=tick, args=(jobs,)) for jobs in schedulers]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -158,6 +156,17 @@ def test_a_due_key_is_destroyed_by_exactly_one_of_four_processes(
         again = [Jobs(s, lock).run_due(later) for s, lock in zip(services, locks, strict=True)]
         assert sorted(again) == [False, False, False, True]
         assert len(destroyed) == 2
+        # the leader stops (its shutdown): it says so, and another process takes over
+        caplog.clear()
+        leader = schedulers[again.index(True)]
+        leader.close()
+        rest = [jobs for jobs in schedulers if jobs is not leader]
+        assert sorted(jobs.run_due(later) for jobs in rest) == [False, False, True]
+        changes = [r.getMessage() for r in caplog.records if "the scheduled jobs" in r.getMessage()]
+        assert [m.split(") ")[1] for m in changes] == [
+            "no longer leads the scheduled jobs",
+            "now leads the scheduled jobs",
+        ]
     finally:
         for lock in locks:
             lock.close()

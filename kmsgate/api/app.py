@@ -115,9 +115,9 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        lock = leader_lock(service.settings.resolved_database_url())
+        jobs = Jobs(service, leader_lock(service.settings.resolved_database_url()), leader_jobs)
         metrics: Metrics = app.state.metrics
-        refresher = CacheRefresher(service, Jobs(service, lock, leader_jobs), metrics.snapshot)
+        refresher = CacheRefresher(service, jobs, metrics.snapshot)
         refresher.start()
         deadlines.start()
         try:
@@ -125,7 +125,7 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
         finally:
             await deadlines.stop()
             refresher.stop()
-            lock.close()
+            jobs.close()
             service.close()
 
     deadlines = BodyDeadlines(service.settings.limits.body_read_seconds)
