@@ -296,7 +296,7 @@ JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
 no HMAC, whose secret a public key could be passed off as)."""
 
 
-def _problems(exc: ValidationError) -> str:
+def validation_problems(exc: ValidationError) -> str:
     """Each problem as `where: what`, on one line, without the values given (a value may be
     a secret: a PIN, a token)."""
     return "; ".join(
@@ -306,19 +306,48 @@ def _problems(exc: ValidationError) -> str:
     )
 
 
-def _trusted_fetch_url(url: str) -> bool:
-    """Whether `url` is https://, or http:// to a loopback host."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return True
-    if parts.scheme != "http" or not parts.hostname:
-        return False
-    if parts.hostname == "localhost":
-        return True
+def is_loopback_host(host: str, *, resolve: bool = False) -> bool:
+    """Whether `host` is a loopback address (127.0.0.0/8, ::1) or `localhost`.
+
+    With `resolve`, another name counts when every address it resolves to is loopback (for
+    an address kmsgate binds at once; a URL kept for later calls is judged by its text, not
+    by what its name resolves to today)."""
+    host = host.strip("[]")
     try:
-        return ipaddress.ip_address(parts.hostname).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        pass
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    if not resolve:
         return False
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def https_or_loopback(url: str) -> bool:
+    """Whether `url` is https://, or http:// to a loopback host (see `is_loopback_host`): what
+    kmsgate accepts for a service it sends secrets, keys or plaintext to."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return False
+    if parts.scheme == "https":
+        return True
+    return parts.scheme == "http" and is_loopback_host(parts.hostname)
+
+
+def plain_http_refused(url: str, what: str) -> str:
+    """The one-line reason for refusing `url` (which failed `https_or_loopback`), naming its
+    host but no user info that the URL may carry."""
+    host = urlsplit(url).hostname or "?"
+    return (
+        f"refusing plain http:// to {host}, which is not a loopback address: {what} would "
+        "cross the network in cleartext; use https:// (http:// is for 127.0.0.1, ::1 or "
+        "localhost only)"
+    )
 
 
 RESERVED_ISSUER_NAMES = frozenset({"token", "local", "cn", "spiffe", "system"})
@@ -355,7 +384,7 @@ class OidcIssuer(BaseModel):
             raise ValueError(f"oidc issuer {self.name}: give exactly one of jwks_file, jwks_url")
         if self.jwks_file is not None and not self.jwks_file.is_file():
             raise ValueError(f"oidc issuer {self.name}: jwks_file {self.jwks_file} is no file")
-        if self.jwks_url is not None and not _trusted_fetch_url(self.jwks_url):
+        if self.jwks_url is not None and not https_or_loopback(self.jwks_url):
             raise ValueError(
                 f"oidc issuer {self.name}: jwks_url must be https://, or http:// to a loopback "
                 f"address (got {self.jwks_url[:100]!r})"
@@ -551,7 +580,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     try:
         layered = KmsgateSettings(**init_values)
     except ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {_problems(exc)}") from None
+        raise ConfigError(f"invalid configuration: {validation_problems(exc)}") from None
     except ValueError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
     if layered.dev:

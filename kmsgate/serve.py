@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import ipaddress
 import os
 import shutil
 import signal
@@ -29,7 +28,14 @@ from uvicorn.supervisors import Multiprocess
 from kmsgate.api.app import create_app
 from kmsgate.api.metrics import SNAPSHOT_DIR_ENV
 from kmsgate.bootstrap import build_service, ensure_root_token, prepare_dev_data_dir
-from kmsgate.config import ROOT_TOKEN_FILE, Settings, dev_data_dir, dev_tls, load_settings
+from kmsgate.config import (
+    ROOT_TOKEN_FILE,
+    Settings,
+    dev_data_dir,
+    dev_tls,
+    is_loopback_host,
+    load_settings,
+)
 from kmsgate.errors import ConfigError
 from kmsgate.http_protocol import HttpToolsOneWrite
 from kmsgate.logs import LEVEL_ENV, UVICORN_LOG_CONFIG
@@ -191,25 +197,12 @@ def _refuse_plain_http_off_loopback(settings: Settings) -> None:
     tls = settings.tls
     if tls is not None and (tls.serves_https or tls.trusted_proxies):
         return
-    if not _is_loopback(settings.host):
+    if not is_loopback_host(settings.host, resolve=True):
         raise ConfigError(
             f"refusing to serve plain HTTP on {settings.host}, which is not a loopback "
             "address: configure `tls` (a certificate, or `tls.ca`), or terminate TLS in a "
             "proxy named in `tls.trusted_proxies`"
         )
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether every address `host` names is a loopback address."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
 def _listen(host: str, port: int) -> socket.socket:

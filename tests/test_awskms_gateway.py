@@ -527,6 +527,38 @@ def test_config_errors_name_fields_not_values():
         )
 
 
+@pytest.mark.parametrize(
+    ("endpoint_url", "accepted"),
+    [
+        ("http://10.1.2.3:5000", False),
+        ("http://localstack:4566", False),
+        ("http://127.0.0.1:5000", True),
+        ("http://[::1]:5000", True),
+        ("http://localhost:4566", True),
+        ("https://kms.eu-west-1.amazonaws.com", True),
+        ("https://vpce-0123.kms.eu-west-1.vpce.amazonaws.com", True),
+    ],
+)
+def test_plain_http_endpoint_only_on_loopback(endpoint_url, accepted):
+    """SigV4 keeps the secret key off the wire, but plaintext and data keys are not: an
+    http:// endpoint_url must be a loopback one (moto, LocalStack on this host)."""
+    cfg = BackendSettings(
+        type="awskms",
+        region="us-east-1",
+        endpoint_url=endpoint_url,
+        access_key_id="test",
+        secret_access_key="s3cr3t",
+    )
+    if accepted:
+        AwsKmsBackend.from_config("aws", cfg).close()
+        return
+    with pytest.raises(
+        ConfigError, match=r"endpoint_url: refusing plain http://.*https://"
+    ) as info:
+        AwsKmsBackend.from_config("aws", cfg)
+    assert "s3cr3t" not in str(info.value)
+
+
 def test_unreachable_endpoint_is_503_and_status_not_ok():
     from tests.components import free_port
 

@@ -15,7 +15,7 @@ from kmsgate.bootstrap import (
     ensure_root_token,
     prepare_dev_data_dir,
 )
-from kmsgate.config import load_settings
+from kmsgate.config import https_or_loopback, is_loopback_host, load_settings
 from kmsgate.errors import ConfigError
 
 
@@ -152,3 +152,31 @@ def test_a_settings_error_is_one_line_and_never_repeats_the_value(tmp_path):
     message = str(refused.value)
     assert "\n" not in message and "s3cr3t" not in message and "pydantic" not in message
     assert "limits.max_body_bytes:" in message and "env:" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "trusted"),
+    [
+        ("https://kms.example", True),
+        ("http://127.0.0.1:8200", True),
+        ("http://127.9.9.9", True),
+        ("http://[::1]:8200/v1", True),
+        ("http://LOCALHOST:8200", True),
+        ("http://localhost.:8200", True),
+        ("http://10.1.2.3:8200", False),
+        ("http://[::2]:8200", False),
+        ("http://localhost.evil.example", False),
+        ("http://0.0.0.0:8200", False),
+        ("ftp://127.0.0.1", False),
+        ("https://", False),
+    ],
+)
+def test_https_or_loopback(url, trusted):
+    """One rule for every outbound URL that carries secrets (Vault, AWS KMS, JWKS)."""
+    assert https_or_loopback(url) is trusted
+
+
+def test_is_loopback_host_resolves_names_only_when_asked():
+    assert is_loopback_host("::1") and is_loopback_host("[::1]") and is_loopback_host("localhost")
+    assert not is_loopback_host("0.0.0.0", resolve=True)
+    assert not is_loopback_host("nonexistent.invalid", resolve=True)

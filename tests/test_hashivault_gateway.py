@@ -690,6 +690,56 @@ def test_config_errors_never_echo_secrets(extra, message):
     assert "SECRET-VALUE" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "http://10.1.2.3:8200",
+        "http://vault.example:8200",
+        "http://[2001:db8::1]:8200",
+        "http://localhost.example:8200",
+    ],
+)
+def test_plain_http_to_a_non_loopback_host_is_refused(addr):
+    """Every Vault request carries the token: http:// only to a loopback host."""
+    cfg = {"type": "hashivault", "addr": addr, "token": "s.SECRET-VALUE"}
+    with pytest.raises(ConfigError, match=r"addr: refusing plain http://.*use https://") as caught:
+        HashiVaultBackend.from_config("vault", BackendSettings(**cfg))
+    assert "SECRET-VALUE" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "http://127.0.0.1:8200",
+        "http://127.1.2.3:8200",
+        "http://[::1]:8200",
+        "http://localhost:8200",
+        "https://10.1.2.3:8200",
+        "https://vault.example:8200",
+    ],
+)
+def test_https_or_plain_http_to_loopback_is_accepted(addr):
+    backend = HashiVaultBackend.from_config(
+        "vault", BackendSettings(type="hashivault", addr=addr, token="s.not-used")
+    )
+    backend.close()
+
+
+def test_cli_refuses_plain_http_vault_with_a_one_line_error(tmp_path):
+    from tests.test_cli import assert_one_line_error, clean_env, run_cli
+
+    config = tmp_path / "kmsgate.yaml"
+    config.write_text(
+        'backends:\n  vault: {type: hashivault, addr: "http://10.1.2.3:8200", token: s.x}\n'
+    )
+    data_dir = tmp_path / "d"
+    refused = run_cli(
+        ("serve", "--dev", "--data-dir", str(data_dir), "--config", str(config)), clean_env()
+    )
+    assert_one_line_error(refused, "backend 'vault'", "refusing plain http:// to 10.1.2.3", rc=2)
+
+
 # --------------------------------------------------------------------------------------------
 # natural batching (coalescing of concurrent calls)
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from kmsgate.backends.base import (
     WrapCapable,
     signed_so_far,
 )
-from kmsgate.config import BackendSettings
+from kmsgate.config import BackendSettings, validation_problems
 from kmsgate.errors import (
     BackendError,
     ConfigError,
@@ -104,16 +104,12 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
 
     @classmethod
     def from_config(cls, name: str, cfg: BackendSettings) -> AwsKmsBackend:
-        """Raises ConfigError for invalid settings (the message names fields, not values)."""
+        """Raises ConfigError for invalid settings (the message never repeats a value)."""
         try:
             settings = AwsKmsSettings.model_validate(cfg.model_extra or {})
         except ValidationError as exc:
-            fields = sorted({".".join(str(p) for p in e["loc"]) or "-" for e in exc.errors()})
-            msgs = "; ".join(e["msg"] for e in exc.errors() if not e["loc"])
-            raise ConfigError(
-                f"backend {name!r} (awskms): invalid settings: {', '.join(fields)}"
-                + (f" ({msgs})" if msgs else "")
-            ) from None
+            problems = validation_problems(exc)
+            raise ConfigError(f"backend {name!r} (awskms): {problems}") from None
         return cls(name, settings)
 
     @property

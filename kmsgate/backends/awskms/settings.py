@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from kmsgate.backends.awskms.specs import _CONTEXT_PREFIX
+from kmsgate.config import https_or_loopback, plain_http_refused
 
 _ALIAS_PREFIX = re.compile(r"^alias/[A-Za-z0-9/_-]*/$")
 
@@ -45,7 +46,9 @@ class AwsKmsSettings(BaseModel):
     region: str | None = Field(default=None, pattern=r"^[a-z0-9-]{1,32}$")
     profile: str | None = None
     endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/.*)?$")
-    """A VPC endpoint, FIPS endpoint, LocalStack or moto; AWS's public endpoint if unset."""
+    """A VPC endpoint, FIPS endpoint, LocalStack or moto; AWS's public endpoint if unset.
+    `http://` only to a loopback host: SigV4 keeps the secret key off the wire, but requests
+    and replies carry plaintext (encrypt, decrypt, data keys)."""
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
     session_token: SecretStr | None = None
@@ -71,6 +74,13 @@ class AwsKmsSettings(BaseModel):
     retry_after: int = Field(default=1, ge=1)
     """Retry-After (seconds) sent with a 503 after the retries are spent."""
     rate_limits: RateLimits = Field(default_factory=RateLimits)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _https_off_loopback(cls, url: str | None) -> str | None:
+        if url is not None and not https_or_loopback(url):
+            raise ValueError(plain_http_refused(url, "plaintext and data keys"))
+        return url
 
     @model_validator(mode="after")
     def _credentials(self) -> AwsKmsSettings:

@@ -51,7 +51,7 @@ from kmsgate.backends.hashivault.transit import (
     _strip_prefix,
     _unb64,
 )
-from kmsgate.config import BackendSettings
+from kmsgate.config import BackendSettings, validation_problems
 from kmsgate.errors import (
     BackendError,
     ConfigError,
@@ -107,10 +107,7 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
         try:
             settings = HashiVaultSettings.model_validate(cfg.model_extra or {})
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-                for err in exc.errors(include_input=False, include_url=False)
-            )
+            problems = validation_problems(exc)
             raise ConfigError(f"backend {name!r} (hashivault): {problems}") from None
         return cls(name, settings)
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from kmsgate.backends.hashivault.transit import _MOUNT, _SEGMENT
+from kmsgate.config import https_or_loopback, plain_http_refused
 
 
 class AppRoleAuth(BaseModel):
@@ -44,7 +45,8 @@ class HashiVaultSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     addr: str = Field(pattern=r"^https?://[^\s/]+(/.*)?$")
-    """Vault address, `https://vault.example:8200` (`http://` only for loopback tests)."""
+    """Vault address, `https://vault.example:8200`; `http://` only to a loopback host (tests),
+    as every request carries the Vault token (and plaintext, for encrypt and decrypt)."""
     namespace: str | None = None
     ca_cert: Path | None = None
     """CA bundle (PEM) that signed Vault's TLS certificate; the system store if unset."""
@@ -70,6 +72,13 @@ class HashiVaultSettings(BaseModel):
     max_connections: int = Field(default=32, ge=1)
     retry_after: int = Field(default=5, ge=1)
     """Retry-After (seconds) sent with a 503 when Vault is down or sealed."""
+
+    @field_validator("addr")
+    @classmethod
+    def _https_off_loopback(cls, addr: str) -> str:
+        if not https_or_loopback(addr):
+            raise ValueError(plain_http_refused(addr, "the Vault token"))
+        return addr
 
     @model_validator(mode="after")
     def _one_auth_method(self) -> HashiVaultSettings:
