@@ -580,6 +580,53 @@ def test_unreachable_endpoint_is_503_and_status_not_ok():
         backend.close()
 
 
+@pytest.mark.parametrize(
+    ("key_spec", "key_usage", "key_type", "message"),
+    [
+        (
+            "ECC_NIST_P256",
+            "SIGN_VERIFY",
+            KeyType.ECDSA_P384,
+            "the AWS KMS key is ECC_NIST_P256, not ecdsa-p384 (ECC_NIST_P384)",
+        ),
+        (
+            "SYMMETRIC_DEFAULT",
+            "ENCRYPT_DECRYPT",
+            KeyType.ECDSA_P256,
+            "the AWS KMS key is SYMMETRIC_DEFAULT, not ecdsa-p256 (ECC_NIST_P256)",
+        ),
+        (
+            "RSA_3072",
+            "ENCRYPT_DECRYPT",
+            KeyType.RSA_3072,
+            "the AWS KMS key is RSA_3072 for ENCRYPT_DECRYPT, not for SIGN_VERIFY as rsa-3072 "
+            "needs",
+        ),
+    ],
+)
+def test_adopting_a_key_of_another_type_names_both_types(
+    moto_server, key_spec, key_usage, key_type, message
+):
+    backend = AwsKmsBackend(
+        "aws",
+        AwsKmsSettings(
+            region="us-east-1",
+            endpoint_url=moto_server.endpoint,
+            access_key_id="testing",
+            secret_access_key="testing",
+        ),
+    )
+    try:
+        arn = moto_server.client().create_key(KeySpec=key_spec, KeyUsage=key_usage)["KeyMetadata"][
+            "Arn"
+        ]
+        with pytest.raises(InvalidRequest) as refused:
+            backend.adopt_key(KeySpec("k", 1, key_type), f"awskms:{arn}")
+        assert str(refused.value.detail) == message
+    finally:
+        backend.close()
+
+
 def test_adopt_existing_key_and_ed25519_not_offered_by_moto(moto_server):
     settings = AwsKmsSettings(
         region="us-east-1",

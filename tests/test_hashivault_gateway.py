@@ -546,7 +546,7 @@ def test_wrapping_key_for_auto_unseal_survives_transit_rotation(openbao_server, 
             backend.unwrap(later, wrapped, b"another purpose")
         with pytest.raises(NotFound):
             backend.wrapping_key(f"{prefix}missing")
-        with pytest.raises(InvalidRequest):
+        with pytest.raises(InvalidRequest, match="is ecdsa-p256, not a non-exportable aes256"):
             backend.wrapping_key(f"{prefix}not-aes")
     finally:
         backend.close()

@@ -354,9 +354,30 @@ def test_adopt_own_secret_keys(backend, key_of):
 @pytest.mark.parametrize(
     ("uri", "key_type", "error", "message"),
     [
-        ("pkcs11:object=cer-ec", KeyType.ECDSA_P384, InvalidRequest, "not on the curve"),
-        ("pkcs11:object=cer-ec", KeyType.RSA_3072, InvalidRequest, "not a rsa-3072 key"),
-        ("pkcs11:object=cer-ec", KeyType.ED25519, InvalidRequest, "not a ed25519 key"),
+        (
+            "pkcs11:object=cer-ec",
+            KeyType.ECDSA_P384,
+            InvalidRequest,
+            r"^the key on the token is an EC key on secp256r1, not ecdsa-p384 \(EC on secp384r1\)$",
+        ),
+        (
+            "pkcs11:object=cer-ec",
+            KeyType.RSA_3072,
+            InvalidRequest,
+            r"^the key on the token is an EC key on secp256r1, not rsa-3072 \(RSA-3072\)$",
+        ),
+        (
+            "pkcs11:object=cer-ec",
+            KeyType.ED25519,
+            InvalidRequest,
+            r"is an EC key on secp256r1, not ed25519 \(EC_EDWARDS on Ed25519\)$",
+        ),
+        (
+            "pkcs11:object=cer-ed",
+            KeyType.ECDSA_P256,
+            InvalidRequest,
+            r"is an EC_EDWARDS key on Ed25519, not ecdsa-p256 \(EC on secp256r1\)$",
+        ),
         ("pkcs11:object=cer-ec;type=secret-key", KeyType.ECDSA_P256, InvalidRequest, "type="),
         ("pkcs11:object=cer-aes", KeyType.AES_256_GCM, InvalidRequest, "sensitive"),
         ("pkcs11:object=cer-mm", KeyType.ECDSA_P256, InvalidRequest, "does not match"),

@@ -192,8 +192,14 @@ def adopt_key(kms: _KmsClient, spec: KeySpec, uri: str) -> BackendKey:
     arn = _arn_of(reply)
     meta = reply["KeyMetadata"]
     key_spec, usage, _ = _KEY_SPECS[spec.key_type]
-    if meta.get("KeySpec") != key_spec or meta.get("KeyUsage") != usage:
-        raise InvalidRequest(f"the AWS KMS key is not a {spec.key_type} key ({key_spec})")
+    actual_spec, actual_usage = meta.get("KeySpec", "unknown"), meta.get("KeyUsage", "unknown")
+    if actual_spec != key_spec:
+        raise InvalidRequest(f"the AWS KMS key is {actual_spec}, not {spec.key_type} ({key_spec})")
+    if actual_usage != usage:
+        raise InvalidRequest(
+            f"the AWS KMS key is {actual_spec} for {actual_usage}, not for {usage} "
+            f"as {spec.key_type} needs"
+        )
     if meta.get("KeyState") != "Enabled":
         raise InvalidRequest("the AWS KMS key is not enabled")
     material = _Material(arn=arn, spec=key_spec, adopted=True)

@@ -454,7 +454,9 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
             raise NotFound(f"no Transit key {transit_name!r} in mount {mount!r}")
         if info.transit_type != "aes256-gcm96" or info.exportable:
             raise InvalidRequest(
-                f"Transit key {transit_name!r} must be a non-exportable aes256-gcm96 key"
+                f"Transit key {transit_name!r} is {info.transit_type}"
+                f"{' and exportable' if info.exportable else ''}, not a non-exportable "
+                "aes256-gcm96 key"
             )
         ref = _Ref(mount, transit_name, info.latest_version)
         return BackendKey(str(ref), KeyType.AES_256_GCM, transit_name, info.latest_version)

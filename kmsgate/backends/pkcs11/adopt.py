@@ -16,6 +16,7 @@ from kmsgate.algorithms import KeyType, KeyUsage, sign_algorithm, verify_with_pu
 from kmsgate.backends.pkcs11.keys import (
     _ED25519_PARAMS,
     _HMAC_KEY_TYPES,
+    _KINDS,
     _attr,
     _Kind,
     _pem,
@@ -91,15 +92,50 @@ def _adopted_public_key(worker: _Worker, key_type: KeyType, private: Any, key_id
     return _pem(public_key)
 
 
+_CURVE_NAMES = {
+    pkcs11.util.ec.encode_named_curve_parameters(kind.curve): kind.curve
+    for kind in _KINDS.values()
+    if kind.p11_type == P11KeyType.EC and kind.curve is not None
+} | dict.fromkeys(_ED25519_PARAMS, "Ed25519")
+
+
+def _described(obj: Any, p11_type: Any) -> str:
+    """What the key `obj` is, for an error message: `an EC key on secp256r1`, `an RSA-2048
+    key`, `an AES key`, `a GENERIC_SECRET key`."""
+    if p11_type in (P11KeyType.EC, P11KeyType.EC_EDWARDS):
+        curve = _CURVE_NAMES.get(_attr(obj, Attribute.EC_PARAMS), "another curve")
+        return f"an {p11_type.name} key on {curve}"
+    if p11_type == P11KeyType.RSA:
+        bits = len(_attr(obj, Attribute.MODULUS) or b"") * 8
+        return f"an RSA-{bits} key" if bits else "an RSA key"
+    name = getattr(p11_type, "name", None) or "unknown"
+    return f"{'an' if name[0] in 'AEIOU' else 'a'} {name} key"
+
+
+def _wanted(kind: _Kind) -> str:
+    """What a key of `kind` is on a token, for an error message: `EC on secp384r1`."""
+    if kind.p11_type == P11KeyType.RSA:
+        return f"RSA-{kind.bits}"
+    if kind.curve is not None:
+        curve = "Ed25519" if kind.p11_type == P11KeyType.EC_EDWARDS else kind.curve
+        return f"{kind.p11_type.name} on {curve}"
+    if kind.p11_type == P11KeyType.AES:
+        return f"AES-{kind.bits}"
+    return f"a secret key of at least {kind.bits} bits"
+
+
 def _check_adoptable(key_type: KeyType, kind: _Kind, obj: Any) -> None:
-    """Raises InvalidRequest unless `obj` is a protected key of `key_type` fit for its use."""
+    """Raises InvalidRequest unless `obj` is a protected key of `key_type` fit for its use.
+    A mismatch names what the key is and what `key_type` needs."""
     p11_type = _attr(obj, Attribute.KEY_TYPE)
     if key_type.usage is KeyUsage.MAC:
         type_ok = p11_type in _HMAC_KEY_TYPES
     else:
         type_ok = p11_type == kind.p11_type
     if not type_ok:
-        raise InvalidRequest(f"the key on the token is not a {key_type} key")
+        raise InvalidRequest(
+            f"the key on the token is {_described(obj, p11_type)}, not {key_type} ({_wanted(kind)})"
+        )
     if (
         _attr(obj, Attribute.SENSITIVE) is not True
         or _attr(obj, Attribute.EXTRACTABLE) is not False
@@ -108,7 +144,10 @@ def _check_adoptable(key_type: KeyType, kind: _Kind, obj: Any) -> None:
     if kind.p11_type == P11KeyType.RSA:
         modulus = _attr(obj, Attribute.MODULUS) or b""
         if len(modulus) * 8 != kind.bits:
-            raise InvalidRequest(f"the RSA key on the token is not {kind.bits} bits")
+            raise InvalidRequest(
+                f"the key on the token is {_described(obj, p11_type)}, not {key_type} "
+                f"({_wanted(kind)})"
+            )
     elif kind.curve is not None:
         params = _attr(obj, Attribute.EC_PARAMS)
         wanted = (
@@ -117,14 +156,21 @@ def _check_adoptable(key_type: KeyType, kind: _Kind, obj: Any) -> None:
             else (pkcs11.util.ec.encode_named_curve_parameters(kind.curve),)
         )
         if params not in wanted:
-            raise InvalidRequest(f"the key on the token is not on the curve of {key_type}")
+            raise InvalidRequest(
+                f"the key on the token is {_described(obj, p11_type)}, not {key_type} "
+                f"({_wanted(kind)})"
+            )
     else:
         length = _attr(obj, Attribute.VALUE_LEN)
         assert kind.bits is not None
+        size = "of unknown length" if length is None else f"{length * 8} bits"
         if key_type is KeyType.AES_256_GCM and length != 32:
-            raise InvalidRequest("the AES key on the token is not 256 bits")
+            raise InvalidRequest(f"the AES key on the token is {size}, not 256 ({key_type})")
         if key_type is not KeyType.AES_256_GCM and (length is None or length * 8 < kind.bits):
-            raise InvalidRequest(f"the HMAC key is shorter than {kind.bits} bits")
+            raise InvalidRequest(
+                f"the HMAC key on the token is {size}, shorter than the {kind.bits} bits "
+                f"{key_type} needs"
+            )
     if key_type is KeyType.AES_256_GCM:
         usage_ok = _attr(obj, Attribute.ENCRYPT) and _attr(obj, Attribute.DECRYPT)
     else:
