@@ -573,9 +573,12 @@ def test_unreachable_endpoint_is_503_and_status_not_ok():
     )
     backend = AwsKmsBackend("aws", settings)
     try:
-        with pytest.raises(BackendUnavailable):
+        with pytest.raises(BackendUnavailable) as caught:
             backend.create_key(KeySpec("x", 1, KeyType.ECDSA_P256))
-        assert backend.status().ok is False
+        assert caught.value.detail == "backend 'aws' is unreachable"
+        # as hashivault's: the readiness reply names the backend, the detail the state
+        status = backend.status()
+        assert (status.ok, status.detail) == (False, "unreachable")
     finally:
         backend.close()
 

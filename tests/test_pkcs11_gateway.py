@@ -41,6 +41,7 @@ from kmsgate.errors import (
     BackendUnavailable,
     ConfigError,
     InvalidRequest,
+    KeyDestroyed,
     NotFound,
 )
 from kmsgate.service import Ctx
@@ -180,10 +181,12 @@ def test_registry_builds_the_backend_lazily(token: SoftHsmToken):
     lazy = Pkcs11Backend.from_config("hsm", _config(token, token="kmsgate-not-yet"))
     try:
         status = lazy.status()
-        assert not status.ok and "unavailable" in status.detail
+        # the readiness reply names the backend; the detail names the token
+        assert (status.ok, status.detail) == (False, "unavailable (token label 'kmsgate-not-yet')")
         with pytest.raises(BackendUnavailable) as caught:
             lazy.create_key(KeySpec("k", 1, KeyType.ECDSA_P256))
         assert caught.value.retry_after >= 1
+        assert caught.value.detail == "backend 'hsm' is unavailable (token label 'kmsgate-not-yet')"
     finally:
         lazy.close()
 
@@ -554,9 +557,8 @@ def test_token_deleted_then_recreated_recovers_without_restart(hsm: SoftHsm, bac
         signature = b.sign(new, MESSAGE, alg, prehashed=False)
         public_of(new).verify(signature, MESSAGE, ec.ECDSA(hashes.SHA256()))
         assert b.status().ok
-        with pytest.raises(BackendError, match="not on the token") as caught:
+        with pytest.raises(KeyDestroyed, match="not on the token"):
             b.sign(old, MESSAGE, alg, prehashed=False)  # its key died with the old token
-        assert not isinstance(caught.value, BackendUnavailable)
         # and the module's other backend recovers from the re-initialisation transparently
         again = backend.sign(key_of(KeyType.ECDSA_P256), MESSAGE, alg, prehashed=False)
         public_of(key_of(KeyType.ECDSA_P256)).verify(again, MESSAGE, ec.ECDSA(hashes.SHA256()))
@@ -620,13 +622,16 @@ def test_forked_child_initialises_the_module_again(backend, key_of):
     public_of(key).verify(again, MESSAGE, ec.ECDSA(hashes.SHA256()))
 
 
-def test_destroyed_key_is_a_backend_error(backend):
+def test_destroyed_key_is_key_destroyed(backend):
+    """A key object gone from a healthy token is 409 key_destroyed, as a Transit or AWS KMS
+    key gone from its backend (not 502: the token works, the key is not there)."""
     key = backend.create_key(KeySpec("doomed", 1, KeyType.AES_256_GCM))
     wrapped = backend.wrap(key, b"data key", b"aad")
     backend.destroy(key)
     backend.destroy(key)  # idempotent
-    with pytest.raises(BackendError, match="not on the token"):
+    with pytest.raises(KeyDestroyed, match="not on the token") as caught:
         backend.unwrap(replace(key, material=None), wrapped, b"aad")
+    assert (caught.value.status, caught.value.code) == (409, "key_destroyed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,7 +732,7 @@ def test_rest_operations_on_hsm_keys(hsm: SoftHsm, tmp_path: Path):
         assert ready["backends"]["hsm"] == {
             "type": "pkcs11",
             "ok": True,
-            "detail": f"token {token.label!r}",
+            "detail": f"ok (token {token.label!r})",
         }
 
 
@@ -753,6 +758,7 @@ def test_rest_token_deleted_is_503_then_a_fresh_token_works(hsm: SoftHsm, tmp_pa
         ready = client.get("/v1/sys/ready")
         assert ready.status_code == 503
         assert ready.json()["backends"]["hsm"]["ok"] is False
+        assert ready.json()["detail"] == f"backend hsm: unavailable (token label {token.label!r})"
 
         token.init()  # a fresh token is configured under the same label and PIN
         deadline = time.monotonic() + 10
@@ -768,7 +774,7 @@ def test_rest_token_deleted_is_503_then_a_fresh_token_works(hsm: SoftHsm, tmp_pa
             base64.b64decode(signed.json()["signature"]), MESSAGE, ec.ECDSA(hashes.SHA256())
         )
         gone = sign("old")  # the old key died with the old token
-        assert gone.status_code == 502 and gone.json()["code"] == "backend_error"
+        assert gone.status_code == 409 and gone.json()["code"] == "key_destroyed"
         assert client.get("/v1/sys/ready").status_code == 200
 
 

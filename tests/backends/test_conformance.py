@@ -446,6 +446,20 @@ def test_wrap_refused_for_non_aes_keys(backend: KeyBackend, keys: KeyFactory, ke
 
 
 # --------------------------------------------------------------------------------------------
+# readiness
+# --------------------------------------------------------------------------------------------
+
+
+def test_status_of_a_running_backend_is_ok_in_one_form(backend: KeyBackend):
+    """/v1/sys/ready reports each backend under its name: the detail is `ok`, or `ok (...)`
+    with what it is connected to, and never repeats the backend's name."""
+    status = backend.status()
+    assert status.ok, status.detail
+    assert status.detail == "ok" or status.detail.startswith("ok ("), status.detail
+    assert repr(backend.name) not in status.detail
+
+
+# --------------------------------------------------------------------------------------------
 # destroy
 # --------------------------------------------------------------------------------------------
 
@@ -458,8 +472,9 @@ def test_destroy_makes_the_cached_key_unusable(backend: KeyBackend, keys: KeyFac
     _use(backend, key)  # loaded (and cached) now
     backend.destroy(key)
     gone = replace(key, material=None)
-    with pytest.raises((KeyDestroyed, BackendError)):
+    with pytest.raises(KeyDestroyed) as caught:  # 409 key_destroyed, whatever the backend
         _use(backend, gone)
+    assert (caught.value.status, caught.value.code) == (409, "key_destroyed")
 
 
 def test_destroy_leaves_other_keys_usable(backend: KeyBackend, keys: KeyFactory):

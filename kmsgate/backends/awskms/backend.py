@@ -439,8 +439,10 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         """Reachable and accepting kmsgate's credentials (ListKeys with Limit=1)."""
         try:
             self._kms.call("list_keys", "control", Limit=1)
-        except Unavailable as exc:
-            return BackendStatus(ok=False, detail=exc.detail)
+        except Unavailable as exc:  # the readiness reply names the backend already
+            return BackendStatus(
+                ok=False, detail=exc.detail.removeprefix(f"backend {self.name!r} is ")
+            )
         except (_AwsError, KmsgateError):
             return BackendStatus(ok=False, detail="AWS KMS refused the request")
         return BackendStatus(ok=True)

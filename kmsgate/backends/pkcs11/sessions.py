@@ -23,7 +23,13 @@ from kmsgate.backends.base import BackendStatus
 from kmsgate.backends.pkcs11.keys import _parse_ref
 from kmsgate.backends.pkcs11.module import _Gone, _module
 from kmsgate.backends.pkcs11.settings import Pkcs11Settings, _read_pin_file
-from kmsgate.errors import BackendError, BackendUnavailable, DecryptionFailed, KmsgateError
+from kmsgate.errors import (
+    BackendError,
+    BackendUnavailable,
+    DecryptionFailed,
+    KeyDestroyed,
+    KmsgateError,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -155,7 +161,10 @@ class _SessionPool:
         return max(1, math.ceil(self.settings.retry_interval))
 
     def _unavailable(self) -> BackendUnavailable:
-        return BackendUnavailable("the HSM token is unavailable", retry_after=self._retry_after())
+        return BackendUnavailable(
+            f"backend {self.name!r} is unavailable (token {self._token_description()})",
+            retry_after=self._retry_after(),
+        )
 
     def _connection(self) -> _Connection:
         """The live connection, opened if needed. Raises BackendUnavailable, BackendError."""
@@ -360,14 +369,14 @@ class _SessionPool:
         log.debug("pkcs11 backend %r: %s: %s -> %s", self.name, what, type(exc).__name__, verdict)
         if verdict == "decrypt":
             raise DecryptionFailed() from None
-        if verdict == "missing":
-            raise BackendError("the key is not on the token (destroyed?)") from None
+        if verdict == "missing":  # no object matches on a token that answers: the key is gone
+            raise KeyDestroyed("the key object behind this key version is not on the token")
         if verdict == "error":
             log.warning("pkcs11 backend %r: %s failed: %s", self.name, what, type(exc).__name__)
             raise BackendError(f"the HSM failed to {what}") from None
         if verdict == "stale-handle":
             worker.keys.clear()  # found again on the retry, or reported missing
-            return BackendError("the key is not on the token (destroyed?)")
+            return BackendError("the token keeps refusing the key's object handle")
         if verdict == "transient":
             return BackendError(f"the HSM failed to {what}")
         log.warning(
@@ -417,14 +426,19 @@ class _SessionPool:
             with self._module.lock:
                 if not conn.dead and self._module.current(conn.generation):
                     if self._healthy(conn):
-                        return BackendStatus(True, f"token {conn.label!r}")
+                        return BackendStatus(True, f"ok (token {conn.label!r})")
                     self._drop(conn)
-                    return BackendStatus(False, "the HSM token is unavailable")
-            return BackendStatus(True, "re-opening the token")
+                    return BackendStatus(False, self._down())
+            return BackendStatus(True, f"ok (re-opening token {self._token_description()})")
         except BackendUnavailable:
-            return BackendStatus(False, "the HSM token is unavailable")
+            return BackendStatus(False, self._down())
         except BackendError as exc:
             return BackendStatus(False, exc.detail)
+
+    def _down(self) -> str:
+        """The readiness detail of a token that cannot be reached (the backend's name is
+        the key it is reported under)."""
+        return f"unavailable (token {self._token_description()})"
 
     def close(self) -> None:
         with self._module.lock:
