@@ -1,4 +1,5 @@
-"""Auto-unseal: the softkms root key wrapped by a Transit key of a real OpenBao server."""
+"""Auto-unseal: the softkms root key wrapped by a Transit key of a real OpenBao server, or by
+a symmetric AWS KMS key (moto_server)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,62 @@ def test_wrong_or_missing_kek_refuses_to_start(unseal_settings, tmp_path):
     server.client().secrets.transit.create_key(name=other, key_type="aes256-gcm96")
     with pytest.raises(ConfigError, match="cannot unwrap"):
         build_service(settings(other))
+
+
+@pytest.fixture
+def aws_unseal_settings(tmp_path: Path, moto_server):
+    client = moto_server.client()
+    arn = client.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"][
+        "Arn"
+    ]
+    alias = f"alias/root-kek-{secrets.token_hex(4)}"
+    client.create_alias(AliasName=alias, TargetKeyId=arn)
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def settings(kek: str = f"awskms:{alias}"):
+        return load_settings(
+            data_dir=data,
+            env="test",
+            backends={"local": {"type": "softkms"}, "aws": moto_server.backend_settings()},
+            root_key_wrap={"backend": "aws", "kek": kek, "file": str(tmp_path / "root.wrapped")},
+        )
+
+    return settings, arn, client
+
+
+def test_root_key_wrapped_by_aws_kms_survives_restarts_and_rotation(aws_unseal_settings):
+    settings, arn, client = aws_unseal_settings
+    path = init_wrapped_root_key(settings())
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(path.read_bytes()) > 32  # a KMS ciphertext, not the bare key
+    service = build_service(settings())
+    bearer = service.tokens.create(["admin"], ttl=None)[1]
+    admin = service.gate.authenticate(Credentials(bearer=bearer), Ctx("t"))
+    service.keys.create(admin, Ctx("t"), NewKey(name="k", type="ed25519", purpose="p"))
+    service.close()
+
+    client.rotate_key_on_demand(KeyId=arn)
+    # unwraps again after the rotation, with the key named by its ARN instead of its alias
+    service = build_service(settings(arn))
+    [signed] = service.crypto.sign(
+        admin, Ctx("t"), service.gate.target("k"), [SignInput(input=b"m")], False
+    )
+    assert signed.key_version == 1
+    service.close()
+
+
+def test_aws_wrapping_key_must_be_the_enabled_symmetric_key_that_wrapped(aws_unseal_settings):
+    settings, arn, client = aws_unseal_settings
+    init_wrapped_root_key(settings())
+    signing = client.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+    with pytest.raises(ConfigError, match=r"ECC_NIST_P256, not aes-256-gcm \(SYMMETRIC_DEFAULT\)"):
+        build_service(settings(signing["Arn"]))
+    with pytest.raises(ConfigError, match="wrapping key unavailable: no such AWS KMS key"):
+        build_service(settings("awskms:alias/no-such-kek"))
+    other = client.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")
+    with pytest.raises(ConfigError, match="cannot unwrap"):
+        build_service(settings(other["KeyMetadata"]["Arn"]))
+    client.disable_key(KeyId=arn.rpartition("/")[2])
+    with pytest.raises(ConfigError, match="not enabled"):
+        build_service(settings())

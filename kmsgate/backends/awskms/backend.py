@@ -55,6 +55,11 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode("ascii")
 
 
+_ROOT_KEK_NAME = "kmsgate-root-kek"
+"""The name `wrapping_key` gives its handle (bound into the EncryptionContext of the wrapped
+root key: it must not change)."""
+
+
 class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
     """AWS KMS through boto3: sign, MAC, wrap, encrypt with an EncryptionContext, rewrap.
 
@@ -155,6 +160,17 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
     def key_identity(self, ref: str) -> str:
         """The KMS key's ARN: a reference is `awskms:<ARN>#<version>`."""
         return ref.partition("#")[0]
+
+    def wrapping_key(self, reference: str) -> BackendKey:
+        """A handle on an existing, enabled symmetric KMS key (`awskms:<key id | ARN |
+        alias/...>`, or the bare form), for wrapping softkms's root key outside the
+        catalogue (auto-unseal, `root_key_wrap`). Creates, tags and changes nothing. The
+        handle's name, bound into the EncryptionContext, is always `kmsgate-root-kek`, so the
+        wrapped key unwraps whichever form of `reference` names the key, and after AWS
+        rotates it. Raises NotFound, InvalidRequest (malformed, not SYMMETRIC_DEFAULT, not
+        enabled), BackendUnavailable, BackendError."""
+        spec = KeySpec(_ROOT_KEK_NAME, 1, KeyType.AES_256_GCM)
+        return lifecycle.adopt_key(self._kms, spec, reference)
 
     def destroy(self, key: BackendKey) -> None:
         """Schedule the KMS key's deletion (`pending_window_days`) and drop its alias.
