@@ -58,6 +58,59 @@ def test_migrate_is_idempotent(store):
     )
 
 
+def _migrate_after(url: str, barrier: threading.Barrier) -> None:
+    """Migrate `url` from a Store of this (spawned) process, once every process is ready."""
+    store = Store(url)
+    try:
+        barrier.wait(timeout=60)
+        store.migrate()
+    finally:
+        store.close()
+
+
+def _assert_schema_current(url: str) -> None:
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    store = Store(url)
+    try:
+        with store.engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_heads()
+        assert current == tuple(ScriptDirectory(str(engine._MIGRATIONS)).get_heads())
+        assert store.get_meta("epoch:keys") == "0"  # seeded by a migration
+    finally:
+        store.close()
+
+
+def _migrate_at_once(url: str, processes: int = 3) -> None:
+    """`processes` replicas start at the same instant on the empty database `url`."""
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(processes)
+    workers = [spawn.Process(target=_migrate_after, args=(url, barrier)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0] * processes
+    _assert_schema_current(url)
+
+
+@pytest.mark.postgres
+def test_replicas_started_at_once_on_an_empty_postgres_database_all_migrate(postgres_server):
+    """A Deployment's replicas on a fresh database: one migrates, the others wait for it (an
+    advisory lock) and then find the schema current, instead of failing on duplicate rows
+    and types."""
+    for _ in range(5):
+        with fresh_postgres_database(postgres_server) as url:
+            _migrate_at_once(url)
+
+
+def test_workers_started_at_once_on_an_empty_sqlite_database_all_migrate(tmp_path):
+    """The same on SQLite: the writer lock file beside the database serialises them."""
+    for n in range(3):
+        _migrate_at_once(f"sqlite:///{tmp_path / f'kmsgate-{n}.db'}")
+
+
 def test_round_trip_and_epoch(store):
     before, tokens_before = store.feed.epoch("keys"), store.feed.epoch("tokens")
     catalogue = Catalogue(store)

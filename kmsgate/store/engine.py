@@ -38,6 +38,9 @@ CONNECT_TIMEOUT_SECONDS = 3
 """How long a new PostgreSQL connection may take before the request gets 503."""
 WRITE_WAIT_SECONDS = 5.0
 """How long a transaction waits for SQLite's writer lock (also SQLite's busy timeout)."""
+MIGRATION_LOCK_ID = 0x6B6D_7367_6D69_6772  # "kmsgmigr"
+"""The PostgreSQL advisory lock id that serialises migrations among every process sharing
+a database (the leader lock of kmsgate.jobs is another id)."""
 
 
 def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
@@ -90,15 +93,31 @@ class Database:
         return None
 
     def migrate(self) -> None:
-        """Bring the schema to the latest revision. Raises ConfigError on failure."""
+        """Bring the schema to the latest revision, one process at a time: processes that
+        start together on an empty database (a Deployment's replicas, a server's workers)
+        wait for the first one's migration, then find the schema current and do nothing.
+        The lock is, on PostgreSQL, the transaction advisory lock `MIGRATION_LOCK_ID` (freed
+        when the migration commits or rolls back, or its connection dies) and, on SQLite, the
+        writer lock; either is waited for as long as the other migration takes.
+        Raises ConfigError on failure."""
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(_MIGRATIONS))
+        postgres = self.engine.dialect.name == "postgresql"
+        serial = self._serial.waiting() if isinstance(self._serial, _WriterLock) else None
         try:
-            with self.engine.begin() as conn:
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
+            with serial or contextlib.nullcontext(), self.engine.connect() as conn:
+                if postgres:  # each statement then sees what the migration before us committed
+                    conn.execution_options(isolation_level="READ COMMITTED")
+                with conn.begin():
+                    if postgres:
+                        lock = sa.text("SELECT pg_advisory_xact_lock(:id)")
+                        conn.execute(lock, {"id": MIGRATION_LOCK_ID})
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, "head")
         except sa.exc.SQLAlchemyError as exc:
             raise ConfigError(f"database migration failed: {type(exc).__name__}") from exc
+        except KmsgateError as exc:  # the writer lock file cannot be opened
+            raise ConfigError(f"database migration failed: {exc.detail}") from exc
 
     def close(self) -> None:
         self._meta_reader.close()
@@ -231,6 +250,32 @@ class _WriterLock:
         finally:
             self._owner = None
             self._thread_lock.release()
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """The lock, waited for without a time limit (a migration at start-up, which may
+        take a while; the process has nothing else to do meanwhile). Raises Unavailable if
+        the lock file cannot be opened."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError("a store transaction was opened inside another one")
+        with self._thread_lock:
+            self._owner = me
+            try:
+                if self._path is None:
+                    yield
+                    return
+                try:
+                    fd = self._descriptor()
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError as exc:
+                    raise Unavailable("metadata store unavailable (write lock)") from exc
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                self._owner = None
 
     def _lock_file(self) -> None:
         """Take the flock, polling (0.1 ms, doubling to 2 ms) until `WRITE_WAIT_SECONDS`
