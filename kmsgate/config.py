@@ -432,6 +432,21 @@ def dev_tls() -> TlsSettings:
     return TlsSettings(ca="dev", client_auth="optional", client_cas=["dev"])
 
 
+_POSTGRES_SCHEMES = ("postgres://", "postgresql://")
+POSTGRES_DRIVER_SCHEME = "postgresql+psycopg://"
+
+
+def with_database_driver(url: str) -> str:
+    """`url` with the PostgreSQL driver kmsgate installs (psycopg 3) named: a `postgres://`
+    URL (common in DATABASE_URL secrets; SQLAlchemy knows no such dialect) or a
+    `postgresql://` one (psycopg2 for SQLAlchemy 2.0) becomes `postgresql+psycopg://`.
+    Any other URL is returned as it is."""
+    for scheme in _POSTGRES_SCHEMES:
+        if url[: len(scheme)].lower() == scheme:
+            return POSTGRES_DRIVER_SCHEME + url[len(scheme) :]
+    return url
+
+
 class Settings(BaseSettings):
     """Everything the gateway reads from its environment. Built by `load_settings`."""
 
@@ -488,9 +503,10 @@ class Settings(BaseSettings):
     exceptions: ExceptionSettings = Field(default_factory=ExceptionSettings)
 
     def resolved_database_url(self) -> str:
-        """The SQLAlchemy URL. Raises ConfigError if neither it nor a data dir is set."""
+        """The SQLAlchemy URL (see `with_database_driver`). Raises ConfigError if neither it
+        nor a data dir is set."""
         if self.database_url:
-            return self.database_url
+            return with_database_driver(self.database_url)
         return f"sqlite:///{self._require_data_dir() / 'kmsgate.db'}"
 
     def resolved_audit_path(self) -> Path:

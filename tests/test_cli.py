@@ -685,6 +685,26 @@ def test_serve_on_a_busy_port_fails_before_it_prints_or_creates_anything(
     assert not data_dir.exists()
 
 
+def test_serve_on_a_database_it_cannot_reach_says_why_in_one_line(tmp_path: Path) -> None:
+    """A refused port is no "migration failed", a `postgres://` URL (as DATABASE_URL secrets
+    spell it) is PostgreSQL, and neither shows the password."""
+    db_port = free_port()
+    password = "correct-horse-battery"  # a test's
+    for scheme in ("postgres", "postgresql"):
+        url = f"{scheme}://kmsgate:{password}@{LOOPBACK}:{db_port}/kmsgate"
+        result = run_cli(
+            ("serve", "--dev", "--data-dir", str(tmp_path / scheme), "--port", str(free_port())),
+            clean_env(KMSGATE_DATABASE_URL=url),
+        )
+        assert_one_line_error(
+            result,
+            f"cannot connect to the database at postgresql://kmsgate:***@{LOOPBACK}:{db_port}"
+            "/kmsgate: Connection refused",
+        )
+        assert password not in result.err + result.out
+        assert "listening" not in result.out
+
+
 def test_help_has_no_type_labels_on_flags_and_rewraps_paragraphs() -> None:
     """Flags show no `<bool>`; a description is re-wrapped to the terminal, not broken where
     the docstring's source lines break."""

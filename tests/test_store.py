@@ -17,11 +17,12 @@ import sqlalchemy as sa
 from kmsgate.algorithms import KeyType
 from kmsgate.auth import Credentials, TokenRegistry
 from kmsgate.catalogue import Catalogue, Key, KeyState, KeyVersion
-from kmsgate.errors import Conflict, NotFound, Unauthenticated, Unavailable
+from kmsgate.config import Settings, with_database_driver
+from kmsgate.errors import ConfigError, Conflict, NotFound, Unauthenticated, Unavailable
 from kmsgate.grants import ActiveGrants, approve, new_grant
 from kmsgate.store import Store, engine, tables
 from kmsgate.store.certificates import CertQuery
-from tests.components import fresh_postgres_database
+from tests.components import free_port, fresh_postgres_database
 
 
 @pytest.fixture
@@ -109,6 +110,143 @@ def test_workers_started_at_once_on_an_empty_sqlite_database_all_migrate(tmp_pat
     """The same on SQLite: the writer lock file beside the database serialises them."""
     for n in range(3):
         _migrate_at_once(f"sqlite:///{tmp_path / f'kmsgate-{n}.db'}")
+
+
+def _startup_error(url: str) -> str:
+    """The one-line reason `Store(url).migrate()` (what start-up runs) gives for failing."""
+    with pytest.raises(ConfigError) as caught:
+        store = Store(url)
+        try:
+            store.migrate()
+        finally:
+            store.close()
+    message = str(caught.value)
+    assert "\n" not in message and PASSWORD not in message
+    return message
+
+
+PASSWORD = "correct-horse-battery"  # a test's
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres", "postgresql+psycopg"])
+def test_a_refused_port_says_so_and_names_the_database_without_its_password(scheme):
+    port = free_port()
+    message = _startup_error(f"{scheme}://kmsgate:{PASSWORD}@127.0.0.1:{port}/kmsgate")
+    assert message.startswith(
+        f"cannot connect to the database at postgresql://kmsgate:***@127.0.0.1:{port}/kmsgate: "
+        "Connection refused (Is the server running"
+    ), message
+
+
+def test_a_database_url_of_no_known_database_says_so():
+    message = _startup_error(f"oracle2://kmsgate:{PASSWORD}@db/kms")
+    assert message == (
+        "database_url oracle2://kmsgate:***@db/kms: kmsgate has no driver for 'oracle2' "
+        "(use sqlite:///PATH or postgresql://...)"
+    )
+    assert _startup_error(f"::{PASSWORD}::") == (
+        "database_url is not a database URL "
+        "(sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE)"
+    )
+
+
+def test_a_sqlite_database_in_a_missing_directory_says_so(tmp_path):
+    message = _startup_error(f"sqlite:///{tmp_path / 'gone' / 'kmsgate.db'}")
+    assert message == (
+        f"cannot open the database's lock file {tmp_path / 'gone' / 'kmsgate.db'}.write.lock: "
+        "No such file or directory"
+    )
+
+
+def test_the_driver_reason_never_carries_a_password():
+    """A driver may echo what it was given: the password (and a query value named like one)
+    is replaced wherever it appears, as it is or percent-encoded."""
+    url = sa.engine.make_url(
+        "postgresql+psycopg://u:p%40ss%2Fw0rd@db/kms?sslpassword=key-pass&sslmode=require"
+    )
+    said = 'FATAL:  no "p@ss/w0rd" nor p%40ss%2Fw0rd\nHINT: key-pass?'
+    exc = sa.exc.OperationalError("SELECT 1", {"password": "p@ss/w0rd"}, Exception(said))
+    assert engine.driver_reason(exc, url) == 'no "***" nor *** (HINT: ***?)'
+    assert engine.shown_url(url) == "postgresql://u:***@db/kms"
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("postgres://u:p@db:5432/kms", "postgresql+psycopg://u:p@db:5432/kms"),
+        ("postgresql://u@db/kms?sslmode=require", "postgresql+psycopg://u@db/kms?sslmode=require"),
+        ("PostgreSQL://u@db/kms", "postgresql+psycopg://u@db/kms"),
+        ("postgresql+psycopg://u@db/kms", "postgresql+psycopg://u@db/kms"),
+        ("sqlite:////var/lib/kmsgate/kmsgate.db", "sqlite:////var/lib/kmsgate/kmsgate.db"),
+    ],
+)
+def test_postgres_urls_get_the_installed_driver(given, used):
+    assert with_database_driver(given) == used
+    assert Settings(database_url=given).resolved_database_url() == used
+
+
+@pytest.fixture
+def password_role(postgres_server):
+    """A role `pwcheck` (password PASSWORD) that must give its password over TCP: the test
+    server trusts everyone else. Yields its name; the rule goes at the end."""
+    import psycopg
+
+    hba = postgres_server.data_dir / "pg_hba.conf"
+    rules = hba.read_text()
+    with psycopg.connect(postgres_server.conninfo(), autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS pwcheck")
+        conn.execute(f"CREATE ROLE pwcheck LOGIN PASSWORD '{PASSWORD}'")
+        hba.write_text(f"host all pwcheck all scram-sha-256\n{rules}")
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        yield "pwcheck"
+    finally:
+        hba.write_text(rules)
+        with psycopg.connect(postgres_server.conninfo(), autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+            conn.execute("DROP ROLE IF EXISTS pwcheck")
+
+
+@pytest.mark.postgres
+def test_a_wrong_password_says_so_without_either_password(postgres_server, password_role):
+    host, port = postgres_server.host, postgres_server.port
+    wrong = f"{PASSWORD}-not"
+    url = f"postgresql://{password_role}:{wrong}@{host}:{port}/postgres"
+    message = _startup_error(url)
+    assert wrong not in message
+    assert message == (
+        f"cannot connect to the database at postgresql://pwcheck:***@{host}:{port}/postgres: "
+        'password authentication failed for user "pwcheck"'
+    )
+    right = f"postgres://{password_role}:{PASSWORD}@{host}:{port}/postgres"
+    store = Store(right)  # the rule holds: the right password gets in
+    try:
+        assert store.ping() is None
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_a_missing_database_says_so(postgres_server):
+    host, port = postgres_server.host, postgres_server.port
+    message = _startup_error(f"postgresql://postgres:{PASSWORD}@{host}:{port}/no_such_db")
+    assert message == (
+        f"cannot connect to the database at postgresql://postgres:***@{host}:{port}/no_such_db: "
+        'database "no_such_db" does not exist'
+    )
+
+
+@pytest.mark.postgres
+def test_a_postgres_url_migrates_with_the_installed_driver(postgres_server):
+    """`postgres://` (as DATABASE_URL secrets spell it) works as `postgresql+psycopg://`."""
+    with fresh_postgres_database(postgres_server) as url:
+        given = url.replace("postgresql+psycopg://", "postgres://", 1)
+        store = Store(given)
+        try:
+            store.migrate()
+        finally:
+            store.close()
+        _assert_schema_current(url)
 
 
 def test_round_trip_and_epoch(store):

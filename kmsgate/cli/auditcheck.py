@@ -77,12 +77,17 @@ def stored_anchors(
 
     try:
         url = load_settings(config, data_dir=data_dir).resolved_database_url()
+        database = sa.engine.make_url(url).database
     except ConfigError as exc:
         fail(str(exc))
-    database = sa.engine.make_url(url).database
+    except sa.exc.ArgumentError:  # its text would show the URL, password and all
+        fail("database_url is not a database URL")
     if url.startswith("sqlite") and database and not Path(database).is_file():
         fail(f"no store at {database}")
-    store = Store(url)
+    try:
+        store = Store(url)
+    except ConfigError as exc:
+        fail(str(exc))
     try:
         return store.audit_anchors.all()
     except KmsgateError as exc:

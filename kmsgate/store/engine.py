@@ -7,18 +7,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy.engine import Connection, Engine
 
+from kmsgate.config import with_database_driver
 from kmsgate.errors import ConcurrentChange, ConfigError, KmsgateError, Unavailable
 from kmsgate.store import tables
 
@@ -43,6 +46,43 @@ MIGRATION_LOCK_ID = 0x6B6D_7367_6D69_6772  # "kmsgmigr"
 a database (the leader lock of kmsgate.jobs is another id)."""
 
 
+def shown_url(url: sa.engine.URL) -> str:
+    """`url` for a message: its password hidden and its query left out (it may hold one,
+    `?password=`), the driver not named (`postgresql://kmsgate:***@db:5432/kms`)."""
+    bare = url.set(drivername=url.get_backend_name(), query={})
+    return bare.render_as_string(hide_password=True)
+
+
+# libpq's framing of a failed connection, which the message names already
+_PSYCOPG_FRAMING = re.compile(
+    r'^connection failed: |connection to server at "[^"]*"(?:, port \d+)? failed: |'
+    r'connection to server on socket "[^"]*" failed: |FATAL: +'
+)
+
+
+def driver_reason(exc: Exception, url: sa.engine.URL, *, first_line: bool = False) -> str:
+    """The database driver's reason for `exc` (a SQLAlchemy error) on one line, with every
+    secret of `url` (its password, any query value named like one) replaced by `***`:
+    a driver may echo what it was given. `first_line`: without the lines after the first
+    (PostgreSQL's DETAIL may show a row's values). The SQL and its parameters, which
+    SQLAlchemy's own text adds, are never in it."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc)
+    lines = [_PSYCOPG_FRAMING.sub("", " ".join(line.split())) for line in text.splitlines()]
+    lines = [line for line in lines if line][: 1 if first_line else None]
+    text = lines[0] if lines else ""
+    if len(lines) > 1:  # libpq's hint ("Is the server running on that host ...?")
+        text += f" ({'; '.join(lines[1:])})"
+    secrets = [url.password or ""]
+    for name, value in url.query.items():
+        if "pass" in name.lower():
+            secrets.extend([value] if isinstance(value, str) else value)
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        for form in {secret, quote(secret, safe=""), quote_plus(secret)}:
+            text = text.replace(form, "***")
+    return text or type(orig if orig is not None else exc).__name__
+
+
 def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -64,11 +104,37 @@ class Database:
     violations and Unavailable when the database cannot be reached."""
 
     def __init__(self, url: str) -> None:
+        """Raises ConfigError if `url` is no database URL kmsgate can open (its message
+        shows the URL without its password)."""
+        url = with_database_driver(url)
         self.url = url
-        postgres = sa.engine.make_url(url).get_backend_name() == "postgresql"
+        try:
+            parsed = sa.engine.make_url(url)
+        except sa.exc.ArgumentError:  # its text would show the URL, password and all
+            raise ConfigError(
+                "database_url is not a database URL "
+                "(sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE)"
+            ) from None
+        self._shown = shown_url(parsed)
+        postgres = parsed.get_backend_name() == "postgresql"
         # a database that cannot be reached fails a request in seconds (503), not minutes
         connect_args = {"connect_timeout": CONNECT_TIMEOUT_SECONDS} if postgres else {}
-        self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        try:
+            self.engine: Engine = sa.create_engine(
+                parsed, pool_pre_ping=True, connect_args=connect_args
+            )
+        except sa.exc.NoSuchModuleError:
+            raise ConfigError(
+                f"database_url {self._shown}: kmsgate has no driver for "
+                f"{parsed.drivername!r} (use sqlite:///PATH or postgresql://...)"
+            ) from None
+        except ImportError as exc:
+            extra = " (pip install 'kmsgate[postgres]')" if postgres else ""
+            raise ConfigError(
+                f"database_url {self._shown}: its driver {exc.name} is not installed{extra}"
+            ) from None
+        except sa.exc.ArgumentError as exc:
+            raise ConfigError(f"database_url {self._shown}: {driver_reason(exc, parsed)}") from None
         self._serial: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         self._meta_reader = _MetaReader(self.engine)
         if self.engine.dialect.name == "sqlite":
@@ -104,9 +170,9 @@ class Database:
         cfg.set_main_option("script_location", str(_MIGRATIONS))
         postgres = self.engine.dialect.name == "postgresql"
         serial = self._serial.waiting() if isinstance(self._serial, _WriterLock) else None
-        try:
-            with serial or contextlib.nullcontext(), self.engine.connect() as conn:
-                if postgres:  # each statement then sees what the migration before us committed
+        with serial or contextlib.nullcontext(), self._connect() as conn:
+            try:
+                if postgres:  # each statement sees what the migration before us committed
                     conn.execution_options(isolation_level="READ COMMITTED")
                 with conn.begin():
                     if postgres:
@@ -114,10 +180,19 @@ class Database:
                         conn.execute(lock, {"id": MIGRATION_LOCK_ID})
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
+            except sa.exc.SQLAlchemyError as exc:
+                why = driver_reason(exc, self.engine.url, first_line=True)
+                raise ConfigError(
+                    f"migrating the database at {self._shown} failed: {why}"
+                ) from None
+
+    def _connect(self) -> Connection:
+        """A connection for start-up work. Raises ConfigError saying why there is none."""
+        try:
+            return self.engine.connect()
         except sa.exc.SQLAlchemyError as exc:
-            raise ConfigError(f"database migration failed: {type(exc).__name__}") from exc
-        except KmsgateError as exc:  # the writer lock file cannot be opened
-            raise ConfigError(f"database migration failed: {exc.detail}") from exc
+            why = driver_reason(exc, self.engine.url)
+            raise ConfigError(f"cannot connect to the database at {self._shown}: {why}") from None
 
     def close(self) -> None:
         self._meta_reader.close()
@@ -254,7 +329,7 @@ class _WriterLock:
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
         """The lock, waited for without a time limit (a migration at start-up, which may
-        take a while; the process has nothing else to do meanwhile). Raises Unavailable if
+        take a while; the process has nothing else to do meanwhile). Raises ConfigError if
         the lock file cannot be opened."""
         me = threading.get_ident()
         if self._owner == me:
@@ -269,7 +344,9 @@ class _WriterLock:
                     fd = self._descriptor()
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 except OSError as exc:
-                    raise Unavailable("metadata store unavailable (write lock)") from exc
+                    raise ConfigError(
+                        f"cannot open the database's lock file {self._path}: {exc.strerror}"
+                    ) from None
                 try:
                     yield
                 finally:
