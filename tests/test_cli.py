@@ -294,7 +294,7 @@ def new_token(gw: Gateway, role: str) -> tuple[str, str]:
 
 def test_dev_server_prints_the_root_token_once_and_writes_it_0600(gateway: Gateway) -> None:
     text = gateway.output.read_text()
-    assert "(env dev)" in text
+    assert "(env dev, store sqlite:" in text
     assert len(TOKEN_LINE.findall(text)) == 1
     token_file = gateway.data_dir / "root-token"
     assert token_file.read_text().strip() == gateway.root_token
@@ -467,7 +467,7 @@ def test_model_signing_role_signs_only_model_sign_keys_only_in_prod(
     setup_key(gateway, "ms-key", "ecdsa-p256", "model-sign")
     setup_key(prod_env_gateway, "ms-key", "ecdsa-p256", "model-sign")
     setup_key(prod_env_gateway, "ms-other", "ecdsa-p256", "general")
-    assert "(env prod)" in prod_env_gateway.output.read_text()
+    assert "(env prod, store " in prod_env_gateway.output.read_text()
 
     _, signer = new_token(prod_env_gateway, "ml-sec")
     signed = prod_env_gateway.ok("sign", str(data), "-k", "ms-key", token=signer)
