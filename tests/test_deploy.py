@@ -17,6 +17,7 @@ import yaml
 
 from kmsgate.config import load_settings
 from tests.components import require_component
+from tests.test_cli import clean_env, run_cli, running_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -86,6 +87,28 @@ def test_the_compose_demo_holds_together() -> None:
             check=False,
         )
         assert done.returncode == 0, done.stderr
+
+
+def test_a_compose_replica_starts_on_a_fresh_volume_and_passes_its_health_check(
+    tmp_path: Path,
+) -> None:
+    """The replica's environment names, for the image's `kmsgate health`, the dev root that
+    `serve --dev` writes on its first start: `serve` must start without it (it is not a
+    client), the health check then trusts it. Run here on loopback, without the demo's
+    PostgreSQL and OpenBao (so without its config file)."""
+    spec = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    replica = spec["services"]["kmsgate-1"]
+    env: dict[str, str] = replica["environment"]
+    assert {"--dev", "--tls"} <= set(replica["command"])
+    volume = env["KMSGATE_DATA_DIR"]
+    data = tmp_path / "volume"  # fresh: no dev root yet
+    cacert = env["KMSGATE_CACERT"].replace(volume, str(data))
+    assert cacert == str(data / "dev-root.pem")
+    with running_gateway(tmp_path, "--tls", https=True, data_dir=data, KMSGATE_CACERT=cacert) as gw:
+        port = gw.addr.rsplit(":", 1)[1]
+        addr = env["KMSGATE_ADDR"].replace(":8200", f":{port}")
+        health = run_cli(("health",), clean_env(KMSGATE_ADDR=addr, KMSGATE_CACERT=cacert))
+        assert (health.rc, health.out) == (0, "ok\n"), str(health)
 
 
 def _docker_compose() -> bool:

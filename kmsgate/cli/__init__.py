@@ -62,8 +62,15 @@ def _print_version(value: bool) -> None:
         raise typer.Exit
 
 
+SERVER_COMMANDS = frozenset({"serve"})
+"""Commands that run a gateway rather than talk to one: the client-side `--cacert` is no
+concern of theirs (a replica's environment may name the dev CA file that `serve --dev`
+writes on its first start, for its health check)."""
+
+
 @app.callback()
 def _global_options(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option(
@@ -75,11 +82,13 @@ def _global_options(
         typer.Option(
             "--cacert",
             envvar="KMSGATE_CACERT",
-            help="Trust this CA certificate (PEM) for an https:// gateway.",
+            help="Trust this CA certificate (PEM) for an https:// gateway (`serve` ignores it).",
         ),
     ] = None,
 ) -> None:
     """kmsgate: keys as a service."""
+    if ctx.invoked_subcommand in SERVER_COMMANDS:
+        return
     if cacert is not None:
         try:
             ssl.create_default_context(cafile=str(cacert))
