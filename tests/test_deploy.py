@@ -204,6 +204,44 @@ def test_the_kubernetes_manifests_hold_together(tmp_path: Path) -> None:
     settings = load_settings(config, database_url="postgresql+psycopg://u@postgres/kms")
     assert settings.tls is not None and settings.tls.serves_https
     assert settings.env == "prod"
+    # every file the gateway reads is in a volume that holds it: a Secret's key listed in
+    # its items, or (the whole Secret mounted) named where the header describes the Secret
+    assert settings.root_key_file is not None
+    assert settings.tls.cert_file is not None and settings.tls.key_file is not None
+    header = _kubernetes_secrets_header()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {Path(m["mountPath"]): m["name"] for m in container["volumeMounts"]}
+    env_files = [e["value"] for e in container["env"] if str(e.get("value", "")).startswith("/")]
+    for read in (settings.root_key_file, settings.tls.cert_file, settings.tls.key_file, *env_files):
+        read = Path(read)
+        directory = next((m for m in mounts if m in read.parents), None)
+        assert directory is not None, f"{read}: in no volume"
+        secret = volumes[mounts[directory]].get("secret")
+        if secret is None:
+            continue
+        inside = str(read.relative_to(directory))
+        if "items" in secret:
+            assert inside in {item["path"] for item in secret["items"]}, read
+        else:
+            assert inside in header[secret["secretName"]], (read, header)
+    # the probes ask over HTTP: no health-check command, so no client settings
+    assert not {"KMSGATE_ADDR", "KMSGATE_CACERT"} & {e["name"] for e in container["env"]}
+
+
+def _kubernetes_secrets_header() -> dict[str, set[str]]:
+    """What the manifest's header says each Secret holds: its name -> the file names
+    (words like `tls.crt`) of the first sentence of its bullet."""
+    header = []
+    for line in (DEPLOY / "kubernetes" / "kmsgate.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# "))
+    held: dict[str, set[str]] = {}
+    for bullet in " ".join(header).split(" - ")[1:]:
+        if match := re.match(r"Secret ([\w-]+): (.*)", bullet):
+            sentence = re.split(r"\.\s", match.group(2))[0]
+            held[match.group(1)] = set(re.findall(r"\b[\w-]+\.(?:key|crt|pem)\b", sentence))
+    return held
 
 
 def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
