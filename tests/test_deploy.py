@@ -6,9 +6,11 @@ README, the settings they carry loaded by kmsgate itself, the unit verified by
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tomllib
@@ -18,6 +20,7 @@ from typing import Any
 import yaml
 
 from kmsgate.backends import BACKEND_TYPES
+from kmsgate.backends.secret_files import exposure
 from kmsgate.config import Settings, load_settings
 from tests.components import require_component
 from tests.test_cli import clean_env, run_cli, running_gateway
@@ -251,6 +254,7 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     for hardening in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
                       "CapabilityBoundingSet=", "StateDirectory=kmsgate"):  # fmt: skip
         assert hardening in unit.splitlines(), hardening
+    _the_documented_setup_fits_the_unit(unit)
     if shutil.which("systemd-analyze") is None:
         require_component("systemd-analyze", "not on this machine; the unit was parsed only")
     # verify with this environment's kmsgate in place of /opt/kmsgate's
@@ -261,3 +265,38 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
         ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _the_documented_setup_fits_the_unit(unit: str) -> None:
+    """operations.md's setup creates the unit's user, installs where ExecStart points (not
+    editable: ProtectHome=yes hides a checkout under /home), gives that user its data dir
+    and, through its group only, the root key: a mode kmsgate's own check accepts."""
+    settings = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and line[0].isalpha()
+    )
+    user, group = settings["User"], settings["Group"]
+    prefix = Path(shlex.split(settings["ExecStart"])[0]).parent.parent
+    text = (REPO / "docs" / "operations.md").read_text()
+    start = text.index("### Setting up a production gateway")
+    setup = text[start : text.index("\n### ", start + 1)]
+    commands = [line.removeprefix("$ ") for line in setup.splitlines() if line.startswith("$ ")]
+    creates_user = [
+        c for c in commands if re.search(rf"useradd --system .*--user-group .* {user}$", c)
+    ]
+    assert creates_user, f"no documented step creates the unit's User={user}"
+    assert f"sudo python3 -m venv {prefix}" in commands, f"no documented venv in {prefix}"
+    installs = [c for c in commands if "pip install" in c]
+    assert installs and all(c.startswith(f"sudo {prefix}/bin/pip install '.") for c in installs)
+    assert any(f"-o {user} -g {group} -m 700 /var/lib/kmsgate" in c for c in commands)
+    (key,) = [c for c in commands if c.endswith("/root.key") and " install " in c]
+    mode = re.search(r"-o (\S+) -g (\S+) -m (\d+)", key)
+    assert mode is not None and mode.group(2) == group, key
+    owner_uid = 0 if mode.group(1) == "root" else 1000
+    fake = os.stat_result(
+        (stat.S_IFREG | int(mode.group(3), 8), 0, 0, 1, owner_uid, 0, 32, 0, 0, 0)
+    )
+    assert exposure(fake) is None, key
+    assert int(mode.group(3), 8) & stat.S_IRGRP, f"{user} cannot read the root key: {key}"
+    for command in commands:  # whatever writes the data dir runs as the service user
+        if "kmsgate token bootstrap" in command or "kmsgate serve" in command:
+            assert command.startswith(f"sudo -u {user} {prefix}/bin/kmsgate "), command
