@@ -1047,3 +1047,24 @@ def test_patching_min_decrypt_version_retires_transit_versions(
     assert r.status_code == 200, r.text
     assert r.json()["min_decrypt_version"] == 2
     assert transit_key(openbao_server, f"{prefix}retire")["min_decryption_version"] == 2
+
+
+def test_a_mount_without_transit_is_named_not_a_key_gone(openbao_server):
+    """Vault answers 'no handler for route' when nothing is mounted at `mount`: creating a
+    key says to enable Transit there, and a key of that mount is not reported destroyed."""
+    backend = make_backend(
+        openbao_server.addr, "t-", token=openbao_server.root_token, mount="nothing-here"
+    )
+    try:
+        for attempt in (
+            lambda: backend.create_key(KeySpec("k", 1, KeyType.ED25519)),
+            lambda: _sign(
+                backend, BackendKey("hashivault:nothing-here/t-k#1", KeyType.ED25519, "k", 1)
+            ),
+        ):
+            with pytest.raises(
+                BackendError, match=r"no secrets engine at nothing-here/ \(enable Transit there"
+            ):
+                attempt()
+    finally:
+        backend.close()

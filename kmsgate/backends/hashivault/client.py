@@ -136,6 +136,13 @@ class _VaultClient:
                     continue
                 raise self._translate(exc, what, on_invalid) from None
             except hvac.exceptions.InvalidPath as exc:
+                if "no handler for route" in str(exc):  # nothing mounted there: not a key gone
+                    _log.warning("hashivault %s: %s failed: %s", self.name, what, exc)
+                    mount = path.partition("/")[0]
+                    raise BackendError(
+                        f"backend {self.name!r}: Vault has no secrets engine at {mount}/ "
+                        f"(enable Transit there: bao secrets enable -path={mount} transit)"
+                    ) from None
                 if not_found is not None:
                     raise not_found() from None
                 raise self._translate(exc, what, on_invalid) from None
