@@ -652,8 +652,8 @@ def test_adopt_existing_key_and_ed25519_not_offered_by_moto(moto_server):
         )
         with pytest.raises(InvalidRequest):
             backend.adopt_key(KeySpec("k", 1, KeyType.ECDSA_P256), arn)  # wrong type
-        backend.destroy(adopted)  # adopted: disabled, not deleted
-        assert client.describe_key(KeyId=arn)["KeyMetadata"]["KeyState"] == "Disabled"
+        backend.destroy(adopted)  # adopted: forgotten, left as it is in AWS
+        assert client.describe_key(KeyId=arn)["KeyMetadata"]["KeyState"] == "Enabled"
         with pytest.raises(KeyDestroyed):
             backend.wrap(adopted, b"x", b"")
         with pytest.raises(NotSupported):

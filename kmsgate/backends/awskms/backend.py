@@ -176,8 +176,8 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         """Schedule the KMS key's deletion (`pending_window_days`) and drop its alias.
 
         Version N > 1 of an aes-256-gcm key shares the KMS key of version 1: AWS cannot
-        delete one rotation's material, so only kmsgate forgets it. An adopted key is only
-        disabled unless `delete_adopted_keys`. An already deleted key is not an error.
+        delete one rotation's material, so only kmsgate forgets it, as it forgets an adopted
+        key (made outside kmsgate, left as it is). An already deleted key is not an error.
         Raises BackendUnavailable, BackendError.
         """
         with self._lock:

@@ -214,8 +214,8 @@ def adopt_key(kms: _KmsClient, spec: KeySpec, uri: str) -> BackendKey:
 
 
 def destroy_key(kms: _KmsClient, key: BackendKey) -> None:
-    """Schedule the deletion of the KMS key behind `key` (only disable an adopted one) and
-    drop its alias. Raises as `AwsKmsBackend.destroy`."""
+    """Schedule the deletion of the KMS key behind `key` and drop its alias (an adopted key
+    is left as it is). Raises as `AwsKmsBackend.destroy`."""
     match = _REF.match(key.ref)
     if match is None:
         raise BackendError("the key reference is not an awskms reference")
@@ -231,12 +231,8 @@ def destroy_key(kms: _KmsClient, key: BackendKey) -> None:
             key.version,
         )
         return
-    if material is not None and material.adopted and not kms.settings.delete_adopted_keys:
-        try:
-            kms.call("disable_key", "control", KeyId=arn.rsplit("/", 1)[1])
-        except _AwsError as exc:
-            if exc.code not in ("NotFoundException", "KMSInvalidStateException"):
-                raise kms.fail(exc, "disable an adopted key") from None
+    if material is not None and material.adopted:
+        _log.info("awskms: %s v%d was adopted: the KMS key is left as it is", key.name, key.version)
         return
     _drop_alias(kms, key.name, arn)
     _schedule_deletion(kms, arn, raise_errors=True)

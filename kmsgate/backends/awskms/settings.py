@@ -56,8 +56,6 @@ class AwsKmsSettings(BaseModel):
     alias_prefix: str = Field(default="alias/kmsgate/", pattern=_ALIAS_PREFIX.pattern)
     pending_window_days: int = Field(default=30, ge=7, le=30)
     """Days between `destroy` and AWS deleting the KMS key (ScheduleKeyDeletion)."""
-    delete_adopted_keys: bool = False
-    """Whether `destroy` schedules the deletion of an adopted key (else it only disables it)."""
     tags: dict[str, str] = Field(default_factory=dict)
     """Extra tags put on every KMS key kmsgate creates."""
 
