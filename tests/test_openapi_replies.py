@@ -160,6 +160,47 @@ def test_a_key_with_every_optional_member_and_the_jwks_of_each_key_type(
     assert {v["uses"] for v in key["versions"]} == {None}
 
 
+def test_key_lifecycle_replies_and_the_list(api, admin, replies):
+    """Each change replies the key object: without the versions' use, which only
+    `GET /v1/keys/{name}` adds."""
+    body = {
+        "name": "life",
+        "type": "ecdsa-p256",
+        "purpose": "general",
+        "labels": {"team": "ml"},
+        "rotation_period": "30d",
+        "public": True,
+    }
+    key = replies.call("POST", "/v1/keys", 201, json=body)
+    assert (key["rotation_period"], "next_rotation" in key) == ("2592000s", True)
+    assert "uses" not in key["versions"][0]
+    public_pem = api.call("GET", "/v1/keys/life/public-key", admin).text
+    imported = {"name": "imported", "purpose": "general", "public_key": public_pem}
+    assert replies.call("POST", "/v1/keys", 201, json=imported)["verify_only"] is True
+    path = "/v1/keys/{name}"
+    rotated = replies.call("POST", path + "/rotate", name="life")
+    assert [v["state"] for v in rotated["versions"]] == ["enabled", "enabled"]
+    patched = replies.call(
+        "PATCH", path, name="life", json={"min_decrypt_version": 2, "rotation_period": None}
+    )
+    assert (patched["versions"][0]["state"], "rotation_period" in patched) == ("retired", False)
+    since = {"since": (datetime.now(UTC) - timedelta(hours=1)).isoformat()}
+    marked = replies.call(
+        "POST", path + "/versions/{version}/compromised", name="life", version=1, json=since
+    )
+    assert "compromised_since" in marked["versions"][0]
+    assert replies.call("POST", path + "/disable", name="life")["state"] == "disabled"
+    assert replies.call("POST", path + "/enable", name="life")["state"] == "enabled"
+    deleting = replies.call(
+        "POST", path + "/schedule-deletion", name="life", json={"pending_days": 7}
+    )
+    assert (deleting["state"], "deletion_date" in deleting) == ("pending_deletion", True)
+    assert replies.call("POST", path + "/cancel-deletion", name="life")["state"] == "disabled"
+    listed = replies.call("GET", "/v1/keys")["keys"]
+    assert sorted(k["name"] for k in listed) == ["imported", "life"]
+    assert replies.call("GET", "/v1/keys", params={"label": "team:ml"})["keys"][0]["name"] == "life"
+
+
 def test_issuance_and_the_trust_bundle(api, admin, replies):
     """(A renewal, over mTLS only, replies as issuance does: `routes_pki._issued_body`.)"""
     make_intermediate(api, admin, OfflineRoot())

@@ -141,9 +141,24 @@ def operation_reply(item: Schema) -> Schema:
 
 # -- keys ------------------------------------------------------------------------------------
 
-KEY = _component(
-    "Key",
-    _closed(
+
+def _key(usage: bool) -> Schema:
+    """The key object (docs/api.md); with `usage`, each version's `uses` and `last_used`
+    (both null while the store cannot be reached), as `GET /v1/keys/{name}` gives it."""
+    version: dict[str, Schema] = {
+        "version": _VERSION,
+        "state": {  # `Key.version_state`
+            "type": "string",
+            "enum": ["enabled", "compromised", "retired", "destroyed"],
+        },
+        "created_at": _TIME,
+    }
+    if usage:
+        version |= {
+            "uses": _nullable({"type": "integer", "minimum": 0}),
+            "last_used": _nullable(_TIME),
+        }
+    return _closed(
         {
             "name": _STRING,
             "type": _enum(KeyType),
@@ -155,21 +170,7 @@ KEY = _component(
             "min_decrypt_version": _VERSION,
             "verify_only": _BOOLEAN,
             "public": _BOOLEAN,
-            "versions": _array(
-                _closed(
-                    {
-                        "version": _VERSION,
-                        "state": {  # `Key.version_state`
-                            "type": "string",
-                            "enum": ["enabled", "compromised", "retired", "destroyed"],
-                        },
-                        "created_at": _TIME,
-                        "uses": _nullable({"type": "integer", "minimum": 0}),
-                        "last_used": _nullable(_TIME),
-                    },
-                    {"compromised_since": _TIME},
-                )
-            ),
+            "versions": _array(_closed(version, {"compromised_since": _TIME})),
             "created_at": _TIME,
         },
         {
@@ -178,9 +179,16 @@ KEY = _component(
             "deletion_date": _TIME,
         },
         "a key as `GET /v1/keys/{name}` gives it: each version with its `uses` and "
-        "`last_used` (both null while the store cannot be reached)",
-    ),
-)
+        "`last_used` (both null while the store cannot be reached)"
+        if usage
+        else "a key, as its list and its changes give it (`GET /v1/keys/{name}` adds each "
+        "version's `uses` and `last_used`)",
+    )
+
+
+KEY = _component("Key", _key(usage=False))
+KEY_WITH_USAGE = _component("KeyWithUsage", _key(usage=True))
+KEYS = _closed({"keys": _array(KEY)})
 
 _PUBLIC_KEY_FORMS = (  # kmsgate.jwk.public_jwk: the members fixed by the key type, its alg
     ({"kty": "EC", "crv": "P-256"}, "ES256", ("x", "y")),

@@ -20,6 +20,8 @@ from kmsgate.api.replies import (
     DATA_KEY,
     JWKS,
     KEY,
+    KEY_WITH_USAGE,
+    KEYS,
     MAC,
     PLAINTEXT,
     SIGNATURE,
@@ -225,18 +227,22 @@ def build_routes() -> tuple[list[Route], APIRouter]:
                 responses={200: json_reply(operation_reply(op.result))},
             )
         )
-    router.add_api_route("", create_key, methods=["POST"], status_code=201)
-    router.add_api_route("", list_keys, methods=["GET"])
-    router.add_api_route("/{name}", get_key, methods=["GET"], responses={200: json_reply(KEY)})
-    router.add_api_route("/{name}", update_key, methods=["PATCH"])
-    router.add_api_route("/{name}/rotate", rotate_key, methods=["POST"])
-    router.add_api_route("/{name}/disable", disable_key, methods=["POST"])
-    router.add_api_route("/{name}/enable", enable_key, methods=["POST"])
+    key = json_reply(KEY)
+    router.add_api_route("", create_key, methods=["POST"], status_code=201, responses={201: key})
+    router.add_api_route("", list_keys, methods=["GET"], responses={200: json_reply(KEYS)})
     router.add_api_route(
-        "/{name}/versions/{version}/compromised", mark_compromised, methods=["POST"]
+        "/{name}", get_key, methods=["GET"], responses={200: json_reply(KEY_WITH_USAGE)}
     )
-    router.add_api_route("/{name}/schedule-deletion", schedule_deletion, methods=["POST"])
-    router.add_api_route("/{name}/cancel-deletion", cancel_deletion, methods=["POST"])
+    router.add_api_route("/{name}", update_key, methods=["PATCH"], responses={200: key})
+    for path, change in (
+        ("/{name}/rotate", rotate_key),
+        ("/{name}/disable", disable_key),
+        ("/{name}/enable", enable_key),
+        ("/{name}/versions/{version}/compromised", mark_compromised),
+        ("/{name}/schedule-deletion", schedule_deletion),
+        ("/{name}/cancel-deletion", cancel_deletion),
+    ):
+        router.add_api_route(path, change, methods=["POST"], responses={200: key})
     router.add_api_route("/{name}/public-key", public_key, methods=["GET"], **non_json_reply(PEM))
     router.add_api_route(
         "/{name}/jwks.json",
@@ -260,9 +266,9 @@ def _labels(label: list[str]) -> dict[str, str]:
 
 def create_key(
     body: CreateKeyRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> dict[str, Any]:
+) -> Response:
     """Create a key (or import a verify-only public key)."""
-    return service.keys.create(principal, ctx, body.to_input()).to_dict()
+    return json_response(service.keys.create(principal, ctx, body.to_input()).to_dict(), 201)
 
 
 def list_keys(
@@ -271,10 +277,10 @@ def list_keys(
     ctx: CtxDep,
     purpose: str | None = None,
     label: Annotated[list[str], Query(max_length=32)] = [],  # noqa: B006
-) -> dict[str, Any]:
+) -> Response:
     """Keys the caller may read, filtered by purpose and `label=name:value`."""
     keys = service.keys.search(principal, ctx, purpose=purpose, labels=_labels(label))
-    return {"keys": [key.to_dict() for key in keys]}
+    return json_response({"keys": [key.to_dict() for key in keys]})
 
 
 def get_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
@@ -289,29 +295,23 @@ def get_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
     return json_response(body)
 
 
-def rotate_key(
-    name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> dict[str, Any]:
+def rotate_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
     """Create a new primary version; old versions keep verifying."""
-    return service.keys.rotate(principal, ctx, name).to_dict()
+    return json_response(service.keys.rotate(principal, ctx, name).to_dict())
 
 
-def disable_key(
-    name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> dict[str, Any]:
-    return service.keys.disable(principal, ctx, name).to_dict()
+def disable_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
+    return json_response(service.keys.disable(principal, ctx, name).to_dict())
 
 
-def enable_key(
-    name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> dict[str, Any]:
-    return service.keys.enable(principal, ctx, name).to_dict()
+def enable_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
+    return json_response(service.keys.enable(principal, ctx, name).to_dict())
 
 
 def update_key(
     name: str, body: PatchKeyRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> dict[str, Any]:
-    return service.keys.update(principal, ctx, name, body.to_input()).to_dict()
+) -> Response:
+    return json_response(service.keys.update(principal, ctx, name, body.to_input()).to_dict())
 
 
 def mark_compromised(
@@ -321,8 +321,10 @@ def mark_compromised(
     service: ServiceDep,
     principal: PrincipalDep,
     ctx: CtxDep,
-) -> dict[str, Any]:
-    return service.keys.mark_compromised(principal, ctx, name, version, body.since).to_dict()
+) -> Response:
+    return json_response(
+        service.keys.mark_compromised(principal, ctx, name, version, body.since).to_dict()
+    )
 
 
 def schedule_deletion(
@@ -331,14 +333,16 @@ def schedule_deletion(
     service: ServiceDep,
     principal: PrincipalDep,
     ctx: CtxDep,
-) -> dict[str, Any]:
-    return service.keys.schedule_deletion(principal, ctx, name, body.pending_days).to_dict()
+) -> Response:
+    return json_response(
+        service.keys.schedule_deletion(principal, ctx, name, body.pending_days).to_dict()
+    )
 
 
 def cancel_deletion(
     name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> dict[str, Any]:
-    return service.keys.cancel_deletion(principal, ctx, name).to_dict()
+) -> Response:
+    return json_response(service.keys.cancel_deletion(principal, ctx, name).to_dict())
 
 
 async def public_key(
