@@ -14,6 +14,7 @@ import jsonschema_rs
 import pytest
 from cryptography import x509
 
+from kmsgate.api.routes_keys import HOT_OPERATIONS, POLICY_DIGEST_HEADER, PREFIX
 from tests.helpers import b64, create_key
 from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate
 
@@ -59,19 +60,30 @@ class Replies:
 
     def call(self, method: str, template: str, status: int = 200, **kwargs: Any) -> Any:
         """`method` on `template` (`{name}` and the like filled in from `kwargs`), asserting
-        the status and that the JSON body matches the document's schema; the body."""
+        the status, that the JSON body matches the document's schema and that the reply
+        carries the headers the document declares, as it declares them; the body."""
         names = {key: kwargs.pop(key) for key in list(kwargs) if "{" + key + "}" in template}
         token = kwargs.pop("token", self.token)
         r = self.api.call(method, template.format(**names), token, **kwargs)
         assert r.status_code == status, r.text
         assert r.headers["content-type"] == JSON
         reply = self.spec["paths"][template][method.lower()]["responses"][str(status)]
-        schema = {**reply["content"][JSON]["schema"], "components": self.spec["components"]}
+        where = f"{method} {template} {status}"
+        for header, declared in reply.get("headers", {}).items():
+            value = r.headers.get(header)
+            assert value is not None or not declared.get("required"), f"{where}: no {header}"
+            if value is not None:
+                self._validate(declared["schema"], value, f"{where} {header}")
         body = r.json()
-        validator = jsonschema_rs.Draft202012Validator(schema, validate_formats=True)
-        errors = [f"{e.instance_path}: {e.message}" for e in validator.iter_errors(body)]
-        assert not errors, f"{method} {template} {status}: {body}\n" + "\n".join(errors)
+        self._validate(reply["content"][JSON]["schema"], body, where)
         return body
+
+    def _validate(self, schema: dict[str, Any], instance: Any, where: str) -> None:
+        validator = jsonschema_rs.Draft202012Validator(
+            {**schema, "components": self.spec["components"]}, validate_formats=True
+        )
+        errors = [f"{e.instance_path}: {e.message}" for e in validator.iter_errors(instance)]
+        assert not errors, f"{where}: {instance}\n" + "\n".join(errors)
 
 
 @pytest.fixture
@@ -158,6 +170,18 @@ def test_a_key_with_every_optional_member_and_the_jwks_of_each_key_type(
         False,
     )
     assert {v["uses"] for v in key["versions"]} == {None}
+
+
+def test_a_key_operation_reply_carries_the_documented_policy_digest(api, replies):
+    """What signers stamp into their provenance: declared on every key operation's reply,
+    and sent (`Replies.call` checks every declared header)."""
+    for op in HOT_OPERATIONS:
+        reply = replies.spec["paths"][PREFIX + op.path]["post"]["responses"]["200"]
+        assert reply["headers"][POLICY_DIGEST_HEADER]["required"] is True, op.path
+    create_key(api, replies.token, "sig", "ecdsa-p256")
+    r = api.call("POST", "/v1/keys/sig/sign", replies.token, json={"input": b64(b"x")})
+    assert r.headers[POLICY_DIGEST_HEADER] == api.service.policy.digest
+    replies.call("POST", "/v1/keys/{name}/sign", name="sig", json={"input": b64(b"x")})
 
 
 def test_key_lifecycle_replies_and_the_list(api, admin, replies):

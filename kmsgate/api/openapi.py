@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from kmsgate.api.replies import COMPONENTS
+from kmsgate.api.replies import COMPONENTS, POLICY_DIGEST
 
 PUBLIC: dict[str, Any] = {"security": []}
 """`openapi_extra` of an operation that takes no credentials."""
@@ -21,6 +21,13 @@ _REQUEST_ID = {
     "required": True,
     "schema": {"type": "string"},
 }
+AUTHORISING_POLICY: dict[str, Any] = {
+    "description": "the digest of the policy bundle that authorised the call (signers put it "
+    "into their provenance)",
+    "required": True,
+    "schema": POLICY_DIGEST,
+}
+"""The header object of `x-kmsgate-policy-digest`, on a key operation's replies."""
 _PROBLEM = {
     "type": "object",
     "description": "RFC 9457 problem details; clients act on `code`",

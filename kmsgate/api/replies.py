@@ -53,11 +53,18 @@ def _nullable(schema: Schema) -> Schema:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-def json_reply(schema: Schema, description: str | None = None) -> dict[str, Any]:
-    """A `responses` entry: a JSON reply of `schema`."""
+def json_reply(
+    schema: Schema,
+    description: str | None = None,
+    headers: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A `responses` entry: a JSON reply of `schema`, with `headers` (header objects by
+    name) besides `x-request-id`, which every reply has (`kmsgate.api.openapi`)."""
     reply: dict[str, Any] = {"content": {"application/json": {"schema": schema}}}
     if description:
         reply["description"] = description
+    if headers:
+        reply["headers"] = {name: dict(header) for name, header in headers.items()}
     return reply
 
 
@@ -82,6 +89,8 @@ _BOOLEAN: Schema = {"type": "boolean"}
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _VERSION: Schema = {"type": "integer", "minimum": 1}
 _B64URL: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}
+POLICY_DIGEST: Schema = {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}
+"""A policy bundle's digest (`PolicyEngine.digest`)."""
 _PEM_CERTIFICATES: Schema = {
     "type": "string",
     "pattern": "^-----BEGIN CERTIFICATE-----",
@@ -303,7 +312,7 @@ POLICY = _component(
     "PolicyInfo",
     _closed(
         {
-            "digest": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+            "digest": POLICY_DIGEST,
             "files": _STRINGS,
             "loaded_at": _TIME,
             "env": _STRING,

@@ -14,7 +14,7 @@ from starlette.routing import Route
 from kmsgate.api.bodies import JsonBodyRoute, json_object
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
 from kmsgate.api.fastpath import Endpoint, fast_route
-from kmsgate.api.openapi import PUBLIC, non_json_reply
+from kmsgate.api.openapi import AUTHORISING_POLICY, PUBLIC, non_json_reply
 from kmsgate.api.replies import (
     CIPHERTEXT,
     DATA_KEY,
@@ -216,6 +216,7 @@ def build_routes() -> tuple[list[Route], APIRouter]:
     document, the operations)."""
     router = APIRouter(prefix=PREFIX, tags=["keys"], route_class=JsonBodyRoute)
     hot: list[Route] = []
+    digest = {POLICY_DIGEST_HEADER: AUTHORISING_POLICY}
     for op in HOT_OPERATIONS:
         hot.append(
             fast_route(
@@ -224,7 +225,7 @@ def build_routes() -> tuple[list[Route], APIRouter]:
                 _endpoint(op),
                 methods=["POST"],
                 openapi_extra=operation_schema(op.item_type),
-                responses={200: json_reply(operation_reply(op.result))},
+                responses={200: json_reply(operation_reply(op.result), headers=digest)},
             )
         )
     key = json_reply(KEY)
