@@ -7,6 +7,7 @@ checks the rest against a live gateway."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,8 @@ import pytest
 from cryptography import x509
 
 from kmsgate.api.routes_keys import HOT_OPERATIONS, POLICY_DIGEST_HEADER, PREFIX
+from kmsgate.bootstrap import ensure_dev_audit_key
+from tests.gateway import open_gateway
 from tests.helpers import b64, create_key
 from tests.pki.ceremony import OfflineRoot, leaf_csr, make_intermediate
 
@@ -250,6 +253,38 @@ def test_system_replies(api, admin, replies, monkeypatch):
     monkeypatch.setattr(api.service.gate.freshness, "stale", lambda: True)
     down = replies.call("GET", "/v1/sys/ready", 503, token=None)
     assert (down["code"], down["store"]["ok"]) == ("not_ready", False)
+
+
+def test_tokens_a_policy_reload_and_the_audit_trail(tmp_path):
+    """Token creation (with and without expiry), list and revocation, a reload, and the
+    audit records they leave, with those of a key operation, of a refused credential and of
+    a signed checkpoint (every record is checkpointed here), whose copy the store keeps."""
+    with open_gateway(tmp_path, audit_checkpoint_records=1) as (api, admin):
+        replies = Replies(api, admin)
+        assert ensure_dev_audit_key(api.service)
+        ask = {"roles": ["dev"], "ttl": "1h", "description": "ci"}
+        created = replies.call("POST", "/v1/sys/tokens", 201, json=ask)
+        assert created["token"].startswith("kmg." + created["id"] + ".")
+        lasting = replies.call("POST", "/v1/sys/tokens", 201, json={"roles": ["dev"]})
+        assert lasting["expires_at"] is None
+        listed = replies.call("GET", "/v1/sys/tokens")["tokens"]
+        assert created["id"] in {t["id"] for t in listed}
+        revoked = replies.call("DELETE", "/v1/sys/tokens/{token_id}", token_id=created["id"])
+        assert revoked["revoked_at"] is not None
+        assert replies.call("POST", "/v1/sys/policy/reload")["digest"] == api.service.policy.digest
+        assert api.call("GET", "/v1/sys/whoami", created["token"]).status_code == 401
+        create_key(api, admin, "sig", "ecdsa-p256")
+        signed = api.call("POST", "/v1/keys/sig/sign", admin, json={"input": b64(b"x")})
+        assert signed.status_code == 200, signed.text
+        deadline = time.monotonic() + 10
+        while not replies.call("GET", "/v1/audit/checkpoints")["checkpoints"]:
+            assert time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        events = replies.call("GET", "/v1/audit", params={"limit": 10000})["events"]
+        actions = {event["action"] for event in events}
+        assert {"token.create", "token.revoke", "policy.reload", "authn", "sign"} <= actions
+        assert "audit.checkpoint" in actions
+        assert any("inputs" in event for event in events)
 
 
 def test_grant_replies_pending_active_and_revoked(api, make_token, replies):

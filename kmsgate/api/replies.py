@@ -48,6 +48,17 @@ def _closed(
     return schema
 
 
+def _extended(closed: Schema, required: Mapping[str, Schema], description: str) -> Schema:
+    """The object `closed` (from `_closed`) with the members `required` as well, in every
+    reply."""
+    return {
+        **closed,
+        "required": [*closed["required"], *required],
+        "properties": {**closed["properties"], **required},
+        "description": description,
+    }
+
+
 def _nullable(schema: Schema) -> Schema:
     """`schema`, or null."""
     return {"anyOf": [schema, {"type": "null"}]}
@@ -89,6 +100,8 @@ _BOOLEAN: Schema = {"type": "boolean"}
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _VERSION: Schema = {"type": "integer", "minimum": 1}
 _B64URL: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}
+_SHA256_HEX: Schema = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_SEQ: Schema = {"type": "integer", "minimum": 1}
 POLICY_DIGEST: Schema = {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}
 """A policy bundle's digest (`PolicyEngine.digest`)."""
 _PEM_CERTIFICATES: Schema = {
@@ -324,6 +337,92 @@ VERDICT = _component(
     _closed(
         {"allow": _BOOLEAN, "reasons": _STRINGS, "roles": _STRINGS, "exceptions_used": _STRINGS}
     ),
+)
+
+POLICY_RELOADED = _component(
+    "PolicyReloaded", _closed({"digest": POLICY_DIGEST}, description="the policy now in force")
+)
+_TOKEN = _closed(
+    {
+        "id": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+        "roles": _array(_STRING, min_items=1),
+        "description": _STRING,
+        "created_at": _TIME,
+        "expires_at": _nullable(_TIME),
+        "revoked_at": _nullable(_TIME),
+    },
+    description="an API token, without its secret; `expires_at` null for one that does not expire",
+)
+TOKEN = _component("Token", _TOKEN)
+NEW_TOKEN = _component(
+    "NewToken",
+    _extended(
+        _TOKEN,
+        {"token": {"type": "string", "pattern": "^kmg\\.[0-9a-f]{16}\\.[A-Za-z0-9_-]+$"}},
+        "an API token just created: `token`, the bearer credential, is in this reply only",
+    ),
+)
+TOKENS = _closed({"tokens": _array(TOKEN)})
+AUDIT_RECORD = _component(
+    "AuditRecord",
+    _closed(
+        {
+            "seq": _SEQ,
+            "time": _TIME,
+            "prev": _SHA256_HEX,
+            "action": _STRING,
+            "decision": {"type": "string", "enum": ["allow", "deny"]},
+            "outcome": _STRING,
+            "request_id": _STRING,
+            "hash": _SHA256_HEX,
+        },
+        {  # `kmsgate.audit.events.record_fields`: only when set
+            "replica": _STRING,
+            "principal": _STRING,
+            "principal_kind": _STRING,
+            "resource": _closed({"kind": _STRING}, {"name": _STRING}),
+            "key_version": _VERSION,
+            "reasons": _STRINGS,
+            "exception_id": _STRING,
+            "inputs": _closed(
+                {
+                    "count": {"type": "integer", "minimum": 1},
+                    "length": {"type": "integer", "minimum": 0},
+                    "sha256": _SHA256_HEX,
+                }
+            ),
+            "policy_digest": POLICY_DIGEST,
+            "detail": {"type": "object"},
+        },
+        "a record of the audit log (docs/audit.md): `detail` depends on the action",
+    ),
+)
+AUDIT_RECORDS = _closed({"events": _array(AUDIT_RECORD)})
+AUDIT_CHECKPOINTS = _closed(
+    {
+        "checkpoints": _array(
+            _component(
+                "AuditCheckpoint",
+                _closed(
+                    {
+                        "replica": _STRING,
+                        "chain": _STRING,
+                        "record_seq": _SEQ,
+                        "record_hash": _SHA256_HEX,
+                        "seq": _SEQ,
+                        "hash": _SHA256_HEX,
+                        "signed_at": _TIME,
+                        "final": _BOOLEAN,
+                        "key_name": _STRING,
+                        "key_version": _VERSION,
+                    },
+                    description="the store's copy of an audit chain's last signed checkpoint: "
+                    "the checkpoint record (`record_seq`, `record_hash`) and what it signed "
+                    "(docs/audit.md)",
+                ),
+            )
+        )
+    }
 )
 
 # -- JIT exceptions --------------------------------------------------------------------------

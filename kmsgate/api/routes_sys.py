@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from starlette.responses import PlainTextResponse, Response
@@ -13,7 +13,21 @@ from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
 from kmsgate.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsgate.api.metrics import Metrics
 from kmsgate.api.openapi import PUBLIC
-from kmsgate.api.replies import HEALTH, IDENTITY, NOT_READY, POLICY, READY, VERDICT, json_reply
+from kmsgate.api.replies import (
+    AUDIT_CHECKPOINTS,
+    AUDIT_RECORDS,
+    HEALTH,
+    IDENTITY,
+    NEW_TOKEN,
+    NOT_READY,
+    POLICY,
+    POLICY_RELOADED,
+    READY,
+    TOKEN,
+    TOKENS,
+    VERDICT,
+    json_reply,
+)
 from kmsgate.api.responses import json_response
 from kmsgate.schemas import PolicyEvaluateRequest, Timestamp, TokenCreateRequest
 from kmsgate.service.requests import AuditQuery
@@ -86,27 +100,29 @@ def policy_evaluate(
     return json_response(service.system.evaluate_policy(principal, ctx, body.to_input()))
 
 
-def policy_reload(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
+def policy_reload(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
     """Re-read the policy files atomically; the old policy stays if the new one is invalid."""
-    return {"digest": service.system.reload_policy(principal, ctx)}
+    return json_response({"digest": service.system.reload_policy(principal, ctx)})
 
 
 def create_token(
     body: TokenCreateRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> dict[str, Any]:
+) -> Response:
     """A new API token: the `token` string is shown only in this reply."""
     info, token = service.system.create_token(principal, ctx, body.to_input())
-    return {**info.to_dict(), "token": token}
+    return json_response({**info.to_dict(), "token": token}, 201)
 
 
-def list_tokens(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
-    return {"tokens": [t.to_dict() for t in service.system.list_tokens(principal, ctx)]}
+def list_tokens(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
+    return json_response(
+        {"tokens": [t.to_dict() for t in service.system.list_tokens(principal, ctx)]}
+    )
 
 
 def revoke_token(
     token_id: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> dict[str, Any]:
-    return service.system.revoke_token(principal, ctx, token_id).to_dict()
+) -> Response:
+    return json_response(service.system.revoke_token(principal, ctx, token_id).to_dict())
 
 
 def audit_events(
@@ -118,17 +134,17 @@ def audit_events(
     key: str | None = None,
     action: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
-) -> dict[str, Any]:
+) -> Response:
     """Audit records, oldest first, filtered."""
     query = AuditQuery(since=since, principal=principal_id, key=key, action=action, limit=limit)
-    return {"events": service.system.audit_events(principal, ctx, query)}
+    return json_response({"events": service.system.audit_events(principal, ctx, query)})
 
 
-def audit_checkpoints(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
+def audit_checkpoints(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
     """The store's last signed checkpoint of every audit chain (action `audit.read`): what
     `kmsgate audit verify --gateway` compares the log files with."""
     anchors = service.system.audit_checkpoints(principal, ctx)
-    return {"checkpoints": [asdict(anchor) for anchor in anchors]}
+    return json_response({"checkpoints": [asdict(anchor) for anchor in anchors]})
 
 
 def build_router() -> APIRouter:
@@ -162,10 +178,35 @@ def build_router() -> APIRouter:
         methods=["POST"],
         responses={200: json_reply(VERDICT)},
     )
-    router.add_api_route("/v1/sys/policy/reload", policy_reload, methods=["POST"])
-    router.add_api_route("/v1/sys/tokens", create_token, methods=["POST"], status_code=201)
-    router.add_api_route("/v1/sys/tokens", list_tokens, methods=["GET"])
-    router.add_api_route("/v1/sys/tokens/{token_id}", revoke_token, methods=["DELETE"])
-    router.add_api_route("/v1/audit", audit_events, methods=["GET"])
-    router.add_api_route("/v1/audit/checkpoints", audit_checkpoints, methods=["GET"])
+    router.add_api_route(
+        "/v1/sys/policy/reload",
+        policy_reload,
+        methods=["POST"],
+        responses={200: json_reply(POLICY_RELOADED)},
+    )
+    router.add_api_route(
+        "/v1/sys/tokens",
+        create_token,
+        methods=["POST"],
+        status_code=201,
+        responses={201: json_reply(NEW_TOKEN)},
+    )
+    router.add_api_route(
+        "/v1/sys/tokens", list_tokens, methods=["GET"], responses={200: json_reply(TOKENS)}
+    )
+    router.add_api_route(
+        "/v1/sys/tokens/{token_id}",
+        revoke_token,
+        methods=["DELETE"],
+        responses={200: json_reply(TOKEN)},
+    )
+    router.add_api_route(
+        "/v1/audit", audit_events, methods=["GET"], responses={200: json_reply(AUDIT_RECORDS)}
+    )
+    router.add_api_route(
+        "/v1/audit/checkpoints",
+        audit_checkpoints,
+        methods=["GET"],
+        responses={200: json_reply(AUDIT_CHECKPOINTS)},
+    )
     return router
