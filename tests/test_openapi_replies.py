@@ -240,6 +240,41 @@ def test_issuance_and_the_trust_bundle(api, admin, replies):
     assert [k["crv"] for k in bundle["keys"]] == ["P-256", "P-384"]
 
 
+def test_cas_profiles_and_the_inventory(replies):
+    """A CA pending (with its CSR) and active, the profiles, and certificate records: valid,
+    revoked, a full page with `next`, and one with its certificate."""
+    root = OfflineRoot()
+    body = {"name": "issuing", "subject": "CN=issuing CA,O=kmsgate tests", "key": {}}
+    pending = replies.call("POST", "/v1/pki/cas", 201, json=body)
+    assert (pending["state"], pending["not_after"]) == ("pending", None)
+    signed = {"certificate": root.sign_intermediate(pending["csr"]), "chain": root.pem}
+    active = replies.call("POST", "/v1/pki/cas/{ca}/certificate", ca="issuing", json=signed)
+    assert active["state"] == "active" and active["parent"]
+    replies.call("POST", "/v1/pki/cas", 201, json={**body, "name": "other"})
+    states = [ca["state"] for ca in replies.call("GET", "/v1/pki/cas")["cas"]]
+    assert states == ["active", "pending"]
+    assert replies.call("GET", "/v1/pki/profiles")["profiles"]
+    serials = []
+    for host in ("a.lab", "b.lab"):
+        issue = {"csr": leaf_csr(x509.DNSName(host))[1], "profile": "server"}
+        issued = replies.call("POST", "/v1/pki/cas/{ca}/issue", ca="issuing", json=issue)
+        serials.append(issued["serial"])
+    page = replies.call("GET", "/v1/pki/certs", params={"limit": 1})
+    assert len(page["certs"]) == 1 and "next" in page
+    assert "next" not in replies.call("GET", "/v1/pki/certs")
+    path = "/v1/pki/certs/{serial}"
+    record = replies.call("GET", path, serial=serials[0])
+    assert record["certificate"].startswith("-----BEGIN CERTIFICATE-----")
+    assert (record["status"], record["revoked_at"], record["reason"]) == ("valid", None, None)
+    revoked = replies.call(
+        "POST", path + "/revoke", serial=serials[0], json={"reason": "superseded"}
+    )
+    assert (revoked["status"], revoked["reason"]) == ("revoked", "superseded")
+    assert replies.call("GET", path, serial=serials[0])["revoked_at"] == revoked["revoked_at"]
+    listed = replies.call("GET", "/v1/pki/certs", params={"status": "revoked"})["certs"]
+    assert [r["serial"] for r in listed] == [serials[0]]
+
+
 def test_system_replies(api, admin, replies, monkeypatch):
     replies.call("GET", "/v1/sys/health", token=None)
     replies.call("GET", "/v1/sys/ready", token=None)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, get_args
 
 from kmsgate.algorithms import SIGN_ALGORITHMS, KeyType
 from kmsgate.catalogue import KeyState
+from kmsgate.config import EkuName
 from kmsgate.grants import GrantState
+from kmsgate.pki.authorities import CaState, CaType
+from kmsgate.pki.crl import REVOCATION_REASONS
 from kmsgate.schemas import B64_SCHEMA
 
 Schema = dict[str, Any]
@@ -251,13 +254,16 @@ JWKS = _component(
 
 # -- PKI ---------------------------------------------------------------------------------------
 
+_SERIAL: Schema = {"type": "string", "pattern": "^[0-9a-f]+$"}
+_DURATION: Schema = {"type": "string", "pattern": "^[0-9]+[dhms]$"}  # config.format_duration
+
 ISSUED = _component(
     "Issued",
     _closed(
         {
             "certificate": _PEM_CERTIFICATES,
             "chain": _PEM_CERTIFICATES,
-            "serial": {"type": "string", "pattern": "^[0-9a-f]+$"},
+            "serial": _SERIAL,
             "not_after": _TIME,
         },
         description="a certificate just issued, its chain (the issuing CA first, root last), "
@@ -277,6 +283,92 @@ SPIFFE_BUNDLE = _component(
         },
         description="a SPIFFE trust bundle: one key per certificate, the CA's own first",
     ),
+)
+
+_CA = _closed(
+    {
+        "name": _STRING,
+        "type": _enum(CaType),
+        "state": _enum(CaState),
+        "subject": _STRING,
+        "key": _nullable(_STRING),
+        "parent": _nullable(_STRING),
+        "not_after": _nullable(_TIME),
+    },
+    description="a CA: `key` its kmsgate key (null for a Vault PKI CA), `parent` its "
+    "issuer's subject and `not_after` its certificate's end (null while `pending`)",
+)
+CA = _component("Ca", _CA)
+NEW_CA = _component(
+    "NewCa",
+    _extended(
+        _CA,
+        {"csr": _nullable({"type": "string", "pattern": "^-----BEGIN CERTIFICATE REQUEST-----"})},
+        "a CA just created: `pending`, with the CSR (PEM) for the offline root to sign; a "
+        "Vault PKI CA is `active` at once, without one",
+    ),
+)
+CAS = _closed({"cas": _array(CA)})
+PROFILES = _closed(
+    {
+        "profiles": _array(
+            _component(
+                "Profile",
+                _closed(
+                    {
+                        "name": _STRING,
+                        "ekus": _array({"type": "string", "enum": list(get_args(EkuName))}),
+                        "san_rules": _closed(
+                            {
+                                "dns": _STRINGS,
+                                "ip": _STRINGS,
+                                "uri": _STRINGS,
+                                "exactly_one_uri": _BOOLEAN,
+                            }
+                        ),
+                        "max_ttl": _DURATION,
+                        "default_ttl": _DURATION,
+                        "key_types": _array(_enum(KeyType)),
+                    },
+                    description="a certificate profile: what it grants and to which names",
+                ),
+            )
+        )
+    }
+)
+_CERTIFICATE_RECORD = _closed(
+    {
+        "serial": _SERIAL,
+        "ca": _STRING,
+        "subject": _STRING,
+        "sans": _array({"type": "string", "pattern": "^(dns|ip|uri|email):"}),
+        "profile": _STRING,
+        "key_type": _enum(KeyType),
+        "not_before": _TIME,
+        "not_after": _TIME,
+        "status": {"type": "string", "enum": ["valid", "revoked", "expired"]},
+        "revoked_at": _nullable(_TIME),
+        "reason": _nullable({"type": "string", "enum": list(REVOCATION_REASONS)}),
+        "owner": _STRING,
+        "fingerprint": _SHA256_HEX,
+    },
+    description="the inventory's record of a certificate issued: `owner` the principal "
+    "that asked, `fingerprint` the SHA-256 of its DER",
+)
+CERTIFICATE_RECORD = _component("CertificateRecord", _CERTIFICATE_RECORD)
+CERTIFICATE_RECORD_PEM = _component(
+    "CertificateRecordWithPem",
+    _extended(
+        _CERTIFICATE_RECORD,
+        {"certificate": _PEM_CERTIFICATES},
+        "the inventory's record of a certificate issued, with the certificate",
+    ),
+)
+CERTIFICATE_PAGE = _closed(
+    {"certs": _array(CERTIFICATE_RECORD)},
+    {"next": _SERIAL},
+    "a page of the inventory, by serial; `next`, when the page is full, is the `after` of "
+    "the next one",
 )
 
 # -- system ----------------------------------------------------------------------------------

@@ -14,7 +14,18 @@ from kmsgate.api.bodies import JsonBodyRoute, json_object
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
 from kmsgate.api.fastpath import body_schema, fast_route
 from kmsgate.api.openapi import PUBLIC, non_json_reply
-from kmsgate.api.replies import ISSUED, SPIFFE_BUNDLE, json_reply
+from kmsgate.api.replies import (
+    CA,
+    CAS,
+    CERTIFICATE_PAGE,
+    CERTIFICATE_RECORD,
+    CERTIFICATE_RECORD_PEM,
+    ISSUED,
+    NEW_CA,
+    PROFILES,
+    SPIFFE_BUNDLE,
+    json_reply,
+)
 from kmsgate.api.responses import PEM, json_response
 from kmsgate.pki.crl import parse_reason
 from kmsgate.pki.issuer import parse_serial, serial_hex
@@ -82,28 +93,49 @@ def build_routes() -> tuple[list[Route], APIRouter]:
             },
         ),
     ]
-    router.add_api_route("/cas", list_cas, methods=["GET"])
-    router.add_api_route("/cas", create_ca, methods=["POST"], status_code=201)
-    router.add_api_route("/cas/{ca}/certificate", import_certificate, methods=["POST"])
-    router.add_api_route("/profiles", profiles, methods=["GET"])
-    router.add_api_route("/certs", list_certs, methods=["GET"])
-    router.add_api_route("/certs/{serial}", get_cert, methods=["GET"])
-    router.add_api_route("/certs/{serial}/revoke", revoke, methods=["POST"])
+    router.add_api_route("/cas", list_cas, methods=["GET"], responses={200: json_reply(CAS)})
+    router.add_api_route(
+        "/cas", create_ca, methods=["POST"], status_code=201, responses={201: json_reply(NEW_CA)}
+    )
+    router.add_api_route(
+        "/cas/{ca}/certificate",
+        import_certificate,
+        methods=["POST"],
+        responses={200: json_reply(CA)},
+    )
+    router.add_api_route(
+        "/profiles", profiles, methods=["GET"], responses={200: json_reply(PROFILES)}
+    )
+    router.add_api_route(
+        "/certs", list_certs, methods=["GET"], responses={200: json_reply(CERTIFICATE_PAGE)}
+    )
+    router.add_api_route(
+        "/certs/{serial}",
+        get_cert,
+        methods=["GET"],
+        responses={200: json_reply(CERTIFICATE_RECORD_PEM)},
+    )
+    router.add_api_route(
+        "/certs/{serial}/revoke",
+        revoke,
+        methods=["POST"],
+        responses={200: json_reply(CERTIFICATE_RECORD)},
+    )
     router.add_api_route("/renew", renew, methods=["POST"], responses={200: json_reply(ISSUED)})
     return fast, router
 
 
-def list_cas(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
+def list_cas(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
     """The CAs: name, type, state, subject, key, parent, not_after."""
-    return {"cas": [ca.to_dict() for ca in service.pki.list_cas(principal, ctx)]}
+    return json_response({"cas": [ca.to_dict() for ca in service.pki.list_cas(principal, ctx)]})
 
 
 def create_ca(
     body: CreateCaRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> dict[str, Any]:
+) -> Response:
     """Create an intermediate CA's key on a backend; reply its CSR for the offline root."""
     ca = service.pki.create_ca(principal, ctx, body.to_input())
-    return {**ca.to_dict(), "csr": ca.csr_pem}
+    return json_response({**ca.to_dict(), "csr": ca.csr_pem}, 201)
 
 
 def import_certificate(
@@ -112,10 +144,11 @@ def import_certificate(
     service: ServiceDep,
     principal: PrincipalDep,
     ctx: CtxDep,
-) -> dict[str, Any]:
+) -> Response:
     """Activate a pending CA with its signed certificate and the chain up to the root."""
     certificate, chain_certs = body.certificates()
-    return service.pki.import_certificate(principal, ctx, ca, certificate, chain_certs).to_dict()
+    authority = service.pki.import_certificate(principal, ctx, ca, certificate, chain_certs)
+    return json_response(authority.to_dict())
 
 
 async def chain(request: Request) -> Response:
@@ -173,9 +206,9 @@ def _issued_body(issued: Issued) -> dict[str, str]:
     }
 
 
-def profiles(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> dict[str, Any]:
+def profiles(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
     """The certificate profiles: EKUs, SAN rules, TTLs, key types."""
-    return {"profiles": service.pki.describe_profiles(principal, ctx)}
+    return json_response({"profiles": service.pki.describe_profiles(principal, ctx)})
 
 
 def list_certs(
@@ -190,7 +223,7 @@ def list_certs(
     owner: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(max_length=64)] = None,
-) -> dict[str, Any]:
+) -> Response:
     """The inventory, by serial; `next` is the `after` of the next page."""
     query = CertQuery(
         ca=ca,
@@ -206,23 +239,21 @@ def list_certs(
     page: dict[str, Any] = {"certs": [r.to_dict() for r in records]}
     if len(records) == limit:
         page["next"] = records[-1].serial
-    return page
+    return json_response(page)
 
 
-def get_cert(
-    serial: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> dict[str, Any]:
+def get_cert(serial: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
     """One inventory record, with the certificate (PEM)."""
     record = service.pki.certificate(principal, ctx, _serial(serial))
-    return {**record.to_dict(), "certificate": record.pem}
+    return json_response({**record.to_dict(), "certificate": record.pem})
 
 
 def revoke(
     serial: str, body: RevokeRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
-) -> dict[str, Any]:
+) -> Response:
     """Revoke a certificate with an RFC 5280 reason name."""
     parse_reason(body.reason, revoking=True)  # a clear 400 listing the valid names
-    return service.pki.revoke(principal, ctx, _serial(serial), body.reason).to_dict()
+    return json_response(service.pki.revoke(principal, ctx, _serial(serial), body.reason).to_dict())
 
 
 def _serial(text: str) -> str:

@@ -19,6 +19,7 @@ from tests.gateway import open_gateway
 from tests.openbao import OpenBaoServer
 from tests.pki.ceremony import leaf_csr, write
 from tests.test_hashivault_gateway import token_file, vault_config
+from tests.test_openapi_replies import Replies
 
 pytestmark = pytest.mark.interop
 
@@ -223,3 +224,28 @@ def test_a_vault_role_that_would_give_other_extensions_is_refused(
         assert list(ekus) == [x509.ExtendedKeyUsageOID.SERVER_AUTH]
         basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         assert basic.ca is False
+
+
+def test_the_replies_of_a_vault_pki_ca_match_the_openapi_document(
+    openbao_server: OpenBaoServer, pki_mount: str, tmp_path: Path
+) -> None:
+    """A `hashivault-pki` CA is active at once, without a kmsgate key or a CSR, which the
+    document says; the records of its certificates are as any other's."""
+    with vault_gateway(openbao_server, tmp_path) as (api, admin):
+        replies = Replies(api, admin)
+        body = {
+            "name": "bao",
+            "type": "hashivault-pki",
+            "key": {"backend": "vault"},
+            "mount": pki_mount,
+            "role": "web",
+        }
+        created = replies.call("POST", "/v1/pki/cas", 201, json=body)
+        assert (created["state"], created["key"], created["csr"]) == ("active", None, None)
+        replies.call("GET", "/v1/pki/cas")
+        issue = {"csr": leaf_csr(x509.DNSName("api.lab"))[1], "profile": "server"}
+        serial = replies.call("POST", "/v1/pki/cas/{ca}/issue", ca="bao", json=issue)["serial"]
+        replies.call("GET", "/v1/pki/certs/{serial}", serial=serial)
+        revoke = {"reason": "keyCompromise"}
+        replies.call("POST", "/v1/pki/certs/{serial}/revoke", serial=serial, json=revoke)
+        replies.call("GET", "/v1/pki/certs", params={"ca": "bao"})
