@@ -322,7 +322,7 @@ def test_tokens_a_policy_reload_and_the_audit_trail(tmp_path):
         assert any("inputs" in event for event in events)
 
 
-def test_grant_replies_pending_active_and_revoked(api, make_token, replies):
+def test_grant_replies_pending_active_revoked_and_listed(api, make_token, replies):
     requester, approver = make_token("dev"), make_token("approver")
     ask = {
         "actions": ["decrypt"],
@@ -338,3 +338,6 @@ def test_grant_replies_pending_active_and_revoked(api, make_token, replies):
     approved = replies.call("POST", path + "/approve", grant_id=grant["id"], token=approver)
     assert approved["state"] == "active" and approved["approvals"]
     assert replies.call("DELETE", path, grant_id=grant["id"])["state"] == "revoked"
+    replies.call("POST", "/v1/exceptions", 201, json=ask, token=requester)
+    listed = replies.call("GET", "/v1/exceptions")["exceptions"]
+    assert [g["state"] for g in listed] == ["revoked", "pending"]

@@ -542,3 +542,4 @@ GRANT = _component(
         description="a JIT grant; `principal` asked for it, `duration` in seconds",
     ),
 )
+GRANTS = _closed({"exceptions": _array(GRANT)})

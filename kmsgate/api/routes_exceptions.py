@@ -4,14 +4,14 @@ list and show grants."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from starlette.responses import Response
 
 from kmsgate.api.bodies import JsonBodyRoute
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
-from kmsgate.api.replies import GRANT, json_reply
+from kmsgate.api.replies import GRANT, GRANTS, json_reply
 from kmsgate.api.responses import json_response
 from kmsgate.grants import GrantState
 from kmsgate.schemas import ExceptionCreateRequest
@@ -58,11 +58,11 @@ def list_exceptions(
     ctx: CtxDep,
     state: GrantState | None = None,
     principal_id: Annotated[str | None, Query(alias="principal", max_length=256)] = None,
-) -> dict[str, Any]:
+) -> Response:
     """Grants, oldest first, by state and requester."""
     grants = service.exceptions.search(principal, ctx, owner=principal_id, state=state)
     at = now()
-    return {"exceptions": [g.to_dict(at) for g in grants]}
+    return json_response({"exceptions": [g.to_dict(at) for g in grants]})
 
 
 def build_router() -> APIRouter:
@@ -72,7 +72,7 @@ def build_router() -> APIRouter:
     router.add_api_route(
         "", request_exception, methods=["POST"], status_code=201, responses={201: grant}
     )
-    router.add_api_route("", list_exceptions, methods=["GET"])
+    router.add_api_route("", list_exceptions, methods=["GET"], responses={200: json_reply(GRANTS)})
     router.add_api_route("/{grant_id}", show_exception, methods=["GET"], responses={200: grant})
     router.add_api_route(
         "/{grant_id}", revoke_exception, methods=["DELETE"], responses={200: grant}
