@@ -1,9 +1,11 @@
-"""The OpenAPI document describes every reply: no success of any operation has an empty
-schema (schemathesis checks nothing against one), and the replies schemathesis rarely or
-never meets (a batch with failed items, a signature that does not verify, a data key
-without its plaintext, a key with every optional member, a grant in each state, a CA's
-trust bundle, a gateway that is not ready) match theirs. tests/test_openapi_conformance.py
-checks the rest against a live gateway."""
+"""The OpenAPI document describes every reply: no success of any operation has a schema that
+says nothing (empty, or any object: schemathesis checks nothing against either), and the
+replies schemathesis rarely or never meets (a batch with failed items, a signature that does
+not verify, a data key without its plaintext, a key with every optional member and through
+each change, a grant in each state, a CA pending and active, certificate records, a CA's
+trust bundle, tokens and the audit trail, a gateway that is not ready) match theirs, with the
+headers they declare. tests/test_openapi_conformance.py checks the rest against a live
+gateway."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import jsonschema_rs
 import pytest
 from cryptography import x509
+from fastapi import FastAPI
 
 from kmsgate.api.routes_keys import HOT_OPERATIONS, POLICY_DIGEST_HEADER, PREFIX
 from kmsgate.bootstrap import ensure_dev_audit_key
@@ -34,19 +37,47 @@ def _refs(node: Any) -> set[str]:
     return set()
 
 
+def _says_nothing(schema: dict[str, Any], components: dict[str, Any]) -> bool:
+    """Whether `schema` leaves a reply unchecked: empty, or any object at all (FastAPI's
+    reading of a `dict[str, Any]` return annotation, `{type: object, additionalProperties:
+    true}`)."""
+    while "$ref" in schema:
+        schema = components[schema["$ref"].removeprefix("#/components/schemas/")]
+    said = {k: v for k, v in schema.items() if k not in ("title", "description")}
+    return (
+        set(said) <= {"type", "additionalProperties"}
+        and said.get("type", "object") == "object"
+        and said.get("additionalProperties", True) in (True, {})
+    )
+
+
+def test_the_guard_knows_fastapis_open_object():
+    """What FastAPI documents for a route that returns a `dict[str, Any]`."""
+    app = FastAPI()
+
+    @app.get("/open")
+    def open_reply() -> dict[str, Any]:
+        return {}
+
+    schema = app.openapi()["paths"]["/open"]["get"]["responses"]["200"]["content"][JSON]
+    assert _says_nothing(schema["schema"], {})
+    assert not _says_nothing({"type": "object", "properties": {"a": {}}}, {})
+    assert not _says_nothing({"type": "string"}, {})
+
+
 def test_every_success_has_a_schema_and_every_reference_resolves(api):
     spec = api.client.get("/openapi.json").json()
-    empty = []
+    components = spec["components"]["schemas"]
+    unchecked = []
     for path, item in spec["paths"].items():
         for method, operation in item.items():
             for status, reply in operation["responses"].items():
                 if not status.startswith("2") or status == "204":
                     continue
                 for media_type, content in (reply.get("content") or {"no content": {}}).items():
-                    if not content.get("schema"):
-                        empty.append(f"{method.upper()} {path} {status} {media_type}")
-    assert not empty, "\n".join(empty)
-    components = spec["components"]["schemas"]
+                    if _says_nothing(content.get("schema", {}), components):
+                        unchecked.append(f"{method.upper()} {path} {status} {media_type}")
+    assert not unchecked, "\n".join(unchecked)
     missing = {
         ref for ref in _refs(spec) if ref.removeprefix("#/components/schemas/") not in components
     }
