@@ -1063,7 +1063,8 @@ def test_a_mount_without_transit_is_named_not_a_key_gone(openbao_server):
             ),
         ):
             with pytest.raises(
-                BackendError, match=r"no secrets engine at nothing-here/ \(enable Transit there"
+                BackendError,
+                match=r"no secrets engine at nothing-here/ \(for keys: bao secrets enable",
             ):
                 attempt()
     finally:

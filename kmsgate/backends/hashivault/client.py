@@ -136,15 +136,15 @@ class _VaultClient:
                     continue
                 raise self._translate(exc, what, on_invalid) from None
             except hvac.exceptions.InvalidPath as exc:
+                if not_found is not None:
+                    raise not_found() from None
                 if "no handler for route" in str(exc):  # nothing mounted there: not a key gone
                     _log.warning("hashivault %s: %s failed: %s", self.name, what, exc)
                     mount = path.partition("/")[0]
                     raise BackendError(
                         f"backend {self.name!r}: Vault has no secrets engine at {mount}/ "
-                        f"(enable Transit there: bao secrets enable -path={mount} transit)"
+                        f"(for keys: bao secrets enable -path={mount} transit)"
                     ) from None
-                if not_found is not None:
-                    raise not_found() from None
                 raise self._translate(exc, what, on_invalid) from None
             except (hvac.exceptions.VaultError, requests.RequestException, ConfigError) as exc:
                 if isinstance(exc, ConfigError):  # a secret file vanished after start-up
