@@ -9,13 +9,21 @@ import logging
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 
 from kmsgate.errors import ConfigError
 
-__all__ = ["LEVEL_ENV", "UVICORN_LOG_CONFIG", "configure", "current_request", "request_logger"]
+__all__ = [
+    "LEVEL_ENV",
+    "UVICORN_LOG_CONFIG",
+    "Decided",
+    "configure",
+    "current_decisions",
+    "current_request",
+    "request_logger",
+]
 
 LEVEL_ENV: Final = "KMSGATE_LOG_LEVEL"
 """How `serve` passes its log level to its worker processes."""
@@ -24,6 +32,20 @@ request_logger = logging.getLogger("kmsgate.requests")
 current_request: ContextVar[str | None] = ContextVar("kmsgate_request", default=None)
 """The id of the request being served (set by the API for each request; None elsewhere):
 every line logged while it is served names it, as its audit record does."""
+
+
+class Decided(NamedTuple):
+    """One policy decision a request asked for: its action and what it was on."""
+
+    action: str
+    kind: object
+    name: object
+
+
+current_decisions: ContextVar[list[Decided] | None] = ContextVar("kmsgate_decisions", default=None)
+"""The decisions the request being served asked for, in order (a new list per request, set
+by the API; the gate appends to it, also from a worker thread, whose context is a copy
+holding the same list): its request log line names the action and what it was on."""
 
 
 class JsonFormatter(logging.Formatter):

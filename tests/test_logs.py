@@ -52,6 +52,9 @@ def test_each_request_is_one_json_line_without_secrets(tmp_path: Path) -> None:
     requests = [line for line in lines if line.get("logger") == "kmsgate.requests"]
     (line,) = [r for r in requests if r["request_id"] == request_id]
     assert line["route"] == "/v1/keys/{name}/sign" and line["operation"] == "sign"
+    assert line["action"] == "sign"
+    (created,) = [r for r in requests if r["operation"] == "create_key"]
+    assert (created["action"], created["key"]) == ("key.create", "logged")  # from the body
     assert line["key"] == "logged" and line["status"] == 200 and line["method"] == "POST"
     assert line["principal"] == f"token:{gw.root_token.split('.')[1]}"
     assert line["duration_ms"] > 0 and line["level"] == "info" and line["time"].endswith("Z")

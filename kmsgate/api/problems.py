@@ -21,7 +21,7 @@ from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.metrics import UNMATCHED, Metrics
 from kmsgate.api.responses import json_bytes
 from kmsgate.errors import KmsgateError, TooLarge, ValidationFailed, problem_document
-from kmsgate.logs import current_request, request_logger
+from kmsgate.logs import current_decisions, current_request, request_logger
 
 log = logging.getLogger("kmsgate.api")
 
@@ -111,6 +111,7 @@ class RequestIds:
         request_id = f"{self._prefix}{next(self._count):08x}"
         scope.setdefault("state", {})["request_id"] = request_id
         current_request.set(request_id)  # each request runs in a task (a context) of its own
+        current_decisions.set([])
         return request_id
 
 
@@ -132,12 +133,15 @@ def observe(metrics: Metrics, scope: Scope, status: int, started_at: float) -> N
     metrics.observe_request(path, operation, method, status, seconds)
     if request_logger.isEnabledFor(logging.INFO):
         state = scope.get("state", {})
+        decided = current_decisions.get() or []
+        named = scope.get("path_params", {}).get("name")
         fields = {
             "request_id": state.get("request_id"),
             "method": method,
             "route": path,
             "operation": operation,
-            "key": scope.get("path_params", {}).get("name"),
+            "action": ",".join(dict.fromkeys(d.action for d in decided)) or None,
+            "key": named or next((d.name for d in decided if d.kind == "key"), None),
             "principal": state.get("principal"),
             "status": status,
             "duration_ms": round(seconds * 1000, 3),

@@ -23,6 +23,7 @@ from kmsgate.catalogue import Catalogue, Key
 from kmsgate.config import Settings
 from kmsgate.errors import KmsgateError, NotFound, PolicyDenied, Unavailable
 from kmsgate.grants import ActiveGrants
+from kmsgate.logs import Decided, current_decisions
 from kmsgate.policy import Decision, PolicyEngine, policy_input
 from kmsgate.ratelimit import RequestRates
 from kmsgate.usage import BackendTimes, KeyUsage
@@ -292,6 +293,11 @@ class Gate:
         block runs), record the block's outcome on exit."""
         decision = decision or self.decide(call.principal, call.action, call.resource, call.request)
         self.decisions[decision.allow] += 1
+        decided = current_decisions.get()
+        if decided is not None:  # in a request: its log line names the action
+            decided.append(
+                Decided(call.action, call.resource.get("kind"), call.resource.get("name"))
+            )
         facts = self._facts(call, decision)
         if not decision.allow:
             self.audit.append(AuditEvent(**facts, outcome=PolicyDenied.code))
