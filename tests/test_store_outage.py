@@ -74,6 +74,9 @@ def test_a_database_outage_is_503_and_heals_by_itself(
                     assert time.monotonic() < deadline, "still signing from stale caches"
                     time.sleep(0.5)
                 assert signed.status_code == 503 and int(signed.headers["retry-after"]) > 0
+                for path in ("/v1/keys/k", "/v1/keys"):  # one key or the list: the same rule
+                    listed = call("GET", path)
+                    assert listed.status_code == 503, (path, listed.text)
                 ready = call("GET", "/v1/sys/ready")
                 assert ready.status_code == 503, ready.text
                 assert ready.json()["status"] == "unavailable"

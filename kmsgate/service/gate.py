@@ -195,14 +195,18 @@ class Gate:
         """Raises RateLimited when key `name` is over its operation rate."""
         self.rates.admit_key(name)
 
-    def target(self, name: str) -> KeyTarget:
-        """The key `name` as this request will see it (from the cache, or read through).
-        Raises Unavailable when the caches have not been able to follow the store for over
+    def require_fresh(self) -> None:
+        """Raises Unavailable when the caches have not been able to follow the store for over
         `max_staleness_seconds` (a disable or a revocation made elsewhere could be missed)."""
         if self.freshness.stale():
             raise Unavailable(
                 "the metadata store has been unreachable for too long to act on cached state"
             )
+
+    def target(self, name: str) -> KeyTarget:
+        """The key `name` as this request will see it (from the cache, or read through).
+        Raises Unavailable as `require_fresh` does."""
+        self.require_fresh()
         key = self.catalogue.find(name)
         backend = self.registry.find(key.backend) if key and not key.verify_only else None
         return KeyTarget(name, key, backend is not None and backend.blocking)

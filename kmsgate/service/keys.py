@@ -191,7 +191,9 @@ class Keys:
     def search(
         self, principal: Principal, ctx: Ctx, *, purpose: str | None, labels: Mapping[str, str]
     ) -> list[Key]:
-        """Keys matching the filters that the principal may read (`key.read` per key)."""
+        """Keys matching the filters that the principal may read (`key.read` per key).
+        Raises Unavailable when the caches are too old to act on (as for one key)."""
+        self.gate.require_fresh()
         visible = [
             key
             for key in self.gate.catalogue.all()
