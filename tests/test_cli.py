@@ -919,3 +919,34 @@ def test_the_listening_socket_is_tcp_so_asyncio_sets_nodelay() -> None:
     with _listen(LOOPBACK, 0) as sock:
         assert sock.proto == socket.IPPROTO_TCP
         assert sock.get_inheritable()
+
+
+def test_the_cli_and_a_dev_gateway_work_without_any_extra(tmp_path: Path) -> None:
+    """`pip install kmsgate` without extras (the README's first install) gives a CLI and a
+    gateway that work with the local backend: no module of an extra (python-pkcs11, hvac,
+    boto3, psycopg) is imported until a backend or a store needs it, and then the error
+    names the extra. They are made unimportable here, as in such an install."""
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "for name in ('pkcs11', 'hvac', 'boto3', 'botocore', 'psycopg'):\n"
+        "    sys.modules[name] = None\n"
+    )
+    env = clean_env(PYTHONPATH=os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]))
+    assert run_cli(("--version",), env).rc == 0
+    with running_gateway(tmp_path, **{"PYTHONPATH": env["PYTHONPATH"]}) as gw:
+        body = {"name": "plain", "type": "ecdsa-p256", "purpose": "p"}
+        auth = {"authorization": f"Bearer {gw.root_token}"}
+        assert httpx.post(f"{gw.addr}/v1/keys", json=body, headers=auth).status_code == 201
+    pin = tmp_path / "pin"
+    pin.write_text("1234")
+    token = (
+        "pkcs11:token=root;object=root"
+        f"?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:{pin}"
+    )
+    out = tmp_path / "root.pem"
+    refused = run_cli(
+        ("ca", "init-root", "--cert-out", str(out), "--subject", "Root", "--token", token), env
+    )
+    assert_one_line_error(refused, "pip install 'kmsgate[pkcs11]'", rc=2)

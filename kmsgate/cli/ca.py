@@ -14,15 +14,13 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kmsgate.backends import pkcs11 as pkcs11_backends
-from kmsgate.backends.pkcs11 import Pkcs11Backend
 from kmsgate.cli.common import (
     AddrOpt,
     TokenOpt,
@@ -50,6 +48,9 @@ from kmsgate.pki.root import (
     write_private_file,
 )
 from kmsgate.pki.token_root import RootToken, create_root_key, find_root_key
+
+if TYPE_CHECKING:  # python-pkcs11 is an extra: only `--token` needs it
+    from kmsgate.backends.pkcs11 import Pkcs11Backend
 
 ca_app = typer.Typer(no_args_is_help=True, help="Certificate authorities: root ceremony, CAs.")
 cert_app = typer.Typer(no_args_is_help=True, help="Certificates: issue, list, revoke.")
@@ -122,7 +123,7 @@ def _open_token(uri: str) -> Iterator[tuple[RootToken, Pkcs11Backend]]:
     `pin-source`, or typed (hidden) and held in this process's environment only while the
     token is open. The backend's own warnings stay quiet: the command reports its failures
     itself, once."""
-    logging.getLogger(pkcs11_backends.__name__).setLevel(logging.ERROR)
+    logging.getLogger("kmsgate.backends.pkcs11").setLevel(logging.ERROR)
     try:
         with _local_errors(Path(uri), "open"):
             token = RootToken.parse(uri)

@@ -18,19 +18,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote, urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from kmsgate.algorithms import KeyType, key_type_of_public_key
+from kmsgate.backends import backend_class
 from kmsgate.backends.base import KeySpec
-from kmsgate.backends.pkcs11 import Pkcs11Backend
 from kmsgate.config import BackendSettings
 from kmsgate.errors import Conflict, InvalidRequest, NotFound
 from kmsgate.pki.remote_key import remote_private_key
 from kmsgate.pki.root import RootKey
 from kmsgate.uri import Pkcs11Uri
+
+if TYPE_CHECKING:  # python-pkcs11 is an extra: imported only once a token is opened
+    from kmsgate.backends.pkcs11 import Pkcs11Backend
 
 ROOT_KEY_LABEL = "kmsgate-root"
 """The key's name when the URI of `init-root` names no `object`; the token object is
@@ -82,7 +86,7 @@ class RootToken:
     def open(self, pin_env: str | None = None) -> Pkcs11Backend:
         """The pkcs11 backend on this token: the PIN from `pin-source`, else from the
         environment variable `pin_env`. Raises ConfigError (module not allow-listed, PIN
-        unreadable or unset), InvalidRequest."""
+        unreadable or unset; python-pkcs11 not installed), InvalidRequest."""
         pin_file = self.pin_file()
         if pin_file is None and pin_env is None:
             raise InvalidRequest("the token's PIN: set pin-source in the URI, or give it")
@@ -95,7 +99,7 @@ class RootToken:
             **({"pin_file": str(pin_file)} if pin_file else {"pin_env": pin_env}),
         }
         config = BackendSettings.model_validate({k: v for k, v in settings.items() if v})
-        return Pkcs11Backend.from_config(_BACKEND, config)
+        return cast("Pkcs11Backend", backend_class("pkcs11").from_config(_BACKEND, config))
 
 
 def create_root_key(backend: Pkcs11Backend, token: RootToken, key_type: str) -> tuple[RootKey, str]:
