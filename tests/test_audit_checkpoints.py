@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kmsgate.audit import CHECKPOINT_ACTION, AuditEvent, AuditFile, CheckpointPolicy, FileSink
 from kmsgate.audit.chain import GENESIS_HASH, canonical, sealed_line
-from kmsgate.audit.checkpoint import CheckpointSignature
+from kmsgate.audit.checkpoint import CheckpointSignature, checkpoint_fields, signed_payload
 from kmsgate.audit.headfile import write_head
 from kmsgate.auth import Principal
 from kmsgate.bootstrap import build_service, ensure_dev_audit_key
@@ -287,9 +288,40 @@ def stopped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway,
         truncated = verify(str(cut), "--gateway", gw.addr, "--token", gw.root_token)
         assert truncated.rc == 1, str(truncated)
         assert "log ends at seq 1 but the store's last checkpoint is record" in truncated.err
+        forged = base / "forged" / "audit.log"  # a checkpoint signed with an ordinary key
+        forged.parent.mkdir()
+        rewrite(forged, [*records(log), _checkpoint_signed_by(gw, "cp-k", records(log))])
+        untrusted = verify(str(forged), "--gateway", gw.addr, "--token", gw.root_token)
+        assert untrusted.rc == 1, str(untrusted)
+        assert "checkpoint signed with key 'cp-k', of purpose" in untrusted.err, str(untrusted)
+        assert "not 'audit': forged" in untrusted.err, str(untrusted)
         pem = base / "audit-key.pem"
         gw.ok("keys", "public-key", DEV_AUDIT_KEY, "-o", str(pem))
     yield gw, pem
+
+
+def _checkpoint_signed_by(
+    gw: Gateway, key: str, chain: list[dict[str, object]]
+) -> dict[str, object]:
+    """A checkpoint record over the end of `chain` whose signature is good, made through
+    the ordinary sign API with `key`: what any caller allowed to sign could forge."""
+    last, at = chain[-1], "2026-12-06T00:00:00.000000Z"
+    replica = str(last["replica"])
+    payload = signed_payload(
+        chain="audit.log", replica=replica, seq=len(chain), digest=str(last["hash"]), time=at,
+        final=False,
+    )  # fmt: skip
+    auth = {"authorization": f"Bearer {gw.root_token}"}
+    body = {"input": base64.b64encode(payload).decode()}
+    signed = httpx.post(f"{gw.addr}/v1/keys/{key}/sign", json=body, headers=auth).json()
+    signature = CheckpointSignature(
+        key, signed["key_version"], signed["algorithm"], base64.b64decode(signed["signature"])
+    )
+    fields = checkpoint_fields(
+        chain="audit.log", seq=len(chain), digest=str(last["hash"]), time=at, final=False,
+        signed=signature,
+    )  # fmt: skip
+    return {**fields, "replica": replica, "time": at}
 
 
 @pytest.fixture

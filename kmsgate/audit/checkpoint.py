@@ -33,6 +33,7 @@ __all__ = [
     "CheckpointSignature",
     "PublicKeys",
     "Signer",
+    "UntrustedKey",
     "check_checkpoints",
     "checkpoint_fields",
     "signed_payload",
@@ -57,7 +58,12 @@ Signer = Callable[[bytes], CheckpointSignature]
 """Signs a checkpoint payload. Raises KmsgateError (unknown or disabled key, backend down)."""
 
 PublicKeys = Callable[[str, int], PublicKeyTypes | None]
-"""The public key of (key name, version), None if unknown."""
+"""The public key of (key name, version), None if unknown. Raises UntrustedKey for a key
+that may not sign checkpoints."""
+
+
+class UntrustedKey(Exception):
+    """A checkpoint names a key that may not sign checkpoints (the message says why)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +244,11 @@ def _mark_problem(
         return line, f"record {line}: a final checkpoint must cover the record before it"
     if keys is None:
         return None
-    public_key, alg = keys(mark.key, mark.key_version), SIGN_ALGORITHMS.get(mark.algorithm)
+    try:
+        public_key = keys(mark.key, mark.key_version)
+    except UntrustedKey as exc:
+        return line, f"record {line}: {exc}: forged"
+    alg = SIGN_ALGORITHMS.get(mark.algorithm)
     if public_key is None:
         return line, f"record {line}: no public key for {mark.key} v{mark.key_version}"
     payload = signed_payload(

@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from kmsgate.audit import ChainCheckpoints, PublicKeys, VerifyReport
+from kmsgate.audit.checkpoint import UntrustedKey
+from kmsgate.catalogue import AUDIT_PURPOSE
 from kmsgate.cli.common import fail, fail_api
 from kmsgate.client import ApiError, Client
 from kmsgate.errors import ConfigError, KmsgateError
@@ -51,8 +53,19 @@ def public_keys(
         return
     fetched: dict[tuple[str, int], PublicKeyTypes] = {}
     with Client(gateway, token) as client:
+        purposes: dict[str, str] = {}
 
         def from_gateway(name: str, version: int) -> PublicKeyTypes:
+            if name not in purposes:
+                try:
+                    purposes[name] = str(client.get_key(name).get("purpose"))
+                except ApiError as exc:
+                    fail_api(exc, f"key {name}")
+            if purposes[name] != AUDIT_PURPOSE:  # any caller may sign with such a key
+                raise UntrustedKey(
+                    f"checkpoint signed with key {name!r}, of purpose {purposes[name]!r}, "
+                    f"not {AUDIT_PURPOSE!r}"
+                )
             if (name, version) not in fetched:
                 try:
                     pem = client.public_key(name, version)
