@@ -950,3 +950,25 @@ def test_the_cli_and_a_dev_gateway_work_without_any_extra(tmp_path: Path) -> Non
         ("ca", "init-root", "--cert-out", str(out), "--subject", "Root", "--token", token), env
     )
     assert_one_line_error(refused, "pip install 'kmsgate[pkcs11]'", rc=2)
+
+
+def test_a_whole_token_given_to_revoke_revokes_it_and_its_secret_is_kept_nowhere(
+    gateway: Gateway,
+) -> None:
+    """Pasting the whole leaked token is the natural mistake: the CLI sends only its id,
+    and the API refuses anything but an id before the audit record is written, without
+    echoing it (the secret used to land in stderr and, for good, in the audit log)."""
+    token_id, token = new_token(gateway, "admin")
+    secret = token.split(".")[2]
+    revoked = json.loads(gateway.ok("token", "revoke", token).out)
+    assert revoked["id"] == token_id and revoked["revoked_at"]
+    assert_one_line_error(gateway.run("keys", "list", token=token), "unauthenticated")
+    _, other = new_token(gateway, "admin")
+    root = {"authorization": f"Bearer {gateway.root_token}"}
+    direct = httpx.delete(f"{gateway.addr}/v1/sys/tokens/{other}", headers=root)
+    assert direct.status_code == 404 and other.split(".")[2] not in direct.text
+    gateway.ok("keys", "list", token=other)  # still live
+    refused = gateway.run("token", "revoke", "kmg.nothex.x")
+    assert_one_line_error(refused, "not a token id", rc=2)
+    audit = (gateway.data_dir / "audit.log").read_text()
+    assert secret not in audit and other.split(".")[2] not in audit

@@ -8,7 +8,7 @@ from kmsgate.auth.authenticator import (
     Credentials,
 )
 from kmsgate.auth.principal import SYSTEM, Principal, PrincipalKind
-from kmsgate.auth.tokens import TokenInfo, TokenRegistry
+from kmsgate.auth.tokens import TokenInfo, TokenRegistry, token_id_of
 
 __all__ = [
     "SYSTEM",
@@ -20,4 +20,5 @@ __all__ = [
     "PrincipalKind",
     "TokenInfo",
     "TokenRegistry",
+    "token_id_of",
 ]

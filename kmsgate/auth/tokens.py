@@ -24,6 +24,18 @@ from kmsgate.errors import InvalidRequest, NotFound, Unauthenticated
 from kmsgate.store import READ_THROUGH_PER_SECOND, Row, Store, StoreMirror, utc
 
 _PREFIX = "kmg"
+_ID = re.compile(r"[0-9a-f]{16}")
+"""A token's id: 8 random bytes in hex (not secret: lists, logs and audit records show it)."""
+
+
+def token_id_of(text: str) -> str | None:
+    """The token id `text` is, or names as a whole token (`kmg.<id>.<secret>`); None if
+    it is neither."""
+    parts = text.split(".")
+    candidate = parts[1] if len(parts) == 3 and parts[0] == _PREFIX else text
+    return candidate if _ID.fullmatch(candidate) else None
+
+
 _ROLE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.:")
 _MAX_ROLES = 32
 _TOKEN_ID = re.compile(r"[0-9a-f]{16}")

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from kmsgate.auth import token_id_of
 from kmsgate.cli.common import (
     AddrOpt,
     TokenOpt,
@@ -199,8 +200,12 @@ def token_list(addr: AddrOpt = None, token: TokenOpt = None) -> None:
 
 @token_app.command("revoke")
 def token_revoke(token_id: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
-    """Revoke a token at once (every replica within a second)."""
-    print_json(call(addr, token, Client.revoke_token, token_id))
+    """Revoke a token at once (every replica within a second): its id, or the whole token
+    (only its id is sent)."""
+    named = token_id_of(token_id)
+    if named is None:
+        fail("not a token id (16 hex digits) or a token (kmg.<id>.<secret>)")
+    print_json(call(addr, token, Client.revoke_token, named))
 
 
 # -- audit and policy (local) ----------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from kmsgate.auth import Principal, TokenInfo, TokenRegistry
-from kmsgate.errors import ConfigError, InvalidRequest
+from kmsgate.auth import Principal, TokenInfo, TokenRegistry, token_id_of
+from kmsgate.errors import ConfigError, InvalidRequest, NotFound
 from kmsgate.policy import policy_input
 from kmsgate.policy.follower import PolicyFollower
 from kmsgate.service.gate import WHOAMI, Call, Ctx, Gate, Outcome, exceptions_named, now
@@ -67,7 +67,11 @@ class System:
         return self.gate.run(call, lambda _: self.tokens.list())
 
     def revoke_token(self, principal: Principal, ctx: Ctx, token_id: str) -> TokenInfo:
-        """Revoke a token. Raises NotFound if no live token has that id."""
+        """Revoke a token. Raises NotFound if no live token has that id, and before
+        anything is recorded for text that is no token id (a whole token pasted by mistake:
+        its secret must not reach the audit log)."""
+        if token_id_of(token_id) != token_id:
+            raise NotFound("no live token has that id: give its id, the part after 'kmg.'")
         call = Call(principal, ctx, "token.revoke", {"kind": "token", "name": token_id})
         return self.gate.run(call, lambda _: self.tokens.revoke(token_id))
 
