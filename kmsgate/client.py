@@ -70,8 +70,13 @@ class Client:
         if cafile is not None:
             verify = ssl.create_default_context(cafile=cafile)
         token = None if anonymous else token or os.environ.get("KMSGATE_TOKEN")
+        token = token.strip() if token else None  # a token file's line end, a pasted space
         self._token_sent = bool(token)
-        headers = {"authorization": f"Bearer {token}"} if token else {}
+        # a token is printable ASCII: anything else is never sent, nor shown (`request`)
+        self._token_unsendable = bool(token) and not all(" " < c < "\x7f" for c in token or "")
+        headers = (
+            {"authorization": f"Bearer {token}"} if token and not self._token_unsendable else {}
+        )
         self._http = httpx.Client(
             base_url=self.addr, headers=headers, timeout=timeout, verify=verify
         )
@@ -86,9 +91,22 @@ class Client:
         self._http.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send a request. Raises ApiError on a non-2xx reply or a connection failure."""
+        """Send a request. Raises ApiError on a non-2xx reply, a connection failure or a
+        token that cannot be sent."""
+        if self._token_unsendable:
+            raise ApiError(
+                0, "invalid_token", "the token holds a space or a control character inside it"
+            )
         try:
             response = self._http.request(method, path, **kwargs)
+        except httpx.LocalProtocolError:  # its text may quote a header: the token
+            raise ApiError(
+                0,
+                "invalid_request",
+                f"cannot send the request to {_without_credentials(self.addr)}: a header "
+                "value is not valid HTTP",
+                token_sent=self._token_sent,
+            ) from None
         except httpx.TransportError as exc:
             raise ApiError(
                 0,

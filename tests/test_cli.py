@@ -972,3 +972,17 @@ def test_a_whole_token_given_to_revoke_revokes_it_and_its_secret_is_kept_nowhere
     assert_one_line_error(refused, "not a token id", rc=2)
     audit = (gateway.data_dir / "audit.log").read_text()
     assert secret not in audit and other.split(".")[2] not in audit
+
+
+def test_a_token_with_a_line_end_works_and_one_with_a_space_inside_is_never_shown(
+    gateway: Gateway,
+) -> None:
+    """A token file saved with CRLF, or a pasted trailing space, still authenticates; a
+    token broken by a space inside is refused by the CLI without being printed (httpx's
+    error quoted the whole header)."""
+    for padded in (f"{gateway.root_token}\r\n", f"{gateway.root_token} "):
+        gateway.ok("keys", "list", token=padded)
+    broken = gateway.root_token[:20] + " " + gateway.root_token[20:]
+    refused = gateway.run("keys", "list", token=broken)
+    assert_one_line_error(refused, "the token holds a space or a control character", rc=2)
+    assert gateway.root_token[20:] not in refused.err and gateway.root_token[:20] not in refused.err
