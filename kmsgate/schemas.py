@@ -48,9 +48,9 @@ from kmsgate.service.requests import (
     SignInput,
     VerifyInput,
 )
-from kmsgate.text import HIDDEN, has_hidden
+from kmsgate.text import HIDDEN, KEY_NAME, has_hidden
 
-KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+KEY_NAME_PATTERN = f"^{KEY_NAME.pattern}$"
 ROLE_PATTERN = r"^[a-z0-9._:-]{1,64}$"
 """What a token's role may be (checked by `TokenRegistry.create`: 400); for the document."""
 LABEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"

@@ -1,5 +1,5 @@
 """Text a person reads (a listing, a reason, a certificate's subject): the characters that
-must never reach it as they are."""
+must never reach it as they are; and what a key's name may be."""
 
 from __future__ import annotations
 
@@ -20,3 +20,8 @@ def has_hidden(value: str) -> bool:
 def shown(value: str) -> str:
     """`value` with each `HIDDEN` character written as its escape (`\\n`, `\\u202e`)."""
     return _HIDDEN_CHARACTER.sub(lambda m: m.group().encode("unicode_escape").decode(), value)
+
+
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""What a key's name may be (`fullmatch`): a name in a request path that is not one names no
+key, and is refused before it reaches a policy decision, an audit record or a log line."""

@@ -244,3 +244,25 @@ def test_adopting_needs_a_capable_backend(api, admin):
     )
     assert r.status_code == 422
     assert api.call("GET", "/v1/keys", admin).json()["keys"] == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a" * 129, "a" * 60_000, "abc\u202egpj.exe", "x\u009b31m", "-lead", ".hidden"],
+)
+def test_a_path_name_no_key_can_have_is_404_before_any_record(api, make_token, name):
+    """A name that breaks the key-name rule names no key: 404 at once, not echoed, and no
+    decision or audit record (a 60,000-character name, or bidi and C1 characters, used to
+    be written into the audit log by any caller, even one allowed nothing)."""
+    nobody = make_token("nobody")
+    log = api.service.settings.resolved_audit_path()
+    before = log.stat().st_size
+    for method, path, body in (
+        ("GET", f"/v1/keys/{name}", None),
+        ("POST", f"/v1/keys/{name}/sign", {"input": b64(b"x")}),
+        ("POST", f"/v1/keys/{name}/rotate", None),
+    ):
+        reply = api.call(method, path, nobody, json=body)
+        assert reply.status_code == 404, (path[:40], reply.text)
+        assert name not in reply.text
+    assert log.stat().st_size == before

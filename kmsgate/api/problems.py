@@ -22,6 +22,7 @@ from kmsgate.api.metrics import UNMATCHED, Metrics
 from kmsgate.api.responses import json_bytes
 from kmsgate.errors import KmsgateError, TooLarge, ValidationFailed, problem_document
 from kmsgate.logs import current_decisions, current_request, request_logger
+from kmsgate.text import KEY_NAME
 
 log = logging.getLogger("kmsgate.api")
 
@@ -135,6 +136,7 @@ def observe(metrics: Metrics, scope: Scope, status: int, started_at: float) -> N
         state = scope.get("state", {})
         decided = current_decisions.get() or []
         named = scope.get("path_params", {}).get("name")
+        named = named if named is None or KEY_NAME.fullmatch(named) else "(not a key name)"
         fields = {
             "request_id": state.get("request_id"),
             "method": method,

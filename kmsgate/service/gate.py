@@ -26,6 +26,7 @@ from kmsgate.grants import ActiveGrants
 from kmsgate.logs import Decided, current_decisions
 from kmsgate.policy import Decision, PolicyEngine, policy_input
 from kmsgate.ratelimit import RequestRates
+from kmsgate.text import KEY_NAME
 from kmsgate.usage import BackendTimes, KeyUsage
 
 T = TypeVar("T")
@@ -205,7 +206,10 @@ class Gate:
 
     def target(self, name: str) -> KeyTarget:
         """The key `name` as this request will see it (from the cache, or read through).
-        Raises Unavailable as `require_fresh` does."""
+        Raises NotFound, before any decision or record, for a name no key can have (it is
+        not echoed); Unavailable as `require_fresh` does."""
+        if not KEY_NAME.fullmatch(name):
+            raise NotFound("no key has such a name: 1-128 letters, digits, '.', '_' or '-'")
         self.require_fresh()
         key = self.catalogue.find(name)
         backend = self.registry.find(key.backend) if key and not key.verify_only else None
