@@ -266,3 +266,15 @@ def test_a_path_name_no_key_can_have_is_404_before_any_record(api, make_token, n
         assert reply.status_code == 404, (path[:40], reply.text)
         assert name not in reply.text
     assert log.stat().st_size == before
+
+
+def test_a_trailing_slash_is_not_found_not_a_redirect(api, admin):
+    """Starlette redirected `/v1/keys/k/` (before authentication) to the same path without
+    the slash on whatever host the client's Host header named."""
+    create_key(api, admin, "slashed", "ecdsa-p256")
+    for method, path in (("GET", "/v1/keys/slashed/"), ("POST", "/v1/keys/slashed/sign/")):
+        reply = api.call(
+            method, path, admin, json={"input": b64(b"x")} if method == "POST" else None
+        )
+        assert reply.status_code == 404, (path, reply.status_code, reply.headers)
+        assert "location" not in reply.headers

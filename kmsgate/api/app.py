@@ -138,6 +138,8 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
         default_response_class=JsonResponse,
         docs_url=None,
         redoc_url=None,
+        # a trailing slash is another path (404), not a redirect to the Host header's server
+        redirect_slashes=False,
         # kmsgate exports Prometheus metrics and its own audit log; FastAPI's OpenTelemetry
         # bridge would only look up (unconfigured) providers on every request
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
