@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
+import orjson
 from cryptography import x509
 from pydantic import (
     AfterValidator,
@@ -359,6 +361,9 @@ _STRICT_JSON = json.JSONDecoder(
 )
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """The JSON object in `raw` (RFC 8259, UTF-8; NaN, Infinity and a member name given
     twice refused). Raises InvalidRequest if it is not such JSON or not an object."""
@@ -370,6 +375,14 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw):  # a pair is one character: fine
+        try:
+            orjson.dumps(body)  # refuses a string holding a lone surrogate
+        except TypeError:
+            raise InvalidRequest(
+                "request body is not valid JSON: a string holds a lone surrogate (I-JSON, "
+                "RFC 7493): it has no UTF-8 form"
+            ) from None
     return body
 
 

@@ -278,3 +278,25 @@ def test_a_trailing_slash_is_not_found_not_a_redirect(api, admin):
         )
         assert reply.status_code == 404, (path, reply.status_code, reply.headers)
         assert "location" not in reply.headers
+
+
+def test_a_lone_surrogate_in_any_string_is_400_not_a_policy_failure(api, admin):
+    """`"\\ud800"` is JSON text with no UTF-8 form: it made the policy's input unencodable,
+    so an admin's key creation was denied as a policy evaluation error (403), audited as a
+    denial. It is refused as the body it is; a proper surrogate pair is one character."""
+    json_type = {"content-type": "application/json"}
+    log = api.service.settings.resolved_audit_path()
+    before = log.stat().st_size
+    for path, raw in (
+        ("/v1/keys", b'{"name":"s1","type":"ed25519","purpose":"p","labels":{"t":"a\\ud800b"}}'),
+        ("/v1/sys/policy/evaluate", b'{"principal":{"id":"x","roles":["admin"]},'
+         b'"action":"sign","request":{"a":"\\udc00"}}'),
+    ):  # fmt: skip
+        reply = api.call("POST", path, admin, content=raw, headers=json_type)
+        assert reply.status_code == 400, (path, reply.text)
+        assert "lone surrogate" in reply.json()["detail"]
+    assert log.stat().st_size == before
+    paired = b'{"name":"s2","type":"ed25519","purpose":"p","labels":{"t":"\\ud83d\\ude00"}}'
+    made = api.call("POST", "/v1/keys", admin, content=paired, headers=json_type)
+    assert made.status_code == 201, made.text
+    assert made.json()["labels"] == {"t": "\U0001f600"}
