@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import pty
 import signal
@@ -19,8 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+from rich.progress import Progress
 
 from kmsgate.chunked import HEADER_BYTES, SEALED_CHUNK_BYTES
+from kmsgate.cli.common import bar_label
 from kmsgate.envelope import FILE_MAGIC, FileHeader
 from tests.test_cli import Gateway, clean_env, kmsgate_script, running_gateway, setup_key
 
@@ -432,3 +436,16 @@ def test_a_context_too_large_for_the_file_header_is_one_error_line(tmp_path):
     assert done.returncode == 2, done.stderr
     assert b"a file header holds at most 65535" in done.stderr
     assert b"Traceback" not in done.stderr and not (tmp_path / "p.kmsgate").exists()
+
+
+def test_a_progress_bar_label_is_shown_as_it_is_not_as_markup() -> None:
+    """The CLI's stderr console reads no markup: a label built as "[bold]..." showed the
+    tag itself ("[bold]encrypting"). A file name's brackets, braces and control characters
+    are shown as they are (escaped for the last)."""
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, markup=False, width=100, color_system=None)
+    with Progress(bar_label("encrypting [x] {y}\x1b"), console=console) as bar:
+        bar.add_task("t", total=None)
+        bar.refresh()
+    text = screen.getvalue()
+    assert "encrypting [x] {y}\\x1b" in text and "[bold]" not in text

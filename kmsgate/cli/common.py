@@ -12,6 +12,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -147,7 +148,8 @@ def print_json(value: Any) -> None:
     out.print_json(data=value)
 
 
-def bar_label(text: str) -> str:
+def bar_label(text: str) -> TextColumn:
     """`text` as the label column of a rich progress bar: bold, and shown as it is (a file
-    name's "[...]" is no markup, its "{...}" no format field)."""
-    return "[bold]" + escape(text).replace("{", "{{").replace("}", "}}")
+    name's "[...]" is no markup, its "{...}" no format field, a control character its
+    escape)."""
+    return TextColumn(shown(text).replace("{", "{{").replace("}", "}}"), style="bold", markup=False)
