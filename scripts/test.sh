@@ -4,6 +4,7 @@
 #
 #   scripts/test.sh                      # everything
 #   scripts/test.sh tests/test_x.py -k y # extra arguments go to pytest
+#   scripts/test.sh --help               # this text; nothing is installed or run
 #
 # Environment:
 #   KMSGATE_REQUIRE_ALL=1   a missing real component (PostgreSQL, SoftHSM, ...) fails its tests
@@ -14,6 +15,13 @@
 # Every step runs even if an earlier check failed, so one run shows all problems; the exit
 # status is non-zero if any step failed.
 set -euo pipefail
+
+case "${1:-}" in
+    -h | --help)  # the header above, without its '#'s; nothing is installed or run
+        sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "${BASH_SOURCE[0]}"
+        exit 0
+        ;;
+esac
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

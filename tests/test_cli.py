@@ -986,3 +986,16 @@ def test_a_token_with_a_line_end_works_and_one_with_a_space_inside_is_never_show
     refused = gateway.run("keys", "list", token=broken)
     assert_one_line_error(refused, "the token holds a space or a control character", rc=2)
     assert gateway.root_token[20:] not in refused.err and gateway.root_token[:20] not in refused.err
+
+
+def test_the_test_command_explains_itself_and_runs_nothing() -> None:
+    """`scripts/test.sh --help` ran the installs, the linters and `pytest --help`."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "test.sh"
+    started = time.monotonic()
+    done = subprocess.run(
+        ["bash", str(script), "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "KMSGATE_REQUIRE_ALL=1" in done.stdout and "extra arguments go to pytest" in done.stdout
+    assert "==>" not in done.stdout + done.stderr  # no step started
+    assert time.monotonic() - started < 5
