@@ -186,6 +186,10 @@ class Gate:
                     principal=None,
                     resource={"kind": exc.kind, **({"name": exc.subject} if exc.subject else {})},
                     policy_digest=self.policy.digest,
+                    # where a run of failures comes from (no principal to name)
+                    detail={"remote_addr": credentials.remote_addr}
+                    if credentials.remote_addr
+                    else None,
                 )
             )
             raise
