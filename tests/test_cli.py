@@ -999,3 +999,15 @@ def test_the_test_command_explains_itself_and_runs_nothing() -> None:
     assert "KMSGATE_REQUIRE_ALL=1" in done.stdout and "extra arguments go to pytest" in done.stdout
     assert "==>" not in done.stdout + done.stderr  # no step started
     assert time.monotonic() - started < 5
+
+
+def test_a_narrow_terminal_wraps_a_name_rather_than_cut_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On 80 columns, rich cut long names to "k-hmac-s…", so two keys read alike."""
+    names = ["k-hmac-sha256-production-eu", "k-hmac-sha512-production-eu"]
+    screen = Console(file=io.StringIO(), force_terminal=True, width=40, color_system=None)
+    monkeypatch.setattr(common, "out", screen)
+    common.print_table(["name", "type", "purpose"], [[n, "hmac-sha256", "general"] for n in names])
+    printed = screen.file.getvalue()
+    first_column = [line.split("│")[1].strip() for line in printed.splitlines() if "│" in line]
+    assert "…" not in printed
+    assert "".join(first_column) == "".join(names)  # each name whole, over several lines

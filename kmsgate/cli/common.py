@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import TextColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from kmsgate.client import ApiError, Client
@@ -112,7 +112,8 @@ def write_or_print_b64(path: Path | None, data: bytes) -> None:
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """A rich table on a terminal; tab-separated lines otherwise, so scripts get whole ids.
+    """A rich table on a terminal (a cell too wide for it wraps, never cut); tab-separated
+    lines otherwise, so scripts get whole ids.
     A control character or bidirectional override in a cell is printed as its escape: it
     could otherwise forge a row or a column."""
     rows = [[shown(cell) for cell in row] for row in rows]
@@ -120,7 +121,8 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         for row in [columns, *rows]:
             print("\t".join(row))
         return
-    table = Table(*columns)
+    # a narrow terminal wraps a cell rather than cut it: two names cut alike read as one
+    table = Table(*(Column(header, overflow="fold") for header in columns))
     for row in rows:
         table.add_row(*map(Text, row))  # a cell's "[...]" is text, not rich markup
     out.print(table)
