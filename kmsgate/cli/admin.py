@@ -338,7 +338,7 @@ def policy_test(
     for r in results:
         mark = "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]"
         said = f"{r.name}" + (f" ({r.error})" if r.error else "")
-        out.print(f"{mark} {escape(said)}", markup=True, highlight=False)
+        out.print(f"{mark} {escape(said)}", markup=True, highlight=False, soft_wrap=True)
     out.print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if failed or not results:
         raise typer.Exit(1)

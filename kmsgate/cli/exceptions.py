@@ -33,6 +33,7 @@ def request(
         f"exception {grant['id']} pending: {', '.join(grant['actions'])} on {grant['resource']} "
         f"for {duration} once approved (kmsgate exception approve {grant['id']})",
         highlight=False,
+        soft_wrap=True,  # one line: the command in it stays whole
     )
     print(grant["id"])
 

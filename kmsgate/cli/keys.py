@@ -88,7 +88,7 @@ def keys_create(
         Path | None, typer.Option(help="Import this PEM public key as a verify-only key.")
     ] = None,
     rotation_period: Annotated[
-        str | None, typer.Option(help="Rotate on schedule: 90d, 12h, 30m, 45s.")
+        str | None, typer.Option(help="Rotate on schedule: 90d, 12h, 30m (at least 60s).")
     ] = None,
     public: Annotated[
         bool | None,
