@@ -71,7 +71,9 @@ def decrypt(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the plaintext here (0600).")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing output file.")
+    ] = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
