@@ -112,7 +112,8 @@ class RequestIds:
         request_id = f"{self._prefix}{next(self._count):08x}"
         scope.setdefault("state", {})["request_id"] = request_id
         current_request.set(request_id)  # each request runs in a task (a context) of its own
-        current_decisions.set([])
+        if request_logger.isEnabledFor(logging.INFO):  # only its request log line reads them
+            current_decisions.set([])
         return request_id
 
 
