@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import resource
 import secrets
@@ -208,6 +209,24 @@ class DelayingProxy:
 
 
 @pytest.mark.timeout(120)
+def _timed_sign(
+    addr: str, headers: dict[str, str], key: str, *, timeout: float
+) -> tuple[httpx.Response, float]:
+    """One sign with `key` through the gateway at `addr`, and how long it took."""
+    started = time.monotonic()
+    url = f"{addr}/v1/keys/{key}/sign"
+    reply = httpx.post(url, json={"input": MESSAGE}, headers=headers, timeout=timeout)
+    return reply, time.monotonic() - started
+
+
+def _key_that_signs(addr: str, headers: dict[str, str], name: str, backend: str) -> None:
+    """Create the ecdsa-p256 key `name` on `backend` and check that it signs."""
+    body = {"name": name, "type": "ecdsa-p256", "purpose": "p", "backend": backend}
+    made = httpx.post(f"{addr}/v1/keys", json=body, headers=headers, timeout=TIMEOUT)
+    assert made.status_code == 201, made.text
+    assert _timed_sign(addr, headers, name, timeout=TIMEOUT)[0].status_code == 200
+
+
 def test_a_slow_backend_times_out_without_stalling_other_keys(
     tmp_path: Path, openbao_server: OpenBaoServer
 ) -> None:
@@ -225,18 +244,9 @@ def test_a_slow_backend_times_out_without_stalling_other_keys(
         with running_gateway(tmp_path, "--config", str(config)) as gw:
             root = {"authorization": f"Bearer {gw.root_token}"}
 
-            def sign(key: str) -> tuple[httpx.Response, float]:
-                started = time.monotonic()
-                body = {"input": MESSAGE}
-                url = f"{gw.addr}/v1/keys/{key}/sign"
-                reply = httpx.post(url, json=body, headers=root, timeout=TIMEOUT)
-                return reply, time.monotonic() - started
-
+            sign = functools.partial(_timed_sign, gw.addr, root, timeout=TIMEOUT)
             for name, backend in (("slow", "vault"), ("fast", "local")):
-                body = {"name": name, "type": "ecdsa-p256", "purpose": "p", "backend": backend}
-                made = httpx.post(f"{gw.addr}/v1/keys", json=body, headers=root, timeout=TIMEOUT)
-                assert made.status_code == 201, made.text
-                assert sign(name)[0].status_code == 200
+                _key_that_signs(gw.addr, root, name, backend)
 
             proxy.delay = 5.0
             with ThreadPoolExecutor(8) as pool:
@@ -280,17 +290,9 @@ def test_a_hung_backend_never_holds_the_threads_of_another(
         with running_gateway(tmp_path, "--config", str(config)) as gw:
             root = {"authorization": f"Bearer {gw.root_token}"}
 
-            def sign(key: str) -> tuple[httpx.Response, float]:
-                started = time.monotonic()
-                url = f"{gw.addr}/v1/keys/{key}/sign"
-                reply = httpx.post(url, json={"input": MESSAGE}, headers=root, timeout=60)
-                return reply, time.monotonic() - started
-
+            sign = functools.partial(_timed_sign, gw.addr, root, timeout=60)
             for backend in backends:
-                body = {"name": backend, "type": "ecdsa-p256", "purpose": "p", "backend": backend}
-                made = httpx.post(f"{gw.addr}/v1/keys", json=body, headers=root, timeout=TIMEOUT)
-                assert made.status_code == 201, made.text
-                assert sign(backend)[0].status_code == 200
+                _key_that_signs(gw.addr, root, backend, backend)
 
             proxy.delay = 10.0
             with ThreadPoolExecutor(48) as pool:
