@@ -508,7 +508,7 @@ def test_digest_signing_verifies_and_large_files_need_it(gateway: Gateway, tmp_p
 
     small = tmp_path / "small.bin"
     small.write_bytes(b"small input")
-    gateway.ok("sign", str(small), "-k", "digest-key", "--digest", "-o", str(sig))
+    gateway.ok("sign", str(small), "-k", "digest-key", "--digest", "-o", str(sig), "--force")
     # a digest signature is an ordinary signature over the message
     gateway.ok("verify", str(small), "-k", "digest-key", "-s", str(sig))
 

@@ -176,6 +176,27 @@ def test_issue_from_the_dev_ca_show_list_and_revoke(
     assert_one_line_error(gw.run("cert", "revoke", serial), "conflict", "revoked already")
     assert_one_line_error(gw.run("cert", "revoke", serial, "--reason", "bogus"), "keyCompromise")
 
+    # an existing --out or --chain-out is refused before anything is issued, --force replaces
+    # it; an existing --key-out is never replaced
+    csr = tmp_path / "again.csr"
+    request = x509.CertificateSigningRequestBuilder(x509.Name([])).add_extension(
+        x509.SubjectAlternativeName([x509.DNSName("web.lab")]), critical=False
+    )
+    csr.write_bytes(request.sign(private, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    issue_again = ["cert", "issue", "--ca", "dev", "--profile", "server"]
+    before = len(table(gw.ok("cert", "list", "--san", "web.lab", "--all")))
+    for outputs in (["--out", str(cert)], ["--chain-out", str(chain)]):
+        assert_one_line_error(gw.run(*issue_again, "--csr", str(csr), *outputs), "--force")
+    new_key = ["--key-out", str(key), "--san", "web.lab", "--force"]
+    assert_one_line_error(gw.run(*issue_again, *new_key), "--force")
+    kept = serialization.load_pem_private_key(key.read_bytes(), None)
+    assert kept.public_key() == private.public_key()
+    assert len(table(gw.ok("cert", "list", "--san", "web.lab", "--all"))) == before
+    outputs = ["--out", str(cert), "--chain-out", str(chain), "--force"]
+    replaced = serial_of(gw.ok(*issue_again, "--csr", str(csr), *outputs))
+    assert replaced != serial and leaf(cert).public_key() == private.public_key()
+    assert_verifies(openssl_bin, root, chain, cert, "-purpose", "sslserver")
+
 
 def test_mutual_tls_with_server_and_client_certificates_of_the_dev_ca(
     gw: Gateway, tmp_path: Path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import pty
 import signal
@@ -381,20 +382,44 @@ def test_decrypting_to_dev_null_checks_a_file_and_leaves_the_device(gw, tmp_path
     assert Path("/dev/null").is_char_device()
 
 
-def test_decrypt_writes_a_plaintext_output_privately_and_never_over_a_file(gw, tmp_path):
-    """`kmsgate decrypt -o FILE` writes the plaintext 0600, and replaces an existing file
-    only with --force (as decrypt-file does)."""
+def _audited(gw: Gateway, action: str) -> int:
+    log = (gw.data_dir / "audit.log").read_text().splitlines()
+    return sum(json.loads(line)["action"] == action for line in log)
+
+
+@pytest.mark.parametrize(
+    ("action", "command", "private"),
+    [
+        ("decrypt", ("decrypt", "{ciphertext}", "-k", "fk"), True),
+        ("encrypt", ("encrypt", "-", "-k", "fk"), False),
+        ("sign", ("sign", "-", "-k", "signer"), False),
+    ],
+)
+def test_an_output_file_is_replaced_only_with_force_and_before_any_operation(
+    gw, tmp_path, action, command, private
+):
+    """`-o FILE` over an existing file is refused before the gateway is asked anything (no
+    operation, no audit record, the file as it was); with --force the file is replaced
+    whole. A plaintext is written 0600, a ciphertext or a signature 0666 less the umask."""
     ciphertext = tmp_path / "ct"
-    sealed = gw.ok("encrypt", "-", "-k", "fk", "-o", str(ciphertext), stdin=b"small secret")
-    assert sealed.rc == 0
-    target = tmp_path / "plain"
+    gw.ok("encrypt", "-", "-k", "fk", "-o", str(ciphertext), stdin=b"small secret")
+    argv = [arg.format(ciphertext=ciphertext) for arg in command]
+    target = tmp_path / "out"
     target.write_text("important")
-    refused = gw.run("decrypt", str(ciphertext), "-k", "fk", "-o", str(target))
+    before = _audited(gw, action)
+    refused = gw.run(*argv, "-o", str(target), stdin=b"small secret")
     assert refused.rc == 2 and "exists (use --force" in refused.err
     assert target.read_text() == "important"
-    gw.ok("decrypt", str(ciphertext), "-k", "fk", "-o", str(target), "--force")
-    assert target.read_bytes() == b"small secret"
-    assert target.stat().st_mode & 0o777 == 0o600
+    gw.ok("keys", "list")  # a later request: a record of the refused one would be written by now
+    assert _audited(gw, action) == before
+    gw.ok(*argv, "-o", str(target), "--force", stdin=b"small secret")
+    assert _audited(gw, action) == before + 1
+    written = target.read_bytes()
+    assert written != b"important" and (written == b"small secret") == (action == "decrypt")
+    umask = os.umask(0o077)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == (0o600 if private else 0o666 & ~umask)
+    _no_temp_left(tmp_path)
 
 
 def test_encrypt_file_writes_no_ciphertext_to_a_terminal(tmp_path):

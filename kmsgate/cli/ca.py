@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.cli.common import (
     AddrOpt,
+    ForceOpt,
     TokenOpt,
     call,
     err,
@@ -31,6 +32,7 @@ from kmsgate.cli.common import (
     print_table,
     read_input,
     read_text,
+    refuse_existing,
     write_bytes,
 )
 from kmsgate.client import Client
@@ -158,14 +160,14 @@ def ca_init_root(
         fail("give exactly one of --key-out (a key file) and --token (a PKCS#11 token)")
     for path in (key_out, cert_out):
         if path is not None and path.exists():
-            fail(f"{path} exists: refusing to replace it")
+            fail(f"{path} exists: refusing to replace it")  # a root is never replaced
     if token is not None:
         with _local_errors(cert_out, "check"):
             name = check_root_request(subject, key_type, days, path_length)
         with _open_token(token) as (held, backend), _local_errors(cert_out, "write"):
             key, reference = create_root_key(backend, held, key_type)
             cert = self_signed_root(key, name, days=days, path_length=path_length)
-        write_bytes(cert_out, cert.public_bytes(PEM))
+        write_bytes(cert_out, cert.public_bytes(PEM), force=False)
         _report(
             cert,
             f"root key on the token: {reference} (sensitive, not extractable); "
@@ -179,7 +181,7 @@ def ca_init_root(
             key_out, passphrase, subject, key_type=key_type, days=days, path_length=path_length
         )
     try:
-        write_bytes(cert_out, cert.public_bytes(PEM))
+        write_bytes(cert_out, cert.public_bytes(PEM), force=False)
     except typer.Exit:
         key_out.unlink(missing_ok=True)  # a root key without its certificate is of no use
         raise
@@ -199,10 +201,12 @@ def ca_sign_intermediate(
         list[str], typer.Option(help="Name constraint: permitted DNS subtree; repeatable.")
     ] = [],  # noqa: B006
     passphrase_file: PassphraseOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Sign an intermediate CA's CSR with the offline root (no gateway)."""
     if (root_key is None) == (token is None):
         fail("give exactly one of --root-key (a key file) and --token (a PKCS#11 token)")
+    refuse_existing(force, out)
     certificate = _load_pem(root_cert, "certificate", x509.load_pem_x509_certificate)
     request = _load_pem(csr, "certificate signing request", x509.load_pem_x509_csr)
     with contextlib.ExitStack() as stack:
@@ -224,7 +228,7 @@ def ca_sign_intermediate(
                 path_length=path_length,
                 permitted_dns=permit_dns or None,
             )
-    write_bytes(out, signed.public_bytes(PEM))
+    write_bytes(out, signed.public_bytes(PEM), force=force)
     _report(
         signed,
         f"{signed.subject.rfc4514_string()} valid until "
@@ -244,13 +248,15 @@ def ca_create(
         "ecdsa-p256"
     ),
     csr_out: Annotated[Path | None, typer.Option(help="Write the CSR here.")] = None,
+    force: ForceOpt = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Create a pending intermediate CA on the gateway; prints (or writes) its CSR."""
+    refuse_existing(force, csr_out)
     ca = call(addr, token, Client.create_ca, name, subject, key_type=key_type, backend=backend)
     if csr_out:
-        write_bytes(csr_out, ca["csr"].encode())
+        write_bytes(csr_out, ca["csr"].encode(), force=force)
     else:
         sys.stdout.write(ca["csr"])
     err.print(
@@ -296,9 +302,16 @@ OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write to this 
 
 
 @ca_app.command("chain")
-def ca_chain(name: str, out: OutOpt = None, addr: AddrOpt = None, token: TokenOpt = None) -> None:
+def ca_chain(
+    name: str,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
     """The CA's certificate and its issuers, PEM, root last (needs no token)."""
-    _write_or_print(out, call(addr, token, Client.ca_chain, name))
+    refuse_existing(force, out)
+    _write_or_print(out, call(addr, token, Client.ca_chain, name), force=force)
 
 
 @ca_app.command("crl")
@@ -306,13 +319,15 @@ def ca_crl(
     name: str,
     delta: Annotated[bool, typer.Option("--delta", help="The delta CRL.")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the DER here.")] = None,
+    force: ForceOpt = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """The CA's CRL: DER into --out, or PEM on stdout (needs no token)."""
+    refuse_existing(force, out)
     der = call(addr, token, Client.ca_crl, name, delta=delta)
     if out:
-        write_bytes(out, der)
+        write_bytes(out, der, force=force)
         return
     try:
         sys.stdout.write(x509.load_der_x509_crl(der).public_bytes(PEM).decode())
@@ -320,9 +335,9 @@ def ca_crl(
         fail("the gateway's answer is not a DER CRL")
 
 
-def _write_or_print(path: Path | None, text: str) -> None:
+def _write_or_print(path: Path | None, text: str, *, force: bool) -> None:
     if path:
-        write_bytes(path, text.encode())
+        write_bytes(path, text.encode(), force=force)
     else:
         sys.stdout.write(text)
 
@@ -359,12 +374,16 @@ def cert_issue(
         Path | None, typer.Option("--out", "-o", help="Write the certificate here.")
     ] = None,
     chain_out: Annotated[Path | None, typer.Option(help="Write the CA chain here.")] = None,
+    force: ForceOpt = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Issue a certificate: for a CSR, or for a new local key (--key-out with --san)."""
+    """Issue a certificate: for a CSR, or for a new local key (--key-out with --san).
+    --force replaces an existing --out or --chain-out, never a key."""
     if (csr is None) == (key_out is None):
         fail("give either --csr FILE or --key-out FILE with --san")
+    refuse_existing(force, out, chain_out)
+    refuse_existing(False, key_out)
     if key_out is None:
         assert csr is not None
         if san or cn:
@@ -379,9 +398,9 @@ def cert_issue(
         except BaseException:
             key_out.unlink(missing_ok=True)  # no certificate: the new key is of no use
             raise
-    _write_or_print(out, issued["certificate"])
+    _write_or_print(out, issued["certificate"], force=force)
     if chain_out:
-        write_bytes(chain_out, issued["chain"].encode())
+        write_bytes(chain_out, issued["chain"].encode(), force=force)
     err.print(
         f"serial {issued['serial']} not_after {issued['not_after']}",
         highlight=False,

@@ -3,11 +3,13 @@ one-line failure, and reading, writing and printing helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, BinaryIO, NoReturn
 
 import typer
 from rich.console import Console
@@ -18,7 +20,6 @@ from rich.text import Text
 
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64encode
-from kmsgate.pki.files import replace_private_file
 from kmsgate.text import shown
 
 out = Console(markup=False)  # what is printed (a path, a name, a reason) is text, not markup
@@ -85,28 +86,81 @@ def read_text(path: Path) -> str:
         fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
 
 
-def write_bytes(path: Path, data: bytes) -> None:
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
+
+
+def refuse_existing(force: bool, *paths: Path | None) -> None:
+    """Exit through `fail` unless each output path given can be written: not a directory,
+    and a regular file there only with `force` (a character device or a FIFO, such as
+    /dev/null or a pipe, is written to as it is). Commands call it before asking the
+    gateway for anything, so a refused output costs no operation."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            fail(f"{path} is a directory: give the file to write")
+        if path.is_char_device() or path.is_fifo():
+            continue
+        if path.exists() and not path.is_file():
+            fail(f"{path} is not a regular file, a character device or a FIFO")
+        if path.exists() and not force:
+            fail(f"{path} exists (use --force to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_output(target: Path, *, force: bool, private: bool) -> Iterator[BinaryIO]:
+    """A temporary file beside `target`, renamed onto it only if the block succeeds and
+    removed otherwise: a reader never sees part of an output, and a failure leaves what
+    was there. Mode 0600 when `private` (a plaintext), else 0666 less the umask. A
+    character device or a FIFO is written to as it is: renaming a file onto it would
+    replace it. Exits through `fail` for an output `refuse_existing` refuses."""
+    refuse_existing(force, target)
+    if target.is_char_device() or target.is_fifo():
+        try:
+            stream = target.open("wb")
+        except OSError as exc:
+            fail(f"cannot write {target}: {exc.strerror}")
+        with stream:
+            yield stream
+        return
     try:
-        path.write_bytes(data)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc.strerror}")
+    tmp = Path(tmp_name)
+    try:
+        if not private:
+            os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as sink:
+            yield sink
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes(path: Path, data: bytes, *, force: bool, private: bool = False) -> None:
+    """`data` into `path` through `atomic_output`. Exits through `fail` if it cannot."""
+    try:
+        with atomic_output(path, force=force, private=private) as sink:
+            sink.write(data)
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror}")
 
 
-def write_private(path: Path, data: bytes, *, force: bool) -> None:
-    """`data` (a secret: a plaintext) into `path`, mode 0600, whole or not at all; an
-    existing file is refused unless `force`."""
-    if path.exists() and not force:
-        fail(f"{path} exists (use --force to replace it)")
-    try:
-        replace_private_file(path, data)
-    except OSError as exc:
-        fail(f"cannot write {path}: {exc.strerror}")
-
-
-def write_or_print_b64(path: Path | None, data: bytes) -> None:
-    """`data` as raw bytes into `path`, or as base64 on stdout when there is no path."""
+def write_or_print_b64(path: Path | None, data: bytes, *, force: bool) -> None:
+    """`data` as raw bytes into `path` (`write_bytes`), or as base64 on stdout when there
+    is no path."""
     if path:
-        write_bytes(path, data)
+        write_bytes(path, data, force=force)
     else:
         print(b64encode(data))
 

@@ -19,8 +19,10 @@ import typer
 from kmsgate.chunked import Progress
 from kmsgate.cli.common import (
     AddrOpt,
+    ForceOpt,
     InputArg,
     TokenOpt,
+    atomic_output,
     bar_label,
     call,
     err,
@@ -30,8 +32,9 @@ from kmsgate.cli.common import (
     out,
     read_input,
     read_text,
+    refuse_existing,
+    write_bytes,
     write_or_print_b64,
-    write_private,
 )
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64decode_strict, b64encode
@@ -52,15 +55,17 @@ def encrypt(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the raw ciphertext here.")
     ] = None,
+    force: ForceOpt = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Encrypt a small input on the gateway (up to limits.max_input_bytes, 64 KiB by
     default); prints the base64 ciphertext. For files use encrypt-file."""
+    refuse_existing(force, output)
     result = call(
         addr, token, Client.encrypt, key, read_input(source), name_values(context, "context entry")
     )
-    write_or_print_b64(output, result["ciphertext"])
+    write_or_print_b64(output, result["ciphertext"], force=force)
     err.print(f"key_version={result['key_version']}")
 
 
@@ -71,13 +76,12 @@ def decrypt(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the plaintext here (0600).")
     ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing output file.")
-    ] = False,
+    force: ForceOpt = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Decrypt a ciphertext from `encrypt` (or a data key from `datakey`) on the gateway."""
+    refuse_existing(force, output)
     raw = read_input(source)
     try:
         ciphertext = b64decode_strict(raw.decode("ascii").strip())
@@ -87,7 +91,7 @@ def decrypt(
         addr, token, Client.decrypt, key, ciphertext, name_values(context, "context entry")
     )
     if output:
-        write_private(output, result["plaintext"], force=force)
+        write_bytes(output, result["plaintext"], force=force, private=True)
     else:
         sys.stdout.buffer.write(result["plaintext"])
         sys.stdout.buffer.flush()
@@ -122,39 +126,14 @@ def _size(path: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def _atomic_output(target: Path | None, force: bool) -> Iterator[BinaryIO]:
-    """A temporary file beside `target` (mode 0600), renamed onto it only if the block
-    succeeds and removed otherwise; stdout if `target` is None. A character device or a
-    FIFO (`/dev/null`, a pipe) is written to as it is, like stdout: renaming a file onto it
-    would replace it with a file holding the output."""
+def _output(target: Path | None, force: bool) -> Iterator[BinaryIO]:
+    """`atomic_output` onto `target` (0600), or stdout if `target` is None."""
     if target is None:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
-    if target.is_dir():
-        fail(f"{target} is a directory: give the file to write")
-    if target.is_char_device() or target.is_fifo():
-        with _opened(target, "wb") as stream:
-            yield stream
-        return
-    if target.exists() and not target.is_file():
-        fail(f"{target} is not a regular file, a character device or a FIFO")
-    if target.exists() and not force:
-        fail(f"{target} exists (use --force to replace it)")
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as exc:
-        fail(f"cannot write {target}: {exc.strerror}")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as sink:
-            yield sink
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(target, force=force, private=True) as sink:
+        yield sink
 
 
 @contextlib.contextmanager
@@ -194,7 +173,7 @@ def encrypt_file(
         str | None,
         typer.Option("-o", "--output", help=f"Default: SOURCE{FILE_SUFFIX}; - for stdout."),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    force: ForceOpt = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -208,7 +187,7 @@ def encrypt_file(
         with (
             Client(addr, token) as client,
             _input_stream(source) as src,
-            _atomic_output(target, force) as dst,
+            _output(target, force) as dst,
             _progress("encrypting", None if source == "-" else _size(Path(source))) as progress,
         ):
             result = client.encrypt_stream(key, src, dst, ctx, progress=progress)
@@ -228,7 +207,7 @@ def decrypt_file(
         str | None,
         typer.Option("-o", "--output", help=f"Default: SOURCE without {FILE_SUFFIX}; - stdout."),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    force: ForceOpt = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -246,7 +225,7 @@ def decrypt_file(
         with (
             Client(addr, token) as client,
             _input_stream(source) as src,
-            _atomic_output(target, force) as dst,
+            _output(target, force) as dst,
             _progress("decrypting", None if source == "-" else _size(Path(source))) as progress,
         ):
             result = client.decrypt_stream(src, dst, required, progress=progress)

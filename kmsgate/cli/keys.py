@@ -13,6 +13,7 @@ import typer
 from kmsgate.algorithms import SIGN_ALGORITHMS, KeyType, default_sign_algorithm
 from kmsgate.cli.common import (
     AddrOpt,
+    ForceOpt,
     InputArg,
     TokenOpt,
     call,
@@ -24,6 +25,7 @@ from kmsgate.cli.common import (
     print_table,
     read_input,
     read_text,
+    refuse_existing,
     write_bytes,
     write_or_print_b64,
 )
@@ -203,13 +205,15 @@ def keys_public_key(
     name: str,
     version: Annotated[int | None, typer.Option()] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    force: ForceOpt = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """The PEM public key of a version (default: primary)."""
+    refuse_existing(force, output)
     pem = call(addr, token, Client.public_key, name, version)
     if output:
-        write_bytes(output, pem.encode())
+        write_bytes(output, pem.encode(), force=force)
     else:
         sys.stdout.write(pem)
 
@@ -266,16 +270,18 @@ def sign(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the raw signature here.")
     ] = None,
+    force: ForceOpt = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Sign a file or stdin; prints the base64 signature (or writes it raw with -o)."""
+    refuse_existing(force, output)
 
     def run(client: Client) -> dict[str, Any]:
         return client.sign(key, **_message(client, key, source, digest, algorithm))
 
     result = call(addr, token, run)
-    write_or_print_b64(output, result["signature"])
+    write_or_print_b64(output, result["signature"], force=force)
     err.print(f"key_version={result['key_version']} algorithm={result['algorithm']}")
 
 
