@@ -50,7 +50,7 @@ from kmsgate.service.requests import (
     SignInput,
     VerifyInput,
 )
-from kmsgate.text import HIDDEN, KEY_NAME, has_hidden
+from kmsgate.text import CA_NAME, HIDDEN, KEY_NAME, has_hidden
 
 KEY_NAME_PATTERN = f"^{KEY_NAME.pattern}$"
 ROLE_PATTERN = r"^[a-z0-9._:-]{1,64}$"
@@ -565,7 +565,7 @@ class PolicyEvaluateRequest(_Body):
 
 # -- PKI --------------------------------------------------------------------------------------
 
-CA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+CA_NAME_PATTERN = f"^{CA_NAME.pattern}$"
 
 
 def _pem_certificates(text: str, what: str) -> list[x509.Certificate]:

@@ -25,3 +25,6 @@ def shown(value: str) -> str:
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """What a key's name may be (`fullmatch`): a name in a request path that is not one names no
 key, and is refused before it reaches a policy decision, an audit record or a log line."""
+
+CA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+"""What a CA's name may be (`fullmatch`); refused like a `KEY_NAME` that is not one."""

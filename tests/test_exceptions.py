@@ -278,6 +278,29 @@ def test_who_may_see_and_end_a_grant(team: Team) -> None:
     assert ended.status_code == 200 and ended.json()["revoked_by"] == _principal(team.x)
 
 
+def test_an_id_no_exception_can_have_is_404_never_echoed_nor_audited(team: Team) -> None:
+    """A token pasted where an exception id goes (or NUL bytes, or 20 KB) is refused before
+    any decision: not in the reply, not in the hash-chained audit log, which keeps it for
+    good."""
+    secret = team.y.split(".")[2]
+    audit = team.gw.data_dir / "audit.log"
+    for wrong in (team.y, "%00%ff", "a" * 20_000, grant_id_like := "0123456789ABCDEF"):
+        for method, path in (
+            ("GET", f"/v1/exceptions/{wrong}"),
+            ("POST", f"/v1/exceptions/{wrong}/approve"),
+            ("DELETE", f"/v1/exceptions/{wrong}"),
+        ):
+            reply = httpx.request(
+                method, f"{team.gw.addr}{path}", headers=team.as_(team.y), timeout=TIMEOUT
+            )
+            assert reply.status_code == 404, (method, wrong[:40], reply.text)
+            assert "16 lowercase hexadecimal digits" in reply.json()["detail"]
+            assert secret not in reply.text and grant_id_like not in reply.text
+    team.post(f"/v1/keys/{KEY}/decrypt", team.x, {"ciphertext": team.ciphertext})  # audited
+    logs = audit.read_text() + "".join(p.read_text() for p in audit.parent.glob("audit.*.log"))
+    assert secret not in logs and "\\u0000" not in logs and grant_id_like not in logs
+
+
 def test_the_cli_requests_approves_and_lists(team: Team) -> None:
     asked = run_cli(
         ("exception", "request", "--action", "decrypt", "--resource", KEY, "--duration", "10m",

@@ -169,8 +169,11 @@ class Exceptions:
         return self.gate.run(call, apply)
 
     def _find(self, grant_id: str) -> Grant | None:
+        """The grant `grant_id`, or None. Raises NotFound, before any decision or record,
+        for an id no grant can have: it is not echoed (a token pasted in its place would
+        otherwise stay in the audit log for good)."""
         if not GRANT_ID.fullmatch(grant_id):
-            return None
+            raise NotFound("no exception has such an id: 16 lowercase hexadecimal digits")
         row = self.store.grants.get(grant_id)
         return Grant.from_row(row) if row is not None else None
 

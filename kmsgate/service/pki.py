@@ -69,6 +69,7 @@ from kmsgate.service.requests import IssueInput, NewCa, NewKey
 from kmsgate.service.results import Issued
 from kmsgate.store import Row, Store
 from kmsgate.store.certificates import REVOKED, CertQuery
+from kmsgate.text import CA_NAME
 
 _GATEWAY_TLS = Decision(allow=True, reasons=("the gateway's own HTTPS certificate (tls.ca)",))
 
@@ -165,7 +166,7 @@ class Pki:
         to that root (`decision` as for `create_ca`). Raises NotFound, Conflict (already
         active), InvalidRequest (not a CA certificate, another key, a chain that does not
         verify or does not end in a root)."""
-        ca = self.authorities.find(name)
+        ca = self._named(name)
         resource = ca.policy_resource() if ca else {"kind": "ca", "name": name}
 
         def activate(outcome: Outcome) -> Authority:
@@ -305,7 +306,7 @@ class Pki:
     ) -> Issued:
         """Decide on `action` (`facts` are the policy's `request`), then issue and store
         (the audit record's detail starts with `detail`)."""
-        ca = self.authorities.find_current(ca_name)
+        ca = self._named(ca_name)
         resource = ca.policy_resource() if ca else {"kind": "ca", "name": ca_name}
         call = Call(principal, ctx, action, resource, facts)
         with self.gate.running(call, decision=decision) as outcome:
@@ -322,6 +323,13 @@ class Pki:
                 with contextlib.suppress(Exception):
                     await work
                 raise
+
+    def _named(self, name: str) -> Authority | None:
+        """The CA `name` (`find_current`), or None. Raises NotFound, before any decision or
+        record, for a name no CA can have (it is not echoed)."""
+        if not CA_NAME.fullmatch(name):
+            raise NotFound("no CA has such a name: 1-63 letters, digits, '_' or '-'")
+        return self.authorities.find_current(name)
 
     def trusted_certificates(self, names: Sequence[str]) -> list[x509.Certificate]:
         """The certificates `tls.client_cas` names: an active kmsgate CA (its certificate,

@@ -393,3 +393,25 @@ def test_the_ca_key_counts_the_signatures_it_makes(api, admin, root):
         r = issue(api, admin, leaf_csr(x509.DNSName(f"{name}.lab"))[1], "server")
         assert r.status_code == 200, r.text
     assert uses() == before + 2
+
+
+def test_a_ca_name_no_ca_can_have_is_404_never_echoed_nor_audited(api, admin, service, root):
+    """A token pasted where a CA's name goes is refused before any decision: neither the
+    reply nor the audit log (which keeps what it is given for good) holds it."""
+    _, csr = leaf_csr(x509.DNSName("web.lab"))
+    before = len(service.audit.search())
+    for wrong in (admin, "a" * 64, "-dash", "dot.ted"):
+        for method, path, body in (
+            ("POST", f"/v1/pki/cas/{wrong}/issue", {"csr": csr, "profile": "server"}),
+            (
+                "POST",
+                f"/v1/pki/cas/{wrong}/certificate",
+                {"certificate": root.pem, "chain": root.pem},
+            ),
+        ):
+            reply = api.call(method, path, admin, json=body)
+            assert reply.status_code == 404, (path, reply.text)
+            assert "1-63 letters" in reply.json()["detail"] and wrong not in reply.text
+    assert len(service.audit.search()) == before
+    assert issue(api, admin, csr, "server", ca="nope").status_code == 404  # a possible name
+    assert len(service.audit.search()) > before  # is decided and audited as before
