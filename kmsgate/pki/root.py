@@ -2,13 +2,10 @@
 certificate, and the intermediate CA certificates it signs. Nothing here talks to a gateway:
 it runs on the machine that keeps the root (`kmsgate ca init-root`, `ca sign-intermediate`).
 
-The key file is a PEM `ENCRYPTED PRIVATE KEY` (PKCS#8 `EncryptedPrivateKeyInfo`, PBES2) as
-cryptography's `BestAvailableEncryption` writes it: with cryptography 50, PBKDF2-HMAC-SHA256
-(2,048 iterations) and AES-256-CBC. cryptography cannot write PBES2 with scrypt (its
-encryption builder serves only PKCS#12 and OpenSSH) and takes no iteration count for PKCS#8,
-so the passphrase carries the strength: `init_root` refuses one shorter than
-`MIN_PASSPHRASE_BYTES`. `load_root` also reads a key re-encrypted with scrypt
-(`openssl pkcs8 -topk8 -scrypt`).
+The key file is a PEM `ENCRYPTED PRIVATE KEY` (PKCS#8 `EncryptedPrivateKeyInfo`, PBES2 with
+scrypt and AES-256-CBC, see pkcs8.py); `init_root` refuses a passphrase shorter than
+`MIN_PASSPHRASE_BYTES`. `load_root` also reads a key encrypted with PBKDF2 (as kmsgate wrote
+them before, and as `cryptography` and `openssl pkcs8 -topk8 -v2 aes-256-cbc` write them).
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from kmsgate.pki.issuer import (
     signature_hash,
     validity,
 )
+from kmsgate.pki.pkcs8 import scrypt_encrypted_pem
 from kmsgate.text import has_hidden
 
 RootKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -92,11 +90,7 @@ def init_root(
     if key_path.exists():  # before a possibly slow key generation; O_EXCL decides below
         raise Conflict(f"{key_path} exists: refusing to replace a root key")
     key = ROOT_KEY_TYPES[key_type]()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(passphrase),
-    )
+    pem = scrypt_encrypted_pem(key, passphrase)
     cert = self_signed_root(key, name, days=days, path_length=path_length)
     write_private_file(key_path, pem)
     return cert

@@ -62,9 +62,16 @@ def test_init_root_writes_an_encrypted_0600_key_and_a_self_signed_ca(root, opens
     key = load_root(key_file, PASSPHRASE)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     assert key.public_key() == cert.public_key()
-    # PKCS#8 PBES2 (PBKDF2, AES-256-CBC): what cryptography 50 writes (it cannot write scrypt)
-    parsed = run_openssl(openssl_bin, "asn1parse", "-in", key_file)
-    assert ":PBES2" in parsed.stdout and ":aes-256-cbc" in parsed.stdout, parsed.stdout
+    # PKCS#8 PBES2 with scrypt (N = 2^14, r = 8, p = 16) and AES-256-CBC, which openssl reads
+    parsed = run_openssl(openssl_bin, "asn1parse", "-in", key_file).stdout
+    for field in (":PBES2", ":scrypt", "INTEGER           :4000", ":08", ":10", ":aes-256-cbc"):
+        assert field in parsed, (field, parsed)
+    pass_arg = f"pass:{PASSPHRASE.decode()}"
+    decrypted = run_openssl(openssl_bin, "pkey", "-in", key_file, "-passin", pass_arg, "-pubout")
+    assert decrypted.returncode == 0, decrypted.stderr
+    assert serialization.load_pem_public_key(decrypted.stdout.encode()) == cert.public_key()
+    wrong = run_openssl(openssl_bin, "pkey", "-in", key_file, "-passin", "pass:wrong", "-pubout")
+    assert wrong.returncode != 0
 
     assert cert.subject == cert.issuer
     assert cert.subject.rfc4514_string() == "CN=Test Root,O=kmsgate tests"
@@ -116,28 +123,14 @@ def test_init_root_refuses_bad_input_and_writes_nothing(
     assert not key_file.exists()
 
 
-def test_load_root_reads_a_key_reencrypted_with_scrypt(root, tmp_path, openssl_bin) -> None:
-    """The documented hardening: `openssl pkcs8 -topk8 -scrypt` re-encrypts the key."""
-    key_file, cert = root
-    scrypt_file = tmp_path / "root-key-scrypt.pem"
-    pass_arg = f"pass:{PASSPHRASE.decode()}"
-    converted = run_openssl(
-        openssl_bin,
-        "pkcs8",
-        "-topk8",
-        "-scrypt",
-        "-in",
-        key_file,
-        "-passin",
-        pass_arg,
-        "-passout",
-        pass_arg,
-        "-out",
-        scrypt_file,
-    )
-    assert converted.returncode == 0, converted.stderr
-    assert ":scrypt" in run_openssl(openssl_bin, "asn1parse", "-in", scrypt_file).stdout
-    assert load_root(scrypt_file, PASSPHRASE).public_key() == cert.public_key()
+def test_load_root_reads_a_key_encrypted_with_pbkdf2(tmp_path) -> None:
+    """A root key file as kmsgate wrote it before scrypt (cryptography's best available
+    encryption: PBKDF2) still loads."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    key_file = tmp_path / "old-root-key.pem"
+    encryption = serialization.BestAvailableEncryption(PASSPHRASE)
+    key_file.write_bytes(key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, encryption))
+    assert load_root(key_file, PASSPHRASE).public_key() == key.public_key()
 
 
 def test_load_root_refuses_an_empty_passphrase(root) -> None:
