@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kmsgate.pki.files import CURRENT
+from kmsgate.pki.files import CURRENT, replace_private_files
 from tests.components import LOOPBACK, free_port
 from tests.test_cli import _stop, clean_env, kmsgate_script, running_gateway
 
@@ -236,3 +236,18 @@ def test_an_agent_started_with_other_names_gets_a_new_certificate(tmp_path: Path
         assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [
             "spiffe://dev.lab/ns/ml/sa/new"
         ]
+
+
+def test_a_new_set_prunes_only_its_own_older_sets(tmp_path: Path) -> None:
+    """`replace_private_files` keeps the set before the current one and removes older sets
+    of its own; another `..name` in the directory (a user's backup) is left alone."""
+    backup = tmp_path / "..backup"
+    backup.mkdir()
+    (backup / "key.pem").write_text("keep me")
+    for n in range(4):
+        replace_private_files(tmp_path, {"key.pem": b"k%d" % n, "cert.pem": b"c%d" % n})
+    ours = {p.name for p in tmp_path.iterdir() if p.name.startswith("..") and not p.is_symlink()}
+    assert "..backup" in ours and len(ours - {"..backup"}) == 2  # the current set and one before
+    assert os.readlink(tmp_path / CURRENT) in ours
+    assert (backup / "key.pem").read_text() == "keep me"
+    assert (tmp_path / "key.pem").read_bytes() == b"k3"

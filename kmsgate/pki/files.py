@@ -4,6 +4,7 @@ TLS certificate, the agent's workload certificate)."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Mapping
@@ -14,6 +15,9 @@ __all__ = ["CURRENT", "replace_private_file", "replace_private_files"]
 CURRENT = "..data"
 """The symlink, in a directory `replace_private_files` keeps, to the current set's own
 directory."""
+_SET_ID_BYTES = 8
+_SET_NAME = re.compile(rf"\.\.[0-9a-f]{{{2 * _SET_ID_BYTES}}}")
+"""A set's own directory: `..` and a random hexadecimal id."""
 
 
 def replace_private_file(path: Path, data: bytes) -> None:
@@ -41,7 +45,7 @@ def replace_private_files(directory: Path, files: Mapping[str, bytes]) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     current = directory / CURRENT
     previous = os.readlink(current) if current.is_symlink() else None
-    version = directory / f"..{secrets.token_hex(8)}"
+    version = directory / f"..{secrets.token_hex(_SET_ID_BYTES)}"
     version.mkdir(mode=0o700)
     try:
         for name, data in files.items():
@@ -56,8 +60,8 @@ def replace_private_files(directory: Path, files: Mapping[str, bytes]) -> None:
         if not link.is_symlink() or os.readlink(link) != f"{CURRENT}/{name}":
             _point(link, f"{CURRENT}/{name}")  # also replaces a file an older agent wrote
     kept = {CURRENT, version.name, previous}
-    for entry in directory.iterdir():
-        if entry.name.startswith("..") and entry.name not in kept:
+    for entry in directory.iterdir():  # only sets of ours: another `..name` is not touched
+        if _SET_NAME.fullmatch(entry.name) and entry.name not in kept:
             shutil.rmtree(entry, ignore_errors=True)
     _fsync_directory(directory)
 
