@@ -27,9 +27,10 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmsgate.client import ApiError, Client
-from kmsgate.pki.csr import new_key_and_csr
+from kmsgate.pki.csr import new_key_and_csr, parse_san
 from kmsgate.pki.files import replace_private_files
 
 __all__ = ["Agent", "AgentOptions"]
@@ -57,6 +58,8 @@ class AgentOptions:
     renew_at: float = 2 / 3
     on_renew: str | None = None
     cacert: Path | None = None
+    cn: str | None = None
+    """The subject's common name (one of `sans`); None: none."""
 
 
 PERMANENT_STATUSES = frozenset({400, 404, 422})
@@ -69,6 +72,33 @@ other options gets a new certificate instead of renewing the old one."""
 class NoCredential(ValueError):
     """No valid certificate to renew with and no token file to bootstrap with: asking
     again cannot help."""
+
+
+def default_common_name(sans: tuple[str, ...]) -> str | None:
+    """The first DNS name among `sans` when none is a URI (a SPIFFE ID names the holder
+    itself): a client or server certificate then names its holder, which the gateway needs
+    to accept it over mTLS. Raises ValueError for a malformed SAN."""
+    names = [parse_san(san) for san in sans]
+    if any(isinstance(name, x509.UniformResourceIdentifier) for name in names):
+        return None
+    dns = [name.value for name in names if isinstance(name, x509.DNSName)]
+    return dns[0] if dns else None
+
+
+def authenticates(cert: x509.Certificate) -> bool:
+    """Whether `cert` can renew itself over mTLS: the gateway accepts a client certificate
+    with the clientAuth usage that names a SPIFFE ID or has a common name."""
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    spiffe = any(
+        uri.startswith("spiffe://")
+        for uri in names.get_values_for_type(x509.UniformResourceIdentifier)
+    )
+    named = bool(cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usages and (spiffe or named)
 
 
 class Agent:
@@ -111,12 +141,20 @@ class Agent:
         valid, else bootstrapped with the token. Raises ApiError, OSError, ValueError
         (NoCredential when neither is there)."""
         current = self._current()
+        if current is not None and not authenticates(current):
+            current = None  # it cannot renew itself: the token gets the next one
+            if self.options.token_file is None:
+                raise NoCredential(
+                    f"the certificate in {self.options.directory} cannot authenticate to "
+                    "the gateway (no clientAuth usage, or neither a SPIFFE ID nor a common "
+                    "name: see --cn); give --token-file or --oidc-token-file to renew it"
+                )
         if current is None and self.options.token_file is None:
             raise NoCredential(
                 f"no valid certificate in {self.options.directory} to renew, and no "
                 "--token-file or --oidc-token-file to get one"
             )
-        key, csr = new_key_and_csr(list(self.options.sans))
+        key, csr = new_key_and_csr(list(self.options.sans), self.options.cn)
         csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
         issued = None
         if current is not None:
@@ -124,7 +162,8 @@ class Agent:
                 with self._client(identity=True) as client:
                     issued = client.renew_certificate(csr_pem, ttl=self.options.ttl)
             except ApiError as exc:
-                if exc.status != 401:  # 401: expired or revoked meanwhile: bootstrap
+                # 401 or a refused handshake: expired, revoked or distrusted meanwhile
+                if exc.status != 401 and exc.code != "tls_refused":
                     raise
                 log.warning("the current certificate was refused (%s): bootstrapping", exc.code)
         renewed = issued is not None
@@ -192,7 +231,8 @@ class Agent:
     def _request(self) -> dict[str, object]:
         """What this agent asks for, as `REQUEST_FILE` records it."""
         o = self.options
-        return {"ca": o.ca, "profile": o.profile, "sans": sorted(o.sans)}
+        asked: dict[str, object] = {"ca": o.ca, "profile": o.profile, "sans": sorted(o.sans)}
+        return asked | ({"cn": o.cn} if o.cn else {})
 
     def _asked_before(self) -> object:
         """What the set in the directory was asked for; None if it does not say (a set

@@ -108,6 +108,13 @@ class Client:
                 token_sent=self._token_sent,
             ) from None
         except httpx.TransportError as exc:
+            if _refused_by_peer(exc):
+                raise ApiError(
+                    0,
+                    "tls_refused",
+                    f"{_without_credentials(self.addr)} refused the TLS connection: {exc}",
+                    token_sent=self._token_sent,
+                ) from None
             raise ApiError(
                 0,
                 "unreachable",
@@ -600,3 +607,15 @@ def _without_credentials(addr: str) -> str:
     if "@" not in parts.netloc:
         return addr
     return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _refused_by_peer(exc: BaseException) -> bool:
+    """Whether a transport failure is the gateway refusing the TLS connection (an alert
+    it sent, such as for a client certificate it does not accept), not a network failure
+    or this side refusing the gateway's certificate."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) and "ALERT" in str(getattr(seen, "reason", "")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

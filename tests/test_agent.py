@@ -16,12 +16,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from kmsgate.client import ApiError, Client
 from kmsgate.pki.files import CURRENT, replace_private_files
 from tests.components import LOOPBACK, free_port
+from tests.helpers import self_signed
 from tests.test_cli import _stop, clean_env, kmsgate_script, running_gateway
 
 TTL_SECONDS = 3
@@ -251,3 +255,56 @@ def test_a_new_set_prunes_only_its_own_older_sets(tmp_path: Path) -> None:
     assert os.readlink(tmp_path / CURRENT) in ours
     assert (backup / "key.pem").read_text() == "keep me"
     assert (tmp_path / "key.pem").read_bytes() == b"k3"
+
+
+def test_client_and_server_profile_certificates_renew_the_way_each_can(tmp_path: Path) -> None:
+    """A client certificate names its holder (common name: its first DNS name), so it
+    renews itself over mTLS with no token; a server certificate (no clientAuth) cannot, so
+    the agent renews it with the token, and without one says so. A certificate the gateway
+    refuses in the TLS handshake is reported as refused, not as a gateway out of reach."""
+    data, port = tmp_path / "data", free_port()
+    with https_gateway(data, port, tmp_path / "gateway.log"):
+        env = clean_env(
+            KMSGATE_ADDR=f"https://localhost:{port}", KMSGATE_CACERT=str(data / "dev-root.pem")
+        )
+        token = ["--token-file", str(data / "root-token")]
+
+        def agent(profile: str, san: str, *extra: str) -> subprocess.CompletedProcess[str]:
+            command = [
+                kmsgate_script(), "agent", "--once", "--ca", "dev", "--profile", profile,
+                "--san", san, "--dir", str(tmp_path / profile), *extra,
+            ]  # fmt: skip
+            return subprocess.run(
+                command, capture_output=True, text=True, env=env, timeout=60, check=False
+            )
+
+        first = agent("client", "app.lab", *token)
+        assert first.returncode == 0 and " issued" in first.stderr, first.stderr
+        cert = x509.load_pem_x509_certificate((tmp_path / "client" / "cert.pem").read_bytes())
+        assert cert.subject.rfc4514_string() == "CN=app.lab"
+        renewed = agent("client", "app.lab")  # no token: the certificate itself
+        assert renewed.returncode == 0 and " renewed" in renewed.stderr, renewed.stderr
+
+        assert agent("server", "localhost", *token).returncode == 0
+        again = agent("server", "localhost", *token)
+        assert again.returncode == 0 and " issued" in again.stderr, again.stderr
+        assert "unreachable" not in again.stderr and "refused" not in again.stderr
+        stuck = agent("server", "localhost")
+        assert stuck.returncode == 2 and "cannot authenticate to the gateway" in stuck.stderr
+
+        stranger_key, stranger = self_signed(
+            "stranger", extensions=[x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])]
+        )
+        pem = serialization.Encoding.PEM
+        (tmp_path / "s.pem").write_bytes(stranger.public_bytes(pem))
+        (tmp_path / "s.key").write_bytes(
+            stranger_key.private_bytes(
+                pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        context = ssl.create_default_context(cafile=str(data / "dev-root.pem"))
+        context.load_cert_chain(tmp_path / "s.pem", tmp_path / "s.key")
+        client = Client(env["KMSGATE_ADDR"], verify=context, anonymous=True)
+        with client, pytest.raises(ApiError) as refused:
+            client.whoami()
+        assert refused.value.code == "tls_refused", refused.value

@@ -27,6 +27,13 @@ def agent(
         Path | None,
         typer.Option(help="An OIDC token to bootstrap with (re-read each time: it rotates)."),
     ] = None,
+    cn: Annotated[
+        str | None,
+        typer.Option(
+            help="Common name, one of the SANs (default: the first DNS name, unless a SAN "
+            "is a SPIFFE ID). A client certificate needs one to renew itself over mTLS."
+        ),
+    ] = None,
     ttl: Annotated[str | None, typer.Option(help="Lifetime, e.g. 1h (the profile's).")] = None,
     renew_at: Annotated[
         float, typer.Option(help="Renew at this share of the lifetime (at most 0.8).")
@@ -38,7 +45,7 @@ def agent(
     addr: AddrOpt = None,
 ) -> None:
     """Keep a certificate for --san in --dir: bootstrap with a token, renew over mTLS."""
-    from kmsgate.agent import Agent, AgentOptions
+    from kmsgate.agent import Agent, AgentOptions, default_common_name
     from kmsgate.client import ApiError
 
     if token_file and oidc_token_file:
@@ -57,6 +64,7 @@ def agent(
                 renew_at=renew_at,
                 on_renew=on_renew,
                 cacert=Path(cacert) if cacert else None,
+                cn=cn or default_common_name(tuple(san)),
             )
         )
     except ValueError as exc:
