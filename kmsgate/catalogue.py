@@ -321,6 +321,15 @@ class Catalogue(StoreMirror):
             key = self._keys.get(name)
         return key
 
+    def find_current(self, name: str) -> Key | None:
+        """`find`, but read from the store first (within the read-through budget; past it,
+        from the copy): what a change to the key is decided on, as another worker or
+        replica may have changed it since the copy last followed the feed. Raises
+        Unavailable."""
+        if 0 < len(name) <= MAX_KEY_NAME:
+            self._read_through(name)
+        return self._keys.get(name)
+
     def cached(self, name: str) -> Key | None:
         """The key called `name` if this cache holds it; never asks the store (for public,
         unauthenticated lookups)."""

@@ -5,6 +5,7 @@ a change reaches every cache within a second, and scheduled work is done once.""
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 import time
@@ -74,6 +75,16 @@ def test_two_gateways_on_one_store(tmp_path: Path, database_url: str) -> None:
         assert after["tokens", "full"] == before["tokens", "full"]
         assert after["tokens", "item"] >= before["tokens", "item"] + 100
 
+        # a change through b to a key a just rotated is decided on the key as stored
+        for version in range(2, 6):
+            assert a.call("POST", "/v1/keys/shared/rotate", admin_a).status_code == 200
+            shown = b.call("GET", "/v1/keys/shared", admin_b).json()
+            assert shown["primary_version"] == version
+            raised = b.call(
+                "PATCH", "/v1/keys/shared", admin_b, json={"min_decrypt_version": version}
+            )
+            assert raised.status_code == 200, raised.text
+
         # a disabled key is refused through the other gateway within a second
         assert a.call("POST", "/v1/keys/shared/disable", admin_a).status_code == 200
         started = time.monotonic()
@@ -100,6 +111,36 @@ def test_two_workers_create_then_sign_at_once_never_404(tmp_path: Path) -> None:
                 reply = client.post(f"/v1/keys/burst-{i}/sign", json={"input": MESSAGE})
                 statuses.append(reply.status_code)
         assert statuses == [200] * 200, sorted(set(statuses))
+
+
+def test_two_workers_see_each_others_changes_at_once_without_polling(tmp_path: Path) -> None:
+    """`serve --workers 2` on SQLite, with the caches' poll set to 60 s: a change through one
+    worker reaches the other in well under a second (each reads the database's data
+    version), and a change to a key is decided on the key as stored, not on a worker's copy:
+    rotate, then raise min_decrypt_version to the new version, never 400."""
+    config = tmp_path / "kmsgate.yaml"
+    config.write_text(json.dumps({"cache_refresh_seconds": 60}))
+    with running_gateway(tmp_path, "--workers", "2", "--config", str(config)) as gw:
+        root = {"authorization": f"Bearer {gw.root_token}", "connection": "close"}
+        with httpx.Client(base_url=gw.addr, headers=root, timeout=30) as client:
+            body = {"name": "moving", "type": "aes-256-gcm", "purpose": "p"}
+            assert client.post("/v1/keys", json=body).status_code == 201
+            for version in range(2, 12):
+                assert client.post("/v1/keys/moving/rotate").status_code == 200
+                shown = client.get("/v1/keys/moving").json()
+                assert shown["primary_version"] == version, shown
+                raised = client.patch("/v1/keys/moving", json={"min_decrypt_version": version})
+                assert raised.status_code == 200, raised.text
+
+            made = client.post("/v1/sys/tokens", json={"roles": ["admin"]}).json()
+            token = {"authorization": f"Bearer {made['token']}", "connection": "close"}
+            assert client.get("/v1/keys", headers=token).status_code == 200
+            assert client.delete(f"/v1/sys/tokens/{made['id']}").status_code in (200, 204)
+            started = time.monotonic()
+            while client.get("/v1/keys", headers=token).status_code != 401:
+                assert time.monotonic() - started < 2, "a worker still takes the revoked token"
+            time.sleep(0.5)  # every worker has followed by now: none takes it any more
+            assert {client.get("/v1/keys", headers=token).status_code for _ in range(40)} == {401}
 
 
 def test_a_due_key_is_destroyed_by_exactly_one_of_four_processes(

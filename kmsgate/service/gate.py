@@ -208,14 +208,15 @@ class Gate:
                 "the metadata store has been unreachable for too long to act on cached state"
             )
 
-    def target(self, name: str) -> KeyTarget:
-        """The key `name` as this request will see it (from the cache, or read through).
+    def target(self, name: str, *, current: bool = False) -> KeyTarget:
+        """The key `name` as this request will see it (from the cache, or read through;
+        `current`: read from the store, for a change or a read of the key's record).
         Raises NotFound, before any decision or record, for a name no key can have (it is
         not echoed); Unavailable as `require_fresh` does."""
         if not KEY_NAME.fullmatch(name):
             raise NotFound("no key has such a name: 1-128 letters, digits, '.', '_' or '-'")
         self.require_fresh()
-        key = self.catalogue.find(name)
+        key = self.catalogue.find_current(name) if current else self.catalogue.find(name)
         backend = self.registry.find(key.backend) if key and not key.verify_only else None
         return KeyTarget(name, key, backend is not None and backend.blocking)
 

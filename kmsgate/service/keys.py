@@ -50,8 +50,10 @@ class Keys:
         request: Mapping[str, object] | None,
         operation: Callable[[Key, Outcome], T],
     ) -> T:
-        """`operation` on the key `name` through the gate: NotFound only after policy allowed."""
-        target = self.gate.target(name)
+        """`operation` on the key `name` as the store holds it now (a change is never
+        decided on a copy another worker has moved past), through the gate: NotFound only
+        after policy allowed."""
+        target = self.gate.target(name, current=True)
         call = Call(principal, ctx, action, target.resource(), request)
         return self.gate.run_on_key(call, target, operation)
 
