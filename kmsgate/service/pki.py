@@ -504,6 +504,12 @@ class Pki:
         Raises InvalidRequest (no mount or role, not a hashivault backend), BackendError."""
         if not new.mount or not new.role:
             raise InvalidRequest("a hashivault-pki CA needs 'mount' and 'role'")
+        backend = self.gate.registry.get(new.backend)
+        if not isinstance(backend, PkiEngineCapable):
+            raise InvalidRequest(
+                f"backend {backend.name!r} ({backend.scheme}) fronts no PKI engine: a "
+                "hashivault-pki CA needs a hashivault backend"
+            )
         at = now()
         pending = Authority(
             name=new.name,
@@ -517,7 +523,7 @@ class Pki:
             crl_number=0,
             created_at=at,
             updated_at=at,
-            backend=self.gate.registry.get(new.backend).name,
+            backend=backend.name,
             options={"mount": new.mount, "role": new.role},
         )
         engine = self.engine(pending)

@@ -250,13 +250,21 @@ def _row(row: sa.RowMapping) -> Row:
 
 def _san_matches(sans: list[str], wanted: str) -> bool:
     """`wanted` equals one of the SAN values (`dns:`, `ip:`, `uri:` prefixes stripped), or,
-    starting with "." or "*.", is a suffix of one; DNS names compare without regard to case."""
+    starting with "." or "*.", is a suffix of one; DNS names compare without regard to case.
+    A `wanted` with one of those prefixes (as the inventory prints SANs) matches SANs of
+    that kind only."""
+    kind, sep, rest = wanted.partition(":")
+    if sep and kind.lower() in _SAN_KINDS:  # also as openssl prints them: `DNS:`, `IP:`, `URI:`
+        sans, wanted = [san for san in sans if san.startswith(f"{kind.lower()}:")], rest
     values = [_san_value(san) for san in sans]
     if wanted.startswith("*."):
         wanted = wanted[1:]
     if wanted.startswith("."):
         return any(value.endswith(wanted) or value.endswith(wanted.lower()) for value in values)
     return wanted in values or wanted.lower() in values
+
+
+_SAN_KINDS = frozenset({"dns", "ip", "uri"})
 
 
 def _san_value(san: str) -> str:

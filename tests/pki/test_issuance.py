@@ -306,6 +306,11 @@ def test_names_outside_the_cas_name_constraints_are_refused(
     listed = api.call("GET", "/v1/pki/certs?san=WEB.lab", admin).json()["certs"]
     assert [c["sans"] for c in listed] == [["dns:web.lab"]]
     assert len(api.call("GET", "/v1/pki/certs?san=.LAB", admin).json()["certs"]) == 1
+    # and in the form the inventory (or openssl) prints them, which names the kind of SAN
+    for wanted, found in (("dns:web.lab", 1), ("DNS:WEB.lab", 1), ("ip:web.lab", 0)):
+        listed = api.call("GET", f"/v1/pki/certs?san={wanted}", admin).json()["certs"]
+        assert len(listed) == found, wanted
+    assert len(api.call("GET", "/v1/pki/certs?san=dns:.lab", admin).json()["certs"]) == 1
 
 
 def test_serials_in_any_printed_form_and_inventory_filters_are_checked(api, admin, root):

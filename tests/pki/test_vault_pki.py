@@ -193,6 +193,14 @@ def test_a_vault_role_that_would_give_other_extensions_is_refused(
                 "POST", "/v1/pki/cas", admin, json={**body, "mount": mount, "role": role}
             )
 
+        local = api.call(
+            "POST",
+            "/v1/pki/cas",
+            admin,
+            json={"name": "soft", "type": "hashivault-pki", "key": {"backend": "local"},
+                  "mount": pki_mount, "role": "web"},
+        )  # fmt: skip
+        assert local.status_code == 400 and "fronts no PKI engine" in local.text, local.text
         missing = create("nope", "no-such-role")
         assert missing.status_code == 400 and "no PKI role 'no-such-role'" in missing.text
         no_mount = create("nomount", "web", mount="pki-missing")
