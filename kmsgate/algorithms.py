@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import re
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -130,6 +131,11 @@ def parse_key_type(name: str) -> KeyType:
         return KeyType(name)
     except ValueError:
         known = ", ".join(t.value for t in KeyType)
+        small = re.fullmatch(r"rsa-(\d{1,5})", name)
+        if small and int(small[1]) < 3072:
+            raise InvalidRequest(
+                f"{name}: RSA keys under 3072 bits are not made (rsa-3072 or rsa-4096)"
+            ) from None
         raise InvalidRequest(f"unknown key type {name!r}; known: {known}") from None
 
 

@@ -90,7 +90,8 @@ access log is off: `kmsgate.requests` has a line per request)."""
 
 def configure(level: str) -> None:
     """Send the `kmsgate` loggers to stderr as JSON lines at `level` (debug, info, warning,
-    error), and the other libraries' warnings and errors too. Idempotent. Raises
+    error), and the other libraries' warnings and errors, and Python warnings, too.
+    Idempotent. Raises
     ConfigError for another level."""
     if level.lower() not in LEVELS:
         raise ConfigError(f"log level {level!r}: use one of {', '.join(LEVELS)}")
@@ -99,8 +100,10 @@ def configure(level: str) -> None:
     _to_stderr_as_json(logger)
     logger.propagate = False
     # the libraries' warnings and errors (SQLAlchemy's pool losing a connection, say), which
-    # Python would otherwise print as plain text with a traceback
+    # Python would otherwise print as plain text with a traceback, and Python warnings
+    # (`warnings.warn`: logger py.warnings) as JSON lines too
     _to_stderr_as_json(logging.getLogger())
+    logging.captureWarnings(True)
 
 
 def _to_stderr_as_json(logger: logging.Logger) -> None:

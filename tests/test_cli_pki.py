@@ -24,6 +24,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from kmsgate.bootstrap import (
     DEV_CA,
@@ -552,6 +553,18 @@ def test_issue_errors_are_one_line_and_leave_no_key_behind(gw: Gateway, tmp_path
     key.write_text("mine")
     assert_one_line_error(gw.run(*base, "--key-out", str(key), "--san", "web.lab"), "exists")
     assert key.read_text() == "mine"
+    # a common name over 64 characters: a clear 400, and no Python warning on the server's
+    # stderr beside its JSON log
+    long_name = "a" * 61 + ".lab"
+    csr = tmp_path / "long.csr"
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, long_name, _validate=False)])
+    request = x509.CertificateSigningRequestBuilder(subject).add_extension(
+        x509.SubjectAlternativeName([x509.DNSName(long_name)]), critical=False
+    )
+    signer = ec.generate_private_key(ec.SECP256R1())
+    csr.write_bytes(request.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    assert_one_line_error(gw.run(*base, "--csr", str(csr)), "CN must be 1-64 bytes")
+    assert "Warning" not in gw.output.read_text()
     assert_one_line_error(gw.run("ca", "show", "nope"), "not_found")
     assert_one_line_error(gw.run("cert", "expiring", "--within", "soon"), "--within")
     assert_one_line_error(gw.run("ca", "list", token=""), "unauthenticated")

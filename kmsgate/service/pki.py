@@ -619,16 +619,23 @@ def _check_ca_certificate(
     for child, parent in itertools.pairwise(links):
         try:
             child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, InvalidSignature) as exc:
-            raise InvalidRequest(
-                f"{child.subject.rfc4514_string()} is not issued by "
-                f"{parent.subject.rfc4514_string()}: {type(exc).__name__}"
-            ) from None
+        except InvalidSignature:
+            why = "its signature does not verify with the issuer's key"
+        except (ValueError, TypeError):
+            why = "its issuer name or signature algorithm does not match the issuer's"
+        else:
+            continue
+        raise InvalidRequest(f"{_called(child)} is not issued by {_called(parent)}: {why}")
     root = links[-1]
     try:
         root.verify_directly_issued_by(root)
     except (ValueError, TypeError, InvalidSignature):
         raise InvalidRequest("the chain does not end in a self-signed root") from None
+
+
+def _called(cert: x509.Certificate) -> str:
+    """How a message names `cert`: its subject, or its serial when the subject is empty."""
+    return cert.subject.rfc4514_string() or f"the certificate with serial {cert.serial_number:x}"
 
 
 def _check_issuing_ca(cert: x509.Certificate, below: int, at: datetime) -> None:
@@ -637,7 +644,7 @@ def _check_issuing_ca(cert: x509.Certificate, below: int, at: datetime) -> None:
     whose key usage, if stated, allows certificates (and CRLs, for the imported one), whose
     path length leaves room for those CAs, and
     which is valid at `at` (what `openssl verify` checks on every issuer of a leaf)."""
-    name = cert.subject.rfc4514_string()
+    name = _called(cert)
     constraints = extension_value(cert.extensions, x509.BasicConstraints)
     if constraints is None or not constraints.ca:
         raise InvalidRequest(f"{name} is not a CA certificate (basicConstraints ca)")
