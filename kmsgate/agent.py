@@ -32,6 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from kmsgate.client import ApiError, Client
 from kmsgate.pki.csr import new_key_and_csr, parse_san
 from kmsgate.pki.files import replace_private_files
+from kmsgate.spiffe import is_spiffe_id
 
 __all__ = ["Agent", "AgentOptions"]
 
@@ -93,10 +94,7 @@ def authenticates(cert: x509.Certificate) -> bool:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return False
-    spiffe = any(
-        uri.startswith("spiffe://")
-        for uri in names.get_values_for_type(x509.UniformResourceIdentifier)
-    )
+    spiffe = any(map(is_spiffe_id, names.get_values_for_type(x509.UniformResourceIdentifier)))
     named = bool(cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))
     return ExtendedKeyUsageOID.CLIENT_AUTH in usages and (spiffe or named)
 

@@ -164,8 +164,9 @@ def test_a_certificate_names_the_same_principal_directly_and_forwarded(
 ) -> None:
     """Without a SPIFFE ID a certificate's principal is `cn:` and its CN, an id no API token
     (`token:`) or OIDC issuer (`<issuer>:`) can have: a CN copying an OIDC principal's id
-    takes neither its grants nor its rules. A certificate without a subjectAltName, or with
-    two SPIFFE IDs, names no principal, on a direct connection as through a proxy."""
+    takes neither its grants nor its rules. A certificate without a subjectAltName, with
+    two SPIFFE IDs or a malformed one (a `..` segment, say), names no principal, on a direct
+    connection as through a proxy."""
     direct = MtlsAuthenticator(lambda _serial: None)
     forwarded = _authenticator(local_ca)
 
@@ -196,6 +197,23 @@ def test_a_certificate_names_the_same_principal_directly_and_forwarded(
     assert (
         principals(local_ca.leaf(names=two))
         == ["401 the client certificate names more than one SPIFFE ID"] * 2
+    )
+    for malformed in (
+        "spiffe://dev.lab/ns/ml/sa/server/../../admin",
+        "spiffe://dev.lab/ns//sa",
+        "spiffe://Dev.Lab/ns",
+        "spiffe://dev.lab:8443/ns",
+        "spiffe://dev.lab/ns?x=1",
+        "spiffe://dev.lab/ns/",
+    ):
+        uri = [x509.UniformResourceIdentifier(malformed)]
+        assert (
+            principals(local_ca.leaf(names=uri))
+            == ["401 the client certificate's SPIFFE ID is malformed"] * 2
+        ), malformed
+    assert (
+        principals(local_ca.leaf(names=[x509.UniformResourceIdentifier("spiffe://dev.lab")]))
+        == ["spiffe://dev.lab"] * 2
     )
 
 

@@ -23,10 +23,10 @@ from cryptography.x509.oid import NameOID
 from kmsgate.auth.authenticator import Credentials
 from kmsgate.auth.principal import Principal
 from kmsgate.errors import Unauthenticated
+from kmsgate.spiffe import SPIFFE_PREFIX, is_spiffe_id
 
 __all__ = ["InventoryLookup", "MtlsAuthenticator"]
 
-SPIFFE_PREFIX = "spiffe://"
 CN_PREFIX = "cn:"
 """How the principal id of a certificate without a SPIFFE ID starts (then its CN)."""
 
@@ -92,7 +92,7 @@ def _identity(cert: x509.Certificate) -> tuple[str, list[str]]:
     `cn:` and its common name (a prefix no token, OIDC issuer or SPIFFE ID takes). Raises
     Unauthenticated for a certificate without a subjectAltName (what the forwarded-header
     path cannot verify either), with two SPIFFE IDs (an X.509-SVID has one), or naming
-    neither a SPIFFE ID nor a common name."""
+    neither a SPIFFE ID nor a common name, or a malformed SPIFFE ID."""
     sans = _sans(cert)
     if not sans:
         raise Unauthenticated("the client certificate has no subjectAltName")
@@ -100,6 +100,8 @@ def _identity(cert: x509.Certificate) -> tuple[str, list[str]]:
     if len(spiffe) > 1:
         raise Unauthenticated("the client certificate names more than one SPIFFE ID")
     if spiffe:
+        if not is_spiffe_id(spiffe[0]):
+            raise Unauthenticated("the client certificate's SPIFFE ID is malformed")
         return spiffe[0], sans
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     common_name = str(names[0].value) if names else ""
