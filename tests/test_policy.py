@@ -259,6 +259,7 @@ def test_invalid_policy_is_refused_naming_the_file(
         PolicyEngine.load(tmp_path)
     assert message in str(info.value)
     assert "Stack backtrace" not in str(info.value)
+    assert "\n" not in str(info.value)  # one line, as a CLI error or a problem's detail is
 
 
 @pytest.mark.parametrize(
@@ -277,8 +278,9 @@ def test_policy_whose_entry_points_cannot_be_evaluated_is_refused(
     tmp_path: Path, source: str
 ) -> None:
     write(tmp_path, {"p.rego": source})
-    with pytest.raises(ConfigError, match="cannot be evaluated"):
+    with pytest.raises(ConfigError, match="cannot be evaluated") as info:
         PolicyEngine.load(tmp_path)
+    assert "\n" not in str(info.value)
 
 
 def test_no_policy_file_is_refused(tmp_path: Path) -> None:

@@ -175,7 +175,7 @@ def _add_sources(engine: Any, sources: Sequence[tuple[str, bytes]]) -> str | Non
             engine.set_rego_v0(rel.endswith(V0_SUFFIX))
             engine.add_policy(rel, text)
         except Exception as exc:  # regorus raises RuntimeError with the parse error
-            return f"invalid policy file {rel}: {_error_text(exc)}"
+            return f"invalid policy file {rel}: {_one_line(exc)}"
     engine.set_rego_v0(False)
     engine.add_policy(_DECISION_FILE, DECISION_MODULE)
     return None
@@ -196,9 +196,8 @@ def _probe(engine: Any, rule: str) -> str | None:
     try:
         engine.eval_rule(rule)
     except Exception as exc:
-        text = _error_text(exc)
-        if not text.startswith(_NO_RULE):
-            return f"policy rule {rule} cannot be evaluated: {text}"
+        if not _error_text(exc).startswith(_NO_RULE):
+            return f"policy rule {rule} cannot be evaluated: {_one_line(exc)}"
     return None
 
 
@@ -585,7 +584,7 @@ class PolicyEngine:
                 try:
                     value = engine.eval_rule(ref)
                 except Exception as exc:
-                    results.append(PolicyTestResult(ref, False, _error_text(exc)))
+                    results.append(PolicyTestResult(ref, False, _one_line(exc)))
                     continue
                 results.append(PolicyTestResult(ref, value is True, None))
         finally:
