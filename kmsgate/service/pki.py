@@ -449,8 +449,18 @@ class Pki:
     def certificates(
         self, principal: Principal, ctx: Ctx, query: CertQuery
     ) -> list[CertificateRecord]:
-        """Inventory records matching `query` (one page). Raises PolicyDenied."""
-        call = Call(principal, ctx, "cert.read", {"kind": "cert"}, {"ca": query.ca})
+        """Inventory records matching `query` (one page). Raises PolicyDenied. The policy
+        sees the filters as the resource (`owner`, `ca`, `profile`; null when not given), so
+        a rule that lets a principal read its own certificates lets it list them with
+        `owner` set to itself."""
+        resource = {
+            "kind": "cert",
+            "name": None,
+            "ca": query.ca,
+            "profile": query.profile,
+            "owner": query.owner,
+        }
+        call = Call(principal, ctx, "cert.read", resource, {"ca": query.ca})
 
         def search(outcome: Outcome) -> list[CertificateRecord]:
             records = [record_from_row(row) for row in self.store.certs.search(query)]

@@ -6,8 +6,10 @@ import asyncio
 import base64
 import hashlib
 import ipaddress
+import shutil
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -18,6 +20,7 @@ from kmsgate.auth import Credentials
 from kmsgate.pki.issuer import key_usage
 from kmsgate.service import Ctx
 from kmsgate.service.requests import IssueInput
+from tests.gateway import open_gateway
 from tests.pki.ceremony import (
     OfflineRoot,
     ca_key_usage,
@@ -26,6 +29,7 @@ from tests.pki.ceremony import (
     openssl_verifies,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 PEM_TYPE = "application/x-pem-file"
 PEM = serialization.Encoding.PEM
 
@@ -420,3 +424,33 @@ def test_a_ca_name_no_ca_can_have_is_404_never_echoed_nor_audited(api, admin, se
     assert len(service.audit.search()) == before
     assert issue(api, admin, csr, "server", ca="nope").status_code == 404  # a possible name
     assert len(service.audit.search()) > before  # is decided and audited as before
+
+
+def test_a_rule_on_the_owner_lets_a_principal_list_its_own_certificates(tmp_path: Path) -> None:
+    """The inventory list shows the policy its filters as the resource: a rule letting a
+    principal read the certificates it owns lets it list them with `owner` set to itself,
+    and still not everyone's."""
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    (policies / "team.rego").write_text(
+        "package kmsgate.authz\nimport rego.v1\n"
+        'allow if { "team" in input.principal.roles; input.action == "cert.issue" }\n'
+        'allow if { "team" in input.principal.roles; input.action == "cert.read"\n'
+        "  input.resource.owner == input.principal.id }\n"
+    )
+    root = OfflineRoot()
+    with open_gateway(tmp_path, policy_dir=policies) as (api, admin):
+        make_intermediate(api, admin, root)
+        team = api.service.tokens.create(["team"], ttl=None)[1]
+        me = api.call("GET", "/v1/sys/whoami", team).json()["id"]
+        assert issue(api, team, leaf_csr(x509.DNSName("mine.lab"))[1], "server").status_code == 200
+        assert (
+            issue(api, admin, leaf_csr(x509.DNSName("other.lab"))[1], "server").status_code == 200
+        )
+        mine = api.call("GET", f"/v1/pki/certs?owner={me}", team)
+        assert mine.status_code == 200, mine.text
+        assert [c["sans"] for c in mine.json()["certs"]] == [["dns:mine.lab"]]
+        assert api.call("GET", "/v1/pki/certs", team).status_code == 403
+        assert (
+            api.call("GET", "/v1/pki/certs?owner=token:0000000000000000", team).status_code == 403
+        )
