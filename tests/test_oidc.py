@@ -159,10 +159,10 @@ def test_a_github_style_token_signs_with_the_key_policy_gives_it(
     )
 
 
-def _issue(gw: Gateway, token: str, *names: str) -> httpx.Response:
+def _issue(gw: Gateway, token: str, *names: str, ca: str = "dev") -> httpx.Response:
     _, csr = new_key_and_csr(list(names))
     return httpx.post(
-        f"{gw.addr}/v1/pki/cas/dev/issue",
+        f"{gw.addr}/v1/pki/cas/{ca}/issue",
         json={"csr": csr.public_bytes(serialization.Encoding.PEM).decode(), "profile": "workload"},
         headers={"authorization": f"Bearer {token}"},
         timeout=10,
@@ -189,6 +189,9 @@ def test_a_service_account_token_gets_a_certificate_for_its_own_spiffe_id_only(
         assert _issue(gw, token, *others).status_code == 403, others
     # a CI job's token is no service account
     assert _issue(gw, issuer.token(), "spiffe://dev.lab/ns/ml/sa/model-server").status_code == 403
+    # from the workload CA only: another name is refused without saying whether it exists
+    own_name = "spiffe://dev.lab/ns/ml/sa/model-server"
+    assert _issue(gw, token, own_name, ca="nope").status_code == 403
     records = AuditFile(gw.data_dir / "audit.log").search(action="cert.issue")
     assert any(
         r.get("principal") == f"k8s:{SERVICE_ACCOUNT}" and r["outcome"] == "ok" for r in records

@@ -37,7 +37,7 @@ service_account(sub, sans) := {
 		"sub": sub,
 	}},
 	"action": "cert.issue",
-	"resource": {"kind": "ca", "name": "workloads"},
+	"resource": {"kind": "ca", "name": "dev"},
 	"request": {"profile": "workload", "sans": sans},
 	"env": "prod",
 }
@@ -45,6 +45,13 @@ service_account(sub, sans) := {
 test_a_service_account_gets_its_own_spiffe_id if {
 	data.kmsgate.authz.allow with input as service_account(
 		"system:serviceaccount:ml:server", ["uri:spiffe://dev.lab/ns/ml/sa/server"]
+	)
+}
+
+test_from_the_workload_ca_only if {
+	not data.kmsgate.authz.allow with input as object.union(
+		service_account("system:serviceaccount:ml:server", ["uri:spiffe://dev.lab/ns/ml/sa/server"]),
+		{"resource": {"kind": "ca", "name": "servers"}},
 	)
 }
 
