@@ -89,6 +89,10 @@ class Limits(BaseModel):
     """Requests per second of one principal, per process; None: 1000 (off in dev); 0: off."""
     key_rate: float | None = Field(default=None, ge=0)
     """Key operations per second on one key, per process; None: 5000 (off in dev); 0: off."""
+    failed_auth_rate: float = Field(default=20.0, ge=0)
+    """Failed authentications per second from one client address, per process, each audited
+    and answered 401; past it (after a burst of `burst_seconds` of it), 429 and no record
+    but the first of the run; 0: off."""
     burst_seconds: float = Field(default=2.0, gt=0)
     """A bucket holds this many seconds of its rate (the burst allowed after a quiet time)."""
     body_read_seconds: float = Field(default=30.0, gt=0)

@@ -8,7 +8,7 @@ import time
 
 from kmsgate.errors import RateLimited
 
-__all__ = ["BucketMap", "RequestRates", "TokenBucket"]
+__all__ = ["BucketMap", "FailureLimit", "RequestRates", "TokenBucket"]
 
 
 class TokenBucket:
@@ -62,12 +62,16 @@ class BucketMap:
 
     def take(self, name: str) -> None:
         """A token of `name`'s bucket, now. Raises RateLimited."""
+        self.bucket(name).reserve()
+
+    def bucket(self, name: str) -> TokenBucket:
+        """`name`'s bucket (made now if it has none)."""
         bucket = self._buckets.get(name)
         if bucket is None:
             if len(self._buckets) >= self.max_names:
                 self._buckets = {n: b for n, b in self._buckets.items() if not b.full()}
             bucket = self._buckets.setdefault(name, TokenBucket(self.rate, self.capacity))
-        bucket.reserve()
+        return bucket
 
 
 class RequestRates:
@@ -89,3 +93,28 @@ class RequestRates:
         """Raises RateLimited when key `key` is over its rate."""
         if self._keys is not None:
             self._keys.take(key)
+
+
+class FailureLimit:
+    """Failed authentications per client address (`limits.failed_auth_rate`), so that a
+    client trying token after token cannot grow the audit log at line rate. Past the rate a
+    failure is answered 429 and only the first of such a run is audited."""
+
+    def __init__(self, rate: float, burst_seconds: float) -> None:
+        self._buckets = BucketMap(rate, rate * burst_seconds) if rate else None
+        self._throttled: set[str] = set()
+
+    def failed(self, address: str | None) -> tuple[bool, bool]:
+        """Count a failed authentication from `address`: (whether it is within the rate,
+        whether to audit it: every one within the rate, and the first one past it)."""
+        if self._buckets is None or address is None:
+            return True, True
+        if self._buckets.bucket(address).take():
+            self._throttled.discard(address)
+            return True, True
+        if address in self._throttled:
+            return False, False
+        if len(self._throttled) >= self._buckets.max_names:
+            self._throttled.clear()
+        self._throttled.add(address)
+        return False, True

@@ -75,6 +75,27 @@ def test_a_key_over_its_rate_gets_429_while_other_keys_sign(tmp_path: Path) -> N
         assert cold == [200]  # its own bucket
 
 
+def test_failed_authentications_past_an_addresss_rate_get_429_and_one_record(
+    tmp_path: Path,
+) -> None:
+    """A client trying token after token: its failures within the rate are each 401 and
+    audited; past it, 429 and only the first of the run is audited (the audit log does not
+    grow at the client's pace); a valid token from the same address still works, and once
+    the bucket refills failures are 401 and audited again."""
+    with _limited(tmp_path, principal_rate=0, key_rate=0, failed_auth_rate=1) as (api, admin):
+        bad = "kmg.0123456789abcdef.not-the-secret"
+        statuses, took = _statuses(api, bad, "/v1/sys/whoami", 20)
+        assert statuses[:5] == [401] * 5, statuses
+        assert statuses.count(401) <= _most_served(took) and statuses.count(429) >= 10, statuses
+        records = api.service.audit.search(action="authn", limit=10_000)
+        assert len(records) == statuses.count(401) + 1
+        assert [bool((r.get("detail") or {}).get("throttled")) for r in records].count(True) == 1
+        assert api.call("GET", "/v1/sys/whoami", admin).status_code == 200
+        time.sleep(1.1)
+        assert api.call("GET", "/v1/sys/whoami", bad).status_code == 401
+        assert len(api.service.audit.search(action="authn", limit=10_000)) == len(records) + 1
+
+
 def test_dev_mode_has_no_rate_limits_and_production_has(tmp_path: Path) -> None:
     assert Limits().rates(dev=True) == (0.0, 0.0)
     principal, key = Limits().rates(dev=False)

@@ -21,11 +21,11 @@ from kmsgate.auth import AuthenticationFailed, Authenticators, Credentials, Prin
 from kmsgate.backends.base import Registry
 from kmsgate.catalogue import Catalogue, Key
 from kmsgate.config import Settings
-from kmsgate.errors import KmsgateError, NotFound, PolicyDenied, Unavailable
+from kmsgate.errors import KmsgateError, NotFound, PolicyDenied, RateLimited, Unavailable
 from kmsgate.grants import ActiveGrants
 from kmsgate.logs import Decided, current_decisions
 from kmsgate.policy import Decision, PolicyEngine, policy_input
-from kmsgate.ratelimit import RequestRates
+from kmsgate.ratelimit import FailureLimit, RequestRates
 from kmsgate.text import KEY_NAME
 from kmsgate.usage import BackendTimes, KeyUsage
 
@@ -169,32 +169,49 @@ class Gate:
         self.rates = RequestRates(
             *settings.limits.rates(settings.dev), settings.limits.burst_seconds
         )
+        self.failures = FailureLimit(
+            settings.limits.failed_auth_rate, settings.limits.burst_seconds
+        )
 
     def authenticate(self, credentials: Credentials, ctx: Ctx) -> Principal:
         """The caller behind `credentials`. Raises Unauthenticated (audited, naming the
-        authenticator kind that refused), RateLimited (the caller is over its request rate;
-        not audited: nothing was decided)."""
+        authenticator kind that refused), RateLimited (the caller is over its request rate,
+        not audited: nothing was decided; or its address is over its rate of failed
+        authentications, audited only for the first failure of such a run)."""
         try:
             principal = self.authenticators.authenticate(credentials)
         except AuthenticationFailed as exc:
-            self.audit.append(
-                AuditEvent(
-                    action="authn",
-                    decision="deny",
-                    outcome=exc.code,
-                    request_id=ctx.request_id,
-                    principal=None,
-                    resource={"kind": exc.kind, **({"name": exc.subject} if exc.subject else {})},
-                    policy_digest=self.policy.digest,
-                    # where a run of failures comes from (no principal to name)
-                    detail={"remote_addr": credentials.remote_addr}
-                    if credentials.remote_addr
-                    else None,
-                )
-            )
+            within, audited = self.failures.failed(credentials.remote_addr)
+            if audited:
+                self._audit_failure(exc, credentials, ctx, within)
+            if not within:
+                raise RateLimited(retry_after=1) from None
             raise
         self.rates.admit_principal(principal.id)
         return principal
+
+    def _audit_failure(
+        self, exc: AuthenticationFailed, credentials: Credentials, ctx: Ctx, within: bool
+    ) -> None:
+        """The `authn` record of a failed authentication (`within`: the address is within
+        its rate of failures; else this starts a run of failures answered 429 unrecorded)."""
+        detail: dict[str, object] = {}
+        if credentials.remote_addr:
+            detail["remote_addr"] = credentials.remote_addr  # where a run of failures comes from
+        if not within:
+            detail["throttled"] = "further failures from this address are refused unrecorded"
+        self.audit.append(
+            AuditEvent(
+                action="authn",
+                decision="deny",
+                outcome=exc.code,
+                request_id=ctx.request_id,
+                principal=None,
+                resource={"kind": exc.kind, **({"name": exc.subject} if exc.subject else {})},
+                policy_digest=self.policy.digest,
+                detail=detail or None,
+            )
+        )
 
     def admit_key(self, name: str) -> None:
         """Raises RateLimited when key `name` is over its operation rate."""
