@@ -79,9 +79,16 @@ class MacInvalid(VerificationFailed):
 
 
 class Unauthenticated(KmsgateError):
+    """`reason`: which check failed, for the audit record only, where the caller gets one
+    message for every failure (an OIDC token's audience, expiry, signature, ...)."""
+
     status = 401
     code = "unauthenticated"
     title = "Authentication required"
+
+    def __init__(self, detail: str | None = None, *, reason: str | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
     def headers(self) -> dict[str, str]:
         return {"www-authenticate": 'Bearer realm="kmsgate"'}  # RFC 6750 §3

@@ -43,7 +43,7 @@ class AuthenticationFailed(Unauthenticated):
     certificate, its serial (for the audit record)."""
 
     def __init__(self, kind: str, cause: Unauthenticated, subject: str | None = None) -> None:
-        super().__init__(cause.detail)
+        super().__init__(cause.detail, reason=cause.reason)
         self.kind = kind
         self.subject = subject
 

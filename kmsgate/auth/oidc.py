@@ -192,7 +192,7 @@ class OidcAuthenticator:
 
 
 def _refused(why: str) -> Unauthenticated:
-    """The one refusal every OIDC failure gets, after logging which check failed (`why`
-    names the check, never the token)."""
+    """The one refusal every OIDC failure gets, to the caller; which check failed (`why`,
+    never the token) goes to the log and, as `reason`, to the audit record."""
     log.info("OIDC token refused: %s", why)
-    return Unauthenticated(_REFUSED)
+    return Unauthenticated(_REFUSED, reason=why)

@@ -198,6 +198,8 @@ class Gate:
         detail: dict[str, object] = {}
         if credentials.remote_addr:
             detail["remote_addr"] = credentials.remote_addr  # where a run of failures comes from
+        if exc.reason:
+            detail["reason"] = exc.reason[:ERROR_DETAIL_CHARS]  # which check failed, untold
         if not within:
             detail["throttled"] = "further failures from this address are refused unrecorded"
         self.audit.append(
