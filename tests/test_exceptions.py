@@ -219,9 +219,14 @@ def test_a_grant_expires_by_itself_and_the_expiry_is_audited(team: Team) -> None
             r["resource"]["name"] == grant_id
             and r["principal"] == "system"
             and r["outcome"] == "ok"
+            and r["detail"]["state"] == "expired"
             for r in _audit(team, "exception.expire")
         ),
     )
+    asked_record = [
+        r for r in _audit(team, "exception.request") if r["resource"]["name"] == grant_id
+    ]
+    assert [r["detail"]["state"] for r in asked_record if r["outcome"] == "ok"] == ["pending"]
     assert (
         httpx.delete(
             f"{team.gw.addr}/v1/exceptions/{grant_id}", headers=team.as_(team.x), timeout=TIMEOUT

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from kmsgate.auth import SYSTEM, Principal
@@ -52,7 +53,7 @@ class Exceptions:
         )
 
         def insert(outcome: Outcome) -> Grant:
-            outcome.detail.update(_evidence(grant))
+            outcome.detail.update(_evidence(grant, grant.requested_at))
             self.store.grants.insert(grant.row())
             return grant
 
@@ -123,7 +124,7 @@ class Exceptions:
             call = Call(SYSTEM, ctx, "exception.expire", resource, _request(grant))
 
             def end(outcome: Outcome, grant: Grant = grant) -> None:
-                outcome.detail.update(_evidence(grant))
+                outcome.detail.update(_evidence(grant, at))
                 self.store.grants.change(grant.id, lambda _row: {"ended_at": at})
 
             self.gate.run(call, end, decision=_EXPIRY)
@@ -162,7 +163,7 @@ class Exceptions:
             if self.store.grants.change(grant_id, decide) is None or changed is None:
                 raise NotFound(f"no exception {grant_id}")
             self.active.refresh()
-            outcome.detail.update(_evidence(changed), state=changed.state(now()).value)
+            outcome.detail.update(_evidence(changed, now()))
             return changed
 
         call = Call(principal, ctx, action, _resource(grant_id, grant), request)
@@ -193,16 +194,17 @@ def _request(grant: Grant) -> dict[str, object]:
     }
 
 
-def _evidence(grant: Grant) -> dict[str, object]:
+def _evidence(grant: Grant, at: datetime) -> dict[str, object]:
     """What the audit record of a change to `grant` says of it: the grant whole (what was
-    asked, by whom, why, and who approved it), so that the trail alone shows what a grant
-    allowed."""
+    asked, by whom, why, who approved it, and its state at `at`, once changed), so that the
+    trail alone shows what a grant allowed."""
     return {
         "exception_id": grant.id,
         "requester": grant.principal,
         **_request(grant),
         "reason": grant.reason,
         "approved_by": [approval["by"] for approval in grant.approvals],
+        "state": grant.state(at).value,
     }
 
 
