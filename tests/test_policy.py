@@ -682,6 +682,11 @@ def test_policy_input_converts_values() -> None:
         {"now": datetime(2026, 1, 1)},
         {"exceptions": ["ex-1"]},
         {"exceptions": "ex-1"},
+        {"exceptions": [{"actions": "sign", "resource": "k"}]},  # a grant's shape, as
+        {"exceptions": [{"actions": ["sign"], "resource": 5}]},  # what-if input can have
+        {"exceptions": [{"actions": ["sign"]}]},
+        {"exceptions": [{"actions": [1], "resource": "k"}]},
+        {"exceptions": [{"id": 7, "actions": ["sign"], "resource": "k"}]},
     ],
 )
 def test_policy_input_rejects_bad_values(kwargs: dict[str, object]) -> None:

@@ -147,6 +147,23 @@ def _check_object(value: object, where: str) -> None:
         raise InvalidRequest(f"{where} must be an object")
 
 
+def _grant_document(grant: object, where: str) -> object:
+    """An entry of `input.exceptions` as a grant's `policy_document` has it: `actions` a
+    list of strings, `resource` a string, `id` (if given) a string. Raises InvalidRequest."""
+    if not isinstance(grant, Mapping):
+        raise InvalidRequest(f"{where} must be an object")
+    doc = _json_value(grant, where)
+    assert isinstance(doc, dict)  # a Mapping always converts to a dict
+    _check_strings(doc.get("actions"), f"{where}.actions")
+    if not isinstance(doc.get("resource"), str):
+        raise InvalidRequest(
+            f"{where}.resource must be a string (a key name or glob, or purpose:P)"
+        )
+    if not isinstance(doc.get("id", ""), str):
+        raise InvalidRequest(f"{where}.id must be a string")
+    return doc
+
+
 def policy_input(
     *,
     principal: Mapping[str, object],
@@ -201,11 +218,9 @@ def policy_input(
         request_doc = _json_value(request, "request")
     if isinstance(exceptions, str | bytes) or not isinstance(exceptions, Sequence):
         raise InvalidRequest("exceptions must be a list of objects")
-    exception_docs = []
-    for i, grant in enumerate(exceptions):
-        if not isinstance(grant, Mapping):
-            raise InvalidRequest(f"exceptions[{i}] must be an object")
-        exception_docs.append(_json_value(grant, f"exceptions[{i}]"))
+    exception_docs = [
+        _grant_document(grant, f"exceptions[{i}]") for i, grant in enumerate(exceptions)
+    ]
     return {
         "principal": principal_doc,
         "action": action,
