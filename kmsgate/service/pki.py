@@ -537,7 +537,10 @@ class Pki:
             options={"mount": new.mount, "role": new.role},
         )
         engine = self.engine(pending)
-        _refuse_role_settings(engine.role_settings(), new.role)
+        settings = engine.role_settings()
+        _refuse_role_settings(settings, new.role)
+        ekus = ",".join(_role_ekus(settings))
+        pending = replace(pending, options={**pending.options, "ekus": ekus})
         chain = engine.chain()
         if not chain:
             raise BackendError(f"Vault PKI mount {new.mount!r} has no CA certificate")
@@ -556,8 +559,18 @@ class Pki:
         approved: Approved,
     ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
         """Vault's certificate for the CSR with the names the profile approved. Raises
-        BackendError (after revoking it in Vault) if the role gave it other extensions than
-        the profile would, and what the engine raises."""
+        InvalidRequest, before asking Vault, if the role (as it was when the CA was made)
+        gives other extended key usages than the profile; BackendError (after revoking it in
+        Vault) if the role gave the certificate other extensions than the profile would (it
+        changed since); and what the engine raises."""
+        remembered = ca.options.get("ekus")  # the role's, when the CA was made (or none)
+        role_ekus = remembered.split(",") if remembered else []
+        if remembered is not None and sorted(role_ekus) != sorted(profile.ekus):
+            raise InvalidRequest(
+                f"CA {ca.name!r} issues through Vault PKI role {ca.options.get('role')!r}, "
+                f"whose certificates have extended key usages {sorted(role_ekus)}; profile "
+                f"{profile.name!r} gives {sorted(profile.ekus)}: use a CA whose role matches it"
+            )
         sans = san_strings(list(approved.sans))
         by_kind: dict[str, list[str]] = {"dns": [], "ip": [], "uri": []}
         for san in sans:
@@ -674,6 +687,13 @@ def _check_issuing_ca(cert: x509.Certificate, below: int, at: datetime) -> None:
             f"{name} is valid from {cert.not_valid_before_utc.isoformat()} to "
             f"{cert.not_valid_after_utc.isoformat()}, not now"
         )
+
+
+def _role_ekus(settings: Mapping[str, object]) -> list[str]:
+    """The extended key usages (as profiles name them) a Vault PKI role's certificates get
+    from its `server_flag` and `client_flag`."""
+    flags = (("server_flag", "server_auth"), ("client_flag", "client_auth"))
+    return [eku for flag, eku in flags if settings.get(flag) is True]
 
 
 def _refuse_role_settings(settings: Mapping[str, object], role: str) -> None:

@@ -209,13 +209,30 @@ def test_a_vault_role_that_would_give_other_extensions_is_refused(
         assert loose.status_code == 400, loose.text
         assert "key_usage" in loose.text and "basic_constraints_valid_for_non_ca" in loose.text
 
+        # a role whose EKUs differ from the profile's: refused before Vault issues anything
         both = {**SERVER_ROLE, "client_flag": True}  # serverAuth and clientAuth
         client.write(f"{pki_mount}/roles/both", **both)
         assert create("both", "both").status_code == 201
         _, csr = leaf_csr(x509.DNSName("two.lab"))
-        refused = api.call(
-            "POST", "/v1/pki/cas/both/issue", admin, json={"csr": csr, "profile": "server"}
-        )
+
+        def issue(ca: str) -> Any:
+            body = {"csr": csr, "profile": "server"}
+            return api.call("POST", f"/v1/pki/cas/{ca}/issue", admin, json=body)
+
+        def issued_in_vault() -> int:
+            return len(client.list(f"{pki_mount}/certs")["data"]["keys"])
+
+        before = issued_in_vault()
+        early = issue("both")
+        assert early.status_code == 400, early.text
+        assert "'client_auth', 'server_auth'" in early.json()["detail"]
+        assert issued_in_vault() == before
+        # a role changed in Vault after the CA was made: Vault issues, kmsgate refuses the
+        # certificate and revokes it there
+        client.write(f"{pki_mount}/roles/changing", **SERVER_ROLE)
+        assert create("changing", "changing").status_code == 201
+        client.write(f"{pki_mount}/roles/changing", **both)
+        refused = issue("changing")
         assert refused.status_code == 502, refused.text
         assert "unlike profile 'server'" in refused.json()["detail"]
         assert api.call("GET", "/v1/pki/certs", admin).json()["certs"] == []
