@@ -169,7 +169,9 @@ def start_checkpoints(service: Service) -> bool:
     not exist yet (`kmsgate serve --dev` creates it: `ensure_dev_audit_key`).
 
     Raises ConfigError if the key cannot sign checkpoints (unknown, wrong purpose,
-    disabled), or a closed chain cannot be reopened.
+    disabled), the chain file does not hold the store's last checkpoint of it (another
+    gateway writes as this replica, or the file was cut or replaced), or a closed chain
+    cannot be reopened; Unavailable if the store cannot be read.
     """
     settings, sink = service.settings, service.audit
     name = settings.audit_checkpoint_key
@@ -190,7 +192,8 @@ def start_checkpoints(service: Service) -> bool:
         every_seconds=settings.audit_checkpoint_seconds,
         anchor=service.store.audit_anchors.save,
     )
-    sink.start_checkpoints(policy)
+    stored = service.store.audit_anchors.find(settings.resolved_replica_id(), sink.chain.name)
+    sink.start_checkpoints(policy, stored)
     return True
 
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from kmsgate.audit import CHECKPOINT_ACTION, AuditEvent, AuditFile, CheckpointPolicy, FileSink
 from kmsgate.audit.chain import GENESIS_HASH, canonical, sealed_line
 from kmsgate.audit.checkpoint import CheckpointSignature, checkpoint_fields, signed_payload
-from kmsgate.audit.headfile import write_head
+from kmsgate.audit.headfile import head_path, write_head
 from kmsgate.auth import Principal
 from kmsgate.bootstrap import build_service, ensure_dev_audit_key
 from kmsgate.config import DEV_AUDIT_KEY, Settings
@@ -258,6 +258,42 @@ def test_gateways_on_one_host_and_one_store_keep_their_checkpoints_apart(
         assert last["replica"] == settings.resolved_replica_id()
         assert stored[(last["replica"], "audit.log")].record_seq == last["seq"]
     assert {replica for replica, _ in stored} == ids
+
+
+def test_a_gateway_whose_log_lacks_the_stores_checkpoint_does_not_start(
+    gateway_settings: Settings, tmp_path: Path
+) -> None:
+    """At start the chain file must hold the last checkpoint the store keeps for it: a
+    second gateway given the same replica_id (its own, shorter log) is refused, and so is
+    this gateway once its log was cut with its head file (which the head file alone cannot
+    show); restored, it starts again."""
+
+    def run(settings: Settings) -> None:
+        service = build_service(settings)
+        try:
+            ensure_dev_audit_key(service)
+            service.audit.append(event(0))
+        finally:
+            service.close()
+
+    named = gateway_settings.model_copy(update={"replica_id": "r1"})
+    run(named)
+    run(named)  # its own log holds the checkpoint: starts
+    (tmp_path / "twin").mkdir(mode=0o700)
+    twin = named.model_copy(
+        update={"data_dir": tmp_path / "twin", "root_key_file": named.resolved_root_key_file()}
+    )
+    with pytest.raises(ConfigError, match="another gateway writes as this replica_id"):
+        build_service(twin)
+
+    log = named.resolved_audit_path()
+    whole, head = log.read_bytes(), head_path(log).read_bytes()
+    rewrite(log, records(log)[:2])
+    with pytest.raises(ConfigError, match="or this log was cut, replaced or edited"):
+        build_service(named)
+    log.write_bytes(whole)
+    head_path(log).write_bytes(head)
+    run(named)
 
 
 # -- a real dev gateway, then `kmsgate audit verify` on its log and on tampered copies ------

@@ -388,14 +388,21 @@ class FileSink(AuditFile):
 
     # -- checkpoints ---------------------------------------------------------------------
 
-    def start_checkpoints(self, policy: CheckpointPolicy) -> None:
+    def start_checkpoints(
+        self, policy: CheckpointPolicy, stored: AuditAnchor | None = None
+    ) -> None:
         """Sign the chain from now on (see `kmsgate.audit.checkpoint`), from a background
         thread. If the chain ended with a final checkpoint, first append a checkpoint
-        covering it, so call this before anything is appended.
+        covering it, so call this before anything is appended. `stored`: the chain's last
+        checkpoint as the store keeps it, which the chain file must hold.
 
-        Raises ConfigError if that checkpoint cannot be made; RuntimeError if checkpoints
-        were started already or the sink is closed.
+        Raises ConfigError if the chain file does not hold `stored` (another gateway writes
+        as this replica, or the file was cut, replaced or edited) or the reopening
+        checkpoint cannot be made; RuntimeError if checkpoints were started already or the
+        sink is closed.
         """
+        if stored is not None:
+            self._require(stored)
         with self._lock:
             if self._policy is not None or self._closed:
                 raise RuntimeError("audit checkpoints already started, or the log is closed")
@@ -407,6 +414,28 @@ class FileSink(AuditFile):
         )
         self._threads.append(thread)
         thread.start()
+
+    def _require(self, stored: AuditAnchor) -> None:
+        """Raises ConfigError unless this chain file holds the record `stored` names (its
+        sequence number and hash), reading back from the end as far as that record."""
+        seq, digest = self._head
+        if stored.record_seq == seq:
+            found: object = digest
+        elif stored.record_seq > seq:
+            found = None
+        else:
+            try:
+                found = _hash_at(_lines_from_end(self._fd, self._size - 1), stored.record_seq)
+            except OSError as exc:
+                raise ConfigError(f"cannot read audit log {self._chain}: {exc.strerror}") from exc
+        if found != stored.record_hash:
+            raise ConfigError(
+                f"audit log {self._chain} does not hold the last checkpoint the store keeps for "
+                f"replica {stored.replica!r}, chain {stored.chain} (record {stored.record_seq}, "
+                f"signed {stored.signed_at}; the log ends at record {seq}): another gateway "
+                "writes as this replica_id (give each gateway its own), or this log was cut, "
+                "replaced or edited (`kmsgate audit verify --data-dir` says which)"
+            )
 
     def _checkpoint_loop(self) -> None:
         """Checkpoint when `every_records` records or a record `every_seconds` old wait

@@ -50,6 +50,15 @@ class AuditAnchors:
         with self._db.transaction() as conn:
             conn.execute(upsert, [row])
 
+    def find(self, replica: str, chain: str) -> AuditAnchor | None:
+        """The stored checkpoint of `replica`'s chain file `chain`, if any. Raises
+        Unavailable."""
+        t = tables.audit_checkpoints
+        select = sa.select(t).where(t.c.replica == replica, t.c.chain == chain)
+        with self._db.transaction() as conn:
+            row = conn.execute(select).mappings().one_or_none()
+        return AuditAnchor(**row) if row is not None else None
+
     def all(self) -> list[AuditAnchor]:
         """Every chain's stored checkpoint, by replica and chain. Raises Unavailable."""
         t = tables.audit_checkpoints
