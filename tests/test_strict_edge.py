@@ -247,6 +247,30 @@ def test_a_single_valued_query_parameter_given_twice_is_422(
     assert len(api.service.audit.search(action="key.read")) == reads  # refused before policy
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "name", "takes"),
+    [
+        ("GET", "/v1/pki/certs?stat=revoked", "stat", "after, ca, expires_before, limit"),
+        ("GET", "/v1/keys?purpose=general&lable=team:ml", "lable", "label"),
+        ("GET", "/v1/keys/k?verbose=1", "verbose", "none"),
+        ("POST", "/v1/keys/k/sign?algorithm=ed25519", "algorithm", "none"),  # fast path
+        ("GET", "/v1/pki/cas/dev/crl?deltas=1", "deltas", "delta"),  # fast path
+    ],
+)
+def test_an_unknown_query_parameter_is_422_naming_what_the_route_takes(
+    api: Api, admin: str, method: str, path: str, name: str, takes: str
+) -> None:
+    """A misspelt filter (`?stat=revoked`) would otherwise answer another question: the
+    whole list, unfiltered, or a signature made with other options than asked."""
+    create_key(api, admin, "k")
+    signs = len(api.service.audit.search(action="sign"))
+    reply = api.call(method, path, admin, json={"input": b64(b"m")} if method == "POST" else None)
+    body = _problem(reply, 422, "validation_failed")
+    assert body["detail"].startswith(f"query.{name}: not a parameter of this route"), body
+    assert takes in body["detail"]
+    assert len(api.service.audit.search(action="sign")) == signs  # refused before anything
+
+
 def test_a_list_query_parameter_takes_every_value(api: Api, admin: str) -> None:
     for name, labels in (("a", {"team": "ml", "env": "prod"}), ("b", {"team": "ml"})):
         reply = api.call(

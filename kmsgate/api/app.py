@@ -9,13 +9,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI
-from starlette.routing import Route
 
 from kmsgate import __version__
 from kmsgate.api import routes_exceptions, routes_keys, routes_pki, routes_revocation, routes_sys
 from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.docs import install_docs
-from kmsgate.api.fastpath import GatewayApp
+from kmsgate.api.fastpath import FastRoute, GatewayApp
 from kmsgate.api.metrics import Metrics, Work
 from kmsgate.api.problems import GatewayMiddleware, RequestIds, install_error_handlers
 from kmsgate.api.responses import JsonResponse
@@ -147,7 +146,7 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
     install_docs(app)
     app.state.service = service
     app.state.backend_threads = BackendThreads()
-    fast_routes: list[Route] = []
+    fast_routes: list[FastRoute] = []
     app.include(routes_sys.build_router())  # first: health checks stay cheap
     # revocation: the public CRLs and OCSP
     for routes in (routes_keys, routes_pki, routes_revocation):

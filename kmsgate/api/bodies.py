@@ -11,6 +11,7 @@ from typing import Any, Union, get_args, get_origin
 
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
@@ -81,12 +82,31 @@ def refuse_repeated(request: Request, names: Collection[str]) -> None:
             raise ValidationFailed(f"query.{name}: given {count} times; give it once")
 
 
+def refuse_unknown(scope: Scope, known: Collection[str]) -> None:
+    """Raises ValidationFailed if the query string names a parameter outside `known`: a
+    misspelt filter (`?stat=revoked`) would otherwise answer another question silently."""
+    if not scope.get("query_string"):
+        return
+    unknown = sorted(set(QueryParams(scope["query_string"])) - set(known))
+    if unknown:
+        takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
+        raise ValidationFailed(f"query.{unknown[0]}: not a parameter of this route ({takes})")
+
+
 def _takes_many(annotation: Any) -> bool:
     """Whether a query parameter annotated `annotation` takes several values (a list)."""
     origin = get_origin(annotation)
     if origin is Union or origin is types.UnionType:
         return any(_takes_many(arg) for arg in get_args(annotation))
     return origin in (list, tuple, set, frozenset) or annotation in (list, tuple, set)
+
+
+def _query_names(dependant: Dependant) -> frozenset[str]:
+    """The names of every query parameter of `dependant` and its dependencies."""
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
 
 
 def _single_valued(dependant: Dependant) -> frozenset[str]:
@@ -104,15 +124,17 @@ def _single_valued(dependant: Dependant) -> frozenset[str]:
 
 class JsonBodyRoute(APIRoute):
     """A FastAPI route whose body (if it takes one) goes through `json_object` first, so that
-    FastAPI's own, lenient parsing only ever sees a checked object, and whose single-valued
-    query parameters are refused when repeated (`refuse_repeated`)."""
+    FastAPI's own, lenient parsing only ever sees a checked object, and whose query
+    parameters are refused when unknown (`refuse_unknown`) or, single-valued, repeated
+    (`refuse_repeated`)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        single = _single_valued(self.dependant)
+        single, known = _single_valued(self.dependant), _query_names(self.dependant)
         takes_body = self.body_field is not None
 
         async def strict(request: Request) -> Response:
+            refuse_unknown(request.scope, known)
             refuse_repeated(request, single)
             if not takes_body:
                 await _refuse_a_body(request)

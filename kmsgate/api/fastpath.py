@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
+from kmsgate.api.bodies import refuse_unknown
 from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.metrics import Metrics
 from kmsgate.api.openapi import complete
@@ -82,7 +83,7 @@ class GatewayApp(FastAPI):
 
     def serve_fast(
         self,
-        routes: list[Route],
+        routes: list[FastRoute],
         *,
         max_body_bytes: int,
         metrics: Metrics,
@@ -120,6 +121,7 @@ class GatewayApp(FastAPI):
         status = 500  # what the client gets if sending the reply fails
         try:
             try:
+                refuse_unknown(scope, scope["route"].query_names)
                 guarded = self._deadlines.guard(receive)
                 body = await _read_body(scope, guarded, self._max_body_bytes)
                 response = await scope["endpoint"](FastRequest(scope, body))
@@ -165,6 +167,13 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+class FastRoute(Route):
+    """A route `GatewayApp.serve_fast` serves: `query_names` are the query parameters its
+    endpoint reads (any other is refused, as `JsonBodyRoute` refuses it)."""
+
+    query_names: frozenset[str] = frozenset()
+
+
 def fast_route(
     router: APIRouter,
     path: str,
@@ -173,12 +182,12 @@ def fast_route(
     methods: list[str],
     openapi_extra: Mapping[str, Any] | None = None,
     **documented: Any,
-) -> Route:
+) -> FastRoute:
     """The Starlette route serving `endpoint` at `router.prefix + path` (for
     `GatewayApp.serve_fast`), after adding it to `router` for the OpenAPI document (`openapi_extra`
     describes what the endpoint reads itself, such as its request body or query parameters;
     its path parameters are described here; `documented` goes to `add_api_route`)."""
-    route = Route(router.prefix + path, endpoint, methods=methods, name=endpoint.__name__)
+    route = FastRoute(router.prefix + path, endpoint, methods=methods, name=endpoint.__name__)
     extra = dict(openapi_extra or {})
     parameters = [
         *(
@@ -187,6 +196,7 @@ def fast_route(
         ),
         *extra.pop("parameters", ()),
     ]
+    route.query_names = frozenset(p["name"] for p in parameters if p.get("in") == "query")
     router.add_api_route(
         path,
         endpoint,

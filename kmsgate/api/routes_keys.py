@@ -9,11 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
-from starlette.routing import Route
 
 from kmsgate.api.bodies import JsonBodyRoute, json_object
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
-from kmsgate.api.fastpath import Endpoint, fast_route
+from kmsgate.api.fastpath import Endpoint, FastRoute, fast_route
 from kmsgate.api.openapi import AUTHORISING_POLICY, PUBLIC, non_json_reply
 from kmsgate.api.replies import (
     CIPHERTEXT,
@@ -210,12 +209,12 @@ def _endpoint(op: HotOperation) -> Endpoint:
     return endpoint
 
 
-def build_routes() -> tuple[list[Route], APIRouter]:
+def build_routes() -> tuple[list[FastRoute], APIRouter]:
     """A new application's key routes: the hot operations' Starlette routes (to be matched
     first) and the FastAPI router with every key route (lifecycle and, for the OpenAPI
     document, the operations)."""
     router = APIRouter(prefix=PREFIX, tags=["keys"], route_class=JsonBodyRoute)
-    hot: list[Route] = []
+    hot: list[FastRoute] = []
     digest = {POLICY_DIGEST_HEADER: AUTHORISING_POLICY}
     for op in HOT_OPERATIONS:
         hot.append(

@@ -8,11 +8,10 @@ from typing import Annotated, Any, Literal
 from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from kmsgate.api.bodies import JsonBodyRoute, json_object
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep, resolve_caller
-from kmsgate.api.fastpath import body_schema, fast_route
+from kmsgate.api.fastpath import FastRoute, body_schema, fast_route
 from kmsgate.api.openapi import PUBLIC, non_json_reply
 from kmsgate.api.replies import (
     CA,
@@ -47,7 +46,7 @@ CERT_DER = "application/pkix-cert"
 PREFIX = "/v1/pki"
 
 
-def build_routes() -> tuple[list[Route], APIRouter]:
+def build_routes() -> tuple[list[FastRoute], APIRouter]:
     """A new application's PKI routes: issuance and the public chain and trust bundle on the
     fast path (to be matched first), and the FastAPI router with every PKI route."""
     router = APIRouter(prefix=PREFIX, tags=["pki"], route_class=JsonBodyRoute)

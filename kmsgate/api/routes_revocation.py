@@ -16,11 +16,10 @@ from fastapi import APIRouter, Request
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
-from starlette.routing import Route
 
 from kmsgate.api.bodies import JsonBodyRoute, refuse_repeated
 from kmsgate.api.deps import request_ctx
-from kmsgate.api.fastpath import body_schema, fast_route
+from kmsgate.api.fastpath import FastRoute, body_schema, fast_route
 from kmsgate.api.openapi import BINARY, PUBLIC, non_json_reply
 from kmsgate.errors import ValidationFailed
 from kmsgate.pki.ocsp import malformed_response
@@ -42,7 +41,7 @@ _DELTA_PARAMETER = {
 }
 
 
-def build_routes() -> tuple[list[Route], APIRouter]:
+def build_routes() -> tuple[list[FastRoute], APIRouter]:
     """A new application's revocation routes: CRLs and OCSP on the fast path (to be matched
     first), and the FastAPI router that documents them."""
     router = APIRouter(prefix=PREFIX, tags=["pki"], route_class=JsonBodyRoute)
