@@ -8,6 +8,7 @@ the `Store`, and follows the store's change feed for keys (`refresh`, every
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ from kmsgate.errors import (
     KeyPendingDeletion,
     KeyVersionUnusable,
     NotFound,
+    Unavailable,
 )
 from kmsgate.store import READ_THROUGH_PER_SECOND, Row, Store, StoreMirror, utc
 
@@ -324,10 +326,11 @@ class Catalogue(StoreMirror):
     def find_current(self, name: str) -> Key | None:
         """`find`, but read from the store first (within the read-through budget; past it,
         from the copy): what a change to the key is decided on, as another worker or
-        replica may have changed it since the copy last followed the feed. Raises
-        Unavailable."""
+        replica may have changed it since the copy last followed the feed; the copy when the
+        store cannot be read."""
         if 0 < len(name) <= MAX_KEY_NAME:
-            self._read_through(name)
+            with contextlib.suppress(Unavailable):  # gone down just now: the copy, as `find`
+                self._read_through(name)
         return self._keys.get(name)
 
     def cached(self, name: str) -> Key | None:

@@ -136,7 +136,12 @@ class Freshness:
         self._at = time.monotonic()
 
     def stale(self) -> bool:
-        return self._at is not None and time.monotonic() - self._at > self._limit
+        return self.behind(self._limit)
+
+    def behind(self, seconds: float) -> bool:
+        """Whether the caches have not followed the store for over `seconds` (the store
+        is likely down)."""
+        return self._at is not None and time.monotonic() - self._at > seconds
 
 
 class Gate:
@@ -235,7 +240,12 @@ class Gate:
         if not KEY_NAME.fullmatch(name):
             raise NotFound("no key has such a name: 1-128 letters, digits, '.', '_' or '-'")
         self.require_fresh()
-        key = self.catalogue.find_current(name) if current else self.catalogue.find(name)
+        # the store as it is now, unless it seems down: then the copy (a change still fails,
+        # at its write; a read is served as the other operations are, from the caches)
+        down = self.freshness.behind(2 * self.settings.cache_refresh_seconds + 1)
+        key = (
+            self.catalogue.find_current(name) if current and not down else self.catalogue.find(name)
+        )
         backend = self.registry.find(key.backend) if key and not key.verify_only else None
         return KeyTarget(name, key, backend is not None and backend.blocking)
 

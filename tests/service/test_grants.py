@@ -80,7 +80,7 @@ def test_the_audit_trail_alone_shows_what_a_grant_allowed_and_who_approved_it(se
         "reason": "sign a hotfix",
     }
     for action, approved_by, state in (
-        ("exception.request", [], None),
+        ("exception.request", [], "pending"),
         ("exception.approve", [APPROVER.id], "active"),
         ("exception.revoke", [APPROVER.id], "revoked"),
     ):
