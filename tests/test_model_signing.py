@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,6 +45,7 @@ from kmsgate.model_signing import (
     sign_model,
     verify_model,
 )
+from kmsgate.model_signing import manifest as mf
 from kmsgate.model_signing.bundle import pae
 from kmsgate.model_signing.manifest import hash_files
 from tests.components import require_component
@@ -604,6 +606,16 @@ def test_ci_signer_with_only_the_ml_sec_role(tmp_path: Path) -> None:
         assert result.provenance_path is not None
         envelope = json.loads(result.provenance_path.read_text())["dsseEnvelope"]
         assert gateway_policy in base64.b64decode(envelope["payload"]).decode()
+        # a model-sign key made private: the token may sign but nothing gives it the public
+        # key a bundle names; the error says so (it used to be "no public key set")
+        with Client(gw.addr, gw.root_token) as admin:
+            admin.create_key("ci-private", "ecdsa-p256", "model-sign", public=False)
+        other = make_model(tmp_path / "other")
+        with Client(gw.addr, signer_token) as ci, pytest.raises(SigningError) as info:
+            sign_model(other, GatewaySigner(ci, "ci-private"))
+        assert "does not publish its public key" in str(info.value)
+        assert "policy_denied" in str(info.value)
+        assert not (other / "checksums.json").exists()
 
 
 def test_a_model_signed_with_its_git_paths_verifies_with_them(
@@ -790,3 +802,51 @@ def test_ctrl_c_while_a_huge_file_is_hashed_stops_at_once(tmp_path: Path) -> Non
     finally:
         timer.cancel()
     assert time.monotonic() - started < 2.0
+
+
+def test_a_second_signature_leaves_the_first_one_verifying(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    """Signing a signed model again (another key: a second signer, or the next key after a
+    rotation) leaves out the signatures already there and writes the same checksums.json:
+    the first signature still verifies, with kmsgate and with the stock verifier. A
+    signature written inside the model records the earlier ones as ignored."""
+    model = make_model(tmp_path)
+    first = sign_model(model, GatewaySigner(client, key))
+    second_key = f"model-key-{next(_counter)}"
+    client.create_key(second_key, "ecdsa-p256", "model-sign")
+    checksums = (model / "checksums.json").read_bytes()
+    second = sign_model(model, GatewaySigner(client, second_key), bundle_path=tmp_path / "b.sig")
+    assert (model / "checksums.json").read_bytes() == checksums
+    for result in (first, second):
+        trust = PublicKeyTrust.from_pem(result.public_key_pem)
+        assert verify_model(model, result.bundle_path, trust).ok
+    stock_api_verify(model, first.bundle_path, pem_file(tmp_path, first.public_key_pem))
+
+    inside = sign_model(model, GatewaySigner(client, second_key), bundle_path=model / "two.sig")
+    assert (model / "checksums.json").read_bytes() == checksums
+    trust = PublicKeyTrust.from_pem(inside.public_key_pem)
+    assert verify_model(model, inside.bundle_path, trust).ok
+    stock_api_verify(model, inside.bundle_path, pem_file(tmp_path, inside.public_key_pem, "2.pem"))
+
+
+def test_a_directory_that_cannot_be_listed_or_a_name_that_is_not_utf8_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither is left out of the signature silently (os.walk skips an unreadable
+    directory; a name with an undecodable byte used to crash the statement's encoding)."""
+    model = make_model(tmp_path)
+    (model / "bad\udcff.bin").write_bytes(b"x")  # the byte 0xff, as os.fsdecode gives it
+    with pytest.raises(mf.ManifestError, match="not UTF-8 cannot be signed"):
+        mf.list_files(model)
+    (model / "bad\udcff.bin").unlink()
+    real_scandir = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if str(path).endswith("weights"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(mf.ManifestError, match=r"cannot read .*weights: Permission denied"):
+        mf.list_files(model)

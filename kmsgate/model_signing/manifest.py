@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kmsgate.text import shown
+
 HASH_TYPE = "sha256"
 GIT_PATHS = (".git", ".gitattributes", ".github", ".gitignore")  # what model_signing ignores
 CHUNK = 1 << 20
@@ -135,13 +137,18 @@ def list_files(
     ignored = list(ignore_paths)
     files: list[str] = []
     matched: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_unreadable):
         base = Path(dirpath)
         rel_dir = base.relative_to(root).as_posix()
         for name in sorted([*dirnames, *filenames]):
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
             if is_ignored(rel, ignored):
                 continue
+            if not _utf8(rel):
+                raise ManifestError(
+                    f"{shown(rel)}: a file name that is not UTF-8 cannot be signed (a "
+                    "model_signing manifest names files in UTF-8): rename it, or ignore it"
+                )
             if patterns and _matches(rel, patterns):
                 matched.append(rel)
                 ignored.append(rel)
@@ -170,6 +177,20 @@ def list_files(
                 raise ManifestError(f"{rel} is neither a file nor a directory")
         dirnames[:] = [d for d in dirnames if not is_ignored(_join(rel_dir, d), ignored)]
     return files, matched
+
+
+def _unreadable(exc: OSError) -> None:
+    """`os.walk`'s error handler: a directory that cannot be listed is refused, not left
+    out (the signature would cover fewer files than the model has)."""
+    raise ManifestError(f"cannot read {exc.filename}: {exc.strerror}") from None
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # an undecodable byte, as os.fsdecode leaves it
+        return False
+    return True
 
 
 def _join(rel_dir: str, name: str) -> str:

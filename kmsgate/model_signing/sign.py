@@ -51,6 +51,8 @@ from kmsgate.model_signing.provenance import (
 
 DEFAULT_BUNDLE_NAME = "model.sig"
 CHECKSUMS_NAME = "checksums.json"
+_MAX_BUNDLE_BYTES = 1 << 20
+"""Larger than any Sigstore bundle kmsgate writes (a few KiB)."""
 
 
 class SigningError(Exception):
@@ -90,14 +92,25 @@ def gateway_public_key(
     """(version, public key) of `name`: from `GET public-key` (needs key.read), else from the
     unauthenticated JWKS (then `version` None means the newest non-compromised version).
     Raises the refusal of the read (401, 403) when the JWKS does not list the version (it
-    leaves compromised ones out), SigningError when neither has it."""
+    leaves compromised ones out), SigningError when the key publishes no JWKS (not public,
+    or no such key) or neither has the version."""
     try:
         return version, load_public_key(client.public_key(name, version))
     except ApiError as exc:
         if exc.status not in (401, 403):
             raise
         refused = exc
-    keys = client.request("GET", f"/v1/keys/{name}/jwks.json").json()["keys"]
+    try:
+        keys = client.request("GET", f"/v1/keys/{name}/jwks.json").json()["keys"]
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        raise SigningError(
+            f"this token may not read key {name!r} ({refused.code}), and the key does not "
+            "publish its public key (no such key, or not public): a bundle names the public "
+            "key that verifies it, so make the key public (`public: true`) or let the "
+            "signer read it (action key.read)"
+        ) from None
     found: dict[int, dict[str, Any]] = {}
     for jwk in keys:
         key_name, _, v = str(jwk.get("kid", "")).rpartition(":v")
@@ -251,6 +264,16 @@ def _refuse_to_overwrite_a_model_file(output: Path, model: Path) -> None:
         raise SigningError(f"{output} is a file of the model: write the signature elsewhere")
 
 
+def _an_earlier_signature(path: Path) -> bool:
+    """Whether `path` is a signature kmsgate wrote (a Sigstore bundle named `*.sig` or
+    `*.sig.provenance.json`): another signing of the same model leaves it out, so that what
+    it signed (checksums.json too) stays as it was and it goes on verifying."""
+    name = path.name
+    if not (name.endswith(".sig") or name.endswith(".sig.provenance.json")):
+        return False
+    return path.stat().st_size <= _MAX_BUNDLE_BYTES and _is_a_bundle(path)
+
+
 def _is_a_bundle(path: Path) -> bool:
     try:
         doc = json.loads(path.read_bytes())
@@ -331,6 +354,9 @@ def sign_model(
     alg = signer.resolve_algorithm()  # fail on key/permission problems before hashing
     t0 = time.perf_counter()
     names, matched = mf.list_files(model, skip, patterns=ignore, allow_symlinks=allow_symlinks)
+    earlier = [n for n in names if _an_earlier_signature(model / n)]
+    names = [n for n in names if n not in earlier]
+    ignored += earlier  # signing again keeps them, and checksums.json, as they were
     if not names:  # a signature over nothing would verify any directory of ignored files
         raise mf.ManifestError(f"no file to sign in {model} (after the ignored paths)")
     ignored += matched
