@@ -1040,13 +1040,25 @@ def test_documented_policy_is_enough_for_a_whole_lifecycle(openbao_server, prefi
 def test_patching_min_decrypt_version_retires_transit_versions(
     vault_gateway, openbao_server, prefix
 ):
+    """Raising the minimum retires the older versions in Transit too; lowering it again
+    brings them back there too (a version-1 ciphertext used to fail as "decryption failed"
+    while kmsgate showed version 1 usable)."""
     api, admin, _ = vault_gateway
     create_key(api, admin, "retire", "aes-256-gcm")
+    sealed = api.call("POST", "/v1/keys/retire/encrypt", admin, json={"plaintext": b64(b"v1")})
+    assert sealed.status_code == 200, sealed.text
+    body = {"ciphertext": sealed.json()["ciphertext"]}
     assert api.call("POST", "/v1/keys/retire/rotate", admin).status_code == 200
     r = api.call("PATCH", "/v1/keys/retire", admin, json={"min_decrypt_version": 2})
     assert r.status_code == 200, r.text
     assert r.json()["min_decrypt_version"] == 2
     assert transit_key(openbao_server, f"{prefix}retire")["min_decryption_version"] == 2
+    assert api.call("POST", "/v1/keys/retire/decrypt", admin, json=body).status_code == 409
+    r = api.call("PATCH", "/v1/keys/retire", admin, json={"min_decrypt_version": 1})
+    assert r.status_code == 200, r.text
+    assert transit_key(openbao_server, f"{prefix}retire")["min_decryption_version"] == 1
+    opened = api.call("POST", "/v1/keys/retire/decrypt", admin, json=body)
+    assert opened.status_code == 200 and unb64(opened.json()["plaintext"]) == b"v1"
 
 
 def test_a_mount_without_transit_is_named_not_a_key_gone(openbao_server):

@@ -121,9 +121,9 @@ class KeyBackend(ABC):
         BackendUnavailable, BackendError."""
 
     def retire_versions_below(self, key: BackendKey, min_version: int) -> None:  # noqa: B027
-        """Mirror kmsgate's `min_decrypt_version` where the backend can enforce it too
-        (Vault Transit's `min_decryption_version`); kmsgate enforces it either way. Raises
-        BackendUnavailable, BackendError."""
+        """Mirror kmsgate's `min_decrypt_version`, raised or lowered, where the backend can
+        enforce it too (Vault Transit's `min_decryption_version`); kmsgate enforces it
+        either way. Raises BackendUnavailable, BackendError."""
 
     def status(self) -> BackendStatus:
         """Readiness of the backend (for /v1/sys/ready); problems are reported in the

@@ -382,9 +382,9 @@ class Keys:
             if minimum is not None:
                 if minimum > key.primary_version:
                     raise InvalidRequest("min_decrypt_version cannot exceed the primary version")
-                if minimum > key.min_decrypt_version and not key.verify_only:
+                if minimum != key.min_decrypt_version and not key.verify_only:
                     # the backend first: if it fails, nothing changed; if it enforces the
-                    # new minimum, so does kmsgate a moment later
+                    # new minimum (raised or lowered), so does kmsgate a moment later
                     self.gate.registry.get(key.backend).retire_versions_below(
                         key.backend_key(key.versions[key.primary_version]), minimum
                     )

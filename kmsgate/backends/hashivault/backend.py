@@ -313,11 +313,13 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
 
     def retire_versions_below(self, key: BackendKey, min_version: int) -> None:
         """Mirror kmsgate's `min_decrypt_version` onto Transit's `min_decryption_version`, so
-        Transit itself refuses to decrypt (and verify HMACs) below it. Never lowers it.
-        Raises KeyDestroyed if the Transit key is gone, BackendUnavailable, BackendError."""
+        Transit itself refuses to decrypt (and verify HMACs) below it: raised with it, and
+        lowered with it (undoing a retirement, while Transit still holds those versions).
+        Raises KeyDestroyed if the Transit key is gone, BackendUnavailable, BackendError
+        (Vault refuses: the versions were trimmed)."""
         ref = _Ref.parse(key.ref)
         info = self._vault.info(ref)
-        if min_version <= info.min_decryption_version:
+        if min_version == info.min_decryption_version:
             return
         body: dict[str, object] = {"min_decryption_version": min_version}
         if info.min_encryption_version and info.min_encryption_version < min_version:
