@@ -674,6 +674,22 @@ def test_version_is_the_installed_package_version() -> None:
     assert (result.rc, result.out) == (0, f"kmsgate {importlib.metadata.version('kmsgate')}\n")
 
 
+def test_the_client_commands_load_no_server_module() -> None:
+    """`kmsgate` starts in a quarter of a second: loading the command line takes none of the
+    server's store, settings or backends (sqlalchemy, alembic and pydantic-settings alone
+    took 0.4 s, and a Ctrl-C meanwhile printed a traceback); the commands that need them
+    load them when they run."""
+    heavy = ("sqlalchemy", "alembic", "pydantic_settings", "kmsgate.store", "kmsgate.backends")
+    probe = (
+        "import sys, kmsgate.cli; "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules if m.startswith({heavy!r})}}))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
 def test_serve_on_a_busy_port_fails_before_it_prints_or_creates_anything(
     gateway: Gateway, tmp_path: Path
 ) -> None:

@@ -9,7 +9,6 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from kmsgate.auth import token_id_of
 from kmsgate.cli.common import (
     AddrOpt,
     TokenOpt,
@@ -202,6 +201,8 @@ def token_list(addr: AddrOpt = None, token: TokenOpt = None) -> None:
 def token_revoke(token_id: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
     """Revoke a token at once (every replica within a second): its id, or the whole token
     (only its id is sent)."""
+    from kmsgate.auth import token_id_of  # its package loads the store: a third of a second
+
     named = token_id_of(token_id)
     if named is None:
         fail("not a token id (16 hex digits) or a token (kmg.<id>.<secret>)")

@@ -36,7 +36,6 @@ from kmsgate.cli.common import (
     write_bytes,
 )
 from kmsgate.client import Client
-from kmsgate.config import parse_duration_setting
 from kmsgate.errors import ConfigError, KmsgateError
 from kmsgate.pki.csr import new_key_and_csr
 from kmsgate.pki.root import (
@@ -49,10 +48,10 @@ from kmsgate.pki.root import (
     sign_intermediate,
     write_private_file,
 )
-from kmsgate.pki.token_root import RootToken, create_root_key, find_root_key
 
-if TYPE_CHECKING:  # python-pkcs11 is an extra: only `--token` needs it
+if TYPE_CHECKING:  # python-pkcs11 is an extra, and the backends load slowly: `--token` only
     from kmsgate.backends.pkcs11 import Pkcs11Backend
+    from kmsgate.pki.token_root import RootToken
 
 ca_app = typer.Typer(no_args_is_help=True, help="Certificate authorities: root ceremony, CAs.")
 cert_app = typer.Typer(no_args_is_help=True, help="Certificates: issue, list, revoke.")
@@ -125,6 +124,8 @@ def _open_token(uri: str) -> Iterator[tuple[RootToken, Pkcs11Backend]]:
     `pin-source`, or typed (hidden) and held in this process's environment only while the
     token is open. The backend's own warnings stay quiet: the command reports its failures
     itself, once."""
+    from kmsgate.pki.token_root import RootToken
+
     logging.getLogger("kmsgate.backends.pkcs11").setLevel(logging.ERROR)
     try:
         with _local_errors(Path(uri), "open"):
@@ -165,6 +166,8 @@ def ca_init_root(
         with _local_errors(cert_out, "check"):
             name = check_root_request(subject, key_type, days, path_length)
         with _open_token(token) as (held, backend), _local_errors(cert_out, "write"):
+            from kmsgate.pki.token_root import create_root_key
+
             key, reference = create_root_key(backend, held, key_type)
             cert = self_signed_root(key, name, days=days, path_length=path_length)
         write_bytes(cert_out, cert.public_bytes(PEM), force=False)
@@ -213,6 +216,8 @@ def ca_sign_intermediate(
         if token is not None:
             held, backend = stack.enter_context(_open_token(token))
             with _local_errors(root_cert, "use the root key of"):
+                from kmsgate.pki.token_root import find_root_key
+
                 key = find_root_key(backend, held, certificate)
         else:
             assert root_key is not None
@@ -469,6 +474,8 @@ def cert_expiring(
 ) -> None:
     """Valid certificates whose not_after falls within the given time from now."""
     try:
+        from kmsgate.config import parse_duration_setting  # pydantic settings: slow to load
+
         horizon = datetime.now(UTC) + parse_duration_setting(within)
     except ValueError as exc:
         fail(f"--within: {exc}")
