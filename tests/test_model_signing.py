@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -411,6 +411,16 @@ def test_provenance_and_policy_digest(
             VerifyOptions(provenance_path=other_result.provenance_path),
         )
     assert info.value.failure is Failure.PROVENANCE
+    # a required provenance that is not there is a provenance failure (17), not format (10)
+    assert result.provenance_path is not None
+    result.provenance_path.unlink()
+    for options in (
+        VerifyOptions(require_provenance=True),
+        VerifyOptions(expect_policy_digest="sha256:" + "0" * 64),
+    ):
+        with pytest.raises(ModelVerificationError) as info:
+            verify_model(model, result.bundle_path, trust, options)
+        assert info.value.failure is Failure.PROVENANCE, options
 
 
 ACCEPTANCE = """package registry.accept
@@ -737,6 +747,24 @@ def test_a_signature_never_replaces_a_file_of_the_model(
     inside.parent.mkdir()
     for _ in range(2):  # the second signing replaces the first one's bundle
         sign_model(model, GatewaySigner(client, key), bundle_path=inside)
+
+    # outside the model too: someone's file is not replaced; one path for the bundle and
+    # the provenance is refused (one would replace the other); so is leaving out
+    # checksums.json by --ignore (it is kmsgate's own file)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    since = {"action": "sign", "since": datetime.now(UTC).isoformat()}
+    refusals = (
+        ({"bundle_path": notes}, "exists and is not a signature"),
+        ({"bundle_path": tmp_path / "x.sig", "provenance_path": tmp_path / "x.sig"}, "both be"),
+        ({"ignore": ["checksums.json"]}, "sign with --no-checksums"),
+    )
+    for options, message in refusals:
+        with pytest.raises(SigningError, match=message):
+            sign_model(model, GatewaySigner(client, key), **options)  # type: ignore[arg-type]
+    assert notes.read_text() == "mine" and not (tmp_path / "x.sig").exists()
+    signed = client.request("GET", "/v1/audit", params=since).json()["events"]
+    assert signed == []  # refused before the gateway signed anything
 
 
 def test_an_ed25519_key_and_a_large_model_get_advice_that_can_be_followed(

@@ -253,15 +253,21 @@ class SignResult:
         }
 
 
-def _refuse_to_overwrite_a_model_file(output: Path, model: Path) -> None:
-    """Raises SigningError when `output`, inside `model`, is `checksums.json` or an existing
-    file that is not a Sigstore bundle (an earlier signature): a model file the signing
-    would replace, and then leave out of the signature."""
+def _refuse_to_replace(output: Path, model: Path) -> None:
+    """Raises SigningError when `output` is `checksums.json`, an existing file that is not
+    a Sigstore bundle (an earlier signature, which signing again replaces), or in a
+    directory this process cannot write: inside `model` a model file the signing would
+    replace (and then leave out of the signature), elsewhere someone's file. Checked
+    before the gateway is asked anything."""
     relative = _relative_inside(output, model)
-    if relative is None:
-        return
-    if relative == CHECKSUMS_NAME or (output.exists() and not _is_a_bundle(output)):
+    ours = output.exists() and output.is_file() and _is_a_bundle(output)
+    if relative == CHECKSUMS_NAME or (relative is not None and output.exists() and not ours):
         raise SigningError(f"{output} is a file of the model: write the signature elsewhere")
+    if output.exists() and not ours:
+        raise SigningError(f"{output} exists and is not a signature: refusing to replace it")
+    if not os.access(output.parent, os.W_OK):
+        hint = " (sign with --no-checksums and -o elsewhere)" if relative is not None else ""
+        raise SigningError(f"cannot write into {output.parent}{hint}")
 
 
 def _an_earlier_signature(path: Path) -> bool:
@@ -343,8 +349,17 @@ def sign_model(
     if provenance and provenance_path is None:
         provenance_path = bundle_path.with_name(bundle_path.name + ".provenance.json")
     outputs = [bundle_path, *([provenance_path] if provenance and provenance_path else [])]
+    if len({p.resolve() for p in outputs}) < len(outputs):
+        raise SigningError(f"the bundle and the provenance would both be {bundle_path}")
     for output in outputs:
-        _refuse_to_overwrite_a_model_file(output, model)
+        _refuse_to_replace(output, model)
+    if checksums and not os.access(model, os.W_OK):
+        raise SigningError(f"cannot write {model / CHECKSUMS_NAME} (sign with --no-checksums)")
+    if checksums and CHECKSUMS_NAME in {p.removeprefix("./") for p in ignore}:
+        raise SigningError(
+            f"{CHECKSUMS_NAME} is written and signed by kmsgate: to leave it out, sign with "
+            "--no-checksums"
+        )
     ignored = list(mf.GIT_PATHS) if ignore_git_paths else []
     ignored += [rel for p in outputs if (rel := _relative_inside(p, model)) is not None]
     checksums_path = model / CHECKSUMS_NAME if checksums else None

@@ -49,13 +49,16 @@ def _algorithm(public_key: PublicKeyTypes, wanted: str | None) -> SignAlg:
     return sign_algorithm(key_type, wanted or default_sign_algorithm(key_type))
 
 
-def _read_bundle(path: Path, report: Report, what: str) -> SignedBundle:
+def _read_bundle(
+    path: Path, report: Report, what: str, missing: Failure = Failure.FORMAT
+) -> SignedBundle:
+    """The bundle at `path`. Raises ModelVerificationError: `missing` if it cannot be read
+    (a required provenance that is not there is a provenance failure), FORMAT if it is no
+    bundle."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise fail(
-            report, Failure.FORMAT, f"cannot read {what} {path}: {exc.strerror}", what
-        ) from None
+        raise fail(report, missing, f"cannot read {what} {path}: {exc.strerror}", what) from None
     try:
         return SignedBundle.from_json(data)
     except BundleError as exc:
@@ -237,7 +240,7 @@ def _verify(
         or options.expect_policy_digest is not None
     )
     if options.provenance_path is not None or prov_path.exists() or needs_provenance:
-        prov_bundle = _read_bundle(prov_path, report, "provenance")
+        prov_bundle = _read_bundle(prov_path, report, "provenance", Failure.PROVENANCE)
         report.provenance = _check_provenance(
             report, prov_bundle, bundle, public_key, alg, expected
         )
