@@ -134,6 +134,9 @@ def test_missing_signature(signed: tuple[Path, str], caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.WARNING, logger="kmsgate.model_signing"):
         assert require_verified(model, env={"MODEL_SIGNING_PUBKEY": pem}) is None
     assert "unverified" in caplog.text
+    gone = model.parent / "no-such-model"
+    with pytest.raises(ModelSigningRequired, match="no such model, nor signature"):
+        require_verified(gone, env={"MODEL_SIGNING_REQUIRED": "1", "MODEL_SIGNING_PUBKEY": pem})
 
 
 @pytest.mark.parametrize("value", ["y", "enabled", "required", "2", "treu"])

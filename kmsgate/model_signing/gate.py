@@ -4,8 +4,9 @@
 unset: optional; any other value is refused, never read as "optional");
 `MODEL_SIGNING_TRUST_BUNDLE` names a trust bundle (key states and compromise times, from
 `kmsgate model trust-bundle`), else `MODEL_SIGNING_PUBKEY` is the PEM public key itself or a
-path to it. A bundle that is present is always verified (a bad signature never loads,
-required or not); a missing one is only an error when required.
+path to it. With a key (or a trust bundle) set, a bundle that is present is always verified
+(a bad signature never loads, required or not); a missing one is only an error when
+required. With neither set, a model loads unverified (with a warning) unless required.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def require_verified(
     bundle_path = Path(bundle) if bundle is not None else _find_bundle(model)
     if bundle_path is None or not bundle_path.is_file():
         if required:
-            raise ModelSigningRequired(f"signature missing for model {model}")
+            missing = "signature missing" if model.exists() else "no such model, nor signature"
+            raise ModelSigningRequired(f"{missing}: {model}")
         log.warning("model %s has no signature; loading it unverified", model)
         return None
     trust: Trust
