@@ -577,14 +577,17 @@ def test_cli_trust_bundle_offline_gate(
     assert runner.invoke(model_app, args).exit_code == 0
     client.key_action(key, "rotate")
     _mark_compromised(client, key, 1, result.signed_at - timedelta(seconds=1))
-    assert runner.invoke(model_app, ["trust-bundle", key, "-o", str(trust)], env=env).exit_code == 0
+    again = ["trust-bundle", key, "-o", str(trust)]
+    kept = runner.invoke(model_app, again, env=env)  # an existing bundle: only with --force
+    assert kept.exit_code == 2 and "exists (use --force" in kept.stderr
+    assert runner.invoke(model_app, [*again, "--force"], env=env).exit_code == 0
     rejected = runner.invoke(model_app, [*args, "--json"])
     assert rejected.exit_code == Failure.KEY_STATUS == 16, rejected.output
     assert json.loads(rejected.stdout)["error"]["code"] == "key_status"
     assert "compromised since" in rejected.stderr
     # a key that is not enabled has no trust bundle: it could not say so
     client.key_action(key, "disable")
-    refused = runner.invoke(model_app, ["trust-bundle", key, "-o", str(trust)], env=env)
+    refused = runner.invoke(model_app, [*again, "--force"], env=env)
     assert refused.exit_code == 2 and "is disabled: a trust bundle" in refused.stderr
     client.key_action(key, "enable")
     # the model server's gate reads the same trust bundle from its environment

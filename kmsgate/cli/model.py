@@ -18,6 +18,7 @@ import typer
 
 from kmsgate.cli.common import (
     AddrOpt,
+    ForceOpt,
     TokenOpt,
     bar_label,
     err,
@@ -25,6 +26,8 @@ from kmsgate.cli.common import (
     fail_api,
     name_values,
     out,
+    refuse_existing,
+    write_bytes,
 )
 from kmsgate.client import ApiError, Client
 from kmsgate.model_signing import (
@@ -43,7 +46,7 @@ from kmsgate.model_signing import (
     verify_model,
 )
 from kmsgate.model_signing.manifest import Progress
-from kmsgate.model_signing.sign import DEFAULT_BUNDLE_NAME, write_atomic
+from kmsgate.model_signing.sign import DEFAULT_BUNDLE_NAME
 from kmsgate.model_signing.trust import Trust
 
 model_app = typer.Typer(
@@ -282,10 +285,12 @@ def verify(
 def trust_bundle_cmd(
     keys: Annotated[list[str], typer.Argument(help="Key names.")],
     output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    force: ForceOpt = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Export an offline trust bundle (public keys and validity windows; needs key.read)."""
+    refuse_existing(force, output)
     try:
         with Client(addr, token) as client:
             doc = export_trust_bundle(client, keys)
@@ -297,7 +302,4 @@ def trust_bundle_cmd(
     if output is None:
         print(data.decode(), end="")
         return
-    try:
-        write_atomic(output, data)
-    except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror}")
+    write_bytes(output, data, force=force)
