@@ -383,3 +383,14 @@ def test_policy_and_audit(api, admin, make_token):
     assert ("encrypt", "allow", "ok") in actions
     assert ("decrypt", "allow", "ok") in actions
     assert ("encrypt", "deny", "policy_denied") in actions
+    # the context (no secret: AAD) is in the records, so the trail tells whose data it was
+    done = [r for r in records if r.get("outcome") == "ok"]
+    for action in ("encrypt", "decrypt", "datakey"):
+        assert any(
+            (r.get("detail") or {}).get("context") == CTX for r in done if r["action"] == action
+        )
+    batch = [{"plaintext": b64(b"m"), "context": {"tenant": f"t{i % 3}"}} for i in range(30)]
+    assert api.call("POST", "/v1/keys/p/encrypt", admin, json={"batch": batch}).status_code == 200
+    last = [json.loads(line) for line in log.read_text().splitlines()][-1]
+    assert last["action"] == "encrypt" and last["detail"]["distinct_contexts"] == 3
+    assert sorted(c["tenant"] for c in last["detail"]["contexts"]) == ["t0", "t1", "t2"]

@@ -3,7 +3,8 @@
 Formats in kmsgate/envelope.py and docs/formats.md. A fresh DEK per message, wrapped by the
 key's backend; the context is bound into both the wrap and the body. Audit records carry
 the sha256 of ciphertexts but only the length of plaintexts (a digest of a short plaintext
-would let anyone who reads the log guess it).
+would let anyone who reads the log guess it), and the encryption context, which is no
+secret (as AWS KMS logs it): the trail answers "who decrypted tenant X's data".
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from kmsgate.service.requests import DataKeyInput, DecryptInput, EncryptInput, R
 from kmsgate.service.results import Ciphertext, DataKey, ItemResults, Plaintext, WrappedDataKey
 
 EnvelopeT = TypeVar("EnvelopeT", bound=EncryptInput | DecryptInput | DataKeyInput | RewrapInput)
+
+AUDITED_CONTEXTS = 16
+"""The distinct contexts of a batch its audit record lists (it counts them all)."""
 
 
 class Envelopes:
@@ -120,6 +124,11 @@ class Envelopes:
             "context_keys": sorted({k for c in contexts for k in c}),
         }
         detail: dict[str, object] = {}
+        if len(distinct) == 1 and distinct[0]:  # who used which data: "tenant=acme", say
+            detail["context"] = distinct[0]
+        elif len(distinct) > 1:
+            detail["contexts"] = distinct[:AUDITED_CONTEXTS]
+            detail["distinct_contexts"] = len(distinct)
         if action == "datakey":  # the policy may allow wrapped-only keys and no plaintext ones
             detail["plaintext_keys"] = request["plaintext_keys"] = sum(
                 1 for item in items if isinstance(item, DataKeyInput) and item.include_plaintext
