@@ -185,6 +185,12 @@ class Client:
         result: dict[str, Any] = self._json("GET", f"/v1/keys/{name}")
         return result
 
+    def update_key(self, name: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """PATCH /v1/keys/{name}: `min_decrypt_version`, `rotation_period` (None: stop
+        rotating), `labels` (replaced whole), `public`; the key after the change."""
+        result: dict[str, Any] = self._json("PATCH", f"/v1/keys/{name}", dict(changes))
+        return result
+
     def key_action(self, name: str, action: str, body: Any = None) -> dict[str, Any]:
         """POST /v1/keys/{name}/{action}: rotate, disable, enable, schedule-deletion, ..."""
         result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/{action}", body)

@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -1027,3 +1028,32 @@ def test_a_narrow_terminal_wraps_a_name_rather_than_cut_it(monkeypatch: pytest.M
     first_column = [line.split("│")[1].strip() for line in printed.splitlines() if "│" in line]
     assert "…" not in printed
     assert "".join(first_column) == "".join(names)  # each name whole, over several lines
+
+
+def test_keys_update_changes_the_minimum_the_schedule_the_labels_and_publicity(
+    gateway: Gateway,
+) -> None:
+    """What the docs did with curl: each change shows in the key printed back."""
+    setup_key(gateway, "updated-key", "aes-256-gcm")
+    gateway.ok("keys", "rotate", "updated-key")
+
+    def update(*args: str) -> dict[str, Any]:
+        return dict(json.loads(gateway.ok("keys", "update", "updated-key", *args).out))
+
+    assert update("--min-decrypt-version", "2")["min_decrypt_version"] == 2
+    assert update("--min-decrypt-version", "1")["min_decrypt_version"] == 1
+    assert update("--rotation-period", "90d")["rotation_period"] == "7776000s"
+    assert "rotation_period" not in update("--no-rotation")
+    assert update("--label", "team=ml", "--label", "env=prod")["labels"] == {
+        "team": "ml",
+        "env": "prod",
+    }
+    assert update("--clear-labels")["labels"] == {}
+    for args, needle in (
+        ((), "nothing to change"),
+        (("--rotation-period", "1h", "--no-rotation"), "not both"),
+        (("--min-decrypt-version", "9"), "cannot exceed the primary version"),
+        (("--rotation-period", "10s"), "rotation_period"),
+        (("--label", "novalue"), "name=value"),
+    ):
+        assert_one_line_error(gateway.run("keys", "update", "updated-key", *args), needle)

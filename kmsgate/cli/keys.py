@@ -155,6 +155,52 @@ def _next_rotation(key: dict[str, Any]) -> str:
     return when
 
 
+@keys_app.command("update")
+def keys_update(
+    name: str,
+    min_decrypt_version: Annotated[
+        int | None,
+        typer.Option(min=1, help="Retire older versions (lower it again to bring them back)."),
+    ] = None,
+    rotation_period: Annotated[
+        str | None, typer.Option(help="Rotate on schedule: 90d, 12h, 30m (at least 60s).")
+    ] = None,
+    no_rotation: Annotated[
+        bool, typer.Option("--no-rotation", help="Stop rotating on schedule.")
+    ] = False,
+    label: Annotated[
+        list[str], typer.Option(help="name=value; repeatable; replaces every label.")
+    ] = [],  # noqa: B006
+    clear_labels: Annotated[bool, typer.Option("--clear-labels", help="Remove every label.")] = (
+        False
+    ),
+    public: Annotated[
+        bool | None,
+        typer.Option("--public/--private", help="Serve its public keys without a token, or not."),
+    ] = None,
+    addr: AddrOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Change a key's minimum decryption version, rotation schedule, labels or publicity;
+    prints the key."""
+    if rotation_period is not None and no_rotation:
+        fail("give --rotation-period or --no-rotation, not both")
+    if label and clear_labels:
+        fail("give --label or --clear-labels, not both")
+    changes: dict[str, Any] = {}
+    if min_decrypt_version is not None:
+        changes["min_decrypt_version"] = min_decrypt_version
+    if rotation_period is not None or no_rotation:
+        changes["rotation_period"] = rotation_period
+    if label or clear_labels:
+        changes["labels"] = name_values(label, "label")
+    if public is not None:
+        changes["public"] = public
+    if not changes:
+        fail("nothing to change: give an option (see --help)")
+    print_json(call(addr, token, Client.update_key, name, changes))
+
+
 @keys_app.command("show")
 def keys_show(name: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
     """One key as JSON (versions, state, labels)."""
