@@ -517,6 +517,33 @@ def test_wrong_pin_is_a_backend_error_until_the_pin_file_is_fixed(hsm: SoftHsm, 
         b.close()
 
 
+def test_a_second_backend_on_a_logged_in_token_has_its_pin_checked(hsm: SoftHsm, tmp_path: Path):
+    """Login state belongs to the process: a second backend on a token another backend is
+    logged in to is refused C_Login (already logged in), so the token never checks its PIN.
+    A wrong one is refused all the same (it used to look ready); the right one works."""
+    shared = hsm.init_token("kmsgate-gw-shared")
+    first = make_backend("hsm-first", shared)
+    wrong = tmp_path / "wrong.pin"
+    wrong.write_text("00000000\n")
+    wrong.chmod(0o600)
+    second = make_backend("hsm-second", shared, pin_file=str(wrong))
+    right = tmp_path / "right.pin"
+    right.write_text(shared.pin + "\n")
+    right.chmod(0o600)
+    third = make_backend("hsm-third", shared, pin_file=str(right))
+    try:
+        first.create_key(KeySpec("k1", 1, KeyType.ECDSA_P256))  # logged in
+        with pytest.raises(BackendError, match="another PIN, so this backend's PIN was never"):
+            second.create_key(KeySpec("k2", 1, KeyType.ECDSA_P256))
+        assert not second.status().ok
+        key = third.create_key(KeySpec("k3", 1, KeyType.ECDSA_P256))
+        signature = third.sign(key, MESSAGE, SIGN_ALGORITHMS["ecdsa-sha256"], prehashed=False)
+        public_of(key).verify(signature, MESSAGE, ec.ECDSA(hashes.SHA256()))
+    finally:
+        for backend in (third, second, first):
+            backend.close()
+
+
 def _eventually(action: Callable[[], Any], timeout: float = 10.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:

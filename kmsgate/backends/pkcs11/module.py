@@ -5,6 +5,7 @@ every backend using it, with the lock every call into the library holds and its
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from contextlib import suppress
 from pathlib import Path
@@ -33,6 +34,11 @@ class _Module:
         self.lock = threading.RLock()
         self.generation = 0
         """Bumped on every (re)initialisation: handles of older generations are dead."""
+        self.logins: dict[bytes, bytes] = {}
+        """Token serial -> HMAC (`pin_key`) of the PIN a backend of this process logged in to
+        it with: login state belongs to the application, so a second backend on the same
+        token is logged in already, and its own PIN is checked against this instead."""
+        self.pin_key = secrets.token_bytes(32)
         self._lib: Any = None
         self._pid = 0
 

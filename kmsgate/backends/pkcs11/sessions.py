@@ -266,13 +266,22 @@ class _SessionPool:
                 "token changes"
             )
         login = None
+        ours = hmac.digest(self._module.pin_key, serial + b"\x00" + pin.encode(), "sha256")
         try:
             login = token.open(rw=True, user_pin=pin)
+            self._module.logins[serial] = ours
         except p11e.UserAlreadyLoggedIn:
             # another backend in this process is logged in to this token: login state
             # belongs to the application, so our sessions are logged in too. (The session
-            # python-pkcs11 opened for the refused C_Login stays open.)
-            pass
+            # python-pkcs11 opened for the refused C_Login stays open.) Our PIN was not
+            # checked by the token: it must be the one that logged in.
+            theirs = self._module.logins.get(serial)
+            if theirs is not None and not hmac.compare_digest(theirs, ours):
+                raise BackendError(
+                    "another backend of this gateway is logged in to this token with "
+                    "another PIN, so this backend's PIN was never checked: give every "
+                    "backend on one token its PIN"
+                ) from None
         except _PIN_ERRORS as exc:
             self._bad_pin = fingerprint
             raise BackendError(
@@ -312,6 +321,7 @@ class _SessionPool:
         for worker in conn.workers:
             _close_quietly(worker.session)
         if conn.login is not None:
+            self._module.logins.pop(conn.serial, None)
             _close_quietly(conn.login)  # C_Logout, then C_CloseSession
 
     def _healthy(self, conn: _Connection) -> bool:
