@@ -229,6 +229,17 @@ def test_the_dev_audit_key_signs_through_its_backend_and_the_store_keeps_it(
     assert detail(last)["key"] == DEV_AUDIT_KEY and last["key_version"] == 1
 
 
+def start_record_and_stop(settings: Settings) -> None:
+    """A gateway's service started on `settings` (its dev audit key made), one record
+    appended, stopped (a final checkpoint, kept in the store)."""
+    service = build_service(settings)
+    try:
+        ensure_dev_audit_key(service)
+        service.audit.append(event(0))
+    finally:
+        service.close()
+
+
 def test_gateways_on_one_host_and_one_store_keep_their_checkpoints_apart(
     gateway_settings: Settings, tmp_path: Path
 ) -> None:
@@ -245,12 +256,7 @@ def test_gateways_on_one_host_and_one_store_keep_their_checkpoints_apart(
     assert len(ids) == 2
     assert gateway_settings.model_copy(update={"replica_id": "r9"}).resolved_replica_id() == "r9"
     for settings in (gateway_settings, other):
-        service = build_service(settings)
-        try:
-            ensure_dev_audit_key(service)
-            service.audit.append(event(0))
-        finally:
-            service.close()
+        start_record_and_stop(settings)
         store = Store(settings.resolved_database_url())
         stored = {(a.replica, a.chain): a for a in store.audit_anchors.all()}
         store.close()
@@ -267,18 +273,9 @@ def test_a_gateway_whose_log_lacks_the_stores_checkpoint_does_not_start(
     second gateway given the same replica_id (its own, shorter log) is refused, and so is
     this gateway once its log was cut with its head file (which the head file alone cannot
     show); restored, it starts again."""
-
-    def run(settings: Settings) -> None:
-        service = build_service(settings)
-        try:
-            ensure_dev_audit_key(service)
-            service.audit.append(event(0))
-        finally:
-            service.close()
-
     named = gateway_settings.model_copy(update={"replica_id": "r1"})
-    run(named)
-    run(named)  # its own log holds the checkpoint: starts
+    start_record_and_stop(named)
+    start_record_and_stop(named)  # its own log holds the checkpoint: starts
     (tmp_path / "twin").mkdir(mode=0o700)
     twin = named.model_copy(
         update={"data_dir": tmp_path / "twin", "root_key_file": named.resolved_root_key_file()}
@@ -293,7 +290,7 @@ def test_a_gateway_whose_log_lacks_the_stores_checkpoint_does_not_start(
         build_service(named)
     log.write_bytes(whole)
     head_path(log).write_bytes(head)
-    run(named)
+    start_record_and_stop(named)
 
 
 # -- a real dev gateway, then `kmsgate audit verify` on its log and on tampered copies ------
