@@ -881,3 +881,15 @@ def test_a_directory_that_cannot_be_listed_or_a_name_that_is_not_utf8_is_refused
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(mf.ManifestError, match=r"cannot read .*weights: Permission denied"):
         mf.list_files(model)
+
+
+def test_a_model_named_dot_dot_is_named_as_model_signing_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kmsgate model sign ..` names the subject after the directory `..` is, as the stock
+    signer does, not `..`."""
+    (tmp_path / "models" / "inner").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "models" / "inner")
+    assert mf.model_name_of(Path("..")) == "models"
+    assert mf.model_name_of(Path(".")) == "inner"
+    assert mf.model_name_of(tmp_path / "models") == "models"

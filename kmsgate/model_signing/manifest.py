@@ -251,8 +251,10 @@ class _Stopped(Exception):
 
 
 def model_name_of(root: Path) -> str:
-    """The subject name model_signing uses: the directory's final component."""
-    return root.name or root.resolve().name
+    """The subject name model_signing uses: the directory's final component, or, for `.`
+    and `..`, the final component of the directory they name (as model_signing does)."""
+    name = root.name
+    return root.resolve().name if name in ("", "..") else name
 
 
 def checksums_document(manifest: Manifest) -> bytes:
