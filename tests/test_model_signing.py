@@ -771,12 +771,19 @@ def test_a_signature_never_replaces_a_file_of_the_model(
 
 
 def test_an_ed25519_key_and_a_large_model_get_advice_that_can_be_followed(
-    tmp_path: Path, client: Client
+    tmp_path: Path, client: Client, gw: Gateway
 ) -> None:
     """Ed25519 signs the statement whole: past the gateway's input limit the error says to
-    use an ECDSA key (the gateway's own advice, "send a digest", cannot be followed)."""
+    use an ECDSA key (the gateway's own advice, "send a digest", cannot be followed). A
+    bundle signed with it is told to be kmsgate's only: the stock verifier takes EC keys."""
     name = f"ed-model-{next(_counter)}"
     client.create_key(name, "ed25519", "model-sign")
+    env = {"KMSGATE_ADDR": gw.addr, "KMSGATE_TOKEN": gw.root_token}
+    signed = CliRunner().invoke(
+        model_app, ["sign", str(make_model(tmp_path)), "--key", name], env=env
+    )
+    assert signed.exit_code == 0, signed.output
+    assert "the stock model_signing verifier takes ECDSA keys only" in signed.stderr
     model = tmp_path / "many"
     model.mkdir()
     for i in range(2_000):

@@ -177,6 +177,13 @@ def sign(
     except OSError as exc:
         fail(f"{getattr(exc, 'filename', '') or model}: {exc.strerror or exc}")
     _dump_json(result.to_dict())
+    if not result.algorithm.startswith("ecdsa-"):
+        err.print(
+            "note: the stock model_signing verifier takes ECDSA keys only; this "
+            f"{result.algorithm} bundle verifies with `kmsgate model verify`",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _require_directory(model: Path) -> None:
