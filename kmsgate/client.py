@@ -549,13 +549,16 @@ class Client:
         *,
         request: Mapping[str, Any] | None = None,
         env: str | None = None,
+        exceptions: Sequence[Mapping[str, Any]] = (),
     ) -> dict[str, Any]:
-        """What the policy would decide: `{allow, reasons, roles, exceptions_used}`."""
+        """What the policy would decide: `{allow, reasons, roles, exceptions_used}`
+        (`exceptions`: active JIT grants, as `input.exceptions` holds them)."""
         body: dict[str, Any] = {
             "principal": dict(principal),
             "action": action,
             "resource": dict(resource),
             "request": dict(request or {}),
+            "exceptions": [dict(grant) for grant in exceptions],
         }
         if env is not None:
             body["env"] = env

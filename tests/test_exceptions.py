@@ -419,3 +419,20 @@ def test_explain_and_what_if_decide_without_doing_anything(team: Team) -> None:
         "roles": ["dev"],
         "exceptions_used": ["00000000000000aa"],
     }
+
+    # a real principal's grants: --with-grants reads them (exception.read) and names the one
+    # the policy relied on; without it, explain decides on the roles alone
+    asked = team.request(team.x, duration="10m")
+    assert asked.status_code == 201, asked.text
+    grant_id = asked.json()["id"]
+    assert team.post(f"/v1/exceptions/{grant_id}/approve", team.y).status_code == 200
+    as_x = ("policy", "explain", "--principal", _principal(team.x), "--as", "dev")
+    as_x += ("--action", "decrypt", "--key", KEY)
+    assert run_cli(as_x, env).rc == 1
+    granted = run_cli((*as_x, "--with-grants"), env)
+    assert granted.rc == 0 and f"exception: {grant_id}" in granted.out, str(granted)
+    ended = httpx.delete(
+        f"{team.gw.addr}/v1/exceptions/{grant_id}", headers=team.as_(team.y), timeout=TIMEOUT
+    )
+    assert ended.status_code == 200, ended.text
+    assert run_cli((*as_x, "--with-grants"), env).rc == 1

@@ -279,12 +279,19 @@ def policy_explain(
         list[str],
         typer.Option(help="A claim of the principal, name=value (string); repeatable."),
     ] = [],  # noqa: B006
+    with_grants: Annotated[
+        bool,
+        typer.Option(
+            "--with-grants",
+            help="Also the JIT grants --principal holds now (needs exception.read).",
+        ),
+    ] = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """What the loaded policy would decide for a principal with these roles (action
-    `policy.evaluate`): allow or deny, the rules' reasons, the roles it maps to. Nothing is
-    performed. Exit 0 for allow, 1 for deny."""
+    `policy.evaluate`): allow or deny, the rules' reasons, the roles it maps to, the grants
+    it relied on. Nothing is performed. Exit 0 for allow, 1 for deny."""
 
     claims = name_values(claim, "claim")
 
@@ -296,7 +303,10 @@ def policy_explain(
             except ApiError as exc:  # unknown, or not readable by this token
                 err.print(f"key {key}: {exc.code}; deciding on its name only", highlight=False)
         who = {"id": principal, "kind": kind, "roles": role, "claims": claims}
-        return client.evaluate_policy(who, action, _policy_resource(resource), env=env)
+        grants = _active_grants(client, principal, action) if with_grants else []
+        return client.evaluate_policy(
+            who, action, _policy_resource(resource), env=env, exceptions=grants
+        )
 
     verdict = call(addr, token, explain)
     print(
@@ -304,10 +314,28 @@ def policy_explain(
     )
     for reason in verdict["reasons"]:
         print(f"  because: {reason}")
+    for grant in verdict.get("exceptions_used") or []:
+        print(f"  exception: {grant}")
     if not verdict["allow"]:
         print("  no rule allows it")
     print(f"  roles: {', '.join(verdict['roles']) or '-'}")
     raise typer.Exit(0 if verdict["allow"] else 1)
+
+
+def _active_grants(client: Client, principal: str, action: str) -> list[dict[str, Any]]:
+    """`principal`'s active grants that list `action`, as `input.exceptions` holds them."""
+    return [
+        {
+            "id": g["id"],
+            "actions": g["actions"],
+            "resource": g["resource"],
+            "ticket": g["ticket"],
+            "approved_by": [a["by"] for a in g.get("approvals", [])],
+            "expires_at": g["expires_at"],
+        }
+        for g in client.list_exceptions(state="active", principal=principal)
+        if action in g["actions"]
+    ]
 
 
 def _policy_resource(key: dict[str, Any]) -> dict[str, Any]:
