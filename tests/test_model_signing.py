@@ -540,6 +540,14 @@ def test_cli_sign_errors_are_one_line(tmp_path: Path, gw: Gateway, key: str) -> 
         result = runner.invoke(model_app, command, env=env)
         assert result.exit_code == 2
         assert result.stderr.strip() == f"error: {gone}: no such directory"
+    # with --json, an error is a JSON report on stdout too (a pipe into jq gets one)
+    as_json = runner.invoke(model_app, ["verify", str(gone), "--key", key, "--json"], env=env)
+    assert as_json.exit_code == 2
+    assert json.loads(as_json.stdout) == {
+        "ok": False,
+        "exit_code": 2,
+        "error": {"code": "error", "detail": f"{gone}: no such directory"},
+    }
 
 
 def test_stock_signed_bundle_verifies_with_kmsgate(tmp_path: Path) -> None:

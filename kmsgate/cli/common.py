@@ -4,10 +4,12 @@ one-line failure, and reading, writing and printing helpers."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, NoReturn
 
@@ -33,12 +35,34 @@ TokenOpt = Annotated[
 InputArg = Annotated[str, typer.Argument(help="File to read, or - for stdin.")]
 
 
+JSON_ERRORS: ContextVar[bool] = ContextVar("JSON_ERRORS", default=False)
+"""Set by a command asked for `--json`: `fail` then also prints the error as a JSON report
+on stdout (`{ok: false, exit_code, error: {code, detail}}`), so a pipe into `jq` gets one."""
+
+
+@contextlib.contextmanager
+def json_errors(enabled: bool) -> Iterator[None]:
+    """`JSON_ERRORS` set to `enabled` within the block."""
+    token = JSON_ERRORS.set(enabled)
+    try:
+        yield
+    finally:
+        JSON_ERRORS.reset(token)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print `error: message` as one line on stderr and exit with `code`. The message is
     text: a control character in it (a file name's newline or escape sequence) is printed
     as its escape, and "[...]" is no markup."""
     said = escape(shown(message))
     err.print(f"[red]error:[/red] {said}", markup=True, highlight=False, soft_wrap=True)
+    if JSON_ERRORS.get():
+        problem, sep, detail = message.partition(": ")
+        named = sep and problem.replace("_", "").isalpha()  # `code: detail`, as fail_api has it
+        error = (
+            {"code": problem, "detail": detail} if named else {"code": "error", "detail": message}
+        )
+        print(json.dumps({"ok": False, "exit_code": code, "error": error}))
     raise typer.Exit(code)
 
 

@@ -24,6 +24,7 @@ from kmsgate.cli.common import (
     err,
     fail,
     fail_api,
+    json_errors,
     name_values,
     out,
     refuse_existing,
@@ -248,44 +249,46 @@ def verify(
 ) -> None:
     """Check the signature, every file, the key's status at signing time, the provenance and
     optionally an acceptance policy."""
-    _require_directory(model)
-    clients: list[Client] = []
-    bundle_path = bundle or model / DEFAULT_BUNDLE_NAME
-    # --gateway falls back to KMSGATE_ADDR: only a gateway source when --key is given too
-    trust = _trust(public_key, trust_bundle, gateway if key else None, key, token, clients)
-    bar = _Bar(f"hashing {model.name}")
-    try:
-        with bar.run():
-            options = VerifyOptions(
-                provenance_path=provenance,
-                require_provenance=require_provenance,
-                policy=policy,
-                expect_policy_digest=expect_policy_digest,
-                algorithm=algorithm,
-                workers=workers,
-                progress=bar.callback,
-            )
-            report = verify_model(model, bundle_path, trust, options)
-    except ModelVerificationError as exc:
+    with json_errors(json_out):  # an error (exit 2) is a JSON report on stdout too
+        _require_directory(model)
+        clients: list[Client] = []
+        bundle_path = bundle or model / DEFAULT_BUNDLE_NAME
+        # --gateway falls back to KMSGATE_ADDR: only a gateway source when --key is given too
+        trust = _trust(public_key, trust_bundle, gateway if key else None, key, token, clients)
+        bar = _Bar(f"hashing {model.name}")
+        try:
+            with bar.run():
+                options = VerifyOptions(
+                    provenance_path=provenance,
+                    require_provenance=require_provenance,
+                    policy=policy,
+                    expect_policy_digest=expect_policy_digest,
+                    algorithm=algorithm,
+                    workers=workers,
+                    progress=bar.callback,
+                )
+                report = verify_model(model, bundle_path, trust, options)
+        except ModelVerificationError as exc:
+            if json_out:
+                _dump_json(exc.report.to_dict())
+            with json_errors(False):  # the report above is the JSON
+                fail(f"{exc.failure.code}: {exc.detail}", int(exc.failure))
+        except ApiError as exc:
+            fail_api(exc)
+        finally:
+            for client in clients:
+                client.close()
         if json_out:
-            _dump_json(exc.report.to_dict())
-        fail(f"{exc.failure.code}: {exc.detail}", int(exc.failure))
-    except ApiError as exc:
-        fail_api(exc)
-    finally:
-        for client in clients:
-            client.close()
-    if json_out:
-        _dump_json(report.to_dict())
-    else:
-        ref = report.key
-        signer = f"{ref.name} v{ref.version}" if ref and ref.name else report.public_key_sha256
-        out.print(
-            f"verified: {report.model_name} {report.model_digest} ({report.files} files), "
-            f"signed by {signer}",
-            highlight=False,
-            soft_wrap=True,
-        )
+            _dump_json(report.to_dict())
+        else:
+            ref = report.key
+            signer = f"{ref.name} v{ref.version}" if ref and ref.name else report.public_key_sha256
+            out.print(
+                f"verified: {report.model_name} {report.model_digest} ({report.files} files), "
+                f"signed by {signer}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 @model_app.command("trust-bundle")
