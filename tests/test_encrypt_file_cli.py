@@ -16,16 +16,18 @@ import os
 import pty
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import typer
 from rich.console import Console
 from rich.progress import Progress
 
 from kmsgate.chunked import HEADER_BYTES, SEALED_CHUNK_BYTES
-from kmsgate.cli.common import bar_label
+from kmsgate.cli.common import atomic_output, bar_label
 from kmsgate.envelope import FILE_MAGIC, FileHeader
 from tests.test_cli import Gateway, clean_env, kmsgate_script, running_gateway, setup_key
 
@@ -474,3 +476,31 @@ def test_a_progress_bar_label_is_shown_as_it_is_not_as_markup() -> None:
         bar.refresh()
     text = screen.getvalue()
     assert "encrypting [x] {y}\\x1b" in text and "[bold]" not in text
+
+
+def test_a_plaintext_goes_into_another_users_fifo_only_with_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever reads a FIFO gets what is written into it: a plaintext output that is a FIFO
+    of another user is refused without --force (its reader gets nothing); one's own FIFO,
+    and any FIFO for a public output, is written to as it is."""
+    fifo = tmp_path / "plain"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+
+    def write(*, private: bool, force: bool) -> None:
+        reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+        reader.start()
+        try:
+            with atomic_output(fifo, force=force, private=private) as sink:
+                sink.write(b"secret")
+        finally:
+            reader.join(10)
+
+    write(private=True, force=False)  # this user's own FIFO
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(fifo).st_uid + 1)  # now another user's
+    with pytest.raises(typer.Exit):
+        write(private=True, force=False)
+    write(private=False, force=False)  # a ciphertext or a signature: no secret
+    write(private=True, force=True)
+    assert received == [b"secret", b"", b"secret", b"secret"]

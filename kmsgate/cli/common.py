@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -140,11 +141,7 @@ def atomic_output(target: Path, *, force: bool, private: bool) -> Iterator[Binar
     replace it. Exits through `fail` for an output `refuse_existing` refuses."""
     refuse_existing(force, target)
     if target.is_char_device() or target.is_fifo():
-        try:
-            stream = target.open("wb")
-        except OSError as exc:
-            fail(f"cannot write {target}: {exc.strerror}")
-        with stream:
+        with _open_special(target, private=private, force=force) as stream:
             yield stream
         return
     try:
@@ -163,6 +160,27 @@ def atomic_output(target: Path, *, force: bool, private: bool) -> Iterator[Binar
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _open_special(target: Path, *, private: bool, force: bool) -> BinaryIO:
+    """`target`, a FIFO or a character device, opened for writing as it is (not created,
+    not truncated): the opened descriptor must be one, so a file swapped in meanwhile is
+    refused untouched. A plaintext (`private`) goes into a FIFO of another user (whoever
+    reads it gets it) only with `force`. Exits through `fail`."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc.strerror}")
+    mode, owner = (st := os.fstat(fd)).st_mode, st.st_uid
+    refusal = None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        refusal = f"{target} changed while it was opened: refusing to write it"
+    elif private and stat.S_ISFIFO(mode) and owner != os.getuid() and not force:
+        refusal = f"{target} is another user's FIFO, whose reader would get the plaintext (--force)"
+    if refusal is not None:
+        os.close(fd)
+        fail(refusal)
+    return os.fdopen(fd, "wb")
 
 
 def _umask() -> int:
