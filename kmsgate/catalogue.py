@@ -8,7 +8,6 @@ the `Store`, and follows the store's change feed for keys (`refresh`, every
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -29,6 +28,7 @@ from kmsgate.errors import (
     NotFound,
     Unavailable,
 )
+from kmsgate.ratelimit import TokenBucket
 from kmsgate.store import READ_THROUGH_PER_SECOND, Row, Store, StoreMirror, utc
 
 MAX_KEY_NAME = 128  # the store's column width (key names are validated at the edge)
@@ -303,6 +303,7 @@ class Catalogue(StoreMirror):
         self, store: Store, *, read_through_per_second: float = READ_THROUGH_PER_SECOND
     ) -> None:
         self._keys: dict[str, Key] = {}
+        self._current_reads = TokenBucket(read_through_per_second, read_through_per_second)
         super().__init__(store, read_through_per_second=read_through_per_second)
 
     def _load(self) -> None:
@@ -323,14 +324,25 @@ class Catalogue(StoreMirror):
             key = self._keys.get(name)
         return key
 
-    def find_current(self, name: str) -> Key | None:
-        """`find`, but read from the store first (within the read-through budget; past it,
-        from the copy): what a change to the key is decided on, as another worker or
-        replica may have changed it since the copy last followed the feed; the copy when the
-        store cannot be read."""
-        if 0 < len(name) <= MAX_KEY_NAME:
-            with contextlib.suppress(Unavailable):  # gone down just now: the copy, as `find`
-                self._read_through(name)
+    def find_current(self, name: str, *, change: bool) -> Key | None:
+        """`find`, but read from the store first, as another worker or replica may have
+        changed the key since the copy last followed the feed: what a read of the key's
+        record shows and what a change to it is decided on. The store is read at most
+        `READ_THROUGH_PER_SECOND` times a second for this (a budget of its own, apart from
+        the misses'); past it, or while the store cannot be read, a read gets the copy and
+        a `change` raises Unavailable (never decided on a copy that may be behind)."""
+        if not 0 < len(name) <= MAX_KEY_NAME:
+            return None
+        if not self._current_reads.take():
+            if change:
+                raise Unavailable("too many key changes at once; retry")
+            return self._keys.get(name)
+        try:
+            with self._lock:
+                self._load_item(name)
+        except Unavailable:
+            if change:
+                raise
         return self._keys.get(name)
 
     def cached(self, name: str) -> Key | None:

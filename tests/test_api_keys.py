@@ -8,6 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from kmsgate.ratelimit import TokenBucket
 from kmsgate.service import Ctx
 from kmsgate.store import tables
 from tests.helpers import b64, create_key
@@ -300,3 +301,18 @@ def test_a_lone_surrogate_in_any_string_is_400_not_a_policy_failure(api, admin):
     made = api.call("POST", "/v1/keys", admin, content=paired, headers=json_type)
     assert made.status_code == 201, made.text
     assert made.json()["labels"] == {"t": "\U0001f600"}
+
+
+def test_past_its_store_read_budget_a_key_change_is_503_and_a_read_uses_the_copy(api, admin):
+    """Reads and changes of a key ask the store first, within a budget of their own: past
+    it, a read is served from this process's copy, and a change is refused (503) rather
+    than decided on a copy that may be behind. Operations keep their own misses' budget."""
+    create_key(api, admin, "budget")
+    catalogue = api.service.catalogue
+    catalogue._current_reads = TokenBucket(0.001, 1)
+    assert catalogue._current_reads.take()  # spent
+    assert api.call("GET", "/v1/keys/budget", admin).status_code == 200
+    refused = api.call("POST", "/v1/keys/budget/rotate", admin)
+    assert refused.status_code == 503 and "too many key changes" in refused.json()["detail"]
+    signed = api.call("POST", "/v1/keys/budget/sign", admin, json={"input": b64(b"m")})
+    assert signed.status_code == 200

@@ -232,19 +232,21 @@ class Gate:
                 "the metadata store has been unreachable for too long to act on cached state"
             )
 
-    def target(self, name: str, *, current: bool = False) -> KeyTarget:
+    def target(self, name: str, *, current: bool = False, change: bool = False) -> KeyTarget:
         """The key `name` as this request will see it (from the cache, or read through;
-        `current`: read from the store, for a change or a read of the key's record).
-        Raises NotFound, before any decision or record, for a name no key can have (it is
-        not echoed); Unavailable as `require_fresh` does."""
+        `current`: as the store holds it now, for a read of the key's record or, `change`,
+        for a change to it: see `find_current`). Raises NotFound, before any decision or
+        record, for a name no key can have (it is not echoed); Unavailable as
+        `require_fresh` does, and for a change the store cannot be asked about."""
         if not KEY_NAME.fullmatch(name):
             raise NotFound("no key has such a name: 1-128 letters, digits, '.', '_' or '-'")
         self.require_fresh()
-        # the store as it is now, unless it seems down: then the copy (a change still fails,
-        # at its write; a read is served as the other operations are, from the caches)
-        down = self.freshness.behind(2 * self.settings.cache_refresh_seconds + 1)
+        # a read while the store seems down is served from the caches, as operations are
+        down = not change and self.freshness.behind(2 * self.settings.cache_refresh_seconds + 1)
         key = (
-            self.catalogue.find_current(name) if current and not down else self.catalogue.find(name)
+            self.catalogue.find_current(name, change=change)
+            if current and not down
+            else self.catalogue.find(name)
         )
         backend = self.registry.find(key.backend) if key and not key.verify_only else None
         return KeyTarget(name, key, backend is not None and backend.blocking)

@@ -53,7 +53,7 @@ class Keys:
         """`operation` on the key `name` as the store holds it now (a change is never
         decided on a copy another worker has moved past), through the gate: NotFound only
         after policy allowed."""
-        target = self.gate.target(name, current=True)
+        target = self.gate.target(name, current=True, change=action != "key.read")
         call = Call(principal, ctx, action, target.resource(), request)
         return self.gate.run_on_key(call, target, operation)
 
