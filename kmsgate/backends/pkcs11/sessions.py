@@ -276,11 +276,12 @@ class _SessionPool:
             # python-pkcs11 opened for the refused C_Login stays open.) Our PIN was not
             # checked by the token: it must be the one that logged in.
             theirs = self._module.logins.get(serial)
-            if theirs is not None and not hmac.compare_digest(theirs, ours):
+            if theirs is None or not hmac.compare_digest(theirs, ours):
+                self._bad_pin = fingerprint  # not tried again (each try leaves a session)
                 raise BackendError(
-                    "another backend of this gateway is logged in to this token with "
-                    "another PIN, so this backend's PIN was never checked: give every "
-                    "backend on one token its PIN"
+                    "the token is logged in already with another PIN, or by a session this "
+                    "gateway does not know, so this backend's PIN was never checked: give "
+                    "every backend on one token its PIN"
                 ) from None
         except _PIN_ERRORS as exc:
             self._bad_pin = fingerprint
@@ -321,8 +322,11 @@ class _SessionPool:
         for worker in conn.workers:
             _close_quietly(worker.session)
         if conn.login is not None:
+            try:
+                conn.login.close()  # C_Logout, then C_CloseSession
+            except p11e.PKCS11Error:
+                return  # still logged in, maybe: the PIN that logged in stays on record
             self._module.logins.pop(conn.serial, None)
-            _close_quietly(conn.login)  # C_Logout, then C_CloseSession
 
     def _healthy(self, conn: _Connection) -> bool:
         """Whether `conn`'s token still answers and is the same token (serial)."""
