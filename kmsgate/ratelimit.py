@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import threading
 import time
+from collections.abc import Sequence
 
 from kmsgate.errors import RateLimited
 
@@ -98,23 +100,48 @@ class RequestRates:
 class FailureLimit:
     """Failed authentications per client address (`limits.failed_auth_rate`), so that a
     client trying token after token cannot grow the audit log at line rate. Past the rate a
-    failure is answered 429 and only the first of such a run is audited."""
+    failure is answered 429 and only the first of such a run is audited; the next audited
+    failure of that address says how many went unrecorded, and `unrecorded` counts them
+    all (for /metrics). An IPv6 address counts with its /64 (one host's addresses); the
+    `exempt` networks (trusted proxies, whose clients all share their address) are never
+    held back."""
 
-    def __init__(self, rate: float, burst_seconds: float) -> None:
+    def __init__(self, rate: float, burst_seconds: float, exempt: Sequence[str] = ()) -> None:
         self._buckets = BucketMap(rate, rate * burst_seconds) if rate else None
-        self._throttled: set[str] = set()
+        self._exempt = [ipaddress.ip_network(n, strict=False) for n in exempt]
+        self._held: dict[str, int] = {}
+        """Addresses past the rate -> failures refused unrecorded since."""
+        self.unrecorded = 0
 
-    def failed(self, address: str | None) -> tuple[bool, bool]:
+    def failed(self, address: str | None) -> tuple[bool, bool, int]:
         """Count a failed authentication from `address`: (whether it is within the rate,
-        whether to audit it: every one within the rate, and the first one past it)."""
-        if self._buckets is None or address is None:
-            return True, True
-        if self._buckets.bucket(address).take():
-            self._throttled.discard(address)
-            return True, True
-        if address in self._throttled:
-            return False, False
-        if len(self._throttled) >= self._buckets.max_names:
-            self._throttled.clear()
-        self._throttled.add(address)
-        return False, True
+        whether to audit it, how many of the address's failures went unrecorded before it).
+        Every failure within the rate is audited, and the first past it."""
+        source = self._source(address)
+        if self._buckets is None or source is None:
+            return True, True, 0
+        if self._buckets.bucket(source).take():
+            return True, True, self._held.pop(source, 0)
+        if source in self._held:
+            self._held[source] += 1
+            self.unrecorded += 1
+            return False, False, 0
+        if len(self._held) >= self._buckets.max_names:
+            self._held.clear()
+        self._held[source] = 0
+        return False, True, 0
+
+    def _source(self, address: str | None) -> str | None:
+        """What `address` is counted as: itself (also when it is no IP address), its /64
+        for IPv6; None if exempt or unknown."""
+        if not address:
+            return None
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if any(ip in network for network in self._exempt):
+            return None
+        if ip.version == 6:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)

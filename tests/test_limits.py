@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from kmsgate.config import Limits
+from kmsgate.ratelimit import FailureLimit
 from tests.gateway import Api, open_gateway
 from tests.helpers import b64, create_key
 from tests.test_cli import Gateway, running_gateway
@@ -91,9 +92,23 @@ def test_failed_authentications_past_an_addresss_rate_get_429_and_one_record(
         assert len(records) == statuses.count(401) + 1
         assert [bool((r.get("detail") or {}).get("throttled")) for r in records].count(True) == 1
         assert api.call("GET", "/v1/sys/whoami", admin).status_code == 200
+        unrecorded = statuses.count(429) - 1
+        assert api.service.gate.failures.unrecorded == unrecorded  # kmsgate_authn_failures_...
         time.sleep(1.1)
         assert api.call("GET", "/v1/sys/whoami", bad).status_code == 401
-        assert len(api.service.audit.search(action="authn", limit=10_000)) == len(records) + 1
+        after = api.service.audit.search(action="authn", limit=10_000)
+        assert len(after) == len(records) + 1
+        assert after[-1]["detail"]["unrecorded_before"] == unrecorded  # what went unrecorded
+
+
+def test_failures_count_by_address_ipv6_by_its_64_and_trusted_proxies_are_exempt() -> None:
+    limit = FailureLimit(1, 1, exempt=["10.9.0.0/16"])
+    for address in ("192.0.2.7", "2001:db8:1:2::1"):
+        assert limit.failed(address)[0] and not limit.failed(address)[0]
+    assert not limit.failed("2001:db8:1:2::ffff")[0]  # the same /64: held back too
+    assert limit.failed("2001:db8:1:3::1")[0]  # another /64
+    assert all(limit.failed("10.9.3.4")[0] for _ in range(10))  # a trusted proxy
+    assert all(limit.failed(None)[0] for _ in range(10))  # no address known
 
 
 def test_dev_mode_has_no_rate_limits_and_production_has(tmp_path: Path) -> None:

@@ -170,6 +170,7 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
                 getattr(service.audit, "fsync_seconds", 0.0),
             ),
             backends=lambda: service.gate.backend_times.by_backend,
+            unrecorded_failures=lambda: service.gate.failures.unrecorded,
         ),
     )
     gateway = {

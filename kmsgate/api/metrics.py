@@ -104,11 +104,13 @@ BackendTally = Mapping[str, tuple[int, int, float]]
 @dataclass(frozen=True)
 class Work:
     """Readers of this process's work: policy decisions ([denied, allowed]), audit group
-    commits ((count, seconds)) and key operations per backend."""
+    commits ((count, seconds)), key operations per backend, and failed authentications
+    refused without a record."""
 
     decisions: Callable[[], Sequence[int]]
     fsyncs: Callable[[], tuple[int, float]]
     backends: Callable[[], BackendTally]
+    unrecorded_failures: Callable[[], int] = lambda: 0
 
 
 class _Work(Collector):
@@ -118,6 +120,7 @@ class _Work(Collector):
         self._decisions = work.decisions
         self._fsyncs = work.fsyncs
         self._backends = work.backends
+        self._unrecorded = work.unrecorded_failures
 
     def collect(self) -> Iterator[Metric]:
         denied, allowed = self._decisions()
@@ -127,6 +130,12 @@ class _Work(Collector):
         family.add_metric(["allow"], allowed)
         family.add_metric(["deny"], denied)
         yield family
+        yield CounterMetricFamily(
+            "kmsgate_authn_failures_unrecorded",
+            "Failed authentications refused 429 without an audit record (an address past "
+            "limits.failed_auth_rate).",
+            value=self._unrecorded(),
+        )
         count, seconds = self._fsyncs()
         yield SummaryMetricFamily(
             "kmsgate_audit_fsync_seconds",

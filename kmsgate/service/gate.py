@@ -175,7 +175,9 @@ class Gate:
             *settings.limits.rates(settings.dev), settings.limits.burst_seconds
         )
         self.failures = FailureLimit(
-            settings.limits.failed_auth_rate, settings.limits.burst_seconds
+            settings.limits.failed_auth_rate,
+            settings.limits.burst_seconds,
+            exempt=settings.tls.trusted_proxies if settings.tls else (),
         )
 
     def authenticate(self, credentials: Credentials, ctx: Ctx) -> Principal:
@@ -186,9 +188,9 @@ class Gate:
         try:
             principal = self.authenticators.authenticate(credentials)
         except AuthenticationFailed as exc:
-            within, audited = self.failures.failed(credentials.remote_addr)
+            within, audited, unrecorded = self.failures.failed(credentials.remote_addr)
             if audited:
-                self._audit_failure(exc, credentials, ctx, within)
+                self._audit_failure(exc, credentials, ctx, within, unrecorded)
             if not within:
                 raise RateLimited(retry_after=1) from None
             raise
@@ -196,11 +198,19 @@ class Gate:
         return principal
 
     def _audit_failure(
-        self, exc: AuthenticationFailed, credentials: Credentials, ctx: Ctx, within: bool
+        self,
+        exc: AuthenticationFailed,
+        credentials: Credentials,
+        ctx: Ctx,
+        within: bool,
+        unrecorded: int,
     ) -> None:
         """The `authn` record of a failed authentication (`within`: the address is within
-        its rate of failures; else this starts a run of failures answered 429 unrecorded)."""
+        its rate of failures; else this starts a run of failures answered 429 unrecorded;
+        `unrecorded`: how many such failures of the address this record follows)."""
         detail: dict[str, object] = {}
+        if unrecorded:
+            detail["unrecorded_before"] = unrecorded
         if credentials.remote_addr:
             detail["remote_addr"] = credentials.remote_addr  # where a run of failures comes from
         if exc.reason:
