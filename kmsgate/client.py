@@ -618,13 +618,19 @@ def _without_credentials(addr: str) -> str:
     return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
+_CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED")
+"""What the alerts a server sends about a client certificate are named with (bad,
+unsupported, revoked, expired, unknown, required; unknown CA; access denied)."""
+
+
 def _refused_by_peer(exc: BaseException) -> bool:
-    """Whether a transport failure is the gateway refusing the TLS connection (an alert
-    it sent, such as for a client certificate it does not accept), not a network failure
-    or this side refusing the gateway's certificate."""
+    """Whether a transport failure is the gateway refusing this client's certificate in the
+    TLS handshake (an alert about it), not a network failure, another alert (one a
+    middlebox could inject) or this side refusing the gateway's certificate."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ssl.SSLError) and "ALERT" in str(getattr(seen, "reason", "")):
-            return True
+        reason = str(getattr(seen, "reason", "") or "")
+        if isinstance(seen, ssl.SSLError) and "ALERT" in reason:
+            return any(name in reason for name in _CERTIFICATE_ALERTS)
         seen = seen.__cause__ or seen.__context__
     return False

@@ -134,6 +134,7 @@ class _SqliteVersion:
         except sqlite3.Error as exc:
             log.warning("change watcher cannot read the database: %s", type(exc).__name__)
             self.close()
+            self._version = None  # a new connection's version is not comparable
             self._retry_at = time.monotonic() + RECONNECT_SECONDS
             return None
 
