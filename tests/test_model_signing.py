@@ -864,6 +864,7 @@ def test_a_second_signature_leaves_the_first_one_verifying(
     checksums = (model / "checksums.json").read_bytes()
     second = sign_model(model, GatewaySigner(client, second_key), bundle_path=tmp_path / "b.sig")
     assert (model / "checksums.json").read_bytes() == checksums
+    assert second.left_out == ("model.sig", "model.sig.provenance.json")  # and said so
     for result in (first, second):
         trust = PublicKeyTrust.from_pem(result.public_key_pem)
         assert verify_model(model, result.bundle_path, trust).ok

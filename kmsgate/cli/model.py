@@ -178,6 +178,12 @@ def sign(
     except OSError as exc:
         fail(f"{getattr(exc, 'filename', '') or model}: {exc.strerror or exc}")
     _dump_json(result.to_dict())
+    if result.left_out:
+        err.print(
+            f"note: earlier signatures left out of this one: {', '.join(result.left_out)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if not result.algorithm.startswith("ecdsa-"):
         err.print(
             "note: the stock model_signing verifier takes ECDSA keys only; this "

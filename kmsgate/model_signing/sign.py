@@ -231,6 +231,8 @@ class SignResult:
     bytes_hashed: int
     hash_seconds: float
     sign_seconds: float
+    left_out: tuple[str, ...] = ()
+    """Earlier signatures in the model, left out of this one (`ignore_paths`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -246,6 +248,7 @@ class SignResult:
             "algorithm": self.algorithm,
             "signed_at": self.signed_at.isoformat(),
             "policy_digest": self.policy_digest,
+            "earlier_signatures_left_out": list(self.left_out),
             "timings": {
                 "hash_s": round(self.hash_seconds, 4),
                 "sign_s": round(self.sign_seconds, 4),
@@ -430,4 +433,5 @@ def sign_model(
         bytes_hashed=sizes,
         hash_seconds=hash_seconds,
         sign_seconds=sign_seconds,
+        left_out=tuple(earlier),
     )
