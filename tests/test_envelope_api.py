@@ -394,3 +394,8 @@ def test_policy_and_audit(api, admin, make_token):
     last = [json.loads(line) for line in log.read_text().splitlines()][-1]
     assert last["action"] == "encrypt" and last["detail"]["distinct_contexts"] == 3
     assert sorted(c["tenant"] for c in last["detail"]["contexts"]) == ["t0", "t1", "t2"]
+    # a denial names the context too: who tried to decrypt whose data
+    assert op(api, nobody, "p", "decrypt", ciphertext=ct, context=CTX).status_code == 403
+    denied = [json.loads(line) for line in log.read_text().splitlines()][-1]
+    assert (denied["action"], denied["decision"]) == ("decrypt", "deny")
+    assert denied["detail"]["context"] == CTX

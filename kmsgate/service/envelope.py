@@ -123,17 +123,26 @@ class Envelopes:
             "context": distinct[0] if len(distinct) == 1 else None,
             "context_keys": sorted({k for c in contexts for k in c}),
         }
-        detail: dict[str, object] = {}
-        if len(distinct) == 1 and distinct[0]:  # who used which data: "tenant=acme", say
-            detail["context"] = distinct[0]
+        whose: dict[str, object] = {}  # in every record, a denial's too: "tenant=acme", say
+        if len(distinct) == 1 and distinct[0]:
+            whose["context"] = distinct[0]
         elif len(distinct) > 1:
-            detail["contexts"] = distinct[:AUDITED_CONTEXTS]
-            detail["distinct_contexts"] = len(distinct)
+            whose["contexts"] = distinct[:AUDITED_CONTEXTS]
+            whose["distinct_contexts"] = len(distinct)
+        detail: dict[str, object] = {}
         if action == "datakey":  # the policy may allow wrapped-only keys and no plaintext ones
             detail["plaintext_keys"] = request["plaintext_keys"] = sum(
                 1 for item in items if isinstance(item, DataKeyInput) and item.include_plaintext
             )
-        call = Call(principal, ctx, action, target.resource(), request, inputs=ciphertexts or None)
+        call = Call(
+            principal,
+            ctx,
+            action,
+            target.resource(),
+            request,
+            inputs=ciphertexts or None,
+            detail=whose or None,
+        )
         decision = None
         if len(distinct) > 1:
             each = [{**request, "context": context} for context in distinct]

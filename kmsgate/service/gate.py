@@ -88,6 +88,9 @@ class Call(NamedTuple):
     request: Mapping[str, object] | None = None
     inputs: Sequence[bytes] | None = None
     """Message inputs, recorded in the audit log as digests (never as they are)."""
+    detail: Mapping[str, object] | None = None
+    """What every audit record of the call has in its `detail`, a denial's too (an
+    envelope's encryption context: who tried to decrypt whose data)."""
 
 
 @dataclass(slots=True)
@@ -353,14 +356,15 @@ class Gate:
                 Decided(call.action, call.resource.get("kind"), call.resource.get("name"))
             )
         facts = self._facts(call, decision)
+        given = dict(call.detail) if call.detail else None
         if not decision.allow:
-            self.audit.append(AuditEvent(**facts, outcome=PolicyDenied.code))
+            self.audit.append(AuditEvent(**facts, outcome=PolicyDenied.code, detail=given))
             raise PolicyDenied(self._denial(call, decision))
         changing = call.action in STATE_CHANGING
         if changing:
             # no record, no change: if this write fails (AuditUnavailable), nothing runs
-            self.audit.append(AuditEvent(**facts, outcome=STARTED))
-        outcome = Outcome()
+            self.audit.append(AuditEvent(**facts, outcome=STARTED, detail=given))
+        outcome = Outcome(detail=given or {})
         try:
             yield outcome
         except BaseException as exc:  # also a cancelled request: its outcome is recorded
