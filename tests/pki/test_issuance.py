@@ -257,6 +257,10 @@ def test_the_public_chain_and_bundle_come_from_memory_once_the_ca_is_held(
     assert certificates[-1].public_bytes(serialization.Encoding.PEM).decode() == root.pem
     assert certificates[0].subject.rfc4514_string() == active["subject"]
 
+    # the cache follows the CA's creation and import now: the refresher, woken by those
+    # changes, would otherwise read them from the store while the request path is watched
+    authorities.refresh()
+
     def store_read(*args: object) -> None:
         raise AssertionError("a CA this process holds was read from the store")
 
