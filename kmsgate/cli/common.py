@@ -51,18 +51,15 @@ def json_errors(enabled: bool) -> Iterator[None]:
         JSON_ERRORS.reset(token)
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
+def fail(message: str, code: int = 2, *, problem: str = "error") -> NoReturn:
     """Print `error: message` as one line on stderr and exit with `code`. The message is
     text: a control character in it (a file name's newline or escape sequence) is printed
-    as its escape, and "[...]" is no markup."""
+    as its escape, and "[...]" is no markup. Under `JSON_ERRORS`, also the JSON report,
+    whose `error.code` is `problem` (the gateway's problem code, for `fail_api`)."""
     said = escape(shown(message))
     err.print(f"[red]error:[/red] {said}", markup=True, highlight=False, soft_wrap=True)
     if JSON_ERRORS.get():
-        problem, sep, detail = message.partition(": ")
-        named = sep and problem.replace("_", "").isalpha()  # `code: detail`, as fail_api has it
-        error = (
-            {"code": problem, "detail": detail} if named else {"code": "error", "detail": message}
-        )
+        error = {"code": problem, "detail": message}
         print(json.dumps({"ok": False, "exit_code": code, "error": error}))
     raise typer.Exit(code)
 
@@ -91,7 +88,7 @@ def fail_api(
     if exc.code == "unauthenticated" and not exc.token_sent:
         how = credential_hint or "set KMSGATE_TOKEN or pass --token"
         message += f" (no API token given: {how}; {_root_token_hint()})"
-    fail(message + (f" ({note})" if note else ""), code)
+    fail(message + (f" ({note})" if note else ""), code, problem=exc.code)
 
 
 def _root_token_hint() -> str:
