@@ -30,6 +30,7 @@ from kmsgate.errors import (
 )
 from kmsgate.ratelimit import TokenBucket
 from kmsgate.store import READ_THROUGH_PER_SECOND, Row, Store, StoreMirror, utc
+from kmsgate.text import utc_timestamp
 
 MAX_KEY_NAME = 128  # the store's column width (key names are validated at the edge)
 
@@ -189,29 +190,25 @@ class Key:
                 {
                     "version": v.version,
                     "state": self.version_state(v),
-                    "created_at": _iso(v.created_at),
+                    "created_at": utc_timestamp(v.created_at),
                     **(
-                        {"compromised_since": _iso(v.compromised_since)}
+                        {"compromised_since": utc_timestamp(v.compromised_since)}
                         if v.compromised_since
                         else {}
                     ),
                 }
                 for v in sorted(self.versions.values(), key=lambda v: v.version)
             ],
-            "created_at": _iso(self.created_at),
+            "created_at": utc_timestamp(self.created_at),
         }
         if self.rotation_period is not None:
             out["rotation_period"] = f"{int(self.rotation_period.total_seconds())}s"
         next_rotation = self.next_rotation()
         if next_rotation is not None:
-            out["next_rotation"] = _iso(next_rotation)
+            out["next_rotation"] = utc_timestamp(next_rotation)
         if self.deletion_date is not None:
-            out["deletion_date"] = _iso(self.deletion_date)
+            out["deletion_date"] = utc_timestamp(self.deletion_date)
         return out
-
-
-def _iso(value: datetime) -> str:
-    return value.isoformat().replace("+00:00", "Z")
 
 
 def _aware(value: datetime | None) -> datetime:

@@ -25,6 +25,7 @@ from typing import Any
 from kmsgate.config import format_duration
 from kmsgate.errors import Conflict, InvalidRequest, PolicyDenied
 from kmsgate.store import Row, Store, StoreMirror
+from kmsgate.text import utc_timestamp
 
 __all__ = [
     "UNGRANTABLE",
@@ -89,7 +90,7 @@ class Grant:
             "resource": self.resource,
             "ticket": self.ticket,
             "approved_by": [a["by"] for a in self.approvals],
-            "expires_at": self.expires_at.isoformat().replace("+00:00", "Z"),
+            "expires_at": utc_timestamp(self.expires_at),
         }
 
     def to_dict(self, at: datetime) -> dict[str, Any]:
@@ -195,7 +196,7 @@ def approve(grant: Grant, approver: str, *, required: int, now: datetime) -> Gra
         raise Conflict(f"exception {grant.id} is {state.value}, not pending")
     if any(a["by"] == approver for a in grant.approvals):
         raise Conflict(f"exception {grant.id} is approved by {approver} already")
-    approvals = (*grant.approvals, {"by": approver, "at": now.isoformat()})
+    approvals = (*grant.approvals, {"by": approver, "at": utc_timestamp(now)})
     if len(approvals) < required:
         return replace(grant, approvals=approvals)
     return replace(grant, approvals=approvals, approved_at=now, expires_at=now + grant.duration)

@@ -14,6 +14,7 @@ from typing import Any, Final, NamedTuple
 import orjson
 
 from kmsgate.errors import ConfigError
+from kmsgate.text import utc_timestamp
 
 __all__ = [
     "LEVEL_ENV",
@@ -54,7 +55,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+            "time": utc_timestamp(datetime.fromtimestamp(record.created, UTC)),
             "level": record.levelname.lower(),
             "logger": record.name,
         }

@@ -1,9 +1,10 @@
 """Text a person reads (a listing, a reason, a certificate's subject): the characters that
-must never reach it as they are; and what a key's name may be."""
+must never reach it as they are; what a key's name may be; how a time is written."""
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 HIDDEN = r"\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
 """Control characters (C0, DEL, C1) and the bidirectional embeddings, overrides and isolates
@@ -28,3 +29,10 @@ key, and is refused before it reaches a policy decision, an audit record or a lo
 
 CA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 """What a CA's name may be (`fullmatch`); refused like a `KEY_NAME` that is not one."""
+
+
+def utc_timestamp(when: datetime) -> str:
+    """`when` (aware) as RFC 3339 in UTC with `Z` and microseconds, the one way replies,
+    audit records, signed statements and log lines write a time
+    (`2026-12-04T20:33:27.318024Z`): fixed width, so such times sort as text."""
+    return when.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,8 @@ from cryptography.x509.oid import NameOID
 from tests.gateway import Api
 
 JSON_TYPE = {"content-type": "application/json"}
+UTC_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+"""How every reply writes a time: RFC 3339, UTC with `Z`, microseconds (fixed width)."""
 """The headers of a request whose body is sent raw (`content=`) as JSON."""
 
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from kmsgate.ratelimit import TokenBucket
 from kmsgate.service import Ctx
 from kmsgate.store import tables
-from tests.helpers import b64, create_key
+from tests.helpers import UTC_TIME, b64, create_key
 
 
 def test_create_get_list_with_filters(api, admin):
@@ -35,6 +35,23 @@ def test_create_get_list_with_filters(api, admin):
     assert names(api.call("GET", "/v1/keys?purpose=model-sign", admin)) == ["a"]
     assert names(api.call("GET", "/v1/keys?label=env:dev", admin)) == ["b"]
     assert names(api.call("GET", "/v1/keys?label=env:prod&label=team:x", admin)) == []
+
+
+def test_times_in_replies_are_utc_with_z_and_fixed_width(api, admin):
+    create_key(api, admin, "t")
+    api.call("POST", "/v1/keys/t/rotate", admin)
+    api.call("POST", "/v1/keys/t/sign", admin, json={"input": b64(b"x")})
+    api.call("POST", "/v1/keys/t/schedule-deletion", admin, json={"pending_days": 7})
+    key = api.call("GET", "/v1/keys/t", admin).json()
+    times = [key["created_at"], key["deletion_date"]]
+    times += [v["created_at"] for v in key["versions"]]
+    times += [v["last_used"] for v in key["versions"] if v.get("last_used")]
+    r = api.call("POST", "/v1/sys/tokens", admin, json={"roles": ["reader"], "ttl": "1h"})
+    assert r.status_code == 201, r.text
+    for token in api.call("GET", "/v1/sys/tokens", admin).json()["tokens"]:
+        times += [token["created_at"], *([token["expires_at"]] if token["expires_at"] else [])]
+    assert len(times) >= 6
+    assert [t for t in times if not UTC_TIME.fullmatch(t)] == []
 
 
 def test_duplicate_name_is_409_and_nothing_changes(api, admin):

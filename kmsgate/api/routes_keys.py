@@ -52,6 +52,7 @@ from kmsgate.schemas import (
 from kmsgate.service import Service
 from kmsgate.service.crypto import Crypto
 from kmsgate.service.envelope import Envelopes
+from kmsgate.text import utc_timestamp
 
 PREFIX = "/v1/keys"
 POLICY_DIGEST_HEADER = "x-kmsgate-policy-digest"
@@ -291,7 +292,7 @@ def get_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
     for version in body["versions"]:
         count, last = (None, None) if usage is None else usage.get(version["version"], (0, None))
         version["uses"] = count
-        version["last_used"] = last.isoformat().replace("+00:00", "Z") if last else None
+        version["last_used"] = utc_timestamp(last) if last else None
     return json_response(body)
 
 

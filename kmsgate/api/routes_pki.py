@@ -40,6 +40,7 @@ from kmsgate.schemas import (
 from kmsgate.service import Service
 from kmsgate.service.results import Issued
 from kmsgate.store.certificates import CertQuery
+from kmsgate.text import utc_timestamp
 
 CERT_DER = "application/pkix-cert"
 
@@ -201,7 +202,7 @@ def _issued_body(issued: Issued) -> dict[str, str]:
         "certificate": issued.certificate.public_bytes(pem).decode(),
         "chain": "".join(c.public_bytes(pem).decode() for c in issued.chain),
         "serial": issued.serial,
-        "not_after": issued.not_after.isoformat(),
+        "not_after": utc_timestamp(issued.not_after),
     }
 
 

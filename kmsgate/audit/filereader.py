@@ -25,6 +25,7 @@ from kmsgate.audit.checkpoint import (
 from kmsgate.audit.headfile import head_path, read_head
 from kmsgate.audit.sink import VerifyReport
 from kmsgate.store.checkpoints import AuditAnchor
+from kmsgate.text import utc_timestamp
 
 __all__ = ["AuditFile", "chain_path", "chain_paths", "iter_records"]
 
@@ -134,10 +135,7 @@ class AuditFile:
 
 def _rfc3339(moment: datetime) -> str:
     """The record time format; a naive datetime is taken as UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    utc = moment.astimezone(UTC).replace(tzinfo=None)
-    return utc.isoformat(timespec="microseconds") + "Z"
+    return utc_timestamp(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
 
 
 def _matches(

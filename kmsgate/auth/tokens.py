@@ -22,6 +22,7 @@ from kmsgate.auth.authenticator import Credentials
 from kmsgate.auth.principal import Principal
 from kmsgate.errors import InvalidRequest, NotFound, Unauthenticated
 from kmsgate.store import READ_THROUGH_PER_SECOND, Row, Store, StoreMirror, utc
+from kmsgate.text import utc_timestamp
 
 _PREFIX = "kmg"
 _ID = re.compile(r"[0-9a-f]{16}")
@@ -55,7 +56,7 @@ class TokenInfo:
     3339): its creation (formatted once, not on every request)."""
 
     def __post_init__(self) -> None:
-        started = self.created_at.isoformat().replace("+00:00", "Z")
+        started = utc_timestamp(self.created_at)
         object.__setattr__(self, "session_start", started)
 
     def to_dict(self) -> dict[str, object]:
@@ -64,9 +65,9 @@ class TokenInfo:
             "id": self.id,
             "roles": list(self.roles),
             "description": self.description,
-            "created_at": self.created_at.isoformat(),
-            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
-            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "created_at": utc_timestamp(self.created_at),
+            "expires_at": utc_timestamp(self.expires_at) if self.expires_at else None,
+            "revoked_at": utc_timestamp(self.revoked_at) if self.revoked_at else None,
         }
 
 

@@ -48,6 +48,7 @@ from kmsgate.pki.root import (
     sign_intermediate,
     write_private_file,
 )
+from kmsgate.text import utc_timestamp
 
 if TYPE_CHECKING:  # python-pkcs11 is an extra, and the backends load slowly: `--token` only
     from kmsgate.backends.pkcs11 import Pkcs11Backend
@@ -237,7 +238,7 @@ def ca_sign_intermediate(
     _report(
         signed,
         f"{signed.subject.rfc4514_string()} valid until "
-        f"{signed.not_valid_after_utc.isoformat()}: {out}",
+        f"{utc_timestamp(signed.not_valid_after_utc)}: {out}",
     )
 
 

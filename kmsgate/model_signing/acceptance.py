@@ -18,8 +18,8 @@ import regorus
 
 from kmsgate.model_signing import manifest as mf
 from kmsgate.model_signing.bundle import SignedBundle
-from kmsgate.model_signing.provenance import rfc3339
 from kmsgate.model_signing.report import Report
+from kmsgate.text import utc_timestamp
 
 SBOM_SUFFIXES = (".spdx.json", ".spdx", ".cdx.json", ".cyclonedx.json")
 
@@ -52,7 +52,7 @@ def policy_input(
             "key_version": report.key.version if report.key else None,
             "algorithm": report.algorithm,
             "public_key_sha256": report.public_key_sha256,
-            "signed_at": rfc3339(report.signed_at) if report.signed_at else None,
+            "signed_at": utc_timestamp(report.signed_at) if report.signed_at else None,
             "key_status": report.key_status,
         },
         "artifacts": {

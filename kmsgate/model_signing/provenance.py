@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kmsgate.model_signing.bundle import STATEMENT_TYPE, BundleError
+from kmsgate.text import utc_timestamp
 
 SLSA_PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "https://kmsgate.dev/model-signing/v1"
@@ -87,10 +88,6 @@ class SigningFacts:
     policy_digest: str | None
 
 
-def rfc3339(when: datetime) -> str:
-    return when.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
 def parse_time(value: str) -> datetime:
     """Raises ValueError for anything but an RFC 3339 time with an offset."""
     when = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -121,7 +118,10 @@ def provenance_statement(
             algo, _, value = build.dataset_digest.partition(":")
             dataset["digest"] = {algo: value} if value else {"sha256": algo}
         dependencies.append(dataset)
-    metadata: dict[str, Any] = {"startedOn": rfc3339(started), "finishedOn": rfc3339(finished)}
+    metadata: dict[str, Any] = {
+        "startedOn": utc_timestamp(started),
+        "finishedOn": utc_timestamp(finished),
+    }
     if build.invocation_id:
         metadata["invocationId"] = build.invocation_id
     return {
@@ -143,7 +143,7 @@ def provenance_statement(
                         "key": facts.key,
                         "key_version": facts.key_version,
                         "algorithm": facts.algorithm,
-                        "signed_at": rfc3339(facts.signed_at),
+                        "signed_at": utc_timestamp(facts.signed_at),
                         "policy_digest": facts.policy_digest,
                     }
                 },

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from kmsgate.model_signing.provenance import ProvenanceSummary, rfc3339
+from kmsgate.model_signing.provenance import ProvenanceSummary
 from kmsgate.model_signing.trust import KeyRef
+from kmsgate.text import utc_timestamp
 
 
 class Failure(enum.IntEnum):
@@ -86,7 +87,7 @@ class Report:
                 "key_version": self.key.version if self.key else None,
                 "algorithm": self.algorithm,
                 "public_key_sha256": self.public_key_sha256,
-                "signed_at": rfc3339(self.signed_at) if self.signed_at else None,
+                "signed_at": utc_timestamp(self.signed_at) if self.signed_at else None,
             },
             "key_status": self.key_status,
             "integrity": self.integrity,

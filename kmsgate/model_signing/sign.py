@@ -48,6 +48,7 @@ from kmsgate.model_signing.provenance import (
     SigningFacts,
     provenance_statement,
 )
+from kmsgate.text import utc_timestamp
 
 DEFAULT_BUNDLE_NAME = "model.sig"
 CHECKSUMS_NAME = "checksums.json"
@@ -246,7 +247,7 @@ class SignResult:
             "key": self.key,
             "key_version": self.key_version,
             "algorithm": self.algorithm,
-            "signed_at": self.signed_at.isoformat(),
+            "signed_at": utc_timestamp(self.signed_at),
             "policy_digest": self.policy_digest,
             "earlier_signatures_left_out": list(self.left_out),
             "timings": {

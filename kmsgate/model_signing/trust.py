@@ -28,8 +28,9 @@ from kmsgate.model_signing.bundle import (
     load_public_key,
     parse_keyid,
 )
-from kmsgate.model_signing.provenance import parse_time, rfc3339
+from kmsgate.model_signing.provenance import parse_time
 from kmsgate.model_signing.sign import gateway_public_key, signing_digest
+from kmsgate.text import utc_timestamp
 
 TRUST_BUNDLE_KIND = "kmsgate-trust-bundle"
 
@@ -140,14 +141,14 @@ class GatewayTrust:
         if signed_at is None:
             body["strict"] = True
         else:
-            body["signed_at"] = rfc3339(signed_at)
+            body["signed_at"] = utc_timestamp(signed_at)
         try:
             reply = self.client.request("POST", f"/v1/keys/{self.key}/verify", json=body).json()
         except ApiError as exc:
             if exc.status in (0, 401, 403):  # unreachable or not allowed: an error, not a verdict
                 raise
             raise KeyStatusError(f"gateway refused the key: {exc.code}: {exc.detail}") from None
-        when = f"signed at {rfc3339(signed_at)}" if signed_at else "no signing time (strict)"
+        when = f"signed at {utc_timestamp(signed_at)}" if signed_at else "no signing time (strict)"
         if not reply.get("valid"):
             raise KeyStatusError(
                 f"gateway rejects {self.key} v{ref.version} ({when}): the version is "
@@ -243,18 +244,18 @@ class TrustBundle:
                     "no signing time (no provenance)"
                 )
             return KeyStatus(self.source, True, f"{label} trusted (no window)")
-        at = rfc3339(signed_at)
+        at = utc_timestamp(signed_at)
         if v.compromised_since is not None and signed_at >= v.compromised_since:
             raise KeyStatusError(
-                f"{label} is compromised since {rfc3339(v.compromised_since)}; signed at {at}"
+                f"{label} is compromised since {utc_timestamp(v.compromised_since)}; signed at {at}"
             )
         if v.not_before is not None and signed_at < v.not_before:
             raise KeyStatusError(
-                f"{label} is not valid before {rfc3339(v.not_before)}; signed at {at}"
+                f"{label} is not valid before {utc_timestamp(v.not_before)}; signed at {at}"
             )
         if v.not_after is not None and signed_at >= v.not_after:
             raise KeyStatusError(
-                f"{label} is not valid after {rfc3339(v.not_after)}; signed at {at}"
+                f"{label} is not valid after {utc_timestamp(v.not_after)}; signed at {at}"
             )
         return KeyStatus(self.source, True, f"{label} valid at {at}")
 

@@ -34,10 +34,11 @@ from kmsgate.model_signing.bundle import (
     key_hint,
     manifest_from_statement,
 )
-from kmsgate.model_signing.provenance import ProvenanceSummary, rfc3339
+from kmsgate.model_signing.provenance import ProvenanceSummary
 from kmsgate.model_signing.report import Failure, ModelVerificationError, Report, fail
 from kmsgate.model_signing.sign import CHECKSUMS_NAME
 from kmsgate.model_signing.trust import KeyStatusError, Trust, UnknownKeyError
+from kmsgate.text import utc_timestamp
 
 
 def _algorithm(public_key: PublicKeyTypes, wanted: str | None) -> SignAlg:
@@ -318,7 +319,7 @@ def _check_provenance(
         raise bad("the provenance names another key version than the signature")
     if summary.algorithm in SIGN_ALGORITHMS and summary.algorithm != alg.name:
         raise bad(f"the provenance says {summary.algorithm}, the signature is {alg.name}")
-    report.check("provenance", True, f"SLSA v1, signed at {rfc3339(summary.signed_at)}")
+    report.check("provenance", True, f"SLSA v1, signed at {utc_timestamp(summary.signed_at)}")
     return summary
 
 

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from kmsgate.errors import Conflict, NotFound
 from kmsgate.store import READ_THROUGH_PER_SECOND, Row, Store, StoreMirror, utc
+from kmsgate.text import utc_timestamp
 
 CA_PURPOSE = "ca"
 """The purpose of a CA's key: it signs certificates, CRLs and OCSP responses, never raw data."""
@@ -89,7 +90,7 @@ class Authority:
             "subject": self.subject,
             "key": self.key_name,
             "parent": parent,
-            "not_after": not_after.isoformat() if not_after else None,
+            "not_after": utc_timestamp(not_after) if not_after else None,
         }
 
 

@@ -15,6 +15,7 @@ from kmsgate.pki.issuer import serial_hex
 from kmsgate.store import Row, Store
 from kmsgate.store.certificates import REVOKED, VALID
 from kmsgate.store.mirror import StoreMirror
+from kmsgate.text import utc_timestamp
 
 MAX_PRESENTED = 100_000
 """Client certificates whose inventory facts one process keeps."""
@@ -65,10 +66,10 @@ class CertificateRecord:
             "sans": list(self.sans),
             "profile": self.profile,
             "key_type": self.key_type,
-            "not_before": self.not_before.isoformat(),
-            "not_after": self.not_after.isoformat(),
+            "not_before": utc_timestamp(self.not_before),
+            "not_after": utc_timestamp(self.not_after),
             "status": self.state(),
-            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "revoked_at": utc_timestamp(self.revoked_at) if self.revoked_at else None,
             "reason": self.reason,
             "owner": self.owner,
             "fingerprint": self.fingerprint,

@@ -22,6 +22,7 @@ from kmsgate.pki.authorities import CA_PURPOSE
 from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.requests import KeyChanges, NewKey
+from kmsgate.text import utc_timestamp
 
 T = TypeVar("T")
 log = logging.getLogger("kmsgate.keys")
@@ -358,7 +359,7 @@ class Keys:
 
         def schedule(key: Key, outcome: Outcome) -> Key:
             date = now() + timedelta(days=pending_days)
-            outcome.detail["deletion_date"] = date.isoformat()
+            outcome.detail["deletion_date"] = utc_timestamp(date)
             return self._transition(
                 [KeyState.ENABLED, KeyState.DISABLED],
                 KeyState.PENDING_DELETION,
@@ -422,7 +423,7 @@ class Keys:
             if v is None:
                 raise NotFound(f"key {name!r} has no version {version}")
             outcome.key_version = version
-            outcome.detail["since"] = since.isoformat()
+            outcome.detail["since"] = utc_timestamp(since)
             return self.gate.catalogue.update_version(
                 key, replace(v, compromised_since=since.astimezone(UTC))
             )

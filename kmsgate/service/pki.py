@@ -69,7 +69,7 @@ from kmsgate.service.requests import IssueInput, NewCa, NewKey
 from kmsgate.service.results import Issued
 from kmsgate.store import Row, Store
 from kmsgate.store.certificates import REVOKED, CertQuery
-from kmsgate.text import CA_NAME
+from kmsgate.text import CA_NAME, utc_timestamp
 
 _GATEWAY_TLS = Decision(allow=True, reasons=("the gateway's own HTTPS certificate (tls.ca)",))
 
@@ -176,7 +176,7 @@ class Pki:
                 raise Conflict(f"CA {name!r} is {ca.state.value}")
             key = self.gate.catalogue.get(ca.key_name or "")
             _check_ca_certificate(certificate, chain, _public_key(key))
-            outcome.detail["not_after"] = certificate.not_valid_after_utc.isoformat()
+            outcome.detail["not_after"] = utc_timestamp(certificate.not_valid_after_utc)
             return self.authorities.activate(ca, certificate, chain, now())
 
         call = Call(principal, ctx, "ca.import", resource)
@@ -684,8 +684,8 @@ def _check_issuing_ca(cert: x509.Certificate, below: int, at: datetime) -> None:
         )
     if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
         raise InvalidRequest(
-            f"{name} is valid from {cert.not_valid_before_utc.isoformat()} to "
-            f"{cert.not_valid_after_utc.isoformat()}, not now"
+            f"{name} is valid from {utc_timestamp(cert.not_valid_before_utc)} to "
+            f"{utc_timestamp(cert.not_valid_after_utc)}, not now"
         )
 
 

@@ -21,6 +21,7 @@ from kmsgate.pki.issuer import key_usage
 from kmsgate.service import Ctx
 from kmsgate.service.requests import IssueInput
 from tests.gateway import open_gateway
+from tests.helpers import UTC_TIME
 from tests.pki.ceremony import (
     OfflineRoot,
     ca_key_usage,
@@ -59,6 +60,8 @@ def test_a_server_certificate_verifies_with_openssl(api, admin, root, tmp_path, 
     assert (record["profile"], record["status"], record["ca"]) == ("server", "valid", "issuing")
     assert record["sans"] == ["dns:web.lab", "ip:127.0.0.1"]
     assert record["owner"].startswith("token:")
+    for when in (body["not_after"], record["not_before"], record["not_after"]):
+        assert UTC_TIME.fullmatch(when), when
     assert (
         record["fingerprint"]
         == hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
