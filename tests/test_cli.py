@@ -795,6 +795,29 @@ def test_python_dash_m_kmsgate_cli_runs_the_cli() -> None:
     assert "Usage" in proc.stdout
 
 
+def test_ctrl_c_while_the_command_line_loads_exits_130_without_a_traceback() -> None:
+    """The load is stopped where a real Ctrl-C would land most often: importing the CLI."""
+    stop_the_load = (
+        "import builtins, kmsgate.__main__ as entry\n"
+        "real = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        "    if name == 'kmsgate.cli':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        "entry.main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", stop_the_load],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert (proc.returncode, proc.stderr) == (130, "")
+
+
 def test_importing_a_missing_public_key_file_is_a_one_line_error(
     gateway: Gateway, tmp_path: Path
 ) -> None:
