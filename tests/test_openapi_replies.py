@@ -342,6 +342,7 @@ def test_tokens_a_policy_reload_and_the_audit_trail(tmp_path):
         create_key(api, admin, "sig", "ecdsa-p256")
         signed = api.call("POST", "/v1/keys/sig/sign", admin, json={"input": b64(b"x")})
         assert signed.status_code == 200, signed.text
+        assert api.call("GET", "/v1/pki/certs", admin).status_code == 200  # resource name null
         deadline = time.monotonic() + 10
         while not replies.call("GET", "/v1/audit/checkpoints")["checkpoints"]:
             assert time.monotonic() < deadline, "no checkpoint"
@@ -349,6 +350,7 @@ def test_tokens_a_policy_reload_and_the_audit_trail(tmp_path):
         events = replies.call("GET", "/v1/audit", params={"limit": 10000})["events"]
         actions = {event["action"] for event in events}
         assert {"token.create", "token.revoke", "policy.reload", "authn", "sign"} <= actions
+        assert {"kind": "cert", "name": None} in [event.get("resource") for event in events]
         assert "audit.checkpoint" in actions
         assert any("inputs" in event for event in events)
 

@@ -472,7 +472,7 @@ AUDIT_RECORD = _component(
             "replica": _STRING,
             "principal": _STRING,
             "principal_kind": _STRING,
-            "resource": _closed({"kind": _STRING}, {"name": _STRING}),
+            "resource": _closed({"kind": _STRING}, {"name": _nullable(_STRING)}),  # null: a listing
             "key_version": _VERSION,
             "reasons": _STRINGS,
             "exception_id": _STRING,
