@@ -56,6 +56,8 @@ KEY_NAME_PATTERN = f"^{KEY_NAME.pattern}$"
 ROLE_PATTERN = r"^[a-z0-9._:-]{1,64}$"
 """What a token's role may be (checked by `TokenRegistry.create`: 400); for the document."""
 LABEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+LABEL_NAME = re.compile(LABEL_PATTERN)
+MAX_LABEL_VALUE = 256
 
 
 def _visible(value: str) -> str:
@@ -70,7 +72,10 @@ Text = Annotated[
 """Free text a person reads (a ticket, a reason, a label value, a description): any
 character but `kmsgate.text.HIDDEN` ones (422)."""
 Labels = Annotated[
-    dict[Annotated[str, Field(pattern=LABEL_PATTERN)], Annotated[Text, Field(max_length=256)]],
+    dict[
+        Annotated[str, Field(pattern=LABEL_PATTERN)],
+        Annotated[Text, Field(max_length=MAX_LABEL_VALUE)],
+    ],
     Field(max_length=32, json_schema_extra={"additionalProperties": False}),
 ]
 """Label names and values (names as purposes are; values up to 256 characters of `Text`)."""

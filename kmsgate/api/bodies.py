@@ -1,10 +1,12 @@
 """Requests at the edge, the same for every route: bodies are JSON only (`application/json`,
 else 415), parsed strictly (not JSON, a duplicate member: 400) before anything else reads
 them; a query parameter that takes one value, given twice, is refused (422) rather than
-read as its last value."""
+read as its last value; an integer or a boolean in a query or a path is written one way
+(`strict_scalar`), never coerced."""
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any, Union, get_args, get_origin
@@ -20,6 +22,8 @@ from kmsgate.errors import InvalidRequest, UnsupportedMediaType, ValidationFaile
 from kmsgate.schemas import parse_json_object
 
 JSON = "application/json"
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
+_BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
 
 
 def header(scope: Scope, name: bytes) -> str:
@@ -93,6 +97,53 @@ def refuse_unknown(scope: Scope, known: Collection[str]) -> None:
         raise ValidationFailed(f"query.{unknown[0]}: not a parameter of this route ({takes})")
 
 
+def strict_scalar(where: str, text: str, kind: type[int] | type[bool]) -> int | bool:
+    """`text` from a query or a path as an integer (decimal digits, no sign, space, `_`,
+    leading zero or fraction: `+1`, `1_0` and `1.0` are not 1 or 10) or a boolean (`true`,
+    `false`, `1`, `0`: not `yes` or `on`). Raises ValidationFailed naming `where`."""
+    if kind is bool:
+        if text not in _BOOLEANS:
+            raise ValidationFailed(f"{where}: a boolean: true, false, 1 or 0")
+        return _BOOLEANS[text]
+    if not _DECIMAL.fullmatch(text):
+        raise ValidationFailed(f"{where}: an integer in decimal digits alone")
+    return int(text)
+
+
+def _scalar_kind(annotation: Any) -> type[int] | type[bool] | None:
+    """int or bool when a parameter annotated `annotation` takes one (or None) of them."""
+    if get_origin(annotation) is Union or get_origin(annotation) is types.UnionType:
+        kinds = {_scalar_kind(arg) for arg in get_args(annotation) if arg is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    return annotation if annotation in (int, bool) else None
+
+
+def _scalars(dependant: Dependant) -> dict[tuple[str, str], type[int] | type[bool]]:
+    """The integer and boolean parameters of `dependant` (and its dependencies), by
+    (`query` or `path`, name)."""
+    found: dict[tuple[str, str], type[int] | type[bool]] = {}
+    for where, fields in (("query", dependant.query_params), ("path", dependant.path_params)):
+        for field in fields:
+            kind = _scalar_kind(field.field_info.annotation)
+            if kind is not None:
+                found[where, field.alias] = kind
+    for sub in dependant.dependencies:
+        found |= _scalars(sub)
+    return found
+
+
+def _refuse_loose_scalars(
+    request: Request, scalars: dict[tuple[str, str], type[int] | type[bool]]
+) -> None:
+    """Raises ValidationFailed for an integer or boolean parameter that `strict_scalar`
+    refuses (FastAPI would coerce it: `?version=+1`, `?delta=yes`)."""
+    for (where, name), kind in scalars.items():
+        params = request.query_params if where == "query" else request.path_params
+        text = params.get(name)
+        if isinstance(text, str):
+            strict_scalar(f"{where}.{name}", text, kind)
+
+
 def _takes_many(annotation: Any) -> bool:
     """Whether a query parameter annotated `annotation` takes several values (a list)."""
     origin = get_origin(annotation)
@@ -126,16 +177,19 @@ class JsonBodyRoute(APIRoute):
     """A FastAPI route whose body (if it takes one) goes through `json_object` first, so that
     FastAPI's own, lenient parsing only ever sees a checked object, and whose query
     parameters are refused when unknown (`refuse_unknown`) or, single-valued, repeated
-    (`refuse_repeated`)."""
+    (`refuse_repeated`), and whose integer and boolean parameters are read strictly
+    (`strict_scalar`)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         single, known = _single_valued(self.dependant), _query_names(self.dependant)
+        scalars = _scalars(self.dependant)
         takes_body = self.body_field is not None
 
         async def strict(request: Request) -> Response:
             refuse_unknown(request.scope, known)
             refuse_repeated(request, single)
+            _refuse_loose_scalars(request, scalars)
             if not takes_body:
                 await _refuse_a_body(request)
                 return await handler(request)

@@ -70,16 +70,15 @@ class GatewayApp(FastAPI):
 
     def allowed_methods(self, path: str) -> list[str]:
         """Every method served at `path`, for a 405's `Allow` (Starlette's names only the
-        methods of the first route whose path matched)."""
+        methods of the first route whose path matched), HEAD wherever GET is."""
         routes = [r for router in (self.router, *self._included) for r in router.routes]
-        return sorted(
-            {
-                method
-                for route in routes
-                if isinstance(route, Route) and route.path_regex.match(path)
-                for method in route.methods or ()
-            }
-        )
+        methods = {
+            method
+            for route in routes
+            if isinstance(route, Route) and route.path_regex.match(path)
+            for method in route.methods or ()
+        }
+        return sorted(methods | ({"HEAD"} if "GET" in methods else set()))
 
     def serve_fast(
         self,

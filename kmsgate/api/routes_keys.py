@@ -31,8 +31,11 @@ from kmsgate.api.replies import (
 )
 from kmsgate.api.responses import PEM, json_response, operation_response
 from kmsgate.api.threads import BackendThreads
-from kmsgate.errors import InvalidRequest, VerificationFailed
+from kmsgate.errors import ValidationFailed, VerificationFailed
 from kmsgate.schemas import (
+    LABEL_NAME,
+    LABEL_PATTERN,
+    MAX_LABEL_VALUE,
     MAX_VERSION,
     CompromisedRequest,
     CreateKeyRequest,
@@ -256,11 +259,18 @@ def build_routes() -> tuple[list[FastRoute], APIRouter]:
 
 
 def _labels(label: list[str]) -> dict[str, str]:
-    pairs = {}
+    """The `label=name:value` filters by name. Raises ValidationFailed for one that is not
+    `name:value` with a label name, or a name given twice (both cannot match)."""
+    pairs: dict[str, str] = {}
     for item in label:
         name, sep, value = item.partition(":")
-        if not sep:
-            raise InvalidRequest(f"label filter {item!r} must read name:value")
+        if not sep or not LABEL_NAME.fullmatch(name) or len(value) > MAX_LABEL_VALUE:
+            raise ValidationFailed(
+                "query.label: name:value, the name a label name (a-z, 0-9, '.', '_', '-'), "
+                f"the value up to {MAX_LABEL_VALUE} characters"
+            )
+        if name in pairs:
+            raise ValidationFailed(f"query.label: {name!r} given twice; a key has one value")
         pairs[name] = value
     return pairs
 
@@ -276,7 +286,7 @@ def list_keys(
     service: ServiceDep,
     principal: PrincipalDep,
     ctx: CtxDep,
-    purpose: str | None = None,
+    purpose: Annotated[str | None, Query(pattern=LABEL_PATTERN)] = None,
     label: Annotated[list[str], Query(max_length=32)] = [],  # noqa: B006
 ) -> Response:
     """Keys the caller may read, filtered by purpose and `label=name:value`."""
