@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from kmsgate.audit import CHECKPOINT_ACTION, AuditEvent, AuditFile, CheckpointPolicy, FileSink
 from kmsgate.audit.chain import GENESIS_HASH, canonical, sealed_line
 from kmsgate.audit.checkpoint import CheckpointSignature, checkpoint_fields, signed_payload
+from kmsgate.audit.filereader import chain_path
 from kmsgate.audit.headfile import head_path, write_head
 from kmsgate.auth import Principal
 from kmsgate.bootstrap import build_service, ensure_dev_audit_key
@@ -202,6 +203,35 @@ def test_a_checkpoint_signed_by_another_key_fails_verify(
     assert AuditFile(log).verify().ok  # structure alone cannot tell
     report = AuditFile(log).verify(keys=signer.public_keys)
     assert not report.ok and "signature does not verify" in str(report.reason), report
+
+
+def test_a_renamed_copy_verifies_and_swapped_chain_files_do_not(
+    tmp_path: Path, signer: LocalSigner
+) -> None:
+    """A checkpoint signs its chain file's name: an archived copy of the log under another
+    name (each chain file renamed alike) still verifies, against the key and the store's
+    checkpoints; a chain's records in another chain's file do not."""
+    log, anchors = tmp_path / "audit.log", list[AuditAnchor]()
+    second = chain_path(log, 1)
+    for path in (log, second):
+        with open_sink(path, signer, anchors) as sink:
+            sink.append(event(0))
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shutil.copy(log, archive / "2026-12-06.log")
+    shutil.copy(second, archive / "2026-12-06.1.log")
+    report = AuditFile(archive / "2026-12-06.log").verify(keys=signer.public_keys, anchors=anchors)
+    assert report.ok and report.chains == 2, report
+    assert [chain.name for chain in report.checkpoints] == ["audit.log", "audit.1.log"]
+    assert all(chain.anchored and chain.signatures_checked for chain in report.checkpoints)
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    shutil.copy(log, swapped / "audit.1.log")
+    shutil.copy(second, swapped / "audit.log")
+    report = AuditFile(swapped / "audit.log").verify(keys=signer.public_keys)
+    assert not report.ok, report
+    assert "checkpoint of chain file audit.1.log, in audit.log" in str(report.reason), report
+    assert "swapped or renamed" in str(report.reason)
 
 
 # -- through the service: the backend signs, the store keeps the checkpoint ---------------

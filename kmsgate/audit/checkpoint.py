@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "PublicKeys",
     "Signer",
     "UntrustedKey",
+    "chain_number",
     "check_checkpoints",
     "checkpoint_fields",
     "signed_payload",
@@ -129,6 +131,8 @@ class _Mark:
     signed."""
 
     line: int
+    chain: str
+    """The chain file name it signed for (its record's resource name)."""
     replica: str
     seq: int
     digest: str
@@ -148,6 +152,9 @@ class ChainCheckpoints:
     keys)."""
 
     chain: Path
+    name: str
+    """The chain file name its checkpoints were signed for (`chain`'s own name when it has
+    none): another name than the file's for a renamed copy (`archive.log` of `audit.log`)."""
     replica: str
     records: int
     checkpoints: int
@@ -176,26 +183,43 @@ def _mark(line: int, record: Mapping[str, object]) -> _Mark:
         signature = base64.b64decode(str(sig), validate=True)
     except binascii.Error as exc:
         raise ValueError("malformed checkpoint signature") from exc
+    resource = record.get("resource")
+    chain = resource.get("name") if isinstance(resource, dict) else None
+    if not isinstance(chain, str):
+        raise ValueError("malformed checkpoint (no chain name)")
     replica = str(record.get("replica", ""))
     return _Mark(
-        line, replica, seq, str(digest), str(time), final, str(key), version, str(alg), signature
+        line,
+        chain,
+        replica,
+        seq,
+        str(digest),
+        str(time),
+        final,
+        str(key),
+        version,
+        str(alg),
+        signature,
     )
 
 
 def check_checkpoints(
     chain: Path,
+    number: int,
     replica: str,
     hashes: Sequence[str],
     records: Mapping[int, Mapping[str, object]],
     keys: PublicKeys | None,
-    anchor: AuditAnchor | None,
+    anchors: Sequence[AuditAnchor],
 ) -> tuple[ChainCheckpoints, tuple[int, str] | None]:
-    """Check the checkpoint `records` (by line) of an intact chain whose record hashes are
-    `hashes` (`replica`: its last writer's): each covers a record of the chain with its
-    hash; a final one covers the record before it and is followed by nothing, or by a
-    checkpoint covering it (a gateway reopening the chain); with `keys`, each signature
-    (over its own record's replica) verifies; with `anchor` (the store's copy of the last
-    checkpoint) the chain still holds that checkpoint record.
+    """Check the checkpoint `records` (by line) of an intact chain (chain `number` of its
+    log) whose record hashes are `hashes` (`replica`: its last writer's): each covers a
+    record of the chain with its hash and names a chain of that number (`chain`'s name, or
+    the same chain of a log under another name: a renamed copy); a final one covers the
+    record before it and is followed by nothing, or by a checkpoint covering it (a gateway
+    reopening the chain); with `keys`, each signature (over its own record's chain name and
+    replica) verifies; with the store's copy of the chain's last checkpoint among `anchors`,
+    the chain still holds that checkpoint record.
 
     Returns the summary and (line, reason) of the first problem, or None.
     """
@@ -208,18 +232,23 @@ def check_checkpoints(
         except ValueError as exc:
             problem = (line, f"record {line}: {exc}")
             break
-        problem = _mark_problem(chain, hashes, mark, keys)
+        problem = _mark_problem(chain, number, hashes, mark, keys)
         if problem is not None:
             break
         checked += keys is not None
         marks.append(mark)
     if problem is None:
         problem = _after_final(marks, len(hashes))
+    last = marks[-1] if marks else None
+    name = last.chain if last else chain.name
+    anchor = next(
+        (a for a in anchors if a.chain == name and (not hashes or a.replica == replica)), None
+    )
     if problem is None and anchor is not None:
         problem = _anchor_problem(hashes, anchor)
-    last = marks[-1] if marks else None
     summary = ChainCheckpoints(
         chain=chain,
+        name=name,
         replica=replica,
         records=len(hashes),
         checkpoints=len(marks),
@@ -234,10 +263,25 @@ def check_checkpoints(
     return summary, problem
 
 
+_NUMBERED = re.compile(r".+\.([1-9][0-9]*)(?:\.[^.]*)?")
+"""A numbered chain's file name (`audit.1.log`: chain 1), as `chain_path` makes it."""
+
+
+def chain_number(name: str) -> int:
+    """The chain number a chain file name says (0 for the log's own name)."""
+    numbered = _NUMBERED.fullmatch(name)
+    return int(numbered.group(1)) if numbered else 0
+
+
 def _mark_problem(
-    chain: Path, hashes: Sequence[str], mark: _Mark, keys: PublicKeys | None
+    chain: Path, number: int, hashes: Sequence[str], mark: _Mark, keys: PublicKeys | None
 ) -> tuple[int, str] | None:
     line = mark.line
+    if mark.chain != chain.name and chain_number(mark.chain) != number:
+        return line, (
+            f"record {line}: a checkpoint of chain file {mark.chain}, in {chain.name}, which "
+            f"holds chain {number} of the log: chain files swapped or renamed"
+        )
     if not 1 <= mark.seq < line or hashes[mark.seq - 1] != mark.digest:
         return line, f"record {line}: checkpoint covers seq {mark.seq}, not a record before it"
     if mark.final and mark.seq != line - 1:
@@ -252,7 +296,7 @@ def _mark_problem(
     if public_key is None:
         return line, f"record {line}: no public key for {mark.key} v{mark.key_version}"
     payload = signed_payload(
-        chain=chain.name,
+        chain=mark.chain,
         replica=mark.replica,
         seq=mark.seq,
         digest=mark.digest,
@@ -264,7 +308,8 @@ def _mark_problem(
     ):
         return line, (
             f"record {line}: checkpoint signature does not verify "
-            f"({mark.key} v{mark.key_version}): forged or edited"
+            f"({mark.key} v{mark.key_version}): forged or edited, or the public key given "
+            "is not that key's"
         )
     return None
 

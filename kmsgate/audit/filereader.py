@@ -40,13 +40,19 @@ def chain_path(path: Path, number: int) -> Path:
 def chain_paths(path: Path) -> list[Path]:
     """The existing chain files of the audit log at `path`, by chain number. Raises OSError
     if the directory cannot be listed."""
+    return [chain for _, chain in _numbered_chains(path)]
+
+
+def _numbered_chains(path: Path) -> list[tuple[int, Path]]:
+    """(chain number, file) of each existing chain file of the log at `path`, in order.
+    Raises OSError if the directory cannot be listed."""
     pattern = re.compile(re.escape(path.stem) + r"\.([1-9][0-9]*)" + re.escape(path.suffix) + r"\Z")
     numbered = sorted(
         (int(match.group(1)), entry)
         for entry in path.parent.iterdir()
         if (match := pattern.match(entry.name)) and entry.is_file()
     )
-    return ([path] if path.is_file() else []) + [entry for _, entry in numbered]
+    return ([(0, path)] if path.is_file() else []) + numbered
 
 
 def iter_records(path: Path) -> Iterator[dict[str, object]]:
@@ -110,13 +116,13 @@ class AuditFile:
         Reports the first broken line (and its file). Raises OSError if the log cannot be
         read, FileNotFoundError if it has no chain file.
         """
-        chains = chain_paths(self._path)
+        chains = _numbered_chains(self._path)
         if not chains:
             raise FileNotFoundError(2, "No such file or directory", str(self._path))
         records = 0
         summaries: list[ChainCheckpoints] = []
-        for chain in chains:
-            report, summary = _verify_chain(chain, keys, anchors)
+        for number, chain in chains:
+            report, summary = _verify_chain(chain, number, keys, anchors)
             records += report.records
             if not report.ok:
                 return replace(report, records=records, chains=len(chains))
@@ -161,10 +167,10 @@ def _matches(
 
 
 def _verify_chain(
-    path: Path, keys: PublicKeys | None, anchors: Sequence[AuditAnchor]
+    path: Path, number: int, keys: PublicKeys | None, anchors: Sequence[AuditAnchor]
 ) -> tuple[VerifyReport, ChainCheckpoints | None]:
-    """`AuditFile.verify` for one chain file, and what its checkpoints prove (None when the
-    chain is broken). Raises OSError."""
+    """`AuditFile.verify` for one chain file (chain `number` of the log), and what its
+    checkpoints prove (None when the chain is broken). Raises OSError."""
     hashes: list[str] = []
     checkpoints: dict[int, dict[str, object]] = {}
     replica: str | None = None
@@ -180,11 +186,8 @@ def _verify_chain(
                 checkpoints[lineno] = record
             replica = str(record.get("replica", ""))  # the last writer's, for the store
     problem = _head_problem(path, hashes)
-    anchor = next(
-        (a for a in anchors if a.chain == path.name and replica in (None, a.replica)), None
-    )
     summary, checkpoint_problem = check_checkpoints(
-        path, replica or "", hashes, checkpoints, keys, anchor
+        path, number, replica or "", hashes, checkpoints, keys, anchors
     )
     problem = problem or checkpoint_problem
     if problem is not None:
@@ -197,7 +200,7 @@ def _missing_chain(
 ) -> tuple[Path, str] | None:
     """(file, reason) if the store has a checkpoint of a chain file of this log's replicas
     (any replica when no chain names one) that does not exist."""
-    present = {summary.chain.name for summary in summaries}
+    present = {summary.name for summary in summaries}
     replicas = {summary.replica for summary in summaries if summary.records}
     for anchor in anchors:
         if anchor.chain not in present and (not replicas or anchor.replica in replicas):
