@@ -165,6 +165,22 @@ def test_mac_and_verify(api, admin, key_type):
     assert r.json()["key_version"] == 2 and unb64(r.json()["mac"]) != tag
 
 
+def test_a_compromised_version_verifies_no_mac(api, admin):
+    """A MAC has no time to place it before the leak: anyone holding the key makes one."""
+    create_key(api, admin, "h", "hmac-sha256")
+    tag = api.call("POST", "/v1/keys/h/mac", admin, json={"input": b64(b"data")}).json()["mac"]
+    check = {"input": b64(b"data"), "mac": tag}
+    assert api.call("POST", "/v1/keys/h/mac/verify", admin, json=check).json()["valid"] is True
+    since = {"since": "2020-01-01T00:00:00Z"}
+    marked = api.call("POST", "/v1/keys/h/versions/1/compromised", admin, json=since)
+    assert marked.status_code == 200, marked.text
+    for body in (check, {**check, "version": 1}):
+        reply = api.call("POST", "/v1/keys/h/mac/verify", admin, json=body)
+        assert reply.json() == {"valid": False, "key_version": None}, reply.text
+    batch = api.call("POST", "/v1/keys/h/mac/verify", admin, json={"batch": [check]}).json()
+    assert batch["batch"][0]["valid"] is False, batch
+
+
 def test_batch_keeps_order_and_reports_item_errors(api, admin):
     create_key(api, admin, "k", "ecdsa-p256")
     items = [
