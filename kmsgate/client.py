@@ -204,7 +204,7 @@ class Client:
         return checkpoints
 
     def public_key(self, name: str, version: int | None = None) -> str:
-        params = {"version": version} if version else None
+        params = {"version": version} if version is not None else None
         return self.request("GET", f"/v1/keys/{name}/public-key", params=params).text
 
     # -- operations ------------------------------------------------------------------------
@@ -491,7 +491,7 @@ class Client:
         self, roles: Sequence[str], ttl: str | None = None, description: str = ""
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"roles": list(roles), "description": description}
-        if ttl:
+        if ttl is not None:  # "" is the gateway's to refuse, not a token that never expires
             body["ttl"] = ttl
         result: dict[str, Any] = self._json("POST", "/v1/sys/tokens", body)
         return result
@@ -601,7 +601,7 @@ def _message_body(
         body["digest"] = b64encode(digest)
     if algorithm:
         body["algorithm"] = algorithm
-    if version:
+    if version is not None:  # 0 is the gateway's to refuse, not the primary version
         body["version"] = version
     return body
 

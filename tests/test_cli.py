@@ -526,6 +526,22 @@ def test_stdin_input_signs_and_verifies(gateway: Gateway, tmp_path: Path) -> Non
     assert_one_line_error(wrong, "not valid", rc=1)
 
 
+def test_an_empty_ttl_or_version_0_is_refused_not_taken_as_absent(gateway: Gateway) -> None:
+    """`--ttl "$TTL"` with TTL unset must not mint a token that never expires, and
+    `--version 0` must not read the primary version."""
+    tokens = len(httpx.get(
+        f"{gateway.addr}/v1/sys/tokens", headers={"authorization": f"Bearer {gateway.root_token}"}
+    ).json()["tokens"])  # fmt: skip
+    assert_one_line_error(
+        gateway.run("token", "create", "--role", "admin", "--ttl", ""), "invalid duration"
+    )
+    setup_key(gateway, "zero", "ecdsa-p256")
+    assert_one_line_error(gateway.run("keys", "public-key", "zero", "--version", "0"), "version")
+    assert len(httpx.get(
+        f"{gateway.addr}/v1/sys/tokens", headers={"authorization": f"Bearer {gateway.root_token}"}
+    ).json()["tokens"]) == tokens  # fmt: skip
+
+
 def test_mac_and_mac_check(gateway: Gateway, tmp_path: Path) -> None:
     setup_key(gateway, "webhook-mac", "hmac-sha256", "webhook")
     payload = tmp_path / "payload.json"

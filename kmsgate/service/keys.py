@@ -463,7 +463,8 @@ class Keys:
         if key.state is to and not fields:
             return key
         if key.state not in allowed_from:
-            raise Conflict(f"key {key.name!r} is {key.state.value}; cannot become {to.value}")
+            needed = " or ".join(state.value for state in allowed_from)
+            raise Conflict(f"key {key.name!r} is {key.state.value}, not {needed}")
         return self.gate.catalogue.update(key, state=to, updated_at=now(), **fields)
 
     def _destroy(self, key: Key, at: datetime, _: Outcome) -> Key:
