@@ -568,8 +568,18 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """The mapping in a YAML config file. Raises ConfigError if unreadable or not a mapping."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = " ".join(str(exc.problem or exc.context or "malformed").split())
+        raise ConfigError(f"config file {path} is not valid YAML: {why}{where}") from None
+    except yaml.YAMLError as exc:
+        why = " ".join(str(exc).split())
+        raise ConfigError(f"config file {path} is not valid YAML: {why}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -773,6 +773,23 @@ def test_a_missing_cacert_is_an_error_for_a_client_command_not_for_serve(tmp_pat
     assert "--cacert" not in served.err
 
 
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        (b"listen: [\n  bad: : x\n", ("not valid YAML", "found ':' at line 2, column 8")),
+        (b"\xff\xfe\x00garbage", ("is not UTF-8 text",)),
+    ],
+)
+def test_a_config_file_that_is_not_yaml_is_one_plain_line(
+    tmp_path: Path, content: bytes, needles: tuple[str, ...]
+) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_bytes(content)
+    served = run_cli(("serve", "--config", str(config)), clean_env())
+    assert_one_line_error(served, "broken.yaml", *needles)
+    assert "\\n" not in served.err
+
+
 def test_every_command_has_a_section_in_docs_cli_md() -> None:
     """docs/cli.md has a heading naming each top-level command (`## health`) or group
     (`## keys`, `## audit verify`)."""
