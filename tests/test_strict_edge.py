@@ -167,6 +167,23 @@ def test_a_key_list_filter_that_no_key_can_match_is_422(api: Api, admin: str, qu
     _problem(api.call("GET", f"/v1/keys?{query}", admin), 422, "validation_failed")
 
 
+def test_json_replies_are_never_stored_and_no_reply_is_sniffed(api: Api, admin: str) -> None:
+    """A token, a data key or a plaintext may be in any JSON reply (or its problem)."""
+    create_key(api, admin, "k")
+    replies = [
+        api.call("POST", "/v1/sys/tokens", admin, json={"roles": ["reader"]}),
+        api.call("POST", "/v1/keys/k/sign", admin, json={"input": b64(b"m")}),
+        api.call("GET", "/v1/keys/nope", admin),
+        api.call("GET", "/v1/keys", None),
+    ]
+    for reply in replies:
+        assert reply.headers["cache-control"] == "no-store", (reply.request.url, reply.headers)
+        assert reply.headers["x-content-type-options"] == "nosniff"
+    pem = api.call("GET", "/v1/keys/k/public-key", admin)
+    assert pem.status_code == 200 and "cache-control" not in pem.headers  # public material
+    assert pem.headers["x-content-type-options"] == "nosniff"
+
+
 def test_a_401_names_its_scheme(api: Api) -> None:
     reply = api.call("GET", "/v1/keys", None)
     _problem(reply, 401, "unauthenticated")

@@ -30,6 +30,7 @@ from kmsgate.api.problems import (
     observe,
     too_large,
 )
+from kmsgate.api.responses import add_edge_headers
 from kmsgate.errors import InvalidRequest
 from kmsgate.http_protocol import WHOLE_REPLY
 
@@ -131,7 +132,7 @@ class GatewayApp(FastAPI):
                 response = failure_response(exc, Request(scope))
             status = response.status_code
             headers = response.raw_headers
-            headers.append((b"x-request-id", request_id.encode()))
+            add_edge_headers(headers, request_id)
             whole = (scope.get("extensions") or {}).get(WHOLE_REPLY)
             if whole is None or not whole(status, headers, response.body):
                 await send({"type": "http.response.start", "status": status, "headers": headers})

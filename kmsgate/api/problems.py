@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.metrics import UNMATCHED, Metrics
-from kmsgate.api.responses import json_bytes
+from kmsgate.api.responses import add_edge_headers, json_bytes
 from kmsgate.errors import KmsgateError, TooLarge, ValidationFailed, problem_document
 from kmsgate.logs import current_decisions, current_request, request_logger
 from kmsgate.text import KEY_NAME
@@ -202,7 +202,7 @@ class GatewayMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                add_edge_headers(message.setdefault("headers", []), request_id)
             elif head and message.get("body"):
                 message = {**message, "body": b""}  # its content-length stays the GET's
             await send(message)
