@@ -98,7 +98,9 @@ def _describe_failures(operation: dict[str, Any]) -> None:
     if operation.get("security") != []:
         statuses |= {401, 403}
     if "requestBody" in operation:
-        statuses |= {400, 413, 415, 422}
+        statuses |= {400, 413, 422}
+        if "application/json" in operation["requestBody"].get("content", {}):
+            statuses.add(415)  # a binary body (an OCSP request) is taken as it comes
     if parameters:
         statuses.add(422)
     if any(p.get("in") == "path" for p in parameters):
