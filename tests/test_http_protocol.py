@@ -154,3 +154,41 @@ def test_a_request_head_over_the_limit_gets_431_and_the_connection_closes(
             f"{gw.addr}/v1/keys", content=b"{" + b" " * (MAX_HEAD_BYTES * 4) + b"}", headers=auth
         )
         assert big.status_code == 422, big.text  # the body was read and validated
+
+
+def test_framing_a_proxy_could_read_otherwise_is_refused_before_the_body(tmp_path: Path) -> None:
+    """No Host in HTTP/1.1 (RFC 9112 3.2), a transfer coding but chunked (RFC 9112 6.1), a
+    content coding (RFC 9110 8.4) or a charset but UTF-8: each is a problem reply, never a
+    request read some other way than a proxy in front may have read it."""
+    body = b'{"input": "aGVsbG8="}'
+    with running_gateway(tmp_path) as gw:
+        auth = f"Authorization: Bearer {gw.root_token}\r\n".encode()
+        sign = b"POST /v1/keys/none/sign HTTP/1.1\r\n" + auth
+        length = f"Content-Length: {len(body)}\r\n".encode()
+        json_type = b"Content-Type: application/json\r\n"
+        cases = {
+            b"GET /v1/sys/health HTTP/1.1\r\nConnection: close\r\n\r\n": (400, "invalid_request"),
+            sign
+            + b"Host: x\r\n"
+            + json_type
+            + b"Transfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n"
+            + f"{len(body):x}\r\n".encode()
+            + body
+            + b"\r\n0\r\n\r\n": (501, "not_supported"),
+            sign + b"Host: x\r\n" + json_type + b"Content-Encoding: br\r\n" + length
+            + b"Connection: close\r\n\r\n" + body: (415, "unsupported_media_type"),
+            sign + b"Host: x\r\nContent-Type: application/json; charset=latin-1\r\n" + length
+            + b"Connection: close\r\n\r\n" + body: (415, "unsupported_media_type"),
+        }  # fmt: skip
+        address = urlsplit(gw.addr)
+        assert address.hostname and address.port
+        for request, (status, code) in cases.items():
+            with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
+                conn.sendall(request)
+                received = b""
+                while chunk := conn.recv(65536):
+                    received += chunk
+            ((got, _, reply),) = _replies(received)
+            assert (got, json.loads(reply)["code"]) == (status, code), (request, reply)
+        health = httpx.get(f"{gw.addr}/v1/sys/health")  # HTTP/1.1 with a Host: served
+        assert health.status_code == 200

@@ -47,11 +47,17 @@ def single_header(scope: Scope, name: bytes) -> str:
 
 
 def require_media_type(request: Request, expected: str) -> None:
-    """Raises UnsupportedMediaType unless the request's Content-Type is `expected` (any
-    parameters, such as a charset, aside), InvalidRequest if it is given twice."""
-    sent = single_header(request.scope, b"content-type")
-    if sent.partition(";")[0].strip().lower() != expected:
+    """Raises UnsupportedMediaType unless the request's Content-Type is `expected`, with no
+    charset but UTF-8 (the body is read as UTF-8, whatever it says), InvalidRequest if it
+    is given twice."""
+    media_type, _, parameters = single_header(request.scope, b"content-type").partition(";")
+    if media_type.strip().lower() != expected:
         raise UnsupportedMediaType(f"send the request body as {expected}")
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            raise UnsupportedMediaType(f"send the request body as {expected} in UTF-8")
 
 
 async def json_object(request: Request) -> dict[str, Any]:

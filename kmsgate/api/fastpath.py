@@ -25,9 +25,9 @@ from kmsgate.api.metrics import Metrics
 from kmsgate.api.openapi import complete
 from kmsgate.api.problems import (
     RequestIds,
-    declared_too_large,
     failure_response,
     observe,
+    refuse_bad_framing,
     too_large,
 )
 from kmsgate.api.responses import add_edge_headers
@@ -148,10 +148,10 @@ def _literal_end(path: str) -> str:
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The request body. Raises TooLarge beyond `limit` bytes (declared or sent),
-    ClientDisconnect if the client leaves before sending all of it."""
-    if declared_too_large(scope, limit):
-        raise too_large(limit)
+    """The request body. Raises TooLarge beyond `limit` bytes (declared or sent), what
+    `refuse_bad_framing` raises, ClientDisconnect if the client leaves before sending all
+    of it."""
+    refuse_bad_framing(scope, limit)
     chunks: list[bytes] = []
     received = 0
     while True:

@@ -20,7 +20,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.metrics import UNMATCHED, Metrics
 from kmsgate.api.responses import add_edge_headers, json_bytes
-from kmsgate.errors import KmsgateError, TooLarge, ValidationFailed, problem_document
+from kmsgate.errors import (
+    InvalidRequest,
+    KmsgateError,
+    NotSupported,
+    TooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+    problem_document,
+)
 from kmsgate.logs import current_decisions, current_request, request_logger
 from kmsgate.text import KEY_NAME
 
@@ -117,12 +125,25 @@ class RequestIds:
         return request_id
 
 
-def declared_too_large(scope: Scope, limit: int) -> bool:
-    """Whether the request's Content-Length is malformed or over `limit` bytes."""
-    return any(
-        name == b"content-length" and (not value.isdigit() or int(value) > limit)
-        for name, value in scope["headers"]
-    )
+def refuse_bad_framing(scope: Scope, limit: int) -> None:
+    """Refuse, before reading the body, what a proxy and the gateway could read as two
+    different requests, or the gateway as another body. Raises TooLarge (a Content-Length
+    over `limit` bytes, or malformed), InvalidRequest (HTTP/1.1 without a Host: RFC 9112
+    3.2), NotSupported (a transfer coding but chunked: RFC 9112 6.1) or
+    UnsupportedMediaType (a content coding, such as gzip: RFC 9110 8.4)."""
+    host = scope.get("http_version") != "1.1"
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if not value.isdigit() or int(value) > limit:
+                raise too_large(limit)
+        elif name == b"host":
+            host = True
+        elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            raise NotSupported("transfer coding: only chunked is supported")
+        elif name == b"content-encoding" and value.strip().lower() != b"identity":
+            raise UnsupportedMediaType("content coding: send the body uncompressed")
+    if not host:
+        raise InvalidRequest("an HTTP/1.1 request must carry a Host header")
 
 
 def observe(metrics: Metrics, scope: Scope, status: int, started_at: float) -> None:
@@ -208,9 +229,10 @@ class GatewayMiddleware:
             await send(message)
 
         try:
-            if declared_too_large(scope, limit):
-                problem = error_response(too_large(limit), request_id)
-                await problem(scope, receive, counting_send)
+            try:
+                refuse_bad_framing(scope, limit)
+            except KmsgateError as exc:
+                await error_response(exc, request_id)(scope, receive, counting_send)
                 return
             try:
                 await self.app(scope, limited_receive, counting_send)
