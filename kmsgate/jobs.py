@@ -30,8 +30,10 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from kmsgate.errors import KmsgateError
+from kmsgate.errors import KmsgateError, Unavailable
 from kmsgate.service import Ctx, Service
+from kmsgate.store.engine import CONNECT_TIMEOUT_SECONDS
+from kmsgate.store.stall import KEEPALIVE_ARGS, StallGuard
 
 log = logging.getLogger("kmsgate.jobs")
 
@@ -64,21 +66,31 @@ class PostgresLeaderLock(LeaderLock):
     """`pg_try_advisory_lock` on a dedicated autocommit connection."""
 
     def __init__(self, database_url: str) -> None:
-        self._engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+        self._engine = sa.create_engine(
+            database_url,
+            poolclass=sa.pool.NullPool,
+            connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS, **KEEPALIVE_ARGS},
+        )
         self._conn: Connection | None = None
+        self._stall = StallGuard()
 
     def acquire(self) -> bool:
+        """Whether this process holds the lock (taken now, or still held: a silent server
+        is given `STALL_SECONDS`, then the lock is let go)."""
         try:
-            if self._conn is not None:
-                self._conn.execute(sa.text("SELECT 1"))  # the session, and so the lock, lives
-                return True
-            conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            query = sa.text("SELECT pg_try_advisory_lock(:id)")
-            if conn.execute(query, {"id": ADVISORY_LOCK_ID}).scalar():
-                self._conn = conn
-                return True
-            conn.close()
-        except sa.exc.SQLAlchemyError as exc:
+            with self._stall.watching():
+                if self._conn is not None:
+                    self._stall.attach(self._conn.connection.driver_connection)
+                    self._conn.execute(sa.text("SELECT 1"))  # the session, and the lock, lives
+                    return True
+                conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                self._stall.attach(conn.connection.driver_connection)
+                query = sa.text("SELECT pg_try_advisory_lock(:id)")
+                if conn.execute(query, {"id": ADVISORY_LOCK_ID}).scalar():
+                    self._conn = conn
+                    return True
+                conn.close()
+        except (sa.exc.SQLAlchemyError, Unavailable) as exc:
             log.warning("leader lock unavailable: %s", type(exc).__name__)
             self.release()
         return False

@@ -272,6 +272,24 @@ def postgres_stopped(server: PostgresServer) -> Iterator[None]:
         )  # fmt: skip
 
 
+@contextlib.contextmanager
+def postgres_frozen(server: PostgresServer) -> Iterator[None]:
+    """Freeze ``server`` (SIGSTOP to the postmaster and every backend) for the block, then
+    let it go on (SIGCONT): its connections stay open and silent, as behind a network that
+    drops nothing, and new ones are accepted by the kernel but never answered."""
+    postmaster = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    frozen = [postmaster, *map(int, children)]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def check_postgres_prerequisites() -> tuple[Path, bool]:
     """Return (bin dir, run-as-postgres flag) or raise :class:`ComponentMissingError`."""
     try:

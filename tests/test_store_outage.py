@@ -12,7 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.components import PostgresServer, fresh_postgres_database, postgres_stopped
+from tests.components import (
+    PostgresServer,
+    fresh_postgres_database,
+    postgres_frozen,
+    postgres_stopped,
+)
 from tests.test_cli import running_gateway
 
 MESSAGE = "aGVsbG8="
@@ -90,3 +95,49 @@ def test_a_database_outage_is_503_and_heals_by_itself(
             assert again.status_code == 201, again.text
             assert call("POST", "/v1/keys/k3/sign", {"input": MESSAGE}).status_code == 200
             assert call("POST", "/v1/keys/k/rotate").status_code == 200
+
+
+@pytest.mark.postgres
+def test_a_frozen_database_is_503_in_bounded_time_not_a_hang(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """A server that stops answering without closing its connections (frozen, or behind a
+    network that drops nothing): what needs the store answers 503 with Retry-After within
+    the store's deadline (kmsgate.store.stall), reads answer from the caches, and once the
+    server answers again everything works."""
+    with fresh_postgres_database(postgres_server) as url:
+        config = tmp_path / "kmsgate.yaml"
+        config.write_text(json.dumps({"database_url": url}))
+        with running_gateway(tmp_path, "--config", str(config)) as gw:
+            root = {"authorization": f"Bearer {gw.root_token}"}
+
+            def call(method: str, path: str, body: object = None) -> httpx.Response:
+                return httpx.request(
+                    method, f"{gw.addr}{path}", json=body, headers=root, timeout=40
+                )
+
+            made = call("POST", "/v1/keys", {"name": "k", "type": "ecdsa-p256", "purpose": "p"})
+            assert made.status_code == 201, made.text
+            with postgres_frozen(postgres_server):
+                for method, path, body, status in (
+                    ("POST", "/v1/keys", {"name": "k2", "type": "ed25519", "purpose": "p"}, 503),
+                    ("POST", "/v1/keys/k/rotate", None, 503),
+                    ("GET", "/v1/keys/k", None, 200),  # from the caches
+                    ("POST", "/v1/keys/k/sign", {"input": MESSAGE}, 200),
+                ):
+                    started = time.monotonic()
+                    reply = call(method, path, body)
+                    took = time.monotonic() - started
+                    assert reply.status_code == status, (path, reply.status_code, reply.text)
+                    assert took < 20, (path, took)
+                    if status == 503:
+                        assert int(reply.headers["retry-after"]) > 0
+                started = time.monotonic()
+                ready = call("GET", "/v1/sys/ready")
+                assert time.monotonic() - started < 20
+                assert ready.json()["store"]["ok"] is False, ready.text
+            deadline = time.monotonic() + 30
+            while (again := call("POST", "/v1/keys/k/rotate")).status_code != 200:
+                assert time.monotonic() < deadline, again.text
+                time.sleep(0.5)
+            assert again.json()["primary_version"] == 2

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from kmsgate.errors import Unavailable
 from kmsgate.store import tables
 from kmsgate.store.certificates import REVOKED
 from kmsgate.store.engine import Database, Row, utc
@@ -78,15 +77,12 @@ class Crls:
         at = sa.type_coerce(c.revoked_at, sa.String)
         query = sa.select(c.serial, at, c.reason).where(c.ca == ca, c.status == REVOKED)
         revoked: list[tuple[str, datetime, str | None]] = []
-        try:
-            # a plain connection: this long read does not queue behind, or hold up, the
-            # process's SQLite writers (`Database.transaction`); WAL readers block no one
-            with self._db.engine.connect() as conn:
-                # in partitions: other threads get the GIL between them (OCSP answers)
-                for rows in conn.execute(query).partitions(_PARTITION):
-                    revoked += [(serial, _instant(when), reason) for serial, when, reason in rows]
-        except sa.exc.OperationalError as exc:
-            raise Unavailable("metadata store unavailable") from exc
+        # a plain connection: this long read does not queue behind, or hold up, the
+        # process's SQLite writers (`Database.transaction`); WAL readers block no one
+        with self._db.plain_connection() as conn:
+            # in partitions: other threads get the GIL between them (OCSP answers)
+            for rows in conn.execute(query).partitions(_PARTITION):
+                revoked += [(serial, _instant(when), reason) for serial, when, reason in rows]
         return revoked
 
     def revoked_count(self, ca: str) -> int:

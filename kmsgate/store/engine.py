@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 from kmsgate.config import with_database_driver
 from kmsgate.errors import ConcurrentChange, ConfigError, KmsgateError, Unavailable
 from kmsgate.store import tables
+from kmsgate.store.stall import KEEPALIVE_ARGS, StallGuard
 
 Row = Mapping[str, Any]
 
@@ -118,10 +119,13 @@ class Database:
         self._shown = shown_url(parsed)
         postgres = parsed.get_backend_name() == "postgresql"
         # a database that cannot be reached fails a request in seconds (503), not minutes
-        connect_args = {"connect_timeout": CONNECT_TIMEOUT_SECONDS} if postgres else {}
+        connect_args: dict[str, Any] = (
+            {"connect_timeout": CONNECT_TIMEOUT_SECONDS, **KEEPALIVE_ARGS} if postgres else {}
+        )
+        self._stall = StallGuard() if postgres else StallGuard(None)
         try:
             self.engine: Engine = sa.create_engine(
-                parsed, pool_pre_ping=True, connect_args=connect_args
+                parsed, pool_pre_ping=not postgres, connect_args=connect_args
             )
         except sa.exc.NoSuchModuleError:
             raise ConfigError(
@@ -136,7 +140,9 @@ class Database:
         except sa.exc.ArgumentError as exc:
             raise ConfigError(f"database_url {self._shown}: {driver_reason(exc, parsed)}") from None
         self._serial: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
-        self._meta_reader = _MetaReader(self.engine)
+        self._meta_reader = _MetaReader(self.engine, self._stall)
+        if postgres:
+            sa.event.listen(self.engine, "checkout", self._ping_at_checkout)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _enable_sqlite_wal)
             # SQLite has one writer at a time; threads and processes that find it busy sleep
@@ -198,14 +204,36 @@ class Database:
         self._meta_reader.close()
         self.engine.dispose()
 
+    def _ping_at_checkout(self, driver_connection: Any, _record: Any, _proxy: Any) -> None:
+        """Ping a PostgreSQL connection as it leaves the pool, under the deadline of the
+        transaction that takes it (`StallGuard`). Raises DisconnectionError (the pool opens
+        another: the server restarted meanwhile), Unavailable (the deadline passed)."""
+        self._stall.attach(driver_connection)
+        try:
+            self.engine.dialect.do_ping(driver_connection)
+        except Exception as exc:
+            self._stall.attach(driver_connection)
+            raise sa.exc.DisconnectionError("the connection failed its ping") from exc
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """One transaction: committed when the block exits normally, rolled back otherwise."""
+        """One transaction: committed when the block exits normally, rolled back otherwise.
+        On PostgreSQL it has `STALL_SECONDS` (then Unavailable)."""
         try:
-            with self._serial, self.engine.begin() as conn:
+            with self._stall.watching(), self._serial, self.engine.begin() as conn:
                 yield conn
         except sa.exc.IntegrityError as exc:
             raise ConcurrentChange("the change conflicts with existing state; retry") from exc
+        except sa.exc.OperationalError as exc:
+            raise Unavailable("metadata store unavailable") from exc
+
+    @contextlib.contextmanager
+    def plain_connection(self) -> Iterator[Connection]:
+        """A connection outside a transaction (a long read that must not queue behind, or
+        hold up, SQLite's writers), with a transaction's deadline. Raises Unavailable."""
+        try:
+            with self._stall.watching(), self.engine.connect() as conn:
+                yield conn
         except sa.exc.OperationalError as exc:
             raise Unavailable("metadata store unavailable") from exc
 
@@ -235,8 +263,9 @@ class _MetaReader:
     `transaction` costs a pool checkout, a liveness ping, BEGIN and COMMIT as well.
     Thread-safe: one read at a time."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, stall: StallGuard) -> None:
         self._engine = engine
+        self._stall = stall
         self._lock = threading.Lock()
         self._conn: Any = None
         self._pid = 0
@@ -259,7 +288,13 @@ class _MetaReader:
                 raise Unavailable("metadata store unavailable") from exc
 
     def _read(self, key: str) -> str | None:
-        cursor = self._connection().cursor()
+        with self._stall.watching():
+            connection = self._connection()
+            self._stall.attach(connection.driver_connection)
+            return self._select(connection, key)
+
+    def _select(self, connection: Any, key: str) -> str | None:
+        cursor = connection.cursor()
         try:
             cursor.execute(self._sql, (key,))
             row = cursor.fetchone()

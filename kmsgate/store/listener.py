@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from kmsgate.store.feed import CHANNEL
+from kmsgate.store.stall import KEEPALIVE_ARGS
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -81,8 +82,10 @@ class ChangeListener:
         if self._conn is None and time.monotonic() >= self._retry_at:
             try:
                 import psycopg
+                from psycopg.conninfo import make_conninfo
 
-                conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+                conninfo = make_conninfo(self._conninfo, connect_timeout=5, **KEEPALIVE_ARGS)
+                conn = psycopg.connect(conninfo, autocommit=True)
                 conn.execute(f"LISTEN {CHANNEL}")  # a constant: no quoting needed
                 self._conn = conn
             except Exception as exc:
