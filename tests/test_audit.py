@@ -122,6 +122,23 @@ def test_lines_are_canonical_json_with_hash_last(tmp_path: Path) -> None:
     assert "zoë".encode() in line  # UTF-8, not \u escapes
 
 
+def test_the_records_an_fsync_has_not_covered_yet_are_counted(tmp_path: Path) -> None:
+    """`unsynced` (the gauge kmsgate_audit_unsynced_records): the group commit's queue."""
+    with FileSink(tmp_path / "audit.log", fsync_interval=0.05) as log:
+        assert log.unsynced == 0
+        for i in range(3):
+            log.append(event(i))
+        assert 1 <= log.unsynced <= 3  # the background fsync may have run meanwhile
+        deadline = time.monotonic() + 5
+        while log.unsynced:
+            assert time.monotonic() < deadline, "the fsync never covered the records"
+            time.sleep(0.01)
+    with FileSink(tmp_path / "audit.log", fsync_interval=3600) as log:
+        assert log.unsynced == 0  # what the file held at start is not counted
+        log.append(event(3))
+        assert log.unsynced == 1  # no fsync for an hour
+
+
 def test_none_and_empty_fields_are_omitted(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     with FileSink(path) as log:

@@ -328,6 +328,7 @@ def test_the_proxy_forwards_a_workload_until_its_certificate_is_revoked(
     assert values['kmsgate_policy_decisions_total{result="allow"}'] >= 3
     assert values['kmsgate_policy_decisions_total{result="deny"}'] >= 0
     assert values["kmsgate_audit_fsync_seconds_count"] >= 1
+    assert 0 <= values["kmsgate_audit_unsynced_records"] < 1000
 
     records = AuditFile(gw.data_dir / "audit.log").search(action="principal.read")
     assert any(

@@ -169,6 +169,7 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
                 getattr(service.audit, "fsyncs", 0),
                 getattr(service.audit, "fsync_seconds", 0.0),
             ),
+            unsynced=lambda: getattr(service.audit, "unsynced", 0),
             backends=lambda: service.gate.backend_times.by_backend,
             unrecorded_failures=lambda: service.gate.failures.unrecorded,
         ),

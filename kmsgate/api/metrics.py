@@ -109,6 +109,7 @@ class Work:
 
     decisions: Callable[[], Sequence[int]]
     fsyncs: Callable[[], tuple[int, float]]
+    unsynced: Callable[[], int]
     backends: Callable[[], BackendTally]
     unrecorded_failures: Callable[[], int] = lambda: 0
 
@@ -119,6 +120,7 @@ class _Work(Collector):
     def __init__(self, work: Work) -> None:
         self._decisions = work.decisions
         self._fsyncs = work.fsyncs
+        self._unsynced = work.unsynced
         self._backends = work.backends
         self._unrecorded = work.unrecorded_failures
 
@@ -142,6 +144,11 @@ class _Work(Collector):
             "Audit group commits (one fsync covers every record written since the last).",
             count_value=count,
             sum_value=seconds,
+        )
+        yield GaugeMetricFamily(
+            "kmsgate_audit_unsynced_records",
+            "Audit records written and waiting for the next group commit (fsync).",
+            value=self._unsynced(),
         )
         operations = SummaryMetricFamily(
             "kmsgate_backend_operation_seconds",

@@ -242,6 +242,7 @@ class FileSink(AuditFile):
             os.close(self._fd)
             raise
         self._head = (seq, digest)
+        self._synced = seq  # the last record an fsync covered (at start: the file's last)
         self._reserve = reserve
         self._capacity = self._size_limit()
         self._cramped = False
@@ -384,7 +385,14 @@ class FileSink(AuditFile):
         os.fsync(self._fd)  # covers every record up to (seq, digest)
         self.fsync_seconds += time.perf_counter() - started
         self.fsyncs += 1
+        self._synced = seq
         write_head(self._chain, seq, digest)
+
+    @property
+    def unsynced(self) -> int:
+        """Records written and not yet made durable by an fsync (the group commit's queue:
+        at most `fsync_interval` old while the disk keeps up)."""
+        return self._head[0] - self._synced
 
     # -- checkpoints ---------------------------------------------------------------------
 
