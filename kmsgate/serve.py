@@ -35,6 +35,7 @@ from kmsgate.config import (
     dev_tls,
     is_loopback_host,
     load_settings,
+    with_database_driver,
 )
 from kmsgate.errors import ConfigError
 from kmsgate.http_protocol import HttpToolsOneWrite
@@ -42,6 +43,7 @@ from kmsgate.logs import LEVEL_ENV, UVICORN_LOG_CONFIG
 from kmsgate.logs import configure as configure_logs
 from kmsgate.servertls import provision, renewal_job
 from kmsgate.service import Service
+from kmsgate.store.engine import shown_url
 
 SWITCH_INTERVAL = 0.0005
 """Seconds a thread may hold the interpreter lock while another waits for it (Python's
@@ -141,7 +143,7 @@ def serve(
             )
         options: dict[str, Any] = {**SERVER_OPTIONS, "ssl_context_factory": server_tls}
         scheme = "https" if server_tls else "http"
-        store = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
+        store = shown_url(make_url(with_database_driver(settings.resolved_database_url())))
         console.print(
             f"kmsgate listening on {scheme}://{settings.host}:{settings.port} "
             f"(env {settings.env}, store {store})",

@@ -144,9 +144,13 @@ def test_a_database_url_of_no_known_database_says_so():
         "database_url oracle2://kmsgate:***@db/kms: kmsgate has no driver for 'oracle2' "
         "(use sqlite:///PATH or postgresql://...)"
     )
-    assert _startup_error(f"::{PASSWORD}::") == (
-        "database_url is not a database URL "
-        "(sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE)"
+    for malformed in (f"::{PASSWORD}::", f"postgresql://k:{PASSWORD}@db:port/kms"):
+        assert _startup_error(malformed) == (
+            "database_url is not a database URL "
+            "(sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE)"
+        )
+    assert _startup_error(f"postgresql://k:{PASSWORD}@x@db/kms") == (
+        "database_url: an '@' in the user or password must be percent-encoded (%40)"
     )
 
 
@@ -167,7 +171,9 @@ def test_the_driver_reason_never_carries_a_password():
     said = 'FATAL:  no "p@ss/w0rd" nor p%40ss%2Fw0rd\nHINT: key-pass?'
     exc = sa.exc.OperationalError("SELECT 1", {"password": "p@ss/w0rd"}, Exception(said))
     assert engine.driver_reason(exc, url) == 'no "***" nor *** (HINT: ***?)'
-    assert engine.shown_url(url) == "postgresql://u:***@db/kms"
+    assert engine.shown_url(url) == "postgresql://u:***@db/kms?sslmode=require&sslpassword=***"
+    in_query = sa.engine.make_url("postgresql:///kms?host=db&user=u&password=S3cret")
+    assert engine.shown_url(in_query) == "postgresql:///kms?host=db&password=***&user=u"
 
 
 @pytest.mark.parametrize(

@@ -48,10 +48,16 @@ a database (the leader lock of kmsgate.jobs is another id)."""
 
 
 def shown_url(url: sa.engine.URL) -> str:
-    """`url` for a message: its password hidden and its query left out (it may hold one,
-    `?password=`), the driver not named (`postgresql://kmsgate:***@db:5432/kms`)."""
-    bare = url.set(drivername=url.get_backend_name(), query={})
-    return bare.render_as_string(hide_password=True)
+    """`url` for a message or the banner: its password, and any query value named like one
+    (`?password=`, `sslpassword=`), hidden; the driver not named
+    (`postgresql://kmsgate:***@db:5432/kms`, `postgresql:///kms?host=db&password=***`)."""
+    bare = url.set(drivername=url.get_backend_name(), query={}).render_as_string(hide_password=True)
+    query = "&".join(
+        f"{quote_plus(name)}={'***' if 'pass' in name.lower() else quote_plus(value)}"
+        for name, values in sorted(url.query.items())
+        for value in ((values,) if isinstance(values, str) else values)
+    )
+    return f"{bare}?{query}" if query else bare
 
 
 # libpq's framing of a failed connection, which the message names already
@@ -111,11 +117,15 @@ class Database:
         self.url = url
         try:
             parsed = sa.engine.make_url(url)
-        except sa.exc.ArgumentError:  # its text would show the URL, password and all
+        except (sa.exc.ArgumentError, ValueError):  # its text could show the password
             raise ConfigError(
                 "database_url is not a database URL "
                 "(sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE)"
             ) from None
+        if "@" in (parsed.host or ""):  # the password's own "@", read as the host's start
+            raise ConfigError(
+                "database_url: an '@' in the user or password must be percent-encoded (%40)"
+            )
         self._shown = shown_url(parsed)
         postgres = parsed.get_backend_name() == "postgresql"
         # a database that cannot be reached fails a request in seconds (503), not minutes
