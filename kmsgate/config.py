@@ -6,11 +6,13 @@ Nested values use `__` in the environment (`KMSGATE_LIMITS__MAX_BATCH=500`).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import ipaddress
 import re
 import socket
 import sys
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -585,6 +587,31 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping")
     return data
+
+
+_OTHER_VARIABLES = frozenset(
+    {"addr", "token", "cacert", "config", "log_level", "metrics_dir", "builder_id"}
+    | {"container_digest", "dataset_snapshot", "root_token_pin"}
+)
+"""The lower-case names of the KMSGATE_* variables that are not settings (the client's,
+model signing's, the workers')."""
+
+
+def misspelt_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each KMSGATE_* variable that names no setting but nearly names one
+    (`KMSGATE_DATABSE_URL`): it is ignored, and the gateway would start without what it
+    meant. Others are left alone (a PIN may be kept in `KMSGATE_HSM_PIN`)."""
+    known = sorted(set(Settings.model_fields) | _OTHER_VARIABLES)
+    warnings = []
+    for variable in sorted(environ):
+        if not variable.startswith("KMSGATE_"):
+            continue
+        name = variable.removeprefix("KMSGATE_").split("__")[0].lower()
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if name not in known and close:
+            meant = f"KMSGATE_{close[0].upper()}"
+            warnings.append(f"{variable} names no setting and is ignored (did you mean {meant}?)")
+    return warnings
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

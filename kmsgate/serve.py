@@ -35,6 +35,7 @@ from kmsgate.config import (
     dev_tls,
     is_loopback_host,
     load_settings,
+    misspelt_variables,
     with_database_driver,
 )
 from kmsgate.errors import ConfigError
@@ -114,6 +115,8 @@ def serve(
     anything is printed or created).
     """
     settings = load_settings(config, dev=dev or None, data_dir=data_dir, host=host, port=port)
+    for warning in misspelt_variables(os.environ):
+        console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
     configure_logs(log_level)
     os.environ[LEVEL_ENV] = log_level  # the workers' own
     if tls and settings.tls is None:

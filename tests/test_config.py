@@ -15,7 +15,12 @@ from kmsgate.bootstrap import (
     ensure_root_token,
     prepare_dev_data_dir,
 )
-from kmsgate.config import https_or_loopback, is_loopback_host, load_settings
+from kmsgate.config import (
+    https_or_loopback,
+    is_loopback_host,
+    load_settings,
+    misspelt_variables,
+)
 from kmsgate.errors import ConfigError
 
 
@@ -180,3 +185,22 @@ def test_is_loopback_host_resolves_names_only_when_asked():
     assert is_loopback_host("::1") and is_loopback_host("[::1]") and is_loopback_host("localhost")
     assert not is_loopback_host("0.0.0.0", resolve=True)
     assert not is_loopback_host("nonexistent.invalid", resolve=True)
+
+
+def test_a_variable_that_nearly_names_a_setting_is_pointed_out() -> None:
+    """A typo in a KMSGATE_* name is ignored by the settings (a gateway on its own SQLite
+    instead of the shared PostgreSQL): `serve` warns of it; variables far from any setting
+    (a PIN kept in KMSGATE_HSM_PIN) and the right names are left alone."""
+    environ = {
+        "KMSGATE_DATABSE_URL": "postgresql://db/kms",
+        "KMSGATE_POLICYDIR": "/etc/kmsgate/policies",
+        "KMSGATE_DATABASE_URL": "postgresql://db/kms",
+        "KMSGATE_LIMITS__MAX_BATCH": "5",
+        "KMSGATE_HSM_PIN": "1234",
+        "KMSGATE_ADDR": "https://gw:8200",
+        "DATABSE_URL": "x",
+    }
+    assert misspelt_variables(environ) == [
+        "KMSGATE_DATABSE_URL names no setting and is ignored (did you mean KMSGATE_DATABASE_URL?)",
+        "KMSGATE_POLICYDIR names no setting and is ignored (did you mean KMSGATE_POLICY_DIR?)",
+    ]
