@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
@@ -350,14 +351,21 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+class _NotANumber(ValueError):
+    pass
+
+
 def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
+    raise _NotANumber(f"{name} is not JSON")
 
 
 def _number(text: str) -> float | int:
     """A JSON number with a fraction or an exponent: an integer if its value is one (JSON
-    Schema counts 20.0 as an integer), else a float."""
+    Schema counts 20.0 as an integer), else a float. Raises _NotANumber beyond a double's
+    range (`1e400` would be Infinity)."""
     value = float(text)
+    if not math.isfinite(value):
+        raise _NotANumber(f"the number {text[:32]} is beyond a double's range")
     return int(value) if value.is_integer() else value
 
 
@@ -376,8 +384,17 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         body = _STRICT_JSON.decode(raw.decode("utf-8"))
     except _DuplicateKey as exc:
         raise InvalidRequest(str(exc)) from None
-    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
-        raise InvalidRequest("request body is not valid JSON") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest("request body is not valid JSON: not UTF-8") from None
+    except json.JSONDecodeError as exc:  # its message names no input, only where
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise InvalidRequest(f"request body is not valid JSON: {exc.msg} ({where})") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
+    except _NotANumber as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except ValueError:  # an integer of over 4300 digits (Python's limit)
+        raise InvalidRequest("request body is not valid JSON: an integer too long") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw):  # a pair is one character: fine

@@ -71,6 +71,22 @@ def test_malformed_json_is_400_on_every_route(api: Api, admin: str, raw: bytes, 
 
 
 @pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        (b'{"input": ', "not valid JSON: Expecting value (line 1, column 11)"),
+        (b'{"input": "YQ==", "x": ' + b'{"a": ' * 5000, "nested too deeply"),
+        (b'{"version": ' + b"9" * 5000 + b"}", "not valid JSON: an integer too long"),
+        (b'{"version": 1e400}', "not valid JSON: the number 1e400 is beyond a double's range"),
+        (b"\xff", "not valid JSON: not UTF-8"),
+    ],
+)
+def test_json_that_cannot_be_read_says_why(api: Api, admin: str, raw: bytes, detail: str) -> None:
+    create_key(api, admin, "k")
+    reply = api.call("POST", "/v1/keys/k/sign", admin, content=raw, headers=JSON_TYPE)
+    assert _problem(reply, 400, "invalid_request")["detail"] == f"request body is {detail}"
+
+
+@pytest.mark.parametrize(
     ("path", "raw"),
     [
         ("/v1/keys", b'{"name": "k2", "type": "ed25519", "type": "hmac-sha256", "purpose": "p"}'),
