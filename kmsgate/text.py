@@ -6,10 +6,16 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-HIDDEN = r"\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
-"""Control characters (C0, DEL, C1) and the bidirectional embeddings, overrides and isolates
-(a regex character-class body): in free text they forge rows in a listing or hide what a
-reviewer reads."""
+HIDDEN = (
+    r"\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+    r"\u2028\u2029\u200b\u200e\u200f\u061c\ufeff\u00ad"
+)
+"""Control characters (C0, DEL, C1), the bidirectional embeddings, overrides, isolates and
+marks, the line and paragraph separators, and the invisible ones that join nothing (zero
+width space, BOM, soft hyphen), as a regex character-class body (the OpenAPI document's
+patterns use it too: plain code points, as every regex dialect reads them): in free text
+they forge rows in a listing or hide what a reviewer reads. The zero width joiners, which
+some scripts need, are not among them."""
 _HIDDEN_CHARACTER = re.compile(f"[{HIDDEN}]")
 
 

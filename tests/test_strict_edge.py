@@ -383,7 +383,11 @@ def test_a_duration_is_ascii_digits_and_one_unit(
 
 
 @pytest.mark.parametrize(
-    "value", ["a\x00b", "line\nfeed", "tab\there", "rtl\u202eoverride", "\x9b"]
+    "value",
+    [
+        "a\x00b", "line\nfeed", "tab\there", "rtl\u202eoverride", "\x9b", "a\u2028b",
+        "mark\u200f", "zero\u200bwidth", "\ufeffbom", "ad\u00admin", "alm\u061c",
+    ],
 )
 def test_free_text_holds_no_control_or_bidi_override_character(
     api: Api, admin: str, value: str
@@ -392,7 +396,10 @@ def test_free_text_holds_no_control_or_bidi_override_character(
     detail = _problem(reply, 422, "validation_failed")["detail"]
     assert "control characters and bidirectional overrides are not allowed" in detail
     assert "k2" not in _key_names(api, admin)
-    made = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "labels": {"team": "Équipe ü"}})
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # a zero width non-joiner
+    made = api.call(
+        "POST", "/v1/keys", admin, json={**NEW_KEY, "labels": {"team": f"Équipe ü {persian}"}}
+    )
     assert made.status_code == 201, made.text
 
 
