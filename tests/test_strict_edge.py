@@ -385,8 +385,17 @@ def test_a_duration_is_ascii_digits_and_one_unit(
 @pytest.mark.parametrize(
     "value",
     [
-        "a\x00b", "line\nfeed", "tab\there", "rtl\u202eoverride", "\x9b", "a\u2028b",
-        "mark\u200f", "zero\u200bwidth", "\ufeffbom", "ad\u00admin", "alm\u061c",
+        "a\x00b",
+        "line\nfeed",
+        "tab\there",
+        "rtl\u202eoverride",
+        "\x9b",
+        "a\u2028b",
+        "mark\u200f",
+        "zero\u200bwidth",
+        "\ufeffbom",
+        "ad\u00admin",
+        "alm\u061c",
     ],
 )
 def test_free_text_holds_no_control_or_bidi_override_character(
