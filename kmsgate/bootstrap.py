@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from kmsgate.audit import FileSink
 from kmsgate.audit.checkpoint import CheckpointPolicy
-from kmsgate.auth import SYSTEM, Principal, TokenRegistry
+from kmsgate.auth import SYSTEM, Credentials, Principal, TokenRegistry
 from kmsgate.backends import backend_class
 from kmsgate.backends.base import BackendKey, KeyBackend, Registry, RootKeyWrapper
 from kmsgate.backends.softkms import (
@@ -28,7 +28,7 @@ from kmsgate.backends.softkms import (
 )
 from kmsgate.catalogue import AUDIT_PURPOSE, Catalogue
 from kmsgate.config import ROOT_TOKEN_FILE, Settings
-from kmsgate.errors import BackendError, ConfigError, KmsgateError, NotFound
+from kmsgate.errors import BackendError, ConfigError, KmsgateError, NotFound, Unauthenticated
 from kmsgate.pki.authorities import CaState
 from kmsgate.pki.root import (
     RootKey,
@@ -258,6 +258,22 @@ def ensure_root_token(service: Service, data_dir: Path) -> str | None:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
+
+
+def stale_root_token(service: Service, data_dir: Path) -> str | None:
+    """Why the token in a dev gateway's `root-token` file no longer works (revoked, expired,
+    unreadable), or None: a restart would otherwise point at a file whose token gets 401."""
+    path = data_dir / ROOT_TOKEN_FILE
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+        service.tokens.authenticate(Credentials(bearer=token))
+    except (OSError, UnicodeDecodeError):
+        return f"{path} cannot be read"
+    except Unauthenticated:
+        return (
+            f"the token in {path} is revoked or expired: remove the file and restart for a new one"
+        )
+    return None
 
 
 _DEV_AUDIT_DECISION = Decision(

@@ -27,7 +27,12 @@ from uvicorn.supervisors import Multiprocess
 
 from kmsgate.api.app import create_app
 from kmsgate.api.metrics import SNAPSHOT_DIR_ENV
-from kmsgate.bootstrap import build_service, ensure_root_token, prepare_dev_data_dir
+from kmsgate.bootstrap import (
+    build_service,
+    ensure_root_token,
+    prepare_dev_data_dir,
+    stale_root_token,
+)
 from kmsgate.config import (
     ROOT_TOKEN_FILE,
     Settings,
@@ -144,6 +149,9 @@ def serve(
             console.print(
                 f"Root token file: {settings.data_dir / ROOT_TOKEN_FILE}", highlight=False
             )
+            stale = None if token else stale_root_token(service, settings.data_dir)
+            if stale:
+                console.print(f"warning: {stale}", highlight=False, soft_wrap=True)
         options: dict[str, Any] = {**SERVER_OPTIONS, "ssl_context_factory": server_tls}
         scheme = "https" if server_tls else "http"
         store = shown_url(make_url(with_database_driver(settings.resolved_database_url())))

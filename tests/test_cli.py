@@ -36,8 +36,10 @@ import httpx
 import pytest
 from rich.console import Console
 
+from kmsgate.bootstrap import stale_root_token
 from kmsgate.cli import common
 from tests.components import LOOPBACK, free_port
+from tests.gateway import open_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 CLI_TIMEOUT = 60.0  # seconds, per CLI process
@@ -303,6 +305,20 @@ def test_dev_server_prints_the_root_token_once_and_writes_it_0600(gateway: Gatew
         assert stat.S_IMODE((gateway.data_dir / name).stat().st_mode) == 0o600, name
     assert stat.S_IMODE(gateway.data_dir.stat().st_mode) == 0o700
     assert (gateway.data_dir / "audit.log").is_file()
+
+
+def test_a_dev_root_token_revoked_meanwhile_is_pointed_out_at_restart(tmp_path: Path) -> None:
+    """The file a restart names would otherwise hold a token that only gets 401."""
+    with open_gateway(tmp_path) as (api, admin):
+        (tmp_path / "root-token").write_text(admin + "\n")
+        assert stale_root_token(api.service, tmp_path) is None
+        revoked = api.call("DELETE", f"/v1/sys/tokens/{admin.split('.')[1]}", admin)
+        assert revoked.status_code == 200, revoked.text
+        stale = stale_root_token(api.service, tmp_path)
+        assert stale == (
+            f"the token in {tmp_path / 'root-token'} is revoked or expired: remove the file "
+            "and restart for a new one"
+        )
 
 
 # --------------------------------------------------------------------------------------------
