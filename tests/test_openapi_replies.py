@@ -67,7 +67,9 @@ def test_the_guard_knows_fastapis_open_object():
 
 def test_only_a_json_body_is_documented_as_refused_by_its_media_type(api):
     """415 is for a body that is not JSON: the OCSP responder takes its DER as it comes."""
-    paths = api.client.get("/openapi.json").json()["paths"]
+    served = api.client.get("/openapi.json")
+    assert served.content.endswith(b"}\n")  # as every JSON reply (docs/api.md)
+    paths = served.json()["paths"]
     assert "415" not in paths["/v1/pki/cas/{ca}/ocsp"]["post"]["responses"]
     assert "415" in paths["/v1/keys/{name}/sign"]["post"]["responses"]
 

@@ -30,7 +30,7 @@ from kmsgate.api.problems import (
     refuse_bad_framing,
     too_large,
 )
-from kmsgate.api.responses import add_edge_headers
+from kmsgate.api.responses import add_edge_headers, json_bytes
 from kmsgate.errors import InvalidRequest
 from kmsgate.http_protocol import WHOLE_REPLY
 
@@ -56,6 +56,7 @@ class GatewayApp(FastAPI):
     """(the literal end of its path, the route): a path that does not end so cannot match."""
     _included: tuple[APIRouter, ...] = ()
     _document: dict[str, Any] | None = None
+    _document_bytes: bytes | None = None
 
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI document, with what FastAPI cannot see (`kmsgate.api.openapi`), built
@@ -63,6 +64,20 @@ class GatewayApp(FastAPI):
         if self._document is None:
             self._document = complete(super().openapi())
         return self._document
+
+    def setup(self) -> None:
+        """FastAPI's set-up, but the OpenAPI document is served as every JSON reply is
+        (orjson, a final newline) and serialised once."""
+        url, self.openapi_url = self.openapi_url, None  # no route of FastAPI's own
+        super().setup()
+        self.openapi_url = url
+        if url:
+            self.add_route(url, self._serve_openapi, include_in_schema=False)
+
+    async def _serve_openapi(self, _request: Request) -> Response:
+        if self._document_bytes is None:
+            self._document_bytes = json_bytes(self.openapi())
+        return Response(self._document_bytes, media_type="application/json")
 
     def include(self, router: APIRouter) -> None:
         """`include_router`, keeping `router` for `allowed_methods`."""
