@@ -888,6 +888,8 @@ def test_audit_verify_of_a_missing_log_is_a_one_line_error(tmp_path: Path) -> No
     also reads as "the log is broken")."""
     result = run_cli(("audit", "verify", str(tmp_path / "none.log")), clean_env())
     assert_one_line_error(result, "none.log")
+    in_a_directory = run_cli(("audit", "verify", str(tmp_path)), clean_env())
+    assert_one_line_error(in_a_directory, "is a directory", str(tmp_path / "audit.log"))
 
 
 def test_sign_output_to_an_unwritable_path_is_a_one_line_error(

@@ -243,6 +243,8 @@ def audit_verify(
     anchors = stored_anchors(data_dir, config, gateway, token)
     with public_keys(key, gateway, token) as keys:
         for path in paths:
+            if path.is_dir():
+                fail(f"{path} is a directory: give the audit log in it ({path / 'audit.log'})")
             try:
                 report = AuditFile(path).verify(keys=keys, anchors=anchors or ())
             except (OSError, ValueError) as exc:
