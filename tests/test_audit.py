@@ -604,6 +604,10 @@ def test_garbled_line(tmp_path: Path, pristine: bytes) -> None:
     path.write_bytes(b"".join(lines))
     report = AuditFile(path).verify()
     assert (report.first_bad_line, report.reason) == (2, "line 2: not valid JSON")
+    lines[1] = b"[1, 2]\n"  # JSON, but no record
+    path.write_bytes(b"".join(lines))
+    report = AuditFile(path).verify()
+    assert (report.first_bad_line, report.reason) == (2, "line 2: not a JSON object")
 
 
 def test_deleted_last_record_is_caught_by_head_file(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def decode(raw: bytes) -> dict[str, object]:
     except (ValueError, RecursionError) as exc:
         raise ValueError("not valid JSON") from exc
     if not isinstance(obj, dict):
-        raise ValueError("not valid JSON")
+        raise ValueError("not a JSON object")
     return obj
 
 

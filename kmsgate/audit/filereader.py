@@ -65,7 +65,7 @@ def iter_records(path: Path) -> Iterator[dict[str, object]]:
             try:
                 yield decode(raw.rstrip(b"\n"))
             except ValueError as exc:
-                raise ValueError(f"line {lineno}: not valid JSON") from exc
+                raise ValueError(f"line {lineno}: {exc}") from exc
 
 
 class AuditFile:
@@ -218,8 +218,8 @@ def _line_problem(raw: bytes, lineno: int, prev: str) -> tuple[dict[str, object]
     raw = raw[:-1]
     try:
         record = decode(raw)
-    except ValueError:
-        return None, f"line {lineno}: not valid JSON"
+    except ValueError as exc:
+        return None, f"line {lineno}: {exc}"
     problem = seal_problem(raw, record)
     if problem is not None:
         return None, f"record {lineno}: {problem}"

@@ -123,7 +123,7 @@ def _resume(path: Path, fd: int, size: int) -> tuple[int, str, bool]:
     try:
         last = decode(last_raw)
     except ValueError as exc:
-        raise ConfigError(f"audit log {path}: last line is not valid JSON") from exc
+        raise ConfigError(f"audit log {path}: last line is {exc}") from exc
     problem = seal_problem(last_raw, last)
     if problem is not None:
         raise ConfigError(f"audit log {path}: last record: {problem}")
