@@ -153,6 +153,7 @@ class Database:
         self._meta_reader = _MetaReader(self.engine, self._stall)
         if postgres:
             sa.event.listen(self.engine, "checkout", self._ping_at_checkout)
+            sa.event.listen(self.engine, "checkin", self._returned)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _enable_sqlite_wal)
             # SQLite has one writer at a time; threads and processes that find it busy sleep
@@ -224,6 +225,10 @@ class Database:
         except Exception as exc:
             self._stall.attach(driver_connection)
             raise sa.exc.DisconnectionError("the connection failed its ping") from exc
+
+    def _returned(self, driver_connection: Any, _record: Any) -> None:
+        """A connection back in the pool is no longer its last user's to have cut."""
+        self._stall.detach(driver_connection)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:

@@ -78,6 +78,14 @@ class StallGuard:
                 raise Unavailable("metadata store not answering")
             wait[1] = driver_connection
 
+    def detach(self, driver_connection: Any) -> None:
+        """The calling thread is done with `driver_connection` (it goes back to the pool,
+        where another thread may take it): its deadline no longer cuts it."""
+        with self._lock:
+            for wait in self._waits.get(threading.get_ident(), ()):
+                if wait[1] is driver_connection:
+                    wait[1] = None
+
     def _start_watcher(self) -> None:
         if self._watcher_pid == os.getpid():
             return
@@ -92,18 +100,13 @@ class StallGuard:
         while True:
             time.sleep(self._seconds / 20)
             moment = time.monotonic()
-            with self._lock:
-                late = [
-                    wait
-                    for waits in self._waits.values()
-                    for wait in waits
-                    if wait[0] < moment and not wait[2]
-                ]
-                for wait in late:
-                    wait[2] = True
-            for wait in late:
-                if wait[1] is not None:
-                    _cut(wait[1])
+            with self._lock:  # cut under the lock: no connection is detached meanwhile
+                for waits in self._waits.values():
+                    for wait in waits:
+                        if wait[0] < moment and not wait[2]:
+                            wait[2] = True
+                            if wait[1] is not None:
+                                _cut(wait[1])
 
 
 def _cut(driver_connection: Any) -> None:
