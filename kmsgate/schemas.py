@@ -57,7 +57,6 @@ KEY_NAME_PATTERN = f"^{KEY_NAME.pattern}$"
 ROLE_PATTERN = r"^[a-z0-9._:-]{1,64}$"
 """What a token's role may be (checked by `TokenRegistry.create`: 400); for the document."""
 LABEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-LABEL_NAME = re.compile(LABEL_PATTERN)
 MAX_LABEL_VALUE = 256
 
 
@@ -80,6 +79,11 @@ Labels = Annotated[
     Field(max_length=32, json_schema_extra={"additionalProperties": False}),
 ]
 """Label names and values (names as purposes are; values up to 256 characters of `Text`)."""
+LabelFilter = Annotated[
+    str,
+    Field(pattern=f"^{LABEL_PATTERN[1:-1]}:[^{HIDDEN}]{{0,{MAX_LABEL_VALUE}}}$"),
+]
+"""A key list's `label=name:value` filter: a label name, then a value a label may have."""
 MAX_VERSION = 2**31 - 1
 """The largest key version a request may name (bounded before any policy or store call)."""
 

@@ -24,6 +24,8 @@ from kmsgate.schemas import parse_json_object
 JSON = "application/json"
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
 _BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
+_UTF8_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
+"""Charsets a JSON body may name: UTF-8, and ASCII (a subset of it)."""
 
 
 def header(scope: Scope, name: bytes) -> str:
@@ -56,7 +58,7 @@ def require_media_type(request: Request, expected: str) -> None:
     for parameter in parameters.split(";"):
         name, _, value = parameter.partition("=")
         charset = value.strip().strip('"').lower()
-        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+        if name.strip().lower() == "charset" and charset not in _UTF8_CHARSETS:
             raise UnsupportedMediaType(f"send the request body as {expected} in UTF-8")
 
 
@@ -106,11 +108,12 @@ def refuse_unknown(scope: Scope, known: Collection[str]) -> None:
 def strict_scalar(where: str, text: str, kind: type[int] | type[bool]) -> int | bool:
     """`text` from a query or a path as an integer (decimal digits, no sign, space, `_`,
     leading zero or fraction: `+1`, `1_0` and `1.0` are not 1 or 10) or a boolean (`true`,
-    `false`, `1`, `0`: not `yes` or `on`). Raises ValidationFailed naming `where`."""
+    `false` in any case, `1`, `0`: not `yes` or `on`). Raises ValidationFailed naming
+    `where`."""
     if kind is bool:
-        if text not in _BOOLEANS:
+        if text.lower() not in _BOOLEANS:  # Python's clients write True
             raise ValidationFailed(f"{where}: a boolean: true, false, 1 or 0")
-        return _BOOLEANS[text]
+        return _BOOLEANS[text.lower()]
     if not _DECIMAL.fullmatch(text):
         raise ValidationFailed(f"{where}: an integer in decimal digits alone")
     return int(text)

@@ -140,7 +140,7 @@ def refuse_bad_framing(scope: Scope, limit: int) -> None:
             host = True
         elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
             raise NotSupported("transfer coding: only chunked is supported")
-        elif name == b"content-encoding" and value.strip().lower() != b"identity":
+        elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
             raise UnsupportedMediaType("content coding: send the body uncompressed")
     if not host:
         raise InvalidRequest("an HTTP/1.1 request must carry a Host header")

@@ -31,17 +31,16 @@ from kmsgate.api.replies import (
 )
 from kmsgate.api.responses import PEM, json_response, operation_response
 from kmsgate.api.threads import BackendThreads
-from kmsgate.errors import ValidationFailed, VerificationFailed
+from kmsgate.errors import VerificationFailed
 from kmsgate.schemas import (
-    LABEL_NAME,
     LABEL_PATTERN,
-    MAX_LABEL_VALUE,
     MAX_VERSION,
     CompromisedRequest,
     CreateKeyRequest,
     DataKeyItem,
     DecryptItem,
     EncryptItem,
+    LabelFilter,
     MacItem,
     MacVerifyItem,
     PatchKeyRequest,
@@ -258,21 +257,10 @@ def build_routes() -> tuple[list[FastRoute], APIRouter]:
     return hot, router
 
 
-def _labels(label: list[str]) -> dict[str, str]:
-    """The `label=name:value` filters by name. Raises ValidationFailed for one that is not
-    `name:value` with a label name, or a name given twice (both cannot match)."""
-    pairs: dict[str, str] = {}
-    for item in label:
-        name, sep, value = item.partition(":")
-        if not sep or not LABEL_NAME.fullmatch(name) or len(value) > MAX_LABEL_VALUE:
-            raise ValidationFailed(
-                "query.label: name:value, the name a label name (a-z, 0-9, '.', '_', '-'), "
-                f"the value up to {MAX_LABEL_VALUE} characters"
-            )
-        if name in pairs:
-            raise ValidationFailed(f"query.label: {name!r} given twice; a key has one value")
-        pairs[name] = value
-    return pairs
+def _labels(label: list[str]) -> list[tuple[str, str]]:
+    """The `label=name:value` filters (each checked by `LABEL_FILTER`; a name given twice
+    with two values matches no key: every filter must match)."""
+    return [(name, value) for name, _, value in (item.partition(":") for item in label)]
 
 
 def create_key(
@@ -287,7 +275,7 @@ def list_keys(
     principal: PrincipalDep,
     ctx: CtxDep,
     purpose: Annotated[str | None, Query(pattern=LABEL_PATTERN)] = None,
-    label: Annotated[list[str], Query(max_length=32)] = [],  # noqa: B006
+    label: Annotated[list[LabelFilter], Query(max_length=32)] = [],  # noqa: B006
 ) -> Response:
     """Keys the caller may read, filtered by purpose and `label=name:value`."""
     keys = service.keys.search(principal, ctx, purpose=purpose, labels=_labels(label))

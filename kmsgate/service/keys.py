@@ -192,16 +192,22 @@ class Keys:
     # -- read ------------------------------------------------------------------------------
 
     def search(
-        self, principal: Principal, ctx: Ctx, *, purpose: str | None, labels: Mapping[str, str]
+        self,
+        principal: Principal,
+        ctx: Ctx,
+        *,
+        purpose: str | None,
+        labels: Sequence[tuple[str, str]],
     ) -> list[Key]:
-        """Keys matching the filters that the principal may read (`key.read` per key).
-        Raises Unavailable when the caches are too old to act on (as for one key)."""
+        """Keys matching every filter (a purpose, label name and value pairs) that the
+        principal may read (`key.read` per key). Raises Unavailable when the caches are too
+        old to act on (as for one key)."""
         self.gate.require_fresh()
         visible = [
             key
             for key in self.gate.catalogue.all()
             if (purpose is None or key.purpose == purpose)
-            and all(key.labels.get(k) == v for k, v in labels.items())
+            and all(key.labels.get(name) == value for name, value in labels)
             and self.gate.decide(principal, "key.read", key.policy_resource()).allow
         ]
 

@@ -266,7 +266,7 @@ def test_once_asked_for_a_crl_is_served_from_memory_and_follows_each_build(
     rebuilt = pki.crl()
     assert crl_number(rebuilt) > crl_number(full)
     assert [entry.serial_number for entry in rebuilt] == [int(serial, 16)]
-    for value, status in (("maybe", 422), ("2", 422), ("", 422), ("yes", 200), ("0", 200)):
+    for value, status in (("maybe", 422), ("2", 422), ("", 422), ("yes", 422), ("True", 200)):
         r = api.call("GET", f"/v1/pki/cas/issuing/crl?delta={value}", None)
         assert r.status_code == status, (value, r.text)
     bad = api.call("GET", "/v1/pki/cas/issuing/crl?delta=maybe", None).json()
