@@ -32,8 +32,7 @@ from sqlalchemy.engine import Connection
 
 from kmsgate.errors import KmsgateError, Unavailable
 from kmsgate.service import Ctx, Service
-from kmsgate.store.engine import CONNECT_TIMEOUT_SECONDS
-from kmsgate.store.stall import KEEPALIVE_ARGS, StallGuard
+from kmsgate.store.stall import StallGuard, connection_defaults
 
 log = logging.getLogger("kmsgate.jobs")
 
@@ -69,7 +68,7 @@ class PostgresLeaderLock(LeaderLock):
         self._engine = sa.create_engine(
             database_url,
             poolclass=sa.pool.NullPool,
-            connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS, **KEEPALIVE_ARGS},
+            connect_args=connection_defaults(sa.engine.make_url(database_url).query),
         )
         self._conn: Connection | None = None
         self._stall = StallGuard()

@@ -149,9 +149,10 @@ def test_a_database_url_of_no_known_database_says_so():
             "database_url is not a database URL "
             "(sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE)"
         )
-    assert _startup_error(f"postgresql://k:{PASSWORD}@x@db/kms") == (
-        "database_url: an '@' in the user or password must be percent-encoded (%40)"
-    )
+    for stray in ("x@db/kms", "9/x@db/kms", "[x]@db/kms", "db/kms?x@y=1"):
+        assert _startup_error(f"postgresql://k:{PASSWORD}@{stray}") == (
+            "database_url: an '@' in the user or password must be percent-encoded (%40)"
+        ), stray
 
 
 def test_a_sqlite_database_in_a_missing_directory_says_so(tmp_path):

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 from kmsgate.config import with_database_driver
 from kmsgate.errors import ConcurrentChange, ConfigError, KmsgateError, Unavailable
 from kmsgate.store import tables
-from kmsgate.store.stall import KEEPALIVE_ARGS, StallGuard
+from kmsgate.store.stall import StallGuard, connection_defaults
 
 Row = Mapping[str, Any]
 
@@ -38,8 +38,6 @@ def utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-CONNECT_TIMEOUT_SECONDS = 3
-"""How long a new PostgreSQL connection may take before the request gets 503."""
 WRITE_WAIT_SECONDS = 5.0
 """How long a transaction waits for SQLite's writer lock (also SQLite's busy timeout)."""
 MIGRATION_LOCK_ID = 0x6B6D_7367_6D69_6772  # "kmsgmigr"
@@ -122,16 +120,15 @@ class Database:
                 "database_url is not a database URL "
                 "(sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE)"
             ) from None
-        if "@" in (parsed.host or ""):  # the password's own "@", read as the host's start
+        if url.partition("://")[2].count("@") > 1:  # a password's own "@" would be read
+            # as the end of the credentials, and the rest shown as the host or the path
             raise ConfigError(
                 "database_url: an '@' in the user or password must be percent-encoded (%40)"
             )
         self._shown = shown_url(parsed)
         postgres = parsed.get_backend_name() == "postgresql"
         # a database that cannot be reached fails a request in seconds (503), not minutes
-        connect_args: dict[str, Any] = (
-            {"connect_timeout": CONNECT_TIMEOUT_SECONDS, **KEEPALIVE_ARGS} if postgres else {}
-        )
+        connect_args: dict[str, Any] = connection_defaults(parsed.query) if postgres else {}
         self._stall = StallGuard() if postgres else StallGuard(None)
         try:
             self.engine: Engine = sa.create_engine(

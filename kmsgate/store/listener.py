@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from kmsgate.store.feed import CHANNEL
-from kmsgate.store.stall import KEEPALIVE_ARGS
+from kmsgate.store.stall import connection_defaults
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -82,9 +82,10 @@ class ChangeListener:
         if self._conn is None and time.monotonic() >= self._retry_at:
             try:
                 import psycopg
-                from psycopg.conninfo import make_conninfo
+                from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-                conninfo = make_conninfo(self._conninfo, connect_timeout=5, **KEEPALIVE_ARGS)
+                given = conninfo_to_dict(self._conninfo)
+                conninfo = make_conninfo(self._conninfo, **connection_defaults(given))
                 conn = psycopg.connect(conninfo, autocommit=True)
                 conn.execute(f"LISTEN {CHANNEL}")  # a constant: no quoting needed
                 self._conn = conn

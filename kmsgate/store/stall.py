@@ -11,7 +11,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from kmsgate.errors import Unavailable
@@ -20,16 +21,64 @@ STALL_SECONDS = 10.0
 """How long a transaction on PostgreSQL may take before its connection is cut: far above
 what any of kmsgate's transactions needs, well below a client's or a drain's patience."""
 
-KEEPALIVE_ARGS: dict[str, int] = {
+CONNECT_TIMEOUT_SECONDS = 3
+"""How long a new PostgreSQL connection may take before the request gets 503."""
+
+_CONNECTION_DEFAULTS: dict[str, int] = {
+    "connect_timeout": CONNECT_TIMEOUT_SECONDS,
     "keepalives": 1,
     "keepalives_idle": 15,
     "keepalives_interval": 5,
     "keepalives_count": 3,
     "tcp_user_timeout": 30_000,
 }
-"""libpq options that end a connection whose peer is gone (a host down, a partition that
-drops packets) in about 30 seconds: for the connections held open between transactions
-(the jobs' leader lock, the change listener), which no deadline covers."""
+"""libpq options: a connection that cannot be made fails in seconds, and one whose peer is
+gone (a host down, a partition that drops packets) ends in about 30 seconds, for the
+connections held open between transactions (the jobs' leader lock, the change listener),
+which no deadline covers."""
+
+
+def connection_defaults(given: Collection[str]) -> dict[str, int]:
+    """kmsgate's libpq options but those the database URL sets itself (`given`): an
+    operator's `?connect_timeout=20` stands."""
+    return {name: value for name, value in _CONNECTION_DEFAULTS.items() if name not in given}
+
+
+@dataclass(slots=True)
+class _Wait:
+    """One open deadline: when it passes, and the connection it would cut (a duplicate of
+    its socket, made while the connection is surely open and closed with the wait, so
+    that a cut can never reach a descriptor number reused meanwhile)."""
+
+    deadline: float
+    driver: Any = None
+    socket: socket.socket | None = None
+    cut: bool = False
+
+    def watch(self, driver: Any) -> None:
+        self.forget()
+        self.driver = driver
+        try:
+            fd = os.dup(driver.pgconn.socket)
+        except Exception:  # the driver's own when closed: no socket, nothing to cut
+            return
+        try:
+            self.socket = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+
+    def forget(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+        self.driver, self.socket = None, None
+
+    def cut_now(self) -> None:
+        """Shut the connection's socket down under it: the wait on it ends at once with a
+        driver error (the connection is broken, and dropped by the pool)."""
+        self.cut = True
+        if self.socket is not None:
+            with contextlib.suppress(OSError):  # closed by its peer meanwhile
+                self.socket.shutdown(socket.SHUT_RDWR)
 
 
 class StallGuard:
@@ -41,10 +90,15 @@ class StallGuard:
         """None: no deadlines (SQLite: a local file has no peer to fall silent)."""
         self._seconds = seconds
         self._lock = threading.Lock()
-        self._waits: dict[int, list[list[Any]]] = {}
-        """thread ident -> its open deadlines, innermost last: [deadline, the driver
-        connection or None, cut already] (a transaction may open inside another)"""
+        self._waits: dict[int, list[_Wait]] = {}
+        """thread ident -> its open deadlines, innermost last (a transaction may open
+        inside another)"""
         self._watcher_pid = 0
+        self._silent = False
+        """Whether the server counts as silent (a cut was made, and no transaction has
+        answered since): one transaction at a time then waits on it, the others get
+        Unavailable at once instead of a deadline each (a request that needs several
+        would wait for each in turn)."""
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
@@ -53,17 +107,24 @@ class StallGuard:
             yield
             return
         self._start_watcher()
-        me, wait = threading.get_ident(), [time.monotonic() + self._seconds, None, False]
+        me, wait = threading.get_ident(), _Wait(time.monotonic() + self._seconds)
         with self._lock:
+            if self._silent and self._waits:
+                raise Unavailable("metadata store not answering")
             self._waits.setdefault(me, []).append(wait)
+        answered = False
         try:
             yield
+            answered = not wait.cut
         finally:
             with self._lock:
                 waits = self._waits[me]
                 waits.remove(wait)
                 if not waits:
                     del self._waits[me]
+                wait.forget()
+                if answered:
+                    self._silent = False
 
     def attach(self, driver_connection: Any) -> None:
         """Name the connection the calling thread's transaction uses (none is watched when
@@ -73,18 +134,18 @@ class StallGuard:
             waits = self._waits.get(threading.get_ident())
             if not waits:
                 return
-            wait = waits[-1]
-            if wait[2]:
+            if waits[-1].cut:
                 raise Unavailable("metadata store not answering")
-            wait[1] = driver_connection
+            waits[-1].watch(driver_connection)
 
     def detach(self, driver_connection: Any) -> None:
-        """The calling thread is done with `driver_connection` (it goes back to the pool,
-        where another thread may take it): its deadline no longer cuts it."""
+        """`driver_connection` goes back to the pool, where another thread may take it:
+        no deadline cuts it any more (whichever thread returns it)."""
         with self._lock:
-            for wait in self._waits.get(threading.get_ident(), ()):
-                if wait[1] is driver_connection:
-                    wait[1] = None
+            for waits in self._waits.values():
+                for wait in waits:
+                    if wait.driver is driver_connection:
+                        wait.forget()
 
     def _start_watcher(self) -> None:
         if self._watcher_pid == os.getpid():
@@ -92,27 +153,18 @@ class StallGuard:
         with self._lock:
             if self._watcher_pid == os.getpid():
                 return
+            watcher = threading.Thread(target=self._watch, name="kmsgate-store-stall", daemon=True)
+            watcher.start()  # if it cannot, the next transaction tries again
             self._watcher_pid = os.getpid()  # a forked worker starts its own
-        threading.Thread(target=self._watch, name="kmsgate-store-stall", daemon=True).start()
 
     def _watch(self) -> None:
         assert self._seconds is not None
         while True:
             time.sleep(self._seconds / 20)
             moment = time.monotonic()
-            with self._lock:  # cut under the lock: no connection is detached meanwhile
+            with self._lock:  # under the lock: no connection is detached meanwhile
                 for waits in self._waits.values():
                     for wait in waits:
-                        if wait[0] < moment and not wait[2]:
-                            wait[2] = True
-                            if wait[1] is not None:
-                                _cut(wait[1])
-
-
-def _cut(driver_connection: Any) -> None:
-    """Shut the socket of a psycopg connection down under it: the wait on it ends at once
-    with a driver error (the connection is broken, and dropped by the pool)."""
-    with contextlib.suppress(Exception):  # closed meanwhile: nothing left to cut
-        fd = os.dup(driver_connection.pgconn.socket)
-        with socket.socket(fileno=fd) as dup:
-            dup.shutdown(socket.SHUT_RDWR)
+                        if wait.deadline < moment and not wait.cut:
+                            wait.cut_now()
+                            self._silent = True
