@@ -278,9 +278,10 @@ def postgres_frozen(server: PostgresServer) -> Iterator[None]:
     let it go on (SIGCONT): its connections stay open and silent, as behind a network that
     drops nothing, and new ones are accepted by the kernel but never answered."""
     postmaster = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGSTOP)  # first: a stopped postmaster forks no new backend
     children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
     frozen = [postmaster, *map(int, children)]
-    for pid in frozen:
+    for pid in frozen[1:]:
         os.kill(pid, signal.SIGSTOP)
     try:
         yield

@@ -21,8 +21,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kmsgate.audit import CHECKPOINT_ACTION, AuditEvent, AuditFile, CheckpointPolicy, FileSink
 from kmsgate.audit.chain import GENESIS_HASH, canonical, sealed_line
-from kmsgate.audit.checkpoint import CheckpointSignature, checkpoint_fields, signed_payload
-from kmsgate.audit.filereader import chain_path
+from kmsgate.audit.checkpoint import (
+    ChainIdentity,
+    CheckpointSignature,
+    checkpoint_fields,
+    signed_payload,
+)
+from kmsgate.audit.filereader import UNKNOWN_WRITER, chain_path
 from kmsgate.audit.headfile import head_path, write_head
 from kmsgate.auth import Principal
 from kmsgate.bootstrap import build_service, ensure_dev_audit_key
@@ -224,14 +229,41 @@ def test_a_renamed_copy_verifies_and_swapped_chain_files_do_not(
     assert report.ok and report.chains == 2, report
     assert [chain.name for chain in report.checkpoints] == ["audit.log", "audit.1.log"]
     assert all(chain.anchored and chain.signatures_checked for chain in report.checkpoints)
+    gateway = ChainIdentity("audit.log", "r1")  # what a config with replica_id says
+    report = AuditFile(archive / "2026-12-06.log").verify(
+        keys=signer.public_keys, anchors=anchors, written_as=gateway
+    )
+    assert report.ok, report
     swapped = tmp_path / "swapped"
     swapped.mkdir()
     shutil.copy(log, swapped / "audit.1.log")
     shutil.copy(second, swapped / "audit.log")
-    report = AuditFile(swapped / "audit.log").verify(keys=signer.public_keys)
-    assert not report.ok, report
-    assert "checkpoint of chain file audit.1.log, in audit.log" in str(report.reason), report
-    assert "swapped or renamed" in str(report.reason)
+    for written_as, belongs in ((gateway, "audit.log"), (UNKNOWN_WRITER, "audit.1.1.log")):
+        report = AuditFile(swapped / "audit.log").verify(
+            keys=signer.public_keys, written_as=written_as
+        )
+        assert not report.ok, report
+        assert f"where {belongs} belongs: chain files swapped" in str(report.reason), report
+
+
+def test_a_cut_log_is_caught_whatever_replica_its_last_record_claims(
+    tmp_path: Path, signer: LocalSigner
+) -> None:
+    """The store's checkpoint is looked up by the replica a checkpoint signed (or the
+    config's), never by the unsigned `replica` of the log's last record: records cut
+    from the end, one forged record naming another replica in their place, is caught."""
+    log, anchors = tmp_path / "audit.log", list[AuditAnchor]()
+    with open_sink(log, signer, anchors, every_records=2) as sink:
+        for n in range(6):
+            sink.append(event(n))
+    chain = records(log)
+    cut = chain[:4]
+    forged = {**cut[-1], "replica": "zz", "request_id": "forged"}
+    rewrite(log, [*cut, forged])
+    for keys in (signer.public_keys, None):
+        report = AuditFile(log).verify(keys=keys, anchors=anchors[-1:])
+        assert not report.ok, (keys, report)
+        assert "records deleted from the end" in str(report.reason), report
 
 
 # -- through the service: the backend signs, the store keeps the checkpoint ---------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +29,12 @@ from kmsgate.store.checkpoints import AuditAnchor
 __all__ = [
     "CHECKPOINT_ACTION",
     "ChainCheckpoints",
+    "ChainIdentity",
     "CheckpointPolicy",
     "CheckpointSignature",
     "PublicKeys",
     "Signer",
     "UntrustedKey",
-    "chain_number",
     "check_checkpoints",
     "checkpoint_fields",
     "signed_payload",
@@ -145,6 +144,15 @@ class _Mark:
 
 
 @dataclass(frozen=True)
+class ChainIdentity:
+    """What a chain file should be, when the verifier knows: the chain file name it was
+    written as (`audit.1.log`), and the replica that wrote it (the gateway config's)."""
+
+    name: str | None = None
+    replica: str | None = None
+
+
+@dataclass(frozen=True)
 class ChainCheckpoints:
     """What the checkpoints of one chain file (last written by `replica`) prove: the last
     checkpoint (its line, the seq it covers, final or not, key and version), how many
@@ -205,34 +213,38 @@ def _mark(line: int, record: Mapping[str, object]) -> _Mark:
 
 def check_checkpoints(
     chain: Path,
-    number: int,
+    expected: ChainIdentity,
     replica: str,
     hashes: Sequence[str],
     records: Mapping[int, Mapping[str, object]],
     keys: PublicKeys | None,
     anchors: Sequence[AuditAnchor],
 ) -> tuple[ChainCheckpoints, tuple[int, str] | None]:
-    """Check the checkpoint `records` (by line) of an intact chain (chain `number` of its
-    log) whose record hashes are `hashes` (`replica`: its last writer's): each covers a
-    record of the chain with its hash and names a chain of that number (`chain`'s name, or
-    the same chain of a log under another name: a renamed copy); a final one covers the
-    record before it and is followed by nothing, or by a checkpoint covering it (a gateway
-    reopening the chain); with `keys`, each signature (over its own record's chain name and
-    replica) verifies; with the store's copy of the chain's last checkpoint among `anchors`,
-    the chain still holds that checkpoint record.
+    """Check the checkpoint `records` (by line) of an intact chain whose record hashes are
+    `hashes` (`replica`: its last record's writer, unsigned): each covers a record of the
+    chain with its hash and names the chain file it was signed in (`expected.name`; when
+    that is not known, every checkpoint names the same one: a copy archived under another
+    name still verifies); a final one covers the record before it and is followed by
+    nothing, or by a checkpoint covering it (a gateway reopening the chain); with `keys`,
+    each signature (over its own record's chain name and replica) verifies. With
+    `anchors`, the store's last checkpoints: the chain still holds the one of its replica
+    (`expected.replica`, else the one its last checkpoint signed when `keys` checked it,
+    else any: then one of them at least).
 
     Returns the summary and (line, reason) of the first problem, or None.
     """
     marks: list[_Mark] = []
     checked = 0
     problem: tuple[int, str] | None = None
+    name = expected.name
     for line in sorted(records):
         try:
             mark = _mark(line, records[line])
         except ValueError as exc:
             problem = (line, f"record {line}: {exc}")
             break
-        problem = _mark_problem(chain, number, hashes, mark, keys)
+        name = name or mark.chain  # unknown: the first checkpoint's, and each one's after
+        problem = _mark_problem(chain, name, hashes, mark, keys)
         if problem is not None:
             break
         checked += keys is not None
@@ -240,12 +252,15 @@ def check_checkpoints(
     if problem is None:
         problem = _after_final(marks, len(hashes))
     last = marks[-1] if marks else None
-    name = last.chain if last else chain.name
-    anchor = next(
-        (a for a in anchors if a.chain == name and (not hashes or a.replica == replica)), None
-    )
-    if problem is None and anchor is not None:
-        problem = _anchor_problem(hashes, anchor)
+    name = name or chain.name
+    if last is not None:
+        replica = last.replica
+    anchor, anchor_problem = _stored_checkpoint(
+        hashes, [a for a in anchors if a.chain == name], expected.replica or (
+            last.replica if last is not None and keys is not None else None
+        )
+    )  # fmt: skip
+    problem = problem or anchor_problem
     summary = ChainCheckpoints(
         chain=chain,
         name=name,
@@ -263,24 +278,25 @@ def check_checkpoints(
     return summary, problem
 
 
-_NUMBERED = re.compile(r".+\.([1-9][0-9]*)(?:\.[^.]*)?")
-"""A numbered chain's file name (`audit.1.log`: chain 1), as `chain_path` makes it."""
-
-
-def chain_number(name: str) -> int:
-    """The chain number a chain file name says (0 for the log's own name)."""
-    numbered = _NUMBERED.fullmatch(name)
-    return int(numbered.group(1)) if numbered else 0
+def _stored_checkpoint(
+    hashes: Sequence[str], stored: Sequence[AuditAnchor], replica: str | None
+) -> tuple[AuditAnchor | None, tuple[int, str] | None]:
+    """The store's last checkpoint of this chain that the chain holds, among `stored` (of
+    `replica` only, when known), and else the first one's problem."""
+    candidates = [a for a in stored if replica is None or a.replica == replica]
+    problems = [_anchor_problem(hashes, anchor) for anchor in candidates]
+    held = next((a for a, found in zip(candidates, problems, strict=True) if not found), None)
+    return held, None if held or not problems else problems[0]
 
 
 def _mark_problem(
-    chain: Path, number: int, hashes: Sequence[str], mark: _Mark, keys: PublicKeys | None
+    chain: Path, name: str, hashes: Sequence[str], mark: _Mark, keys: PublicKeys | None
 ) -> tuple[int, str] | None:
     line = mark.line
-    if mark.chain != chain.name and chain_number(mark.chain) != number:
+    if mark.chain != name:
         return line, (
-            f"record {line}: a checkpoint of chain file {mark.chain}, in {chain.name}, which "
-            f"holds chain {number} of the log: chain files swapped or renamed"
+            f"record {line}: a checkpoint signed in chain file {mark.chain}, in {chain.name}, "
+            f"where {name} belongs: chain files swapped or renamed"
         )
     if not 1 <= mark.seq < line or hashes[mark.seq - 1] != mark.digest:
         return line, f"record {line}: checkpoint covers seq {mark.seq}, not a record before it"

@@ -19,6 +19,7 @@ from kmsgate.audit.chain import GENESIS_HASH, decode, seal_problem
 from kmsgate.audit.checkpoint import (
     CHECKPOINT_ACTION,
     ChainCheckpoints,
+    ChainIdentity,
     PublicKeys,
     check_checkpoints,
 )
@@ -28,6 +29,9 @@ from kmsgate.store.checkpoints import AuditAnchor
 from kmsgate.text import utc_timestamp
 
 __all__ = ["AuditFile", "chain_path", "chain_paths", "iter_records"]
+
+UNKNOWN_WRITER = ChainIdentity()
+"""Neither the log's own file name nor its replica known (a log verified alone)."""
 
 
 def chain_path(path: Path, number: int) -> Path:
@@ -108,11 +112,17 @@ class AuditFile:
         return found[-limit:]
 
     def verify(
-        self, *, keys: PublicKeys | None = None, anchors: Sequence[AuditAnchor] = ()
+        self,
+        *,
+        keys: PublicKeys | None = None,
+        anchors: Sequence[AuditAnchor] = (),
+        written_as: ChainIdentity = UNKNOWN_WRITER,
     ) -> VerifyReport:
         """Check every chain: recompute every hash, check prev links, seq continuity, the
         head file and the checkpoints (see `check_checkpoints`: their signatures with
         `keys`; against the store's `anchors`, which must also name no missing chain file).
+        `written_as`: the log's own file name and replica, when known (a gateway's config);
+        else chain 0's checkpoints name the log (a copy under another name verifies).
         Reports the first broken line (and its file). Raises OSError if the log cannot be
         read, FileNotFoundError if it has no chain file.
         """
@@ -121,14 +131,18 @@ class AuditFile:
             raise FileNotFoundError(2, "No such file or directory", str(self._path))
         records = 0
         summaries: list[ChainCheckpoints] = []
+        log_name = written_as.name
         for number, chain in chains:
-            report, summary = _verify_chain(chain, number, keys, anchors)
+            name = chain_path(Path(log_name), number).name if log_name else None
+            expected = replace(written_as, name=name)
+            report, summary = _verify_chain(chain, expected, keys, anchors)
             records += report.records
             if not report.ok:
                 return replace(report, records=records, chains=len(chains))
             assert summary is not None
             summaries.append(summary)
-        missing = _missing_chain(self._path, summaries, anchors)
+            log_name = log_name or summary.name  # chain 0's: what the others are named by
+        missing = _missing_chain(self._path, summaries, anchors, written_as.replica)
         if missing is not None:
             return VerifyReport(False, records, 1, missing[1], missing[0], chains=len(chains))
         return VerifyReport(
@@ -167,10 +181,11 @@ def _matches(
 
 
 def _verify_chain(
-    path: Path, number: int, keys: PublicKeys | None, anchors: Sequence[AuditAnchor]
+    path: Path, expected: ChainIdentity, keys: PublicKeys | None, anchors: Sequence[AuditAnchor]
 ) -> tuple[VerifyReport, ChainCheckpoints | None]:
-    """`AuditFile.verify` for one chain file (chain `number` of the log), and what its
-    checkpoints prove (None when the chain is broken). Raises OSError."""
+    """`AuditFile.verify` for one chain file (`expected`: what it should be, as far as
+    known), and what its checkpoints prove (None when the chain is broken). Raises
+    OSError."""
     hashes: list[str] = []
     checkpoints: dict[int, dict[str, object]] = {}
     replica: str | None = None
@@ -187,7 +202,7 @@ def _verify_chain(
             replica = str(record.get("replica", ""))  # the last writer's, for the store
     problem = _head_problem(path, hashes)
     summary, checkpoint_problem = check_checkpoints(
-        path, number, replica or "", hashes, checkpoints, keys, anchors
+        path, expected, replica or "", hashes, checkpoints, keys, anchors
     )
     problem = problem or checkpoint_problem
     if problem is not None:
@@ -196,12 +211,19 @@ def _verify_chain(
 
 
 def _missing_chain(
-    path: Path, summaries: Sequence[ChainCheckpoints], anchors: Sequence[AuditAnchor]
+    path: Path,
+    summaries: Sequence[ChainCheckpoints],
+    anchors: Sequence[AuditAnchor],
+    replica: str | None,
 ) -> tuple[Path, str] | None:
-    """(file, reason) if the store has a checkpoint of a chain file of this log's replicas
-    (any replica when no chain names one) that does not exist."""
+    """(file, reason) if the store has a checkpoint of a chain file of this log's replica
+    (`replica` when known, else those its chains name; any when none does) that does not
+    exist."""
     present = {summary.name for summary in summaries}
-    replicas = {summary.replica for summary in summaries if summary.records}
+    if replica is not None:
+        replicas = {replica}
+    else:
+        replicas = {summary.replica for summary in summaries if summary.records}
     for anchor in anchors:
         if anchor.chain not in present and (not replicas or anchor.replica in replicas):
             return path.with_name(anchor.chain), (

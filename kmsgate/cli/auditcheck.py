@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from kmsgate.audit import ChainCheckpoints, PublicKeys, VerifyReport
-from kmsgate.audit.checkpoint import UntrustedKey
+from kmsgate.audit.checkpoint import ChainIdentity, UntrustedKey
+from kmsgate.audit.filereader import UNKNOWN_WRITER
 from kmsgate.catalogue import AUDIT_PURPOSE
 from kmsgate.cli.common import fail, fail_api
 from kmsgate.client import ApiError, Client
@@ -79,17 +80,22 @@ def public_keys(
 
 def stored_anchors(
     data_dir: Path | None, config: Path | None, gateway: str | None, token: str | None
-) -> list[AuditAnchor] | None:
+) -> tuple[list[AuditAnchor] | None, ChainIdentity]:
     """The store's last checkpoint of every chain: read from the gateway's data dir or
     config file (never created or migrated), else asked of `gateway`; None without any.
-    Exits with a one-line error if the store or the gateway cannot be read."""
+    With a data dir or config, also the log file name and replica id the gateway writes
+    as. Exits with a one-line error if the store or the gateway cannot be read."""
     if data_dir is None and config is None:
-        return None if gateway is None else _gateway_anchors(gateway, token)
+        return None if gateway is None else _gateway_anchors(gateway, token), UNKNOWN_WRITER
     from kmsgate.config import load_settings
     from kmsgate.store import Store
 
     try:
-        url = load_settings(config, data_dir=data_dir).resolved_database_url()
+        settings = load_settings(config, data_dir=data_dir)
+        url = settings.resolved_database_url()
+        # only a replica_id the config sets names the writer: the default one depends on
+        # the host and the log's path, which differ for a copy verified elsewhere
+        writer = ChainIdentity(settings.resolved_audit_path().name, settings.replica_id or None)
         database = sa.engine.make_url(url).database
     except ConfigError as exc:
         fail(str(exc))
@@ -102,7 +108,7 @@ def stored_anchors(
     except ConfigError as exc:
         fail(str(exc))
     try:
-        return store.audit_anchors.all()
+        return store.audit_anchors.all(), writer
     except KmsgateError as exc:
         fail(f"cannot read the store's audit checkpoints: {exc.detail} (is it migrated?)")
     finally:
@@ -127,7 +133,8 @@ def checkpoint_lines(
     """What an intact log's checkpoints prove, one line per chain, then what was not
     checked."""
     for chain in report.checkpoints:
-        yield f"  {chain.chain.name}: {_chain_summary(chain, store_checked)}"
+        written_as = f" (written as {chain.name})" if chain.name != chain.chain.name else ""
+        yield f"  {chain.chain.name}{written_as}: {_chain_summary(chain, store_checked)}"
     if not keys_checked:
         yield "  checkpoint signatures not verified (give --key PEM or --gateway URL)"
     if not store_checked:
