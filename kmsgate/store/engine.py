@@ -104,6 +104,14 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
+_FRESH = "kmsgate_fresh"
+"""A pool entry's info key: its connection was just made (no ping needed)."""
+
+
+def _fresh(_driver_connection: Any, record: Any) -> None:
+    record.info[_FRESH] = True
+
+
 class Database:
     """One engine and its transactions. Raises ConcurrentChange (a Conflict) on uniqueness
     violations and Unavailable when the database cannot be reached."""
@@ -149,6 +157,7 @@ class Database:
         self._serial: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         self._meta_reader = _MetaReader(self.engine, self._stall)
         if postgres:
+            sa.event.listen(self.engine, "connect", _fresh)
             sa.event.listen(self.engine, "checkout", self._ping_at_checkout)
             sa.event.listen(self.engine, "checkin", self._returned)
         if self.engine.dialect.name == "sqlite":
@@ -212,11 +221,14 @@ class Database:
         self._meta_reader.close()
         self.engine.dispose()
 
-    def _ping_at_checkout(self, driver_connection: Any, _record: Any, _proxy: Any) -> None:
-        """Ping a PostgreSQL connection as it leaves the pool, under the deadline of the
-        transaction that takes it (`StallGuard`). Raises DisconnectionError (the pool opens
-        another: the server restarted meanwhile), Unavailable (the deadline passed)."""
+    def _ping_at_checkout(self, driver_connection: Any, record: Any, _proxy: Any) -> None:
+        """Ping a PostgreSQL connection as it leaves the pool again (not a new one, as
+        `pool_pre_ping` does), under the deadline of the transaction that takes it
+        (`StallGuard`). Raises DisconnectionError (the pool opens another: the server
+        restarted meanwhile), Unavailable (the deadline passed)."""
         self._stall.attach(driver_connection)
+        if record.info.pop(_FRESH, False):
+            return
         try:
             self.engine.dialect.do_ping(driver_connection)
         except Exception as exc:
