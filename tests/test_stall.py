@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from kmsgate.errors import Unavailable
+from kmsgate.store import stall
 from kmsgate.store.stall import StallGuard, connection_defaults
 
 DEADLINE = 0.2
@@ -25,7 +26,10 @@ def _connection() -> tuple[SimpleNamespace, socket.socket]:
     return SimpleNamespace(pgconn=SimpleNamespace(socket=ours.fileno()), sock=ours), theirs
 
 
-def test_a_silent_transaction_is_cut_and_the_others_are_refused_until_one_answers() -> None:
+def test_a_silent_transaction_is_cut_and_the_others_are_refused_until_one_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stall, "PROBE_SECONDS", DEADLINE)
     guard = StallGuard(DEADLINE)
     driver, _server = _connection()
     started = time.monotonic()
@@ -46,6 +50,10 @@ def test_a_silent_transaction_is_cut_and_the_others_are_refused_until_one_answer
         except Unavailable as exc:
             refused.append(exc)
 
+    another_transaction()  # at once: no new try before PROBE_SECONDS
+    assert len(refused) == 1
+    time.sleep(DEADLINE)
+    refused.clear()
     with guard.watching():  # the probe: the one transaction let through while silent
         thread = threading.Thread(target=another_transaction)
         thread.start()

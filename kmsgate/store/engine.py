@@ -157,6 +157,7 @@ class Database:
         self._serial: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         self._meta_reader = _MetaReader(self.engine, self._stall)
         if postgres:
+            sa.event.listen(self.engine, "do_connect", self._connect_or_silence)
             sa.event.listen(self.engine, "connect", _fresh)
             sa.event.listen(self.engine, "checkout", self._ping_at_checkout)
             sa.event.listen(self.engine, "checkin", self._returned)
@@ -220,6 +221,16 @@ class Database:
     def close(self) -> None:
         self._meta_reader.close()
         self.engine.dispose()
+
+    def _connect_or_silence(self, dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        """Open a PostgreSQL connection; one that cannot be made marks the server silent
+        (`StallGuard.silence`: the next transactions fail at once, not after a connect
+        timeout each). Raises the driver's error."""
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except Exception:
+            self._stall.silence()
+            raise
 
     def _ping_at_checkout(self, driver_connection: Any, record: Any, _proxy: Any) -> None:
         """Ping a PostgreSQL connection as it leaves the pool again (not a new one, as
@@ -314,7 +325,8 @@ class _MetaReader:
     def _read(self, key: str) -> str | None:
         with self._stall.watching():
             connection = self._connection()
-            self._stall.attach(connection.driver_connection)
+            # a detached connection has no driver_connection; psycopg's is its DB-API one
+            self._stall.attach(connection.dbapi_connection)
             return self._select(connection, key)
 
     def _select(self, connection: Any, key: str) -> str | None:

@@ -81,6 +81,10 @@ class _Wait:
                 self.socket.shutdown(socket.SHUT_RDWR)
 
 
+PROBE_SECONDS = 1.0
+"""While the server counts as silent, how often a transaction may try it again."""
+
+
 class StallGuard:
     """Deadlines for the transactions of this process's threads: `watching` opens one for
     the calling thread, `attach` names the connection it waits on (at checkout), and a
@@ -95,10 +99,12 @@ class StallGuard:
         inside another)"""
         self._watcher_pid = 0
         self._silent = False
-        """Whether the server counts as silent (a cut was made, and no transaction has
-        answered since): one transaction at a time then waits on it, the others get
-        Unavailable at once instead of a deadline each (a request that needs several
-        would wait for each in turn)."""
+        """Whether the server counts as silent (a connection was cut, or could not be made,
+        and no transaction has answered since): then one transaction at a time, and one a
+        `PROBE_SECONDS`, tries it again; the others get Unavailable at once instead of a
+        deadline (or a connect timeout) each: a request that needs several would wait for
+        each in turn."""
+        self._next_probe = 0.0
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
@@ -109,8 +115,10 @@ class StallGuard:
         self._start_watcher()
         me, wait = threading.get_ident(), _Wait(time.monotonic() + self._seconds)
         with self._lock:
-            if self._silent and self._waits:
-                raise Unavailable("metadata store not answering")
+            if self._silent:
+                if self._waits or time.monotonic() < self._next_probe:
+                    raise Unavailable("metadata store not answering")
+                self._next_probe = time.monotonic() + PROBE_SECONDS
             self._waits.setdefault(me, []).append(wait)
         answered = False
         try:
@@ -125,6 +133,14 @@ class StallGuard:
                 wait.forget()
                 if answered:
                     self._silent = False
+
+    def silence(self) -> None:
+        """A connection to the server could not be made (it refused, or did not answer in
+        time): the server counts as silent until a transaction answers."""
+        if self._seconds is not None:
+            with self._lock:
+                self._silent = True
+                self._next_probe = time.monotonic() + PROBE_SECONDS
 
     def attach(self, driver_connection: Any) -> None:
         """Name the connection the calling thread's transaction uses (none is watched when
@@ -168,3 +184,4 @@ class StallGuard:
                         if wait.deadline < moment and not wait.cut:
                             wait.cut_now()
                             self._silent = True
+                            self._next_probe = moment + PROBE_SECONDS
