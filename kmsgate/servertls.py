@@ -2,7 +2,8 @@
 
 The gateway presents a certificate from files (`tls.cert_file`, `tls.key_file`), or one it
 issues itself from its CA `tls.ca` (profile `tls.profile`, names `tls.sans`) into
-`<data_dir>/tls/`, renewed by the jobs leader once two thirds of its lifetime have passed.
+`<data_dir>/tls/`, renewed by the jobs leader once two thirds of its lifetime have passed
+(and at start when it was issued for other settings).
 Every worker watches its certificate files and loads a changed pair into its live
 `SSLContext`: new connections get the new certificate without a restart (a certificate
 rotated by another tool, such as cert-manager, too). TLS 1.2 is the minimum. Client
@@ -15,6 +16,7 @@ resolved when the gateway starts. Without a certificate source (only
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 import tempfile
@@ -29,7 +31,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from kmsgate.config import Settings, TlsSettings
+from kmsgate.config import Settings, TlsSettings, format_duration
 from kmsgate.errors import ConfigError, KmsgateError
 from kmsgate.pki.files import replace_private_file
 from kmsgate.pki.issuer import BACKDATE
@@ -39,6 +41,9 @@ __all__ = ["ServerTls", "provision", "renew_if_due"]
 
 log = logging.getLogger("kmsgate.tls")
 TLS_DIR = "tls"
+REQUEST_FILE = "server.json"
+"""Next to the gateway's own certificate: the settings it was issued for, so that a change
+to them gets a new certificate at the next start (or renewal check)."""
 RENEW_AFTER = 2 / 3
 """The share of a certificate's lifetime after which the gateway renews its own."""
 WATCH_SECONDS = 1.0
@@ -303,14 +308,19 @@ def provision(service: Service, settings: Settings) -> ServerTls | None:
 
 
 def renew_if_due(service: Service, settings: Settings) -> bool:
-    """Issue the gateway a new certificate (`tls.ca`) if it has none or two thirds of the
-    current one's lifetime have passed; True if it did. Raises KmsgateError, ConfigError."""
+    """Issue the gateway a new certificate (`tls.ca`) if it has none, two thirds of the
+    current one's lifetime have passed, or it was issued for other settings (`tls.ca`,
+    `profile`, `sans`, `ttl`: `REQUEST_FILE`); True if it did. Raises KmsgateError,
+    ConfigError."""
     tls = settings.tls
     if tls is None or tls.ca is None:
         return False
     cert_file, key_file = _own_pair(settings)
+    asked = _request(tls)
     if not _renewal_due(cert_file):
-        return False
+        if _asked_before(cert_file) == asked:
+            return False
+        log.info("the gateway's TLS settings changed: issuing it a new certificate")
     key, issued = asyncio.run(
         service.pki.gateway_certificate(GATEWAY, tls.ca, tls.profile, tls.sans, tls.ttl)
     )
@@ -323,6 +333,7 @@ def renew_if_due(service: Service, settings: Settings) -> bool:
     # the key first: a worker reloads when the certificate file changes
     _write_atomically(key_file, key_pem)
     _write_atomically(cert_file, b"".join(_pem(c) for c in chain))
+    _write_atomically(cert_file.with_name(REQUEST_FILE), json.dumps(asked).encode())
     log.info(
         "gateway TLS certificate %s issued by %s, valid until %s",
         issued.serial,
@@ -334,6 +345,21 @@ def renew_if_due(service: Service, settings: Settings) -> bool:
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _request(tls: TlsSettings) -> dict[str, object]:
+    """What the gateway's certificate is asked for, as `REQUEST_FILE` records it."""
+    ttl = format_duration(tls.ttl) if tls.ttl is not None else None
+    return {"ca": tls.ca, "profile": tls.profile, "sans": sorted(tls.sans), "ttl": ttl}
+
+
+def _asked_before(cert_file: Path) -> object:
+    """What the certificate in `cert_file` was asked for; None if that is not recorded
+    (issued by an older gateway, or a write was cut short)."""
+    try:
+        return json.loads(cert_file.with_name(REQUEST_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
 
 
 def _renewal_due(cert_file: Path) -> bool:

@@ -163,9 +163,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _wait_until_serving(
-    proc: subprocess.Popen[bytes], addr: str, output: Path, verify: Path | bool = True
+    proc: subprocess.Popen[bytes],
+    addr: str,
+    output: Path,
+    verify: Path | bool = True,
+    token_file: Path | None = None,
 ) -> str | None:
-    """The root token once the server answers a request made with it at `addr` (so that
+    """The root token (shown in `output`, or, on a data dir started on before, in
+    `token_file`) once the server answers a request made with it at `addr` (so that
     another process that grabbed the port cannot pass for it; over HTTPS, trusting
     `verify`); None if the server exited. Fails the test after START_TIMEOUT seconds."""
     deadline = time.monotonic() + START_TIMEOUT
@@ -173,18 +178,19 @@ def _wait_until_serving(
         if proc.poll() is not None:
             return None
         match = TOKEN_LINE.search(output.read_text(errors="replace"))
-        if match:
+        token = match.group(1) if match else _read_token(token_file)
+        if token:
             with contextlib.suppress(httpx.HTTPError):
                 reply = httpx.get(
                     f"{addr}/v1/keys",
-                    headers={"authorization": f"Bearer {match.group(1)}"},
+                    headers={"authorization": f"Bearer {token}"},
                     timeout=2.0,
                     verify=ssl.create_default_context(cafile=str(verify))
                     if isinstance(verify, Path)
                     else verify,
                 )
                 if reply.status_code == 200:
-                    return match.group(1)
+                    return token
         time.sleep(0.05)
     _stop(proc)
     pytest.fail(
@@ -192,6 +198,15 @@ def _wait_until_serving(
         f"{output.read_text(errors='replace')}",
         pytrace=False,
     )
+
+
+def _read_token(token_file: Path | None) -> str | None:
+    if token_file is None:
+        return None
+    try:
+        return token_file.read_text().strip() or None
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
@@ -203,7 +218,7 @@ def running_gateway(
     **extra_env: str,
 ) -> Iterator[Gateway]:
     """`kmsgate serve --dev [serve_args]` on a fresh data dir under `base` (or on
-    `data_dir`, which it has not started on yet) and a free port; stopped on exit, also
+    `data_dir`, new or started on before) and a free port; stopped on exit, also
     when the start or a test fails. `https`: the server speaks TLS with a certificate from
     the dev CA (`Gateway.addr` is https://, trusting `<data_dir>/dev-root.pem`)."""
     given = data_dir
@@ -225,7 +240,8 @@ def running_gateway(
         try:
             addr = f"{'https' if https else 'http'}://{LOOPBACK}:{port}"
             root = data_dir / "dev-root.pem"
-            token = _wait_until_serving(proc, addr, output, root if https else True)
+            verify = root if https else True
+            token = _wait_until_serving(proc, addr, output, verify, data_dir / "root-token")
             if token is None:
                 text = output.read_text(errors="replace")
                 if "address already in use" in text.lower() and attempt < START_ATTEMPTS:

@@ -230,6 +230,28 @@ def test_the_gateway_renews_its_certificate_while_serving(tmp_path: Path) -> Non
         assert done.returncode == 0, done.stderr
 
 
+def test_a_change_to_the_tls_settings_gets_a_new_certificate_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """A certificate issued for other names (or CA, profile, ttl) is replaced when the
+    gateway starts, not kept until its renewal is due."""
+    with running_gateway(tmp_path, "--tls", https=True) as gw:
+        first = _served_certificate(gw)
+        data_dir = gw.data_dir
+    config = tmp_path / "tls.yaml"
+    config.write_text("tls:\n  ca: dev\n  sans: [localhost, 127.0.0.1, kms.lab]\n")
+    args = ("--config", str(config))
+    for run in ("changed", "unchanged"):
+        (tmp_path / run).mkdir()
+        with running_gateway(tmp_path / run, *args, https=True, data_dir=data_dir) as gw:
+            served = _served_certificate(gw, "kms.lab")  # verified for that name
+            if run == "changed":
+                assert served.serial_number != first.serial_number
+                renewed = served.serial_number
+            else:  # the same settings again: the certificate is kept
+                assert served.serial_number == renewed
+
+
 @pytest.mark.parametrize(
     ("tls", "problem"),
     [
