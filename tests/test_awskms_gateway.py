@@ -42,12 +42,14 @@ from kmsgate.errors import (
     BackendError,
     BackendUnavailable,
     ConfigError,
+    Conflict,
     DecryptionFailed,
     InvalidRequest,
     KeyDestroyed,
     NotSupported,
 )
 from kmsgate.service import Ctx
+from kmsgate.service.gate import Outcome
 from tests import helpers
 from tests.gateway import Api, open_gateway
 from tests.helpers import b64, unb64
@@ -345,6 +347,38 @@ def backend_of(api: Api) -> AwsKmsBackend:
     backend = api.service.registry.get("aws")
     assert isinstance(backend, AwsKmsBackend)
     return backend
+
+
+@pytest.mark.parametrize("key_type", ["ecdsa-p256", "hmac-sha256"])
+def test_a_rotation_that_loses_a_race_leaves_the_alias_on_the_winner(aws, moto_server, key_type):
+    """Two rotations at once: the one the catalogue refuses destroys its KMS key, and
+    the alias still names the version that won (it used to be moved to the loser's key,
+    then deleted with it)."""
+    api, admin = aws
+    key_name = name()
+    create_key(api, admin, key_name, key_type)
+    stale = api.service.catalogue.get(key_name)  # what the losing rotation read
+    assert api.call("POST", f"/v1/keys/{key_name}/rotate", admin).status_code == 200
+    with pytest.raises(Conflict):
+        api.service.keys._rotate(stale, Outcome())
+    alias = "alias/kmsgate/" + key_name.replace(".", "/")
+    described = moto_server.client().describe_key(KeyId=alias)["KeyMetadata"]
+    assert described["Arn"] == arn_of(api, key_name, 2)
+    assert described["KeyState"] == "Enabled"
+
+
+def test_a_rotation_with_the_backend_in_another_region_is_refused(aws):
+    """The region a key's versions live in is kept: with `region` changed, a rotation is
+    refused (a new version would go to the other region, and fail there later)."""
+    api, admin = aws
+    key_name = name()
+    create_key(api, admin, key_name, "ecdsa-p256")
+    key = api.service.catalogue.get(key_name)
+    settings = backend_of(api).settings.model_dump() | {"region": "eu-west-1"}
+    elsewhere = AwsKmsBackend("aws", AwsKmsSettings.model_validate(settings))
+    previous = key.backend_key(key.versions[1])
+    with pytest.raises(BackendError, match=r"region us-east-1.*correct its `region`"):
+        elsewhere.create_key(KeySpec(key_name, 2, KeyType.ECDSA_P256, previous=previous))
 
 
 def test_rotating_a_symmetric_key_rotates_on_demand(aws, kms_proxy):

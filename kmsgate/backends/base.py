@@ -27,6 +27,8 @@ class KeySpec:
     version: int
     key_type: KeyType
     labels: Mapping[str, str] = field(default_factory=dict)
+    previous: BackendKey | None = None
+    """For version N > 1: the primary version it succeeds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,13 @@ class KeyBackend(ABC):
     def destroy(self, key: BackendKey) -> None:
         """Destroy the key material (irreversible) and forget any cached copy. Raises
         BackendUnavailable, BackendError."""
+
+    def promoted(self, key: BackendKey) -> None:  # noqa: B027
+        """The catalogue made `key` (from `create_key`) the key's primary version: a backend
+        that names the primary version outside kmsgate points that name at it (AWS KMS's
+        alias). Called only after the catalogue accepted the version, so a creation or
+        rotation that lost a race never moves the name. Raises BackendUnavailable,
+        BackendError."""
 
     def retire_versions_below(self, key: BackendKey, min_version: int) -> None:  # noqa: B027
         """Mirror kmsgate's `min_decrypt_version`, raised or lowered, where the backend can

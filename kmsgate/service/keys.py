@@ -14,7 +14,13 @@ from cryptography.hazmat.primitives import serialization
 
 from kmsgate.algorithms import KeyType, key_type_of_public_key, parse_key_type
 from kmsgate.auth import SYSTEM, Principal
-from kmsgate.backends.base import AdoptCapable, KeySpec, require_capability
+from kmsgate.backends.base import (
+    AdoptCapable,
+    BackendKey,
+    KeyBackend,
+    KeySpec,
+    require_capability,
+)
 from kmsgate.catalogue import PUBLIC_PURPOSES, Key, KeyState, KeyVersion
 from kmsgate.errors import Conflict, InvalidRequest, KmsgateError, NotFound, Unavailable
 from kmsgate.jwk import public_jwk
@@ -151,11 +157,13 @@ class Keys:
         )
         key = self._new_key(new, key_type, backend.name, version, verify_only=False)
         try:
-            return self.gate.catalogue.insert(key)
+            inserted = self.gate.catalogue.insert(key)
         except KmsgateError:
             if new.uri is None:  # never destroy an adopted key kmsgate did not make
                 backend.destroy(created)
             raise
+        _promote(backend, created)
+        return inserted
 
     def _refuse_managed(self, adopter: AdoptCapable, ref: str) -> None:
         """Raises Conflict if the backend key behind `ref` is already a version of a key
@@ -321,7 +329,9 @@ class Keys:
         _refuse_a_ca_key(key.name, key.purpose, "rotates")
         number = max(key.versions) + 1
         backend = self.gate.registry.get(key.backend)
-        created = backend.create_key(KeySpec(key.name, number, key.type, dict(key.labels)))
+        previous = key.backend_key(key.versions[key.primary_version])
+        spec = KeySpec(key.name, number, key.type, dict(key.labels), previous=previous)
+        created = backend.create_key(spec)
         version = KeyVersion(
             version=number,
             backend_ref=created.ref,
@@ -334,6 +344,7 @@ class Keys:
         except KmsgateError:
             backend.destroy(created)
             raise
+        _promote(backend, created)
         outcome.key_version = number
         return rotated
 
@@ -497,4 +508,18 @@ def _refuse_a_ca_key(name: str, purpose: str, what: str) -> None:
         raise InvalidRequest(
             f"key {name!r} is a CA's key and never {what}: the CA's certificate certifies "
             "this key; for a new key, create a new CA and import its certificate"
+        )
+
+
+def _promote(backend: KeyBackend, created: BackendKey) -> None:
+    """`backend.promoted(created)`, once the catalogue holds the version: a failure is
+    logged, not raised (the version stands; only a name outside kmsgate lags)."""
+    try:
+        backend.promoted(created)
+    except KmsgateError as exc:
+        log.warning(
+            "key %s v%d: the backend could not name it the primary version (%s)",
+            created.name,
+            created.version,
+            exc.code,
         )

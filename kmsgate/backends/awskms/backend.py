@@ -140,16 +140,24 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
     # -- keys -------------------------------------------------------------------------------
 
     def create_key(self, spec: KeySpec) -> BackendKey:
-        """Version 1: a new KMS key and its alias. Version N > 1: a new KMS key (asymmetric,
-        HMAC) or one on-demand rotation (aes-256-gcm).
+        """Version 1: a new KMS key. Version N > 1: a new KMS key (asymmetric, HMAC) or one
+        on-demand rotation (aes-256-gcm), in the region of the version before it. The alias
+        follows when the catalogue takes the version (`promoted`).
 
         Raises InvalidRequest for a name or version AWS cannot take, NotSupported if the
         endpoint refuses the KeySpec, Conflict when AWS refuses (the account's key quota or
         the key's on-demand rotations are spent, no KMS key carries the alias to rotate),
         KeyDestroyed if the KMS key to rotate is gone, BackendUnavailable (also while AWS is
-        rotating the key already), BackendError.
+        rotating the key already), BackendError (also when the version before is in another
+        region than the backend's: a new version would go elsewhere).
         """
+        if spec.previous is not None:
+            self._check_live(spec.previous)
         return lifecycle.create_key(self._kms, spec)
+
+    def promoted(self, key: BackendKey) -> None:
+        """Point the key's alias at the KMS key of `key` (`lifecycle.point_alias`)."""
+        lifecycle.point_alias(self._kms, key)
 
     def adopt_key(self, spec: KeySpec, uri: str) -> BackendKey:
         """An existing KMS key (`awskms:<key id | ARN | alias/...>`, or the bare form),

@@ -57,8 +57,9 @@ def _tags(kms: _KmsClient, spec: KeySpec) -> list[dict[str, str]]:
 
 
 def create_key(kms: _KmsClient, spec: KeySpec) -> BackendKey:
-    """A new KMS key, tagged and aliased, for `spec`; for version N > 1 of an aes-256-gcm
-    key, one on-demand rotation instead. Raises as `AwsKmsBackend.create_key`."""
+    """A new KMS key, tagged, for `spec` (aliased once the catalogue takes it:
+    `point_alias`); for version N > 1 of an aes-256-gcm key, one on-demand rotation
+    instead. Raises as `AwsKmsBackend.create_key`."""
     if not _KEY_NAME.match(spec.name) or spec.version < 1:
         raise InvalidRequest("invalid key name or version")
     key_spec, usage, _ = _KEY_SPECS[spec.key_type]
@@ -84,7 +85,6 @@ def create_key(kms: _KmsClient, spec: KeySpec) -> BackendKey:
     arn = _arn_of(reply)
     try:
         public_pem = _public_key(kms, arn, spec.key_type)
-        _point_alias(kms, spec.name, arn, create=spec.version == 1)
     except KmsgateError:
         _schedule_deletion(kms, arn)  # no orphan: the key is useless without its record
         raise
@@ -127,9 +127,17 @@ def _public_key(kms: _KmsClient, arn: str, key_type: KeyType) -> str | None:
     return pem.decode("ascii")
 
 
-def _point_alias(kms: _KmsClient, name: str, arn: str, *, create: bool) -> None:
-    """Make `<alias_prefix><name>` point at `arn` (create, or move it from an older key)."""
-    alias = _alias_of(kms.settings.alias_prefix, name)
+def point_alias(kms: _KmsClient, key: BackendKey) -> None:
+    """Make `<alias_prefix><name>` point at the KMS key of `key`, the new primary version
+    (create the alias, or move it from an older key); nothing for an adopted key (kmsgate
+    names it nowhere in AWS) or a rotation of a symmetric key (the alias names its KMS key
+    already). Raises BackendUnavailable, BackendError."""
+    material = _Material.load(key)
+    if material.adopted or material.rotation:
+        return
+    alias = _alias_of(kms.settings.alias_prefix, key.name)
+    create = key.version == 1
+    arn = material.arn
     first, second = ("create_alias", "update_alias") if create else ("update_alias", "create_alias")
     try:
         kms.call(first, "control", AliasName=alias, TargetKeyId=arn)
