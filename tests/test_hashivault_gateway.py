@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.algorithms import SIGN_ALGORITHMS, HashName, KeyType
-from kmsgate.backends.base import BackendKey, KeySpec
+from kmsgate.backends.base import BackendKey, BackendStatus, KeySpec
 from kmsgate.backends.hashivault import HashiVaultBackend
 from kmsgate.config import BackendSettings
 from kmsgate.errors import (
@@ -623,6 +623,8 @@ def test_namespace_is_honoured(openbao_server, prefix):
         assert inside["data"]["latest_version"] == 1
         with pytest.raises(hvac.exceptions.InvalidPath):
             transit_key(openbao_server, f"{prefix}ns")  # not in the root namespace
+        # ready: Vault's health is asked in the root namespace (in another it is a 400)
+        assert backend.status() == BackendStatus(True, "ok")
     finally:
         backend.close()
 
@@ -644,6 +646,20 @@ def test_tls_with_configured_ca_bundle(tmp_path, prefix):
         finally:
             good.close()
             system_store.close()
+
+
+def test_a_name_transit_cannot_hold_is_refused_before_vault_is_asked(openbao_server, prefix):
+    """Transit names end with a letter, digit or `_`; kmsgate's may end with `.` or `-`:
+    those are 400, not Vault's "unsupported path" as a 502."""
+    backend = make_backend(openbao_server.addr, prefix, token=openbao_server.root_token)
+    try:
+        for name in ("tr.", "a.b-", "Tr-"):
+            with pytest.raises(InvalidRequest, match="cannot name a Transit key"):
+                backend.create_key(KeySpec(name, 1, KeyType.ED25519))
+        for name in ("t_", "a.b-c", "x"):
+            _sign(backend, backend.create_key(KeySpec(name, 1, KeyType.ED25519)))
+    finally:
+        backend.close()
 
 
 def test_status_reports_unreachable_without_backend_text():

@@ -330,14 +330,12 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
     def status(self) -> BackendStatus:
         """Vault's health (unsealed, initialised) and whether it accepts kmsgate's token."""
         try:
-            health = self._vault.hvac.adapter.request(
-                "GET", "/v1/sys/health", raise_exception=False
-            )
+            health = self._vault.health()
         except requests.RequestException as exc:
             _log.warning("hashivault %s: health check failed: %s", self.name, exc)
             tls = isinstance(exc, requests.exceptions.SSLError)
             return BackendStatus(False, "TLS verification failed" if tls else "unreachable")
-        code = health.status_code if isinstance(health, requests.Response) else 200
+        code = health.status_code
         if code == 503:
             return BackendStatus(False, "sealed")
         if code == 501:

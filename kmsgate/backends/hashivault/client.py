@@ -59,9 +59,17 @@ class _VaultClient:
             namespace=settings.namespace,
             session=session,
         )
+        self._session = session
         self._auth = _Auth(backend, settings, self.hvac)
         self._info_cache: dict[tuple[str, str], _KeyInfo] = {}
         self._info_lock = threading.Lock()
+
+    def health(self) -> requests.Response:
+        """`GET /v1/sys/health`, without the namespace header (Vault serves it in the root
+        namespace only: in another, it answers 400) and without the token. Raises
+        requests.RequestException."""
+        url = self.settings.addr.rstrip("/") + "/v1/sys/health"
+        return self._session.get(url, timeout=self.settings.timeout, allow_redirects=False)
 
     def _unavailable(self, why: str) -> BackendUnavailable:
         return BackendUnavailable(

@@ -42,7 +42,8 @@ _TRANSIT_HASH: dict[HashName, str] = {
 }
 _SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"  # a path segment that is never "." or ".."
 _MOUNT = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9_])?$")
+"""A kmsgate key name Transit can hold: its path parameter ends with a word character too."""
 _REF = re.compile(
     rf"^hashivault:(?P<mount>{_SEGMENT}(/{_SEGMENT})*)/(?P<name>{_SEGMENT})"
     r"#(?P<version>[1-9][0-9]{0,9})$"
