@@ -14,12 +14,14 @@ switched in one rename), then runs the `on_renew` command.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
 import shlex
 import ssl
 import subprocess
+import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,8 +32,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmsgate.client import ApiError, Client
+from kmsgate.config import parse_duration_setting
 from kmsgate.pki.csr import new_key_and_csr, parse_san
 from kmsgate.pki.files import replace_private_files
+from kmsgate.pki.issuer import BACKDATE
 from kmsgate.spiffe import is_spiffe_id
 
 __all__ = ["Agent", "AgentOptions"]
@@ -43,6 +47,14 @@ JITTER = 0.05
 """Up to this share of the lifetime earlier, at random."""
 FIRST_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 60.0
+MIN_TTL = timedelta(seconds=3)
+"""The shortest `ttl` the agent asks for: it renews at a share of the lifetime, and the
+gateway gives whole seconds."""
+MIN_SWAP_SECONDS = 1.0
+"""The least time between two certificates (whatever the lifetime the gateway gave)."""
+VALID_ENOUGH = timedelta(seconds=0.25)
+"""A certificate with less left than this is not presented: it could expire in the
+handshake."""
 
 
 @dataclass(frozen=True)
@@ -107,17 +119,23 @@ class Agent:
             raise ValueError(f"renew_at must be in (0, {LATEST_RENEWAL}]")
         if not options.sans:
             raise ValueError("at least one SAN is needed")
+        if options.ttl is not None and parse_duration_setting(options.ttl) < MIN_TTL:
+            raise ValueError(f"--ttl must be at least {MIN_TTL.seconds}s")
         self.options = options
         self.stop = stop or threading.Event()
         self._issued_at: datetime | None = None
 
     def run(self, *, once: bool = False) -> None:
         """Bootstrap or renew, then wait for the next renewal, until `stop` is set (once:
-        one swap, then return). Raises ApiError, OSError or ValueError with `once`, and an
-        ApiError that asking again cannot mend (`PERMANENT_STATUSES`: an unknown CA or
-        profile, a request the gateway refuses as such); other failures are logged and
-        retried with exponential backoff."""
+        one swap, then return). A certificate in the directory that is not due yet is kept
+        until it is (a restarted agent mints nothing). Raises ApiError, OSError or
+        ValueError with `once`, and an ApiError that asking again cannot mend
+        (`PERMANENT_STATUSES`: an unknown CA or profile, a request the gateway refuses as
+        such); other failures are logged and retried with exponential backoff, never
+        waiting long past the certificate's end (`_retry_cap`)."""
         backoff = FIRST_BACKOFF_SECONDS
+        if not once:
+            self.stop.wait(self._seconds_until_renewal())
         while not self.stop.is_set():
             try:
                 self.swap()
@@ -125,14 +143,15 @@ class Agent:
                 permanent = isinstance(exc, ApiError) and exc.status in PERMANENT_STATUSES
                 if once or permanent or isinstance(exc, NoCredential):
                     raise
-                log.warning("certificate not renewed (retrying in %.1f s): %s", backoff, exc)
-                self.stop.wait(min(backoff, self._seconds_left()))
+                wait = min(backoff, self._retry_cap())
+                log.warning("certificate not renewed (retrying in %.1f s): %s", wait, exc)
+                self.stop.wait(wait)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
                 continue
             backoff = FIRST_BACKOFF_SECONDS
             if once:
                 return
-            self.stop.wait(self._seconds_until_renewal())
+            self.stop.wait(max(MIN_SWAP_SECONDS, self._seconds_until_renewal()))
 
     def swap(self) -> x509.Certificate:
         """One new certificate in the directory: renewed over mTLS while the current one is
@@ -152,6 +171,7 @@ class Agent:
                 f"no valid certificate in {self.options.directory} to renew, and no "
                 "--token-file or --oidc-token-file to get one"
             )
+        self._check_writable()  # before a certificate is issued that could not be kept
         key, csr = new_key_and_csr(list(self.options.sans), self.options.cn)
         csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
         issued = None
@@ -207,12 +227,32 @@ class Agent:
         token = self.options.token_file.read_text().strip() if self.options.token_file else None
         return Client(self.options.addr, token, verify=context)
 
-    def _current(self) -> x509.Certificate | None:
-        """The certificate in the directory if it is valid for a moment still and goes with
-        the key and chain there (a run stopped between two of its writes leaves them
-        apart: the token then gets a new one), else None."""
+    def _check_writable(self) -> None:
+        """Raises OSError if the directory cannot be made or written to (a file by that
+        name, a read-only file system, no permission)."""
+        directory = self.options.directory
         try:
-            cert = x509.load_pem_x509_certificate(self._path("cert.pem").read_bytes())
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except FileExistsError:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory)) from None
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+
+    def _on_disk(self) -> x509.Certificate | None:
+        """The certificate in the directory, valid or not; None if there is none."""
+        try:
+            return x509.load_pem_x509_certificate(self._path("cert.pem").read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def _current(self) -> x509.Certificate | None:
+        """The certificate in the directory if it is valid for a moment still
+        (`VALID_ENOUGH`) and goes with the key and chain there (a run stopped between two
+        of its writes leaves them apart: the token then gets a new one), else None."""
+        cert = self._on_disk()
+        if cert is None:
+            return None
+        try:
             key = serialization.load_pem_private_key(self._path("key.pem").read_bytes(), None)
             chain = x509.load_pem_x509_certificates(self._path("chain.pem").read_bytes())
         except (OSError, ValueError, TypeError):
@@ -224,7 +264,7 @@ class Agent:
             log.warning("the certificate in %s is for other options: replacing it", self._path(""))
             return None
         left = cert.not_valid_after_utc - datetime.now(UTC)
-        return cert if left > timedelta(seconds=1) else None
+        return cert if left > VALID_ENOUGH else None
 
     def _request(self) -> dict[str, object]:
         """What this agent asks for, as `REQUEST_FILE` records it."""
@@ -242,22 +282,36 @@ class Agent:
 
     def _seconds_until_renewal(self) -> float:
         """Seconds until the current certificate is due (renew_at of its lifetime, minus
-        jitter), counting its lifetime from when it arrived (kmsgate backdates not_before)."""
+        jitter), counting its lifetime from when it arrived; 0 without one."""
         cert = self._current()
         if cert is None:
             return 0.0
-        start = self._issued_at or cert.not_valid_before_utc
+        start = self._issued_at or self._issued(cert)
         lifetime = (cert.not_valid_after_utc - start).total_seconds()
         share = self.options.renew_at - random.uniform(0, JITTER)  # noqa: S311 (spreading, not secrecy)
         due = start + timedelta(seconds=lifetime * max(share, 0.01))
         return max(0.0, (due - datetime.now(UTC)).total_seconds())
 
-    def _seconds_left(self) -> float:
-        """How long the current certificate stays valid (at least a short wait)."""
-        cert = self._current()
+    @staticmethod
+    def _issued(cert: x509.Certificate) -> datetime:
+        """When `cert` was issued, for a certificate this run did not get (kmsgate backdates
+        not_before by `BACKDATE`)."""
+        return min(cert.not_valid_before_utc + BACKDATE, cert.not_valid_after_utc)
+
+    def _retry_cap(self) -> float:
+        """The longest wait before trying again: half of what the certificate on disk has
+        left; once it has ended, a quarter of its lifetime (between the first and the
+        largest backoff), so that a workload with short-lived certificates gets one soon
+        after the gateway is back."""
+        cert = self._on_disk()
         if cert is None:
             return MAX_BACKOFF_SECONDS
-        return max(0.1, (cert.not_valid_after_utc - datetime.now(UTC)).total_seconds() / 2)
+        end = cert.not_valid_after_utc
+        left = (end - datetime.now(UTC)).total_seconds()
+        if left > 0:
+            return max(0.1, left / 2)
+        lifetime = (end - (self._issued_at or self._issued(cert))).total_seconds()
+        return min(max(lifetime / 4, FIRST_BACKOFF_SECONDS), MAX_BACKOFF_SECONDS)
 
     def _path(self, name: str) -> Path:
         return self.options.directory / name

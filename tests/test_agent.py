@@ -242,6 +242,65 @@ def test_an_agent_started_with_other_names_gets_a_new_certificate(tmp_path: Path
         ]
 
 
+def _issued_count(gw: object) -> int:
+    reply = httpx.get(
+        f"{gw.addr}/v1/pki/certs",  # type: ignore[attr-defined]
+        params={"limit": 1000},
+        headers={"authorization": f"Bearer {gw.root_token}"},  # type: ignore[attr-defined]
+        timeout=10,
+    )
+    assert reply.status_code == 200, reply.text
+    return len(reply.json()["certs"])
+
+
+def test_a_restarted_agent_keeps_a_certificate_not_due_and_checks_its_dir_first(
+    tmp_path: Path,
+) -> None:
+    """A restart mints nothing while the certificate on disk is not due (it used to renew
+    at once and run the reload command); a --dir it cannot write to is refused before a
+    certificate is issued; a --ttl too short to renew is refused up front."""
+    with running_gateway(tmp_path) as gw:
+        out, ran = tmp_path / "svid", tmp_path / "ran.txt"
+        base = [
+            kmsgate_script(), "agent", "--ca", "dev", "--profile", "workload",
+            "--san", "spiffe://dev.lab/ns/ml/sa/x", "--token-file", str(gw.data_dir / "root-token"),
+            "--on-renew", f"sh -c 'echo ran >> {ran}'",
+        ]  # fmt: skip
+        env = gw.env(token="")
+        first = subprocess.run(
+            [*base, "--dir", str(out), "--once", "--ttl", "5m"],
+            capture_output=True, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        assert first.returncode == 0, first.stderr
+        serial = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes()).serial_number
+        issued = _issued_count(gw)
+        agent = subprocess.Popen(
+            [*base, "--dir", str(out), "--ttl", "5m"], env=env, stderr=subprocess.PIPE
+        )
+        time.sleep(3)
+        agent.terminate()
+        _, err = agent.communicate(timeout=10)
+        assert agent.returncode == 0, err
+        kept = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+        assert kept.serial_number == serial
+        assert ran.read_text().splitlines() == ["ran"]  # the first run's swap only
+        assert _issued_count(gw) == issued
+        a_file = tmp_path / "a-file"
+        a_file.write_text("")
+        refused = subprocess.run(
+            [*base, "--dir", str(a_file), "--once"], capture_output=True, env=env, timeout=60,
+            check=False,
+        )  # fmt: skip
+        assert refused.returncode == 2
+        assert refused.stderr.decode().strip() == f"error: {a_file}: not a directory"
+        assert _issued_count(gw) == issued
+        short = subprocess.run(
+            [*base, "--dir", str(out), "--ttl", "2s"], capture_output=True, env=env, timeout=60,
+            check=False,
+        )  # fmt: skip
+        assert short.returncode == 2 and b"--ttl must be at least 3s" in short.stderr
+
+
 def test_a_new_set_prunes_only_its_own_older_sets(tmp_path: Path) -> None:
     """`replace_private_files` keeps the set before the current one and removes older sets
     of its own; another `..name` in the directory (a user's backup) is left alone."""

@@ -203,7 +203,7 @@ def test_login_prints_the_principal_and_roles_a_token_maps_to(
 ) -> None:
     gw, issuer = oidc_gateway
     ci, pod, bad = tmp_path / "ci.jwt", tmp_path / "pod.jwt", tmp_path / "bad.jwt"
-    ci.write_text(issuer.token() + "\n")
+    ci.write_text(issuer.token(aud=[AUDIENCE, "another"]) + "\n")
     pod.write_text(issuer.token(iss=K8S_ISSUER, sub=SERVICE_ACCOUNT))
     bad.write_text(issuer.token(aud="someone-else"))
     env = gw.env(token="")
@@ -213,6 +213,7 @@ def test_login_prints_the_principal_and_roles_a_token_maps_to(
     assert lines["principal"].strip() == f"ci:{SUBJECT}"
     assert (lines["kind"].strip(), lines["roles"].strip()) == ("oidc", "ml-sec")
     assert lines["iss"].strip() == ISSUER
+    assert lines["aud"].strip() == f"{AUDIENCE},another"  # a list, one line
     as_json = run_cli(("login", "--oidc-token", str(pod), "--json"), env)
     assert as_json.rc == 0, str(as_json)
     identity = json.loads(as_json.out)

@@ -121,12 +121,17 @@ def login(
         ["tenant", identity["tenant"] or "-"],
         ["roles", ",".join(identity["roles"]) or "-"],
     ]
-    rows += [[name, str(claims[name])] for name in _SHOWN_CLAIMS if name in claims]
+    rows += [[name, _claim_text(claims[name])] for name in _SHOWN_CLAIMS if name in claims]
     for name, value in rows:
         print(f"{name + ':':<14}{value}")
 
 
 _SHOWN_CLAIMS = ("iss", "sub", "aud", "exp", "ca", "profile", "serial", "forwarded_by")
+
+
+def _claim_text(value: object) -> str:
+    """A claim as one line: a list (an `aud` of several audiences) comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 """The claims `login` prints besides the principal (OIDC issuer and subject, certificate
 facts); `--json` shows them all."""
 
