@@ -132,6 +132,8 @@ _SHOWN_CLAIMS = ("iss", "sub", "aud", "exp", "ca", "profile", "serial", "forward
 def _claim_text(value: object) -> str:
     """A claim as one line: a list (an `aud` of several audiences) comma-separated."""
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 """The claims `login` prints besides the principal (OIDC issuer and subject, certificate
 facts); `--json` shows them all."""
 
