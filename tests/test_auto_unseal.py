@@ -1,5 +1,5 @@
-"""Auto-unseal: the softkms root key wrapped by a Transit key of a real OpenBao server, or by
-a symmetric AWS KMS key (moto_server)."""
+"""Auto-unseal: the softkms root key wrapped by a Transit key of a real OpenBao server, by a
+symmetric AWS KMS key (moto_server), or by an AES key on a SoftHSM2 token."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from kmsgate.config import load_settings
 from kmsgate.errors import ConfigError
 from kmsgate.service import Ctx
 from kmsgate.service.requests import NewKey, SignInput
+from tests.softhsm import softhsm_token
 
 
 @pytest.fixture
@@ -139,3 +140,56 @@ def test_aws_wrapping_key_must_be_the_enabled_symmetric_key_that_wrapped(aws_uns
     client.disable_key(KeyId=arn.rpartition("/")[2])
     with pytest.raises(ConfigError, match="not enabled"):
         build_service(settings())
+
+
+@pytest.fixture
+def hsm_unseal_settings(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A SoftHSM token holding AES-256 keys made by pkcs11-tool: `root-kek` and `other-kek`
+    sensitive (never extractable), `open-kek` not."""
+    with softhsm_token(tmp_path_factory, f"unseal-{secrets.token_hex(3)}") as token:
+        aes = ("--keygen", "--key-type", "AES:32", "--usage-decrypt")
+        token.pkcs11_tool(*aes, "--sensitive", "--label", "root-kek", "--id", "7e")
+        token.pkcs11_tool(*aes, "--sensitive", "--label", "other-kek", "--id", "7f")
+        token.pkcs11_tool(*aes, "--label", "open-kek", "--id", "80")
+        data = tmp_path / "data"
+        data.mkdir()
+
+        def settings(kek: str = "pkcs11:object=root-kek;type=secret-key"):
+            return load_settings(
+                data_dir=data,
+                env="test",
+                backends={"local": {"type": "softkms"}, "hsm": token.backend_config()},
+                root_key_wrap={
+                    "backend": "hsm",
+                    "kek": kek,
+                    "file": str(tmp_path / "root.wrapped"),
+                },
+            )
+
+        yield settings
+
+
+def test_root_key_wrapped_by_a_pkcs11_key_survives_restarts(hsm_unseal_settings):
+    """Auto-unseal by an HSM: the root key is wrapped (AES-GCM) by a key that never leaves
+    the token; only that key, sensitive and never extractable, unwraps it."""
+    settings = hsm_unseal_settings
+    path = init_wrapped_root_key(settings())
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(path.read_bytes()) == 12 + 32 + 16  # nonce, the wrapped key, tag
+    service = build_service(settings())
+    bearer = service.tokens.create(["admin"], ttl=None)[1]
+    admin = service.gate.authenticate(Credentials(bearer=bearer), Ctx("t"))
+    service.keys.create(admin, Ctx("t"), NewKey(name="k", type="ed25519", purpose="p"))
+    service.close()
+    service = build_service(settings("pkcs11:id=%7e"))  # the same key, named by its id
+    [signed] = service.crypto.sign(
+        admin, Ctx("t"), service.gate.target("k"), [SignInput(input=b"m")], False
+    )
+    assert signed.key_version == 1
+    service.close()
+    with pytest.raises(ConfigError, match="cannot unwrap"):
+        build_service(settings("pkcs11:object=other-kek"))
+    with pytest.raises(ConfigError, match="only sensitive, non-extractable keys"):
+        build_service(settings("pkcs11:object=open-kek"))
+    with pytest.raises(ConfigError, match="wrapping key unavailable: no such key on the token"):
+        build_service(settings("pkcs11:object=no-such-kek"))

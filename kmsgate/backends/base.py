@@ -196,6 +196,11 @@ class AdoptCapable(ABC):
         return ref
 
 
+ROOT_KEK_NAME = "kmsgate-root-kek"
+"""The name of the handle `RootKeyWrapper.wrapping_key` gives (AWS KMS binds it into the
+EncryptionContext of the wrapped root key: it must not change)."""
+
+
 @runtime_checkable
 class RootKeyWrapper(Protocol):
     """A backend that can wrap kmsgate's own secrets (the softkms root key: auto-unseal)

@@ -27,6 +27,7 @@ from kmsgate.backends.awskms.specs import (
     sign_plan,
 )
 from kmsgate.backends.base import (
+    ROOT_KEK_NAME,
     AdoptCapable,
     BackendKey,
     BackendStatus,
@@ -53,11 +54,6 @@ _log = logging.getLogger(__name__)
 
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode("ascii")
-
-
-_ROOT_KEK_NAME = "kmsgate-root-kek"
-"""The name `wrapping_key` gives its handle (bound into the EncryptionContext of the wrapped
-root key: it must not change)."""
 
 
 class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
@@ -177,7 +173,7 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         wrapped key unwraps whichever form of `reference` names the key, and after AWS
         rotates it. Raises NotFound, InvalidRequest (malformed, not SYMMETRIC_DEFAULT, not
         enabled), BackendUnavailable, BackendError."""
-        spec = KeySpec(_ROOT_KEK_NAME, 1, KeyType.AES_256_GCM)
+        spec = KeySpec(ROOT_KEK_NAME, 1, KeyType.AES_256_GCM)
         return lifecycle.adopt_key(self._kms, spec, reference)
 
     def destroy(self, key: BackendKey) -> None:

@@ -16,6 +16,7 @@ from pkcs11 import exceptions as p11e
 
 from kmsgate.algorithms import HashName, KeyType, SignAlg, mac_algorithm
 from kmsgate.backends.base import (
+    ROOT_KEK_NAME,
     AdoptCapable,
     BackendKey,
     BackendStatus,
@@ -311,6 +312,16 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
             return plain
 
         return self._pool.call("decrypt", run, decrypting=True)
+
+    # -- RootKeyWrapper --------------------------------------------------------------------
+
+    def wrapping_key(self, reference: str) -> BackendKey:
+        """A handle on an existing AES-256 key on the token (`reference`: an RFC 7512 URI,
+        checked as `adopt_key` checks an aes-256-gcm key: sensitive, never extractable,
+        allowed to encrypt and decrypt), for wrapping softkms's root key outside the
+        catalogue (auto-unseal, `root_key_wrap`). Creates and changes nothing. Raises as
+        `adopt_key`."""
+        return self.adopt_key(KeySpec(ROOT_KEK_NAME, 1, KeyType.AES_256_GCM), reference)
 
     # -- AdoptCapable ----------------------------------------------------------------------
 
