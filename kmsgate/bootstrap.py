@@ -112,11 +112,15 @@ def init_wrapped_root_key(settings: Settings) -> Path:
 
 
 def _build_other_backends(settings: Settings) -> dict[str, KeyBackend]:
-    return {
+    backends = {
         name: backend_class(cfg.type).from_config(name, cfg)
         for name, cfg in settings.backends.items()
         if cfg.type != "softkms"
     }
+    if settings.data_dir is not None:
+        for backend in backends.values():
+            backend.keep_state_in(settings.data_dir)
+    return backends
 
 
 def _build_backends(settings: Settings, store: Store) -> dict[str, KeyBackend]:

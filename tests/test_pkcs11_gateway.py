@@ -517,6 +517,34 @@ def test_wrong_pin_is_a_backend_error_until_the_pin_file_is_fixed(hsm: SoftHsm, 
         b.close()
 
 
+def test_a_refused_pin_file_is_not_tried_again_by_another_process(hsm: SoftHsm, tmp_path: Path):
+    """Each worker process (or restart) used to try a wrong PIN once: three workers could
+    lock a real HSM's user PIN. Sharing the data dir, the second process does not try the
+    PIN file the token refused until it changes."""
+    victim = hsm.init_token("kmsgate-gw-pin-shared")
+    wrong = tmp_path / "wrong.pin"
+    wrong.write_text("00000000\n")
+    wrong.chmod(0o600)
+    state = tmp_path / "data"
+    state.mkdir()
+    processes = [make_backend("hsm-pin", victim, pin_file=str(wrong)) for _ in range(3)]
+    for backend in processes:
+        backend.keep_state_in(state)
+    try:
+        with pytest.raises(BackendError, match=r"rejected the configured PIN \(PinIncorrect\)"):
+            processes[0].create_key(KeySpec("k", 1, KeyType.ECDSA_P256))
+        with pytest.raises(BackendError, match="not retried until the PIN or the token changes"):
+            processes[1].create_key(KeySpec("k", 1, KeyType.ECDSA_P256))
+        assert "00000000" not in "".join(p.read_text() for p in state.iterdir())
+        wrong.write_text(victim.pin + "\n")  # fixed: every process tries it
+        key = processes[1].create_key(KeySpec("k", 1, KeyType.ECDSA_P256))
+        processes[2].sign(key, MESSAGE, SIGN_ALGORITHMS["ecdsa-sha256"], prehashed=False)
+        assert not (state / "hsm-pin.pin-refused").exists()
+    finally:
+        for backend in processes:
+            backend.close()
+
+
 def test_a_second_backend_on_a_logged_in_token_has_its_pin_checked(hsm: SoftHsm, tmp_path: Path):
     """Login state belongs to the process: a second backend on a token another backend is
     logged in to is refused C_Login (already logged in), so the token never checks its PIN.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
 from cryptography import x509
@@ -121,6 +122,10 @@ class KeyBackend(ABC):
     def destroy(self, key: BackendKey) -> None:
         """Destroy the key material (irreversible) and forget any cached copy. Raises
         BackendUnavailable, BackendError."""
+
+    def keep_state_in(self, directory: Path) -> None:  # noqa: B027
+        """Share what the gateway's processes must agree on through `directory` (the data
+        dir), such as a PIN the token refused (pkcs11). Most backends share nothing."""
 
     def promoted(self, key: BackendKey) -> None:  # noqa: B027
         """The catalogue made `key` (from `create_key`) the key's primary version: a backend

@@ -8,6 +8,7 @@ import logging
 import secrets
 from collections.abc import Sequence
 from contextlib import suppress
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pkcs11
@@ -255,6 +256,11 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                     obj.destroy()
 
         self._pool.call("destroy the key", run, retry=False)
+
+    def keep_state_in(self, directory: Path) -> None:
+        """A PIN file the token refused is not tried again by any process of the gateway
+        (`PinRefusals`) until it or the token changes."""
+        self._pool.refusals.keep_in(directory)
 
     def status(self) -> BackendStatus:
         return self._pool.status()

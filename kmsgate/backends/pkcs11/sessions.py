@@ -22,6 +22,7 @@ from pkcs11 import exceptions as p11e
 from kmsgate.backends.base import BackendStatus
 from kmsgate.backends.pkcs11.keys import _parse_ref
 from kmsgate.backends.pkcs11.module import _Gone, _module
+from kmsgate.backends.pkcs11.refusals import PinRefusals
 from kmsgate.backends.pkcs11.settings import Pkcs11Settings, _read_pin_file
 from kmsgate.errors import (
     BackendError,
@@ -33,6 +34,9 @@ from kmsgate.errors import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_NOT_RETRIED = (
+    "the token rejected the configured PIN; not retried until the PIN or the token changes"
+)
 
 
 @dataclass(eq=False)
@@ -156,6 +160,9 @@ class _SessionPool:
         self._pin_key = secrets.token_bytes(32)
         self._bad_pin: bytes | None = None
         """HMAC of (token serial, PIN) the token rejected: not tried again."""
+        self.refusals = PinRefusals(backend, settings.pin_file)
+        """The refusals of the PIN file, shared by the gateway's processes once it has a
+        data dir (`keep_in`)."""
 
     def _retry_after(self) -> int:
         return max(1, math.ceil(self.settings.retry_interval))
@@ -261,33 +268,14 @@ class _SessionPool:
         pin = self._pin()
         fingerprint = hmac.digest(self._pin_key, serial + b"\x00" + pin.encode(), "sha256")
         if self._bad_pin is not None and hmac.compare_digest(self._bad_pin, fingerprint):
-            raise BackendError(
-                "the token rejected the configured PIN; not retried until the PIN or the "
-                "token changes"
-            )
+            raise BackendError(_NOT_RETRIED)
         login = None
         ours = hmac.digest(self._module.pin_key, serial + b"\x00" + pin.encode(), "sha256")
-        try:
-            login = token.open(rw=True, user_pin=pin)
-            self._module.logins[serial] = ours
-        except p11e.UserAlreadyLoggedIn:
-            # another backend in this process is logged in to this token: login state
-            # belongs to the application, so our sessions are logged in too. (The session
-            # python-pkcs11 opened for the refused C_Login stays open.) Our PIN was not
-            # checked by the token: it must be the one that logged in.
-            theirs = self._module.logins.get(serial)
-            if theirs is None or not hmac.compare_digest(theirs, ours):
-                self._bad_pin = fingerprint  # not tried again (each try leaves a session)
-                raise BackendError(
-                    "the token is logged in already with another PIN, or by a session this "
-                    "gateway does not know, so this backend's PIN was never checked: give "
-                    "every backend on one token its PIN"
-                ) from None
-        except _PIN_ERRORS as exc:
-            self._bad_pin = fingerprint
-            raise BackendError(
-                f"the token rejected the configured PIN ({type(exc).__name__})"
-            ) from None
+        with self.refusals.turn():
+            if self.refusals.refused(serial):  # by another process of the gateway
+                self._bad_pin = fingerprint
+                raise BackendError(_NOT_RETRIED)
+            login = self._log_in_once(token, pin, serial, ours, fingerprint)
         del pin
         workers: list[_Worker] = []
         try:
@@ -309,6 +297,38 @@ class _SessionPool:
             workers=workers,
             mechanisms=mechanisms,
         )
+
+    def _log_in_once(
+        self, token: Any, pin: str, serial: bytes, ours: bytes, fingerprint: bytes
+    ) -> Any:
+        """C_Login with `pin` (in a session of its own); None when the token was logged in
+        already with this PIN by another backend of this process. A refused PIN is
+        remembered (`_bad_pin`, `refusals`). Raises BackendError."""
+        login = None
+        try:
+            login = token.open(rw=True, user_pin=pin)
+            self._module.logins[serial] = ours
+        except p11e.UserAlreadyLoggedIn:
+            # another backend in this process is logged in to this token: login state
+            # belongs to the application, so our sessions are logged in too. (The session
+            # python-pkcs11 opened for the refused C_Login stays open.) Our PIN was not
+            # checked by the token: it must be the one that logged in.
+            theirs = self._module.logins.get(serial)
+            if theirs is None or not hmac.compare_digest(theirs, ours):
+                self._bad_pin = fingerprint  # not tried again (each try leaves a session)
+                raise BackendError(
+                    "the token is logged in already with another PIN, or by a session this "
+                    "gateway does not know, so this backend's PIN was never checked: give "
+                    "every backend on one token its PIN"
+                ) from None
+        except _PIN_ERRORS as exc:
+            self._bad_pin = fingerprint
+            self.refusals.record(serial)
+            raise BackendError(
+                f"the token rejected the configured PIN ({type(exc).__name__})"
+            ) from None
+        self.refusals.forget()
+        return login
 
     def _drop(self, conn: _Connection) -> None:
         """Forget `conn`; close its sessions if their handles are still this module's."""
