@@ -196,6 +196,7 @@ class Key:
                         if v.compromised_since
                         else {}
                     ),
+                    **({"adopted": True} if v.adopted else {}),
                 }
                 for v in sorted(self.versions.values(), key=lambda v: v.version)
             ],

@@ -776,6 +776,7 @@ def test_rest_operations_on_hsm_keys(hsm: SoftHsm, tmp_path: Path):
             "/v1/keys", headers=auth, json={**body, "uri": "pkcs11:object=ceremony;type=private"}
         )
         assert adopted.status_code == 201, adopted.text
+        assert adopted.json()["versions"][0]["adopted"] is True  # its material stays on the token
         r = client.post("/v1/keys/adopted/sign", headers=auth, json={"input": b64(MESSAGE)})
         adopted_pub = serialization.load_pem_public_key(
             client.get("/v1/keys/adopted/public-key", headers=auth).content

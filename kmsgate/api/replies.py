@@ -195,7 +195,9 @@ def _key(usage: bool) -> Schema:
             "min_decrypt_version": _VERSION,
             "verify_only": _BOOLEAN,
             "public": _BOOLEAN,
-            "versions": _array(_closed(version, {"compromised_since": _TIME})),
+            "versions": _array(
+                _closed(version, {"compromised_since": _TIME, "adopted": {"const": True}})
+            ),
             "created_at": _TIME,
         },
         {
