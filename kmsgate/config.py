@@ -16,15 +16,12 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     ValidationError,
     field_validator,
     model_validator,
@@ -36,7 +33,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from kmsgate.durations import Duration
 from kmsgate.errors import ConfigError
+from kmsgate.loopback import https_or_loopback
 
 
 def _shipped_policy_dir() -> Path:
@@ -113,55 +112,6 @@ class Limits(BaseModel):
             self.key_rate if self.key_rate is not None else key,
         )
 
-
-_DURATION_RE = re.compile(r"([0-9]+)([smhd]?)")
-_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
-MAX_DURATION_SECONDS = 100 * 365 * 86400
-"""The longest duration any setting or request may name (a century: timedelta's own limit is
-far beyond, but a number that large is a mistake)."""
-
-
-_DURATION_FORMAT = "a whole number and one unit (d, h, m or s), such as 12h or 45s"
-
-
-def parse_duration_setting(value: object) -> timedelta:
-    """A positive duration from `90d`, `12h`, `30m`, `45s`, plain seconds or a timedelta.
-
-    Raises ValueError (a validation error inside a settings model).
-    """
-    if isinstance(value, timedelta):
-        duration = value
-    elif isinstance(value, int | str) and not isinstance(value, bool):
-        match = _DURATION_RE.fullmatch(str(value))  # ASCII digits, no spaces
-        if not match:
-            raise ValueError(f"invalid duration {value!r}: {_DURATION_FORMAT}")
-        digits, unit = match.groups()
-        seconds = int(digits[-12:]) * _DURATION_UNITS.get(unit, 1)
-        if len(digits.lstrip("0")) > 12 or seconds > MAX_DURATION_SECONDS:
-            raise ValueError(f"invalid duration {value!r}: at most {MAX_DURATION_SECONDS} seconds")
-        duration = timedelta(seconds=seconds)
-    else:
-        raise ValueError(f"invalid duration {value!r}: {_DURATION_FORMAT}")
-    if duration <= timedelta(0) or duration.microseconds:
-        raise ValueError("a duration must be a positive whole number of seconds")
-    return duration
-
-
-def format_duration(duration: timedelta) -> str:
-    """`duration` in the largest unit that divides it exactly: `7d`, `36h`, `90m`, `45s`."""
-    seconds = int(duration.total_seconds())
-    unit = next(u for u, size in _DURATION_UNITS.items() if seconds % size == 0)
-    return f"{seconds // _DURATION_UNITS[unit]}{unit}"
-
-
-Duration = Annotated[
-    timedelta,
-    BeforeValidator(parse_duration_setting),
-    PlainSerializer(format_duration, return_type=str),
-]
-"""A duration setting: `90d`, `12h`, `30m`, `45s` or seconds in the file, a timedelta once read."""
 
 EkuName = Literal["server_auth", "client_auth"]
 SIGNING_KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "ed25519", "rsa-3072", "rsa-4096")
@@ -309,50 +259,6 @@ def validation_problems(exc: ValidationError) -> str:
         f"{'.'.join(str(part) for part in error['loc']) or 'config'}: "
         + error["msg"].removeprefix("Value error, ")
         for error in exc.errors(include_url=False, include_input=False)
-    )
-
-
-def is_loopback_host(host: str, *, resolve: bool = False) -> bool:
-    """Whether `host` is a loopback address (127.0.0.0/8, ::1) or `localhost`.
-
-    With `resolve`, another name counts when every address it resolves to is loopback (for
-    an address kmsgate binds at once; a URL kept for later calls is judged by its text, not
-    by what its name resolves to today)."""
-    host = host.strip("[]")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    if not resolve:
-        return False
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
-
-
-def https_or_loopback(url: str) -> bool:
-    """Whether `url` is https://, or http:// to a loopback host (see `is_loopback_host`): what
-    kmsgate accepts for a service it sends secrets, keys or plaintext to."""
-    parts = urlsplit(url)
-    if not parts.hostname:
-        return False
-    if parts.scheme == "https":
-        return True
-    return parts.scheme == "http" and is_loopback_host(parts.hostname)
-
-
-def plain_http_refused(url: str, what: str) -> str:
-    """The one-line reason for refusing `url` (which failed `https_or_loopback`), naming its
-    host but no user info that the URL may carry."""
-    host = urlsplit(url).hostname or "?"
-    return (
-        f"refusing plain http:// to {host}, which is not a loopback address: {what} would "
-        "cross the network in cleartext; use https:// (http:// is for 127.0.0.1, ::1 or "
-        "localhost only)"
     )
 
 

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from kmsgate.config import format_duration
+from kmsgate.durations import format_duration
 from kmsgate.errors import Conflict, InvalidRequest, PolicyDenied
 from kmsgate.store import Row, Store, StoreMirror
 from kmsgate.text import utc_timestamp

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from kmsgate.config import parse_duration_setting
+from kmsgate.durations import parse_duration_setting
 from kmsgate.encoding import b64decode_strict, b64encode
 from kmsgate.envelope import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_STRING, check_context
 from kmsgate.errors import InvalidRequest, TooLarge, ValidationFailed

@@ -38,7 +38,6 @@ from kmsgate.config import (
     Settings,
     dev_data_dir,
     dev_tls,
-    is_loopback_host,
     load_settings,
     misspelt_variables,
     with_database_driver,
@@ -47,6 +46,7 @@ from kmsgate.errors import ConfigError
 from kmsgate.http_protocol import HttpToolsOneWrite
 from kmsgate.logs import LEVEL_ENV, UVICORN_LOG_CONFIG
 from kmsgate.logs import configure as configure_logs
+from kmsgate.loopback import is_loopback_host
 from kmsgate.servertls import provision, renewal_job
 from kmsgate.service import Service
 from kmsgate.store.engine import shown_url

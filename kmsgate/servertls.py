@@ -31,7 +31,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from kmsgate.config import Settings, TlsSettings, format_duration
+from kmsgate.config import Settings, TlsSettings
+from kmsgate.durations import format_duration
 from kmsgate.errors import ConfigError, KmsgateError
 from kmsgate.pki.files import replace_private_file
 from kmsgate.pki.issuer import BACKDATE

@@ -15,13 +15,9 @@ from kmsgate.bootstrap import (
     ensure_root_token,
     prepare_dev_data_dir,
 )
-from kmsgate.config import (
-    https_or_loopback,
-    is_loopback_host,
-    load_settings,
-    misspelt_variables,
-)
+from kmsgate.config import load_settings, misspelt_variables
 from kmsgate.errors import ConfigError
+from kmsgate.loopback import https_or_loopback, is_loopback_host
 
 
 def write(path: Path, text: str) -> Path:

@@ -257,7 +257,7 @@ JWKS = _component(
 # -- PKI ---------------------------------------------------------------------------------------
 
 _SERIAL: Schema = {"type": "string", "pattern": "^[0-9a-f]+$"}
-_DURATION: Schema = {"type": "string", "pattern": "^[0-9]+[dhms]$"}  # config.format_duration
+_DURATION: Schema = {"type": "string", "pattern": "^[0-9]+[dhms]$"}  # durations.format_duration
 
 ISSUED = _component(
     "Issued",

@@ -475,7 +475,7 @@ def cert_expiring(
 ) -> None:
     """Valid certificates whose not_after falls within the given time from now."""
     try:
-        from kmsgate.config import parse_duration_setting  # pydantic settings: slow to load
+        from kmsgate.durations import parse_duration_setting  # pydantic: slow to load
 
         horizon = datetime.now(UTC) + parse_duration_setting(within)
     except ValueError as exc:

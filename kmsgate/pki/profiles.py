@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from kmsgate.algorithms import KeyType, KeyUsage, key_type_of_public_key, parse_key_type
-from kmsgate.config import PkiSettings, ProfileSettings, Settings, format_duration
+from kmsgate.config import PkiSettings, ProfileSettings, Settings
+from kmsgate.durations import format_duration
 from kmsgate.errors import ConfigError, InvalidRequest
 from kmsgate.pki.extensions import extension_value
 from kmsgate.pki.issuer import key_usage

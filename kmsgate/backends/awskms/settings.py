@@ -8,7 +8,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from kmsgate.backends.awskms.specs import _CONTEXT_PREFIX
-from kmsgate.config import https_or_loopback, plain_http_refused
+from kmsgate.loopback import https_or_loopback, plain_http_refused
 
 _ALIAS_PREFIX = re.compile(r"^alias/[A-Za-z0-9/_-]*/$")
 

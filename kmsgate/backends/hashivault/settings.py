@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from kmsgate.backends.hashivault.transit import _MOUNT, _SEGMENT
-from kmsgate.config import https_or_loopback, plain_http_refused
+from kmsgate.loopback import https_or_loopback, plain_http_refused
 
 
 class AppRoleAuth(BaseModel):
