@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from kmsgate.errors import InvalidRequest, UnsupportedMediaType, ValidationFailed
-from kmsgate.schemas import parse_json_object
+from kmsgate.request_parsing import parse_json_object
 
 JSON = "application/json"
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")

@@ -32,6 +32,7 @@ from kmsgate.api.replies import (
 from kmsgate.api.responses import PEM, json_response, operation_response
 from kmsgate.api.threads import BackendThreads
 from kmsgate.errors import VerificationFailed
+from kmsgate.request_parsing import operation_schema, parse_operation
 from kmsgate.schemas import (
     LABEL_PATTERN,
     MAX_VERSION,
@@ -48,8 +49,6 @@ from kmsgate.schemas import (
     ScheduleDeletionRequest,
     SignItem,
     VerifyItem,
-    operation_schema,
-    parse_operation,
 )
 from kmsgate.service import Service
 from kmsgate.service.crypto import Crypto

@@ -28,6 +28,7 @@ from kmsgate.api.replies import (
 from kmsgate.api.responses import PEM, json_response
 from kmsgate.pki.crl import parse_reason
 from kmsgate.pki.issuer import parse_serial, serial_hex
+from kmsgate.request_parsing import parse_model
 from kmsgate.schemas import (
     CaCertificateRequest,
     CreateCaRequest,
@@ -35,7 +36,6 @@ from kmsgate.schemas import (
     RenewRequest,
     RevokeRequest,
     Timestamp,
-    parse_model,
 )
 from kmsgate.service import Service
 from kmsgate.service.results import Issued
