@@ -49,7 +49,7 @@ class Service:
     tokens, policy read/evaluate/reload, audit        `system.py` (`service.system`)
     read, metrics authorisation
     create_ca, import_certificate, list_cas, issue,   `pki.py`    (`service.pki`)
-    revoke, certificate(s), describe_profiles
+    revoke, certificate(s), describe_profiles         (a hashivault-pki CA: `vault_pki.py`)
     crl, ocsp (public), publish_due, build            `revocation.py` (`service.revocation`)
     ================================================  =================================
 

@@ -3,7 +3,8 @@ signed certificate) and certificates (issue from a CSR, revoke, read the invento
 
 A CA's key is a kmsgate key of purpose `ca` on any backend; it signs through `RemoteKey`,
 so the same code serves softkms, an HSM, Vault Transit and AWS KMS. The gateway never holds
-the root key: it only verifies that an imported chain ends in a self-signed root.
+the root key: it only verifies that an imported chain ends in a self-signed root
+(`kmsgate.pki.ca_chain`). A `hashivault-pki` CA signs through Vault (`vault_pki.py`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
@@ -26,10 +24,9 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 
 from kmsgate.auth import SYSTEM, Principal
-from kmsgate.backends.base import PkiEngine, PkiEngineCapable, require_capability
+from kmsgate.backends.base import PkiEngine
 from kmsgate.catalogue import Key, KeyVersion
 from kmsgate.errors import (
-    BackendError,
     ConfigError,
     Conflict,
     InvalidRequest,
@@ -38,9 +35,9 @@ from kmsgate.errors import (
 )
 from kmsgate.pki.authorities import CA_PURPOSE, Authorities, Authority, CaState, CaType
 from kmsgate.pki.bundle import spiffe_bundle
+from kmsgate.pki.ca_chain import check_ca_certificate
 from kmsgate.pki.constraints import refuse_outside_constraints
 from kmsgate.pki.csr import new_key_and_csr
-from kmsgate.pki.extensions import extension_value
 from kmsgate.pki.inventory import (
     CertificateRecord,
     PresentedCertificates,
@@ -48,7 +45,6 @@ from kmsgate.pki.inventory import (
     record_of,
     record_row,
     requested_sans,
-    san_strings,
 )
 from kmsgate.pki.issuer import (
     BACKDATE,
@@ -67,6 +63,7 @@ from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.keys import Keys
 from kmsgate.service.requests import IssueInput, NewCa, NewKey
 from kmsgate.service.results import Issued
+from kmsgate.service.vault_pki import pki_engine, vault_ca, vault_sign
 from kmsgate.store import Row, Store
 from kmsgate.store.certificates import REVOKED, CertQuery
 from kmsgate.text import CA_NAME, utc_timestamp
@@ -114,7 +111,7 @@ class Pki:
             if self.authorities.find(new.name) is not None:
                 raise Conflict(f"a CA named {new.name!r} exists")
             if new.type == CaType.HASHIVAULT_PKI:
-                return self.authorities.insert(self._vault_ca(new))
+                return self.authorities.insert(vault_ca(self.gate.registry, new))
             subject = parse_subject(new.subject)
             key = self.keys.generate(
                 NewKey(
@@ -175,7 +172,7 @@ class Pki:
             if ca.state is not CaState.PENDING:
                 raise Conflict(f"CA {name!r} is {ca.state.value}")
             key = self.gate.catalogue.get(ca.key_name or "")
-            _check_ca_certificate(certificate, chain, _public_key(key))
+            check_ca_certificate(certificate, chain, _public_key(key), now())
             outcome.detail["not_after"] = utc_timestamp(certificate.not_valid_after_utc)
             return self.authorities.activate(ca, certificate, chain, now())
 
@@ -392,7 +389,7 @@ class Pki:
         approved = profile.check(request.csr, request.ttl)
         refuse_outside_constraints(approved.subject, approved.sans, (issuer, *ca.chain))
         if ca.type is CaType.HASHIVAULT_PKI:
-            cert, chain = self._vault_sign(ca, profile, request.csr, approved)
+            cert, chain = vault_sign(self.gate.registry, ca, profile, request.csr, approved)
         else:
             cert, chain = self._sign(ca, issuer, profile, approved), (issuer, *ca.chain)
         record = record_of(
@@ -505,99 +502,7 @@ class Pki:
     def engine(self, ca: Authority) -> PkiEngine:
         """The Vault PKI engine of a `hashivault-pki` CA. Raises NotSupported if its backend
         fronts no PKI engine, InvalidRequest for an unusable mount or role."""
-        backend = self.gate.registry.get(ca.backend)
-        engine = require_capability(backend, PkiEngineCapable, "front a PKI engine")  # type: ignore[type-abstract]
-        return engine.pki(ca.options.get("mount", ""), ca.options.get("role", ""))
-
-    def _vault_ca(self, new: NewCa) -> Authority:
-        """An active CA over the Vault PKI engine `new.mount` (its chain read from Vault).
-        Raises InvalidRequest (no mount or role, not a hashivault backend), BackendError."""
-        if not new.mount or not new.role:
-            raise InvalidRequest("a hashivault-pki CA needs 'mount' and 'role'")
-        backend = self.gate.registry.get(new.backend)
-        if not isinstance(backend, PkiEngineCapable):
-            raise InvalidRequest(
-                f"backend {backend.name!r} ({backend.scheme}) fronts no PKI engine: a "
-                "hashivault-pki CA needs a hashivault backend"
-            )
-        at = now()
-        pending = Authority(
-            name=new.name,
-            type=CaType.HASHIVAULT_PKI,
-            state=CaState.ACTIVE,
-            subject="",
-            key_name=None,
-            csr_pem=None,
-            certificate=None,
-            chain=(),
-            crl_number=0,
-            created_at=at,
-            updated_at=at,
-            backend=backend.name,
-            options={"mount": new.mount, "role": new.role},
-        )
-        engine = self.engine(pending)
-        settings = engine.role_settings()
-        _refuse_role_settings(settings, new.role)
-        ekus = ",".join(_role_ekus(settings))
-        pending = replace(pending, options={**pending.options, "ekus": ekus})
-        chain = engine.chain()
-        if not chain:
-            raise BackendError(f"Vault PKI mount {new.mount!r} has no CA certificate")
-        return replace(
-            pending,
-            subject=chain[0].subject.rfc4514_string(),
-            certificate=chain[0],
-            chain=tuple(chain[1:]),
-        )
-
-    def _vault_sign(
-        self,
-        ca: Authority,
-        profile: Profile,
-        csr: x509.CertificateSigningRequest,
-        approved: Approved,
-    ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
-        """Vault's certificate for the CSR with the names the profile approved. Raises
-        InvalidRequest, before asking Vault, if the role (as it was when the CA was made)
-        gives other extended key usages than the profile; BackendError (after revoking it in
-        Vault) if the role gave the certificate other extensions than the profile would (it
-        changed since); and what the engine raises."""
-        remembered = ca.options.get("ekus")  # the role's, when the CA was made (or none)
-        role_ekus = remembered.split(",") if remembered else []
-        if remembered is not None and sorted(role_ekus) != sorted(profile.ekus):
-            raise InvalidRequest(
-                f"CA {ca.name!r} issues through Vault PKI role {ca.options.get('role')!r}, "
-                f"whose certificates have extended key usages {sorted(role_ekus)}; profile "
-                f"{profile.name!r} gives {sorted(profile.ekus)}: use a CA whose role matches it"
-            )
-        sans = san_strings(list(approved.sans))
-        by_kind: dict[str, list[str]] = {"dns": [], "ip": [], "uri": []}
-        for san in sans:
-            kind, _, value = san.partition(":")
-            by_kind.setdefault(kind, []).append(value)
-        cns = approved.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        common_name = str(cns[0].value) if cns else (sans[0].partition(":")[2] if sans else "")
-        pem = csr.public_bytes(serialization.Encoding.PEM).decode()
-        engine = self.engine(ca)
-        certs = engine.sign(
-            pem,
-            common_name=common_name,
-            dns=by_kind["dns"],
-            ips=by_kind["ip"],
-            uris=by_kind["uri"],
-            ttl_seconds=int(approved.ttl.total_seconds()),
-        )
-        departures = profile.departures(certs[0])
-        if departures:  # the role decided other extensions: the certificate must not live
-            engine.revoke(certs[0].serial_number)
-            raise BackendError(
-                f"Vault PKI role {ca.options.get('role')!r} issued a certificate unlike profile "
-                f"{profile.name!r} ({'; '.join(departures)}); it was revoked in Vault. Set "
-                "the role's server_flag/client_flag to the profile's EKUs (a role per "
-                "profile), key_usage [DigitalSignature] and basic_constraints_valid_for_non_ca"
-            )
-        return certs[0], tuple(certs[1:])
+        return pki_engine(self.gate.registry, ca)
 
     def signing_key(self, key: Key) -> RemotePrivateKey:
         """The CA key as a cryptography private key whose signatures its backend makes."""
@@ -624,86 +529,3 @@ def _public_key(key: Key) -> CertificatePublicKeyTypes:
     ):
         raise InvalidRequest(f"{key.type} keys cannot be CA keys")
     return public
-
-
-def _check_ca_certificate(
-    cert: x509.Certificate, chain: Sequence[x509.Certificate], public_key: CertificatePublicKeyTypes
-) -> None:
-    """Raises InvalidRequest unless `cert` is a CA certificate for `public_key` and `chain`
-    links it, issuer by issuer, to a self-signed root."""
-    if cert.public_key() != public_key:
-        raise InvalidRequest("the certificate is for another key than this CA's")
-    if not chain:
-        raise InvalidRequest("send the chain up to the root (at least the root certificate)")
-    links = [cert, *chain]
-    at = now()
-    for below, link in enumerate(links):
-        _check_issuing_ca(link, below, at)
-    for child, parent in itertools.pairwise(links):
-        try:
-            child.verify_directly_issued_by(parent)
-        except InvalidSignature:
-            why = "its signature does not verify with the issuer's key"
-        except (ValueError, TypeError):
-            why = "its issuer name or signature algorithm does not match the issuer's"
-        else:
-            continue
-        raise InvalidRequest(f"{_called(child)} is not issued by {_called(parent)}: {why}")
-    root = links[-1]
-    try:
-        root.verify_directly_issued_by(root)
-    except (ValueError, TypeError, InvalidSignature):
-        raise InvalidRequest("the chain does not end in a self-signed root") from None
-
-
-def _called(cert: x509.Certificate) -> str:
-    """How a message names `cert`: its subject, or its serial when the subject is empty."""
-    return cert.subject.rfc4514_string() or f"the certificate with serial {cert.serial_number:x}"
-
-
-def _check_issuing_ca(cert: x509.Certificate, below: int, at: datetime) -> None:
-    """Raises InvalidRequest unless `cert`, with `below` CA certificates under it down to the
-    imported one (0: it is that one), may issue what that CA will: a CA (basicConstraints)
-    whose key usage, if stated, allows certificates (and CRLs, for the imported one), whose
-    path length leaves room for those CAs, and
-    which is valid at `at` (what `openssl verify` checks on every issuer of a leaf)."""
-    name = _called(cert)
-    constraints = extension_value(cert.extensions, x509.BasicConstraints)
-    if constraints is None or not constraints.ca:
-        raise InvalidRequest(f"{name} is not a CA certificate (basicConstraints ca)")
-    usage = extension_value(cert.extensions, x509.KeyUsage)
-    if usage is not None and not usage.key_cert_sign:
-        raise InvalidRequest(f"{name}: its key usage does not allow keyCertSign")
-    if usage is not None and below == 0 and not usage.crl_sign:
-        raise InvalidRequest(f"{name}: its key usage does not allow cRLSign (for its CRLs)")
-    limit = constraints.path_length
-    if limit is not None and limit < below:
-        raise InvalidRequest(
-            f"{name}: its path length {limit} allows {limit} CA certificate(s) below it, "
-            f"the chain has {below}"
-        )
-    if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
-        raise InvalidRequest(
-            f"{name} is valid from {utc_timestamp(cert.not_valid_before_utc)} to "
-            f"{utc_timestamp(cert.not_valid_after_utc)}, not now"
-        )
-
-
-def _role_ekus(settings: Mapping[str, object]) -> list[str]:
-    """The extended key usages (as profiles name them) a Vault PKI role's certificates get
-    from its `server_flag` and `client_flag`."""
-    flags = (("server_flag", "server_auth"), ("client_flag", "client_auth"))
-    return [eku for flag, eku in flags if settings.get(flag) is True]
-
-
-def _refuse_role_settings(settings: Mapping[str, object], role: str) -> None:
-    """Raise InvalidRequest if the Vault PKI role's settings would give certificates other
-    key usages or basic constraints than every kmsgate profile does."""
-    wrong = []
-    usages = settings.get("key_usage")
-    if not isinstance(usages, list) or [str(u).lower() for u in usages] != ["digitalsignature"]:
-        wrong.append("key_usage must be [DigitalSignature]")
-    if settings.get("basic_constraints_valid_for_non_ca") is not True:
-        wrong.append("basic_constraints_valid_for_non_ca must be true")
-    if wrong:
-        raise InvalidRequest(f"Vault PKI role {role!r}: {'; '.join(wrong)}")
