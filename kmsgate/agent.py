@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmsgate.client import ApiError, Client
-from kmsgate.config import parse_duration_setting
+from kmsgate.durations import parse_duration_setting
 from kmsgate.pki.csr import new_key_and_csr, parse_san
 from kmsgate.pki.files import replace_private_files
 from kmsgate.pki.issuer import BACKDATE
