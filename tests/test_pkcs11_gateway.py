@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import logging
 import os
 import shutil
 import signal
@@ -513,6 +514,30 @@ def test_wrong_pin_is_a_backend_error_until_the_pin_file_is_fixed(hsm: SoftHsm, 
         signature = b.sign(key, MESSAGE, SIGN_ALGORITHMS["ecdsa-sha256"], prehashed=False)
         public_of(key).verify(signature, MESSAGE, ec.ECDSA(hashes.SHA256()))
         assert b.status().ok
+    finally:
+        b.close()
+
+
+def test_a_pin_file_gone_at_run_time_is_told_in_the_log_not_to_callers(
+    hsm: SoftHsm, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """Readiness is public and API callers have no business with the gateway's files: they
+    learn the PIN could not be read; the log says where and why."""
+    victim = hsm.init_token("kmsgate-gw-pin-gone")
+    pin = tmp_path / "secret-dir" / "hsm.pin"
+    pin.parent.mkdir()
+    pin.write_text(victim.pin + "\n")
+    pin.chmod(0o600)
+    b = make_backend("hsm-pin-gone", victim, pin_file=str(pin))
+    pin.unlink()
+    try:
+        with caplog.at_level(logging.WARNING, logger="kmsgate"):
+            status = b.status()
+            with pytest.raises(BackendError) as caught:
+                b.create_key(KeySpec("k", 1, KeyType.ECDSA_P256))
+        for told in (status.detail, caught.value.detail):
+            assert "the PIN could not be read" in told and "secret-dir" not in told
+        assert f"cannot read PIN file {pin}" in caplog.text
     finally:
         b.close()
 

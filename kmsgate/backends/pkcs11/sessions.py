@@ -255,13 +255,20 @@ class _SessionPool:
         return found[0] if found else None
 
     def _pin(self) -> str:
-        if self.settings.pin_file is not None:
-            return _read_pin_file(self.settings.pin_file, BackendError)
-        assert self.settings.pin_env is not None
-        pin = os.environ.get(self.settings.pin_env)
-        if not pin:
-            raise BackendError(f"environment variable {self.settings.pin_env} is not set")
-        return pin
+        """The PIN, read again from its source. Raises BackendError saying only that it
+        could not be read: where and why go to the log (readiness is public, and API
+        callers have no business with the gateway's files)."""
+        try:
+            if self.settings.pin_file is not None:
+                return _read_pin_file(self.settings.pin_file, BackendError)
+            assert self.settings.pin_env is not None
+            pin = os.environ.get(self.settings.pin_env)
+            if not pin:
+                raise BackendError(f"environment variable {self.settings.pin_env} is not set")
+            return pin
+        except BackendError as exc:
+            log.warning("pkcs11 %s: %s", self.name, exc.detail)
+            raise BackendError("the PIN could not be read (the gateway's log says why)") from None
 
     def _log_in(self, token: Any) -> _Connection:
         serial: bytes = token.serial
