@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from kmsgate.ratelimit import TokenBucket
 from kmsgate.service import Ctx
 from kmsgate.store import tables
+from tests.gateway import open_gateway
 from tests.helpers import UTC_TIME, b64, create_key
 
 
@@ -333,3 +334,18 @@ def test_past_its_store_read_budget_a_key_change_is_503_and_a_read_uses_the_copy
     assert refused.status_code == 503 and "too many key changes" in refused.json()["detail"]
     signed = api.call("POST", "/v1/keys/budget/sign", admin, json={"input": b64(b"m")})
     assert signed.status_code == 200
+
+
+def test_a_key_on_a_backend_the_gateway_no_longer_configures_is_503(tmp_path):
+    """A key whose backend left the configuration (or not yet in a replica's) is the
+    gateway's problem, not the caller's: 503 naming the backend, not 400 "unknown backend"."""
+    two = {"local": {"type": "softkms"}, "second": {"type": "softkms"}}
+    with open_gateway(tmp_path, backends=two) as (api, admin):
+        create_key(api, admin, "on-second", "ecdsa-p256", backend="second")
+    with open_gateway(tmp_path, backends={"local": {"type": "softkms"}}) as (api, admin):
+        r = api.call("POST", "/v1/keys/on-second/sign", admin, json={"input": b64(b"m")})
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "backend_unavailable"
+        assert "'second', which holds this key, is not configured" in r.json()["detail"]
+        r = api.call("POST", "/v1/keys/on-second/rotate", admin)
+        assert r.status_code == 503 and r.json()["code"] == "backend_unavailable", r.text

@@ -17,7 +17,14 @@ from cryptography import x509
 
 from kmsgate.algorithms import HashName, KeyType, SignAlg
 from kmsgate.config import BackendSettings
-from kmsgate.errors import ConfigError, InvalidRequest, KmsgateError, NotSupported, Unavailable
+from kmsgate.errors import (
+    BackendUnavailable,
+    ConfigError,
+    InvalidRequest,
+    KmsgateError,
+    NotSupported,
+    Unavailable,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +247,17 @@ class Registry:
         if backend is None:
             known = ", ".join(sorted(self._backends))
             raise InvalidRequest(f"unknown backend {name!r}; configured: {known}")
+        return backend
+
+    def holding(self, name: str) -> KeyBackend:
+        """The backend a stored key or CA names (`get` is for a backend a caller names).
+        Raises BackendUnavailable if this gateway does not configure it: its configuration
+        lost the backend (or a replica's is behind), which is no fault of the caller's."""
+        backend = self._backends.get(name)
+        if backend is None:
+            raise BackendUnavailable(
+                f"backend {name!r}, which holds this key, is not configured on this gateway"
+            )
         return backend
 
     def items(self) -> list[tuple[str, KeyBackend]]:

@@ -46,6 +46,6 @@ class CheckpointSigner:
         """Sign `payload` with the key's default algorithm. Raises what `check` raises,
         BackendUnavailable or BackendError."""
         key, version, alg = self._signing()
-        backend = self._registry.get(key.backend)
+        backend = self._registry.holding(key.backend)
         signature = backend.sign(key.backend_key(version), payload, alg, prehashed=False)
         return CheckpointSignature(key.name, version.version, alg.name, signature)

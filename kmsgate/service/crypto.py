@@ -165,7 +165,7 @@ class Crypto:
             )
         for number, messages in pending.items():
             try:
-                signed = self.gate.registry.get(key.backend).sign_many(
+                signed = self.gate.registry.holding(key.backend).sign_many(
                     key.backend_key(key.versions[number]), [msg for _, msg in messages]
                 )
             except Unavailable as exc:  # down: what another version signed still stands
@@ -196,7 +196,7 @@ class Crypto:
         raise SignatureInvalid(f"the signature does not verify under key {key.name!r}")
 
     def _mac_backend(self, key: Key) -> MacCapable:
-        backend = self.gate.registry.get(key.backend)
+        backend = self.gate.registry.holding(key.backend)
         return require_capability(backend, MacCapable, "compute MACs")  # type: ignore[type-abstract]
 
     def _mac_one(self, key: Key, item: MacInput) -> Mac:

@@ -156,7 +156,7 @@ class Envelopes:
     def _wrapper(self, key: Key) -> WrapCapable:
         if key.type.usage is not KeyUsage.ENCRYPT or key.verify_only:
             raise InvalidRequest(f"{key.type} keys cannot encrypt or wrap (use aes-256-gcm)")
-        backend = self.gate.registry.get(key.backend)
+        backend = self.gate.registry.holding(key.backend)
         return require_capability(backend, WrapCapable, "wrap data keys")  # type: ignore[type-abstract]
 
     def _wrap_new(self, key: Key, kind: Kind, dek: bytes, context_aad: bytes) -> Envelope:

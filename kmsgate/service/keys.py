@@ -328,7 +328,7 @@ class Keys:
             raise Conflict(f"key {key.name!r} is verify-only; import a new key instead")
         _refuse_a_ca_key(key.name, key.purpose, "rotates")
         number = max(key.versions) + 1
-        backend = self.gate.registry.get(key.backend)
+        backend = self.gate.registry.holding(key.backend)
         previous = key.backend_key(key.versions[key.primary_version])
         spec = KeySpec(key.name, number, key.type, dict(key.labels), previous=previous)
         created = backend.create_key(spec)
@@ -403,7 +403,7 @@ class Keys:
                 if minimum != key.min_decrypt_version and not key.verify_only:
                     # the backend first: if it fails, nothing changed; if it enforces the
                     # new minimum (raised or lowered), so does kmsgate a moment later
-                    self.gate.registry.get(key.backend).retire_versions_below(
+                    self.gate.registry.holding(key.backend).retire_versions_below(
                         key.backend_key(key.versions[key.primary_version]), minimum
                     )
                 fields["min_decrypt_version"] = minimum
@@ -486,7 +486,7 @@ class Keys:
 
     def _destroy(self, key: Key, at: datetime, _: Outcome) -> Key:
         """Destroy every version's material (adopted ceremony keys are only forgotten)."""
-        backend = None if key.verify_only else self.gate.registry.get(key.backend)
+        backend = None if key.verify_only else self.gate.registry.holding(key.backend)
         for v in key.versions.values():
             if v.destroyed_at is None:
                 if backend is not None and not v.adopted:

@@ -511,7 +511,7 @@ class Pki:
         cached = self._signers.get(key.name)
         if cached is not None and cached[0] is version:
             return cached[1]
-        backend = self.gate.registry.get(key.backend)
+        backend = self.gate.registry.holding(key.backend)
         count_use = functools.partial(self.gate.usage.record, key.name, version.version)
         signer = remote_private_key(
             backend, key.backend_key(version), _public_key(key), on_sign=count_use
