@@ -51,10 +51,14 @@ class Service:
     create_ca, import_certificate, list_cas, issue,   `pki.py`    (`service.pki`)
     revoke, certificate(s), describe_profiles         (a hashivault-pki CA: `vault_pki.py`)
     crl, ocsp (public), publish_due, build            `revocation.py` (`service.revocation`)
+    JIT exceptions: request, approve, revoke, get,    `grants.py` (`service.exceptions`)
+    search, expire_due
     ================================================  =================================
 
-    Use cases take and return the frozen dataclasses of `requests.py` and `results.py`
-    (bytes, not base64); the API turns them into JSON.
+    Shared by the use cases: `batch.py` (one item or a batch through one decision and one
+    audit record), `checkpoints.py` (the audit log's signed checkpoints, signed with a key
+    of the catalogue). Use cases take and return the frozen dataclasses of `requests.py`
+    and `results.py` (bytes, not base64); the API turns them into JSON.
     """
 
     def __init__(
