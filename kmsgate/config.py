@@ -9,15 +9,16 @@ from __future__ import annotations
 import difflib
 import hashlib
 import ipaddress
+import os
 import re
 import socket
 import sys
+import types
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -33,6 +34,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from kmsgate.config_file import read_config_file
 from kmsgate.durations import Duration
 from kmsgate.errors import ConfigError
 from kmsgate.loopback import https_or_loopback
@@ -61,11 +63,19 @@ DEV_AUDIT_KEY = "audit.dev"
 
 
 class BackendSettings(BaseModel):
-    """One configured backend: its `type` plus type-specific connection settings."""
+    """One configured backend: its `type` plus type-specific connection settings (each
+    backend type checks its own; softkms has none)."""
 
     model_config = ConfigDict(extra="allow")
 
     type: str
+
+    @model_validator(mode="after")
+    def _softkms_takes_none(self) -> BackendSettings:
+        if self.type == "softkms" and self.model_extra:
+            names = ", ".join(sorted(self.model_extra))
+            raise ValueError(f"a softkms backend takes no settings but its type (given: {names})")
+        return self
 
 
 class RootKeyWrap(BaseModel):
@@ -472,29 +482,6 @@ class Settings(BaseSettings):
             )
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """The mapping in a YAML config file. Raises ConfigError if unreadable or not a mapping."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        why = " ".join(str(exc.problem or exc.context or "malformed").split())
-        raise ConfigError(f"config file {path} is not valid YAML: {why}{where}") from None
-    except yaml.YAMLError as exc:
-        why = " ".join(str(exc).split())
-        raise ConfigError(f"config file {path} is not valid YAML: {why}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping")
-    return data
-
-
 _OTHER_VARIABLES = frozenset(
     {"addr", "token", "cacert", "config", "log_level", "metrics_dir", "builder_id"}
     | {"container_digest", "dataset_snapshot", "root_token_pin"}
@@ -520,11 +507,51 @@ def misspelt_variables(environ: Mapping[str, str]) -> list[str]:
     return warnings
 
 
+def unknown_nested_variables(environ: Mapping[str, str]) -> list[str]:
+    """A problem for each KMSGATE_<SETTING>__<NAME> variable whose <NAME> is no setting of
+    <SETTING> (`KMSGATE_LIMITS__MAX_BACH`): the file refuses such a key, and the variable
+    would be ignored. Variables whose first part names no setting are `misspelt_variables`'."""
+    problems = []
+    for variable in sorted(environ):
+        if variable.startswith("KMSGATE_") and "__" in variable:
+            problem = _nested_problem(variable.removeprefix("KMSGATE_").lower().split("__"))
+            if problem:
+                problems.append(f"{variable}: {problem}")
+    return problems
+
+
+def _nested_problem(parts: list[str]) -> str | None:
+    """What is wrong with the setting path `parts`, as far as models name their fields."""
+    model: type[BaseModel] = Settings
+    for depth, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            if depth == 0:
+                return None
+            close = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return f"{'.'.join(parts[:depth])} has no setting {part!r}{hint}"
+        annotation = fields[part].annotation
+        union = isinstance(annotation, types.UnionType) or get_origin(annotation) is Union
+        inner = [
+            kind
+            for kind in (get_args(annotation) if union else (annotation,))
+            if isinstance(kind, type) and issubclass(kind, BaseModel)
+        ]
+        if len(inner) != 1 or inner[0].model_config.get("extra") == "allow":
+            return None  # a value, a mapping of names (backends) or free-form settings
+        model = inner[0]
+    return None
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Settings from defaults < config file < KMSGATE_* env < `overrides` (None values ignored).
 
     Raises ConfigError if the file is unreadable or a value is invalid.
     """
+    unknown = unknown_nested_variables(os.environ)
+    if unknown:
+        raise ConfigError(f"invalid configuration: {'; '.join(unknown)}")
     file_values = read_config_file(config_file) if config_file else {}
     init_values = {k: v for k, v in overrides.items() if v is not None}
 

@@ -200,3 +200,36 @@ def test_a_variable_that_nearly_names_a_setting_is_pointed_out() -> None:
         "KMSGATE_DATABSE_URL names no setting and is ignored (did you mean KMSGATE_DATABASE_URL?)",
         "KMSGATE_POLICYDIR names no setting and is ignored (did you mean KMSGATE_POLICY_DIR?)",
     ]
+
+
+def test_a_nested_variable_naming_no_setting_is_refused(monkeypatch) -> None:
+    """The file refuses an unknown key; `KMSGATE_LIMITS__MAX_BACH` was ignored instead (the
+    gateway started with the default it meant to change)."""
+    monkeypatch.setenv("KMSGATE_LIMITS__MAX_BACH", "3")
+    monkeypatch.setenv("KMSGATE_BACKENDS__LOCAL__TYPE", "softkms")  # a backend's own name: free
+    with pytest.raises(ConfigError) as caught:
+        load_settings(dev=True)
+    assert str(caught.value) == (
+        "invalid configuration: KMSGATE_LIMITS__MAX_BACH: limits has no setting 'max_bach' "
+        "(did you mean max_batch?)"
+    )
+    monkeypatch.delenv("KMSGATE_LIMITS__MAX_BACH")
+    monkeypatch.setenv("KMSGATE_LIMITS__MAX_BATCH", "3")
+    assert load_settings(dev=True).limits.max_batch == 3
+
+
+def test_a_key_given_twice_in_the_file_is_refused_where_it_is(tmp_path) -> None:
+    """PyYAML keeps the last of two equal keys silently: a second `port:` won unseen."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("port: 8300\nlimits:\n  max_batch: 5\nport: 8400\n")
+    with pytest.raises(ConfigError, match=r"key 'port' given twice at line 4, column 1"):
+        load_settings(twice)
+    merged = tmp_path / "merged.yaml"  # a merge key's keys may be overridden beside it
+    merged.write_text("limits:\n  <<: {max_batch: 5, max_input_bytes: 100}\n  max_batch: 7\n")
+    limits = load_settings(merged).limits
+    assert (limits.max_batch, limits.max_input_bytes) == (7, 100)
+
+
+def test_a_softkms_backend_takes_no_settings(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="a softkms backend takes no settings but its type"):
+        load_settings(dev=True, backends={"local": {"type": "softkms", "foo": 1}})
