@@ -662,6 +662,48 @@ def test_a_name_transit_cannot_hold_is_refused_before_vault_is_asked(openbao_ser
         backend.close()
 
 
+def test_a_key_made_exportable_outside_kmsgate_is_used_no_more(openbao_server, prefix):
+    """kmsgate creates no exportable key; one made so in Vault (irreversibly) may have left
+    it: wrapping with it (from its first use in a process) and rotating it are refused, the
+    rotation said so in a garbled message ("is ecdsa-p256 and exportable, not ecdsa-p256")."""
+    setup = make_backend(openbao_server.addr, prefix, token=openbao_server.root_token)
+    try:
+        aes = setup.create_key(KeySpec("expo-aes", 1, KeyType.AES_256_GCM))
+        setup.create_key(KeySpec("expo", 1, KeyType.ED25519))
+    finally:
+        setup.close()
+    for made in ("expo", "expo-aes"):
+        openbao_server.client().adapter.post(
+            f"/v1/transit/keys/{prefix}{made}/config", json={"exportable": True}
+        )
+    backend = make_backend(openbao_server.addr, prefix, token=openbao_server.root_token)
+    try:
+        with pytest.raises(BackendError, match="made exportable outside kmsgate"):
+            backend.wrap(aes, b"data key", b"aad")
+        with pytest.raises(BackendError, match=f"Transit key '{prefix}expo' was made exportable"):
+            backend.create_key(KeySpec("expo", 2, KeyType.ED25519))
+    finally:
+        backend.close()
+
+
+def test_two_rotations_at_once_leave_the_loser_a_conflict(openbao_server, prefix, monkeypatch):
+    """Two requests read version 1 and rotate: the one whose rotation came second (or whose
+    commit Vault refused with a 500) is told 409, to try again, not 502."""
+    backend = make_backend(openbao_server.addr, prefix, token=openbao_server.root_token)
+    try:
+        backend.create_key(KeySpec("race", 1, KeyType.ED25519))
+        stale = [backend._vault.read_info("transit", f"{prefix}race")]  # as both read it
+        openbao_server.client().adapter.post(f"/v1/transit/keys/{prefix}race/rotate")  # winner
+        read = backend._vault.read_info
+        monkeypatch.setattr(
+            backend._vault, "read_info", lambda m, n: stale.pop() if stale else read(m, n)
+        )
+        with pytest.raises(Conflict, match="rotated by another request"):
+            backend.create_key(KeySpec("race", 2, KeyType.ED25519))
+    finally:
+        backend.close()
+
+
 def test_status_reports_unreachable_without_backend_text():
     from tests.components import free_port
 

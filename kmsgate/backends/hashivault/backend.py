@@ -67,6 +67,10 @@ from kmsgate.errors import (
 _log = logging.getLogger(__name__)
 
 
+def _raced() -> Conflict:
+    return Conflict("the key was rotated by another request at the same time: try again")
+
+
 class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
     """Keys in a Vault/OpenBao Transit mount. Thread-safe; every call may block (HTTP).
 
@@ -169,12 +173,20 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
                 raise BackendError(f"Transit key {name!r} is missing: cannot add a version")
             info = existing
             if existing.latest_version == spec.version - 1:
-                reply = self._vault.call("POST", f"{mount}/keys/{name}/rotate", "rotate a key")
+                try:
+                    reply = self._vault.call("POST", f"{mount}/keys/{name}/rotate", "rotate a key")
+                except BackendError:  # Vault's 500 for a commit that lost to another rotation
+                    now = self._vault.read_info(mount, name)
+                    if now is not None and now.latest_version >= spec.version:
+                        raise _raced() from None
+                    raise
                 info = (
                     _KeyInfo.parse(reply)
                     if reply.get("data")
                     else self._vault.read_info(mount, name)
                 )
+                if info is not None and info.latest_version > spec.version:
+                    raise _raced()  # another request rotated it too, just before this one
             # latest == version: a rotation whose catalogue write failed; reuse that version
         if info is None:
             raise BackendError(f"Transit key {name!r} vanished while being created")
@@ -194,10 +206,12 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
 
     @staticmethod
     def _check_type(name: str, info: _KeyInfo, transit_type: str) -> None:
-        if info.transit_type != transit_type or info.exportable:
+        if info.transit_type != transit_type:
+            raise BackendError(f"Transit key {name!r} is {info.transit_type}, not {transit_type}")
+        if info.exportable:
             raise BackendError(
-                f"Transit key {name!r} is {info.transit_type}"
-                f"{' and exportable' if info.exportable else ''}, not {transit_type}"
+                f"Transit key {name!r} was made exportable outside kmsgate (its material can "
+                "leave Vault): kmsgate uses it no more"
             )
 
     def sign(self, key: BackendKey, data: bytes, alg: SignAlg, *, prehashed: bool) -> bytes:

@@ -185,14 +185,20 @@ class _VaultClient:
             self._info_cache.pop((mount, name), None)
 
     def info(self, ref: _Ref) -> _KeyInfo:
-        """The (cached) description of the Transit key of `ref`. Raises KeyDestroyed."""
+        """The (cached) description of the Transit key of `ref`: read at its first use in
+        this process and again after each change kmsgate makes to it. Raises KeyDestroyed;
+        BackendError for a key made exportable (outside kmsgate, which creates none)."""
         with self._info_lock:
-            cached = self._info_cache.get((ref.mount, ref.name))
-        if cached is not None:
-            return cached
-        info = self.read_info(ref.mount, ref.name)
+            info = self._info_cache.get((ref.mount, ref.name))
+        if info is None:
+            info = self.read_info(ref.mount, ref.name)
         if info is None:
             raise KeyDestroyed("the Transit key behind this key version no longer exists")
+        if info.exportable:
+            raise BackendError(
+                f"Transit key {ref.name!r} was made exportable outside kmsgate (its material "
+                "can leave Vault): kmsgate uses it no more"
+            )
         return info
 
     def batch_results(
