@@ -21,6 +21,7 @@ import base64
 import functools
 import hashlib
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -750,3 +751,20 @@ def test_a_key_in_another_region_than_the_backends_is_a_config_error_not_destroy
         )
     finally:
         elsewhere.close()
+
+
+def test_an_endpoint_that_never_answers_is_503_after_one_read_timeout(moto_server):
+    """A hung endpoint (it takes the connection and never answers) held each request for
+    read_timeout x max_attempts (40 s with the defaults); a request sent and unanswered is
+    not tried again (it may have been carried out)."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # connections queue in the kernel; nobody reads them
+        endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        settings = moto_server.backend_settings(endpoint, read_timeout=0.5, max_attempts=4)
+        backend = AwsKmsBackend.from_config("aws", BackendSettings(**settings))
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="not answering"):
+            backend.create_key(KeySpec("hung", 1, KeyType.ECDSA_P256))
+        assert time.monotonic() - started < 2
+        assert backend.requests == 1

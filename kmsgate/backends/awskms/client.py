@@ -177,6 +177,13 @@ class _KmsClient:
                     raise _AwsError(operation, code, message) from None
                 _log.info("awskms %s: %s: %s", operation, code, message)
                 raise _AwsError(operation, code, message) from None
+            except botocore.exceptions.ReadTimeoutError:
+                # sent, and no answer within read_timeout: a hung endpoint answers a retry no
+                # sooner (each try would hold the caller another read_timeout), and the call
+                # may have been carried out (CreateKey twice)
+                _log.info("awskms %s: no answer within %g s", operation, self.settings.read_timeout)
+                last = "not answering"
+                break
             except (
                 botocore.exceptions.ConnectionError,
                 botocore.exceptions.HTTPClientError,
@@ -199,7 +206,7 @@ class _KmsClient:
             except botocore.exceptions.BotoCoreError as exc:
                 _log.warning("awskms %s: %s", operation, type(exc).__name__)
                 raise BackendError(f"backend {self.name!r} failed") from None
-        _log.warning("awskms %s: %s after %d tries", operation, last, attempts)
+        _log.warning("awskms %s: %s after %d tries", operation, last, attempt + 1)
         raise self.unavailable(last)
 
     def translated_call(

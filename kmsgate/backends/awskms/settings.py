@@ -60,7 +60,9 @@ class AwsKmsSettings(BaseModel):
     """Extra tags put on every KMS key kmsgate creates."""
 
     connect_timeout: float = Field(default=5.0, gt=0)
-    read_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=5.0, gt=0)
+    """Seconds to wait for an answer to a request sent; past it, 503 at once (not retried:
+    the request may have been carried out, and a hung endpoint answers a retry no sooner)."""
     max_connections: int = Field(default=32, ge=1)
     max_concurrency: int = Field(default=8, ge=1)
     """Parallel Sign requests for one batch."""
