@@ -192,6 +192,30 @@ def test_registry_builds_the_backend_lazily(token: SoftHsmToken):
         lazy.close()
 
 
+def test_a_module_that_is_no_pkcs11_library_is_named_as_the_cause(
+    token: SoftHsmToken, tmp_path: Path
+):
+    """A library that loads but is not PKCS#11 (here zlib) read as "unavailable (token
+    label ...)", the same as a missing token; the cause was only in the log."""
+    from kmsgate.backends.pkcs11 import Pkcs11Backend
+
+    zlib = next(Path(d) / "libz.so.1" for d in ("/lib/x86_64-linux-gnu", "/usr/lib64", "/lib")
+                if (Path(d) / "libz.so.1").exists())  # fmt: skip
+    fake = tmp_path / "notp11.so"
+    fake.write_bytes(zlib.read_bytes())
+    fake.chmod(0o755)
+    backend = Pkcs11Backend.from_config(
+        "hsm", _config(token, module=str(fake), allowed_modules=[str(tmp_path / "*.so")])
+    )
+    try:
+        expected = "unavailable: its module cannot be loaded as a PKCS#11 library"
+        assert backend.status().detail == expected
+        with pytest.raises(BackendUnavailable, match=f"backend 'hsm' is {expected}"):
+            backend.create_key(KeySpec("k", 1, KeyType.ECDSA_P256))
+    finally:
+        backend.close()
+
+
 def test_token_selected_by_serial(token: SoftHsmToken, backend, key_of):
     key = key_of(KeyType.ECDSA_P256)
     alg = SIGN_ALGORITHMS["ecdsa-sha256"]

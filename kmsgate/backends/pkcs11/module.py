@@ -19,6 +19,10 @@ class _Gone(Exception):
     """The module or the token cannot be reached (mapped to BackendUnavailable)."""
 
 
+class _Unloadable(_Gone):
+    """The module file could not be loaded as a PKCS#11 library."""
+
+
 class _Module:
     """One PKCS#11 module loaded in this process. Every call into it holds `lock`.
 
@@ -50,7 +54,7 @@ class _Module:
             try:
                 self._lib = pkcs11.lib(self.path)
             except p11e.PKCS11Error as exc:
-                raise _Gone(f"cannot load the PKCS#11 module ({type(exc).__name__})") from exc
+                raise _Unloadable(f"cannot load the PKCS#11 module ({type(exc).__name__})") from exc
             self._pid = os.getpid()
             self.generation += 1
         elif not self._lib.initialized:

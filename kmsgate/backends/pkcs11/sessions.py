@@ -21,7 +21,7 @@ from pkcs11 import exceptions as p11e
 
 from kmsgate.backends.base import BackendStatus
 from kmsgate.backends.pkcs11.keys import _parse_ref
-from kmsgate.backends.pkcs11.module import _Gone, _module
+from kmsgate.backends.pkcs11.module import _Gone, _module, _Unloadable
 from kmsgate.backends.pkcs11.refusals import PinRefusals
 from kmsgate.backends.pkcs11.settings import Pkcs11Settings, _read_pin_file
 from kmsgate.errors import (
@@ -157,6 +157,8 @@ class _SessionPool:
         self._module = _module(settings.module)
         self._conn: _Connection | None = None
         self._down_until = 0.0
+        self._unloadable = False
+        """Whether the last attempt failed to load the module itself."""
         self._pin_key = secrets.token_bytes(32)
         self._bad_pin: bytes | None = None
         """HMAC of (token serial, PIN) the token rejected: not tried again."""
@@ -169,8 +171,7 @@ class _SessionPool:
 
     def _unavailable(self) -> BackendUnavailable:
         return BackendUnavailable(
-            f"backend {self.name!r} is unavailable (token {self._token_description()})",
-            retry_after=self._retry_after(),
+            f"backend {self.name!r} is {self._down()}", retry_after=self._retry_after()
         )
 
     def _connection(self) -> _Connection:
@@ -188,6 +189,7 @@ class _SessionPool:
                 conn = self._open()
             except _Gone as exc:
                 self._down_until = time.monotonic() + self.settings.retry_interval
+                self._unloadable = isinstance(exc, _Unloadable)
                 log.warning("pkcs11 backend %r unavailable: %s", self.name, exc)
                 raise self._unavailable() from None
             except BackendError as exc:
@@ -195,6 +197,7 @@ class _SessionPool:
                 raise
             self._conn = conn
             self._down_until = 0.0
+            self._unloadable = False
             log.info("pkcs11 backend %r: logged in to token %r", self.name, conn.label)
             return conn
 
@@ -479,6 +482,8 @@ class _SessionPool:
     def _down(self) -> str:
         """The readiness detail of a token that cannot be reached (the backend's name is
         the key it is reported under)."""
+        if self._unloadable:
+            return "unavailable: its module cannot be loaded as a PKCS#11 library"
         return f"unavailable (token {self._token_description()})"
 
     def close(self) -> None:
