@@ -398,3 +398,27 @@ def test_a_slow_jwks_server_never_holds_a_request(
             assert time.monotonic() < deadline, "the published key was never fetched"
             time.sleep(0.2)
     served.server.shutdown()
+
+
+def test_stalled_jwks_servers_delay_the_start_by_one_timeout_not_their_sum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three issuers whose JWKS servers stall: the JWKS were fetched one after another
+    (17 s with the 5 s timeout); now at once, and the gateway starts after one timeout."""
+    monkeypatch.setattr(oidc, "FETCH_TIMEOUT_SECONDS", 1.5)
+    issuer = Issuer(tmp_path)
+    served = _JwksServer(issuer.jwks)
+    served.stall.set()
+    issuers = [
+        OidcIssuer(name=f"ci{n}", issuer=f"{ISSUER}/{n}", audiences=[AUDIENCE], jwks_url=served.url)
+        for n in range(3)
+    ]
+    try:
+        started = time.monotonic()
+        authenticator = oidc.OidcAuthenticator(issuers)
+        assert time.monotonic() - started < 2 * 1.5
+        with pytest.raises(Unauthenticated):  # no key yet: refused, not held
+            authenticator.authenticate(Credentials(bearer=issuer.token(iss=f"{ISSUER}/0")))
+    finally:
+        served.stall.clear()
+        served.server.shutdown()

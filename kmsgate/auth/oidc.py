@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
 import httpx
@@ -44,14 +45,18 @@ _REFUSED = "invalid, expired or untrusted OIDC token"
 
 
 class _IssuerKeys:
-    """One issuer's signing keys: loaded at start, then kept fresh by a background thread."""
+    """One issuer's signing keys: loaded by `start`, then kept fresh by a background thread."""
 
     def __init__(self, issuer: OidcIssuer) -> None:
         self._issuer = issuer
         self._keys: dict[str | None, jwt.PyJWK] = {}
         self._wanted = threading.Event()
+
+    def start(self) -> None:
+        """Load the keys (a JWKS that cannot be read leaves none, and is asked for again
+        soon), then keep them fresh."""
         self._fetch()
-        name = f"kmsgate-jwks-{issuer.name}"
+        name = f"kmsgate-jwks-{self._issuer.name}"
         threading.Thread(target=self._keep_fresh, name=name, daemon=True).start()
 
     def find(self, kid: str | None) -> jwt.PyJWK | None:
@@ -132,8 +137,13 @@ class OidcAuthenticator:
     kind: Final = "oidc"
 
     def __init__(self, issuers: Sequence[OidcIssuer]) -> None:
+        """Loads every issuer's JWKS at once (a slow or hung one delays the start by its
+        own timeout, not by the sum of them)."""
         self._issuers = {issuer.issuer: issuer for issuer in issuers}
         self._keys = {issuer.issuer: _IssuerKeys(issuer) for issuer in issuers}
+        if self._keys:
+            with ThreadPoolExecutor(len(self._keys), thread_name_prefix="kmsgate-jwks") as pool:
+                list(pool.map(_IssuerKeys.start, self._keys.values()))
 
     def authenticate(self, credentials: Credentials) -> Principal | None:
         """The token's principal; None for a bearer that is not a JWT (an API token) or no
