@@ -298,7 +298,10 @@ def test_every_call_is_audited_and_tamper_evident(api, admin, make_token):
         ("authn", "deny", "unauthenticated"),
     ]
     assert records[0]["request_id"] == records[1]["request_id"]
-    assert records[4]["detail"] == {"remote_addr": "testclient"}  # where failures come from
+    assert records[4]["detail"] == {  # where failures come from, and why
+        "remote_addr": "testclient",
+        "reason": "missing, invalid, expired or revoked token",
+    }
     assert records[2]["inputs"]["sha256"] == hashlib.sha256(b"secret-data").hexdigest()
     assert all(r["policy_digest"] == api.service.policy.digest for r in records)
     text = path.read_text()

@@ -432,7 +432,8 @@ def test_a_client_certificate_is_the_principal_until_it_is_revoked(tmp_path: Pat
     assert ("mtls", "spiffe://dev.lab/ns/ml/sa/signer", "ok") in by_outcome
     assert ("mtls", "spiffe://dev.lab/ns/ml/sa/other", "policy_denied") in by_outcome
     refusals = AuditFile(gw.data_dir / "audit.log").search(action="authn")
-    assert any(r["resource"] == {"kind": "mtls", "name": serial} for r in refusals)
+    revoked = [r for r in refusals if r["resource"] == {"kind": "mtls", "name": serial}]
+    assert revoked and revoked[0]["detail"]["reason"] == "the client certificate is revoked"
 
 
 def _renew(

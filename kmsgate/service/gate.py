@@ -216,8 +216,8 @@ class Gate:
             detail["unrecorded_before"] = unrecorded
         if credentials.remote_addr:
             detail["remote_addr"] = credentials.remote_addr  # where a run of failures comes from
-        if exc.reason:
-            detail["reason"] = exc.reason[:ERROR_DETAIL_CHARS]  # which check failed, untold
+        reason = exc.reason or exc.detail  # which check failed (an OIDC one is not told)
+        detail["reason"] = reason[:ERROR_DETAIL_CHARS]
         if not within:
             detail["throttled"] = "further failures from this address are refused unrecorded"
         self.audit.append(
