@@ -222,6 +222,9 @@ def test_login_prints_the_principal_and_roles_a_token_maps_to(
     assert_one_line_error(run_cli(("login", "--oidc-token", str(bad)), env), "unauthenticated")
     root = run_cli(("login",), gw.env())
     assert root.rc == 0 and "admin" in root.out, str(root)
+    api_token = tmp_path / "api.token"  # an API token is no OIDC token, though it works
+    api_token.write_text(gw.root_token)
+    assert_one_line_error(run_cli(("login", "--oidc-token", str(api_token)), env), "holds no JWT")
 
 
 def test_every_bad_token_is_401(oidc_gateway: tuple[Gateway, Issuer]) -> None:

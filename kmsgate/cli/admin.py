@@ -110,6 +110,8 @@ def login(
         token = read_text(oidc_token).strip()
         if not token:
             fail(f"{oidc_token} is empty")
+        if token.count(".") != 2 or token.startswith("kmg."):
+            fail(f"{oidc_token} holds no JWT (an API token goes in --token or KMSGATE_TOKEN)")
     identity = call(addr, token, Client.whoami)
     if as_json:
         print_json(identity)
