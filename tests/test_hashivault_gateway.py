@@ -251,6 +251,34 @@ def test_batch_of_1000_signs_costs_at_most_10_vault_requests(vault_gateway, open
     assert len(client_requests) == len(server_paths)
 
 
+def test_a_batch_of_1000_macs_costs_at_most_10_vault_requests(vault_gateway, openbao_server):
+    """MACs went one Transit request per item (1,000 for a batch); they now go as signs do,
+    `batch_size` per request. Each MAC is checked against Transit's own for the same input."""
+    api, admin, _ = vault_gateway
+    create_key(api, admin, "mac-batch", "hmac-sha256")
+    messages = [f"message {i}".encode() for i in range(1000)]
+    start, _ = count_audit_requests(openbao_server.audit_log)
+    r = api.call(
+        "POST",
+        "/v1/keys/mac-batch/mac",
+        admin,
+        json={"batch": [{"input": b64(m)} for m in messages]},
+    )
+    _, paths = count_audit_requests(openbao_server.audit_log, start)
+    assert r.status_code == 200, r.text
+    tags = [unb64(item["mac"]) for item in r.json()["batch"]]
+    assert 1 <= len(paths) <= 10 and all(p.startswith("transit/hmac/") for p in paths), paths
+    transit_name = api.service.catalogue.get("mac-batch").versions[1].backend_ref
+    name = transit_name.split("/")[-1].split("#")[0]
+    for index in (0, 499, 999):
+        theirs = openbao_server.client().adapter.post(
+            f"/v1/transit/hmac/{name}/sha2-256", json={"input": b64(messages[index])}
+        )["data"]["hmac"]
+        assert base64.b64decode(theirs.split(":")[2]) == tags[index]
+    single = api.call("POST", "/v1/keys/mac-batch/mac", admin, json={"input": b64(messages[7])})
+    assert unb64(single.json()["mac"]) == tags[7]
+
+
 def test_mixed_batch_groups_by_algorithm_and_keeps_item_errors(vault_gateway, openbao_server):
     api, admin, _ = vault_gateway
     create_key(api, admin, "mixed", "ecdsa-p384")

@@ -8,7 +8,7 @@ version, so a failed write never leaves half a key behind.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol, TypeVar, runtime_checkable
@@ -115,15 +115,7 @@ class KeyBackend(ABC):
         its message's place. Backends with a batch API (Vault's `batch_input`) override this
         to save round trips.
         """
-        results: list[bytes | KmsgateError] = []
-        for m in messages:
-            try:
-                results.append(self.sign(key, m.data, m.alg, prehashed=m.prehashed))
-            except Unavailable as exc:
-                return signed_so_far([*results, *[None] * (len(messages) - len(results))], exc)
-            except KmsgateError as exc:
-                results.append(exc)
-        return results
+        return one_by_one(lambda m: self.sign(key, m.data, m.alg, prehashed=m.prehashed), messages)
 
     @abstractmethod
     def destroy(self, key: BackendKey) -> None:
@@ -165,6 +157,14 @@ class MacCapable(ABC):
         Raises InvalidRequest if the key cannot compute MACs (or not with `hash_name`),
         KeyDestroyed if the version's key material is gone, BackendUnavailable, BackendError.
         """
+
+    def mac_many(
+        self, key: BackendKey, messages: Sequence[bytes], hash_name: HashName
+    ) -> list[bytes | KmsgateError]:
+        """The MACs of several messages with one key version, each error in its place;
+        Unavailable as `KeyBackend.sign_many` treats it. Backends with a batch API (Vault's
+        `batch_input`) override this to save round trips."""
+        return one_by_one(lambda data: self.mac(key, data, hash_name), messages)
 
     @abstractmethod
     def verify_mac(self, key: BackendKey, data: bytes, mac: bytes, hash_name: HashName) -> bool:
@@ -319,6 +319,24 @@ def require_capability(backend: KeyBackend, capability: type[T], what: str) -> T
     if not isinstance(backend, capability):
         raise NotSupported(f"backend {backend.name!r} ({backend.scheme}) cannot {what}")
     return backend
+
+
+M = TypeVar("M")
+
+
+def one_by_one(do: Callable[[M], bytes], messages: Sequence[M]) -> list[bytes | KmsgateError]:
+    """`do` for each message, each error in its place; Unavailable (the backend is down)
+    stops: what was done before keeps its result, the rest takes the error
+    (`signed_so_far`, which raises it when nothing was done)."""
+    results: list[bytes | KmsgateError] = []
+    for message in messages:
+        try:
+            results.append(do(message))
+        except Unavailable as exc:
+            return signed_so_far([*results, *[None] * (len(messages) - len(results))], exc)
+        except KmsgateError as exc:
+            results.append(exc)
+    return results
 
 
 def signed_so_far(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TypeVar
 
@@ -27,7 +27,7 @@ from kmsgate.errors import (
     Unavailable,
 )
 from kmsgate.pki.authorities import PKI_PURPOSES
-from kmsgate.service.batch import ResultT, RunAll, check_size, each, run_on_target
+from kmsgate.service.batch import ItemT, ResultT, RunAll, check_size, each, run_on_target
 from kmsgate.service.gate import Call, Ctx, Gate, KeyTarget
 from kmsgate.service.requests import MacInput, MacVerifyInput, SignInput, VerifyInput
 from kmsgate.service.results import ItemResults, Mac, Signature, Verified
@@ -44,6 +44,8 @@ _GATEWAY_ONLY_PURPOSES = {
 """Purposes whose keys the raw `sign` operation refuses, and what such a key is."""
 
 MessageT = TypeVar("MessageT", bound=SignInput | VerifyInput | MacInput | MacVerifyInput)
+MessageOut = TypeVar("MessageOut")
+"""What a backend is given for one item (a `SignMessage`, the bytes to MAC)."""
 
 
 class Crypto:
@@ -90,8 +92,7 @@ class Crypto:
     ) -> ItemResults[Mac]:
         """HMAC one input or a batch. Raises what `sign` raises, and NotSupported for a
         backend without MACs."""
-        run = partial(each, self._mac_one)
-        return self._operate(principal, ctx, "mac", target, items, batch, run)
+        return self._operate(principal, ctx, "mac", target, items, batch, self._mac)
 
     def mac_verify(
         self,
@@ -150,35 +151,22 @@ class Crypto:
         refused = _GATEWAY_ONLY_PURPOSES.get(key.purpose)
         if refused is not None:
             raise InvalidRequest(f"key {key.name!r} is {refused}")
-        results: dict[int, Signature | KmsgateError] = {}
-        pending: dict[int, list[tuple[int, SignMessage]]] = {}
-        for index, item in enumerate(items):
-            try:
-                alg = sign_algorithm(key.type, item.algorithm)
-                version = key.usable_version(item.version, for_signing=True)
-                data, prehashed = self._message(item, alg)
-            except KmsgateError as exc:
-                results[index] = exc
-                continue
-            pending.setdefault(version.version, []).append(
-                (index, SignMessage(data, alg, prehashed))
-            )
-        for number, messages in pending.items():
-            try:
-                signed = self.gate.registry.holding(key.backend).sign_many(
-                    key.backend_key(key.versions[number]), [msg for _, msg in messages]
-                )
-            except Unavailable as exc:  # down: what another version signed still stands
-                if not any(isinstance(r, Signature) for r in results.values()):
-                    raise
-                signed = [exc] * len(messages)
-            for (index, message), signature in zip(messages, signed, strict=True):
-                results[index] = (
-                    signature
-                    if isinstance(signature, KmsgateError)
-                    else Signature(number, message.alg.name, signature)
-                )
-        return [results[index] for index in range(len(items))]
+        backend = self.gate.registry.holding(key.backend)
+
+        def prepare(item: SignInput) -> tuple[int, SignMessage]:
+            alg = sign_algorithm(key.type, item.algorithm)
+            version = key.usable_version(item.version, for_signing=True)
+            data, prehashed = self._message(item, alg)
+            return version.version, SignMessage(data, alg, prehashed)
+
+        return _by_version(
+            items,
+            prepare,
+            lambda number, messages: backend.sign_many(
+                key.backend_key(key.versions[number]), messages
+            ),
+            lambda number, message, signature: Signature(number, message.alg.name, signature),
+        )
 
     def _verify_one(self, key: Key, item: VerifyInput) -> Verified:
         alg = sign_algorithm(key.type, item.algorithm)
@@ -199,12 +187,26 @@ class Crypto:
         backend = self.gate.registry.holding(key.backend)
         return require_capability(backend, MacCapable, "compute MACs")  # type: ignore[type-abstract]
 
-    def _mac_one(self, key: Key, item: MacInput) -> Mac:
-        hash_name = mac_algorithm(key.type, item.algorithm)
-        version = key.usable_version(item.version, for_signing=True)
-        data = check_size(item.input, self.max_input)
-        tag = self._mac_backend(key).mac(key.backend_key(version), data, hash_name)
-        return Mac(tag, version.version)
+    def _mac(self, key: Key, items: Sequence[MacInput]) -> ItemResults[Mac]:
+        """Check every item, then MAC the valid ones with one backend call per key version
+        (a backend with a batch API MACs a whole batch in a few requests). Raises
+        NotSupported for a backend without MACs, Unavailable as `_sign` does."""
+        backend = self._mac_backend(key)
+        hash_name = mac_algorithm(key.type, None)
+
+        def prepare(item: MacInput) -> tuple[int, bytes]:
+            mac_algorithm(key.type, item.algorithm)
+            version = key.usable_version(item.version, for_signing=True)
+            return version.version, check_size(item.input, self.max_input)
+
+        return _by_version(
+            items,
+            prepare,
+            lambda number, messages: backend.mac_many(
+                key.backend_key(key.versions[number]), messages, hash_name
+            ),
+            lambda number, _, tag: Mac(tag, number),
+        )
 
     def _mac_verify_one(self, key: Key, item: MacVerifyInput) -> Verified:
         hash_name: HashName = mac_algorithm(key.type, item.algorithm)
@@ -239,3 +241,39 @@ def _policy_request(
         "batch": len(items),
         "prehashed": any(getattr(item, "digest", None) is not None for item in items),
     }
+
+
+def _by_version(
+    items: Sequence[ItemT],
+    prepare: Callable[[ItemT], tuple[int, MessageOut]],
+    produce: Callable[[int, list[MessageOut]], list[bytes | KmsgateError]],
+    result: Callable[[int, MessageOut, bytes], ResultT],
+) -> ItemResults[ResultT]:
+    """Prepare every item ((key version, message); an error stays in the item's place), then
+    `produce` the messages of each version in one backend call and make each item's
+    `result`. Raises Unavailable when the backend is down before anything was produced
+    (once something was, the rest carry the error)."""
+    results: dict[int, ResultT | KmsgateError] = {}
+    pending: dict[int, list[tuple[int, MessageOut]]] = {}
+    for index, item in enumerate(items):
+        try:
+            version, message = prepare(item)
+        except KmsgateError as exc:
+            results[index] = exc
+            continue
+        pending.setdefault(version, []).append((index, message))
+    produced = False
+    for version, messages in pending.items():
+        try:
+            outputs = produce(version, [message for _, message in messages])
+        except Unavailable as exc:  # down: what another version produced still stands
+            if not produced:
+                raise
+            outputs = [exc] * len(messages)
+        for (index, message), output in zip(messages, outputs, strict=True):
+            if isinstance(output, KmsgateError):
+                results[index] = output
+            else:
+                results[index] = result(version, message, output)
+                produced = True
+    return [results[index] for index in range(len(items))]

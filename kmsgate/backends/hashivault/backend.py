@@ -370,6 +370,17 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
     # -- MacCapable ------------------------------------------------------------------------
 
     def mac(self, key: BackendKey, data: bytes, hash_name: HashName) -> bytes:
+        [tag] = self.mac_many(key, [data], hash_name)
+        if isinstance(tag, KmsgateError):
+            raise tag
+        return tag
+
+    def mac_many(
+        self, key: BackendKey, messages: Sequence[bytes], hash_name: HashName
+    ) -> list[bytes | KmsgateError]:
+        """One Transit `hmac` request per `batch_size` messages (concurrent calls on the key
+        share requests). Unavailable as `sign_many` treats it. Raises InvalidRequest for a
+        key or hash that computes no such MAC."""
         expected = _MAC_HASH.get(key.key_type)
         if expected is None:
             raise InvalidRequest(f"a {key.key_type} key cannot compute MACs")
@@ -380,10 +391,17 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
         def send(inputs: Sequence[bytes]) -> list[_Result]:
             return self._mac_chunk(ref, hash_name, inputs)
 
-        [tag] = self._coalescer.run(("hmac", key.ref, hash_name), [data], send)
-        if isinstance(tag, KmsgateError):
-            raise tag
-        return tag
+        results: list[bytes | KmsgateError | None] = []
+        size = self.settings.batch_size
+        for start in range(0, len(messages), size):
+            chunk = messages[start : start + size]
+            try:
+                results += self._coalescer.run(("hmac", key.ref, hash_name), list(chunk), send)
+            except Unavailable as exc:
+                return signed_so_far([*results, *[None] * (len(messages) - len(results))], exc)
+            except KmsgateError as exc:
+                results += [exc] * len(chunk)
+        return [r for r in results if r is not None]
 
     def _mac_chunk(
         self, ref: _Ref, hash_name: HashName, inputs: Sequence[bytes]
