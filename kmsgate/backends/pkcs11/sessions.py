@@ -22,7 +22,12 @@ from pkcs11 import exceptions as p11e
 from kmsgate.backends.base import BackendStatus
 from kmsgate.backends.pkcs11.keys import _parse_ref
 from kmsgate.backends.pkcs11.module import _Gone, _module, _Unloadable
-from kmsgate.backends.pkcs11.refusals import PinRefusals
+from kmsgate.backends.pkcs11.refusals import (
+    TURN_SECONDS,
+    LoginTurnTimeout,
+    PinRefusals,
+    pin_file_identity,
+)
 from kmsgate.backends.pkcs11.settings import Pkcs11Settings, _read_pin_file
 from kmsgate.errors import (
     BackendError,
@@ -162,7 +167,7 @@ class _SessionPool:
         self._pin_key = secrets.token_bytes(32)
         self._bad_pin: bytes | None = None
         """HMAC of (token serial, PIN) the token rejected: not tried again."""
-        self.refusals = PinRefusals(backend, settings.pin_file)
+        self.refusals = PinRefusals(backend)
         """The refusals of the PIN file, shared by the gateway's processes once it has a
         data dir (`keep_in`)."""
 
@@ -257,35 +262,47 @@ class _SessionPool:
             raise BackendError(f"several tokens match {self._token_description()}")
         return found[0] if found else None
 
-    def _pin(self) -> str:
-        """The PIN, read again from its source. Raises BackendError saying only that it
-        could not be read: where and why go to the log (readiness is public, and API
-        callers have no business with the gateway's files)."""
+    def _pin(self) -> tuple[str, bytes | None]:
+        """The PIN, read again from its source, and the identity of the PIN file it came
+        from (None for a variable). Raises BackendError saying only that it could not be
+        read: where and why go to the log (readiness is public, and API callers have no
+        business with the gateway's files)."""
         try:
             if self.settings.pin_file is not None:
-                return _read_pin_file(self.settings.pin_file, BackendError)
+                pin, st = _read_pin_file(self.settings.pin_file, BackendError)
+                return pin, pin_file_identity(st)
             assert self.settings.pin_env is not None
-            pin = os.environ.get(self.settings.pin_env)
-            if not pin:
+            value = os.environ.get(self.settings.pin_env)
+            if not value:
                 raise BackendError(f"environment variable {self.settings.pin_env} is not set")
-            return pin
+            return value, None
         except BackendError as exc:
             log.warning("pkcs11 %s: %s", self.name, exc.detail)
             raise BackendError("the PIN could not be read (the gateway's log says why)") from None
 
     def _log_in(self, token: Any) -> _Connection:
         serial: bytes = token.serial
-        pin = self._pin()
-        fingerprint = hmac.digest(self._pin_key, serial + b"\x00" + pin.encode(), "sha256")
-        if self._bad_pin is not None and hmac.compare_digest(self._bad_pin, fingerprint):
-            raise BackendError(_NOT_RETRIED)
-        login = None
-        ours = hmac.digest(self._module.pin_key, serial + b"\x00" + pin.encode(), "sha256")
-        with self.refusals.turn():
-            if self.refusals.refused(serial):  # by another process of the gateway
-                self._bad_pin = fingerprint
-                raise BackendError(_NOT_RETRIED)
-            login = self._log_in_once(token, pin, serial, ours, fingerprint)
+        try:
+            with self.refusals.turn():  # the PIN is read in turn: its file may change meanwhile
+                pin, identity = self._pin()
+                fingerprint = hmac.digest(self._pin_key, serial + b"\x00" + pin.encode(), "sha256")
+                if self._bad_pin is not None and hmac.compare_digest(self._bad_pin, fingerprint):
+                    raise BackendError(_NOT_RETRIED)
+                if self.refusals.refused(serial, identity):  # by another process of the gateway
+                    self._bad_pin = fingerprint
+                    log.warning(
+                        "pkcs11 %s: the token refused this PIN file before; it is not tried "
+                        "again until it changes (if the token's PIN was changed to it, delete %s)",
+                        self.name,
+                        self.refusals.mark,
+                    )
+                    raise BackendError(_NOT_RETRIED)
+                ours = hmac.digest(self._module.pin_key, serial + b"\x00" + pin.encode(), "sha256")
+                login = self._log_in_once(token, pin, serial, ours, fingerprint, identity)
+        except LoginTurnTimeout:
+            raise _Gone(
+                f"another process of the gateway has been logging in for {TURN_SECONDS:g} s"
+            ) from None
         del pin
         workers: list[_Worker] = []
         try:
@@ -309,7 +326,13 @@ class _SessionPool:
         )
 
     def _log_in_once(
-        self, token: Any, pin: str, serial: bytes, ours: bytes, fingerprint: bytes
+        self,
+        token: Any,
+        pin: str,
+        serial: bytes,
+        ours: bytes,
+        fingerprint: bytes,
+        identity: bytes | None,
     ) -> Any:
         """C_Login with `pin` (in a session of its own); None when the token was logged in
         already with this PIN by another backend of this process. A refused PIN is
@@ -333,7 +356,7 @@ class _SessionPool:
                 ) from None
         except _PIN_ERRORS as exc:
             self._bad_pin = fingerprint
-            self.refusals.record(serial)
+            self.refusals.record(serial, identity)
             raise BackendError(
                 f"the token rejected the configured PIN ({type(exc).__name__})"
             ) from None

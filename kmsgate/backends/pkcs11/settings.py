@@ -126,11 +126,16 @@ def _check_module(name: str, settings: Pkcs11Settings) -> None:
         )
 
 
-def _read_pin_file(path: Path, error: type[Exception]) -> str:
-    """The PIN in `path` (trailing newline removed). Raises `error`; never shows the PIN."""
+def _read_pin_file(path: Path, error: type[Exception]) -> tuple[str, os.stat_result]:
+    """The PIN in `path` (trailing newline removed), and the file it was read from as it
+    was then (its identity: a refusal names the file, never the PIN). Raises `error`; never
+    shows the PIN."""
     try:
-        problem = exposure(path.stat())
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as file:
+            st = os.fstat(file.fileno())
+            problem = exposure(st)
+            data = file.read()
     except OSError as exc:
         raise error(f"cannot read PIN file {path}: {exc.strerror}") from None
     if problem is not None:
@@ -141,4 +146,4 @@ def _read_pin_file(path: Path, error: type[Exception]) -> str:
         raise error(f"PIN file {path} is not UTF-8") from None
     if not pin or "\n" in pin:
         raise error(f"PIN file {path} must hold the PIN on one line")
-    return pin
+    return pin, st
