@@ -4,6 +4,8 @@ symmetric AWS KMS key (moto_server), or by an AES key on a SoftHSM2 token."""
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,6 +153,23 @@ def hsm_unseal_settings(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
         token.pkcs11_tool(*aes, "--sensitive", "--label", "root-kek", "--id", "7e")
         token.pkcs11_tool(*aes, "--sensitive", "--label", "other-kek", "--id", "7f")
         token.pkcs11_tool(*aes, "--label", "open-kek", "--id", "80")
+        # made extractable, then not: CKA_NEVER_EXTRACTABLE stays false (a copy may exist)
+        made_open = (
+            "import pkcs11, sys\n"
+            "from pkcs11 import Attribute\n"
+            "token = pkcs11.lib(sys.argv[1]).get_token(token_label=sys.argv[2])\n"
+            "with token.open(rw=True, user_pin=sys.argv[3]) as session:\n"
+            "    open_ = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True}\n"
+            "    key = session.generate_key(pkcs11.KeyType.AES, 256, label='once-open-kek',\n"
+            "        store=True, template=open_)\n"
+            "    key[Attribute.EXTRACTABLE] = False\n"
+        )
+        subprocess.run(
+            [sys.executable, "-c", made_open, token.hsm.module, token.label, token.pin],
+            env=token.hsm.env(),
+            check=True,
+            timeout=60,
+        )
         data = tmp_path / "data"
         data.mkdir()
 
@@ -191,5 +210,7 @@ def test_root_key_wrapped_by_a_pkcs11_key_survives_restarts(hsm_unseal_settings)
         build_service(settings("pkcs11:object=other-kek"))
     with pytest.raises(ConfigError, match="only sensitive, non-extractable keys"):
         build_service(settings("pkcs11:object=open-kek"))
+    with pytest.raises(ConfigError, match="was extractable or not sensitive at some time"):
+        build_service(settings("pkcs11:object=once-open-kek"))
     with pytest.raises(ConfigError, match="wrapping key unavailable: no such key on the token"):
         build_service(settings("pkcs11:object=no-such-kek"))

@@ -323,11 +323,25 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
 
     def wrapping_key(self, reference: str) -> BackendKey:
         """A handle on an existing AES-256 key on the token (`reference`: an RFC 7512 URI,
-        checked as `adopt_key` checks an aes-256-gcm key: sensitive, never extractable,
-        allowed to encrypt and decrypt), for wrapping softkms's root key outside the
+        checked as `adopt_key` checks an aes-256-gcm key, and also never extractable and
+        always sensitive: no copy can exist), for wrapping softkms's root key outside the
         catalogue (auto-unseal, `root_key_wrap`). Creates and changes nothing. Raises as
         `adopt_key`."""
-        return self.adopt_key(KeySpec(ROOT_KEK_NAME, 1, KeyType.AES_256_GCM), reference)
+        key = self.adopt_key(KeySpec(ROOT_KEK_NAME, 1, KeyType.AES_256_GCM), reference)
+
+        def check(conn: _Connection, worker: _Worker) -> None:
+            secret = self._pool.key_object(conn, worker, key.ref, _SECRET)
+            if (
+                _attr(secret, Attribute.NEVER_EXTRACTABLE) is not True
+                or _attr(secret, Attribute.ALWAYS_SENSITIVE) is not True
+            ):
+                raise InvalidRequest(
+                    "the wrapping key was extractable or not sensitive at some time: copies "
+                    "of it may exist outside the token"
+                )
+
+        self._pool.call("check the wrapping key", check)
+        return key
 
     # -- AdoptCapable ----------------------------------------------------------------------
 
