@@ -401,6 +401,23 @@ def test_rotating_a_symmetric_key_rotates_on_demand(aws, kms_proxy):
     assert backend.unwrap(key.backend_key(key.versions[1]), wrapped, b"ctx") == b"data key"
 
 
+def test_a_symmetric_key_rotates_its_own_kms_key_whatever_the_alias_names(aws, moto_server):
+    """The alias moves after the catalogue took a version, and may fail to: a rotation
+    rotates the KMS key of the version before it, never the key the alias names (another
+    key's, if the alias was left elsewhere), and mends the alias."""
+    api, admin = aws
+    key_name = name()
+    create_key(api, admin, key_name, "aes-256-gcm")
+    arn = arn_of(api, key_name, 1)
+    client = moto_server.client()
+    stranger = client.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")
+    alias = "alias/kmsgate/" + key_name.replace(".", "/")
+    client.update_alias(AliasName=alias, TargetKeyId=stranger["KeyMetadata"]["KeyId"])
+    assert api.call("POST", f"/v1/keys/{key_name}/rotate", admin).status_code == 200
+    assert arn_of(api, key_name, 2) == arn
+    assert client.describe_key(KeyId=alias)["KeyMetadata"]["Arn"] == arn  # mended
+
+
 def test_deletion_schedules_key_deletion_and_kmsgate_refuses(aws, kms_proxy, moto_server):
     api, admin = aws
     key_name = name()

@@ -21,7 +21,7 @@ from kmsgate.service.requests import NewCa
 def pki_engine(registry: Registry, ca: Authority) -> PkiEngine:
     """The Vault PKI engine of a `hashivault-pki` CA. Raises NotSupported if its backend
     fronts no PKI engine, InvalidRequest for an unusable mount or role."""
-    backend = registry.get(ca.backend)
+    backend = registry.holding(ca.backend) if ca.backend else registry.get(None)
     engine = require_capability(backend, PkiEngineCapable, "front a PKI engine")  # type: ignore[type-abstract]
     return engine.pki(ca.options.get("mount", ""), ca.options.get("role", ""))
 

@@ -129,11 +129,11 @@ def _public_key(kms: _KmsClient, arn: str, key_type: KeyType) -> str | None:
 
 def point_alias(kms: _KmsClient, key: BackendKey) -> None:
     """Make `<alias_prefix><name>` point at the KMS key of `key`, the new primary version
-    (create the alias, or move it from an older key); nothing for an adopted key (kmsgate
-    names it nowhere in AWS) or a rotation of a symmetric key (the alias names its KMS key
-    already). Raises BackendUnavailable, BackendError."""
+    (create the alias, or move it from an older key; for a rotation of a symmetric key,
+    the same KMS key: an alias that failed before is mended); nothing for an adopted key
+    (kmsgate names it nowhere in AWS). Raises BackendUnavailable, BackendError."""
     material = _Material.load(key)
-    if material.adopted or material.rotation:
+    if material.adopted:
         return
     alias = _alias_of(kms.settings.alias_prefix, key.name)
     create = key.version == 1
@@ -151,18 +151,25 @@ def point_alias(kms: _KmsClient, key: BackendKey) -> None:
 
 
 def _rotate_symmetric(kms: _KmsClient, spec: KeySpec) -> BackendKey:
-    """Version N > 1 of an aes-256-gcm key: RotateKeyOnDemand on the KMS key the alias
-    names, recorded as the (N-1)th rotation. Raises Conflict when AWS refuses."""
-    alias = _alias_of(kms.settings.alias_prefix, spec.name)
+    """Version N > 1 of an aes-256-gcm key: RotateKeyOnDemand on the KMS key of the version
+    before it (`spec.previous`; without one, the key the alias names), recorded as the
+    (N-1)th rotation. Raises Conflict when AWS refuses or an adopted key is to be rotated."""
+    if spec.previous is not None:
+        material = _Material.load(spec.previous)
+        if material.adopted:
+            raise Conflict("this key's KMS key was adopted: rotate it in AWS")
+        key_id = material.arn
+    else:
+        key_id = _alias_of(kms.settings.alias_prefix, spec.name)
     try:
-        described = kms.call("describe_key", "control", KeyId=alias)
+        described = kms.call("describe_key", "control", KeyId=key_id)
     except _AwsError as exc:
         if exc.code == "NotFoundException":
-            raise Conflict(f"no KMS key is aliased {alias}: rotate adopted keys in AWS") from None
+            raise Conflict(f"no KMS key {key_id}: rotate adopted keys in AWS") from None
         raise kms.fail(exc, "find the key to rotate") from None
     arn = _arn_of(described)
     if described["KeyMetadata"].get("KeySpec") != "SYMMETRIC_DEFAULT":
-        raise BackendError(f"backend {kms.name!r}: {alias} is not a symmetric key")
+        raise BackendError(f"backend {kms.name!r}: {key_id} is not a symmetric key")
     try:
         kms.call("rotate_key_on_demand", "control", KeyId=arn)
     except _AwsError as exc:
