@@ -151,7 +151,6 @@ class Crypto:
         refused = _GATEWAY_ONLY_PURPOSES.get(key.purpose)
         if refused is not None:
             raise InvalidRequest(f"key {key.name!r} is {refused}")
-        backend = self.gate.registry.holding(key.backend)
 
         def prepare(item: SignInput) -> tuple[int, SignMessage]:
             alg = sign_algorithm(key.type, item.algorithm)
@@ -162,7 +161,7 @@ class Crypto:
         return _by_version(
             items,
             prepare,
-            lambda number, messages: backend.sign_many(
+            lambda number, messages: self.gate.registry.holding(key.backend).sign_many(
                 key.backend_key(key.versions[number]), messages
             ),
             lambda number, message, signature: Signature(number, message.alg.name, signature),
@@ -189,21 +188,19 @@ class Crypto:
 
     def _mac(self, key: Key, items: Sequence[MacInput]) -> ItemResults[Mac]:
         """Check every item, then MAC the valid ones with one backend call per key version
-        (a backend with a batch API MACs a whole batch in a few requests). Raises
-        NotSupported for a backend without MACs, Unavailable as `_sign` does."""
-        backend = self._mac_backend(key)
-        hash_name = mac_algorithm(key.type, None)
+        (a backend with a batch API MACs a whole batch in a few requests); a backend
+        without MACs is each item's NotSupported. Raises Unavailable as `_sign` does."""
 
         def prepare(item: MacInput) -> tuple[int, bytes]:
-            mac_algorithm(key.type, item.algorithm)
+            mac_algorithm(key.type, item.algorithm)  # the one hash of the key's type
             version = key.usable_version(item.version, for_signing=True)
             return version.version, check_size(item.input, self.max_input)
 
         return _by_version(
             items,
             prepare,
-            lambda number, messages: backend.mac_many(
-                key.backend_key(key.versions[number]), messages, hash_name
+            lambda number, messages: self._mac_backend(key).mac_many(
+                key.backend_key(key.versions[number]), messages, mac_algorithm(key.type, None)
             ),
             lambda number, _, tag: Mac(tag, number),
         )
@@ -269,6 +266,8 @@ def _by_version(
         except Unavailable as exc:  # down: what another version produced still stands
             if not produced:
                 raise
+            outputs = [exc] * len(messages)
+        except KmsgateError as exc:  # the backend cannot (NotSupported): each item says so
             outputs = [exc] * len(messages)
         for (index, message), output in zip(messages, outputs, strict=True):
             if isinstance(output, KmsgateError):
