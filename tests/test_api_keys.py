@@ -8,6 +8,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from kmsgate.bootstrap import ensure_dev_audit_key
+from kmsgate.errors import ConfigError
 from kmsgate.ratelimit import TokenBucket
 from kmsgate.service import Ctx
 from kmsgate.store import tables
@@ -349,3 +351,16 @@ def test_a_key_on_a_backend_the_gateway_no_longer_configures_is_503(tmp_path):
         assert "'second', which holds this key, is not configured" in r.json()["detail"]
         r = api.call("POST", "/v1/keys/on-second/rotate", admin)
         assert r.status_code == 503 and r.json()["code"] == "backend_unavailable", r.text
+
+
+def test_a_dev_data_dir_reopened_without_the_backend_of_its_audit_key_says_which(tmp_path):
+    """The dev audit checkpoint key lives on the default backend: reopened without that
+    backend, the start is refused naming it (it said only "cannot sign the checkpoint")."""
+    two = {"local": {"type": "softkms"}, "second": {"type": "softkms"}}
+    with open_gateway(tmp_path, backends=two, default_backend="second") as (api, _):
+        assert ensure_dev_audit_key(api.service)  # what `serve --dev` does
+    with (
+        pytest.raises(ConfigError, match="'second', which holds this key, is not configured"),
+        open_gateway(tmp_path, backends={"local": {"type": "softkms"}}),
+    ):
+        pass

@@ -255,6 +255,8 @@ class FileSink(AuditFile):
         self._reopened = closed  # the chain ended with a final checkpoint
         self._checkpointed = seq  # the last record a checkpoint took into account
         self._unsigned_since: float | None = None
+        self._unsigned_why: str | None = None
+        """Why the last checkpoint could not be signed."""
         self._retry_at = 0.0
         self._stop = threading.Event()
         self._threads = [
@@ -416,7 +418,10 @@ class FileSink(AuditFile):
                 raise RuntimeError("audit checkpoints already started, or the log is closed")
             self._policy = policy
         if self._reopened and not self._checkpoint(final=False):
-            raise ConfigError(f"audit log {self._chain}: cannot sign the checkpoint reopening it")
+            why = f": {self._unsigned_why}" if self._unsigned_why else ""
+            raise ConfigError(
+                f"audit log {self._chain}: cannot sign the checkpoint reopening it{why}"
+            )
         thread = threading.Thread(
             target=self._checkpoint_loop, name="kmsgate-audit-checkpoint", daemon=True
         )
@@ -487,6 +492,7 @@ class FileSink(AuditFile):
             signed = self._policy.sign(payload)
         except KmsgateError as exc:
             _log.error("audit checkpoint not signed (%s): %s", exc.code, exc.detail)
+            self._unsigned_why = exc.detail
             return False
         fields = checkpoint_fields(
             chain=self._chain.name,
