@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import ClassVar
 
 import requests
@@ -237,7 +237,6 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
                 results[index] = exc
                 continue
             groups.setdefault((message.alg.name, message.prehashed), []).append(index)
-        size = self.settings.batch_size
         for (alg_name, prehashed), indexes in groups.items():
             params = _sign_params(messages[indexes[0]].alg, prehashed)
 
@@ -246,21 +245,13 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
             ) -> list[_Result]:
                 return self._sign_chunk(ref, params, inputs)
 
-            for start in range(0, len(indexes), size):
-                chunk = indexes[start : start + size]
-                try:
-                    signed = self._coalescer.run(
-                        ("sign", key.ref, alg_name, prehashed),
-                        [messages[i].data for i in chunk],
-                        send,
-                    )
-                except Unavailable as exc:
-                    return signed_so_far(results, exc)
-                except KmsgateError as exc:
-                    signed = [exc] * len(chunk)
-                for index, result in zip(chunk, signed, strict=True):
-                    results[index] = result
-        assert all(r is not None for r in results)
+            signed, down = self._batched(
+                ("sign", key.ref, alg_name, prehashed), [messages[i].data for i in indexes], send
+            )
+            for index, result in zip(indexes, signed, strict=True):
+                results[index] = result
+            if down is not None:
+                return signed_so_far(results, down)
         return [r for r in results if r is not None]
 
     @staticmethod
@@ -391,17 +382,32 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
         def send(inputs: Sequence[bytes]) -> list[_Result]:
             return self._mac_chunk(ref, hash_name, inputs)
 
+        done, down = self._batched(("hmac", key.ref, hash_name), messages, send)
+        if down is not None:
+            return signed_so_far(done, down)
+        return [r for r in done if r is not None]
+
+    def _batched(
+        self,
+        group: Hashable,
+        inputs: Sequence[bytes],
+        send: Callable[[Sequence[bytes]], list[_Result]],
+    ) -> tuple[list[bytes | KmsgateError | None], Unavailable | None]:
+        """`inputs` sent `batch_size` per request through the coalescer (concurrent calls
+        of one `group` share requests): each result in its input's place, a failed chunk's
+        error in each of its places. Stops at Unavailable, returned with the results so
+        far (None for the inputs not sent)."""
         results: list[bytes | KmsgateError | None] = []
         size = self.settings.batch_size
-        for start in range(0, len(messages), size):
-            chunk = messages[start : start + size]
+        for start in range(0, len(inputs), size):
+            chunk = list(inputs[start : start + size])
             try:
-                results += self._coalescer.run(("hmac", key.ref, hash_name), list(chunk), send)
+                results += self._coalescer.run(group, chunk, send)
             except Unavailable as exc:
-                return signed_so_far([*results, *[None] * (len(messages) - len(results))], exc)
+                return [*results, *[None] * (len(inputs) - len(results))], exc
             except KmsgateError as exc:
                 results += [exc] * len(chunk)
-        return [r for r in results if r is not None]
+        return results, None
 
     def _mac_chunk(
         self, ref: _Ref, hash_name: HashName, inputs: Sequence[bytes]
