@@ -34,7 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from kmsgate.client import ApiError, Client
 from kmsgate.durations import parse_duration_setting
 from kmsgate.pki.csr import new_key_and_csr, parse_san
-from kmsgate.pki.files import replace_private_files
+from kmsgate.pki.files import asked_before, replace_private_files
 from kmsgate.pki.issuer import BACKDATE
 from kmsgate.spiffe import is_spiffe_id
 
@@ -260,7 +260,7 @@ class Agent:
         if key.public_key() != cert.public_key() or chain[0] != cert:
             log.warning("the key, certificate and chain in %s do not match", self._path(""))
             return None
-        if self._asked_before() not in (None, self._request()):
+        if asked_before(self._path(REQUEST_FILE)) not in (None, self._request()):
             log.warning("the certificate in %s is for other options: replacing it", self._path(""))
             return None
         left = cert.not_valid_after_utc - datetime.now(UTC)
@@ -271,14 +271,6 @@ class Agent:
         o = self.options
         asked: dict[str, object] = {"ca": o.ca, "profile": o.profile, "sans": sorted(o.sans)}
         return asked | ({"cn": o.cn} if o.cn else {})
-
-    def _asked_before(self) -> object:
-        """What the set in the directory was asked for; None if it does not say (a set
-        an older agent wrote)."""
-        try:
-            return json.loads(self._path(REQUEST_FILE).read_bytes())
-        except (OSError, ValueError):
-            return None
 
     def _seconds_until_renewal(self) -> float:
         """Seconds until the current certificate is due (renew_at of its lifetime, minus

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from kmsgate.config import Settings, TlsSettings
 from kmsgate.durations import format_duration
 from kmsgate.errors import ConfigError, KmsgateError
-from kmsgate.pki.files import replace_private_file
+from kmsgate.pki.files import asked_before, replace_private_file
 from kmsgate.pki.issuer import BACKDATE
 from kmsgate.service import Ctx, Service
 
@@ -319,7 +319,7 @@ def renew_if_due(service: Service, settings: Settings) -> bool:
     cert_file, key_file = _own_pair(settings)
     asked = _request(tls)
     if not _renewal_due(cert_file):
-        if _asked_before(cert_file) == asked:
+        if asked_before(cert_file.with_name(REQUEST_FILE)) == asked:
             return False
         log.info("the gateway's TLS settings changed: issuing it a new certificate")
     key, issued = asyncio.run(
@@ -352,15 +352,6 @@ def _request(tls: TlsSettings) -> dict[str, object]:
     """What the gateway's certificate is asked for, as `REQUEST_FILE` records it."""
     ttl = format_duration(tls.ttl) if tls.ttl is not None else None
     return {"ca": tls.ca, "profile": tls.profile, "sans": sorted(tls.sans), "ttl": ttl}
-
-
-def _asked_before(cert_file: Path) -> object:
-    """What the certificate in `cert_file` was asked for; None if that is not recorded
-    (issued by an older gateway, or a write was cut short)."""
-    try:
-        return json.loads(cert_file.with_name(REQUEST_FILE).read_bytes())
-    except (OSError, ValueError):
-        return None
 
 
 def _renewal_due(cert_file: Path) -> bool:

@@ -3,6 +3,7 @@ TLS certificate, the agent's workload certificate)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -10,7 +11,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["CURRENT", "replace_private_file", "replace_private_files"]
+__all__ = ["CURRENT", "asked_before", "replace_private_file", "replace_private_files"]
 
 CURRENT = "..data"
 """The symlink, in a directory `replace_private_files` keeps, to the current set's own
@@ -18,6 +19,16 @@ directory."""
 _SET_ID_BYTES = 8
 _SET_NAME = re.compile(rf"\.\.[0-9a-f]{{{2 * _SET_ID_BYTES}}}")
 """A set's own directory: `..` and a random hexadecimal id."""
+
+
+def asked_before(record: Path) -> object:
+    """What a certificate kept here was asked for, as the JSON file `record` beside it says
+    (CA, profile, names, ...); None if it says nothing (an older writer, a cut-short write):
+    a certificate asked for with other options is replaced, not renewed."""
+    try:
+        return json.loads(record.read_bytes())
+    except (OSError, ValueError):
+        return None
 
 
 def replace_private_file(path: Path, data: bytes) -> None:
