@@ -39,6 +39,11 @@ __all__ = [
 UNGRANTABLE = ("exception.", "token.", "policy.reload", "principal.read")
 """Actions (prefixes) no grant may cover: grants, tokens and the policy itself (a grant
 must not lead to more grants or lasting rights)."""
+UNNAMED = frozenset(
+    {"key.list", "ca.read", "audit.read", "metrics.read", "policy.read", "policy.evaluate"}
+)
+"""Actions on no named resource (a listing, the audit log, the policy): a grant's
+`resource` pattern matches a name, so it could never cover them."""
 RESOURCE = re.compile(r"purpose:[a-z0-9][a-z0-9-]{0,63}|[A-Za-z0-9._*?-]{1,128}")
 MAX_ACTIONS = 16
 GRANT_ID = re.compile(r"[0-9a-f]{16}")
@@ -99,6 +104,9 @@ class Grant:
         view = self.row()
         view["duration"] = view.pop("duration_s")
         del view["ended_at"]
+        for field, value in view.items():  # every time as replies write one (`...Z`)
+            if isinstance(value, datetime):
+                view[field] = utc_timestamp(value)
         return {"id": self.id, "state": self.state(at).value, **view}
 
     def row(self) -> dict[str, Any]:
@@ -156,14 +164,20 @@ def new_grant(
     now: datetime,
 ) -> Grant:
     """A pending grant requested by `principal`. Raises InvalidRequest (an action that is
-    not one of `known_actions` or cannot be granted, a bad resource pattern, a duration
-    outside 1 s..`max_duration`, an empty ticket or reason)."""
+    not one of `known_actions`, cannot be granted or acts on no named resource, a bad
+    resource pattern, a duration outside 1 s..`max_duration`, an empty ticket or reason)."""
     wanted = tuple(dict.fromkeys(actions))
     if not wanted or len(wanted) > MAX_ACTIONS:
         raise InvalidRequest(f"actions: give 1 to {MAX_ACTIONS} actions")
     refused = sorted(a for a in wanted if a not in known_actions or a.startswith(UNGRANTABLE))
     if refused:
         raise InvalidRequest(f"actions {refused} cannot be granted by an exception")
+    unnamed = sorted(UNNAMED.intersection(wanted))
+    if unnamed:
+        raise InvalidRequest(
+            f"actions {unnamed} act on no named resource, which is all a grant can cover: "
+            "ask for a role instead"
+        )
     if not RESOURCE.fullmatch(resource):
         raise InvalidRequest(
             "resource: a key name or glob (letters, digits, . _ - * ?), or purpose:<purpose>"

@@ -5,7 +5,7 @@ import rego.v1
 
 gateway_actions := [
 	"sign", "verify", "mac", "mac.verify", "encrypt", "decrypt", "datakey", "rewrap",
-	"key.create", "key.read", "key.rotate", "key.disable", "key.enable", "key.update",
+	"key.create", "key.read", "key.list", "key.rotate", "key.disable", "key.enable", "key.update",
 	"key.compromise", "key.delete", "key.cancel_deletion", "key.import",
 	"token.create", "token.list", "token.revoke", "audit.read", "metrics.read",
 	"policy.read", "policy.evaluate", "policy.reload",

@@ -244,6 +244,8 @@ def test_a_grant_expires_by_itself_and_the_expiry_is_audited(team: Team) -> None
         ({"actions": ["token.create"]}, 400, "cannot be granted"),
         ({"actions": ["exception.approve"]}, 400, "cannot be granted"),
         ({"actions": ["launch"]}, 400, "cannot be granted"),
+        ({"actions": ["key.list"]}, 400, "no named resource"),  # the grant could never match
+        ({"actions": ["decrypt", "audit.read"]}, 400, "no named resource"),
         ({"actions": []}, 422, ""),
         ({"resource": "a/b"}, 400, "resource"),
         ({"resource": "purpose:*"}, 400, "resource"),
@@ -259,6 +261,22 @@ def test_a_bad_request_is_a_clear_4xx(
     reply = team.request(team.x, **changes)
     assert reply.status_code == status, reply.text
     assert problem in reply.json().get("detail", "") or status == 422
+
+
+def test_a_refused_ask_is_in_the_audit_log(team: Team) -> None:
+    reply = team.request(team.x, actions=["token.create", "no-such-action"], ticket="ESC-1")
+    assert reply.status_code == 400, reply.text
+    refused = [r for r in _audit(team, "exception.request") if r["outcome"] == "invalid_request"]
+    record = next(r for r in refused if r["detail"]["ticket"] == "ESC-1")
+    assert record["principal"] == _principal(team.x) and record["decision"] == "allow"
+    assert record["detail"]["actions"] == ["token.create"]  # an unknown name is not kept
+    assert "cannot be granted" in record["detail"]["error"]
+
+
+def test_grant_times_are_written_as_every_reply_writes_them(team: Team) -> None:
+    grant = team.request(team.x, actions=["verify"]).json()
+    for field in ("requested_at", "pending_until"):
+        assert grant[field].endswith("Z") and datetime.fromisoformat(grant[field]).tzinfo, grant
 
 
 def test_who_may_see_and_end_a_grant(team: Team) -> None:

@@ -24,6 +24,7 @@ from kmsgate.policy import (
     PolicyTestResult,
     policy_input,
 )
+from tests.gateway import open_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "policies"
@@ -108,6 +109,7 @@ def test_shipped_files_and_digest(shipped: PolicyEngine) -> None:
         "pki.rego",
         "roles.rego",
         "tenants.rego",
+        "tokens.rego",
     ]
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", shipped.digest)
     assert shipped.loaded_at.tzinfo is not None
@@ -783,3 +785,22 @@ def test_a_deny_rule_overrides_every_allow(shipped: PolicyEngine) -> None:
     assert vetoed.reasons == ("denied: tenant isolation: the resource belongs to another tenant",)
     assert shipped.decide(admin_of("acme", "acme")).reasons == ("role admin",)
     assert shipped.decide(admin_of(None, "globex")).allow
+
+
+def test_a_token_maker_other_than_admin_hands_out_only_its_own_roles(tmp_path: Path) -> None:
+    """tokens.rego: a team lets role `token-admin` create tokens; it still cannot mint a
+    token with a role it lacks (admin, say), through the real gateway."""
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED, policies)
+    (policies / "token_admin.rego").write_text(
+        "package kmsgate.authz\nimport rego.v1\n"
+        'allow if { input.action == "token.create"; "token-admin" in roles }\n'
+    )
+    with open_gateway(tmp_path, policy_dir=policies) as (api, admin):
+        maker = api.call("POST", "/v1/sys/tokens", admin, json={"roles": ["token-admin", "ci"]})
+        assert maker.status_code == 201, maker.text
+        made = maker.json()["token"]
+        for roles, status in ((["ci"], 201), (["admin"], 403), (["ci", "ml-sec"], 403)):
+            reply = api.call("POST", "/v1/sys/tokens", made, json={"roles": roles})
+            assert reply.status_code == status, (roles, reply.text)
+        assert api.call("POST", "/v1/sys/tokens", admin, json={"roles": ["ml-sec"]}).is_success

@@ -24,6 +24,7 @@ ACTIONS: frozenset[str] = frozenset(
         "rewrap",
         "key.create",
         "key.read",
+        "key.list",
         "key.rotate",
         "key.disable",
         "key.enable",

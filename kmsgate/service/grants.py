@@ -14,8 +14,16 @@ from typing import Any
 
 from kmsgate.auth import SYSTEM, Principal
 from kmsgate.config import ExceptionSettings
-from kmsgate.errors import Conflict, NotFound
-from kmsgate.grants import GRANT_ID, ActiveGrants, Grant, GrantState, approve, new_grant
+from kmsgate.errors import Conflict, InvalidRequest, NotFound
+from kmsgate.grants import (
+    GRANT_ID,
+    RESOURCE,
+    ActiveGrants,
+    Grant,
+    GrantState,
+    approve,
+    new_grant,
+)
 from kmsgate.policy import ACTIONS, Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.requests import NewException
@@ -38,19 +46,23 @@ class Exceptions:
         self.settings = settings
 
     def request(self, principal: Principal, ctx: Ctx, new: NewException) -> Grant:
-        """A pending grant for the caller. Raises PolicyDenied, InvalidRequest."""
-        grant = new_grant(
-            principal.id,
-            new.actions,
-            new.resource,
-            new.duration,
-            new.ticket,
-            new.reason,
-            known_actions=ACTIONS,
-            max_duration=self.settings.max_duration,
-            pending_for=self.settings.pending_for,
-            now=now(),
-        )
+        """A pending grant for the caller. Raises PolicyDenied, InvalidRequest (recorded
+        too: an ask for what no grant may give is evidence)."""
+        try:
+            grant = new_grant(
+                principal.id,
+                new.actions,
+                new.resource,
+                new.duration,
+                new.ticket,
+                new.reason,
+                known_actions=ACTIONS,
+                max_duration=self.settings.max_duration,
+                pending_for=self.settings.pending_for,
+                now=now(),
+            )
+        except InvalidRequest as refused:
+            return self._refuse(principal, ctx, new, refused)
 
         def insert(outcome: Outcome) -> Grant:
             outcome.detail.update(_evidence(grant, grant.requested_at))
@@ -60,6 +72,26 @@ class Exceptions:
         resource = {"kind": "exception", "name": grant.id, "owner": principal.id}
         call = Call(principal, ctx, "exception.request", resource, _request(grant))
         return self.gate.run(call, insert)
+
+    def _refuse(
+        self, principal: Principal, ctx: Ctx, new: NewException, refused: InvalidRequest
+    ) -> Grant:
+        """Decide and record the request `new` as asked, failed with `refused`; raises
+        PolicyDenied or `refused`. The record names only the actions the gateway knows and
+        a resource pattern it accepts (what else was sent is not for the trail)."""
+
+        def fail(_: Outcome) -> Grant:
+            raise refused
+
+        asked = {
+            "actions": [a for a in new.actions if a in ACTIONS],
+            "resource": new.resource if RESOURCE.fullmatch(new.resource) else None,
+            "duration": int(new.duration.total_seconds()),
+            "ticket": new.ticket,
+        }
+        resource = {"kind": "exception", "name": None, "owner": principal.id}
+        call = Call(principal, ctx, "exception.request", resource, asked, detail=asked)
+        return self.gate.run(call, fail)
 
     def approve(self, principal: Principal, ctx: Ctx, grant_id: str) -> Grant:
         """Add the caller's approval; the grant is active from the last one needed. Raises

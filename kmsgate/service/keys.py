@@ -56,12 +56,14 @@ class Keys:
         name: str,
         request: Mapping[str, object] | None,
         operation: Callable[[Key, Outcome], T],
+        *,
+        detail: Mapping[str, object] | None = None,
     ) -> T:
         """`operation` on the key `name` as the store holds it now (a change is never
         decided on a copy another worker has moved past), through the gate: NotFound only
-        after policy allowed."""
+        after policy allowed. `detail`: what every audit record of the call says."""
         target = self.gate.target(name, current=True, change=action != "key.read")
-        call = Call(principal, ctx, action, target.resource(), request)
+        call = Call(principal, ctx, action, target.resource(), request, detail=detail)
         return self.gate.run_on_key(call, target, operation)
 
     # -- create ----------------------------------------------------------------------------
@@ -100,7 +102,16 @@ class Keys:
             outcome.detail["type"] = key.type.value
             return key
 
-        call = Call(principal, ctx, action, resource, {"type": new.type})
+        detail = {  # what the trail keeps of the key asked for (never a backend URI)
+            "purpose": new.purpose,
+            "backend": resource["backend"],
+            "labels": resource["labels"],
+            "public": new.public,
+            "rotation_period": (
+                int(new.rotation_period.total_seconds()) if new.rotation_period else None
+            ),
+        }
+        call = Call(principal, ctx, action, resource, {"type": new.type}, detail=detail)
         return self.gate.run(call, create, decision=decision)
 
     def _check_rotation_period(self, period: timedelta | None) -> None:
@@ -376,14 +387,15 @@ class Keys:
 
         def schedule(key: Key, outcome: Outcome) -> Key:
             date = now() + timedelta(days=pending_days)
-            outcome.detail["deletion_date"] = utc_timestamp(date)
-            return self._transition(
+            scheduled = self._transition(
                 [KeyState.ENABLED, KeyState.DISABLED],
                 KeyState.PENDING_DELETION,
                 {"deletion_date": date},
                 key,
                 outcome,
             )
+            outcome.detail["deletion_date"] = utc_timestamp(date)  # only once it holds
+            return scheduled
 
         request = {"pending_days": pending_days}
         return self._on_key(principal, ctx, "key.delete", name, request, schedule)
@@ -423,7 +435,8 @@ class Keys:
 
         self._check_rotation_period(changes.rotation_period)
         request = changes.policy_request()
-        return self._on_key(principal, ctx, "key.update", name, request, patch)
+        detail = {"changes": request}  # the trail says what changed, a refusal's too
+        return self._on_key(principal, ctx, "key.update", name, request, patch, detail=detail)
 
     def mark_compromised(
         self, principal: Principal, ctx: Ctx, name: str, version: int, since: datetime

@@ -1,0 +1,16 @@
+# Tokens: a token carries only roles its creator holds. Only admin may create tokens under
+# the shipped rules; a team that lets another role create them (a `token-admin`, say) still
+# cannot let it mint a token with a role it lacks, such as admin. An admin's tokens may carry
+# any role.
+#
+# A `deny` string overrides every `allow` (docs/policy.md).
+package kmsgate.authz
+
+import rego.v1
+
+deny contains "a token can carry only roles its creator holds" if {
+	input.action == "token.create"
+	not "admin" in input.principal.roles
+	some role in input.request.roles
+	not role in roles
+}
