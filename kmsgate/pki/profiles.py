@@ -28,7 +28,6 @@ from typing import Literal
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from kmsgate.algorithms import KeyType, KeyUsage, key_type_of_public_key, parse_key_type
@@ -267,25 +266,16 @@ class Profile:
         )
 
     def extensions(
-        self,
-        approved: Approved,
-        issuer_public_key: CertificatePublicKeyTypes,
-        *,
-        issuer_key_id: x509.SubjectKeyIdentifier | None = None,
+        self, approved: Approved, authority_key_id: x509.AuthorityKeyIdentifier
     ) -> list[tuple[x509.ExtensionType, bool]]:
-        """The (extension, critical) pairs of a certificate issued for `approved`.
+        """The (extension, critical) pairs of a certificate issued for `approved` by the
+        issuer that `authority_key_id` names (`kmsgate.pki.extensions.
+        authority_key_identifier`: its certificate's own key id, however that was made).
 
         keyUsage is digitalSignature alone for every key type (TLS 1.3 and ECDHE need no
         keyEncipherment; RSA key transport is not supported). The subjectAltName is
-        critical when the subject is empty (RFC 5280 4.2.1.6). The authorityKeyIdentifier
-        repeats `issuer_key_id` (the issuer certificate's subjectKeyIdentifier) when given,
-        else is derived from `issuer_public_key` as cryptography derives a subjectKeyIdentifier.
+        critical when the subject is empty (RFC 5280 4.2.1.6).
         """
-        if issuer_key_id is None:
-            issuer_key_id = x509.SubjectKeyIdentifier.from_public_key(issuer_public_key)
-        authority_key_id = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-            issuer_key_id
-        )
         return [
             (x509.BasicConstraints(ca=False, path_length=None), True),
             (key_usage(digital_signature=True), True),

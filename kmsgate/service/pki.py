@@ -38,6 +38,7 @@ from kmsgate.pki.bundle import spiffe_bundle
 from kmsgate.pki.ca_chain import check_ca_certificate
 from kmsgate.pki.constraints import refuse_outside_constraints
 from kmsgate.pki.csr import new_key_and_csr
+from kmsgate.pki.extensions import authority_key_identifier
 from kmsgate.pki.inventory import (
     CertificateRecord,
     PresentedCertificates,
@@ -494,7 +495,7 @@ class Pki:
             not_before=not_before,
             not_after=not_after,
             extensions=[
-                *profile.extensions(approved, issuer.public_key()),
+                *profile.extensions(approved, authority_key_identifier(issuer)),
                 *((ext, False) for ext in distribution_extensions(self.public_url, ca.name)),
             ],
         )

@@ -51,10 +51,15 @@ class OfflineRoot:
         return self.cert.public_bytes(PEM).decode()
 
     def sign_intermediate(
-        self, csr_pem: str, days: int = 365, constraints: x509.NameConstraints | None = None
+        self,
+        csr_pem: str,
+        days: int = 365,
+        constraints: x509.NameConstraints | None = None,
+        key_id: bytes | None = None,
     ) -> str:
-        """The intermediate's certificate (path length 0, `constraints` if given) for
-        `csr_pem`, PEM."""
+        """The intermediate's certificate (path length 0, `constraints` if given, its
+        subjectKeyIdentifier `key_id` if given, else the SHA-1 of its key) for `csr_pem`,
+        PEM."""
         csr = x509.load_pem_x509_csr(csr_pem.encode())
         assert csr.is_signature_valid
         now = datetime.now(UTC)
@@ -69,7 +74,10 @@ class OfflineRoot:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(ca_key_usage(digital_signature=True), critical=True)
             .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False
+                x509.SubjectKeyIdentifier(key_id)
+                if key_id
+                else x509.SubjectKeyIdentifier.from_public_key(csr.public_key()),
+                critical=False,
             )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
@@ -87,16 +95,17 @@ def make_intermediate(
     root: OfflineRoot,
     name: str = "issuing",
     constraints: x509.NameConstraints | None = None,
+    key_id: bytes | None = None,
     **key: Any,
 ) -> dict[str, Any]:
     """Create CA `name` on the gateway (key `key`, default ecdsa-p256 on the default
-    backend), sign its CSR with `root` (with name `constraints` if given) and import it;
-    the active CA as JSON."""
+    backend), sign its CSR with `root` (with name `constraints` and subjectKeyIdentifier
+    `key_id` if given) and import it; the active CA as JSON."""
     body = {"name": name, "subject": f"CN={name} CA,O=kmsgate tests", "key": key}
     created = api.call("POST", "/v1/pki/cas", token, json=body)
     assert created.status_code == 201, created.text
     assert created.json()["state"] == "pending"
-    cert = root.sign_intermediate(created.json()["csr"], constraints=constraints)
+    cert = root.sign_intermediate(created.json()["csr"], constraints=constraints, key_id=key_id)
     imported = api.call(
         "POST",
         f"/v1/pki/cas/{name}/certificate",

@@ -68,6 +68,21 @@ def test_a_server_certificate_verifies_with_openssl(api, admin, root, tmp_path, 
     )
 
 
+def test_a_leaf_names_its_issuer_by_the_key_id_in_the_issuers_certificate(
+    api, admin, root, tmp_path, openssl_bin
+):
+    """An intermediate whose subjectKeyIdentifier was not made the SHA-1 way (an explicit
+    id, or RFC 7093's truncated SHA-256 as Go makes it): its leaves repeat that id, so
+    openssl finds their issuer."""
+    make_intermediate(api, admin, root, key_id=bytes(range(1, 9)))
+    _, csr = leaf_csr(x509.DNSName("web.lab"))
+    body = issue(api, admin, csr, "server").json()
+    openssl_verifies(openssl_bin, tmp_path, root, body)
+    cert = x509.load_pem_x509_certificate(body["certificate"].encode())
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == bytes(range(1, 9))
+
+
 def test_the_ca_key_cannot_sign_raw_data(api, admin, root):
     ca = make_intermediate(api, admin, root)
     r = api.call("POST", f"/v1/keys/{ca['key']}/sign", admin, json={"input": "aGk="})
