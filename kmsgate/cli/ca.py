@@ -202,7 +202,11 @@ def ca_sign_intermediate(
     days: Annotated[int, typer.Option(min=1, max=36500)] = 1825,
     path_length: Annotated[int, typer.Option(min=0, help="CA levels allowed below it.")] = 0,
     permit_dns: Annotated[
-        list[str], typer.Option(help="Name constraint: permitted DNS subtree; repeatable.")
+        list[str],
+        typer.Option(
+            help="Name constraint: permitted DNS subtree (lab: it and the names below; "
+            ".lab: only those below); repeatable."
+        ),
     ] = [],  # noqa: B006
     passphrase_file: PassphraseOpt = None,
     force: ForceOpt = False,

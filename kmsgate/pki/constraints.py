@@ -8,23 +8,31 @@ DNS names and URI hosts compare without regard to case; a DNS constraint `exampl
 covers that name and every name below it, `.example.com` only the names below it (as
 OpenSSL reads it); a URI constraint names a host exactly, or with a leading `.` the hosts
 below it; an IP constraint is a network. The subject, when it is not empty, is held to
-directoryName constraints (the subtree's RDNs must begin it).
+directoryName constraints (the subtree's RDNs must begin it). A certificate without a DNS
+SAN has its CN held to the DNS constraints too when the CN looks like a host name (dotted
+letters, digits, `-` and `_`: an IP address does), as openssl checks it.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from kmsgate.errors import InvalidRequest
 from kmsgate.pki.extensions import extension_value
 
 _JUDGED = (x509.DNSName, x509.IPAddress, x509.UniformResourceIdentifier, x509.DirectoryName)
 """The name types judged: those kmsgate issues (profiles refuse the others)."""
+_LABEL = r"[A-Za-z0-9_]+(?:-+[A-Za-z0-9_]+)*"
+_HOST_LIKE = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
+"""A CN openssl holds to DNS name constraints (`cn2dnsid`): two or more labels of letters,
+digits, `_` and inner `-`."""
 
 
 def refuse_outside_constraints(
@@ -33,16 +41,42 @@ def refuse_outside_constraints(
     """Raise InvalidRequest naming the first name of `subject` or `sans` that the name
     constraints of one of the CA certificates `cas` (the issuer and those above it) do not
     allow."""
+    names: list[tuple[x509.GeneralName, str]] | None = None
     for ca in cas:
         constraints = _constraints(ca)
         if constraints is None:
             continue
-        for name in (*sans, *((x509.DirectoryName(subject),) if len(subject) else ())):
-            if isinstance(name, _JUDGED) and not _allowed(name, constraints):
+        names = names if names is not None else _judged(subject, sans)
+        for name, shown in names:
+            if not _allowed(name, constraints):
                 raise InvalidRequest(
-                    f"{_shown(name)} is outside the name constraints of CA certificate "
+                    f"{shown} is outside the name constraints of CA certificate "
                     f"{ca.subject.rfc4514_string()!r}"
                 )
+
+
+def _judged(
+    subject: x509.Name, sans: Sequence[x509.GeneralName]
+) -> list[tuple[x509.GeneralName, str]]:
+    """The names a relying party holds to name constraints, each with how a refusal names
+    it: the SANs of the types kmsgate issues, the subject, and a host-like CN when there is
+    no DNS SAN."""
+    names: list[tuple[x509.GeneralName, str]] = [
+        (san, _shown(san)) for san in sans if isinstance(san, _JUDGED)
+    ]
+    if not len(subject):
+        return names
+    names.append((x509.DirectoryName(subject), f"subject {subject.rfc4514_string()!r}"))
+    if not any(isinstance(san, x509.DNSName) for san in sans):
+        for attribute in subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+            cn = attribute.value
+            if isinstance(cn, str) and _HOST_LIKE.fullmatch(cn):
+                shown = (
+                    f"CN {cn!r} (openssl checks a CN that looks like a host name as a DNS "
+                    "name when there is no DNS SAN: leave the CN out)"
+                )
+                names.append((x509.DNSName(cn), shown))
+    return names
 
 
 @functools.lru_cache(maxsize=64)
@@ -89,7 +123,5 @@ def _dns_within(name: str, base: str) -> bool:
 
 
 def _shown(name: x509.GeneralName) -> str:
-    if isinstance(name, x509.DirectoryName):
-        return f"subject {name.value.rfc4514_string()!r}"
     kind = {x509.DNSName: "DNS", x509.IPAddress: "IP", x509.UniformResourceIdentifier: "URI"}
     return f"{kind.get(type(name), type(name).__name__)} SAN {str(name.value)!r}"

@@ -28,6 +28,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from kmsgate.algorithms import KeyType, KeyUsage, key_type_of_public_key, parse_key_type
@@ -58,6 +59,9 @@ _EKU_NAMES = {
 }
 _ACCEPTED_KEYS = "use ECDSA P-256/P-384, Ed25519, RSA-3072 or RSA-4096"
 _MIN_RSA_BITS = 3072
+_MIN_RSA_EXPONENT = 65537
+_MAX_RSA_EXPONENT = 2**31 - 1
+"""What Go's crypto/rsa accepts (BoringSSL's limit is 33 bits)."""
 _MAX_CN_BYTES = 64  # ub-common-name (RFC 5280), counted in UTF-8 as cryptography does
 # cryptography warns on stderr, outside the JSON log, when it reads a longer CN in a CSR;
 # `_subject` refuses such a CSR with a 400 instead
@@ -331,9 +335,17 @@ class Profile:
         ):
             raise InvalidRequest(_refused_key(public_key))
         if isinstance(public_key, rsa.RSAPublicKey):
+            if not _presented_as_is(public_key, csr):  # rsassaPss: kept as rsaEncryption,
+                raise InvalidRequest(  # the key would lose its PSS-only restriction
+                    "the CSR's key is an RSA-PSS-only key (rsassaPss), which kmsgate does not "
+                    "certify: use an RSA key of type rsaEncryption"
+                )
             exponent = public_key.public_numbers().e
-            if exponent < 65537 or exponent % 2 == 0:
-                raise InvalidRequest("the CSR's RSA public exponent must be odd and >= 65537")
+            if not _MIN_RSA_EXPONENT <= exponent <= _MAX_RSA_EXPONENT or exponent % 2 == 0:
+                raise InvalidRequest(
+                    "the CSR's RSA public exponent must be odd, from 65537 to 2^31-1 "
+                    "(larger ones are refused by Go and BoringSSL clients)"
+                )
         if key_type not in self.key_types:
             allowed = ", ".join(self.key_types)
             raise InvalidRequest(
@@ -426,6 +438,13 @@ def _signature_verifies(csr: x509.CertificateSigningRequest) -> bool:
         return False
 
 
+def _presented_as_is(public_key: rsa.RSAPublicKey, csr: x509.CertificateSigningRequest) -> bool:
+    """Whether the certificate would carry `public_key` as `csr` presents it: its
+    rsaEncryption SubjectPublicKeyInfo is the one in the CSR (an RSA-PSS key's is not)."""
+    info = public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return info in csr.tbs_certrequest_bytes
+
+
 def _requested_extensions(csr: x509.CertificateSigningRequest) -> x509.Extensions:
     try:
         return csr.extensions
@@ -449,21 +468,28 @@ def _subject(csr: x509.CertificateSigningRequest, sans: tuple[x509.GeneralName, 
     cn = common_names[0].value
     if not isinstance(cn, str) or not 0 < len(cn.encode()) <= _MAX_CN_BYTES:
         raise InvalidRequest(f"the CSR's CN must be 1-{_MAX_CN_BYTES} bytes (UTF-8), or absent")
-    if not any(_names(san, cn) for san in sans):
+    named = next((text for san in sans if (text := _common_name(san, cn)) is not None), None)
+    if named is None:
         raise InvalidRequest(f"the CSR's CN {_show(cn)} is not one of its SANs")
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, named)])
 
 
-def _names(san: x509.GeneralName, cn: str) -> bool:
-    """Whether `cn` names the same thing as the approved `san`."""
+def _common_name(san: x509.GeneralName, cn: str) -> str | None:
+    """The CN a certificate carries for the CSR's `cn` if it names the approved `san`: the
+    SAN's own text (a lower-case DNS name, an IP address in its usual form), so that the
+    subject, and the mTLS principal `cn:...` made from it, is the SAN and never a look-alike
+    of it (a case variant, a Kelvin sign); None if `cn` names something else."""
     if isinstance(san, x509.DNSName):
-        return bool(cn.lower() == san.value)
+        return san.value if cn.isascii() and cn.lower() == san.value else None
     if isinstance(san, x509.IPAddress):
         try:
-            return bool(ipaddress.ip_address(cn) == san.value)
+            same = ipaddress.ip_address(cn) == san.value
         except ValueError:
-            return False
-    return isinstance(san, x509.UniformResourceIdentifier) and cn == san.value
+            return None
+        return str(san.value) if same else None
+    if isinstance(san, x509.UniformResourceIdentifier) and cn == san.value:
+        return cn
+    return None
 
 
 def _eku_name(oid: ObjectIdentifier) -> str:

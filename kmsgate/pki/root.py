@@ -251,9 +251,17 @@ def _check_room_below(root_cert: x509.Certificate, path_length: int | None) -> N
 
 
 def _dns_subtree(name: str) -> x509.DNSName:
-    """A permitted DNS subtree (`example.com` permits it and every name below it). Raises
+    """A permitted DNS subtree: `example.com` permits it and every name below it,
+    `.example.com` only the names below it (as openssl reads a leading dot). Raises
     InvalidRequest for a name that is empty, not ASCII or not a host name."""
-    label = name.strip().lower().lstrip(".")
-    if not label or not label.isascii() or any(c in label for c in " */:@") or ".." in label:
+    text = name.strip().lower()
+    label = text.removeprefix(".")
+    if (
+        not label
+        or not label.isascii()
+        or any(c in label for c in " */:@")
+        or ".." in label
+        or label.startswith(".")
+    ):
         raise InvalidRequest(f"{name!r} is not a DNS name for a name constraint")
-    return x509.DNSName(label)
+    return x509.DNSName(text)
