@@ -27,6 +27,7 @@ from kmsgate.audit import (
     input_summary,
     iter_records,
 )
+from kmsgate.audit.headfile import read_head
 from kmsgate.errors import AuditUnavailable, ConfigError
 from tests.gateway import open_gateway
 
@@ -340,6 +341,38 @@ def test_fsync_failure_makes_later_appends_fail(
         assert wait_for(lambda: refuses_appends(log))
     finally:
         log.close()
+
+
+def test_a_head_file_the_disk_has_no_room_for_is_written_once_there_is_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk fails the head file's write (ENOSPC) after the records are durable:
+    the sink waits for room instead of refusing appends for good, leaves no temporary
+    file behind, and writes the head once the write succeeds."""
+    path = tmp_path / "audit.log"
+    real_write, full = os.write, threading.Event()
+    full.set()
+
+    def write(fd: int, data: bytes) -> int:
+        if full.is_set() and data.startswith(b'{"seq"'):  # the head file's one line
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    log = FileSink(path, fsync_interval=0.01)
+    try:
+        log.append(event(0))
+        assert wait_for(lambda: log.problem() is not None)
+        assert "no room" in (log.problem() or "")
+        time.sleep(0.1)  # several ticks without room
+        assert [p.name for p in tmp_path.iterdir()] == ["audit.log"]  # no temporary file
+        full.clear()  # room again
+        assert wait_for(lambda: log.problem() is None)
+        assert wait_for(lambda: read_head(path) == log.head)
+        log.append(event(1))
+    finally:
+        log.close()
+    assert AuditFile(path).verify().ok
 
 
 def test_unencodable_event_raises_before_writing(tmp_path: Path) -> None:
@@ -792,8 +825,12 @@ def test_readiness_fails_while_the_audit_log_refuses_records(tmp_path: Path) -> 
             assert time.monotonic() < deadline, ready.text
             time.sleep(0.05)
         assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
-        refused = "the audit log cannot be made durable (the gateway's log says why)"
-        assert ready.json()["audit"] == {"ok": False, "detail": refused}
-        assert ready.json()["detail"] == f"audit: {refused}"
+        why = (
+            "the audit log cannot be made durable (the gateway's log says why); once that "
+            "is mended, restart the gateway"
+        )
+        assert ready.json()["audit"] == {"ok": False, "detail": why}
+        assert ready.json()["detail"] == f"audit: {why}"
         refused = api.call("GET", "/v1/keys", admin)
         assert refused.status_code == 503 and refused.json()["code"] == "audit_unavailable"
+        assert refused.json()["detail"] == f"operation refused: {why}"  # what to do about it

@@ -15,6 +15,7 @@ wait for it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -45,6 +46,12 @@ __all__ = ["FileSink"]
 _log = logging.getLogger("kmsgate.audit")
 MAX_CHAINS = 1024
 """Chain files one audit log may have (writer processes at once)."""
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+_NO_ROOM_LEFT = (
+    "the audit log has no room left (disk or file size limit): free some, and the gateway "
+    "goes on by itself"
+)
+_NOT_WRITTEN = "operation refused: the audit log could not be written (the gateway's log says why)"
 RESERVE_BYTES = 64 * 1024
 """Room kept free for the outcome records of changes already under way (by default)."""
 
@@ -288,16 +295,19 @@ class FileSink(AuditFile):
         fields = record_fields(event)
         with self._lock:
             if self._closed or self._failed:
-                raise AuditUnavailable("Audit log unavailable: operation refused")
+                raise AuditUnavailable(f"operation refused: {self.problem()}")
             self._seal(fields, reserved=reserved)
 
     def problem(self) -> str | None:
         """Why appends are refused now, or None: the log could not be made durable (or
         something else wrote to it), it has no room left, or it is closed."""
         if self._failed:
-            return "the audit log cannot be made durable (the gateway's log says why)"
+            return (
+                "the audit log cannot be made durable (the gateway's log says why); once "
+                "that is mended, restart the gateway"
+            )
         if self._cramped:
-            return "the audit log has no room left (disk or file size limit)"
+            return _NO_ROOM_LEFT
         if self._closed:
             return "the audit log is closed"
         return None
@@ -320,7 +330,7 @@ class FileSink(AuditFile):
             if not self._cramped:  # once per episode, not once per refused request
                 _log.error("audit log %s: no room left (disk or file size limit)", self._chain)
             self._cramped = True
-            raise AuditUnavailable("Audit log unavailable: operation refused")
+            raise AuditUnavailable(f"operation refused: {_NO_ROOM_LEFT}")
         self._cramped = False
         self._write(line)
         self._head = (seq + 1, digest)
@@ -332,10 +342,10 @@ class FileSink(AuditFile):
             written = os.write(self._fd, line)
         except OSError as exc:
             _log.error("audit log write failed: %s", exc)
-            raise AuditUnavailable("Audit log unavailable: operation refused") from exc
+            raise AuditUnavailable(_NOT_WRITTEN) from exc
         if written != len(line):
             self._undo_short_write()
-            raise AuditUnavailable("Audit log unavailable: operation refused")
+            raise AuditUnavailable(_NOT_WRITTEN)
         self._size += written
 
     def _undo_short_write(self) -> None:
@@ -362,6 +372,8 @@ class FileSink(AuditFile):
     def _fsync_loop(self) -> None:
         while not self._stop.wait(self._interval):
             self._capacity = self._size_limit()
+            if self._cramped and self._size + self._reserve <= self._capacity:
+                self._cramped = False  # room again: ready says so before the next append
             try:
                 self._sync()
             except (OSError, ValueError) as exc:
@@ -388,7 +400,18 @@ class FileSink(AuditFile):
         self.fsync_seconds += time.perf_counter() - started
         self.fsyncs += 1
         self._synced = seq
-        write_head(self._chain, seq, digest)
+        try:
+            write_head(self._chain, seq, digest)
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                raise
+            # the records are durable; only their head is behind: retried at the next tick
+            # (appends stop on their own while there is no room)
+            if not self._cramped:
+                _log.error("audit log %s: no room for its head file: %s", self._chain, exc)
+            self._cramped = True
+            with self._lock:
+                self._dirty = True
 
     @property
     def unsynced(self) -> int:

@@ -34,14 +34,19 @@ def read_head(path: Path) -> tuple[int, str] | None:
 
 
 def write_head(path: Path, seq: int, digest: str) -> None:
-    """Atomically replace the head file (write, fsync, rename). Raises OSError."""
+    """Atomically replace the head file (write, fsync, rename). Raises OSError, leaving no
+    temporary file behind (a full disk is retried later)."""
     target = head_path(path)
     # unique per call: several writers (processes, or logs in one process) sync concurrently
     tmp = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, json.dumps({"seq": seq, "hash": digest}).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, target)
+        try:
+            os.write(fd, json.dumps({"seq": seq, "hash": digest}).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
