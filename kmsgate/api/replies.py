@@ -287,6 +287,7 @@ SPIFFE_BUNDLE = _component(
     ),
 )
 
+_CSR = {"type": "string", "pattern": "^-----BEGIN CERTIFICATE REQUEST-----"}
 _CA = _closed(
     {
         "name": _STRING,
@@ -297,15 +298,17 @@ _CA = _closed(
         "parent": _nullable(_STRING),
         "not_after": _nullable(_TIME),
     },
+    {"csr": _nullable(_CSR)},
     description="a CA: `key` its kmsgate key (null for a Vault PKI CA), `parent` its "
-    "issuer's subject and `not_after` its certificate's end (null while `pending`)",
+    "issuer's subject and `not_after` its certificate's end (null while `pending`); a "
+    "`pending` CA repeats its `csr` (PEM) until its certificate is imported",
 )
 CA = _component("Ca", _CA)
 NEW_CA = _component(
     "NewCa",
     _extended(
         _CA,
-        {"csr": _nullable({"type": "string", "pattern": "^-----BEGIN CERTIFICATE REQUEST-----"})},
+        {"csr": _nullable(_CSR)},
         "a CA just created: `pending`, with the CSR (PEM) for the offline root to sign; a "
         "Vault PKI CA is `active` at once, without one",
     ),

@@ -80,10 +80,11 @@ class Authority:
         return {"kind": "ca", "name": self.name, "type": self.type.value}
 
     def to_dict(self) -> dict[str, object]:
-        """The REST representation."""
+        """The REST representation; a pending CA's repeats its CSR (the reply of `create`
+        may have been lost, and the CSR is public)."""
         parent = self.chain[0].subject.rfc4514_string() if self.chain else None
         not_after = self.not_after
-        return {
+        view: dict[str, object] = {
             "name": self.name,
             "type": self.type.value,
             "state": self.state.value,
@@ -92,6 +93,9 @@ class Authority:
             "parent": parent,
             "not_after": utc_timestamp(not_after) if not_after else None,
         }
+        if self.state is CaState.PENDING:
+            view["csr"] = self.csr_pem
+        return view
 
 
 def _pem(cert: x509.Certificate) -> str:

@@ -141,6 +141,23 @@ def test_revocation_is_recorded_once(api, admin, root):
     assert [c["serial"] for c in listed] == [serial]
 
 
+def test_a_pending_ca_repeats_its_csr_until_its_certificate_is_imported(api, admin, root):
+    """The reply of `create` may be lost (an interrupted client): the listing repeats the
+    CSR, which the root can sign to finish the CA."""
+    body = {"name": "lost", "subject": "CN=Lost CA"}
+    created = api.call("POST", "/v1/pki/cas", admin, json=body).json()
+
+    def listed() -> dict:
+        cas = api.call("GET", "/v1/pki/cas", admin).json()["cas"]
+        return next(ca for ca in cas if ca["name"] == "lost")
+
+    assert listed()["csr"] == created["csr"] and listed()["state"] == "pending"
+    cert = root.sign_intermediate(listed()["csr"])
+    body = {"certificate": cert, "chain": root.pem}
+    assert api.call("POST", "/v1/pki/cas/lost/certificate", admin, json=body).status_code == 200
+    assert listed()["state"] == "active" and "csr" not in listed()
+
+
 def test_a_pending_ca_cannot_issue_and_a_foreign_chain_is_refused(api, admin, root):
     created = api.call(
         "POST", "/v1/pki/cas", admin, json={"name": "pending", "subject": "CN=Pending CA"}
