@@ -4,6 +4,8 @@ the "certs" change feed."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import os
 import queue
@@ -250,23 +252,28 @@ def _row(row: sa.RowMapping) -> Row:
 
 def _san_matches(sans: list[str], wanted: str) -> bool:
     """`wanted` equals one of the SAN values (`dns:`, `ip:`, `uri:` prefixes stripped), or,
-    starting with "." or "*.", is a suffix of one; DNS names compare without regard to case.
-    A `wanted` with one of those prefixes (as the inventory prints SANs) matches SANs of
-    that kind only."""
+    starting with "." or "*.", is a suffix of one. DNS names compare without regard to
+    case, IP addresses in any notation (`0:0:0:0:0:0:0:1` as openssl prints it is `::1`),
+    URIs exactly (`/ns/Prod` and `/ns/prod` are two SPIFFE IDs). A `wanted` with one of
+    those prefixes (as the inventory prints SANs) matches SANs of that kind only."""
     kind, sep, rest = wanted.partition(":")
     if sep and kind.lower() in _SAN_KINDS:  # also as openssl prints them: `DNS:`, `IP:`, `URI:`
         sans, wanted = [san for san in sans if san.startswith(f"{kind.lower()}:")], rest
-    values = [_san_value(san) for san in sans]
     if wanted.startswith("*."):
         wanted = wanted[1:]
-    if wanted.startswith("."):
-        return any(value.endswith(wanted) or value.endswith(wanted.lower()) for value in values)
-    return wanted in values or wanted.lower() in values
+    return any(_san_value_matches(san, wanted) for san in sans)
 
 
 _SAN_KINDS = frozenset({"dns", "ip", "uri"})
 
 
-def _san_value(san: str) -> str:
+def _san_value_matches(san: str, wanted: str) -> bool:
+    """Whether the inventory SAN `san` (`kind:value`) is `wanted`, or ends with it when
+    `wanted` starts with "."."""
     kind, _, value = san.partition(":")
-    return value.lower() if kind == "dns" else value
+    if kind == "dns":
+        value, wanted = value.lower(), wanted.lower()
+    elif kind == "ip":
+        with contextlib.suppress(ValueError):
+            wanted = str(ipaddress.ip_address(wanted))
+    return value.endswith(wanted) if wanted.startswith(".") else value == wanted

@@ -20,6 +20,7 @@ from kmsgate.auth import Credentials
 from kmsgate.pki.issuer import key_usage
 from kmsgate.service import Ctx
 from kmsgate.service.requests import IssueInput
+from kmsgate.store.certificates import _san_matches
 from tests.gateway import open_gateway
 from tests.helpers import UTC_TIME
 from tests.pki.ceremony import (
@@ -354,6 +355,26 @@ def test_names_outside_the_cas_name_constraints_are_refused(
         listed = api.call("GET", f"/v1/pki/certs?san={wanted}", admin).json()["certs"]
         assert len(listed) == found, wanted
     assert len(api.call("GET", "/v1/pki/certs?san=dns:.lab", admin).json()["certs"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("wanted", "found"),
+    [
+        ("IP:0:0:0:0:0:0:0:1", True),  # as openssl prints it
+        ("ip:::1", True),
+        ("0000::0001", True),
+        ("ip:::2", False),
+        ("uri:spiffe://dev.lab/ns/Prod/sa/api", True),
+        ("spiffe://dev.lab/ns/Prod/sa/api", True),
+        ("uri:spiffe://dev.lab/ns/prod/sa/api", False),  # another SPIFFE ID
+        ("SPIFFE://DEV.LAB/NS/PROD/SA/API", False),
+        ("dns:WEB.lab", True),
+        ("*.LAB", True),
+    ],
+)
+def test_the_san_filter_compares_each_kind_of_name_as_it_should(wanted, found):
+    sans = ["dns:web.lab", "ip:::1", "uri:spiffe://dev.lab/ns/Prod/sa/api"]
+    assert _san_matches(sans, wanted) is found
 
 
 def test_serials_in_any_printed_form_and_inventory_filters_are_checked(api, admin, root):
