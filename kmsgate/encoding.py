@@ -7,12 +7,19 @@ import base64
 import binascii
 import re
 
-_B64_RE = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+B64_PATTERN = (
+    r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$"
+)
+"""Canonical standard base64 with padding (RFC 4648 3.5: the bits the padding leaves over
+are zero, so one byte string has one encoding), as a regular expression and a JSON Schema
+pattern."""
+_B64_RE = re.compile(B64_PATTERN)
 
 
 def b64decode_strict(value: str) -> bytes:
-    """Decode standard base64 with padding. Raises ValueError for anything else."""
-    if len(value) % 4 or not _B64_RE.match(value):
+    """Decode canonical standard base64 with padding. Raises ValueError for anything else
+    (`aGl=` is not `aGk=`)."""
+    if not _B64_RE.match(value):
         raise ValueError("not standard base64 with padding")
     try:
         return base64.b64decode(value, validate=True)

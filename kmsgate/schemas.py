@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from kmsgate.durations import parse_duration_setting
-from kmsgate.encoding import b64decode_strict, b64encode
+from kmsgate.encoding import B64_PATTERN, b64decode_strict, b64encode
 from kmsgate.envelope import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_STRING, check_context
 from kmsgate.errors import InvalidRequest
 from kmsgate.pki.crl import REVOCATION_REASONS
@@ -81,10 +81,6 @@ LabelFilter = Annotated[
 """A key list's `label=name:value` filter: a label name, then a value a label may have."""
 MAX_VERSION = 2**31 - 1
 """The largest key version a request may name (bounded before any policy or store call)."""
-
-
-B64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
-"""What `b64decode_strict` takes, as a JSON Schema pattern."""
 
 
 def _decode(value: object) -> bytes:

@@ -99,6 +99,8 @@ def test_rsa_pss_and_pkcs1_with_digest(api, admin):
     [
         ({"input": "not base64!"}, 422, "validation_failed"),
         ({"input": "YWJj"[:3]}, 422, "validation_failed"),
+        ({"input": "aGl="}, 422, "validation_failed"),  # "hi" is aGk=: one encoding per input
+        ({"input": "aR=="}, 422, "validation_failed"),  # "i" is aQ==
         ({"input": "YWJj", "algorithm": "rsa-pss-sha256"}, 400, "invalid_request"),
         ({"input": "YWJj", "algorithm": "md5"}, 400, "invalid_request"),
         ({"digest": b64(b"short")}, 400, "invalid_request"),
