@@ -104,9 +104,6 @@ class Grant:
         view = self.row()
         view["duration"] = view.pop("duration_s")
         del view["ended_at"]
-        for field, value in view.items():  # every time as replies write one (`...Z`)
-            if isinstance(value, datetime):
-                view[field] = utc_timestamp(value)
         return {"id": self.id, "state": self.state(at).value, **view}
 
     def row(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ leaves the shell prompt on its own line); use-case results turned into JSON bodi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -11,11 +12,15 @@ from starlette.responses import JSONResponse
 
 from kmsgate.encoding import b64encode
 from kmsgate.errors import KmsgateError, VerificationFailed
+from kmsgate.text import utc_timestamp
 
 PEM = "application/x-pem-file"
 _JSON_TYPES = (b"application/json", b"application/problem+json")
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
 _NO_STORE = (b"cache-control", b"no-store")
+_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME
+"""A newline at the end; every time through `_edge_value` (orjson's own form drops zero
+microseconds and writes `+00:00`)."""
 
 
 def add_edge_headers(headers: list[tuple[bytes, bytes]], request_id: str) -> None:
@@ -30,11 +35,14 @@ def add_edge_headers(headers: list[tuple[bytes, bytes]], request_id: str) -> Non
 
 
 def _edge_value(value: Any) -> Any:
-    """What orjson cannot write by itself, as the API writes it: bytes as base64; an item's
+    """What orjson cannot write by itself, as the API writes it: bytes as base64, times in
+    UTC with `Z` and microseconds; an item's
     error as `{error: {code, detail}}`, or `{valid: false}` for a signature or MAC that does
     not verify. Raises TypeError for anything else."""
     if isinstance(value, bytes):
         return b64encode(value)
+    if isinstance(value, datetime):  # the one form of a time in a reply (`...123456Z`)
+        return utc_timestamp(value)
     if isinstance(value, VerificationFailed):
         return {"valid": False, "key_version": None}
     if isinstance(value, KmsgateError):
@@ -44,9 +52,9 @@ def _edge_value(value: Any) -> Any:
 
 def json_bytes(body: Any) -> bytes:
     """`body` as compact JSON plus a trailing newline. Dataclasses (the use cases' results)
-    are written field by field, bytes as base64. Raises TypeError for a value without a
-    JSON form."""
-    return orjson.dumps(body, default=_edge_value, option=orjson.OPT_APPEND_NEWLINE)
+    are written field by field, bytes as base64, times as `utc_timestamp` writes them.
+    Raises TypeError for a value without a JSON form."""
+    return orjson.dumps(body, default=_edge_value, option=_OPTIONS)
 
 
 class JsonResponse(JSONResponse):
