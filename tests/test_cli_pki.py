@@ -402,6 +402,8 @@ def test_root_ceremony_end_to_end(gw: Gateway, tmp_path: Path, openssl_bin: str)
         "365",
         "--permit-dns",
         "lab",
+        "--crl-url",
+        "http://pki.lab/root.crl",
     )
     wrong = tmp_path / "wrong"
     wrong.write_text("not the ceremony passphrase\n")
@@ -422,6 +424,46 @@ def test_root_ceremony_end_to_end(gw: Gateway, tmp_path: Path, openssl_bin: str)
     assert (imported["state"], imported["parent"]) == ("active", "CN=Lab Root,O=kmsgate tests")
     _, cert, chain, _ = issue(gw, tmp_path, "from-lab", "server", "dns:api.lab", ca="lab")
     assert_verifies(openssl_bin, root_cert, chain, cert, "-purpose", "sslserver")
+    points = intermediate.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert [n.value for p in points for n in p.full_name or ()] == ["http://pki.lab/root.crl"]
+    _root_crl_revokes_the_intermediate(gw, tmp_path, openssl_bin, passphrase, lab_cert)
+
+
+def _root_crl_revokes_the_intermediate(
+    gw: Gateway, tmp_path: Path, openssl_bin: str, passphrase: Path, lab_cert: Path
+) -> None:
+    """`ca root-crl`: with the root's CRL and the intermediate's, openssl's -crl_check_all
+    accepts the chain; once the root revokes the intermediate, it refuses it."""
+    root_cert, lab_crl = tmp_path / "root.pem", tmp_path / "lab.crl"
+    deadline = time.monotonic() + CRL_WAIT
+    while gw.run("ca", "crl", "lab", "--out", str(lab_crl), token="").rc != 0:
+        assert time.monotonic() < deadline, "the lab CA's CRL was never built"
+        time.sleep(0.5)
+    lab_crl.write_text(openssl(openssl_bin, "crl", "-inform", "DER", "-in", lab_crl).stdout)
+    root = ("ca", "root-crl", "--root-cert", str(root_cert), "--root-key",
+            str(tmp_path / "root-key.pem"), "--passphrase-file", str(passphrase))  # fmt: skip
+    first, second = tmp_path / "root-1.crl", tmp_path / "root-2.crl"
+    made = run_cli((*root, "--out", str(first)), clean_env())
+    assert made.rc == 0 and "CRL number 1: 0 revoked" in made.err, str(made)
+    cert, chain = tmp_path / "from-lab-cert.pem", tmp_path / "from-lab-chain.pem"
+    check_all = ("-crl_check_all", "-CRLfile", lab_crl, "-CRLfile")
+    assert_verifies(openssl_bin, root_cert, chain, cert, *check_all, first)
+
+    serial = format(leaf(lab_cert).serial_number, "X")
+    revoke = ("--revoke", serial, "--reason", "cACompromise", "--previous", str(first))
+    made = run_cli((*root, *revoke, "--out", str(second)), clean_env())
+    assert made.rc == 0 and "CRL number 2: 1 revoked" in made.err, str(made)
+    refused = openssl(openssl_bin, "verify", "-CAfile", root_cert, "-untrusted", chain,
+                      *check_all, second, cert)  # fmt: skip
+    assert refused.returncode != 0 and "certificate revoked" in refused.stdout + refused.stderr
+    again = run_cli((*root, *revoke[:4], "--previous", str(second), "--out", str(first),
+                     "--force"), clean_env())  # fmt: skip
+    assert_one_line_error(again, "in the previous CRL already")
+    crl = x509.load_pem_x509_crl(second.read_bytes())
+    entry = crl.get_revoked_certificate_by_serial_number(int(serial, 16))
+    assert entry is not None
+    reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason is x509.ReasonFlags.ca_compromise
 
 
 @pytest.mark.parametrize("key_type", ["ecdsa-p384", "rsa-3072"])

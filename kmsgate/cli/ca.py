@@ -1,8 +1,8 @@
 """`kmsgate ca` (the offline root ceremony, intermediate CAs on the gateway, chains and CRLs)
 and `kmsgate cert` (issue, inspect, list and revoke certificates).
 
-`ca init-root` and `ca sign-intermediate` run without a gateway, on the machine that keeps
-the root key; every other command talks to a gateway.
+`ca init-root`, `ca sign-intermediate` and `ca root-crl` run without a gateway, on the
+machine that keeps the root key; every other command talks to a gateway.
 """
 
 from __future__ import annotations
@@ -37,12 +37,16 @@ from kmsgate.cli.common import (
 )
 from kmsgate.client import Client
 from kmsgate.errors import ConfigError, KmsgateError
+from kmsgate.pki.crl import REVOCATION_REASONS, parse_reason
 from kmsgate.pki.csr import new_key_and_csr
+from kmsgate.pki.issuer import parse_serial
 from kmsgate.pki.root import (
     ROOT_KEY_TYPES,
+    RootKey,
     check_root_request,
     init_root,
     load_root,
+    root_crl,
     self_signed_root,
     sha256_fingerprint,
     sign_intermediate,
@@ -208,42 +212,121 @@ def ca_sign_intermediate(
             ".lab: only those below); repeatable."
         ),
     ] = [],  # noqa: B006
+    crl_url: Annotated[
+        str | None,
+        typer.Option(help="Where the root's CRL (`ca root-crl`) is published: an http(s) URL."),
+    ] = None,
     passphrase_file: PassphraseOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Sign an intermediate CA's CSR with the offline root (no gateway)."""
-    if (root_key is None) == (token is None):
-        fail("give exactly one of --root-key (a key file) and --token (a PKCS#11 token)")
+    _one_root_key(root_key, token)
     refuse_existing(force, out)
     certificate = _load_pem(root_cert, "certificate", x509.load_pem_x509_certificate)
     request = _load_pem(csr, "certificate signing request", x509.load_pem_x509_csr)
-    with contextlib.ExitStack() as stack:
-        if token is not None:
-            held, backend = stack.enter_context(_open_token(token))
-            with _local_errors(root_cert, "use the root key of"):
-                from kmsgate.pki.token_root import find_root_key
-
-                key = find_root_key(backend, held, certificate)
-        else:
-            assert root_key is not None
-            passphrase = _passphrase(passphrase_file, confirm=False)
-            with _local_errors(root_key, "read"):
-                key = load_root(root_key, passphrase)
-        with _local_errors(csr, "sign"):
-            signed = sign_intermediate(
-                key,
-                certificate,
-                request,
-                days=days,
-                path_length=path_length,
-                permitted_dns=permit_dns or None,
-            )
+    key = _root_key(certificate, root_cert, root_key, token, passphrase_file)
+    with key as root, _local_errors(csr, "sign"):
+        signed = sign_intermediate(
+            root,
+            certificate,
+            request,
+            days=days,
+            path_length=path_length,
+            permitted_dns=permit_dns or None,
+            crl_url=crl_url,
+        )
     write_bytes(out, signed.public_bytes(PEM), force=force)
     _report(
         signed,
         f"{signed.subject.rfc4514_string()} valid until "
         f"{utc_timestamp(signed.not_valid_after_utc)}: {out}",
     )
+
+
+@ca_app.command("root-crl")
+def ca_root_crl(
+    root_cert: Annotated[Path, typer.Option(help="The root's certificate (PEM).")],
+    out: Annotated[Path, typer.Option(help="Where to write the root's new CRL (PEM).")],
+    root_key: Annotated[Path | None, typer.Option(help="The root's encrypted key file.")] = None,
+    token: TokenUriOpt = None,
+    revoke: Annotated[
+        list[str],
+        typer.Option(help="Serial of a certificate the root signed, to revoke; repeatable."),
+    ] = [],  # noqa: B006
+    reason: Annotated[
+        str, typer.Option(help=f"Why, for every --revoke: {', '.join(REVOCATION_REASONS)}.")
+    ] = "unspecified",
+    previous: Annotated[
+        Path | None,
+        typer.Option(help="The root's last CRL (PEM or DER): its entries stay, its number+1."),
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, max=36500, help="Days until nextUpdate.")] = 90,
+    passphrase_file: PassphraseOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Sign the offline root's CRL, listing the intermediates it revoked (no gateway)."""
+    _one_root_key(root_key, token)
+    refuse_existing(force, out)
+    certificate = _load_pem(root_cert, "certificate", x509.load_pem_x509_certificate)
+    last = _load_crl(previous) if previous is not None else None
+    with _local_errors(root_cert, "revoke"):
+        why = parse_reason(reason, revoking=True)
+        revoked = [(parse_serial(serial), why) for serial in revoke]
+    key = _root_key(certificate, root_cert, root_key, token, passphrase_file)
+    with key as root, _local_errors(root_cert, "sign the CRL of"):
+        crl = root_crl(root, certificate, revoke=revoked, previous=last, days=days)
+    write_bytes(out, crl.public_bytes(PEM), force=force)
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    next_update = crl.next_update_utc
+    err.print(
+        f"CRL number {number}: {len(crl)} revoked, next update "
+        f"{utc_timestamp(next_update) if next_update else '-'}: {out}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _one_root_key(root_key: Path | None, token: str | None) -> None:
+    """Exit 2 unless exactly one of a key file and a token holds the root's key."""
+    if (root_key is None) == (token is None):
+        fail("give exactly one of --root-key (a key file) and --token (a PKCS#11 token)")
+
+
+@contextlib.contextmanager
+def _root_key(
+    certificate: x509.Certificate,
+    root_cert: Path,
+    key_file: Path | None,
+    token: str | None,
+    passphrase_file: Path | None,
+) -> Iterator[RootKey]:
+    """The key of the root `certificate` (read from `root_cert`): on the token `token`,
+    logged in while the block runs, or from `key_file` with its passphrase. Exits 2 with
+    one line when it cannot be had."""
+    if token is not None:
+        with _open_token(token) as (held, backend):
+            with _local_errors(root_cert, "use the root key of"):
+                from kmsgate.pki.token_root import find_root_key
+
+                key = find_root_key(backend, held, certificate)
+            yield key
+        return
+    assert key_file is not None
+    passphrase = _passphrase(passphrase_file, confirm=False)
+    with _local_errors(key_file, "read"):
+        loaded = load_root(key_file, passphrase)
+    yield loaded
+
+
+def _load_crl(path: Path) -> x509.CertificateRevocationList:
+    """The CRL in `path`, PEM or DER; a one-line error (exit 2) if it is neither."""
+    data = read_input(str(path))
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError:
+        fail(f"{path} is not a CRL (PEM or DER)")
 
 
 # -- CAs on the gateway ----------------------------------------------------------------------

@@ -94,6 +94,17 @@ def validity(issuer: x509.Certificate, ttl: timedelta, now: datetime) -> tuple[d
     return now - BACKDATE, not_after
 
 
+def crl_distribution_point(url: str) -> x509.CRLDistributionPoints:
+    """The one place relying parties find the issuer's full CRL: `url`."""
+    point = x509.DistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(url)],
+        relative_name=None,
+        reasons=None,
+        crl_issuer=None,
+    )
+    return x509.CRLDistributionPoints([point])
+
+
 def distribution_extensions(base_url: str | None, ca: str) -> list[x509.ExtensionType]:
     """CRL distribution point and authority information access (OCSP, CA issuers: the
     issuing CA's certificate in DER, as RFC 5280 4.2.2.1 asks) under `base_url`, the
@@ -102,16 +113,7 @@ def distribution_extensions(base_url: str | None, ca: str) -> list[x509.Extensio
         return []
     root = f"{base_url.rstrip('/')}/v1/pki/cas/{ca}"
     return [
-        x509.CRLDistributionPoints(
-            [
-                x509.DistributionPoint(
-                    full_name=[x509.UniformResourceIdentifier(f"{root}/crl")],
-                    relative_name=None,
-                    reasons=None,
-                    crl_issuer=None,
-                )
-            ]
-        ),
+        crl_distribution_point(f"{root}/crl"),
         x509.AuthorityInformationAccess(
             [
                 x509.AccessDescription(

@@ -1,6 +1,7 @@
 """The offline root CA: its key in a passphrase-encrypted PKCS#8 file, its self-signed
-certificate, and the intermediate CA certificates it signs. Nothing here talks to a gateway:
-it runs on the machine that keeps the root (`kmsgate ca init-root`, `ca sign-intermediate`).
+certificate, the intermediate CA certificates it signs and its CRL. Nothing here talks to a
+gateway: it runs on the machine that keeps the root (`kmsgate ca init-root`,
+`ca sign-intermediate`, `ca root-crl`).
 
 The key file is a PEM `ENCRYPTED PRIVATE KEY` (PKCS#8 `EncryptedPrivateKeyInfo`, PBES2 with
 scrypt and AES-256-CBC, see pkcs8.py); `init_root` refuses a passphrase shorter than
@@ -14,16 +15,19 @@ import os
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from kmsgate.errors import Conflict, InvalidRequest
-from kmsgate.pki.extensions import authority_key_identifier
+from kmsgate.pki.crl import RevokedEntry, build_crl
+from kmsgate.pki.extensions import authority_key_identifier, extension_value
 from kmsgate.pki.issuer import (
     BACKDATE,
     build_certificate,
+    crl_distribution_point,
     key_usage,
     new_serial,
     signature_hash,
@@ -179,6 +183,7 @@ def sign_intermediate(
     days: int,
     path_length: int | None = 0,
     permitted_dns: Sequence[str] | None = None,
+    crl_url: str | None = None,
     now: datetime | None = None,
 ) -> x509.Certificate:
     """An intermediate CA certificate for the CSR's subject and key, signed by the root.
@@ -187,8 +192,9 @@ def sign_intermediate(
     certificate carries basicConstraints CA with `path_length` (None: no limit), keyUsage
     digitalSignature (for OCSP answers the CA signs itself), keyCertSign and cRLSign,
     subjectKeyIdentifier, an authorityKeyIdentifier naming the root's key and, with
-    `permitted_dns`, critical name constraints permitting only those DNS subtrees. Its
-    not_after is `days` from now, never past the root's.
+    `permitted_dns`, critical name constraints permitting only those DNS subtrees, and with
+    `crl_url` a CRL distribution point (where the root's CRL, `root_crl`, is published).
+    Its not_after is `days` from now, never past the root's.
 
     Raises InvalidRequest: a CSR whose signature does not verify or whose subject is empty,
     a key that does not match the root certificate, a root that is not a CA, has expired or
@@ -214,6 +220,8 @@ def sign_intermediate(
     if permitted_dns:
         subtrees: list[x509.GeneralName] = [_dns_subtree(name) for name in permitted_dns]
         extensions.append((x509.NameConstraints(subtrees, None), True))
+    if crl_url is not None:
+        extensions.append((crl_distribution_point(_http_url(crl_url)), False))
     not_before, not_after = validity(root_cert, timedelta(days=days), now or datetime.now(UTC))
     return build_certificate(
         issuer=root_cert,
@@ -225,6 +233,82 @@ def sign_intermediate(
         not_after=not_after,
         extensions=extensions,
     )
+
+
+def root_crl(
+    root_key: RootKey,
+    root_cert: x509.Certificate,
+    *,
+    revoke: Sequence[tuple[int, x509.ReasonFlags]] = (),
+    previous: x509.CertificateRevocationList | None = None,
+    days: int,
+    now: datetime | None = None,
+) -> x509.CertificateRevocationList:
+    """The root's next full CRL: every entry of `previous` (the root's last CRL), and the
+    serials of `revoke` revoked now, for their reasons; CRL number one above `previous`'s
+    (1 without one), valid for `days`, never past the root's own end.
+
+    Raises InvalidRequest: a key that does not match the root certificate, a `previous`
+    that is not a full CRL the root signed, a serial listed already, a bad `days`.
+    """
+    if root_cert.public_key() != root_key.public_key():
+        raise InvalidRequest("the root key does not belong to the root certificate")
+    _check_days(days)
+    at = now or datetime.now(UTC)
+    entries = [RevokedEntry(serial, at, reason) for serial, reason in revoke]
+    number = 1
+    if previous is not None:
+        number = _crl_number(previous, root_cert.subject, root_key.public_key()) + 1
+        listed = {entry.serial_number for entry in previous}
+        again = sorted(serial for serial, _ in revoke if serial in listed)
+        if again:
+            raise InvalidRequest(f"serial {again[0]:x} is in the previous CRL already")
+        entries = [_carried(entry) for entry in previous] + entries
+    next_update = min(at + timedelta(days=days), root_cert.not_valid_after_utc)
+    der = build_crl(
+        issuer=root_cert,
+        key=root_key,
+        revoked=entries,
+        number=number,
+        this_update=at - BACKDATE,
+        next_update=next_update,
+        hash_alg=signature_hash(root_cert.public_key()),
+    )
+    return x509.load_der_x509_crl(der)
+
+
+def _crl_number(
+    crl: x509.CertificateRevocationList,
+    root: x509.Name,
+    public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+) -> int:
+    """The number of `crl`, a full CRL of the root named `root` whose key is `public_key`.
+    Raises InvalidRequest."""
+    if crl.issuer != root or not crl.is_signature_valid(public_key):
+        raise InvalidRequest("the previous CRL is not signed by this root")
+    if extension_value(crl.extensions, x509.DeltaCRLIndicator) is not None:
+        raise InvalidRequest("the previous CRL is a delta CRL; give the root's full CRL")
+    number = extension_value(crl.extensions, x509.CRLNumber)
+    if number is None:
+        raise InvalidRequest("the previous CRL has no CRL number")
+    return number.crl_number
+
+
+def _carried(entry: x509.RevokedCertificate) -> RevokedEntry:
+    """An entry of the previous CRL, as it was (its time and reason)."""
+    reason = extension_value(entry.extensions, x509.CRLReason)
+    return RevokedEntry(
+        entry.serial_number, entry.revocation_date_utc, reason.reason if reason else None
+    )
+
+
+def _http_url(url: str) -> str:
+    """`url` if it is an http(s) URL with a host (what relying parties fetch a CRL from).
+    Raises InvalidRequest."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or has_hidden(url):
+        raise InvalidRequest(f"{url[:64]!r} is not an http(s) URL with a host")
+    return url
 
 
 def _check_days(days: int) -> None:

@@ -18,6 +18,7 @@ from kmsgate.pki.root import (
     MIN_PASSPHRASE_BYTES,
     init_root,
     load_root,
+    root_crl,
     sha256_fingerprint,
     sign_intermediate,
 )
@@ -298,3 +299,23 @@ def test_a_root_token_uri_names_its_pin_file_and_key() -> None:
     )
     assert token.pin_file() == Path("/etc/kmsgate/root pin")
     assert token.key_reference == "pkcs11:token=root;object=r.v1;type=private"
+
+
+def test_a_root_crl_follows_only_the_roots_own_full_crl(root, tmp_path) -> None:
+    key_file, root_cert = root
+    root_key = load_root(key_file, PASSPHRASE)
+    first = root_crl(root_key, root_cert, revoke=[(0x1234, x509.ReasonFlags.superseded)], days=30)
+    assert first.is_signature_valid(root_cert.public_key())  # type: ignore[arg-type]
+    second = root_crl(root_key, root_cert, previous=first, days=30)
+    assert second.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 2
+    kept = second.get_revoked_certificate_by_serial_number(0x1234)
+    assert kept is not None and kept.revocation_date_utc == next(iter(first)).revocation_date_utc
+    other_file = tmp_path / "other.pem"
+    other_cert = init_root(other_file, PASSPHRASE, "CN=Test Root,O=kmsgate tests")
+    foreign = root_crl(load_root(other_file, PASSPHRASE), other_cert, days=30)
+    with pytest.raises(InvalidRequest, match="not signed by this root"):
+        root_crl(root_key, root_cert, previous=foreign, days=30)  # same name, other key
+    with pytest.raises(InvalidRequest, match="does not belong to the root"):
+        root_crl(load_root(other_file, PASSPHRASE), root_cert, days=30)
+    with pytest.raises(InvalidRequest, match="not an http"):
+        sign_intermediate(root_key, root_cert, intermediate_csr()[1], days=1, crl_url="ldap://x")
