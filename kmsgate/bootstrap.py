@@ -175,11 +175,20 @@ def start_checkpoints(service: Service) -> bool:
     Raises ConfigError if the key cannot sign checkpoints (unknown, wrong purpose,
     disabled), the chain file does not hold the store's last checkpoint of it (another
     gateway writes as this replica, or the file was cut or replaced), or a closed chain
-    cannot be reopened; Unavailable if the store cannot be read.
+    cannot be reopened (also for want of the setting); Unavailable if the store cannot be
+    read.
     """
     settings, sink = service.settings, service.audit
     name = settings.audit_checkpoint_key
-    if name is None or not isinstance(sink, FileSink):
+    if not isinstance(sink, FileSink):
+        return False
+    if name is None:
+        if sink.closed_by is not None:  # a record after it would fail `audit verify`
+            raise ConfigError(
+                f"the audit log {sink.chain} ends with a final checkpoint signed by key "
+                f"{sink.closed_by!r}: set audit_checkpoint_key (that key, or another of "
+                "purpose audit) so that the gateway reopens the chain, or start a new log"
+            )
         return False
     signer = CheckpointSigner(service.catalogue, service.registry, name)
     try:

@@ -328,6 +328,23 @@ def test_gateways_on_one_host_and_one_store_keep_their_checkpoints_apart(
     assert {replica for replica, _ in stored} == ids
 
 
+def test_a_closed_log_is_not_appended_to_by_a_gateway_that_cannot_reopen_it(
+    gateway_settings: Settings,
+) -> None:
+    """A dev data dir moved to production without `audit_checkpoint_key`: its log ends with
+    a final checkpoint, and a record after it would fail `audit verify` for good. The
+    gateway refuses to start, names the key, and appends nothing; with the key, it starts."""
+    start_record_and_stop(gateway_settings)
+    log = gateway_settings.resolved_audit_path()
+    before = log.read_bytes()
+    unkeyed = gateway_settings.model_copy(update={"audit_checkpoint_key": None})
+    with pytest.raises(ConfigError, match=f"signed by key '{DEV_AUDIT_KEY}'"):
+        build_service(unkeyed)
+    assert log.read_bytes() == before
+    start_record_and_stop(gateway_settings)
+    assert AuditFile(log).verify().ok
+
+
 def test_a_gateway_whose_log_lacks_the_stores_checkpoint_does_not_start(
     gateway_settings: Settings, tmp_path: Path
 ) -> None:

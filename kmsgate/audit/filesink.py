@@ -108,9 +108,10 @@ def _hash_at(lines: Iterator[bytes], seq: int) -> object:
     return None
 
 
-def _resume(path: Path, fd: int, size: int) -> tuple[int, str, bool]:
-    """The (seq, hash) to chain onto, checked against the head file, and whether the last
-    record is a final checkpoint (the chain was closed by a checkpointing sink).
+def _resume(path: Path, fd: int, size: int) -> tuple[int, str, str | None]:
+    """The (seq, hash) to chain onto, checked against the head file, and, when the last
+    record is a final checkpoint (the chain was closed by a checkpointing sink), the name of
+    the key that signed it (else None).
 
     Raises ConfigError if the last line is torn or not a sealed record, or if the head file
     shows that records were deleted or rewritten; OSError if reading fails.
@@ -122,7 +123,7 @@ def _resume(path: Path, fd: int, size: int) -> tuple[int, str, bool]:
     if size == 0:
         if head is not None and head[0] > 0:
             raise ConfigError(f"audit log {path} is empty but its head file says seq {head[0]}")
-        return 0, GENESIS_HASH, False
+        return 0, GENESIS_HASH, None
     if os.pread(fd, 1, size - 1) != b"\n":
         raise ConfigError(f"audit log {path}: last line is incomplete (torn write?)")
     lines = _lines_from_end(fd, size - 1)
@@ -139,12 +140,13 @@ def _resume(path: Path, fd: int, size: int) -> tuple[int, str, bool]:
     if head is not None and head[0] > 0:
         _check_head(path, head, seq, digest, lines)
     detail = last.get("detail")
-    closed = (
+    if (
         last.get("action") == CHECKPOINT_ACTION
         and isinstance(detail, dict)
         and detail.get("final") is True
-    )
-    return seq, digest, closed
+    ):
+        return seq, digest, str(detail.get("key"))
+    return seq, digest, None
 
 
 def _check_head(
@@ -241,7 +243,7 @@ class FileSink(AuditFile):
         self._chain, self._fd = _claim_chain(self._path)
         try:
             self._size = os.fstat(self._fd).st_size
-            seq, digest, closed = _resume(self._chain, self._fd, self._size)
+            seq, digest, closed_by = _resume(self._chain, self._fd, self._size)
         except OSError as exc:
             os.close(self._fd)
             raise ConfigError(f"cannot read audit log {self._chain}: {exc.strerror}") from exc
@@ -259,7 +261,10 @@ class FileSink(AuditFile):
         self._closed = False
         self._failed = False
         self._policy: CheckpointPolicy | None = None
-        self._reopened = closed  # the chain ended with a final checkpoint
+        self._reopened = closed_by is not None  # the chain ended with a final checkpoint
+        self.closed_by = closed_by
+        """The key whose final checkpoint ended the chain as it was opened, else None:
+        appending after it needs checkpoints (`start_checkpoints`) to reopen the chain."""
         self._checkpointed = seq  # the last record a checkpoint took into account
         self._unsigned_since: float | None = None
         self._unsigned_why: str | None = None
