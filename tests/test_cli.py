@@ -787,6 +787,25 @@ def test_help_has_no_type_labels_on_flags_and_rewraps_paragraphs() -> None:
     assert all(60 <= len(line) <= 80 for line in paragraph[:-1]), paragraph
 
 
+def test_every_command_has_a_description_in_help() -> None:
+    """`kmsgate GROUP --help` lists each command with the first line of its docstring; one
+    without a docstring showed a bare name (`exception show`)."""
+    import typer.main
+
+    from kmsgate.cli import app
+
+    def undescribed(group: typer.core.TyperGroup, path: str) -> Iterator[str]:
+        for name, command in group.commands.items():
+            if not command.help:
+                yield f"{path} {name}"
+            if isinstance(command, typer.core.TyperGroup):
+                yield from undescribed(command, f"{path} {name}")
+
+    root = typer.main.get_command(app)
+    assert isinstance(root, typer.core.TyperGroup)
+    assert list(undescribed(root, "kmsgate")) == []
+
+
 def test_unreachable_gateway_is_a_one_line_error() -> None:
     env = clean_env(KMSGATE_ADDR=f"http://{LOOPBACK}:{free_port()}", KMSGATE_TOKEN="kmg.x.y")
     assert_one_line_error(run_cli(("keys", "list"), env), "unreachable")

@@ -52,6 +52,7 @@ def revoke(grant_id: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
 
 @exception_app.command("show")
 def show(grant_id: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
+    """One grant as JSON: its state, approvals and times."""
     print_json(call(addr, token, Client.get_exception, grant_id))
 
 
