@@ -460,11 +460,19 @@ class Settings(BaseSettings):
         return self.data_dir
 
     def check_production(self) -> None:
-        """Refuse dev-only state outside dev mode. Raises ConfigError."""
+        """Outside dev mode, refuse a data dir that is not a directory (the dev gateway
+        makes its own) and dev-only state. Raises ConfigError."""
         if self.default_backend not in self.backends:
             raise ConfigError(f"default_backend {self.default_backend!r} is not configured")
         if self.dev:
             return
+        if self.data_dir and not self.data_dir.is_dir():
+            if self.data_dir.exists():
+                raise ConfigError(f"the data dir {self.data_dir} is not a directory")
+            raise ConfigError(
+                f"the data dir {self.data_dir} does not exist: create it, owned by the user "
+                f"the gateway runs as (mkdir -m 700 {self.data_dir})"
+            )
         if self.data_dir and (self.data_dir / ROOT_TOKEN_FILE).exists():
             raise ConfigError(
                 f"{self.data_dir / ROOT_TOKEN_FILE} exists: a dev root token file is refused "

@@ -36,6 +36,7 @@ import httpx
 import pytest
 from rich.console import Console
 
+from kmsgate.backends.softkms import create_root_key_file
 from kmsgate.bootstrap import stale_root_token
 from kmsgate.cli import common
 from tests.components import LOOPBACK, free_port
@@ -822,6 +823,24 @@ def test_a_missing_cacert_is_an_error_for_a_client_command_not_for_serve(tmp_pat
     served = run_cli(("serve", "--config", str(tmp_path / "none.yaml")), env)
     assert_one_line_error(served, "cannot read config file", "none.yaml")
     assert "--cacert" not in served.err
+
+
+def test_a_missing_data_dir_is_named_with_how_to_create_it(tmp_path: Path) -> None:
+    """A production `serve` or `token bootstrap` on a data dir that does not exist says so
+    and how to make it; it used to name the database's lock file inside it."""
+    root_key = tmp_path / "secrets" / "root.key"
+    create_root_key_file(root_key)
+    config = tmp_path / "kmsgate.yaml"
+    config.write_text(f"root_key_file: {root_key}\nport: {free_port()}\n")
+    missing = tmp_path / "nonexist"
+    env = clean_env(KMSGATE_DATA_DIR=str(missing))
+    for args in (("serve",), ("token", "bootstrap")):
+        result = run_cli((*args, "--config", str(config)), env)
+        assert_one_line_error(result, f"the data dir {missing} does not exist", "mkdir -m 700")
+    assert not missing.exists()
+    missing.write_text("")
+    result = run_cli(("serve", "--config", str(config)), env)
+    assert_one_line_error(result, f"the data dir {missing} is not a directory")
 
 
 @pytest.mark.parametrize(
