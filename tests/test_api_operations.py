@@ -236,6 +236,31 @@ def test_size_limits(api, admin):
     assert (r.status_code, r.json()["code"]) == (413, "too_large")
 
 
+@pytest.mark.parametrize(
+    ("key_type", "path", "advice"),
+    [
+        ("ecdsa-p256", "sign", "; send a digest instead"),
+        ("ed25519", "sign", "; Ed25519 signs the whole message, not a digest, so the input"),
+        ("ed25519", "verify", "; Ed25519 signs the whole message, not a digest, so the input"),
+        ("hmac-sha256", "mac", "; an HMAC covers the whole input, not a digest, so the input"),
+    ],
+)
+def test_an_input_over_the_limit_gets_advice_it_can_follow(api, admin, key_type, path, advice):
+    """Past `max_input_bytes` only a hashing algorithm can take a digest: an Ed25519 key
+    (which refuses digests) and an HMAC key (which takes none) were told to send one."""
+    name = f"limit-{key_type}-{path}"
+    create_key(api, admin, name, key_type)
+    limit = api.service.settings.limits.max_input_bytes
+    body = {"input": b64(b"x" * (limit + 1))}
+    if path == "verify":
+        body["signature"] = b64(b"s" * 64)
+    r = api.call("POST", f"/v1/keys/{name}/{path}", admin, json=body)
+    assert (r.status_code, r.json()["code"]) == (413, "too_large")
+    detail = r.json()["detail"]
+    assert detail.startswith(f"input of {limit + 1} bytes exceeds the limit of {limit}{advice}")
+    assert ("digest instead" in detail) == (key_type == "ecdsa-p256"), detail
+
+
 def test_authentication(api, admin, make_token):
     create_key(api, admin, "k", "ecdsa-p256")
     for header in (

@@ -105,10 +105,9 @@ def _backend_failure(result: object) -> bool:
     return isinstance(result, BackendError | BackendUnavailable)
 
 
-def check_size(data: bytes, limit: int) -> bytes:
-    """`data` if it is at most `limit` bytes. Raises TooLarge."""
+def check_size(data: bytes, limit: int, advice: str) -> bytes:
+    """`data` if it is at most `limit` bytes. Raises TooLarge, whose detail ends with
+    `advice`: what the caller can do instead."""
     if len(data) > limit:
-        raise TooLarge(
-            f"input of {len(data)} bytes exceeds the limit of {limit}; send a digest instead"
-        )
+        raise TooLarge(f"input of {len(data)} bytes exceeds the limit of {limit}; {advice}")
     return data

@@ -43,6 +43,15 @@ _GATEWAY_ONLY_PURPOSES = {
 }
 """Purposes whose keys the raw `sign` operation refuses, and what such a key is."""
 
+_SEND_A_DIGEST = "send a digest instead"
+_ED25519_WHOLE = (
+    "Ed25519 signs the whole message, not a digest, so the input must fit; "
+    "to sign more, use an ECDSA or RSA key and send a digest"
+)
+_HMAC_WHOLE = "an HMAC covers the whole input, not a digest, so the input must fit"
+"""What a caller over `limits.max_input_bytes` can do: a digest only where the algorithm
+hashes (not Ed25519, not HMAC)."""
+
 MessageT = TypeVar("MessageT", bound=SignInput | VerifyInput | MacInput | MacVerifyInput)
 MessageOut = TypeVar("MessageOut")
 """What a backend is given for one item (a `SignMessage`, the bytes to MAC)."""
@@ -137,7 +146,8 @@ class Crypto:
             check_digest(alg, item.digest)
             return item.digest, True
         assert item.input is not None  # the edge guarantees exactly one of the two
-        return check_size(item.input, self.max_input), False
+        advice = _SEND_A_DIGEST if alg.prehash_allowed else _ED25519_WHOLE
+        return check_size(item.input, self.max_input, advice), False
 
     # -- per operation ---------------------------------------------------------------------
 
@@ -194,7 +204,7 @@ class Crypto:
         def prepare(item: MacInput) -> tuple[int, bytes]:
             mac_algorithm(key.type, item.algorithm)  # the one hash of the key's type
             version = key.usable_version(item.version, for_signing=True)
-            return version.version, check_size(item.input, self.max_input)
+            return version.version, check_size(item.input, self.max_input, _HMAC_WHOLE)
 
         return _by_version(
             items,
@@ -207,7 +217,7 @@ class Crypto:
 
     def _mac_verify_one(self, key: Key, item: MacVerifyInput) -> Verified:
         hash_name: HashName = mac_algorithm(key.type, item.algorithm)
-        data = check_size(item.input, self.max_input)
+        data = check_size(item.input, self.max_input, _HMAC_WHOLE)
         backend = self._mac_backend(key)
         for version in key.verification_versions(item.version):
             if version.compromised_since is not None:
