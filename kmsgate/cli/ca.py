@@ -220,9 +220,7 @@ def ca_sign_intermediate(
     force: ForceOpt = False,
 ) -> None:
     """Sign an intermediate CA's CSR with the offline root (no gateway)."""
-    _one_root_key(root_key, token)
-    refuse_existing(force, out)
-    certificate = _load_pem(root_cert, "certificate", x509.load_pem_x509_certificate)
+    certificate = _root_certificate(root_cert, root_key, token, out, force)
     request = _load_pem(csr, "certificate signing request", x509.load_pem_x509_csr)
     key = _root_key(certificate, root_cert, root_key, token, passphrase_file)
     with key as root, _local_errors(csr, "sign"):
@@ -265,9 +263,7 @@ def ca_root_crl(
     force: ForceOpt = False,
 ) -> None:
     """Sign the offline root's CRL, listing the intermediates it revoked (no gateway)."""
-    _one_root_key(root_key, token)
-    refuse_existing(force, out)
-    certificate = _load_pem(root_cert, "certificate", x509.load_pem_x509_certificate)
+    certificate = _root_certificate(root_cert, root_key, token, out, force)
     last = _load_crl(previous) if previous is not None else None
     with _local_errors(root_cert, "revoke"):
         why = parse_reason(reason, revoking=True)
@@ -286,10 +282,19 @@ def ca_root_crl(
     )
 
 
-def _one_root_key(root_key: Path | None, token: str | None) -> None:
-    """Exit 2 unless exactly one of a key file and a token holds the root's key."""
+def _root_certificate(
+    root_cert: Path, root_key: Path | None, token: str | None, out: Path, force: bool
+) -> x509.Certificate:
+    """The root's certificate, for a command that signs with the root and writes `out`.
+    Exits 2 unless exactly one of a key file and a token holds the root's key, `out` may
+    be written and `root_cert` is a PEM certificate."""
     if (root_key is None) == (token is None):
         fail("give exactly one of --root-key (a key file) and --token (a PKCS#11 token)")
+    refuse_existing(force, out)
+    certificate: x509.Certificate = _load_pem(
+        root_cert, "certificate", x509.load_pem_x509_certificate
+    )
+    return certificate
 
 
 @contextlib.contextmanager
