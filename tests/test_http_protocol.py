@@ -157,9 +157,10 @@ def test_a_request_head_over_the_limit_gets_431_and_the_connection_closes(
 
 
 def test_framing_a_proxy_could_read_otherwise_is_refused_before_the_body(tmp_path: Path) -> None:
-    """No Host in HTTP/1.1 (RFC 9112 3.2), a transfer coding but chunked (RFC 9112 6.1), a
-    content coding (RFC 9110 8.4) or a charset but UTF-8: each is a problem reply, never a
-    request read some other way than a proxy in front may have read it."""
+    """No Host in HTTP/1.1, or two (RFC 9112 3.2: a proxy may route by one, the gateway read
+    the other), a transfer coding but chunked (RFC 9112 6.1), a content coding (RFC 9110 8.4)
+    or a charset but UTF-8: each is a problem reply, never a request read some other way than
+    a proxy in front may have read it."""
     body = b'{"input": "aGVsbG8="}'
     with running_gateway(tmp_path) as gw:
         auth = f"Authorization: Bearer {gw.root_token}\r\n".encode()
@@ -168,6 +169,9 @@ def test_framing_a_proxy_could_read_otherwise_is_refused_before_the_body(tmp_pat
         json_type = b"Content-Type: application/json\r\n"
         cases = {
             b"GET /v1/sys/health HTTP/1.1\r\nConnection: close\r\n\r\n": (400, "invalid_request"),
+            b"GET /v1/sys/health HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n":
+                (400, "invalid_request"),
+            b"GET /v1/sys/health HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n": (400, "invalid_request"),
             sign
             + b"Host: x\r\n"
             + json_type

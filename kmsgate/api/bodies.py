@@ -44,8 +44,13 @@ def single_header(scope: Scope, name: bytes) -> str:
     request (a proxy may act on one, the gateway on the other)."""
     found: list[bytes] = [value for key, value in scope["headers"] if key == name]
     if len(found) > 1:
-        raise InvalidRequest(f"header {name.decode()} given {len(found)} times; send it once")
+        raise repeated_header(name, len(found))
     return found[0].decode("latin-1") if found else ""
+
+
+def repeated_header(name: bytes, count: int) -> InvalidRequest:
+    """The refusal of a header that must come once, given `count` times."""
+    return InvalidRequest(f"header {name.decode()} given {count} times; send it once")
 
 
 def require_media_type(request: Request, expected: str) -> None:

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kmsgate.api.bodies import repeated_header
 from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.metrics import UNMATCHED, Metrics
 from kmsgate.api.responses import add_edge_headers, json_bytes
@@ -128,21 +129,23 @@ class RequestIds:
 def refuse_bad_framing(scope: Scope, limit: int) -> None:
     """Refuse, before reading the body, what a proxy and the gateway could read as two
     different requests, or the gateway as another body. Raises TooLarge (a Content-Length
-    over `limit` bytes, or malformed), InvalidRequest (HTTP/1.1 without a Host: RFC 9112
-    3.2), NotSupported (a transfer coding but chunked: RFC 9112 6.1) or
+    over `limit` bytes, or malformed), InvalidRequest (HTTP/1.1 without a Host, or two Hosts:
+    RFC 9112 3.2), NotSupported (a transfer coding but chunked: RFC 9112 6.1) or
     UnsupportedMediaType (a content coding, such as gzip: RFC 9110 8.4)."""
-    host = scope.get("http_version") != "1.1"
+    hosts = 0
     for name, value in scope["headers"]:
         if name == b"content-length":
             if not value.isdigit() or int(value) > limit:
                 raise too_large(limit)
         elif name == b"host":
-            host = True
+            hosts += 1
         elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
             raise NotSupported("transfer coding: only chunked is supported")
         elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
             raise UnsupportedMediaType("content coding: send the body uncompressed")
-    if not host:
+    if hosts > 1:
+        raise repeated_header(b"host", hosts)
+    if not hosts and scope.get("http_version") == "1.1":
         raise InvalidRequest("an HTTP/1.1 request must carry a Host header")
 
 
