@@ -20,6 +20,9 @@ A complete reply (status, headers and body at once, as the fast routes make them
 uvicorn's two `send` messages, where each header is checked against two regular expressions:
 the protocol puts a `WHOLE_REPLY` callable in every request's ASGI extensions, which writes the
 reply in one piece and ends the request exactly as uvicorn's `send` does.
+
+`add_edge_headers` adds what every reply carries, the application's and the protocol's own
+refusals alike.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from kmsgate.errors import (
     problem_document,
 )
 
-__all__ = ["WHOLE_REPLY", "HttpToolsOneWrite"]
+__all__ = ["WHOLE_REPLY", "HttpToolsOneWrite", "add_edge_headers"]
 
 MAX_HEAD_BYTES = 64 * 1024
 """The most bytes of request line and headers one request may send (Envoy's default is 60 KiB;
@@ -60,6 +63,22 @@ HEAD_SWEEP_SECONDS = 1.0
 WHOLE_REPLY = "kmsgate.whole_reply"
 """The ASGI extension (`scope["extensions"][WHOLE_REPLY]`) that writes a complete reply:
 `(status, headers, body) -> bool`, see `_write_whole`."""
+
+
+_JSON_TYPES = (b"application/json", b"application/problem+json")
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+_NO_STORE = (b"cache-control", b"no-store")
+
+
+def add_edge_headers(headers: list[tuple[bytes, bytes]], request_id: str) -> None:
+    """Add what every reply carries to its raw `headers`: its request id and `nosniff`;
+    and to a JSON reply (it may hold a token, a data key or a plaintext) `cache-control:
+    no-store`, unless the route set a cache-control of its own."""
+    headers.append((b"x-request-id", request_id.encode()))
+    headers.append(_NOSNIFF)
+    names = {name.lower(): value for name, value in headers}
+    if b"cache-control" not in names and names.get(b"content-type", b"").startswith(_JSON_TYPES):
+        headers.append(_NO_STORE)
 
 
 class _GatheringTransport:
@@ -122,6 +141,10 @@ class HttpToolsOneWrite(HttpToolsProtocol):
     _head_since: float | None = None
     """When the head being waited for began (the loop's clock); None once it is complete."""
     _refused = False
+    _refusal: bytes | None = None
+    """A refusal (`_refuse_head`) waiting for the replies owed before it."""
+    _owed = 0
+    """The requests handed to the application whose replies are not written yet."""
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -137,32 +160,66 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         super().data_received(data)
 
     def _refuse_head(self, error: KmsgateError) -> None:
-        """`error` as problem+json and the end of the replies, then, after
-        `REFUSED_LINGER_SECONDS` spent reading and dropping what the client still sends
-        (closing at once, with its bytes unread, would reset the connection before the client
-        reads the reply), close."""
+        """Reply `error` as problem+json to the request being read and end the replies:
+        after the replies owed to the requests before it (pipelined), which keep their
+        order; then, after `REFUSED_LINGER_SECONDS` spent reading and dropping what the
+        client still sends (closing at once, with its bytes unread, would reset the
+        connection before the client reads the reply), close. A refused request the
+        application already has (its head was whole, its framing failed after it, as
+        `Transfer-Encoding: gzip` does) gets this reply, never the application's."""
         self._head_since = None
-        if self.transport.is_closing():
+        if self._refused or self.transport.is_closing():
             return
         self._refused = True
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope and not cycle.response_complete:
+            cycle.disconnected = True  # what the application sends is dropped
+            cycle.message_event.set()  # and it reads no more of the body
+            self._owed -= 1
         request_id = secrets.token_hex(8)  # the application's ids' shape; it never saw this one
         document = problem_document(error.status, error.code, error.title, error.detail, request_id)
         body = orjson.dumps(document)
-        head = b"content-type: application/problem+json\r\nconnection: close\r\n"
-        head += b"x-request-id: %s\r\n" % request_id.encode()
+        headers = [
+            *self.server_state.default_headers,
+            (b"content-type", b"application/problem+json"),
+            (b"connection", b"close"),
+        ]
+        add_edge_headers(headers, request_id)
+        head = b"".join(b"%s: %s\r\n" % header for header in headers)
         length = b"content-length: %d\r\n\r\n" % len(body)
-        self.transport.write(STATUS_LINE[error.status] + head + length + body)
+        self._refusal = STATUS_LINE[error.status] + head + length + body
+        self._send_refusal()
+
+    def _send_refusal(self) -> None:
+        """Write the refusal waiting, if no reply is owed before it, and end the replies."""
+        if self._refusal is None or self._owed:
+            return
+        reply, self._refusal = self._refusal, None
+        if self.transport.is_closing():  # an earlier reply closed the connection
+            return
+        self.transport.write(reply)
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
         else:  # TLS: no half-close
             self.transport.close()
 
+    def on_response_complete(self) -> None:
+        self._owed -= 1
+        super().on_response_complete()
+        self._send_refusal()
+
     def send_400_response(self, msg: str) -> None:
         """A request httptools cannot parse (a malformed line or header, a bad Content-Length,
-        both Content-Length and Transfer-Encoding): 400 problem+json, as every other refusal,
-        where uvicorn sends text/plain; then close (`_refuse_head`)."""
-        self._refuse_head(InvalidRequest("the request is not well-formed HTTP/1.1"))
+        both Content-Length and Transfer-Encoding, a Transfer-Encoding whose last coding is
+        not chunked: RFC 9112 6.3): 400 problem+json, as every other refusal, where uvicorn
+        sends text/plain; then close (`_refuse_head`)."""
+        detail = "the request is not well-formed HTTP/1.1"
+        if not self._head_open:  # the head was whole: its framing failed
+            codings = b",".join(v for n, v in self.headers if n == b"transfer-encoding")
+            if codings and codings.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+                detail = "the last transfer coding must be chunked, else the body has no length"
+        self._refuse_head(InvalidRequest(detail))
 
     def head_overdue(self, now: float) -> bool:
         """Whether the head being waited for began over `head_read_seconds` before `now`."""
@@ -198,6 +255,7 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # not an upgrade
+            self._owed += 1
             self._extensions[WHOLE_REPLY] = functools.partial(_write_whole, cycle)
 
 

@@ -136,6 +136,8 @@ def test_a_request_head_over_the_limit_gets_431_and_the_connection_closes(
         [(status, headers, body)] = _replies(exchange(over))
         assert status == 431 and headers["connection"] == "close"
         assert headers["content-type"] == "application/problem+json"
+        assert headers["x-content-type-options"] == "nosniff"  # as docs/api.md promises
+        assert headers["cache-control"] == "no-store"  # on every reply
         assert json.loads(body)["code"] == "header_too_large"
         assert json.loads(body)["request_id"] == headers["x-request-id"]  # as every reply has
         # a request httptools cannot parse: problem+json too (uvicorn answers text/plain)
@@ -148,6 +150,8 @@ def test_a_request_head_over_the_limit_gets_431_and_the_connection_closes(
             [(status, headers, body)] = _replies(exchange(malformed))
             assert status == 400 and headers["connection"] == "close", malformed
             assert headers["content-type"] == "application/problem+json"
+            assert headers["x-content-type-options"] == "nosniff"
+            assert headers["cache-control"] == "no-store"
             assert json.loads(body)["code"] == "invalid_request"
         auth = {"Authorization": f"Bearer {gw.root_token}", "Content-Type": "application/json"}
         big = httpx.post(
@@ -196,3 +200,53 @@ def test_framing_a_proxy_could_read_otherwise_is_refused_before_the_body(tmp_pat
             assert (got, json.loads(reply)["code"]) == (status, code), (request, reply)
         health = httpx.get(f"{gw.addr}/v1/sys/health")  # HTTP/1.1 with a Host: served
         assert health.status_code == 200
+
+
+def test_a_request_refused_once_its_head_is_read_gets_the_refusal_alone_in_its_turn(
+    tmp_path: Path,
+) -> None:
+    """A Transfer-Encoding whose last coding is not chunked leaves the body without a length
+    (RFC 9112 6.3): 400 and close. httptools finds it once the head is read, when the request
+    has gone to the application already: the refusal is its one reply (the application's,
+    written after the end of the replies, was a RuntimeError in the gateway's log, which any
+    client could fill), after the replies to the requests before it. A client that leaves
+    before its body arrives is no error of the gateway's either."""
+    with running_gateway(tmp_path) as gw:
+        address = urlsplit(gw.addr)
+        assert address.hostname and address.port
+        sign = b"POST /v1/keys/none/sign HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        health = b"GET /v1/sys/health HTTP/1.1\r\nHost: x\r\n"
+        keys = b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        gzip = b"Transfer-Encoding: gzip\r\n\r\n"
+        chunked = b"Transfer-Encoding: chunked\r\n\r\n"
+        no_length = "the last transfer coding must be chunked, else the body has no length"
+        cases = [
+            (health + gzip, [400], no_length),  # kept alive until the refusal
+            (health + b"Connection: close\r\n" + gzip, [400], no_length),
+            (sign + gzip + b'{"input": "aGVsbG8="}', [400], no_length),
+            (health + b"\r\n" + health + gzip, [200, 400], no_length),  # pipelined: in order
+            # refused while its header is read, before the application has it
+            (health + b"Transfer-Encoding: chunked, gzip\r\n\r\n", [400], "not well-formed"),
+            # a chunk that is not one, while the application reads the body
+            (keys + chunked + b"2\r\n{}\r\nzz\r\n", [400], "not well-formed"),
+            (sign + chunked + b"2\r\n{}\r\nzz\r\n", [400], "not well-formed"),
+        ]
+        for request, statuses, detail in cases:
+            with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
+                conn.sendall(request)
+                received = b""
+                while chunk := conn.recv(65536):  # until the server closes
+                    received += chunk
+            replies = _replies(received)
+            assert [status for status, _, _ in replies] == statuses, (request, received)
+            _, headers, body = replies[-1]
+            assert headers["connection"] == "close"
+            assert headers["x-content-type-options"] == "nosniff"
+            assert detail in json.loads(body)["detail"]
+        for route in (keys, sign):  # a client that leaves halfway through its body
+            with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
+                conn.sendall(route + b"Content-Length: 100\r\n\r\n{")
+        assert httpx.get(f"{gw.addr}/v1/sys/health").status_code == 200
+        log = gw.output.read_text(errors="replace").splitlines()
+    errors = [line for line in log if '"level":"error"' in line or "Traceback" in line]
+    assert not errors, errors

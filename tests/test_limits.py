@@ -185,6 +185,7 @@ def test_a_request_head_that_does_not_arrive_in_time_gets_408_and_is_disconnecte
     last = reply.rpartition(b"HTTP/1.1 ")[2]
     assert last.startswith(b"408"), reply
     assert b"request_timeout" in last and b"connection: close" in last.lower()
+    assert b"x-content-type-options: nosniff" in last and b"cache-control: no-store" in last
     if len(sends) == 1:  # the first request was answered
         assert reply.startswith(b"HTTP/1.1 200"), reply
     assert waited < 3.5, waited  # 1 s, and a sweep a second

@@ -30,9 +30,8 @@ from kmsgate.api.problems import (
     refuse_bad_framing,
     too_large,
 )
-from kmsgate.api.responses import add_edge_headers, json_bytes
-from kmsgate.errors import InvalidRequest
-from kmsgate.http_protocol import WHOLE_REPLY
+from kmsgate.api.responses import json_bytes
+from kmsgate.http_protocol import WHOLE_REPLY, add_edge_headers
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -140,9 +139,6 @@ class GatewayApp(FastAPI):
                 guarded = self._deadlines.guard(receive)
                 body = await _read_body(scope, guarded, self._max_body_bytes)
                 response = await scope["endpoint"](FastRequest(scope, body))
-            except ClientDisconnect:  # the client went away mid-body: its fault, not ours
-                gone = InvalidRequest("the client closed the connection before its request arrived")
-                response = failure_response(gone, Request(scope))
             except Exception as exc:
                 response = failure_response(exc, Request(scope))
             status = response.status_code

@@ -14,13 +14,14 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kmsgate.api.bodies import repeated_header
 from kmsgate.api.deadlines import BodyDeadlines
 from kmsgate.api.metrics import UNMATCHED, Metrics
-from kmsgate.api.responses import add_edge_headers, json_bytes
+from kmsgate.api.responses import json_bytes
 from kmsgate.errors import (
     InvalidRequest,
     KmsgateError,
@@ -30,6 +31,7 @@ from kmsgate.errors import (
     ValidationFailed,
     problem_document,
 )
+from kmsgate.http_protocol import add_edge_headers
 from kmsgate.logs import current_decisions, current_request, request_logger
 from kmsgate.text import KEY_NAME
 
@@ -65,7 +67,10 @@ def request_id_of(request: Request) -> str:
 
 def failure_response(exc: Exception, request: Request) -> Response:
     """The problem reply to an exception a route raised: a KmsgateError's own (counted in
-    the metrics), or a bare 500 for anything else (logged by type, never shown)."""
+    the metrics; a client gone before its body arrived is a 400, its fault, not ours), or a
+    bare 500 for anything else (logged by type, never shown)."""
+    if isinstance(exc, ClientDisconnect):
+        exc = InvalidRequest("the client closed the connection before its request arrived")
     if isinstance(exc, KmsgateError):
         metrics: Metrics = request.app.state.metrics
         metrics.observe_error(exc)

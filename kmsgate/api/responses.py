@@ -15,23 +15,9 @@ from kmsgate.errors import KmsgateError, VerificationFailed
 from kmsgate.text import utc_timestamp
 
 PEM = "application/x-pem-file"
-_JSON_TYPES = (b"application/json", b"application/problem+json")
-_NOSNIFF = (b"x-content-type-options", b"nosniff")
-_NO_STORE = (b"cache-control", b"no-store")
 _OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME
 """A newline at the end; every time through `_edge_value` (orjson's own form drops zero
 microseconds and writes `+00:00`)."""
-
-
-def add_edge_headers(headers: list[tuple[bytes, bytes]], request_id: str) -> None:
-    """Add what every reply carries to its raw `headers`: its request id and `nosniff`;
-    and to a JSON reply (it may hold a token, a data key or a plaintext) `cache-control:
-    no-store`, unless the route set a cache-control of its own."""
-    headers.append((b"x-request-id", request_id.encode()))
-    headers.append(_NOSNIFF)
-    names = {name.lower(): value for name, value in headers}
-    if b"cache-control" not in names and names.get(b"content-type", b"").startswith(_JSON_TYPES):
-        headers.append(_NO_STORE)
 
 
 def _edge_value(value: Any) -> Any:
