@@ -9,6 +9,8 @@ from typing import Annotated
 
 from pydantic import BeforeValidator, PlainSerializer
 
+from kmsgate.text import quoted
+
 _DURATION_RE = re.compile(r"([0-9]+)([smhd]?)")
 _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
@@ -29,16 +31,17 @@ def parse_duration_setting(value: object) -> timedelta:
     if isinstance(value, timedelta):
         duration = value
     elif isinstance(value, int | str) and not isinstance(value, bool):
+        written = quoted(str(value))  # an integer may have thousands of digits too
         match = _DURATION_RE.fullmatch(str(value))  # ASCII digits, no spaces
         if not match:
-            raise ValueError(f"invalid duration {value!r}: {_DURATION_FORMAT}")
+            raise ValueError(f"invalid duration {written}: {_DURATION_FORMAT}")
         digits, unit = match.groups()
         seconds = int(digits[-12:]) * _DURATION_UNITS.get(unit, 1)
         if len(digits.lstrip("0")) > 12 or seconds > MAX_DURATION_SECONDS:
-            raise ValueError(f"invalid duration {value!r}: at most {MAX_DURATION_SECONDS} seconds")
+            raise ValueError(f"invalid duration {written}: at most {MAX_DURATION_SECONDS} seconds")
         duration = timedelta(seconds=seconds)
     else:
-        raise ValueError(f"invalid duration {value!r}: {_DURATION_FORMAT}")
+        raise ValueError(f"invalid duration of type {type(value).__name__}: {_DURATION_FORMAT}")
     if duration <= timedelta(0) or duration.microseconds:
         raise ValueError("a duration must be a positive whole number of seconds")
     return duration

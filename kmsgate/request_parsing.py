@@ -7,12 +7,14 @@ import functools
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kmsgate.errors import InvalidRequest, TooLarge, ValidationFailed
+from kmsgate.text import quoted
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -33,13 +35,26 @@ def batch_model(item_type: type[ItemT]) -> type[Batch[ItemT]]:
     return Batch[item_type]  # type: ignore[valid-type]
 
 
-def validation_detail(exc: ValidationError) -> str:
-    """A client-safe summary of pydantic errors: locations and messages, never input values."""
-    parts = []
-    for error in exc.errors(include_input=False, include_url=False)[:5]:
-        where = ".".join(str(p) for p in error["loc"]) or "body"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)
+_PLAIN_PART = re.compile(r"[A-Za-z0-9_\[\](), -]{1,64}")
+"""A part of an error's location shown as it is: a schema's own name, or pydantic's
+(`[key]`, `function-after[_decode(), str]`)."""
+
+
+def location(loc: Sequence[str | int]) -> str:
+    """Where an error is, as a detail names it (`body.batch.0.input`): a part that is not a
+    short plain name (a member, label or query parameter name the caller made up) is
+    `quoted`, so the detail neither grows with the request nor carries a line break."""
+    return ".".join(
+        str(part) if isinstance(part, int) or _PLAIN_PART.fullmatch(part) else quoted(part)
+        for part in loc
+    )
+
+
+def validation_detail(errors: Sequence[Mapping[str, Any]]) -> str:
+    """A client-safe summary of pydantic errors (`ValidationError.errors()`, FastAPI's
+    `RequestValidationError.errors()`): the first five locations and messages, never input
+    values."""
+    return "; ".join(f"{location(e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
 
 
 class _DuplicateKey(ValueError):
@@ -53,7 +68,7 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(obj) != len(pairs):
         names = [n for n, _ in pairs]
         name = next(n for i, n in enumerate(names) if n in names[:i])
-        raise _DuplicateKey(f"duplicate member {name[:64]!r} in the request body")
+        raise _DuplicateKey(f"duplicate member {quoted(name)} in the request body")
     return obj
 
 
@@ -119,7 +134,8 @@ def parse_model(model: type[ModelT], body: Any) -> ModelT:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        raise ValidationFailed(validation_detail(exc)) from None
+        errors = exc.errors(include_input=False, include_url=False)
+        raise ValidationFailed(validation_detail(errors)) from None
 
 
 def parse_operation(

@@ -29,6 +29,13 @@ def shown(value: str) -> str:
     return _HIDDEN_CHARACTER.sub(lambda m: m.group().encode("unicode_escape").decode(), value)
 
 
+def quoted(value: str, limit: int = 64) -> str:
+    """A caller's `value` as an error detail echoes it: quoted, cut to its first `limit`
+    characters (then `...`: a detail never grows with the request), and every character
+    that is not printable (`HIDDEN` ones among them) escaped, as `repr` writes them."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """What a key's name may be (`fullmatch`): a name in a request path that is not one names no
 key, and is refused before it reaches a policy decision, an audit record or a log line."""

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from kmsgate.api import create_app
 from kmsgate.errors import InvalidRequest
 from kmsgate.pki.root import parse_subject
+from kmsgate.text import has_hidden
 from tests.gateway import Api
 from tests.helpers import JSON_TYPE, b64, create_key
 
@@ -392,6 +393,45 @@ def test_a_duration_is_ascii_digits_and_one_unit(
 ) -> None:
     reply = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "rotation_period": duration})
     assert detail in _problem(reply, 400, "invalid_request")["detail"]
+
+
+LONG = "a" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "echoed"),
+    [
+        ("POST", "/v1/keys", {**NEW_KEY, LONG: 1}, "body."),  # an unknown member
+        ("POST", "/v1/keys", {**NEW_KEY, "x\n\u202ey": 1}, "body.'x\\n\\u202ey'"),
+        ("POST", "/v1/keys", {**NEW_KEY, "labels": {LONG: "v"}}, "body.labels."),
+        ("POST", "/v1/keys", {**NEW_KEY, "rotation_period": LONG}, "invalid duration"),
+        ("POST", "/v1/keys", {**NEW_KEY, "rotation_period": int("9" * 4000)}, "at most"),
+        ("GET", f"/v1/sys/health?{LONG[:60_000]}=1", None, "query."),  # public
+        ("POST", f"/v1/keys/k/sign?{LONG[:60_000]}=1", {"input": b64(b"m")}, "query."),
+        ("GET", "/v1/sys/health?a%0Ab=1", None, "query.'a\\nb'"),
+    ],
+)
+def test_a_detail_echoes_at_most_64_characters_of_the_request_escaped(
+    api: Api, admin: str, method: str, path: str, body: dict[str, Any] | None, echoed: str
+) -> None:
+    """A member, label or query parameter name, or a value, the caller made up is quoted in
+    the detail, cut to its first 64 characters, its control and bidirectional characters
+    escaped: a 100 KB member name made a 100 KB detail, a line break a forged log line."""
+    create_key(api, admin, "k")
+    reply = api.call(method, path, admin, json=body)
+    assert 400 <= reply.status_code < 500, reply.text
+    detail = reply.json()["detail"]
+    assert echoed in detail and len(detail) < 400, detail
+    assert "a" * 65 not in detail and not has_hidden(detail), detail
+    if "a" * 64 in detail:
+        assert "a" * 64 + "...'" in detail, detail
+
+
+def test_a_duplicate_member_is_named_at_most_64_characters_long(api: Api, admin: str) -> None:
+    raw = b'{"%s": 1, "%s": 2}' % (LONG.encode(), LONG.encode())
+    reply = api.call("POST", "/v1/keys", admin, content=raw, headers=JSON_TYPE)
+    detail = _problem(reply, 400, "invalid_request")["detail"]
+    assert detail == f"duplicate member '{'a' * 64}...' in the request body"
 
 
 @pytest.mark.parametrize(

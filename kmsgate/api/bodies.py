@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from kmsgate.errors import InvalidRequest, UnsupportedMediaType, ValidationFailed
-from kmsgate.request_parsing import parse_json_object
+from kmsgate.request_parsing import location, parse_json_object
 
 JSON = "application/json"
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
@@ -107,7 +107,8 @@ def refuse_unknown(scope: Scope, known: Collection[str]) -> None:
     unknown = sorted(set(QueryParams(scope["query_string"])) - set(known))
     if unknown:
         takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
-        raise ValidationFailed(f"query.{unknown[0]}: not a parameter of this route ({takes})")
+        where = location(("query", unknown[0]))
+        raise ValidationFailed(f"{where}: not a parameter of this route ({takes})")
 
 
 def strict_scalar(where: str, text: str, kind: type[int] | type[bool]) -> int | bool:

@@ -33,6 +33,7 @@ from kmsgate.errors import (
 )
 from kmsgate.http_protocol import add_edge_headers
 from kmsgate.logs import current_decisions, current_request, request_logger
+from kmsgate.request_parsing import validation_detail
 from kmsgate.text import KEY_NAME
 
 log = logging.getLogger("kmsgate.api")
@@ -93,8 +94,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
-        return error_response(ValidationFailed("; ".join(parts)), request_id_of(request))
+        detail = validation_detail(exc.errors())
+        return error_response(ValidationFailed(detail), request_id_of(request))
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from kmsgate.errors import InvalidRequest
+from kmsgate.text import quoted
 
 SERIAL_BITS = 159
 BACKDATE = timedelta(minutes=1)
@@ -67,7 +68,7 @@ def parse_serial(text: str) -> int:
             f"serial is {len(digits)} characters long; at most {_SERIAL_DIGITS} hex digits"
         )
     if not _SERIAL_TEXT.match(digits):
-        raise InvalidRequest(f"serial {text[:64]!r} is not hexadecimal")
+        raise InvalidRequest(f"serial {quoted(text)} is not hexadecimal")
     serial = int(digits, 16)
     if not 0 < serial < 1 << 160:
         raise InvalidRequest("serial out of range (1 to 2^160 - 1)")

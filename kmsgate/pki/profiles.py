@@ -37,6 +37,7 @@ from kmsgate.durations import format_duration
 from kmsgate.errors import ConfigError, InvalidRequest
 from kmsgate.pki.extensions import extension_value
 from kmsgate.pki.issuer import key_usage
+from kmsgate.text import quoted
 
 MAX_SANS = 100
 """The most subject alternative names one certificate may carry."""
@@ -80,11 +81,6 @@ def _is_hostname(name: str) -> bool:
 
 def _is_path(path: str) -> bool:
     return all(_SEGMENT.fullmatch(s) and s not in (".", "..") for s in path.split("/"))
-
-
-def _show(value: str) -> str:
-    """A client-supplied value quoted for an error detail, control characters escaped."""
-    return repr(value if len(value) <= 100 else value[:100] + "...")
 
 
 @dataclass(frozen=True)
@@ -402,11 +398,13 @@ class Profile:
         if isinstance(name, x509.DNSName):
             host = name.value.lower()
             if "*" in host:
-                raise InvalidRequest(f"DNS name {_show(name.value)}: wildcard names are not issued")
+                raise InvalidRequest(
+                    f"DNS name {quoted(name.value)}: wildcard names are not issued"
+                )
             if not _is_hostname(host):
-                raise InvalidRequest(f"DNS name {_show(name.value)} is not a valid host name")
+                raise InvalidRequest(f"DNS name {quoted(name.value)} is not a valid host name")
             if not any(rule.matches(host) for rule in self.dns):
-                raise InvalidRequest(f"DNS name {_show(name.value)} {refused}")
+                raise InvalidRequest(f"DNS name {quoted(name.value)} {refused}")
             return x509.DNSName(host)
         if isinstance(name, x509.IPAddress):
             address = name.value
@@ -417,9 +415,9 @@ class Profile:
             return name
         if isinstance(name, x509.UniformResourceIdentifier):
             if not any(rule.matches(name.value) for rule in self.uri):
-                raise InvalidRequest(f"URI {_show(name.value)} {refused}")
+                raise InvalidRequest(f"URI {quoted(name.value)} {refused}")
             return name
-        shown = f" {_show(name.value)}" if isinstance(name, x509.RFC822Name) else ""
+        shown = f" {quoted(name.value)}" if isinstance(name, x509.RFC822Name) else ""
         raise InvalidRequest(
             f"{type(name).__name__} SAN{shown} {refused}: DNS, IP and URI names only"
         )
@@ -470,7 +468,7 @@ def _subject(csr: x509.CertificateSigningRequest, sans: tuple[x509.GeneralName, 
         raise InvalidRequest(f"the CSR's CN must be 1-{_MAX_CN_BYTES} bytes (UTF-8), or absent")
     named = next((text for san in sans if (text := _common_name(san, cn)) is not None), None)
     if named is None:
-        raise InvalidRequest(f"the CSR's CN {_show(cn)} is not one of its SANs")
+        raise InvalidRequest(f"the CSR's CN {quoted(cn)} is not one of its SANs")
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, named)])
 
 
