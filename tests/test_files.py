@@ -1,0 +1,52 @@
+"""`kmsgate.files.write_all`: the several files of one operation, all or none, on a real
+file system."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from kmsgate.files import write_all
+
+
+def test_every_file_is_written_with_the_mode_and_replaces_what_was_there(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_bytes(b"before")
+    write_all([(old, b"after"), (new, b"fresh")], mode=0o640)
+    assert (old.read_bytes(), new.read_bytes()) == (b"after", b"fresh")
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (old, new)} == {0o640}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]  # no file kept aside
+
+
+def test_a_file_that_cannot_be_written_leaves_every_path_as_it_was(tmp_path: Path) -> None:
+    """Its temporary file cannot be made (the name is over NAME_MAX, as a full disk fails
+    a write): the files before it are not renamed into place."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_bytes(b"before")
+    too_long = tmp_path / ("n" * 250)
+    with pytest.raises(OSError) as caught:
+        write_all([(old, b"after"), (new, b"fresh"), (too_long, b"x")], mode=0o644)
+    assert caught.value.filename == str(too_long)
+    assert old.read_bytes() == b"before"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_a_rename_that_fails_puts_back_the_files_renamed_before_it(tmp_path: Path) -> None:
+    """The last path is a directory, which the rename refuses after the others were
+    renamed: the replaced file gets its earlier content back (the same file, not a copy),
+    the new one is removed, and a symbolic link replaced is put back as a link."""
+    old, new, link = tmp_path / "old", tmp_path / "new", tmp_path / "link"
+    old.write_bytes(b"before")
+    link.symlink_to("old")
+    inode = old.stat().st_ino
+    directory = tmp_path / "directory"
+    directory.mkdir()
+    with pytest.raises(IsADirectoryError) as caught:
+        write_all([(old, b"after"), (new, b"fresh"), (link, b"x"), (directory, b"y")], mode=0o644)
+    assert caught.value.filename == str(directory)
+    assert old.read_bytes() == b"before" and old.stat().st_ino == inode
+    assert os.readlink(link) == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["directory", "link", "old"]
