@@ -877,6 +877,30 @@ def test_a_second_signature_leaves_the_first_one_verifying(
     stock_api_verify(model, inside.bundle_path, pem_file(tmp_path, inside.public_key_pem, "2.pem"))
 
 
+def test_a_signing_that_cannot_write_every_file_leaves_the_model_as_it_was(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    """The provenance cannot be written once the gateway signed (its temporary file's name is
+    over NAME_MAX: every check passes and the write fails, as on a full disk): no
+    checksums.json nor bundle is written into a model signed for the first time, and a
+    model signed before keeps its signature files byte for byte, still verifying."""
+    unwritable = tmp_path / ("p" * 250)
+    fresh = make_model(tmp_path / "fresh")
+    files = sorted(fresh.rglob("*"))
+    with pytest.raises(OSError) as caught:
+        sign_model(fresh, GatewaySigner(client, key), provenance_path=unwritable)
+    assert sorted(fresh.rglob("*")) == files
+    assert caught.value.filename == str(unwritable)  # the error names it
+
+    model = make_model(tmp_path / "signed")
+    first = sign_model(model, GatewaySigner(client, key))
+    before = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    with pytest.raises(OSError):
+        sign_model(model, GatewaySigner(client, key), provenance_path=unwritable)
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+    assert verify_model(model, first.bundle_path, PublicKeyTrust.from_pem(first.public_key_pem)).ok
+
+
 def test_a_directory_that_cannot_be_listed_or_a_name_that_is_not_utf8_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

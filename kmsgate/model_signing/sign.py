@@ -12,7 +12,6 @@ import base64
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from kmsgate.algorithms import (
     verify_with_public_key,
 )
 from kmsgate.client import ApiError, Client
+from kmsgate.files import write_all
 from kmsgate.model_signing import manifest as mf
 from kmsgate.model_signing.bundle import (
     BUNDLE_MEDIA_TYPE,
@@ -299,19 +299,6 @@ def _relative_inside(path: Path, root: Path) -> str | None:
         return None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it onto `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def policy_digest(client: Client) -> str | None:
     """The gateway's policy digest, or None if this token may not read it (policy.read)."""
     try:
@@ -344,7 +331,10 @@ def sign_model(
     `ignore` are glob patterns; the paths they match, the git files, and the bundle and
     provenance files (when inside the model) are recorded as model_signing `ignore_paths`.
     `on_total(total_bytes)` is called once the files are listed (for a progress bar).
-    Raises ManifestError, SigningError, ApiError, OSError.
+    The files are written all or none (`write_all`): a signing that fails at any point
+    leaves the model and the output paths as they were, an earlier signing's bundles and
+    `checksums.json` included (they go on verifying).
+    Raises ManifestError, SigningError, ApiError, OSError (naming the file it failed on).
     """
     started = datetime.now(UTC)
     if not model.is_dir():
@@ -415,11 +405,12 @@ def sign_model(
             raise SigningError("the key rotated while signing; sign again")
     sign_seconds = time.perf_counter() - t1
 
+    written = [(bundle_path, bundle.to_json())]
     if checksums_path is not None:
-        write_atomic(checksums_path, checksums_doc)
-    write_atomic(bundle_path, bundle.to_json())
+        written.insert(0, (checksums_path, checksums_doc))
     if provenance and provenance_path is not None:
-        write_atomic(provenance_path, prov_bundle.to_json())
+        written.append((provenance_path, prov_bundle.to_json()))
+    write_all(written, mode=0o644)
     return SignResult(
         bundle_path=bundle_path,
         provenance_path=provenance_path if provenance else None,
