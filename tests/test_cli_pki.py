@@ -614,6 +614,27 @@ def test_issue_errors_are_one_line_and_leave_no_key_behind(gw: Gateway, tmp_path
     assert_one_line_error(gw.run("ca", "list", token=""), "unauthenticated")
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_the_gateway_is_asked(
+    gw: Gateway, tmp_path: Path
+) -> None:
+    """An --out, --chain-out or --csr-out whose directory cannot take a file (here: under a
+    regular file, ENOTDIR; a read-only file system alike) is refused before anything is
+    issued or created."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    key = tmp_path / "w7.key"
+    base = ("cert", "issue", "--ca", DEV_CA, "--profile", "server", "--san", "preflight.lab")
+    for output in ("--out", "--chain-out"):
+        refused = gw.run(*base, "--key-out", str(key), output, str(blocker / "x.pem"))
+        assert_one_line_error(refused, f"cannot write {blocker / 'x.pem'}: Not a directory")
+        assert not key.exists()
+    assert table(gw.ok("cert", "list", "--san", "preflight.lab")) == []  # nothing issued
+    csr = blocker / "x.csr"
+    refused = gw.run("ca", "create", "preflight", "--subject", "CN=x", "--csr-out", str(csr))
+    assert_one_line_error(refused, f"cannot write {csr}: Not a directory")
+    assert_one_line_error(gw.run("ca", "show", "preflight"), "not_found")  # not created
+
+
 @pytest.mark.parametrize(
     ("value", "name"),
     [

@@ -4,6 +4,7 @@ one-line failure, and reading, writing and printing helpers."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -112,10 +113,11 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing out
 
 
 def refuse_existing(force: bool, *paths: Path | None) -> None:
-    """Exit through `fail` unless each output path given can be written: not a directory,
-    and a regular file there only with `force` (a character device or a FIFO, such as
-    /dev/null or a pipe, is written to as it is). Commands call it before asking the
-    gateway for anything, so a refused output costs no operation."""
+    """Exit through `fail` unless each output path given can be written: its directory
+    exists and takes a new file (tried: a read-only file system or a full directory is
+    found now), and no file is there, or a regular file and `force` (a character device or
+    a FIFO, such as /dev/null or a pipe, is written to as it is). Commands call it before
+    asking the gateway for anything, so a refused output costs no operation."""
     for path in paths:
         if path is None:
             continue
@@ -127,6 +129,27 @@ def refuse_existing(force: bool, *paths: Path | None) -> None:
             fail(f"{path} is not a regular file, a character device or a FIFO")
         if path.exists() and not force:
             fail(f"{path} exists (use --force to replace it)")
+        _try_a_new_file_beside(path)
+
+
+def _try_a_new_file_beside(path: Path) -> None:
+    """Exit through `fail` unless the directory of `path` takes a new file. Tried with an
+    unnamed file (O_TMPFILE), which nobody sees and which goes with its descriptor, or
+    where the system or the file system has none, a temporary file removed at once."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    try:
+        if flag:
+            try:
+                os.close(os.open(path.parent, flag | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR):  # EISDIR: an old kernel
+                    raise
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror}")
 
 
 @contextlib.contextmanager
