@@ -635,6 +635,22 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_gateway_is_asked
     assert_one_line_error(gw.run("ca", "show", "preflight"), "not_found")  # not created
 
 
+def test_an_existing_key_file_is_never_replaced_and_the_error_says_so(
+    gw: Gateway, tmp_path: Path
+) -> None:
+    """Even with --force (which replaces --out and --chain-out): the message does not send
+    the user to --force."""
+    key, cert = tmp_path / "w7.key", tmp_path / "w7.pem"
+    key.write_text("mine")
+    base = ("cert", "issue", "--ca", DEV_CA, "--profile", "server", "--san", "preflight.lab")
+    for force in ((), ("--force",)):
+        refused = gw.run(*base, "--key-out", str(key), "--out", str(cert), *force)
+        assert_one_line_error(refused, f"{key} exists: refusing to replace it", "never replaced")
+        assert "use --force" not in refused.err
+    assert key.read_text() == "mine" and not cert.exists()
+    assert table(gw.ok("cert", "list", "--san", "preflight.lab")) == []
+
+
 @pytest.mark.parametrize(
     ("value", "name"),
     [

@@ -33,6 +33,7 @@ from kmsgate.cli.common import (
     read_input,
     read_text,
     refuse_existing,
+    refuse_to_replace,
     write_bytes,
 )
 from kmsgate.client import Client
@@ -164,9 +165,7 @@ def ca_init_root(
     self-signed certificate (no gateway)."""
     if (key_out is None) == (token is None):
         fail("give exactly one of --key-out (a key file) and --token (a PKCS#11 token)")
-    for path in (key_out, cert_out):
-        if path is not None and path.exists():
-            fail(f"{path} exists: refusing to replace it")  # a root is never replaced
+    refuse_to_replace(key_out, cert_out)  # a root is never replaced
     if token is not None:
         with _local_errors(cert_out, "check"):
             name = check_root_request(subject, key_type, days, path_length)
@@ -481,7 +480,7 @@ def cert_issue(
     if (csr is None) == (key_out is None):
         fail("give either --csr FILE or --key-out FILE with --san")
     refuse_existing(force, out, chain_out)
-    refuse_existing(False, key_out)
+    refuse_to_replace(key_out)
     if key_out is None:
         assert csr is not None
         if san or cn:

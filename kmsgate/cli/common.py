@@ -152,6 +152,15 @@ def _try_a_new_file_beside(path: Path) -> None:
         fail(f"cannot write {path}: {exc.strerror}")
 
 
+def refuse_to_replace(*paths: Path | None) -> None:
+    """`refuse_existing` for files never replaced, even with --force (a private key, the
+    offline root's files): any file there is refused. Exits through `fail`."""
+    for path in paths:
+        if path is not None and os.path.lexists(path):
+            fail(f"{path} exists: refusing to replace it (never replaced, even with --force)")
+    refuse_existing(False, *paths)
+
+
 @contextlib.contextmanager
 def atomic_output(target: Path, *, force: bool, private: bool) -> Iterator[BinaryIO]:
     """A temporary file beside `target`, renamed onto it only if the block succeeds and
