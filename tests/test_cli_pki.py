@@ -651,6 +651,37 @@ def test_an_existing_key_file_is_never_replaced_and_the_error_says_so(
     assert table(gw.ok("cert", "list", "--san", "preflight.lab")) == []
 
 
+def test_a_write_that_fails_once_issued_names_the_serial_and_writes_nothing(
+    gw: Gateway, tmp_path: Path
+) -> None:
+    """/dev/full passes every check and fails the write (ENOSPC), as a full disk does once
+    the gateway has issued: the error names the serial, the new key is removed (nothing
+    certifies it any more), the other outputs are not written, and a created CA is named."""
+    key, cert, chain = tmp_path / "k.pem", tmp_path / "c.pem", tmp_path / "chain.pem"
+    base = ("cert", "issue", "--ca", DEV_CA, "--profile", "server", "--san", "full.lab")
+    refused = gw.run(*base, "--key-out", str(key), "--out", "/dev/full", "--chain-out", str(chain))
+    assert_one_line_error(refused, "cannot write /dev/full: No space left on device", "revoke")
+    serial = refused.err.split("certificate ")[1].split()[0]
+    assert f"kmsgate cert revoke {serial}" in refused.err
+    assert json.loads(gw.ok("cert", "show", serial).out)["status"] == "valid"  # issued indeed
+    assert sorted(tmp_path.iterdir()) == []  # no key, no chain, no temporary file
+
+    csr = tmp_path / "req.csr"
+    private = ec.generate_private_key(ec.SECP256R1())
+    request = (
+        x509.CertificateSigningRequestBuilder(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("full.lab")]), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    csr.write_bytes(request.public_bytes(serialization.Encoding.PEM))
+    refused = gw.run(*base[:-2], "--csr", str(csr), "--out", str(cert), "--chain-out", "/dev/full")
+    assert_one_line_error(refused, "No space left on device", "kmsgate cert show")
+    assert sorted(tmp_path.iterdir()) == [csr]  # the certificate is not written without its chain
+
+    refused = gw.run("ca", "create", "full-ca", "--subject", "CN=x", "--csr-out", "/dev/full")
+    assert_one_line_error(refused, "No space left on device", "CA full-ca was created, pending")
+
+
 @pytest.mark.parametrize(
     ("value", "name"),
     [

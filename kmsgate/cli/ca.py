@@ -26,6 +26,7 @@ from kmsgate.cli.common import (
     ForceOpt,
     TokenOpt,
     call,
+    done_already,
     err,
     fail,
     print_json,
@@ -35,6 +36,7 @@ from kmsgate.cli.common import (
     refuse_existing,
     refuse_to_replace,
     write_bytes,
+    write_files,
 )
 from kmsgate.client import Client
 from kmsgate.errors import ConfigError, KmsgateError
@@ -352,10 +354,8 @@ def ca_create(
     """Create a pending intermediate CA on the gateway; prints (or writes) its CSR."""
     refuse_existing(force, csr_out)
     ca = call(addr, token, Client.create_ca, name, subject, key_type=key_type, backend=backend)
-    if csr_out:
-        write_bytes(csr_out, ca["csr"].encode(), force=force)
-    else:
-        sys.stdout.write(ca["csr"])
+    with done_already(f"CA {name} was created, pending"):
+        _write_or_print(csr_out, ca["csr"], force=force)
     err.print(
         f"CA {name} is pending: sign its CSR with the root (kmsgate ca sign-intermediate), "
         f"then run kmsgate ca import {name} --cert CERT --chain ROOT",
@@ -495,11 +495,27 @@ def cert_issue(
         except BaseException:
             key_out.unlink(missing_ok=True)  # no certificate: the new key is of no use
             raise
-    _write_or_print(out, issued["certificate"], force=force)
-    if chain_out:
-        write_bytes(chain_out, issued["chain"].encode(), force=force)
+    serial = issued["serial"]
+    if key_out is None:
+        note = f"certificate {serial} was issued: kmsgate cert show {serial} has it"
+    else:
+        note = (
+            f"certificate {serial} was issued for the key {key_out}, which is removed: "
+            f"revoke the certificate (kmsgate cert revoke {serial})"
+        )
+    try:
+        with done_already(note):
+            written = [(out, issued["certificate"].encode()), (chain_out, issued["chain"].encode())]
+            write_files(written, force=force)
+    except typer.Exit:
+        if key_out is not None:
+            with contextlib.suppress(OSError):
+                key_out.unlink()  # the key without its certificate is of no use
+        raise
+    if out is None:
+        sys.stdout.write(issued["certificate"])
     err.print(
-        f"serial {issued['serial']} not_after {issued['not_after']}",
+        f"serial {serial} not_after {issued['not_after']}",
         highlight=False,
         soft_wrap=True,
     )

@@ -24,6 +24,7 @@ from rich.text import Text
 
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64encode
+from kmsgate.files import write_all
 from kmsgate.text import shown
 
 out = Console(markup=False)  # what is printed (a path, a name, a reason) is text, not markup
@@ -52,11 +53,30 @@ def json_errors(enabled: bool) -> Iterator[None]:
         JSON_ERRORS.reset(token)
 
 
+DONE_ALREADY: ContextVar[str] = ContextVar("DONE_ALREADY", default="")
+"""Set (`done_already`) once a command has changed something on the gateway and has its
+files left to write: `fail` then adds it to the message, so the user learns what to undo
+or fetch again (an issued certificate's serial, a pending CA)."""
+
+
+@contextlib.contextmanager
+def done_already(note: str) -> Iterator[None]:
+    """`DONE_ALREADY` set to `note` within the block."""
+    token = DONE_ALREADY.set(note)
+    try:
+        yield
+    finally:
+        DONE_ALREADY.reset(token)
+
+
 def fail(message: str, code: int = 2, *, problem: str = "error") -> NoReturn:
     """Print `error: message` as one line on stderr and exit with `code`. The message is
     text: a control character in it (a file name's newline or escape sequence) is printed
     as its escape, and "[...]" is no markup. Under `JSON_ERRORS`, also the JSON report,
-    whose `error.code` is `problem` (the gateway's problem code, for `fail_api`)."""
+    whose `error.code` is `problem` (the gateway's problem code, for `fail_api`). Under
+    `DONE_ALREADY`, the message ends with what was done: `(... but <note>)`."""
+    if note := DONE_ALREADY.get():
+        message += f" (but {note})"
     said = escape(shown(message))
     err.print(f"[red]error:[/red] {said}", markup=True, highlight=False, soft_wrap=True)
     if JSON_ERRORS.get():
@@ -219,12 +239,35 @@ def _umask() -> int:
 
 
 def write_bytes(path: Path, data: bytes, *, force: bool, private: bool = False) -> None:
-    """`data` into `path` through `atomic_output`. Exits through `fail` if it cannot."""
+    """`data` into `path` (`write_files`). Exits through `fail` if it cannot."""
+    write_files([(path, data)], force=force, private=private)
+
+
+def write_files(
+    outputs: Sequence[tuple[Path | None, bytes]], *, force: bool, private: bool = False
+) -> None:
+    """Each `(path, data)` of `outputs` (a None path is skipped), once `refuse_existing`
+    passes, all or none: the regular files through `kmsgate.files.write_all` (temporary
+    files, then renames; a failure leaves every path as it was), after each character
+    device or FIFO, written to as it is. Mode 0600 when `private` (a plaintext), else 0666
+    less the umask. Exits through `fail`, naming the file it could not write."""
+    given = [(path, data) for path, data in outputs if path is not None]
+    refuse_existing(force, *(path for path, _ in given))
+    regular = []
+    for path, data in given:
+        if not (path.is_char_device() or path.is_fifo()):
+            regular.append((path, data))
+            continue
+        try:
+            with _open_special(path, private=private, force=force) as stream:
+                stream.write(data)
+        except OSError as exc:
+            fail(f"cannot write {path}: {exc.strerror}")
     try:
-        with atomic_output(path, force=force, private=private) as sink:
-            sink.write(data)
+        write_all(regular, mode=0o600 if private else 0o666 & ~_umask())
     except OSError as exc:
-        fail(f"cannot write {path}: {exc.strerror}")
+        paths = exc.filename or ", ".join(str(path) for path, _ in regular)
+        fail(f"cannot write {paths}: {exc.strerror or exc}")
 
 
 def write_or_print_b64(path: Path | None, data: bytes, *, force: bool) -> None:
