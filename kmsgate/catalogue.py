@@ -129,6 +129,9 @@ class Key:
             raise error(f"key {self.name!r} is {self.state.value.replace('_', ' ')}")
 
     def version_state(self, v: KeyVersion) -> str:
+        """What a version is, as the API shows it: destroyed, else compromised (which says
+        more than retired; a compromised version below `min_decrypt_version` is retired
+        too, and `usable_version` refuses it as such), else retired, else enabled."""
         if v.destroyed_at is not None:
             return "destroyed"
         if v.compromised_since is not None:
@@ -147,9 +150,12 @@ class Key:
         v = self.versions.get(number)
         if v is None:
             raise KeyVersionUnusable(f"key {self.name!r} has no version {number}")
-        state = self.version_state(v)
-        if state in ("destroyed", "retired") or (for_signing and state == "compromised"):
-            raise KeyVersionUnusable(f"version {number} of {self.name!r} is {state}")
+        if v.destroyed_at is not None:
+            raise KeyVersionUnusable(f"version {number} of {self.name!r} is destroyed")
+        if number < self.min_decrypt_version:  # also when compromised: retired all the same
+            raise KeyVersionUnusable(f"version {number} of {self.name!r} is retired")
+        if for_signing and v.compromised_since is not None:
+            raise KeyVersionUnusable(f"version {number} of {self.name!r} is compromised")
         if for_signing and self.verify_only:
             raise KeyVersionUnusable(f"key {self.name!r} is verify-only (imported public key)")
         return v

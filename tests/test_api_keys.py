@@ -175,6 +175,30 @@ def test_compromised_version_stops_signing_and_strict_verify(api, admin):
     assert r.status_code == 422
 
 
+def test_a_compromised_version_below_the_minimum_is_retired_all_the_same(api, admin):
+    """Marking a retired version compromised (or a compromised one retired) must not make
+    it usable again: not to verify when named, not to decrypt or rewrap."""
+    create_key(api, admin, "s1")
+    signed = api.call("POST", "/v1/keys/s1/sign", admin, json={"input": b64(b"m")}).json()
+    create_key(api, admin, "e1", "aes-256-gcm", purpose="envelope-data")
+    sealed = api.call("POST", "/v1/keys/e1/encrypt", admin, json={"plaintext": b64(b"p")}).json()
+    since = {"since": (datetime.now(UTC) - timedelta(minutes=5)).isoformat()}
+    for name in ("s1", "e1"):
+        api.call("POST", f"/v1/keys/{name}/rotate", admin)
+        api.call("POST", f"/v1/keys/{name}/versions/1/compromised", admin, json=since)
+        assert api.call(
+            "PATCH", f"/v1/keys/{name}", admin, json={"min_decrypt_version": 2}
+        ).is_success
+    verify = {"input": b64(b"m"), "signature": signed["signature"], "version": 1}
+    named = api.call("POST", "/v1/keys/s1/verify", admin, json=verify)
+    assert (named.status_code, named.json()["code"]) == (409, "key_version_unusable"), named.text
+    assert "is retired" in named.json()["detail"]
+    for op in ("decrypt", "rewrap"):
+        body = {"ciphertext": sealed["ciphertext"]}
+        reply = api.call("POST", f"/v1/keys/e1/{op}", admin, json=body)
+        assert (reply.status_code, reply.json()["code"]) == (409, "key_version_unusable"), op
+
+
 def test_deletion_schedule_cancel_and_destroy(api, admin):
     create_key(api, admin, "k1")
     r = api.call("POST", "/v1/keys/k1/schedule-deletion", admin, json={"pending_days": 3})
