@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -20,6 +23,7 @@ from kmsgate.algorithms import KeyType
 from kmsgate.backends.base import Registry, WrapCapable
 from kmsgate.envelope import Envelope, Kind, decode_context, encode_context
 from tests.backends.conftest import PROFILES
+from tests.gateway import open_gateway
 from tests.helpers import b64, create_key, unb64
 
 CTX = {"tenant": "acme", "purpose": "invoice"}
@@ -399,3 +403,46 @@ def test_policy_and_audit(api, admin, make_token):
     denied = [json.loads(line) for line in log.read_text().splitlines()][-1]
     assert (denied["action"], denied["decision"]) == ("decrypt", "deny")
     assert denied["detail"]["context"] == CTX
+
+
+def test_a_rule_on_the_source_keys_context_holds_for_a_cross_key_rewrap(tmp_path):
+    """The source key is decided with the ciphertext's context (and its record names it),
+    so a deny on the source key's context cannot be evaded by rewrapping at another key."""
+    policies = tmp_path / "policies"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "policies", policies)
+    (policies / "secret_stays.rego").write_text(
+        "package kmsgate.authz\nimport rego.v1\n"
+        'deny contains "secret data never leaves src" if {\n'
+        '  input.action == "rewrap"; input.resource.name == "src"\n'
+        '  input.request.context.classification == "secret" }\n'
+    )
+    with open_gateway(tmp_path, policy_dir=policies) as (api, admin):
+        create_envelope_key(api, admin, "src")
+        create_envelope_key(api, admin, "dst")
+        secret, public = {"classification": "secret"}, {"classification": "public"}
+        sealed = encrypt(api, admin, "src", b"s", secret)
+        refused = op(api, admin, "dst", "rewrap", ciphertext=sealed, context=secret)
+        assert (refused.status_code, refused.json()["code"]) == (403, "policy_denied")
+        moved = op(api, admin, "dst", "rewrap", ciphertext=encrypt(api, admin, "src", b"p", public),
+                   context=public)  # fmt: skip
+        assert moved.status_code == 200, moved.text
+        source = [
+            r for r in api.service.audit.search(action="rewrap") if r["resource"]["name"] == "src"
+        ]
+        assert [(r["decision"], r["detail"]["context"]) for r in source] == [
+            ("deny", secret),
+            ("allow", public),
+        ]
+
+
+def test_a_forged_header_fails_as_decryption_failed(api, admin):
+    """A ciphertext whose header names a key no key can have, or a version its key never
+    had, is a damaged ciphertext (400), not a missing key or version."""
+    create_envelope_key(api, admin, "fh")
+    raw = Envelope.parse(unb64(encrypt(api, admin, "fh", b"x")))
+    for forged in (replace(raw, key_name="a b c"), replace(raw, key_version=2**32 - 1)):
+        for operation in ("decrypt", "rewrap"):
+            reply = op(api, admin, "fh", operation, ciphertext=b64(forged.to_bytes()))
+            assert (reply.status_code, reply.json()["code"]) == (400, "decryption_failed"), (
+                operation, reply.text
+            )  # fmt: skip

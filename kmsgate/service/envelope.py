@@ -23,7 +23,13 @@ from kmsgate.envelope import Envelope, Kind, encode_context, open_message, seal_
 from kmsgate.errors import DecryptionFailed, InvalidRequest, KmsgateError, NotFound, TooLarge
 from kmsgate.service.batch import ResultT, RunAll, each, run_on_target
 from kmsgate.service.gate import Call, Ctx, Gate, KeyTarget, Outcome
-from kmsgate.service.requests import DataKeyInput, DecryptInput, EncryptInput, RewrapInput
+from kmsgate.service.requests import (
+    Context,
+    DataKeyInput,
+    DecryptInput,
+    EncryptInput,
+    RewrapInput,
+)
 from kmsgate.service.results import Ciphertext, DataKey, ItemResults, Plaintext, WrappedDataKey
 
 EnvelopeT = TypeVar("EnvelopeT", bound=EncryptInput | DecryptInput | DataKeyInput | RewrapInput)
@@ -172,6 +178,8 @@ class Envelopes:
         """The DEK of `envelope` (made under `key`). Raises DecryptionFailed, or
         KeyVersionUnusable for a retired (below min_decrypt_version) or destroyed version."""
         wrapper = self._wrapper(key)
+        if envelope.key_version not in key.versions:  # a forged header, not a retired version
+            raise DecryptionFailed(f"the ciphertext names a version {key.name!r} never had")
         version = key.usable_version(envelope.key_version, for_signing=False)
         aad = wrap_aad(envelope.kind, key.name, version.version, context_aad)
         return wrapper.unwrap(key.backend_key(version), envelope.wrapped_dek, aad)
@@ -212,7 +220,11 @@ class Envelopes:
 
     def _rewrap_one(self, sources: _RewrapSources, key: Key, item: RewrapInput) -> Ciphertext:
         envelope = Envelope.parse(item.ciphertext)
-        source = key if envelope.key_name == key.name else sources.get(envelope.key_name, key)
+        source = (
+            key
+            if envelope.key_name == key.name
+            else sources.get(envelope.key_name, key, item.context)
+        )
         context_aad = encode_context(item.context)
         dek = self._unwrap(source, envelope, context_aad)
         if envelope.kind is Kind.MESSAGE:  # a damaged body fails now, not at a later decrypt
@@ -228,40 +240,41 @@ class Envelopes:
 
 
 class _RewrapSources:
-    """The other keys one rewrap request migrates from: each decided and audited once."""
+    """The other keys one rewrap request migrates from: each decided and audited once per
+    encryption context, as the target is (a rule on the source key's context holds)."""
 
     def __init__(self, envelopes: Envelopes, principal: Principal, ctx: Ctx) -> None:
         self._gate = envelopes.gate
         self._principal = principal
         self._ctx = ctx
-        self._found: dict[str, Key | KmsgateError] = {}
+        self._found: dict[tuple[str, bytes], Key | KmsgateError] = {}
 
-    def get(self, name: str, target: Key) -> Key:
-        """The source key `name` if the caller may rewrap from it into `target`. Raises the
-        error its items report: PolicyDenied, DecryptionFailed (no such key), KeyDisabled."""
-        if name not in self._found:
-            self._found[name] = self._check(name, target.name)
-        found = self._found[name]
+    def get(self, name: str, target: Key, context: Context) -> Key:
+        """The source key `name` if the caller may rewrap from it into `target` what was
+        encrypted with `context`. Raises the error its items report: PolicyDenied,
+        DecryptionFailed (no such key), KeyDisabled."""
+        seen = (name, encode_context(context))
+        if seen not in self._found:
+            self._found[seen] = self._check(name, target.name, context)
+        found = self._found[seen]
         if isinstance(found, KmsgateError):
             raise found
         return found
 
-    def _check(self, name: str, target: str) -> Key | KmsgateError:
-        source = self._gate.target(name)
-        call = Call(
-            self._principal,
-            self._ctx,
-            "rewrap",
-            source.resource(),
-            {"role": "source", "target": target},
-        )
+    def _check(self, name: str, target: str, context: Context) -> Key | KmsgateError:
+        asked = {"role": "source", "target": target, "context": dict(context or {})}
+        whose = {"target": target, **({"context": asked["context"]} if context else {})}
 
-        def check(key: Key, outcome: Outcome) -> Key:
+        def check(key: Key, _: Outcome) -> Key:
             key.require_enabled()
-            outcome.detail["target"] = target
             return key
 
         try:
+            source = self._gate.target(name)  # a name no key can have: a forged header
+            request = {**asked, "context_keys": sorted(context or {})}
+            call = Call(
+                self._principal, self._ctx, "rewrap", source.resource(), request, detail=whose
+            )
             return self._gate.run_on_key(call, source, check)
         except NotFound:
             return DecryptionFailed("the ciphertext names a key that does not exist")
