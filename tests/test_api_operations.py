@@ -143,6 +143,23 @@ def test_usage_is_bound_to_type(api, admin):
     assert api.call("POST", "/v1/keys/s/mac", admin, json={"input": "YWJj"}).status_code == 400
 
 
+def test_the_audit_log_digests_what_is_signed_but_not_what_is_maced(api, admin):
+    """A MAC's input is often a short secret (an account number): its plain SHA-256 in the
+    log would give it away to a reader who guesses; a signed message is public anyway."""
+    create_key(api, admin, "h", "hmac-sha256")
+    create_key(api, admin, "s", "ecdsa-p256")
+    secret = b64(b"078-05-1120")
+    mac = api.call("POST", "/v1/keys/h/mac", admin, json={"input": secret}).json()["mac"]
+    check = {"input": secret, "mac": mac}
+    assert api.call("POST", "/v1/keys/h/mac/verify", admin, json=check).json()["valid"]
+    api.call("POST", "/v1/keys/s/sign", admin, json={"input": secret})
+    for action in ("mac", "mac.verify"):
+        [record] = api.service.audit.search(action=action)
+        assert record["inputs"] == {"count": 1, "length": 11}, record
+    [signed] = api.service.audit.search(action="sign")
+    assert signed["inputs"]["sha256"] == hashlib.sha256(b"078-05-1120").hexdigest()
+
+
 @pytest.mark.parametrize("key_type", ["hmac-sha256", "hmac-sha384", "hmac-sha512"])
 def test_mac_and_verify(api, admin, key_type):
     create_key(api, admin, "h", key_type)

@@ -39,20 +39,23 @@ class AuditEvent:
             raise TypeError("reasons must be a sequence of strings, not a str")
 
 
-def input_summary(items: Sequence[bytes]) -> dict[str, object]:
-    """Summarise inputs as ``{"count", "length", "sha256"}`` without keeping any data.
+def input_summary(items: Sequence[bytes], *, digest: bool = True) -> dict[str, object]:
+    """Summarise inputs as ``{"count", "length", "sha256"}`` without keeping any data;
+    without `digest`, as ``{"count", "length"}`` (inputs a digest would give away).
 
     For one item, sha256 is that item's digest; otherwise it is the sha256 of the
     concatenated per-item digests, so a batch summary has a fixed size.
     """
+    if not digest:
+        return {"count": len(items), "length": sum(len(i) for i in items)}
     if len(items) == 1:
-        digest = hashlib.sha256(items[0]).hexdigest()
+        hexdigest = hashlib.sha256(items[0]).hexdigest()
     else:
         outer = hashlib.sha256()
         for item in items:
             outer.update(hashlib.sha256(item).digest())
-        digest = outer.hexdigest()
-    return {"count": len(items), "length": sum(len(i) for i in items), "sha256": digest}
+        hexdigest = outer.hexdigest()
+    return {"count": len(items), "length": sum(len(i) for i in items), "sha256": hexdigest}
 
 
 def record_fields(event: AuditEvent) -> dict[str, object]:

@@ -136,6 +136,7 @@ class Crypto:
             resource=target.resource(),
             request=_policy_request(target.key, items),
             inputs=[_message_bytes(item) for item in items],
+            digests=not action.startswith("mac"),  # what is signed is public; a MAC's input not
         )
         return run_on_target(self.gate, call, target, items, batch, run)
 

@@ -87,10 +87,14 @@ class Call(NamedTuple):
     resource: Mapping[str, object]
     request: Mapping[str, object] | None = None
     inputs: Sequence[bytes] | None = None
-    """Message inputs, recorded in the audit log as digests (never as they are)."""
+    """Message inputs, recorded in the audit log as their count, length and (with
+    `digests`) digest, never as they are."""
     detail: Mapping[str, object] | None = None
     """What every audit record of the call has in its `detail`, a denial's too (an
     envelope's encryption context: who tried to decrypt whose data)."""
+    digests: bool = True
+    """Whether the records digest `inputs`: not for what is MACed, often a short secret
+    (an account number, an e-mail) that anyone reading the log could find from its hash."""
 
 
 @dataclass(slots=True)
@@ -427,7 +431,7 @@ class Gate:
             "resource": {k: v for k, v in call.resource.items() if k in ("kind", "name")},
             "reasons": tuple(decision.reasons),
             "exception_id": _exception_used(decision),
-            "inputs": input_summary(call.inputs) if call.inputs else None,
+            "inputs": input_summary(call.inputs, digest=call.digests) if call.inputs else None,
             "policy_digest": self.policy.digest,
         }
 
