@@ -1,7 +1,7 @@
 """The `kmsgate` command line (typer + rich): the app, its global options and every command.
 
 Every command but `serve`, `audit verify`, `policy test` and the offline root ceremony
-(`ca init-root`, `ca sign-intermediate`) talks to a gateway through `kmsgate.client`
+(`ca init-root`, `ca sign-intermediate`, `ca root-crl`) talks to a gateway through `kmsgate.client`
 (`--addr`/`KMSGATE_ADDR`, `--token`/`KMSGATE_TOKEN`). Failures print one
 line on stderr and exit non-zero: 1 for a negative answer (invalid signature, failed check),
 2 for an error.
@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from kmsgate import __version__
-from kmsgate.cli import admin, ca, encryption, keys
+from kmsgate.cli import admin, ca, certs, encryption, keys
 from kmsgate.cli.agent import agent
 from kmsgate.cli.common import fail
 from kmsgate.cli.exceptions import exception_app
@@ -37,7 +37,7 @@ app.add_typer(admin.audit_app, name="audit")
 app.add_typer(admin.policy_app, name="policy")
 app.add_typer(model_app, name="model")
 app.add_typer(ca.ca_app, name="ca")
-app.add_typer(ca.cert_app, name="cert")
+app.add_typer(certs.cert_app, name="cert")
 app.add_typer(exception_app, name="exception")
 
 # top-level commands, in the order `kmsgate --help` lists them

@@ -1,5 +1,5 @@
-"""`kmsgate ca` (the offline root ceremony, intermediate CAs on the gateway, chains and CRLs)
-and `kmsgate cert` (issue, inspect, list and revoke certificates).
+"""`kmsgate ca`: the offline root ceremony, intermediate CAs on the gateway, chains and CRLs
+(`kmsgate cert`, in certs.py, issues from them).
 
 `ca init-root`, `ca sign-intermediate` and `ca root-crl` run without a gateway, on the
 machine that keeps the root key; every other command talks to a gateway.
@@ -12,14 +12,12 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.cli.common import (
     AddrOpt,
@@ -29,19 +27,17 @@ from kmsgate.cli.common import (
     done_already,
     err,
     fail,
+    local_errors,
     print_json,
-    print_table,
+    print_rows,
     read_input,
     read_text,
     refuse_existing,
     refuse_to_replace,
     write_bytes,
-    write_files,
 )
 from kmsgate.client import Client
-from kmsgate.errors import ConfigError, KmsgateError
 from kmsgate.pki.crl import REVOCATION_REASONS, parse_reason
-from kmsgate.pki.csr import new_key_and_csr
 from kmsgate.pki.issuer import parse_serial
 from kmsgate.pki.root import (
     ROOT_KEY_TYPES,
@@ -53,7 +49,6 @@ from kmsgate.pki.root import (
     self_signed_root,
     sha256_fingerprint,
     sign_intermediate,
-    write_private_file,
 )
 from kmsgate.text import utc_timestamp
 
@@ -62,7 +57,6 @@ if TYPE_CHECKING:  # python-pkcs11 is an extra, and the backends load slowly: `-
     from kmsgate.pki.token_root import RootToken
 
 ca_app = typer.Typer(no_args_is_help=True, help="Certificate authorities: root ceremony, CAs.")
-cert_app = typer.Typer(no_args_is_help=True, help="Certificates: issue, list, revoke.")
 
 PEM = serialization.Encoding.PEM
 PKCS8 = serialization.PrivateFormat.PKCS8
@@ -91,20 +85,6 @@ def _load_pem(path: Path, what: str, loader: Any) -> Any:
         return loader(read_text(path).encode())
     except (ValueError, x509.InvalidVersion):
         fail(f"{path} is not a PEM {what}")
-
-
-@contextlib.contextmanager
-def _local_errors(path: Path, doing: str) -> Iterator[None]:
-    """One-line failures (exit 2) for work done without a gateway: a KmsgateError's detail,
-    an OSError as `cannot <doing> <path>: <reason>`."""
-    try:
-        yield
-    except KmsgateError as exc:
-        fail(exc.detail)
-    except ConfigError as exc:  # a token's module or PIN source (messages carry no values)
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"cannot {doing} {path}: {exc.strerror}")
 
 
 def _report(cert: x509.Certificate, message: str) -> None:
@@ -136,7 +116,7 @@ def _open_token(uri: str) -> Iterator[tuple[RootToken, Pkcs11Backend]]:
 
     logging.getLogger("kmsgate.backends.pkcs11").setLevel(logging.ERROR)
     try:
-        with _local_errors(Path(uri), "open"):
+        with local_errors(Path(uri), "open"):
             token = RootToken.parse(uri)
             if token.pin_file() is None:
                 typed = typer.prompt("Token user PIN", hide_input=True, err=True)
@@ -169,9 +149,9 @@ def ca_init_root(
         fail("give exactly one of --key-out (a key file) and --token (a PKCS#11 token)")
     refuse_to_replace(key_out, cert_out)  # a root is never replaced
     if token is not None:
-        with _local_errors(cert_out, "check"):
+        with local_errors(cert_out, "check"):
             name = check_root_request(subject, key_type, days, path_length)
-        with _open_token(token) as (held, backend), _local_errors(cert_out, "write"):
+        with _open_token(token) as (held, backend), local_errors(cert_out, "write"):
             from kmsgate.pki.token_root import create_root_key
 
             key, reference = create_root_key(backend, held, key_type)
@@ -185,7 +165,7 @@ def ca_init_root(
         return
     assert key_out is not None
     passphrase = _passphrase(passphrase_file, confirm=True)
-    with _local_errors(key_out, "write"):
+    with local_errors(key_out, "write"):
         cert = init_root(
             key_out, passphrase, subject, key_type=key_type, days=days, path_length=path_length
         )
@@ -224,7 +204,7 @@ def ca_sign_intermediate(
     certificate = _root_certificate(root_cert, root_key, token, out, force)
     request = _load_pem(csr, "certificate signing request", x509.load_pem_x509_csr)
     key = _root_key(certificate, root_cert, root_key, token, passphrase_file)
-    with key as root, _local_errors(csr, "sign"):
+    with key as root, local_errors(csr, "sign"):
         signed = sign_intermediate(
             root,
             certificate,
@@ -266,11 +246,11 @@ def ca_root_crl(
     """Sign the offline root's CRL, listing the intermediates it revoked (no gateway)."""
     certificate = _root_certificate(root_cert, root_key, token, out, force)
     last = _load_crl(previous) if previous is not None else None
-    with _local_errors(root_cert, "revoke"):
+    with local_errors(root_cert, "revoke"):
         why = parse_reason(reason, revoking=True)
         revoked = [(parse_serial(serial), why) for serial in revoke]
     key = _root_key(certificate, root_cert, root_key, token, passphrase_file)
-    with key as root, _local_errors(root_cert, "sign the CRL of"):
+    with key as root, local_errors(root_cert, "sign the CRL of"):
         crl = root_crl(root, certificate, revoke=revoked, previous=last, days=days)
     write_bytes(out, crl.public_bytes(PEM), force=force)
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
@@ -311,7 +291,7 @@ def _root_key(
     one line when it cannot be had."""
     if token is not None:
         with _open_token(token) as (held, backend):
-            with _local_errors(root_cert, "use the root key of"):
+            with local_errors(root_cert, "use the root key of"):
                 from kmsgate.pki.token_root import find_root_key
 
                 key = find_root_key(backend, held, certificate)
@@ -319,7 +299,7 @@ def _root_key(
         return
     assert key_file is not None
     passphrase = _passphrase(passphrase_file, confirm=False)
-    with _local_errors(key_file, "read"):
+    with local_errors(key_file, "read"):
         loaded = load_root(key_file, passphrase)
     yield loaded
 
@@ -381,12 +361,7 @@ def ca_import(
 def ca_list(addr: AddrOpt = None, token: TokenOpt = None) -> None:
     """The CAs (a table; tab-separated lines when piped)."""
     cas = call(addr, token, Client.list_cas)
-    _print_rows(["name", "type", "state", "subject", "key", "parent", "not_after"], cas)
-
-
-def _print_rows(columns: list[str], items: list[dict[str, Any]]) -> None:
-    """`print_table` of these fields of each item (a missing or null field: empty)."""
-    print_table(columns, [[str(item.get(c) or "") for c in columns] for item in items])
+    print_rows(["name", "type", "state", "subject", "key", "parent", "not_after"], cas)
 
 
 @ca_app.command("show")
@@ -437,173 +412,3 @@ def _write_or_print(path: Path | None, text: str, *, force: bool) -> None:
         write_bytes(path, text.encode(), force=force)
     else:
         sys.stdout.write(text)
-
-
-# -- certificates ----------------------------------------------------------------------------
-
-
-def _new_key_and_csr(sans: list[str], cn: str | None) -> tuple[ec.EllipticCurvePrivateKey, str]:
-    """A fresh P-256 key and a CSR for it naming `sans` (and `cn` as the subject's common
-    name), PEM. Fails when there are no SANs or one is malformed."""
-    if not sans:
-        fail("--key-out needs at least one --san")
-    try:
-        key, csr = new_key_and_csr(sans, cn)
-    except ValueError as exc:
-        fail(f"--san: {exc}")
-    return key, csr.public_bytes(PEM).decode()
-
-
-@cert_app.command("issue")
-def cert_issue(
-    ca: Annotated[str, typer.Option(help="The issuing CA.")],
-    profile: Annotated[str, typer.Option(help="server, client, workload, ...")],
-    csr: Annotated[Path | None, typer.Option(help="Certify this CSR's key (PEM).")] = None,
-    key_out: Annotated[
-        Path | None, typer.Option(help="Make a P-256 key here (0600) and a CSR from --san.")
-    ] = None,
-    san: Annotated[
-        list[str], typer.Option(help="dns:NAME, ip:ADDR, uri:URI or a bare name; repeatable.")
-    ] = [],  # noqa: B006
-    cn: Annotated[str | None, typer.Option(help="Common name (one of the SANs).")] = None,
-    ttl: Annotated[str | None, typer.Option(help="e.g. 12h, 7d (default: the profile's).")] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Write the certificate here.")
-    ] = None,
-    chain_out: Annotated[Path | None, typer.Option(help="Write the CA chain here.")] = None,
-    force: ForceOpt = False,
-    addr: AddrOpt = None,
-    token: TokenOpt = None,
-) -> None:
-    """Issue a certificate: for a CSR, or for a new local key (--key-out with --san).
-    --force replaces an existing --out or --chain-out, never a key."""
-    if (csr is None) == (key_out is None):
-        fail("give either --csr FILE or --key-out FILE with --san")
-    refuse_existing(force, out, chain_out)
-    refuse_to_replace(key_out)
-    if key_out is None:
-        assert csr is not None
-        if san or cn:
-            fail("--san and --cn go with --key-out; a CSR names itself")
-        issued = call(addr, token, Client.issue_certificate, ca, read_text(csr), profile, ttl=ttl)
-    else:
-        key, request = _new_key_and_csr(san, cn)
-        with _local_errors(key_out, "write"):
-            write_private_file(key_out, key.private_bytes(PEM, PKCS8, serialization.NoEncryption()))
-        try:
-            issued = call(addr, token, Client.issue_certificate, ca, request, profile, ttl=ttl)
-        except BaseException:
-            key_out.unlink(missing_ok=True)  # no certificate: the new key is of no use
-            raise
-    serial = issued["serial"]
-    if key_out is None:
-        note = f"certificate {serial} was issued: kmsgate cert show {serial} has it"
-    else:
-        note = (
-            f"certificate {serial} was issued for the key {key_out}, which is removed: "
-            f"revoke the certificate (kmsgate cert revoke {serial})"
-        )
-    try:
-        with done_already(note):
-            written = [(out, issued["certificate"].encode()), (chain_out, issued["chain"].encode())]
-            write_files(written, force=force)
-    except typer.Exit:
-        if key_out is not None:
-            with contextlib.suppress(OSError):
-                key_out.unlink()  # the key without its certificate is of no use
-        raise
-    if out is None:
-        sys.stdout.write(issued["certificate"])
-    err.print(
-        f"serial {serial} not_after {issued['not_after']}",
-        highlight=False,
-        soft_wrap=True,
-    )
-
-
-@cert_app.command("show")
-def cert_show(serial: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
-    """One certificate's record as JSON (status, SANs, owner, the PEM)."""
-    print_json(call(addr, token, Client.get_certificate, serial))
-
-
-CERT_COLUMNS = ["serial", "ca", "profile", "status", "not_after", "sans", "owner"]
-
-
-def _print_certs(certs: list[dict[str, Any]]) -> None:
-    _print_rows(CERT_COLUMNS, [{**c, "sans": ",".join(c["sans"])} for c in certs])
-
-
-@cert_app.command("list")
-def cert_list(
-    ca: Annotated[str | None, typer.Option()] = None,
-    profile: Annotated[str | None, typer.Option()] = None,
-    san: Annotated[str | None, typer.Option(help="A SAN value, or a suffix: .lab")] = None,
-    status: Annotated[str | None, typer.Option(help="valid, revoked or expired")] = None,
-    owner: Annotated[str | None, typer.Option(help="Principal that had it issued.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=1000, help="Per page.")] = 100,
-    all_pages: Annotated[bool, typer.Option("--all", help="Every page, not only the first.")] = (
-        False
-    ),
-    addr: AddrOpt = None,
-    token: TokenOpt = None,
-) -> None:
-    """The certificate inventory, by serial (a table; tab-separated lines when piped)."""
-    filters: dict[str, Any] = {
-        "ca": ca,
-        "profile": profile,
-        "san": san,
-        "status": status,
-        "owner": owner,
-        "limit": limit,
-    }
-
-    def fetch(client: Client) -> list[dict[str, Any]]:
-        if all_pages:
-            return list(client.iter_certificates(**filters))
-        page = client.list_certificates(**filters)
-        if page.get("next"):
-            err.print(
-                "more certificates: use --all or a larger --limit", highlight=False, soft_wrap=True
-            )
-        certs: list[dict[str, Any]] = page["certs"]
-        return certs
-
-    _print_certs(call(addr, token, fetch))
-
-
-@cert_app.command("expiring")
-def cert_expiring(
-    within: Annotated[str, typer.Option(help="e.g. 7d, 12h")],
-    ca: Annotated[str | None, typer.Option()] = None,
-    profile: Annotated[str | None, typer.Option()] = None,
-    addr: AddrOpt = None,
-    token: TokenOpt = None,
-) -> None:
-    """Valid certificates whose not_after falls within the given time from now."""
-    try:
-        from kmsgate.durations import parse_duration_setting  # pydantic: slow to load
-
-        horizon = datetime.now(UTC) + parse_duration_setting(within)
-    except ValueError as exc:
-        fail(f"--within: {exc}")
-    filters = {"ca": ca, "profile": profile, "status": "valid", "expires_before": horizon}
-
-    def fetch(client: Client) -> list[dict[str, Any]]:
-        return [c for c in client.iter_certificates(**filters) if c["status"] == "valid"]
-
-    certs = call(addr, token, fetch)
-    _print_certs(sorted(certs, key=lambda c: str(c["not_after"])))
-
-
-@cert_app.command("revoke")
-def cert_revoke(
-    serial: str,
-    reason: Annotated[str, typer.Option(help="RFC 5280 name: keyCompromise, superseded, ...")] = (
-        "unspecified"
-    ),
-    addr: AddrOpt = None,
-    token: TokenOpt = None,
-) -> None:
-    """Revoke a certificate; prints its record as JSON."""
-    print_json(call(addr, token, Client.revoke_certificate, serial, reason))

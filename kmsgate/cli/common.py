@@ -24,6 +24,7 @@ from rich.text import Text
 
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64encode
+from kmsgate.errors import ConfigError, KmsgateError
 from kmsgate.files import write_all
 from kmsgate.text import shown
 
@@ -323,3 +324,22 @@ def bar_label(text: str) -> TextColumn:
     name's "[...]" is no markup, its "{...}" no format field, a control character its
     escape)."""
     return TextColumn(shown(text).replace("{", "{{").replace("}", "}}"), style="bold", markup=False)
+
+
+@contextlib.contextmanager
+def local_errors(path: Path, doing: str) -> Iterator[None]:
+    """One-line failures (exit 2) for work done without a gateway: a KmsgateError's detail,
+    an OSError as `cannot <doing> <path>: <reason>`."""
+    try:
+        yield
+    except KmsgateError as exc:
+        fail(exc.detail)
+    except ConfigError as exc:  # a token's module or PIN source (messages carry no values)
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot {doing} {path}: {exc.strerror}")
+
+
+def print_rows(columns: list[str], items: list[dict[str, Any]]) -> None:
+    """`print_table` of these fields of each item (a missing or null field: empty)."""
+    print_table(columns, [[str(item.get(c) or "") for c in columns] for item in items])
