@@ -376,7 +376,8 @@ class Catalogue(StoreMirror):
         return self._store_and_cache(lambda: self._store.keys.insert(key_row(key), rows), key)
 
     def add_version(self, key: Key, version: KeyVersion, now: datetime) -> Key:
-        """Persist a new primary version. Raises Conflict if the key was rotated meanwhile."""
+        """Persist a new primary version. Raises Conflict if the key was rotated, disabled
+        or scheduled for deletion meanwhile."""
         new = replace(
             key,
             versions={**key.versions, version.version: version},
@@ -385,7 +386,10 @@ class Catalogue(StoreMirror):
         )
         return self._store_and_cache(
             lambda: self._store.keys.add_version(
-                key.name, version_row(version), expected_primary=key.primary_version
+                key.name,
+                version_row(version),
+                expected_primary=key.primary_version,
+                expected_state=key.state.value,
             ),
             new,
         )

@@ -297,6 +297,22 @@ def test_version_uniqueness_is_enforced_by_the_database(store):
     assert reloaded.versions[2].backend_ref == "r2"
 
 
+@pytest.mark.parametrize("state", [KeyState.DISABLED, KeyState.PENDING_DELETION])
+def test_a_rotation_that_began_before_a_disable_adds_no_version(store, state):
+    """Another replica disables the key (or schedules its deletion) while this one makes
+    the new version: the rotation fails, the key keeps its one version, and signs no more."""
+    a, b = Catalogue(store), Catalogue(store)
+    a.insert(make_key())
+    b.reload()
+    rotating = a.get("k")  # read, enabled, before the other replica's change
+    now = datetime.now(UTC)
+    b.update(b.get("k"), state=state, updated_at=now)
+    with pytest.raises(Conflict):
+        a.add_version(rotating, KeyVersion(version=2, backend_ref="r2", created_at=now), now)
+    stored = Catalogue(store).get("k")
+    assert (stored.state, sorted(stored.versions), stored.primary_version) == (state, [1], 1)
+
+
 def test_concurrent_rotations_yield_one_winner_per_version(store):
     Catalogue(store).insert(make_key())
     replicas = [Catalogue(store) for _ in range(4)]

@@ -29,10 +29,15 @@ class Keys:
                 conn.execute(sa.insert(tables.key_versions).values(key_name=key["name"], **version))
             record_change(conn, AGGREGATE, key["name"])
 
-    def add_version(self, name: str, version: Row, *, expected_primary: int) -> None:
-        """Add a version and make it primary, if the primary is still `expected_primary`.
+    def add_version(
+        self, name: str, version: Row, *, expected_primary: int, expected_state: str
+    ) -> None:
+        """Add a version and make it primary, if the primary is still `expected_primary`
+        and the state still `expected_state`.
 
-        Raises Conflict if another writer rotated first (the database enforces uniqueness).
+        Raises Conflict if another writer rotated first (the database enforces uniqueness),
+        or disabled the key or scheduled its deletion meanwhile (a rotation that had begun
+        must not give such a key a new version).
         """
         with self._db.transaction() as conn:
             conn.execute(sa.insert(tables.key_versions).values(key_name=name, **version))
@@ -40,6 +45,7 @@ class Keys:
                 sa.update(tables.keys)
                 .where(tables.keys.c.name == name)
                 .where(tables.keys.c.primary_version == expected_primary)
+                .where(tables.keys.c.state == expected_state)
                 .values(primary_version=version["version"], updated_at=version["created_at"])
             )
             if updated.rowcount != 1:
