@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificatePublicKeyTypes,
 )
@@ -57,6 +58,10 @@ OCSP_MISSES_PER_SECOND = 500.0
 """OCSP statuses a process reads from the store per second; beyond that, `tryLater`."""
 MAX_CACHED_SERIALS = 100_000
 """Serials whose answers a process keeps; the oldest go first beyond that."""
+
+
+RESPONDER_PROFILE = "ocsp-responder"
+"""The inventory's profile of a delegated OCSP responder certificate."""
 
 
 def responder_key_name(ca: str) -> str:
@@ -168,8 +173,30 @@ class PublishedDocuments(StoreMirror):
         once in this process. Raises Unavailable."""
         with self._lock:
             self._store.crls.publish(ca, [doc.row() for doc in documents])
-            published = self._published.get(ca, Published()).merged(documents)
-            self._published[ca] = published
+            return self._serve(ca, documents)
+
+    def publish_responder(
+        self,
+        ca: str,
+        responder: Document,
+        record: Row,
+        *,
+        replacing: x509.Certificate | None,
+    ) -> Published:
+        """Store the responder certificate `responder` as `ca`'s, with its inventory
+        `record`, in place of `replacing` (the responder this process saw; None: none),
+        and serve it at once in this process. Raises Conflict if another process published
+        one meanwhile (nothing is stored), Unavailable."""
+        der = replacing.public_bytes(serialization.Encoding.DER) if replacing else None
+        with self._lock:
+            self._store.crls.publish_responder(ca, responder.row(), record, replacing=der)
+            return self._serve(ca, [responder])
+
+    def _serve(self, ca: str, documents: Sequence[Document]) -> Published:
+        """Serve `documents`, just stored, as `ca`'s in this process; the caller holds the
+        lock."""
+        published = self._published.get(ca, Published()).merged(documents)
+        self._published[ca] = published
         return published
 
 
@@ -195,34 +222,42 @@ class OcspAnswers(StoreMirror):
 
     def __init__(self, store: Store) -> None:
         self._answers: dict[int, dict[tuple[str, str], Answer]] = {}
-        self._watched: dict[int, bool] = {}  # serial -> changed since `watch`
+        self._watched: dict[int, int] = {}  # serial -> how many changes the feed brought
         super().__init__(store, read_through_per_second=OCSP_MISSES_PER_SECOND)
 
     def _load(self) -> None:
         self._answers = {}
-        self._watched = dict.fromkeys(self._watched, True)  # anything may have changed
+        self._watched = {serial: seen + 1 for serial, seen in self._watched.items()}
 
     def _load_item(self, item: str) -> None:
         with contextlib.suppress(ValueError):  # not a serial: nothing of ours to drop
             serial = int(item, 16)
             self._answers.pop(serial, None)
-            if serial in self._watched:  # a responder's own certificate (revoked)
-                self._watched[serial] = True
+            if serial in self._watched and self.revoked(item):  # a responder's own
+                self._watched[serial] += 1
                 self._answers = {}  # what it signed is served no more
 
-    def watch(self, serial: int) -> None:
-        """Note from now on whether the certificate `serial` changes (a responder's own
-        certificate: see `changed`; its change also drops every cached answer). Call it
-        before reading the certificate's state."""
-        with self._lock:
-            if len(self._watched) >= MAX_CACHED_SERIALS:
-                self._watched.clear()
-            self._watched[serial] = False
+    def revoked(self, serial: str) -> bool:
+        """Whether the inventory has the certificate `serial` (hex) revoked (a change to a
+        responder's certificate that is not its revocation, such as its issuance, leaves
+        what it signed in place). Raises Unavailable."""
+        row = self._store.certs.get(serial)
+        return row is not None and row["status"] == REVOKED
 
-    def changed(self, serial: int) -> bool:
-        """Whether the certificate `serial` changed (was revoked) since `watch`; True for a
-        serial not watched."""
-        return self._watched.get(serial, True)
+    def watch(self, serial: int) -> int:
+        """Follow the changes of the certificate `serial` (a responder's own certificate:
+        its change also drops every cached answer) and return how many there were so far,
+        for `changed_after`. Call it before reading the certificate's state: a change the
+        read did not see is then counted after it."""
+        with self._lock:
+            if serial not in self._watched and len(self._watched) >= MAX_CACHED_SERIALS:
+                self._watched.clear()
+            return self._watched.setdefault(serial, 0)
+
+    def changed_after(self, serial: int, seen: int) -> bool:
+        """Whether the certificate `serial` changed (was revoked) after `watch` returned
+        `seen`; True for a serial no longer watched."""
+        return self._watched.get(serial) != seen
 
     def get(self, serial: int, ca: str, cert_id_hash: str) -> tuple[Answer | None, int]:
         """The cached answer about `serial` (by CA and CertID hash), and the feed position to

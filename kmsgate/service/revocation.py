@@ -67,6 +67,7 @@ from kmsgate.pki.ocsp import (
 from kmsgate.pki.revocation import (
     CRL_VALIDITY,
     OCSP_VALIDITY,
+    RESPONDER_PROFILE,
     RESPONDER_VALIDITY,
     Answer,
     Document,
@@ -84,7 +85,7 @@ from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.pki import Pki
 from kmsgate.service.requests import NewKey
 from kmsgate.store import Store
-from kmsgate.store.certificates import REVOKED
+from kmsgate.store.certificates import REVOKED, CertQuery
 from kmsgate.store.crls import DELTA, FULL, RESPONDER
 
 log = logging.getLogger("kmsgate.revocation")
@@ -115,7 +116,9 @@ class Revocation:
         self._provisioning = threading.Lock()
         self._certs_epoch = -1
         self._retry_at: dict[str, float] = {}
-        self._responders: dict[str, Responder] = {}  # CA -> its checked OCSP responder
+        self._responders: dict[str, tuple[Responder, int]] = {}
+        """CA -> its checked OCSP responder, and the count of its certificate's changes
+        when it was checked (`OcspAnswers.watch`)."""
         self._serving: dict[str, Authority] = {}  # served CAs asked about (OCSP, CRL)
         self._listed: dict[str, tuple[int, frozenset[int]]] = {}  # CA -> full CRL's serials
 
@@ -174,8 +177,9 @@ class Revocation:
         """The DER OCSPResponse to the request `der` about a certificate of CA `ca_name`:
         malformedRequest, unauthorized (another issuer, a CA that is not active), tryLater
         (too many uncached serials), or a signed good / revoked / unknown answer. May read
-        the store and, for the CA's first responder, sign with the CA's key. Raises NotFound
-        (no such CA); Unavailable or a backend error only while a responder is being made."""
+        the store and, for the CA's first responder, sign with the CA's key; tryLater
+        (logged) while no responder can sign (one is being made, by another process too; the
+        store or the key's backend is away). Raises NotFound (no such CA)."""
         ca = self.pki.authorities.find(ca_name)
         if ca is None:
             raise NotFound(f"no CA named {ca_name!r}")
@@ -183,7 +187,11 @@ class Revocation:
             return self._vault_ocsp(ca, der)
         if _serves(ca):
             self._serving[ca.name] = ca
-        answer = self._respond(ctx, ca, der, memory_only=False)
+        try:
+            answer = self._respond(ctx, ca, der, memory_only=False)
+        except KmsgateError as exc:  # an OCSP client understands tryLater, not a problem
+            log.warning("OCSP for CA %s: no responder can answer now: %s", ca.name, exc.code)
+            return try_later_response()
         assert answer is not None  # only memory_only gives up
         return answer
 
@@ -392,7 +400,10 @@ class Revocation:
             self.published.fetch(ca.name)  # another process may have made one
             current = self._current_responder(ca, at)
             if current is None:
-                self._provision_responder(ctx, ca, at)
+                try:
+                    self._provision_responder(ctx, ca, at)
+                except Conflict:  # another process published one first: it is the one
+                    self.published.fetch(ca.name)
                 current = self._current_responder(ca, at)
         if current is None:
             raise Unavailable(f"CA {ca.name!r} has no OCSP responder yet; retry shortly")
@@ -410,36 +421,40 @@ class Revocation:
         certificate = published.responder if published else None
         if certificate is None or certificate.not_valid_after_utc <= at:
             return None
-        responder = self._responders.get(ca.name)
+        checked = self._responders.get(ca.name)
         serial = certificate.serial_number
-        current = responder is not None and responder.certificate == certificate
-        if not current or self.answers.changed(serial):
-            if memory_only:
-                return None
-            key = self.gate.catalogue.find(responder_key_name(ca.name))
-            if key is None:
-                return None
-            signer = self.pki.signing_key(key)
-            if signer.public_key() != certificate.public_key():
-                return None  # the key was rotated: a new certificate is due
-            self.answers.watch(serial)  # before the read: a later revocation is seen too
-            if self._revoked(certificate):
-                self._responders.pop(ca.name, None)
-                return None  # a new key and certificate are due
-            responder = Responder.checked(ca.active_certificate(), certificate, signer)
-            self._responders[ca.name] = responder
+        if (
+            checked is not None
+            and checked[0].certificate == certificate
+            and not self.answers.changed_after(serial, checked[1])
+        ):
+            return checked[0]
+        if memory_only:
+            return None
+        # the store's key, not this process's copy: another may have rotated it and
+        # certified the new version, which this copy would not match
+        key = self.gate.catalogue.find_current(responder_key_name(ca.name), change=False)
+        if key is None:
+            return None
+        signer = self.pki.signing_key(key)
+        if signer.public_key() != certificate.public_key():
+            return None  # the key was rotated: a new certificate is due
+        seen = self.answers.watch(serial)  # before the read: a later revocation counts
+        if self.answers.revoked(serial_hex(serial)):
+            self._responders.pop(ca.name, None)
+            return None  # a new key and certificate are due
+        responder = Responder.checked(ca.active_certificate(), certificate, signer)
+        self._responders[ca.name] = (responder, seen)
         return responder
-
-    def _revoked(self, certificate: x509.Certificate) -> bool:
-        """Whether the inventory has `certificate` revoked. Raises Unavailable."""
-        row = self.store.certs.get(serial_hex(certificate.serial_number))
-        return row is not None and row["status"] == REVOKED
 
     def _provision_responder(self, ctx: Ctx, ca: Authority, at: datetime) -> None:
         """Issue (and publish) a responder certificate for the CA's `ocsp` key, creating the
-        key on the first call. Audited as `ocsp.responder` by `system`. Raises Conflict (CA
-        not active), InvalidRequest (CA expired) and what the backends raise."""
-
+        key on the first call, in place of the responder this process saw published.
+        Audited as `ocsp.responder` by `system`. Raises Conflict (CA not active, the key of a
+        revoked responder, another process published a responder first: then nothing is
+        stored), InvalidRequest (CA expired) and what the backends raise."""
+        published = self.published.find(ca.name, read_through=False)
+        replacing = published.responder if published else None
         self._rotate_revoked_responder_key(ctx, ca)
 
         def provision(outcome: Outcome) -> None:
@@ -448,6 +463,8 @@ class Revocation:
             public_key = key.versions[key.primary_version].public_key()
             if key.purpose != OCSP_PURPOSE or not isinstance(public_key, ec.EllipticCurvePublicKey):
                 raise Conflict(f"key {key.name!r} exists and is not an OCSP responder key")
+            if self._revoked_responder(ca, public_key) is not None:  # rotated elsewhere since
+                raise Conflict(f"key {key.name!r} is a revoked responder's: retry")
             not_before, not_after = validity(issuer, RESPONDER_VALIDITY, at)
             subject = x509.Name(
                 [x509.NameAttribute(x509.NameOID.COMMON_NAME, f"{ca.name} OCSP responder")]
@@ -466,13 +483,15 @@ class Revocation:
             record = record_of(
                 certificate,
                 ca=ca.name,
-                profile="ocsp-responder",
+                profile=RESPONDER_PROFILE,
                 key_type=RESPONDER_KEY_TYPE,
                 owner=SYSTEM.id,
             )
-            self.store.certs.insert(record_row(record))
             der = certificate.public_bytes(serialization.Encoding.DER)
-            self.published.publish(ca.name, [Document(RESPONDER, der, not_before, not_after)])
+            document = Document(RESPONDER, der, not_before, not_after)
+            self.published.publish_responder(
+                ca.name, document, record_row(record), replacing=replacing
+            )
             outcome.detail.update(serial=record.serial, key=key.name, not_after=str(not_after))
 
         call = Call(SYSTEM, ctx, "ocsp.responder", ca.policy_resource())
@@ -480,22 +499,35 @@ class Revocation:
 
     def _rotate_revoked_responder_key(self, ctx: Ctx, ca: Authority) -> None:
         """Rotate the CA's responder key (audited `key.rotate` by `system`) if its current
-        version is certified by a revoked responder certificate: a revoked responder's key
-        is never certified again. Raises Unavailable and what the backend raises."""
-        published = self.published.find(ca.name, read_through=False)
-        revoked = published.responder if published else None
-        key = self.gate.catalogue.find(responder_key_name(ca.name))
-        if revoked is None or key is None or not self._revoked(revoked):
+        version is the key of one of the CA's revoked responder certificates: a revoked
+        responder's key is never certified again. The key and the revoked certificates are
+        read from the store (another process may have rotated or revoked since this one's
+        copies). Raises Unavailable, Conflict (rotated elsewhere meanwhile), and what the
+        backend raises."""
+        key = self.gate.catalogue.find_current(responder_key_name(ca.name), change=True)
+        if key is None:
             return
-        if key.versions[key.primary_version].public_key() == revoked.public_key():
-            why = {"responder_revoked": serial_hex(revoked.serial_number)}
-            self.pki.keys.rotate_as_system(ctx, key, why)
+        revoked = self._revoked_responder(ca, key.versions[key.primary_version].public_key())
+        if revoked is not None:
+            self.pki.keys.rotate_as_system(ctx, key, {"responder_revoked": revoked})
+
+    def _revoked_responder(self, ca: Authority, public_key: object) -> str | None:
+        """The serial of a revoked responder certificate of `ca` for `public_key`, else
+        None (read from the inventory). Raises Unavailable."""
+        query = CertQuery(ca=ca.name, profile=RESPONDER_PROFILE, status=REVOKED, limit=1000)
+        for row in self.store.certs.search(query):
+            if x509.load_pem_x509_certificate(row["certificate"].encode()).public_key() == (
+                public_key
+            ):
+                return str(row["serial"])
+        return None
 
     def _responder_key(self, ca: Authority) -> Key:
-        """The CA's responder key, generated if it does not exist (another process may win
-        that race: its key is then used). Raises what the backend raises."""
+        """The CA's responder key as the store holds it, generated if it does not exist
+        (another process may win that race: its key is then used). Raises Unavailable and
+        what the backend raises."""
         name = responder_key_name(ca.name)
-        key = self.gate.catalogue.find(name)
+        key = self.gate.catalogue.find_current(name, change=True)
         if key is not None:
             return key
         new = NewKey(

@@ -21,6 +21,7 @@ from cryptography.x509 import ocsp
 
 from kmsgate.bootstrap import build_service, prepare_dev_data_dir
 from kmsgate.config import Settings, load_settings
+from kmsgate.errors import Conflict
 from kmsgate.jobs import Jobs, leader_lock
 from kmsgate.service import Ctx
 from kmsgate.store import tables
@@ -115,7 +116,10 @@ class Pki:
         """The cached answer to `request`: asked until the same bytes come twice. An answer
         signed while the change feed moved is served but not cached (the certificate may
         have changed), as when the first request makes the delegated responder's
-        certificate and the refresher follows that change."""
+        certificate and the refresher follows that change. The feed is followed first: a
+        certificate issued just before would otherwise drop its answer when the refresher
+        catches up, after this returned."""
+        self.api.service.revocation.refresh()
         answer = self.ocsp(request)
         for _ in range(5):
             again = self.ocsp(request)
@@ -453,6 +457,85 @@ def test_a_revoked_responder_is_replaced_with_a_new_key_and_its_answers_dropped(
     assert [(e["principal"], e["resource"]["name"]) for e in rotations if e["outcome"] == "ok"] == [
         ("system", "ocsp.issuing")
     ]
+
+
+def test_a_replica_whose_copy_of_the_responder_key_is_behind_never_certifies_a_revoked_key(
+    api, pki, jobs, admin, gateway_settings, openssl_bin
+):
+    """Replica A rotates the responder key after its certificate was revoked and publishes
+    a responder for the new version; replica B, whose copy of the key is still the revoked
+    version, must use A's responder, not certify the revoked key again."""
+    leaf, _ = pki.issue("web")
+    request = ocsp_request(openssl_bin, pki, "web", "-cert", leaf, nonce=False)
+    first = ocsp.load_der_ocsp_response(pki.settled_ocsp(request)).certificates[0]
+    replica = build_service(gateway_settings)
+    try:
+        seen = ocsp.load_der_ocsp_response(replica.revocation.ocsp(Ctx("b"), "issuing", request))
+        assert seen.certificates[0] == first  # B has the key's version 1 and responder 1
+        pki.revoke(format(first.serial_number, "x"))
+        api.service.revocation.refresh()
+        second = ocsp.load_der_ocsp_response(pki.ocsp(request)).certificates[0]
+        assert second.public_key() != first.public_key()  # A: version 2, a new responder
+        replica.revocation.published.fetch("issuing")  # B sees it; its key copy does not
+        replica.revocation.answers.refresh()
+        answered = replica.revocation.ocsp(Ctx("b"), "issuing", request)
+        assert ocsp.load_der_ocsp_response(answered).certificates[0] == second
+    finally:
+        replica.close()
+    responders = api.call("GET", "/v1/pki/certs?profile=ocsp-responder", admin).json()["certs"]
+    records = [api.call("GET", f"/v1/pki/certs/{r['serial']}", admin).json() for r in responders]
+    keys = [x509.load_pem_x509_certificate(r["certificate"].encode()).public_key() for r in records]
+    assert keys.count(first.public_key()) == 1  # the revoked key was certified once only
+
+
+def test_no_responder_to_sign_with_is_try_later_not_a_problem(api, pki, admin, openssl_bin):
+    """RFC 6960 clients understand tryLater, not problem+json: the CA's key cannot certify
+    a responder (disabled), so the first OCSP request gets an unsigned tryLater."""
+    leaf, _ = pki.issue("web")
+    assert api.call("POST", "/v1/keys/ca.issuing/disable", admin).status_code == 200
+    reply = pki.api.client.post(
+        "/v1/pki/cas/issuing/ocsp",
+        content=ocsp_request(openssl_bin, pki, "web", "-cert", leaf, nonce=False),
+        headers={"content-type": "application/ocsp-request"},
+    )
+    assert reply.status_code == 200 and reply.headers["content-type"] == "application/ocsp-response"
+    answer = ocsp.load_der_ocsp_response(reply.content)
+    assert answer.response_status is ocsp.OCSPResponseStatus.TRY_LATER
+
+
+def test_a_responders_revocation_counts_for_every_thread_that_checked_it_before(api, pki):
+    """A thread that checked the responder (`watch`) before its revocation reached this
+    process sees it as changed, even after another thread begins a new check."""
+    _, serial = pki.issue("web")
+    answers = api.service.revocation.answers
+    seen = answers.watch(int(serial, 16))
+    assert not answers.changed_after(int(serial, 16), seen)
+    pki.revoke(serial)
+    answers.refresh()
+    answers.watch(int(serial, 16))  # another thread's new check
+    assert answers.changed_after(int(serial, 16), seen)
+
+
+def test_a_responder_published_elsewhere_first_leaves_nothing_of_this_one(api, pki):
+    """Two processes replace a responder at once: the second's certificate is not kept
+    (it would be a valid, unpublished certificate), and it is told to use the other's."""
+    crls, certs = api.service.store.crls, api.service.store.certs
+    now = datetime.now(UTC)
+    document = {"kind": "responder", "der": b"mine", "this_update": now,
+                "next_update": now + timedelta(days=1), "entries": 0, "number": None,
+                "base_number": None}  # fmt: skip
+    record = {"serial": "7f" * 8, "ca": "issuing", "subject": "CN=x", "sans": [],
+              "profile": "ocsp-responder", "key_type": "ecdsa-p256", "not_before": now,
+              "not_after": now + timedelta(days=1), "status": "valid", "revoked_at": None,
+              "reason": None, "owner": "system", "fingerprint": "0" * 64,
+              "certificate": "x"}  # fmt: skip
+    with pytest.raises(Conflict, match="another process published"):
+        crls.publish_responder("issuing", document, record, replacing=b"what this one saw")
+    assert certs.get("7f" * 8) is None
+    crls.publish_responder("issuing", document, record, replacing=None)  # none was published
+    with pytest.raises(Conflict):
+        crls.publish_responder("issuing", document, {**record, "serial": "7e" * 8}, replacing=None)
+    assert certs.get("7e" * 8) is None and certs.get("7f" * 8) is not None
 
 
 def test_a_nonce_gets_a_fresh_answer_echoing_it(pki, jobs, openssl_bin):
