@@ -273,8 +273,10 @@ def test_duplicate_key_rejected_and_nothing_partial(store):
     catalogue = Catalogue(store)
     catalogue.insert(make_key())
     other = replace(make_key(), type=KeyType.ECDSA_P256)
-    with pytest.raises(Conflict):
+    with pytest.raises(Conflict) as caught:  # as when another replica made it a moment ago
         catalogue.insert(other)
+    assert caught.value.detail == "a key named 'k' exists"  # no retry would help
+    assert caught.value.headers() == {}
     with store.engine.connect() as conn:
         assert (
             conn.execute(sa.select(sa.func.count()).select_from(tables.key_versions)).scalar() == 1

@@ -23,7 +23,7 @@ class Cas:
 
     def insert(self, ca: Row) -> None:
         """Insert a CA row. Raises Conflict if the name is taken, Unavailable."""
-        with self._db.transaction() as conn:
+        with self._db.naming_transaction(f"a CA named {ca['name']!r} exists") as conn:
             conn.execute(sa.insert(tables.cas).values(**ca))
             record_change(conn, AGGREGATE, ca["name"])
 

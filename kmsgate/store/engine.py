@@ -22,7 +22,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy.engine import Connection, Engine
 
 from kmsgate.config import with_database_driver
-from kmsgate.errors import ConcurrentChange, ConfigError, KmsgateError, Unavailable
+from kmsgate.errors import ConcurrentChange, ConfigError, Conflict, KmsgateError, Unavailable
 from kmsgate.store import tables
 from kmsgate.store.stall import StallGuard, connection_defaults
 
@@ -261,6 +261,17 @@ class Database:
             raise ConcurrentChange("the change conflicts with existing state; retry") from exc
         except sa.exc.OperationalError as exc:
             raise Unavailable("metadata store unavailable") from exc
+
+    @contextlib.contextmanager
+    def naming_transaction(self, taken: str) -> Iterator[Connection]:
+        """`transaction` for the insert of a record keyed by its name: a uniqueness refusal
+        is Conflict(`taken`), that name exists (another process made it at the same
+        moment), not a race that a retry would win."""
+        try:
+            with self.transaction() as conn:
+                yield conn
+        except ConcurrentChange:
+            raise Conflict(taken) from None
 
     @contextlib.contextmanager
     def plain_connection(self) -> Iterator[Connection]:

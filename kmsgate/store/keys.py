@@ -23,7 +23,7 @@ class Keys:
 
     def insert(self, key: Row, versions: Sequence[Row]) -> None:
         """Insert a key and its first version(s) atomically. Raises Conflict if it exists."""
-        with self._db.transaction() as conn:
+        with self._db.naming_transaction(f"a key named {key['name']!r} exists") as conn:
             conn.execute(sa.insert(tables.keys).values(**key))
             for version in versions:
                 conn.execute(sa.insert(tables.key_versions).values(key_name=key["name"], **version))
