@@ -318,7 +318,7 @@ def renew_if_due(service: Service, settings: Settings) -> bool:
         return False
     cert_file, key_file = _own_pair(settings)
     asked = _request(tls)
-    if not _renewal_due(cert_file):
+    if not _renewal_due(cert_file, key_file):
         if asked_before(cert_file.with_name(REQUEST_FILE)) == asked:
             return False
         log.info("the gateway's TLS settings changed: issuing it a new certificate")
@@ -354,12 +354,16 @@ def _request(tls: TlsSettings) -> dict[str, object]:
     return {"ca": tls.ca, "profile": tls.profile, "sans": sorted(tls.sans), "ttl": ttl}
 
 
-def _renewal_due(cert_file: Path) -> bool:
-    """Whether the certificate in `cert_file` is missing, unreadable or past
-    `RENEW_AFTER` of its lifetime."""
+def _renewal_due(cert_file: Path, key_file: Path) -> bool:
+    """Whether the certificate in `cert_file` is missing, unreadable, not for the key in
+    `key_file` (a renewal cut short between writing the two) or past `RENEW_AFTER` of its
+    lifetime."""
     try:
         cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-    except (OSError, ValueError):
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return True
+    if key.public_key() != cert.public_key():
         return True
     # kmsgate backdates not_before by BACKDATE (clock skew): the lifetime starts at issuance
     end = cert.not_valid_after_utc

@@ -344,11 +344,12 @@ def test_fsync_failure_makes_later_appends_fail(
 
 
 def test_a_head_file_the_disk_has_no_room_for_is_written_once_there_is_room(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A full disk fails the head file's write (ENOSPC) after the records are durable:
-    the sink waits for room instead of refusing appends for good, leaves no temporary
-    file behind, and writes the head once the write succeeds."""
+    """A full disk (or one out of inodes, where the free space still shows room) fails
+    the head file's write (ENOSPC) after the records are durable: the sink refuses appends
+    but a change's outcome until the head is written again (said once, not at every tick),
+    leaves no temporary file behind, and goes on by itself once the write succeeds."""
     path = tmp_path / "audit.log"
     real_write, full = os.write, threading.Event()
     full.set()
@@ -366,6 +367,11 @@ def test_a_head_file_the_disk_has_no_room_for_is_written_once_there_is_room(
         assert "no room" in (log.problem() or "")
         time.sleep(0.1)  # several ticks without room
         assert [p.name for p in tmp_path.iterdir()] == ["audit.log"]  # no temporary file
+        with pytest.raises(AuditUnavailable):
+            log.append(event(8))
+        log.append(event(9), reserved=True)  # the outcome of a change under way
+        said = [r for r in caplog.records if "no room for its head file" in r.getMessage()]
+        assert len(said) == 1
         full.clear()  # room again
         assert wait_for(lambda: log.problem() is None)
         assert wait_for(lambda: read_head(path) == log.head)

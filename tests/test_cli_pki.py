@@ -443,7 +443,9 @@ def _root_crl_revokes_the_intermediate(
     root = ("ca", "root-crl", "--root-cert", str(root_cert), "--root-key",
             str(tmp_path / "root-key.pem"), "--passphrase-file", str(passphrase))  # fmt: skip
     first, second = tmp_path / "root-1.crl", tmp_path / "root-2.crl"
-    made = run_cli((*root, "--out", str(first)), clean_env())
+    lifted = run_cli((*root, "--out", str(first)), clean_env())  # neither --first nor --previous
+    assert_one_line_error(lifted, "give exactly one of --previous")
+    made = run_cli((*root, "--first", "--out", str(first)), clean_env())
     assert made.rc == 0 and "CRL number 1: 0 revoked" in made.err, str(made)
     cert, chain = tmp_path / "from-lab-cert.pem", tmp_path / "from-lab-chain.pem"
     check_all = ("-crl_check_all", "-CRLfile", lab_crl, "-CRLfile")

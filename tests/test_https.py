@@ -252,6 +252,27 @@ def test_a_change_to_the_tls_settings_gets_a_new_certificate_at_the_next_start(
                 assert served.serial_number == renewed
 
 
+def test_a_renewal_cut_short_between_the_key_and_the_certificate_mends_itself(
+    tmp_path: Path,
+) -> None:
+    """The gateway died after writing its new key and before its new certificate: the
+    next start finds the pair does not match and issues a new one, instead of failing."""
+    with running_gateway(tmp_path, "--tls", https=True) as gw:
+        first = _served_certificate(gw)
+        data_dir = gw.data_dir
+    key_file = next(data_dir.rglob("server.key"))
+    other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    key_file.write_bytes(other)  # the new key, the old certificate
+    (tmp_path / "again").mkdir()
+    with running_gateway(tmp_path / "again", "--tls", https=True, data_dir=data_dir) as gw:
+        served = _served_certificate(gw)
+    assert served.serial_number != first.serial_number
+
+
 @pytest.mark.parametrize(
     ("tls", "problem"),
     [

@@ -485,8 +485,8 @@ AUDIT_RECORD = _component(
                 {
                     "count": {"type": "integer", "minimum": 1},
                     "length": {"type": "integer", "minimum": 0},
-                    "sha256": _SHA256_HEX,
-                }
+                },
+                {"sha256": _SHA256_HEX},  # not for what is MACed (docs/audit.md)
             ),
             "policy_digest": POLICY_DIGEST,
             "detail": {"type": "object"},

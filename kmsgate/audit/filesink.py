@@ -255,6 +255,9 @@ class FileSink(AuditFile):
         self._reserve = reserve
         self._capacity = self._size_limit()
         self._cramped = False
+        self._head_behind = False
+        """The head file could not be written for want of room (blocks, or inodes where
+        the free space still shows room): appends but a change's outcome are refused."""
         self._lock = threading.Lock()
         self._clock = _UtcClock()
         self._dirty = False
@@ -311,7 +314,7 @@ class FileSink(AuditFile):
                 "the audit log cannot be made durable (the gateway's log says why); once "
                 "that is mended, restart the gateway"
             )
-        if self._cramped:
+        if self._cramped or self._head_behind:
             return _NO_ROOM_LEFT
         if self._closed:
             return "the audit log is closed"
@@ -331,12 +334,12 @@ class FileSink(AuditFile):
         body = canonical(record)
         digest = hashlib.sha256(body).hexdigest()
         line = sealed_line(body, digest) + b"\n"
-        if self._size + len(line) + (0 if reserved else self._reserve) > self._capacity:
-            if not self._cramped:  # once per episode, not once per refused request
-                _log.error("audit log %s: no room left (disk or file size limit)", self._chain)
-            self._cramped = True
+        cramped = self._size + len(line) + (0 if reserved else self._reserve) > self._capacity
+        if cramped and not self._cramped:  # once per episode, not once per refused request
+            _log.error("audit log %s: no room left (disk or file size limit)", self._chain)
+        self._cramped = cramped
+        if cramped or (self._head_behind and not reserved):  # no room for the head: inodes?
             raise AuditUnavailable(f"operation refused: {_NO_ROOM_LEFT}")
-        self._cramped = False
         self._write(line)
         self._head = (seq + 1, digest)
         self._dirty = True
@@ -411,12 +414,15 @@ class FileSink(AuditFile):
             if exc.errno not in _NO_ROOM:
                 raise
             # the records are durable; only their head is behind: retried at the next tick
-            # (appends stop on their own while there is no room)
-            if not self._cramped:
+            if not self._head_behind:  # once per episode
                 _log.error("audit log %s: no room for its head file: %s", self._chain, exc)
-            self._cramped = True
+            self._head_behind = True
             with self._lock:
                 self._dirty = True
+            return
+        if self._head_behind:
+            _log.warning("audit log %s: its head file is written again", self._chain)
+            self._head_behind = False
 
     @property
     def unsynced(self) -> int:

@@ -239,11 +239,17 @@ def ca_root_crl(
         Path | None,
         typer.Option(help="The root's last CRL (PEM or DER): its entries stay, its number+1."),
     ] = None,
+    first: Annotated[
+        bool, typer.Option("--first", help="The root's first CRL: there is no --previous.")
+    ] = False,
     days: Annotated[int, typer.Option(min=1, max=36500, help="Days until nextUpdate.")] = 90,
     passphrase_file: PassphraseOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Sign the offline root's CRL, listing the intermediates it revoked (no gateway)."""
+    if (previous is None) == (not first):
+        # without the last CRL, every revocation it lists would silently be lifted
+        fail("give exactly one of --previous (the root's last CRL) and --first")
     certificate = _root_certificate(root_cert, root_key, token, out, force)
     last = _load_crl(previous) if previous is not None else None
     with local_errors(root_cert, "revoke"):

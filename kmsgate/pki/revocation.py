@@ -185,8 +185,8 @@ class PublishedDocuments(StoreMirror):
     ) -> Published:
         """Store the responder certificate `responder` as `ca`'s, with its inventory
         `record`, in place of `replacing` (the responder this process saw; None: none),
-        and serve it at once in this process. Raises Conflict if another process published
-        one meanwhile (nothing is stored), Unavailable."""
+        and serve it at once in this process. Raises ConcurrentChange if another process
+        published one meanwhile (nothing is stored), Unavailable."""
         der = replacing.public_bytes(serialization.Encoding.DER) if replacing else None
         with self._lock:
             self._store.crls.publish_responder(ca, responder.row(), record, replacing=der)

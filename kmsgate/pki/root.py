@@ -34,7 +34,7 @@ from kmsgate.pki.issuer import (
     validity,
 )
 from kmsgate.pki.pkcs8 import scrypt_encrypted_pem
-from kmsgate.text import has_hidden
+from kmsgate.text import has_hidden, quoted
 
 RootKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 """A root's private key: ECDSA or RSA (what every TLS stack accepts in a chain)."""
@@ -254,7 +254,7 @@ def root_crl(
     if root_cert.public_key() != root_key.public_key():
         raise InvalidRequest("the root key does not belong to the root certificate")
     _check_days(days)
-    at = now or datetime.now(UTC)
+    at = (now or datetime.now(UTC)) - BACKDATE  # a relying party's clock may be behind
     entries = [RevokedEntry(serial, at, reason) for serial, reason in revoke]
     number = 1
     if previous is not None:
@@ -264,13 +264,13 @@ def root_crl(
         if again:
             raise InvalidRequest(f"serial {again[0]:x} is in the previous CRL already")
         entries = [_carried(entry) for entry in previous] + entries
-    next_update = min(at + timedelta(days=days), root_cert.not_valid_after_utc)
+    next_update = min(at + BACKDATE + timedelta(days=days), root_cert.not_valid_after_utc)
     der = build_crl(
         issuer=root_cert,
         key=root_key,
         revoked=entries,
         number=number,
-        this_update=at - BACKDATE,
+        this_update=at,
         next_update=next_update,
         hash_alg=signature_hash(root_cert.public_key()),
     )
@@ -307,7 +307,7 @@ def _http_url(url: str) -> str:
     Raises InvalidRequest."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or has_hidden(url):
-        raise InvalidRequest(f"{url[:64]!r} is not an http(s) URL with a host")
+        raise InvalidRequest(f"{quoted(url)} is not an http(s) URL with a host")
     return url
 
 

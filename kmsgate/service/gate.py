@@ -56,6 +56,8 @@ STATE_CHANGING = frozenset(
         "cert.issue",
         "cert.renew",
         "cert.revoke",
+        "crl.build",
+        "ocsp.responder",
         "exception.request",
         "exception.approve",
         "exception.revoke",

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from kmsgate.errors import Conflict
+from kmsgate.errors import ConcurrentChange
 from kmsgate.store import tables
 from kmsgate.store.certificates import AGGREGATE as CERTS
 from kmsgate.store.certificates import REVOKED
@@ -64,13 +64,13 @@ class Crls:
         """Record the responder certificate `certificate` in the inventory and publish it
         (`document`, of kind responder, without `ca`) in one transaction, in place of the
         responder certificate `replacing` (its DER; None where there was none). Raises
-        Conflict if another process published a responder meanwhile (nothing is written:
-        use theirs), Unavailable."""
+        ConcurrentChange if another process published a responder meanwhile (nothing is
+        written: use theirs), Unavailable."""
         with self._db.transaction() as conn:
             if replacing is not None:
                 mine = sa.and_(crls.c.ca == ca, crls.c.kind == RESPONDER, crls.c.der == replacing)
                 if conn.execute(sa.delete(crls).where(mine)).rowcount != 1:
-                    raise Conflict(f"another process published CA {ca!r}'s OCSP responder")
+                    raise ConcurrentChange(f"another process published CA {ca!r}'s responder")
             conn.execute(sa.insert(crls).values(**document, ca=ca))  # taken: a Conflict too
             conn.execute(sa.insert(tables.certificates).values(**certificate))
             record_change(conn, AGGREGATE, ca)

@@ -249,8 +249,12 @@ def test_many_revocations_make_one_build(api, pki, jobs, admin):
     # one full and one delta CRL: two numbers taken
     assert crl_number(crl) == number + 2
     events = api.call("GET", "/v1/audit?action=crl.build", admin).json()["events"]
-    assert [(e["principal"], e["outcome"]) for e in events] == [("system", "ok")] * 2
-    assert [e["detail"]["entries"] for e in events] == [0, 5]
+    # each build recorded before it is published (started), then its outcome
+    assert [(e["principal"], e["outcome"]) for e in events] == [
+        ("system", "started"),
+        ("system", "ok"),
+    ] * 2
+    assert [e["detail"]["entries"] for e in events if e["outcome"] == "ok"] == [0, 5]
 
 
 def test_once_asked_for_a_crl_is_served_from_memory_and_follows_each_build(
@@ -428,7 +432,10 @@ def test_the_responder_is_made_by_the_first_request_and_renewed_at_half_life(
     api.service.revocation.publish_due(Ctx("t"), datetime.now(UTC) + timedelta(days=16))
     assert len(api.call("GET", responders, admin).json()["certs"]) == 2
     events = api.call("GET", "/v1/audit?action=ocsp.responder", admin).json()["events"]
-    assert [(e["principal"], e["outcome"]) for e in events] == [("system", "ok")] * 2
+    assert [(e["principal"], e["outcome"]) for e in events] == [
+        ("system", "started"),
+        ("system", "ok"),
+    ] * 2
 
 
 def test_a_revoked_responder_is_replaced_with_a_new_key_and_its_answers_dropped(
@@ -490,17 +497,45 @@ def test_a_replica_whose_copy_of_the_responder_key_is_behind_never_certifies_a_r
 
 def test_no_responder_to_sign_with_is_try_later_not_a_problem(api, pki, admin, openssl_bin):
     """RFC 6960 clients understand tryLater, not problem+json: the CA's key cannot certify
-    a responder (disabled), so the first OCSP request gets an unsigned tryLater."""
+    a responder (disabled), so OCSP requests get an unsigned tryLater; the failed attempt
+    is audited once, not once per (anonymous) request."""
     leaf, _ = pki.issue("web")
     assert api.call("POST", "/v1/keys/ca.issuing/disable", admin).status_code == 200
-    reply = pki.api.client.post(
-        "/v1/pki/cas/issuing/ocsp",
-        content=ocsp_request(openssl_bin, pki, "web", "-cert", leaf, nonce=False),
-        headers={"content-type": "application/ocsp-request"},
-    )
-    assert reply.status_code == 200 and reply.headers["content-type"] == "application/ocsp-response"
-    answer = ocsp.load_der_ocsp_response(reply.content)
-    assert answer.response_status is ocsp.OCSPResponseStatus.TRY_LATER
+    request = ocsp_request(openssl_bin, pki, "web", "-cert", leaf, nonce=False)
+    for _ in range(5):
+        reply = pki.api.client.post(
+            "/v1/pki/cas/issuing/ocsp",
+            content=request,
+            headers={"content-type": "application/ocsp-request"},
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["content-type"] == "application/ocsp-response"
+        answer = ocsp.load_der_ocsp_response(reply.content)
+        assert answer.response_status is ocsp.OCSPResponseStatus.TRY_LATER
+    tried = api.call("GET", "/v1/audit?action=ocsp.responder", admin).json()["events"]
+    assert [e["outcome"] for e in tried] == ["started", "key_disabled"]
+
+
+def test_revoking_a_responder_revokes_every_certificate_of_its_key(
+    api, pki, jobs, admin, openssl_bin
+):
+    """A responder renewed at half-life has two valid certificates for one key: revoking
+    one (its key is compromised) revokes both, or the other would go on vouching for it."""
+    leaf, _ = pki.issue("web")
+    pki.ocsp(ocsp_request(openssl_bin, pki, "web", "-cert", leaf, nonce=False))
+    api.service.revocation.publish_due(Ctx("t"), datetime.now(UTC) + timedelta(days=16))
+    responders = "/v1/pki/certs?ca=issuing&profile=ocsp-responder"
+    serials = [c["serial"] for c in api.call("GET", responders, admin).json()["certs"]]
+    assert len(serials) == 2  # the renewal: same key, a new certificate
+    pki.revoke(serials[0])
+    statuses = [c["status"] for c in api.call("GET", responders, admin).json()["certs"]]
+    assert statuses == ["revoked", "revoked"]
+    [record] = [
+        e
+        for e in api.call("GET", "/v1/audit?action=cert.revoke", admin).json()["events"]
+        if e["outcome"] == "ok"
+    ]
+    assert record["detail"]["also"] == [serials[1]]
 
 
 def test_a_responders_revocation_counts_for_every_thread_that_checked_it_before(api, pki):
