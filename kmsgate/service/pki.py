@@ -58,6 +58,7 @@ from kmsgate.pki.issuer import (
 )
 from kmsgate.pki.profiles import Approved, Profile
 from kmsgate.pki.remote_key import RemotePrivateKey, remote_private_key
+from kmsgate.pki.revocation import RESPONDER_PROFILE
 from kmsgate.pki.root import parse_subject
 from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
@@ -422,9 +423,15 @@ class Pki:
             ca = self.authorities.get(record.ca)
             if ca.type is CaType.HASHIVAULT_PKI:  # Vault first: if it refuses, nothing changed
                 self.engine(ca).revoke(parse_serial(serial))
-            if not self.store.certs.revoke(serial, now(), reason):
+            at = now()
+            if not self.store.certs.revoke(serial, at, reason):
                 raise Conflict(f"certificate {serial} is revoked already")
             outcome.detail.update(serial=serial, reason=reason)
+            if record.profile == RESPONDER_PROFILE:  # its key signs no more, in any of them
+                also = [s for s in self._responders_of_key(record) if s != serial]
+                also = [s for s in also if self.store.certs.revoke(s, at, reason)]
+                if also:
+                    outcome.detail["also"] = also
             self.presented.refresh()  # refused by this process at once, by the others within ~1 s
             row = self.store.certs.get(serial)
             assert row is not None  # revoked just now, never deleted
@@ -432,6 +439,17 @@ class Pki:
 
         call = Call(principal, ctx, "cert.revoke", resource, {"reason": reason})
         return self.gate.run(call, revoke)
+
+    def _responders_of_key(self, responder: CertificateRecord) -> list[str]:
+        """The serials of the valid OCSP responder certificates of `responder`'s CA for its
+        key (one per renewal at half-life). Raises Unavailable."""
+        key = x509.load_pem_x509_certificate(responder.pem.encode()).public_key()
+        query = CertQuery(ca=responder.ca, profile=RESPONDER_PROFILE, status="valid", limit=1000)
+        return [
+            row["serial"]
+            for row in self.store.certs.search(query)
+            if x509.load_pem_x509_certificate(row["certificate"].encode()).public_key() == key
+        ]
 
     def certificate(self, principal: Principal, ctx: Ctx, serial: str) -> CertificateRecord:
         """One inventory record. Raises PolicyDenied, NotFound."""

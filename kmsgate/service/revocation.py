@@ -43,10 +43,11 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from kmsgate.auth import SYSTEM
 from kmsgate.catalogue import Key
-from kmsgate.errors import Conflict, KmsgateError, NotFound, Unavailable
+from kmsgate.errors import ConcurrentChange, Conflict, KmsgateError, NotFound, Unavailable
 from kmsgate.pki import crl_apart
 from kmsgate.pki.authorities import OCSP_PURPOSE, Authority, CaState, CaType
 from kmsgate.pki.crl import RevokedEntry, build_crl
@@ -99,6 +100,9 @@ BUILD_SWITCH_INTERVAL = 0.0005
 """The GIL switch interval while a CRL is built (seconds; Python's default is 0.005)."""
 RETRY_SECONDS = 30.0
 """How long a CA whose build failed waits before the next attempt."""
+RESPONDER_RETRY = 5.0
+"""How long a process whose attempt to make a CA's responder failed answers tryLater
+before it tries (and audits an attempt) again: anonymous requests cannot fill the log."""
 
 _PUBLISHING = Decision(allow=True, reasons=("revocation publishing by the gateway",))
 
@@ -116,6 +120,7 @@ class Revocation:
         self._provisioning = threading.Lock()
         self._certs_epoch = -1
         self._retry_at: dict[str, float] = {}
+        self._responder_retry_at: dict[str, float] = {}  # CA -> no new responder before
         self._responders: dict[str, tuple[Responder, int]] = {}
         """CA -> its checked OCSP responder, and the count of its certificate's changes
         when it was checked (`OcspAnswers.watch`)."""
@@ -189,8 +194,7 @@ class Revocation:
             self._serving[ca.name] = ca
         try:
             answer = self._respond(ctx, ca, der, memory_only=False)
-        except KmsgateError as exc:  # an OCSP client understands tryLater, not a problem
-            log.warning("OCSP for CA %s: no responder can answer now: %s", ca.name, exc.code)
+        except KmsgateError:  # an OCSP client understands tryLater, not a problem
             return try_later_response()
         assert answer is not None  # only memory_only gives up
         return answer
@@ -396,14 +400,20 @@ class Revocation:
         current = self._current_responder(ca, at)
         if current is not None:
             return current
+        if time.monotonic() < self._responder_retry_at.get(ca.name, 0.0):
+            raise Unavailable(f"CA {ca.name!r} could not make an OCSP responder; retry later")
         with self._provisioning:
             self.published.fetch(ca.name)  # another process may have made one
             current = self._current_responder(ca, at)
             if current is None:
                 try:
                     self._provision_responder(ctx, ca, at)
-                except Conflict:  # another process published one first: it is the one
+                except ConcurrentChange:  # another process published one first: use it
                     self.published.fetch(ca.name)
+                except KmsgateError as exc:  # tried again (and audited) once a while
+                    log.warning("OCSP responder for CA %s: %s", ca.name, exc.code)
+                    self._responder_retry_at[ca.name] = time.monotonic() + RESPONDER_RETRY
+                    raise
                 current = self._current_responder(ca, at)
         if current is None:
             raise Unavailable(f"CA {ca.name!r} has no OCSP responder yet; retry shortly")
@@ -493,6 +503,10 @@ class Revocation:
                 ca.name, document, record_row(record), replacing=replacing
             )
             outcome.detail.update(serial=record.serial, key=key.name, not_after=str(not_after))
+            if self._revoked_responder(ca, public_key) is not None:  # revoked while signing
+                self.store.certs.revoke(record.serial, now(), "keyCompromise")
+                outcome.detail["revoked"] = True
+                raise Conflict(f"key {key.name!r} was revoked meanwhile: retry")
 
         call = Call(SYSTEM, ctx, "ocsp.responder", ca.policy_resource())
         self.gate.run(call, provision, decision=_PUBLISHING)
@@ -511,7 +525,7 @@ class Revocation:
         if revoked is not None:
             self.pki.keys.rotate_as_system(ctx, key, {"responder_revoked": revoked})
 
-    def _revoked_responder(self, ca: Authority, public_key: object) -> str | None:
+    def _revoked_responder(self, ca: Authority, public_key: PublicKeyTypes | None) -> str | None:
         """The serial of a revoked responder certificate of `ca` for `public_key`, else
         None (read from the inventory). Raises Unavailable."""
         query = CertQuery(ca=ca.name, profile=RESPONDER_PROFILE, status=REVOKED, limit=1000)
