@@ -322,8 +322,10 @@ def test_ml_sec_may_sign_model_keys_only_in_prod(api, admin, make_token):
 
 def test_the_audited_first_actions_are_real_actions():
     """A misspelt name in STATE_CHANGING would silently skip the record-first rule."""
-    # and those of the scheduler (destroy, expire) and of an operator's `token bootstrap`
-    assert ACTIONS | {"key.destroy", "exception.expire", "token.bootstrap"} >= STATE_CHANGING
+    # and those of the scheduler (destroy, expire), of an operator's `token bootstrap`, and
+    # the gateway's revocation publishing (CRLs, OCSP responders)
+    system = {"key.destroy", "exception.expire", "token.bootstrap", "crl.build", "ocsp.responder"}
+    assert ACTIONS | system >= STATE_CHANGING
 
 
 def test_every_call_is_audited_and_tamper_evident(api, admin, make_token):
