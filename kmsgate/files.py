@@ -1,5 +1,6 @@
-"""Writing the several output files of one operation all or nothing (a model's signature
-files, a certificate and its chain)."""
+"""Writing files that are whole or absent: a new file synced before it is used (a key, a
+passphrase), and the several output files of one operation all or nothing (a model's
+signature files, a certificate and its chain)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,26 @@ import os
 import secrets
 import shutil
 import stat
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["write_all"]
+__all__ = ["write_all", "write_new"]
+
+
+def write_new(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Write `data` to the new file `path` (mode `mode`, whatever the umask) and sync it;
+    nothing is left behind if that fails. Raises FileExistsError if `path` exists,
+    OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            os.fchmod(sink.fileno(), mode)
+            sink.write(data)
+            sink.flush()
+            os.fsync(sink.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def write_all(files: Sequence[tuple[Path, bytes]], *, mode: int) -> None:
@@ -28,6 +44,8 @@ def write_all(files: Sequence[tuple[Path, bytes]], *, mode: int) -> None:
 
     Raises OSError whose `filename` is the path being written when it failed (a failure
     to put a path back is not raised over it)."""
+    if len({path for path, _ in files}) != len(files):
+        raise ValueError("write_all: a path is given twice")
     temporaries: list[Path] = []
     earlier: dict[Path, Path] = {}
     renamed: list[Path] = []
@@ -61,17 +79,8 @@ def write_all(files: Sequence[tuple[Path, bytes]], *, mode: int) -> None:
 def _written_beside(path: Path, data: bytes, mode: int) -> Path:
     """A new temporary file beside `path` holding `data`, mode `mode`, synced. Raises
     OSError, leaving nothing behind."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    temporary = Path(name)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as sink:
-            sink.write(data)
-            sink.flush()
-            os.fsync(sink.fileno())
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    write_new(temporary, data, mode=mode)
     return temporary
 
 

@@ -578,6 +578,11 @@ def test_issue_errors_are_one_line_and_leave_no_key_behind(gw: Gateway, tmp_path
     refused = gw.run(*base, "--key-out", str(key), "--san", "evil.example")
     assert_one_line_error(refused, "invalid_request", "evil.example")
     assert not key.exists()
+    same = tmp_path / "both.pem"  # the certificate and the chain cannot share a file
+    twice = gw.run(*base, "--key-out", str(key), "--san", "web.lab", "--out", str(same),
+                   "--chain-out", str(same))  # fmt: skip
+    assert_one_line_error(twice, "given for two outputs")
+    assert not key.exists() and not same.exists()
     assert_one_line_error(
         gw.run(
             "cert",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kmsgate.files import write_all
+from kmsgate.files import write_all, write_new
 
 
 def test_every_file_is_written_with_the_mode_and_replaces_what_was_there(tmp_path: Path) -> None:
@@ -50,3 +50,19 @@ def test_a_rename_that_fails_puts_back_the_files_renamed_before_it(tmp_path: Pat
     assert old.read_bytes() == b"before" and old.stat().st_ino == inode
     assert os.readlink(link) == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["directory", "link", "old"]
+
+
+def test_a_path_given_twice_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    target = tmp_path / "out.pem"
+    with pytest.raises(ValueError, match="given twice"):
+        write_all([(target, b"a"), (target, b"b")], mode=0o644)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_new_never_replaces_and_leaves_its_mode(tmp_path: Path) -> None:
+    target = tmp_path / "key.pem"
+    write_new(target, b"secret", mode=0o600)
+    assert target.read_bytes() == b"secret" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError):
+        write_new(target, b"other")
+    assert target.read_bytes() == b"secret"

@@ -137,8 +137,10 @@ def refuse_existing(force: bool, *paths: Path | None) -> None:
     """Exit through `fail` unless each output path given can be written: its directory
     exists and takes a new file (tried: a read-only file system or a full directory is
     found now), and no file is there, or a regular file and `force` (a character device or
-    a FIFO, such as /dev/null or a pipe, is written to as it is). Commands call it before
-    asking the gateway for anything, so a refused output costs no operation."""
+    a FIFO, such as /dev/null or a pipe, is written to as it is), and no file is given
+    twice. Commands call it before asking the gateway for anything, so a refused output
+    costs no operation."""
+    files: set[Path] = set()
     for path in paths:
         if path is None:
             continue
@@ -146,6 +148,9 @@ def refuse_existing(force: bool, *paths: Path | None) -> None:
             fail(f"{path} is a directory: give the file to write")
         if path.is_char_device() or path.is_fifo():
             continue
+        if path.resolve() in files:
+            fail(f"{path} is given for two outputs: give each its own file")
+        files.add(path.resolve())
         if path.exists() and not path.is_file():
             fail(f"{path} is not a regular file, a character device or a FIFO")
         if path.exists() and not force:

@@ -11,6 +11,8 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from kmsgate.files import write_new
+
 __all__ = ["CURRENT", "asked_before", "replace_private_file", "replace_private_files"]
 
 CURRENT = "..data"
@@ -38,7 +40,7 @@ def replace_private_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        _write_new(temporary, data)
+        write_new(temporary, data)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -60,7 +62,7 @@ def replace_private_files(directory: Path, files: Mapping[str, bytes]) -> None:
     version.mkdir(mode=0o700)
     try:
         for name, data in files.items():
-            _write_new(version / name, data)
+            write_new(version / name, data)
         _fsync_directory(version)
         _point(current, version.name)
     except BaseException:
@@ -86,16 +88,6 @@ def _point(link: Path, target: str) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """Write `data` to the new file `path` (0600) and fsync it. Raises OSError."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -11,7 +11,6 @@ them before, and as `cryptography` and `openssl pkcs8 -topk8 -v2 aes-256-cbc` wr
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from kmsgate.errors import Conflict, InvalidRequest
+from kmsgate.files import write_new
 from kmsgate.pki.crl import RevokedEntry, build_crl
 from kmsgate.pki.extensions import authority_key_identifier, extension_value
 from kmsgate.pki.issuer import (
@@ -140,17 +140,9 @@ def write_private_file(path: Path, data: bytes) -> None:
     """Write `data` (a key, a passphrase) to a new file of mode 0600 and sync it; nothing is
     left behind on failure. Raises Conflict if `path` exists, OSError."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_new(path, data)
     except FileExistsError:
         raise Conflict(f"{path} exists: refusing to replace it") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
 
 
 def load_root(key_path: Path, passphrase: bytes) -> RootKey:
