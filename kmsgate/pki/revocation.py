@@ -21,13 +21,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificatePublicKeyTypes,
+    PublicKeyTypes,
 )
 
 from kmsgate.pki.crl import REASONS, RevokedEntry
 from kmsgate.pki.extensions import authority_key_identifier
 from kmsgate.pki.ocsp import CertStatus, delegated_responder_extensions
 from kmsgate.store import Row, Store, StoreMirror
-from kmsgate.store.certificates import REVOKED
+from kmsgate.store.certificates import REVOKED, CertQuery
 from kmsgate.store.crls import AGGREGATE, DELTA, FULL, RESPONDER
 
 __all__ = [
@@ -62,6 +63,19 @@ MAX_CACHED_SERIALS = 100_000
 
 RESPONDER_PROFILE = "ocsp-responder"
 """The inventory's profile of a delegated OCSP responder certificate."""
+
+
+def responders_of_key(
+    store: Store, ca: str, public_key: PublicKeyTypes | None, status: str
+) -> list[str]:
+    """The serials of `ca`'s OCSP responder certificates in the inventory whose status is
+    `status` (`valid`, `revoked`) and whose key is `public_key`. Raises Unavailable."""
+    query = CertQuery(ca=ca, profile=RESPONDER_PROFILE, status=status, limit=1000)
+    return [
+        str(row["serial"])
+        for row in store.certs.search(query)
+        if x509.load_pem_x509_certificate(row["certificate"].encode()).public_key() == public_key
+    ]
 
 
 def responder_key_name(ca: str) -> str:

@@ -58,7 +58,7 @@ from kmsgate.pki.issuer import (
 )
 from kmsgate.pki.profiles import Approved, Profile
 from kmsgate.pki.remote_key import RemotePrivateKey, remote_private_key
-from kmsgate.pki.revocation import RESPONDER_PROFILE
+from kmsgate.pki.revocation import RESPONDER_PROFILE, responders_of_key
 from kmsgate.pki.root import parse_subject
 from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
@@ -67,7 +67,7 @@ from kmsgate.service.requests import IssueInput, NewCa, NewKey
 from kmsgate.service.results import Issued
 from kmsgate.service.vault_pki import pki_engine, vault_ca, vault_sign
 from kmsgate.store import Row, Store
-from kmsgate.store.certificates import REVOKED, CertQuery
+from kmsgate.store.certificates import REVOKED, VALID, CertQuery
 from kmsgate.text import CA_NAME, utc_timestamp
 
 _GATEWAY_TLS = Decision(allow=True, reasons=("the gateway's own HTTPS certificate (tls.ca)",))
@@ -428,7 +428,9 @@ class Pki:
                 raise Conflict(f"certificate {serial} is revoked already")
             outcome.detail.update(serial=serial, reason=reason)
             if record.profile == RESPONDER_PROFILE:  # its key signs no more, in any of them
-                also = [s for s in self._responders_of_key(record) if s != serial]
+                key = x509.load_pem_x509_certificate(record.pem.encode()).public_key()
+                of_key = responders_of_key(self.store, record.ca, key, VALID)
+                also = [s for s in of_key if s != serial]
                 also = [s for s in also if self.store.certs.revoke(s, at, reason)]
                 if also:
                     outcome.detail["also"] = also
@@ -439,17 +441,6 @@ class Pki:
 
         call = Call(principal, ctx, "cert.revoke", resource, {"reason": reason})
         return self.gate.run(call, revoke)
-
-    def _responders_of_key(self, responder: CertificateRecord) -> list[str]:
-        """The serials of the valid OCSP responder certificates of `responder`'s CA for its
-        key (one per renewal at half-life). Raises Unavailable."""
-        key = x509.load_pem_x509_certificate(responder.pem.encode()).public_key()
-        query = CertQuery(ca=responder.ca, profile=RESPONDER_PROFILE, status="valid", limit=1000)
-        return [
-            row["serial"]
-            for row in self.store.certs.search(query)
-            if x509.load_pem_x509_certificate(row["certificate"].encode()).public_key() == key
-        ]
 
     def certificate(self, principal: Principal, ctx: Ctx, serial: str) -> CertificateRecord:
         """One inventory record. Raises PolicyDenied, NotFound."""

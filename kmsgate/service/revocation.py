@@ -79,6 +79,7 @@ from kmsgate.pki.revocation import (
     past_half,
     responder_extensions,
     responder_key_name,
+    responders_of_key,
     revoked_entries,
 )
 from kmsgate.policy import Decision
@@ -86,7 +87,7 @@ from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.pki import Pki
 from kmsgate.service.requests import NewKey
 from kmsgate.store import Store
-from kmsgate.store.certificates import REVOKED, CertQuery
+from kmsgate.store.certificates import REVOKED
 from kmsgate.store.crls import DELTA, FULL, RESPONDER
 
 log = logging.getLogger("kmsgate.revocation")
@@ -527,14 +528,9 @@ class Revocation:
 
     def _revoked_responder(self, ca: Authority, public_key: PublicKeyTypes | None) -> str | None:
         """The serial of a revoked responder certificate of `ca` for `public_key`, else
-        None (read from the inventory). Raises Unavailable."""
-        query = CertQuery(ca=ca.name, profile=RESPONDER_PROFILE, status=REVOKED, limit=1000)
-        for row in self.store.certs.search(query):
-            if x509.load_pem_x509_certificate(row["certificate"].encode()).public_key() == (
-                public_key
-            ):
-                return str(row["serial"])
-        return None
+        None. Raises Unavailable."""
+        revoked = responders_of_key(self.store, ca.name, public_key, REVOKED)
+        return revoked[0] if revoked else None
 
     def _responder_key(self, ca: Authority) -> Key:
         """The CA's responder key as the store holds it, generated if it does not exist
