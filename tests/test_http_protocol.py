@@ -161,10 +161,11 @@ def test_a_request_head_over_the_limit_gets_431_and_the_connection_closes(
 
 
 def test_framing_a_proxy_could_read_otherwise_is_refused_before_the_body(tmp_path: Path) -> None:
-    """No Host in HTTP/1.1, or two (RFC 9112 3.2: a proxy may route by one, the gateway read
-    the other), a transfer coding but chunked (RFC 9112 6.1), a content coding (RFC 9110 8.4)
-    or a charset but UTF-8: each is a problem reply, never a request read some other way than
-    a proxy in front may have read it."""
+    """No Host in HTTP/1.1, two (RFC 9112 3.2: a proxy may route by one, the gateway read
+    the other) or one that is no host and port (RFC 9112 3.2 again), a transfer coding but
+    chunked (RFC 9112 6.1), a content coding (RFC 9110 8.4) or a charset but UTF-8: each is
+    a problem reply, never a request read some other way than a proxy in front may have read
+    it."""
     body = b'{"input": "aGVsbG8="}'
     with running_gateway(tmp_path) as gw:
         auth = f"Authorization: Bearer {gw.root_token}\r\n".encode()
@@ -176,6 +177,11 @@ def test_framing_a_proxy_could_read_otherwise_is_refused_before_the_body(tmp_pat
             b"GET /v1/sys/health HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n":
                 (400, "invalid_request"),
             b"GET /v1/sys/health HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n": (400, "invalid_request"),
+            **{
+                b"GET /v1/sys/health HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n":
+                    (400, "invalid_request")
+                for host in (b"a b", b"a/b", b"a@b", b"<a>", b"a:80x", b"[::1", b'"a"', b"a\\b")
+            },
             sign
             + b"Host: x\r\n"
             + json_type
@@ -200,6 +206,23 @@ def test_framing_a_proxy_could_read_otherwise_is_refused_before_the_body(tmp_pat
             assert (got, json.loads(reply)["code"]) == (status, code), (request, reply)
         health = httpx.get(f"{gw.addr}/v1/sys/health")  # HTTP/1.1 with a Host: served
         assert health.status_code == 200
+        for host in (
+            b"",
+            b"[::1]:8200",
+            b"127.0.0.1:8200",
+            b"kms.example:",
+            b"xn--bcher-kva.example",
+        ):
+            with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
+                conn.sendall(
+                    b"GET /v1/sys/health HTTP/1.1\r\nHost: "
+                    + host
+                    + b"\r\nConnection: close\r\n\r\n"
+                )
+                received = b""
+                while chunk := conn.recv(65536):
+                    received += chunk
+            assert _replies(received)[0][0] == 200, host
 
 
 def test_a_request_refused_once_its_head_is_read_gets_the_refusal_alone_in_its_turn(

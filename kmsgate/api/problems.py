@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import secrets
 import time
 
@@ -40,6 +41,9 @@ log = logging.getLogger("kmsgate.api")
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+"""A Host value (RFC 9110 7.2): uri-host [":" port], an IPv6 literal in brackets (its
+form is left to the address parser, which the gateway never needs); empty is allowed."""
 
 
 def problem(
@@ -135,9 +139,10 @@ class RequestIds:
 def refuse_bad_framing(scope: Scope, limit: int) -> None:
     """Refuse, before reading the body, what a proxy and the gateway could read as two
     different requests, or the gateway as another body. Raises TooLarge (a Content-Length
-    over `limit` bytes, or malformed), InvalidRequest (HTTP/1.1 without a Host, or two Hosts:
-    RFC 9112 3.2), NotSupported (a transfer coding but chunked: RFC 9112 6.1) or
-    UnsupportedMediaType (a content coding, such as gzip: RFC 9110 8.4)."""
+    over `limit` bytes, or malformed), InvalidRequest (HTTP/1.1 without a Host, two Hosts, or
+    one whose value is not a host and port: RFC 9112 3.2), NotSupported (a transfer coding
+    but chunked: RFC 9112 6.1) or UnsupportedMediaType (a content coding, such as gzip:
+    RFC 9110 8.4)."""
     hosts = 0
     for name, value in scope["headers"]:
         if name == b"content-length":
@@ -145,6 +150,8 @@ def refuse_bad_framing(scope: Scope, limit: int) -> None:
                 raise too_large(limit)
         elif name == b"host":
             hosts += 1
+            if not _HOST.fullmatch(value):
+                raise InvalidRequest("the Host header is not a host name or address and port")
         elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
             raise NotSupported("transfer coding: only chunked is supported")
         elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
