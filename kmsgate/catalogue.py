@@ -349,6 +349,15 @@ class Catalogue(StoreMirror):
                 raise
         return self._keys.get(name)
 
+    def holds(self, name: str, backend: str, ref: str) -> bool:
+        """Whether key `name`, as the store holds it now, has a version that is the key
+        `ref` of backend `backend`. Raises Unavailable."""
+        found = self._store.keys.get(name)
+        if found is None:
+            return False
+        key = key_from_rows(*found)
+        return key.backend == backend and any(v.backend_ref == ref for v in key.versions.values())
+
     def cached(self, name: str) -> Key | None:
         """The key called `name` if this cache holds it; never asks the store (for public,
         unauthenticated lookups)."""

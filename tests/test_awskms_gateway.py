@@ -368,6 +368,29 @@ def test_a_rotation_that_loses_a_race_leaves_the_alias_on_the_winner(aws, moto_s
     assert described["KeyState"] == "Enabled"
 
 
+def test_a_symmetric_rotation_that_loses_a_race_leaves_the_winners_version_usable(aws):
+    """Two rotations of an aes-256-gcm key at once: both rotate the one KMS key and make
+    the same reference for the new version. The loser's undo leaves it alone: the
+    winner's version encrypts and decrypts (it was refused as destroyed until restart)."""
+    api, admin = aws
+    key_name = name()
+    create_key(api, admin, key_name, "aes-256-gcm", "envelope-data")
+    stale = api.service.catalogue.get(key_name)  # what the losing rotation read
+    assert api.call("POST", f"/v1/keys/{key_name}/rotate", admin).status_code == 200
+    with pytest.raises(Conflict):
+        api.service.keys._rotate(stale, Outcome())
+    sealed = api.call("POST", f"/v1/keys/{key_name}/encrypt", admin, json={"plaintext": "aGk="})
+    assert sealed.status_code == 200, sealed.text
+    assert sealed.json()["key_version"] == 2
+    opened = api.call(
+        "POST",
+        f"/v1/keys/{key_name}/decrypt",
+        admin,
+        json={"ciphertext": sealed.json()["ciphertext"]},
+    )
+    assert opened.status_code == 200 and opened.json()["plaintext"] == "aGk=", opened.text
+
+
 def test_a_rotation_with_the_backend_in_another_region_is_refused(aws):
     """The region a key's versions live in is kept: with `region` changed, a rotation is
     refused (a new version would go to the other region, and fail there later)."""

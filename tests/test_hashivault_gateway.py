@@ -732,6 +732,39 @@ def test_two_rotations_at_once_leave_the_loser_a_conflict(openbao_server, prefix
         backend.close()
 
 
+def test_a_create_that_loses_a_race_leaves_the_winners_transit_key(
+    vault_gateway, openbao_server, prefix, monkeypatch
+):
+    """Two requests create one name: both find no Transit key and POST it (Transit creates
+    it once and answers both alike), one commits. The other is told 409, and its undo
+    leaves the Transit key that the winner's key is: the winner goes on signing."""
+    api, admin, backend = vault_gateway
+    create_key(api, admin, "race", "aes-256-gcm", "envelope-data")
+    sealed = api.call("POST", "/v1/keys/race/encrypt", admin, json={"plaintext": b64(MESSAGE)})
+    assert sealed.status_code == 200, sealed.text
+    # what the loser read before the winner committed and POSTed: no key, no Transit key
+    catalogue, find, read = (
+        api.service.catalogue,
+        api.service.catalogue.find,
+        backend._vault.read_info,
+    )
+    unseen, stale = [None], [None]
+    monkeypatch.setattr(catalogue, "find", lambda n: unseen.pop() if unseen else find(n))
+    monkeypatch.setattr(
+        backend._vault, "read_info", lambda m, n: stale.pop() if stale else read(m, n)
+    )
+    body = {"name": "race", "type": "aes-256-gcm", "purpose": "envelope-data", "backend": "vault"}
+    lost = api.call("POST", "/v1/keys", admin, json=body)
+    assert lost.status_code == 409, lost.text
+    assert not stale  # the loser did get past its existence check
+    assert transit_key(openbao_server, f"{prefix}race")["latest_version"] == 1
+    opened = api.call(
+        "POST", "/v1/keys/race/decrypt", admin, json={"ciphertext": sealed.json()["ciphertext"]}
+    )
+    assert opened.status_code == 200, opened.text
+    assert unb64(opened.json()["plaintext"]) == MESSAGE
+
+
 def test_status_reports_unreachable_without_backend_text():
     from tests.components import free_port
 

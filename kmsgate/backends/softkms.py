@@ -137,7 +137,8 @@ class SoftKmsBackend(KeyBackend, MacCapable, WrapCapable):
         pem = private.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        self._loaded[ref] = private
+        # not cached here: until the catalogue holds this version, a request racing on the
+        # same name may hold another key under the same reference (the first use unseals)
         return BackendKey(
             ref,
             spec.key_type,

@@ -171,10 +171,28 @@ class Keys:
             inserted = self.gate.catalogue.insert(key)
         except KmsgateError:
             if new.uri is None:  # never destroy an adopted key kmsgate did not make
-                backend.destroy(created)
+                self._discard(backend, created)
             raise
         _promote(backend, created)
         return inserted
+
+    def _discard(self, backend: KeyBackend, created: BackendKey) -> None:
+        """Undo `created`, made for a catalogue write that failed: destroy it, unless the
+        key stored under its name now holds that very backend key. A backend naming its
+        keys after kmsgate's (a Transit key, an on-demand rotation of a KMS key) hands two
+        requests racing on one name the same key, and the loser's undo would destroy the
+        winner's. With the store unreadable, it is destroyed (as a store outage, not a
+        race, is then the likely cause). Raises what `backend.destroy` raises."""
+        try:
+            shared = self.gate.catalogue.holds(created.name, backend.name, created.ref)
+        except Unavailable:
+            shared = False
+        if shared:
+            log.info(
+                "key %s v%d: kept, another request made it first", created.name, created.version
+            )
+            return
+        backend.destroy(created)
 
     def _refuse_managed(self, adopter: AdoptCapable, ref: str) -> None:
         """Raises Conflict if the backend key behind `ref` is already a version of a key
@@ -353,7 +371,7 @@ class Keys:
         try:
             rotated = self.gate.catalogue.add_version(key, version, now())
         except KmsgateError:
-            backend.destroy(created)
+            self._discard(backend, created)
             raise
         _promote(backend, created)
         outcome.key_version = number

@@ -5,10 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.catalogue import KeyState
 from kmsgate.errors import Conflict, InvalidRequest, KeyDisabled
+from kmsgate.service.gate import Outcome
 from kmsgate.service.requests import KeyChanges, NewKey, SignInput
+from kmsgate.service.results import Signature
 from tests.service.conftest import ADMIN, CTX
 
 
@@ -66,3 +70,20 @@ def test_destruction_when_due_is_idempotent(service, new_key):
     key = service.catalogue.get("k")
     assert key.state is KeyState.DESTROYED
     assert all(v.material is None and v.destroyed_at for v in key.versions.values())
+
+
+def test_a_rotation_that_loses_a_race_leaves_the_winners_key_signing(service, new_key):
+    """Two rotations read version 1 and each make a version 2 under one reference; the
+    catalogue takes the winner's. The loser's private key is never what that reference
+    signs with: signatures verify under the version 2 public key the catalogue holds."""
+    new_key("k", key_type="ecdsa-p256")
+    stale = service.catalogue.get("k")  # what the losing rotation read
+    service.keys.rotate(ADMIN, CTX, "k")
+    with pytest.raises(Conflict):
+        service.keys._rotate(stale, Outcome())
+    key = service.catalogue.get("k")
+    public = key.versions[2].public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey) and key.primary_version == 2
+    (signed,) = service.crypto.sign(ADMIN, CTX, service.gate.target("k"), [SignInput(b"m")], False)
+    assert isinstance(signed, Signature) and signed.key_version == 2
+    public.verify(signed.signature, b"m", ec.ECDSA(hashes.SHA256()))
