@@ -6,11 +6,13 @@ kmsgate *sent* where moto's answer proves nothing (DIGEST mode, see below).
 
 moto gaps, and how each is handled here (docs/backends/awskms.md):
 - RAW-mode signatures are real: `openssl` verifies them with the public key kmsgate serves.
-- MessageType=DIGEST is ignored by moto, so a prehashed signature from moto cannot verify.
+- MessageType=DIGEST is ignored by moto, so a prehashed signature from moto cannot verify
+  (kmsgate withholds it: 502).
   `test_digest_request_shape` checks the request kmsgate sends (type, algorithm, exact
   digest bytes) and, independently of moto, that the digest fitting kmsgate does for ECDSA
   with a non-native hash is correct; `test_moto_still_ignores_digest` pins the gap.
-- RSA-PSS: moto's salt is the maximum; kmsgate's strict verifier refuses it (shown).
+- RSA-PSS: moto's salt is the maximum; kmsgate checks every signature a remote backend
+  makes, and withholds that one (502).
 - Disabled keys still work in moto: a key disabled in kmsgate is refused by kmsgate.
 moto's own Verify is never used.
 """
@@ -54,7 +56,7 @@ from kmsgate.service.gate import Outcome
 from tests import helpers
 from tests.gateway import Api, open_gateway
 from tests.helpers import b64, unb64
-from tests.moto import KmsProxy, MotoServer
+from tests.moto import KmsProxy, MotoServer, running_moto
 
 MESSAGE = b"kmsgate awskms test message \x00\xff" * 20
 
@@ -161,30 +163,23 @@ def test_raw_signatures_verify_with_openssl(
     assert not kms_proxy.of("Verify"), "verification is local, never moto's Verify"
 
 
-@pytest.mark.interop
-def test_moto_pss_salt_gap_is_refused_by_strict_verification(aws, openssl_bin, tmp_path):
-    """moto's RSA-PSS signature (salt = max) is a PSS signature (openssl, salt auto) but not
-    AWS's (salt = hash length): kmsgate's strict verifier and openssl with salt 32 refuse it.
-    On AWS the same request gives salt = 32 (documented)."""
+def test_a_signature_its_public_key_does_not_verify_is_withheld(aws, kms_proxy):
+    """moto signs RSA-PSS with the maximum salt (AWS and kmsgate's strict verifier: salt =
+    hash length; tests/backends/profile_awskms.py shows it is still a PSS signature): the
+    signature does not verify under the key's public key, so kmsgate withholds it (502)
+    after asking AWS, as it would a signature from a key replaced outside kmsgate."""
     api, admin = aws
     key_name = name()
     create_key(api, admin, key_name, "rsa-3072")
+    kms_proxy.clear()
     r = sign(api, admin, key_name, input=b64(MESSAGE), algorithm="rsa-pss-sha256")
-    assert r.status_code == 200, r.text
-    pub, data, sig = (tmp_path / f for f in ("pub.pem", "m", "sig"))
-    pub.write_bytes(api.call("GET", f"/v1/keys/{key_name}/public-key", admin).content)
-    data.write_bytes(MESSAGE)
-    sig.write_bytes(unb64(r.json()["signature"]))
-    pss = ("rsa_padding_mode:pss", "rsa_mgf1_md:sha256")
-    assert openssl_verify(openssl_bin, "sha256", pub, data, sig, *pss, "rsa_pss_saltlen:auto")
-    assert not openssl_verify(openssl_bin, "sha256", pub, data, sig, *pss, "rsa_pss_saltlen:32")
-    verified = api.call(
-        "POST",
-        f"/v1/keys/{key_name}/verify",
-        admin,
-        json={"input": b64(MESSAGE), "signature": r.json()["signature"]},
-    )
-    assert verified.json()["valid"] is False
+    assert r.status_code == 502, r.text
+    assert r.json()["code"] == "backend_error" and "signature" not in r.json()
+    assert "does not verify" in r.json()["detail"]
+    (request,) = kms_proxy.of("Sign")
+    assert request.body["SigningAlgorithm"] == "RSASSA_PSS_SHA_256"
+    pkcs1 = sign(api, admin, key_name, input=b64(MESSAGE), algorithm="rsa-pkcs1-sha256")
+    assert pkcs1.status_code == 200, pkcs1.text  # the same key, where moto signs as AWS
 
 
 def test_digest_request_shape(aws, kms_proxy):
@@ -227,7 +222,8 @@ def test_digest_request_shape(aws, kms_proxy):
     for key_name, item, aws_alg, message in cases:
         kms_proxy.clear()
         r = sign(api, admin, key_name, **item)
-        assert r.status_code == 200, r.text
+        # moto signs H(digest): kmsgate's check of the signature withholds it
+        assert r.status_code == 502 and "does not verify" in r.json()["detail"], r.text
         (request,) = kms_proxy.of("Sign")
         assert request.body["MessageType"] == "DIGEST", item
         assert request.body["SigningAlgorithm"] == aws_alg
@@ -422,6 +418,21 @@ def test_rotating_a_symmetric_key_rotates_on_demand(aws, kms_proxy):
     # ciphertext made before the rotation still unwraps (AWS picks the key material)
     assert backend.unwrap(key.backend_key(key.versions[2]), wrapped, b"ctx") == b"data key"
     assert backend.unwrap(key.backend_key(key.versions[1]), wrapped, b"ctx") == b"data key"
+
+
+def test_rotating_a_symmetric_key_whose_kms_key_is_gone_says_destroyed(aws, tmp_path):
+    """A KMS key gone from AWS (here: the backend pointed at a moto that never held it, as
+    after a state loss) is a destroyed key to rotate, as to every other operation."""
+    api, admin = aws
+    key_name = name()
+    create_key(api, admin, key_name, "aes-256-gcm", "envelope-data")
+    key = api.service.catalogue.get(key_name)
+    with running_moto(tmp_path / "empty") as empty:
+        settings = BackendSettings(**empty.backend_settings())
+        elsewhere = AwsKmsBackend.from_config("aws", settings)
+        previous = key.backend_key(key.versions[1])
+        with pytest.raises(KeyDestroyed, match="no longer exists"):
+            elsewhere.create_key(KeySpec(key_name, 2, KeyType.AES_256_GCM, previous=previous))
 
 
 def test_a_symmetric_key_rotates_its_own_kms_key_whatever_the_alias_names(aws, moto_server):

@@ -765,6 +765,26 @@ def test_a_create_that_loses_a_race_leaves_the_winners_transit_key(
     assert unb64(opened.json()["plaintext"]) == MESSAGE
 
 
+def test_a_transit_key_replaced_outside_kmsgate_signs_nothing(
+    vault_gateway, openbao_server, prefix
+):
+    """The Transit key behind a kmsgate key is deleted and made again under its name (a
+    restore, a mistake): Transit signs with the new key, which the key's published public
+    key does not verify. kmsgate checks the signature and withholds it (502)."""
+    api, admin, _ = vault_gateway
+    create_key(api, admin, "swap", "ecdsa-p256")
+    item = {"input": b64(MESSAGE)}
+    assert api.call("POST", "/v1/keys/swap/sign", admin, json=item).status_code == 200
+    vault = openbao_server.client().adapter
+    vault.post(f"/v1/transit/keys/{prefix}swap/config", json={"deletion_allowed": True})
+    vault.delete(f"/v1/transit/keys/{prefix}swap")
+    vault.post(f"/v1/transit/keys/{prefix}swap", json={"type": "ecdsa-p256"})
+    r = api.call("POST", "/v1/keys/swap/sign", admin, json=item)
+    assert r.status_code == 502, r.text
+    assert r.json()["code"] == "backend_error" and "signature" not in r.json()
+    assert "does not verify" in r.json()["detail"]
+
+
 def test_status_reports_unreachable_without_backend_text():
     from tests.components import free_port
 
@@ -1152,6 +1172,30 @@ def test_documented_policy_is_enough_for_a_whole_lifecycle(openbao_server, prefi
             )
         with pytest.raises(hvac.exceptions.InvalidPath):
             transit_key(openbao_server, f"kmsgate-{prefix}aes")
+    finally:
+        backend.close()
+
+
+def test_a_transit_key_deleted_outside_kmsgate_is_destroyed_to_encrypt_too(openbao_server, prefix):
+    """Encrypt with a Transit key deleted behind kmsgate's back, after its description was
+    cached: Transit takes the encrypt as an upsert, which the documented policy refuses
+    (403). That is the key gone (409 key_destroyed, as decrypt and sign say), not
+    kmsgate's credentials refused."""
+    root = openbao_server.client()
+    policy = f"kmsgate-doc-{prefix}"
+    root.sys.create_or_update_policy(policy, _documented_policy())
+    token = root.auth.token.create(policies=[policy], ttl="10m")["auth"]["client_token"]
+    backend = make_backend(openbao_server.addr, "kmsgate-", token=token)
+    try:
+        key = backend.create_key(KeySpec(f"{prefix}gone", 1, KeyType.AES_256_GCM))
+        backend.wrap(key, b"dek", b"aad")  # the description is cached now
+        name = f"/v1/transit/keys/kmsgate-{prefix}gone"
+        root.adapter.post(f"{name}/config", json={"deletion_allowed": True})
+        root.adapter.delete(name)
+        with pytest.raises(KeyDestroyed):
+            backend.wrap(key, b"dek", b"aad")
+        with pytest.raises(hvac.exceptions.InvalidPath):
+            transit_key(openbao_server, f"kmsgate-{prefix}gone")
     finally:
         backend.close()
 

@@ -7,6 +7,7 @@ version, so a failed write never leaves half a key behind.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,10 +15,13 @@ from pathlib import Path
 from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from kmsgate.algorithms import HashName, KeyType, SignAlg
+from kmsgate.algorithms import HashName, KeyType, SignAlg, verify_with_public_key
 from kmsgate.config import BackendSettings
 from kmsgate.errors import (
+    BackendError,
     BackendUnavailable,
     ConfigError,
     InvalidRequest,
@@ -116,6 +120,43 @@ class KeyBackend(ABC):
         to save round trips.
         """
         return one_by_one(lambda m: self.sign(key, m.data, m.alg, prehashed=m.prehashed), messages)
+
+    def sign_checked(
+        self, key: BackendKey, messages: Sequence[SignMessage]
+    ) -> list[bytes | KmsgateError]:
+        """`sign_many`; a backend outside the process (`blocking`) also has each signature
+        checked against the version's public key, and one that does not verify is a
+        BackendError in its place: a key replaced or restored outside kmsgate, or a faulty
+        device (a fault in an RSA signature can leak the key), never hands out a signature
+        that its published public key does not verify. Raises as `sign_many`."""
+        signed = self.sign_many(key, messages)
+        public_pem = key.public_key_pem
+        if not self.blocking or public_pem is None:
+            return signed
+        public_key = _public_key(public_pem)
+        return [
+            output
+            if not isinstance(output, bytes)
+            or verify_with_public_key(
+                public_key, message.alg, message.data, output, prehashed=message.prehashed
+            )
+            else BackendError(
+                f"backend {self.name!r} made a signature that version {key.version} of "
+                f"{key.name!r} does not verify: was its key replaced or restored outside "
+                "kmsgate? (the signature was withheld)"
+            )
+            for message, output in zip(messages, signed, strict=True)
+        ]
+
+    def sign_one_checked(
+        self, key: BackendKey, data: bytes, alg: SignAlg, *, prehashed: bool
+    ) -> bytes:
+        """One signature through `sign_checked`. Raises what `sign` raises, or BackendError
+        for a signature that does not verify."""
+        (signed,) = self.sign_checked(key, [SignMessage(data, alg, prehashed)])
+        if isinstance(signed, KmsgateError):
+            raise signed
+        return signed
 
     @abstractmethod
     def destroy(self, key: BackendKey) -> None:
@@ -322,6 +363,12 @@ def require_capability(backend: KeyBackend, capability: type[T], what: str) -> T
 
 
 M = TypeVar("M")
+
+
+@functools.lru_cache(maxsize=1024)
+def _public_key(pem: str) -> PublicKeyTypes:
+    """A version's public key, parsed once. Raises ValueError for a PEM that is none."""
+    return serialization.load_pem_public_key(pem.encode())
 
 
 def one_by_one(do: Callable[[M], bytes], messages: Sequence[M]) -> list[bytes | KmsgateError]:

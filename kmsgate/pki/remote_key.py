@@ -96,7 +96,7 @@ class _BackendHeld:
     def sign_as(self, data: bytes, alg: SignAlg, *, prehashed: bool) -> bytes:
         """Sign with `alg`, already chosen (for a stand-in of this key in another process,
         see `kmsgate.pki.crl_apart`). Raises what the backend's `sign` raises."""
-        signature = self._backend.sign(self._key, data, alg, prehashed=prehashed)
+        signature = self._backend.sign_one_checked(self._key, data, alg, prehashed=prehashed)
         if self.on_sign is not None:
             self.on_sign()
         return signature

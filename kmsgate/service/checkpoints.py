@@ -47,5 +47,7 @@ class CheckpointSigner:
         BackendUnavailable or BackendError."""
         key, version, alg = self._signing()
         backend = self._registry.holding(key.backend)
-        signature = backend.sign(key.backend_key(version), payload, alg, prehashed=False)
+        signature = backend.sign_one_checked(
+            key.backend_key(version), payload, alg, prehashed=False
+        )
         return CheckpointSignature(key.name, version.version, alg.name, signature)

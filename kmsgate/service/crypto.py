@@ -172,7 +172,7 @@ class Crypto:
         return _by_version(
             items,
             prepare,
-            lambda number, messages: self.gate.registry.holding(key.backend).sign_many(
+            lambda number, messages: self.gate.registry.holding(key.backend).sign_checked(
                 key.backend_key(key.versions[number]), messages
             ),
             lambda number, message, signature: Signature(number, message.alg.name, signature),

@@ -153,7 +153,8 @@ def point_alias(kms: _KmsClient, key: BackendKey) -> None:
 def _rotate_symmetric(kms: _KmsClient, spec: KeySpec) -> BackendKey:
     """Version N > 1 of an aes-256-gcm key: RotateKeyOnDemand on the KMS key of the version
     before it (`spec.previous`; without one, the key the alias names), recorded as the
-    (N-1)th rotation. Raises Conflict when AWS refuses or an adopted key is to be rotated."""
+    (N-1)th rotation. Raises Conflict when AWS refuses or an adopted key is to be rotated,
+    KeyDestroyed when the KMS key is gone."""
     if spec.previous is not None:
         material = _Material.load(spec.previous)
         if material.adopted:
@@ -165,7 +166,9 @@ def _rotate_symmetric(kms: _KmsClient, spec: KeySpec) -> BackendKey:
         described = kms.call("describe_key", "control", KeyId=key_id)
     except _AwsError as exc:
         if exc.code == "NotFoundException":
-            raise Conflict(f"no KMS key {key_id}: rotate adopted keys in AWS") from None
+            raise KeyDestroyed(
+                f"the KMS key {key_id} no longer exists: nothing to rotate"
+            ) from None
         raise kms.fail(exc, "find the key to rotate") from None
     arn = _arn_of(described)
     if described["KeyMetadata"].get("KeySpec") != "SYMMETRIC_DEFAULT":

@@ -441,7 +441,14 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
             "key_version": ref.version,
             **_aead_params(info, aad),
         }
-        reply = self._vault.call("POST", f"{ref.mount}/encrypt/{ref.name}", "encrypt", body)
+        try:
+            reply = self._vault.call("POST", f"{ref.mount}/encrypt/{ref.name}", "encrypt", body)
+        except BackendError:
+            # Transit answers an encrypt with a key deleted since `info` was cached as an
+            # upsert, which kmsgate's policy refuses (403): say the key is gone, if it is
+            self._vault.forget(ref.mount, ref.name)
+            self._vault.info(ref)
+            raise
         raw = _strip_prefix((reply.get("data") or {}).get("ciphertext"), ref.version, "ciphertext")
         return _WRAP_FORMAT + ref.version.to_bytes(4, "big") + raw
 
