@@ -877,6 +877,39 @@ def test_a_second_signature_leaves_the_first_one_verifying(
     stock_api_verify(model, inside.bundle_path, pem_file(tmp_path, inside.public_key_pem, "2.pem"))
 
 
+def test_a_first_signature_over_one_mib_is_left_out_of_the_second(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    """An earlier bundle grows with the model's file count (~6,500 files of short names
+    make 1 MiB; here fewer, with long names): however large, it is left out of the next
+    signing and the first signature goes on verifying (it used to be signed as a model
+    file past 1 MiB, and checksums.json rewritten). A file named like a signature that
+    holds JSON but no bundle stops the signing before anything changes."""
+    model = tmp_path / "big"
+    folder = model / ("d" * 200)
+    folder.mkdir(parents=True)
+    for i in range(2_000):
+        (folder / f"{i:05d}{'f' * 200}").write_bytes(b"%d" % i)
+    first = sign_model(model, GatewaySigner(client, key))
+    assert first.bundle_path.stat().st_size > 1 << 20
+    second_key = f"model-key-{next(_counter)}"
+    client.create_key(second_key, "ecdsa-p256", "model-sign")
+    checksums = (model / "checksums.json").read_bytes()
+    second = sign_model(model, GatewaySigner(client, second_key), bundle_path=tmp_path / "2.sig")
+    assert second.left_out == ("model.sig", "model.sig.provenance.json")
+    assert (model / "checksums.json").read_bytes() == checksums
+    for result in (first, second):
+        trust = PublicKeyTrust.from_pem(result.public_key_pem)
+        assert verify_model(model, result.bundle_path, trust).ok
+    stock_api_verify(model, first.bundle_path, pem_file(tmp_path, first.public_key_pem))
+
+    (model / "copy.sig").write_bytes(first.bundle_path.read_bytes()[:1000])  # cut short
+    with pytest.raises(SigningError, match=r"copy\.sig is named like a signature and holds JSON"):
+        sign_model(model, GatewaySigner(client, second_key), bundle_path=tmp_path / "3.sig")
+    assert (model / "checksums.json").read_bytes() == checksums
+    assert not (tmp_path / "3.sig").exists()
+
+
 def test_a_signing_that_cannot_write_every_file_leaves_the_model_as_it_was(
     tmp_path: Path, client: Client, key: str
 ) -> None:

@@ -52,8 +52,8 @@ from kmsgate.text import utc_timestamp
 
 DEFAULT_BUNDLE_NAME = "model.sig"
 CHECKSUMS_NAME = "checksums.json"
-_MAX_BUNDLE_BYTES = 1 << 20
-"""Larger than any Sigstore bundle kmsgate writes (a few KiB)."""
+_HEAD_BYTES = 4096
+"""How much of a file named like a signature is read to tell whether it holds JSON."""
 
 
 class SigningError(Exception):
@@ -277,11 +277,22 @@ def _refuse_to_replace(output: Path, model: Path) -> None:
 def _an_earlier_signature(path: Path) -> bool:
     """Whether `path` is a signature kmsgate wrote (a Sigstore bundle named `*.sig` or
     `*.sig.provenance.json`): another signing of the same model leaves it out, so that what
-    it signed (checksums.json too) stays as it was and it goes on verifying."""
+    it signed (checksums.json too) stays as it was and it goes on verifying, whatever its
+    size. Raises SigningError for a file so named that holds JSON but no bundle (it is
+    neither left out nor signed as a model file), OSError if it cannot be read."""
     name = path.name
     if not (name.endswith(".sig") or name.endswith(".sig.provenance.json")):
         return False
-    return path.stat().st_size <= _MAX_BUNDLE_BYTES and _is_a_bundle(path)
+    with path.open("rb") as f:
+        if not f.read(_HEAD_BYTES).lstrip().startswith(b"{"):
+            return False  # not JSON: a file of the model's own (weights, a GPG signature)
+    if _is_a_bundle(path):  # read whole: a bundle grows with the model's file count
+        return True
+    raise SigningError(
+        f"{path} is named like a signature and holds JSON, but is not a Sigstore bundle "
+        "(a damaged one?): signed as a model file it would break the signature it may belong "
+        "to; remove or rename it, or leave it out with --ignore"
+    )
 
 
 def _is_a_bundle(path: Path) -> bool:
