@@ -637,6 +637,16 @@ def test_ci_signer_with_only_the_ml_sec_role(tmp_path: Path) -> None:
         assert "does not publish its public key" in str(info.value)
         assert "policy_denied" in str(info.value)
         assert not (other / "checksums.json").exists()
+        # every version compromised: the public JWKS lists none, and the token may not read
+        # the key; the signer says why the gateway will not sign (it said policy_denied)
+        with Client(gw.addr, gw.root_token) as admin:
+            admin.create_key("ci-compromised", "ecdsa-p256", "model-sign")
+            _mark_compromised(admin, "ci-compromised", 1, datetime.now(UTC))
+        with Client(gw.addr, signer_token) as ci, pytest.raises(ApiError) as refused:
+            sign_model(other, GatewaySigner(ci, "ci-compromised"))
+        assert (refused.value.status, refused.value.code) == (409, "key_version_unusable")
+        assert "version 1 of 'ci-compromised' is compromised" in refused.value.detail
+        assert not (other / "checksums.json").exists()
 
 
 def test_a_model_signed_with_its_git_paths_verifies_with_them(

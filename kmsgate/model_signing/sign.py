@@ -161,8 +161,16 @@ class GatewaySigner:
     def resolve_algorithm(self) -> SignAlg:
         """The algorithm to sign with: the one asked for, else the key's default. Raises
         SigningError for an unknown one, or an ECDSA hash other than the curve's (the
-        model_signing verifier hashes with the curve's own: nobody could verify it)."""
-        _, public_key = gateway_public_key(self.client, self.key, None)
+        model_signing verifier hashes with the curve's own: nobody could verify it); ApiError
+        when the public key cannot be had: the gateway's refusal to sign with the key
+        (`key_version_unusable` when every version is compromised, which the public JWKS
+        leaves out), else the refusal of the read."""
+        try:
+            _, public_key = gateway_public_key(self.client, self.key, None)
+        except ApiError as exc:
+            if exc.status in (401, 403):
+                self._raise_refusal_to_sign()
+            raise
         default = default_sign_algorithm(key_type_of_public_key(public_key))
         self.algorithm = self.algorithm or default
         alg = SIGN_ALGORITHMS.get(self.algorithm or "")
@@ -174,6 +182,16 @@ class GatewaySigner:
                 f"verifier rejects: it hashes with the curve's own hash ({default})"
             )
         return alg
+
+    def _raise_refusal_to_sign(self) -> None:
+        """Raises the gateway's refusal to sign with the key (a compromised version, a
+        disabled key, the policy), if it has one. Asked with a one-byte digest, which no
+        algorithm takes: nothing is signed, and a key that would sign answers 400."""
+        try:
+            self.client.sign(self.key, digest=b"\0", algorithm=self.algorithm)
+        except ApiError as exc:
+            if exc.status != 400:
+                raise
 
     def public_key(self, version: int) -> PublicKeyTypes:
         if version not in self._public_keys:
