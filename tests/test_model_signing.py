@@ -519,6 +519,38 @@ def test_cli_sign_and_verify(tmp_path: Path, gw: Gateway, client: Client, key: s
     assert none.exit_code == 2 and "exactly one of" in none.stderr
 
 
+def test_a_bare_public_key_names_no_signer_from_the_unsigned_keyid(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    """No signature covers the DSSE keyid: with --public-key alone, verify says "signed by
+    the key in PEM" and its JSON names no key (it used to name the keyid's, whatever it
+    was). A verified provenance, signed by that key, names the key version, and one that
+    disagrees with the keyid still fails."""
+    runner = CliRunner()
+    model = make_model(tmp_path)
+    result = sign_model(model, GatewaySigner(client, key))
+    pub = pem_file(tmp_path, result.public_key_pem)
+    args = ["verify", str(model), "--public-key", str(pub)]
+    proven = runner.invoke(model_app, args)
+    assert proven.exit_code == 0 and proven.stdout.strip().endswith(f"signed by {key} v1")
+
+    assert result.provenance_path is not None
+    for path in (result.bundle_path, result.provenance_path):
+        doc = json.loads(path.read_text())
+        doc["dsseEnvelope"]["signatures"][0]["keyid"] = "release-sign:v9"
+        path.write_text(json.dumps(doc))
+    forged = runner.invoke(model_app, args)
+    assert forged.exit_code == Failure.PROVENANCE, forged.output
+    assert "the provenance names another key version than the signature" in forged.stderr
+    result.provenance_path.unlink()
+    plain = runner.invoke(model_app, args)
+    assert plain.exit_code == 0, plain.output
+    assert plain.stdout.strip().endswith(f"signed by the key in {pub}")
+    report = json.loads(runner.invoke(model_app, [*args, "--json"]).stdout)
+    assert report["signature"]["keyid"] == "release-sign:v9"  # shown as what it is
+    assert (report["signature"]["key"], report["signature"]["key_version"]) == (None, None)
+
+
 def test_cli_sign_errors_are_one_line(tmp_path: Path, gw: Gateway, key: str) -> None:
     runner = CliRunner()
     env = {"KMSGATE_ADDR": gw.addr, "KMSGATE_TOKEN": gw.root_token}

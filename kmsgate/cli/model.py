@@ -287,8 +287,10 @@ def verify(
         if json_out:
             _dump_json(report.to_dict())
         else:
-            ref = report.key
-            signer = f"{ref.name} v{ref.version}" if ref and ref.name else report.public_key_sha256
+            ref = report.key  # unnamed with --public-key and no provenance: keyids are unsigned
+            signer = (
+                f"{ref.name} v{ref.version}" if ref and ref.name else f"the key in {public_key}"
+            )
             out.print(
                 f"verified: {report.model_name} {report.model_digest} ({report.files} files), "
                 f"signed by {signer}",

@@ -43,6 +43,8 @@ class Report:
     model_digest: str | None = None
     files: int = 0
     key: KeyRef | None = None
+    """The signing key version, as the trust source (gateway, trust bundle) or a verified
+    provenance names it; unnamed for a bare public key: the bundle's `keyid` is unsigned."""
     keyid: str | None = None
     algorithm: str | None = None
     public_key_sha256: str | None = None

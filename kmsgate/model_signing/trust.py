@@ -1,6 +1,7 @@
 """Where a verifier gets the signer's public key and the key version's status.
 
-- `PublicKeyTrust`: a PEM public key (what the stock `model_signing` verifier uses); no status.
+- `PublicKeyTrust`: a PEM public key (what the stock `model_signing` verifier uses); no status,
+  and no key name or version (the bundle's keyid is unsigned; a verified provenance names them).
 - `GatewayTrust`: the gateway's public key for the bundle's key version, and the gateway's own
   `verify` (with `signed_at`, or `strict` without a signing time) as the judge of whether the
   version was usable when the model was signed.
@@ -91,9 +92,10 @@ class PublicKeyTrust:
         return cls(load_public_key(pem))
 
     def resolve(self, bundle: SignedBundle) -> tuple[PublicKeyTypes, KeyRef]:
+        """The key, naming no key version: the bundle's keyid, which no signature covers,
+        is not the signer's identity. Raises UnknownKeyError."""
         _check_hint(bundle, self.public_key)
-        parsed = parse_keyid(bundle.keyid)
-        return self.public_key, KeyRef(*parsed) if parsed else KeyRef(None, None)
+        return self.public_key, KeyRef(None, None)
 
     def status(
         self, ref: KeyRef, bundle: SignedBundle, alg: SignAlg, signed_at: datetime | None

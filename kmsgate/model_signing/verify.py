@@ -33,11 +33,12 @@ from kmsgate.model_signing.bundle import (
     SignedBundle,
     key_hint,
     manifest_from_statement,
+    parse_keyid,
 )
 from kmsgate.model_signing.provenance import ProvenanceSummary
 from kmsgate.model_signing.report import Failure, ModelVerificationError, Report, fail
 from kmsgate.model_signing.sign import CHECKSUMS_NAME
-from kmsgate.model_signing.trust import KeyStatusError, Trust, UnknownKeyError
+from kmsgate.model_signing.trust import KeyRef, KeyStatusError, Trust, UnknownKeyError
 from kmsgate.text import utc_timestamp
 
 
@@ -246,6 +247,8 @@ def _verify(
             report, prov_bundle, bundle, public_key, alg, expected
         )
         report.signed_at = report.provenance.signed_at
+        if report.key is None or report.key.name is None:  # a signed claim, unlike the keyid
+            report.key = KeyRef(report.provenance.key, report.provenance.key_version)
 
     try:
         status = trust.status(report.key, bundle, alg, report.signed_at)
@@ -308,14 +311,10 @@ def _check_provenance(
         or summary.subject_name != expected.model_name
     ):
         raise bad("the provenance's subject is not this model (name or digest differs)")
-    if (
-        report.key is not None
-        and report.key.version is not None
-        and (
-            summary.key_version != report.key.version
-            or (report.key.name is not None and summary.key != report.key.name)
-        )
-    ):
+    ref = report.key
+    # the key the trust found, else the keyid (both bundles carry it: they must agree)
+    claimed = (ref.name, ref.version) if ref and ref.name else parse_keyid(bundle.keyid)
+    if claimed is not None and (summary.key, summary.key_version) != claimed:
         raise bad("the provenance names another key version than the signature")
     if summary.algorithm in SIGN_ALGORITHMS and summary.algorithm != alg.name:
         raise bad(f"the provenance says {summary.algorithm}, the signature is {alg.name}")
