@@ -5,6 +5,7 @@ recovery after the gateway was away for longer than the TTL."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import ssl
@@ -23,12 +24,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmsgate.client import ApiError, Client
-from kmsgate.pki.files import CURRENT, replace_private_files
+from kmsgate.pki.files import CURRENT, LOCK, replace_private_files
 from tests.components import LOOPBACK, free_port
 from tests.helpers import self_signed
 from tests.test_cli import _stop, clean_env, kmsgate_script, running_gateway
 
 TTL_SECONDS = 3
+KEY_AND_CERT = ("key.pem", "cert.pem")
 RENEWALS = 20
 
 
@@ -156,7 +158,8 @@ def test_the_agent_keeps_a_short_lived_certificate_valid_and_recovers(tmp_path: 
     names = ("key.pem", "cert.pem", "chain.pem", "ca.pem")
     assert all((out / name).stat().st_mode & 0o777 == 0o600 for name in names)
     assert all(os.readlink(out / name) == f"{CURRENT}/{name}" for name in names)
-    assert len([p for p in out.iterdir() if p.name.startswith("..")]) == 3  # link, set, one before
+    machinery = [p.name for p in out.iterdir() if p.name.startswith("..")]
+    assert len(machinery) == 4 and LOCK in machinery  # link, lock, set, one before
 
 
 def test_an_agent_whose_key_no_longer_fits_its_certificate_gets_a_new_one(
@@ -309,11 +312,54 @@ def test_a_new_set_prunes_only_its_own_older_sets(tmp_path: Path) -> None:
     (backup / "key.pem").write_text("keep me")
     for n in range(4):
         replace_private_files(tmp_path, {"key.pem": b"k%d" % n, "cert.pem": b"c%d" % n})
-    ours = {p.name for p in tmp_path.iterdir() if p.name.startswith("..") and not p.is_symlink()}
+    ours = {p.name for p in tmp_path.iterdir() if p.name.startswith("..") and p.is_dir()}
+    ours.discard(CURRENT)
     assert "..backup" in ours and len(ours - {"..backup"}) == 2  # the current set and one before
     assert os.readlink(tmp_path / CURRENT) in ours
     assert (backup / "key.pem").read_text() == "keep me"
     assert (tmp_path / "key.pem").read_bytes() == b"k3"
+
+
+def _write_sets(directory: str, seconds: float) -> None:
+    """Replace the set in `directory` again and again for `seconds` (key and certificate
+    alike, so that a reader can tell a set's two files went together)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        tag = os.urandom(8).hex().encode()
+        replace_private_files(Path(directory), {"key.pem": tag, "cert.pem": tag})
+
+
+def test_two_writers_on_one_directory_never_leave_it_without_a_current_set(
+    tmp_path: Path,
+) -> None:
+    """Two agents on one directory take turns (each used to remove every set but its own
+    two, the one the other had just made current among them: `..data` then dangled, or a
+    writer lost the set it was writing). Throughout, `..data` names a set that is there,
+    whose key and certificate go together; neither writer fails."""
+    spawn = multiprocessing.get_context("spawn")
+    writers = [spawn.Process(target=_write_sets, args=(str(tmp_path), 3.0)) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    dangling, mismatched, reads = [], [], 0
+    while any(writer.is_alive() for writer in writers):
+        with contextlib.suppress(FileNotFoundError):  # no set yet
+            target = os.readlink(tmp_path / CURRENT)
+            try:
+                key, cert = ((tmp_path / target / name).read_bytes() for name in KEY_AND_CERT)
+            except FileNotFoundError:  # gone: fine if `..data` moved on meanwhile (twice)
+                if os.readlink(tmp_path / CURRENT) == target:
+                    dangling.append(target)
+                continue
+            reads += 1
+            if key != cert:
+                mismatched.append(target)
+    for writer in writers:
+        writer.join(10)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    assert dangling == [] and mismatched == [] and reads > 0
+    assert (tmp_path / "key.pem").read_bytes() == (tmp_path / "cert.pem").read_bytes()
+    sets = {p.name for p in tmp_path.iterdir() if p.name.startswith("..") and p.is_dir()}
+    assert len(sets - {CURRENT}) == 2 and os.readlink(tmp_path / CURRENT) in sets
 
 
 def test_client_and_server_profile_certificates_renew_the_way_each_can(tmp_path: Path) -> None:

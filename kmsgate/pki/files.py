@@ -3,21 +3,27 @@ TLS certificate, the agent's workload certificate)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from kmsgate.files import write_new
 
-__all__ = ["CURRENT", "asked_before", "replace_private_file", "replace_private_files"]
+__all__ = ["CURRENT", "LOCK", "asked_before", "replace_private_file", "replace_private_files"]
 
 CURRENT = "..data"
 """The symlink, in a directory `replace_private_files` keeps, to the current set's own
 directory."""
+LOCK = "..lock"
+"""In a directory `replace_private_files` keeps, the file its writers take turns on (an
+exclusive flock): two agents on one directory never remove the set the other one has just
+made current."""
 _SET_ID_BYTES = 8
 _SET_NAME = re.compile(rf"\.\.[0-9a-f]{{{2 * _SET_ID_BYTES}}}")
 """A set's own directory: `..` and a random hexadecimal id."""
@@ -53,30 +59,44 @@ def replace_private_files(directory: Path, files: Mapping[str, bytes]) -> None:
     `CURRENT`, a symlink to it, switches to it in one rename; each name is a symlink through
     `CURRENT`. A reader that resolves `CURRENT` once reads one set, never a new key with an
     old certificate; the set before stays until the next replacement, so a reader that
-    resolved it just before the switch can still read it. Raises OSError, leaving the
+    resolved it just before the switch can still read it. Writers of one directory take
+    turns (`LOCK`: another agent's replacement is waited for). Raises OSError, leaving the
     current set as it was."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    current = directory / CURRENT
-    previous = os.readlink(current) if current.is_symlink() else None
-    version = directory / f"..{secrets.token_hex(_SET_ID_BYTES)}"
-    version.mkdir(mode=0o700)
+    with _writing(directory):
+        current = directory / CURRENT
+        previous = os.readlink(current) if current.is_symlink() else None
+        version = directory / f"..{secrets.token_hex(_SET_ID_BYTES)}"
+        version.mkdir(mode=0o700)
+        try:
+            for name, data in files.items():
+                write_new(version / name, data)
+            _fsync_directory(version)
+            _point(current, version.name)
+        except BaseException:
+            shutil.rmtree(version, ignore_errors=True)
+            raise
+        for name in files:
+            link = directory / name
+            if not link.is_symlink() or os.readlink(link) != f"{CURRENT}/{name}":
+                _point(link, f"{CURRENT}/{name}")  # also replaces a file an older agent wrote
+        kept = {CURRENT, version.name, previous}
+        for entry in directory.iterdir():  # only sets of ours: another `..name` is not touched
+            if _SET_NAME.fullmatch(entry.name) and entry.name not in kept:
+                shutil.rmtree(entry, ignore_errors=True)
+        _fsync_directory(directory)
+
+
+@contextlib.contextmanager
+def _writing(directory: Path) -> Iterator[None]:
+    """Hold `directory`'s `LOCK`, once another writer has let it go (a writer that dies lets
+    it go with its process). Raises OSError."""
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        for name, data in files.items():
-            write_new(version / name, data)
-        _fsync_directory(version)
-        _point(current, version.name)
-    except BaseException:
-        shutil.rmtree(version, ignore_errors=True)
-        raise
-    for name in files:
-        link = directory / name
-        if not link.is_symlink() or os.readlink(link) != f"{CURRENT}/{name}":
-            _point(link, f"{CURRENT}/{name}")  # also replaces a file an older agent wrote
-    kept = {CURRENT, version.name, previous}
-    for entry in directory.iterdir():  # only sets of ours: another `..name` is not touched
-        if _SET_NAME.fullmatch(entry.name) and entry.name not in kept:
-            shutil.rmtree(entry, ignore_errors=True)
-    _fsync_directory(directory)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the flock
 
 
 def _point(link: Path, target: str) -> None:
