@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import random
 import shlex
 import ssl
@@ -52,6 +53,10 @@ MIN_TTL = timedelta(seconds=3)
 gateway gives whole seconds."""
 MIN_SWAP_SECONDS = 1.0
 """The least time between two certificates (whatever the lifetime the gateway gave)."""
+SET_ROOM_BYTES = 64 * 1024
+"""The room the directory must have before a certificate is asked for: a set is five files
+of a few KiB, each taking whole 4 KiB pages or blocks (about 20 KiB); the rest is margin (a
+long chain, the set's own directory)."""
 VALID_ENOUGH = timedelta(seconds=0.25)
 """A certificate with less left than this is not presented: it could expire in the
 handshake."""
@@ -80,6 +85,11 @@ PERMANENT_STATUSES = frozenset({400, 404, 422})
 REQUEST_FILE = "agent.json"
 """In each set: the CA, profile and SANs it was asked for, so that an agent started with
 other options gets a new certificate instead of renewing the old one."""
+
+
+class NotKept(OSError):
+    """A certificate was issued but could not be written to the directory. Each try issues
+    one, so `Agent.run` waits its whole backoff, however soon the one on disk ends."""
 
 
 class NoCredential(ValueError):
@@ -132,7 +142,8 @@ class Agent:
         ValueError with `once`, and an ApiError that asking again cannot mend
         (`PERMANENT_STATUSES`: an unknown CA or profile, a request the gateway refuses as
         such); other failures are logged and retried with exponential backoff, never
-        waiting long past the certificate's end (`_retry_cap`)."""
+        waiting long past the certificate's end (`_retry_cap`) unless a certificate was
+        issued and could not be written (`NotKept`)."""
         backoff = FIRST_BACKOFF_SECONDS
         if not once:
             self.stop.wait(self._seconds_until_renewal())
@@ -143,7 +154,7 @@ class Agent:
                 permanent = isinstance(exc, ApiError) and exc.status in PERMANENT_STATUSES
                 if once or permanent or isinstance(exc, NoCredential):
                     raise
-                wait = min(backoff, self._retry_cap())
+                wait = backoff if isinstance(exc, NotKept) else min(backoff, self._retry_cap())
                 log.warning("certificate not renewed (retrying in %.1f s): %s", wait, exc)
                 self.stop.wait(wait)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
@@ -155,8 +166,9 @@ class Agent:
 
     def swap(self) -> x509.Certificate:
         """One new certificate in the directory: renewed over mTLS while the current one is
-        valid, else bootstrapped with the token. Raises ApiError, OSError, ValueError
-        (NoCredential when neither is there)."""
+        valid, else bootstrapped with the token. Raises ApiError, OSError (NotKept, naming
+        the directory and the certificate's serial, when it was issued but could not be
+        written), ValueError (NoCredential when neither is there)."""
         current = self._current()
         if current is not None and not authenticates(current):
             current = None  # it cannot renew itself: the token gets the next one
@@ -204,7 +216,15 @@ class Agent:
             "ca.pem": chain[-1].public_bytes(pem),
             REQUEST_FILE: json.dumps(self._request()).encode(),
         }
-        replace_private_files(self.options.directory, files)
+        try:
+            replace_private_files(self.options.directory, files)
+        except OSError as exc:
+            serial = issued["serial"]
+            raise NotKept(
+                exc.errno,
+                f"certificate {serial} was issued but not written to {self.options.directory} "
+                f"({exc.strerror or exc}): revoke it (kmsgate cert revoke {serial})",
+            ) from exc
         self._issued_at = datetime.now(UTC)
         log.info(
             "certificate %s %s, valid until %s",
@@ -229,14 +249,21 @@ class Agent:
 
     def _check_writable(self) -> None:
         """Raises OSError if the directory cannot be made or written to (a file by that
-        name, a read-only file system, no permission)."""
+        name, a read-only file system, no permission) or has no room for a set: a file of
+        `SET_ROOM_BYTES` is written there, synced and removed."""
         directory = self.options.directory
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except FileExistsError:
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory)) from None
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        try:
+            with tempfile.TemporaryFile(dir=directory) as probe:
+                probe.write(os.urandom(SET_ROOM_BYTES))  # random: stored whole if compressed
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as exc:
+            room = f"writing {SET_ROOM_BYTES // 1024} KiB, the room a certificate set needs"
+            raise OSError(exc.errno, f"{exc.strerror} ({room})", str(directory)) from exc
 
     def _on_disk(self) -> x509.Certificate | None:
         """The certificate in the directory, valid or not; None if there is none."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -25,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmsgate.client import ApiError, Client
 from kmsgate.pki.files import CURRENT, LOCK, replace_private_files
-from tests.components import LOOPBACK, free_port
+from tests.components import LOOPBACK, free_port, require_component
 from tests.helpers import self_signed
 from tests.test_cli import _stop, clean_env, kmsgate_script, running_gateway
 
@@ -318,6 +319,83 @@ def test_a_new_set_prunes_only_its_own_older_sets(tmp_path: Path) -> None:
     assert os.readlink(tmp_path / CURRENT) in ours
     assert (backup / "key.pem").read_text() == "keep me"
     assert (tmp_path / "key.pem").read_bytes() == b"k3"
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, kib: int) -> Iterator[Path]:
+    """A tmpfs of `kib` KiB mounted on `path` (a new directory) while this yields (needs
+    root, as in CI)."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={kib}k,mode=0700", "tmpfs", str(path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        require_component("a tmpfs mount", mounted.stderr.strip() or "mount failed")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def test_an_agent_asks_for_no_certificate_while_its_directory_is_full(tmp_path: Path) -> None:
+    """The directory's file system has room for less than a set: the agent keeps trying
+    without getting a certificate it could not keep (it used to get one on every try, each
+    lost when the write failed) and names the directory; with room again, it gets one."""
+    with running_gateway(tmp_path) as gw, small_tmpfs(tmp_path / "svid", 128) as out:
+        filler = out / "filler"
+        with filler.open("wb") as sink:  # leaves 8 KiB: two of the set's five files
+            sink.write(os.urandom(120 * 1024))
+        issued = _issued_count(gw)
+        command = [
+            kmsgate_script(), "agent", "--ca", "dev", "--profile", "workload",
+            "--san", "spiffe://dev.lab/ns/ml/sa/x", "--dir", str(out),
+            "--token-file", str(gw.data_dir / "root-token"), "--ttl", "5m",
+        ]  # fmt: skip
+        agent = subprocess.Popen(command, env=gw.env(token=""), stderr=subprocess.PIPE)
+        try:
+            time.sleep(4)  # tries at 0, 0.5, 1.5 and 3.5 s
+            assert _issued_count(gw) == issued
+            filler.unlink()
+            _wait_for((out / "cert.pem").exists, 15, "no certificate once there was room")
+            assert _issued_count(gw) == issued + 1
+        finally:
+            agent.terminate()
+            _, err = agent.communicate(timeout=10)
+    full = f"No space left on device (writing 64 KiB, the room a certificate set needs): '{out}'"
+    assert err.decode().count(full) >= 2, err.decode()  # tried again, still asked for none
+
+
+def test_a_certificate_that_cannot_be_written_is_named_and_not_asked_for_again_at_once(
+    tmp_path: Path,
+) -> None:
+    """The set cannot be switched to (`..data` became a directory) after the certificate
+    was issued: the agent names the certificate and the directory, and backs off as for a
+    gateway outage (0.5 s doubling) instead of getting a new one every 0.5 s until the
+    short-lived certificate on disk ends and after."""
+    with running_gateway(tmp_path) as gw:
+        out = tmp_path / "svid"
+        command = [
+            kmsgate_script(), "agent", "--ca", "dev", "--profile", "workload",
+            "--san", "spiffe://dev.lab/ns/ml/sa/x", "--dir", str(out),
+            "--token-file", str(gw.data_dir / "root-token"), "--ttl", f"{TTL_SECONDS}s",
+        ]  # fmt: skip
+        env = gw.env(token="")
+        first = subprocess.run([*command, "--once"], capture_output=True, env=env, timeout=60)
+        assert first.returncode == 0, first.stderr
+        current = out / CURRENT
+        target = out / os.readlink(current)
+        current.unlink()
+        target.rename(current)  # the links still lead to the certificate through it
+        issued = _issued_count(gw)
+        agent = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+        time.sleep(8)
+        agent.terminate()
+        _, err = agent.communicate(timeout=10)
+        text = err.decode()
+        named = re.findall(rf"certificate (\w+) was issued but not written to {out} ", text)
+        assert named and len(named) == _issued_count(gw) - issued <= 5, text
+        assert f"revoke it (kmsgate cert revoke {named[0]})" in text
 
 
 def _write_sets(directory: str, seconds: float) -> None:
