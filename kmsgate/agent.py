@@ -14,16 +14,19 @@ switched in one rename), then runs the `on_renew` command.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import random
 import shlex
+import signal
 import ssl
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,6 +60,13 @@ SET_ROOM_BYTES = 64 * 1024
 """The room the directory must have before a certificate is asked for: a set is five files
 of a few KiB, each taking whole 4 KiB pages or blocks (about 20 KiB); the rest is margin (a
 long chain, the set's own directory)."""
+ON_RENEW_SECONDS = 60.0
+"""The longest an `on_renew` command may run; it is stopped after that."""
+ON_RENEW_POLL_SECONDS = 0.05
+"""How often the agent looks whether an `on_renew` command has ended (its stop event wakes
+it at once)."""
+ON_RENEW_GRACE_SECONDS = 3.0
+"""An `on_renew` command being stopped gets SIGKILL if SIGTERM has not ended it by then."""
 VALID_ENOUGH = timedelta(seconds=0.25)
 """A certificate with less left than this is not presented: it could expire in the
 handshake."""
@@ -336,14 +346,37 @@ class Agent:
         return self.options.directory / name
 
     def _after_swap(self) -> None:
-        """Run `on_renew` (its failure is logged, not fatal: the files are in place)."""
+        """Run `on_renew` (its failure is logged, not fatal: the files are in place). It is
+        stopped (`_end`) once `stop` is set, so that the agent stops promptly, or after
+        `ON_RENEW_SECONDS`."""
         if not self.options.on_renew:
             return
         try:
             command = shlex.split(self.options.on_renew)  # the operator's own command line
-            done = subprocess.run(command, timeout=60, check=False)  # noqa: S603
-        except (OSError, subprocess.TimeoutExpired) as exc:
+            # a process group of its own: stopping it stops what it started (`sh -c '...'`)
+            hook = subprocess.Popen(command, start_new_session=True)  # noqa: S603
+        except OSError as exc:
             log.warning("on-renew command failed: %s", exc)
             return
-        if done.returncode != 0:
-            log.warning("on-renew command exited with %d", done.returncode)
+        deadline = time.monotonic() + ON_RENEW_SECONDS
+        while (code := hook.poll()) is None:
+            if self.stop.wait(ON_RENEW_POLL_SECONDS) or time.monotonic() > deadline:
+                why = "the agent is stopping" if self.stop.is_set() else "it ran too long"
+                log.warning("on-renew command stopped: %s", why)
+                _end(hook)
+                return
+        if code != 0:
+            log.warning("on-renew command exited with %d", code)
+
+
+def _end(hook: subprocess.Popen[bytes]) -> None:
+    """Stop `hook` (not yet waited for) and its process group: SIGTERM, then SIGKILL if it
+    is still running after `ON_RENEW_GRACE_SECONDS`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(hook.pid, signal.SIGTERM)
+    try:
+        hook.wait(ON_RENEW_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(hook.pid, signal.SIGKILL)
+        hook.wait()

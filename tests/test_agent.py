@@ -398,6 +398,34 @@ def test_a_certificate_that_cannot_be_written_is_named_and_not_asked_for_again_a
         assert f"revoke it (kmsgate cert revoke {named[0]})" in text
 
 
+def test_sigterm_stops_the_agent_and_its_on_renew_command_promptly(tmp_path: Path) -> None:
+    """SIGTERM while `--on-renew` runs (one that ignores SIGTERM itself): the agent stops
+    the command (SIGTERM, then SIGKILL after 3 s) and exits 0 within seconds, well inside
+    Kubernetes' 30 s grace, instead of waiting up to 60 s for it."""
+    hook_pid = tmp_path / "hook.pid"
+    with running_gateway(tmp_path) as gw:
+        command = [
+            kmsgate_script(), "agent", "--ca", "dev", "--profile", "workload",
+            "--san", "spiffe://dev.lab/ns/ml/sa/x", "--dir", str(tmp_path / "svid"),
+            "--token-file", str(gw.data_dir / "root-token"),
+            "--on-renew", f"sh -c 'trap \"\" TERM; echo $$ > {hook_pid}; exec sleep 40'",
+        ]  # fmt: skip
+        agent = subprocess.Popen(command, env=gw.env(token=""), stderr=subprocess.PIPE)
+        try:
+            _wait_for(lambda: hook_pid.exists() and hook_pid.read_text(), 30, "no hook")
+            started = time.monotonic()
+            agent.terminate()
+            _, err = agent.communicate(timeout=15)
+            took = time.monotonic() - started
+        finally:
+            agent.kill()
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(hook_pid.read_text()), signal.SIGKILL)  # if it outlived the agent
+    assert agent.returncode == 0 and took < 6, (took, err.decode())
+    assert b"on-renew command stopped: the agent is stopping" in err
+    assert not Path(f"/proc/{hook_pid.read_text().strip()}").exists()
+
+
 def _write_sets(directory: str, seconds: float) -> None:
     """Replace the set in `directory` again and again for `seconds` (key and certificate
     alike, so that a reader can tell a set's two files went together)."""
