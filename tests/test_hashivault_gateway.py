@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kmsgate.algorithms import SIGN_ALGORITHMS, HashName, KeyType
 from kmsgate.backends.base import BackendKey, BackendStatus, KeySpec
 from kmsgate.backends.hashivault import HashiVaultBackend
+from kmsgate.backends.hashivault import client as vault_client
 from kmsgate.config import BackendSettings
 from kmsgate.errors import (
     BackendError,
@@ -710,6 +711,33 @@ def test_a_key_made_exportable_outside_kmsgate_is_used_no_more(openbao_server, p
             backend.wrap(aes, b"data key", b"aad")
         with pytest.raises(BackendError, match=f"Transit key '{prefix}expo' was made exportable"):
             backend.create_key(KeySpec("expo", 2, KeyType.ED25519))
+    finally:
+        backend.close()
+
+
+def test_a_key_made_exportable_after_its_first_use_signs_and_macs_no_more(
+    openbao_server, prefix, monkeypatch
+):
+    """A key made exportable while kmsgate uses it: once its cached description is older
+    than INFO_MAX_AGE_SECONDS (a minute; here at once), signatures and MACs are refused
+    too, in a process that has used the key all along."""
+    backend = make_backend(openbao_server.addr, prefix, token=openbao_server.root_token)
+    try:
+        signer = backend.create_key(KeySpec("late", 1, KeyType.ECDSA_P256))
+        macer = backend.create_key(KeySpec("late-mac", 1, KeyType.HMAC_SHA256))
+        alg = SIGN_ALGORITHMS["ecdsa-sha256"]
+        backend.sign(signer, MESSAGE, alg, prehashed=False)
+        backend.mac(macer, MESSAGE, HashName.SHA256)
+        for made in ("late", "late-mac"):
+            openbao_server.client().adapter.post(
+                f"/v1/transit/keys/{prefix}{made}/config", json={"exportable": True}
+            )
+        backend.sign(signer, MESSAGE, alg, prehashed=False)  # the description still serves
+        monkeypatch.setattr(vault_client, "INFO_MAX_AGE_SECONDS", 0.0)
+        with pytest.raises(BackendError, match="made exportable outside kmsgate"):
+            backend.sign(signer, MESSAGE, alg, prehashed=False)
+        with pytest.raises(BackendError, match="made exportable outside kmsgate"):
+            backend.mac(macer, MESSAGE, HashName.SHA256)
     finally:
         backend.close()
 

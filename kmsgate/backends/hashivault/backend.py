@@ -165,9 +165,7 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
             if spec.key_type is KeyType.AES_256_GCM and self.settings.derived:
                 body["derived"] = True
             reply = self._vault.call("POST", f"{mount}/keys/{name}", "create a key", body)
-            info = (
-                _KeyInfo.parse(reply) if reply.get("data") else self._vault.read_info(mount, name)
-            )
+            info = self._vault.described(mount, name, reply)
         else:
             if existing is None:
                 raise BackendError(f"Transit key {name!r} is missing: cannot add a version")
@@ -180,11 +178,7 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
                     if now is not None and now.latest_version >= spec.version:
                         raise _raced() from None
                     raise
-                info = (
-                    _KeyInfo.parse(reply)
-                    if reply.get("data")
-                    else self._vault.read_info(mount, name)
-                )
+                info = self._vault.described(mount, name, reply)
                 if info is not None and info.latest_version > spec.version:
                     raise _raced()  # another request rotated it too, just before this one
             # latest == version: a rotation whose catalogue write failed; reuse that version
@@ -226,8 +220,10 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
         """One Transit `sign` request per (algorithm, prehashed) group and `batch_size`
         items. Unavailable stops the call (`signed_so_far`: what was signed stays, the rest
         takes the error; raised if nothing was signed); other errors stay in place. Raises
-        BackendError if the key reference is not a hashivault one."""
+        BackendError if the key reference is not a hashivault one or the Transit key was
+        made exportable outside kmsgate, KeyDestroyed if it is gone."""
         ref = _Ref.parse(key.ref)
+        self._vault.info(ref)  # cached: a key made exportable signs no more
         results: list[bytes | KmsgateError | None] = [None] * len(messages)
         groups: dict[tuple[str, bool], list[int]] = {}
         for index, message in enumerate(messages):
@@ -371,13 +367,15 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
     ) -> list[bytes | KmsgateError]:
         """One Transit `hmac` request per `batch_size` messages (concurrent calls on the key
         share requests). Unavailable as `sign_many` treats it. Raises InvalidRequest for a
-        key or hash that computes no such MAC."""
+        key or hash that computes no such MAC, BackendError and KeyDestroyed as
+        `sign_many`."""
         expected = _MAC_HASH.get(key.key_type)
         if expected is None:
             raise InvalidRequest(f"a {key.key_type} key cannot compute MACs")
         if hash_name is not expected:
             raise InvalidRequest(f"a {key.key_type} key computes HMAC-{expected.upper()} only")
         ref = _Ref.parse(key.ref)
+        self._vault.info(ref)  # as `sign_many`
 
         def send(inputs: Sequence[bytes]) -> list[_Result]:
             return self._mac_chunk(ref, hash_name, inputs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,6 +26,9 @@ from kmsgate.errors import (
     KmsgateError,
 )
 
+INFO_MAX_AGE_SECONDS = 60.0
+"""How long a Transit key's description serves before it is read again: a key deleted or
+made exportable outside kmsgate is seen within that time in every process."""
 _log = logging.getLogger(__name__)
 
 
@@ -61,7 +65,8 @@ class _VaultClient:
         )
         self._session = session
         self._auth = _Auth(backend, settings, self.hvac)
-        self._info_cache: dict[tuple[str, str], _KeyInfo] = {}
+        self._info_cache: dict[tuple[str, str], tuple[_KeyInfo, float]] = {}
+        """(mount, name) -> (description, when it was read: the monotonic clock)."""
         self._info_lock = threading.Lock()
 
     def health(self) -> requests.Response:
@@ -144,7 +149,7 @@ class _VaultClient:
                     continue
                 raise self._translate(exc, what, on_invalid) from None
             except hvac.exceptions.InvalidPath as exc:
-                if not_found is not None:
+                if not_found is not None and "no handler for route" not in str(exc):
                     raise not_found() from None
                 if "no handler for route" in str(exc):  # nothing mounted there: not a key gone
                     _log.warning("hashivault %s: %s failed: %s", self.name, what, exc)
@@ -176,9 +181,18 @@ class _VaultClient:
         self._remember(mount, name, info)
         return info
 
+    def described(self, mount: str, name: str, reply: Mapping[str, Any]) -> _KeyInfo | None:
+        """The Transit key's description in `reply` (to a create or a rotation; read if it
+        has none), kept as `info` gives it. Raises BackendUnavailable, BackendError."""
+        if not reply.get("data"):
+            return self.read_info(mount, name)
+        info = _KeyInfo.parse(reply)
+        self._remember(mount, name, info)
+        return info
+
     def _remember(self, mount: str, name: str, info: _KeyInfo) -> None:
         with self._info_lock:
-            self._info_cache[(mount, name)] = info
+            self._info_cache[(mount, name)] = (info, time.monotonic())
 
     def forget(self, mount: str, name: str) -> None:
         with self._info_lock:
@@ -186,12 +200,13 @@ class _VaultClient:
 
     def info(self, ref: _Ref) -> _KeyInfo:
         """The (cached) description of the Transit key of `ref`: read at its first use in
-        this process and again after each change kmsgate makes to it. Raises KeyDestroyed;
-        BackendError for a key made exportable (outside kmsgate, which creates none)."""
+        this process, after each change kmsgate makes to it, and once it is older than
+        `INFO_MAX_AGE_SECONDS`. Raises KeyDestroyed; BackendError for a key made exportable
+        (outside kmsgate, which creates none); BackendUnavailable."""
         with self._info_lock:
-            info = self._info_cache.get((ref.mount, ref.name))
-        if info is None:
-            info = self.read_info(ref.mount, ref.name)
+            cached = self._info_cache.get((ref.mount, ref.name))
+        fresh = cached is not None and time.monotonic() - cached[1] < INFO_MAX_AGE_SECONDS
+        info = cached[0] if cached is not None and fresh else self.read_info(ref.mount, ref.name)
         if info is None:
             raise KeyDestroyed("the Transit key behind this key version no longer exists")
         if info.exportable:
