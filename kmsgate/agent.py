@@ -38,7 +38,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from kmsgate.client import ApiError, Client
 from kmsgate.durations import parse_duration_setting
 from kmsgate.pki.csr import new_key_and_csr, parse_san
-from kmsgate.pki.files import asked_before, replace_private_files
+from kmsgate.pki.files import LOCK, NotLinked, asked_before, check_lock, replace_private_files
 from kmsgate.pki.issuer import BACKDATE
 from kmsgate.spiffe import is_spiffe_id
 
@@ -100,6 +100,9 @@ other options gets a new certificate instead of renewing the old one."""
 class NotKept(OSError):
     """A certificate was issued but could not be written to the directory. Each try issues
     one, so `Agent.run` waits its whole backoff, however soon the one on disk ends."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class NoCredential(ValueError):
@@ -228,6 +231,15 @@ class Agent:
         }
         try:
             replace_private_files(self.options.directory, files)
+        except NotLinked as exc:  # the set is current: the certificate is kept, in use
+            log.error(
+                "certificate %s is current in %s, but a link to it failed (%s: %s): mend "
+                "the directory",
+                issued["serial"],
+                self.options.directory,
+                exc.filename,
+                exc.strerror,
+            )
         except OSError as exc:
             serial = issued["serial"]
             raise NotKept(
@@ -267,13 +279,23 @@ class Agent:
         except FileExistsError:
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory)) from None
         try:
+            check_lock(directory)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror} (its {LOCK})", str(directory)) from exc
+        try:
             with tempfile.TemporaryFile(dir=directory) as probe:
                 probe.write(os.urandom(SET_ROOM_BYTES))  # random: stored whole if compressed
                 probe.flush()
                 os.fsync(probe.fileno())
         except OSError as exc:
-            room = f"writing {SET_ROOM_BYTES // 1024} KiB, the room a certificate set needs"
-            raise OSError(exc.errno, f"{exc.strerror} ({room})", str(directory)) from exc
+            kib = SET_ROOM_BYTES // 1024
+            why = (
+                "no room for a certificate set"
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                else "cannot write there"
+            )
+            message = f"{exc.strerror}: {why} (a {kib} KiB test write)"
+            raise OSError(exc.errno, message, str(directory)) from exc
 
     def _on_disk(self) -> x509.Certificate | None:
         """The certificate in the directory, valid or not; None if there is none."""
@@ -370,13 +392,25 @@ class Agent:
 
 
 def _end(hook: subprocess.Popen[bytes]) -> None:
-    """Stop `hook` (not yet waited for) and its process group: SIGTERM, then SIGKILL if it
-    is still running after `ON_RENEW_GRACE_SECONDS`."""
+    """Stop `hook` (not yet waited for) and its process group: SIGTERM, then SIGKILL to
+    what is left of the group (the command or what it started) after
+    `ON_RENEW_GRACE_SECONDS`."""
+    deadline = time.monotonic() + ON_RENEW_GRACE_SECONDS
     with contextlib.suppress(ProcessLookupError):
         os.killpg(hook.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         hook.wait(ON_RENEW_GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(hook.pid, signal.SIGKILL)
-        hook.wait()
+    while _group_alive(hook.pid) and time.monotonic() < deadline:
+        time.sleep(ON_RENEW_POLL_SECONDS)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(hook.pid, signal.SIGKILL)
+    hook.wait()
+
+
+def _group_alive(group: int) -> bool:
+    """Whether process group `group` has a member left."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -5,6 +5,7 @@ recovery after the gateway was away for longer than the TTL."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import multiprocessing
 import os
 import re
@@ -362,7 +363,7 @@ def test_an_agent_asks_for_no_certificate_while_its_directory_is_full(tmp_path: 
         finally:
             agent.terminate()
             _, err = agent.communicate(timeout=10)
-    full = f"No space left on device (writing 64 KiB, the room a certificate set needs): '{out}'"
+    full = f"No space left on device: no room for a certificate set (a 64 KiB test write): '{out}'"
     assert err.decode().count(full) >= 2, err.decode()  # tried again, still asked for none
 
 
@@ -398,17 +399,64 @@ def test_a_certificate_that_cannot_be_written_is_named_and_not_asked_for_again_a
         assert f"revoke it (kmsgate cert revoke {named[0]})" in text
 
 
+def test_an_agent_gets_no_certificate_while_another_writer_holds_the_directory(
+    tmp_path: Path,
+) -> None:
+    """Another writer holds the directory's lock (stuck, or another user's agent): the
+    agent asks for no certificate it could not write, and says why after waiting
+    LOCK_WAIT_SECONDS (10 s) for it."""
+    out = tmp_path / "svid"
+    out.mkdir(mode=0o700)
+    with running_gateway(tmp_path) as gw, open(out / LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        issued = _issued_count(gw)
+        command = [
+            kmsgate_script(), "agent", "--ca", "dev", "--profile", "workload",
+            "--san", "spiffe://dev.lab/ns/ml/sa/x", "--dir", str(out),
+            "--token-file", str(gw.data_dir / "root-token"), "--once",
+        ]  # fmt: skip
+        run = subprocess.run(command, env=gw.env(token=""), capture_output=True, timeout=60)
+        assert run.returncode == 2, run.stderr
+        assert b"held by another writer for over 10 s" in run.stderr, run.stderr
+        assert _issued_count(gw) == issued
+
+
+def test_a_set_made_current_whose_link_fails_is_kept_not_called_lost(tmp_path: Path) -> None:
+    """The new set is current (`..data` switched) but one name cannot be linked to it (a
+    directory in its way): the certificate is in use, so the agent says so and which
+    link failed, and does not call it lost ("revoke it") nor ask for another."""
+    out = tmp_path / "svid"
+    (out / "ca.pem" / "x").mkdir(parents=True)
+    out.chmod(0o700)
+    with running_gateway(tmp_path) as gw:
+        issued = _issued_count(gw)
+        command = [
+            kmsgate_script(), "agent", "--ca", "dev", "--profile", "workload",
+            "--san", "spiffe://dev.lab/ns/ml/sa/x", "--dir", str(out),
+            "--token-file", str(gw.data_dir / "root-token"), "--once",
+        ]  # fmt: skip
+        run = subprocess.run(command, env=gw.env(token=""), capture_output=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert _issued_count(gw) == issued + 1
+    err = run.stderr.decode()
+    serial = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes()).serial_number
+    assert f"certificate {serial:x} is current in {out}, but a link to it failed" in err, err
+    assert "revoke it" not in err
+
+
 def test_sigterm_stops_the_agent_and_its_on_renew_command_promptly(tmp_path: Path) -> None:
-    """SIGTERM while `--on-renew` runs (one that ignores SIGTERM itself): the agent stops
-    the command (SIGTERM, then SIGKILL after 3 s) and exits 0 within seconds, well inside
-    Kubernetes' 30 s grace, instead of waiting up to 60 s for it."""
+    """SIGTERM while `--on-renew` runs (a shell that started a command ignoring SIGTERM):
+    the agent stops the command's process group (SIGTERM, then SIGKILL after 3 s to what
+    is left of it, also once the shell itself has ended) and exits 0 within seconds, well
+    inside Kubernetes' 30 s grace, instead of waiting up to 60 s for it."""
     hook_pid = tmp_path / "hook.pid"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"sh -c 'trap \"\" TERM; echo $$ > {hook_pid}; exec sleep 40' &\nwait\n")
     with running_gateway(tmp_path) as gw:
         command = [
             kmsgate_script(), "agent", "--ca", "dev", "--profile", "workload",
             "--san", "spiffe://dev.lab/ns/ml/sa/x", "--dir", str(tmp_path / "svid"),
-            "--token-file", str(gw.data_dir / "root-token"),
-            "--on-renew", f"sh -c 'trap \"\" TERM; echo $$ > {hook_pid}; exec sleep 40'",
+            "--token-file", str(gw.data_dir / "root-token"), "--on-renew", f"sh {hook}",
         ]  # fmt: skip
         agent = subprocess.Popen(command, env=gw.env(token=""), stderr=subprocess.PIPE)
         try:
@@ -423,7 +471,17 @@ def test_sigterm_stops_the_agent_and_its_on_renew_command_promptly(tmp_path: Pat
                 os.kill(int(hook_pid.read_text()), signal.SIGKILL)  # if it outlived the agent
     assert agent.returncode == 0 and took < 6, (took, err.decode())
     assert b"on-renew command stopped: the agent is stopping" in err
-    assert not Path(f"/proc/{hook_pid.read_text().strip()}").exists()
+    assert not _running(int(hook_pid.read_text()))
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed and not yet reaped by its new parent,
+    does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _write_sets(directory: str, seconds: float) -> None:

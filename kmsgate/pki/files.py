@@ -4,18 +4,28 @@ TLS certificate, the agent's workload certificate)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from kmsgate.files import write_new
 
-__all__ = ["CURRENT", "LOCK", "asked_before", "replace_private_file", "replace_private_files"]
+__all__ = [
+    "CURRENT",
+    "LOCK",
+    "NotLinked",
+    "asked_before",
+    "check_lock",
+    "replace_private_file",
+    "replace_private_files",
+]
 
 CURRENT = "..data"
 """The symlink, in a directory `replace_private_files` keeps, to the current set's own
@@ -24,6 +34,9 @@ LOCK = "..lock"
 """In a directory `replace_private_files` keeps, the file its writers take turns on (an
 exclusive flock): two agents on one directory never remove the set the other one has just
 made current."""
+LOCK_WAIT_SECONDS = 10.0
+"""How long a writer waits for another one's `LOCK` (a replacement takes milliseconds)."""
+_LOCK_POLL_SECONDS = 0.05
 _SET_ID_BYTES = 8
 _SET_NAME = re.compile(rf"\.\.[0-9a-f]{{{2 * _SET_ID_BYTES}}}")
 """A set's own directory: `..` and a random hexadecimal id."""
@@ -60,8 +73,9 @@ def replace_private_files(directory: Path, files: Mapping[str, bytes]) -> None:
     `CURRENT`. A reader that resolves `CURRENT` once reads one set, never a new key with an
     old certificate; the set before stays until the next replacement, so a reader that
     resolved it just before the switch can still read it. Writers of one directory take
-    turns (`LOCK`: another agent's replacement is waited for). Raises OSError, leaving the
-    current set as it was."""
+    turns (`LOCK`: another agent's replacement is waited for, `LOCK_WAIT_SECONDS` at most).
+    Raises NotLinked (an OSError) if the new set is current but a link to it or the removal
+    of older sets failed; any other OSError leaves the current set as it was."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _writing(directory):
         current = directory / CURRENT
@@ -76,24 +90,55 @@ def replace_private_files(directory: Path, files: Mapping[str, bytes]) -> None:
         except BaseException:
             shutil.rmtree(version, ignore_errors=True)
             raise
-        for name in files:
-            link = directory / name
-            if not link.is_symlink() or os.readlink(link) != f"{CURRENT}/{name}":
-                _point(link, f"{CURRENT}/{name}")  # also replaces a file an older agent wrote
-        kept = {CURRENT, version.name, previous}
-        for entry in directory.iterdir():  # only sets of ours: another `..name` is not touched
-            if _SET_NAME.fullmatch(entry.name) and entry.name not in kept:
-                shutil.rmtree(entry, ignore_errors=True)
-        _fsync_directory(directory)
+        try:
+            for name in files:
+                link = directory / name
+                if not link.is_symlink() or os.readlink(link) != f"{CURRENT}/{name}":
+                    _point(link, f"{CURRENT}/{name}")  # also replaces an older agent's file
+            kept = {CURRENT, version.name, previous}
+            for entry in directory.iterdir():  # only sets of ours: no other `..name`
+                if _SET_NAME.fullmatch(entry.name) and entry.name not in kept:
+                    shutil.rmtree(entry, ignore_errors=True)
+            _fsync_directory(directory)
+        except OSError as exc:
+            raise NotLinked(exc.errno, exc.strerror, exc.filename) from exc
+
+
+class NotLinked(OSError):
+    """`replace_private_files` made the new set current, but a name's link to it (or the
+    removal of older sets) failed: `CURRENT` holds the new set, a name may still lead to
+    the old one or to nothing."""
+
+
+def check_lock(directory: Path) -> None:
+    """Raises OSError if `replace_private_files` could not take `directory`'s `LOCK` now: it
+    cannot be opened for writing (another user's, immutable, a read-only file system), or
+    another writer has held it for over `LOCK_WAIT_SECONDS`."""
+    with _writing(directory):
+        pass
+
+
+def _open_lock(directory: Path) -> int:
+    return os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
 @contextlib.contextmanager
 def _writing(directory: Path) -> Iterator[None]:
     """Hold `directory`'s `LOCK`, once another writer has let it go (a writer that dies lets
-    it go with its process). Raises OSError."""
-    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    it go with its process). Raises OSError, also (EAGAIN) when it is held for over
+    `LOCK_WAIT_SECONDS`."""
+    fd = _open_lock(directory)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # not a blocking wait: a signal (SIGTERM) must get through
+                if time.monotonic() > deadline:
+                    held = f"held by another writer for over {LOCK_WAIT_SECONDS:g} s"
+                    raise OSError(errno.EAGAIN, held, str(directory / LOCK)) from None
+                time.sleep(_LOCK_POLL_SECONDS)
         yield
     finally:
         os.close(fd)  # closing the descriptor drops the flock
