@@ -46,6 +46,7 @@ from kmsgate.model_signing import (
     verify_model,
 )
 from kmsgate.model_signing import manifest as mf
+from kmsgate.model_signing import sign as signing
 from kmsgate.model_signing.bundle import pae
 from kmsgate.model_signing.manifest import hash_files
 from tests.components import require_component
@@ -920,7 +921,7 @@ def test_a_second_signature_leaves_the_first_one_verifying(
 
 
 def test_a_first_signature_over_one_mib_is_left_out_of_the_second(
-    tmp_path: Path, client: Client, key: str
+    tmp_path: Path, client: Client, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An earlier bundle grows with the model's file count (~6,500 files of short names
     make 1 MiB; here fewer, with long names): however large, it is left out of the next
@@ -946,9 +947,16 @@ def test_a_first_signature_over_one_mib_is_left_out_of_the_second(
     stock_api_verify(model, first.bundle_path, pem_file(tmp_path, first.public_key_pem))
 
     (model / "copy.sig").write_bytes(first.bundle_path.read_bytes()[:1000])  # cut short
-    with pytest.raises(SigningError, match=r"copy\.sig is named like a signature and holds JSON"):
+    refused = r"copy\.sig is named like a signature and starts like JSON"
+    with pytest.raises(SigningError, match=refused):
         sign_model(model, GatewaySigner(client, second_key), bundle_path=tmp_path / "3.sig")
     assert (model / "checksums.json").read_bytes() == checksums
+    assert not (tmp_path / "3.sig").exists()
+    # past the largest bundle read (256 MiB; here 1 MiB), a bundle is not read whole: refused
+    (model / "copy.sig").unlink()
+    monkeypatch.setattr(signing, "_MAX_BUNDLE_BYTES", 1 << 20)
+    with pytest.raises(SigningError, match=r"model\.sig is named .* at most 1 MiB"):
+        sign_model(model, GatewaySigner(client, second_key), bundle_path=tmp_path / "3.sig")
     assert not (tmp_path / "3.sig").exists()
 
 

@@ -54,6 +54,8 @@ DEFAULT_BUNDLE_NAME = "model.sig"
 CHECKSUMS_NAME = "checksums.json"
 _HEAD_BYTES = 4096
 """How much of a file named like a signature is read to tell whether it holds JSON."""
+_MAX_BUNDLE_BYTES = 256 << 20
+"""Beyond any bundle kmsgate writes (~160 bytes per model file: over a million files)."""
 
 
 class SigningError(Exception):
@@ -295,27 +297,33 @@ def _refuse_to_replace(output: Path, model: Path) -> None:
 def _an_earlier_signature(path: Path) -> bool:
     """Whether `path` is a signature kmsgate wrote (a Sigstore bundle named `*.sig` or
     `*.sig.provenance.json`): another signing of the same model leaves it out, so that what
-    it signed (checksums.json too) stays as it was and it goes on verifying, whatever its
-    size. Raises SigningError for a file so named that holds JSON but no bundle (it is
-    neither left out nor signed as a model file), OSError if it cannot be read."""
+    it signed (checksums.json too) stays as it was and it goes on verifying (a bundle grows
+    with the model's file count: up to `_MAX_BUNDLE_BYTES`). Raises SigningError for a file
+    so named that starts like JSON but is no bundle (it is neither left out nor signed as a
+    model file), OSError if it cannot be read."""
     name = path.name
     if not (name.endswith(".sig") or name.endswith(".sig.provenance.json")):
         return False
     with path.open("rb") as f:
         if not f.read(_HEAD_BYTES).lstrip().startswith(b"{"):
             return False  # not JSON: a file of the model's own (weights, a GPG signature)
-    if _is_a_bundle(path):  # read whole: a bundle grows with the model's file count
+    if _is_a_bundle(path):
         return True
     raise SigningError(
-        f"{path} is named like a signature and holds JSON, but is not a Sigstore bundle "
-        "(a damaged one?): signed as a model file it would break the signature it may belong "
-        "to; remove or rename it, or leave it out with --ignore"
+        f"{path} is named like a signature and starts like JSON, but is not a Sigstore bundle "
+        f"of at most {_MAX_BUNDLE_BYTES >> 20} MiB (a damaged one?): signed as a model file it "
+        "would break the signature it may belong to; remove or rename it, or leave it out "
+        "with --ignore"
     )
 
 
 def _is_a_bundle(path: Path) -> bool:
+    """Whether `path` holds a Sigstore bundle of at most `_MAX_BUNDLE_BYTES` (no more is
+    read)."""
     try:
-        doc = json.loads(path.read_bytes())
+        with path.open("rb") as f:
+            raw = f.read(_MAX_BUNDLE_BYTES + 1)
+        doc = json.loads(raw) if len(raw) <= _MAX_BUNDLE_BYTES else None
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and doc.get("mediaType") == BUNDLE_MEDIA_TYPE
