@@ -8,6 +8,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from kmsgate.algorithms import KeyType
+from kmsgate.backends.base import KeySpec
 from kmsgate.catalogue import KeyState
 from kmsgate.errors import Conflict, InvalidRequest, KeyDisabled
 from kmsgate.service.gate import Outcome
@@ -75,15 +77,23 @@ def test_destruction_when_due_is_idempotent(service, new_key):
 def test_a_rotation_that_loses_a_race_leaves_the_winners_key_signing(service, new_key):
     """Two rotations read version 1 and each make a version 2 under one reference; the
     catalogue takes the winner's. The loser's private key is never what that reference
-    signs with: signatures verify under the version 2 public key the catalogue holds."""
+    signs with, neither between the loser's creation and its undo nor after it:
+    signatures verify under the version 2 public key the catalogue holds."""
     new_key("k", key_type="ecdsa-p256")
     stale = service.catalogue.get("k")  # what the losing rotation read
     service.keys.rotate(ADMIN, CTX, "k")
+    public = service.catalogue.get("k").versions[2].public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+
+    def signs_as_version_2() -> None:
+        target = service.gate.target("k")
+        (signed,) = service.crypto.sign(ADMIN, CTX, target, [SignInput(b"m")], False)
+        assert isinstance(signed, Signature) and signed.key_version == 2
+        public.verify(signed.signature, b"m", ec.ECDSA(hashes.SHA256()))
+
+    backend = service.gate.registry.holding(stale.backend)
+    backend.create_key(KeySpec("k", 2, KeyType.ECDSA_P256))  # the loser's, before its undo
+    signs_as_version_2()
     with pytest.raises(Conflict):
         service.keys._rotate(stale, Outcome())
-    key = service.catalogue.get("k")
-    public = key.versions[2].public_key()
-    assert isinstance(public, ec.EllipticCurvePublicKey) and key.primary_version == 2
-    (signed,) = service.crypto.sign(ADMIN, CTX, service.gate.target("k"), [SignInput(b"m")], False)
-    assert isinstance(signed, Signature) and signed.key_version == 2
-    public.verify(signed.signature, b"m", ec.ECDSA(hashes.SHA256()))
+    signs_as_version_2()
