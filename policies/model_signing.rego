@@ -1,7 +1,8 @@
 # Model signing (seed 004 §8.4): principals with the role "ml-sec" may sign with keys whose
 # purpose is "model-sign", only on a gateway whose environment is "prod", and only within
-# one hour of the start of their session: `claims.session_start` (RFC 3339; an API token's is
-# its creation) or, for an OIDC token, `claims.iat`, measured against `input.now`. Nothing
+# one hour of the start of their session: for an API token `claims.session_start` (RFC 3339,
+# its creation), for an OIDC token `claims.iat` (never a `session_start` claim the issuer
+# put in it), measured against `input.now`. Nothing
 # else is granted here (verification, key management and other environments need other
 # rules).
 package kmsgate.authz
@@ -27,6 +28,7 @@ reasons contains "role ml-sec: sign with a model-sign key in prod, session under
 # Seconds since the principal's session began (undefined without a session start: no sign).
 # An OIDC `iat` up to a minute ahead of the gateway's clock counts as now.
 session_age_s := age if {
+	input.principal.kind == "token"
 	is_string(input.principal.claims.session_start)
 	# checked first: a string that does not parse must not become an evaluation error
 	regex.match(`^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$`, input.principal.claims.session_start)
@@ -35,7 +37,7 @@ session_age_s := age if {
 }
 
 session_age_s := age if {
-	not is_string(input.principal.claims.session_start)
+	input.principal.kind == "oidc"
 	is_number(input.principal.claims.iat)
 	age := (time.parse_rfc3339_ns(input.now) / 1000000000) - input.principal.claims.iat
 	age > -60

@@ -79,3 +79,10 @@ test_ml_sec_oidc_session_starts_at_iat if {
 	future := object.union(input_with_roles(["ml-sec"]), {"principal": {"kind": "oidc", "claims": {"iat": now_s + 3600}}})
 	not data.kmsgate.authz.allow with input as future
 }
+
+test_ml_sec_oidc_session_start_claim_does_not_replace_iat if {
+	now_s := time.parse_rfc3339_ns(base_input.now) / 1000000000
+	claims := {"iat": now_s - 86400, "session_start": base_input.now}
+	inp := object.union(input_with_roles(["ml-sec"]), {"principal": {"kind": "oidc", "claims": claims}})
+	not data.kmsgate.authz.allow with input as inp
+}
