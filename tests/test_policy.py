@@ -55,7 +55,12 @@ def doc(
     principal: dict[str, object] = (
         {}
         if roles is None
-        else {"id": "tok-1", "roles": list(roles), "claims": {"session_start": SESSION_START}}
+        else {
+            "id": "tok-1",
+            "kind": "token",
+            "roles": list(roles),
+            "claims": {"session_start": SESSION_START},
+        }
     )
     return policy_input(
         principal=principal,
