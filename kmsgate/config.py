@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -309,7 +310,7 @@ class OidcIssuer(BaseModel):
         if self.jwks_url is not None and not https_or_loopback(self.jwks_url):
             raise ValueError(
                 f"oidc issuer {self.name}: jwks_url must be https://, or http:// to a loopback "
-                f"address (got {self.jwks_url[:100]!r})"
+                f"address (got one to {urlsplit(self.jwks_url).hostname or '?'!r})"
             )
         refused = sorted(set(self.algorithms) - set(JWT_ALGORITHMS))
         if refused:

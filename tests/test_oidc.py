@@ -13,6 +13,7 @@ import logging
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -340,11 +341,19 @@ class _JwksServer:
 
     def __init__(self, jwks: Path) -> None:
         self.stall = threading.Event()
+        self.trickle_head = threading.Event()
+        self.body: bytes | None = None
+        """What to serve instead of the JWKS file."""
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                body = jwks.read_bytes()
+                if outer.trickle_head.is_set():  # a byte of the head every 0.2 s, for ever
+                    for byte in b"HTTP/1.1 200 OK\r\n" + b"x-pad: " + b"a" * 10_000:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                body = outer.body if outer.body is not None else jwks.read_bytes()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body) + 10_000))
@@ -425,3 +434,146 @@ def test_stalled_jwks_servers_delay_the_start_by_one_timeout_not_their_sum(
     finally:
         served.stall.clear()
         served.server.shutdown()
+
+
+def _wait_accepted(authenticator: oidc.OidcAuthenticator, token: str, seconds: float) -> None:
+    """Until `token` authenticates (its key fetched), at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            assert authenticator.authenticate(Credentials(bearer=token)) is not None
+            return
+        except Unauthenticated:
+            assert time.monotonic() < deadline, "the published key was never fetched"
+            time.sleep(0.2)
+
+
+def test_a_malformed_jwks_keeps_the_keys_and_later_fetches_going(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A JWKS reply that is no JWK set (an array, a key whose kid is a list, JSON nested
+    thousands deep, a set of private keys) at start and later: the keys already loaded
+    keep working, the fetching thread goes on (it used to die, and keys the issuer then
+    removed stayed trusted until a restart), and the start does not fail."""
+    monkeypatch.setattr(oidc, "REFRESH_SECONDS", 0.2)
+    issuer = Issuer(tmp_path)
+    served = _JwksServer(issuer.jwks)
+    jwk = json.loads(issuer.jwks.read_text())["keys"][0]
+    private = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(issuer.rsa))
+    bad = [
+        b"[]",
+        b'"keys"',
+        json.dumps({"keys": [{**jwk, "kid": ["rsa-1"]}]}).encode(),
+        b"[" * 5000 + b"]" * 5000,
+        json.dumps({"keys": [{**private, "kid": "rsa-1"}]}).encode(),
+    ]
+    settings = OidcIssuer(name="ci", issuer=ISSUER, audiences=[AUDIENCE], jwks_url=served.url)
+    try:
+        served.body = bad[0]
+        oidc.OidcAuthenticator([settings])  # starts, with no key
+        served.body = None
+        authenticator = oidc.OidcAuthenticator([settings])
+        known = Credentials(bearer=issuer.token())
+        for body in bad:
+            served.body = body
+            with pytest.raises(Unauthenticated):  # an unknown kid asks for a fetch
+                authenticator.authenticate(Credentials(bearer=issuer.token(kid="nope")))
+            time.sleep(0.6)
+            assert authenticator.authenticate(known) is not None
+        assert "holds private or secret key material" in caplog.text
+        served.body = None
+        keys = json.loads(issuer.jwks.read_text())
+        issuer.jwks.write_text(json.dumps({"keys": [{**keys["keys"][0], "kid": "rsa-2"}]}))
+        _wait_accepted(authenticator, issuer.token(kid="rsa-2"), 10)
+        with pytest.raises(Unauthenticated):  # rsa-1, gone from the set, is trusted no more
+            authenticator.authenticate(known)
+    finally:
+        served.server.shutdown()
+
+
+def test_a_jwks_server_trickling_its_head_is_given_up_on_in_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JWKS server that sends its status line and headers a byte at a time (each read
+    within the timeout): the fetch still gives up after FETCH_TIMEOUT_SECONDS in all, so
+    the start is not held (it was, for hours)."""
+    monkeypatch.setattr(oidc, "FETCH_TIMEOUT_SECONDS", 1.5)
+    issuer = Issuer(tmp_path)
+    served = _JwksServer(issuer.jwks)
+    served.trickle_head.set()
+    settings = OidcIssuer(name="ci", issuer=ISSUER, audiences=[AUDIENCE], jwks_url=served.url)
+    try:
+        started = time.monotonic()
+        oidc.OidcAuthenticator([settings])
+        assert time.monotonic() - started < 2 * 1.5
+    finally:
+        served.trickle_head.clear()
+        served.server.shutdown()
+
+
+def test_a_jwks_url_is_logged_without_its_credentials(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A JWKS URL with user info and a query (a token) that fails: the log names its host
+    and path, and what failed (the HTTP status), never the credentials."""
+    issuer = Issuer(tmp_path)
+    served = _JwksServer(issuer.jwks)
+    port = served.server.server_address[1]
+    url = f"http://bot:s3cretpass@127.0.0.1:{port}/jwks.json?access_token=abc123"
+    served.body = b"[]"
+    try:
+        oidc.OidcAuthenticator(
+            [OidcIssuer(name="ci", issuer=ISSUER, audiences=[AUDIENCE], jwks_url=url)]
+        )
+    finally:
+        served.server.shutdown()
+    assert f"JWKS http://127.0.0.1:{port}/jwks.json not loaded" in caplog.text
+    assert "s3cretpass" not in caplog.text and "abc123" not in caplog.text
+
+
+def _jwks_authenticator(tmp_path: Path, keys: list[dict[str, Any]], **settings: Any) -> Any:
+    jwks = tmp_path / "keys.json"
+    jwks.write_text(json.dumps({"keys": keys}))
+    issuer = OidcIssuer(name="ci", issuer=ISSUER, audiences=[AUDIENCE], jwks_file=jwks, **settings)
+    return oidc.OidcAuthenticator([issuer])
+
+
+def test_a_jwk_allows_only_its_own_algorithm_and_rsa_of_2048_bits(tmp_path: Path) -> None:
+    """RFC 8725 3.1: a token may not pick another algorithm than its key's JWK names
+    (PS256 with an RS256 key); RFC 7518 3.3: an RSA key under 2048 bits signs nothing."""
+    issuer = Issuer(tmp_path)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(issuer.rsa.public_key()))
+    authenticator = _jwks_authenticator(
+        tmp_path, [{**jwk, "kid": "rsa-1", "alg": "RS256"}], algorithms=["RS256", "PS256"]
+    )
+    claims = issuer.claims()
+    assert authenticator.authenticate(Credentials(bearer=issuer.token())) is not None
+    pss = jwt.encode(claims, issuer.rsa, algorithm="PS256", headers={"kid": "rsa-1"})
+    with pytest.raises(Unauthenticated):
+        authenticator.authenticate(Credentials(bearer=pss))
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    weak = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(small.public_key()))
+    authenticator = _jwks_authenticator(tmp_path, [{**weak, "kid": "rsa-1"}])
+    with warnings.catch_warnings():  # PyJWT warns of the short key, and would accept it
+        warnings.simplefilter("ignore")
+        token = jwt.encode(claims, small, algorithm="RS256", headers={"kid": "rsa-1"})
+    with pytest.raises(Unauthenticated):
+        authenticator.authenticate(Credentials(bearer=token))
+
+
+def test_a_tenant_claim_must_be_a_non_empty_string(tmp_path: Path) -> None:
+    """With `tenant_claim` set, a token without that claim, or with one that is no string,
+    is refused: it would be of no tenant, out of tenant isolation's reach (or of a tenant
+    named after a list's Python form)."""
+    issuer = Issuer(tmp_path)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(issuer.rsa.public_key()))
+    authenticator = _jwks_authenticator(tmp_path, [{**jwk, "kid": "rsa-1"}], tenant_claim="tenant")
+    principal = authenticator.authenticate(Credentials(bearer=issuer.token(tenant="acme")))
+    assert principal is not None and principal.tenant == "acme"
+    for tenant in (None, "", ["acme", "globex"], True, 5, {"a": 1}):
+        claims = {**issuer.claims(), "tenant": tenant}
+        if tenant is None:
+            del claims["tenant"]
+        token = jwt.encode(claims, issuer.rsa, algorithm="RS256", headers={"kid": "rsa-1"})
+        with pytest.raises(Unauthenticated):
+            authenticator.authenticate(Credentials(bearer=token))

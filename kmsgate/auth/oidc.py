@@ -15,12 +15,14 @@ the policy's business.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -41,7 +43,18 @@ PERIOD_SECONDS = 300.0
 """How often an issuer's keys are fetched when no token names an unknown `kid`."""
 FETCH_TIMEOUT_SECONDS = 5.0
 MAX_JWKS_BYTES = 1 << 20
+MIN_RSA_BITS = 2048
+"""RFC 7518 3.3: an RSA key signing JWTs has at least 2048 bits."""
 _REFUSED = "invalid, expired or untrusted OIDC token"
+_SECRET_MEMBERS = ("d", "k", "p", "q", "dp", "dq", "qi")
+"""JWK members of private or symmetric keys: a JWKS holding one is published wrongly."""
+
+
+class _Key(NamedTuple):
+    """A signing key of an issuer, and the one algorithm its JWK allows (`alg`), if any."""
+
+    jwk: jwt.PyJWK
+    alg: str | None
 
 
 class _IssuerKeys:
@@ -49,7 +62,7 @@ class _IssuerKeys:
 
     def __init__(self, issuer: OidcIssuer) -> None:
         self._issuer = issuer
-        self._keys: dict[str | None, jwt.PyJWK] = {}
+        self._keys: dict[str | None, _Key] = {}
         self._wanted = threading.Event()
 
     def start(self) -> None:
@@ -59,7 +72,7 @@ class _IssuerKeys:
         name = f"kmsgate-jwks-{self._issuer.name}"
         threading.Thread(target=self._keep_fresh, name=name, daemon=True).start()
 
-    def find(self, kid: str | None) -> jwt.PyJWK | None:
+    def find(self, kid: str | None) -> _Key | None:
         """The key named `kid` (or the only key, for a token without `kid`); None, and a
         fetch soon, if there is none. Never waits for a fetch."""
         key = self._lookup(kid)
@@ -74,43 +87,96 @@ class _IssuerKeys:
             self._wanted.clear()
             self._fetch()
 
-    def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
+    def _lookup(self, kid: str | None) -> _Key | None:
         keys = self._keys
         if kid is None and len(keys) == 1:
             return next(iter(keys.values()))
         return keys.get(kid)
 
     def _fetch(self) -> None:
-        """Replace the keys from the JWKS; a JWKS that cannot be read keeps the old keys."""
-        source = self._issuer.jwks_file or self._issuer.jwks_url
+        """Replace the keys from the JWKS; a JWKS that cannot be read, or holds no usable
+        key, keeps the old keys. Never raises (the keys' thread must go on)."""
+        source = (
+            str(self._issuer.jwks_file)
+            if self._issuer.jwks_file is not None
+            else _shown(self._issuer.jwks_url or "")
+        )
         try:
             if self._issuer.jwks_file is not None:
-                text = self._issuer.jwks_file.read_text()
+                text = self._issuer.jwks_file.read_bytes()
             else:
                 assert self._issuer.jwks_url is not None  # OidcIssuer requires one of them
                 text = _download(self._issuer.jwks_url)
-            keys = jwt.PyJWKSet.from_json(text).keys
-        except (OSError, httpx.HTTPError, jwt.PyJWTError, ValueError) as exc:
-            log.warning("OIDC issuer %s: JWKS %s not loaded: %s", self._issuer.name, source, exc)
+            keys = _signing_keys(text, f"OIDC issuer {self._issuer.name}: JWKS {source}")
+        except Exception as exc:  # what a foreign document makes a parser raise is open-ended
+            why = (
+                f"HTTP {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError) else ""
+            )
+            log.warning(
+                "OIDC issuer %s: JWKS %s not loaded: %s %s",
+                self._issuer.name,
+                source,
+                type(exc).__name__,
+                why,
+            )
             return
-        self._keys = {key.key_id: key for key in keys if key.public_key_use in (None, "sig")}
+        self._keys = keys
 
 
-def _download(url: str) -> str:
-    """The JWKS at `url`, read within `FETCH_TIMEOUT_SECONDS` in all (a server that sends a
-    byte now and then does not keep the fetch going) and `MAX_JWKS_BYTES`. Raises
-    httpx.HTTPError, ValueError."""
-    deadline = time.monotonic() + FETCH_TIMEOUT_SECONDS
+def _signing_keys(text: bytes, where: str) -> dict[str | None, _Key]:
+    """The signature keys of the JWKS `text` by `kid`: public keys only (a member of a
+    private or symmetric key leaves that key out, logged), each with its JWK's own `alg`.
+    Raises ValueError if `text` is no JWKS or holds no such key."""
+    document = orjson.loads(text)  # deep nesting is a JSONDecodeError (a ValueError)
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError("not a JWK set")
+    keys: dict[str | None, _Key] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
+            continue
+        kid, alg = entry.get("kid"), entry.get("alg")
+        if not isinstance(kid, str | None) or not isinstance(alg, str | None):
+            continue
+        if any(member in entry for member in _SECRET_MEMBERS):
+            log.warning("%s: key %r holds private or secret key material: left out", where, kid)
+            continue
+        try:
+            keys[kid] = _Key(jwt.PyJWK(entry), alg)
+        except Exception:  # noqa: S112 (a key PyJWT cannot read is left out, as an unknown kty)
+            continue
+    if not keys:  # an empty set published by mistake must not lock every caller out
+        raise ValueError("no usable signature key")
+    return keys
+
+
+def _download(url: str) -> bytes:
+    """The JWKS at `url`, read within `FETCH_TIMEOUT_SECONDS` in all, the status line and
+    headers too (a server that sends a byte now and then does not keep the fetch going),
+    and `MAX_JWKS_BYTES`. Raises httpx.HTTPError, TimeoutError, ValueError."""
+    return asyncio.run(asyncio.wait_for(_read(url), FETCH_TIMEOUT_SECONDS))
+
+
+async def _read(url: str) -> bytes:
     body = bytearray()
-    with httpx.stream("GET", url, timeout=FETCH_TIMEOUT_SECONDS) as reply:
+    async with (
+        httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS) as client,
+        client.stream("GET", url) as reply,
+    ):
         reply.raise_for_status()
-        for chunk in reply.iter_bytes():
+        async for chunk in reply.aiter_bytes():
             body += chunk
             if len(body) > MAX_JWKS_BYTES:
                 raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
-            if time.monotonic() > deadline:
-                raise ValueError(f"the JWKS took longer than {FETCH_TIMEOUT_SECONDS:g} s")
-    return body.decode()
+    return bytes(body)
+
+
+def _shown(url: str) -> str:
+    """`url` as logs name it: scheme, host, port and path, never user info or a query
+    (where a token could be)."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or '?'}{port}{parts.path}"
 
 
 _KEY_TYPES: dict[str, tuple[type, ...]] = {
@@ -125,10 +191,16 @@ def _not_numeric(value: object) -> bool:
     return isinstance(value, bool) or not isinstance(value, int | float)
 
 
-def _fits(algorithm: str, key: object) -> bool:
-    """Whether `key` is of the type `algorithm` signs with (a token may not pick a
-    verification the issuer's key was not made for)."""
-    return isinstance(key, _KEY_TYPES.get(algorithm[:2], ()))
+def _fits(algorithm: str, key: _Key) -> bool:
+    """Whether `key` is of the type `algorithm` signs with and allows it (a token may not
+    pick a verification the issuer's key was not made for: RFC 8725 3.1), RSA keys of
+    `MIN_RSA_BITS` at least."""
+    public = key.jwk.key
+    if key.alg is not None and key.alg != algorithm:
+        return False
+    if isinstance(public, rsa.RSAPublicKey) and public.key_size < MIN_RSA_BITS:
+        return False
+    return isinstance(public, _KEY_TYPES.get(algorithm[:2], ()))
 
 
 class OidcAuthenticator:
@@ -171,11 +243,11 @@ class OidcAuthenticator:
         if algorithm not in issuer.algorithms:
             raise _refused(f"algorithm {algorithm!r} not allowed")
         key = self._keys[issuer.issuer].find(header.get("kid"))
-        if key is None or not _fits(algorithm, key.key):
-            raise _refused("unknown signing key, or one of another type")
+        if key is None or not _fits(algorithm, key):
+            raise _refused("unknown signing key, or one of another type or algorithm")
         claims: dict[str, Any] = jwt.decode(
             token,
-            key.key,
+            key.jwk.key,
             algorithms=[algorithm],
             audience=issuer.audiences,
             issuer=issuer.issuer,
@@ -192,12 +264,15 @@ class OidcAuthenticator:
         except TypeError:
             raise _refused("a claim holds a number beyond 64 bits") from None
         tenant = claims.get(issuer.tenant_claim) if issuer.tenant_claim else None
+        if issuer.tenant_claim and (not isinstance(tenant, str) or not tenant):
+            # without one, the token would be of no tenant: out of tenant isolation's reach
+            raise _refused(f"the {issuer.tenant_claim} claim is not a non-empty string")
         return Principal(
             id=f"{issuer.name}:{subject}",
             kind="oidc",
             roles=(),
             claims=claims,
-            tenant=str(tenant) if tenant is not None else None,
+            tenant=tenant,
         )
 
 
