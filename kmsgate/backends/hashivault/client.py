@@ -131,12 +131,14 @@ class _VaultClient:
         *,
         on_invalid: Callable[[str], KmsgateError] | None = None,
         not_found: Callable[[], KmsgateError] | None = None,
+        mount_known: bool = False,
     ) -> dict[str, Any]:
         """One Vault request (`path` under /v1/); the reply's JSON ({} if none).
 
         A 403 makes the token be re-acquired and the request retried once. Raises
         BackendUnavailable, BackendError, KeyDestroyed, or what `on_invalid` / `not_found`
-        make of a 400 / 404.
+        make of a 400 / 404 (with `mount_known`, a 404 for a mount that has no engine is
+        the BackendError that says so, not `not_found`'s).
         """
         for attempt in (1, 2):
             token = ""
@@ -149,9 +151,10 @@ class _VaultClient:
                     continue
                 raise self._translate(exc, what, on_invalid) from None
             except hvac.exceptions.InvalidPath as exc:
-                if not_found is not None and "no handler for route" not in str(exc):
+                no_engine = "no handler for route" in str(exc)
+                if not_found is not None and not (no_engine and mount_known):
                     raise not_found() from None
-                if "no handler for route" in str(exc):  # nothing mounted there: not a key gone
+                if no_engine:  # nothing mounted there: not a key gone
                     _log.warning("hashivault %s: %s failed: %s", self.name, what, exc)
                     mount = path.partition("/")[0]
                     raise BackendError(
@@ -174,7 +177,9 @@ class _VaultClient:
     def read_info(self, mount: str, name: str) -> _KeyInfo | None:
         """The Transit key's description, or None if it does not exist (uncached)."""
         try:
-            reply = self.call("GET", f"{mount}/keys/{name}", "read a key", not_found=_Missing)
+            reply = self.call(
+                "GET", f"{mount}/keys/{name}", "read a key", not_found=_Missing, mount_known=True
+            )
         except _Missing:
             return None
         info = _KeyInfo.parse(reply)
