@@ -72,15 +72,31 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line).decode()
 
 
+class MalformedRequestsAtDebug(logging.Filter):
+    """uvicorn logs each request it cannot parse at warning level; any client can send such
+    requests by the thousand (the gateway answers each with a 400 of its own), so that
+    line is written at debug level, and only when uvicorn logs at debug."""
+
+    MESSAGE: Final = "Invalid HTTP request received."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE or record.levelno <= logging.DEBUG:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 UVICORN_LOG_CONFIG: Final[dict[str, Any]] = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": JsonFormatter}},
+    "filters": {"malformed": {"()": MalformedRequestsAtDebug}},
     "handlers": {
         "stderr": {
             "class": "logging.StreamHandler",
             "formatter": "json",
             "stream": "ext://sys.stderr",
+            "filters": ["malformed"],
         }
     },
     "loggers": {"uvicorn": {"handlers": ["stderr"], "propagate": False}},
