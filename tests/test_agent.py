@@ -29,7 +29,7 @@ from kmsgate.client import ApiError, Client
 from kmsgate.pki.files import CURRENT, LOCK, replace_private_files
 from tests.components import LOOPBACK, free_port, require_component
 from tests.helpers import self_signed
-from tests.test_cli import _stop, clean_env, kmsgate_script, running_gateway
+from tests.test_cli import Gateway, _stop, clean_env, kmsgate_script, running_gateway
 
 TTL_SECONDS = 3
 KEY_AND_CERT = ("key.pem", "cert.pem")
@@ -399,6 +399,17 @@ def test_a_certificate_that_cannot_be_written_is_named_and_not_asked_for_again_a
         assert f"revoke it (kmsgate cert revoke {named[0]})" in text
 
 
+def _agent_once(gw: Gateway, out: Path) -> subprocess.CompletedProcess[bytes]:
+    """`kmsgate agent --once` for a workload certificate in `out`, bootstrapped with the
+    root token, its output captured."""
+    command = [
+        kmsgate_script(), "agent", "--ca", "dev", "--profile", "workload",
+        "--san", "spiffe://dev.lab/ns/ml/sa/x", "--dir", str(out),
+        "--token-file", str(gw.data_dir / "root-token"), "--once",
+    ]  # fmt: skip
+    return subprocess.run(command, env=gw.env(token=""), capture_output=True, timeout=60)
+
+
 def test_an_agent_gets_no_certificate_while_another_writer_holds_the_directory(
     tmp_path: Path,
 ) -> None:
@@ -410,12 +421,7 @@ def test_an_agent_gets_no_certificate_while_another_writer_holds_the_directory(
     with running_gateway(tmp_path) as gw, open(out / LOCK, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         issued = _issued_count(gw)
-        command = [
-            kmsgate_script(), "agent", "--ca", "dev", "--profile", "workload",
-            "--san", "spiffe://dev.lab/ns/ml/sa/x", "--dir", str(out),
-            "--token-file", str(gw.data_dir / "root-token"), "--once",
-        ]  # fmt: skip
-        run = subprocess.run(command, env=gw.env(token=""), capture_output=True, timeout=60)
+        run = _agent_once(gw, out)
         assert run.returncode == 2, run.stderr
         assert b"held by another writer for over 10 s" in run.stderr, run.stderr
         assert _issued_count(gw) == issued
@@ -430,12 +436,7 @@ def test_a_set_made_current_whose_link_fails_is_kept_not_called_lost(tmp_path: P
     out.chmod(0o700)
     with running_gateway(tmp_path) as gw:
         issued = _issued_count(gw)
-        command = [
-            kmsgate_script(), "agent", "--ca", "dev", "--profile", "workload",
-            "--san", "spiffe://dev.lab/ns/ml/sa/x", "--dir", str(out),
-            "--token-file", str(gw.data_dir / "root-token"), "--once",
-        ]  # fmt: skip
-        run = subprocess.run(command, env=gw.env(token=""), capture_output=True, timeout=60)
+        run = _agent_once(gw, out)
         assert run.returncode == 0, run.stderr
         assert _issued_count(gw) == issued + 1
     err = run.stderr.decode()
