@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -38,7 +37,7 @@ from pydantic_settings import (
 from kmsgate.config_file import read_config_file
 from kmsgate.durations import Duration
 from kmsgate.errors import ConfigError
-from kmsgate.loopback import https_or_loopback
+from kmsgate.loopback import https_or_loopback, plain_http_refused
 
 
 def _shipped_policy_dir() -> Path:
@@ -308,10 +307,8 @@ class OidcIssuer(BaseModel):
         if self.jwks_file is not None and not self.jwks_file.is_file():
             raise ValueError(f"oidc issuer {self.name}: jwks_file {self.jwks_file} is no file")
         if self.jwks_url is not None and not https_or_loopback(self.jwks_url):
-            raise ValueError(
-                f"oidc issuer {self.name}: jwks_url must be https://, or http:// to a loopback "
-                f"address (got one to {urlsplit(self.jwks_url).hostname or '?'!r})"
-            )
+            plain = plain_http_refused(self.jwks_url, "the issuer's keys")
+            raise ValueError(f"oidc issuer {self.name}: jwks_url: {plain}")
         refused = sorted(set(self.algorithms) - set(JWT_ALGORITHMS))
         if refused:
             raise ValueError(
