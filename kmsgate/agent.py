@@ -398,9 +398,8 @@ def _end(hook: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + ON_RENEW_GRACE_SECONDS
     with contextlib.suppress(ProcessLookupError):
         os.killpg(hook.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        hook.wait(ON_RENEW_GRACE_SECONDS)
-    while _group_alive(hook.pid) and time.monotonic() < deadline:
+    # `poll` reaps the command once it ends: a zombie would keep the group alive
+    while (hook.poll() is None or _group_alive(hook.pid)) and time.monotonic() < deadline:
         time.sleep(ON_RENEW_POLL_SECONDS)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(hook.pid, signal.SIGKILL)
