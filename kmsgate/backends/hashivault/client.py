@@ -182,22 +182,20 @@ class _VaultClient:
             )
         except _Missing:
             return None
-        info = _KeyInfo.parse(reply)
-        self._remember(mount, name, info)
-        return info
+        return self._remember(mount, name, _KeyInfo.parse(reply))
 
     def described(self, mount: str, name: str, reply: Mapping[str, Any]) -> _KeyInfo | None:
         """The Transit key's description in `reply` (to a create or a rotation; read if it
         has none), kept as `info` gives it. Raises BackendUnavailable, BackendError."""
         if not reply.get("data"):
             return self.read_info(mount, name)
-        info = _KeyInfo.parse(reply)
-        self._remember(mount, name, info)
-        return info
+        return self._remember(mount, name, _KeyInfo.parse(reply))
 
-    def _remember(self, mount: str, name: str, info: _KeyInfo) -> None:
+    def _remember(self, mount: str, name: str, info: _KeyInfo) -> _KeyInfo:
+        """Keep `info` as the description `info` serves (read now); return it."""
         with self._info_lock:
             self._info_cache[(mount, name)] = (info, time.monotonic())
+        return info
 
     def forget(self, mount: str, name: str) -> None:
         with self._info_lock:
