@@ -49,6 +49,8 @@ from kmsgate.model_signing import manifest as mf
 from kmsgate.model_signing import sign as signing
 from kmsgate.model_signing.bundle import pae
 from kmsgate.model_signing.manifest import hash_files
+from kmsgate.model_signing.provenance import parse_time
+from kmsgate.text import utc_timestamp
 from tests.components import require_component
 from tests.test_cli import Gateway, running_gateway
 
@@ -343,6 +345,60 @@ def test_signature_made_before_compromise_still_verifies(
     with pytest.raises(ModelVerificationError) as info:
         verify_model(model, result.bundle_path, GatewayTrust(client, key))
     assert info.value.failure is Failure.KEY_STATUS
+
+
+def test_trust_bundle_and_a_bundle_without_signing_time(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    """Without a provenance there is no signing time: an exported trust bundle still accepts
+    a version never compromised (nothing it signed predates its creation), and refuses one
+    whose window an operator narrowed, or closed, or a compromised one."""
+    model = make_model(tmp_path)
+    result = sign_model(model, GatewaySigner(client, key))
+    assert result.provenance_path is not None
+    result.provenance_path.unlink()
+    doc = export_trust_bundle(client, [key])
+    version = doc["keys"][0]["versions"][0]
+    assert version["created_at"] and version["not_before"] is None
+    report = verify_model(model, result.bundle_path, TrustBundle.parse(doc))
+    assert report.key_status["checked"] is True
+
+    def refused(**window: str | None) -> str:
+        changed = json.loads(json.dumps(doc))
+        changed["keys"][0]["versions"][0].update(window)
+        with pytest.raises(ModelVerificationError) as info:
+            verify_model(model, result.bundle_path, TrustBundle.parse(changed))
+        assert info.value.failure is Failure.KEY_STATUS
+        return info.value.detail
+
+    created = parse_time(version["created_at"])
+    later, past = created + timedelta(seconds=1), created - timedelta(days=1)
+    assert "not valid before" in refused(not_before=utc_timestamp(later))
+    assert "not valid after" in refused(not_after=utc_timestamp(datetime.now(UTC)))
+    assert "compromised since" in refused(compromised_since=utc_timestamp(later))
+    # an export without the creation time (as before it had one) cannot tell its window
+    # from the creation: refused, as it was
+    assert "no signing time" in refused(created_at=None, not_before=version["created_at"])
+    # a window that holds from before the creation until after now
+    future = utc_timestamp(datetime.now(UTC) + timedelta(days=1))
+    widened = json.loads(json.dumps(doc))
+    widened["keys"][0]["versions"][0].update(not_before=utc_timestamp(past), not_after=future)
+    assert verify_model(model, result.bundle_path, TrustBundle.parse(widened)).ok
+
+
+def test_trust_bundle_refuses_a_signing_time_before_the_version(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    model = make_model(tmp_path)
+    result = sign_model(model, GatewaySigner(client, key))
+    doc = export_trust_bundle(client, [key])
+    assert verify_model(model, result.bundle_path, TrustBundle.parse(doc)).ok
+    later = result.signed_at + timedelta(seconds=1)
+    doc["keys"][0]["versions"][0]["created_at"] = utc_timestamp(later)
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, result.bundle_path, TrustBundle.parse(doc))
+    assert info.value.failure is Failure.KEY_STATUS
+    assert "after the signing time" in info.value.detail
 
 
 def test_provenance_and_policy_digest(

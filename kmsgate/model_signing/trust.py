@@ -6,14 +6,15 @@
   `verify` (with `signed_at`, or `strict` without a signing time) as the judge of whether the
   version was usable when the model was signed.
 - `TrustBundle`: an offline JSON file exported from the gateway: per key, per version, the PEM
-  public key and its validity window (`not_before`, `not_after`, `compromised_since`).
+  public key, its creation time and its validity window (`not_before`, `not_after`,
+  `compromised_since`).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -178,7 +179,10 @@ class TrustedVersion:
     key: str
     version: int
     public_key: PublicKeyTypes
+    created_at: datetime | None
+    """When the gateway made the version: nothing it signed is older."""
     not_before: datetime | None
+    """The start of a window an operator narrowed (the export leaves it null)."""
     not_after: datetime | None
     compromised_since: datetime | None
 
@@ -206,6 +210,7 @@ class TrustBundle:
                     str(k["name"]),
                     int(v["version"]),
                     load_public_key(str(v["public_key"])),
+                    when(v.get("created_at")),
                     when(v.get("not_before")),
                     when(v.get("not_after")),
                     when(v.get("compromised_since")),
@@ -240,16 +245,17 @@ class TrustBundle:
         v = self._find(bundle)
         label = f"{v.key} v{v.version}"
         if signed_at is None:
-            if v.compromised_since or v.not_before or v.not_after:
-                raise KeyStatusError(
-                    f"{label} has a validity window or is compromised, and the bundle carries "
-                    "no signing time (no provenance)"
-                )
-            return KeyStatus(self.source, True, f"{label} trusted (no window)")
+            self._check_untimed(v, label)
+            return KeyStatus(self.source, True, f"{label} trusted at any signing time")
         at = utc_timestamp(signed_at)
         if v.compromised_since is not None and signed_at >= v.compromised_since:
             raise KeyStatusError(
                 f"{label} is compromised since {utc_timestamp(v.compromised_since)}; signed at {at}"
+            )
+        if v.created_at is not None and signed_at < v.created_at:
+            raise KeyStatusError(
+                f"{label} was created at {utc_timestamp(v.created_at)}, after the signing "
+                f"time {at}"
             )
         if v.not_before is not None and signed_at < v.not_before:
             raise KeyStatusError(
@@ -261,10 +267,31 @@ class TrustBundle:
             )
         return KeyStatus(self.source, True, f"{label} valid at {at}")
 
+    @staticmethod
+    def _check_untimed(v: TrustedVersion, label: str) -> None:
+        """Whether `v` holds for a bundle that carries no signing time (no provenance): any
+        time from its creation until now must lie in its window. Raises KeyStatusError for a
+        compromised version, a window narrowed after its creation (or a bundle without the
+        creation time, as exported before it had one) or one already closed."""
+        missing = "the bundle carries no signing time (no provenance)"
+        if v.compromised_since is not None:
+            raise KeyStatusError(
+                f"{label} is compromised since {utc_timestamp(v.compromised_since)}, and {missing}"
+            )
+        if v.not_before is not None and (v.created_at is None or v.not_before > v.created_at):
+            raise KeyStatusError(
+                f"{label} is not valid before {utc_timestamp(v.not_before)}, and {missing}"
+            )
+        if v.not_after is not None and v.not_after <= datetime.now(UTC):
+            raise KeyStatusError(
+                f"{label} is not valid after {utc_timestamp(v.not_after)}, and {missing}"
+            )
+
 
 def export_trust_bundle(client: Client, names: list[str]) -> dict[str, Any]:
     """A trust bundle for `names` from the gateway (needs key.read): every version that has
-    a public key, its creation time as `not_before` and its `compromised_since`. Raises
+    a public key, its creation time and its `compromised_since` (no window: `not_before`
+    and `not_after` are null, for an operator to narrow). Raises
     ApiError, or ValueError for a key that is not enabled (a bundle cannot carry that state,
     and its signatures would verify offline where the gateway refuses them)."""
     keys = []
@@ -283,7 +310,8 @@ def export_trust_bundle(client: Client, names: list[str]) -> dict[str, Any]:
                 {
                     "version": v["version"],
                     "public_key": client.public_key(name, v["version"]),
-                    "not_before": v.get("created_at"),
+                    "created_at": v.get("created_at"),
+                    "not_before": None,
                     "not_after": None,
                     "compromised_since": v.get("compromised_since"),
                 }
