@@ -254,8 +254,7 @@ class TrustBundle:
             )
         if v.created_at is not None and signed_at < v.created_at:
             raise KeyStatusError(
-                f"{label} was created at {utc_timestamp(v.created_at)}, after the signing "
-                f"time {at}"
+                f"{label} was created at {utc_timestamp(v.created_at)}, after the signing time {at}"
             )
         if v.not_before is not None and signed_at < v.not_before:
             raise KeyStatusError(
