@@ -15,15 +15,21 @@ from typing import Any, BinaryIO
 from kmsgate import chunked
 from kmsgate.chunked import Progress
 from kmsgate.client_transport import DEFAULT_ADDR, ApiError, Transport
-from kmsgate.encoding import b64decode_strict, b64encode
+from kmsgate.encoding import b64encode
 from kmsgate.envelope import FileHeader, file_context
 from kmsgate.errors import DecryptionFailed
+from kmsgate.text import quoted, utc_timestamp
 
 __all__ = ["DEFAULT_ADDR", "ApiError", "Client"]
 
 
 class Client(Transport):
     """A connection to one gateway. Use as a context manager or call `close()`."""
+
+    def _listed(self, field: str, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
+        """The list in `field` of a request's reply. Raises ApiError (`bad_reply` for a
+        reply without it)."""
+        return self.reply_field(self._json(method, path, body, **kwargs), field, list)
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -61,34 +67,41 @@ class Client(Transport):
         params: list[tuple[str, str]] = [("label", f"{k}:{v}") for k, v in (labels or {}).items()]
         if purpose:
             params.append(("purpose", purpose))
-        keys: list[dict[str, Any]] = self._json("GET", "/v1/keys", params=params)["keys"]
+        keys: list[dict[str, Any]] = self._listed("keys", "GET", "/v1/keys", params=params)
         return keys
 
     def get_key(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("GET", f"/v1/keys/{name}")
+        result: dict[str, Any] = self._json("GET", f"/v1/keys/{_segment(name)}")
         return result
 
     def update_key(self, name: str, changes: Mapping[str, Any]) -> dict[str, Any]:
         """PATCH /v1/keys/{name}: `min_decrypt_version`, `rotation_period` (None: stop
         rotating), `labels` (replaced whole), `public`; the key after the change."""
-        result: dict[str, Any] = self._json("PATCH", f"/v1/keys/{name}", dict(changes))
+        result: dict[str, Any] = self._json("PATCH", f"/v1/keys/{_segment(name)}", dict(changes))
         return result
 
     def key_action(self, name: str, action: str, body: Any = None) -> dict[str, Any]:
         """POST /v1/keys/{name}/{action}: rotate, disable, enable, schedule-deletion, ..."""
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/{action}", body)
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/{action}", body)
         return result
 
     def audit_checkpoints(self) -> list[dict[str, Any]]:
         """The store's last checkpoint of every audit chain (`GET /v1/audit/checkpoints`)."""
-        checkpoints: list[dict[str, Any]] = self._json("GET", "/v1/audit/checkpoints")[
-            "checkpoints"
-        ]
+        checkpoints: list[dict[str, Any]] = self._listed(
+            "checkpoints", "GET", "/v1/audit/checkpoints"
+        )
         return checkpoints
 
     def public_key(self, name: str, version: int | None = None) -> str:
         params = {"version": version} if version is not None else None
-        return self.request("GET", f"/v1/keys/{name}/public-key", params=params).text
+        return self.request("GET", f"/v1/keys/{_segment(name)}/public-key", params=params).text
+
+    def jwks(self, name: str) -> list[dict[str, Any]]:
+        """The keys of `name`'s public JWKS (a public key's; needs no token)."""
+        keys: list[dict[str, Any]] = self._listed(
+            "keys", "GET", f"/v1/keys/{_segment(name)}/jwks.json"
+        )
+        return keys
 
     # -- operations ------------------------------------------------------------------------
 
@@ -104,17 +117,17 @@ class Client(Transport):
         """`{signature (bytes), key_version, algorithm, policy_digest}`; `policy_digest` names
         the policy that authorised the signature (None from gateways that do not say)."""
         body = _message_body(data, digest, algorithm, version)
-        response = self.request("POST", f"/v1/keys/{name}/sign", json=body)
-        result: dict[str, Any] = response.json()
-        result["signature"] = b64decode_strict(result["signature"])
+        response = self.request("POST", f"/v1/keys/{_segment(name)}/sign", json=body)
+        result = self.reply_object(response)
+        result["signature"] = self.reply_bytes(result, "signature")
         result["policy_digest"] = response.headers.get("x-kmsgate-policy-digest")
         return result
 
     def sign_batch(self, name: str, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Items as REST items (base64 already applied); results or `{error}` in order."""
-        results: list[dict[str, Any]] = self._json(
-            "POST", f"/v1/keys/{name}/sign", {"batch": list(items)}
-        )["batch"]
+        results: list[dict[str, Any]] = self._listed(
+            "batch", "POST", f"/v1/keys/{_segment(name)}/sign", {"batch": list(items)}
+        )
         return results
 
     def verify(
@@ -126,11 +139,18 @@ class Client(Transport):
         digest: bytes | None = None,
         algorithm: str | None = None,
         version: int | None = None,
+        signed_at: datetime | None = None,
+        strict: bool = False,
     ) -> dict[str, Any]:
-        """`{valid, key_version}`."""
+        """`{valid, key_version}`. `signed_at`: also valid only if the version was not
+        compromised then; `strict`: only if it never was."""
         body = _message_body(data, digest, algorithm, version)
         body["signature"] = b64encode(signature)
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/verify", body)
+        if signed_at is not None:
+            body["signed_at"] = utc_timestamp(signed_at)
+        if strict:
+            body["strict"] = True
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/verify", body)
         return result
 
     def mac(self, name: str, data: bytes, *, algorithm: str | None = None) -> dict[str, Any]:
@@ -138,13 +158,13 @@ class Client(Transport):
         body: dict[str, Any] = {"input": b64encode(data)}
         if algorithm:
             body["algorithm"] = algorithm
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/mac", body)
-        result["mac"] = b64decode_strict(result["mac"])
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/mac", body)
+        result["mac"] = self.reply_bytes(result, "mac")
         return result
 
     def mac_verify(self, name: str, data: bytes, mac: bytes) -> dict[str, Any]:
         body = {"input": b64encode(data), "mac": b64encode(mac)}
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/mac/verify", body)
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/mac/verify", body)
         return result
 
     # -- envelope encryption ---------------------------------------------------------------
@@ -154,8 +174,8 @@ class Client(Transport):
     ) -> dict[str, Any]:
         """`{ciphertext (bytes), key_version}`: server-side encryption (small payloads)."""
         body = {"plaintext": b64encode(plaintext), **_context(context)}
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/encrypt", body)
-        result["ciphertext"] = b64decode_strict(result["ciphertext"])
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/encrypt", body)
+        result["ciphertext"] = self.reply_bytes(result, "ciphertext")
         return result
 
     def decrypt(
@@ -163,8 +183,8 @@ class Client(Transport):
     ) -> dict[str, Any]:
         """`{plaintext (bytes), key_version}` of a ciphertext from `encrypt` or `datakey`."""
         body = {"ciphertext": b64encode(ciphertext), **_context(context)}
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/decrypt", body)
-        result["plaintext"] = b64decode_strict(result["plaintext"])
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/decrypt", body)
+        result["plaintext"] = self.reply_bytes(result, "plaintext")
         return result
 
     def datakey(
@@ -178,10 +198,10 @@ class Client(Transport):
         """`{plaintext (bytes, unless include_plaintext is false), ciphertext (bytes),
         key_version}`: a fresh data key and its wrapped form."""
         body = {"bits": bits, "include_plaintext": include_plaintext, **_context(context)}
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/datakey", body)
-        result["ciphertext"] = b64decode_strict(result["ciphertext"])
-        if "plaintext" in result:
-            result["plaintext"] = b64decode_strict(result["plaintext"])
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/datakey", body)
+        result["ciphertext"] = self.reply_bytes(result, "ciphertext")
+        if include_plaintext:
+            result["plaintext"] = self.reply_bytes(result, "plaintext")
         return result
 
     def rewrap(
@@ -190,8 +210,8 @@ class Client(Transport):
         """`{ciphertext (bytes), key_version}`: the ciphertext's data key re-wrapped under the
         primary version of `name` (the ciphertext may come from another key)."""
         body = {"ciphertext": b64encode(ciphertext), **_context(context)}
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{name}/rewrap", body)
-        result["ciphertext"] = b64decode_strict(result["ciphertext"])
+        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/rewrap", body)
+        result["ciphertext"] = self.reply_bytes(result, "ciphertext")
         return result
 
     def batch(
@@ -199,9 +219,9 @@ class Client(Transport):
     ) -> list[dict[str, Any]]:
         """Any operation's batch form: REST items (base64 already applied) in, results or
         `{error: {code, detail}}` out, in order."""
-        results: list[dict[str, Any]] = self._json(
-            "POST", f"/v1/keys/{name}/{operation}", {"batch": list(items)}
-        )["batch"]
+        results: list[dict[str, Any]] = self._listed(
+            "batch", "POST", f"/v1/keys/{_segment(name)}/{operation}", {"batch": list(items)}
+        )
         return results
 
     # -- streaming file encryption (client-side; format in kmsgate/envelope.py) ------------
@@ -223,7 +243,7 @@ class Client(Transport):
         header = FileHeader(dict(context or {}), dk["ciphertext"])
         dst.write(header.to_bytes())
         size = chunked.encrypt_stream(dk["plaintext"], header.bound, src, dst, progress=progress)
-        return {"key_version": dk["key_version"], "bytes": size}
+        return {"key_version": self.reply_field(dk, "key_version", int), "bytes": size}
 
     def decrypt_stream(
         self,
@@ -269,28 +289,30 @@ class Client(Transport):
         """Activate pending CA `name` with its certificate and the chain of its issuers up to
         the self-signed root (PEM); the CA."""
         body = {"certificate": certificate, "chain": chain}
-        result: dict[str, Any] = self._json("POST", f"/v1/pki/cas/{name}/certificate", body)
+        result: dict[str, Any] = self._json(
+            "POST", f"/v1/pki/cas/{_segment(name)}/certificate", body
+        )
         return result
 
     def list_cas(self) -> list[dict[str, Any]]:
-        cas: list[dict[str, Any]] = self._json("GET", "/v1/pki/cas")["cas"]
+        cas: list[dict[str, Any]] = self._listed("cas", "GET", "/v1/pki/cas")
         return cas
 
     def get_ca(self, name: str) -> dict[str, Any]:
         """One CA, found in the list (raises ApiError `not_found` when there is none)."""
         for ca in self.list_cas():
-            if ca["name"] == name:
+            if isinstance(ca, dict) and ca.get("name") == name:
                 return ca
         raise ApiError(404, "not_found", f"no CA named {name!r}", token_sent=self._token_sent)
 
     def ca_chain(self, name: str) -> str:
         """The CA's certificate and its issuers, PEM, root last (public: needs no token)."""
-        return self.request("GET", f"/v1/pki/cas/{name}/chain").text
+        return self.request("GET", f"/v1/pki/cas/{_segment(name)}/chain").text
 
     def ca_crl(self, name: str, *, delta: bool = False) -> bytes:
         """The CA's current full CRL, or its delta CRL, in DER (public: needs no token)."""
         params = {"delta": "true"} if delta else None
-        return self.request("GET", f"/v1/pki/cas/{name}/crl", params=params).content
+        return self.request("GET", f"/v1/pki/cas/{_segment(name)}/crl", params=params).content
 
     def issue_certificate(
         self, ca: str, csr: str, profile: str, *, ttl: str | int | None = None
@@ -301,7 +323,7 @@ class Client(Transport):
         body: dict[str, Any] = {"csr": csr, "profile": profile}
         if ttl is not None:
             body["ttl"] = ttl
-        result: dict[str, Any] = self._json("POST", f"/v1/pki/cas/{ca}/issue", body)
+        result: dict[str, Any] = self._json("POST", f"/v1/pki/cas/{_segment(ca)}/issue", body)
         return result
 
     def renew_certificate(self, csr: str, *, ttl: str | int | None = None) -> dict[str, Any]:
@@ -315,7 +337,7 @@ class Client(Transport):
         return result
 
     def list_profiles(self) -> list[dict[str, Any]]:
-        profiles: list[dict[str, Any]] = self._json("GET", "/v1/pki/profiles")["profiles"]
+        profiles: list[dict[str, Any]] = self._listed("profiles", "GET", "/v1/pki/profiles")
         return profiles
 
     def list_certificates(
@@ -343,7 +365,8 @@ class Client(Transport):
             "after": after,
         }
         params = {k: v for k, v in filters.items() if v is not None}
-        page: dict[str, Any] = self._json("GET", "/v1/pki/certs", params=params)
+        page = self._json("GET", "/v1/pki/certs", params=params)
+        self.reply_field(page, "certs", list)
         return page
 
     def iter_certificates(self, **filters: Any) -> Iterator[dict[str, Any]]:
@@ -359,13 +382,15 @@ class Client(Transport):
 
     def get_certificate(self, serial: str) -> dict[str, Any]:
         """One inventory record, with the certificate (PEM) in `certificate`."""
-        result: dict[str, Any] = self._json("GET", f"/v1/pki/certs/{serial}")
+        result: dict[str, Any] = self._json("GET", f"/v1/pki/certs/{_segment(serial)}")
         return result
 
     def revoke_certificate(self, serial: str, reason: str = "unspecified") -> dict[str, Any]:
         """Revoke with an RFC 5280 reason name (`keyCompromise`, `superseded`, ...)."""
         body = {"reason": reason}
-        result: dict[str, Any] = self._json("POST", f"/v1/pki/certs/{serial}/revoke", body)
+        result: dict[str, Any] = self._json(
+            "POST", f"/v1/pki/certs/{_segment(serial)}/revoke", body
+        )
         return result
 
     # -- tokens and system -----------------------------------------------------------------
@@ -380,11 +405,11 @@ class Client(Transport):
         return result
 
     def list_tokens(self) -> list[dict[str, Any]]:
-        tokens: list[dict[str, Any]] = self._json("GET", "/v1/sys/tokens")["tokens"]
+        tokens: list[dict[str, Any]] = self._listed("tokens", "GET", "/v1/sys/tokens")
         return tokens
 
     def revoke_token(self, token_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("DELETE", f"/v1/sys/tokens/{token_id}")
+        result: dict[str, Any] = self._json("DELETE", f"/v1/sys/tokens/{_segment(token_id)}")
         return result
 
     # -- JIT exceptions --------------------------------------------------------------------
@@ -419,9 +444,9 @@ class Client(Transport):
         self, state: str | None = None, principal: str | None = None
     ) -> list[dict[str, Any]]:
         params = {k: v for k, v in (("state", state), ("principal", principal)) if v}
-        grants: list[dict[str, Any]] = self._json("GET", "/v1/exceptions", params=params)[
-            "exceptions"
-        ]
+        grants: list[dict[str, Any]] = self._listed(
+            "exceptions", "GET", "/v1/exceptions", params=params
+        )
         return grants
 
     def evaluate_policy(
@@ -448,10 +473,13 @@ class Client(Transport):
         result: dict[str, Any] = self._json("POST", "/v1/sys/policy/evaluate", body)
         return result
 
+    def policy(self) -> dict[str, Any]:
+        """The policy in force: `{digest, files, loaded_at}`."""
+        return self._json("GET", "/v1/sys/policy")
+
     def reload_policy(self) -> str:
         """Have the gateway re-read its policy files; the digest now in force."""
-        digest: str = self._json("POST", "/v1/sys/policy/reload")["digest"]
-        return digest
+        return self.reply_field(self._json("POST", "/v1/sys/policy/reload"), "digest", str)
 
     def whoami(self) -> dict[str, Any]:
         """The caller: `{id, kind, tenant, roles, claims}` (roles as the policy maps them)."""
@@ -470,8 +498,14 @@ class Client(Transport):
 
 
 def _segment(value: str) -> str:
-    """`value` as one URL path segment (a `/` or `..` in it cannot reach another route)."""
-    return urllib.parse.quote(value, safe="")
+    """`value` as one URL path segment: a `/`, `?`, `#` or `%` in it, or a name that is
+    all dots, cannot reach another route or action. Raises ApiError for a value that is
+    not text (an argument's undecodable bytes)."""
+    try:
+        segment = urllib.parse.quote(value, safe="")
+    except UnicodeEncodeError:
+        raise ApiError(0, "invalid_request", f"{quoted(value)} is not text (UTF-8)") from None
+    return segment.replace(".", "%2E") if segment.strip(".") == "" else segment
 
 
 def _message_body(

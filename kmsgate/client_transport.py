@@ -1,16 +1,19 @@
 """The SDK's connection to a gateway: its address, the bearer token, TLS verification, and
-each failure (an error reply, an unreachable or refusing gateway) as `ApiError`."""
+each failure (an error reply, an unreachable or refusing gateway, a reply that is not a
+gateway's, a value that cannot be sent) as `ApiError`."""
 
 from __future__ import annotations
 
 import os
 import ssl
-import urllib.parse
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
 
+from kmsgate.encoding import b64decode_strict
+
 DEFAULT_ADDR = "http://127.0.0.1:8200"
+_T = TypeVar("_T")
 
 
 class ApiError(Exception):
@@ -51,7 +54,7 @@ class Transport:
         file (its path; by default `KMSGATE_CACERT` if set) or a context. `anonymous`: send
         no token, not even `KMSGATE_TOKEN` (a client that authenticates with the certificate
         in its `verify` context). Raises OSError or ssl.SSLError if a CA file cannot be
-        loaded."""
+        loaded (an address that is no URL fails each request, as an unreachable one does)."""
         self.addr = (addr or os.environ.get("KMSGATE_ADDR") or DEFAULT_ADDR).rstrip("/")
         cafile = verify if isinstance(verify, str) else None
         if verify is True:
@@ -66,9 +69,20 @@ class Transport:
         headers = (
             {"authorization": f"Bearer {token}"} if token and not self._token_unsendable else {}
         )
-        self._http = httpx.Client(
-            base_url=self.addr, headers=headers, timeout=timeout, verify=verify
-        )
+        self._unusable_addr: ApiError | None = None
+        try:
+            self._http = httpx.Client(
+                base_url=self.addr, headers=headers, timeout=timeout, verify=verify
+            )
+        except (httpx.InvalidURL, ValueError) as exc:  # a bad port, an unclosed "["
+            why = "" if "@" in self.addr else f": {exc}"  # it may quote a password's part
+            self._unusable_addr = ApiError(
+                0,
+                "invalid_request",
+                f"the gateway address {_without_credentials(self.addr)} is not a valid URL{why}",
+                token_sent=self._token_sent,
+            )
+            self._http = httpx.Client(headers=headers, timeout=timeout, verify=verify)
 
     def __enter__(self) -> Self:
         return self
@@ -82,12 +96,24 @@ class Transport:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Send a request. Raises ApiError on a non-2xx reply, a connection failure or a
         token that cannot be sent."""
+        if self._unusable_addr is not None:
+            raise self._unusable_addr
         if self._token_unsendable:
             raise ApiError(
-                0, "invalid_token", "the token holds a space or a control character inside it"
+                0,
+                "invalid_token",
+                "the token holds a space or a control character (or one beyond ASCII) inside it",
             )
         try:
             response = self._http.request(method, path, **kwargs)
+        except UnicodeEncodeError:  # an argument's undecodable bytes (surrogate escapes)
+            raise ApiError(
+                0,
+                "invalid_request",
+                "a value of the request is not text (UTF-8): a file name or argument with "
+                "undecodable bytes?",
+                token_sent=self._token_sent,
+            ) from None
         except httpx.LocalProtocolError:  # its text may quote a header: the token
             raise ApiError(
                 0,
@@ -116,28 +142,71 @@ class Transport:
             body = response.json()
         except ValueError:
             raise ApiError(
-                response.status_code, "error", response.reason_phrase, token_sent=self._token_sent
+                response.status_code,
+                "http_error",
+                f"HTTP {response.status_code} {response.reason_phrase} from "
+                f"{_without_credentials(self.addr)}, not a kmsgate problem reply (a proxy in "
+                "front of the gateway, or no gateway there)",
+                token_sent=self._token_sent,
             ) from None
         if not isinstance(body, dict):
             body = {}
         raise ApiError(
             response.status_code,
-            str(body.get("code", "error")),
+            str(body.get("code", "http_error")),
             str(body.get("detail", response.reason_phrase)),
             body.get("request_id"),
             token_sent=self._token_sent,
         )
 
-    def _json(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
-        return self.request(method, path, json=body, **kwargs).json()
+    def _json(self, method: str, path: str, body: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object a request answers. Raises ApiError as `request` does, and
+        `bad_reply` for a success that is no JSON object."""
+        return self.reply_object(self.request(method, path, json=body, **kwargs))
+
+    def reply_object(self, response: httpx.Response) -> dict[str, Any]:
+        """`response`'s JSON object. Raises ApiError `bad_reply` for anything else (an HTML
+        page from a proxy, another service's JSON)."""
+        try:
+            value = response.json()
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise self.bad_reply(f"{response.request.method} {response.request.url.path}")
+        return value
+
+    def reply_field(self, reply: dict[str, Any], name: str, kind: type[_T]) -> _T:
+        """`reply[name]`, which must be a `kind`. Raises ApiError `bad_reply`."""
+        value = reply.get(name)
+        if not isinstance(value, kind):
+            raise self.bad_reply(f"its {name!r}")
+        return value
+
+    def reply_bytes(self, reply: dict[str, Any], name: str) -> bytes:
+        """`reply[name]` decoded from base64. Raises ApiError `bad_reply`."""
+        try:
+            return b64decode_strict(self.reply_field(reply, name, str))
+        except ValueError:
+            raise self.bad_reply(f"its {name!r}") from None
+
+    def bad_reply(self, what: str) -> ApiError:
+        """The error for a reply no kmsgate gateway gives (`what` of it is wrong)."""
+        return ApiError(
+            0,
+            "bad_reply",
+            f"the reply from {_without_credentials(self.addr)} is not what a kmsgate gateway "
+            f"answers ({what}): is the address right?",
+            token_sent=self._token_sent,
+        )
 
 
 def _without_credentials(addr: str) -> str:
-    """`addr` with a user name and password in it replaced by `***` (for messages)."""
-    parts = urllib.parse.urlsplit(addr)
-    if "@" not in parts.netloc:
+    """`addr` with whatever precedes its last `@` after the scheme (a user name and password,
+    however malformed the address) replaced by `***` (for messages)."""
+    scheme, sep, rest = addr.rpartition("://")
+    if "@" not in rest:
         return addr
-    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
 
 
 _CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED")

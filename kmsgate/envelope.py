@@ -94,8 +94,12 @@ def encode_context(context: Mapping[str, str] | None) -> bytes:
 
 def file_context(context: Mapping[str, str] | None) -> bytes:
     """`encode_context`, for a file header, which holds at most 65,535 bytes of it (32
-    entries of 256 four-byte characters take more). Raises InvalidRequest beyond."""
-    encoded = encode_context(context)
+    entries of 256 four-byte characters take more). Raises InvalidRequest beyond, and for
+    a string that is not Unicode text (an argument's undecodable bytes)."""
+    try:
+        encoded = encode_context(context)
+    except UnicodeEncodeError:
+        raise InvalidRequest("context strings must be valid Unicode text") from None
     if len(encoded) > 0xFFFF:
         raise InvalidRequest(
             f"the encryption context takes {len(encoded)} bytes encoded; a file header holds "

@@ -62,6 +62,9 @@ def _print_version(value: bool) -> None:
         raise typer.Exit
 
 
+DEBUG_VARIABLE = "KMSGATE_DEBUG"
+"""Set (to anything) to see the traceback of an error no command foresaw, not one line."""
+
 SERVER_COMMANDS = frozenset({"serve"})
 """Commands that run a gateway rather than talk to one: the client-side `--cacert` is no
 concern of theirs (a replica's environment may name the dev CA file that `serve --dev`
@@ -107,6 +110,13 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         raise SystemExit(128 + signal.SIGINT) from None
+    except Exception as exc:  # what no command foresaw: one line, exit 2, not a traceback
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        try:
+            fail(f"unexpected {type(exc).__name__}: {exc} (a bug? {DEBUG_VARIABLE}=1 shows where)")
+        except typer.Exit as failed:
+            raise SystemExit(failed.exit_code) from None
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -104,7 +104,7 @@ def gateway_public_key(
             raise
         refused = exc
     try:
-        keys = client.request("GET", f"/v1/keys/{name}/jwks.json").json()["keys"]
+        keys = client.jwks(name)
     except ApiError as exc:
         if exc.status != 404:
             raise
@@ -339,7 +339,7 @@ def _relative_inside(path: Path, root: Path) -> str | None:
 def policy_digest(client: Client) -> str | None:
     """The gateway's policy digest, or None if this token may not read it (policy.read)."""
     try:
-        return str(client.request("GET", "/v1/sys/policy").json()["digest"])
+        return str(client.policy()["digest"])
     except ApiError as exc:
         if exc.status in (401, 403):
             return None

@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from kmsgate.algorithms import SignAlg
 from kmsgate.client import ApiError, Client
-from kmsgate.encoding import b64encode
 from kmsgate.model_signing.bundle import (
     BundleError,
     SignedBundle,
@@ -135,18 +134,17 @@ class GatewayTrust:
     ) -> KeyStatus:
         message = bundle.pae()
         digest = signing_digest(alg, message)
-        body: dict[str, Any] = {
-            "signature": b64encode(bundle.signature),
-            "algorithm": alg.name,
-            "version": ref.version,
-        }
-        body.update({"digest": b64encode(digest)} if digest else {"input": b64encode(message)})
-        if signed_at is None:
-            body["strict"] = True
-        else:
-            body["signed_at"] = utc_timestamp(signed_at)
         try:
-            reply = self.client.request("POST", f"/v1/keys/{self.key}/verify", json=body).json()
+            reply = self.client.verify(
+                self.key,
+                bundle.signature,
+                data=message if digest is None else None,
+                digest=digest,
+                algorithm=alg.name,
+                version=ref.version,
+                signed_at=signed_at,
+                strict=signed_at is None,
+            )
         except ApiError as exc:
             if exc.status in (0, 401, 403):  # unreachable or not allowed: an error, not a verdict
                 raise
