@@ -31,6 +31,7 @@ from kmsgate.audit.filereader import UNKNOWN_WRITER, chain_path
 from kmsgate.audit.headfile import head_path, write_head
 from kmsgate.auth import Principal
 from kmsgate.bootstrap import build_service, ensure_dev_audit_key
+from kmsgate.cli.auditcheck import stored_anchors
 from kmsgate.config import DEV_AUDIT_KEY, Settings
 from kmsgate.errors import ConfigError, InvalidRequest
 from kmsgate.service import Ctx
@@ -246,6 +247,37 @@ def test_a_renamed_copy_verifies_and_swapped_chain_files_do_not(
         assert f"where {belongs} belongs: chain files swapped" in str(report.reason), report
 
 
+def test_an_idle_workers_chain_is_held_to_its_own_replicas_checkpoints(
+    tmp_path: Path, signer: LocalSigner
+) -> None:
+    """Replica r1's two workers both checkpointed their chains; replica r2's second worker
+    never got a request (an empty `audit.1.log`). r2's log verifies against the store (it
+    used to be held to r1's checkpoint of `audit.1.log`: "records deleted from the end"),
+    and r2's second chain emptied after it was checkpointed is still caught."""
+    anchors = list[AuditAnchor]()
+    for replica in ("r1", "r2"):
+        log = tmp_path / replica / "audit.log"
+        log.parent.mkdir()
+        for path in (log, chain_path(log, 1)):
+            with open_sink(path, signer, anchors, replica=replica) as sink:
+                sink.append(event(0))
+    idle = chain_path(tmp_path / "r2" / "audit.log", 1)
+    r2_anchors = [a for a in anchors if (a.replica, a.chain) != ("r2", "audit.1.log")]
+    idle.write_bytes(b"")
+    head_path(idle).unlink()  # (a worker that never appended has none)
+    report = AuditFile(tmp_path / "r2" / "audit.log").verify(
+        keys=signer.public_keys, anchors=r2_anchors
+    )
+    assert report.ok and report.chains == 2, report
+    assert [(c.replica, c.records) for c in report.checkpoints] == [("r2", 2), ("", 0)]
+    # the same empty chain, where the store holds r2's checkpoint of it: cut
+    report = AuditFile(tmp_path / "r2" / "audit.log").verify(
+        keys=signer.public_keys, anchors=anchors
+    )
+    assert not report.ok and "records deleted from the end" in str(report.reason), report
+    assert report.chain == idle
+
+
 def test_a_cut_log_is_caught_whatever_replica_its_last_record_claims(
     tmp_path: Path, signer: LocalSigner
 ) -> None:
@@ -451,6 +483,18 @@ def test_verify_passes_on_the_untouched_log(stopped: tuple[Gateway, Path], copy:
     assert "matches the store" in result.out and "not verified" not in result.out
     plain = verify(str(copy / "audit.log"))
     assert plain.rc == 0 and "checkpoint signatures not verified" in plain.out, str(plain)
+
+
+def test_a_configs_replica_id_names_only_its_own_log(copy: Path, tmp_path: Path) -> None:
+    """`audit verify A B --config A.yaml`: A.yaml's `replica_id` is what A's log was written
+    as, not B's (another replica's log checked beside it was held to A's checkpoints)."""
+    config = tmp_path / "a.yaml"
+    config.write_text(f"data_dir: {copy}\nreplica_id: r9\n")
+    anchors, written_as = stored_anchors(None, config, None, None)
+    assert anchors
+    assert written_as(copy / "audit.log") == ChainIdentity("audit.log", "r9")
+    assert written_as(copy / "." / "audit.log") == ChainIdentity("audit.log", "r9")
+    assert written_as(tmp_path / "replica-b" / "audit.log") == UNKNOWN_WRITER
 
 
 def test_verify_catches_a_record_appended_after_the_final_checkpoint(

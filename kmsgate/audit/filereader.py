@@ -122,7 +122,10 @@ class AuditFile:
         head file and the checkpoints (see `check_checkpoints`: their signatures with
         `keys`; against the store's `anchors`, which must also name no missing chain file).
         `written_as`: the log's own file name and replica, when known (a gateway's config);
-        else chain 0's checkpoints name the log (a copy under another name verifies).
+        else chain 0's checkpoints name the log (a copy under another name verifies), and,
+        with `keys`, the replica a chain's checkpoints signed is that of the log's other
+        chains too (one gateway's worker processes write them: an idle worker's chain
+        without a checkpoint is its replica's, not held to another replica's checkpoint).
         Reports the first broken line (and its file). Raises OSError if the log cannot be
         read, FileNotFoundError if it has no chain file.
         """
@@ -130,19 +133,32 @@ class AuditFile:
         if not chains:
             raise FileNotFoundError(2, "No such file or directory", str(self._path))
         records = 0
-        summaries: list[ChainCheckpoints] = []
-        log_name = written_as.name
+        checked: list[tuple[int, ChainCheckpoints]] = []
+        log_name, replica = written_as.name, written_as.replica
+        unplaced: list[tuple[int, Path, str | None, VerifyReport]] = []
         for number, chain in chains:
             name = chain_path(Path(log_name), number).name if log_name else None
-            expected = replace(written_as, name=name)
-            report, summary = _verify_chain(chain, expected, keys, anchors)
+            report, summary = _verify_chain(chain, ChainIdentity(name, replica), keys, anchors)
+            if summary is None and replica is None and keys is not None:
+                unplaced.append((number, chain, name, report))  # again once the replica is known
+                continue
             records += report.records
-            if not report.ok:
+            if summary is None:
                 return replace(report, records=records, chains=len(chains))
-            assert summary is not None
-            summaries.append(summary)
+            checked.append((number, summary))
             log_name = log_name or summary.name  # chain 0's: what the others are named by
-        missing = _missing_chain(self._path, summaries, anchors, written_as.replica)
+            if replica is None and keys is not None and summary.checkpoints:
+                replica = summary.replica  # signed by its checkpoints
+        for number, chain, name, report in unplaced:
+            summary = None
+            if replica is not None:
+                report, summary = _verify_chain(chain, ChainIdentity(name, replica), keys, anchors)
+            records += report.records
+            if summary is None:
+                return replace(report, records=records, chains=len(chains))
+            checked.append((number, summary))
+        summaries = [summary for _, summary in sorted(checked, key=lambda pair: pair[0])]
+        missing = _missing_chain(self._path, summaries, anchors, replica)
         if missing is not None:
             return VerifyReport(False, records, 1, missing[1], missing[0], chains=len(chains))
         return VerifyReport(

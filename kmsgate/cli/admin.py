@@ -249,13 +249,15 @@ def audit_verify(
     from kmsgate.audit import AuditFile
     from kmsgate.cli.auditcheck import checkpoint_lines, public_keys, stored_anchors
 
-    anchors, writer = stored_anchors(data_dir, config, gateway, token)
+    anchors, written_as = stored_anchors(data_dir, config, gateway, token)
     with public_keys(key, gateway, token) as keys:
         for path in paths:
             if path.is_dir():
                 fail(f"{path} is a directory: give the audit log in it ({path / 'audit.log'})")
             try:
-                report = AuditFile(path).verify(keys=keys, anchors=anchors or (), written_as=writer)
+                report = AuditFile(path).verify(
+                    keys=keys, anchors=anchors or (), written_as=written_as(path)
+                )
             except (OSError, ValueError) as exc:
                 fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
             if not report.ok:

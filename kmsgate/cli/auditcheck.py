@@ -5,7 +5,8 @@ store's copy of each chain's last checkpoint; and the report it prints."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -80,13 +81,15 @@ def public_keys(
 
 def stored_anchors(
     data_dir: Path | None, config: Path | None, gateway: str | None, token: str | None
-) -> tuple[list[AuditAnchor] | None, ChainIdentity]:
+) -> tuple[list[AuditAnchor] | None, Callable[[Path], ChainIdentity]]:
     """The store's last checkpoint of every chain: read from the gateway's data dir or
     config file (never created or migrated), else asked of `gateway`; None without any.
-    With a data dir or config, also the log file name and replica id the gateway writes
-    as. Exits with a one-line error if the store or the gateway cannot be read."""
+    Also what a given log was written as: with a data dir or config, its own log's file
+    name and replica id (a replica's other logs, verified beside it, are not known). Exits
+    with a one-line error if the store or the gateway cannot be read."""
     if data_dir is None and config is None:
-        return None if gateway is None else _gateway_anchors(gateway, token), UNKNOWN_WRITER
+        anchors = None if gateway is None else _gateway_anchors(gateway, token)
+        return anchors, lambda _path: UNKNOWN_WRITER
     from kmsgate.config import load_settings
     from kmsgate.store import Store
 
@@ -95,7 +98,8 @@ def stored_anchors(
         url = settings.resolved_database_url()
         # only a replica_id the config sets names the writer: the default one depends on
         # the host and the log's path, which differ for a copy verified elsewhere
-        writer = ChainIdentity(settings.resolved_audit_path().name, settings.replica_id or None)
+        own_log = settings.resolved_audit_path()
+        writer = ChainIdentity(own_log.name, settings.replica_id or None)
         database = sa.engine.make_url(url).database
     except ConfigError as exc:
         fail(str(exc))
@@ -108,7 +112,7 @@ def stored_anchors(
     except ConfigError as exc:
         fail(str(exc))
     try:
-        return store.audit_anchors.all(), writer
+        return store.audit_anchors.all(), partial(_written_as, own_log, writer)
     except KmsgateError as exc:
         fail(f"cannot read the store's audit checkpoints: {exc.detail} (is it migrated?)")
     finally:
@@ -125,6 +129,15 @@ def _gateway_anchors(gateway: str, token: str | None) -> list[AuditAnchor]:
         return [AuditAnchor(**row) for row in rows]
     except TypeError:
         fail(f"{gateway} answered audit checkpoints this version cannot read")
+
+
+def _written_as(own_log: Path, writer: ChainIdentity, path: Path) -> ChainIdentity:
+    """`writer` for the gateway's own log, else unknown."""
+    try:
+        own = path.resolve() == own_log.resolve()
+    except OSError:
+        own = False
+    return writer if own else UNKNOWN_WRITER
 
 
 def checkpoint_lines(
