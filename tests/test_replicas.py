@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from kmsgate.auth import Principal
 from kmsgate.backends.base import BackendKey
@@ -21,9 +22,11 @@ from kmsgate.backends.softkms import SoftKmsBackend
 from kmsgate.bootstrap import build_service, prepare_dev_data_dir
 from kmsgate.catalogue import KeyState
 from kmsgate.config import load_settings
-from kmsgate.jobs import Jobs, leader_lock
+from kmsgate.jobs import Jobs, PostgresLeaderLock, leader_lock
 from kmsgate.service import Ctx
 from kmsgate.service.requests import NewKey
+from kmsgate.store.stall import SERVER_KEEPALIVE
+from tests.components import PostgresServer, fresh_postgres_database
 from tests.gateway import Api, open_gateway
 from tests.test_cli import running_gateway
 
@@ -213,3 +216,32 @@ def test_a_due_key_is_destroyed_by_exactly_one_of_four_processes(
             lock.close()
         for service in services:
             service.close()
+
+
+@pytest.mark.postgres
+def test_the_server_ends_a_silent_leaders_session_in_seconds(
+    postgres_server: PostgresServer,
+) -> None:
+    """The jobs' leader holds a session advisory lock. A leader whose host vanishes sends
+    no FIN: PostgreSQL frees the lock only when it finds the session dead, after the
+    kernel's two hours of keepalive by default. Every kmsgate session asks the server for
+    keepalives of its own (`SERVER_KEEPALIVE`), the leader's too; an operator's `options`
+    in the URL stand instead."""
+    with fresh_postgres_database(postgres_server) as url:
+        lock = leader_lock(url)
+        try:
+            assert isinstance(lock, PostgresLeaderLock) and lock.acquire()
+            session = lock._conn
+            assert session is not None
+            for name, value in SERVER_KEEPALIVE.items():
+                shown = session.execute(sa.text(f"SHOW {name}")).scalar()
+                assert shown == str(value), (name, shown)
+        finally:
+            lock.close()
+        own = leader_lock(url + "?options=-c%20tcp_keepalives_idle%3D42")
+        try:
+            assert isinstance(own, PostgresLeaderLock) and own.acquire()
+            assert own._conn is not None
+            assert own._conn.execute(sa.text("SHOW tcp_keepalives_idle")).scalar() == "42"
+        finally:
+            own.close()

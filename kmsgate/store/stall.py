@@ -24,21 +24,35 @@ what any of kmsgate's transactions needs, well below a client's or a drain's pat
 CONNECT_TIMEOUT_SECONDS = 3
 """How long a new PostgreSQL connection may take before the request gets 503."""
 
-_CONNECTION_DEFAULTS: dict[str, int] = {
+SERVER_KEEPALIVE = {
+    "tcp_keepalives_idle": 10,
+    "tcp_keepalives_interval": 5,
+    "tcp_keepalives_count": 3,
+    "tcp_user_timeout": 25_000,
+}
+"""The server's side of each session (PostgreSQL settings, sent as `options`): a session
+whose client is gone without a word (its host down, a partition that drops packets) ends
+in about 25 seconds, and with it the advisory lock of the jobs' leader, which another
+replica then takes; PostgreSQL's own defaults (the kernel's, two hours) held the jobs
+still that long. Longer than the leader's own detection (a `STALL_SECONDS` deadline on
+its next check), so that a partitioned leader has let go before another takes over."""
+
+_CONNECTION_DEFAULTS: dict[str, int | str] = {
     "connect_timeout": CONNECT_TIMEOUT_SECONDS,
     "keepalives": 1,
     "keepalives_idle": 15,
     "keepalives_interval": 5,
     "keepalives_count": 3,
     "tcp_user_timeout": 30_000,
+    "options": " ".join(f"-c {name}={value}" for name, value in SERVER_KEEPALIVE.items()),
 }
 """libpq options: a connection that cannot be made fails in seconds, and one whose peer is
 gone (a host down, a partition that drops packets) ends in about 30 seconds, for the
 connections held open between transactions (the jobs' leader lock, the change listener),
-which no deadline covers."""
+which no deadline covers; and the server's `SERVER_KEEPALIVE`."""
 
 
-def connection_defaults(given: Collection[str]) -> dict[str, int]:
+def connection_defaults(given: Collection[str]) -> dict[str, int | str]:
     """kmsgate's libpq options but those the database URL sets itself (`given`): an
     operator's `?connect_timeout=20` stands."""
     return {name: value for name, value in _CONNECTION_DEFAULTS.items() if name not in given}
