@@ -22,6 +22,7 @@ import yaml
 from kmsgate.backends import BACKEND_TYPES
 from kmsgate.backends.secret_files import exposure
 from kmsgate.config import Settings, load_settings
+from kmsgate.store.engine import PING_SECONDS
 from tests.components import require_component
 from tests.test_cli import clean_env, run_cli, running_gateway
 
@@ -180,9 +181,9 @@ def test_the_kubernetes_manifests_hold_together(tmp_path: Path) -> None:
     documents = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "kmsgate.yaml").read_text()))
     by_kind = {d["kind"]: d for d in documents}
     assert set(by_kind) == {
-        "ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "NetworkPolicy",
+        "ConfigMap", "StatefulSet", "PodDisruptionBudget", "Service", "NetworkPolicy",
     }  # fmt: skip
-    deployment = by_kind["Deployment"]["spec"]
+    deployment = by_kind["StatefulSet"]["spec"]
     pod = deployment["template"]["spec"]
     (container,) = pod["containers"]
     labels = deployment["template"]["metadata"]["labels"]
@@ -200,7 +201,14 @@ def test_the_kubernetes_manifests_hold_together(tmp_path: Path) -> None:
     port_names = {p["name"] for p in container["ports"]}
     assert by_kind["Service"]["spec"]["ports"][0]["targetPort"] in port_names
     mounted = {m["name"] for m in container["volumeMounts"]}
-    assert mounted == {v["name"] for v in pod["volumes"]}
+    claims = {c["metadata"]["name"] for c in deployment["volumeClaimTemplates"]}
+    assert mounted == {v["name"] for v in pod["volumes"]} | claims
+    # the audit chains outlive the pod: the data dir is a claim of its own, not an emptyDir
+    data_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/var/lib/kmsgate")
+    assert data_mount["name"] in claims
+    assert deployment["serviceName"] == by_kind["Service"]["metadata"]["name"]
+    # readiness waits for the store up to PING_SECONDS: a probe must wait longer
+    assert container["readinessProbe"]["timeoutSeconds"] > PING_SECONDS
     # the settings the ConfigMap carries load (with the database URL the Secret gives)
     config = tmp_path / "kmsgate.yaml"
     config.write_text(by_kind["ConfigMap"]["data"]["kmsgate.yaml"])

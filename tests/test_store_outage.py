@@ -142,3 +142,41 @@ def test_a_frozen_database_is_503_in_bounded_time_not_a_hang(
                 assert time.monotonic() < deadline, again.text
                 time.sleep(0.5)
             assert again.json()["primary_version"] == 2
+
+
+@pytest.mark.postgres
+def test_readiness_answers_degraded_in_time_while_the_database_is_frozen(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """An orchestrator's readiness probe gives up after a few seconds: while PostgreSQL is
+    frozen, /v1/sys/ready answers `degraded` (the caches still sign) within the store's
+    ping deadline each time, not after a transaction's 10 s; signing goes on meanwhile."""
+    with fresh_postgres_database(postgres_server) as url:
+        config = tmp_path / "kmsgate.yaml"
+        config.write_text(json.dumps({"database_url": url}))
+        with running_gateway(tmp_path, "--config", str(config)) as gw:
+            root = {"authorization": f"Bearer {gw.root_token}"}
+            made = httpx.post(
+                f"{gw.addr}/v1/keys",
+                json={"name": "k", "type": "ecdsa-p256", "purpose": "p"},
+                headers=root,
+                timeout=TIMEOUT,
+            )
+            assert made.status_code == 201, made.text
+            # its connection stays in the pool: the next check takes it (frozen, it waits)
+            assert httpx.get(f"{gw.addr}/v1/sys/ready", timeout=TIMEOUT).status_code == 200
+            with postgres_frozen(postgres_server):
+                for _ in range(4):
+                    started = time.monotonic()
+                    ready = httpx.get(f"{gw.addr}/v1/sys/ready", timeout=TIMEOUT)
+                    took = time.monotonic() - started
+                    assert took < 4, took  # PING_SECONDS and the watcher's half-second tick
+                    assert ready.status_code == 200, ready.text
+                    assert ready.json()["status"] == "degraded", ready.text
+                    signed = httpx.post(
+                        f"{gw.addr}/v1/keys/k/sign",
+                        json={"input": MESSAGE},
+                        headers=root,
+                        timeout=TIMEOUT,
+                    )
+                    assert signed.status_code == 200, signed.text

@@ -38,6 +38,9 @@ def utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+PING_SECONDS = 2.0
+"""How long readiness waits for PostgreSQL to answer (a transaction waits `STALL_SECONDS`):
+an orchestrator's probe is answered `degraded` in time while the server is frozen."""
 WRITE_WAIT_SECONDS = 5.0
 """How long a transaction waits for SQLite's writer lock (also SQLite's busy timeout)."""
 MIGRATION_LOCK_ID = 0x6B6D_7367_6D69_6772  # "kmsgmigr"
@@ -174,12 +177,15 @@ class Database:
             self._serial = _WriterLock(Path(f"{database}.write.lock") if on_disk else None)
 
     def ping(self) -> str | None:
-        """None if the database answers a query now, else why not (for readiness)."""
+        """None if the database answers a query now, else why not (for readiness): within
+        `PING_SECONDS`, and at once while PostgreSQL counts as silent (see StallGuard)."""
         try:
-            with self.transaction() as conn:
+            with self._stall.watching(PING_SECONDS), self.engine.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
         except KmsgateError as exc:
             return exc.detail
+        except sa.exc.OperationalError:
+            return "metadata store unavailable"
         return None
 
     def migrate(self) -> None:

@@ -65,6 +65,8 @@ class _Wait:
     that a cut can never reach a descriptor number reused meanwhile)."""
 
     deadline: float
+    silences: bool = True
+    """Whether its cut counts the server as silent (not a readiness check's short one)."""
     driver: Any = None
     socket: socket.socket | None = None
     cut: bool = False
@@ -121,16 +123,22 @@ class StallGuard:
         self._next_probe = 0.0
 
     @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
-        """A deadline for the calling thread's transaction, for the block."""
+    def watching(self, check_seconds: float | None = None) -> Iterator[None]:
+        """A deadline for the calling thread's transaction, for the block. `check_seconds`:
+        a check that must answer quickly (readiness): its own shorter deadline, whose cut
+        does not count the server as silent, and while the server counts as silent it is
+        refused at once, never the transaction that tries the server again. Raises
+        Unavailable."""
         if self._seconds is None:
             yield
             return
         self._start_watcher()
-        me, wait = threading.get_ident(), _Wait(time.monotonic() + self._seconds)
+        seconds = self._seconds if check_seconds is None else check_seconds
+        me = threading.get_ident()
+        wait = _Wait(time.monotonic() + seconds, silences=check_seconds is None)
         with self._lock:
             if self._silent:
-                if self._waits or time.monotonic() < self._next_probe:
+                if self._waits or time.monotonic() < self._next_probe or not wait.silences:
                     raise Unavailable("metadata store not answering")
                 self._next_probe = time.monotonic() + PROBE_SECONDS
             self._waits.setdefault(me, []).append(wait)
@@ -197,5 +205,5 @@ class StallGuard:
                     for wait in waits:
                         if wait.deadline < moment and not wait.cut:
                             wait.cut_now()
-                            self._silent = True
+                            self._silent = self._silent or wait.silences
                             self._next_probe = moment + PROBE_SECONDS
