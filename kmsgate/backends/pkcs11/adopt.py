@@ -23,7 +23,7 @@ from kmsgate.backends.pkcs11.keys import (
     _public_key,
     _sign_input,
 )
-from kmsgate.backends.pkcs11.sessions import _Connection, _Worker
+from kmsgate.backends.pkcs11.sessions import _Connection, _Worker, find_objects
 from kmsgate.errors import BackendError, InvalidRequest
 from kmsgate.uri import Pkcs11Uri
 
@@ -62,10 +62,8 @@ def _adopted_public_key(worker: _Worker, key_type: KeyType, private: Any, key_id
     InvalidRequest, python-pkcs11 errors."""
     public = None
     if key_id:
-        publics = list(
-            worker.session.get_objects(
-                {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id}
-            )
+        publics = find_objects(
+            worker.session, {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id}
         )
         if len(publics) > 1:
             raise InvalidRequest("several public key objects share the key's id")

@@ -39,14 +39,23 @@ from kmsgate.backends.pkcs11.keys import (
     _PRIVATE,
     _SECRET,
     _attr,
+    _key_template,
     _parse_ref,
     _pem,
     _public_key,
     _secret_template,
+    _selector,
     _sign_input,
     _SignInput,
 )
-from kmsgate.backends.pkcs11.sessions import _ITEM_ERRORS, _Connection, _SessionPool, _Worker
+from kmsgate.backends.pkcs11.sessions import (
+    _ITEM_ERRORS,
+    SEVERAL_OBJECTS,
+    _Connection,
+    _SessionPool,
+    _Worker,
+    find_objects,
+)
 from kmsgate.backends.pkcs11.settings import Pkcs11Settings, _settings
 from kmsgate.config import BackendSettings
 from kmsgate.errors import (
@@ -176,7 +185,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         prepared = _sign_input(key.key_type, alg, data, prehashed)
 
         def run(conn: _Connection, worker: _Worker) -> bytes:
-            private = self._pool.key_object(conn, worker, key.ref, _PRIVATE)
+            private = self._pool.key_object(conn, worker, key)
             raw: bytes = private.sign(
                 prepared.payload, mechanism=prepared.mechanism, mechanism_param=prepared.param
             )
@@ -204,7 +213,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
             def run(
                 conn: _Connection, worker: _Worker, chunk: list[tuple[int, _SignInput]] = chunk
             ) -> list[bytes | KmsgateError]:
-                private = self._pool.key_object(conn, worker, key.ref, _PRIVATE)
+                private = self._pool.key_object(conn, worker, key)
                 signed: list[bytes | KmsgateError] = []
                 for _, prepared in chunk:
                     try:
@@ -236,22 +245,17 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
     def destroy(self, key: BackendKey) -> None:
         """Destroy the key's objects on the token (private/secret and public). Idempotent."""
         kind = _KINDS[key.key_type]
-        parsed = _parse_ref(key.ref)
-        template: dict[Attribute, Any] = {}
-        if parsed.id is not None:
-            template[Attribute.ID] = parsed.id
-        if parsed.object is not None:
-            template[Attribute.LABEL] = parsed.object
+        selector = _selector(_parse_ref(key.ref))
 
         def run(conn: _Connection, worker: _Worker) -> None:
             conn.forget(key.ref)
-            classes = [kind.object_class]
+            templates = [_key_template(key)]
             if kind.object_class == _PRIVATE:
-                classes.append(ObjectClass.PUBLIC_KEY)
-            for cls in classes:
-                objects = list(worker.session.get_objects({Attribute.CLASS: cls, **template}))
+                templates.append({Attribute.CLASS: ObjectClass.PUBLIC_KEY, **selector})
+            for template in templates:
+                objects = find_objects(worker.session, template)
                 if len(objects) > 1:
-                    raise BackendError("the key reference matches several objects")
+                    raise BackendError(SEVERAL_OBJECTS)
                 for obj in objects:
                     obj.destroy()
 
@@ -276,7 +280,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         mechanism = _HMAC_MECHANISMS[hash_name]
 
         def run(conn: _Connection, worker: _Worker) -> bytes:
-            secret = self._pool.key_object(conn, worker, key.ref, _SECRET)
+            secret = self._pool.key_object(conn, worker, key)
             tag: bytes = secret.sign(data, mechanism=mechanism)
             return tag
 
@@ -297,7 +301,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         params = pkcs11.GCMParams(nonce, aad, _TAG_BYTES * 8)
 
         def run(conn: _Connection, worker: _Worker) -> bytes:
-            secret = self._pool.key_object(conn, worker, key.ref, _SECRET)
+            secret = self._pool.key_object(conn, worker, key)
             sealed: bytes = secret.encrypt(
                 plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params
             )
@@ -313,7 +317,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         body = ciphertext[_NONCE_BYTES:]
 
         def run(conn: _Connection, worker: _Worker) -> bytes:
-            secret = self._pool.key_object(conn, worker, key.ref, _SECRET)
+            secret = self._pool.key_object(conn, worker, key)
             plain: bytes = secret.decrypt(body, mechanism=Mechanism.AES_GCM, mechanism_param=params)
             return plain
 
@@ -330,7 +334,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         key = self.adopt_key(KeySpec(ROOT_KEK_NAME, 1, KeyType.AES_256_GCM), reference)
 
         def check(conn: _Connection, worker: _Worker) -> None:
-            secret = self._pool.key_object(conn, worker, key.ref, _SECRET)
+            secret = self._pool.key_object(conn, worker, key)
             if (
                 _attr(secret, Attribute.NEVER_EXTRACTABLE) is not True
                 or _attr(secret, Attribute.ALWAYS_SENSITIVE) is not True
@@ -370,7 +374,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                 template[Attribute.ID] = parsed.id
             if parsed.object is not None:
                 template[Attribute.LABEL] = parsed.object
-            found = list(worker.session.get_objects(template))
+            found = find_objects(worker.session, template)
             if not found:
                 raise NotFound("no such key on the token")
             if len(found) > 1:
@@ -390,7 +394,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                 canonical["id"] = key_id
                 exact[Attribute.ID] = key_id
             canonical["type"] = kind.uri_type.encode()
-            if len(list(worker.session.get_objects(exact))) != 1:
+            if len(find_objects(worker.session, exact)) != 1:
                 raise InvalidRequest("the key's label and id do not identify it uniquely")
             pem = None
             if kind.object_class == _PRIVATE:

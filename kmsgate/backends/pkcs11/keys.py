@@ -18,6 +18,7 @@ from pkcs11 import KeyType as P11KeyType
 from pkcs11 import exceptions as p11e
 
 from kmsgate.algorithms import HashName, KeyType, Scheme, SignAlg, sign_algorithm
+from kmsgate.backends.base import BackendKey
 from kmsgate.errors import BackendError, InvalidRequest
 from kmsgate.uri import Pkcs11Uri
 
@@ -206,6 +207,36 @@ def _parse_ref(ref: str) -> Pkcs11Uri:
         return Pkcs11Uri.parse_key_reference(ref)
     except InvalidRequest as exc:
         raise BackendError(f"malformed pkcs11 key reference: {exc.detail}") from None
+
+
+def _generated(key: BackendKey) -> bool:
+    """Whether kmsgate generated `key`'s objects: they carry the label it gives them,
+    `<name>.v<version>` (an adopted key keeps the label its ceremony gave it). Raises
+    BackendError (a malformed reference)."""
+    return _parse_ref(key.ref).object == f"{key.name}.v{key.version}"
+
+
+def _key_template(key: BackendKey) -> dict[Attribute, Any]:
+    """What `key`'s private or secret key object matches: its class, label and id, and for a
+    key kmsgate generated CKA_PRIVATE (it made them private; anyone may add a public object
+    to a token, no PIN needed). Raises BackendError (a malformed reference)."""
+    template = {
+        Attribute.CLASS: _KINDS[key.key_type].object_class,
+        **_selector(_parse_ref(key.ref)),
+    }
+    if _generated(key):
+        template[Attribute.PRIVATE] = True
+    return template
+
+
+def _selector(parsed: Pkcs11Uri) -> dict[Attribute, Any]:
+    """The CKA_ID and CKA_LABEL a key reference names its objects by."""
+    template: dict[Attribute, Any] = {}
+    if parsed.id is not None:
+        template[Attribute.ID] = parsed.id
+    if parsed.object is not None:
+        template[Attribute.LABEL] = parsed.object
+    return template
 
 
 def _attr(obj: Any, attribute: Attribute) -> Any:

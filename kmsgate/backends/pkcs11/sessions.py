@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Literal, TypeVar
 
-from pkcs11 import ObjectClass
+from pkcs11 import Attribute
 from pkcs11 import exceptions as p11e
 
-from kmsgate.backends.base import BackendStatus
-from kmsgate.backends.pkcs11.keys import _parse_ref
+from kmsgate.backends.base import BackendKey, BackendStatus
+from kmsgate.backends.pkcs11.keys import _KINDS, _key_template, _parse_ref
 from kmsgate.backends.pkcs11.module import _Gone, _module, _Unloadable
 from kmsgate.backends.pkcs11.refusals import (
     TURN_SECONDS,
@@ -39,6 +40,7 @@ from kmsgate.errors import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SEVERAL_OBJECTS = "the key reference matches several objects on the token"
 _NOT_RETRIED = (
     "the token rejected the configured PIN; not retried until the PIN or the token changes"
 )
@@ -469,23 +471,26 @@ class _SessionPool:
             return "transient"  # GeneralError on a token that answers: try once more
         return "error"
 
-    def key_object(self, conn: _Connection, worker: _Worker, ref: str, cls: ObjectClass) -> Any:
-        """The key object `ref` names, found once per worker session. Raises BackendError,
-        python-pkcs11 errors (NoSuchKey)."""
-        cached = worker.keys.get((ref, int(cls)))
+    def key_object(self, conn: _Connection, worker: _Worker, key: BackendKey) -> Any:
+        """The private or secret key object of `key` (`_key_template`), found once per worker
+        session. Raises BackendError (several objects match), python-pkcs11 errors
+        (NoSuchKey)."""
+        cls = int(_KINDS[key.key_type].object_class)
+        cached = worker.keys.get((key.ref, cls))
         if cached is not None:
             return cached
-        parsed = _parse_ref(ref)
+        parsed = _parse_ref(key.ref)
         if parsed.token is not None and parsed.token != conn.label:
             raise BackendError(
                 f"the key reference names token {parsed.token!r}; this backend uses {conn.label!r}"
             )
-        try:
-            found = worker.session.get_key(object_class=cls, id=parsed.id, label=parsed.object)
-        except p11e.MultipleObjectsReturned:
-            raise BackendError("the key reference matches several objects") from None
-        worker.keys[(ref, int(cls))] = found
-        return found
+        found = find_objects(worker.session, _key_template(key))
+        if not found:
+            raise p11e.NoSuchKey("no object matches the key reference")
+        if len(found) > 1:
+            raise BackendError(SEVERAL_OBJECTS)
+        worker.keys[(key.ref, cls)] = found[0]
+        return found[0]
 
     def status(self) -> BackendStatus:
         try:
@@ -514,6 +519,19 @@ class _SessionPool:
             conn = self._conn
             if conn is not None:
                 self._drop(conn)
+
+
+def find_objects(session: Any, template: dict[Attribute, Any]) -> list[Any]:
+    """The first two objects of `session` matching `template`. The search is closed
+    (C_FindObjectsFinal) here, on this thread, whatever happens: a search left open keeps
+    the session busy (OperationActive) and holds python-pkcs11's session lock until the
+    garbage collector ends it, maybe on another thread, which cannot release that lock.
+    Raises python-pkcs11 errors."""
+    search = session.get_objects(template)
+    try:
+        return list(islice(search, 2))
+    finally:
+        search.close()
 
 
 def _close_quietly(session: Any) -> None:
