@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import KeyType as P11KeyType
 
-from kmsgate.algorithms import SIGN_ALGORITHMS, KeyType, verify_with_public_key
+from kmsgate.algorithms import SIGN_ALGORITHMS, HashName, KeyType, verify_with_public_key
 from kmsgate.backends.base import BackendKey, KeySpec
 from kmsgate.config import BackendSettings
 from kmsgate.errors import BackendError
@@ -117,3 +117,73 @@ def test_several_matching_objects_fail_that_key_only_and_end_the_search(backend:
     assert results == [True], "signing from another thread hung or failed"
     with pytest.raises(BackendError, match="several objects"):
         backend.sign(doubled, MESSAGE, ECDSA, prehashed=False)
+
+
+def replace_secret_key(backend: Any, key: BackendKey, *, sensitive: bool, label: str = "") -> None:
+    """Destroy `key`'s secret key object and create one with a value known to the caller under
+    its label and id (or under `label`, keeping the original), as someone with the PIN may."""
+    original = f"{key.name}.v{key.version}"
+
+    def replace(session: Any) -> None:
+        try:
+            (found,) = session.get_objects(
+                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: original}
+            )
+            key_id = found[Attribute.ID]
+            if not label:
+                found.destroy()
+            aes = key.key_type is KeyType.AES_256_GCM
+            session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: P11KeyType.AES if aes else P11KeyType.GENERIC_SECRET,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.LABEL: label or original,
+                    Attribute.ID: key_id,
+                    Attribute.VALUE: b"A" * 32,
+                    Attribute.SENSITIVE: sensitive,
+                    Attribute.EXTRACTABLE: not sensitive,
+                    Attribute.SIGN: not aes,
+                    Attribute.VERIFY: not aes,
+                    Attribute.ENCRYPT: aes,
+                    Attribute.DECRYPT: aes,
+                }
+            )
+        finally:
+            session.close()
+
+    on_token(backend, replace)
+
+
+@pytest.mark.parametrize("sensitive", [False, True], ids=["readable", "sensitive"])
+def test_a_generated_secret_key_replaced_by_a_known_one_is_refused(
+    backend: Any, sensitive: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone with the PIN replaces an AES or HMAC key version by a key whose value they
+    know (readable, or made sensitive: still not generated on the token): kmsgate refuses
+    the object (502, logged) instead of encrypting or MACing with it."""
+    aes = backend.create_key(KeySpec(f"kek-{sensitive}", 1, KeyType.AES_256_GCM))
+    tag = backend.create_key(KeySpec(f"tag-{sensitive}", 1, KeyType.HMAC_SHA256))
+    replace_secret_key(backend, aes, sensitive=sensitive)
+    replace_secret_key(backend, tag, sensitive=sensitive)
+    for attempt in (
+        lambda: backend.wrap(aes, b"data key", b"aad"),
+        lambda: backend.mac(tag, MESSAGE, HashName.SHA256),
+    ):
+        with pytest.raises(BackendError, match="not a protected key") as caught:
+            attempt()
+        assert caught.value.status == 502
+    assert "is refused" in caplog.text
+
+
+def test_an_adopted_key_needs_what_adoption_needs(backend: Any) -> None:
+    """A key adopted under its own label may have been imported (not generated on the
+    token): it is used as long as it is what adoption requires."""
+    aes = backend.create_key(KeySpec("kek-source", 1, KeyType.AES_256_GCM))
+    replace_secret_key(backend, aes, sensitive=True, label="imported-kek")
+    adopted = backend.adopt_key(
+        KeySpec("imported", 1, KeyType.AES_256_GCM), "pkcs11:object=imported-kek"
+    )
+    wrapped = backend.wrap(adopted, b"data key", b"aad")
+    assert backend.unwrap(adopted, wrapped, b"aad") == b"data key"

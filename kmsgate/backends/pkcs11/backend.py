@@ -39,6 +39,7 @@ from kmsgate.backends.pkcs11.keys import (
     _PRIVATE,
     _SECRET,
     _attr,
+    _generated,
     _key_template,
     _parse_ref,
     _pem,
@@ -74,6 +75,8 @@ log = logging.getLogger(__name__)
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
 _ID_BYTES = 16
+_GENERATED = (Attribute.LOCAL, Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE)
+"""What a key kmsgate generated on the token shows."""
 _BATCH_CHUNK = 32
 """Batch signs hold the module lock for at most this many signatures at a time."""
 
@@ -185,7 +188,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         prepared = _sign_input(key.key_type, alg, data, prehashed)
 
         def run(conn: _Connection, worker: _Worker) -> bytes:
-            private = self._pool.key_object(conn, worker, key)
+            private = self._key_object(conn, worker, key)
             raw: bytes = private.sign(
                 prepared.payload, mechanism=prepared.mechanism, mechanism_param=prepared.param
             )
@@ -213,7 +216,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
             def run(
                 conn: _Connection, worker: _Worker, chunk: list[tuple[int, _SignInput]] = chunk
             ) -> list[bytes | KmsgateError]:
-                private = self._pool.key_object(conn, worker, key)
+                private = self._key_object(conn, worker, key)
                 signed: list[bytes | KmsgateError] = []
                 for _, prepared in chunk:
                     try:
@@ -241,6 +244,35 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                 except KmsgateError as exc:
                     results[index] = exc
         return [r for r in results if r is not None]  # every message was signed or failed
+
+    def _key_object(self, conn: _Connection, worker: _Worker, key: BackendKey) -> Any:
+        """The private or secret key object of `key`, checked before its first use
+        (`_check_protected`). Raises as `_SessionPool.key_object`."""
+        return self._pool.key_object(
+            conn, worker, key, lambda found: self._check_protected(key, found)
+        )
+
+    def _check_protected(self, key: BackendKey, found: Any) -> None:
+        """Raises BackendError (and logs why) unless `found` is a key `key`'s version may
+        use: what `adopt_key` requires (type, size, sensitive, not extractable, its usage)
+        and, for a version kmsgate generated (`_generated`), made on the token and never
+        readable (CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE): someone with the
+        PIN may have replaced it by a key whose value they know."""
+        try:
+            _check_adoptable(key.key_type, _KINDS[key.key_type], found)
+            if _generated(key) and any(_attr(found, a) is not True for a in _GENERATED):
+                raise InvalidRequest("it was not generated on the token, or was readable once")
+        except InvalidRequest as exc:
+            log.error(
+                "pkcs11 backend %r: the object behind key %r version %d is refused: %s",
+                self.name,
+                key.name,
+                key.version,
+                exc.detail,
+            )
+            raise BackendError(
+                f"the token's object for this key version is not a protected key: {exc.detail}"
+            ) from None
 
     def destroy(self, key: BackendKey) -> None:
         """Destroy the key's objects on the token (private/secret and public). Idempotent."""
@@ -280,7 +312,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         mechanism = _HMAC_MECHANISMS[hash_name]
 
         def run(conn: _Connection, worker: _Worker) -> bytes:
-            secret = self._pool.key_object(conn, worker, key)
+            secret = self._key_object(conn, worker, key)
             tag: bytes = secret.sign(data, mechanism=mechanism)
             return tag
 
@@ -301,7 +333,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         params = pkcs11.GCMParams(nonce, aad, _TAG_BYTES * 8)
 
         def run(conn: _Connection, worker: _Worker) -> bytes:
-            secret = self._pool.key_object(conn, worker, key)
+            secret = self._key_object(conn, worker, key)
             sealed: bytes = secret.encrypt(
                 plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params
             )
@@ -317,7 +349,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         body = ciphertext[_NONCE_BYTES:]
 
         def run(conn: _Connection, worker: _Worker) -> bytes:
-            secret = self._pool.key_object(conn, worker, key)
+            secret = self._key_object(conn, worker, key)
             plain: bytes = secret.decrypt(body, mechanism=Mechanism.AES_GCM, mechanism_param=params)
             return plain
 
@@ -334,7 +366,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         key = self.adopt_key(KeySpec(ROOT_KEK_NAME, 1, KeyType.AES_256_GCM), reference)
 
         def check(conn: _Connection, worker: _Worker) -> None:
-            secret = self._pool.key_object(conn, worker, key)
+            secret = self._key_object(conn, worker, key)
             if (
                 _attr(secret, Attribute.NEVER_EXTRACTABLE) is not True
                 or _attr(secret, Attribute.ALWAYS_SENSITIVE) is not True

@@ -471,10 +471,13 @@ class _SessionPool:
             return "transient"  # GeneralError on a token that answers: try once more
         return "error"
 
-    def key_object(self, conn: _Connection, worker: _Worker, key: BackendKey) -> Any:
+    def key_object(
+        self, conn: _Connection, worker: _Worker, key: BackendKey, check: Callable[[Any], None]
+    ) -> Any:
         """The private or secret key object of `key` (`_key_template`), found once per worker
-        session. Raises BackendError (several objects match), python-pkcs11 errors
-        (NoSuchKey)."""
+        session and passed to `check` (which raises to refuse it) before its first use.
+        Raises BackendError (several objects match), what `check` raises, python-pkcs11
+        errors (NoSuchKey)."""
         cls = int(_KINDS[key.key_type].object_class)
         cached = worker.keys.get((key.ref, cls))
         if cached is not None:
@@ -489,6 +492,7 @@ class _SessionPool:
             raise p11e.NoSuchKey("no object matches the key reference")
         if len(found) > 1:
             raise BackendError(SEVERAL_OBJECTS)
+        check(found[0])
         worker.keys[(key.ref, cls)] = found[0]
         return found[0]
 
