@@ -6,7 +6,11 @@ a process only after C_Initialize).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -187,3 +191,55 @@ def test_an_adopted_key_needs_what_adoption_needs(backend: Any) -> None:
     )
     wrapped = backend.wrap(adopted, b"data key", b"aad")
     assert backend.unwrap(adopted, wrapped, b"aad") == b"data key"
+
+
+_CREATE_ELSEWHERE = """
+import json, sys
+from kmsgate.algorithms import KeyType
+from kmsgate.backends.base import KeySpec
+from kmsgate.backends.pkcs11 import Pkcs11Backend
+from kmsgate.config import BackendSettings
+
+backend = Pkcs11Backend.from_config("hsm", BackendSettings(**json.loads(sys.argv[1])))
+key = backend.create_key(KeySpec(sys.argv[2], 1, KeyType(sys.argv[3])))
+print(json.dumps({"ref": key.ref, "pem": key.public_key_pem}))
+backend.close()
+"""
+
+
+def created_by_another_process(token: SoftHsmToken, name: str, key_type: KeyType) -> BackendKey:
+    """A key made by another process of the gateway (its own module state and login)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CREATE_ELSEWHERE,
+            json.dumps(token.backend_config()),
+            name,
+            key_type.value,
+        ],
+        env=token.hsm.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    made = json.loads(proc.stdout)
+    return BackendKey(made["ref"], key_type, name, 1, None, made["pem"])
+
+
+def connected_a_while_ago(backend: Any) -> None:
+    """`backend` logged in more than a second ago (a gateway worker that has been running)."""
+    assert signs(backend, backend.create_key(KeySpec("warm-up", 1, KeyType.ECDSA_P256)))
+    time.sleep(1.1)
+
+
+def test_a_key_made_by_another_process_is_found(token: SoftHsmToken, backend: Any) -> None:
+    """Two worker processes: one makes a key, the other (logged in before) signs with it.
+    SoftHSM shows the second the new object only after C_Initialize: the backend
+    re-initialises the module and looks again rather than calling the key destroyed."""
+    connected_a_while_ago(backend)
+    key = created_by_another_process(token, "elsewhere", KeyType.ECDSA_P256)
+    # the store of this process misses the other's object once this process writes too
+    assert signs(backend, backend.create_key(KeySpec("here", 1, KeyType.ECDSA_P256)))
+    assert signs(backend, key)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+import time
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class _Module:
         self.pin_key = secrets.token_bytes(32)
         self._lib: Any = None
         self._pid = 0
+        self._initialized_at = 0.0
 
     def lib(self) -> Any:
         """The initialised library (lock held). Raises _Gone."""
@@ -56,6 +58,7 @@ class _Module:
             except p11e.PKCS11Error as exc:
                 raise _Unloadable(f"cannot load the PKCS#11 module ({type(exc).__name__})") from exc
             self._pid = os.getpid()
+            self._initialized_at = time.monotonic()
             self.generation += 1
         elif not self._lib.initialized:
             self._initialize()
@@ -87,6 +90,16 @@ class _Module:
         except p11e.PKCS11Error as exc:
             raise _Gone(f"C_Initialize failed ({type(exc).__name__})") from exc
         self._pid = os.getpid()
+        self._initialized_at = time.monotonic()
+
+    def refresh(self, older_than: float) -> bool:
+        """Re-initialise (lock held) if the module was last initialised more than
+        `older_than` seconds ago: SoftHSM shows a process the objects other processes made
+        since only after C_Finalize and C_Initialize. Returns whether it did. Raises _Gone."""
+        if self._lib is None or time.monotonic() - self._initialized_at < older_than:
+            return False
+        self.reinitialize()
+        return True
 
 
 _MODULES: dict[str, _Module] = {}

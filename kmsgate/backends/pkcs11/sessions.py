@@ -40,6 +40,8 @@ from kmsgate.errors import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+REFRESH_INTERVAL = 1.0
+"""Seconds between re-initialisations of a module to look again for a missing key object."""
 SEVERAL_OBJECTS = "the key reference matches several objects on the token"
 _NOT_RETRIED = (
     "the token rejected the configured PIN; not retried until the PIN or the token changes"
@@ -398,15 +400,20 @@ class _SessionPool:
         *,
         retry: bool = True,
         decrypting: bool = False,
+        refresh_after: float = REFRESH_INTERVAL,
     ) -> T:
         """Run `op` on a worker session with the module lock held, mapping token errors.
 
-        A stale connection is re-opened and `op` retried once (if `retry`). Raises
-        BackendUnavailable, BackendError, DecryptionFailed (if `decrypting`), or the
-        KmsgateError `op` raised.
+        A stale connection is re-opened and `op` retried once (if `retry`). A key object
+        not found makes the module re-initialise, if it was initialised more than
+        `refresh_after` seconds ago (another process may have made the object since), and
+        `op` run once more on fresh sessions, whatever `retry` says (nothing was done).
+        Raises BackendUnavailable, BackendError, KeyDestroyed, DecryptionFailed (if
+        `decrypting`), or the KmsgateError `op` raised.
         """
         failures = 0
         stale = 0
+        refresh: float | None = refresh_after
         while True:
             conn = self._connection()
             with conn.worker() as worker, self._module.lock:
@@ -419,7 +426,10 @@ class _SessionPool:
                 try:
                     return op(conn, worker)
                 except p11e.PKCS11Error as exc:
-                    if_exhausted = self._settle(conn, worker, what, exc, decrypting)
+                    if_exhausted = self._settle(conn, worker, what, exc, decrypting, refresh)
+            if if_exhausted is None:  # re-initialised: look again, once
+                refresh = None
+                continue
             failures += 1
             if not retry or failures > 1:
                 raise if_exhausted
@@ -431,14 +441,18 @@ class _SessionPool:
         what: str,
         exc: p11e.PKCS11Error,
         decrypting: bool,
-    ) -> KmsgateError:
+        refresh: float | None,
+    ) -> KmsgateError | None:
         """React to a failed call (lock held): raise the final error, or prepare a retry and
-        return the error to raise if none is left."""
+        return the error to raise if none is left; None: the module was re-initialised to
+        look for a missing key object again (`refresh`: as in `call`, None once done)."""
         verdict = self._classify(conn, exc, decrypting)
         log.debug("pkcs11 backend %r: %s: %s -> %s", self.name, what, type(exc).__name__, verdict)
         if verdict == "decrypt":
             raise DecryptionFailed() from None
-        if verdict == "missing":  # no object matches on a token that answers: the key is gone
+        if verdict == "missing":  # no object matches on a token that answers
+            if refresh is not None and self._refresh(conn, refresh):
+                return None
             raise KeyDestroyed("the key object behind this key version is not on the token")
         if verdict == "error":
             log.warning("pkcs11 backend %r: %s failed: %s", self.name, what, type(exc).__name__)
@@ -453,6 +467,21 @@ class _SessionPool:
         )
         self._drop(conn)
         return self._unavailable()
+
+    def _refresh(self, conn: _Connection, older_than: float) -> bool:
+        """Re-initialise the module (lock held) unless that was done in the last
+        `older_than` seconds, and drop `conn` (every session of the module has ended).
+        Returns whether it did. Raises BackendUnavailable."""
+        try:
+            if not self._module.refresh(older_than):
+                return False
+        except _Gone as exc:
+            log.warning("pkcs11 backend %r unavailable: %s", self.name, exc)
+            self._drop(conn)
+            raise self._unavailable() from None
+        log.info("pkcs11 backend %r: a key object was not found; looking again", self.name)
+        self._drop(conn)
+        return True
 
     def _classify(
         self, conn: _Connection, exc: p11e.PKCS11Error, decrypting: bool
