@@ -243,3 +243,17 @@ def test_a_key_made_by_another_process_is_found(token: SoftHsmToken, backend: An
     # the store of this process misses the other's object once this process writes too
     assert signs(backend, backend.create_key(KeySpec("here", 1, KeyType.ECDSA_P256)))
     assert signs(backend, key)
+
+
+def test_destroying_a_key_made_by_another_process_destroys_its_objects(
+    token: SoftHsmToken, backend: Any
+) -> None:
+    """The jobs leader destroys a key another worker made: the objects it does not see at
+    first are looked for again after re-initialising, and destroyed (not taken as gone)."""
+    connected_a_while_ago(backend)
+    key = created_by_another_process(token, "doomed-elsewhere", KeyType.ECDSA_P256)
+    assert signs(backend, backend.create_key(KeySpec("here-too", 1, KeyType.ECDSA_P256)))
+    backend.destroy(key)
+    labels = [found.get("label") for found in token.list_objects()]
+    assert "doomed-elsewhere.v1" not in labels and "here-too.v1" in labels
+    backend.destroy(key)  # idempotent

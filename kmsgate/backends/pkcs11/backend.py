@@ -64,6 +64,7 @@ from kmsgate.errors import (
     BackendUnavailable,
     DecryptionFailed,
     InvalidRequest,
+    KeyDestroyed,
     KmsgateError,
     NotFound,
     NotSupported,
@@ -275,7 +276,10 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
             ) from None
 
     def destroy(self, key: BackendKey) -> None:
-        """Destroy the key's objects on the token (private/secret and public). Idempotent."""
+        """Destroy the key's objects on the token (private/secret and public). Idempotent:
+        when none is found, the module is re-initialised (SoftHSM may not show this process
+        objects another process made) and they are looked for again before the key counts
+        as gone. Raises BackendError, BackendUnavailable."""
         kind = _KINDS[key.key_type]
         selector = _selector(_parse_ref(key.ref))
 
@@ -284,14 +288,17 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
             templates = [_key_template(key)]
             if kind.object_class == _PRIVATE:
                 templates.append({Attribute.CLASS: ObjectClass.PUBLIC_KEY, **selector})
-            for template in templates:
-                objects = find_objects(worker.session, template)
-                if len(objects) > 1:
-                    raise BackendError(SEVERAL_OBJECTS)
+            found = [find_objects(worker.session, template) for template in templates]
+            if any(len(objects) > 1 for objects in found):
+                raise BackendError(SEVERAL_OBJECTS)
+            if not any(found):
+                raise p11e.NoSuchKey("no object matches the key reference")
+            for objects in found:
                 for obj in objects:
                     obj.destroy()
 
-        self._pool.call("destroy the key", run, retry=False)
+        with suppress(KeyDestroyed):  # still none after re-initialising: gone already
+            self._pool.call("destroy the key", run, retry=False, refresh_after=0.0)
 
     def keep_state_in(self, directory: Path) -> None:
         """A PIN file the token refused is not tried again by any process of the gateway
