@@ -193,10 +193,11 @@ def test_registry_builds_the_backend_lazily(token: SoftHsmToken):
 
 
 def test_a_module_that_is_no_pkcs11_library_is_named_as_the_cause(
-    token: SoftHsmToken, tmp_path: Path
+    token: SoftHsmToken, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
     """A library that loads but is not PKCS#11 (here zlib) read as "unavailable (token
-    label ...)", the same as a missing token; the cause was only in the log."""
+    label ...)", the same as a missing token; the cause was only in the log, which now has
+    the loader's message (naming the file)."""
     from kmsgate.backends.pkcs11 import Pkcs11Backend
 
     zlib = next(Path(d) / "libz.so.1" for d in ("/lib/x86_64-linux-gnu", "/usr/lib64", "/lib")
@@ -212,6 +213,8 @@ def test_a_module_that_is_no_pkcs11_library_is_named_as_the_cause(
         assert backend.status().detail == expected
         with pytest.raises(BackendUnavailable, match=f"backend 'hsm' is {expected}"):
             backend.create_key(KeySpec("k", 1, KeyType.ECDSA_P256))
+        loaded = [r.getMessage() for r in caplog.records if "cannot load" in r.getMessage()]
+        assert loaded and all(str(fake) in message for message in loaded), loaded
     finally:
         backend.close()
 

@@ -56,7 +56,10 @@ class _Module:
             try:
                 self._lib = pkcs11.lib(self.path)
             except p11e.PKCS11Error as exc:
-                raise _Unloadable(f"cannot load the PKCS#11 module ({type(exc).__name__})") from exc
+                # the loader's message names a file and a symbol, never a secret: the log has it
+                raise _Unloadable(
+                    f"cannot load the PKCS#11 module ({type(exc).__name__}: {exc})"
+                ) from exc
             self._pid = os.getpid()
             self._initialized_at = time.monotonic()
             self.generation += 1
