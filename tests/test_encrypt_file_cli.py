@@ -504,3 +504,63 @@ def test_a_plaintext_goes_into_another_users_fifo_only_with_force(
     write(private=False, force=False)  # a ciphertext or a signature: no secret
     write(private=True, force=True)
     assert received == [b"secret", b"", b"secret", b"secret"]
+
+
+def _run_into(gw: Gateway, args: list[str], stdout: Path) -> subprocess.CompletedProcess[bytes]:
+    """The CLI with its stdout redirected to the file `stdout` (opened for appending)."""
+    with stdout.open("ab") as sink:
+        return subprocess.run(
+            [kmsgate_script(), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.PIPE,
+            env=gw.env(),
+            timeout=60,
+            check=False,
+        )
+
+
+@pytest.mark.parametrize("force", [(), ("--force",)])
+def test_dev_stdout_redirected_to_a_file_is_written_through_not_replaced(gw, tmp_path, force):
+    """A link to /proc/self/fd/1 (what /dev/stdout is) with stdout redirected to a file: the
+    output goes to the redirect's file (appended, as `>>` asks), with or without --force;
+    the link stays a link (the rename replaced it with a 0600 file holding the plaintext,
+    and the redirect's file stayed empty; without --force, "exists")."""
+    plain = tmp_path / "p"
+    plain.write_bytes(b"plaintext")
+    gw.ok("encrypt-file", str(plain), "-k", "fk")
+    link = tmp_path / "myout"
+    link.symlink_to("/proc/self/fd/1")
+    redirected = tmp_path / "real.txt"
+    redirected.write_bytes(b"before:")
+    outputs = [str(link)] if force else [str(link), "/dev/stdout"]  # never replace /dev/stdout
+    for output in outputs:
+        done = _run_into(gw, ["decrypt-file", f"{plain}.kmsgate", "-o", output, *force], redirected)
+        assert done.returncode == 0, done.stderr
+    signing = ["sign", str(plain), "-k", "signer", "-o", str(link), *force]
+    signed = _run_into(gw, signing, redirected)
+    assert signed.returncode == 0, signed.stderr
+    expected = b"before:" + b"plaintext" * len(outputs)
+    written = redirected.read_bytes()
+    assert written.startswith(expected) and len(written) > len(expected)  # and the signature
+    assert os.readlink(link) == "/proc/self/fd/1"
+
+
+def test_an_output_that_is_a_symbolic_link_to_a_file_is_refused_even_with_force(gw, tmp_path):
+    """The rename would replace the link with a file: refused before the gateway is asked,
+    naming the file it points to; the link and its file stay as they were."""
+    target = tmp_path / "real.sig"
+    target.write_text("important")
+    link, dangling = tmp_path / "out.sig", tmp_path / "dangling.sig"
+    link.symlink_to(target.name)
+    dangling.symlink_to("nowhere")
+    before = _audited(gw, "sign")
+    for output, pointee in ((link, target), (dangling, tmp_path / "nowhere")):
+        refused = gw.run("sign", "-", "-k", "signer", "-o", str(output), "--force", stdin=b"x")
+        said = refused.err.replace("\n", "")
+        assert refused.rc == 2 and f"{output} is a symbolic link" in said, refused
+        assert f"the file it points to, {pointee}," in said, refused
+        assert output.is_symlink()
+    gw.ok("keys", "list")  # a later request: a record of a refused one would be written by now
+    assert _audited(gw, "sign") == before
+    assert target.read_text() == "important"

@@ -136,18 +136,24 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing out
 def refuse_existing(force: bool, *paths: Path | None) -> None:
     """Exit through `fail` unless each output path given can be written: its directory
     exists and takes a new file (tried: a read-only file system or a full directory is
-    found now), and no file is there, or a regular file and `force` (a character device or
-    a FIFO, such as /dev/null or a pipe, is written to as it is), and no file is given
-    twice. Commands call it before asking the gateway for anything, so a refused output
-    costs no operation."""
+    found now), and no file is there, or a regular file and `force`, and no file is given
+    twice. An output written in place (`_in_place`: /dev/stdout, a character device, a
+    FIFO) needs no `force`. A symbolic link to anything else is refused, even with `force`:
+    the rename would replace the link, not write the file it points to. Commands call it
+    before asking the gateway for anything, so a refused output costs no operation."""
     files: set[Path] = set()
     for path in paths:
         if path is None:
             continue
         if path.is_dir():
             fail(f"{path} is a directory: give the file to write")
-        if path.is_char_device() or path.is_fifo():
+        if _in_place(path):
             continue
+        if path.is_symlink():
+            fail(
+                f"{path} is a symbolic link: refusing to replace it "
+                f"(give the file it points to, {os.path.realpath(path)}, or another path)"
+            )
         if path.resolve() in files:
             fail(f"{path} is given for two outputs: give each its own file")
         files.add(path.resolve())
@@ -156,6 +162,32 @@ def refuse_existing(force: bool, *paths: Path | None) -> None:
         if path.exists() and not force:
             fail(f"{path} exists (use --force to replace it)")
         _try_a_new_file_beside(path)
+
+
+def _descriptor(path: Path) -> int | None:
+    """The descriptor of this process that `path` names (/dev/stdout, /dev/stderr, /dev/fd/N,
+    /proc/self/fd/N, or a symbolic link to one of them), or None. Followed link by link:
+    the file that such a path resolves to (a redirect's file) is not the descriptor."""
+    own = Path(f"/proc/{os.getpid()}/fd")
+    for _ in range(40):  # the kernel's MAXSYMLINKS
+        try:
+            parent = path.parent.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        if parent == own and path.name.isdigit():
+            return int(path.name)
+        try:
+            path = parent / os.readlink(parent / path.name)
+        except OSError:  # not a link (or not there)
+            return None
+    return None
+
+
+def _in_place(path: Path) -> bool:
+    """Whether `path` is an output written to as it is, not replaced by a rename: one of
+    this process's descriptors (/dev/stdout: a redirect's file is written through it), a
+    character device or a FIFO (/dev/null, a pipe), also through a symbolic link."""
+    return _descriptor(path) is not None or path.is_char_device() or path.is_fifo()
 
 
 def _try_a_new_file_beside(path: Path) -> None:
@@ -191,11 +223,12 @@ def refuse_to_replace(*paths: Path | None) -> None:
 def atomic_output(target: Path, *, force: bool, private: bool) -> Iterator[BinaryIO]:
     """A temporary file beside `target`, renamed onto it only if the block succeeds and
     removed otherwise: a reader never sees part of an output, and a failure leaves what
-    was there. Mode 0600 when `private` (a plaintext), else 0666 less the umask. A
-    character device or a FIFO is written to as it is: renaming a file onto it would
-    replace it. Exits through `fail` for an output `refuse_existing` refuses."""
+    was there. Mode 0600 when `private` (a plaintext), else 0666 less the umask. An output
+    written in place (`_in_place`: /dev/stdout, a character device, a FIFO) is written to
+    as it is: renaming a file onto it would replace it. Exits through `fail` for an output
+    `refuse_existing` refuses."""
     refuse_existing(force, target)
-    if target.is_char_device() or target.is_fifo():
+    if _in_place(target):
         with _open_special(target, private=private, force=force) as stream:
             yield stream
         return
@@ -218,10 +251,17 @@ def atomic_output(target: Path, *, force: bool, private: bool) -> Iterator[Binar
 
 
 def _open_special(target: Path, *, private: bool, force: bool) -> BinaryIO:
-    """`target`, a FIFO or a character device, opened for writing as it is (not created,
-    not truncated): the opened descriptor must be one, so a file swapped in meanwhile is
-    refused untouched. A plaintext (`private`) goes into a FIFO of another user (whoever
-    reads it gets it) only with `force`. Exits through `fail`."""
+    """`target`, written in place (`_in_place`), opened for writing as it is (not created,
+    not truncated): a descriptor of this process is duplicated (a redirect's file is
+    written at its offset, appended to if opened so); anything else must open as a FIFO or
+    a character device, so a file swapped in meanwhile is refused untouched. A plaintext
+    (`private`) goes into a FIFO of another user (whoever reads it gets it) only with
+    `force`. Exits through `fail`."""
+    if (descriptor := _descriptor(target)) is not None:
+        try:
+            return os.fdopen(os.dup(descriptor), "wb")
+        except OSError as exc:
+            fail(f"cannot write {target}: {exc.strerror}")
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -254,14 +294,15 @@ def write_files(
 ) -> None:
     """Each `(path, data)` of `outputs` (a None path is skipped), once `refuse_existing`
     passes, all or none: the regular files through `kmsgate.files.write_all` (temporary
-    files, then renames; a failure leaves every path as it was), after each character
-    device or FIFO, written to as it is. Mode 0600 when `private` (a plaintext), else 0666
-    less the umask. Exits through `fail`, naming the file it could not write."""
+    files, then renames; a failure leaves every path as it was), after each output written
+    in place (`_in_place`: /dev/stdout, a character device, a FIFO). Mode 0600 when
+    `private` (a plaintext), else 0666 less the umask. Exits through `fail`, naming the file
+    it could not write."""
     given = [(path, data) for path, data in outputs if path is not None]
     refuse_existing(force, *(path for path, _ in given))
     regular = []
     for path, data in given:
-        if not (path.is_char_device() or path.is_fifo()):
+        if not _in_place(path):
             regular.append((path, data))
             continue
         try:
