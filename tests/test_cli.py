@@ -958,6 +958,59 @@ def test_sign_output_to_an_unwritable_path_is_a_one_line_error(
     assert_one_line_error(result, "cannot write")
 
 
+def run_into_full(gw: Gateway, *args: str) -> Run:
+    """The CLI with its stdout on /dev/full, where every write fails (ENOSPC) as on a full
+    disk."""
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [kmsgate_script(), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=gw.env(),
+            timeout=CLI_TIMEOUT,
+            check=False,
+        )
+    return Run(tuple(args), proc.returncode, "", proc.stderr.decode(errors="replace"))
+
+
+@pytest.fixture(scope="module")
+def full_key(gateway: Gateway) -> Gateway:
+    """The gateway, holding the key `full-key` (ed25519)."""
+    setup_key(gateway, "full-key", "ed25519")
+    return gateway
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("keys", "show", "full-key"),
+        ("keys", "list"),
+        ("keys", "public-key", "full-key"),
+        ("sign", "-", "-k", "full-key"),
+        ("login",),
+        ("login", "--json"),
+        ("ca", "chain", "dev"),
+        ("policy", "explain", "--action", "sign", "--as", "admin"),
+    ],
+)
+def test_a_failed_write_on_stdout_is_a_one_line_error(
+    full_key: Gateway, command: tuple[str, ...]
+) -> None:
+    """A full disk under stdout was a traceback (exit 1), or Python's own complaint at exit."""
+    done = run_into_full(full_key, *command)
+    assert_one_line_error(done, "cannot write stdout: No space left on device")
+
+
+def test_a_token_created_but_not_printed_is_named_to_revoke(gateway: Gateway) -> None:
+    done = run_into_full(gateway, "token", "create", "--role", "nobody")
+    assert done.rc == 2 and "Traceback" not in done.err, str(done)
+    token_id = done.err.split("token id ")[1].split()[0]
+    error = done.err.strip().splitlines()[-1]
+    assert error.startswith("error: cannot write stdout: No space left on device"), str(done)
+    assert f"token {token_id} was created: revoke it (kmsgate token revoke {token_id})" in error
+
+
 def test_error_text_is_printed_literally_not_as_markup(gateway: Gateway, tmp_path: Path) -> None:
     """fail() hands the message to rich as markup: user text such as `[/x]` raises
     MarkupError (traceback) and `[bold]` disappears from the message."""

@@ -41,7 +41,15 @@ from kmsgate.pki.csr import parse_san
 from kmsgate.pki.root import load_root
 from tests.components import LOOPBACK
 from tests.softhsm import softhsm_session
-from tests.test_cli import Gateway, Run, assert_one_line_error, clean_env, run_cli, running_gateway
+from tests.test_cli import (
+    Gateway,
+    Run,
+    assert_one_line_error,
+    clean_env,
+    run_cli,
+    run_into_full,
+    running_gateway,
+)
 
 DEV_ROOT_SUBJECT = "CN=kmsgate dev root (DEV ONLY - not for production)"
 PASSPHRASE = "a long ceremony passphrase"
@@ -687,6 +695,22 @@ def test_a_write_that_fails_once_issued_names_the_serial_and_writes_nothing(
 
     refused = gw.run("ca", "create", "full-ca", "--subject", "CN=x", "--csr-out", "/dev/full")
     assert_one_line_error(refused, "No space left on device", "CA full-ca was created, pending")
+
+
+def test_a_certificate_that_cannot_be_printed_names_the_serial_and_leaves_no_key(
+    gw: Gateway, tmp_path: Path
+) -> None:
+    """With stdout on /dev/full (no --out), as with --out /dev/full: the error names the
+    serial to revoke, the new key is removed, --chain-out is not written (the certificate
+    was lost without a word and the key stayed)."""
+    key, chain = tmp_path / "k.key", tmp_path / "chain.pem"
+    base = ("cert", "issue", "--ca", DEV_CA, "--profile", "server", "--san", "full.lab")
+    refused = run_into_full(gw, *base, "--key-out", str(key), "--chain-out", str(chain))
+    assert_one_line_error(refused, "cannot write stdout: No space left on device", "revoke")
+    serial = refused.err.split("certificate ")[1].split()[0]
+    assert f"kmsgate cert revoke {serial}" in refused.err
+    assert json.loads(gw.ok("cert", "show", serial).out)["status"] == "valid"
+    assert sorted(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

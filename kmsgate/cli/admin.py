@@ -13,14 +13,17 @@ from kmsgate.cli.common import (
     AddrOpt,
     TokenOpt,
     call,
+    done_already,
     err,
     fail,
     fail_api,
     name_values,
     out,
     print_json,
+    print_out,
     print_table,
     read_text,
+    writing_stdout,
 )
 from kmsgate.client import ApiError, Client
 from kmsgate.errors import ConfigError
@@ -86,7 +89,7 @@ def health(
             (client.ready if ready else client.health)()
     except ApiError as exc:
         fail_api(exc)
-    print("ok")
+    print_out("ok")
 
 
 # -- login -----------------------------------------------------------------------------------
@@ -124,8 +127,7 @@ def login(
         ["roles", ",".join(identity["roles"]) or "-"],
     ]
     rows += [[name, _claim_text(claims[name])] for name in _SHOWN_CLAIMS if name in claims]
-    for name, value in rows:
-        print(f"{name + ':':<14}{value}")
+    print_out("".join(f"{name + ':':<14}{value}\n" for name, value in rows), end="")
 
 
 _SHOWN_CLAIMS = ("iss", "sub", "aud", "exp", "ca", "profile", "serial", "forwarded_by")
@@ -154,7 +156,10 @@ def token_create(
     """Create an API token; the token is printed once on stdout."""
     result = call(addr, token, Client.create_token, role, ttl, description)
     err.print(f"token id {result['id']} roles {','.join(result['roles'])}")
-    print(result["token"])
+    with done_already(
+        f"token {result['id']} was created: revoke it (kmsgate token revoke {result['id']})"
+    ):
+        print_out(result["token"])
 
 
 @token_app.command("bootstrap")
@@ -172,7 +177,7 @@ def token_bootstrap(
         token = bootstrap_token(load_settings(config), role, description)
     except (ConfigError, KmsgateError) as exc:
         fail(str(exc))
-    print(token)
+    print_out(token)
 
 
 def root_key_init(
@@ -186,7 +191,8 @@ def root_key_init(
         path = init_wrapped_root_key(load_settings(config))
     except ConfigError as exc:
         fail(str(exc))
-    out.print(f"wrapped root key written to {path}", highlight=False)
+    with writing_stdout():
+        out.print(f"wrapped root key written to {path}", highlight=False)
 
 
 @token_app.command("list")
@@ -274,8 +280,10 @@ def audit_verify(
                     f"{prefix}ok: {report.records} records in {report.chains} chains, "
                     "every chain intact"
                 )
-            for line in (summary, *checkpoint_lines(report, keys is not None, anchors is not None)):
-                out.print(line, highlight=False, soft_wrap=True)
+            lines = (summary, *checkpoint_lines(report, keys is not None, anchors is not None))
+            with writing_stdout():
+                for line in lines:
+                    out.print(line, highlight=False, soft_wrap=True)
 
 
 @policy_app.command("explain")
@@ -322,16 +330,15 @@ def policy_explain(
         )
 
     verdict = call(addr, token, explain)
-    print(
+    lines = [
         f"{'allow' if verdict['allow'] else 'deny'}: {action}" + (f" on key {key}" if key else "")
-    )
-    for reason in verdict["reasons"]:
-        print(f"  because: {reason}")
-    for grant in verdict.get("exceptions_used") or []:
-        print(f"  exception: {grant}")
+    ]
+    lines += [f"  because: {reason}" for reason in verdict["reasons"]]
+    lines += [f"  exception: {grant}" for grant in verdict.get("exceptions_used") or []]
     if not verdict["allow"]:
-        print("  no rule allows it")
-    print(f"  roles: {', '.join(verdict['roles']) or '-'}")
+        lines.append("  no rule allows it")
+    lines.append(f"  roles: {', '.join(verdict['roles']) or '-'}")
+    print_out("\n".join(lines))
     raise typer.Exit(0 if verdict["allow"] else 1)
 
 
@@ -362,7 +369,9 @@ def policy_reload(addr: AddrOpt = None, token: TokenOpt = None) -> None:
     """Have the gateway re-read its policy files (action `policy.reload`) and print the
     digest in force. An invalid bundle, or one that would not let you reload it again, is
     refused and the old policy stays."""
-    out.print(call(addr, token, Client.reload_policy), highlight=False)
+    digest = call(addr, token, Client.reload_policy)
+    with writing_stdout():
+        out.print(digest, highlight=False)
 
 
 @policy_app.command("test")
@@ -377,10 +386,11 @@ def policy_test(
     except ConfigError as exc:
         fail(str(exc))
     failed = [r for r in results if not r.passed]
-    for r in results:
-        mark = "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]"
-        said = f"{r.name}" + (f" ({r.error})" if r.error else "")
-        out.print(f"{mark} {escape(said)}", markup=True, highlight=False, soft_wrap=True)
-    out.print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    with writing_stdout():
+        for r in results:
+            mark = "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]"
+            said = f"{r.name}" + (f" ({r.error})" if r.error else "")
+            out.print(f"{mark} {escape(said)}", markup=True, highlight=False, soft_wrap=True)
+        out.print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if failed or not results:
         raise typer.Exit(1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -29,6 +28,7 @@ from kmsgate.cli.common import (
     fail,
     local_errors,
     print_json,
+    print_out,
     print_rows,
     read_input,
     read_text,
@@ -91,7 +91,7 @@ def _report(cert: x509.Certificate, message: str) -> None:
     """`message` on stderr, and on stdout the line `openssl x509 -noout -fingerprint -sha256`
     prints for `cert`, to compare out of band."""
     err.print(message, highlight=False, soft_wrap=True)
-    print(f"sha256 Fingerprint={sha256_fingerprint(cert)}")
+    print_out(f"sha256 Fingerprint={sha256_fingerprint(cert)}")
 
 
 TokenUriOpt = Annotated[
@@ -408,13 +408,14 @@ def ca_crl(
         write_bytes(out, der, force=force)
         return
     try:
-        sys.stdout.write(x509.load_der_x509_crl(der).public_bytes(PEM).decode())
+        pem = x509.load_der_x509_crl(der).public_bytes(PEM).decode()
     except ValueError:
         fail("the gateway's answer is not a DER CRL")
+    print_out(pem, end="")
 
 
 def _write_or_print(path: Path | None, text: str, *, force: bool) -> None:
     if path:
         write_bytes(path, text.encode(), force=force)
     else:
-        sys.stdout.write(text)
+        print_out(text, end="")

@@ -4,7 +4,6 @@ inspect, list and revoke certificates."""
 from __future__ import annotations
 
 import contextlib
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +22,7 @@ from kmsgate.cli.common import (
     fail,
     local_errors,
     print_json,
+    print_out,
     print_rows,
     read_text,
     refuse_existing,
@@ -102,6 +102,8 @@ def cert_issue(
         )
     try:
         with done_already(note):
+            if out is None:  # first: a certificate that cannot be printed leaves no file either
+                print_out(issued["certificate"], end="")
             written = [(out, issued["certificate"].encode()), (chain_out, issued["chain"].encode())]
             write_files(written, force=force)
     except typer.Exit:
@@ -109,8 +111,6 @@ def cert_issue(
             with contextlib.suppress(OSError):
                 key_out.unlink()  # the key without its certificate is of no use
         raise
-    if out is None:
-        sys.stdout.write(issued["certificate"])
     err.print(
         f"serial {serial} not_after {issued['not_after']}",
         highlight=False,

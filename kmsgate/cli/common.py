@@ -317,30 +317,57 @@ def write_files(
         fail(f"cannot write {paths}: {exc.strerror or exc}")
 
 
+@contextlib.contextmanager
+def writing_stdout() -> Iterator[None]:
+    """The block's writes on stdout, flushed at its end. Exits through `fail` (`cannot
+    write stdout: <reason>`, exit 2) when a write or the flush fails (a full disk, a closed
+    pipe); what was not written is dropped (stdout is sent to /dev/null), so that Python's
+    last flush at exit does not fail again."""
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as exc:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        fail(f"cannot write stdout: {exc.strerror or exc}")
+
+
+def print_out(text: str | bytes, end: str = "\n") -> None:
+    """`text` and `end` on stdout (bytes as they are, without `end`), through
+    `writing_stdout`. Exits through `fail` if it cannot be written."""
+    with writing_stdout():
+        if isinstance(text, bytes):
+            sys.stdout.buffer.write(text)
+        else:
+            sys.stdout.write(text + end)
+
+
 def write_or_print_b64(path: Path | None, data: bytes, *, force: bool) -> None:
     """`data` as raw bytes into `path` (`write_bytes`), or as base64 on stdout when there
-    is no path."""
+    is no path (`print_out`)."""
     if path:
         write_bytes(path, data, force=force)
     else:
-        print(b64encode(data))
+        print_out(b64encode(data))
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """A rich table on a terminal (a cell too wide for it wraps, never cut); tab-separated
     lines otherwise, so scripts get whole ids.
     A control character or bidirectional override in a cell is printed as its escape: it
-    could otherwise forge a row or a column."""
+    could otherwise forge a row or a column. Exits through `fail` if stdout cannot be
+    written (`writing_stdout`)."""
     rows = [[shown(cell) for cell in row] for row in rows]
     if not out.is_terminal:
-        for row in [columns, *rows]:
-            print("\t".join(row))
+        print_out("".join("\t".join(row) + "\n" for row in [columns, *rows]), end="")
         return
     # a narrow terminal wraps a cell rather than cut it: two names cut alike read as one
     table = Table(*(Column(header, overflow="fold") for header in columns))
     for row in rows:
         table.add_row(*map(Text, row))  # a cell's "[...]" is text, not rich markup
-    out.print(table)
+    with writing_stdout():
+        out.print(table)
 
 
 def call(addr: str | None, token: str | None, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -362,7 +389,9 @@ def read_input(source: str) -> bytes:
 
 
 def print_json(value: Any) -> None:
-    out.print_json(data=value)
+    """`value` as JSON on stdout; exits through `fail` if it cannot be written."""
+    with writing_stdout():
+        out.print_json(data=value)
 
 
 def bar_label(text: str) -> TextColumn:

@@ -30,11 +30,13 @@ from kmsgate.cli.common import (
     fail_api,
     name_values,
     out,
+    print_out,
     read_input,
     read_text,
     refuse_existing,
     write_bytes,
     write_or_print_b64,
+    writing_stdout,
 )
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64decode_strict, b64encode
@@ -93,8 +95,7 @@ def decrypt(
     if output:
         write_bytes(output, result["plaintext"], force=force, private=True)
     else:
-        sys.stdout.buffer.write(result["plaintext"])
-        sys.stdout.buffer.flush()
+        print_out(result["plaintext"])
 
 
 @contextlib.contextmanager
@@ -368,10 +369,9 @@ def rewrap_files(
             log.close()
     if pending and not under_from_key:  # a misspelt --from-key, or a migration done
         err.print(f"warning: no file to migrate was under key {from_key}", soft_wrap=True)
-    out.print(
-        f"rewrapped {counts['rewrapped']}, skipped {counts['skipped']}, failed {counts['failed']}",
-        highlight=False,
-    )
+    summary = ", ".join(f"{outcome} {count}" for outcome, count in counts.items())
+    with writing_stdout():
+        out.print(summary, highlight=False)
     if counts["failed"]:
         raise typer.Exit(1)
 

@@ -6,7 +6,15 @@ from typing import Annotated, Any
 
 import typer
 
-from kmsgate.cli.common import AddrOpt, TokenOpt, call, err, print_json, print_table
+from kmsgate.cli.common import (
+    AddrOpt,
+    TokenOpt,
+    call,
+    err,
+    print_json,
+    print_out,
+    print_table,
+)
 from kmsgate.client import Client
 
 exception_app = typer.Typer(
@@ -35,7 +43,7 @@ def request(
         highlight=False,
         soft_wrap=True,  # one line: the command in it stays whole
     )
-    print(grant["id"])
+    print_out(grant["id"])
 
 
 @exception_app.command("approve")

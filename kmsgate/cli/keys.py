@@ -22,12 +22,14 @@ from kmsgate.cli.common import (
     name_values,
     out,
     print_json,
+    print_out,
     print_table,
     read_input,
     read_text,
     refuse_existing,
     write_bytes,
     write_or_print_b64,
+    writing_stdout,
 )
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64decode_strict, b64encode
@@ -261,7 +263,7 @@ def keys_public_key(
     if output:
         write_bytes(output, pem.encode(), force=force)
     else:
-        sys.stdout.write(pem)
+        print_out(pem, end="")
 
 
 # -- operations ------------------------------------------------------------------------------
@@ -351,7 +353,8 @@ def verify(
     result = call(addr, token, run)
     if not result["valid"]:
         fail("signature is not valid", code=1)
-    out.print(f"valid (key version {result['key_version']})")
+    with writing_stdout():
+        out.print(f"valid (key version {result['key_version']})")
 
 
 def _read_signature(path: Path) -> bytes:
@@ -375,7 +378,7 @@ def mac(
     data = read_input(source)
     if check is None:
         result = call(addr, token, Client.mac, key, data)
-        print(b64encode(result["mac"]))
+        print_out(b64encode(result["mac"]))
         return
     try:
         expected = b64decode_strict(check)
@@ -383,4 +386,5 @@ def mac(
         fail("--check must be standard base64")
     if not call(addr, token, Client.mac_verify, key, data, expected)["valid"]:
         fail("MAC is not valid", code=1)
-    out.print("valid")
+    with writing_stdout():
+        out.print("valid")

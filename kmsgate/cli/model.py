@@ -27,8 +27,10 @@ from kmsgate.cli.common import (
     json_errors,
     name_values,
     out,
+    print_out,
     refuse_existing,
     write_bytes,
+    writing_stdout,
 )
 from kmsgate.client import ApiError, Client
 from kmsgate.model_signing import (
@@ -59,7 +61,7 @@ WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Hashin
 
 def _dump_json(value: Any) -> None:
     """Plain `json.dumps` (str() for dates and paths), unlike `common.print_json`."""
-    print(json.dumps(value, indent=2, default=str))
+    print_out(json.dumps(value, indent=2, default=str))
 
 
 class _Bar:
@@ -291,12 +293,13 @@ def verify(
             signer = (
                 f"{ref.name} v{ref.version}" if ref and ref.name else f"the key in {public_key}"
             )
-            out.print(
-                f"verified: {report.model_name} {report.model_digest} ({report.files} files), "
-                f"signed by {signer}",
-                highlight=False,
-                soft_wrap=True,
-            )
+            with writing_stdout():
+                out.print(
+                    f"verified: {report.model_name} {report.model_digest} ({report.files} files), "
+                    f"signed by {signer}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
 
 
 @model_app.command("trust-bundle")
@@ -318,6 +321,6 @@ def trust_bundle_cmd(
         fail(str(exc))
     data = (json.dumps(doc, indent=2) + "\n").encode()
     if output is None:
-        print(data.decode(), end="")
+        print_out(data.decode(), end="")
         return
     write_bytes(output, data, force=force)
