@@ -666,6 +666,24 @@ def test_an_existing_key_file_is_never_replaced_and_the_error_says_so(
     assert table(gw.ok("cert", "list", "--san", "preflight.lab")) == []
 
 
+def test_a_key_and_a_certificate_given_one_file_are_refused_before_issuing(
+    gw: Gateway, tmp_path: Path
+) -> None:
+    """--key-out and --out (or --chain-out) naming one file, however written: refused
+    before the gateway is asked (a certificate was issued, then lost to "exists" or, with
+    --force, written over the new key)."""
+    base = ("cert", "issue", "--ca", DEV_CA, "--profile", "server", "--san", "shared.lab")
+    for other in ("--out", "--chain-out"):
+        for force in ((), ("--force",)):
+            refused = gw.run(
+                *base, "--key-out", "same.pem", other, str(tmp_path / "same.pem"), *force,
+                cwd=tmp_path,
+            )  # fmt: skip
+            assert_one_line_error(refused, "given for two outputs")
+    assert list(tmp_path.iterdir()) == []
+    assert table(gw.ok("cert", "list", "--san", "shared.lab")) == []
+
+
 def test_a_write_that_fails_once_issued_names_the_serial_and_writes_nothing(
     gw: Gateway, tmp_path: Path
 ) -> None:

@@ -26,7 +26,6 @@ from kmsgate.cli.common import (
     print_rows,
     read_text,
     refuse_existing,
-    refuse_to_replace,
     write_files,
 )
 from kmsgate.client import Client
@@ -76,8 +75,7 @@ def cert_issue(
     --force replaces an existing --out or --chain-out, never a key."""
     if (csr is None) == (key_out is None):
         fail("give either --csr FILE or --key-out FILE with --san")
-    refuse_existing(force, out, chain_out)
-    refuse_to_replace(key_out)
+    refuse_existing(force, out, chain_out, never_replaced=[key_out])
     if key_out is None:
         assert csr is not None
         if san or cn:

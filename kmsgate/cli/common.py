@@ -133,18 +133,26 @@ def read_text(path: Path) -> str:
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
 
 
-def refuse_existing(force: bool, *paths: Path | None) -> None:
+def refuse_existing(
+    force: bool, *paths: Path | None, never_replaced: Sequence[Path | None] = ()
+) -> None:
     """Exit through `fail` unless each output path given can be written: its directory
     exists and takes a new file (tried: a read-only file system or a full directory is
-    found now), and no file is there, or a regular file and `force`, and no file is given
-    twice. An output written in place (`_in_place`: /dev/stdout, a character device, a
+    found now), and no file is there, or a regular file and `force`, and no two outputs
+    name one file (compared resolved: a key and its certificate, a certificate and its
+    chain). An output written in place (`_in_place`: /dev/stdout, a character device, a
     FIFO) needs no `force`. A symbolic link to anything else is refused, even with `force`:
-    the rename would replace the link, not write the file it points to. Commands call it
-    before asking the gateway for anything, so a refused output costs no operation."""
+    the rename would replace the link, not write the file it points to. `never_replaced`:
+    outputs that no file may be at, even with `force` (a private key, the offline root's
+    files). Commands call it before asking the gateway for anything, so a refused output
+    costs no operation."""
     files: set[Path] = set()
-    for path in paths:
+    outputs = [(path, False) for path in paths] + [(path, True) for path in never_replaced]
+    for path, kept in outputs:
         if path is None:
             continue
+        if kept and os.path.lexists(path):
+            fail(f"{path} exists: refusing to replace it (never replaced, even with --force)")
         if path.is_dir():
             fail(f"{path} is a directory: give the file to write")
         if _in_place(path):
@@ -213,10 +221,7 @@ def _try_a_new_file_beside(path: Path) -> None:
 def refuse_to_replace(*paths: Path | None) -> None:
     """`refuse_existing` for files never replaced, even with --force (a private key, the
     offline root's files): any file there is refused. Exits through `fail`."""
-    for path in paths:
-        if path is not None and os.path.lexists(path):
-            fail(f"{path} exists: refusing to replace it (never replaced, even with --force)")
-    refuse_existing(False, *paths)
+    refuse_existing(False, never_replaced=paths)
 
 
 @contextlib.contextmanager
