@@ -564,3 +564,21 @@ def test_an_output_that_is_a_symbolic_link_to_a_file_is_refused_even_with_force(
     gw.ok("keys", "list")  # a later request: a record of a refused one would be written by now
     assert _audited(gw, "sign") == before
     assert target.read_text() == "important"
+
+
+def test_a_checkpoint_that_cannot_be_written_is_refused_before_any_file_changes(gw, tmp_path):
+    """A checkpoint in a missing directory was a FileNotFoundError traceback."""
+    plain = tmp_path / "data" / "p"
+    plain.parent.mkdir()
+    plain.write_bytes(b"x")
+    gw.ok("encrypt-file", str(plain), "-k", "fk")
+    plain.unlink()
+    before = Path(f"{plain}.kmsgate").read_bytes()
+    checkpoint = tmp_path / "nodir" / "ck.txt"
+    refused = gw.run(
+        "rewrap", str(plain.parent), "--from-key", "fk", "--to-key", "fk2",
+        "--checkpoint", str(checkpoint),
+    )  # fmt: skip
+    assert refused.rc == 2 and "Traceback" not in refused.err, refused
+    assert refused.err.strip() == f"error: cannot write {checkpoint}: No such file or directory"
+    assert Path(f"{plain}.kmsgate").read_bytes() == before

@@ -308,7 +308,10 @@ def rewrap_files(
         done = set(read_text(checkpoint).splitlines())
     pending = [p for p in files if str(p) not in done]
     counts = {"rewrapped": 0, "skipped": len(files) - len(pending), "failed": 0}
-    log = checkpoint.open("a", encoding="utf-8") if checkpoint is not None else None
+    try:
+        log = checkpoint.open("a", encoding="utf-8") if checkpoint is not None else None
+    except OSError as exc:  # before any file is changed
+        fail(f"cannot write {checkpoint}: {exc.strerror}")
     started = time.monotonic()
 
     def finished(path: Path, outcome: str, why: str = "") -> None:
