@@ -1011,6 +1011,15 @@ def test_a_token_created_but_not_printed_is_named_to_revoke(gateway: Gateway) ->
     assert f"token {token_id} was created: revoke it (kmsgate token revoke {token_id})" in error
 
 
+def test_a_read_error_while_hashing_a_digest_is_a_one_line_error(gateway: Gateway) -> None:
+    """/proc/self/mem opens and fails its first read (EIO), as a failing disk does part-way:
+    the read loop of --digest let the OSError out (a traceback); the plain path did not."""
+    setup_key(gateway, "digest-io-key", "ecdsa-p256")
+    for digest in ((), ("--digest",)):
+        done = gateway.run("sign", "/proc/self/mem", "-k", "digest-io-key", *digest)
+        assert_one_line_error(done, "cannot read /proc/self/mem: Input/output error")
+
+
 def test_error_text_is_printed_literally_not_as_markup(gateway: Gateway, tmp_path: Path) -> None:
     """fail() hands the message to rich as markup: user text such as `[/x]` raises
     MarkupError (traceback) and `[bold]` disappears from the message."""

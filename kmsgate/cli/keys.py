@@ -274,14 +274,15 @@ DigestOpt = Annotated[
 
 
 def _hash_input(source: str, hash_name: str) -> bytes:
+    """The `hash_name` digest of the file `source` (or stdin, "-"), read in chunks. Exits
+    through `fail` if it cannot be opened or read to its end."""
     h = hashlib.new(hash_name)
     try:
-        stream = sys.stdin.buffer if source == "-" else Path(source).open("rb")  # noqa: SIM115
+        with sys.stdin.buffer if source == "-" else Path(source).open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                h.update(chunk)
     except OSError as exc:
         fail(f"cannot read {source}: {exc.strerror}")
-    with stream:
-        while chunk := stream.read(1 << 20):
-            h.update(chunk)
     return h.digest()
 
 
