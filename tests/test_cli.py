@@ -34,6 +34,8 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from rich.console import Console
 
 from kmsgate.backends.softkms import create_root_key_file
@@ -935,6 +937,28 @@ def test_importing_a_missing_public_key_file_is_a_one_line_error(
         str(tmp_path / "no.pem"),
     )
     assert_one_line_error(result, "no.pem")
+
+
+@pytest.mark.parametrize(
+    "encoding", [serialization.PrivateFormat.PKCS8, serialization.PrivateFormat.TraditionalOpenSSL]
+)
+def test_a_private_key_given_for_a_public_key_or_a_csr_is_never_sent(
+    tmp_path: Path, encoding: serialization.PrivateFormat
+) -> None:
+    """keys create --public-key and cert issue --csr sent a private key to the gateway (which
+    refused it). The gateway here cannot be reached: a request would say so."""
+    key = tmp_path / "key.pem"
+    private = ec.generate_private_key(ec.SECP256R1())
+    key.write_bytes(
+        private.private_bytes(serialization.Encoding.PEM, encoding, serialization.NoEncryption())
+    )
+    env = clean_env(KMSGATE_ADDR="http://127.0.0.1:1", KMSGATE_TOKEN="kmg.x.y")
+    for args in (
+        ("keys", "create", "pub", "--public-key", str(key)),
+        ("cert", "issue", "--ca", "dev", "--profile", "server", "--csr", str(key)),
+    ):
+        done = run_cli(args, env)
+        assert_one_line_error(done, f"{key} holds a private key, which was not sent")
 
 
 def test_audit_verify_of_a_missing_log_is_a_one_line_error(tmp_path: Path) -> None:

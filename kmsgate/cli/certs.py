@@ -24,7 +24,7 @@ from kmsgate.cli.common import (
     print_json,
     print_out,
     print_rows,
-    read_text,
+    read_public_pem,
     refuse_existing,
     write_files,
 )
@@ -80,7 +80,8 @@ def cert_issue(
         assert csr is not None
         if san or cn:
             fail("--san and --cn go with --key-out; a CSR names itself")
-        issued = call(addr, token, Client.issue_certificate, ca, read_text(csr), profile, ttl=ttl)
+        request = read_public_pem(csr, "a CSR (openssl req -new -key FILE), or use --key-out")
+        issued = call(addr, token, Client.issue_certificate, ca, request, profile, ttl=ttl)
     else:
         key, request = _new_key_and_csr(san, cn)
         with local_errors(key_out, "write"):

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -128,6 +129,21 @@ def read_text(path: Path) -> str:
         return path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+
+
+_PRIVATE_KEY_PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+"""A PEM private key's first line: PKCS#8 (`PRIVATE KEY`, `ENCRYPTED PRIVATE KEY`), PKCS#1
+and SEC 1 (`RSA PRIVATE KEY`, `EC PRIVATE KEY`), OpenSSH's."""
+
+
+def read_public_pem(path: Path, wanted: str) -> str:
+    """The text of `path` (`read_text`), to be sent to the gateway as `wanted` (a public
+    key, a CSR). Exits through `fail`, having sent nothing, when it holds a PEM private
+    key: the gateway would refuse it, but would have received it."""
+    text = read_text(path)
+    if _PRIVATE_KEY_PEM.search(text):
+        fail(f"{path} holds a private key, which was not sent: give {wanted}")
+    return text
 
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]

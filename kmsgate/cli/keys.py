@@ -25,7 +25,7 @@ from kmsgate.cli.common import (
     print_out,
     print_table,
     read_input,
-    read_text,
+    read_public_pem,
     refuse_existing,
     write_bytes,
     write_or_print_b64,
@@ -105,7 +105,8 @@ def keys_create(
     token: TokenOpt = None,
 ) -> None:
     """Create a key (or import a verify-only public key)."""
-    pem = read_text(public_key) if public_key else None
+    wanted = "its public key (openssl pkey -in FILE -pubout)"
+    pem = read_public_pem(public_key, wanted) if public_key else None
     _create_key(
         addr, token, name, type, purpose, backend, label, public,
         public_key=pem, rotation_period=rotation_period,
