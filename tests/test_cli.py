@@ -1044,6 +1044,16 @@ def test_a_read_error_while_hashing_a_digest_is_a_one_line_error(gateway: Gatewa
         assert_one_line_error(done, "cannot read /proc/self/mem: Input/output error")
 
 
+def test_login_json_reports_a_failure_as_json_on_stdout(gateway: Gateway, tmp_path: Path) -> None:
+    """As the other --json commands do (model verify): stdout held nothing."""
+    refused = gateway.run("login", "--json", token="kmg.0000000000000000.wrong")
+    report = json.loads(refused.out)
+    assert refused.rc == 2 and report["ok"] is False and report["exit_code"] == 2, str(refused)
+    assert report["error"]["code"] == "unauthenticated"
+    unread = gateway.run("login", "--json", "--oidc-token", str(tmp_path / "none.jwt"))
+    assert json.loads(unread.out)["error"]["detail"].startswith("cannot read"), str(unread)
+
+
 def test_error_text_is_printed_literally_not_as_markup(gateway: Gateway, tmp_path: Path) -> None:
     """fail() hands the message to rich as markup: user text such as `[/x]` raises
     MarkupError (traceback) and `[bold]` disappears from the message."""

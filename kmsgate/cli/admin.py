@@ -17,6 +17,7 @@ from kmsgate.cli.common import (
     err,
     fail,
     fail_api,
+    json_errors,
     name_values,
     out,
     print_json,
@@ -109,13 +110,14 @@ def login(
 ) -> None:
     """Check a credential against the gateway: print the principal it authenticates as and
     the roles the policy maps it to (nothing is stored)."""
-    if oidc_token is not None:
-        token = read_text(oidc_token).strip()
-        if not token:
-            fail(f"{oidc_token} is empty")
-        if token.count(".") != 2 or token.startswith("kmg."):
-            fail(f"{oidc_token} holds no JWT (an API token goes in --token or KMSGATE_TOKEN)")
-    identity = call(addr, token, Client.whoami)
+    with json_errors(as_json):  # an error is a JSON report on stdout too
+        if oidc_token is not None:
+            token = read_text(oidc_token).strip()
+            if not token:
+                fail(f"{oidc_token} is empty")
+            if token.count(".") != 2 or token.startswith("kmg."):
+                fail(f"{oidc_token} holds no JWT (an API token goes in --token or KMSGATE_TOKEN)")
+        identity = call(addr, token, Client.whoami)
     if as_json:
         print_json(identity)
         return
