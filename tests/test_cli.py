@@ -961,6 +961,14 @@ def test_a_private_key_given_for_a_public_key_or_a_csr_is_never_sent(
         assert_one_line_error(done, f"{key} holds a private key, which was not sent")
 
 
+def test_policy_explain_takes_only_the_principal_kinds_there_are() -> None:
+    """--kind bogus was sent to the gateway (here unreachable) as the principal's kind."""
+    env = clean_env(KMSGATE_ADDR="http://127.0.0.1:1")
+    done = run_cli(("policy", "explain", "--action", "sign", "--kind", "bogus"), env)
+    assert done.rc == 2 and "Invalid value for '--kind'" in done.err, str(done)
+    assert "'token', 'oidc', 'mtls'" in done.err, str(done)
+
+
 def test_audit_verify_of_a_missing_log_is_a_one_line_error(tmp_path: Path) -> None:
     """AuditFile.verify raises OSError; audit_verify lets it escape (traceback, exit 1, which
     also reads as "the log is broken")."""

@@ -3,6 +3,7 @@ local checks `audit verify` and `policy test`."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -288,6 +289,14 @@ def audit_verify(
                     out.print(line, highlight=False, soft_wrap=True)
 
 
+class PrincipalKind(StrEnum):
+    """`policy explain --kind`: how the principal authenticated."""
+
+    token = "token"  # noqa: S105 (a kind of credential, not a secret)
+    oidc = "oidc"
+    mtls = "mtls"
+
+
 @policy_app.command("explain")
 def policy_explain(
     action: Annotated[str, typer.Option(help="sign, decrypt, key.rotate, ...")],
@@ -295,7 +304,9 @@ def policy_explain(
         list[str], typer.Option("--as", help="A role of the principal; repeatable.")
     ] = [],  # noqa: B006
     principal: Annotated[str, typer.Option(help="The principal's id.")] = "explain",
-    kind: Annotated[str, typer.Option(help="token, oidc or mtls.")] = "token",
+    kind: Annotated[PrincipalKind, typer.Option(help="How it authenticates.")] = (
+        PrincipalKind.token
+    ),
     key: Annotated[str | None, typer.Option(help="The key (its attributes are read).")] = None,
     env: Annotated[str | None, typer.Option(help="Default: the gateway's env.")] = None,
     claim: Annotated[
@@ -325,7 +336,7 @@ def policy_explain(
                 resource = client.get_key(key)
             except ApiError as exc:  # unknown, or not readable by this token
                 err.print(f"key {key}: {exc.code}; deciding on its name only", highlight=False)
-        who = {"id": principal, "kind": kind, "roles": role, "claims": claims}
+        who = {"id": principal, "kind": kind.value, "roles": role, "claims": claims}
         grants = _active_grants(client, principal, action) if with_grants else []
         return client.evaluate_policy(
             who, action, _policy_resource(resource), env=env, exceptions=grants
