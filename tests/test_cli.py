@@ -969,6 +969,15 @@ def test_policy_explain_takes_only_the_principal_kinds_there_are() -> None:
     assert "'token', 'oidc', 'mtls'" in done.err, str(done)
 
 
+def test_public_and_private_together_are_refused_not_the_last_taken() -> None:
+    """keys update (and create) --public --private made the key private without a word.
+    Refused before the gateway (here unreachable) is asked."""
+    env = clean_env(KMSGATE_ADDR="http://127.0.0.1:1")
+    for args in (("keys", "update", "k"), ("keys", "create", "k", "--type", "ed25519")):
+        done = run_cli((*args, "--public", "--private"), env)
+        assert_one_line_error(done, "give --public or --private, not both")
+
+
 def test_audit_verify_of_a_missing_log_is_a_one_line_error(tmp_path: Path) -> None:
     """AuditFile.verify raises OSError; audit_verify lets it escape (traceback, exit 1, which
     also reads as "the log is broken")."""

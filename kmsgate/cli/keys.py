@@ -81,6 +81,14 @@ def _create_key(
     print_json(key)
 
 
+def _publicity(public: bool, private: bool) -> bool | None:
+    """True for --public, False for --private, None for neither (the gateway's default, or
+    no change). Exits through `fail` for both."""
+    if public and private:
+        fail("give --public or --private, not both")
+    return True if public else False if private else None
+
+
 @keys_app.command("create")
 def keys_create(
     name: str,
@@ -95,20 +103,21 @@ def keys_create(
         str | None, typer.Option(help="Rotate on schedule: 90d, 12h, 30m (at least 60s).")
     ] = None,
     public: Annotated[
-        bool | None,
+        bool,
         typer.Option(
-            "--public/--private",
-            help="Serve its public keys without a token (default: only model-sign keys).",
+            "--public", help="Serve its public keys without a token (default: only model-sign)."
         ),
-    ] = None,
+    ] = False,
+    private: Annotated[bool, typer.Option("--private", help="Serve no JWKS.")] = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Create a key (or import a verify-only public key)."""
+    publicity = _publicity(public, private)
     wanted = "its public key (openssl pkey -in FILE -pubout)"
     pem = read_public_pem(public_key, wanted) if public_key else None
     _create_key(
-        addr, token, name, type, purpose, backend, label, public,
+        addr, token, name, type, purpose, backend, label, publicity,
         public_key=pem, rotation_period=rotation_period,
     )  # fmt: skip
 
@@ -178,14 +187,15 @@ def keys_update(
         False
     ),
     public: Annotated[
-        bool | None,
-        typer.Option("--public/--private", help="Serve its public keys without a token, or not."),
-    ] = None,
+        bool, typer.Option("--public", help="Serve its public keys without a token.")
+    ] = False,
+    private: Annotated[bool, typer.Option("--private", help="Serve no JWKS.")] = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Change a key's minimum decryption version, rotation schedule, labels or publicity;
     prints the key."""
+    publicity = _publicity(public, private)
     if rotation_period is not None and no_rotation:
         fail("give --rotation-period or --no-rotation, not both")
     if label and clear_labels:
@@ -197,8 +207,8 @@ def keys_update(
         changes["rotation_period"] = rotation_period
     if label or clear_labels:
         changes["labels"] = name_values(label, "label")
-    if public is not None:
-        changes["public"] = public
+    if publicity is not None:
+        changes["public"] = publicity
     if not changes:
         fail("nothing to change: give an option (see --help)")
     print_json(call(addr, token, Client.update_key, name, changes))
