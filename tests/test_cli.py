@@ -978,6 +978,18 @@ def test_public_and_private_together_are_refused_not_the_last_taken() -> None:
         assert_one_line_error(done, "give --public or --private, not both")
 
 
+def test_an_unknown_algorithm_for_a_digest_is_named_with_the_valid_ones(tmp_path: Path) -> None:
+    """It said "bogus has none" (as if bogus were an algorithm without a hash)."""
+    data = tmp_path / "f"
+    data.write_bytes(b"x")
+    env = clean_env(KMSGATE_ADDR="http://127.0.0.1:1")
+    done = run_cli(("sign", str(data), "-k", "k", "--algorithm", "bogus", "--digest"), env)
+    assert_one_line_error(done, "unknown algorithm 'bogus': --digest takes one of ecdsa-sha256,")
+    assert "rsa-pss-sha512" in done.err and "ed25519" not in done.err, str(done)
+    hashless = run_cli(("sign", str(data), "-k", "k", "--algorithm", "ed25519", "--digest"), env)
+    assert_one_line_error(hashless, "--digest needs an algorithm with a hash", "ed25519 has none")
+
+
 def test_audit_verify_of_a_missing_log_is_a_one_line_error(tmp_path: Path) -> None:
     """AuditFile.verify raises OSError; audit_verify lets it escape (traceback, exit 1, which
     also reads as "the log is broken")."""

@@ -317,8 +317,11 @@ def _message(
         return {"data": read_input(source), "algorithm": algorithm}
     name = algorithm or _default_algorithm(client, key)
     alg = SIGN_ALGORITHMS.get(name or "")
+    hashed = ", ".join(n for n, a in SIGN_ALGORITHMS.items() if a.hash is not None)
+    if alg is None and algorithm is not None:
+        fail(f"unknown algorithm {algorithm!r}: --digest takes one of {hashed}")
     if alg is None or alg.hash is None:
-        fail(f"--digest needs an algorithm with a hash; {name} has none")
+        fail(f"--digest needs an algorithm with a hash ({hashed}); {name or f'key {key}'} has none")
     return {"digest": _hash_input(source, alg.hash.value), "algorithm": alg.name}
 
 
