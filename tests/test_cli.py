@@ -1083,6 +1083,21 @@ def test_login_json_reports_a_failure_as_json_on_stdout(gateway: Gateway, tmp_pa
     assert json.loads(unread.out)["error"]["detail"].startswith("cannot read"), str(unread)
 
 
+def test_keys_list_due_shows_the_period_in_its_largest_whole_unit(gateway: Gateway) -> None:
+    """It showed the API's seconds (7776000s for 90d)."""
+    for name, period in (("due-90d", "90d"), ("due-36h", "36h")):
+        reply = httpx.post(
+            f"{gateway.addr}/v1/keys",
+            json={"name": name, "type": "ed25519", "purpose": "general", "rotation_period": period},
+            headers={"authorization": f"Bearer {gateway.root_token}"},
+            timeout=CLI_TIMEOUT,
+        )
+        assert reply.status_code == 201, reply.text
+    rows = [line.split("\t") for line in gateway.ok("keys", "list", "--due").out.splitlines()]
+    periods = {row[0]: row[1] for row in rows}
+    assert (periods["due-90d"], periods["due-36h"]) == ("90d", "36h"), rows
+
+
 def test_error_text_is_printed_literally_not_as_markup(gateway: Gateway, tmp_path: Path) -> None:
     """fail() hands the message to rich as markup: user text such as `[/x]` raises
     MarkupError (traceback) and `[bold]` disappears from the message."""

@@ -151,9 +151,16 @@ def keys_list(
     gateway rotates on schedule, next first."""
     keys = call(addr, token, Client.list_keys, purpose, name_values(label, "label"))
     if due:
+        from kmsgate.durations import format_duration, parse_duration_setting  # pydantic: slow
+
         scheduled = sorted((k for k in keys if "next_rotation" in k), key=_next_rotation)
         rows = [
-            [k["name"], k["rotation_period"], k["next_rotation"], str(k["primary_version"])]
+            [
+                k["name"],
+                format_duration(parse_duration_setting(k["rotation_period"])),  # 7776000s: 90d
+                k["next_rotation"],
+                str(k["primary_version"]),
+            ]
             for k in scheduled
         ]
         print_table(["name", "rotation_period", "next_rotation", "primary"], rows)
