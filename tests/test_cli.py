@@ -790,6 +790,12 @@ def test_help_has_no_type_labels_on_flags_and_rewraps_paragraphs() -> None:
     assert all(60 <= len(line) <= 80 for line in paragraph[:-1]), paragraph
 
 
+def test_agent_help_shows_the_renewal_default_as_docs_write_it() -> None:
+    """It showed [default: 0.6666666666666666]."""
+    shown = run_cli(("agent", "--help"), clean_env(COLUMNS="200")).out
+    assert "0.666" not in shown and "(default 2/3, at most 0.8)" in shown, shown
+
+
 def test_every_command_has_a_description_in_help() -> None:
     """`kmsgate GROUP --help` lists each command with the first line of its docstring; one
     without a docstring showed a bare name (`exception show`)."""

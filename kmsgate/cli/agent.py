@@ -36,7 +36,11 @@ def agent(
     ] = None,
     ttl: Annotated[str | None, typer.Option(help="Lifetime, e.g. 1h (the profile's).")] = None,
     renew_at: Annotated[
-        float, typer.Option(help="Renew at this share of the lifetime (at most 0.8).")
+        float,
+        typer.Option(
+            help="Renew at this share of the lifetime (default 2/3, at most 0.8).",
+            show_default=False,  # not 0.6666666666666666
+        ),
     ] = 2 / 3,
     on_renew: Annotated[
         str | None, typer.Option(help="A command to run after each swap (e.g. kill -HUP PID).")
