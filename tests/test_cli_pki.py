@@ -9,6 +9,7 @@ exercised in-process, for what a subprocess cannot easily show (restarts, interr
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import stat
@@ -46,6 +47,7 @@ from tests.test_cli import (
     Run,
     assert_one_line_error,
     clean_env,
+    kmsgate_script,
     run_cli,
     run_into_full,
     running_gateway,
@@ -569,6 +571,37 @@ def test_init_root_prompts_twice_for_the_passphrase(tmp_path: Path) -> None:
     assert result.rc == 0, str(result)
     assert PASSPHRASE not in result.out
     assert load_root(key, PASSPHRASE.encode()).public_key() == leaf(cert).public_key()
+
+
+def test_init_root_at_its_prompt_exits_130_on_ctrl_c_and_2_at_the_end_of_input(
+    tmp_path: Path,
+) -> None:
+    """Both were "Aborted!", exit 1 (a negative answer, by the exit status table)."""
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    args = ("ca", "init-root", "--key-out", str(key), "--cert-out", str(cert), "--subject", "R")
+    ended = run_cli(args, clean_env(), stdin=b"")
+    assert ended.rc == 2 and "Aborted" not in ended.err + ended.out, str(ended)
+    said = "error: no root key passphrase typed (the input ended): give --passphrase-file FILE"
+    assert ended.err.strip().splitlines()[-1] == said, str(ended)
+
+    stderr = tmp_path / "stderr"
+    with stderr.open("wb") as sink:
+        proc = subprocess.Popen(
+            [kmsgate_script(), *args], stdin=subprocess.PIPE, stderr=sink, env=clean_env()
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while b"Root key passphrase" not in stderr.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert proc.wait(timeout=30) == 130, stderr.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdin is not None
+        proc.stdin.close()
+    assert "Aborted" not in stderr.read_text() and not key.exists() and not cert.exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -73,10 +74,20 @@ def _passphrase(path: Path | None, *, confirm: bool) -> bytes:
     without `confirm`) with hidden input."""
     if path is not None:
         return read_input(str(path)).rstrip(b"\r\n")
-    typed: str = typer.prompt(
-        "Root key passphrase", hide_input=True, confirmation_prompt=confirm, err=True
-    )
-    return typed.encode()
+    return _typed("Root key passphrase", "--passphrase-file FILE", confirm=confirm).encode()
+
+
+def _typed(prompt: str, instead: str, *, confirm: bool = False) -> str:
+    """What is typed at `prompt` with hidden input (twice with `confirm`). Ctrl-C exits 130,
+    as it does anywhere else; the end of the input (nothing typed, no terminal) exits
+    through `fail`, naming `instead`, the option that gives it without a prompt."""
+    try:
+        typed: str = typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
+    except typer.Abort as exc:  # for both: the exception it replaced tells which
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise typer.Exit(128 + signal.SIGINT) from None
+        fail(f"no {prompt.lower()} typed (the input ended): give {instead}")
+    return typed
 
 
 def _load_pem(path: Path, what: str, loader: Any) -> Any:
@@ -119,7 +130,7 @@ def _open_token(uri: str) -> Iterator[tuple[RootToken, Pkcs11Backend]]:
         with local_errors(Path(uri), "open"):
             token = RootToken.parse(uri)
             if token.pin_file() is None:
-                typed = typer.prompt("Token user PIN", hide_input=True, err=True)
+                typed = _typed("Token user PIN", "pin-source=file:PATH in the URI")
                 os.environ[_TOKEN_PIN_ENV] = typed
             backend = token.open(_TOKEN_PIN_ENV)
         with contextlib.closing(backend):
