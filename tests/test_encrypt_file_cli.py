@@ -9,6 +9,7 @@ non-zero exit and leave no output file. The slow test encrypts and decrypts a la
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -582,3 +583,28 @@ def test_a_checkpoint_that_cannot_be_written_is_refused_before_any_file_changes(
     assert refused.rc == 2 and "Traceback" not in refused.err, refused
     assert refused.err.strip() == f"error: cannot write {checkpoint}: No such file or directory"
     assert Path(f"{plain}.kmsgate").read_bytes() == before
+
+
+def test_an_altered_header_exits_1_as_tampering_or_2_for_a_key_it_cannot_use(gw, tmp_path):
+    """docs/cli.md's exit statuses for a header altered after encryption: a version the key
+    never had, or another usable key, is tampering (decryption_failed, 1); a key the gateway
+    does not have is not_found (2), as for a file whose key was deleted since."""
+    setup_key(gw, "altered-other", "aes-256-gcm", "envelope-data")
+    plain = tmp_path / "p"
+    plain.write_bytes(b"secret")
+    gw.ok("encrypt-file", str(plain), "-k", "fk")
+    sealed = Path(f"{plain}.kmsgate").read_bytes()
+    stream = io.BytesIO(sealed)
+    header = FileHeader.read(stream)
+    body, envelope = sealed[stream.tell() :], header.envelope()
+    for altered, rc, code in (
+        (dataclasses.replace(envelope, key_version=7), 1, "decryption_failed"),
+        (dataclasses.replace(envelope, key_name="altered-other"), 1, "decryption_failed"),
+        (dataclasses.replace(envelope, key_name="no-such-key"), 2, "not_found"),
+    ):
+        forged = tmp_path / "forged.kmsgate"
+        forged.write_bytes(FileHeader(header.context, altered.to_bytes()).to_bytes() + body)
+        out = tmp_path / "forged"
+        done = gw.run("decrypt-file", str(forged), "-o", str(out))
+        assert done.rc == rc and done.err.startswith(f"error: {code}: "), done
+        assert not out.exists()
