@@ -18,7 +18,7 @@ from tests.components import (
     postgres_frozen,
     postgres_stopped,
 )
-from tests.test_cli import running_gateway
+from tests.test_cli import running_gateway, setup_key
 
 MESSAGE = "aGVsbG8="
 TIMEOUT = 15.0
@@ -156,13 +156,7 @@ def test_readiness_answers_degraded_in_time_while_the_database_is_frozen(
         config.write_text(json.dumps({"database_url": url}))
         with running_gateway(tmp_path, "--config", str(config)) as gw:
             root = {"authorization": f"Bearer {gw.root_token}"}
-            made = httpx.post(
-                f"{gw.addr}/v1/keys",
-                json={"name": "k", "type": "ecdsa-p256", "purpose": "p"},
-                headers=root,
-                timeout=TIMEOUT,
-            )
-            assert made.status_code == 201, made.text
+            setup_key(gw, "k", "ecdsa-p256", "p")
             # its connection stays in the pool: the next check takes it (frozen, it waits)
             assert httpx.get(f"{gw.addr}/v1/sys/ready", timeout=TIMEOUT).status_code == 200
             with postgres_frozen(postgres_server):
