@@ -863,9 +863,13 @@ def test_a_signature_never_replaces_a_file_of_the_model(
     # checksums.json by --ignore (it is kmsgate's own file)
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
+    link = tmp_path / "link.sig"  # the rename would replace the link, not write through it
+    link.symlink_to(inside)
     since = {"action": "sign", "since": datetime.now(UTC).isoformat()}
     refusals = (
         ({"bundle_path": notes}, "exists and is not a signature"),
+        ({"bundle_path": link}, "is a symbolic link"),
+        ({"provenance_path": tmp_path / "link.sig"}, "is a symbolic link"),
         ({"bundle_path": tmp_path / "x.sig", "provenance_path": tmp_path / "x.sig"}, "both be"),
         ({"ignore": ["checksums.json"]}, "sign with --no-checksums"),
     )
@@ -873,6 +877,7 @@ def test_a_signature_never_replaces_a_file_of_the_model(
         with pytest.raises(SigningError, match=message):
             sign_model(model, GatewaySigner(client, key), **options)  # type: ignore[arg-type]
     assert notes.read_text() == "mine" and not (tmp_path / "x.sig").exists()
+    assert link.is_symlink()
     signed = client.request("GET", "/v1/audit", params=since).json()["events"]
     assert signed == []  # refused before the gateway signed anything
 

@@ -279,10 +279,16 @@ class SignResult:
 
 def _refuse_to_replace(output: Path, model: Path) -> None:
     """Raises SigningError when `output` is `checksums.json`, an existing file that is not
-    a Sigstore bundle (an earlier signature, which signing again replaces), or in a
-    directory this process cannot write: inside `model` a model file the signing would
-    replace (and then leave out of the signature), elsewhere someone's file. Checked
-    before the gateway is asked anything."""
+    a Sigstore bundle (an earlier signature, which signing again replaces), a symbolic link
+    (the rename would replace the link, not write where it points), or in a directory this
+    process cannot write: inside `model` a model file the signing would replace (and then
+    leave out of the signature), elsewhere someone's file. Checked before the gateway is
+    asked anything."""
+    if output.is_symlink():
+        raise SigningError(
+            f"{output} is a symbolic link: refusing to replace it (give the file it points "
+            f"to, {os.path.realpath(output)}, or another path)"
+        )
     relative = _relative_inside(output, model)
     ours = output.exists() and output.is_file() and _is_a_bundle(output)
     if relative == CHECKSUMS_NAME or (relative is not None and output.exists() and not ours):
