@@ -58,8 +58,7 @@ class Client(Transport):
         for field, value in optional.items():
             if value is not None:
                 body[field] = value
-        result: dict[str, Any] = self._json("POST", "/v1/keys", body)
-        return result
+        return self._json("POST", "/v1/keys", body)
 
     def list_keys(
         self, purpose: str | None = None, labels: Mapping[str, str] | None = None
@@ -71,19 +70,16 @@ class Client(Transport):
         return keys
 
     def get_key(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("GET", f"/v1/keys/{_segment(name)}")
-        return result
+        return self._json("GET", f"/v1/keys/{_segment(name)}")
 
     def update_key(self, name: str, changes: Mapping[str, Any]) -> dict[str, Any]:
         """PATCH /v1/keys/{name}: `min_decrypt_version`, `rotation_period` (None: stop
         rotating), `labels` (replaced whole), `public`; the key after the change."""
-        result: dict[str, Any] = self._json("PATCH", f"/v1/keys/{_segment(name)}", dict(changes))
-        return result
+        return self._json("PATCH", f"/v1/keys/{_segment(name)}", dict(changes))
 
     def key_action(self, name: str, action: str, body: Any = None) -> dict[str, Any]:
         """POST /v1/keys/{name}/{action}: rotate, disable, enable, schedule-deletion, ..."""
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/{action}", body)
-        return result
+        return self._json("POST", f"/v1/keys/{_segment(name)}/{action}", body)
 
     def audit_checkpoints(self) -> list[dict[str, Any]]:
         """The store's last checkpoint of every audit chain (`GET /v1/audit/checkpoints`)."""
@@ -150,22 +146,20 @@ class Client(Transport):
             body["signed_at"] = utc_timestamp(signed_at)
         if strict:
             body["strict"] = True
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/verify", body)
-        return result
+        return self._json("POST", f"/v1/keys/{_segment(name)}/verify", body)
 
     def mac(self, name: str, data: bytes, *, algorithm: str | None = None) -> dict[str, Any]:
         """`{mac (bytes), key_version}`."""
         body: dict[str, Any] = {"input": b64encode(data)}
         if algorithm:
             body["algorithm"] = algorithm
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/mac", body)
+        result = self._json("POST", f"/v1/keys/{_segment(name)}/mac", body)
         result["mac"] = self.reply_bytes(result, "mac")
         return result
 
     def mac_verify(self, name: str, data: bytes, mac: bytes) -> dict[str, Any]:
         body = {"input": b64encode(data), "mac": b64encode(mac)}
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/mac/verify", body)
-        return result
+        return self._json("POST", f"/v1/keys/{_segment(name)}/mac/verify", body)
 
     # -- envelope encryption ---------------------------------------------------------------
 
@@ -174,7 +168,7 @@ class Client(Transport):
     ) -> dict[str, Any]:
         """`{ciphertext (bytes), key_version}`: server-side encryption (small payloads)."""
         body = {"plaintext": b64encode(plaintext), **_context(context)}
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/encrypt", body)
+        result = self._json("POST", f"/v1/keys/{_segment(name)}/encrypt", body)
         result["ciphertext"] = self.reply_bytes(result, "ciphertext")
         return result
 
@@ -183,7 +177,7 @@ class Client(Transport):
     ) -> dict[str, Any]:
         """`{plaintext (bytes), key_version}` of a ciphertext from `encrypt` or `datakey`."""
         body = {"ciphertext": b64encode(ciphertext), **_context(context)}
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/decrypt", body)
+        result = self._json("POST", f"/v1/keys/{_segment(name)}/decrypt", body)
         result["plaintext"] = self.reply_bytes(result, "plaintext")
         return result
 
@@ -198,7 +192,7 @@ class Client(Transport):
         """`{plaintext (bytes, unless include_plaintext is false), ciphertext (bytes),
         key_version}`: a fresh data key and its wrapped form."""
         body = {"bits": bits, "include_plaintext": include_plaintext, **_context(context)}
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/datakey", body)
+        result = self._json("POST", f"/v1/keys/{_segment(name)}/datakey", body)
         result["ciphertext"] = self.reply_bytes(result, "ciphertext")
         if include_plaintext:
             result["plaintext"] = self.reply_bytes(result, "plaintext")
@@ -210,7 +204,7 @@ class Client(Transport):
         """`{ciphertext (bytes), key_version}`: the ciphertext's data key re-wrapped under the
         primary version of `name` (the ciphertext may come from another key)."""
         body = {"ciphertext": b64encode(ciphertext), **_context(context)}
-        result: dict[str, Any] = self._json("POST", f"/v1/keys/{_segment(name)}/rewrap", body)
+        result = self._json("POST", f"/v1/keys/{_segment(name)}/rewrap", body)
         result["ciphertext"] = self.reply_bytes(result, "ciphertext")
         return result
 
@@ -280,19 +274,13 @@ class Client(Transport):
         ...}`; the CSR goes to the offline root (key type and backend: the gateway's
         defaults when None)."""
         key = {k: v for k, v in {"type": key_type, "backend": backend}.items() if v is not None}
-        result: dict[str, Any] = self._json(
-            "POST", "/v1/pki/cas", {"name": name, "subject": subject, "key": key}
-        )
-        return result
+        return self._json("POST", "/v1/pki/cas", {"name": name, "subject": subject, "key": key})
 
     def import_ca_certificate(self, name: str, certificate: str, chain: str) -> dict[str, Any]:
         """Activate pending CA `name` with its certificate and the chain of its issuers up to
         the self-signed root (PEM); the CA."""
         body = {"certificate": certificate, "chain": chain}
-        result: dict[str, Any] = self._json(
-            "POST", f"/v1/pki/cas/{_segment(name)}/certificate", body
-        )
-        return result
+        return self._json("POST", f"/v1/pki/cas/{_segment(name)}/certificate", body)
 
     def list_cas(self) -> list[dict[str, Any]]:
         cas: list[dict[str, Any]] = self._listed("cas", "GET", "/v1/pki/cas")
@@ -323,8 +311,7 @@ class Client(Transport):
         body: dict[str, Any] = {"csr": csr, "profile": profile}
         if ttl is not None:
             body["ttl"] = ttl
-        result: dict[str, Any] = self._json("POST", f"/v1/pki/cas/{_segment(ca)}/issue", body)
-        return result
+        return self._json("POST", f"/v1/pki/cas/{_segment(ca)}/issue", body)
 
     def renew_certificate(self, csr: str, *, ttl: str | int | None = None) -> dict[str, Any]:
         """Renew the certificate this client authenticates with over mTLS (a client whose
@@ -333,8 +320,7 @@ class Client(Transport):
         body: dict[str, Any] = {"csr": csr}
         if ttl is not None:
             body["ttl"] = ttl
-        result: dict[str, Any] = self._json("POST", "/v1/pki/renew", body)
-        return result
+        return self._json("POST", "/v1/pki/renew", body)
 
     def list_profiles(self) -> list[dict[str, Any]]:
         profiles: list[dict[str, Any]] = self._listed("profiles", "GET", "/v1/pki/profiles")
@@ -382,16 +368,12 @@ class Client(Transport):
 
     def get_certificate(self, serial: str) -> dict[str, Any]:
         """One inventory record, with the certificate (PEM) in `certificate`."""
-        result: dict[str, Any] = self._json("GET", f"/v1/pki/certs/{_segment(serial)}")
-        return result
+        return self._json("GET", f"/v1/pki/certs/{_segment(serial)}")
 
     def revoke_certificate(self, serial: str, reason: str = "unspecified") -> dict[str, Any]:
         """Revoke with an RFC 5280 reason name (`keyCompromise`, `superseded`, ...)."""
         body = {"reason": reason}
-        result: dict[str, Any] = self._json(
-            "POST", f"/v1/pki/certs/{_segment(serial)}/revoke", body
-        )
-        return result
+        return self._json("POST", f"/v1/pki/certs/{_segment(serial)}/revoke", body)
 
     # -- tokens and system -----------------------------------------------------------------
 
@@ -401,16 +383,14 @@ class Client(Transport):
         body: dict[str, Any] = {"roles": list(roles), "description": description}
         if ttl is not None:  # "" is the gateway's to refuse, not a token that never expires
             body["ttl"] = ttl
-        result: dict[str, Any] = self._json("POST", "/v1/sys/tokens", body)
-        return result
+        return self._json("POST", "/v1/sys/tokens", body)
 
     def list_tokens(self) -> list[dict[str, Any]]:
         tokens: list[dict[str, Any]] = self._listed("tokens", "GET", "/v1/sys/tokens")
         return tokens
 
     def revoke_token(self, token_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("DELETE", f"/v1/sys/tokens/{_segment(token_id)}")
-        return result
+        return self._json("DELETE", f"/v1/sys/tokens/{_segment(token_id)}")
 
     # -- JIT exceptions --------------------------------------------------------------------
 
@@ -425,20 +405,16 @@ class Client(Transport):
             "ticket": ticket,
             "reason": reason,
         }
-        result: dict[str, Any] = self._json("POST", "/v1/exceptions", body)
-        return result
+        return self._json("POST", "/v1/exceptions", body)
 
     def approve_exception(self, grant_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("POST", f"/v1/exceptions/{_segment(grant_id)}/approve")
-        return result
+        return self._json("POST", f"/v1/exceptions/{_segment(grant_id)}/approve")
 
     def revoke_exception(self, grant_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("DELETE", f"/v1/exceptions/{_segment(grant_id)}")
-        return result
+        return self._json("DELETE", f"/v1/exceptions/{_segment(grant_id)}")
 
     def get_exception(self, grant_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("GET", f"/v1/exceptions/{_segment(grant_id)}")
-        return result
+        return self._json("GET", f"/v1/exceptions/{_segment(grant_id)}")
 
     def list_exceptions(
         self, state: str | None = None, principal: str | None = None
@@ -470,8 +446,7 @@ class Client(Transport):
         }
         if env is not None:
             body["env"] = env
-        result: dict[str, Any] = self._json("POST", "/v1/sys/policy/evaluate", body)
-        return result
+        return self._json("POST", "/v1/sys/policy/evaluate", body)
 
     def policy(self) -> dict[str, Any]:
         """The policy in force: `{digest, files, loaded_at}`."""
@@ -483,18 +458,15 @@ class Client(Transport):
 
     def whoami(self) -> dict[str, Any]:
         """The caller: `{id, kind, tenant, roles, claims}` (roles as the policy maps them)."""
-        result: dict[str, Any] = self._json("GET", "/v1/sys/whoami")
-        return result
+        return self._json("GET", "/v1/sys/whoami")
 
     def health(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("GET", "/v1/sys/health")
-        return result
+        return self._json("GET", "/v1/sys/health")
 
     def ready(self) -> dict[str, Any]:
         """Readiness: the store's and each backend's status. Raises ApiError (503) when
         one is down."""
-        result: dict[str, Any] = self._json("GET", "/v1/sys/ready")
-        return result
+        return self._json("GET", "/v1/sys/ready")
 
 
 def _segment(value: str) -> str:
