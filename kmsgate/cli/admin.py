@@ -22,6 +22,7 @@ from kmsgate.cli.common import (
     name_values,
     out,
     print_json,
+    print_line,
     print_out,
     print_table,
     read_text,
@@ -194,8 +195,7 @@ def root_key_init(
         path = init_wrapped_root_key(load_settings(config))
     except ConfigError as exc:
         fail(str(exc))
-    with writing_stdout():
-        out.print(f"wrapped root key written to {path}", highlight=False)
+    print_line(f"wrapped root key written to {path}")
 
 
 @token_app.command("list")
@@ -383,8 +383,7 @@ def policy_reload(addr: AddrOpt = None, token: TokenOpt = None) -> None:
     digest in force. An invalid bundle, or one that would not let you reload it again, is
     refused and the old policy stays."""
     digest = call(addr, token, Client.reload_policy)
-    with writing_stdout():
-        out.print(digest, highlight=False)
+    print_line(digest)
 
 
 @policy_app.command("test")

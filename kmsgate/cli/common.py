@@ -364,6 +364,13 @@ def print_out(text: str | bytes, end: str = "\n") -> None:
             sys.stdout.write(text + end)
 
 
+def print_line(text: str) -> None:
+    """One line for a person on stdout (rich, not highlighted), through `writing_stdout`.
+    Exits through `fail` if it cannot be written."""
+    with writing_stdout():
+        out.print(text, highlight=False)
+
+
 def write_or_print_b64(path: Path | None, data: bytes, *, force: bool) -> None:
     """`data` as raw bytes into `path` (`write_bytes`), or as base64 on stdout when there
     is no path (`print_out`)."""

@@ -29,14 +29,13 @@ from kmsgate.cli.common import (
     fail,
     fail_api,
     name_values,
-    out,
+    print_line,
     print_out,
     read_input,
     read_text,
     refuse_existing,
     write_bytes,
     write_or_print_b64,
-    writing_stdout,
 )
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64decode_strict, b64encode
@@ -373,8 +372,7 @@ def rewrap_files(
     if pending and not under_from_key:  # a misspelt --from-key, or a migration done
         err.print(f"warning: no file to migrate was under key {from_key}", soft_wrap=True)
     summary = ", ".join(f"{outcome} {count}" for outcome, count in counts.items())
-    with writing_stdout():
-        out.print(summary, highlight=False)
+    print_line(summary)
     if counts["failed"]:
         raise typer.Exit(1)
 

@@ -20,8 +20,8 @@ from kmsgate.cli.common import (
     err,
     fail,
     name_values,
-    out,
     print_json,
+    print_line,
     print_out,
     print_table,
     read_input,
@@ -29,7 +29,6 @@ from kmsgate.cli.common import (
     refuse_existing,
     write_bytes,
     write_or_print_b64,
-    writing_stdout,
 )
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64decode_strict, b64encode
@@ -375,8 +374,7 @@ def verify(
     result = call(addr, token, run)
     if not result["valid"]:
         fail("signature is not valid", code=1)
-    with writing_stdout():
-        out.print(f"valid (key version {result['key_version']})")
+    print_line(f"valid (key version {result['key_version']})")
 
 
 def _read_signature(path: Path) -> bytes:
@@ -408,5 +406,4 @@ def mac(
         fail("--check must be standard base64")
     if not call(addr, token, Client.mac_verify, key, data, expected)["valid"]:
         fail("MAC is not valid", code=1)
-    with writing_stdout():
-        out.print("valid")
+    print_line("valid")
