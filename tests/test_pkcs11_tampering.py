@@ -103,6 +103,34 @@ def test_an_object_planted_without_the_pin_is_ignored(backend: Any) -> None:
     assert signs(backend, key)
 
 
+def test_a_public_object_planted_without_the_pin_does_not_stop_destroy(backend: Any) -> None:
+    """A second public key object under a key version's label and id (anyone may add one):
+    destroying the key removes every object of that label, the planted one too, where it
+    failed with "several objects" each time."""
+    key = backend.create_key(KeySpec("planted-twin", 1, KeyType.ECDSA_P256))
+    label = f"{key.name}.v{key.version}"
+    public_template = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: label}
+
+    def plant(session: Any) -> None:
+        try:
+            (public,) = session.get_objects(public_template)
+            public.copy({Attribute.TOKEN: True})
+        finally:
+            session.close()
+
+    def labelled(session: Any) -> int:
+        try:
+            return len(list(session.get_objects({Attribute.LABEL: label})))
+        finally:
+            session.close()
+
+    on_token(backend, plant)
+    assert on_token(backend, labelled) == 3  # the private key and two public ones
+    backend.destroy(key)
+    assert on_token(backend, labelled) == 0
+    backend.destroy(key)  # gone already: still no error
+
+
 def test_several_matching_objects_fail_that_key_only_and_end_the_search(backend: Any) -> None:
     """A second private key object under a key version's label and id (planted with the PIN):
     502 naming several objects for that key; the search is closed at once, so other keys on

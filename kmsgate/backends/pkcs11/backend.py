@@ -276,7 +276,8 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
             ) from None
 
     def destroy(self, key: BackendKey) -> None:
-        """Destroy the key's objects on the token (private/secret and public). Idempotent:
+        """Destroy the key's objects on the token: its private or secret key, and every
+        public key object under its label and id (one planted beside it too). Idempotent:
         when none is found, the module is re-initialised (SoftHSM may not show this process
         objects another process made) and they are looked for again before the key counts
         as gone. Raises BackendError, BackendUnavailable."""
@@ -285,17 +286,20 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
 
         def run(conn: _Connection, worker: _Worker) -> None:
             conn.forget(key.ref)
-            templates = [_key_template(key)]
-            if kind.object_class == _PRIVATE:
-                templates.append({Attribute.CLASS: ObjectClass.PUBLIC_KEY, **selector})
-            found = [find_objects(worker.session, template) for template in templates]
-            if any(len(objects) > 1 for objects in found):
+            secret = find_objects(worker.session, _key_template(key))
+            if len(secret) > 1:
                 raise BackendError(SEVERAL_OBJECTS)
-            if not any(found):
+            public = []  # every one: a public object anyone may add (no PIN) goes too
+            if kind.object_class == _PRIVATE:
+                template = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, **selector}
+                while batch := find_objects(worker.session, template):
+                    public += batch
+                    for obj in batch:
+                        obj.destroy()
+            if not secret and not public:
                 raise p11e.NoSuchKey("no object matches the key reference")
-            for objects in found:
-                for obj in objects:
-                    obj.destroy()
+            for obj in secret:
+                obj.destroy()
 
         with suppress(KeyDestroyed):  # still none after re-initialising: gone already
             self._pool.call("destroy the key", run, retry=False, refresh_after=0.0)
@@ -408,11 +412,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
 
         def run(conn: _Connection, worker: _Worker) -> tuple[str, str | None]:
             _check_token_attributes(conn, parsed)
-            template: dict[Attribute, Any] = {Attribute.CLASS: kind.object_class}
-            if parsed.id is not None:
-                template[Attribute.ID] = parsed.id
-            if parsed.object is not None:
-                template[Attribute.LABEL] = parsed.object
+            template = {Attribute.CLASS: kind.object_class, **_selector(parsed)}
             found = find_objects(worker.session, template)
             if not found:
                 raise NotFound("no such key on the token")
