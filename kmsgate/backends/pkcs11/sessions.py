@@ -21,7 +21,7 @@ from pkcs11 import Attribute
 from pkcs11 import exceptions as p11e
 
 from kmsgate.backends.base import BackendKey, BackendStatus
-from kmsgate.backends.pkcs11.keys import _KINDS, _key_template, _parse_ref
+from kmsgate.backends.pkcs11.keys import _key_template, _parse_ref
 from kmsgate.backends.pkcs11.module import _Gone, _module, _Unloadable
 from kmsgate.backends.pkcs11.refusals import (
     TURN_SECONDS,
@@ -53,8 +53,8 @@ class _Worker:
     """One worker session and the key objects found through it."""
 
     session: Any
-    keys: dict[tuple[str, int], Any] = field(default_factory=dict)
-    """(ref, object class) -> python-pkcs11 key object bound to `session`."""
+    keys: dict[str, Any] = field(default_factory=dict)
+    """ref -> its private or secret key object, bound to `session`."""
 
 
 @dataclass(eq=False)
@@ -87,8 +87,7 @@ class _Connection:
 
     def forget(self, ref: str) -> None:
         for worker in self.workers:
-            for key in [k for k in worker.keys if k[0] == ref]:
-                worker.keys.pop(key, None)
+            worker.keys.pop(ref, None)
 
 
 # python-pkcs11 errors, by what they say about the connection
@@ -507,8 +506,7 @@ class _SessionPool:
         session and passed to `check` (which raises to refuse it) before its first use.
         Raises BackendError (several objects match), what `check` raises, python-pkcs11
         errors (NoSuchKey)."""
-        cls = int(_KINDS[key.key_type].object_class)
-        cached = worker.keys.get((key.ref, cls))
+        cached = worker.keys.get(key.ref)
         if cached is not None:
             return cached
         parsed = _parse_ref(key.ref)
@@ -522,7 +520,7 @@ class _SessionPool:
         if len(found) > 1:
             raise BackendError(SEVERAL_OBJECTS)
         check(found[0])
-        worker.keys[(key.ref, cls)] = found[0]
+        worker.keys[key.ref] = found[0]
         return found[0]
 
     def status(self) -> BackendStatus:
