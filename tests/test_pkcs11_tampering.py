@@ -23,7 +23,7 @@ from pkcs11 import KeyType as P11KeyType
 from kmsgate.algorithms import SIGN_ALGORITHMS, HashName, KeyType, verify_with_public_key
 from kmsgate.backends.base import BackendKey, KeySpec
 from kmsgate.config import BackendSettings
-from kmsgate.errors import BackendError
+from kmsgate.errors import BackendError, KeyDestroyed
 from tests.softhsm import SoftHsmToken, softhsm_token
 
 pytestmark = pytest.mark.timeout(120)
@@ -285,3 +285,37 @@ def test_destroying_a_key_made_by_another_process_destroys_its_objects(
     labels = [found.get("label") for found in token.list_objects()]
     assert "doomed-elsewhere.v1" not in labels and "here-too.v1" in labels
     backend.destroy(key)  # idempotent
+
+
+def test_a_key_object_deleted_behind_the_gateway_is_looked_for_again_once(
+    backend: Any,
+) -> None:
+    """A key whose private key was deleted from the token (someone with the PIN): the first
+    use re-initialises the module to look again, then answers 409 key_destroyed; later uses
+    answer at once, without re-initialising the module (which ends the sessions of every
+    backend on it) each second a client asks."""
+    key = backend.create_key(KeySpec("deleted-behind", 1, KeyType.ECDSA_P256))
+    label = f"{key.name}.v{key.version}"
+
+    def delete(session: Any) -> None:
+        try:
+            for obj in session.get_objects(
+                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label}
+            ):
+                obj.destroy()
+        finally:
+            session.close()
+
+    on_token(backend, delete)
+    module = backend._pool._module
+    time.sleep(1.2)  # past the once-a-second bound on re-initialising
+    before = module.generation
+    with pytest.raises(KeyDestroyed):
+        backend.sign(key, MESSAGE, ECDSA, prehashed=False)
+    looked_again = module.generation
+    assert looked_again > before  # looked again after re-initialising
+    time.sleep(1.2)
+    for _ in range(3):
+        with pytest.raises(KeyDestroyed):
+            backend.sign(key, MESSAGE, ECDSA, prehashed=False)
+    assert module.generation == looked_again

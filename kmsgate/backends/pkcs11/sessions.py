@@ -43,6 +43,17 @@ T = TypeVar("T")
 REFRESH_INTERVAL = 1.0
 """Seconds between re-initialisations of a module to look again for a missing key object."""
 SEVERAL_OBJECTS = "the key reference matches several objects on the token"
+MISSING = "the key object behind this key version is not on the token"
+
+
+class _MissingKey(p11e.NoSuchKey):
+    """No object matches the key reference `ref` (on a token that answers)."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__("no object matches the key reference")
+        self.ref = ref
+
+
 _NOT_RETRIED = (
     "the token rejected the configured PIN; not retried until the PIN or the token changes"
 )
@@ -170,6 +181,10 @@ class _SessionPool:
         self._pin_key = secrets.token_bytes(32)
         self._bad_pin: bytes | None = None
         """HMAC of (token serial, PIN) the token rejected: not tried again."""
+        self._missing: set[str] = set()
+        """Key references still not found after a re-initialisation: kmsgate never makes a
+        reference again, so they are answered KeyDestroyed at once, without re-initialising
+        the module (which ends every session of every backend on it) once a second."""
         self.refusals = PinRefusals(backend)
         """The refusals of the PIN file, shared by the gateway's processes once it has a
         data dir (`keep_in`)."""
@@ -452,7 +467,9 @@ class _SessionPool:
         if verdict == "missing":  # no object matches on a token that answers
             if refresh is not None and self._refresh(conn, refresh):
                 return None
-            raise KeyDestroyed("the key object behind this key version is not on the token")
+            if refresh is None and isinstance(exc, _MissingKey):  # looked again: gone
+                self._missing.add(exc.ref)
+            raise KeyDestroyed(MISSING)
         if verdict == "error":
             log.warning("pkcs11 backend %r: %s failed: %s", self.name, what, type(exc).__name__)
             raise BackendError(f"the HSM failed to {what}") from None
@@ -504,11 +521,14 @@ class _SessionPool:
     ) -> Any:
         """The private or secret key object of `key` (`_key_template`), found once per worker
         session and passed to `check` (which raises to refuse it) before its first use.
-        Raises BackendError (several objects match), what `check` raises, python-pkcs11
-        errors (NoSuchKey)."""
+        Raises BackendError (several objects match), KeyDestroyed (a reference found missing
+        after a re-initialisation already), what `check` raises, python-pkcs11 errors
+        (NoSuchKey)."""
         cached = worker.keys.get(key.ref)
         if cached is not None:
             return cached
+        if key.ref in self._missing:
+            raise KeyDestroyed(MISSING)
         parsed = _parse_ref(key.ref)
         if parsed.token is not None and parsed.token != conn.label:
             raise BackendError(
@@ -516,7 +536,7 @@ class _SessionPool:
             )
         found = find_objects(worker.session, _key_template(key))
         if not found:
-            raise p11e.NoSuchKey("no object matches the key reference")
+            raise _MissingKey(key.ref)
         if len(found) > 1:
             raise BackendError(SEVERAL_OBJECTS)
         check(found[0])
