@@ -344,6 +344,7 @@ class _JwksServer:
         self.trickle_head = threading.Event()
         self.body: bytes | None = None
         """What to serve instead of the JWKS file."""
+        self.status = 200
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -354,7 +355,7 @@ class _JwksServer:
                         self.wfile.flush()
                         time.sleep(0.2)
                 body = outer.body if outer.body is not None else jwks.read_bytes()
-                self.send_response(200)
+                self.send_response(outer.status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body) + 10_000))
                 self.end_headers()
@@ -476,11 +477,16 @@ def test_a_malformed_jwks_keeps_the_keys_and_later_fetches_going(
         known = Credentials(bearer=issuer.token())
         for body in bad:
             served.body = body
+            refused = caplog.text.count("not loaded")
             with pytest.raises(Unauthenticated):  # an unknown kid asks for a fetch
                 authenticator.authenticate(Credentials(bearer=issuer.token(kid="nope")))
-            time.sleep(0.6)
+            deadline = time.monotonic() + 10
+            while caplog.text.count("not loaded") == refused:  # this body was fetched
+                assert time.monotonic() < deadline, body[:40]
+                time.sleep(0.05)
             assert authenticator.authenticate(known) is not None
         assert "holds private or secret key material" in caplog.text
+        assert "not loaded: ValueError: not a JWK set" in caplog.text  # the reason, logged
         served.body = None
         keys = json.loads(issuer.jwks.read_text())
         issuer.jwks.write_text(json.dumps({"keys": [{**keys["keys"][0], "kid": "rsa-2"}]}))
@@ -520,14 +526,14 @@ def test_a_jwks_url_is_logged_without_its_credentials(
     served = _JwksServer(issuer.jwks)
     port = served.server.server_address[1]
     url = f"http://bot:s3cretpass@127.0.0.1:{port}/jwks.json?access_token=abc123"
-    served.body = b"[]"
+    served.status = 404
     try:
         oidc.OidcAuthenticator(
             [OidcIssuer(name="ci", issuer=ISSUER, audiences=[AUDIENCE], jwks_url=url)]
         )
     finally:
         served.server.shutdown()
-    assert f"JWKS http://127.0.0.1:{port}/jwks.json not loaded" in caplog.text
+    assert f"JWKS http://127.0.0.1:{port}/jwks.json not loaded: HTTP 404" in caplog.text
     assert "s3cretpass" not in caplog.text and "abc123" not in caplog.text
 
 

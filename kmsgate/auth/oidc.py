@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
@@ -64,6 +65,10 @@ class _IssuerKeys:
         self._issuer = issuer
         self._keys: dict[str | None, _Key] = {}
         self._wanted = threading.Event()
+        self._source = (
+            str(issuer.jwks_file) if issuer.jwks_file is not None else _shown(issuer.jwks_url or "")
+        )
+        """The JWKS as logs name it."""
 
     def start(self) -> None:
         """Load the keys (a JWKS that cannot be read leaves none, and is asked for again
@@ -96,11 +101,7 @@ class _IssuerKeys:
     def _fetch(self) -> None:
         """Replace the keys from the JWKS; a JWKS that cannot be read, or holds no usable
         key, keeps the old keys. Never raises (the keys' thread must go on)."""
-        source = (
-            str(self._issuer.jwks_file)
-            if self._issuer.jwks_file is not None
-            else _shown(self._issuer.jwks_url or "")
-        )
+        source = self._source
         try:
             if self._issuer.jwks_file is not None:
                 text = self._issuer.jwks_file.read_bytes()
@@ -109,15 +110,8 @@ class _IssuerKeys:
                 text = _download(self._issuer.jwks_url)
             keys = _signing_keys(text, f"OIDC issuer {self._issuer.name}: JWKS {source}")
         except Exception as exc:  # what a foreign document makes a parser raise is open-ended
-            why = (
-                f"HTTP {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError) else ""
-            )
             log.warning(
-                "OIDC issuer %s: JWKS %s not loaded: %s %s",
-                self._issuer.name,
-                source,
-                type(exc).__name__,
-                why,
+                "OIDC issuer %s: JWKS %s not loaded: %s", self._issuer.name, source, _why(exc)
             )
             return
         self._keys = keys
@@ -171,11 +165,23 @@ async def _read(url: str) -> bytes:
     return bytes(body)
 
 
+def _why(exc: Exception) -> str:
+    """Why a JWKS was not loaded, for the log: an HTTP error's status or type only (its
+    text quotes the URL, where a token could be), else the exception's own text."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, httpx.HTTPError) or not str(exc):
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _shown(url: str) -> str:
     """`url` as logs name it: scheme, host, port and path, never user info or a query
     (where a token could be)."""
     parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
+    port = ""
+    with suppress(ValueError):  # a port beyond 65535 fails the fetch, not the naming
+        port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{parts.hostname or '?'}{port}{parts.path}"
 
 
@@ -263,10 +269,12 @@ class OidcAuthenticator:
             orjson.dumps(claims)  # as the policy input will be: numbers within 64 bits
         except TypeError:
             raise _refused("a claim holds a number beyond 64 bits") from None
-        tenant = claims.get(issuer.tenant_claim) if issuer.tenant_claim else None
-        if issuer.tenant_claim and (not isinstance(tenant, str) or not tenant):
-            # without one, the token would be of no tenant: out of tenant isolation's reach
-            raise _refused(f"the {issuer.tenant_claim} claim is not a non-empty string")
+        tenant = None
+        if issuer.tenant_claim:
+            tenant = claims.get(issuer.tenant_claim)
+            if not isinstance(tenant, str) or not tenant:
+                # without one, the token would be of no tenant: out of tenant isolation's reach
+                raise _refused(f"the {issuer.tenant_claim} claim is not a non-empty string")
         return Principal(
             id=f"{issuer.name}:{subject}",
             kind="oidc",
