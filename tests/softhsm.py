@@ -241,3 +241,11 @@ def softhsm_token(tmp_path_factory: pytest.TempPathFactory, label: str) -> Itera
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     """The session's SoftHSM2 configuration (tokens: `softhsm.init_token(label)`)."""
     yield softhsm_session(tmp_path_factory)
+
+
+def make_backend(name: str, hsm_token: SoftHsmToken, **extra: Any) -> Any:
+    """A kmsgate pkcs11 backend named `name` on `hsm_token` (`extra`: more of its config)."""
+    from kmsgate.backends.pkcs11 import Pkcs11Backend
+    from kmsgate.config import BackendSettings
+
+    return Pkcs11Backend.from_config(name, BackendSettings(**hsm_token.backend_config(**extra)))

@@ -49,7 +49,7 @@ from kmsgate.service import Ctx
 from tests.components import free_port, require_component, wait_for_port
 from tests.gateway import open_gateway
 from tests.helpers import b64
-from tests.softhsm import SoftHsm, SoftHsmToken, softhsm_session, softhsm_token
+from tests.softhsm import SoftHsm, SoftHsmToken, make_backend, softhsm_session, softhsm_token
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,12 +59,6 @@ MESSAGE = b"kmsgate pkcs11 gateway test message"
 @pytest.fixture(scope="module")
 def hsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
     return softhsm_session(tmp_path_factory)
-
-
-def make_backend(name: str, hsm_token: SoftHsmToken, **extra: Any):
-    from kmsgate.backends.pkcs11 import Pkcs11Backend
-
-    return Pkcs11Backend.from_config(name, BackendSettings(**hsm_token.backend_config(**extra)))
 
 
 @pytest.fixture(scope="module")

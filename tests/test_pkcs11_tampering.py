@@ -22,20 +22,13 @@ from pkcs11 import KeyType as P11KeyType
 
 from kmsgate.algorithms import SIGN_ALGORITHMS, HashName, KeyType, verify_with_public_key
 from kmsgate.backends.base import BackendKey, KeySpec
-from kmsgate.config import BackendSettings
 from kmsgate.errors import BackendError, KeyDestroyed
-from tests.softhsm import SoftHsmToken, softhsm_token
+from tests.softhsm import SoftHsmToken, make_backend, softhsm_token
 
 pytestmark = pytest.mark.timeout(120)
 
 MESSAGE = b"kmsgate pkcs11 tampering test message"
 ECDSA = SIGN_ALGORITHMS["ecdsa-sha256"]
-
-
-def make_backend(name: str, hsm_token: SoftHsmToken, **extra: Any) -> Any:
-    from kmsgate.backends.pkcs11 import Pkcs11Backend
-
-    return Pkcs11Backend.from_config(name, BackendSettings(**hsm_token.backend_config(**extra)))
 
 
 @pytest.fixture(scope="module")
