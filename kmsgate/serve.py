@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -184,12 +185,42 @@ def serve(
             **options,
         )
         # the workers' request metrics, summed when any of them is scraped
-        metrics_dir = tempfile.mkdtemp(prefix="kmsgate-metrics-")
+        _remove_dead_supervisors_metrics()
+        metrics_dir = tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-")
         os.environ[SNAPSHOT_DIR_ENV] = metrics_dir
         try:
             Multiprocess(per_worker, sockets=[sock]).run()
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+_METRICS_PREFIX = "kmsgate-metrics-"
+
+
+def _remove_dead_supervisors_metrics() -> None:
+    """Remove the metrics directories that supervisors killed without a chance to clean up
+    (SIGKILL, OOM) left in the temp dir: ours by owner, their PID no longer running."""
+    tmp = Path(tempfile.gettempdir())
+    for directory in tmp.glob(f"{_METRICS_PREFIX}*-*"):
+        pid = directory.name.removeprefix(_METRICS_PREFIX).partition("-")[0]
+        with contextlib.suppress(OSError, ValueError):
+            info = directory.lstat()
+            if info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode):
+                continue
+            if int(pid) <= 0 or _running(int(pid)):
+                continue
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` exists (signal 0: permission refused still means it does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _Server(uvicorn.Server):

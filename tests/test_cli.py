@@ -27,6 +27,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -1210,6 +1211,32 @@ def test_the_listening_socket_is_tcp_so_asyncio_sets_nodelay() -> None:
     with _listen(LOOPBACK, 0) as sock:
         assert sock.proto == socket.IPPROTO_TCP
         assert sock.get_inheritable()
+
+
+def test_serve_removes_the_metrics_dirs_of_supervisors_killed_before_cleaning_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A supervisor killed with SIGKILL leaves its workers' metrics directory behind; the
+    next `serve --workers N` removes it, and leaves alone those of running supervisors."""
+    from kmsgate.serve import _remove_dead_supervisors_metrics
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=CLI_TIMEOUT,
+    )
+    dead = tmp_path / f"kmsgate-metrics-{gone.stdout.strip()}-x1"
+    alive = tmp_path / f"kmsgate-metrics-{os.getpid()}-x2"
+    unrelated = tmp_path / "kmsgate-metrics-notapid-x3"
+    for directory in (dead, alive, unrelated):
+        directory.mkdir()
+        (directory / "1.json").write_text("{}")
+    _remove_dead_supervisors_metrics()
+    assert not dead.exists()
+    assert alive.exists() and unrelated.exists()
 
 
 def test_the_cli_and_a_dev_gateway_work_without_any_extra(tmp_path: Path) -> None:

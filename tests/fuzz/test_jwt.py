@@ -10,10 +10,12 @@ issuer's real keys, so that the claim checks behind the signature are reached.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import functools
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -55,8 +57,11 @@ class JwtTarget:
 
 @functools.cache
 def signer() -> Issuer:
-    """The issuer whose keys sign the drawn tokens (made once, beside the corpus keys)."""
-    return Issuer(Path(tempfile.mkdtemp(prefix="kmsgate-fuzz-jwt-")))
+    """The issuer whose keys sign the drawn tokens (made once, beside the corpus keys); its
+    directory is removed when the interpreter exits."""
+    directory = tempfile.mkdtemp(prefix="kmsgate-fuzz-jwt-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return Issuer(Path(directory))
 
 
 def issuer_settings(jwks: Path) -> OidcIssuer:
