@@ -59,8 +59,14 @@ def test_server_side_encrypt_decrypt(gw, tmp_path):
     out = tmp_path / "out"
     gw.ok("decrypt", "-", "-k", "fk", "-c", "app=x", "-o", str(out), stdin=ct.encode())
     assert out.read_bytes() == b"server side \x00\xff"
-    wrong = gw.run("decrypt", "-", "-k", "fk", "-c", "app=y", stdin=ct.encode())
-    assert wrong.rc == 2 and "decryption_failed" in wrong.err
+    # a wrong context is a negative answer (exit 1, as decrypt-file's), with no output file
+    wrong = gw.run(
+        "decrypt", "-", "-k", "fk", "-c", "app=y", "-o", str(tmp_path / "no"), stdin=ct.encode()
+    )
+    assert wrong.rc == 1 and "decryption_failed" in wrong.err
+    assert not (tmp_path / "no").exists()
+    absent = gw.run("decrypt", "-", "-k", "nokey", stdin=ct.encode())
+    assert absent.rc == 2 and "not_found" in absent.err
     bad = gw.run("encrypt", str(data), "-k", "fk", "-c", "novalue")
     assert bad.rc == 2 and "name=value" in bad.err
 

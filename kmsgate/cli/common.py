@@ -101,12 +101,13 @@ def name_values(entries: Sequence[str], what: str) -> dict[str, str]:
     return pairs
 
 
-def fail_api(
-    exc: ApiError, note: str = "", code: int = 2, *, credential_hint: str = ""
-) -> NoReturn:
-    """`fail` for a gateway error: `code: detail`, then `note`. A 401 to a request that carried
-    no token says how to give one (`credential_hint`, by default KMSGATE_TOKEN or
-    --token) and where a dev server keeps its root token."""
+def fail_api(exc: ApiError, note: str = "", *, credential_hint: str = "") -> NoReturn:
+    """`fail` for a gateway error: `code: detail`, then `note`; exit status 1 for a negative
+    answer (`decryption_failed`: the ciphertext or its context is not what was encrypted),
+    else 2. A 401 to a request that carried no token says how to give one
+    (`credential_hint`, by default KMSGATE_TOKEN or --token) and where a dev server keeps
+    its root token."""
+    code = 1 if exc.code == "decryption_failed" else 2
     message = f"{exc.code}: {exc.detail}"
     if exc.code == "unauthenticated" and not exc.token_sent:
         how = credential_hint or "set KMSGATE_TOKEN or pass --token"
@@ -399,7 +400,7 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def call(addr: str | None, token: str | None, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run one SDK call; an API error becomes a one-line message and exit code 2."""
+    """Run one SDK call; an API error becomes a one-line message (`fail_api`)."""
     try:
         with Client(addr, token) as client:
             return fn(client, *args, **kwargs)

@@ -158,7 +158,7 @@ def _input_stream(source: str) -> Iterator[BinaryIO]:
 
 def _stream_failed(exc: Exception) -> NoReturn:
     if isinstance(exc, ApiError):
-        fail_api(exc, code=1 if exc.code == "decryption_failed" else 2)
+        fail_api(exc)
     if isinstance(exc, KmsgateError):
         fail(f"{exc.code}: {exc.detail}", code=1 if isinstance(exc, DecryptionFailed) else 2)
     assert isinstance(exc, OSError)
