@@ -298,6 +298,38 @@ def test_a_cut_log_is_caught_whatever_replica_its_last_record_claims(
         assert "records deleted from the end" in str(report.reason), report
 
 
+def test_a_new_replicas_log_before_its_first_checkpoint_says_how_to_place_it(
+    tmp_path: Path, signer: LocalSigner
+) -> None:
+    """r2's log has no checkpoint yet, and nothing signed says it is r2's (it could be r1's
+    log cut and rewritten): against the store, where r1 checkpointed `audit.log`, it fails,
+    saying it may be another replica's log, and verifies once its writer is given."""
+    anchors = list[AuditAnchor]()
+    for replica in ("r1", "r2"):
+        (tmp_path / replica).mkdir()
+    with open_sink(tmp_path / "r1" / "audit.log", signer, anchors) as sink:
+        for n in range(5):
+            sink.append(event(n))
+    fresh = tmp_path / "r2" / "audit.log"
+    with FileSink(fresh, fsync_interval=0.01, replica="r2") as sink:
+        sink.append(event(0))
+    report = AuditFile(fresh).verify(keys=signer.public_keys, anchors=anchors)
+    assert not report.ok, report
+    assert "this is not replica 'r1''s log" in str(report.reason), report
+    assert "--config" in str(report.reason), report
+    placed = AuditFile(fresh).verify(
+        keys=signer.public_keys, anchors=anchors, written_as=ChainIdentity("audit.log", "r2")
+    )
+    assert placed.ok and not placed.checkpoints[0].anchored, placed
+    # r1's own log, its writer given, fails without the hint: its records were cut
+    rewrite(tmp_path / "r1" / "audit.log", records(tmp_path / "r1" / "audit.log")[:2])
+    cut = AuditFile(tmp_path / "r1" / "audit.log").verify(
+        keys=signer.public_keys, anchors=anchors, written_as=ChainIdentity("audit.log", "r1")
+    )
+    assert not cut.ok and "records deleted from the end" in str(cut.reason), cut
+    assert "not replica" not in str(cut.reason)
+
+
 # -- through the service: the backend signs, the store keeps the checkpoint ---------------
 
 

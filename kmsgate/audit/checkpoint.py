@@ -284,7 +284,7 @@ def _stored_checkpoint(
     """The store's last checkpoint of this chain that the chain holds, among `stored` (of
     `replica` only, when known), and else the first one's problem."""
     candidates = [a for a in stored if replica is None or a.replica == replica]
-    problems = [_anchor_problem(hashes, anchor) for anchor in candidates]
+    problems = [_anchor_problem(hashes, anchor, replica is None) for anchor in candidates]
     held = next((a for a, found in zip(candidates, problems, strict=True) if not found), None)
     return held, None if held or not problems else problems[0]
 
@@ -344,12 +344,21 @@ def _after_final(marks: Sequence[_Mark], count: int) -> tuple[int, str] | None:
     return None
 
 
-def _anchor_problem(hashes: Sequence[str], anchor: AuditAnchor) -> tuple[int, str] | None:
+def _anchor_problem(
+    hashes: Sequence[str], anchor: AuditAnchor, writer_unknown: bool
+) -> tuple[int, str] | None:
+    """(line, reason) if the chain does not hold `anchor` (`writer_unknown`: nothing signed
+    says which replica wrote the chain, so the anchor may be another replica's)."""
     seq = anchor.record_seq
     last_line = max(len(hashes), 1)
     # the store keeps one last checkpoint per replica id and chain: two gateways configured
     # with one `replica_id` overwrite each other's, and each log then looks cut or rewritten
     shared = f", or another gateway writes with replica_id {anchor.replica!r}"
+    if writer_unknown:  # e.g. a new replica's log before its first checkpoint
+        shared += (
+            f", or this is not replica {anchor.replica!r}'s log and no checkpoint in it says "
+            "whose it is: verify it with its gateway's --config"
+        )
     if seq > len(hashes):
         return last_line, (
             f"record {len(hashes)}: log ends at seq {len(hashes)} but the store's last "
