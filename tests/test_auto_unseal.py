@@ -147,12 +147,15 @@ def test_aws_wrapping_key_must_be_the_enabled_symmetric_key_that_wrapped(aws_uns
 @pytest.fixture
 def hsm_unseal_settings(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """A SoftHSM token holding AES-256 keys made by pkcs11-tool: `root-kek` and `other-kek`
-    sensitive (never extractable), `open-kek` not."""
+    private and sensitive (never extractable), `open-kek` not sensitive, `public-kek`
+    sensitive but public (usable without the PIN; SoftHSM keeps its value unencrypted)."""
     with softhsm_token(tmp_path_factory, f"unseal-{secrets.token_hex(3)}") as token:
         aes = ("--keygen", "--key-type", "AES:32", "--usage-decrypt")
-        token.pkcs11_tool(*aes, "--sensitive", "--label", "root-kek", "--id", "7e")
-        token.pkcs11_tool(*aes, "--sensitive", "--label", "other-kek", "--id", "7f")
+        protected = (*aes, "--sensitive", "--private")
+        token.pkcs11_tool(*protected, "--label", "root-kek", "--id", "7e")
+        token.pkcs11_tool(*protected, "--label", "other-kek", "--id", "7f")
         token.pkcs11_tool(*aes, "--label", "open-kek", "--id", "80")
+        token.pkcs11_tool(*aes, "--sensitive", "--label", "public-kek", "--id", "81")
         # made extractable, then not: CKA_NEVER_EXTRACTABLE stays false (a copy may exist)
         made_open = (
             "import pkcs11, sys\n"
@@ -210,6 +213,8 @@ def test_root_key_wrapped_by_a_pkcs11_key_survives_restarts(hsm_unseal_settings)
         build_service(settings("pkcs11:object=other-kek"))
     with pytest.raises(ConfigError, match="only sensitive, non-extractable keys"):
         build_service(settings("pkcs11:object=open-kek"))
+    with pytest.raises(ConfigError, match=r"only private keys \(CKA_PRIVATE\) can be adopted"):
+        build_service(settings("pkcs11:object=public-kek"))
     with pytest.raises(ConfigError, match="was extractable or not sensitive at some time"):
         build_service(settings("pkcs11:object=once-open-kek"))
     with pytest.raises(ConfigError, match="wrapping key unavailable: no such key on the token"):

@@ -311,14 +311,18 @@ def test_signatures_verify_with_openssl(key_of, backend, openssl_bin, tmp_path: 
 @pytest.fixture(scope="module")
 def ceremony(token: SoftHsmToken, tmp_path_factory: pytest.TempPathFactory) -> SoftHsmToken:
     """Keys made on the token by pkcs11-tool: an EC P-256 pair (id a1b2), an Ed25519 pair
-    (id a5), an AES key (pkcs11-tool leaves it non-sensitive), a P-256 pair whose public
-    object was replaced by a foreign key (id c1), two pairs sharing a label."""
+    (id a5), an AES key (pkcs11-tool leaves it non-sensitive), a sensitive AES key made
+    public (pkcs11-tool's default: usable without the PIN) and one made private, a P-256 pair
+    whose public object was replaced by a foreign key (id c1), two pairs sharing a label."""
     if shutil.which("openssl") is None:
         require_component("openssl", "no 'openssl' on PATH")
     gen = ["--keypairgen", "--usage-sign"]
     token.pkcs11_tool(*gen, "--key-type", "EC:prime256v1", "--label", "cer-ec", "--id", "a1b2")
     token.pkcs11_tool(*gen, "--key-type", "EC:edwards25519", "--label", "cer-ed", "--id", "a5")
-    token.pkcs11_tool("--keygen", "--key-type", "AES:32", "--label", "cer-aes", "--id", "a3")
+    aes = ("--keygen", "--key-type", "AES:32", "--usage-decrypt")
+    token.pkcs11_tool(*aes, "--label", "cer-aes", "--id", "a3")
+    token.pkcs11_tool(*aes, "--sensitive", "--label", "cer-aes-public", "--id", "a6")
+    token.pkcs11_tool(*aes, "--sensitive", "--private", "--label", "cer-aes-private", "--id", "a7")
     token.pkcs11_tool(*gen, "--key-type", "EC:prime256v1", "--label", "cer-mm", "--id", "c1")
     token.pkcs11_tool("--delete-object", "--type", "pubkey", "--id", "c1")
     foreign = tmp_path_factory.mktemp("ceremony") / "foreign.der"
@@ -362,8 +366,13 @@ def test_adopt_ceremony_keys(backend, ceremony: SoftHsmToken, tmp_path: Path):
     assert spki == exported.read_bytes()
 
 
-def test_adopt_own_secret_keys(backend, key_of):
-    """pkcs11-tool cannot make sensitive secret keys; kmsgate's own can be re-adopted."""
+def test_adopt_secret_keys(backend, key_of, ceremony: SoftHsmToken):
+    """A private, sensitive AES key made by pkcs11-tool is adopted and encrypts on the token;
+    kmsgate's own secret keys can be re-adopted."""
+    aes = backend.adopt_key(KeySpec("adopted-aes", 1, KeyType.AES_256_GCM), "pkcs11:id=%a7")
+    assert aes.ref == f"pkcs11:token={ceremony.label};object=cer-aes-private;id=%A7;type=secret-key"
+    sealed = backend.wrap(aes, MESSAGE, b"aad")
+    assert backend.unwrap(aes, sealed, b"aad") == MESSAGE
     for key_type in (KeyType.HMAC_SHA256, KeyType.AES_256_GCM):
         original = key_of(key_type)
         adopted = backend.adopt_key(KeySpec("re-adopted", 3, key_type), original.ref)
@@ -405,6 +414,7 @@ def test_adopt_own_secret_keys(backend, key_of):
         ),
         ("pkcs11:object=cer-ec;type=secret-key", KeyType.ECDSA_P256, InvalidRequest, "type="),
         ("pkcs11:object=cer-aes", KeyType.AES_256_GCM, InvalidRequest, "sensitive"),
+        ("pkcs11:object=cer-aes-public", KeyType.AES_256_GCM, InvalidRequest, "only private"),
         ("pkcs11:object=cer-mm", KeyType.ECDSA_P256, InvalidRequest, "does not match"),
         ("pkcs11:object=cer-dup", KeyType.ECDSA_P256, InvalidRequest, "several keys"),
         ("pkcs11:object=no-such-key", KeyType.ECDSA_P256, NotFound, "no such key"),

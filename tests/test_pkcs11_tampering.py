@@ -51,12 +51,16 @@ def on_token(backend: Any, action: Callable[[Any], Any]) -> Any:
     return backend._pool.call("tamper", lambda conn, worker: action(conn.token.open(rw=True)))
 
 
-def plant_private_key(backend: Any, key: BackendKey, *, private: bool) -> None:
-    """A second EC private key object with the label and id of `key`'s: CKA_PRIVATE false
-    is what anyone can add without the PIN."""
+def plant_private_key(
+    backend: Any, key: BackendKey, *, private: bool, label: str | None = None
+) -> None:
+    """A second EC private key object with the label (`label`, by default the one kmsgate
+    gives the version) and id of `key`'s: CKA_PRIVATE false is what anyone can add without
+    the PIN."""
 
     def plant(session: Any) -> None:
-        label = f"{key.name}.v{key.version}"
+        nonlocal label
+        label = label or f"{key.name}.v{key.version}"
         (public,) = session.get_objects(
             {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: label}
         )
@@ -93,6 +97,32 @@ def test_an_object_planted_without_the_pin_is_ignored(backend: Any) -> None:
     label and id of a key version's: not the key, not a second match."""
     key = backend.create_key(KeySpec("planted-public", 1, KeyType.ECDSA_P256))
     plant_private_key(backend, key, private=False)
+    assert signs(backend, key)
+
+
+def test_an_object_planted_without_the_pin_beside_an_adopted_key_is_ignored(backend: Any) -> None:
+    """The same for a key made by a ceremony and adopted: it was refused as ambiguous (502)
+    for as long as the planted object stayed, by anyone able to reach the token."""
+
+    def ceremony(session: Any) -> None:
+        try:
+            curve = pkcs11.util.ec.encode_named_curve_parameters("secp256r1")
+            params = session.create_domain_parameters(
+                P11KeyType.EC, {Attribute.EC_PARAMS: curve}, local=True
+            )
+            params.generate_keypair(
+                store=True,
+                label="ceremony-ec",
+                id=b"\xce",
+                private_template={Attribute.SIGN: True, Attribute.PRIVATE: True},
+            )
+        finally:
+            session.close()
+
+    on_token(backend, ceremony)
+    spec = KeySpec("adopted-ceremony", 1, KeyType.ECDSA_P256)
+    key = backend.adopt_key(spec, "pkcs11:object=ceremony-ec;type=private")
+    plant_private_key(backend, key, private=False, label="ceremony-ec")
     assert signs(backend, key)
 
 

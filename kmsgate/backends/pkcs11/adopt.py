@@ -123,8 +123,9 @@ def _wanted(kind: _Kind) -> str:
 
 
 def _check_adoptable(key_type: KeyType, kind: _Kind, obj: Any) -> None:
-    """Raises InvalidRequest unless `obj` is a protected key of `key_type` fit for its use.
-    A mismatch names what the key is and what `key_type` needs."""
+    """Raises InvalidRequest unless `obj` is a protected key of `key_type` fit for its use:
+    sensitive, not extractable, private (usable only after login). A mismatch names what the
+    key is and what `key_type` needs."""
     p11_type = _attr(obj, Attribute.KEY_TYPE)
     if key_type.usage is KeyUsage.MAC:
         type_ok = p11_type in _HMAC_KEY_TYPES
@@ -139,6 +140,12 @@ def _check_adoptable(key_type: KeyType, kind: _Kind, obj: Any) -> None:
         or _attr(obj, Attribute.EXTRACTABLE) is not False
     ):
         raise InvalidRequest("only sensitive, non-extractable keys can be adopted")
+    if _attr(obj, Attribute.PRIVATE) is not True:
+        raise InvalidRequest(
+            "only private keys (CKA_PRIVATE) can be adopted: a public key object is usable "
+            "without the PIN, and some tokens (SoftHSM) store its value unencrypted; make it "
+            "with pkcs11-tool --private"
+        )
     if kind.p11_type == P11KeyType.RSA:
         modulus = _attr(obj, Attribute.MODULUS) or b""
         if len(modulus) * 8 != kind.bits:

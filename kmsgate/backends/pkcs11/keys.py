@@ -217,16 +217,15 @@ def _generated(key: BackendKey) -> bool:
 
 
 def _key_template(key: BackendKey) -> dict[Attribute, Any]:
-    """What `key`'s private or secret key object matches: its class, label and id, and for a
-    key kmsgate generated CKA_PRIVATE (it made them private; anyone may add a public object
-    to a token, no PIN needed). Raises BackendError (a malformed reference)."""
-    template = {
+    """What `key`'s private or secret key object matches: its class, label and id, and
+    CKA_PRIVATE (kmsgate makes its keys private and adopts only private ones; anyone may add
+    a public object to a token, no PIN needed). Raises BackendError (a malformed
+    reference)."""
+    return {
         Attribute.CLASS: _KINDS[key.key_type].object_class,
+        Attribute.PRIVATE: True,
         **_selector(_parse_ref(key.ref)),
     }
-    if _generated(key):
-        template[Attribute.PRIVATE] = True
-    return template
 
 
 def _selector(parsed: Pkcs11Uri) -> dict[Attribute, Any]:
