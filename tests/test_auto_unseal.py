@@ -139,6 +139,12 @@ def test_aws_wrapping_key_must_be_the_enabled_symmetric_key_that_wrapped(aws_uns
     other = client.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")
     with pytest.raises(ConfigError, match="cannot unwrap"):
         build_service(settings(other["KeyMetadata"]["Arn"]))
+    # material imported (BYOK): a copy exists outside AWS KMS, and it may expire
+    imported = client.create_key(
+        KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT", Origin="EXTERNAL"
+    )
+    with pytest.raises(ConfigError, match="origin is EXTERNAL, not AWS_KMS or AWS_CLOUDHSM"):
+        build_service(settings(imported["KeyMetadata"]["Arn"]))
     client.disable_key(KeyId=arn.rpartition("/")[2])
     with pytest.raises(ConfigError, match="not enabled"):
         build_service(settings())

@@ -172,9 +172,10 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         handle's name, bound into the EncryptionContext, is always `kmsgate-root-kek`, so the
         wrapped key unwraps whichever form of `reference` names the key, and after AWS
         rotates it. Raises NotFound, InvalidRequest (malformed, not SYMMETRIC_DEFAULT, not
-        enabled), BackendUnavailable, BackendError."""
+        enabled, its material made outside AWS KMS: imported or in an external key store),
+        BackendUnavailable, BackendError."""
         spec = KeySpec(ROOT_KEK_NAME, 1, KeyType.AES_256_GCM)
-        return lifecycle.adopt_key(self._kms, spec, reference)
+        return lifecycle.adopt_key(self._kms, spec, reference, sole_copy=True)
 
     def destroy(self, key: BackendKey) -> None:
         """Schedule the KMS key's deletion (`pending_window_days`) and drop its alias.

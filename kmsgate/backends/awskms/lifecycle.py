@@ -195,9 +195,14 @@ def _rotate_symmetric(kms: _KmsClient, spec: KeySpec) -> BackendKey:
     )
 
 
-def adopt_key(kms: _KmsClient, spec: KeySpec, uri: str) -> BackendKey:
-    """The record of the existing KMS key `uri` names, checked against `spec.key_type`.
-    Raises as `AwsKmsBackend.adopt_key`."""
+_MADE_INSIDE = frozenset({"AWS_KMS", "AWS_CLOUDHSM"})
+"""Origins whose key material was generated where it stays: no copy exists elsewhere."""
+
+
+def adopt_key(kms: _KmsClient, spec: KeySpec, uri: str, *, sole_copy: bool = False) -> BackendKey:
+    """The record of the existing KMS key `uri` names, checked against `spec.key_type`
+    (`sole_copy`: and made by AWS KMS or its CloudHSM key store, not imported nor held in an
+    external key store). Raises as `AwsKmsBackend.adopt_key`."""
     key_id = uri.removeprefix("awskms:")
     if not key_id or len(key_id) > 2048 or any(c.isspace() for c in key_id):
         raise InvalidRequest("malformed awskms key reference")
@@ -220,6 +225,12 @@ def adopt_key(kms: _KmsClient, spec: KeySpec, uri: str) -> BackendKey:
         )
     if meta.get("KeyState") != "Enabled":
         raise InvalidRequest("the AWS KMS key is not enabled")
+    if sole_copy and meta.get("Origin") not in _MADE_INSIDE:
+        raise InvalidRequest(
+            f"the AWS KMS key's origin is {meta.get('Origin', 'unknown')}, not AWS_KMS or "
+            "AWS_CLOUDHSM: its material was made outside AWS KMS (copies of it may exist, and "
+            "imported material may expire)"
+        )
     material = _Material(arn=arn, spec=key_spec, adopted=True)
     return BackendKey(
         ref=f"awskms:{arn}#{spec.version}",
