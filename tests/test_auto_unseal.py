@@ -3,12 +3,17 @@ symmetric AWS KMS key (moto_server), or by an AES key on a SoftHSM2 token."""
 
 from __future__ import annotations
 
+import base64
 import secrets
 import subprocess
 import sys
 from pathlib import Path
 
+import hvac
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
 from kmsgate.auth import Credentials
 from kmsgate.bootstrap import build_service, init_wrapped_root_key
@@ -83,6 +88,26 @@ def test_wrong_or_missing_kek_refuses_to_start(unseal_settings, tmp_path):
     server.client().secrets.transit.create_key(name=other, key_type="aes256-gcm96")
     with pytest.raises(ConfigError, match="cannot unwrap"):
         build_service(settings(other))
+    imported = f"imported-{secrets.token_hex(4)}"
+    import_transit_key(server.client(), imported, secrets.token_bytes(32))
+    with pytest.raises(ConfigError, match="was imported: a copy of it exists outside Vault"):
+        build_service(settings(imported))
+
+
+def import_transit_key(client: hvac.Client, name: str, material: bytes) -> None:
+    """Import `material` as the aes256-gcm96 Transit key `name` (BYOK): an ephemeral AES key
+    wrapped with RSA-OAEP (SHA-256) under the mount's wrapping key, then the material wrapped
+    with it (AES-KWP, RFC 5649)."""
+    wrapping = client.adapter.get("/v1/transit/wrapping_key")["data"]["public_key"]
+    public = serialization.load_pem_public_key(wrapping.encode())
+    assert isinstance(public, rsa.RSAPublicKey)
+    ephemeral = secrets.token_bytes(32)
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    blob = public.encrypt(ephemeral, oaep) + aes_key_wrap_with_padding(ephemeral, material)
+    client.adapter.post(
+        f"/v1/transit/keys/{name}/import",
+        json={"ciphertext": base64.b64encode(blob).decode(), "type": "aes256-gcm96"},
+    )
 
 
 @pytest.fixture

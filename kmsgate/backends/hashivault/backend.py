@@ -486,8 +486,9 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
         softkms's root key outside the catalogue (auto-unseal). `transit_name` is the Transit
         key's own name (no prefix added). `unwrap` works across later Transit rotations.
 
-        Raises NotFound if it does not exist, InvalidRequest if it is not aes256-gcm96 or
-        is exportable (or a name is malformed), BackendUnavailable, BackendError.
+        Raises NotFound if it does not exist, InvalidRequest if it is not aes256-gcm96, is
+        exportable or was imported (a copy of it exists outside Vault), or a name is
+        malformed; BackendUnavailable, BackendError.
         """
         mount = mount or self.settings.mount
         if not _NAME.match(transit_name) or not _MOUNT.match(mount):
@@ -500,6 +501,10 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
                 f"Transit key {transit_name!r} is {info.transit_type}"
                 f"{' and exportable' if info.exportable else ''}, not a non-exportable "
                 "aes256-gcm96 key"
+            )
+        if info.imported:
+            raise InvalidRequest(
+                f"Transit key {transit_name!r} was imported: a copy of it exists outside Vault"
             )
         ref = _Ref(mount, transit_name, info.latest_version)
         return BackendKey(str(ref), KeyType.AES_256_GCM, transit_name, info.latest_version)

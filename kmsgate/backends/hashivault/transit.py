@@ -132,6 +132,8 @@ class _KeyInfo:
     transit_type: str
     derived: bool
     exportable: bool
+    imported: bool
+    """Its material was imported (BYOK): a copy exists outside Vault."""
     latest_version: int
     min_available_version: int
     min_decryption_version: int
@@ -157,6 +159,7 @@ class _KeyInfo:
                 transit_type=str(data["type"]),
                 derived=bool(data.get("derived", False)),
                 exportable=bool(data.get("exportable", False)),
+                imported=bool(data.get("imported_key", False)),
                 latest_version=int(data["latest_version"]),
                 min_available_version=int(data.get("min_available_version") or 0),
                 min_decryption_version=int(data.get("min_decryption_version") or 0),
