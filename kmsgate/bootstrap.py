@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from cryptography import x509
@@ -29,6 +30,7 @@ from kmsgate.backends.softkms import (
 from kmsgate.catalogue import AUDIT_PURPOSE, Catalogue
 from kmsgate.config import ROOT_TOKEN_FILE, Settings
 from kmsgate.errors import BackendError, ConfigError, KmsgateError, NotFound, Unauthenticated
+from kmsgate.files import foreign_owner
 from kmsgate.pki.authorities import CaState
 from kmsgate.pki.root import (
     RootKey,
@@ -142,6 +144,8 @@ def build_service(settings: Settings) -> Service:
     Raises ConfigError if anything is misconfigured (bad policy, wrong root key, ...).
     """
     settings.check_production()
+    if settings.data_dir is not None:
+        check_data_dir(settings.data_dir)
     store = Store(settings.resolved_database_url())
     store.migrate()
     registry = Registry(_build_backends(settings, store), settings.default_backend)
@@ -211,13 +215,36 @@ def start_checkpoints(service: Service) -> bool:
 
 
 def prepare_dev_data_dir(settings: Settings) -> None:
-    """Create the dev data dir (0700) and its root key (0600) on first run."""
+    """Create the dev data dir (0700) and its root key (0600) on first run. Raises
+    ConfigError for a data dir that is not the gateway's own (`check_data_dir`)."""
     assert settings.dev and settings.data_dir is not None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    check_data_dir(settings.data_dir)
     os.chmod(settings.data_dir, 0o700)
     root_key = settings.resolved_root_key_file()
     if not root_key.exists():
         create_root_key_file(root_key)
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Raises ConfigError if the existing `data_dir` belongs to another user than the
+    gateway's (or root), or every user may write in it: whoever made it could read or
+    replace the root key, the store and the audit log (a dev data dir under /tmp made
+    beforehand by another user)."""
+    try:
+        st = data_dir.stat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot read the data dir {data_dir}: {exc.strerror}") from None
+    problem = foreign_owner(st)
+    if problem is None and st.st_mode & stat.S_IWOTH:
+        problem = "is writable by every user"
+    if problem is not None:
+        raise ConfigError(
+            f"the data dir {data_dir} {problem}: use a directory of the gateway's user "
+            f"(mkdir -m 700 DIR)"
+        )
 
 
 def bootstrap_token(settings: Settings, roles: list[str], description: str) -> str:

@@ -12,7 +12,21 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["write_all", "write_new"]
+__all__ = ["foreign_owner", "write_all", "write_new"]
+
+ROOT_UID = 0
+
+
+def foreign_owner(st: os.stat_result) -> str | None:
+    """Why a file or directory that holds the gateway's secrets is not the gateway's to
+    trust, or None: its owner must be the user the gateway runs as (the effective uid) or
+    root (a mounted Kubernetes Secret). Another user could read or replace what it holds."""
+    if st.st_uid in (os.geteuid(), ROOT_UID):
+        return None
+    return (
+        f"is owned by uid {st.st_uid}, not by the user the gateway runs as "
+        f"(uid {os.geteuid()}) or root"
+    )
 
 
 def write_new(path: Path, data: bytes, *, mode: int = 0o600) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from kmsgate.backends.secret_files import read_secret_file
 from kmsgate.config import Settings, TlsSettings
 from kmsgate.durations import format_duration
 from kmsgate.errors import ConfigError, KmsgateError
@@ -243,9 +244,11 @@ def _load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None
     the copies are checked in a scratch context before `context` is touched (a live
     context that took a new certificate and a key that does not match it, caught between
     a rotation's two renames, would fail every handshake until the next reload). Raises
-    ConfigError if the pair cannot be read or does not match."""
+    ConfigError if the pair cannot be read or does not match, or if another user could
+    read or replace the key file (`exposure`)."""
+    key = read_secret_file(key_file, "TLS key")
     try:
-        pair = (cert_file.read_bytes(), key_file.read_bytes())
+        pair = (cert_file.read_bytes(), key)
         # a private (0700) directory: the key directory may be read-only (a mounted Secret)
         with tempfile.TemporaryDirectory(prefix="kmsgate-tls-") as private:
             copies = (Path(private) / "cert.pem", Path(private) / "key.pem")

@@ -618,11 +618,12 @@ def test_approle_login_and_relogin_after_revocation(tmp_path, openbao_server, pr
         "secret_id"
     ]
     secret_file = tmp_path / "secret-id"
-    secret_file.write_text(secret_id)
-    backend = make_backend(
-        openbao_server.addr, prefix,
-        approle={"role_id": role_id, "secret_id_file": str(secret_file), "mount": mount},
-    )  # fmt: skip
+    secret_file.write_text(secret_id)  # the umask's 0644: anyone could log in as kmsgate
+    approle = {"role_id": role_id, "secret_id_file": str(secret_file), "mount": mount}
+    with pytest.raises(ConfigError, match=f"secret id file {secret_file} must not be accessible"):
+        make_backend(openbao_server.addr, prefix, approle=approle)
+    secret_file.chmod(0o600)
+    backend = make_backend(openbao_server.addr, prefix, approle=approle)
     try:
         key = backend.create_key(KeySpec("ar", 1, KeyType.ED25519))
         _sign(backend, key)
@@ -855,6 +856,23 @@ def test_config_errors_never_echo_secrets(extra, message):
     with pytest.raises(ConfigError, match=message) as caught:
         HashiVaultBackend.from_config("vault", BackendSettings(**cfg))
     assert "SECRET-VALUE" not in str(caught.value)
+
+
+def test_a_token_file_or_client_key_others_can_read_is_refused(tmp_path: Path) -> None:
+    """Anyone who reads kmsgate's Vault token signs and decrypts with its Transit keys,
+    unaudited: a token file (and a TLS client key) must be the gateway user's alone."""
+    token = tmp_path / "vault-token"
+    token.write_text("s.SECRET-VALUE\n")
+    token.chmod(0o644)
+    cfg = {"type": "hashivault", "addr": "https://vault.example:8200"}
+    with pytest.raises(ConfigError, match=f"token file {token} must not be accessible"):
+        HashiVaultBackend.from_config("vault", BackendSettings(**cfg, token_file=str(token)))
+    key = tmp_path / "client.key"
+    key.write_text("not read past its mode")
+    key.chmod(0o604)
+    tls = {"client_cert": str(tmp_path / "client.pem"), "client_key": str(key)}
+    with pytest.raises(ConfigError, match=f"client_key file {key} must not be accessible"):
+        HashiVaultBackend.from_config("vault", BackendSettings(**cfg, token="t", **tls))
 
 
 @pytest.mark.parametrize(

@@ -324,7 +324,11 @@ def test_tls_outside_dev_needs_settings_and_a_bad_pair_is_one_error_line(tmp_pat
             serialization.NoEncryption(),
         )
     )
-    mismatched = _serve_refused(tmp_path, {"cert_file": str(cert), "key_file": str(other_key)})
+    pair = {"cert_file": str(cert), "key_file": str(other_key)}
+    exposed = _serve_refused(tmp_path, pair)  # the umask's 0644: anyone could read the key
+    assert_one_line_error(exposed, f"TLS key file {other_key} must not be accessible", rc=2)
+    other_key.chmod(0o600)
+    mismatched = _serve_refused(tmp_path, pair)
     assert "error: cannot load the TLS certificate" in mismatched.err, str(mismatched)
 
 

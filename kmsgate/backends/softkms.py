@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kmsgate.algorithms import HashName, KeyType, KeyUsage, SignAlg, sign_with_private_key
 from kmsgate.backends.base import BackendKey, KeyBackend, KeySpec, MacCapable, WrapCapable
-from kmsgate.backends.secret_files import exposure
+from kmsgate.backends.secret_files import read_secret_file
 from kmsgate.errors import (
     BackendError,
     ConfigError,
@@ -55,13 +55,7 @@ def create_root_key_file(path: Path) -> None:
 def read_root_key_file(path: Path) -> bytes:
     """The root key in `path`. Raises ConfigError if missing, exposed (`exposure`), or
     malformed."""
-    try:
-        problem = exposure(path.stat())
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read root key file {path}: {exc.strerror}") from exc
-    if problem is not None:
-        raise ConfigError(f"root key file {path} {problem}")
+    data = read_secret_file(path, "root key")
     if len(data) != ROOT_KEY_BYTES:
         raise ConfigError(f"root key file {path} must hold exactly {ROOT_KEY_BYTES} bytes")
     return data

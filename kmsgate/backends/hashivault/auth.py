@@ -15,6 +15,7 @@ from typing import Any
 import hvac.exceptions  # type: ignore[import-untyped]
 
 from kmsgate.backends.hashivault.settings import HashiVaultSettings
+from kmsgate.backends.secret_files import read_secret_file
 from kmsgate.errors import ConfigError
 
 _log = logging.getLogger(__name__)
@@ -25,12 +26,17 @@ _RENEW_RETRY_SECONDS = 5.0
 """Background renewal: wait this long after a failed attempt before trying again."""
 
 
-def _read_secret_file(path: Path, what: str) -> str:
-    """The stripped content of a secret file. Raises ConfigError if unreadable or empty."""
+def _read_secret_file(path: Path, what: str, *, private: bool = True) -> str:
+    """The stripped content of a secret file. Raises ConfigError if unreadable, not UTF-8
+    or empty, or, `private`, exposed (another user could read or replace it: `exposure`;
+    a Kubernetes service account token is mounted readable by the pod, and is not)."""
     try:
-        value = path.read_text(encoding="utf-8").strip()
+        raw = read_secret_file(path, what) if private else path.read_bytes()
+        value = raw.decode("utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} file {path} is not UTF-8 text") from None
     if not value:
         raise ConfigError(f"{what} file {path} is empty")
     return value
@@ -112,7 +118,7 @@ class _Auth:
             )
             self._logged_in(reply)
         elif s.kubernetes is not None:
-            jwt = _read_secret_file(s.kubernetes.jwt_file, "service account token")
+            jwt = _read_secret_file(s.kubernetes.jwt_file, "service account token", private=False)
             reply = self._client.auth.kubernetes.login(
                 role=s.kubernetes.role, jwt=jwt, mount_point=s.kubernetes.mount
             )

@@ -18,6 +18,7 @@ import requests.adapters
 from kmsgate.backends.hashivault.auth import _Auth
 from kmsgate.backends.hashivault.settings import HashiVaultSettings
 from kmsgate.backends.hashivault.transit import _KeyInfo, _Ref, _strip_prefix
+from kmsgate.backends.secret_files import read_secret_file
 from kmsgate.errors import (
     BackendError,
     BackendUnavailable,
@@ -47,11 +48,10 @@ class _VaultClient:
         session.mount("http://", pool)
         session.mount("https://", pool)
         verify: bool | str = str(settings.ca_cert) if settings.ca_cert else True
-        cert = (
-            (str(settings.client_cert), str(settings.client_key))
-            if settings.client_cert and settings.client_key
-            else None
-        )
+        cert = None
+        if settings.client_cert and settings.client_key:
+            read_secret_file(settings.client_key, "client_key")  # another user's copy: refused
+            cert = (str(settings.client_cert), str(settings.client_key))
         session.verify = verify
         session.cert = cert
         self.hvac = hvac.Client(
