@@ -1,6 +1,7 @@
 """The SDK's connection to a gateway: its address, the bearer token, TLS verification, and
 each failure (an error reply, an unreachable or refusing gateway, a reply that is not a
-gateway's, a value that cannot be sent) as `ApiError`."""
+gateway's, a value that cannot be sent, a credential that would cross the network in
+cleartext) as `ApiError`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Self, TypeVar
 import httpx
 
 from kmsgate.encoding import b64decode_strict
+from kmsgate.loopback import is_loopback_host, plain_http_refused
 
 DEFAULT_ADDR = "http://127.0.0.1:8200"
 _T = TypeVar("_T")
@@ -54,7 +56,9 @@ class Transport:
         file (its path; by default `KMSGATE_CACERT` if set) or a context. `anonymous`: send
         no token, not even `KMSGATE_TOKEN` (a client that authenticates with the certificate
         in its `verify` context). Raises OSError or ssl.SSLError if a CA file cannot be
-        loaded (an address that is no URL fails each request, as an unreachable one does)."""
+        loaded (an address that is no URL fails each request, as an unreachable one does, and
+        so does a plain http:// address off loopback when a credential would be sent:
+        `_cleartext_credential`)."""
         self.addr = (addr or os.environ.get("KMSGATE_ADDR") or DEFAULT_ADDR).rstrip("/")
         cafile = verify if isinstance(verify, str) else None
         if verify is True:
@@ -83,6 +87,28 @@ class Transport:
                 token_sent=self._token_sent,
             )
             self._http = httpx.Client(headers=headers, timeout=timeout, verify=verify)
+        else:
+            self._unusable_addr = self._cleartext_credential(bool(headers))
+
+    def _cleartext_credential(self, token_in_headers: bool) -> ApiError | None:
+        """The `invalid_request` error for a plain http:// address whose host is not loopback
+        (`is_loopback_host`, a name resolved: it is connected to now) when the requests would
+        carry a credential: the bearer token, or a user name and password in the address
+        (httpx sends those as Basic auth). None for any other address: a request without a
+        credential (`health`) may go over plain HTTP anywhere."""
+        url = self._http.base_url
+        if url.scheme != "http" or not (token_in_headers or url.userinfo):
+            return None
+        if is_loopback_host(url.raw_host.decode("ascii"), resolve=True):
+            return None
+        what = "the API token" if token_in_headers else "the password in the address"
+        netloc = url.netloc.decode("ascii")  # host and port, without the user info
+        return ApiError(
+            0,
+            "invalid_request",
+            plain_http_refused(f"http://{netloc}", what),
+            token_sent=self._token_sent,
+        )
 
     def __enter__(self) -> Self:
         return self

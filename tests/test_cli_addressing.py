@@ -1,17 +1,20 @@
 """What the CLI (and the SDK under it) sends and accepts: a name is one URL path segment,
-an address that is no URL or a reply that is no gateway's is one error line, and an
-argument that is not text is refused before anything is sent."""
+an address that is no URL or a reply that is no gateway's is one error line, an argument
+that is not text is refused before anything is sent, and so is a credential that would go
+over plain HTTP to a host that is not loopback."""
 
 from __future__ import annotations
 
 import http.server
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kmsgate.client import ApiError, Client
 from tests.components import LOOPBACK
 from tests.test_cli import Gateway, assert_one_line_error, clean_env, run_cli, running_gateway
 
@@ -122,3 +125,34 @@ def test_an_address_that_is_no_url_is_one_error_line() -> None:
     result = run_cli(("keys", "list", "--addr", "http://ci:se/cret@127.0.0.1:1"), clean_env())
     assert_one_line_error(result, "http://***@127.0.0.1:1")
     assert "se/cret" not in result.err and "cret" not in result.err
+
+
+OFF_LOOPBACK = "http://192.0.2.10:1"
+"""A plain HTTP address that is not loopback (TEST-NET-1): never connected to here."""
+
+
+def test_a_credential_is_not_sent_over_plain_http_off_loopback(gw: Gateway) -> None:
+    started = time.monotonic()
+    with (
+        pytest.raises(ApiError) as refused,
+        Client(OFF_LOOPBACK, "kmg.0123.SECRET", timeout=30) as client,
+    ):
+        client.list_keys()
+    assert time.monotonic() - started < 1  # refused before a connection is tried
+    assert refused.value.code == "invalid_request"
+    assert "https://" in refused.value.detail and "SECRET" not in refused.value.detail
+    result = run_cli(("keys", "list", "--addr", OFF_LOOPBACK), gw.env())
+    assert_one_line_error(result, "invalid_request", "192.0.2.10", "use https://")
+    # a password in the address is a credential too (sent as Basic auth), and not shown
+    result = run_cli(("health", "--addr", "http://ci:pw-x@192.0.2.10:1"), clean_env())
+    assert_one_line_error(result, "invalid_request", "use https://")
+    assert "pw-x" not in result.err
+    # the same gateway's port through 0.0.0.0 (Linux connects it to this host), which is
+    # not a loopback address: refused with a token, served without one
+    port = gw.addr.rpartition(":")[2]
+    env = {**gw.env(), "KMSGATE_ADDR": f"http://0.0.0.0:{port}"}
+    assert_one_line_error(run_cli(("keys", "list"), env), "invalid_request", "use https://")
+    assert run_cli(("health",), env).out.strip() == "ok"
+    # loopback takes the token over plain HTTP
+    assert gw.addr.startswith(f"http://{LOOPBACK}:")
+    gw.ok("keys", "list")
