@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import json
 import secrets
 import socket
 import subprocess
@@ -56,7 +57,7 @@ from kmsgate.service.gate import Outcome
 from tests import helpers
 from tests.gateway import Api, open_gateway
 from tests.helpers import b64, unb64
-from tests.moto import KmsProxy, MotoServer, running_moto
+from tests.moto import DUMMY_CREDENTIALS, KmsProxy, MotoServer, running_moto
 
 MESSAGE = b"kmsgate awskms test message \x00\xff" * 20
 
@@ -643,6 +644,84 @@ def test_plain_http_endpoint_only_on_loopback(endpoint_url, accepted):
     ) as info:
         AwsKmsBackend.from_config("aws", cfg)
     assert "s3cr3t" not in str(info.value)
+
+
+KEY_POLICY = """{
+  "Version": "2012-10-17",
+  "Statement": [
+    {"Sid": "kmsgate uses and manages its keys", "Effect": "Allow",
+     "Principal": {"AWS": "arn:aws:iam::123456789012:role/kmsgate"},
+     "Action": ["kms:Sign", "kms:Encrypt", "kms:Decrypt", "kms:PutKeyPolicy"], "Resource": "*"}
+  ]
+}
+"""
+
+
+def kms_key_policy(moto_server: MotoServer, key_ref: str) -> dict[str, Any]:
+    """The key policy AWS (moto) holds for the KMS key of a version's `ref`."""
+    arn = key_ref.removeprefix("awskms:").rsplit("#", 1)[0]
+    policy = moto_server.client().get_key_policy(KeyId=arn, PolicyName="default")["Policy"]
+    return json.loads(policy)
+
+
+def test_keys_kmsgate_creates_get_the_configured_key_policy(moto_server, tmp_path):
+    policy_file = tmp_path / "key-policy.json"
+    policy_file.write_text(KEY_POLICY)
+    configured = BackendSettings(**moto_server.backend_settings(key_policy_file=str(policy_file)))
+    backend = AwsKmsBackend.from_config("aws", configured)
+    policy_file.write_text("read once, at start")
+    try:
+        first = backend.create_key(KeySpec("p", 1, KeyType.ECDSA_P256))
+        second = backend.create_key(KeySpec("p", 2, KeyType.ECDSA_P256, previous=first))
+        hmac_key = backend.create_key(KeySpec("h", 1, KeyType.HMAC_SHA256))
+        for key in (first, second, hmac_key):  # every CreateKey, a new version's too
+            assert kms_key_policy(moto_server, key.ref) == json.loads(KEY_POLICY)
+    finally:
+        backend.close()
+    backend = AwsKmsBackend.from_config("aws", BackendSettings(**moto_server.backend_settings()))
+    try:  # without the setting, AWS's default: IAM policies of the account decide
+        default = kms_key_policy(
+            moto_server, backend.create_key(KeySpec("d", 1, KeyType.ECDSA_P256)).ref
+        )
+        assert [s["Sid"] for s in default["Statement"]] == ["Enable IAM User Permissions"]
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        pytest.param(b"Version: 2012-10-17", "is not JSON", id="yaml"),
+        pytest.param(b'{"Version": "2012-10-17",}', "is not JSON", id="trailing-comma"),
+        pytest.param('{"Statement": []}'.encode("utf-16"), "is not JSON in UTF-8", id="utf-16"),
+        pytest.param(b'[{"Version": "2012-10-17"}]', "is not a JSON object", id="array"),
+        pytest.param(
+            b'{"Statement": []}' + b" " * (32 * 1024 - 16), "larger than 32 KiB", id="32-kib-1"
+        ),
+        pytest.param(None, "cannot be read", id="missing"),
+    ],
+)
+def test_an_unusable_key_policy_file_is_a_config_error_naming_it(tmp_path, content, why):
+    policy_file = tmp_path / "key-policy.json"
+    if content is not None:
+        policy_file.write_bytes(content)
+    cfg = BackendSettings(
+        type="awskms", region="us-east-1", key_policy_file=str(policy_file), **DUMMY_CREDENTIALS
+    )
+    with pytest.raises(ConfigError) as refused:
+        AwsKmsBackend.from_config("aws", cfg)
+    message = str(refused.value)
+    assert f"key_policy_file {policy_file}" in message and why in message
+    assert "\n" not in message
+
+
+def test_a_key_policy_of_32_kib_is_taken(tmp_path):
+    policy_file = tmp_path / "key-policy.json"
+    policy_file.write_bytes(b'{"Statement": []}' + b" " * (32 * 1024 - 17))
+    cfg = BackendSettings(
+        type="awskms", region="us-east-1", key_policy_file=str(policy_file), **DUMMY_CREDENTIALS
+    )
+    AwsKmsBackend.from_config("aws", cfg).close()
 
 
 def test_unreachable_endpoint_is_503_and_status_not_ok():

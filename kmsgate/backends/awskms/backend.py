@@ -16,7 +16,7 @@ from kmsgate.algorithms import HashName, KeyType, SignAlg
 from kmsgate.backends.awskms import lifecycle
 from kmsgate.backends.awskms.client import _AwsError, _KmsClient
 from kmsgate.backends.awskms.material import _Material
-from kmsgate.backends.awskms.settings import AwsKmsSettings
+from kmsgate.backends.awskms.settings import AwsKmsSettings, read_key_policy
 from kmsgate.backends.awskms.specs import (
     _AWS_HASH,
     _CIPHERTEXT_MAX,
@@ -63,7 +63,8 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
     it (`BackendKey.material`, JSON: ARN, KeySpec, and for rotated symmetric keys the on-demand
     rotation it stands for). `BackendKey.ref` is `awskms:<key ARN>#<kmsgate version>`.
 
-    - Keys: `CreateKey` with the KeySpec / KeyUsage of the kmsgate type (`_KEY_SPECS`), tags from
+    - Keys: `CreateKey` with the KeySpec / KeyUsage of the kmsgate type (`_KEY_SPECS`), the key
+      policy of `key_policy_file` if set, tags from
       the labels plus `kmsgate:name` / `kmsgate:version`, alias `<alias_prefix><name>` (a `.` in a
       kmsgate name becomes `/`: AWS alias names cannot hold dots, kmsgate names cannot hold
       slashes, so the mapping is one-to-one) pointing at the newest KMS key of the kmsgate key.
@@ -96,8 +97,12 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
     scheme: ClassVar[str] = "awskms"
 
     def __init__(self, name: str, settings: AwsKmsSettings, *, client: Any | None = None) -> None:
+        """Raises ConfigError if `key_policy_file` is unusable (`read_key_policy`) or the
+        AWS client cannot be made."""
         super().__init__(name)
         self.settings = settings
+        policy_file = settings.key_policy_file
+        self._key_policy = None if policy_file is None else read_key_policy(name, policy_file)
         self._kms = _KmsClient(name, settings, client)
         self._destroyed: set[str] = set()
         self._lock = threading.Lock()
@@ -149,7 +154,7 @@ class AwsKmsBackend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         """
         if spec.previous is not None:
             self._check_live(spec.previous)
-        return lifecycle.create_key(self._kms, spec)
+        return lifecycle.create_key(self._kms, spec, self._key_policy)
 
     def promoted(self, key: BackendKey) -> None:
         """Point the key's alias at the KMS key of `key` (`lifecycle.point_alias`)."""

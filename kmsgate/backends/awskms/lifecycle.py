@@ -56,15 +56,17 @@ def _tags(kms: _KmsClient, spec: KeySpec) -> list[dict[str, str]]:
     return [{"TagKey": k, "TagValue": v} for k, v in sorted(tags.items())]
 
 
-def create_key(kms: _KmsClient, spec: KeySpec) -> BackendKey:
-    """A new KMS key, tagged, for `spec` (aliased once the catalogue takes it:
-    `point_alias`); for version N > 1 of an aes-256-gcm key, one on-demand rotation
-    instead. Raises as `AwsKmsBackend.create_key`."""
+def create_key(kms: _KmsClient, spec: KeySpec, policy: str | None) -> BackendKey:
+    """A new KMS key, tagged, with the key policy `policy` (None: AWS's default), for
+    `spec` (aliased once the catalogue takes it: `point_alias`); for version N > 1 of an
+    aes-256-gcm key, one on-demand rotation instead. Raises as
+    `AwsKmsBackend.create_key`."""
     if not _KEY_NAME.match(spec.name) or spec.version < 1:
         raise InvalidRequest("invalid key name or version")
     key_spec, usage, _ = _KEY_SPECS[spec.key_type]
     if spec.key_type is KeyType.AES_256_GCM and spec.version > 1:
         return _rotate_symmetric(kms, spec)
+    policy_param = {} if policy is None else {"Policy": policy}
     try:
         reply = kms.call(
             "create_key",
@@ -73,6 +75,7 @@ def create_key(kms: _KmsClient, spec: KeySpec) -> BackendKey:
             KeyUsage=usage,
             Description=f"kmsgate key {spec.name} version {spec.version}",
             Tags=_tags(kms, spec),
+            **policy_param,
         )
     except _AwsError as exc:
         if exc.code in ("ValidationException", "UnsupportedOperationException"):

@@ -1,16 +1,22 @@
 """Configuration of a `type: awskms` backend: region, endpoint and credentials, alias prefix,
-deletion window and tags, timeouts, retries and the per-quota rate limits (`RateLimits`)."""
+deletion window, tags and key policy, timeouts, retries and the per-quota rate limits
+(`RateLimits`)."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from kmsgate.backends.awskms.specs import _CONTEXT_PREFIX
+from kmsgate.errors import ConfigError
 from kmsgate.loopback import https_or_loopback, plain_http_refused
 
 _ALIAS_PREFIX = re.compile(r"^alias/[A-Za-z0-9/_-]*/$")
+KEY_POLICY_MAX_BYTES = 32 * 1024
+"""AWS's limit on a key policy document."""
 
 
 class RateLimits(BaseModel):
@@ -58,6 +64,11 @@ class AwsKmsSettings(BaseModel):
     """Days between `destroy` and AWS deleting the KMS key (ScheduleKeyDeletion)."""
     tags: dict[str, str] = Field(default_factory=dict)
     """Extra tags put on every KMS key kmsgate creates."""
+    key_policy_file: Path | None = None
+    """A JSON key policy document (at most 32 KiB) given as `Policy` to every CreateKey
+    kmsgate makes, read once at start (`read_key_policy`); unset, AWS gives the key its
+    default policy, which lets IAM identity policies of the account allow any use of it.
+    Adopted keys keep their own."""
 
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=5.0, gt=0)
@@ -94,3 +105,25 @@ class AwsKmsSettings(BaseModel):
             if key.startswith(("aws:", _CONTEXT_PREFIX)):
                 raise ValueError(f"tag {key!r}: the 'aws:' and 'kmsgate:' prefixes are reserved")
         return self
+
+
+def read_key_policy(backend: str, path: Path) -> str:
+    """The key policy document in `path`, as it is sent to AWS. Raises ConfigError naming
+    the file if it cannot be read, is larger than `KEY_POLICY_MAX_BYTES` or is not a JSON
+    object."""
+    where = f"backend {backend!r} (awskms): key_policy_file {path}"
+    try:
+        with path.open("rb") as source:
+            data = source.read(KEY_POLICY_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read: {exc.strerror}") from None
+    if len(data) > KEY_POLICY_MAX_BYTES:
+        raise ConfigError(f"{where} is larger than 32 KiB, AWS's limit for a key policy")
+    try:
+        text = data.decode()
+        policy = json.loads(text)
+    except ValueError as exc:  # UnicodeDecodeError is one
+        raise ConfigError(f"{where} is not JSON in UTF-8: {exc}") from None
+    if not isinstance(policy, dict):
+        raise ConfigError(f"{where} is not a JSON object (a key policy document)")
+    return text
