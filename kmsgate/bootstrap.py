@@ -13,6 +13,7 @@ import secrets
 import stat
 from pathlib import Path
 
+import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -50,16 +51,39 @@ _ROOT_CHECK = b"kmsgate root key check"
 _ROOT_WRAP_AAD = b"kmsgate/softkms/root-key/v1"
 
 
+_ROOT_CHECK_META = "softkms.root_check"
+
+
 def _check_root_key(store: Store, softkms: SoftKmsBackend) -> None:
     """Refuse to start with a root key other than the one the store was sealed under."""
     sealed = softkms.seal(_ROOT_CHECK, "__root_check__", 0).hex()
-    stored = store.init_meta("softkms.root_check", sealed)
-    try:
-        ok = softkms.unseal(bytes.fromhex(stored), "__root_check__", 0) == _ROOT_CHECK
-    except BackendError:
-        ok = False
-    if not ok:
+    stored = store.init_meta(_ROOT_CHECK_META, sealed)
+    if not _seals(softkms, stored):
         raise ConfigError("the root key does not match the one this store was sealed with")
+
+
+def _seals(softkms: SoftKmsBackend, stored: str) -> bool:
+    """Whether `softkms`'s root key made the store's root check `stored`."""
+    try:
+        return softkms.unseal(bytes.fromhex(stored), "__root_check__", 0) == _ROOT_CHECK
+    except (BackendError, ValueError):
+        return False
+
+
+def _stored_root_check(settings: Settings) -> str | None:
+    """The root check of the store `settings` name, or None if it has none (an SQLite file
+    not made yet, a store no gateway has started on). Raises ConfigError if the store
+    cannot be opened."""
+    url = settings.resolved_database_url()
+    database = sa.engine.make_url(url).database
+    if url.startswith("sqlite") and database and not Path(database).exists():
+        return None
+    store = Store(url)
+    try:
+        store.migrate()
+        return store.get_meta(_ROOT_CHECK_META)
+    finally:
+        store.close()
 
 
 def _root_kek(
@@ -90,18 +114,35 @@ def _root_key(settings: Settings, others: dict[str, KeyBackend]) -> bytes:
         raise ConfigError(f"cannot unwrap the root key: {exc.detail}") from exc
 
 
-def init_wrapped_root_key(settings: Settings) -> Path:
-    """Create a random root key, wrap it with `root_key_wrap`'s key and write it (0600).
+def init_wrapped_root_key(settings: Settings, existing: Path | None = None) -> Path:
+    """Wrap a root key with `root_key_wrap`'s key and write it (0600): a new random one, or
+    the one in the root key file `existing` (moving a store sealed with it to auto-unseal).
 
-    Raises ConfigError if auto-unseal is not configured or the file exists.
+    Raises ConfigError if auto-unseal is not configured, the file exists, the store is
+    sealed already and no `existing` key is given (a new key would not open it), or
+    `existing` is not the key the store was sealed with (or not a private root key file).
     """
     wrap = settings.root_key_wrap
     if wrap is None:
         raise ConfigError("root_key_wrap is not configured")
+    if wrap.file.exists():
+        raise ConfigError(f"{wrap.file} exists: refusing to replace a root key")
+    stored = _stored_root_check(settings)
+    if existing is None:
+        if stored is not None:
+            raise ConfigError(
+                "this store is sealed with a root key already: a new one would not open it; "
+                "wrap that one with --from-file ROOT_KEY_FILE"
+            )
+        root_key = secrets.token_bytes(ROOT_KEY_BYTES)
+    else:
+        root_key = read_root_key_file(existing)
+        if stored is not None and not _seals(SoftKmsBackend("local", root_key), stored):
+            raise ConfigError(f"{existing} is not the root key this store was sealed with")
     others = _build_other_backends(settings)
     try:
         backend, kek = _root_kek(settings, others)
-        blob = backend.wrap(kek, secrets.token_bytes(ROOT_KEY_BYTES), _ROOT_WRAP_AAD)
+        blob = backend.wrap(kek, root_key, _ROOT_WRAP_AAD)
         fd = os.open(wrap.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError as exc:
         raise ConfigError(f"{wrap.file} exists: refusing to replace a root key") from exc

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
 from kmsgate.auth import Credentials
+from kmsgate.backends.softkms import create_root_key_file
 from kmsgate.bootstrap import build_service, init_wrapped_root_key
 from kmsgate.config import load_settings
 from kmsgate.errors import ConfigError
@@ -75,6 +76,39 @@ def test_root_key_survives_restarts_and_kek_rotation(unseal_settings):
     service = build_service(settings())  # unwraps again, after a KEK rotation
     target = service.gate.target("k")
     [signed] = service.crypto.sign(admin, Ctx("t"), target, [SignInput(input=b"m")], False)
+    assert signed.key_version == 1
+    service.close()
+
+
+def test_a_store_sealed_with_a_root_key_file_moves_to_auto_unseal(unseal_settings, tmp_path):
+    """`root-key-init --from-file` wraps the root key a store was sealed with, so that the
+    plaintext file can go; a new key (which would not open the store), or another key, is
+    refused before anything is written."""
+    settings, _, _ = unseal_settings
+    plain_key, other_key = tmp_path / "root.key", tmp_path / "other.key"
+    for path in (plain_key, other_key):
+        create_root_key_file(path)
+    wrapped = settings()
+    plain = load_settings(
+        data_dir=wrapped.data_dir, env="test", backends={"local": {"type": "softkms"}},
+        root_key_file=plain_key,
+    )  # fmt: skip
+    service = build_service(plain)
+    bearer = service.tokens.create(["admin"], ttl=None)[1]
+    admin = service.gate.authenticate(Credentials(bearer=bearer), Ctx("t"))
+    service.keys.create(admin, Ctx("t"), NewKey(name="kept", type="ed25519", purpose="p"))
+    service.close()
+    with pytest.raises(ConfigError, match=r"sealed with a root key already.*--from-file"):
+        init_wrapped_root_key(wrapped)
+    with pytest.raises(ConfigError, match=f"{other_key} is not the root key this store"):
+        init_wrapped_root_key(wrapped, other_key)
+    assert not wrapped.root_key_wrap.file.exists()
+    init_wrapped_root_key(wrapped, plain_key)
+    plain_key.unlink()  # what the operator does once the gateway starts without it
+    service = build_service(settings())
+    [signed] = service.crypto.sign(
+        admin, Ctx("t"), service.gate.target("kept"), [SignInput(input=b"m")], False
+    )
     assert signed.key_version == 1
     service.close()
 

@@ -186,16 +186,30 @@ def token_bootstrap(
 
 def root_key_init(
     config: Annotated[Path, typer.Option(envvar="KMSGATE_CONFIG", help="Gateway config file.")],
+    from_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-file",
+            help="Wrap the root key in this file (the store is sealed with it) instead of "
+            "a new one.",
+        ),
+    ] = None,
 ) -> None:
-    """Create the softkms root key wrapped by `root_key_wrap`'s key (auto-unseal)."""
+    """Create the softkms root key wrapped by `root_key_wrap`'s key (auto-unseal), or wrap
+    an existing store's root key (--from-file)."""
     from kmsgate.bootstrap import init_wrapped_root_key
     from kmsgate.config import load_settings
 
     try:
-        path = init_wrapped_root_key(load_settings(config))
+        path = init_wrapped_root_key(load_settings(config), from_file)
     except ConfigError as exc:
         fail(str(exc))
     print_line(f"wrapped root key written to {path}")
+    if from_file is not None:
+        print_line(
+            f"{from_file} is no longer needed once the gateway starts with {path}: "
+            "remove root_key_file from the config, then shred the file and its backups"
+        )
 
 
 @token_app.command("list")
