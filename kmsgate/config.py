@@ -458,10 +458,16 @@ class Settings(BaseSettings):
         return self.data_dir
 
     def check_production(self) -> None:
-        """Outside dev mode, refuse a data dir that is not a directory (the dev gateway
-        makes its own) and dev-only state. Raises ConfigError."""
+        """Refuse a root key file beside a wrapped root key; outside dev mode, a data dir
+        that is not a directory (the dev gateway makes its own) and dev-only state. Raises
+        ConfigError."""
         if self.default_backend not in self.backends:
             raise ConfigError(f"default_backend {self.default_backend!r} is not configured")
+        if self.root_key_wrap is not None and self.root_key_file is not None:
+            raise ConfigError(
+                "root_key_file and root_key_wrap are both set, and only the wrapped key would "
+                "be used: remove root_key_file (see root-key-init --from-file)"
+            )
         if self.dev:
             return
         if self.data_dir and not self.data_dir.is_dir():

@@ -104,6 +104,9 @@ def test_a_store_sealed_with_a_root_key_file_moves_to_auto_unseal(unseal_setting
         init_wrapped_root_key(wrapped, other_key)
     assert not wrapped.root_key_wrap.file.exists()
     init_wrapped_root_key(wrapped, plain_key)
+    both = settings().model_copy(update={"root_key_file": plain_key})
+    with pytest.raises(ConfigError, match="root_key_file and root_key_wrap are both set"):
+        build_service(both)
     plain_key.unlink()  # what the operator does once the gateway starts without it
     service = build_service(settings())
     [signed] = service.crypto.sign(

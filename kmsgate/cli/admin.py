@@ -207,8 +207,8 @@ def root_key_init(
     print_line(f"wrapped root key written to {path}")
     if from_file is not None:
         print_line(
-            f"{from_file} is no longer needed once the gateway starts with {path}: "
-            "remove root_key_file from the config, then shred the file and its backups"
+            f"remove root_key_file from the config and start the gateway; once it has "
+            f"started with {path}, shred {from_file} and its backups"
         )
 
 
