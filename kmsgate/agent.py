@@ -92,6 +92,17 @@ class AgentOptions:
 
 PERMANENT_STATUSES = frozenset({400, 404, 422})
 """Replies the agent stops on (its options are wrong) instead of retrying for ever."""
+
+
+def _permanent(exc: Exception) -> bool:
+    """Whether asking again cannot mend `exc`: a reply of `PERMANENT_STATUSES`, or a request
+    the SDK would not send (`invalid_request` with no reply: an address that is no URL, or
+    plain http:// off loopback with a credential)."""
+    if not isinstance(exc, ApiError):
+        return False
+    return exc.status in PERMANENT_STATUSES or (exc.status == 0 and exc.code == "invalid_request")
+
+
 REQUEST_FILE = "agent.json"
 """In each set: the CA, profile and SANs it was asked for, so that an agent started with
 other options gets a new certificate instead of renewing the old one."""
@@ -153,10 +164,10 @@ class Agent:
         one swap, then return). A certificate in the directory that is not due yet is kept
         until it is (a restarted agent mints nothing). Raises ApiError, OSError or
         ValueError with `once`, and an ApiError that asking again cannot mend
-        (`PERMANENT_STATUSES`: an unknown CA or profile, a request the gateway refuses as
-        such); other failures are logged and retried with exponential backoff, never
-        waiting long past the certificate's end (`_retry_cap`) unless a certificate was
-        issued and could not be written (`NotKept`)."""
+        (`_permanent`: an unknown CA or profile, a request the gateway refuses as such, an
+        address the SDK will not send it to); other failures are logged and retried with
+        exponential backoff, never waiting long past the certificate's end (`_retry_cap`)
+        unless a certificate was issued and could not be written (`NotKept`)."""
         backoff = FIRST_BACKOFF_SECONDS
         if not once:
             self.stop.wait(self._seconds_until_renewal())
@@ -164,8 +175,7 @@ class Agent:
             try:
                 self.swap()
             except (ApiError, OSError, ValueError) as exc:
-                permanent = isinstance(exc, ApiError) and exc.status in PERMANENT_STATUSES
-                if once or permanent or isinstance(exc, NoCredential):
+                if once or _permanent(exc) or isinstance(exc, NoCredential):
                     raise
                 wait = backoff if isinstance(exc, NotKept) else min(backoff, self._retry_cap())
                 log.warning("certificate not renewed (retrying in %.1f s): %s", wait, exc)

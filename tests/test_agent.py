@@ -218,6 +218,13 @@ def test_an_agent_stops_on_what_asking_again_cannot_mend(tmp_path: Path) -> None
         )  # without --once too: nothing to renew with, nothing to bootstrap with
         assert no_token.returncode == 2
         assert b"and no --token-file or --oidc-token-file to get one" in no_token.stderr
+        cleartext = subprocess.run(  # the token would cross the network in cleartext
+            [*base, "--ca", "dev", "--token-file", str(gw.data_dir / "root-token")],
+            capture_output=True, env={**env, "KMSGATE_ADDR": "http://192.0.2.10:1"},
+            timeout=60, check=False,
+        )  # fmt: skip
+        assert cleartext.returncode == 2, cleartext.stderr
+        assert b"invalid_request: refusing plain http://" in cleartext.stderr
 
 
 def test_an_agent_started_with_other_names_gets_a_new_certificate(tmp_path: Path) -> None:
