@@ -10,6 +10,7 @@ import contextlib
 import functools
 import gc
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -120,6 +121,7 @@ def serve(
     Raises ConfigError on bad settings or when the address cannot be bound (checked before
     anything is printed or created).
     """
+    _no_core_dumps()
     settings = load_settings(config, dev=dev or None, data_dir=data_dir, host=host, port=port)
     for warning in misspelt_variables(os.environ):
         console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
@@ -192,6 +194,12 @@ def serve(
             Multiprocess(per_worker, sockets=[sock]).run()
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _no_core_dumps() -> None:
+    """No core file for this process and its workers (RLIMIT_CORE 0, inherited): it would
+    hold the root key, PINs and tokens, readable wherever the system keeps cores."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 _METRICS_PREFIX = "kmsgate-metrics-"

@@ -1213,6 +1213,27 @@ def test_the_listening_socket_is_tcp_so_asyncio_sets_nodelay() -> None:
         assert sock.get_inheritable()
 
 
+def test_a_gateway_and_its_workers_write_no_core_file(tmp_path: Path) -> None:
+    """A core dump would hold the root key, PINs and tokens: `serve` sets RLIMIT_CORE to 0,
+    soft and hard, before anything is loaded, and its workers inherit it."""
+    with running_gateway(tmp_path, "--workers", "2") as gw:
+        assert gw.process is not None
+        pids = [gw.process.pid, *_children(gw.process.pid)]
+        assert len(pids) >= 3, pids  # the supervisor and its two workers
+        for pid in pids:
+            limits = Path(f"/proc/{pid}/limits").read_text()
+            (line,) = [row for row in limits.splitlines() if row.startswith("Max core file size")]
+            assert line.split()[4:6] == ["0", "0"], line
+
+
+def _children(pid: int) -> list[int]:
+    """The PIDs of `pid`'s child processes (from /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
 def test_serve_removes_the_metrics_dirs_of_supervisors_killed_before_cleaning_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
