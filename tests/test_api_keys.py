@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -197,6 +199,28 @@ def test_a_compromised_version_below_the_minimum_is_retired_all_the_same(api, ad
         body = {"ciphertext": sealed["ciphertext"]}
         reply = api.call("POST", f"/v1/keys/e1/{op}", admin, json=body)
         assert (reply.status_code, reply.json()["code"]) == (409, "key_version_unusable"), op
+
+
+def test_a_destroyed_keys_sealed_material_is_not_left_in_the_database_files(api, admin):
+    """Destruction sets a version's material to null; SQLite would keep the old bytes in the
+    page's free space, where whoever later holds the file and the root key (a backup, a
+    stolen disk) could unseal the destroyed key. secure_delete overwrites them; the store
+    turns it on whatever the SQLite build's default."""
+    create_key(api, admin, "shred")
+    with api.service.catalogue._store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 1
+        (sealed,) = conn.execute(sa.select(tables.key_versions.c.material)).scalars().all()
+    assert sealed and len(sealed) > 32
+    api.call("POST", "/v1/keys/shred/schedule-deletion", admin, json={"pending_days": 7})
+    later = datetime.now(UTC) + timedelta(days=8)
+    assert api.service.keys.destroy_due(Ctx("t"), later) == ["shred"]
+    engine = api.service.catalogue._store.engine
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    database = Path(str(engine.url.database))
+    for path in (database, database.with_name(database.name + "-wal")):
+        if path.exists():
+            assert sealed not in path.read_bytes(), path
 
 
 def test_deletion_schedule_cancel_and_destroy(api, admin):

@@ -95,6 +95,9 @@ def driver_reason(exc: Exception, url: sa.engine.URL, *, first_line: bool = Fals
 def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    # a destroyed version's sealed material is overwritten, not left in free space, whatever
+    # the SQLite build's default (Debian's is on, SQLite's own off)
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={int(WRITE_WAIT_SECONDS * 1000)}")
     cursor.close()
