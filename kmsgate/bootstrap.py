@@ -187,6 +187,7 @@ def build_service(settings: Settings) -> Service:
     settings.check_production()
     if settings.data_dir is not None:
         check_data_dir(settings.data_dir)
+    _check_database_owner(settings.resolved_database_url())
     store = Store(settings.resolved_database_url())
     store.migrate()
     registry = Registry(_build_backends(settings, store), settings.default_backend)
@@ -261,7 +262,13 @@ def prepare_dev_data_dir(settings: Settings) -> None:
     assert settings.dev and settings.data_dir is not None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     check_data_dir(settings.data_dir)
-    os.chmod(settings.data_dir, 0o700)
+    try:
+        os.chmod(settings.data_dir, 0o700)
+    except OSError as exc:  # root's, and this user may write in it through its group
+        raise ConfigError(
+            f"cannot make the dev data dir {settings.data_dir} private (0700): {exc.strerror}; "
+            "use a directory of your own"
+        ) from None
     root_key = settings.resolved_root_key_file()
     if not root_key.exists():
         create_root_key_file(root_key)
@@ -286,6 +293,22 @@ def check_data_dir(data_dir: Path) -> None:
             f"the data dir {data_dir} {problem}: use a directory of the gateway's user "
             f"(mkdir -m 700 DIR)"
         )
+
+
+def _check_database_owner(url: str) -> None:
+    """Raises ConfigError if the SQLite database file of `url` exists and belongs to another
+    user than the gateway's (or root): made beforehand, it would let that user read what the
+    gateway writes (SQLite gives its -wal and -shm files the database file's owner). A
+    read-only check of a store (`audit verify`) does not come here."""
+    database = sa.engine.make_url(url).database
+    if not url.startswith("sqlite") or not database or database == ":memory:":
+        return
+    try:
+        problem = foreign_owner(Path(database).stat())
+    except OSError:  # not made yet, or SQLite will say what is wrong
+        return
+    if problem is not None:
+        raise ConfigError(f"the database {database} {problem}")
 
 
 def bootstrap_token(settings: Settings, roles: list[str], description: str) -> str:

@@ -74,9 +74,12 @@ class Transport:
             {"authorization": f"Bearer {token}"} if token and not self._token_unsendable else {}
         )
         self._unusable_addr: ApiError | None = None
+        # plain HTTP goes straight to the gateway (a loopback one, with a credential), never
+        # through a proxy named in the environment (HTTP_PROXY), which would see the token
+        direct = {"http://": httpx.HTTPTransport()}
         try:
             self._http = httpx.Client(
-                base_url=self.addr, headers=headers, timeout=timeout, verify=verify
+                base_url=self.addr, headers=headers, timeout=timeout, verify=verify, mounts=direct
             )
         except (httpx.InvalidURL, ValueError) as exc:  # a bad port, an unclosed "["
             why = "" if "@" in self.addr else f": {exc}"  # it may quote a password's part
@@ -86,7 +89,9 @@ class Transport:
                 f"the gateway address {_without_credentials(self.addr)} is not a valid URL{why}",
                 token_sent=self._token_sent,
             )
-            self._http = httpx.Client(headers=headers, timeout=timeout, verify=verify)
+            self._http = httpx.Client(
+                headers=headers, timeout=timeout, verify=verify, mounts=direct
+            )
         else:
             self._unusable_addr = self._cleartext_credential(bool(headers))
 

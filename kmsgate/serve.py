@@ -17,6 +17,7 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -203,17 +204,24 @@ def _no_core_dumps() -> None:
 
 
 _METRICS_PREFIX = "kmsgate-metrics-"
+_METRICS_IDLE_SECONDS = 120.0
+"""A metrics directory unchanged this long has no worker left: live workers rename a new
+snapshot into theirs every second."""
 
 
 def _remove_dead_supervisors_metrics() -> None:
     """Remove the metrics directories that supervisors killed without a chance to clean up
-    (SIGKILL, OOM) left in the temp dir: ours by owner, their PID no longer running."""
+    (SIGKILL, OOM) left in the temp dir: ours by owner, their PID no longer running here
+    and nothing written in them for `_METRICS_IDLE_SECONDS` (a supervisor in another PID
+    namespace sharing the temp dir has a PID this one cannot see)."""
     tmp = Path(tempfile.gettempdir())
     for directory in tmp.glob(f"{_METRICS_PREFIX}*-*"):
         pid = directory.name.removeprefix(_METRICS_PREFIX).partition("-")[0]
         with contextlib.suppress(OSError, ValueError):
             info = directory.lstat()
             if info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode):
+                continue
+            if time.time() - info.st_mtime < _METRICS_IDLE_SECONDS:
                 continue
             if int(pid) <= 0 or _running(int(pid)):
                 continue
@@ -224,7 +232,7 @@ def _running(pid: int) -> bool:
     """Whether a process `pid` exists (signal 0: permission refused still means it does)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no PID is that large
         return False
     except PermissionError:
         return True

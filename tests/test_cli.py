@@ -1252,12 +1252,18 @@ def test_serve_removes_the_metrics_dirs_of_supervisors_killed_before_cleaning_up
     dead = tmp_path / f"kmsgate-metrics-{gone.stdout.strip()}-x1"
     alive = tmp_path / f"kmsgate-metrics-{os.getpid()}-x2"
     unrelated = tmp_path / "kmsgate-metrics-notapid-x3"
-    for directory in (dead, alive, unrelated):
+    huge = tmp_path / f"kmsgate-metrics-{10**20}-x4"
+    # a PID this process cannot see (another PID namespace) whose workers still write
+    fresh = tmp_path / f"kmsgate-metrics-{gone.stdout.strip()}-x5"
+    idle = time.time() - 3600
+    for directory in (dead, alive, unrelated, huge, fresh):
         directory.mkdir()
         (directory / "1.json").write_text("{}")
+        if directory is not fresh:
+            os.utime(directory, (idle, idle))
     _remove_dead_supervisors_metrics()
-    assert not dead.exists()
-    assert alive.exists() and unrelated.exists()
+    assert not dead.exists() and not huge.exists()
+    assert alive.exists() and unrelated.exists() and fresh.exists()
 
 
 def test_the_cli_and_a_dev_gateway_work_without_any_extra(tmp_path: Path) -> None:

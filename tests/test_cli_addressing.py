@@ -59,9 +59,11 @@ def test_an_argument_that_is_not_text_is_refused_before_it_is_sent(
 
 
 class _Canned(http.server.BaseHTTPRequestHandler):
-    """Answers every request with the server's canned status, type and body."""
+    """Answers every request with the server's canned status, type and body, and keeps its
+    request line in the server's `requests`."""
 
     def _answer(self) -> None:
+        self.server.requests.append(self.requestline)  # type: ignore[attr-defined]
         self.rfile.read(int(self.headers.get("content-length") or 0))
         status, ctype, body = self.server.reply  # type: ignore[attr-defined]
         self.send_response(status)
@@ -79,6 +81,7 @@ class _Canned(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def not_a_gateway() -> Iterator[http.server.ThreadingHTTPServer]:
     server = http.server.ThreadingHTTPServer((LOOPBACK, 0), _Canned)
+    server.requests = []  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -156,3 +159,20 @@ def test_a_credential_is_not_sent_over_plain_http_off_loopback(gw: Gateway) -> N
     # loopback takes the token over plain HTTP
     assert gw.addr.startswith(f"http://{LOOPBACK}:")
     gw.ok("keys", "list")
+
+
+def test_a_proxy_from_the_environment_never_sees_a_token_over_plain_http(
+    gw: Gateway, not_a_gateway: http.server.ThreadingHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY names a listener: plain HTTP to the (loopback) gateway goes straight to it,
+    so the proxy gets nothing; it used to get every request, the bearer token with it."""
+    host, port = not_a_gateway.server_address[:2]
+    not_a_gateway.reply = (502, "text/plain", b"proxied")  # type: ignore[attr-defined]
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, f"http://{host}:{port}")
+    monkeypatch.setenv("NO_PROXY", "")
+    with Client(gw.addr, gw.root_token) as client:
+        assert isinstance(client.list_keys(), list)
+    result = run_cli(("keys", "list"), {**gw.env(), "HTTP_PROXY": f"http://{host}:{port}"})
+    assert result.rc == 0, str(result)
+    assert not_a_gateway.requests == []  # type: ignore[attr-defined]

@@ -858,6 +858,29 @@ def test_config_errors_never_echo_secrets(extra, message):
     assert "SECRET-VALUE" not in str(caught.value)
 
 
+def test_a_token_file_replaced_by_an_exposed_one_gives_502_not_500(
+    openbao_server, prefix, tmp_path: Path
+) -> None:
+    """The token file is re-read after a 403: one rewritten readable by others (a careless
+    rotation) is refused then, as at start-up, and the request gets 502, never 500."""
+    root = openbao_server.client()
+    first = root.auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"]
+    path = token_file(tmp_path, first)
+    backend = make_backend(openbao_server.addr, prefix, token_file=str(path))
+    try:
+        key = backend.create_key(KeySpec("tf", 1, KeyType.ED25519))
+        second = root.auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"]
+        path.write_text(second + "\n")
+        path.chmod(0o644)
+        root.auth.token.revoke(first)
+        with pytest.raises(BackendError, match="cannot authenticate"):
+            _sign(backend, key)
+        path.chmod(0o600)  # mended: the next call reads it and signs
+        _sign(backend, key)
+    finally:
+        backend.close()
+
+
 def test_a_token_file_or_client_key_others_can_read_is_refused(tmp_path: Path) -> None:
     """Anyone who reads kmsgate's Vault token signs and decrypts with its Transit keys,
     unaudited: a token file (and a TLS client key) must be the gateway user's alone."""

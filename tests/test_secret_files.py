@@ -118,9 +118,16 @@ def test_a_database_file_another_user_made_is_refused(
     beforehand by another user would let it read the store."""
     database = tmp_path / "kmsgate.db"
     database.touch(mode=0o666)
+    url = f"sqlite:///{database}"
+    settings = load_settings(data_dir=tmp_path / "data", dev=True, env="dev", database_url=url)
+    prepare_dev_data_dir(settings)
+    # as root, only the database is another user's; else the gateway's uid changes, and the
+    # data dir (checked first) is refused too
+    mine = os.geteuid() == 0
     give_away(database)
-    with pytest.raises(ConfigError, match=f"the database {database} is owned by uid"):
-        Store(f"sqlite:///{database}")
+    with pytest.raises(ConfigError, match=f"the database {database}" if mine else "owned by uid"):
+        build_service(settings)
+    Store(url).close()  # a read-only look (`audit verify --config`) by another user is fine
 
 
 def test_a_root_key_file_of_another_user_is_refused_even_when_private(
@@ -132,3 +139,18 @@ def test_a_root_key_file_of_another_user_is_refused_even_when_private(
     give_away(path)
     with pytest.raises(ConfigError, match=f"root key file {path} is owned by uid"):
         read_root_key_file(path)
+
+
+def test_a_dev_data_dir_that_cannot_be_made_private_is_one_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-root user with a root-owned, group-writable dev data dir: chmod is refused; the
+    gateway says so in one line (it said `unexpected PermissionError`)."""
+
+    def refused(path: object, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "chmod", refused)
+    settings = load_settings(data_dir=tmp_path / "shared", dev=True, env="dev")
+    with pytest.raises(ConfigError, match=r"cannot make the dev data dir .* private .*permitted"):
+        prepare_dev_data_dir(settings)

@@ -23,7 +23,6 @@ from sqlalchemy.engine import Connection, Engine
 
 from kmsgate.config import with_database_driver
 from kmsgate.errors import ConcurrentChange, ConfigError, Conflict, KmsgateError, Unavailable
-from kmsgate.files import foreign_owner
 from kmsgate.store import tables
 from kmsgate.store.stall import StallGuard, connection_defaults
 
@@ -105,23 +104,10 @@ def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
 
 def _create_private(path: Path) -> None:
     """Create the SQLite file `path` readable by its owner only (0600), unless it exists:
-    SQLite gives its -wal and -shm files the database file's mode and owner. Token hashes
-    and wrapped keys are in it, whatever the data dir's own mode. Raises ConfigError for an
-    existing file of another user (`foreign_owner`: made beforehand, it would let that user
-    read what the gateway writes); other errors are left to SQLite to report."""
-    try:
+    SQLite gives its -wal and -shm files the database file's mode. Token hashes and wrapped
+    keys are in it, whatever the data dir's own mode. Errors are left to SQLite to report."""
+    with contextlib.suppress(OSError):  # it exists, or SQLite will say what is wrong
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        return
-    except FileExistsError:
-        pass
-    except OSError:
-        return  # SQLite will say what is wrong
-    try:
-        problem = foreign_owner(path.stat())
-    except OSError:
-        return
-    if problem is not None:
-        raise ConfigError(f"the database {path} {problem}")
 
 
 _FRESH = "kmsgate_fresh"

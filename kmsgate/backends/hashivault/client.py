@@ -147,7 +147,7 @@ class _VaultClient:
                 token = self._auth.token
                 reply = self.hvac.adapter.request(method, f"/v1/{path}", json=body)
             except hvac.exceptions.Forbidden as exc:
-                if attempt == 1 and token and self._auth.reacquire(token):
+                if attempt == 1 and token and self._reacquired(token):
                     continue
                 raise self._translate(exc, what, on_invalid) from None
             except hvac.exceptions.InvalidPath as exc:
@@ -162,10 +162,9 @@ class _VaultClient:
                         f"(for keys: bao secrets enable -path={mount} transit)"
                     ) from None
                 raise self._translate(exc, what, on_invalid) from None
-            except (hvac.exceptions.VaultError, requests.RequestException, ConfigError) as exc:
-                if isinstance(exc, ConfigError):  # a secret file vanished after start-up
-                    _log.error("hashivault %s: %s", self.name, exc)
-                    raise BackendError(f"backend {self.name!r} cannot authenticate") from None
+            except ConfigError as exc:  # a secret file gone or exposed after start-up
+                raise self._cannot_authenticate(exc) from None
+            except (hvac.exceptions.VaultError, requests.RequestException) as exc:
                 raise self._translate(exc, what, on_invalid) from None
             if isinstance(reply, dict):
                 return reply
@@ -173,6 +172,20 @@ class _VaultClient:
                 return {}
             raise BackendError(f"backend {self.name!r} sent an unexpected reply to {what}")
         raise AssertionError("unreachable")
+
+    def _reacquired(self, token: str) -> bool:
+        """`_Auth.reacquire` after a 403 to `token`. Raises BackendError if a secret file
+        cannot be used any more (`_cannot_authenticate`)."""
+        try:
+            return self._auth.reacquire(token)
+        except ConfigError as exc:
+            raise self._cannot_authenticate(exc) from None
+
+    def _cannot_authenticate(self, exc: ConfigError) -> BackendError:
+        """The 502 for a token or secret file that is gone, empty or exposed after
+        start-up (the log says which and why; the reply does not)."""
+        _log.error("hashivault %s: %s", self.name, exc)
+        return BackendError(f"backend {self.name!r} cannot authenticate")
 
     def read_info(self, mount: str, name: str) -> _KeyInfo | None:
         """The Transit key's description, or None if it does not exist (uncached)."""
