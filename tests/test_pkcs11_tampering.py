@@ -342,3 +342,39 @@ def test_a_key_object_deleted_behind_the_gateway_is_looked_for_again_once(
         with pytest.raises(KeyDestroyed):
             backend.sign(key, MESSAGE, ECDSA, prehashed=False)
     assert module.generation == looked_again
+
+
+def test_a_key_adopted_from_a_public_object_is_refused_by_name_until_copied_private(
+    backend: Any, token: SoftHsmToken
+) -> None:
+    """A secret key adopted before only private keys were (pkcs11-tool --keygen without
+    --private): 502 saying the object is public, not "destroyed"; once copied as a private
+    object and the public one deleted (the documented migration), it works again."""
+    label = "old-public-aes"
+
+    def make_public(session: Any) -> None:
+        try:
+            session.generate_key(
+                P11KeyType.AES, 256, label=label, id=b"\xa9", store=True,
+                template={Attribute.PRIVATE: False, Attribute.SENSITIVE: True,
+                          Attribute.EXTRACTABLE: False, Attribute.ENCRYPT: True,
+                          Attribute.DECRYPT: True},
+            )  # fmt: skip
+        finally:
+            session.close()
+
+    def migrate(session: Any) -> None:
+        try:
+            (public,) = session.get_objects({Attribute.LABEL: label})
+            public.copy({Attribute.PRIVATE: True})
+            public.destroy()
+        finally:
+            session.close()
+
+    on_token(backend, make_public)
+    ref = f"pkcs11:token={token.label};object={label};id=%A9;type=secret-key"
+    key = BackendKey(ref, KeyType.AES_256_GCM, "old", 1, None, None)
+    with pytest.raises(BackendError, match=r"is public \(CKA_PRIVATE false\)"):
+        backend.wrap(key, MESSAGE, b"aad")
+    on_token(backend, migrate)
+    assert backend.unwrap(key, backend.wrap(key, MESSAGE, b"aad"), b"aad") == MESSAGE

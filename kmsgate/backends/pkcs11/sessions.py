@@ -54,6 +54,12 @@ class _MissingKey(p11e.NoSuchKey):
         self.ref = ref
 
 
+PUBLIC_OBJECT = (
+    "the token's object for this key version is public (CKA_PRIVATE false): any program "
+    "reaching the token can use it without the PIN, so it is not used; copy it as a "
+    "private object and delete the public one (docs/backends/pkcs11.md)"
+)
+
 _NOT_RETRIED = (
     "the token rejected the configured PIN; not retried until the PIN or the token changes"
 )
@@ -521,9 +527,10 @@ class _SessionPool:
     ) -> Any:
         """The private or secret key object of `key` (`_key_template`), found once per worker
         session and passed to `check` (which raises to refuse it) before its first use.
-        Raises BackendError (several objects match), KeyDestroyed (a reference found missing
-        after a re-initialisation already), what `check` raises, python-pkcs11 errors
-        (NoSuchKey)."""
+        Raises BackendError (several objects match, or only a public one: `PUBLIC_OBJECT`,
+        such as a key adopted before only private keys were), KeyDestroyed (a reference
+        found missing after a re-initialisation already), what `check` raises,
+        python-pkcs11 errors (NoSuchKey)."""
         cached = worker.keys.get(key.ref)
         if cached is not None:
             return cached
@@ -534,8 +541,11 @@ class _SessionPool:
             raise BackendError(
                 f"the key reference names token {parsed.token!r}; this backend uses {conn.label!r}"
             )
-        found = find_objects(worker.session, _key_template(key))
+        template = _key_template(key)
+        found = find_objects(worker.session, template)
         if not found:
+            if find_objects(worker.session, {**template, Attribute.PRIVATE: False}):
+                raise BackendError(PUBLIC_OBJECT)
             raise _MissingKey(key.ref)
         if len(found) > 1:
             raise BackendError(SEVERAL_OBJECTS)
