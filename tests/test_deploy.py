@@ -260,6 +260,12 @@ def test_the_kubernetes_manifests_hold_together(tmp_path: Path) -> None:
             assert inside in {item["path"] for item in secret["items"]}, read
         else:
             assert inside in header[secret["secretName"]], (read, header)
+        # the kubelet makes Secret files root:<fsGroup> with the item's mode, else the
+        # volume's defaultMode, else 0644: a mode the gateway's secret-file check refuses
+        item = next((i for i in secret.get("items", []) if i["path"] == inside), {})
+        mode = item.get("mode", secret.get("defaultMode", 0o644))
+        fake = os.stat_result((stat.S_IFREG | mode, 0, 0, 1, 0, 10001, 32, 0, 0, 0))
+        assert exposure(fake) is None, (read, oct(mode))
     # the probes ask over HTTP: no health-check command, so no client settings
     assert not {"KMSGATE_ADDR", "KMSGATE_CACERT"} & {e["name"] for e in container["env"]}
 
