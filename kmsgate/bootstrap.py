@@ -13,7 +13,6 @@ import secrets
 import stat
 from pathlib import Path
 
-import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -45,7 +44,7 @@ from kmsgate.service import Call, Ctx, Service
 from kmsgate.service.checkpoints import CheckpointSigner
 from kmsgate.service.gate import Outcome
 from kmsgate.service.requests import NewCa, NewKey
-from kmsgate.store import Store
+from kmsgate.store import Store, sqlite_file
 
 _ROOT_CHECK = b"kmsgate root key check"
 _ROOT_WRAP_AAD = b"kmsgate/softkms/root-key/v1"
@@ -75,8 +74,8 @@ def _stored_root_check(settings: Settings) -> str | None:
     not made yet, a store no gateway has started on). Raises ConfigError if the store
     cannot be opened."""
     url = settings.resolved_database_url()
-    database = sa.engine.make_url(url).database
-    if url.startswith("sqlite") and database and not Path(database).exists():
+    database = sqlite_file(url)
+    if database is not None and not database.exists():
         return None
     store = Store(url)
     try:
@@ -300,11 +299,11 @@ def _check_database_owner(url: str) -> None:
     user than the gateway's (or root): made beforehand, it would let that user read what the
     gateway writes (SQLite gives its -wal and -shm files the database file's owner). A
     read-only check of a store (`audit verify`) does not come here."""
-    database = sa.engine.make_url(url).database
-    if not url.startswith("sqlite") or not database or database == ":memory:":
+    database = sqlite_file(url)
+    if database is None:
         return
     try:
-        problem = foreign_owner(Path(database).stat())
+        problem = foreign_owner(database.stat())
     except OSError:  # not made yet, or SQLite will say what is wrong
         return
     if problem is not None:

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
-import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -91,7 +90,7 @@ def stored_anchors(
         anchors = None if gateway is None else _gateway_anchors(gateway, token)
         return anchors, lambda _path: UNKNOWN_WRITER
     from kmsgate.config import load_settings
-    from kmsgate.store import Store
+    from kmsgate.store import Store, sqlite_file
 
     try:
         settings = load_settings(config, data_dir=data_dir)
@@ -100,12 +99,10 @@ def stored_anchors(
         # the host and the log's path, which differ for a copy verified elsewhere
         own_log = settings.resolved_audit_path()
         writer = ChainIdentity(own_log.name, settings.replica_id or None)
-        database = sa.engine.make_url(url).database
     except ConfigError as exc:
         fail(str(exc))
-    except sa.exc.ArgumentError:  # its text would show the URL, password and all
-        fail("database_url is not a database URL")
-    if url.startswith("sqlite") and database and not Path(database).is_file():
+    database = sqlite_file(url)
+    if database is not None and not database.is_file():
         fail(f"no store at {database}")
     try:
         store = Store(url)

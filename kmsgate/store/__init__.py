@@ -15,8 +15,16 @@ their own aggregate and reload only the items that moved.
 """
 
 from kmsgate.store import tables
-from kmsgate.store.engine import Row, utc
+from kmsgate.store.engine import Row, sqlite_file, utc
 from kmsgate.store.mirror import READ_THROUGH_PER_SECOND, StoreMirror
 from kmsgate.store.store import Store
 
-__all__ = ["READ_THROUGH_PER_SECOND", "Row", "Store", "StoreMirror", "tables", "utc"]
+__all__ = [
+    "READ_THROUGH_PER_SECOND",
+    "Row",
+    "Store",
+    "StoreMirror",
+    "sqlite_file",
+    "tables",
+    "utc",
+]

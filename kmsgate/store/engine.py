@@ -91,6 +91,18 @@ def driver_reason(exc: Exception, url: sa.engine.URL, *, first_line: bool = Fals
     return text or type(orig if orig is not None else exc).__name__
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The SQLite database file `url` names, or None (another database, one in memory, or
+    a string that is no database URL: opening it says so)."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -173,11 +185,10 @@ class Database:
             # in its busy handler (1, 2, 5, ... 100 ms), which turns a queue of writers into
             # seconds of latency. They queue on a lock instead: a thread lock, and for a
             # database file an flock beside it (workers of one gateway share the file).
-            database = sa.engine.make_url(url).database
-            on_disk = bool(database) and database != ":memory:"
-            if on_disk and database is not None:
-                _create_private(Path(database))
-            self._serial = _WriterLock(Path(f"{database}.write.lock") if on_disk else None)
+            database = sqlite_file(url)
+            if database is not None:
+                _create_private(database)
+            self._serial = _WriterLock(Path(f"{database}.write.lock") if database else None)
 
     def ping(self) -> str | None:
         """None if the database answers a query now, else why not (for readiness): within
