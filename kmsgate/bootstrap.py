@@ -124,8 +124,9 @@ def init_wrapped_root_key(settings: Settings, existing: Path | None = None) -> P
     wrap = settings.root_key_wrap
     if wrap is None:
         raise ConfigError("root_key_wrap is not configured")
-    if wrap.file.exists():
-        raise ConfigError(f"{wrap.file} exists: refusing to replace a root key")
+    taken = ConfigError(f"{wrap.file} exists: refusing to replace a root key")
+    if wrap.file.exists():  # before any backend or store is asked
+        raise taken
     stored = _stored_root_check(settings)
     if existing is None:
         if stored is not None:
@@ -143,8 +144,8 @@ def init_wrapped_root_key(settings: Settings, existing: Path | None = None) -> P
         backend, kek = _root_kek(settings, others)
         blob = backend.wrap(kek, root_key, _ROOT_WRAP_AAD)
         fd = os.open(wrap.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError as exc:
-        raise ConfigError(f"{wrap.file} exists: refusing to replace a root key") from exc
+    except FileExistsError:  # made meanwhile
+        raise taken from None
     finally:
         for backend_ in others.values():
             backend_.close()

@@ -5,6 +5,7 @@ cleartext) as `ApiError`."""
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 from typing import Any, Self, TypeVar
@@ -76,11 +77,15 @@ class Transport:
         self._unusable_addr: ApiError | None = None
         # plain HTTP goes straight to the gateway (a loopback one, with a credential), never
         # through a proxy named in the environment (HTTP_PROXY), which would see the token
-        direct = {"http://": httpx.HTTPTransport()}
+        client = functools.partial(
+            httpx.Client,
+            headers=headers,
+            timeout=timeout,
+            verify=verify,
+            mounts={"http://": httpx.HTTPTransport()},
+        )
         try:
-            self._http = httpx.Client(
-                base_url=self.addr, headers=headers, timeout=timeout, verify=verify, mounts=direct
-            )
+            self._http = client(base_url=self.addr)
         except (httpx.InvalidURL, ValueError) as exc:  # a bad port, an unclosed "["
             why = "" if "@" in self.addr else f": {exc}"  # it may quote a password's part
             self._unusable_addr = ApiError(
@@ -89,9 +94,7 @@ class Transport:
                 f"the gateway address {_without_credentials(self.addr)} is not a valid URL{why}",
                 token_sent=self._token_sent,
             )
-            self._http = httpx.Client(
-                headers=headers, timeout=timeout, verify=verify, mounts=direct
-            )
+            self._http = client()
         else:
             self._unusable_addr = self._cleartext_credential(bool(headers))
 
