@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
+import sqlite3
 import threading
 import time
 from dataclasses import replace
@@ -774,3 +775,15 @@ def test_a_new_sqlite_store_is_readable_by_its_owner_only(tmp_path):
         }
     finally:
         store.close()
+
+
+def test_every_sqlite_connection_overwrites_what_it_deletes() -> None:
+    """secure_delete is turned on by the store, not left to the SQLite build's default
+    (Debian's is on, SQLite's own off): a connection whose default is off gets it on."""
+    raw = sqlite3.connect(":memory:")
+    try:
+        raw.execute("PRAGMA secure_delete=OFF")  # as a build without SQLITE_SECURE_DELETE
+        engine._enable_sqlite_wal(raw, None)
+        assert raw.execute("PRAGMA secure_delete").fetchone() == (1,)
+    finally:
+        raw.close()
