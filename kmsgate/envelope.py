@@ -236,10 +236,13 @@ class Envelope:
         return cls(kind, name, version, wrapped, nonce, body)
 
 
-def seal_message(dek: bytes, plaintext: bytes, context_aad: bytes) -> tuple[bytes, bytes]:
-    """(nonce, body) of `plaintext` under a fresh single-use DEK."""
-    nonce = os.urandom(NONCE_BYTES)
-    return nonce, AESGCM(dek).encrypt(nonce, plaintext, data_aad(context_aad))
+def seal_message(plaintext: bytes, context_aad: bytes) -> tuple[bytes, bytes, bytes]:
+    """(dek, nonce, body): `plaintext` sealed under a fresh single-use DEK. The DEK and the
+    nonce come from one read of the kernel's generator (a getrandom call costs several
+    microseconds on a virtual machine)."""
+    fresh = os.urandom(DEK_BYTES + NONCE_BYTES)
+    dek, nonce = fresh[:DEK_BYTES], fresh[DEK_BYTES:]
+    return dek, nonce, AESGCM(dek).encrypt(nonce, plaintext, data_aad(context_aad))
 
 
 def open_message(dek: bytes, envelope: Envelope, context_aad: bytes) -> bytes:

@@ -134,6 +134,7 @@ def test_ciphertext_format_is_self_describing(api, admin):
     # fresh DEK and nonce per message
     again = Envelope.parse(unb64(encrypt(api, admin, "fmt", b"abc", CTX)))
     assert again.wrapped_dek != env.wrapped_dek and again.body != env.body
+    assert again.nonce != env.nonce
 
 
 def test_context_is_bound(api, admin):

@@ -194,9 +194,8 @@ class Envelopes:
                 "(kmsgate encrypt-file)"
             )
         context_aad = encode_context(item.context)
-        dek = secrets.token_bytes(32)
+        dek, nonce, body = seal_message(item.plaintext, context_aad)
         header = self._wrap_new(key, Kind.MESSAGE, dek, context_aad)
-        nonce, body = seal_message(dek, item.plaintext, context_aad)
         envelope = replace(header, nonce=nonce, body=body)
         return Ciphertext(envelope.to_bytes(), header.key_version)
 
