@@ -303,13 +303,15 @@ class Pki:
         decision: Decision | None = None,
         detail: Mapping[str, object] | None = None,
     ) -> Issued:
-        """Decide on `action` (`facts` are the policy's `request`), then issue and store
-        (the audit record's detail starts with `detail`)."""
+        """Decide on `action` (`facts` are the policy's `request`), then issue and store.
+        Every audit record of the call, a denial's too, names the profile, names and ttl
+        asked for (and `detail`): the trail shows what was tried, not only what was
+        issued."""
         ca = self._named(ca_name)
         resource = ca.policy_resource() if ca else {"kind": "ca", "name": ca_name}
-        call = Call(principal, ctx, action, resource, facts)
+        asked = {name: value for name, value in facts.items() if name != "ca"}
+        call = Call(principal, ctx, action, resource, facts, detail={**asked, **(detail or {})})
         with self.gate.running(call, decision=decision) as outcome:
-            outcome.detail.update(detail or {})
             if ca is None:
                 raise NotFound(f"no CA named {ca_name!r}")
             work = asyncio.ensure_future(self._issue_and_store(ca, request, principal, outcome))

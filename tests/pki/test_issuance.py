@@ -282,6 +282,29 @@ def test_a_cancelled_issuance_still_records_what_it_made(api, admin, root):
     assert (stored.status_code, stored.json()["sans"]) == (200, ["dns:cut.lab"])
 
 
+def test_a_denied_issuance_is_audited_with_the_names_it_asked_for(api, admin, root):
+    """The trail shows what a principal tried to get, not only what was issued: the
+    denial's record, and the `started` record of an allowed issuance, carry the profile,
+    names and ttl asked for."""
+    make_intermediate(api, admin, root)
+    nobody = api.service.tokens.create(["nobody"], ttl=None)[1]
+    _, csr = leaf_csr(x509.DNSName("payroll.lab"), x509.DNSName("API.lab"))
+    denied = api.call(
+        "POST",
+        "/v1/pki/cas/issuing/issue",
+        nobody,
+        json={"csr": csr, "profile": "server", "ttl": "2h"},
+    )
+    assert denied.status_code == 403, denied.text
+    assert issue(api, admin, csr, "client").status_code == 200
+    records = api.service.audit.search(action="cert.issue")
+    by_outcome = {r["outcome"]: r["detail"] for r in records}
+    asked = {"profile": "server", "sans": ["dns:payroll.lab", "dns:api.lab"], "ttl": 7200}
+    assert by_outcome["policy_denied"] == asked
+    assert by_outcome["started"]["profile"] == "client"
+    assert by_outcome["started"]["sans"] == asked["sans"]
+
+
 def test_the_public_chain_and_bundle_come_from_memory_once_the_ca_is_held(
     api, admin, root, monkeypatch
 ):
