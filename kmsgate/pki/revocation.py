@@ -325,6 +325,29 @@ def listed_serials(crl_der: bytes) -> frozenset[int]:
     return frozenset(entry.serial_number for entry in x509.load_der_x509_crl(crl_der))
 
 
+_RESPONDER_CN = "OCSP responder"
+_MAX_CN = 64  # ub-common-name (RFC 5280)
+
+
+def responder_subject(ca_name: str, issuer: x509.Certificate) -> x509.Name:
+    """A delegated responder's subject: the issuer's own name without its common name,
+    then `CN=<ca_name> OCSP responder` (`CN=OCSP responder` if that exceeds 64
+    characters). Built on the CA's name, it stays inside a directoryName constraint that
+    the CA's own name meets."""
+    common_name = f"{ca_name} {_RESPONDER_CN}"
+    if len(common_name) > _MAX_CN:
+        common_name = _RESPONDER_CN
+    kept = [
+        rdn
+        for rdn in issuer.subject.rdns
+        if not rdn.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    ]
+    own = x509.RelativeDistinguishedName(
+        [x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)]
+    )
+    return x509.Name([*kept, own])
+
+
 def responder_extensions(
     public_key: CertificatePublicKeyTypes,
     issuer: x509.Certificate,

@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -50,6 +49,7 @@ from kmsgate.catalogue import Key
 from kmsgate.errors import ConcurrentChange, Conflict, KmsgateError, NotFound, Unavailable
 from kmsgate.pki import crl_apart
 from kmsgate.pki.authorities import OCSP_PURPOSE, Authority, CaState, CaType
+from kmsgate.pki.constraints import refuse_outside_constraints
 from kmsgate.pki.crl import RevokedEntry, build_crl
 from kmsgate.pki.crl_apart import APART_FROM, build_crl_apart
 from kmsgate.pki.inventory import record_of, record_row
@@ -79,6 +79,7 @@ from kmsgate.pki.revocation import (
     past_half,
     responder_extensions,
     responder_key_name,
+    responder_subject,
     responders_of_key,
     revoked_entries,
 )
@@ -477,9 +478,8 @@ class Revocation:
             if self._revoked_responder(ca, public_key) is not None:  # rotated elsewhere since
                 raise Conflict(f"key {key.name!r} is a revoked responder's: retry")
             not_before, not_after = validity(issuer, RESPONDER_VALIDITY, at)
-            subject = x509.Name(
-                [x509.NameAttribute(x509.NameOID.COMMON_NAME, f"{ca.name} OCSP responder")]
-            )
+            subject = responder_subject(ca.name, issuer)
+            refuse_outside_constraints(subject, (), (issuer, *ca.chain))
             ca_key = self.pki.signing_key(self.gate.catalogue.get(ca.key_name or ""))
             certificate = build_certificate(
                 issuer=issuer,

@@ -17,12 +17,14 @@ import pytest
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from kmsgate.bootstrap import build_service, prepare_dev_data_dir
 from kmsgate.config import Settings, load_settings
 from kmsgate.errors import Conflict
 from kmsgate.jobs import Jobs, leader_lock
+from kmsgate.pki.revocation import responder_subject
 from kmsgate.service import Ctx
 from kmsgate.store import tables
 from kmsgate.store.feed import record_change
@@ -70,11 +72,18 @@ def root() -> OfflineRoot:
 class Pki:
     """An active intermediate `issuing` under `root`, with its PEM files in `tmp`."""
 
-    def __init__(self, api: Api, token: str, root: OfflineRoot, tmp: Path) -> None:
+    def __init__(
+        self,
+        api: Api,
+        token: str,
+        root: OfflineRoot,
+        tmp: Path,
+        constraints: x509.NameConstraints | None = None,
+    ) -> None:
         self.api = api
         self.token = token
         self.tmp = tmp
-        make_intermediate(api, token, root)
+        make_intermediate(api, token, root, constraints=constraints)
         chain = api.call("GET", "/v1/pki/cas/issuing/chain", None).text
         self.issuer = x509.load_pem_x509_certificates(chain.encode())[0]
         self.issuer_pem = write(tmp / "issuing.pem", self.issuer.public_bytes(PEM).decode())
@@ -410,6 +419,43 @@ def test_openssl_reads_good_then_revoked_then_unknown(api, pki, jobs, openssl_bi
     text = check_answer(openssl_bin, pki, "unknown", pki.ocsp(stranger), "-serial", "0x1234abcd")
     assert "Response verify OK" in text, text
     assert "0x1234abcd: unknown" in text.replace("0x1234ABCD", "0x1234abcd")
+
+
+def test_a_ca_held_to_a_directory_name_answers_ocsp_that_openssl_verifies(
+    api, admin, root, tmp_path, jobs, openssl_bin
+):
+    """The delegated responder's subject is built on the CA's own name, so a CA whose
+    certificate permits only names under O=kmsgate tests (its own organisation) still
+    answers OCSP that verifies (a fixed `CN=... OCSP responder` subject broke the
+    constraint, and every answer failed with "permitted subtree violation")."""
+    organisation = x509.Name([x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "kmsgate tests")])
+    within = x509.NameConstraints(
+        permitted_subtrees=[x509.DirectoryName(organisation)], excluded_subtrees=None
+    )
+    pki = Pki(api, admin, root, tmp_path, constraints=within)
+    leaf, _ = pki.issue("web")
+    request = ocsp_request(openssl_bin, pki, "web", "-cert", leaf, nonce=False)
+    text = check_answer(openssl_bin, pki, "good", pki.ocsp(request), "-cert", leaf)
+    assert "Response verify OK" in text, text
+    assert f"{leaf}: good" in text
+
+
+def test_a_responders_subject_keeps_the_cas_name_and_fits_a_common_name(root):
+    """The CA's attributes but its CN, then the responder's CN; a CA name too long for a
+    64-character CN (CA names run to 63) gives `CN=OCSP responder`, not a ValueError."""
+
+    def intermediate(subject: str) -> x509.Certificate:
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = x509.CertificateSigningRequestBuilder().subject_name(
+            x509.Name.from_rfc4514_string(subject)
+        )
+        pem = csr.sign(key, hashes.SHA256()).public_bytes(PEM).decode()
+        return x509.load_pem_x509_certificate(root.sign_intermediate(pem).encode())
+
+    plain = responder_subject("issuing", intermediate("CN=issuing CA"))
+    assert plain.rfc4514_string() == "CN=issuing OCSP responder"
+    long_name = responder_subject("n" * 63, intermediate("CN=Acme issuing,OU=PKI,O=Acme"))
+    assert long_name.rfc4514_string() == "CN=OCSP responder,OU=PKI,O=Acme"
 
 
 def test_the_responder_is_made_by_the_first_request_and_renewed_at_half_life(
