@@ -28,7 +28,7 @@ from kmsgate.durations import parse_duration_setting
 from kmsgate.encoding import B64_PATTERN, b64decode_strict, b64encode
 from kmsgate.envelope import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_STRING, check_context
 from kmsgate.errors import InvalidRequest
-from kmsgate.pki.crl import REVOCATION_REASONS
+from kmsgate.pki.crl import LEAF_REVOCATION_REASONS
 from kmsgate.service.requests import (
     DataKeyInput,
     DecryptInput,
@@ -513,5 +513,7 @@ def _csr(pem: str) -> x509.CertificateSigningRequest:
 
 class RevokeRequest(_Body):
     reason: str = Field(
-        default="unspecified", max_length=32, json_schema_extra={"enum": list(REVOCATION_REASONS)}
+        default="unspecified",
+        max_length=32,
+        json_schema_extra={"enum": list(LEAF_REVOCATION_REASONS)},
     )

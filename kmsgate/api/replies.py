@@ -19,7 +19,7 @@ from kmsgate.catalogue import KeyState
 from kmsgate.config import EkuName
 from kmsgate.grants import GrantState
 from kmsgate.pki.authorities import CaState, CaType
-from kmsgate.pki.crl import REVOCATION_REASONS
+from kmsgate.pki.crl import REASONS
 from kmsgate.schemas import B64_SCHEMA
 
 Schema = dict[str, Any]
@@ -353,7 +353,7 @@ _CERTIFICATE_RECORD = _closed(
         "not_after": _TIME,
         "status": {"type": "string", "enum": ["valid", "revoked", "expired"]},
         "revoked_at": _nullable(_TIME),
-        "reason": _nullable({"type": "string", "enum": list(REVOCATION_REASONS)}),
+        "reason": _nullable({"type": "string", "enum": list(REASONS)}),
         "owner": _STRING,
         "fingerprint": _SHA256_HEX,
     },

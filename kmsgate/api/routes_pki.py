@@ -26,7 +26,7 @@ from kmsgate.api.replies import (
     json_reply,
 )
 from kmsgate.api.responses import PEM, json_response
-from kmsgate.pki.crl import parse_reason
+from kmsgate.pki.crl import LEAF_REVOCATION_REASONS, parse_reason
 from kmsgate.pki.issuer import parse_serial, serial_hex
 from kmsgate.request_parsing import parse_model
 from kmsgate.schemas import (
@@ -252,7 +252,7 @@ def revoke(
     serial: str, body: RevokeRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> Response:
     """Revoke a certificate with an RFC 5280 reason name."""
-    parse_reason(body.reason, revoking=True)  # a clear 400 listing the valid names
+    parse_reason(body.reason, LEAF_REVOCATION_REASONS)  # a clear 400 listing the valid names
     return json_response(service.pki.revoke(principal, ctx, _serial(serial), body.reason).to_dict())
 
 

@@ -38,7 +38,7 @@ from kmsgate.cli.common import (
     write_bytes,
 )
 from kmsgate.client import Client
-from kmsgate.pki.crl import REVOCATION_REASONS, parse_reason
+from kmsgate.pki.crl import CA_REVOCATION_REASONS, parse_reason
 from kmsgate.pki.issuer import parse_serial
 from kmsgate.pki.root import (
     ROOT_KEY_TYPES,
@@ -244,7 +244,7 @@ def ca_root_crl(
         typer.Option(help="Serial of a certificate the root signed, to revoke; repeatable."),
     ] = [],  # noqa: B006
     reason: Annotated[
-        str, typer.Option(help=f"Why, for every --revoke: {', '.join(REVOCATION_REASONS)}.")
+        str, typer.Option(help=f"Why, for every --revoke: {', '.join(CA_REVOCATION_REASONS)}.")
     ] = "unspecified",
     previous: Annotated[
         Path | None,
@@ -264,7 +264,7 @@ def ca_root_crl(
     certificate = _root_certificate(root_cert, root_key, token, out, force)
     last = _load_crl(previous) if previous is not None else None
     with local_errors(root_cert, "revoke"):
-        why = parse_reason(reason, revoking=True)
+        why = parse_reason(reason, CA_REVOCATION_REASONS)
         revoked = [(parse_serial(serial), why) for serial in revoke]
     key = _root_key(certificate, root_cert, root_key, token, passphrase_file)
     with key as root, local_errors(root_cert, "sign the CRL of"):

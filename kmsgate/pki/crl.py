@@ -25,8 +25,9 @@ from kmsgate.errors import InvalidRequest
 from kmsgate.pki.extensions import authority_key_identifier, extension_value
 
 __all__ = [
+    "CA_REVOCATION_REASONS",
+    "LEAF_REVOCATION_REASONS",
     "REASONS",
-    "REVOCATION_REASONS",
     "CrlHash",
     "RevokedEntry",
     "build_crl",
@@ -46,8 +47,14 @@ REASONS: dict[str, x509.ReasonFlags] = {
     "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
     "aACompromise": x509.ReasonFlags.aa_compromise,
 }
-REVOCATION_REASONS = tuple(name for name in REASONS if name != "removeFromCRL")
-"""The reasons a certificate is revoked for: removeFromCRL only ends a hold, in a delta CRL."""
+CA_REVOCATION_REASONS = tuple(
+    name for name in REASONS if name not in ("removeFromCRL", "certificateHold", "aACompromise")
+)
+"""The reasons a CA certificate is revoked for: removeFromCRL only ends a hold, every
+revocation here is final (so never a hold), and aACompromise is an attribute authority's."""
+LEAF_REVOCATION_REASONS = tuple(name for name in CA_REVOCATION_REASONS if name != "cACompromise")
+"""The reasons an end-entity certificate is revoked for (RFC 5280 §5.3.1: cACompromise is a
+CA's)."""
 
 # The signature hashes cryptography accepts for a CRL (None: Ed25519/Ed448, which hash
 # internally).
@@ -90,15 +97,15 @@ class RevokedEntry:
     reason: x509.ReasonFlags | None = None
 
 
-def parse_reason(name: str, *, revoking: bool = False) -> x509.ReasonFlags:
-    """The `ReasonFlags` for an RFC 5280 reason name such as ``keyCompromise``; with
-    `revoking`, only the reasons a revocation may give (`REVOCATION_REASONS`).
+def parse_reason(name: str, names: Sequence[str] = tuple(REASONS)) -> x509.ReasonFlags:
+    """The `ReasonFlags` for an RFC 5280 reason name such as ``keyCompromise``, one of
+    `names` (for a revocation: `LEAF_REVOCATION_REASONS` or `CA_REVOCATION_REASONS`).
 
     Raises InvalidRequest for any other name; the message lists the valid ones.
     """
-    names = REVOCATION_REASONS if revoking else tuple(REASONS)
     if name not in names:
-        raise InvalidRequest(f"unknown revocation reason {name!r}; valid: {', '.join(names)}")
+        what = "does not apply here" if name in REASONS else "is unknown"
+        raise InvalidRequest(f"revocation reason {name!r} {what}; valid: {', '.join(names)}")
     return REASONS[name]
 
 

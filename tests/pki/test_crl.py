@@ -24,7 +24,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from kmsgate.errors import InvalidRequest
-from kmsgate.pki.crl import REASONS, RevokedEntry, build_crl, parse_reason
+from kmsgate.pki.crl import (
+    CA_REVOCATION_REASONS,
+    LEAF_REVOCATION_REASONS,
+    REASONS,
+    RevokedEntry,
+    build_crl,
+    parse_reason,
+)
 from kmsgate.pki.issuer import key_usage
 from tests.pki.ceremony import ca_key_usage
 
@@ -374,6 +381,14 @@ def test_reason_names_are_rfc5280():
     with pytest.raises(InvalidRequest) as caught:
         parse_reason("key_compromise")
     assert "keyCompromise" in caught.value.detail and "cACompromise" in caught.value.detail
+    assert parse_reason("cACompromise", CA_REVOCATION_REASONS) is x509.ReasonFlags.ca_compromise
+    for names, refused in (
+        (CA_REVOCATION_REASONS, ("certificateHold", "aACompromise", "removeFromCRL")),
+        (LEAF_REVOCATION_REASONS, ("cACompromise", "certificateHold", "aACompromise")),
+    ):
+        for name in refused:
+            with pytest.raises(InvalidRequest, match="does not apply here"):
+                parse_reason(name, names)
 
 
 @pytest.mark.parametrize(

@@ -403,7 +403,8 @@ def test_the_san_filter_compares_each_kind_of_name_as_it_should(wanted, found):
 def test_serials_in_any_printed_form_and_inventory_filters_are_checked(api, admin, root):
     """A serial as openssl or a certificate viewer prints it (leading zeros, colons, upper
     case) finds the certificate; a serial that is no hex number, a status that does not
-    exist, an `after` that is no serial and removeFromCRL are 4xx naming what is wrong."""
+    exist, an `after` that is no serial and a reason no end-entity revocation gives are 4xx
+    naming what is wrong."""
     make_intermediate(api, admin, root)
     r = issue(api, admin, leaf_csr(x509.DNSName("web.lab"))[1], "server")
     assert r.status_code == 200, r.text
@@ -423,9 +424,13 @@ def test_serials_in_any_printed_form_and_inventory_filters_are_checked(api, admi
     assert api.call("GET", "/v1/pki/certs?status=bogus", admin).status_code == 422
     assert api.call("GET", "/v1/pki/certs?after=zzz", admin).status_code == 400
     revoke = f"/v1/pki/certs/{serial}/revoke"
-    refused = api.call("POST", revoke, admin, json={"reason": "removeFromCRL"})
-    assert refused.status_code == 400
-    assert "removeFromCRL" not in refused.json()["detail"].partition("valid:")[2]
+    for reason in ("removeFromCRL", "certificateHold", "cACompromise", "aACompromise"):
+        # a hold would be final here; the two compromises are a CA's and an attribute
+        # authority's (RFC 5280 §5.3.1)
+        refused = api.call("POST", revoke, admin, json={"reason": reason})
+        assert refused.status_code == 400, (reason, refused.text)
+        valid = refused.json()["detail"].partition("valid:")[2]
+        assert "keyCompromise" in valid and reason not in valid, refused.text
 
     short = issue(api, admin, leaf_csr(x509.DNSName("brief.lab"))[1], "server", ttl="1s")
     assert short.status_code == 200, short.text
