@@ -37,6 +37,7 @@ from kmsgate.durations import format_duration
 from kmsgate.errors import ConfigError, InvalidRequest
 from kmsgate.pki.extensions import extension_value
 from kmsgate.pki.issuer import key_usage
+from kmsgate.spiffe import SPIFFE_PREFIX, is_spiffe_id
 from kmsgate.text import quoted
 
 MAX_SANS = 100
@@ -416,6 +417,11 @@ class Profile:
         if isinstance(name, x509.UniformResourceIdentifier):
             if not any(rule.matches(name.value) for rule in self.uri):
                 raise InvalidRequest(f"URI {quoted(name.value)} {refused}")
+            if name.value.startswith(SPIFFE_PREFIX) and not is_spiffe_id(name.value):
+                # what the pattern allows may still be too long to authenticate with
+                raise InvalidRequest(
+                    f"URI {quoted(name.value)} is not a SPIFFE ID (at most 2048 bytes)"
+                )
             return name
         shown = f" {quoted(name.value)}" if isinstance(name, x509.RFC822Name) else ""
         raise InvalidRequest(

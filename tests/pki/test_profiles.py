@@ -123,6 +123,8 @@ def test_workload_accepts_one_spiffe_id(profiles):
     assert approved.sans == (uri(spiffe),)
     assert approved.ttl == 24 * HOUR  # exactly max_ttl is allowed
     assert approved.key_type is KeyType.ECDSA_P384
+    longest = "spiffe://dev.lab/" + "a" * 2031  # 2048 bytes, the most a SPIFFE ID has
+    assert profiles["workload"].check(csr(uri(longest))).sans == (uri(longest),)
 
 
 def test_duplicate_sans_are_issued_once(profiles):
@@ -239,6 +241,12 @@ REFUSALS: dict[str, Refusal] = {
         lambda: csr(uri("spiffe://prod.lab/a")),
         None,
         "URI 'spiffe://prod.lab/a' is not allowed",
+    ),
+    "a SPIFFE ID too long to authenticate with": (
+        "workload",
+        lambda: csr(uri("spiffe://dev.lab/" + "a" * 2032)),  # 2049 bytes
+        None,
+        r"is not a SPIFFE ID \(at most 2048 bytes\)",
     ),
     "CN not among the SANs": (
         "client",
