@@ -44,8 +44,11 @@ __all__ = [
     "unauthorized_response",
 ]
 
-# RFC 8954 §2.1: a responder may leave out nonces longer than 32 octets; we do.
+# RFC 9654 §2.1 (which obsoletes RFC 8954): a nonce is 1 to 128 octets, anything else is a
+# malformed request; a responder echoes 16 to 32 octets and may leave out the rest: we echo
+# 1 to 32.
 MAX_NONCE_LENGTH = 32
+_NONCE_LIMIT = 128
 
 
 class MalformedOcspRequest(InvalidRequest):
@@ -112,8 +115,9 @@ def parse_request(der: bytes) -> ocsp.OCSPRequest:
     """The OCSP request in `der`.
 
     Raises MalformedOcspRequest when it is not DER, not an OCSP request, asks about more than
-    one certificate, has unreadable extensions, or names a negative serial number (no
-    certificate has one, RFC 5280 §4.1.2.2, and no answer can carry it).
+    one certificate, has unreadable extensions, a nonce of no octet or more than 128 (RFC
+    9654), or names a negative serial number (no certificate has one, RFC 5280 §4.1.2.2,
+    and no answer can carry it).
     """
     if not isinstance(der, bytes | bytearray | memoryview):
         raise MalformedOcspRequest("an OCSP request is bytes")
@@ -130,6 +134,9 @@ def parse_request(der: bytes) -> ocsp.OCSPRequest:
         raise MalformedOcspRequest(f"malformed OCSP request: {exc}") from None
     if request.serial_number < 0:
         raise MalformedOcspRequest("the OCSP request names a negative serial number")
+    nonce = request_nonce(request)
+    if nonce is not None and not 0 < len(nonce) <= _NONCE_LIMIT:
+        raise MalformedOcspRequest(f"the OCSP nonce is {len(nonce)} octets, not 1-{_NONCE_LIMIT}")
     return request
 
 

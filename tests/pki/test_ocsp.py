@@ -15,10 +15,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmsgate.errors import InvalidRequest
+from kmsgate.pki.extensions import extension_value
 from kmsgate.pki.ocsp import (
     CertStatus,
     MalformedOcspRequest,
@@ -245,6 +247,29 @@ def test_no_nonce_without_one_in_the_request(pki: Pki, openssl_bin: str, tmp_pat
     assert len(ocsp.load_der_ocsp_response(der).extensions) == 0
     output = openssl_check(openssl_bin, pki, der, tmp_path, "-reqin", tmp_path / "req.der")
     assert "OCSP Nonce" not in output
+
+
+@pytest.mark.parametrize(
+    ("octets", "echoed"), [(0, None), (1, True), (32, True), (33, False), (128, False), (129, None)]
+)
+def test_nonce_lengths_follow_rfc_9654(pki: Pki, octets: int, echoed: bool | None):
+    """1-32 octets are echoed, 33-128 answered without a nonce, none or over 128 refused
+    as malformed (RFC 9654 §2.1)."""
+    leaf = x509.load_pem_x509_certificate(Path(pki.leaves[GOOD_LEAF]).read_bytes())
+    nonce = bytes(range(256))[:octets]
+    builder = ocsp.OCSPRequestBuilder().add_certificate(leaf, pki.ca, hashes.SHA256())
+    der = (
+        builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+        .build()
+        .public_bytes(Encoding.DER)
+    )
+    if echoed is None:
+        with pytest.raises(MalformedOcspRequest, match=f"{octets} octets"):
+            parse_request(der)
+        return
+    response = ocsp.load_der_ocsp_response(answer(pki, parse_request(der), CertStatus.good()))
+    got = extension_value(response.extensions, x509.OCSPNonce)
+    assert (got.nonce if got else None) == (nonce if echoed else None)
 
 
 # --- refusals ----------------------------------------------------------------------------------
