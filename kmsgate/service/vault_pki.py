@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from kmsgate.backends.base import PkiEngine, PkiEngineCapable, Registry, require_capability
+from kmsgate.durations import format_duration
 from kmsgate.errors import BackendError, InvalidRequest
 from kmsgate.pki.authorities import Authority, CaState, CaType
 from kmsgate.pki.inventory import san_strings
@@ -98,6 +100,7 @@ def vault_sign(
     common_name = str(cns[0].value) if cns else (sans[0].partition(":")[2] if sans else "")
     pem = csr.public_bytes(serialization.Encoding.PEM).decode()
     engine = pki_engine(registry, ca)
+    asked_until = now() + approved.ttl
     certs = engine.sign(
         pem,
         common_name=common_name,
@@ -115,7 +118,31 @@ def vault_sign(
             "the role's server_flag/client_flag to the profile's EKUs (a role per "
             "profile), key_usage [DigitalSignature] and basic_constraints_valid_for_non_ca"
         )
+    _refuse_shortened(engine, ca, certs, asked_until)
     return certs[0], tuple(certs[1:])
+
+
+_TTL_SLACK = timedelta(minutes=1)
+"""How much earlier than asked Vault's certificate may end (clocks, the request's time)."""
+
+
+def _refuse_shortened(
+    engine: PkiEngine, ca: Authority, certs: list[x509.Certificate], asked_until: datetime
+) -> None:
+    """Raise InvalidRequest, after revoking it in Vault, if the certificate Vault issued
+    ends more than a minute before `asked_until` and before its issuer does: the role's
+    `max_ttl` (or the mount's) cut it short, where the profile allowed the ttl asked for."""
+    ends = certs[0].not_valid_after_utc
+    issuer_ends = certs[1].not_valid_after_utc if len(certs) > 1 else None
+    if ends >= asked_until - _TTL_SLACK or (issuer_ends and ends >= issuer_ends - _TTL_SLACK):
+        return
+    engine.revoke(certs[0].serial_number)
+    minutes = max(round((ends - now()).total_seconds() / 60), 0)
+    raise InvalidRequest(
+        f"Vault PKI role {ca.options.get('role')!r} cuts certificates short (this one was "
+        f"valid for {format_duration(timedelta(minutes=minutes))} more and was revoked in "
+        "Vault): ask for a shorter ttl, or raise the role's max_ttl"
+    )
 
 
 def _role_ekus(settings: Mapping[str, object]) -> list[str]:

@@ -250,6 +250,18 @@ def test_a_vault_role_that_would_give_other_extensions_is_refused(
         basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         assert basic.ca is False
 
+        # the profile allows 5d; the role's max_ttl (72h) would cut it short without a word
+        listed = len(api.call("GET", "/v1/pki/certs", admin).json()["certs"])
+        body = {"csr": csr, "profile": "server", "ttl": "5d"}
+        short = api.call("POST", "/v1/pki/cas/bao/issue", admin, json=body)
+        assert short.status_code == 400, short.text
+        assert "cuts certificates short" in short.json()["detail"]
+        assert "valid for 3d more" in short.json()["detail"]  # 72h
+        assert len(api.call("GET", "/v1/pki/certs", admin).json()["certs"]) == listed
+        assert len(client.list(f"{pki_mount}/certs/revoked")["data"]["keys"]) == 2
+        body["ttl"] = "72h"
+        assert api.call("POST", "/v1/pki/cas/bao/issue", admin, json=body).status_code == 200
+
 
 def test_the_replies_of_a_vault_pki_ca_match_the_openapi_document(
     openbao_server: OpenBaoServer, pki_mount: str, tmp_path: Path
