@@ -326,6 +326,24 @@ def test_an_output_that_is_a_directory_is_refused_as_such(gw, tmp_path):
     _no_temp_left(tmp_path)
 
 
+def test_rewrap_to_the_same_key_moves_files_to_its_primary_version_once(gw, tmp_path):
+    gw.ok("keys", "create", "same", "--type", "aes-256-gcm")
+    files = []
+    for i in range(2):
+        plain = tmp_path / f"s{i}"
+        plain.write_bytes(os.urandom(5000))
+        gw.ok("encrypt-file", str(plain), "-k", "same")
+        files.append(tmp_path / f"s{i}.kmsgate")
+    gw.ok("keys", "rotate", "same")
+    args = ("rewrap", *map(str, files), "--from-key", "same", "--to-key", "same")
+    assert "rewrapped 2, skipped 0, failed 0" in gw.ok(*args).out
+    again = gw.ok(*args)
+    assert "rewrapped 0, skipped 2, failed 0" in again.out, again
+    assert "no file to migrate" not in again.err
+    for path in files:
+        assert FileHeader.read(path.open("rb")).envelope().key_version == 2
+
+
 def test_rewrap_fails_on_a_damaged_file_and_keeps_to_its_rate(gw, tmp_path):
     """A kmsgate file whose header is damaged is a failure (exit 1, named, not in the
     checkpoint: its data is still under the old key), not a quiet skip as a file of another

@@ -299,7 +299,9 @@ def rewrap_files(
 ) -> None:
     """Migrate encrypt-file outputs to another key: only the headers are rewritten (the data
     key is re-wrapped on the gateway, the data is not re-encrypted). Resumable with
-    --checkpoint; files already under --to-key are skipped. Exit 1 if any file failed."""
+    --checkpoint; files already under --to-key are skipped. With --to-key the same as
+    --from-key, files move to the key's primary version (after a rotation), and those
+    already there are skipped. Exit 1 if any file failed."""
     files = _expand(paths)
     named = {p.resolve() for p in paths if not p.is_dir()}
     done: set[str] = set()
@@ -325,6 +327,7 @@ def rewrap_files(
     under_from_key = 0
     try:
         with Client(addr, token) as client, _progress_count(len(pending)) as advance:
+            current = _primary_version(client, to_key) if from_key == to_key else None
             for start in range(0, len(pending), batch):
                 group: list[tuple[Path, FileHeader, int]] = []
                 chunk = pending[start : start + batch]
@@ -334,8 +337,11 @@ def rewrap_files(
                         outcome, why = read
                         quiet = outcome == "skipped" and path not in named
                         finished(path, outcome, "" if quiet else str(why))
-                    elif (name := read[0].envelope().key_name) != from_key:
+                    elif (name := (envelope := read[0].envelope()).key_name) != from_key:
                         finished(path, "skipped", "" if name == to_key else f"under key {name}")
+                    elif envelope.key_version == current:  # nothing to move it to
+                        finished(path, "skipped")
+                        under_from_key += 1
                     else:
                         group.append((path, *read))
                         under_from_key += 1
@@ -375,6 +381,16 @@ def rewrap_files(
     print_line(summary)
     if counts["failed"]:
         raise typer.Exit(1)
+
+
+def _primary_version(client: Client, name: str) -> int | None:
+    """Key `name`'s primary version, or None if the caller may not read the key (then
+    every file under it is re-wrapped)."""
+    try:
+        version = client.get_key(name).get("primary_version")
+    except ApiError:
+        return None
+    return version if isinstance(version, int) else None
 
 
 @contextlib.contextmanager
