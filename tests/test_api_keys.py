@@ -286,6 +286,14 @@ def test_import_public_key_is_verify_only(api, admin):
         json={"name": "i3", "purpose": "p", "public_key": pem, "type": "ecdsa-p256"},
     )
     assert wrong.status_code == 400
+    # a public key whose private key is anyone's cannot vouch for the gateway: checkpoints
+    # it signed would verify as the audit log's, certificates as a CA's
+    for purpose in ("audit", "ca", "ocsp"):
+        body = {"name": f"forger-{purpose}", "purpose": purpose, "public_key": pem}
+        refused = api.call("POST", "/v1/keys", admin, json=body)
+        assert refused.status_code == 400, refused.text
+        assert "cannot be an imported public key" in refused.json()["detail"]
+        assert api.call("GET", f"/v1/keys/forger-{purpose}", admin).status_code == 404
 
 
 def test_jwks_is_served_without_a_token_only_for_public_keys(api, admin):

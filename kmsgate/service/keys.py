@@ -21,10 +21,10 @@ from kmsgate.backends.base import (
     KeySpec,
     require_capability,
 )
-from kmsgate.catalogue import PUBLIC_PURPOSES, Key, KeyState, KeyVersion
+from kmsgate.catalogue import AUDIT_PURPOSE, PUBLIC_PURPOSES, Key, KeyState, KeyVersion
 from kmsgate.errors import Conflict, InvalidRequest, KmsgateError, NotFound, Unavailable
 from kmsgate.jwk import public_jwk
-from kmsgate.pki.authorities import CA_PURPOSE
+from kmsgate.pki.authorities import CA_PURPOSE, PKI_PURPOSES
 from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.requests import KeyChanges, NewKey
@@ -93,6 +93,13 @@ class Keys:
             _refuse_a_ca_key(new.name, new.purpose, "rotates on a schedule")
         if new.public and new.type is not None and not parse_key_type(new.type).is_asymmetric:
             raise InvalidRequest(f"{new.type} keys have no public key to publish")
+        if importing and new.purpose in _SIGNED_THROUGH_THE_GATEWAY:
+            # whoever holds the private key of an imported public key could sign checkpoints
+            # or certificates that would verify as the gateway's
+            raise InvalidRequest(
+                f"a key of purpose {new.purpose!r} signs through the gateway: it cannot be "
+                "an imported public key (create it, or adopt it with a uri)"
+            )
 
         def create(outcome: Outcome) -> Key:
             if self.gate.catalogue.find(new.name) is not None:
@@ -530,6 +537,10 @@ class Keys:
 
 def _same_key(key: Key, _: Outcome) -> Key:
     return key
+
+
+_SIGNED_THROUGH_THE_GATEWAY = PKI_PURPOSES | {AUDIT_PURPOSE}
+"""Purposes of keys that sign what relying parties take as the gateway's own word."""
 
 
 def _refuse_a_ca_key(name: str, purpose: str, what: str) -> None:
