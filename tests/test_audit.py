@@ -531,6 +531,26 @@ def test_text_appended_by_someone_else_stops_appends(tmp_path: Path) -> None:
     assert not AuditFile(path).verify().ok
 
 
+@pytest.mark.parametrize("how", ["removed", "renamed", "replaced"])
+def test_a_chain_file_taken_away_while_in_use_stops_appends(tmp_path: Path, how: str) -> None:
+    """Records appended to a file no path names any more would be read by no one: once the
+    chain's path no longer names the sink's file, appends are refused (and ready says so),
+    even when nothing was written since."""
+    path = tmp_path / "audit.log"
+    with FileSink(path, fsync_interval=0.01) as log:
+        log.append(event(1))
+        if how == "removed":
+            path.unlink()
+        elif how == "renamed":
+            path.rename(tmp_path / "elsewhere.log")
+        else:
+            replacement = tmp_path / "new.log"
+            replacement.write_bytes(path.read_bytes())
+            replacement.replace(path)
+        assert wait_for(lambda: refuses_appends(log))
+        assert log.problem() is not None
+
+
 def test_non_positive_fsync_interval_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         FileSink(tmp_path / "audit.log", fsync_interval=0)

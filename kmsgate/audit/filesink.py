@@ -383,10 +383,23 @@ class FileSink(AuditFile):
             if self._cramped and self._size + self._reserve <= self._capacity:
                 self._cramped = False  # room again: ready says so before the next append
             try:
+                self._check_in_place()
                 self._sync()
             except (OSError, ValueError) as exc:
                 self._fail(exc)
                 return
+
+    def _check_in_place(self) -> None:
+        """Raise ValueError if the chain's path no longer names the file this sink writes:
+        removed, renamed or replaced, its records would go where no reader (nor `audit
+        verify`) looks for them."""
+        written = os.fstat(self._fd)
+        try:
+            named = os.stat(self._chain)
+        except FileNotFoundError:
+            named = None
+        if written.st_nlink == 0 or named is None or not os.path.samestat(named, written):
+            raise ValueError(f"audit log {self._chain} was removed, renamed or replaced")
 
     def _fail(self, exc: Exception) -> None:
         _log.critical("audit log cannot be made durable, refusing appends: %s", exc)
