@@ -408,8 +408,10 @@ class Gate:
 
     def _denial(self, call: Call, decision: Decision) -> str:
         """What a refused caller can act on: the action, what it was asked on (as the
-        caller named it: nothing about whether it exists) and the roles the policy saw; a
-        `deny` rule's veto is not spelt out (the audit record has it)."""
+        caller named it: nothing about whether it exists) and the roles the policy saw. A
+        `deny` rule's veto reads the same as no allowing rule (the audit record and `policy
+        explain` tell them apart): a veto fires on what the resource is, such as another
+        tenant's label, so its wording would tell a caller that the key exists."""
         kind, name = call.resource.get("kind", "resource"), call.resource.get("name")
         target = f"{kind} {name}" if name else str(kind)
         roles = ", ".join(self.roles(call.principal))
@@ -419,8 +421,7 @@ class Gate:
                 f"the policy failed to decide {call.action} on {target} for {who}: an "
                 "evaluation error, logged by the gateway with its policy location"
             )
-        verdict = "the policy denies" if decision.reasons else "no rule allows"
-        return f"{verdict} {call.action} on {target} for {who}"
+        return f"no rule allows {call.action} on {target} for {who}"
 
     def _facts(self, call: Call, decision: Decision) -> dict[str, Any]:
         """What every audit record of `call` says (all but its outcome)."""

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from kmsgate.auth import Credentials
+from kmsgate.auth import Credentials, Principal
 from kmsgate.errors import AuditUnavailable, NotFound, PolicyDenied, Unauthenticated
 from kmsgate.policy import PolicyEngine
 from kmsgate.service.requests import SignInput
@@ -63,6 +63,20 @@ def test_a_denied_caller_cannot_tell_whether_a_key_exists(service, new_key):
         service.crypto.sign(ADMIN, CTX, service.gate.target("missing"), [SignInput(b"m")], False)
     denied = [r for r in audit_records(service) if r["decision"] == "deny"]
     assert [r["resource"]["name"] for r in denied] == ["real", "missing"]
+
+
+def test_a_deny_rules_veto_reads_as_any_refusal(service, new_key):
+    """tenants.rego vetoes another tenant's key because of what the key is (its label): a
+    refusal worded apart would tell the caller that the key exists and whose it is."""
+    new_key("globex-k", labels={"tenant": "globex"})
+    acme = Principal(id="token:acme", kind="token", roles=("admin",), tenant="acme")
+    with pytest.raises(PolicyDenied) as vetoed:
+        service.crypto.sign(acme, CTX, service.gate.target("globex-k"), [SignInput(b"m")], False)
+    assert (
+        vetoed.value.detail == "no rule allows sign on key globex-k for token:acme (roles [admin])"
+    )
+    last = audit_records(service)[-1]
+    assert last["decision"] == "deny" and any("tenant" in r for r in last["reasons"])
 
 
 class RefusingSink:
