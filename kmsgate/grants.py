@@ -36,9 +36,21 @@ __all__ = [
     "new_grant",
 ]
 
-UNGRANTABLE = ("exception.", "token.", "policy.reload", "principal.read")
-"""Actions (prefixes) no grant may cover: grants, tokens and the policy itself (a grant
-must not lead to more grants or lasting rights)."""
+UNGRANTABLE = (
+    "exception.",
+    "token.",
+    "policy.reload",
+    "principal.read",
+    "cert.issue",
+    "cert.renew",
+    "ca.create",
+    "ca.import",
+    "key.update",
+)
+"""Actions (prefixes) no grant may cover, since each would outlast it: grants, tokens and
+the policy itself; certificates and CAs (a credential that authenticates, and renews itself,
+after the grant ended); a key's labels and settings (what the policy reads, such as its
+tenant)."""
 UNNAMED = frozenset(
     {"key.list", "ca.read", "audit.read", "metrics.read", "policy.read", "policy.evaluate"}
 )
@@ -166,9 +178,14 @@ def new_grant(
     wanted = tuple(dict.fromkeys(actions))
     if not wanted or len(wanted) > MAX_ACTIONS:
         raise InvalidRequest(f"actions: give 1 to {MAX_ACTIONS} actions")
-    refused = sorted(a for a in wanted if a not in known_actions or a.startswith(UNGRANTABLE))
-    if refused:
-        raise InvalidRequest(f"actions {refused} cannot be granted by an exception")
+    refused = sorted(a for a in wanted if a in known_actions and a.startswith(UNGRANTABLE))
+    unknown = sum(1 for a in wanted if a not in known_actions)
+    if refused or unknown:
+        problems = [f"actions {refused} cannot be granted by an exception"] if refused else []
+        if unknown:  # never echoed: a pasted secret would land in the reply and the audit log
+            verb = "is" if unknown == 1 else "are"
+            problems.append(f"{unknown} asked for {verb} no action of the gateway")
+        raise InvalidRequest("; ".join(problems) + " (docs/policy.md lists the actions)")
     unnamed = sorted(UNNAMED.intersection(wanted))
     if unnamed:
         raise InvalidRequest(

@@ -118,14 +118,15 @@ test_without_the_role_nobody_approves if {
 	not data.kmsgate.authz.allow with input as grant_input("exception.approve", [], "tok-1")
 }
 
-# A resource without a purpose (a CA) is matched by name; a purpose grant never covers it,
-# and asking must not turn into an evaluation error (which would deny every rule's allow).
+# A resource without a purpose (a certificate) is matched by name; a purpose grant never
+# covers it, and asking must not turn into an evaluation error (which would deny every
+# rule's allow).
 test_exception_on_a_resource_without_purpose if {
-	ca := {"kind": "ca", "name": "issuing", "purpose": null}
-	by_name := object.union(grant_42, {"actions": ["cert.issue"], "resource": "issuing"})
-	inp := object.union(input_with_grants([by_name]), {"action": "cert.issue", "resource": ca})
+	cert := {"kind": "cert", "name": "5e910a7c", "purpose": null}
+	by_name := object.union(grant_42, {"actions": ["cert.revoke"], "resource": "5e910a7c"})
+	inp := object.union(input_with_grants([by_name]), {"action": "cert.revoke", "resource": cert})
 	data.kmsgate.authz.allow with input as inp
 	by_purpose := object.union(by_name, {"resource": "purpose:ca"})
-	admin := object.union(input_with_roles(["admin"]), {"action": "cert.issue", "resource": ca})
+	admin := object.union(input_with_roles(["admin"]), {"action": "cert.revoke", "resource": cert})
 	data.kmsgate.authz.allow with input as object.union(admin, {"exceptions": [by_purpose]})
 }

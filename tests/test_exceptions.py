@@ -243,7 +243,9 @@ def test_a_grant_expires_by_itself_and_the_expiry_is_audited(team: Team) -> None
         ({"duration": "soon"}, 400, "invalid duration"),
         ({"actions": ["token.create"]}, 400, "cannot be granted"),
         ({"actions": ["exception.approve"]}, 400, "cannot be granted"),
-        ({"actions": ["launch"]}, 400, "cannot be granted"),
+        ({"actions": ["launch"]}, 400, "1 asked for is no action of the gateway"),
+        ({"actions": ["cert.issue"]}, 400, "cannot be granted"),  # a certificate outlasts it
+        ({"actions": ["key.update"]}, 400, "cannot be granted"),  # labels the policy reads
         ({"actions": ["key.list"]}, 400, "no named resource"),  # the grant could never match
         ({"actions": ["decrypt", "audit.read"]}, 400, "no named resource"),
         ({"actions": []}, 422, ""),
@@ -271,6 +273,18 @@ def test_a_refused_ask_is_in_the_audit_log(team: Team) -> None:
     assert record["principal"] == _principal(team.x) and record["decision"] == "allow"
     assert record["detail"]["actions"] == ["token.create"]  # an unknown name is not kept
     assert "cannot be granted" in record["detail"]["error"]
+    assert "no-such-action" not in record["detail"]["error"]
+
+
+def test_an_unknown_action_is_never_echoed(team: Team) -> None:
+    """A secret pasted where an action goes (an API token is 64 characters, as an action
+    may be) stays out of the reply and the audit log."""
+    pasted = "kmg.0123456789abcdef." + "s3cr3t" * 7
+    reply = team.request(team.x, actions=["decrypt", pasted], ticket="ESC-2")
+    assert reply.status_code == 400, reply.text
+    assert "1 asked for is no action" in reply.json()["detail"]
+    assert "s3cr3t" not in reply.text
+    assert not any("s3cr3t" in json.dumps(r) for r in _audit(team, "exception.request"))
 
 
 def test_grant_times_are_written_as_every_reply_writes_them(team: Team) -> None:
