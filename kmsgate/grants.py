@@ -196,6 +196,11 @@ def new_grant(
         raise InvalidRequest(
             "resource: a key name or glob (letters, digits, . _ - * ?), or purpose:<purpose>"
         )
+    if not resource.strip("*?."):
+        raise InvalidRequest(
+            f"resource {resource!r} names no key in particular (it covers the CA and audit "
+            "keys too): give a name or a prefix, such as payroll-*"
+        )
     if not MIN_DURATION <= duration <= max_duration:
         raise InvalidRequest(f"duration must be between 1s and {format_duration(max_duration)}")
     if not ticket.strip() or not reason.strip():

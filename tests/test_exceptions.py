@@ -251,6 +251,8 @@ def test_a_grant_expires_by_itself_and_the_expiry_is_audited(team: Team) -> None
         ({"actions": []}, 422, ""),
         ({"resource": "a/b"}, 400, "resource"),
         ({"resource": "purpose:*"}, 400, "resource"),
+        ({"resource": "**"}, 400, "names no key in particular"),  # the CA and audit keys too
+        ({"resource": "*.*"}, 400, "names no key in particular"),
         ({"ticket": ""}, 422, ""),
         ({"reason": "   "}, 400, "ticket and a reason"),
         ({"ticket": "A\tB\nfake-id\tactive"}, 422, ""),  # would forge a row in a listing
@@ -285,6 +287,23 @@ def test_an_unknown_action_is_never_echoed(team: Team) -> None:
     assert "1 asked for is no action" in reply.json()["detail"]
     assert "s3cr3t" not in reply.text
     assert not any("s3cr3t" in json.dumps(r) for r in _audit(team, "exception.request"))
+
+
+def test_one_principal_holds_a_bounded_number_of_open_grants(team: Team) -> None:
+    """Asks nobody answers cannot bury an approver's list or fill the trail: past 16
+    pending or active grants a principal's next ask is 409, until one ends."""
+    asker = _token(team.gw, "dev")
+    ids = []
+    for i in range(16):
+        reply = team.request(asker, ticket=f"FLOOD-{i}")
+        assert reply.status_code == 201, reply.text
+        ids.append(reply.json()["id"])
+    refused = team.request(asker, ticket="FLOOD-16")
+    assert refused.status_code == 409, refused.text
+    assert "at most 16" in refused.json()["detail"]
+    gone = httpx.delete(f"{team.gw.addr}/v1/exceptions/{ids[0]}", headers=team.as_(asker))
+    assert gone.status_code == 200, gone.text
+    assert team.request(asker, ticket="FLOOD-17").status_code == 201
 
 
 def test_grant_times_are_written_as_every_reply_writes_them(team: Team) -> None:

@@ -32,6 +32,8 @@ from kmsgate.store import Row, Store
 _EXPIRY = Decision(allow=True, reasons=("a grant's time ran out",))
 """The scheduler's own decision to record that a grant ended by itself."""
 _ENDED = (GrantState.EXPIRED, GrantState.REVOKED)
+MAX_OPEN_GRANTS = 16
+"""Grants one principal may have pending or active at once."""
 
 
 class Exceptions:
@@ -66,6 +68,12 @@ class Exceptions:
 
         def insert(outcome: Outcome) -> Grant:
             outcome.detail.update(_evidence(grant, grant.requested_at))
+            held = len(self.store.grants.query(principal=principal.id, open_only=True))
+            if held >= MAX_OPEN_GRANTS:  # approvers' list and the trail stay readable
+                raise Conflict(
+                    f"{principal.id} already has {held} grants pending or active (at most "
+                    f"{MAX_OPEN_GRANTS}): wait for an answer, or revoke one"
+                )
             self.store.grants.insert(grant.row())
             return grant
 
