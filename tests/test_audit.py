@@ -343,6 +343,30 @@ def test_fsync_failure_makes_later_appends_fail(
         log.close()
 
 
+def test_ready_says_no_room_until_the_record_refused_for_want_of_it_fits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room for the reserve but not for one more record: appends are refused, and `problem`
+    (what readiness reports) keeps saying so at every tick until that record fits."""
+    path = tmp_path / "audit.log"
+    room = {"left": 10_000}
+    monkeypatch.setattr(FileSink, "_size_limit", lambda self: self._size + room["left"])
+    log = FileSink(path, fsync_interval=0.01, reserve=1000)
+    try:
+        log.append(event(0))
+        room["left"] = 1000 + 20  # the reserve and less than a record
+        log._capacity = log._size + room["left"]
+        with pytest.raises(AuditUnavailable):
+            log.append(event(1))
+        time.sleep(0.1)  # several ticks
+        assert "no room" in (log.problem() or "")
+        room["left"] = 10_000
+        assert wait_for(lambda: log.problem() is None)
+        log.append(event(2))
+    finally:
+        log.close()
+
+
 def test_a_head_file_the_disk_has_no_room_for_is_written_once_there_is_room(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -255,6 +255,9 @@ class FileSink(AuditFile):
         self._reserve = reserve
         self._capacity = self._size_limit()
         self._cramped = False
+        self._wanted = 0
+        """The size of the last record refused for want of room: `ready` says the log has
+        room again only once that much (and the reserve) fits."""
         self._head_behind = False
         """The head file could not be written for want of room (blocks, or inodes where
         the free space still shows room): appends but a change's outcome are refused."""
@@ -335,6 +338,8 @@ class FileSink(AuditFile):
         digest = hashlib.sha256(body).hexdigest()
         line = sealed_line(body, digest) + b"\n"
         cramped = self._size + len(line) + (0 if reserved else self._reserve) > self._capacity
+        if cramped:
+            self._wanted = len(line)
         if cramped and not self._cramped:  # once per episode, not once per refused request
             _log.error("audit log %s: no room left (disk or file size limit)", self._chain)
         self._cramped = cramped
@@ -380,7 +385,7 @@ class FileSink(AuditFile):
     def _fsync_loop(self) -> None:
         while not self._stop.wait(self._interval):
             self._capacity = self._size_limit()
-            if self._cramped and self._size + self._reserve <= self._capacity:
+            if self._cramped and self._size + self._wanted + self._reserve <= self._capacity:
                 self._cramped = False  # room again: ready says so before the next append
             try:
                 self._check_in_place()
