@@ -566,3 +566,16 @@ def test_only_a_key_with_a_public_half_can_be_made_public(api: Api, admin: str) 
     assert api.call("GET", "/v1/keys/h", admin).json()["public"] is False
     signer = api.call("POST", "/v1/keys", admin, json={**NEW_KEY, "public": True})
     assert signer.status_code == 201 and signer.json()["public"] is True, signer.text
+
+
+def test_a_damaged_chain_file_is_a_503_naming_it_not_a_500(api: Api, admin: str) -> None:
+    """A line that is no record in any chain file (another worker's, here) makes the
+    audit search fail with a problem that says where, and the log's own records are not
+    lost for it."""
+    own = api.service.settings.resolved_audit_path()
+    other = own.with_name(f"{own.stem}.1{own.suffix}")
+    other.write_bytes(b"garbage\n")
+    body = _problem(api.call("GET", "/v1/audit?limit=1", admin), 503, "audit_unavailable")
+    assert f"chain file {other.name}, line 1" in body["detail"], body
+    other.unlink()
+    assert api.call("GET", "/v1/audit?limit=1", admin).status_code == 200

@@ -104,9 +104,12 @@ class AuditFile:
         found: list[dict[str, object]] = []
         for chain in chain_paths(self._path):
             latest: collections.deque[dict[str, object]] = collections.deque(maxlen=limit)
-            for record in iter_records(chain):
-                if _matches(record, after, principal, key, action):
-                    latest.append(record)
+            try:
+                for record in iter_records(chain):
+                    if _matches(record, after, principal, key, action):
+                        latest.append(record)
+            except ValueError as exc:
+                raise ValueError(f"chain file {chain.name}, {exc}") from exc
             found += latest
         found.sort(key=lambda record: str(record.get("time", "")))  # stable: chain order kept
         return found[-limit:]

@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 from kmsgate.auth import Principal, TokenInfo, TokenRegistry, token_id_of
-from kmsgate.errors import ConfigError, InvalidRequest, NotFound
+from kmsgate.errors import AuditUnavailable, ConfigError, InvalidRequest, NotFound
 from kmsgate.policy import policy_input
 from kmsgate.policy.follower import PolicyFollower
 from kmsgate.service.gate import WHOAMI, Call, Ctx, Gate, Outcome, exceptions_named, now
@@ -159,18 +159,25 @@ class System:
     def audit_events(
         self, principal: Principal, ctx: Ctx, query: AuditQuery
     ) -> list[dict[str, Any]]:
-        """Audit records matching `query`, oldest first. Raises PolicyDenied."""
+        """Audit records matching `query`, oldest first. Raises PolicyDenied, AuditUnavailable
+        (a chain file holds a line that is no record: it names the file and line)."""
         call = Call(principal, ctx, "audit.read", {"kind": "audit"})
-        return self.gate.run(
-            call,
-            lambda _: self.gate.audit.search(
-                since=query.since,
-                principal=query.principal,
-                key=query.key,
-                action=query.action,
-                limit=query.limit,
-            ),
-        )
+
+        def search(_: Outcome) -> list[dict[str, Any]]:
+            try:
+                return self.gate.audit.search(
+                    since=query.since,
+                    principal=query.principal,
+                    key=query.key,
+                    action=query.action,
+                    limit=query.limit,
+                )
+            except ValueError as exc:
+                raise AuditUnavailable(
+                    f"the audit log cannot be read: {exc}; `kmsgate audit verify` says more"
+                ) from exc
+
+        return self.gate.run(call, search)
 
     def audit_checkpoints(self, principal: Principal, ctx: Ctx) -> list[AuditAnchor]:
         """The store's last signed checkpoint of every audit chain (action `audit.read`), for
