@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kmsgate.audit import CHECKPOINT_ACTION, AuditEvent, AuditFile, CheckpointPolicy, FileSink
@@ -94,8 +95,8 @@ class LocalSigner:
         self.calls += 1
         return CheckpointSignature("audit-test", 1, "ed25519", self.key.sign(payload))
 
-    def public_keys(self, name: str, version: int) -> ed25519.Ed25519PublicKey | None:
-        return self.key.public_key() if (name, version) == ("audit-test", 1) else None
+    def public_keys(self, name: str, version: int) -> tuple[ed25519.Ed25519PublicKey, ...]:
+        return (self.key.public_key(),) if (name, version) == ("audit-test", 1) else ()
 
 
 @pytest.fixture
@@ -515,6 +516,25 @@ def test_verify_passes_on_the_untouched_log(stopped: tuple[Gateway, Path], copy:
     assert "matches the store" in result.out and "not verified" not in result.out
     plain = verify(str(copy / "audit.log"))
     assert plain.rc == 0 and "checkpoint signatures not verified" in plain.out, str(plain)
+
+
+def test_verify_takes_a_key_per_version_of_a_rotated_audit_key(
+    stopped: tuple[Gateway, Path], copy: Path, tmp_path: Path
+) -> None:
+    """After the audit key rotated, its checkpoints are signed by two versions: `--key`
+    given once per version checks each checkpoint against them all; a key that signed
+    none of them fails."""
+    other = tmp_path / "other.pem"
+    other.write_bytes(
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    log = str(copy / "audit.log")
+    both = verify(log, "--key", str(other), "--key", str(stopped[1]))
+    assert both.rc == 0 and "signatures verified" in both.out, str(both)
+    wrong = verify(log, "--key", str(other))
+    assert wrong.rc == 1 and "no public key given is that key version's" in wrong.err, str(wrong)
 
 
 def test_a_configs_replica_id_names_only_its_own_log(copy: Path, tmp_path: Path) -> None:

@@ -58,9 +58,10 @@ class CheckpointSignature:
 Signer = Callable[[bytes], CheckpointSignature]
 """Signs a checkpoint payload. Raises KmsgateError (unknown or disabled key, backend down)."""
 
-PublicKeys = Callable[[str, int], PublicKeyTypes | None]
-"""The public key of (key name, version), None if unknown. Raises UntrustedKey for a key
-that may not sign checkpoints."""
+PublicKeys = Callable[[str, int], Sequence[PublicKeyTypes]]
+"""The public keys (key name, version) may be: a checkpoint verifies under any of them
+(those of a rotated key's versions, given as files), none if unknown. Raises UntrustedKey
+for a key that may not sign checkpoints."""
 
 
 class UntrustedKey(Exception):
@@ -305,11 +306,11 @@ def _mark_problem(
     if keys is None:
         return None
     try:
-        public_key = keys(mark.key, mark.key_version)
+        candidates = keys(mark.key, mark.key_version)
     except UntrustedKey as exc:
         return line, f"record {line}: {exc}: forged"
     alg = SIGN_ALGORITHMS.get(mark.algorithm)
-    if public_key is None:
+    if not candidates:
         return line, f"record {line}: no public key for {mark.key} v{mark.key_version}"
     payload = signed_payload(
         chain=mark.chain,
@@ -319,13 +320,14 @@ def _mark_problem(
         time=mark.time,
         final=mark.final,
     )
-    if alg is None or not verify_with_public_key(
-        public_key, alg, payload, mark.signature, prehashed=False
+    if alg is None or not any(
+        verify_with_public_key(key, alg, payload, mark.signature, prehashed=False)
+        for key in candidates
     ):
         return line, (
             f"record {line}: checkpoint signature does not verify "
-            f"({mark.key} v{mark.key_version}): forged or edited, or the public key given "
-            "is not that key's"
+            f"({mark.key} v{mark.key_version}): forged or edited, or no public key given "
+            "is that key version's"
         )
     return None
 

@@ -248,9 +248,13 @@ def token_revoke(token_id: str, addr: AddrOpt = None, token: TokenOpt = None) ->
 def audit_verify(
     paths: Annotated[list[Path], typer.Argument(help="Audit logs: one per replica, say.")],
     key: Annotated[
-        Path | None,
-        typer.Option("--key", help="PEM public key of the checkpoint key (signatures checked)."),
-    ] = None,
+        list[Path],
+        typer.Option(
+            "--key",
+            help="PEM public key of the checkpoint key (signatures checked); repeat it for "
+            "each version of a rotated audit key.",
+        ),
+    ] = [],  # noqa: B006
     gateway: Annotated[
         str | None,
         typer.Option("--gateway", help="Gateway URL to fetch the checkpoint key's public key."),

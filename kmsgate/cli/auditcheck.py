@@ -5,7 +5,7 @@ store's copy of each chain's last checkpoint; and the report it prints."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -33,21 +33,25 @@ def _pem_key(pem: bytes, source: str) -> PublicKeyTypes:
 
 @contextlib.contextmanager
 def public_keys(
-    key_file: Path | None, gateway: str | None, token: str | None
+    key_files: Sequence[Path], gateway: str | None, token: str | None
 ) -> Iterator[PublicKeys | None]:
-    """The checkpoints' public keys: `key_file` for every key and version, or each key
-    version's public key fetched from `gateway` (once); None without either. Exits with a
-    one-line error if both are given, the file is not a PEM public key, or the gateway
-    refuses."""
-    if key_file is not None and gateway is not None:
+    """The checkpoints' public keys: those of `key_files` for every key and version (a
+    checkpoint verifies under any of them: one file per version of a rotated audit key),
+    or each key version's public key fetched from `gateway` (once); None without either.
+    Exits with a one-line error if both are given, a file is not a PEM public key, or the
+    gateway refuses."""
+    if key_files and gateway is not None:
         fail("give --key or --gateway, not both")
-    if key_file is not None:
-        try:
-            pem = key_file.read_bytes()
-        except OSError as exc:
-            fail(f"cannot read {key_file}: {exc.strerror}")
-        key = _pem_key(pem, str(key_file))
-        yield lambda _name, _version: key
+    if key_files:
+        given = []
+        for key_file in key_files:
+            try:
+                pem = key_file.read_bytes()
+            except OSError as exc:
+                fail(f"cannot read {key_file}: {exc.strerror}")
+            given.append(_pem_key(pem, str(key_file)))
+        keys = tuple(given)
+        yield lambda _name, _version: keys
         return
     if gateway is None:
         yield None
@@ -56,7 +60,7 @@ def public_keys(
     with Client(gateway, token) as client:
         purposes: dict[str, str] = {}
 
-        def from_gateway(name: str, version: int) -> PublicKeyTypes:
+        def from_gateway(name: str, version: int) -> tuple[PublicKeyTypes]:
             if name not in purposes:
                 try:
                     purposes[name] = str(client.get_key(name).get("purpose"))
@@ -73,7 +77,7 @@ def public_keys(
                 except ApiError as exc:
                     fail_api(exc, f"public key of {name} v{version}")
                 fetched[name, version] = _pem_key(pem.encode(), f"{name} v{version}")
-            return fetched[name, version]
+            return (fetched[name, version],)
 
         yield from_gateway
 
