@@ -32,7 +32,7 @@ from kmsgate.audit.filereader import UNKNOWN_WRITER, chain_path
 from kmsgate.audit.headfile import head_path, write_head
 from kmsgate.auth import Principal
 from kmsgate.bootstrap import build_service, ensure_dev_audit_key
-from kmsgate.cli.auditcheck import stored_anchors
+from kmsgate.cli.auditcheck import checkpoint_lines, stored_anchors
 from kmsgate.config import DEV_AUDIT_KEY, Settings
 from kmsgate.errors import ConfigError, InvalidRequest
 from kmsgate.service import Ctx
@@ -391,6 +391,16 @@ def test_gateways_on_one_host_and_one_store_keep_their_checkpoints_apart(
         assert last["replica"] == settings.resolved_replica_id()
         assert stored[(last["replica"], "audit.log")].record_seq == last["seq"]
     assert {replica for replica, _ in stored} == ids
+    # each log verifies against its own replica's checkpoint; the report names that replica
+    # and the other one the store knows a chain of that name of (a sibling's log, swapped
+    # in, would pass as well)
+    anchors = [stored[key] for key in sorted(stored)]
+    report = AuditFile(other.resolved_audit_path()).verify(anchors=anchors)
+    assert report.ok, report.reason
+    lines = list(checkpoint_lines(report, False, anchors))
+    assert f"(replica {other.resolved_replica_id()})" in lines[0], lines
+    also = [line for line in lines if "the store also holds" in line]
+    assert also and gateway_settings.resolved_replica_id() in also[0], lines
 
 
 def test_a_closed_log_is_not_appended_to_by_a_gateway_that_cannot_reopen_it(

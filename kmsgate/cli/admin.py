@@ -301,7 +301,7 @@ def audit_verify(
                     f"{prefix}ok: {report.records} records in {report.chains} chains, "
                     "every chain intact"
                 )
-            lines = (summary, *checkpoint_lines(report, keys is not None, anchors is not None))
+            lines = (summary, *checkpoint_lines(report, keys is not None, anchors))
             with writing_stdout():
                 for line in lines:
                     out.print(line, highlight=False, soft_wrap=True)

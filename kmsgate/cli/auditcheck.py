@@ -142,13 +142,26 @@ def _written_as(own_log: Path, writer: ChainIdentity, path: Path) -> ChainIdenti
 
 
 def checkpoint_lines(
-    report: VerifyReport, keys_checked: bool, store_checked: bool
+    report: VerifyReport, keys_checked: bool, anchors: Sequence[AuditAnchor] | None
 ) -> Iterator[str]:
-    """What an intact log's checkpoints prove, one line per chain, then what was not
-    checked."""
+    """What an intact log's checkpoints prove, one line per chain (and the replica its
+    checkpoints name), then the other replicas the store knows a chain of that name of,
+    then what was not checked."""
+    store_checked = anchors is not None
     for chain in report.checkpoints:
-        written_as = f" (written as {chain.name})" if chain.name != chain.chain.name else ""
-        yield f"  {chain.chain.name}{written_as}: {_chain_summary(chain, store_checked)}"
+        written_as = f"written as {chain.name}, " if chain.name != chain.chain.name else ""
+        replica = f"replica {chain.replica}" if chain.replica else "replica unnamed"
+        summary = _chain_summary(chain, store_checked)
+        yield f"  {chain.chain.name} ({written_as}{replica}): {summary}"
+    names = {chain.name for chain in report.checkpoints}
+    replicas = {chain.replica for chain in report.checkpoints}
+    others = sorted({a.replica for a in anchors or () if a.chain in names} - replicas)
+    if others:  # a sibling's log passes against its own checkpoints: is this the one meant?
+        yield (
+            f"  the store also holds chains of these names for replica(s) {', '.join(others)}: "
+            "each replica's log verifies against its own checkpoints, so check that the "
+            "replica above is the one whose log this should be (or set replica_id)"
+        )
     if not keys_checked:
         yield "  checkpoint signatures not verified (give --key PEM or --gateway URL)"
     if not store_checked:
