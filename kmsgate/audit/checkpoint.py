@@ -358,8 +358,9 @@ def _anchor_problem(
     shared = f", or another gateway writes with replica_id {anchor.replica!r}"
     if writer_unknown:  # e.g. a new replica's log before its first checkpoint
         shared += (
-            f", or this is not replica {anchor.replica!r}'s log and no checkpoint in it says "
-            "whose it is: verify it with its gateway's --config"
+            f", or this is not replica {anchor.replica!r}'s log and no verified checkpoint "
+            "in it says whose it is: verify it with its gateway's --config, and --key or "
+            "--gateway to check its checkpoints"
         )
     if seq > len(hashes):
         return last_line, (
