@@ -411,6 +411,41 @@ def test_token_revocation_reaches_other_replicas(store):
     assert token.split(".")[2] not in str(stored)
 
 
+def test_concurrent_asks_never_pass_a_principals_open_grant_limit(store, database_url):
+    """The count and the insert are one transaction serialised per principal: eight
+    replicas (engines of their own) asking at once for one principal leave exactly the
+    limit inserted, and another principal is not held up by it."""
+    week = timedelta(days=7)
+
+    def ask(principal: str) -> dict[str, object]:
+        return new_grant(
+            principal, ["decrypt"], "k", timedelta(hours=1), "T-1", "why",
+            known_actions=frozenset({"decrypt"}), max_duration=week, pending_for=week,
+            now=datetime.now(UTC),
+        ).row()  # fmt: skip
+
+    replicas = [Store(database_url) for _ in range(8)]
+    start = threading.Barrier(len(replicas))
+    outcomes: list[int | None] = []
+
+    def race(replica: Store) -> None:
+        start.wait()
+        outcomes.append(replica.grants.insert(ask("token:flood"), open_limit=3))
+
+    try:
+        threads = [threading.Thread(target=race, args=(replica,)) for replica in replicas]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        for replica in replicas:
+            replica.close()
+    assert sorted(outcomes, key=lambda held: held or 0) == [None] * 3 + [3] * 5
+    assert len(store.grants.query(principal="token:flood", open_only=True)) == 3
+    assert store.grants.insert(ask("token:other"), open_limit=3) is None
+
+
 def test_a_grant_revoked_through_another_replica_ends_at_once_without_a_refresh(
     store, database_url
 ):
@@ -424,7 +459,7 @@ def test_a_grant_revoked_through_another_replica_ends_at_once_without_a_refresh(
         known_actions=frozenset({"decrypt"}), max_duration=week, pending_for=week, now=now,
     )  # fmt: skip
     grant = approve(pending, "token:y", required=1, now=now)
-    store.grants.insert(grant.row())
+    assert store.grants.insert(grant.row(), open_limit=16) is None
     grants = ActiveGrants(store)
     assert grants.ended([grant.id], now) == []
     other = Store(database_url)

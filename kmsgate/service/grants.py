@@ -68,13 +68,12 @@ class Exceptions:
 
         def insert(outcome: Outcome) -> Grant:
             outcome.detail.update(_evidence(grant, grant.requested_at))
-            held = len(self.store.grants.query(principal=principal.id, open_only=True))
-            if held >= MAX_OPEN_GRANTS:  # approvers' list and the trail stay readable
+            held = self.store.grants.insert(grant.row(), open_limit=MAX_OPEN_GRANTS)
+            if held is not None:  # approvers' list and the trail stay readable
                 raise Conflict(
                     f"{principal.id} already has {held} grants pending or active (at most "
                     f"{MAX_OPEN_GRANTS}): wait for an answer, or revoke one"
                 )
-            self.store.grants.insert(grant.row())
             return grant
 
         resource = {"kind": "exception", "name": grant.id, "owner": principal.id}

@@ -3,6 +3,7 @@ recorded in the "grants" change feed."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,11 +30,26 @@ class Grants:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def insert(self, grant: Row) -> None:
-        """Insert a requested grant. Raises Conflict on an id clash, Unavailable."""
+    def insert(self, grant: Row, *, open_limit: int) -> int | None:
+        """Insert a requested grant unless its principal already holds `open_limit` grants
+        not ended: None once inserted, else how many it holds. The count and the insert are
+        one transaction, serialised per principal (SQLite's writer lock, a PostgreSQL
+        advisory lock), so concurrent asks cannot pass the limit. Raises ConcurrentChange
+        on an id clash, Unavailable."""
+        c = tables.grants.c
         with self._db.transaction() as conn:
+            if conn.dialect.name == "postgresql":
+                lock = sa.text("SELECT pg_advisory_xact_lock(:id)")
+                conn.execute(lock, {"id": _principal_lock(str(grant["principal"]))})
+            count = sa.select(sa.func.count()).where(
+                c.principal == grant["principal"], c.ended_at.is_(None)
+            )
+            held: int = conn.execute(count).scalar_one()
+            if held >= open_limit:
+                return held
             conn.execute(sa.insert(tables.grants).values(**grant))
             record_change(conn, AGGREGATE, grant["id"])
+        return None
 
     def get(self, grant_id: str) -> Row | None:
         """One grant, or None. Raises Unavailable."""
@@ -72,3 +88,9 @@ class Grants:
             conn.execute(sa.update(grants).where(grants.c.id == grant_id).values(**values))
             record_change(conn, AGGREGATE, grant_id)
         return {**row, **values}
+
+
+def _principal_lock(principal: str) -> int:
+    """A PostgreSQL advisory lock id for `principal`'s grants (a signed 64-bit integer)."""
+    digest = hashlib.sha256(f"kmsgate grants {principal}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
