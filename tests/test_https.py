@@ -531,6 +531,9 @@ def test_a_workload_renews_its_certificate_over_mtls_keeping_its_names(tmp_path:
         r["detail"]["serial"]: r["detail"]["renews"] for r in renewals if r["outcome"] == "ok"
     }
     assert lineage[renewed.json()["serial"]] == serial
+    # `serial` is only ever the certificate issued: a started record has none yet
+    started = [r["detail"] for r in renewals if r["outcome"] == "started"]
+    assert started and all("serial" not in d and d["renews"] for d in started), started
 
 
 def test_the_spiffe_trust_bundle_verifies_a_workload_certificate(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ from kmsgate.pki.issuer import (
     signature_hash,
     validity,
 )
-from kmsgate.pki.profiles import Approved, Profile
+from kmsgate.pki.profiles import MAX_SANS, Approved, Profile
 from kmsgate.pki.remote_key import RemotePrivateKey, remote_private_key
 from kmsgate.pki.revocation import RESPONDER_PROFILE, responders_of_key
 from kmsgate.pki.root import parse_subject
@@ -309,8 +309,9 @@ class Pki:
         issued."""
         ca = self._named(ca_name)
         resource = ca.policy_resource() if ca else {"kind": "ca", "name": ca_name}
-        asked = {name: value for name, value in facts.items() if name != "ca"}
-        call = Call(principal, ctx, action, resource, facts, detail={**asked, **(detail or {})})
+        call = Call(
+            principal, ctx, action, resource, facts, detail={**_asked(facts), **(detail or {})}
+        )
         with self.gate.running(call, decision=decision) as outcome:
             if ca is None:
                 raise NotFound(f"no CA named {ca_name!r}")
@@ -541,3 +542,16 @@ def _public_key(key: Key) -> CertificatePublicKeyTypes:
     ):
         raise InvalidRequest(f"{key.type} keys cannot be CA keys")
     return public
+
+
+def _asked(facts: Mapping[str, object]) -> dict[str, object]:
+    """What an issuance's audit records keep of the policy's `request`: the profile, ttl
+    and names asked for, at most `MAX_SANS` of them (more are refused; the count says how
+    many came), not the CA (the record's resource) nor a renewal's old serial (`renews`)."""
+    sans = facts.get("sans")
+    asked = {name: facts[name] for name in ("profile", "ttl") if name in facts}
+    if isinstance(sans, list):
+        asked["sans"] = sans[:MAX_SANS]
+        if len(sans) > MAX_SANS:
+            asked["sans_asked"] = len(sans)
+    return asked

@@ -303,6 +303,12 @@ def test_a_denied_issuance_is_audited_with_the_names_it_asked_for(api, admin, ro
     assert by_outcome["policy_denied"] == asked
     assert by_outcome["started"]["profile"] == "client"
     assert by_outcome["started"]["sans"] == asked["sans"]
+    # a CSR stuffed with names costs the trail no more than the names a profile could give
+    many = [x509.DNSName(f"n{i}.lab") for i in range(150)]
+    body = {"csr": leaf_csr(*many)[1], "profile": "server"}
+    assert api.call("POST", "/v1/pki/cas/issuing/issue", nobody, json=body).status_code == 403
+    last = api.service.audit.search(action="cert.issue")[-1]["detail"]
+    assert (len(last["sans"]), last["sans_asked"]) == (100, 150)
 
 
 def test_the_public_chain_and_bundle_come_from_memory_once_the_ca_is_held(
