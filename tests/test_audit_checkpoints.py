@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kmsgate.audit import CHECKPOINT_ACTION, AuditEvent, AuditFile, CheckpointPolicy, FileSink
@@ -528,23 +527,24 @@ def test_verify_passes_on_the_untouched_log(stopped: tuple[Gateway, Path], copy:
     assert plain.rc == 0 and "checkpoint signatures not verified" in plain.out, str(plain)
 
 
-def test_verify_takes_a_key_per_version_of_a_rotated_audit_key(
-    stopped: tuple[Gateway, Path], copy: Path, tmp_path: Path
-) -> None:
+def test_verify_takes_a_key_per_version_of_a_rotated_audit_key(tmp_path: Path) -> None:
     """After the audit key rotated, its checkpoints are signed by two versions: `--key`
-    given once per version checks each checkpoint against them all; a key that signed
-    none of them fails."""
-    other = tmp_path / "other.pem"
-    other.write_bytes(
-        ed25519.Ed25519PrivateKey.generate()
-        .public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    log = str(copy / "audit.log")
-    both = verify(log, "--key", str(other), "--key", str(stopped[1]))
+    given once per version checks each checkpoint against them; either alone fails."""
+    with running_gateway(tmp_path, KMSGATE_AUDIT_CHECKPOINT_SECONDS="0.3") as gw:
+        log = gw.data_dir / "audit.log"
+        pems = [tmp_path / "v1.pem", tmp_path / "v2.pem"]
+        gw.ok("keys", "public-key", DEV_AUDIT_KEY, "-o", str(pems[0]))
+        wait_for(lambda: bool(checkpoints(log)))
+        gw.ok("keys", "rotate", DEV_AUDIT_KEY)
+        gw.ok("keys", "public-key", DEV_AUDIT_KEY, "--version", "2", "-o", str(pems[1]))
+        gw.ok("keys", "list")
+        wait_for(lambda: any(r.get("key_version") == 2 for r in checkpoints(log)))
+    assert {r.get("key_version") for r in checkpoints(log)} == {1, 2}
+    both = verify(str(log), "--key", str(pems[0]), "--key", str(pems[1]))
     assert both.rc == 0 and "signatures verified" in both.out, str(both)
-    wrong = verify(log, "--key", str(other))
-    assert wrong.rc == 1 and "no public key given is that key version's" in wrong.err, str(wrong)
+    for pem in pems:
+        alone = verify(str(log), "--key", str(pem))
+        assert alone.rc == 1 and "no public key given is that key version's" in alone.err
 
 
 def test_a_configs_replica_id_names_only_its_own_log(copy: Path, tmp_path: Path) -> None:
