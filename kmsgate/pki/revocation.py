@@ -330,22 +330,14 @@ _MAX_CN = 64  # ub-common-name (RFC 5280)
 
 
 def responder_subject(ca_name: str, issuer: x509.Certificate) -> x509.Name:
-    """A delegated responder's subject: the issuer's own name without its common name,
-    then `CN=<ca_name> OCSP responder` (`CN=OCSP responder` if that exceeds 64
-    characters). Built on the CA's name, it stays inside a directoryName constraint that
-    the CA's own name meets."""
+    """A delegated responder's subject: the issuer's own name, then `CN=<ca_name> OCSP
+    responder` (`CN=OCSP responder` if that exceeds 64 characters). Under the CA's whole
+    name, it stays inside every directoryName constraint that the CA's own name meets."""
     common_name = f"{ca_name} {_RESPONDER_CN}"
     if len(common_name) > _MAX_CN:
         common_name = _RESPONDER_CN
-    kept = [
-        rdn
-        for rdn in issuer.subject.rdns
-        if not rdn.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    ]
-    own = x509.RelativeDistinguishedName(
-        [x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)]
-    )
-    return x509.Name([*kept, own])
+    own = x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)
+    return x509.Name([*issuer.subject.rdns, x509.RelativeDistinguishedName([own])])
 
 
 def responder_extensions(

@@ -441,8 +441,8 @@ def test_a_ca_held_to_a_directory_name_answers_ocsp_that_openssl_verifies(
 
 
 def test_a_responders_subject_keeps_the_cas_name_and_fits_a_common_name(root):
-    """The CA's attributes but its CN, then the responder's CN; a CA name too long for a
-    64-character CN (CA names run to 63) gives `CN=OCSP responder`, not a ValueError."""
+    """The CA's whole name, then the responder's CN; a CA name too long for a 64-character
+    CN (CA names run to 63) gives `CN=OCSP responder`, not a ValueError."""
 
     def intermediate(subject: str) -> x509.Certificate:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -453,9 +453,12 @@ def test_a_responders_subject_keeps_the_cas_name_and_fits_a_common_name(root):
         return x509.load_pem_x509_certificate(root.sign_intermediate(pem).encode())
 
     plain = responder_subject("issuing", intermediate("CN=issuing CA"))
-    assert plain.rfc4514_string() == "CN=issuing OCSP responder"
+    assert plain.rfc4514_string() == "CN=issuing OCSP responder,CN=issuing CA"
     long_name = responder_subject("n" * 63, intermediate("CN=Acme issuing,OU=PKI,O=Acme"))
-    assert long_name.rfc4514_string() == "CN=OCSP responder,OU=PKI,O=Acme"
+    assert long_name.rfc4514_string() == "CN=OCSP responder,CN=Acme issuing,OU=PKI,O=Acme"
+    # a multi-valued RDN keeps all of its attributes: the name stays under the CA's own
+    several = responder_subject("issuing", intermediate("CN=Issuing+O=Acme,C=US"))
+    assert several.rfc4514_string() == "CN=issuing OCSP responder,O=Acme+CN=Issuing,C=US"
 
 
 def test_the_responder_is_made_by_the_first_request_and_renewed_at_half_life(
