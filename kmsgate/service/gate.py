@@ -389,10 +389,18 @@ class Gate:
         decision: Decision | None = None,
     ) -> T:
         """`run` for an operation on `target` (whose attributes are `call.resource`).
-        Raises NotFound only after the policy allowed the call."""
-        return self.run(
-            call, lambda outcome: operation(target.require(), outcome), decision=decision
-        )
+        Raises NotFound only after the policy allowed the call; PolicyDenied, worded as any
+        refusal, instead for a principal bound to a tenant: another tenant's key is refused
+        by what it is (its label), so a 404 for a missing one would tell them apart. The
+        audit record keeps `not_found`."""
+
+        def on_key(outcome: Outcome) -> T:
+            if target.key is None and call.principal.tenant is not None:
+                outcome.detail["not_found"] = True
+                raise PolicyDenied(self._denial(call, Decision(allow=False, reasons=())))
+            return operation(target.require(), outcome)
+
+        return self.run(call, on_key, decision=decision)
 
     def decide_each(self, call: Call, requests: Sequence[Mapping[str, object]]) -> Decision:
         """One decision on `call` for all of `requests` (each a policy `request` for part

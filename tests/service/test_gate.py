@@ -77,6 +77,14 @@ def test_a_deny_rules_veto_reads_as_any_refusal(service, new_key):
     )
     last = audit_records(service)[-1]
     assert last["decision"] == "deny" and any("tenant" in r for r in last["reasons"])
+    # nor does a missing key answer otherwise (a 404 would tell it from another tenant's)
+    with pytest.raises(PolicyDenied) as missing:
+        service.crypto.sign(acme, CTX, service.gate.target("no-such"), [SignInput(b"m")], False)
+    assert missing.value.detail == vetoed.value.detail.replace("globex-k", "no-such")
+    last = audit_records(service)[-1]
+    assert (last["outcome"], last["detail"]["not_found"]) == ("policy_denied", True)
+    with pytest.raises(NotFound):  # a principal of no tenant is told
+        service.crypto.sign(ADMIN, CTX, service.gate.target("no-such"), [SignInput(b"m")], False)
 
 
 class RefusingSink:
