@@ -330,14 +330,21 @@ _MAX_CN = 64  # ub-common-name (RFC 5280)
 
 
 def responder_subject(ca_name: str, issuer: x509.Certificate) -> x509.Name:
-    """A delegated responder's subject: the issuer's own name, then `CN=<ca_name> OCSP
-    responder` (`CN=OCSP responder` if that exceeds 64 characters). Under the CA's whole
-    name, it stays inside every directoryName constraint that the CA's own name meets."""
+    """A delegated responder's subject: the issuer's own name without its common names
+    (each RDN keeps its other attributes), then `CN=<ca_name> OCSP responder` (`CN=OCSP
+    responder` if that exceeds 64 characters). It stays under a directoryName constraint
+    on the CA's organisation, and a host-like CN of the CA's is not judged against DNS
+    constraints as the responder's."""
     common_name = f"{ca_name} {_RESPONDER_CN}"
     if len(common_name) > _MAX_CN:
         common_name = _RESPONDER_CN
+    rdns = [
+        x509.RelativeDistinguishedName(others)
+        for rdn in issuer.subject.rdns
+        if (others := [a for a in rdn if a.oid != x509.NameOID.COMMON_NAME])
+    ]
     own = x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)
-    return x509.Name([*issuer.subject.rdns, x509.RelativeDistinguishedName([own])])
+    return x509.Name([*rdns, x509.RelativeDistinguishedName([own])])
 
 
 def responder_extensions(

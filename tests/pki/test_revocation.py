@@ -24,6 +24,7 @@ from kmsgate.bootstrap import build_service, prepare_dev_data_dir
 from kmsgate.config import Settings, load_settings
 from kmsgate.errors import Conflict
 from kmsgate.jobs import Jobs, leader_lock
+from kmsgate.pki.constraints import refuse_outside_constraints
 from kmsgate.pki.revocation import responder_subject
 from kmsgate.service import Ctx
 from kmsgate.store import tables
@@ -441,24 +442,32 @@ def test_a_ca_held_to_a_directory_name_answers_ocsp_that_openssl_verifies(
 
 
 def test_a_responders_subject_keeps_the_cas_name_and_fits_a_common_name(root):
-    """The CA's whole name, then the responder's CN; a CA name too long for a 64-character
-    CN (CA names run to 63) gives `CN=OCSP responder`, not a ValueError."""
+    """The CA's name without its CNs, then the responder's CN; a CA name too long for a
+    64-character CN (CA names run to 63) gives `CN=OCSP responder`, not a ValueError."""
 
-    def intermediate(subject: str) -> x509.Certificate:
+    def intermediate(
+        subject: str, constraints: x509.NameConstraints | None = None
+    ) -> x509.Certificate:
         key = ec.generate_private_key(ec.SECP256R1())
         csr = x509.CertificateSigningRequestBuilder().subject_name(
             x509.Name.from_rfc4514_string(subject)
         )
         pem = csr.sign(key, hashes.SHA256()).public_bytes(PEM).decode()
-        return x509.load_pem_x509_certificate(root.sign_intermediate(pem).encode())
+        signed = root.sign_intermediate(pem, constraints=constraints)
+        return x509.load_pem_x509_certificate(signed.encode())
 
     plain = responder_subject("issuing", intermediate("CN=issuing CA"))
-    assert plain.rfc4514_string() == "CN=issuing OCSP responder,CN=issuing CA"
+    assert plain.rfc4514_string() == "CN=issuing OCSP responder"
     long_name = responder_subject("n" * 63, intermediate("CN=Acme issuing,OU=PKI,O=Acme"))
-    assert long_name.rfc4514_string() == "CN=OCSP responder,CN=Acme issuing,OU=PKI,O=Acme"
-    # a multi-valued RDN keeps all of its attributes: the name stays under the CA's own
+    assert long_name.rfc4514_string() == "CN=OCSP responder,OU=PKI,O=Acme"
+    # a multi-valued RDN loses its CN only: the organisation beside it stays
     several = responder_subject("issuing", intermediate("CN=Issuing+O=Acme,C=US"))
-    assert several.rfc4514_string() == "CN=issuing OCSP responder,O=Acme+CN=Issuing,C=US"
+    assert several.rfc4514_string() == "CN=issuing OCSP responder,O=Acme,C=US"
+    # a CA whose CN looks like a host name outside its DNS constraints: the responder does
+    # not carry that CN, which relying parties would judge as a host name
+    dns_only = x509.NameConstraints([x509.DNSName("svc.example")], None)
+    hosted = intermediate("CN=ca.corp.example,O=Acme", constraints=dns_only)
+    refuse_outside_constraints(responder_subject("hosted", hosted), (), [hosted])
 
 
 def test_the_responder_is_made_by_the_first_request_and_renewed_at_half_life(
