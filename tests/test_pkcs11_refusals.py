@@ -26,7 +26,7 @@ def test_a_refusal_names_the_file_as_it_was_read_not_as_it_is_later(tmp_path: Pa
     """The PIN file replaced after the wrong PIN was read (the operator fixing it): the
     refusal recorded then must not stand for the new file, nor name the PIN."""
     pin = tmp_path / "hsm.pin"
-    pin.write_text("00000000\n")
+    pin.write_text("wrong-pin-xyz\n")  # not hex: the mark holds a digest, which may hold 0000
     shared = PinRefusals("hsm")
     shared.keep_in(tmp_path)
     as_read = _identity(pin)
@@ -37,7 +37,7 @@ def test_a_refusal_names_the_file_as_it_was_read_not_as_it_is_later(tmp_path: Pa
     assert shared.refused(SERIAL, as_read)
     assert not shared.refused(SERIAL, _identity(pin))
     assert not shared.refused(b"another token serial", as_read)
-    assert shared.mark is not None and b"0000" not in shared.mark.read_bytes()
+    assert shared.mark is not None and b"wrong-pin" not in shared.mark.read_bytes()
     shared.forget()
     assert not shared.refused(SERIAL, as_read)
 
