@@ -103,6 +103,14 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def hold_transaction_lock(conn: sa.Connection, lock_id: int) -> None:
+    """On PostgreSQL, wait for the transaction advisory lock `lock_id` (a signed 64-bit
+    integer), freed when the transaction ends or its connection dies. On SQLite nothing:
+    a transaction there holds the writer lock already."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": lock_id})
+
+
 def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -219,9 +227,7 @@ class Database:
                 if postgres:  # each statement sees what the migration before us committed
                     conn.execution_options(isolation_level="READ COMMITTED")
                 with conn.begin():
-                    if postgres:
-                        lock = sa.text("SELECT pg_advisory_xact_lock(:id)")
-                        conn.execute(lock, {"id": MIGRATION_LOCK_ID})
+                    hold_transaction_lock(conn, MIGRATION_LOCK_ID)
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
             except sa.exc.SQLAlchemyError as exc:

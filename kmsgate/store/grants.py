@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from kmsgate.store import tables
-from kmsgate.store.engine import Database, Row, utc
+from kmsgate.store.engine import Database, Row, hold_transaction_lock, utc
 from kmsgate.store.feed import record_change
 
 AGGREGATE = "grants"
@@ -38,9 +38,7 @@ class Grants:
         on an id clash, Unavailable."""
         c = tables.grants.c
         with self._db.transaction() as conn:
-            if conn.dialect.name == "postgresql":
-                lock = sa.text("SELECT pg_advisory_xact_lock(:id)")
-                conn.execute(lock, {"id": _principal_lock(str(grant["principal"]))})
+            hold_transaction_lock(conn, _principal_lock(str(grant["principal"])))
             count = sa.select(sa.func.count()).where(
                 c.principal == grant["principal"], c.ended_at.is_(None)
             )
