@@ -339,12 +339,12 @@ def rewrap_files(
                         finished(path, outcome, "" if quiet else str(why))
                     elif (name := (envelope := read[0].envelope()).key_name) != from_key:
                         finished(path, "skipped", "" if name == to_key else f"under key {name}")
-                    elif envelope.key_version == current:  # nothing to move it to
-                        finished(path, "skipped")
-                        under_from_key += 1
                     else:
-                        group.append((path, *read))
                         under_from_key += 1
+                        if envelope.key_version == current:  # nothing to move it to
+                            finished(path, "skipped")
+                        else:
+                            group.append((path, *read))
                     advance()
                 if not group:
                     continue
