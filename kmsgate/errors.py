@@ -229,5 +229,14 @@ class AuditUnavailable(Unavailable):
     title = "Audit log unavailable: operation refused"
 
 
+class AuditUnreadable(KmsgateError):
+    """A chain file holds a line that is no record. Unlike `AuditUnavailable` it lasts until
+    an operator mends the file, so the reply carries no Retry-After."""
+
+    status = 503
+    code = "audit_unavailable"
+    title = "Audit log cannot be read"
+
+
 class ConfigError(Exception):
     """The configuration is invalid; raised at start-up, never to clients."""

@@ -575,7 +575,9 @@ def test_a_damaged_chain_file_is_a_503_naming_it_not_a_500(api: Api, admin: str)
     own = api.service.settings.resolved_audit_path()
     other = own.with_name(f"{own.stem}.1{own.suffix}")
     other.write_bytes(b"garbage\n")
-    body = _problem(api.call("GET", "/v1/audit?limit=1", admin), 503, "audit_unavailable")
+    reply = api.call("GET", "/v1/audit?limit=1", admin)
+    body = _problem(reply, 503, "audit_unavailable")
     assert f"chain file {other.name}, line 1" in body["detail"], body
+    assert "retry-after" not in reply.headers  # the damage lasts until someone mends it
     other.unlink()
     assert api.call("GET", "/v1/audit?limit=1", admin).status_code == 200

@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 from kmsgate.auth import Principal, TokenInfo, TokenRegistry, token_id_of
-from kmsgate.errors import AuditUnavailable, ConfigError, InvalidRequest, NotFound
+from kmsgate.errors import AuditUnreadable, ConfigError, InvalidRequest, NotFound
 from kmsgate.policy import policy_input
 from kmsgate.policy.follower import PolicyFollower
 from kmsgate.service.gate import WHOAMI, Call, Ctx, Gate, Outcome, exceptions_named, now
@@ -159,7 +159,7 @@ class System:
     def audit_events(
         self, principal: Principal, ctx: Ctx, query: AuditQuery
     ) -> list[dict[str, Any]]:
-        """Audit records matching `query`, oldest first. Raises PolicyDenied, AuditUnavailable
+        """Audit records matching `query`, oldest first. Raises PolicyDenied, AuditUnreadable
         (a chain file holds a line that is no record: it names the file and line)."""
         call = Call(principal, ctx, "audit.read", {"kind": "audit"})
 
@@ -173,7 +173,7 @@ class System:
                     limit=query.limit,
                 )
             except ValueError as exc:
-                raise AuditUnavailable(
+                raise AuditUnreadable(
                     f"the audit log cannot be read: {exc}; `kmsgate audit verify` says more"
                 ) from exc
 
