@@ -239,12 +239,15 @@ def test_a_renamed_copy_verifies_and_swapped_chain_files_do_not(
     swapped.mkdir()
     shutil.copy(log, swapped / "audit.1.log")
     shutil.copy(second, swapped / "audit.log")
-    for written_as, belongs in ((gateway, "audit.log"), (UNKNOWN_WRITER, "audit.1.1.log")):
+    for written_as, reason in (
+        (gateway, "in audit.log, where audit.log belongs: chain files swapped"),
+        (UNKNOWN_WRITER, "signed in chain file audit.1.log, in audit.log: chain files swapped"),
+    ):  # the log's name unknown: the first chain file cannot be another chain file of it
         report = AuditFile(swapped / "audit.log").verify(
             keys=signer.public_keys, written_as=written_as
         )
         assert not report.ok, report
-        assert f"where {belongs} belongs: chain files swapped" in str(report.reason), report
+        assert reason in str(report.reason) and report.chain == swapped / "audit.log", report
 
 
 def test_an_idle_workers_chain_is_held_to_its_own_replicas_checkpoints(

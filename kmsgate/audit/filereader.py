@@ -50,13 +50,19 @@ def chain_paths(path: Path) -> list[Path]:
 def _numbered_chains(path: Path) -> list[tuple[int, Path]]:
     """(chain number, file) of each existing chain file of the log at `path`, in order.
     Raises OSError if the directory cannot be listed."""
-    pattern = re.compile(re.escape(path.stem) + r"\.([1-9][0-9]*)" + re.escape(path.suffix) + r"\Z")
     numbered = sorted(
-        (int(match.group(1)), entry)
+        (number, entry)
         for entry in path.parent.iterdir()
-        if (match := pattern.match(entry.name)) and entry.is_file()
+        if (number := _chain_number(path, entry.name)) and entry.is_file()
     )
     return ([(0, path)] if path.is_file() else []) + numbered
+
+
+def _chain_number(path: Path, name: str) -> int | None:
+    """N if `name` is chain N >= 1 of the audit log at `path` (`audit.N.log`), else None."""
+    pattern = re.escape(path.stem) + r"\.([1-9][0-9]*)" + re.escape(path.suffix) + r"\Z"
+    match = re.match(pattern, name)
+    return int(match.group(1)) if match else None
 
 
 def iter_records(path: Path) -> Iterator[dict[str, object]]:
@@ -146,6 +152,8 @@ class AuditFile:
                 unplaced.append((number, chain, name, report))  # again once the replica is known
                 continue
             records += report.records
+            if summary is not None and log_name is None:
+                report, summary = _misplaced(chain, summary, report)
             if summary is None:
                 return replace(report, records=records, chains=len(chains))
             checked.append((number, summary))
@@ -227,6 +235,22 @@ def _verify_chain(
     if problem is not None:
         return VerifyReport(False, len(hashes), problem[0], problem[1], path), None
     return VerifyReport(True, len(hashes), None, None), summary
+
+
+def _misplaced(
+    chain: Path, summary: ChainCheckpoints, report: VerifyReport
+) -> tuple[VerifyReport, ChainCheckpoints | None]:
+    """`report` and `summary` of a log's first chain file whose name is not known, unless
+    its checkpoints were signed in another chain file of a log of the same name (`audit.log`
+    holding what was written as `audit.1.log`): a broken report then."""
+    if summary.name == chain.name or _chain_number(chain, summary.name) is None:
+        return report, summary
+    line = summary.last_line or 1
+    reason = (
+        f"record {line}: a checkpoint signed in chain file {summary.name}, in {chain.name}: "
+        "chain files swapped or renamed"
+    )
+    return VerifyReport(False, summary.records, line, reason, chain), None
 
 
 def _missing_chain(
