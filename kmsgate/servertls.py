@@ -31,12 +31,12 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from kmsgate.backends.secret_files import read_secret_file
 from kmsgate.config import Settings, TlsSettings
 from kmsgate.durations import format_duration
 from kmsgate.errors import ConfigError, KmsgateError
 from kmsgate.pki.files import asked_before, replace_private_file
 from kmsgate.pki.issuer import BACKDATE
+from kmsgate.secret_files import read_secret_file
 from kmsgate.service import Ctx, Service
 
 __all__ = ["ServerTls", "provision", "renew_if_due"]

@@ -341,22 +341,26 @@ def test_crl_of_the_dev_ca(gw: Gateway, tmp_path: Path, openssl_bin: str) -> Non
 def test_root_ceremony_end_to_end(gw: Gateway, tmp_path: Path, openssl_bin: str) -> None:
     passphrase = tmp_path / "passphrase"
     passphrase.write_text(PASSPHRASE + "\n")
+    passphrase.chmod(0o644)
     root_key, root_cert = tmp_path / "root-key.pem", tmp_path / "root.pem"
-    made = run_cli(
-        (
-            "ca",
-            "init-root",
-            "--key-out",
-            str(root_key),
-            "--cert-out",
-            str(root_cert),
-            "--subject",
-            "CN=Lab Root,O=kmsgate tests",
-            "--passphrase-file",
-            str(passphrase),
-        ),
-        clean_env(),  # no gateway: neither KMSGATE_ADDR nor a token
+    init_root = (
+        "ca",
+        "init-root",
+        "--key-out",
+        str(root_key),
+        "--cert-out",
+        str(root_cert),
+        "--subject",
+        "CN=Lab Root,O=kmsgate tests",
+        "--passphrase-file",
+        str(passphrase),
     )
+    # a passphrase file others can read is a secret file like the gateway's: refused
+    exposed = run_cli(init_root, clean_env())
+    assert_one_line_error(exposed, "passphrase file", "must not be accessible by")
+    assert not root_key.exists() and not root_cert.exists()
+    passphrase.chmod(0o600)
+    made = run_cli(init_root, clean_env())  # no gateway: neither KMSGATE_ADDR nor a token
     assert made.rc == 0, str(made)
     fingerprint = openssl(
         openssl_bin, "x509", "-noout", "-fingerprint", "-sha256", "-in", root_cert
@@ -417,6 +421,7 @@ def test_root_ceremony_end_to_end(gw: Gateway, tmp_path: Path, openssl_bin: str)
     )
     wrong = tmp_path / "wrong"
     wrong.write_text("not the ceremony passphrase\n")
+    wrong.chmod(0o600)
     assert_one_line_error(
         run_cli((*sign, "--passphrase-file", str(wrong)), clean_env()), "wrong passphrase"
     )

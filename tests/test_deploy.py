@@ -22,8 +22,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from kmsgate.backends import BACKEND_TYPES
-from kmsgate.backends.secret_files import exposure
 from kmsgate.config import Settings, load_settings
+from kmsgate.secret_files import exposure
 from kmsgate.store.engine import PING_SECONDS
 from tests.components import require_component
 from tests.test_cli import clean_env, run_cli, running_gateway

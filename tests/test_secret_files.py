@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from kmsgate.backends.secret_files import exposure
 from kmsgate.backends.softkms import ROOT_KEY_BYTES, read_root_key_file
 from kmsgate.bootstrap import build_service, check_data_dir, prepare_dev_data_dir
 from kmsgate.config import load_settings
 from kmsgate.errors import ConfigError
+from kmsgate.secret_files import exposure
 from kmsgate.store import Store
 
 SERVICE_UID = 10001

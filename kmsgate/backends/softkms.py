@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kmsgate.algorithms import HashName, KeyType, KeyUsage, SignAlg, sign_with_private_key
 from kmsgate.backends.base import BackendKey, KeyBackend, KeySpec, MacCapable, WrapCapable
-from kmsgate.backends.secret_files import read_secret_file
 from kmsgate.errors import (
     BackendError,
     ConfigError,
@@ -31,6 +30,7 @@ from kmsgate.errors import (
     InvalidRequest,
     KeyDestroyed,
 )
+from kmsgate.secret_files import read_secret_file
 
 ROOT_KEY_BYTES = 32
 _SEAL_VERSION = b"\x01"

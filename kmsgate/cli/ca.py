@@ -38,6 +38,7 @@ from kmsgate.cli.common import (
     write_bytes,
 )
 from kmsgate.client import Client
+from kmsgate.errors import ConfigError
 from kmsgate.pki.crl import CA_REVOCATION_REASONS, parse_reason
 from kmsgate.pki.issuer import parse_serial
 from kmsgate.pki.root import (
@@ -51,6 +52,7 @@ from kmsgate.pki.root import (
     sha256_fingerprint,
     sign_intermediate,
 )
+from kmsgate.secret_files import read_secret_file
 from kmsgate.text import utc_timestamp
 
 if TYPE_CHECKING:  # python-pkcs11 is an extra, and the backends load slowly: `--token` only
@@ -70,10 +72,16 @@ PassphraseOpt = Annotated[
 
 
 def _passphrase(path: Path | None, *, confirm: bool) -> bytes:
-    """The passphrase from `path` (one line; its line ending dropped), or typed twice (once
-    without `confirm`) with hidden input."""
+    """The passphrase from `path` (one line; its line ending dropped; `-`: stdin), or typed
+    twice (once without `confirm`) with hidden input. Exits through `fail` if the file is
+    not held as a secret file must be (`read_secret_file`)."""
+    if path is not None and str(path) == "-":
+        return read_input("-").rstrip(b"\r\n")
     if path is not None:
-        return read_input(str(path)).rstrip(b"\r\n")
+        try:
+            return read_secret_file(path, "passphrase").rstrip(b"\r\n")
+        except ConfigError as exc:
+            fail(str(exc))
     return _typed("Root key passphrase", "--passphrase-file FILE", confirm=confirm).encode()
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import hvac.exceptions  # type: ignore[import-untyped]
 
 from kmsgate.backends.hashivault.settings import HashiVaultSettings
-from kmsgate.backends.secret_files import read_secret_file
 from kmsgate.errors import ConfigError
+from kmsgate.secret_files import read_secret_file
 
 _log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ import requests.adapters
 from kmsgate.backends.hashivault.auth import _Auth
 from kmsgate.backends.hashivault.settings import HashiVaultSettings
 from kmsgate.backends.hashivault.transit import _KeyInfo, _Ref, _strip_prefix
-from kmsgate.backends.secret_files import read_secret_file
 from kmsgate.errors import (
     BackendError,
     BackendUnavailable,
@@ -26,6 +25,7 @@ from kmsgate.errors import (
     KeyDestroyed,
     KmsgateError,
 )
+from kmsgate.secret_files import read_secret_file
 
 INFO_MAX_AGE_SECONDS = 60.0
 """How long a Transit key's description serves before it is read again: a key deleted or

@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kmsgate.backends.secret_files import exposure
 from kmsgate.config import BackendSettings
 from kmsgate.errors import ConfigError
+from kmsgate.secret_files import exposure
 
 DEFAULT_ALLOWED_MODULES: tuple[str, ...] = (
     "/usr/lib/softhsm/libsofthsm2.so",

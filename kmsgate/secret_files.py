@@ -1,6 +1,6 @@
 """Files that hold a secret (the softkms root key, a PKCS#11 PIN, a Vault token, a TLS
-private key): read only if no one but their owner can reach them, and their owner is the
-gateway's user or root."""
+private key, the offline root's passphrase): read only if no one but their owner can reach
+them, and their owner is the gateway's user (the CLI's, for the passphrase) or root."""
 
 from __future__ import annotations
 
