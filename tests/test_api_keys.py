@@ -128,7 +128,7 @@ def test_min_decrypt_version_retires_old_versions(api, admin):
     assert r.json()["valid"] is False
     r = api.call("PATCH", "/v1/keys/k1", admin, json={"min_decrypt_version": 3})
     assert r.status_code == 400
-    updates = api.service.audit.search(action="key.update")
+    updates = api.service.audit.search(action="key.update").records
     records = [r for r in updates if r["outcome"] != "started"]
     # the trail says what each change asked for: the retirement, and the refused one too
     assert [(r["outcome"], r["detail"]["changes"]) for r in records] == [
@@ -233,7 +233,11 @@ def test_deletion_schedule_cancel_and_destroy(api, admin):
     assert datetime.fromisoformat(key["deletion_date"]) > datetime.now(UTC) + timedelta(days=6)
     again = api.call("POST", "/v1/keys/k1/schedule-deletion", admin, json={"pending_days": 30})
     assert again.status_code == 409
-    ended = [r for r in api.service.audit.search(action="key.delete") if r["outcome"] != "started"]
+    ended = [
+        r
+        for r in api.service.audit.search(action="key.delete").records
+        if r["outcome"] != "started"
+    ]
     # a refused schedule records no date: only the one that holds is in the trail
     assert [r["detail"].get("deletion_date") for r in ended] == [key["deletion_date"], None]
     r = api.call("POST", "/v1/keys/k1/sign", admin, json={"input": b64(b"m")})
@@ -320,7 +324,9 @@ def test_jwks_is_served_without_a_token_only_for_public_keys(api, admin):
     assert api.call("GET", "/v1/keys/j/jwks.json", None).status_code == 404
     body = {"name": "p2", "type": "ed25519", "purpose": "general", "public": True}
     assert api.call("POST", "/v1/keys", admin, json=body).json()["public"] is True
-    created = [r for r in api.service.audit.search(action="key.create") if r["outcome"] == "ok"]
+    created = [
+        r for r in api.service.audit.search(action="key.create").records if r["outcome"] == "ok"
+    ]
     assert created[-1]["resource"]["name"] == "p2"
     assert {k: created[-1]["detail"][k] for k in ("type", "purpose", "public")} == {
         "type": "ed25519",
@@ -328,7 +334,7 @@ def test_jwks_is_served_without_a_token_only_for_public_keys(api, admin):
         "public": True,
     }
     assert api.call("GET", "/v1/keys/p2/jwks.json", None).status_code == 200
-    updates = api.service.audit.search(action="key.update")
+    updates = api.service.audit.search(action="key.update").records
     made_public = [(r["resource"]["name"], r["detail"]["changes"]) for r in updates]
     assert [m for m, r in zip(made_public, updates, strict=True) if r["outcome"] == "ok"] == [
         ("private", {"public": True}),

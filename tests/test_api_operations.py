@@ -154,9 +154,9 @@ def test_the_audit_log_digests_what_is_signed_but_not_what_is_maced(api, admin):
     assert api.call("POST", "/v1/keys/h/mac/verify", admin, json=check).json()["valid"]
     api.call("POST", "/v1/keys/s/sign", admin, json={"input": secret})
     for action in ("mac", "mac.verify"):
-        [record] = api.service.audit.search(action=action)
+        [record] = api.service.audit.search(action=action).records
         assert record["inputs"] == {"count": 1, "length": 11}, record
-    [signed] = api.service.audit.search(action="sign")
+    [signed] = api.service.audit.search(action="sign").records
     assert signed["inputs"]["sha256"] == hashlib.sha256(b"078-05-1120").hexdigest()
 
 

@@ -19,8 +19,10 @@ import pytest
 
 from kmsgate.audit import (
     GENESIS_HASH,
+    AuditCursor,
     AuditEvent,
     AuditFile,
+    AuditPage,
     AuditSink,
     FileSink,
     VerifyReport,
@@ -28,7 +30,7 @@ from kmsgate.audit import (
     iter_records,
 )
 from kmsgate.audit.headfile import read_head
-from kmsgate.errors import AuditUnavailable, ConfigError
+from kmsgate.errors import AuditUnavailable, ConfigError, InvalidRequest
 from tests.gateway import open_gateway
 
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -526,10 +528,43 @@ def test_worker_processes_each_keep_a_chain_and_readers_see_all(tmp_path: Path) 
     # which process got which file depends on start order; how many records each holds does not
     assert sum(heads) == 900 and len(chains) in (1, 2, 3)
     assert not list(tmp_path.glob("*.tmp"))
-    assert len(log.search(limit=1000)) == 900
-    newest = log.search(limit=5)
-    times = [str(r["time"]) for r in log.search(limit=1000)]
+    everything = log.search(limit=1000)
+    assert len(everything.records) == 900 and everything.next is None
+    newest = log.search(limit=5).records
+    times = [str(r["time"]) for r in everything.records]
     assert times == sorted(times) and [str(r["time"]) for r in newest] == times[-5:]
+
+
+def test_a_search_pages_back_through_every_match_once(tmp_path: Path) -> None:
+    """`next` leads to the older matches: paging back visits every match exactly once, in
+    the order of one search over all, even where records of two chains share a time (a
+    cursor is a time, a chain and a line, never a time alone)."""
+    times = {  # chain file -> its records' times (ordered, as a writer writes them)
+        "audit.log": ["01", "02", "02", "03", "05"],
+        "audit.1.log": ["02", "02", "04", "05"],
+    }
+    for name, stamps in times.items():
+        lines = [
+            json.dumps({"time": f"2026-12-07T08:00:00.0000{s}Z", "action": "sign", "n": i})
+            for i, s in enumerate(stamps)
+        ]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    log = AuditFile(tmp_path / "audit.log")
+    whole = log.search(limit=100)
+    assert len(whole.records) == 9 and whole.next is None
+    pages: list[list[dict[str, object]]] = []
+    before = None
+    while True:
+        page = log.search(limit=2, before=before)
+        pages.append(page.records)
+        if page.next is None:
+            break
+        before = AuditCursor.parse(page.next)
+    assert [len(p) for p in pages] == [2, 2, 2, 2, 1]
+    assert [r for p in reversed(pages) for r in p] == whole.records
+    for bad in ("", "2026-12-07T08:00:00Z~0~1", "2026-12-07T08:00:00.000001Z~0~0", "x~1~1"):
+        with pytest.raises(InvalidRequest, match="not a cursor"):
+            AuditCursor.parse(bad)
 
 
 def test_a_verify_names_the_broken_chain_file(tmp_path: Path) -> None:
@@ -762,26 +797,26 @@ def test_search_and_verify_through_the_sink(
             return [r["request_id"] for r in records]
 
         assert sink.verify() == VerifyReport(True, 5, None, None)
-        assert ids(sink.search()) == [f"req-{i}" for i in range(5)]
-        assert ids(sink.search(principal="alice")) == ["req-0", "req-2", "req-3"]
-        assert ids(sink.search(key="k2")) == ["req-1", "req-3"]
-        assert ids(sink.search(action="sign")) == ["req-0", "req-1", "req-3"]
-        assert ids(sink.search(principal="alice", key="k2", action="sign")) == ["req-3"]
-        assert ids(sink.search(principal="alice", limit=2)) == ["req-2", "req-3"]
-        assert sink.search(principal="carol") == []
+        assert ids(sink.search().records) == [f"req-{i}" for i in range(5)]
+        assert ids(sink.search(principal="alice").records) == ["req-0", "req-2", "req-3"]
+        assert ids(sink.search(key="k2").records) == ["req-1", "req-3"]
+        assert ids(sink.search(action="sign").records) == ["req-0", "req-1", "req-3"]
+        assert ids(sink.search(principal="alice", key="k2", action="sign").records) == ["req-3"]
+        assert ids(sink.search(principal="alice", limit=2).records) == ["req-2", "req-3"]
+        assert sink.search(principal="carol").records == []
 
-        t3 = datetime.strptime(str(sink.search()[3]["time"]), "%Y-%m-%dT%H:%M:%S.%fZ")
-        assert ids(sink.search(since=t3.replace(tzinfo=UTC))) == ["req-3", "req-4"]
+        t3 = datetime.strptime(str(sink.search().records[3]["time"]), "%Y-%m-%dT%H:%M:%S.%fZ")
+        assert ids(sink.search(since=t3.replace(tzinfo=UTC)).records) == ["req-3", "req-4"]
         monkeypatch.setenv("TZ", "EST+5")  # a naive `since` must not be read as local time
         time.tzset()
         try:
-            assert ids(sink.search(since=t3)) == ["req-3", "req-4"]
+            assert ids(sink.search(since=t3).records) == ["req-3", "req-4"]
         finally:
             monkeypatch.undo()
             time.tzset()
         plus_two = timezone(timedelta(hours=2))
         since = t3.replace(tzinfo=UTC).astimezone(plus_two)
-        assert ids(sink.search(since=since)) == ["req-3", "req-4"]
+        assert ids(sink.search(since=since).records) == ["req-3", "req-4"]
         with pytest.raises(ValueError):
             sink.search(limit=0)
 
@@ -832,8 +867,9 @@ class RefusingSink:
         key: str | None = None,
         action: str | None = None,
         limit: int = 1000,
-    ) -> list[dict[str, object]]:
-        return []
+        before: AuditCursor | None = None,
+    ) -> AuditPage:
+        return AuditPage([], None)
 
     def verify(self) -> VerifyReport:
         return VerifyReport(True, 0, None, None)

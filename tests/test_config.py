@@ -116,7 +116,7 @@ def test_bootstrap_token_for_production(tmp_path):
     token = bootstrap_token(settings, ["admin"], "first admin")
     service = build_service(settings)
     assert service.tokens.authenticate(Credentials(bearer=token)).roles == ("admin",)
-    records = service.audit.search(action="token.bootstrap")
+    records = service.audit.search(action="token.bootstrap").records
     service.close()
     assert [r["outcome"] for r in records] == ["started", "ok"]  # recorded before it existed
     assert (
@@ -133,7 +133,7 @@ def test_the_dev_root_token_is_audited(tmp_path):
         token = ensure_root_token(service, tmp_path / "d")
         assert token is not None
         assert ensure_root_token(service, tmp_path / "d") is None  # made once
-        records = service.audit.search(action="token.bootstrap")
+        records = service.audit.search(action="token.bootstrap").records
         made = service.tokens.authenticate(Credentials(bearer=token))
     finally:
         service.close()

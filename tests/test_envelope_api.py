@@ -428,7 +428,9 @@ def test_a_rule_on_the_source_keys_context_holds_for_a_cross_key_rewrap(tmp_path
                    context=public)  # fmt: skip
         assert moved.status_code == 200, moved.text
         source = [
-            r for r in api.service.audit.search(action="rewrap") if r["resource"]["name"] == "src"
+            r
+            for r in api.service.audit.search(action="rewrap").records
+            if r["resource"]["name"] == "src"
         ]
         assert [(r["decision"], r["detail"]["context"]) for r in source] == [
             ("deny", secret),

@@ -105,7 +105,7 @@ def _principal(token: str) -> str:
 
 
 def _audit(team: Team, action: str) -> list[dict[str, Any]]:
-    return AuditFile(team.gw.data_dir / "audit.log").search(action=action, limit=10_000)
+    return AuditFile(team.gw.data_dir / "audit.log").search(action=action, limit=10_000).records
 
 
 def _within(seconds: float, check: Any) -> bool:

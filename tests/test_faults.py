@@ -167,7 +167,7 @@ def test_a_backend_dying_mid_batch_reports_what_was_signed(tmp_path: Path) -> No
                 public_key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
             assert {r["error"]["code"] for r in results[30:]} == {"backend_unavailable"}
             assert len(results) == 100 and server.addr not in reply.text
-            [record] = api.service.audit.search(action="sign", key="batch")
+            [record] = api.service.audit.search(action="sign", key="batch").records
             assert record["outcome"] == "ok"
             assert record["detail"] == {"items": 100, "failed": 70}
 

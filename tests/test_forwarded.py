@@ -330,7 +330,7 @@ def test_the_proxy_forwards_a_workload_until_its_certificate_is_revoked(
     assert values["kmsgate_audit_fsync_seconds_count"] >= 1
     assert 0 <= values["kmsgate_audit_unsynced_records"] < 1000
 
-    records = AuditFile(gw.data_dir / "audit.log").search(action="principal.read")
+    records = AuditFile(gw.data_dir / "audit.log").search(action="principal.read").records
     assert any(
         r["principal"] == WORKLOAD and r["principal_kind"] == "mtls" and r["outcome"] == "ok"
         for r in records

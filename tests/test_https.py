@@ -178,7 +178,7 @@ def test_dev_tls_serves_https_from_the_dev_ca_with_tls_1_2_at_least(tmp_path: Pa
             time.sleep(0.1)
         assert "TLS handshake refused: client certificate not trusted: self-signed" in log, log
     # the gateway's certificate was issued like any other: audited, by the gateway itself
-    records = AuditFile(gw.data_dir / "audit.log").search(action="cert.issue")
+    records = AuditFile(gw.data_dir / "audit.log").search(action="cert.issue").records
     own = [r for r in records if r.get("principal") == "system"]
     assert own and own[0]["outcome"] in ("started", "ok")
 
@@ -450,13 +450,13 @@ def test_a_client_certificate_is_the_principal_until_it_is_revoked(tmp_path: Pat
         while (status := _sign_as(gw, signer).status_code) == 200 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert status == 401
-    records = AuditFile(gw.data_dir / "audit.log").search(key="signer-key", action="sign")
+    records = AuditFile(gw.data_dir / "audit.log").search(key="signer-key", action="sign").records
     by_outcome = {
         (r["principal_kind"], r["principal"], r["outcome"]) for r in records if "principal" in r
     }
     assert ("mtls", "spiffe://dev.lab/ns/ml/sa/signer", "ok") in by_outcome
     assert ("mtls", "spiffe://dev.lab/ns/ml/sa/other", "policy_denied") in by_outcome
-    refusals = AuditFile(gw.data_dir / "audit.log").search(action="authn")
+    refusals = AuditFile(gw.data_dir / "audit.log").search(action="authn").records
     revoked = [r for r in refusals if r["resource"] == {"kind": "mtls", "name": serial}]
     assert revoked and revoked[0]["detail"]["reason"] == "the client certificate is revoked"
 
@@ -524,7 +524,7 @@ def test_a_workload_renews_its_certificate_over_mtls_keeping_its_names(tmp_path:
             assert time.monotonic() < deadline, "a revoked certificate still renews"
             time.sleep(0.2)
         assert status == 401
-    renewals = AuditFile(gw.data_dir / "audit.log").search(action="cert.renew")
+    renewals = AuditFile(gw.data_dir / "audit.log").search(action="cert.renew").records
     assert {(r["principal"], r["outcome"]) for r in renewals} >= {(spiffe_id, "ok")}
     # each renewal names the certificate it renews: the trail leads from one to its heirs
     lineage = {
@@ -601,5 +601,5 @@ def test_another_trusted_cas_certificate_with_a_kmsgate_serial_is_not_taken_for_
         stolen = _renew(gw, mallory, [victim_id])
         assert stolen.status_code == 400, stolen.text
         assert "not issued by this gateway" in stolen.text
-    records = AuditFile(gw.data_dir / "audit.log").search(action="cert.renew")
+    records = AuditFile(gw.data_dir / "audit.log").search(action="cert.renew").records
     assert all(r.get("outcome") != "ok" for r in records)

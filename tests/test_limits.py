@@ -59,7 +59,7 @@ def test_a_principal_over_its_rate_gets_429_and_may_retry_after(tmp_path: Path) 
         assert api.call("GET", "/v1/sys/whoami", other).status_code == 200  # its own bucket
         time.sleep(wait)
         assert api.call("GET", "/v1/sys/whoami", admin).status_code == 200
-        whoami = api.service.audit.search(action="principal.read", limit=10_000)
+        whoami = api.service.audit.search(action="principal.read", limit=10_000).records
         served = statuses.count(200) + 2
         assert len(whoami) == served  # the 429s took no decision: no record
 
@@ -88,7 +88,7 @@ def test_failed_authentications_past_an_addresss_rate_get_429_and_one_record(
         statuses, took = _statuses(api, bad, "/v1/sys/whoami", 20)
         assert statuses[:5] == [401] * 5, statuses
         assert statuses.count(401) <= _most_served(took) and statuses.count(429) >= 10, statuses
-        records = api.service.audit.search(action="authn", limit=10_000)
+        records = api.service.audit.search(action="authn", limit=10_000).records
         assert len(records) == statuses.count(401) + 1
         assert [bool((r.get("detail") or {}).get("throttled")) for r in records].count(True) == 1
         assert api.call("GET", "/v1/sys/whoami", admin).status_code == 200
@@ -96,7 +96,7 @@ def test_failed_authentications_past_an_addresss_rate_get_429_and_one_record(
         assert api.service.gate.failures.unrecorded == unrecorded  # kmsgate_authn_failures_...
         time.sleep(1.1)
         assert api.call("GET", "/v1/sys/whoami", bad).status_code == 401
-        after = api.service.audit.search(action="authn", limit=10_000)
+        after = api.service.audit.search(action="authn", limit=10_000).records
         assert len(after) == len(records) + 1
         assert after[-1]["detail"]["unrecorded_before"] == unrecorded  # what went unrecorded
 

@@ -63,7 +63,7 @@ def test_each_request_is_one_json_line_without_secrets(tmp_path: Path) -> None:
     assert gw.root_token.split(".")[2] not in logged  # (dev mode prints it once, at start)
     assert SECRET_INPUT not in text
     assert f"store sqlite:///{gw.data_dir / 'kmsgate.db'})" in text  # the banner names it
-    records = AuditFile(gw.data_dir / "audit.log").search(action="sign", key="logged")
+    records = AuditFile(gw.data_dir / "audit.log").search(action="sign", key="logged").records
     assert any(r["request_id"] == request_id for r in records)
 
 

@@ -154,7 +154,7 @@ def test_a_github_style_token_signs_with_the_key_policy_gives_it(
         assert signed.status_code == 200, signed.text
     assert _sign(gw, issuer.token(), "other-key").status_code == 403
     assert _sign(gw, issuer.token(ref="refs/heads/feature")).status_code == 403
-    records = AuditFile(gw.data_dir / "audit.log").search(action="sign", key="model-key")
+    records = AuditFile(gw.data_dir / "audit.log").search(action="sign", key="model-key").records
     assert any(
         r.get("principal") == f"ci:{SUBJECT}" and r.get("principal_kind") == "oidc" for r in records
     )
@@ -193,7 +193,7 @@ def test_a_service_account_token_gets_a_certificate_for_its_own_spiffe_id_only(
     # from the workload CA only: another name is refused without saying whether it exists
     own_name = "spiffe://dev.lab/ns/ml/sa/model-server"
     assert _issue(gw, token, own_name, ca="nope").status_code == 403
-    records = AuditFile(gw.data_dir / "audit.log").search(action="cert.issue")
+    records = AuditFile(gw.data_dir / "audit.log").search(action="cert.issue").records
     assert any(
         r.get("principal") == f"k8s:{SERVICE_ACCOUNT}" and r["outcome"] == "ok" for r in records
     )
@@ -270,7 +270,7 @@ def test_every_bad_token_is_401(oidc_gateway: tuple[Gateway, Issuer]) -> None:
     }  # fmt: skip
     statuses = {case: _sign(gw, token).status_code for case, token in bad.items()}
     assert statuses == dict.fromkeys(bad, 401)
-    refusals = AuditFile(gw.data_dir / "audit.log").search(action="authn", limit=100)
+    refusals = AuditFile(gw.data_dir / "audit.log").search(action="authn", limit=100).records
     oidc = [r for r in refusals if r["resource"] == {"kind": "oidc"}]
     assert len(oidc) >= len(bad) - 1
     # the record says which check failed (the caller is told only "invalid ... token")

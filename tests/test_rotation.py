@@ -88,7 +88,9 @@ def test_a_key_rotates_once_per_period_with_two_workers(tmp_path: Path) -> None:
         assert used["uses"] == 10 and used["last_used"] is not None
         assert [v["uses"] for v in key("paused")["versions"]] == [0]
 
-    records = AuditFile(gw.data_dir / "audit.log").search(key="rotating", action="key.rotate")
+    records = (
+        AuditFile(gw.data_dir / "audit.log").search(key="rotating", action="key.rotate").records
+    )
     done = [r for r in records if r["outcome"] == "ok"]
     assert all(r["principal"] == "system" and r["detail"]["scheduled"] is True for r in done)
     versions = [r["key_version"] for r in done]

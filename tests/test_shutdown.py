@@ -58,7 +58,7 @@ def test_sigterm_drains_in_flight_requests_and_keeps_every_record(
     assert audit.verify().ok
     signed = [
         r
-        for r in audit.search(action="sign", key="drained", limit=1_000_000)
+        for r in audit.search(action="sign", key="drained", limit=1_000_000).records
         if r["outcome"] == "ok"
     ]
     assert len(signed) >= len(answered)

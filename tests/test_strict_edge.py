@@ -99,13 +99,13 @@ def test_a_member_given_twice_is_400_and_nothing_happens(
     api: Api, admin: str, path: str, raw: bytes
 ) -> None:
     create_key(api, admin, "k")
-    before = len(api.service.audit.search(action="sign"))
+    before = len(api.service.audit.search(action="sign").records)
     body = _problem(
         api.call("POST", path, admin, content=raw, headers=JSON_TYPE), 400, "invalid_request"
     )
     assert "duplicate member" in body["detail"]
     assert "k2" not in _key_names(api, admin)
-    assert len(api.service.audit.search(action="sign")) == before
+    assert len(api.service.audit.search(action="sign").records) == before
 
 
 @pytest.mark.parametrize("version", [True, "1", 1.5, 2**31, 2**64])
@@ -140,10 +140,10 @@ def test_a_version_in_the_query_is_checked_before_the_policy(
     api: Api, admin: str, version: str
 ) -> None:
     create_key(api, admin, "k")
-    denied = len(api.service.audit.search(action="key.read"))
+    denied = len(api.service.audit.search(action="key.read").records)
     reply = api.call("GET", f"/v1/keys/k/public-key?version={version}", admin)
     _problem(reply, 422, "validation_failed")
-    assert len(api.service.audit.search(action="key.read")) == denied  # no decision taken
+    assert len(api.service.audit.search(action="key.read").records) == denied  # no decision taken
     path = f"/v1/keys/k/versions/{version}/compromised"
     _problem(api.call("POST", path, admin, json={}), 422, "validation_failed")
 
@@ -155,12 +155,12 @@ def test_an_integer_in_a_query_or_a_path_is_decimal_digits_alone(
     """FastAPI would read each of these as 1 (or 10): a query or a path is not coerced,
     as a body is not (docs/api.md)."""
     create_key(api, admin, "k")
-    reads = len(api.service.audit.search(action="key.read"))
+    reads = len(api.service.audit.search(action="key.read").records)
     reply = api.call("GET", f"/v1/keys/k/public-key?version={written}", admin)
     assert (
         "an integer in decimal digits alone" in _problem(reply, 422, "validation_failed")["detail"]
     )
-    assert len(api.service.audit.search(action="key.read")) == reads  # no decision taken
+    assert len(api.service.audit.search(action="key.read").records) == reads  # no decision taken
     path = f"/v1/keys/k/versions/{written}/compromised"
     marked = api.call("POST", path, admin, json={"since": "2020-01-01T00:00:00Z"})
     assert marked.status_code in (404, 422), marked.text
@@ -284,6 +284,32 @@ def test_a_date_time_outside_the_calendar_in_utc_is_422(api: Api, admin: str, mo
     _problem(reply, 422, "validation_failed")
 
 
+def test_the_audit_trail_pages_back_past_its_limit(api: Api, admin: str) -> None:
+    """`next` of a full page is the `before` of the older matches; paging back visits each
+    match once; a `before` that is no cursor is 400 naming it, before anything is read."""
+    for name in ("p1", "p2", "p3"):
+        create_key(api, admin, name)
+    path, params = "/v1/audit", {"action": "key.create", "limit": 2}
+    whole = api.call("GET", path, admin, params={**params, "limit": 100}).json()
+    created = [r for r in whole["events"] if r["outcome"] == "ok"]
+    assert [r["resource"]["name"] for r in created] == ["p1", "p2", "p3"]
+    assert whole["next"] is None
+    seen: list[dict[str, object]] = []
+    reply = api.call("GET", path, admin, params=params).json()
+    while True:
+        seen = reply["events"] + seen
+        if reply["next"] is None:
+            break
+        reply = api.call("GET", path, admin, params={**params, "before": reply["next"]}).json()
+    assert seen == whole["events"]
+    for bad in ("yesterday", "2026-12-07T08:00:00.000001Z~0~0", "x" * 65):
+        reply = api.call("GET", path, admin, params={**params, "before": bad})
+        status = 422 if len(bad) > 64 else 400
+        code = "validation_failed" if status == 422 else "invalid_request"
+        detail = _problem(reply, status, code)["detail"]
+        assert "before" in detail, detail
+
+
 def test_a_date_time_at_the_calendar_edges_is_accepted(api: Api, admin: str) -> None:
     create_key(api, admin, "k")
     for moment in ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00-01:00"):
@@ -323,10 +349,12 @@ def test_a_single_valued_query_parameter_given_twice_is_422(
     api: Api, admin: str, path: str, name: str
 ) -> None:
     create_key(api, admin, "k")
-    reads = len(api.service.audit.search(action="key.read"))
+    reads = len(api.service.audit.search(action="key.read").records)
     body = _problem(api.call("GET", path, admin), 422, "validation_failed")
     assert body["detail"] == f"query.{name}: given 2 times; give it once"
-    assert len(api.service.audit.search(action="key.read")) == reads  # refused before policy
+    assert (
+        len(api.service.audit.search(action="key.read").records) == reads
+    )  # refused before policy
 
 
 @pytest.mark.parametrize(
@@ -345,12 +373,12 @@ def test_an_unknown_query_parameter_is_422_naming_what_the_route_takes(
     """A misspelt filter (`?stat=revoked`) would otherwise answer another question: the
     whole list, unfiltered, or a signature made with other options than asked."""
     create_key(api, admin, "k")
-    signs = len(api.service.audit.search(action="sign"))
+    signs = len(api.service.audit.search(action="sign").records)
     reply = api.call(method, path, admin, json={"input": b64(b"m")} if method == "POST" else None)
     body = _problem(reply, 422, "validation_failed")
     assert body["detail"].startswith(f"query.{name}: not a parameter of this route"), body
     assert takes in body["detail"]
-    assert len(api.service.audit.search(action="sign")) == signs  # refused before anything
+    assert len(api.service.audit.search(action="sign").records) == signs  # refused before anything
 
 
 def test_a_list_query_parameter_takes_every_value(api: Api, admin: str) -> None:

@@ -494,7 +494,17 @@ AUDIT_RECORD = _component(
         "a record of the audit log (docs/audit.md): `detail` depends on the action",
     ),
 )
-AUDIT_RECORDS = _closed({"events": _array(AUDIT_RECORD)})
+AUDIT_RECORDS = _closed(
+    {
+        "events": _array(AUDIT_RECORD),
+        "next": _nullable(
+            {
+                **_STRING,
+                "description": "`before` for the page of older matches; null when none",
+            }
+        ),
+    }
+)
 AUDIT_CHECKPOINTS = _closed(
     {
         "checkpoints": _array(

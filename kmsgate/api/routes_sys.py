@@ -29,6 +29,7 @@ from kmsgate.api.replies import (
     json_reply,
 )
 from kmsgate.api.responses import json_response
+from kmsgate.audit import AuditCursor
 from kmsgate.schemas import PolicyEvaluateRequest, Timestamp, TokenCreateRequest
 from kmsgate.service.requests import AuditQuery
 
@@ -134,10 +135,20 @@ def audit_events(
     key: str | None = None,
     action: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+    before: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Response:
-    """Audit records, oldest first, filtered."""
-    query = AuditQuery(since=since, principal=principal_id, key=key, action=action, limit=limit)
-    return json_response({"events": service.system.audit_events(principal, ctx, query)})
+    """Audit records, oldest first, filtered; `next` pages back to older ones. Raises
+    InvalidRequest for a `before` that is no cursor."""
+    query = AuditQuery(
+        since=since,
+        principal=principal_id,
+        key=key,
+        action=action,
+        limit=limit,
+        before=AuditCursor.parse(before) if before is not None else None,
+    )
+    page = service.system.audit_events(principal, ctx, query)
+    return json_response({"events": page.records, "next": page.next})
 
 
 def audit_checkpoints(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:

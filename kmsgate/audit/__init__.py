@@ -22,13 +22,15 @@ from kmsgate.audit.checkpoint import (
 from kmsgate.audit.events import AuditEvent, input_summary
 from kmsgate.audit.filereader import AuditFile, chain_paths, iter_records
 from kmsgate.audit.filesink import FileSink
-from kmsgate.audit.sink import AuditSink, VerifyReport
+from kmsgate.audit.sink import AuditCursor, AuditPage, AuditSink, VerifyReport
 
 __all__ = [
     "CHECKPOINT_ACTION",
     "GENESIS_HASH",
+    "AuditCursor",
     "AuditEvent",
     "AuditFile",
+    "AuditPage",
     "AuditSink",
     "ChainCheckpoints",
     "CheckpointPolicy",

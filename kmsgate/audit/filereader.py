@@ -24,7 +24,7 @@ from kmsgate.audit.checkpoint import (
     check_checkpoints,
 )
 from kmsgate.audit.headfile import head_path, read_head
-from kmsgate.audit.sink import VerifyReport
+from kmsgate.audit.sink import AuditCursor, AuditPage, VerifyReport
 from kmsgate.store.checkpoints import AuditAnchor
 from kmsgate.text import utc_timestamp
 
@@ -97,9 +97,11 @@ class AuditFile:
         key: str | None = None,
         action: str | None = None,
         limit: int = 1000,
-    ) -> list[dict[str, object]]:
-        """The most recent `limit` matching records, oldest first. `key` matches
-        resource.name.
+        before: AuditCursor | None = None,
+    ) -> AuditPage:
+        """The most recent `limit` matching records, oldest first, and the cursor of the
+        older matches left out (`before` for the next page), if any. `key` matches
+        resource.name; `before`: only records older than that cursor's.
 
         A naive `since` is taken as UTC. Raises ValueError if `limit` < 1 or a line is not
         valid JSON; OSError on read errors.
@@ -107,18 +109,26 @@ class AuditFile:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         after = _rfc3339(since) if since is not None else None
-        found: list[dict[str, object]] = []
-        for chain in chain_paths(self._path):
-            latest: collections.deque[dict[str, object]] = collections.deque(maxlen=limit)
+        found: list[tuple[AuditCursor, dict[str, object]]] = []
+        matches = 0
+        for number, chain in _numbered_chains(self._path):
+            latest: collections.deque[tuple[AuditCursor, dict[str, object]]]
+            latest = collections.deque(maxlen=limit)
             try:
-                for record in iter_records(chain):
-                    if _matches(record, after, principal, key, action):
-                        latest.append(record)
+                for line, record in enumerate(iter_records(chain), 1):
+                    here = AuditCursor(str(record.get("time", "")), number, line)
+                    if (before is None or here < before) and _matches(
+                        record, after, principal, key, action
+                    ):
+                        latest.append((here, record))
+                        matches += 1
             except ValueError as exc:
                 raise ValueError(f"chain file {chain.name}, {exc}") from exc
             found += latest
-        found.sort(key=lambda record: str(record.get("time", "")))  # stable: chain order kept
-        return found[-limit:]
+        found.sort(key=lambda pair: pair[0])
+        page = found[-limit:]
+        more = page[0][0].text() if page and matches > len(page) else None
+        return AuditPage([record for _, record in page], more)
 
     def verify(
         self,

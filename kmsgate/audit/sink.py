@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from kmsgate.audit.checkpoint import ChainCheckpoints
 from kmsgate.audit.events import AuditEvent
+from kmsgate.errors import InvalidRequest
 
-__all__ = ["AuditSink", "VerifyReport"]
+__all__ = ["AuditCursor", "AuditPage", "AuditSink", "VerifyReport"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,39 @@ class VerifyReport:
     checkpoints: tuple[ChainCheckpoints, ...] = field(default=(), compare=False)
     """What each chain's signed checkpoints prove (when the log is intact); a summary, not
     part of the verdict (left out of comparisons)."""
+
+
+class AuditCursor(NamedTuple):
+    """Where a record stands in a log's search order: its time, then its chain file's
+    number and its line. A page's `next` is the cursor of its oldest record."""
+
+    time: str
+    chain: int
+    line: int
+
+    def text(self) -> str:
+        """The cursor as `GET /v1/audit?before=` takes it (`AuditCursor.parse`)."""
+        return f"{self.time}~{self.chain}~{self.line}"
+
+    @classmethod
+    def parse(cls, text: str) -> AuditCursor:
+        """The cursor `text` wrote. Raises InvalidRequest if it is not one."""
+        match = _CURSOR.fullmatch(text)
+        if match is None:
+            raise InvalidRequest("before: not a cursor (the `next` of a previous page)")
+        return cls(match.group(1), int(match.group(2)), int(match.group(3)))
+
+
+_CURSOR = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z)~(\d{1,9})~([1-9]\d{0,17})")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    """One page of a search: its records, oldest first, and the cursor of the older
+    matches it left out (None: there are none)."""
+
+    records: list[dict[str, object]]
+    next: str | None
 
 
 class AuditSink(Protocol):
@@ -55,9 +90,11 @@ class AuditSink(Protocol):
         key: str | None = None,
         action: str | None = None,
         limit: int = 1000,
-    ) -> list[dict[str, object]]:
-        """The most recent `limit` matching records, oldest first. `key` matches
-        resource.name; a naive `since` is taken as UTC.
+        before: AuditCursor | None = None,
+    ) -> AuditPage:
+        """The most recent `limit` matching records, oldest first, and the cursor of the
+        older matches left out, if any. `key` matches resource.name; `before`: only records
+        older than that cursor's; a naive `since` is taken as UTC.
 
         Raises ValueError if `limit` < 1 or a stored record cannot be parsed; OSError if
         the records cannot be read.

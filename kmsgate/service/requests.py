@@ -12,6 +12,8 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 
+from kmsgate.audit import AuditCursor
+
 Context = Mapping[str, str] | None
 """An encryption context (already checked: sizes, characters), bound as AAD."""
 
@@ -162,6 +164,8 @@ class AuditQuery:
     key: str | None = None
     action: str | None = None
     limit: int = 100
+    before: AuditCursor | None = None
+    """Only records older than this cursor's (the `next` of a previous page)."""
 
 
 @dataclass(frozen=True, slots=True)

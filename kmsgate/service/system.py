@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
+from kmsgate.audit import AuditPage
 from kmsgate.auth import Principal, TokenInfo, TokenRegistry, token_id_of
 from kmsgate.errors import AuditUnreadable, ConfigError, InvalidRequest, NotFound
 from kmsgate.policy import policy_input
@@ -156,14 +156,13 @@ class System:
             "grants_ending_1h": sum(1 for g in grants if g.expires_at and g.expires_at <= soon),
         }
 
-    def audit_events(
-        self, principal: Principal, ctx: Ctx, query: AuditQuery
-    ) -> list[dict[str, Any]]:
-        """Audit records matching `query`, oldest first. Raises PolicyDenied, AuditUnreadable
-        (a chain file holds a line that is no record: it names the file and line)."""
+    def audit_events(self, principal: Principal, ctx: Ctx, query: AuditQuery) -> AuditPage:
+        """The page of audit records matching `query`, oldest first. Raises PolicyDenied,
+        AuditUnreadable (a chain file holds a line that is no record: it names the file and
+        line)."""
         call = Call(principal, ctx, "audit.read", {"kind": "audit"})
 
-        def search(_: Outcome) -> list[dict[str, Any]]:
+        def search(_: Outcome) -> AuditPage:
             try:
                 return self.gate.audit.search(
                     since=query.since,
@@ -171,6 +170,7 @@ class System:
                     key=query.key,
                     action=query.action,
                     limit=query.limit,
+                    before=query.before,
                 )
             except ValueError as exc:
                 raise AuditUnreadable(

@@ -273,7 +273,9 @@ def test_a_cancelled_issuance_still_records_what_it_made(api, admin, root):
 
     asyncio.run(cancel_midway())
     records = [
-        r for r in service.audit.search(action="cert.issue") if r["request_id"] == ctx.request_id
+        r
+        for r in service.audit.search(action="cert.issue").records
+        if r["request_id"] == ctx.request_id
     ]
     assert [r["outcome"] for r in records] == ["started", "interrupted"]
     detail = records[-1]["detail"]
@@ -297,7 +299,7 @@ def test_a_denied_issuance_is_audited_with_the_names_it_asked_for(api, admin, ro
     )
     assert denied.status_code == 403, denied.text
     assert issue(api, admin, csr, "client").status_code == 200
-    records = api.service.audit.search(action="cert.issue")
+    records = api.service.audit.search(action="cert.issue").records
     by_outcome = {r["outcome"]: r["detail"] for r in records}
     asked = {"profile": "server", "sans": ["dns:payroll.lab", "dns:api.lab"], "ttl": 7200}
     assert by_outcome["policy_denied"] == asked
@@ -307,7 +309,7 @@ def test_a_denied_issuance_is_audited_with_the_names_it_asked_for(api, admin, ro
     many = [x509.DNSName(f"n{i}.lab") for i in range(150)]
     body = {"csr": leaf_csr(*many)[1], "profile": "server"}
     assert api.call("POST", "/v1/pki/cas/issuing/issue", nobody, json=body).status_code == 403
-    last = api.service.audit.search(action="cert.issue")[-1]["detail"]
+    last = api.service.audit.search(action="cert.issue").records[-1]["detail"]
     assert (len(last["sans"]), last["sans_asked"]) == (100, 150)
 
 
@@ -502,7 +504,7 @@ def test_a_ca_name_no_ca_can_have_is_404_never_echoed_nor_audited(api, admin, se
     """A token pasted where a CA's name goes is refused before any decision: neither the
     reply nor the audit log (which keeps what it is given for good) holds it."""
     _, csr = leaf_csr(x509.DNSName("web.lab"))
-    before = len(service.audit.search())
+    before = len(service.audit.search().records)
     for wrong in (admin, "a" * 64, "-dash", "dot.ted"):
         for method, path, body in (
             ("POST", f"/v1/pki/cas/{wrong}/issue", {"csr": csr, "profile": "server"}),
@@ -515,9 +517,9 @@ def test_a_ca_name_no_ca_can_have_is_404_never_echoed_nor_audited(api, admin, se
             reply = api.call(method, path, admin, json=body)
             assert reply.status_code == 404, (path, reply.text)
             assert "1-63 letters" in reply.json()["detail"] and wrong not in reply.text
-    assert len(service.audit.search()) == before
+    assert len(service.audit.search().records) == before
     assert issue(api, admin, csr, "server", ca="nope").status_code == 404  # a possible name
-    assert len(service.audit.search()) > before  # is decided and audited as before
+    assert len(service.audit.search().records) > before  # is decided and audited as before
 
 
 def test_a_rule_on_the_owner_lets_a_principal_list_its_own_certificates(tmp_path: Path) -> None:

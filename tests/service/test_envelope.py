@@ -139,7 +139,7 @@ def test_the_policy_and_the_trail_see_which_data_keys_come_in_plaintext(tmp_path
         with pytest.raises(PolicyDenied):
             service.envelopes.datakey(ADMIN, CTX, target, [*wrapped, DataKeyInput()], True)
         trail = AuditFile(service.settings.resolved_audit_path())
-        records = trail.search(action="datakey", limit=10)
+        records = trail.search(action="datakey", limit=10).records
         seen = [(r["decision"], (r.get("detail") or {}).get("plaintext_keys")) for r in records]
         assert seen == [("allow", 0), ("deny", None)]
 

@@ -41,7 +41,7 @@ def test_a_grant_revoked_by_another_process_allows_nothing_at_once(
         with pytest.raises(PolicyDenied):  # ... and the store's word counts
             sign(other)
         assert other.exceptions.active.active_grants(grant.approved_at) == []  # caught up
-        records = other.audit.search(action="sign", limit=10)
+        records = other.audit.search(action="sign", limit=10).records
         assert [(r["decision"], r.get("exception_id")) for r in records] == [
             ("allow", grant.id),
             ("deny", None),
@@ -84,7 +84,7 @@ def test_the_audit_trail_alone_shows_what_a_grant_allowed_and_who_approved_it(se
         ("exception.approve", [APPROVER.id], "active"),
         ("exception.revoke", [APPROVER.id], "revoked"),
     ):
-        (record,) = [r for r in service.audit.search(action=action) if r["outcome"] == "ok"]
+        (record,) = [r for r in service.audit.search(action=action).records if r["outcome"] == "ok"]
         detail = record["detail"]
         assert {k: detail[k] for k in evidence} == evidence, action
         assert detail["approved_by"] == approved_by and detail.get("state") == state, action
