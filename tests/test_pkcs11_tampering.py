@@ -6,6 +6,7 @@ a process only after C_Initialize).
 
 from __future__ import annotations
 
+import hmac
 import json
 import subprocess
 import sys
@@ -242,6 +243,76 @@ def test_an_adopted_key_needs_what_adoption_needs(backend: Any) -> None:
     )
     wrapped = backend.wrap(adopted, b"data key", b"aad")
     assert backend.unwrap(adopted, wrapped, b"aad") == b"data key"
+
+
+def swap_secret_object(backend: Any, label: str, value: bytes) -> None:
+    """Destroy the secret key object labelled `label` and make one with the same label, id
+    and attributes but the value `value` (known to the caller), as someone with the PIN may."""
+
+    def swap(session: Any) -> None:
+        try:
+            (found,) = session.get_objects(
+                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
+            )
+            kept = {
+                a: found[a]
+                for a in (Attribute.KEY_TYPE, Attribute.ID, Attribute.ENCRYPT, Attribute.SIGN)
+            }
+            found.destroy()
+            session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.LABEL: label,
+                    Attribute.VALUE: value,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.DECRYPT: kept[Attribute.ENCRYPT],
+                    Attribute.VERIFY: kept[Attribute.SIGN],
+                    **kept,
+                }
+            )
+        finally:
+            session.close()
+
+    on_token(backend, swap)
+
+
+def test_an_adopted_secret_key_replaced_by_another_is_refused(
+    token: SoftHsmToken, backend: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An adopted AES or HMAC key need not have been generated on the token, so its
+    attributes cannot tell it from another imported key put in its place by someone with the
+    PIN. Its check record, made at adoption, does: the swapped key is refused (502, logged)
+    by the running backend and by one started after, instead of encrypting or MACing with a
+    key whose value is known."""
+    for label, key_type in (
+        ("ceremony-kek", KeyType.AES_256_GCM),
+        ("ceremony-tag", KeyType.HMAC_SHA256),
+    ):
+        made = backend.create_key(KeySpec(f"{label}-source", 1, key_type))
+        replace_secret_key(backend, made, sensitive=True, label=label)
+    kek = backend.adopt_key(KeySpec("kek", 1, KeyType.AES_256_GCM), "pkcs11:object=ceremony-kek")
+    tag = backend.adopt_key(KeySpec("tag", 1, KeyType.HMAC_SHA256), "pkcs11:object=ceremony-tag")
+    assert kek.material and tag.material  # the check records the catalogue keeps
+    wrapped = backend.wrap(kek, b"data key", b"aad")
+    assert backend.unwrap(kek, wrapped, b"aad") == b"data key"
+    made_before = backend.mac(tag, MESSAGE, HashName.SHA256)
+    swap_secret_object(backend, "ceremony-kek", b"B" * 32)
+    swap_secret_object(backend, "ceremony-tag", b"B" * 32)
+    restarted = make_backend("hsm", token, sessions=1)
+    try:
+        for serving in (backend, restarted):
+            with pytest.raises(BackendError, match="not a protected key") as wrapping:
+                serving.wrap(kek, b"data key", b"aad")
+            with pytest.raises(BackendError, match="not a protected key") as macing:
+                serving.mac(tag, MESSAGE, HashName.SHA256)
+            assert wrapping.value.status == macing.value.status == 502
+    finally:
+        restarted.close()
+    assert "not the key that was adopted" in caplog.text
+    assert made_before == hmac.new(b"A" * 32, MESSAGE, "sha256").digest()  # the first key's
 
 
 _CREATE_ELSEWHERE = """

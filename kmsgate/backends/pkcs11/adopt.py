@@ -1,21 +1,30 @@
 """Checks on a key made outside kmsgate (by a ceremony tool) before the pkcs11 backend adopts
 it: the URI names this backend's token, the object is a protected key of the right type fit
-for its use, and an asymmetric key's public key object matches it."""
+for its use, and an asymmetric key's public key object matches it; and, for a secret key,
+the check record that later shows it is still the key adopted (`key_check_record`)."""
 
 from __future__ import annotations
 
+import hmac
 import secrets
 from typing import Any
 
 import pkcs11
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11 import KeyType as P11KeyType
 from pkcs11 import exceptions as p11e
 
-from kmsgate.algorithms import KeyType, KeyUsage, sign_algorithm, verify_with_public_key
+from kmsgate.algorithms import (
+    KeyType,
+    KeyUsage,
+    mac_algorithm,
+    sign_algorithm,
+    verify_with_public_key,
+)
 from kmsgate.backends.pkcs11.keys import (
     _ED25519_PARAMS,
     _HMAC_KEY_TYPES,
+    _HMAC_MECHANISMS,
     _KINDS,
     _attr,
     _Kind,
@@ -182,3 +191,47 @@ def _check_adoptable(key_type: KeyType, kind: _Kind, obj: Any) -> None:
         usage_ok = _attr(obj, Attribute.SIGN)
     if not usage_ok:
         raise InvalidRequest("the key on the token is not allowed to do what its type needs")
+
+
+_CHECK_TEXT = b"kmsgate: the secret key adopted on this token"
+_CHECK_NONCE_BYTES = 12
+_CHECK_TAG_BITS = 128
+
+
+def key_check_record(key_type: KeyType, obj: Any) -> bytes:
+    """What the adopted secret key `obj` makes of a fixed text, kept as the key version's
+    material: an HMAC of it, or its AES-GCM encryption under a random nonce (`nonce ||
+    ciphertext || tag`). Neither reveals the key. Raises python-pkcs11 errors."""
+    if key_type is KeyType.AES_256_GCM:
+        nonce = secrets.token_bytes(_CHECK_NONCE_BYTES)
+        params = pkcs11.GCMParams(nonce, b"", _CHECK_TAG_BITS)
+        sealed: bytes = obj.encrypt(
+            _CHECK_TEXT, mechanism=Mechanism.AES_GCM, mechanism_param=params
+        )
+        return nonce + sealed
+    tag: bytes = obj.sign(_CHECK_TEXT, mechanism=_HMAC_MECHANISMS[mac_algorithm(key_type, None)])
+    return tag
+
+
+def check_same_key(key_type: KeyType, obj: Any, record: bytes) -> None:
+    """Raises InvalidRequest unless the secret key `obj` is the one that made `record`
+    (`key_check_record`): the AES key decrypts it, the HMAC key makes the same tag. Someone
+    with the PIN may have put a key whose value they know in place of the one adopted."""
+    if key_type is KeyType.AES_256_GCM:
+        params = pkcs11.GCMParams(record[:_CHECK_NONCE_BYTES], b"", _CHECK_TAG_BITS)
+        try:
+            same = hmac.compare_digest(
+                obj.decrypt(
+                    record[_CHECK_NONCE_BYTES:], mechanism=Mechanism.AES_GCM, mechanism_param=params
+                ),
+                _CHECK_TEXT,
+            )
+        except p11e.PKCS11Error:
+            same = False
+    else:
+        same = hmac.compare_digest(key_check_record(key_type, obj), record)
+    if not same:
+        raise InvalidRequest(
+            "it is not the key that was adopted (it does not match the check record made "
+            "at adoption): replaced on the token"
+        )

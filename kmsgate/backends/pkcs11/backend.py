@@ -32,6 +32,8 @@ from kmsgate.backends.pkcs11.adopt import (
     _adopted_public_key,
     _check_adoptable,
     _check_token_attributes,
+    check_same_key,
+    key_check_record,
 )
 from kmsgate.backends.pkcs11.keys import (
     _HMAC_MECHANISMS,
@@ -88,7 +90,8 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
     Keys are generated on the token (CKA_TOKEN, CKA_SENSITIVE, not extractable, a label
     `<name>.v<version>` and a random 16-byte CKA_ID) and referenced by RFC 7512 URIs
     (`pkcs11:token=kmsgate;object=k.v1;id=%8F...;type=private`), so `BackendKey.material` is
-    None: nothing secret leaves the token. Operations:
+    None: nothing secret leaves the token (an adopted secret key's is its check record, see
+    `adopt_key`). Operations:
 
     - ECDSA P-256/P-384: the message is hashed in software and signed with CKM_ECDSA (SoftHSM
       has no CKM_ECDSA_SHA256); the raw r||s is returned as DER.
@@ -257,12 +260,15 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         """Raises BackendError (and logs why) unless `found` is a key `key`'s version may
         use: what `adopt_key` requires (type, size, sensitive, not extractable, its usage)
         and, for a version kmsgate generated (`_generated`), made on the token and never
-        readable (CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE): someone with the
-        PIN may have replaced it by a key whose value they know."""
+        readable (CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE), for an adopted
+        secret key, the one its check record was made with (`check_same_key`): someone with
+        the PIN may have replaced it by a key whose value they know."""
         try:
             _check_adoptable(key.key_type, _KINDS[key.key_type], found)
             if _generated(key) and any(_attr(found, a) is not True for a in _GENERATED):
                 raise InvalidRequest("it was not generated on the token, or was readable once")
+            if key.material is not None:  # an adopted secret key's check record
+                check_same_key(key.key_type, found, key.material)
         except InvalidRequest as exc:
             log.error(
                 "pkcs11 backend %r: the object behind key %r version %d is refused: %s",
@@ -400,7 +406,9 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         asymmetric types and `secret-key` for the others). The key must be sensitive, not
         extractable, of `spec.key_type`, and allowed to sign (or MAC, or encrypt+decrypt);
         an asymmetric key needs a public key object with the same id, which must match the
-        private key (checked by signing a random challenge).
+        private key (checked by signing a random challenge). A secret key's version gets a
+        check record as its material (`key_check_record`): a key put in its place later is
+        refused before its first use.
         Raises InvalidRequest, NotFound, BackendError, BackendUnavailable.
         """
         kind = _KINDS[spec.key_type]
@@ -410,7 +418,7 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                 f"a {spec.key_type} key is a type={kind.uri_type} object, not {parsed.type}"
             )
 
-        def run(conn: _Connection, worker: _Worker) -> tuple[str, str | None]:
+        def run(conn: _Connection, worker: _Worker) -> tuple[str, bytes | None, str | None]:
             _check_token_attributes(conn, parsed)
             template = {Attribute.CLASS: kind.object_class, **_selector(parsed)}
             found = find_objects(worker.session, template)
@@ -435,10 +443,10 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
             canonical["type"] = kind.uri_type.encode()
             if len(find_objects(worker.session, exact)) != 1:
                 raise InvalidRequest("the key's label and id do not identify it uniquely")
-            pem = None
             if kind.object_class == _PRIVATE:
                 pem = _adopted_public_key(worker, spec.key_type, obj, key_id)
-            return Pkcs11Uri(canonical).format(), pem
+                return Pkcs11Uri(canonical).format(), None, pem
+            return Pkcs11Uri(canonical).format(), key_check_record(spec.key_type, obj), None
 
-        ref, pem = self._pool.call("adopt the key", run)
-        return BackendKey(ref, spec.key_type, spec.name, spec.version, None, pem)
+        ref, record, pem = self._pool.call("adopt the key", run)
+        return BackendKey(ref, spec.key_type, spec.name, spec.version, record, pem)
