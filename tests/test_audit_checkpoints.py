@@ -27,7 +27,7 @@ from kmsgate.audit.checkpoint import (
     checkpoint_fields,
     signed_payload,
 )
-from kmsgate.audit.filereader import UNKNOWN_WRITER, chain_path
+from kmsgate.audit.filereader import UNKNOWN_WRITER, chain_path, log_of_chain
 from kmsgate.audit.headfile import head_path, write_head
 from kmsgate.auth import Principal
 from kmsgate.bootstrap import build_service, ensure_dev_audit_key
@@ -248,6 +248,30 @@ def test_a_renamed_copy_verifies_and_swapped_chain_files_do_not(
         )
         assert not report.ok, report
         assert reason in str(report.reason) and report.chain == swapped / "audit.log", report
+
+
+def test_a_chain_file_given_to_verify_is_verified_with_its_log(
+    tmp_path: Path, signer: LocalSigner
+) -> None:
+    """`audit verify audit.1.log` (a worker's chain file, the one a user of --workers picks)
+    verifies the log it belongs to, every chain file of it: verified alone, the store's
+    checkpoint of audit.log made it look deleted. A copy without its log stays one log."""
+    log, anchors = tmp_path / "audit.log", list[AuditAnchor]()
+    second = chain_path(log, 1)
+    for path in (log, second):
+        with open_sink(path, signer, anchors) as sink:
+            sink.append(event(0))
+    assert log_of_chain(second) == log and log_of_chain(log) == log
+    result = verify(str(second))
+    assert result.rc == 0, str(result)
+    assert "in 2 chains, every chain intact" in result.out, str(result)
+    assert f"{second} is a chain file of {log}" in result.err, str(result)
+    both = verify(str(log), str(second))  # one log, verified once
+    assert both.rc == 0 and both.out.count("every chain intact") == 1, str(both)
+    alone = tmp_path / "elsewhere" / "audit.1.log"
+    alone.parent.mkdir()
+    shutil.copy(second, alone)
+    assert log_of_chain(alone) == alone
 
 
 def test_an_idle_workers_chain_is_held_to_its_own_replicas_checkpoints(

@@ -20,7 +20,7 @@ from kmsgate.audit.checkpoint import (
     PublicKeys,
 )
 from kmsgate.audit.events import AuditEvent, input_summary
-from kmsgate.audit.filereader import AuditFile, chain_paths, iter_records
+from kmsgate.audit.filereader import AuditFile, chain_paths, iter_records, log_of_chain
 from kmsgate.audit.filesink import FileSink
 from kmsgate.audit.sink import AuditCursor, AuditPage, AuditSink, VerifyReport
 
@@ -40,4 +40,5 @@ __all__ = [
     "chain_paths",
     "input_summary",
     "iter_records",
+    "log_of_chain",
 ]

@@ -28,7 +28,7 @@ from kmsgate.audit.sink import AuditCursor, AuditPage, VerifyReport
 from kmsgate.store.checkpoints import AuditAnchor
 from kmsgate.text import utc_timestamp
 
-__all__ = ["AuditFile", "chain_path", "chain_paths", "iter_records"]
+__all__ = ["AuditFile", "chain_path", "chain_paths", "iter_records", "log_of_chain"]
 
 UNKNOWN_WRITER = ChainIdentity()
 """Neither the log's own file name nor its replica known (a log verified alone)."""
@@ -56,6 +56,16 @@ def _numbered_chains(path: Path) -> list[tuple[int, Path]]:
         if (number := _chain_number(path, entry.name)) and entry.is_file()
     )
     return ([(0, path)] if path.is_file() else []) + numbered
+
+
+def log_of_chain(path: Path) -> Path:
+    """The audit log whose chain file `path` is (`audit.log` for `audit.1.log`, when it is
+    a file beside it), else `path` itself: a chain file is verified with its log."""
+    match = re.fullmatch(r"(.+)\.[1-9][0-9]*((?:\.[^.]*)?)", path.name)
+    if match is None:
+        return path
+    log = path.with_name(match.group(1) + match.group(2))
+    return log if log.is_file() and _chain_number(log, path.name) else path
 
 
 def _chain_number(path: Path, name: str) -> int | None:

@@ -273,12 +273,25 @@ def audit_verify(
     record. With --key or --gateway, checks every checkpoint's signature; with --data-dir,
     --config or --gateway, that no chain lost the checkpoint the store recorded. Exit 1 if a
     log is broken."""
-    from kmsgate.audit import AuditFile
+    from kmsgate.audit import AuditFile, log_of_chain
     from kmsgate.cli.auditcheck import checkpoint_lines, public_keys, stored_anchors
 
+    logs: list[Path] = []
+    for given in paths:
+        log = log_of_chain(given)
+        if log == given:
+            logs.append(given)
+            continue
+        err.print(
+            f"{given} is a chain file of {log}: verifying that log, all its chain files",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if log not in paths and log not in logs:
+            logs.append(log)
     anchors, written_as = stored_anchors(data_dir, config, gateway, token)
     with public_keys(key, gateway, token) as keys:
-        for path in paths:
+        for path in logs:
             if path.is_dir():
                 fail(f"{path} is a directory: give the audit log in it ({path / 'audit.log'})")
             try:
@@ -293,7 +306,7 @@ def audit_verify(
                     f"audit log {where} broken at line {report.first_bad_line}: {report.reason}",
                     code=1,
                 )
-            prefix = f"{path}: " if len(paths) > 1 else ""
+            prefix = f"{path}: " if len(logs) > 1 else ""
             if report.chains == 1:
                 summary = f"{prefix}ok: {report.records} records, chain intact"
             else:
