@@ -677,6 +677,30 @@ def test_token_deleted_then_recreated_recovers_without_restart(hsm: SoftHsm, bac
         b.close()
 
 
+def test_a_key_made_on_a_token_replaced_unseen_is_adopted(hsm: SoftHsm):
+    """The token is replaced while the backend is idle and a ceremony makes a key on the new
+    one: adopting it, the first call since, finds no object on the old token's sessions;
+    that was a 404 `no such key on the token` until another call noticed the new token.
+    Now the token is checked first (503 once), and the key is adopted on the new one."""
+    victim = hsm.init_token("kmsgate-gw-swapped")
+    b = make_backend("hsm-swapped", victim, retry_interval=0.3)
+    try:
+        b.mac(b.create_key(KeySpec("m", 1, KeyType.HMAC_SHA256)), MESSAGE, HashName.SHA256)
+        victim.delete()
+        victim.init()  # a fresh token under the same label and PIN
+        victim.pkcs11_tool(
+            "--keygen", "--key-type", "AES:32", "--sensitive", "--private", "--usage-decrypt",
+            "--label", "ceremony-kek", "--id", "5e",
+        )  # fmt: skip
+        spec = KeySpec("kek", 1, KeyType.AES_256_GCM)
+        kek = _eventually(lambda: b.adopt_key(spec, "pkcs11:object=ceremony-kek"))
+        assert b.unwrap(kek, b.wrap(kek, b"data key", b"aad"), b"aad") == b"data key"
+        with pytest.raises(NotFound, match="no such key on the token"):
+            b.adopt_key(KeySpec("none", 1, KeyType.AES_256_GCM), "pkcs11:object=no-such-kek")
+    finally:
+        b.close()
+
+
 def test_module_finalized_under_the_backend_is_reopened(backend, key_of, token):
     """The module loses its state (C_Finalize behind our back: every session and the login
     are gone): the next call re-initialises it, logs in again and succeeds."""

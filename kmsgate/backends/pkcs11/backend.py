@@ -408,8 +408,10 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         an asymmetric key needs a public key object with the same id, which must match the
         private key (checked by signing a random challenge). A secret key's version gets a
         check record as its material (`key_check_record`): a key put in its place later is
-        refused before its first use.
-        Raises InvalidRequest, NotFound, BackendError, BackendUnavailable.
+        refused before its first use. A key not found is looked for again on a token that
+        answers, after re-initialising the module (another process may have just made it).
+        Raises InvalidRequest, NotFound, BackendError, BackendUnavailable (the token gone
+        or replaced: the next call opens the new one).
         """
         kind = _KINDS[spec.key_type]
         parsed = Pkcs11Uri.parse_key_reference(uri)
@@ -422,8 +424,8 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
             _check_token_attributes(conn, parsed)
             template = {Attribute.CLASS: kind.object_class, **_selector(parsed)}
             found = find_objects(worker.session, template)
-            if not found:
-                raise NotFound("no such key on the token")
+            if not found:  # the pool checks the token and looks once more (`_Pool.call`)
+                raise p11e.NoSuchKey("no such key on the token")
             if len(found) > 1:
                 raise InvalidRequest("the URI matches several keys; add 'id' or 'object'")
             obj = found[0]
@@ -448,5 +450,8 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                 return Pkcs11Uri(canonical).format(), None, pem
             return Pkcs11Uri(canonical).format(), key_check_record(spec.key_type, obj), None
 
-        ref, record, pem = self._pool.call("adopt the key", run)
+        try:
+            ref, record, pem = self._pool.call("adopt the key", run)
+        except KeyDestroyed:  # missing on a token that answers, after looking again
+            raise NotFound("no such key on the token") from None
         return BackendKey(ref, spec.key_type, spec.name, spec.version, record, pem)
