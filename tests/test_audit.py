@@ -538,10 +538,11 @@ def test_worker_processes_each_keep_a_chain_and_readers_see_all(tmp_path: Path) 
 def test_a_search_pages_back_through_every_match_once(tmp_path: Path) -> None:
     """`next` leads to the older matches: paging back visits every match exactly once, in
     the order of one search over all, even where records of two chains share a time (a
-    cursor is a time, a chain and a line, never a time alone)."""
-    times = {  # chain file -> its records' times (ordered, as a writer writes them)
+    cursor is a time, a chain and a line, never a time alone) and where a chain's times
+    step back (pages are cut by cursor, not by file order)."""
+    times = {  # chain file -> its records' times, as written (a clock stepped back in one)
         "audit.log": ["01", "02", "02", "03", "05"],
-        "audit.1.log": ["02", "02", "04", "05"],
+        "audit.1.log": ["05", "06", "04", "07"],
     }
     for name, stamps in times.items():
         lines = [

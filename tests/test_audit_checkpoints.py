@@ -268,6 +268,8 @@ def test_a_chain_file_given_to_verify_is_verified_with_its_log(
     assert f"{second} is a chain file of {log}" in result.err, str(result)
     both = verify(str(log), str(second))  # one log, verified once
     assert both.rc == 0 and both.out.count("every chain intact") == 1, str(both)
+    missing = verify(str(chain_path(log, 7)))  # no such chain file: not its log's verdict
+    assert missing.rc == 2 and "cannot read" in missing.err, str(missing)
     alone = tmp_path / "elsewhere" / "audit.1.log"
     alone.parent.mkdir()
     shutil.copy(second, alone)

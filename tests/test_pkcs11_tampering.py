@@ -23,6 +23,7 @@ from pkcs11 import KeyType as P11KeyType
 
 from kmsgate.algorithms import SIGN_ALGORITHMS, HashName, KeyType, verify_with_public_key
 from kmsgate.backends.base import BackendKey, KeySpec
+from kmsgate.backends.pkcs11.adopt import check_same_key, key_check_record
 from kmsgate.errors import BackendError, KeyDestroyed
 from tests.softhsm import SoftHsmToken, make_backend, softhsm_token
 
@@ -313,6 +314,29 @@ def test_an_adopted_secret_key_replaced_by_another_is_refused(
         restarted.close()
     assert "not the key that was adopted" in caplog.text
     assert made_before == hmac.new(b"A" * 32, MESSAGE, "sha256").digest()  # the first key's
+
+
+class _FailingToken:
+    """An AES key object on a token that fails: every decryption raises `error`."""
+
+    def __init__(self, error: type[Exception]) -> None:
+        self.error = error
+
+    def encrypt(self, data: bytes, **_: Any) -> bytes:
+        return b"\x00" * (len(data) + 16)
+
+    def decrypt(self, data: bytes, **_: Any) -> bytes:
+        raise self.error()
+
+
+@pytest.mark.parametrize("error", [pkcs11.exceptions.DeviceRemoved, pkcs11.exceptions.GeneralError])
+def test_a_token_failing_during_the_check_is_no_replaced_key(error: type[Exception]) -> None:
+    """The check record is judged by the key only when the token works: a token error
+    (a removed device; a decryption error even on what the key has just encrypted) is
+    raised as it is, for the pool to answer 503 or retry, never "replaced on the token"."""
+    record = key_check_record(KeyType.AES_256_GCM, _FailingToken(error))
+    with pytest.raises(error):
+        check_same_key(KeyType.AES_256_GCM, _FailingToken(error), record)
 
 
 _CREATE_ELSEWHERE = """

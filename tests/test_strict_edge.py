@@ -607,5 +607,8 @@ def test_a_damaged_chain_file_is_a_503_naming_it_not_a_500(api: Api, admin: str)
     body = _problem(reply, 503, "audit_unavailable")
     assert f"chain file {other.name}, line 1" in body["detail"], body
     assert "retry-after" not in reply.headers  # the damage lasts until someone mends it
+    document = api.call("GET", "/openapi.json", admin).json()
+    declared = document["paths"]["/v1/audit"]["get"]["responses"]["503"]["headers"]
+    assert not declared["retry-after"].get("required"), declared  # the document agrees
     other.unlink()
     assert api.call("GET", "/v1/audit?limit=1", admin).status_code == 200

@@ -63,9 +63,12 @@ _WHEN = {
     500: "a bug: see the gateway log",
     503: "a dependency (store, backend, audit log) is out of reach: retry later",
 }
+RETRY_AFTER: dict[str, Any] = {"schema": {"type": "string", "pattern": "^[0-9]+$"}}
+"""The Retry-After header of a problem reply (optional as it stands; `_HEADERS` requires it
+on a 503)."""
 _HEADERS: dict[int, dict[str, Any]] = {
     401: {"www-authenticate": {"required": True, "schema": {"type": "string"}}},
-    503: {"retry-after": {"required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}},
+    503: {"retry-after": {"required": True, **RETRY_AFTER}},
 }
 
 
@@ -107,11 +110,13 @@ def _describe_failures(operation: dict[str, Any]) -> None:
         statuses.add(404)
     responses.pop("422", None)  # FastAPI's own validation error
     for status in sorted(statuses):
-        responses.setdefault(str(status), _problem_reply(_WHEN[status], _HEADERS.get(status, {})))
-    responses["default"] = _problem_reply("any other failure (docs/api.md, Errors)", {})
+        responses.setdefault(str(status), problem_reply(_WHEN[status], _HEADERS.get(status, {})))
+    responses["default"] = problem_reply("any other failure (docs/api.md, Errors)", {})
 
 
-def _problem_reply(description: str, headers: dict[str, Any]) -> dict[str, Any]:
+def problem_reply(description: str, headers: dict[str, Any]) -> dict[str, Any]:
+    """A problem+json reply for `responses`, with `headers` besides x-request-id (an
+    operation's own reply for a status replaces the one `complete` would add)."""
     return {
         "description": description,
         "headers": {"x-request-id": _REQUEST_ID, **headers},

@@ -12,7 +12,7 @@ from kmsgate.api.bodies import JsonBodyRoute
 from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
 from kmsgate.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsgate.api.metrics import Metrics
-from kmsgate.api.openapi import PUBLIC
+from kmsgate.api.openapi import PUBLIC, RETRY_AFTER, problem_reply
 from kmsgate.api.replies import (
     AUDIT_CHECKPOINTS,
     AUDIT_RECORDS,
@@ -212,7 +212,18 @@ def build_router() -> APIRouter:
         responses={200: json_reply(TOKEN)},
     )
     router.add_api_route(
-        "/v1/audit", audit_events, methods=["GET"], responses={200: json_reply(AUDIT_RECORDS)}
+        "/v1/audit",
+        audit_events,
+        methods=["GET"],
+        responses={
+            200: json_reply(AUDIT_RECORDS),
+            400: problem_reply("`before` is not a cursor (the `next` of a previous page)", {}),
+            503: problem_reply(
+                "a chain file holds a line that is no record (no Retry-After: it lasts until "
+                "an operator mends the file), or a dependency is out of reach (Retry-After)",
+                {"retry-after": RETRY_AFTER},
+            ),
+        },
     )
     router.add_api_route(
         "/v1/audit/checkpoints",

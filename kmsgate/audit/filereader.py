@@ -8,9 +8,9 @@ file; a writer holds its file for its whole life (see `FileSink`).
 
 from __future__ import annotations
 
-import collections
+import heapq
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,7 +65,8 @@ def log_of_chain(path: Path) -> Path:
     if match is None:
         return path
     log = path.with_name(match.group(1) + match.group(2))
-    return log if log.is_file() and _chain_number(log, path.name) else path
+    chain = path.is_file() and log.is_file() and _chain_number(log, path.name)
+    return log if chain else path
 
 
 def _chain_number(path: Path, name: str) -> int | None:
@@ -120,24 +121,16 @@ class AuditFile:
             raise ValueError("limit must be at least 1")
         after = _rfc3339(since) if since is not None else None
         found: list[tuple[AuditCursor, dict[str, object]]] = []
-        matches = 0
         for number, chain in _numbered_chains(self._path):
-            latest: collections.deque[tuple[AuditCursor, dict[str, object]]]
-            latest = collections.deque(maxlen=limit)
-            try:
-                for line, record in enumerate(iter_records(chain), 1):
-                    here = AuditCursor(str(record.get("time", "")), number, line)
-                    if (before is None or here < before) and _matches(
-                        record, after, principal, key, action
-                    ):
-                        latest.append((here, record))
-                        matches += 1
-            except ValueError as exc:
-                raise ValueError(f"chain file {chain.name}, {exc}") from exc
-            found += latest
+            matching = _matching(
+                chain, number, lambda r: _matches(r, after, principal, key, action), before
+            )
+            # by cursor, not file order (a chain's times step back with a clock set back);
+            # one more than a page: whether older matches are left out
+            found += heapq.nlargest(limit + 1, matching, key=lambda pair: pair[0])
         found.sort(key=lambda pair: pair[0])
         page = found[-limit:]
-        more = page[0][0].text() if page and matches > len(page) else None
+        more = page[0][0].text() if len(found) > limit else None
         return AuditPage([record for _, record in page], more)
 
     def verify(
@@ -198,6 +191,25 @@ class AuditFile:
 
 
 # --- search ----------------------------------------------------------------------------
+
+
+def _matching(
+    chain: Path,
+    number: int,
+    wanted: Callable[[dict[str, object]], bool],
+    before: AuditCursor | None,
+) -> Iterator[tuple[AuditCursor, dict[str, object]]]:
+    """The records of chain file `chain` (chain `number` of its log) that `wanted` takes
+    and that come before `before`, with their cursors. Raises ValueError naming the file
+    and line of a line that is not a JSON object; OSError on read errors."""
+    try:
+        for line, record in enumerate(iter_records(chain), 1):
+            if wanted(record):
+                here = AuditCursor(str(record.get("time", "")), number, line)
+                if before is None or here < before:
+                    yield here, record
+    except ValueError as exc:
+        raise ValueError(f"chain file {chain.name}, {exc}") from exc
 
 
 def _rfc3339(moment: datetime) -> str:

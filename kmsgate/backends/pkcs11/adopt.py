@@ -32,7 +32,7 @@ from kmsgate.backends.pkcs11.keys import (
     _public_key,
     _sign_input,
 )
-from kmsgate.backends.pkcs11.sessions import _Connection, _Worker, find_objects
+from kmsgate.backends.pkcs11.sessions import _DECRYPT_ERRORS, _Connection, _Worker, find_objects
 from kmsgate.errors import BackendError, InvalidRequest
 from kmsgate.uri import Pkcs11Uri
 
@@ -204,9 +204,8 @@ def key_check_record(key_type: KeyType, obj: Any) -> bytes:
     ciphertext || tag`). Neither reveals the key. Raises python-pkcs11 errors."""
     if key_type is KeyType.AES_256_GCM:
         nonce = secrets.token_bytes(_CHECK_NONCE_BYTES)
-        params = pkcs11.GCMParams(nonce, b"", _CHECK_TAG_BITS)
         sealed: bytes = obj.encrypt(
-            _CHECK_TEXT, mechanism=Mechanism.AES_GCM, mechanism_param=params
+            _CHECK_TEXT, mechanism=Mechanism.AES_GCM, mechanism_param=_check_params(nonce)
         )
         return nonce + sealed
     tag: bytes = obj.sign(_CHECK_TEXT, mechanism=_HMAC_MECHANISMS[mac_algorithm(key_type, None)])
@@ -216,18 +215,13 @@ def key_check_record(key_type: KeyType, obj: Any) -> bytes:
 def check_same_key(key_type: KeyType, obj: Any, record: bytes) -> None:
     """Raises InvalidRequest unless the secret key `obj` is the one that made `record`
     (`key_check_record`): the AES key decrypts it, the HMAC key makes the same tag. Someone
-    with the PIN may have put a key whose value they know in place of the one adopted."""
+    with the PIN may have put a key whose value they know in place of the one adopted.
+    Raises python-pkcs11 errors when the token fails (an AES key that cannot decrypt even
+    what it has just encrypted)."""
     if key_type is KeyType.AES_256_GCM:
-        params = pkcs11.GCMParams(record[:_CHECK_NONCE_BYTES], b"", _CHECK_TAG_BITS)
-        try:
-            same = hmac.compare_digest(
-                obj.decrypt(
-                    record[_CHECK_NONCE_BYTES:], mechanism=Mechanism.AES_GCM, mechanism_param=params
-                ),
-                _CHECK_TEXT,
-            )
-        except p11e.PKCS11Error:
-            same = False
+        same = _decrypts(obj, record)
+        if not same:  # a wrong key, unless the token cannot decrypt at all
+            _decrypts(obj, key_check_record(key_type, obj), failing=True)
     else:
         same = hmac.compare_digest(key_check_record(key_type, obj), record)
     if not same:
@@ -235,3 +229,23 @@ def check_same_key(key_type: KeyType, obj: Any, record: bytes) -> None:
             "it is not the key that was adopted (it does not match the check record made "
             "at adoption): replaced on the token"
         )
+
+
+def _decrypts(obj: Any, record: bytes, *, failing: bool = False) -> bool:
+    """Whether the AES key `obj` decrypts the check record `record` to the check text. A
+    decryption error is False, or is raised if `failing`; other token errors are raised."""
+    try:
+        plain = obj.decrypt(
+            record[_CHECK_NONCE_BYTES:],
+            mechanism=Mechanism.AES_GCM,
+            mechanism_param=_check_params(record[:_CHECK_NONCE_BYTES]),
+        )
+    except _DECRYPT_ERRORS:
+        if failing:
+            raise
+        return False
+    return hmac.compare_digest(plain, _CHECK_TEXT)
+
+
+def _check_params(nonce: bytes) -> Any:
+    return pkcs11.GCMParams(nonce, b"", _CHECK_TAG_BITS)
