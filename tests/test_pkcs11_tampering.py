@@ -6,6 +6,7 @@ a process only after C_Initialize).
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import subprocess
@@ -234,7 +235,9 @@ def test_a_generated_secret_key_replaced_by_a_known_one_is_refused(
     assert "is refused" in caplog.text
 
 
-def test_an_adopted_key_needs_what_adoption_needs(backend: Any) -> None:
+def test_an_adopted_key_needs_what_adoption_needs(
+    token: SoftHsmToken, backend: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """A key adopted under its own label may have been imported (not generated on the
     token): it is used as long as it is what adoption requires."""
     aes = backend.create_key(KeySpec("kek-source", 1, KeyType.AES_256_GCM))
@@ -244,6 +247,14 @@ def test_an_adopted_key_needs_what_adoption_needs(backend: Any) -> None:
     )
     wrapped = backend.wrap(adopted, b"data key", b"aad")
     assert backend.unwrap(adopted, wrapped, b"aad") == b"data key"
+    # adopted before check records (no material): used as before, and the log says so
+    legacy = dataclasses.replace(adopted, name="legacy", material=None)
+    restarted = make_backend("hsm", token, sessions=1)
+    try:
+        assert restarted.unwrap(legacy, wrapped, b"aad") == b"data key"
+    finally:
+        restarted.close()
+    assert "'legacy' version 1 was adopted before check records" in caplog.text
 
 
 def swap_secret_object(backend: Any, label: str, value: bytes) -> None:

@@ -269,6 +269,14 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
                 raise InvalidRequest("it was not generated on the token, or was readable once")
             if key.material is not None:  # an adopted secret key's check record
                 check_same_key(key.key_type, found, key.material)
+            elif _KINDS[key.key_type].object_class == _SECRET and not _generated(key):
+                log.warning(
+                    "pkcs11 backend %r: key %r version %d was adopted before check records: "
+                    "a key put in its place on the token would not be noticed",
+                    self.name,
+                    key.name,
+                    key.version,
+                )
         except InvalidRequest as exc:
             log.error(
                 "pkcs11 backend %r: the object behind key %r version %d is refused: %s",
