@@ -429,6 +429,19 @@ def test_gateways_on_one_host_and_one_store_keep_their_checkpoints_apart(
     assert f"(replica {other.resolved_replica_id()})" in lines[0], lines
     also = [line for line in lines if "the store also holds" in line]
     assert also and gateway_settings.resolved_replica_id() in also[0], lines
+    # verified in place on this host with its config, a log is held to its own replica
+    # (the default id, which the store knows): a sibling's log swapped in fails
+    config = tmp_path / "other.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'other'}\ndatabase_url: {other.database_url}\n")
+    found, written_as = stored_anchors(None, config, None, None)
+    own = other.resolved_audit_path()
+    assert written_as(own) == ChainIdentity("audit.log", other.resolved_replica_id())
+    assert AuditFile(own).verify(anchors=found, written_as=written_as(own)).ok
+    for name in ("audit.log", "audit.log.head"):
+        shutil.copy(gateway_settings.resolved_audit_path().with_name(name), own.with_name(name))
+    assert AuditFile(own).verify(anchors=found).ok  # the writer unknown: it passes
+    swapped = AuditFile(own).verify(anchors=found, written_as=written_as(own))
+    assert not swapped.ok and "store" in str(swapped.reason), swapped
 
 
 def test_a_closed_log_is_not_appended_to_by_a_gateway_that_cannot_reopen_it(

@@ -88,7 +88,8 @@ def stored_anchors(
     """The store's last checkpoint of every chain: read from the gateway's data dir or
     config file (never created or migrated), else asked of `gateway`; None without any.
     Also what a given log was written as: with a data dir or config, its own log's file
-    name and replica id (a replica's other logs, verified beside it, are not known). Exits
+    name and replica id (the config's `replica_id`, else the default one when the store
+    has checkpoints of it; a replica's other logs, verified beside it, are not known). Exits
     with a one-line error if the store or the gateway cannot be read."""
     if data_dir is None and config is None:
         anchors = None if gateway is None else _gateway_anchors(gateway, token)
@@ -99,10 +100,8 @@ def stored_anchors(
     try:
         settings = load_settings(config, data_dir=data_dir)
         url = settings.resolved_database_url()
-        # only a replica_id the config sets names the writer: the default one depends on
-        # the host and the log's path, which differ for a copy verified elsewhere
         own_log = settings.resolved_audit_path()
-        writer = ChainIdentity(own_log.name, settings.replica_id or None)
+        derived = settings.resolved_replica_id()
     except ConfigError as exc:
         fail(str(exc))
     database = sqlite_file(url)
@@ -113,11 +112,17 @@ def stored_anchors(
     except ConfigError as exc:
         fail(str(exc))
     try:
-        return store.audit_anchors.all(), partial(_written_as, own_log, writer)
+        anchors = store.audit_anchors.all()
     except KmsgateError as exc:
         fail(f"cannot read the store's audit checkpoints: {exc.detail} (is it migrated?)")
     finally:
         store.close()
+    # the writer: the config's replica_id, else the default one (the host name and the
+    # log's path) when the store knows it, i.e. verified on the gateway's host; elsewhere
+    # the default differs, and the writer stays unknown
+    known = settings.replica_id or any(a.replica == derived for a in anchors)
+    writer = ChainIdentity(own_log.name, derived if known else None)
+    return anchors, partial(_written_as, own_log, writer)
 
 
 def _gateway_anchors(gateway: str, token: str | None) -> list[AuditAnchor]:
