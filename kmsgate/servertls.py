@@ -67,7 +67,8 @@ class ServerTls:
     key_file: Path
     client_auth: str
     client_cas: str
-    """The trusted client CA certificates (PEM), empty when none are requested."""
+    """The trusted client CA certificates (PEM), each an anchor by itself; empty when none
+    are requested."""
 
     def context(self) -> ssl.SSLContext:
         """A server context over the current files. Raises ConfigError naming the file
@@ -78,6 +79,9 @@ class ServerTls:
         _load_pair(context, self.cert_file, self.key_file)
         context.verify_mode = _VERIFY[self.client_auth]
         if self.client_cas:
+            # each of client_cas is an anchor by itself: a kmsgate CA's own certificate,
+            # not the root that also signs its siblings (`trusted_certificates`)
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
             try:
                 context.load_verify_locations(cadata=self.client_cas)
             except ssl.SSLError as exc:

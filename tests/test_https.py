@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.parse
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -603,3 +604,70 @@ def test_another_trusted_cas_certificate_with_a_kmsgate_serial_is_not_taken_for_
         assert "not issued by this gateway" in stolen.text
     records = AuditFile(gw.data_dir / "audit.log").search(action="cert.renew").records
     assert all(r.get("outcome") != "ok" for r in records)
+
+
+def test_a_sibling_cas_certificate_under_the_same_root_is_not_trusted(tmp_path: Path) -> None:
+    """`client_cas: [dev]` trusts what the dev CA issued, not what another CA signed by the
+    same root issued: the root signed both, and was a trust anchor (a certificate from any
+    CA under it authenticated, directly and forwarded by a trusted proxy)."""
+    config = tmp_path / "tls.yaml"
+    tls = {
+        "ca": "dev",
+        "client_auth": "optional",
+        "client_cas": ["dev"],
+        "trusted_proxies": [LOOPBACK],
+    }
+    config.write_text(json.dumps({"tls": tls}))
+    with running_gateway(tmp_path, "--config", str(config), https=True) as gw:
+        work, data = tmp_path / "sib", gw.data_dir
+        work.mkdir()
+        trusting = {"KMSGATE_CACERT": str(data / "dev-root.pem")}
+        gw.ok(
+            "ca",
+            "create",
+            "sib",
+            "--subject",
+            "sib",
+            "--csr-out",
+            str(work / "sib.csr"),
+            **trusting,
+        )
+        gw.ok(
+            "ca", "sign-intermediate", "--root-cert", str(data / "dev-root.pem"),
+            "--root-key", str(data / "dev-root-key.pem"),
+            "--passphrase-file", str(data / "dev-root-key.passphrase"),
+            "--csr", str(work / "sib.csr"), "--out", str(work / "sib.pem"),
+        )  # fmt: skip
+        chain = str(data / "dev-root.pem")
+        gw.ok("ca", "import", "sib", "--cert", str(work / "sib.pem"), "--chain", chain, **trusting)
+        spiffe_id = "spiffe://dev.lab/ns/ml/sa/server"
+        key, csr = new_key_and_csr([spiffe_id])
+        issued = httpx.post(
+            f"{gw.addr}/v1/pki/cas/sib/issue",
+            json={
+                "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+                "profile": "workload",
+            },
+            headers={"authorization": f"Bearer {gw.root_token}"},
+            verify=ssl.create_default_context(cafile=str(data / "dev-root.pem")),
+            timeout=TIMEOUT,
+        )
+        assert issued.status_code == 200, issued.text
+        leaf = issued.json()["certificate"]
+        sibling = (work / "sib.pem").read_text()
+        (work / "id").mkdir()
+        identity = _client_identity(work / "id", leaf + sibling, key)  # with its chain
+        assert _health_reply(gw, identity) == b""  # refused in the handshake
+        own, _ = _workload_identity(gw, work / "own", "spiffe://dev.lab/ns/ml/sa/own")
+        assert _health_reply(gw, own).startswith(b"HTTP/1.1 200 ")  # the dev CA's: trusted
+        header = (
+            f'Cert="{urllib.parse.quote(leaf, safe="")}";'
+            f'Chain="{urllib.parse.quote(leaf + sibling, safe="")}"'
+        )
+        forwarded = httpx.get(
+            f"{gw.addr}/v1/sys/whoami",
+            headers={"x-forwarded-client-cert": header},
+            verify=ssl.create_default_context(cafile=str(data / "dev-root.pem")),
+            timeout=TIMEOUT,
+        )
+        assert forwarded.status_code == 401, forwarded.text

@@ -334,14 +334,17 @@ class Pki:
         return self.authorities.find_current(name)
 
     def trusted_certificates(self, names: Sequence[str]) -> list[x509.Certificate]:
-        """The certificates `tls.client_cas` names: an active kmsgate CA (its certificate,
-        then its chain) or a PEM bundle file. Raises ConfigError for a name that is
-        neither, or a file that holds no certificate."""
+        """The trust anchors `tls.client_cas` names: an active kmsgate CA (its own
+        certificate, never its chain: the root above it signs other CAs, whose certificates
+        must not pass for this one's) or the certificates of a PEM bundle file. Each is an
+        anchor by itself (a chain stops at it: OpenSSL's partial-chain verification).
+        Raises ConfigError for a name that is neither, or a file that holds no
+        certificate."""
         certificates: list[x509.Certificate] = []
         for name in names:
             ca = self.authorities.find_current(name)
             if ca is not None and ca.certificate is not None:
-                certificates += [ca.certificate, *ca.chain]
+                certificates.append(ca.certificate)
                 continue
             try:
                 certificates += x509.load_pem_x509_certificates(Path(name).read_bytes())
