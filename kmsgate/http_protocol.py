@@ -198,16 +198,40 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         if self.transport.is_closing():  # an earlier reply closed the connection
             return
         self.transport.write(reply)
+        self._close_after_reply()
+
+    def _close_after_reply(self) -> None:
+        """End the connection once the client can have read the last reply: half-close,
+        then close after `REFUSED_LINGER_SECONDS` (closing with the client's bytes unread
+        would reset the connection before the client reads the reply); TLS has no
+        half-close, so it closes at once."""
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
-        else:  # TLS: no half-close
+        else:
             self.transport.close()
 
     def on_response_complete(self) -> None:
         self._owed -= 1
         super().on_response_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and cycle.more_body:
+            self._end_unread()
         self._send_refusal()
+
+    def _end_unread(self) -> None:
+        """The reply went before the request's body was read (a 413 on its declared length,
+        a 415, a refusal before the body): what the client still sends is dropped and the
+        connection ends as after a refusal (`_refuse_head`), rather than the body being
+        read to its end at whatever pace the client sets, with no deadline."""
+        if self._refused or self.transport.is_closing():
+            return
+        self._refused = True
+        self._head_since = None
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        self._close_after_reply()
 
     def send_400_response(self, msg: str) -> None:
         """A request httptools cannot parse (a malformed line or header, a bad Content-Length,

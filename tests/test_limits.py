@@ -153,6 +153,50 @@ def test_a_client_that_stops_sending_its_body_gets_408_and_is_disconnected(
     assert made.status_code == 200
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("path", "framing", "status"),
+    [
+        ("/v1/keys/k/sign", "content-length: 1000000000", b"413"),  # fast path
+        ("/v1/keys", "content-length: 1000000000", b"413"),  # FastAPI route
+        ("/v1/keys/k/sign", "transfer-encoding: chunked", None),  # over the limit as it comes
+        ("/v1/keys", "content-encoding: gzip\r\ncontent-length: 1000000", b"415"),
+    ],
+)
+def test_a_reply_before_the_body_ends_the_connection(
+    impatient: Gateway, path: str, framing: str, status: bytes | None
+) -> None:
+    """Refused before its body was read, a request's connection ends after the reply,
+    whatever the client goes on sending: the rest of the body was read and dropped at the
+    client's pace, with no deadline (a byte a second kept it open for good)."""
+    host, port = impatient.addr.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        head = (
+            f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer {impatient.root_token}\r\n{framing}\r\n\r\n"
+        )
+        conn.sendall(head.encode())
+        if status is None:  # chunks past the limit (4 MiB), sent at once
+            conn.sendall((b"100000\r\n" + b"A" * 0x100000 + b"\r\n") * 5)
+        conn.settimeout(0.5)
+        reply, started = b"", time.monotonic()
+        while time.monotonic() - started < 8:
+            try:
+                conn.sendall(b"A")  # a byte a second, for as long as the gateway listens
+                chunk = conn.recv(65536)
+            except TimeoutError:
+                time.sleep(0.5)
+                continue
+            except OSError:  # reset: the gateway closed while we were still sending
+                break
+            if not chunk:
+                break
+            reply += chunk
+        waited = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 " + (status or b"413")), reply
+    assert waited < 5, waited  # ended within the linger, not at the 8 s the client gave up
+
+
 def _reply_to(gateway: Gateway, *sends: bytes, pause: float = 0.0) -> tuple[bytes, float]:
     """What the gateway answers on a new connection to `sends` (sent `pause` seconds apart),
     read until it closes, and the seconds from the last send to the close."""
