@@ -74,6 +74,14 @@ def test_a_key_over_its_rate_gets_429_while_other_keys_sign(tmp_path: Path) -> N
         assert hot.count(200) <= _most_served(took) and hot.count(429) >= 8, hot
         cold, _ = _statuses(api, admin, "/v1/keys/cold/sign", 1, **body)
         assert cold == [200]  # its own bucket
+        # the policy decides first: a caller it denies never uses the key's rate up, and a
+        # call past the rate is on the trail as such
+        outsider = api.service.tokens.create(["nobody"], ttl=None)[1]
+        denied, _ = _statuses(api, outsider, "/v1/keys/cold/sign", 16, **body)
+        assert denied == [403] * 16, denied
+        assert _statuses(api, admin, "/v1/keys/cold/sign", 1, **body)[0] == [200]
+        limited = [r for r in api.service.audit.search(action="sign", key="hot").records]
+        assert "rate_limited" in {r["outcome"] for r in limited}
 
 
 def test_failed_authentications_past_an_addresss_rate_get_429_and_one_record(

@@ -184,8 +184,7 @@ async def _operation(request: Request, op: HotOperation) -> Response:
     )
     inputs = [item.to_input() for item in items]
     name = request.path_params["name"]
-    target = service.gate.target(name)  # first: a name no key can have gets no rate bucket
-    service.gate.admit_key(name)
+    target = service.gate.target(name, rated=True)  # charged once the policy allowed it
     args = (op, service, principal, ctx, target, inputs, batch)
     if target.blocking and target.key is not None:  # one backend: its own threads
         threads: BackendThreads = request.app.state.backend_threads

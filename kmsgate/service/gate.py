@@ -120,6 +120,9 @@ class KeyTarget(NamedTuple):
     key: Key | None
     blocking: bool
     """Whether the operation may block (remote or HSM backend): run it off the event loop."""
+    rated: bool = False
+    """Whether the operation counts against the key's rate (`limits.key_rate`): once the
+    policy allowed it (`Gate.run_on_key`), so that callers it denies never use it up."""
 
     def resource(self) -> dict[str, object]:
         """The policy's view: the key's attributes, or only its name if there is no key."""
@@ -239,10 +242,6 @@ class Gate:
             )
         )
 
-    def admit_key(self, name: str) -> None:
-        """Raises RateLimited when key `name` is over its operation rate."""
-        self.rates.admit_key(name)
-
     def require_fresh(self) -> None:
         """Raises Unavailable when the caches have not been able to follow the store for over
         `max_staleness_seconds` (a disable or a revocation made elsewhere could be missed)."""
@@ -251,12 +250,15 @@ class Gate:
                 "the metadata store has been unreachable for too long to act on cached state"
             )
 
-    def target(self, name: str, *, current: bool = False, change: bool = False) -> KeyTarget:
+    def target(
+        self, name: str, *, current: bool = False, change: bool = False, rated: bool = False
+    ) -> KeyTarget:
         """The key `name` as this request will see it (from the cache, or read through;
         `current`: as the store holds it now, for a read of the key's record or, `change`,
-        for a change to it: see `find_current`). Raises NotFound, before any decision or
-        record, for a name no key can have (it is not echoed); Unavailable as
-        `require_fresh` does, and for a change the store cannot be asked about."""
+        for a change to it: see `find_current`; `rated`: an operation on the key's rate).
+        Raises NotFound, before any decision or record, for a name no key can have (it is
+        not echoed); Unavailable as `require_fresh` does, and for a change the store cannot
+        be asked about."""
         if not KEY_NAME.fullmatch(name):
             raise NotFound("no key has such a name: 1-128 letters, digits, '.', '_' or '-'")
         self.require_fresh()
@@ -268,7 +270,7 @@ class Gate:
             else self.catalogue.find(name)
         )
         backend = self.registry.find(key.backend) if key and not key.verify_only else None
-        return KeyTarget(name, key, backend is not None and backend.blocking)
+        return KeyTarget(name, key, backend is not None and backend.blocking, rated)
 
     def decide(
         self,
@@ -392,12 +394,15 @@ class Gate:
         Raises NotFound only after the policy allowed the call; PolicyDenied, worded as any
         refusal, instead for a principal bound to a tenant: another tenant's key is refused
         by what it is (its label), so a 404 for a missing one would tell them apart. The
-        audit record keeps `not_found`."""
+        audit record keeps `not_found`. Raises RateLimited, also after the policy allowed
+        the call, when a `rated` target's key is over its rate."""
 
         def on_key(outcome: Outcome) -> T:
             if target.key is None and call.principal.tenant is not None:
                 outcome.detail["not_found"] = True
                 raise PolicyDenied(self._denial(call, Decision(allow=False, reasons=())))
+            if target.rated:
+                self.rates.admit_key(target.name)
             return operation(target.require(), outcome)
 
         return self.run(call, on_key, decision=decision)
