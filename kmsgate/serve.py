@@ -192,7 +192,7 @@ def serve(
         metrics_dir = tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-")
         os.environ[SNAPSHOT_DIR_ENV] = metrics_dir
         try:
-            Multiprocess(per_worker, sockets=[sock]).run()
+            _Supervisor(per_worker, sockets=[sock]).run()
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
@@ -237,6 +237,19 @@ def _running(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor of several workers, which stops listening as soon as it stops
+    them: each worker closes its copy of the listening socket as it shuts down, but the
+    supervisor kept its own open until the workers had exited, and the kernel went on
+    accepting connections no one would serve (reset, their requests sent, once it closed).
+    Now they are refused, which a client may retry."""
+
+    def terminate_all(self) -> None:
+        for listening in self.sockets:
+            listening.close()
+        super().terminate_all()
 
 
 class _Server(uvicorn.Server):

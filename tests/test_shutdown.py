@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -62,3 +63,28 @@ def test_sigterm_drains_in_flight_requests_and_keeps_every_record(
         if r["outcome"] == "ok"
     ]
     assert len(signed) >= len(answered)
+
+
+def test_a_stopping_gateway_with_workers_refuses_new_connections(tmp_path: Path) -> None:
+    """SIGTERM to the supervisor of two workers, one of them finishing a request: a new
+    connection is refused (safe to retry) rather than accepted and reset once the request
+    was sent (the supervisor kept listening while no worker accepted any more)."""
+    with running_gateway(tmp_path, "--workers", "2") as gw:
+        assert gw.process is not None
+        host, port = gw.addr.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as in_flight:
+            head = (
+                f"POST /v1/keys HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+                f"authorization: Bearer {gw.root_token}\r\ncontent-length: 54\r\n\r\n"
+            )
+            in_flight.sendall(head.encode() + b'{"name": "late"')  # the rest comes later
+            time.sleep(0.5)
+            os.kill(gw.process.pid, signal.SIGTERM)
+            time.sleep(2)  # the supervisor and the workers have stopped accepting
+            assert gw.process.poll() is None  # still finishing the request in flight
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((host, int(port)), timeout=5).close()
+            in_flight.sendall(b', "type": "ecdsa-p256", "purpose": "p"}')
+            reply = in_flight.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 201 "), reply
+        assert gw.process.wait(timeout=25) == 0
