@@ -178,7 +178,7 @@ class HttpToolsOneWrite(HttpToolsProtocol):
             self._owed -= 1
         request_id = secrets.token_hex(8)  # the application's ids' shape; it never saw this one
         document = problem_document(error.status, error.code, error.title, error.detail, request_id)
-        body = orjson.dumps(document)
+        body = orjson.dumps(document, option=orjson.OPT_APPEND_NEWLINE)
         headers = [
             *self.server_state.default_headers,
             (b"content-type", b"application/problem+json"),

@@ -46,7 +46,7 @@ from kmsgate.service.requests import (
     SignInput,
     VerifyInput,
 )
-from kmsgate.text import CA_NAME, HIDDEN, KEY_NAME, has_hidden
+from kmsgate.text import CA_NAME, HIDDEN, KEY_NAME, has_hidden, several_pem_blocks
 
 KEY_NAME_PATTERN = f"^{KEY_NAME.pattern}$"
 ROLE_PATTERN = r"^[a-z0-9._:-]{1,64}$"
@@ -503,7 +503,7 @@ class RenewRequest(_Body):
 def _csr(pem: str) -> x509.CertificateSigningRequest:
     """Raises InvalidRequest if `pem` is not one PKCS#10 v1 request (a second PEM block
     would otherwise be ignored)."""
-    if pem.count("-----BEGIN ") > 1:
+    if several_pem_blocks(pem):
         raise InvalidRequest("csr holds more than one PEM block: send one request")
     try:
         return x509.load_pem_x509_csr(pem.encode())

@@ -1,5 +1,6 @@
-"""Text a person reads (a listing, a reason, a certificate's subject): the characters that
-must never reach it as they are; what a key's name may be; how a time is written."""
+"""Text a person reads (a listing, a reason, a certificate's subject, a PEM document): the
+characters that must never reach it as they are; what a key's name may be; how a time is
+written."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ patterns use it too: plain code points, as every regex dialect reads them): in f
 they forge rows in a listing or hide what a reviewer reads. The zero width joiners, which
 some scripts need, are not among them."""
 _HIDDEN_CHARACTER = re.compile(f"[{HIDDEN}]")
+
+
+def several_pem_blocks(value: str) -> bool:
+    """Whether `value` holds more than one PEM block: a reader of PEM takes the first and
+    ignores the rest, so two would let a reviewer see another key or request than the one
+    used."""
+    return value.count("-----BEGIN ") > 1
 
 
 def has_hidden(value: str) -> bool:

@@ -283,6 +283,13 @@ def test_import_public_key_is_verify_only(api, admin):
         "POST", "/v1/keys", admin, json={"name": "i2", "purpose": "p", "public_key": "junk"}
     )
     assert bad.status_code == 400
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    second = other.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    two = {"name": "i4", "purpose": "p", "public_key": pem + second}  # the first would be used
+    doubled = api.call("POST", "/v1/keys", admin, json=two)
+    assert doubled.status_code == 400 and "more than one PEM block" in doubled.text
     wrong = api.call(
         "POST",
         "/v1/keys",

@@ -563,7 +563,14 @@ def test_a_search_pages_back_through_every_match_once(tmp_path: Path) -> None:
         before = AuditCursor.parse(page.next)
     assert [len(p) for p in pages] == [2, 2, 2, 2, 1]
     assert [r for p in reversed(pages) for r in p] == whole.records
-    for bad in ("", "2026-12-07T08:00:00Z~0~1", "2026-12-07T08:00:00.000001Z~0~0", "x~1~1"):
+    for bad in (
+        "",
+        "2026-12-07T08:00:00Z~0~1",
+        "2026-12-07T08:00:00.000001Z~0~0",
+        "x~1~1",
+        "2026-99-99T99:99:99.999999Z~0~7",  # the shape of a time, not a time
+        "\u0662\u0660\u0662\u0666-12-07T08:00:00.000001Z~0~7",  # digits, but not ASCII ones
+    ):
         with pytest.raises(InvalidRequest, match="not a cursor"):
             AuditCursor.parse(bad)
 

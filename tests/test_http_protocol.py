@@ -135,6 +135,7 @@ def test_a_request_head_over_the_limit_gets_431_and_the_connection_closes(
         over = b"GET /v1/sys/health HTTP/1.1\r\nHost: x\r\nX-Pad: " + pad * 3 + b"\r\n\r\n"
         [(status, headers, body)] = _replies(exchange(over))
         assert status == 431 and headers["connection"] == "close"
+        assert body.endswith(b"}\n")  # as every JSON reply (docs/api.md)
         assert headers["content-type"] == "application/problem+json"
         assert headers["x-content-type-options"] == "nosniff"  # as docs/api.md promises
         assert headers["cache-control"] == "no-store"  # on every reply

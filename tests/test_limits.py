@@ -56,6 +56,9 @@ def test_a_principal_over_its_rate_gets_429_and_may_retry_after(tmp_path: Path) 
         assert reply.headers["content-type"] == "application/problem+json"
         wait = int(reply.headers["retry-after"])
         assert wait >= 1
+        document = api.call("GET", "/openapi.json", other).json()  # which declares it so
+        declared = document["paths"]["/v1/sys/whoami"]["get"]["responses"]["429"]["headers"]
+        assert declared["retry-after"]["required"] is True, declared
         assert api.call("GET", "/v1/sys/whoami", other).status_code == 200  # its own bucket
         time.sleep(wait)
         assert api.call("GET", "/v1/sys/whoami", admin).status_code == 200

@@ -169,6 +169,13 @@ def test_an_integer_in_a_query_or_a_path_is_decimal_digits_alone(
     assert api.call("GET", "/v1/keys/k/public-key?version=1", admin).status_code == 200
 
 
+def test_an_integer_too_long_is_named_so(api: Api, admin: str) -> None:
+    create_key(api, admin, "k")
+    reply = api.call("GET", f"/v1/keys/k/public-key?version={2**64}", admin)
+    detail = _problem(reply, 422, "validation_failed")["detail"]
+    assert "an integer of at most 19 digits" in detail, detail
+
+
 @pytest.mark.parametrize("written", ["yes", "on", "T", "2", ""])
 def test_a_boolean_in_a_query_is_true_false_1_or_0(api: Api, written: str) -> None:
     reply = api.call("GET", f"/v1/pki/cas/none/crl?delta={written}", None)

@@ -121,7 +121,12 @@ def strict_scalar(where: str, text: str, kind: type[int] | type[bool]) -> int | 
             raise ValidationFailed(f"{where}: a boolean: true, false, 1 or 0")
         return _BOOLEANS[text.lower()]
     if not _DECIMAL.fullmatch(text):
-        raise ValidationFailed(f"{where}: an integer in decimal digits alone")
+        too_long = text.isascii() and text.isdigit() and not text.startswith("0")
+        raise ValidationFailed(
+            f"{where}: an integer of at most 19 digits"
+            if too_long
+            else f"{where}: an integer in decimal digits alone"
+        )
     return int(text)
 
 

@@ -60,14 +60,17 @@ _WHEN = {
     413: "a body, input or batch over the limits",
     415: "a body not sent as application/json",
     422: "the request does not match the schema",
+    429: "the caller or the key is over its rate, or the address over its rate of failed "
+    "authentications: retry after Retry-After seconds",
     500: "a bug: see the gateway log",
     503: "a dependency (store, backend, audit log) is out of reach: retry later",
 }
 RETRY_AFTER: dict[str, Any] = {"schema": {"type": "string", "pattern": "^[0-9]+$"}}
 """The Retry-After header of a problem reply (optional as it stands; `_HEADERS` requires it
-on a 503)."""
+on a 429 and a 503)."""
 _HEADERS: dict[int, dict[str, Any]] = {
     401: {"www-authenticate": {"required": True, "schema": {"type": "string"}}},
+    429: {"retry-after": {"required": True, **RETRY_AFTER}},
     503: {"retry-after": {"required": True, **RETRY_AFTER}},
 }
 
@@ -99,7 +102,7 @@ def _describe_failures(operation: dict[str, Any]) -> None:
     parameters = operation.get("parameters", [])
     statuses = {500, 503}
     if operation.get("security") != []:
-        statuses |= {401, 403}
+        statuses |= {401, 403, 429}
     if "requestBody" in operation:
         statuses |= {400, 413, 422}
         if "application/json" in operation["requestBody"].get("content", {}):

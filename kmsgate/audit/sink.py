@@ -49,12 +49,18 @@ class AuditCursor(NamedTuple):
     def parse(cls, text: str) -> AuditCursor:
         """The cursor `text` wrote. Raises InvalidRequest if it is not one."""
         match = _CURSOR.fullmatch(text)
-        if match is None:
-            raise InvalidRequest("before: not a cursor (the `next` of a previous page)")
+        try:
+            if match is None:
+                raise ValueError(text)
+            datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S.%fZ")  # a real time
+        except ValueError:
+            raise InvalidRequest("before: not a cursor (the `next` of a previous page)") from None
         return cls(match.group(1), int(match.group(2)), int(match.group(3)))
 
 
-_CURSOR = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z)~(\d{1,9})~([1-9]\d{0,17})")
+_CURSOR = re.compile(
+    r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z)~(\d{1,9})~([1-9]\d{0,17})", re.ASCII
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from kmsgate.pki.authorities import CA_PURPOSE, PKI_PURPOSES
 from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
 from kmsgate.service.requests import KeyChanges, NewKey
-from kmsgate.text import utc_timestamp
+from kmsgate.text import several_pem_blocks, utc_timestamp
 
 T = TypeVar("T")
 log = logging.getLogger("kmsgate.keys")
@@ -216,6 +216,8 @@ class Keys:
                     )
 
     def _import(self, new: NewKey) -> Key:
+        if several_pem_blocks(new.public_key or ""):
+            raise InvalidRequest("public_key holds more than one PEM block: send one key")
         try:
             public_key = serialization.load_pem_public_key((new.public_key or "").encode())
         except (ValueError, TypeError):
