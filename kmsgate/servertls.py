@@ -8,8 +8,9 @@ Every worker watches its certificate files and loads a changed pair into its liv
 `SSLContext`: new connections get the new certificate without a restart (a certificate
 rotated by another tool, such as cert-manager, too). TLS 1.2 is the minimum. Client
 certificates are requested when `tls.client_auth` is `optional` or `required`, and checked
-against `tls.client_cas`: kmsgate CA names (the CA and its chain) or PEM bundle files,
-resolved when the gateway starts. Without a certificate source (only
+against `tls.client_cas`: kmsgate CA names (each CA's own certificate, not the root above
+it) or PEM bundle files, each certificate a trust anchor by itself, resolved when the
+gateway starts. Without a certificate source (only
 `tls.trusted_proxies`), a proxy terminates TLS and the gateway serves plain HTTP.
 """
 
