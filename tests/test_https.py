@@ -384,14 +384,20 @@ allow if {
 
 
 def _workload_identity(
-    gw: Gateway, directory: Path, spiffe_id: str, ttl: str | None = None
+    gw: Gateway,
+    directory: Path,
+    spiffe_id: str,
+    ttl: str | None = None,
+    *,
+    ca: str = "dev",
+    chain: str = "",
 ) -> tuple[tuple[Path, Path], str]:
-    """A workload certificate for `spiffe_id` from the dev CA (key made here; for `ttl` if
-    given), written to `directory`; and its serial."""
+    """A workload certificate for `spiffe_id` from CA `ca` (key made here; for `ttl` if
+    given), written to `directory` followed by `chain`; and its serial."""
     key, csr = new_key_and_csr([spiffe_id])
     pem = csr.public_bytes(serialization.Encoding.PEM).decode()
     issued = httpx.post(
-        f"{gw.addr}/v1/pki/cas/dev/issue",
+        f"{gw.addr}/v1/pki/cas/{ca}/issue",
         json={"csr": pem, "profile": "workload", **({"ttl": ttl} if ttl else {})},
         headers={"authorization": f"Bearer {gw.root_token}"},
         verify=ssl.create_default_context(cafile=str(gw.data_dir / "dev-root.pem")),
@@ -399,7 +405,8 @@ def _workload_identity(
     )
     assert issued.status_code == 200, issued.text
     directory.mkdir()
-    return _client_identity(directory, issued.json()["certificate"], key), issued.json()["serial"]
+    certificate = issued.json()["certificate"] + chain
+    return _client_identity(directory, certificate, key), issued.json()["serial"]
 
 
 def _sign_as(gw: Gateway, identity: tuple[Path, Path]) -> httpx.Response:
@@ -640,23 +647,10 @@ def test_a_sibling_cas_certificate_under_the_same_root_is_not_trusted(tmp_path: 
         )  # fmt: skip
         chain = str(data / "dev-root.pem")
         gw.ok("ca", "import", "sib", "--cert", str(work / "sib.pem"), "--chain", chain, **trusting)
-        spiffe_id = "spiffe://dev.lab/ns/ml/sa/server"
-        key, csr = new_key_and_csr([spiffe_id])
-        issued = httpx.post(
-            f"{gw.addr}/v1/pki/cas/sib/issue",
-            json={
-                "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
-                "profile": "workload",
-            },
-            headers={"authorization": f"Bearer {gw.root_token}"},
-            verify=ssl.create_default_context(cafile=str(data / "dev-root.pem")),
-            timeout=TIMEOUT,
-        )
-        assert issued.status_code == 200, issued.text
-        leaf = issued.json()["certificate"]
         sibling = (work / "sib.pem").read_text()
-        (work / "id").mkdir()
-        identity = _client_identity(work / "id", leaf + sibling, key)  # with its chain
+        spiffe_id = "spiffe://dev.lab/ns/ml/sa/server"
+        identity, _ = _workload_identity(gw, work / "id", spiffe_id, ca="sib", chain=sibling)
+        leaf = identity[0].read_text().removesuffix(sibling)
         assert _health_reply(gw, identity) == b""  # refused in the handshake
         own, _ = _workload_identity(gw, work / "own", "spiffe://dev.lab/ns/ml/sa/own")
         assert _health_reply(gw, own).startswith(b"HTTP/1.1 200 ")  # the dev CA's: trusted
