@@ -138,6 +138,19 @@ class Gateway:
     ) -> Run:
         return run_cli(args, self.env(token, **extra_env), stdin=stdin, cwd=cwd)
 
+    def connect(self) -> socket.socket:
+        """A raw TCP connection to this (plain HTTP) gateway."""
+        host, port = self.addr.removeprefix("http://").split(":")
+        return socket.create_connection((host, int(port)), timeout=10)
+
+    def post_head(self, path: str, framing: str) -> bytes:
+        """The request line and headers of a JSON POST to `path` with the root token;
+        `framing` is the body's header line(s): `content-length: N`, ..."""
+        return (
+            f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer {self.root_token}\r\n{framing}\r\n\r\n"
+        ).encode()
+
     def ok(
         self,
         *args: str,

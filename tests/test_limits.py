@@ -143,13 +143,8 @@ def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 def test_a_client_that_stops_sending_its_body_gets_408_and_is_disconnected(
     impatient: Gateway, path: str
 ) -> None:
-    host, port = impatient.addr.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
-        head = (
-            f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
-            f"authorization: Bearer {impatient.root_token}\r\ncontent-length: 100\r\n\r\n"
-        )
-        conn.sendall(head.encode() + b'{"inp')  # and then nothing more
+    with impatient.connect() as conn:
+        conn.sendall(impatient.post_head(path, "content-length: 100") + b'{"inp')  # no more
         started = time.monotonic()
         reply = b""
         while chunk := conn.recv(65536):  # until the gateway closes the connection
@@ -180,13 +175,8 @@ def test_a_reply_before_the_body_ends_the_connection(
     """Refused before its body was read, a request's connection ends after the reply,
     whatever the client goes on sending: the rest of the body was read and dropped at the
     client's pace, with no deadline (a byte a second kept it open for good)."""
-    host, port = impatient.addr.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
-        head = (
-            f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
-            f"authorization: Bearer {impatient.root_token}\r\n{framing}\r\n\r\n"
-        )
-        conn.sendall(head.encode())
+    with impatient.connect() as conn:
+        conn.sendall(impatient.post_head(path, framing))
         if status is None:  # chunks past the limit (4 MiB), sent at once
             conn.sendall((b"100000\r\n" + b"A" * 0x100000 + b"\r\n") * 5)
         conn.settimeout(0.5)

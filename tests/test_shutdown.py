@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -71,19 +70,15 @@ def test_a_stopping_gateway_with_workers_refuses_new_connections(tmp_path: Path)
     was sent (the supervisor kept listening while no worker accepted any more)."""
     with running_gateway(tmp_path, "--workers", "2") as gw:
         assert gw.process is not None
-        host, port = gw.addr.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as in_flight:
-            head = (
-                f"POST /v1/keys HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
-                f"authorization: Bearer {gw.root_token}\r\ncontent-length: 54\r\n\r\n"
-            )
-            in_flight.sendall(head.encode() + b'{"name": "late"')  # the rest comes later
+        with gw.connect() as in_flight:
+            head = gw.post_head("/v1/keys", "content-length: 54")
+            in_flight.sendall(head + b'{"name": "late"')  # the rest comes later
             time.sleep(0.5)
             os.kill(gw.process.pid, signal.SIGTERM)
             time.sleep(2)  # the supervisor and the workers have stopped accepting
             assert gw.process.poll() is None  # still finishing the request in flight
             with pytest.raises(ConnectionRefusedError):
-                socket.create_connection((host, int(port)), timeout=5).close()
+                gw.connect().close()
             in_flight.sendall(b', "type": "ecdsa-p256", "purpose": "p"}')
             reply = in_flight.recv(65536)
         assert reply.startswith(b"HTTP/1.1 201 "), reply
