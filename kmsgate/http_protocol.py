@@ -167,10 +167,8 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         connection before the client reads the reply), close. A refused request the
         application already has (its head was whole, its framing failed after it, as
         `Transfer-Encoding: gzip` does) gets this reply, never the application's."""
-        self._head_since = None
-        if self._refused or self.transport.is_closing():
+        if not self._stop_reading():
             return
-        self._refused = True
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope and not cycle.response_complete:
             cycle.disconnected = True  # what the application sends is dropped
@@ -224,14 +222,21 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         a 415, a refusal before the body): what the client still sends is dropped and the
         connection ends as after a refusal (`_refuse_head`), rather than the body being
         read to its end at whatever pace the client sets, with no deadline."""
-        if self._refused or self.transport.is_closing():
+        if not self._stop_reading():
             return
-        self._refused = True
-        self._head_since = None
         if self.timeout_keep_alive_task is not None:
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
         self._close_after_reply()
+
+    def _stop_reading(self) -> bool:
+        """From now on, drop what the client sends (`data_received`) and wait for no head.
+        False when that was so already, or the connection is closing: nothing more to do."""
+        self._head_since = None
+        if self._refused or self.transport.is_closing():
+            return False
+        self._refused = True
+        return True
 
     def send_400_response(self, msg: str) -> None:
         """A request httptools cannot parse (a malformed line or header, a bad Content-Length,
