@@ -49,13 +49,18 @@ class AuditCursor(NamedTuple):
     def parse(cls, text: str) -> AuditCursor:
         """The cursor `text` wrote. Raises InvalidRequest if it is not one."""
         match = _CURSOR.fullmatch(text)
-        try:
-            if match is None:
-                raise ValueError(text)
-            datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S.%fZ")  # a real time
-        except ValueError:
-            raise InvalidRequest("before: not a cursor (the `next` of a previous page)") from None
+        if match is None or not _real_time(match.group(1)):
+            raise InvalidRequest("before: not a cursor (the `next` of a previous page)")
         return cls(match.group(1), int(match.group(2)), int(match.group(3)))
+
+
+def _real_time(text: str) -> bool:
+    """Whether `text`, of the shape of a record's time, names a time that exists."""
+    try:
+        datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:
+        return False
+    return True
 
 
 _CURSOR = re.compile(

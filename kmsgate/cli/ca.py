@@ -75,14 +75,13 @@ def _passphrase(path: Path | None, *, confirm: bool) -> bytes:
     """The passphrase from `path` (one line; its line ending dropped; `-`: stdin), or typed
     twice (once without `confirm`) with hidden input. Exits through `fail` if the file is
     not held as a secret file must be (`read_secret_file`)."""
-    if path is not None and str(path) == "-":
-        return read_input("-").rstrip(b"\r\n")
-    if path is not None:
-        try:
-            return read_secret_file(path, "passphrase").rstrip(b"\r\n")
-        except ConfigError as exc:
-            fail(str(exc))
-    return _typed("Root key passphrase", "--passphrase-file FILE", confirm=confirm).encode()
+    if path is None:
+        return _typed("Root key passphrase", "--passphrase-file FILE", confirm=confirm).encode()
+    try:
+        text = read_input("-") if str(path) == "-" else read_secret_file(path, "passphrase")
+    except ConfigError as exc:
+        fail(str(exc))
+    return text.rstrip(b"\r\n")
 
 
 def _typed(prompt: str, instead: str, *, confirm: bool = False) -> str:
