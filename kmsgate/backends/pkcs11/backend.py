@@ -264,12 +264,13 @@ class Pkcs11Backend(KeyBackend, MacCapable, WrapCapable, AdoptCapable):
         secret key, the one its check record was made with (`check_same_key`): someone with
         the PIN may have replaced it by a key whose value they know."""
         try:
-            _check_adoptable(key.key_type, _KINDS[key.key_type], found)
-            if _generated(key) and any(_attr(found, a) is not True for a in _GENERATED):
+            kind, generated = _KINDS[key.key_type], _generated(key)
+            _check_adoptable(key.key_type, kind, found)
+            if generated and any(_attr(found, a) is not True for a in _GENERATED):
                 raise InvalidRequest("it was not generated on the token, or was readable once")
             if key.material is not None:  # an adopted secret key's check record
                 check_same_key(key.key_type, found, key.material)
-            elif _KINDS[key.key_type].object_class == _SECRET and not _generated(key):
+            elif kind.object_class == _SECRET and not generated:
                 log.warning(
                     "pkcs11 backend %r: key %r version %d was adopted before check records: "
                     "a key put in its place on the token would not be noticed",
