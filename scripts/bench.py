@@ -49,6 +49,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -121,6 +122,8 @@ class Settings:
     """The OpenBao server binary (with `--peer openbao`)."""
     rounds: int = 1
     """Measurements of each scenario on each server, the servers taking turns."""
+    crl_entries: int = 0
+    """Revoked certificates for the CRL build at scale (PKI scenarios; 0: not measured)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -163,6 +166,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure each scenario this many times on each server, the servers taking turns; "
         "the round with the median req/s counts (1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--crl-entries", type=int, metavar="N",
+        help="with the PKI scenarios, revoked certificates put in the gateway's store for the "
+        "CRL build at scale (100000; --quick: 2000; 0: not measured)",
+    )  # fmt: skip
     parser.add_argument("--loadgen-spec", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -187,6 +195,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         scenarios=groups,
         peers=peers,
         rounds=args.rounds,
+        crl_entries=_pick(args.crl_entries, 2_000 if quick else 100_000),
     )
     kinds = {kind for group in groups for kind in GROUPS[group]}
     problems = [
@@ -195,6 +204,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         "--workers must be >= 1" if settings.workers < 1 else "",
         "--batch must be 1..1000" if not 1 <= settings.batch <= 1000 else "",
         "--rounds must be 1..20" if not 1 <= settings.rounds <= 20 else "",
+        "--crl-entries must be 0..1000000" if not 0 <= settings.crl_entries <= 10**6 else "",
         "--threads must be 1..--connections"
         if not 1 <= settings.threads <= settings.connections
         else "",
@@ -519,6 +529,11 @@ class Gateway(Server):
         self.data_dir = work_dir / "data"
         self.workers = workers
         self.checkout = checkout
+
+    @property
+    def database_url(self) -> str:
+        """The store of `--dev` (SQLite in the data dir)."""
+        return f"sqlite:///{self.data_dir / 'kmsgate.db'}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -1488,10 +1503,30 @@ class BuildResult(Measured):
     """`git rev-parse --short HEAD` of the checkout (None if not a git checkout)."""
     ratios: dict[str, float] = field(default_factory=dict)
     audit: dict[str, Any] = field(default_factory=dict)
+    crl_at_scale: CrlAtScale | None = None
+    """The CRL build with `--crl-entries` revoked certificates (this checkout, PKI scenarios)."""
 
     @property
     def ok(self) -> bool:
         return super().ok and bool(self.audit.get("ok"))
+
+
+@dataclass
+class CrlAtScale:
+    """A CRL build over many revoked certificates, and OCSP answers while it ran."""
+
+    entries: int
+    """Entries of the full CRL built."""
+    build_s: float
+    """The gateway's own account of the build (its `crl.build` audit record): reading the
+    revoked certificates, building and signing the full and delta CRLs, storing them."""
+    ocsp_answers: int
+    """OCSP answers to one client asking back to back, sent while the build ran."""
+    ocsp_p50_ms: float
+    ocsp_p99_ms: float
+    ocsp_max_ms: float
+    ocsp_failures: int
+    """OCSP replies during the whole probe that were not 200 with status good."""
 
 
 @dataclass
@@ -1738,6 +1773,76 @@ class Build(Target):
             )  # fmt: skip
         return scenario(w, "GET", f"{ca_path}/crl", crl_ok(self.ca.subject), optional=True)
 
+    def crl_at_scale(self, count: int) -> None:
+        """Put `count` revoked certificates of the CA in the gateway's store (and wait for the
+        CRL build that follows), then revoke one more through the API and measure the build it
+        brings: the `crl.build` audit record's `seconds`, and OCSP answers to one client asking
+        back to back meanwhile. A failure is recorded; nothing is measured without the CA."""
+        if not isinstance(self.ca, x509.Certificate) or self._issue is None:
+            return
+        print(f"CRL build with {count + 1:,} entries ({self.server.label}) ...", flush=True)
+        try:
+            insert_revoked(self.gateway.database_url, CA_NAME, count)
+            self.await_crl_build(count)
+            leaf = self.issued_leaf()
+            url = f"{self.gateway.url}/v1/pki/cas/{CA_NAME}/ocsp"
+            request, check = ocsp_request(leaf, self.ca, None), ocsp_ok(leaf.serial_number, None)
+            with OcspProbe(url, request, check) as probe:
+                time.sleep(0.5)  # answers from before the build, too
+                issue = self._issue
+                made = httpx.post(
+                    self.gateway.url + issue.path, content=issue.body,
+                    headers=dict(issue.headers), timeout=30.0,
+                )  # fmt: skip
+                expect_status(made, "issuing a certificate to revoke", 200)
+                revoked = httpx.post(
+                    f"{self.gateway.url}/v1/pki/certs/{made.json()['serial']}/revoke",
+                    json={"reason": "superseded"},
+                    headers=dict(bearer(self.token)),
+                    timeout=30.0,
+                )
+                expect_status(revoked, "revoking a certificate", 200)
+                build = self.await_crl_build(count + 1)
+                time.sleep(0.2)
+        except (RuntimeError, httpx.HTTPError, KeyError, ValueError) as exc:
+            self._skip(f"CRL build at scale: {exc}")
+            return
+        end = datetime.fromisoformat(build["time"]).timestamp()
+        seconds = float(build["detail"]["seconds"])
+        during = probe.latencies(end - seconds, end)
+        if probe.failures:
+            failed = f"{probe.failures} OCSP answers failed ({probe.problem})"
+            self._skip(f"CRL build at scale: {failed}")
+        if not during:
+            self._skip("CRL build at scale: no OCSP answer was sent while the CRL was built")
+            return
+        self.result.crl_at_scale = CrlAtScale(
+            entries=int(build["detail"]["entries"]),
+            build_s=seconds,
+            ocsp_answers=len(during),
+            ocsp_p50_ms=round(_percentile(during, 50) * 1000, 2),
+            ocsp_p99_ms=round(_percentile(during, 99) * 1000, 2),
+            ocsp_max_ms=round(during[-1] * 1000, 2),
+            ocsp_failures=probe.failures,
+        )
+
+    def await_crl_build(self, entries: int, timeout: float = 300.0) -> dict[str, Any]:
+        """The `crl.build` audit record (outcome ok) of the CA's full CRL with `entries`
+        entries, once the gateway has made it. Raises RuntimeError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        query = {"action": "crl.build", "limit": "50"}
+        while time.monotonic() < deadline:
+            reply = httpx.get(
+                f"{self.gateway.url}/v1/audit", params=query, headers=dict(bearer(self.token)),
+                timeout=30.0,
+            )  # fmt: skip
+            expect_status(reply, "reading the audit log", 200)
+            for event in reply.json()["events"]:
+                if event["outcome"] == "ok" and event["detail"].get("entries") == entries:
+                    return dict(event)
+            time.sleep(0.25)
+        raise RuntimeError(f"no CRL with {entries:,} entries built within {timeout:.0f} s")
+
     def issued_leaf(self) -> x509.Certificate:
         """A certificate the CA issued (through the issue scenario's request), for the OCSP
         requests. Raises RuntimeError."""
@@ -1747,6 +1852,91 @@ class Build(Target):
             reply = check_scenario(self.gateway.url, self._issue, self.workers)
             self._leaf = x509.load_pem_x509_certificate(reply.json()["certificate"].encode())
         return self._leaf
+
+
+class OcspProbe:
+    """One client sending the same OCSP request back to back (a thread, one keep-alive
+    connection) while in the `with` block; keeps when each was sent and how long it took."""
+
+    def __init__(self, url: str, request: bytes, check: ReplyCheck) -> None:
+        self._url, self._request, self._check = url, request, check
+        self._sent: list[tuple[float, float]] = []  # (wall-clock time sent, seconds)
+        self.failures, self.problem = 0, ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._ask, name="ocsp-probe", daemon=True)
+
+    def __enter__(self) -> OcspProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _ask(self) -> None:
+        headers = {"Content-Type": "application/ocsp-request"}
+        with httpx.Client(timeout=30.0) as client:
+            while not self._stop.is_set():
+                sent, started = time.time(), time.perf_counter()
+                try:
+                    reply = client.post(self._url, content=self._request, headers=headers)
+                    problem = (
+                        f"HTTP {reply.status_code}" if reply.status_code != 200
+                        else self._check(reply)
+                    )  # fmt: skip
+                except (httpx.HTTPError, ValueError) as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                self._sent.append((sent, time.perf_counter() - started))
+                if problem:
+                    self.failures, self.problem = self.failures + 1, problem
+
+    def latencies(self, start: float, end: float) -> list[float]:
+        """The latencies, ascending, of the requests sent between wall-clock times `start`
+        and `end`."""
+        return sorted(took for sent, took in self._sent if start <= sent <= end)
+
+
+def revoked_rows(ca: str, count: int) -> list[dict[str, Any]]:
+    """`count` revoked certificates of CA `ca` as rows of kmsgate's certificates table
+    (serials above any a CA issues; three reasons, one of them none)."""
+    now = datetime.now(UTC)
+    return [
+        {
+            "serial": format((1 << 150) + i, "x"),
+            "ca": ca,
+            "subject": "CN=bulk",
+            "sans": [],
+            "profile": "server",
+            "key_type": "ecdsa-p256",
+            "not_before": now - timedelta(days=1),
+            "not_after": now + timedelta(days=30),
+            "status": "revoked",
+            "revoked_at": now - timedelta(seconds=i % 3600),
+            "reason": ("keyCompromise", "superseded", None)[i % 3],
+            "owner": "bench",
+            "fingerprint": "0" * 64,
+            "certificate": "",
+        }
+        for i in range(count)
+    ]
+
+
+def insert_revoked(database_url: str, ca: str, count: int) -> None:
+    """Write `revoked_rows` into a gateway's store in one transaction that announces the
+    change, as the gateway's own writes do (kmsgate's store modules: this checkout's
+    schema)."""
+    import sqlalchemy as sa
+
+    from kmsgate.store import tables
+    from kmsgate.store.feed import record_change
+
+    engine = sa.create_engine(database_url, connect_args={"timeout": 60})
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.insert(tables.certificates), revoked_rows(ca, count))
+            record_change(conn, "certs", "bulk")
+    finally:
+        engine.dispose()
 
 
 class Peer(Target):
@@ -1875,6 +2065,8 @@ def run(settings: Settings, work: Path) -> Report:
             for _ in range(settings.rounds):
                 for target in [*builds, *peers.values()]:
                     target.measure(workload, settings)
+        if settings.crl_entries and "pki" in settings.scenarios:
+            builds[-1].crl_at_scale(settings.crl_entries)  # this checkout: its store schema
     finally:
         for server in [*gateways, *peer_servers.values()]:
             server.stop()
@@ -2025,6 +2217,13 @@ def _pki_lines(report: Report) -> list[str]:
         f"{_fmt_rate(this, 'ocsp_nonce')} with a nonce (signed each time)",
         f"CRL fetches/s: {_fmt_rate(this, 'crl')}",
     ]
+    if scale := this.crl_at_scale:
+        lines.append(
+            f"CRL build with {scale.entries:,} entries (read, full + delta CRL, store): "
+            f"{scale.build_s:.2f} s; meanwhile {scale.ocsp_answers} OCSP answers to one client, "
+            f"p50 {scale.ocsp_p50_ms:.1f} ms, p99 {scale.ocsp_p99_ms:.1f} ms, "
+            f"slowest {scale.ocsp_max_ms:.0f} ms"
+        )
     return lines
 
 

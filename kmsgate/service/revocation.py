@@ -267,6 +267,7 @@ class Revocation:
         at = at or now()
 
         def build(outcome: Outcome) -> None:
+            started = time.perf_counter()
             issuer = ca.active_certificate()
             signer = self.pki.signing_key(self.gate.catalogue.get(ca.key_name or ""))
             hash_alg = signature_hash(issuer.public_key())
@@ -305,7 +306,11 @@ class Revocation:
                 ],
             )
             outcome.detail.update(
-                number=number, entries=len(entries), delta_number=delta_number, delta=len(news)
+                number=number,
+                entries=len(entries),
+                delta_number=delta_number,
+                delta=len(news),
+                seconds=round(time.perf_counter() - started, 3),  # read, build, sign, store
             )
 
         call = Call(SYSTEM, ctx, "crl.build", ca.policy_resource(), {"trigger": trigger})
