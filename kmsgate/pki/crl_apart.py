@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from kmsgate.algorithms import SignAlg
 from kmsgate.backends.base import BackendKey, KeyBackend, KeySpec
 from kmsgate.errors import BackendError, InvalidRequest, KmsgateError, NotSupported
-from kmsgate.pki.crl import CrlHash, RevokedEntry, build_crl
+from kmsgate.pki.crl import CrlHash, KeptEntries, RevokedEntry, build_crl
 from kmsgate.pki.remote_key import RemotePrivateKey, remote_private_key
 
 __all__ = ["APART_FROM", "build_crl_apart", "ready"]
@@ -217,7 +217,8 @@ class _AskParent(KeyBackend):
 
 def _child(conn: Connection) -> None:
     """Build the CRL of each job the parent sends, and send it (or why not), until the
-    parent closes its end."""
+    parent closes its end. Each CA's entries are kept from one build to its next."""
+    kept: dict[bytes, KeptEntries] = {}
     while True:
         try:
             job: _Job = conn.recv()
@@ -230,6 +231,7 @@ def _child(conn: Connection) -> None:
                 issuer=x509.load_der_x509_certificate(job.issuer),
                 key=key,
                 revoked=_entries(job),
+                kept=kept.setdefault(job.issuer, KeptEntries()),
                 **job.fields,
             )
             conn.send(("crl", der))

@@ -27,6 +27,7 @@ from kmsgate.pki.crl import (
     CA_REVOCATION_REASONS,
     LEAF_REVOCATION_REASONS,
     REASONS,
+    KeptEntries,
     RevokedEntry,
     build_crl,
     parse_reason,
@@ -347,6 +348,35 @@ def test_100k_entries_build(pki: Pki):
         # RFC 5280 §5.3.1: `unspecified` is written as no reason code at all
         unstated = reason in (None, x509.ReasonFlags.unspecified)
         assert present == ([] if unstated else [reason])
+
+
+def test_kept_entries_are_taken_again_and_follow_each_build(pki: Pki):
+    kept = KeptEntries()
+    first = x509.load_der_x509_crl(full_crl(pki, revoked=THREE_REVOKED, kept=kept))
+    again = x509.load_der_x509_crl(full_crl(pki, revoked=THREE_REVOKED))
+    assert first.tbs_certlist_bytes == again.tbs_certlist_bytes  # what is signed: the same
+    taken = dict(kept.entries)
+    assert list(taken) == THREE_REVOKED
+
+    # one entry gone, one with another reason, one new: only the unchanged ones are taken
+    changed = RevokedEntry(0x1002, NOW - DAY, x509.ReasonFlags.key_compromise)
+    new = RevokedEntry(0x1004, NOW, x509.ReasonFlags.affiliation_changed)
+    crl = x509.load_der_x509_crl(
+        full_crl(pki, revoked=[THREE_REVOKED[0], changed, THREE_REVOKED[2], new], kept=kept)
+    )
+    assert list(kept.entries) == [THREE_REVOKED[0], changed, THREE_REVOKED[2], new]
+    assert kept.entries[THREE_REVOKED[0]] is taken[THREE_REVOKED[0]]
+    assert kept.entries[THREE_REVOKED[2]] is taken[THREE_REVOKED[2]]
+    reasons = {e.serial_number: e.extensions for e in crl}
+    assert reasons[0x1002].get_extension_for_class(x509.CRLReason).value.reason is (
+        x509.ReasonFlags.key_compromise
+    )
+    assert sorted(reasons) == [0x1001, 0x1002, 0x1003, 0x1004]
+
+    # a build refused keeps what the last good one kept
+    with pytest.raises(InvalidRequest, match="listed twice"):
+        full_crl(pki, revoked=[new, new], kept=kept)
+    assert len(kept.entries) == 4
 
 
 # --- keys, reasons, validation -----------------------------------------------------------------

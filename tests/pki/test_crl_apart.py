@@ -98,6 +98,18 @@ def test_the_child_builds_the_crl_the_parent_would_and_the_parent_signs_it(ca):
     assert indicator.value.crl_number == 7
 
 
+def test_the_next_build_in_the_child_lists_what_changed_since_the_last(ca):
+    listed = entries(300)
+    crl_apart.build_crl_apart(**fields(ca, listed))  # the child keeps these entries
+    # one revoked since, one with another reason, one gone: the CRL the parent would build
+    later = [*listed[:10], RevokedEntry(listed[10].serial, NOW, None), *listed[12:]]
+    later.append(RevokedEntry(1 << 151, NOW, x509.ReasonFlags.key_compromise))
+    here = x509.load_der_x509_crl(build_crl(**fields(ca, later, number=8)))
+    apart = x509.load_der_x509_crl(crl_apart.build_crl_apart(**fields(ca, later, number=8)))
+    assert apart.tbs_certlist_bytes == here.tbs_certlist_bytes
+    assert len(apart) == 300
+
+
 def test_what_the_build_or_the_key_refuses_reaches_the_caller(ca):
     _, _, backend, _ = ca
     twice = [*entries(3), entries(1)[0]]
