@@ -11,6 +11,8 @@
 #                           instead of skipping them (set by .ci/run)
 #   KMSGATE_SKIP_INSTALL=1  skip the apt and pip steps (offline work on a prepared machine)
 #   KMSGATE_FORCE_INSTALL=1 run `pip install -e .[dev]` even when everything looks installed
+#   KMSGATE_TEST_WORKERS=N  pytest processes (pytest-xdist): `auto` (default: one per core, at
+#                           most 4), or a number; 0 runs every test in this one process
 #
 # Every step runs even if an earlier check failed, so one run shows all problems; the exit
 # status is non-zero if any step failed.
@@ -147,7 +149,10 @@ install_python_packages() {
 # --- 4. tests -------------------------------------------------------------------------------
 run_pytest() {
     local rc=0
-    "$PYTHON" -m pytest -q "$@" || rc=$?
+    # in parallel (each test starts the servers it needs on free ports, in its own temp dirs);
+    # the slowest tests are listed, to keep the whole run within CI's 30 minutes
+    "$PYTHON" -m pytest -q -n "${KMSGATE_TEST_WORKERS:-auto}" --maxprocesses 4 \
+        --durations 15 "$@" || rc=$?
     if ((rc == 5)); then
         warn "pytest collected no tests (exit status 5): check the arguments and tests/"
     fi
