@@ -71,6 +71,7 @@ from kmsgate.pki.revocation import (
     RESPONDER_PROFILE,
     RESPONDER_VALIDITY,
     Answer,
+    CrlEntries,
     Document,
     OcspAnswers,
     PublishedDocuments,
@@ -81,7 +82,6 @@ from kmsgate.pki.revocation import (
     responder_key_name,
     responder_subject,
     responders_of_key,
-    revoked_entries,
 )
 from kmsgate.policy import Decision
 from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
@@ -128,6 +128,7 @@ class Revocation:
         when it was checked (`OcspAnswers.watch`)."""
         self._serving: dict[str, Authority] = {}  # served CAs asked about (OCSP, CRL)
         self._listed: dict[str, tuple[int, frozenset[int]]] = {}  # CA -> full CRL's serials
+        self._entries: dict[str, CrlEntries] = {}  # CA -> its entries, from build to build
 
     def refresh(self) -> None:
         """Follow the other processes: published documents, and changed certificates (whose
@@ -271,7 +272,8 @@ class Revocation:
             issuer = ca.active_certificate()
             signer = self.pki.signing_key(self.gate.catalogue.get(ca.key_name or ""))
             hash_alg = signature_hash(issuer.public_key())
-            entries = revoked_entries(self.store.crls.revoked(ca.name))
+            made = self._entries.setdefault(ca.name, CrlEntries())
+            entries = made.of(self.store.crls.revoked(ca.name))
             number = self.store.cas.next_crl_number(ca.name)
             delta_number = self.store.cas.next_crl_number(ca.name)
             base_number, news = self._delta(ca, entries, number)

@@ -25,7 +25,7 @@ from kmsgate.config import Settings, load_settings
 from kmsgate.errors import Conflict
 from kmsgate.jobs import Jobs, leader_lock
 from kmsgate.pki.constraints import refuse_outside_constraints
-from kmsgate.pki.revocation import responder_subject
+from kmsgate.pki.revocation import CrlEntries, responder_subject
 from kmsgate.service import Ctx
 from kmsgate.store import tables
 from kmsgate.store.feed import record_change
@@ -667,6 +667,29 @@ def test_get_requests_malformed_ones_and_other_issuers(api, pki, jobs, openssl_b
     unknown = api.client.post("/v1/pki/cas/nope/ocsp", content=request)
     assert unknown.status_code == 404
     assert unknown.headers["content-type"] == "application/problem+json"
+
+
+def test_crl_entries_are_made_once_per_inventory_row():
+    made = CrlEntries()
+    when = datetime(2026, 12, 1, 8, 30, tzinfo=UTC)
+    rows = [
+        ("0a", "2026-12-01 08:30:00.000000", "keyCompromise"),  # SQLite's text
+        ("0b", when, None),  # PostgreSQL's datetime
+        ("0c", when.replace(tzinfo=None), "removeFromCRL"),  # naive: UTC
+    ]
+    first = made.of(rows)
+    assert [(e.serial, e.revoked_at, e.reason) for e in first] == [
+        (0x0A, when, x509.ReasonFlags.key_compromise),
+        (0x0B, when, None),
+        (0x0C, when, None),  # a full CRL carries no removeFromCRL
+    ]
+    # the next build: one row unchanged, one with another reason, one new, one gone
+    later = [rows[1], ("0a", rows[0][1], "superseded"), ("0d", when, None)]
+    second = made.of(later)
+    assert second[0] is first[1]
+    assert (second[1].serial, second[1].reason) == (0x0A, x509.ReasonFlags.superseded)
+    assert second[2].serial == 0x0D
+    assert made.of([rows[2]])[0] is not first[2]  # forgotten once a build no longer had it
 
 
 # --- scale --------------------------------------------------------------------------------------
