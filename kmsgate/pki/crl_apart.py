@@ -217,7 +217,8 @@ class _AskParent(KeyBackend):
 
 def _child(conn: Connection) -> None:
     """Build the CRL of each job the parent sends, and send it (or why not), until the
-    parent closes its end. Each CA's entries are kept from one build to its next."""
+    parent closes its end. Each CA's entries are kept from one build to its next, by the
+    CA's name (which its renewed certificate keeps: an entry does not depend on the issuer)."""
     kept: dict[bytes, KeptEntries] = {}
     while True:
         try:
@@ -227,11 +228,12 @@ def _child(conn: Connection) -> None:
         try:
             public_key = serialization.load_der_public_key(job.public_key)
             key = remote_private_key(_AskParent(conn), job.key, public_key)
+            issuer = x509.load_der_x509_certificate(job.issuer)
             der = build_crl(
-                issuer=x509.load_der_x509_certificate(job.issuer),
+                issuer=issuer,
                 key=key,
                 revoked=_entries(job),
-                kept=kept.setdefault(job.issuer, KeptEntries()),
+                kept=kept.setdefault(issuer.subject.public_bytes(), KeptEntries()),
                 **job.fields,
             )
             conn.send(("crl", der))
