@@ -1795,14 +1795,13 @@ class Build(Target):
         except (RuntimeError, httpx.HTTPError, KeyError, ValueError) as exc:
             self._skip(f"CRL build at scale: {exc}")
             return
-        windows = [
-            (end - seconds, end)
-            for end, seconds in (
-                (datetime.fromisoformat(b["time"]).timestamp(), float(b["detail"]["seconds"]))
-                for b in builds
-            )
-        ]
-        during = sorted(took for start, end in windows for took in probe.latencies(start, end))
+        seconds = [float(build["detail"]["seconds"]) for build in builds]
+        ends = [datetime.fromisoformat(build["time"]).timestamp() for build in builds]
+        during = sorted(
+            took
+            for took_s, end in zip(seconds, ends, strict=True)
+            for took in probe.latencies(end - took_s, end)
+        )
         if probe.failures:
             failed = f"{probe.failures} OCSP answers failed ({probe.problem})"
             self._skip(f"CRL build at scale: {failed}")
@@ -1811,7 +1810,7 @@ class Build(Target):
             return
         self.result.crl_at_scale = CrlAtScale(
             entries=[int(b["detail"]["entries"]) for b in builds],
-            build_s=[round(end - start, 3) for start, end in windows],
+            build_s=seconds,
             ocsp_answers=len(during),
             ocsp_p50_ms=round(_percentile(during, 50) * 1000, 2),
             ocsp_p99_ms=round(_percentile(during, 99) * 1000, 2),
@@ -1849,9 +1848,10 @@ class Build(Target):
                 timeout=30.0,
             )  # fmt: skip
             expect_status(reply, "reading the audit log", 200)
-            for event in reply.json()["events"]:
+            events: list[dict[str, Any]] = reply.json()["events"]
+            for event in events:
                 if event["outcome"] == "ok" and event["detail"].get("entries") == entries:
-                    return dict(event)
+                    return event
             time.sleep(0.25)
         raise RuntimeError(f"no CRL with {entries:,} entries built within {timeout:.0f} s")
 
