@@ -14,7 +14,8 @@ They must also arrive within `HttpToolsOneWrite.head_read_seconds` of the connec
 opening or of the request's first byte (uvicorn sets no such limit: a client sending a
 header line now and then held its connection for ever): after it, 408 problem+json and the
 connection closes. One sweep a second per server looks at every connection, so a request
-pays for no timer of its own.
+pays for no timer of its own. Over HTTPS, the TLS handshake must end within the same time
+(`HandshakeBoundLoop`), or the connection is dropped: asyncio gives a handshake 60 s.
 
 A complete reply (status, headers and body at once, as the fast routes make them) can skip
 uvicorn's two `send` messages, where each header is checked against two regular expressions:
@@ -37,6 +38,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import orjson
+import uvloop
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,
@@ -52,7 +54,7 @@ from kmsgate.errors import (
     problem_document,
 )
 
-__all__ = ["WHOLE_REPLY", "HttpToolsOneWrite", "add_edge_headers"]
+__all__ = ["WHOLE_REPLY", "HandshakeBoundLoop", "HttpToolsOneWrite", "add_edge_headers"]
 
 MAX_HEAD_BYTES = 64 * 1024
 """The most bytes of request line and headers one request may send (Envoy's default is 60 KiB;
@@ -374,3 +376,15 @@ def _tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
         "tls_version": _TLS_VERSIONS.get(version) if version else None,
         "cipher_suite": None,
     }
+
+
+class HandshakeBoundLoop(uvloop.Loop):
+    """uvloop's event loop, whose TLS servers drop a connection whose handshake has not
+    ended `HttpToolsOneWrite.head_read_seconds` after it opened (asyncio's default: 60 s,
+    which let a client that sends nothing, or half a ClientHello, hold it that long). Pass
+    to uvicorn as `loop="kmsgate.http_protocol:HandshakeBoundLoop"`."""
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.AbstractServer:
+        if kwargs.get("ssl") is not None:
+            kwargs["ssl_handshake_timeout"] = HttpToolsOneWrite.head_read_seconds
+        return await super().create_server(*args, **kwargs)

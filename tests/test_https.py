@@ -5,6 +5,7 @@ gateway itself while it serves."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import socket
@@ -182,6 +183,30 @@ def test_dev_tls_serves_https_from_the_dev_ca_with_tls_1_2_at_least(tmp_path: Pa
     records = AuditFile(gw.data_dir / "audit.log").search(action="cert.issue").records
     own = [r for r in records if r.get("principal") == "system"]
     assert own and own[0]["outcome"] in ("started", "ok")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_tls_handshake_not_finished_in_time_is_disconnected(tmp_path: Path, workers: str) -> None:
+    """A client that opens a connection to the HTTPS port and does not finish its handshake
+    is disconnected after `limits.body_read_seconds`, as one that never sends its request
+    head (asyncio's own limit, 60 s, let a client hold a connection that long)."""
+    config = tmp_path / "impatient.yaml"
+    config.write_text("limits:\n  body_read_seconds: 1\n")
+    args = ("--tls", "--config", str(config), "--workers", workers)
+    with running_gateway(tmp_path, *args, https=True) as gw:
+        # nothing at all; the first bytes of a ClientHello and no more
+        for sends in (b"", b"\x16\x03\x01\x02\x00\x01\x00"):
+            with socket.create_connection((LOOPBACK, _port(gw)), TIMEOUT) as raw:
+                raw.sendall(sends)
+                started = time.monotonic()
+                with contextlib.suppress(ConnectionResetError):  # aborted: a reset
+                    assert raw.recv(4096) == b""  # raises TimeoutError if still open
+                waited = time.monotonic() - started
+            assert 0.5 < waited < 5, waited
+        # a client that does finish its handshake is served as before
+        done = _curl(gw, "localhost")
+        assert done.returncode == 0, done.stderr
 
 
 def test_refused_handshakes_are_all_told_by_reason_at_most_a_line_a_second(
