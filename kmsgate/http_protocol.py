@@ -384,7 +384,10 @@ class HandshakeBoundLoop(uvloop.Loop):
     which let a client that sends nothing, or half a ClientHello, hold it that long). Pass
     to uvicorn as `loop="kmsgate.http_protocol:HandshakeBoundLoop"`."""
 
-    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.AbstractServer:
+    # uvloop's servers are no asyncio.Server, which asyncio's signature promises
+    async def create_server(  # type: ignore[override]
+        self, *args: Any, **kwargs: Any
+    ) -> asyncio.AbstractServer:
         if kwargs.get("ssl") is not None:
             kwargs["ssl_handshake_timeout"] = HttpToolsOneWrite.head_read_seconds
         return await super().create_server(*args, **kwargs)
