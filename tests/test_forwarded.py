@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from kmsgate.audit import AuditFile
 from kmsgate.auth import Credentials
+from kmsgate.auth.authenticator import AuthenticationFailed, Authenticators
 from kmsgate.auth.forwarded import ForwardedMtlsAuthenticator, parse_xfcc
 from kmsgate.auth.mtls import MtlsAuthenticator
 from kmsgate.errors import Unauthenticated
@@ -215,6 +216,10 @@ def test_a_certificate_names_the_same_principal_directly_and_forwarded(
         principals(local_ca.leaf(names=[x509.UniformResourceIdentifier("spiffe://dev.lab")]))
         == ["spiffe://dev.lab"] * 2
     )
+    # a DNS name spelled like a SPIFFE ID is none (a CA in client_cas that issues
+    # requester-chosen DNS names could otherwise mint any SPIFFE principal)
+    admin = [x509.DNSName("spiffe://dev.lab/ns/kms/sa/admin")]
+    assert principals(local_ca.leaf(names=admin, common_name="partner")) == ["cn:partner"] * 2
 
 
 def test_anyone_else_forwarding_is_not_believed(local_ca: LocalCa) -> None:
@@ -229,6 +234,33 @@ def test_anyone_else_forwarding_is_not_believed(local_ca: LocalCa) -> None:
         forwarded.authenticate(Credentials("kmg.x.y", remote_addr=PROXY, forwarded_cert=header))
         is None
     )
+
+
+def test_a_trusted_proxy_speaks_for_its_clients_never_for_itself(local_ca: LocalCa) -> None:
+    """The certificate of a trusted proxy's own connection (an Envoy with an upstream SVID)
+    never identifies a request: one it forwards no certificate for is refused, or every
+    client that showed the proxy none would act as the proxy. From any other address, the
+    connection's certificate is the client's. A refused forwarded certificate is named by
+    its own serial in the refusal (the audit record), never by the proxy's."""
+    proxy_cert = local_ca.leaf("spiffe://dev.lab/ns/mesh/sa/envoy")
+    chain = Authenticators([_authenticator(local_ca), MtlsAuthenticator(lambda _serial: None)])
+    with pytest.raises(AuthenticationFailed, match="forwarded no client certificate") as refused:
+        chain.authenticate(Credentials(peer_chain=(proxy_cert,), remote_addr=PROXY))
+    assert (refused.value.kind, refused.value.subject) == ("mtls", None)
+    direct = chain.authenticate(Credentials(peer_chain=(proxy_cert,), remote_addr="127.0.0.1"))
+    assert direct.id == "spiffe://dev.lab/ns/mesh/sa/envoy"
+
+    expired = local_ca.leaf(valid=(timedelta(hours=-2), timedelta(hours=-1)))
+    forwarded = Credentials(
+        peer_chain=(proxy_cert,), remote_addr=PROXY, forwarded_cert=xfcc(expired)
+    )
+    with pytest.raises(AuthenticationFailed, match="does not verify") as refused:
+        chain.authenticate(forwarded)
+    assert refused.value.subject == f"{expired.serial_number:x}"
+    malformed = forwarded._replace(forwarded_cert="By=spiffe://x;Hash=00")
+    with pytest.raises(AuthenticationFailed, match="no Cert") as refused:
+        chain.authenticate(malformed)
+    assert refused.value.subject is None
 
 
 @pytest.mark.parametrize(
@@ -304,6 +336,9 @@ def test_the_proxy_forwards_a_workload_until_its_certificate_is_revoked(
 
     # the same header, not from the proxy: no credentials at all
     assert _whoami(gw, xfcc(cert), source="127.0.0.1").status_code == 401
+    # from the proxy, without the header: refused, whatever the proxy's connection shows
+    bare = _whoami(gw, "")
+    assert bare.status_code == 401 and "forwarded no client certificate" in bare.json()["detail"]
     # a certificate kmsgate's dev CA did not issue
     stranger = LocalCa("stranger").leaf()
     assert _whoami(gw, xfcc(stranger)).status_code == 401

@@ -62,6 +62,8 @@ class Authenticators:
         for authenticator in self._authenticators:
             try:
                 principal = authenticator.authenticate(credentials)
+            except AuthenticationFailed:
+                raise  # it named what it refused (a forwarded certificate, say)
             except Unauthenticated as exc:
                 refused = credentials.peer_chain[0] if credentials.peer_chain else None
                 serial = (

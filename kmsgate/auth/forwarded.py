@@ -22,7 +22,7 @@ from typing import Final
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from kmsgate.auth.authenticator import Credentials
+from kmsgate.auth.authenticator import AuthenticationFailed, Credentials
 from kmsgate.auth.mtls import MtlsAuthenticator
 from kmsgate.auth.principal import Principal
 from kmsgate.errors import ConfigError, Unauthenticated, Unavailable
@@ -85,6 +85,16 @@ def parse_xfcc(value: str) -> list[dict[str, str]]:
     return elements
 
 
+def _forwarded_chain_of(header: str) -> tuple[x509.Certificate, ...]:
+    """The leaf (then its chain) a trusted proxy forwards in `header`. Raises
+    Unauthenticated when there is none, or the header is too large or malformed."""
+    if not header:
+        raise Unauthenticated("the trusted proxy forwarded no client certificate")
+    if len(header) > MAX_HEADER_CHARS:
+        raise Unauthenticated("x-forwarded-client-cert is too large")
+    return _forwarded_chain(header)
+
+
 @functools.lru_cache(maxsize=1024)
 def _forwarded_chain(value: str) -> tuple[x509.Certificate, ...]:
     """The leaf (then its chain) of a one-element XFCC header, parsed once per distinct
@@ -138,19 +148,23 @@ class ForwardedMtlsAuthenticator:
 
     def authenticate(self, credentials: Credentials) -> Principal | None:
         """The forwarded certificate's principal (claims name the proxy in `forwarded_by`);
-        None without the header, with a bearer token, or from an untrusted address. Raises
-        Unauthenticated (malformed header, a certificate that does not verify against
-        `tls.client_cas`, revoked, naming no identity), Unavailable."""
-        header = credentials.forwarded_cert
-        if not header or credentials.bearer is not None:
-            return None
-        if not self.trusts(credentials.remote_addr):
+        None with a bearer token, or from an untrusted address. A trusted proxy speaks for
+        its clients: the certificate of its own connection never identifies a request.
+        Raises AuthenticationFailed (an Unauthenticated) when a trusted proxy forwards no
+        certificate or a malformed header, naming the forwarded certificate's serial when
+        it does not verify against `tls.client_cas`, is revoked or names no identity;
+        Unavailable."""
+        if credentials.bearer is not None or not self.trusts(credentials.remote_addr):
             return None  # anyone can send the header; only a trusted proxy is believed
-        if len(header) > MAX_HEADER_CHARS:
-            raise Unauthenticated("x-forwarded-client-cert is too large")
-        chain = _forwarded_chain(header)
-        self._verify(chain)
-        principal = self._mtls.authenticate(credentials._replace(peer_chain=chain))
+        try:
+            chain = _forwarded_chain_of(credentials.forwarded_cert)
+        except Unauthenticated as exc:  # no serial: the connection's certificate is the proxy's
+            raise AuthenticationFailed(self.kind, exc) from None
+        try:
+            self._verify(chain)
+            principal = self._mtls.authenticate(credentials._replace(peer_chain=chain))
+        except Unauthenticated as exc:
+            raise AuthenticationFailed(self.kind, exc, f"{chain[0].serial_number:x}") from None
         if principal is None:  # pragma: no cover - a chain is always given here
             return None
         claims = {**principal.claims, "forwarded_by": credentials.remote_addr}

@@ -88,15 +88,17 @@ class MtlsAuthenticator:
 
 
 def _identity(cert: x509.Certificate) -> tuple[str, list[str]]:
-    """The principal id a client certificate names, and its SANs: its one SPIFFE ID, else
-    `cn:` and its common name (a prefix no token, OIDC issuer or SPIFFE ID takes). Raises
-    Unauthenticated for a certificate without a subjectAltName (what the forwarded-header
-    path cannot verify either), with two SPIFFE IDs (an X.509-SVID has one), or naming
-    neither a SPIFFE ID nor a common name, or a malformed SPIFFE ID."""
-    sans = _sans(cert)
+    """The principal id a client certificate names, and its SANs: its one SPIFFE ID (a URI
+    SAN; a DNS name spelled like one is no SPIFFE ID), else `cn:` and its common name (a
+    prefix no token, OIDC issuer or SPIFFE ID takes). Raises Unauthenticated for a
+    certificate without a subjectAltName (what the forwarded-header path cannot verify
+    either), with two SPIFFE IDs (an X.509-SVID has one), or naming neither a SPIFFE ID nor
+    a common name, or a malformed SPIFFE ID."""
+    uris, others = _sans(cert)
+    sans = [*uris, *others]
     if not sans:
         raise Unauthenticated("the client certificate has no subjectAltName")
-    spiffe = [san for san in sans if san.startswith(SPIFFE_PREFIX)]
+    spiffe = [uri for uri in uris if uri.startswith(SPIFFE_PREFIX)]
     if len(spiffe) > 1:
         raise Unauthenticated("the client certificate names more than one SPIFFE ID")
     if spiffe:
@@ -110,13 +112,12 @@ def _identity(cert: x509.Certificate) -> tuple[str, list[str]]:
     return f"{CN_PREFIX}{common_name}", sans
 
 
-def _sans(cert: x509.Certificate) -> list[str]:
+def _sans(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """A certificate's URI SANs, and its DNS and IP SANs (as text)."""
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return []
-    values: list[str] = []
-    for kind in (x509.UniformResourceIdentifier, x509.DNSName):
-        values += names.get_values_for_type(kind)
-    values += [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
-    return values
+        return [], []
+    others = names.get_values_for_type(x509.DNSName)
+    others += [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+    return names.get_values_for_type(x509.UniformResourceIdentifier), others
