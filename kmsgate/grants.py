@@ -218,10 +218,13 @@ def new_grant(
     )
 
 
-def approve(grant: Grant, approver: str, *, required: int, now: datetime) -> Grant:
+def approve(
+    grant: Grant, approver: str, *, required: int, max_duration: timedelta, now: datetime
+) -> Grant:
     """`grant` with `approver`'s approval; active from `now` once `required` principals
     other than the requester approved. Raises PolicyDenied (the requester approving its own
-    grant), Conflict (not pending any more, or approved by `approver` already)."""
+    grant), Conflict (not pending any more, approved by `approver` already, or asking for
+    longer than `max_duration`, lowered since the request)."""
     if approver == grant.principal:
         raise PolicyDenied("the requester of an exception cannot approve it")
     state = grant.state(now)
@@ -229,6 +232,11 @@ def approve(grant: Grant, approver: str, *, required: int, now: datetime) -> Gra
         raise Conflict(f"exception {grant.id} is {state.value}, not pending")
     if any(a["by"] == approver for a in grant.approvals):
         raise Conflict(f"exception {grant.id} is approved by {approver} already")
+    if grant.duration > max_duration:
+        raise Conflict(
+            f"exception {grant.id} asks for {format_duration(grant.duration)}, longer than "
+            f"exceptions.max_duration ({format_duration(max_duration)}) allows now: ask again"
+        )
     approvals = (*grant.approvals, {"by": approver, "at": utc_timestamp(now)})
     if len(approvals) < required:
         return replace(grant, approvals=approvals)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ from kmsgate.audit import AuditFile
 from kmsgate.errors import Conflict, InvalidRequest, PolicyDenied
 from kmsgate.grants import Grant, GrantState, approve, new_grant
 from kmsgate.policy import ACTIONS
+from tests.gateway import open_gateway
 from tests.test_cli import Gateway, assert_one_line_error, run_cli, running_gateway
 
 TIMEOUT = 10.0
@@ -378,12 +380,13 @@ def test_the_cli_requests_approves_and_lists(team: Team) -> None:
 # -- the state machine -------------------------------------------------------------------------
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+EIGHT_HOURS = timedelta(hours=8)
 
 
 def _grant(**changes: Any) -> Grant:
     values: dict[str, Any] = {
         "known_actions": ACTIONS,
-        "max_duration": timedelta(hours=8),
+        "max_duration": EIGHT_HOURS,
         "pending_for": timedelta(hours=1),
         "now": NOW,
     }
@@ -394,13 +397,13 @@ def _grant(**changes: Any) -> Grant:
 def test_two_approvals_need_two_principals_other_than_the_requester() -> None:
     grant = _grant()
     with pytest.raises(PolicyDenied):
-        approve(grant, "alice", required=2, now=NOW)
-    once = approve(grant, "bob", required=2, now=NOW)
+        approve(grant, "alice", required=2, max_duration=EIGHT_HOURS, now=NOW)
+    once = approve(grant, "bob", required=2, max_duration=EIGHT_HOURS, now=NOW)
     assert once.state(NOW) is GrantState.PENDING
     with pytest.raises(Conflict):
-        approve(once, "bob", required=2, now=NOW)
+        approve(once, "bob", required=2, max_duration=EIGHT_HOURS, now=NOW)
     later = NOW + timedelta(minutes=5)
-    twice = approve(once, "carol", required=2, now=later)
+    twice = approve(once, "carol", required=2, max_duration=EIGHT_HOURS, now=later)
     assert twice.state(later) is GrantState.ACTIVE
     assert twice.expires_at == later + timedelta(minutes=15)
     assert twice.state(later + timedelta(minutes=15)) is GrantState.EXPIRED
@@ -412,7 +415,38 @@ def test_a_pending_request_expires_and_cannot_be_approved_then() -> None:
     late = NOW + timedelta(hours=1)
     assert grant.state(late) is GrantState.EXPIRED
     with pytest.raises(Conflict, match="expired"):
-        approve(grant, "bob", required=1, now=late)
+        approve(grant, "bob", required=1, max_duration=EIGHT_HOURS, now=late)
+
+
+def test_an_approval_holds_the_duration_to_the_limit_in_force_then() -> None:
+    """A request made under a longer `exceptions.max_duration` than the gateway's now (the
+    operator lowered it meanwhile; another replica) cannot be approved: it would outlast
+    what a new request may ask for."""
+    grant = _grant(max_duration=EIGHT_HOURS)
+    with pytest.raises(Conflict, match=r"asks for 15m, longer than .* \(10m\) allows now"):
+        approve(grant, "bob", required=1, max_duration=timedelta(minutes=10), now=NOW)
+    once = approve(grant, "bob", required=2, max_duration=EIGHT_HOURS, now=NOW)
+    with pytest.raises(Conflict, match="longer than"):
+        approve(once, "carol", required=2, max_duration=timedelta(minutes=10), now=NOW)
+    done = approve(grant, "bob", required=1, max_duration=timedelta(minutes=15), now=NOW)
+    assert done.expires_at == NOW + timedelta(minutes=15)
+
+
+def test_a_gateway_whose_limit_was_lowered_refuses_to_approve_a_longer_request(
+    tmp_path: Path,
+) -> None:
+    ask = {"actions": ["sign"], "resource": "k", "duration": "8h", "ticket": "T", "reason": "r"}
+    with open_gateway(tmp_path, exceptions={"max_duration": "8h"}) as (before, _):
+        dev = before.service.tokens.create(["dev"], ttl=None)[1]
+        approver = before.service.tokens.create(["approver"], ttl=None)[1]
+        asked = before.call("POST", "/v1/exceptions", dev, json=ask)
+        assert asked.status_code == 201, asked.text
+    with open_gateway(tmp_path, exceptions={"max_duration": "1h"}) as (after, _):
+        refused = after.call("POST", f"/v1/exceptions/{asked.json()['id']}/approve", approver)
+        assert refused.status_code == 409, refused.text
+        assert "longer than exceptions.max_duration (1h)" in refused.json()["detail"]
+        still = after.call("GET", f"/v1/exceptions/{asked.json()['id']}", dev)
+        assert still.json()["state"] == "pending" and still.json()["approvals"] == []
 
 
 def test_durations_are_bounded() -> None:

@@ -458,7 +458,7 @@ def test_a_grant_revoked_through_another_replica_ends_at_once_without_a_refresh(
         "token:x", ["decrypt"], "k", timedelta(hours=1), "T-1", "why",
         known_actions=frozenset({"decrypt"}), max_duration=week, pending_for=week, now=now,
     )  # fmt: skip
-    grant = approve(pending, "token:y", required=1, now=now)
+    grant = approve(pending, "token:y", required=1, max_duration=week, now=now)
     assert store.grants.insert(grant.row(), open_limit=16) is None
     grants = ActiveGrants(store)
     assert grants.ended([grant.id], now) == []

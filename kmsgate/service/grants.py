@@ -102,15 +102,21 @@ class Exceptions:
 
     def approve(self, principal: Principal, ctx: Ctx, grant_id: str) -> Grant:
         """Add the caller's approval; the grant is active from the last one needed. Raises
-        PolicyDenied (also for the requester itself), NotFound, Conflict (not pending, or
-        approved by the caller already)."""
-        approvals = self.settings.approvals
+        PolicyDenied (also for the requester itself), NotFound, Conflict (not pending,
+        approved by the caller already, or longer than `exceptions.max_duration` now)."""
+        settings = self.settings
         return self._change(
             principal,
             ctx,
             "exception.approve",
             grant_id,
-            lambda grant: approve(grant, principal.id, required=approvals, now=now()),
+            lambda grant: approve(
+                grant,
+                principal.id,
+                required=settings.approvals,
+                max_duration=settings.max_duration,
+                now=now(),
+            ),
         )
 
     def revoke(self, principal: Principal, ctx: Ctx, grant_id: str) -> Grant:
