@@ -15,6 +15,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from kmsgate.errors import ConfigError, InvalidRequest
 from kmsgate.policy import (
@@ -809,3 +811,33 @@ def test_a_token_maker_other_than_admin_hands_out_only_its_own_roles(tmp_path: P
             reply = api.call("POST", "/v1/sys/tokens", made, json={"roles": roles})
             assert reply.status_code == status, (roles, reply.text)
         assert api.call("POST", "/v1/sys/tokens", admin, json={"roles": ["ml-sec"]}).is_success
+
+
+def test_a_rule_tells_adopting_a_backend_key_from_importing_a_public_key(tmp_path: Path) -> None:
+    """Both are `key.import`; `request.adopt` says which, so a team can refuse adoption (a
+    key on its HSM or KMS used from now on) while public keys are imported as before."""
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED, policies)
+    (policies / "no_adoption.rego").write_text(
+        "package kmsgate.authz\nimport rego.v1\n"
+        'deny contains "keys are not adopted here" if {\n'
+        '  input.action == "key.import"; input.request.adopt }\n'
+    )
+    with open_gateway(tmp_path, policy_dir=policies) as (api, admin):
+        pem = (
+            ec.generate_private_key(ec.SECP256R1())
+            .public_key()
+            .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
+        public = {"name": "pub", "purpose": "model-sign", "public_key": pem}
+        imported = api.call("POST", "/v1/keys", admin, json=public)
+        assert imported.status_code == 201, imported.text
+        adopted = api.call("POST", "/v1/keys", admin, json={
+            "name": "hsm", "purpose": "model-sign", "type": "ecdsa-p256", "uri": "pkcs11:id=%01"
+        })  # fmt: skip
+        assert (adopted.status_code, adopted.json()["code"]) == (403, "policy_denied"), adopted.text
+        records = api.service.audit.search(action="key.import").records
+        assert {(r["decision"], r["resource"]["name"]) for r in records} == {
+            ("allow", "pub"), ("deny", "hsm")
+        }  # fmt: skip

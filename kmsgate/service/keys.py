@@ -118,7 +118,10 @@ class Keys:
                 int(new.rotation_period.total_seconds()) if new.rotation_period else None
             ),
         }
-        call = Call(principal, ctx, action, resource, {"type": new.type}, detail=detail)
+        # `adopt`: a key the backend holds, used from now on (a policy can leave that to
+        # whom it trusts with the HSM or KMS), rather than made or a public key imported
+        asked = {"type": new.type, "adopt": new.uri is not None}
+        call = Call(principal, ctx, action, resource, asked, detail=detail)
         return self.gate.run(call, create, decision=decision)
 
     def _check_rotation_period(self, period: timedelta | None) -> None:
