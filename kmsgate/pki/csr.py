@@ -1,15 +1,43 @@
-"""Certificate requests made here: a fresh key and a CSR naming the given subject
-alternative names (the CLI's `cert issue --key-out`, the gateway's own TLS certificate)."""
+"""Certificate requests: those made here (a fresh key and a CSR naming the given subject
+alternative names, for the CLI's `cert issue --key-out` and the gateway's own TLS
+certificate), and the check of a received CSR's self-signature."""
 
 from __future__ import annotations
 
 import ipaddress
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-__all__ = ["new_key_and_csr", "parse_san"]
+from kmsgate.errors import InvalidRequest
+
+__all__ = ["check_csr_signature", "new_key_and_csr", "parse_san"]
+
+_BROKEN_HASHES = {"sha1": "SHA-1", "md5": "MD5"}
+"""Hashes whose signatures are refused (collisions are practical): named in the refusal,
+where a signature made with them would read as a damaged CSR."""
+
+
+def check_csr_signature(csr: x509.CertificateSigningRequest) -> None:
+    """Raises InvalidRequest unless `csr`'s self-signature verifies, naming a refused hash
+    (SHA-1, MD5) or an algorithm this gateway cannot check."""
+    try:
+        algorithm = csr.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        raise InvalidRequest("the CSR is signed with an algorithm kmsgate cannot check") from None
+    if algorithm is not None and algorithm.name in _BROKEN_HASHES:
+        raise InvalidRequest(
+            f"the CSR is signed with {_BROKEN_HASHES[algorithm.name]}, which is refused: "
+            "sign it with SHA-256 or stronger"
+        )
+    try:
+        valid = csr.is_signature_valid
+    except (UnsupportedAlgorithm, ValueError):
+        valid = False
+    if not valid:
+        raise InvalidRequest("CSR signature does not verify")
 
 
 def parse_san(value: str) -> x509.GeneralName:

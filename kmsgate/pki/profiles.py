@@ -35,6 +35,7 @@ from kmsgate.algorithms import KeyType, KeyUsage, key_type_of_public_key, parse_
 from kmsgate.config import PkiSettings, ProfileSettings, Settings
 from kmsgate.durations import format_duration
 from kmsgate.errors import ConfigError, InvalidRequest
+from kmsgate.pki.csr import check_csr_signature
 from kmsgate.pki.extensions import extension_value
 from kmsgate.pki.issuer import key_usage
 from kmsgate.spiffe import SPIFFE_PREFIX, is_spiffe_id
@@ -251,8 +252,7 @@ class Profile:
         max_ttl.
         """
         lifetime = self._ttl(ttl)
-        if not _signature_verifies(csr):
-            raise InvalidRequest("CSR signature does not verify")
+        check_csr_signature(csr)
         public_key, key_type = self._key(csr)
         requested = _requested_extensions(csr)
         self._refuse_asked_extensions(requested)
@@ -433,13 +433,6 @@ def load_profiles(settings: Settings | PkiSettings) -> dict[str, Profile]:
     """The configured profiles by name. Raises ConfigError for a bad profile."""
     pki = settings.pki if isinstance(settings, Settings) else settings
     return {name: Profile.from_settings(name, spec) for name, spec in pki.profiles.items()}
-
-
-def _signature_verifies(csr: x509.CertificateSigningRequest) -> bool:
-    try:
-        return csr.is_signature_valid
-    except (UnsupportedAlgorithm, ValueError):
-        return False
 
 
 def _presented_as_is(public_key: rsa.RSAPublicKey, csr: x509.CertificateSigningRequest) -> bool:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from kmsgate.errors import Conflict, InvalidRequest
 from kmsgate.files import write_new
 from kmsgate.pki.crl import RevokedEntry, build_crl
+from kmsgate.pki.csr import check_csr_signature
 from kmsgate.pki.extensions import authority_key_identifier, extension_value
 from kmsgate.pki.issuer import (
     BACKDATE,
@@ -193,8 +194,7 @@ def sign_intermediate(
     whose path length leaves no room for this intermediate, a bad `days`, path length or
     DNS name.
     """
-    if not csr.is_signature_valid:
-        raise InvalidRequest("CSR signature does not verify")
+    check_csr_signature(csr)
     if not csr.subject.rdns:
         raise InvalidRequest("the CSR has an empty subject; a CA needs one")
     if root_cert.public_key() != root_key.public_key():

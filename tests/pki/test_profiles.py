@@ -355,14 +355,14 @@ def test_the_cn_written_is_the_san_it_names_never_a_look_alike():
 
 
 def openssl_csr(
-    openssl_bin: str, tmp_path: Path, *key_options: str
+    openssl_bin: str, tmp_path: Path, *key_options: str, digest: str = "-sha256"
 ) -> x509.CertificateSigningRequest:
-    """A CSR for `dns:a.lab` on a key `openssl genpkey` makes with `key_options` (keys
-    cryptography will not generate)."""
+    """A CSR for `dns:a.lab` on a key `openssl genpkey` makes with `key_options`, signed
+    with `digest` (keys and hashes cryptography will not sign with)."""
     key_path, csr_path = tmp_path / "k.pem", tmp_path / "k.csr"
     for command in (
         ["genpkey", *key_options, "-out", str(key_path)],
-        ["req", "-new", "-key", str(key_path), "-subj", "/", "-addext",
+        ["req", "-new", digest, "-key", str(key_path), "-subj", "/", "-addext",
          "subjectAltName=DNS:a.lab", "-out", str(csr_path)],
     ):  # fmt: skip
         done = subprocess.run([openssl_bin, *command], capture_output=True, timeout=120)
@@ -375,6 +375,24 @@ def test_an_rsa_pss_only_key_is_refused(tmp_path, openssl_bin):
     pss = ("-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:3072")
     request = openssl_csr(openssl_bin, tmp_path, *pss)
     assert "RSA-PSS-only key" in refused(custom(dns=["*.lab"], key_types=["rsa-3072"]), request)
+
+
+@pytest.mark.parametrize(
+    ("key_options", "digest", "named"),
+    [
+        (("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"), "-sha1", "SHA-1"),
+        (("-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:3072"), "-sha1", "SHA-1"),
+        (("-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:3072"), "-md5", "MD5"),
+    ],
+)
+def test_a_csr_signed_with_a_broken_hash_is_refused_by_its_name(
+    key_options, digest, named, tmp_path, openssl_bin
+):
+    """Its signature is sound, but made over a hash whose collisions are practical: the
+    refusal says so, where "does not verify" would send its sender looking for damage."""
+    request = openssl_csr(openssl_bin, tmp_path, *key_options, digest=digest)
+    profile = custom(dns=["*.lab"], key_types=["ecdsa-p256", "rsa-3072"])
+    assert f"the CSR is signed with {named}, which is refused" in refused(profile, request)
 
 
 @pytest.mark.parametrize("exponent", ["0x80000001", "0x1000000000000000000000001"])

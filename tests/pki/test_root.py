@@ -25,6 +25,7 @@ from kmsgate.pki.root import (
 from kmsgate.pki.token_root import RootToken
 from tests.components import run_openssl
 from tests.helpers import issued_by
+from tests.pki.test_profiles import openssl_csr
 
 PASSPHRASE = b"correct horse battery staple"
 PEM = serialization.Encoding.PEM
@@ -197,6 +198,14 @@ def test_sign_intermediate_refuses_a_tampered_csr(root) -> None:
     assert tampered.subject != csr.subject
     with pytest.raises(InvalidRequest, match="CSR signature does not verify"):
         sign_intermediate(load_root(key_file, PASSPHRASE), root_cert, tampered, days=365)
+
+
+def test_a_csr_signed_with_sha1_is_refused_by_its_name(root, tmp_path, openssl_bin) -> None:
+    key_file, root_cert = root
+    ec_key = ("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
+    sha1 = openssl_csr(openssl_bin, tmp_path, *ec_key, digest="-sha1")
+    with pytest.raises(InvalidRequest, match="the CSR is signed with SHA-1, which is refused"):
+        sign_intermediate(load_root(key_file, PASSPHRASE), root_cert, sha1, days=365)
 
 
 def test_name_constraints_only_when_asked_and_openssl_enforces_them(
