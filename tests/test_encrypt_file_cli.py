@@ -335,8 +335,14 @@ def test_rewrap_to_the_same_key_moves_files_to_its_primary_version_once(gw, tmp_
         gw.ok("encrypt-file", str(plain), "-k", "same")
         files.append(tmp_path / f"s{i}.kmsgate")
     gw.ok("keys", "rotate", "same")
+    for path in files:  # root migrating users' files leaves them theirs
+        path.chmod(0o640)
+        if os.getuid() == 0:
+            os.chown(path, 65534, 65534)
+    owners = [(st.st_uid, st.st_gid, st.st_mode) for st in map(os.stat, files)]
     args = ("rewrap", *map(str, files), "--from-key", "same", "--to-key", "same")
     assert "rewrapped 2, skipped 0, failed 0" in gw.ok(*args).out
+    assert [(st.st_uid, st.st_gid, st.st_mode) for st in map(os.stat, files)] == owners
     again = gw.ok(*args)
     assert "rewrapped 0, skipped 2, failed 0" in again.out, again
     assert "no file to migrate" not in again.err
@@ -503,12 +509,14 @@ def test_a_progress_bar_label_is_shown_as_it_is_not_as_markup() -> None:
     assert "encrypting [x] {y}\\x1b" in text and "[bold]" not in text
 
 
+@pytest.mark.timeout(60)
 def test_a_plaintext_goes_into_another_users_fifo_only_with_force(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Whoever reads a FIFO gets what is written into it: a plaintext output that is a FIFO
-    of another user is refused without --force (its reader gets nothing); one's own FIFO,
-    and any FIFO for a public output, is written to as it is."""
+    of another user is refused without --force, at once (the open of a FIFO waits for a
+    reader: it hung until one came); one's own FIFO, and any FIFO for a public output, is
+    written to as it is."""
     fifo = tmp_path / "plain"
     os.mkfifo(fifo)
     received: list[bytes] = []
@@ -524,11 +532,44 @@ def test_a_plaintext_goes_into_another_users_fifo_only_with_force(
 
     write(private=True, force=False)  # this user's own FIFO
     monkeypatch.setattr(os, "getuid", lambda: os.stat(fifo).st_uid + 1)  # now another user's
-    with pytest.raises(typer.Exit):
-        write(private=True, force=False)
+    with pytest.raises(typer.Exit), atomic_output(fifo, force=False, private=True) as sink:
+        sink.write(b"secret")  # no reader: refused before the open, which would wait
     write(private=False, force=False)  # a ciphertext or a signature: no secret
     write(private=True, force=True)
-    assert received == [b"secret", b"", b"secret", b"secret"]
+    assert received == [b"secret", b"secret", b"secret"]
+
+
+def test_a_plaintext_goes_into_another_users_terminal_only_with_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A terminal is a character device written in place, like /dev/null: a link to
+    another user's terminal planted at the output path (in a directory that user can
+    write) gets a plaintext only with --force; root's devices and one's own terminal as
+    before."""
+    master, slave = os.openpty()
+    terminal = Path(os.ttyname(slave))
+    planted = tmp_path / "report"
+    planted.symlink_to(terminal)
+    try:
+        if os.getuid() == 0:
+            os.chown(terminal, 65534, -1)  # nobody's terminal
+        else:
+            monkeypatch.setattr(os, "getuid", lambda: terminal.stat().st_uid + 1)
+        with pytest.raises(typer.Exit), atomic_output(planted, force=False, private=True) as sink:
+            sink.write(b"secret")
+        with atomic_output(planted, force=False, private=False) as sink:
+            sink.write(b"public ")  # a ciphertext or a signature: no secret
+        with atomic_output(planted, force=True, private=True) as sink:
+            sink.write(b"secret")
+        seen = b""
+        while len(seen) < len(b"public secret"):  # a read takes what one write left
+            seen += os.read(master, 1024)
+        assert seen == b"public secret"
+        with atomic_output(Path(os.devnull), force=False, private=True) as sink:
+            sink.write(b"secret")  # root's
+    finally:
+        os.close(slave)
+        os.close(master)
 
 
 def _run_into(gw: Gateway, args: list[str], stdout: Path) -> subprocess.CompletedProcess[bytes]:

@@ -277,27 +277,38 @@ def _open_special(target: Path, *, private: bool, force: bool) -> BinaryIO:
     not truncated): a descriptor of this process is duplicated (a redirect's file is
     written at its offset, appended to if opened so); anything else must open as a FIFO or
     a character device, so a file swapped in meanwhile is refused untouched. A plaintext
-    (`private`) goes into a FIFO of another user (whoever reads it gets it) only with
-    `force`. Exits through `fail`."""
+    (`private`) goes into a FIFO or a terminal of another user (whoever reads it gets it)
+    only with `force`: checked before the open too, which for a FIFO waits for a reader.
+    Exits through `fail`."""
     if (descriptor := _descriptor(target)) is not None:
         try:
             return os.fdopen(os.dup(descriptor), "wb")
         except OSError as exc:
             fail(f"cannot write {target}: {exc.strerror}")
     try:
+        _refuse_special(target, os.stat(target), private=private, force=force)
         fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
     except OSError as exc:
         fail(f"cannot write {target}: {exc.strerror}")
-    mode, owner = (st := os.fstat(fd)).st_mode, st.st_uid
-    refusal = None
-    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
-        refusal = f"{target} changed while it was opened: refusing to write it"
-    elif private and stat.S_ISFIFO(mode) and owner != os.getuid() and not force:
-        refusal = f"{target} is another user's FIFO, whose reader would get the plaintext (--force)"
-    if refusal is not None:
+    try:
+        _refuse_special(target, os.fstat(fd), private=private, force=force)
+    except BaseException:
         os.close(fd)
-        fail(refusal)
+        raise
     return os.fdopen(fd, "wb")
+
+
+def _refuse_special(target: Path, st: os.stat_result, *, private: bool, force: bool) -> None:
+    """Exit through `fail` unless `st` is a FIFO or a character device that `target` may
+    be written to: for a plaintext (`private`) without `force`, this user's own, or a
+    device of root's (/dev/null, /dev/tty), never another user's FIFO or terminal."""
+    mode, owner = st.st_mode, st.st_uid
+    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        fail(f"{target} changed after it was checked: refusing to write it")
+    fifo = stat.S_ISFIFO(mode)
+    if private and not force and owner != os.getuid() and (fifo or owner != 0):
+        kind = "FIFO" if fifo else "character device (a terminal?)"
+        fail(f"{target} is another user's {kind}, whose reader would get the plaintext (--force)")
 
 
 def _umask() -> int:

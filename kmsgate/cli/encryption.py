@@ -265,17 +265,23 @@ def _read_header(path: Path) -> tuple[FileHeader, int] | tuple[str, str]:
 
 
 def _replace_header(path: Path, body_offset: int, header: FileHeader) -> None:
-    """Rewrite `path` with a new header and the same body, atomically (temp file + rename)."""
+    """Rewrite `path` with a new header and the same body, atomically (temp file + rename),
+    keeping its owner, group and mode (root migrating users' files leaves them theirs).
+    Raises OSError, `path` unchanged: one that cannot be read or replaced, or whose owner
+    or group this user cannot give the new file."""
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as sink, path.open("rb") as src:
+            was, new = os.fstat(src.fileno()), os.fstat(sink.fileno())
+            if (was.st_uid, was.st_gid) != (new.st_uid, new.st_gid):
+                os.fchown(sink.fileno(), was.st_uid, was.st_gid)
+            os.fchmod(sink.fileno(), stat.S_IMODE(was.st_mode))
             sink.write(header.to_bytes())
             src.seek(body_offset)
             shutil.copyfileobj(src, sink, 1 << 20)
             sink.flush()
             os.fsync(sink.fileno())
-        shutil.copymode(path, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
