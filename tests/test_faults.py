@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -215,14 +216,19 @@ class DelayingProxy:
         self._listener.close()
 
 
-@pytest.mark.timeout(120)
 def _timed_sign(
-    addr: str, headers: dict[str, str], key: str, *, timeout: float
+    addr: str,
+    headers: dict[str, str],
+    key: str,
+    *,
+    timeout: float,
+    post: Callable[..., httpx.Response] = httpx.post,
 ) -> tuple[httpx.Response, float]:
-    """One sign with `key` through the gateway at `addr`, and how long it took."""
+    """One sign with `key` through the gateway at `addr` (by `post`: a kept client's, or a
+    new connection's), and how long it took."""
     started = time.monotonic()
     url = f"{addr}/v1/keys/{key}/sign"
-    reply = httpx.post(url, json={"input": MESSAGE}, headers=headers, timeout=timeout)
+    reply = post(url, json={"input": MESSAGE}, headers=headers, timeout=timeout)
     return reply, time.monotonic() - started
 
 
@@ -234,6 +240,7 @@ def _key_that_signs(addr: str, headers: dict[str, str], name: str, backend: str)
     assert _timed_sign(addr, headers, name, timeout=TIMEOUT)[0].status_code == 200
 
 
+@pytest.mark.timeout(120)
 def test_a_slow_backend_times_out_without_stalling_other_keys(
     tmp_path: Path, openbao_server: OpenBaoServer
 ) -> None:
@@ -256,11 +263,13 @@ def test_a_slow_backend_times_out_without_stalling_other_keys(
                 _key_that_signs(gw.addr, root, name, backend)
 
             proxy.delay = 5.0
-            with ThreadPoolExecutor(8) as pool:
+            # the local signs on one kept connection: their count measures the gateway, not
+            # the set-up of a connection each (~50 ms on a loaded machine)
+            with ThreadPoolExecutor(8) as pool, httpx.Client() as kept:
                 slow = [pool.submit(sign, "slow") for _ in range(8)]
                 fast: list[tuple[httpx.Response, float]] = []
                 while not all(f.done() for f in slow):
-                    fast.append(sign("fast"))
+                    fast.append(sign("fast", post=kept.post))
                 for future in slow:
                     reply, took = future.result()
                     assert reply.status_code == 503, reply.text
@@ -268,7 +277,8 @@ def test_a_slow_backend_times_out_without_stalling_other_keys(
                     assert int(reply.headers["retry-after"]) > 0
                     assert took < 3, f"a 1 s backend timeout took {took:.2f} s"
             assert {reply.status_code for reply, _ in fast} == {200}
-            assert len(fast) >= 20, "the local key hardly signed meanwhile"
+            # a stalled loop would hold each for the backend's 1 s: three in all, at most
+            assert len(fast) >= 10, "the local key hardly signed meanwhile"
             # A stalled loop holds a local sign for the backend's whole 1 s timeout; a loaded
             # 2-core CI machine can delay one sign by half of that, never by all of it.
             took_fast = sorted(took for _, took in fast)
