@@ -465,6 +465,6 @@ def _dev_root(data_dir: Path) -> tuple[RootKey, x509.Certificate]:
         stale.unlink(missing_ok=True)
     passphrase = secrets.token_urlsafe(32).encode()
     write_private_file(passphrase_file, passphrase)
-    cert = init_root(key_file, passphrase, DEV_ROOT_SUBJECT)
+    root_key, cert = init_root(key_file, passphrase, DEV_ROOT_SUBJECT)
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return load_root(key_file, passphrase), cert
+    return root_key, cert

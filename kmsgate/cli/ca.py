@@ -184,7 +184,7 @@ def ca_init_root(
     assert key_out is not None
     passphrase = _passphrase(passphrase_file, confirm=True)
     with local_errors(key_out, "write"):
-        cert = init_root(
+        _, cert = init_root(
             key_out, passphrase, subject, key_type=key_type, days=days, path_length=path_length
         )
     try:

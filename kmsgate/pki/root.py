@@ -82,9 +82,10 @@ def init_root(
     key_type: str = "ecdsa-p384",
     days: int = 3650,
     path_length: int | None = None,
-) -> x509.Certificate:
-    """Create a root key in `key_path` (encrypted PKCS#8, mode 0600) and return its
-    self-signed certificate (see `self_signed_root`).
+) -> tuple[RootKey, x509.Certificate]:
+    """Create a root key in `key_path` (encrypted PKCS#8, mode 0600) and return it with its
+    self-signed certificate (see `self_signed_root`): a caller that signs with it at once
+    need not decrypt it again (scrypt, made slow on purpose).
 
     Raises InvalidRequest (subject, key type, days, path length, short passphrase), Conflict
     if `key_path` exists (a root key is never replaced), OSError if it cannot be written.
@@ -98,7 +99,7 @@ def init_root(
     pem = scrypt_encrypted_pem(key, passphrase)
     cert = self_signed_root(key, name, days=days, path_length=path_length)
     write_private_file(key_path, pem)
-    return cert
+    return key, cert
 
 
 def check_root_request(

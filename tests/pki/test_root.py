@@ -47,7 +47,7 @@ def intermediate_csr(
 def root(tmp_path: Path) -> tuple[Path, x509.Certificate]:
     """(key file, certificate) of a fresh root."""
     key_file = tmp_path / "root-key.pem"
-    return key_file, init_root(key_file, PASSPHRASE, "CN=Test Root,O=kmsgate tests")
+    return key_file, init_root(key_file, PASSPHRASE, "CN=Test Root,O=kmsgate tests")[1]
 
 
 def test_init_root_writes_an_encrypted_0600_key_and_a_self_signed_ca(root, openssl_bin) -> None:
@@ -184,7 +184,7 @@ def test_sign_intermediate_copies_only_the_subject_and_the_key(root) -> None:
 
 def test_an_intermediate_never_outlives_its_root(tmp_path) -> None:
     key_file = tmp_path / "short-root.pem"
-    root_cert = init_root(key_file, PASSPHRASE, "Short Root", days=30)
+    _, root_cert = init_root(key_file, PASSPHRASE, "Short Root", days=30)
     _, csr = intermediate_csr()
     cert = sign_intermediate(load_root(key_file, PASSPHRASE), root_cert, csr, days=3650)
     assert cert.not_valid_after_utc == root_cert.not_valid_after_utc
@@ -264,7 +264,7 @@ def test_name_constraints_only_when_asked_and_openssl_enforces_them(
 def test_sign_intermediate_refusals(tmp_path, case, message) -> None:
     path_length = {"root pathlen 0": 0, "unlimited below a pathlen 1 root": 1}.get(case)
     key_file = tmp_path / "root.pem"
-    root_cert = init_root(key_file, PASSPHRASE, "Root", path_length=path_length)
+    _, root_cert = init_root(key_file, PASSPHRASE, "Root", path_length=path_length)
     root_key = load_root(key_file, PASSPHRASE)
     options: dict[str, object] = {"days": 365}
     if case == "other key":
@@ -320,8 +320,8 @@ def test_a_root_crl_follows_only_the_roots_own_full_crl(root, tmp_path) -> None:
     kept = second.get_revoked_certificate_by_serial_number(0x1234)
     assert kept is not None and kept.revocation_date_utc == next(iter(first)).revocation_date_utc
     other_file = tmp_path / "other.pem"
-    other_cert = init_root(other_file, PASSPHRASE, "CN=Test Root,O=kmsgate tests")
-    foreign = root_crl(load_root(other_file, PASSPHRASE), other_cert, days=30)
+    other_key, other_cert = init_root(other_file, PASSPHRASE, "CN=Test Root,O=kmsgate tests")
+    foreign = root_crl(other_key, other_cert, days=30)
     with pytest.raises(InvalidRequest, match="not signed by this root"):
         root_crl(root_key, root_cert, previous=foreign, days=30)  # same name, other key
     with pytest.raises(InvalidRequest, match="does not belong to the root"):
