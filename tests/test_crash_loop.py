@@ -1,5 +1,5 @@
 """scripts/crash_loop.py in its short form (a dev gateway with 2 workers killed with SIGKILL
-under concurrent changes, 5 times, restarted on its data dir): no change without its audit
+under concurrent changes, 4 times, restarted on its data dir): no change without its audit
 record. The documented long run is `--loops 20` (docs/audit.md). Also: its checker finds
 what it is there to find."""
 
@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "crash_loop.py"
-LOOPS = 5
+LOOPS = 4
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from tests.test_cli import Gateway, clean_env, running_gateway
 
 HERE = Path(__file__).resolve().parent
-MAX_EXAMPLES = 40
+MAX_EXAMPLES = 20
 """Per operation and phase: ~50 operations, a few thousand requests, well under a minute."""
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fuzz.py"
-SECONDS = 8
+SECONDS = 4
 HARNESSES = ("envelope", "file_header", "pkcs11_uri", "csr", "ocsp", "jwt")
 
 
