@@ -23,6 +23,7 @@ import random
 import shlex
 import signal
 import ssl
+import stat
 import subprocess
 import tempfile
 import threading
@@ -32,11 +33,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmsgate.client import ApiError, Client
 from kmsgate.durations import parse_duration_setting
+from kmsgate.files import foreign_owner
 from kmsgate.pki.csr import new_key_and_csr, parse_san
 from kmsgate.pki.files import LOCK, NotLinked, asked_before, check_lock, replace_private_files
 from kmsgate.pki.issuer import BACKDATE
@@ -106,6 +110,22 @@ def _permanent(exc: Exception) -> bool:
 REQUEST_FILE = "agent.json"
 """In each set: the CA, profile and SANs it was asked for, so that an agent started with
 other options gets a new certificate instead of renewing the old one."""
+
+
+def _check_issued(
+    leaf: x509.Certificate, chain: list[x509.Certificate], key: PublicKeyTypes
+) -> None:
+    """Raises ValueError unless `leaf` certifies `key` and the first certificate of `chain`
+    signed it: a reply with another certificate would leave the workload a key and a
+    certificate that do not go together (and the agent asking again every second)."""
+    if leaf.public_key() != key:
+        raise ValueError("the gateway answered with a certificate for another key: not kept")
+    try:
+        leaf.verify_directly_issued_by(chain[0])
+    except (IndexError, ValueError, TypeError, InvalidSignature):
+        raise ValueError(
+            "the gateway answered with a certificate its chain did not issue: not kept"
+        ) from None
 
 
 class NotKept(OSError):
@@ -227,6 +247,7 @@ class Agent:
                 )
         chain = x509.load_pem_x509_certificates(issued["chain"].encode())
         leaf = x509.load_pem_x509_certificate(issued["certificate"].encode())
+        _check_issued(leaf, chain, key.public_key())
         pem = serialization.Encoding.PEM
         key_pem = key.private_bytes(
             pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -288,6 +309,13 @@ class Agent:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except FileExistsError:
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory)) from None
+        held = directory.stat()  # through a link: the directory the files go to
+        problem = foreign_owner(held)
+        if problem is None and held.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problem = "is writable by its group or others"
+        if problem is not None:  # whoever may write there could swap what the workload reads
+            message = f"{problem}: another user could replace the certificate there"
+            raise PermissionError(errno.EPERM, message, str(directory))
         try:
             check_lock(directory)
         except OSError as exc:

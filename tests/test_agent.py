@@ -25,7 +25,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from kmsgate.agent import Agent, AgentOptions
 from kmsgate.client import ApiError, Client
+from kmsgate.pki.csr import new_key_and_csr
 from kmsgate.pki.files import CURRENT, LOCK, replace_private_files
 from tests.components import LOOPBACK, free_port, require_component
 from tests.helpers import self_signed
@@ -585,3 +587,43 @@ def test_client_and_server_profile_certificates_renew_the_way_each_can(tmp_path:
         with client, pytest.raises(ApiError) as refused:
             client.whoami()
         assert refused.value.code == "tls_refused", refused.value
+
+
+def test_an_agent_keeps_only_a_certificate_of_its_key_where_only_it_may_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory its group or others may write to is refused (whoever may write there
+    could swap what the workload reads); a `..lock` planted there as a link is not followed;
+    a reply whose certificate is for another key (a faulty gateway, or whoever answered) is
+    not kept: before, the workload got a key and a certificate that do not go together,
+    and a running agent asked for another every second."""
+    data, port, san = tmp_path / "data", free_port(), "spiffe://dev.lab/ns/ml/sa/x"
+    with https_gateway(data, port, tmp_path / "gateway.log"):
+        options = {
+            "addr": f"https://localhost:{port}", "ca": "dev", "profile": "workload",
+            "sans": (san,), "token_file": data / "root-token", "cacert": data / "dev-root.pem",
+        }  # fmt: skip
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)
+        with pytest.raises(PermissionError, match="writable by its group or others"):
+            Agent(AgentOptions(directory=shared, **options)).run(once=True)
+        planted = tmp_path / "planted"
+        planted.mkdir(mode=0o700)
+        (planted / LOCK).symlink_to(tmp_path / "made-through-the-link")
+        with pytest.raises(OSError, match=LOCK):
+            Agent(AgentOptions(directory=planted, **options)).run(once=True)
+        assert not (tmp_path / "made-through-the-link").exists()
+
+        issue = Client.issue_certificate
+
+        def for_another_key(self: Client, ca: str, csr: str, profile: str, **kw: object) -> object:
+            _, other = new_key_and_csr([san])
+            return issue(self, ca, other.public_bytes(serialization.Encoding.PEM).decode(),
+                         profile, **kw)  # fmt: skip
+
+        monkeypatch.setattr(Client, "issue_certificate", for_another_key)
+        out = tmp_path / "svid"
+        with pytest.raises(ValueError, match="a certificate for another key: not kept"):
+            Agent(AgentOptions(directory=out, **options)).run(once=True)
+        assert not (out / "cert.pem").exists() and not (out / "key.pem").exists()

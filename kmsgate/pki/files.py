@@ -119,7 +119,8 @@ def check_lock(directory: Path) -> None:
 
 
 def _open_lock(directory: Path) -> int:
-    return os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # never through a link planted there: it would make the file it points to
+    return os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
 
 @contextlib.contextmanager
