@@ -44,6 +44,7 @@ from kmsgate.files import foreign_owner
 from kmsgate.pki.csr import new_key_and_csr, parse_san
 from kmsgate.pki.files import LOCK, NotLinked, asked_before, check_lock, replace_private_files
 from kmsgate.pki.issuer import BACKDATE
+from kmsgate.secret_files import exposure
 from kmsgate.spiffe import is_spiffe_id
 
 __all__ = ["Agent", "AgentOptions"]
@@ -126,6 +127,19 @@ def _check_issued(
         raise ValueError(
             "the gateway answered with a certificate its chain did not issue: not kept"
         ) from None
+
+
+def _read_token(path: Path) -> str:
+    """The token in `path`, read now; a warning names a file others may read (whoever
+    reads it can get certificates). Not refused: a Kubernetes projected service-account
+    token, for `--oidc-token-file`, is 0644 unless its volume says otherwise. Raises
+    OSError, ValueError (not UTF-8)."""
+    with path.open("rb") as file:
+        problem = exposure(os.fstat(file.fileno()))
+        token = file.read().decode().strip()
+    if problem is not None:
+        log.warning("token file %s %s: whoever reads it can get certificates", path, problem)
+    return token
 
 
 class NotKept(OSError):
@@ -297,7 +311,7 @@ class Agent:
         if identity:
             context.load_cert_chain(self._path("chain.pem"), self._path("key.pem"))
             return Client(self.options.addr, verify=context, anonymous=True)
-        token = self.options.token_file.read_text().strip() if self.options.token_file else None
+        token = _read_token(self.options.token_file) if self.options.token_file else None
         return Client(self.options.addr, token, verify=context)
 
     def _check_writable(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import multiprocessing
 import os
 import re
@@ -590,13 +591,14 @@ def test_client_and_server_profile_certificates_renew_the_way_each_can(tmp_path:
 
 
 def test_an_agent_keeps_only_a_certificate_of_its_key_where_only_it_may_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A directory its group or others may write to is refused (whoever may write there
     could swap what the workload reads); a `..lock` planted there as a link is not followed;
     a reply whose certificate is for another key (a faulty gateway, or whoever answered) is
     not kept: before, the workload got a key and a certificate that do not go together,
-    and a running agent asked for another every second."""
+    and a running agent asked for another every second. A token file others may read is
+    used, with a warning."""
     data, port, san = tmp_path / "data", free_port(), "spiffe://dev.lab/ns/ml/sa/x"
     with https_gateway(data, port, tmp_path / "gateway.log"):
         options = {
@@ -614,6 +616,15 @@ def test_an_agent_keeps_only_a_certificate_of_its_key_where_only_it_may_write(
         with pytest.raises(OSError, match=LOCK):
             Agent(AgentOptions(directory=planted, **options)).run(once=True)
         assert not (tmp_path / "made-through-the-link").exists()
+        loose = tmp_path / "loose-token"
+        loose.write_bytes((data / "root-token").read_bytes())
+        loose.chmod(0o644)
+        with caplog.at_level(logging.WARNING, logger="kmsgate"):
+            Agent(AgentOptions(directory=tmp_path / "a", **options)).run(once=True)
+            assert "whoever reads it" not in caplog.text  # the gateway's own: 0600
+            kept = AgentOptions(directory=tmp_path / "b", **{**options, "token_file": loose})
+            Agent(kept).run(once=True)
+        assert f"token file {loose} must not be accessible by" in caplog.text
 
         issue = Client.issue_certificate
 
