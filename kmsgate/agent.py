@@ -316,8 +316,9 @@ class Agent:
 
     def _check_writable(self) -> None:
         """Raises OSError if the directory cannot be made or written to (a file by that
-        name, a read-only file system, no permission) or has no room for a set: a file of
-        `SET_ROOM_BYTES` is written there, synced and removed."""
+        name, a read-only file system, no permission), another user may write to it
+        (PermissionError), or it has no room for a set: a file of `SET_ROOM_BYTES` is
+        written there, synced and removed."""
         directory = self.options.directory
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
