@@ -207,7 +207,7 @@ class Agent:
             self.stop.wait(self._seconds_until_renewal())
         while not self.stop.is_set():
             try:
-                self.swap()
+                leaf = self.swap()
             except (ApiError, OSError, ValueError) as exc:
                 if once or _permanent(exc) or isinstance(exc, NoCredential):
                     raise
@@ -219,7 +219,9 @@ class Agent:
             backoff = FIRST_BACKOFF_SECONDS
             if once:
                 return
-            self.stop.wait(max(MIN_SWAP_SECONDS, self._seconds_until_renewal()))
+            # from the certificate installed, not from what the names lead to: a name that
+            # could not be linked to it (NotLinked) must not make the agent ask every second
+            self.stop.wait(max(MIN_SWAP_SECONDS, self._seconds_until_renewal(leaf)))
 
     def swap(self) -> x509.Certificate:
         """One new certificate in the directory: renewed over mTLS while the current one is
@@ -384,10 +386,10 @@ class Agent:
         asked: dict[str, object] = {"ca": o.ca, "profile": o.profile, "sans": sorted(o.sans)}
         return asked | ({"cn": o.cn} if o.cn else {})
 
-    def _seconds_until_renewal(self) -> float:
-        """Seconds until the current certificate is due (renew_at of its lifetime, minus
-        jitter), counting its lifetime from when it arrived; 0 without one."""
-        cert = self._current()
+    def _seconds_until_renewal(self, cert: x509.Certificate | None = None) -> float:
+        """Seconds until `cert` (by default the current certificate) is due (renew_at of its
+        lifetime, minus jitter), counting its lifetime from when it arrived; 0 without one."""
+        cert = cert or self._current()
         if cert is None:
             return 0.0
         start = self._issued_at or self._issued(cert)

@@ -29,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from kmsgate.agent import Agent, AgentOptions
 from kmsgate.client import ApiError, Client
 from kmsgate.pki.csr import new_key_and_csr
-from kmsgate.pki.files import CURRENT, LOCK, replace_private_files
+from kmsgate.pki.files import CURRENT, LOCK, NotLinked, replace_private_files
 from tests.components import LOOPBACK, free_port, require_component
 from tests.helpers import self_signed
 from tests.test_cli import Gateway, _stop, clean_env, kmsgate_script, running_gateway
@@ -409,14 +409,19 @@ def test_a_certificate_that_cannot_be_written_is_named_and_not_asked_for_again_a
         assert f"revoke it (kmsgate cert revoke {named[0]})" in text
 
 
-def _agent_once(gw: Gateway, out: Path) -> subprocess.CompletedProcess[bytes]:
-    """`kmsgate agent --once` for a workload certificate in `out`, bootstrapped with the
-    root token, its output captured."""
-    command = [
+def _agent_command(gw: Gateway, out: Path) -> list[str]:
+    """`kmsgate agent` for a workload certificate in `out`, bootstrapped with the root
+    token."""
+    return [
         kmsgate_script(), "agent", "--ca", "dev", "--profile", "workload",
         "--san", "spiffe://dev.lab/ns/ml/sa/x", "--dir", str(out),
-        "--token-file", str(gw.data_dir / "root-token"), "--once",
+        "--token-file", str(gw.data_dir / "root-token"),
     ]  # fmt: skip
+
+
+def _agent_once(gw: Gateway, out: Path) -> subprocess.CompletedProcess[bytes]:
+    """`_agent_command` with `--once`, its output captured."""
+    command = [*_agent_command(gw, out), "--once"]
     return subprocess.run(command, env=gw.env(token=""), capture_output=True, timeout=60)
 
 
@@ -440,19 +445,48 @@ def test_an_agent_gets_no_certificate_while_another_writer_holds_the_directory(
 def test_a_set_made_current_whose_link_fails_is_kept_not_called_lost(tmp_path: Path) -> None:
     """The new set is current (`..data` switched) but one name cannot be linked to it (a
     directory in its way): the certificate is in use, so the agent says so and which
-    link failed, and does not call it lost ("revoke it") nor ask for another."""
+    link failed, and does not call it lost ("revoke it"). A running agent waits for that
+    certificate's renewal: before, with `cert.pem` in the way, it found no current
+    certificate through the names and asked for another every second."""
     out = tmp_path / "svid"
-    (out / "ca.pem" / "x").mkdir(parents=True)
+    (out / "cert.pem" / "x").mkdir(parents=True)
     out.chmod(0o700)
     with running_gateway(tmp_path) as gw:
         issued = _issued_count(gw)
-        run = _agent_once(gw, out)
-        assert run.returncode == 0, run.stderr
+        agent = subprocess.Popen(
+            _agent_command(gw, out), env=gw.env(token=""), stderr=subprocess.PIPE
+        )
+        try:
+            _wait_for((out / CURRENT).exists, 30, "no set made current")
+            time.sleep(4)  # ~4 more certificates, before
+        finally:
+            agent.terminate()
+        _, err = agent.communicate(timeout=10)
         assert _issued_count(gw) == issued + 1
-    err = run.stderr.decode()
-    serial = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes()).serial_number
-    assert f"certificate {serial:x} is current in {out}, but a link to it failed" in err, err
-    assert "revoke it" not in err
+    text = err.decode()
+    installed = out / CURRENT / "cert.pem"
+    serial = x509.load_pem_x509_certificate(installed.read_bytes()).serial_number
+    assert f"certificate {serial:x} is current in {out}, but a link to it failed" in text, text
+    assert f"{out / 'cert.pem'}: " in text and "revoke it" not in text, text
+    for name in ("key.pem", "chain.pem", "ca.pem"):  # the names after it are linked too
+        assert os.readlink(out / name) == f"{CURRENT}/{name}"
+
+
+def test_a_name_in_the_way_neither_keeps_the_others_on_the_old_set_nor_older_sets(
+    tmp_path: Path,
+) -> None:
+    """`replace_private_files` links every name it can and removes older sets even when one
+    name cannot be linked, then raises NotLinked naming that one."""
+    (tmp_path / "b" / "x").mkdir(parents=True)
+    for n in range(4):
+        with pytest.raises(NotLinked) as refused:
+            replace_private_files(tmp_path, {"a": b"a%d" % n, "b": b"b%d" % n, "c": b"c%d" % n})
+        assert refused.value.filename == str(tmp_path / "b")
+    assert (tmp_path / "a").read_bytes() == b"a3" and (tmp_path / "c").read_bytes() == b"c3"
+    sets = [
+        p for p in tmp_path.iterdir() if p.name.startswith("..") and p.name not in (CURRENT, LOCK)
+    ]
+    assert len(sets) == 2, sets  # the current set and the one before
 
 
 def test_sigterm_stops_the_agent_and_its_on_renew_command_promptly(tmp_path: Path) -> None:

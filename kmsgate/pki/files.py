@@ -74,8 +74,9 @@ def replace_private_files(directory: Path, files: Mapping[str, bytes]) -> None:
     old certificate; the set before stays until the next replacement, so a reader that
     resolved it just before the switch can still read it. Writers of one directory take
     turns (`LOCK`: another agent's replacement is waited for, `LOCK_WAIT_SECONDS` at most).
-    Raises NotLinked (an OSError) if the new set is current but a link to it or the removal
-    of older sets failed; any other OSError leaves the current set as it was."""
+    Raises NotLinked (an OSError, naming the first failure) if the new set is current but a
+    link to it or the removal of older sets failed (every other name is linked, and older
+    sets removed, all the same); any other OSError leaves the current set as it was."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _writing(directory):
         current = directory / CURRENT
@@ -90,18 +91,32 @@ def replace_private_files(directory: Path, files: Mapping[str, bytes]) -> None:
         except BaseException:
             shutil.rmtree(version, ignore_errors=True)
             raise
+        # every name is tried and older sets go whatever failed: one name in the way must
+        # not leave the others on the old set, nor the directory filling with sets
+        failed = [exc for name in files if (exc := _link(directory, name)) is not None]
+        kept = {CURRENT, version.name, previous}
         try:
-            for name in files:
-                link = directory / name
-                if not link.is_symlink() or os.readlink(link) != f"{CURRENT}/{name}":
-                    _point(link, f"{CURRENT}/{name}")  # also replaces an older agent's file
-            kept = {CURRENT, version.name, previous}
             for entry in directory.iterdir():  # only sets of ours: no other `..name`
                 if _SET_NAME.fullmatch(entry.name) and entry.name not in kept:
                     shutil.rmtree(entry, ignore_errors=True)
             _fsync_directory(directory)
         except OSError as exc:
-            raise NotLinked(exc.errno, exc.strerror, exc.filename) from exc
+            failed.append(exc)
+        if failed:
+            first = failed[0]
+            raise NotLinked(first.errno, first.strerror, first.filename) from first
+
+
+def _link(directory: Path, name: str) -> OSError | None:
+    """Make `name` in `directory` a symlink through `CURRENT` (also replacing an older
+    agent's file); the OSError if that failed, else None."""
+    link = directory / name
+    try:
+        if not link.is_symlink() or os.readlink(link) != f"{CURRENT}/{name}":
+            _point(link, f"{CURRENT}/{name}")
+    except OSError as exc:
+        return exc
+    return None
 
 
 class NotLinked(OSError):
@@ -146,13 +161,16 @@ def _writing(directory: Path) -> Iterator[None]:
 
 
 def _point(link: Path, target: str) -> None:
-    """Make `link` a symlink to `target` in one rename (whatever `link` was)."""
+    """Make `link` a symlink to `target` in one rename (whatever `link` was). Raises
+    OSError naming `link` (not the temporary link renamed over it)."""
     temporary = link.with_name(f".{link.name}.{secrets.token_hex(4)}.tmp")
     os.symlink(target, temporary)
     try:
         os.replace(temporary, link)
-    except BaseException:
+    except BaseException as exc:
         temporary.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror, str(link)) from exc
         raise
 
 
