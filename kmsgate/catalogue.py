@@ -403,24 +403,41 @@ class Catalogue(StoreMirror):
             new,
         )
 
-    def update(self, key: Key, **changes: Any) -> Key:
-        """Persist changed key fields, only if the stored state is still `key.state`.
+    def empty_log(self) -> bool:
+        """`Database.empty_log` on the key store: no copy of destroyed material left in its
+        files that it can remove. False if readers kept it from doing so now. Raises
+        Unavailable."""
+        return self._store.empty_log()
 
-        Raises Conflict if another writer changed the state meanwhile.
+    def update(self, key: Key, **changes: Any) -> Key:
+        """Persist changed key fields, only if the stored state is still `key.state` (and,
+        for a key pending deletion, its deletion date still `key.deletion_date`: a deletion
+        cancelled and scheduled again is another one).
+
+        Raises Conflict if another writer changed them meanwhile.
         """
         new = replace(key, **changes)
         values = {k: v for k, v in key_row(new).items() if k in {*changes, "updated_at"}}
         if "rotation_period" in changes:
             values["rotation_period_s"] = key_row(new)["rotation_period_s"]
+        expected: dict[str, object] = {"state": key.state.value}
+        if key.state is KeyState.PENDING_DELETION:
+            expected["deletion_date"] = key.deletion_date
         return self._store_and_cache(
-            lambda: self._store.keys.update(key.name, values, expected_state=key.state.value),
-            new,
+            lambda: self._store.keys.update(key.name, values, expected=expected), new
         )
 
-    def update_version(self, key: Key, version: KeyVersion) -> Key:
-        """Persist one changed version. Raises Conflict if it does not exist."""
-        new = replace(key, versions={**key.versions, version.version: version})
-        values = {k: v for k, v in version_row(version).items() if k != "version"}
+    def update_version(self, key: Key, number: int, **changes: Any) -> Key:
+        """Persist the changed fields of version `number` (only those; each field is named
+        as its column), only while the stored key is still in `key.state` and the version
+        is not destroyed. Raises Conflict if not."""
+        version = replace(key.versions[number], **changes)
+        new = replace(key, versions={**key.versions, number: version})
+        row = version_row(version)
+        values = {field: row[field] for field in changes}
         return self._store_and_cache(
-            lambda: self._store.keys.update_version(key.name, version.version, values), new
+            lambda: self._store.keys.update_version(
+                key.name, number, values, expected_state=key.state.value
+            ),
+            new,
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
@@ -22,7 +21,14 @@ from kmsgate.backends.base import (
     require_capability,
 )
 from kmsgate.catalogue import AUDIT_PURPOSE, PUBLIC_PURPOSES, Key, KeyState, KeyVersion
-from kmsgate.errors import Conflict, InvalidRequest, KmsgateError, NotFound, Unavailable
+from kmsgate.errors import (
+    Conflict,
+    InvalidRequest,
+    KeyDestroyed,
+    KmsgateError,
+    NotFound,
+    Unavailable,
+)
 from kmsgate.jwk import public_jwk
 from kmsgate.pki.authorities import CA_PURPOSE, PKI_PURPOSES
 from kmsgate.policy import Decision
@@ -437,6 +443,7 @@ class Keys:
         not retire the older versions (nothing changed then)."""
 
         def patch(key: Key, _: Outcome) -> Key:
+            _refuse_destroyed(key)
             fields: dict[str, Any] = {}
             minimum = changes.min_decrypt_version
             if minimum is not None:
@@ -482,10 +489,11 @@ class Keys:
             v = key.versions.get(version)
             if v is None:
                 raise NotFound(f"key {name!r} has no version {version}")
+            _refuse_destroyed(key)
             outcome.key_version = version
             outcome.detail["since"] = utc_timestamp(since)
             return self.gate.catalogue.update_version(
-                key, replace(v, compromised_since=since.astimezone(UTC))
+                key, version, compromised_since=since.astimezone(UTC)
             )
 
         request = {"version": version}
@@ -495,19 +503,20 @@ class Keys:
 
     def destroy_due(self, ctx: Ctx, at: datetime | None = None) -> list[str]:
         """Destroy the material of keys whose deletion date has passed (by `at`, default
-        now); audited as `system`. Idempotent: a destroyed key is not pending any more."""
+        now), and finish the destruction of a key whose backend failed part-way; audited as
+        `system`. Idempotent: a destroyed key is not pending any more. Then, on SQLite, the
+        database's log is emptied (`Database.empty_log`): the material leaves it too."""
         at = at or now()
         self.gate.catalogue.refresh()
-        due = [
-            key
-            for key in self.gate.catalogue.all()
-            if key.state is KeyState.PENDING_DELETION
-            and key.deletion_date is not None
-            and key.deletion_date <= at
-        ]
+        due = [key for key in self.gate.catalogue.all() if _due(key, at)]
         for key in due:
             call = Call(SYSTEM, ctx, "key.destroy", key.policy_resource())
             self.gate.run(call, partial(self._destroy, key, at), decision=_SCHEDULED)
+        if due and not self.gate.catalogue.empty_log():
+            log.warning(
+                "the store's write-ahead log still holds destroyed key material (readers kept "
+                "it from being emptied): SQLite's next checkpoint empties it"
+            )
         return [key.name for key in due]
 
     def _transition(
@@ -528,20 +537,44 @@ class Keys:
         return self.gate.catalogue.update(key, state=to, updated_at=now(), **fields)
 
     def _destroy(self, key: Key, at: datetime, _: Outcome) -> Key:
-        """Destroy every version's material (adopted ceremony keys are only forgotten)."""
+        """Mark the key destroyed, then destroy every version's material (adopted ceremony
+        keys are only forgotten). The mark comes first, and only from the pending deletion
+        that was due: a deletion cancelled meanwhile is Conflict and destroys nothing; once
+        marked, nothing brings the key back, and a backend failure leaves the rest to the
+        next run (`_due`). Raises Conflict and what the backend raises."""
+        if key.state is KeyState.PENDING_DELETION:
+            key = self.gate.catalogue.update(key, state=KeyState.DESTROYED, updated_at=at)
         backend = None if key.verify_only else self.gate.registry.holding(key.backend)
         for v in key.versions.values():
             if v.destroyed_at is None:
                 if backend is not None and not v.adopted:
                     backend.destroy(key.backend_key(v))
                 key = self.gate.catalogue.update_version(
-                    key, replace(v, material=None, destroyed_at=at)
+                    key, v.version, material=None, destroyed_at=at
                 )
-        return self.gate.catalogue.update(key, state=KeyState.DESTROYED, updated_at=at)
+        return key
 
 
 def _same_key(key: Key, _: Outcome) -> Key:
     return key
+
+
+def _due(key: Key, at: datetime) -> bool:
+    """Whether `key`'s material is due for destruction by `at`: its deletion date has
+    passed, or it is marked destroyed and a version still holds material."""
+    if key.state is KeyState.DESTROYED:
+        return any(v.destroyed_at is None for v in key.versions.values())
+    return (
+        key.state is KeyState.PENDING_DELETION
+        and key.deletion_date is not None
+        and key.deletion_date <= at
+    )
+
+
+def _refuse_destroyed(key: Key) -> None:
+    """Raises KeyDestroyed for a destroyed key: nothing about it changes any more."""
+    if key.state is KeyState.DESTROYED:
+        raise KeyDestroyed(f"key {key.name!r} is destroyed")
 
 
 _SIGNED_THROUGH_THE_GATEWAY = PKI_PURPOSES | {AUDIT_PURPOSE}

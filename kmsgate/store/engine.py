@@ -309,6 +309,22 @@ class Database:
         except sa.exc.OperationalError as exc:
             raise Unavailable("metadata store unavailable") from exc
 
+    def empty_log(self) -> bool:
+        """On SQLite, copy the write-ahead log into the database file and empty it
+        (`wal_checkpoint(TRUNCATE)`, waiting for readers as a writer waits): what a change
+        replaced, such as a destroyed version's sealed material (`secure_delete`
+        overwrites it in the database file), is then in neither file. False if readers kept
+        it from ending (a later checkpoint does it), True once done, or on PostgreSQL
+        (nothing to do: see VACUUM in docs/operations.md). Raises Unavailable."""
+        if self.engine.dialect.name != "sqlite":
+            return True
+        try:
+            with self._serial, self.engine.connect() as conn:
+                busy, _, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        except sa.exc.OperationalError as exc:
+            raise Unavailable("metadata store unavailable") from exc
+        return not busy
+
     def get_meta(self, key: str) -> str | None:
         with self.transaction() as conn:
             return conn.execute(

@@ -52,27 +52,32 @@ class Keys:
                 raise Conflict("the key changed concurrently; retry")
             record_change(conn, AGGREGATE, name)
 
-    def update(self, name: str, values: Row, *, expected_state: str | None = None) -> None:
-        """Update key columns, optionally only from `expected_state`. Raises Conflict if not."""
+    def update(self, name: str, values: Row, *, expected: Row | None = None) -> None:
+        """Update key columns, only while the columns of `expected` hold its values. Raises
+        Conflict if not."""
         with self._db.transaction() as conn:
             stmt = sa.update(tables.keys).where(tables.keys.c.name == name)
-            if expected_state is not None:
-                stmt = stmt.where(tables.keys.c.state == expected_state)
+            for column, value in (expected or {}).items():
+                stmt = stmt.where(tables.keys.c[column] == value)
             if conn.execute(stmt.values(**values)).rowcount != 1:
                 raise Conflict("the key changed concurrently; retry")
             record_change(conn, AGGREGATE, name)
 
-    def update_version(self, name: str, version: int, values: Row) -> None:
-        """Update one version's columns. Raises Conflict if the version does not exist."""
+    def update_version(self, name: str, version: int, values: Row, *, expected_state: str) -> None:
+        """Update one version's columns while the key is in `expected_state` and the version
+        is not destroyed (a write decided on an earlier reading never brings back what a
+        destruction removed). Raises Conflict if not, or if the version does not exist."""
+        versions, keys = tables.key_versions.c, tables.keys.c
+        in_state = sa.exists().where(keys.name == name, keys.state == expected_state)
         with self._db.transaction() as conn:
             updated = conn.execute(
                 sa.update(tables.key_versions)
-                .where(tables.key_versions.c.key_name == name)
-                .where(tables.key_versions.c.version == version)
+                .where(versions.key_name == name, versions.version == version)
+                .where(versions.destroyed_at.is_(None), in_state)
                 .values(**values)
             )
             if updated.rowcount != 1:
-                raise Conflict(f"version {version} of {name!r} does not exist")
+                raise Conflict("the key changed concurrently; retry")
             record_change(conn, AGGREGATE, name)
 
     def get(self, name: str) -> tuple[Row, list[Row]] | None:

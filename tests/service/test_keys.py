@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmsgate.algorithms import KeyType
 from kmsgate.backends.base import KeySpec
-from kmsgate.catalogue import KeyState
-from kmsgate.errors import Conflict, InvalidRequest, KeyDisabled
+from kmsgate.catalogue import Key, KeyState
+from kmsgate.errors import Conflict, InvalidRequest, KeyDestroyed, KeyDisabled, Unavailable
 from kmsgate.service.gate import Outcome
 from kmsgate.service.requests import KeyChanges, NewKey, SignInput
 from kmsgate.service.results import Signature
@@ -97,3 +97,112 @@ def test_a_rotation_that_loses_a_race_leaves_the_winners_key_signing(service, ne
     with pytest.raises(Conflict):
         service.keys._rotate(stale, Outcome())
     signs_as_version_2()
+
+
+def _stored_versions(service) -> list[tuple[int, bool, bool]]:
+    """(version, material is gone, destroyed_at is set) of each stored version of `k`."""
+    _, versions = service.store.keys.get("k")
+    return [(v["version"], v["material"] is None, v["destroyed_at"] is not None) for v in versions]
+
+
+def test_a_deletion_cancelled_while_the_job_runs_destroys_nothing_or_everything(
+    service, new_key, monkeypatch
+):
+    """The operator cancels a due deletion as the job starts: the job marks the key
+    destroyed first, and only from the deletion it found due, so either the cancel wins
+    (409 for the job, nothing destroyed) or the job does (409 for the cancel, every
+    version destroyed). Before, the job destroyed the versions after the cancel had said
+    the key was back, then failed on the key's state: a disabled key none of whose
+    versions works, and a trail saying the destruction failed."""
+    new_key("k")
+    service.keys.rotate(ADMIN, CTX, "k")
+    service.keys.schedule_deletion(ADMIN, CTX, "k", 7)
+    later = datetime.now(UTC) + timedelta(days=8)
+    every_key = service.catalogue.all
+
+    def cancel_once_read() -> list[Key]:  # the job has read the keys: the cancel lands
+        keys = every_key()
+        monkeypatch.setattr(service.catalogue, "all", every_key)
+        assert service.keys.cancel_deletion(ADMIN, CTX, "k").state is KeyState.DISABLED
+        return keys
+
+    monkeypatch.setattr(service.catalogue, "all", cancel_once_read)
+    with pytest.raises(Conflict):
+        service.keys.destroy_due(CTX, later)
+    assert _stored_versions(service) == [(1, False, False), (2, False, False)]
+    service.keys.enable(ADMIN, CTX, "k")
+    service.crypto.sign(ADMIN, CTX, service.gate.target("k"), [SignInput(b"m")], False)
+
+    service.keys.schedule_deletion(ADMIN, CTX, "k", 7)
+    destroy = service.gate.registry.holding("local").destroy
+    cancelled: list[Exception] = []
+
+    def destroy_then_cancel(backend_key: object) -> None:
+        destroy(backend_key)
+        if not cancelled:
+            with pytest.raises(Conflict) as refused:
+                service.keys.cancel_deletion(ADMIN, CTX, "k")
+            cancelled.append(refused.value)
+
+    monkeypatch.setattr(service.gate.registry.holding("local"), "destroy", destroy_then_cancel)
+    assert service.keys.destroy_due(CTX, later) == ["k"]
+    assert "is destroyed" in str(cancelled[0])
+    assert service.catalogue.get("k").state is KeyState.DESTROYED
+    assert _stored_versions(service) == [(1, True, True), (2, True, True)]
+
+
+def test_a_destruction_a_backend_cut_short_is_finished_by_the_next_run(
+    service, new_key, monkeypatch
+):
+    """The backend fails after the first version: the key stays destroyed (nothing brings
+    it back) and the next run destroys what is left."""
+    new_key("k")
+    service.keys.rotate(ADMIN, CTX, "k")
+    service.keys.schedule_deletion(ADMIN, CTX, "k", 7)
+    backend = service.gate.registry.holding("local")
+    destroy, calls = backend.destroy, []
+
+    def fails_the_second_time(backend_key: object) -> None:
+        calls.append(backend_key)
+        if len(calls) == 2:
+            raise Unavailable("the backend went away")
+        destroy(backend_key)
+
+    monkeypatch.setattr(backend, "destroy", fails_the_second_time)
+    later = datetime.now(UTC) + timedelta(days=8)
+    with pytest.raises(Unavailable):
+        service.keys.destroy_due(CTX, later)
+    assert service.catalogue.get("k").state is KeyState.DESTROYED
+    assert _stored_versions(service) == [(1, True, True), (2, False, False)]
+    assert service.keys.destroy_due(CTX, later) == ["k"]
+    assert _stored_versions(service) == [(1, True, True), (2, True, True)]
+    assert service.keys.destroy_due(CTX, later) == []
+
+
+def test_a_compromise_decided_before_a_destruction_does_not_bring_its_material_back(
+    service, new_key, monkeypatch
+):
+    """A compromise mark read the key, then the destruction ran, then the mark wrote its
+    version: the write is refused (409) and the material stays gone. Before, the mark wrote
+    the whole version row from its earlier copy: the sealed material back, `destroyed_at`
+    cleared. A destroyed key is refused any further change (compromise, labels)."""
+    new_key("k", key_type="ed25519")
+    service.keys.schedule_deletion(ADMIN, CTX, "k", 7)
+    store = service.store.keys
+    write = store.update_version
+
+    def destroy_first(name: str, version: int, values: dict, **expected: object) -> None:
+        if "compromised_since" in values:
+            monkeypatch.setattr(store, "update_version", write)
+            assert service.keys.destroy_due(CTX, datetime.now(UTC) + timedelta(days=8)) == ["k"]
+        write(name, version, values, **expected)
+
+    monkeypatch.setattr(store, "update_version", destroy_first)
+    with pytest.raises(Conflict):
+        service.keys.mark_compromised(ADMIN, CTX, "k", 1, datetime(2020, 1, 1, tzinfo=UTC))
+    assert _stored_versions(service) == [(1, True, True)]
+    with pytest.raises(KeyDestroyed, match="is destroyed"):
+        service.keys.mark_compromised(ADMIN, CTX, "k", 1, datetime(2020, 1, 1, tzinfo=UTC))
+    with pytest.raises(KeyDestroyed, match="is destroyed"):
+        service.keys.update(ADMIN, CTX, "k", KeyChanges(labels={"zombie": "yes"}))
+    assert service.catalogue.get("k").labels == {}
