@@ -279,6 +279,13 @@ def test_import_public_key_is_verify_only(api, admin):
     assert r.json() == {"valid": True, "key_version": 1}
     r = api.call("POST", "/v1/keys/imp/sign", admin, json={"input": b64(b"data")})
     assert r.status_code == 409
+    # it never rotates: a rotation period is refused, not kept and shown for nothing
+    rotating = {"name": "i5", "purpose": "p", "public_key": pem, "rotation_period": "30d"}
+    refused = api.call("POST", "/v1/keys", admin, json=rotating)
+    assert refused.status_code == 400 and "never rotates" in refused.text, refused.text
+    refused = api.call("PATCH", "/v1/keys/imp", admin, json={"rotation_period": "30d"})
+    assert refused.status_code == 400 and "never rotates" in refused.text, refused.text
+    assert "rotation_period" not in api.call("GET", "/v1/keys/imp", admin).json()
     bad = api.call(
         "POST", "/v1/keys", admin, json={"name": "i2", "purpose": "p", "public_key": "junk"}
     )

@@ -39,6 +39,10 @@ from kmsgate.text import several_pem_blocks, utc_timestamp
 T = TypeVar("T")
 log = logging.getLogger("kmsgate.keys")
 _SCHEDULED = Decision(allow=True, reasons=("deletion scheduled by an authorised caller",))
+_VERIFY_ONLY_NEVER_ROTATES = (
+    "an imported public key never rotates (kmsgate holds no private key to make a new "
+    "version with): no rotation_period"
+)
 ROTATION_RETRY = timedelta(minutes=1)
 """How long a key whose scheduled rotation failed waits before the next attempt."""
 CLOCK_SKEW = timedelta(minutes=1)
@@ -97,6 +101,8 @@ class Keys:
         self._check_rotation_period(new.rotation_period)
         if new.rotation_period is not None:
             _refuse_a_ca_key(new.name, new.purpose, "rotates on a schedule")
+            if importing:
+                raise InvalidRequest(_VERIFY_ONLY_NEVER_ROTATES)
         if new.public and new.type is not None and not parse_key_type(new.type).is_asymmetric:
             raise InvalidRequest(f"{new.type} keys have no public key to publish")
         if importing and new.purpose in _SIGNED_THROUGH_THE_GATEWAY:
@@ -458,6 +464,8 @@ class Keys:
                 fields["min_decrypt_version"] = minimum
             if changes.rotation_period is not None:
                 _refuse_a_ca_key(key.name, key.purpose, "rotates on a schedule")
+                if key.verify_only:
+                    raise InvalidRequest(_VERIFY_ONLY_NEVER_ROTATES)
             if changes.rotation_period is not None or changes.stop_rotation:
                 fields["rotation_period"] = changes.rotation_period
             if changes.labels is not None:
