@@ -202,6 +202,7 @@ def build_service(settings: Settings) -> Service:
             fsync_interval=settings.audit_fsync_interval,
             replica=settings.resolved_replica_id(),
             reserve=settings.audit_reserve_bytes,
+            anchors=store.audit_anchors.all(),
         ),
         tokens=TokenRegistry(store),
     )

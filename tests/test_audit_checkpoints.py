@@ -111,64 +111,86 @@ def open_sink(
     every_seconds: float = 60.0,
     replica: str = "r1",
 ) -> FileSink:
-    sink = FileSink(path, fsync_interval=0.01, replica=replica)
-    sink.start_checkpoints(CheckpointPolicy(signer, every_records, every_seconds, anchors.append))
+    """A sink on `path` signing checkpoints with `signer`, each appended to `anchors` (the
+    store keeps the last of each chain: `kept`), and held to the last of them for its
+    chain, as the gateway holds a chain to the store's."""
+    sink = FileSink(path, fsync_interval=0.01, replica=replica, anchors=anchors)
+    stored = kept(anchors).get((replica, sink.chain.name))
+    policy = CheckpointPolicy(signer, every_records, every_seconds, anchors.append)
+    sink.start_checkpoints(policy, stored)
     return sink
+
+
+def kept(anchors: list[AuditAnchor]) -> dict[tuple[str, str], AuditAnchor]:
+    """What the store keeps of `anchors`: the last one of each (replica, chain)."""
+    return {(anchor.replica, anchor.chain): anchor for anchor in anchors}
+
+
+class KeptAnchors(list[AuditAnchor]):
+    """Checkpoints as the store keeps them: appending one replaces the one before of its
+    replica and chain (the last is last)."""
+
+    def append(self, anchor: AuditAnchor) -> None:
+        self[:] = [a for a in self if (a.replica, a.chain) != (anchor.replica, anchor.chain)]
+        super().append(anchor)
 
 
 # -- the sink ---------------------------------------------------------------------------
 
 
 def test_a_checkpoint_follows_n_records(tmp_path: Path, signer: LocalSigner) -> None:
-    log, anchors = tmp_path / "audit.log", list[AuditAnchor]()
+    log, anchors = tmp_path / "audit.log", KeptAnchors()
     with open_sink(log, signer, anchors, every_records=10, every_seconds=3600) as sink:
+        (opening,) = checkpoints(log)  # the chain's start (seq 0), for the store to know it
+        assert opening["seq"] == 1 and detail(opening)["seq"] == 0
+        assert detail(opening)["hash"] == GENESIS_HASH and anchors[-1].record_seq == 1
         for n in range(9):
             sink.append(event(n))
         time.sleep(0.2)
-        assert checkpoints(log) == []  # 9 < 10 and an hour is far
+        assert len(checkpoints(log)) == 1  # 9 < 10 and an hour is far
         sink.append(event(9))
-        wait_for(lambda: len(checkpoints(log)) == 1)
-        (mark,) = checkpoints(log)
-        assert mark["seq"] == 11 and detail(mark)["seq"] == 10 and detail(mark)["final"] is False
-        assert detail(mark)["hash"] == records(log)[9]["hash"]
-        assert anchors[-1].record_seq == 11 and anchors[-1].seq == 10
+        wait_for(lambda: len(checkpoints(log)) == 2)
+        mark = checkpoints(log)[1]
+        assert mark["seq"] == 12 and detail(mark)["seq"] == 11 and detail(mark)["final"] is False
+        assert detail(mark)["hash"] == records(log)[10]["hash"]
+        assert anchors[-1].record_seq == 12 and anchors[-1].seq == 11
     report = AuditFile(log).verify(keys=signer.public_keys, anchors=anchors[-1:])
     assert report.ok, report
     (chain,) = report.checkpoints
-    assert (chain.checkpoints, chain.last_final, chain.unsigned) == (2, True, 0)
-    assert chain.signatures_checked == 2 and chain.anchored
+    assert (chain.checkpoints, chain.last_final, chain.unsigned) == (3, True, 0)
+    assert chain.signatures_checked == 3 and chain.anchored
 
 
 def test_a_checkpoint_follows_t_seconds(tmp_path: Path, signer: LocalSigner) -> None:
-    log, anchors = tmp_path / "audit.log", list[AuditAnchor]()
+    log, anchors = tmp_path / "audit.log", KeptAnchors()
     with open_sink(log, signer, anchors, every_records=1000, every_seconds=0.3) as sink:
         started = time.monotonic()
         sink.append(event(0))
-        wait_for(lambda: len(checkpoints(log)) == 1)
+        wait_for(lambda: len(checkpoints(log)) == 2)  # the opening one, then this one
         assert time.monotonic() - started >= 0.3
         time.sleep(0.5)
-        assert len(checkpoints(log)) == 1  # an idle log is not checkpointed again
-    assert signer.calls == 2  # the one above and the final one
+        assert len(checkpoints(log)) == 2  # an idle log is not checkpointed again
+    assert signer.calls == 3  # the opening one, the one above and the final one
 
 
 def test_close_writes_a_final_checkpoint_and_reopening_covers_it(
     tmp_path: Path, signer: LocalSigner
 ) -> None:
-    log, anchors = tmp_path / "audit.log", list[AuditAnchor]()
+    log, anchors = tmp_path / "audit.log", KeptAnchors()
     with open_sink(log, signer, anchors) as sink:
         sink.append(event(0))
     last = records(log)[-1]
     assert last["action"] == CHECKPOINT_ACTION and detail(last)["final"] is True
-    assert detail(last)["seq"] == 1 and anchors[-1].final
+    assert detail(last)["seq"] == 2 and anchors[-1].final  # after the opening one and event 0
     with open_sink(log, signer, anchors, replica="r2") as sink:  # the host was renamed
         reopening = records(log)[-1]
-        assert reopening["action"] == CHECKPOINT_ACTION and detail(reopening)["seq"] == 2
+        assert reopening["action"] == CHECKPOINT_ACTION and detail(reopening)["seq"] == 3
         sink.append(event(1))
-    assert {(a.replica, a.final) for a in anchors[-2:]} == {("r2", False), ("r2", True)}
-    report = AuditFile(log).verify(keys=signer.public_keys, anchors=[anchors[0], anchors[-1]])
+    assert {(a.replica, a.final) for a in anchors} == {("r1", True), ("r2", True)}
+    report = AuditFile(log).verify(keys=signer.public_keys, anchors=anchors)
     assert report.ok, report
-    assert report.checkpoints[0].checkpoints == 3
-    assert report.checkpoints[0].signatures_checked == 3 and report.checkpoints[0].anchored
+    assert report.checkpoints[0].checkpoints == 4
+    assert report.checkpoints[0].signatures_checked == 4 and report.checkpoints[0].anchored
 
 
 def test_a_closed_chain_is_not_reopened_without_a_signature(
@@ -196,7 +218,7 @@ def test_records_appended_after_the_final_checkpoint_fail_verify(
         sink.append(event(1))
     for keys in (None, signer.public_keys):
         report = AuditFile(log).verify(keys=keys)
-        assert not report.ok and report.first_bad_line == 3, report
+        assert not report.ok and report.first_bad_line == 4, report
         assert "follows the final checkpoint" in str(report.reason)
 
 
@@ -217,7 +239,7 @@ def test_a_renamed_copy_verifies_and_swapped_chain_files_do_not(
     """A checkpoint signs its chain file's name: an archived copy of the log under another
     name (each chain file renamed alike) still verifies, against the key and the store's
     checkpoints; a chain's records in another chain's file do not."""
-    log, anchors = tmp_path / "audit.log", list[AuditAnchor]()
+    log, anchors = tmp_path / "audit.log", KeptAnchors()
     second = chain_path(log, 1)
     for path in (log, second):
         with open_sink(path, signer, anchors) as sink:
@@ -256,7 +278,7 @@ def test_a_chain_file_given_to_verify_is_verified_with_its_log(
     """`audit verify audit.1.log` (a worker's chain file, the one a user of --workers picks)
     verifies the log it belongs to, every chain file of it: verified alone, the store's
     checkpoint of audit.log made it look deleted. A copy without its log stays one log."""
-    log, anchors = tmp_path / "audit.log", list[AuditAnchor]()
+    log, anchors = tmp_path / "audit.log", KeptAnchors()
     second = chain_path(log, 1)
     for path in (log, second):
         with open_sink(path, signer, anchors) as sink:
@@ -283,7 +305,7 @@ def test_an_idle_workers_chain_is_held_to_its_own_replicas_checkpoints(
     never got a request (an empty `audit.1.log`). r2's log verifies against the store (it
     used to be held to r1's checkpoint of `audit.1.log`: "records deleted from the end"),
     and r2's second chain emptied after it was checkpointed is still caught."""
-    anchors = list[AuditAnchor]()
+    anchors = KeptAnchors()
     for replica in ("r1", "r2"):
         log = tmp_path / replica / "audit.log"
         log.parent.mkdir()
@@ -298,7 +320,7 @@ def test_an_idle_workers_chain_is_held_to_its_own_replicas_checkpoints(
         keys=signer.public_keys, anchors=r2_anchors
     )
     assert report.ok and report.chains == 2, report
-    assert [(c.replica, c.records) for c in report.checkpoints] == [("r2", 2), ("", 0)]
+    assert [(c.replica, c.records) for c in report.checkpoints] == [("r2", 3), ("", 0)]
     # the same empty chain, where the store holds r2's checkpoint of it: cut
     report = AuditFile(tmp_path / "r2" / "audit.log").verify(
         keys=signer.public_keys, anchors=anchors
@@ -313,7 +335,7 @@ def test_a_cut_log_is_caught_whatever_replica_its_last_record_claims(
     """The store's checkpoint is looked up by the replica a checkpoint signed (or the
     config's), never by the unsigned `replica` of the log's last record: records cut
     from the end, one forged record naming another replica in their place, is caught."""
-    log, anchors = tmp_path / "audit.log", list[AuditAnchor]()
+    log, anchors = tmp_path / "audit.log", KeptAnchors()
     with open_sink(log, signer, anchors, every_records=2) as sink:
         for n in range(6):
             sink.append(event(n))
@@ -333,7 +355,7 @@ def test_a_new_replicas_log_before_its_first_checkpoint_says_how_to_place_it(
     """r2's log has no checkpoint yet, and nothing signed says it is r2's (it could be r1's
     log cut and rewritten): against the store, where r1 checkpointed `audit.log`, it fails,
     saying it may be another replica's log, and verifies once its writer is given."""
-    anchors = list[AuditAnchor]()
+    anchors = KeptAnchors()
     for replica in ("r1", "r2"):
         (tmp_path / replica).mkdir()
     with open_sink(tmp_path / "r1" / "audit.log", signer, anchors) as sink:
@@ -357,6 +379,35 @@ def test_a_new_replicas_log_before_its_first_checkpoint_says_how_to_place_it(
     )
     assert not cut.ok and "records deleted from the end" in str(cut.reason), cut
     assert "not replica" not in str(cut.reason)
+
+
+def test_a_chain_file_the_store_never_knew_is_left_alone_and_fails_verify(
+    tmp_path: Path, signer: LocalSigner
+) -> None:
+    """Whoever can write the log's directory (not the store, nor the audit key) writes
+    `audit.1.log`, a well-sealed chain of made-up records with its head file. A writer that
+    finds `audit.log` held claims the next chain file: it leaves that one alone (before, it
+    continued it, and its checkpoints vouched for the made-up records) and writes
+    `audit.2.log`, whose opening checkpoint tells the store about it; verify against the
+    store fails on the made-up chain, signed or not."""
+    log, anchors = tmp_path / "audit.log", KeptAnchors()
+    with open_sink(log, signer, anchors) as first:
+        first.append(event(0))
+        made_up = chain_path(log, 1)
+        rewrite(made_up, [{**records(log)[1], "request_id": "made-up"}] * 2)
+        planted = made_up.read_bytes()
+        with open_sink(log, signer, anchors) as second:
+            assert second.chain == chain_path(log, 2)
+            second.append(event(1))
+    assert made_up.read_bytes() == planted
+    assert {a.chain for a in anchors} == {"audit.log", "audit.2.log"}
+    for keys in (None, signer.public_keys):
+        report = AuditFile(log).verify(keys=keys, anchors=anchors)
+        assert not report.ok and report.chain == made_up, report
+        assert "holds 2 records and the store has no checkpoint of it" in str(report.reason)
+    made_up.unlink()
+    head_path(made_up).unlink()
+    assert AuditFile(log).verify(keys=signer.public_keys, anchors=anchors).ok
 
 
 # -- through the service: the backend signs, the store keeps the checkpoint ---------------
@@ -567,6 +618,32 @@ def test_verify_passes_on_the_untouched_log(stopped: tuple[Gateway, Path], copy:
     assert "matches the store" in result.out and "not verified" not in result.out
     plain = verify(str(copy / "audit.log"))
     assert plain.rc == 0 and "checkpoint signatures not verified" in plain.out, str(plain)
+
+
+def test_a_made_up_chain_file_fails_verify_and_no_gateway_vouches_for_it(
+    stopped: tuple[Gateway, Path], copy: Path, tmp_path: Path
+) -> None:
+    """A made-up `audit.1.log` (well sealed, with its head file) beside a stopped gateway's
+    log: `audit verify --data-dir` fails on it; a gateway with two workers started on the
+    data dir leaves it alone (before: a worker continued it, and signed the made-up
+    records into its checkpoints, which then "matched the store")."""
+    made_up = chain_path(copy / "audit.log", 1)
+    genuine = [r for r in records(copy / "audit.log") if r["action"] != CHECKPOINT_ACTION]
+    rewrite(made_up, [{**record, "request_id": "made-up"} for record in genuine[:2]])
+    planted = made_up.read_bytes()
+    key = ("--key", str(stopped[1]), "--data-dir", str(copy))
+    result = verify(str(copy / "audit.log"), *key)
+    assert result.rc == 1 and "audit.1.log" in result.err, str(result)
+    assert "holds 2 records and the store has no checkpoint of it" in result.err, str(result)
+    with running_gateway(tmp_path, "--workers", "2", data_dir=copy) as gw:
+        gw.ok("keys", "list")
+    assert made_up.read_bytes() == planted
+    result = verify(str(copy / "audit.log"), *key)
+    assert result.rc == 1 and "holds 2 records and the store has no checkpoint" in result.err
+    made_up.unlink()
+    head_path(made_up).unlink()
+    result = verify(str(copy / "audit.log"), *key)
+    assert result.rc == 0, str(result)
 
 
 def test_verify_takes_a_key_per_version_of_a_rotated_audit_key(tmp_path: Path) -> None:

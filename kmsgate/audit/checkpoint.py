@@ -23,7 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from kmsgate.algorithms import SIGN_ALGORITHMS, verify_with_public_key
-from kmsgate.audit.chain import canonical
+from kmsgate.audit.chain import GENESIS_HASH, canonical
 from kmsgate.store.checkpoints import AuditAnchor
 
 __all__ = [
@@ -299,7 +299,9 @@ def _mark_problem(
             f"record {line}: a checkpoint signed in chain file {mark.chain}, in {chain.name}, "
             f"where {name} belongs: chain files swapped or renamed"
         )
-    if not 1 <= mark.seq < line or hashes[mark.seq - 1] != mark.digest:
+    # seq 0: the chain's opening checkpoint, covering its start (the first record's prev)
+    covered = GENESIS_HASH if mark.seq == 0 else hashes[mark.seq - 1] if mark.seq < line else None
+    if mark.seq < 0 or covered != mark.digest:
         return line, f"record {line}: checkpoint covers seq {mark.seq}, not a record before it"
     if mark.final and mark.seq != line - 1:
         return line, f"record {line}: a final checkpoint must cover the record before it"

@@ -183,6 +183,7 @@ class AuditFile:
             checked.append((number, summary))
         summaries = [summary for _, summary in sorted(checked, key=lambda pair: pair[0])]
         missing = _missing_chain(self._path, summaries, anchors, replica)
+        missing = missing or _unknown_chain(summaries, anchors, replica)
         if missing is not None:
             return VerifyReport(False, records, 1, missing[1], missing[0], chains=len(chains))
         return VerifyReport(
@@ -304,6 +305,25 @@ def _missing_chain(
             return path.with_name(anchor.chain), (
                 f"chain file {anchor.chain} is missing but the store's last checkpoint of it "
                 f"is record {anchor.record_seq} (deleted)"
+            )
+    return None
+
+
+def _unknown_chain(
+    summaries: Sequence[ChainCheckpoints], anchors: Sequence[AuditAnchor], replica: str | None
+) -> tuple[Path, str] | None:
+    """(file, reason) for a chain file with records of which the store, which keeps
+    checkpoints of this log (of `replica`, when known), has none: a gateway keeping them
+    there checkpoints each chain from its start, so no gateway of this store wrote it."""
+    if not any(replica is None or anchor.replica == replica for anchor in anchors):
+        return None  # the store keeps no checkpoint of this log: nothing to compare
+    for summary in summaries:
+        if summary.records and not summary.anchored:
+            return summary.chain, (
+                f"chain file {summary.chain.name} holds {summary.records} records and the "
+                "store has no checkpoint of it: written by no gateway of this store (made up, "
+                "or another store's), or by one older than kmsgate's opening checkpoints that "
+                "stopped before its first checkpoint"
             )
     return None
 

@@ -24,9 +24,10 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 from kmsgate.audit.chain import GENESIS_HASH, canonical, decode, seal_problem, sealed_line
 from kmsgate.audit.checkpoint import (
@@ -163,11 +164,29 @@ def _check_head(
         raise ConfigError(f"audit log {path}: record seq {head[0]} does not match head file")
 
 
-def _claim_chain(path: Path) -> tuple[Path, int]:
-    """The first chain file of the audit log at `path` that no other process holds, opened
-    (created 0600 if missing) for append and locked for this process's life.
+class _Claimed(NamedTuple):
+    """A chain file this process holds: its path, descriptor and size, and what `_resume`
+    found in it."""
 
-    Raises ConfigError if no file can be opened or all `MAX_CHAINS` are held.
+    chain: Path
+    fd: int
+    size: int
+    seq: int
+    digest: str
+    closed_by: str | None
+
+
+def _claim_chain(path: Path, replica: str, anchors: Sequence[AuditAnchor]) -> _Claimed:
+    """The first chain file of the audit log at `path` that no other process holds and that
+    the store knows, opened (created 0600 if missing) for append, locked for this process's
+    life and resumed (`_resume`). When the store keeps checkpoints (`anchors`, of every
+    replica), a chain file with records was written by no gateway of this store (each
+    checkpoints its chain from the start) unless the store keeps a checkpoint of it as
+    `replica` (which `FileSink.start_checkpoints` requires it to hold) or it holds one kept
+    as another replica (this host's earlier name): else it is left alone (logged; `audit
+    verify --data-dir` fails on it), never continued and vouched for.
+
+    Raises ConfigError if no file can be opened or resumed, or all `MAX_CHAINS` are held.
     """
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     for number in range(MAX_CHAINS):
@@ -188,11 +207,42 @@ def _claim_chain(path: Path) -> tuple[Path, int]:
         try:
             if not existed:
                 _fsync_dir(chain.parent)
+            size = os.fstat(fd).st_size
+            claimed = _Claimed(chain, fd, size, *_resume(chain, fd, size))
+            named = [anchor for anchor in anchors if anchor.chain == chain.name]
+            known = (
+                not anchors
+                or not claimed.seq
+                or any(anchor.replica == replica for anchor in named)
+                or any(_holds(claimed, anchor) for anchor in named)
+            )
         except OSError as exc:
             os.close(fd)
-            raise ConfigError(f"cannot create audit log {chain}: {exc.strerror}") from exc
-        return chain, fd
+            raise ConfigError(f"cannot read audit log {chain}: {exc.strerror}") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        if known:
+            return claimed
+        os.close(fd)
+        _log.error(
+            "audit log %s holds %d records and the store has no checkpoint of it: written by "
+            "no gateway of this store; left alone (`kmsgate audit verify --data-dir` names it)",
+            chain,
+            claimed.seq,
+        )
     raise ConfigError(f"audit log {path}: all {MAX_CHAINS} chain files are held by writers")
+
+
+def _holds(claimed: _Claimed, anchor: AuditAnchor) -> bool:
+    """Whether the chain file `claimed` holds the record `anchor` names (its sequence
+    number and hash), reading back from the end as far as that record. Raises OSError."""
+    if anchor.record_seq == claimed.seq:
+        return claimed.digest == anchor.record_hash
+    if anchor.record_seq > claimed.seq:
+        return False
+    lines = _lines_from_end(claimed.fd, claimed.size - 1)
+    return _hash_at(lines, anchor.record_seq) == anchor.record_hash
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -221,11 +271,13 @@ class FileSink(AuditFile):
         fsync_interval: float = 0.05,
         replica: str | None = None,
         reserve: int = RESERVE_BYTES,
+        anchors: Sequence[AuditAnchor] = (),
     ) -> None:
         """Claim a chain file of the audit log at `path` (see `_claim_chain`) and resume
         its chain from the last record. `replica`: the id every record names (a replica's
         records stay its own once shipped elsewhere). `reserve`: bytes kept free for
-        reserved records (see `append`).
+        reserved records (see `append`). `anchors`: the store's checkpoints (of every
+        replica's chains), by which a chain file no gateway of the store wrote is left alone.
 
         Raises ConfigError if no chain file can be opened and locked, the claimed file's
         last line is torn or not a sealed record, or its head file shows records deleted or
@@ -240,17 +292,11 @@ class FileSink(AuditFile):
         self.fsyncs = 0
         self.fsync_seconds = 0.0
         """Group commits so far and the time they took (for /metrics)."""
-        self._chain, self._fd = _claim_chain(self._path)
-        try:
-            self._size = os.fstat(self._fd).st_size
-            seq, digest, closed_by = _resume(self._chain, self._fd, self._size)
-        except OSError as exc:
-            os.close(self._fd)
-            raise ConfigError(f"cannot read audit log {self._chain}: {exc.strerror}") from exc
-        except BaseException:
-            os.close(self._fd)
-            raise
+        claimed = _claim_chain(self._path, replica or "", anchors)
+        self._chain, self._fd, self._size = claimed.chain, claimed.fd, claimed.size
+        seq, digest, closed_by = claimed.seq, claimed.digest, claimed.closed_by
         self._head = (seq, digest)
+        self._found = seq  # the records the file held when this process claimed it
         self._synced = seq  # the last record an fsync covered (at start: the file's last)
         self._reserve = reserve
         self._capacity = self._size_limit()
@@ -458,10 +504,16 @@ class FileSink(AuditFile):
         covering it, so call this before anything is appended. `stored`: the chain's last
         checkpoint as the store keeps it, which the chain file must hold.
 
+        A chain file that was new (empty) when this process claimed it gets a checkpoint at
+        once, covering what this process wrote so far (seq 0: nothing), when the policy
+        keeps checkpoints in the store (`anchor`): the store then knows every chain from its
+        start, and a chain file with records it has no checkpoint of is no gateway's of
+        this store (`_claim_chain` leaves it alone, `audit verify` fails on it).
+
         Raises ConfigError if the chain file does not hold `stored` (another gateway writes
-        as this replica, or the file was cut, replaced or edited) or the reopening
-        checkpoint cannot be made; RuntimeError if checkpoints were started already or the
-        sink is closed.
+        as this replica, or the file was cut, replaced or edited) or the opening or
+        reopening checkpoint cannot be made; RuntimeError if checkpoints were started
+        already or the sink is closed.
         """
         if stored is not None:
             self._require(stored)
@@ -469,11 +521,11 @@ class FileSink(AuditFile):
             if self._policy is not None or self._closed:
                 raise RuntimeError("audit checkpoints already started, or the log is closed")
             self._policy = policy
-        if self._reopened and not self._checkpoint(final=False):
+        opening = stored is None and policy.anchor is not None and not self._found
+        if (self._reopened or opening) and not self._checkpoint(final=False):
             why = f": {self._unsigned_why}" if self._unsigned_why else ""
-            raise ConfigError(
-                f"audit log {self._chain}: cannot sign the checkpoint reopening it{why}"
-            )
+            what = "reopening" if self._reopened else "opening"
+            raise ConfigError(f"audit log {self._chain}: cannot sign the checkpoint {what} it{why}")
         thread = threading.Thread(
             target=self._checkpoint_loop, name="kmsgate-audit-checkpoint", daemon=True
         )
@@ -484,16 +536,12 @@ class FileSink(AuditFile):
         """Raises ConfigError unless this chain file holds the record `stored` names (its
         sequence number and hash), reading back from the end as far as that record."""
         seq, digest = self._head
-        if stored.record_seq == seq:
-            found: object = digest
-        elif stored.record_seq > seq:
-            found = None
-        else:
-            try:
-                found = _hash_at(_lines_from_end(self._fd, self._size - 1), stored.record_seq)
-            except OSError as exc:
-                raise ConfigError(f"cannot read audit log {self._chain}: {exc.strerror}") from exc
-        if found != stored.record_hash:
+        claimed = _Claimed(self._chain, self._fd, self._size, seq, digest, None)
+        try:
+            held = _holds(claimed, stored)
+        except OSError as exc:
+            raise ConfigError(f"cannot read audit log {self._chain}: {exc.strerror}") from exc
+        if not held:
             raise ConfigError(
                 f"audit log {self._chain} does not hold the last checkpoint the store keeps for "
                 f"replica {stored.replica!r}, chain {stored.chain} (record {stored.record_seq}, "
