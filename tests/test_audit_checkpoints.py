@@ -33,7 +33,7 @@ from kmsgate.auth import Principal
 from kmsgate.bootstrap import build_service, ensure_dev_audit_key
 from kmsgate.cli.auditcheck import checkpoint_lines, stored_anchors
 from kmsgate.config import DEV_AUDIT_KEY, Settings
-from kmsgate.errors import ConfigError, InvalidRequest
+from kmsgate.errors import ConfigError, InvalidRequest, Unavailable
 from kmsgate.service import Ctx
 from kmsgate.service.requests import SignInput
 from kmsgate.store import Store
@@ -206,6 +206,24 @@ def test_a_closed_chain_is_not_reopened_without_a_signature(
     with FileSink(log) as sink, pytest.raises(ConfigError, match="reopening"):
         sink.start_checkpoints(CheckpointPolicy(refuse))
     assert records(log)[-1]["action"] == CHECKPOINT_ACTION  # nothing appended
+
+
+def test_a_new_chain_whose_opening_checkpoint_cannot_be_signed_is_written_all_the_same(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit key's backend is down as a gateway starts on a new chain: the opening
+    checkpoint is logged as not signed and the chain is written (the store learns of it
+    with its next checkpoint), rather than the gateway refusing to start."""
+    log, anchors = tmp_path / "audit.log", KeptAnchors()
+
+    def refuse(payload: bytes) -> CheckpointSignature:
+        raise Unavailable("the audit key's backend is down")
+
+    with FileSink(log, anchors=anchors) as sink:
+        sink.start_checkpoints(CheckpointPolicy(refuse, anchor=anchors.append))
+        sink.append(event(0))
+    assert [r["action"] for r in records(log)] == ["sign"] and anchors == []
+    assert "audit checkpoint not signed" in caplog.text
 
 
 def test_records_appended_after_the_final_checkpoint_fail_verify(

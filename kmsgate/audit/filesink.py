@@ -511,9 +511,9 @@ class FileSink(AuditFile):
         this store (`_claim_chain` leaves it alone, `audit verify` fails on it).
 
         Raises ConfigError if the chain file does not hold `stored` (another gateway writes
-        as this replica, or the file was cut, replaced or edited) or the opening or
-        reopening checkpoint cannot be made; RuntimeError if checkpoints were started
-        already or the sink is closed.
+        as this replica, or the file was cut, replaced or edited) or the reopening
+        checkpoint cannot be made (an opening one that cannot is logged); RuntimeError if
+        checkpoints were started already or the sink is closed.
         """
         if stored is not None:
             self._require(stored)
@@ -521,11 +521,16 @@ class FileSink(AuditFile):
             if self._policy is not None or self._closed:
                 raise RuntimeError("audit checkpoints already started, or the log is closed")
             self._policy = policy
-        opening = stored is None and policy.anchor is not None and not self._found
-        if (self._reopened or opening) and not self._checkpoint(final=False):
-            why = f": {self._unsigned_why}" if self._unsigned_why else ""
-            what = "reopening" if self._reopened else "opening"
-            raise ConfigError(f"audit log {self._chain}: cannot sign the checkpoint {what} it{why}")
+        if self._reopened:
+            if not self._checkpoint(final=False):
+                why = f": {self._unsigned_why}" if self._unsigned_why else ""
+                raise ConfigError(
+                    f"audit log {self._chain}: cannot sign the checkpoint reopening it{why}"
+                )
+        elif stored is None and policy.anchor is not None and not self._found:
+            # the chain's opening; unsigned (logged), the store learns of the chain with its
+            # next checkpoint, and the gateway starts all the same
+            self._checkpoint(final=False)
         thread = threading.Thread(
             target=self._checkpoint_loop, name="kmsgate-audit-checkpoint", daemon=True
         )
