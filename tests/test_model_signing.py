@@ -329,6 +329,29 @@ def test_gateway_rejects_signature_made_after_compromise(
     stock_api_verify(model, result.bundle_path, pem_file(tmp_path, result.public_key_pem))
 
 
+def test_a_trust_bundle_listing_a_key_twice_holds_it_to_both_listings(
+    tmp_path: Path, client: Client, key: str
+) -> None:
+    """The compromised version's public key is also in the trust bundle under another name
+    (an imported copy, with no compromise marked), listed first: the bundle, its
+    provenance removed (no signing time), is still refused. Before, the first listing whose
+    hint matched decided, and the copy let the model through."""
+    model = make_model(tmp_path)
+    result = sign_model(model, GatewaySigner(client, key))
+    client.key_action(key, "rotate")
+    _mark_compromised(client, key, 1, result.signed_at - timedelta(minutes=1))
+    doc = export_trust_bundle(client, [key])
+    (listed,) = [v for v in doc["keys"][0]["versions"] if v["version"] == 1]
+    copy = {**listed, "compromised_since": None}
+    doubled = {**doc, "keys": [{"name": "a-copy", "versions": [copy]}, *doc["keys"]]}
+    assert result.provenance_path is not None
+    result.provenance_path.unlink()
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(model, result.bundle_path, TrustBundle.parse(doubled))
+    assert info.value.failure is Failure.KEY_STATUS, info.value.detail
+    assert f"{key} v1 is compromised" in info.value.detail
+
+
 def test_signature_made_before_compromise_still_verifies(
     tmp_path: Path, client: Client, key: str
 ) -> None:

@@ -222,7 +222,10 @@ class TrustBundle:
             raise BundleError(f"malformed trust bundle: {exc!r}") from None
         return cls(out)
 
-    def _find(self, bundle: SignedBundle) -> TrustedVersion:
+    def _find(self, bundle: SignedBundle) -> list[TrustedVersion]:
+        """The versions the bundle's public-key hint (else its key id) names: several when
+        the file lists one public key more than once (under two names). Raises
+        UnknownKeyError for none."""
         candidates = [
             v for v in self.versions if bundle.hint is None or key_hint(v.public_key) == bundle.hint
         ]
@@ -231,16 +234,23 @@ class TrustBundle:
             candidates = [v for v in candidates if (v.key, v.version) == parsed]
         if not candidates:
             raise UnknownKeyError("no key in the trust bundle matches the bundle's public-key hint")
-        return candidates[0]
+        return candidates
 
     def resolve(self, bundle: SignedBundle) -> tuple[PublicKeyTypes, KeyRef]:
-        found = self._find(bundle)
+        found = self._find(bundle)[0]
         return found.public_key, KeyRef(found.key, found.version)
 
     def status(
         self, ref: KeyRef, bundle: SignedBundle, alg: SignAlg, signed_at: datetime | None
     ) -> KeyStatus:
-        v = self._find(bundle)
+        """The key's status at `signed_at`. A public key the file lists more than once holds
+        only if every listing does: a compromise marked on one is not escaped through
+        another name. Raises KeyStatusError (the first listing that refuses)."""
+        statuses = [self._status(v, signed_at) for v in self._find(bundle)]
+        return statuses[0]
+
+    def _status(self, v: TrustedVersion, signed_at: datetime | None) -> KeyStatus:
+        """`status` for one listing. Raises KeyStatusError."""
         label = f"{v.key} v{v.version}"
         if signed_at is None:
             self._check_untimed(v, label)
