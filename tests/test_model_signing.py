@@ -835,10 +835,13 @@ def test_signing_writes_nothing_into_the_model_unless_it_succeeds(
         sign_model(model, GatewaySigner(client, key, algorithm="ecdsa-sha512"))
 
     own = model / "checksums.json"
-    own.write_text('{"vendor": "theirs"}')
-    with pytest.raises(SigningError, match="the model's own file"):
-        sign_model(model, GatewaySigner(client, key))
-    assert own.read_text() == '{"vendor": "theirs"}'
+    # the vendor's, even one sharing kmsgate's members (it used to be taken for kmsgate's
+    # by its "algorithm" alone, and overwritten)
+    for theirs in ('{"vendor": "theirs"}', '{"algorithm": "sha256", "files": [], "note": "v"}'):
+        own.write_text(theirs)
+        with pytest.raises(SigningError, match="the model's own file"):
+            sign_model(model, GatewaySigner(client, key))
+        assert own.read_text() == theirs
     own.unlink()
     sign_model(model, GatewaySigner(client, key))
     (model / "config.json").write_bytes(b'{"layers": 3}\n')

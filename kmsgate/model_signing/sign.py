@@ -133,8 +133,7 @@ def _refuse_a_foreign_checksums_file(model: Path, *, ours: bool) -> None:
     if not path.is_file():
         return
     try:
-        doc = json.loads(path.read_bytes())
-        written = isinstance(doc, dict) and doc.get("algorithm") == mf.HASH_TYPE
+        written = _of_our_shape(json.loads(path.read_bytes()), mf.model_name_of(model))
     except (OSError, ValueError):
         written = False
     if ours and not written:
@@ -147,6 +146,21 @@ def _refuse_a_foreign_checksums_file(model: Path, *, ours: bool) -> None:
             f"{path} was written by an earlier signing and would be signed as a model file: "
             "remove it, or sign without --no-checksums"
         )
+
+
+def _of_our_shape(doc: object, model_name: str) -> bool:
+    """Whether `doc` is what `checksums_document` writes for the model `model_name`: those
+    members and no other, each file `{path, sha256}` (a model's own `checksums.json` that
+    merely shares a member or two is not)."""
+    if not isinstance(doc, dict) or set(doc) != {"model", "algorithm", "files"}:
+        return False
+    files = doc["files"]
+    return (
+        doc["model"] == model_name
+        and doc["algorithm"] == mf.HASH_TYPE
+        and isinstance(files, list)
+        and all(isinstance(f, dict) and set(f) == {"path", "sha256"} for f in files)
+    )
 
 
 @dataclass
