@@ -782,6 +782,17 @@ def test_a_model_signed_with_its_git_paths_verifies_with_them(
     with pytest.raises(ModelVerificationError) as info:
         verify_model(model, result.bundle_path, trust)
     assert info.value.report.integrity["mismatched"] == [".git/config"]
+    # signed so without any git path, then some planted: extra files, as the stock
+    # verifier says when told the same (kmsgate's used to ignore them: it has no option)
+    bare = make_model(tmp_path / "bare")
+    (bare / ".gitignore").unlink()
+    signed = sign_model(bare, GatewaySigner(client, key), ignore_git_paths=False)
+    (bare / ".gitattributes").write_text("* filter=evil\n")
+    (bare / ".git").mkdir()
+    (bare / ".git" / "config").write_text("planted\n")
+    with pytest.raises(ModelVerificationError) as info:
+        verify_model(bare, signed.bundle_path, PublicKeyTrust.from_pem(signed.public_key_pem))
+    assert info.value.report.integrity["extra"] == [".git/config", ".gitattributes"]
 
 
 def test_a_symlinked_directory_is_never_signed_past(

@@ -80,13 +80,16 @@ def check_integrity(
     workers: int | None = None,
     progress: mf.Progress | None = None,
 ) -> tuple[list[str], list[str], list[str]]:
-    """(mismatched, missing, extra) file names of `model` against `expected`. Git's paths
-    are ignored (`ignore_git_paths`) unless the manifest lists files under them: the model
-    was then signed with them."""
+    """(mismatched, missing, extra) file names of `model` against `expected`. The paths the
+    signer ignored are: a signer that says which (kmsgate, model_signing 1.x) lists git's
+    paths among them when it ignored them, so a model signed with them, or without them
+    and none there, is held to them. A manifest listing nothing ignored (an older signer)
+    gets model_signing's default: git's paths ignored (`ignore_git_paths`) unless the
+    manifest lists files under them."""
     want = expected.digests()
     git = [
         path
-        for path in (mf.GIT_PATHS if ignore_git_paths else ())
+        for path in (mf.GIT_PATHS if ignore_git_paths and not expected.ignore_paths else ())
         if not any(name == path or name.startswith(f"{path}/") for name in want)
     ]
     ignores = [*expected.ignore_paths, *extra_ignores, *git]
