@@ -47,7 +47,7 @@ from kmsgate.model_signing import (
 )
 from kmsgate.model_signing import manifest as mf
 from kmsgate.model_signing import sign as signing
-from kmsgate.model_signing.bundle import pae
+from kmsgate.model_signing.bundle import BundleError, SignedBundle, pae
 from kmsgate.model_signing.manifest import hash_files
 from kmsgate.model_signing.provenance import parse_time
 from kmsgate.text import utc_timestamp
@@ -1114,3 +1114,43 @@ def test_a_model_named_dot_dot_is_named_as_model_signing_names_it(
     assert mf.model_name_of(Path("..")) == "models"
     assert mf.model_name_of(Path(".")) == "inner"
     assert mf.model_name_of(tmp_path / "models") == "models"
+
+
+@pytest.mark.timeout(20)
+def test_thousands_of_files_an_ignore_glob_matches_are_listed_in_linear_time(
+    tmp_path: Path,
+) -> None:
+    """3,000 `*.log` files beside the model's: each is recorded as an ignored path and none
+    is signed. Each file used to be looked up against every path recorded before it (3,000
+    took minutes, past this test's 20 s); now by its prefixes in a set."""
+    model = tmp_path / "m"
+    (model / "runs").mkdir(parents=True)
+    for n in range(3000):
+        (model / "runs" / f"{n}.log").write_bytes(b"")
+    (model / "weights.bin").write_bytes(b"w")
+    (model / "runs" / "keep.bin").write_bytes(b"k")
+    names, matched = mf.list_files(model, [".git"], patterns=["*.log"])
+    assert sorted(names) == ["runs/keep.bin", "weights.bin"]
+    assert len(matched) == 3000 and "runs/2999.log" in matched
+    again, _ = mf.list_files(model, [".git", *matched])  # as verify reads the manifest
+    assert again == names
+
+
+def test_odd_inputs_are_clear_errors_not_crashes(tmp_path: Path) -> None:
+    """A bundle nested 200,000 levels deep, a model tree nested past Python's recursion
+    limit, and a model directory whose name is not UTF-8 are each refused with a reason
+    (they used to end in "unexpected RecursionError/UnicodeEncodeError (a bug?)")."""
+    with pytest.raises(BundleError, match="nested too deeply"):
+        SignedBundle.from_json(b"[" * 200_000)
+    deep = path = tmp_path / "deep"
+    for _ in range(1_100):  # level by level: Path.mkdir(parents=True) recurses too
+        path.mkdir()
+        path = path / "d"
+    path.mkdir()
+    (path / "f.bin").write_bytes(b"x")
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        mf.list_files(deep)
+    odd = tmp_path / os.fsdecode(b"model-\xff")
+    odd.mkdir()
+    with pytest.raises(ManifestError, match="not UTF-8"):
+        mf.model_name_of(odd)

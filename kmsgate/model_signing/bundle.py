@@ -142,6 +142,8 @@ class SignedBundle:
             doc = json.loads(self.payload)
         except ValueError as exc:
             raise BundleError(f"DSSE payload is not JSON: {exc}") from None
+        except RecursionError:
+            raise BundleError("DSSE payload is nested too deeply") from None
         if not isinstance(doc, dict) or doc.get("_type") != STATEMENT_TYPE:
             raise BundleError("DSSE payload is not an in-toto Statement v1")
         return doc
@@ -185,6 +187,8 @@ class SignedBundle:
             raise
         except (KeyError, TypeError, AttributeError, ValueError, binascii.Error) as exc:
             raise BundleError(f"not a Sigstore DSSE bundle: {exc!r}") from None
+        except RecursionError:
+            raise BundleError("not a Sigstore DSSE bundle: nested too deeply") from None
 
 
 def parse_keyid(keyid: str) -> tuple[str, int] | None:

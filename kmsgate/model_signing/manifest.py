@@ -95,14 +95,20 @@ class Manifest:
         return sum((root / f.name).stat().st_size for f in self.files)
 
 
-def is_ignored(rel: str, ignore_paths: Iterable[str]) -> bool:
-    """True when `rel` equals or lies under one of `ignore_paths` (model_signing semantics)."""
-    parts = PurePosixPath(rel).parts
-    for ignored in ignore_paths:
-        prefix = PurePosixPath(ignored).parts
-        if parts[: len(prefix)] == prefix:
-            return True
-    return False
+class _Ignored:
+    """Ignored paths (model_signing semantics: a path and everything under it), looked up
+    by each prefix of a path: as fast with 10,000 of them as with one."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self._prefixes = {PurePosixPath(path).parts for path in paths}
+
+    def add(self, path: str) -> None:
+        self._prefixes.add(PurePosixPath(path).parts)
+
+    def covers(self, rel: str) -> bool:
+        """Whether `rel` equals or lies under one of the paths."""
+        parts = PurePosixPath(rel).parts
+        return any(parts[:n] in self._prefixes for n in range(1, len(parts) + 1))
 
 
 def _matches(rel: str, patterns: Sequence[str]) -> bool:
@@ -134,7 +140,20 @@ def list_files(
     ManifestError for a symlink (unless `allow_symlinks`; the message ends with
     `symlink_hint`), a symlink to a directory or a special file.
     """
-    ignored = list(ignore_paths)
+    try:
+        return _walk(root, _Ignored(ignore_paths), patterns, allow_symlinks, symlink_hint)
+    except RecursionError:  # os.walk recurses once per level
+        raise ManifestError(f"{root}: directories nested too deeply to sign") from None
+
+
+def _walk(
+    root: Path,
+    ignored: _Ignored,
+    patterns: Sequence[str],
+    allow_symlinks: bool,
+    symlink_hint: str,
+) -> tuple[list[str], list[str]]:
+    """`list_files`, with the ignored paths as `_Ignored`. Raises ManifestError."""
     files: list[str] = []
     matched: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=_unreadable):
@@ -142,7 +161,7 @@ def list_files(
         rel_dir = base.relative_to(root).as_posix()
         for name in sorted([*dirnames, *filenames]):
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            if is_ignored(rel, ignored):
+            if ignored.covers(rel):
                 continue
             if not _utf8(rel):
                 raise ManifestError(
@@ -151,7 +170,7 @@ def list_files(
                 )
             if patterns and _matches(rel, patterns):
                 matched.append(rel)
-                ignored.append(rel)
+                ignored.add(rel)
                 continue
             full = base / name
             try:
@@ -175,7 +194,7 @@ def list_files(
                     files.append(rel)
             elif not stat.S_ISDIR(mode):
                 raise ManifestError(f"{rel} is neither a file nor a directory")
-        dirnames[:] = [d for d in dirnames if not is_ignored(_join(rel_dir, d), ignored)]
+        dirnames[:] = [d for d in dirnames if not ignored.covers(_join(rel_dir, d))]
     return files, matched
 
 
@@ -252,9 +271,16 @@ class _Stopped(Exception):
 
 def model_name_of(root: Path) -> str:
     """The subject name model_signing uses: the directory's final component, or, for `.`
-    and `..`, the final component of the directory they name (as model_signing does)."""
+    and `..`, the final component of the directory they name (as model_signing does).
+    Raises ManifestError if it is not UTF-8."""
     name = root.name
-    return root.resolve().name if name in ("", "..") else name
+    name = root.resolve().name if name in ("", "..") else name
+    if not _utf8(name):
+        raise ManifestError(
+            f"{shown(name)}: a model directory whose name is not UTF-8 cannot be signed (the "
+            "signature names the model in UTF-8): rename it"
+        )
+    return name
 
 
 def checksums_document(manifest: Manifest) -> bytes:

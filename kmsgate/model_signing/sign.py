@@ -125,15 +125,16 @@ def gateway_public_key(
     return wanted, public_key_from_jwk(found[wanted])
 
 
-def _refuse_a_foreign_checksums_file(model: Path, *, ours: bool) -> None:
-    """Raises SigningError when the model holds a `checksums.json` this signing would
-    overwrite (`ours`) but did not write, or would sign as a model file (not `ours`) but
-    an earlier signing wrote: verification would read it as kmsgate's and fail."""
+def _refuse_a_foreign_checksums_file(model: Path, name: str, *, ours: bool) -> None:
+    """Raises SigningError when the model (named `name`) holds a `checksums.json` this
+    signing would overwrite (`ours`) but did not write, or would sign as a model file (not
+    `ours`) but an earlier signing wrote: verification would read it as kmsgate's and
+    fail."""
     path = model / CHECKSUMS_NAME
     if not path.is_file():
         return
     try:
-        written = _of_our_shape(json.loads(path.read_bytes()), mf.model_name_of(model))
+        written = _of_our_shape(json.loads(path.read_bytes()), name)
     except (OSError, ValueError):
         written = False
     if ours and not written:
@@ -414,7 +415,8 @@ def sign_model(
     ignored = list(mf.GIT_PATHS) if ignore_git_paths else []
     ignored += [rel for p in outputs if (rel := _relative_inside(p, model)) is not None]
     checksums_path = model / CHECKSUMS_NAME if checksums else None
-    _refuse_a_foreign_checksums_file(model, ours=checksums)
+    name = mf.model_name_of(model)  # before hashing: a name the statement cannot hold
+    _refuse_a_foreign_checksums_file(model, name, ours=checksums)
     skip = [*ignored, CHECKSUMS_NAME] if checksums else ignored
 
     alg = signer.resolve_algorithm()  # fail on key/permission problems before hashing
@@ -430,7 +432,6 @@ def sign_model(
     if on_total is not None:
         on_total(sizes)
     files = mf.hash_files(model, names, workers=workers, progress=progress)
-    name = mf.model_name_of(model)
     checksums_doc = b""
     if checksums_path is not None:  # written with the bundle, once the signing succeeded
         checksums_doc = mf.checksums_document(mf.Manifest.build(name, files))
