@@ -14,3 +14,12 @@ deny contains "a token can carry only roles its creator holds" if {
 	some role in input.request.roles
 	not role in roles
 }
+
+# The four-eyes rule counts principals, and each token is one: a holder of `approver` who
+# could mint another `approver` token would approve its own JIT requests with it. Only an
+# admin gives the role, to someone else.
+deny contains "only an admin gives the approver role" if {
+	input.action == "token.create"
+	not "admin" in input.principal.roles
+	"approver" in input.request.roles
+}

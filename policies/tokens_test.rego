@@ -27,3 +27,9 @@ test_admin_tokens_may_carry_any_role if {
 test_other_actions_are_not_touched if {
 	count(data.kmsgate.authz.deny) == 0 with input as object.union(token_create(["ci"], ["admin"]), {"action": "token.list"})
 }
+
+test_only_an_admin_gives_the_approver_role if {
+	data.kmsgate.authz.deny == {"only an admin gives the approver role"} with input as token_create(["token-admin", "approver"], ["approver"])
+	count(data.kmsgate.authz.deny) == 0 with input as token_create(["admin"], ["approver"])
+	count(data.kmsgate.authz.deny) == 0 with input as token_create(["token-admin", "approver", "ci"], ["ci"])
+}

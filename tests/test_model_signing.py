@@ -1146,10 +1146,13 @@ def test_odd_inputs_are_clear_errors_not_crashes(tmp_path: Path) -> None:
     for _ in range(1_100):  # level by level: Path.mkdir(parents=True) recurses too
         path.mkdir()
         path = path / "d"
-    path.mkdir()
-    (path / "f.bin").write_bytes(b"x")
-    with pytest.raises(ManifestError, match="nested too deeply"):
-        mf.list_files(deep)
+    try:
+        with pytest.raises(ManifestError, match="nested too deeply"):
+            mf.list_files(deep)
+    finally:  # shutil.rmtree, and pytest's clean-up of old temp dirs with it, recurses too
+        while path != deep:
+            path = path.parent
+            path.rmdir()
     odd = tmp_path / os.fsdecode(b"model-\xff")
     odd.mkdir()
     with pytest.raises(ManifestError, match="not UTF-8"):

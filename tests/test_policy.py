@@ -813,6 +813,48 @@ def test_a_token_maker_other_than_admin_hands_out_only_its_own_roles(tmp_path: P
         assert api.call("POST", "/v1/sys/tokens", admin, json={"roles": ["ml-sec"]}).is_success
 
 
+def test_a_token_outlives_neither_the_token_that_made_it_nor_hands_out_approver(
+    tmp_path: Path,
+) -> None:
+    """A team's `token-admin` token with a 1h ttl makes tokens for at most what it has
+    left (400 beyond, and for none: before, a 60 s token made one that never expired);
+    the policy sees the ttl asked (`request.ttl`) and the trail keeps it. Nor does it give
+    `approver`, which it holds: a second approver token would approve its own JIT
+    requests (four-eyes counts principals)."""
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED, policies)
+    (policies / "token_admin.rego").write_text(
+        "package kmsgate.authz\nimport rego.v1\n"
+        'allow if { input.action == "token.create"; "token-admin" in roles }\n'
+        'deny contains "a week at most" if {\n'
+        '  input.action == "token.create"; input.request.ttl > 604800 }\n'
+    )
+    with open_gateway(tmp_path, policy_dir=policies) as (api, admin):
+        body = {"roles": ["token-admin", "ci", "approver"], "ttl": "1h"}
+        made = api.call("POST", "/v1/sys/tokens", admin, json=body).json()["token"]
+        for ttl, status in ((None, 400), ("2h", 400), ("30m", 201)):
+            asked = {"roles": ["ci"], **({"ttl": ttl} if ttl else {})}
+            reply = api.call("POST", "/v1/sys/tokens", made, json=asked)
+            assert reply.status_code == status, (ttl, reply.text)
+        assert (
+            "cannot outlive the token that creates it"
+            in api.call("POST", "/v1/sys/tokens", made, json={"roles": ["ci"]}).text
+        )
+        week = api.call("POST", "/v1/sys/tokens", admin, json={"roles": ["ci"], "ttl": "8d"})
+        assert week.status_code == 403, week.text  # a veto reads as any refusal
+        seven = api.call("POST", "/v1/sys/tokens", admin, json={"roles": ["ci"], "ttl": "7d"})
+        assert seven.status_code == 201, seven.text
+        refused = api.call(
+            "POST", "/v1/sys/tokens", made, json={"roles": ["approver"], "ttl": "5m"}
+        )
+        assert refused.status_code == 403, refused.text
+        records = api.service.audit.search(action="token.create").records
+        assert "denied: only an admin gives the approver role" in records[-1]["reasons"]
+        made_ok = [r["detail"] for r in records if r["outcome"] == "ok" and r["detail"]["ttl"]]
+        assert [d["ttl"] for d in made_ok] == [3600, 1800, 604800]
+        assert all(d["expires_at"] for d in made_ok)
+
+
 def test_a_rule_tells_adopting_a_backend_key_from_importing_a_public_key(tmp_path: Path) -> None:
     """Both are `key.import`; `request.adopt` says which, so a team can refuse adoption (a
     key on its HSM or KMS used from now on) while public keys are imported as before."""

@@ -54,10 +54,14 @@ class TokenInfo:
     session_start: str = field(init=False, repr=False, compare=False)
     """When the token's session began, as policies read it (`claims.session_start`, RFC
     3339): its creation (formatted once, not on every request)."""
+    ends: str | None = field(init=False, repr=False, compare=False)
+    """When it expires, as policies read it (`claims.expires_at`, RFC 3339), or None."""
 
     def __post_init__(self) -> None:
         started = utc_timestamp(self.created_at)
         object.__setattr__(self, "session_start", started)
+        ends = utc_timestamp(self.expires_at) if self.expires_at else None
+        object.__setattr__(self, "ends", ends)
 
     def to_dict(self) -> dict[str, object]:
         """The REST representation: never the secret or its hash."""
@@ -187,7 +191,7 @@ class TokenRegistry(StoreMirror):
             id=f"token:{info.id}",
             kind="token",
             roles=info.roles,
-            claims={"session_start": info.session_start},
+            claims={"session_start": info.session_start, "expires_at": info.ends},
         )
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from kmsgate.audit import AuditPage
 from kmsgate.auth import Principal, TokenInfo, TokenRegistry, token_id_of
@@ -51,15 +51,21 @@ class System:
     # -- tokens ----------------------------------------------------------------------------
 
     def create_token(self, principal: Principal, ctx: Ctx, new: NewToken) -> tuple[TokenInfo, str]:
-        """A new API token; the secret string is returned once and never stored. Raises
-        PolicyDenied, InvalidRequest (roles)."""
+        """A new API token; the secret string is returned once and never stored. A token
+        that creates one cannot give it a longer life than its own. Raises PolicyDenied,
+        InvalidRequest (roles, a ttl past the creating token's end)."""
+        ttl = int(new.ttl.total_seconds()) if new.ttl is not None else None
 
         def create(outcome: Outcome) -> tuple[TokenInfo, str]:
+            _refuse_outliving(principal, new.ttl)
             info, secret = self.tokens.create(new.roles, ttl=new.ttl, description=new.description)
-            outcome.detail.update(token_id=info.id, roles=list(info.roles))
+            outcome.detail.update(
+                token_id=info.id, roles=list(info.roles), ttl=ttl, expires_at=info.ends
+            )
             return info, secret
 
-        call = Call(principal, ctx, "token.create", {"kind": "token"}, {"roles": list(new.roles)})
+        asked = {"roles": list(new.roles), "ttl": ttl}
+        call = Call(principal, ctx, "token.create", {"kind": "token"}, asked)
         return self.gate.run(call, create)
 
     def list_tokens(self, principal: Principal, ctx: Ctx) -> list[TokenInfo]:
@@ -188,3 +194,18 @@ class System:
     def authorize_metrics(self, principal: Principal, ctx: Ctx) -> None:
         """Raises PolicyDenied unless the principal may read the metrics (`metrics.read`)."""
         self.gate.run(Call(principal, ctx, "metrics.read", {"kind": "metrics"}), lambda _: None)
+
+
+def _refuse_outliving(creator: Principal, ttl: timedelta | None) -> None:
+    """Raises InvalidRequest if `creator`, a token that expires, would make a token that
+    outlives it (no ttl, or one past its end): a short-lived token must not leave a
+    longer-lived one behind."""
+    ends = creator.claims.get("expires_at") if creator.kind == "token" else None
+    if not isinstance(ends, str):
+        return
+    left = datetime.fromisoformat(ends) - datetime.now(UTC)
+    if ttl is None or ttl > left:
+        raise InvalidRequest(
+            f"a token cannot outlive the token that creates it, which expires at {ends}: "
+            f"give a ttl of at most {max(int(left.total_seconds()), 0)}s"
+        )
