@@ -80,6 +80,9 @@ class Decision:
     reasons: tuple[str, ...]
     failed: bool = False
     """Denied because the policy could not be evaluated (an error, logged), not by a rule."""
+    digest: str | None = field(default=None, compare=False)
+    """The digest of the bundle that decided (None for a decision the gateway took itself):
+    what its audit record names, even if a reload swapped the bundle right after."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,15 +239,17 @@ def _strings(value: object) -> tuple[str, ...]:
     return tuple(sorted({v for v in value if isinstance(v, str)}))
 
 
-def _decision(result: Any) -> Decision:
-    """The decision in `DECISION_ENTRY`'s value: only `allow` exactly `true` allows, and
-    any `deny` string overrides it. Raises KeyError/TypeError for a value of another shape."""
+def _decision(result: Any, digest: str | None = None) -> Decision:
+    """The decision in `DECISION_ENTRY`'s value, by the bundle of `digest`: only `allow`
+    exactly `true` allows, and any `deny` string overrides it. Raises KeyError/TypeError
+    for a value of another shape."""
     values = result["allow"]  # `1 == True` in Python: `is` tells them apart
     vetoes = _strings(result["deny"])
     if vetoes:  # a `deny` rule overrides every allow
-        return Decision(allow=False, reasons=tuple(DENIED_PREFIX + v for v in vetoes))
+        reasons = tuple(DENIED_PREFIX + v for v in vetoes)
+        return Decision(allow=False, reasons=reasons, digest=digest)
     allow = len(values) == 1 and values[0] is True
-    return Decision(allow=allow, reasons=_strings(result["reasons"]))
+    return Decision(allow=allow, reasons=_strings(result["reasons"]), digest=digest)
 
 
 def _remember_bounded(cache: dict[_K, Decision], key: _K, decision: Decision) -> None:
@@ -505,7 +510,7 @@ class PolicyEngine:
             decision = self._evaluate(state, raw)
         except Exception as exc:
             _log_failure("policy evaluation failed (%s%s); request denied", exc)
-            return Decision(allow=False, reasons=(), failed=True)
+            return Decision(allow=False, reasons=(), failed=True, digest=state.digest)
         _remember_bounded(state.decisions, raw, decision)
         return decision
 
@@ -520,12 +525,12 @@ class PolicyEngine:
             answer: str = vm.execute_entry_point(DECISION_ENTRY)
             decision = state.outcomes.get(answer)
             if decision is None:
-                decision = _decision(orjson.loads(answer))
+                decision = _decision(orjson.loads(answer), state.digest)
                 _remember_bounded(state.outcomes, answer, decision)
             return decision
         engine = self._engine(state)
         engine.set_input_json(raw.decode())
-        return _decision(engine.eval_rule(DECISION_ENTRY))
+        return _decision(engine.eval_rule(DECISION_ENTRY), state.digest)
 
     def roles(self, input_doc: Mapping[str, object]) -> tuple[str, ...]:
         """The roles the policy maps the principal of `input_doc` to (`roles`, sorted);

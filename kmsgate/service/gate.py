@@ -448,7 +448,7 @@ class Gate:
             "reasons": tuple(decision.reasons),
             "exception_id": _exception_used(decision),
             "inputs": input_summary(call.inputs, digest=call.digests) if call.inputs else None,
-            "policy_digest": self.policy.digest,
+            "policy_digest": decision.digest or self.policy.digest,
         }
 
 

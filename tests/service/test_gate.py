@@ -10,6 +10,7 @@ import pytest
 from kmsgate.auth import Credentials, Principal
 from kmsgate.errors import AuditUnavailable, NotFound, PolicyDenied, Unauthenticated
 from kmsgate.policy import PolicyEngine
+from kmsgate.service.gate import Call
 from kmsgate.service.requests import SignInput
 from tests.service.conftest import ADMIN, CTX, NOBODY
 
@@ -149,3 +150,25 @@ def test_a_policy_that_fails_to_decide_says_so(service, new_key, monkeypatch, tm
     with pytest.raises(PolicyDenied) as refused:  # nobody: no rule holds, nothing conflicts
         service.crypto.sign(NOBODY, CTX, service.gate.target("k"), [SignInput(b"m")], False)
     assert str(refused.value.detail).startswith("no rule allows sign on key k")
+
+
+def test_a_record_names_the_bundle_that_decided_even_if_a_reload_came_between(
+    service, new_key, tmp_path
+):
+    """The decision carries its bundle's digest: a policy reload between the decision and
+    its audit record (another thread, a follower worker) does not make the record name the
+    new bundle, which decided nothing here."""
+    new_key("k")
+    target = service.gate.target("k")
+    decision = service.gate.decide(ADMIN, "sign", target.resource(), {"batch": 1})
+    before = service.gate.policy.digest
+    assert decision.allow and decision.digest == before
+    policies = tmp_path / "policies"
+    shutil.copytree(service.gate.policy.policy_dir, policies)
+    (policies / "more.rego").write_text("package kmsgate.more\n\nx := 1\n")
+    service.gate.policy = PolicyEngine.load(policies)  # the reload, in between
+    assert service.gate.policy.digest != before
+    call = Call(ADMIN, CTX, "sign", target.resource())
+    service.gate.run(call, lambda _: None, decision=decision)
+    (record,) = service.audit.search(action="sign").records
+    assert record["policy_digest"] == before
