@@ -7,7 +7,9 @@ call it. Nothing happens at import time.
 
 from __future__ import annotations
 
+import functools
 import getpass
+import logging
 import os
 import secrets
 import stat
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 
 from kmsgate.audit import FileSink
 from kmsgate.audit.checkpoint import CheckpointPolicy
-from kmsgate.auth import SYSTEM, Credentials, Principal, TokenRegistry
+from kmsgate.auth import SYSTEM, Credentials, Principal, TokenInfo, TokenRegistry
 from kmsgate.backends import backend_class
 from kmsgate.backends.base import BackendKey, KeyBackend, Registry, RootKeyWrapper
 from kmsgate.backends.softkms import (
@@ -48,6 +50,8 @@ from kmsgate.store import Store, sqlite_file
 
 _ROOT_CHECK = b"kmsgate root key check"
 _ROOT_WRAP_AAD = b"kmsgate/softkms/root-key/v1"
+
+_log = logging.getLogger("kmsgate.bootstrap")
 
 
 _ROOT_CHECK_META = "softkms.root_check"
@@ -208,10 +212,41 @@ def build_service(settings: Settings) -> Service:
     )
     try:
         start_checkpoints(service)
+        if not settings.dev:
+            revoke_dev_root_tokens(service)
     except BaseException:
         service.close()
         raise
     return service
+
+
+DEV_ROOT_TOKEN = "dev root token"  # noqa: S105 (a token's description, not a secret)
+"""The description of the admin token `serve --dev` makes (`ensure_root_token`)."""
+
+
+def revoke_dev_root_tokens(service: Service) -> None:
+    """Outside dev mode, revoke the live tokens a dev gateway made as its root token
+    (admin, no expiry, described `DEV_ROOT_TOKEN`), audited `token.revoke` by `system`:
+    a data dir started in dev mode then served in production (its `root-token` file
+    deleted, which production refuses) must not keep that admin token working. Raises
+    AuditUnavailable, Unavailable."""
+    for info in service.tokens.list():
+        if not (
+            info.description == DEV_ROOT_TOKEN
+            and info.roles == ("admin",)
+            and info.expires_at is None
+            and info.revoked_at is None
+        ):
+            continue
+        _log.warning("revoking token %s, a dev gateway's root token: not kept outside dev", info.id)
+        resource = {"kind": "token", "name": info.id}
+        call = Call(SYSTEM, Ctx("dev-root-token"), "token.revoke", resource)
+        why = Decision(allow=True, reasons=("outside dev mode: a dev root token is revoked",))
+        service.gate.run(call, functools.partial(_revoke, service, info.id), decision=why)
+
+
+def _revoke(service: Service, token_id: str, _: Outcome) -> TokenInfo:
+    return service.tokens.revoke(token_id)
 
 
 def start_checkpoints(service: Service) -> bool:
@@ -356,9 +391,7 @@ def ensure_root_token(service: Service, data_dir: Path) -> str | None:
     if path.exists():
         return None
     why = "dev mode: the gateway makes its root token"
-    token = _token_without_policy(
-        service, SYSTEM, "dev-root-token", ["admin"], "dev root token", why
-    )
+    token = _token_without_policy(service, SYSTEM, "dev-root-token", ["admin"], DEV_ROOT_TOKEN, why)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")

@@ -10,8 +10,15 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from kmsgate.bootstrap import ensure_dev_audit_key
-from kmsgate.errors import ConfigError
+from kmsgate.auth import Credentials
+from kmsgate.bootstrap import (
+    build_service,
+    ensure_dev_audit_key,
+    ensure_root_token,
+    prepare_dev_data_dir,
+)
+from kmsgate.config import DEV_AUDIT_KEY, load_settings
+from kmsgate.errors import ConfigError, Unauthenticated
 from kmsgate.ratelimit import TokenBucket
 from kmsgate.service import Ctx
 from kmsgate.store import tables
@@ -464,3 +471,43 @@ def test_a_dev_data_dir_reopened_without_the_backend_of_its_audit_key_says_which
         open_gateway(tmp_path, backends={"local": {"type": "softkms"}}),
     ):
         pass
+
+
+def test_a_dev_root_token_stops_working_once_its_store_serves_outside_dev(
+    tmp_path: Path,
+) -> None:
+    """A data dir first served with `--dev`, then in production: production refuses the
+    `root-token` file, and the operator deletes it, but the admin token it held stayed
+    live in the store. A production start now revokes it (audited, by `system`); other
+    tokens, one an operator made with that description but an expiry among them, stay."""
+    data = tmp_path / "data"
+    dev = load_settings(dev=True, data_dir=data, env="dev")
+    prepare_dev_data_dir(dev)
+    service = build_service(dev)
+    try:
+        root = ensure_root_token(service, data)
+        kept = service.tokens.create(["admin"], ttl=timedelta(days=1), description="dev root token")
+    finally:
+        service.close()
+    assert root is not None
+    (data / "root-token").unlink()
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    root_key = secrets / "root.key"
+    root_key.write_bytes((data / "root.key").read_bytes())
+    root_key.chmod(0o600)
+    production = load_settings(
+        data_dir=data, root_key_file=root_key, audit_checkpoint_key=DEV_AUDIT_KEY, env="prod"
+    )
+    service = build_service(production)
+    try:
+        with pytest.raises(Unauthenticated):
+            service.tokens.authenticate(Credentials(bearer=root))
+        service.tokens.authenticate(Credentials(bearer=kept[1]))
+        records = service.audit.search(action="token.revoke").records
+        assert [(r["principal"], r["outcome"]) for r in records] == [
+            ("system", "started"),
+            ("system", "ok"),
+        ], records
+    finally:
+        service.close()
