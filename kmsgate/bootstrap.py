@@ -7,6 +7,7 @@ call it. Nothing happens at import time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import getpass
 import logging
@@ -242,7 +243,9 @@ def revoke_dev_root_tokens(service: Service) -> None:
         resource = {"kind": "token", "name": info.id}
         call = Call(SYSTEM, Ctx("dev-root-token"), "token.revoke", resource)
         why = Decision(allow=True, reasons=("outside dev mode: a dev root token is revoked",))
-        service.gate.run(call, functools.partial(_revoke, service, info.id), decision=why)
+        # another process of the gateway (a worker) may have revoked it a moment before
+        with contextlib.suppress(NotFound):
+            service.gate.run(call, functools.partial(_revoke, service, info.id), decision=why)
 
 
 def _revoke(service: Service, token_id: str, _: Outcome) -> TokenInfo:
