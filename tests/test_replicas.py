@@ -245,3 +245,63 @@ def test_the_server_ends_a_silent_leaders_session_in_seconds(
             assert own._conn.execute(sa.text("SHOW tcp_keepalives_idle")).scalar() == "42"
         finally:
             own.close()
+
+
+def _set_read_only(server: PostgresServer, url: str, on: bool) -> None:
+    """Make the database of `url` take no writes from new sessions (`on`), as a failover
+    that left the gateway's address on a standby does, or take them again; sessions open
+    now are ended, so that every next one sees it."""
+    import psycopg
+    from psycopg import sql
+
+    name = sa.engine.make_url(url).database
+    assert name
+    setting = sql.SQL(
+        "SET default_transaction_read_only = on" if on else "RESET default_transaction_read_only"
+    )
+    with psycopg.connect(server.conninfo(), autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} ").format(sql.Identifier(name)) + setting)
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+
+
+@pytest.mark.postgres
+def test_a_read_only_store_is_a_503_and_the_jobs_thread_goes_on(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """After a failover the store's address leads to a standby: writes fail with
+    PostgreSQL's read-only error (psycopg's InternalError). A change is 503, not 500,
+    readiness says the store is read-only, and the background thread that flushes key usage
+    and runs the leader's jobs goes on (it died on that error, keeping the leader lock: no
+    scheduled job ran on any replica until the process restarted)."""
+    with (
+        fresh_postgres_database(postgres_server) as url,
+        open_gateway(tmp_path, database_url=url) as (api, admin),
+    ):
+
+        def create(name: str) -> httpx.Response:
+            body = {"name": name, "type": "ecdsa-p256", "purpose": "p"}
+            reply: httpx.Response = api.call("POST", "/v1/keys", admin, json=body)
+            return reply
+
+        created = create("k")
+        assert created.status_code == 201, created.text
+        _set_read_only(postgres_server, url, True)
+        try:
+            signed = api.call("POST", "/v1/keys/k/sign", admin, json={"input": "bQ=="})
+            assert signed.status_code == 200, signed.text  # from the caches; its use is to flush
+            for _ in range(2):  # the first may meet a session that was ended
+                refused = create("k2")
+                assert refused.status_code == 503, refused.text
+            ready = api.call("GET", "/v1/sys/ready", admin).json()
+            assert "read-only" in ready["store"]["detail"], ready
+            time.sleep(3)  # the jobs thread flushes the key's use each second: refused
+            assert "kmsgate-jobs" in {t.name for t in threading.enumerate()}
+        finally:
+            _set_read_only(postgres_server, url, False)
+        for _ in range(2):
+            again = create("k2")
+            if again.status_code == 201:
+                break
+        assert again.status_code == 201, again.text

@@ -30,6 +30,16 @@ MIN_REFRESH_GAP_SECONDS = 0.05
 """The least time between two refreshes, whatever the rate of announced changes."""
 
 
+def _surviving(what: str, work: Callable[..., None], *args: object) -> None:
+    """Run `work(*args)` for a background thread that must go on whatever it raises: the
+    error is logged by its type only (a driver's text can carry SQL and its values). Such a
+    thread that died stopped the leader's jobs on every replica, as it kept the lock."""
+    try:
+        work(*args)
+    except Exception as exc:
+        log.error("%s failed: %s", what, type(exc).__name__)
+
+
 class CacheRefresher:
     """Two background threads, keeping all database reads off the request path: one follows
     other workers' and replicas' changes (on PostgreSQL as soon as they are announced, else
@@ -75,7 +85,7 @@ class CacheRefresher:
                 listener.wait(interval)  # a change announced (PostgreSQL), or a poll's time
                 if self._stop.is_set():
                     return
-                self._refresh()
+                _surviving("cache refresh", self._refresh)
                 self._stop.wait(MIN_REFRESH_GAP_SECONDS)  # a stream of changes: 20 refreshes/s
         finally:
             listener.close()
@@ -84,13 +94,17 @@ class CacheRefresher:
         interval = self._service.settings.cache_refresh_seconds
         next_tick = time.monotonic() + JOBS_TICK_SECONDS
         while not self._stop.wait(interval):  # once a second: usage, the metrics, the jobs
-            self._flush_usage()
-            self._every_second()
+            _surviving("the jobs' tick", self._tick_once, next_tick)
             if time.monotonic() >= next_tick:
-                self._jobs.run_due()
                 next_tick = time.monotonic() + JOBS_TICK_SECONDS
-            else:
-                self._jobs.run_revocation()  # also CRLs due after a revocation
+
+    def _tick_once(self, next_tick: float) -> None:
+        self._flush_usage()
+        self._every_second()
+        if time.monotonic() >= next_tick:
+            self._jobs.run_due()
+        else:
+            self._jobs.run_revocation()  # also CRLs due after a revocation
 
     def _refresh(self) -> None:
         """Every cache follows the store's change feed (a failure is logged, not raised)."""

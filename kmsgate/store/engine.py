@@ -31,6 +31,14 @@ Row = Mapping[str, Any]
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
+_READ_ONLY = "metadata store is read-only (a standby, or a primary demoted by a failover)"
+UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InternalError)
+"""The driver errors that say the database cannot do the work now, not that kmsgate asked
+wrongly: unreachable, gone, and the server's own state, such as a read-only transaction
+(SQLSTATE 25006: the address now leads to a standby or a demoted primary after a failover,
+which psycopg raises as InternalError)."""
+
+
 def utc(value: datetime | None) -> datetime | None:
     """`value` as an aware UTC datetime (SQLite hands back naive ones)."""
     if value is None:
@@ -199,14 +207,18 @@ class Database:
             self._serial = _WriterLock(Path(f"{database}.write.lock") if database else None)
 
     def ping(self) -> str | None:
-        """None if the database answers a query now, else why not (for readiness): within
-        `PING_SECONDS`, and at once while PostgreSQL counts as silent (see StallGuard)."""
+        """None if the database answers a query now and takes writes, else why not (for
+        readiness): within `PING_SECONDS`, and at once while PostgreSQL counts as silent
+        (see StallGuard)."""
         try:
             with self._stall.watching(PING_SECONDS), self.engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
+                if conn.dialect.name != "postgresql":
+                    conn.execute(sa.text("SELECT 1"))
+                elif conn.execute(sa.text("SHOW transaction_read_only")).scalar() == "on":
+                    return _READ_ONLY
         except KmsgateError as exc:
             return exc.detail
-        except sa.exc.OperationalError:
+        except UNAVAILABLE:
             return "metadata store unavailable"
         return None
 
@@ -285,7 +297,7 @@ class Database:
                 yield conn
         except sa.exc.IntegrityError as exc:
             raise ConcurrentChange("the change conflicts with existing state; retry") from exc
-        except sa.exc.OperationalError as exc:
+        except UNAVAILABLE as exc:
             raise Unavailable("metadata store unavailable") from exc
 
     @contextlib.contextmanager
@@ -306,7 +318,7 @@ class Database:
         try:
             with self._stall.watching(), self.engine.connect() as conn:
                 yield conn
-        except sa.exc.OperationalError as exc:
+        except UNAVAILABLE as exc:
             raise Unavailable("metadata store unavailable") from exc
 
     def empty_log(self) -> bool:
@@ -321,7 +333,7 @@ class Database:
         try:
             with self._serial, self.engine.connect() as conn:
                 busy, _, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
-        except sa.exc.OperationalError as exc:
+        except UNAVAILABLE as exc:
             raise Unavailable("metadata store unavailable") from exc
         return not busy
 
