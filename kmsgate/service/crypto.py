@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from functools import partial
 from typing import TypeVar
 
@@ -18,7 +19,7 @@ from kmsgate.algorithms import (
 )
 from kmsgate.auth import Principal
 from kmsgate.backends.base import MacCapable, SignMessage, require_capability
-from kmsgate.catalogue import AUDIT_PURPOSE, Key
+from kmsgate.catalogue import AUDIT_PURPOSE, Key, KeyVersion
 from kmsgate.errors import (
     InvalidRequest,
     KmsgateError,
@@ -28,7 +29,7 @@ from kmsgate.errors import (
 )
 from kmsgate.pki.authorities import PKI_PURPOSES
 from kmsgate.service.batch import ItemT, ResultT, RunAll, check_size, each, run_on_target
-from kmsgate.service.gate import Call, Ctx, Gate, KeyTarget
+from kmsgate.service.gate import CLOCK_SKEW, Call, Ctx, Gate, KeyTarget
 from kmsgate.service.requests import MacInput, MacVerifyInput, SignInput, VerifyInput
 from kmsgate.service.results import ItemResults, Mac, Signature, Verified
 
@@ -186,6 +187,8 @@ class Crypto:
                 item.strict or (item.signed_at and version.is_compromised_at(item.signed_at))
             ):
                 continue
+            if item.signed_at and _made_before(key, version, item.signed_at):
+                continue
             public_key = version.public_key()
             if public_key is not None and verify_with_public_key(
                 public_key, alg, data, item.signature, prehashed=prehashed
@@ -226,6 +229,14 @@ class Crypto:
             if backend.verify_mac(key.backend_key(version), data, item.mac, hash_name):
                 return Verified(key_version=version.version)
         raise MacInvalid(f"the MAC does not verify under key {key.name!r}")
+
+
+def _made_before(key: Key, version: KeyVersion, signed_at: datetime) -> bool:
+    """Whether a signature said to be made at `signed_at` would predate `version`, which
+    kmsgate made itself (an imported or adopted key signed before kmsgate knew it), by more
+    than the clocks' skew: no such signature is genuine (a backdated `signed_at`)."""
+    made_here = not key.verify_only and not version.adopted
+    return made_here and signed_at < version.created_at - CLOCK_SKEW
 
 
 def _message_bytes(item: SignInput | VerifyInput | MacInput | MacVerifyInput) -> bytes:

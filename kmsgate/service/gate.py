@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
 from kmsgate.audit import AuditEvent, AuditSink, input_summary
@@ -65,6 +65,9 @@ STATE_CHANGING = frozenset(
     }
 )
 """Actions whose allow decision is audited (outcome `started`) before they run."""
+CLOCK_SKEW = timedelta(minutes=1)
+"""How far a client's clock may be from the gateway's, for the times clients state (a
+compromise's start, a signature's `signed_at`)."""
 WHOAMI = "principal.read"
 """The action of a principal reading who it is (`GET /v1/sys/whoami`)."""
 

@@ -32,7 +32,7 @@ from kmsgate.errors import (
 from kmsgate.jwk import public_jwk
 from kmsgate.pki.authorities import CA_PURPOSE, PKI_PURPOSES
 from kmsgate.policy import Decision
-from kmsgate.service.gate import Call, Ctx, Gate, Outcome, now
+from kmsgate.service.gate import CLOCK_SKEW, Call, Ctx, Gate, Outcome, now
 from kmsgate.service.requests import KeyChanges, NewKey
 from kmsgate.text import several_pem_blocks, utc_timestamp
 
@@ -45,7 +45,6 @@ _VERIFY_ONLY_NEVER_ROTATES = (
 )
 ROTATION_RETRY = timedelta(minutes=1)
 """How long a key whose scheduled rotation failed waits before the next attempt."""
-CLOCK_SKEW = timedelta(minutes=1)
 """How far ahead of the gateway's clock a caller's `since` may be."""
 _ROTATION = Decision(allow=True, reasons=("rotation_period set by an authorised caller",))
 
