@@ -794,14 +794,22 @@ def test_a_deny_rule_overrides_every_allow(shipped: PolicyEngine) -> None:
     assert shipped.decide(admin_of(None, "globex")).allow
 
 
+def shipped_and(tmp_path: Path, name: str, rules: str) -> Path:
+    """A copy of the shipped policies under `tmp_path`, with the file `name` holding
+    `rules` (in package kmsgate.authz, Rego v1) besides."""
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED, policies)
+    (policies / name).write_text("package kmsgate.authz\nimport rego.v1\n" + rules)
+    return policies
+
+
 def test_a_token_maker_other_than_admin_hands_out_only_its_own_roles(tmp_path: Path) -> None:
     """tokens.rego: a team lets role `token-admin` create tokens; it still cannot mint a
     token with a role it lacks (admin, say), through the real gateway."""
-    policies = tmp_path / "policies"
-    shutil.copytree(SHIPPED, policies)
-    (policies / "token_admin.rego").write_text(
-        "package kmsgate.authz\nimport rego.v1\n"
-        'allow if { input.action == "token.create"; "token-admin" in roles }\n'
+    policies = shipped_and(
+        tmp_path,
+        "token_admin.rego",
+        'allow if { input.action == "token.create"; "token-admin" in roles }\n',
     )
     with open_gateway(tmp_path, policy_dir=policies) as (api, admin):
         maker = api.call("POST", "/v1/sys/tokens", admin, json={"roles": ["token-admin", "ci"]})
@@ -821,13 +829,12 @@ def test_a_token_outlives_neither_the_token_that_made_it_nor_hands_out_approver(
     the policy sees the ttl asked (`request.ttl`) and the trail keeps it. Nor does it give
     `approver`, which it holds: a second approver token would approve its own JIT
     requests (four-eyes counts principals)."""
-    policies = tmp_path / "policies"
-    shutil.copytree(SHIPPED, policies)
-    (policies / "token_admin.rego").write_text(
-        "package kmsgate.authz\nimport rego.v1\n"
+    policies = shipped_and(
+        tmp_path,
+        "token_admin.rego",
         'allow if { input.action == "token.create"; "token-admin" in roles }\n'
         'deny contains "a week at most" if {\n'
-        '  input.action == "token.create"; input.request.ttl > 604800 }\n'
+        '  input.action == "token.create"; input.request.ttl > 604800 }\n',
     )
     with open_gateway(tmp_path, policy_dir=policies) as (api, admin):
         body = {"roles": ["token-admin", "ci", "approver"], "ttl": "1h"}
@@ -858,12 +865,11 @@ def test_a_token_outlives_neither_the_token_that_made_it_nor_hands_out_approver(
 def test_a_rule_tells_adopting_a_backend_key_from_importing_a_public_key(tmp_path: Path) -> None:
     """Both are `key.import`; `request.adopt` says which, so a team can refuse adoption (a
     key on its HSM or KMS used from now on) while public keys are imported as before."""
-    policies = tmp_path / "policies"
-    shutil.copytree(SHIPPED, policies)
-    (policies / "no_adoption.rego").write_text(
-        "package kmsgate.authz\nimport rego.v1\n"
+    policies = shipped_and(
+        tmp_path,
+        "no_adoption.rego",
         'deny contains "keys are not adopted here" if {\n'
-        '  input.action == "key.import"; input.request.adopt }\n'
+        '  input.action == "key.import"; input.request.adopt }\n',
     )
     with open_gateway(tmp_path, policy_dir=policies) as (api, admin):
         pem = (
