@@ -94,17 +94,20 @@ class CacheRefresher:
         interval = self._service.settings.cache_refresh_seconds
         next_tick = time.monotonic() + JOBS_TICK_SECONDS
         while not self._stop.wait(interval):  # once a second: usage, the metrics, the jobs
-            _surviving("the jobs' tick", self._tick_once, next_tick)
-            if time.monotonic() >= next_tick:
+            every_job = time.monotonic() >= next_tick
+            _surviving("the jobs' tick", self._tick_once, every_job)
+            if every_job:
                 next_tick = time.monotonic() + JOBS_TICK_SECONDS
 
-    def _tick_once(self, next_tick: float) -> None:
+    def _tick_once(self, every_job: bool) -> None:
+        """Flush key usage, take the metrics, then run every job (`every_job`) or only
+        the frequent ones (CRLs due after a revocation and the like)."""
         self._flush_usage()
         self._every_second()
-        if time.monotonic() >= next_tick:
+        if every_job:
             self._jobs.run_due()
         else:
-            self._jobs.run_revocation()  # also CRLs due after a revocation
+            self._jobs.run_revocation()
 
     def _refresh(self) -> None:
         """Every cache follows the store's change feed (a failure is logged, not raised)."""

@@ -214,7 +214,7 @@ def _claim_chain(path: Path, replica: str, anchors: Sequence[AuditAnchor]) -> _C
                 not anchors
                 or not claimed.seq
                 or any(anchor.replica == replica for anchor in named)
-                or any(_holds(claimed, anchor) for anchor in named)
+                or any(_holds(fd, size, claimed.seq, claimed.digest, a) for a in named)
             )
         except OSError as exc:
             os.close(fd)
@@ -234,15 +234,15 @@ def _claim_chain(path: Path, replica: str, anchors: Sequence[AuditAnchor]) -> _C
     raise ConfigError(f"audit log {path}: all {MAX_CHAINS} chain files are held by writers")
 
 
-def _holds(claimed: _Claimed, anchor: AuditAnchor) -> bool:
-    """Whether the chain file `claimed` holds the record `anchor` names (its sequence
-    number and hash), reading back from the end as far as that record. Raises OSError."""
-    if anchor.record_seq == claimed.seq:
-        return claimed.digest == anchor.record_hash
-    if anchor.record_seq > claimed.seq:
+def _holds(fd: int, size: int, seq: int, digest: str, anchor: AuditAnchor) -> bool:
+    """Whether the chain file open at `fd` (`size` bytes, its last record `seq` with hash
+    `digest`) holds the record `anchor` names (its sequence number and hash), reading back
+    from the end as far as that record. Raises OSError."""
+    if anchor.record_seq == seq:
+        return digest == anchor.record_hash
+    if anchor.record_seq > seq:
         return False
-    lines = _lines_from_end(claimed.fd, claimed.size - 1)
-    return _hash_at(lines, anchor.record_seq) == anchor.record_hash
+    return _hash_at(_lines_from_end(fd, size - 1), anchor.record_seq) == anchor.record_hash
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -541,9 +541,8 @@ class FileSink(AuditFile):
         """Raises ConfigError unless this chain file holds the record `stored` names (its
         sequence number and hash), reading back from the end as far as that record."""
         seq, digest = self._head
-        claimed = _Claimed(self._chain, self._fd, self._size, seq, digest, None)
         try:
-            held = _holds(claimed, stored)
+            held = _holds(self._fd, self._size, seq, digest, stored)
         except OSError as exc:
             raise ConfigError(f"cannot read audit log {self._chain}: {exc.strerror}") from exc
         if not held:

@@ -45,7 +45,6 @@ _VERIFY_ONLY_NEVER_ROTATES = (
 )
 ROTATION_RETRY = timedelta(minutes=1)
 """How long a key whose scheduled rotation failed waits before the next attempt."""
-"""How far ahead of the gateway's clock a caller's `since` may be."""
 _ROTATION = Decision(allow=True, reasons=("rotation_period set by an authorised caller",))
 
 
