@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from kmsgate.audit import FileSink
 from kmsgate.audit.checkpoint import CheckpointPolicy
-from kmsgate.auth import SYSTEM, Credentials, Principal, TokenInfo, TokenRegistry
+from kmsgate.auth import SYSTEM, Credentials, Principal, TokenRegistry
 from kmsgate.backends import backend_class
 from kmsgate.backends.base import BackendKey, KeyBackend, Registry, RootKeyWrapper
 from kmsgate.backends.softkms import (
@@ -47,6 +47,7 @@ from kmsgate.service import Call, Ctx, Service
 from kmsgate.service.checkpoints import CheckpointSigner
 from kmsgate.service.gate import Outcome
 from kmsgate.service.requests import NewCa, NewKey
+from kmsgate.service.system import revoke_token_tree
 from kmsgate.store import Store, sqlite_file
 
 _ROOT_CHECK = b"kmsgate root key check"
@@ -245,11 +246,8 @@ def revoke_dev_root_tokens(service: Service) -> None:
         why = Decision(allow=True, reasons=("outside dev mode: a dev root token is revoked",))
         # another process of the gateway (a worker) may have revoked it a moment before
         with contextlib.suppress(NotFound):
-            service.gate.run(call, functools.partial(_revoke, service, info.id), decision=why)
-
-
-def _revoke(service: Service, token_id: str, _: Outcome) -> TokenInfo:
-    return service.tokens.revoke(token_id)
+            revoke = functools.partial(revoke_token_tree, service.tokens, info.id)
+            service.gate.run(call, revoke, decision=why)
 
 
 def start_checkpoints(service: Service) -> bool:
@@ -375,7 +373,9 @@ def _token_without_policy(
     exists, and its outcome after). Raises InvalidRequest, AuditUnavailable."""
 
     def create(outcome: Outcome) -> str:
-        info, token = service.tokens.create(roles, ttl=None, description=description)
+        info, token = service.tokens.create(
+            roles, ttl=None, description=description, created_by=principal.id
+        )
         outcome.detail.update(token_id=info.id, roles=list(info.roles))
         return token
 

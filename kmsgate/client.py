@@ -378,9 +378,16 @@ class Client(Transport):
     # -- tokens and system -----------------------------------------------------------------
 
     def create_token(
-        self, roles: Sequence[str], ttl: str | None = None, description: str = ""
+        self,
+        roles: Sequence[str],
+        ttl: str | None = None,
+        description: str = "",
+        *,
+        orphan: bool = False,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"roles": list(roles), "description": description}
+        if orphan:
+            body["orphan"] = True
         if ttl is not None:  # "" is the gateway's to refuse, not a token that never expires
             body["ttl"] = ttl
         return self._json("POST", "/v1/sys/tokens", body)

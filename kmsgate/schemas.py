@@ -389,10 +389,15 @@ class TokenCreateRequest(_Body):
     ] = Field(min_length=1, max_length=32)
     ttl: str | int | None = None
     description: Text = Field(default="", max_length=256)
+    orphan: bool = Field(
+        default=False,
+        description="whether the token outlives the revocation of the token that makes it",
+    )
 
     def to_input(self) -> NewToken:
         """Raises InvalidRequest for a malformed `ttl`."""
-        return NewToken(tuple(self.roles), _optional_duration(self.ttl), self.description)
+        ttl = _optional_duration(self.ttl)
+        return NewToken(tuple(self.roles), ttl, self.description, self.orphan)
 
 
 class ExceptionCreateRequest(_Body):

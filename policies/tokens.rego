@@ -1,7 +1,8 @@
-# Tokens: a token carries only roles its creator holds. Only admin may create tokens under
-# the shipped rules; a team that lets another role create them (a `token-admin`, say) still
-# cannot let it mint a token with a role it lacks, such as admin. An admin's tokens may carry
-# any role.
+# Tokens: a token carries only roles its creator holds, and only an admin makes one that
+# outlives the revocation of the token that makes it (an orphan). Only admin may create
+# tokens under the shipped rules; a team that lets another role create them (a
+# `token-admin`, say) still cannot let it mint a token with a role it lacks, such as admin.
+# An admin's tokens may carry any role.
 #
 # A `deny` string overrides every `allow` (docs/policy.md).
 package kmsgate.authz
@@ -22,4 +23,12 @@ deny contains "only an admin gives the approver role" if {
 	input.action == "token.create"
 	not "admin" in input.principal.roles
 	"approver" in input.request.roles
+}
+
+# Revoking a token revokes the tokens it made, unless they were made orphans: a principal
+# who could make orphans would leave working tokens behind whatever was revoked.
+deny contains "only an admin makes a token that outlives its maker (orphan)" if {
+	input.action == "token.create"
+	not "admin" in input.principal.roles
+	input.request.orphan == true
 }

@@ -33,3 +33,10 @@ test_only_an_admin_gives_the_approver_role if {
 	count(data.kmsgate.authz.deny) == 0 with input as token_create(["admin"], ["approver"])
 	count(data.kmsgate.authz.deny) == 0 with input as token_create(["token-admin", "approver", "ci"], ["ci"])
 }
+
+test_only_an_admin_makes_orphans if {
+	orphan := {"roles": ["ci"], "orphan": true}
+	data.kmsgate.authz.deny == {"only an admin makes a token that outlives its maker (orphan)"} with input as object.union(token_create(["token-admin", "ci"], []), {"request": orphan})
+	count(data.kmsgate.authz.deny) == 0 with input as object.union(token_create(["admin"], []), {"request": orphan})
+	count(data.kmsgate.authz.deny) == 0 with input as object.union(token_create(["token-admin", "ci"], []), {"request": {"roles": ["ci"], "orphan": false}})
+}

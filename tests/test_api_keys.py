@@ -480,7 +480,8 @@ def test_a_dev_root_token_stops_working_once_its_store_serves_outside_dev(
     """A data dir first served with `--dev`, then in production: production refuses the
     `root-token` file, and the operator deletes it, but the admin token it held stayed
     live in the store. A production start now revokes it (audited, by `system`); other
-    tokens, one an operator made with that description but an expiry among them, stay."""
+    tokens, one an operator made with that description but an expiry among them, stay;
+    the tokens the root token made go with it."""
     data = tmp_path / "data"
     dev = load_settings(dev=True, data_dir=data, env="dev")
     prepare_dev_data_dir(dev)
@@ -488,9 +489,13 @@ def test_a_dev_root_token_stops_working_once_its_store_serves_outside_dev(
     try:
         root = ensure_root_token(service, data)
         kept = service.tokens.create(["admin"], ttl=timedelta(days=1), description="dev root token")
+        assert root is not None
+        root_id = root.split(".")[1]
+        child = service.tokens.create(
+            ["ci"], ttl=None, created_by=f"token:{root_id}", parent=root_id
+        )
     finally:
         service.close()
-    assert root is not None
     (data / "root-token").unlink()
     secrets = tmp_path / "secrets"
     secrets.mkdir(mode=0o700)
@@ -504,11 +509,14 @@ def test_a_dev_root_token_stops_working_once_its_store_serves_outside_dev(
     try:
         with pytest.raises(Unauthenticated):
             service.tokens.authenticate(Credentials(bearer=root))
+        with pytest.raises(Unauthenticated):
+            service.tokens.authenticate(Credentials(bearer=child[1]))
         service.tokens.authenticate(Credentials(bearer=kept[1]))
         records = service.audit.search(action="token.revoke").records
         assert [(r["principal"], r["outcome"]) for r in records] == [
             ("system", "started"),
             ("system", "ok"),
         ], records
+        assert records[-1]["detail"]["also_revoked"] == [child[0].id]
     finally:
         service.close()

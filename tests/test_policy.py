@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -860,6 +861,50 @@ def test_a_token_outlives_neither_the_token_that_made_it_nor_hands_out_approver(
         made_ok = [r["detail"] for r in records if r["outcome"] == "ok" and r["detail"]["ttl"]]
         assert [d["ttl"] for d in made_ok] == [3600, 1800, 604800]
         assert all(d["expires_at"] for d in made_ok)
+
+
+def test_revoking_a_token_revokes_those_it_made_and_policy_sees_who_made_a_token(
+    tmp_path: Path,
+) -> None:
+    """A team's `token-admin` makes tokens and may revoke those it made (a rule on
+    `resource.created_by`), not others; it cannot make an orphan. Revoking it (by an
+    admin) revokes the token it made, at once, and the reply and the trail name it; an
+    admin's orphan stays."""
+    policies = shipped_and(
+        tmp_path,
+        "token_admin.rego",
+        'allow if { input.action == "token.create"; "token-admin" in roles }\n'
+        'allow if { input.action == "token.revoke"; "token-admin" in roles\n'
+        "  input.resource.created_by == input.principal.id }\n",
+    )
+    with open_gateway(tmp_path, policy_dir=policies) as (api, admin):
+
+        def make(by: str, **body: object) -> httpx.Response:
+            return api.call("POST", "/v1/sys/tokens", by, json={"roles": ["ci"], **body})
+
+        maker = make(admin, roles=["token-admin", "ci"]).json()
+        made = make(maker["token"]).json()
+        spare = make(maker["token"]).json()
+        assert (made["created_by"], made["parent"]) == (f"token:{maker['id']}", maker["id"])
+        assert make(maker["token"], orphan=True).status_code == 403
+        orphan = make(admin, orphan=True).json()
+        assert orphan["parent"] is None and orphan["created_by"].startswith("token:")
+
+        own = api.call("DELETE", f"/v1/sys/tokens/{spare['id']}", maker["token"])
+        assert (own.status_code, own.json()["also_revoked"]) == (200, []), own.text
+        other = api.call("DELETE", f"/v1/sys/tokens/{orphan['id']}", maker["token"])
+        assert other.status_code == 403, other.text
+
+        revoked = api.call("DELETE", f"/v1/sys/tokens/{maker['id']}", admin)
+        assert revoked.json()["also_revoked"] == [made["id"]], revoked.text
+        assert api.call("GET", "/v1/sys/whoami", made["token"]).status_code == 401
+        assert api.call("GET", "/v1/sys/whoami", orphan["token"]).status_code == 200
+        [record] = [
+            r
+            for r in api.service.audit.search(action="token.revoke").records
+            if r["resource"]["name"] == maker["id"] and r["outcome"] == "ok"
+        ]
+        assert record["detail"]["also_revoked"] == [made["id"]]
 
 
 def test_a_rule_tells_adopting_a_backend_key_from_importing_a_public_key(tmp_path: Path) -> None:

@@ -411,6 +411,77 @@ def test_token_revocation_reaches_other_replicas(store):
     assert token.split(".")[2] not in str(stored)
 
 
+def _made(tokens: TokenRegistry, maker: str, *, orphan: bool = False) -> str:
+    """A token made by the token `maker` (an orphan: revoking `maker` leaves it)."""
+    info, _ = tokens.create(
+        ["ci"], ttl=None, created_by=f"token:{maker}", parent=None if orphan else maker
+    )
+    return info.id
+
+
+def test_revoking_a_token_revokes_what_it_made_down_the_line_but_not_orphans(store):
+    """root makes a, a makes b and an orphan, b makes c; revoking a ends a, b and c (on
+    every replica), leaves the orphan and root, and says which it ended."""
+    tokens, other = TokenRegistry(store), TokenRegistry(store)
+    root = tokens.create(["admin"], ttl=None, created_by="system")[0].id
+    a = _made(tokens, root)
+    b = _made(tokens, a)
+    orphan = _made(tokens, a, orphan=True)
+    c = _made(tokens, b)
+    other.refresh()
+    assert [info.id for info in tokens.revoke(a)] == [a, b, c]
+    other.refresh()
+    live = {info.id for info in other.list() if info.revoked_at is None}
+    assert live == {root, orphan}
+    assert other.get(c).created_by == f"token:{b}" and other.get(orphan).parent is None
+    with pytest.raises(NotFound):
+        tokens.revoke(b)  # already revoked, with a
+
+
+def test_a_token_is_not_made_under_a_parent_revoked_meanwhile(store):
+    """A maker authenticated, then revoked before its new token is written: the write is
+    refused and nothing is stored (else the new token would escape the revocation)."""
+    tokens = TokenRegistry(store)
+    maker = tokens.create(["admin"], ttl=None)[0].id
+    store.tokens.revoke(maker, datetime.now(UTC))  # through another replica
+    with pytest.raises(Unauthenticated):
+        _made(tokens, maker)
+    assert [row["id"] for row in store.tokens.all()] == [maker]
+
+
+def test_tokens_made_before_makers_were_recorded_keep_working_after_the_migration(tmp_path):
+    """A store at revision 0009 (no token lineage) with a token: the migration keeps it,
+    with no maker and no parent, and revoking it revokes nothing else."""
+    from alembic import command
+    from alembic.config import Config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(engine._MIGRATIONS))
+    old = sa.create_engine(url)
+    with old.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0009")
+        conn.execute(
+            sa.text(
+                "INSERT INTO tokens (id, secret_hash, roles, description, created_at) "
+                "VALUES ('00000000000000aa', :hash, '[\"admin\"]', 'old', :now)"
+            ),
+            {"hash": "0" * 64, "now": datetime.now(UTC)},
+        )
+    old.dispose()
+    store = Store(url)
+    try:
+        store.migrate()
+        tokens = TokenRegistry(store)
+        kept = tokens.get("00000000000000aa")
+        assert (kept.created_by, kept.parent, kept.roles) == (None, None, ("admin",))
+        _made(tokens, "00000000000000aa", orphan=True)
+        assert [info.id for info in tokens.revoke("00000000000000aa")] == ["00000000000000aa"]
+    finally:
+        store.close()
+
+
 def test_concurrent_asks_never_pass_a_principals_open_grant_limit(store, database_url):
     """The count and the insert are one transaction serialised per principal: eight
     replicas (engines of their own) asking at once for one principal leave exactly the

@@ -447,10 +447,23 @@ _TOKEN = _closed(
         "created_at": _TIME,
         "expires_at": _nullable(_TIME),
         "revoked_at": _nullable(_TIME),
+        "created_by": _nullable(_STRING),
+        "parent": _nullable({"type": "string", "pattern": "^[0-9a-f]{16}$"}),
     },
-    description="an API token, without its secret; `expires_at` null for one that does not expire",
+    description="an API token, without its secret; `expires_at` null for one that does not "
+    "expire; `created_by` the principal that made it (null: made before makers were "
+    "recorded); `parent` the token whose revocation revokes it (null: none, an orphan)",
 )
 TOKEN = _component("Token", _TOKEN)
+REVOKED_TOKEN = _component(
+    "RevokedToken",
+    _extended(
+        _TOKEN,
+        {"also_revoked": _array({"type": "string", "pattern": "^[0-9a-f]{16}$"})},
+        "the token revoked, and `also_revoked`: the tokens its revocation revoked with it "
+        "(those it made, theirs and so on, but orphans)",
+    ),
+)
 NEW_TOKEN = _component(
     "NewToken",
     _extended(

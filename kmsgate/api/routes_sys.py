@@ -23,7 +23,7 @@ from kmsgate.api.replies import (
     POLICY,
     POLICY_RELOADED,
     READY,
-    TOKEN,
+    REVOKED_TOKEN,
     TOKENS,
     VERDICT,
     json_reply,
@@ -123,7 +123,8 @@ def list_tokens(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Re
 def revoke_token(
     token_id: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> Response:
-    return json_response(service.system.revoke_token(principal, ctx, token_id).to_dict())
+    revoked, *also = service.system.revoke_token(principal, ctx, token_id)
+    return json_response({**revoked.to_dict(), "also_revoked": [info.id for info in also]})
 
 
 def audit_events(
@@ -209,7 +210,7 @@ def build_router() -> APIRouter:
         "/v1/sys/tokens/{token_id}",
         revoke_token,
         methods=["DELETE"],
-        responses={200: json_reply(TOKEN)},
+        responses={200: json_reply(REVOKED_TOKEN)},
     )
     router.add_api_route(
         "/v1/audit",

@@ -51,6 +51,11 @@ class TokenInfo:
     expires_at: datetime | None
     revoked_at: datetime | None
     secret_hash: str = field(repr=False)
+    created_by: str | None = None
+    """The principal that made it; None for a token made before kmsgate recorded makers."""
+    parent: str | None = None
+    """The id of the token whose revocation revokes this one: the token that made it,
+    unless it was made an orphan (or by a principal that is no token)."""
     session_start: str = field(init=False, repr=False, compare=False)
     """When the token's session began, as policies read it (`claims.session_start`, RFC
     3339): its creation (formatted once, not on every request)."""
@@ -72,6 +77,8 @@ class TokenInfo:
             "created_at": utc_timestamp(self.created_at),
             "expires_at": utc_timestamp(self.expires_at) if self.expires_at else None,
             "revoked_at": utc_timestamp(self.revoked_at) if self.revoked_at else None,
+            "created_by": self.created_by,
+            "parent": self.parent,
         }
 
 
@@ -100,6 +107,8 @@ def _info_from_row(row: Row) -> TokenInfo:
         expires_at=utc(row["expires_at"]),
         revoked_at=utc(row["revoked_at"]),
         secret_hash=row["secret_hash"],
+        created_by=row["created_by"],
+        parent=row["parent"],
     )
 
 
@@ -133,9 +142,17 @@ class TokenRegistry(StoreMirror):
         return info
 
     def create(
-        self, roles: Sequence[str], *, ttl: timedelta | None, description: str = ""
+        self,
+        roles: Sequence[str],
+        *,
+        ttl: timedelta | None,
+        description: str = "",
+        created_by: str | None = None,
+        parent: str | None = None,
     ) -> tuple[TokenInfo, str]:
-        """A new token and its one-time secret string. Raises InvalidRequest for bad roles."""
+        """A new token made by the principal `created_by` (None: not known), and its
+        one-time secret string; revoking the token `parent` will revoke it. Raises
+        InvalidRequest for bad roles, Unauthenticated if `parent` was revoked meanwhile."""
         if ttl is not None and ttl <= timedelta(0):
             raise InvalidRequest("ttl must be positive")
         if len(description) > 256:
@@ -151,6 +168,8 @@ class TokenRegistry(StoreMirror):
             expires_at=now + ttl if ttl else None,
             revoked_at=None,
             secret_hash=_hash_secret(secret),
+            created_by=created_by,
+            parent=parent,
         )
         with self._lock:  # a concurrent reload must not drop this token
             self._insert(info)
@@ -166,6 +185,8 @@ class TokenRegistry(StoreMirror):
                 "created_at": info.created_at,
                 "expires_at": info.expires_at,
                 "revoked_at": None,
+                "created_by": info.created_by,
+                "parent": info.parent,
             }
         )
         self._tokens[info.id] = info
@@ -202,11 +223,19 @@ class TokenRegistry(StoreMirror):
     def list(self) -> list[TokenInfo]:
         return sorted(self._tokens.values(), key=lambda t: t.created_at)
 
-    def revoke(self, token_id: str) -> TokenInfo:
-        """Revoke a token at once. Raises NotFound if no live token has that id."""
+    def get(self, token_id: str) -> TokenInfo | None:
+        """The token `token_id` (live or not), or None. Raises Unavailable."""
+        return self._find(token_id)
+
+    def revoke(self, token_id: str) -> tuple[TokenInfo, ...]:
+        """Revoke a token at once, and the tokens it made, theirs, and so on (not those made
+        orphans): the tokens revoked, `token_id`'s first. Raises NotFound if no live token
+        has that id."""
         now = datetime.now(UTC)
-        if not self._store.tokens.revoke(token_id, now):
+        revoked = self._store.tokens.revoke(token_id, now)
+        if not revoked:
             raise NotFound(f"no live token with id {token_id!r}")
         with self._lock:
-            self._load_item(token_id)
-            return self._tokens[token_id]
+            for revoked_id in revoked:
+                self._load_item(revoked_id)
+            return tuple(self._tokens[revoked_id] for revoked_id in revoked)

@@ -154,11 +154,19 @@ def token_create(
     role: Annotated[list[str], typer.Option("--role", help="Repeatable.")],
     ttl: Annotated[str | None, typer.Option(help="e.g. 12h, 30d")] = None,
     description: Annotated[str, typer.Option()] = "",
+    orphan: Annotated[
+        bool,
+        typer.Option(
+            help="Keep it working when the token that makes it is revoked (e.g. to replace "
+            "that token); without it, revoking the maker revokes this one too."
+        ),
+    ] = False,
     addr: AddrOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Create an API token; the token is printed once on stdout."""
-    result = call(addr, token, Client.create_token, role, ttl, description)
+    """Create an API token; the token is printed once on stdout. Revoking the token that
+    made it revokes it too, unless it is made with --orphan."""
+    result = call(addr, token, Client.create_token, role, ttl, description, orphan=orphan)
     err.print(f"token id {result['id']} roles {','.join(result['roles'])}")
     with done_already(
         f"token {result['id']} was created: revoke it (kmsgate token revoke {result['id']})"
@@ -223,16 +231,19 @@ def token_list(addr: AddrOpt = None, token: TokenOpt = None) -> None:
             t["created_at"],
             t["expires_at"] or "-",
             t["revoked_at"] or "-",
+            t.get("created_by") or "-",  # unknown: made before makers were recorded
+            t.get("parent") or "-",
         ]
         for t in call(addr, token, Client.list_tokens)
     ]
-    print_table(["id", "roles", "description", "created", "expires", "revoked"], rows)
+    columns = ["id", "roles", "description", "created", "expires", "revoked", "by", "parent"]
+    print_table(columns, rows)
 
 
 @token_app.command("revoke")
 def token_revoke(token_id: str, addr: AddrOpt = None, token: TokenOpt = None) -> None:
-    """Revoke a token at once (every replica within a second): its id, or the whole token
-    (only its id is sent)."""
+    """Revoke a token at once (every replica within a second), and the tokens it made (but
+    orphans), theirs and so on: its id, or the whole token (only its id is sent)."""
     from kmsgate.auth import token_id_of  # its package loads the store: a third of a second
 
     named = token_id_of(token_id)

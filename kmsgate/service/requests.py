@@ -132,6 +132,8 @@ class NewToken:
     roles: tuple[str, ...]
     ttl: timedelta | None = None
     description: str = ""
+    orphan: bool = False
+    """Whether it outlives the revocation of the token that makes it."""
 
 
 @dataclass(frozen=True, slots=True)

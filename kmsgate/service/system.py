@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 
 from kmsgate.audit import AuditPage
@@ -52,19 +53,32 @@ class System:
 
     def create_token(self, principal: Principal, ctx: Ctx, new: NewToken) -> tuple[TokenInfo, str]:
         """A new API token; the secret string is returned once and never stored. A token
-        that creates one cannot give it a longer life than its own. Raises PolicyDenied,
-        InvalidRequest (roles, a ttl past the creating token's end)."""
+        that creates one cannot give it a longer life than its own, and revoking it revokes
+        the new one too, unless that is made an `orphan`. Raises PolicyDenied,
+        InvalidRequest (roles, a ttl past the creating token's end), Unauthenticated (the
+        creating token revoked meanwhile)."""
         ttl = int(new.ttl.total_seconds()) if new.ttl is not None else None
+        maker = principal.id.removeprefix("token:") if principal.kind == "token" else None
 
         def create(outcome: Outcome) -> tuple[TokenInfo, str]:
             _refuse_outliving(principal, new.ttl)
-            info, secret = self.tokens.create(new.roles, ttl=new.ttl, description=new.description)
+            info, secret = self.tokens.create(
+                new.roles,
+                ttl=new.ttl,
+                description=new.description,
+                created_by=principal.id,
+                parent=None if new.orphan else maker,
+            )
             outcome.detail.update(
-                token_id=info.id, roles=list(info.roles), ttl=ttl, expires_at=info.ends
+                token_id=info.id,
+                roles=list(info.roles),
+                ttl=ttl,
+                expires_at=info.ends,
+                parent=info.parent,
             )
             return info, secret
 
-        asked = {"roles": list(new.roles), "ttl": ttl}
+        asked = {"roles": list(new.roles), "ttl": ttl, "orphan": new.orphan}
         call = Call(principal, ctx, "token.create", {"kind": "token"}, asked)
         return self.gate.run(call, create)
 
@@ -72,14 +86,22 @@ class System:
         call = Call(principal, ctx, "token.list", {"kind": "token"})
         return self.gate.run(call, lambda _: self.tokens.list())
 
-    def revoke_token(self, principal: Principal, ctx: Ctx, token_id: str) -> TokenInfo:
-        """Revoke a token. Raises NotFound if no live token has that id, and before
-        anything is recorded for text that is no token id (a whole token pasted by mistake:
-        its secret must not reach the audit log)."""
+    def revoke_token(self, principal: Principal, ctx: Ctx, token_id: str) -> tuple[TokenInfo, ...]:
+        """Revoke a token and the tokens it made, theirs and so on (not orphans): the
+        tokens revoked, this one first. The policy sees the token's `roles`, `created_by`
+        and `parent` (when there is such a token). Raises NotFound if no live token has
+        that id, and before anything is recorded for text that is no token id (a whole
+        token pasted by mistake: its secret must not reach the audit log)."""
         if token_id_of(token_id) != token_id:
             raise NotFound("no live token has that id: give its id, the part after 'kmg.'")
-        call = Call(principal, ctx, "token.revoke", {"kind": "token", "name": token_id})
-        return self.gate.run(call, lambda _: self.tokens.revoke(token_id))
+        resource: dict[str, object] = {"kind": "token", "name": token_id}
+        known = self.tokens.get(token_id)
+        if known is not None:
+            resource.update(
+                roles=list(known.roles), created_by=known.created_by, parent=known.parent
+            )
+        revoke = functools.partial(revoke_token_tree, self.tokens, token_id)
+        return self.gate.run(Call(principal, ctx, "token.revoke", resource), revoke)
 
     # -- policy ----------------------------------------------------------------------------
 
@@ -194,6 +216,17 @@ class System:
     def authorize_metrics(self, principal: Principal, ctx: Ctx) -> None:
         """Raises PolicyDenied unless the principal may read the metrics (`metrics.read`)."""
         self.gate.run(Call(principal, ctx, "metrics.read", {"kind": "metrics"}), lambda _: None)
+
+
+def revoke_token_tree(
+    tokens: TokenRegistry, token_id: str, outcome: Outcome
+) -> tuple[TokenInfo, ...]:
+    """Revoke `token_id` and the tokens it made, theirs and so on (`TokenRegistry.revoke`),
+    naming in `outcome` every other token this ended. Raises NotFound."""
+    revoked = tokens.revoke(token_id)
+    if len(revoked) > 1:
+        outcome.detail["also_revoked"] = [info.id for info in revoked[1:]]
+    return revoked
 
 
 def _refuse_outliving(creator: Principal, ttl: timedelta | None) -> None:

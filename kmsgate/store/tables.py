@@ -54,6 +54,9 @@ tokens = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_by", sa.Text, nullable=True),
+    sa.Column("parent", sa.String(32), nullable=True),
+    sa.Index("tokens_parent", "parent"),
 )
 
 cas = sa.Table(

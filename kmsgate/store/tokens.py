@@ -7,11 +7,14 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
+from kmsgate.errors import Unauthenticated
 from kmsgate.store import tables
 from kmsgate.store.engine import Database, Row
 from kmsgate.store.feed import record_change
 
 AGGREGATE = "tokens"
+_WAVE = 500
+"""Tokens per statement when a revocation walks down the tokens a token made."""
 
 
 class Tokens:
@@ -21,23 +24,55 @@ class Tokens:
         self._db = db
 
     def insert(self, token: Row) -> None:
-        """Insert an API token row (its secret is already hashed). Raises Conflict on a clash."""
+        """Insert an API token row (its secret is already hashed), unless its `parent` was
+        revoked meanwhile (the parent's row is locked first, so that a revocation under way
+        either sees the new token or is seen by this check). Raises Conflict on a clash,
+        Unauthenticated for a revoked parent."""
+        c = tables.tokens.c
         with self._db.transaction() as conn:
+            if token.get("parent") is not None:
+                parent = sa.select(c.revoked_at).where(c.id == token["parent"]).with_for_update()
+                row = conn.execute(parent).first()
+                if row is None or row.revoked_at is not None:
+                    raise Unauthenticated("missing, invalid, expired or revoked token")
             conn.execute(sa.insert(tables.tokens).values(**token))
             record_change(conn, AGGREGATE, token["id"])
 
-    def revoke(self, token_id: str, when: datetime) -> bool:
-        """Mark a token revoked; False if no live token has that id."""
+    def revoke(self, token_id: str, when: datetime) -> list[str]:
+        """Mark a live token revoked, with every live token it made, and those they made,
+        and so on (each wave's rows locked before their children are read: a token made
+        meanwhile by one of them is either found or refused, see `insert`). The ids
+        revoked, `token_id` first; none if no live token has that id."""
+        c = tables.tokens.c
         with self._db.transaction() as conn:
-            updated = conn.execute(
-                sa.update(tables.tokens)
-                .where(tables.tokens.c.id == token_id)
-                .where(tables.tokens.c.revoked_at.is_(None))
-                .values(revoked_at=when)
-            )
-            if updated.rowcount == 1:
-                record_change(conn, AGGREGATE, token_id)
-            return updated.rowcount == 1
+            if not self._revoke_live(conn, [token_id], when):
+                return []
+            revoked, wave = [token_id], [token_id]
+            while wave:
+                children: list[str] = []
+                for start in range(0, len(wave), _WAVE):
+                    made = sa.select(c.id).where(c.parent.in_(wave[start : start + _WAVE]))
+                    children += conn.execute(made).scalars()
+                revoked += self._revoke_live(conn, children, when)
+                wave = children  # an already revoked child's own children are looked at too
+            for revoked_id in revoked:
+                record_change(conn, AGGREGATE, revoked_id)
+            return revoked
+
+    @staticmethod
+    def _revoke_live(conn: sa.Connection, ids: list[str], when: datetime) -> list[str]:
+        """Mark the live tokens among `ids` revoked; their ids."""
+        c = tables.tokens.c
+        live: list[str] = []
+        for start in range(0, len(ids), _WAVE):
+            chunk = ids[start : start + _WAVE]
+            live += conn.execute(
+                sa.select(c.id).where(c.id.in_(chunk), c.revoked_at.is_(None)).with_for_update()
+            ).scalars()
+        for start in range(0, len(live), _WAVE):
+            chunk = live[start : start + _WAVE]
+            conn.execute(sa.update(tables.tokens).where(c.id.in_(chunk)).values(revoked_at=when))
+        return live
 
     def get(self, token_id: str) -> Row | None:
         """One token row, or None. Raises Unavailable."""
