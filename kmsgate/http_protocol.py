@@ -265,6 +265,15 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         super().on_message_complete()
         self._head_open, self._head_bytes = True, 0
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """A header field, kept; a trailer field (after a chunked body) is dropped: uvicorn
+        would append it to the request's headers, which the application read as sent in
+        the head, where a proxy in front checked and stripped them (RFC 9110 6.5.1: never
+        merge a trailer into the header section): an `Authorization` or a forwarded client
+        certificate sent as a trailer authenticated."""
+        if self._head_open:
+            super().on_header(name, value)
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         gathering = _GatheringTransport(transport, self.loop)
         super().connection_made(gathering)  # type: ignore[arg-type]

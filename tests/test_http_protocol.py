@@ -228,6 +228,38 @@ def test_framing_a_proxy_could_read_otherwise_is_refused_before_the_body(tmp_pat
             assert _replies(received)[0][0] == 200, host
 
 
+def test_a_trailer_field_is_never_read_as_a_header(tmp_path: Path) -> None:
+    """Fields sent after a chunked body (trailers) are dropped: a credential or a content
+    type given only there is not seen (401, 415), where the same fields in the head are
+    (RFC 9110 6.5.1; a proxy in front checks and strips headers, not trailers)."""
+    with running_gateway(tmp_path) as gw:
+        address = urlsplit(gw.addr)
+        assert address.hostname and address.port
+        token = f"Bearer {gw.root_token}".encode()
+
+        def chunked(head: bytes, trailer: bytes) -> tuple[int, dict[str, object]]:
+            request = (
+                head + b"Host: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                b"2\r\n{}\r\n0\r\n" + trailer + b"\r\n"
+            )
+            with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
+                conn.sendall(request)
+                received = b""
+                while chunk := conn.recv(65536):
+                    received += chunk
+            ((status, _, reply),) = _replies(received)
+            return status, json.loads(reply)
+
+        listing = b"POST /v1/sys/policy/evaluate HTTP/1.1\r\nContent-Type: application/json\r\n"
+        status, reply = chunked(listing, b"Authorization: " + token + b"\r\n")
+        assert (status, reply["code"]) == (401, "unauthenticated"), reply
+        status, reply = chunked(listing + b"Authorization: " + token + b"\r\n", b"")
+        assert (status, reply["code"]) == (422, "validation_failed"), reply  # authenticated
+        untyped = b"POST /v1/sys/policy/evaluate HTTP/1.1\r\nAuthorization: " + token + b"\r\n"
+        status, reply = chunked(untyped, b"Content-Type: application/json\r\n")
+        assert (status, reply["code"]) == (415, "unsupported_media_type"), reply
+
+
 def test_a_request_refused_once_its_head_is_read_gets_the_refusal_alone_in_its_turn(
     tmp_path: Path,
 ) -> None:
