@@ -175,9 +175,10 @@ class KeyBackend(ABC):
         BackendError."""
 
     def retire_versions_below(self, key: BackendKey, min_version: int) -> None:  # noqa: B027
-        """Mirror kmsgate's `min_decrypt_version`, raised or lowered, where the backend can
-        enforce it too (Vault Transit's `min_decryption_version`); kmsgate enforces it
-        either way. Raises BackendUnavailable, BackendError."""
+        """Mirror kmsgate's `min_decrypt_version` (`min_version`, whose version is `key`),
+        raised or lowered, where the backend can enforce it too (Vault Transit's
+        `min_decryption_version`); kmsgate enforces it either way. Raises
+        BackendUnavailable, BackendError."""
 
     def status(self) -> BackendStatus:
         """Readiness of the backend (for /v1/sys/ready); problems are reported in the

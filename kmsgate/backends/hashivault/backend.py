@@ -67,19 +67,18 @@ from kmsgate.errors import (
 _log = logging.getLogger(__name__)
 
 
-def _raced() -> Conflict:
-    return Conflict("the key was rotated by another request at the same time: try again")
-
-
 class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
     """Keys in a Vault/OpenBao Transit mount. Thread-safe; every call may block (HTTP).
 
     Key material never leaves Transit (keys are created with `exportable=false`). kmsgate's
-    version N of a key is Transit version N of the Transit key `<key_prefix><name>`: version 1
-    creates the Transit key, every later version is one Transit rotation. A `BackendKey.ref`
-    names mount, Transit key and version: `hashivault:<mount>/<transit-name>#<version>`, and
-    every operation pins that version (`key_version`), so a rotation made outside kmsgate never
-    changes what a kmsgate version signs with.
+    version 1 of a key creates the Transit key `<key_prefix><name>` (Transit version 1); every
+    later version is a Transit rotation, usually to the same number. A `BackendKey.ref` names
+    mount, Transit key and Transit version: `hashivault:<mount>/<transit-name>#<version>`,
+    and every operation pins that version (`key_version`), so a rotation made outside kmsgate
+    never changes what a kmsgate version signs with. The numbers part when Transit rotated
+    without kmsgate keeping the version (concurrent rotations, of which the catalogue keeps
+    one; a reply lost, or that came after the request timed out): the next kmsgate version
+    takes Transit's newest, so the two never block each other.
 
     - sign: `hash_algorithm`, `prehashed`, `signature_algorithm` (`pss` with an explicit salt
       length equal to the hash length, `pkcs1v15`), `marshaling_algorithm=asn1`; the
@@ -170,29 +169,27 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
             if existing is None:
                 raise BackendError(f"Transit key {name!r} is missing: cannot add a version")
             info = existing
-            if existing.latest_version == spec.version - 1:
+            after = _Ref.parse(spec.previous.ref).version if spec.previous else spec.version - 1
+            if existing.latest_version <= after:
                 try:
                     reply = self._vault.call("POST", f"{mount}/keys/{name}/rotate", "rotate a key")
+                    info = self._vault.described(mount, name, reply)
                 except BackendError:  # Vault's 500 for a commit that lost to another rotation
                     now = self._vault.read_info(mount, name)
-                    if now is not None and now.latest_version >= spec.version:
-                        raise _raced() from None
-                    raise
-                info = self._vault.described(mount, name, reply)
-                if info is not None and info.latest_version > spec.version:
-                    raise _raced()  # another request rotated it too, just before this one
-            # latest == version: a rotation whose catalogue write failed; reuse that version
+                    if now is None or now.latest_version <= after:
+                        raise
+                    info = now
+            # else Transit holds versions past the previous one that no kmsgate version uses
+            # (a rotation that lost a race in the catalogue, or whose reply was lost): the
+            # newest serves
         if info is None:
             raise BackendError(f"Transit key {name!r} vanished while being created")
         self._check_type(name, info, transit_type)
-        if info.latest_version != spec.version:
-            raise BackendError(
-                f"Transit key {name!r} is at version {info.latest_version}, kmsgate expected "
-                f"{spec.version}: it was rotated outside kmsgate"
-            )
-        ref = _Ref(mount, name, spec.version)
+        if spec.version == 1 and info.latest_version != 1:
+            raise BackendError(f"Transit key {name!r} was rotated outside kmsgate as it was made")
+        ref = _Ref(mount, name, info.latest_version)
         pem = (
-            _public_key_pem(spec.key_type, info.public_keys.get(spec.version))
+            _public_key_pem(spec.key_type, info.public_keys.get(info.latest_version))
             if spec.key_type.is_asymmetric
             else None
         )
@@ -318,13 +315,13 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
         lowered with it (undoing a retirement, while Transit still holds those versions).
         Raises KeyDestroyed if the Transit key is gone, BackendUnavailable, BackendError
         (Vault refuses: the versions were trimmed)."""
-        ref = _Ref.parse(key.ref)
+        ref = _Ref.parse(key.ref)  # the oldest version kept: its Transit number is the floor
         info = self._vault.info(ref)
-        if min_version == info.min_decryption_version:
+        if ref.version == info.min_decryption_version:
             return
-        body: dict[str, object] = {"min_decryption_version": min_version}
-        if info.min_encryption_version and info.min_encryption_version < min_version:
-            body["min_encryption_version"] = min_version
+        body: dict[str, object] = {"min_decryption_version": ref.version}
+        if info.min_encryption_version and info.min_encryption_version < ref.version:
+            body["min_encryption_version"] = ref.version
         self._vault.call("POST", f"{ref.mount}/keys/{ref.name}/config", "set min version", body)
         self._vault.forget(ref.mount, ref.name)
 
