@@ -24,7 +24,7 @@ def read_secret_file(path: Path, what: str) -> bytes:
     except OSError as exc:
         raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
     if problem is not None:
-        raise ConfigError(f"{what} file {path} {problem}")
+        raise ConfigError(f"{what} file {path} {problem} (chmod 600 {path})")
     return data
 
 

@@ -357,7 +357,9 @@ def test_root_ceremony_end_to_end(gw: Gateway, tmp_path: Path, openssl_bin: str)
     )
     # a passphrase file others can read is a secret file like the gateway's: refused
     exposed = run_cli(init_root, clean_env())
-    assert_one_line_error(exposed, "passphrase file", "must not be accessible by")
+    assert_one_line_error(
+        exposed, "passphrase file", "must not be accessible by", f"(chmod 600 {passphrase})"
+    )
     assert not root_key.exists() and not root_cert.exists()
     passphrase.chmod(0o600)
     made = run_cli(init_root, clean_env())  # no gateway: neither KMSGATE_ADDR nor a token
