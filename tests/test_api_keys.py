@@ -314,12 +314,37 @@ def test_import_public_key_is_verify_only(api, admin):
     assert wrong.status_code == 400
     # a public key whose private key is anyone's cannot vouch for the gateway: checkpoints
     # it signed would verify as the audit log's, certificates as a CA's
-    for purpose in ("audit", "ca", "ocsp"):
+    for purpose, why in (
+        ("audit", "cannot be an imported public key"),
+        ("ca", "are the PKI's"),
+        ("ocsp", "are the PKI's"),
+    ):
         body = {"name": f"forger-{purpose}", "purpose": purpose, "public_key": pem}
         refused = api.call("POST", "/v1/keys", admin, json=body)
         assert refused.status_code == 400, refused.text
-        assert "cannot be an imported public key" in refused.json()["detail"]
+        assert why in refused.json()["detail"]
         assert api.call("GET", f"/v1/keys/forger-{purpose}", admin).status_code == 404
+
+
+def test_the_pkis_key_names_and_purposes_are_its_own(api, admin):
+    """`ocsp.<ca>` made through POST /v1/keys was taken for the CA's OCSP responder key
+    (certified as its signer, or, of another kind, breaking its OCSP for good), `ca.<ca>`
+    kept the CA from being made: such names and the purposes ca and ocsp are refused, and
+    the PKI still makes its own keys under them."""
+    for body in (
+        {"name": "ocsp.dev", "type": "ed25519", "purpose": "sig"},
+        {"name": "ocsp.next", "type": "ecdsa-p256", "purpose": "ocsp"},
+        {"name": "ca.next", "type": "ecdsa-p256", "purpose": "general"},
+        {"name": "helper", "type": "ecdsa-p256", "purpose": "ca"},
+        {"name": "helper", "type": "ecdsa-p256", "purpose": "ocsp"},
+    ):
+        refused = api.call("POST", "/v1/keys", admin, json=body)
+        assert refused.status_code == 400 and "are the PKI's" in refused.text, refused.text
+        assert api.call("GET", f"/v1/keys/{body['name']}", admin).status_code == 404
+    made = api.call("POST", "/v1/pki/cas", admin, json={"name": "next", "subject": "CN=Next"})
+    assert made.status_code == 201, made.text
+    key = api.call("GET", "/v1/keys/ca.next", admin).json()
+    assert (key["purpose"], key["labels"]) == ("ca", {"ca": "next"})
 
 
 def test_jwks_is_served_without_a_token_only_for_public_keys(api, admin):

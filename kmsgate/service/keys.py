@@ -103,6 +103,7 @@ class Keys:
                 raise InvalidRequest(_VERIFY_ONLY_NEVER_ROTATES)
         if new.public and new.type is not None and not parse_key_type(new.type).is_asymmetric:
             raise InvalidRequest(f"{new.type} keys have no public key to publish")
+        _refuse_a_pki_key(new)
         if importing and new.purpose in _SIGNED_THROUGH_THE_GATEWAY:
             # whoever holds the private key of an imported public key could sign checkpoints
             # or certificates that would verify as the gateway's
@@ -585,6 +586,22 @@ def _refuse_destroyed(key: Key) -> None:
 
 _SIGNED_THROUGH_THE_GATEWAY = PKI_PURPOSES | {AUDIT_PURPOSE}
 """Purposes of keys that sign what relying parties take as the gateway's own word."""
+
+
+def _refuse_a_pki_key(new: NewKey) -> None:
+    """Raises InvalidRequest for a key only the PKI makes (`/v1/pki`, never `POST
+    /v1/keys`): of purpose `ca` or `ocsp`, or named as a CA's key (`ca.<ca>`) or its OCSP
+    responder's (`ocsp.<ca>`). A responder key made beforehand under its name was taken
+    for the CA's and certified as its OCSP signer (or, of another kind, broke its OCSP for
+    good); a CA key's name taken kept the CA from being made."""
+    if new.purpose in PKI_PURPOSES or new.name.startswith(_PKI_KEY_PREFIXES):
+        raise InvalidRequest(
+            f"key {new.name!r}: the names ca.* and ocsp.* and the purposes ca and ocsp are "
+            "the PKI's, which makes such keys itself (POST /v1/pki/cas)"
+        )
+
+
+_PKI_KEY_PREFIXES = ("ca.", "ocsp.")
 
 
 def _refuse_a_ca_key(name: str, purpose: str, what: str) -> None:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificatePublicKeyTypes,
 )
 
+from kmsgate.algorithms import KeyUsage, parse_key_type
 from kmsgate.auth import SYSTEM, Principal
 from kmsgate.backends.base import PkiEngine
 from kmsgate.catalogue import Key, KeyVersion
@@ -115,6 +116,8 @@ class Pki:
             if new.type == CaType.HASHIVAULT_PKI:
                 return self.authorities.insert(vault_ca(self.gate.registry, new))
             subject = parse_subject(new.subject)
+            if parse_key_type(new.key_type).usage is not KeyUsage.SIGN:  # before a key is made
+                raise InvalidRequest(f"{new.key_type} keys cannot be CA keys")
             key = self.keys.generate(
                 NewKey(
                     name=f"ca.{new.name}",
@@ -124,6 +127,7 @@ class Pki:
                     labels={"ca": new.name},
                 )
             )
+            outcome.detail["key"] = key.name  # a failure from here on leaves it: named
             csr = (
                 x509.CertificateSigningRequestBuilder()
                 .subject_name(subject)
@@ -144,7 +148,6 @@ class Pki:
                 created_at=at,
                 updated_at=at,
             )
-            outcome.detail["key"] = key.name
             return self.authorities.insert(ca)
 
         request = {"type": new.key_type, "ca_type": new.type}

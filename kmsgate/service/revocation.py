@@ -480,7 +480,14 @@ class Revocation:
             issuer = ca.active_certificate()
             key = self._responder_key(ca)
             public_key = key.versions[key.primary_version].public_key()
-            if key.purpose != OCSP_PURPOSE or not isinstance(public_key, ec.EllipticCurvePublicKey):
+            made_here = key.backend == RESPONDER_BACKEND and not any(
+                version.adopted for version in key.versions.values()
+            )  # a key made before such names were the PKI's may sit anywhere
+            if not (
+                key.purpose == OCSP_PURPOSE
+                and made_here
+                and isinstance(public_key, ec.EllipticCurvePublicKey)
+            ):
                 raise Conflict(f"key {key.name!r} exists and is not an OCSP responder key")
             if self._revoked_responder(ca, public_key) is not None:  # rotated elsewhere since
                 raise Conflict(f"key {key.name!r} is a revoked responder's: retry")

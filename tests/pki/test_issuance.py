@@ -159,6 +159,24 @@ def test_a_pending_ca_repeats_its_csr_until_its_certificate_is_imported(api, adm
     assert listed()["state"] == "active" and "csr" not in listed()
 
 
+def test_a_ca_key_type_that_cannot_sign_is_refused_before_any_key_is_made(api, admin):
+    """Before, the CA's key was made, then refused: a purpose-`ca` key left behind, named
+    by no audit record, and the CA's name blocked (409 for every later try)."""
+    for key_type in ("hmac-sha256", "aes-256-gcm"):
+        body = {"name": "orph", "subject": "CN=orph", "key": {"type": key_type}}
+        refused = api.call("POST", "/v1/pki/cas", admin, json=body)
+        assert refused.status_code == 400, refused.text
+        assert f"{key_type} keys cannot be CA keys" in refused.json()["detail"]
+        assert api.call("GET", "/v1/keys/ca.orph", admin).status_code == 404
+    body = {"name": "orph", "subject": "CN=orph", "key": {"type": "ecdsa-p256"}}
+    made = api.call("POST", "/v1/pki/cas", admin, json=body)
+    assert made.status_code == 201, made.text
+    [record] = [
+        r for r in api.service.audit.search(action="ca.create").records if r["outcome"] == "ok"
+    ]
+    assert record["detail"]["key"] == "ca.orph"
+
+
 def test_a_pending_ca_cannot_issue_and_a_foreign_chain_is_refused(api, admin, root):
     created = api.call(
         "POST", "/v1/pki/cas", admin, json={"name": "pending", "subject": "CN=Pending CA"}
