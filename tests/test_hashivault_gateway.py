@@ -16,7 +16,9 @@ import base64
 import contextlib
 import functools
 import hashlib
+import json
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import hvac.exceptions
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -46,6 +49,7 @@ from kmsgate.errors import (
     NotFound,
 )
 from tests import helpers
+from tests.components import LOOPBACK
 from tests.gateway import Api, open_gateway
 from tests.helpers import b64, self_signed, unb64
 from tests.openbao import (
@@ -54,6 +58,7 @@ from tests.openbao import (
     persistent_openbao,
     running_openbao,
 )
+from tests.test_cli import running_gateway
 
 MESSAGE = b"kmsgate hashivault test message"
 TRANSIT_POLICY = 'path "transit/*" { capabilities = ["create", "read", "update", "delete"] }'
@@ -1335,3 +1340,50 @@ def test_a_mount_without_transit_is_named_not_a_key_gone(openbao_server):
                 attempt()
     finally:
         backend.close()
+
+
+@contextlib.contextmanager
+def _hung_server() -> Iterator[str]:
+    """The address of a server that takes connections and never answers (a Vault frozen
+    mid-request)."""
+    listener = socket.create_server((LOOPBACK, 0), backlog=256)
+    try:
+        yield f"http://{LOOPBACK}:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def test_a_hung_vault_slows_neither_other_keys_nor_readiness_callers(tmp_path: Path) -> None:
+    """Vault taking connections and never answering (timeout 3 s): 64 unauthenticated
+    readiness callers at once share one round of checks (each answer within about one
+    timeout, naming the backend), and meanwhile a local key is read and created at once
+    (before, every caller ran its own checks in the shared thread pool, and a local key's
+    read waited seconds behind them)."""
+    with _hung_server() as addr:
+        config = tmp_path / "kmsgate.yaml"
+        vault = vault_config(addr, "kmsgate-", token="hvs.never-used", timeout=3)
+        config.write_text(json.dumps({"backends": {"local": {"type": "softkms"}, "vault": vault}}))
+        with running_gateway(tmp_path, "--config", str(config)) as gw:
+            auth = {"authorization": f"Bearer {gw.root_token}"}
+            with httpx.Client(base_url=gw.addr, headers=auth, timeout=30) as client:
+                body = {"name": "near", "type": "ecdsa-p256", "purpose": "p"}
+                assert client.post("/v1/keys", json=body).status_code == 201
+
+                def ready(_: int) -> tuple[int, float, str]:
+                    started = time.monotonic()
+                    reply = httpx.get(f"{gw.addr}/v1/sys/ready", timeout=30)
+                    detail = reply.json()["backends"]["vault"]["detail"]
+                    return reply.status_code, time.monotonic() - started, detail
+
+                with ThreadPoolExecutor(64) as pool:
+                    waiting = pool.map(ready, range(64))
+                    time.sleep(1.0)  # the readiness round is under way
+                    started = time.monotonic()
+                    assert client.get("/v1/keys/near").status_code == 200
+                    body = {"name": "nearer", "type": "ecdsa-p256", "purpose": "p"}
+                    assert client.post("/v1/keys", json=body).status_code == 201
+                    local = time.monotonic() - started
+                    answers = list(waiting)
+            assert local < 1.0, local
+            assert {(status, detail) for status, _, detail in answers} == {(503, "unreachable")}
+            assert max(seconds for _, seconds, _ in answers) < 8, answers

@@ -17,6 +17,7 @@ from kmsgate.api.docs import install_docs
 from kmsgate.api.fastpath import FastRoute, GatewayApp
 from kmsgate.api.metrics import Metrics, Work
 from kmsgate.api.problems import GatewayMiddleware, RequestIds, install_error_handlers
+from kmsgate.api.readiness import Readiness
 from kmsgate.api.responses import JsonResponse
 from kmsgate.api.threads import BackendThreads
 from kmsgate.errors import KmsgateError
@@ -163,6 +164,7 @@ def create_app(service: Service, leader_jobs: Sequence[Callable[[], None]] = ())
     install_docs(app)
     app.state.service = service
     app.state.backend_threads = BackendThreads()
+    app.state.readiness = Readiness(service, app.state.backend_threads)
     fast_routes: list[FastRoute] = []
     app.include(routes_sys.build_router())  # first: health checks stay cheap
     # revocation: the public CRLs and OCSP

@@ -53,7 +53,7 @@ from kmsgate.schemas import (
 from kmsgate.service import Service
 from kmsgate.service.crypto import Crypto
 from kmsgate.service.envelope import Envelopes
-from kmsgate.text import utc_timestamp
+from kmsgate.text import KEY_NAME, utc_timestamp
 
 PREFIX = "/v1/keys"
 POLICY_DIGEST_HEADER = "x-kmsgate-policy-digest"
@@ -261,11 +261,32 @@ def _labels(label: list[str]) -> list[tuple[str, str]]:
     return [(name, value) for name, _, value in (item.partition(":") for item in label)]
 
 
-def create_key(
-    body: CreateKeyRequest, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+async def _on_backend(
+    request: Request, backend: str | None, call: Callable[..., Any], *args: object
+) -> Any:
+    """`call(*args)` off the event loop: in the threads of `backend` if it is one that
+    blocks (a hung Vault holds only its own threads: routes in the shared pool go on), else
+    in the shared pool. Raises what `BackendThreads.run` and `call` raise."""
+    service: Service = request.app.state.service
+    found = service.registry.find(backend) if backend else None
+    if found is not None and found.blocking:
+        threads: BackendThreads = request.app.state.backend_threads
+        return await threads.run(backend or "", call, *args)
+    return await run_in_threadpool(call, *args)
+
+
+async def create_key(
+    request: Request,
+    body: CreateKeyRequest,
+    service: ServiceDep,
+    principal: PrincipalDep,
+    ctx: CtxDep,
 ) -> Response:
     """Create a key (or import a verify-only public key)."""
-    return json_response(service.keys.create(principal, ctx, body.to_input()).to_dict(), 201)
+    new = body.to_input()
+    backend = new.backend or service.registry.default
+    key = await _on_backend(request, backend, service.keys.create, principal, ctx, new)
+    return json_response(key.to_dict(), 201)
 
 
 def list_keys(
@@ -292,9 +313,14 @@ def get_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
     return json_response(body)
 
 
-def rotate_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:
+async def rotate_key(
+    request: Request, name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
+) -> Response:
     """Create a new primary version; old versions keep verifying."""
-    return json_response(service.keys.rotate(principal, ctx, name).to_dict())
+    found = service.gate.catalogue.find(name) if KEY_NAME.fullmatch(name) else None
+    backend = found.backend if found else None
+    key = await _on_backend(request, backend, service.keys.rotate, principal, ctx, name)
+    return json_response(key.to_dict())
 
 
 def disable_key(name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Response:

@@ -13,6 +13,7 @@ from kmsgate.api.deps import CtxDep, PrincipalDep, ServiceDep
 from kmsgate.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsgate.api.metrics import Metrics
 from kmsgate.api.openapi import PUBLIC, RETRY_AFTER, problem_reply
+from kmsgate.api.readiness import Readiness
 from kmsgate.api.replies import (
     AUDIT_CHECKPOINTS,
     AUDIT_RECORDS,
@@ -39,39 +40,12 @@ async def health() -> Response:
     return json_response({"status": "ok"})
 
 
-def ready(service: ServiceDep) -> Response:
-    """Readiness: 200 when every configured backend answers, the audit log takes records
-    (else every operation is refused) and the caches follow the store; also while the store
-    cannot be reached but the caches may still serve key operations (`max_staleness_seconds`:
-    every replica shares the store, and leaving them all out of rotation would refuse what
-    they can still do), with status `degraded`; else 503."""
-    backends = {
-        name: {"type": backend.scheme, "ok": status.ok, "detail": status.detail}
-        for name, backend in service.registry.items()
-        for status in [backend.status()]
-    }
-    problem, stale = service.store.ping(), service.gate.freshness.stale()
-    if problem is None and stale:
-        problem = "the caches have not followed the store yet"
-    degraded = problem is not None and not stale
-    if degraded:
-        problem = f"{problem}; key operations go on from the caches for now"
-    store = {"ok": problem is None, "detail": problem or "ok"}
-    refused = service.audit.problem()
-    audit = {"ok": refused is None, "detail": refused or "ok"}
-    parts = {"audit": audit, **{f"backend {n}": b for n, b in backends.items()}}
-    if not degraded:
-        parts["store"] = store
-    down = [f"{part}: {state['detail']}" for part, state in parts.items() if not state["ok"]]
-    body: dict[str, object] = {
-        "status": "unavailable" if down else "degraded" if degraded else "ok",
-        "store": store,
-        "audit": audit,
-        "backends": backends,
-    }
-    if down:  # what a client that reads problem replies (the CLI) shows
-        body.update(code="not_ready", detail="; ".join(down))
-    return json_response(body, 503 if down else 200)
+async def ready(request: Request) -> Response:
+    """Readiness (`kmsgate.api.readiness`): 200 when every part answers, or `degraded`
+    while only the store cannot be reached; else 503."""
+    readiness: Readiness = request.app.state.readiness
+    body, status = await readiness.check()
+    return json_response(body, status)
 
 
 def metrics(
