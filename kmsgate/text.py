@@ -44,6 +44,10 @@ def quoted(value: str, limit: int = 64) -> str:
     return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
+MAX_PRINCIPAL_ID = 256
+"""The longest principal id (`token:<id>`, `<issuer>:<sub>`, a SPIFFE ID) the gateway takes:
+the store's columns that name a principal (a grant's, a certificate's owner) hold no more."""
+
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """What a key's name may be (`fullmatch`): a name in a request path that is not one names no
 key, and is refused before it reaches a policy decision, an audit record or a log line."""

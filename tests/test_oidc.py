@@ -267,6 +267,8 @@ def test_every_bad_token_is_401(oidc_gateway: tuple[Gateway, Issuer]) -> None:
         # valid, but the policy input cannot hold it (it was a 403 evaluation error)
         "a claim beyond 64 bits": issuer.token(run_id=99999999999999999999),
         "exp as a string": issuer.token(exp=str(now + 300)),
+        # a principal the store could not name (a grant's, a certificate owner's column)
+        "a subject of 300 characters": issuer.token(sub="s" * 300),
     }  # fmt: skip
     statuses = {case: _sign(gw, token).status_code for case, token in bad.items()}
     assert statuses == dict.fromkeys(bad, 401)
@@ -276,6 +278,7 @@ def test_every_bad_token_is_401(oidc_gateway: tuple[Gateway, Issuer]) -> None:
     # the record says which check failed (the caller is told only "invalid ... token")
     reasons = {r["detail"]["reason"] for r in oidc}
     assert {"InvalidAudienceError", "ExpiredSignatureError", "unknown issuer"} <= reasons
+    assert any(reason.startswith("a principal id of 30") for reason in reasons), reasons
 
 
 def test_each_refusal_logs_the_check_that_failed(

@@ -9,6 +9,9 @@ from cryptography import x509
 
 from kmsgate.auth.principal import Principal, PrincipalKind
 from kmsgate.errors import Unauthenticated
+from kmsgate.text import MAX_PRINCIPAL_ID
+
+_REFUSED = "missing, invalid, expired or revoked token"
 
 
 class Credentials(NamedTuple):
@@ -58,7 +61,8 @@ class Authenticators:
 
     def authenticate(self, credentials: Credentials) -> Principal:
         """The caller. Raises AuthenticationFailed (an Unauthenticated) if no authenticator
-        accepts the credentials."""
+        accepts the credentials, or for a principal whose id is over `MAX_PRINCIPAL_ID`
+        characters (the store could not name it)."""
         for authenticator in self._authenticators:
             try:
                 principal = authenticator.authenticate(credentials)
@@ -73,7 +77,12 @@ class Authenticators:
                 )
                 raise AuthenticationFailed(authenticator.kind, exc, serial) from None
             if principal is not None:
+                if len(principal.id) > MAX_PRINCIPAL_ID:  # an OIDC subject, a SPIFFE ID
+                    why = (
+                        f"a principal id of {len(principal.id)} characters, over {MAX_PRINCIPAL_ID}"
+                    )
+                    raise AuthenticationFailed(
+                        authenticator.kind, Unauthenticated(_REFUSED, reason=why)
+                    )
                 return principal
-        raise AuthenticationFailed(
-            self.fallback_kind, Unauthenticated("missing, invalid, expired or revoked token")
-        )
+        raise AuthenticationFailed(self.fallback_kind, Unauthenticated(_REFUSED))
