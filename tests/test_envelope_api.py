@@ -159,6 +159,23 @@ def test_context_is_bound(api, admin):
     assert decrypt(api, admin, "c", bare, {"a": "b"}).json()["code"] == "decryption_failed"
 
 
+def test_a_context_reads_in_the_audit_log_as_it_is(api, admin):
+    """A context with a bidirectional override (which makes a line read as something
+    else to a reviewer) is bound as sent, and its audit record writes the character as its
+    escape, on the line and in the record read back."""
+    create_envelope_key(api, admin, "bidi")
+    tricky = {"tenant": "acme\u202egnp.exe", "note\u2066": "a\tb"}
+    ct = encrypt(api, admin, "bidi", b"secret", tricky)
+    assert unb64(decrypt(api, admin, "bidi", ct, tricky).json()["plaintext"]) == b"secret"
+    line = api.service.settings.resolved_audit_path().read_text()
+    assert "\u202e" not in line and "\u2066" not in line
+    records = api.service.audit.search(action="encrypt").records
+    assert records[-1]["detail"]["context"] == {
+        "tenant": "acme\\u202egnp.exe",
+        "note\\u2066": "a\\tb",
+    }
+
+
 def test_context_encoding_is_canonical_and_unambiguous():
     assert encode_context(None) == encode_context({}) == b"\x00\x00"
     assert encode_context({"b": "1", "a": "2"}) == encode_context({"a": "2", "b": "1"})

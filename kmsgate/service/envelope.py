@@ -10,7 +10,7 @@ secret (as AWS KMS logs it): the trail answers "who decrypted tenant X's data".
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import TypeVar
@@ -31,6 +31,7 @@ from kmsgate.service.requests import (
     RewrapInput,
 )
 from kmsgate.service.results import Ciphertext, DataKey, ItemResults, Plaintext, WrappedDataKey
+from kmsgate.text import shown
 
 EnvelopeT = TypeVar("EnvelopeT", bound=EncryptInput | DecryptInput | DataKeyInput | RewrapInput)
 
@@ -131,9 +132,9 @@ class Envelopes:
         }
         whose: dict[str, object] = {}  # in every record, a denial's too: "tenant=acme", say
         if len(distinct) == 1 and distinct[0]:
-            whose["context"] = distinct[0]
+            whose["context"] = _as_reviewed(distinct[0])
         elif len(distinct) > 1:
-            whose["contexts"] = distinct[:AUDITED_CONTEXTS]
+            whose["contexts"] = [_as_reviewed(c) for c in distinct[:AUDITED_CONTEXTS]]
             whose["distinct_contexts"] = len(distinct)
         detail: dict[str, object] = {}
         if action == "datakey":  # the policy may allow wrapped-only keys and no plaintext ones
@@ -279,3 +280,10 @@ class _RewrapSources:
             return DecryptionFailed("the ciphertext names a key that does not exist")
         except KmsgateError as exc:
             return exc
+
+
+def _as_reviewed(context: Mapping[str, str]) -> dict[str, str]:
+    """`context` as its audit record shows it to a reviewer: each control or bidirectional
+    character written as its escape (`\\u202e`), which would otherwise make the line read
+    as something else (the context itself, bound into the ciphertext, is as sent)."""
+    return {shown(k): shown(v) for k, v in context.items()}
