@@ -788,6 +788,38 @@ def test_transit_versions_kmsgate_did_not_keep_never_stop_rotations(
     assert retired == transit["latest_version"]
 
 
+def test_a_create_whose_reply_is_lost_takes_the_key_it_made(
+    vault_gateway, openbao_server, prefix, monkeypatch
+):
+    """Vault makes the Transit key, and the reply never comes back (a connection cut):
+    the create sees the key at its first version and takes it, where before it was a 503
+    and every retry a 409 (the name blocked for good, the Transit key kmsgate's own)."""
+    api, admin, backend = vault_gateway
+    call = backend._vault.call
+
+    def reply_lost(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        result = call(method, path, *args, **kwargs)
+        if method == "POST" and path.endswith(f"/keys/{prefix}lost"):
+            raise BackendUnavailable("connection cut")  # after Vault made the key
+        return result
+
+    monkeypatch.setattr(backend._vault, "call", reply_lost)
+    created = api.call(
+        "POST",
+        "/v1/keys",
+        admin,
+        json={"name": "lost", "type": "ecdsa-p256", "purpose": "p", "backend": "vault"},
+    )
+    assert created.status_code == 201, created.text
+    transit = transit_key(openbao_server, f"{prefix}lost")
+    pem = api.call("GET", "/v1/keys/lost/public-key", admin).content
+    assert same_public_key(pem, transit["keys"]["1"]["public_key"])
+    signed = api.call("POST", "/v1/keys/lost/sign", admin, json={"input": b64(MESSAGE)}).json()
+    serialization.load_pem_public_key(pem).verify(
+        unb64(signed["signature"]), MESSAGE, ec.ECDSA(hashes.SHA256())
+    )
+
+
 def test_a_create_that_loses_a_race_leaves_the_winners_transit_key(
     vault_gateway, openbao_server, prefix, monkeypatch
 ):

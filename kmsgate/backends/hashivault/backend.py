@@ -152,8 +152,10 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
         if spec.version == 1:
             if existing is not None:
                 raise Conflict(
-                    f"Transit key {name!r} already exists in mount {mount!r}; "
-                    "kmsgate does not take over keys it did not create"
+                    f"Transit key {name!r} already exists in mount {mount!r}: made outside "
+                    "kmsgate, or by an earlier creation of this key whose reply never came "
+                    "back (Vault stalled); kmsgate does not take over a key it cannot tell "
+                    "it made. If no kmsgate key uses it, delete it in Vault and create again"
                 )
             body: dict[str, object] = {
                 "type": transit_type,
@@ -163,8 +165,15 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
             }
             if spec.key_type is KeyType.AES_256_GCM and self.settings.derived:
                 body["derived"] = True
-            reply = self._vault.call("POST", f"{mount}/keys/{name}", "create a key", body)
-            info = self._vault.described(mount, name, reply)
+            try:
+                reply = self._vault.call("POST", f"{mount}/keys/{name}", "create a key", body)
+                info = self._vault.described(mount, name, reply)
+            except (Unavailable, BackendError):
+                # the reply was lost (a connection cut, a timeout): a key there now, at its
+                # first version, was made by this call, which found none just before
+                info = self._vault.read_info(mount, name)
+                if info is None or info.latest_version != 1:
+                    raise
         else:
             if existing is None:
                 raise BackendError(f"Transit key {name!r} is missing: cannot add a version")
