@@ -39,6 +39,19 @@ def _head(head: bytes) -> tuple[int, dict[str, str]]:
     return int(status_line.split()[1]), headers
 
 
+def _exchange(addr: str, request: bytes) -> bytes:
+    """Send `request` on a new connection to the gateway at `addr`; all it sends back until
+    it closes the connection."""
+    address = urlsplit(addr)
+    assert address.hostname and address.port
+    with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
+        conn.sendall(request)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    return received
+
+
 def test_pipelined_requests_get_whole_replies_in_order_and_close_flushes(
     tmp_path: Path,
 ) -> None:
@@ -114,16 +127,9 @@ def test_a_request_head_over_the_limit_gets_431_and_the_connection_closes(
     most MAX_HEAD_BYTES of them (a 16 MB header made a worker grow by 120 MB). A head just
     under the limit, and a large body after a small head, are served as usual."""
     with running_gateway(tmp_path) as gw:
-        address = urlsplit(gw.addr)
-        assert address.hostname and address.port
 
         def exchange(request: bytes) -> bytes:
-            with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
-                conn.sendall(request)
-                received = b""
-                while chunk := conn.recv(65536):
-                    received += chunk
-            return received
+            return _exchange(gw.addr, request)
 
         pad = b"x" * (MAX_HEAD_BYTES - 200)
         fits = (
@@ -197,15 +203,8 @@ def test_framing_a_proxy_could_read_otherwise_is_refused_before_the_body(tmp_pat
             sign + b"Host: x\r\nContent-Type: application/json; charset=latin-1\r\n" + length
             + b"Connection: close\r\n\r\n" + body: (415, "unsupported_media_type"),
         }  # fmt: skip
-        address = urlsplit(gw.addr)
-        assert address.hostname and address.port
         for request, (status, code) in cases.items():
-            with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
-                conn.sendall(request)
-                received = b""
-                while chunk := conn.recv(65536):
-                    received += chunk
-            ((got, _, reply),) = _replies(received)
+            ((got, _, reply),) = _replies(_exchange(gw.addr, request))
             assert (got, json.loads(reply)["code"]) == (status, code), (request, reply)
         health = httpx.get(f"{gw.addr}/v1/sys/health")  # HTTP/1.1 with a Host: served
         assert health.status_code == 200
@@ -216,16 +215,10 @@ def test_framing_a_proxy_could_read_otherwise_is_refused_before_the_body(tmp_pat
             b"kms.example:",
             b"xn--bcher-kva.example",
         ):
-            with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
-                conn.sendall(
-                    b"GET /v1/sys/health HTTP/1.1\r\nHost: "
-                    + host
-                    + b"\r\nConnection: close\r\n\r\n"
-                )
-                received = b""
-                while chunk := conn.recv(65536):
-                    received += chunk
-            assert _replies(received)[0][0] == 200, host
+            request = (
+                b"GET /v1/sys/health HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+            )
+            assert _replies(_exchange(gw.addr, request))[0][0] == 200, host
 
 
 def test_a_trailer_field_is_never_read_as_a_header(tmp_path: Path) -> None:
@@ -233,8 +226,6 @@ def test_a_trailer_field_is_never_read_as_a_header(tmp_path: Path) -> None:
     type given only there is not seen (401, 415), where the same fields in the head are
     (RFC 9110 6.5.1; a proxy in front checks and strips headers, not trailers)."""
     with running_gateway(tmp_path) as gw:
-        address = urlsplit(gw.addr)
-        assert address.hostname and address.port
         token = f"Bearer {gw.root_token}".encode()
 
         def chunked(head: bytes, trailer: bytes) -> tuple[int, dict[str, object]]:
@@ -242,12 +233,7 @@ def test_a_trailer_field_is_never_read_as_a_header(tmp_path: Path) -> None:
                 head + b"Host: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                 b"2\r\n{}\r\n0\r\n" + trailer + b"\r\n"
             )
-            with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
-                conn.sendall(request)
-                received = b""
-                while chunk := conn.recv(65536):
-                    received += chunk
-            ((status, _, reply),) = _replies(received)
+            ((status, _, reply),) = _replies(_exchange(gw.addr, request))
             return status, json.loads(reply)
 
         listing = b"POST /v1/sys/policy/evaluate HTTP/1.1\r\nContent-Type: application/json\r\n"
@@ -290,11 +276,7 @@ def test_a_request_refused_once_its_head_is_read_gets_the_refusal_alone_in_its_t
             (sign + chunked + b"2\r\n{}\r\nzz\r\n", [400], "not well-formed"),
         ]
         for request, statuses, detail in cases:
-            with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
-                conn.sendall(request)
-                received = b""
-                while chunk := conn.recv(65536):  # until the server closes
-                    received += chunk
+            received = _exchange(gw.addr, request)
             replies = _replies(received)
             assert [status for status, _, _ in replies] == statuses, (request, received)
             _, headers, body = replies[-1]
