@@ -444,6 +444,7 @@ LONG = "a" * 100_000
         ("GET", f"/v1/sys/health?{LONG[:60_000]}=1", None, "query."),  # public
         ("POST", f"/v1/keys/k/sign?{LONG[:60_000]}=1", {"input": b64(b"m")}, "query."),
         ("GET", "/v1/sys/health?a%0Ab=1", None, "query.'a\\nb'"),
+        ("POST", "/v1/pki/cas", {"name": "c", "subject": "CN=" + "a" * 900 + ",="}, "subject"),
     ],
 )
 def test_a_detail_echoes_at_most_64_characters_of_the_request_escaped(

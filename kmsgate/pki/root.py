@@ -62,7 +62,7 @@ def parse_subject(text: str) -> x509.Name:
             else x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, text)])
         )
     except ValueError:
-        raise InvalidRequest(f"subject {text[:128]!r} is not an RFC 4514 name") from None
+        raise InvalidRequest(f"subject {quoted(text)} is not an RFC 4514 name") from None
     if not name.rdns or not text.strip():
         raise InvalidRequest("a CA needs a non-empty subject")
     return name
