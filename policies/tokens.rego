@@ -25,6 +25,14 @@ deny contains "only an admin gives the approver role" if {
 	"approver" in input.request.roles
 }
 
+# Nor does a principal holding `approver` make tokens, whatever rule lets it: a token it
+# made would be another principal, asking for the JIT grants it then approves.
+deny contains "an approver makes no tokens (it would approve what they ask)" if {
+	input.action == "token.create"
+	not "admin" in input.principal.roles
+	"approver" in roles
+}
+
 # Revoking a token revokes the tokens it made, unless they were made orphans: a principal
 # who could make orphans would leave working tokens behind whatever was revoked.
 deny contains "only an admin makes a token that outlives its maker (orphan)" if {

@@ -827,9 +827,9 @@ def test_a_token_outlives_neither_the_token_that_made_it_nor_hands_out_approver(
 ) -> None:
     """A team's `token-admin` token with a 1h ttl makes tokens for at most what it has
     left (400 beyond, and for none: before, a 60 s token made one that never expired);
-    the policy sees the ttl asked (`request.ttl`) and the trail keeps it. Nor does it give
-    `approver`, which it holds: a second approver token would approve its own JIT
-    requests (four-eyes counts principals)."""
+    the policy sees the ttl asked (`request.ttl`) and the trail keeps it. A `token-admin`
+    that holds `approver` makes no token: neither a second approver token nor one that
+    asks for the JIT grants it then approves (four-eyes counts principals)."""
     policies = shipped_and(
         tmp_path,
         "token_admin.rego",
@@ -838,7 +838,7 @@ def test_a_token_outlives_neither_the_token_that_made_it_nor_hands_out_approver(
         '  input.action == "token.create"; input.request.ttl > 604800 }\n',
     )
     with open_gateway(tmp_path, policy_dir=policies) as (api, admin):
-        body = {"roles": ["token-admin", "ci", "approver"], "ttl": "1h"}
+        body = {"roles": ["token-admin", "ci"], "ttl": "1h"}
         made = api.call("POST", "/v1/sys/tokens", admin, json=body).json()["token"]
         for ttl, status in ((None, 400), ("2h", 400), ("30m", 201)):
             asked = {"roles": ["ci"], **({"ttl": ttl} if ttl else {})}
@@ -852,12 +852,17 @@ def test_a_token_outlives_neither_the_token_that_made_it_nor_hands_out_approver(
         assert week.status_code == 403, week.text  # a veto reads as any refusal
         seven = api.call("POST", "/v1/sys/tokens", admin, json={"roles": ["ci"], "ttl": "7d"})
         assert seven.status_code == 201, seven.text
-        refused = api.call(
-            "POST", "/v1/sys/tokens", made, json={"roles": ["approver"], "ttl": "5m"}
-        )
-        assert refused.status_code == 403, refused.text
+        body = {"roles": ["token-admin", "approver"]}
+        approver = api.call("POST", "/v1/sys/tokens", admin, json=body).json()["token"]
+        for roles in (["approver"], ["token-admin"]):
+            asked = {"roles": roles, "ttl": "5m"}
+            refused = api.call("POST", "/v1/sys/tokens", approver, json=asked)
+            assert refused.status_code == 403, refused.text
         records = api.service.audit.search(action="token.create").records
-        assert "denied: only an admin gives the approver role" in records[-1]["reasons"]
+        assert records[-2]["reasons"] == [
+            "denied: an approver makes no tokens (it would approve what they ask)",
+            "denied: only an admin gives the approver role",
+        ]
         made_ok = [r["detail"] for r in records if r["outcome"] == "ok" and r["detail"]["ttl"]]
         assert [d["ttl"] for d in made_ok] == [3600, 1800, 604800]
         assert all(d["expires_at"] for d in made_ok)
@@ -891,12 +896,13 @@ def test_revoking_a_token_revokes_those_it_made_and_policy_sees_who_made_a_token
         assert orphan["parent"] is None and orphan["created_by"].startswith("token:")
 
         own = api.call("DELETE", f"/v1/sys/tokens/{spare['id']}", maker["token"])
-        assert (own.status_code, own.json()["also_revoked"]) == (200, []), own.text
+        assert (own.status_code, own.json()["also_revoked_count"]) == (200, 0), own.text
         other = api.call("DELETE", f"/v1/sys/tokens/{orphan['id']}", maker["token"])
         assert other.status_code == 403, other.text
 
         revoked = api.call("DELETE", f"/v1/sys/tokens/{maker['id']}", admin)
         assert revoked.json()["also_revoked"] == [made["id"]], revoked.text
+        assert revoked.json()["also_revoked_count"] == 1
         assert api.call("GET", "/v1/sys/whoami", made["token"]).status_code == 401
         assert api.call("GET", "/v1/sys/whoami", orphan["token"]).status_code == 200
         [record] = [

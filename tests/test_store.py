@@ -429,13 +429,39 @@ def test_revoking_a_token_revokes_what_it_made_down_the_line_but_not_orphans(sto
     orphan = _made(tokens, a, orphan=True)
     c = _made(tokens, b)
     other.refresh()
-    assert [info.id for info in tokens.revoke(a)] == [a, b, c]
+    revoked, others = tokens.revoke(a)
+    assert (revoked.id, list(others)) == (a, [b, c])
     other.refresh()
     live = {info.id for info in other.list() if info.revoked_at is None}
     assert live == {root, orphan}
     assert other.get(c).created_by == f"token:{b}" and other.get(orphan).parent is None
     with pytest.raises(NotFound):
         tokens.revoke(b)  # already revoked, with a
+
+
+def test_a_token_that_made_thousands_is_revoked_in_one_transaction(store):
+    """5,010 tokens made by one (three levels): its revocation ends them all, in a few
+    statements per 500 tokens (before, three per token: on PostgreSQL it outlasted a
+    transaction's deadline, and the token could not be revoked at all)."""
+    tokens = TokenRegistry(store)
+    root = tokens.create(["admin"], ttl=None)[0].id
+    now = datetime.now(UTC)
+    rows, parents = [], [root]
+    for level in range(3):
+        made = [f"{level}{n:015x}" for n in range(len(parents) * (10 if level < 2 else 49))]
+        for n, made_id in enumerate(made):
+            parent = parents[n % len(parents)]
+            rows.append(
+                {"id": made_id, "secret_hash": "0" * 64, "roles": ["ci"], "description": "",
+                 "created_at": now, "parent": parent, "created_by": f"token:{parent}"}
+            )  # fmt: skip
+        parents = made
+    with store.transaction() as conn:
+        conn.execute(sa.insert(tables.tokens), rows)
+    revoked, others = tokens.revoke(root)
+    assert revoked.id == root and sorted(others) == sorted(row["id"] for row in rows)
+    assert len(others) == 5_010
+    assert all(row["revoked_at"] is not None for row in store.tokens.all())
 
 
 def test_a_token_is_not_made_under_a_parent_revoked_meanwhile(store):
@@ -477,7 +503,8 @@ def test_tokens_made_before_makers_were_recorded_keep_working_after_the_migratio
         kept = tokens.get("00000000000000aa")
         assert (kept.created_by, kept.parent, kept.roles) == (None, None, ("admin",))
         _made(tokens, "00000000000000aa", orphan=True)
-        assert [info.id for info in tokens.revoke("00000000000000aa")] == ["00000000000000aa"]
+        revoked, others = tokens.revoke("00000000000000aa")
+        assert (revoked.id, list(others)) == ("00000000000000aa", [])
     finally:
         store.close()
 

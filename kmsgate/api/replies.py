@@ -459,9 +459,13 @@ REVOKED_TOKEN = _component(
     "RevokedToken",
     _extended(
         _TOKEN,
-        {"also_revoked": _array({"type": "string", "pattern": "^[0-9a-f]{16}$"})},
-        "the token revoked, and `also_revoked`: the tokens its revocation revoked with it "
-        "(those it made, theirs and so on, but orphans)",
+        {
+            "also_revoked": _array({"type": "string", "pattern": "^[0-9a-f]{16}$"}),
+            "also_revoked_count": {"type": "integer", "minimum": 0},
+        },
+        "the token revoked; `also_revoked_count`: how many tokens its revocation revoked "
+        "with it (those it made, theirs and so on, but orphans), `also_revoked` the ids of "
+        "the first 100",
     ),
 )
 NEW_TOKEN = _component(

@@ -97,8 +97,8 @@ def list_tokens(service: ServiceDep, principal: PrincipalDep, ctx: CtxDep) -> Re
 def revoke_token(
     token_id: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> Response:
-    revoked, *also = service.system.revoke_token(principal, ctx, token_id)
-    return json_response({**revoked.to_dict(), "also_revoked": [info.id for info in also]})
+    revoked, listed, count = service.system.revoke_token(principal, ctx, token_id)
+    return json_response({**revoked.to_dict(), "also_revoked": listed, "also_revoked_count": count})
 
 
 def audit_events(

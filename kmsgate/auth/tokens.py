@@ -14,7 +14,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -227,15 +227,18 @@ class TokenRegistry(StoreMirror):
         """The token `token_id` (live or not), or None. Raises Unavailable."""
         return self._find(token_id)
 
-    def revoke(self, token_id: str) -> tuple[TokenInfo, ...]:
+    def revoke(self, token_id: str) -> tuple[TokenInfo, Sequence[str]]:
         """Revoke a token at once, and the tokens it made, theirs, and so on (not those made
-        orphans): the tokens revoked, `token_id`'s first. Raises NotFound if no live token
-        has that id."""
+        orphans): the token, and the ids of the others it ended. Raises NotFound if no live
+        token has that id."""
         now = datetime.now(UTC)
         revoked = self._store.tokens.revoke(token_id, now)
         if not revoked:
             raise NotFound(f"no live token with id {token_id!r}")
-        with self._lock:
-            for revoked_id in revoked:
-                self._load_item(revoked_id)
-            return tuple(self._tokens[revoked_id] for revoked_id in revoked)
+        with self._lock:  # as the store now holds them, without reading each back
+            self._load_item(token_id)
+            for child in revoked[1:]:
+                info = self._tokens.get(child)
+                if info is not None:
+                    self._tokens[child] = replace(info, revoked_at=now)
+            return self._tokens[token_id], revoked[1:]

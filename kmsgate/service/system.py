@@ -86,9 +86,11 @@ class System:
         call = Call(principal, ctx, "token.list", {"kind": "token"})
         return self.gate.run(call, lambda _: self.tokens.list())
 
-    def revoke_token(self, principal: Principal, ctx: Ctx, token_id: str) -> tuple[TokenInfo, ...]:
-        """Revoke a token and the tokens it made, theirs and so on (not orphans): the
-        tokens revoked, this one first. The policy sees the token's `roles`, `created_by`
+    def revoke_token(
+        self, principal: Principal, ctx: Ctx, token_id: str
+    ) -> tuple[TokenInfo, list[str], int]:
+        """Revoke a token and the tokens it made, theirs and so on (not orphans), as
+        `revoke_token_tree` does. The policy sees the token's `roles`, `created_by`
         and `parent` (when there is such a token). Raises NotFound if no live token has
         that id, and before anything is recorded for text that is no token id (a whole
         token pasted by mistake: its secret must not reach the audit log)."""
@@ -218,15 +220,22 @@ class System:
         self.gate.run(Call(principal, ctx, "metrics.read", {"kind": "metrics"}), lambda _: None)
 
 
+LISTED_DESCENDANTS = 100
+"""The most ids of the tokens a revocation ended with it that its record and reply list
+(both give the count): a record's size stays bounded."""
+
+
 def revoke_token_tree(
     tokens: TokenRegistry, token_id: str, outcome: Outcome
-) -> tuple[TokenInfo, ...]:
-    """Revoke `token_id` and the tokens it made, theirs and so on (`TokenRegistry.revoke`),
-    naming in `outcome` every other token this ended. Raises NotFound."""
-    revoked = tokens.revoke(token_id)
-    if len(revoked) > 1:
-        outcome.detail["also_revoked"] = [info.id for info in revoked[1:]]
-    return revoked
+) -> tuple[TokenInfo, list[str], int]:
+    """Revoke `token_id` and the tokens it made, theirs and so on (`TokenRegistry.revoke`):
+    the token, the first `LISTED_DESCENDANTS` ids of the others and their count, which
+    `outcome` records too. Raises NotFound."""
+    revoked, others = tokens.revoke(token_id)
+    listed = list(others[:LISTED_DESCENDANTS])
+    if others:
+        outcome.detail.update(also_revoked=listed, also_revoked_count=len(others))
+    return revoked, listed, len(others)
 
 
 def _refuse_outliving(creator: Principal, ttl: timedelta | None) -> None:

@@ -174,7 +174,13 @@ class Database:
         self._stall = StallGuard() if postgres else StallGuard(None)
         try:
             self.engine: Engine = sa.create_engine(
-                parsed, pool_pre_ping=not postgres, connect_args=connect_args
+                parsed,
+                pool_pre_ping=not postgres,
+                connect_args=connect_args,
+                # whatever the database's default: each statement of a transaction sees what
+                # committed before it (a migration waiting for another's, a revocation
+                # finding the tokens made while it ran), and the rest of kmsgate assumes it
+                **({"isolation_level": "READ COMMITTED"} if postgres else {}),
             )
         except sa.exc.NoSuchModuleError:
             raise ConfigError(
@@ -232,13 +238,10 @@ class Database:
         Raises ConfigError on failure."""
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(_MIGRATIONS))
-        postgres = self.engine.dialect.name == "postgresql"
         serial = self._serial.waiting() if isinstance(self._serial, _WriterLock) else None
         with serial or contextlib.nullcontext(), self._connect() as conn:
             try:
-                if postgres:  # each statement sees what the migration before us committed
-                    conn.execution_options(isolation_level="READ COMMITTED")
-                with conn.begin():
+                with conn.begin():  # READ COMMITTED: it sees what a migration before it did
                     hold_transaction_lock(conn, MIGRATION_LOCK_ID)
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")

@@ -55,8 +55,7 @@ class Tokens:
                     children += conn.execute(made).scalars()
                 revoked += self._revoke_live(conn, children, when)
                 wave = children  # an already revoked child's own children are looked at too
-            for revoked_id in revoked:
-                record_change(conn, AGGREGATE, revoked_id)
+            record_change(conn, AGGREGATE, *revoked)  # a few statements, however many
             return revoked
 
     @staticmethod
