@@ -428,6 +428,13 @@ def test_root_ceremony_end_to_end(gw: Gateway, tmp_path: Path, openssl_bin: str)
         run_cli((*sign, "--passphrase-file", str(wrong)), clean_env()), "wrong passphrase"
     )
     assert not lab_cert.exists()
+    # --force never writes over the root's files or the other inputs (once: the root's key)
+    kept = {path: path.read_bytes() for path in (root_key, root_cert, csr, passphrase)}
+    for path in kept:
+        over = (*sign[:9], str(path), *sign[10:], "--force")  # --out PATH
+        refused = run_cli((*over, "--passphrase-file", str(passphrase)), clean_env())
+        assert_one_line_error(refused, f"{path} is an input of this command")
+    assert {path: path.read_bytes() for path in kept} == kept
     signed = run_cli((*sign, "--passphrase-file", str(passphrase)), clean_env())
     assert signed.rc == 0, str(signed)
     intermediate = leaf(lab_cert)
@@ -478,6 +485,9 @@ def _root_crl_revokes_the_intermediate(
     again = run_cli((*root, *revoke[:4], "--previous", str(second), "--out", str(first),
                      "--force"), clean_env())  # fmt: skip
     assert_one_line_error(again, "in the previous CRL already")
+    onto = run_cli((*root, *revoke[:4], "--previous", str(second), "--out", str(second),
+                    "--force"), clean_env())  # fmt: skip
+    assert_one_line_error(onto, f"{second} is an input of this command")
     crl = x509.load_pem_x509_crl(second.read_bytes())
     entry = crl.get_revoked_certificate_by_serial_number(int(serial, 16))
     assert entry is not None

@@ -219,7 +219,7 @@ def ca_sign_intermediate(
     force: ForceOpt = False,
 ) -> None:
     """Sign an intermediate CA's CSR with the offline root (no gateway)."""
-    certificate = _root_certificate(root_cert, root_key, token, out, force)
+    certificate = _root_certificate(root_cert, root_key, token, out, force, (csr, passphrase_file))
     request = _load_pem(csr, "certificate signing request", x509.load_pem_x509_csr)
     key = _root_key(certificate, root_cert, root_key, token, passphrase_file)
     with key as root, local_errors(csr, "sign"):
@@ -268,7 +268,9 @@ def ca_root_crl(
     if (previous is None) == (not first):
         # without the last CRL, every revocation it lists would silently be lifted
         fail("give exactly one of --previous (the root's last CRL) and --first")
-    certificate = _root_certificate(root_cert, root_key, token, out, force)
+    certificate = _root_certificate(
+        root_cert, root_key, token, out, force, (previous, passphrase_file)
+    )
     last = _load_crl(previous) if previous is not None else None
     with local_errors(root_cert, "revoke"):
         why = parse_reason(reason, CA_REVOCATION_REASONS)
@@ -288,14 +290,21 @@ def ca_root_crl(
 
 
 def _root_certificate(
-    root_cert: Path, root_key: Path | None, token: str | None, out: Path, force: bool
+    root_cert: Path,
+    root_key: Path | None,
+    token: str | None,
+    out: Path,
+    force: bool,
+    reads: tuple[Path | None, ...],
 ) -> x509.Certificate:
     """The root's certificate, for a command that signs with the root and writes `out`.
     Exits 2 unless exactly one of a key file and a token holds the root's key, `out` may
-    be written and `root_cert` is a PEM certificate."""
+    be written (and is none of the root's files or the command's other inputs, `reads`:
+    `--force` once wrote a certificate over the root's only key) and `root_cert` is a PEM
+    certificate."""
     if (root_key is None) == (token is None):
         fail("give exactly one of --root-key (a key file) and --token (a PKCS#11 token)")
-    refuse_existing(force, out)
+    refuse_existing(force, out, reads=(root_cert, root_key, *reads))
     certificate: x509.Certificate = _load_pem(
         root_cert, "certificate", x509.load_pem_x509_certificate
     )

@@ -151,7 +151,10 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing out
 
 
 def refuse_existing(
-    force: bool, *paths: Path | None, never_replaced: Sequence[Path | None] = ()
+    force: bool,
+    *paths: Path | None,
+    never_replaced: Sequence[Path | None] = (),
+    reads: Sequence[Path | None] = (),
 ) -> None:
     """Exit through `fail` unless each output path given can be written: its directory
     exists and takes a new file (tried: a read-only file system or a full directory is
@@ -161,8 +164,10 @@ def refuse_existing(
     FIFO) needs no `force`. A symbolic link to anything else is refused, even with `force`:
     the rename would replace the link, not write the file it points to. `never_replaced`:
     outputs that no file may be at, even with `force` (a private key, the offline root's
-    files). Commands call it before asking the gateway for anything, so a refused output
-    costs no operation."""
+    files). `reads`: the files the command reads (an offline root's key, a CSR): no output
+    is one of them, even with `force`. Commands call it before asking the gateway for
+    anything, so a refused output costs no operation."""
+    read = {path.resolve() for path in reads if path is not None}
     files: set[Path] = set()
     outputs = [(path, False) for path in paths] + [(path, True) for path in never_replaced]
     for path, kept in outputs:
@@ -181,6 +186,8 @@ def refuse_existing(
             )
         if path.resolve() in files:
             fail(f"{path} is given for two outputs: give each its own file")
+        if path.resolve() in read:
+            fail(f"{path} is an input of this command: refusing to write over it")
         files.add(path.resolve())
         if path.exists() and not path.is_file():
             fail(f"{path} is not a regular file, a character device or a FIFO")
