@@ -33,7 +33,7 @@ from kmsgate.backends.softkms import (
 from kmsgate.catalogue import AUDIT_PURPOSE, Catalogue
 from kmsgate.config import ROOT_TOKEN_FILE, Settings
 from kmsgate.errors import BackendError, ConfigError, KmsgateError, NotFound, Unauthenticated
-from kmsgate.files import foreign_owner
+from kmsgate.files import foreign_owner, write_new
 from kmsgate.pki.authorities import CaState
 from kmsgate.pki.root import (
     RootKey,
@@ -123,7 +123,8 @@ def init_wrapped_root_key(settings: Settings, existing: Path | None = None) -> P
     """Wrap a root key with `root_key_wrap`'s key and write it (0600): a new random one, or
     the one in the root key file `existing` (moving a store sealed with it to auto-unseal).
 
-    Raises ConfigError if auto-unseal is not configured, the file exists, the store is
+    Raises ConfigError if auto-unseal is not configured, the file exists or cannot be
+    written (nothing is left behind), the store is
     sealed already and no `existing` key is given (a new key would not open it), or
     `existing` is not the key the store was sealed with (or not a private root key file).
     """
@@ -149,14 +150,15 @@ def init_wrapped_root_key(settings: Settings, existing: Path | None = None) -> P
     try:
         backend, kek = _root_kek(settings, others)
         blob = backend.wrap(kek, root_key, _ROOT_WRAP_AAD)
-        fd = os.open(wrap.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # made meanwhile
-        raise taken from None
     finally:
         for backend_ in others.values():
             backend_.close()
-    with os.fdopen(fd, "wb") as f:
-        f.write(blob)
+    try:  # synced: for a new root key, this file is its only copy
+        write_new(wrap.file, blob)
+    except FileExistsError:  # made meanwhile
+        raise taken from None
+    except OSError as exc:  # nothing is left behind
+        raise ConfigError(f"cannot write {wrap.file}: {exc.strerror}") from None
     return wrap.file
 
 

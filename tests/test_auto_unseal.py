@@ -4,6 +4,7 @@ symmetric AWS KMS key (moto_server), or by an AES key on a SoftHSM2 token."""
 from __future__ import annotations
 
 import base64
+import resource
 import secrets
 import subprocess
 import sys
@@ -56,6 +57,23 @@ def unseal_settings(tmp_path: Path, openbao_server):
         )
 
     return settings, kek, openbao_server
+
+
+def test_a_wrapped_root_key_that_cannot_be_written_leaves_nothing(unseal_settings):
+    """A write that fails part-way (here the file size limit; a full disk alike): a
+    one-line reason naming the file, and no file, so that the next try can write it (an
+    empty file under its name was refused as "exists", and was the only copy)."""
+    settings, _, _ = unseal_settings
+    target = settings().root_key_wrap.file
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16, limits[1]))  # the blob is longer
+    try:
+        with pytest.raises(ConfigError, match=f"cannot write {target}: File too large"):
+            init_wrapped_root_key(settings())
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert not target.exists()
+    assert init_wrapped_root_key(settings()) == target
 
 
 def test_root_key_survives_restarts_and_kek_rotation(unseal_settings):

@@ -9,7 +9,6 @@ catalogue; they are unsealed once and cached in memory. The root key comes from 
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 import threading
 from pathlib import Path
@@ -30,6 +29,7 @@ from kmsgate.errors import (
     InvalidRequest,
     KeyDestroyed,
 )
+from kmsgate.files import write_new
 from kmsgate.secret_files import read_secret_file
 
 ROOT_KEY_BYTES = 32
@@ -45,11 +45,10 @@ _SECRET_BYTES: dict[KeyType, int] = {
 
 
 def create_root_key_file(path: Path) -> None:
-    """Write a fresh random root key to `path` (mode 0600). Raises FileExistsError if present."""
+    """Write a fresh random root key to `path` (mode 0600, synced; nothing is left behind if
+    that fails). Raises FileExistsError if present, OSError."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(ROOT_KEY_BYTES))
+    write_new(path, secrets.token_bytes(ROOT_KEY_BYTES))  # synced: the key's only copy
 
 
 def read_root_key_file(path: Path) -> bytes:
