@@ -550,6 +550,19 @@ def test_digest_signing_verifies_and_large_files_need_it(gateway: Gateway, tmp_p
 
     too_large = gateway.run("sign", str(big), "-k", "digest-key")
     assert_one_line_error(too_large, "too_large", "digest")
+    # past what one request carries, refused before it is read whole (a sparse 2 GB file
+    # took 13 GB of memory, then got the body limit's 413 without a word about digests)
+    huge = tmp_path / "huge.bin"
+    with huge.open("wb") as sparse:
+        sparse.truncate(2 * 1024**3)
+    for command, instead in (
+        (("sign", str(huge), "-k", "digest-key"), "(--digest)"),
+        (("verify", str(huge), "-k", "digest-key", "-s", str(big)), "(--digest)"),
+        (("mac", str(huge), "-k", "digest-key"), "MAC a digest of it"),
+        (("encrypt", str(huge), "-k", "digest-key"), "use encrypt-file"),
+    ):
+        refused = gateway.run(*command)
+        assert_one_line_error(refused, f"{huge} holds over 4 MiB", instead)
 
     signed = gateway.ok("sign", str(big), "-k", "digest-key", "--digest", "-o", str(sig))
     assert signed.err.strip() == "key_version=1 algorithm=ecdsa-sha384"

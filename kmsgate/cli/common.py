@@ -426,13 +426,28 @@ def call(addr: str | None, token: str | None, fn: Any, *args: Any, **kwargs: Any
         fail_api(exc)
 
 
-def read_input(source: str) -> bytes:
-    if source == "-":
-        return sys.stdin.buffer.read()
+WHOLE_INPUT_LIMIT = 4 * 1024 * 1024
+"""The most a command sends whole in one request reads of its input (the gateway's
+default body limit): a larger input would be refused anyway, after being read into memory
+(a 2 GB file took 13 GB)."""
+
+
+def read_input(source: str, instead: str = "") -> bytes:
+    """The bytes of the file `source` (`-`: stdin), read whole. Exits through `fail` if it
+    cannot be read, or holds more than `WHOLE_INPUT_LIMIT` bytes (`instead`: what to do
+    then, such as sending a digest)."""
     try:
-        return Path(source).read_bytes()
+        if source == "-":
+            data = sys.stdin.buffer.read(WHOLE_INPUT_LIMIT + 1)
+        else:
+            with open(source, "rb") as file:
+                data = file.read(WHOLE_INPUT_LIMIT + 1)
     except OSError as exc:
         fail(f"cannot read {source}: {exc.strerror}")
+    if len(data) > WHOLE_INPUT_LIMIT:
+        mib = WHOLE_INPUT_LIMIT // (1024 * 1024)
+        fail(f"{source} holds over {mib} MiB, more than one request carries{instead}")
+    return data
 
 
 def print_json(value: Any) -> None:

@@ -64,7 +64,12 @@ def encrypt(
     default); prints the base64 ciphertext. For files use encrypt-file."""
     refuse_existing(force, output)
     result = call(
-        addr, token, Client.encrypt, key, read_input(source), name_values(context, "context entry")
+        addr,
+        token,
+        Client.encrypt,
+        key,
+        read_input(source, ": use encrypt-file"),
+        name_values(context, "context entry"),
     )
     write_or_print_b64(output, result["ciphertext"], force=force)
     err.print(f"key_version={result['key_version']}")

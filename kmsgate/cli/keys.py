@@ -315,12 +315,15 @@ def _default_algorithm(client: Client, key: str) -> str | None:
     return default_sign_algorithm(KeyType(key_type))
 
 
+_SEND_A_DIGEST = ": sign and verify its digest (--digest)"
+
+
 def _message(
     client: Client, key: str, source: str, digest: bool, algorithm: str | None
 ) -> dict[str, Any]:
     """`{data: ...}` or, with --digest, `{digest: ..., algorithm: ...}` for the key's algorithm."""
     if not digest:
-        return {"data": read_input(source), "algorithm": algorithm}
+        return {"data": read_input(source, _SEND_A_DIGEST), "algorithm": algorithm}
     name = algorithm or _default_algorithm(client, key)
     alg = SIGN_ALGORITHMS.get(name or "")
     hashed = ", ".join(n for n, a in SIGN_ALGORITHMS.items() if a.hash is not None)
@@ -395,7 +398,7 @@ def mac(
     token: TokenOpt = None,
 ) -> None:
     """HMAC a file or stdin (prints base64), or check a MAC with --check (exit 1 if wrong)."""
-    data = read_input(source)
+    data = read_input(source, ": an HMAC covers its whole input, so MAC a digest of it")
     if check is None:
         result = call(addr, token, Client.mac, key, data)
         print_out(b64encode(result["mac"]))
