@@ -928,3 +928,54 @@ def test_readiness_fails_while_the_audit_log_refuses_records(tmp_path: Path) -> 
         refused = api.call("GET", "/v1/keys", admin)
         assert refused.status_code == 503 and refused.json()["code"] == "audit_unavailable"
         assert refused.json()["detail"] == f"operation refused: {why}"  # what to do about it
+
+
+def test_a_search_reads_sealed_lines_as_their_records_say(tmp_path: Path) -> None:
+    """The search tells a sealed line's time, principal, resource name and action from its
+    bytes, without decoding it: the same records as a filter over the decoded records,
+    whatever the detail holds (members named `time`, `principal`, `resource`; quotes,
+    backslashes, non-ASCII and control characters; a float, which seals through the json
+    module), for every filter and a `since` between two records."""
+    names = ["k1", 'we"ird\\name', "zoë", "k1\n", None]
+    principals = ["zoë", "token:ab", 'a"b', None]
+    path = tmp_path / "audit.log"
+    with FileSink(path) as log:
+        for n in range(120):
+            log.append(
+                event(
+                    n,
+                    action=("sign", "key.create", "decrypt")[n % 3],
+                    principal=principals[n % 4],
+                    resource={"kind": "key", "name": names[n % 5]} if names[n % 5] else {},
+                    detail={  # a caller's context could name members so
+                        "context": {"prev": "f" * 64, "principal": "token:ab"},
+                        "time": "9999-12-31T00:00:00.000000Z",
+                        "principal": "zoë",
+                        "resource": {"kind": "key", "name": "k1"},
+                        **({"ratio": n / 7} if n % 6 == 0 else {}),
+                    },
+                )
+            )
+    records = list(iter_records(path))
+    since = str(records[57]["time"])
+    audit = AuditFile(path)
+    for principal in [None, *principals[:3], "nobody"]:
+        for key in [None, *[k for k in names if k], "nothing"]:
+            for action in (None, "sign", "key.create", "nothing"):
+                for after in (None, since):
+                    found = audit.search(
+                        principal=principal,
+                        key=key,
+                        action=action,
+                        since=datetime.fromisoformat(after) if after else None,
+                        limit=1000,
+                    ).records
+                    expected = [
+                        r
+                        for r in records
+                        if (principal is None or r.get("principal") == principal)
+                        and (key is None or (r.get("resource") or {}).get("name") == key)
+                        and (action is None or r["action"] == action)
+                        and (after is None or str(r["time"]) >= after)
+                    ]
+                    assert found == expected, (principal, key, action, after)

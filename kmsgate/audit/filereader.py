@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+
+import orjson
 
 from kmsgate.audit.chain import GENESIS_HASH, decode, seal_problem
 from kmsgate.audit.checkpoint import (
@@ -120,18 +122,18 @@ class AuditFile:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         after = _rfc3339(since) if since is not None else None
-        found: list[tuple[AuditCursor, dict[str, object]]] = []
+        wanted = _LineFilter(principal, key, action)
+        since_ = after.encode() if after is not None else None
+        before_ = (before.time.encode(), before.chain, before.line) if before else None
+        found: list[_Found] = []
         for number, chain in _numbered_chains(self._path):
-            matching = _matching(
-                chain, number, lambda r: _matches(r, after, principal, key, action), before
-            )
             # by cursor, not file order (a chain's times step back with a clock set back);
             # one more than a page: whether older matches are left out
-            found += heapq.nlargest(limit + 1, matching, key=lambda pair: pair[0])
-        found.sort(key=lambda pair: pair[0])
+            found += heapq.nlargest(limit + 1, _matching(chain, number, wanted, since_, before_))
+        found.sort()
         page = found[-limit:]
-        more = page[0][0].text() if len(found) > limit else None
-        return AuditPage([record for _, record in page], more)
+        more = _cursor(page[0]).text() if len(found) > limit else None
+        return AuditPage([decode(raw) for *_, raw in page], more)
 
     def verify(
         self,
@@ -194,47 +196,138 @@ class AuditFile:
 # --- search ----------------------------------------------------------------------------
 
 
+_Found = tuple[bytes, int, int, bytes]
+"""A matching line: its cursor (time as the line writes it, chain, line) and the line."""
+
+
+def _cursor(found: _Found) -> AuditCursor:
+    return AuditCursor(found[0].decode("utf-8", "replace"), found[1], found[2])
+
+
 def _matching(
     chain: Path,
     number: int,
-    wanted: Callable[[dict[str, object]], bool],
-    before: AuditCursor | None,
-) -> Iterator[tuple[AuditCursor, dict[str, object]]]:
-    """The records of chain file `chain` (chain `number` of its log) that `wanted` takes
-    and that come before `before`, with their cursors. Raises ValueError naming the file
-    and line of a line that is not a JSON object; OSError on read errors."""
-    try:
-        for line, record in enumerate(iter_records(chain), 1):
-            if wanted(record):
-                here = AuditCursor(str(record.get("time", "")), number, line)
-                if before is None or here < before:
-                    yield here, record
-    except ValueError as exc:
-        raise ValueError(f"chain file {chain.name}, {exc}") from exc
+    wanted: _LineFilter,
+    since: bytes | None,
+    before: tuple[bytes, int, int] | None,
+) -> Iterator[_Found]:
+    """The lines of chain file `chain` (chain `number` of its log) that `wanted` takes, at
+    or after the time `since` and before the cursor `before`: told from the line's bytes,
+    never decoded (a search of a log of millions of records decoded every one of them,
+    for each page). Raises ValueError naming the file and line of a line that is not a
+    JSON object; OSError on read errors."""
+    needles = wanted.needles
+    with chain.open("rb") as lines:
+        for line, raw in enumerate(lines, 1):
+            if needles and not all(needle in raw for needle in needles):
+                continue  # the usual line of a filtered search: one substring test
+            raw = raw.rstrip(b"\n")
+            record: dict[str, object] | None = None
+            time = _time_of(raw)
+            if time is None:  # not as kmsgate seals records: read as JSON
+                try:
+                    record = decode(raw)
+                except ValueError as exc:
+                    raise ValueError(f"chain file {chain.name}, line {line}: {exc}") from None
+                time = str(record.get("time", "")).encode()
+            if since is not None and time < since:
+                continue
+            if before is not None and not (time, number, line) < before:
+                continue
+            if record is not None and not wanted.holds(record):
+                continue
+            if record is None and needles and not wanted.takes(raw):
+                continue
+            yield time, number, line, raw
+
+
+_TIME = b'"time":"'
+_HASH = b',"hash":"'
+_HASH_AT = -len(_HASH) - 64 - 2
+"""Where a sealed line's hash member begins: `,"hash":"<64 hex>"}` ends it."""
+_HASH_ENDS = _HASH_AT + len(_HASH)
+_TIME_LENGTH = len(_TIME)
+
+
+def _time_of(raw: bytes) -> bytes | None:
+    """The time of a sealed record's line: its last member but the hash (members are in
+    key order, `time` the last of them; `chain.sealed_line` appends the hash); None for
+    a line that is not a sealed record's."""
+    if raw[:1] != b"{" or raw[_HASH_AT:_HASH_ENDS] != _HASH or raw[-2:] != b'"}':
+        return None
+    at = raw.rfind(_TIME)
+    if at < 0:
+        return None
+    return raw[at + _TIME_LENGTH : raw.find(b'"', at + _TIME_LENGTH)]
+
+
+_PREV = b'"prev":"'
+_RESOURCE = b'"resource":{'
+
+
+class _LineFilter:
+    """Whether a sealed record's line has the given top-level `principal`, resource name
+    (`key`) and `action`, told from its canonical JSON (members in key order, no spaces,
+    each string as orjson writes it, a quote in a string escaped: a key's bytes `"name":`
+    are a member's name, never the inside of a string) without decoding it. `action` is
+    always the first member; the top-level `prev` is the line's last member so named (what
+    follows it, `principal` to `time`, holds no object with names a caller chose, where the
+    detail before it may: an encryption context, labels); `principal` comes right after
+    `prev`, and the top-level `resource` (`{kind, name}`) after it."""
+
+    def __init__(self, principal: str | None, key: str | None, action: str | None) -> None:
+        self._wanted = (principal, key, action)
+        self.needles = tuple(orjson.dumps(value) for value in self._wanted if value is not None)
+        """What a line that holds the values given holds, each as its JSON string: lines
+        without them are passed over at once (read as JSON or not)."""
+        self._action = b'{"action":' + orjson.dumps(action) + b"," if action else None
+        self._principal = (
+            re.compile(
+                _PREV + rb'[0-9a-f]{64}","principal":' + re.escape(orjson.dumps(principal)) + b","
+            )
+            if principal is not None
+            else None
+        )
+        self._resource = (
+            re.compile(
+                rb'"resource":\{(?:"kind":"(?:[^"\\]|\\.)*",)?"name":'
+                + re.escape(orjson.dumps(key))
+                + rb"\}"
+            )
+            if key is not None
+            else None
+        )
+
+    def holds(self, record: Mapping[str, object]) -> bool:
+        """`takes` for a record read as JSON."""
+        principal, key, action = self._wanted
+        if action is not None and record.get("action") != action:
+            return False
+        if principal is not None and record.get("principal") != principal:
+            return False
+        if key is not None:
+            resource = record.get("resource")
+            return isinstance(resource, dict) and resource.get("name") == key
+        return True
+
+    def takes(self, raw: bytes) -> bool:
+        """Whether the sealed record's line `raw` has the values given."""
+        if self._action is not None and not raw.startswith(self._action):
+            return False
+        prev = raw.rfind(_PREV)  # every sealed record has one
+        if prev < 0 and (self._principal is not None or self._resource is not None):
+            return False
+        if self._principal is not None and self._principal.match(raw, prev) is None:
+            return False
+        if self._resource is not None:
+            at = raw.find(_RESOURCE, prev)
+            return at >= 0 and self._resource.match(raw, at) is not None
+        return True
 
 
 def _rfc3339(moment: datetime) -> str:
     """The record time format; a naive datetime is taken as UTC."""
     return utc_timestamp(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
-
-
-def _matches(
-    record: Mapping[str, object],
-    since: str | None,
-    principal: str | None,
-    key: str | None,
-    action: str | None,
-) -> bool:
-    if since is not None and not str(record.get("time", "")) >= since:
-        return False
-    if principal is not None and record.get("principal") != principal:
-        return False
-    if action is not None and record.get("action") != action:
-        return False
-    if key is not None:
-        resource = record.get("resource")
-        return isinstance(resource, dict) and resource.get("name") == key
-    return True
 
 
 # --- verification ----------------------------------------------------------------------
