@@ -979,3 +979,17 @@ def test_a_search_reads_sealed_lines_as_their_records_say(tmp_path: Path) -> Non
                         and (after is None or str(r["time"]) >= after)
                     ]
                     assert found == expected, (principal, key, action, after)
+
+
+def test_a_line_too_long_for_a_record_is_named_not_read_whole(tmp_path: Path) -> None:
+    """A chain file with a line of 2 MiB (a file with no line break at all, /dev/zero): a
+    reader keeps at most 1 MiB of it, and verification and search name the line."""
+    path = tmp_path / "audit.log"
+    write_log(path, 2)
+    with path.open("ab") as log:
+        log.write(b"x" * (2 * 1024 * 1024))
+    report = AuditFile(path).verify()
+    assert (report.ok, report.first_bad_line) == (False, 3), report
+    assert "over 1048576 bytes long" in str(report.reason)
+    with pytest.raises(ValueError, match=r"chain file audit\.log, line 3: over 1048576 bytes"):
+        AuditFile(path).search(limit=1)

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO, overload
 
 import orjson
 
@@ -78,13 +79,39 @@ def _chain_number(path: Path, name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+MAX_LINE_BYTES = 1024 * 1024
+"""The longest line a chain file may hold (a record is a few KiB at most): a reader keeps
+one line in memory, and a file without line breaks would otherwise be read whole."""
+
+
+class _LongLine(ValueError):
+    """A line longer than `MAX_LINE_BYTES`."""
+
+    reason = f"over {MAX_LINE_BYTES} bytes long: no record is"
+
+    def __init__(self, line: int) -> None:
+        super().__init__(f"line {line}: {self.reason}")
+        self.line = line
+
+
+def _lines(file: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """(number, line with its line break) of each line of `file`, from 1. Raises _LongLine
+    (a ValueError naming the line) for a line longer than `MAX_LINE_BYTES`."""
+    number = 0
+    while raw := file.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise _LongLine(number)
+        yield number, raw
+
+
 def iter_records(path: Path) -> Iterator[dict[str, object]]:
     """Yield each record, oldest first, without checking the chain (see `AuditFile.verify`).
 
     Raises ValueError naming the line if a line is not a JSON object; OSError on read errors.
     """
     with Path(path).open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in _lines(f):
             try:
                 yield decode(raw.rstrip(b"\n"))
             except ValueError as exc:
@@ -196,6 +223,14 @@ class AuditFile:
 # --- search ----------------------------------------------------------------------------
 
 
+def _lines_named(chain: Path, file: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """`_lines`, its error naming the chain file."""
+    try:
+        yield from _lines(file)
+    except ValueError as exc:
+        raise ValueError(f"chain file {chain.name}, {exc}") from None
+
+
 _Found = tuple[bytes, int, int, bytes]
 """A matching line: its cursor (time as the line writes it, chain, line) and the line."""
 
@@ -218,7 +253,7 @@ def _matching(
     JSON object; OSError on read errors."""
     needles = wanted.needles
     with chain.open("rb") as lines:
-        for line, raw in enumerate(lines, 1):
+        for line, raw in _lines_named(chain, lines):
             if needles and not all(needle in raw for needle in needles):
                 continue  # the usual line of a filtered search: one substring test
             raw = raw.rstrip(b"\n")
@@ -339,12 +374,19 @@ def _verify_chain(
     """`AuditFile.verify` for one chain file (`expected`: what it should be, as far as
     known), and what its checkpoints prove (None when the chain is broken). Raises
     OSError."""
-    hashes: list[str] = []
+    hashes = _Hashes()
     checkpoints: dict[int, dict[str, object]] = {}
     replica: str | None = None
     prev = GENESIS_HASH
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        lines = _lines(f)
+        while True:
+            try:
+                lineno, raw = next(lines)
+            except StopIteration:
+                break
+            except _LongLine as long:
+                return VerifyReport(False, len(hashes), long.line, long.reason, path), None
             record, reason = _line_problem(raw, lineno, prev)
             if record is None:
                 return VerifyReport(False, len(hashes), lineno, reason, path), None
@@ -361,6 +403,35 @@ def _verify_chain(
     if problem is not None:
         return VerifyReport(False, len(hashes), problem[0], problem[1], path), None
     return VerifyReport(True, len(hashes), None, None), summary
+
+
+class _Hashes(Sequence[str]):
+    """A chain's record hashes, by line (from 0), 32 bytes each (a list of hex strings
+    took 190 bytes a record: 2 GB for 10 million)."""
+
+    def __init__(self) -> None:
+        self._digests = bytearray()
+
+    def append(self, digest: str) -> None:
+        self._digests += bytes.fromhex(digest)
+
+    def __len__(self) -> int:
+        return len(self._digests) // 32
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._digests[index * 32 : index * 32 + 32].hex()
 
 
 def _misplaced(
