@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from typer.testing import CliRunner
 
 from kmsgate.bootstrap import (
     DEV_CA,
@@ -578,6 +579,39 @@ def test_a_token_uri_without_module_or_with_a_pin_is_refused(tmp_path: Path) -> 
     both = run_cli((*base, "pkcs11:token=t", "--key-out", str(tmp_path / "k.pem")), clean_env())
     assert_one_line_error(both, "exactly one")
     assert not cert.exists()
+
+
+def test_an_interrupted_root_ceremony_or_issue_leaves_no_key_without_its_certificate(
+    gw: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (SIGTERM alike: the CLI raises the same exit) while the certificate is being
+    written: the key written just before is removed, and `cert issue` says which
+    certificate to revoke (before, the key stayed, and a rerun of init-root was refused)."""
+    from kmsgate.cli import app, ca, certs
+
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ca, "write_bytes", interrupted)
+    monkeypatch.setattr(certs, "write_files", interrupted)
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text(PASSPHRASE + "\n")
+    passphrase.chmod(0o600)
+    key, cert = tmp_path / "r.pem", tmp_path / "r-cert.pem"
+    runner = CliRunner()
+    init = ["ca", "init-root", "--key-out", str(key), "--cert-out", str(cert), "--subject", "R"]
+    root = runner.invoke(app, [*init, "--passphrase-file", str(passphrase)])
+    assert root.exit_code == 130, root.output
+    assert not key.exists() and not cert.exists()
+    leaf_key, leaf_cert = tmp_path / "w.key", tmp_path / "w.pem"
+    env = {"KMSGATE_ADDR": gw.addr, "KMSGATE_TOKEN": gw.root_token}
+    issued = runner.invoke(app, ["cert", "issue", "--ca", DEV_CA, "--profile", "server", "--san",
+                                 "cut.lab", "--key-out", str(leaf_key), "--out", str(leaf_cert)],
+                           env=env)  # fmt: skip
+    assert issued.exit_code == 130, issued.output
+    assert not leaf_key.exists() and not leaf_cert.exists()
+    [listed] = table(gw.ok("cert", "list", "--san", "cut.lab"))
+    assert f"kmsgate cert revoke {listed['serial']}" in issued.stderr
 
 
 def test_init_root_prompts_twice_for_the_passphrase(tmp_path: Path) -> None:

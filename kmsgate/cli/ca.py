@@ -189,7 +189,7 @@ def ca_init_root(
         )
     try:
         write_bytes(cert_out, cert.public_bytes(PEM), force=False)
-    except typer.Exit:
+    except BaseException:  # a failure, or an interrupt (Ctrl-C, SIGTERM) meanwhile
         key_out.unlink(missing_ok=True)  # a root key without its certificate is of no use
         raise
     _report(cert, f"root key: {key_out} (encrypted, 0600); certificate: {cert_out}")

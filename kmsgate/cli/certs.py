@@ -105,10 +105,12 @@ def cert_issue(
                 print_out(issued["certificate"], end="")
             written = [(out, issued["certificate"].encode()), (chain_out, issued["chain"].encode())]
             write_files(written, force=force)
-    except typer.Exit:
+    except BaseException as exc:  # a failure, or an interrupt (Ctrl-C, SIGTERM) meanwhile
         if key_out is not None:
             with contextlib.suppress(OSError):
                 key_out.unlink()  # the key without its certificate is of no use
+        if not isinstance(exc, typer.Exit):  # `fail` said it already
+            err.print(f"interrupted, but {note}", highlight=False, soft_wrap=True)
         raise
     err.print(
         f"serial {serial} not_after {issued['not_after']}",
