@@ -673,3 +673,22 @@ def test_an_altered_header_exits_1_as_tampering_or_2_for_a_key_it_cannot_use(gw,
         done = gw.run("decrypt-file", str(forged), "-o", str(out))
         assert done.rc == rc and done.err.startswith(f"error: {code}: "), done
         assert not out.exists()
+
+
+def test_a_write_that_fails_names_the_file_and_keeps_the_one_there(gw, tmp_path):
+    """The file size limit reached part-way (a full disk alike): one line naming the file
+    written (was "I/O error: ..."), the file there before unchanged, no temporary left."""
+    plain, out = tmp_path / "plain.bin", tmp_path / "out.kmsg"
+    plain.write_bytes(os.urandom(256 * 1024))
+    out.write_bytes(b"kept")
+    limited = subprocess.run(
+        ["prlimit", "--fsize=65536", "--", kmsgate_script(), "encrypt-file", str(plain),
+         "-k", "fk", "-o", str(out), "--force"],
+        capture_output=True, env=gw.env(), timeout=60, check=False,
+    )  # fmt: skip
+    assert limited.returncode == 2, limited
+    error = limited.stderr.decode()
+    assert error.startswith(f"error: cannot write {out}: File too large"), error
+    assert "a file there before is unchanged" in error and error.count("\n") == 1, error
+    assert out.read_bytes() == b"kept"
+    _no_temp_left(tmp_path)

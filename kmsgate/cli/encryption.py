@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -161,13 +162,25 @@ def _input_stream(source: str) -> Iterator[BinaryIO]:
         yield stream
 
 
-def _stream_failed(exc: Exception) -> NoReturn:
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE, errno.EROFS})
+"""Errors of writing, not reading: a full disk, a quota, a file size limit, a closed pipe."""
+
+
+def _stream_failed(exc: Exception, source: str, target: Path | None) -> NoReturn:
+    """Exit through `fail` for what stopped a stream: the gateway's or the format's error,
+    or the I/O error, naming the file written when writing failed (an existing file there
+    is unchanged: the output is renamed onto it only once whole)."""
     if isinstance(exc, ApiError):
         fail_api(exc)
     if isinstance(exc, KmsgateError):
         fail(f"{exc.code}: {exc.detail}", code=1 if isinstance(exc, DecryptionFailed) else 2)
     assert isinstance(exc, OSError)
-    fail(f"I/O error: {exc.strerror or exc}")
+    why = exc.strerror or str(exc)
+    if exc.errno not in _WRITE_ERRORS:
+        fail(f"I/O error reading {source} or writing {target or 'stdout'}: {why}")
+    if target is None:
+        fail(f"cannot write stdout: {why}")
+    fail(f"cannot write {target}: {why} (a file there before is unchanged)")
 
 
 def encrypt_file(
@@ -197,7 +210,7 @@ def encrypt_file(
         ):
             result = client.encrypt_stream(key, src, dst, ctx, progress=progress)
     except (ApiError, KmsgateError, OSError) as exc:
-        _stream_failed(exc)
+        _stream_failed(exc, source, target)
     where = "stdout" if target is None else str(target)
     err.print(f"encrypted {result['bytes']} bytes to {where} (key {key} v{result['key_version']})")
 
@@ -235,7 +248,7 @@ def decrypt_file(
         ):
             result = client.decrypt_stream(src, dst, required, progress=progress)
     except (ApiError, KmsgateError, OSError) as exc:
-        _stream_failed(exc)
+        _stream_failed(exc, source, target)
     where = "stdout" if target is None else str(target)
     err.print(f"decrypted {result['bytes']} bytes to {where} (key {result['key']})")
 
