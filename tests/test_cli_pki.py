@@ -634,6 +634,7 @@ def test_init_root_at_its_prompt_exits_130_on_ctrl_c_and_2_at_the_end_of_input(
     assert ended.rc == 2 and "Aborted" not in ended.err + ended.out, str(ended)
     said = "error: no root key passphrase typed (the input ended): give --passphrase-file FILE"
     assert ended.err.strip().splitlines()[-1] == said, str(ended)
+    assert "Warning" not in ended.err, str(ended)  # getpass's, with a path of Python's
 
     stderr = tmp_path / "stderr"
     with stderr.open("wb") as sink:

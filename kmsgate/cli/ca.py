@@ -8,9 +8,11 @@ machine that keeps the root key; every other command talks to a gateway.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import logging
 import os
 import signal
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -89,7 +91,11 @@ def _typed(prompt: str, instead: str, *, confirm: bool = False) -> str:
     as it does anywhere else; the end of the input (nothing typed, no terminal) exits
     through `fail`, naming `instead`, the option that gives it without a prompt."""
     try:
-        typed: str = typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
+        with warnings.catch_warnings():  # no terminal: nothing to hide, and no Python warning
+            warnings.simplefilter("ignore", getpass.GetPassWarning)
+            typed: str = typer.prompt(
+                prompt, hide_input=True, confirmation_prompt=confirm, err=True
+            )
     except typer.Abort as exc:  # for both: the exception it replaced tells which
         if isinstance(exc.__context__, KeyboardInterrupt):
             raise typer.Exit(128 + signal.SIGINT) from None
