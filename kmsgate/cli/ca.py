@@ -8,11 +8,10 @@ machine that keeps the root key; every other command talks to a gateway.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import logging
 import os
 import signal
-import warnings
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -90,17 +89,31 @@ def _typed(prompt: str, instead: str, *, confirm: bool = False) -> str:
     """What is typed at `prompt` with hidden input (twice with `confirm`). Ctrl-C exits 130,
     as it does anywhere else; the end of the input (nothing typed, no terminal) exits
     through `fail`, naming `instead`, the option that gives it without a prompt."""
+    if not sys.stdin.isatty():  # nothing to hide: the lines given (getpass would warn)
+        return _lines_given(prompt, instead, confirm=confirm)
     try:
-        with warnings.catch_warnings():  # no terminal: nothing to hide, and no Python warning
-            warnings.simplefilter("ignore", getpass.GetPassWarning)
-            typed: str = typer.prompt(
-                prompt, hide_input=True, confirmation_prompt=confirm, err=True
-            )
+        typed: str = typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
     except typer.Abort as exc:  # for both: the exception it replaced tells which
         if isinstance(exc.__context__, KeyboardInterrupt):
             raise typer.Exit(128 + signal.SIGINT) from None
         fail(f"no {prompt.lower()} typed (the input ended): give {instead}")
     return typed
+
+
+def _lines_given(prompt: str, instead: str, *, confirm: bool) -> str:
+    """`_typed` without a terminal: the next line of the input (the next two, the same,
+    with `confirm`), the prompt on stderr."""
+    answers = []
+    for _ in range(2 if confirm else 1):
+        err.print(f"{prompt}: ", end="", highlight=False)
+        line = sys.stdin.readline()
+        err.print()
+        if not line:
+            fail(f"no {prompt.lower()} typed (the input ended): give {instead}")
+        answers.append(line.rstrip("\n"))
+    if len(set(answers)) > 1:
+        fail(f"the two {prompt.lower()}s typed differ")
+    return answers[0]
 
 
 def _load_pem(path: Path, what: str, loader: Any) -> Any:
