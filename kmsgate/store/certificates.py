@@ -4,8 +4,6 @@ the "certs" change feed."""
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import logging
 import os
 import queue
@@ -21,6 +19,7 @@ from kmsgate.errors import Conflict
 from kmsgate.store import tables
 from kmsgate.store.engine import Database, Row, utc
 from kmsgate.store.feed import record_change
+from kmsgate.store.sans import matches, san_names, serials_named
 
 _log = logging.getLogger(__name__)
 AGGREGATE = "certs"
@@ -144,6 +143,7 @@ class Certificates:
     def _write(self, batch: list[_Insert]) -> None:
         with self._db.transaction() as conn:
             conn.execute(_INSERT, [one.row for one in batch])
+            insert_names(conn, [one.row for one in batch])
             record_change(conn, AGGREGATE, *(one.row["serial"] for one in batch))
 
     def revoke(self, serial: str, at: datetime, reason: str) -> bool:
@@ -188,7 +188,9 @@ class Certificates:
         if query.san is None:
             with self._db.transaction() as conn:
                 return [_row(r) for r in conn.execute(select).mappings()]
-        # SANs are a JSON list: filter in Python, reading pages until `limit` rows match
+        # the index of names finds the certificates that may match; `matches` decides (a
+        # name's case on SQLite, whose LIKE ignores it), reading pages until `limit` match
+        select = select.where(c.serial.in_(serials_named(query.san)))
         found: list[Row] = []
         after = query.after
         while len(found) < query.limit:
@@ -197,7 +199,7 @@ class Certificates:
                 page = page.where(c.serial > after)
             with self._db.transaction() as conn:
                 rows = [_row(r) for r in conn.execute(page).mappings()]
-            found += [r for r in rows if _san_matches(r["sans"], query.san)]
+            found += [r for r in rows if matches(r["sans"], query.san)]
             if len(rows) < 500:
                 break
             after = rows[-1]["serial"]
@@ -250,30 +252,12 @@ def _row(row: sa.RowMapping) -> Row:
     return out
 
 
-def _san_matches(sans: list[str], wanted: str) -> bool:
-    """`wanted` equals one of the SAN values (`dns:`, `ip:`, `uri:` prefixes stripped), or,
-    starting with "." or "*.", is a suffix of one. DNS names compare without regard to
-    case, IP addresses in any notation (`0:0:0:0:0:0:0:1` as openssl prints it is `::1`),
-    URIs exactly (`/ns/Prod` and `/ns/prod` are two SPIFFE IDs). A `wanted` with one of
-    those prefixes (as the inventory prints SANs) matches SANs of that kind only."""
-    kind, sep, rest = wanted.partition(":")
-    if sep and kind.lower() in _SAN_KINDS:  # also as openssl prints them: `DNS:`, `IP:`, `URI:`
-        sans, wanted = [san for san in sans if san.startswith(f"{kind.lower()}:")], rest
-    if wanted.startswith("*."):
-        wanted = wanted[1:]
-    return any(_san_value_matches(san, wanted) for san in sans)
-
-
-_SAN_KINDS = frozenset({"dns", "ip", "uri"})
-
-
-def _san_value_matches(san: str, wanted: str) -> bool:
-    """Whether the inventory SAN `san` (`kind:value`) is `wanted`, or ends with it when
-    `wanted` starts with "."."""
-    kind, _, value = san.partition(":")
-    if kind == "dns":
-        value, wanted = value.lower(), wanted.lower()
-    elif kind == "ip":
-        with contextlib.suppress(ValueError):
-            wanted = str(ipaddress.ip_address(wanted))
-    return value.endswith(wanted) if wanted.startswith(".") else value == wanted
+def insert_names(conn: sa.Connection, certificates: list[Row]) -> None:
+    """Keep the names of the SANs of `certificates` (rows being inserted) for searches."""
+    names = [
+        {"serial": row["serial"], "name": name}
+        for row in certificates
+        for name in san_names(row["sans"])
+    ]
+    if names:
+        conn.execute(sa.insert(tables.certificate_names), names)

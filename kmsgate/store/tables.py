@@ -100,6 +100,17 @@ certificates = sa.Table(
     sa.Index("certificates_owner", "owner"),
 )
 
+certificate_names = sa.Table(
+    "certificate_names",
+    metadata,
+    sa.Column("serial", sa.String(40), sa.ForeignKey("certificates.serial"), nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.PrimaryKeyConstraint("serial", "name"),
+    sa.Index("certificate_names_name", "name"),
+)
+"""Each SAN value of each certificate, reversed (`store.certificates.san_name`): a search
+by name or by a domain's suffix is an index range, not a scan of the inventory."""
+
 grants = sa.Table(
     "grants",
     metadata,

@@ -20,7 +20,7 @@ from kmsgate.auth import Credentials
 from kmsgate.pki.issuer import key_usage
 from kmsgate.service import Ctx
 from kmsgate.service.requests import IssueInput
-from kmsgate.store.certificates import _san_matches
+from kmsgate.store.sans import matches as san_matches
 from tests.gateway import open_gateway
 from tests.helpers import UTC_TIME
 from tests.pki.ceremony import (
@@ -423,7 +423,7 @@ def test_names_outside_the_cas_name_constraints_are_refused(
 )
 def test_the_san_filter_compares_each_kind_of_name_as_it_should(wanted, found):
     sans = ["dns:web.lab", "ip:::1", "uri:spiffe://dev.lab/ns/Prod/sa/api"]
-    assert _san_matches(sans, wanted) is found
+    assert san_matches(sans, wanted) is found
 
 
 def test_serials_in_any_printed_form_and_inventory_filters_are_checked(api, admin, root):
