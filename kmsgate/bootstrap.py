@@ -124,9 +124,9 @@ def init_wrapped_root_key(settings: Settings, existing: Path | None = None) -> P
     the one in the root key file `existing` (moving a store sealed with it to auto-unseal).
 
     Raises ConfigError if auto-unseal is not configured, the file exists or cannot be
-    written (nothing is left behind), the store is
-    sealed already and no `existing` key is given (a new key would not open it), or
-    `existing` is not the key the store was sealed with (or not a private root key file).
+    written (nothing is left behind), the store is sealed already and no `existing` key is
+    given (a new key would not open it), or `existing` is not the key the store was sealed
+    with (or not a private root key file).
     """
     wrap = settings.root_key_wrap
     if wrap is None:

@@ -32,11 +32,11 @@ class System:
         self.store = store
         self.tokens = tokens
         self.policy_follower = follower
+        """Tells the other processes of a reload, and reloads after theirs."""
         self._audit_reads = threading.Lock()
         """One search of the audit log at a time in this process: each reads every chain
-        file, and a caller allowed `audit.read` sending several at once took the event
-        loop's time from key operations for as many scans."""
-        """Tells the other processes of a reload, and reloads after theirs."""
+        file, and a caller allowed `audit.read` sending several at once took the
+        interpreter from key operations for as many scans."""
 
     def whoami(self, principal: Principal, ctx: Ctx) -> Identity:
         """The caller as the gateway sees it: id, kind, tenant, claims and the roles the
