@@ -223,14 +223,6 @@ class AuditFile:
 # --- search ----------------------------------------------------------------------------
 
 
-def _lines_named(chain: Path, file: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """`_lines`, its error naming the chain file."""
-    try:
-        yield from _lines(file)
-    except ValueError as exc:
-        raise ValueError(f"chain file {chain.name}, {exc}") from None
-
-
 _Found = tuple[bytes, int, int, bytes]
 """A matching line: its cursor (time as the line writes it, chain, line) and the line."""
 
@@ -252,28 +244,29 @@ def _matching(
     for each page). Raises ValueError naming the file and line of a line that is not a
     JSON object; OSError on read errors."""
     needles = wanted.needles
-    with chain.open("rb") as lines:
-        for line, raw in _lines_named(chain, lines):
-            if needles and not all(needle in raw for needle in needles):
-                continue  # the usual line of a filtered search: one substring test
-            raw = raw.rstrip(b"\n")
-            record: dict[str, object] | None = None
-            time = _time_of(raw)
-            if time is None:  # not as kmsgate seals records: read as JSON
-                try:
-                    record = decode(raw)
-                except ValueError as exc:
-                    raise ValueError(f"chain file {chain.name}, line {line}: {exc}") from None
-                time = str(record.get("time", "")).encode()
-            if since is not None and time < since:
-                continue
-            if before is not None and not (time, number, line) < before:
-                continue
-            if record is not None and not wanted.holds(record):
-                continue
-            if record is None and needles and not wanted.takes(raw):
-                continue
-            yield time, number, line, raw
+    try:
+        with chain.open("rb") as lines:
+            for line, raw in _lines(lines):
+                if needles and not all(needle in raw for needle in needles):
+                    continue  # the usual line of a filtered search: one substring test
+                raw = raw.rstrip(b"\n")
+                record: dict[str, object] | None = None
+                time = _time_of(raw)
+                if time is None:  # not as kmsgate seals records: read as JSON
+                    try:
+                        record = decode(raw)
+                    except ValueError as exc:
+                        raise ValueError(f"line {line}: {exc}") from None
+                    time = str(record.get("time", "")).encode()
+                if since is not None and time < since:
+                    continue
+                if before is not None and not (time, number, line) < before:
+                    continue
+                if needles and not (wanted.takes(raw) if record is None else wanted.holds(record)):
+                    continue
+                yield time, number, line, raw
+    except ValueError as exc:
+        raise ValueError(f"chain file {chain.name}, {exc}") from None
 
 
 _TIME = b'"time":"'
@@ -379,22 +372,18 @@ def _verify_chain(
     replica: str | None = None
     prev = GENESIS_HASH
     with path.open("rb") as f:
-        lines = _lines(f)
-        while True:
-            try:
-                lineno, raw = next(lines)
-            except StopIteration:
-                break
-            except _LongLine as long:
-                return VerifyReport(False, len(hashes), long.line, long.reason, path), None
-            record, reason = _line_problem(raw, lineno, prev)
-            if record is None:
-                return VerifyReport(False, len(hashes), lineno, reason, path), None
-            prev = str(record["hash"])
-            hashes.append(prev)
-            if record.get("action") == CHECKPOINT_ACTION:
-                checkpoints[lineno] = record
-            replica = str(record.get("replica", ""))  # the last writer's, for the store
+        try:
+            for lineno, raw in _lines(f):
+                record, reason = _line_problem(raw, lineno, prev)
+                if record is None:
+                    return VerifyReport(False, len(hashes), lineno, reason, path), None
+                prev = str(record["hash"])
+                hashes.append(prev)
+                if record.get("action") == CHECKPOINT_ACTION:
+                    checkpoints[lineno] = record
+                replica = str(record.get("replica", ""))  # the last writer's, for the store
+        except _LongLine as long:
+            return VerifyReport(False, len(hashes), long.line, long.reason, path), None
     problem = _head_problem(path, hashes)
     summary, checkpoint_problem = check_checkpoints(
         path, expected, replica or "", hashes, checkpoints, keys, anchors
