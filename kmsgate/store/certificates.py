@@ -142,8 +142,7 @@ class Certificates:
 
     def _write(self, batch: list[_Insert]) -> None:
         with self._db.transaction() as conn:
-            conn.execute(_INSERT, [one.row for one in batch])
-            insert_names(conn, [one.row for one in batch])
+            insert_certificates(conn, [one.row for one in batch])
             record_change(conn, AGGREGATE, *(one.row["serial"] for one in batch))
 
     def revoke(self, serial: str, at: datetime, reason: str) -> bool:
@@ -252,8 +251,10 @@ def _row(row: sa.RowMapping) -> Row:
     return out
 
 
-def insert_names(conn: sa.Connection, certificates: list[Row]) -> None:
-    """Keep the names of the SANs of `certificates` (rows being inserted) for searches."""
+def insert_certificates(conn: sa.Connection, certificates: list[Row]) -> None:
+    """Insert the rows `certificates`, with the names of their SANs that searches read (in
+    the caller's transaction). Raises what the insert raises (a serial taken)."""
+    conn.execute(_INSERT, certificates)
     names = [
         {"serial": row["serial"], "name": name}
         for row in certificates

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from kmsgate.errors import ConcurrentChange
 from kmsgate.store import tables
 from kmsgate.store.certificates import AGGREGATE as CERTS
-from kmsgate.store.certificates import REVOKED, insert_names
+from kmsgate.store.certificates import REVOKED, insert_certificates
 from kmsgate.store.engine import Database, Row, utc
 from kmsgate.store.feed import record_change
 
@@ -76,8 +76,7 @@ class Crls:
                 if conn.execute(sa.delete(crls).where(mine)).rowcount != 1:
                     raise ConcurrentChange(f"another process published CA {ca!r}'s responder")
             conn.execute(sa.insert(crls).values(**document, ca=ca))  # taken: a Conflict too
-            conn.execute(sa.insert(tables.certificates).values(**certificate))
-            insert_names(conn, [certificate])
+            insert_certificates(conn, [certificate])
             record_change(conn, AGGREGATE, ca)
             record_change(conn, CERTS, certificate["serial"])
 

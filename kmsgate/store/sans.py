@@ -51,11 +51,12 @@ def matches(sans: list[str], wanted: str) -> bool:
     openssl prints it is `::1`), URIs exactly (`/ns/Prod` and `/ns/prod` are two SPIFFE
     IDs); a suffix matches the names that end with it."""
     kinds, value, suffix = _wanted(wanted)
+    wants = {kind: _compared(kind, value) for kind in kinds}
     for san in sans:
         kind, _, have = san.partition(":")
-        if kind not in kinds:
+        if kind not in wants:
             continue
-        have, want = _compared(kind, have), _compared(kind, value)
+        have, want = _compared(kind, have), wants[kind]
         if have.endswith(want) if suffix else have == want:
             return True
     return False
@@ -69,9 +70,5 @@ def serials_named(wanted: str) -> sa.Select[tuple[str]]:
     names = tables.certificate_names.c
     if not suffix:
         return sa.select(names.serial).where(names.name.in_(sorted(forms)))
-    ranges = [
-        names.name.like(form.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",
-                        escape="\\")
-        for form in sorted(forms)
-    ]  # fmt: skip
+    ranges = (names.name.startswith(form, autoescape=True) for form in sorted(forms))
     return sa.select(names.serial).where(sa.or_(*ranges))
