@@ -3,6 +3,7 @@ the "tokens" change feed."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -49,10 +50,11 @@ class Tokens:
                 return []
             revoked, wave = [token_id], [token_id]
             while wave:
-                children: list[str] = []
-                for start in range(0, len(wave), _WAVE):
-                    made = sa.select(c.id).where(c.parent.in_(wave[start : start + _WAVE]))
-                    children += conn.execute(made).scalars()
+                children = [
+                    child
+                    for chunk in _chunks(wave)
+                    for child in conn.execute(sa.select(c.id).where(c.parent.in_(chunk))).scalars()
+                ]
                 revoked += self._revoke_live(conn, children, when)
                 wave = children  # an already revoked child's own children are looked at too
             record_change(conn, AGGREGATE, *revoked)  # a few statements, however many
@@ -62,14 +64,14 @@ class Tokens:
     def _revoke_live(conn: sa.Connection, ids: list[str], when: datetime) -> list[str]:
         """Mark the live tokens among `ids` revoked; their ids."""
         c = tables.tokens.c
-        live: list[str] = []
-        for start in range(0, len(ids), _WAVE):
-            chunk = ids[start : start + _WAVE]
-            live += conn.execute(
+        live = [
+            token_id
+            for chunk in _chunks(ids)
+            for token_id in conn.execute(
                 sa.select(c.id).where(c.id.in_(chunk), c.revoked_at.is_(None)).with_for_update()
             ).scalars()
-        for start in range(0, len(live), _WAVE):
-            chunk = live[start : start + _WAVE]
+        ]
+        for chunk in _chunks(live):
             conn.execute(sa.update(tables.tokens).where(c.id.in_(chunk)).values(revoked_at=when))
         return live
 
@@ -86,3 +88,10 @@ class Tokens:
     def all(self) -> list[Row]:
         with self._db.transaction() as conn:
             return [dict(row) for row in conn.execute(sa.select(tables.tokens)).mappings()]
+
+
+def _chunks(ids: list[str]) -> Iterator[list[str]]:
+    """`ids` in lists of at most `_WAVE`: one statement each (a database bounds its
+    parameters)."""
+    for start in range(0, len(ids), _WAVE):
+        yield ids[start : start + _WAVE]
