@@ -543,7 +543,7 @@ def test_min_decryption_version_is_mirrored_to_transit(openbao_server, prefix):
         old, new = backend.wrap(v1, b"secret one", b"ctx"), backend.wrap(v2, b"secret two", b"ctx")
         assert old[1:5] == (1).to_bytes(4, "big") and new[1:5] == (2).to_bytes(4, "big")
         assert backend.unwrap(v1, old, b"ctx") == b"secret one"
-        backend.retire_versions_below(v2, 2)
+        backend.retire_versions_below(v2)
         assert transit_key(openbao_server, f"{prefix}w")["min_decryption_version"] == 2
         with pytest.raises(DecryptionFailed):
             backend.unwrap(v1, old, b"ctx")
@@ -1285,7 +1285,7 @@ def test_documented_policy_is_enough_for_a_whole_lifecycle(openbao_server, prefi
         w1 = backend.create_key(KeySpec(f"{prefix}aes", 1, KeyType.AES_256_GCM))
         w2 = backend.create_key(KeySpec(f"{prefix}aes", 2, KeyType.AES_256_GCM))
         assert backend.unwrap(w2, backend.wrap(w2, b"dek", b"aad"), b"aad") == b"dek"
-        backend.retire_versions_below(w2, 2)
+        backend.retire_versions_below(w2)
         for key in (s1, s2, m, w1, w2):  # as Keys.destroy_due does, oldest first
             backend.destroy(key)
         for name in ("sig", "mac", "aes"):

@@ -174,9 +174,9 @@ class KeyBackend(ABC):
         rotation that lost a race never moves the name. Raises BackendUnavailable,
         BackendError."""
 
-    def retire_versions_below(self, key: BackendKey, min_version: int) -> None:  # noqa: B027
-        """Mirror kmsgate's `min_decrypt_version` (`min_version`, whose version is `key`),
-        raised or lowered, where the backend can enforce it too (Vault Transit's
+    def retire_versions_below(self, oldest: BackendKey) -> None:  # noqa: B027
+        """Mirror kmsgate's `min_decrypt_version`, raised or lowered, whose version is
+        `oldest`, where the backend can enforce it too (Vault Transit's
         `min_decryption_version`); kmsgate enforces it either way. Raises
         BackendUnavailable, BackendError."""
 

@@ -458,7 +458,7 @@ class Keys:
                     # the backend first: if it fails, nothing changed; if it enforces the
                     # new minimum (raised or lowered), so does kmsgate a moment later
                     self.gate.registry.holding(key.backend).retire_versions_below(
-                        key.backend_key(key.versions[minimum]), minimum
+                        key.backend_key(key.versions[minimum])
                     )
                 fields["min_decrypt_version"] = minimum
             if changes.rotation_period is not None:

@@ -318,13 +318,14 @@ class HashiVaultBackend(KeyBackend, MacCapable, WrapCapable, PkiEngineCapable):
                 ref.name,
             )
 
-    def retire_versions_below(self, key: BackendKey, min_version: int) -> None:
-        """Mirror kmsgate's `min_decrypt_version` onto Transit's `min_decryption_version`, so
-        Transit itself refuses to decrypt (and verify HMACs) below it: raised with it, and
-        lowered with it (undoing a retirement, while Transit still holds those versions).
-        Raises KeyDestroyed if the Transit key is gone, BackendUnavailable, BackendError
-        (Vault refuses: the versions were trimmed)."""
-        ref = _Ref.parse(key.ref)  # the oldest version kept: its Transit number is the floor
+    def retire_versions_below(self, oldest: BackendKey) -> None:
+        """Mirror kmsgate's `min_decrypt_version` (the version `oldest`) onto Transit's
+        `min_decryption_version`, its Transit version, so Transit itself refuses to decrypt
+        (and verify HMACs) below it: raised with it, and lowered with it (undoing a
+        retirement, while Transit still holds those versions). Raises KeyDestroyed if the
+        Transit key is gone, BackendUnavailable, BackendError (Vault refuses: the versions
+        were trimmed)."""
+        ref = _Ref.parse(oldest.ref)
         info = self._vault.info(ref)
         if ref.version == info.min_decryption_version:
             return
