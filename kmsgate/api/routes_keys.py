@@ -53,7 +53,7 @@ from kmsgate.schemas import (
 from kmsgate.service import Service
 from kmsgate.service.crypto import Crypto
 from kmsgate.service.envelope import Envelopes
-from kmsgate.text import KEY_NAME, utc_timestamp
+from kmsgate.text import utc_timestamp
 
 PREFIX = "/v1/keys"
 POLICY_DIGEST_HEADER = "x-kmsgate-policy-digest"
@@ -269,10 +269,10 @@ async def _on_backend(
     in the shared pool. Raises what `BackendThreads.run` and `call` raise."""
     service: Service = request.app.state.service
     found = service.registry.find(backend) if backend else None
-    if found is not None and found.blocking:
-        threads: BackendThreads = request.app.state.backend_threads
-        return await threads.run(backend or "", call, *args)
-    return await run_in_threadpool(call, *args)
+    if backend is None or found is None or not found.blocking:
+        return await run_in_threadpool(call, *args)
+    threads: BackendThreads = request.app.state.backend_threads
+    return await threads.run(backend, call, *args)
 
 
 async def create_key(
@@ -317,8 +317,8 @@ async def rotate_key(
     request: Request, name: str, service: ServiceDep, principal: PrincipalDep, ctx: CtxDep
 ) -> Response:
     """Create a new primary version; old versions keep verifying."""
-    found = service.gate.catalogue.find(name) if KEY_NAME.fullmatch(name) else None
-    backend = found.backend if found else None
+    target = service.gate.target(name)  # NotFound for a name no key can have, as rotate says
+    backend = target.key.backend if target.key else None
     key = await _on_backend(request, backend, service.keys.rotate, principal, ctx, name)
     return json_response(key.to_dict())
 

@@ -432,7 +432,7 @@ default body limit): a larger input would be refused anyway, after being read in
 (a 2 GB file took 13 GB)."""
 
 
-def read_input(source: str, instead: str = "") -> bytes:
+def read_input(source: str, instead: str | None = None) -> bytes:
     """The bytes of the file `source` (`-`: stdin), read whole. Exits through `fail` if it
     cannot be read, or holds more than `WHOLE_INPUT_LIMIT` bytes (`instead`: what to do
     then, such as sending a digest)."""
@@ -446,7 +446,8 @@ def read_input(source: str, instead: str = "") -> bytes:
         fail(f"cannot read {source}: {exc.strerror}")
     if len(data) > WHOLE_INPUT_LIMIT:
         mib = WHOLE_INPUT_LIMIT // (1024 * 1024)
-        fail(f"{source} holds over {mib} MiB, more than one request carries{instead}")
+        advice = f": {instead}" if instead else ""
+        fail(f"{source} holds over {mib} MiB, more than one request carries{advice}")
     return data
 
 

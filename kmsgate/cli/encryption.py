@@ -69,7 +69,7 @@ def encrypt(
         token,
         Client.encrypt,
         key,
-        read_input(source, ": use encrypt-file"),
+        read_input(source, "use encrypt-file"),
         name_values(context, "context entry"),
     )
     write_or_print_b64(output, result["ciphertext"], force=force)

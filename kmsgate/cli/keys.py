@@ -315,7 +315,7 @@ def _default_algorithm(client: Client, key: str) -> str | None:
     return default_sign_algorithm(KeyType(key_type))
 
 
-_SEND_A_DIGEST = ": sign and verify its digest (--digest)"
+_SEND_A_DIGEST = "sign and verify its digest (--digest)"
 
 
 def _message(
@@ -398,7 +398,7 @@ def mac(
     token: TokenOpt = None,
 ) -> None:
     """HMAC a file or stdin (prints base64), or check a MAC with --check (exit 1 if wrong)."""
-    data = read_input(source, ": an HMAC covers its whole input, so MAC a digest of it")
+    data = read_input(source, "an HMAC covers its whole input, so MAC a digest of it")
     if check is None:
         result = call(addr, token, Client.mac, key, data)
         print_out(b64encode(result["mac"]))
