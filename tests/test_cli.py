@@ -1023,6 +1023,29 @@ def test_an_unknown_algorithm_for_a_digest_is_named_with_the_valid_ones(tmp_path
     assert_one_line_error(hashless, "--digest needs an algorithm with a hash", "ed25519 has none")
 
 
+def test_audit_verify_shows_a_progress_bar_on_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log of millions of records takes minutes to verify: on a terminal, stderr shows
+    a bar over the bytes of all its chain files; the verdict on stdout is unchanged."""
+    from typer.testing import CliRunner
+
+    from kmsgate.audit import AuditEvent, FileSink
+    from kmsgate.cli import app
+
+    log = tmp_path / "audit.log"
+    with FileSink(log) as sink:
+        for n in range(50):
+            sink.append(AuditEvent("sign", "allow", "ok", f"r{n}", principal="ci"))
+    screen = Console(file=io.StringIO(), force_terminal=True, width=120, color_system=None)
+    monkeypatch.setattr(common, "err", screen)
+    result = CliRunner().invoke(app, ["audit", "verify", str(log)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("ok: 50 records, chain intact")
+    shown = screen.file.getvalue()
+    assert "verifying audit.log" in shown and f"{log.stat().st_size / 1000:.1f} kB" in shown
+
+
 def test_audit_verify_of_a_missing_log_is_a_one_line_error(tmp_path: Path) -> None:
     """AuditFile.verify raises OSError; audit_verify lets it escape (traceback, exit 1, which
     also reads as "the log is broken")."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -168,6 +168,7 @@ class AuditFile:
         keys: PublicKeys | None = None,
         anchors: Sequence[AuditAnchor] = (),
         written_as: ChainIdentity = UNKNOWN_WRITER,
+        progress: Callable[[int], None] | None = None,
     ) -> VerifyReport:
         """Check every chain: recompute every hash, check prev links, seq continuity, the
         head file and the checkpoints (see `check_checkpoints`: their signatures with
@@ -177,8 +178,9 @@ class AuditFile:
         with `keys`, the replica a chain's checkpoints signed is that of the log's other
         chains too (one gateway's worker processes write them: an idle worker's chain
         without a checkpoint is its replica's, not held to another replica's checkpoint).
-        Reports the first broken line (and its file). Raises OSError if the log cannot be
-        read, FileNotFoundError if it has no chain file.
+        Reports the first broken line (and its file). `progress` is told the bytes read, now
+        and then. Raises OSError if the log cannot be read, FileNotFoundError if it has no
+        chain file.
         """
         chains = _numbered_chains(self._path)
         if not chains:
@@ -189,7 +191,8 @@ class AuditFile:
         unplaced: list[tuple[int, Path, str | None, VerifyReport]] = []
         for number, chain in chains:
             name = chain_path(Path(log_name), number).name if log_name else None
-            report, summary = _verify_chain(chain, ChainIdentity(name, replica), keys, anchors)
+            identity = ChainIdentity(name, replica)
+            report, summary = _verify_chain(chain, identity, keys, anchors, progress)
             if summary is None and replica is None and keys is not None:
                 unplaced.append((number, chain, name, report))  # again once the replica is known
                 continue
@@ -360,20 +363,32 @@ def _rfc3339(moment: datetime) -> str:
 
 # --- verification ----------------------------------------------------------------------
 
+_PROGRESS_BYTES = 1 << 22
+"""How much of a chain file `verify` reads between two reports to its `progress`."""
+
 
 def _verify_chain(
-    path: Path, expected: ChainIdentity, keys: PublicKeys | None, anchors: Sequence[AuditAnchor]
+    path: Path,
+    expected: ChainIdentity,
+    keys: PublicKeys | None,
+    anchors: Sequence[AuditAnchor],
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[VerifyReport, ChainCheckpoints | None]:
     """`AuditFile.verify` for one chain file (`expected`: what it should be, as far as
-    known), and what its checkpoints prove (None when the chain is broken). Raises
-    OSError."""
+    known), and what its checkpoints prove (None when the chain is broken); `progress` is
+    told the bytes read every `_PROGRESS_BYTES` and at the end. Raises OSError."""
     hashes = _Hashes()
     checkpoints: dict[int, dict[str, object]] = {}
     replica: str | None = None
     prev = GENESIS_HASH
+    unreported = 0
     with path.open("rb") as f:
         try:
             for lineno, raw in _lines(f):
+                unreported += len(raw)
+                if progress is not None and unreported >= _PROGRESS_BYTES:
+                    progress(unreported)
+                    unreported = 0
                 record, reason = _line_problem(raw, lineno, prev)
                 if record is None:
                     return VerifyReport(False, len(hashes), lineno, reason, path), None
@@ -384,6 +399,8 @@ def _verify_chain(
                 replica = str(record.get("replica", ""))  # the last writer's, for the store
         except _LongLine as long:
             return VerifyReport(False, len(hashes), long.line, long.reason, path), None
+    if progress is not None:
+        progress(unreported)
     problem = _head_problem(path, hashes)
     summary, checkpoint_problem = check_checkpoints(
         path, expected, replica or "", hashes, checkpoints, keys, anchors

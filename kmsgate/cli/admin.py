@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from kmsgate.cli.common import (
     AddrOpt,
+    ProgressBar,
     TokenOpt,
     call,
     done_already,
@@ -285,7 +286,7 @@ def audit_verify(
     --config or --gateway, that no chain lost the checkpoint the store recorded. Exit 1 if a
     log is broken."""
     from kmsgate.audit import AuditFile, log_of_chain
-    from kmsgate.cli.auditcheck import checkpoint_lines, public_keys, stored_anchors
+    from kmsgate.cli.auditcheck import checkpoint_lines, log_size, public_keys, stored_anchors
 
     logs: list[Path] = []
     for given in paths:
@@ -306,9 +307,13 @@ def audit_verify(
             if path.is_dir():
                 fail(f"{path} is a directory: give the audit log in it ({path / 'audit.log'})")
             try:
-                report = AuditFile(path).verify(
-                    keys=keys, anchors=anchors or (), written_as=written_as(path)
-                )
+                with ProgressBar(f"verifying {path.name}", log_size(path)).shown() as bar:
+                    report = AuditFile(path).verify(
+                        keys=keys,
+                        anchors=anchors or (),
+                        written_as=written_as(path),
+                        progress=bar.advance,
+                    )
             except (OSError, ValueError) as exc:
                 fail(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
             if not report.ok:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from kmsgate.audit import ChainCheckpoints, PublicKeys, VerifyReport
 from kmsgate.audit.checkpoint import ChainIdentity, UntrustedKey
-from kmsgate.audit.filereader import UNKNOWN_WRITER
+from kmsgate.audit.filereader import UNKNOWN_WRITER, chain_paths
 from kmsgate.catalogue import AUDIT_PURPOSE
 from kmsgate.cli.common import fail, fail_api
 from kmsgate.client import ApiError, Client
@@ -192,6 +192,15 @@ def _chain_summary(chain: ChainCheckpoints, store_checked: bool) -> str:
         f"{chain.last_line} (covers seq {chain.last_seq}, {chain.last_key}), "
         f"{_count(chain.unsigned, 'record')} unsigned after it{store}"
     )
+
+
+def log_size(path: Path) -> int | None:
+    """The bytes of all the chain files of the audit log at `path` (what `verify` reads),
+    None if they cannot be listed."""
+    try:
+        return sum(chain.stat().st_size for chain in chain_paths(path))
+    except OSError:
+        return None
 
 
 def _count(number: int, noun: str) -> str:

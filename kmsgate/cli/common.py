@@ -457,6 +457,54 @@ def print_json(value: Any) -> None:
         out.print_json(data=value)
 
 
+class ProgressBar:
+    """A rich progress bar on stderr while `shown` runs, when stderr is a terminal: of bytes
+    (size, speed, time left) or, with `items`, of a count. Elsewhere nothing is drawn."""
+
+    def __init__(self, label: str, total: int | None = None, *, items: bool = False) -> None:
+        self._label = label
+        self._total = total
+        self._items = items
+        self._bar: Any = None
+        self._task: Any = None
+
+    def advance(self, done: int) -> None:
+        """Add `done` (bytes, or items) to the work done."""
+        if self._bar is not None:
+            self._bar.advance(self._task, done)
+
+    def set_total(self, total: int) -> None:
+        """The work to do, once known after the bar started."""
+        if self._bar is not None:
+            self._bar.update(self._task, total=total)
+
+    @contextlib.contextmanager
+    def shown(self) -> Iterator[ProgressBar]:
+        """The bar on screen within the block (removed after it)."""
+        if not err.is_terminal:
+            yield self
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        done: list[Any] = (
+            [MofNCompleteColumn()] if self._items else [DownloadColumn(), TransferSpeedColumn()]
+        )
+        columns = [bar_label(self._label), BarColumn(), *done, TimeRemainingColumn()]
+        with Progress(*columns, console=err, transient=True) as bar:
+            self._bar, self._task = bar, bar.add_task(self._label, total=self._total)
+            try:
+                yield self
+            finally:
+                self._bar = None
+
+
 def bar_label(text: str) -> TextColumn:
     """`text` as the label column of a rich progress bar: bold, and shown as it is (a file
     name's "[...]" is no markup, its "{...}" no format field, a control character its

@@ -17,14 +17,13 @@ from typing import Annotated, Any, BinaryIO, NoReturn
 
 import typer
 
-from kmsgate.chunked import Progress
 from kmsgate.cli.common import (
     AddrOpt,
     ForceOpt,
     InputArg,
+    ProgressBar,
     TokenOpt,
     atomic_output,
-    bar_label,
     call,
     err,
     fail,
@@ -101,26 +100,6 @@ def decrypt(
         write_bytes(output, result["plaintext"], force=force, private=True)
     else:
         print_out(result["plaintext"])
-
-
-@contextlib.contextmanager
-def _progress(label: str, total: int | None) -> Iterator[Progress | None]:
-    """A rich progress bar on stderr when it is a terminal; None (no callback) otherwise."""
-    if not err.is_terminal:
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-    from rich.progress import Progress as Bar
-
-    columns = [BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-    with Bar(bar_label(label), *columns, console=err, transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def _size(path: Path) -> int | None:
@@ -206,9 +185,11 @@ def encrypt_file(
             Client(addr, token) as client,
             _input_stream(source) as src,
             _output(target, force) as dst,
-            _progress("encrypting", None if source == "-" else _size(Path(source))) as progress,
+            ProgressBar(
+                "encrypting", None if source == "-" else _size(Path(source))
+            ).shown() as bar,
         ):
-            result = client.encrypt_stream(key, src, dst, ctx, progress=progress)
+            result = client.encrypt_stream(key, src, dst, ctx, progress=bar.advance)
     except (ApiError, KmsgateError, OSError) as exc:
         _stream_failed(exc, source, target)
     where = "stdout" if target is None else str(target)
@@ -244,9 +225,11 @@ def decrypt_file(
             Client(addr, token) as client,
             _input_stream(source) as src,
             _output(target, force) as dst,
-            _progress("decrypting", None if source == "-" else _size(Path(source))) as progress,
+            ProgressBar(
+                "decrypting", None if source == "-" else _size(Path(source))
+            ).shown() as bar,
         ):
-            result = client.decrypt_stream(src, dst, required, progress=progress)
+            result = client.decrypt_stream(src, dst, required, progress=bar.advance)
     except (ApiError, KmsgateError, OSError) as exc:
         _stream_failed(exc, source, target)
     where = "stdout" if target is None else str(target)
@@ -350,7 +333,10 @@ def rewrap_files(
 
     under_from_key = 0
     try:
-        with Client(addr, token) as client, _progress_count(len(pending)) as advance:
+        with (
+            Client(addr, token) as client,
+            ProgressBar("rewrapping", len(pending), items=True).shown() as bar,
+        ):
             current = _primary_version(client, to_key) if from_key == to_key else None
             for start in range(0, len(pending), batch):
                 group: list[tuple[Path, FileHeader, int]] = []
@@ -369,7 +355,7 @@ def rewrap_files(
                             finished(path, "skipped")
                         else:
                             group.append((path, *read))
-                    advance()
+                    bar.advance(1)
                 if not group:
                     continue
                 items = [
@@ -415,21 +401,6 @@ def _primary_version(client: Client, name: str) -> int | None:
     except ApiError:
         return None
     return version if isinstance(version, int) else None
-
-
-@contextlib.contextmanager
-def _progress_count(total: int) -> Iterator[Any]:
-    """advance() for a file-count progress bar on a terminal (a no-op elsewhere)."""
-    if not err.is_terminal:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
-    from rich.progress import Progress as Bar
-
-    columns = [BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Bar("[bold]rewrapping", *columns, console=err, transient=True) as bar:
-        task = bar.add_task("rewrap", total=total)
-        yield lambda: bar.advance(task)
 
 
 def _output_path(output: str | None, source: str, default: Any) -> Path | None:

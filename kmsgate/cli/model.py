@@ -8,9 +8,7 @@ of the codes of `kmsgate.model_signing.Failure` (10-19) for a model that does no
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,8 +17,8 @@ import typer
 from kmsgate.cli.common import (
     AddrOpt,
     ForceOpt,
+    ProgressBar,
     TokenOpt,
-    bar_label,
     err,
     fail,
     fail_api,
@@ -48,7 +46,6 @@ from kmsgate.model_signing import (
     sign_model,
     verify_model,
 )
-from kmsgate.model_signing.manifest import Progress
 from kmsgate.model_signing.sign import DEFAULT_BUNDLE_NAME
 from kmsgate.model_signing.trust import Trust
 
@@ -62,35 +59,6 @@ WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Hashin
 def _dump_json(value: Any) -> None:
     """Plain `json.dumps` (str() for dates and paths), unlike `common.print_json`."""
     print_out(json.dumps(value, indent=2, default=str))
-
-
-class _Bar:
-    """A rich progress bar on stderr when it is a terminal; `callback` is None otherwise."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.callback: Progress | None = None
-        self._bar: Any = None
-        self._task: Any = None
-
-    def total(self, size: int) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, total=size)
-
-    @contextlib.contextmanager
-    def run(self) -> Iterator[_Bar]:
-        if not err.is_terminal:
-            yield self
-            return
-        from rich.progress import BarColumn, DownloadColumn, TransferSpeedColumn
-        from rich.progress import Progress as RichProgress
-
-        columns = [BarColumn(), DownloadColumn(), TransferSpeedColumn()]
-        with RichProgress(bar_label(self.label), *columns, console=err, transient=True) as bar:
-            self._bar = bar
-            self._task = bar.add_task(self.label, total=None)
-            self.callback = lambda n: bar.advance(self._task, n)
-            yield self
 
 
 def _parse_params(entries: list[str], params_file: Path | None) -> dict[str, Any]:
@@ -155,9 +123,9 @@ def sign(
         dataset_digest=dataset_digest,
         parameters=_parse_params(param or [], params_file),
     )
-    bar = _Bar(f"hashing {model.name}")
+    bar = ProgressBar(f"hashing {model.name}")
     try:
-        with Client(addr, token) as client, bar.run():
+        with Client(addr, token) as client, bar.shown():
             result = sign_model(
                 model,
                 GatewaySigner(client, key, algorithm),
@@ -170,8 +138,8 @@ def sign(
                 allow_symlinks=allow_symlinks,
                 build=build,
                 workers=workers,
-                progress=bar.callback,
-                on_total=bar.total,
+                progress=bar.advance,
+                on_total=bar.set_total,
             )
     except ApiError as exc:
         fail_api(exc)
@@ -263,9 +231,9 @@ def verify(
         bundle_path = bundle or model / DEFAULT_BUNDLE_NAME
         # --gateway falls back to KMSGATE_ADDR: only a gateway source when --key is given too
         trust = _trust(public_key, trust_bundle, gateway if key else None, key, token, clients)
-        bar = _Bar(f"hashing {model.name}")
+        bar = ProgressBar(f"hashing {model.name}")
         try:
-            with bar.run():
+            with bar.shown():
                 options = VerifyOptions(
                     provenance_path=provenance,
                     require_provenance=require_provenance,
@@ -273,7 +241,7 @@ def verify(
                     expect_policy_digest=expect_policy_digest,
                     algorithm=algorithm,
                     workers=workers,
-                    progress=bar.callback,
+                    progress=bar.advance,
                 )
                 report = verify_model(model, bundle_path, trust, options)
         except ModelVerificationError as exc:
