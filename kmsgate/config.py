@@ -332,11 +332,17 @@ class ExceptionSettings(BaseModel):
 
 
 class AuthSettings(BaseModel):
-    """Credentials besides API tokens: OIDC issuers (mTLS is configured under `tls`)."""
+    """How long ended API tokens are kept, and the credentials besides API tokens: OIDC
+    issuers (mTLS is configured under `tls`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     oidc: list[OidcIssuer] = Field(default_factory=list)
+    token_retention: Duration = Field(
+        default=timedelta(days=30),
+        ge=timedelta(hours=1),
+        description="how long a revoked or expired token stays listed; then it is deleted",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> AuthSettings:

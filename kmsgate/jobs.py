@@ -9,7 +9,8 @@ idempotent: each first catches up with the store, and a key already destroyed is
 
 Jobs today: destroy the material of keys whose deletion date passed; record the JIT grants
 whose time ran out (`exception.expire`); rotate keys whose `rotation_period` passed (every
-second, from the catalogue in memory); prune the change feed;
+second, from the catalogue in memory); delete the API tokens that ended longer than
+`auth.token_retention` ago (`token.purge`); prune the change feed;
 publish CRLs and renew OCSP responders (`service.revocation`). CRLs also have a short tick of
 their own (`run_revocation`, every loop of the cache refresher: 1 s by default), so that the
 revocations of one second are published, together, by the leader's next tick.
@@ -168,6 +169,7 @@ class Jobs:
         try:
             self._service.keys.destroy_due(SCHEDULER, now)
             self._service.exceptions.expire_due(SCHEDULER)
+            self._service.system.purge_ended_tokens(SCHEDULER)
             self._service.store.feed.prune(datetime.now(UTC) - FEED_RETENTION)
         except KmsgateError as exc:
             log.warning("scheduled job failed: %s", exc.code)

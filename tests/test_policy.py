@@ -868,6 +868,49 @@ def test_a_token_outlives_neither_the_token_that_made_it_nor_hands_out_approver(
         assert all(d["expires_at"] for d in made_ok)
 
 
+def test_the_scheduler_purges_tokens_ended_longer_ago_than_their_retention(
+    tmp_path: Path,
+) -> None:
+    """Every token ever made was kept in the store and in every worker's memory, and
+    listed, for good (a CI job's token a run: millions). The scheduler now deletes those
+    revoked or expired longer than `auth.token_retention` ago, with a `token.purge`
+    record naming them; a token ended since, or live, stays; a run with nothing due
+    records nothing."""
+    import sqlalchemy as sa
+
+    from kmsgate.jobs import Jobs, leader_lock
+    from kmsgate.store import tables
+
+    with open_gateway(tmp_path, auth={"token_retention": "1h"}) as (api, admin):
+        made = [
+            api.call("POST", "/v1/sys/tokens", admin, json={"roles": ["ci"]}).json()
+            for _ in range(3)
+        ]
+        for token in made[:2]:
+            api.call("DELETE", f"/v1/sys/tokens/{token['id']}", admin)
+        two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
+        with api.service.store.transaction() as conn:  # the first one ended two hours ago
+            c = tables.tokens.c
+            ended = sa.update(tables.tokens).where(c.id == made[0]["id"])
+            conn.execute(ended.values(revoked_at=two_hours_ago))
+        api.service.tokens.reload()
+        jobs = Jobs(api.service, leader_lock(api.service.settings.database_url or ""))
+        try:
+            assert jobs.run_due() and jobs.run_due()  # the second has nothing to purge
+        finally:
+            jobs.close()
+        listed = api.call("GET", "/v1/sys/tokens", admin).json()["tokens"]
+        assert made[0]["id"] not in {t["id"] for t in listed}
+        assert {made[1]["id"], made[2]["id"]} <= {t["id"] for t in listed}
+        records = api.service.audit.search(action="token.purge").records
+        assert [(r["principal"], r["outcome"]) for r in records] == [
+            ("system", "started"),
+            ("system", "ok"),
+        ]
+        assert records[1]["detail"]["purged"] == [made[0]["id"]]
+        assert records[1]["detail"]["purged_count"] == 1
+
+
 def test_revoking_a_token_revokes_those_it_made_and_policy_sees_who_made_a_token(
     tmp_path: Path,
 ) -> None:

@@ -466,6 +466,38 @@ def test_a_token_that_made_thousands_is_revoked_in_one_transaction(store):
     assert all(row["revoked_at"] is not None for row in store.tokens.all())
 
 
+def test_tokens_ended_before_a_moment_are_deleted_and_every_replica_forgets_them(store):
+    """Revoked or expired before the moment: deleted, at most `most` at a time, and gone
+    from another replica's memory once it follows the store; a token live, or ended
+    after the moment, stays."""
+    maker = TokenRegistry(store)
+    now = datetime.now(UTC)
+    live = maker.create(["ci"], ttl=None)[0].id
+    recent = maker.create(["ci"], ttl=None)[0].id
+    maker.revoke(recent)
+    old_rows = [
+        {"id": f"{n:016x}", "secret_hash": "0" * 64, "roles": ["ci"], "description": "",
+         "created_at": now - timedelta(days=60), "expires_at": now - timedelta(days=40 + n % 2),
+         "revoked_at": now - timedelta(days=35) if n % 3 == 0 else None}
+        for n in range(7)
+    ]  # fmt: skip
+    with store.transaction() as conn:
+        conn.execute(sa.insert(tables.tokens), old_rows)
+    tokens, other = TokenRegistry(store), TokenRegistry(store)  # each loads every row
+    moment = now - timedelta(days=30)
+    assert tokens.any_ended_before(moment) and other.any_ended_before(moment)
+    first = tokens.delete_ended(moment, 5)
+    rest = tokens.delete_ended(moment, 5)
+    assert (len(first), sorted([*first, *rest])) == (5, sorted(row["id"] for row in old_rows))
+    assert tokens.delete_ended(moment, 5) == [] and not tokens.any_ended_before(moment)
+    other.refresh()
+    assert (
+        {info.id for info in other.list()}
+        == {live, recent}
+        == {row["id"] for row in store.tokens.all()}
+    )
+
+
 def test_a_token_is_not_made_under_a_parent_revoked_meanwhile(store):
     """A maker authenticated, then revoked before its new token is written: the write is
     refused and nothing is stored (else the new token would escape the revocation)."""

@@ -227,6 +227,24 @@ class TokenRegistry(StoreMirror):
         """The token `token_id` (live or not), or None. Raises Unavailable."""
         return self._find(token_id)
 
+    def any_ended_before(self, moment: datetime) -> bool:
+        """Whether a token known here was revoked, or expired, before `moment`."""
+        return any(
+            end is not None and end < moment
+            for info in list(self._tokens.values())
+            for end in (info.revoked_at, info.expires_at)
+        )
+
+    def delete_ended(self, ended_before: datetime, most: int) -> Sequence[str]:
+        """Forget at most `most` tokens that expired or were revoked before `ended_before`
+        (their rows deleted: every process drops them as it follows the store); their ids.
+        Raises Unavailable."""
+        deleted = self._store.tokens.delete_ended(ended_before, most)
+        with self._lock:
+            for token_id in deleted:
+                self._tokens.pop(token_id, None)
+        return deleted
+
     def revoke(self, token_id: str) -> tuple[TokenInfo, Sequence[str]]:
         """Revoke a token at once, and the tokens it made, theirs, and so on (not those made
         orphans): the token, and the ids of the others it ended. Raises NotFound if no live

@@ -50,6 +50,7 @@ STATE_CHANGING = frozenset(
         "token.create",
         "token.bootstrap",
         "token.revoke",
+        "token.purge",
         "policy.reload",
         "ca.create",
         "ca.import",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from kmsgate.audit import AuditPage
-from kmsgate.auth import Principal, TokenInfo, TokenRegistry, token_id_of
+from kmsgate.auth import SYSTEM, Principal, TokenInfo, TokenRegistry, token_id_of
 from kmsgate.errors import AuditUnreadable, ConfigError, InvalidRequest, NotFound
-from kmsgate.policy import policy_input
+from kmsgate.policy import Decision, policy_input
 from kmsgate.policy.follower import PolicyFollower
 from kmsgate.service.gate import WHOAMI, Call, Ctx, Gate, Outcome, exceptions_named, now
 from kmsgate.service.requests import AuditQuery, NewToken, PolicyQuery
@@ -17,6 +18,7 @@ from kmsgate.service.results import Identity, PolicyInfo, PolicyVerdict
 from kmsgate.store import Store
 from kmsgate.store.certificates import REVOKED, VALID
 from kmsgate.store.checkpoints import AuditAnchor
+from kmsgate.text import utc_timestamp
 
 ROTATION_GRACE = timedelta(minutes=1)
 """How late a scheduled rotation may be before /metrics counts it as overdue."""
@@ -109,6 +111,28 @@ class System:
             )
         revoke = functools.partial(revoke_token_tree, self.tokens, token_id)
         return self.gate.run(Call(principal, ctx, "token.revoke", resource), revoke)
+
+    def purge_ended_tokens(self, ctx: Ctx) -> Sequence[str]:
+        """Delete, as the scheduler, the tokens that ended (expired or revoked) longer than
+        `auth.token_retention` ago, at most `TOKENS_PURGED_PER_RUN` a run, with one
+        `token.purge` record listing the first `LISTED_DESCENDANTS` ids and the count.
+        Nothing is recorded when none is due. Their ids. Raises Unavailable,
+        AuditUnavailable."""
+        before = now() - self.gate.settings.auth.token_retention
+        if not self.tokens.any_ended_before(before):
+            return ()
+
+        def purge(outcome: Outcome) -> Sequence[str]:
+            purged = self.tokens.delete_ended(before, TOKENS_PURGED_PER_RUN)
+            outcome.detail.update(
+                ended_before=utc_timestamp(before),
+                purged=list(purged[:LISTED_DESCENDANTS]),
+                purged_count=len(purged),
+            )
+            return purged
+
+        call = Call(SYSTEM, ctx, "token.purge", {"kind": "token"})
+        return self.gate.run(call, purge, decision=_RETENTION)
 
     # -- policy ----------------------------------------------------------------------------
 
@@ -227,8 +251,13 @@ class System:
 
 
 LISTED_DESCENDANTS = 100
-"""The most ids of the tokens a revocation ended with it that its record and reply list
-(both give the count): a record's size stays bounded."""
+"""The most ids of the tokens a revocation ended with it (or a purge deleted) that its
+record and reply list (both give the count): a record's size stays bounded."""
+TOKENS_PURGED_PER_RUN = 10_000
+"""The most ended tokens one run of the scheduler deletes (one transaction of bounded
+length; the next run, a minute later, goes on)."""
+_RETENTION = Decision(allow=True, reasons=("the token ended longer ago than its retention",))
+"""The scheduler's own decision to delete tokens whose retention ran out."""
 
 
 def revoke_token_tree(

@@ -75,6 +75,19 @@ class Tokens:
             conn.execute(sa.update(tables.tokens).where(c.id.in_(chunk)).values(revoked_at=when))
         return live
 
+    def delete_ended(self, ended_before: datetime, most: int) -> list[str]:
+        """Delete at most `most` tokens that expired or were revoked before `ended_before`;
+        their ids. Raises Unavailable."""
+        c = tables.tokens.c
+        ended = sa.or_(c.revoked_at < ended_before, c.expires_at < ended_before)
+        with self._db.transaction() as conn:
+            ids = list(conn.execute(sa.select(c.id).where(ended).limit(most)).scalars())
+            for chunk in _chunks(ids):
+                conn.execute(sa.delete(tables.tokens).where(c.id.in_(chunk)))
+            if ids:
+                record_change(conn, AGGREGATE, *ids)
+            return ids
+
     def get(self, token_id: str) -> Row | None:
         """One token row, or None. Raises Unavailable."""
         with self._db.transaction() as conn:
