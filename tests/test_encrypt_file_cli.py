@@ -326,6 +326,45 @@ def test_an_output_that_is_a_directory_is_refused_as_such(gw, tmp_path):
     _no_temp_left(tmp_path)
 
 
+@pytest.mark.parametrize("writer", ["replaces", "rewrites in place"])
+def test_rewrap_leaves_a_file_changed_meanwhile_as_it_is(gw, tmp_path, monkeypatch, writer):
+    """A file written anew while its old data key was being re-wrapped (an application's
+    `encrypt-file --force`, another migration) got the old header spliced onto its new
+    body, reported `rewrapped`: the new data key was gone, and the new contents with it.
+    Now the file is left as the writer made it, and counted as failed."""
+    from typer.testing import CliRunner
+
+    from kmsgate.cli import app
+    from kmsgate.client import Client
+
+    doc = tmp_path / "doc.kmsgate"
+    new = b"written while the migration ran " * 2000
+    with Client(gw.addr, gw.root_token) as client:
+        with doc.open("wb") as out:
+            client.encrypt_stream("fk", io.BytesIO(b"old " * 1000), out, {"p": "1"})
+        fresh = io.BytesIO()
+        client.encrypt_stream("fk", io.BytesIO(new), fresh, {"p": "1"})
+    batch = Client.batch
+
+    def batch_while_a_writer_writes(self: Client, *args: object) -> object:
+        if writer == "replaces":
+            (tmp_path / "w.tmp").write_bytes(fresh.getvalue())
+            os.replace(tmp_path / "w.tmp", doc)
+        else:
+            doc.write_bytes(fresh.getvalue())
+        return batch(self, *args)
+
+    monkeypatch.setattr(Client, "batch", batch_while_a_writer_writes)
+    args = ["rewrap", str(doc), "--from-key", "fk", "--to-key", "fk3"]
+    run = CliRunner().invoke(app, args, env=gw.env())
+    assert run.exit_code == 1 and "rewrapped 0, skipped 0, failed 1" in run.stdout, run.output
+    assert "changed by another program or migration" in run.stderr
+    assert doc.read_bytes() == fresh.getvalue()
+    _no_temp_left(tmp_path)
+    gw.ok("decrypt-file", str(doc), "-o", str(tmp_path / "doc"))
+    assert (tmp_path / "doc").read_bytes() == new
+
+
 def test_rewrap_to_the_same_key_moves_files_to_its_primary_version_once(gw, tmp_path):
     gw.ok("keys", "create", "same", "--type", "aes-256-gcm")
     files = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -265,28 +266,51 @@ def _read_header(path: Path) -> tuple[FileHeader, int] | tuple[str, str]:
         return "failed", f"damaged header: {exc.detail}"
 
 
-def _replace_header(path: Path, body_offset: int, header: FileHeader) -> None:
-    """Rewrite `path` with a new header and the same body, atomically (temp file + rename),
-    keeping its owner, group and mode (root migrating users' files leaves them theirs).
-    Raises OSError, `path` unchanged: one that cannot be read or replaced, or whose owner
-    or group this user cannot give the new file."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as sink, path.open("rb") as src:
-            was, new = os.fstat(src.fileno()), os.fstat(sink.fileno())
-            if (was.st_uid, was.st_gid) != (new.st_uid, new.st_gid):
-                os.fchown(sink.fileno(), was.st_uid, was.st_gid)
-            os.fchmod(sink.fileno(), stat.S_IMODE(was.st_mode))
-            sink.write(header.to_bytes())
-            src.seek(body_offset)
-            shutil.copyfileobj(src, sink, 1 << 20)
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+_CHANGED_MEANWHILE = (
+    "changed by another program or migration while its data key was re-wrapped: left as it "
+    "is; run again"
+)
+
+
+class _FileChanged(Exception):
+    """The file no longer holds the header its data key was re-wrapped from."""
+
+
+def _replace_header(path: Path, old: tuple[FileHeader, int], header: FileHeader) -> None:
+    """Rewrite `path` with `header` in place of the header `old` (the header read before
+    its data key was re-wrapped, and where the body starts) and the same body, atomically
+    (temp file + rename), keeping its owner, group and mode (root migrating users' files
+    leaves them theirs). An exclusive `flock` on the file makes another `rewrap` of it wait.
+    Raises _FileChanged, `path` unchanged, if it no longer starts with `old` or no longer
+    names the file opened (a writer or another migration replaced it meanwhile: copying
+    the body from the old header's offset would splice another data key's body under this
+    header, and lose it); OSError, `path` unchanged: one that cannot be read or replaced,
+    or whose owner or group this user cannot give the new file."""
+    with path.open("rb") as src:
+        fcntl.flock(src.fileno(), fcntl.LOCK_EX)  # released when src is closed
+        was = os.fstat(src.fileno())
+        try:
+            same = FileHeader.read(src) == old[0] and src.tell() == old[1]
+        except KmsgateError:
+            same = False
+        if not same or not os.path.samestat(was, os.stat(path)):
+            raise _FileChanged
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                new = os.fstat(sink.fileno())
+                if (was.st_uid, was.st_gid) != (new.st_uid, new.st_gid):
+                    os.fchown(sink.fileno(), was.st_uid, was.st_gid)
+                os.fchmod(sink.fileno(), stat.S_IMODE(was.st_mode))
+                sink.write(header.to_bytes())
+                shutil.copyfileobj(src, sink, 1 << 20)
+                sink.flush()
+                os.fsync(sink.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def rewrap_files(
@@ -370,7 +394,10 @@ def rewrap_files(
                         continue
                     new = FileHeader(header.context, b64decode_strict(result["ciphertext"]))
                     try:
-                        _replace_header(path, offset, new)
+                        _replace_header(path, (header, offset), new)
+                    except _FileChanged:
+                        finished(path, "failed", _CHANGED_MEANWHILE)
+                        continue
                     except OSError as exc:
                         finished(path, "failed", f"cannot rewrite: {exc.strerror}")
                         continue
