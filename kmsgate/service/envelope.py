@@ -180,7 +180,10 @@ class Envelopes:
         KeyVersionUnusable for a retired (below min_decrypt_version) or destroyed version."""
         wrapper = self._wrapper(key)
         if envelope.key_version not in key.versions:  # a forged header, not a retired version
-            raise DecryptionFailed(f"the ciphertext names a version {key.name!r} never had")
+            raise DecryptionFailed(
+                f"the ciphertext names version {envelope.key_version}, which key {key.name!r} "
+                "never had"
+            )
         version = key.usable_version(envelope.key_version, for_signing=False)
         aad = wrap_aad(envelope.kind, key.name, version.version, context_aad)
         return wrapper.unwrap(key.backend_key(version), envelope.wrapped_dek, aad)
@@ -219,6 +222,10 @@ class Envelopes:
         return DataKey(envelope.to_bytes(), envelope.key_version, dek)
 
     def _rewrap_one(self, sources: _RewrapSources, key: Key, item: RewrapInput) -> Ciphertext:
+        """`item` re-wrapped under `key`, which is checked first: a key that cannot wrap
+        is refused before a source key is decided on (and audited as allowed) or a data
+        key unwrapped."""
+        self._wrapper(key)
         envelope = Envelope.parse(item.ciphertext)
         source = (
             key

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from kmsgate.audit import AuditFile
 from kmsgate.auth import Principal
 from kmsgate.bootstrap import build_service, prepare_dev_data_dir
 from kmsgate.config import load_settings
-from kmsgate.errors import DecryptionFailed, PolicyDenied
+from kmsgate.envelope import Envelope
+from kmsgate.errors import DecryptionFailed, InvalidRequest, PolicyDenied
 from kmsgate.service import Service
 from kmsgate.service.requests import (
     DataKeyInput,
@@ -71,6 +73,34 @@ def test_rewrap_from_another_key_needs_rewrap_on_the_source(service, new_key):
     assert opened.plaintext == b"data"
     with pytest.raises(PolicyDenied):
         service.envelopes.rewrap(NOBODY, CTX, target, [RewrapInput(sealed.ciphertext)], False)
+
+
+def test_rewrap_to_a_key_that_cannot_wrap_decides_on_no_source(service, new_key):
+    """Rewrapping another key's ciphertext to a signing key: the source key was decided
+    on, audited `ok` for a rewrap that never happened, and its data key unwrapped, before
+    the target's type was refused. The target is now refused first."""
+    new_key("old", "aes-256-gcm")
+    new_key("signer", "ecdsa-p256")
+    [sealed] = service.envelopes.encrypt(
+        ADMIN, CTX, service.gate.target("old"), [EncryptInput(b"data")], False
+    )
+    with pytest.raises(InvalidRequest, match="cannot encrypt or wrap"):
+        service.envelopes.rewrap(
+            ADMIN, CTX, service.gate.target("signer"), [RewrapInput(sealed.ciphertext)], False
+        )
+    rewraps = service.audit.search(action="rewrap").records
+    assert [(r["resource"]["name"], r["outcome"]) for r in rewraps] == [
+        ("signer", "invalid_request")
+    ]
+
+
+def test_a_version_the_key_never_had_is_named_in_the_refusal(service, new_key):
+    new_key("e", "aes-256-gcm")
+    target = service.gate.target("e")
+    [sealed] = service.envelopes.encrypt(ADMIN, CTX, target, [EncryptInput(b"data")], False)
+    forged = replace(Envelope.parse(sealed.ciphertext), key_version=7).to_bytes()
+    with pytest.raises(DecryptionFailed, match="names version 7, which key 'e' never had"):
+        service.envelopes.decrypt(ADMIN, CTX, target, [DecryptInput(forged)], False)
 
 
 @contextlib.contextmanager
