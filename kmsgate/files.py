@@ -5,6 +5,7 @@ signature files, a certificate and its chain)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -43,6 +44,29 @@ def write_new(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+def rename_new(source: Path, path: Path) -> None:
+    """Move the file `source` to `path`, which must not exist: a file made at `path`
+    meanwhile is kept (a hard link fails on an existing name; then `source` is removed).
+    On a file system without hard links, `path` is checked once more just before a rename.
+    Raises FileExistsError, `source` left where it is; OSError."""
+    try:
+        os.link(source, path, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(source, path)
+        return
+    source.unlink()
+
+
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
+"""What `link` fails with on a file system without hard links (FAT, some network shares)."""
 
 
 def write_all(files: Sequence[tuple[Path, bytes]], *, mode: int) -> None:

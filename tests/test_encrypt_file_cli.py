@@ -611,6 +611,26 @@ def test_a_plaintext_goes_into_another_users_terminal_only_with_force(
         os.close(master)
 
 
+def test_an_output_made_by_another_program_while_writing_is_kept(tmp_path: Path) -> None:
+    """Without --force, an output was refused only when the command started: a file made
+    under that name during a long encrypt-file was then replaced by the rename. It is now
+    kept, the command fails and leaves nothing of its own; with --force it is replaced."""
+    target = tmp_path / "out.kmsgate"
+    with pytest.raises(typer.Exit), atomic_output(target, force=False, private=False) as sink:
+        sink.write(b"ours")
+        target.write_bytes(b"theirs")
+    assert target.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.kmsgate"]
+    with atomic_output(target, force=True, private=False) as sink:
+        sink.write(b"ours")
+    assert target.read_bytes() == b"ours"
+    fresh = tmp_path / "fresh"
+    with atomic_output(fresh, force=False, private=True) as sink:
+        sink.write(b"new")
+    assert (fresh.read_bytes(), fresh.stat().st_mode & 0o777) == (b"new", 0o600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "out.kmsgate"]
+
+
 def _run_into(gw: Gateway, args: list[str], stdout: Path) -> subprocess.CompletedProcess[bytes]:
     """The CLI with its stdout redirected to the file `stdout` (opened for appending)."""
     with stdout.open("ab") as sink:

@@ -3,13 +3,14 @@ file system."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from kmsgate.files import write_all, write_new
+from kmsgate.files import rename_new, write_all, write_new
 
 
 def test_every_file_is_written_with_the_mode_and_replaces_what_was_there(tmp_path: Path) -> None:
@@ -66,3 +67,26 @@ def test_write_new_never_replaces_and_leaves_its_mode(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         write_new(target, b"other")
     assert target.read_bytes() == b"secret"
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_rename_new_never_replaces_a_file_made_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
+) -> None:
+    """Moved when nothing is at the path; else FileExistsError, both files as they were
+    (also on a file system without hard links, where a last check precedes the rename)."""
+    if not hard_links:
+
+        def no_link(*_args: object, **_kwargs: object) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    source, path = tmp_path / "source", tmp_path / "path"
+    source.write_bytes(b"new")
+    path.write_bytes(b"theirs")
+    with pytest.raises(FileExistsError):
+        rename_new(source, path)
+    assert (source.read_bytes(), path.read_bytes()) == (b"new", b"theirs")
+    path.unlink()
+    rename_new(source, path)
+    assert path.read_bytes() == b"new" and not source.exists()

@@ -26,7 +26,7 @@ from rich.text import Text
 from kmsgate.client import ApiError, Client
 from kmsgate.encoding import b64encode
 from kmsgate.errors import ConfigError, KmsgateError
-from kmsgate.files import write_all
+from kmsgate.files import rename_new, write_all
 from kmsgate.text import shown
 
 out = Console(markup=False)  # what is printed (a path, a name, a reason) is text, not markup
@@ -252,7 +252,8 @@ def refuse_to_replace(*paths: Path | None) -> None:
 def atomic_output(target: Path, *, force: bool, private: bool) -> Iterator[BinaryIO]:
     """A temporary file beside `target`, renamed onto it only if the block succeeds and
     removed otherwise: a reader never sees part of an output, and a failure leaves what
-    was there. Mode 0600 when `private` (a plaintext), else 0666 less the umask. An output
+    was there; without `force`, so does a file made at `target` while the block ran. Mode
+    0600 when `private` (a plaintext), else 0666 less the umask. An output
     written in place (`_in_place`: /dev/stdout, a character device, a FIFO) is written to
     as it is: renaming a file onto it would replace it. Exits through `fail` for an output
     `refuse_existing` refuses."""
@@ -273,10 +274,23 @@ def atomic_output(target: Path, *, force: bool, private: bool) -> Iterator[Binar
             yield sink
             sink.flush()
             os.fsync(sink.fileno())
-        os.replace(tmp, target)
+        if force:
+            os.replace(tmp, target)
+        elif not _renamed_new(tmp, target):
+            fail(f"{target} was made while this command ran: left as it is, nothing written")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _renamed_new(tmp: Path, target: Path) -> bool:
+    """Whether `tmp` was moved to `target`: not when a file was made there meanwhile.
+    Raises OSError."""
+    try:
+        rename_new(tmp, target)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _open_special(target: Path, *, private: bool, force: bool) -> BinaryIO:
