@@ -536,11 +536,16 @@ def test_worker_processes_each_keep_a_chain_and_readers_see_all(tmp_path: Path) 
     assert times == sorted(times) and [str(r["time"]) for r in newest] == times[-5:]
 
 
-def test_a_search_pages_back_through_every_match_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("block_bytes", [1 << 20, 40])
+def test_a_search_pages_back_through_every_match_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int
+) -> None:
     """`next` leads to the older matches: paging back visits every match exactly once, in
     the order of one search over all, even where records of two chains share a time (a
     cursor is a time, a chain and a line, never a time alone) and where a chain's times
-    step back (pages are cut by cursor, not by file order)."""
+    step back (pages are cut by cursor, not by file order), whether the index holds one
+    block of a chain or one per line."""
+    monkeypatch.setattr(filereader, "_BLOCK_BYTES", block_bytes)
     times = {  # chain file -> its records' times, as written (a clock stepped back in one)
         "audit.log": ["01", "02", "02", "03", "05"],
         "audit.1.log": ["05", "06", "04", "07"],
@@ -950,12 +955,17 @@ def test_readiness_fails_while_the_audit_log_refuses_records(tmp_path: Path) -> 
         assert refused.json()["detail"] == f"operation refused: {why}"  # what to do about it
 
 
-def test_a_search_reads_sealed_lines_as_their_records_say(tmp_path: Path) -> None:
+@pytest.mark.parametrize("block_bytes", [1 << 20, 3000])
+def test_a_search_reads_sealed_lines_as_their_records_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int
+) -> None:
     """The search tells a sealed line's time, principal, resource name and action from its
     bytes, without decoding it: the same records as a filter over the decoded records,
     whatever the detail holds (members named `time`, `principal`, `resource`; quotes,
     backslashes, non-ASCII and control characters; a float, which seals through the json
-    module), for every filter and a `since` between two records."""
+    module), for every filter, a `since` between two records and pages of 7 (the index
+    in one block, or in blocks of a few records)."""
+    monkeypatch.setattr(filereader, "_BLOCK_BYTES", block_bytes)
     names = ["k1", 'we"ird\\name', "zoë", "k1\n", None]
     principals = ["zoë", "token:ab", 'a"b', None]
     path = tmp_path / "audit.log"
@@ -999,6 +1009,52 @@ def test_a_search_reads_sealed_lines_as_their_records_say(tmp_path: Path) -> Non
                         and (after is None or str(r["time"]) >= after)
                     ]
                     assert found == expected, (principal, key, action, after)
+                    if after is None:
+                        assert _paged(audit, principal, key, action) == expected[-20:]
+
+
+def _paged(
+    audit: AuditFile, principal: str | None, key: str | None, action: str | None
+) -> list[dict[str, object]]:
+    """The latest 20 matches (or fewer), read back in pages of 7."""
+    pages: list[list[dict[str, object]]] = []
+    before = None
+    while len(pages) < 3:
+        page = audit.search(principal=principal, key=key, action=action, limit=7, before=before)
+        pages.append(page.records)
+        if page.next is None:
+            break
+        before = AuditCursor.parse(page.next)
+    return [r for page in reversed(pages) for r in page][-20:]
+
+
+def test_the_latest_page_reads_the_end_of_the_log_and_lines_written_since(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page read every record of every chain file (seconds at a million records, the
+    interpreter taken from key operations meanwhile). The index of each chain's blocks
+    (kept by the process, extended by what was written since) lets the latest page read
+    only its last blocks; a chain file replaced since is indexed anew."""
+    monkeypatch.setattr(filereader, "_BLOCK_BYTES", 2000)
+    path = tmp_path / "audit.log"
+    write_log(path, 200)
+    audit = AuditFile(path)
+    assert len(audit.search(limit=500).records) == 200  # indexes the whole file
+    read: list[int] = []  # the lines whose time is read: to index them, or to match them
+    time_and_record = filereader._time_and_record
+    monkeypatch.setattr(
+        filereader, "_time_and_record", lambda *a: (read.append(a[2]), time_and_record(*a))[1]
+    )
+    latest = audit.search(limit=5)
+    assert [r["request_id"] for r in latest.records] == [f"req-{n}" for n in range(195, 200)]
+    assert len(read) < 40 and min(read) > 150 and latest.next is not None, read
+    with FileSink(path) as log:
+        log.append(event(1000))
+    assert audit.search(limit=1).records[0]["request_id"] == "req-1000"
+    replaced = tmp_path / "new.log"
+    write_log(replaced, 3)
+    os.replace(replaced, path)
+    assert [r["request_id"] for r in audit.search(limit=10).records] == ["req-0", "req-1", "req-2"]
 
 
 def test_a_line_too_long_for_a_record_is_named_not_read_whole(tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ file; a writer holds its file for its whole life (see `FileSink`).
 from __future__ import annotations
 
 import heapq
+import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, overload
@@ -94,10 +96,11 @@ class _LongLine(ValueError):
         self.line = line
 
 
-def _lines(file: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """(number, line with its line break) of each line of `file`, from 1. Raises _LongLine
-    (a ValueError naming the line) for a line longer than `MAX_LINE_BYTES`."""
-    number = 0
+def _lines(file: BinaryIO, first: int = 1) -> Iterator[tuple[int, bytes]]:
+    """(number, line with its line break) of each line of `file` from where it stands, the
+    first numbered `first`. Raises _LongLine (a ValueError naming the line) for a line
+    longer than `MAX_LINE_BYTES`."""
+    number = first - 1
     while raw := file.readline(MAX_LINE_BYTES + 1):
         number += 1
         if len(raw) > MAX_LINE_BYTES:
@@ -152,11 +155,27 @@ class AuditFile:
         wanted = _LineFilter(principal, key, action)
         since_ = after.encode() if after is not None else None
         before_ = (before.time.encode(), before.chain, before.line) if before else None
-        found: list[_Found] = []
-        for number, chain in _numbered_chains(self._path):
-            # by cursor, not file order (a chain's times step back with a clock set back);
-            # one more than a page: whether older matches are left out
-            found += heapq.nlargest(limit + 1, _matching(chain, number, wanted, since_, before_))
+        blocks = [
+            (block, number, chain)
+            for number, chain in _numbered_chains(self._path)
+            for block in _indexed(chain)
+        ]
+        blocks.sort(key=lambda entry: entry[0].latest, reverse=True)
+        found: list[_Found] = []  # a heap of the latest limit + 1 matches read so far
+        for block, number, chain in blocks:
+            # by cursor, not file order (a chain's times step back with a clock set back):
+            # the blocks not read hold no line later than the heap's earliest
+            if (since_ is not None and block.latest < since_) or (
+                len(found) > limit and block.latest < found[0][0]
+            ):
+                break
+            if before_ is not None and block.earliest > before_[0]:
+                continue
+            for match in _matching(chain, number, block, wanted, since_, before_):
+                if len(found) <= limit:  # one more than a page: are older matches left out?
+                    heapq.heappush(found, match)
+                elif match > found[0]:
+                    heapq.heapreplace(found, match)
         found.sort()
         page = found[-limit:]
         more = _cursor(page[0]).text() if len(found) > limit else None
@@ -237,39 +256,140 @@ def _cursor(found: _Found) -> AuditCursor:
 def _matching(
     chain: Path,
     number: int,
+    block: _Block,
     wanted: _LineFilter,
     since: bytes | None,
     before: tuple[bytes, int, int] | None,
 ) -> Iterator[_Found]:
-    """The lines of chain file `chain` (chain `number` of its log) that `wanted` takes, at
-    or after the time `since` and before the cursor `before`: told from the line's bytes,
-    never decoded (a search of a log of millions of records decoded every one of them,
-    for each page). Raises ValueError naming the file and line of a line that is not a
-    JSON object; OSError on read errors."""
+    """The lines of `block` of chain file `chain` (chain `number` of its log) that `wanted`
+    takes, at or after the time `since` and before the cursor `before`: told from the
+    line's bytes, never decoded (a search of a log of millions of records decoded every
+    one of them, for each page). Raises ValueError naming the file and line of a line that
+    is not a JSON object; OSError on read errors."""
     needles = wanted.needles
+    with chain.open("rb") as file:
+        file.seek(block.start)
+        lines = file.read(block.end - block.start).split(b"\n")[:-1]
+    for line, raw in enumerate(lines, block.first_line):
+        if needles and not all(needle in raw for needle in needles):
+            continue  # the usual line of a filtered search: one substring test
+        time, record = _time_and_record(raw, chain, line)
+        if since is not None and time < since:
+            continue
+        if before is not None and not (time, number, line) < before:
+            continue
+        if needles and not (wanted.takes(raw) if record is None else wanted.holds(record)):
+            continue
+        yield time, number, line, raw
+
+
+def _time_and_record(raw: bytes, chain: Path, line: int) -> tuple[bytes, dict[str, object] | None]:
+    """The time of line `line` of `chain` (`raw`, without its line break), and, for a line
+    not as kmsgate seals records, the record read as JSON. Raises ValueError naming the
+    file and line of a line that is not a JSON object."""
+    time = _time_of(raw)
+    if time is not None:
+        return time, None
     try:
-        with chain.open("rb") as lines:
-            for line, raw in _lines(lines):
-                if needles and not all(needle in raw for needle in needles):
-                    continue  # the usual line of a filtered search: one substring test
-                raw = raw.rstrip(b"\n")
-                record: dict[str, object] | None = None
-                time = _time_of(raw)
-                if time is None:  # not as kmsgate seals records: read as JSON
-                    try:
-                        record = decode(raw)
-                    except ValueError as exc:
-                        raise ValueError(f"line {line}: {exc}") from None
-                    time = str(record.get("time", "")).encode()
-                if since is not None and time < since:
-                    continue
-                if before is not None and not (time, number, line) < before:
-                    continue
-                if needles and not (wanted.takes(raw) if record is None else wanted.holds(record)):
-                    continue
-                yield time, number, line, raw
+        record = decode(raw)
     except ValueError as exc:
-        raise ValueError(f"chain file {chain.name}, {exc}") from None
+        raise ValueError(f"chain file {chain.name}, line {line}: {exc}") from None
+    return str(record.get("time", "")).encode(), record
+
+
+_BLOCK_BYTES = 1 << 20
+"""About how much of a chain file one block of its index covers."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """Whole lines of a chain file, and the earliest and latest time they hold."""
+
+    start: int
+    end: int
+    """The offset after its last line break."""
+    first_line: int
+    lines: int
+    earliest: bytes
+    latest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _ChainIndex:
+    """The blocks of a chain file's lines read so far, for the file (device, inode) whose
+    last indexed bytes were `tail`."""
+
+    file: tuple[int, int]
+    blocks: list[_Block]
+    tail: bytes
+
+
+_TAIL_BYTES = 64
+"""How much of the end of a chain file's indexed lines the index keeps, to tell that the
+file was not rewritten since."""
+_INDEXES: dict[Path, _ChainIndex] = {}
+_INDEXES_LOCK = threading.Lock()
+
+
+def _indexed(chain: Path) -> list[_Block]:
+    """The blocks of chain file `chain` as it is now, to its last line break (a line being
+    appended is not there yet): what an earlier search of this process indexed, and the
+    lines written since, read now. A file replaced or rewritten since is indexed anew.
+    Raises ValueError naming the file and line of a line that is no record or too long;
+    OSError."""
+    with _INDEXES_LOCK, chain.open("rb") as file:
+        st = os.fstat(file.fileno())
+        known = _INDEXES.get(chain)
+        blocks = known.blocks if known is not None and _holds(file, st, known) else []
+        if blocks and blocks[-1].end - blocks[-1].start < _BLOCK_BYTES:
+            blocks = blocks[:-1]  # a short last block grows rather than a new one being cut
+        start, first = (blocks[-1].end, _next_line(blocks[-1])) if blocks else (0, 1)
+        file.seek(start)
+        try:
+            blocks = blocks + list(_blocks(file, chain, start, first))
+        except _LongLine as long:
+            raise ValueError(f"chain file {chain.name}, {long}") from None
+        end = blocks[-1].end if blocks else 0
+        file.seek(end - min(end, _TAIL_BYTES))
+        _INDEXES[chain] = _ChainIndex(
+            (st.st_dev, st.st_ino), blocks, file.read(min(end, _TAIL_BYTES))
+        )
+        return blocks
+
+
+def _holds(file: BinaryIO, st: os.stat_result, index: _ChainIndex) -> bool:
+    """Whether `file` is still the one `index` was made of: the same file, at least as long,
+    and ending its indexed part as it did."""
+    end = index.blocks[-1].end if index.blocks else 0
+    if (st.st_dev, st.st_ino) != index.file or st.st_size < end:
+        return False
+    file.seek(end - len(index.tail))
+    return file.read(len(index.tail)) == index.tail
+
+
+def _next_line(block: _Block) -> int:
+    """The number of the line after `block`'s last."""
+    return block.first_line + block.lines
+
+
+def _blocks(file: BinaryIO, chain: Path, start: int, first: int) -> Iterator[_Block]:
+    """The blocks of `file`'s whole lines from offset `start` (line `first`) on. Raises what
+    `_time_and_record` and `_lines` raise."""
+    block_start, block_first, earliest, latest = start, first, b"", b""
+    offset, line = start, first - 1
+    for line, raw in _lines(file, first):
+        if not raw.endswith(b"\n"):
+            line -= 1
+            break  # being appended: in the index once it is whole
+        time, _ = _time_and_record(raw[:-1], chain, line)
+        earliest = min(earliest, time) if line > block_first else time
+        latest = max(latest, time)
+        offset += len(raw)
+        if offset - block_start >= _BLOCK_BYTES:
+            yield _Block(block_start, offset, block_first, line + 1 - block_first, earliest, latest)
+            block_start, block_first, latest = offset, line + 1, b""
+    if offset > block_start:
+        yield _Block(block_start, offset, block_first, line + 1 - block_first, earliest, latest)
 
 
 _TIME = b'"time":"'
