@@ -261,7 +261,13 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         seconds = f"{self.head_read_seconds:g}"
         self._refuse_head(RequestTimeout(f"the request line and headers took over {seconds} s"))
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """Nothing: uvicorn logged two warnings for each upgrade request, which
+        `on_headers_complete` has refused already."""
+
     def on_message_complete(self) -> None:
+        if self._refused:  # an upgrade refused at its head: no request was made of it
+            return
         super().on_message_complete()
         self._head_open, self._head_bytes = True, 0
 
@@ -290,8 +296,17 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         self.scope["extensions"] = self._extensions
 
     def on_headers_complete(self) -> None:
+        """The head is whole: the request goes to the application, unless it asks for
+        another protocol (`Connection: upgrade` with `Upgrade`, or CONNECT): 400, then close.
+        httptools ends such a request at its head, whatever its Content-Length, and uvicorn,
+        declining the upgrade, parsed on: its body was read as a request of its own (one
+        a proxy in front never checked: a forged forwarded client certificate in it
+        authenticated)."""
         self._head_open = False
         self._head_since = None
+        if self.parser.should_upgrade():
+            self._refuse_head(InvalidRequest("protocol upgrades and CONNECT are not supported"))
+            return
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # not an upgrade

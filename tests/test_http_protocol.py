@@ -4,13 +4,16 @@ reply that closes the connection arrives whole before the close."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 
+from kmsgate.audit import AuditFile
 from kmsgate.http_protocol import MAX_HEAD_BYTES
 from tests.test_cli import running_gateway
 
@@ -290,3 +293,47 @@ def test_a_request_refused_once_its_head_is_read_gets_the_refusal_alone_in_its_t
         log = gw.output.read_text(errors="replace").splitlines()
     errors = [line for line in log if '"level":"error"' in line or "Traceback" in line]
     assert not errors, errors
+
+
+def test_an_upgrade_or_connect_request_is_refused_and_its_body_never_read_as_a_request(
+    tmp_path: Path,
+) -> None:
+    """httptools ends an upgrade request (`Connection: upgrade` + `Upgrade`, or CONNECT) at
+    its head, whatever its Content-Length, and uvicorn, which declines the upgrade, went
+    on parsing: a body sent a moment later was served as a request of its own (behind a
+    proxy that strips a forged `x-forwarded-client-cert` from heads, one put in such a body
+    authenticated as any workload), and a body in the same read was dropped (a rotation
+    ran whatever its body). Such a request is now refused alone, 400, and the connection
+    closed."""
+    with running_gateway(tmp_path) as gw:
+        address = urlsplit(gw.addr)
+        assert address.hostname and address.port
+        inner = (
+            b"GET /v1/sys/whoami HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + gw.root_token.encode()
+            + b"\r\n\r\n"
+        )
+        heads = [
+            b"POST /v1/sys/health HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n",
+            b"POST /v1/sys/health HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n",
+            b"CONNECT /v1/sys/whoami HTTP/1.1\r\n",
+        ]
+        for head in heads:
+            for pause in (0.0, 0.3):  # the body in the same read, or in a later one
+                request = head + b"Host: x\r\nContent-Length: %d\r\n\r\n" % len(inner)
+                with socket.create_connection((address.hostname, address.port), TIMEOUT) as conn:
+                    conn.sendall(request if pause else request + inner)
+                    if pause:
+                        time.sleep(pause)
+                        with contextlib.suppress(OSError):  # it may have closed already
+                            conn.sendall(inner)
+                    received = b""
+                    while chunk := conn.recv(65536):
+                        received += chunk
+                ((status, headers, body),) = _replies(received)
+                assert (status, json.loads(body)["code"]) == (400, "invalid_request"), body
+                assert headers["content-type"] == "application/problem+json"
+        auth = {"Authorization": f"Bearer {gw.root_token}"}
+        assert httpx.get(f"{gw.addr}/v1/sys/whoami", headers=auth).status_code == 200
+        served = AuditFile(gw.data_dir / "audit.log").search(action="principal.read")
+        assert len(served.records) == 1  # that one: none of the bodies was served
