@@ -140,6 +140,7 @@ class HttpToolsOneWrite(HttpToolsProtocol):
     _head_open = True
     """Whether the request being read has not finished its headers yet."""
     _head_bytes = 0
+    _parsed_head = 0
     _head_since: float | None = None
     """When the head being waited for began (the loop's clock); None once it is complete."""
     _refused = False
@@ -155,8 +156,7 @@ class HttpToolsOneWrite(HttpToolsProtocol):
             if self._head_bytes + len(data) > MAX_HEAD_BYTES:
                 end = data.find(b"\r\n\r\n")  # a body may follow the head in the same read
                 if end < 0 or self._head_bytes + end + 4 > MAX_HEAD_BYTES:
-                    limit = f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"
-                    self._refuse_head(HeaderTooLarge(limit))
+                    self._refuse_head(HeaderTooLarge(_HEAD_TOO_LARGE))
                     return
             self._head_bytes += len(data)
         super().data_received(data)
@@ -278,7 +278,23 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         merge a trailer into the header section): an `Authorization` or a forwarded client
         certificate sent as a trailer authenticated."""
         if self._head_open:
+            self._count_head(len(name) + len(value) + 3)  # ":" and the line break at least
             super().on_header(name, value)
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def _count_head(self, parsed: int) -> None:
+        """Count `parsed` bytes of the request line and headers as the parser reads them:
+        `data_received` counts what arrives from a head's first read, and a head that began
+        in the read that ended the request before it (pipelined) escaped it. Raises
+        _HeadRefused, which stops the parser, after the 431 (`_refuse_head`), beyond
+        `MAX_HEAD_BYTES`."""
+        self._parsed_head += parsed
+        if self._parsed_head > MAX_HEAD_BYTES:
+            self._refuse_head(HeaderTooLarge(_HEAD_TOO_LARGE))
+            raise _HeadRefused
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         gathering = _GatheringTransport(transport, self.loop)
@@ -291,6 +307,7 @@ class HttpToolsOneWrite(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._head_since = self.loop.time()
+        self._parsed_head = 0
         super().on_message_begin()
         self._extensions: dict[str, Any] = {} if self._tls is None else {"tls": self._tls}
         self.scope["extensions"] = self._extensions
@@ -312,6 +329,14 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         if cycle is not None and cycle.scope is self.scope:  # not an upgrade
             self._owed += 1
             self._extensions[WHOLE_REPLY] = functools.partial(_write_whole, cycle)
+
+
+_HEAD_TOO_LARGE = f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"
+
+
+class _HeadRefused(Exception):
+    """Raised from a parser callback once its request is refused: the parser stops (and
+    uvicorn, which sees a parser error, sends nothing more: the refusal is queued)."""
 
 
 _SWEEPING: weakref.WeakSet[ServerState] = weakref.WeakSet()

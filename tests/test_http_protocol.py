@@ -150,6 +150,11 @@ def test_a_request_head_over_the_limit_gets_431_and_the_connection_closes(
         assert headers["cache-control"] == "no-store"  # on every reply
         assert json.loads(body)["code"] == "header_too_large"
         assert json.loads(body)["request_id"] == headers["x-request-id"]  # as every reply has
+        # a head that begins in the read that ends the request before it is counted too
+        small = b"GET /v1/sys/health HTTP/1.1\r\nHost: x\r\n\r\n"
+        big_head = b"GET /v1/sys/health HTTP/1.1\r\nHost: x\r\nX-Pad: " + pad * 2 + b"\r\n\r\n"
+        replies = _replies(exchange(small + big_head))
+        assert [status for status, _, _ in replies] == [200, 431], replies
         # a request httptools cannot parse: problem+json too (uvicorn answers text/plain)
         for malformed in (
             b"GET /v1/sys/health HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
