@@ -525,6 +525,61 @@ def _store_at(tmp_path: Path, revision: str) -> str:
     return url
 
 
+def test_an_sqlite_store_from_before_0009_keeps_its_key_versions_through_the_migrations(
+    tmp_path,
+):
+    """Migration 0009 rebuilds `keys` on SQLite (copy, drop, rename), and with foreign keys
+    enforced on the migrating connection the drop deleted every key version (ON DELETE
+    CASCADE): a store made before it lost all its key material when a newer kmsgate
+    started on it. Migrations now run with foreign keys off, and check them after."""
+    url = _store_at(tmp_path, "0008")
+    old = sa.create_engine(url)
+    now = datetime.now(UTC)
+    with old.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO keys (name, type, purpose, backend, state, labels, "
+                "primary_version, min_decrypt_version, verify_only, created_at, updated_at) "
+                "VALUES ('k', 'ed25519', 'p', 'local', 'enabled', '{}', 2, 1, 0, :now, :now)"
+            ),
+            {"now": now},
+        )
+        for version in (1, 2):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO key_versions (key_name, version, backend_ref, material, "
+                    "created_at, adopted) VALUES ('k', :v, :ref, :material, :now, 0)"
+                ),
+                {"v": version, "ref": f"softkms:k/{version}", "material": b"sealed", "now": now},
+            )
+    old.dispose()
+    store = Store(url)
+    try:
+        store.migrate()
+        [(key, versions)] = store.keys.all()
+        assert key["primary_version"] == 2
+        assert [(v["version"], v["backend_ref"]) for v in versions] == [
+            (1, "softkms:k/1"),
+            (2, "softkms:k/2"),
+        ]
+        with store.transaction() as conn:  # enforced again for the gateway's own writes
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        store.close()
+
+
+def test_a_store_migrated_by_a_newer_kmsgate_is_refused_with_what_to_do(tmp_path):
+    url = _store_at(tmp_path, "head")
+    with sa.create_engine(url).begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0999'"))
+    store = Store(url)
+    try:
+        with pytest.raises(ConfigError, match=r"migrated by a newer kmsgate .*'0999'.*run that"):
+            store.migrate()
+    finally:
+        store.close()
+
+
 def test_tokens_made_before_makers_were_recorded_keep_working_after_the_migration(tmp_path):
     """A store at revision 0009 (no token lineage) with a token: the migration keeps it,
     with no maker and no parent, and revoking it revokes nothing else."""

@@ -19,6 +19,7 @@ from urllib.parse import quote, quote_plus
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.util import CommandError as AlembicCommandError
 from sqlalchemy.engine import Connection, Engine
 
 from kmsgate.config import with_database_driver
@@ -117,6 +118,15 @@ def hold_transaction_lock(conn: sa.Connection, lock_id: int) -> None:
     a transaction there holds the writer lock already."""
     if conn.dialect.name == "postgresql":
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": lock_id})
+
+
+def _sqlite_foreign_keys(conn: Connection, *, on: bool) -> None:
+    """On SQLite, enforce foreign keys on `conn` (its default, `_enable_sqlite_wal`) or not;
+    set on the driver's connection, outside any transaction (where SQLite ignores it)."""
+    if conn.dialect.name == "sqlite":
+        driver = conn.connection.driver_connection
+        assert driver is not None  # an open connection
+        driver.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
 
 
 def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
@@ -240,16 +250,33 @@ class Database:
         cfg.set_main_option("script_location", str(_MIGRATIONS))
         serial = self._serial.waiting() if isinstance(self._serial, _WriterLock) else None
         with serial or contextlib.nullcontext(), self._connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
             try:
+                # a migration on SQLite rebuilds a table (copy, drop, rename): with foreign
+                # keys enforced, dropping `keys` deleted every key version (ON DELETE CASCADE)
+                _sqlite_foreign_keys(conn, on=False)
                 with conn.begin():  # READ COMMITTED: it sees what a migration before it did
                     hold_transaction_lock(conn, MIGRATION_LOCK_ID)
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
+                    if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first():
+                        raise ConfigError(
+                            f"migrating the database at {self._shown} left rows whose "
+                            "references are missing: nothing was changed; restore it from a "
+                            "backup, or report this"
+                        )
             except sa.exc.SQLAlchemyError as exc:
                 why = driver_reason(exc, self.engine.url, first_line=True)
                 raise ConfigError(
                     f"migrating the database at {self._shown} failed: {why}"
                 ) from None
+            except AlembicCommandError as exc:
+                raise ConfigError(
+                    f"the database at {self._shown} was migrated by a newer kmsgate ({exc}): "
+                    "run that version, or restore the backup taken before the upgrade"
+                ) from None
+            finally:
+                _sqlite_foreign_keys(conn, on=True)
 
     def _connect(self) -> Connection:
         """A connection for start-up work. Raises ConfigError saying why there is none."""
