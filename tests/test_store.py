@@ -1008,6 +1008,23 @@ def test_a_new_sqlite_store_is_readable_by_its_owner_only(tmp_path):
         store.close()
 
 
+def test_an_sqlite_store_made_readable_by_others_is_made_private_again(tmp_path):
+    """Early kmsgate made the database file 0644 and a newer one left it so: it is now
+    made the owner's alone when the store is opened, with its -wal and -shm files."""
+    path = tmp_path / "kmsgate.db"
+    store = Store(f"sqlite:///{path}")
+    store.migrate()
+    TokenRegistry(store).create(["admin"], ttl=None)  # a write: the WAL exists
+    store.close()
+    files = [path, tmp_path / "kmsgate.db-wal", tmp_path / "kmsgate.db-shm"]
+    for file in files:
+        if file.exists():
+            file.chmod(0o644)
+    Store(f"sqlite:///{path}").close()
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in files if f.exists()}
+    assert path.name in modes and set(modes.values()) == {"0o600"}, modes
+
+
 def test_every_sqlite_connection_overwrites_what_it_deletes() -> None:
     """secure_delete is turned on by the store, not left to the SQLite build's default
     (Debian's is on, SQLite's own off): a connection whose default is off gets it on."""

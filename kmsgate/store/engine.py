@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -140,12 +141,20 @@ def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _create_private(path: Path) -> None:
-    """Create the SQLite file `path` readable by its owner only (0600), unless it exists:
-    SQLite gives its -wal and -shm files the database file's mode. Token hashes and wrapped
-    keys are in it, whatever the data dir's own mode. Errors are left to SQLite to report."""
+def _keep_private(path: Path) -> None:
+    """Create the SQLite file `path` readable by its owner only (0600), or, if it exists
+    and this user owns it, take away what its group and others may do with it and with its
+    -wal and -shm files (SQLite gives those the database file's mode; early kmsgate made
+    the database file 0644). Token hashes and wrapped keys are in it, whatever the data
+    dir's own mode. Errors are left to SQLite to report."""
     with contextlib.suppress(OSError):  # it exists, or SQLite will say what is wrong
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(OSError):
+            st = os.stat(file)
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o077:
+                os.chmod(file, stat.S_IMODE(st.st_mode) & 0o700)
 
 
 _FRESH = "kmsgate_fresh"
@@ -219,7 +228,7 @@ class Database:
             # database file an flock beside it (workers of one gateway share the file).
             database = sqlite_file(url)
             if database is not None:
-                _create_private(database)
+                _keep_private(database)
             self._serial = _WriterLock(Path(f"{database}.write.lock") if database else None)
 
     def ping(self) -> str | None:
