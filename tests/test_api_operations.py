@@ -324,7 +324,14 @@ def test_the_audited_first_actions_are_real_actions():
     """A misspelt name in STATE_CHANGING would silently skip the record-first rule."""
     # and those of the scheduler (destroy, expire), of an operator's `token bootstrap`, and
     # the gateway's revocation publishing (CRLs, OCSP responders)
-    system = {"key.destroy", "exception.expire", "token.bootstrap", "crl.build", "ocsp.responder"}
+    system = {
+        "key.destroy",
+        "exception.expire",
+        "token.bootstrap",
+        "token.purge",
+        "crl.build",
+        "ocsp.responder",
+    }
     assert ACTIONS | system >= STATE_CHANGING
 
 

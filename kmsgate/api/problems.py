@@ -43,6 +43,9 @@ log = logging.getLogger("kmsgate.api")
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _ENCODED_SEPARATOR = re.compile(rb"%(?:2[Ff]|5[Cc])")
+_OCSP_GET = b"/ocsp/"
+"""What comes before an OCSP GET's request in its path: the request is base64, whose `/` a
+client encodes (RFC 6960 A.1), and the route takes the rest of the path as it is."""
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 """A Host value (RFC 9110 7.2): uri-host [":" port], an IPv6 literal in brackets (its
 form is left to the address parser, which the gateway never needs); empty is allowed."""
@@ -144,11 +147,11 @@ def refuse_bad_framing(scope: Scope, limit: int) -> None:
     over `limit` bytes, or malformed), InvalidRequest (HTTP/1.1 without a Host, two Hosts, or
     one whose value is not a host and port: RFC 9112 3.2), NotSupported (a transfer coding
     but chunked: RFC 9112 6.1), UnsupportedMediaType (a content coding, such as gzip:
-    RFC 9110 8.4) or NotFound (a path with an encoded `/` or `\\`: the server decodes it
-    before routing, so `/v1/keys/k%2Frotate` would rotate `k` where a proxy, and RFC 3986,
-    see one segment `k/rotate` under `/v1/keys/`)."""
+    RFC 9110 8.4) or NotFound (a path with an encoded `/` or `\\` before an OCSP GET's
+    request, if any: the server decodes it before routing, so `/v1/keys/k%2Frotate` would
+    rotate `k` where a proxy, and RFC 3986, see one segment `k/rotate` under `/v1/keys/`)."""
     raw_path = scope.get("raw_path") or b""
-    if b"%" in raw_path and _ENCODED_SEPARATOR.search(raw_path):
+    if b"%" in raw_path and _ENCODED_SEPARATOR.search(raw_path.partition(_OCSP_GET)[0]):
         raise NotFound("no route: the path has an encoded '/' or '\\' (%2F, %5C) in a segment")
     hosts = 0
     for name, value in scope["headers"]:
