@@ -509,8 +509,9 @@ def test_a_token_is_not_made_under_a_parent_revoked_meanwhile(store):
     assert [row["id"] for row in store.tokens.all()] == [maker]
 
 
-def _store_at(tmp_path: Path, revision: str) -> str:
-    """The URL of a new SQLite store migrated to `revision` only (an earlier release's)."""
+def _store_at(tmp_path: Path, revision: str, *rows: tuple[str, dict[str, object]]) -> str:
+    """The URL of a new SQLite store migrated to `revision` only (an earlier release's),
+    then changed by `rows`: (a statement in that revision's schema, its parameters)."""
     from alembic import command
     from alembic.config import Config
 
@@ -521,6 +522,8 @@ def _store_at(tmp_path: Path, revision: str) -> str:
     with old.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+        for statement, parameters in rows:
+            conn.execute(sa.text(statement), parameters)
     old.dispose()
     return url
 
@@ -532,27 +535,25 @@ def test_an_sqlite_store_from_before_0009_keeps_its_key_versions_through_the_mig
     enforced on the migrating connection the drop deleted every key version (ON DELETE
     CASCADE): a store made before it lost all its key material when a newer kmsgate
     started on it. Migrations now run with foreign keys off, and check them after."""
-    url = _store_at(tmp_path, "0008")
-    old = sa.create_engine(url)
     now = datetime.now(UTC)
-    with old.begin() as conn:
-        conn.execute(
-            sa.text(
-                "INSERT INTO keys (name, type, purpose, backend, state, labels, "
-                "primary_version, min_decrypt_version, verify_only, created_at, updated_at) "
-                "VALUES ('k', 'ed25519', 'p', 'local', 'enabled', '{}', 2, 1, 0, :now, :now)"
-            ),
-            {"now": now},
-        )
-        for version in (1, 2):
-            conn.execute(
-                sa.text(
-                    "INSERT INTO key_versions (key_name, version, backend_ref, material, "
-                    "created_at, adopted) VALUES ('k', :v, :ref, :material, :now, 0)"
-                ),
-                {"v": version, "ref": f"softkms:k/{version}", "material": b"sealed", "now": now},
-            )
-    old.dispose()
+    key = (
+        "INSERT INTO keys (name, type, purpose, backend, state, labels, primary_version, "
+        "min_decrypt_version, verify_only, created_at, updated_at) "
+        "VALUES ('k', 'ed25519', 'p', 'local', 'enabled', '{}', 2, 1, 0, :now, :now)"
+    )
+    version = (
+        "INSERT INTO key_versions (key_name, version, backend_ref, material, created_at, "
+        "adopted) VALUES ('k', :v, :ref, :material, :now, 0)"
+    )
+    url = _store_at(
+        tmp_path,
+        "0008",
+        (key, {"now": now}),
+        *(
+            (version, {"v": n, "ref": f"softkms:k/{n}", "material": b"m", "now": now})
+            for n in (1, 2)
+        ),
+    )
     store = Store(url)
     try:
         store.migrate()
@@ -569,9 +570,7 @@ def test_an_sqlite_store_from_before_0009_keeps_its_key_versions_through_the_mig
 
 
 def test_a_store_migrated_by_a_newer_kmsgate_is_refused_with_what_to_do(tmp_path):
-    url = _store_at(tmp_path, "head")
-    with sa.create_engine(url).begin() as conn:
-        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0999'"))
+    url = _store_at(tmp_path, "head", ("UPDATE alembic_version SET version_num = '0999'", {}))
     store = Store(url)
     try:
         with pytest.raises(ConfigError, match=r"migrated by a newer kmsgate .*'0999'.*run that"):
@@ -583,17 +582,11 @@ def test_a_store_migrated_by_a_newer_kmsgate_is_refused_with_what_to_do(tmp_path
 def test_tokens_made_before_makers_were_recorded_keep_working_after_the_migration(tmp_path):
     """A store at revision 0009 (no token lineage) with a token: the migration keeps it,
     with no maker and no parent, and revoking it revokes nothing else."""
-    url = _store_at(tmp_path, "0009")
-    old = sa.create_engine(url)
-    with old.begin() as conn:
-        conn.execute(
-            sa.text(
-                "INSERT INTO tokens (id, secret_hash, roles, description, created_at) "
-                "VALUES ('00000000000000aa', :hash, '[\"admin\"]', 'old', :now)"
-            ),
-            {"hash": "0" * 64, "now": datetime.now(UTC)},
-        )
-    old.dispose()
+    token = (
+        "INSERT INTO tokens (id, secret_hash, roles, description, created_at) "
+        "VALUES ('00000000000000aa', :hash, '[\"admin\"]', 'old', :now)"
+    )
+    url = _store_at(tmp_path, "0009", (token, {"hash": "0" * 64, "now": datetime.now(UTC)}))
     store = Store(url)
     try:
         store.migrate()
