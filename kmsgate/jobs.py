@@ -163,16 +163,15 @@ class Jobs:
 
     def run_due(self, now: datetime | None = None) -> bool:
         """Run every job if this process leads. Returns whether it led. A failing job is
-        logged (by code, never by text) and retried on the next tick."""
+        logged (by code or type, never by text) and retried on the next tick; the others
+        run all the same."""
         if not self._lead():
             return False
-        try:
-            self._service.keys.destroy_due(SCHEDULER, now)
-            self._service.exceptions.expire_due(SCHEDULER)
-            self._service.system.purge_ended_tokens(SCHEDULER)
-            self._service.store.feed.prune(datetime.now(UTC) - FEED_RETENTION)
-        except KmsgateError as exc:
-            log.warning("scheduled job failed: %s", exc.code)
+        service = self._service
+        _guarded("key destruction", service.keys.destroy_due, SCHEDULER, now)
+        _guarded("grant expiry", service.exceptions.expire_due, SCHEDULER)
+        _guarded("token purge", service.system.purge_ended_tokens, SCHEDULER)
+        _guarded("feed pruning", service.store.feed.prune, datetime.now(UTC) - FEED_RETENTION)
         self._run_frequent(now)
         return True
 

@@ -911,6 +911,39 @@ def test_the_scheduler_purges_tokens_ended_longer_ago_than_their_retention(
         assert records[1]["detail"]["purged_count"] == 1
 
 
+def test_a_scheduled_job_that_fails_leaves_the_others_to_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One try block held every job of the minute: a store error in the first (key
+    destruction) skipped the grant expiry, the token purge and the feed pruning, each
+    minute for as long as it failed."""
+    import sqlalchemy as sa
+
+    from kmsgate.errors import Unavailable
+    from kmsgate.jobs import Jobs, leader_lock
+    from kmsgate.store import tables
+
+    with open_gateway(tmp_path, auth={"token_retention": "1h"}) as (api, admin):
+        made = api.call("POST", "/v1/sys/tokens", admin, json={"roles": ["ci"]}).json()
+        with api.service.store.transaction() as conn:
+            ended = sa.update(tables.tokens).where(tables.tokens.c.id == made["id"])
+            conn.execute(ended.values(revoked_at=datetime.now(UTC) - timedelta(hours=2)))
+        api.service.tokens.reload()
+
+        def store_down(*_args: object) -> None:
+            raise Unavailable("the metadata store cannot be reached")
+
+        monkeypatch.setattr(api.service.keys, "destroy_due", store_down)
+        jobs = Jobs(api.service, leader_lock(api.service.settings.database_url or ""))
+        try:
+            assert jobs.run_due()
+        finally:
+            jobs.close()
+        assert "key destruction failed: unavailable" in caplog.text
+        listed = api.call("GET", "/v1/sys/tokens", admin).json()["tokens"]
+        assert made["id"] not in {t["id"] for t in listed}
+
+
 def test_revoking_a_token_revokes_those_it_made_and_policy_sees_who_made_a_token(
     tmp_path: Path,
 ) -> None:
