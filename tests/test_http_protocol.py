@@ -351,18 +351,20 @@ def test_a_path_with_an_encoded_slash_names_no_route(tmp_path: Path) -> None:
     and FastAPI's; other encoded characters are read as before."""
     with running_gateway(tmp_path) as gw:
         auth = {"Authorization": f"Bearer {gw.root_token}", "Content-Type": "application/json"}
-        created = httpx.post(
-            f"{gw.addr}/v1/keys",
-            headers=auth,
-            json={"name": "k", "type": "ed25519", "purpose": "p"},
-        )
-        assert created.status_code == 201, created.text
+        for name in ("k", "ocsp"):
+            created = httpx.post(
+                f"{gw.addr}/v1/keys",
+                headers=auth,
+                json={"name": name, "type": "ed25519", "purpose": "p"},
+            )
+            assert created.status_code == 201, created.text
         token = gw.root_token.encode()
         for path in (
             b"/v1/keys/k%2Frotate",
             b"/v1/keys/k%2fsign",
             b"/v1/keys%2Fk",
             b"/v1/keys/k%5Csign",
+            b"/v1/keys/ocsp/versions%2F1%2Fcompromised",  # an "ocsp" segment is no OCSP GET
         ):
             method = b"GET" if path.endswith(b"%2Fk") else b"POST"
             request = (
@@ -374,3 +376,8 @@ def test_a_path_with_an_encoded_slash_names_no_route(tmp_path: Path) -> None:
             assert (status, json.loads(body)["code"]) == (404, "not_found"), (path, body)
         key = httpx.get(f"{gw.addr}/v1/keys/%6B", headers=auth)  # an encoded "k" is "k"
         assert key.status_code == 200 and key.json()["primary_version"] == 1, key.text
+        rotated = httpx.get(f"{gw.addr}/v1/keys/ocsp", headers=auth).json()
+        assert rotated["primary_version"] == 1
+        # an OCSP GET's base64 request encodes its "/" (RFC 6960 A.1): read as the CA's
+        ocsp = httpx.get(f"{gw.addr}/v1/pki/cas/dev/ocsp/MAo%2FBg%3D%3D")
+        assert ocsp.headers["content-type"] == "application/ocsp-response", ocsp.text

@@ -43,7 +43,7 @@ log = logging.getLogger("kmsgate.api")
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _ENCODED_SEPARATOR = re.compile(rb"%(?:2[Ff]|5[Cc])")
-_OCSP_GET = b"/ocsp/"
+_OCSP_GET = re.compile(rb"/v1/pki/cas/[^/]+/ocsp/")
 """What comes before an OCSP GET's request in its path: the request is base64, whose `/` a
 client encodes (RFC 6960 A.1), and the route takes the rest of the path as it is."""
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
@@ -151,8 +151,10 @@ def refuse_bad_framing(scope: Scope, limit: int) -> None:
     request, if any: the server decodes it before routing, so `/v1/keys/k%2Frotate` would
     rotate `k` where a proxy, and RFC 3986, see one segment `k/rotate` under `/v1/keys/`)."""
     raw_path = scope.get("raw_path") or b""
-    if b"%" in raw_path and _ENCODED_SEPARATOR.search(raw_path.partition(_OCSP_GET)[0]):
-        raise NotFound("no route: the path has an encoded '/' or '\\' (%2F, %5C) in a segment")
+    if b"%" in raw_path:
+        ocsp = _OCSP_GET.match(raw_path)
+        if _ENCODED_SEPARATOR.search(raw_path, 0, ocsp.end() if ocsp else len(raw_path)):
+            raise NotFound("no route: the path has an encoded '/' or '\\' (%2F, %5C) in a segment")
     hosts = 0
     for name, value in scope["headers"]:
         if name == b"content-length":
