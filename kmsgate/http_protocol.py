@@ -140,7 +140,9 @@ class HttpToolsOneWrite(HttpToolsProtocol):
     _head_open = True
     """Whether the request being read has not finished its headers yet."""
     _head_bytes = 0
+    """What arrived of the request being read since its head began, counted by the read."""
     _parsed_head = 0
+    """What the parser read of the request's line and fields (`_count_head`)."""
     _head_since: float | None = None
     """When the head being waited for began (the loop's clock); None once it is complete."""
     _refused = False
@@ -261,12 +263,19 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         seconds = f"{self.head_read_seconds:g}"
         self._refuse_head(RequestTimeout(f"the request line and headers took over {seconds} s"))
 
+    def _should_upgrade(self) -> bool:
+        """Never: an upgrade is refused at its head (`on_headers_complete`). With a WebSocket
+        library installed, uvicorn would otherwise take over the refused request's
+        connection, whose request it never made (a KeyError, the connection aborted, and
+        the replies owed before it lost)."""
+        return False
+
     def _unsupported_upgrade_warning(self) -> None:
         """Nothing: uvicorn logged two warnings for each upgrade request, which
         `on_headers_complete` has refused already."""
 
     def on_message_complete(self) -> None:
-        if self._refused:  # an upgrade refused at its head: no request was made of it
+        if self._refused:  # refused at its head (an upgrade): no request was made of it
             return
         super().on_message_complete()
         self._head_open, self._head_bytes = True, 0
@@ -278,7 +287,7 @@ class HttpToolsOneWrite(HttpToolsProtocol):
         merge a trailer into the header section): an `Authorization` or a forwarded client
         certificate sent as a trailer authenticated."""
         if self._head_open:
-            self._count_head(len(name) + len(value) + 3)  # ":" and the line break at least
+            self._count_head(len(name) + len(value) + 4)  # as `name: value` and a line break
             super().on_header(name, value)
 
     def on_url(self, url: bytes) -> None:
@@ -307,7 +316,7 @@ class HttpToolsOneWrite(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._head_since = self.loop.time()
-        self._parsed_head = 0
+        self._parsed_head = _HEAD_FRAME
         super().on_message_begin()
         self._extensions: dict[str, Any] = {} if self._tls is None else {"tls": self._tls}
         self.scope["extensions"] = self._extensions
@@ -332,6 +341,9 @@ class HttpToolsOneWrite(HttpToolsProtocol):
 
 
 _HEAD_TOO_LARGE = f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"
+_HEAD_FRAME = len(b"GET  HTTP/1.1\r\n\r\n")
+"""The least a head holds besides its target and fields: a method, the version, the line
+breaks (`_count_head` counts a head as parsed, each field as `name: value`)."""
 
 
 class _HeadRefused(Exception):

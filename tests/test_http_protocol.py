@@ -381,3 +381,12 @@ def test_a_path_with_an_encoded_slash_names_no_route(tmp_path: Path) -> None:
         # an OCSP GET's base64 request encodes its "/" (RFC 6960 A.1): read as the CA's
         ocsp = httpx.get(f"{gw.addr}/v1/pki/cas/dev/ocsp/MAo%2FBg%3D%3D")
         assert ocsp.headers["content-type"] == "application/ocsp-response", ocsp.text
+
+
+def test_the_protocol_never_hands_a_connection_to_a_websocket_protocol() -> None:
+    """With a WebSocket library installed (`uvicorn[standard]` brings one), uvicorn took
+    over the connection of an upgrade request the protocol had refused, whose request it
+    never made: a KeyError, the connection aborted, the replies owed before it lost."""
+    from kmsgate.http_protocol import HttpToolsOneWrite
+
+    assert HttpToolsOneWrite._should_upgrade(object()) is False  # type: ignore[arg-type]
