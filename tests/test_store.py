@@ -498,6 +498,23 @@ def test_tokens_ended_before_a_moment_are_deleted_and_every_replica_forgets_them
     )
 
 
+def test_a_refresh_after_many_changes_reloads_once_instead_of_reading_each(store, monkeypatch):
+    """A purge of 10,000 tokens made every other process read them back one by one (3.7 s
+    on SQLite, holding the copy's lock); beyond `MOST_ITEM_READS` items, a refresh now
+    reloads the aggregate in one read."""
+    from kmsgate.store import mirror
+
+    monkeypatch.setattr(mirror, "MOST_ITEM_READS", 3)
+    tokens, other = TokenRegistry(store), TokenRegistry(store)
+    made = [tokens.create(["ci"], ttl=None)[0].id for _ in range(3)]
+    other.refresh()
+    assert (other.full_reloads, other.item_reloads) == (1, 3)
+    made += [tokens.create(["ci"], ttl=None)[0].id for _ in range(4)]
+    other.refresh()
+    assert (other.full_reloads, other.item_reloads) == (2, 3)
+    assert {info.id for info in other.list()} == set(made)
+
+
 def test_a_token_is_not_made_under_a_parent_revoked_meanwhile(store):
     """A maker authenticated, then revoked before its new token is written: the write is
     refused and nothing is stored (else the new token would escape the revocation)."""
