@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from kmsgate.chunked import HEADER_BYTES, SEALED_CHUNK_BYTES
+from kmsgate.cli import encryption
 from kmsgate.cli.common import atomic_output, bar_label
 from kmsgate.envelope import FILE_MAGIC, FileHeader
 from tests.test_cli import Gateway, clean_env, kmsgate_script, running_gateway, setup_key
@@ -326,8 +327,9 @@ def test_an_output_that_is_a_directory_is_refused_as_such(gw, tmp_path):
     _no_temp_left(tmp_path)
 
 
+@pytest.mark.parametrize("when", ["while re-wrapping", "while copying the body"])
 @pytest.mark.parametrize("writer", ["replaces", "rewrites in place"])
-def test_rewrap_leaves_a_file_changed_meanwhile_as_it_is(gw, tmp_path, monkeypatch, writer):
+def test_rewrap_leaves_a_file_changed_meanwhile_as_it_is(gw, tmp_path, monkeypatch, writer, when):
     """A file written anew while its old data key was being re-wrapped (an application's
     `encrypt-file --force`, another migration) got the old header spliced onto its new
     body, reported `rewrapped`: the new data key was gone, and the new contents with it.
@@ -344,17 +346,20 @@ def test_rewrap_leaves_a_file_changed_meanwhile_as_it_is(gw, tmp_path, monkeypat
             client.encrypt_stream("fk", io.BytesIO(b"old " * 1000), out, {"p": "1"})
         fresh = io.BytesIO()
         client.encrypt_stream("fk", io.BytesIO(new), fresh, {"p": "1"})
-    batch = Client.batch
 
-    def batch_while_a_writer_writes(self: Client, *args: object) -> object:
+    def write() -> None:
         if writer == "replaces":
             (tmp_path / "w.tmp").write_bytes(fresh.getvalue())
             os.replace(tmp_path / "w.tmp", doc)
         else:
             doc.write_bytes(fresh.getvalue())
-        return batch(self, *args)
 
-    monkeypatch.setattr(Client, "batch", batch_while_a_writer_writes)
+    if when == "while re-wrapping":
+        batch = Client.batch
+        monkeypatch.setattr(Client, "batch", lambda *args: (write(), batch(*args))[1])
+    else:
+        copy = encryption.shutil.copyfileobj
+        monkeypatch.setattr(encryption.shutil, "copyfileobj", lambda *a: (write(), copy(*a))[1])
     args = ["rewrap", str(doc), "--from-key", "fk", "--to-key", "fk3"]
     run = CliRunner().invoke(app, args, env=gw.env())
     assert run.exit_code == 1 and "rewrapped 0, skipped 0, failed 1" in run.stdout, run.output

@@ -281,11 +281,13 @@ def _replace_header(path: Path, old: tuple[FileHeader, int], header: FileHeader)
     its data key was re-wrapped, and where the body starts) and the same body, atomically
     (temp file + rename), keeping its owner, group and mode (root migrating users' files
     leaves them theirs). An exclusive `flock` on the file makes another `rewrap` of it wait.
-    Raises _FileChanged, `path` unchanged, if it no longer starts with `old` or no longer
-    names the file opened (a writer or another migration replaced it meanwhile: copying
-    the body from the old header's offset would splice another data key's body under this
-    header, and lose it); OSError, `path` unchanged: one that cannot be read or replaced,
-    or whose owner or group this user cannot give the new file."""
+    Raises _FileChanged, `path` unchanged, if it no longer starts with `old`, or no longer
+    names the file opened, or that file was written while its body was copied (a writer or
+    another migration changed it: copying the body from the old header's offset would
+    splice another data key's body under this header, and lose it; a writer's rename in
+    the instant between the last check and this one's is not seen); OSError, `path`
+    unchanged: one that cannot be read or replaced, or whose owner or group this user
+    cannot give the new file."""
     with path.open("rb") as src:
         fcntl.flock(src.fileno(), fcntl.LOCK_EX)  # released when src is closed
         was = os.fstat(src.fileno())
@@ -293,7 +295,7 @@ def _replace_header(path: Path, old: tuple[FileHeader, int], header: FileHeader)
             same = FileHeader.read(src) == old[0] and src.tell() == old[1]
         except KmsgateError:
             same = False
-        if not same or not os.path.samestat(was, os.stat(path)):
+        if not same or _changed(was, os.stat(path)):
             raise _FileChanged
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         tmp = Path(tmp_name)
@@ -307,10 +309,22 @@ def _replace_header(path: Path, old: tuple[FileHeader, int], header: FileHeader)
                 shutil.copyfileobj(src, sink, 1 << 20)
                 sink.flush()
                 os.fsync(sink.fileno())
+            if _changed(was, os.fstat(src.fileno())) or _changed(was, os.stat(path)):
+                raise _FileChanged  # written, or replaced, while its body was copied
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def _changed(was: os.stat_result, now: os.stat_result) -> bool:
+    """Whether `now` is another file than `was`, or the same one written since."""
+    return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
+        was.st_dev,
+        was.st_ino,
+        was.st_size,
+        was.st_mtime_ns,
+    )
 
 
 def rewrap_files(
