@@ -1057,6 +1057,21 @@ def test_the_latest_page_reads_the_end_of_the_log_and_lines_written_since(
     assert [r["request_id"] for r in audit.search(limit=10).records] == ["req-0", "req-1", "req-2"]
 
 
+def test_a_line_that_is_no_record_fails_only_the_searches_that_read_it(tmp_path: Path) -> None:
+    """The index reads every line's time: a line that is not JSON made every search fail,
+    where a filter that passes it over found the other records before the index."""
+    path = tmp_path / "audit.log"
+    path.write_text(
+        '{"time": "2026-12-07T08:00:00.000001Z", "action": "sign", "principal": "a"}\n'
+        "not json\n"
+        '{"time": "2026-12-07T08:00:00.000002Z", "action": "sign", "principal": "b"}\n'
+    )
+    audit = AuditFile(path)
+    assert [r["principal"] for r in audit.search(principal="b").records] == ["b"]
+    with pytest.raises(ValueError, match=r"chain file audit\.log, line 2: not valid JSON"):
+        audit.search()
+
+
 def test_a_line_too_long_for_a_record_is_named_not_read_whole(tmp_path: Path) -> None:
     """A chain file with a line of 2 MiB (a file with no line break at all, /dev/zero): a
     reader keeps at most 1 MiB of it, and verification and search name the line."""

@@ -334,19 +334,20 @@ _INDEXES_LOCK = threading.Lock()
 def _indexed(chain: Path) -> list[_Block]:
     """The blocks of chain file `chain` as it is now, to its last line break (a line being
     appended is not there yet): what an earlier search of this process indexed, and the
-    lines written since, read now. A file replaced or rewritten since is indexed anew.
-    Raises ValueError naming the file and line of a line that is no record or too long;
+    lines written since, read now. A file replaced since, or cut and written again (shorter,
+    or its indexed end changed), is indexed anew; one edited within (what `verify` finds) is
+    trusted as appended to. Raises ValueError naming the file and line of a line too long;
     OSError."""
     with _INDEXES_LOCK, chain.open("rb") as file:
         st = os.fstat(file.fileno())
         known = _INDEXES.get(chain)
-        blocks = known.blocks if known is not None and _holds(file, st, known) else []
+        blocks = known.blocks if known is not None and _still_indexed(file, st, known) else []
         if blocks and blocks[-1].end - blocks[-1].start < _BLOCK_BYTES:
             blocks = blocks[:-1]  # a short last block grows rather than a new one being cut
         start, first = (blocks[-1].end, _next_line(blocks[-1])) if blocks else (0, 1)
         file.seek(start)
         try:
-            blocks = blocks + list(_blocks(file, chain, start, first))
+            blocks = blocks + list(_blocks(file, start, first))
         except _LongLine as long:
             raise ValueError(f"chain file {chain.name}, {long}") from None
         end = blocks[-1].end if blocks else 0
@@ -357,7 +358,7 @@ def _indexed(chain: Path) -> list[_Block]:
         return blocks
 
 
-def _holds(file: BinaryIO, st: os.stat_result, index: _ChainIndex) -> bool:
+def _still_indexed(file: BinaryIO, st: os.stat_result, index: _ChainIndex) -> bool:
     """Whether `file` is still the one `index` was made of: the same file, at least as long,
     and ending its indexed part as it did."""
     end = index.blocks[-1].end if index.blocks else 0
@@ -372,16 +373,29 @@ def _next_line(block: _Block) -> int:
     return block.first_line + block.lines
 
 
-def _blocks(file: BinaryIO, chain: Path, start: int, first: int) -> Iterator[_Block]:
-    """The blocks of `file`'s whole lines from offset `start` (line `first`) on. Raises what
-    `_time_and_record` and `_lines` raise."""
+def _indexed_time(raw: bytes) -> bytes:
+    """The time of a line (`raw`, without its line break) as its block counts it: a line
+    that is no record counts as earliest of all (a search that reads it says so, one that
+    filters it out never reads it, as before the index)."""
+    time = _time_of(raw)
+    if time is not None:
+        return time
+    try:
+        return str(decode(raw).get("time", "")).encode()
+    except ValueError:
+        return b""
+
+
+def _blocks(file: BinaryIO, start: int, first: int) -> Iterator[_Block]:
+    """The blocks of `file`'s whole lines from offset `start` (line `first`) on. Raises
+    _LongLine."""
     block_start, block_first, earliest, latest = start, first, b"", b""
     offset, line = start, first - 1
     for line, raw in _lines(file, first):
         if not raw.endswith(b"\n"):
             line -= 1
             break  # being appended: in the index once it is whole
-        time, _ = _time_and_record(raw[:-1], chain, line)
+        time = _indexed_time(raw[:-1])
         earliest = min(earliest, time) if line > block_first else time
         latest = max(latest, time)
         offset += len(raw)
