@@ -276,21 +276,14 @@ def atomic_output(target: Path, *, force: bool, private: bool) -> Iterator[Binar
             os.fsync(sink.fileno())
         if force:
             os.replace(tmp, target)
-        elif not _renamed_new(tmp, target):
-            fail(f"{target} was made while this command ran: left as it is, nothing written")
+        else:
+            try:
+                rename_new(tmp, target)
+            except FileExistsError:
+                fail(f"{target} was made while this command ran: left as it is, nothing written")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _renamed_new(tmp: Path, target: Path) -> bool:
-    """Whether `tmp` was moved to `target`: not when a file was made there meanwhile.
-    Raises OSError."""
-    try:
-        rename_new(tmp, target)
-    except FileExistsError:
-        return False
-    return True
 
 
 def _open_special(target: Path, *, private: bool, force: bool) -> BinaryIO:

@@ -20,6 +20,7 @@ from urllib.parse import quote, quote_plus
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError as AlembicCommandError
 from sqlalchemy.engine import Connection, Engine
 
@@ -119,6 +120,11 @@ def hold_transaction_lock(conn: sa.Connection, lock_id: int) -> None:
     a transaction there holds the writer lock already."""
     if conn.dialect.name == "postgresql":
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": lock_id})
+
+
+def _dangling_references(conn: Connection) -> bool:
+    """Whether a row of the SQLite database refers to a row that is not there."""
+    return conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None
 
 
 def _sqlite_foreign_keys(conn: Connection, *, on: bool) -> None:
@@ -267,8 +273,10 @@ class Database:
                 with conn.begin():  # READ COMMITTED: it sees what a migration before it did
                     hold_transaction_lock(conn, MIGRATION_LOCK_ID)
                     cfg.attributes["connection"] = conn
+                    was = MigrationContext.configure(conn).get_current_revision()
                     command.upgrade(cfg, "head")
-                    if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first():
+                    migrated = MigrationContext.configure(conn).get_current_revision() != was
+                    if migrated and sqlite and _dangling_references(conn):
                         raise ConfigError(
                             f"migrating the database at {self._shown} left rows whose "
                             "references are missing: nothing was changed; restore it from a "
@@ -280,6 +288,9 @@ class Database:
                     f"migrating the database at {self._shown} failed: {why}"
                 ) from None
             except AlembicCommandError as exc:
+                if not str(exc).startswith("Can't locate revision"):
+                    why = f"migrating the database at {self._shown} failed: {exc}"
+                    raise ConfigError(why) from None
                 raise ConfigError(
                     f"the database at {self._shown} was migrated by a newer kmsgate ({exc}): "
                     "run that version, or restore the backup taken before the upgrade"
