@@ -9,7 +9,13 @@ from datetime import UTC, datetime, timedelta
 
 from kmsgate.audit import AuditPage
 from kmsgate.auth import SYSTEM, Principal, TokenInfo, TokenRegistry, token_id_of
-from kmsgate.errors import AuditUnreadable, ConfigError, InvalidRequest, NotFound
+from kmsgate.errors import (
+    AuditUnreadable,
+    ConfigError,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+)
 from kmsgate.policy import Decision, policy_input
 from kmsgate.policy.follower import PolicyFollower
 from kmsgate.service.gate import WHOAMI, Call, Ctx, Gate, Outcome, exceptions_named, now
@@ -20,6 +26,9 @@ from kmsgate.store.certificates import REVOKED, VALID
 from kmsgate.store.checkpoints import AuditAnchor
 from kmsgate.text import utc_timestamp
 
+AUDIT_SEARCH_WAIT_SECONDS = 0.5
+"""How long an audit search waits for the one running in its process before it is 429: a
+queue of searches, each holding a thread of the shared pool, stalled readiness for 20 s."""
 ROTATION_GRACE = timedelta(minutes=1)
 """How late a scheduled rotation may be before /metrics counts it as overdue."""
 
@@ -222,20 +231,26 @@ class System:
         call = Call(principal, ctx, "audit.read", {"kind": "audit"})
 
         def search(_: Outcome) -> AuditPage:
+            if not self._audit_reads.acquire(timeout=AUDIT_SEARCH_WAIT_SECONDS):
+                raise RateLimited(
+                    "another audit search is running in this gateway process: retry shortly",
+                    retry_after=1,
+                )
             try:
-                with self._audit_reads:
-                    return self.gate.audit.search(
-                        since=query.since,
-                        principal=query.principal,
-                        key=query.key,
-                        action=query.action,
-                        limit=query.limit,
-                        before=query.before,
-                    )
+                return self.gate.audit.search(
+                    since=query.since,
+                    principal=query.principal,
+                    key=query.key,
+                    action=query.action,
+                    limit=query.limit,
+                    before=query.before,
+                )
             except ValueError as exc:
                 raise AuditUnreadable(
                     f"the audit log cannot be read: {exc}; `kmsgate audit verify` says more"
                 ) from exc
+            finally:
+                self._audit_reads.release()
 
         return self.gate.run(call, search)
 

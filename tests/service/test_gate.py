@@ -172,3 +172,16 @@ def test_a_record_names_the_bundle_that_decided_even_if_a_reload_came_between(
     service.gate.run(call, lambda _: None, decision=decision)
     (record,) = service.audit.search(action="sign").records
     assert record["policy_digest"] == before
+
+
+def test_an_audit_search_waiting_on_another_is_refused_instead_of_holding_a_thread(service):
+    """Searches take turns in a process; a queue of them, each waiting in a thread of the
+    shared pool, stalled readiness and every other threaded route for 20 s. A search that
+    finds another running for over half a second is 429 with Retry-After."""
+    from kmsgate.errors import RateLimited
+    from kmsgate.service.requests import AuditQuery
+
+    with service.system._audit_reads, pytest.raises(RateLimited) as refused:  # one running
+        service.system.audit_events(ADMIN, CTX, AuditQuery(limit=1))
+    assert refused.value.headers() == {"retry-after": "1"}
+    assert service.system.audit_events(ADMIN, CTX, AuditQuery(limit=1)).records
