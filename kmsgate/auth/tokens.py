@@ -133,6 +133,17 @@ class TokenRegistry(StoreMirror):
         else:
             self._tokens[item] = _info_from_row(row)
 
+    reads_in_batches = True
+
+    def _load_items(self, items: list[str]) -> None:
+        rows = self._store.tokens.get_many(items)
+        for item in items:
+            row = rows.get(item)
+            if row is None:
+                self._tokens.pop(item, None)
+            else:
+                self._tokens[item] = _info_from_row(row)
+
     def _find(self, token_id: str) -> TokenInfo | None:
         """The token `token_id` from memory, or read through to the store (a token created
         through another worker or replica works at once). Raises Unavailable."""

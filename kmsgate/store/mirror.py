@@ -27,7 +27,8 @@ class StoreMirror(ABC):
     reads through (`_read_through`, within `READ_THROUGH_PER_SECOND`). `refresh` (called by
     a background thread every `cache_refresh_seconds`) reloads only the items that changed
     since the copy's epoch, and the whole aggregate when the feed no longer reaches back
-    that far or more than `MOST_ITEM_READS` items changed. `full_reloads` and `item_reloads`
+    that far, or more than `MOST_ITEM_READS` items changed of a mirror that reads them one by
+    one. `full_reloads` and `item_reloads`
     count the work done (for /metrics).
     """
 
@@ -54,6 +55,16 @@ class StoreMirror(ABC):
     @abstractmethod
     def _load_item(self, item: str) -> None:
         """Replace (or drop) one item of the copy from the store. Raises Unavailable."""
+
+    reads_in_batches: ClassVar[bool] = False
+    """Whether `_load_items` reads many items in a few statements: then a refresh never
+    reloads the whole aggregate for their number."""
+
+    def _load_items(self, items: list[str]) -> None:
+        """Replace (or drop) each of `items` from the store (`_load_item` each, unless a
+        mirror reads in batches). Raises Unavailable."""
+        for item in items:
+            self._load_item(item)
 
     def _read_through(self, item: str) -> bool:
         """Load `item`, which the copy does not hold, from the store, unless the miss budget
@@ -86,10 +97,10 @@ class StoreMirror(ABC):
                 return  # another thread (the refresher, a read-through) caught up meanwhile
             changes = self._store.feed.changes_since(self.aggregate, self._epoch)
             items = list(dict.fromkeys(item for _, item in changes))
-            if not changes or changes[0][0] != self._epoch + 1 or len(items) > MOST_ITEM_READS:
+            many = len(items) > MOST_ITEM_READS and not self.reads_in_batches
+            if not changes or changes[0][0] != self._epoch + 1 or many:
                 self.reload()  # pruned past our epoch, or more items than one read is worth
                 return
-            for item in items:
-                self._load_item(item)
+            self._load_items(items)
             self.item_reloads += len(items)
             self._epoch = changes[-1][0]

@@ -98,6 +98,17 @@ class Tokens:
             )
         return dict(row) if row is not None else None
 
+    def get_many(self, token_ids: list[str]) -> dict[str, Row]:
+        """The rows of those of `token_ids` that exist, by id, in a statement per
+        `_WAVE`. Raises Unavailable."""
+        c = tables.tokens.c
+        with self._db.transaction() as conn:
+            return {
+                row["id"]: dict(row)
+                for chunk in _chunks(token_ids)
+                for row in conn.execute(sa.select(tables.tokens).where(c.id.in_(chunk))).mappings()
+            }
+
     def all(self) -> list[Row]:
         with self._db.transaction() as conn:
             return [dict(row) for row in conn.execute(sa.select(tables.tokens)).mappings()]
