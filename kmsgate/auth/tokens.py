@@ -127,11 +127,7 @@ class TokenRegistry(StoreMirror):
         self._tokens = {row["id"]: _info_from_row(row) for row in self._store.tokens.all()}
 
     def _load_item(self, item: str) -> None:
-        row = self._store.tokens.get(item)
-        if row is None:
-            self._tokens.pop(item, None)
-        else:
-            self._tokens[item] = _info_from_row(row)
+        self._load_items([item])
 
     reads_in_batches = True
 

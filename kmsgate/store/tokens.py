@@ -88,16 +88,6 @@ class Tokens:
                 record_change(conn, AGGREGATE, *ids)
             return ids
 
-    def get(self, token_id: str) -> Row | None:
-        """One token row, or None. Raises Unavailable."""
-        with self._db.transaction() as conn:
-            row = (
-                conn.execute(sa.select(tables.tokens).where(tables.tokens.c.id == token_id))
-                .mappings()
-                .first()
-            )
-        return dict(row) if row is not None else None
-
     def get_many(self, token_ids: list[str]) -> dict[str, Row]:
         """The rows of those of `token_ids` that exist, by id, in a statement per
         `_WAVE`. Raises Unavailable."""
